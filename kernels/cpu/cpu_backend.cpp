@@ -1,0 +1,542 @@
+#include "cpu/cpu_backend.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <thread>
+#include <vector>
+
+#include "cpu/onednn_matmul.hpp"
+#include "tutel/kernels/gate_noise.hpp"
+
+namespace tutel::cpu {
+namespace {
+
+using dnnl::algorithm;
+
+// Token blocks for reductions: partial sums per block, combined in block order, so a result
+// never depends on how many threads ran.
+constexpr int64_t kReduceBlock = 256;
+
+float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int threads) : threads_(threads) {}
+
+  std::string_view name() const override { return "cpu"; }
+  Device device() const override { return {DeviceKind::kCpu, 0}; }
+
+  Result<DeviceBuffer> allocate(size_t bytes) override {
+    const size_t rounded = (bytes + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, std::max<size_t>(rounded, 64));
+    if (!p) return Status::ResourceExhausted("cannot allocate " + std::to_string(bytes) + " bytes of host memory");
+    return DeviceBuffer(this, p, bytes);
+  }
+  void release(void* data, size_t) override { std::free(data); }
+
+  Status copy(void* dst, const void* src, size_t bytes, CopyKind) override {
+    if (bytes) std::memcpy(dst, src, bytes);
+    return Status::OK();
+  }
+
+  Status fill_zero(TensorView t) override {
+    threads_scope();
+    auto* p = static_cast<char*>(t.data());
+    const int64_t n = static_cast<int64_t>(t.nbytes());
+    constexpr int64_t kChunk = 1 << 20;
+#pragma omp parallel for schedule(static)
+    for (int64_t off = 0; off < n; off += kChunk) std::memset(p + off, 0, std::min(kChunk, n - off));
+    return Status::OK();
+  }
+
+  Status synchronize() override { return Status::OK(); }
+
+  Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override {
+    threads_scope();
+    float* o = out.data_as<float>();
+    const int64_t n = out.numel();
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) o[i] = scale * gate_noise_at(seed, counter, static_cast<uint64_t>(i));
+    return Status::OK();
+  }
+
+  Status gate_forward(const GateForwardArgs& a) override;
+  Status locations(const LocationsArgs& a) override;
+  Status slot_map(const SlotMapArgs& a) override;
+  Status encode(const EncodeArgs& a) override;
+  Status decode(const DecodeArgs& a) override;
+  size_t expert_workspace_bytes(const ExpertShape& s, DType matmul_dtype) const override;
+  Status expert_forward(const ExpertForwardArgs& a) override;
+  Status expert_backward(const ExpertBackwardArgs& a) override;
+  Status decode_backward(const DecodeBackwardArgs& a) override;
+  Status encode_backward(const EncodeBackwardArgs& a) override;
+  Status gate_backward(const GateBackwardArgs& a) override;
+  Status sgd_step(const SgdArgs& a) override;
+  Status adamw_step(const AdamWArgs& a) override;
+
+ private:
+  // oneDNN and our loops both run on the calling thread's OpenMP team; size it per call so
+  // several backends on different threads (virtual ranks) each get their own thread count.
+  void threads_scope() const { omp_set_num_threads(threads_); }
+
+  // Converts the operand's underlying buffer (numel elements) to bf16 in `scratch`.
+  MatOperand as_bf16(const MatOperand& m, uint16_t* scratch) const;
+  Status matmul(const MatOperand& a, const MatOperand& b, float* dst, const MatmulOptions& o,
+                DType matmul_dtype, const TensorView& workspace);
+  // dbias[e, :] += Σ_c d[e, c, :] for d of shape [E, C, N].
+  void accumulate_bias_grad(const float* d, int64_t E, int64_t C, int64_t N, float* dbias) const;
+
+  int threads_;
+  OneDnnMatmul dnnl_;
+  std::vector<int32_t> order_;  // token order scratch for batch-prioritized routing
+};
+
+Status CpuBackend::gate_forward(const GateForwardArgs& a) {
+  threads_scope();
+  const int64_t S = a.x.dim(0), M = a.x.dim(1), E = a.gate_weight.dim(0), k = a.k;
+  float* scores = a.scores.data_as<float>();
+  TUTEL_RETURN_IF_ERROR(dnnl_.run(row_major(a.x.data(), 1, S, M),
+                                  transposed(a.gate_weight.data(), 1, E, M), scores, {}));
+  const float* noise = a.noise.empty() ? nullptr : a.noise.data_as<float>();
+  int32_t* idx = a.expert_index.data_as<int32_t>();
+  float* gates = a.gates.data_as<float>();
+  const bool normalize = k > 1 && a.normalize_gate;
+  const float eps = std::numeric_limits<float>::epsilon();
+
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < S; ++s) {
+    float* row = scores + s * E;
+    if (noise)
+      for (int64_t e = 0; e < E; ++e) row[e] += noise[s * E + e];
+    float mx = row[0];
+    for (int64_t e = 1; e < E; ++e) mx = std::max(mx, row[e]);
+    float sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) {
+      row[e] = std::exp(row[e] - mx);
+      sum += row[e];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t e = 0; e < E; ++e) row[e] *= inv;
+    // Top-k by repeated selection: k is small, and strict '>' keeps the lower index on ties.
+    int32_t* ix = idx + s * k;
+    float* g = gates + s * k;
+    float total = 0.f;
+    for (int64_t j = 0; j < k; ++j) {
+      int32_t best = -1;
+      for (int64_t e = 0; e < E; ++e) {
+        bool taken = false;
+        for (int64_t i = 0; i < j; ++i) taken |= ix[i] == e;
+        if (!taken && (best < 0 || row[e] > row[best])) best = static_cast<int32_t>(e);
+      }
+      ix[j] = best;
+      g[j] = row[best];
+      total += g[j];
+    }
+    if (normalize) {
+      const float denom = std::max(total, eps);
+      for (int64_t j = 0; j < k; ++j) g[j] /= denom;
+    }
+  }
+
+  // GShard loss: E · Σ_e mean(scores[:, e]) · fraction(top1 == e).
+  const int64_t blocks = (S + kReduceBlock - 1) / kReduceBlock;
+  std::vector<double> partial(blocks * E, 0.0);
+  std::vector<int64_t> top1(E, 0);
+  for (int64_t s = 0; s < S; ++s) ++top1[idx[s * k]];
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    double* p = partial.data() + b * E;
+    for (int64_t s = b * kReduceBlock; s < std::min(S, (b + 1) * kReduceBlock); ++s)
+      for (int64_t e = 0; e < E; ++e) p[e] += scores[s * E + e];
+  }
+  double l_aux = 0.0;
+  for (int64_t e = 0; e < E; ++e) {
+    double me = 0.0;
+    for (int64_t b = 0; b < blocks; ++b) me += partial[b * E + e];
+    l_aux += (me / S) * (static_cast<double>(top1[e]) / S);
+  }
+  a.l_aux.data_as<float>()[0] = static_cast<float>(l_aux * E);
+  return Status::OK();
+}
+
+Status CpuBackend::locations(const LocationsArgs& a) {
+  const int64_t S = a.expert_index.dim(0), k = a.expert_index.dim(1), E = a.expert_count.dim(0);
+  const int32_t* idx = a.expert_index.data_as<int32_t>();
+  int32_t* loc = a.location.data_as<int32_t>();
+  int32_t* count = a.expert_count.data_as<int32_t>();
+  std::fill(count, count + E, 0);
+  order_.resize(S);
+  std::iota(order_.begin(), order_.end(), 0);
+  if (a.batch_prioritized) {
+    const float* scores = a.scores.data_as<float>();
+    std::vector<float> importance(S);
+    for (int64_t s = 0; s < S; ++s)
+      importance[s] = *std::max_element(scores + s * E, scores + (s + 1) * E);
+    std::stable_sort(order_.begin(), order_.end(),
+                     [&](int32_t x, int32_t y) { return importance[x] > importance[y]; });
+  }
+  // A running count per expert; all choice-0 assignments precede all choice-1 ones.
+  for (int64_t j = 0; j < k; ++j)
+    for (int32_t s : order_) {
+      const int32_t e = idx[s * k + j];
+      loc[s * k + j] = count[e]++;
+    }
+  return Status::OK();
+}
+
+Status CpuBackend::slot_map(const SlotMapArgs& a) {
+  const int64_t S = a.expert_index.dim(0), k = a.expert_index.dim(1), C = a.capacity;
+  const int32_t* idx = a.expert_index.data_as<int32_t>();
+  const int32_t* loc = a.location.data_as<int32_t>();
+  int32_t* slots = a.slot_assignment.data_as<int32_t>();
+  std::fill(slots, slots + a.slot_assignment.numel(), -1);
+  for (int64_t i = 0; i < S * k; ++i)
+    if (loc[i] < C) slots[idx[i] * C + loc[i]] = static_cast<int32_t>(i);
+  return Status::OK();
+}
+
+Status CpuBackend::encode(const EncodeArgs& a) {
+  threads_scope();
+  const int64_t rows = a.slot_assignment.numel(), M = a.x.dim(1), k = a.gates.dim(1);
+  const float* x = a.x.data_as<float>();
+  const float* gates = a.gates.data_as<float>();
+  const int32_t* slots = a.slot_assignment.data_as<int32_t>();
+  float* disp = a.dispatched.data_as<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = disp + r * M;
+    const int32_t as = slots[r];
+    if (as < 0) {
+      std::memset(out, 0, M * sizeof(float));
+    } else if (a.is_postscore) {
+      std::memcpy(out, x + (as / k) * M, M * sizeof(float));
+    } else {
+      const float g = gates[as];
+      const float* in = x + (as / k) * M;
+#pragma omp simd
+      for (int64_t m = 0; m < M; ++m) out[m] = g * in[m];
+    }
+  }
+  return Status::OK();
+}
+
+Status CpuBackend::decode(const DecodeArgs& a) {
+  threads_scope();
+  const int64_t S = a.y.dim(0), O = a.y.dim(1), k = a.gates.dim(1), C = a.capacity;
+  const float* yexp = a.expert_out.data_as<float>();
+  const float* gates = a.gates.data_as<float>();
+  const int32_t* idx = a.expert_index.data_as<int32_t>();
+  const int32_t* loc = a.location.data_as<int32_t>();
+  float* y = a.y.data_as<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < S; ++s) {
+    float* out = y + s * O;
+    std::memset(out, 0, O * sizeof(float));
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t l = loc[s * k + j];
+      if (l >= C) continue;
+      const float g = a.is_postscore ? gates[s * k + j] : 1.f;
+      const float* in = yexp + (idx[s * k + j] * C + l) * O;
+#pragma omp simd
+      for (int64_t o = 0; o < O; ++o) out[o] += g * in[o];
+    }
+  }
+  return Status::OK();
+}
+
+Status CpuBackend::decode_backward(const DecodeBackwardArgs& a) {
+  threads_scope();
+  const int64_t S = a.dy.dim(0), O = a.dy.dim(1), k = a.gates.dim(1);
+  const int64_t C = a.slot_assignment.dim(1), rows = a.slot_assignment.numel();
+  const float* dy = a.dy.data_as<float>();
+  const float* yexp = a.expert_out.data_as<float>();
+  const float* gates = a.gates.data_as<float>();
+  const int32_t* idx = a.expert_index.data_as<int32_t>();
+  const int32_t* loc = a.location.data_as<int32_t>();
+  const int32_t* slots = a.slot_assignment.data_as<int32_t>();
+  float* d_yexp = a.d_expert_out.data_as<float>();
+  float* d_gates = a.d_gates.data_as<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = d_yexp + r * O;
+    const int32_t as = slots[r];
+    if (as < 0) {
+      std::memset(out, 0, O * sizeof(float));
+      continue;
+    }
+    const float g = a.is_postscore ? gates[as] : 1.f;
+    const float* in = dy + (as / k) * O;
+#pragma omp simd
+    for (int64_t o = 0; o < O; ++o) out[o] = g * in[o];
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t l = loc[s * k + j];
+      d_gates[s * k + j] = (a.is_postscore && l < C)
+                               ? dot(yexp + (idx[s * k + j] * C + l) * O, dy + s * O, O)
+                               : 0.f;
+    }
+  return Status::OK();
+}
+
+Status CpuBackend::encode_backward(const EncodeBackwardArgs& a) {
+  threads_scope();
+  const int64_t S = a.x.dim(0), M = a.x.dim(1), k = a.gates.dim(1), C = a.capacity;
+  const float* d_disp = a.d_dispatched.data_as<float>();
+  const float* x = a.x.data_as<float>();
+  const float* gates = a.gates.data_as<float>();
+  const int32_t* idx = a.expert_index.data_as<int32_t>();
+  const int32_t* loc = a.location.data_as<int32_t>();
+  float* dx = a.dx.data_as<float>();
+  float* d_gates = a.d_gates.data_as<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < S; ++s) {
+    float* out = dx + s * M;
+    std::memset(out, 0, M * sizeof(float));
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t l = loc[s * k + j];
+      if (l >= C) continue;
+      const float* in = d_disp + (idx[s * k + j] * C + l) * M;
+      if (a.is_postscore) {
+#pragma omp simd
+        for (int64_t m = 0; m < M; ++m) out[m] += in[m];
+      } else {
+        const float g = gates[s * k + j];
+#pragma omp simd
+        for (int64_t m = 0; m < M; ++m) out[m] += g * in[m];
+        d_gates[s * k + j] += dot(x + s * M, in, M);
+      }
+    }
+  }
+  return Status::OK();
+}
+
+Status CpuBackend::gate_backward(const GateBackwardArgs& a) {
+  threads_scope();
+  const int64_t S = a.x.dim(0), M = a.x.dim(1), E = a.gate_weight.dim(0), k = a.expert_index.dim(1);
+  const float* scores = a.scores.data_as<float>();
+  const int32_t* idx = a.expert_index.data_as<int32_t>();
+  const float* d_gates = a.d_gates.data_as<float>();
+  float* d_logits = a.d_logits.data_as<float>();
+  const bool normalized = k > 1 && a.normalize_gate;
+  const float eps = std::numeric_limits<float>::epsilon();
+
+  // d l_aux / d scores[s, e] = dl_aux · E · ce[e] / S, with ce the top-1 fraction.
+  std::vector<float> aux_grad(E, 0.f);
+  {
+    std::vector<int64_t> top1(E, 0);
+    for (int64_t s = 0; s < S; ++s) ++top1[idx[s * k]];
+    for (int64_t e = 0; e < E; ++e)
+      aux_grad[e] = static_cast<float>(static_cast<double>(a.dl_aux) * E * top1[e] / (double(S) * S));
+  }
+
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < S; ++s) {
+    const float* p = scores + s * E;
+    float* d = d_logits + s * E;
+    for (int64_t e = 0; e < E; ++e) d[e] = aux_grad[e];
+    const int32_t* ix = idx + s * k;
+    const float* dg = d_gates + s * k;
+    if (normalized) {
+      float total = 0.f, weighted = 0.f;
+      for (int64_t j = 0; j < k; ++j) {
+        total += p[ix[j]];
+        weighted += dg[j] * p[ix[j]];
+      }
+      const float denom = std::max(total, eps);
+      // With the clamp active the denominator is a constant.
+      const float cross = total >= eps ? weighted / (denom * denom) : 0.f;
+      for (int64_t j = 0; j < k; ++j) d[ix[j]] += dg[j] / denom - cross;
+    } else {
+      for (int64_t j = 0; j < k; ++j) d[ix[j]] += dg[j];
+    }
+    // softmax': d_logits = p ⊙ (d − Σ d⊙p)
+    float inner = 0.f;
+    for (int64_t e = 0; e < E; ++e) inner += d[e] * p[e];
+    for (int64_t e = 0; e < E; ++e) d[e] = p[e] * (d[e] - inner);
+  }
+  // d_wg += d_logitsᵀ · x ; dx += d_logits · wg
+  TUTEL_RETURN_IF_ERROR(dnnl_.run(transposed(d_logits, 1, S, E), row_major(a.x.data(), 1, S, M),
+                                  a.d_gate_weight.data_as<float>(), {.accumulate = true}));
+  TUTEL_RETURN_IF_ERROR(dnnl_.run(row_major(d_logits, 1, S, E), row_major(a.gate_weight.data(), 1, E, M),
+                                  a.dx.data_as<float>(), {.accumulate = true}));
+  return Status::OK();
+}
+
+size_t CpuBackend::expert_workspace_bytes(const ExpertShape& s, DType matmul_dtype) const {
+  if (matmul_dtype != DType::kBF16) return 0;
+  const int64_t C = s.capacity, M = s.model_dim, H = s.hidden, O = s.output_dim;
+  const int64_t per_operand = s.experts * std::max({C * M, C * H, C * O, H * M, H * O});
+  return static_cast<size_t>(2 * per_operand) * sizeof(uint16_t);
+}
+
+MatOperand CpuBackend::as_bf16(const MatOperand& m, uint16_t* scratch) const {
+  // The operand may be a transposed view: convert the whole underlying buffer, keep strides.
+  const int64_t n = m.dims[0] * m.dims[1] * m.dims[2];
+  const float* src = static_cast<const float*>(m.data);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) scratch[i] = f32_to_bf16(src[i]);
+  MatOperand out = m;
+  out.data = scratch;
+  out.type = dnnl::memory::data_type::bf16;
+  return out;
+}
+
+Status CpuBackend::matmul(const MatOperand& a, const MatOperand& b, float* dst, const MatmulOptions& o,
+                          DType matmul_dtype, const TensorView& workspace) {
+  if (matmul_dtype != DType::kBF16) return dnnl_.run(a, b, dst, o);
+  const size_t half = workspace.nbytes() / 2 / sizeof(uint16_t);
+  auto* scratch = static_cast<uint16_t*>(workspace.data());
+  const size_t a_elems = a.dims[0] * a.dims[1] * a.dims[2], b_elems = b.dims[0] * b.dims[1] * b.dims[2];
+  if (a_elems > half || b_elems > half)
+    return Status::InvalidArgument("expert workspace too small for the bf16 matmul; size it with expert_workspace_bytes()");
+  return dnnl_.run(as_bf16(a, scratch), as_bf16(b, scratch + half), dst, o);
+}
+
+void CpuBackend::accumulate_bias_grad(const float* d, int64_t E, int64_t C, int64_t N, float* dbias) const {
+  constexpr int64_t kCols = 256;  // columns per task: a strip that stays in L1 while rows stream
+  const int64_t strips = (N + kCols - 1) / kCols;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t t = 0; t < strips; ++t) {
+      const int64_t n0 = t * kCols, n1 = std::min(N, n0 + kCols);
+      float acc[kCols] = {};
+      for (int64_t c = 0; c < C; ++c) {
+        const float* row = d + (e * C + c) * N;
+#pragma omp simd
+        for (int64_t n = n0; n < n1; ++n) acc[n - n0] += row[n];
+      }
+      for (int64_t n = n0; n < n1; ++n) dbias[e * N + n] += acc[n - n0];
+    }
+}
+
+algorithm eltwise_of(Activation act) {
+  switch (act) {
+    case Activation::kRelu: return algorithm::eltwise_relu;
+    case Activation::kGelu: return algorithm::eltwise_gelu_erf;
+    case Activation::kSilu: return algorithm::eltwise_swish;  // x·sigmoid(αx), α = 1
+  }
+  return algorithm::eltwise_relu;
+}
+
+Status CpuBackend::expert_forward(const ExpertForwardArgs& a) {
+  threads_scope();
+  const int64_t E = a.dispatched.dim(0), C = a.dispatched.dim(1), M = a.dispatched.dim(2);
+  const int64_t H = a.weights.fc1_weight.dim(1), O = a.weights.fc2_weight.dim(2);
+  if (C == 0) return Status::OK();
+  const float* b1 = a.weights.fc1_bias.empty() ? nullptr : a.weights.fc1_bias.data_as<float>();
+  const float* b2 = a.weights.fc2_bias.empty() ? nullptr : a.weights.fc2_bias.data_as<float>();
+  float* hidden = a.hidden.data_as<float>();
+  const MatOperand fc1 = transposed(a.weights.fc1_weight.data(), E, H, M);
+  const MatOperand disp = row_major(a.dispatched.data(), E, C, M);
+  // Fuse the activation into fc1 unless backward needs the pre-activation (gelu, silu).
+  if (a.pre_activation.empty()) {
+    TUTEL_RETURN_IF_ERROR(matmul(disp, fc1, hidden, {.bias = b1, .activation = eltwise_of(a.activation)},
+                                 a.matmul_dtype, a.workspace));
+  } else {
+    float* pre = a.pre_activation.data_as<float>();
+    TUTEL_RETURN_IF_ERROR(matmul(disp, fc1, pre, {.bias = b1}, a.matmul_dtype, a.workspace));
+    TUTEL_RETURN_IF_ERROR(dnnl_.eltwise_forward(eltwise_of(a.activation), pre, hidden, E * C * H));
+  }
+  return matmul(row_major(hidden, E, C, H), row_major(a.weights.fc2_weight.data(), E, H, O),
+                a.expert_out.data_as<float>(), {.bias = b2}, a.matmul_dtype, a.workspace);
+}
+
+Status CpuBackend::expert_backward(const ExpertBackwardArgs& a) {
+  threads_scope();
+  const int64_t E = a.dispatched.dim(0), C = a.dispatched.dim(1), M = a.dispatched.dim(2);
+  const int64_t H = a.weights.fc1_weight.dim(1), O = a.weights.fc2_weight.dim(2);
+  if (C == 0) return Status::OK();  // no slots: nothing flows to the weights, d_dispatched is empty
+  const float* d_out = a.d_expert_out.data_as<float>();
+  const float* hidden = a.hidden.data_as<float>();
+  float* d_hidden = a.d_hidden.data_as<float>();
+  const DType dt = a.matmul_dtype;
+
+  // fc2: dW2 += hᵀ·d_out, db2 += Σ_c d_out, d_hidden = d_out·W2ᵀ.
+  TUTEL_RETURN_IF_ERROR(matmul(transposed(hidden, E, C, H), row_major(d_out, E, C, O),
+                               a.grads.fc2_weight.data_as<float>(), {.accumulate = true}, dt, a.workspace));
+  if (!a.grads.fc2_bias.empty()) accumulate_bias_grad(d_out, E, C, O, a.grads.fc2_bias.data_as<float>());
+  TUTEL_RETURN_IF_ERROR(matmul(row_major(d_out, E, C, O), transposed(a.weights.fc2_weight.data(), E, H, O),
+                               d_hidden, {}, dt, a.workspace));
+  // act': in place, d_hidden becomes d_pre.
+  if (a.activation == Activation::kRelu) {
+    TUTEL_RETURN_IF_ERROR(dnnl_.eltwise_backward(algorithm::eltwise_relu_use_dst_for_bwd, hidden,
+                                                 d_hidden, d_hidden, E * C * H));
+  } else {
+    TUTEL_RETURN_IF_ERROR(dnnl_.eltwise_backward(eltwise_of(a.activation), a.pre_activation.data_as<float>(),
+                                                 d_hidden, d_hidden, E * C * H));
+  }
+  // fc1: dW1 += d_preᵀ·disp, db1 += Σ_c d_pre, d_disp = d_pre·W1.
+  TUTEL_RETURN_IF_ERROR(matmul(transposed(d_hidden, E, C, H), row_major(a.dispatched.data(), E, C, M),
+                               a.grads.fc1_weight.data_as<float>(), {.accumulate = true}, dt, a.workspace));
+  if (!a.grads.fc1_bias.empty()) accumulate_bias_grad(d_hidden, E, C, H, a.grads.fc1_bias.data_as<float>());
+  return matmul(row_major(d_hidden, E, C, H), row_major(a.weights.fc1_weight.data(), E, H, M),
+                a.d_dispatched.data_as<float>(), {}, dt, a.workspace);
+}
+
+Status CpuBackend::sgd_step(const SgdArgs& a) {
+  threads_scope();
+  const int64_t n = a.param.numel();
+  float* p = a.param.data_as<float>();
+  const float* g = a.grad.data_as<float>();
+  float* buf = a.momentum_buffer.empty() ? nullptr : a.momentum_buffer.data_as<float>();
+  if (a.momentum != 0.f && !buf) return Status::InvalidArgument("sgd with momentum needs a momentum buffer");
+  // PyTorch's SGD (dampening 0): the first step initialises the buffer with the gradient.
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    float d = g[i] + a.weight_decay * p[i];
+    if (buf) {
+      buf[i] = a.first_step ? d : a.momentum * buf[i] + d;
+      d = a.nesterov ? d + a.momentum * buf[i] : buf[i];
+    }
+    p[i] -= a.lr * d;
+  }
+  return Status::OK();
+}
+
+Status CpuBackend::adamw_step(const AdamWArgs& a) {
+  threads_scope();
+  if (a.step < 1) return Status::InvalidArgument("adamw step count must be >= 1");
+  const int64_t n = a.param.numel();
+  float* p = a.param.data_as<float>();
+  const float* g = a.grad.data_as<float>();
+  float* m = a.exp_avg.data_as<float>();
+  float* v = a.exp_avg_sq.data_as<float>();
+  // PyTorch's AdamW: decoupled decay, bias corrections folded into the step size.
+  const double bc1 = 1.0 - std::pow(double(a.beta1), double(a.step));
+  const double bc2 = 1.0 - std::pow(double(a.beta2), double(a.step));
+  const float step_size = static_cast<float>(a.lr / bc1);
+  const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+  const float decay = 1.f - a.lr * a.weight_decay;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] *= decay;
+    m[i] = a.beta1 * m[i] + (1.f - a.beta1) * g[i];
+    v[i] = a.beta2 * v[i] + (1.f - a.beta2) * g[i] * g[i];
+    p[i] -= step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + a.eps);
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Backend>> make_cpu_backend(const BackendOptions& options) {
+  if (options.threads < 0) return Status::InvalidArgument("threads must be >= 0 (0 = all cores)");
+  int threads = options.threads;
+  if (threads == 0) threads = std::max(1, omp_get_num_procs());
+  return std::unique_ptr<Backend>(new CpuBackend(threads));
+}
+
+}  // namespace tutel::cpu

@@ -1,0 +1,245 @@
+// Backend: the device-specific half of the MoE layer (DESIGN §2, §3).
+//
+// One interface, implemented by kernels/cpu (oneDNN + OpenMP) and kernels/cuda. Each op works on
+// caller-owned TensorViews on the backend's device; no op allocates behind the caller's back:
+// memory comes from allocate(), temporary space from a caller-provided workspace whose size the
+// backend reports. The op sequence that composes a layer lives in moe_layer.hpp, above this
+// interface, so every backend runs the same algorithm.
+//
+// Index tensors are i32; gate math is f32 on every backend.
+// Thread-safety: a Backend may be used from one thread at a time (an executor owns it).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tutel/core/status.hpp"
+#include "tutel/core/tensor.hpp"
+
+namespace tutel {
+
+class Backend;
+
+// Memory on one backend's device, freed by that backend when the buffer dies. Move-only.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(Backend* owner, void* data, size_t bytes) : owner_(owner), data_(data), bytes_(bytes) {}
+  DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { reset(); }
+
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  void reset();
+
+ private:
+  Backend* owner_ = nullptr;
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+enum class Activation : uint8_t { kRelu, kGelu, kSilu };
+std::string_view activation_name(Activation a);
+std::optional<Activation> parse_activation(std::string_view name);
+
+enum class CopyKind : uint8_t { kHostToDevice, kDeviceToHost, kDeviceToDevice };
+
+// Gate: logits = x·wgᵀ (+ noise), fp32 softmax, top-k (ties to the lower expert), gate
+// normalisation and the GShard loss.
+struct GateForwardArgs {
+  TensorView x;           // [S, M] f32
+  TensorView gate_weight; // [E, M] f32
+  TensorView noise;       // [S, E] f32, already scaled; empty for none
+  int k = 1;
+  bool normalize_gate = true;
+  TensorView scores;      // out [S, E] f32: softmax(logits + noise)
+  TensorView expert_index;// out [S, k] i32
+  TensorView gates;       // out [S, k] f32 (normalised when k > 1 and normalize_gate)
+  TensorView l_aux;       // out [1] f32
+};
+
+// Locations: slot of each (token, choice) in its expert's queue, all choice-0 assignments
+// first; batch_prioritized orders tokens by decreasing max score (stable).
+struct LocationsArgs {
+  TensorView scores;        // [S, E] f32 (read only when batch_prioritized)
+  TensorView expert_index;  // [S, k] i32
+  bool batch_prioritized = false;
+  TensorView location;      // out [S, k] i32
+  TensorView expert_count;  // out [E] i32: assignments per expert over all choices
+};
+
+// The inverse of the routing for capacity C: which assignment (s*k + j) fills slot (e, c), or -1.
+struct SlotMapArgs {
+  TensorView expert_index;  // [S, k] i32
+  TensorView location;      // [S, k] i32
+  int64_t capacity = 0;
+  TensorView slot_assignment;  // out [E, C] i32
+};
+
+// disp[e, c] = x[s] (· g[s, j] unless postscore) for the assignment in slot (e, c); empty slots 0.
+struct EncodeArgs {
+  TensorView x;                // [S, M] f32
+  TensorView gates;            // [S, k] f32
+  TensorView slot_assignment;  // [E, C] i32
+  bool is_postscore = true;
+  TensorView dispatched;       // out [E, C, M] f32
+};
+
+// y[s] = Σ_j (g[s, j] if postscore) · expert_out[e, c] over kept choices, in j order.
+struct DecodeArgs {
+  TensorView expert_out;    // [E, C, O] f32
+  TensorView gates;         // [S, k] f32
+  TensorView expert_index;  // [S, k] i32
+  TensorView location;      // [S, k] i32
+  int64_t capacity = 0;
+  bool is_postscore = true;
+  TensorView y;             // out [S, O] f32
+};
+
+// Backward of decode: gradient of expert_out and (postscore) of the gates.
+struct DecodeBackwardArgs {
+  TensorView dy;               // [S, O] f32
+  TensorView expert_out;       // [E, C, O] f32
+  TensorView gates;            // [S, k] f32
+  TensorView expert_index;     // [S, k] i32
+  TensorView location;         // [S, k] i32
+  TensorView slot_assignment;  // [E, C] i32
+  bool is_postscore = true;
+  TensorView d_expert_out;     // out [E, C, O] f32
+  TensorView d_gates;          // out [S, k] f32 (zeros when !postscore; encode' adds to it)
+};
+
+// Backward of encode: dx (overwritten) and, unless postscore, the gate gradient (added).
+struct EncodeBackwardArgs {
+  TensorView d_dispatched;  // [E, C, M] f32
+  TensorView x;             // [S, M] f32
+  TensorView gates;         // [S, k] f32
+  TensorView expert_index;  // [S, k] i32
+  TensorView location;      // [S, k] i32
+  int64_t capacity = 0;
+  bool is_postscore = true;
+  TensorView dx;            // out [S, M] f32
+  TensorView d_gates;       // in/out [S, k] f32
+};
+
+// Backward of the gate: normalisation', the GShard loss', softmax' and the gate matmul'.
+struct GateBackwardArgs {
+  TensorView x;             // [S, M] f32
+  TensorView gate_weight;   // [E, M] f32
+  TensorView scores;        // [S, E] f32
+  TensorView expert_index;  // [S, k] i32
+  TensorView d_gates;       // [S, k] f32
+  float dl_aux = 0.f;
+  bool normalize_gate = true;
+  TensorView d_logits;      // scratch [S, E] f32
+  TensorView dx;            // in/out [S, M] f32: the gate's part is added
+  TensorView d_gate_weight; // in/out [E, M] f32: accumulated
+};
+
+// The grouped expert FFN: h = act(disp·fc1ᵀ + b1), out = h·fc2 + b2, for every local expert.
+struct ExpertWeights {
+  TensorView fc1_weight;  // [E, H, M]
+  TensorView fc1_bias;    // [E, H] or empty
+  TensorView fc2_weight;  // [E, H, O]
+  TensorView fc2_bias;    // [E, O] or empty
+};
+
+struct ExpertForwardArgs {
+  TensorView dispatched;    // [E, C, M] f32
+  ExpertWeights weights;    // f32
+  Activation activation = Activation::kRelu;
+  DType matmul_dtype = DType::kF32;  // f32, or bf16 inputs with f32 accumulation
+  TensorView pre_activation;// out [E, C, H] f32; needed for backward of gelu/silu, else may be empty
+  TensorView hidden;        // out [E, C, H] f32: act(pre)
+  TensorView expert_out;    // out [E, C, O] f32
+  TensorView workspace;     // u8, expert_workspace_bytes() long
+};
+
+struct ExpertBackwardArgs {
+  TensorView dispatched;     // [E, C, M]
+  TensorView pre_activation; // [E, C, H] (gelu/silu)
+  TensorView hidden;         // [E, C, H]
+  ExpertWeights weights;
+  Activation activation = Activation::kRelu;
+  DType matmul_dtype = DType::kF32;
+  TensorView d_expert_out;   // [E, C, O]
+  TensorView d_hidden;       // scratch [E, C, H]
+  TensorView d_dispatched;   // out [E, C, M]
+  ExpertWeights grads;       // in/out: accumulated (biases when present)
+  TensorView workspace;
+};
+
+struct SgdArgs {
+  TensorView param, grad, momentum_buffer;  // f32, same shape; momentum_buffer empty when momentum == 0
+  float lr = 0.01f, momentum = 0.f, weight_decay = 0.f;
+  bool nesterov = false;
+  bool first_step = false;  // PyTorch initialises the buffer with the first gradient
+};
+
+struct AdamWArgs {
+  TensorView param, grad, exp_avg, exp_avg_sq;  // f32, same shape
+  float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.01f;
+  int64_t step = 1;  // 1-based, after increment (PyTorch)
+};
+
+struct ExpertShape {
+  int64_t experts, capacity, model_dim, hidden, output_dim;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  // "cpu" or "cuda".
+  virtual std::string_view name() const = 0;
+  // The device this backend's memory lives on.
+  virtual Device device() const = 0;
+
+  // Device memory, 64-byte aligned at least.
+  virtual Result<DeviceBuffer> allocate(size_t bytes) = 0;
+  // Called by DeviceBuffer; frees what allocate() returned.
+  virtual void release(void* data, size_t bytes) = 0;
+  virtual Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) = 0;
+  virtual Status fill_zero(TensorView t) = 0;
+  // Waits for every queued op (a no-op where ops are synchronous).
+  virtual Status synchronize() = 0;
+
+  // Standard-normal noise scaled by `scale`, from a counter-based generator: the same
+  // (seed, counter) gives the same numbers on every backend.
+  virtual Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) = 0;
+  virtual Status gate_forward(const GateForwardArgs& a) = 0;
+  virtual Status locations(const LocationsArgs& a) = 0;
+  virtual Status slot_map(const SlotMapArgs& a) = 0;
+  virtual Status encode(const EncodeArgs& a) = 0;
+  virtual Status decode(const DecodeArgs& a) = 0;
+
+  // Bytes of workspace the expert ops need for this shape and matmul dtype.
+  virtual size_t expert_workspace_bytes(const ExpertShape& shape, DType matmul_dtype) const = 0;
+  virtual Status expert_forward(const ExpertForwardArgs& a) = 0;
+  virtual Status expert_backward(const ExpertBackwardArgs& a) = 0;
+
+  virtual Status decode_backward(const DecodeBackwardArgs& a) = 0;
+  virtual Status encode_backward(const EncodeBackwardArgs& a) = 0;
+  virtual Status gate_backward(const GateBackwardArgs& a) = 0;
+
+  virtual Status sgd_step(const SgdArgs& a) = 0;
+  virtual Status adamw_step(const AdamWArgs& a) = 0;
+};
+
+struct BackendOptions {
+  int threads = 0;        // CPU: worker threads (0 = all cores)
+  int device_index = 0;   // CUDA: which device
+};
+
+// The registry: "cpu" always, "cuda" when built with CUDA and a device is present.
+Result<std::unique_ptr<Backend>> make_backend(std::string_view name, const BackendOptions& options);
+std::vector<std::string> available_backends();
+
+}  // namespace tutel
