@@ -14,6 +14,9 @@ namespace {
 
 memory::desc desc_of(const MatOperand& m) { return memory::desc(m.dims, m.type, m.strides); }
 
+// swish is x·sigmoid(αx): α = 1 gives silu. For relu α is the negative slope: 0.
+float eltwise_alpha(dnnl::algorithm alg) { return alg == dnnl::algorithm::eltwise_swish ? 1.f : 0.f; }
+
 Status dnnl_failure(const char* what, const dnnl::error& e) {
   return Status::Internal(std::string("oneDNN ") + what + " failed: " + e.what() +
                           " (status " + std::to_string(static_cast<int>(e.status)) + ")");
@@ -36,7 +39,7 @@ Status OneDnnMatmul::run(const MatOperand& a, const MatOperand& b, float* dst,
     const memory::desc dst_md({batch, rows, cols}, memory::data_type::f32, {rows * cols, cols, 1});
     dnnl::post_ops ops;
     if (options.accumulate) ops.append_sum(1.0f);
-    if (options.activation) ops.append_eltwise(1.0f, *options.activation, 0.f, 0.f);
+    if (options.activation) ops.append_eltwise(1.0f, *options.activation, eltwise_alpha(*options.activation), 0.f);
     dnnl::primitive_attr attr;
     attr.set_post_ops(ops);
     const memory::desc bias_md({batch, 1, cols}, memory::data_type::f32, {cols, cols, 1});
@@ -64,7 +67,7 @@ Status OneDnnMatmul::eltwise_forward(dnnl::algorithm alg, const float* src, floa
   if (n == 0) return Status::OK();
   try {
     const memory::desc md({n}, memory::data_type::f32, memory::format_tag::a);
-    const dnnl::eltwise_forward::desc desc(dnnl::prop_kind::forward_training, alg, md, 1.f, 0.f);
+    const dnnl::eltwise_forward::desc desc(dnnl::prop_kind::forward_training, alg, md, eltwise_alpha(alg), 0.f);
     const dnnl::eltwise_forward::primitive_desc pd(desc, engine_);
     dnnl::eltwise_forward(pd).execute(
         stream_, {{DNNL_ARG_SRC, memory(md, engine_, const_cast<float*>(src))},
@@ -81,9 +84,9 @@ Status OneDnnMatmul::eltwise_backward(dnnl::algorithm alg, const float* data, co
   if (n == 0) return Status::OK();
   try {
     const memory::desc md({n}, memory::data_type::f32, memory::format_tag::a);
-    const dnnl::eltwise_forward::desc fwd_desc(dnnl::prop_kind::forward_training, alg, md, 1.f, 0.f);
+    const dnnl::eltwise_forward::desc fwd_desc(dnnl::prop_kind::forward_training, alg, md, eltwise_alpha(alg), 0.f);
     const dnnl::eltwise_forward::primitive_desc fwd_pd(fwd_desc, engine_);
-    const dnnl::eltwise_backward::desc desc(alg, md, md, 1.f, 0.f);
+    const dnnl::eltwise_backward::desc desc(alg, md, md, eltwise_alpha(alg), 0.f);
     const dnnl::eltwise_backward::primitive_desc pd(desc, engine_, fwd_pd);
     const bool use_dst = alg == dnnl::algorithm::eltwise_relu_use_dst_for_bwd;
     dnnl::eltwise_backward(pd).execute(

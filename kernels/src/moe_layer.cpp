@@ -80,6 +80,16 @@ TensorView view_of(const DeviceBuffer& buf, DType dtype, Shape shape, Device dev
 
 }  // namespace
 
+TensorView LayerWorkspace::expert_index(Device d) const {
+  return view_of(expert_index_, DType::kI32, {tokens_, k_}, d);
+}
+TensorView LayerWorkspace::location(Device d) const {
+  return view_of(location_, DType::kI32, {tokens_, k_}, d);
+}
+TensorView LayerWorkspace::gates(Device d) const {
+  return view_of(gates_, DType::kF32, {tokens_, k_}, d);
+}
+
 Status LayerWorkspace::reserve_routing(Backend& b, const LayerSpec& spec, int64_t tokens) {
   const size_t S = tokens, E = spec.experts, k = spec.k;
   TUTEL_RETURN_IF_ERROR(ensure(b, scores_, S * E * 4));
@@ -90,6 +100,7 @@ Status LayerWorkspace::reserve_routing(Backend& b, const LayerSpec& spec, int64_
   TUTEL_RETURN_IF_ERROR(ensure(b, expert_count_, E * 4));
   if (spec.gate_noise > 0) TUTEL_RETURN_IF_ERROR(ensure(b, noise_, S * E * 4));
   tokens_ = tokens;
+  k_ = spec.k;
   return Status::OK();
 }
 

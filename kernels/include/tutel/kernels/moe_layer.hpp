@@ -74,6 +74,11 @@ class LayerWorkspace {
   int64_t tokens() const { return tokens_; }
   int64_t capacity() const { return capacity_; }
   bool has_forward() const { return has_forward_; }
+  const RoutingStats& stats() const { return stats_; }
+  // Routing of the last forward, on the backend's device: [S, k] i32, i32 and f32.
+  TensorView expert_index(Device d) const;
+  TensorView location(Device d) const;
+  TensorView gates(Device d) const;
 
  private:
   friend Status layer_forward(Backend&, const LayerSpec&, const LayerWeights&, TensorView,
@@ -85,7 +90,7 @@ class LayerWorkspace {
   Status reserve_routing(Backend& b, const LayerSpec& spec, int64_t tokens);
   Status reserve_experts(Backend& b, const LayerSpec& spec, int64_t capacity, bool training);
 
-  int64_t tokens_ = 0, capacity_ = 0;
+  int64_t tokens_ = 0, capacity_ = 0, k_ = 0;
   bool has_forward_ = false, trained_ = false;
   RoutingStats stats_;
   // Routing, sized by tokens.
