@@ -1,6 +1,6 @@
 #include "tutel/core/tensor.hpp"
 
-#include <cassert>
+#include "tutel/core/logging.hpp"
 
 namespace tutel {
 
@@ -19,7 +19,7 @@ int64_t Shape::numel() const {
 }
 
 void Shape::push_back(int64_t d) {
-  assert(rank_ < kMaxDims && "tensor rank exceeds kMaxDims");
+  TUTEL_CHECK(rank_ < kMaxDims) << "tensor rank exceeds kMaxDims = " << kMaxDims;
   dims_[rank_++] = d;
 }
 

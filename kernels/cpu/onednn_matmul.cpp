@@ -36,26 +36,42 @@ Status OneDnnMatmul::run(const MatOperand& a, const MatOperand& b, float* dst,
     return Status::OK();
   }
   try {
-    const memory::desc dst_md({batch, rows, cols}, memory::data_type::f32, {rows * cols, cols, 1});
     dnnl::post_ops ops;
     if (options.accumulate) ops.append_sum(1.0f);
     if (options.activation) ops.append_eltwise(1.0f, *options.activation, eltwise_alpha(*options.activation), 0.f);
     dnnl::primitive_attr attr;
     attr.set_post_ops(ops);
-    const memory::desc bias_md({batch, 1, cols}, memory::data_type::f32, {cols, cols, 1});
-    const dnnl::matmul::desc desc = options.bias
-        ? dnnl::matmul::desc(desc_of(a), desc_of(b), bias_md, dst_md)
-        : dnnl::matmul::desc(desc_of(a), desc_of(b), dst_md);
-    // oneDNN's primitive cache makes re-creating the same primitive cheap.
-    const dnnl::matmul::primitive_desc pd(desc, attr, engine_);
+    if (!options.bias) {
+      const memory::desc dst_md({batch, rows, cols}, memory::data_type::f32, {rows * cols, cols, 1});
+      const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(desc_of(a), desc_of(b), dst_md), attr, engine_);
+      // oneDNN's primitive cache makes re-creating the same primitive cheap.
+      dnnl::matmul(pd).execute(stream_, {{DNNL_ARG_SRC, memory(desc_of(a), engine_, const_cast<void*>(a.data))},
+                                         {DNNL_ARG_WEIGHTS, memory(desc_of(b), engine_, const_cast<void*>(b.data))},
+                                         {DNNL_ARG_DST, memory(dst_md, engine_, dst)}});
+      stream_.wait();
+      return Status::OK();
+    }
+    // A bias that differs per batch entry sends oneDNN 2.6 to its reference kernel (~1000x
+    // slower), so run one 2-D matmul per entry, each with its own bias row.
+    auto matrix = [](const MatOperand& m) {
+      return memory::desc({m.dims[1], m.dims[2]}, m.type, {m.strides[1], m.strides[2]});
+    };
+    const memory::desc a_md = matrix(a), b_md = matrix(b);
+    const memory::desc dst_md({rows, cols}, memory::data_type::f32, {cols, 1});
+    const memory::desc bias_md({1, cols}, memory::data_type::f32, {cols, 1});
+    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, bias_md, dst_md), attr, engine_);
     const dnnl::matmul prim(pd);
-    memory a_mem(desc_of(a), engine_, const_cast<void*>(a.data));
-    memory b_mem(desc_of(b), engine_, const_cast<void*>(b.data));
-    memory dst_mem(dst_md, engine_, dst);
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, dst_mem}};
-    if (options.bias) args.emplace(DNNL_ARG_BIAS, memory(bias_md, engine_, const_cast<float*>(options.bias)));
-    prim.execute(stream_, args);
+    const size_t a_elem = memory::data_type_size(a.type), b_elem = memory::data_type_size(b.type);
+    memory a_mem(a_md, engine_, nullptr), b_mem(b_md, engine_, nullptr), dst_mem(dst_md, engine_, nullptr),
+        bias_mem(bias_md, engine_, nullptr);
+    for (int64_t i = 0; i < batch; ++i) {
+      a_mem.set_data_handle(const_cast<char*>(static_cast<const char*>(a.data)) + i * a.strides[0] * a_elem);
+      b_mem.set_data_handle(const_cast<char*>(static_cast<const char*>(b.data)) + i * b.strides[0] * b_elem);
+      dst_mem.set_data_handle(dst + i * rows * cols);
+      bias_mem.set_data_handle(const_cast<float*>(options.bias) + i * cols);
+      prim.execute(stream_, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, dst_mem},
+                             {DNNL_ARG_BIAS, bias_mem}});
+    }
     stream_.wait();
   } catch (const dnnl::error& e) {
     return dnnl_failure("matmul", e);

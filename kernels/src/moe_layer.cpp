@@ -14,7 +14,10 @@ Status LayerSpec::validate() const {
   if (output_dim < 0) return bad("output_dim = " + std::to_string(output_dim) + " must be >= 0 (0 means model_dim)");
   if (k < 1 || k > experts)
     return bad("k = " + std::to_string(k) + " must be between 1 and experts = " + std::to_string(experts));
-  if (!std::isfinite(capacity_factor)) return bad("capacity_factor must be a finite number");
+  // |f| bounds the capacity at k·|f|·ceil(S/E) slots per expert; beyond 1e6 the product
+  // overflows long before memory runs out, and no real layer wants it.
+  if (!std::isfinite(capacity_factor) || std::abs(capacity_factor) > 1e6)
+    return bad("capacity_factor must be a finite number with |f| <= 1e6");
   if (!(gate_noise >= 0.0) || !std::isfinite(gate_noise)) return bad("gate_noise must be finite and >= 0");
   if (matmul_dtype != DType::kF32 && matmul_dtype != DType::kBF16)
     return bad("matmul dtype " + std::string(dtype_name(matmul_dtype)) + " is not supported; use f32 or bf16");
@@ -130,6 +133,9 @@ Status layer_forward(Backend& backend, const LayerSpec& spec, const LayerWeights
                                    std::to_string(spec.model_dim) + "]");
   const int64_t S = x.dim(0), E = spec.experts, k = spec.k, M = spec.model_dim, H = spec.hidden,
                 O = spec.out_dim();
+  // Routing indices are i32: every (token, choice) and every (expert, slot) must fit.
+  if (S * k >= (int64_t{1} << 31))
+    return Status::InvalidArgument("tokens·k = " + std::to_string(S * k) + " exceeds 2^31; split the batch");
   TUTEL_RETURN_IF_ERROR(x.expect("x", DType::kF32, {S, M}));
   TUTEL_RETURN_IF_ERROR(y.expect("y", DType::kF32, {S, O}));
   const Device dev = backend.device();
@@ -163,6 +169,9 @@ Status layer_forward(Backend& backend, const LayerSpec& spec, const LayerWeights
   TUTEL_RETURN_IF_ERROR(backend.copy(&l_aux_host, l_aux.data(), 4, CopyKind::kDeviceToHost));
   const int64_t max_count = *std::max_element(counts.begin(), counts.end());
   const int64_t C = layer_capacity(spec, S, max_count);
+  if (E * C >= (int64_t{1} << 31) || E * C * std::max({M, H, O}) > (int64_t{1} << 40))
+    return Status::ResourceExhausted("capacity " + std::to_string(C) + " for " + std::to_string(E) +
+                                     " experts needs more memory than a layer may use; lower capacity_factor");
   int64_t dropped = 0;
   for (int32_t c : counts) dropped += std::max<int64_t>(0, c - C);
 

@@ -1,0 +1,96 @@
+// Reading and writing safetensors files (https://github.com/huggingface/safetensors).
+//
+// Layout: an 8-byte little-endian u64 N, N bytes of JSON header, then the data section.
+// The header maps each tensor name to {"dtype", "shape", "data_offsets": [begin, end]}
+// (offsets relative to the data section) plus an optional "__metadata__" string map.
+// Multi-byte elements are little-endian, the host's own order (checked at compile time),
+// so tensors are used in place with no conversion.
+//
+// The reader maps the file read-only and validates the whole header before returning, so
+// every tensor it hands out lies inside the file. The data is only as aligned as the file
+// made it: write_safetensors aligns the data section to 8 bytes and packs tensors in the
+// order given, so listing them by descending dtype size keeps every tensor aligned.
+//
+// A mapped file must not be truncated or rewritten in place while open: touching a page past
+// its new end raises SIGBUS. write_safetensors replaces a file by rename, which leaves open
+// readers on the old contents.
+//
+// Thread-safety: an open SafetensorsFile is immutable; any number of threads may read it.
+// write_safetensors may run concurrently, even for one path: the last rename wins.
+#pragma once
+
+#include <cstddef>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tutel/core/dtype.hpp"
+#include "tutel/core/status.hpp"
+#include "tutel/core/tensor.hpp"
+
+namespace tutel {
+
+// One tensor inside an open SafetensorsFile; `data` points into the read-only mapping and
+// stays valid while the file (or the object it was moved into) lives.
+struct SafetensorsTensor {
+  std::string name;
+  DType dtype = DType::kF32;
+  Shape shape;
+  const void* data = nullptr;
+  size_t nbytes = 0;
+
+  // A CPU view of the mapped bytes. The mapping is read-only: writing through the view
+  // faults.
+  TensorView view() const;
+};
+
+class SafetensorsFile {
+ public:
+  // Maps and validates `path`. Errors name the file and, where one is at fault, the
+  // tensor: NotFound / PermissionDenied / IOError when the file can't be read, Corruption
+  // when its contents are not a valid safetensors file.
+  static Result<SafetensorsFile> open(const std::string& path);
+
+  SafetensorsFile(SafetensorsFile&& other) noexcept;
+  SafetensorsFile& operator=(SafetensorsFile&& other) noexcept;
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+  ~SafetensorsFile();
+
+  const std::string& path() const { return path_; }
+  // Sorted by position in the data section.
+  const std::vector<SafetensorsTensor>& tensors() const { return tensors_; }
+  // nullptr when there is no tensor of that name.
+  const SafetensorsTensor* find(std::string_view name) const;
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+
+ private:
+  SafetensorsFile() = default;
+  void unmap() noexcept;
+
+  std::string path_;
+  void* mapping_ = nullptr;
+  size_t mapping_size_ = 0;
+  std::vector<SafetensorsTensor> tensors_;
+  std::map<std::string, size_t, std::less<>> index_;  // name -> position in tensors_
+  std::map<std::string, std::string> metadata_;
+};
+
+// A tensor to write: `data` holds shape.numel() * dtype_size(dtype) bytes, row-major.
+struct SafetensorsEntry {
+  std::string name;
+  DType dtype = DType::kF32;
+  Shape shape;
+  const void* data = nullptr;
+};
+
+// Writes `tensors` in the order given, with `metadata` as "__metadata__" when not empty.
+// Atomic: the bytes go to a temporary file in the same directory, which is fsynced and
+// renamed over `path`, then the directory is fsynced; on failure `path` is untouched and
+// the temporary file removed. Refuses duplicate names, the reserved name "__metadata__",
+// negative dimensions and null data for a non-empty tensor.
+Status write_safetensors(const std::string& path, const std::vector<SafetensorsEntry>& tensors,
+                         const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace tutel

@@ -1,0 +1,126 @@
+#include "tutel/core/logging.hpp"
+
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <string>
+
+namespace tutel {
+
+namespace detail {
+std::atomic<int> g_min_log_level{static_cast<int>(LogLevel::kInfo)};
+}  // namespace detail
+
+void set_log_level(LogLevel level) {
+  detail::g_min_log_level.store(static_cast<int>(level), std::memory_order_relaxed);
+}
+
+LogLevel log_level() {
+  return static_cast<LogLevel>(detail::g_min_log_level.load(std::memory_order_relaxed));
+}
+
+std::string_view log_level_name(LogLevel level) {
+  switch (level) {
+    case LogLevel::kDebug:
+      return "DEBUG";
+    case LogLevel::kInfo:
+      return "INFO";
+    case LogLevel::kWarn:
+      return "WARN";
+    case LogLevel::kError:
+      return "ERROR";
+  }
+  return "?";
+}
+
+std::optional<LogLevel> parse_log_level(std::string_view name) {
+  std::string lower(name);
+  for (char& c : lower)
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  if (lower == "debug") return LogLevel::kDebug;
+  if (lower == "info") return LogLevel::kInfo;
+  if (lower == "warn" || lower == "warning") return LogLevel::kWarn;
+  if (lower == "error") return LogLevel::kError;
+  return std::nullopt;
+}
+
+namespace detail {
+namespace {
+
+// Full paths from __FILE__ make lines long without telling more than the file name does.
+const char* base_name(const char* path) {
+  const char* slash = std::strrchr(path, '/');
+  return slash ? slash + 1 : path;
+}
+
+// "2025-01-31T12:34:56.123456Z"
+void append_timestamp(std::string& out) {
+  timespec now{};
+  clock_gettime(CLOCK_REALTIME, &now);
+  tm utc{};
+  gmtime_r(&now.tv_sec, &utc);
+  char buf[40];
+  const int n = std::snprintf(buf, sizeof(buf), "%04d-%02d-%02dT%02d:%02d:%02d.%06ldZ",
+                              utc.tm_year + 1900, utc.tm_mon + 1, utc.tm_mday, utc.tm_hour,
+                              utc.tm_min, utc.tm_sec, static_cast<long>(now.tv_nsec / 1000));
+  if (n > 0) out.append(buf, std::min(static_cast<size_t>(n), sizeof(buf) - 1));
+}
+
+std::string format_line(std::string_view level, const char* file, int line, std::string_view text) {
+  std::string out;
+  out.reserve(64 + text.size());
+  append_timestamp(out);
+  out += ' ';
+  out += level;
+  out += ' ';
+  out += std::to_string(static_cast<long>(syscall(SYS_gettid)));
+  out += ' ';
+  out += base_name(file);
+  out += ':';
+  out += std::to_string(line);
+  out += "] ";
+  out += text;
+  if (out.back() != '\n') out += '\n';
+  return out;
+}
+
+// One write(2) per line is what keeps concurrent lines whole; the loop only finishes a
+// line the kernel cut short (a signal, a full pipe).
+void write_stderr(std::string_view line) {
+  while (!line.empty()) {
+    const ssize_t n = ::write(STDERR_FILENO, line.data(), line.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return;  // Nowhere left to report a failing stderr.
+    }
+    line.remove_prefix(static_cast<size_t>(n));
+  }
+}
+
+}  // namespace
+
+LogMessage::LogMessage(LogLevel level, const char* file, int line)
+    : level_(level), file_(file), line_(line) {}
+
+LogMessage::~LogMessage() {
+  write_stderr(format_line(log_level_name(level_), file_, line_, stream_.str()));
+}
+
+CheckFailure::CheckFailure(const char* condition, const char* file, int line)
+    : file_(file), line_(line) {
+  stream_ << "Check failed: " << condition << ' ';
+}
+
+CheckFailure::~CheckFailure() {
+  write_stderr(format_line("FATAL", file_, line_, stream_.str()));
+  std::abort();
+}
+
+}  // namespace detail
+}  // namespace tutel

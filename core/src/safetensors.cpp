@@ -1,0 +1,558 @@
+#include "tutel/core/safetensors.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <new>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <set>
+#include <string>
+#include <system_error>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+// The format stores multi-byte elements little-endian and we hand out the mapped bytes as
+// they are; a big-endian host would need a byte-swapping copy.
+static_assert(std::endian::native == std::endian::little,
+              "safetensors data is little-endian and is used in place");
+
+namespace tutel {
+namespace {
+
+using nlohmann::json;
+
+// The same bound the reference implementation uses; a larger header is not a model file.
+constexpr uint64_t kMaxHeaderBytes = uint64_t{100} << 20;
+// Entries nest three levels (root, entry, shape); anything much deeper is hostile input,
+// cut off before it can make any later recursive walk of the tree expensive.
+constexpr int kMaxJsonDepth = 8;
+constexpr std::string_view kMetadataKey = "__metadata__";
+
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  UniqueFd(UniqueFd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  UniqueFd& operator=(UniqueFd&& o) noexcept {
+    if (this != &o) {
+      reset();
+      fd_ = std::exchange(o.fd_, -1);
+    }
+    return *this;
+  }
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+  ~UniqueFd() { reset(); }
+
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  void reset() noexcept {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+  // Closes now and reports the error, which for a written file can be the first sign of a
+  // failed write-back.
+  int close() noexcept {
+    const int fd = std::exchange(fd_, -1);
+    return (fd >= 0 && ::close(fd) != 0) ? errno : 0;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+std::string errno_text(int err) { return std::generic_category().message(err); }
+
+std::string file_context(const std::string& path) { return "safetensors file '" + path + "'"; }
+
+// `err` is passed by value before any message is built, so allocation cannot clobber errno.
+Status errno_status(int err, std::string_view action, const std::string& path) {
+  std::string what = std::string(action) + " " + file_context(path) + ": " + errno_text(err);
+  switch (err) {
+    case ENOENT:
+    case ENOTDIR:
+      return Status::NotFound(std::move(what));
+    case EACCES:
+    case EPERM:
+      return Status::PermissionDenied(std::move(what));
+    default:
+      return Status::IOError(std::move(what));
+  }
+}
+
+Status corrupt(const std::string& path, std::string_view problem) {
+  return Status::Corruption(file_context(path) + ": " + std::string(problem));
+}
+
+Status corrupt_tensor(const std::string& path, std::string_view tensor, std::string_view problem) {
+  return Status::Corruption(file_context(path) + ": tensor '" + std::string(tensor) +
+                            "': " + std::string(problem));
+}
+
+std::string supported_dtypes() {
+  std::string out;
+  for (DType t : {DType::kF32, DType::kBF16, DType::kF16, DType::kF64, DType::kI32, DType::kI64,
+                  DType::kU8}) {
+    if (!out.empty()) out += ", ";
+    out += safetensors_dtype_name(t);
+  }
+  return out;
+}
+
+// Element count and byte size of a shape, or nullopt when either overflows. The product of
+// the non-zero dimensions must fit as well, because views compute strides from them even
+// when another dimension makes the tensor empty.
+struct ShapeSize {
+  int64_t numel;
+  uint64_t nbytes;
+};
+std::optional<ShapeSize> shape_size(const Shape& shape, DType dtype) {
+  int64_t nonzero_product = 1;
+  bool empty = false;
+  for (int64_t d : shape) {
+    if (d == 0) {
+      empty = true;
+      continue;
+    }
+    if (__builtin_mul_overflow(nonzero_product, d, &nonzero_product)) return std::nullopt;
+  }
+  const int64_t numel = empty ? 0 : nonzero_product;
+  uint64_t nbytes = 0;
+  if (__builtin_mul_overflow(static_cast<uint64_t>(numel), dtype_size(dtype), &nbytes))
+    return std::nullopt;
+  return ShapeSize{numel, nbytes};
+}
+
+// A first pass over the header before any tree is built. It catches what a tree would hide:
+// a tensor name given twice (the tree keeps the last one silently), and nesting too deep to
+// be a real header. nlohmann's parser callback could do this during the tree's own parse,
+// but it rescans the parent object after every member: quadratic in the tensor count.
+class HeaderScan final : public nlohmann::json_sax<json> {
+ public:
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+  bool start_object(std::size_t) override { return enter(); }
+  bool start_array(std::size_t) override { return enter(); }
+  bool end_object() override { return leave(); }
+  bool end_array() override { return leave(); }
+  bool key(string_t& key) override {
+    if (depth_ == 1) root_keys_.push_back(key);
+    return true;
+  }
+  bool parse_error(std::size_t, const std::string&, const json::exception& e) override {
+    error_ = std::string("header is not valid JSON: ") + e.what();
+    return false;
+  }
+
+  // Empty when the header is well-formed JSON of sane depth.
+  const std::string& error() const { return error_; }
+  // The first repeated name at the top level, or nullptr.
+  const std::string* duplicate_root_key() {
+    std::sort(root_keys_.begin(), root_keys_.end());
+    const auto it = std::adjacent_find(root_keys_.begin(), root_keys_.end());
+    return it == root_keys_.end() ? nullptr : &*it;
+  }
+
+ private:
+  bool enter() {
+    if (++depth_ <= kMaxJsonDepth) return true;
+    error_ = "header nests deeper than " + std::to_string(kMaxJsonDepth) + " levels";
+    return false;
+  }
+  bool leave() {
+    --depth_;
+    return true;
+  }
+
+  int depth_ = 0;
+  std::vector<std::string> root_keys_;
+  std::string error_;
+};
+
+struct ParsedEntry {
+  std::string name;
+  DType dtype;
+  Shape shape;
+  uint64_t begin;
+  uint64_t end;
+};
+
+Result<ParsedEntry> parse_entry(const std::string& path, const std::string& name, const json& entry,
+                                uint64_t data_size) {
+  auto fail = [&](std::string_view problem) { return corrupt_tensor(path, name, problem); };
+  if (!entry.is_object())
+    return fail(std::string("entry is a JSON ") + entry.type_name() +
+                ", expected an object with dtype, shape and data_offsets");
+
+  ParsedEntry out{name, DType::kF32, Shape(), 0, 0};
+
+  const auto dtype_it = entry.find("dtype");
+  if (dtype_it == entry.end()) return fail("missing 'dtype'");
+  if (!dtype_it->is_string())
+    return fail(std::string("'dtype' is a JSON ") + dtype_it->type_name() + ", expected a string");
+  const auto& dtype_text = dtype_it->get_ref<const std::string&>();
+  const std::optional<DType> dtype = parse_safetensors_dtype(dtype_text);
+  if (!dtype)
+    return fail("unsupported dtype '" + dtype_text + "' (supported: " + supported_dtypes() + ")");
+  out.dtype = *dtype;
+
+  const auto shape_it = entry.find("shape");
+  if (shape_it == entry.end()) return fail("missing 'shape'");
+  if (!shape_it->is_array())
+    return fail(std::string("'shape' is a JSON ") + shape_it->type_name() +
+                ", expected an array of integers");
+  if (shape_it->size() > static_cast<size_t>(kMaxDims))
+    return fail("shape has rank " + std::to_string(shape_it->size()) + ", more than the " +
+                std::to_string(kMaxDims) + " dimensions supported");
+  for (size_t i = 0; i < shape_it->size(); ++i) {
+    const json& dim = (*shape_it)[i];
+    const std::string which = "shape dimension " + std::to_string(i);
+    if (dim.is_number_unsigned()) {
+      const auto value = dim.get<uint64_t>();
+      if (value > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+        return fail(which + " (" + std::to_string(value) + ") is too large");
+      out.shape.push_back(static_cast<int64_t>(value));
+    } else if (dim.is_number_integer()) {
+      return fail(which + " is negative (" + std::to_string(dim.get<int64_t>()) + ")");
+    } else {
+      return fail(which + " is a JSON " + dim.type_name() + ", expected a non-negative integer");
+    }
+  }
+  const std::optional<ShapeSize> size = shape_size(out.shape, out.dtype);
+  if (!size) return fail("shape " + out.shape.to_string() + " has too many elements");
+
+  const auto offsets_it = entry.find("data_offsets");
+  if (offsets_it == entry.end()) return fail("missing 'data_offsets'");
+  const json& offsets = *offsets_it;
+  if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
+      !offsets[1].is_number_unsigned())
+    return fail("'data_offsets' must be [begin, end], two non-negative integers; got " +
+                offsets.dump(-1, ' ', false, json::error_handler_t::replace));
+  out.begin = offsets[0].get<uint64_t>();
+  out.end = offsets[1].get<uint64_t>();
+  const std::string range =
+      "data_offsets [" + std::to_string(out.begin) + ", " + std::to_string(out.end) + "]";
+  if (out.begin > out.end) return fail(range + " has begin after end");
+  if (out.end > data_size)
+    return fail(range + " end past the data section (" + std::to_string(data_size) +
+                " bytes); the file is truncated");
+  if (out.end - out.begin != size->nbytes)
+    return fail(range + " holds " + std::to_string(out.end - out.begin) + " bytes, but " +
+                std::string(safetensors_dtype_name(out.dtype)) + " " + out.shape.to_string() +
+                " needs " + std::to_string(size->nbytes));
+  return out;
+}
+
+Status parse_metadata(const std::string& path, const json& value,
+                      std::map<std::string, std::string>& metadata) {
+  if (!value.is_object())
+    return corrupt(path, std::string("'__metadata__' is a JSON ") + value.type_name() +
+                             ", expected an object of strings");
+  for (const auto& [key, item] : value.items()) {
+    if (!item.is_string())
+      return corrupt(path, "'__metadata__' key '" + key + "' holds a JSON " + item.type_name() +
+                               ", expected a string");
+    metadata.emplace(key, item.get<std::string>());
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+TensorView SafetensorsTensor::view() const {
+  return TensorView(const_cast<void*>(data), dtype, shape);
+}
+
+SafetensorsFile::SafetensorsFile(SafetensorsFile&& other) noexcept
+    : path_(std::move(other.path_)),
+      mapping_(std::exchange(other.mapping_, nullptr)),
+      mapping_size_(std::exchange(other.mapping_size_, 0)),
+      tensors_(std::move(other.tensors_)),
+      index_(std::move(other.index_)),
+      metadata_(std::move(other.metadata_)) {}
+
+SafetensorsFile& SafetensorsFile::operator=(SafetensorsFile&& other) noexcept {
+  if (this != &other) {
+    unmap();
+    path_ = std::move(other.path_);
+    mapping_ = std::exchange(other.mapping_, nullptr);
+    mapping_size_ = std::exchange(other.mapping_size_, 0);
+    tensors_ = std::move(other.tensors_);
+    index_ = std::move(other.index_);
+    metadata_ = std::move(other.metadata_);
+  }
+  return *this;
+}
+
+SafetensorsFile::~SafetensorsFile() { unmap(); }
+
+void SafetensorsFile::unmap() noexcept {
+  if (mapping_ != nullptr) ::munmap(mapping_, mapping_size_);
+  mapping_ = nullptr;
+  mapping_size_ = 0;
+}
+
+const SafetensorsTensor* SafetensorsFile::find(std::string_view name) const {
+  const auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &tensors_[it->second];
+}
+
+Result<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
+  try {
+    // O_NONBLOCK keeps a FIFO at `path` from blocking the open; the S_ISREG check then
+    // refuses it.
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+    if (!fd.valid()) return errno_status(errno, "cannot open", path);
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0) return errno_status(errno, "cannot stat", path);
+    if (!S_ISREG(st.st_mode))
+      return Status::InvalidArgument(file_context(path) + " is not a regular file");
+    const auto file_size = static_cast<uint64_t>(st.st_size);
+    if (file_size < 8)
+      return corrupt(path, "file is " + std::to_string(file_size) +
+                               " bytes, too short for the 8-byte header length");
+
+    SafetensorsFile file;
+    file.path_ = path;
+    void* mapping = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
+    if (mapping == MAP_FAILED) return errno_status(errno, "cannot map", path);
+    // The mapping keeps the file alive on its own; the descriptor is no longer needed.
+    file.mapping_ = mapping;
+    file.mapping_size_ = file_size;
+    fd.reset();
+    const auto* bytes = static_cast<const char*>(mapping);
+
+    uint64_t header_size = 0;
+    std::memcpy(&header_size, bytes, 8);
+    if (header_size > file_size - 8)
+      return corrupt(path, "header length " + std::to_string(header_size) + " exceeds the " +
+                               std::to_string(file_size - 8) +
+                               " bytes that follow it; the file is truncated or not safetensors");
+    if (header_size > kMaxHeaderBytes)
+      return corrupt(path, "header length " + std::to_string(header_size) +
+                               " is over the limit of " + std::to_string(kMaxHeaderBytes) +
+                               " bytes");
+    const char* data_section = bytes + 8 + header_size;
+    const uint64_t data_size = file_size - 8 - header_size;
+
+    // JSON never holds a raw NUL, and nlohmann's lexer would take one for the end of input
+    // and ignore whatever follows it.
+    if (std::memchr(bytes + 8, '\0', header_size) != nullptr)
+      return corrupt(path, "header is not valid JSON: it contains a NUL byte");
+
+    HeaderScan scan;
+    json::sax_parse(bytes + 8, data_section, &scan);
+    if (!scan.error().empty()) return corrupt(path, scan.error());
+    if (const std::string* name = scan.duplicate_root_key())
+      return corrupt_tensor(path, *name, "appears more than once in the header");
+    const json header = json::parse(bytes + 8, data_section, nullptr, /*allow_exceptions=*/false);
+    if (header.is_discarded()) return corrupt(path, "header is not valid JSON");
+    if (!header.is_object())
+      return corrupt(
+          path, std::string("header is a JSON ") + header.type_name() + ", expected an object");
+
+    std::vector<ParsedEntry> entries;
+    entries.reserve(header.size());
+    for (const auto& [name, value] : header.items()) {
+      if (name == kMetadataKey) {
+        TUTEL_RETURN_IF_ERROR(parse_metadata(path, value, file.metadata_));
+        continue;
+      }
+      TUTEL_ASSIGN_OR_RETURN(ParsedEntry entry, parse_entry(path, name, value, data_size));
+      entries.push_back(std::move(entry));
+    }
+
+    std::sort(entries.begin(), entries.end(), [](const ParsedEntry& a, const ParsedEntry& b) {
+      return std::tie(a.begin, a.end, a.name) < std::tie(b.begin, b.end, b.name);
+    });
+    // An empty tensor owns no bytes, so it cannot overlap anything wherever it points.
+    const ParsedEntry* previous = nullptr;
+    for (const ParsedEntry& entry : entries) {
+      if (entry.begin == entry.end) continue;
+      if (previous != nullptr && entry.begin < previous->end)
+        return corrupt_tensor(path, entry.name,
+                              "data [" + std::to_string(entry.begin) + ", " +
+                                  std::to_string(entry.end) + ") overlaps tensor '" +
+                                  previous->name + "' at [" + std::to_string(previous->begin) +
+                                  ", " + std::to_string(previous->end) + ")");
+      previous = &entry;
+    }
+
+    file.tensors_.reserve(entries.size());
+    for (ParsedEntry& entry : entries) {
+      file.index_.emplace(entry.name, file.tensors_.size());
+      file.tensors_.push_back(SafetensorsTensor{std::move(entry.name), entry.dtype, entry.shape,
+                                                data_section + entry.begin,
+                                                static_cast<size_t>(entry.end - entry.begin)});
+    }
+    return file;
+  } catch (const std::bad_alloc&) {
+    return Status::ResourceExhausted("out of memory reading " + file_context(path));
+  } catch (const std::exception& e) {
+    return Status::Internal("reading " + file_context(path) + ": " + e.what());
+  }
+}
+
+namespace {
+
+Status write_all(int fd, const void* data, size_t size, const std::string& path) {
+  const auto* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t n = ::write(fd, p, size);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno_status(errno, "cannot write", path);
+    }
+    p += n;
+    size -= static_cast<size_t>(n);
+  }
+  return Status::OK();
+}
+
+// Removes the temporary file unless it was renamed into place.
+class TempFileGuard {
+ public:
+  explicit TempFileGuard(std::string path) : path_(std::move(path)) {}
+  TempFileGuard(const TempFileGuard&) = delete;
+  TempFileGuard& operator=(const TempFileGuard&) = delete;
+  ~TempFileGuard() {
+    if (!committed_) ::unlink(path_.c_str());
+  }
+  void commit() { committed_ = true; }
+
+ private:
+  std::string path_;
+  bool committed_ = false;
+};
+
+// A fresh, uniquely named file next to `path`, so the final rename stays within one
+// filesystem. Created with 0666 so the process umask applies, as for any new file.
+Result<std::pair<UniqueFd, std::string>> create_temp_file(const std::string& path) {
+  namespace fs = std::filesystem;
+  const fs::path target(path);
+  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  std::random_device entropy;
+  for (int attempt = 0; attempt < 16; ++attempt) {
+    char suffix[17];
+    (void)std::snprintf(suffix, sizeof(suffix), "%08x%08x", entropy(), entropy());
+    std::string temp = (dir / ("." + target.filename().string() + ".tmp-" + suffix)).string();
+    const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd >= 0) return std::make_pair(UniqueFd(fd), std::move(temp));
+    if (errno != EEXIST) return errno_status(errno, "cannot create a temporary file for", path);
+  }
+  return Status::IOError("cannot create a unique temporary file for " + file_context(path));
+}
+
+Status fsync_directory_of(const std::string& path) {
+  namespace fs = std::filesystem;
+  const fs::path target(path);
+  const std::string dir = target.has_parent_path() ? target.parent_path().string() : ".";
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid()) return errno_status(errno, "cannot open the directory of", path);
+  if (::fsync(fd.get()) != 0) return errno_status(errno, "cannot sync the directory of", path);
+  return Status::OK();
+}
+
+// The header text, padded so the data section starts 8-byte aligned (and with it the first
+// tensor), and each tensor's byte size. Built member by member rather than as one
+// ordered_json, whose linear key lookups would make this quadratic in the tensor count.
+Result<std::string> build_header(const std::string& path,
+                                 const std::vector<SafetensorsEntry>& tensors,
+                                 const std::map<std::string, std::string>& metadata,
+                                 std::vector<size_t>& sizes) {
+  std::string text = "{";
+  const auto append_member = [&](const std::string& key, const json& value) {
+    if (text.size() > 1) text += ',';
+    text += json(key).dump();
+    text += ':';
+    text += value.dump();
+  };
+  std::set<std::string_view> names;
+  uint64_t offset = 0;
+  try {
+    if (!metadata.empty()) append_member(std::string(kMetadataKey), metadata);
+    for (const SafetensorsEntry& t : tensors) {
+      const auto refuse = [&](std::string_view problem) {
+        return Status::InvalidArgument("cannot write " + file_context(path) + ": tensor '" +
+                                       t.name + "' " + std::string(problem));
+      };
+      if (t.name == kMetadataKey) return refuse("uses the reserved name");
+      if (!names.insert(t.name).second) return refuse("is given more than once");
+      for (int64_t d : t.shape)
+        if (d < 0) return refuse("has negative dimension in shape " + t.shape.to_string());
+      const std::optional<ShapeSize> size = shape_size(t.shape, t.dtype);
+      if (!size) return refuse("has too many elements in shape " + t.shape.to_string());
+      if (t.data == nullptr && size->nbytes > 0) return refuse("has no data");
+      uint64_t end = 0;
+      if (__builtin_add_overflow(offset, size->nbytes, &end))
+        return refuse("overflows the file size");
+      append_member(t.name, {{"dtype", std::string(safetensors_dtype_name(t.dtype))},
+                             {"shape", std::vector<int64_t>(t.shape.begin(), t.shape.end())},
+                             {"data_offsets", json::array({offset, end})}});
+      sizes.push_back(static_cast<size_t>(size->nbytes));
+      offset = end;
+    }
+  } catch (const json::type_error& e) {
+    return Status::InvalidArgument("cannot write " + file_context(path) +
+                                   ": tensor names and metadata must be valid UTF-8 (" + e.what() +
+                                   ")");
+  }
+  text += '}';
+  text.append((8 - text.size() % 8) % 8, ' ');
+  return text;
+}
+
+Status write_safetensors_impl(const std::string& path, const std::vector<SafetensorsEntry>& tensors,
+                              const std::map<std::string, std::string>& metadata) {
+  std::vector<size_t> sizes;
+  sizes.reserve(tensors.size());
+  TUTEL_ASSIGN_OR_RETURN(const std::string header_text,
+                         build_header(path, tensors, metadata, sizes));
+  const uint64_t header_size = header_text.size();
+
+  TUTEL_ASSIGN_OR_RETURN(auto temp, create_temp_file(path));
+  auto& [fd, temp_path] = temp;
+  TempFileGuard guard(temp_path);
+  TUTEL_RETURN_IF_ERROR(write_all(fd.get(), &header_size, 8, path));
+  TUTEL_RETURN_IF_ERROR(write_all(fd.get(), header_text.data(), header_text.size(), path));
+  for (size_t i = 0; i < tensors.size(); ++i)
+    if (sizes[i] > 0) TUTEL_RETURN_IF_ERROR(write_all(fd.get(), tensors[i].data, sizes[i], path));
+  if (::fsync(fd.get()) != 0) return errno_status(errno, "cannot sync", path);
+  if (const int err = fd.close(); err != 0) return errno_status(err, "cannot close", path);
+  if (::rename(temp_path.c_str(), path.c_str()) != 0)
+    return errno_status(errno, "cannot rename the temporary file onto", path);
+  guard.commit();
+  // Without this the rename itself may not survive a crash.
+  return fsync_directory_of(path);
+}
+
+}  // namespace
+
+Status write_safetensors(const std::string& path, const std::vector<SafetensorsEntry>& tensors,
+                         const std::map<std::string, std::string>& metadata) {
+  try {
+    return write_safetensors_impl(path, tensors, metadata);
+  } catch (const std::bad_alloc&) {
+    return Status::ResourceExhausted("out of memory writing " + file_context(path));
+  } catch (const std::exception& e) {
+    return Status::Internal("writing " + file_context(path) + ": " + e.what());
+  }
+}
+
+}  // namespace tutel

@@ -1,0 +1,542 @@
+#include "tutel/core/safetensors.hpp"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace tutel {
+namespace {
+
+namespace fs = std::filesystem;
+
+// A fresh directory under /tmp, removed with everything in it at the end of the test.
+class TempDir {
+ public:
+  TempDir() {
+    char name[] = "/tmp/tutel_core_test_XXXXXX";
+    const char* made = ::mkdtemp(name);
+    if (made == nullptr) std::abort();
+    path_ = made;
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    fs::remove_all(path_, ignored);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+std::string le64(uint64_t v) {
+  std::string out(8, '\0');
+  std::memcpy(out.data(), &v, 8);  // the host is little-endian, as the format
+  return out;
+}
+
+// A file image: length prefix, header text as given, data bytes.
+std::string image(std::string_view header, std::string_view data = {}) {
+  return le64(header.size()) + std::string(header) + std::string(data);
+}
+
+void write_file(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  ASSERT_TRUE(out.good()) << path;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+std::vector<std::string> list_dir(const std::string& dir) {
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  return names;
+}
+
+bool contains(std::string_view haystack, std::string_view needle) {
+  return haystack.find(needle) != std::string_view::npos;
+}
+
+class SafetensorsTest : public ::testing::Test {
+ protected:
+  std::string file(const std::string& name) const { return dir_.path() + "/" + name; }
+  TempDir dir_;
+};
+
+// ---- round trip ----
+
+struct Owned {
+  std::string name;
+  DType dtype;
+  Shape shape;
+  std::vector<uint8_t> bytes;
+};
+
+Owned random_tensor(std::mt19937_64& rng, std::string name, DType dtype, Shape shape) {
+  Owned t{std::move(name), dtype, shape, {}};
+  t.bytes.resize(static_cast<size_t>(shape.numel()) * dtype_size(dtype));
+  for (uint8_t& b : t.bytes) b = static_cast<uint8_t>(rng());
+  return t;
+}
+
+std::vector<SafetensorsEntry> entries_of(const std::vector<Owned>& owned) {
+  std::vector<SafetensorsEntry> out;
+  out.reserve(owned.size());
+  for (const Owned& t : owned)
+    out.push_back({t.name, t.dtype, t.shape, t.bytes.empty() ? nullptr : t.bytes.data()});
+  return out;
+}
+
+TEST_F(SafetensorsTest, RoundTripsDTypesShapesAndMetadata) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  // Listed by descending element size, so every tensor lands aligned to its own size.
+  const std::vector<Owned> owned = {
+      random_tensor(rng, "experts.w1", DType::kF64, {2, 3}),
+      random_tensor(rng, "step", DType::kI64, {}),  // a scalar: rank 0, one element
+      random_tensor(rng, "gate.weight", DType::kF32, {16, 8}),
+      random_tensor(rng, "counts", DType::kI32, {5}),
+      random_tensor(rng, "empty", DType::kF32, {0, 7}),
+      random_tensor(rng, "experts.w2", DType::kBF16, {3, 2, 5}),
+      random_tensor(rng, "bias", DType::kF16, {9}),
+      random_tensor(rng, "mask", DType::kU8, {1, 2, 1, 3, 1, 1}),  // rank kMaxDims
+      random_tensor(rng, "also_empty", DType::kU8, {0}),
+  };
+  const std::map<std::string, std::string> metadata = {{"format", "pt"},
+                                                       {"note", "ünïcödé, \"quotes\""}};
+  const std::string path = file("model.safetensors");
+  ASSERT_TRUE(write_safetensors(path, entries_of(owned), metadata).ok());
+  EXPECT_EQ(list_dir(dir_.path()), std::vector<std::string>{"model.safetensors"});
+
+  Result<SafetensorsFile> opened = SafetensorsFile::open(path);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  const SafetensorsFile& f = *opened;
+  EXPECT_EQ(f.path(), path);
+  EXPECT_EQ(f.metadata(), metadata);
+  ASSERT_EQ(f.tensors().size(), owned.size());
+  for (size_t i = 0; i < owned.size(); ++i) {
+    SCOPED_TRACE(owned[i].name);
+    const SafetensorsTensor& t = f.tensors()[i];  // file order is the order written
+    EXPECT_EQ(t.name, owned[i].name);
+    EXPECT_EQ(t.dtype, owned[i].dtype);
+    EXPECT_EQ(t.shape, owned[i].shape);
+    ASSERT_EQ(t.nbytes, owned[i].bytes.size());
+    if (t.nbytes > 0) {
+      EXPECT_EQ(std::memcmp(t.data, owned[i].bytes.data(), t.nbytes), 0);
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(t.data) % dtype_size(t.dtype), 0u);
+    }
+    EXPECT_EQ(f.find(owned[i].name), &t);
+
+    const TensorView v = t.view();
+    EXPECT_EQ(v.data(), t.data);
+    EXPECT_EQ(v.dtype(), t.dtype);
+    EXPECT_EQ(v.shape(), t.shape);
+    EXPECT_EQ(v.nbytes(), t.nbytes);
+    EXPECT_TRUE(v.is_contiguous());
+    EXPECT_EQ(v.device(), Device{});
+  }
+  // The reference reader insists that tensors tile the data section exactly, with no gap.
+  const std::string bytes = read_file(path);
+  const auto* end = static_cast<const char*>(f.tensors().front().data);
+  for (const SafetensorsTensor& t : f.tensors()) {
+    EXPECT_EQ(static_cast<const char*>(t.data), end) << t.name;
+    end = static_cast<const char*>(t.data) + t.nbytes;
+  }
+  uint64_t header_size = 0;
+  std::memcpy(&header_size, bytes.data(), 8);
+  EXPECT_EQ(end - static_cast<const char*>(f.tensors().front().data),
+            static_cast<ptrdiff_t>(bytes.size() - 8 - header_size));
+  EXPECT_EQ(bytes[8], '{');
+  EXPECT_EQ(f.find("absent"), nullptr);
+  EXPECT_EQ(f.find(""), nullptr);
+  EXPECT_EQ(f.find("__metadata__"), nullptr);
+}
+
+TEST_F(SafetensorsTest, WriterPadsHeaderSoDataIsAligned) {
+  const float values[3] = {1.0f, -2.5f, 3.25f};
+  const std::string path = file("aligned.safetensors");
+  for (const std::string name : {"a", "ab", "abc", "abcd", "abcde", "abcdef", "abcdefg"}) {
+    SCOPED_TRACE(name);
+    ASSERT_TRUE(write_safetensors(path, {{name, DType::kF32, {3}, values}}).ok());
+    const std::string bytes = read_file(path);
+    ASSERT_GE(bytes.size(), 8u);
+    uint64_t header_size = 0;
+    std::memcpy(&header_size, bytes.data(), 8);
+    EXPECT_EQ(header_size % 8, 0u);
+    ASSERT_EQ(bytes.size(), 8 + header_size + sizeof(values));
+    EXPECT_EQ(std::memcmp(bytes.data() + 8 + header_size, values, sizeof(values)), 0);
+    Result<SafetensorsFile> f = SafetensorsFile::open(path);
+    ASSERT_TRUE(f.ok()) << f.status();
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(f->tensors()[0].data) % 8, 0u);
+    EXPECT_EQ(f->tensors()[0].view().data_as<const float>()[1], -2.5f);
+  }
+}
+
+TEST_F(SafetensorsTest, EmptyFileAndNoMetadata) {
+  const std::string path = file("empty.safetensors");
+  ASSERT_TRUE(write_safetensors(path, {}).ok());
+  Result<SafetensorsFile> f = SafetensorsFile::open(path);
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_TRUE(f->tensors().empty());
+  EXPECT_TRUE(f->metadata().empty());
+  EXPECT_FALSE(contains(read_file(path), "__metadata__"));
+}
+
+TEST_F(SafetensorsTest, WriteReplacesExistingFileAndLeavesNoTemporaries) {
+  const std::string path = file("w.safetensors");
+  const int32_t first[2] = {1, 2};
+  const int32_t second[3] = {7, 8, 9};
+  ASSERT_TRUE(write_safetensors(path, {{"x", DType::kI32, {2}, first}}).ok());
+  ASSERT_TRUE(write_safetensors(path, {{"y", DType::kI32, {3}, second}}, {{"v", "2"}}).ok());
+  EXPECT_EQ(list_dir(dir_.path()), std::vector<std::string>{"w.safetensors"});
+  Result<SafetensorsFile> f = SafetensorsFile::open(path);
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(f->find("x"), nullptr);
+  ASSERT_NE(f->find("y"), nullptr);
+  EXPECT_EQ(std::memcmp(f->find("y")->data, second, sizeof(second)), 0);
+  EXPECT_EQ(f->metadata().at("v"), "2");
+}
+
+TEST_F(SafetensorsTest, WriterRefusesBadInputAndKeepsTheOldFile) {
+  const std::string path = file("keep.safetensors");
+  const float data[4] = {1, 2, 3, 4};
+  ASSERT_TRUE(write_safetensors(path, {{"w", DType::kF32, {4}, data}}).ok());
+  const std::string before = read_file(path);
+
+  struct Case {
+    const char* label;
+    std::vector<SafetensorsEntry> entries;
+    const char* fragment;
+  };
+  const std::vector<Case> cases = {
+      {"duplicate",
+       {{"w", DType::kF32, {4}, data}, {"w", DType::kF32, {2}, data}},
+       "more than once"},
+      {"reserved", {{"__metadata__", DType::kF32, {4}, data}}, "reserved"},
+      {"null data", {{"w", DType::kF32, {4}, nullptr}}, "no data"},
+      {"negative dim", {{"w", DType::kF32, {-1, 4}, data}}, "negative"},
+      {"too many elements",
+       {{"w", DType::kF32, {int64_t{1} << 40, int64_t{1} << 40}, data}},
+       "too many"},
+      {"invalid utf-8", {{"w\xff", DType::kF32, {4}, data}}, "UTF-8"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.label);
+    const Status s = write_safetensors(path, c.entries);
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
+    EXPECT_TRUE(contains(s.message(), path)) << s;
+    EXPECT_TRUE(contains(s.message(), c.fragment)) << s;
+  }
+  EXPECT_EQ(write_safetensors(path, {}, {{"bad\xc3", "x"}}).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(read_file(path), before);
+  EXPECT_EQ(list_dir(dir_.path()), std::vector<std::string>{"keep.safetensors"});
+
+  // A null pointer is fine where there is nothing to write.
+  EXPECT_TRUE(write_safetensors(file("z.safetensors"), {{"z", DType::kF32, {0, 3}, nullptr}}).ok());
+}
+
+TEST_F(SafetensorsTest, WriteIntoMissingDirectoryFails) {
+  const std::string path = file("no/such/dir/x.safetensors");
+  const float v = 1;
+  const Status s = write_safetensors(path, {{"v", DType::kF32, {}, &v}});
+  EXPECT_EQ(s.code(), StatusCode::kNotFound) << s;
+  EXPECT_TRUE(contains(s.message(), path)) << s;
+}
+
+TEST_F(SafetensorsTest, OpenReportsUnreadablePaths) {
+  const std::string missing = file("missing.safetensors");
+  Result<SafetensorsFile> r = SafetensorsFile::open(missing);
+  EXPECT_EQ(r.status().code(), StatusCode::kNotFound);
+  EXPECT_TRUE(contains(r.status().message(), missing)) << r.status();
+
+  r = SafetensorsFile::open(dir_.path());
+  EXPECT_FALSE(r.ok());
+  EXPECT_TRUE(contains(r.status().message(), dir_.path())) << r.status();
+
+  const std::string fifo = file("fifo");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  r = SafetensorsFile::open(fifo);  // must not block waiting for a writer
+  EXPECT_FALSE(r.ok());
+  EXPECT_TRUE(contains(r.status().message(), "not a regular file")) << r.status();
+}
+
+TEST_F(SafetensorsTest, MoveKeepsTheMappingAlive) {
+  const std::string path_a = file("a.safetensors");
+  const std::string path_b = file("b.safetensors");
+  const double a[2] = {0.5, 1.5};
+  const double b[1] = {-4};
+  ASSERT_TRUE(write_safetensors(path_a, {{"a", DType::kF64, {2}, a}}).ok());
+  ASSERT_TRUE(write_safetensors(path_b, {{"b", DType::kF64, {1}, b}}).ok());
+  Result<SafetensorsFile> ra = SafetensorsFile::open(path_a);
+  Result<SafetensorsFile> rb = SafetensorsFile::open(path_b);
+  ASSERT_TRUE(ra.ok() && rb.ok());
+
+  SafetensorsFile moved(std::move(*ra));
+  EXPECT_EQ(moved.path(), path_a);
+  ASSERT_NE(moved.find("a"), nullptr);
+  EXPECT_EQ(static_cast<const double*>(moved.find("a")->data)[1], 1.5);
+
+  moved = std::move(*rb);  // unmaps a, takes b
+  EXPECT_EQ(moved.path(), path_b);
+  EXPECT_EQ(moved.find("a"), nullptr);
+  ASSERT_NE(moved.find("b"), nullptr);
+  EXPECT_EQ(static_cast<const double*>(moved.find("b")->data)[0], -4);
+}
+
+// ---- files written by hand: what other writers may legally produce ----
+
+TEST_F(SafetensorsTest, AcceptsLegalHandWrittenLayouts) {
+  std::string data(40, '\0');
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<char>(i);
+  // Entries out of offset order, a gap before "late", bytes after the last tensor, an empty
+  // tensor pointing into another one, an empty metadata map, unknown keys, padding.
+  const std::string header =
+      R"({"late":{"dtype":"U8","shape":[4],"data_offsets":[20,24],"extra":true},)"
+      R"("early":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},)"
+      R"("none":{"dtype":"F16","shape":[3,0],"data_offsets":[8,8]},)"
+      R"("scalar":{"dtype":"F64","shape":[],"data_offsets":[24,32]},)"
+      R"("__metadata__":{}}     )";
+  const std::string path = file("legal.safetensors");
+  write_file(path, image(header, data));
+  Result<SafetensorsFile> f = SafetensorsFile::open(path);
+  ASSERT_TRUE(f.ok()) << f.status();
+  ASSERT_EQ(f->tensors().size(), 4u);
+  EXPECT_EQ(f->tensors()[0].name, "early");
+  EXPECT_EQ(f->tensors()[1].name, "none");
+  EXPECT_EQ(f->tensors()[2].name, "late");
+  EXPECT_EQ(f->tensors()[3].name, "scalar");
+  EXPECT_EQ(f->find("none")->nbytes, 0u);
+  EXPECT_EQ(f->find("scalar")->shape.rank(), 0);
+  EXPECT_EQ(f->find("scalar")->view().numel(), 1);
+  EXPECT_EQ(static_cast<const uint8_t*>(f->find("late")->data)[0], 20);
+  EXPECT_TRUE(f->metadata().empty());
+}
+
+// ---- corrupt files: each must fail with a message naming the file and the tensor ----
+
+struct CorruptCase {
+  const char* label;
+  std::string bytes;
+  std::vector<std::string> fragments;  // besides the path
+};
+
+std::string entry(std::string_view name, std::string_view dtype, std::string_view shape,
+                  std::string_view offsets) {
+  return "\"" + std::string(name) + "\":{\"dtype\":" + std::string(dtype) +
+         ",\"shape\":" + std::string(shape) + ",\"data_offsets\":" + std::string(offsets) + "}";
+}
+
+std::string one(std::string_view dtype, std::string_view shape, std::string_view offsets) {
+  return image("{" + entry("w", dtype, shape, offsets) + "}", std::string(16, '\x11'));
+}
+
+std::vector<CorruptCase> corrupt_cases() {
+  const std::string w = "tensor 'w'";
+  return {
+      {"empty_file", "", {"too short"}},
+      {"five_bytes", "\x01\x02\x03\x04\x05", {"too short"}},
+      {"length_past_end", le64(1000) + "{}", {"header length 1000", "truncated"}},
+      {"length_all_ones", le64(~uint64_t{0}) + "{}", {"header length"}},
+      {"empty_header", image(""), {"not valid JSON"}},
+      {"not_json", image("{not json}"), {"not valid JSON"}},
+      {"cut_json", image(R"({"w":)"), {"not valid JSON"}},
+      {"trailing_garbage", image("{} x"), {"not valid JSON"}},
+      {"nul_padding", image(std::string("{}\0\0\0\0\0\0", 8)), {"not valid JSON"}},
+      {"bad_utf8", image("{\"w\xff\":{}}"), {"not valid JSON"}},
+      {"array_root", image("[1,2]"), {"header is a JSON array"}},
+      {"string_root", image(R"("w")"), {"header is a JSON string"}},
+      {"null_root", image("null"), {"header is a JSON null"}},
+      {"entry_number", image(R"({"w":5})"), {w, "expected an object"}},
+      {"entry_array", image(R"({"w":[]})"), {w, "expected an object"}},
+      {"missing_dtype",
+       image(R"({"w":{"shape":[4],"data_offsets":[0,16]}})", std::string(16, 'a')),
+       {w, "missing 'dtype'"}},
+      {"missing_shape",
+       image(R"({"w":{"dtype":"F32","data_offsets":[0,16]}})", std::string(16, 'a')),
+       {w, "missing 'shape'"}},
+      {"missing_offsets",
+       image(R"({"w":{"dtype":"F32","shape":[4]}})", std::string(16, 'a')),
+       {w, "missing 'data_offsets'"}},
+      {"dtype_number", one("5", "[4]", "[0,16]"), {w, "'dtype'"}},
+      {"dtype_unknown", one(R"("F8_E4M3")", "[16]", "[0,16]"), {w, "F8_E4M3", "unsupported dtype"}},
+      {"dtype_lowercase", one(R"("f32")", "[4]", "[0,16]"), {w, "'f32'"}},
+      {"shape_string", one(R"("F32")", R"("4")", "[0,16]"), {w, "'shape'"}},
+      {"shape_object", one(R"("F32")", "{}", "[0,16]"), {w, "'shape'"}},
+      {"shape_dim_string", one(R"("F32")", R"([1,"4"])", "[0,16]"), {w, "dimension 1"}},
+      {"shape_dim_null", one(R"("F32")", "[null]", "[0,16]"), {w, "dimension 0"}},
+      {"shape_dim_negative", one(R"("F32")", "[-1,4]", "[0,16]"), {w, "negative"}},
+      {"shape_dim_fraction", one(R"("F32")", "[1.5]", "[0,16]"), {w, "dimension 0"}},
+      {"shape_dim_float_integral", one(R"("F32")", "[4.0]", "[0,16]"), {w, "dimension 0"}},
+      {"shape_dim_huge", one(R"("F32")", "[18446744073709551615]", "[0,16]"), {w, "too large"}},
+      {"shape_dim_bigger_than_u64", one(R"("F32")", "[1e30]", "[0,16]"), {w, "dimension 0"}},
+      {"shape_rank_7", one(R"("U8")", "[1,1,1,1,1,1,16]", "[0,16]"), {w, "rank 7"}},
+      {"numel_overflow", one(R"("F32")", "[4294967296,4294967296]", "[0,0]"), {w, "too many"}},
+      {"numel_overflow_beside_zero",
+       one(R"("F32")", "[0,4294967296,4294967296]", "[0,0]"),
+       {w, "too many"}},
+      {"nbytes_overflow", one(R"("F32")", "[4611686018427387904]", "[0,0]"), {w, "too many"}},
+      {"offsets_string", one(R"("F32")", "[4]", R"("0-16")"), {w, "data_offsets"}},
+      {"offsets_one", one(R"("F32")", "[4]", "[0]"), {w, "data_offsets"}},
+      {"offsets_three", one(R"("F32")", "[4]", "[0,16,16]"), {w, "data_offsets"}},
+      {"offsets_negative", one(R"("F32")", "[4]", "[-1,15]"), {w, "data_offsets"}},
+      {"offsets_text", one(R"("F32")", "[4]", R"(["0",16])"), {w, "data_offsets"}},
+      {"offsets_fraction", one(R"("F32")", "[4]", "[0,16.0]"), {w, "data_offsets"}},
+      {"offsets_reversed", one(R"("F32")", "[4]", "[16,0]"), {w, "begin after end"}},
+      {"offsets_past_data", one(R"("F32")", "[8]", "[0,32]"), {w, "truncated"}},
+      {"offsets_far_past_data",
+       one(R"("F32")", "[0]", "[99999999999,99999999999]"),
+       {w, "truncated"}},
+      {"size_too_small", one(R"("F32")", "[4]", "[0,12]"), {w, "holds 12 bytes", "needs 16"}},
+      {"size_too_large", one(R"("F16")", "[4]", "[0,16]"), {w, "holds 16 bytes", "needs 8"}},
+      {"overlap",
+       image("{" + entry("a", R"("F32")", "[4]", "[0,16]") + "," +
+                 entry("b", R"("F32")", "[2]", "[8,16]") + "}",
+             std::string(16, 'a')),
+       {"tensor 'b'", "overlaps tensor 'a'"}},
+      {"same_range",
+       image("{" + entry("a", R"("U8")", "[4]", "[4,8]") + "," +
+                 entry("b", R"("U8")", "[4]", "[4,8]") + "}",
+             std::string(16, 'a')),
+       {"tensor 'b'", "overlaps tensor 'a'"}},
+      {"duplicate_name",
+       image("{" + entry("w", R"("U8")", "[4]", "[0,4]") + "," +
+                 entry("w", R"("U8")", "[4]", "[4,8]") + "}",
+             std::string(16, 'a')),
+       {w, "more than once"}},
+      {"metadata_array", image(R"({"__metadata__":[1]})"), {"'__metadata__'", "array"}},
+      {"metadata_number_value", image(R"({"__metadata__":{"k":1}})"), {"'__metadata__'", "'k'"}},
+      {"too_deep", image(R"({"__metadata__":{"k":[[[[[[[[[[[[1]]]]]]]]]]]]}})"), {"deeper"}},
+  };
+}
+
+TEST_F(SafetensorsTest, RejectsEveryCorruptCaseWithAClearMessage) {
+  for (const CorruptCase& c : corrupt_cases()) {
+    SCOPED_TRACE(c.label);
+    const std::string path = file(std::string(c.label) + ".safetensors");
+    write_file(path, c.bytes);
+    const Result<SafetensorsFile> r = SafetensorsFile::open(path);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), StatusCode::kCorruption) << r.status();
+    EXPECT_TRUE(contains(r.status().message(), "'" + path + "'")) << r.status();
+    for (const std::string& fragment : c.fragments)
+      EXPECT_TRUE(contains(r.status().message(), fragment))
+          << "missing '" << fragment << "' in: " << r.status();
+  }
+}
+
+TEST_F(SafetensorsTest, RejectsAbsurdHeaderLength) {
+  // A sparse file larger than the header length, so only the 100 MB cap can refuse it.
+  const uint64_t header_size = uint64_t{150} << 20;
+  const std::string path = file("absurd.safetensors");
+  write_file(path, le64(header_size) + "{}");
+  ASSERT_EQ(::truncate(path.c_str(), static_cast<off_t>(header_size + 4096)), 0);
+  const Result<SafetensorsFile> r = SafetensorsFile::open(path);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kCorruption);
+  EXPECT_TRUE(contains(r.status().message(), path)) << r.status();
+  EXPECT_TRUE(contains(r.status().message(), "over the limit")) << r.status();
+}
+
+// ---- fuzz: damaged copies of a valid file must open or fail, never crash ----
+
+TEST_F(SafetensorsTest, SurvivesRandomDamage) {
+  std::mt19937_64 rng(20240611);  // fixed: a failure must reproduce
+  const std::vector<Owned> owned = {
+      random_tensor(rng, "w1", DType::kF32, {4, 3}), random_tensor(rng, "w2", DType::kBF16, {3, 5}),
+      random_tensor(rng, "idx", DType::kI64, {2}),   random_tensor(rng, "none", DType::kF16, {0}),
+      random_tensor(rng, "s", DType::kU8, {}),
+  };
+  const std::string valid_path = file("valid.safetensors");
+  ASSERT_TRUE(write_safetensors(valid_path, entries_of(owned), {{"k", "v"}}).ok());
+  const std::string valid = read_file(valid_path);
+  uint64_t header_size = 0;
+  std::memcpy(&header_size, valid.data(), 8);
+  const size_t header_end = 8 + header_size;
+
+  const std::string json_chars = "{}[]\",:-.0123456789eE \\u";
+  int opened = 0;
+  int refused = 0;
+  volatile uint64_t checksum = 0;
+  for (int i = 0; i < 4000; ++i) {
+    std::string bytes = valid;
+    auto pick = [&](size_t n) { return static_cast<size_t>(rng() % n); };
+    switch (i % 7) {
+      case 0:  // bit flips, mostly in the header where the parser looks
+        for (size_t k = 1 + pick(4); k > 0; --k)
+          bytes[pick(header_end)] ^= static_cast<char>(1 << pick(8));
+        break;
+      case 1:  // JSON punctuation or digits dropped into the header
+        for (size_t k = 1 + pick(3); k > 0; --k)
+          bytes[8 + pick(header_size)] = json_chars[pick(json_chars.size())];
+        break;
+      case 2:  // truncation
+        bytes.resize(pick(bytes.size()));
+        break;
+      case 3: {  // a nearby header length
+        const uint64_t n = header_size + pick(64) - 32;
+        std::memcpy(bytes.data(), &n, 8);
+        break;
+      }
+      case 4:  // random bytes anywhere
+        for (size_t k = 1 + pick(8); k > 0; --k)
+          bytes[pick(bytes.size())] = static_cast<char>(rng());
+        break;
+      case 5:  // a character inserted into the header, shifting everything after it
+        bytes.insert(8 + pick(header_size), 1, json_chars[pick(json_chars.size())]);
+        break;
+      case 6:  // a few header bytes removed
+        bytes.erase(8 + pick(header_size), 1 + pick(4));
+        break;
+    }
+    // A new name each time: rewriting one file in place makes ext4 flush it on every close.
+    const std::string path = file("fuzz" + std::to_string(i) + ".safetensors");
+    write_file(path, bytes);
+    const Result<SafetensorsFile> r = SafetensorsFile::open(path);
+    fs::remove(path);  // an open file keeps its mapping
+    if (!r.ok()) {
+      ++refused;
+      EXPECT_TRUE(contains(r.status().message(), path)) << r.status();
+      continue;
+    }
+    ++opened;
+    // Read every byte handed out (a sanitizer build turns a bad range into a failure), and
+    // check the reader's promises: sizes agree with shapes, non-empty tensors are disjoint.
+    std::vector<std::pair<const char*, size_t>> ranges;
+    for (const SafetensorsTensor& t : r->tensors()) {
+      ASSERT_EQ(t.nbytes, static_cast<size_t>(t.shape.numel()) * dtype_size(t.dtype));
+      const auto* p = static_cast<const unsigned char*>(t.data);
+      uint64_t sum = 0;
+      for (size_t b = 0; b < t.nbytes; ++b) sum += p[b];
+      checksum = sum;  // a volatile store keeps the reads
+      if (t.nbytes > 0) ranges.emplace_back(static_cast<const char*>(t.data), t.nbytes);
+    }
+    std::sort(ranges.begin(), ranges.end());
+    for (size_t k = 1; k < ranges.size(); ++k)
+      ASSERT_LE(ranges[k - 1].first + ranges[k - 1].second, ranges[k].first);
+  }
+  (void)checksum;
+  EXPECT_GT(opened, 0);
+  EXPECT_GT(refused, 0);
+}
+
+}  // namespace
+}  // namespace tutel

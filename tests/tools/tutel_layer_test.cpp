@@ -1,0 +1,272 @@
+// tutel-layer end to end: the real binary run on files in a temporary directory, its outputs
+// compared with the float64 reference (reference_moe.hpp).
+//
+// Tolerances (|got − ref| <= atol·max|ref| + rtol·|ref|), as in tests/kernels/cpu_layer_test:
+//   y:         rtol 1e-4, atol 1e-5   (f32 sums of at most a few hundred products)
+//   gradients: rtol 1e-3, atol 1e-4   (sums over every token, with cancellation)
+//   l_aux:     1e-5 relative
+// capacity and dropped must match exactly. Inputs are redrawn until no routing decision (top-k,
+// batch priority) and no relu input is within 1e-6 of a tie, where f32 and f64 may disagree.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <map>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "layer_test_util.hpp"
+#include "reference_moe.hpp"
+#include "tool_test_util.hpp"
+#include "tutel/core/safetensors.hpp"
+
+namespace tutel::testing {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Agreement with the reference.
+
+struct Case {
+  std::string name;
+  int64_t E = 4, M = 16, H = 24, O = 16, S = 40;
+  int k = 2;
+  double capacity_factor = 1.0;
+  Activation activation = Activation::kRelu;
+  bool normalize_gate = true, batch_prioritized = false;
+  bool has_fc1_bias = true, has_fc2_bias = true;
+  bool backward = true;
+  bool with_dl_aux = true;        // else the tool's default, 0
+  bool f64_files = false;         // weights and inputs stored as f64 (unrounded values)
+  std::string prefix;             // in front of every parameter name
+  std::vector<std::string> args;  // beyond --weights/--input/--output
+};
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
+ref::Config config_of(const Case& c) {
+  ref::Config cfg{c.S, c.M, c.H, c.O, c.E, c.k};
+  cfg.capacity_factor = c.capacity_factor;
+  cfg.activation = to_ref(c.activation);
+  cfg.normalize_gate = c.normalize_gate;
+  cfg.batch_prioritized = c.batch_prioritized;
+  cfg.has_fc1_bias = c.has_fc1_bias;
+  cfg.has_fc2_bias = c.has_fc2_bias;
+  return cfg;
+}
+
+struct Drawn {
+  ref::Params raw, rounded;  // raw goes to f64 files; the tool (and so the reference) sees rounded
+  std::vector<double> x_raw, x, dy_raw, dy;
+  double dl_aux = 0.0;
+  ref::Forward want;
+};
+
+ref::Params rounded(const ref::Params& p) {
+  return {round_f32(p.wg), round_f32(p.fc1_w), round_f32(p.fc1_b), round_f32(p.fc2_w),
+          round_f32(p.fc2_b)};
+}
+
+std::optional<Drawn> draw(std::mt19937_64& rng, const Case& c) {
+  const ref::Config cfg = config_of(c);
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    Drawn d;
+    d.raw.wg = randn(rng, c.E * c.M, 1.0 / std::sqrt(double(c.M)));
+    d.raw.fc1_w = randn(rng, c.E * c.H * c.M, 1.0 / std::sqrt(double(c.M)));
+    d.raw.fc2_w = randn(rng, c.E * c.H * c.O, 1.0 / std::sqrt(double(c.H)));
+    if (c.has_fc1_bias) d.raw.fc1_b = randn(rng, c.E * c.H, 0.1);
+    if (c.has_fc2_bias) d.raw.fc2_b = randn(rng, c.E * c.O, 0.1);
+    d.rounded = rounded(d.raw);
+    d.x_raw = randn(rng, c.S * c.M, 1.0);
+    d.x = round_f32(d.x_raw);
+    d.dy_raw = randn(rng, c.S * c.O, 1.0);
+    d.dy = round_f32(d.dy_raw);
+    if (c.with_dl_aux)
+      d.dl_aux = static_cast<float>(std::uniform_real_distribution<double>(0.1, 2.0)(rng));
+    d.want = ref::forward(cfg, d.rounded, d.x, nullptr);
+    const bool ties = d.want.min_topk_margin < 1e-6 ||
+                      (c.batch_prioritized && d.want.min_priority_margin < 1e-6) ||
+                      (c.activation == Activation::kRelu && d.want.min_abs_pre < 1e-6);
+    if (!ties) return d;
+  }
+  return std::nullopt;
+}
+
+TensorList weight_tensors(const Case& c, const ref::Params& p, DType dtype) {
+  TensorList w{
+      FileTensor::of(c.prefix + kGateWeightName, {c.E, c.M}, p.wg, dtype),
+      FileTensor::of(c.prefix + kFc1WeightName, {c.E, c.H, c.M}, p.fc1_w, dtype),
+      FileTensor::of(c.prefix + kFc2WeightName, {c.E, c.H, c.O}, p.fc2_w, dtype),
+  };
+  if (c.has_fc1_bias)
+    w.push_back(FileTensor::of(c.prefix + kFc1BiasName, {c.E, c.H}, p.fc1_b, dtype));
+  if (c.has_fc2_bias)
+    w.push_back(FileTensor::of(c.prefix + kFc2BiasName, {c.E, c.O}, p.fc2_b, dtype));
+  return w;
+}
+
+class TutelLayerAgainstReference : public ::testing::TestWithParam<Case> {};
+
+TEST_P(TutelLayerAgainstReference, OutputsAndGradientsMatch) {
+  const Case& c = GetParam();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const std::optional<Drawn> drawn = draw(rng, c);
+  ASSERT_TRUE(drawn.has_value()) << "could not draw inputs without near-ties";
+  const Drawn& d = *drawn;
+
+  TempDir dir;
+  const DType dtype = c.f64_files ? DType::kF64 : DType::kF32;
+  const ref::Params& stored = c.f64_files ? d.raw : d.rounded;
+  TensorList weights = weight_tensors(c, stored, dtype);
+  if (!c.prefix.empty())
+    weights.push_back(FileTensor::of(c.prefix + "experts.local_buffer", {2}, {1, 2}));
+  TensorList input{FileTensor::of("x", {c.S, c.M}, c.f64_files ? d.x_raw : d.x, dtype)};
+  if (c.backward) {
+    input.push_back(FileTensor::of("dy", {c.S, c.O}, c.f64_files ? d.dy_raw : d.dy, dtype));
+    if (c.with_dl_aux) input.push_back(FileTensor::of("dl_aux", {1}, {d.dl_aux}, dtype));
+  }
+  write_file(dir.file("w.safetensors"), weights);
+  write_file(dir.file("i.safetensors"), input);
+
+  std::vector<std::string> args{"--weights", dir.file("w.safetensors"),
+                                "--input",   dir.file("i.safetensors"),
+                                "--output",  dir.file("o.safetensors")};
+  args.insert(args.end(), c.args.begin(), c.args.end());
+  if (c.backward) args.push_back("--backward");
+  const ToolRun run = run_tool(dir, args);
+  ASSERT_EQ(run.exit_code, 0) << run.err;
+  if (c.prefix.empty()) {
+    EXPECT_EQ(run.err, "") << "a clean run prints nothing";
+  } else {
+    EXPECT_NE(run.err.find("prefix '" + c.prefix + "'"), std::string::npos) << run.err;
+    EXPECT_NE(run.err.find(c.prefix + "experts.local_buffer"), std::string::npos) << run.err;
+  }
+
+  auto out = SafetensorsFile::open(dir.file("o.safetensors"));
+  ASSERT_TRUE(out.ok()) << out.status();
+  const ref::Forward& want = d.want;
+  EXPECT_EQ(read_i64(*out, "capacity"), want.capacity);
+  EXPECT_EQ(read_i64(*out, "dropped"), want.dropped);
+  const std::vector<float> l_aux = read_f32(*out, "l_aux");
+  ASSERT_EQ(l_aux.size(), 1u);
+  EXPECT_NEAR(l_aux[0], want.l_aux, 1e-5 * std::max(1.0, std::abs(want.l_aux)));
+  EXPECT_TRUE(all_close("y", read_f32(*out, "y"), want.y, 1e-4, 1e-5));
+  EXPECT_EQ(out->find("y")->shape, (Shape{c.S, c.O}));
+
+  if (!c.backward) {
+    EXPECT_EQ(out->find("dx"), nullptr);
+    EXPECT_EQ(out->tensors().size(), 4u);
+    return;
+  }
+  const ref::Grads g = ref::backward(config_of(c), d.rounded, d.x, nullptr, d.dy, d.dl_aux);
+  const double rtol = 1e-3, atol = 1e-4;
+  EXPECT_TRUE(all_close("dx", read_f32(*out, "dx"), g.dx, rtol, atol));
+  const std::string grad = "grad." + c.prefix;
+  EXPECT_TRUE(all_close("d_wg", read_f32(*out, grad + kGateWeightName), g.d_wg, rtol, atol));
+  EXPECT_TRUE(all_close("d_fc1_w", read_f32(*out, grad + kFc1WeightName), g.d_fc1_w, rtol, atol));
+  EXPECT_TRUE(all_close("d_fc2_w", read_f32(*out, grad + kFc2WeightName), g.d_fc2_w, rtol, atol));
+  if (c.has_fc1_bias) {
+    EXPECT_TRUE(all_close("d_fc1_b", read_f32(*out, grad + kFc1BiasName), g.d_fc1_b, rtol, atol));
+  }
+  if (c.has_fc2_bias) {
+    EXPECT_TRUE(all_close("d_fc2_b", read_f32(*out, grad + kFc2BiasName), g.d_fc2_b, rtol, atol));
+  }
+  const size_t params = 3 + c.has_fc1_bias + c.has_fc2_bias;
+  EXPECT_EQ(out->tensors().size(), 5 + params)
+      << "y, l_aux, capacity, dropped, dx and one grad per parameter";
+}
+
+std::vector<Case> all_cases() {
+  std::vector<Case> cases;
+  auto add = [&](Case c) { cases.push_back(std::move(c)); };
+  add({.name = "DefaultsForwardOnly", .backward = false});
+  add({.name = "Defaults", .args = {"--threads", "2"}});
+  add({.name = "NoBiases",
+       .has_fc1_bias = false,
+       .has_fc2_bias = false,
+       .args = {"--threads", "2"}});
+  add({.name = "OnlyFc1BiasOutputDimDiffers",
+       .O = 12,
+       .has_fc2_bias = false,
+       .args = {"--threads", "1"}});
+  add({.name = "OnlyFc2Bias", .has_fc1_bias = false, .args = {"--threads", "2"}});
+  add({.name = "TopOneWithoutDlAux", .k = 1, .with_dl_aux = false, .args = {"--k", "1"}});
+  add({.name = "Dropless",
+       .E = 6,
+       .S = 70,
+       .capacity_factor = 0.0,
+       .args = {"--capacity-factor", "0"}});
+  add({.name = "DroplessCapped",
+       .E = 6,
+       .S = 70,
+       .capacity_factor = -0.6,
+       .args = {"--capacity-factor", "-0.6"}});
+  add({.name = "CapacityOverflow",
+       .S = 96,
+       .capacity_factor = 0.5,
+       .args = {"--capacity-factor=0.5"}});
+  add({.name = "Gelu", .activation = Activation::kGelu, .args = {"--activation", "gelu"}});
+  add({.name = "SiluTopThree",
+       .k = 3,
+       .activation = Activation::kSilu,
+       .args = {"--activation", "silu", "--k", "3"}});
+  add({.name = "BatchPrioritized",
+       .S = 96,
+       .capacity_factor = 0.5,
+       .batch_prioritized = true,
+       .args = {"--batch-prioritized", "--capacity-factor", "0.5"}});
+  add({.name = "NoGateNormalization", .normalize_gate = false, .args = {"--no-normalize-gate"}});
+  add({.name = "F64Files", .f64_files = true});
+  add({.name = "F64FilesNoBiasesGelu",
+       .activation = Activation::kGelu,
+       .has_fc1_bias = false,
+       .has_fc2_bias = false,
+       .f64_files = true,
+       .args = {"--activation", "gelu"}});
+  add({.name = "StateDictPrefix", .prefix = "layers.3.moe."});
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Options, TutelLayerAgainstReference, ::testing::ValuesIn(all_cases()),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return info.param.name;
+                         });
+
+TEST(TutelLayerMetadata, RecordsTheOptionsUsed) {
+  TempDir dir;
+  std::mt19937_64 rng(7);
+  Case c;
+  const std::optional<Drawn> d = draw(rng, c);
+  ASSERT_TRUE(d.has_value());
+  write_file(dir.file("w.safetensors"), weight_tensors(c, d->rounded, DType::kF32));
+  write_file(dir.file("i.safetensors"), {FileTensor::of("x", {c.S, c.M}, d->x)});
+  const ToolRun run =
+      run_tool(dir, {"--weights", dir.file("w.safetensors"), "--input", dir.file("i.safetensors"),
+                     "--output", dir.file("o.safetensors"), "--capacity-factor", "1.25",
+                     "--activation", "gelu", "--no-normalize-gate", "--k", "1"});
+  ASSERT_EQ(run.exit_code, 0) << run.err;
+  auto out = SafetensorsFile::open(dir.file("o.safetensors"));
+  ASSERT_TRUE(out.ok()) << out.status();
+  const std::map<std::string, std::string>& m = out->metadata();
+  const std::map<std::string, std::string> expected{
+      {"k", "1"},
+      {"capacity_factor", "1.25"},
+      {"activation", "gelu"},
+      {"normalize_gate", "false"},
+      {"batch_prioritized", "false"},
+      {"backward", "false"},
+      {"gate_noise", "0"},
+      {"weights", dir.file("w.safetensors")},
+      {"input", dir.file("i.safetensors")},
+  };
+  for (const auto& [key, value] : expected) {
+    auto it = m.find(key);
+    ASSERT_NE(it, m.end()) << "metadata has no '" << key << "'";
+    EXPECT_EQ(it->second, value) << key;
+  }
+}
+
+}  // namespace
+}  // namespace tutel::testing

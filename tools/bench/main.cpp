@@ -1,0 +1,22 @@
+// tutel-bench: benchmarks that print their result beside a ceiling measured in the same run.
+// Not tests: nothing here asserts; read the ratios.
+#include <CLI/CLI.hpp>
+
+#include "layer_bench.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"tutel-bench: tuteld benchmarks, each next to its measured ceiling"};
+  app.require_subcommand(1);
+
+  tutel::bench::LayerBenchOptions layer;
+  CLI::App* layer_cmd = app.add_subcommand("layer", "one MoE layer: forward and forward+backward vs the expert-GEMM floor");
+  layer_cmd->add_option("--shape", layer.shapes, "small | large | all")->capture_default_str();
+  layer_cmd->add_option("--backend", layer.backend, "backend name")->capture_default_str();
+  layer_cmd->add_option("--matmul-dtype", layer.matmul_dtype, "f32 | bf16")->capture_default_str();
+  layer_cmd->add_option("--threads", layer.threads, "CPU threads (0 = all cores)")->capture_default_str();
+  layer_cmd->add_option("--repeats", layer.repeats, "timed runs per measurement")->check(CLI::PositiveNumber)->capture_default_str();
+
+  CLI11_PARSE(app, argc, argv);
+  if (layer_cmd->parsed()) return tutel::bench::run_layer_bench(layer);
+  return 2;
+}
