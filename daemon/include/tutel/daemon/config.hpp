@@ -1,0 +1,107 @@
+// tuteld's configuration file and the layer specs of create-layer requests (docs/config.md).
+//
+// Both are TOML, parsed with toml++ behind this header (it never leaks into includers). Every
+// error is a Status::InvalidArgument whose message starts with "<source>:<line>:<column>: " and
+// the key path ("tenant[1].max_layers", "layer[0].optimizer.lr"), so a user can jump to it.
+// Parsing never throws and never aborts, whatever the input.
+//
+// Thread-safety: every function is reentrant; the structs are plain values.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tutel/core/logging.hpp"
+#include "tutel/core/status.hpp"
+#include "tutel/kernels/moe_layer.hpp"
+
+namespace tutel::daemon {
+
+enum class OptimizerKind { kSgd, kAdamW };
+
+// "sgd" | "adamw".
+std::string_view optimizer_kind_name(OptimizerKind kind);
+
+struct OptimizerConfig {
+  OptimizerKind kind = OptimizerKind::kAdamW;
+  float lr = 1e-3f;
+  float momentum = 0.f;  // SGD only
+  bool nesterov = false; // SGD only; needs momentum > 0
+  float weight_decay = 0.f;
+  float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f;  // AdamW only
+};
+
+// One served layer: a [[layer]] table of the daemon config, or the spec of a create-layer
+// request (the same keys, without `tenant`).
+struct LayerDefinition {
+  std::string name;  // [A-Za-z0-9_.-]{1,64}
+  LayerSpec spec;    // alignment stays 1: the plan that runs the layer sets it
+  OptimizerConfig optimizer;
+  // A safetensors file with Tutel's parameter names. In the daemon config a relative path is
+  // resolved against the config file's directory; in a request it is kept as written.
+  std::optional<std::string> weights_path;
+  std::optional<uint64_t> init_seed;  // exactly one of weights_path / init_seed is set
+  std::string tenant;                 // only from the daemon config's [[layer]] tables
+};
+
+// Parses a create-layer request's spec: the keys of a [[layer]] table at the top level, the
+// optimizer in an [optimizer] table. `source_name` prefixes error messages ("request").
+Result<LayerDefinition> parse_layer_spec(std::string_view toml_text, std::string_view source_name);
+
+// The canonical TOML text of a layer definition (without `tenant`): every key written, floats
+// in their shortest exact form, so parse_layer_spec(format_layer_spec(d)) == d.
+std::string format_layer_spec(const LayerDefinition& def);
+
+struct TenantConfig {
+  std::string name;  // [A-Za-z0-9_.-]{1,64}, unique
+  // A client belongs to the tenant whose uids hold its SO_PEERCRED uid; failing that, whose
+  // gids hold its gid. A uid (or gid) appears in at most one tenant.
+  std::vector<uint32_t> uids, gids;
+  int64_t max_layers = 64;
+  uint64_t max_memory_bytes = 8ull << 30;  // weights + gradients + optimizer state + plans
+  int64_t max_inflight = 256;              // requests submitted and not yet completed
+};
+
+struct BackendConfig {
+  std::string kind = "cpu";  // "cpu" | "cuda"
+  int ranks = 1;             // device slots this daemon serves
+  int threads_per_rank = 0;  // CPU compute threads per rank; 0 = hardware threads / ranks
+  std::vector<int> devices;  // cuda only: the device of each rank; empty = 0..ranks-1
+};
+
+struct ServerConfig {
+  // Absolute after parsing (relative ones resolve against the config file's directory).
+  std::string client_socket, admin_socket;
+  std::string state_dir;  // "" = no checkpoint on exit and no restore on start
+  // "" disables the metrics endpoint. Only loopback: 127.0.0.0/8 or [::1], with a port.
+  std::string metrics_listen = "127.0.0.1:9464";
+  std::string metrics_host = "127.0.0.1";  // metrics_listen split; the host without brackets
+  uint16_t metrics_port = 9464;            // 0 = any free port
+  LogLevel log_level = LogLevel::kInfo;
+  std::chrono::microseconds spin{50};  // wait policy: spin this long before blocking
+  uint64_t arena_bytes = 64ull << 20;  // shared-memory arena per session
+  std::chrono::seconds detached_layer_grace{300};  // a dead client's layers stay this long
+};
+
+struct Config {
+  std::string path;  // absolute path of the file (of source_name for parse_config)
+  ServerConfig server;
+  BackendConfig backend;
+  std::vector<TenantConfig> tenants;  // at least one
+  std::vector<LayerDefinition> layers;  // every layer's tenant names one of `tenants`
+};
+
+// Reads and parses the file at `path`. Error messages name the path as given.
+Result<Config> load_config(const std::string& path);
+// Parses `toml_text` as if it were the file `source_name`: relative paths resolve against
+// source_name's directory (the working directory when it has none).
+Result<Config> parse_config(std::string_view toml_text, std::string_view source_name);
+
+// The index in config.tenants of the tenant a client with this uid and gid belongs to.
+std::optional<size_t> find_tenant(const Config& config, uint32_t uid, uint32_t gid);
+
+}  // namespace tutel::daemon

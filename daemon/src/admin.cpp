@@ -1,0 +1,200 @@
+// The admin socket's requests (tutelctl) and the Prometheus endpoint.
+#include <unistd.h>
+
+#include <cstring>
+
+#include "daemon_impl.hpp"
+#include "tutel/core/logging.hpp"
+#include "tutel/ipc/json_body.hpp"
+
+namespace tutel::daemon {
+
+using nlohmann::json;
+
+json DaemonImpl::status_json() const {
+  const double uptime = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_at_).count();
+  int64_t clients = 0;
+  for (const auto& [id, s] : sessions_) clients += s->admin ? 0 : 1;
+  return {{"version", "0.1.0"},
+          {"pid", static_cast<int64_t>(::getpid())},
+          {"uptime_seconds", uptime},
+          {"backend", config_.backend.kind},
+          {"ranks", ranks_.size()},
+          {"sessions", clients},
+          {"layers", registry_->all().size()},
+          {"tenants", config_.tenants.size()},
+          {"client_socket", config_.server.client_socket},
+          {"state_dir", config_.server.state_dir},
+          {"metrics_listen", config_.server.metrics_listen},
+          {"metrics_port", bound_metrics_port_}};
+}
+
+void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Frame frame) {
+  const uint32_t rid = frame.header.request_id;
+  auto body = ipc::parse_body(frame);
+  if (!body.ok()) {
+    reply_error(s, rid, body.status());
+    return finish_frame(s);
+  }
+  switch (static_cast<ipc::FrameType>(frame.header.type)) {
+    case ipc::FrameType::kAdminStatus:
+      reply(s, ipc::FrameType::kOk, rid, status_json());
+      break;
+    case ipc::FrameType::kAdminTenants: {
+      json tenants = json::array();
+      for (const TenantConfig& t : config_.tenants)
+        tenants.push_back({{"name", t.name},
+                           {"uids", t.uids},
+                           {"gids", t.gids},
+                           {"layers", registry_->layer_count(t.name)},
+                           {"max_layers", t.max_layers},
+                           {"memory_bytes", registry_->memory_bytes(t.name)},
+                           {"max_memory_bytes", t.max_memory_bytes},
+                           {"inflight", registry_->inflight(t.name)},
+                           {"max_inflight", t.max_inflight}});
+      reply(s, ipc::FrameType::kOk, rid, {{"tenants", tenants}});
+      break;
+    }
+    case ipc::FrameType::kAdminLayers: {
+      json layers = json::array();
+      for (const LayerRef& ref : registry_->all()) {
+        const LayerSpec& spec = ref.layer->definition().spec;
+        const RoutingStats st = ref.layer->last_stats();
+        layers.push_back({{"tenant", ref.layer->tenant()},
+                          {"name", ref.layer->name()},
+                          {"handle", ref.handle},
+                          {"rank", ref.layer->rank_index()},
+                          {"experts", spec.experts},
+                          {"model_dim", spec.model_dim},
+                          {"hidden", spec.hidden},
+                          {"k", spec.k},
+                          {"capacity_factor", spec.capacity_factor},
+                          {"step", ref.layer->step_count()},
+                          {"memory_bytes", ref.layer->memory_bytes()},
+                          {"pending_backwards", ref.layer->pending_backwards()},
+                          {"capacity", st.capacity},
+                          {"dropped", st.dropped},
+                          {"l_aux", st.l_aux}});
+      }
+      reply(s, ipc::FrameType::kOk, rid, {{"layers", layers}});
+      break;
+    }
+    case ipc::FrameType::kAdminMetrics:
+      reply(s, ipc::FrameType::kOk, rid, {{"text", metrics_.prometheus_text()}});
+      break;
+    case ipc::FrameType::kAdminCheckpoint: {
+      const json& b = *body;
+      if (!b.contains("layer") || !b["layer"].is_string() || !b.contains("path") || !b["path"].is_string()) {
+        reply_error(s, rid, Status::InvalidArgument("checkpoint needs \"layer\" (tenant/name) and \"path\" strings"));
+        break;
+      }
+      auto ref = registry_->find_by_name(b["layer"].get<std::string>());
+      if (!ref.ok()) {
+        reply_error(s, rid, ref.status());
+        break;
+      }
+      // The admin socket is the operator's (mode 0600): its paths are taken as given.
+      auto layer = ref->layer;
+      auto path = b["path"].get<std::string>();
+      auto result = std::make_shared<Status>();
+      offload([layer, path, result] { *result = layer->save(path); },
+              [this, s, rid, result, path] {
+                if (result->ok()) reply(s, ipc::FrameType::kOk, rid, {{"path", path}});
+                else reply_error(s, rid, *result);
+                finish_frame(s);
+              });
+      return;
+    }
+    default:
+      reply_error(s, rid, Status::InvalidArgument("frame type " +
+                                                  std::string(ipc::frame_type_name(static_cast<ipc::FrameType>(frame.header.type))) +
+                                                  " is not an admin request"));
+  }
+  finish_frame(s);
+}
+
+namespace {
+
+// One HTTP connection: read the request head, answer GET /metrics, close.
+struct HttpConnection {
+  uv_tcp_t tcp;
+  std::string request;
+  DaemonImpl* daemon;
+  std::string response;
+  uv_write_t write;
+};
+
+constexpr size_t kMaxRequestHead = 8192;
+
+void close_connection(HttpConnection* c) {
+  uv_close(reinterpret_cast<uv_handle_t*>(&c->tcp),
+           [](uv_handle_t* h) { delete static_cast<HttpConnection*>(h->data); });
+}
+
+std::string http_response(int code, const char* reason, const std::string& content_type, const std::string& body) {
+  return "HTTP/1.1 " + std::to_string(code) + " " + reason + "\r\nContent-Type: " + content_type +
+         "\r\nContent-Length: " + std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
+}
+
+}  // namespace
+
+Status DaemonImpl::start_metrics_server() {
+  uv_tcp_init(&loop_, &metrics_server_);
+  metrics_server_.data = this;
+  sockaddr_storage addr{};
+  const std::string& host = config_.server.metrics_host;
+  int rc = host.find(':') != std::string::npos
+               ? uv_ip6_addr(host.c_str(), config_.server.metrics_port, reinterpret_cast<sockaddr_in6*>(&addr))
+               : uv_ip4_addr(host.c_str(), config_.server.metrics_port, reinterpret_cast<sockaddr_in*>(&addr));
+  if (rc == 0) rc = uv_tcp_bind(&metrics_server_, reinterpret_cast<const sockaddr*>(&addr), 0);
+  if (rc == 0)
+    rc = uv_listen(reinterpret_cast<uv_stream_t*>(&metrics_server_), 16, [](uv_stream_t* server, int status) {
+      if (status < 0) return;
+      auto* self = static_cast<DaemonImpl*>(server->data);
+      auto* c = new HttpConnection{};
+      c->daemon = self;
+      uv_tcp_init(server->loop, &c->tcp);
+      c->tcp.data = c;
+      if (uv_accept(server, reinterpret_cast<uv_stream_t*>(&c->tcp)) != 0) return close_connection(c);
+      uv_read_start(
+          reinterpret_cast<uv_stream_t*>(&c->tcp),
+          [](uv_handle_t*, size_t suggested, uv_buf_t* buf) {
+            buf->base = new char[suggested];
+            buf->len = suggested;
+          },
+          [](uv_stream_t* stream, ssize_t n, const uv_buf_t* buf) {
+            auto* c = static_cast<HttpConnection*>(stream->data);
+            if (n > 0) c->request.append(buf->base, n);
+            delete[] buf->base;
+            if (n < 0) return close_connection(c);
+            const bool complete = c->request.find("\r\n\r\n") != std::string::npos;
+            if (!complete && c->request.size() < kMaxRequestHead) return;
+            uv_read_stop(stream);
+            if (!complete) c->response = http_response(431, "Request Header Fields Too Large", "text/plain", "request head too large\n");
+            else if (c->request.rfind("GET /metrics ", 0) == 0 || c->request.rfind("GET /metrics?", 0) == 0)
+              c->response = http_response(200, "OK", "text/plain; version=0.0.4", c->daemon->metrics().prometheus_text());
+            else c->response = http_response(404, "Not Found", "text/plain", "only GET /metrics is served here\n");
+            uv_buf_t out = uv_buf_init(c->response.data(), static_cast<unsigned>(c->response.size()));
+            c->write.data = c;
+            uv_write(&c->write, stream, &out, 1,
+                     [](uv_write_t* w, int) { close_connection(static_cast<HttpConnection*>(w->data)); });
+          });
+    });
+  if (rc != 0) {
+    uv_close(reinterpret_cast<uv_handle_t*>(&metrics_server_), nullptr);
+    return Status::Unavailable("cannot serve metrics on " + config_.server.metrics_listen + ": " + uv_strerror(rc) +
+                               "; pick another server.metrics_listen port, or \"\" to disable");
+  }
+  metrics_started_ = true;
+  // Report the bound port (it differs from the configured one when that was 0).
+  sockaddr_storage bound{};
+  int len = sizeof(bound);
+  uv_tcp_getsockname(&metrics_server_, reinterpret_cast<sockaddr*>(&bound), &len);
+  const int port = bound.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port)
+                                               : ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  TUTEL_LOG(INFO) << "metrics on http://" << config_.server.metrics_host << ":" << port << "/metrics";
+  bound_metrics_port_ = port;
+  return Status::OK();
+}
+
+}  // namespace tutel::daemon

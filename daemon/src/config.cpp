@@ -1,0 +1,825 @@
+// Parses tuteld.toml and layer specs (docs/config.md). toml++ turns text into a tree with a
+// source position on every key and value; this file walks that tree against the schema, so
+// every message can point at the exact line, column and key path.
+#include "tutel/daemon/config.hpp"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <toml++/toml.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <initializer_list>
+#include <limits>
+#include <map>
+#include <sstream>
+
+namespace tutel::daemon {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr int64_t kMaxInt = std::numeric_limits<int64_t>::max();
+// Dimension bounds keep every size product the daemon computes far from int64 overflow.
+constexpr int64_t kMaxDim = int64_t{1} << 24;
+constexpr int64_t kMaxExperts = int64_t{1} << 20;
+constexpr double kMaxLayerParams = 1099511627776.0;  // 2^40 parameters (4 TiB in f32)
+constexpr int64_t kMaxUid = 4294967294;              // (uid_t)-1 means "no uid"
+constexpr size_t kMaxSocketPath = sizeof(sockaddr_un::sun_path) - 1;
+
+// ---- Messages -----------------------------------------------------------------------------
+
+std::string quote(std::string_view s) {
+  std::string out = "\"";
+  const size_t limit = 60;
+  for (size_t i = 0; i < s.size() && i < limit; ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c < 0x20 || c == 0x7f) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  if (s.size() > limit) out += "...";
+  return out + "\"";
+}
+
+std::string format_double(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  char buf[64];
+  const auto r = std::to_chars(buf, buf + sizeof buf, v);
+  std::string s(buf, r.ptr);
+  // TOML needs a '.' or an exponent to read a float back as a float.
+  if (s.find_first_of(".e") == std::string::npos) s += ".0";
+  return s;
+}
+
+// The shortest text that reads back (as a double, then narrowed) to exactly `f`.
+std::string format_float(float f) {
+  if (!std::isfinite(f)) return format_double(f);
+  char buf[64];
+  const auto r = std::to_chars(buf, buf + sizeof buf, f);
+  double back = 0;
+  std::from_chars(buf, r.ptr, back);
+  if (static_cast<float>(back) != f) return format_double(static_cast<double>(f));
+  std::string s(buf, r.ptr);
+  if (s.find_first_of(".e") == std::string::npos) s += ".0";
+  return s;
+}
+
+// "-3", "2.5", "\"abc\"", "true", or what the node is when it has no short value.
+std::string describe(const toml::node& n) {
+  switch (n.type()) {
+    case toml::node_type::integer: return std::to_string(n.as_integer()->get());
+    case toml::node_type::floating_point: return format_double(n.as_floating_point()->get());
+    case toml::node_type::string: return quote(n.as_string()->get());
+    case toml::node_type::boolean: return n.as_boolean()->get() ? "true" : "false";
+    case toml::node_type::array: return "an array";
+    case toml::node_type::table: return "a table";
+    case toml::node_type::date: return "a date";
+    case toml::node_type::time: return "a time";
+    case toml::node_type::date_time: return "a date-time";
+    default: return "nothing";
+  }
+}
+
+size_t edit_distance(std::string_view a, std::string_view b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diagonal = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = up;
+    }
+  }
+  return row[b.size()];
+}
+
+// ---- Walking the tree ---------------------------------------------------------------------
+
+// "<source>:<line>:<column>: <path>: <message>".
+Status located_error(std::string_view source, const toml::source_region& where,
+                     std::string_view path, std::string_view message) {
+  std::string m(source);
+  if (where.begin.line > 0)
+    m += ":" + std::to_string(where.begin.line) + ":" + std::to_string(where.begin.column);
+  m += ": ";
+  if (!path.empty()) m += std::string(path) + ": ";
+  m += message;
+  return Status::InvalidArgument(std::move(m));
+}
+
+using KeyList = std::initializer_list<std::string_view>;
+
+// One table being read: where it is, what it is called, and how to point at its keys.
+class Scope {
+ public:
+  Scope(std::string_view source, const toml::table& table, std::string path, std::string label)
+      : source_(source), table_(table), path_(std::move(path)), label_(std::move(label)) {}
+  Scope child(const toml::table& table, std::string path, std::string label) const {
+    return Scope(source_, table, std::move(path), std::move(label));
+  }
+
+  const toml::table& table() const { return table_; }
+  std::string key_path(std::string_view key) const {
+    return path_.empty() ? std::string(key) : path_ + "." + std::string(key);
+  }
+  const toml::node* find(std::string_view key) const { return table_.get(key); }
+
+  Status error_at(const toml::source_region& where, std::string_view path,
+                  std::string_view message) const {
+    return located_error(source_, where, path, message);
+  }
+  Status error(const toml::node& n, std::string_view key, std::string_view message) const {
+    return error_at(n.source(), key_path(key), message);
+  }
+  // For an absent value, or a rule over several keys: points at the value when it is present,
+  // else at the table.
+  Status error_near(std::string_view key, std::string_view message) const {
+    const toml::node* n = find(key);
+    return error_at(n != nullptr ? n->source() : table_.source(),
+                    key.empty() ? path_ : key_path(key), message);
+  }
+  Status missing(std::string_view key, std::string_view what) const {
+    return error_near(key, "missing required key (" + std::string(what) + ") in " + label_);
+  }
+
+  Status check_keys(KeyList known, KeyList more = {}) const {
+    for (auto&& [key, value] : table_) {
+      const std::string_view name = key.str();
+      const auto is = [&](std::string_view k) { return k == name; };
+      if (std::any_of(known.begin(), known.end(), is) || std::any_of(more.begin(), more.end(), is))
+        continue;
+      std::string_view best;
+      size_t best_distance = 3;  // suggest only within edit distance 2
+      for (KeyList list : {known, more})
+        for (std::string_view k : list)
+          if (const size_t d = edit_distance(name, k); d < best_distance) best = k, best_distance = d;
+      std::string m = "unknown key in " + label_;
+      if (!best.empty()) m += "; did you mean '" + std::string(best) + "'?";
+      return error_at(key.source(), key_path(name), m);
+    }
+    return Status::OK();
+  }
+
+ private:
+  std::string_view source_;
+  const toml::table& table_;
+  std::string path_, label_;
+};
+
+std::string int_expectation(int64_t lo, int64_t hi) {
+  if (hi == kMaxInt) {
+    if (lo == 1) return "a positive integer";
+    if (lo == 0) return "an integer >= 0";
+    return "an integer >= " + std::to_string(lo);
+  }
+  return "an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+}
+
+template <typename T>
+Status get_int(const Scope& s, std::string_view key, int64_t lo, int64_t hi, T& out,
+               bool required = false) {
+  const toml::node* n = s.find(key);
+  if (n == nullptr) return required ? s.missing(key, int_expectation(lo, hi)) : Status::OK();
+  const auto* v = n->as_integer();
+  // Name the bound that was crossed: "a positive integer, got -3" says more than the range.
+  const std::string expected = v != nullptr && v->get() < lo ? int_expectation(lo, kMaxInt)
+                                                             : int_expectation(lo, hi);
+  if (v == nullptr || v->get() < lo || v->get() > hi)
+    return s.error(*n, key, "expected " + expected + ", got " + describe(*n));
+  out = static_cast<T>(v->get());
+  return Status::OK();
+}
+
+// Integers are floats too: `lr = 1` means 1.0.
+Status get_double(const Scope& s, std::string_view key, const std::function<bool(double)>& ok,
+                  std::string_view expected, double& out) {
+  const toml::node* n = s.find(key);
+  if (n == nullptr) return Status::OK();
+  std::optional<double> v;
+  if (const auto* f = n->as_floating_point()) v = f->get();
+  if (const auto* i = n->as_integer()) v = static_cast<double>(i->get());
+  if (!v || !ok(*v))
+    return s.error(*n, key, "expected " + std::string(expected) + ", got " + describe(*n));
+  out = *v;
+  return Status::OK();
+}
+
+// Judges the value narrowed to float, so lr = 1e-50 is not a positive learning rate.
+Status get_float(const Scope& s, std::string_view key, const std::function<bool(float)>& ok,
+                 std::string_view expected, float& out) {
+  double v = out;
+  TUTEL_RETURN_IF_ERROR(get_double(
+      s, key, [&](double d) { return ok(static_cast<float>(d)); }, expected, v));
+  out = static_cast<float>(v);
+  return Status::OK();
+}
+
+Status get_bool(const Scope& s, std::string_view key, bool& out) {
+  const toml::node* n = s.find(key);
+  if (n == nullptr) return Status::OK();
+  const auto* v = n->as_boolean();
+  if (v == nullptr) return s.error(*n, key, "expected true or false, got " + describe(*n));
+  out = v->get();
+  return Status::OK();
+}
+
+Status get_string(const Scope& s, std::string_view key, std::string& out, bool required = false,
+                  std::string_view expected = "a string") {
+  const toml::node* n = s.find(key);
+  if (n == nullptr) return required ? s.missing(key, expected) : Status::OK();
+  const auto* v = n->as_string();
+  if (v == nullptr)
+    return s.error(*n, key, "expected " + std::string(expected) + ", got " + describe(*n));
+  if (v->get().find('\0') != std::string::npos)
+    return s.error(*n, key, "the string holds a NUL character");
+  out = v->get();
+  return Status::OK();
+}
+
+// A string naming one of `choices`, mapped to its value by `parse`.
+template <typename T, typename Parse>
+Status get_enum(const Scope& s, std::string_view key, std::string_view choices, Parse parse, T& out) {
+  const toml::node* n = s.find(key);
+  if (n == nullptr) return Status::OK();
+  std::optional<T> parsed;
+  if (const auto* v = n->as_string()) parsed = parse(std::string_view(v->get()));
+  if (!parsed)
+    return s.error(*n, key, "expected one of " + std::string(choices) + ", got " + describe(*n));
+  out = *parsed;
+  return Status::OK();
+}
+
+std::optional<uint64_t> parse_size(std::string_view text) {
+  size_t i = 0;
+  uint64_t value = 0;
+  while (i < text.size() && text[i] >= '0' && text[i] <= '9') {
+    if (value > (std::numeric_limits<uint64_t>::max() - 9) / 10) return std::nullopt;
+    value = value * 10 + static_cast<uint64_t>(text[i++] - '0');
+  }
+  if (i == 0) return std::nullopt;
+  while (i < text.size() && text[i] == ' ') ++i;
+  std::string unit(text.substr(i));
+  for (char& c : unit) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  int shift = 0;
+  if (unit == "kib") shift = 10;
+  else if (unit == "mib") shift = 20;
+  else if (unit == "gib") shift = 30;
+  else if (unit == "tib") shift = 40;
+  else if (!unit.empty() && unit != "b") return std::nullopt;
+  if (value > (std::numeric_limits<uint64_t>::max() >> shift)) return std::nullopt;
+  return value << shift;
+}
+
+std::string size_name(uint64_t bytes) {
+  for (auto [shift, unit] : {std::pair{40, "TiB"}, std::pair{30, "GiB"}, std::pair{20, "MiB"},
+                             std::pair{10, "KiB"}})
+    if (bytes >= (uint64_t{1} << shift) && bytes % (uint64_t{1} << shift) == 0)
+      return std::to_string(bytes >> shift) + unit;
+  return std::to_string(bytes);
+}
+
+// A byte count: an integer, or a string such as "64MiB".
+Status get_bytes(const Scope& s, std::string_view key, uint64_t lo, uint64_t hi, uint64_t& out) {
+  const toml::node* n = s.find(key);
+  if (n == nullptr) return Status::OK();
+  std::optional<uint64_t> v;
+  if (const auto* i = n->as_integer(); i != nullptr && i->get() >= 0) v = static_cast<uint64_t>(i->get());
+  if (const auto* str = n->as_string()) v = parse_size(str->get());
+  if (!v || *v < lo || *v > hi)
+    return s.error(*n, key,
+                   "expected a byte count from " + size_name(lo) + " to " + size_name(hi) +
+                       ", as an integer or a string such as \"64MiB\" (units B, KiB, MiB, GiB, "
+                       "TiB), got " + describe(*n));
+  out = *v;
+  return Status::OK();
+}
+
+template <typename T>
+Status get_int_array(const Scope& s, std::string_view key, int64_t lo, int64_t hi, std::vector<T>& out) {
+  const toml::node* n = s.find(key);
+  if (n == nullptr) return Status::OK();
+  const toml::array* a = n->as_array();
+  if (a == nullptr) return s.error(*n, key, "expected an array of integers, got " + describe(*n));
+  out.clear();
+  for (size_t i = 0; i < a->size(); ++i) {
+    const toml::node& e = *a->get(i);
+    const auto* v = e.as_integer();
+    if (v == nullptr || v->get() < lo || v->get() > hi)
+      return s.error_at(e.source(), s.key_path(key) + "[" + std::to_string(i) + "]",
+                        "expected " + int_expectation(lo, hi) + ", got " + describe(e));
+    out.push_back(static_cast<T>(v->get()));
+  }
+  return Status::OK();
+}
+
+// A sub-table `key` (either [a.key] or key = { ... }); null when absent.
+Result<const toml::table*> get_table(const Scope& s, std::string_view key, bool required,
+                                     std::string_view what) {
+  const toml::node* n = s.find(key);
+  if (n == nullptr) {
+    if (!required) return static_cast<const toml::table*>(nullptr);
+    return s.error_near(key, "missing required table " + std::string(what));
+  }
+  if (const toml::table* t = n->as_table()) return t;
+  return s.error(*n, key, "expected a table " + std::string(what) + ", got " + describe(*n));
+}
+
+// Calls `each(scope, index)` on every table of the array of tables `key` ([[key]]).
+Status for_each_table(const Scope& s, std::string_view key, std::string_view label,
+                      const std::function<Status(const Scope&, size_t)>& each) {
+  const toml::node* n = s.find(key);
+  if (n == nullptr) return Status::OK();
+  const toml::array* a = n->as_array();
+  if (a == nullptr)
+    return s.error(*n, key, "expected an array of tables ([[" + std::string(key) + "]]), got " +
+                                describe(*n));
+  for (size_t i = 0; i < a->size(); ++i) {
+    const std::string path = s.key_path(key) + "[" + std::to_string(i) + "]";
+    const toml::node& e = *a->get(i);
+    const toml::table* t = e.as_table();
+    if (t == nullptr) return s.error_at(e.source(), path, "expected a table, got " + describe(e));
+    TUTEL_RETURN_IF_ERROR(each(s.child(*t, path, std::string(label)), i));
+  }
+  return Status::OK();
+}
+
+bool valid_name(std::string_view name) {
+  if (name.empty() || name.size() > 64) return false;
+  return std::all_of(name.begin(), name.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+           c == '.' || c == '-';
+  });
+}
+
+Status get_name(const Scope& s, std::string_view key, std::string_view what, std::string& out) {
+  TUTEL_RETURN_IF_ERROR(get_string(s, key, out, /*required=*/true, what));
+  if (!valid_name(out))
+    return s.error(*s.find(key), key,
+                   "expected " + std::string(what) + " of 1 to 64 characters from A-Z a-z 0-9 _ . -, got " +
+                       quote(out));
+  return Status::OK();
+}
+
+// Relative paths are taken from the config file's directory, so the daemon does not depend
+// on the directory it was started from.
+std::string resolve(const fs::path& base_dir, const std::string& path) {
+  if (base_dir.empty()) return path;
+  const fs::path p(path);
+  return (p.is_absolute() ? p : base_dir / p).lexically_normal().string();
+}
+
+Status get_path(const Scope& s, std::string_view key, const fs::path& base_dir, bool required,
+                std::string& out) {
+  const bool present = s.find(key) != nullptr;
+  TUTEL_RETURN_IF_ERROR(get_string(s, key, out, required, "a path"));
+  if (present && required && out.empty()) return s.error_near(key, "expected a path, got \"\"");
+  if (!out.empty()) out = resolve(base_dir, out);
+  return Status::OK();
+}
+
+// ---- Layer specs --------------------------------------------------------------------------
+
+std::optional<DType> parse_matmul_dtype(std::string_view name) {
+  if (name == "f32") return DType::kF32;
+  if (name == "bf16") return DType::kBF16;
+  return std::nullopt;
+}
+
+std::optional<OptimizerKind> parse_optimizer_kind(std::string_view name) {
+  if (name == "sgd") return OptimizerKind::kSgd;
+  if (name == "adamw") return OptimizerKind::kAdamW;
+  return std::nullopt;
+}
+
+Status parse_optimizer(const Scope& layer, OptimizerConfig& o) {
+  TUTEL_ASSIGN_OR_RETURN(const toml::table* t,
+                         get_table(layer, "optimizer", false, "(optimizer = { kind = \"adamw\" })"));
+  if (t == nullptr) return Status::OK();
+  const Scope s = layer.child(*t, layer.key_path("optimizer"), "the optimizer table");
+  TUTEL_RETURN_IF_ERROR(
+      s.check_keys({"kind", "lr", "momentum", "nesterov", "weight_decay", "beta1", "beta2", "eps"}));
+  TUTEL_RETURN_IF_ERROR(get_enum(s, "kind", "\"sgd\", \"adamw\"", parse_optimizer_kind, o.kind));
+  const bool sgd = o.kind == OptimizerKind::kSgd;
+  const std::vector<std::string_view> other_kind_keys =
+      sgd ? std::vector<std::string_view>{"beta1", "beta2", "eps"}
+          : std::vector<std::string_view>{"momentum", "nesterov"};
+  for (std::string_view key : other_kind_keys)
+    if (s.find(key) != nullptr)
+      return s.error_near(key, std::string("applies only to kind = \"") + (sgd ? "adamw" : "sgd") +
+                                   "\"; this optimizer is " + (sgd ? "sgd" : "adamw") +
+                                   (s.find("kind") ? "" : " (the default)"));
+  const auto positive = [](float v) { return std::isfinite(v) && v > 0.f; };
+  const auto unit = [](float v) { return v >= 0.f && v < 1.f; };
+  TUTEL_RETURN_IF_ERROR(get_float(s, "lr", positive, "a finite number > 0", o.lr));
+  TUTEL_RETURN_IF_ERROR(get_float(s, "momentum", unit, "a number in [0, 1)", o.momentum));
+  TUTEL_RETURN_IF_ERROR(get_bool(s, "nesterov", o.nesterov));
+  TUTEL_RETURN_IF_ERROR(get_float(
+      s, "weight_decay", [](float v) { return std::isfinite(v) && v >= 0.f; }, "a finite number >= 0",
+      o.weight_decay));
+  TUTEL_RETURN_IF_ERROR(get_float(s, "beta1", unit, "a number in [0, 1)", o.beta1));
+  TUTEL_RETURN_IF_ERROR(get_float(s, "beta2", unit, "a number in [0, 1)", o.beta2));
+  TUTEL_RETURN_IF_ERROR(get_float(s, "eps", positive, "a finite number > 0", o.eps));
+  if (o.nesterov && o.momentum <= 0.f)
+    return s.error_near("nesterov", "nesterov = true needs momentum > 0");
+  return Status::OK();
+}
+
+// The keys of a [[layer]] table and of a request's spec. `base_dir` empty: paths kept as written.
+Status parse_layer(const Scope& s, bool in_config, const fs::path& base_dir, LayerDefinition& def) {
+  TUTEL_RETURN_IF_ERROR(s.check_keys(
+      {"name", "experts", "model_dim", "hidden", "output_dim", "k", "capacity_factor", "activation",
+       "gate_noise", "noise_seed", "normalize_gate", "batch_prioritized", "is_postscore",
+       "has_fc1_bias", "has_fc2_bias", "dtype", "weights", "init_seed", "optimizer"},
+      in_config ? KeyList{"tenant"} : KeyList{}));
+  TUTEL_RETURN_IF_ERROR(get_name(s, "name", "a layer name", def.name));
+  if (in_config) TUTEL_RETURN_IF_ERROR(get_string(s, "tenant", def.tenant, true, "a tenant name"));
+
+  LayerSpec& spec = def.spec;
+  TUTEL_RETURN_IF_ERROR(get_int(s, "experts", 1, kMaxExperts, spec.experts, true));
+  TUTEL_RETURN_IF_ERROR(get_int(s, "model_dim", 1, kMaxDim, spec.model_dim, true));
+  TUTEL_RETURN_IF_ERROR(get_int(s, "hidden", 1, kMaxDim, spec.hidden, true));
+  TUTEL_RETURN_IF_ERROR(get_int(s, "output_dim", 0, kMaxDim, spec.output_dim));
+  TUTEL_RETURN_IF_ERROR(get_int(s, "k", 1, kMaxExperts, spec.k));
+  if (spec.k > spec.experts)
+    return s.error_near("k", "k = " + std::to_string(spec.k) + (s.find("k") ? "" : " (the default)") +
+                                 " exceeds experts = " + std::to_string(spec.experts) +
+                                 "; k must be between 1 and experts");
+  TUTEL_RETURN_IF_ERROR(get_double(
+      s, "capacity_factor", [](double f) { return std::isfinite(f) && std::abs(f) <= 1e6; },
+      "a finite number with |f| <= 1e6 (0 = dropless)", spec.capacity_factor));
+  TUTEL_RETURN_IF_ERROR(get_enum(s, "activation", "\"relu\", \"gelu\", \"silu\"",
+                                 [](std::string_view n) { return parse_activation(n); }, spec.activation));
+  TUTEL_RETURN_IF_ERROR(get_double(
+      s, "gate_noise", [](double v) { return std::isfinite(v) && v >= 0; }, "a finite number >= 0",
+      spec.gate_noise));
+  TUTEL_RETURN_IF_ERROR(get_int(s, "noise_seed", 0, kMaxInt, spec.noise_seed));
+  TUTEL_RETURN_IF_ERROR(get_bool(s, "normalize_gate", spec.normalize_gate));
+  TUTEL_RETURN_IF_ERROR(get_bool(s, "batch_prioritized", spec.batch_prioritized));
+  TUTEL_RETURN_IF_ERROR(get_bool(s, "is_postscore", spec.is_postscore));
+  TUTEL_RETURN_IF_ERROR(get_bool(s, "has_fc1_bias", spec.has_fc1_bias));
+  TUTEL_RETURN_IF_ERROR(get_bool(s, "has_fc2_bias", spec.has_fc2_bias));
+  TUTEL_RETURN_IF_ERROR(get_enum(s, "dtype", "\"f32\", \"bf16\"", parse_matmul_dtype, spec.matmul_dtype));
+
+  const double params = static_cast<double>(spec.experts) *
+                        (static_cast<double>(spec.hidden) *
+                             static_cast<double>(spec.model_dim + spec.out_dim() + 2) +
+                         static_cast<double>(spec.model_dim));
+  if (params > kMaxLayerParams)
+    return s.error_near("", "the layer would hold " + format_double(params) +
+                                " parameters, more than 2^40; check experts, model_dim and hidden");
+
+  const bool has_weights = s.find("weights") != nullptr, has_seed = s.find("init_seed") != nullptr;
+  if (has_weights == has_seed)
+    return s.error_near(has_weights ? "init_seed" : "",
+                        has_weights ? "give either weights or init_seed, not both"
+                                    : "missing key: give weights = \"file.safetensors\" (Tutel "
+                                      "parameter names) or init_seed = <integer>");
+  if (has_weights) {
+    std::string path;
+    TUTEL_RETURN_IF_ERROR(get_path(s, "weights", base_dir, true, path));
+    def.weights_path = std::move(path);
+  } else {
+    uint64_t seed = 0;
+    TUTEL_RETURN_IF_ERROR(get_int(s, "init_seed", 0, kMaxInt, seed));
+    def.init_seed = seed;
+  }
+  TUTEL_RETURN_IF_ERROR(parse_optimizer(s, def.optimizer));
+
+  if (Status st = spec.validate(); !st.ok()) return s.error_near("", st.message());
+  return Status::OK();
+}
+
+// ---- The daemon config --------------------------------------------------------------------
+
+Status parse_metrics_listen(const Scope& s, ServerConfig& server) {
+  TUTEL_RETURN_IF_ERROR(get_string(s, "metrics_listen", server.metrics_listen));
+  const std::string& text = server.metrics_listen;
+  if (text.empty()) {
+    server.metrics_host.clear();
+    server.metrics_port = 0;
+    return Status::OK();
+  }
+  const auto refuse = [&](std::string_view why) {
+    return s.error_near("metrics_listen",
+                        "expected a loopback address and port such as \"127.0.0.1:9464\" or "
+                        "\"[::1]:9464\" (or \"\" to disable), got " + quote(text) + ": " +
+                            std::string(why));
+  };
+  const size_t colon = text.rfind(':');
+  if (colon == std::string::npos) return refuse("no port");
+  std::string host = text.substr(0, colon);
+  const std::string port_text = text.substr(colon + 1);
+  unsigned port = 0;
+  const auto [end, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
+  if (port_text.empty() || ec != std::errc() || end != port_text.data() + port_text.size() || port > 65535)
+    return refuse("the port must be a number from 0 to 65535");
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+    in6_addr a6{};
+    if (inet_pton(AF_INET6, host.c_str(), &a6) != 1) return refuse("not an IPv6 address");
+    if (!IN6_IS_ADDR_LOOPBACK(&a6))
+      return refuse("the metrics endpoint has no authentication, so it listens only on loopback");
+  } else {
+    in_addr a4{};
+    if (inet_pton(AF_INET, host.c_str(), &a4) != 1)
+      return refuse("give a numeric address (host names are not resolved; IPv6 goes in brackets)");
+    if ((ntohl(a4.s_addr) >> 24) != 127)
+      return refuse("the metrics endpoint has no authentication, so it listens only on loopback");
+  }
+  server.metrics_host = host;
+  server.metrics_port = static_cast<uint16_t>(port);
+  return Status::OK();
+}
+
+Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& server) {
+  TUTEL_ASSIGN_OR_RETURN(const toml::table* t, get_table(root, "server", true, "[server]"));
+  const Scope s = root.child(*t, "server", "[server]");
+  TUTEL_RETURN_IF_ERROR(s.check_keys({"client_socket", "admin_socket", "state_dir", "metrics_listen",
+                                      "log_level", "spin_us", "arena_bytes",
+                                      "detached_layer_grace_s"}));
+  for (auto [key, out] : {std::pair{"client_socket", &server.client_socket},
+                          std::pair{"admin_socket", &server.admin_socket}}) {
+    TUTEL_RETURN_IF_ERROR(get_path(s, key, base_dir, true, *out));
+    if (out->size() > kMaxSocketPath)
+      return s.error_near(key, "the socket path " + quote(*out) + " is " + std::to_string(out->size()) +
+                                   " bytes long; a unix socket path holds at most " +
+                                   std::to_string(kMaxSocketPath) + ": choose a shorter one");
+  }
+  if (server.client_socket == server.admin_socket)
+    return s.error_near("admin_socket", "the admin socket must differ from the client socket (" +
+                                            quote(server.client_socket) + ")");
+  TUTEL_RETURN_IF_ERROR(get_path(s, "state_dir", base_dir, false, server.state_dir));
+  TUTEL_RETURN_IF_ERROR(parse_metrics_listen(s, server));
+  TUTEL_RETURN_IF_ERROR(get_enum(s, "log_level", "\"debug\", \"info\", \"warn\", \"error\"",
+                                 parse_log_level, server.log_level));
+  int64_t spin_us = server.spin.count();
+  TUTEL_RETURN_IF_ERROR(get_int(s, "spin_us", 0, 1000000, spin_us));
+  server.spin = std::chrono::microseconds(spin_us);
+  TUTEL_RETURN_IF_ERROR(get_bytes(s, "arena_bytes", uint64_t{64} << 10, uint64_t{1} << 40, server.arena_bytes));
+  int64_t grace_s = server.detached_layer_grace.count();
+  TUTEL_RETURN_IF_ERROR(get_int(s, "detached_layer_grace_s", 0, 1000000000, grace_s));
+  server.detached_layer_grace = std::chrono::seconds(grace_s);
+  return Status::OK();
+}
+
+Status parse_backend(const Scope& root, BackendConfig& backend) {
+  TUTEL_ASSIGN_OR_RETURN(const toml::table* t, get_table(root, "backend", false, "[backend]"));
+  if (t == nullptr) return Status::OK();
+  const Scope s = root.child(*t, "backend", "[backend]");
+  TUTEL_RETURN_IF_ERROR(s.check_keys({"kind", "ranks", "threads_per_rank", "devices"}));
+  TUTEL_RETURN_IF_ERROR(get_enum(
+      s, "kind", "\"cpu\", \"cuda\"",
+      [](std::string_view k) { return k == "cpu" || k == "cuda" ? std::optional<std::string>(k) : std::nullopt; },
+      backend.kind));
+  TUTEL_RETURN_IF_ERROR(get_int(s, "ranks", 1, 1024, backend.ranks));
+  TUTEL_RETURN_IF_ERROR(get_int(s, "threads_per_rank", 0, 4096, backend.threads_per_rank));
+  TUTEL_RETURN_IF_ERROR(get_int_array(s, "devices", 0, 1023, backend.devices));
+  if (backend.kind == "cpu") {
+    if (!backend.devices.empty())
+      return s.error_near("devices", "applies only to kind = \"cuda\"; the cpu backend's ranks are "
+                                     "virtual devices, counted by ranks");
+  } else if (backend.devices.empty()) {
+    for (int r = 0; r < backend.ranks; ++r) backend.devices.push_back(r);
+  } else if (backend.devices.size() != static_cast<size_t>(backend.ranks)) {
+    return s.error_near("devices", "lists " + std::to_string(backend.devices.size()) +
+                                       " devices for ranks = " + std::to_string(backend.ranks) +
+                                       "; give one device per rank (or none for 0..ranks-1)");
+  }
+  return Status::OK();
+}
+
+Status parse_tenants(const Scope& root, std::vector<TenantConfig>& tenants) {
+  if (root.find("tenant") == nullptr)
+    return root.error_near("tenant", "missing [[tenant]]: at least one tenant must be configured, "
+                                     "or no client can connect");
+  // The first tenant, and its line, of each uid and gid, to name both ends of a conflict.
+  std::map<std::string, size_t> names;
+  std::map<uint32_t, std::pair<size_t, uint32_t>> owner_of[2];
+  TUTEL_RETURN_IF_ERROR(for_each_table(root, "tenant", "a [[tenant]] table", [&](const Scope& s, size_t i) {
+    TUTEL_RETURN_IF_ERROR(s.check_keys(
+        {"name", "uids", "gids", "max_layers", "max_memory_bytes", "max_inflight"}));
+    TenantConfig t;
+    TUTEL_RETURN_IF_ERROR(get_name(s, "name", "a tenant name", t.name));
+    if (auto [it, fresh] = names.emplace(t.name, i); !fresh)
+      return s.error_near("name", "duplicate tenant name " + quote(t.name) + " (also tenant[" +
+                                      std::to_string(it->second) + "])");
+    TUTEL_RETURN_IF_ERROR(get_int_array(s, "uids", 0, kMaxUid, t.uids));
+    TUTEL_RETURN_IF_ERROR(get_int_array(s, "gids", 0, kMaxUid, t.gids));
+    if (t.uids.empty() && t.gids.empty())
+      return s.error_near("uids", "a tenant needs at least one uid or gid, or no client maps to it");
+    for (int which = 0; which < 2; ++which) {
+      const char* key = which == 0 ? "uids" : "gids";
+      std::vector<uint32_t>& ids = which == 0 ? t.uids : t.gids;
+      for (uint32_t id : ids) {
+        const uint32_t line = s.find(key)->source().begin.line;
+        auto [it, fresh] = owner_of[which].emplace(id, std::pair{i, line});
+        if (!fresh && it->second.first != i)
+          return s.error_near(key, std::string(which == 0 ? "uid " : "gid ") + std::to_string(id) +
+                                       " is already in tenant[" + std::to_string(it->second.first) +
+                                       "] (line " + std::to_string(it->second.second) +
+                                       "); a client must map to exactly one tenant");
+      }
+      std::sort(ids.begin(), ids.end());
+      ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+    }
+    TUTEL_RETURN_IF_ERROR(get_int(s, "max_layers", 1, 1000000, t.max_layers));
+    TUTEL_RETURN_IF_ERROR(get_bytes(s, "max_memory_bytes", 1, uint64_t{1} << 50, t.max_memory_bytes));
+    TUTEL_RETURN_IF_ERROR(get_int(s, "max_inflight", 1, 1 << 20, t.max_inflight));
+    tenants.push_back(std::move(t));
+    return Status::OK();
+  }));
+  if (tenants.empty())
+    return root.error_near("tenant", "at least one [[tenant]] must be configured, or no client can connect");
+  return Status::OK();
+}
+
+Status parse_layers(const Scope& root, const fs::path& base_dir, Config& config) {
+  std::map<std::pair<std::string, std::string>, size_t> seen;  // (tenant, layer) → index
+  std::vector<int64_t> per_tenant(config.tenants.size());
+  return for_each_table(root, "layer", "a [[layer]] table", [&](const Scope& s, size_t i) {
+    LayerDefinition def;
+    TUTEL_RETURN_IF_ERROR(parse_layer(s, /*in_config=*/true, base_dir, def));
+    const auto tenant = std::find_if(config.tenants.begin(), config.tenants.end(),
+                                     [&](const TenantConfig& t) { return t.name == def.tenant; });
+    if (tenant == config.tenants.end())
+      return s.error_near("tenant", "no [[tenant]] is named " + quote(def.tenant));
+    if (auto [it, fresh] = seen.emplace(std::pair{def.tenant, def.name}, i); !fresh)
+      return s.error_near("name", "duplicate layer name " + quote(def.name) + " in tenant " +
+                                      quote(def.tenant) + " (also layer[" + std::to_string(it->second) + "])");
+    const size_t t = static_cast<size_t>(tenant - config.tenants.begin());
+    if (++per_tenant[t] > tenant->max_layers)
+      return s.error_near("tenant", "tenant " + quote(def.tenant) + " allows max_layers = " +
+                                        std::to_string(tenant->max_layers) + " and this is its layer number " +
+                                        std::to_string(per_tenant[t]));
+    config.layers.push_back(std::move(def));
+    return Status::OK();
+  });
+}
+
+// ---- Formatting ---------------------------------------------------------------------------
+
+std::string toml_string(std::string_view s) {
+  std::string out = "\"";
+  for (const char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\t': out += "\\t"; break;
+      case '\r': out += "\\r"; break;
+      default:
+        if (c < 0x20 || c == 0x7f) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          out += buf;
+        } else {
+          out += ch;
+        }
+    }
+  }
+  return out + "\"";
+}
+
+}  // namespace
+
+std::string_view optimizer_kind_name(OptimizerKind kind) {
+  return kind == OptimizerKind::kSgd ? "sgd" : "adamw";
+}
+
+Result<LayerDefinition> parse_layer_spec(std::string_view toml_text, std::string_view source_name) {
+  toml::parse_result parsed = toml::parse(toml_text, source_name);
+  if (!parsed) {
+    const toml::parse_error& e = parsed.error();
+    return located_error(source_name, e.source(), "", "TOML syntax error: " + std::string(e.description()));
+  }
+  LayerDefinition def;
+  const Scope root(source_name, parsed.table(), "", "the layer spec");
+  TUTEL_RETURN_IF_ERROR(parse_layer(root, /*in_config=*/false, fs::path(), def));
+  return def;
+}
+
+std::string format_layer_spec(const LayerDefinition& def) {
+  const LayerSpec& s = def.spec;
+  const auto b = [](bool v) { return v ? "true" : "false"; };
+  std::ostringstream out;
+  out << "name = " << toml_string(def.name) << "\n"
+      << "experts = " << s.experts << "\n"
+      << "model_dim = " << s.model_dim << "\n"
+      << "hidden = " << s.hidden << "\n"
+      << "output_dim = " << s.output_dim << "\n"
+      << "k = " << s.k << "\n"
+      << "capacity_factor = " << format_double(s.capacity_factor) << "\n"
+      << "activation = " << toml_string(activation_name(s.activation)) << "\n"
+      << "gate_noise = " << format_double(s.gate_noise) << "\n"
+      << "noise_seed = " << s.noise_seed << "\n"
+      << "normalize_gate = " << b(s.normalize_gate) << "\n"
+      << "batch_prioritized = " << b(s.batch_prioritized) << "\n"
+      << "is_postscore = " << b(s.is_postscore) << "\n"
+      << "has_fc1_bias = " << b(s.has_fc1_bias) << "\n"
+      << "has_fc2_bias = " << b(s.has_fc2_bias) << "\n"
+      << "dtype = " << toml_string(dtype_name(s.matmul_dtype)) << "\n";
+  if (def.weights_path) out << "weights = " << toml_string(*def.weights_path) << "\n";
+  if (def.init_seed) out << "init_seed = " << *def.init_seed << "\n";
+  const OptimizerConfig& o = def.optimizer;
+  out << "\n[optimizer]\n"
+      << "kind = " << toml_string(optimizer_kind_name(o.kind)) << "\n"
+      << "lr = " << format_float(o.lr) << "\n"
+      << "weight_decay = " << format_float(o.weight_decay) << "\n";
+  if (o.kind == OptimizerKind::kSgd) {
+    out << "momentum = " << format_float(o.momentum) << "\n"
+        << "nesterov = " << b(o.nesterov) << "\n";
+  } else {
+    out << "beta1 = " << format_float(o.beta1) << "\n"
+        << "beta2 = " << format_float(o.beta2) << "\n"
+        << "eps = " << format_float(o.eps) << "\n";
+  }
+  return out.str();
+}
+
+Result<Config> parse_config(std::string_view toml_text, std::string_view source_name) {
+  toml::parse_result parsed = toml::parse(toml_text, source_name);
+  if (!parsed) {
+    const toml::parse_error& e = parsed.error();
+    return located_error(source_name, e.source(), "", "TOML syntax error: " + std::string(e.description()));
+  }
+  Config config;
+  std::error_code ec;
+  const fs::path file = fs::absolute(fs::path(source_name.empty() ? "." : source_name), ec);
+  config.path = ec ? std::string(source_name) : file.lexically_normal().string();
+  const fs::path base_dir = ec ? fs::path() : file.lexically_normal().parent_path();
+
+  const Scope root(source_name, parsed.table(), "", "the top level");
+  TUTEL_RETURN_IF_ERROR(root.check_keys({"server", "backend", "tenant", "layer"}));
+  TUTEL_RETURN_IF_ERROR(parse_server(root, base_dir, config.server));
+  TUTEL_RETURN_IF_ERROR(parse_backend(root, config.backend));
+  TUTEL_RETURN_IF_ERROR(parse_tenants(root, config.tenants));
+  TUTEL_RETURN_IF_ERROR(parse_layers(root, base_dir, config));
+  return config;
+}
+
+Result<Config> load_config(const std::string& path) {
+  const auto fail = [&](std::string_view what) {
+    return Status::IOError("cannot " + std::string(what) + " config file '" + path +
+                           "': " + std::strerror(errno));
+  };
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return fail("open");
+  struct FdCloser {
+    int fd;
+    ~FdCloser() { ::close(fd); }
+  } closer{fd};
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return fail("stat");
+  if (!S_ISREG(st.st_mode)) return Status::IOError("config file '" + path + "' is not a regular file");
+  constexpr off_t kMaxConfigBytes = 16 << 20;
+  if (st.st_size > kMaxConfigBytes)
+    return Status::InvalidArgument("config file '" + path + "' is larger than 16 MiB");
+  std::string text;
+  char buf[65536];
+  for (;;) {
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return fail("read");
+    if (n == 0) break;
+    text.append(buf, static_cast<size_t>(n));
+    if (text.size() > static_cast<size_t>(kMaxConfigBytes))
+      return Status::InvalidArgument("config file '" + path + "' is larger than 16 MiB");
+  }
+  return parse_config(text, path);
+}
+
+std::optional<size_t> find_tenant(const Config& config, uint32_t uid, uint32_t gid) {
+  for (size_t i = 0; i < config.tenants.size(); ++i) {
+    const auto& uids = config.tenants[i].uids;
+    if (std::find(uids.begin(), uids.end(), uid) != uids.end()) return i;
+  }
+  for (size_t i = 0; i < config.tenants.size(); ++i) {
+    const auto& gids = config.tenants[i].gids;
+    if (std::find(gids.begin(), gids.end(), gid) != gids.end()) return i;
+  }
+  return std::nullopt;
+}
+
+}  // namespace tutel::daemon

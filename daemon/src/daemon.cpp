@@ -1,0 +1,451 @@
+#include "tutel/daemon/daemon.hpp"
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "daemon_impl.hpp"
+#include "tutel/core/logging.hpp"
+#include "tutel/core/safetensors.hpp"
+#include "tutel/ipc/json_body.hpp"
+
+namespace tutel::daemon {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+// Where a client's relative checkpoint path lands: inside its tenant's directory, never outside.
+Result<std::string> tenant_file(const Config& c, const std::string& tenant, const std::string& relative) {
+  if (c.server.state_dir.empty())
+    return Status::Unavailable("the daemon has no server.state_dir configured, so it cannot save or load files for clients");
+  const fs::path p(relative);
+  if (relative.empty() || p.is_absolute())
+    return Status::InvalidArgument("path '" + relative + "' must be relative: it names a file in the tenant's checkpoint directory");
+  for (const auto& part : p)
+    if (part == "..") return Status::PermissionDenied("path '" + relative + "' may not contain '..'");
+  const fs::path dir = fs::path(c.server.state_dir) / tenant / "checkpoints";
+  std::error_code ec;
+  fs::create_directories((dir / p).parent_path(), ec);
+  if (ec) return Status::IOError("cannot create " + (dir / p).parent_path().string() + ": " + ec.message());
+  return (dir / p).string();
+}
+
+// A stuck client must not stall the event loop for longer than this.
+constexpr std::chrono::milliseconds kReplyTimeout(5000);
+
+Result<uint64_t> handle_of(const json& body) {
+  TUTEL_ASSIGN_OR_RETURN(int64_t h, ipc::get_int(body, "handle"));
+  if (h < 0) return Status::InvalidArgument("\"handle\" must be a layer handle, not " + std::to_string(h));
+  return static_cast<uint64_t>(h);
+}
+
+json layer_info(const LayerRef& ref) {
+  const LayerSpec& s = ref.layer->definition().spec;
+  return {{"handle", ref.handle},         {"name", ref.layer->name()},   {"experts", s.experts},
+          {"model_dim", s.model_dim},     {"hidden", s.hidden},          {"output_dim", s.out_dim()},
+          {"k", s.k},                     {"step", ref.layer->step_count()}};
+}
+
+}  // namespace
+
+DaemonImpl::DaemonImpl(Config config) : config_(std::move(config)) { uv_loop_init(&loop_); }
+
+DaemonImpl::~DaemonImpl() {
+  // Handles were closed by shutdown(); run the loop once more so their close callbacks fire.
+  uv_run(&loop_, UV_RUN_NOWAIT);
+  uv_loop_close(&loop_);
+}
+
+Status DaemonImpl::start() {
+  started_at_ = std::chrono::steady_clock::now();
+  TUTEL_RETURN_IF_ERROR(start_ranks());
+  registry_ = std::make_unique<Registry>(config_.tenants, ranks_);
+  TUTEL_RETURN_IF_ERROR(restore_state());
+  TUTEL_RETURN_IF_ERROR(load_config_layers());
+  TUTEL_RETURN_IF_ERROR(listen(config_.server.client_socket, 0660, false, &client_poll_, &client_fd_));
+  TUTEL_RETURN_IF_ERROR(listen(config_.server.admin_socket, 0600, true, &admin_poll_, &admin_fd_));
+  if (!config_.server.metrics_listen.empty()) TUTEL_RETURN_IF_ERROR(start_metrics_server());
+  uv_signal_init(&loop_, &sigterm_);
+  uv_signal_init(&loop_, &sigint_);
+  sigterm_.data = sigint_.data = this;
+  auto on_signal = [](uv_signal_t* h, int signum) {
+    TUTEL_LOG(INFO) << "signal " << signum << ": shutting down";
+    static_cast<DaemonImpl*>(h->data)->shutdown();
+  };
+  uv_signal_start(&sigterm_, on_signal, SIGTERM);
+  uv_signal_start(&sigint_, on_signal, SIGINT);
+  TUTEL_LOG(INFO) << "tuteld serving on " << config_.server.client_socket << " (admin "
+                  << config_.server.admin_socket << "), backend " << config_.backend.kind << " x"
+                  << ranks_.size();
+  return Status::OK();
+}
+
+Status DaemonImpl::start_ranks() {
+  const BackendConfig& b = config_.backend;
+  int threads = b.threads_per_rank;
+  if (threads == 0) threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / b.ranks);
+  for (int r = 0; r < b.ranks; ++r) {
+    auto rank = std::make_unique<Rank>();
+    rank->index = r;
+    BackendOptions options{.threads = threads, .device_index = b.devices.empty() ? r : b.devices[r]};
+    TUTEL_ASSIGN_OR_RETURN(rank->backend, make_backend(b.kind, options));
+    ranks_.push_back(std::move(rank));
+  }
+  return Status::OK();
+}
+
+// state_dir/<tenant>/<layer>.safetensors holds each layer's parameters, optimizer state, step and
+// spec; a restart brings every one of them back.
+Status DaemonImpl::restore_state() {
+  if (config_.server.state_dir.empty()) return Status::OK();
+  std::error_code ec;
+  fs::create_directories(config_.server.state_dir, ec);
+  if (ec) return Status::IOError("cannot create state_dir " + config_.server.state_dir + ": " + ec.message());
+  for (const TenantConfig& t : config_.tenants) {
+    const fs::path dir = fs::path(config_.server.state_dir) / t.name;
+    if (!fs::is_directory(dir, ec)) continue;
+    for (const auto& entry : fs::directory_iterator(dir, ec)) {
+      if (entry.path().extension() != ".safetensors" || !entry.is_regular_file()) continue;
+      const std::string path = entry.path().string();
+      TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::open(path));
+      auto spec = file.metadata().find("tuteld.spec");
+      if (spec == file.metadata().end())
+        return Status::Corruption(path + ": no 'tuteld.spec' metadata; it was not written by tuteld, move it out of state_dir");
+      TUTEL_ASSIGN_OR_RETURN(LayerDefinition def, parse_layer_spec(spec->second, path));
+      def.weights_path = path;
+      def.init_seed.reset();
+      TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(t.name, def, spec->second));
+      TUTEL_LOG(INFO) << "restored layer " << t.name << "/" << def.name << " at step " << ref.layer->step_count();
+    }
+  }
+  return Status::OK();
+}
+
+Status DaemonImpl::load_config_layers() {
+  for (const LayerDefinition& def : config_.layers) {
+    if (registry_->attach(def.tenant, def.name).ok()) continue;  // restored from state_dir
+    TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(def.tenant, def, format_layer_spec(def)));
+    (void)ref;
+  }
+  return Status::OK();
+}
+
+Status DaemonImpl::listen(const std::string& path, mode_t mode, bool admin, uv_poll_t* poll, ipc::UniqueFd* fd) {
+  std::error_code ec;
+  fs::create_directories(fs::path(path).parent_path(), ec);
+  if (ec) return Status::IOError("cannot create the directory of " + path + ": " + ec.message());
+  TUTEL_ASSIGN_OR_RETURN(*fd, ipc::listen_unix(path, mode));
+  uv_poll_init(&loop_, poll, fd->get());
+  poll->data = this;
+  auto cb = admin ? +[](uv_poll_t* h, int, int) { static_cast<DaemonImpl*>(h->data)->accept_on(true); }
+                  : +[](uv_poll_t* h, int, int) { static_cast<DaemonImpl*>(h->data)->accept_on(false); };
+  uv_poll_start(poll, UV_READABLE, cb);
+  return Status::OK();
+}
+
+void DaemonImpl::accept_on(bool admin) {
+  const int listen_fd = admin ? admin_fd_.get() : client_fd_.get();
+  for (;;) {
+    const int c = accept4(listen_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (c < 0) return;  // EAGAIN (or a transient error): wait for the next readiness
+    auto s = std::make_shared<Session>();
+    s->id = next_session_++;
+    s->admin = admin;
+    s->fd = ipc::UniqueFd(c);
+    auto creds = ipc::peer_credentials(c);
+    if (!creds.ok()) {
+      TUTEL_LOG(WARN) << "refusing a connection: " << creds.status();
+      continue;
+    }
+    s->peer = *creds;
+    sessions_[s->id] = s;
+    s->daemon = this;
+    uv_poll_init(&loop_, &s->poll, c);
+    s->poll.data = s.get();
+    uv_poll_start(&s->poll, UV_READABLE, [](uv_poll_t* h, int, int) {
+      auto* session = static_cast<Session*>(h->data);
+      session->daemon->on_readable(session->shared_from_this());
+    });
+    if (!admin) {
+      auto tenant = registry_->tenant_for(s->peer.uid, s->peer.gid);
+      if (!tenant.ok()) {
+        TUTEL_LOG(WARN) << "refusing pid " << s->peer.pid << ": " << tenant.status();
+        reply_error(s, 0, tenant.status());
+        close_session(s);
+        continue;
+      }
+      s->tenant = *tenant;
+      metrics_.set_active_sessions(static_cast<int64_t>(sessions_.size()));
+    }
+  }
+}
+
+void DaemonImpl::on_readable(const std::shared_ptr<Session>& s) {
+  if (s->closing) return;
+  auto n = ipc::read_available(s->fd.get(), s->decoder);
+  if (!n.ok()) {
+    // A malformed frame: say why, then drop the connection (a byte stream cannot resynchronise).
+    reply_error(s, 0, n.status());
+    close_session(s);
+    return;
+  }
+  while (auto frame = s->decoder.next()) s->queued.push_back(std::move(*frame));
+  if (*n == 0) {  // EOF: the peer is gone (or half-closed); finish what it sent, then close
+    close_session(s);
+    return;
+  }
+  pump(s);
+}
+
+void DaemonImpl::pump(const std::shared_ptr<Session>& s) {
+  while (!s->busy && !s->closing && !s->queued.empty()) {
+    ipc::Frame frame = std::move(s->queued.front());
+    s->queued.pop_front();
+    s->busy = true;
+    if (s->admin) handle_admin_frame(s, std::move(frame));
+    else handle_client_frame(s, std::move(frame));
+  }
+}
+
+void DaemonImpl::finish_frame(const std::shared_ptr<Session>& s) {
+  s->busy = false;
+  pump(s);
+}
+
+void DaemonImpl::reply(const std::shared_ptr<Session>& s, ipc::FrameType type, uint32_t request_id,
+                       const json& body, const std::vector<int>& fds) {
+  if (s->closing) return;
+  const Status st = ipc::send_json(s->fd.get(), type, request_id, body, fds, kReplyTimeout);
+  if (!st.ok()) {
+    TUTEL_LOG(WARN) << "session " << s->id << ": " << st << "; closing it";
+    close_session(s);
+  }
+}
+
+void DaemonImpl::reply_error(const std::shared_ptr<Session>& s, uint32_t request_id, const Status& status) {
+  if (s->closing) return;
+  if (const Status st = ipc::send_error(s->fd.get(), request_id, status, kReplyTimeout); !st.ok()) {
+    TUTEL_LOG(WARN) << "session " << s->id << ": " << st << "; closing it";
+    close_session(s);
+  }
+}
+
+void DaemonImpl::offload(std::function<void()> work, std::function<void()> done) {
+  struct Job {
+    uv_work_t req;
+    std::function<void()> work, done;
+    DaemonImpl* self;
+  };
+  auto* job = new Job{{}, std::move(work), std::move(done), this};
+  job->req.data = job;
+  ++pending_offloads_;
+  uv_queue_work(&loop_, &job->req, [](uv_work_t* r) { static_cast<Job*>(r->data)->work(); },
+                [](uv_work_t* r, int) {
+                  std::unique_ptr<Job> j(static_cast<Job*>(r->data));
+                  --j->self->pending_offloads_;
+                  j->done();
+                });
+}
+
+void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Frame frame) {
+  const uint32_t rid = frame.header.request_id;
+  const auto type = static_cast<ipc::FrameType>(frame.header.type);
+  auto body = ipc::parse_body(frame);
+  if (!body.ok()) {
+    reply_error(s, rid, body.status());
+    return finish_frame(s);
+  }
+  if (type == ipc::FrameType::kHello) {
+    handle_hello(s, frame);
+    return finish_frame(s);
+  }
+  if (!s->arena) {
+    reply_error(s, rid, Status::InvalidArgument("send hello first: the session has no arena yet"));
+    return finish_frame(s);
+  }
+  // Everything below touches layers: it runs on the thread pool so the loop keeps serving.
+  auto result = std::make_shared<Result<json>>(Status::Internal("not run"));
+  auto reply_type = std::make_shared<ipc::FrameType>(ipc::FrameType::kOk);
+  const std::string tenant = s->tenant;
+  const json b = *body;
+  std::function<Result<json>()> op;
+  std::string op_name;
+  switch (type) {
+    case ipc::FrameType::kCreateLayer:
+      op_name = "create";
+      *reply_type = ipc::FrameType::kLayerInfo;
+      op = [this, tenant, b]() -> Result<json> {
+        TUTEL_ASSIGN_OR_RETURN(std::string spec, ipc::get_string(b, "spec"));
+        TUTEL_ASSIGN_OR_RETURN(LayerDefinition def, parse_layer_spec(spec, "spec"));
+        if (def.weights_path) {
+          TUTEL_ASSIGN_OR_RETURN(*def.weights_path, tenant_file(config_, tenant, *def.weights_path));
+        }
+        TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(tenant, def, format_layer_spec(def)));
+        metrics_.set_tenant_memory(tenant, registry_->memory_bytes(tenant));
+        return layer_info(ref);
+      };
+      break;
+    case ipc::FrameType::kAttachLayer:
+      op_name = "attach";
+      *reply_type = ipc::FrameType::kLayerInfo;
+      op = [this, tenant, b]() -> Result<json> {
+        TUTEL_ASSIGN_OR_RETURN(std::string name, ipc::get_string(b, "name"));
+        TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->attach(tenant, name));
+        return layer_info(ref);
+      };
+      break;
+    case ipc::FrameType::kDestroyLayer:
+      op_name = "destroy";
+      op = [this, tenant, b]() -> Result<json> {
+        TUTEL_ASSIGN_OR_RETURN(uint64_t h, handle_of(b));
+        TUTEL_RETURN_IF_ERROR(registry_->destroy(tenant, h));
+        metrics_.set_tenant_memory(tenant, registry_->memory_bytes(tenant));
+        return json::object();
+      };
+      break;
+    case ipc::FrameType::kStep:
+    case ipc::FrameType::kZeroGrad:
+      op_name = type == ipc::FrameType::kStep ? "step" : "zero_grad";
+      op = [this, tenant, b, type]() -> Result<json> {
+        TUTEL_ASSIGN_OR_RETURN(uint64_t h, handle_of(b));
+        TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->find(tenant, h));
+        if (type == ipc::FrameType::kZeroGrad) {
+          TUTEL_RETURN_IF_ERROR(ref.layer->zero_grad());
+          return json::object();
+        }
+        TUTEL_ASSIGN_OR_RETURN(int64_t step, ref.layer->step());
+        return json{{"step", step}};
+      };
+      break;
+    case ipc::FrameType::kSave:
+    case ipc::FrameType::kLoad:
+      op_name = type == ipc::FrameType::kSave ? "save" : "load";
+      op = [this, tenant, b, type]() -> Result<json> {
+        TUTEL_ASSIGN_OR_RETURN(uint64_t h, handle_of(b));
+        TUTEL_ASSIGN_OR_RETURN(std::string rel, ipc::get_string(b, "path"));
+        TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->find(tenant, h));
+        TUTEL_ASSIGN_OR_RETURN(std::string path, tenant_file(config_, tenant, rel));
+        TUTEL_RETURN_IF_ERROR(type == ipc::FrameType::kSave ? ref.layer->save(path) : ref.layer->load(path));
+        return json{{"path", path}};
+      };
+      break;
+    default:
+      reply_error(s, rid, Status::InvalidArgument("frame type " + std::string(ipc::frame_type_name(type)) +
+                                                  " is not a client request (admin frames go to the admin socket)"));
+      return finish_frame(s);
+  }
+  const auto started = std::chrono::steady_clock::now();
+  offload([op, result] { *result = op(); },
+          [this, s, rid, result, reply_type, op_name, tenant, b, started] {
+            const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+            std::string layer = b.contains("name") && b["name"].is_string() ? b["name"].get<std::string>() : "";
+            if (result->ok() && result->value().contains("name")) layer = result->value()["name"].get<std::string>();
+            metrics_.record_request(tenant, layer, op_name, result->ok(), secs);
+            if (result->ok()) reply(s, *reply_type, rid, result->value());
+            else reply_error(s, rid, result->status());
+            finish_frame(s);
+          });
+}
+
+void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Frame& frame) {
+  const uint32_t rid = frame.header.request_id;
+  if (s->arena) {
+    reply_error(s, rid, Status::InvalidArgument("hello was already sent on this session"));
+    return;
+  }
+  auto arena = ipc::Arena::create(config_.server.arena_bytes, "tuteld-session");
+  if (!arena.ok()) {
+    reply_error(s, rid, arena.status());
+    return;
+  }
+  s->arena = std::move(*arena);
+  s->requests = ipc::RingConsumer<ipc::RequestDescriptor>(s->arena->request_control(), s->arena->request_slots());
+  s->completions = ipc::RingProducer<ipc::CompletionDescriptor>(s->arena->completion_control(),
+                                                               s->arena->completion_slots());
+  const ipc::ArenaLayout& l = s->arena->layout();
+  json body{{"session", s->id}, {"tenant", s->tenant}, {"spin_us", config_.server.spin.count()}};
+  ipc::put_layout(body, l);
+  reply(s, ipc::FrameType::kHelloReply, rid, body, {s->arena->fd()});
+  if (s->closing) return;
+  s->worker = std::thread([this, s] { run_worker(s); });
+  TUTEL_LOG(INFO) << "session " << s->id << ": tenant " << s->tenant << ", pid " << s->peer.pid;
+}
+
+void DaemonImpl::close_session(const std::shared_ptr<Session>& s) {
+  if (s->closing) return;
+  s->closing = true;
+  s->stop = true;
+  if (s->arena) s->requests.wake();
+  uv_poll_stop(&s->poll);
+  // The session owns the poll handle, which must outlive its close callback.
+  s->keep_alive = s;
+  uv_close(reinterpret_cast<uv_handle_t*>(&s->poll),
+           [](uv_handle_t* h) { static_cast<Session*>(h->data)->keep_alive.reset(); });
+  // Join the worker off the loop (it finishes its current request first), then forget the
+  // session's pending forwards.
+  offload([s] {
+            if (s->worker.joinable()) s->worker.join();
+          },
+          [this, s] {
+            for (const LayerRef& ref : registry_->all()) ref.layer->drop_pending(s->id);
+            sessions_.erase(s->id);
+            metrics_.set_active_sessions(static_cast<int64_t>(sessions_.size()));
+            s->fd.reset();
+          });
+}
+
+void DaemonImpl::checkpoint_all() {
+  if (config_.server.state_dir.empty()) return;
+  for (const LayerRef& ref : registry_->all()) {
+    const fs::path dir = fs::path(config_.server.state_dir) / ref.layer->tenant();
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    const std::string path = (dir / (ref.layer->name() + ".safetensors")).string();
+    const Status st = ref.layer->save(path);
+    if (st.ok()) TUTEL_LOG(INFO) << "checkpointed " << ref.layer->tenant() << "/" << ref.layer->name() << " to " << path;
+    else TUTEL_LOG(ERROR) << "checkpoint of " << ref.layer->tenant() << "/" << ref.layer->name() << " failed: " << st;
+  }
+}
+
+void DaemonImpl::shutdown() {
+  if (shutting_down_) return;
+  shutting_down_ = true;
+  uv_poll_stop(&client_poll_);
+  uv_poll_stop(&admin_poll_);
+  uv_close(reinterpret_cast<uv_handle_t*>(&client_poll_), nullptr);
+  uv_close(reinterpret_cast<uv_handle_t*>(&admin_poll_), nullptr);
+  uv_close(reinterpret_cast<uv_handle_t*>(&sigterm_), nullptr);
+  uv_close(reinterpret_cast<uv_handle_t*>(&sigint_), nullptr);
+  if (metrics_started_) uv_close(reinterpret_cast<uv_handle_t*>(&metrics_server_), nullptr);
+  ::unlink(config_.server.client_socket.c_str());
+  ::unlink(config_.server.admin_socket.c_str());
+  client_fd_.reset();
+  admin_fd_.reset();
+  // Sessions finish their current request and close; the loop ends when the last handle and
+  // the last offloaded job are done, and run() then writes the checkpoints.
+  std::vector<std::shared_ptr<Session>> open;
+  for (auto& [id, s] : sessions_) open.push_back(s);
+  for (auto& s : open) close_session(s);
+}
+
+int DaemonImpl::run() {
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  checkpoint_all();
+  TUTEL_LOG(INFO) << "tuteld stopped";
+  return 0;
+}
+
+Result<std::unique_ptr<Daemon>> Daemon::create(Config config) {
+  auto impl = std::make_unique<DaemonImpl>(std::move(config));
+  TUTEL_RETURN_IF_ERROR(impl->start());
+  return std::unique_ptr<Daemon>(new Daemon(std::move(impl)));
+}
+
+Daemon::Daemon(std::unique_ptr<DaemonImpl> impl) : impl_(std::move(impl)) {}
+Daemon::~Daemon() = default;
+int Daemon::run() { return impl_->run(); }
+
+}  // namespace tutel::daemon

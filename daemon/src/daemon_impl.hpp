@@ -1,0 +1,81 @@
+// The daemon's internals, shared by daemon.cpp (lifecycle, sockets, control frames),
+// data_path.cpp (the per-session request worker) and admin.cpp (admin frames, metrics HTTP).
+#pragma once
+
+#include <uv.h>
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "metrics.hpp"
+#include "registry.hpp"
+#include "session.hpp"
+#include "tutel/daemon/config.hpp"
+
+namespace tutel::daemon {
+
+class DaemonImpl {
+ public:
+  explicit DaemonImpl(Config config);
+  ~DaemonImpl();
+
+  Status start();  // ranks, state restore, config layers, sockets
+  int run();
+
+  // --- used across the daemon's source files ---
+  const Config& config() const { return config_; }
+  Registry& registry() { return *registry_; }
+  Metrics& metrics() { return metrics_; }
+
+  // Sends a reply frame on the loop thread; a failure closes the session.
+  void reply(const std::shared_ptr<Session>& s, ipc::FrameType type, uint32_t request_id,
+             const nlohmann::json& body, const std::vector<int>& fds = {});
+  void reply_error(const std::shared_ptr<Session>& s, uint32_t request_id, const Status& status);
+  // Runs `work` on libuv's thread pool, then `done` on the loop thread.
+  void offload(std::function<void()> work, std::function<void()> done);
+  void close_session(const std::shared_ptr<Session>& s);
+
+  // data_path.cpp
+  void run_worker(const std::shared_ptr<Session>& s);
+  // admin.cpp
+  void handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Frame frame);
+  Status start_metrics_server();
+  nlohmann::json status_json() const;
+
+ private:
+  Status start_ranks();
+  Status restore_state();
+  Status load_config_layers();
+  Status listen(const std::string& path, mode_t mode, bool admin, uv_poll_t* poll, ipc::UniqueFd* fd);
+  void accept_on(bool admin);
+  void on_readable(const std::shared_ptr<Session>& s);
+  void pump(const std::shared_ptr<Session>& s);
+  void handle_client_frame(const std::shared_ptr<Session>& s, ipc::Frame frame);
+  void handle_hello(const std::shared_ptr<Session>& s, const ipc::Frame& frame);
+  void finish_frame(const std::shared_ptr<Session>& s);
+  void shutdown();
+  void checkpoint_all();
+
+  Config config_;
+  uv_loop_t loop_{};
+  std::vector<std::unique_ptr<Rank>> ranks_;
+  std::unique_ptr<Registry> registry_;
+  Metrics metrics_;
+  ipc::UniqueFd client_fd_, admin_fd_;
+  uv_poll_t client_poll_{}, admin_poll_{};
+  uv_signal_t sigterm_{}, sigint_{};
+  uv_tcp_t metrics_server_{};
+  bool metrics_started_ = false;
+  int bound_metrics_port_ = 0;
+  std::map<uint64_t, std::shared_ptr<Session>> sessions_;
+  uint64_t next_session_ = 1;
+  bool shutting_down_ = false;
+  int64_t pending_offloads_ = 0;
+  std::chrono::steady_clock::time_point started_at_;
+};
+
+}  // namespace tutel::daemon

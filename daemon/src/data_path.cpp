@@ -1,0 +1,110 @@
+// The data path: each client session's worker consumes its request ring, validates every
+// descriptor against the session's own arena and tenant, runs the layer, and posts a completion.
+#include <cstring>
+#include <thread>
+
+#include "daemon_impl.hpp"
+#include "tutel/core/logging.hpp"
+
+namespace tutel::daemon {
+namespace {
+
+void set_message(ipc::CompletionDescriptor& c, const Status& st) {
+  c.status_code = static_cast<int32_t>(st.code());
+  const std::string m = st.to_string();
+  const size_t n = std::min(m.size(), sizeof(c.message) - 1);
+  std::memcpy(c.message, m.data(), n);
+  c.message[n] = '\0';
+}
+
+// The ranges a request reads and writes, in bytes, both inside the data region and disjoint.
+Status check_ranges(const ipc::ArenaLayout& layout, const ipc::RequestDescriptor& d, uint64_t in_bytes,
+                    uint64_t out_bytes, const char* in_name, const char* out_name) {
+  if (d.input_bytes != in_bytes)
+    return Status::InvalidArgument(std::string(in_name) + " has " + std::to_string(d.input_bytes) + " bytes; " +
+                                   std::to_string(d.tokens) + " tokens need " + std::to_string(in_bytes));
+  if (d.output_bytes != out_bytes)
+    return Status::InvalidArgument(std::string(out_name) + " has " + std::to_string(d.output_bytes) + " bytes; " +
+                                   std::to_string(d.tokens) + " tokens need " + std::to_string(out_bytes));
+  TUTEL_RETURN_IF_ERROR(ipc::check_data_range(layout, d.input_offset, d.input_bytes, in_name));
+  TUTEL_RETURN_IF_ERROR(ipc::check_data_range(layout, d.output_offset, d.output_bytes, out_name));
+  if (d.input_offset < d.output_offset + d.output_bytes && d.output_offset < d.input_offset + d.input_bytes)
+    return Status::InvalidArgument(std::string(in_name) + " and " + out_name + " overlap in the arena; use separate buffers");
+  return Status::OK();
+}
+
+}  // namespace
+
+void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
+  const ipc::WaitPolicy policy{config_.server.spin, std::chrono::milliseconds(200)};
+  const ipc::ArenaLayout layout = s->arena->layout();
+  uint8_t* const base = s->arena->base();
+  auto stopped = [&] { return s->stop.load(std::memory_order_relaxed); };
+  ipc::RequestDescriptor d;
+  while (!stopped()) {
+    const ipc::PopResult r = s->requests.pop_wait(&d, policy, stopped);
+    if (r == ipc::PopResult::kEmpty) continue;
+    if (r == ipc::PopResult::kCorrupt) {
+      TUTEL_LOG(WARN) << "session " << s->id << ": request ring indices are corrupt; no more requests are read";
+      return;
+    }
+    const auto started = std::chrono::steady_clock::now();
+    ipc::CompletionDescriptor c{};
+    c.request_id = d.request_id;
+    std::string layer_name, op_name = d.op == uint32_t(ipc::Op::kForward) ? "forward"
+                                      : d.op == uint32_t(ipc::Op::kBackward) ? "backward" : "nop";
+    Status st;
+    int64_t tokens = 0, dropped = 0;
+    if (d.op == uint32_t(ipc::Op::kNop)) {
+      // An empty request: measures the round trip.
+    } else if (d.op != uint32_t(ipc::Op::kForward) && d.op != uint32_t(ipc::Op::kBackward)) {
+      st = Status::InvalidArgument("unknown op " + std::to_string(d.op) + " (1 = forward, 2 = backward)");
+    } else if (auto ref = registry_->find(s->tenant, d.layer_handle); !ref.ok()) {
+      st = ref.status();
+    } else if (!registry_->try_begin_request(s->tenant)) {
+      st = Status::ResourceExhausted("tenant '" + s->tenant + "' has its quota of requests in flight; wait for completions");
+    } else {
+      ServedLayer& layer = *ref->layer;
+      layer_name = layer.name();
+      const LayerSpec& spec = layer.definition().spec;
+      const uint64_t M = spec.model_dim, O = spec.out_dim();
+      if (d.tokens < 1 || d.tokens > (int64_t{1} << 30) / spec.k) {
+        st = Status::InvalidArgument("tokens = " + std::to_string(d.tokens) + " is out of range");
+      } else if (d.op == uint32_t(ipc::Op::kForward)) {
+        st = check_ranges(layout, d, d.tokens * M * 4, d.tokens * O * 4, "x", "y");
+        if (st.ok()) {
+          auto out = layer.forward(reinterpret_cast<const float*>(base + d.input_offset), d.tokens,
+                                   reinterpret_cast<float*>(base + d.output_offset),
+                                   (d.flags & ipc::kFlagTraining) != 0, s->id, d.sequence);
+          if (out.ok()) {
+            c.l_aux = out->stats.l_aux;
+            c.capacity = out->stats.capacity;
+            c.dropped = out->stats.dropped;
+            tokens = d.tokens;
+            dropped = out->stats.dropped;
+            metrics_.set_capacity(s->tenant, layer_name, out->stats.capacity);
+          } else {
+            st = out.status();
+          }
+        }
+      } else {
+        st = check_ranges(layout, d, d.tokens * O * 4, d.tokens * M * 4, "dy", "dx");
+        if (st.ok())
+          st = layer.backward(reinterpret_cast<const float*>(base + d.input_offset), d.tokens, d.dl_aux,
+                              reinterpret_cast<float*>(base + d.output_offset), s->id, d.sequence);
+      }
+      registry_->end_request(s->tenant);
+    }
+    if (!st.ok()) set_message(c, st);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    metrics_.record_request(s->tenant, layer_name, op_name, st.ok(), secs, tokens, dropped);
+    // The client keeps at most kRingSlots requests outstanding, so the completion ring has
+    // room; a client that breaks that rule waits here until it reads or goes away.
+    while (!s->completions.try_push(c)) {
+      if (stopped()) return;
+      std::this_thread::yield();
+    }
+  }
+}
+
+}  // namespace tutel::daemon

@@ -1,0 +1,37 @@
+// tuteld --config FILE: serves MoE layers to the trainers on this node until SIGTERM/SIGINT.
+#include <signal.h>
+
+#include <CLI/CLI.hpp>
+#include <iostream>
+
+#include "tutel/core/logging.hpp"
+#include "tutel/daemon/config.hpp"
+#include "tutel/daemon/daemon.hpp"
+
+int main(int argc, char** argv) {
+  std::string config_path;
+  CLI::App app{"tuteld: serves Mixture-of-Experts layers to the training processes on this node", "tuteld"};
+  app.add_option("--config", config_path, "the daemon's TOML config (see docs/config.md)")->required();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);
+    std::cerr << "tuteld: " << e.what() << "\nRun 'tuteld --help' for the usage.\n";
+    return 2;
+  }
+  // A client that disappears mid-write must not kill the daemon.
+  ::signal(SIGPIPE, SIG_IGN);
+
+  auto config = tutel::daemon::load_config(config_path);
+  if (!config.ok()) {
+    std::cerr << "tuteld: " << config.status().message() << "\n";
+    return 2;
+  }
+  tutel::set_log_level(config->server.log_level);
+  auto daemon = tutel::daemon::Daemon::create(std::move(config).value());
+  if (!daemon.ok()) {
+    std::cerr << "tuteld: cannot start: " << daemon.status() << "\n";
+    return 1;
+  }
+  return (*daemon)->run();
+}

@@ -1,0 +1,102 @@
+#include "metrics.hpp"
+
+#include <sstream>
+
+namespace tutel::daemon {
+namespace {
+
+// Prometheus label values escape backslash, quote and newline.
+std::string label(const std::string& v) {
+  std::string out;
+  for (char c : v) {
+    if (c == '\\' || c == '"') out += '\\';
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out += c;
+  }
+  return out;
+}
+
+}  // namespace
+
+void Metrics::record_request(const std::string& tenant, const std::string& layer, const std::string& op,
+                             bool ok, double seconds, int64_t tokens, int64_t dropped) {
+  std::lock_guard lock(mutex_);
+  const Key key{tenant, layer, op};
+  ++requests_[key];
+  if (!ok) ++errors_[key];
+  Histogram& h = latency_[op];
+  for (size_t i = 0; i < kBuckets.size(); ++i)
+    if (seconds <= kBuckets[i]) ++h.counts[i];
+  ++h.total;
+  h.sum += seconds;
+  if (tokens > 0) tokens_[{tenant, layer}] += tokens;
+  if (dropped > 0) dropped_[{tenant, layer}] += dropped;
+}
+
+void Metrics::set_capacity(const std::string& tenant, const std::string& layer, int64_t capacity) {
+  std::lock_guard lock(mutex_);
+  capacity_[{tenant, layer}] = capacity;
+}
+
+void Metrics::set_tenant_memory(const std::string& tenant, uint64_t bytes) {
+  std::lock_guard lock(mutex_);
+  tenant_memory_[tenant] = bytes;
+}
+
+void Metrics::set_active_sessions(int64_t n) {
+  std::lock_guard lock(mutex_);
+  active_sessions_ = n;
+}
+
+void Metrics::set_peer_state(const std::string& peer, bool up) {
+  std::lock_guard lock(mutex_);
+  peers_[peer] = up;
+}
+
+std::string Metrics::prometheus_text() const {
+  std::lock_guard lock(mutex_);
+  std::ostringstream o;
+  auto by_op = [&](const char* name, const char* help, const std::map<Key, uint64_t>& m) {
+    o << "# HELP " << name << " " << help << "\n# TYPE " << name << " counter\n";
+    for (const auto& [k, v] : m)
+      o << name << "{tenant=\"" << label(std::get<0>(k)) << "\",layer=\"" << label(std::get<1>(k))
+        << "\",op=\"" << label(std::get<2>(k)) << "\"} " << v << "\n";
+  };
+  by_op("tuteld_requests_total", "Requests finished, by tenant, layer and operation.", requests_);
+  by_op("tuteld_errors_total", "Requests that failed, by tenant, layer and operation.", errors_);
+
+  o << "# HELP tuteld_request_seconds Request latency inside the daemon, by operation.\n"
+    << "# TYPE tuteld_request_seconds histogram\n";
+  for (const auto& [op, h] : latency_) {
+    for (size_t i = 0; i < kBuckets.size(); ++i)
+      o << "tuteld_request_seconds_bucket{op=\"" << label(op) << "\",le=\"" << kBuckets[i] << "\"} "
+        << h.counts[i] << "\n";
+    o << "tuteld_request_seconds_bucket{op=\"" << label(op) << "\",le=\"+Inf\"} " << h.total << "\n"
+      << "tuteld_request_seconds_sum{op=\"" << label(op) << "\"} " << h.sum << "\n"
+      << "tuteld_request_seconds_count{op=\"" << label(op) << "\"} " << h.total << "\n";
+  }
+  auto by_layer = [&](const char* name, const char* type, const char* help, const auto& m) {
+    o << "# HELP " << name << " " << help << "\n# TYPE " << name << " " << type << "\n";
+    for (const auto& [k, v] : m)
+      o << name << "{tenant=\"" << label(k.first) << "\",layer=\"" << label(k.second) << "\"} " << v << "\n";
+  };
+  by_layer("tuteld_tokens_total", "counter", "Tokens processed by forward passes.", tokens_);
+  by_layer("tuteld_dropped_assignments_total", "counter",
+           "Token-to-expert assignments dropped for lack of capacity.", dropped_);
+  by_layer("tuteld_capacity", "gauge", "Expert capacity of the layer's last forward.", capacity_);
+  o << "# HELP tuteld_tenant_memory_bytes Parameters, gradients and optimizer state, by tenant.\n"
+    << "# TYPE tuteld_tenant_memory_bytes gauge\n";
+  for (const auto& [t, v] : tenant_memory_) o << "tuteld_tenant_memory_bytes{tenant=\"" << label(t) << "\"} " << v << "\n";
+  o << "# HELP tuteld_active_sessions Client sessions connected.\n# TYPE tuteld_active_sessions gauge\n"
+    << "tuteld_active_sessions " << active_sessions_ << "\n";
+  if (!peers_.empty()) {
+    o << "# HELP tuteld_peer_up Whether a peer daemon answers.\n# TYPE tuteld_peer_up gauge\n";
+    for (const auto& [p, up] : peers_) o << "tuteld_peer_up{peer=\"" << label(p) << "\"} " << (up ? 1 : 0) << "\n";
+  }
+  return o.str();
+}
+
+}  // namespace tutel::daemon

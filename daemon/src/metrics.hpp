@@ -1,0 +1,48 @@
+// The daemon's counters, gauges and latency histograms, rendered in Prometheus text format.
+// Thread-safety: every method may be called from any thread (one mutex; updates are a few
+// map lookups per request, far below the cost of the request itself).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+namespace tutel::daemon {
+
+class Metrics {
+ public:
+  // One finished request of `op` ("forward", "backward", "step", ...) on a layer.
+  void record_request(const std::string& tenant, const std::string& layer, const std::string& op,
+                      bool ok, double seconds, int64_t tokens = 0, int64_t dropped = 0);
+  void set_capacity(const std::string& tenant, const std::string& layer, int64_t capacity);
+  void set_tenant_memory(const std::string& tenant, uint64_t bytes);
+  void set_active_sessions(int64_t n);
+  void set_peer_state(const std::string& peer, bool up);
+
+  std::string prometheus_text() const;
+
+ private:
+  // Latency buckets in seconds: 10 µs … 10 s.
+  static constexpr std::array<double, 13> kBuckets = {1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3,
+                                                      5e-3, 1e-2, 5e-2, 1e-1, 1.0, 10.0};
+  struct Histogram {
+    std::array<uint64_t, kBuckets.size()> counts{};
+    uint64_t total = 0;
+    double sum = 0;
+  };
+  using Key = std::tuple<std::string, std::string, std::string>;  // tenant, layer, op
+
+  mutable std::mutex mutex_;
+  std::map<Key, uint64_t> requests_, errors_;
+  std::map<std::string, Histogram> latency_;  // by op
+  std::map<std::pair<std::string, std::string>, uint64_t> tokens_, dropped_;
+  std::map<std::pair<std::string, std::string>, int64_t> capacity_;
+  std::map<std::string, uint64_t> tenant_memory_;
+  std::map<std::string, bool> peers_;
+  int64_t active_sessions_ = 0;
+};
+
+}  // namespace tutel::daemon

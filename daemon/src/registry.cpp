@@ -1,0 +1,142 @@
+#include "registry.hpp"
+
+#include <algorithm>
+#include <random>
+
+namespace tutel::daemon {
+
+Registry::Registry(const std::vector<TenantConfig>& tenants, std::vector<std::unique_ptr<Rank>>& ranks)
+    : ranks_(ranks), rank_bytes_(ranks.size(), 0) {
+  for (const TenantConfig& t : tenants) tenants_[t.name].config = t;
+  // Handles start at a random point so a handle from a previous daemon run is not silently
+  // accepted as one of this run's.
+  next_handle_ = (std::random_device{}() & 0xffffff) * 1000 + 1;
+}
+
+Result<std::string> Registry::tenant_for(uid_t uid, gid_t gid) const {
+  std::lock_guard lock(mutex_);
+  for (const auto& [name, t] : tenants_)
+    if (std::count(t.config.uids.begin(), t.config.uids.end(), uid)) return name;
+  for (const auto& [name, t] : tenants_)
+    if (std::count(t.config.gids.begin(), t.config.gids.end(), gid)) return name;
+  return Status::PermissionDenied("uid " + std::to_string(uid) + " / gid " + std::to_string(gid) +
+                                  " belongs to no tenant; add it to a [[tenant]]'s uids or gids in the daemon's config");
+}
+
+const TenantConfig* Registry::tenant_config(const std::string& tenant) const {
+  std::lock_guard lock(mutex_);
+  auto it = tenants_.find(tenant);
+  return it == tenants_.end() ? nullptr : &it->second.config;
+}
+
+Result<LayerRef> Registry::create(const std::string& tenant, const LayerDefinition& def, const std::string& spec_text) {
+  size_t rank_index = 0;
+  {
+    std::lock_guard lock(mutex_);
+    auto it = tenants_.find(tenant);
+    if (it == tenants_.end()) return Status::NotFound("no tenant '" + tenant + "'");
+    Tenant& t = it->second;
+    if (t.layers_by_name.count(def.name))
+      return Status::AlreadyExists("tenant '" + tenant + "' already has a layer '" + def.name +
+                                   "'; attach to it, or destroy it first");
+    if (static_cast<int64_t>(t.layers_by_name.size()) >= t.config.max_layers)
+      return Status::ResourceExhausted("tenant '" + tenant + "' has reached its quota of " +
+                                       std::to_string(t.config.max_layers) + " layers");
+    rank_index = std::min_element(rank_bytes_.begin(), rank_bytes_.end()) - rank_bytes_.begin();
+  }
+  // Built outside the lock: loading weights can take a while.
+  TUTEL_ASSIGN_OR_RETURN(std::unique_ptr<ServedLayer> built,
+                         ServedLayer::create(def, spec_text, tenant, *ranks_[rank_index]));
+  std::lock_guard lock(mutex_);
+  Tenant& t = tenants_.at(tenant);
+  if (t.layers_by_name.count(def.name))
+    return Status::AlreadyExists("tenant '" + tenant + "' already has a layer '" + def.name + "'");
+  if (t.memory_bytes + built->memory_bytes() > t.config.max_memory_bytes)
+    return Status::ResourceExhausted("layer '" + def.name + "' needs " + std::to_string(built->memory_bytes()) +
+                                     " bytes; tenant '" + tenant + "' uses " + std::to_string(t.memory_bytes) +
+                                     " of its " + std::to_string(t.config.max_memory_bytes) + " byte quota");
+  const uint64_t handle = next_handle_++;
+  t.memory_bytes += built->memory_bytes();
+  rank_bytes_[rank_index] += built->memory_bytes();
+  t.layers_by_name[def.name] = handle;
+  auto layer = std::shared_ptr<ServedLayer>(std::move(built));
+  layers_[handle] = layer;
+  return LayerRef{handle, layer};
+}
+
+Result<LayerRef> Registry::attach(const std::string& tenant, const std::string& name) const {
+  std::lock_guard lock(mutex_);
+  auto it = tenants_.find(tenant);
+  if (it == tenants_.end()) return Status::NotFound("no tenant '" + tenant + "'");
+  auto l = it->second.layers_by_name.find(name);
+  if (l == it->second.layers_by_name.end())
+    return Status::NotFound("tenant '" + tenant + "' has no layer '" + name + "'; create it first");
+  return LayerRef{l->second, layers_.at(l->second)};
+}
+
+Result<LayerRef> Registry::find(const std::string& tenant, uint64_t handle) const {
+  std::lock_guard lock(mutex_);
+  auto it = layers_.find(handle);
+  if (it == layers_.end())
+    return Status::NotFound("no layer with handle " + std::to_string(handle) +
+                            "; it was destroyed, or belongs to an earlier daemon run: attach by name");
+  if (it->second->tenant() != tenant)
+    return Status::PermissionDenied("layer handle " + std::to_string(handle) +
+                                    " belongs to another tenant; connect as that tenant");
+  return LayerRef{handle, it->second};
+}
+
+Result<LayerRef> Registry::find_by_name(const std::string& qualified_name) const {
+  const size_t slash = qualified_name.find('/');
+  if (slash == std::string::npos)
+    return Status::InvalidArgument("layer '" + qualified_name + "': name it as tenant/layer");
+  return attach(qualified_name.substr(0, slash), qualified_name.substr(slash + 1));
+}
+
+Status Registry::destroy(const std::string& tenant, uint64_t handle) {
+  TUTEL_ASSIGN_OR_RETURN(LayerRef ref, find(tenant, handle));
+  std::lock_guard lock(mutex_);
+  Tenant& t = tenants_.at(tenant);
+  t.layers_by_name.erase(ref.layer->name());
+  t.memory_bytes -= ref.layer->memory_bytes();
+  rank_bytes_[ref.layer->rank_index()] -= ref.layer->memory_bytes();
+  layers_.erase(handle);
+  return Status::OK();
+}
+
+std::vector<LayerRef> Registry::all() const {
+  std::lock_guard lock(mutex_);
+  std::vector<LayerRef> out;
+  for (const auto& [h, l] : layers_) out.push_back({h, l});
+  return out;
+}
+
+bool Registry::try_begin_request(const std::string& tenant) {
+  std::lock_guard lock(mutex_);
+  Tenant& t = tenants_.at(tenant);
+  if (t.inflight >= t.config.max_inflight) return false;
+  ++t.inflight;
+  return true;
+}
+
+void Registry::end_request(const std::string& tenant) {
+  std::lock_guard lock(mutex_);
+  --tenants_.at(tenant).inflight;
+}
+
+int64_t Registry::inflight(const std::string& tenant) const {
+  std::lock_guard lock(mutex_);
+  return tenants_.at(tenant).inflight;
+}
+
+uint64_t Registry::memory_bytes(const std::string& tenant) const {
+  std::lock_guard lock(mutex_);
+  return tenants_.at(tenant).memory_bytes;
+}
+
+int64_t Registry::layer_count(const std::string& tenant) const {
+  std::lock_guard lock(mutex_);
+  return static_cast<int64_t>(tenants_.at(tenant).layers_by_name.size());
+}
+
+}  // namespace tutel::daemon

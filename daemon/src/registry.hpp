@@ -1,0 +1,68 @@
+// Tenants and their layers: who may use which layer handle, and the quotas on layers, memory
+// and requests in flight.
+// Thread-safety: all methods take the registry's mutex; layers are shared_ptrs so a request in
+// progress keeps its layer alive even if the layer is destroyed meanwhile.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "served_layer.hpp"
+#include "tutel/daemon/config.hpp"
+
+namespace tutel::daemon {
+
+struct LayerRef {
+  uint64_t handle = 0;
+  std::shared_ptr<ServedLayer> layer;
+};
+
+class Registry {
+ public:
+  Registry(const std::vector<TenantConfig>& tenants, std::vector<std::unique_ptr<Rank>>& ranks);
+
+  // The tenant a peer with these credentials belongs to (uid first, then gid).
+  Result<std::string> tenant_for(uid_t uid, gid_t gid) const;
+  const TenantConfig* tenant_config(const std::string& tenant) const;
+
+  // Creates a layer for `tenant` on the least-loaded rank, within the tenant's quotas.
+  Result<LayerRef> create(const std::string& tenant, const LayerDefinition& def, const std::string& spec_text);
+  // The handle of an existing layer of `tenant`, by name (clients re-attach after reconnecting).
+  Result<LayerRef> attach(const std::string& tenant, const std::string& name) const;
+  // The layer behind `handle`, if it belongs to `tenant`; a foreign or unknown handle is refused.
+  Result<LayerRef> find(const std::string& tenant, uint64_t handle) const;
+  Result<LayerRef> find_by_name(const std::string& qualified_name) const;  // "tenant/name"
+  Status destroy(const std::string& tenant, uint64_t handle);
+  std::vector<LayerRef> all() const;
+
+  // Requests in flight per tenant, against its max_inflight quota.
+  bool try_begin_request(const std::string& tenant);
+  void end_request(const std::string& tenant);
+  int64_t inflight(const std::string& tenant) const;
+  uint64_t memory_bytes(const std::string& tenant) const;
+  int64_t layer_count(const std::string& tenant) const;
+
+ private:
+  struct Tenant {
+    TenantConfig config;
+    std::map<std::string, uint64_t> layers_by_name;
+    uint64_t memory_bytes = 0;
+    int64_t inflight = 0;
+  };
+
+  mutable std::mutex mutex_;
+  std::map<std::string, Tenant> tenants_;
+  std::map<uint64_t, std::shared_ptr<ServedLayer>> layers_;
+  std::vector<std::unique_ptr<Rank>>& ranks_;
+  std::vector<uint64_t> rank_bytes_;
+  uint64_t next_handle_;
+};
+
+}  // namespace tutel::daemon

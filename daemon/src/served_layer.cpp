@@ -1,0 +1,310 @@
+#include "served_layer.hpp"
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "tutel/core/safetensors.hpp"
+
+namespace tutel::daemon {
+namespace {
+
+constexpr const char* kStepKey = "tuteld.step";
+constexpr const char* kSpecKey = "tuteld.spec";
+constexpr const char* kTenantKey = "tuteld.tenant";
+const std::string kState0Prefix = "optimizer.state0.";  // SGD momentum, AdamW exp_avg
+const std::string kState1Prefix = "optimizer.state1.";  // AdamW exp_avg_sq
+
+// Pending entries kept for reuse; more in flight than this allocate afresh.
+constexpr size_t kMaxRecycled = 8;
+
+TensorView bytes_view(const DeviceBuffer& b, Device d) {
+  return TensorView(b.data(), DType::kU8, {static_cast<int64_t>(b.bytes())}, d);
+}
+
+}  // namespace
+
+Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& def, std::string spec_text,
+                                                         std::string tenant, Rank& rank) {
+  TUTEL_RETURN_IF_ERROR(def.spec.validate());
+  std::unique_ptr<ServedLayer> layer(new ServedLayer(def, std::move(spec_text), std::move(tenant), rank));
+  std::lock_guard lock(layer->mutex_);
+  TUTEL_RETURN_IF_ERROR(layer->allocate());
+  if (def.weights_path) {
+    TUTEL_RETURN_IF_ERROR(layer->load_locked(*def.weights_path, /*require_all=*/true)
+                              .with_context("layer '" + def.name + "'"));
+  } else {
+    TUTEL_RETURN_IF_ERROR(layer->initialise(def.init_seed.value_or(0)));
+  }
+  return layer;
+}
+
+Status ServedLayer::allocate() {
+  const LayerSpec& s = def_.spec;
+  const int64_t E = s.experts, M = s.model_dim, H = s.hidden, O = s.out_dim();
+  tensors_.push_back({kGateWeightName, {E, M}, {}, {}, {}, {}});
+  tensors_.push_back({kFc1WeightName, {E, H, M}, {}, {}, {}, {}});
+  if (s.has_fc1_bias) tensors_.push_back({kFc1BiasName, {E, H}, {}, {}, {}, {}});
+  tensors_.push_back({kFc2WeightName, {E, H, O}, {}, {}, {}, {}});
+  if (s.has_fc2_bias) tensors_.push_back({kFc2BiasName, {E, O}, {}, {}, {}, {}});
+  const bool adam = def_.optimizer.kind == OptimizerKind::kAdamW;
+  const bool momentum = def_.optimizer.kind == OptimizerKind::kSgd && def_.optimizer.momentum != 0.f;
+  Backend& b = *rank_.backend;
+  std::lock_guard rank_lock(rank_.mutex);
+  for (Tensor& t : tensors_) {
+    const size_t bytes = static_cast<size_t>(t.shape.numel()) * 4;
+    TUTEL_ASSIGN_OR_RETURN(t.value, b.allocate(bytes));
+    TUTEL_ASSIGN_OR_RETURN(t.grad, b.allocate(bytes));
+    TUTEL_RETURN_IF_ERROR(b.fill_zero(bytes_view(t.grad, b.device())));
+    memory_bytes_ += 2 * bytes;
+    if (adam || momentum) {
+      TUTEL_ASSIGN_OR_RETURN(t.state0, b.allocate(bytes));
+      TUTEL_RETURN_IF_ERROR(b.fill_zero(bytes_view(t.state0, b.device())));
+      memory_bytes_ += bytes;
+    }
+    if (adam) {
+      TUTEL_ASSIGN_OR_RETURN(t.state1, b.allocate(bytes));
+      TUTEL_RETURN_IF_ERROR(b.fill_zero(bytes_view(t.state1, b.device())));
+      memory_bytes_ += bytes;
+    }
+  }
+  return Status::OK();
+}
+
+// Tutel's initialisation: nn.Linear's U(±1/sqrt(fan_in)) for the gate, fc1 (fan_in M) and fc2
+// (fan_in H), weights and biases alike.
+Status ServedLayer::initialise(uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const double M = static_cast<double>(def_.spec.model_dim), H = static_cast<double>(def_.spec.hidden);
+  Backend& b = *rank_.backend;
+  std::lock_guard rank_lock(rank_.mutex);
+  for (Tensor& t : tensors_) {
+    const bool fan_in_hidden = t.name == kFc2WeightName || t.name == kFc2BiasName;
+    const double bound = 1.0 / std::sqrt(fan_in_hidden ? H : M);
+    std::uniform_real_distribution<float> dist(static_cast<float>(-bound), static_cast<float>(bound));
+    std::vector<float> host(t.shape.numel());
+    for (float& v : host) v = dist(rng);
+    TUTEL_RETURN_IF_ERROR(b.copy(t.value.data(), host.data(), host.size() * 4, CopyKind::kHostToDevice));
+  }
+  return Status::OK();
+}
+
+LayerWeights ServedLayer::weights_of(int which) const {
+  const Device d = rank_.backend->device();
+  LayerWeights w;
+  for (const Tensor& t : tensors_) {
+    const TensorView v = t.view(which == 0 ? t.value : t.grad, d);
+    if (t.name == kGateWeightName) w.gate_weight = v;
+    else if (t.name == kFc1WeightName) w.experts.fc1_weight = v;
+    else if (t.name == kFc1BiasName) w.experts.fc1_bias = v;
+    else if (t.name == kFc2WeightName) w.experts.fc2_weight = v;
+    else if (t.name == kFc2BiasName) w.experts.fc2_bias = v;
+  }
+  return w;
+}
+
+int64_t ServedLayer::step_count() const {
+  std::lock_guard lock(mutex_);
+  return step_;
+}
+
+int64_t ServedLayer::pending_backwards() const {
+  std::lock_guard lock(mutex_);
+  return static_cast<int64_t>(pending_.size());
+}
+
+RoutingStats ServedLayer::last_stats() const {
+  std::lock_guard lock(mutex_);
+  return last_stats_;
+}
+
+Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float* y, bool training,
+                                           uint64_t owner, uint64_t sequence) {
+  const LayerSpec& s = def_.spec;
+  const int64_t M = s.model_dim, O = s.out_dim();
+  std::lock_guard lock(mutex_);
+  const auto key = std::make_pair(owner, sequence);
+  if (training && pending_.count(key))
+    return Status::AlreadyExists("layer '" + def_.name + "': sequence " + std::to_string(sequence) +
+                                 " already has a forward waiting for its backward; use a new sequence number");
+  Backend& b = *rank_.backend;
+  const Device d = b.device();
+  std::lock_guard rank_lock(rank_.mutex);
+  RoutingStats stats;
+  if (!training) {
+    TUTEL_RETURN_IF_ERROR(layer_forward(b, s, weights_of(0), TensorView(const_cast<float*>(x), DType::kF32, {tokens, M}, d),
+                                        0, false, inference_workspace_, TensorView(y, DType::kF32, {tokens, O}, d), &stats));
+  } else {
+    // Pending entries (workspace and saved input) are recycled: no allocation per request
+    // once the layer has seen its largest batch.
+    std::unique_ptr<Pending> pending;
+    if (!recycled_.empty()) {
+      pending = std::move(recycled_.back());
+      recycled_.pop_back();
+    } else {
+      pending = std::make_unique<Pending>();
+    }
+    const size_t x_bytes = static_cast<size_t>(tokens * M) * 4;
+    if (pending->x.bytes() < x_bytes) {
+      pending->x.reset();
+      TUTEL_ASSIGN_OR_RETURN(pending->x, b.allocate(x_bytes));
+    }
+    TUTEL_RETURN_IF_ERROR(b.copy(pending->x.data(), x, tokens * M * 4, CopyKind::kHostToDevice));
+    const TensorView xv(pending->x.data(), DType::kF32, {tokens, M}, d);
+    // The noise draw is keyed by the step and the sequence, so a replayed step draws the same noise.
+    const uint64_t noise_counter = (static_cast<uint64_t>(step_) << 32) ^ sequence;
+    TUTEL_RETURN_IF_ERROR(layer_forward(b, s, weights_of(0), xv, noise_counter, true, pending->workspace,
+                                        TensorView(y, DType::kF32, {tokens, O}, d), &stats));
+    pending_.emplace(key, std::move(pending));
+  }
+  last_stats_ = stats;
+  return ForwardResult{stats};
+}
+
+Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, float* dx, uint64_t owner,
+                             uint64_t sequence) {
+  const LayerSpec& s = def_.spec;
+  const int64_t M = s.model_dim, O = s.out_dim();
+  std::lock_guard lock(mutex_);
+  auto it = pending_.find({owner, sequence});
+  if (it == pending_.end())
+    return Status::NotFound("layer '" + def_.name + "': no training forward with sequence " +
+                            std::to_string(sequence) + " is waiting for a backward");
+  Pending& p = *it->second;
+  if (p.workspace.tokens() != tokens)
+    return Status::InvalidArgument("layer '" + def_.name + "': backward of sequence " + std::to_string(sequence) +
+                                   " has " + std::to_string(tokens) + " tokens, its forward had " +
+                                   std::to_string(p.workspace.tokens()));
+  Backend& b = *rank_.backend;
+  const Device d = b.device();
+  std::lock_guard rank_lock(rank_.mutex);
+  const TensorView xv(p.x.data(), DType::kF32, {tokens, M}, d);
+  const Status st = layer_backward(b, s, weights_of(0), xv, p.workspace,
+                                   TensorView(const_cast<float*>(dy), DType::kF32, {tokens, O}, d), dl_aux,
+                                   TensorView(dx, DType::kF32, {tokens, M}, d), weights_of(1));
+  if (recycled_.size() < kMaxRecycled) recycled_.push_back(std::move(it->second));
+  pending_.erase(it);
+  return st;
+}
+
+void ServedLayer::drop_pending(uint64_t owner) {
+  std::lock_guard lock(mutex_);
+  for (auto it = pending_.begin(); it != pending_.end();)
+    it = it->first.first == owner ? pending_.erase(it) : std::next(it);
+}
+
+Result<int64_t> ServedLayer::step() {
+  std::lock_guard lock(mutex_);
+  Backend& b = *rank_.backend;
+  const Device d = b.device();
+  const OptimizerConfig& o = def_.optimizer;
+  std::lock_guard rank_lock(rank_.mutex);
+  for (Tensor& t : tensors_) {
+    if (o.kind == OptimizerKind::kAdamW) {
+      AdamWArgs a{t.view(t.value, d), t.view(t.grad, d), t.view(t.state0, d), t.view(t.state1, d)};
+      a.lr = o.lr;
+      a.beta1 = o.beta1;
+      a.beta2 = o.beta2;
+      a.eps = o.eps;
+      a.weight_decay = o.weight_decay;
+      a.step = step_ + 1;
+      TUTEL_RETURN_IF_ERROR(b.adamw_step(a));
+    } else {
+      SgdArgs a{t.view(t.value, d), t.view(t.grad, d),
+                t.state0.data() ? t.view(t.state0, d) : TensorView()};
+      a.lr = o.lr;
+      a.momentum = o.momentum;
+      a.weight_decay = o.weight_decay;
+      a.nesterov = o.nesterov;
+      a.first_step = step_ == 0;
+      TUTEL_RETURN_IF_ERROR(b.sgd_step(a));
+    }
+  }
+  return ++step_;
+}
+
+Status ServedLayer::zero_grad() {
+  std::lock_guard lock(mutex_);
+  Backend& b = *rank_.backend;
+  std::lock_guard rank_lock(rank_.mutex);
+  for (Tensor& t : tensors_) TUTEL_RETURN_IF_ERROR(b.fill_zero(bytes_view(t.grad, b.device())));
+  return Status::OK();
+}
+
+Status ServedLayer::save(const std::string& path) {
+  std::lock_guard lock(mutex_);
+  Backend& b = *rank_.backend;
+  // Device tensors are staged on the host; on the CPU backend this is one memcpy per tensor.
+  std::vector<std::vector<float>> host;
+  std::vector<SafetensorsEntry> entries;
+  {
+    std::lock_guard rank_lock(rank_.mutex);
+    auto stage = [&](const std::string& name, const Shape& shape, const DeviceBuffer& buf) -> Status {
+      host.emplace_back(shape.numel());
+      TUTEL_RETURN_IF_ERROR(b.copy(host.back().data(), buf.data(), host.back().size() * 4, CopyKind::kDeviceToHost));
+      return Status::OK();
+    };
+    for (const Tensor& t : tensors_) {
+      TUTEL_RETURN_IF_ERROR(stage(t.name, t.shape, t.value));
+      if (t.state0.data()) TUTEL_RETURN_IF_ERROR(stage(kState0Prefix + t.name, t.shape, t.state0));
+      if (t.state1.data()) TUTEL_RETURN_IF_ERROR(stage(kState1Prefix + t.name, t.shape, t.state1));
+    }
+  }
+  size_t i = 0;
+  for (const Tensor& t : tensors_) {
+    entries.push_back({t.name, DType::kF32, t.shape, host[i++].data()});
+    if (t.state0.data()) entries.push_back({kState0Prefix + t.name, DType::kF32, t.shape, host[i++].data()});
+    if (t.state1.data()) entries.push_back({kState1Prefix + t.name, DType::kF32, t.shape, host[i++].data()});
+  }
+  return write_safetensors(path, entries,
+                           {{kStepKey, std::to_string(step_)}, {kSpecKey, spec_text_}, {kTenantKey, tenant_}});
+}
+
+Status ServedLayer::load(const std::string& path) {
+  std::lock_guard lock(mutex_);
+  return load_locked(path, /*require_all=*/true);
+}
+
+Status ServedLayer::load_locked(const std::string& path, bool require_all) {
+  TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::open(path));
+  Backend& b = *rank_.backend;
+  // Check every tensor before copying any, so a bad file leaves the layer as it was.
+  struct Copy {
+    const SafetensorsTensor* src;
+    DeviceBuffer* dst;
+  };
+  std::vector<Copy> copies;
+  auto take = [&](const std::string& name, const Tensor& t, DeviceBuffer* dst, bool required) -> Status {
+    const SafetensorsTensor* src = file.find(name);
+    if (!src) {
+      if (required && require_all)
+        return Status::NotFound(path + ": tensor '" + name + "' is missing (expected f32 " + t.shape.to_string() + ")");
+      return Status::OK();
+    }
+    if (src->dtype != DType::kF32 || !(src->shape == t.shape))
+      return Status::InvalidArgument(path + ": tensor '" + name + "' is " + std::string(dtype_name(src->dtype)) + " " +
+                                     src->shape.to_string() + ", this layer needs f32 " + t.shape.to_string());
+    copies.push_back({src, dst});
+    return Status::OK();
+  };
+  for (Tensor& t : tensors_) {
+    TUTEL_RETURN_IF_ERROR(take(t.name, t, &t.value, true));
+    if (t.state0.data()) TUTEL_RETURN_IF_ERROR(take(kState0Prefix + t.name, t, &t.state0, false));
+    if (t.state1.data()) TUTEL_RETURN_IF_ERROR(take(kState1Prefix + t.name, t, &t.state1, false));
+  }
+  int64_t step = 0;
+  if (auto it = file.metadata().find(kStepKey); it != file.metadata().end()) {
+    char* end = nullptr;
+    step = std::strtoll(it->second.c_str(), &end, 10);
+    if (end == it->second.c_str() || *end != '\0' || step < 0)
+      return Status::Corruption(path + ": metadata '" + kStepKey + "' is not a step count: '" + it->second + "'");
+  }
+  std::lock_guard rank_lock(rank_.mutex);
+  for (const Copy& c : copies)
+    TUTEL_RETURN_IF_ERROR(b.copy(c.dst->data(), c.src->data, c.src->nbytes, CopyKind::kHostToDevice));
+  step_ = step;
+  return Status::OK();
+}
+
+}  // namespace tutel::daemon

@@ -1,0 +1,105 @@
+// A layer that lives in the daemon: its parameters, gradients and optimizer state on one
+// rank's backend, the forward passes waiting for their backward, and checkpoints.
+//
+// Thread-safety: every public method takes the layer's mutex; the backend it runs on is shared
+// with other layers of the same rank and is serialised by the Rank's mutex (taken inside).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "tutel/core/status.hpp"
+#include "tutel/daemon/config.hpp"
+#include "tutel/kernels/backend.hpp"
+#include "tutel/kernels/moe_layer.hpp"
+
+namespace tutel::daemon {
+
+// One device slot (a GPU, or a CPU virtual device) and the lock that serialises its use.
+struct Rank {
+  int index = 0;
+  std::unique_ptr<Backend> backend;
+  std::mutex mutex;
+};
+
+struct ForwardResult {
+  RoutingStats stats;
+};
+
+class ServedLayer {
+ public:
+  // Builds the layer from its definition: weights from the Tutel-named safetensors file, or
+  // initialised from init_seed as Tutel initialises them. `spec_text` is kept for checkpoints.
+  static Result<std::unique_ptr<ServedLayer>> create(const LayerDefinition& def, std::string spec_text,
+                                                     std::string tenant, Rank& rank);
+
+  const std::string& name() const { return def_.name; }
+  const std::string& tenant() const { return tenant_; }
+  const LayerDefinition& definition() const { return def_; }
+  const std::string& spec_text() const { return spec_text_; }
+  int rank_index() const { return rank_.index; }
+  // Bytes of parameters, gradients and optimizer state.
+  uint64_t memory_bytes() const { return memory_bytes_; }
+  int64_t step_count() const;
+  int64_t pending_backwards() const;
+  RoutingStats last_stats() const;
+
+  // x [S, M] → y [S, O] (host pointers). With `training`, keeps what backward needs under
+  // (`owner`, `sequence`); a sequence already pending is an error.
+  Result<ForwardResult> forward(const float* x, int64_t tokens, float* y, bool training,
+                                uint64_t owner, uint64_t sequence);
+  // dy [S, O] → dx [S, M] for the training forward (`owner`, `sequence`), accumulating the
+  // parameter gradients; the pending forward is consumed.
+  Status backward(const float* dy, int64_t tokens, float dl_aux, float* dx, uint64_t owner,
+                  uint64_t sequence);
+  // Drops every pending forward of `owner` (its session ended).
+  void drop_pending(uint64_t owner);
+
+  // Applies the optimizer to the accumulated gradients; returns the new step count.
+  Result<int64_t> step();
+  Status zero_grad();
+  // Parameters, optimizer state, step count and spec, written atomically.
+  Status save(const std::string& path);
+  // Parameters (and optimizer state when present) from a file written by save() or a Tutel
+  // state dict; shapes must match this layer.
+  Status load(const std::string& path);
+
+ private:
+  ServedLayer(LayerDefinition def, std::string spec_text, std::string tenant, Rank& rank)
+      : def_(std::move(def)), spec_text_(std::move(spec_text)), tenant_(std::move(tenant)), rank_(rank) {}
+
+  struct Tensor {
+    std::string name;   // Tutel parameter name
+    Shape shape;
+    DeviceBuffer value, grad, state0, state1;  // state: momentum, or exp_avg / exp_avg_sq
+    TensorView view(const DeviceBuffer& b, Device d) const { return TensorView(b.data(), DType::kF32, shape, d); }
+  };
+  struct Pending {
+    LayerWorkspace workspace;
+    DeviceBuffer x;  // the forward's input, kept for backward (the client may reuse its buffer)
+  };
+
+  Status allocate();
+  Status initialise(uint64_t seed);
+  LayerWeights weights_of(int which) const;  // 0 = values, 1 = gradients
+  Status load_locked(const std::string& path, bool require_all);
+
+  LayerDefinition def_;
+  std::string spec_text_;
+  std::string tenant_;
+  Rank& rank_;
+  mutable std::mutex mutex_;
+  std::vector<Tensor> tensors_;  // gate, fc1_w, fc1_b?, fc2_w, fc2_b?
+  uint64_t memory_bytes_ = 0;
+  int64_t step_ = 0;
+  RoutingStats last_stats_;
+  std::map<std::pair<uint64_t, uint64_t>, std::unique_ptr<Pending>> pending_;
+  std::vector<std::unique_ptr<Pending>> recycled_;
+  LayerWorkspace inference_workspace_;
+};
+
+}  // namespace tutel::daemon

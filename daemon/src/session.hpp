@@ -1,0 +1,51 @@
+// One connection to the daemon: a client session (hello, arena, request ring worker, control
+// frames) or an admin session (admin frames only).
+//
+// Threads: the event loop owns the socket and the control frames; a client session also has one
+// worker thread that consumes its request ring and runs forward/backward on the layers.
+#pragma once
+
+#include <uv.h>
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "tutel/ipc/arena.hpp"
+#include "tutel/ipc/ring.hpp"
+#include "tutel/ipc/socket.hpp"
+
+namespace tutel::daemon {
+
+class DaemonImpl;
+
+struct Session : std::enable_shared_from_this<Session> {
+  DaemonImpl* daemon = nullptr;
+  std::shared_ptr<Session> keep_alive;  // set while the poll handle closes
+  uint64_t id = 0;
+  bool admin = false;
+  std::string tenant;  // client sessions
+  ipc::PeerCredentials peer{};
+  ipc::UniqueFd fd;
+  uv_poll_t poll{};
+  ipc::FrameDecoder decoder;
+
+  // Control frames run one at a time, in order; the rest wait here.
+  std::deque<ipc::Frame> queued;
+  bool busy = false;
+  bool closing = false;
+
+  // Client data path, after hello.
+  std::optional<ipc::Arena> arena;
+  ipc::RingConsumer<ipc::RequestDescriptor> requests;
+  ipc::RingProducer<ipc::CompletionDescriptor> completions;
+  std::thread worker;
+  std::atomic<bool> stop{false};
+};
+
+}  // namespace tutel::daemon

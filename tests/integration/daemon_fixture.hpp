@@ -1,0 +1,130 @@
+// Starts the real tuteld binary on a generated config in a fresh temporary directory, and stops
+// it (by its PID, SIGTERM then SIGKILL) when the test ends, whether the test passed or not.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+
+extern char** environ;
+
+namespace tutel::testing {
+
+struct DaemonOptions {
+  std::string extra_server;   // lines appended to [server]
+  std::string extra_tenants;  // more [[tenant]] tables
+  std::string layers;         // [[layer]] tables
+  int ranks = 1;
+  int threads_per_rank = 1;
+  bool state_dir = true;
+};
+
+class DaemonProcess {
+ public:
+  explicit DaemonProcess(const DaemonOptions& o) : options_(o) {
+    char tmpl[] = "/tmp/tuteld-test-XXXXXX";
+    dir_ = ::mkdtemp(tmpl);
+    write_config();
+  }
+  ~DaemonProcess() {
+    stop();
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+
+  const std::string& dir() const { return dir_; }
+  std::string client_socket() const { return dir_ + "/run/client.sock"; }
+  std::string admin_socket() const { return dir_ + "/run/admin.sock"; }
+  std::string config_path() const { return dir_ + "/tuteld.toml"; }
+  std::string log() const {
+    std::ifstream f(dir_ + "/tuteld.log");
+    std::stringstream s;
+    s << f.rdbuf();
+    return s.str();
+  }
+  pid_t pid() const { return pid_; }
+
+  // Starts the daemon and waits (bounded) until both sockets exist.
+  ::testing::AssertionResult start() {
+    const std::string log_path = dir_ + "/tuteld.log";
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 1, log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    posix_spawn_file_actions_adddup2(&actions, 1, 2);
+    const std::string bin = TUTELD_BIN, cfg = config_path();
+    char* argv[] = {const_cast<char*>(bin.c_str()), const_cast<char*>("--config"), const_cast<char*>(cfg.c_str()),
+                    nullptr};
+    const int rc = posix_spawn(&pid_, bin.c_str(), &actions, nullptr, argv, environ);
+    posix_spawn_file_actions_destroy(&actions);
+    if (rc != 0) return ::testing::AssertionFailure() << "cannot spawn " << bin << ": " << strerror(rc);
+    for (int i = 0; i < 1000; ++i) {
+      if (std::filesystem::exists(client_socket()) && std::filesystem::exists(admin_socket()) &&
+          log().find("serving on") != std::string::npos)
+        return ::testing::AssertionSuccess();
+      int status = 0;
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return ::testing::AssertionFailure() << "tuteld exited during start-up:\n" << log();
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return ::testing::AssertionFailure() << "tuteld did not come up within 10 s:\n" << log();
+  }
+
+  // SIGTERM, then waits (bounded) for the exit; SIGKILL if it does not come. Returns the exit status.
+  int stop() {
+    if (pid_ <= 0) return exit_status_;
+    ::kill(pid_, SIGTERM);
+    int status = 0;
+    for (int i = 0; i < 3000; ++i) {
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        exit_status_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        return exit_status_;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+    exit_status_ = 137;
+    return exit_status_;
+  }
+
+  bool alive() const { return pid_ > 0 && ::kill(pid_, 0) == 0; }
+
+ private:
+  void write_config() {
+    std::ofstream f(config_path());
+    f << "[server]\n"
+      << "client_socket = \"run/client.sock\"\n"
+      << "admin_socket = \"run/admin.sock\"\n"
+      << (options_.state_dir ? "state_dir = \"state\"\n" : "")
+      << "metrics_listen = \"127.0.0.1:0\"\n"
+      << "log_level = \"info\"\n"
+      << "arena_bytes = \"16MiB\"\n"
+      << options_.extra_server << "\n"
+      << "[backend]\nkind = \"cpu\"\nranks = " << options_.ranks << "\nthreads_per_rank = " << options_.threads_per_rank
+      << "\n\n[[tenant]]\nname = \"default\"\nuids = [" << ::getuid() << "]\n"
+      << options_.extra_tenants << "\n"
+      << options_.layers << "\n";
+  }
+
+  DaemonOptions options_;
+  std::string dir_;
+  pid_t pid_ = -1;
+  int exit_status_ = -1;
+};
+
+}  // namespace tutel::testing

@@ -1,0 +1,329 @@
+// Bad input on the real daemon: malformed frames, wrong versions, oversize messages, requests
+// before hello, descriptors pointing outside the arena, wrong sizes, unknown and foreign layer
+// handles, bad specs, a corrupted ring and a client killed mid-request. Each gets an error (or
+// the offending session is closed) and the daemon keeps serving everyone else.
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include <cstring>
+#include <thread>
+
+#include "daemon_fixture.hpp"
+#include "raw_session.hpp"
+
+namespace tutel::testing {
+namespace {
+
+constexpr const char* kSpec = R"(
+name = "moe"
+experts = 4
+model_dim = 16
+hidden = 32
+k = 2
+init_seed = 3
+)";
+
+class ProtocolAbuse : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    daemon_ = std::make_unique<DaemonProcess>(DaemonOptions{});
+    ASSERT_TRUE(daemon_->start());
+  }
+  void TearDown() override {
+    if (daemon_) {
+      EXPECT_TRUE(daemon_->alive()) << "the daemon died:\n" << daemon_->log();
+      EXPECT_EQ(daemon_->stop(), 0) << daemon_->log();
+    }
+  }
+  // A fresh, well-behaved session still works: the daemon survived whatever came before.
+  void expect_daemon_serves() {
+    RawSession s(daemon_->client_socket());
+    ASSERT_TRUE(s.hello().ok());
+    auto layer = s.call(ipc::FrameType::kAttachLayer, {{"name", "nonexistent"}}, ipc::FrameType::kLayerInfo);
+    EXPECT_EQ(layer.status().code(), StatusCode::kNotFound);
+    ipc::RequestDescriptor nop{};
+    nop.op = static_cast<uint32_t>(ipc::Op::kNop);
+    auto c = s.submit(nop);
+    ASSERT_TRUE(c.has_value());
+    EXPECT_EQ(c->status_code, 0);
+  }
+  // The next frame is an error whose message contains `needle`, then the daemon hangs up.
+  void expect_error_then_close(RawSession& s, const std::string& needle) {
+    auto reply = s.receive();
+    ASSERT_TRUE(reply.ok()) << reply.status();
+    ASSERT_EQ(reply->header.type, static_cast<uint16_t>(ipc::FrameType::kError));
+    const Status st = ipc::status_from_error_body(nlohmann::json::parse(reply->body));
+    EXPECT_NE(st.message().find(needle), std::string_view::npos) << st;
+    EXPECT_EQ(s.receive().status().code(), StatusCode::kUnavailable) << "the daemon should close the stream";
+  }
+
+  std::unique_ptr<DaemonProcess> daemon_;
+};
+
+TEST_F(ProtocolAbuse, GarbageInsteadOfAHeader) {
+  RawSession s(daemon_->client_socket());
+  const char garbage[] = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+  s.send_bytes(garbage, sizeof(garbage) - 1);
+  expect_error_then_close(s, "not a tuteld");
+  expect_daemon_serves();
+}
+
+TEST_F(ProtocolAbuse, WrongProtocolVersion) {
+  RawSession s(daemon_->client_socket());
+  ipc::FrameHeader h;
+  h.version = 99;
+  h.type = static_cast<uint16_t>(ipc::FrameType::kHello);
+  s.send_bytes(&h, sizeof(h));
+  expect_error_then_close(s, "version");
+  expect_daemon_serves();
+}
+
+TEST_F(ProtocolAbuse, OversizeFrame) {
+  RawSession s(daemon_->client_socket());
+  ipc::FrameHeader h;
+  h.type = static_cast<uint16_t>(ipc::FrameType::kCreateLayer);
+  h.body_length = ipc::kMaxFrameBody + 1;
+  s.send_bytes(&h, sizeof(h));
+  expect_error_then_close(s, "1048577");
+  expect_daemon_serves();
+}
+
+TEST_F(ProtocolAbuse, UnknownFrameType) {
+  RawSession s(daemon_->client_socket());
+  ipc::FrameHeader h;
+  h.type = 999;
+  s.send_bytes(&h, sizeof(h));
+  expect_error_then_close(s, "999");
+  expect_daemon_serves();
+}
+
+TEST_F(ProtocolAbuse, BodyThatIsNotJsonKeepsTheSession) {
+  RawSession s(daemon_->client_socket());
+  ASSERT_TRUE(ipc::send_frame(s.fd(), ipc::FrameType::kHello, 1, "{not json").ok());
+  auto reply = s.receive();
+  ASSERT_TRUE(reply.ok());
+  EXPECT_EQ(reply->header.type, static_cast<uint16_t>(ipc::FrameType::kError));
+  // The frame boundary was intact, so the session goes on.
+  EXPECT_TRUE(s.hello().ok());
+}
+
+TEST_F(ProtocolAbuse, RequestsBeforeHelloAndHelloTwice) {
+  RawSession s(daemon_->client_socket());
+  auto r = s.call(ipc::FrameType::kCreateLayer, {{"spec", kSpec}}, ipc::FrameType::kLayerInfo);
+  EXPECT_NE(r.status().message().find("hello first"), std::string_view::npos) << r.status();
+  ASSERT_TRUE(s.hello().ok());
+  auto again = s.call(ipc::FrameType::kHello, {{"client", "raw"}}, ipc::FrameType::kHelloReply);
+  EXPECT_NE(again.status().message().find("already"), std::string_view::npos) << again.status();
+  auto admin = s.call(ipc::FrameType::kAdminStatus, nlohmann::json::object(), ipc::FrameType::kOk);
+  EXPECT_NE(admin.status().message().find("admin"), std::string_view::npos) << admin.status();
+}
+
+TEST_F(ProtocolAbuse, BadSpecsAreRefusedWithTheKey) {
+  RawSession s(daemon_->client_socket());
+  ASSERT_TRUE(s.hello().ok());
+  auto r = s.create_layer("name = \"x\"\nexperts = 4\nmodel_dim = 16\nhidden = 32\nk = 9\ninit_seed = 1\n");
+  EXPECT_NE(r.status().message().find("k"), std::string_view::npos) << r.status();
+  r = s.create_layer("name = \"x\"\nexperts = 4\nmodel_dim = 16\nhidden = 32\nbogus = 1\ninit_seed = 1\n");
+  EXPECT_NE(r.status().message().find("bogus"), std::string_view::npos) << r.status();
+  r = s.create_layer("this is not toml = = =");
+  EXPECT_FALSE(r.ok());
+  auto missing = s.call(ipc::FrameType::kCreateLayer, {{"nospec", 1}}, ipc::FrameType::kLayerInfo);
+  EXPECT_NE(missing.status().message().find("spec"), std::string_view::npos) << missing.status();
+  // Escaping the tenant's checkpoint directory is refused.
+  ASSERT_TRUE(s.create_layer(kSpec).ok());
+  auto h = s.call(ipc::FrameType::kAttachLayer, {{"name", "moe"}}, ipc::FrameType::kLayerInfo);
+  ASSERT_TRUE(h.ok());
+  auto save = s.call(ipc::FrameType::kSave, {{"handle", (*h)["handle"]}, {"path", "../../escape.safetensors"}},
+                     ipc::FrameType::kOk);
+  EXPECT_EQ(save.status().code(), StatusCode::kPermissionDenied) << save.status();
+  save = s.call(ipc::FrameType::kSave, {{"handle", (*h)["handle"]}, {"path", "/tmp/abs.safetensors"}}, ipc::FrameType::kOk);
+  EXPECT_EQ(save.status().code(), StatusCode::kInvalidArgument) << save.status();
+}
+
+TEST_F(ProtocolAbuse, DescriptorsAreValidatedBeforeAnyByteIsRead) {
+  RawSession s(daemon_->client_socket());
+  ASSERT_TRUE(s.hello().ok());
+  auto handle = s.create_layer(kSpec);
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  const ipc::ArenaLayout& l = s.arena().layout();
+  const int64_t S = 8;
+  auto forward = [&](uint64_t in_off, uint64_t in_bytes, uint64_t out_off, uint64_t out_bytes) {
+    ipc::RequestDescriptor d{};
+    d.op = static_cast<uint32_t>(ipc::Op::kForward);
+    d.layer_handle = *handle;
+    d.tokens = S;
+    d.input_offset = in_off;
+    d.input_bytes = in_bytes;
+    d.output_offset = out_off;
+    d.output_bytes = out_bytes;
+    return s.submit(d);
+  };
+  const uint64_t bytes = S * 16 * 4, x = l.data_offset, y = l.data_offset + bytes;
+  struct Bad {
+    const char* what;
+    uint64_t in_off, in_bytes, out_off, out_bytes;
+    const char* needle;
+  } cases[] = {
+      {"input before the data region", 0, bytes, y, bytes, "x"},
+      {"output past the arena", x, bytes, l.arena_bytes - 4, bytes, "y"},
+      {"offset overflow", UINT64_MAX - 8, bytes, y, bytes, "x"},
+      {"misaligned", x + 2, bytes, y, bytes, "x"},
+      {"wrong input size", x, bytes - 4, y, bytes, "bytes"},
+      {"overlap", x, bytes, x + 4, bytes, "overlap"},
+  };
+  for (const Bad& b : cases) {
+    auto c = forward(b.in_off, b.in_bytes, b.out_off, b.out_bytes);
+    ASSERT_TRUE(c.has_value()) << b.what;
+    EXPECT_NE(c->status_code, 0) << b.what;
+    EXPECT_NE(std::string(c->message).find(b.needle), std::string::npos) << b.what << ": " << c->message;
+  }
+  ipc::RequestDescriptor d{};
+  d.op = 77;
+  auto c = s.submit(d);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_NE(std::string(c->message).find("unknown op"), std::string::npos) << c->message;
+  d.op = static_cast<uint32_t>(ipc::Op::kForward);
+  d.layer_handle = *handle + 12345;
+  c = s.submit(d);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->status_code, static_cast<int32_t>(StatusCode::kNotFound)) << c->message;
+  // Backward without its forward.
+  d.op = static_cast<uint32_t>(ipc::Op::kBackward);
+  d.layer_handle = *handle;
+  d.tokens = S;
+  d.sequence = 42;
+  d.input_offset = x;
+  d.input_bytes = bytes;
+  d.output_offset = y;
+  d.output_bytes = bytes;
+  c = s.submit(d);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_NE(std::string(c->message).find("sequence 42"), std::string::npos) << c->message;
+  // And a good request on the same session still works.
+  c = forward(x, bytes, y, bytes);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->status_code, 0) << c->message;
+  EXPECT_GT(c->capacity, 0);
+}
+
+TEST_F(ProtocolAbuse, CorruptRingIndicesStopOnlyThatSession) {
+  {
+    RawSession s(daemon_->client_socket());
+    ASSERT_TRUE(s.hello().ok());
+    s.arena().request_control()->head.store(1000000);
+    s.arena().request_control()->doorbell.fetch_add(1);
+    ipc::futex_wake_all(&s.arena().request_control()->doorbell);
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  }
+  expect_daemon_serves();
+}
+
+TEST_F(ProtocolAbuse, ForeignLayerHandleIsRefused) {
+  // A second tenant for uid 65534 (nobody); its client runs in a child that drops to that uid.
+  daemon_->stop();
+  daemon_ = std::make_unique<DaemonProcess>(
+      DaemonOptions{.extra_tenants = "[[tenant]]\nname = \"other\"\nuids = [65534]\n"});
+  ASSERT_TRUE(daemon_->start());
+  ::chmod(daemon_->client_socket().c_str(), 0666);
+  ::chmod(daemon_->dir().c_str(), 0755);
+  ::chmod((daemon_->dir() + "/run").c_str(), 0755);
+
+  RawSession owner(daemon_->client_socket());
+  ASSERT_TRUE(owner.hello().ok());
+  auto handle = owner.create_layer(kSpec);
+  ASSERT_TRUE(handle.ok());
+
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe(pipe_fds), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    // In the child: only async-signal-safe-ish work, and _exit with the verdict.
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(3);
+    RawSession intruder(daemon_->client_socket());
+    if (!intruder.hello().ok()) ::_exit(4);
+    auto attach = intruder.call(ipc::FrameType::kAttachLayer, {{"name", "moe"}}, ipc::FrameType::kLayerInfo);
+    if (attach.ok()) ::_exit(5);  // tenant 'other' has no layer named moe
+    auto step = intruder.call(ipc::FrameType::kStep, {{"handle", *handle}}, ipc::FrameType::kOk);
+    if (step.status().code() != StatusCode::kPermissionDenied) ::_exit(6);
+    ipc::RequestDescriptor d{};
+    d.op = static_cast<uint32_t>(ipc::Op::kForward);
+    d.layer_handle = *handle;
+    auto c = intruder.submit(d);
+    if (!c || c->status_code != static_cast<int32_t>(StatusCode::kPermissionDenied)) ::_exit(7);
+    ::_exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "the child's check number " << WEXITSTATUS(status) << " failed\n"
+                                    << daemon_->log();
+  ::close(pipe_fds[0]);
+  ::close(pipe_fds[1]);
+  // The owner still uses its layer.
+  EXPECT_TRUE(owner.call(ipc::FrameType::kStep, {{"handle", *handle}}, ipc::FrameType::kOk).ok());
+}
+
+TEST_F(ProtocolAbuse, UnknownUidIsRefused) {
+  ::chmod(daemon_->client_socket().c_str(), 0666);
+  ::chmod(daemon_->dir().c_str(), 0755);
+  ::chmod((daemon_->dir() + "/run").c_str(), 0755);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(3);
+    RawSession stranger(daemon_->client_socket());
+    auto reply = stranger.receive();
+    if (!reply.ok() || reply->header.type != static_cast<uint16_t>(ipc::FrameType::kError)) ::_exit(4);
+    const Status st = ipc::status_from_error_body(nlohmann::json::parse(reply->body));
+    if (st.message().find("belongs to no tenant") == std::string_view::npos) ::_exit(5);
+    ::_exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << WEXITSTATUS(status);
+  expect_daemon_serves();
+}
+
+TEST_F(ProtocolAbuse, ClientKilledMidRequest) {
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    RawSession s(daemon_->client_socket());
+    if (!s.hello().ok()) ::_exit(3);
+    auto handle = s.create_layer(R"(
+name = "big"
+experts = 8
+model_dim = 256
+hidden = 1024
+k = 2
+init_seed = 1
+)");
+    if (!handle.ok()) ::_exit(4);
+    const ipc::ArenaLayout& l = s.arena().layout();
+    const int64_t S = 4096;
+    for (;;) {  // training forwards until killed; never waits for completions
+      ipc::RequestDescriptor d{};
+      d.op = static_cast<uint32_t>(ipc::Op::kForward);
+      d.flags = ipc::kFlagTraining;
+      d.layer_handle = *handle;
+      d.tokens = S;
+      d.sequence = 1;
+      d.input_offset = l.data_offset;
+      d.input_bytes = S * 256 * 4;
+      d.output_offset = l.data_offset + S * 256 * 4;
+      d.output_bytes = S * 256 * 4;
+      ipc::RingProducer<ipc::RequestDescriptor>(s.arena().request_control(), s.arena().request_slots()).try_push(d);
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  ::kill(child, SIGKILL);
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  expect_daemon_serves();
+}
+
+}  // namespace
+}  // namespace tutel::testing

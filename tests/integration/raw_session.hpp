@@ -1,0 +1,85 @@
+// A client session spoken by hand through the ipc module, so tests can send what the real
+// client library never would.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <optional>
+#include <string>
+
+#include "tutel/ipc/arena.hpp"
+#include "tutel/ipc/json_body.hpp"
+#include "tutel/ipc/ring.hpp"
+#include "tutel/ipc/socket.hpp"
+
+namespace tutel::testing {
+
+using namespace std::chrono_literals;
+
+class RawSession {
+ public:
+  explicit RawSession(const std::string& socket) {
+    auto fd = ipc::connect_unix(socket);
+    EXPECT_TRUE(fd.ok()) << fd.status();
+    if (fd.ok()) fd_ = std::move(*fd);
+  }
+  int fd() const { return fd_.get(); }
+
+  Status send(ipc::FrameType type, const nlohmann::json& body) {
+    return ipc::send_json(fd_.get(), type, ++request_id_, body);
+  }
+  Result<ipc::Frame> receive() { return ipc::recv_frame(fd_.get(), 10s); }
+  // Sends and waits for the reply body (an error reply becomes its Status).
+  Result<nlohmann::json> call(ipc::FrameType type, const nlohmann::json& body, ipc::FrameType expected) {
+    TUTEL_RETURN_IF_ERROR(send(type, body));
+    TUTEL_ASSIGN_OR_RETURN(ipc::Frame reply, receive());
+    if (reply.header.request_id != request_id_)
+      return Status::Internal("reply to request " + std::to_string(reply.header.request_id) + ", expected " +
+                              std::to_string(request_id_));
+    return ipc::reply_body(reply, expected);
+  }
+  // Sends raw bytes (a malformed frame).
+  void send_bytes(const void* data, size_t n) { ASSERT_EQ(::write(fd_.get(), data, n), static_cast<ssize_t>(n)); }
+
+  Status hello() {
+    TUTEL_RETURN_IF_ERROR(send(ipc::FrameType::kHello, {{"client", "raw"}, {"pid", ::getpid()}}));
+    TUTEL_ASSIGN_OR_RETURN(ipc::Frame reply, receive());
+    TUTEL_ASSIGN_OR_RETURN(nlohmann::json body, ipc::reply_body(reply, ipc::FrameType::kHelloReply));
+    if (reply.fds.size() != 1) return Status::Internal("hello reply carried " + std::to_string(reply.fds.size()) + " fds");
+    TUTEL_ASSIGN_OR_RETURN(ipc::Arena arena, ipc::Arena::attach(std::move(reply.fds[0])));
+    arena_ = std::move(arena);
+    requests_ = ipc::RingProducer<ipc::RequestDescriptor>(arena_->request_control(), arena_->request_slots());
+    completions_ = ipc::RingConsumer<ipc::CompletionDescriptor>(arena_->completion_control(), arena_->completion_slots());
+    return Status::OK();
+  }
+  ipc::Arena& arena() { return *arena_; }
+
+  // Pushes one descriptor and waits (bounded) for its completion.
+  std::optional<ipc::CompletionDescriptor> submit(ipc::RequestDescriptor d) {
+    d.request_id = ++ring_request_id_;
+    if (!requests_.try_push(d)) return std::nullopt;
+    ipc::CompletionDescriptor c{};
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    const ipc::PopResult r = completions_.pop_wait(&c, ipc::WaitPolicy{}, [] { return false; }, deadline);
+    if (r != ipc::PopResult::kItem) return std::nullopt;
+    EXPECT_EQ(c.request_id, d.request_id);
+    return c;
+  }
+
+  Result<uint64_t> create_layer(const std::string& spec) {
+    TUTEL_ASSIGN_OR_RETURN(nlohmann::json info, call(ipc::FrameType::kCreateLayer, {{"spec", spec}}, ipc::FrameType::kLayerInfo));
+    return info["handle"].get<uint64_t>();
+  }
+
+ private:
+  ipc::UniqueFd fd_;
+  uint32_t request_id_ = 0;
+  uint64_t ring_request_id_ = 0;
+  std::optional<ipc::Arena> arena_;
+  ipc::RingProducer<ipc::RequestDescriptor> requests_;
+  ipc::RingConsumer<ipc::CompletionDescriptor> completions_;
+};
+
+}  // namespace tutel::testing
