@@ -193,7 +193,7 @@ void DaemonImpl::on_readable(const std::shared_ptr<Session>& s) {
     return;
   }
   while (auto frame = s->decoder.next()) s->queued.push_back(std::move(*frame));
-  if (*n == 0) {  // EOF: the peer is gone (or half-closed); finish what it sent, then close
+  if (s->decoder.eof()) {  // the peer is gone (or half-closed)
     close_session(s);
     return;
   }

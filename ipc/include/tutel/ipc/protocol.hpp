@@ -1,0 +1,132 @@
+// The wire protocol between libtutel_client and tuteld (docs/protocol.md).
+//
+// Control: length-prefixed frames on a unix stream socket — a fixed 16-byte header, then a
+// UTF-8 JSON object body. Data: fixed-size descriptors on two single-producer/single-consumer
+// rings inside the session's shared-memory arena. Everything here is plain data and pure
+// functions (no I/O), shared by the daemon and the client.
+// Thread-safety: all functions are pure; structs are values.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "tutel/core/status.hpp"
+
+namespace tutel::ipc {
+
+inline constexpr uint32_t kFrameMagic = 0x4C545554;  // "TUTL" little-endian
+inline constexpr uint16_t kProtocolVersion = 1;
+inline constexpr uint32_t kMaxFrameBody = 1u << 20;  // larger frames are refused
+
+enum class FrameType : uint16_t {
+  // client → daemon (client socket)
+  kHello = 1,         // {"client": str, "pid": int}         → kHelloReply + the arena fd
+  kCreateLayer = 2,   // {"spec": toml text}                  → kLayerInfo
+  kAttachLayer = 3,   // {"name": str}                        → kLayerInfo
+  kDestroyLayer = 4,  // {"handle": int}                      → kOk
+  kStep = 5,          // {"handle": int}                      → kOk {"step": int}
+  kZeroGrad = 6,      // {"handle": int}                      → kOk
+  kSave = 7,          // {"handle": int, "path": str}         → kOk
+  kLoad = 8,          // {"handle": int, "path": str}         → kOk
+  // admin → daemon (admin socket)
+  kAdminStatus = 32,      // {}                                  → kOk {status object}
+  kAdminTenants = 33,     // {}                                  → kOk {"tenants": [...]}
+  kAdminLayers = 34,      // {}                                  → kOk {"layers": [...]}
+  kAdminCheckpoint = 35,  // {"layer": "tenant/name", "path": str} → kOk
+  kAdminMetrics = 36,     // {}                                  → kOk {"text": prometheus text}
+  // daemon → peer (replies carry the request's request_id)
+  kHelloReply = 64,  // {"session": int, "tenant": str, "arena_bytes": int, ...layout}
+  kLayerInfo = 65,   // {"handle": int, "name": str, "experts": int, "model_dim": int, "output_dim": int}
+  kOk = 66,          // {} or a type-specific object
+  kError = 67,       // {"code": int, "code_name": str, "message": str}
+};
+
+std::string_view frame_type_name(FrameType t);
+bool is_known_frame_type(uint16_t t);
+
+struct FrameHeader {
+  uint32_t magic = kFrameMagic;
+  uint16_t version = kProtocolVersion;
+  uint16_t type = 0;
+  uint32_t body_length = 0;
+  uint32_t request_id = 0;
+};
+static_assert(sizeof(FrameHeader) == 16);
+
+// Checks magic, version, type and length; the message says what was wrong and what to do.
+Status validate_header(const FrameHeader& h);
+
+// Shared-memory arena layout. All offsets are from the arena's start; everything the client
+// writes is untrusted by the daemon and validated before use.
+inline constexpr uint32_t kArenaMagic = 0x414C5554;  // "TULA"
+inline constexpr uint32_t kRingSlots = 64;
+inline constexpr size_t kCacheLine = 64;
+
+enum class Op : uint32_t { kNop = 0, kForward = 1, kBackward = 2 };
+enum RequestFlags : uint32_t {
+  kFlagTraining = 1u << 0,  // forward keeps what backward needs, under `sequence`
+};
+
+// One request (client → daemon). 128 bytes.
+struct RequestDescriptor {
+  uint64_t request_id;
+  uint32_t op;             // Op
+  uint32_t flags;          // RequestFlags
+  uint64_t layer_handle;
+  uint64_t sequence;       // pairs a training forward with its backward
+  int64_t tokens;          // S
+  uint64_t input_offset;   // forward: x [S, M] f32; backward: dy [S, O] f32
+  uint64_t input_bytes;
+  uint64_t output_offset;  // forward: y [S, O] f32; backward: dx [S, M] f32
+  uint64_t output_bytes;
+  float dl_aux;            // backward only
+  uint32_t reserved0;
+  uint8_t reserved[48];
+};
+static_assert(sizeof(RequestDescriptor) == 128);
+
+// One completion (daemon → client). 384 bytes.
+struct CompletionDescriptor {
+  uint64_t request_id;
+  int32_t status_code;  // StatusCode; 0 = OK
+  float l_aux;
+  int64_t capacity;
+  int64_t dropped;
+  uint64_t reserved;
+  char message[344];    // NUL-terminated error message when status_code != 0
+};
+static_assert(sizeof(CompletionDescriptor) == 384);
+
+// Ring control block: producer and consumer indices on their own cache lines, plus a futex
+// doorbell for the consumer (see ring.hpp for the protocol).
+struct alignas(kCacheLine) RingControl {
+  alignas(kCacheLine) std::atomic<uint64_t> head;      // next slot the producer writes
+  alignas(kCacheLine) std::atomic<uint64_t> tail;      // next slot the consumer reads
+  alignas(kCacheLine) std::atomic<uint32_t> doorbell;  // futex word, bumped on each wake
+  std::atomic<uint32_t> consumer_waiting;              // 1 while the consumer may sleep
+};
+static_assert(std::atomic<uint64_t>::is_always_lock_free);
+
+struct ArenaHeader {
+  uint32_t magic;
+  uint32_t version;
+  uint64_t arena_bytes;
+  uint64_t request_ring_offset;     // RingControl, then kRingSlots RequestDescriptors
+  uint64_t completion_ring_offset;  // RingControl, then kRingSlots CompletionDescriptors
+  uint64_t data_offset;             // the client's region for tensors
+  uint64_t data_bytes;
+};
+
+struct ArenaLayout {
+  uint64_t request_ring_offset, completion_ring_offset, data_offset, data_bytes, arena_bytes;
+};
+// The layout the daemon creates for an arena of `arena_bytes` (rounded up to pages).
+Result<ArenaLayout> arena_layout(uint64_t arena_bytes);
+
+// OK when [offset, offset + bytes) lies inside the data region and is 4-byte aligned.
+Status check_data_range(const ArenaLayout& layout, uint64_t offset, uint64_t bytes, std::string_view what);
+
+}  // namespace tutel::ipc
