@@ -2,6 +2,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
 
 #include "daemon_impl.hpp"
 #include "tutel/core/logging.hpp"
@@ -97,7 +98,12 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
       auto layer = ref->layer;
       auto path = b["path"].get<std::string>();
       auto result = std::make_shared<Status>();
-      offload([layer, path, result] { *result = layer->save(path); },
+      offload(
+          [layer, path, result] {
+            std::error_code ec;
+            std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
+            *result = layer->save(path);
+          },
               [this, s, rid, result, path] {
                 if (result->ok()) reply(s, ipc::FrameType::kOk, rid, {{"path", path}});
                 else reply_error(s, rid, *result);

@@ -7,11 +7,11 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <toml++/toml.h>
 #include <unistd.h>
 
-#include <toml++/toml.h>
-
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <cmath>
@@ -86,16 +86,26 @@ std::string format_float(float f) {
 // "-3", "2.5", "\"abc\"", "true", or what the node is when it has no short value.
 std::string describe(const toml::node& n) {
   switch (n.type()) {
-    case toml::node_type::integer: return std::to_string(n.as_integer()->get());
-    case toml::node_type::floating_point: return format_double(n.as_floating_point()->get());
-    case toml::node_type::string: return quote(n.as_string()->get());
-    case toml::node_type::boolean: return n.as_boolean()->get() ? "true" : "false";
-    case toml::node_type::array: return "an array";
-    case toml::node_type::table: return "a table";
-    case toml::node_type::date: return "a date";
-    case toml::node_type::time: return "a time";
-    case toml::node_type::date_time: return "a date-time";
-    default: return "nothing";
+    case toml::node_type::integer:
+      return std::to_string(n.as_integer()->get());
+    case toml::node_type::floating_point:
+      return format_double(n.as_floating_point()->get());
+    case toml::node_type::string:
+      return quote(n.as_string()->get());
+    case toml::node_type::boolean:
+      return n.as_boolean()->get() ? "true" : "false";
+    case toml::node_type::array:
+      return "an array";
+    case toml::node_type::table:
+      return "a table";
+    case toml::node_type::date:
+      return "a date";
+    case toml::node_type::time:
+      return "a time";
+    case toml::node_type::date_time:
+      return "a date-time";
+    default:
+      return "nothing";
   }
 }
 
@@ -139,7 +149,6 @@ class Scope {
     return Scope(source_, table, std::move(path), std::move(label));
   }
 
-  const toml::table& table() const { return table_; }
   std::string key_path(std::string_view key) const {
     return path_.empty() ? std::string(key) : path_ + "." + std::string(key);
   }
@@ -173,7 +182,8 @@ class Scope {
       size_t best_distance = 3;  // suggest only within edit distance 2
       for (KeyList list : {known, more})
         for (std::string_view k : list)
-          if (const size_t d = edit_distance(name, k); d < best_distance) best = k, best_distance = d;
+          if (const size_t d = edit_distance(name, k); d < best_distance)
+            best = k, best_distance = d;
       std::string m = "unknown key in " + label_;
       if (!best.empty()) m += "; did you mean '" + std::string(best) + "'?";
       return error_at(key.source(), key_path(name), m);
@@ -200,11 +210,11 @@ template <typename T>
 Status get_int(const Scope& s, std::string_view key, int64_t lo, int64_t hi, T& out,
                bool required = false) {
   const toml::node* n = s.find(key);
-  if (n == nullptr) return required ? s.missing(key, int_expectation(lo, hi)) : Status::OK();
+  if (n == nullptr) return required ? s.missing(key, int_expectation(lo, kMaxInt)) : Status::OK();
   const auto* v = n->as_integer();
   // Name the bound that was crossed: "a positive integer, got -3" says more than the range.
-  const std::string expected = v != nullptr && v->get() < lo ? int_expectation(lo, kMaxInt)
-                                                             : int_expectation(lo, hi);
+  const std::string expected =
+      v != nullptr && v->get() < lo ? int_expectation(lo, kMaxInt) : int_expectation(lo, hi);
   if (v == nullptr || v->get() < lo || v->get() > hi)
     return s.error(*n, key, "expected " + expected + ", got " + describe(*n));
   out = static_cast<T>(v->get());
@@ -225,13 +235,21 @@ Status get_double(const Scope& s, std::string_view key, const std::function<bool
   return Status::OK();
 }
 
+// Beyond float's range a double becomes an infinity (a plain cast would be undefined).
+float narrow(double d) {
+  constexpr double kMax = std::numeric_limits<float>::max();
+  if (d > kMax) return std::numeric_limits<float>::infinity();
+  if (d < -kMax) return -std::numeric_limits<float>::infinity();
+  return static_cast<float>(d);
+}
+
 // Judges the value narrowed to float, so lr = 1e-50 is not a positive learning rate.
 Status get_float(const Scope& s, std::string_view key, const std::function<bool(float)>& ok,
                  std::string_view expected, float& out) {
   double v = out;
   TUTEL_RETURN_IF_ERROR(get_double(
-      s, key, [&](double d) { return ok(static_cast<float>(d)); }, expected, v));
-  out = static_cast<float>(v);
+      s, key, [&](double d) { return ok(narrow(d)); }, expected, v));
+  out = narrow(v);
   return Status::OK();
 }
 
@@ -259,7 +277,8 @@ Status get_string(const Scope& s, std::string_view key, std::string& out, bool r
 
 // A string naming one of `choices`, mapped to its value by `parse`.
 template <typename T, typename Parse>
-Status get_enum(const Scope& s, std::string_view key, std::string_view choices, Parse parse, T& out) {
+Status get_enum(const Scope& s, std::string_view key, std::string_view choices, Parse parse,
+                T& out) {
   const toml::node* n = s.find(key);
   if (n == nullptr) return Status::OK();
   std::optional<T> parsed;
@@ -282,18 +301,23 @@ std::optional<uint64_t> parse_size(std::string_view text) {
   std::string unit(text.substr(i));
   for (char& c : unit) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   int shift = 0;
-  if (unit == "kib") shift = 10;
-  else if (unit == "mib") shift = 20;
-  else if (unit == "gib") shift = 30;
-  else if (unit == "tib") shift = 40;
-  else if (!unit.empty() && unit != "b") return std::nullopt;
+  if (unit == "kib")
+    shift = 10;
+  else if (unit == "mib")
+    shift = 20;
+  else if (unit == "gib")
+    shift = 30;
+  else if (unit == "tib")
+    shift = 40;
+  else if (!unit.empty() && unit != "b")
+    return std::nullopt;
   if (value > (std::numeric_limits<uint64_t>::max() >> shift)) return std::nullopt;
   return value << shift;
 }
 
 std::string size_name(uint64_t bytes) {
-  for (auto [shift, unit] : {std::pair{40, "TiB"}, std::pair{30, "GiB"}, std::pair{20, "MiB"},
-                             std::pair{10, "KiB"}})
+  for (auto [shift, unit] :
+       {std::pair{40, "TiB"}, std::pair{30, "GiB"}, std::pair{20, "MiB"}, std::pair{10, "KiB"}})
     if (bytes >= (uint64_t{1} << shift) && bytes % (uint64_t{1} << shift) == 0)
       return std::to_string(bytes >> shift) + unit;
   return std::to_string(bytes);
@@ -304,19 +328,22 @@ Status get_bytes(const Scope& s, std::string_view key, uint64_t lo, uint64_t hi,
   const toml::node* n = s.find(key);
   if (n == nullptr) return Status::OK();
   std::optional<uint64_t> v;
-  if (const auto* i = n->as_integer(); i != nullptr && i->get() >= 0) v = static_cast<uint64_t>(i->get());
+  if (const auto* i = n->as_integer(); i != nullptr && i->get() >= 0)
+    v = static_cast<uint64_t>(i->get());
   if (const auto* str = n->as_string()) v = parse_size(str->get());
   if (!v || *v < lo || *v > hi)
     return s.error(*n, key,
                    "expected a byte count from " + size_name(lo) + " to " + size_name(hi) +
                        ", as an integer or a string such as \"64MiB\" (units B, KiB, MiB, GiB, "
-                       "TiB), got " + describe(*n));
+                       "TiB), got " +
+                       describe(*n));
   out = *v;
   return Status::OK();
 }
 
 template <typename T>
-Status get_int_array(const Scope& s, std::string_view key, int64_t lo, int64_t hi, std::vector<T>& out) {
+Status get_int_array(const Scope& s, std::string_view key, int64_t lo, int64_t hi,
+                     std::vector<T>& out) {
   const toml::node* n = s.find(key);
   if (n == nullptr) return Status::OK();
   const toml::array* a = n->as_array();
@@ -352,8 +379,8 @@ Status for_each_table(const Scope& s, std::string_view key, std::string_view lab
   if (n == nullptr) return Status::OK();
   const toml::array* a = n->as_array();
   if (a == nullptr)
-    return s.error(*n, key, "expected an array of tables ([[" + std::string(key) + "]]), got " +
-                                describe(*n));
+    return s.error(
+        *n, key, "expected an array of tables ([[" + std::string(key) + "]]), got " + describe(*n));
   for (size_t i = 0; i < a->size(); ++i) {
     const std::string path = s.key_path(key) + "[" + std::to_string(i) + "]";
     const toml::node& e = *a->get(i);
@@ -376,8 +403,8 @@ Status get_name(const Scope& s, std::string_view key, std::string_view what, std
   TUTEL_RETURN_IF_ERROR(get_string(s, key, out, /*required=*/true, what));
   if (!valid_name(out))
     return s.error(*s.find(key), key,
-                   "expected " + std::string(what) + " of 1 to 64 characters from A-Z a-z 0-9 _ . -, got " +
-                       quote(out));
+                   "expected " + std::string(what) +
+                       " of 1 to 64 characters from A-Z a-z 0-9 _ . -, got " + quote(out));
   return Status::OK();
 }
 
@@ -413,12 +440,12 @@ std::optional<OptimizerKind> parse_optimizer_kind(std::string_view name) {
 }
 
 Status parse_optimizer(const Scope& layer, OptimizerConfig& o) {
-  TUTEL_ASSIGN_OR_RETURN(const toml::table* t,
-                         get_table(layer, "optimizer", false, "(optimizer = { kind = \"adamw\" })"));
+  TUTEL_ASSIGN_OR_RETURN(const toml::table* t, get_table(layer, "optimizer", false,
+                                                         "(optimizer = { kind = \"adamw\" })"));
   if (t == nullptr) return Status::OK();
   const Scope s = layer.child(*t, layer.key_path("optimizer"), "the optimizer table");
-  TUTEL_RETURN_IF_ERROR(
-      s.check_keys({"kind", "lr", "momentum", "nesterov", "weight_decay", "beta1", "beta2", "eps"}));
+  TUTEL_RETURN_IF_ERROR(s.check_keys(
+      {"kind", "lr", "momentum", "nesterov", "weight_decay", "beta1", "beta2", "eps"}));
   TUTEL_RETURN_IF_ERROR(get_enum(s, "kind", "\"sgd\", \"adamw\"", parse_optimizer_kind, o.kind));
   const bool sgd = o.kind == OptimizerKind::kSgd;
   const std::vector<std::string_view> other_kind_keys =
@@ -435,8 +462,8 @@ Status parse_optimizer(const Scope& layer, OptimizerConfig& o) {
   TUTEL_RETURN_IF_ERROR(get_float(s, "momentum", unit, "a number in [0, 1)", o.momentum));
   TUTEL_RETURN_IF_ERROR(get_bool(s, "nesterov", o.nesterov));
   TUTEL_RETURN_IF_ERROR(get_float(
-      s, "weight_decay", [](float v) { return std::isfinite(v) && v >= 0.f; }, "a finite number >= 0",
-      o.weight_decay));
+      s, "weight_decay", [](float v) { return std::isfinite(v) && v >= 0.f; },
+      "a finite number >= 0", o.weight_decay));
   TUTEL_RETURN_IF_ERROR(get_float(s, "beta1", unit, "a number in [0, 1)", o.beta1));
   TUTEL_RETURN_IF_ERROR(get_float(s, "beta2", unit, "a number in [0, 1)", o.beta2));
   TUTEL_RETURN_IF_ERROR(get_float(s, "eps", positive, "a finite number > 0", o.eps));
@@ -462,14 +489,16 @@ Status parse_layer(const Scope& s, bool in_config, const fs::path& base_dir, Lay
   TUTEL_RETURN_IF_ERROR(get_int(s, "output_dim", 0, kMaxDim, spec.output_dim));
   TUTEL_RETURN_IF_ERROR(get_int(s, "k", 1, kMaxExperts, spec.k));
   if (spec.k > spec.experts)
-    return s.error_near("k", "k = " + std::to_string(spec.k) + (s.find("k") ? "" : " (the default)") +
+    return s.error_near("k", "k = " + std::to_string(spec.k) +
+                                 (s.find("k") ? "" : " (the default)") +
                                  " exceeds experts = " + std::to_string(spec.experts) +
                                  "; k must be between 1 and experts");
   TUTEL_RETURN_IF_ERROR(get_double(
       s, "capacity_factor", [](double f) { return std::isfinite(f) && std::abs(f) <= 1e6; },
       "a finite number with |f| <= 1e6 (0 = dropless)", spec.capacity_factor));
-  TUTEL_RETURN_IF_ERROR(get_enum(s, "activation", "\"relu\", \"gelu\", \"silu\"",
-                                 [](std::string_view n) { return parse_activation(n); }, spec.activation));
+  TUTEL_RETURN_IF_ERROR(get_enum(
+      s, "activation", "\"relu\", \"gelu\", \"silu\"",
+      [](std::string_view n) { return parse_activation(n); }, spec.activation));
   TUTEL_RETURN_IF_ERROR(get_double(
       s, "gate_noise", [](double v) { return std::isfinite(v) && v >= 0; }, "a finite number >= 0",
       spec.gate_noise));
@@ -479,12 +508,13 @@ Status parse_layer(const Scope& s, bool in_config, const fs::path& base_dir, Lay
   TUTEL_RETURN_IF_ERROR(get_bool(s, "is_postscore", spec.is_postscore));
   TUTEL_RETURN_IF_ERROR(get_bool(s, "has_fc1_bias", spec.has_fc1_bias));
   TUTEL_RETURN_IF_ERROR(get_bool(s, "has_fc2_bias", spec.has_fc2_bias));
-  TUTEL_RETURN_IF_ERROR(get_enum(s, "dtype", "\"f32\", \"bf16\"", parse_matmul_dtype, spec.matmul_dtype));
+  TUTEL_RETURN_IF_ERROR(
+      get_enum(s, "dtype", "\"f32\", \"bf16\"", parse_matmul_dtype, spec.matmul_dtype));
 
-  const double params = static_cast<double>(spec.experts) *
-                        (static_cast<double>(spec.hidden) *
-                             static_cast<double>(spec.model_dim + spec.out_dim() + 2) +
-                         static_cast<double>(spec.model_dim));
+  const double params =
+      static_cast<double>(spec.experts) *
+      (static_cast<double>(spec.hidden) * static_cast<double>(spec.model_dim + spec.out_dim() + 2) +
+       static_cast<double>(spec.model_dim));
   if (params > kMaxLayerParams)
     return s.error_near("", "the layer would hold " + format_double(params) +
                                 " parameters, more than 2^40; check experts, model_dim and hidden");
@@ -523,16 +553,18 @@ Status parse_metrics_listen(const Scope& s, ServerConfig& server) {
   const auto refuse = [&](std::string_view why) {
     return s.error_near("metrics_listen",
                         "expected a loopback address and port such as \"127.0.0.1:9464\" or "
-                        "\"[::1]:9464\" (or \"\" to disable), got " + quote(text) + ": " +
-                            std::string(why));
+                        "\"[::1]:9464\" (or \"\" to disable), got " +
+                            quote(text) + ": " + std::string(why));
   };
   const size_t colon = text.rfind(':');
   if (colon == std::string::npos) return refuse("no port");
   std::string host = text.substr(0, colon);
   const std::string port_text = text.substr(colon + 1);
   unsigned port = 0;
-  const auto [end, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
-  if (port_text.empty() || ec != std::errc() || end != port_text.data() + port_text.size() || port > 65535)
+  const auto [end, ec] =
+      std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
+  if (port_text.empty() || ec != std::errc() || end != port_text.data() + port_text.size() ||
+      port > 65535)
     return refuse("the port must be a number from 0 to 65535");
   if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
     host = host.substr(1, host.size() - 2);
@@ -555,14 +587,15 @@ Status parse_metrics_listen(const Scope& s, ServerConfig& server) {
 Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& server) {
   TUTEL_ASSIGN_OR_RETURN(const toml::table* t, get_table(root, "server", true, "[server]"));
   const Scope s = root.child(*t, "server", "[server]");
-  TUTEL_RETURN_IF_ERROR(s.check_keys({"client_socket", "admin_socket", "state_dir", "metrics_listen",
-                                      "log_level", "spin_us", "arena_bytes",
-                                      "detached_layer_grace_s"}));
+  TUTEL_RETURN_IF_ERROR(
+      s.check_keys({"client_socket", "admin_socket", "state_dir", "metrics_listen", "log_level",
+                    "spin_us", "arena_bytes", "detached_layer_grace_s"}));
   for (auto [key, out] : {std::pair{"client_socket", &server.client_socket},
                           std::pair{"admin_socket", &server.admin_socket}}) {
     TUTEL_RETURN_IF_ERROR(get_path(s, key, base_dir, true, *out));
     if (out->size() > kMaxSocketPath)
-      return s.error_near(key, "the socket path " + quote(*out) + " is " + std::to_string(out->size()) +
+      return s.error_near(key, "the socket path " + quote(*out) + " is " +
+                                   std::to_string(out->size()) +
                                    " bytes long; a unix socket path holds at most " +
                                    std::to_string(kMaxSocketPath) + ": choose a shorter one");
   }
@@ -576,7 +609,8 @@ Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& s
   int64_t spin_us = server.spin.count();
   TUTEL_RETURN_IF_ERROR(get_int(s, "spin_us", 0, 1000000, spin_us));
   server.spin = std::chrono::microseconds(spin_us);
-  TUTEL_RETURN_IF_ERROR(get_bytes(s, "arena_bytes", uint64_t{64} << 10, uint64_t{1} << 40, server.arena_bytes));
+  TUTEL_RETURN_IF_ERROR(
+      get_bytes(s, "arena_bytes", uint64_t{64} << 10, uint64_t{64} << 30, server.arena_bytes));
   int64_t grace_s = server.detached_layer_grace.count();
   TUTEL_RETURN_IF_ERROR(get_int(s, "detached_layer_grace_s", 0, 1000000000, grace_s));
   server.detached_layer_grace = std::chrono::seconds(grace_s);
@@ -590,15 +624,18 @@ Status parse_backend(const Scope& root, BackendConfig& backend) {
   TUTEL_RETURN_IF_ERROR(s.check_keys({"kind", "ranks", "threads_per_rank", "devices"}));
   TUTEL_RETURN_IF_ERROR(get_enum(
       s, "kind", "\"cpu\", \"cuda\"",
-      [](std::string_view k) { return k == "cpu" || k == "cuda" ? std::optional<std::string>(k) : std::nullopt; },
+      [](std::string_view k) {
+        return k == "cpu" || k == "cuda" ? std::optional<std::string>(k) : std::nullopt;
+      },
       backend.kind));
   TUTEL_RETURN_IF_ERROR(get_int(s, "ranks", 1, 1024, backend.ranks));
   TUTEL_RETURN_IF_ERROR(get_int(s, "threads_per_rank", 0, 4096, backend.threads_per_rank));
   TUTEL_RETURN_IF_ERROR(get_int_array(s, "devices", 0, 1023, backend.devices));
   if (backend.kind == "cpu") {
     if (!backend.devices.empty())
-      return s.error_near("devices", "applies only to kind = \"cuda\"; the cpu backend's ranks are "
-                                     "virtual devices, counted by ranks");
+      return s.error_near("devices",
+                          "applies only to kind = \"cuda\"; the cpu backend's ranks are "
+                          "virtual devices, counted by ranks");
   } else if (backend.devices.empty()) {
     for (int r = 0; r < backend.ranks; ++r) backend.devices.push_back(r);
   } else if (backend.devices.size() != static_cast<size_t>(backend.ranks)) {
@@ -611,46 +648,52 @@ Status parse_backend(const Scope& root, BackendConfig& backend) {
 
 Status parse_tenants(const Scope& root, std::vector<TenantConfig>& tenants) {
   if (root.find("tenant") == nullptr)
-    return root.error_near("tenant", "missing [[tenant]]: at least one tenant must be configured, "
-                                     "or no client can connect");
+    return root.error_near("tenant",
+                           "missing [[tenant]]: at least one tenant must be configured, "
+                           "or no client can connect");
   // The first tenant, and its line, of each uid and gid, to name both ends of a conflict.
   std::map<std::string, size_t> names;
   std::map<uint32_t, std::pair<size_t, uint32_t>> owner_of[2];
-  TUTEL_RETURN_IF_ERROR(for_each_table(root, "tenant", "a [[tenant]] table", [&](const Scope& s, size_t i) {
-    TUTEL_RETURN_IF_ERROR(s.check_keys(
-        {"name", "uids", "gids", "max_layers", "max_memory_bytes", "max_inflight"}));
-    TenantConfig t;
-    TUTEL_RETURN_IF_ERROR(get_name(s, "name", "a tenant name", t.name));
-    if (auto [it, fresh] = names.emplace(t.name, i); !fresh)
-      return s.error_near("name", "duplicate tenant name " + quote(t.name) + " (also tenant[" +
-                                      std::to_string(it->second) + "])");
-    TUTEL_RETURN_IF_ERROR(get_int_array(s, "uids", 0, kMaxUid, t.uids));
-    TUTEL_RETURN_IF_ERROR(get_int_array(s, "gids", 0, kMaxUid, t.gids));
-    if (t.uids.empty() && t.gids.empty())
-      return s.error_near("uids", "a tenant needs at least one uid or gid, or no client maps to it");
-    for (int which = 0; which < 2; ++which) {
-      const char* key = which == 0 ? "uids" : "gids";
-      std::vector<uint32_t>& ids = which == 0 ? t.uids : t.gids;
-      for (uint32_t id : ids) {
-        const uint32_t line = s.find(key)->source().begin.line;
-        auto [it, fresh] = owner_of[which].emplace(id, std::pair{i, line});
-        if (!fresh && it->second.first != i)
-          return s.error_near(key, std::string(which == 0 ? "uid " : "gid ") + std::to_string(id) +
-                                       " is already in tenant[" + std::to_string(it->second.first) +
-                                       "] (line " + std::to_string(it->second.second) +
-                                       "); a client must map to exactly one tenant");
-      }
-      std::sort(ids.begin(), ids.end());
-      ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-    }
-    TUTEL_RETURN_IF_ERROR(get_int(s, "max_layers", 1, 1000000, t.max_layers));
-    TUTEL_RETURN_IF_ERROR(get_bytes(s, "max_memory_bytes", 1, uint64_t{1} << 50, t.max_memory_bytes));
-    TUTEL_RETURN_IF_ERROR(get_int(s, "max_inflight", 1, 1 << 20, t.max_inflight));
-    tenants.push_back(std::move(t));
-    return Status::OK();
-  }));
+  TUTEL_RETURN_IF_ERROR(
+      for_each_table(root, "tenant", "a [[tenant]] table", [&](const Scope& s, size_t i) {
+        TUTEL_RETURN_IF_ERROR(s.check_keys(
+            {"name", "uids", "gids", "max_layers", "max_memory_bytes", "max_inflight"}));
+        TenantConfig t;
+        TUTEL_RETURN_IF_ERROR(get_name(s, "name", "a tenant name", t.name));
+        if (auto [it, fresh] = names.emplace(t.name, i); !fresh)
+          return s.error_near("name", "duplicate tenant name " + quote(t.name) + " (also tenant[" +
+                                          std::to_string(it->second) + "])");
+        TUTEL_RETURN_IF_ERROR(get_int_array(s, "uids", 0, kMaxUid, t.uids));
+        TUTEL_RETURN_IF_ERROR(get_int_array(s, "gids", 0, kMaxUid, t.gids));
+        if (t.uids.empty() && t.gids.empty())
+          return s.error_near("uids",
+                              "a tenant needs at least one uid or gid, or no client maps to it");
+        for (int which = 0; which < 2; ++which) {
+          const char* key = which == 0 ? "uids" : "gids";
+          std::vector<uint32_t>& ids = which == 0 ? t.uids : t.gids;
+          for (uint32_t id : ids) {
+            const uint32_t line = s.find(key)->source().begin.line;
+            auto [it, fresh] = owner_of[which].emplace(id, std::pair{i, line});
+            if (!fresh && it->second.first != i)
+              return s.error_near(key, std::string(which == 0 ? "uid " : "gid ") +
+                                           std::to_string(id) + " is already in tenant[" +
+                                           std::to_string(it->second.first) + "] (line " +
+                                           std::to_string(it->second.second) +
+                                           "); a client must map to exactly one tenant");
+          }
+          std::sort(ids.begin(), ids.end());
+          ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+        }
+        TUTEL_RETURN_IF_ERROR(get_int(s, "max_layers", 1, 1000000, t.max_layers));
+        TUTEL_RETURN_IF_ERROR(
+            get_bytes(s, "max_memory_bytes", 1, uint64_t{1} << 50, t.max_memory_bytes));
+        TUTEL_RETURN_IF_ERROR(get_int(s, "max_inflight", 1, 1 << 20, t.max_inflight));
+        tenants.push_back(std::move(t));
+        return Status::OK();
+      }));
   if (tenants.empty())
-    return root.error_near("tenant", "at least one [[tenant]] must be configured, or no client can connect");
+    return root.error_near("tenant",
+                           "at least one [[tenant]] must be configured, or no client can connect");
   return Status::OK();
 }
 
@@ -666,12 +709,14 @@ Status parse_layers(const Scope& root, const fs::path& base_dir, Config& config)
       return s.error_near("tenant", "no [[tenant]] is named " + quote(def.tenant));
     if (auto [it, fresh] = seen.emplace(std::pair{def.tenant, def.name}, i); !fresh)
       return s.error_near("name", "duplicate layer name " + quote(def.name) + " in tenant " +
-                                      quote(def.tenant) + " (also layer[" + std::to_string(it->second) + "])");
+                                      quote(def.tenant) + " (also layer[" +
+                                      std::to_string(it->second) + "])");
     const size_t t = static_cast<size_t>(tenant - config.tenants.begin());
     if (++per_tenant[t] > tenant->max_layers)
-      return s.error_near("tenant", "tenant " + quote(def.tenant) + " allows max_layers = " +
-                                        std::to_string(tenant->max_layers) + " and this is its layer number " +
-                                        std::to_string(per_tenant[t]));
+      return s.error_near("tenant",
+                          "tenant " + quote(def.tenant) +
+                              " allows max_layers = " + std::to_string(tenant->max_layers) +
+                              " and this is its layer number " + std::to_string(per_tenant[t]));
     config.layers.push_back(std::move(def));
     return Status::OK();
   });
@@ -684,11 +729,21 @@ std::string toml_string(std::string_view s) {
   for (const char ch : s) {
     const auto c = static_cast<unsigned char>(ch);
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\t': out += "\\t"; break;
-      case '\r': out += "\\r"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
       default:
         if (c < 0x20 || c == 0x7f) {
           char buf[8];
@@ -712,7 +767,8 @@ Result<LayerDefinition> parse_layer_spec(std::string_view toml_text, std::string
   toml::parse_result parsed = toml::parse(toml_text, source_name);
   if (!parsed) {
     const toml::parse_error& e = parsed.error();
-    return located_error(source_name, e.source(), "", "TOML syntax error: " + std::string(e.description()));
+    return located_error(source_name, e.source(), "",
+                         "TOML syntax error: " + std::string(e.description()));
   }
   LayerDefinition def;
   const Scope root(source_name, parsed.table(), "", "the layer spec");
@@ -762,7 +818,8 @@ Result<Config> parse_config(std::string_view toml_text, std::string_view source_
   toml::parse_result parsed = toml::parse(toml_text, source_name);
   if (!parsed) {
     const toml::parse_error& e = parsed.error();
-    return located_error(source_name, e.source(), "", "TOML syntax error: " + std::string(e.description()));
+    return located_error(source_name, e.source(), "",
+                         "TOML syntax error: " + std::string(e.description()));
   }
   Config config;
   std::error_code ec;
@@ -792,7 +849,8 @@ Result<Config> load_config(const std::string& path) {
   } closer{fd};
   struct stat st {};
   if (::fstat(fd, &st) != 0) return fail("stat");
-  if (!S_ISREG(st.st_mode)) return Status::IOError("config file '" + path + "' is not a regular file");
+  if (!S_ISREG(st.st_mode))
+    return Status::IOError("config file '" + path + "' is not a regular file");
   constexpr off_t kMaxConfigBytes = 16 << 20;
   if (st.st_size > kMaxConfigBytes)
     return Status::InvalidArgument("config file '" + path + "' is larger than 16 MiB");

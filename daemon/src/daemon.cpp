@@ -341,8 +341,11 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
   offload([op, result] { *result = op(); },
           [this, s, rid, result, reply_type, op_name, tenant, b, started] {
             const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-            std::string layer = b.contains("name") && b["name"].is_string() ? b["name"].get<std::string>() : "";
+            // Name the layer in the metrics: requests carry a name (create, attach) or a handle.
+            std::string layer;
             if (result->ok() && result->value().contains("name")) layer = result->value()["name"].get<std::string>();
+            else if (auto h = handle_of(b); h.ok())
+              if (auto ref = registry_->find(tenant, *h); ref.ok()) layer = ref->layer->name();
             metrics_.record_request(tenant, layer, op_name, result->ok(), secs);
             if (result->ok()) reply(s, *reply_type, rid, result->value());
             else reply_error(s, rid, result->status());
@@ -371,7 +374,12 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
   reply(s, ipc::FrameType::kHelloReply, rid, body, {s->arena->fd()});
   if (s->closing) return;
   s->worker = std::thread([this, s] { run_worker(s); });
-  TUTEL_LOG(INFO) << "session " << s->id << ": tenant " << s->tenant << ", pid " << s->peer.pid;
+  const auto hello = ipc::parse_body(frame);
+  std::string client_name;
+  if (hello.ok() && hello->contains("client") && (*hello)["client"].is_string())
+    client_name = (*hello)["client"].get<std::string>();
+  TUTEL_LOG(INFO) << "session " << s->id << ": tenant " << s->tenant << ", pid " << s->peer.pid << ", client '"
+                  << client_name << "'";
 }
 
 void DaemonImpl::close_session(const std::shared_ptr<Session>& s) {

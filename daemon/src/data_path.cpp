@@ -11,7 +11,7 @@ namespace {
 
 void set_message(ipc::CompletionDescriptor& c, const Status& st) {
   c.status_code = static_cast<int32_t>(st.code());
-  const std::string m = st.to_string();
+  const std::string_view m = st.message();  // the code travels in status_code
   const size_t n = std::min(m.size(), sizeof(c.message) - 1);
   std::memcpy(c.message, m.data(), n);
   c.message[n] = '\0';

@@ -63,9 +63,11 @@ void expect_error(const std::string& text, std::string_view path,
   EXPECT_NE(m.find(std::string(path) + ": "), std::string::npos) << m;
   EXPECT_EQ(m.rfind(kSource + ":", 0), 0u) << m;
   if (const int line = line_of(text, "#!"); line > 0) {
-    EXPECT_EQ(m.rfind(kSource + ":" + std::to_string(line) + ":", 0), 0u) << "line " << line << ": " << m;
+    EXPECT_EQ(m.rfind(kSource + ":" + std::to_string(line) + ":", 0), 0u)
+        << "line " << line << ": " << m;
   }
-  for (const std::string& n : needles) EXPECT_NE(m.find(n), std::string::npos) << "'" << n << "' in " << m;
+  for (const std::string& n : needles)
+    EXPECT_NE(m.find(n), std::string::npos) << "'" << n << "' in " << m;
 }
 
 Config parse_ok(const std::string& text, const std::string& source = kSource) {
@@ -159,7 +161,8 @@ TEST(ConfigTest, DefaultsOfAMinimalConfig) {
   EXPECT_EQ(l.spec.activation, Activation::kRelu);
   EXPECT_EQ(l.spec.matmul_dtype, DType::kF32);
   EXPECT_EQ(l.spec.alignment, 1);
-  EXPECT_TRUE(l.spec.has_fc1_bias && l.spec.has_fc2_bias && l.spec.normalize_gate && l.spec.is_postscore);
+  EXPECT_TRUE(l.spec.has_fc1_bias && l.spec.has_fc2_bias && l.spec.normalize_gate &&
+              l.spec.is_postscore);
   EXPECT_FALSE(l.spec.batch_prioritized);
   EXPECT_EQ(l.optimizer.kind, OptimizerKind::kAdamW);
   EXPECT_EQ(l.optimizer.lr, 1e-3f);
@@ -230,7 +233,8 @@ optimizer = { kind = "sgd", lr = 0.5, momentum = 0.9, nesterov = true, weight_de
   EXPECT_EQ(l.spec.activation, Activation::kSilu);
   EXPECT_EQ(l.spec.gate_noise, 1.0);
   EXPECT_EQ(l.spec.noise_seed, 11u);
-  EXPECT_FALSE(l.spec.normalize_gate || l.spec.is_postscore || l.spec.has_fc1_bias || l.spec.has_fc2_bias);
+  EXPECT_FALSE(l.spec.normalize_gate || l.spec.is_postscore || l.spec.has_fc1_bias ||
+               l.spec.has_fc2_bias);
   EXPECT_TRUE(l.spec.batch_prioritized);
   EXPECT_EQ(l.spec.matmul_dtype, DType::kBF16);
   EXPECT_EQ(l.weights_path, std::optional<std::string>("/etc/tuteld/w/x.safetensors"));
@@ -249,8 +253,9 @@ TEST(ConfigTest, CudaDevicesDefaultToOnePerRank) {
 
 TEST(ConfigTest, MetricsListenForms) {
   for (const char* ok : {"127.0.0.1:9464", "127.1.2.3:0", "[::1]:65535", "[0:0:0:0:0:0:0:1]:80"}) {
-    const Config c = parse_ok("[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\nmetrics_listen = \"" +
-                              std::string(ok) + "\"\n[[tenant]]\nname = \"a\"\nuids = [1]\n");
+    const Config c =
+        parse_ok("[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\nmetrics_listen = \"" +
+                 std::string(ok) + "\"\n[[tenant]]\nname = \"a\"\nuids = [1]\n");
     EXPECT_FALSE(c.server.metrics_host.empty()) << ok;
   }
   const Config off = parse_ok(
@@ -261,9 +266,10 @@ TEST(ConfigTest, MetricsListenForms) {
 }
 
 TEST(ConfigTest, SameLayerNameInTwoTenants) {
-  const Config c = parse_ok(kMinimal + "[[tenant]]\nname = \"b\"\nuids = [1001]\n" + kLayer +
-                            "[[layer]]\nname = \"moe0\"\ntenant = \"b\"\nexperts = 2\nmodel_dim = 2\n"
-                            "hidden = 2\ninit_seed = 1\n");
+  const Config c =
+      parse_ok(kMinimal + "[[tenant]]\nname = \"b\"\nuids = [1001]\n" + kLayer +
+               "[[layer]]\nname = \"moe0\"\ntenant = \"b\"\nexperts = 2\nmodel_dim = 2\n"
+               "hidden = 2\ninit_seed = 1\n");
   EXPECT_EQ(c.layers.size(), 2u);
 }
 
@@ -310,7 +316,8 @@ experts = 2
 model_dim = 2
 hidden = 2
 weights = "w/m.safetensors"
-)", "/srv/tuteld/conf/tuteld.toml");
+)",
+                            "/srv/tuteld/conf/tuteld.toml");
   EXPECT_EQ(c.path, "/srv/tuteld/conf/tuteld.toml");
   EXPECT_EQ(c.server.client_socket, "/srv/tuteld/conf/run/client.sock");
   EXPECT_EQ(c.server.admin_socket, "/srv/tuteld/admin.sock");
@@ -323,8 +330,10 @@ TEST(ConfigTest, SourceWithoutDirectoryResolvesAgainstTheWorkingDirectory) {
   const Config c = parse_ok(kMinimal, "tuteld.toml");
   EXPECT_EQ(c.path, (fs::current_path() / "tuteld.toml").string());
   EXPECT_EQ(c.server.client_socket, "/run/tuteld/client.sock");
-  const Config rel = parse_ok("[server]\nclient_socket = \"c.sock\"\nadmin_socket = \"a.sock\"\n"
-                              "[[tenant]]\nname = \"a\"\nuids = [1]\n", "tuteld.toml");
+  const Config rel = parse_ok(
+      "[server]\nclient_socket = \"c.sock\"\nadmin_socket = \"a.sock\"\n"
+      "[[tenant]]\nname = \"a\"\nuids = [1]\n",
+      "tuteld.toml");
   EXPECT_EQ(rel.server.client_socket, (fs::current_path() / "c.sock").string());
 }
 
@@ -370,14 +379,16 @@ TEST_F(ConfigFileTest, LoadErrorsNameTheFile) {
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().message().rfind(bad + ":9:14: ", 0), 0u) << r.status();
   EXPECT_NE(r.status().message().find("tenant[0].max_layers: expected a positive integer, got -3"),
-            std::string_view::npos) << r.status();
+            std::string_view::npos)
+      << r.status();
 }
 
 TEST(ConfigTest, SocketPathLimits) {
-  expect_error("[server]\nclient_socket = \"" + std::string(120, 'x') + "\" #!\nadmin_socket = \"a\"\n",
-               "server.client_socket", {"at most 107"});
-  expect_error("[server]\nclient_socket = \"c\"\nadmin_socket = \"./c\" #!\n", "server.admin_socket",
-               {"must differ"});
+  expect_error(
+      "[server]\nclient_socket = \"" + std::string(120, 'x') + "\" #!\nadmin_socket = \"a\"\n",
+      "server.client_socket", {"at most 107"});
+  expect_error("[server]\nclient_socket = \"c\"\nadmin_socket = \"./c\" #!\n",
+               "server.admin_socket", {"must differ"});
   expect_error("[server]\nclient_socket = \"\" #!\nadmin_socket = \"a\"\n", "server.client_socket",
                {"expected a path"});
 }
@@ -386,7 +397,8 @@ TEST(ConfigTest, SocketPathLimits) {
 
 TEST(ConfigErrorTest, TomlSyntax) {
   expect_error("[server]\nclient_socket = \"open #!\n", "", {"TOML syntax error"});
-  expect_error("[server]\nclient_socket = \"a\"\nclient_socket = \"b\" #!\n", "", {"TOML syntax error"});
+  expect_error("[server]\nclient_socket = \"a\"\nclient_socket = \"b\" #!\n", "",
+               {"TOML syntax error"});
   expect_error("[server\n", "", {"TOML syntax error"});
   const Result<Config> r = parse_config("a = [", kSource);
   ASSERT_FALSE(r.ok());
@@ -394,18 +406,21 @@ TEST(ConfigErrorTest, TomlSyntax) {
 }
 
 TEST(ConfigErrorTest, UnknownKeys) {
-  expect_error("servr = 1 #!\n" + kMinimal, "servr", {"unknown key in the top level", "did you mean 'server'"});
+  expect_error("servr = 1 #!\n" + kMinimal, "servr",
+               {"unknown key in the top level", "did you mean 'server'"});
   expect_error(kMinimal + "[server.extra] #!\n", "server.extra", {"unknown key in [server]"});
-  expect_error("[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\nspinus = 5 #!\n", "server.spinus",
-               {"unknown key in [server]", "did you mean 'spin_us'"});
-  expect_error("[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\nbogus = 5 #!\n", "server.bogus",
-               {"unknown key in [server]"});
+  expect_error("[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\nspinus = 5 #!\n",
+               "server.spinus", {"unknown key in [server]", "did you mean 'spin_us'"});
+  expect_error("[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\nbogus = 5 #!\n",
+               "server.bogus", {"unknown key in [server]"});
   expect_error(kMinimal + "max_layer = 3 #!\n", "tenant[0].max_layer",
                {"unknown key in a [[tenant]] table", "did you mean 'max_layers'"});
   expect_error(kMinimal + "[backend]\nrank = 2 #!\n", "backend.rank", {"did you mean 'ranks'"});
-  expect_error(kMinimal + kLayer + "expert = 3 #!\n", "layer[0].expert", {"did you mean 'experts'"});
+  expect_error(kMinimal + kLayer + "expert = 3 #!\n", "layer[0].expert",
+               {"did you mean 'experts'"});
   expect_error(kMinimal + kLayer + "[layer.optimizer]\nkind = \"adamw\"\nbeta = 0.5 #!\n",
-               "layer[0].optimizer.beta", {"unknown key in the optimizer table", "did you mean 'beta1'"});
+               "layer[0].optimizer.beta",
+               {"unknown key in the optimizer table", "did you mean 'beta1'"});
   // The message of a key with no near match suggests nothing.
   const Result<Config> r = parse_config(kMinimal + "zzzzzzzz = 1\n", kSource);
   ASSERT_FALSE(r.ok());
@@ -421,9 +436,11 @@ TEST(ConfigErrorTest, WrongTypes) {
   expect_error(kMinimal + "gids = 5 #!\n", "tenant[0].gids", {"expected an array of integers"});
   expect_error(kMinimal + "gids = [5, \"x\"] #!\n", "tenant[0].gids[1]", {"got \"x\""});
   expect_error("server = 3 #!\n", "server", {"expected a table [server], got 3"});
-  expect_error("[server]\nclient_socket = 5 #!\n", "server.client_socket", {"expected a path, got 5"});
+  expect_error("[server]\nclient_socket = 5 #!\n", "server.client_socket",
+               {"expected a path, got 5"});
   expect_error(kMinimal + kLayer + "capacity_factor = \"1\" #!\n", "layer[0].capacity_factor", {});
-  expect_error(kMinimal + kLayer + "optimizer = 1 #!\n", "layer[0].optimizer", {"expected a table"});
+  expect_error(kMinimal + kLayer + "optimizer = 1 #!\n", "layer[0].optimizer",
+               {"expected a table"});
   expect_error(kMinimal + "[tenant2]\n", "tenant2", {"unknown key"});
   expect_error("[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\n[tenant] #!\nname = \"a\"\n",
                "tenant", {"expected an array of tables ([[tenant]])"});
@@ -431,7 +448,8 @@ TEST(ConfigErrorTest, WrongTypes) {
 }
 
 TEST(ConfigErrorTest, MissingRequiredKeys) {
-  expect_error("[[tenant]]\nname = \"a\"\nuids = [1]\n", "server", {"missing required table [server]"});
+  expect_error("[[tenant]]\nname = \"a\"\nuids = [1]\n", "server",
+               {"missing required table [server]"});
   expect_error("[server] #!\nadmin_socket = \"a\"\n", "server.client_socket",
                {"missing required key (a path) in [server]"});
   expect_error("[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\n", "tenant",
@@ -440,10 +458,14 @@ TEST(ConfigErrorTest, MissingRequiredKeys) {
                {"at least one [[tenant]]"});
   expect_error("[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\n[[tenant]] #!\nuids = [1]\n",
                "tenant[0].name", {"missing required key (a tenant name)"});
-  expect_error(kMinimal + "[[layer]] #!\nname = \"l\"\ntenant = \"a\"\nmodel_dim = 2\nhidden = 2\ninit_seed = 1\n",
-               "layer[0].experts", {"missing required key (an integer in [1, 1048576]) in a [[layer]] table"});
-  expect_error(kMinimal + "[[layer]] #!\nname = \"l\"\nexperts = 2\nmodel_dim = 2\nhidden = 2\ninit_seed = 1\n",
-               "layer[0].tenant", {"missing required key"});
+  expect_error(
+      kMinimal +
+          "[[layer]] #!\nname = \"l\"\ntenant = \"a\"\nmodel_dim = 2\nhidden = 2\ninit_seed = 1\n",
+      "layer[0].experts", {"missing required key (a positive integer) in a [[layer]] table"});
+  expect_error(
+      kMinimal +
+          "[[layer]] #!\nname = \"l\"\nexperts = 2\nmodel_dim = 2\nhidden = 2\ninit_seed = 1\n",
+      "layer[0].tenant", {"missing required key"});
 }
 
 TEST(ConfigErrorTest, OutOfRange) {
@@ -451,9 +473,12 @@ TEST(ConfigErrorTest, OutOfRange) {
   expect_error(two_tenants + "max_layers = -3 #!\n", "tenant[1].max_layers",
                {"expected a positive integer, got -3"});
   expect_error(kMinimal + "max_inflight = 0 #!\n", "tenant[0].max_inflight", {"got 0"});
-  expect_error(kMinimal + "max_memory_bytes = 0 #!\n", "tenant[0].max_memory_bytes", {"byte count"});
-  expect_error(kMinimal + "max_memory_bytes = \"8 GB\" #!\n", "tenant[0].max_memory_bytes", {"\"8 GB\""});
-  expect_error(kMinimal + "[[tenant]]\nname = \"b\"\nuids = [-1] #!\n", "tenant[1].uids[0]", {"got -1"});
+  expect_error(kMinimal + "max_memory_bytes = 0 #!\n", "tenant[0].max_memory_bytes",
+               {"byte count"});
+  expect_error(kMinimal + "max_memory_bytes = \"8 GB\" #!\n", "tenant[0].max_memory_bytes",
+               {"\"8 GB\""});
+  expect_error(kMinimal + "[[tenant]]\nname = \"b\"\nuids = [-1] #!\n", "tenant[1].uids[0]",
+               {"got -1"});
   expect_error(kMinimal + "[[tenant]]\nname = \"b\"\nuids = [4294967295] #!\n", "tenant[1].uids[0]",
                {"expected an integer in [0, 4294967294], got 4294967295"});
   expect_error(kMinimal + "[backend]\nranks = 0 #!\n", "backend.ranks", {"got 0"});
@@ -461,39 +486,54 @@ TEST(ConfigErrorTest, OutOfRange) {
   const std::string server = "[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\n";
   expect_error(server + "spin_us = 1000001 #!\n", "server.spin_us", {"[0, 1000000]"});
   expect_error(server + "spin_us = -1 #!\n", "server.spin_us", {});
-  expect_error(server + "arena_bytes = \"1KiB\" #!\n", "server.arena_bytes", {"from 64KiB to 1TiB"});
-  expect_error(server + "arena_bytes = \"99999999999999999999999 B\" #!\n", "server.arena_bytes", {});
+  expect_error(server + "arena_bytes = \"1KiB\" #!\n", "server.arena_bytes",
+               {"from 64KiB to 64GiB"});
+  expect_error(server + "arena_bytes = \"99999999999999999999999 B\" #!\n", "server.arena_bytes",
+               {});
   expect_error(server + "detached_layer_grace_s = -5 #!\n", "server.detached_layer_grace_s", {});
 
   const std::string layer = kMinimal + kLayer;
   expect_error(layer + "k = 5 #!\n", "layer[0].k", {"k = 5 exceeds experts = 4"});
   expect_error(layer + "k = 0 #!\n", "layer[0].k", {});
-  expect_error(kMinimal + "[[layer]] #!\nname = \"l\"\ntenant = \"a\"\nexperts = 1\nmodel_dim = 2\n"
-               "hidden = 2\ninit_seed = 1\n", "layer[0].k", {"(the default) exceeds experts = 1"});
+  expect_error(kMinimal +
+                   "[[layer]] #!\nname = \"l\"\ntenant = \"a\"\nexperts = 1\nmodel_dim = 2\n"
+                   "hidden = 2\ninit_seed = 1\n",
+               "layer[0].k", {"(the default) exceeds experts = 1"});
   expect_error(layer + "experts = 0 #!\n", "", {"TOML syntax error"});  // a duplicate key
-  expect_error(kMinimal + "[[layer]]\nname = \"l\"\ntenant = \"a\"\nexperts = 0 #!\nmodel_dim = 2\n"
-               "hidden = 2\ninit_seed = 1\n", "layer[0].experts", {"expected a positive integer, got 0"});
-  expect_error(kMinimal + "[[layer]]\nname = \"l\"\ntenant = \"a\"\nexperts = 2\nmodel_dim = -1 #!\n"
-               "hidden = 2\ninit_seed = 1\n", "layer[0].model_dim", {"got -1"});
+  expect_error(kMinimal +
+                   "[[layer]]\nname = \"l\"\ntenant = \"a\"\nexperts = 0 #!\nmodel_dim = 2\n"
+                   "hidden = 2\ninit_seed = 1\n",
+               "layer[0].experts", {"expected a positive integer, got 0"});
+  expect_error(kMinimal +
+                   "[[layer]]\nname = \"l\"\ntenant = \"a\"\nexperts = 2\nmodel_dim = -1 #!\n"
+                   "hidden = 2\ninit_seed = 1\n",
+               "layer[0].model_dim", {"got -1"});
   expect_error(layer + "output_dim = -1 #!\n", "layer[0].output_dim", {});
-  expect_error(layer + "capacity_factor = inf #!\n", "layer[0].capacity_factor", {"|f| <= 1e6", "got inf"});
+  expect_error(layer + "capacity_factor = inf #!\n", "layer[0].capacity_factor",
+               {"|f| <= 1e6", "got inf"});
   expect_error(layer + "capacity_factor = nan #!\n", "layer[0].capacity_factor", {"got nan"});
   expect_error(layer + "capacity_factor = -1e7 #!\n", "layer[0].capacity_factor", {});
   expect_error(layer + "gate_noise = -0.5 #!\n", "layer[0].gate_noise", {});
   expect_error(layer + "noise_seed = -1 #!\n", "layer[0].noise_seed", {});
-  expect_error(kMinimal + "[[layer]] #!\nname = \"l\"\ntenant = \"a\"\nexperts = 1048576\nmodel_dim = 16777216\n"
-               "hidden = 16777216\ninit_seed = 1\nk = 1\n", "layer[0]", {"more than 2^40"});
+  expect_error(
+      kMinimal +
+          "[[layer]] #!\nname = \"l\"\ntenant = \"a\"\nexperts = 1048576\nmodel_dim = 16777216\n"
+          "hidden = 16777216\ninit_seed = 1\nk = 1\n",
+      "layer[0]", {"more than 2^40"});
 
   const std::string opt = layer + "[layer.optimizer]\n";
-  expect_error(opt + "lr = 0 #!\n", "layer[0].optimizer.lr", {"expected a finite number > 0, got 0"});
+  expect_error(opt + "lr = 0 #!\n", "layer[0].optimizer.lr",
+               {"expected a finite number > 0, got 0"});
   expect_error(opt + "lr = -1.5 #!\n", "layer[0].optimizer.lr", {"got -1.5"});
   expect_error(opt + "lr = 1e-50 #!\n", "layer[0].optimizer.lr", {});
   expect_error(opt + "lr = inf #!\n", "layer[0].optimizer.lr", {});
+  expect_error(opt + "lr = 1e300 #!\n", "layer[0].optimizer.lr", {"got 1e+300"});
   expect_error(opt + "beta1 = 1.0 #!\n", "layer[0].optimizer.beta1", {"[0, 1)"});
   expect_error(opt + "beta2 = -0.1 #!\n", "layer[0].optimizer.beta2", {});
   expect_error(opt + "eps = 0.0 #!\n", "layer[0].optimizer.eps", {});
   expect_error(opt + "weight_decay = -1 #!\n", "layer[0].optimizer.weight_decay", {});
-  expect_error(opt + "kind = \"sgd\"\nmomentum = 1.0 #!\n", "layer[0].optimizer.momentum", {"[0, 1)"});
+  expect_error(opt + "kind = \"sgd\"\nmomentum = 1.0 #!\n", "layer[0].optimizer.momentum",
+               {"[0, 1)"});
   expect_error(opt + "kind = \"sgd\"\nnesterov = true #!\n", "layer[0].optimizer.nesterov",
                {"needs momentum > 0"});
   expect_error(opt + "momentum = 0.9 #!\n", "layer[0].optimizer.momentum",
@@ -510,12 +550,13 @@ TEST(ConfigErrorTest, BadEnums) {
   expect_error(layer + "[layer.optimizer]\nkind = \"adam\" #!\n", "layer[0].optimizer.kind",
                {"\"sgd\", \"adamw\""});
   expect_error(kMinimal + "[backend]\nkind = \"rocm\" #!\n", "backend.kind", {"\"cpu\", \"cuda\""});
-  expect_error("[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\nlog_level = \"verbose\" #!\n",
-               "server.log_level", {"\"debug\", \"info\", \"warn\", \"error\""});
+  expect_error(
+      "[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\nlog_level = \"verbose\" #!\n",
+      "server.log_level", {"\"debug\", \"info\", \"warn\", \"error\""});
   expect_error(kMinimal + "[backend]\nkind = \"cpu\"\ndevices = [0] #!\n", "backend.devices",
                {"only to kind = \"cuda\""});
-  expect_error(kMinimal + "[backend]\nkind = \"cuda\"\nranks = 2\ndevices = [0] #!\n", "backend.devices",
-               {"one device per rank"});
+  expect_error(kMinimal + "[backend]\nkind = \"cuda\"\nranks = 2\ndevices = [0] #!\n",
+               "backend.devices", {"one device per rank"});
 }
 
 TEST(ConfigErrorTest, Tenants) {
@@ -525,29 +566,40 @@ TEST(ConfigErrorTest, Tenants) {
                {"uid 1000 is already in tenant[0] (line 8)"});
   expect_error(kMinimal + "gids = [9]\n[[tenant]]\nname = \"b\"\ngids = [9] #!\n", "tenant[1].gids",
                {"gid 9 is already in tenant[0]"});
-  expect_error(kMinimal + "[[tenant]] #!\nname = \"b\"\n", "tenant[1].uids", {"at least one uid or gid"});
+  expect_error(kMinimal + "[[tenant]] #!\nname = \"b\"\n", "tenant[1].uids",
+               {"at least one uid or gid"});
   expect_error(kMinimal + "[[tenant]]\nname = \"b c\" #!\nuids = [2]\n", "tenant[1].name",
                {"a tenant name of 1 to 64 characters"});
 }
 
 TEST(ConfigErrorTest, Layers) {
-  const std::string dup = kMinimal + kLayer + "[[layer]]\nname = \"moe0\" #!\ntenant = \"a\"\nexperts = 2\n"
+  const std::string dup = kMinimal + kLayer +
+                          "[[layer]]\nname = \"moe0\" #!\ntenant = \"a\"\nexperts = 2\n"
                           "model_dim = 2\nhidden = 2\ninit_seed = 1\n";
-  expect_error(dup, "layer[1].name", {"duplicate layer name \"moe0\" in tenant \"a\" (also layer[0])"});
-  expect_error(kMinimal + "[[layer]]\nname = \"l\"\ntenant = \"zz\" #!\nexperts = 2\nmodel_dim = 2\n"
-               "hidden = 2\ninit_seed = 1\n", "layer[0].tenant", {"no [[tenant]] is named \"zz\""});
+  expect_error(dup, "layer[1].name",
+               {"duplicate layer name \"moe0\" in tenant \"a\" (also layer[0])"});
+  expect_error(kMinimal +
+                   "[[layer]]\nname = \"l\"\ntenant = \"zz\" #!\nexperts = 2\nmodel_dim = 2\n"
+                   "hidden = 2\ninit_seed = 1\n",
+               "layer[0].tenant", {"no [[tenant]] is named \"zz\""});
   expect_error(kMinimal + kLayer + "weights = \"w.safetensors\"\n", "layer[0].init_seed",
                {"either weights or init_seed, not both"});
-  expect_error(kMinimal + "[[layer]] #!\nname = \"l\"\ntenant = \"a\"\nexperts = 2\nmodel_dim = 2\n"
-               "hidden = 2\n", "layer[0]", {"weights", "init_seed"});
-  for (const std::string& bad : std::vector<std::string>{"", "moe 0", "a/b", std::string(65, 'x'), "é"})
-    expect_error(kMinimal + "[[layer]]\nname = \"" + bad + "\" #!\ntenant = \"a\"\nexperts = 2\n"
-                 "model_dim = 2\nhidden = 2\ninit_seed = 1\n", "layer[0].name",
-                 {"a layer name of 1 to 64 characters from A-Z a-z 0-9 _ . -"});
-  const std::string quota = "[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\n"
-                            "[[tenant]]\nname = \"a\"\nuids = [1]\nmax_layers = 1\n" + kLayer +
-                            "[[layer]]\nname = \"two\"\ntenant = \"a\" #!\nexperts = 2\nmodel_dim = 2\n"
-                            "hidden = 2\ninit_seed = 1\n";
+  expect_error(kMinimal +
+                   "[[layer]] #!\nname = \"l\"\ntenant = \"a\"\nexperts = 2\nmodel_dim = 2\n"
+                   "hidden = 2\n",
+               "layer[0]", {"weights", "init_seed"});
+  for (const std::string& bad :
+       std::vector<std::string>{"", "moe 0", "a/b", std::string(65, 'x'), "é"})
+    expect_error(kMinimal + "[[layer]]\nname = \"" + bad +
+                     "\" #!\ntenant = \"a\"\nexperts = 2\n"
+                     "model_dim = 2\nhidden = 2\ninit_seed = 1\n",
+                 "layer[0].name", {"a layer name of 1 to 64 characters from A-Z a-z 0-9 _ . -"});
+  const std::string quota =
+      "[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\n"
+      "[[tenant]]\nname = \"a\"\nuids = [1]\nmax_layers = 1\n" +
+      kLayer +
+      "[[layer]]\nname = \"two\"\ntenant = \"a\" #!\nexperts = 2\nmodel_dim = 2\n"
+      "hidden = 2\ninit_seed = 1\n";
   expect_error(quota, "layer[1].tenant", {"allows max_layers = 1"});
 }
 
@@ -567,7 +619,8 @@ TEST(ConfigErrorTest, MetricsListenLoopbackOnly) {
 TEST(LayerSpecTest, ParsesARequest) {
   Result<LayerDefinition> r = parse_layer_spec(
       "name = \"moe1\"\nexperts = 4\nmodel_dim = 8\nhidden = 16\nweights = \"rel/w.safetensors\"\n"
-      "[optimizer]\nkind = \"sgd\"\nlr = 0.1\n", "request");
+      "[optimizer]\nkind = \"sgd\"\nlr = 0.1\n",
+      "request");
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->name, "moe1");
   EXPECT_EQ(r->tenant, "");
@@ -583,7 +636,9 @@ TEST(LayerSpecTest, ErrorsNameTheRequest) {
     return r.ok() ? std::string() : std::string(r.status().message());
   };
   const std::string base = "name = \"l\"\nexperts = 2\nmodel_dim = 2\nhidden = 2\ninit_seed = 1\n";
-  EXPECT_EQ(error_of(base + "tenant = \"a\"\n").rfind("request:6:1: tenant: unknown key in the layer spec", 0), 0u)
+  EXPECT_EQ(error_of(base + "tenant = \"a\"\n")
+                .rfind("request:6:1: tenant: unknown key in the layer spec", 0),
+            0u)
       << error_of(base + "tenant = \"a\"\n");
   EXPECT_EQ(error_of(base + "k = 3\n").rfind("request:6:5: k: k = 3 exceeds experts = 2", 0), 0u)
       << error_of(base + "k = 3\n");
@@ -655,8 +710,10 @@ TEST(LayerSpecTest, RoundTrip) {
     }
     d.optimizer.lr = static_cast<float>(std::pow(10.0, -6.0 + unit(rng) * 6));
     d.optimizer.weight_decay = i % 4 ? 0.f : static_cast<float>(unit(rng));
-    if (i % 5 == 0) d.weights_path = "dir with \"quotes\"\\and\ttabs/w" + std::to_string(i) + ".safetensors";
-    else d.init_seed = rng() >> 1;
+    if (i % 5 == 0)
+      d.weights_path = "dir with \"quotes\"\\and\ttabs/w" + std::to_string(i) + ".safetensors";
+    else
+      d.init_seed = rng() >> 1;
 
     const std::string text = format_layer_spec(d);
     Result<LayerDefinition> back = parse_layer_spec(text, "round-trip");
@@ -709,13 +766,20 @@ TEST(ConfigFuzzTest, MutationsNeverCrash) {
     for (int e = 0; e < edits && !text.empty(); ++e) {
       const size_t at = rng() % text.size();
       switch (rng() % 5) {
-        case 0: text[at] = alphabet[rng() % alphabet.size()]; break;
-        case 1: text.insert(at, 1, alphabet[rng() % alphabet.size()]); break;
-        case 2: text.erase(at, 1 + rng() % 16); break;
+        case 0:
+          text[at] = alphabet[rng() % alphabet.size()];
+          break;
+        case 1:
+          text.insert(at, 1, alphabet[rng() % alphabet.size()]);
+          break;
+        case 2:
+          text.erase(at, 1 + rng() % 16);
+          break;
         case 3: {  // duplicate a line elsewhere
           const size_t begin = text.rfind('\n', at), end = text.find('\n', at);
-          const std::string line = text.substr(begin == std::string::npos ? 0 : begin,
-                                               end == std::string::npos ? std::string::npos : end - begin);
+          const std::string line =
+              text.substr(begin == std::string::npos ? 0 : begin,
+                          end == std::string::npos ? std::string::npos : end - begin);
           text.insert(rng() % text.size(), line);
           break;
         }
@@ -739,12 +803,24 @@ TEST(ConfigFuzzTest, GarbageNeverCrashes) {
     parse_anything(text);
   }
   // Malformed table headers break a precondition of toml++ 3.3's parser (toml_impl.cpp).
-  for (const char* header : {"[[=", "[=", "[[[1]]]", "[[[a]]", "[[[]]", "[[#", "[[,", "[[ =", "[[\n",
-                             "[[\x7ftenant]]\n", "[\x7f]", "[a.=]", "[a.[b]]"})
+  for (const char* header : {"[[=", "[=", "[[[1]]]", "[[[a]]", "[[[]]", "[[#", "[[,",
+                             "[[ =", "[[\n", "[[\x7ftenant]]\n", "[\x7f]", "[a.=]", "[a.[b]]"})
     parse_anything(header);
+  // toml++ 3.3 reached __builtin_unreachable on these (toml_impl.cpp); the first is valid TOML.
+  EXPECT_TRUE(
+      parse_layer_spec("name = \"l\"\nexperts = 2\nmodel_dim = 2\nhidden = 2\ninit_seed = 1\n"
+                       "[optimizer]\n'\xc2\xa7' = \"\"\"\\\n\xc2\xa7\"\"\"\n",
+                       "x")
+          .status()
+          .message()
+          .find("unknown key in the optimizer table") != std::string_view::npos);
+  for (const char* text :
+       {"a = \"\"\"\\\n\xc2\xa7\"\"\"", "a = \"\"\"\\\n\xe3\x80\x81\"\"\"",
+        "a = \"\"\"\\\n\xef\xbb\xbe\"\"\"", "gids = [}", "a = {b = }", "\xc2\xa7 = 1"})
+    parse_anything(text);
   parse_anything("a = " + std::string(100000, '['));
   parse_anything(std::string(100000, '['));
-  parse_anything("a = " + std::string(50000, '{') );
+  parse_anything("a = " + std::string(50000, '{'));
   parse_anything("[" + std::string(100000, 'a') + "]");
   std::string deep = "x = ";
   for (int i = 0; i < 300; ++i) deep += "{a = ";

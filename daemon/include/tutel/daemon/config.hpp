@@ -29,8 +29,8 @@ std::string_view optimizer_kind_name(OptimizerKind kind);
 struct OptimizerConfig {
   OptimizerKind kind = OptimizerKind::kAdamW;
   float lr = 1e-3f;
-  float momentum = 0.f;  // SGD only
-  bool nesterov = false; // SGD only; needs momentum > 0
+  float momentum = 0.f;   // SGD only
+  bool nesterov = false;  // SGD only; needs momentum > 0
   float weight_decay = 0.f;
   float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f;  // AdamW only
 };
@@ -82,8 +82,8 @@ struct ServerConfig {
   std::string metrics_host = "127.0.0.1";  // metrics_listen split; the host without brackets
   uint16_t metrics_port = 9464;            // 0 = any free port
   LogLevel log_level = LogLevel::kInfo;
-  std::chrono::microseconds spin{50};  // wait policy: spin this long before blocking
-  uint64_t arena_bytes = 64ull << 20;  // shared-memory arena per session
+  std::chrono::microseconds spin{50};              // wait policy: spin this long before blocking
+  uint64_t arena_bytes = 64ull << 20;              // shared-memory arena per session
   std::chrono::seconds detached_layer_grace{300};  // a dead client's layers stay this long
 };
 
@@ -91,7 +91,7 @@ struct Config {
   std::string path;  // absolute path of the file (of source_name for parse_config)
   ServerConfig server;
   BackendConfig backend;
-  std::vector<TenantConfig> tenants;  // at least one
+  std::vector<TenantConfig> tenants;    // at least one
   std::vector<LayerDefinition> layers;  // every layer's tenant names one of `tenants`
 };
 

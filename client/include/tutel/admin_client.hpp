@@ -1,0 +1,42 @@
+// libtutel_client, admin side: requests on tuteld's admin socket (mode 0600, the operator's),
+// as used by tutelctl. Replies are the daemon's JSON bodies, returned as text.
+//
+// Thread-safety: one AdminClient is used by one thread at a time.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "tutel/core/status.hpp"
+
+namespace tutel::client {
+
+class AdminClient {
+ public:
+  // Connects to the admin socket. `timeout` bounds every later reply (negative: none).
+  static Result<AdminClient> connect(const std::string& admin_socket_path,
+                                     std::chrono::milliseconds timeout = std::chrono::seconds(60));
+
+  AdminClient(AdminClient&&) noexcept;
+  AdminClient& operator=(AdminClient&&) noexcept;
+  ~AdminClient();
+
+  Result<std::string> status();   // {"version", "pid", "uptime_seconds", "backend", ...}
+  Result<std::string> tenants();  // {"tenants": [...]}
+  Result<std::string> layers();   // {"layers": [...]}
+  Result<std::string> metrics();  // {"text": Prometheus exposition text}
+  // Saves `layer` ("tenant/name") to `path`, as the daemon's process sees it (use an absolute
+  // path). Waits without the timeout: large layers take a while. {"path": str}
+  Result<std::string> checkpoint(std::string_view layer, std::string_view path);
+
+  const std::string& socket_path() const;
+
+ private:
+  struct Impl;
+  explicit AdminClient(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tutel::client

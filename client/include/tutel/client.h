@@ -1,0 +1,115 @@
+/* libtutel_client, C ABI: the same sessions and layers as tutel/client.hpp, for any language.
+ *
+ * Every int-returning function returns 0 on success and a negative code otherwise: minus the
+ * StatusCode (TUTEL_E_*), with a message for the calling thread in tutel_last_error(). Nothing
+ * is thrown across this boundary. Pointers of the wrong kind or NULL give TUTEL_E_INVALID_ARGUMENT.
+ *
+ * Buffers are float32, row-major: x [tokens, model_dim], y [tokens, output_dim], dy [tokens,
+ * output_dim], dx [tokens, model_dim]. One request's input plus output must fit in the session's
+ * shared-memory data region (tutel_data_bytes; raise server.arena_bytes in tuteld.toml for more).
+ *
+ * Thread-safety: a tutel_client and the layers made from it belong to one thread at a time;
+ * use one client per thread. tutel_last_error() is per thread.
+ *
+ * Lifetime: tutel_close ends the session (layers made from it then fail with
+ * TUTEL_E_UNAVAILABLE) and frees the client; each layer handle is freed with
+ * tutel_layer_release, in any order. Releasing a handle does not destroy the layer in the
+ * daemon (tutel_layer_destroy does): layers belong to the tenant and can be attached again.
+ */
+#ifndef TUTEL_CLIENT_H_
+#define TUTEL_CLIENT_H_
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define TUTEL_OK 0
+#define TUTEL_E_INVALID_ARGUMENT (-1)
+#define TUTEL_E_NOT_FOUND (-2)
+#define TUTEL_E_ALREADY_EXISTS (-3)
+#define TUTEL_E_OUT_OF_RANGE (-4)
+#define TUTEL_E_CORRUPTION (-5)
+#define TUTEL_E_IO_ERROR (-6)
+#define TUTEL_E_UNAVAILABLE (-7)
+#define TUTEL_E_PERMISSION_DENIED (-8)
+#define TUTEL_E_RESOURCE_EXHAUSTED (-9)
+#define TUTEL_E_UNIMPLEMENTED (-10)
+#define TUTEL_E_INTERNAL (-11)
+#define TUTEL_E_TIMEOUT (-12)
+#define TUTEL_E_ABORTED (-13)
+
+typedef struct tutel_client tutel_client;
+typedef struct tutel_layer tutel_layer;
+
+/* An asynchronous request in flight (tutel_submit_forward / tutel_submit_backward). */
+typedef struct tutel_ticket {
+  uint64_t request_id;
+  uint64_t sequence; /* of a training forward: pass it to tutel_submit_backward */
+} tutel_ticket;
+
+/* The routing statistics of one forward. */
+typedef struct tutel_forward_info {
+  float l_aux;
+  int64_t capacity;
+  int64_t dropped;
+  uint64_t sequence;
+} tutel_forward_info;
+
+/* The message of the last failed call on this thread ("" when none failed yet). Valid until
+ * the next failing call on this thread. */
+const char* tutel_last_error(void);
+
+/* Connects to tuteld's client socket; NULL on failure (see tutel_last_error). */
+tutel_client* tutel_connect(const char* socket_path);
+/* Ends the session and frees the client. NULL is ignored. */
+void tutel_close(tutel_client* client);
+/* One empty round trip through the shared-memory rings. */
+int tutel_ping(tutel_client* client);
+/* The tenant name and the size of the data region (either out pointer may be NULL). */
+int tutel_client_info(tutel_client* client, const char** tenant, uint64_t* data_bytes);
+
+/* Creates a layer from a TOML layer spec (docs/config.md); *out must be released. */
+int tutel_layer_create(tutel_client* client, const char* spec_toml, tutel_layer** out);
+/* Attaches to a layer of this client's tenant by name; *out must be released. */
+int tutel_layer_attach(tutel_client* client, const char* name, tutel_layer** out);
+/* Frees the handle (the layer stays in the daemon). NULL is ignored. */
+void tutel_layer_release(tutel_layer* layer);
+/* Destroys the layer in the daemon; the handle must still be released. */
+int tutel_layer_destroy(tutel_layer* layer);
+/* Any out pointer may be NULL. */
+int tutel_layer_dims(tutel_layer* layer, int64_t* model_dim, int64_t* output_dim, int64_t* experts);
+
+/* Training forward under a new sequence; l_aux may be NULL. */
+int tutel_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);
+/* Backward of the oldest training forward not yet backwarded on this handle; dl_aux is
+ * d(total loss)/d(l_aux). Accumulates the gradients in the daemon. */
+int tutel_backward(tutel_layer* layer, const float* dy, float dl_aux, float* dx);
+/* Forward that keeps nothing for backward; l_aux may be NULL. */
+int tutel_infer(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);
+/* Capacity and dropped assignments of the last tutel_forward / tutel_infer on this handle;
+ * either pointer may be NULL. */
+int tutel_forward_stats(tutel_layer* layer, int64_t* capacity, int64_t* dropped);
+
+/* Asynchronous forms: the buffers must stay valid until tutel_wait returns for the ticket. */
+int tutel_submit_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, int training,
+                         tutel_ticket* ticket);
+int tutel_submit_backward(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
+                          float* dx, tutel_ticket* ticket);
+/* info may be NULL. */
+int tutel_wait(tutel_client* client, tutel_ticket ticket, tutel_forward_info* info);
+
+/* Applies the optimizer to the accumulated gradients. */
+int tutel_step(tutel_layer* layer);
+int tutel_zero_grad(tutel_layer* layer);
+/* path: a relative name inside the tenant's checkpoint directory on the daemon's side
+ * (server.state_dir/<tenant>/checkpoints/); absolute paths and ".." are refused. */
+int tutel_save(tutel_layer* layer, const char* path);
+int tutel_load(tutel_layer* layer, const char* path);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* TUTEL_CLIENT_H_ */

@@ -1,0 +1,173 @@
+// libtutel_client, C++ API: a trainer's connection to tuteld and the MoE layers it serves.
+//
+//   auto client = tutel::client::Client::connect("/run/tuteld/client.sock");
+//   auto layer = client->create_layer(spec_toml);           // or attach_layer("moe0")
+//   layer->forward(x, tokens, y, &info);                     // training forward
+//   layer->backward(dy, /*dl_aux=*/0.01f, dx);               // of the oldest pending forward
+//   layer->step();  layer->zero_grad();
+//
+// Tokens travel through the session's shared-memory arena (docs/protocol.md): x is copied in,
+// a descriptor goes on the request ring, the daemon posts a completion, y is copied out. Control
+// requests (create, attach, step, save, ...) are frames on the unix socket.
+//
+// Thread-safety: a Client and every Layer it made belong to one thread at a time (the rings are
+// single-producer/single-consumer). Use one Client per thread; several Clients in one process
+// are several independent sessions. Distinct Clients may be used concurrently.
+//
+// Failure: every call returns a Status; nothing throws. When the daemon exits, a waiting call
+// notices within about 200 ms (it polls the control socket for EOF) and fails with Unavailable;
+// after that every call on the client fails the same way: connect again and attach the layers
+// (they belong to the tenant and outlive the session).
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "tutel/core/status.hpp"
+
+namespace tutel::client {
+
+namespace internal {
+class Session;
+struct LayerState;
+}  // namespace internal
+
+struct ClientOptions {
+  // Reported to the daemon in hello (its logs name sessions by it); "" = the program's name.
+  std::string name;
+  // Bound on waiting for one data-path completion; zero or negative = none (a dead daemon is
+  // still noticed through the socket).
+  std::chrono::milliseconds request_timeout{0};
+  // Bound on waiting for a control reply (create, step, save, ...); zero or negative = none.
+  std::chrono::milliseconds control_timeout{0};
+  // How often a waiting call checks the control socket for the daemon's exit.
+  std::chrono::milliseconds liveness_interval{200};
+};
+
+// What the daemon reports about a layer when it is created or attached.
+struct LayerInfo {
+  uint64_t handle = 0;  // the tenant's handle for the layer
+  std::string name;
+  int64_t experts = 0, model_dim = 0, hidden = 0, output_dim = 0, k = 0;
+  int64_t step = 0;  // optimizer steps taken so far
+};
+
+// The routing statistics of one forward (zero for a backward or a ping).
+struct ForwardInfo {
+  float l_aux = 0.f;      // the GShard load-balancing loss
+  int64_t capacity = 0;   // slots per expert
+  int64_t dropped = 0;    // (token, choice) assignments that did not fit
+  uint64_t sequence = 0;  // the sequence a training forward's backward pairs with
+};
+
+// An asynchronous request in flight; Client::wait(ticket) completes it.
+struct Ticket {
+  uint64_t request_id = 0;
+  uint64_t sequence = 0;  // of a training forward: pass it to submit_backward / backward
+};
+
+class Layer;
+
+class Client {
+ public:
+  // Connects to tuteld's client socket, says hello and maps the session's arena.
+  static Result<Client> connect(const std::string& socket_path, const ClientOptions& options = {});
+
+  Client(Client&&) noexcept;
+  Client& operator=(Client&&) noexcept;
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+  ~Client();  // close()
+
+  // Creates a layer in the daemon from a layer spec (TOML: name, experts, model_dim, hidden,
+  // k, ..., init_seed or weights, an [optimizer] table; docs/config.md). A relative `weights`
+  // path names a file in the tenant's checkpoint directory on the daemon's side.
+  Result<Layer> create_layer(std::string_view spec_toml);
+  // Attaches to a layer of this client's tenant by name (e.g. after a reconnect).
+  Result<Layer> attach_layer(std::string_view name);
+
+  // Waits for an asynchronous request and returns its result. The buffers given to the submit
+  // call must stay valid until then; the output is written into them before wait returns.
+  Result<ForwardInfo> wait(const Ticket& ticket);
+  // Waits for every request in flight (their results stay available to wait()).
+  Status wait_all();
+
+  // One empty request through the rings and back (Op::kNop): checks the data path.
+  Status ping();
+
+  // Ends the session: the daemon forgets this session's pending forwards; the layers stay.
+  // Layers made by this client fail from now on. Idempotent.
+  void close();
+  bool is_connected() const;
+
+  const std::string& tenant() const;  // the tenant the daemon mapped this process to
+  uint64_t session_id() const;
+  // Bytes of the arena's data region; one request's input plus output must fit in it.
+  uint64_t data_bytes() const;
+  const std::string& socket_path() const;
+
+ private:
+  explicit Client(std::shared_ptr<internal::Session> session);
+  std::shared_ptr<internal::Session> session_;
+};
+
+// A handle on one layer in the daemon. Move-only; dropping it does not destroy the layer.
+//
+// Buffers are f32, row-major: x [tokens, model_dim], y [tokens, output_dim], dy [tokens,
+// output_dim], dx [tokens, model_dim]. A request's input plus output must fit in the session's
+// data region (Client::data_bytes(); raise server.arena_bytes in tuteld.toml for more).
+class Layer {
+ public:
+  Layer(Layer&&) noexcept;
+  Layer& operator=(Layer&&) noexcept;
+  Layer(const Layer&) = delete;
+  Layer& operator=(const Layer&) = delete;
+  ~Layer();
+
+  const LayerInfo& info() const;
+
+  // Training forward under a new sequence number (info->sequence): the daemon keeps what the
+  // backward needs until backward() consumes it.
+  Status forward(const float* x, int64_t tokens, float* y, ForwardInfo* info = nullptr);
+  // Forward without keeping anything for backward.
+  Status infer(const float* x, int64_t tokens, float* y, ForwardInfo* info = nullptr);
+  // Backward of the oldest training forward not yet backwarded; accumulates the gradients.
+  // The aux-loss gradient dl_aux is d(total loss)/d(l_aux) (e.g. the aux-loss weight).
+  Status backward(const float* dy, float dl_aux, float* dx);
+  // Backward of the training forward with `sequence`.
+  Status backward(uint64_t sequence, const float* dy, float dl_aux, float* dx);
+
+  // Asynchronous forms: several micro-batches may be in flight (at most the ring's 64 slots
+  // and as many as fit in the data region; a submit waits for room when needed).
+  Result<Ticket> submit_forward(const float* x, int64_t tokens, float* y, bool training = true);
+  Result<Ticket> submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx);
+
+  // The control requests below first wait for every request of the session in flight, so a
+  // step always sees the gradients of the backwards submitted before it.
+  // Applies the optimizer to the accumulated gradients; returns the new step count.
+  Result<int64_t> step();
+  Status zero_grad();
+  // Writes parameters and optimizer state to `path`, a relative name inside the tenant's
+  // checkpoint directory on the daemon (server.state_dir/<tenant>/checkpoints/); returns the
+  // daemon-side path it wrote. Absolute paths and ".." are refused.
+  Result<std::string> save(std::string_view path);
+  // Reads them back from the same place.
+  Status load(std::string_view path);
+  // Destroys the layer in the daemon (for every session of the tenant); the handle is dead after.
+  Status destroy();
+
+  // Training forwards submitted on this handle and not yet backwarded (oldest first).
+  size_t pending_backwards() const;
+  uint64_t oldest_pending_sequence() const;  // 0 when none
+
+ private:
+  friend class Client;
+  explicit Layer(std::shared_ptr<internal::LayerState> state);
+  std::shared_ptr<internal::LayerState> state_;
+};
+
+}  // namespace tutel::client

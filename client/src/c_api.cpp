@@ -1,0 +1,272 @@
+// The C ABI over tutel::client. Every entry point catches everything: no exception crosses it.
+#include <exception>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "tutel/client.h"
+#include "tutel/client.hpp"
+
+namespace {
+
+using tutel::Status;
+using tutel::client::Client;
+using tutel::client::ForwardInfo;
+using tutel::client::Layer;
+using tutel::client::Ticket;
+
+// Magic words catch a released or foreign pointer in the common cases (not all: it is C).
+constexpr uint32_t kClientMagic = 0x494C4354;  // "TCLI"
+constexpr uint32_t kLayerMagic = 0x594C4354;   // "TCLY"
+
+thread_local std::string g_last_error;
+
+int fail(const Status& st) {
+  g_last_error = st.to_string();
+  return -static_cast<int>(st.code());
+}
+
+int fail_invalid(const std::string& message) { return fail(Status::InvalidArgument(message)); }
+
+int to_code(const Status& st) { return st.ok() ? TUTEL_OK : fail(st); }
+
+template <typename F>
+int guarded(const char* fn, F&& body) noexcept {
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    return fail(Status::Internal(std::string(fn) + ": " + e.what()));
+  } catch (...) {
+    return fail(Status::Internal(std::string(fn) + ": unknown exception"));
+  }
+}
+
+}  // namespace
+
+struct tutel_client {
+  uint32_t magic = kClientMagic;
+  std::optional<Client> client;
+};
+
+struct tutel_layer {
+  uint32_t magic = kLayerMagic;
+  std::optional<Layer> layer;
+  ForwardInfo last;  // of the last forward / infer
+};
+
+namespace {
+
+bool valid(const tutel_client* c) { return c != nullptr && c->magic == kClientMagic && c->client; }
+bool valid(const tutel_layer* l) { return l != nullptr && l->magic == kLayerMagic && l->layer; }
+
+int invalid_client(const char* fn) {
+  return fail_invalid(std::string(fn) + ": the client is NULL or was closed");
+}
+int invalid_layer(const char* fn) {
+  return fail_invalid(std::string(fn) + ": the layer is NULL or was released");
+}
+
+int make_layer(tutel::Result<Layer> made, tutel_layer** out) {
+  if (!made.ok()) return fail(made.status());
+  auto* handle = new tutel_layer();
+  handle->layer.emplace(std::move(made).value());
+  *out = handle;
+  return TUTEL_OK;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* tutel_last_error(void) { return g_last_error.c_str(); }
+
+tutel_client* tutel_connect(const char* socket_path) {
+  tutel_client* out = nullptr;
+  guarded("tutel_connect", [&] {
+    if (socket_path == nullptr) return fail_invalid("tutel_connect: socket_path is NULL");
+    auto client = Client::connect(socket_path);
+    if (!client.ok()) return fail(client.status());
+    out = new tutel_client();
+    out->client.emplace(std::move(client).value());
+    return TUTEL_OK;
+  });
+  return out;
+}
+
+void tutel_close(tutel_client* client) {
+  if (client == nullptr || client->magic != kClientMagic) return;
+  guarded("tutel_close", [&] {
+    client->magic = 0;
+    delete client;  // ~Client ends the session
+    return TUTEL_OK;
+  });
+}
+
+int tutel_ping(tutel_client* client) {
+  return guarded("tutel_ping", [&] {
+    if (!valid(client)) return invalid_client("tutel_ping");
+    return to_code(client->client->ping());
+  });
+}
+
+int tutel_client_info(tutel_client* client, const char** tenant, uint64_t* data_bytes) {
+  return guarded("tutel_client_info", [&] {
+    if (!valid(client)) return invalid_client("tutel_client_info");
+    if (tenant != nullptr) *tenant = client->client->tenant().c_str();
+    if (data_bytes != nullptr) *data_bytes = client->client->data_bytes();
+    return TUTEL_OK;
+  });
+}
+
+int tutel_layer_create(tutel_client* client, const char* spec_toml, tutel_layer** out) {
+  return guarded("tutel_layer_create", [&] {
+    if (out == nullptr) return fail_invalid("tutel_layer_create: out is NULL");
+    *out = nullptr;
+    if (!valid(client)) return invalid_client("tutel_layer_create");
+    if (spec_toml == nullptr) return fail_invalid("tutel_layer_create: spec_toml is NULL");
+    return make_layer(client->client->create_layer(spec_toml), out);
+  });
+}
+
+int tutel_layer_attach(tutel_client* client, const char* name, tutel_layer** out) {
+  return guarded("tutel_layer_attach", [&] {
+    if (out == nullptr) return fail_invalid("tutel_layer_attach: out is NULL");
+    *out = nullptr;
+    if (!valid(client)) return invalid_client("tutel_layer_attach");
+    if (name == nullptr) return fail_invalid("tutel_layer_attach: name is NULL");
+    return make_layer(client->client->attach_layer(name), out);
+  });
+}
+
+void tutel_layer_release(tutel_layer* layer) {
+  if (layer == nullptr || layer->magic != kLayerMagic) return;
+  guarded("tutel_layer_release", [&] {
+    layer->magic = 0;
+    delete layer;
+    return TUTEL_OK;
+  });
+}
+
+int tutel_layer_destroy(tutel_layer* layer) {
+  return guarded("tutel_layer_destroy", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_layer_destroy");
+    return to_code(layer->layer->destroy());
+  });
+}
+
+int tutel_layer_dims(tutel_layer* layer, int64_t* model_dim, int64_t* output_dim,
+                     int64_t* experts) {
+  return guarded("tutel_layer_dims", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_layer_dims");
+    const auto& info = layer->layer->info();
+    if (model_dim != nullptr) *model_dim = info.model_dim;
+    if (output_dim != nullptr) *output_dim = info.output_dim;
+    if (experts != nullptr) *experts = info.experts;
+    return TUTEL_OK;
+  });
+}
+
+int tutel_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux) {
+  return guarded("tutel_forward", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_forward");
+    ForwardInfo info;
+    if (Status st = layer->layer->forward(x, tokens, y, &info); !st.ok()) return fail(st);
+    layer->last = info;
+    if (l_aux != nullptr) *l_aux = info.l_aux;
+    return TUTEL_OK;
+  });
+}
+
+int tutel_backward(tutel_layer* layer, const float* dy, float dl_aux, float* dx) {
+  return guarded("tutel_backward", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_backward");
+    return to_code(layer->layer->backward(dy, dl_aux, dx));
+  });
+}
+
+int tutel_infer(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux) {
+  return guarded("tutel_infer", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_infer");
+    ForwardInfo info;
+    if (Status st = layer->layer->infer(x, tokens, y, &info); !st.ok()) return fail(st);
+    layer->last = info;
+    if (l_aux != nullptr) *l_aux = info.l_aux;
+    return TUTEL_OK;
+  });
+}
+
+int tutel_forward_stats(tutel_layer* layer, int64_t* capacity, int64_t* dropped) {
+  return guarded("tutel_forward_stats", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_forward_stats");
+    if (capacity != nullptr) *capacity = layer->last.capacity;
+    if (dropped != nullptr) *dropped = layer->last.dropped;
+    return TUTEL_OK;
+  });
+}
+
+int tutel_submit_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, int training,
+                         tutel_ticket* ticket) {
+  return guarded("tutel_submit_forward", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_submit_forward");
+    if (ticket == nullptr) return fail_invalid("tutel_submit_forward: ticket is NULL");
+    auto t = layer->layer->submit_forward(x, tokens, y, training != 0);
+    if (!t.ok()) return fail(t.status());
+    *ticket = tutel_ticket{t->request_id, t->sequence};
+    return TUTEL_OK;
+  });
+}
+
+int tutel_submit_backward(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
+                          float* dx, tutel_ticket* ticket) {
+  return guarded("tutel_submit_backward", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_submit_backward");
+    if (ticket == nullptr) return fail_invalid("tutel_submit_backward: ticket is NULL");
+    auto t = layer->layer->submit_backward(sequence, dy, dl_aux, dx);
+    if (!t.ok()) return fail(t.status());
+    *ticket = tutel_ticket{t->request_id, t->sequence};
+    return TUTEL_OK;
+  });
+}
+
+int tutel_wait(tutel_client* client, tutel_ticket ticket, tutel_forward_info* info) {
+  return guarded("tutel_wait", [&] {
+    if (!valid(client)) return invalid_client("tutel_wait");
+    auto got = client->client->wait(Ticket{ticket.request_id, ticket.sequence});
+    if (!got.ok()) return fail(got.status());
+    if (info != nullptr)
+      *info = tutel_forward_info{got->l_aux, got->capacity, got->dropped, got->sequence};
+    return TUTEL_OK;
+  });
+}
+
+int tutel_step(tutel_layer* layer) {
+  return guarded("tutel_step", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_step");
+    return to_code(layer->layer->step().status());
+  });
+}
+
+int tutel_zero_grad(tutel_layer* layer) {
+  return guarded("tutel_zero_grad", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_zero_grad");
+    return to_code(layer->layer->zero_grad());
+  });
+}
+
+int tutel_save(tutel_layer* layer, const char* path) {
+  return guarded("tutel_save", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_save");
+    if (path == nullptr) return fail_invalid("tutel_save: path is NULL");
+    return to_code(layer->layer->save(path).status());
+  });
+}
+
+int tutel_load(tutel_layer* layer, const char* path) {
+  return guarded("tutel_load", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_load");
+    if (path == nullptr) return fail_invalid("tutel_load: path is NULL");
+    return to_code(layer->layer->load(path));
+  });
+}
+
+}  // extern "C"

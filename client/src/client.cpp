@@ -1,0 +1,282 @@
+#include "tutel/client.hpp"
+
+#include <limits>
+#include <utility>
+
+#include "session.hpp"
+#include "tutel/ipc/json_body.hpp"
+
+namespace tutel::client {
+
+using internal::LayerState;
+using internal::Session;
+using internal::Submission;
+using nlohmann::json;
+
+namespace {
+
+Status moved_from(const char* what) {
+  return Status::InvalidArgument(std::string("this ") + what +
+                                 " was moved from; use the object it was moved to");
+}
+
+Result<LayerInfo> layer_info_from(const json& body) {
+  LayerInfo info;
+  TUTEL_ASSIGN_OR_RETURN(const int64_t handle, ipc::get_int(body, "handle"));
+  if (handle < 0) return Status::Corruption("tuteld sent a negative layer handle");
+  info.handle = static_cast<uint64_t>(handle);
+  TUTEL_ASSIGN_OR_RETURN(info.name, ipc::get_string(body, "name"));
+  TUTEL_ASSIGN_OR_RETURN(info.experts, ipc::get_int(body, "experts"));
+  TUTEL_ASSIGN_OR_RETURN(info.model_dim, ipc::get_int(body, "model_dim"));
+  TUTEL_ASSIGN_OR_RETURN(info.output_dim, ipc::get_int(body, "output_dim"));
+  for (auto [key, out] : {std::pair{"hidden", &info.hidden}, std::pair{"k", &info.k},
+                          std::pair{"step", &info.step}}) {
+    if (body.contains(key)) {
+      TUTEL_ASSIGN_OR_RETURN(*out, ipc::get_int(body, key));
+    }
+  }
+  if (info.model_dim < 1 || info.output_dim < 1 || info.experts < 1)
+    return Status::Corruption("tuteld described layer '" + info.name +
+                              "' with non-positive dimensions");
+  return info;
+}
+
+// Bytes of a [tokens, dim] f32 tensor, or an error when that overflows.
+Result<uint64_t> tensor_bytes(int64_t tokens, int64_t dim, const char* name) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max() / 8;
+  if (tokens < 1)
+    return Status::InvalidArgument("tokens = " + std::to_string(tokens) + " must be at least 1");
+  if (tokens > kMax / 4 / dim)
+    return Status::InvalidArgument(std::string(name) + " of " + std::to_string(tokens) +
+                                   " tokens is too large");
+  return static_cast<uint64_t>(tokens * dim * 4);
+}
+
+}  // namespace
+
+// ---- Client ---------------------------------------------------------------------------------
+
+Client::Client(std::shared_ptr<Session> session) : session_(std::move(session)) {}
+Client::Client(Client&&) noexcept = default;
+Client& Client::operator=(Client&& other) noexcept {
+  if (this != &other) {
+    close();
+    session_ = std::move(other.session_);
+  }
+  return *this;
+}
+Client::~Client() { close(); }
+
+Result<Client> Client::connect(const std::string& socket_path, const ClientOptions& options) {
+  TUTEL_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Session::open(socket_path, options));
+  return Client(std::move(session));
+}
+
+void Client::close() {
+  if (!session_) return;
+  session_->close(
+      Status::Unavailable("the client was closed (Client::close / tutel_close); connect again"));
+  session_.reset();
+}
+
+bool Client::is_connected() const { return session_ && session_->broken().ok(); }
+
+const std::string& Client::tenant() const {
+  static const std::string none;
+  return session_ ? session_->tenant() : none;
+}
+uint64_t Client::session_id() const { return session_ ? session_->id() : 0; }
+uint64_t Client::data_bytes() const { return session_ ? session_->data_bytes() : 0; }
+const std::string& Client::socket_path() const {
+  static const std::string none;
+  return session_ ? session_->socket_path() : none;
+}
+
+Result<Layer> Client::create_layer(std::string_view spec_toml) {
+  if (!session_) return moved_from("Client");
+  TUTEL_ASSIGN_OR_RETURN(
+      json reply, session_->call(ipc::FrameType::kCreateLayer, {{"spec", std::string(spec_toml)}},
+                                 ipc::FrameType::kLayerInfo));
+  TUTEL_ASSIGN_OR_RETURN(LayerInfo info, layer_info_from(reply));
+  auto state = std::make_shared<LayerState>();
+  state->session = session_;
+  state->info = std::move(info);
+  return Layer(std::move(state));
+}
+
+Result<Layer> Client::attach_layer(std::string_view name) {
+  if (!session_) return moved_from("Client");
+  TUTEL_ASSIGN_OR_RETURN(json reply,
+                         session_->call(ipc::FrameType::kAttachLayer, {{"name", std::string(name)}},
+                                        ipc::FrameType::kLayerInfo));
+  TUTEL_ASSIGN_OR_RETURN(LayerInfo info, layer_info_from(reply));
+  auto state = std::make_shared<LayerState>();
+  state->session = session_;
+  state->info = std::move(info);
+  return Layer(std::move(state));
+}
+
+Result<ForwardInfo> Client::wait(const Ticket& ticket) {
+  if (!session_) return moved_from("Client");
+  return session_->wait(ticket.request_id);
+}
+
+Status Client::wait_all() {
+  if (!session_) return moved_from("Client");
+  return session_->drain();
+}
+
+Status Client::ping() {
+  if (!session_) return moved_from("Client");
+  TUTEL_ASSIGN_OR_RETURN(Ticket t, session_->submit(Submission{}));
+  return session_->wait(t.request_id).status();
+}
+
+// ---- Layer ----------------------------------------------------------------------------------
+
+Layer::Layer(std::shared_ptr<LayerState> state) : state_(std::move(state)) {}
+Layer::Layer(Layer&&) noexcept = default;
+Layer& Layer::operator=(Layer&&) noexcept = default;
+Layer::~Layer() = default;
+
+const LayerInfo& Layer::info() const {
+  static const LayerInfo none;
+  return state_ ? state_->info : none;
+}
+
+size_t Layer::pending_backwards() const { return state_ ? state_->pending.size() : 0; }
+
+uint64_t Layer::oldest_pending_sequence() const {
+  return state_ && !state_->pending.empty() ? state_->pending.begin()->first : 0;
+}
+
+namespace {
+
+Status usable(const std::shared_ptr<LayerState>& state) {
+  if (!state) return moved_from("Layer");
+  if (state->destroyed)
+    return Status::NotFound("layer '" + state->info.name + "' was destroyed through this handle");
+  return state->session->broken();
+}
+
+}  // namespace
+
+Result<Ticket> Layer::submit_forward(const float* x, int64_t tokens, float* y, bool training) {
+  TUTEL_RETURN_IF_ERROR(usable(state_));
+  if (x == nullptr || y == nullptr)
+    return Status::InvalidArgument("forward: x and y must not be null");
+  Submission s;
+  s.op = ipc::Op::kForward;
+  s.flags = training ? uint32_t{ipc::kFlagTraining} : uint32_t{0};
+  s.layer = state_;
+  s.tokens = tokens;
+  s.input = x;
+  s.output = y;
+  TUTEL_ASSIGN_OR_RETURN(s.input_bytes, tensor_bytes(tokens, state_->info.model_dim, "x"));
+  TUTEL_ASSIGN_OR_RETURN(s.output_bytes, tensor_bytes(tokens, state_->info.output_dim, "y"));
+  // Sequences are unique in the session, so two handles on one layer never collide.
+  if (training) s.sequence = state_->session->next_sequence();
+  TUTEL_ASSIGN_OR_RETURN(Ticket t, state_->session->submit(s));
+  if (training) state_->pending.emplace(t.sequence, tokens);
+  return t;
+}
+
+Result<Ticket> Layer::submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
+  TUTEL_RETURN_IF_ERROR(usable(state_));
+  if (dy == nullptr || dx == nullptr)
+    return Status::InvalidArgument("backward: dy and dx must not be null");
+  auto pending = state_->pending.find(sequence);
+  if (pending == state_->pending.end()) {
+    return Status::InvalidArgument(
+        "backward: no training forward with sequence " + std::to_string(sequence) +
+        " waits for its backward on this handle of layer '" + state_->info.name +
+        "' (already backwarded, failed, or submitted through another handle)");
+  }
+  Submission s;
+  s.op = ipc::Op::kBackward;
+  s.layer = state_;
+  s.sequence = sequence;
+  s.tokens = pending->second;
+  s.input = dy;
+  s.output = dx;
+  s.dl_aux = dl_aux;
+  s.input_name = "dy";
+  s.output_name = "dx";
+  TUTEL_ASSIGN_OR_RETURN(s.input_bytes, tensor_bytes(s.tokens, state_->info.output_dim, "dy"));
+  TUTEL_ASSIGN_OR_RETURN(s.output_bytes, tensor_bytes(s.tokens, state_->info.model_dim, "dx"));
+  TUTEL_ASSIGN_OR_RETURN(Ticket t, state_->session->submit(s));
+  state_->pending.erase(sequence);
+  return t;
+}
+
+Status Layer::forward(const float* x, int64_t tokens, float* y, ForwardInfo* info) {
+  TUTEL_ASSIGN_OR_RETURN(Ticket t, submit_forward(x, tokens, y, true));
+  TUTEL_ASSIGN_OR_RETURN(ForwardInfo got, state_->session->wait(t.request_id));
+  if (info != nullptr) *info = got;
+  return Status::OK();
+}
+
+Status Layer::infer(const float* x, int64_t tokens, float* y, ForwardInfo* info) {
+  TUTEL_ASSIGN_OR_RETURN(Ticket t, submit_forward(x, tokens, y, false));
+  TUTEL_ASSIGN_OR_RETURN(ForwardInfo got, state_->session->wait(t.request_id));
+  if (info != nullptr) *info = got;
+  return Status::OK();
+}
+
+Status Layer::backward(const float* dy, float dl_aux, float* dx) {
+  TUTEL_RETURN_IF_ERROR(usable(state_));
+  if (state_->pending.empty()) {
+    return Status::InvalidArgument(
+        "backward: layer '" + state_->info.name +
+        "' has no training forward waiting for its backward on this handle; "
+        "call forward() first");
+  }
+  return backward(state_->pending.begin()->first, dy, dl_aux, dx);
+}
+
+Status Layer::backward(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
+  TUTEL_ASSIGN_OR_RETURN(Ticket t, submit_backward(sequence, dy, dl_aux, dx));
+  return state_->session->wait(t.request_id).status();
+}
+
+namespace {
+
+// A control request about one layer, after every request in flight has completed.
+Result<json> layer_call(const std::shared_ptr<LayerState>& state, ipc::FrameType type, json body) {
+  TUTEL_RETURN_IF_ERROR(usable(state));
+  TUTEL_RETURN_IF_ERROR(state->session->drain());
+  body["handle"] = state->info.handle;
+  return state->session->call(type, body, ipc::FrameType::kOk);
+}
+
+}  // namespace
+
+Result<int64_t> Layer::step() {
+  TUTEL_ASSIGN_OR_RETURN(json reply, layer_call(state_, ipc::FrameType::kStep, json::object()));
+  TUTEL_ASSIGN_OR_RETURN(state_->info.step, ipc::get_int(reply, "step"));
+  return state_->info.step;
+}
+
+Status Layer::zero_grad() {
+  return layer_call(state_, ipc::FrameType::kZeroGrad, json::object()).status();
+}
+
+Result<std::string> Layer::save(std::string_view path) {
+  TUTEL_ASSIGN_OR_RETURN(json reply,
+                         layer_call(state_, ipc::FrameType::kSave, {{"path", std::string(path)}}));
+  if (reply.contains("path") && reply["path"].is_string()) return reply["path"].get<std::string>();
+  return std::string(path);
+}
+
+Status Layer::load(std::string_view path) {
+  return layer_call(state_, ipc::FrameType::kLoad, {{"path", std::string(path)}}).status();
+}
+
+Status Layer::destroy() {
+  TUTEL_RETURN_IF_ERROR(layer_call(state_, ipc::FrameType::kDestroyLayer, json::object()).status());
+  state_->destroyed = true;
+  state_->pending.clear();
+  return Status::OK();
+}
+
+}  // namespace tutel::client

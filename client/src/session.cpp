@@ -1,0 +1,354 @@
+#include "session.hpp"
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <utility>
+
+#include "tutel/ipc/json_body.hpp"
+#include "tutel/ipc/socket.hpp"
+
+namespace tutel::client::internal {
+namespace {
+
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+constexpr std::chrono::milliseconds kHelloTimeout{60000};
+
+// The socket calls' convention: negative = no bound.
+std::chrono::milliseconds socket_timeout(std::chrono::milliseconds t) {
+  return t.count() > 0 ? t : std::chrono::milliseconds(-1);
+}
+
+std::string program_name() {
+  const char* name = program_invocation_short_name;
+  return name != nullptr && *name != '\0' ? name : "libtutel_client";
+}
+
+// The Status a failed completion carries. The daemon writes Status::to_string() ("Code: text")
+// into the message; the code prefix is dropped so it is not repeated.
+Status completion_status(const ipc::CompletionDescriptor& c) {
+  std::string message(c.message, strnlen(c.message, sizeof c.message));
+  if (c.status_code <= 0 || c.status_code > static_cast<int32_t>(StatusCode::kAborted)) {
+    return Status::Internal("tuteld completed a request with unknown status code " +
+                            std::to_string(c.status_code) + ": " + message);
+  }
+  const auto code = static_cast<StatusCode>(c.status_code);
+  const std::string prefix = std::string(status_code_name(code)) + ": ";
+  if (message.compare(0, prefix.size(), prefix) == 0) message.erase(0, prefix.size());
+  if (message.empty()) message = "tuteld gave no message";
+  return Status(code, std::move(message));
+}
+
+std::string mib(uint64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
+  return buf;
+}
+
+}  // namespace
+
+Result<std::shared_ptr<Session>> Session::open(const std::string& socket_path,
+                                               const ClientOptions& options) {
+  std::shared_ptr<Session> s(new Session());
+  s->socket_path_ = socket_path;
+  s->options_ = options;
+  if (s->options_.liveness_interval.count() <= 0)
+    s->options_.liveness_interval = std::chrono::milliseconds(200);
+  auto fd = ipc::connect_unix(socket_path);
+  if (!fd.ok()) return fd.status().with_context("cannot connect to tuteld");
+  s->fd_ = std::move(*fd);
+  TUTEL_RETURN_IF_ERROR(s->hello(options).with_context("hello to tuteld at " + socket_path));
+  return s;
+}
+
+Session::~Session() { close(Status::Aborted("the client was closed")); }
+
+Status Session::hello(const ClientOptions& options) {
+  const uint32_t rid = next_frame_id_++;
+  const json body{{"client", options.name.empty() ? program_name() : options.name},
+                  {"pid", static_cast<int64_t>(::getpid())}};
+  const auto timeout =
+      options.control_timeout.count() > 0 ? options.control_timeout : kHelloTimeout;
+  const Status sent = ipc::send_json(fd_.get(), ipc::FrameType::kHello, rid, body, {}, timeout);
+  // A daemon that refuses this process (no tenant for its uid) says why and hangs up, maybe
+  // before the hello arrives: read its reply even when the send failed.
+  auto frame = ipc::recv_frame(fd_.get(), sent.ok() ? timeout : std::chrono::milliseconds(1000));
+  if (!frame.ok()) return sent.ok() ? frame.status() : sent;
+  const auto type = static_cast<ipc::FrameType>(frame->header.type);
+  if (frame->header.request_id != rid &&
+      !(type == ipc::FrameType::kError && frame->header.request_id == 0)) {
+    return Status::Corruption("the reply to hello carries request id " +
+                              std::to_string(frame->header.request_id) + ", expected " +
+                              std::to_string(rid));
+  }
+  TUTEL_ASSIGN_OR_RETURN(json reply, ipc::reply_body(*frame, ipc::FrameType::kHelloReply));
+  TUTEL_ASSIGN_OR_RETURN(ipc::ArenaLayout layout, ipc::get_layout(reply));
+  if (frame->fds.size() != 1) {
+    return Status::Corruption("the hello reply carried " + std::to_string(frame->fds.size()) +
+                              " descriptors; expected exactly one (the session arena's memfd)");
+  }
+  TUTEL_ASSIGN_OR_RETURN(ipc::Arena arena, ipc::Arena::attach(std::move(frame->fds[0])));
+  const ipc::ArenaLayout& mapped = arena.layout();
+  if (mapped.arena_bytes != layout.arena_bytes || mapped.data_offset != layout.data_offset ||
+      mapped.data_bytes != layout.data_bytes) {
+    return Status::Corruption("the arena memfd (" + std::to_string(mapped.arena_bytes) +
+                              " bytes) does not match the layout in the hello reply (" +
+                              std::to_string(layout.arena_bytes) + " bytes)");
+  }
+  TUTEL_ASSIGN_OR_RETURN(tenant_, ipc::get_string(reply, "tenant"));
+  TUTEL_ASSIGN_OR_RETURN(const int64_t session, ipc::get_int(reply, "session"));
+  session_id_ = static_cast<uint64_t>(session);
+  int64_t spin_us = 50;
+  if (reply.contains("spin_us")) {
+    TUTEL_ASSIGN_OR_RETURN(spin_us, ipc::get_int(reply, "spin_us"));
+  }
+  wait_policy_.spin = std::chrono::microseconds(std::clamp<int64_t>(spin_us, 0, 1000000));
+  wait_policy_.timeout = options_.liveness_interval;
+  arena_ = std::move(arena);
+  requests_ =
+      ipc::RingProducer<ipc::RequestDescriptor>(arena_->request_control(), arena_->request_slots());
+  completions_ = ipc::RingConsumer<ipc::CompletionDescriptor>(arena_->completion_control(),
+                                                              arena_->completion_slots());
+  region_ = DataRegion(arena_->layout().data_bytes);
+  return Status::OK();
+}
+
+Status Session::lost(const std::string& detail) {
+  return Status::Unavailable(
+      "lost the connection to tuteld at " + socket_path_ + " (" + detail +
+      "): the daemon exited or closed this session; connect again and attach the "
+      "layers (they outlive the session)");
+}
+
+Status Session::fail(Status st) {
+  if (broken_.ok()) broken_ = st;
+  close(broken_);
+  return st;
+}
+
+void Session::close(const Status& why) {
+  if (broken_.ok()) broken_ = why;
+  in_flight_.clear();  // their buffers belong to the user: nothing is written into them any more
+  fd_.reset();
+  arena_.reset();
+}
+
+Result<json> Session::call(ipc::FrameType type, const json& body, ipc::FrameType expected) {
+  if (!broken_.ok()) return broken_;
+  const std::string what(ipc::frame_type_name(type));
+  const uint32_t rid = next_frame_id_++;
+  const auto timeout = socket_timeout(options_.control_timeout);
+  if (Status st = ipc::send_json(fd_.get(), type, rid, body, {}, timeout); !st.ok()) {
+    if (st.code() == StatusCode::kInvalidArgument) return st;  // e.g. a spec beyond the frame limit
+    return fail(lost("sending " + what + ": " + std::string(st.message())));
+  }
+  for (;;) {
+    auto frame = ipc::recv_frame(fd_.get(), timeout);
+    if (!frame.ok()) {
+      if (frame.status().code() == StatusCode::kTimeout) {
+        // Part of a frame may have been read: the stream cannot be trusted any more.
+        return fail(
+            Status::Timeout("no reply from tuteld to " + what + " within " +
+                            std::to_string(options_.control_timeout.count()) +
+                            " ms; the session was closed (raise ClientOptions::control_timeout)"));
+      }
+      if (frame.status().code() == StatusCode::kUnavailable)
+        return fail(lost("waiting for the reply to " + what));
+      return fail(frame.status().with_context("reading the reply to " + what));
+    }
+    const uint32_t got = frame->header.request_id;
+    const auto got_type = static_cast<ipc::FrameType>(frame->header.type);
+    if (got == rid) return ipc::reply_body(*frame, expected);
+    if (got == 0 && got_type == ipc::FrameType::kError) {
+      // An error about the connection itself; the daemon closes it next.
+      auto st = ipc::reply_body(*frame, expected);
+      return fail(st.ok() ? Status::Corruption("malformed error frame") : st.status());
+    }
+    return fail(Status::Corruption("tuteld answered " + what + " (request " + std::to_string(rid) +
+                                   ") with a reply to request " + std::to_string(got)));
+  }
+}
+
+Result<Ticket> Session::submit(const Submission& s) {
+  if (!broken_.ok()) return broken_;
+  const bool has_data = s.op != ipc::Op::kNop;
+  if (has_data) {
+    const uint64_t need = DataRegion::rounded(s.input_bytes) + DataRegion::rounded(s.output_bytes);
+    if (need > region_.capacity()) {
+      const uint64_t per_token = s.tokens > 0 ? need / static_cast<uint64_t>(s.tokens) + 1 : need;
+      return Status::ResourceExhausted(
+          std::string(s.op == ipc::Op::kForward ? "a forward" : "a backward") + " of " +
+          std::to_string(s.tokens) + " tokens needs " + std::to_string(need) +
+          " bytes of the session arena (" + s.input_name + ": " + std::to_string(s.input_bytes) +
+          " + " + s.output_name + ": " + std::to_string(s.output_bytes) +
+          ", f32), but its data region holds " + std::to_string(region_.capacity()) + " bytes (" +
+          mib(region_.capacity()) +
+          "); raise server.arena_bytes in tuteld.toml, or send at most about " +
+          std::to_string(region_.capacity() / per_token) + " tokens per request");
+    }
+  }
+  while (in_flight_.size() >= ipc::kRingSlots) TUTEL_RETURN_IF_ERROR(complete_one());
+
+  InFlight r;
+  r.op = s.op;
+  r.layer = s.layer;
+  r.sequence = s.sequence;
+  r.training = s.op == ipc::Op::kForward && (s.flags & ipc::kFlagTraining) != 0;
+  r.output = s.output;
+  r.output_bytes = s.output_bytes;
+  while (has_data) {
+    if (auto in = region_.allocate(s.input_bytes)) {
+      if (auto out = region_.allocate(s.output_bytes)) {
+        r.input_block = in;
+        r.output_block = out;
+        break;
+      }
+      region_.release(*in);
+    }
+    if (in_flight_.empty())
+      return Status::Internal("the arena's data region is fragmented with nothing in flight");
+    TUTEL_RETURN_IF_ERROR(complete_one());  // frees the blocks of the oldest request
+  }
+
+  const ipc::ArenaLayout& layout = arena_->layout();
+  ipc::RequestDescriptor d{};
+  d.request_id = next_request_id_++;
+  d.op = static_cast<uint32_t>(s.op);
+  d.flags = s.flags;
+  d.layer_handle = s.layer ? s.layer->info.handle : 0;
+  d.sequence = s.sequence;
+  d.tokens = s.tokens;
+  if (has_data) {
+    std::memcpy(arena_->data() + *r.input_block, s.input, s.input_bytes);
+    d.input_offset = layout.data_offset + *r.input_block;
+    d.input_bytes = s.input_bytes;
+    d.output_offset = layout.data_offset + *r.output_block;
+    d.output_bytes = s.output_bytes;
+  }
+  d.dl_aux = s.dl_aux;
+  if (!requests_.try_push(d)) {
+    release_blocks(r);
+    return fail(Status::Corruption("the request ring is full with " +
+                                   std::to_string(in_flight_.size()) +
+                                   " requests in flight (its indices were corrupted)"));
+  }
+  in_flight_.emplace(d.request_id, std::move(r));
+  return Ticket{d.request_id, s.sequence};
+}
+
+bool Session::peer_gone() {
+  const auto now = Clock::now();
+  if (now - last_liveness_check_ < options_.liveness_interval) return false;
+  last_liveness_check_ = now;
+  pollfd p{fd_.get(), POLLIN | POLLRDHUP, 0};
+  if (::poll(&p, 1, 0) <= 0) return false;
+  if (p.revents & (POLLHUP | POLLERR | POLLRDHUP | POLLNVAL)) return true;
+  if (p.revents & POLLIN) {
+    char byte;
+    const ssize_t n = ::recv(fd_.get(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+  }
+  return false;
+}
+
+Status Session::complete_one() {
+  if (!broken_.ok()) return broken_;
+  if (in_flight_.empty())
+    return Status::Internal("waiting for a completion with nothing in flight");
+  std::optional<Clock::time_point> deadline;
+  if (options_.request_timeout.count() > 0) deadline = Clock::now() + options_.request_timeout;
+  bool gone = false;
+  ipc::CompletionDescriptor c;
+  ipc::PopResult r = completions_.pop_wait(
+      &c, wait_policy_, [&] { return gone = peer_gone(); }, deadline);
+  if (r == ipc::PopResult::kEmpty && gone)
+    r = completions_.try_pop(&c);  // posted just before the exit
+  if (r == ipc::PopResult::kCorrupt) {
+    return fail(
+        Status::Corruption("the completion ring's indices are corrupt; the session was closed"));
+  }
+  if (r == ipc::PopResult::kEmpty) {
+    if (gone) {
+      std::string detail =
+          "the socket closed with " + std::to_string(in_flight_.size()) + " requests in flight";
+      // The daemon may have said why before hanging up.
+      if (auto frame = ipc::recv_frame(fd_.get(), std::chrono::milliseconds(0));
+          frame.ok() && frame->header.type == static_cast<uint16_t>(ipc::FrameType::kError)) {
+        if (auto body = ipc::parse_body(*frame); body.ok())
+          detail += "; it said: " + ipc::status_from_error_body(*body).to_string();
+      }
+      return fail(lost(detail));
+    }
+    return Status::Timeout("no completion from tuteld within " +
+                           std::to_string(options_.request_timeout.count()) + " ms (" +
+                           std::to_string(in_flight_.size()) +
+                           " requests in flight; they stay in flight, wait again or raise "
+                           "ClientOptions::request_timeout)");
+  }
+  auto it = in_flight_.find(c.request_id);
+  if (it == in_flight_.end()) {
+    return fail(Status::Corruption("tuteld completed request " + std::to_string(c.request_id) +
+                                   ", which is not in flight; the session was closed"));
+  }
+  finish(c.request_id, it->second, c);
+  in_flight_.erase(it);
+  return Status::OK();
+}
+
+void Session::finish(uint64_t request_id, InFlight& r, const ipc::CompletionDescriptor& c) {
+  Finished f;
+  f.info.sequence = r.sequence;
+  if (c.status_code == 0) {
+    if (r.output != nullptr && r.output_bytes > 0 && r.output_block)
+      std::memcpy(r.output, arena_->data() + *r.output_block, r.output_bytes);
+    if (r.op == ipc::Op::kForward) {
+      f.info.l_aux = c.l_aux;
+      f.info.capacity = c.capacity;
+      f.info.dropped = c.dropped;
+    }
+  } else {
+    f.status = completion_status(c);
+    if (r.training && r.layer) r.layer->pending.erase(r.sequence);  // nothing to backward
+  }
+  release_blocks(r);
+  finished_[request_id] = std::move(f);
+}
+
+void Session::release_blocks(InFlight& r) {
+  if (r.input_block) region_.release(*r.input_block);
+  if (r.output_block) region_.release(*r.output_block);
+  r.input_block.reset();
+  r.output_block.reset();
+}
+
+Result<ForwardInfo> Session::wait(uint64_t request_id) {
+  for (;;) {
+    if (auto it = finished_.find(request_id); it != finished_.end()) {
+      Finished f = std::move(it->second);
+      finished_.erase(it);
+      if (!f.status.ok()) return f.status;
+      return f.info;
+    }
+    if (!broken_.ok()) return broken_;
+    if (in_flight_.count(request_id) == 0) {
+      return Status::InvalidArgument(
+          "request " + std::to_string(request_id) +
+          " is not in flight on this client (already waited for, or never submitted here)");
+    }
+    TUTEL_RETURN_IF_ERROR(complete_one());
+  }
+}
+
+Status Session::drain() {
+  while (!in_flight_.empty()) TUTEL_RETURN_IF_ERROR(complete_one());
+  return broken_;
+}
+
+}  // namespace tutel::client::internal

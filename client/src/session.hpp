@@ -1,0 +1,126 @@
+// One client session with tuteld: the control socket, the mapped arena, the two rings, the
+// data-region allocator and the requests in flight. Client and Layer are thin handles on it.
+// Thread-safety: none; one thread at a time (see client.hpp).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+
+#include "data_region.hpp"
+#include "tutel/client.hpp"
+#include "tutel/core/status.hpp"
+#include "tutel/ipc/arena.hpp"
+#include "tutel/ipc/protocol.hpp"
+#include "tutel/ipc/ring.hpp"
+
+namespace tutel::client::internal {
+
+// What a Layer handle knows: the daemon's description and the training forwards it submitted
+// that still wait for their backward (sequence -> tokens, oldest first).
+struct LayerState {
+  std::shared_ptr<Session> session;
+  LayerInfo info;
+  std::map<uint64_t, int64_t> pending;
+  bool destroyed = false;
+};
+
+// A data-path request, as Layer builds it.
+struct Submission {
+  ipc::Op op = ipc::Op::kNop;
+  uint32_t flags = 0;
+  std::shared_ptr<LayerState> layer;  // null for a nop
+  uint64_t sequence = 0;
+  int64_t tokens = 0;
+  const float* input = nullptr;
+  uint64_t input_bytes = 0;
+  float* output = nullptr;
+  uint64_t output_bytes = 0;
+  float dl_aux = 0.f;
+  const char* input_name = "x";  // for messages
+  const char* output_name = "y";
+};
+
+class Session {
+ public:
+  static Result<std::shared_ptr<Session>> open(const std::string& socket_path,
+                                               const ClientOptions& options);
+  ~Session();
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  // A control request and its reply's body; kError replies become their Status.
+  Result<nlohmann::json> call(ipc::FrameType type, const nlohmann::json& body,
+                              ipc::FrameType expected);
+
+  // Copies the input into the arena and pushes the descriptor; waits for room (ring slots or
+  // data-region space) when needed.
+  Result<Ticket> submit(const Submission& s);
+  // Completes one request: its output is in the user's buffer when this returns OK.
+  Result<ForwardInfo> wait(uint64_t request_id);
+  // Waits until nothing is in flight (results stay available to wait()).
+  Status drain();
+
+  // A sequence number for a new training forward, unique within the session.
+  uint64_t next_sequence() { return next_sequence_++; }
+
+  void close(const Status& why);
+  // OK while the session works; the reason it stopped otherwise.
+  const Status& broken() const { return broken_; }
+
+  const std::string& tenant() const { return tenant_; }
+  uint64_t id() const { return session_id_; }
+  uint64_t data_bytes() const { return region_.capacity(); }
+  const std::string& socket_path() const { return socket_path_; }
+
+ private:
+  Session() = default;
+
+  struct InFlight {
+    ipc::Op op;
+    std::shared_ptr<LayerState> layer;
+    uint64_t sequence = 0;
+    bool training = false;
+    std::optional<uint64_t> input_block, output_block;  // data-region offsets
+    float* output = nullptr;
+    uint64_t output_bytes = 0;
+  };
+  struct Finished {
+    Status status;
+    ForwardInfo info;
+  };
+
+  Status hello(const ClientOptions& options);
+  // Pops and handles one completion, waiting at most until the request timeout.
+  Status complete_one();
+  void finish(uint64_t request_id, InFlight& r, const ipc::CompletionDescriptor& c);
+  void release_blocks(InFlight& r);
+  bool peer_gone();  // polls the control socket for EOF, at most once per liveness interval
+  Status lost(const std::string& detail);
+  Status fail(Status st);  // marks the session broken with `st` and returns it
+
+  std::string socket_path_;
+  ClientOptions options_;
+  ipc::UniqueFd fd_;
+  std::optional<ipc::Arena> arena_;
+  ipc::RingProducer<ipc::RequestDescriptor> requests_;
+  ipc::RingConsumer<ipc::CompletionDescriptor> completions_;
+  ipc::WaitPolicy wait_policy_;
+  DataRegion region_;
+  std::string tenant_;
+  uint64_t session_id_ = 0;
+  uint32_t next_frame_id_ = 1;
+  uint64_t next_request_id_ = 1;
+  uint64_t next_sequence_ = 1;
+  std::map<uint64_t, InFlight> in_flight_;
+  std::map<uint64_t, Finished> finished_;
+  std::chrono::steady_clock::time_point last_liveness_check_{};
+  Status broken_;
+};
+
+}  // namespace tutel::client::internal

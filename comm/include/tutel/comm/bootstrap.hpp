@@ -1,0 +1,56 @@
+// Bootstrap: how the ranks of a group find each other.
+//
+// Rank 0's process runs a small TCP coordinator on `coordinator_host:coordinator_port`. Every
+// rank connects (retrying until rank 0 listens), sends its rank and a payload (its UCX worker
+// address, or nothing); once all `size` ranks have arrived the coordinator answers everyone
+// with the table of all payloads. If some rank does not arrive within `timeout`, every rank
+// that did gets an error naming the missing ones.
+//
+// Thread-safety: coordinator_exchange() may run on several threads at once (one per rank),
+// as long as each call has its own rank.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tutel/core/status.hpp"
+
+namespace tutel::comm {
+
+struct BootstrapOptions {
+  // Where rank 0 listens and everyone else connects: a numeric IPv4 address.
+  std::string coordinator_host = "127.0.0.1";
+  uint16_t coordinator_port = 0;  // required
+  int rank = 0;
+  int size = 1;
+  // Ranks per node. Ranks are numbered node by node: rank r is on node r / local_size with
+  // local index r % local_size. Only the 2DH all-to-all needs it to divide `size`.
+  int local_size = 1;
+  // The whole bootstrap, from the first connection attempt to the table.
+  std::chrono::milliseconds timeout{10'000};
+  // Each collective of the resulting communicator (and of its sub-groups).
+  std::chrono::milliseconds collective_timeout{5'000};
+  // How long a waiting rank busy-polls before it sleeps on the transport's event fd: waking a
+  // sleeping thread costs ~20 µs, so a short spin saves it when the peer is about to answer.
+  std::chrono::microseconds spin{50};
+};
+
+// OK when the options describe a valid rank of a valid group.
+Status validate(const BootstrapOptions& options);
+
+struct BootstrapTable {
+  std::vector<std::string> payloads;   // rank order
+  // How each rank is named in messages: "<address the coordinator saw>, pid <pid>".
+  std::vector<std::string> addresses;
+};
+
+// Every rank of the group calls this with its payload (at most 1 MiB) and gets every rank's
+// payload. `round` names the exchange ("ucx", "nccl"): ranks in different rounds on the same
+// port refuse each other. Rank 0 listens for the duration of the call only.
+Result<BootstrapTable> coordinator_exchange(const BootstrapOptions& options,
+                                            std::string_view round, std::string_view payload);
+
+}  // namespace tutel::comm

@@ -1,0 +1,77 @@
+// Communicator: the collectives one group of ranks runs together.
+//
+// One object per (rank, group). Every collective is blocking and must be called by every rank
+// of the group, in the same order and with the same sizes; a collective that cannot finish
+// (a peer died, stopped answering, or passed different sizes) returns an error within the
+// communicator's timeout and names the peer. After an error the communicator is unusable:
+// every later call returns kAborted, because the ranks no longer agree on where they are.
+//
+// Implementations (see README.md): UCX over host memory (ucx.hpp) and NCCL over device
+// memory (nccl.hpp). Buffers are host or device memory according to the implementation.
+//
+// Thread-safety: one thread at a time per Communicator object. Distinct Communicators (other
+// ranks, or sub-groups from split() of the same rank) may be used from distinct threads at
+// the same time.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string_view>
+
+#include "tutel/core/status.hpp"
+
+namespace tutel::comm {
+
+enum class ReduceOp { kSum, kMax };
+
+// kLinear: every rank exchanges one chunk with every other rank.
+// k2DH: two-dimensional hierarchical (Tutel): an intra-node exchange with a stride copy, then
+// an exchange among the ranks with the same local index on every node. Fewer, larger
+// messages across nodes; needs local_size() to divide size(). Same result as kLinear.
+enum class AllToAllAlgo { kLinear, k2DH };
+
+std::string_view to_string(ReduceOp op);
+std::string_view to_string(AllToAllAlgo algo);
+// "linear" | "2dh" (any letter case).
+std::optional<AllToAllAlgo> parse_all_to_all_algo(std::string_view name);
+
+// split() with this color returns no communicator (MPI_UNDEFINED).
+inline constexpr int kNoColor = -1;
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+
+  // This rank's index in the group, in [0, size()).
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // Ranks per node: group rank r sits on node r / local_size() with local index
+  // r % local_size(). 1 when the group's ranks are not laid out node by node.
+  virtual int local_size() const = 0;
+
+  // `send` and `recv` hold size() chunks of `chunk_bytes`: chunk i of `send` goes to rank i,
+  // chunk i of `recv` came from rank i. The buffers must not overlap.
+  virtual Status all_to_all(const void* send, void* recv, size_t chunk_bytes,
+                            AllToAllAlgo algo) = 0;
+  // recv holds size() blocks of `bytes_per_rank`; block i is rank i's `send`.
+  virtual Status all_gather(const void* send, void* recv, size_t bytes_per_rank) = 0;
+  // send holds size() blocks of `count_per_rank` floats; recv (count_per_rank floats) gets
+  // the reduction over all ranks of their block rank().
+  virtual Status reduce_scatter(const float* send, float* recv, size_t count_per_rank,
+                                ReduceOp op) = 0;
+  // In place. Every rank gets bit-identical results: each element is reduced in rank order.
+  virtual Status all_reduce(float* data, size_t count, ReduceOp op) = 0;
+  // For capacities and token counts (typically kMax).
+  virtual Status all_reduce(int64_t* data, size_t count, ReduceOp op) = 0;
+  virtual Status barrier() = 0;
+
+  // Collective over this group: a new communicator over the ranks that passed the same
+  // `color`, ordered by `key` (ties by rank here), as MPI_Comm_split. color == kNoColor
+  // returns a null pointer. The new group is independent of this one: both may be used at
+  // the same time from different threads.
+  virtual Result<std::unique_ptr<Communicator>> split(int color, int key) = 0;
+};
+
+}  // namespace tutel::comm

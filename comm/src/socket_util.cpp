@@ -1,0 +1,94 @@
+#include "socket_util.hpp"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace tutel::comm::detail {
+
+void Fd::reset() {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+}
+
+int poll_timeout_ms(Clock::time_point deadline) {
+  const auto left = deadline - Clock::now();
+  if (left <= Clock::duration::zero()) return 0;
+  const auto ms = std::chrono::ceil<std::chrono::milliseconds>(left).count();
+  return ms > 1'000'000 ? 1'000'000 : static_cast<int>(ms);
+}
+
+std::string errno_text(int err) {
+  char buf[128];
+  return std::string(strerror_r(err, buf, sizeof buf));
+}
+
+static Status wait_fd(int fd, short events, Clock::time_point deadline, const char* what) {
+  for (;;) {
+    pollfd p{fd, events, 0};
+    const int timeout = poll_timeout_ms(deadline);
+    const int r = ::poll(&p, 1, timeout);
+    if (r > 0) return Status::OK();
+    if (r == 0) return Status::Timeout(std::string("timed out while ") + what);
+    if (errno != EINTR) return Status::IOError(std::string("poll: ") + errno_text(errno));
+  }
+}
+
+Status send_all(int fd, const void* data, size_t n, Clock::time_point deadline) {
+  const char* p = static_cast<const char*>(data);
+  while (n > 0) {
+    const ssize_t w = ::send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (w > 0) {
+      p += w;
+      n -= static_cast<size_t>(w);
+      continue;
+    }
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      TUTEL_RETURN_IF_ERROR(wait_fd(fd, POLLOUT, deadline, "sending"));
+      continue;
+    }
+    return Status::IOError("send: " + errno_text(errno));
+  }
+  return Status::OK();
+}
+
+Status recv_exact(int fd, void* data, size_t n, Clock::time_point deadline, bool* closed_early) {
+  char* p = static_cast<char*>(data);
+  size_t got = 0;
+  if (closed_early != nullptr) *closed_early = false;
+  while (got < n) {
+    const ssize_t r = ::recv(fd, p + got, n - got, MSG_DONTWAIT);
+    if (r > 0) {
+      got += static_cast<size_t>(r);
+      continue;
+    }
+    if (r == 0 || (r < 0 && (errno == ECONNRESET || errno == EPIPE))) {
+      if (got == 0 && closed_early != nullptr) *closed_early = true;
+      return Status::Unavailable("connection closed by the peer");
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      TUTEL_RETURN_IF_ERROR(wait_fd(fd, POLLIN, deadline, "receiving"));
+      continue;
+    }
+    return Status::IOError("recv: " + errno_text(errno));
+  }
+  return Status::OK();
+}
+
+std::string peer_ip(int fd) {
+  sockaddr_in addr{};
+  socklen_t len = sizeof addr;
+  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) return "?";
+  char buf[INET_ADDRSTRLEN] = {};
+  if (::inet_ntop(AF_INET, &addr.sin_addr, buf, sizeof buf) == nullptr) return "?";
+  return buf;
+}
+
+}  // namespace tutel::comm::detail

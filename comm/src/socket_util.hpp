@@ -1,0 +1,55 @@
+// Small POSIX socket helpers for the bootstrap: an owning fd and deadline-bounded I/O.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <string>
+#include <utility>
+
+#include "tutel/core/status.hpp"
+
+namespace tutel::comm::detail {
+
+using Clock = std::chrono::steady_clock;
+
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd() { reset(); }
+  Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  Fd& operator=(Fd&& o) noexcept {
+    if (this != &o) {
+      reset();
+      fd_ = std::exchange(o.fd_, -1);
+    }
+    return *this;
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  void reset();
+
+ private:
+  int fd_ = -1;
+};
+
+// Milliseconds left until `deadline` for poll(2): 0 when past, rounded up otherwise.
+int poll_timeout_ms(Clock::time_point deadline);
+
+// Writes all of `data` (MSG_NOSIGNAL) or fails at `deadline`.
+Status send_all(int fd, const void* data, size_t n, Clock::time_point deadline);
+
+// Reads exactly `n` bytes or fails at `deadline`. `*closed_early` (if given) tells whether the
+// peer closed or reset the connection before the first byte.
+Status recv_exact(int fd, void* data, size_t n, Clock::time_point deadline,
+                  bool* closed_early = nullptr);
+
+// "127.0.0.1" for the remote end of a connected socket.
+std::string peer_ip(int fd);
+
+std::string errno_text(int err);
+
+}  // namespace tutel::comm::detail

@@ -1,0 +1,462 @@
+// The host half of the CUDA backend: memory, cuBLAS, and the composition of each Backend op
+// from the kernels in *.cu (declared in cuda_kernels.hpp).
+#include "cuda/cuda_backend.hpp"
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <string>
+
+#include "cuda/cuda_check.hpp"
+#include "cuda/cuda_kernels.hpp"
+#include "cuda/device_pool.hpp"
+
+namespace tutel::cuda {
+namespace {
+
+constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;  // NVIDIA's advice for Hopper
+constexpr size_t kMaxCachedBytes = size_t{2} << 30;
+constexpr int64_t kBf16Align = 128;  // elements: each bf16 operand starts 256-byte aligned
+
+// One operand of a row-major GEMM: `data` holds `batch` matrices `stride` elements apart, each
+// with row stride `ld`; `trans` uses the stored matrix transposed. `elems` is how many floats
+// the whole operand spans (what the bf16 path converts).
+struct Operand {
+  const float* data;
+  int64_t ld, stride;
+  bool trans;
+  int64_t elems;
+};
+
+bool fits_int(std::initializer_list<int64_t> values) {
+  for (int64_t v : values)
+    if (v < 0 || v > INT_MAX) return false;
+  return true;
+}
+
+ActKind act_kind(Activation a) {
+  switch (a) {
+    case Activation::kRelu: return ActKind::kRelu;
+    case Activation::kGelu: return ActKind::kGelu;
+    case Activation::kSilu: return ActKind::kSilu;
+  }
+  return ActKind::kRelu;
+}
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : device_(device) {}
+  ~CudaBackend() override;
+
+  Status init();
+
+  std::string_view name() const override { return "cuda"; }
+  Device device() const override { return {DeviceKind::kCuda, device_}; }
+
+  Result<DeviceBuffer> allocate(size_t bytes) override;
+  void release(void* data, size_t bytes) override;
+  Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override;
+  Status fill_zero(TensorView t) override;
+  Status synchronize() override;
+
+  Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override;
+  Status gate_forward(const GateForwardArgs& a) override;
+  Status locations(const LocationsArgs& a) override;
+  Status slot_map(const SlotMapArgs& a) override;
+  Status encode(const EncodeArgs& a) override;
+  Status decode(const DecodeArgs& a) override;
+  size_t expert_workspace_bytes(const ExpertShape& s, DType matmul_dtype) const override;
+  Status expert_forward(const ExpertForwardArgs& a) override;
+  Status expert_backward(const ExpertBackwardArgs& a) override;
+  Status decode_backward(const DecodeBackwardArgs& a) override;
+  Status encode_backward(const EncodeBackwardArgs& a) override;
+  Status gate_backward(const GateBackwardArgs& a) override;
+  Status sgd_step(const SgdArgs& a) override;
+  Status adamw_step(const AdamWArgs& a) override;
+
+ private:
+  // Makes this backend's device current on the calling thread (executors may change threads).
+  Status activate();
+  // Backend-owned scratch for the ops' reductions and sorts: grows, never shrinks. Reuse across
+  // ops is safe because every op runs on the one stream.
+  Result<void*> scratch(size_t bytes);
+  Status gemm(int64_t rows, int64_t cols, int64_t inner, const Operand& a, const Operand& b, float* c,
+              int64_t ldc, int64_t stride_c, int64_t batch, float beta, DType matmul_dtype,
+              const TensorView& workspace);
+
+  int device_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  std::unique_ptr<DevicePool> pool_;
+  DeviceBuffer scratch_, cublas_workspace_;
+};
+
+CudaBackend::~CudaBackend() {
+  if (stream_) {
+    (void)cudaSetDevice(device_);
+    (void)cudaStreamSynchronize(stream_);
+  }
+  // Buffers owned here go back to the pool while `this` is still whole.
+  scratch_.reset();
+  cublas_workspace_.reset();
+  if (cublas_) cublasDestroy(cublas_);
+  pool_.reset();
+  if (stream_) (void)cudaStreamDestroy(stream_);
+}
+
+Status CudaBackend::init() {
+  TUTEL_CUDA_CHECK(cudaSetDevice(device_));
+  TUTEL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  pool_ = std::make_unique<DevicePool>(stream_, kMaxCachedBytes);
+  TUTEL_CUBLAS_CHECK(cublasCreate(&cublas_));
+  TUTEL_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+  // A workspace of our own keeps cuBLAS from allocating inside a CUDA graph capture.
+  TUTEL_ASSIGN_OR_RETURN(cublas_workspace_, allocate(kCublasWorkspaceBytes));
+  TUTEL_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_.data(), kCublasWorkspaceBytes));
+  return Status::OK();
+}
+
+Status CudaBackend::activate() {
+  int current = -1;
+  TUTEL_CUDA_CHECK(cudaGetDevice(&current));
+  if (current != device_) TUTEL_CUDA_CHECK(cudaSetDevice(device_));
+  return Status::OK();
+}
+
+Result<void*> CudaBackend::scratch(size_t bytes) {
+  if (scratch_.data() && scratch_.bytes() >= bytes) return scratch_.data();
+  constexpr size_t kStep = size_t{1} << 20;
+  scratch_.reset();
+  TUTEL_ASSIGN_OR_RETURN(scratch_, allocate((std::max<size_t>(bytes, 1) + kStep - 1) / kStep * kStep));
+  return scratch_.data();
+}
+
+Result<DeviceBuffer> CudaBackend::allocate(size_t bytes) {
+  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_ASSIGN_OR_RETURN(void* p, pool_->allocate(bytes));
+  return DeviceBuffer(this, p, bytes);
+}
+
+void CudaBackend::release(void* data, size_t bytes) {
+  (void)activate();
+  pool_->release(data, bytes);
+}
+
+// Host-to-device copies from pageable memory may be reused once this returns (the runtime
+// stages them); from pinned memory, keep the source unchanged until synchronize().
+Status CudaBackend::copy(void* dst, const void* src, size_t bytes, CopyKind kind) {
+  if (bytes == 0) return Status::OK();
+  TUTEL_RETURN_IF_ERROR(activate());
+  cudaMemcpyKind k = cudaMemcpyDeviceToDevice;
+  if (kind == CopyKind::kHostToDevice) k = cudaMemcpyHostToDevice;
+  if (kind == CopyKind::kDeviceToHost) k = cudaMemcpyDeviceToHost;
+  TUTEL_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, k, stream_));
+  if (kind == CopyKind::kDeviceToHost) TUTEL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return Status::OK();
+}
+
+Status CudaBackend::fill_zero(TensorView t) {
+  if (t.nbytes() == 0) return Status::OK();
+  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_CUDA_CHECK(cudaMemsetAsync(t.data(), 0, t.nbytes(), stream_));
+  return Status::OK();
+}
+
+Status CudaBackend::synchronize() {
+  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return Status::OK();
+}
+
+// Row-major GEMM on column-major cuBLAS, derived once:
+//   a row-major matrix X (r × c, row stride ld) is, byte for byte, the column-major matrix Xᵀ
+//   (c × r, leading dimension ld). So the row-major product C = op(A)·op(B) (rows × cols, inner
+//   dimension `inner`) is computed as the column-major product Cᵀ = op(B)ᵀ·op(A)ᵀ: cuBLAS gets
+//   B first and A second, m = cols, n = rows, k = inner. For an operand stored untransposed,
+//   its column-major view already is op(X)ᵀ (cuBLAS op N); for one used transposed, the view is
+//   op(X) itself and cuBLAS must transpose it (op T). Leading dimensions are the row strides.
+// With bf16, both operands are converted into the two halves of the caller's workspace first;
+// accumulation and the output stay f32 (CUBLAS_COMPUTE_32F).
+Status CudaBackend::gemm(int64_t rows, int64_t cols, int64_t inner, const Operand& a, const Operand& b, float* c,
+                         int64_t ldc, int64_t stride_c, int64_t batch, float beta, DType matmul_dtype,
+                         const TensorView& workspace) {
+  if (!fits_int({rows, cols, inner, a.ld, b.ld, ldc, batch}))
+    return Status::InvalidArgument("matrix dimension beyond 2^31 for cuBLAS: " + std::to_string(rows) + " x " +
+                                   std::to_string(cols) + " x " + std::to_string(inner));
+  const void* pa = a.data;
+  const void* pb = b.data;
+  cudaDataType type = CUDA_R_32F;
+  if (matmul_dtype == DType::kBF16) {
+    const int64_t half = static_cast<int64_t>(workspace.nbytes() / 2 / 2) / kBf16Align * kBf16Align;
+    if (workspace.empty() || a.elems > half || b.elems > half)
+      return Status::InvalidArgument(
+          "expert workspace too small for the bf16 matmul; size it with expert_workspace_bytes()");
+    auto* first = static_cast<char*>(workspace.data());
+    char* second = first + half * 2;
+    TUTEL_CUDA_CHECK(launch_to_bf16(a.data, a.elems, first, stream_));
+    TUTEL_CUDA_CHECK(launch_to_bf16(b.data, b.elems, second, stream_));
+    pa = first, pb = second;
+    type = CUDA_R_16BF;
+  } else if (matmul_dtype != DType::kF32) {
+    return Status::InvalidArgument("matmul dtype " + std::string(dtype_name(matmul_dtype)) +
+                                   " is not supported by the cuda backend; use f32 or bf16");
+  }
+  const float alpha = 1.f;
+  TUTEL_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      cublas_, b.trans ? CUBLAS_OP_T : CUBLAS_OP_N, a.trans ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(cols),
+      static_cast<int>(rows), static_cast<int>(inner), &alpha, pb, type, static_cast<int>(b.ld), b.stride, pa,
+      type, static_cast<int>(a.ld), a.stride, &beta, c, CUDA_R_32F, static_cast<int>(ldc), stride_c,
+      static_cast<int>(batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return Status::OK();
+}
+
+Status CudaBackend::gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) {
+  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_CUDA_CHECK(launch_gate_noise(seed, counter, scale, out.data_as<float>(), out.numel(), stream_));
+  return Status::OK();
+}
+
+Status CudaBackend::gate_forward(const GateForwardArgs& a) {
+  TUTEL_RETURN_IF_ERROR(activate());
+  const int64_t S = a.x.dim(0), M = a.x.dim(1), E = a.gate_weight.dim(0);
+  float* scores = a.scores.data_as<float>();
+  // logits[S, E] = x[S, M] · wgᵀ
+  TUTEL_RETURN_IF_ERROR(gemm(S, E, M, {a.x.data_as<float>(), M, 0, false, S * M},
+                             {a.gate_weight.data_as<float>(), M, 0, true, E * M}, scores, E, 0, 1, 0.f,
+                             DType::kF32, {}));
+  const float* noise = a.noise.empty() ? nullptr : a.noise.data_as<float>();
+  TUTEL_CUDA_CHECK(launch_gate_softmax_topk(scores, noise, S, E, a.k, a.normalize_gate,
+                                            a.expert_index.data_as<int32_t>(), a.gates.data_as<float>(), stream_));
+  TUTEL_ASSIGN_OR_RETURN(void* s, scratch(gate_loss_scratch_bytes(S, E)));
+  TUTEL_CUDA_CHECK(launch_gate_loss(scores, a.expert_index.data_as<int32_t>(), S, E, a.k, s,
+                                    a.l_aux.data_as<float>(), stream_));
+  return Status::OK();
+}
+
+Status CudaBackend::locations(const LocationsArgs& a) {
+  TUTEL_RETURN_IF_ERROR(activate());
+  const int64_t S = a.expert_index.dim(0), k = a.expert_index.dim(1), E = a.expert_count.dim(0);
+  const size_t bytes = locations_scratch_bytes(S, E, static_cast<int>(k), a.batch_prioritized);
+  TUTEL_ASSIGN_OR_RETURN(void* s, scratch(bytes));
+  const float* scores = a.batch_prioritized ? a.scores.data_as<float>() : nullptr;
+  TUTEL_CUDA_CHECK(launch_locations(scores, a.expert_index.data_as<int32_t>(), S, E, static_cast<int>(k),
+                                    a.batch_prioritized, s, bytes, a.location.data_as<int32_t>(),
+                                    a.expert_count.data_as<int32_t>(), stream_));
+  return Status::OK();
+}
+
+Status CudaBackend::slot_map(const SlotMapArgs& a) {
+  TUTEL_RETURN_IF_ERROR(activate());
+  const int64_t E = a.slot_assignment.rank() > 0 ? a.slot_assignment.dim(0) : 0;
+  TUTEL_CUDA_CHECK(launch_slot_map(a.expert_index.data_as<int32_t>(), a.location.data_as<int32_t>(),
+                                   a.expert_index.numel(), E, a.capacity, a.slot_assignment.data_as<int32_t>(),
+                                   stream_));
+  return Status::OK();
+}
+
+Status CudaBackend::encode(const EncodeArgs& a) {
+  TUTEL_RETURN_IF_ERROR(activate());
+  const int64_t M = a.x.dim(1), k = a.gates.dim(1);
+  TUTEL_CUDA_CHECK(launch_scatter_rows(a.x.data_as<float>(), a.gates.data_as<float>(),
+                                       a.slot_assignment.data_as<int32_t>(), a.slot_assignment.numel(), M,
+                                       static_cast<int>(k), !a.is_postscore, a.dispatched.data_as<float>(), stream_));
+  return Status::OK();
+}
+
+Status CudaBackend::decode(const DecodeArgs& a) {
+  TUTEL_RETURN_IF_ERROR(activate());
+  const int64_t S = a.y.dim(0), O = a.y.dim(1), k = a.gates.dim(1);
+  TUTEL_CUDA_CHECK(launch_gather_rows(a.expert_out.data_as<float>(), a.gates.data_as<float>(),
+                                      a.expert_index.data_as<int32_t>(), a.location.data_as<int32_t>(), S,
+                                      static_cast<int>(k), a.capacity, O, a.is_postscore, a.y.data_as<float>(),
+                                      stream_));
+  return Status::OK();
+}
+
+Status CudaBackend::decode_backward(const DecodeBackwardArgs& a) {
+  TUTEL_RETURN_IF_ERROR(activate());
+  const int64_t S = a.dy.dim(0), O = a.dy.dim(1), k = a.gates.dim(1), C = a.slot_assignment.dim(1);
+  TUTEL_CUDA_CHECK(launch_scatter_rows(a.dy.data_as<float>(), a.gates.data_as<float>(),
+                                       a.slot_assignment.data_as<int32_t>(), a.slot_assignment.numel(), O,
+                                       static_cast<int>(k), a.is_postscore, a.d_expert_out.data_as<float>(),
+                                       stream_));
+  if (a.is_postscore) {
+    TUTEL_CUDA_CHECK(launch_assignment_dot(a.expert_out.data_as<float>(), a.dy.data_as<float>(),
+                                           a.expert_index.data_as<int32_t>(), a.location.data_as<int32_t>(), S,
+                                           static_cast<int>(k), C, O, /*accumulate=*/false,
+                                           a.d_gates.data_as<float>(), stream_));
+  } else {
+    TUTEL_RETURN_IF_ERROR(fill_zero(a.d_gates));
+  }
+  return Status::OK();
+}
+
+Status CudaBackend::encode_backward(const EncodeBackwardArgs& a) {
+  TUTEL_RETURN_IF_ERROR(activate());
+  const int64_t S = a.x.dim(0), M = a.x.dim(1), k = a.gates.dim(1);
+  TUTEL_CUDA_CHECK(launch_gather_rows(a.d_dispatched.data_as<float>(), a.gates.data_as<float>(),
+                                      a.expert_index.data_as<int32_t>(), a.location.data_as<int32_t>(), S,
+                                      static_cast<int>(k), a.capacity, M, !a.is_postscore, a.dx.data_as<float>(),
+                                      stream_));
+  if (!a.is_postscore)
+    TUTEL_CUDA_CHECK(launch_assignment_dot(a.d_dispatched.data_as<float>(), a.x.data_as<float>(),
+                                           a.expert_index.data_as<int32_t>(), a.location.data_as<int32_t>(), S,
+                                           static_cast<int>(k), a.capacity, M, /*accumulate=*/true,
+                                           a.d_gates.data_as<float>(), stream_));
+  return Status::OK();
+}
+
+Status CudaBackend::gate_backward(const GateBackwardArgs& a) {
+  TUTEL_RETURN_IF_ERROR(activate());
+  const int64_t S = a.x.dim(0), M = a.x.dim(1), E = a.gate_weight.dim(0), k = a.expert_index.dim(1);
+  float* d_logits = a.d_logits.data_as<float>();
+  TUTEL_ASSIGN_OR_RETURN(void* s, scratch(gate_backward_scratch_bytes(E)));
+  TUTEL_CUDA_CHECK(launch_gate_backward_logits(a.scores.data_as<float>(), a.expert_index.data_as<int32_t>(),
+                                               a.d_gates.data_as<float>(), S, E, static_cast<int>(k), a.dl_aux,
+                                               a.normalize_gate, s, d_logits, stream_));
+  // d_wg[E, M] += d_logitsᵀ · x ; dx[S, M] += d_logits · wg
+  TUTEL_RETURN_IF_ERROR(gemm(E, M, S, {d_logits, E, 0, true, S * E}, {a.x.data_as<float>(), M, 0, false, S * M},
+                             a.d_gate_weight.data_as<float>(), M, 0, 1, 1.f, DType::kF32, {}));
+  TUTEL_RETURN_IF_ERROR(gemm(S, M, E, {d_logits, E, 0, false, S * E},
+                             {a.gate_weight.data_as<float>(), M, 0, false, E * M}, a.dx.data_as<float>(), M, 0, 1,
+                             1.f, DType::kF32, {}));
+  return Status::OK();
+}
+
+size_t CudaBackend::expert_workspace_bytes(const ExpertShape& s, DType matmul_dtype) const {
+  if (matmul_dtype != DType::kBF16) return 0;
+  const int64_t C = s.capacity, M = s.model_dim, H = s.hidden, O = s.output_dim;
+  const int64_t per_operand = s.experts * std::max({C * M, C * H, C * O, H * M, H * O});
+  const int64_t aligned = (per_operand + kBf16Align - 1) / kBf16Align * kBf16Align;
+  return static_cast<size_t>(2 * aligned) * 2;  // two bf16 operands
+}
+
+Status CudaBackend::expert_forward(const ExpertForwardArgs& a) {
+  TUTEL_RETURN_IF_ERROR(activate());
+  const int64_t E = a.dispatched.dim(0), C = a.dispatched.dim(1), M = a.dispatched.dim(2);
+  const int64_t H = a.weights.fc1_weight.dim(1), O = a.weights.fc2_weight.dim(2);
+  if (C == 0) return Status::OK();
+  const float* b1 = a.weights.fc1_bias.empty() ? nullptr : a.weights.fc1_bias.data_as<float>();
+  const float* b2 = a.weights.fc2_bias.empty() ? nullptr : a.weights.fc2_bias.data_as<float>();
+  float* pre = a.pre_activation.empty() ? nullptr : a.pre_activation.data_as<float>();
+  float* hidden = a.hidden.data_as<float>();
+  float* out = a.expert_out.data_as<float>();
+  // pre[e] = disp[e] · fc1[e]ᵀ, then bias and activation (into hidden; pre kept for backward).
+  float* fc1_out = pre ? pre : hidden;
+  TUTEL_RETURN_IF_ERROR(gemm(C, H, M, {a.dispatched.data_as<float>(), M, C * M, false, E * C * M},
+                             {a.weights.fc1_weight.data_as<float>(), M, H * M, true, E * H * M}, fc1_out, H, C * H, E,
+                             0.f, a.matmul_dtype, a.workspace));
+  TUTEL_CUDA_CHECK(launch_bias_activation(fc1_out, b1, E, C, H, act_kind(a.activation), pre, hidden, stream_));
+  // out[e] = hidden[e] · fc2[e] + b2[e]
+  TUTEL_RETURN_IF_ERROR(gemm(C, O, H, {hidden, H, C * H, false, E * C * H},
+                             {a.weights.fc2_weight.data_as<float>(), O, H * O, false, E * H * O}, out, O, C * O, E,
+                             0.f, a.matmul_dtype, a.workspace));
+  if (b2) TUTEL_CUDA_CHECK(launch_bias_activation(out, b2, E, C, O, ActKind::kNone, nullptr, out, stream_));
+  return Status::OK();
+}
+
+Status CudaBackend::expert_backward(const ExpertBackwardArgs& a) {
+  TUTEL_RETURN_IF_ERROR(activate());
+  const int64_t E = a.dispatched.dim(0), C = a.dispatched.dim(1), M = a.dispatched.dim(2);
+  const int64_t H = a.weights.fc1_weight.dim(1), O = a.weights.fc2_weight.dim(2);
+  if (C == 0) return Status::OK();  // no slots: nothing flows to the weights, d_dispatched is empty
+  if (a.activation != Activation::kRelu && a.pre_activation.empty())
+    return Status::InvalidArgument(std::string(activation_name(a.activation)) +
+                                   " backward needs the pre-activation kept by a training forward");
+  const float* d_out = a.d_expert_out.data_as<float>();
+  const float* hidden = a.hidden.data_as<float>();
+  float* d_hidden = a.d_hidden.data_as<float>();
+  const DType dt = a.matmul_dtype;
+  const bool bias_grads = !a.grads.fc1_bias.empty() || !a.grads.fc2_bias.empty();
+  void* bias_scratch = nullptr;
+  if (bias_grads) {
+    TUTEL_ASSIGN_OR_RETURN(bias_scratch, scratch(bias_grad_scratch_bytes(E, C, std::max(H, O))));
+  }
+
+  // fc2: dW2 += hᵀ·d_out, db2 += Σ_c d_out, d_hidden = d_out·W2ᵀ.
+  TUTEL_RETURN_IF_ERROR(gemm(H, O, C, {hidden, H, C * H, true, E * C * H}, {d_out, O, C * O, false, E * C * O},
+                             a.grads.fc2_weight.data_as<float>(), O, H * O, E, 1.f, dt, a.workspace));
+  if (!a.grads.fc2_bias.empty())
+    TUTEL_CUDA_CHECK(launch_bias_grad(d_out, E, C, O, bias_scratch, a.grads.fc2_bias.data_as<float>(), stream_));
+  TUTEL_RETURN_IF_ERROR(gemm(C, H, O, {d_out, O, C * O, false, E * C * O},
+                             {a.weights.fc2_weight.data_as<float>(), O, H * O, true, E * H * O}, d_hidden, H, C * H,
+                             E, 0.f, dt, a.workspace));
+  // act': in place, d_hidden becomes d_pre.
+  const float* act_input = a.activation == Activation::kRelu ? hidden : a.pre_activation.data_as<float>();
+  TUTEL_CUDA_CHECK(launch_activation_backward(act_input, act_kind(a.activation), E * C * H, d_hidden, stream_));
+  // fc1: dW1 += d_preᵀ·disp, db1 += Σ_c d_pre, d_disp = d_pre·W1.
+  TUTEL_RETURN_IF_ERROR(gemm(H, M, C, {d_hidden, H, C * H, true, E * C * H},
+                             {a.dispatched.data_as<float>(), M, C * M, false, E * C * M},
+                             a.grads.fc1_weight.data_as<float>(), M, H * M, E, 1.f, dt, a.workspace));
+  if (!a.grads.fc1_bias.empty())
+    TUTEL_CUDA_CHECK(launch_bias_grad(d_hidden, E, C, H, bias_scratch, a.grads.fc1_bias.data_as<float>(), stream_));
+  return gemm(C, M, H, {d_hidden, H, C * H, false, E * C * H},
+              {a.weights.fc1_weight.data_as<float>(), M, H * M, false, E * H * M}, a.d_dispatched.data_as<float>(), M,
+              C * M, E, 0.f, dt, a.workspace);
+}
+
+Status CudaBackend::sgd_step(const SgdArgs& a) {
+  TUTEL_RETURN_IF_ERROR(activate());
+  float* buf = a.momentum_buffer.empty() ? nullptr : a.momentum_buffer.data_as<float>();
+  if (a.momentum != 0.f && !buf) return Status::InvalidArgument("sgd with momentum needs a momentum buffer");
+  const SgdParams p{a.lr, a.momentum, a.weight_decay, a.nesterov, a.first_step};
+  TUTEL_CUDA_CHECK(launch_sgd(a.param.data_as<float>(), a.grad.data_as<float>(), buf, a.param.numel(), p, stream_));
+  return Status::OK();
+}
+
+Status CudaBackend::adamw_step(const AdamWArgs& a) {
+  TUTEL_RETURN_IF_ERROR(activate());
+  if (a.step < 1) return Status::InvalidArgument("adamw step count must be >= 1");
+  // PyTorch's AdamW: decoupled decay, bias corrections folded into the step size (as the CPU).
+  const double bc1 = 1.0 - std::pow(double(a.beta1), double(a.step));
+  const double bc2 = 1.0 - std::pow(double(a.beta2), double(a.step));
+  const AdamWParams p{a.beta1,
+                      a.beta2,
+                      a.eps,
+                      static_cast<float>(a.lr / bc1),
+                      static_cast<float>(std::sqrt(bc2)),
+                      1.f - a.lr * a.weight_decay};
+  TUTEL_CUDA_CHECK(launch_adamw(a.param.data_as<float>(), a.grad.data_as<float>(), a.exp_avg.data_as<float>(),
+                                a.exp_avg_sq.data_as<float>(), a.param.numel(), p, stream_));
+  return Status::OK();
+}
+
+std::string runtime_reason(cudaError_t err) {
+  return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+}
+
+}  // namespace
+
+int device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+Result<std::unique_ptr<Backend>> make_cuda_backend(const BackendOptions& options) {
+  if (options.device_index < 0)
+    return Status::InvalidArgument("device_index = " + std::to_string(options.device_index) + " must be >= 0");
+  int count = 0;
+  if (const cudaError_t err = cudaGetDeviceCount(&count); err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return Status::Unavailable("cuda backend: no usable CUDA device (" + runtime_reason(err) +
+                               "); run on a machine with an NVIDIA GPU and its driver, or use the 'cpu' backend");
+  }
+  if (count == 0)
+    return Status::Unavailable("cuda backend: the CUDA driver reports no device; use the 'cpu' backend");
+  if (options.device_index >= count)
+    return Status::InvalidArgument("cuda backend: device_index = " + std::to_string(options.device_index) +
+                                   " but this machine has " + std::to_string(count) + " CUDA device(s)");
+  auto backend = std::make_unique<CudaBackend>(options.device_index);
+  if (Status s = backend->init(); !s.ok()) return s.with_context("cuda backend on device " +
+                                                                  std::to_string(options.device_index));
+  return std::unique_ptr<Backend>(std::move(backend));
+}
+
+}  // namespace tutel::cuda

@@ -1,0 +1,58 @@
+// Small device helpers shared by the .cu files of the CUDA backend.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace tutel::cuda {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kThreads = 256;  // threads per block of the elementwise kernels
+// Grid-stride loops cap the grid here; every loop is correct for any grid size.
+constexpr int64_t kMaxBlocks = 65535;
+
+inline unsigned grid_for(int64_t items, int threads = kThreads) {
+  const int64_t blocks = (items + threads - 1) / threads;
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
+}
+
+// First global index and stride of a grid-stride loop.
+__device__ inline int64_t grid_index() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ inline int64_t grid_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+
+// Butterfly reductions: every lane ends with the result, combined in a fixed order.
+template <typename T>
+__device__ inline T warp_sum(T v) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+__device__ inline float warp_max(float v) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
+  return v;
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// float4 arithmetic for the vectorised row kernels.
+__device__ inline float4 operator*(float g, float4 v) { return make_float4(g * v.x, g * v.y, g * v.z, g * v.w); }
+__device__ inline float4& operator+=(float4& a, float4 b) {
+  a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w;
+  return a;
+}
+__device__ inline float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
+
+template <typename V>
+__device__ inline V zero_of();
+template <>
+__device__ inline float zero_of<float>() { return 0.f; }
+template <>
+__device__ inline float4 zero_of<float4>() { return make_float4(0.f, 0.f, 0.f, 0.f); }
+
+__device__ inline float dot_of(float a, float b) { return a * b; }
+__device__ inline float dot_of(float4 a, float4 b) { return dot4(a, b); }
+
+}  // namespace tutel::cuda

@@ -1,0 +1,175 @@
+// Elementwise and reduction kernels around the expert GEMMs (bias, activation and their
+// backward, bias gradients, bf16 conversion) and the optimizers.
+#include <cuda_bf16.h>
+
+#include <cmath>
+
+#include "cuda/cuda_kernels.hpp"
+#include "cuda/device_utils.cuh"
+
+namespace tutel::cuda {
+namespace {
+
+constexpr int kBiasRows = 256;  // rows per partial sum of a bias gradient
+
+// gelu is the exact erf form; silu is x·sigmoid(x) (oneDNN's swish with alpha 1).
+__device__ inline float activate(ActKind act, float x) {
+  switch (act) {
+    case ActKind::kRelu: return x > 0.f ? x : 0.f;
+    case ActKind::kGelu: return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+    case ActKind::kSilu: return x / (1.f + expf(-x));
+    case ActKind::kNone: break;
+  }
+  return x;
+}
+
+// act'(x) · d; x is the output for relu (positive exactly where the input is), else the input.
+__device__ inline float activation_grad(ActKind act, float x, float d) {
+  switch (act) {
+    case ActKind::kRelu: return x > 0.f ? d : 0.f;
+    case ActKind::kGelu: {
+      const float cdf = 0.5f * (1.f + erff(x * 0.70710678118654752f));
+      const float pdf = expf(-0.5f * x * x) * 0.39894228040143268f;  // 1/sqrt(2π)
+      return d * (cdf + x * pdf);
+    }
+    case ActKind::kSilu: {
+      const float sig = 1.f / (1.f + expf(-x));
+      return d * (sig * (1.f + x * (1.f - sig)));
+    }
+    case ActKind::kNone: break;
+  }
+  return d;
+}
+
+// A block walks whole rows, its threads over the row: one division per row, none per element.
+__global__ void bias_activation_kernel(const float* in, const float* bias, int64_t experts, int64_t rows,
+                                       int64_t width, ActKind act, float* pre_out, float* out) {
+  const int64_t total_rows = experts * rows;
+  for (int64_t row = blockIdx.x; row < total_rows; row += gridDim.x) {
+    const float* b = bias ? bias + (row / rows) * width : nullptr;
+    const int64_t base = row * width;
+    for (int64_t n = threadIdx.x; n < width; n += blockDim.x) {
+      float x = in[base + n];
+      if (b) x += b[n];
+      if (pre_out) pre_out[base + n] = x;
+      out[base + n] = activate(act, x);
+    }
+  }
+}
+
+__global__ void activation_backward_kernel(const float* x, ActKind act, int64_t n, float* d) {
+  for (int64_t i = grid_index(); i < n; i += grid_stride()) d[i] = activation_grad(act, x[i], d[i]);
+}
+
+// partial[e, chunk, n] = Σ over the chunk's rows of d[e, r, n], in row order.
+__global__ void bias_grad_partial_kernel(const float* d, int64_t experts, int64_t rows, int64_t width,
+                                         int64_t chunks, float* partial) {
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= width) return;
+  for (int64_t ec = blockIdx.y; ec < experts * chunks; ec += gridDim.y) {
+    const int64_t e = ec / chunks, c = ec - e * chunks;
+    const int64_t r0 = c * kBiasRows, r1 = min(rows, r0 + kBiasRows);
+    float acc = 0.f;
+    for (int64_t r = r0; r < r1; ++r) acc += d[(e * rows + r) * width + n];
+    partial[ec * width + n] = acc;
+  }
+}
+
+// dbias[e, n] += Σ_chunk partial[e, chunk, n], in chunk order.
+__global__ void bias_grad_final_kernel(const float* partial, int64_t experts, int64_t chunks, int64_t width,
+                                       float* dbias) {
+  for (int64_t i = grid_index(); i < experts * width; i += grid_stride()) {
+    const int64_t e = i / width, n = i - e * width;
+    float acc = 0.f;
+    for (int64_t c = 0; c < chunks; ++c) acc += partial[(e * chunks + c) * width + n];
+    dbias[i] += acc;
+  }
+}
+
+__global__ void to_bf16_kernel(const float* in, int64_t n, __nv_bfloat16* out) {
+  for (int64_t i = grid_index(); i < n; i += grid_stride()) out[i] = __float2bfloat16_rn(in[i]);
+}
+
+__global__ void sgd_kernel(float* param, const float* grad, float* buf, int64_t n, SgdParams p) {
+  for (int64_t i = grid_index(); i < n; i += grid_stride()) {
+    float d = grad[i] + p.weight_decay * param[i];
+    if (buf) {
+      buf[i] = p.first_step ? d : p.momentum * buf[i] + d;
+      d = p.nesterov ? d + p.momentum * buf[i] : buf[i];
+    }
+    param[i] -= p.lr * d;
+  }
+}
+
+__global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, int64_t n, AdamWParams p) {
+  for (int64_t i = grid_index(); i < n; i += grid_stride()) {
+    const float g = grad[i];
+    float w = param[i] * p.decay;
+    const float mi = p.beta1 * m[i] + (1.f - p.beta1) * g;
+    const float vi = p.beta2 * v[i] + (1.f - p.beta2) * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    w -= p.step_size * mi / (sqrtf(vi) / p.bc2_sqrt + p.eps);
+    param[i] = w;
+  }
+}
+
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+}  // namespace
+
+cudaError_t launch_bias_activation(const float* in, const float* bias, int64_t experts, int64_t rows,
+                                   int64_t width, ActKind act, float* pre_out, float* out, cudaStream_t stream) {
+  const int64_t total_rows = experts * rows;
+  if (total_rows <= 0 || width <= 0) return cudaSuccess;
+  const int threads = width >= kThreads ? kThreads : static_cast<int>((width + kWarpSize - 1) / kWarpSize * kWarpSize);
+  const unsigned grid = static_cast<unsigned>(total_rows > kMaxBlocks ? kMaxBlocks : total_rows);
+  bias_activation_kernel<<<grid, threads, 0, stream>>>(in, bias, experts, rows, width, act, pre_out, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_activation_backward(const float* x, ActKind act, int64_t n, float* d, cudaStream_t stream) {
+  if (n <= 0 || act == ActKind::kNone) return cudaSuccess;
+  activation_backward_kernel<<<grid_for(n), kThreads, 0, stream>>>(x, act, n, d);
+  return cudaGetLastError();
+}
+
+size_t bias_grad_scratch_bytes(int64_t experts, int64_t rows, int64_t width) {
+  const int64_t chunks = (rows + kBiasRows - 1) / kBiasRows;
+  return align256(static_cast<size_t>(experts * chunks * width) * sizeof(float));
+}
+
+cudaError_t launch_bias_grad(const float* d, int64_t experts, int64_t rows, int64_t width, void* scratch,
+                             float* dbias, cudaStream_t stream) {
+  if (experts * rows * width <= 0) return cudaSuccess;
+  const int64_t chunks = (rows + kBiasRows - 1) / kBiasRows;
+  auto* partial = static_cast<float*>(scratch);
+  const dim3 grid(static_cast<unsigned>((width + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(experts * chunks > kMaxBlocks ? kMaxBlocks : experts * chunks));
+  bias_grad_partial_kernel<<<grid, kThreads, 0, stream>>>(d, experts, rows, width, chunks, partial);
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  bias_grad_final_kernel<<<grid_for(experts * width), kThreads, 0, stream>>>(partial, experts, chunks, width, dbias);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_to_bf16(const float* in, int64_t n, void* out, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  to_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(in, n, static_cast<__nv_bfloat16*>(out));
+  return cudaGetLastError();
+}
+
+cudaError_t launch_sgd(float* param, const float* grad, float* momentum_buffer, int64_t n, SgdParams p,
+                       cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  sgd_kernel<<<grid_for(n), kThreads, 0, stream>>>(param, grad, momentum_buffer, n, p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_adamw(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
+                         AdamWParams p, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  adamw_kernel<<<grid_for(n), kThreads, 0, stream>>>(param, grad, exp_avg, exp_avg_sq, n, p);
+  return cudaGetLastError();
+}
+
+}  // namespace tutel::cuda

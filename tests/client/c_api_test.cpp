@@ -1,0 +1,193 @@
+// The C ABI: argument checks, error codes and messages, and a training round trip against the
+// fake daemon.
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "fake_daemon.hpp"
+#include "tutel/client.h"
+
+extern "C" int tutel_c_header_check(void);  // c_header_check.c, compiled as C
+
+namespace tutel::client {
+namespace {
+
+using testing::FakeDaemon;
+using testing::FakeDaemonOptions;
+using testing::TempDir;
+
+std::string last_error() { return tutel_last_error(); }
+
+TEST(CApi, ConnectToAMissingSocketGivesNullAndSaysWhy) {
+  TempDir dir;
+  const std::string path = dir.file("absent.sock");
+  EXPECT_EQ(tutel_connect(path.c_str()), nullptr);
+  EXPECT_NE(last_error().find("Unavailable"), std::string::npos) << last_error();
+  EXPECT_NE(last_error().find("is tuteld running?"), std::string::npos) << last_error();
+  EXPECT_NE(last_error().find(path), std::string::npos) << last_error();
+}
+
+TEST(CApi, HeaderCompilesAsC) { EXPECT_EQ(tutel_c_header_check(), 0); }
+
+TEST(CApi, ConnectWithNullPathGivesNull) {
+  EXPECT_EQ(tutel_connect(nullptr), nullptr);
+  EXPECT_NE(last_error().find("socket_path is NULL"), std::string::npos) << last_error();
+}
+
+TEST(CApi, NullHandlesGiveInvalidArgument) {
+  float f = 0;
+  int64_t i = 0;
+  uint64_t u = 0;
+  const char* s = nullptr;
+  tutel_layer* layer = nullptr;
+  tutel_ticket ticket{};
+  EXPECT_EQ(tutel_ping(nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("tutel_ping: the client is NULL"), std::string::npos) << last_error();
+  EXPECT_EQ(tutel_client_info(nullptr, &s, &u), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_layer_create(nullptr, "name = \"x\"", &layer), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(layer, nullptr);
+  EXPECT_EQ(tutel_layer_create(nullptr, "x", nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_layer_attach(nullptr, "x", &layer), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_forward(nullptr, &f, 1, &f, &f), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("tutel_forward: the layer is NULL"), std::string::npos)
+      << last_error();
+  EXPECT_EQ(tutel_backward(nullptr, &f, 0.f, &f), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_infer(nullptr, &f, 1, &f, nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_step(nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_zero_grad(nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_save(nullptr, "a"), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_load(nullptr, "a"), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_layer_dims(nullptr, &i, &i, &i), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_forward_stats(nullptr, &i, &i), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_layer_destroy(nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_submit_forward(nullptr, &f, 1, &f, 1, &ticket), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_submit_backward(nullptr, 1, &f, 0.f, &f, &ticket), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_wait(nullptr, ticket, nullptr), TUTEL_E_INVALID_ARGUMENT);
+  tutel_layer_release(nullptr);  // no-ops
+  tutel_close(nullptr);
+}
+
+class CApiWithDaemon : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    daemon_ = std::make_unique<FakeDaemon>(dir_.file("d.sock"), FakeDaemonOptions{});
+    ASSERT_EQ(daemon_->error(), "");
+    client_ = tutel_connect(dir_.file("d.sock").c_str());
+    ASSERT_NE(client_, nullptr) << last_error();
+  }
+  void TearDown() override { tutel_close(client_); }
+
+  TempDir dir_;
+  std::unique_ptr<FakeDaemon> daemon_;
+  tutel_client* client_ = nullptr;
+};
+
+TEST_F(CApiWithDaemon, TrainingRoundTrip) {
+  const char* tenant = nullptr;
+  uint64_t data_bytes = 0;
+  ASSERT_EQ(tutel_client_info(client_, &tenant, &data_bytes), TUTEL_OK);
+  EXPECT_STREQ(tenant, "fake");
+  EXPECT_GT(data_bytes, 0u);
+  EXPECT_EQ(tutel_ping(client_), TUTEL_OK) << last_error();
+
+  tutel_layer* layer = nullptr;
+  ASSERT_EQ(tutel_layer_create(client_, "name = \"moe\"", &layer), TUTEL_OK) << last_error();
+  int64_t m = 0, o = 0, e = 0;
+  ASSERT_EQ(tutel_layer_dims(layer, &m, &o, &e), TUTEL_OK);
+  EXPECT_EQ(m, 4);
+  EXPECT_EQ(o, 4);
+  EXPECT_EQ(e, 4);
+
+  std::vector<float> x = {1, 2, 3, 4, 5, 6, 7, 8}, y(8), dx(8);
+  float l_aux = 0;
+  ASSERT_EQ(tutel_forward(layer, x.data(), 2, y.data(), &l_aux), TUTEL_OK) << last_error();
+  EXPECT_FLOAT_EQ(l_aux, 0.5f);
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_FLOAT_EQ(y[i], 2 * x[i]);
+  int64_t capacity = 0, dropped = -1;
+  ASSERT_EQ(tutel_forward_stats(layer, &capacity, &dropped), TUTEL_OK);
+  EXPECT_EQ(capacity, 2);
+  ASSERT_EQ(tutel_backward(layer, y.data(), 0.01f, dx.data()), TUTEL_OK) << last_error();
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_FLOAT_EQ(dx[i], 6 * x[i]);
+  // Nothing is pending any more.
+  EXPECT_EQ(tutel_backward(layer, y.data(), 0.01f, dx.data()), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("call forward() first"), std::string::npos) << last_error();
+
+  ASSERT_EQ(tutel_step(layer), TUTEL_OK) << last_error();
+  EXPECT_EQ(daemon_->steps(), 1);
+  EXPECT_EQ(tutel_zero_grad(layer), TUTEL_OK);
+  EXPECT_EQ(tutel_save(layer, "ck.safetensors"), TUTEL_OK);
+  EXPECT_EQ(tutel_load(layer, "ck.safetensors"), TUTEL_OK);
+
+  ASSERT_EQ(tutel_infer(layer, x.data(), 2, y.data(), nullptr), TUTEL_OK);
+  EXPECT_EQ(tutel_backward(layer, y.data(), 0.f, dx.data()),
+            TUTEL_E_INVALID_ARGUMENT);  // infer keeps nothing
+  tutel_layer_release(layer);
+}
+
+TEST_F(CApiWithDaemon, ArgumentErrors) {
+  tutel_layer* layer = nullptr;
+  ASSERT_EQ(tutel_layer_create(client_, "name = \"moe\"", &layer), TUTEL_OK);
+  float f[4] = {};
+  EXPECT_EQ(tutel_forward(layer, nullptr, 1, f, nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_forward(layer, f, 0, f, nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("tokens = 0"), std::string::npos) << last_error();
+  EXPECT_EQ(tutel_forward(layer, f, -5, f, nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_save(layer, nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_layer_create(client_, nullptr, &layer), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(layer, nullptr);
+  EXPECT_EQ(tutel_layer_attach(client_, "missing", &layer), TUTEL_E_NOT_FOUND);
+  EXPECT_NE(last_error().find("NotFound: tenant 'fake' has no layer 'missing'"), std::string::npos)
+      << last_error();
+}
+
+TEST_F(CApiWithDaemon, AsyncMicroBatches) {
+  tutel_layer* layer = nullptr;
+  ASSERT_EQ(tutel_layer_attach(client_, "moe", &layer), TUTEL_OK);
+  std::vector<float> x1(4, 1.f), x2(8, 2.f), y1(4), y2(8), dx(8);
+  tutel_ticket t1{}, t2{}, tb{};
+  ASSERT_EQ(tutel_submit_forward(layer, x1.data(), 1, y1.data(), 1, &t1), TUTEL_OK);
+  ASSERT_EQ(tutel_submit_forward(layer, x2.data(), 2, y2.data(), 1, &t2), TUTEL_OK);
+  EXPECT_NE(t1.sequence, t2.sequence);
+  tutel_forward_info info{};
+  ASSERT_EQ(tutel_wait(client_, t2, &info), TUTEL_OK) << last_error();  // out of order
+  EXPECT_EQ(info.sequence, t2.sequence);
+  EXPECT_EQ(info.capacity, 2);
+  ASSERT_EQ(tutel_wait(client_, t1, &info), TUTEL_OK);
+  EXPECT_EQ(y1[0], 2.f);
+  EXPECT_EQ(y2[7], 4.f);
+  EXPECT_EQ(tutel_wait(client_, t1, &info), TUTEL_E_INVALID_ARGUMENT);  // already waited for
+  ASSERT_EQ(tutel_submit_backward(layer, t2.sequence, y2.data(), 0.f, dx.data(), &tb), TUTEL_OK);
+  ASSERT_EQ(tutel_wait(client_, tb, nullptr), TUTEL_OK);
+  EXPECT_EQ(dx[0], 12.f);
+  EXPECT_EQ(tutel_submit_backward(layer, t2.sequence, y2.data(), 0.f, dx.data(), &tb),
+            TUTEL_E_INVALID_ARGUMENT);
+  tutel_layer_release(layer);
+}
+
+TEST_F(CApiWithDaemon, LayersFailAfterTheClientIsClosed) {
+  tutel_layer* layer = nullptr;
+  ASSERT_EQ(tutel_layer_attach(client_, "moe", &layer), TUTEL_OK);
+  tutel_close(client_);
+  client_ = nullptr;
+  float f[4] = {};
+  EXPECT_EQ(tutel_forward(layer, f, 1, f, nullptr), TUTEL_E_UNAVAILABLE);
+  EXPECT_NE(last_error().find("the client was closed"), std::string::npos) << last_error();
+  EXPECT_EQ(tutel_step(layer), TUTEL_E_UNAVAILABLE);
+  tutel_layer_release(layer);
+}
+
+TEST(CApi, RefusedHelloGivesNullWithTheDaemonsReason) {
+  TempDir dir;
+  FakeDaemonOptions options;
+  options.refuse =
+      Status::PermissionDenied("uid 1234 / gid 1234 belongs to no tenant; add it to a [[tenant]]");
+  FakeDaemon daemon(dir.file("d.sock"), options);
+  ASSERT_EQ(daemon.error(), "");
+  EXPECT_EQ(tutel_connect(dir.file("d.sock").c_str()), nullptr);
+  EXPECT_NE(last_error().find("PermissionDenied"), std::string::npos) << last_error();
+  EXPECT_NE(last_error().find("belongs to no tenant"), std::string::npos) << last_error();
+}
+
+}  // namespace
+}  // namespace tutel::client

@@ -1,0 +1,14 @@
+/* Compiled as C: tutel/client.h must stay plain C (no C++ types, no default arguments). */
+#include "tutel/client.h"
+
+#include <stddef.h>
+
+int tutel_c_header_check(void);
+
+int tutel_c_header_check(void) {
+  tutel_ticket ticket = {0, 0};
+  tutel_forward_info info = {0.f, 0, 0, 0};
+  (void)info;
+  /* A NULL client is refused with TUTEL_E_INVALID_ARGUMENT, from C as from C++. */
+  return tutel_wait(NULL, ticket, NULL) == TUTEL_E_INVALID_ARGUMENT ? 0 : 1;
+}

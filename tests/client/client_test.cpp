@@ -1,0 +1,214 @@
+// The C++ API's mechanics against the fake daemon: flow control, arena limits, errors carried by
+// completions, and a daemon that dies mid-request.
+#include "tutel/client.hpp"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "fake_daemon.hpp"
+
+namespace tutel::client {
+namespace {
+
+using testing::FakeDaemon;
+using testing::FakeDaemonOptions;
+using testing::TempDir;
+
+struct Fixture {
+  explicit Fixture(FakeDaemonOptions options = {}) : daemon(dir.file("d.sock"), options) {}
+  Result<Client> connect(ClientOptions options = {}) {
+    return Client::connect(dir.file("d.sock"), options);
+  }
+  TempDir dir;
+  FakeDaemon daemon;
+};
+
+TEST(Client, HelloCarriesNameAndPid) {
+  Fixture f;
+  ClientOptions options;
+  options.name = "trainer-7";
+  auto client = f.connect(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  EXPECT_TRUE(client->is_connected());
+  EXPECT_EQ(client->tenant(), "fake");
+  EXPECT_EQ(client->session_id(), 1u);
+  const auto hello = f.daemon.last_hello();
+  EXPECT_EQ(hello.value("client", std::string()), "trainer-7");
+  EXPECT_EQ(hello.value("pid", int64_t{0}), static_cast<int64_t>(::getpid()));
+  EXPECT_TRUE(client->ping().ok());
+}
+
+TEST(Client, SequencesAreUniqueAcrossHandlesOfOneSession) {
+  Fixture f;
+  auto client = f.connect();
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto a = client->attach_layer("moe");
+  auto b = client->attach_layer("moe");
+  ASSERT_TRUE(a.ok() && b.ok());
+  std::vector<float> x(4, 1.f), y(4);
+  ForwardInfo ia, ib;
+  ASSERT_TRUE(a->forward(x.data(), 1, y.data(), &ia).ok());
+  ASSERT_TRUE(b->forward(x.data(), 1, y.data(), &ib).ok());
+  EXPECT_NE(ia.sequence, ib.sequence);
+  EXPECT_EQ(ia.dropped,
+            static_cast<int64_t>(ia.sequence));  // the fake echoes the descriptor's sequence
+  EXPECT_EQ(a->pending_backwards(), 1u);
+  EXPECT_EQ(a->oldest_pending_sequence(), ia.sequence);
+  // b's forward cannot be backwarded through a.
+  EXPECT_EQ(a->backward(ib.sequence, y.data(), 0.f, x.data()).code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(a->backward(y.data(), 0.f, x.data()).ok());
+  EXPECT_TRUE(b->backward(ib.sequence, y.data(), 0.f, x.data()).ok());
+}
+
+TEST(Client, MoreMicroBatchesThanRingSlots) {
+  Fixture f;
+  auto client = f.connect();
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto layer = client->attach_layer("moe");
+  ASSERT_TRUE(layer.ok());
+  constexpr int kBatches = 150;  // > 64 slots: submit waits for completions by itself
+  std::vector<std::vector<float>> xs(kBatches), ys(kBatches);
+  std::vector<Ticket> tickets;
+  for (int i = 0; i < kBatches; ++i) {
+    xs[i].assign(4 * (1 + i % 3), static_cast<float>(i));
+    ys[i].assign(xs[i].size(), -1.f);
+    auto t = layer->submit_forward(xs[i].data(), 1 + i % 3, ys[i].data());
+    ASSERT_TRUE(t.ok()) << t.status();
+    tickets.push_back(*t);
+  }
+  for (int i = kBatches - 1; i >= 0; --i) {
+    auto info = client->wait(tickets[i]);
+    ASSERT_TRUE(info.ok()) << info.status();
+    EXPECT_EQ(info->sequence, tickets[i].sequence);
+    for (float v : ys[i]) ASSERT_EQ(v, 2.f * i);
+  }
+  EXPECT_EQ(layer->pending_backwards(), static_cast<size_t>(kBatches));
+}
+
+TEST(Client, StepWaitsForRequestsInFlight) {
+  FakeDaemonOptions options;
+  options.delay = std::chrono::milliseconds(20);
+  Fixture f(options);
+  auto client = f.connect();
+  ASSERT_TRUE(client.ok());
+  auto layer = client->attach_layer("moe");
+  ASSERT_TRUE(layer.ok());
+  std::vector<float> x(4, 1.f), y(4), dx(4);
+  auto t = layer->submit_forward(x.data(), 1, y.data());
+  ASSERT_TRUE(t.ok());
+  auto step = layer->step();
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_EQ(*step, 1);
+  EXPECT_EQ(f.daemon.requests_seen(), 1u);
+  EXPECT_EQ(y[0], 2.f);  // completed before the step
+  EXPECT_TRUE(client->wait(*t).ok());
+  auto saved = layer->save("ck.safetensors");
+  ASSERT_TRUE(saved.ok());
+  EXPECT_EQ(*saved, "/state/fake/checkpoints/ck.safetensors");
+}
+
+TEST(Client, RequestLargerThanTheArenaSaysWhatToRaise) {
+  FakeDaemonOptions options;
+  options.arena_bytes = 256 << 10;
+  Fixture f(options);
+  auto client = f.connect();
+  ASSERT_TRUE(client.ok());
+  auto layer = client->attach_layer("moe");
+  ASSERT_TRUE(layer.ok());
+  const int64_t tokens = 20000;  // 20000·4·4 bytes in and out: 625 KiB > the data region
+  std::vector<float> x(tokens * 4), y(tokens * 4);
+  const Status st = layer->forward(x.data(), tokens, y.data());
+  EXPECT_EQ(st.code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(st.message().find("server.arena_bytes"), std::string::npos) << st;
+  EXPECT_NE(st.message().find("20000 tokens"), std::string::npos) << st;
+  EXPECT_EQ(layer->pending_backwards(), 0u);
+  // The session still works.
+  EXPECT_TRUE(layer->forward(x.data(), 100, y.data()).ok());
+}
+
+TEST(Client, CompletionErrorsKeepTheirCodeAndMessage) {
+  FakeDaemonOptions options;
+  options.fail_request = 2;  // request 1 is the ping
+  Fixture f(options);
+  auto client = f.connect();
+  ASSERT_TRUE(client.ok());
+  ASSERT_TRUE(client->ping().ok());
+  auto layer = client->attach_layer("moe");
+  ASSERT_TRUE(layer.ok());
+  std::vector<float> x(4), y(4);
+  const Status st = layer->forward(x.data(), 1, y.data());
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(st.message(), "x has 12 bytes; 3 tokens need 48");  // the code prefix is not repeated
+  EXPECT_EQ(layer->pending_backwards(), 0u);                    // a failed forward has no backward
+  EXPECT_TRUE(layer->forward(x.data(), 1, y.data()).ok());
+}
+
+TEST(Client, DaemonDeathFailsTheWaitInsteadOfHanging) {
+  FakeDaemonOptions options;
+  options.hang_up_after = 2;
+  Fixture f(options);
+  ClientOptions copts;
+  copts.liveness_interval = std::chrono::milliseconds(50);
+  auto client = f.connect(copts);
+  ASSERT_TRUE(client.ok());
+  auto layer = client->attach_layer("moe");
+  ASSERT_TRUE(layer.ok());
+  std::vector<float> x(4), y(4);
+  ASSERT_TRUE(layer->forward(x.data(), 1, y.data()).ok());
+  const auto started = std::chrono::steady_clock::now();
+  const Status st = layer->forward(x.data(), 1, y.data());
+  const auto waited = std::chrono::steady_clock::now() - started;
+  EXPECT_EQ(st.code(), StatusCode::kUnavailable) << st;
+  EXPECT_NE(st.message().find("lost the connection to tuteld"), std::string::npos) << st;
+  EXPECT_LT(waited, std::chrono::seconds(5));
+  EXPECT_FALSE(client->is_connected());
+  // Every later call fails the same way, at once.
+  EXPECT_EQ(layer->step().status().code(), StatusCode::kUnavailable);
+  EXPECT_EQ(client->ping().code(), StatusCode::kUnavailable);
+}
+
+TEST(Client, RequestTimeoutLeavesTheRequestInFlight) {
+  FakeDaemonOptions options;
+  options.delay = std::chrono::milliseconds(300);
+  Fixture f(options);
+  ClientOptions copts;
+  copts.request_timeout = std::chrono::milliseconds(50);
+  auto client = f.connect(copts);
+  ASSERT_TRUE(client.ok());
+  auto layer = client->attach_layer("moe");
+  ASSERT_TRUE(layer.ok());
+  std::vector<float> x(4, 1.f), y(4);
+  auto t = layer->submit_forward(x.data(), 1, y.data());
+  ASSERT_TRUE(t.ok());
+  auto first = client->wait(*t);
+  EXPECT_EQ(first.status().code(), StatusCode::kTimeout) << first.status();
+  Result<ForwardInfo> later = Status::Internal("unset");
+  for (int i = 0; i < 40; ++i) {
+    later = client->wait(*t);
+    if (later.status().code() != StatusCode::kTimeout) break;
+  }
+  EXPECT_TRUE(later.ok()) << later.status();
+  EXPECT_EQ(y[0], 2.f);
+}
+
+TEST(Client, MovedFromObjectsSaySo) {
+  Fixture f;
+  auto client = f.connect();
+  ASSERT_TRUE(client.ok());
+  Client moved = std::move(*client);
+  EXPECT_EQ(client->ping().code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(moved.ping().ok());
+  auto layer = moved.attach_layer("moe");
+  ASSERT_TRUE(layer.ok());
+  Layer other = std::move(*layer);
+  EXPECT_EQ(layer->zero_grad().code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(other.zero_grad().ok());
+  EXPECT_TRUE(other.destroy().ok());
+  EXPECT_EQ(other.zero_grad().code(), StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace tutel::client

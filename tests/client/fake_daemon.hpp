@@ -1,0 +1,224 @@
+// A stand-in for tuteld that speaks the wire protocol (hello + arena, control frames, the rings)
+// with trivial arithmetic instead of an MoE, so the client library's mechanics can be tested
+// without the daemon: forward y = 2·x, backward dx = 3·dy, l_aux = 0.5, capacity = tokens.
+// Behaviours a test can ask for: refuse the hello, fail one request, hang up after N requests.
+#pragma once
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "tutel/ipc/arena.hpp"
+#include "tutel/ipc/json_body.hpp"
+#include "tutel/ipc/ring.hpp"
+#include "tutel/ipc/socket.hpp"
+
+namespace tutel::client::testing {
+
+// A fresh directory under /tmp, removed with its contents on destruction.
+class TempDir {
+ public:
+  TempDir() {
+    char tmpl[] = "/tmp/tutel-client-XXXXXX";
+    if (::mkdtemp(tmpl) != nullptr) path_ = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+struct FakeDaemonOptions {
+  uint64_t arena_bytes = 1ull << 20;
+  int64_t model_dim = 4;
+  std::optional<Status> refuse;        // hello: send this error with request id 0, then hang up
+  uint64_t fail_request = 0;           // the data request with this id completes with an error
+  uint64_t hang_up_after = 0;          // close the session when this many data requests arrived
+  std::chrono::milliseconds delay{0};  // before each completion
+};
+
+class FakeDaemon {
+ public:
+  FakeDaemon(std::string path, FakeDaemonOptions options)
+      : path_(std::move(path)), options_(options) {
+    auto fd = ipc::listen_unix(path_, 0600);
+    if (!fd.ok()) {
+      error_ = fd.status().to_string();
+      return;
+    }
+    listen_fd_ = std::move(*fd);
+    thread_ = std::thread([this] { serve(); });
+  }
+  ~FakeDaemon() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+  FakeDaemon(const FakeDaemon&) = delete;
+  FakeDaemon& operator=(const FakeDaemon&) = delete;
+
+  const std::string& error() const { return error_; }
+  int64_t steps() const { return steps_; }
+  uint64_t requests_seen() const { return requests_seen_; }
+  nlohmann::json last_hello() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return hello_;
+  }
+
+ private:
+  void serve() {
+    while (!stop_) {
+      pollfd p{listen_fd_.get(), POLLIN, 0};
+      if (::poll(&p, 1, 50) <= 0) continue;
+      ipc::UniqueFd conn(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+      if (!conn.valid()) continue;
+      session(std::move(conn));
+    }
+  }
+
+  // One client session, served until it hangs up or the daemon stops.
+  void session(ipc::UniqueFd conn) {
+    if (options_.refuse) {
+      (void)ipc::send_error(conn.get(), 0, *options_.refuse);
+      return;
+    }
+    std::optional<ipc::Arena> arena;
+    std::thread worker;
+    std::atomic<bool> session_stop{false};
+    std::atomic<bool> hang_up{false};
+    auto end_session = [&] {
+      session_stop = true;
+      if (worker.joinable()) worker.join();
+    };
+    while (!stop_ && !hang_up) {
+      pollfd p{conn.get(), POLLIN, 0};
+      if (::poll(&p, 1, 20) <= 0) continue;
+      auto frame = ipc::recv_frame(conn.get(), std::chrono::milliseconds(1000));
+      if (!frame.ok()) break;  // the client hung up
+      const uint32_t rid = frame->header.request_id;
+      auto body = ipc::parse_body(*frame);
+      if (!body.ok()) break;
+      using FT = ipc::FrameType;
+      switch (static_cast<FT>(frame->header.type)) {
+        case FT::kHello: {
+          {
+            std::lock_guard<std::mutex> lock(mutex_);
+            hello_ = *body;
+          }
+          auto created = ipc::Arena::create(options_.arena_bytes, "fake-tuteld");
+          if (!created.ok()) {
+            (void)ipc::send_error(conn.get(), rid, created.status());
+            break;
+          }
+          arena = std::move(*created);
+          nlohmann::json reply{{"session", 1}, {"tenant", "fake"}, {"spin_us", 10}};
+          ipc::put_layout(reply, arena->layout());
+          (void)ipc::send_json(conn.get(), FT::kHelloReply, rid, reply, {arena->fd()});
+          worker = std::thread([&] { run_worker(*arena, session_stop, hang_up, conn.get()); });
+          break;
+        }
+        case FT::kCreateLayer:
+        case FT::kAttachLayer: {
+          const std::string name = body->value("name", std::string("fake_layer"));
+          if (name == "missing") {
+            (void)ipc::send_error(
+                conn.get(), rid,
+                Status::NotFound("tenant 'fake' has no layer 'missing'; create it first"));
+            break;
+          }
+          (void)ipc::send_json(conn.get(), FT::kLayerInfo, rid,
+                               {{"handle", 7},
+                                {"name", name},
+                                {"experts", 4},
+                                {"model_dim", options_.model_dim},
+                                {"hidden", 8},
+                                {"output_dim", options_.model_dim},
+                                {"k", 2},
+                                {"step", 0}});
+          break;
+        }
+        case FT::kStep:
+          (void)ipc::send_json(conn.get(), FT::kOk, rid, {{"step", ++steps_}});
+          break;
+        case FT::kSave:
+          (void)ipc::send_json(
+              conn.get(), FT::kOk, rid,
+              {{"path", "/state/fake/checkpoints/" + body->value("path", std::string())}});
+          break;
+        default:
+          (void)ipc::send_json(conn.get(), FT::kOk, rid, nlohmann::json::object());
+      }
+    }
+    end_session();
+    // conn closes here: the client sees EOF.
+  }
+
+  void run_worker(ipc::Arena& arena, std::atomic<bool>& session_stop, std::atomic<bool>& hang_up,
+                  int conn) {
+    ipc::RingConsumer<ipc::RequestDescriptor> requests(arena.request_control(),
+                                                       arena.request_slots());
+    ipc::RingProducer<ipc::CompletionDescriptor> completions(arena.completion_control(),
+                                                             arena.completion_slots());
+    const ipc::WaitPolicy policy{std::chrono::microseconds(10), std::chrono::milliseconds(20)};
+    ipc::RequestDescriptor d;
+    auto stopped = [&] { return stop_.load() || session_stop.load(); };
+    while (!stopped()) {
+      if (requests.pop_wait(&d, policy, stopped) != ipc::PopResult::kItem) continue;
+      ++requests_seen_;
+      if (options_.hang_up_after != 0 && requests_seen_ >= options_.hang_up_after) {
+        hang_up = true;
+        ::shutdown(conn, SHUT_RDWR);  // the "daemon" dies with the request unanswered
+        return;
+      }
+      if (options_.delay.count() > 0) std::this_thread::sleep_for(options_.delay);
+      ipc::CompletionDescriptor c{};
+      c.request_id = d.request_id;
+      const auto op = static_cast<ipc::Op>(d.op);
+      if (d.request_id == options_.fail_request) {
+        c.status_code = static_cast<int32_t>(StatusCode::kInvalidArgument);
+        std::strcpy(c.message, "InvalidArgument: x has 12 bytes; 3 tokens need 48");
+      } else if (op == ipc::Op::kForward || op == ipc::Op::kBackward) {
+        const float factor = op == ipc::Op::kForward ? 2.f : 3.f;
+        auto* in = reinterpret_cast<const float*>(arena.base() + d.input_offset);
+        auto* out = reinterpret_cast<float*>(arena.base() + d.output_offset);
+        for (uint64_t i = 0; i < d.output_bytes / 4; ++i) out[i] = factor * in[i];
+        if (op == ipc::Op::kForward) {
+          c.l_aux = 0.5f;
+          c.capacity = d.tokens;
+          c.dropped = static_cast<int64_t>(d.sequence);  // lets tests see the sequence arrive
+        }
+      }
+      while (!completions.try_push(c) && !stopped()) std::this_thread::yield();
+    }
+  }
+
+  std::string path_;
+  FakeDaemonOptions options_;
+  ipc::UniqueFd listen_fd_;
+  std::string error_;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  std::atomic<int64_t> steps_{0};
+  std::atomic<uint64_t> requests_seen_{0};
+  std::mutex mutex_;
+  nlohmann::json hello_;
+};
+
+}  // namespace tutel::client::testing

@@ -1,0 +1,227 @@
+// tutelctl as a child process: exit codes, its message when tuteld is absent, and its output
+// against a fake admin socket.
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+
+#include <atomic>
+#include <string>
+#include <thread>
+
+#include "fake_daemon.hpp"
+
+namespace tutel::client {
+namespace {
+
+using nlohmann::json;
+using testing::TempDir;
+
+struct ToolRun {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr together
+};
+
+// Runs tutelctl with `args`, after `env` assignments ("NAME=value ") when given.
+ToolRun tutelctl(const std::string& args, const std::string& env = "") {
+  ToolRun r;
+  const std::string command = env + std::string(TUTELCTL_BIN) + " " + args + " 2>&1";
+  FILE* p = ::popen(command.c_str(), "r");
+  if (p == nullptr) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
+  const int status = ::pclose(p);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return r;
+}
+
+// Answers admin frames with canned bodies, like tuteld's admin.cpp.
+class FakeAdmin {
+ public:
+  explicit FakeAdmin(const std::string& path) {
+    auto fd = ipc::listen_unix(path, 0600);
+    EXPECT_TRUE(fd.ok()) << fd.status();
+    if (!fd.ok()) return;
+    listen_fd_ = std::move(*fd);
+    thread_ = std::thread([this] { serve(); });
+  }
+  ~FakeAdmin() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+  std::string last_checkpoint_path;
+
+ private:
+  void serve() {
+    while (!stop_) {
+      pollfd p{listen_fd_.get(), POLLIN, 0};
+      if (::poll(&p, 1, 50) <= 0) continue;
+      ipc::UniqueFd conn(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+      if (!conn.valid()) continue;
+      auto frame = ipc::recv_frame(conn.get(), std::chrono::milliseconds(5000));
+      if (!frame.ok()) continue;
+      const uint32_t rid = frame->header.request_id;
+      auto body = ipc::parse_body(*frame).value();
+      using FT = ipc::FrameType;
+      switch (static_cast<FT>(frame->header.type)) {
+        case FT::kAdminStatus:
+          (void)ipc::send_json(conn.get(), FT::kOk, rid,
+                               {{"version", "0.1.0"},
+                                {"pid", 4242},
+                                {"uptime_seconds", 3725.5},
+                                {"backend", "cpu"},
+                                {"ranks", 2},
+                                {"sessions", 1},
+                                {"layers", 1},
+                                {"tenants", 1},
+                                {"client_socket", "/run/tuteld/client.sock"},
+                                {"state_dir", ""},
+                                {"metrics_listen", "127.0.0.1:0"},
+                                {"metrics_port", 39999}});
+          break;
+        case FT::kAdminTenants:
+          (void)ipc::send_json(conn.get(), FT::kOk, rid,
+                               {{"tenants", json::array({{{"name", "alice"},
+                                                          {"uids", {1000, 1001}},
+                                                          {"gids", json::array()},
+                                                          {"layers", 1},
+                                                          {"max_layers", 64},
+                                                          {"memory_bytes", 3 << 20},
+                                                          {"max_memory_bytes", 8ull << 30},
+                                                          {"inflight", 0},
+                                                          {"max_inflight", 256}}})}});
+          break;
+        case FT::kAdminLayers:
+          (void)ipc::send_json(conn.get(), FT::kOk, rid,
+                               {{"layers", json::array({{{"tenant", "alice"},
+                                                         {"name", "moe0"},
+                                                         {"handle", 1},
+                                                         {"rank", 0},
+                                                         {"experts", 8},
+                                                         {"model_dim", 256},
+                                                         {"hidden", 1024},
+                                                         {"k", 2},
+                                                         {"capacity_factor", 1.0},
+                                                         {"step", 12},
+                                                         {"memory_bytes", 25 << 20},
+                                                         {"pending_backwards", 0},
+                                                         {"capacity", 64},
+                                                         {"dropped", 3},
+                                                         {"l_aux", 1.0625}}})}});
+          break;
+        case FT::kAdminMetrics:
+          (void)ipc::send_json(conn.get(), FT::kOk, rid,
+                               {{"text", "# TYPE tuteld_up gauge\ntuteld_up 1\n"}});
+          break;
+        case FT::kAdminCheckpoint:
+          if (body.value("layer", "") != "alice/moe0") {
+            (void)ipc::send_error(conn.get(), rid,
+                                  Status::NotFound("no layer '" + body.value("layer", "") + "'"));
+          } else {
+            last_checkpoint_path = body.value("path", "");
+            (void)ipc::send_json(conn.get(), FT::kOk, rid, {{"path", last_checkpoint_path}});
+          }
+          break;
+        default:
+          (void)ipc::send_error(conn.get(), rid, Status::InvalidArgument("not an admin request"));
+      }
+    }
+  }
+
+  ipc::UniqueFd listen_fd_;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+};
+
+TEST(Tutelctl, MissingDaemonExitsOneWithAClearMessage) {
+  TempDir dir;
+  const std::string sock = dir.file("admin.sock");
+  for (const char* command :
+       {"status", "tenants", "layers", "metrics", "checkpoint a/b out.safetensors"}) {
+    const ToolRun r = tutelctl("--socket " + sock + " " + command);
+    EXPECT_EQ(r.exit_code, 1) << command << ": " << r.output;
+    EXPECT_NE(r.output.find("cannot reach tuteld at " + sock + ": is it running?"),
+              std::string::npos)
+        << r.output;
+  }
+}
+
+TEST(Tutelctl, EnvironmentNamesTheDefaultSocket) {
+  TempDir dir;
+  const std::string sock = dir.file("env-admin.sock");
+  ToolRun r = tutelctl("status", "TUTELD_ADMIN_SOCKET= ");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("./run/admin.sock"), std::string::npos) << r.output;
+  r = tutelctl("status", "TUTELD_ADMIN_SOCKET=" + sock + " ");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find(sock), std::string::npos) << r.output;
+}
+
+TEST(Tutelctl, UsageErrorsExitTwo) {
+  EXPECT_EQ(tutelctl("").exit_code, 2);
+  EXPECT_EQ(tutelctl("frobnicate").exit_code, 2);
+  EXPECT_EQ(tutelctl("status --bogus").exit_code, 2);
+  EXPECT_EQ(tutelctl("checkpoint alice/moe0").exit_code, 2);            // PATH missing
+  EXPECT_EQ(tutelctl("checkpoint moe0 out.safetensors").exit_code, 2);  // not TENANT/NAME
+  EXPECT_EQ(tutelctl("--timeout -1 status").exit_code, 2);
+  const ToolRun help = tutelctl("--help");
+  EXPECT_EQ(help.exit_code, 0);
+  EXPECT_NE(help.output.find("checkpoint"), std::string::npos);
+}
+
+TEST(Tutelctl, TablesAndJsonFromTheAdminSocket) {
+  TempDir dir;
+  const std::string sock = dir.file("admin.sock");
+  FakeAdmin admin(sock);
+  const std::string s = "--socket " + sock + " ";
+
+  ToolRun r = tutelctl(s + "status");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("uptime           1h 02m 05s"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("cpu x 2 rank(s)"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("http://127.0.0.1:39999/metrics"), std::string::npos) << r.output;
+
+  r = tutelctl(s + "--json status");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const json parsed = json::parse(r.output);
+  EXPECT_EQ(parsed["pid"], 4242);
+
+  r = tutelctl(s + "tenants");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("TENANT"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("alice   1000,1001"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("3.0 MiB / 8.0 GiB"), std::string::npos) << r.output;
+
+  r = tutelctl(s + "layers");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("alice/moe0"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("1.062"), std::string::npos) << r.output;
+
+  r = tutelctl(s + "metrics");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(r.output, "# TYPE tuteld_up gauge\ntuteld_up 1\n");
+
+  r = tutelctl(s + "checkpoint alice/moe0 /tmp/x.safetensors");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("checkpointed alice/moe0 to /tmp/x.safetensors"), std::string::npos)
+      << r.output;
+
+  r = tutelctl(s + "checkpoint bob/moe9 /tmp/x.safetensors");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("NotFound: no layer 'bob/moe9'"), std::string::npos) << r.output;
+}
+
+TEST(Tutelctl, CheckpointSendsAnAbsolutePath) {
+  TempDir dir;
+  const std::string sock = dir.file("admin.sock");
+  FakeAdmin admin(sock);
+  const ToolRun r = tutelctl("--socket " + sock + " checkpoint alice/moe0 relative/ck.safetensors");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string cwd = std::filesystem::current_path().string();
+  EXPECT_NE(r.output.find(cwd + "/relative/ck.safetensors"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace tutel::client

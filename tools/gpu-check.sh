@@ -1,0 +1,265 @@
+#!/usr/bin/env bash
+# tools/gpu-check.sh: the GPU check for a fresh machine with an NVIDIA GPU and no network
+# (DESIGN §6). Builds for sm_90 into build-gpu, then runs
+#   1. nvidia-smi,
+#   2. the CUDA op tests (cuda_backend_test without the layer parity suites),
+#   3. the CPU-vs-GPU layer parity tests (CudaLayerParity*, CudaLayerDeterminism*),
+#   4. compute-sanitizer memcheck over the op tests, when the tool is there and time allows,
+#   5. tutel-bench layer --backend cuda, when the benchmark builds,
+# within a time budget (8 minutes by default), and prints a summary table at the end.
+#
+# Missing pieces (no nvidia-smi, no benchmark package, no compute-sanitizer, a bench that does
+# not know the cuda backend yet) are reported, not fatal. The exit status is 0 only when the
+# tests built, ran on the GPU, and none failed: tests that skip on a machine where nvidia-smi
+# sees a GPU count as a failure (the CUDA runtime could not use the device); 1 for a failure,
+# 2 where no GPU is visible at all (everything skipped: nothing was checked).
+#
+# Environment:
+#   TUTEL_GPU_BUILD_DIR   build folder (build-gpu)
+#   TUTEL_CUDA_ARCH       CMAKE_CUDA_ARCHITECTURES (90)
+#   TUTEL_GPU_BUDGET_S    total seconds (480)
+#   TUTEL_GPU_BENCH_ARGS  extra arguments for tutel-bench layer (none)
+#   TUTEL_JOBS            build jobs (all cores)
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+
+build_dir=${TUTEL_GPU_BUILD_DIR:-build-gpu}
+arch=${TUTEL_CUDA_ARCH:-90}
+budget=${TUTEL_GPU_BUDGET_S:-480}
+jobs=${TUTEL_JOBS:-$(nproc)}
+bench_args=${TUTEL_GPU_BENCH_ARGS:-}
+start=$(date +%s)
+log_dir="$build_dir/gpu-check-logs"
+mkdir -p "$log_dir"
+
+rows=()         # "step|result|detail"
+test_failure=0  # any reason to exit non-zero
+gpu_seen=0
+bench_lines=""
+
+elapsed() { echo $(( $(date +%s) - start )); }
+remaining() { echo $(( budget - $(elapsed) )); }
+row() { rows+=("$1|$2|$3"); }
+say() { printf '\n=== gpu-check: %s (t=%ss)\n' "$*" "$(elapsed)"; }
+
+# ---- 1. the device -----------------------------------------------------------------------
+say "nvidia-smi"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  if nvidia-smi | tee "$log_dir/nvidia-smi.txt"; then
+    gpus=$(nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>/dev/null |
+           head -n 4 | paste -sd ';' -)
+    gpu_seen=1
+    row "nvidia-smi" "ok" "${gpus:-GPU listed}"
+  else
+    row "nvidia-smi" "FAILED" "nvidia-smi ran but failed: is the driver loaded?"
+  fi
+else
+  row "nvidia-smi" "missing" "nvidia-smi not found: no driver on this machine?"
+fi
+
+# ---- 2. toolchain and packages (diagnostics only) -----------------------------------------
+say "toolchain"
+nvcc=""
+for c in "${CUDACXX:-}" /usr/local/cuda/bin/nvcc "$(command -v nvcc 2>/dev/null)"; do
+  if [ -n "$c" ] && [ -x "$c" ]; then nvcc=$c; break; fi
+done
+generator="Ninja"
+command -v ninja >/dev/null 2>&1 || generator="Unix Makefiles"
+missing=()
+[ -n "$nvcc" ] || missing+=("nvcc (CUDA toolkit at /usr/local/cuda)")
+command -v cmake >/dev/null 2>&1 || missing+=("cmake")
+# CMake package configs the build looks for (cmake/Dependencies.cmake); all Debian packages.
+have_config() {  # NAME: NAMEConfig.cmake or name-config.cmake somewhere CMake looks
+  find /usr/lib /usr/share /usr/local/lib /usr/local/share -maxdepth 6 \
+    \( -iname "$1Config.cmake" -o -iname "$1-config.cmake" \) 2>/dev/null | grep -q .
+}
+have_config dnnl || missing+=("libdnnl-dev (oneDNN)")
+have_config GTest || missing+=("libgtest-dev (tests)")
+have_config CLI11 || missing+=("libcli11-dev")
+have_config nlohmann_json || missing+=("nlohmann-json3-dev")
+bench_option=ON
+if ! have_config benchmark; then
+  bench_option=OFF
+  missing+=("libbenchmark-dev (only tutel-bench needs it)")
+fi
+echo "nvcc: ${nvcc:-none}; generator: $generator; jobs: $jobs; CUDA architectures: $arch"
+if [ ${#missing[@]} -gt 0 ]; then
+  printf 'missing: %s\n' "${missing[@]}"
+  row "packages" "missing" "$(IFS=', '; echo "${missing[*]}")"
+else
+  row "packages" "ok" "cmake, nvcc, oneDNN, GTest, CLI11, nlohmann_json, benchmark"
+fi
+
+# ---- 3. configure and build ---------------------------------------------------------------
+# A build folder carried from another checkout path cannot be reused by CMake: start it afresh.
+if [ -f "$build_dir/CMakeCache.txt" ] &&
+   ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$PWD" "$build_dir/CMakeCache.txt"; then
+  echo "note: $build_dir was configured for another source folder; reconfiguring from scratch"
+  rm -rf "$build_dir/CMakeCache.txt" "$build_dir/CMakeFiles"
+fi
+
+configure() {  # $1 = TUTEL_BUILD_BENCH
+  local args=(-S . -B "$build_dir" -G "$generator" -DTUTEL_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch"
+              -DTUTEL_BUILD_TESTS=ON -DTUTEL_BUILD_BENCH="$1")
+  [ -n "$nvcc" ] && args+=(-DCMAKE_CUDA_COMPILER="$nvcc")
+  timeout 120 cmake "${args[@]}" >"$log_dir/configure.log" 2>&1
+}
+
+say "configure (bench $bench_option)"
+configured=0
+if configure "$bench_option"; then
+  configured=1
+elif [ "$bench_option" = ON ]; then
+  echo "configure with the benchmark failed; retrying without it"
+  bench_option=OFF
+  configure OFF && configured=1
+fi
+if [ $configured = 1 ]; then
+  row "configure" "ok" "sm_$arch, tests ON, bench $bench_option"
+else
+  tail -n 30 "$log_dir/configure.log"
+  row "configure" "FAILED" "see $log_dir/configure.log (missing packages above?)"
+  test_failure=1
+fi
+
+built=0
+if [ $configured = 1 ]; then
+  say "build"
+  targets=(cuda_backend_test)
+  [ "$bench_option" = ON ] && targets+=(tutel_bench)
+  build_start=$(date +%s)
+  # Leave at least three minutes for the tests and the benchmark.
+  build_limit=$(( $(remaining) - 180 ))
+  [ $build_limit -lt 60 ] && build_limit=60
+  if timeout "$build_limit" cmake --build "$build_dir" -j "$jobs" --target "${targets[@]}" \
+       >"$log_dir/build.log" 2>&1; then
+    built=1
+    row "build" "ok" "${targets[*]} in $(( $(date +%s) - build_start ))s"
+  elif timeout "$(( $(remaining) - 150 > 30 ? $(remaining) - 150 : 30 ))" \
+         cmake --build "$build_dir" -j "$jobs" --target cuda_backend_test >>"$log_dir/build.log" 2>&1; then
+    # The benchmark may not build (e.g. not ported yet); the tests alone still count.
+    built=1
+    grep -m 5 -E 'error|Error' "$log_dir/build.log"
+    row "build" "partial" "cuda_backend_test ok; tutel_bench FAILED (see $log_dir/build.log)"
+    bench_option=OFF
+  else
+    grep -m 20 -E 'error|Error|FAILED' "$log_dir/build.log"
+    row "build" "FAILED" "see $log_dir/build.log"
+    test_failure=1
+  fi
+fi
+
+# ---- 4. tests -----------------------------------------------------------------------------
+# run_gtest NAME FILTER TIMEOUT: runs cuda_backend_test, records passed/failed/skipped.
+run_gtest() {
+  local name=$1 filter=$2 limit=$3 log="$log_dir/$1.log"
+  local bin="$build_dir/bin/cuda_backend_test"
+  say "$name"
+  if [ $built != 1 ] || [ ! -x "$bin" ]; then
+    row "$name" "not run" "no test binary"
+    test_failure=1
+    return
+  fi
+  [ "$limit" -gt "$(remaining)" ] && limit=$(remaining)
+  if [ "$limit" -lt 10 ]; then
+    row "$name" "not run" "out of time budget"
+    test_failure=1
+    return
+  fi
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} timeout "$limit" "$bin" --gtest_filter="$filter" --gtest_brief=1 \
+    >"$log" 2>&1
+  local rc=$?
+  grep -E '^\[  (FAILED|SKIPPED) \]|Failure|error' "$log" | head -n 40
+  local passed failed skipped
+  passed=$(grep -oP '^\[  PASSED  \] \K[0-9]+' "$log" | tail -n 1)
+  # gtest's closing lines: "[  PASSED  ] 3 tests.", "[  FAILED  ] 1 test, listed below:"
+  # ("[  FAILED  ] 1 test." with --gtest_brief), "[  SKIPPED ] 9 tests."
+  failed=$(grep -oP '^\[  FAILED  \] \K[0-9]+(?= tests?[,.])' "$log" | tail -n 1)
+  skipped=$(grep -oP '^\[  SKIPPED \] \K[0-9]+(?= tests?[,.])' "$log" | tail -n 1)
+  passed=${passed:-0} failed=${failed:-0} skipped=${skipped:-0}
+  local detail="passed $passed, failed $failed, skipped $skipped"
+  if [ $rc = 124 ]; then
+    row "$name" "TIMEOUT" "$detail after ${limit}s (see $log)"
+    test_failure=1
+  elif [ $rc != 0 ] && [ "$failed" = 0 ]; then
+    row "$name" "CRASHED" "exit $rc, $detail (see $log)"
+    test_failure=1
+  elif [ "$failed" != 0 ]; then
+    row "$name" "FAILED" "$detail (see $log)"
+    test_failure=1
+  elif [ "$gpu_seen" = 1 ] && [ "$skipped" != 0 ]; then
+    row "$name" "SKIPPED" "$detail: nvidia-smi sees a GPU but the CUDA runtime does not (driver too old?)"
+    test_failure=1
+  else
+    row "$name" "ok" "$detail"
+  fi
+}
+
+run_gtest "cuda-op-tests" '-*CudaLayerParity*:*CudaLayerDeterminism*' 150
+run_gtest "layer-parity" '*CudaLayerParity*:*CudaLayerDeterminism*' 200
+
+# ---- 5. compute-sanitizer (optional) -------------------------------------------------------
+sanitizer=""
+for c in /usr/local/cuda/bin/compute-sanitizer "$(command -v compute-sanitizer 2>/dev/null)"; do
+  if [ -n "$c" ] && [ -x "$c" ]; then sanitizer=$c; break; fi
+done
+if [ -z "$sanitizer" ]; then
+  row "memcheck" "skipped" "compute-sanitizer not installed"
+elif [ $built != 1 ] || [ "$(remaining)" -lt 120 ]; then
+  row "memcheck" "skipped" "no binary or under 2 minutes left"
+else
+  say "compute-sanitizer memcheck (op tests)"
+  timeout 90 "$sanitizer" --tool memcheck --error-exitcode 99 "$build_dir/bin/cuda_backend_test" \
+    --gtest_filter='CudaOps.*:CudaDispatch.*' --gtest_brief=1 >"$log_dir/memcheck.log" 2>&1
+  rc=$?
+  grep -E 'ERROR SUMMARY|Invalid|out of bounds' "$log_dir/memcheck.log" | head -n 20
+  case $rc in
+    0) row "memcheck" "ok" "$(grep -m1 'ERROR SUMMARY' "$log_dir/memcheck.log")" ;;
+    124) row "memcheck" "timeout" "incomplete after 90s (not counted as a failure)" ;;
+    *) row "memcheck" "FAILED" "exit $rc, see $log_dir/memcheck.log"; test_failure=1 ;;
+  esac
+fi
+
+# ---- 6. benchmark -------------------------------------------------------------------------
+bench="$build_dir/bin/tutel-bench"
+if [ "$bench_option" != ON ] || [ ! -x "$bench" ]; then
+  row "bench" "skipped" "tutel-bench not built (libbenchmark-dev missing or build failed)"
+elif [ "$(remaining)" -lt 20 ]; then
+  row "bench" "skipped" "out of time budget"
+else
+  say "tutel-bench layer --backend cuda $bench_args"
+  limit=$(( $(remaining) - 5 ))
+  [ $limit -gt 180 ] && limit=180
+  # shellcheck disable=SC2086
+  timeout "$limit" "$bench" layer --backend cuda $bench_args >"$log_dir/bench.log" 2>&1
+  rc=$?
+  cat "$log_dir/bench.log"
+  bench_lines=$(grep -v '^\s*$' "$log_dir/bench.log" | tail -n 20)
+  case $rc in
+    0) row "bench" "ok" "layer --backend cuda (lines below)" ;;
+    124) row "bench" "timeout" "after ${limit}s (see $log_dir/bench.log)" ;;
+    *) row "bench" "failed" "exit $rc: does tutel-bench support --backend cuda yet? (not a test failure)" ;;
+  esac
+fi
+
+# ---- summary --------------------------------------------------------------------------------
+printf '\n==================== gpu-check summary (%ss of %ss) ====================\n' "$(elapsed)" "$budget"
+printf '%-14s %-9s %s\n' "step" "result" "detail"
+for r in "${rows[@]}"; do
+  IFS='|' read -r step result detail <<<"$r"
+  printf '%-14s %-9s %s\n' "$step" "$result" "$detail"
+done
+if [ -n "$bench_lines" ]; then
+  printf '\nbenchmark (tutel-bench layer --backend cuda %s):\n%s\n' "$bench_args" "$bench_lines"
+fi
+printf '\nlogs: %s\n' "$log_dir"
+if [ $test_failure != 0 ]; then
+  echo "gpu-check: FAILED"
+  exit 1
+fi
+if [ $gpu_seen != 1 ]; then
+  echo "gpu-check: no GPU visible to nvidia-smi; the CUDA tests skipped, nothing was checked on a GPU"
+  exit 2
+fi
+echo "gpu-check: OK"
+exit 0

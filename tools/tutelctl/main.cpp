@@ -1,0 +1,312 @@
+// tutelctl: inspect and operate a running tuteld through its admin socket.
+//
+//   tutelctl [--socket PATH] [--json] [--timeout S] status | tenants | layers | metrics
+//   tutelctl checkpoint TENANT/LAYER PATH
+//
+// Exit status: 0 on success, 1 when the daemon cannot be reached or refuses the request,
+// 2 on a usage error.
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "tutel/admin_client.hpp"
+
+namespace {
+
+using nlohmann::json;
+
+constexpr int kExitFailure = 1;
+constexpr int kExitUsage = 2;
+
+std::string default_socket() {
+  const char* env = std::getenv("TUTELD_ADMIN_SOCKET");
+  return env != nullptr && *env != '\0' ? env : "./run/admin.sock";
+}
+
+std::string bytes_text(double bytes) {
+  static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+  int u = 0;
+  while (bytes >= 1024 && u < 5) {
+    bytes /= 1024;
+    ++u;
+  }
+  char buf[32];
+  if (u == 0)
+    std::snprintf(buf, sizeof buf, "%.0f B", bytes);
+  else
+    std::snprintf(buf, sizeof buf, "%.1f %s", bytes, units[u]);
+  return buf;
+}
+
+std::string duration_text(double seconds) {
+  auto s = static_cast<int64_t>(seconds);
+  char buf[64];
+  if (s >= 86400)
+    std::snprintf(buf, sizeof buf, "%lldd %02lldh %02lldm", (long long)(s / 86400),
+                  (long long)(s / 3600 % 24), (long long)(s / 60 % 60));
+  else if (s >= 3600)
+    std::snprintf(buf, sizeof buf, "%lldh %02lldm %02llds", (long long)(s / 3600),
+                  (long long)(s / 60 % 60), (long long)(s % 60));
+  else if (s >= 60)
+    std::snprintf(buf, sizeof buf, "%lldm %02llds", (long long)(s / 60), (long long)(s % 60));
+  else
+    std::snprintf(buf, sizeof buf, "%.1fs", seconds);
+  return buf;
+}
+
+// A JSON value as table text: "-" for a missing or null one.
+std::string text(const json& v) {
+  if (v.is_null()) return "-";
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_boolean()) return v.get<bool>() ? "yes" : "no";
+  if (v.is_number_integer()) return std::to_string(v.get<int64_t>());
+  if (v.is_number_unsigned()) return std::to_string(v.get<uint64_t>());
+  if (v.is_number_float()) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.4g", v.get<double>());
+    return buf;
+  }
+  if (v.is_array()) {
+    std::string out;
+    for (const auto& e : v) out += (out.empty() ? "" : ",") + text(e);
+    return out.empty() ? "-" : out;
+  }
+  return v.dump();
+}
+
+std::string field(const json& object, const char* key) {
+  auto it = object.find(key);
+  return it == object.end() ? "-" : text(*it);
+}
+
+std::string bytes_field(const json& object, const char* key) {
+  auto it = object.find(key);
+  return it != object.end() && it->is_number() ? bytes_text(it->get<double>()) : "-";
+}
+
+std::string of(const std::string& used, const std::string& limit) { return used + " / " + limit; }
+
+// Columns aligned; text columns left, the others right.
+struct Table {
+  std::vector<std::string> header;
+  std::vector<bool> left;
+  std::vector<std::vector<std::string>> rows;
+
+  void print(std::ostream& os) const {
+    std::vector<size_t> width(header.size());
+    for (size_t c = 0; c < header.size(); ++c) width[c] = header[c].size();
+    for (const auto& row : rows)
+      for (size_t c = 0; c < row.size() && c < width.size(); ++c)
+        width[c] = std::max(width[c], row[c].size());
+    auto line = [&](const std::vector<std::string>& cells) {
+      std::string out;
+      for (size_t c = 0; c < cells.size(); ++c) {
+        const std::string pad(width[c] - cells[c].size(), ' ');
+        const bool last = c + 1 == cells.size();
+        if (left[c])
+          out += cells[c] + (last ? "" : pad);
+        else
+          out += pad + cells[c];
+        if (!last) out += "  ";
+      }
+      os << out << "\n";
+    };
+    line(header);
+    for (const auto& row : rows) line(row);
+  }
+};
+
+void print_status(const json& s) {
+  std::vector<std::pair<std::string, std::string>> lines;
+  std::set<std::string> shown;
+  auto add = [&](const std::string& label, const std::string& value,
+                 std::initializer_list<const char*> keys) {
+    lines.emplace_back(label, value);
+    for (const char* k : keys) shown.insert(k);
+  };
+  add("version", field(s, "version"), {"version"});
+  add("pid", field(s, "pid"), {"pid"});
+  if (s.contains("uptime_seconds") && s["uptime_seconds"].is_number())
+    add("uptime", duration_text(s["uptime_seconds"].get<double>()), {"uptime_seconds"});
+  add("backend", field(s, "backend") + " x " + field(s, "ranks") + " rank(s)",
+      {"backend", "ranks"});
+  add("client sessions", field(s, "sessions"), {"sessions"});
+  add("layers", field(s, "layers"), {"layers"});
+  add("tenants", field(s, "tenants"), {"tenants"});
+  add("client socket", field(s, "client_socket"), {"client_socket"});
+  const std::string state_dir = field(s, "state_dir");
+  add("state dir", state_dir.empty() ? "(none: no checkpoint on exit)" : state_dir, {"state_dir"});
+  std::string metrics = "disabled";
+  if (s.contains("metrics_listen") && s["metrics_listen"].is_string() &&
+      !s["metrics_listen"].get<std::string>().empty()) {
+    std::string listen = s["metrics_listen"].get<std::string>();
+    const std::string port = field(s, "metrics_port");
+    if (port != "-" && port != "0") listen = listen.substr(0, listen.rfind(':') + 1) + port;
+    metrics = "http://" + listen + "/metrics";
+  }
+  add("metrics", metrics, {"metrics_listen", "metrics_port"});
+  for (const auto& [key, value] : s.items())  // fields a newer daemon adds
+    if (!shown.count(key)) lines.emplace_back(key, text(value));
+  size_t width = 0;
+  for (const auto& [label, value] : lines) width = std::max(width, label.size());
+  for (const auto& [label, value] : lines)
+    std::cout << label << std::string(width - label.size() + 2, ' ') << value << "\n";
+}
+
+void print_tenants(const json& reply) {
+  const json tenants = reply.value("tenants", json::array());
+  if (tenants.empty()) {
+    std::cout << "(no tenants)\n";
+    return;
+  }
+  Table t{{"TENANT", "UIDS", "GIDS", "LAYERS", "MEMORY", "INFLIGHT"},
+          {true, true, true, false, false, false},
+          {}};
+  for (const json& e : tenants) {
+    t.rows.push_back({field(e, "name"), field(e, "uids"), field(e, "gids"),
+                      of(field(e, "layers"), field(e, "max_layers")),
+                      of(bytes_field(e, "memory_bytes"), bytes_field(e, "max_memory_bytes")),
+                      of(field(e, "inflight"), field(e, "max_inflight"))});
+  }
+  t.print(std::cout);
+}
+
+void print_layers(const json& reply) {
+  const json layers = reply.value("layers", json::array());
+  if (layers.empty()) {
+    std::cout << "(no layers)\n";
+    return;
+  }
+  Table t{{"LAYER", "HANDLE", "RANK", "E", "M", "H", "K", "CF", "STEP", "MEMORY", "PENDING",
+           "CAPACITY", "DROPPED", "L_AUX"},
+          {true, false, false, false, false, false, false, false, false, false, false, false, false,
+           false},
+          {}};
+  for (const json& e : layers) {
+    t.rows.push_back({field(e, "tenant") + "/" + field(e, "name"), field(e, "handle"),
+                      field(e, "rank"), field(e, "experts"), field(e, "model_dim"),
+                      field(e, "hidden"), field(e, "k"), field(e, "capacity_factor"),
+                      field(e, "step"), bytes_field(e, "memory_bytes"),
+                      field(e, "pending_backwards"), field(e, "capacity"), field(e, "dropped"),
+                      field(e, "l_aux")});
+  }
+  t.print(std::cout);
+}
+
+int cannot_reach(const std::string& path, const tutel::Status& st) {
+  std::cerr << "tutelctl: cannot reach tuteld at " << path << ": ";
+  if (st.code() == tutel::StatusCode::kPermissionDenied)
+    std::cerr
+        << "permission denied (the admin socket is mode 0600: run tutelctl as the daemon's user)\n";
+  else if (st.code() == tutel::StatusCode::kInvalidArgument)
+    std::cerr << st.message() << "\n";
+  else {
+    // connect_unix says "is tuteld running? (<detail>)": keep only the detail.
+    std::string detail(st.message());
+    const std::string prefix = "is tuteld running? (";
+    if (detail.rfind(prefix, 0) == 0 && detail.back() == ')')
+      detail = detail.substr(prefix.size(), detail.size() - prefix.size() - 1);
+    std::cerr << "is it running? (" << detail << "; set --socket or $TUTELD_ADMIN_SOCKET)\n";
+  }
+  return kExitFailure;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"tutelctl: inspect and operate a running tuteld through its admin socket"};
+  app.name("tutelctl");
+  std::string socket = default_socket();
+  bool as_json = false;
+  double timeout_s = 60;
+  app.add_option("--socket", socket,
+                 "tuteld's admin socket ($TUTELD_ADMIN_SOCKET, else ./run/admin.sock)");
+  app.add_flag("--json", as_json, "print the daemon's JSON reply instead of a table");
+  app.add_option("--timeout", timeout_s,
+                 "seconds to wait for a reply (checkpoint waits without bound)")
+      ->check(CLI::PositiveNumber);
+  app.require_subcommand(1, 1);
+  auto* status =
+      app.add_subcommand("status", "the daemon: version, uptime, backend, sessions, layers");
+  auto* tenants = app.add_subcommand("tenants", "tenants with their usage against their quotas");
+  auto* layers =
+      app.add_subcommand("layers", "every served layer with its last routing statistics");
+  auto* metrics = app.add_subcommand("metrics", "the Prometheus metrics text");
+  auto* checkpoint =
+      app.add_subcommand("checkpoint", "save a layer's parameters and optimizer state to a file");
+  std::string layer, path;
+  checkpoint->add_option("LAYER", layer, "the layer as TENANT/NAME")
+      ->required()
+      ->check([](const std::string& v) {
+        const size_t slash = v.find('/');
+        return slash == std::string::npos || slash == 0 || slash + 1 == v.size()
+                   ? std::string("LAYER must be TENANT/NAME, e.g. alice/moe0")
+                   : std::string();
+      });
+  checkpoint->add_option("PATH", path, "the safetensors file to write (relative to this directory)")
+      ->required();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);
+    return rc == 0 ? 0 : kExitUsage;
+  }
+
+  const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(std::ceil(timeout_s * 1000)));
+  auto admin = tutel::client::AdminClient::connect(socket, timeout);
+  if (!admin.ok()) return cannot_reach(socket, admin.status());
+
+  tutel::Result<std::string> reply = tutel::Status::Internal("no command");
+  if (*status)
+    reply = admin->status();
+  else if (*tenants)
+    reply = admin->tenants();
+  else if (*layers)
+    reply = admin->layers();
+  else if (*metrics)
+    reply = admin->metrics();
+  else if (*checkpoint) {
+    // The daemon opens the path in its own working directory: send it absolute.
+    std::error_code ec;
+    const auto absolute = std::filesystem::absolute(path, ec);
+    reply = admin->checkpoint(layer, ec ? path : absolute.string());
+  }
+  if (!reply.ok()) {
+    if (reply.status().code() == tutel::StatusCode::kUnavailable)
+      return cannot_reach(socket, reply.status());
+    std::cerr << "tutelctl: " << reply.status() << "\n";
+    return kExitFailure;
+  }
+  const json body = json::parse(*reply, nullptr, false);
+  if (body.is_discarded() || !body.is_object()) {
+    std::cerr << "tutelctl: tuteld sent a reply that is not a JSON object\n";
+    return kExitFailure;
+  }
+  if (as_json) {
+    std::cout << body.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
+    return 0;
+  }
+  if (*status)
+    print_status(body);
+  else if (*tenants)
+    print_tenants(body);
+  else if (*layers)
+    print_layers(body);
+  else if (*metrics) {
+    const std::string text = body.value("text", std::string());
+    std::cout << text;
+    if (!text.empty() && text.back() != '\n') std::cout << "\n";
+  } else {
+    std::cout << "checkpointed " << layer << " to " << body.value("path", path) << "\n";
+  }
+  return 0;
+}
