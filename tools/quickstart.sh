@@ -1,18 +1,44 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: install what is missing, build, and run one MoE layer
-# end to end. Until the daemon lands, "the main job" is the in-process layer: random Tutel-named
-# weights and tokens are generated, tutel-layer runs forward and backward on them, and the
-# layer benchmark prints its time next to the GEMM floor.
+# The main job on a fresh machine: install what is missing, build, start tuteld on
+# examples/tuteld.toml in a temporary directory, train the toy model whose MoE layer lives in the
+# daemon, print `tutelctl status`, stop the daemon and exit 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$(pwd)
 tools/bootstrap.sh
 tools/build.sh
-build_dir=${TUTEL_BUILD_DIR:-build}
+bin="$repo/${TUTEL_BUILD_DIR:-build}/bin"
 
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-"$build_dir/bin/tutel-layer-example" --out "$work" --experts 8 --model-dim 256 --hidden 512 --tokens 512
-"$build_dir/bin/tutel-layer" --weights "$work/weights.safetensors" --input "$work/input.safetensors" \
-  --output "$work/output.safetensors" --k 2 --capacity-factor 1.0 --backward
-echo "tutel-layer wrote $(stat -c %s "$work/output.safetensors") bytes: y, l_aux, capacity, dropped, dx, grad.*"
-"$build_dir/bin/tutel-bench" layer --shape small
+daemon_pid=""
+cleanup() {
+  if [ -n "$daemon_pid" ] && kill -0 "$daemon_pid" 2>/dev/null; then
+    kill -TERM "$daemon_pid"
+    wait "$daemon_pid" || true
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# The example config as it is, but with its metrics on a free port (9464 may be taken).
+sed 's/^metrics_listen = .*/metrics_listen = "127.0.0.1:0"/' examples/tuteld.toml > "$work/tuteld.toml"
+(cd "$work" && exec "$bin/tuteld" --config tuteld.toml) > "$work/tuteld.log" 2>&1 &
+daemon_pid=$!
+for _ in $(seq 1 500); do
+  [ -S "$work/run/client.sock" ] && [ -S "$work/run/admin.sock" ] && break
+  kill -0 "$daemon_pid" 2>/dev/null || { cat "$work/tuteld.log"; echo "quickstart: tuteld did not start" >&2; exit 1; }
+  sleep 0.02
+done
+echo "== tuteld is running (pid $daemon_pid) on $work/run/client.sock"
+
+"$bin/train_toy" --socket "$work/run/client.sock" --steps 300 --print-every 50
+
+echo "== tutelctl status"
+"$bin/tutelctl" --socket "$work/run/admin.sock" status
+"$bin/tutelctl" --socket "$work/run/admin.sock" layers
+
+kill -TERM "$daemon_pid"
+wait "$daemon_pid"
+daemon_pid=""
+echo "== tuteld stopped cleanly; its log:"
+cat "$work/tuteld.log"

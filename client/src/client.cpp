@@ -132,6 +132,18 @@ Status Client::ping() {
   return session_->wait(t.request_id).status();
 }
 
+Result<uint64_t> Client::transfer_checksum(const void* data, size_t bytes) {
+  if (!session_) return moved_from("Client");
+  if (bytes % 4 != 0) return Status::InvalidArgument("transfer_checksum needs a multiple of 4 bytes");
+  Submission s;
+  s.op = ipc::Op::kChecksum;
+  s.input = static_cast<const float*>(data);
+  s.input_bytes = bytes;
+  s.input_name = "data";
+  TUTEL_ASSIGN_OR_RETURN(Ticket t, session_->submit(s));
+  return session_->wait_checksum(t.request_id);
+}
+
 // ---- Layer ----------------------------------------------------------------------------------
 
 Layer::Layer(std::shared_ptr<LayerState> state) : state_(std::move(state)) {}

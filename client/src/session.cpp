@@ -184,7 +184,7 @@ Result<Ticket> Session::submit(const Submission& s) {
     if (need > region_.capacity()) {
       const uint64_t per_token = s.tokens > 0 ? need / static_cast<uint64_t>(s.tokens) + 1 : need;
       return Status::ResourceExhausted(
-          std::string(s.op == ipc::Op::kForward ? "a forward" : "a backward") + " of " +
+          std::string(s.op == ipc::Op::kForward ? "a forward" : s.op == ipc::Op::kBackward ? "a backward" : "a transfer") + " of " +
           std::to_string(s.tokens) + " tokens needs " + std::to_string(need) +
           " bytes of the session arena (" + s.input_name + ": " + std::to_string(s.input_bytes) +
           " + " + s.output_name + ": " + std::to_string(s.output_bytes) +
@@ -313,6 +313,7 @@ void Session::finish(uint64_t request_id, InFlight& r, const ipc::CompletionDesc
       f.info.capacity = c.capacity;
       f.info.dropped = c.dropped;
     }
+    f.checksum = c.checksum;
   } else {
     f.status = completion_status(c);
     if (r.training && r.layer) r.layer->pending.erase(r.sequence);  // nothing to backward
@@ -329,12 +330,22 @@ void Session::release_blocks(InFlight& r) {
 }
 
 Result<ForwardInfo> Session::wait(uint64_t request_id) {
+  TUTEL_ASSIGN_OR_RETURN(Finished f, wait_finished(request_id));
+  return f.info;
+}
+
+Result<uint64_t> Session::wait_checksum(uint64_t request_id) {
+  TUTEL_ASSIGN_OR_RETURN(Finished f, wait_finished(request_id));
+  return f.checksum;
+}
+
+Result<Session::Finished> Session::wait_finished(uint64_t request_id) {
   for (;;) {
     if (auto it = finished_.find(request_id); it != finished_.end()) {
       Finished f = std::move(it->second);
       finished_.erase(it);
       if (!f.status.ok()) return f.status;
-      return f.info;
+      return f;
     }
     if (!broken_.ok()) return broken_;
     if (in_flight_.count(request_id) == 0) {

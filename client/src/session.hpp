@@ -63,6 +63,8 @@ class Session {
   Result<Ticket> submit(const Submission& s);
   // Completes one request: its output is in the user's buffer when this returns OK.
   Result<ForwardInfo> wait(uint64_t request_id);
+  // The word sum an Op::kChecksum request returned.
+  Result<uint64_t> wait_checksum(uint64_t request_id);
   // Waits until nothing is in flight (results stay available to wait()).
   Status drain();
 
@@ -93,7 +95,9 @@ class Session {
   struct Finished {
     Status status;
     ForwardInfo info;
+    uint64_t checksum = 0;  // Op::kChecksum
   };
+  Result<Finished> wait_finished(uint64_t request_id);
 
   Status hello(const ClientOptions& options);
   // Pops and handles one completion, waiting at most until the request timeout.

@@ -164,11 +164,11 @@ class Coordinator {
     while (count < o_.size && failure.ok()) {
       std::vector<pollfd> fds;
       fds.push_back({listener.get(), POLLIN, 0});
-      std::vector<Conn*> reading;
-      for (auto& c : conns_) {
-        if (c.rank < 0 && !c.dead) {
-          fds.push_back({c.fd.get(), POLLIN, 0});
-          reading.push_back(&c);
+      std::vector<size_t> reading;  // indices: accept_all() may grow conns_
+      for (size_t i = 0; i < conns_.size(); ++i) {
+        if (conns_[i].rank < 0 && !conns_[i].dead) {
+          fds.push_back({conns_[i].fd.get(), POLLIN, 0});
+          reading.push_back(i);
         }
       }
       const int timeout = detail::poll_timeout_ms(deadline_);
@@ -185,7 +185,7 @@ class Coordinator {
       if (fds[0].revents & POLLIN) accept_all(listener.get());
       for (size_t i = 1; i < fds.size() && failure.ok(); ++i) {
         if (fds[i].revents == 0) continue;
-        failure = read_hello(*reading[i - 1], &count);
+        failure = read_hello(conns_[reading[i - 1]], &count);
       }
     }
     listener.reset();

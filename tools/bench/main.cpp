@@ -2,6 +2,7 @@
 // Not tests: nothing here asserts; read the ratios.
 #include <CLI/CLI.hpp>
 
+#include "daemon_bench.hpp"
 #include "layer_bench.hpp"
 
 int main(int argc, char** argv) {
@@ -16,7 +17,18 @@ int main(int argc, char** argv) {
   layer_cmd->add_option("--threads", layer.threads, "CPU threads (0 = all cores)")->capture_default_str();
   layer_cmd->add_option("--repeats", layer.repeats, "timed runs per measurement")->check(CLI::PositiveNumber)->capture_default_str();
 
+  bool via_daemon = false;
+  layer_cmd->add_flag("--via-daemon", via_daemon,
+                      "large shape: forward through a tuteld started for the run vs in-process");
+
+  int ipc_repeats = 5;
+  CLI::App* ipc_cmd = app.add_subcommand("ipc", "round trip and bulk transfer through tuteld vs memcpy");
+  ipc_cmd->add_option("--repeats", ipc_repeats, "scale of the run")->check(CLI::PositiveNumber)->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
-  if (layer_cmd->parsed()) return tutel::bench::run_layer_bench(layer);
+  if (layer_cmd->parsed())
+    return via_daemon ? tutel::bench::run_layer_via_daemon_bench(argv[0], layer.threads, layer.repeats)
+                      : tutel::bench::run_layer_bench(layer);
+  if (ipc_cmd->parsed()) return tutel::bench::run_ipc_bench(argv[0], ipc_repeats);
   return 2;
 }

@@ -98,6 +98,9 @@ class Client {
 
   // One empty request through the rings and back (Op::kNop): checks the data path.
   Status ping();
+  // Hands `bytes` (a multiple of 4) to the daemon through the arena and returns the sum of their
+  // 32-bit words as the daemon read them: verifies and measures the shared-memory path.
+  Result<uint64_t> transfer_checksum(const void* data, size_t bytes);
 
   // Ends the session: the daemon forgets this session's pending forwards; the layers stay.
   // Layers made by this client fail from now on. Idempotent.

@@ -65,7 +65,14 @@ inline constexpr uint32_t kArenaMagic = 0x414C5554;  // "TULA"
 inline constexpr uint32_t kRingSlots = 64;
 inline constexpr size_t kCacheLine = 64;
 
-enum class Op : uint32_t { kNop = 0, kForward = 1, kBackward = 2 };
+enum class Op : uint32_t {
+  kNop = 0,       // an empty round trip
+  kForward = 1,
+  kBackward = 2,
+  // Reads input_bytes at input_offset and returns the sum of its 32-bit words (mod 2^64) in
+  // CompletionDescriptor::checksum: verifies and measures the shared-memory path.
+  kChecksum = 3,
+};
 enum RequestFlags : uint32_t {
   kFlagTraining = 1u << 0,  // forward keeps what backward needs, under `sequence`
 };
@@ -95,7 +102,7 @@ struct CompletionDescriptor {
   float l_aux;
   int64_t capacity;
   int64_t dropped;
-  uint64_t reserved;
+  uint64_t checksum;    // Op::kChecksum only
   char message[344];    // NUL-terminated error message when status_code != 0
 };
 static_assert(sizeof(CompletionDescriptor) == 384);

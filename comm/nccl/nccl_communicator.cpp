@@ -1,0 +1,470 @@
+// The NCCL Communicator (nccl.hpp). UNTESTED: the development machines have no GPU; this file
+// is compiled in every CUDA build and exercised only where a device exists.
+//
+// The NCCL communicator is created non-blocking (ncclConfig_t::blocking = 0) so that no NCCL
+// call can block us forever: every call that returns ncclInProgress is waited for by polling
+// ncclCommGetAsyncError against a deadline, and completion of enqueued work by polling a CUDA
+// event. A deadline that passes aborts the communicator (ncclCommAbort), which also makes the
+// kernels already enqueued exit.
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "../src/group_layout.hpp"
+#include "../src/two_dh.hpp"
+#include "tutel/comm/nccl.hpp"
+
+namespace tutel::comm {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+Status cuda_failure(cudaError_t e, const char* expr) {
+  const StatusCode code = e == cudaErrorMemoryAllocation ? StatusCode::kResourceExhausted
+                          : (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver)
+                              ? StatusCode::kUnavailable
+                              : StatusCode::kInternal;
+  return Status(code, std::string(expr) + ": " + cudaGetErrorName(e) + ": " +
+                          cudaGetErrorString(e));
+}
+
+Status nccl_failure(ncclResult_t r, const char* expr, ncclComm_t comm) {
+  std::string msg = std::string(expr) + ": " + ncclGetErrorString(r);
+  const char* last = ncclGetLastError(comm);
+  if (last != nullptr && *last != '\0') msg += " (" + std::string(last) + ")";
+  const StatusCode code = (r == ncclRemoteError || r == ncclSystemError)
+                              ? StatusCode::kUnavailable
+                          : r == ncclInvalidArgument || r == ncclInvalidUsage
+                              ? StatusCode::kInvalidArgument
+                              : StatusCode::kInternal;
+  return Status(code, msg);
+}
+
+#define TUTEL_NCCL_CUDA(expr)                                          \
+  do {                                                                 \
+    const cudaError_t _tutel_e = (expr);                               \
+    if (_tutel_e != cudaSuccess) return cuda_failure(_tutel_e, #expr); \
+  } while (0)
+
+// ncclInProgress is not an error for a non-blocking communicator: the caller waits on it.
+#define TUTEL_NCCL(expr, comm)                                                   \
+  do {                                                                           \
+    const ncclResult_t _tutel_r = (expr);                                        \
+    if (_tutel_r != ncclSuccess && _tutel_r != ncclInProgress)                   \
+      return nccl_failure(_tutel_r, #expr, comm);                                \
+  } while (0)
+
+// Waits until `comm` has no NCCL call in progress.
+Status wait_comm(ncclComm_t comm, Clock::time_point deadline) {
+  for (;;) {
+    ncclResult_t state = ncclSuccess;
+    const ncclResult_t r = ncclCommGetAsyncError(comm, &state);
+    if (r != ncclSuccess) return nccl_failure(r, "ncclCommGetAsyncError", comm);
+    if (state == ncclSuccess) return Status::OK();
+    if (state != ncclInProgress) return nccl_failure(state, "NCCL (asynchronous)", comm);
+    if (Clock::now() >= deadline) return Status::Timeout("NCCL call still in progress");
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+}
+
+ncclConfig_t nonblocking_config() {
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  return config;
+}
+
+// dst[j][i] = src[i][j] for a [rows][cols] matrix of `chunk`-byte elements in device memory.
+Status transpose_chunks_device(void* dst, const void* src, int rows, int cols, size_t chunk,
+                               cudaStream_t stream) {
+  auto* d = static_cast<unsigned char*>(dst);
+  const auto* s = static_cast<const unsigned char*>(src);
+  for (int j = 0; j < cols; ++j) {
+    TUTEL_NCCL_CUDA(cudaMemcpy2DAsync(d + static_cast<size_t>(j) * rows * chunk, chunk,
+                                      s + static_cast<size_t>(j) * chunk,
+                                      static_cast<size_t>(cols) * chunk, chunk,
+                                      static_cast<size_t>(rows), cudaMemcpyDeviceToDevice,
+                                      stream));
+  }
+  return Status::OK();
+}
+
+ncclRedOp_t to_nccl(ReduceOp op) { return op == ReduceOp::kSum ? ncclSum : ncclMax; }
+
+class NcclCommunicator final : public Communicator {
+ public:
+  struct Shape {
+    int rank, size, local_size;
+    int world_local_size;
+    std::vector<int> members;  // world rank of each group rank
+  };
+
+  static Result<std::unique_ptr<NcclCommunicator>> create(ncclComm_t comm, Shape shape,
+                                                          const NcclOptions& options,
+                                                          std::chrono::milliseconds timeout) {
+    std::unique_ptr<NcclCommunicator> self(
+        new NcclCommunicator(comm, std::move(shape), options, timeout));
+    TUTEL_NCCL_CUDA(cudaSetDevice(options.device));
+    if (options.stream == nullptr) {
+      TUTEL_NCCL_CUDA(cudaStreamCreateWithFlags(&self->stream_, cudaStreamNonBlocking));
+      self->own_stream_ = true;
+    }
+    TUTEL_NCCL_CUDA(cudaEventCreateWithFlags(&self->done_, cudaEventDisableTiming));
+    return self;
+  }
+
+  ~NcclCommunicator() override {
+    cudaSetDevice(options_.device);
+    if (comm_ != nullptr) {
+      bool clean = broken_.ok();
+      if (clean) {
+        const ncclResult_t r = ncclCommFinalize(comm_);
+        clean = (r == ncclSuccess || r == ncclInProgress) &&
+                wait_comm(comm_, Clock::now() + timeout_).ok();
+      }
+      if (clean) {
+        ncclCommDestroy(comm_);
+      } else {
+        ncclCommAbort(comm_);
+      }
+    }
+    if (scratch_ != nullptr) cudaFree(scratch_);
+    if (done_ != nullptr) cudaEventDestroy(done_);
+    if (own_stream_) cudaStreamDestroy(stream_);
+  }
+
+  int rank() const override { return shape_.rank; }
+  int size() const override { return shape_.size; }
+  int local_size() const override { return shape_.local_size; }
+
+  Status all_to_all(const void* send, void* recv, size_t c, AllToAllAlgo algo) override {
+    TUTEL_RETURN_IF_ERROR(begin("all_to_all"));
+    const int n = size(), l = local_size();
+    if (algo == AllToAllAlgo::k2DH && n % l != 0)
+      return Status::InvalidArgument(
+          "2DH all-to-all needs local_size (" + std::to_string(l) +
+          ") to divide the group size (" + std::to_string(n) +
+          "); use AllToAllAlgo::kLinear, or a local_size that divides it");
+    const auto* s = static_cast<const unsigned char*>(send);
+    auto* r = static_cast<unsigned char*>(recv);
+    if (algo == AllToAllAlgo::kLinear || l == 1 || l == n) {
+      return finish(grouped([&]() -> Status {
+        for (int p = 0; p < n; ++p) {
+          TUTEL_NCCL(ncclSend(s + p * c, c, ncclInt8, p, comm_, stream_), comm_);
+          TUTEL_NCCL(ncclRecv(r + p * c, c, ncclInt8, p, comm_, stream_), comm_);
+        }
+        return Status::OK();
+      }));
+    }
+    return finish(all_to_all_2dh(s, r, c));
+  }
+
+  Status all_gather(const void* send, void* recv, size_t bytes) override {
+    TUTEL_RETURN_IF_ERROR(begin("all_gather"));
+    return finish(enqueue([&] { return ncclAllGather(send, recv, bytes, ncclInt8, comm_, stream_); },
+                          "ncclAllGather"));
+  }
+
+  Status reduce_scatter(const float* send, float* recv, size_t count, ReduceOp op) override {
+    TUTEL_RETURN_IF_ERROR(begin("reduce_scatter"));
+    return finish(enqueue(
+        [&] {
+          return ncclReduceScatter(send, recv, count, ncclFloat32, to_nccl(op), comm_, stream_);
+        },
+        "ncclReduceScatter"));
+  }
+
+  Status all_reduce(float* data, size_t count, ReduceOp op) override {
+    TUTEL_RETURN_IF_ERROR(begin("all_reduce"));
+    return finish(enqueue(
+        [&] { return ncclAllReduce(data, data, count, ncclFloat32, to_nccl(op), comm_, stream_); },
+        "ncclAllReduce"));
+  }
+
+  Status all_reduce(int64_t* data, size_t count, ReduceOp op) override {
+    TUTEL_RETURN_IF_ERROR(begin("all_reduce"));
+    return finish(enqueue(
+        [&] { return ncclAllReduce(data, data, count, ncclInt64, to_nccl(op), comm_, stream_); },
+        "ncclAllReduce"));
+  }
+
+  Status barrier() override {
+    TUTEL_RETURN_IF_ERROR(begin("barrier"));
+    TUTEL_RETURN_IF_ERROR(finish(reserve_scratch(sizeof(int32_t))));
+    auto* token = static_cast<int32_t*>(scratch_);
+    return finish(enqueue(
+        [&] { return ncclAllReduce(token, token, 1, ncclInt32, ncclSum, comm_, stream_); },
+        "ncclAllReduce"));
+  }
+
+  Result<std::unique_ptr<Communicator>> split(int color, int key) override {
+    TUTEL_RETURN_IF_ERROR(begin("split"));
+    // Everyone learns every (color, key) to derive the new group's members and local_size;
+    // NCCL orders the new ranks the same way (key, then parent rank).
+    struct Entry {
+      int32_t color, key;
+    };
+    const Entry mine{color < 0 ? kNoColor : color, key};
+    std::vector<Entry> all(static_cast<size_t>(size()));
+    TUTEL_RETURN_IF_ERROR(finish(host_all_gather(&mine, all.data(), sizeof(Entry))));
+
+    ncclComm_t child = nullptr;
+    ncclConfig_t config = nonblocking_config();
+    const ncclResult_t split_result = ncclCommSplit(
+        comm_, mine.color == kNoColor ? NCCL_SPLIT_NOCOLOR : mine.color, key, &child, &config);
+    if (split_result != ncclSuccess && split_result != ncclInProgress)
+      return finish(nccl_failure(split_result, "ncclCommSplit", comm_));
+    TUTEL_RETURN_IF_ERROR(finish(wait_comm(comm_, deadline_)));
+    if (mine.color == kNoColor) return std::unique_ptr<Communicator>();
+    if (child == nullptr) return finish(Status::Internal("ncclCommSplit returned no communicator"));
+    if (Status s = wait_comm(child, deadline_); !s.ok()) {
+      ncclCommAbort(child);
+      return finish(std::move(s));
+    }
+
+    std::vector<int> order;
+    for (int p = 0; p < size(); ++p)
+      if (all[p].color == mine.color) order.push_back(p);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int a, int b) { return all[a].key < all[b].key; });
+    Shape shape;
+    shape.world_local_size = shape_.world_local_size;
+    for (int p : order) {
+      if (p == rank()) shape.rank = static_cast<int>(shape.members.size());
+      shape.members.push_back(shape_.members[p]);
+    }
+    shape.size = static_cast<int>(shape.members.size());
+    shape.local_size = detail::derive_local_size(shape.members, shape.world_local_size);
+    NcclOptions options = options_;
+    options.stream = own_stream_ ? nullptr : stream_;
+    auto created = create(child, std::move(shape), options, timeout_);
+    if (!created.ok()) {
+      ncclCommAbort(child);
+      return std::move(created).status();
+    }
+    return std::unique_ptr<Communicator>(std::move(created).value());
+  }
+
+  // Gathers host bytes through a device staging buffer (used by split and nccl_from_host).
+  Status host_all_gather(const void* send, void* recv, size_t bytes) {
+    const size_t total = bytes * static_cast<size_t>(size());
+    TUTEL_RETURN_IF_ERROR(reserve_scratch(total + bytes));
+    auto* gathered = static_cast<unsigned char*>(scratch_);
+    unsigned char* mine = gathered + total;
+    TUTEL_NCCL_CUDA(cudaMemcpyAsync(mine, send, bytes, cudaMemcpyHostToDevice, stream_));
+    TUTEL_NCCL(ncclAllGather(mine, gathered, bytes, ncclInt8, comm_, stream_), comm_);
+    TUTEL_RETURN_IF_ERROR(wait_comm(comm_, deadline_));
+    TUTEL_NCCL_CUDA(cudaMemcpyAsync(recv, gathered, total, cudaMemcpyDeviceToHost, stream_));
+    return wait_stream();
+  }
+
+  Status begin(const char* what) {
+    what_ = what;
+    if (!broken_.ok())
+      return Status::Aborted(std::string(what) + ": this NCCL communicator failed earlier (" +
+                             std::string(broken_.message()) + "); create a new one");
+    deadline_ = Clock::now() + timeout_;
+    TUTEL_NCCL_CUDA(cudaSetDevice(options_.device));
+    return Status::OK();
+  }
+
+ private:
+  NcclCommunicator(ncclComm_t comm, Shape shape, const NcclOptions& options,
+                   std::chrono::milliseconds timeout)
+      : comm_(comm),
+        shape_(std::move(shape)),
+        options_(options),
+        timeout_(timeout),
+        stream_(static_cast<cudaStream_t>(options.stream)) {}
+
+  // Any failure after work was enqueued aborts: the ranks no longer agree on where they are.
+  Status finish(Status s) {
+    if (s.ok()) return s;
+    if (comm_ != nullptr) {
+      ncclCommAbort(comm_);
+      comm_ = nullptr;
+    }
+    if (s.code() == StatusCode::kTimeout)
+      s = Status::Timeout("did not complete within " + std::to_string(timeout_.count()) +
+                          " ms (a peer of this group may have died or stopped calling "
+                          "collectives); NCCL communicator aborted");
+    broken_ = s.with_context(std::string("NCCL ") + what_ + " (rank " +
+                             std::to_string(rank()) + " of " + std::to_string(size()) + ")");
+    return broken_;
+  }
+
+  // Runs `calls` (ncclSend/ncclRecv) between ncclGroupStart and ncclGroupEnd, then completes.
+  template <typename F>
+  Status grouped(F&& calls) {
+    TUTEL_NCCL(ncclGroupStart(), comm_);
+    Status s = calls();
+    const ncclResult_t r = ncclGroupEnd();  // always close the group, even after an error
+    TUTEL_RETURN_IF_ERROR(s);
+    if (r != ncclSuccess && r != ncclInProgress) return nccl_failure(r, "ncclGroupEnd", comm_);
+    return complete();
+  }
+
+  template <typename F>
+  Status enqueue(F&& call, const char* name) {
+    const ncclResult_t r = call();
+    if (r != ncclSuccess && r != ncclInProgress) return nccl_failure(r, name, comm_);
+    return complete();
+  }
+
+  // Waits for the enqueue, then (when synchronising) for the stream.
+  Status complete() {
+    TUTEL_RETURN_IF_ERROR(wait_comm(comm_, deadline_));
+    if (!options_.synchronize) return Status::OK();
+    return wait_stream();
+  }
+
+  Status wait_stream() {
+    TUTEL_NCCL_CUDA(cudaEventRecord(done_, stream_));
+    for (;;) {
+      const cudaError_t q = cudaEventQuery(done_);
+      if (q == cudaSuccess) return Status::OK();
+      if (q != cudaErrorNotReady) return cuda_failure(q, "cudaEventQuery");
+      ncclResult_t state = ncclSuccess;
+      ncclCommGetAsyncError(comm_, &state);
+      if (state != ncclSuccess && state != ncclInProgress)
+        return nccl_failure(state, "NCCL (asynchronous)", comm_);
+      if (Clock::now() >= deadline_) return Status::Timeout("stream did not drain");
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+
+  Status reserve_scratch(size_t bytes) {
+    if (bytes <= scratch_bytes_) return Status::OK();
+    if (scratch_ != nullptr) {
+      TUTEL_NCCL_CUDA(cudaStreamSynchronize(stream_));
+      TUTEL_NCCL_CUDA(cudaFree(scratch_));
+      scratch_ = nullptr;
+      scratch_bytes_ = 0;
+    }
+    TUTEL_NCCL_CUDA(cudaMalloc(&scratch_, bytes));
+    scratch_bytes_ = bytes;
+    return Status::OK();
+  }
+
+  // See src/two_dh.hpp: T and U live in scratch; V reuses T.
+  Status all_to_all_2dh(const unsigned char* send, unsigned char* recv, size_t c) {
+    const detail::TwoDH g(rank(), size(), local_size());
+    const size_t total = static_cast<size_t>(size()) * c;
+    TUTEL_RETURN_IF_ERROR(reserve_scratch(2 * total));
+    auto* t = static_cast<unsigned char*>(scratch_);
+    unsigned char* u = t + total;
+
+    TUTEL_RETURN_IF_ERROR(transpose_chunks_device(t, send, g.nodes, g.local_size, c, stream_));
+    const size_t b1 = g.phase1_bytes(c);
+    // Phase 1 is only enqueued (no stream wait): stream order puts it before the next copy.
+    const bool synchronize = std::exchange(options_.synchronize, false);
+    Status s = grouped([&]() -> Status {
+      for (int j = 0; j < g.local_size; ++j) {
+        TUTEL_NCCL(ncclSend(t + j * b1, b1, ncclInt8, g.phase1_peer(j), comm_, stream_), comm_);
+        TUTEL_NCCL(ncclRecv(u + j * b1, b1, ncclInt8, g.phase1_peer(j), comm_, stream_), comm_);
+      }
+      return Status::OK();
+    });
+    options_.synchronize = synchronize;
+    TUTEL_RETURN_IF_ERROR(s);
+
+    unsigned char* v = t;
+    TUTEL_RETURN_IF_ERROR(transpose_chunks_device(v, u, g.local_size, g.nodes, c, stream_));
+    const size_t b2 = g.phase2_bytes(c);
+    return grouped([&]() -> Status {
+      for (int m = 0; m < g.nodes; ++m) {
+        TUTEL_NCCL(ncclSend(v + m * b2, b2, ncclInt8, g.phase2_peer(m), comm_, stream_), comm_);
+        TUTEL_NCCL(ncclRecv(recv + m * b2, b2, ncclInt8, g.phase2_peer(m), comm_, stream_),
+                   comm_);
+      }
+      return Status::OK();
+    });
+  }
+
+  ncclComm_t comm_;
+  Shape shape_;
+  NcclOptions options_;
+  std::chrono::milliseconds timeout_;
+  cudaStream_t stream_;
+  bool own_stream_ = false;
+  cudaEvent_t done_ = nullptr;
+  void* scratch_ = nullptr;
+  size_t scratch_bytes_ = 0;
+  const char* what_ = "";
+  Clock::time_point deadline_;
+  Status broken_;
+};
+
+Result<std::unique_ptr<Communicator>> init_from_id(const ncclUniqueId& id, int rank, int size,
+                                                   int local_size, const NcclOptions& options,
+                                                   Clock::time_point deadline,
+                                                   std::chrono::milliseconds timeout) {
+  TUTEL_NCCL_CUDA(cudaSetDevice(options.device));
+  ncclComm_t comm = nullptr;
+  ncclConfig_t config = nonblocking_config();
+  TUTEL_NCCL(ncclCommInitRankConfig(&comm, size, id, rank, &config), comm);
+  if (Status s = wait_comm(comm, deadline); !s.ok()) {
+    ncclCommAbort(comm);
+    if (s.code() == StatusCode::kTimeout)
+      return Status::Timeout("NCCL communicator creation (rank " + std::to_string(rank) + " of " +
+                             std::to_string(size) + ") did not finish in time; a rank is "
+                             "missing or cannot reach the others");
+    return s;
+  }
+  NcclCommunicator::Shape shape;
+  shape.rank = rank;
+  shape.size = size;
+  shape.local_size = local_size;
+  shape.world_local_size = local_size;
+  for (int p = 0; p < size; ++p) shape.members.push_back(p);
+  auto created = NcclCommunicator::create(comm, std::move(shape), options, timeout);
+  if (!created.ok()) {
+    ncclCommAbort(comm);
+    return std::move(created).status();
+  }
+  return std::unique_ptr<Communicator>(std::move(created).value());
+}
+
+}  // namespace
+
+bool nccl_available() { return true; }
+
+Result<std::unique_ptr<Communicator>> nccl_bootstrap(const BootstrapOptions& options,
+                                                     const NcclOptions& nccl) {
+  TUTEL_RETURN_IF_ERROR(validate(options));
+  const auto deadline = Clock::now() + options.timeout;
+  std::string payload;
+  if (options.rank == 0) {
+    ncclUniqueId id;
+    TUTEL_NCCL(ncclGetUniqueId(&id), nullptr);
+    payload.assign(reinterpret_cast<const char*>(&id), sizeof id);
+  }
+  TUTEL_ASSIGN_OR_RETURN(BootstrapTable table, coordinator_exchange(options, "nccl", payload));
+  if (table.payloads[0].size() != sizeof(ncclUniqueId))
+    return Status::Corruption("bootstrap: rank 0 sent no NCCL unique id");
+  ncclUniqueId id;
+  std::memcpy(&id, table.payloads[0].data(), sizeof id);
+  return init_from_id(id, options.rank, options.size, options.local_size, nccl,
+                      std::max(deadline, Clock::now() + options.collective_timeout),
+                      options.collective_timeout);
+}
+
+Result<std::unique_ptr<Communicator>> nccl_from_host(Communicator& host, const NcclOptions& nccl,
+                                                     std::chrono::milliseconds collective_timeout) {
+  ncclUniqueId id{};
+  if (host.rank() == 0) TUTEL_NCCL(ncclGetUniqueId(&id), nullptr);
+  std::vector<ncclUniqueId> all(static_cast<size_t>(host.size()));
+  TUTEL_RETURN_IF_ERROR(host.all_gather(&id, all.data(), sizeof id)
+                            .with_context("sharing the NCCL unique id"));
+  return init_from_id(all[0], host.rank(), host.size(), host.local_size(), nccl,
+                      Clock::now() + collective_timeout, collective_timeout);
+}
+
+}  // namespace tutel::comm

@@ -1,0 +1,187 @@
+// tutel-bench ipc and tutel-bench layer --via-daemon: the shared-memory path and the daemon's
+// overhead, each next to its ceiling measured in the same run (memcpy bandwidth; the same layer
+// in-process).
+#include "daemon_bench.hpp"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "bench_util.hpp"
+#include "tutel/client.hpp"
+#include "tutel/kernels/moe_layer.hpp"
+
+extern char** environ;
+
+namespace tutel::bench {
+namespace {
+
+namespace fs = std::filesystem;
+
+// A tuteld started from the bench's own bin/ directory on a throwaway config; stopped by PID.
+class BenchDaemon {
+ public:
+  BenchDaemon(const std::string& self, int threads, const std::string& arena) {
+    char tmpl[] = "/tmp/tutel-bench-XXXXXX";
+    dir_ = ::mkdtemp(tmpl);
+    std::ofstream(dir_ + "/tuteld.toml") << "[server]\nclient_socket = \"client.sock\"\nadmin_socket = \"admin.sock\"\n"
+                                         << "metrics_listen = \"\"\nlog_level = \"warn\"\narena_bytes = \"" << arena << "\"\n"
+                                         << "[backend]\nkind = \"cpu\"\nranks = 1\nthreads_per_rank = " << threads << "\n"
+                                         << "[[tenant]]\nname = \"bench\"\nuids = [" << ::getuid() << "]\n";
+    const std::string bin = (fs::path(self).parent_path() / "tuteld").string();
+    const std::string cfg = dir_ + "/tuteld.toml";
+    char* argv[] = {const_cast<char*>(bin.c_str()), const_cast<char*>("--config"), const_cast<char*>(cfg.c_str()), nullptr};
+    if (posix_spawn(&pid_, bin.c_str(), nullptr, nullptr, argv, environ) != 0) {
+      pid_ = -1;
+      return;
+    }
+    for (int i = 0; i < 500 && !fs::exists(socket()); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ~BenchDaemon() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGTERM);
+      int status;
+      ::waitpid(pid_, &status, 0);
+    }
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+  std::string socket() const { return dir_ + "/client.sock"; }
+  bool running() const { return pid_ > 0 && fs::exists(socket()); }
+
+ private:
+  std::string dir_;
+  pid_t pid_ = -1;
+};
+
+double percentile(std::vector<double> v, double p) {
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(p * v.size()))];
+}
+
+}  // namespace
+
+int run_ipc_bench(const std::string& self, int repeats) {
+  BenchDaemon daemon(self, 1, "64MiB");
+  if (!daemon.running()) {
+    std::fprintf(stderr, "tutel-bench ipc: could not start tuteld next to %s\n", self.c_str());
+    return 1;
+  }
+  auto client = client::Client::connect(daemon.socket());
+  if (!client.ok()) {
+    std::fprintf(stderr, "tutel-bench ipc: %s\n", client.status().to_string().c_str());
+    return 1;
+  }
+  std::printf("tutel-bench ipc: one client, one tuteld, unix socket + memfd arena, spin 50 us before sleeping\n");
+
+  // Round trip of an empty request.
+  for (int i = 0; i < 2000; ++i) (void)client->ping();
+  std::vector<double> rtt;
+  for (int i = 0; i < 20000 * repeats / 5; ++i) {
+    const double t0 = now_seconds();
+    if (!client->ping().ok()) return 1;
+    rtt.push_back(now_seconds() - t0);
+  }
+  std::printf("round trip (empty request)   median %7.2f us   p99 %7.2f us   (target: median <= 5 us)\n",
+              percentile(rtt, 0.5) * 1e6, percentile(rtt, 0.99) * 1e6);
+
+  // Bulk transfer: the client copies a chunk into the arena, the daemon reads every word.
+  for (size_t mib : {1, 8, 16}) {
+    const size_t bytes = mib << 20;
+    std::vector<uint32_t> data(bytes / 4), copy(bytes / 4);
+    std::mt19937 rng(1);
+    uint64_t want = 0;
+    for (auto& w : data) want += (w = rng());
+    std::memcpy(copy.data(), data.data(), bytes);  // touch both
+    const double memcpy_s = median_seconds(2, repeats * 4, [&] { std::memcpy(copy.data(), data.data(), bytes); });
+    bool ok = true;
+    const double transfer_s = median_seconds(2, repeats * 4, [&] {
+      auto sum = client->transfer_checksum(data.data(), bytes);
+      ok &= sum.ok() && *sum == want;
+    });
+    if (!ok) {
+      std::fprintf(stderr, "tutel-bench ipc: the daemon read different bytes than were sent\n");
+      return 1;
+    }
+    const double memcpy_gbs = bytes / memcpy_s / 1e9, transfer_gbs = bytes / transfer_s / 1e9;
+    std::printf("bulk %2zu MiB: client->daemon %6.2f GB/s   memcpy %6.2f GB/s   ratio %.2f   (target >= 0.50)\n", mib,
+                transfer_gbs, memcpy_gbs, transfer_gbs / memcpy_gbs);
+  }
+  return 0;
+}
+
+int run_layer_via_daemon_bench(const std::string& self, int threads, int repeats) {
+  if (threads == 0) threads = static_cast<int>(std::thread::hardware_concurrency());
+  BenchDaemon daemon(self, threads, "256MiB");
+  if (!daemon.running()) {
+    std::fprintf(stderr, "tutel-bench layer --via-daemon: could not start tuteld next to %s\n", self.c_str());
+    return 1;
+  }
+  auto client = client::Client::connect(daemon.socket());
+  if (!client.ok()) {
+    std::fprintf(stderr, "tutel-bench: %s\n", client.status().to_string().c_str());
+    return 1;
+  }
+  const int64_t S = 4096, M = 1024, H = 2048, E = 8;
+  auto layer = client->create_layer("name = \"bench\"\nexperts = 8\nmodel_dim = 1024\nhidden = 2048\nk = 2\n"
+                                    "capacity_factor = 1.0\ninit_seed = 7\n");
+  if (!layer.ok()) {
+    std::fprintf(stderr, "tutel-bench: %s\n", layer.status().to_string().c_str());
+    return 1;
+  }
+  // The same shape in-process. With f = 1 the capacity is fixed by the shape, so both sides run
+  // identical GEMMs whatever their (different) random weights route.
+  std::vector<float> x(S * M), y(S * M), y_local(S * M);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> n(0.f, 1.f);
+  for (float& v : x) v = n(rng);
+
+  auto backend = make_backend("cpu", {.threads = threads});
+  if (!backend.ok()) return 1;
+  Backend& b = **backend;
+  LayerSpec spec;
+  spec.experts = E;
+  spec.model_dim = M;
+  spec.hidden = H;
+  spec.k = 2;
+  std::vector<float> wg(E * M), w1(E * H * M), b1(E * H), w2(E * H * M), b2(E * M);
+  for (auto* v : {&wg, &w1, &b1, &w2, &b2})
+    for (float& f : *v) f = n(rng) * 0.02f;
+  LayerWeights w;
+  w.gate_weight = TensorView(wg.data(), DType::kF32, {E, M});
+  w.experts.fc1_weight = TensorView(w1.data(), DType::kF32, {E, H, M});
+  w.experts.fc1_bias = TensorView(b1.data(), DType::kF32, {E, H});
+  w.experts.fc2_weight = TensorView(w2.data(), DType::kF32, {E, H, M});
+  w.experts.fc2_bias = TensorView(b2.data(), DType::kF32, {E, M});
+  LayerWorkspace ws;
+  Status st;
+  const double local = median_seconds(1, repeats, [&] {
+    if (st.ok()) st = layer_forward(b, spec, w, TensorView(x.data(), DType::kF32, {S, M}), 0, false, ws,
+                                    TensorView(y_local.data(), DType::kF32, {S, M}), nullptr);
+  });
+  const double remote = median_seconds(1, repeats, [&] {
+    if (st.ok()) st = layer->infer(x.data(), S, y.data());
+  });
+  if (!st.ok()) {
+    std::fprintf(stderr, "tutel-bench: %s\n", st.to_string().c_str());
+    return 1;
+  }
+  std::printf("tutel-bench layer --via-daemon: S=%lld M=%lld H=%lld E=%lld k=2 f=1, %d threads, median of %d\n",
+              (long long)S, (long long)M, (long long)H, (long long)E, threads, repeats);
+  std::printf("forward in-process %8.2f ms   through tuteld %8.2f ms   overhead %5.1f %%   (target <= 10 %%)\n",
+              local * 1e3, remote * 1e3, (remote / local - 1) * 100);
+  return 0;
+}
+
+}  // namespace tutel::bench
