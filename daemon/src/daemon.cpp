@@ -54,6 +54,10 @@ json layer_info(const LayerRef& ref) {
 DaemonImpl::DaemonImpl(Config config) : config_(std::move(config)) { uv_loop_init(&loop_); }
 
 DaemonImpl::~DaemonImpl() {
+  // A start-up that failed after binding leaves no socket behind (shutdown() removed them
+  // otherwise; a socket we never bound is another daemon's and stays).
+  if (client_fd_.valid()) ::unlink(config_.server.client_socket.c_str());
+  if (admin_fd_.valid()) ::unlink(config_.server.admin_socket.c_str());
   // Handles were closed by shutdown(); run the loop once more so their close callbacks fire.
   uv_run(&loop_, UV_RUN_NOWAIT);
   uv_loop_close(&loop_);
@@ -61,12 +65,14 @@ DaemonImpl::~DaemonImpl() {
 
 Status DaemonImpl::start() {
   started_at_ = std::chrono::steady_clock::now();
+  // Sockets first: a second daemon on the same paths fails before it touches state_dir.
+  // Nothing is accepted until run() starts the loop, so clients wait for the restore.
+  TUTEL_RETURN_IF_ERROR(listen(config_.server.client_socket, 0660, false, &client_poll_, &client_fd_));
+  TUTEL_RETURN_IF_ERROR(listen(config_.server.admin_socket, 0600, true, &admin_poll_, &admin_fd_));
   TUTEL_RETURN_IF_ERROR(start_ranks());
   registry_ = std::make_unique<Registry>(config_.tenants, ranks_);
   TUTEL_RETURN_IF_ERROR(restore_state());
   TUTEL_RETURN_IF_ERROR(load_config_layers());
-  TUTEL_RETURN_IF_ERROR(listen(config_.server.client_socket, 0660, false, &client_poll_, &client_fd_));
-  TUTEL_RETURN_IF_ERROR(listen(config_.server.admin_socket, 0600, true, &admin_poll_, &admin_fd_));
   if (!config_.server.metrics_listen.empty()) TUTEL_RETURN_IF_ERROR(start_metrics_server());
   uv_signal_init(&loop_, &sigterm_);
   uv_signal_init(&loop_, &sigint_);

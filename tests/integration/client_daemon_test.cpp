@@ -1,0 +1,254 @@
+// The real tuteld with the real client library, tutelctl, train_toy and the metrics endpoint:
+// several clients at once, a client killed mid-request, a config error at start-up, and a
+// clean shutdown while requests are in flight.
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <thread>
+
+#include "daemon_fixture.hpp"
+#include "tutel/client.hpp"
+
+namespace tutel::testing {
+namespace {
+
+std::string spec(const std::string& name, int64_t model_dim = 16) {
+  return "name = \"" + name + "\"\nexperts = 4\nmodel_dim = " + std::to_string(model_dim) +
+         "\nhidden = 32\nk = 2\ninit_seed = 5\n[optimizer]\nkind = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n";
+}
+
+// Runs a command, returns (exit code, stdout+stderr).
+std::pair<int, std::string> run(const std::string& cmd) {
+  std::string out;
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  if (!p) return {-1, ""};
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+  const int status = ::pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+class ClientDaemon : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    daemon_ = std::make_unique<DaemonProcess>(DaemonOptions{});
+    ASSERT_TRUE(daemon_->start());
+  }
+  void TearDown() override {
+    EXPECT_TRUE(daemon_->alive()) << daemon_->log();
+    EXPECT_EQ(daemon_->stop(), 0) << daemon_->log();
+  }
+  nlohmann::json ctl_json(const std::string& what) {
+    auto [code, out] = run(std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() + " --json " + what);
+    EXPECT_EQ(code, 0) << out;
+    return nlohmann::json::parse(out, nullptr, false);
+  }
+  std::unique_ptr<DaemonProcess> daemon_;
+};
+
+TEST_F(ClientDaemon, TrainToyLearns) {
+  auto [code, out] = run(std::string(TRAIN_TOY_BIN) + " --socket " + daemon_->client_socket() + " --steps 200");
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("held-out loss"), std::string::npos) << out;
+}
+
+TEST_F(ClientDaemon, ConcurrentClientsTrainTheirOwnLayers) {
+  constexpr int kClients = 3, kSteps = 20;
+  std::vector<pid_t> children;
+  for (int c = 0; c < kClients; ++c) {
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      auto client = client::Client::connect(daemon_->client_socket());
+      if (!client.ok()) ::_exit(3);
+      auto layer = client->create_layer(spec("layer" + std::to_string(c)));
+      if (!layer.ok()) ::_exit(4);
+      std::mt19937 rng(c);
+      std::normal_distribution<float> n;
+      const int64_t S = 24 + 8 * c;
+      std::vector<float> x(S * 16), y(S * 16), dy(S * 16), dx(S * 16);
+      for (int step = 0; step < kSteps; ++step) {
+        for (float& v : x) v = n(rng);
+        for (float& v : dy) v = n(rng);
+        // Two micro-batches in flight, backwards in reverse order.
+        auto t1 = layer->submit_forward(x.data(), S, y.data());
+        auto t2 = layer->submit_forward(x.data(), S, y.data());
+        if (!t1.ok() || !t2.ok() || !client->wait(*t1).ok() || !client->wait(*t2).ok()) ::_exit(5);
+        if (!layer->backward(t2->sequence, dy.data(), 0.01f, dx.data()).ok()) ::_exit(6);
+        if (!layer->backward(t1->sequence, dy.data(), 0.01f, dx.data()).ok()) ::_exit(7);
+        if (!layer->step().ok() || !layer->zero_grad().ok()) ::_exit(8);
+      }
+      ::_exit(0);
+    }
+    children.push_back(pid);
+  }
+  for (pid_t pid : children) {
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "client exit " << WEXITSTATUS(status) << "\n"
+                                                              << daemon_->log();
+  }
+  const nlohmann::json layers = ctl_json("layers");
+  ASSERT_TRUE(layers.contains("layers")) << layers;
+  int trained = 0;
+  for (const auto& l : layers["layers"]) {
+    EXPECT_EQ(l["pending_backwards"], 0) << l;
+    if (l["step"] == kSteps) ++trained;
+  }
+  EXPECT_EQ(trained, kClients);
+}
+
+TEST_F(ClientDaemon, KilledClientFreesItsSessionAndPendingForwards) {
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    auto client = client::Client::connect(daemon_->client_socket());
+    if (!client.ok()) ::_exit(3);
+    auto layer = client->create_layer(spec("victim", 256));
+    if (!layer.ok()) ::_exit(4);
+    const int64_t S = 2048;
+    std::vector<float> x(S * 256, 0.5f), y(S * 256);
+    for (int i = 0;; ++i) (void)layer->forward(x.data(), S, y.data());  // never backward
+  }
+  // Wait until the victim has forwards pending, then kill it mid-stream.
+  for (int i = 0; i < 500; ++i) {
+    const nlohmann::json layers = ctl_json("layers");
+    bool pending = false;
+    for (const auto& l : layers.value("layers", nlohmann::json::array())) pending |= l["pending_backwards"] > 1;
+    if (pending) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ::kill(pid, SIGKILL);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  // The session goes, its pending forwards go, the layer stays (owned by the tenant).
+  bool freed = false;
+  for (int i = 0; i < 500 && !freed; ++i) {
+    const nlohmann::json status_json = ctl_json("status");
+    const nlohmann::json layers = ctl_json("layers");
+    freed = status_json["sessions"] == 0 && !layers["layers"].empty() && layers["layers"][0]["pending_backwards"] == 0;
+    if (!freed) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_TRUE(freed) << daemon_->log();
+  // Another client of the tenant re-attaches to the layer and uses it.
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto layer = client->attach_layer("victim");
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  std::vector<float> x(8 * 256, 1.f), y(8 * 256);
+  EXPECT_TRUE(layer->infer(x.data(), 8, y.data()).ok());
+}
+
+TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok());
+  auto layer = client->create_layer(spec("observed"));
+  ASSERT_TRUE(layer.ok());
+  std::vector<float> x(32 * 16, 0.25f), y(32 * 16), dx(32 * 16);
+  ASSERT_TRUE(layer->forward(x.data(), 32, y.data()).ok());
+  ASSERT_TRUE(layer->backward(y.data(), 0.f, dx.data()).ok());
+  ASSERT_TRUE(layer->step().ok());
+
+  const nlohmann::json status = ctl_json("status");
+  EXPECT_EQ(status["sessions"], 1);
+  EXPECT_EQ(status["layers"], 1);
+  const nlohmann::json tenants = ctl_json("tenants");
+  EXPECT_EQ(tenants["tenants"][0]["name"], "default");
+  EXPECT_GT(tenants["tenants"][0]["memory_bytes"], 0);
+  auto [code, table] = run(std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() + " layers");
+  EXPECT_EQ(code, 0);
+  EXPECT_NE(table.find("default/observed"), std::string::npos) << table;
+
+  // Prometheus over HTTP on loopback, at the port the daemon reports.
+  const int port = status["metrics_port"];
+  ASSERT_GT(port, 0);
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  const std::string req = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+  ASSERT_EQ(::write(fd, req.data(), req.size()), static_cast<ssize_t>(req.size()));
+  std::string response;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::read(fd, buf, sizeof(buf))) > 0) response.append(buf, n);
+  ::close(fd);
+  EXPECT_NE(response.find("200 OK"), std::string::npos) << response;
+  for (const char* needle :
+       {"tuteld_requests_total{tenant=\"default\",layer=\"observed\",op=\"forward\"} 1",
+        "tuteld_requests_total{tenant=\"default\",layer=\"observed\",op=\"step\"} 1", "tuteld_request_seconds_bucket",
+        "tuteld_tokens_total{tenant=\"default\",layer=\"observed\"} 32", "tuteld_capacity{", "tuteld_tenant_memory_bytes",
+        "tuteld_active_sessions 1"})
+    EXPECT_NE(response.find(needle), std::string::npos) << needle << "\n" << response;
+
+  // A failed request is counted as an error.
+  EXPECT_FALSE(layer->backward(y.data(), 0.f, dx.data()).ok());  // nothing pending
+  auto [mcode, metrics] = run(std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() + " metrics");
+  EXPECT_EQ(mcode, 0);
+  // (the client refuses a backward with nothing pending itself, so the daemon saw no error)
+  EXPECT_NE(metrics.find("tuteld_requests_total"), std::string::npos);
+
+  // Admin checkpoint to an absolute path, in a directory that does not exist yet.
+  const std::string ckpt = daemon_->dir() + "/admin-ckpt/observed.safetensors";
+  auto [ccode, cout] = run(std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() +
+                           " checkpoint default/observed " + ckpt);
+  EXPECT_EQ(ccode, 0) << cout;
+  EXPECT_TRUE(std::filesystem::exists(ckpt));
+}
+
+TEST_F(ClientDaemon, ShutdownWhileRequestsAreInFlight) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok());
+  auto layer = client->create_layer(spec("busy", 256));
+  ASSERT_TRUE(layer.ok());
+  const int64_t S = 1024;
+  std::vector<float> x(S * 256, 0.1f), y(S * 256);
+  std::vector<client::Ticket> tickets;
+  for (int i = 0; i < 8; ++i) {
+    auto t = layer->submit_forward(x.data(), S, y.data(), /*training=*/false);
+    ASSERT_TRUE(t.ok());
+    tickets.push_back(*t);
+  }
+  EXPECT_EQ(daemon_->stop(), 0) << daemon_->log();
+  // Every request either completed or fails with a clear error; nothing hangs.
+  for (const auto& t : tickets) {
+    auto r = client->wait(t);
+    if (!r.ok()) EXPECT_EQ(r.status().code(), StatusCode::kUnavailable) << r.status();
+  }
+  EXPECT_TRUE(std::filesystem::exists(daemon_->dir() + "/state/default/busy.safetensors"));
+  ASSERT_TRUE(daemon_->start());  // for TearDown, and: the layer is restored
+  auto again = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(again->attach_layer("busy").ok());
+}
+
+TEST(DaemonStartup, ConfigErrorsNameFileLineAndKey) {
+  DaemonProcess d(DaemonOptions{.extra_server = "spin_uss = 5"});
+  EXPECT_FALSE(d.start());
+  const std::string log = d.log();
+  EXPECT_NE(log.find("tuteld.toml:"), std::string::npos) << log;
+  EXPECT_NE(log.find("spin_uss"), std::string::npos) << log;
+  EXPECT_NE(log.find("spin_us"), std::string::npos) << "suggests the known key\n" << log;
+}
+
+TEST(DaemonStartup, RefusesASecondDaemonOnTheSameSocket) {
+  DaemonProcess first(DaemonOptions{});
+  ASSERT_TRUE(first.start());
+  auto [code, out] = run(std::string(TUTELD_BIN) + " --config " + first.config_path());
+  EXPECT_NE(code, 0);
+  EXPECT_NE(out.find("another tuteld is listening"), std::string::npos) << out;
+  EXPECT_TRUE(first.alive());
+  EXPECT_EQ(first.stop(), 0);
+}
+
+}  // namespace
+}  // namespace tutel::testing
