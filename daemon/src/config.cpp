@@ -589,7 +589,7 @@ Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& s
   const Scope s = root.child(*t, "server", "[server]");
   TUTEL_RETURN_IF_ERROR(
       s.check_keys({"client_socket", "admin_socket", "state_dir", "metrics_listen", "log_level",
-                    "spin_us", "arena_bytes", "detached_layer_grace_s"}));
+                    "spin_us", "arena_bytes"}));
   for (auto [key, out] : {std::pair{"client_socket", &server.client_socket},
                           std::pair{"admin_socket", &server.admin_socket}}) {
     TUTEL_RETURN_IF_ERROR(get_path(s, key, base_dir, true, *out));
@@ -611,9 +611,6 @@ Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& s
   server.spin = std::chrono::microseconds(spin_us);
   TUTEL_RETURN_IF_ERROR(
       get_bytes(s, "arena_bytes", uint64_t{64} << 10, uint64_t{64} << 30, server.arena_bytes));
-  int64_t grace_s = server.detached_layer_grace.count();
-  TUTEL_RETURN_IF_ERROR(get_int(s, "detached_layer_grace_s", 0, 1000000000, grace_s));
-  server.detached_layer_grace = std::chrono::seconds(grace_s);
   return Status::OK();
 }
 

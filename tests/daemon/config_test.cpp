@@ -115,7 +115,6 @@ TEST(ConfigTest, ExampleShowsTheDefaults) {
   EXPECT_EQ(c.server.log_level, s.log_level);
   EXPECT_EQ(c.server.spin, s.spin);
   EXPECT_EQ(c.server.arena_bytes, s.arena_bytes);
-  EXPECT_EQ(c.server.detached_layer_grace, s.detached_layer_grace);
   const BackendConfig b;
   EXPECT_EQ(c.backend.threads_per_rank, b.threads_per_rank);
   const TenantConfig t;
@@ -143,7 +142,6 @@ TEST(ConfigTest, DefaultsOfAMinimalConfig) {
   EXPECT_EQ(c.server.log_level, LogLevel::kInfo);
   EXPECT_EQ(c.server.spin, std::chrono::microseconds(50));
   EXPECT_EQ(c.server.arena_bytes, 64ull << 20);
-  EXPECT_EQ(c.server.detached_layer_grace, std::chrono::seconds(300));
   EXPECT_EQ(c.backend.kind, "cpu");
   EXPECT_EQ(c.backend.ranks, 1);
   EXPECT_EQ(c.backend.threads_per_rank, 0);
@@ -179,7 +177,6 @@ metrics_listen = "[::1]:0"
 log_level = "WARNING"
 spin_us = 0
 arena_bytes = 1048576
-detached_layer_grace_s = 0
 [backend]
 kind = "cuda"
 ranks = 2
@@ -218,7 +215,6 @@ optimizer = { kind = "sgd", lr = 0.5, momentum = 0.9, nesterov = true, weight_de
   EXPECT_EQ(c.server.log_level, LogLevel::kWarn);
   EXPECT_EQ(c.server.spin.count(), 0);
   EXPECT_EQ(c.server.arena_bytes, 1u << 20);
-  EXPECT_EQ(c.server.detached_layer_grace.count(), 0);
   EXPECT_EQ(c.backend.kind, "cuda");
   EXPECT_EQ(c.backend.devices, (std::vector<int>{1, 0}));
   EXPECT_EQ(c.backend.threads_per_rank, 3);
@@ -490,7 +486,6 @@ TEST(ConfigErrorTest, OutOfRange) {
                {"from 64KiB to 64GiB"});
   expect_error(server + "arena_bytes = \"99999999999999999999999 B\" #!\n", "server.arena_bytes",
                {});
-  expect_error(server + "detached_layer_grace_s = -5 #!\n", "server.detached_layer_grace_s", {});
 
   const std::string layer = kMinimal + kLayer;
   expect_error(layer + "k = 5 #!\n", "layer[0].k", {"k = 5 exceeds experts = 4"});

@@ -84,7 +84,6 @@ struct ServerConfig {
   LogLevel log_level = LogLevel::kInfo;
   std::chrono::microseconds spin{50};              // wait policy: spin this long before blocking
   uint64_t arena_bytes = 64ull << 20;              // shared-memory arena per session
-  std::chrono::seconds detached_layer_grace{300};  // a dead client's layers stay this long
 };
 
 struct Config {
