@@ -12,163 +12,20 @@
 #include <optional>
 #include <random>
 
+#include "layer_cases.hpp"
 #include "layer_test_util.hpp"
-#include "tutel/kernels/gate_noise.hpp"
 
 namespace tutel::testing {
 namespace {
 
-struct Case {
-  std::string name;
-  LayerSpec spec;
-  int64_t tokens;
-  bool one_hot_routing = false;  // every token's top-1 is expert 0
-  bool noise = false;
-};
+class CpuLayerTest : public ::testing::TestWithParam<LayerCase> {};
 
-LayerSpec base_spec(int64_t E, int64_t M, int64_t H, int k, double f) {
-  LayerSpec s;
-  s.experts = E;
-  s.model_dim = M;
-  s.hidden = H;
-  s.k = k;
-  s.capacity_factor = f;
-  return s;
-}
-
-std::vector<Case> all_cases() {
-  std::vector<Case> cases;
-  auto add = [&](std::string name, LayerSpec s, int64_t S) { cases.push_back({std::move(name), s, S}); };
-  add("Basic", base_spec(4, 32, 48, 2, 1.0), 64);
-  add("TokensNotDivisibleByExperts", base_spec(5, 24, 40, 2, 1.25), 37);
-  add("KEqualsE", base_spec(3, 16, 24, 3, 1.0), 20);
-  add("OneExpert", base_spec(1, 16, 32, 1, 1.0), 19);
-  add("OneToken", base_spec(4, 16, 24, 2, 1.0), 1);
-  add("CapacityOverflow", base_spec(4, 32, 32, 2, 0.5), 96);
-  add("Dropless", base_spec(6, 24, 32, 2, 0.0), 70);
-  add("DroplessCapped", base_spec(6, 24, 32, 2, -0.6), 70);
-  add("TinyCapacityFactorGivesZeroCapacity", base_spec(4, 16, 16, 1, 0.1), 8);
-  {
-    auto s = base_spec(4, 32, 32, 2, 0.5);
-    s.batch_prioritized = true;
-    add("BatchPrioritized", s, 96);
-  }
-  {
-    auto s = base_spec(4, 32, 32, 2, 0.0);
-    s.batch_prioritized = true;
-    add("BatchPrioritizedDropless", s, 50);
-  }
-  {
-    auto s = base_spec(4, 32, 40, 2, 1.0);
-    s.activation = Activation::kGelu;
-    add("Gelu", s, 48);
-  }
-  {
-    auto s = base_spec(4, 32, 40, 2, 1.0);
-    s.activation = Activation::kSilu;
-    add("Silu", s, 48);
-  }
-  {
-    auto s = base_spec(4, 32, 32, 2, 1.0);
-    s.normalize_gate = false;
-    add("NoGateNormalization", s, 40);
-  }
-  {
-    auto s = base_spec(4, 32, 32, 1, 1.0);
-    add("Top1IsNeverNormalized", s, 40);
-  }
-  {
-    auto s = base_spec(4, 32, 32, 2, 0.75);
-    s.is_postscore = false;
-    add("PreScore", s, 40);
-  }
-  {
-    auto s = base_spec(4, 32, 32, 2, 1.0);
-    s.has_fc1_bias = s.has_fc2_bias = false;
-    add("NoBiases", s, 40);
-  }
-  {
-    auto s = base_spec(4, 32, 32, 2, 1.0);
-    s.output_dim = 20;
-    add("OutputDimDiffers", s, 40);
-  }
-  {
-    auto s = base_spec(4, 16, 16, 2, 1.0);
-    s.alignment = 8;
-    add("Alignment8", s, 30);
-  }
-  {
-    auto s = base_spec(2, 16, 16, 2, 1.0);
-    s.alignment = 300;  // > 256: rounded up to 384 first
-    add("Alignment300", s, 10);
-  }
-  {
-    auto s = base_spec(8, 64, 96, 2, 1.0);
-    s.activation = Activation::kGelu;
-    add("Larger", s, 333);
-  }
-  {
-    Case c{"AllTokensToOneExpert", base_spec(4, 16, 24, 2, 1.0), 32};
-    c.one_hot_routing = true;
-    cases.push_back(c);
-  }
-  {
-    Case c{"GateNoise", base_spec(4, 32, 32, 2, 1.0), 48};
-    c.spec.gate_noise = 1.0;
-    c.spec.noise_seed = 1234;
-    c.noise = true;
-    cases.push_back(c);
-  }
-  return cases;
-}
-
-struct Inputs {
-  ref::Params params;
-  std::vector<double> x, dy, noise;
-  double dl_aux;
-  ref::Forward want;
-};
-
-// Draws inputs whose routing has no near-ties (see the file comment).
-std::optional<Inputs> draw(std::mt19937_64& rng, const Case& c) {
-  const LayerSpec& s = c.spec;
-  const ref::Config cfg = to_ref(s, c.tokens);
-  for (int attempt = 0; attempt < 200; ++attempt) {
-    Inputs in;
-    in.params = random_params(rng, s);
-    in.x = round_f32(randn(rng, c.tokens * s.model_dim, 1.0));
-    if (c.one_hot_routing) {
-      // Positive tokens and a gate row that likes positive tokens: expert 0 wins everywhere.
-      for (auto& v : in.x) v = static_cast<float>(std::abs(v) + 0.5);
-      // (Strong enough to win, mild enough that the other scores keep distinct top-k margins.)
-      for (int64_t m = 0; m < s.model_dim; ++m) in.params.wg[m] = 0.4;
-    }
-    if (c.noise) {
-      in.noise.resize(c.tokens * s.experts);
-      const float scale = static_cast<float>(s.gate_noise / s.experts);
-      for (size_t i = 0; i < in.noise.size(); ++i) in.noise[i] = scale * gate_noise_at(s.noise_seed, 7, i);
-    }
-    in.dy = round_f32(randn(rng, c.tokens * s.out_dim(), 1.0));
-    in.dl_aux = static_cast<float>(std::uniform_real_distribution<double>(0.1, 2.0)(rng));
-    in.want = ref::forward(cfg, in.params, in.x, c.noise ? &in.noise : nullptr);
-    const bool ties = in.want.min_topk_margin < 1e-6 ||
-                      (s.batch_prioritized && in.want.min_priority_margin < 1e-6) ||
-                      (s.activation == Activation::kRelu && in.want.min_abs_pre < 1e-6);
-    bool all_to_zero = true;
-    for (int64_t t = 0; t < c.tokens; ++t) all_to_zero &= in.want.idx[t * s.k] == 0;
-    if (!ties && (all_to_zero || !c.one_hot_routing)) return in;
-  }
-  return std::nullopt;
-}
-
-class CpuLayerTest : public ::testing::TestWithParam<Case> {};
-
-void run_case(const Case& case_in, DType matmul_dtype, double fwd_rtol, double fwd_atol, double grad_rtol,
+void run_case(const LayerCase& case_in, DType matmul_dtype, double fwd_rtol, double fwd_atol, double grad_rtol,
               double grad_atol) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
-  Case c = case_in;
+  LayerCase c = case_in;
   c.spec.matmul_dtype = matmul_dtype;
   const LayerSpec& spec = c.spec;
   const int64_t S = c.tokens, M = spec.model_dim, O = spec.out_dim(), k = spec.k;
@@ -189,7 +46,8 @@ void run_case(const Case& case_in, DType matmul_dtype, double fwd_rtol, double f
 
   LayerWorkspace ws;
   RoutingStats stats;
-  ASSERT_TRUE(layer_forward(b, spec, layer.weights(), x.view(), 7, /*training=*/true, ws, y.view(), &stats).ok());
+  ASSERT_TRUE(
+      layer_forward(b, spec, layer.weights(), x.view(), kNoiseCounter, /*training=*/true, ws, y.view(), &stats).ok());
 
   const ref::Forward& want = in.want;
   EXPECT_EQ(stats.capacity, want.capacity);
@@ -214,8 +72,12 @@ void run_case(const Case& case_in, DType matmul_dtype, double fwd_rtol, double f
   EXPECT_TRUE(all_close("d_wg", grads.wg.download(), g.d_wg, grad_rtol, grad_atol));
   EXPECT_TRUE(all_close("d_fc1_w", grads.fc1_w.download(), g.d_fc1_w, grad_rtol, grad_atol));
   EXPECT_TRUE(all_close("d_fc2_w", grads.fc2_w.download(), g.d_fc2_w, grad_rtol, grad_atol));
-  if (spec.has_fc1_bias) EXPECT_TRUE(all_close("d_fc1_b", grads.fc1_b.download(), g.d_fc1_b, grad_rtol, grad_atol));
-  if (spec.has_fc2_bias) EXPECT_TRUE(all_close("d_fc2_b", grads.fc2_b.download(), g.d_fc2_b, grad_rtol, grad_atol));
+  if (spec.has_fc1_bias) {
+    EXPECT_TRUE(all_close("d_fc1_b", grads.fc1_b.download(), g.d_fc1_b, grad_rtol, grad_atol));
+  }
+  if (spec.has_fc2_bias) {
+    EXPECT_TRUE(all_close("d_fc2_b", grads.fc2_b.download(), g.d_fc2_b, grad_rtol, grad_atol));
+  }
 }
 
 TEST_P(CpuLayerTest, MatchesFloat64ReferenceF32) { run_case(GetParam(), DType::kF32, 1e-4, 1e-5, 1e-3, 1e-4); }
@@ -223,13 +85,13 @@ TEST_P(CpuLayerTest, MatchesFloat64ReferenceF32) { run_case(GetParam(), DType::k
 TEST_P(CpuLayerTest, MatchesFloat64ReferenceBf16Matmul) {
   // bf16 moves pre-activations by ~1e-2, so relu's derivative flips on elements near zero and
   // the comparison would measure the kink, not the kernel: run these cases with gelu.
-  Case c = GetParam();
+  LayerCase c = GetParam();
   if (c.spec.activation == Activation::kRelu) c.spec.activation = Activation::kGelu;
   run_case(c, DType::kBF16, 3e-2, 3e-2, 3e-2, 3e-2);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CpuLayerTest, ::testing::ValuesIn(all_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+                         [](const ::testing::TestParamInfo<LayerCase>& info) { return info.param.name; });
 
 // The same inputs give bit-identical results with 1 and 2 threads (fixed reduction blocks).
 TEST(CpuLayerDeterminism, IndependentOfThreadCount) {
