@@ -32,11 +32,12 @@ namespace fs = std::filesystem;
 // A tuteld started from the bench's own bin/ directory on a throwaway config; stopped by PID.
 class BenchDaemon {
  public:
-  BenchDaemon(const std::string& self, int threads, const std::string& arena) {
+  BenchDaemon(const std::string& self, int threads, const std::string& arena, int spin_us = -1) {
     char tmpl[] = "/tmp/tutel-bench-XXXXXX";
     dir_ = ::mkdtemp(tmpl);
     std::ofstream(dir_ + "/tuteld.toml") << "[server]\nclient_socket = \"client.sock\"\nadmin_socket = \"admin.sock\"\n"
                                          << "metrics_listen = \"\"\nlog_level = \"warn\"\narena_bytes = \"" << arena << "\"\n"
+                                         << (spin_us >= 0 ? "spin_us = " + std::to_string(spin_us) + "\n" : "")
                                          << "[backend]\nkind = \"cpu\"\nranks = 1\nthreads_per_rank = " << threads << "\n"
                                          << "[[tenant]]\nname = \"bench\"\nuids = [" << ::getuid() << "]\n";
     const std::string bin = (fs::path(self).parent_path() / "tuteld").string();
@@ -72,8 +73,8 @@ double percentile(std::vector<double> v, double p) {
 
 }  // namespace
 
-int run_ipc_bench(const std::string& self, int repeats) {
-  BenchDaemon daemon(self, 1, "64MiB");
+int run_ipc_bench(const std::string& self, int repeats, int spin_us) {
+  BenchDaemon daemon(self, 1, "64MiB", spin_us);
   if (!daemon.running()) {
     std::fprintf(stderr, "tutel-bench ipc: could not start tuteld next to %s\n", self.c_str());
     return 1;
@@ -83,7 +84,8 @@ int run_ipc_bench(const std::string& self, int repeats) {
     std::fprintf(stderr, "tutel-bench ipc: %s\n", client.status().to_string().c_str());
     return 1;
   }
-  std::printf("tutel-bench ipc: one client, one tuteld, unix socket + memfd arena, spin 50 us before sleeping\n");
+  std::printf("tutel-bench ipc: one client, one tuteld, unix socket + memfd arena, spin %s before sleeping\n",
+              spin_us >= 0 ? (std::to_string(spin_us) + " us").c_str() : "the default 50 us");
 
   // Round trip of an empty request.
   for (int i = 0; i < 2000; ++i) (void)client->ping();

@@ -5,7 +5,7 @@
 namespace tutel::bench {
 
 // `self` is argv[0]: tuteld is started from the same directory.
-int run_ipc_bench(const std::string& self, int repeats);
+int run_ipc_bench(const std::string& self, int repeats, int spin_us);  // spin_us < 0: the default
 int run_layer_via_daemon_bench(const std::string& self, int threads, int repeats);
 
 }  // namespace tutel::bench

@@ -24,11 +24,13 @@ int main(int argc, char** argv) {
   int ipc_repeats = 5;
   CLI::App* ipc_cmd = app.add_subcommand("ipc", "round trip and bulk transfer through tuteld vs memcpy");
   ipc_cmd->add_option("--repeats", ipc_repeats, "scale of the run")->check(CLI::PositiveNumber)->capture_default_str();
+  int spin_us = -1;
+  ipc_cmd->add_option("--spin-us", spin_us, "the daemon's and the client's spin before sleeping (default: 50)");
 
   CLI11_PARSE(app, argc, argv);
   if (layer_cmd->parsed())
     return via_daemon ? tutel::bench::run_layer_via_daemon_bench(argv[0], layer.threads, layer.repeats)
                       : tutel::bench::run_layer_bench(layer);
-  if (ipc_cmd->parsed()) return tutel::bench::run_ipc_bench(argv[0], ipc_repeats);
+  if (ipc_cmd->parsed()) return tutel::bench::run_ipc_bench(argv[0], ipc_repeats, spin_us);
   return 2;
 }
