@@ -32,16 +32,15 @@ Status cuda_failure(cudaError_t e, const char* expr) {
                           : (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver)
                               ? StatusCode::kUnavailable
                               : StatusCode::kInternal;
-  return Status(code, std::string(expr) + ": " + cudaGetErrorName(e) + ": " +
-                          cudaGetErrorString(e));
+  return Status(code,
+                std::string(expr) + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
 }
 
 Status nccl_failure(ncclResult_t r, const char* expr, ncclComm_t comm) {
   std::string msg = std::string(expr) + ": " + ncclGetErrorString(r);
   const char* last = ncclGetLastError(comm);
   if (last != nullptr && *last != '\0') msg += " (" + std::string(last) + ")";
-  const StatusCode code = (r == ncclRemoteError || r == ncclSystemError)
-                              ? StatusCode::kUnavailable
+  const StatusCode code = (r == ncclRemoteError || r == ncclSystemError) ? StatusCode::kUnavailable
                           : r == ncclInvalidArgument || r == ncclInvalidUsage
                               ? StatusCode::kInvalidArgument
                               : StatusCode::kInternal;
@@ -55,11 +54,11 @@ Status nccl_failure(ncclResult_t r, const char* expr, ncclComm_t comm) {
   } while (0)
 
 // ncclInProgress is not an error for a non-blocking communicator: the caller waits on it.
-#define TUTEL_NCCL(expr, comm)                                                   \
-  do {                                                                           \
-    const ncclResult_t _tutel_r = (expr);                                        \
-    if (_tutel_r != ncclSuccess && _tutel_r != ncclInProgress)                   \
-      return nccl_failure(_tutel_r, #expr, comm);                                \
+#define TUTEL_NCCL(expr, comm)                                 \
+  do {                                                         \
+    const ncclResult_t _tutel_r = (expr);                      \
+    if (_tutel_r != ncclSuccess && _tutel_r != ncclInProgress) \
+      return nccl_failure(_tutel_r, #expr, comm);              \
   } while (0)
 
 // Waits until `comm` has no NCCL call in progress.
@@ -90,8 +89,7 @@ Status transpose_chunks_device(void* dst, const void* src, int rows, int cols, s
     TUTEL_NCCL_CUDA(cudaMemcpy2DAsync(d + static_cast<size_t>(j) * rows * chunk, chunk,
                                       s + static_cast<size_t>(j) * chunk,
                                       static_cast<size_t>(cols) * chunk, chunk,
-                                      static_cast<size_t>(rows), cudaMemcpyDeviceToDevice,
-                                      stream));
+                                      static_cast<size_t>(rows), cudaMemcpyDeviceToDevice, stream));
   }
   return Status::OK();
 }
@@ -149,9 +147,8 @@ class NcclCommunicator final : public Communicator {
     const int n = size(), l = local_size();
     if (algo == AllToAllAlgo::k2DH && n % l != 0)
       return Status::InvalidArgument(
-          "2DH all-to-all needs local_size (" + std::to_string(l) +
-          ") to divide the group size (" + std::to_string(n) +
-          "); use AllToAllAlgo::kLinear, or a local_size that divides it");
+          "2DH all-to-all needs local_size (" + std::to_string(l) + ") to divide the group size (" +
+          std::to_string(n) + "); use AllToAllAlgo::kLinear, or a local_size that divides it");
     const auto* s = static_cast<const unsigned char*>(send);
     auto* r = static_cast<unsigned char*>(recv);
     if (algo == AllToAllAlgo::kLinear || l == 1 || l == n) {
@@ -168,8 +165,9 @@ class NcclCommunicator final : public Communicator {
 
   Status all_gather(const void* send, void* recv, size_t bytes) override {
     TUTEL_RETURN_IF_ERROR(begin("all_gather"));
-    return finish(enqueue([&] { return ncclAllGather(send, recv, bytes, ncclInt8, comm_, stream_); },
-                          "ncclAllGather"));
+    return finish(
+        enqueue([&] { return ncclAllGather(send, recv, bytes, ncclInt8, comm_, stream_); },
+                "ncclAllGather"));
   }
 
   Status reduce_scatter(const float* send, float* recv, size_t count, ReduceOp op) override {
@@ -199,9 +197,9 @@ class NcclCommunicator final : public Communicator {
     TUTEL_RETURN_IF_ERROR(begin("barrier"));
     TUTEL_RETURN_IF_ERROR(finish(reserve_scratch(sizeof(int32_t))));
     auto* token = static_cast<int32_t*>(scratch_);
-    return finish(enqueue(
-        [&] { return ncclAllReduce(token, token, 1, ncclInt32, ncclSum, comm_, stream_); },
-        "ncclAllReduce"));
+    return finish(
+        enqueue([&] { return ncclAllReduce(token, token, 1, ncclInt32, ncclSum, comm_, stream_); },
+                "ncclAllReduce"));
   }
 
   Result<std::unique_ptr<Communicator>> split(int color, int key) override {
@@ -295,8 +293,8 @@ class NcclCommunicator final : public Communicator {
       s = Status::Timeout("did not complete within " + std::to_string(timeout_.count()) +
                           " ms (a peer of this group may have died or stopped calling "
                           "collectives); NCCL communicator aborted");
-    broken_ = s.with_context(std::string("NCCL ") + what_ + " (rank " +
-                             std::to_string(rank()) + " of " + std::to_string(size()) + ")");
+    broken_ = s.with_context(std::string("NCCL ") + what_ + " (rank " + std::to_string(rank()) +
+                             " of " + std::to_string(size()) + ")");
     return broken_;
   }
 
@@ -381,8 +379,7 @@ class NcclCommunicator final : public Communicator {
     return grouped([&]() -> Status {
       for (int m = 0; m < g.nodes; ++m) {
         TUTEL_NCCL(ncclSend(v + m * b2, b2, ncclInt8, g.phase2_peer(m), comm_, stream_), comm_);
-        TUTEL_NCCL(ncclRecv(recv + m * b2, b2, ncclInt8, g.phase2_peer(m), comm_, stream_),
-                   comm_);
+        TUTEL_NCCL(ncclRecv(recv + m * b2, b2, ncclInt8, g.phase2_peer(m), comm_, stream_), comm_);
       }
       return Status::OK();
     });
@@ -414,7 +411,8 @@ Result<std::unique_ptr<Communicator>> init_from_id(const ncclUniqueId& id, int r
     ncclCommAbort(comm);
     if (s.code() == StatusCode::kTimeout)
       return Status::Timeout("NCCL communicator creation (rank " + std::to_string(rank) + " of " +
-                             std::to_string(size) + ") did not finish in time; a rank is "
+                             std::to_string(size) +
+                             ") did not finish in time; a rank is "
                              "missing or cannot reach the others");
     return s;
   }
@@ -461,8 +459,8 @@ Result<std::unique_ptr<Communicator>> nccl_from_host(Communicator& host, const N
   ncclUniqueId id{};
   if (host.rank() == 0) TUTEL_NCCL(ncclGetUniqueId(&id), nullptr);
   std::vector<ncclUniqueId> all(static_cast<size_t>(host.size()));
-  TUTEL_RETURN_IF_ERROR(host.all_gather(&id, all.data(), sizeof id)
-                            .with_context("sharing the NCCL unique id"));
+  TUTEL_RETURN_IF_ERROR(
+      host.all_gather(&id, all.data(), sizeof id).with_context("sharing the NCCL unique id"));
   return init_from_id(all[0], host.rank(), host.size(), host.local_size(), nccl,
                       Clock::now() + collective_timeout, collective_timeout);
 }

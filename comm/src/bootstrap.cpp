@@ -4,6 +4,8 @@
 // round_len, body_len}, then `round` and the body. A hello's body is the rank's payload; a
 // table's body is, per rank, {u32 len, payload, u32 len, address}; an error's body is the
 // message and its `rank` field carries the StatusCode.
+#include "tutel/comm/bootstrap.hpp"
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -18,7 +20,6 @@
 #include <vector>
 
 #include "socket_util.hpp"
-#include "tutel/comm/bootstrap.hpp"
 #include "tutel/core/logging.hpp"
 
 namespace tutel::comm {
@@ -248,26 +249,30 @@ class Coordinator {
     if (c.in.size() < kHeaderBytes + h.round_len + h.body_len) return Status::OK();
     const std::string_view round(c.in.data() + kHeaderBytes, h.round_len);
     if (round != round_) {
-      refuse(c, "the coordinator at " + endpoint_name(o_) + " runs round '" + round_ +
-                    "', not '" + std::string(round) + "'");
+      refuse(c, "the coordinator at " + endpoint_name(o_) + " runs round '" + round_ + "', not '" +
+                    std::string(round) + "'");
       return Status::OK();
     }
     const std::string address = address_of(detail::peer_ip(c.fd.get()), h.pid);
     const int rank = static_cast<int>(h.rank);
+    // A mistake that dooms the group: this connection hears the verdict too.
+    auto fatal = [&c](std::string message) {
+      c.rank = 0;
+      return Status::InvalidArgument(std::move(message));
+    };
     if (static_cast<int>(h.size) != o_.size || static_cast<int>(h.local_size) != o_.local_size)
-      return Status::InvalidArgument(
-          "bootstrap: rank " + std::to_string(rank) + " (" + address + ") was started with size " +
-          std::to_string(h.size) + ", local_size " + std::to_string(h.local_size) +
-          " but rank 0 with size " + std::to_string(o_.size) + ", local_size " +
-          std::to_string(o_.local_size) + "; start every rank with the same group shape");
+      return fatal("bootstrap: rank " + std::to_string(rank) + " (" + address +
+                   ") was started with size " + std::to_string(h.size) + ", local_size " +
+                   std::to_string(h.local_size) + " but rank 0 with size " +
+                   std::to_string(o_.size) + ", local_size " + std::to_string(o_.local_size) +
+                   "; start every rank with the same group shape");
     if (rank <= 0 || rank >= o_.size)
-      return Status::InvalidArgument("bootstrap: a process (" + address + ") claims rank " +
-                                     std::to_string(rank) + ", outside [1, " +
-                                     std::to_string(o_.size) + ")");
+      return fatal("bootstrap: a process (" + address + ") claims rank " + std::to_string(rank) +
+                   ", outside [1, " + std::to_string(o_.size) + ")");
     if (arrived_[rank])
-      return Status::InvalidArgument("bootstrap: rank " + std::to_string(rank) +
-                                     " arrived twice (" + table_.addresses[rank] + " and " +
-                                     address + "); give every process its own rank");
+      return fatal("bootstrap: rank " + std::to_string(rank) + " arrived twice (" +
+                   table_.addresses[rank] + " and " + address +
+                   "); give every process its own rank");
     c.rank = rank;
     arrived_[rank] = true;
     table_.payloads[rank] = c.in.substr(kHeaderBytes + h.round_len, h.body_len);
@@ -382,17 +387,16 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
       continue;
     }
     if (!s.ok())
-      return Status(s.code() == StatusCode::kTimeout ? StatusCode::kTimeout
-                                                     : StatusCode::kUnavailable,
-                    who + ": no answer from the coordinator at " + endpoint_name(o) + ": " +
-                        std::string(s.message()));
+      return Status(
+          s.code() == StatusCode::kTimeout ? StatusCode::kTimeout : StatusCode::kUnavailable,
+          who + ": no answer from the coordinator at " + endpoint_name(o) + ": " +
+              std::string(s.message()));
     const Header reply = decode_header(head);
     if (reply.magic != kMagic || reply.body_len > (kMaxPayload + 4096) * size_t(o.size) + 64)
       return Status::Corruption(who + ": malformed answer from " + endpoint_name(o));
     std::string body(reply.body_len, '\0');
-    TUTEL_RETURN_IF_ERROR(
-        detail::recv_exact(fd->get(), body.data(), body.size(), verdict_deadline)
-            .with_context(who + ": reading the coordinator's answer"));
+    TUTEL_RETURN_IF_ERROR(detail::recv_exact(fd->get(), body.data(), body.size(), verdict_deadline)
+                              .with_context(who + ": reading the coordinator's answer"));
     if (reply.kind == kError) {
       const auto code = static_cast<StatusCode>(reply.rank);
       return Status(code == StatusCode::kOk ? StatusCode::kInternal : code,
@@ -427,8 +431,8 @@ Status validate(const BootstrapOptions& o) {
   return Status::OK();
 }
 
-Result<BootstrapTable> coordinator_exchange(const BootstrapOptions& options,
-                                            std::string_view round, std::string_view payload) {
+Result<BootstrapTable> coordinator_exchange(const BootstrapOptions& options, std::string_view round,
+                                            std::string_view payload) {
   TUTEL_RETURN_IF_ERROR(validate(options));
   if (payload.size() > kMaxPayload)
     return Status::InvalidArgument("bootstrap payload of " + std::to_string(payload.size()) +

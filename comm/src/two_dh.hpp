@@ -31,7 +31,9 @@ struct TwoDH {
   int local;       // l of this rank
 
   TwoDH(int rank, int size, int local_size_)
-      : nodes(size / local_size_), local_size(local_size_), node(rank / local_size_),
+      : nodes(size / local_size_),
+        local_size(local_size_),
+        node(rank / local_size_),
         local(rank % local_size_) {}
 
   // Phase 1: block j (at j·phase1_bytes in T and U) goes to / comes from this rank.

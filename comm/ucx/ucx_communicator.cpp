@@ -28,6 +28,9 @@ using ucx::UcxRank;
 
 constexpr int kSeqBits = 24;
 constexpr int kRankBits = 20;
+// The sequence number reserved for "gave up" notices; steps never use it.
+constexpr uint32_t kNoticeSeq = (1u << kSeqBits) - 1;
+constexpr uint64_t kIgnoreSender = ~((uint64_t{1} << kRankBits) - 1);
 constexpr uint32_t kInvalidGroupId = ~0u;
 // Below this many bytes per rank an all-reduce gathers everything and reduces locally (one
 // step); above it, reduce-scatter then all-gather (two steps, 1/size of the traffic each).
@@ -45,12 +48,21 @@ class UcxCommunicator final : public Communicator {
         local_size_(local_size),
         timeout_(timeout) {}
 
+  ~UcxCommunicator() override { rank_->cancel_notice(notice_); }
+
+  // Posts the standing receive for notices; call once before the first collective.
+  Status start() {
+    for (int p = 0; p < size(); ++p)
+      if (p != me_) notice_.peers.emplace_back(members_[p], tag(group_ids_[p], me_, kNoticeSeq));
+    notice_.self = rank_->describe(rank_->rank());
+    return rank_->post_notice(notice_, tag(group_ids_[me_], 0, kNoticeSeq), kIgnoreSender);
+  }
+
   int rank() const override { return me_; }
   int size() const override { return static_cast<int>(members_.size()); }
   int local_size() const override { return local_size_; }
 
-  Status all_to_all(const void* send, void* recv, size_t chunk_bytes,
-                    AllToAllAlgo algo) override {
+  Status all_to_all(const void* send, void* recv, size_t chunk_bytes, AllToAllAlgo algo) override {
     TUTEL_RETURN_IF_ERROR(begin("all_to_all"));
     if (algo == AllToAllAlgo::k2DH && size() % local_size_ != 0)
       return Status::InvalidArgument(
@@ -141,8 +153,10 @@ class UcxCommunicator final : public Communicator {
       ids.push_back(all[p].group_id);
     }
     const int local = detail::derive_local_size(members, rank_->local_size());
-    return std::unique_ptr<Communicator>(std::make_unique<UcxCommunicator>(
-        rank_, std::move(members), std::move(ids), new_me, local, timeout_));
+    auto child = std::make_unique<UcxCommunicator>(rank_, std::move(members), std::move(ids),
+                                                   new_me, local, timeout_);
+    TUTEL_RETURN_IF_ERROR(child->start());
+    return std::unique_ptr<Communicator>(std::move(child));
   }
 
  private:
@@ -150,6 +164,7 @@ class UcxCommunicator final : public Communicator {
 
   Status begin(const char* what) {
     what_ = what;
+    notice_.what = what;
     if (!broken_.ok())
       return Status::Aborted(std::string(what) + ": this communicator failed earlier (" +
                              std::string(broken_.message()) +
@@ -160,16 +175,17 @@ class UcxCommunicator final : public Communicator {
     return Status::OK();
   }
 
+  // After a failure the group's ranks disagree on where they are: refuse further work. (The
+  // peers were told why by UcxRank::exchange.)
   Status finish(Status s) {
     if (s.ok()) return s;
-    Status annotated = s.with_context(context());
-    broken_ = annotated;
-    return annotated;
+    broken_ = s.with_context(context());
+    return broken_;
   }
 
   std::string context() const {
-    std::string c = std::string(what_) + " (rank " + std::to_string(me_) + " of " +
-                    std::to_string(size());
+    std::string c =
+        std::string(what_) + " (rank " + std::to_string(me_) + " of " + std::to_string(size());
     if (!is_world()) {
       c += ", a group of world ranks ";
       for (size_t i = 0; i < members_.size(); ++i) {
@@ -189,23 +205,25 @@ class UcxCommunicator final : public Communicator {
 
   // ---- steps -----------------------------------------------------------------------------
 
-  uint64_t tag(uint32_t group_id, int sender) const {
-    return (uint64_t{group_id} << (kSeqBits + kRankBits)) |
-           (uint64_t{seq_ & ((1u << kSeqBits) - 1)} << kRankBits) | static_cast<uint64_t>(sender);
+  static uint64_t tag(uint32_t group_id, int sender, uint32_t seq) {
+    return (uint64_t{group_id} << (kSeqBits + kRankBits)) | (uint64_t{seq} << kRankBits) |
+           static_cast<uint64_t>(sender);
   }
 
   void add_send(int peer, const void* buffer, size_t bytes) {
-    sends_.push_back({members_[peer], tag(group_ids_[peer], me_), const_cast<void*>(buffer),
-                      bytes});
+    sends_.push_back(
+        {members_[peer], tag(group_ids_[peer], me_, seq_), const_cast<void*>(buffer), bytes});
   }
 
   void add_recv(int peer, void* buffer, size_t bytes) {
-    recvs_.push_back({members_[peer], tag(group_ids_[me_], peer), buffer, bytes});
+    recvs_.push_back({members_[peer], tag(group_ids_[me_], peer, seq_), buffer, bytes});
   }
 
   Status run_step() {
-    ++seq_;
-    Status s = rank_->exchange(sends_, recvs_, deadline_);
+    const Clock::duration grace =
+        std::min<Clock::duration>(timeout_ / 4, std::chrono::milliseconds(500));
+    Status s = rank_->exchange(sends_, recvs_, deadline_, notice_, grace);
+    seq_ = seq_ + 1 == kNoticeSeq ? 0 : seq_ + 1;
     if (s.ok()) {
       sends_.clear();
       recvs_.clear();
@@ -326,8 +344,8 @@ class UcxCommunicator final : public Communicator {
   }
 
   std::shared_ptr<UcxRank> rank_;
-  std::vector<int> members_;           // world rank of each group rank
-  std::vector<uint32_t> group_ids_;    // each member's id for this group
+  std::vector<int> members_;         // world rank of each group rank
+  std::vector<uint32_t> group_ids_;  // each member's id for this group
   int me_;
   int local_size_;
   std::chrono::milliseconds timeout_;
@@ -336,6 +354,7 @@ class UcxCommunicator final : public Communicator {
   const char* what_ = "";
   Clock::time_point deadline_;
   Status broken_;
+  ucx::Notice notice_;
   std::vector<Transfer> sends_, recvs_;
   std::tuple<std::vector<const float*>, std::vector<const int64_t*>> blocks_;  // reduce inputs
   std::vector<unsigned char> scratch_a_, scratch_b_;
@@ -353,9 +372,10 @@ Result<std::unique_ptr<Communicator>> ucx_bootstrap(const BootstrapOptions& opti
   auto comm = std::make_unique<UcxCommunicator>(std::move(rank), std::move(members),
                                                 std::move(world_ids), options.rank,
                                                 options.local_size, options.collective_timeout);
-  TUTEL_RETURN_IF_ERROR(comm->barrier_until(std::max(deadline, Clock::now() +
-                                                                   options.collective_timeout))
-                            .with_context("bootstrap: connecting to every peer"));
+  TUTEL_RETURN_IF_ERROR(comm->start());
+  TUTEL_RETURN_IF_ERROR(
+      comm->barrier_until(std::max(deadline, Clock::now() + options.collective_timeout))
+          .with_context("bootstrap: connecting to every peer"));
   return std::unique_ptr<Communicator>(std::move(comm));
 }
 

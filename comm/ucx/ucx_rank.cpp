@@ -21,6 +21,8 @@ constexpr uint32_t kMaxGroupId = (1u << 20) - 1;
 constexpr auto kMaxSleep = std::chrono::milliseconds(200);
 // How long teardown and abort wait for UCX to hand back requests they cancelled.
 constexpr auto kCleanupBound = std::chrono::milliseconds(1000);
+// The least an aborting rank waits for its peers to take its pending sends.
+constexpr auto kMinDrain = std::chrono::milliseconds(200);
 
 // Serialises the process environment and UCX configuration parsing across ranks.
 std::mutex g_ucx_init_mu;
@@ -154,9 +156,18 @@ Status UcxRank::init(const BootstrapOptions& o) {
 UcxRank::~UcxRank() {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    for (const Sink& sink : sinks_) ucp_request_cancel(worker_, sink.request);
+    const auto bound = Clock::now() + kCleanupBound;
+    while (!sinks_.empty() && Clock::now() < bound) {
+      progress_locked();
+      reap_sinks_locked();
+    }
+    for (const Sink& sink : sinks_) ucp_request_free(sink.request);
+    sinks_.clear();
     for (int p = 0; p < static_cast<int>(endpoints_.size()); ++p) {
       // Flush healthy endpoints so our last messages reach peers that are still reading.
-      if (endpoints_[p] != nullptr) close_endpoint_locked(p, peer_failed_locked(p));
+      // (peer_failed_locked force-closes a failed peer's endpoint itself.)
+      if (endpoints_[p] != nullptr && !peer_failed_locked(p)) close_endpoint_locked(p, false);
     }
     if (worker_ != nullptr) finish_closing_locked(Clock::now() + kCleanupBound);
   }
@@ -203,7 +214,9 @@ void UcxRank::progress_locked() {
 bool UcxRank::peer_failed_locked(int peer) {
   const int err = slots_[peer].ucx_error.load(std::memory_order_acquire);
   if (err != UCS_OK && failures_[peer].empty())
-    failures_[peer] = ucs_status_string(static_cast<ucs_status_t>(err));
+    failures_[peer] = std::string("its connection broke (") +
+                      ucs_status_string(static_cast<ucs_status_t>(err)) +
+                      "); its process may have exited";
   if (!failures_[peer].empty() && endpoints_[peer] != nullptr) close_endpoint_locked(peer, true);
   return !failures_[peer].empty();
 }
@@ -243,7 +256,6 @@ void UcxRank::finish_closing_locked(Clock::time_point deadline) {
   }
 }
 
-// `ops` has capacity reserved for every transfer, so &ops.back() stays valid.
 Status UcxRank::post_locked(std::vector<Op>& ops, const Transfer& t, bool is_send) {
   if (peer_failed_locked(t.peer)) return peer_failure_locked(t.peer);
   Op& op = ops.emplace_back();
@@ -254,8 +266,9 @@ Status UcxRank::post_locked(std::vector<Op>& ops, const Transfer& t, bool is_sen
   if (is_send) {
     request = ucp_tag_send_nbx(endpoints_[t.peer], t.buffer, t.bytes, t.tag, &param);
   } else {
-    param.op_attr_mask = UCP_OP_ATTR_FIELD_RECV_INFO;
-    param.recv_info.tag_info = &op.info;  // filled only on immediate completion
+    // Always a request: UCX 1.13 does not fill recv_info on immediate completion, and the
+    // received length is how we catch ranks that disagree on sizes.
+    param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
     request = ucp_tag_recv_nbx(worker_, t.buffer, t.bytes, t.tag, kFullTagMask, &param);
   }
   if (UCS_PTR_IS_ERR(request)) {
@@ -267,7 +280,7 @@ Status UcxRank::post_locked(std::vector<Op>& ops, const Transfer& t, bool is_sen
     }
     return ucx_error(is_send ? "ucp_tag_send_nbx" : "ucp_tag_recv_nbx", s);
   }
-  op.request = request;  // null: completed already
+  op.request = request;  // null: a send that completed already
   return Status::OK();
 }
 
@@ -291,7 +304,7 @@ bool UcxRank::poll_ops_locked(std::vector<Op>& ops, Status* error) {
       op.request = nullptr;
       if (s == UCS_ERR_MESSAGE_TRUNCATED) {
         *error = Status::InvalidArgument(
-            "a message from a peer is larger than the " + std::to_string(t.bytes) +
+            describe(t.peer) + " sent more than the " + std::to_string(t.bytes) +
             " bytes expected: the ranks called the collective with different sizes");
         return false;
       }
@@ -306,10 +319,11 @@ bool UcxRank::poll_ops_locked(std::vector<Op>& ops, Status* error) {
       }
     }
     if (!op.is_send && op.info.length != t.bytes) {
-      *error = Status::InvalidArgument(
-          describe(t.peer) + " sent " + std::to_string(op.info.length) + " bytes where " +
-          std::to_string(t.bytes) + " were expected: the ranks called the collective with "
-          "different sizes");
+      *error =
+          Status::InvalidArgument(describe(t.peer) + " sent " + std::to_string(op.info.length) +
+                                  " bytes where " + std::to_string(t.bytes) +
+                                  " were expected: the ranks called the collective with "
+                                  "different sizes");
       return false;
     }
     op.transfer = nullptr;  // checked; skip next time
@@ -318,125 +332,215 @@ bool UcxRank::poll_ops_locked(std::vector<Op>& ops, Status* error) {
   return all_done;
 }
 
-void UcxRank::abort_locked(std::vector<Op>& ops) {
-  for (Op& op : ops) {
-    if (op.request == nullptr) continue;
-    if (op.is_send) {
-      // A send UCX still holds may read the caller's buffer after we return: close the
-      // endpoint, which completes it. The peer is gone or too late to trust anyway.
-      declare_failed_locked(op.transfer->peer,
-                            "declared failed here: it did not take a message within the "
-                            "collective timeout");
-    } else {
-      ucp_request_cancel(worker_, op.request);
-    }
-  }
+Status UcxRank::post_notice(Notice& notice, uint64_t tag, uint64_t mask) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+  void* request = ucp_tag_recv_nbx(worker_, notice.text, sizeof notice.text, tag, mask, &param);
+  if (UCS_PTR_IS_ERR(request)) return ucx_error("ucp_tag_recv_nbx", UCS_PTR_STATUS(request));
+  notice.request = request;
+  return Status::OK();
+}
+
+void UcxRank::cancel_notice(Notice& notice) {
+  if (notice.request == nullptr) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  ucp_request_cancel(worker_, notice.request);
   const auto bound = Clock::now() + kCleanupBound;
+  while (ucp_request_check_status(notice.request) == UCS_INPROGRESS && Clock::now() < bound)
+    progress_locked();
+  ucp_request_free(notice.request);
+  notice.request = nullptr;
+}
+
+void UcxRank::send_notices_locked(Notice& notice, const Status& error) {
+  if (notice.sent || notice.peers.empty()) return;
+  notice.sent = true;
+  std::string text =
+      notice.self + " gave up on " + notice.what + ": " + std::string(error.message());
+  if (text.size() >= sizeof(Notice::text)) text.resize(sizeof(Notice::text) - 1);
+  // The buffer must outlive the sends, which nobody waits for.
+  const std::string& kept = *notice_texts_.emplace_back(std::make_unique<std::string>(text));
+  for (const auto& [peer, tag] : notice.peers) {
+    if (peer_failed_locked(peer)) continue;
+    ucp_request_param_t param{};
+    void* request = ucp_tag_send_nbx(endpoints_[peer], kept.data(), kept.size(), tag, &param);
+    if (UCS_PTR_IS_PTR(request)) ucp_request_free(request);  // released when it completes
+  }
+}
+
+Status UcxRank::check_notice_locked(Notice& notice) {
+  if (notice.request == nullptr) return Status::OK();
+  ucp_tag_recv_info_t info{};
+  const ucs_status_t s = ucp_tag_recv_request_test(notice.request, &info);
+  if (s == UCS_INPROGRESS) return Status::OK();
+  ucp_request_free(notice.request);
+  notice.request = nullptr;
+  notice.sent = true;  // the sender told everyone already
+  if (s != UCS_OK) return Status::Unavailable("a peer gave up on this group (its notice was lost)");
+  return Status::Unavailable(std::string(notice.text, std::min(info.length, sizeof notice.text)));
+}
+
+void UcxRank::reap_sinks_locked() {
+  std::erase_if(sinks_, [](const Sink& sink) {
+    if (ucp_request_check_status(sink.request) == UCS_INPROGRESS) return false;
+    ucp_request_free(sink.request);
+    return true;
+  });
+}
+
+Status UcxRank::exchange(std::span<const Transfer> sends, std::span<const Transfer> recvs,
+                         Clock::time_point deadline, Notice& notice, Clock::duration grace) {
+  thread_local std::vector<Op> ops;
+  ops.clear();
+  ops.reserve(sends.size() + recvs.size());
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!sinks_.empty()) reap_sinks_locked();
+  Status s = check_notice_locked(notice);
+  for (const Transfer& t : recvs)
+    if (s.ok()) s = post_locked(ops, t, false);
+  for (const Transfer& t : sends)
+    if (s.ok()) s = post_locked(ops, t, true);
+  if (!s.ok()) return abort(lock, ops, std::move(s), notice, grace);
+  return wait(lock, ops, deadline, notice, grace);
+}
+
+Status UcxRank::wait(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
+                     Clock::time_point deadline, Notice& notice, Clock::duration grace) {
+  ThreadWaker& waker = thread_waker();
+  auto spin_until = Clock::now() + spin_;
+  bool in_grace = false;
+  // Under the lock: OK and *done when finished; an error when giving up.
+  auto check = [&](bool* done) -> Status {
+    Status error;
+    *done = poll_ops_locked(ops, &error);
+    if (*done) return Status::OK();
+    // A peer's notice names the root cause; a failure we see may only be its consequence.
+    Status noticed = check_notice_locked(notice);
+    return noticed.ok() ? error : noticed;
+  };
+  for (;;) {
+    progress_locked();
+    bool done = false;
+    if (Status error = check(&done); !error.ok()) return abort(lock, ops, error, notice, grace);
+    if (done) return Status::OK();
+
+    const auto now = Clock::now();
+    if (now >= deadline && !in_grace && notice.request != nullptr &&
+        grace > Clock::duration::zero()) {
+      in_grace = true;
+      deadline = now + grace;
+    } else if (now >= deadline) {
+      std::string waiting;
+      for (const Op& op : ops) {
+        if (op.transfer == nullptr) continue;
+        if (!waiting.empty()) waiting += "; ";
+        waiting += describe(op.transfer->peer) + (op.is_send ? " [send of " : " [receive of ") +
+                   std::to_string(op.transfer->bytes) + " bytes]";
+      }
+      return abort(lock, ops, Status::Timeout("timed out waiting for " + waiting), notice, grace);
+    }
+    if (now < spin_until) {
+      lock.unlock();  // let other threads of this rank in between our polls
+      lock.lock();
+      continue;
+    }
+
+    const ucs_status_t armed = ucp_worker_arm(worker_);
+    if (armed == UCS_ERR_BUSY) continue;  // events pending: progress again
+    if (armed != UCS_OK || waker.fd() < 0) {
+      lock.unlock();  // this worker cannot sleep: keep polling
+      std::this_thread::yield();
+      lock.lock();
+      continue;
+    }
+    // Nothing changed since check() under this same lock hold, so a completion by another
+    // thread from here on finds us in sleepers_ and writes our eventfd.
+    sleepers_.push_back(waker.fd());
+    lock.unlock();
+    pollfd fds[2] = {{event_fd_, POLLIN, 0}, {waker.fd(), POLLIN, 0}};
+    const auto left = std::min<Clock::duration>(deadline - Clock::now(), kMaxSleep);
+    const auto ns =
+        std::max<int64_t>(0, std::chrono::duration_cast<std::chrono::nanoseconds>(left).count());
+    timespec ts{static_cast<time_t>(ns / 1'000'000'000), static_cast<long>(ns % 1'000'000'000)};
+    (void)::ppoll(fds, 2, &ts, nullptr);
+    lock.lock();
+    std::erase(sleepers_, waker.fd());
+    waker.drain();
+    spin_until = Clock::now() + spin_;
+  }
+}
+
+Status UcxRank::abort(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops, Status error,
+                      Notice& notice, Clock::duration grace) {
+  send_notices_locked(notice, error);
+  for (Op& op : ops)
+    if (op.request != nullptr && !op.is_send) ucp_request_cancel(worker_, op.request);
+
+  const auto bound = Clock::now() + std::max<Clock::duration>(grace, kMinDrain);
   for (;;) {
     progress_locked();
     bool pending = false;
     for (Op& op : ops) {
       if (op.request == nullptr) continue;
-      if (ucp_request_check_status(op.request) == UCS_INPROGRESS) {
+      const ucs_status_t s = ucp_request_check_status(op.request);
+      if (s == UCS_INPROGRESS) {
         pending = true;
         continue;
       }
       ucp_request_free(op.request);
       op.request = nullptr;
+      if (!op.is_send && s == UCS_ERR_CANCELED && !peer_failed_locked(op.transfer->peer)) {
+        // Swallow the message the peer may still send, so its send completes.
+        ucp_request_param_t param{};
+        param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+        auto buffer = std::make_unique<char[]>(std::max<size_t>(op.transfer->bytes, 1));
+        void* sink = ucp_tag_recv_nbx(worker_, buffer.get(), op.transfer->bytes, op.transfer->tag,
+                                      kFullTagMask, &param);
+        if (UCS_PTR_IS_PTR(sink)) sinks_.push_back({sink, std::move(buffer)});
+      }
     }
-    if (!pending) break;
-    if (Clock::now() >= bound) {
-      TUTEL_LOG(ERROR) << "UCX rank " << rank_
-                       << ": a cancelled request did not complete; abandoning it";
-      for (Op& op : ops)
-        if (op.request != nullptr) ucp_request_free(op.request);
-      break;
+    if (!pending || Clock::now() >= bound) break;
+    lock.unlock();
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+    lock.lock();
+  }
+  // A send nobody took may still read the caller's buffer: close its endpoint, which
+  // completes it. Such a peer is gone, or too late to trust anyway.
+  bool abandoned = false;
+  for (Op& op : ops) {
+    if (op.request == nullptr) continue;
+    if (op.is_send) {
+      declare_failed_locked(op.transfer->peer,
+                            "declared failed here: it did not take a message of a collective "
+                            "this rank gave up on");
     }
   }
-  ops.clear();
-  finish_closing_locked(Clock::now() + kCleanupBound);
-}
-
-Status UcxRank::exchange(std::span<const Transfer> sends, std::span<const Transfer> recvs,
-                         Clock::time_point deadline) {
-  thread_local std::vector<Op> ops;
-  ops.clear();
-  ops.reserve(sends.size() + recvs.size());
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    Status s;
-    for (const Transfer& t : recvs)
-      if (s.ok()) s = post_locked(ops, t, false);
-    for (const Transfer& t : sends)
-      if (s.ok()) s = post_locked(ops, t, true);
-    if (!s.ok()) {
-      abort_locked(ops);
-      return s;
-    }
-  }
-  return wait(ops, deadline);
-}
-
-Status UcxRank::wait(std::vector<Op>& ops, Clock::time_point deadline) {
-  ThreadWaker& waker = thread_waker();
-  auto spin_until = Clock::now() + spin_;
+  const auto close_bound = Clock::now() + kCleanupBound;
   for (;;) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      progress_locked();
-      Status error;
-      const bool done = poll_ops_locked(ops, &error);
-      if (!error.ok()) {
-        abort_locked(ops);
-        return error;
-      }
-      if (done) return Status::OK();
-    }
-    const auto now = Clock::now();
-    if (now >= deadline) {
-      std::lock_guard<std::mutex> lock(mu_);
-      std::string waiting;
-      for (const Op& op : ops) {
-        if (op.request == nullptr) continue;
-        if (!waiting.empty()) waiting += "; ";
-        waiting += describe(op.transfer->peer) + (op.is_send ? " [send of " : " [receive of ") +
-                   std::to_string(op.transfer->bytes) + " bytes]";
-      }
-      abort_locked(ops);
-      return Status::Timeout("timed out waiting for " + waiting);
-    }
-    if (now < spin_until) continue;
-
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      Status error;
-      const bool done = poll_ops_locked(ops, &error);  // another thread may have progressed
-      if (!error.ok()) {
-        abort_locked(ops);
-        return error;
-      }
-      if (done) return Status::OK();
-      const ucs_status_t armed = ucp_worker_arm(worker_);
-      if (armed == UCS_ERR_BUSY) continue;  // events pending: progress again
-      if (armed != UCS_OK || waker.fd() < 0) {
-        std::this_thread::yield();  // this worker cannot sleep: keep polling
+    progress_locked();
+    bool pending = false;
+    for (Op& op : ops) {
+      if (op.request == nullptr) continue;
+      if (ucp_request_check_status(op.request) == UCS_INPROGRESS && Clock::now() < close_bound) {
+        pending = true;
         continue;
       }
-      sleepers_.push_back(waker.fd());
+      abandoned |= ucp_request_check_status(op.request) == UCS_INPROGRESS;
+      ucp_request_free(op.request);
+      op.request = nullptr;
     }
-    pollfd fds[2] = {{event_fd_, POLLIN, 0}, {waker.fd(), POLLIN, 0}};
-    const auto left = std::min<Clock::duration>(deadline - Clock::now(), kMaxSleep);
-    const auto ns = std::max<int64_t>(
-        0, std::chrono::duration_cast<std::chrono::nanoseconds>(left).count());
-    timespec ts{static_cast<time_t>(ns / 1'000'000'000), static_cast<long>(ns % 1'000'000'000)};
-    (void)::ppoll(fds, waker.fd() >= 0 ? 2 : 1, &ts, nullptr);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      std::erase(sleepers_, waker.fd());
-    }
-    waker.drain();
-    spin_until = Clock::now() + spin_;
+    if (!pending) break;
+    lock.unlock();
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+    lock.lock();
   }
+  if (abandoned)
+    TUTEL_LOG(ERROR) << "UCX rank " << rank_
+                     << ": a request of an aborted collective did not complete; abandoning it";
+  ops.clear();
+  finish_closing_locked(Clock::now() + kCleanupBound);
+  return error;
 }
 
 }  // namespace tutel::comm::ucx

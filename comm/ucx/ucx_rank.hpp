@@ -9,9 +9,9 @@
 // sleeps in poll() on the worker's event fd and a per-thread eventfd without holding it.
 //
 // Failure model: endpoints use UCP_ERR_HANDLING_MODE_PEER; the error callback marks the peer
-// failed, and every later or pending operation with that peer fails naming it. When a
-// deadline passes, pending receives are cancelled, and peers with a send still pending are
-// declared failed and their endpoint force-closed, so no request outlives the caller's buffer.
+// failed, and every later or pending operation with that peer fails naming it. A rank that
+// gives up on a collective (peer failure, timeout, a peer's notice) tells the group (Notice)
+// and cleans up so that no request outlives the caller's buffers (see exchange()).
 //
 // Thread-safety: every method may be called from any thread.
 #pragma once
@@ -43,6 +43,18 @@ struct Transfer {
   size_t bytes;
 };
 
+// A communicator's side of "I gave up on this group" messages: a standing receive for the
+// peers' notices, and where to send our own, so a failure reaches every rank of the group with
+// its root cause instead of as a chain of timeouts.
+struct Notice {
+  void* request = nullptr;  // the posted receive; null when none
+  char text[1024] = {};
+  std::vector<std::pair<int, uint64_t>> peers;  // (world rank, tag) to notify when giving up
+  std::string self;                             // "rank 2 (127.0.0.1, pid 7)"
+  const char* what = "";                        // the collective running now
+  bool sent = false;                            // once per communicator is enough
+};
+
 class UcxRank {
  public:
   // Creates the worker, runs the coordinator exchange and creates every endpoint. Does not
@@ -62,9 +74,22 @@ class UcxRank {
   std::optional<uint32_t> allocate_group_id();
 
   // Posts every receive, then every send, and waits until all complete or `deadline`.
-  // Receives must arrive with exactly `bytes`. On error nothing is left in flight.
+  // Receives must arrive with exactly `bytes`. A notice that arrives fails the exchange with
+  // its text; when the deadline passes, the exchange waits up to `grace` longer for one, as it
+  // names the cause better than a timeout does.
+  //
+  // On failure this rank gives up: it notifies `notice.peers`, receives what the peers still
+  // send into scratch (so their sends complete and no peer is blamed for our abort), and waits
+  // up to max(grace, 200 ms) for its own sends; a peer that has not taken one by then is
+  // declared failed and its endpoint force-closed. Nothing is left reading or writing the
+  // caller's buffers.
   Status exchange(std::span<const Transfer> sends, std::span<const Transfer> recvs,
-                  Clock::time_point deadline);
+                  Clock::time_point deadline, Notice& notice, Clock::duration grace);
+
+  // Posts `notice`'s receive for tags equal to `tag` under `mask`.
+  Status post_notice(Notice& notice, uint64_t tag, uint64_t mask);
+  // Cancels a posted notice receive; the Notice may then be destroyed.
+  void cancel_notice(Notice& notice);
 
  private:
   struct PeerSlot {
@@ -92,10 +117,17 @@ class UcxRank {
   Status post_locked(std::vector<Op>& ops, const Transfer& t, bool is_send);
   // True when all ops completed; *error is set when one failed.
   bool poll_ops_locked(std::vector<Op>& ops, Status* error);
-  void abort_locked(std::vector<Op>& ops);
   void finish_closing_locked(Clock::time_point deadline);
+  void reap_sinks_locked();
+  // OK while no notice has arrived; the notice's error otherwise.
+  Status check_notice_locked(Notice& notice);
+  void send_notices_locked(Notice& notice, const Status& error);
 
-  Status wait(std::vector<Op>& ops, Clock::time_point deadline);
+  Status wait(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops, Clock::time_point deadline,
+              Notice& notice, Clock::duration grace);
+  // Gives up on `ops` after `error` (see exchange); returns `error`.
+  Status abort(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops, Status error,
+               Notice& notice, Clock::duration grace);
 
   const int rank_;
   const int size_;
@@ -112,6 +144,12 @@ class UcxRank {
   std::vector<std::string> failures_;  // non-empty: why the peer is considered failed
   std::vector<void*> closing_;         // endpoint close requests in flight
   std::vector<int> sleepers_;          // eventfds of threads sleeping on this worker
+  std::vector<std::unique_ptr<std::string>> notice_texts_;  // buffers of notices sent
+  struct Sink {
+    void* request;
+    std::unique_ptr<char[]> buffer;
+  };
+  std::vector<Sink> sinks_;  // receives that swallow messages of collectives we gave up on
   std::atomic<uint64_t> failure_epoch_{0};
   uint64_t seen_failure_epoch_ = 0;
   std::atomic<uint32_t> next_group_id_{1};

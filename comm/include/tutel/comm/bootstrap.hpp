@@ -42,7 +42,7 @@ struct BootstrapOptions {
 Status validate(const BootstrapOptions& options);
 
 struct BootstrapTable {
-  std::vector<std::string> payloads;   // rank order
+  std::vector<std::string> payloads;  // rank order
   // How each rank is named in messages: "<address the coordinator saw>, pid <pid>".
   std::vector<std::string> addresses;
 };
@@ -50,7 +50,7 @@ struct BootstrapTable {
 // Every rank of the group calls this with its payload (at most 1 MiB) and gets every rank's
 // payload. `round` names the exchange ("ucx", "nccl"): ranks in different rounds on the same
 // port refuse each other. Rank 0 listens for the duration of the call only.
-Result<BootstrapTable> coordinator_exchange(const BootstrapOptions& options,
-                                            std::string_view round, std::string_view payload);
+Result<BootstrapTable> coordinator_exchange(const BootstrapOptions& options, std::string_view round,
+                                            std::string_view payload);
 
 }  // namespace tutel::comm

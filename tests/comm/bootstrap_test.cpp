@@ -1,0 +1,150 @@
+// The TCP coordinator alone (no UCX): ranks are threads of this process.
+#include "tutel/comm/bootstrap.hpp"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "comm_test_util.hpp"
+
+namespace tutel::comm {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::free_port;
+using testing::loopback_options;
+
+bool contains(std::string_view haystack, std::string_view needle) {
+  return haystack.find(needle) != std::string_view::npos;
+}
+
+// Runs coordinator_exchange for each listed rank on its own thread.
+std::vector<std::optional<Result<BootstrapTable>>> exchange_on_threads(
+    const std::vector<BootstrapOptions>& ranks, const std::vector<std::string>& payloads,
+    std::string_view round = "test") {
+  std::vector<std::optional<Result<BootstrapTable>>> out(ranks.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < ranks.size(); ++i)
+    threads.emplace_back(
+        [&, i] { out[i].emplace(coordinator_exchange(ranks[i], round, payloads[i])); });
+  for (auto& t : threads) t.join();
+  return out;
+}
+
+TEST(Bootstrap, EveryRankGetsEveryPayloadInRankOrder) {
+  const uint16_t port = free_port();
+  const int n = 5;
+  std::vector<BootstrapOptions> ranks;
+  std::vector<std::string> payloads;
+  for (int r = n - 1; r >= 0; --r) {  // start the coordinator last: the others must retry
+    ranks.push_back(loopback_options(port, r, n, 1));
+    payloads.push_back(r == 2 ? std::string(300000, 'x') : "payload-" + std::to_string(r));
+  }
+  const auto results = exchange_on_threads(ranks, payloads);
+  for (size_t i = 0; i < results.size(); ++i) {
+    ASSERT_TRUE(results[i]->ok()) << results[i]->status();
+    const BootstrapTable& t = results[i]->value();
+    ASSERT_EQ(t.payloads.size(), size_t(n));
+    for (int r = 0; r < n; ++r) {
+      EXPECT_EQ(t.payloads[r], r == 2 ? std::string(300000, 'x') : "payload-" + std::to_string(r));
+      EXPECT_EQ(t.addresses[r], "127.0.0.1, pid " + std::to_string(::getpid()));
+    }
+  }
+}
+
+TEST(Bootstrap, MissingRankTimesOutNamingIt) {
+  const uint16_t port = free_port();
+  std::vector<BootstrapOptions> ranks = {loopback_options(port, 0, 4, 1),
+                                         loopback_options(port, 2, 4, 1)};
+  for (auto& o : ranks) o.timeout = 800ms;
+  const auto results = exchange_on_threads(ranks, {"a", "b"});
+  for (const auto& r : results) {
+    ASSERT_FALSE(r->ok());
+    EXPECT_EQ(r->status().code(), StatusCode::kTimeout) << r->status();
+    EXPECT_TRUE(contains(r->status().message(), "ranks 1, 3 never reached the coordinator"))
+        << r->status();
+  }
+}
+
+TEST(Bootstrap, NoCoordinatorIsATimeout) {
+  auto o = loopback_options(free_port(), 1, 2, 1);
+  o.timeout = 300ms;
+  auto r = coordinator_exchange(o, "test", "x");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kTimeout);
+  EXPECT_TRUE(contains(r.status().message(), "could not reach the coordinator")) << r.status();
+}
+
+TEST(Bootstrap, DuplicateRankFailsEveryone) {
+  const uint16_t port = free_port();
+  std::vector<BootstrapOptions> ranks = {loopback_options(port, 0, 3, 1),
+                                         loopback_options(port, 1, 3, 1),
+                                         loopback_options(port, 1, 3, 1)};
+  for (auto& o : ranks) o.timeout = 5s;
+  const auto results = exchange_on_threads(ranks, {"a", "b", "c"});
+  for (const auto& r : results) {
+    ASSERT_FALSE(r->ok());
+    EXPECT_TRUE(contains(r->status().message(), "rank 1 arrived twice")) << r->status();
+  }
+}
+
+TEST(Bootstrap, MismatchedGroupShapeFailsEveryone) {
+  const uint16_t port = free_port();
+  std::vector<BootstrapOptions> ranks = {loopback_options(port, 0, 2, 1),
+                                         loopback_options(port, 1, 2, 2)};
+  for (auto& o : ranks) o.timeout = 5s;
+  const auto results = exchange_on_threads(ranks, {"a", "b"});
+  for (const auto& r : results) {
+    ASSERT_FALSE(r->ok());
+    EXPECT_EQ(r->status().code(), StatusCode::kInvalidArgument);
+    EXPECT_TRUE(contains(r->status().message(), "local_size 2")) << r->status();
+  }
+}
+
+TEST(Bootstrap, ConsecutiveRoundsOnOnePort) {
+  const uint16_t port = free_port();
+  const int n = 3;
+  std::vector<std::optional<Result<BootstrapTable>>> second(n);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < n; ++r) {
+    threads.emplace_back([&, r] {
+      const auto o = loopback_options(port, r, n, 1);
+      auto first = coordinator_exchange(o, "ucx", "first-" + std::to_string(r));
+      if (!first.ok()) {
+        second[r].emplace(std::move(first).status());
+        return;
+      }
+      second[r].emplace(coordinator_exchange(o, "nccl", r == 0 ? "unique-id" : ""));
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < n; ++r) {
+    ASSERT_TRUE(second[r]->ok()) << second[r]->status();
+    EXPECT_EQ(second[r]->value().payloads[0], "unique-id");  // the NCCL id hook
+  }
+}
+
+TEST(Bootstrap, ValidatesOptions) {
+  EXPECT_FALSE(validate(loopback_options(1234, 2, 2, 1)).ok());  // rank >= size
+  EXPECT_FALSE(validate(loopback_options(1234, 0, 2, 0)).ok());  // local_size 0
+  EXPECT_FALSE(validate(loopback_options(1234, 0, 2, 3)).ok());  // local_size > size
+  EXPECT_FALSE(validate(loopback_options(0, 0, 2, 1)).ok());     // no port
+  EXPECT_TRUE(validate(loopback_options(0, 0, 1, 1)).ok());      // alone: no port needed
+  EXPECT_TRUE(validate(loopback_options(1234, 1, 4, 3)).ok());   // 2DH refuses later, not here
+  auto o = loopback_options(1234, 0, 2, 1);
+  o.coordinator_host = "localhost";
+  EXPECT_FALSE(coordinator_exchange(o, "test", "").ok());  // numeric addresses only
+}
+
+TEST(Bootstrap, SingleRankNeedsNoCoordinator) {
+  auto r = coordinator_exchange(loopback_options(0, 0, 1, 1), "test", "solo");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->payloads, std::vector<std::string>{"solo"});
+}
+
+}  // namespace
+}  // namespace tutel::comm

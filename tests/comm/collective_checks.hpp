@@ -1,0 +1,181 @@
+// The checks every rank of a test group runs: each collective against a locally computed
+// reference, with exact comparison (the float data are integers, so sums are exact).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "comm_test_util.hpp"
+#include "tutel/comm/communicator.hpp"
+
+namespace tutel::comm::testing {
+
+// All-to-all of `chunk` bytes; reports the first wrong byte.
+inline void check_all_to_all(Communicator& comm, size_t chunk, AllToAllAlgo algo, uint32_t seed,
+                             Failures& f) {
+  const int n = comm.size(), me = comm.rank();
+  std::vector<uint8_t> send(n * chunk), recv(n * chunk, 0xEE);
+  for (int d = 0; d < n; ++d)
+    for (size_t i = 0; i < chunk; ++i) send[d * chunk + i] = pattern(me, d, i, seed);
+  Status s = comm.all_to_all(send.data(), recv.data(), chunk, algo);
+  if (!s.ok()) {
+    f.add("all_to_all ", to_string(algo), " chunk ", chunk, ": ", s.to_string());
+    return;
+  }
+  for (int src = 0; src < n; ++src)
+    for (size_t i = 0; i < chunk; ++i)
+      if (recv[src * chunk + i] != pattern(src, me, i, seed)) {
+        f.add("all_to_all ", to_string(algo), " chunk ", chunk, ": rank ", me, " byte ", i,
+              " of the chunk from rank ", src, " is wrong");
+        return;
+      }
+}
+
+inline void check_all_gather(Communicator& comm, size_t bytes, uint32_t seed, Failures& f) {
+  const int n = comm.size(), me = comm.rank();
+  std::vector<uint8_t> send(bytes), recv(n * bytes, 0xEE);
+  for (size_t i = 0; i < bytes; ++i) send[i] = pattern(me, -1, i, seed);
+  Status s = comm.all_gather(send.data(), recv.data(), bytes);
+  if (!s.ok()) return f.add("all_gather ", bytes, ": ", s.to_string());
+  for (int src = 0; src < n; ++src)
+    for (size_t i = 0; i < bytes; ++i)
+      if (recv[src * bytes + i] != pattern(src, -1, i, seed))
+        return f.add("all_gather ", bytes, ": byte ", i, " of rank ", src, " is wrong");
+}
+
+// Rank r's element i of block d: small integers, so float sums are exact.
+inline float rs_value(int r, int d, size_t i) {
+  return static_cast<float>((r * 37 + d * 11 + static_cast<int>(i % 101)) % 1000 - 300);
+}
+
+inline void check_reduce_scatter(Communicator& comm, size_t count, ReduceOp op, Failures& f) {
+  const int n = comm.size(), me = comm.rank();
+  std::vector<float> send(n * count), recv(count, -1.0f);
+  for (int d = 0; d < n; ++d)
+    for (size_t i = 0; i < count; ++i) send[d * count + i] = rs_value(me, d, i);
+  Status s = comm.reduce_scatter(send.data(), recv.data(), count, op);
+  if (!s.ok()) return f.add("reduce_scatter ", to_string(op), ": ", s.to_string());
+  for (size_t i = 0; i < count; ++i) {
+    float expect = rs_value(0, me, i);
+    for (int r = 1; r < n; ++r)
+      expect =
+          op == ReduceOp::kSum ? expect + rs_value(r, me, i) : std::max(expect, rs_value(r, me, i));
+    if (recv[i] != expect)
+      return f.add("reduce_scatter ", to_string(op), " count ", count, ": element ", i, " is ",
+                   recv[i], ", expected ", expect);
+  }
+}
+
+template <typename T>
+void check_all_reduce(Communicator& comm, size_t count, ReduceOp op, Failures& f) {
+  const int n = comm.size(), me = comm.rank();
+  auto value = [](int r, size_t i) {
+    return static_cast<T>((r * 53 + static_cast<int64_t>(i) * 7) % 2001 - 1000);
+  };
+  std::vector<T> data(count);
+  for (size_t i = 0; i < count; ++i) data[i] = value(me, i);
+  Status s = comm.all_reduce(data.data(), count, op);
+  if (!s.ok()) return f.add("all_reduce ", to_string(op), " count ", count, ": ", s.to_string());
+  for (size_t i = 0; i < count; ++i) {
+    T expect = value(0, i);
+    for (int r = 1; r < n; ++r)
+      expect = op == ReduceOp::kSum ? expect + value(r, i) : std::max(expect, value(r, i));
+    if (data[i] != expect)
+      return f.add("all_reduce ", to_string(op), " count ", count, ": element ", i, " is ", data[i],
+                   ", expected ", expect);
+  }
+}
+
+// Everything but split, over `chunks` for the all-to-alls.
+inline std::string check_collectives(Communicator& comm, const std::vector<size_t>& chunks) {
+  Failures f;
+  uint32_t seed = 1;
+  for (size_t chunk : chunks) {
+    check_all_to_all(comm, chunk, AllToAllAlgo::kLinear, seed++, f);
+    if (comm.size() % comm.local_size() == 0)
+      check_all_to_all(comm, chunk, AllToAllAlgo::k2DH, seed++, f);
+  }
+  for (size_t bytes : {size_t{1}, size_t{1000}, size_t{200000}})
+    check_all_gather(comm, bytes, seed++, f);
+  for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kMax}) {
+    check_reduce_scatter(comm, 1, op, f);
+    check_reduce_scatter(comm, 3000, op, f);
+    for (size_t count : {size_t{1}, size_t{5}, size_t{4099}, size_t{100003}}) {
+      check_all_reduce<float>(comm, count, op, f);
+      check_all_reduce<int64_t>(comm, count, op, f);
+    }
+  }
+  for (int i = 0; i < 3; ++i)
+    if (Status s = comm.barrier(); !s.ok()) f.add("barrier: ", s.to_string());
+  return f.text();
+}
+
+// Splits into even and odd ranks and runs collectives in each half.
+inline std::string check_split_even_odd(Communicator& comm) {
+  Failures f;
+  const int me = comm.rank(), n = comm.size();
+  auto sub = comm.split(me % 2, me);
+  if (!sub.ok()) return "split: " + sub.status().to_string();
+  Communicator& g = **sub;
+  const int expect_size = (n + 1 - me % 2) / 2;
+  if (g.rank() != me / 2 || g.size() != expect_size)
+    f.add("split: rank ", me, " got group rank ", g.rank(), " of ", g.size(), ", expected ", me / 2,
+          " of ", expect_size);
+  for (size_t chunk : {size_t{12}, size_t{4096}}) {
+    check_all_to_all(g, chunk, AllToAllAlgo::kLinear, 100 + me % 2, f);
+    if (g.size() % g.local_size() == 0)
+      check_all_to_all(g, chunk, AllToAllAlgo::k2DH, 200 + me % 2, f);
+  }
+  check_all_reduce<float>(g, 777, ReduceOp::kSum, f);
+  check_all_reduce<int64_t>(g, 3, ReduceOp::kMax, f);
+  if (Status s = g.barrier(); !s.ok()) f.add("barrier in sub-group: ", s.to_string());
+  // A rank that passes kNoColor gets no communicator, the others a group without it.
+  auto partial = comm.split(me == 0 ? kNoColor : 0, -me);
+  if (!partial.ok()) {
+    f.add("split with kNoColor: ", partial.status().to_string());
+  } else if (me == 0) {
+    if (*partial) f.add("split: kNoColor returned a communicator");
+  } else if (!*partial) {
+    f.add("split: rank ", me, " got no communicator");
+  } else {
+    Communicator& p = **partial;
+    if (p.size() != n - 1 || p.rank() != n - 1 - me)  // ordered by key = -rank
+      f.add("split by -rank: rank ", me, " got ", p.rank(), " of ", p.size());
+    check_all_to_all(p, 100, AllToAllAlgo::kLinear, 300, f);
+  }
+  if (Status s = comm.barrier(); !s.ok()) f.add("barrier after split: ", s.to_string());
+  return f.text();
+}
+
+// Two groups over the same ranks (one in reverse order) run collectives at the same time from
+// two threads; each checks contents seeded per group, so any cross-talk shows.
+inline std::string check_concurrent_groups(Communicator& comm, int rounds) {
+  Failures f;
+  const int me = comm.rank(), n = comm.size();
+  auto forward = comm.split(0, me);
+  auto reverse = comm.split(0, n - me);
+  if (!forward.ok() || !reverse.ok()) return "split for concurrency failed";
+  if ((*reverse)->rank() != n - 1 - me) f.add("reverse group rank ", (*reverse)->rank());
+  Failures f1, f2;
+  auto work = [rounds](Communicator& g, uint32_t base, Failures& out) {
+    for (int k = 0; k < rounds && out.ok(); ++k) {
+      check_all_to_all(g, 1000 + 37 * static_cast<size_t>(k % 5), AllToAllAlgo::kLinear,
+                       base + static_cast<uint32_t>(k), out);
+      check_all_gather(g, 64, base + 5000 + static_cast<uint32_t>(k), out);
+      check_all_reduce<int64_t>(g, 7, ReduceOp::kSum, out);
+    }
+  };
+  std::thread t([&] { work(**forward, 1000, f1); });
+  work(**reverse, 9000, f2);
+  t.join();
+  f.merge("forward group: ", f1.text());
+  f.merge("reverse group: ", f2.text());
+  if (Status s = comm.barrier(); !s.ok()) f.add("barrier after concurrency: ", s.to_string());
+  return f.text();
+}
+
+}  // namespace tutel::comm::testing

@@ -1,0 +1,147 @@
+// The NCCL communicator. Without NCCL in the build: every entry point says so. With NCCL: the
+// same checks as for UCX, one forked process per CUDA device (up to 4), through an adapter that
+// stages host buffers to the device; skipped where no device exists (the development machines).
+#include "tutel/comm/nccl.hpp"
+
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm_test_util.hpp"
+
+#ifdef TUTEL_TEST_NCCL
+#include <cuda_runtime_api.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "collective_checks.hpp"
+#endif
+
+namespace tutel::comm {
+namespace {
+
+TEST(Nccl, EntryPointsSayWhenNcclIsMissing) {
+  if (nccl_available()) GTEST_SKIP() << "this build has NCCL";
+  auto r = nccl_bootstrap(testing::loopback_options(1234, 0, 2, 1), NcclOptions{});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kUnimplemented);
+  EXPECT_NE(r.status().message().find("without NCCL"), std::string_view::npos);
+}
+
+#ifdef TUTEL_TEST_NCCL
+
+// Host-buffer collectives over a device communicator: copy in, run, copy out.
+class StagedCommunicator final : public Communicator {
+ public:
+  explicit StagedCommunicator(std::unique_ptr<Communicator> inner) : inner_(std::move(inner)) {}
+  ~StagedCommunicator() override {
+    cudaFree(a_);
+    cudaFree(b_);
+  }
+  int rank() const override { return inner_->rank(); }
+  int size() const override { return inner_->size(); }
+  int local_size() const override { return inner_->local_size(); }
+
+  Status all_to_all(const void* send, void* recv, size_t c, AllToAllAlgo algo) override {
+    const size_t n = static_cast<size_t>(size()) * c;
+    TUTEL_RETURN_IF_ERROR(stage(send, n, n));
+    TUTEL_RETURN_IF_ERROR(inner_->all_to_all(a_, b_, c, algo));
+    return back(recv, n);
+  }
+  Status all_gather(const void* send, void* recv, size_t bytes) override {
+    TUTEL_RETURN_IF_ERROR(stage(send, bytes, bytes * size()));
+    TUTEL_RETURN_IF_ERROR(inner_->all_gather(a_, b_, bytes));
+    return back(recv, bytes * size());
+  }
+  Status reduce_scatter(const float* send, float* recv, size_t count, ReduceOp op) override {
+    TUTEL_RETURN_IF_ERROR(stage(send, count * size() * sizeof(float), count * sizeof(float)));
+    TUTEL_RETURN_IF_ERROR(
+        inner_->reduce_scatter(static_cast<float*>(a_), static_cast<float*>(b_), count, op));
+    return back(recv, count * sizeof(float));
+  }
+  Status all_reduce(float* data, size_t count, ReduceOp op) override {
+    return reduce_in_place(data, count, op);
+  }
+  Status all_reduce(int64_t* data, size_t count, ReduceOp op) override {
+    return reduce_in_place(data, count, op);
+  }
+  Status barrier() override { return inner_->barrier(); }
+  Result<std::unique_ptr<Communicator>> split(int color, int key) override {
+    TUTEL_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> child, inner_->split(color, key));
+    if (!child) return std::unique_ptr<Communicator>();
+    return std::unique_ptr<Communicator>(std::make_unique<StagedCommunicator>(std::move(child)));
+  }
+
+ private:
+  template <typename T>
+  Status reduce_in_place(T* data, size_t count, ReduceOp op) {
+    TUTEL_RETURN_IF_ERROR(stage(data, count * sizeof(T), 0));
+    TUTEL_RETURN_IF_ERROR(inner_->all_reduce(static_cast<T*>(a_), count, op));
+    if (cudaMemcpy(data, a_, count * sizeof(T), cudaMemcpyDeviceToHost) != cudaSuccess)
+      return Status::Internal("cudaMemcpy");
+    return Status::OK();
+  }
+  Status stage(const void* host, size_t in_bytes, size_t out_bytes) {
+    if (in_bytes + 1 > a_bytes_) {
+      cudaFree(a_);
+      if (cudaMalloc(&a_, in_bytes + 1) != cudaSuccess) return Status::Internal("cudaMalloc");
+      a_bytes_ = in_bytes + 1;
+    }
+    if (out_bytes + 1 > b_bytes_) {
+      cudaFree(b_);
+      if (cudaMalloc(&b_, out_bytes + 1) != cudaSuccess) return Status::Internal("cudaMalloc");
+      b_bytes_ = out_bytes + 1;
+    }
+    if (cudaMemcpy(a_, host, in_bytes, cudaMemcpyHostToDevice) != cudaSuccess)
+      return Status::Internal("cudaMemcpy");
+    return Status::OK();
+  }
+  Status back(void* host, size_t bytes) {
+    if (cudaMemcpy(host, b_, bytes, cudaMemcpyDeviceToHost) != cudaSuccess)
+      return Status::Internal("cudaMemcpy");
+    return Status::OK();
+  }
+
+  std::unique_ptr<Communicator> inner_;
+  void* a_ = nullptr;
+  void* b_ = nullptr;
+  size_t a_bytes_ = 0, b_bytes_ = 0;
+};
+
+// Counts devices in a child, so this process never initialises CUDA before forking ranks.
+int device_count_in_child() {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) n = 0;
+    ::_exit(n > 100 ? 100 : n);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 0;
+}
+
+TEST(Nccl, CollectivesOnEveryDevice) {
+  const int devices = device_count_in_child();
+  if (devices == 0) GTEST_SKIP() << "no CUDA device: the NCCL communicator is compiled, not run";
+  const int size = devices >= 4 ? 4 : devices;
+  const int local_size = size % 2 == 0 ? 2 : 1;
+  const uint16_t port = testing::free_port();
+  testing::ProcessGroup group(size, [&](int rank, const testing::ChildChannel&) -> std::string {
+    NcclOptions nccl;
+    nccl.device = rank;
+    auto comm = nccl_bootstrap(testing::loopback_options(port, rank, size, local_size), nccl);
+    if (!comm.ok()) return "nccl_bootstrap: " + comm.status().to_string();
+    StagedCommunicator staged(std::move(comm).value());
+    std::string report = testing::check_collectives(staged, {12, 4096, 1 << 20});
+    return report + testing::check_split_even_odd(staged);
+  });
+  EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
+}
+
+#endif  // TUTEL_TEST_NCCL
+
+}  // namespace
+}  // namespace tutel::comm

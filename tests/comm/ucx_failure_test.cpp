@@ -1,0 +1,143 @@
+// Failures over real UCX between processes: a peer killed (SIGKILL) before or during a
+// collective, a rank that never arrives at the bootstrap, ranks that disagree on sizes. The
+// survivors must get an error naming the culprit, never hang. Nothing here asserts on time.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "comm_test_util.hpp"
+#include "tutel/comm/ucx.hpp"
+
+namespace tutel::comm {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::ChildChannel;
+using testing::loopback_options;
+
+constexpr auto kCollectiveTimeout = 2000ms;
+
+bool contains(std::string_view haystack, std::string_view needle) {
+  return haystack.find(needle) != std::string_view::npos;
+}
+
+enum class KillWhen { kBeforeCollective, kDuringCollective };
+
+// Ranks 0..size-2 run an all-to-all while rank size-1 is killed; returns the survivors' report.
+std::string kill_one_rank(int size, int local_size, AllToAllAlgo algo, KillWhen when) {
+  const int victim = size - 1;
+  const uint16_t port = testing::free_port();
+  const std::string victim_name = "rank " + std::to_string(victim) + " (127.0.0.1, pid ";
+  testing::ProcessGroup group(size, [&](int rank, const ChildChannel& channel) -> std::string {
+    auto comm = ucx_bootstrap(loopback_options(port, rank, size, local_size, kCollectiveTimeout));
+    if (!comm.ok()) return "bootstrap: " + comm.status().to_string();
+    if (Status s = (*comm)->barrier(); !s.ok()) return "barrier: " + s.to_string();
+    channel.notify();
+    if (rank == victim) {
+      for (;;) ::pause();  // until the parent's SIGKILL
+    }
+    if (when == KillWhen::kBeforeCollective) channel.await_release();
+    const size_t chunk = 65536;
+    std::vector<uint8_t> send(size * chunk, 1), recv(size * chunk);
+    Status s = (*comm)->all_to_all(send.data(), recv.data(), chunk, algo);
+    std::fprintf(stderr, "[rank %d sees] %s\n", rank, s.to_string().c_str());
+    if (s.ok()) return "the all-to-all succeeded although rank " + std::to_string(victim) + " died";
+    if (s.code() != StatusCode::kUnavailable && s.code() != StatusCode::kTimeout)
+      return "unexpected error code: " + s.to_string();
+    if (!contains(s.message(), victim_name))
+      return "the error does not name the dead rank: " + s.to_string();
+    Status again = (*comm)->barrier();
+    if (again.code() != StatusCode::kAborted)
+      return "a failed communicator must refuse further work, got " + again.to_string();
+    return "";
+  });
+  for (int r = 0; r < size; ++r)
+    if (!group.wait_notified(r, 60s)) return "rank " + std::to_string(r) + " never got ready";
+  if (when == KillWhen::kDuringCollective) std::this_thread::sleep_for(300ms);
+  group.kill_child(victim);
+  if (when == KillWhen::kBeforeCollective)
+    for (int r = 0; r < victim; ++r) group.release(r);
+  return testing::describe_failures(group.wait_all(), {victim});
+}
+
+TEST(UcxFailure, PeerKilledBeforeLinearAllToAll) {
+  EXPECT_EQ(kill_one_rank(4, 1, AllToAllAlgo::kLinear, KillWhen::kBeforeCollective), "");
+}
+
+TEST(UcxFailure, PeerKilledDuringLinearAllToAll) {
+  EXPECT_EQ(kill_one_rank(4, 1, AllToAllAlgo::kLinear, KillWhen::kDuringCollective), "");
+}
+
+// In 2DH some survivors never talk to the dead rank directly; they learn of it from the peer
+// that does, through its "gave up" notice.
+TEST(UcxFailure, PeerKilledDuring2DHAllToAll) {
+  EXPECT_EQ(kill_one_rank(4, 2, AllToAllAlgo::k2DH, KillWhen::kDuringCollective), "");
+}
+
+TEST(UcxFailure, PeerKilledBefore2DHAllToAll) {
+  EXPECT_EQ(kill_one_rank(8, 2, AllToAllAlgo::k2DH, KillWhen::kBeforeCollective), "");
+}
+
+TEST(UcxFailure, BootstrapNamesTheRankThatNeverArrives) {
+  const uint16_t port = testing::free_port();
+  // A group of 3 whose rank 2 is never started.
+  testing::ProcessGroup group(2, [&](int rank, const ChildChannel&) -> std::string {
+    auto o = loopback_options(port, rank, 3, 1);
+    o.timeout = 1500ms;
+    auto comm = ucx_bootstrap(o);
+    if (comm.ok()) return "bootstrap succeeded without rank 2";
+    if (comm.status().code() != StatusCode::kTimeout ||
+        !contains(comm.status().message(), "rank 2 never reached the coordinator"))
+      return "unexpected error: " + comm.status().to_string();
+    return "";
+  });
+  EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
+}
+
+TEST(UcxFailure, RanksThatDisagreeOnSizesFailInsteadOfHanging) {
+  const uint16_t port = testing::free_port();
+  testing::ProcessGroup group(2, [&](int rank, const ChildChannel&) -> std::string {
+    auto comm = ucx_bootstrap(loopback_options(port, rank, 2, 1, kCollectiveTimeout));
+    if (!comm.ok()) return "bootstrap: " + comm.status().to_string();
+    const size_t bytes = rank == 0 ? 100 : 200;
+    std::vector<uint8_t> send(bytes), recv(2 * bytes);
+    Status s = (*comm)->all_gather(send.data(), recv.data(), bytes);
+    if (s.ok()) return "all_gather with different sizes succeeded";
+    if (!contains(s.message(), "different sizes") && !contains(s.message(), "gave up"))
+      return "unclear error: " + s.to_string();
+    return "";
+  });
+  EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
+}
+
+// A rank that stops calling collectives (alive, but stuck elsewhere) is a timeout naming it.
+TEST(UcxFailure, SilentPeerIsATimeoutNamingIt) {
+  const uint16_t port = testing::free_port();
+  testing::ProcessGroup group(3, [&](int rank, const ChildChannel& channel) -> std::string {
+    auto comm = ucx_bootstrap(loopback_options(port, rank, 3, 1, kCollectiveTimeout));
+    if (!comm.ok()) return "bootstrap: " + comm.status().to_string();
+    if (rank == 2) {
+      channel.await_release();  // never calls the barrier
+      return "";
+    }
+    Status s = (*comm)->barrier();
+    channel.notify();
+    if (s.code() != StatusCode::kTimeout && s.code() != StatusCode::kUnavailable)
+      return "expected a timeout, got " + s.to_string();
+    if (!contains(s.message(), "rank 2 (127.0.0.1, pid "))
+      return "the error does not name rank 2: " + s.to_string();
+    return "";
+  });
+  bool notified = group.wait_notified(0, 60s) && group.wait_notified(1, 60s);
+  group.release(2);
+  EXPECT_TRUE(notified);
+  EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
+}
+
+}  // namespace
+}  // namespace tutel::comm
