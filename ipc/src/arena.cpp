@@ -81,7 +81,9 @@ Result<Arena> Arena::create(uint64_t arena_bytes, const char* debug_name) {
   if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
     return Status::IOError("sealing the session arena: " + errno_text(errno));
   }
-  void* base = ::mmap(nullptr, layout.arena_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+  // MAP_POPULATE faults every page in now, once, instead of on the data path: a request that
+  // touches fresh arena pages would otherwise pay a page fault per 4 KiB.
+  void* base = ::mmap(nullptr, layout.arena_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd.get(), 0);
   if (base == MAP_FAILED) {
     return Status::ResourceExhausted("mapping the session arena of " +
                                      std::to_string(layout.arena_bytes) +
@@ -133,7 +135,7 @@ Result<Arena> Arena::attach(UniqueFd fd) {
     return Status::InvalidArgument("the arena memfd holds " + std::to_string(size) +
                                    " bytes, not a whole number of 4096-byte pages");
   }
-  void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+  void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd.get(), 0);  // as create()
   if (base == MAP_FAILED) {
     return Status::ResourceExhausted("mapping the session arena of " + std::to_string(size) +
                                      " bytes: " + errno_text(errno));

@@ -198,7 +198,7 @@ Trace run_forward(const Config& c, const Params& p, const std::vector<double>& x
     }
 
   // 6. Capacity and which assignments survive it.
-  t.C = capacity_for(c, counts);
+  t.C = c.capacity_override >= 0 ? c.capacity_override : capacity_for(c, counts);
   const int64_t C = t.C;
   t.kept.assign(S * K, false);
   t.dropped = 0;

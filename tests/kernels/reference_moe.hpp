@@ -22,6 +22,9 @@ struct Config {
   bool is_postscore = true;
   bool has_fc1_bias = true, has_fc2_bias = true;
   int64_t alignment = 1;  // s*d before the 256/128 rule
+  // When >= 0, the capacity C to use instead of computing it: an expert-parallel group agrees
+  // on one C (from its largest rank), which a single rank's tokens alone do not determine.
+  int64_t capacity_override = -1;
 };
 
 // An absent bias is an empty vector.

@@ -3,6 +3,7 @@
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include <random>
+#include <vector>
 
 #include "bench_util.hpp"
 
@@ -28,29 +29,41 @@ GemmTiming time_gemms(const std::vector<GemmShape>& gemms, bool bf16, int repeat
   GemmTiming total;
   for (const GemmShape& g : gemms) {
     // Row-major [batch, rows, cols] or its transpose, as the layer stores them.
-    auto md = [&](int64_t rows, int64_t cols, bool transposed, memory::data_type t) {
-      return transposed ? memory::desc({g.batch, rows, cols}, t, {rows * cols, 1, rows})
-                        : memory::desc({g.batch, rows, cols}, t, {rows * cols, cols, 1});
+    auto md = [&](int64_t batch, int64_t rows, int64_t cols, bool transposed, memory::data_type t) {
+      return transposed ? memory::desc({batch, rows, cols}, t, {rows * cols, 1, rows})
+                        : memory::desc({batch, rows, cols}, t, {rows * cols, cols, 1});
     };
-    const memory::desc a_md = md(g.m, g.k, g.a_transposed, in_type);
-    const memory::desc b_md = md(g.k, g.n, g.b_transposed, in_type);
-    const memory::desc c_md = md(g.m, g.n, false, memory::data_type::f32);
-    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), engine);
-    const dnnl::matmul prim(pd);
-    memory a(a_md, engine), b(b_md, engine), c(c_md, engine);
-    // Fill with small values so the timing is of ordinary numbers, not denormals or zeros.
-    for (memory* mem : {&a, &b}) {
-      auto* bytes = static_cast<uint8_t*>(mem->get_data_handle());
-      const size_t n = mem->get_desc().get_size();
-      std::mt19937 rng(7);
-      for (size_t i = 0; i < n; ++i) bytes[i] = (i % 2) ? 0x3c : static_cast<uint8_t>(rng());
+    // The floor is the best oneDNN does for the step: one batched call, or one 2-D call per
+    // expert (what the layer runs when a bias is fused), whichever is faster.
+    double best = 0;
+    for (const int64_t per_call : {g.batch, int64_t{1}}) {
+      const memory::desc a_md = md(per_call, g.m, g.k, g.a_transposed, in_type);
+      const memory::desc b_md = md(per_call, g.k, g.n, g.b_transposed, in_type);
+      const memory::desc c_md = md(per_call, g.m, g.n, false, memory::data_type::f32);
+      const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), engine);
+      const dnnl::matmul prim(pd);
+      std::vector<memory> a, b, c;
+      for (int64_t i = 0; i < g.batch / per_call; ++i) {
+        a.emplace_back(a_md, engine);
+        b.emplace_back(b_md, engine);
+        c.emplace_back(c_md, engine);
+        // Small ordinary numbers, so the timing is not of denormals or zeros.
+        for (memory* mem : {&a.back(), &b.back()}) {
+          const size_t n = mem->get_desc().get_size();
+          auto* bytes = static_cast<uint8_t*>(mem->get_data_handle());
+          std::mt19937 rng(7);
+          for (size_t j = 0; j < n; ++j) bytes[j] = (j % 2) ? 0x3c : static_cast<uint8_t>(rng());
+        }
+      }
+      const double secs = median_seconds(1, repeats, [&] {
+        for (size_t i = 0; i < a.size(); ++i)
+          prim.execute(stream, {{DNNL_ARG_SRC, a[i]}, {DNNL_ARG_WEIGHTS, b[i]}, {DNNL_ARG_DST, c[i]}});
+        stream.wait();
+      });
+      if (best == 0 || secs < best) best = secs;
     }
-    const double s = median_seconds(1, repeats, [&] {
-      prim.execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
-      stream.wait();
-    });
     total.flops += g.flops();
-    total.seconds += s;
+    total.seconds += best;
   }
   return total;
 }
