@@ -1,6 +1,6 @@
 # TUTEL_CUDA=AUTO turns the CUDA backend on when nvcc is found. The CUDA code compiles in
 # every build that has nvcc, even on machines without a GPU; its tests skip at run time.
-# Never link the driver library (-lcuda / CUDA::cuda_driver): binaries must start where no
+# Never link the CUDA driver library itself: binaries must start where no
 # driver exists. Driver entry points, if ever needed, are loaded at run time through
 # cudaGetDriverEntryPoint.
 set(TUTEL_HAVE_CUDA OFF)

@@ -247,11 +247,9 @@ void DaemonImpl::offload(std::function<void()> work, std::function<void()> done)
   };
   auto* job = new Job{{}, std::move(work), std::move(done), this};
   job->req.data = job;
-  ++pending_offloads_;
   uv_queue_work(&loop_, &job->req, [](uv_work_t* r) { static_cast<Job*>(r->data)->work(); },
                 [](uv_work_t* r, int) {
                   std::unique_ptr<Job> j(static_cast<Job*>(r->data));
-                  --j->self->pending_offloads_;
                   j->done();
                 });
 }

@@ -74,7 +74,6 @@ class DaemonImpl {
   std::map<uint64_t, std::shared_ptr<Session>> sessions_;
   uint64_t next_session_ = 1;
   bool shutting_down_ = false;
-  int64_t pending_offloads_ = 0;
   std::chrono::steady_clock::time_point started_at_;
 };
 
