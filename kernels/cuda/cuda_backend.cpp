@@ -76,6 +76,8 @@ class CudaBackend final : public Backend {
   Status gate_backward(const GateBackwardArgs& a) override;
   Status sgd_step(const SgdArgs& a) override;
   Status adamw_step(const AdamWArgs& a) override;
+  void* native_stream() const override { return stream_; }
+  uint64_t scratch_epoch() const override { return scratch_epoch_; }
 
  private:
   // Makes this backend's device current on the calling thread (executors may change threads).
@@ -92,6 +94,7 @@ class CudaBackend final : public Backend {
   cublasHandle_t cublas_ = nullptr;
   std::unique_ptr<DevicePool> pool_;
   DeviceBuffer scratch_, cublas_workspace_;
+  uint64_t scratch_epoch_ = 0;  // bumped when scratch_ moves (captured graphs hold its address)
 };
 
 CudaBackend::~CudaBackend() {
@@ -130,6 +133,7 @@ Result<void*> CudaBackend::scratch(size_t bytes) {
   if (scratch_.data() && scratch_.bytes() >= bytes) return scratch_.data();
   constexpr size_t kStep = size_t{1} << 20;
   scratch_.reset();
+  ++scratch_epoch_;
   TUTEL_ASSIGN_OR_RETURN(scratch_, allocate((std::max<size_t>(bytes, 1) + kStep - 1) / kStep * kStep));
   return scratch_.data();
 }

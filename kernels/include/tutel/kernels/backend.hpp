@@ -231,6 +231,13 @@ class Backend {
 
   virtual Status sgd_step(const SgdArgs& a) = 0;
   virtual Status adamw_step(const AdamWArgs& a) = 0;
+
+  // (optional) The native queue every op is issued on (cudaStream_t on CUDA), so graphs/ can
+  // capture a step into a CUDA graph; null where ops run synchronously on the calling thread.
+  virtual void* native_stream() const { return nullptr; }
+  // (optional) Changes whenever memory the backend owns and its ops use internally (scratch)
+  // moves: a captured graph that baked the old address must be captured again.
+  virtual uint64_t scratch_epoch() const { return 0; }
 };
 
 struct BackendOptions {

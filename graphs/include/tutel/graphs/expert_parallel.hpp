@@ -1,0 +1,101 @@
+// The MoE layer across an expert-parallel group (DESIGN §2 steps 4, 7, 9; r = 1, d = 1):
+// each of W ranks holds E/W experts (E ≥ W) or one shard of one expert along H (E < W,
+// s = W/E shards per expert), the gate is replicated, and all-to-alls move the dispatched
+// tokens to their experts and the results back.
+//
+// Every rank's output and gradients equal those of one process holding all E experts run on
+// that rank's tokens with the group's capacity (tests/graphs/expert_parallel_test.cpp).
+// Capacity is agreed over the group: S and the largest expert count are all-reduced (MAX), so
+// ranks with different token counts work (Tutel's inequivalent_tokens).
+//
+// Thread-safety: one thread at a time per object; one training forward may wait for its
+// backward at a time.
+#pragma once
+
+#include <cstdint>
+
+#include "tutel/comm/communicator.hpp"
+#include "tutel/kernels/backend.hpp"
+#include "tutel/kernels/moe_layer.hpp"
+
+namespace tutel::graphs {
+
+// Where this rank's parameters sit in the global layer.
+struct ExpertShard {
+  int world = 1, rank = 0;
+  int64_t local_experts = 1;  // E_l
+  int64_t first_expert = 0;   // global index of local expert 0
+  int64_t shards = 1;         // s: ranks per expert (E < W), else 1
+  int64_t shard_index = 0;    // which H-slice of the expert this rank holds
+  int64_t hidden_shard = 0;   // H_s = H / s
+  int64_t out_shard = 0;      // O_s = ceil(O / s): Tutel's fc2 bias slice
+};
+
+// E ≥ W needs W | E; E < W needs E | W and s | H. The message says which rule failed.
+Result<ExpertShard> expert_shard(const LayerSpec& spec, int world, int rank);
+
+// Shapes of this rank's parameters: fc1 [E_l, H_s, M], b1 [E_l, H_s], fc2 [E_l, H_s, O],
+// b2 [E_l, O_s]; the gate [E, M] is whole on every rank.
+Shape local_fc1_shape(const LayerSpec& spec, const ExpertShard& shard);
+Shape local_fc2_shape(const LayerSpec& spec, const ExpertShard& shard);
+Shape local_fc1_bias_shape(const LayerSpec& spec, const ExpertShard& shard);
+Shape local_fc2_bias_shape(const LayerSpec& spec, const ExpertShard& shard);
+
+// Copies this rank's slice of a whole-layer (single-process, Tutel-layout) parameter set,
+// host memory to host memory: what the daemon does with a checkpoint that holds all E experts.
+struct HostLayerParams {
+  std::vector<float> gate, fc1, fc1_bias, fc2, fc2_bias;  // empty bias = absent
+};
+HostLayerParams slice_for_rank(const LayerSpec& spec, const ExpertShard& shard,
+                               const HostLayerParams& whole);
+
+class ExpertParallelLayer {
+ public:
+  // The spec is the global layer; the group is `comm` (its rank and size define the shard).
+  static Result<ExpertParallelLayer> create(Backend& backend, comm::Communicator& comm,
+                                            const LayerSpec& spec);
+
+  const ExpertShard& shard() const { return shard_; }
+  const LayerSpec& spec() const { return spec_; }
+
+  // x [S, M] → y [S, O] on this rank's tokens; collective over the group. `local` holds this
+  // rank's parameters (shapes above). With `training`, keeps what backward needs.
+  Status forward(const LayerWeights& local, TensorView x, bool training, TensorView y,
+                 RoutingStats* stats);
+  // Collective. dx is overwritten; `local_grads` accumulate (the gate's locally: call
+  // all_reduce_gate_grad before the optimizer step).
+  Status backward(const LayerWeights& local, TensorView dy, float dl_aux, TensorView dx,
+                  const LayerWeights& local_grads);
+  // Sums the replicated gate's gradient over the group, in place.
+  Status all_reduce_gate_grad(TensorView gate_grad);
+
+ private:
+  ExpertParallelLayer(Backend& b, comm::Communicator& c, LayerSpec spec, ExpertShard shard)
+      : backend_(&b), comm_(&c), spec_(spec), shard_(shard) {}
+  Status grow(DeviceBuffer& buf, size_t bytes);
+  TensorView f32(const DeviceBuffer& buf, Shape shape) const;
+  TensorView i32(const DeviceBuffer& buf, Shape shape) const;
+  // [a][b][rows] → [b][a][rows]: swaps the two outer dimensions of a [a, b, row_floats] block.
+  void swap_outer(const float* src, float* dst, int64_t a, int64_t b, int64_t row_floats) const;
+  ExpertWeights local_experts(const ExpertWeights& w) const;  // drops fc2 bias when sharded
+  void add_fc2_bias_slice(float* out, int64_t rows, const float* bias_slice) const;
+
+  Backend* backend_;
+  comm::Communicator* comm_;
+  LayerSpec spec_;
+  ExpertShard shard_;
+
+  // State of the last forward (for backward).
+  int64_t tokens_ = 0, capacity_ = 0;
+  bool trained_ = false;
+  DeviceBuffer x_, scores_, expert_index_, gates_, location_, l_aux_, expert_count_, slots_;
+  DeviceBuffer dispatched_;   // [E, C, M] local dispatch
+  DeviceBuffer send_, recv_;  // all-to-all staging
+  DeviceBuffer expert_in_;    // [E_l, W·C, M] (or [W·C, M] sharded)
+  DeviceBuffer pre_, hidden_, expert_out_, workspace_;
+  DeviceBuffer combined_;  // [E, C, O] back at the tokens' rank
+  DeviceBuffer d_gates_, d_logits_, d_combined_, d_expert_out_, d_hidden_, d_expert_in_,
+      d_dispatched_;
+};
+
+}  // namespace tutel::graphs

@@ -1,0 +1,372 @@
+#include "tutel/graphs/expert_parallel.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace tutel::graphs {
+namespace {
+
+// The CPU backend's buffers are host memory (create() refuses other devices).
+float* fp(const DeviceBuffer& b) { return static_cast<float*>(b.data()); }
+
+}  // namespace
+
+Result<ExpertShard> expert_shard(const LayerSpec& spec, int world, int rank) {
+  TUTEL_RETURN_IF_ERROR(spec.validate());
+  if (world < 1 || rank < 0 || rank >= world)
+    return Status::InvalidArgument("rank " + std::to_string(rank) + " of a group of " +
+                                   std::to_string(world));
+  ExpertShard s;
+  s.world = world;
+  s.rank = rank;
+  const int64_t E = spec.experts, W = world;
+  if (E >= W) {
+    if (E % W != 0)
+      return Status::InvalidArgument(std::to_string(E) + " experts do not split evenly over " +
+                                     std::to_string(W) +
+                                     " ranks; use a group size that divides the expert count");
+    s.local_experts = E / W;
+    s.first_expert = rank * s.local_experts;
+    s.shards = 1;
+    s.hidden_shard = spec.hidden;
+  } else {
+    if (W % E != 0)
+      return Status::InvalidArgument("a group of " + std::to_string(W) + " ranks cannot shard " +
+                                     std::to_string(E) +
+                                     " experts evenly; use a multiple of the expert count");
+    s.shards = W / E;
+    if (spec.hidden % s.shards != 0)
+      return Status::InvalidArgument("hidden = " + std::to_string(spec.hidden) +
+                                     " does not split into " + std::to_string(s.shards) +
+                                     " shards per expert");
+    s.local_experts = 1;
+    s.first_expert = rank / s.shards;
+    s.shard_index = rank % s.shards;
+    s.hidden_shard = spec.hidden / s.shards;
+  }
+  s.out_shard = (spec.out_dim() + s.shards - 1) / s.shards;
+  return s;
+}
+
+Shape local_fc1_shape(const LayerSpec& spec, const ExpertShard& s) {
+  return {s.local_experts, s.hidden_shard, spec.model_dim};
+}
+Shape local_fc2_shape(const LayerSpec& spec, const ExpertShard& s) {
+  return {s.local_experts, s.hidden_shard, spec.out_dim()};
+}
+Shape local_fc1_bias_shape(const LayerSpec&, const ExpertShard& s) {
+  return {s.local_experts, s.hidden_shard};
+}
+Shape local_fc2_bias_shape(const LayerSpec&, const ExpertShard& s) {
+  return {s.local_experts, s.out_shard};
+}
+
+HostLayerParams slice_for_rank(const LayerSpec& spec, const ExpertShard& s,
+                               const HostLayerParams& whole) {
+  const int64_t M = spec.model_dim, H = spec.hidden, O = spec.out_dim(), Hs = s.hidden_shard;
+  HostLayerParams out;
+  out.gate = whole.gate;
+  for (int64_t l = 0; l < s.local_experts; ++l) {
+    const int64_t e = s.first_expert + l, h0 = s.shard_index * Hs;
+    out.fc1.insert(out.fc1.end(), whole.fc1.begin() + (e * H + h0) * M,
+                   whole.fc1.begin() + (e * H + h0 + Hs) * M);
+    out.fc2.insert(out.fc2.end(), whole.fc2.begin() + (e * H + h0) * O,
+                   whole.fc2.begin() + (e * H + h0 + Hs) * O);
+    if (!whole.fc1_bias.empty())
+      out.fc1_bias.insert(out.fc1_bias.end(), whole.fc1_bias.begin() + e * H + h0,
+                          whole.fc1_bias.begin() + e * H + h0 + Hs);
+    if (!whole.fc2_bias.empty()) {
+      // Tutel's layout: shard j holds columns [j·O_s, (j+1)·O_s) of the bias, zero-padded.
+      for (int64_t c = 0; c < s.out_shard; ++c) {
+        const int64_t o = s.shard_index * s.out_shard + c;
+        out.fc2_bias.push_back(o < O ? whole.fc2_bias[e * O + o] : 0.f);
+      }
+    }
+  }
+  return out;
+}
+
+Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::Communicator& comm,
+                                                        const LayerSpec& spec) {
+  if (backend.device().kind != DeviceKind::kCpu)
+    return Status::Unimplemented(
+        "expert parallelism runs on the CPU backend (host memory over UCX); the GPU path "
+        "(NCCL inside CUDA-graph plans) is not built yet");
+  if (spec.gate_noise > 0)
+    return Status::Unimplemented(
+        "gate noise is not supported across an expert-parallel group yet; set gate_noise = 0");
+  TUTEL_ASSIGN_OR_RETURN(ExpertShard shard, expert_shard(spec, comm.size(), comm.rank()));
+  LayerSpec s = spec;
+  s.alignment = shard.shards;  // Tutel's alignment = s·d (d = 1)
+  return ExpertParallelLayer(backend, comm, s, shard);
+}
+
+Status ExpertParallelLayer::grow(DeviceBuffer& buf, size_t bytes) {
+  if (buf.data() && buf.bytes() >= bytes) return Status::OK();
+  buf.reset();
+  TUTEL_ASSIGN_OR_RETURN(buf, backend_->allocate(std::max<size_t>(bytes, 64)));
+  return Status::OK();
+}
+
+TensorView ExpertParallelLayer::f32(const DeviceBuffer& buf, Shape shape) const {
+  return TensorView(buf.data(), DType::kF32, shape, backend_->device());
+}
+TensorView ExpertParallelLayer::i32(const DeviceBuffer& buf, Shape shape) const {
+  return TensorView(buf.data(), DType::kI32, shape, backend_->device());
+}
+
+void ExpertParallelLayer::swap_outer(const float* src, float* dst, int64_t a, int64_t b,
+                                     int64_t row_floats) const {
+  for (int64_t i = 0; i < a; ++i)
+    for (int64_t j = 0; j < b; ++j)
+      std::memcpy(dst + (j * a + i) * row_floats, src + (i * b + j) * row_floats,
+                  row_floats * sizeof(float));
+}
+
+ExpertWeights ExpertParallelLayer::local_experts(const ExpertWeights& w) const {
+  ExpertWeights out = w;
+  // A shard adds only its slice of the fc2 bias, to its own columns (add_fc2_bias_slice), so
+  // the sum over shards carries the whole bias exactly once.
+  if (shard_.shards > 1) out.fc2_bias = TensorView();
+  return out;
+}
+
+void ExpertParallelLayer::add_fc2_bias_slice(float* out, int64_t rows,
+                                             const float* bias_slice) const {
+  const int64_t O = spec_.out_dim(), o0 = shard_.shard_index * shard_.out_shard;
+  const int64_t n = std::min(shard_.out_shard, O - o0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < n; ++c) out[r * O + o0 + c] += bias_slice[c];
+}
+
+namespace {
+
+Status check_local(const LayerWeights& w, const LayerSpec& spec, const ExpertShard& s,
+                   std::string_view what) {
+  const std::string p = std::string(what) + " ";
+  TUTEL_RETURN_IF_ERROR(
+      w.gate_weight.expect(p + kGateWeightName, DType::kF32, {spec.experts, spec.model_dim}));
+  TUTEL_RETURN_IF_ERROR(
+      w.experts.fc1_weight.expect(p + kFc1WeightName, DType::kF32, local_fc1_shape(spec, s)));
+  TUTEL_RETURN_IF_ERROR(
+      w.experts.fc2_weight.expect(p + kFc2WeightName, DType::kF32, local_fc2_shape(spec, s)));
+  if (spec.has_fc1_bias)
+    TUTEL_RETURN_IF_ERROR(
+        w.experts.fc1_bias.expect(p + kFc1BiasName, DType::kF32, local_fc1_bias_shape(spec, s)));
+  if (spec.has_fc2_bias)
+    TUTEL_RETURN_IF_ERROR(
+        w.experts.fc2_bias.expect(p + kFc2BiasName, DType::kF32, local_fc2_bias_shape(spec, s)));
+  return Status::OK();
+}
+
+}  // namespace
+
+Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, bool training,
+                                    TensorView y, RoutingStats* stats) {
+  TUTEL_RETURN_IF_ERROR(check_local(local, spec_, shard_, "weights"));
+  const int64_t S = x.rank() == 2 ? x.dim(0) : 0, E = spec_.experts, k = spec_.k,
+                M = spec_.model_dim, O = spec_.out_dim(), W = shard_.world,
+                El = shard_.local_experts, s = shard_.shards, Hs = shard_.hidden_shard;
+  if (S < 1)
+    return Status::InvalidArgument("x has shape " + x.shape().to_string() +
+                                   ", expected [tokens >= 1, M]");
+  TUTEL_RETURN_IF_ERROR(x.expect("x", DType::kF32, {S, M}));
+  TUTEL_RETURN_IF_ERROR(y.expect("y", DType::kF32, {S, O}));
+  Backend& b = *backend_;
+  trained_ = false;
+
+  TUTEL_RETURN_IF_ERROR(grow(x_, S * M * 4));
+  TUTEL_RETURN_IF_ERROR(grow(scores_, S * E * 4));
+  TUTEL_RETURN_IF_ERROR(grow(expert_index_, S * k * 4));
+  TUTEL_RETURN_IF_ERROR(grow(gates_, S * k * 4));
+  TUTEL_RETURN_IF_ERROR(grow(location_, S * k * 4));
+  TUTEL_RETURN_IF_ERROR(grow(l_aux_, 4));
+  TUTEL_RETURN_IF_ERROR(grow(expert_count_, E * 4));
+  std::memcpy(x_.data(), x.data(), S * M * 4);
+  const TensorView xv = f32(x_, {S, M}), scores = f32(scores_, {S, E}),
+                   idx = i32(expert_index_, {S, k}), gates = f32(gates_, {S, k}),
+                   loc = i32(location_, {S, k}), counts = i32(expert_count_, {E});
+  TUTEL_RETURN_IF_ERROR(b.gate_forward({xv,
+                                        local.gate_weight,
+                                        {},
+                                        spec_.k,
+                                        spec_.normalize_gate,
+                                        scores,
+                                        idx,
+                                        gates,
+                                        f32(l_aux_, {1})}));
+  TUTEL_RETURN_IF_ERROR(b.locations({scores, idx, spec_.batch_prioritized, loc, counts}));
+
+  // One capacity for the whole group: from its most tokens and its fullest expert.
+  const int32_t* count = counts.data_as<int32_t>();
+  int64_t agreed[2] = {S, *std::max_element(count, count + E)};
+  TUTEL_RETURN_IF_ERROR(comm_->all_reduce(agreed, 2, comm::ReduceOp::kMax));
+  const int64_t C = layer_capacity(spec_, agreed[0], agreed[1]), R = W * C;
+  int64_t dropped = 0;
+  for (int64_t e = 0; e < E; ++e) dropped += std::max<int64_t>(0, count[e] - C);
+
+  const int64_t widest = std::max(M, O);
+  TUTEL_RETURN_IF_ERROR(grow(slots_, E * C * 4));
+  TUTEL_RETURN_IF_ERROR(grow(dispatched_, E * C * M * 4));
+  TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
+  TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
+  TUTEL_RETURN_IF_ERROR(grow(expert_in_, El * R * M * 4));
+  TUTEL_RETURN_IF_ERROR(grow(pre_, El * R * Hs * 4));
+  TUTEL_RETURN_IF_ERROR(grow(hidden_, El * R * Hs * 4));
+  TUTEL_RETURN_IF_ERROR(grow(expert_out_, El * R * O * 4));
+  TUTEL_RETURN_IF_ERROR(grow(combined_, E * C * O * 4));
+  const ExpertShape shape{El, R, M, Hs, O};
+  TUTEL_RETURN_IF_ERROR(grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype)));
+
+  TUTEL_RETURN_IF_ERROR(b.slot_map({idx, loc, C, i32(slots_, {E, C})}));
+  TUTEL_RETURN_IF_ERROR(
+      b.encode({xv, gates, i32(slots_, {E, C}), spec_.is_postscore, f32(dispatched_, {E, C, M})}));
+
+  // Dispatch: expert e's slots go to the rank(s) that hold it.
+  float* disp = fp(dispatched_);
+  float* in = fp(expert_in_);
+  if (s == 1) {
+    // disp [E, C, M] is already [W][E_l][C][M]; the exchange gives [W][E_l][C][M] from every
+    // rank, and the experts want [E_l][W·C][M].
+    TUTEL_RETURN_IF_ERROR(
+        comm_->all_to_all(disp, recv_.data(), El * C * M * 4, comm::AllToAllAlgo::kLinear));
+    swap_outer(fp(recv_), in, W, El, C * M);
+  } else {
+    // Every shard of expert e needs all of e's slots: chunk w' is disp[w' / s].
+    float* send = fp(send_);
+    for (int64_t w = 0; w < W; ++w)
+      std::memcpy(send + w * C * M, disp + (w / s) * C * M, C * M * 4);
+    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, in, C * M * 4, comm::AllToAllAlgo::kLinear));
+  }
+
+  const bool keep_pre = training && spec_.activation != Activation::kRelu;
+  TUTEL_RETURN_IF_ERROR(
+      b.expert_forward({f32(expert_in_, {El, R, M}), local_experts(local.experts), spec_.activation,
+                        spec_.matmul_dtype, keep_pre ? f32(pre_, {El, R, Hs}) : TensorView(),
+                        f32(hidden_, {El, R, Hs}), f32(expert_out_, {El, R, O}),
+                        TensorView(workspace_.data(), DType::kU8, {int64_t(workspace_.bytes())})}));
+  float* out = fp(expert_out_);
+  if (s > 1 && spec_.has_fc2_bias)
+    add_fc2_bias_slice(out, R, local.experts.fc2_bias.data_as<float>());
+
+  // Combine: the results travel back to the tokens' ranks.
+  float* combined = fp(combined_);
+  if (s == 1) {
+    swap_outer(out, fp(send_), El, W, C * O);
+    TUTEL_RETURN_IF_ERROR(
+        comm_->all_to_all(send_.data(), combined, El * C * O * 4, comm::AllToAllAlgo::kLinear));
+  } else {
+    // Chunk w' is shard w' % s's partial sum for expert w' / s; add the shards in order.
+    const float* recv = fp(recv_);
+    TUTEL_RETURN_IF_ERROR(
+        comm_->all_to_all(out, recv_.data(), C * O * 4, comm::AllToAllAlgo::kLinear));
+    for (int64_t e = 0; e < E; ++e) {
+      float* dst = combined + e * C * O;
+      std::memcpy(dst, recv + e * s * C * O, C * O * 4);
+      for (int64_t j = 1; j < s; ++j) {
+        const float* part = recv + (e * s + j) * C * O;
+        for (int64_t i = 0; i < C * O; ++i) dst[i] += part[i];
+      }
+    }
+  }
+  TUTEL_RETURN_IF_ERROR(
+      b.decode({f32(combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y}));
+
+  float l_aux = 0.f;
+  TUTEL_RETURN_IF_ERROR(b.copy(&l_aux, l_aux_.data(), 4, CopyKind::kDeviceToHost));
+  if (stats) *stats = RoutingStats{C, dropped, l_aux};
+  tokens_ = S;
+  capacity_ = C;
+  trained_ = training;
+  return Status::OK();
+}
+
+Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, float dl_aux,
+                                     TensorView dx, const LayerWeights& local_grads) {
+  if (!trained_) return Status::InvalidArgument("backward needs a training forward first");
+  TUTEL_RETURN_IF_ERROR(check_local(local, spec_, shard_, "weights"));
+  TUTEL_RETURN_IF_ERROR(check_local(local_grads, spec_, shard_, "gradients"));
+  const int64_t S = tokens_, C = capacity_, E = spec_.experts, k = spec_.k, M = spec_.model_dim,
+                O = spec_.out_dim(), W = shard_.world, El = shard_.local_experts, s = shard_.shards,
+                Hs = shard_.hidden_shard, R = W * C;
+  TUTEL_RETURN_IF_ERROR(dy.expect("dy", DType::kF32, {S, O}));
+  TUTEL_RETURN_IF_ERROR(dx.expect("dx", DType::kF32, {S, M}));
+  Backend& b = *backend_;
+  trained_ = false;
+
+  TUTEL_RETURN_IF_ERROR(grow(d_gates_, S * k * 4));
+  TUTEL_RETURN_IF_ERROR(grow(d_logits_, S * E * 4));
+  TUTEL_RETURN_IF_ERROR(grow(d_combined_, E * C * O * 4));
+  TUTEL_RETURN_IF_ERROR(grow(d_expert_out_, El * R * O * 4));
+  TUTEL_RETURN_IF_ERROR(grow(d_hidden_, El * R * Hs * 4));
+  TUTEL_RETURN_IF_ERROR(grow(d_expert_in_, El * R * M * 4));
+  TUTEL_RETURN_IF_ERROR(grow(d_dispatched_, E * C * M * 4));
+  const TensorView xv = f32(x_, {S, M}), scores = f32(scores_, {S, E}),
+                   idx = i32(expert_index_, {S, k}), gates = f32(gates_, {S, k}),
+                   loc = i32(location_, {S, k}), d_gates = f32(d_gates_, {S, k});
+
+  TUTEL_RETURN_IF_ERROR(
+      b.decode_backward({dy, f32(combined_, {E, C, O}), gates, idx, loc, i32(slots_, {E, C}),
+                         spec_.is_postscore, f32(d_combined_, {E, C, O}), d_gates}));
+  float* d_comb = fp(d_combined_);
+  float* d_out = fp(d_expert_out_);
+  if (s == 1) {
+    TUTEL_RETURN_IF_ERROR(
+        comm_->all_to_all(d_comb, recv_.data(), El * C * O * 4, comm::AllToAllAlgo::kLinear));
+    swap_outer(fp(recv_), d_out, W, El, C * O);
+  } else {
+    float* send = fp(send_);
+    for (int64_t w = 0; w < W; ++w)
+      std::memcpy(send + w * C * O, d_comb + (w / s) * C * O, C * O * 4);
+    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, d_out, C * O * 4, comm::AllToAllAlgo::kLinear));
+  }
+
+  ExpertWeights grads = local_experts(local_grads.experts);
+  const bool keep_pre = spec_.activation != Activation::kRelu;
+  TUTEL_RETURN_IF_ERROR(b.expert_backward(
+      {f32(expert_in_, {El, R, M}), keep_pre ? f32(pre_, {El, R, Hs}) : TensorView(),
+       f32(hidden_, {El, R, Hs}), local_experts(local.experts), spec_.activation,
+       spec_.matmul_dtype, f32(d_expert_out_, {El, R, O}), f32(d_hidden_, {El, R, Hs}),
+       f32(d_expert_in_, {El, R, M}), grads,
+       TensorView(workspace_.data(), DType::kU8, {int64_t(workspace_.bytes())})}));
+  if (s > 1 && spec_.has_fc2_bias) {
+    // This shard's bias columns: the gradient is the column sum of d_out over every slot.
+    float* db = local_grads.experts.fc2_bias.data_as<float>();
+    const int64_t o0 = shard_.shard_index * shard_.out_shard,
+                  n = std::min(shard_.out_shard, O - o0);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < n; ++c) db[c] += d_out[r * O + o0 + c];
+  }
+
+  float* d_disp = fp(d_dispatched_);
+  float* d_in = fp(d_expert_in_);
+  if (s == 1) {
+    swap_outer(d_in, fp(send_), El, W, C * M);
+    TUTEL_RETURN_IF_ERROR(
+        comm_->all_to_all(send_.data(), d_disp, El * C * M * 4, comm::AllToAllAlgo::kLinear));
+  } else {
+    // Each shard's d_dispatched is a partial sum over its H-slice; add the shards in order.
+    const float* recv = fp(recv_);
+    TUTEL_RETURN_IF_ERROR(
+        comm_->all_to_all(d_in, recv_.data(), C * M * 4, comm::AllToAllAlgo::kLinear));
+    for (int64_t e = 0; e < E; ++e) {
+      float* dst = d_disp + e * C * M;
+      std::memcpy(dst, recv + e * s * C * M, C * M * 4);
+      for (int64_t j = 1; j < s; ++j) {
+        const float* part = recv + (e * s + j) * C * M;
+        for (int64_t i = 0; i < C * M; ++i) dst[i] += part[i];
+      }
+    }
+  }
+  TUTEL_RETURN_IF_ERROR(b.encode_backward(
+      {f32(d_dispatched_, {E, C, M}), xv, gates, idx, loc, C, spec_.is_postscore, dx, d_gates}));
+  return b.gate_backward({xv, local.gate_weight, scores, idx, d_gates, dl_aux, spec_.normalize_gate,
+                          f32(d_logits_, {S, E}), dx, local_grads.gate_weight});
+}
+
+Status ExpertParallelLayer::all_reduce_gate_grad(TensorView gate_grad) {
+  return comm_->all_reduce(gate_grad.data_as<float>(), gate_grad.numel(), comm::ReduceOp::kSum);
+}
+
+}  // namespace tutel::graphs

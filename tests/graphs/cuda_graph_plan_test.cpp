@@ -1,0 +1,140 @@
+// Cuda-graph plans against eager execution on the same CUDA backend, bit for bit (the CUDA
+// backend is deterministic run to run). Skipped where no GPU is present; the registry's answer
+// without one is checked everywhere.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "graphs_test_util.hpp"
+#include "tutel/graphs/plan_cache.hpp"
+#include "tutel/kernels/cuda_devices.hpp"
+
+namespace tutel::graphs::testing {
+namespace {
+
+TEST(CudaGraphPlan, NeedsTheCudaBackend) {
+  auto cpu = make_backend("cpu", {.threads = 1});
+  ASSERT_TRUE(cpu.ok());
+  EXPECT_EQ(resolve_plan_kind(**cpu, PlanKind::kAuto), PlanKind::kHost);
+  const LayerSpec spec = spec_of(4, 16, 16, 2, 1.0);
+  DeviceLayer params(**cpu, spec);
+  auto plan = build_plan(**cpu, {spec, params.weights(), {}},
+                         PlanKey{1, 1, AllToAll::kLinear, 64, 32, false}, PlanKind::kCudaGraph);
+  ASSERT_FALSE(plan.ok());
+  EXPECT_EQ(plan.status().code(), StatusCode::kUnavailable);
+  EXPECT_NE(plan.status().message().find("cuda-graph plan needs the cuda backend"),
+            std::string::npos)
+      << plan.status();
+}
+
+class CudaGraphPlanTest : public ::testing::TestWithParam<PlanCase> {
+ protected:
+  void SetUp() override {
+    if (cuda_device_count() == 0)
+      GTEST_SKIP() << "no CUDA device: the cuda-graph plan is compiled, not run";
+    auto b = make_backend("cuda", {});
+    ASSERT_TRUE(b.ok()) << b.status();
+    backend_ = std::move(b).value();
+  }
+  std::unique_ptr<Backend> backend_;
+};
+
+// Each shape runs op by op the first time, is captured the second and launched after that;
+// every one of those steps must equal eager execution.
+TEST_P(CudaGraphPlanTest, StepsMatchEagerBitForBit) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  Backend& b = *backend_;
+  TwinLayer layer(b, GetParam().spec, rng);
+  const PlanKey key{1, 1, AllToAll::kLinear, 128, capacity_bound(layer.spec, 128), true};
+  auto plan = build_plan(b, layer.target(), key, PlanKind::kAuto);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ((*plan)->kind(), PlanKind::kCudaGraph);
+  uint64_t counter = 1;
+  for (int64_t S : {128, 128, 128, 128, 77, 77, 77, 128}) {
+    expect_step_matches_eager(b, layer, **plan, S, counter++, rng);
+    if (HasFatalFailure()) return;
+  }
+  const PlanStats& st = (*plan)->stats();
+  EXPECT_GT(st.eager_phases, 0u);
+  EXPECT_GT(st.captures, 0u);
+  EXPECT_GT(st.graph_launches, 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, CudaGraphPlanTest,
+                         ::testing::Values(find_case("Basic"), find_case("Dropless"),
+                                           find_case("DroplessCapped"),
+                                           find_case("BatchPrioritized"),
+                                           find_case("Bf16GeluDropless"), find_case("GateNoise"),
+                                           find_case("PreScore")),
+                         [](const auto& info) { return info.param.name; });
+
+TEST(CudaGraphPlanHostIo, TakesHostTensorsAndThePlansOwnBuffers) {
+  if (cuda_device_count() == 0)
+    GTEST_SKIP() << "no CUDA device: the cuda-graph plan is compiled, not run";
+  auto backend = make_backend("cuda", {});
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  Backend& b = **backend;
+  std::mt19937_64 rng(21);
+  TwinLayer layer(b, spec_of(4, 32, 48, 2, 0.0), rng);
+  const int64_t S = 50, M = 32, O = 32;
+  auto plan = build_plan(b, layer.target(), PlanKey{1, 1, AllToAll::kLinear, 64, 64, true});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  std::vector<float> x_host = to_f32(randn(rng, S * M, 1.0)), y_host(S * O);
+  DeviceTensor x(b, DType::kF32, {S, M}), y_eager(b, DType::kF32, {S, O});
+  x.upload(x_host);
+  RoutingStats want;
+  ASSERT_TRUE(layer_forward(b, layer.spec, layer.params.weights(), x.view(), 0, true, layer.ws,
+                            y_eager.view(), &want)
+                  .ok());
+  for (int i = 0; i < 3; ++i) {
+    auto got = (*plan)->forward(TensorView(x_host.data(), DType::kF32, {S, M}), 0,
+                                TensorView(y_host.data(), DType::kF32, {S, O}));
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->capacity, want.capacity);
+    EXPECT_TRUE(bits_equal("y from host io", y_host, y_eager.download()));
+  }
+  // Zero copy: the request written into the plan's own input rows.
+  ASSERT_TRUE(
+      b.copy((*plan)->input(S).data(), x_host.data(), x_host.size() * 4, CopyKind::kHostToDevice)
+          .ok());
+  auto got = (*plan)->forward((*plan)->input(S), 0, (*plan)->output(S));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(bits_equal("y in the plan's buffer", download<float>(b, (*plan)->output(S)),
+                         y_eager.download()));
+}
+
+TEST(CudaGraphPlanCache, ACachedStepAllocatesNothing) {
+  if (cuda_device_count() == 0)
+    GTEST_SKIP() << "no CUDA device: the cuda-graph plan is compiled, not run";
+  auto inner = make_backend("cuda", {});
+  ASSERT_TRUE(inner.ok()) << inner.status();
+  CountingBackend b(std::move(inner).value());
+  std::mt19937_64 rng(22);
+  const LayerSpec spec = spec_of(4, 32, 48, 2, 1.0);
+  DeviceLayer params(b, spec), grads(b, spec);
+  params.upload(random_params(rng, spec));
+  PlanCache cache(b, {});
+  ASSERT_TRUE(cache.add_layer(1, {spec, params.weights(), grads.weights()}).ok());
+  DeviceTensor x(b, DType::kF32, {40, 32}), y(b, DType::kF32, {40, 32}),
+      dy(b, DType::kF32, {40, 32}), dx(b, DType::kF32, {40, 32});
+  x.upload(to_f32(randn(rng, 40 * 32, 1.0)));
+  // Two warm steps: the first runs op by op (growing the backend's scratch), the second captures.
+  for (int i = 0; i < 2; ++i) {
+    auto warm = cache.forward(1, {}, x.view(), 0, true, y.view());
+    ASSERT_TRUE(warm.ok()) << warm.status();
+    ASSERT_TRUE(warm->plan->backward(x.view(), dy.view(), 1.f, dx.view()).ok());
+  }
+  const int64_t before = b.allocations();
+  for (int i = 0; i < 3; ++i) {
+    auto step = cache.forward(1, {}, x.view(), 0, true, y.view());
+    ASSERT_TRUE(step.ok()) << step.status();
+    ASSERT_TRUE(step->plan->backward(x.view(), dy.view(), 1.f, dx.view()).ok());
+    EXPECT_GT(step->plan->stats().graph_launches, 0u);
+  }
+  EXPECT_EQ(b.allocations(), before);
+}
+
+}  // namespace
+}  // namespace tutel::graphs::testing

@@ -1,0 +1,275 @@
+// The expert-parallel layer across W ranks (threads of this process, each with its own CPU
+// backend and its own UCX communicator on loopback) against the float64 reference of one
+// process holding all E experts, run on each rank's tokens with the group's capacity.
+//
+// For every rank: y, l_aux, capacity and dx match; each rank's expert gradients match the
+// sum over ranks of the reference's (sliced to the rank's experts or H-shard); the gate
+// gradient after all_reduce_gate_grad matches the sum over ranks. Tolerances as the CPU layer
+// test: forward rtol 1e-4 / atol 1e-5, gradients rtol 1e-3 / atol 1e-4 (of max|ref|).
+#include "tutel/graphs/expert_parallel.hpp"
+
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <random>
+#include <thread>
+
+#include "../kernels/layer_test_util.hpp"
+#include "tutel/comm/ucx.hpp"
+
+namespace tutel::testing {
+namespace {
+
+using graphs::ExpertParallelLayer;
+using graphs::ExpertShard;
+using graphs::HostLayerParams;
+
+uint16_t free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  uint16_t port = 0;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0)
+    port = ntohs(addr.sin_port);
+  ::close(fd);
+  return port;
+}
+
+struct EpCase {
+  std::string name;
+  int world;
+  int64_t experts, hidden;
+  int k;
+  double f;
+  std::vector<int64_t> tokens;  // per rank
+  Activation activation = Activation::kRelu;
+  bool batch_prioritized = false;
+};
+
+void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
+
+std::vector<EpCase> cases() {
+  return {
+      {"OneRank", 1, 4, 32, 2, 1.0, {40}},
+      {"TwoRanksTwoExpertsEach", 2, 4, 32, 2, 1.0, {40, 40}},
+      {"TwoRanksDroplessUnequalTokens", 2, 4, 32, 1, 0.0, {37, 50}},
+      {"FourRanksCappedDropless", 4, 8, 32, 2, -0.8, {20, 33, 41, 28}},
+      {"FourRanksTwoExpertsShardedInTwo", 4, 2, 48, 2, 1.0, {30, 30, 30, 30}},
+      {"FourRanksOneExpertShardedInFour", 4, 1, 64, 1, 0.0, {10, 20, 30, 40}},
+      {"TwoRanksGeluBatchPrioritizedOverflow", 2, 4, 32, 2, 0.5, {48, 30}, Activation::kGelu, true},
+      {"TwoRanksShardedSiluUnequal", 2, 1, 32, 1, 1.0, {25, 41}, Activation::kSilu},
+  };
+}
+
+class ExpertParallel : public ::testing::TestWithParam<EpCase> {};
+
+std::vector<float> sum_over_ranks(const std::vector<std::vector<double>>& per_rank) {
+  std::vector<float> out(per_rank[0].size(), 0.f);
+  for (size_t i = 0; i < out.size(); ++i) {
+    double s = 0;
+    for (const auto& r : per_rank) s += r[i];
+    out[i] = static_cast<float>(s);
+  }
+  return out;
+}
+
+std::vector<double> widen(const std::vector<float>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+
+TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
+  const EpCase& c = GetParam();
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+
+  LayerSpec spec;
+  spec.experts = c.experts;
+  spec.model_dim = 16;
+  spec.hidden = c.hidden;
+  spec.k = c.k;
+  spec.capacity_factor = c.f;
+  spec.activation = c.activation;
+  spec.batch_prioritized = c.batch_prioritized;
+  const int W = c.world;
+  const int64_t M = spec.model_dim, O = spec.out_dim(), E = spec.experts, H = spec.hidden;
+  auto shard0 = graphs::expert_shard(spec, W, 0);
+  ASSERT_TRUE(shard0.ok()) << shard0.status();
+
+  // Inputs without near-ties, and the group's capacity, from the reference.
+  ref::Params whole;
+  std::vector<std::vector<double>> xs(W), dys(W);
+  std::vector<ref::Forward> first(W);
+  int64_t capacity = 0;
+  for (int attempt = 0;; ++attempt) {
+    ASSERT_LT(attempt, 100) << "could not draw inputs without near-ties";
+    whole = random_params(rng, spec);
+    bool ties = false;
+    int64_t max_tokens = 0, max_count = 0;
+    for (int r = 0; r < W; ++r) {
+      const int64_t S = c.tokens[r];
+      xs[r] = round_f32(randn(rng, S * M, 1.0));
+      dys[r] = round_f32(randn(rng, S * O, 1.0));
+      ref::Config cfg = to_ref(spec, S);
+      first[r] = ref::forward(cfg, whole, xs[r], nullptr);
+      ties |= first[r].min_topk_margin < 1e-6 ||
+              (c.batch_prioritized && first[r].min_priority_margin < 1e-6) ||
+              (c.activation == Activation::kRelu && first[r].min_abs_pre < 1e-6);
+      std::vector<int64_t> counts(E, 0);
+      for (int64_t i : first[r].idx) ++counts[i];
+      max_tokens = std::max(max_tokens, S);
+      max_count = std::max(max_count, *std::max_element(counts.begin(), counts.end()));
+    }
+    LayerSpec aligned = spec;
+    aligned.alignment = shard0->shards;
+    capacity = layer_capacity(aligned, max_tokens, max_count);
+    if (!ties) break;
+  }
+  const float dl_aux = 0.3f;
+  std::vector<ref::Forward> want(W);
+  std::vector<ref::Grads> want_grads(W);
+  for (int r = 0; r < W; ++r) {
+    ref::Config cfg = to_ref(spec, c.tokens[r]);
+    cfg.capacity_override = capacity;
+    want[r] = ref::forward(cfg, whole, xs[r], nullptr);
+    want_grads[r] = ref::backward(cfg, whole, xs[r], nullptr, dys[r], dl_aux);
+  }
+  const HostLayerParams whole_host{to_f32(whole.wg), to_f32(whole.fc1_w), to_f32(whole.fc1_b),
+                                   to_f32(whole.fc2_w), to_f32(whole.fc2_b)};
+
+  struct RankResult {
+    Status status;
+    ExpertShard shard;
+    RoutingStats stats;
+    std::vector<float> y, dx, d_wg, d_fc1, d_b1, d_fc2, d_b2;
+  };
+  std::vector<RankResult> results(W);
+  const uint16_t port = free_port();
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r) {
+    threads.emplace_back([&, r] {
+      RankResult& out = results[r];
+      auto fail = [&](Status st) { out.status = std::move(st); };
+      comm::BootstrapOptions o;
+      o.coordinator_port = port;
+      o.rank = r;
+      o.size = W;
+      o.timeout = std::chrono::seconds(20);
+      o.collective_timeout = std::chrono::seconds(20);
+      auto comm = comm::ucx_bootstrap(o);
+      if (!comm.ok()) return fail(comm.status());
+      auto backend = make_backend("cpu", {.threads = 1});
+      if (!backend.ok()) return fail(backend.status());
+      Backend& b = **backend;
+      auto layer = ExpertParallelLayer::create(b, **comm, spec);
+      if (!layer.ok()) return fail(layer.status());
+      out.shard = layer->shard();
+      HostLayerParams local = graphs::slice_for_rank(spec, out.shard, whole_host);
+      HostLayerParams grads{
+          std::vector<float>(local.gate.size()), std::vector<float>(local.fc1.size()),
+          std::vector<float>(local.fc1_bias.size()), std::vector<float>(local.fc2.size()),
+          std::vector<float>(local.fc2_bias.size())};
+      auto weights_of = [&](HostLayerParams& p) {
+        LayerWeights w;
+        w.gate_weight = TensorView(p.gate.data(), DType::kF32, {E, M});
+        w.experts.fc1_weight =
+            TensorView(p.fc1.data(), DType::kF32, graphs::local_fc1_shape(spec, out.shard));
+        w.experts.fc1_bias = TensorView(p.fc1_bias.data(), DType::kF32,
+                                        graphs::local_fc1_bias_shape(spec, out.shard));
+        w.experts.fc2_weight =
+            TensorView(p.fc2.data(), DType::kF32, graphs::local_fc2_shape(spec, out.shard));
+        w.experts.fc2_bias = TensorView(p.fc2_bias.data(), DType::kF32,
+                                        graphs::local_fc2_bias_shape(spec, out.shard));
+        return w;
+      };
+      const int64_t S = c.tokens[r];
+      std::vector<float> x = to_f32(xs[r]), dy = to_f32(dys[r]);
+      out.y.resize(S * O);
+      out.dx.resize(S * M);
+      Status st = layer->forward(weights_of(local), TensorView(x.data(), DType::kF32, {S, M}), true,
+                                 TensorView(out.y.data(), DType::kF32, {S, O}), &out.stats);
+      if (st.ok())
+        st = layer->backward(weights_of(local), TensorView(dy.data(), DType::kF32, {S, O}), dl_aux,
+                             TensorView(out.dx.data(), DType::kF32, {S, M}), weights_of(grads));
+      if (st.ok())
+        st = layer->all_reduce_gate_grad(TensorView(grads.gate.data(), DType::kF32, {E, M}));
+      if (!st.ok()) return fail(st);
+      out.d_wg = grads.gate;
+      out.d_fc1 = grads.fc1;
+      out.d_b1 = grads.fc1_bias;
+      out.d_fc2 = grads.fc2;
+      out.d_b2 = grads.fc2_bias;
+    });
+  }
+  for (auto& t : threads) t.join();
+
+  // The whole layer's gradients summed over ranks, sliced like each rank's parameters.
+  std::vector<std::vector<double>> per_rank_wg, per_rank_fc1, per_rank_b1, per_rank_fc2,
+      per_rank_b2;
+  for (int r = 0; r < W; ++r) {
+    per_rank_wg.push_back(want_grads[r].d_wg);
+    per_rank_fc1.push_back(want_grads[r].d_fc1_w);
+    per_rank_b1.push_back(want_grads[r].d_fc1_b);
+    per_rank_fc2.push_back(want_grads[r].d_fc2_w);
+    per_rank_b2.push_back(want_grads[r].d_fc2_b);
+  }
+  const HostLayerParams grad_sum{sum_over_ranks(per_rank_wg), sum_over_ranks(per_rank_fc1),
+                                 sum_over_ranks(per_rank_b1), sum_over_ranks(per_rank_fc2),
+                                 sum_over_ranks(per_rank_b2)};
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    const RankResult& got = results[r];
+    ASSERT_TRUE(got.status.ok()) << got.status;
+    EXPECT_EQ(got.stats.capacity, capacity);
+    EXPECT_EQ(got.stats.dropped, want[r].dropped);
+    EXPECT_NEAR(got.stats.l_aux, want[r].l_aux, 1e-5);
+    EXPECT_TRUE(all_close("y", got.y, want[r].y, 1e-4, 1e-5));
+    EXPECT_TRUE(all_close("dx", got.dx, want_grads[r].dx, 1e-3, 1e-4));
+    EXPECT_TRUE(all_close("d_wg (all-reduced)", got.d_wg, widen(grad_sum.gate), 1e-3, 1e-4));
+    const HostLayerParams want_local = graphs::slice_for_rank(spec, got.shard, grad_sum);
+    EXPECT_TRUE(all_close("d_fc1_w", got.d_fc1, widen(want_local.fc1), 1e-3, 1e-4));
+    EXPECT_TRUE(all_close("d_fc1_b", got.d_b1, widen(want_local.fc1_bias), 1e-3, 1e-4));
+    EXPECT_TRUE(all_close("d_fc2_w", got.d_fc2, widen(want_local.fc2), 1e-3, 1e-4));
+    // Padding columns of a sharded fc2 bias (O not divisible by s) have no gradient.
+    EXPECT_TRUE(all_close("d_fc2_b", got.d_b2, widen(want_local.fc2_bias), 1e-3, 1e-4));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Groups, ExpertParallel, ::testing::ValuesIn(cases()),
+                         [](const ::testing::TestParamInfo<EpCase>& info) {
+                           return info.param.name;
+                         });
+
+TEST(ExpertShardRules, RefuseUnevenSplits) {
+  LayerSpec spec;
+  spec.experts = 6;
+  spec.model_dim = 8;
+  spec.hidden = 10;
+  spec.k = 2;
+  EXPECT_NE(graphs::expert_shard(spec, 4, 0).status().message().find("do not split evenly"),
+            std::string_view::npos);
+  spec.experts = 3;
+  EXPECT_NE(graphs::expert_shard(spec, 4, 0).status().message().find("cannot shard"),
+            std::string_view::npos);
+  spec.experts = 2;
+  spec.k = 1;
+  spec.hidden = 9;
+  EXPECT_NE(graphs::expert_shard(spec, 4, 0).status().message().find("hidden = 9"),
+            std::string_view::npos);
+  spec.hidden = 12;
+  auto s = graphs::expert_shard(spec, 4, 3);
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->first_expert, 1);
+  EXPECT_EQ(s->shard_index, 1);
+  EXPECT_EQ(s->hidden_shard, 6);
+}
+
+}  // namespace
+}  // namespace tutel::testing

@@ -1,0 +1,275 @@
+// Shared by the graphs tests: layer cases, a Backend wrapper that counts allocations, and the
+// eager-vs-plan comparison (bit for bit: a plan runs the very ops layer_forward runs).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <ostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "layer_test_util.hpp"
+#include "tutel/graphs/plan.hpp"
+#include "tutel/kernels/backend.hpp"
+#include "tutel/kernels/moe_layer.hpp"
+
+namespace tutel::graphs::testing {
+
+using ::tutel::testing::DeviceLayer;
+using ::tutel::testing::DeviceTensor;
+using ::tutel::testing::randn;
+using ::tutel::testing::random_params;
+using ::tutel::testing::to_f32;
+
+// Forwards every op to another backend and counts allocate() calls: a replay must make none.
+class CountingBackend final : public Backend {
+ public:
+  explicit CountingBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {}
+  int64_t allocations() const { return allocations_; }
+
+  std::string_view name() const override { return inner_->name(); }
+  Device device() const override { return inner_->device(); }
+  Result<DeviceBuffer> allocate(size_t bytes) override {
+    ++allocations_;
+    return inner_->allocate(bytes);  // the buffer's owner is the inner backend, which frees it
+  }
+  void release(void* data, size_t bytes) override { inner_->release(data, bytes); }
+  Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override {
+    return inner_->copy(dst, src, bytes, kind);
+  }
+  Status fill_zero(TensorView t) override { return inner_->fill_zero(t); }
+  Status synchronize() override { return inner_->synchronize(); }
+  Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override {
+    return inner_->gate_noise(seed, counter, scale, out);
+  }
+  Status gate_forward(const GateForwardArgs& a) override { return inner_->gate_forward(a); }
+  Status locations(const LocationsArgs& a) override { return inner_->locations(a); }
+  Status slot_map(const SlotMapArgs& a) override { return inner_->slot_map(a); }
+  Status encode(const EncodeArgs& a) override { return inner_->encode(a); }
+  Status decode(const DecodeArgs& a) override { return inner_->decode(a); }
+  size_t expert_workspace_bytes(const ExpertShape& s, DType d) const override {
+    return inner_->expert_workspace_bytes(s, d);
+  }
+  Status expert_forward(const ExpertForwardArgs& a) override { return inner_->expert_forward(a); }
+  Status expert_backward(const ExpertBackwardArgs& a) override {
+    return inner_->expert_backward(a);
+  }
+  Status decode_backward(const DecodeBackwardArgs& a) override {
+    return inner_->decode_backward(a);
+  }
+  Status encode_backward(const EncodeBackwardArgs& a) override {
+    return inner_->encode_backward(a);
+  }
+  Status gate_backward(const GateBackwardArgs& a) override { return inner_->gate_backward(a); }
+  Status sgd_step(const SgdArgs& a) override { return inner_->sgd_step(a); }
+  Status adamw_step(const AdamWArgs& a) override { return inner_->adamw_step(a); }
+  void* native_stream() const override { return inner_->native_stream(); }
+  uint64_t scratch_epoch() const override { return inner_->scratch_epoch(); }
+
+ private:
+  std::unique_ptr<Backend> inner_;
+  int64_t allocations_ = 0;
+};
+
+inline LayerSpec spec_of(int64_t E, int64_t M, int64_t H, int k, double f) {
+  LayerSpec s;
+  s.experts = E;
+  s.model_dim = M;
+  s.hidden = H;
+  s.k = k;
+  s.capacity_factor = f;
+  return s;
+}
+
+struct PlanCase {
+  std::string name;
+  LayerSpec spec;
+};
+
+inline void PrintTo(const PlanCase& c, std::ostream* os) { *os << c.name; }
+
+// Every option a plan must replay exactly as layer_forward runs it.
+inline std::vector<PlanCase> plan_cases() {
+  std::vector<PlanCase> cases;
+  auto add = [&](std::string name, LayerSpec s) { cases.push_back({std::move(name), s}); };
+  add("Basic", spec_of(4, 32, 48, 2, 1.0));
+  add("CapacityOverflow", spec_of(4, 32, 32, 2, 0.5));
+  add("TokensNotDivisibleByExperts", spec_of(5, 24, 40, 2, 1.25));
+  add("Dropless", spec_of(6, 24, 32, 2, 0.0));
+  add("DroplessCapped", spec_of(6, 24, 32, 2, -0.6));
+  add("TinyCapacityFactorGivesZeroCapacity", spec_of(4, 16, 16, 1, 0.1));
+  {
+    auto s = spec_of(4, 32, 32, 2, 0.5);
+    s.batch_prioritized = true;
+    add("BatchPrioritized", s);
+  }
+  {
+    auto s = spec_of(4, 32, 32, 2, 0.0);
+    s.batch_prioritized = true;
+    add("BatchPrioritizedDropless", s);
+  }
+  {
+    auto s = spec_of(4, 32, 40, 2, 1.0);
+    s.activation = Activation::kGelu;
+    add("Gelu", s);
+  }
+  {
+    auto s = spec_of(4, 32, 40, 2, 1.0);
+    s.activation = Activation::kSilu;
+    add("Silu", s);
+  }
+  {
+    auto s = spec_of(4, 32, 48, 2, 1.0);
+    s.matmul_dtype = DType::kBF16;
+    add("Bf16Matmul", s);
+  }
+  {
+    auto s = spec_of(4, 32, 48, 2, 0.0);
+    s.matmul_dtype = DType::kBF16;
+    s.activation = Activation::kGelu;
+    add("Bf16GeluDropless", s);
+  }
+  {
+    auto s = spec_of(4, 24, 32, 2, 1.0);
+    s.is_postscore = false;
+    add("PreScore", s);
+  }
+  {
+    auto s = spec_of(4, 24, 32, 2, 1.0);
+    s.has_fc1_bias = false;
+    s.has_fc2_bias = false;
+    add("NoBiases", s);
+  }
+  {
+    auto s = spec_of(4, 24, 32, 2, 1.0);
+    s.output_dim = 40;
+    add("OutputDimDiffers", s);
+  }
+  {
+    auto s = spec_of(4, 24, 32, 2, 1.0);
+    s.normalize_gate = false;
+    add("UnnormalizedGates", s);
+  }
+  add("Top1", spec_of(4, 24, 32, 1, 1.0));
+  {
+    auto s = spec_of(4, 24, 32, 2, 1.0);
+    s.gate_noise = 1.0;
+    s.noise_seed = 1234;
+    add("GateNoise", s);
+  }
+  {
+    auto s = spec_of(4, 24, 32, 2, 0.0);
+    s.alignment = 8;
+    add("AlignedDropless", s);
+  }
+  return cases;
+}
+
+inline PlanCase find_case(const std::string& name) {
+  for (auto& c : plan_cases())
+    if (c.name == name) return c;
+  ADD_FAILURE() << "no plan case " << name;
+  return {};
+}
+
+// Host copies compared bit for bit; reports the first differing element.
+template <typename T>
+::testing::AssertionResult bits_equal(const std::string& what, const std::vector<T>& got,
+                                      const std::vector<T>& want) {
+  if (got.size() != want.size())
+    return ::testing::AssertionFailure()
+           << what << ": size " << got.size() << " != " << want.size();
+  for (size_t i = 0; i < got.size(); ++i)
+    if (std::memcmp(&got[i], &want[i], sizeof(T)) != 0)
+      return ::testing::AssertionFailure()
+             << what << "[" << i << "] = " << got[i] << ", eager " << want[i];
+  return ::testing::AssertionSuccess();
+}
+
+template <typename T>
+std::vector<T> download(Backend& b, const TensorView& t) {
+  std::vector<T> host(static_cast<size_t>(t.numel()));
+  EXPECT_TRUE(b.copy(host.data(), t.data(), host.size() * sizeof(T), CopyKind::kDeviceToHost).ok());
+  return host;
+}
+
+// One layer on a backend with two gradient sets (eager's and the plan's), and its eager
+// workspace.
+struct TwinLayer {
+  LayerSpec spec;
+  DeviceLayer params, eager_grads, plan_grads;
+  LayerWorkspace ws;
+
+  TwinLayer(Backend& b, const LayerSpec& s, std::mt19937_64& rng)
+      : spec(s), params(b, s), eager_grads(b, s), plan_grads(b, s) {
+    params.upload(random_params(rng, s));
+  }
+  PlanTarget target() const { return PlanTarget{spec, params.weights(), plan_grads.weights()}; }
+};
+
+inline void expect_grads_equal(const TwinLayer& l) {
+  EXPECT_TRUE(bits_equal("d_wg", l.plan_grads.wg.download(), l.eager_grads.wg.download()));
+  EXPECT_TRUE(bits_equal("d_fc1_w", l.plan_grads.fc1_w.download(), l.eager_grads.fc1_w.download()));
+  EXPECT_TRUE(bits_equal("d_fc2_w", l.plan_grads.fc2_w.download(), l.eager_grads.fc2_w.download()));
+  if (l.spec.has_fc1_bias) {
+    EXPECT_TRUE(
+        bits_equal("d_fc1_b", l.plan_grads.fc1_b.download(), l.eager_grads.fc1_b.download()));
+  }
+  if (l.spec.has_fc2_bias) {
+    EXPECT_TRUE(
+        bits_equal("d_fc2_b", l.plan_grads.fc2_b.download(), l.eager_grads.fc2_b.download()));
+  }
+}
+
+// One step of S tokens through eager layer_forward(/backward) and through `plan`, on fresh
+// random inputs; everything both produce must be identical bits. Gradients accumulate across
+// steps on both sides and are compared after each step.
+inline void expect_step_matches_eager(Backend& b, TwinLayer& layer, Plan& plan, int64_t S,
+                                      uint64_t noise_counter, std::mt19937_64& rng,
+                                      bool backward = true) {
+  SCOPED_TRACE("S = " + std::to_string(S) + ", plan " + plan.key().to_string());
+  const LayerSpec& spec = layer.spec;
+  const int64_t M = spec.model_dim, O = spec.out_dim();
+  const bool training = plan.key().training;
+  DeviceTensor x(b, DType::kF32, {S, M}), dy(b, DType::kF32, {S, O});
+  DeviceTensor y_eager(b, DType::kF32, {S, O}), y_plan(b, DType::kF32, {S, O});
+  DeviceTensor dx_eager(b, DType::kF32, {S, M}), dx_plan(b, DType::kF32, {S, M});
+  x.upload(to_f32(randn(rng, S * M, 1.0)));
+  dy.upload(to_f32(randn(rng, S * O, 1.0)));
+  const float dl_aux = 0.01f;
+
+  RoutingStats want;
+  ASSERT_TRUE(layer_forward(b, spec, layer.params.weights(), x.view(), noise_counter, training,
+                            layer.ws, y_eager.view(), &want)
+                  .ok());
+  auto got = plan.forward(x.view(), noise_counter, y_plan.view());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->capacity, want.capacity);
+  EXPECT_EQ(got->dropped, want.dropped);
+  EXPECT_TRUE(bits_equal("l_aux", std::vector<float>{got->l_aux}, std::vector<float>{want.l_aux}));
+  EXPECT_EQ(plan.tokens(), S);
+  EXPECT_EQ(plan.capacity(), want.capacity);
+  EXPECT_TRUE(bits_equal("y", y_plan.download(), y_eager.download()));
+  const Device dev = b.device();
+  EXPECT_TRUE(bits_equal("expert_index", download<int32_t>(b, plan.expert_index()),
+                         download<int32_t>(b, layer.ws.expert_index(dev))));
+  EXPECT_TRUE(bits_equal("location", download<int32_t>(b, plan.location()),
+                         download<int32_t>(b, layer.ws.location(dev))));
+  EXPECT_TRUE(bits_equal("gates", download<float>(b, plan.gates()),
+                         download<float>(b, layer.ws.gates(dev))));
+  if (!training || !backward) return;
+
+  ASSERT_TRUE(layer_backward(b, spec, layer.params.weights(), x.view(), layer.ws, dy.view(), dl_aux,
+                             dx_eager.view(), layer.eager_grads.weights())
+                  .ok());
+  Status s = plan.backward(x.view(), dy.view(), dl_aux, dx_plan.view());
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_TRUE(bits_equal("dx", dx_plan.download(), dx_eager.download()));
+  expect_grads_equal(layer);
+}
+
+}  // namespace tutel::graphs::testing
