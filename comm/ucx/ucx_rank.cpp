@@ -164,11 +164,30 @@ UcxRank::~UcxRank() {
     }
     for (const Sink& sink : sinks_) ucp_request_free(sink.request);
     sinks_.clear();
+    // Flush healthy endpoints so our last messages reach peers that are still reading, then
+    // close every endpoint with FORCE: a graceful close needs the peer to answer, and a peer
+    // that is idle (nothing progresses its worker, as in a daemon between requests) or gone
+    // never does — destroying the worker under a pending close crashes UCX 1.13.
+    // (peer_failed_locked force-closes a failed peer's endpoint itself.)
+    std::vector<void*> flushes;
     for (int p = 0; p < static_cast<int>(endpoints_.size()); ++p) {
-      // Flush healthy endpoints so our last messages reach peers that are still reading.
-      // (peer_failed_locked force-closes a failed peer's endpoint itself.)
-      if (endpoints_[p] != nullptr && !peer_failed_locked(p)) close_endpoint_locked(p, false);
+      if (endpoints_[p] == nullptr || peer_failed_locked(p)) continue;
+      ucp_request_param_t param{};
+      void* request = ucp_ep_flush_nbx(endpoints_[p], &param);
+      if (UCS_PTR_IS_PTR(request)) flushes.push_back(request);
     }
+    const auto flush_bound = Clock::now() + kCleanupBound;
+    while (!flushes.empty() && Clock::now() < flush_bound) {
+      progress_locked();
+      std::erase_if(flushes, [](void* request) {
+        if (ucp_request_check_status(request) == UCS_INPROGRESS) return false;
+        ucp_request_free(request);
+        return true;
+      });
+    }
+    for (void* request : flushes) ucp_request_free(request);
+    for (int p = 0; p < static_cast<int>(endpoints_.size()); ++p)
+      if (endpoints_[p] != nullptr) close_endpoint_locked(p, true);
     if (worker_ != nullptr) finish_closing_locked(Clock::now() + kCleanupBound);
   }
   if (worker_ != nullptr) ucp_worker_destroy(worker_);

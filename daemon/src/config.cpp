@@ -472,12 +472,48 @@ Status parse_optimizer(const Scope& layer, OptimizerConfig& o) {
   return Status::OK();
 }
 
+Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
+  TUTEL_ASSIGN_OR_RETURN(const toml::table* t, get_table(layer, "group", false,
+                                                         "(group = { coordinator = \"127.0.0.1:7000\", size = 2, rank = 0 })"));
+  if (t == nullptr) return Status::OK();
+  const Scope s = layer.child(*t, layer.key_path("group"), "the group table");
+  TUTEL_RETURN_IF_ERROR(s.check_keys({"coordinator", "size", "rank", "local_size", "bootstrap_timeout_ms",
+                                      "collective_timeout_ms"}));
+  GroupConfig g;
+  std::string coordinator;
+  TUTEL_RETURN_IF_ERROR(get_string(s, "coordinator", coordinator, true, "\"host:port\""));
+  const size_t colon = coordinator.rfind(':');
+  in_addr addr{};
+  int64_t port = -1;
+  if (colon != std::string::npos) {
+    char* end = nullptr;
+    port = std::strtol(coordinator.c_str() + colon + 1, &end, 10);
+    if (*end != '\0' || end == coordinator.c_str() + colon + 1) port = -1;
+  }
+  if (colon == std::string::npos || port < 1 || port > 65535 ||
+      ::inet_pton(AF_INET, coordinator.substr(0, colon).c_str(), &addr) != 1)
+    return s.error_near("coordinator", "expected \"<IPv4 address>:<port>\", got \"" + coordinator + "\"");
+  g.coordinator_host = coordinator.substr(0, colon);
+  g.coordinator_port = static_cast<uint16_t>(port);
+  TUTEL_RETURN_IF_ERROR(get_int(s, "size", 1, 1 << 20, g.size, true));
+  TUTEL_RETURN_IF_ERROR(get_int(s, "rank", 0, (1 << 20) - 1, g.rank, true));
+  if (g.rank >= g.size) return s.error_near("rank", "rank " + std::to_string(g.rank) + " is not below size " + std::to_string(g.size));
+  TUTEL_RETURN_IF_ERROR(get_int(s, "local_size", 1, 1 << 20, g.local_size));
+  int64_t bootstrap_ms = g.bootstrap_timeout.count(), collective_ms = g.collective_timeout.count();
+  TUTEL_RETURN_IF_ERROR(get_int(s, "bootstrap_timeout_ms", 1, 3'600'000, bootstrap_ms));
+  TUTEL_RETURN_IF_ERROR(get_int(s, "collective_timeout_ms", 1, 3'600'000, collective_ms));
+  g.bootstrap_timeout = std::chrono::milliseconds(bootstrap_ms);
+  g.collective_timeout = std::chrono::milliseconds(collective_ms);
+  out = g;
+  return Status::OK();
+}
+
 // The keys of a [[layer]] table and of a request's spec. `base_dir` empty: paths kept as written.
 Status parse_layer(const Scope& s, bool in_config, const fs::path& base_dir, LayerDefinition& def) {
   TUTEL_RETURN_IF_ERROR(s.check_keys(
       {"name", "experts", "model_dim", "hidden", "output_dim", "k", "capacity_factor", "activation",
        "gate_noise", "noise_seed", "normalize_gate", "batch_prioritized", "is_postscore",
-       "has_fc1_bias", "has_fc2_bias", "dtype", "weights", "init_seed", "optimizer"},
+       "has_fc1_bias", "has_fc2_bias", "dtype", "weights", "init_seed", "optimizer", "group"},
       in_config ? KeyList{"tenant"} : KeyList{}));
   TUTEL_RETURN_IF_ERROR(get_name(s, "name", "a layer name", def.name));
   if (in_config) TUTEL_RETURN_IF_ERROR(get_string(s, "tenant", def.tenant, true, "a tenant name"));
@@ -535,6 +571,7 @@ Status parse_layer(const Scope& s, bool in_config, const fs::path& base_dir, Lay
     def.init_seed = seed;
   }
   TUTEL_RETURN_IF_ERROR(parse_optimizer(s, def.optimizer));
+  TUTEL_RETURN_IF_ERROR(parse_group(s, def.group));
 
   if (Status st = spec.validate(); !st.ok()) return s.error_near("", st.message());
   return Status::OK();
@@ -807,6 +844,16 @@ std::string format_layer_spec(const LayerDefinition& def) {
     out << "beta1 = " << format_float(o.beta1) << "\n"
         << "beta2 = " << format_float(o.beta2) << "\n"
         << "eps = " << format_float(o.eps) << "\n";
+  }
+  if (def.group) {
+    const GroupConfig& g = *def.group;
+    out << "\n[group]\n"
+        << "coordinator = " << toml_string(g.coordinator_host + ":" + std::to_string(g.coordinator_port)) << "\n"
+        << "size = " << g.size << "\n"
+        << "rank = " << g.rank << "\n"
+        << "local_size = " << g.local_size << "\n"
+        << "bootstrap_timeout_ms = " << g.bootstrap_timeout.count() << "\n"
+        << "collective_timeout_ms = " << g.collective_timeout.count() << "\n";
   }
   return out.str();
 }

@@ -96,8 +96,8 @@ Status DaemonImpl::start_ranks() {
   for (int r = 0; r < b.ranks; ++r) {
     auto rank = std::make_unique<Rank>();
     rank->index = r;
-    BackendOptions options{.threads = threads, .device_index = b.devices.empty() ? r : b.devices[r]};
-    TUTEL_ASSIGN_OR_RETURN(rank->backend, make_backend(b.kind, options));
+    rank->options = BackendOptions{.threads = threads, .device_index = b.devices.empty() ? r : b.devices[r]};
+    TUTEL_ASSIGN_OR_RETURN(rank->backend, make_backend(b.kind, rank->options));
     ranks_.push_back(std::move(rank));
   }
   return Status::OK();
@@ -121,6 +121,13 @@ Status DaemonImpl::restore_state() {
       if (spec == file.metadata().end())
         return Status::Corruption(path + ": no 'tuteld.spec' metadata; it was not written by tuteld, move it out of state_dir");
       TUTEL_ASSIGN_OR_RETURN(LayerDefinition def, parse_layer_spec(spec->second, path));
+      if (def.group) {
+        // Its peers restart on their own schedule; the trainer re-creates the group layer and
+        // loads this file.
+        TUTEL_LOG(INFO) << "not restoring group layer " << t.name << "/" << def.name << " (rank " << def.group->rank
+                        << " of " << def.group->size << "); re-create it and load " << path;
+        continue;
+      }
       def.weights_path = path;
       def.init_seed.reset();
       TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(t.name, def, spec->second));

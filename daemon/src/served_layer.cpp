@@ -5,6 +5,7 @@
 #include <random>
 #include <vector>
 
+#include "tutel/comm/ucx.hpp"
 #include "tutel/core/safetensors.hpp"
 
 namespace tutel::daemon {
@@ -30,6 +31,7 @@ Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& 
   TUTEL_RETURN_IF_ERROR(def.spec.validate());
   std::unique_ptr<ServedLayer> layer(new ServedLayer(def, std::move(spec_text), std::move(tenant), rank));
   std::lock_guard lock(layer->mutex_);
+  if (def.group) TUTEL_RETURN_IF_ERROR(layer->join_group().with_context("layer '" + def.name + "'"));
   TUTEL_RETURN_IF_ERROR(layer->allocate());
   if (def.weights_path) {
     TUTEL_RETURN_IF_ERROR(layer->load_locked(*def.weights_path, /*require_all=*/true)
@@ -40,18 +42,55 @@ Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& 
   return layer;
 }
 
-Status ServedLayer::allocate() {
+Status ServedLayer::join_group() {
+  const GroupConfig& g = *def_.group;
+  if (rank_.backend->device().kind != DeviceKind::kCpu)
+    return Status::Unimplemented("expert-parallel groups run on the cpu backend for now");
+  auto group = std::make_unique<Group>();
+  TUTEL_ASSIGN_OR_RETURN(group->backend, make_backend("cpu", rank_.options));
+  comm::BootstrapOptions o;
+  o.coordinator_host = g.coordinator_host;
+  o.coordinator_port = g.coordinator_port;
+  o.rank = g.rank;
+  o.size = g.size;
+  o.local_size = g.local_size;
+  o.timeout = g.bootstrap_timeout;
+  o.collective_timeout = g.collective_timeout;
+  TUTEL_ASSIGN_OR_RETURN(group->comm, comm::ucx_bootstrap(o));
+  TUTEL_ASSIGN_OR_RETURN(graphs::ExpertParallelLayer ep,
+                         graphs::ExpertParallelLayer::create(*group->backend, *group->comm, def_.spec));
+  group->layer.emplace(std::move(ep));
+  group_ = std::move(group);
+  return Status::OK();
+}
+
+Shape ServedLayer::shape_of(const std::string& name) const {
   const LayerSpec& s = def_.spec;
   const int64_t E = s.experts, M = s.model_dim, H = s.hidden, O = s.out_dim();
-  tensors_.push_back({kGateWeightName, {E, M}, {}, {}, {}, {}});
-  tensors_.push_back({kFc1WeightName, {E, H, M}, {}, {}, {}, {}});
-  if (s.has_fc1_bias) tensors_.push_back({kFc1BiasName, {E, H}, {}, {}, {}, {}});
-  tensors_.push_back({kFc2WeightName, {E, H, O}, {}, {}, {}, {}});
-  if (s.has_fc2_bias) tensors_.push_back({kFc2BiasName, {E, O}, {}, {}, {}, {}});
+  if (name == kGateWeightName) return {E, M};
+  if (!group_) {
+    if (name == kFc1WeightName) return {E, H, M};
+    if (name == kFc1BiasName) return {E, H};
+    if (name == kFc2WeightName) return {E, H, O};
+    return {E, O};
+  }
+  const graphs::ExpertShard& shard = group_->layer->shard();
+  if (name == kFc1WeightName) return graphs::local_fc1_shape(s, shard);
+  if (name == kFc1BiasName) return graphs::local_fc1_bias_shape(s, shard);
+  if (name == kFc2WeightName) return graphs::local_fc2_shape(s, shard);
+  return graphs::local_fc2_bias_shape(s, shard);
+}
+
+Status ServedLayer::allocate() {
+  const LayerSpec& s = def_.spec;
+  for (const char* name : {kGateWeightName, kFc1WeightName, kFc1BiasName, kFc2WeightName, kFc2BiasName}) {
+    if ((name == kFc1BiasName && !s.has_fc1_bias) || (name == kFc2BiasName && !s.has_fc2_bias)) continue;
+    tensors_.push_back({name, shape_of(name), {}, {}, {}, {}});
+  }
   const bool adam = def_.optimizer.kind == OptimizerKind::kAdamW;
   const bool momentum = def_.optimizer.kind == OptimizerKind::kSgd && def_.optimizer.momentum != 0.f;
-  Backend& b = *rank_.backend;
-  std::lock_guard rank_lock(rank_.mutex);
+  Backend& b = backend();
+  auto device_lock = lock_device();
   for (Tensor& t : tensors_) {
     const size_t bytes = static_cast<size_t>(t.shape.numel()) * 4;
     TUTEL_ASSIGN_OR_RETURN(t.value, b.allocate(bytes));
@@ -74,24 +113,48 @@ Status ServedLayer::allocate() {
 
 // Tutel's initialisation: nn.Linear's U(±1/sqrt(fan_in)) for the gate, fc1 (fan_in M) and fc2
 // (fan_in H), weights and biases alike.
+// Every rank of a group draws the whole layer from the same seed and keeps its slice, so a
+// group layer starts from exactly the weights a single-daemon layer with that seed has.
 Status ServedLayer::initialise(uint64_t seed) {
   std::mt19937_64 rng(seed);
-  const double M = static_cast<double>(def_.spec.model_dim), H = static_cast<double>(def_.spec.hidden);
-  Backend& b = *rank_.backend;
-  std::lock_guard rank_lock(rank_.mutex);
-  for (Tensor& t : tensors_) {
-    const bool fan_in_hidden = t.name == kFc2WeightName || t.name == kFc2BiasName;
-    const double bound = 1.0 / std::sqrt(fan_in_hidden ? H : M);
+  const LayerSpec& s = def_.spec;
+  const int64_t E = s.experts, Mi = s.model_dim, Hi = s.hidden, O = s.out_dim();
+  const double M = static_cast<double>(Mi), H = static_cast<double>(Hi);
+  auto draw = [&](int64_t n, double fan_in) {
+    const double bound = 1.0 / std::sqrt(fan_in);
     std::uniform_real_distribution<float> dist(static_cast<float>(-bound), static_cast<float>(bound));
-    std::vector<float> host(t.shape.numel());
-    for (float& v : host) v = dist(rng);
-    TUTEL_RETURN_IF_ERROR(b.copy(t.value.data(), host.data(), host.size() * 4, CopyKind::kHostToDevice));
+    std::vector<float> v(n);
+    for (float& x : v) x = dist(rng);
+    return v;
+  };
+  graphs::HostLayerParams whole;
+  whole.gate = draw(E * Mi, M);
+  whole.fc1 = draw(E * Hi * Mi, M);
+  if (s.has_fc1_bias) whole.fc1_bias = draw(E * Hi, M);
+  whole.fc2 = draw(E * Hi * O, H);
+  if (s.has_fc2_bias) whole.fc2_bias = draw(E * O, H);
+  return copy_in(group_ ? graphs::slice_for_rank(s, group_->layer->shard(), whole) : whole);
+}
+
+Status ServedLayer::copy_in(const graphs::HostLayerParams& p) {
+  Backend& b = backend();
+  auto device_lock = lock_device();
+  for (Tensor& t : tensors_) {
+    const std::vector<float>& src = t.name == kGateWeightName ? p.gate
+                                    : t.name == kFc1WeightName ? p.fc1
+                                    : t.name == kFc1BiasName   ? p.fc1_bias
+                                    : t.name == kFc2WeightName ? p.fc2
+                                                               : p.fc2_bias;
+    if (static_cast<int64_t>(src.size()) != t.shape.numel())
+      return Status::Internal("parameter " + t.name + " has " + std::to_string(src.size()) + " values for shape " +
+                              t.shape.to_string());
+    TUTEL_RETURN_IF_ERROR(b.copy(t.value.data(), src.data(), src.size() * 4, CopyKind::kHostToDevice));
   }
   return Status::OK();
 }
 
 LayerWeights ServedLayer::weights_of(int which) const {
-  const Device d = rank_.backend->device();
+  const Device d = const_cast<ServedLayer*>(this)->backend().device();
   LayerWeights w;
   for (const Tensor& t : tensors_) {
     const TensorView v = t.view(which == 0 ? t.value : t.grad, d);
@@ -128,11 +191,20 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
   if (training && pending_.count(key))
     return Status::AlreadyExists("layer '" + def_.name + "': sequence " + std::to_string(sequence) +
                                  " already has a forward waiting for its backward; use a new sequence number");
-  Backend& b = *rank_.backend;
+  Backend& b = backend();
   const Device d = b.device();
-  std::lock_guard rank_lock(rank_.mutex);
+  auto device_lock = lock_device();
   RoutingStats stats;
-  if (!training) {
+  if (group_) {
+    // The expert-parallel step keeps one forward's state; its peers run the same sequence.
+    if (training && group_->pending)
+      return Status::ResourceExhausted("layer '" + def_.name + "' is expert-parallel and keeps one training forward "
+                                       "at a time; run the backward of sequence " +
+                                       std::to_string(group_->pending->second) + " first");
+    TUTEL_RETURN_IF_ERROR(group_->layer->forward(weights_of(0), TensorView(const_cast<float*>(x), DType::kF32, {tokens, M}, d),
+                                                 training, TensorView(y, DType::kF32, {tokens, O}, d), &stats));
+    if (training) group_->pending = key;
+  } else if (!training) {
     TUTEL_RETURN_IF_ERROR(layer_forward(b, s, weights_of(0), TensorView(const_cast<float*>(x), DType::kF32, {tokens, M}, d),
                                         0, false, inference_workspace_, TensorView(y, DType::kF32, {tokens, O}, d), &stats));
   } else {
@@ -167,6 +239,15 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
   const LayerSpec& s = def_.spec;
   const int64_t M = s.model_dim, O = s.out_dim();
   std::lock_guard lock(mutex_);
+  if (group_) {
+    if (group_->pending != std::make_pair(owner, sequence))
+      return Status::NotFound("layer '" + def_.name + "': no training forward with sequence " +
+                              std::to_string(sequence) + " is waiting for a backward");
+    group_->pending.reset();
+    const Device d = group_->backend->device();
+    return group_->layer->backward(weights_of(0), TensorView(const_cast<float*>(dy), DType::kF32, {tokens, O}, d),
+                                   dl_aux, TensorView(dx, DType::kF32, {tokens, M}, d), weights_of(1));
+  }
   auto it = pending_.find({owner, sequence});
   if (it == pending_.end())
     return Status::NotFound("layer '" + def_.name + "': no training forward with sequence " +
@@ -176,9 +257,9 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
     return Status::InvalidArgument("layer '" + def_.name + "': backward of sequence " + std::to_string(sequence) +
                                    " has " + std::to_string(tokens) + " tokens, its forward had " +
                                    std::to_string(p.workspace.tokens()));
-  Backend& b = *rank_.backend;
+  Backend& b = backend();
   const Device d = b.device();
-  std::lock_guard rank_lock(rank_.mutex);
+  auto device_lock = lock_device();
   const TensorView xv(p.x.data(), DType::kF32, {tokens, M}, d);
   const Status st = layer_backward(b, s, weights_of(0), xv, p.workspace,
                                    TensorView(const_cast<float*>(dy), DType::kF32, {tokens, O}, d), dl_aux,
@@ -190,16 +271,19 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
 
 void ServedLayer::drop_pending(uint64_t owner) {
   std::lock_guard lock(mutex_);
+  if (group_ && group_->pending && group_->pending->first == owner) group_->pending.reset();
   for (auto it = pending_.begin(); it != pending_.end();)
     it = it->first.first == owner ? pending_.erase(it) : std::next(it);
 }
 
 Result<int64_t> ServedLayer::step() {
   std::lock_guard lock(mutex_);
-  Backend& b = *rank_.backend;
+  Backend& b = backend();
   const Device d = b.device();
   const OptimizerConfig& o = def_.optimizer;
-  std::lock_guard rank_lock(rank_.mutex);
+  auto device_lock = lock_device();
+  // The gate is replicated: every rank steps it with the gradient summed over the group.
+  if (group_) TUTEL_RETURN_IF_ERROR(group_->layer->all_reduce_gate_grad(weights_of(1).gate_weight));
   for (Tensor& t : tensors_) {
     if (o.kind == OptimizerKind::kAdamW) {
       AdamWArgs a{t.view(t.value, d), t.view(t.grad, d), t.view(t.state0, d), t.view(t.state1, d)};
@@ -226,20 +310,20 @@ Result<int64_t> ServedLayer::step() {
 
 Status ServedLayer::zero_grad() {
   std::lock_guard lock(mutex_);
-  Backend& b = *rank_.backend;
-  std::lock_guard rank_lock(rank_.mutex);
+  Backend& b = backend();
+  auto device_lock = lock_device();
   for (Tensor& t : tensors_) TUTEL_RETURN_IF_ERROR(b.fill_zero(bytes_view(t.grad, b.device())));
   return Status::OK();
 }
 
 Status ServedLayer::save(const std::string& path) {
   std::lock_guard lock(mutex_);
-  Backend& b = *rank_.backend;
+  Backend& b = backend();
   // Device tensors are staged on the host; on the CPU backend this is one memcpy per tensor.
   std::vector<std::vector<float>> host;
   std::vector<SafetensorsEntry> entries;
   {
-    std::lock_guard rank_lock(rank_.mutex);
+    auto device_lock = lock_device();
     auto stage = [&](const std::string& name, const Shape& shape, const DeviceBuffer& buf) -> Status {
       host.emplace_back(shape.numel());
       TUTEL_RETURN_IF_ERROR(b.copy(host.back().data(), buf.data(), host.back().size() * 4, CopyKind::kDeviceToHost));
@@ -268,7 +352,33 @@ Status ServedLayer::load(const std::string& path) {
 
 Status ServedLayer::load_locked(const std::string& path, bool require_all) {
   TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::open(path));
-  Backend& b = *rank_.backend;
+  if (group_) {
+    // A whole-layer file (all E experts, e.g. a Tutel checkpoint): this rank takes its slice.
+    const LayerSpec& s = def_.spec;
+    const SafetensorsTensor* fc1 = file.find(kFc1WeightName);
+    const Shape whole_fc1{s.experts, s.hidden, s.model_dim};
+    if (fc1 && fc1->shape == whole_fc1 && !(whole_fc1 == shape_of(kFc1WeightName))) {
+      graphs::HostLayerParams whole;
+      auto read = [&](const char* name, Shape shape, bool present, std::vector<float>& out) -> Status {
+        if (!present) return Status::OK();
+        const SafetensorsTensor* t = file.find(name);
+        if (!t || t->dtype != DType::kF32 || !(t->shape == shape))
+          return Status::InvalidArgument(path + ": tensor '" + name + "' must be f32 " + shape.to_string() +
+                                         " in a whole-layer file");
+        const float* f = static_cast<const float*>(t->data);
+        out.assign(f, f + shape.numel());
+        return Status::OK();
+      };
+      const int64_t E = s.experts, M = s.model_dim, H = s.hidden, O = s.out_dim();
+      TUTEL_RETURN_IF_ERROR(read(kGateWeightName, {E, M}, true, whole.gate));
+      TUTEL_RETURN_IF_ERROR(read(kFc1WeightName, {E, H, M}, true, whole.fc1));
+      TUTEL_RETURN_IF_ERROR(read(kFc1BiasName, {E, H}, s.has_fc1_bias, whole.fc1_bias));
+      TUTEL_RETURN_IF_ERROR(read(kFc2WeightName, {E, H, O}, true, whole.fc2));
+      TUTEL_RETURN_IF_ERROR(read(kFc2BiasName, {E, O}, s.has_fc2_bias, whole.fc2_bias));
+      return copy_in(graphs::slice_for_rank(s, group_->layer->shard(), whole));
+    }
+  }
+  Backend& b = backend();
   // Check every tensor before copying any, so a bad file leaves the layer as it was.
   struct Copy {
     const SafetensorsTensor* src;
@@ -300,7 +410,7 @@ Status ServedLayer::load_locked(const std::string& path, bool require_all) {
     if (end == it->second.c_str() || *end != '\0' || step < 0)
       return Status::Corruption(path + ": metadata '" + kStepKey + "' is not a step count: '" + it->second + "'");
   }
-  std::lock_guard rank_lock(rank_.mutex);
+  auto device_lock = lock_device();
   for (const Copy& c : copies)
     TUTEL_RETURN_IF_ERROR(b.copy(c.dst->data(), c.src->data, c.src->nbytes, CopyKind::kHostToDevice));
   step_ = step;

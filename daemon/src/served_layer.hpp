@@ -9,10 +9,13 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "tutel/comm/communicator.hpp"
 #include "tutel/core/status.hpp"
+#include "tutel/graphs/expert_parallel.hpp"
 #include "tutel/daemon/config.hpp"
 #include "tutel/kernels/backend.hpp"
 #include "tutel/kernels/moe_layer.hpp"
@@ -22,6 +25,7 @@ namespace tutel::daemon {
 // One device slot (a GPU, or a CPU virtual device) and the lock that serialises its use.
 struct Rank {
   int index = 0;
+  BackendOptions options;  // what `backend` was made with (group layers make their own alike)
   std::unique_ptr<Backend> backend;
   std::mutex mutex;
 };
@@ -83,8 +87,25 @@ class ServedLayer {
     DeviceBuffer x;  // the forward's input, kept for backward (the client may reuse its buffer)
   };
 
+  // A [group] layer: its own backend (collectives block, so it must not hold the rank's), its
+  // communicator, and the expert-parallel step over them.
+  struct Group {
+    std::unique_ptr<Backend> backend;
+    std::unique_ptr<comm::Communicator> comm;
+    std::optional<graphs::ExpertParallelLayer> layer;
+    std::optional<std::pair<uint64_t, uint64_t>> pending;  // (owner, sequence) of its forward
+  };
+
+  Backend& backend() { return group_ ? *group_->backend : *rank_.backend; }
+  // The rank's backend is shared by its layers; a group layer's is its own.
+  std::unique_lock<std::mutex> lock_device() {
+    return group_ ? std::unique_lock<std::mutex>() : std::unique_lock<std::mutex>(rank_.mutex);
+  }
+  Status join_group();
+  Shape shape_of(const std::string& name) const;  // this rank's shape of a parameter
   Status allocate();
   Status initialise(uint64_t seed);
+  Status copy_in(const graphs::HostLayerParams& p);  // this rank's values, host → device
   LayerWeights weights_of(int which) const;  // 0 = values, 1 = gradients
   Status load_locked(const std::string& path, bool require_all);
 
@@ -92,6 +113,8 @@ class ServedLayer {
   std::string spec_text_;
   std::string tenant_;
   Rank& rank_;
+  // Before the tensors: they hold buffers of the group's backend and must be freed first.
+  std::unique_ptr<Group> group_;
   mutable std::mutex mutex_;
   std::vector<Tensor> tensors_;  // gate, fc1_w, fc1_b?, fc2_w, fc2_b?
   uint64_t memory_bytes_ = 0;

@@ -824,3 +824,50 @@ TEST(ConfigFuzzTest, GarbageNeverCrashes) {
 
 }  // namespace
 }  // namespace tutel::daemon
+
+namespace tutel::daemon {
+namespace {
+
+TEST(LayerSpecGroupTest, ParsesAndRoundTrips) {
+  const std::string text =
+      "name = \"g\"\nexperts = 4\nmodel_dim = 8\nhidden = 8\ninit_seed = 1\n"
+      "[group]\ncoordinator = \"127.0.0.1:7001\"\nsize = 4\nrank = 3\nlocal_size = 2\n"
+      "bootstrap_timeout_ms = 1500\ncollective_timeout_ms = 250\n";
+  Result<LayerDefinition> def = parse_layer_spec(text, "request");
+  ASSERT_TRUE(def.ok()) << def.status();
+  ASSERT_TRUE(def->group.has_value());
+  EXPECT_EQ(def->group->coordinator_host, "127.0.0.1");
+  EXPECT_EQ(def->group->coordinator_port, 7001);
+  EXPECT_EQ(def->group->size, 4);
+  EXPECT_EQ(def->group->rank, 3);
+  EXPECT_EQ(def->group->local_size, 2);
+  EXPECT_EQ(def->group->bootstrap_timeout.count(), 1500);
+  EXPECT_EQ(def->group->collective_timeout.count(), 250);
+  Result<LayerDefinition> again = parse_layer_spec(format_layer_spec(*def), "formatted");
+  ASSERT_TRUE(again.ok()) << again.status();
+  ASSERT_TRUE(again->group.has_value());
+  EXPECT_EQ(again->group->coordinator_port, 7001);
+  EXPECT_EQ(again->group->rank, 3);
+  EXPECT_EQ(again->group->collective_timeout.count(), 250);
+  EXPECT_FALSE(parse_layer_spec("name = \"g\"\nexperts = 4\nmodel_dim = 8\nhidden = 8\ninit_seed = 1\n", "r")
+                   ->group.has_value());
+}
+
+TEST(LayerSpecGroupTest, BadGroupsNameTheKey) {
+  const std::string base = "name = \"g\"\nexperts = 4\nmodel_dim = 8\nhidden = 8\ninit_seed = 1\n[group]\n";
+  const auto error_of = [&](const std::string& group) {
+    Result<LayerDefinition> r = parse_layer_spec(base + group, "request");
+    EXPECT_FALSE(r.ok()) << group;
+    return r.ok() ? std::string() : std::string(r.status().message());
+  };
+  EXPECT_NE(error_of("size = 2\nrank = 0\n").find("group.coordinator"), std::string::npos);
+  EXPECT_NE(error_of("coordinator = \"localhost:7\"\nsize = 2\nrank = 0\n").find("IPv4"), std::string::npos);
+  EXPECT_NE(error_of("coordinator = \"127.0.0.1:0\"\nsize = 2\nrank = 0\n").find("group.coordinator"), std::string::npos);
+  EXPECT_NE(error_of("coordinator = \"127.0.0.1:99999\"\nsize = 2\nrank = 0\n").find("group.coordinator"), std::string::npos);
+  EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 2\n").find("not below size"), std::string::npos);
+  EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nrank = 0\n").find("group.size"), std::string::npos);
+  EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\nranks = 2\n").find("ranks"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace tutel::daemon

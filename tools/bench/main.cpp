@@ -2,6 +2,7 @@
 // Not tests: nothing here asserts; read the ratios.
 #include <CLI/CLI.hpp>
 
+#include "a2a_bench.hpp"
 #include "daemon_bench.hpp"
 #include "layer_bench.hpp"
 
@@ -27,10 +28,19 @@ int main(int argc, char** argv) {
   int spin_us = -1;
   ipc_cmd->add_option("--spin-us", spin_us, "the daemon's and the client's spin before sleeping (default: 50)");
 
+  tutel::bench::A2aBenchOptions a2a;
+  CLI::App* a2a_cmd = app.add_subcommand("a2a", "UCX all-to-all (linear, 2DH) between forked ranks on loopback vs UCX point-to-point");
+  a2a_cmd->add_option("--ranks", a2a.ranks, "group sizes, comma-separated")->capture_default_str();
+  a2a_cmd->add_option("--transports", a2a.transports, "shm (UCX_TLS=posix,self) | sm (sm,self) | tcp (tcp,self), comma-separated")->capture_default_str();
+  a2a_cmd->add_option("--sizes", a2a.sizes, "per-rank send buffer sizes (all chunks), comma-separated")->capture_default_str();
+  a2a_cmd->add_option("--repeats", a2a.repeats, "timed runs per point (at least 3; fewer when a run takes over 2 s / repeats)")->check(CLI::PositiveNumber)->capture_default_str();
+  a2a_cmd->add_option("--spin-us", a2a.spin_us, "the communicator's busy-poll before it sleeps (default: 50)");
+
   CLI11_PARSE(app, argc, argv);
   if (layer_cmd->parsed())
     return via_daemon ? tutel::bench::run_layer_via_daemon_bench(argv[0], layer.threads, layer.repeats)
                       : tutel::bench::run_layer_bench(layer);
   if (ipc_cmd->parsed()) return tutel::bench::run_ipc_bench(argv[0], ipc_repeats, spin_us);
+  if (a2a_cmd->parsed()) return tutel::bench::run_a2a_bench(a2a);
   return 2;
 }

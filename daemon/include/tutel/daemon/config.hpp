@@ -35,6 +35,18 @@ struct OptimizerConfig {
   float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f;  // AdamW only
 };
 
+// An expert-parallel group: this layer is one rank of a layer spread over `size` ranks (on this
+// and other daemons), which meet at `coordinator` (the daemon serving rank 0 listens there).
+struct GroupConfig {
+  std::string coordinator_host = "127.0.0.1";  // a numeric IPv4 address
+  uint16_t coordinator_port = 0;
+  int size = 1;
+  int rank = 0;
+  int local_size = 1;  // ranks per node, for the 2DH all-to-all
+  std::chrono::milliseconds bootstrap_timeout{10'000};
+  std::chrono::milliseconds collective_timeout{5'000};
+};
+
 // One served layer: a [[layer]] table of the daemon config, or the spec of a create-layer
 // request (the same keys, without `tenant`).
 struct LayerDefinition {
@@ -46,6 +58,7 @@ struct LayerDefinition {
   std::optional<std::string> weights_path;
   std::optional<uint64_t> init_seed;  // exactly one of weights_path / init_seed is set
   std::string tenant;                 // only from the daemon config's [[layer]] tables
+  std::optional<GroupConfig> group;   // [group]: expert parallelism across ranks
 };
 
 // Parses a create-layer request's spec: the keys of a [[layer]] table at the top level, the

@@ -1,0 +1,210 @@
+// Expert parallelism across real daemons: two tuteld processes, each rank of the group fed by
+// its own client session, the group meeting over UCX on loopback. Every rank's output and input
+// gradient equal the float64 reference of one process holding all experts (with the group's
+// capacity), and one SGD step moves every rank's parameters by the gradient summed over the
+// group (the gate's all-reduced). Tolerances as the CPU layer test.
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <random>
+#include <thread>
+
+#include "../kernels/layer_test_util.hpp"
+#include "daemon_fixture.hpp"
+#include "tutel/client.hpp"
+#include "tutel/core/safetensors.hpp"
+#include "tutel/graphs/expert_parallel.hpp"
+
+namespace tutel::testing {
+namespace {
+
+uint16_t free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  uint16_t port = 0;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0)
+    port = ntohs(addr.sin_port);
+  ::close(fd);
+  return port;
+}
+
+struct GroupCase {
+  std::string name;
+  int world;
+  int64_t experts;
+  double f;
+  std::vector<int64_t> tokens;  // per group rank; rank r is served by daemon r % 2
+};
+void PrintTo(const GroupCase& c, std::ostream* os) { *os << c.name; }
+
+class ExpertParallelDaemons : public ::testing::TestWithParam<GroupCase> {};
+
+std::vector<float> read_tensor(const SafetensorsFile& f, const char* name) {
+  const SafetensorsTensor* t = f.find(name);
+  if (!t) return {};
+  const float* p = static_cast<const float*>(t->data);
+  return std::vector<float>(p, p + t->shape.numel());
+}
+
+TEST_P(ExpertParallelDaemons, RanksOnTwoDaemonsMatchTheSingleProcessLayer) {
+  const GroupCase& c = GetParam();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  DaemonOptions options;
+  options.extra_server = "";
+  DaemonProcess d0(options), d1(options);
+  ASSERT_TRUE(d0.start());
+  ASSERT_TRUE(d1.start());
+  DaemonProcess* daemons[2] = {&d0, &d1};
+
+  LayerSpec spec;
+  spec.experts = c.experts;
+  spec.model_dim = 16;
+  spec.hidden = 32;
+  spec.k = 2;
+  spec.capacity_factor = c.f;
+  const int64_t M = 16, O = 16, E = c.experts;
+  const float lr = 0.1f, dl_aux = 0.2f;
+  const std::string body = "experts = " + std::to_string(E) + "\nmodel_dim = 16\nhidden = 32\nk = 2\ncapacity_factor = " +
+                           std::to_string(c.f) + "\ninit_seed = 11\n[optimizer]\nkind = \"sgd\"\nlr = 0.1\n";
+
+  // The whole layer those seeds give: a single-daemon layer with the same init, saved.
+  {
+    auto client = client::Client::connect(d0.client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    auto whole = client->create_layer("name = \"whole\"\n" + body);
+    ASSERT_TRUE(whole.ok()) << whole.status();
+    ASSERT_TRUE(whole->save("whole.safetensors").ok());
+  }
+  auto whole_file = SafetensorsFile::open(d0.dir() + "/state/default/checkpoints/whole.safetensors");
+  ASSERT_TRUE(whole_file.ok()) << whole_file.status();
+  ref::Params whole;
+  for (auto [name, dst] : {std::pair{kGateWeightName, &whole.wg}, std::pair{kFc1WeightName, &whole.fc1_w},
+                           std::pair{kFc1BiasName, &whole.fc1_b}, std::pair{kFc2WeightName, &whole.fc2_w},
+                           std::pair{kFc2BiasName, &whole.fc2_b}}) {
+    const std::vector<float> v = read_tensor(*whole_file, name);
+    dst->assign(v.begin(), v.end());
+  }
+
+  // Inputs, and the group's capacity from the reference's routing.
+  const int W = c.world;
+  std::vector<std::vector<double>> xs(W), dys(W);
+  int64_t max_tokens = 0, max_count = 0;
+  for (int r = 0; r < W; ++r) {
+    const int64_t S = c.tokens[r];
+    xs[r] = round_f32(randn(rng, S * M, 1.0));
+    dys[r] = round_f32(randn(rng, S * O, 1.0));
+    const ref::Forward f = ref::forward(to_ref(spec, S), whole, xs[r], nullptr);
+    std::vector<int64_t> counts(E, 0);
+    for (int64_t i : f.idx) ++counts[i];
+    max_tokens = std::max(max_tokens, S);
+    max_count = std::max(max_count, *std::max_element(counts.begin(), counts.end()));
+  }
+  auto shard0 = graphs::expert_shard(spec, W, 0);
+  ASSERT_TRUE(shard0.ok());
+  LayerSpec aligned = spec;
+  aligned.alignment = shard0->shards;
+  const int64_t capacity = layer_capacity(aligned, max_tokens, max_count);
+
+  // One thread per group rank, each with its own client session on its rank's daemon.
+  const uint16_t port = free_port();
+  struct RankOut {
+    Status status;
+    std::vector<float> y, dx;
+    client::ForwardInfo info;
+  };
+  std::vector<RankOut> out(W);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r) {
+    threads.emplace_back([&, r] {
+      RankOut& o = out[r];
+      auto client = client::Client::connect(daemons[r % 2]->client_socket());
+      if (!client.ok()) return void(o.status = client.status());
+      const std::string spec_text = "name = \"moe_r" + std::to_string(r) + "\"\n" + body +
+                                    "\n[group]\ncoordinator = \"127.0.0.1:" + std::to_string(port) +
+                                    "\"\nsize = " + std::to_string(W) + "\nrank = " + std::to_string(r) +
+                                    "\nbootstrap_timeout_ms = 20000\ncollective_timeout_ms = 20000\n";
+      auto layer = client->create_layer(spec_text);
+      if (!layer.ok()) return void(o.status = layer.status());
+      const int64_t S = c.tokens[r];
+      std::vector<float> x = to_f32(xs[r]), dy = to_f32(dys[r]);
+      o.y.resize(S * O);
+      o.dx.resize(S * M);
+      Status st = layer->forward(x.data(), S, o.y.data(), &o.info);
+      if (st.ok()) st = layer->backward(dy.data(), dl_aux, o.dx.data());
+      if (st.ok()) st = layer->step().status();
+      if (st.ok()) st = layer->save("after_r" + std::to_string(r) + ".safetensors").status();
+      o.status = st;
+    });
+  }
+  for (auto& t : threads) t.join();
+
+  std::vector<ref::Grads> grads(W);
+  for (int r = 0; r < W; ++r) {
+    ref::Config cfg = to_ref(spec, c.tokens[r]);
+    cfg.capacity_override = capacity;
+    grads[r] = ref::backward(cfg, whole, xs[r], nullptr, dys[r], dl_aux);
+  }
+  auto summed = [&](auto member) {
+    std::vector<float> s((grads[0].*member).size(), 0.f);
+    for (size_t i = 0; i < s.size(); ++i) {
+      double acc = 0;
+      for (int r = 0; r < W; ++r) acc += (grads[r].*member)[i];
+      s[i] = static_cast<float>(acc);
+    }
+    return s;
+  };
+  const graphs::HostLayerParams grad_sum{summed(&ref::Grads::d_wg), summed(&ref::Grads::d_fc1_w),
+                                         summed(&ref::Grads::d_fc1_b), summed(&ref::Grads::d_fc2_w),
+                                         summed(&ref::Grads::d_fc2_b)};
+  const graphs::HostLayerParams whole_host{to_f32(whole.wg), to_f32(whole.fc1_w), to_f32(whole.fc1_b),
+                                           to_f32(whole.fc2_w), to_f32(whole.fc2_b)};
+
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    ASSERT_TRUE(out[r].status.ok()) << out[r].status << "\n" << d0.log() << d1.log();
+    ref::Config cfg = to_ref(spec, c.tokens[r]);
+    cfg.capacity_override = capacity;
+    const ref::Forward want = ref::forward(cfg, whole, xs[r], nullptr);
+    EXPECT_EQ(out[r].info.capacity, capacity);
+    EXPECT_NEAR(out[r].info.l_aux, want.l_aux, 1e-5);
+    EXPECT_TRUE(all_close("y", out[r].y, want.y, 1e-4, 1e-5));
+    EXPECT_TRUE(all_close("dx", out[r].dx, grads[r].dx, 1e-3, 1e-4));
+
+    // After one SGD step, (before − after) / lr is the gradient the rank applied.
+    auto shard = graphs::expert_shard(spec, W, r);
+    ASSERT_TRUE(shard.ok());
+    const graphs::HostLayerParams before = graphs::slice_for_rank(spec, *shard, whole_host);
+    const graphs::HostLayerParams want_grad = graphs::slice_for_rank(spec, *shard, grad_sum);
+    auto saved = SafetensorsFile::open(daemons[r % 2]->dir() + "/state/default/checkpoints/after_r" +
+                                       std::to_string(r) + ".safetensors");
+    ASSERT_TRUE(saved.ok()) << saved.status();
+    auto applied = [&](const char* name, const std::vector<float>& w0) {
+      const std::vector<float> w1 = read_tensor(*saved, name);
+      std::vector<float> g(w1.size());
+      for (size_t i = 0; i < g.size() && i < w0.size(); ++i) g[i] = (w0[i] - w1[i]) / lr;
+      return g;
+    };
+    auto widen = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+    EXPECT_TRUE(all_close("gate step", applied(kGateWeightName, before.gate), widen(want_grad.gate), 2e-3, 2e-4));
+    EXPECT_TRUE(all_close("fc1 step", applied(kFc1WeightName, before.fc1), widen(want_grad.fc1), 2e-3, 2e-4));
+    EXPECT_TRUE(all_close("fc2 step", applied(kFc2WeightName, before.fc2), widen(want_grad.fc2), 2e-3, 2e-4));
+  }
+  EXPECT_EQ(d0.stop(), 0) << d0.log();
+  EXPECT_EQ(d1.stop(), 0) << d1.log();
+}
+
+INSTANTIATE_TEST_SUITE_P(Groups, ExpertParallelDaemons,
+                         ::testing::Values(GroupCase{"TwoRanksTwoExpertsEach", 2, 4, 1.0, {24, 40}},
+                                           GroupCase{"FourRanksOnTwoDaemonsShardedExperts", 4, 2, 0.0, {16, 20, 24, 12}}),
+                         [](const ::testing::TestParamInfo<GroupCase>& info) { return info.param.name; });
+
+}  // namespace
+}  // namespace tutel::testing

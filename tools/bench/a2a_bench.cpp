@@ -1,0 +1,853 @@
+// tutel-bench a2a: the UCX all-to-all (linear and 2DH) between forked ranks on loopback, next to
+// its ceiling measured in the same run: UCX point-to-point bandwidth, rank 0 -> rank 1 alone,
+// over the same transport.
+//
+// Every rank is a forked child (as in tests/comm) that picks its transport with UCX_TLS before
+// it bootstraps; UCX_NET_DEVICES=lo keeps all traffic on loopback. The parent holds no UCX
+// state, reads the children's results from pipes and prints one table. Each child runs under a
+// guard alarm, re-armed for every measurement point; the parent kills only the pids it forked.
+#include "a2a_bench.hpp"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <ucp/api/ucp.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "bench_util.hpp"
+#include "tutel/comm/bootstrap.hpp"
+#include "tutel/comm/communicator.hpp"
+#include "tutel/comm/ucx.hpp"
+
+namespace tutel::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+// A child's alarm, re-armed at its bootstrap and at every measurement point: a hang becomes
+// SIGALRM. The parent gives up on a group that sends nothing for this long plus a margin.
+constexpr unsigned kPointGuardSeconds = 120;
+constexpr auto kParentMargin = 15s;
+// A point whose runs would take longer than this gets fewer (never under kMinRuns).
+constexpr double kPointBudgetSeconds = 2.0;
+constexpr int kMinRuns = 3;
+// p2p: each timed run streams messages of the point's size, kP2pWindow of them at most and
+// about kP2pBytesPerRun in all, so small messages measure bandwidth, not one round trip.
+constexpr size_t kP2pBytesPerRun = size_t{64} << 20;
+constexpr size_t kP2pWindow = 64;
+// Linear all-to-alls of at least this per-rank size are held to the target.
+constexpr size_t kLargeBytes = size_t{16} << 20;
+constexpr double kTargetRatio = 0.70;
+// A failed group's report names this many of its failed ranks.
+constexpr int kFailuresShown = 3;
+// 2DH is benchmarked with this many ranks per node, where it divides the group.
+constexpr int kRanksPerNode = 2;
+
+struct Transport {
+  std::string_view name;
+  const char* ucx_tls;
+};
+constexpr Transport kTransports[] = {
+    {"shm", "posix,self"},  // shared memory, copies through a posix segment
+    {"sm", "sm,self"},      // every shared-memory transport UCX has (adds cma: single copy)
+    {"tcp", "tcp,self"},
+};
+
+// ---------------------------------------------------------------------------------------------
+// Parsing and formatting.
+
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> items;
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t end = text.find(',', start);
+    if (end == std::string::npos) end = text.size();
+    std::string item = text.substr(start, end - start);
+    item.erase(0, item.find_first_not_of(" \t"));
+    item.erase(item.find_last_not_of(" \t") + 1);
+    if (!item.empty()) items.push_back(item);
+    start = end + 1;
+  }
+  return items;
+}
+
+// "4096", "4KiB", "4K", "64MiB", "1GiB" (binary units, any letter case).
+std::optional<size_t> parse_bytes(std::string_view text) {
+  size_t digits = 0;
+  while (digits < text.size() && text[digits] >= '0' && text[digits] <= '9') ++digits;
+  if (digits == 0 || digits > 12) return std::nullopt;
+  size_t value = std::stoull(std::string(text.substr(0, digits)));
+  std::string unit(text.substr(digits));
+  for (char& c : unit) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  int shift = -1;
+  if (unit.empty() || unit == "b") shift = 0;
+  if (unit == "k" || unit == "kib") shift = 10;
+  if (unit == "m" || unit == "mib") shift = 20;
+  if (unit == "g" || unit == "gib") shift = 30;
+  if (shift < 0 || value == 0) return std::nullopt;
+  return value << shift;
+}
+
+std::string format_bytes(size_t bytes) {
+  char buf[32];
+  if (bytes >= (size_t{1} << 30) && bytes % (size_t{1} << 30) == 0)
+    std::snprintf(buf, sizeof buf, "%zu GiB", bytes >> 30);
+  else if (bytes >= (size_t{1} << 20) && bytes % (size_t{1} << 20) == 0)
+    std::snprintf(buf, sizeof buf, "%zu MiB", bytes >> 20);
+  else if (bytes >= 1024 && bytes % 1024 == 0)
+    std::snprintf(buf, sizeof buf, "%zu KiB", bytes >> 10);
+  else
+    std::snprintf(buf, sizeof buf, "%zu B", bytes);
+  return buf;
+}
+
+std::string format_seconds(double s) {
+  char buf[32];
+  if (s < 1e-3)
+    std::snprintf(buf, sizeof buf, "%.1f us", s * 1e6);
+  else if (s < 1.0)
+    std::snprintf(buf, sizeof buf, "%.2f ms", s * 1e3);
+  else
+    std::snprintf(buf, sizeof buf, "%.3f s", s);
+  return buf;
+}
+
+std::string format_gbps(double bytes_per_second) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3f GB/s", bytes_per_second / 1e9);
+  return buf;
+}
+
+int64_t elapsed_ns(Clock::time_point t0) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
+}
+
+int64_t median(std::vector<int64_t> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// As many timed runs as asked, fewer when a run is slow enough to blow the point's budget.
+int choose_runs(int repeats, int64_t one_run_ns) {
+  const double fit = kPointBudgetSeconds / (std::max<int64_t>(one_run_ns, 1) * 1e-9);
+  return std::min(repeats, std::max(kMinRuns, static_cast<int>(fit)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forked ranks.
+
+class Fd {
+ public:
+  explicit Fd(int fd = -1) : fd_(fd) {}
+  ~Fd() { reset(); }
+  Fd(Fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  Fd& operator=(Fd&& other) noexcept {
+    if (this != &other) {
+      reset();
+      fd_ = std::exchange(other.fd_, -1);
+    }
+    return *this;
+  }
+  int get() const { return fd_; }
+  void reset() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_;
+};
+
+// A loopback port that was free a moment ago (bind to port 0, read it back).
+uint16_t free_loopback_port() {
+  Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  if (fd.get() < 0 || ::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0)
+    return 0;
+  return ntohs(addr.sin_port);
+}
+
+comm::BootstrapOptions loopback_options(uint16_t port, int rank, int size, int local_size,
+                                        int spin_us = -1) {
+  comm::BootstrapOptions o;
+  if (spin_us >= 0) o.spin = std::chrono::microseconds(spin_us);
+  o.coordinator_host = "127.0.0.1";
+  o.coordinator_port = port;
+  o.rank = rank;
+  o.size = size;
+  o.local_size = local_size;
+  o.timeout = 30s;
+  // One 64 MiB all-to-all among 8 ranks sharing 2 cores over TCP takes seconds.
+  o.collective_timeout = 60s;
+  return o;
+}
+
+// How a child hands a result line to the parent.
+class ReportPipe {
+ public:
+  explicit ReportPipe(int fd) : fd_(fd) {}
+  void line(std::string text) const {
+    std::replace(text.begin(), text.end(), '\n', ' ');
+    text += '\n';
+    size_t done = 0;
+    while (done < text.size()) {
+      const ssize_t n = ::write(fd_, text.data() + done, text.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return;
+      done += static_cast<size_t>(n);
+    }
+  }
+
+ private:
+  int fd_;
+};
+
+using RankBody = std::function<Status(int rank, const ReportPipe& report)>;
+
+// The forked children of one group; those not yet reaped are killed and reaped on destruction.
+class ChildPids {
+ public:
+  ~ChildPids() {
+    for (pid_t& pid : pids_) {
+      if (pid <= 0) continue;
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  }
+  void add(pid_t pid) { pids_.push_back(pid); }
+  size_t size() const { return pids_.size(); }
+  pid_t pid(size_t i) const { return pids_[i]; }
+  void kill_all() const {
+    for (pid_t pid : pids_)
+      if (pid > 0) ::kill(pid, SIGKILL);
+  }
+  // Blocks until child i exits (every child runs under its alarm); returns its wait status.
+  int reap(size_t i) {
+    int status = 0;
+    while (::waitpid(pids_[i], &status, 0) < 0 && errno == EINTR) {
+    }
+    pids_[i] = -1;
+    return status;
+  }
+
+ private:
+  std::vector<pid_t> pids_;
+};
+
+// Forks `size` ranks with UCX_TLS = `tls` (and UCX_NET_DEVICES=lo); child r runs body(r). Every
+// line a child reports reaches on_line as it arrives. OK when every child exited 0; otherwise
+// an error naming each failed rank and what it said.
+Status run_ranks(int size, const char* tls, const RankBody& body,
+                 const std::function<void(const std::string&)>& on_line) {
+  std::fflush(stdout);  // a child must not inherit (and never flushes) unwritten output
+  std::fflush(stderr);
+  ChildPids children;
+  std::vector<Fd> pipes;
+  for (int r = 0; r < size; ++r) {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) return Status::IOError("pipe2: " + std::string(strerror(errno)));
+    Fd read_end(fds[0]), write_end(fds[1]);
+    const pid_t pid = ::fork();
+    if (pid < 0) return Status::IOError("fork: " + std::string(strerror(errno)));
+    if (pid == 0) {
+      ::alarm(kPointGuardSeconds);
+      for (Fd& p : pipes) p.reset();  // the siblings' read ends
+      read_end.reset();
+      ::setenv("UCX_NET_DEVICES", "lo", 1);
+      ::setenv("UCX_TLS", tls, 1);
+      const ReportPipe report(write_end.get());
+      const Status st = body(r, report);
+      if (!st.ok()) report.line("error " + st.to_string());
+      ::_exit(st.ok() ? 0 : 1);
+    }
+    children.add(pid);
+    pipes.push_back(std::move(read_end));
+  }
+
+  std::vector<std::string> partial(static_cast<size_t>(size)), said(static_cast<size_t>(size));
+  auto deadline = Clock::now() + std::chrono::seconds(kPointGuardSeconds) + kParentMargin;
+  bool stalled = false;
+  for (;;) {
+    std::vector<pollfd> polled;
+    std::vector<size_t> rank_of;
+    for (size_t r = 0; r < pipes.size(); ++r) {
+      if (pipes[r].get() < 0) continue;
+      polled.push_back({pipes[r].get(), POLLIN, 0});
+      rank_of.push_back(r);
+    }
+    if (polled.empty()) break;
+    if (Clock::now() > deadline) {
+      stalled = true;
+      children.kill_all();
+      break;
+    }
+    if (::poll(polled.data(), polled.size(), 1000) < 0 && errno != EINTR)
+      return Status::IOError("poll: " + std::string(strerror(errno)));
+    for (size_t i = 0; i < polled.size(); ++i) {
+      if (polled[i].revents == 0) continue;
+      const size_t r = rank_of[i];
+      char buf[4096];
+      const ssize_t n = ::read(pipes[r].get(), buf, sizeof buf);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        pipes[r].reset();
+        continue;
+      }
+      deadline = Clock::now() + std::chrono::seconds(kPointGuardSeconds) + kParentMargin;
+      partial[r].append(buf, static_cast<size_t>(n));
+      size_t eol;
+      while ((eol = partial[r].find('\n')) != std::string::npos) {
+        std::string line = partial[r].substr(0, eol);
+        partial[r].erase(0, eol + 1);
+        if (line.rfind("error ", 0) == 0)
+          said[r] = line.substr(6);
+        else
+          on_line(line);
+      }
+    }
+  }
+
+  std::string failures;
+  int failed = 0;
+  for (size_t r = 0; r < children.size(); ++r) {
+    const pid_t pid = children.pid(r);
+    const int status = children.reap(r);
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) continue;
+    if (++failed > kFailuresShown) continue;
+    failures += "\n  rank " + std::to_string(r) + " (pid " + std::to_string(pid) + "): ";
+    if (WIFSIGNALED(status))
+      failures += std::string("killed by ") + strsignal(WTERMSIG(status)) +
+                  (WTERMSIG(status) == SIGALRM ? " (its guard alarm: it hung)" : "");
+    else
+      failures += "exit code " + std::to_string(WEXITSTATUS(status));
+    if (!said[r].empty()) failures += ": " + said[r];
+  }
+  if (failed > kFailuresShown)
+    failures += "\n  and " + std::to_string(failed - kFailuresShown) +
+                (failed - kFailuresShown == 1 ? " more rank" : " more ranks");
+  if (stalled) failures += "\n  (no result for " + std::to_string(kPointGuardSeconds) + " s: killed)";
+  return failures.empty() ? Status::OK() : Status::Aborted("ranks failed:" + failures);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The point-to-point ceiling: raw UCP tag messages between two ranks, busy-polled.
+
+class UcpPair {
+ public:
+  static Result<std::unique_ptr<UcpPair>> create(const comm::BootstrapOptions& options) {
+    std::unique_ptr<UcpPair> self(new UcpPair());
+    TUTEL_RETURN_IF_ERROR(self->init(options));
+    return self;
+  }
+  ~UcpPair() {
+    if (ep_ != nullptr) {
+      ucp_request_param_t param{};
+      param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      param.flags = 0;  // flush: our last messages still arrive
+      void* request = ucp_ep_close_nbx(ep_, &param);
+      if (UCS_PTR_IS_PTR(request)) {
+        const auto bound = Clock::now() + 1s;
+        while (ucp_request_check_status(request) == UCS_INPROGRESS && Clock::now() < bound)
+          ucp_worker_progress(worker_);
+        ucp_request_free(request);
+      }
+    }
+    if (worker_ != nullptr) ucp_worker_destroy(worker_);
+    if (context_ != nullptr) ucp_cleanup(context_);
+  }
+  UcpPair(const UcpPair&) = delete;
+  UcpPair& operator=(const UcpPair&) = delete;
+
+  // Each returns the request, or null when the operation completed at once.
+  Result<void*> send(const void* data, size_t bytes, uint64_t tag) {
+    ucp_request_param_t param{};
+    void* request = ucp_tag_send_nbx(ep_, data, bytes, tag, &param);
+    if (UCS_PTR_IS_ERR(request)) return error("ucp_tag_send_nbx", UCS_PTR_STATUS(request));
+    return request;
+  }
+  Result<void*> recv(void* data, size_t bytes, uint64_t tag) {
+    ucp_request_param_t param{};
+    void* request = ucp_tag_recv_nbx(worker_, data, bytes, tag, ~uint64_t{0}, &param);
+    if (UCS_PTR_IS_ERR(request)) return error("ucp_tag_recv_nbx", UCS_PTR_STATUS(request));
+    return request;
+  }
+  // Progresses the worker until every request completed (and frees it), or the deadline.
+  Status wait(std::vector<void*>& requests, Clock::time_point deadline) {
+    Status first_error;
+    for (;;) {
+      bool pending = false;
+      for (void*& request : requests) {
+        if (request == nullptr) continue;
+        const ucs_status_t s = ucp_request_check_status(request);
+        if (s == UCS_INPROGRESS) {
+          pending = true;
+          continue;
+        }
+        ucp_request_free(request);
+        request = nullptr;
+        if (s != UCS_OK && first_error.ok()) first_error = error("point-to-point transfer", s);
+      }
+      if (!pending) return first_error;
+      if (Clock::now() > deadline)
+        return Status::Timeout("point-to-point transfer with rank " + std::to_string(peer_) +
+                               " did not finish in time");
+      ucp_worker_progress(worker_);
+    }
+  }
+
+ private:
+  UcpPair() = default;
+
+  static Status error(std::string_view what, ucs_status_t s) {
+    return Status::Internal(std::string(what) + ": " + ucs_status_string(s));
+  }
+
+  Status init(const comm::BootstrapOptions& o) {
+    peer_ = 1 - o.rank;
+    ucp_config_t* config = nullptr;
+    ucs_status_t s = ucp_config_read(nullptr, nullptr, &config);
+    if (s != UCS_OK) return error("ucp_config_read", s);
+    ucp_params_t params{};
+    params.field_mask = UCP_PARAM_FIELD_FEATURES;
+    params.features = UCP_FEATURE_TAG;
+    s = ucp_init(&params, config, &context_);
+    ucp_config_release(config);
+    if (s != UCS_OK) return error("ucp_init", s);
+
+    ucp_worker_params_t wp{};
+    wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+    s = ucp_worker_create(context_, &wp, &worker_);
+    if (s != UCS_OK) return error("ucp_worker_create", s);
+    ucp_address_t* address = nullptr;
+    size_t address_len = 0;
+    s = ucp_worker_get_address(worker_, &address, &address_len);
+    if (s != UCS_OK) return error("ucp_worker_get_address", s);
+    const std::string payload(reinterpret_cast<const char*>(address), address_len);
+    ucp_worker_release_address(worker_, address);
+
+    TUTEL_ASSIGN_OR_RETURN(comm::BootstrapTable table,
+                           comm::coordinator_exchange(o, "p2p", payload));
+    ucp_ep_params_t ep{};
+    // No peer-failure handling (the communicator asks for it): the raw transport, and the only
+    // mode in which UCX 1.13 connects over shared memory alone. The deadlines bound a dead peer.
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+    ep.address = reinterpret_cast<const ucp_address_t*>(table.payloads[peer_].data());
+    s = ucp_ep_create(worker_, &ep, &ep_);
+    if (s != UCS_OK) {
+      ep_ = nullptr;
+      return error("ucp_ep_create", s);
+    }
+    return Status::OK();
+  }
+
+  ucp_context_h context_ = nullptr;
+  ucp_worker_h worker_ = nullptr;
+  ucp_ep_h ep_ = nullptr;
+  int peer_ = 1;
+};
+
+constexpr uint64_t kDataTag = 1, kGoTag = 2, kDoneTag = 3;
+
+// One timed run: both ranks post their receives and say "go"; rank 0 times from there until its
+// own transfers completed and rank 1 said "done". One way: rank 0 sends `window` messages of
+// `size` bytes to rank 1. Both ways: rank 1 sends as many back at the same time.
+Result<int64_t> p2p_run(UcpPair& pair, int rank, bool both_ways, size_t size, size_t window,
+                        uint8_t* send_buffer, uint8_t* recv_buffer) {
+  const auto deadline = Clock::now() + 60s;
+  const bool sends = rank == 0 || both_ways, receives = rank == 1 || both_ways;
+  std::vector<void*> data, handshake;
+  if (receives) {
+    for (size_t m = 0; m < window; ++m) {
+      TUTEL_ASSIGN_OR_RETURN(void* r, pair.recv(recv_buffer + m * size, size, kDataTag));
+      data.push_back(r);
+    }
+  }
+  char go_in = 0, go_out = 'g', done = 'd';
+  TUTEL_ASSIGN_OR_RETURN(void* go_recv, pair.recv(&go_in, 1, kGoTag));
+  TUTEL_ASSIGN_OR_RETURN(void* go_send, pair.send(&go_out, 1, kGoTag));
+  handshake = {go_recv, go_send};
+  TUTEL_RETURN_IF_ERROR(pair.wait(handshake, deadline));
+  const auto t0 = Clock::now();
+  if (rank == 0) {
+    TUTEL_ASSIGN_OR_RETURN(void* r, pair.recv(&done, 1, kDoneTag));
+    data.push_back(r);
+  }
+  if (sends) {
+    for (size_t m = 0; m < window; ++m) {
+      TUTEL_ASSIGN_OR_RETURN(void* r, pair.send(send_buffer + m * size, size, kDataTag));
+      data.push_back(r);
+    }
+  }
+  TUTEL_RETURN_IF_ERROR(pair.wait(data, deadline));
+  const int64_t ns = elapsed_ns(t0);
+  if (rank == 1) {
+    TUTEL_ASSIGN_OR_RETURN(void* r, pair.send(&done, 1, kDoneTag));
+    handshake = {r};
+    TUTEL_RETURN_IF_ERROR(pair.wait(handshake, deadline));
+  }
+  return ns;
+}
+
+// Rank 0 reports "p2p <size> <runs> <median ns one way> <median ns both ways> <bytes per run>"
+// (bytes per run and per direction).
+Status p2p_rank(int rank, uint16_t port, const std::vector<size_t>& sizes, int repeats,
+                const ReportPipe& report) {
+  TUTEL_ASSIGN_OR_RETURN(auto pair, UcpPair::create(loopback_options(port, rank, 2, 1)));
+  for (const size_t size : sizes) {
+    ::alarm(kPointGuardSeconds);
+    const size_t window = std::clamp<size_t>(kP2pBytesPerRun / size, 1, kP2pWindow);
+    std::vector<uint8_t> send_buffer(window * size, static_cast<uint8_t>(rank + 1));
+    std::vector<uint8_t> recv_buffer(window * size, 0);
+    int64_t median_ns[2] = {};
+    for (const bool both_ways : {false, true}) {
+      std::vector<int64_t> times;
+      for (int run = 0; run < 1 + repeats; ++run) {  // the first run warms up
+        TUTEL_ASSIGN_OR_RETURN(int64_t ns, p2p_run(*pair, rank, both_ways, size, window,
+                                                   send_buffer.data(), recv_buffer.data()));
+        if (run > 0) times.push_back(ns);
+      }
+      median_ns[both_ways] = median(times);
+    }
+    const uint8_t want = static_cast<uint8_t>(2 - rank);  // the peer's rank + 1
+    if (recv_buffer.front() != want || recv_buffer.back() != want)
+      return Status::Corruption("p2p: rank " + std::to_string(rank) +
+                                " received bytes its peer did not send");
+    if (rank == 0)
+      report.line("p2p " + std::to_string(size) + " " + std::to_string(repeats) + " " +
+                  std::to_string(median_ns[0]) + " " + std::to_string(median_ns[1]) + " " +
+                  std::to_string(window * size));
+  }
+  return Status::OK();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The all-to-all.
+
+// The byte rank `src` puts in every position of its chunk for rank `dst`.
+uint8_t chunk_byte(int src, int dst) { return static_cast<uint8_t>((src * 131 + dst) * 37 + 11); }
+
+// Every rank: per size, per algorithm, warm-up runs, then timed runs each after a barrier; the
+// time of a run is the slowest rank's. Rank 0 reports
+// "a2a <requested size> <size> <algo> <runs> <median ns>".
+Status a2a_rank(int rank, int ranks, uint16_t port, const std::vector<size_t>& sizes,
+                int repeats, int spin_us, const ReportPipe& report) {
+  const int local_size = ranks % kRanksPerNode == 0 ? kRanksPerNode : 1;
+  TUTEL_ASSIGN_OR_RETURN(auto comm,
+                         comm::ucx_bootstrap(loopback_options(port, rank, ranks, local_size, spin_us)));
+  std::vector<comm::AllToAllAlgo> algos = {comm::AllToAllAlgo::kLinear};
+  if (local_size > 1 && local_size < ranks) algos.push_back(comm::AllToAllAlgo::k2DH);
+
+  for (const size_t requested : sizes) {
+    ::alarm(kPointGuardSeconds);
+    const size_t chunk = requested / static_cast<size_t>(ranks);
+    if (chunk == 0) continue;
+    const size_t bytes = chunk * static_cast<size_t>(ranks);
+    std::vector<uint8_t> send(bytes), recv(bytes, 0);
+    for (int d = 0; d < ranks; ++d)
+      std::memset(send.data() + d * chunk, chunk_byte(rank, d), chunk);
+
+    for (const comm::AllToAllAlgo algo : algos) {
+      auto one_run = [&]() -> Result<int64_t> {
+        TUTEL_RETURN_IF_ERROR(comm->barrier());
+        const auto t0 = Clock::now();
+        TUTEL_RETURN_IF_ERROR(comm->all_to_all(send.data(), recv.data(), chunk, algo));
+        return elapsed_ns(t0);
+      };
+      int64_t warm_ns = 0;
+      for (int i = 0; i < (bytes < (size_t{1} << 20) ? 2 : 1); ++i) {
+        TUTEL_ASSIGN_OR_RETURN(int64_t ns, one_run());
+        warm_ns = std::max(warm_ns, ns);
+      }
+      // Every rank must run the same number of collectives: agree on the slowest warm-up.
+      TUTEL_RETURN_IF_ERROR(comm->all_reduce(&warm_ns, 1, comm::ReduceOp::kMax));
+      const int runs = choose_runs(repeats, warm_ns);
+      std::vector<int64_t> times;
+      for (int i = 0; i < runs; ++i) {
+        TUTEL_ASSIGN_OR_RETURN(int64_t ns, one_run());
+        times.push_back(ns);
+      }
+      TUTEL_RETURN_IF_ERROR(comm->all_reduce(times.data(), times.size(), comm::ReduceOp::kMax));
+
+      for (int s = 0; s < ranks; ++s) {
+        const uint8_t want = chunk_byte(s, rank);
+        const uint8_t* got = recv.data() + s * chunk;
+        if (!std::all_of(got, got + chunk, [want](uint8_t b) { return b == want; }))
+          return Status::Corruption("all_to_all " + std::string(comm::to_string(algo)) +
+                                    ": rank " + std::to_string(rank) +
+                                    "'s chunk from rank " + std::to_string(s) + " is wrong");
+      }
+      if (rank == 0)
+        report.line("a2a " + std::to_string(requested) + " " + std::to_string(bytes) + " " +
+                    std::string(comm::to_string(algo)) + " " + std::to_string(runs) + " " +
+                    std::to_string(median(times)));
+    }
+  }
+  return Status::OK();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The table.
+
+struct Plan {
+  std::vector<int> rank_counts;
+  std::vector<const Transport*> transports;
+  std::vector<size_t> sizes;
+  int repeats = 0;
+  int spin_us = -1;
+};
+
+// The parsed options, or a message saying which one is wrong.
+Result<Plan> make_plan(const A2aBenchOptions& o) {
+  Plan plan;
+  plan.repeats = o.repeats;
+  plan.spin_us = o.spin_us;
+  for (const std::string& item : split_list(o.ranks)) {
+    const int n = std::atoi(item.c_str());
+    if (n < 2 || n > 64 || std::to_string(n) != item)
+      return Status::InvalidArgument("--ranks '" + item + "': each must be a number of ranks, 2..64");
+    plan.rank_counts.push_back(n);
+  }
+  for (const std::string& item : split_list(o.transports)) {
+    const Transport* found = nullptr;
+    for (const Transport& t : kTransports)
+      if (t.name == item) found = &t;
+    if (found == nullptr)
+      return Status::InvalidArgument("--transports '" + item + "': use shm, sm or tcp");
+    plan.transports.push_back(found);
+  }
+  for (const std::string& item : split_list(o.sizes)) {
+    const auto bytes = parse_bytes(item);
+    if (!bytes || *bytes > (size_t{1} << 30))
+      return Status::InvalidArgument("--sizes '" + item +
+                                     "': use bytes or KiB/MiB/GiB, up to 1 GiB (e.g. 4KiB,64MiB)");
+    plan.sizes.push_back(*bytes);
+  }
+  if (plan.rank_counts.empty() || plan.transports.empty() || plan.sizes.empty() || o.repeats < 1)
+    return Status::InvalidArgument(
+        "nothing to run: give --ranks, --transports and --sizes, and --repeats >= 1");
+  return plan;
+}
+
+std::string load_average() {
+  char buf[64] = {};
+  FILE* f = std::fopen("/proc/loadavg", "r");
+  if (f == nullptr) return "unknown";
+  const bool read = std::fgets(buf, sizeof buf, f) != nullptr;
+  std::fclose(f);
+  if (!read) return "unknown";
+  std::string text(buf);
+  size_t end = 0;
+  for (int field = 0; field < 3 && end != std::string::npos; ++field)
+    end = text.find(' ', end + (field > 0 ? 1 : 0));
+  return text.substr(0, end) + " (1, 5, 15 min)";
+}
+
+void print_preamble(const Plan& plan, int cores) {
+  std::printf("tutel-bench a2a: UCX all-to-all between forked ranks (one process each) on this "
+              "machine: %d cores, UCX_NET_DEVICES=lo, load average %s\n",
+              cores, load_average().c_str());
+  std::printf(
+      "  size       per-rank send buffer: `ranks` chunks of size/ranks bytes (chunk i goes to "
+      "rank i); the receive buffer is as large\n"
+      "  time       all-to-all rows: median over runs of the slowest rank's all-to-all, each run "
+      "started by a barrier (after 1-2 warm-up runs);\n"
+      "             p2p rows: one message one way (a run's time / the messages in it)\n"
+      "  algbw      size / time;  busbw = algbw * (ranks-1)/ranks, what a rank sends to the "
+      "others per second;  1 GB/s = 1e9 B/s\n"
+      "  p2p        the ceiling, measured first in the same run: raw UCX tag sends, rank 0 -> "
+      "rank 1 of a pair alone, same UCX_TLS,\n"
+      "             messages of `size` bytes back to back (up to %zu in flight, ~%s a run), "
+      "median of --repeats runs\n"
+      "  p2p 2-way  the same with rank 1 sending back at once: per-direction bandwidth of an "
+      "exchange (what each rank of an all-to-all does)\n"
+      "  target     linear at size >= %s: busbw / p2p >= %.2f\n"
+      "  2dh        %d ranks per node; run where that divides `ranks` into more than one node\n",
+      kP2pWindow, format_bytes(kP2pBytesPerRun).c_str(), format_bytes(kLargeBytes).c_str(),
+      kTargetRatio, kRanksPerNode);
+  std::printf("  spin       the communicator busy-polls %s before it sleeps on its event fd "
+              "(--spin-us)\n",
+              plan.spin_us >= 0 ? (std::to_string(plan.spin_us) + " us").c_str()
+                                : "its default 50 us");
+  std::printf("  transports");
+  for (const Transport* t : plan.transports)
+    std::printf(" %.*s: UCX_TLS=%s;", static_cast<int>(t->name.size()), t->name.data(),
+                t->ucx_tls);
+  std::printf("\n");
+  bool oversubscribed = false;
+  for (int n : plan.rank_counts) oversubscribed |= n > cores;
+  if (oversubscribed)
+    std::printf("  NOTE       ranks marked * outnumber the %d cores (oversubscribed): the ranks "
+                "take turns on the cores, so their numbers are lower than with a core each\n",
+                cores);
+  std::printf("\n");
+}
+
+constexpr const char* kRowFormat = "%-6s %-9s %-6s %8s %5s %11s %14s %14s %14s %14s %9s  %s\n";
+
+struct P2pCeiling {
+  double one_way_bps = 0;
+  double both_ways_bps = 0;  // per direction
+};
+
+// Records and prints rank 0's "p2p ..." line.
+void parse_p2p_row(const std::string& line, const std::string& transport,
+                   std::map<size_t, P2pCeiling>& p2p) {
+  size_t size = 0, bytes = 0;
+  int runs = 0;
+  int64_t one_ns = 0, both_ns = 0;
+  if (std::sscanf(line.c_str(), "p2p %zu %d %" SCNd64 " %" SCNd64 " %zu", &size, &runs, &one_ns,
+                  &both_ns, &bytes) != 5 || one_ns <= 0 || both_ns <= 0 || bytes < size)
+    return;
+  const P2pCeiling c{static_cast<double>(bytes) / (static_cast<double>(one_ns) * 1e-9),
+                     static_cast<double>(bytes) / (static_cast<double>(both_ns) * 1e-9)};
+  p2p[size] = c;
+  const double per_message = static_cast<double>(one_ns) * 1e-9 / static_cast<double>(bytes / size);
+  std::printf(kRowFormat, "2", transport.c_str(), "p2p", format_bytes(size).c_str(),
+              std::to_string(runs).c_str(), format_seconds(per_message).c_str(), "-", "-",
+              format_gbps(c.one_way_bps).c_str(), format_gbps(c.both_ways_bps).c_str(), "-", "");
+  std::fflush(stdout);
+}
+
+// One table row from rank 0's "a2a ..." line.
+void print_a2a_row(const std::string& line, int ranks, const std::string& ranks_label,
+                   const std::string& transport, const std::map<size_t, P2pCeiling>& p2p) {
+  size_t requested = 0, bytes = 0;
+  char algo[16] = {};
+  int runs = 0;
+  int64_t ns = 0;
+  if (std::sscanf(line.c_str(), "a2a %zu %zu %15s %d %" SCNd64, &requested, &bytes, algo, &runs,
+                  &ns) != 5 || ns <= 0)
+    return;
+  const double seconds = static_cast<double>(ns) * 1e-9;
+  const double algbw = static_cast<double>(bytes) / seconds;
+  const double busbw = algbw * (ranks - 1) / ranks;
+  std::string one_way = "-", both_ways = "-", ratio_text = "-", verdict;
+  if (const auto it = p2p.find(requested); it != p2p.end()) {
+    const double ratio = busbw / it->second.one_way_bps;
+    one_way = format_gbps(it->second.one_way_bps);
+    both_ways = format_gbps(it->second.both_ways_bps);
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.2f", ratio);
+    ratio_text = buf;
+    if (std::string_view(algo) == "linear" && bytes >= kLargeBytes) {
+      std::snprintf(buf, sizeof buf, "(target >= %.2f: %s)", kTargetRatio,
+                    ratio >= kTargetRatio ? "met" : "MISSED");
+      verdict = buf;
+    }
+  }
+  std::printf(kRowFormat, ranks_label.c_str(), transport.c_str(), algo,
+              format_bytes(bytes).c_str(), std::to_string(runs).c_str(),
+              format_seconds(seconds).c_str(), format_gbps(algbw).c_str(),
+              format_gbps(busbw).c_str(), one_way.c_str(), both_ways.c_str(),
+              ratio_text.c_str(), verdict.c_str());
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int run_a2a_bench(const A2aBenchOptions& options) {
+  const Result<Plan> parsed = make_plan(options);
+  if (!parsed.ok()) {
+    std::fprintf(stderr, "tutel-bench a2a: %s\n", std::string(parsed.status().message()).c_str());
+    return 2;
+  }
+  const Plan& plan = *parsed;
+  // Before any fork, so no child can miss it: UCX must not leave loopback here.
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  const double t_start = now_seconds();
+  print_preamble(plan, cores);
+  std::printf(kRowFormat, "ranks", "transport", "algo", "size", "runs", "time", "algbw",
+              "busbw", "p2p", "p2p 2-way", "busbw/p2p", "");
+
+  int exit_code = 0;
+  bool shm_failed = false;
+  for (const Transport* transport : plan.transports) {
+    const std::string tname(transport->name);
+    std::map<size_t, P2pCeiling> p2p;  // by requested size
+    const uint16_t p2p_port = free_loopback_port();
+    const Status p2p_status = run_ranks(
+        2, transport->ucx_tls,
+        [&](int rank, const ReportPipe& report) {
+          return p2p_rank(rank, p2p_port, plan.sizes, plan.repeats, report);
+        },
+        [&](const std::string& line) { parse_p2p_row(line, tname, p2p); });
+    if (!p2p_status.ok()) {
+      std::printf("%-6s %-9s p2p    failed: %s\n", "2", tname.c_str(),
+                  p2p_status.to_string().c_str());
+      exit_code = 1;
+    }
+
+    for (const int ranks : plan.rank_counts) {
+      const uint16_t port = free_loopback_port();
+      const std::string label = std::to_string(ranks) + (ranks > cores ? "*" : "");
+      const Status st = run_ranks(
+          ranks, transport->ucx_tls,
+          [&](int rank, const ReportPipe& report) {
+            return a2a_rank(rank, ranks, port, plan.sizes, plan.repeats, plan.spin_us, report);
+          },
+          [&](const std::string& line) { print_a2a_row(line, ranks, label, tname, p2p); });
+      if (!st.ok()) {
+        std::printf("%-6s %-9s a2a    failed: %s\n", label.c_str(), tname.c_str(),
+                    st.to_string().c_str());
+        shm_failed |= tname != "tcp";
+        exit_code = 1;
+      }
+    }
+  }
+
+  std::printf("\n");
+  if (shm_failed)
+    std::printf(
+        "shared memory: the communicator's UCX endpoints ask for peer-failure handling "
+        "(UCP_ERR_HANDLING_MODE_PEER), which UCX %s's\n  shared-memory transports do not "
+        "provide (UCX says \"no peer failure handler\"), so it cannot connect with shared memory "
+        "alone;\n  under the default UCX_TLS its messages go over tcp/lo. The p2p ceiling above "
+        "does not ask for it, so it runs.\n",
+        ucp_get_version_string());
+  for (const int ranks : plan.rank_counts) {
+    if (ranks % kRanksPerNode != 0)
+      std::printf("2dh not run for %d ranks: %d ranks per node does not divide them\n", ranks,
+                  kRanksPerNode);
+    else if (ranks == kRanksPerNode)
+      std::printf("2dh not run for %d ranks: at %d ranks per node they are one node, where 2DH "
+                  "is the linear exchange\n", ranks, kRanksPerNode);
+  }
+  for (const size_t size : plan.sizes)
+    for (const int ranks : plan.rank_counts)
+      if (size < static_cast<size_t>(ranks))
+        std::printf("size %s not run for %d ranks: less than one byte per chunk\n",
+                    format_bytes(size).c_str(), ranks);
+  std::printf("load average at the end: %s\ntotal wall time: %.1f s\n", load_average().c_str(),
+              now_seconds() - t_start);
+  return exit_code;
+}
+
+}  // namespace tutel::bench
