@@ -208,3 +208,95 @@ INSTANTIATE_TEST_SUITE_P(Groups, ExpertParallelDaemons,
 
 }  // namespace
 }  // namespace tutel::testing
+
+namespace tutel::testing {
+namespace {
+
+std::string group_spec(const std::string& name, uint16_t port, int rank, int timeout_ms) {
+  return "name = \"" + name + "\"\nexperts = 4\nmodel_dim = 16\nhidden = 32\nk = 2\ninit_seed = 3\n"
+         "[optimizer]\nkind = \"sgd\"\nlr = 0.01\n[group]\ncoordinator = \"127.0.0.1:" + std::to_string(port) +
+         "\"\nsize = 2\nrank = " + std::to_string(rank) + "\nbootstrap_timeout_ms = 20000\ncollective_timeout_ms = " +
+         std::to_string(timeout_ms) + "\n";
+}
+
+// Two groups (two jobs) on the same two daemons, their clients submitting in opposite orders:
+// each group's collectives run on its own communicator in its own order, so neither waits for
+// the other.
+TEST(ExpertParallelGroups, TwoGroupsInOppositeOrdersDoNotDeadlock) {
+  DaemonProcess d0(DaemonOptions{}), d1(DaemonOptions{});
+  ASSERT_TRUE(d0.start());
+  ASSERT_TRUE(d1.start());
+  const uint16_t port_a = free_port(), port_b = free_port();
+  constexpr int kSteps = 6;
+  std::vector<Status> results(4);
+  std::vector<std::thread> threads;
+  // (group, rank, daemon, start delay): on daemon 0 group A goes first, on daemon 1 group B.
+  const struct { char group; int rank; DaemonProcess* daemon; int delay_ms; } clients[] = {
+      {'a', 0, &d0, 0}, {'b', 0, &d0, 150}, {'b', 1, &d1, 0}, {'a', 1, &d1, 150}};
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&, i] {
+      const auto& c = clients[i];
+      std::this_thread::sleep_for(std::chrono::milliseconds(c.delay_ms));
+      auto client = client::Client::connect(c.daemon->client_socket());
+      if (!client.ok()) return void(results[i] = client.status());
+      auto layer = client->create_layer(group_spec(std::string("job_") + c.group + std::to_string(c.rank),
+                                                   c.group == 'a' ? port_a : port_b, c.rank, 20000));
+      if (!layer.ok()) return void(results[i] = layer.status());
+      std::vector<float> x(24 * 16, 0.1f * (i + 1)), y(24 * 16), dx(24 * 16);
+      for (int step = 0; step < kSteps; ++step) {
+        Status st = layer->forward(x.data(), 24, y.data());
+        if (st.ok()) st = layer->backward(y.data(), 0.f, dx.data());
+        if (st.ok()) st = layer->step().status();
+        if (!st.ok()) return void(results[i] = st);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < 4; ++i) EXPECT_TRUE(results[i].ok()) << "client " << i << ": " << results[i];
+  EXPECT_EQ(d0.stop(), 0) << d0.log();
+  EXPECT_EQ(d1.stop(), 0) << d1.log();
+}
+
+// A daemon that dies turns its group's collectives into errors naming the peer within the
+// collective timeout; the surviving daemon keeps serving its other layers.
+TEST(ExpertParallelGroups, ADeadPeerFailsTheGroupNotTheDaemon) {
+  DaemonProcess d0(DaemonOptions{}), d1(DaemonOptions{});
+  ASSERT_TRUE(d0.start());
+  ASSERT_TRUE(d1.start());
+  const uint16_t port = free_port();
+  std::optional<client::Client> c0, c1;
+  std::optional<client::Layer> l0, l1;
+  std::thread peer([&] {
+    auto c = client::Client::connect(d1.client_socket());
+    ASSERT_TRUE(c.ok());
+    c1.emplace(std::move(*c));
+    auto l = c1->create_layer(group_spec("job_r1", port, 1, 2000));
+    ASSERT_TRUE(l.ok()) << l.status();
+    l1.emplace(std::move(*l));
+  });
+  auto c = client::Client::connect(d0.client_socket());
+  ASSERT_TRUE(c.ok());
+  c0.emplace(std::move(*c));
+  auto l = c0->create_layer(group_spec("job_r0", port, 0, 2000));
+  ASSERT_TRUE(l.ok()) << l.status();
+  l0.emplace(std::move(*l));
+  peer.join();
+  ASSERT_TRUE(l1.has_value());
+
+  ::kill(d1.pid(), SIGKILL);
+  std::vector<float> x(8 * 16, 0.5f), y(8 * 16);
+  const Status st = l0->infer(x.data(), 8, y.data());
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("rank 1"), std::string_view::npos) << st;
+  // The daemon is alive and serves a layer of its own.
+  auto local = c0->create_layer("name = \"solo\"\nexperts = 4\nmodel_dim = 16\nhidden = 32\nk = 2\ninit_seed = 1\n");
+  ASSERT_TRUE(local.ok()) << local.status();
+  EXPECT_TRUE(local->infer(x.data(), 8, y.data()).ok());
+  EXPECT_TRUE(d0.alive());
+  l1.reset();
+  c1.reset();
+  EXPECT_EQ(d0.stop(), 0) << d0.log();
+}
+
+}  // namespace
+}  // namespace tutel::testing

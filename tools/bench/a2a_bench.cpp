@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <cinttypes>
@@ -71,7 +72,7 @@ struct Transport {
 };
 constexpr Transport kTransports[] = {
     {"shm", "posix,self"},  // shared memory, copies through a posix segment
-    {"sm", "sm,self"},      // every shared-memory transport UCX has (adds cma: single copy)
+    {"sm", "sm,self"},      // every shared-memory transport UCX has: posix, sysv, cma, knem...
     {"tcp", "tcp,self"},
 };
 
@@ -98,7 +99,7 @@ std::optional<size_t> parse_bytes(std::string_view text) {
   size_t digits = 0;
   while (digits < text.size() && text[digits] >= '0' && text[digits] <= '9') ++digits;
   if (digits == 0 || digits > 12) return std::nullopt;
-  size_t value = std::stoull(std::string(text.substr(0, digits)));
+  const size_t value = std::stoull(std::string(text.substr(0, digits)));
   std::string unit(text.substr(digits));
   for (char& c : unit) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   int shift = -1;
@@ -106,7 +107,7 @@ std::optional<size_t> parse_bytes(std::string_view text) {
   if (unit == "k" || unit == "kib") shift = 10;
   if (unit == "m" || unit == "mib") shift = 20;
   if (unit == "g" || unit == "gib") shift = 30;
-  if (shift < 0 || value == 0) return std::nullopt;
+  if (shift < 0 || value == 0 || value > (size_t{1} << 40) >> shift) return std::nullopt;
   return value << shift;
 }
 
@@ -134,9 +135,13 @@ std::string format_seconds(double s) {
   return buf;
 }
 
+// GB/s, or MB/s below 0.1 GB/s so that small numbers keep their digits.
 std::string format_gbps(double bytes_per_second) {
   char buf[32];
-  std::snprintf(buf, sizeof buf, "%.3f GB/s", bytes_per_second / 1e9);
+  if (bytes_per_second < 1e8)
+    std::snprintf(buf, sizeof buf, "%.3f MB/s", bytes_per_second / 1e6);
+  else
+    std::snprintf(buf, sizeof buf, "%.3f GB/s", bytes_per_second / 1e9);
   return buf;
 }
 
@@ -271,7 +276,8 @@ Status run_ranks(int size, const char* tls, const RankBody& body,
   std::vector<Fd> pipes;
   for (int r = 0; r < size; ++r) {
     int fds[2];
-    if (::pipe2(fds, O_CLOEXEC) != 0) return Status::IOError("pipe2: " + std::string(strerror(errno)));
+    if (::pipe2(fds, O_CLOEXEC) != 0)
+      return Status::IOError("pipe2: " + std::string(strerror(errno)));
     Fd read_end(fds[0]), write_end(fds[1]);
     const pid_t pid = ::fork();
     if (pid < 0) return Status::IOError("fork: " + std::string(strerror(errno)));
@@ -351,7 +357,8 @@ Status run_ranks(int size, const char* tls, const RankBody& body,
   if (failed > kFailuresShown)
     failures += "\n  and " + std::to_string(failed - kFailuresShown) +
                 (failed - kFailuresShown == 1 ? " more rank" : " more ranks");
-  if (stalled) failures += "\n  (no result for " + std::to_string(kPointGuardSeconds) + " s: killed)";
+  if (stalled)
+    failures += "\n  (no result for " + std::to_string(kPointGuardSeconds) + " s: killed)";
   return failures.empty() ? Status::OK() : Status::Aborted("ranks failed:" + failures);
 }
 
@@ -556,11 +563,11 @@ uint8_t chunk_byte(int src, int dst) { return static_cast<uint8_t>((src * 131 + 
 // Every rank: per size, per algorithm, warm-up runs, then timed runs each after a barrier; the
 // time of a run is the slowest rank's. Rank 0 reports
 // "a2a <requested size> <size> <algo> <runs> <median ns>".
-Status a2a_rank(int rank, int ranks, uint16_t port, const std::vector<size_t>& sizes,
-                int repeats, int spin_us, const ReportPipe& report) {
+Status a2a_rank(int rank, int ranks, uint16_t port, const std::vector<size_t>& sizes, int repeats,
+                int spin_us, const ReportPipe& report) {
   const int local_size = ranks % kRanksPerNode == 0 ? kRanksPerNode : 1;
-  TUTEL_ASSIGN_OR_RETURN(auto comm,
-                         comm::ucx_bootstrap(loopback_options(port, rank, ranks, local_size, spin_us)));
+  TUTEL_ASSIGN_OR_RETURN(
+      auto comm, comm::ucx_bootstrap(loopback_options(port, rank, ranks, local_size, spin_us)));
   std::vector<comm::AllToAllAlgo> algos = {comm::AllToAllAlgo::kLinear};
   if (local_size > 1 && local_size < ranks) algos.push_back(comm::AllToAllAlgo::k2DH);
 
@@ -599,9 +606,9 @@ Status a2a_rank(int rank, int ranks, uint16_t port, const std::vector<size_t>& s
         const uint8_t want = chunk_byte(s, rank);
         const uint8_t* got = recv.data() + s * chunk;
         if (!std::all_of(got, got + chunk, [want](uint8_t b) { return b == want; }))
-          return Status::Corruption("all_to_all " + std::string(comm::to_string(algo)) +
-                                    ": rank " + std::to_string(rank) +
-                                    "'s chunk from rank " + std::to_string(s) + " is wrong");
+          return Status::Corruption("all_to_all " + std::string(comm::to_string(algo)) + ": rank " +
+                                    std::to_string(rank) + "'s chunk from rank " +
+                                    std::to_string(s) + " is wrong");
       }
       if (rank == 0)
         report.line("a2a " + std::to_string(requested) + " " + std::to_string(bytes) + " " +
@@ -631,7 +638,8 @@ Result<Plan> make_plan(const A2aBenchOptions& o) {
   for (const std::string& item : split_list(o.ranks)) {
     const int n = std::atoi(item.c_str());
     if (n < 2 || n > 64 || std::to_string(n) != item)
-      return Status::InvalidArgument("--ranks '" + item + "': each must be a number of ranks, 2..64");
+      return Status::InvalidArgument("--ranks '" + item +
+                                     "': each must be a number of ranks, 2..64");
     plan.rank_counts.push_back(n);
   }
   for (const std::string& item : split_list(o.transports)) {
@@ -670,9 +678,10 @@ std::string load_average() {
 }
 
 void print_preamble(const Plan& plan, int cores) {
-  std::printf("tutel-bench a2a: UCX all-to-all between forked ranks (one process each) on this "
-              "machine: %d cores, UCX_NET_DEVICES=lo, load average %s\n",
-              cores, load_average().c_str());
+  std::printf(
+      "tutel-bench a2a: UCX all-to-all between forked ranks (one process each) on this "
+      "machine: %d cores, UCX_NET_DEVICES=lo, load average %s\n",
+      cores, load_average().c_str());
   std::printf(
       "  size       per-rank send buffer: `ranks` chunks of size/ranks bytes (chunk i goes to "
       "rank i); the receive buffer is as large\n"
@@ -680,7 +689,7 @@ void print_preamble(const Plan& plan, int cores) {
       "started by a barrier (after 1-2 warm-up runs);\n"
       "             p2p rows: one message one way (a run's time / the messages in it)\n"
       "  algbw      size / time;  busbw = algbw * (ranks-1)/ranks, what a rank sends to the "
-      "others per second;  1 GB/s = 1e9 B/s\n"
+      "others per second;  1 GB/s = 1e9 B/s, 1 MB/s = 1e6 B/s\n"
       "  p2p        the ceiling, measured first in the same run: raw UCX tag sends, rank 0 -> "
       "rank 1 of a pair alone, same UCX_TLS,\n"
       "             messages of `size` bytes back to back (up to %zu in flight, ~%s a run), "
@@ -691,21 +700,21 @@ void print_preamble(const Plan& plan, int cores) {
       "  2dh        %d ranks per node; run where that divides `ranks` into more than one node\n",
       kP2pWindow, format_bytes(kP2pBytesPerRun).c_str(), format_bytes(kLargeBytes).c_str(),
       kTargetRatio, kRanksPerNode);
-  std::printf("  spin       the communicator busy-polls %s before it sleeps on its event fd "
-              "(--spin-us)\n",
-              plan.spin_us >= 0 ? (std::to_string(plan.spin_us) + " us").c_str()
-                                : "its default 50 us");
+  std::printf(
+      "  spin       the communicator busy-polls %s before it sleeps on its event fd "
+      "(--spin-us)\n",
+      plan.spin_us >= 0 ? (std::to_string(plan.spin_us) + " us").c_str() : "its default 50 us");
   std::printf("  transports");
   for (const Transport* t : plan.transports)
-    std::printf(" %.*s: UCX_TLS=%s;", static_cast<int>(t->name.size()), t->name.data(),
-                t->ucx_tls);
+    std::printf(" %.*s: UCX_TLS=%s;", static_cast<int>(t->name.size()), t->name.data(), t->ucx_tls);
   std::printf("\n");
   bool oversubscribed = false;
   for (int n : plan.rank_counts) oversubscribed |= n > cores;
   if (oversubscribed)
-    std::printf("  NOTE       ranks marked * outnumber the %d cores (oversubscribed): the ranks "
-                "take turns on the cores, so their numbers are lower than with a core each\n",
-                cores);
+    std::printf(
+        "  NOTE       ranks marked * outnumber the %d cores (oversubscribed): the ranks "
+        "take turns on the cores, so their numbers are lower than with a core each\n",
+        cores);
   std::printf("\n");
 }
 
@@ -723,7 +732,8 @@ void parse_p2p_row(const std::string& line, const std::string& transport,
   int runs = 0;
   int64_t one_ns = 0, both_ns = 0;
   if (std::sscanf(line.c_str(), "p2p %zu %d %" SCNd64 " %" SCNd64 " %zu", &size, &runs, &one_ns,
-                  &both_ns, &bytes) != 5 || one_ns <= 0 || both_ns <= 0 || bytes < size)
+                  &both_ns, &bytes) != 5 ||
+      one_ns <= 0 || both_ns <= 0 || bytes < size)
     return;
   const P2pCeiling c{static_cast<double>(bytes) / (static_cast<double>(one_ns) * 1e-9),
                      static_cast<double>(bytes) / (static_cast<double>(both_ns) * 1e-9)};
@@ -743,7 +753,8 @@ void print_a2a_row(const std::string& line, int ranks, const std::string& ranks_
   int runs = 0;
   int64_t ns = 0;
   if (std::sscanf(line.c_str(), "a2a %zu %zu %15s %d %" SCNd64, &requested, &bytes, algo, &runs,
-                  &ns) != 5 || ns <= 0)
+                  &ns) != 5 ||
+      ns <= 0)
     return;
   const double seconds = static_cast<double>(ns) * 1e-9;
   const double algbw = static_cast<double>(bytes) / seconds;
@@ -762,11 +773,10 @@ void print_a2a_row(const std::string& line, int ranks, const std::string& ranks_
       verdict = buf;
     }
   }
-  std::printf(kRowFormat, ranks_label.c_str(), transport.c_str(), algo,
-              format_bytes(bytes).c_str(), std::to_string(runs).c_str(),
-              format_seconds(seconds).c_str(), format_gbps(algbw).c_str(),
-              format_gbps(busbw).c_str(), one_way.c_str(), both_ways.c_str(),
-              ratio_text.c_str(), verdict.c_str());
+  std::printf(kRowFormat, ranks_label.c_str(), transport.c_str(), algo, format_bytes(bytes).c_str(),
+              std::to_string(runs).c_str(), format_seconds(seconds).c_str(),
+              format_gbps(algbw).c_str(), format_gbps(busbw).c_str(), one_way.c_str(),
+              both_ways.c_str(), ratio_text.c_str(), verdict.c_str());
   std::fflush(stdout);
 }
 
@@ -784,8 +794,8 @@ int run_a2a_bench(const A2aBenchOptions& options) {
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
   const double t_start = now_seconds();
   print_preamble(plan, cores);
-  std::printf(kRowFormat, "ranks", "transport", "algo", "size", "runs", "time", "algbw",
-              "busbw", "p2p", "p2p 2-way", "busbw/p2p", "");
+  std::printf(kRowFormat, "ranks", "transport", "algo", "size", "runs", "time", "algbw", "busbw",
+              "p2p", "p2p 2-way", "busbw/p2p", "");
 
   int exit_code = 0;
   bool shm_failed = false;
@@ -837,8 +847,10 @@ int run_a2a_bench(const A2aBenchOptions& options) {
       std::printf("2dh not run for %d ranks: %d ranks per node does not divide them\n", ranks,
                   kRanksPerNode);
     else if (ranks == kRanksPerNode)
-      std::printf("2dh not run for %d ranks: at %d ranks per node they are one node, where 2DH "
-                  "is the linear exchange\n", ranks, kRanksPerNode);
+      std::printf(
+          "2dh not run for %d ranks: at %d ranks per node they are one node, where 2DH "
+          "is the linear exchange\n",
+          ranks, kRanksPerNode);
   }
   for (const size_t size : plan.sizes)
     for (const int ranks : plan.rank_counts)

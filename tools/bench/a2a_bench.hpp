@@ -5,7 +5,7 @@
 namespace tutel::bench {
 
 struct A2aBenchOptions {
-  std::string ranks = "2,4,8";       // group sizes, comma-separated
+  std::string ranks = "2,4,8";         // group sizes, comma-separated
   std::string transports = "shm,tcp";  // shm (UCX_TLS=posix,self) | sm (sm,self) | tcp (tcp,self)
   // Per-rank send buffer sizes (all size() chunks together), comma-separated: 4KiB, 1MiB, 4096.
   std::string sizes = "4KiB,64KiB,1MiB,16MiB,64MiB";
