@@ -61,7 +61,12 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
       for (const LayerRef& ref : registry_->all()) {
         const LayerSpec& spec = ref.layer->definition().spec;
         const RoutingStats st = ref.layer->last_stats();
-        layers.push_back({{"tenant", ref.layer->tenant()},
+        const auto& group = ref.layer->definition().group;
+        layers.push_back({{"group", group ? json{{"rank", group->rank}, {"size", group->size},
+                                                 {"coordinator", group->coordinator_host + ":" +
+                                                                     std::to_string(group->coordinator_port)}}
+                                          : json(nullptr)},
+                          {"tenant", ref.layer->tenant()},
                           {"name", ref.layer->name()},
                           {"handle", ref.handle},
                           {"rank", ref.layer->rank_index()},
