@@ -61,8 +61,10 @@ constexpr size_t kP2pWindow = 64;
 // Linear all-to-alls of at least this per-rank size are held to the target.
 constexpr size_t kLargeBytes = size_t{16} << 20;
 constexpr double kTargetRatio = 0.70;
+// Cores busier than this before or after the run (others' processes) make the numbers noise.
+constexpr double kBusyWarning = 0.2;
 // A failed group's report names this many of its failed ranks.
-constexpr int kFailuresShown = 3;
+constexpr size_t kFailuresShown = 3;
 // 2DH is benchmarked with this many ranks per node, where it divides the group.
 constexpr int kRanksPerNode = 2;
 
@@ -339,26 +341,31 @@ Status run_ranks(int size, const char* tls, const RankBody& body,
     }
   }
 
-  std::string failures;
-  int failed = 0;
+  // Ranks that died of a signal first: the others usually failed because of them.
+  std::vector<std::string> died, erred;
   for (size_t r = 0; r < children.size(); ++r) {
     const pid_t pid = children.pid(r);
     const int status = children.reap(r);
     if (WIFEXITED(status) && WEXITSTATUS(status) == 0) continue;
-    if (++failed > kFailuresShown) continue;
-    failures += "\n  rank " + std::to_string(r) + " (pid " + std::to_string(pid) + "): ";
+    std::string text = "rank " + std::to_string(r) + " (pid " + std::to_string(pid) + "): ";
     if (WIFSIGNALED(status))
-      failures += std::string("killed by ") + strsignal(WTERMSIG(status)) +
-                  (WTERMSIG(status) == SIGALRM ? " (its guard alarm: it hung)" : "");
+      text += std::string("killed by ") + strsignal(WTERMSIG(status)) +
+              (WTERMSIG(status) == SIGALRM ? " (its guard alarm: it hung)" : "");
     else
-      failures += "exit code " + std::to_string(WEXITSTATUS(status));
-    if (!said[r].empty()) failures += ": " + said[r];
+      text += "exit code " + std::to_string(WEXITSTATUS(status));
+    if (!said[r].empty()) text += ": " + said[r];
+    (WIFSIGNALED(status) ? died : erred).push_back(std::move(text));
   }
-  if (failed > kFailuresShown)
-    failures += "\n  and " + std::to_string(failed - kFailuresShown) +
-                (failed - kFailuresShown == 1 ? " more rank" : " more ranks");
+  died.insert(died.end(), erred.begin(), erred.end());
+  std::string failures;
+  for (size_t i = 0; i < died.size() && i < kFailuresShown; ++i) failures += "\n  " + died[i];
+  if (died.size() > kFailuresShown)
+    failures += "\n  and " + std::to_string(died.size() - kFailuresShown) +
+                (died.size() - kFailuresShown == 1 ? " more rank" : " more ranks");
   if (stalled)
-    failures += "\n  (no result for " + std::to_string(kPointGuardSeconds) + " s: killed)";
+    failures += "\n  (the group reported nothing for " +
+                std::to_string(kPointGuardSeconds + kParentMargin.count()) +
+                " s: the ranks still running were killed)";
   return failures.empty() ? Status::OK() : Status::Aborted("ranks failed:" + failures);
 }
 
@@ -663,25 +670,47 @@ Result<Plan> make_plan(const A2aBenchOptions& o) {
   return plan;
 }
 
-std::string load_average() {
-  char buf[64] = {};
-  FILE* f = std::fopen("/proc/loadavg", "r");
-  if (f == nullptr) return "unknown";
-  const bool read = std::fgets(buf, sizeof buf, f) != nullptr;
-  std::fclose(f);
-  if (!read) return "unknown";
-  std::string text(buf);
-  size_t end = 0;
-  for (int field = 0; field < 3 && end != std::string::npos; ++field)
-    end = text.find(' ', end + (field > 0 ? 1 : 0));
-  return text.substr(0, end) + " (1, 5, 15 min)";
+// How busy the cores are without us (none of our ranks runs when it is called): the share of
+// non-idle time in /proc/stat over a short sample; negative when unknown.
+double cores_busy_elsewhere() {
+  auto sample = [](uint64_t* idle, uint64_t* total) {
+    FILE* f = std::fopen("/proc/stat", "r");
+    if (f == nullptr) return false;
+    uint64_t v[8] = {};
+    const int n = std::fscanf(f,
+                              "cpu %" SCNu64 " %" SCNu64 " %" SCNu64 " %" SCNu64 " %" SCNu64
+                              " %" SCNu64 " %" SCNu64 " %" SCNu64,
+                              &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7]);
+    std::fclose(f);
+    if (n != 8) return false;
+    *idle = v[3] + v[4];  // idle + iowait
+    *total = 0;
+    for (uint64_t x : v) *total += x;
+    return true;
+  };
+  uint64_t idle0, total0, idle1, total1;
+  if (!sample(&idle0, &total0)) return -1;
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  if (!sample(&idle1, &total1) || total1 <= total0) return -1;
+  return 1.0 - static_cast<double>(idle1 - idle0) / static_cast<double>(total1 - total0);
 }
 
-void print_preamble(const Plan& plan, int cores) {
+// "12 % busy" plus a warning when others' load makes the numbers unreliable.
+std::string describe_busy(double busy) {
+  if (busy < 0) return "unknown (no /proc/stat)";
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "%.0f %% busy over 0.5 s%s", busy * 100,
+                busy > kBusyWarning ? "  WARNING: other processes are using the cores; the "
+                                      "numbers are not reliable"
+                                    : "");
+  return buf;
+}
+
+void print_preamble(const Plan& plan, int cores, double busy) {
   std::printf(
       "tutel-bench a2a: UCX all-to-all between forked ranks (one process each) on this "
-      "machine: %d cores, UCX_NET_DEVICES=lo, load average %s\n",
-      cores, load_average().c_str());
+      "machine: %d cores, UCX_NET_DEVICES=lo\n",
+      cores);
   std::printf(
       "  size       per-rank send buffer: `ranks` chunks of size/ranks bytes (chunk i goes to "
       "rank i); the receive buffer is as large\n"
@@ -704,6 +733,7 @@ void print_preamble(const Plan& plan, int cores) {
       "  spin       the communicator busy-polls %s before it sleeps on its event fd "
       "(--spin-us)\n",
       plan.spin_us >= 0 ? (std::to_string(plan.spin_us) + " us").c_str() : "its default 50 us");
+  std::printf("  cores      before the run, without the bench: %s\n", describe_busy(busy).c_str());
   std::printf("  transports");
   for (const Transport* t : plan.transports)
     std::printf(" %.*s: UCX_TLS=%s;", static_cast<int>(t->name.size()), t->name.data(), t->ucx_tls);
@@ -793,7 +823,7 @@ int run_a2a_bench(const A2aBenchOptions& options) {
   ::setenv("UCX_NET_DEVICES", "lo", 1);
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
   const double t_start = now_seconds();
-  print_preamble(plan, cores);
+  print_preamble(plan, cores, cores_busy_elsewhere());
   std::printf(kRowFormat, "ranks", "transport", "algo", "size", "runs", "time", "algbw", "busbw",
               "p2p", "p2p 2-way", "busbw/p2p", "");
 
@@ -857,8 +887,9 @@ int run_a2a_bench(const A2aBenchOptions& options) {
       if (size < static_cast<size_t>(ranks))
         std::printf("size %s not run for %d ranks: less than one byte per chunk\n",
                     format_bytes(size).c_str(), ranks);
-  std::printf("load average at the end: %s\ntotal wall time: %.1f s\n", load_average().c_str(),
-              now_seconds() - t_start);
+  const double elapsed = now_seconds() - t_start;
+  std::printf("cores after the run, without the bench: %s\ntotal wall time: %.1f s\n",
+              describe_busy(cores_busy_elsewhere()).c_str(), elapsed);
   return exit_code;
 }
 
