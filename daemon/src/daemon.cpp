@@ -405,11 +405,12 @@ void DaemonImpl::close_session(const std::shared_ptr<Session>& s) {
            [](uv_handle_t* h) { static_cast<Session*>(h->data)->keep_alive.reset(); });
   // Join the worker off the loop (it finishes its current request first), then forget the
   // session's pending forwards.
-  offload([s] {
+  // (drop_pending may wait for a group layer busy with its peers: off the loop too.)
+  offload([this, s] {
             if (s->worker.joinable()) s->worker.join();
+            for (const LayerRef& ref : registry_->all()) ref.layer->drop_pending(s->id);
           },
           [this, s] {
-            for (const LayerRef& ref : registry_->all()) ref.layer->drop_pending(s->id);
             sessions_.erase(s->id);
             metrics_.set_active_sessions(static_cast<int64_t>(sessions_.size()));
             s->fd.reset();

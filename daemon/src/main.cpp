@@ -1,5 +1,6 @@
 // tuteld --config FILE: serves MoE layers to the trainers on this node until SIGTERM/SIGINT.
 #include <signal.h>
+#include <stdlib.h>
 
 #include <CLI/CLI.hpp>
 #include <iostream>
@@ -21,6 +22,10 @@ int main(int argc, char** argv) {
   }
   // A client that disappears mid-write must not kill the daemon.
   ::signal(SIGPIPE, SIG_IGN);
+  // Control operations run on libuv's thread pool (4 threads by default); a group layer's
+  // create blocks there until its peers arrive, so a few pending groups must not starve the
+  // session tear-downs and checkpoints queued behind them.
+  ::setenv("UV_THREADPOOL_SIZE", "32", /*overwrite=*/0);
 
   auto config = tutel::daemon::load_config(config_path);
   if (!config.ok()) {

@@ -167,18 +167,12 @@ LayerWeights ServedLayer::weights_of(int which) const {
   return w;
 }
 
-int64_t ServedLayer::step_count() const {
-  std::lock_guard lock(mutex_);
-  return step_;
-}
+int64_t ServedLayer::step_count() const { return step_; }
 
-int64_t ServedLayer::pending_backwards() const {
-  std::lock_guard lock(mutex_);
-  return static_cast<int64_t>(pending_.size());
-}
+int64_t ServedLayer::pending_backwards() const { return pending_count_; }
 
 RoutingStats ServedLayer::last_stats() const {
-  std::lock_guard lock(mutex_);
+  std::lock_guard lock(stats_mutex_);
   return last_stats_;
 }
 
@@ -230,7 +224,11 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
                                         TensorView(y, DType::kF32, {tokens, O}, d), &stats));
     pending_.emplace(key, std::move(pending));
   }
-  last_stats_ = stats;
+  publish_pending();
+  {
+    std::lock_guard stats_lock(stats_mutex_);
+    last_stats_ = stats;
+  }
   return ForwardResult{stats};
 }
 
@@ -244,6 +242,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
       return Status::NotFound("layer '" + def_.name + "': no training forward with sequence " +
                               std::to_string(sequence) + " is waiting for a backward");
     group_->pending.reset();
+    publish_pending();
     const Device d = group_->backend->device();
     return group_->layer->backward(weights_of(0), TensorView(const_cast<float*>(dy), DType::kF32, {tokens, O}, d),
                                    dl_aux, TensorView(dx, DType::kF32, {tokens, M}, d), weights_of(1));
@@ -266,6 +265,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
                                    TensorView(dx, DType::kF32, {tokens, M}, d), weights_of(1));
   if (recycled_.size() < kMaxRecycled) recycled_.push_back(std::move(it->second));
   pending_.erase(it);
+  publish_pending();
   return st;
 }
 
@@ -274,6 +274,7 @@ void ServedLayer::drop_pending(uint64_t owner) {
   if (group_ && group_->pending && group_->pending->first == owner) group_->pending.reset();
   for (auto it = pending_.begin(); it != pending_.end();)
     it = it->first.first == owner ? pending_.erase(it) : std::next(it);
+  publish_pending();
 }
 
 Result<int64_t> ServedLayer::step() {
@@ -342,7 +343,7 @@ Status ServedLayer::save(const std::string& path) {
     if (t.state1.data()) entries.push_back({kState1Prefix + t.name, DType::kF32, t.shape, host[i++].data()});
   }
   return write_safetensors(path, entries,
-                           {{kStepKey, std::to_string(step_)}, {kSpecKey, spec_text_}, {kTenantKey, tenant_}});
+                           {{kStepKey, std::to_string(step_.load())}, {kSpecKey, spec_text_}, {kTenantKey, tenant_}});
 }
 
 Status ServedLayer::load(const std::string& path) {

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -102,6 +103,9 @@ class ServedLayer {
     return group_ ? std::unique_lock<std::mutex>() : std::unique_lock<std::mutex>(rank_.mutex);
   }
   Status join_group();
+  void publish_pending() {  // under mutex_
+    pending_count_ = static_cast<int64_t>(pending_.size()) + (group_ && group_->pending ? 1 : 0);
+  }
   Shape shape_of(const std::string& name) const;  // this rank's shape of a parameter
   Status allocate();
   Status initialise(uint64_t seed);
@@ -118,8 +122,12 @@ class ServedLayer {
   mutable std::mutex mutex_;
   std::vector<Tensor> tensors_;  // gate, fc1_w, fc1_b?, fc2_w, fc2_b?
   uint64_t memory_bytes_ = 0;
-  int64_t step_ = 0;
-  RoutingStats last_stats_;
+  // Read by the admin socket on the event loop: never behind mutex_, which a group layer holds
+  // while it waits on its peers.
+  std::atomic<int64_t> step_{0};
+  std::atomic<int64_t> pending_count_{0};
+  mutable std::mutex stats_mutex_;
+  RoutingStats last_stats_;  // guarded by stats_mutex_
   std::map<std::pair<uint64_t, uint64_t>, std::unique_ptr<Pending>> pending_;
   std::vector<std::unique_ptr<Pending>> recycled_;
   LayerWorkspace inference_workspace_;
