@@ -300,3 +300,39 @@ TEST(ExpertParallelGroups, ADeadPeerFailsTheGroupNotTheDaemon) {
 
 }  // namespace
 }  // namespace tutel::testing
+
+namespace tutel::testing {
+namespace {
+
+// A group whose other ranks never come: the create fails after the bootstrap timeout naming the
+// missing rank, and meanwhile the daemon keeps answering (the wait runs off the event loop).
+TEST(ExpertParallelGroups, AnIncompleteGroupTimesOutNamingTheMissingRankWhileTheDaemonServes) {
+  DaemonProcess d0(DaemonOptions{});
+  ASSERT_TRUE(d0.start());
+  const uint16_t port = free_port();
+  Status created;
+  std::thread creator([&] {
+    auto c = client::Client::connect(d0.client_socket());
+    ASSERT_TRUE(c.ok());
+    auto layer = c->create_layer("name = \"lonely\"\nexperts = 4\nmodel_dim = 8\nhidden = 8\ninit_seed = 1\n"
+                                 "[group]\ncoordinator = \"127.0.0.1:" + std::to_string(port) +
+                                 "\"\nsize = 2\nrank = 0\nbootstrap_timeout_ms = 3000\n");
+    created = layer.status();
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  // While the create waits for rank 1, another client and the admin socket are served.
+  auto other = client::Client::connect(d0.client_socket());
+  ASSERT_TRUE(other.ok()) << other.status();
+  auto solo = other->create_layer("name = \"solo\"\nexperts = 2\nmodel_dim = 8\nhidden = 8\ninit_seed = 1\n");
+  EXPECT_TRUE(solo.ok()) << solo.status();
+  EXPECT_TRUE(other->ping().ok());
+  creator.join();
+  EXPECT_FALSE(created.ok());
+  EXPECT_EQ(created.code(), StatusCode::kTimeout) << created;
+  EXPECT_NE(created.message().find("rank 1 never reached the coordinator"), std::string_view::npos) << created;
+  EXPECT_TRUE(d0.alive());
+  EXPECT_EQ(d0.stop(), 0) << d0.log();
+}
+
+}  // namespace
+}  // namespace tutel::testing
