@@ -17,6 +17,7 @@
 #include <random>
 #include <thread>
 
+#include "../common/loopback.hpp"
 #include "../kernels/layer_test_util.hpp"
 #include "tutel/comm/ucx.hpp"
 
@@ -26,20 +27,6 @@ namespace {
 using graphs::ExpertParallelLayer;
 using graphs::ExpertShard;
 using graphs::HostLayerParams;
-
-uint16_t free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof addr;
-  uint16_t port = 0;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0)
-    port = ntohs(addr.sin_port);
-  ::close(fd);
-  return port;
-}
 
 struct EpCase {
   std::string name;

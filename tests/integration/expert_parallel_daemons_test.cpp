@@ -11,6 +11,7 @@
 #include <random>
 #include <thread>
 
+#include "../common/loopback.hpp"
 #include "../kernels/layer_test_util.hpp"
 #include "daemon_fixture.hpp"
 #include "tutel/client.hpp"
@@ -19,20 +20,6 @@
 
 namespace tutel::testing {
 namespace {
-
-uint16_t free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof addr;
-  uint16_t port = 0;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0)
-    port = ntohs(addr.sin_port);
-  ::close(fd);
-  return port;
-}
 
 struct GroupCase {
   std::string name;
