@@ -8,10 +8,7 @@
 // test: forward rtol 1e-4 / atol 1e-5, gradients rtol 1e-3 / atol 1e-4 (of max|ref|).
 #include "tutel/graphs/expert_parallel.hpp"
 
-#include <arpa/inet.h>
 #include <gtest/gtest.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <random>

@@ -3,10 +3,7 @@
 // gradient equal the float64 reference of one process holding all experts (with the group's
 // capacity), and one SGD step moves every rank's parameters by the gradient summed over the
 // group (the gate's all-reduced). Tolerances as the CPU layer test.
-#include <arpa/inet.h>
 #include <gtest/gtest.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 
 #include <random>
 #include <thread>
