@@ -84,6 +84,10 @@ Result<std::string> AdminClient::metrics() {
   if (!impl_) return moved_from();
   return impl_->call(ipc::FrameType::kAdminMetrics, json::object(), impl_->timeout);
 }
+Result<std::string> AdminClient::peers() {
+  if (!impl_) return moved_from();
+  return impl_->call(ipc::FrameType::kAdminPeers, json::object(), impl_->timeout);
+}
 Result<std::string> AdminClient::checkpoint(std::string_view layer, std::string_view path) {
   if (!impl_) return moved_from();
   return impl_->call(ipc::FrameType::kAdminCheckpoint,

@@ -85,6 +85,24 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
       reply(s, ipc::FrameType::kOk, rid, {{"layers", layers}});
       break;
     }
+    case ipc::FrameType::kAdminPeers: {
+      // The groups this daemon's layers belong to, and whether their peers still answer.
+      json groups = json::array();
+      for (const LayerRef& ref : registry_->all()) {
+        const auto& g = ref.layer->definition().group;
+        if (!g) continue;
+        const std::string error = ref.layer->group_error();
+        groups.push_back({{"tenant", ref.layer->tenant()},
+                          {"layer", ref.layer->name()},
+                          {"coordinator", g->coordinator_host + ":" + std::to_string(g->coordinator_port)},
+                          {"rank", g->rank},
+                          {"size", g->size},
+                          {"state", error.empty() ? "up" : "down"},
+                          {"last_error", error}});
+      }
+      reply(s, ipc::FrameType::kOk, rid, {{"groups", groups}});
+      break;
+    }
     case ipc::FrameType::kAdminMetrics:
       reply(s, ipc::FrameType::kOk, rid, {{"text", metrics_.prometheus_text()}});
       break;

@@ -119,6 +119,8 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
                               reinterpret_cast<float*>(base + d.output_offset), s->id, d.sequence);
       }
       registry_->end_request(s->tenant);
+      if (layer.definition().group)
+        metrics_.set_peer_state(s->tenant + "/" + layer_name, layer.group_error().empty());
     }
     if (!st.ok()) set_message(c, st);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();

@@ -93,8 +93,9 @@ std::string Metrics::prometheus_text() const {
   o << "# HELP tuteld_active_sessions Client sessions connected.\n# TYPE tuteld_active_sessions gauge\n"
     << "tuteld_active_sessions " << active_sessions_ << "\n";
   if (!peers_.empty()) {
-    o << "# HELP tuteld_peer_up Whether a peer daemon answers.\n# TYPE tuteld_peer_up gauge\n";
-    for (const auto& [p, up] : peers_) o << "tuteld_peer_up{peer=\"" << label(p) << "\"} " << (up ? 1 : 0) << "\n";
+    o << "# HELP tuteld_group_up Whether the peers of an expert-parallel layer's group answer (by tenant/layer).\n"
+      << "# TYPE tuteld_group_up gauge\n";
+    for (const auto& [p, up] : peers_) o << "tuteld_group_up{layer=\"" << label(p) << "\"} " << (up ? 1 : 0) << "\n";
   }
   return o.str();
 }

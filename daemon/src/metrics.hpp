@@ -20,7 +20,8 @@ class Metrics {
   void set_capacity(const std::string& tenant, const std::string& layer, int64_t capacity);
   void set_tenant_memory(const std::string& tenant, uint64_t bytes);
   void set_active_sessions(int64_t n);
-  void set_peer_state(const std::string& peer, bool up);
+  // Whether the group of an expert-parallel layer ("tenant/layer") still answers.
+  void set_peer_state(const std::string& group_layer, bool up);
 
   std::string prometheus_text() const;
 

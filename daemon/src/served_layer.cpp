@@ -171,6 +171,20 @@ int64_t ServedLayer::step_count() const { return step_; }
 
 int64_t ServedLayer::pending_backwards() const { return pending_count_; }
 
+std::string ServedLayer::group_error() const {
+  std::lock_guard lock(stats_mutex_);
+  return group_error_;
+}
+
+Status ServedLayer::note_group_status(Status st) {
+  const StatusCode c = st.code();
+  if (c == StatusCode::kUnavailable || c == StatusCode::kTimeout || c == StatusCode::kAborted) {
+    std::lock_guard lock(stats_mutex_);
+    group_error_ = st.to_string();
+  }
+  return st;
+}
+
 RoutingStats ServedLayer::last_stats() const {
   std::lock_guard lock(stats_mutex_);
   return last_stats_;
@@ -195,8 +209,9 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
       return Status::ResourceExhausted("layer '" + def_.name + "' is expert-parallel and keeps one training forward "
                                        "at a time; run the backward of sequence " +
                                        std::to_string(group_->pending->second) + " first");
-    TUTEL_RETURN_IF_ERROR(group_->layer->forward(weights_of(0), TensorView(const_cast<float*>(x), DType::kF32, {tokens, M}, d),
-                                                 training, TensorView(y, DType::kF32, {tokens, O}, d), &stats));
+    TUTEL_RETURN_IF_ERROR(note_group_status(group_->layer->forward(
+        weights_of(0), TensorView(const_cast<float*>(x), DType::kF32, {tokens, M}, d), training,
+        TensorView(y, DType::kF32, {tokens, O}, d), &stats)));
     if (training) group_->pending = key;
   } else if (!training) {
     TUTEL_RETURN_IF_ERROR(layer_forward(b, s, weights_of(0), TensorView(const_cast<float*>(x), DType::kF32, {tokens, M}, d),
@@ -244,8 +259,9 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
     group_->pending.reset();
     publish_pending();
     const Device d = group_->backend->device();
-    return group_->layer->backward(weights_of(0), TensorView(const_cast<float*>(dy), DType::kF32, {tokens, O}, d),
-                                   dl_aux, TensorView(dx, DType::kF32, {tokens, M}, d), weights_of(1));
+    return note_group_status(group_->layer->backward(weights_of(0),
+                                                     TensorView(const_cast<float*>(dy), DType::kF32, {tokens, O}, d),
+                                                     dl_aux, TensorView(dx, DType::kF32, {tokens, M}, d), weights_of(1)));
   }
   auto it = pending_.find({owner, sequence});
   if (it == pending_.end())
@@ -284,7 +300,7 @@ Result<int64_t> ServedLayer::step() {
   const OptimizerConfig& o = def_.optimizer;
   auto device_lock = lock_device();
   // The gate is replicated: every rank steps it with the gradient summed over the group.
-  if (group_) TUTEL_RETURN_IF_ERROR(group_->layer->all_reduce_gate_grad(weights_of(1).gate_weight));
+  if (group_) TUTEL_RETURN_IF_ERROR(note_group_status(group_->layer->all_reduce_gate_grad(weights_of(1).gate_weight)));
   for (Tensor& t : tensors_) {
     if (o.kind == OptimizerKind::kAdamW) {
       AdamWArgs a{t.view(t.value, d), t.view(t.grad, d), t.view(t.state0, d), t.view(t.state1, d)};

@@ -52,6 +52,8 @@ class ServedLayer {
   int64_t step_count() const;
   int64_t pending_backwards() const;
   RoutingStats last_stats() const;
+  // A group layer's last collective failure ("" while its peers answer).
+  std::string group_error() const;
 
   // x [S, M] → y [S, O] (host pointers). With `training`, keeps what backward needs under
   // (`owner`, `sequence`); a sequence already pending is an error.
@@ -128,6 +130,9 @@ class ServedLayer {
   std::atomic<int64_t> pending_count_{0};
   mutable std::mutex stats_mutex_;
   RoutingStats last_stats_;  // guarded by stats_mutex_
+  std::string group_error_;  // guarded by stats_mutex_
+  // Records a failed collective of a group layer (peer gone, timeout) for tutelctl peers.
+  Status note_group_status(Status st);
   std::map<std::pair<uint64_t, uint64_t>, std::unique_ptr<Pending>> pending_;
   std::vector<std::unique_ptr<Pending>> recycled_;
   LayerWorkspace inference_workspace_;

@@ -37,6 +37,7 @@ std::string_view frame_type_name(FrameType t) {
     case FrameType::kAdminLayers: return "AdminLayers";
     case FrameType::kAdminCheckpoint: return "AdminCheckpoint";
     case FrameType::kAdminMetrics: return "AdminMetrics";
+    case FrameType::kAdminPeers: return "AdminPeers";
     case FrameType::kHelloReply: return "HelloReply";
     case FrameType::kLayerInfo: return "LayerInfo";
     case FrameType::kOk: return "Ok";

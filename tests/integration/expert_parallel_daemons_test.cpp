@@ -272,6 +272,23 @@ TEST(ExpertParallelGroups, ADeadPeerFailsTheGroupNotTheDaemon) {
   const Status st = l0->infer(x.data(), 8, y.data());
   EXPECT_FALSE(st.ok());
   EXPECT_NE(st.message().find("rank 1"), std::string_view::npos) << st;
+  // tutelctl peers and the metrics report the group as down, with the reason.
+  {
+    FILE* p = ::popen((std::string(TUTELCTL_BIN) + " --socket " + d0.admin_socket() + " --json peers").c_str(), "r");
+    ASSERT_NE(p, nullptr);
+    std::string out;
+    char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+    EXPECT_EQ(::pclose(p), 0) << out;
+    EXPECT_NE(out.find("\"state\": \"down\""), std::string::npos) << out;
+    EXPECT_NE(out.find("rank 1"), std::string::npos) << out;
+    p = ::popen((std::string(TUTELCTL_BIN) + " --socket " + d0.admin_socket() + " metrics").c_str(), "r");
+    out.clear();
+    while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+    ::pclose(p);
+    EXPECT_NE(out.find("tuteld_group_up{layer=\"default/job_r0\"} 0"), std::string::npos) << out;
+  }
   // The daemon is alive and serves a layer of its own.
   auto local = c0->create_layer("name = \"solo\"\nexperts = 4\nmodel_dim = 16\nhidden = 32\nk = 2\ninit_seed = 1\n");
   ASSERT_TRUE(local.ok()) << local.status();

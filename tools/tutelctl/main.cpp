@@ -1,6 +1,6 @@
 // tutelctl: inspect and operate a running tuteld through its admin socket.
 //
-//   tutelctl [--socket PATH] [--json] [--timeout S] status | tenants | layers | metrics
+//   tutelctl [--socket PATH] [--json] [--timeout S] status | tenants | layers | peers | metrics
 //   tutelctl checkpoint TENANT/LAYER PATH
 //
 // Exit status: 0 on success, 1 when the daemon cannot be reached or refuses the request,
@@ -179,6 +179,21 @@ void print_tenants(const json& reply) {
   t.print(std::cout);
 }
 
+void print_peers(const json& reply) {
+  const json groups = reply.value("groups", json::array());
+  if (groups.empty()) {
+    std::cout << "(no expert-parallel groups)\n";
+    return;
+  }
+  Table t{{"LAYER", "COORDINATOR", "RANK", "SIZE", "STATE", "LAST ERROR"},
+          {true, true, false, false, true, true},
+          {}};
+  for (const json& g : groups)
+    t.rows.push_back({field(g, "tenant") + "/" + field(g, "layer"), field(g, "coordinator"), field(g, "rank"),
+                      field(g, "size"), field(g, "state"), field(g, "last_error")});
+  t.print(std::cout);
+}
+
 void print_layers(const json& reply) {
   const json layers = reply.value("layers", json::array());
   if (layers.empty()) {
@@ -240,6 +255,7 @@ int main(int argc, char** argv) {
   auto* layers =
       app.add_subcommand("layers", "every served layer with its last routing statistics");
   auto* metrics = app.add_subcommand("metrics", "the Prometheus metrics text");
+  auto* peers = app.add_subcommand("peers", "expert-parallel groups of this daemon's layers and their state");
   auto* checkpoint =
       app.add_subcommand("checkpoint", "save a layer's parameters and optimizer state to a file");
   std::string layer, path;
@@ -274,6 +290,8 @@ int main(int argc, char** argv) {
     reply = admin->layers();
   else if (*metrics)
     reply = admin->metrics();
+  else if (*peers)
+    reply = admin->peers();
   else if (*checkpoint) {
     // The daemon opens the path in its own working directory: send it absolute.
     std::error_code ec;
@@ -301,6 +319,8 @@ int main(int argc, char** argv) {
     print_tenants(body);
   else if (*layers)
     print_layers(body);
+  else if (*peers)
+    print_peers(body);
   else if (*metrics) {
     const std::string text = body.value("text", std::string());
     std::cout << text;

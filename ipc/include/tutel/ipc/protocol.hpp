@@ -37,6 +37,7 @@ enum class FrameType : uint16_t {
   kAdminLayers = 34,      // {}                                  → kOk {"layers": [...]}
   kAdminCheckpoint = 35,  // {"layer": "tenant/name", "path": str} → kOk
   kAdminMetrics = 36,     // {}                                  → kOk {"text": prometheus text}
+  kAdminPeers = 37,       // {}                                  → kOk {"groups": [...]}
   // daemon → peer (replies carry the request's request_id)
   kHelloReply = 64,  // {"session": int, "tenant": str, "arena_bytes": int, ...layout}
   kLayerInfo = 65,   // {"handle": int, "name": str, "experts": int, "model_dim": int, "output_dim": int}
