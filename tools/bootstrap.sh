@@ -12,7 +12,6 @@ packages=(
   nlohmann-json3-dev                  # safetensors headers
   libcli11-dev                        # command lines
   libgtest-dev libgmock-dev           # tests
-  libbenchmark-dev                    # benchmarks
 )
 
 missing=()
