@@ -16,7 +16,7 @@ TEST(CudaGraphPlan, NeedsTheCudaBackend) {
   auto cpu = make_backend("cpu", {.threads = 1});
   ASSERT_TRUE(cpu.ok());
   EXPECT_EQ(resolve_plan_kind(**cpu, PlanKind::kAuto), PlanKind::kHost);
-  const LayerSpec spec = spec_of(4, 16, 16, 2, 1.0);
+  const LayerSpec spec = base_spec(4, 16, 16, 2, 1.0);
   DeviceLayer params(**cpu, spec);
   auto plan = build_plan(**cpu, {spec, params.weights(), {}},
                          PlanKey{1, 1, AllToAll::kLinear, 64, 32, false}, PlanKind::kCudaGraph);
@@ -77,7 +77,7 @@ TEST(CudaGraphPlanHostIo, TakesHostTensorsAndThePlansOwnBuffers) {
   ASSERT_TRUE(backend.ok()) << backend.status();
   Backend& b = **backend;
   std::mt19937_64 rng(21);
-  TwinLayer layer(b, spec_of(4, 32, 48, 2, 0.0), rng);
+  TwinLayer layer(b, base_spec(4, 32, 48, 2, 0.0), rng);
   const int64_t S = 50, M = 32, O = 32;
   auto plan = build_plan(b, layer.target(), PlanKey{1, 1, AllToAll::kLinear, 64, 64, true});
   ASSERT_TRUE(plan.ok()) << plan.status();
@@ -112,7 +112,7 @@ TEST(CudaGraphPlanCache, ACachedStepAllocatesNothing) {
   ASSERT_TRUE(inner.ok()) << inner.status();
   CountingBackend b(std::move(inner).value());
   std::mt19937_64 rng(22);
-  const LayerSpec spec = spec_of(4, 32, 48, 2, 1.0);
+  const LayerSpec spec = base_spec(4, 32, 48, 2, 1.0);
   DeviceLayer params(b, spec), grads(b, spec);
   params.upload(random_params(rng, spec));
   PlanCache cache(b, {});

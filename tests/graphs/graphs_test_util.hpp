@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "layer_cases.hpp"
 #include "layer_test_util.hpp"
 #include "tutel/graphs/plan.hpp"
 #include "tutel/kernels/backend.hpp"
@@ -19,6 +20,7 @@
 
 namespace tutel::graphs::testing {
 
+using ::tutel::testing::base_spec;
 using ::tutel::testing::DeviceLayer;
 using ::tutel::testing::DeviceTensor;
 using ::tutel::testing::randn;
@@ -75,16 +77,6 @@ class CountingBackend final : public Backend {
   int64_t allocations_ = 0;
 };
 
-inline LayerSpec spec_of(int64_t E, int64_t M, int64_t H, int k, double f) {
-  LayerSpec s;
-  s.experts = E;
-  s.model_dim = M;
-  s.hidden = H;
-  s.k = k;
-  s.capacity_factor = f;
-  return s;
-}
-
 struct PlanCase {
   std::string name;
   LayerSpec spec;
@@ -96,73 +88,73 @@ inline void PrintTo(const PlanCase& c, std::ostream* os) { *os << c.name; }
 inline std::vector<PlanCase> plan_cases() {
   std::vector<PlanCase> cases;
   auto add = [&](std::string name, LayerSpec s) { cases.push_back({std::move(name), s}); };
-  add("Basic", spec_of(4, 32, 48, 2, 1.0));
-  add("CapacityOverflow", spec_of(4, 32, 32, 2, 0.5));
-  add("TokensNotDivisibleByExperts", spec_of(5, 24, 40, 2, 1.25));
-  add("Dropless", spec_of(6, 24, 32, 2, 0.0));
-  add("DroplessCapped", spec_of(6, 24, 32, 2, -0.6));
-  add("TinyCapacityFactorGivesZeroCapacity", spec_of(4, 16, 16, 1, 0.1));
+  add("Basic", base_spec(4, 32, 48, 2, 1.0));
+  add("CapacityOverflow", base_spec(4, 32, 32, 2, 0.5));
+  add("TokensNotDivisibleByExperts", base_spec(5, 24, 40, 2, 1.25));
+  add("Dropless", base_spec(6, 24, 32, 2, 0.0));
+  add("DroplessCapped", base_spec(6, 24, 32, 2, -0.6));
+  add("TinyCapacityFactorGivesZeroCapacity", base_spec(4, 16, 16, 1, 0.1));
   {
-    auto s = spec_of(4, 32, 32, 2, 0.5);
+    auto s = base_spec(4, 32, 32, 2, 0.5);
     s.batch_prioritized = true;
     add("BatchPrioritized", s);
   }
   {
-    auto s = spec_of(4, 32, 32, 2, 0.0);
+    auto s = base_spec(4, 32, 32, 2, 0.0);
     s.batch_prioritized = true;
     add("BatchPrioritizedDropless", s);
   }
   {
-    auto s = spec_of(4, 32, 40, 2, 1.0);
+    auto s = base_spec(4, 32, 40, 2, 1.0);
     s.activation = Activation::kGelu;
     add("Gelu", s);
   }
   {
-    auto s = spec_of(4, 32, 40, 2, 1.0);
+    auto s = base_spec(4, 32, 40, 2, 1.0);
     s.activation = Activation::kSilu;
     add("Silu", s);
   }
   {
-    auto s = spec_of(4, 32, 48, 2, 1.0);
+    auto s = base_spec(4, 32, 48, 2, 1.0);
     s.matmul_dtype = DType::kBF16;
     add("Bf16Matmul", s);
   }
   {
-    auto s = spec_of(4, 32, 48, 2, 0.0);
+    auto s = base_spec(4, 32, 48, 2, 0.0);
     s.matmul_dtype = DType::kBF16;
     s.activation = Activation::kGelu;
     add("Bf16GeluDropless", s);
   }
   {
-    auto s = spec_of(4, 24, 32, 2, 1.0);
+    auto s = base_spec(4, 24, 32, 2, 1.0);
     s.is_postscore = false;
     add("PreScore", s);
   }
   {
-    auto s = spec_of(4, 24, 32, 2, 1.0);
+    auto s = base_spec(4, 24, 32, 2, 1.0);
     s.has_fc1_bias = false;
     s.has_fc2_bias = false;
     add("NoBiases", s);
   }
   {
-    auto s = spec_of(4, 24, 32, 2, 1.0);
+    auto s = base_spec(4, 24, 32, 2, 1.0);
     s.output_dim = 40;
     add("OutputDimDiffers", s);
   }
   {
-    auto s = spec_of(4, 24, 32, 2, 1.0);
+    auto s = base_spec(4, 24, 32, 2, 1.0);
     s.normalize_gate = false;
     add("UnnormalizedGates", s);
   }
-  add("Top1", spec_of(4, 24, 32, 1, 1.0));
+  add("Top1", base_spec(4, 24, 32, 1, 1.0));
   {
-    auto s = spec_of(4, 24, 32, 2, 1.0);
+    auto s = base_spec(4, 24, 32, 2, 1.0);
     s.gate_noise = 1.0;
     s.noise_seed = 1234;
     add("GateNoise", s);
   }
   {
-    auto s = spec_of(4, 24, 32, 2, 0.0);
+    auto s = base_spec(4, 24, 32, 2, 0.0);
     s.alignment = 8;
     add("AlignedDropless", s);
   }

@@ -34,7 +34,7 @@ void skew_to_expert0(TwinLayer& layer, std::vector<float>& x) {
 TEST(PlanCache, HitsMissesBuildsAndBytes) {
   std::mt19937_64 rng(1);
   auto backend = cpu_backend();
-  TwinLayer layer(*backend, spec_of(4, 32, 48, 2, 1.0), rng);
+  TwinLayer layer(*backend, base_spec(4, 32, 48, 2, 1.0), rng);
   PlanCache cache(*backend, {.max_bytes = size_t{64} << 20});
   ASSERT_TRUE(cache.add_layer(7, layer.target()).ok());
   EXPECT_EQ(cache.add_layer(7, layer.target()).code(), StatusCode::kAlreadyExists);
@@ -68,7 +68,7 @@ TEST(PlanCache, HitsMissesBuildsAndBytes) {
 TEST(PlanCache, EvictsLeastRecentlyUsedByBytes) {
   std::mt19937_64 rng(2);
   auto backend = cpu_backend();
-  TwinLayer layer(*backend, spec_of(4, 32, 48, 2, 1.0), rng);
+  TwinLayer layer(*backend, base_spec(4, 32, 48, 2, 1.0), rng);
   const PlanKey k64 = key_of(layer.spec, 64, true), k128 = key_of(layer.spec, 128, true),
                 k256 = key_of(layer.spec, 256, true);
   const size_t b64 = plan_bytes(*backend, layer.spec, k64, PlanKind::kAuto);
@@ -95,7 +95,7 @@ TEST(PlanCache, EvictsLeastRecentlyUsedByBytes) {
 TEST(PlanCache, NeverEvictsAPlanInUse) {
   std::mt19937_64 rng(3);
   auto backend = cpu_backend();
-  TwinLayer layer(*backend, spec_of(4, 32, 48, 2, 1.0), rng);
+  TwinLayer layer(*backend, base_spec(4, 32, 48, 2, 1.0), rng);
   const PlanKey k64 = key_of(layer.spec, 64, true), k128 = key_of(layer.spec, 128, true);
   const size_t b128 = plan_bytes(*backend, layer.spec, k128, PlanKind::kAuto);
   PlanCache cache(*backend, {.max_bytes = b128});
@@ -121,7 +121,7 @@ TEST(PlanCache, NeverEvictsAPlanInUse) {
 TEST(PlanCache, RefusesKeysItCannotBuild) {
   std::mt19937_64 rng(4);
   auto backend = cpu_backend();
-  TwinLayer layer(*backend, spec_of(4, 32, 48, 2, 1.0), rng);
+  TwinLayer layer(*backend, base_spec(4, 32, 48, 2, 1.0), rng);
   PlanCache cache(*backend, {});
   ASSERT_TRUE(cache.add_layer(1, layer.target()).ok());
   PlanKey key = key_of(layer.spec, 64, true);
@@ -143,7 +143,7 @@ TEST(PlanCache, BiggerRequestsMoveToBiggerTokenBuckets) {
   std::mt19937_64 rng(5);
   auto backend = cpu_backend();
   Backend& b = *backend;
-  TwinLayer layer(b, spec_of(4, 32, 48, 2, 1.0), rng);
+  TwinLayer layer(b, base_spec(4, 32, 48, 2, 1.0), rng);
   PlanCache cache(b, {});
   ASSERT_TRUE(cache.add_layer(1, layer.target()).ok());
   const ParallelConfig config;
@@ -174,7 +174,7 @@ TEST(PlanCache, DynamicCapacityMovesToTheBucketThatHoldsIt) {
   std::mt19937_64 rng(6);
   auto backend = cpu_backend();
   Backend& b = *backend;
-  TwinLayer layer(b, spec_of(4, 16, 24, 1, 0.0), rng);
+  TwinLayer layer(b, base_spec(4, 16, 24, 1, 0.0), rng);
   const int64_t S = 60, M = 16, O = 16;
   std::vector<float> host_x = to_f32(randn(rng, S * M, 1.0));
   skew_to_expert0(layer, host_x);
@@ -226,7 +226,7 @@ TEST(PlanCache, DynamicCapacityMovesToTheBucketThatHoldsIt) {
 TEST(PlanCache, PrebuildsTheConfiguredBuckets) {
   std::mt19937_64 rng(7);
   auto backend = cpu_backend();
-  TwinLayer layer(*backend, spec_of(4, 32, 48, 2, 0.0), rng);
+  TwinLayer layer(*backend, base_spec(4, 32, 48, 2, 0.0), rng);
   PlanCacheOptions options;
   options.buckets.tokens = BucketPolicy::from_list({32, 96}).value();
   PlanCache cache(*backend, options);
@@ -248,7 +248,7 @@ TEST(PlanCache, PrebuildsTheConfiguredBuckets) {
 TEST(PlanCache, ACachedStepAllocatesNothing) {
   std::mt19937_64 rng(8);
   CountingBackend b(cpu_backend());
-  const LayerSpec spec = spec_of(4, 32, 48, 2, 0.0);
+  const LayerSpec spec = base_spec(4, 32, 48, 2, 0.0);
   DeviceLayer params(b, spec), grads(b, spec);
   params.upload(random_params(rng, spec));
   PlanCache cache(b, {});

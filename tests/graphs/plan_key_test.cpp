@@ -73,7 +73,7 @@ TEST(BucketPolicy, ConfiguredListThenDoubling) {
 }
 
 TEST(CapacityBuckets, StaticCapacityIsTheFullBucketsCapacity) {
-  const LayerSpec s = spec_of(4, 16, 16, 2, 1.25);  // C = 2·floor(1.25·ceil(S/4))
+  const LayerSpec s = base_spec(4, 16, 16, 2, 1.25);  // C = 2·floor(1.25·ceil(S/4))
   const BucketConfig buckets;
   EXPECT_EQ(capacity_bound(s, 64), 2 * 20);
   // Every S of the bucket fits: C is monotone in S.
@@ -83,7 +83,7 @@ TEST(CapacityBuckets, StaticCapacityIsTheFullBucketsCapacity) {
 }
 
 TEST(CapacityBuckets, DynamicCapacityUsesThePolicyUnderTheBound) {
-  LayerSpec s = spec_of(4, 16, 16, 2, 0.0);
+  LayerSpec s = base_spec(4, 16, 16, 2, 0.0);
   BucketConfig buckets;
   buckets.capacity = BucketPolicy::powers_of_two(8);
   EXPECT_EQ(capacity_bound(s, 64), 64);  // dropless: one expert may get every token
@@ -100,7 +100,7 @@ TEST(CapacityBuckets, DynamicCapacityUsesThePolicyUnderTheBound) {
 }
 
 TEST(CheckBuildable, OnlyTheOneRankConfigurationForNow) {
-  const LayerSpec s = spec_of(4, 16, 16, 2, 0.0);
+  const LayerSpec s = base_spec(4, 16, 16, 2, 0.0);
   const PlanKey good{1, 1, AllToAll::kLinear, 64, 16, true};
   EXPECT_TRUE(check_buildable(good, s).ok());
   auto refused = [&](PlanKey k, int world, const std::string& words) {

@@ -190,12 +190,13 @@ TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
         "tuteld_active_sessions 1"})
     EXPECT_NE(response.find(needle), std::string::npos) << needle << "\n" << response;
 
-  // A failed request is counted as an error.
-  EXPECT_FALSE(layer->backward(y.data(), 0.f, dx.data()).ok());  // nothing pending
+  // A request the daemon refuses is counted as an error of its layer and operation.
+  EXPECT_FALSE(layer->load("no-such-file.safetensors").ok());
   auto [mcode, metrics] = run(std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() + " metrics");
   EXPECT_EQ(mcode, 0);
-  // (the client refuses a backward with nothing pending itself, so the daemon saw no error)
-  EXPECT_NE(metrics.find("tuteld_requests_total"), std::string::npos);
+  EXPECT_NE(metrics.find("tuteld_errors_total{tenant=\"default\",layer=\"observed\",op=\"load\"} 1"),
+            std::string::npos)
+      << metrics;
 
   // Admin checkpoint to an absolute path, in a directory that does not exist yet.
   const std::string ckpt = daemon_->dir() + "/admin-ckpt/observed.safetensors";
