@@ -477,8 +477,8 @@ Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
                                                          "(group = { coordinator = \"127.0.0.1:7000\", size = 2, rank = 0 })"));
   if (t == nullptr) return Status::OK();
   const Scope s = layer.child(*t, layer.key_path("group"), "the group table");
-  TUTEL_RETURN_IF_ERROR(s.check_keys({"coordinator", "size", "rank", "local_size", "bootstrap_timeout_ms",
-                                      "collective_timeout_ms"}));
+  TUTEL_RETURN_IF_ERROR(s.check_keys({"coordinator", "size", "rank", "local_size", "all_to_all",
+                                      "bootstrap_timeout_ms", "collective_timeout_ms"}));
   GroupConfig g;
   std::string coordinator;
   TUTEL_RETURN_IF_ERROR(get_string(s, "coordinator", coordinator, true, "\"host:port\""));
@@ -499,6 +499,11 @@ Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
   TUTEL_RETURN_IF_ERROR(get_int(s, "rank", 0, (1 << 20) - 1, g.rank, true));
   if (g.rank >= g.size) return s.error_near("rank", "rank " + std::to_string(g.rank) + " is not below size " + std::to_string(g.size));
   TUTEL_RETURN_IF_ERROR(get_int(s, "local_size", 1, 1 << 20, g.local_size));
+  TUTEL_RETURN_IF_ERROR(get_enum(s, "all_to_all", "\"linear\", \"2dh\"", comm::parse_all_to_all_algo, g.all_to_all));
+  if (g.all_to_all == comm::AllToAllAlgo::k2DH && g.size % g.local_size != 0)
+    return s.error_near("all_to_all", "all_to_all = \"2dh\" needs local_size (" + std::to_string(g.local_size) +
+                                          ") to divide size (" + std::to_string(g.size) +
+                                          "): it exchanges within each node, then across nodes");
   int64_t bootstrap_ms = g.bootstrap_timeout.count(), collective_ms = g.collective_timeout.count();
   TUTEL_RETURN_IF_ERROR(get_int(s, "bootstrap_timeout_ms", 1, 3'600'000, bootstrap_ms));
   TUTEL_RETURN_IF_ERROR(get_int(s, "collective_timeout_ms", 1, 3'600'000, collective_ms));
@@ -852,6 +857,7 @@ std::string format_layer_spec(const LayerDefinition& def) {
         << "size = " << g.size << "\n"
         << "rank = " << g.rank << "\n"
         << "local_size = " << g.local_size << "\n"
+        << "all_to_all = " << toml_string(std::string(comm::to_string(g.all_to_all))) << "\n"
         << "bootstrap_timeout_ms = " << g.bootstrap_timeout.count() << "\n"
         << "collective_timeout_ms = " << g.collective_timeout.count() << "\n";
   }

@@ -832,7 +832,7 @@ TEST(LayerSpecGroupTest, ParsesAndRoundTrips) {
   const std::string text =
       "name = \"g\"\nexperts = 4\nmodel_dim = 8\nhidden = 8\ninit_seed = 1\n"
       "[group]\ncoordinator = \"127.0.0.1:7001\"\nsize = 4\nrank = 3\nlocal_size = 2\n"
-      "bootstrap_timeout_ms = 1500\ncollective_timeout_ms = 250\n";
+      "all_to_all = \"2DH\"\nbootstrap_timeout_ms = 1500\ncollective_timeout_ms = 250\n";
   Result<LayerDefinition> def = parse_layer_spec(text, "request");
   ASSERT_TRUE(def.ok()) << def.status();
   ASSERT_TRUE(def->group.has_value());
@@ -841,6 +841,7 @@ TEST(LayerSpecGroupTest, ParsesAndRoundTrips) {
   EXPECT_EQ(def->group->size, 4);
   EXPECT_EQ(def->group->rank, 3);
   EXPECT_EQ(def->group->local_size, 2);
+  EXPECT_EQ(def->group->all_to_all, comm::AllToAllAlgo::k2DH);
   EXPECT_EQ(def->group->bootstrap_timeout.count(), 1500);
   EXPECT_EQ(def->group->collective_timeout.count(), 250);
   Result<LayerDefinition> again = parse_layer_spec(format_layer_spec(*def), "formatted");
@@ -849,6 +850,7 @@ TEST(LayerSpecGroupTest, ParsesAndRoundTrips) {
   EXPECT_EQ(again->group->coordinator_port, 7001);
   EXPECT_EQ(again->group->rank, 3);
   EXPECT_EQ(again->group->collective_timeout.count(), 250);
+  EXPECT_EQ(again->group->all_to_all, comm::AllToAllAlgo::k2DH);
   EXPECT_FALSE(parse_layer_spec("name = \"g\"\nexperts = 4\nmodel_dim = 8\nhidden = 8\ninit_seed = 1\n", "r")
                    ->group.has_value());
 }
@@ -867,6 +869,11 @@ TEST(LayerSpecGroupTest, BadGroupsNameTheKey) {
   EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 2\n").find("not below size"), std::string::npos);
   EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nrank = 0\n").find("group.size"), std::string::npos);
   EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\nranks = 2\n").find("ranks"), std::string::npos);
+  EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\nall_to_all = \"ring\"\n").find("group.all_to_all"),
+            std::string::npos);
+  EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 6\nrank = 0\nlocal_size = 4\nall_to_all = \"2dh\"\n")
+                .find("needs local_size (4) to divide size (6)"),
+            std::string::npos);
 }
 
 }  // namespace

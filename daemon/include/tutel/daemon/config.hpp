@@ -15,6 +15,7 @@
 #include <string_view>
 #include <vector>
 
+#include "tutel/comm/communicator.hpp"
 #include "tutel/core/logging.hpp"
 #include "tutel/core/status.hpp"
 #include "tutel/kernels/moe_layer.hpp"
@@ -43,6 +44,8 @@ struct GroupConfig {
   int size = 1;
   int rank = 0;
   int local_size = 1;  // ranks per node, for the 2DH all-to-all
+  // How the layer's all-to-alls run: kLinear, or k2DH (needs local_size to divide size).
+  comm::AllToAllAlgo all_to_all = comm::AllToAllAlgo::kLinear;
   std::chrono::milliseconds bootstrap_timeout{10'000};
   std::chrono::milliseconds collective_timeout{5'000};
 };
