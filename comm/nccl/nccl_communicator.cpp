@@ -11,8 +11,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <utility>
@@ -142,8 +144,30 @@ class NcclCommunicator final : public Communicator {
   int size() const override { return shape_.size; }
   int local_size() const override { return shape_.local_size; }
 
+  // NCCL names no failed peer: after a failure every peer carries the communicator's error.
+  std::vector<PeerStatus> peers() const override {
+    std::string error;
+    {
+      std::lock_guard<std::mutex> lock(failure_mu_);
+      error = failure_text_;
+    }
+    std::vector<PeerStatus> out;
+    for (int p = 0; p < size(); ++p) {
+      if (p == rank()) continue;
+      PeerStatus& s = out.emplace_back();
+      s.rank = p;
+      s.address = "NCCL rank " + std::to_string(shape_.members[p]);
+      s.failed = !error.empty();
+      s.error = error;
+      s.bytes_sent = bytes_per_peer_.load(std::memory_order_relaxed);
+      s.bytes_received = s.bytes_sent;  // every collective here is symmetric
+    }
+    return out;
+  }
+
   Status all_to_all(const void* send, void* recv, size_t c, AllToAllAlgo algo) override {
     TUTEL_RETURN_IF_ERROR(begin("all_to_all"));
+    add_traffic(c);
     const int n = size(), l = local_size();
     if (algo == AllToAllAlgo::k2DH && n % l != 0)
       return Status::InvalidArgument(
@@ -165,6 +189,7 @@ class NcclCommunicator final : public Communicator {
 
   Status all_gather(const void* send, void* recv, size_t bytes) override {
     TUTEL_RETURN_IF_ERROR(begin("all_gather"));
+    add_traffic(bytes);
     return finish(
         enqueue([&] { return ncclAllGather(send, recv, bytes, ncclInt8, comm_, stream_); },
                 "ncclAllGather"));
@@ -172,6 +197,7 @@ class NcclCommunicator final : public Communicator {
 
   Status reduce_scatter(const float* send, float* recv, size_t count, ReduceOp op) override {
     TUTEL_RETURN_IF_ERROR(begin("reduce_scatter"));
+    add_traffic(count * sizeof(float));
     return finish(enqueue(
         [&] {
           return ncclReduceScatter(send, recv, count, ncclFloat32, to_nccl(op), comm_, stream_);
@@ -181,6 +207,7 @@ class NcclCommunicator final : public Communicator {
 
   Status all_reduce(float* data, size_t count, ReduceOp op) override {
     TUTEL_RETURN_IF_ERROR(begin("all_reduce"));
+    add_traffic(count * sizeof(float) / static_cast<size_t>(size()));
     return finish(enqueue(
         [&] { return ncclAllReduce(data, data, count, ncclFloat32, to_nccl(op), comm_, stream_); },
         "ncclAllReduce"));
@@ -188,6 +215,7 @@ class NcclCommunicator final : public Communicator {
 
   Status all_reduce(int64_t* data, size_t count, ReduceOp op) override {
     TUTEL_RETURN_IF_ERROR(begin("all_reduce"));
+    add_traffic(count * sizeof(int64_t) / static_cast<size_t>(size()));
     return finish(enqueue(
         [&] { return ncclAllReduce(data, data, count, ncclInt64, to_nccl(op), comm_, stream_); },
         "ncclAllReduce"));
@@ -295,6 +323,8 @@ class NcclCommunicator final : public Communicator {
                           "collectives); NCCL communicator aborted");
     broken_ = s.with_context(std::string("NCCL ") + what_ + " (rank " + std::to_string(rank()) +
                              " of " + std::to_string(size()) + ")");
+    std::lock_guard<std::mutex> lock(failure_mu_);
+    failure_text_ = std::string(broken_.message());
     return broken_;
   }
 
@@ -397,6 +427,14 @@ class NcclCommunicator final : public Communicator {
   const char* what_ = "";
   Clock::time_point deadline_;
   Status broken_;
+  // For peers(), read from any thread.
+  mutable std::mutex failure_mu_;
+  std::string failure_text_;
+  std::atomic<uint64_t> bytes_per_peer_{0};  // payload each peer was addressed (symmetric)
+
+  void add_traffic(size_t bytes_per_peer) {
+    bytes_per_peer_.fetch_add(bytes_per_peer, std::memory_order_relaxed);
+  }
 };
 
 Result<std::unique_ptr<Communicator>> init_from_id(const ncclUniqueId& id, int rank, int size,

@@ -210,7 +210,7 @@ class Coordinator {
       if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) break;
       const int err = errno;
       if (err != EADDRINUSE || Clock::now() >= deadline_)
-        return Status::Unavailable("bootstrap: rank 0 cannot listen on " + endpoint_name(o_) +
+        return Status::Unavailable("bootstrap: " + o_.member + " 0 cannot listen on " + endpoint_name(o_) +
                                    ": " + detail::errno_text(err) +
                                    " (is another coordinator using this port?)");
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -261,18 +261,18 @@ class Coordinator {
       return Status::InvalidArgument(std::move(message));
     };
     if (static_cast<int>(h.size) != o_.size || static_cast<int>(h.local_size) != o_.local_size)
-      return fatal("bootstrap: rank " + std::to_string(rank) + " (" + address +
+      return fatal("bootstrap: " + o_.member + " " + std::to_string(rank) + " (" + address +
                    ") was started with size " + std::to_string(h.size) + ", local_size " +
-                   std::to_string(h.local_size) + " but rank 0 with size " +
+                   std::to_string(h.local_size) + " but " + o_.member + " 0 with size " +
                    std::to_string(o_.size) + ", local_size " + std::to_string(o_.local_size) +
-                   "; start every rank with the same group shape");
+                   "; start every " + o_.member + " with the same group shape");
     if (rank <= 0 || rank >= o_.size)
-      return fatal("bootstrap: a process (" + address + ") claims rank " + std::to_string(rank) +
+      return fatal("bootstrap: a process (" + address + ") claims " + o_.member + " " + std::to_string(rank) +
                    ", outside [1, " + std::to_string(o_.size) + ")");
     if (arrived_[rank])
-      return fatal("bootstrap: rank " + std::to_string(rank) + " arrived twice (" +
+      return fatal("bootstrap: " + o_.member + " " + std::to_string(rank) + " arrived twice (" +
                    table_.addresses[rank] + " and " + address +
-                   "); give every process its own rank");
+                   "); give every process its own " + o_.member);
     c.rank = rank;
     arrived_[rank] = true;
     table_.payloads[rank] = c.in.substr(kHeaderBytes + h.round_len, h.body_len);
@@ -298,10 +298,10 @@ class Coordinator {
     for (int r = 0; r < o_.size; ++r)
       if (!arrived_[r]) missing.push_back(r);
     return Status::Timeout("bootstrap timed out after " + std::to_string(o_.timeout.count()) +
-                           " ms: rank" + (missing.size() > 1 ? "s " : " ") + rank_list(missing) +
+                           " ms: " + o_.member + (missing.size() > 1 ? "s " : " ") + rank_list(missing) +
                            " never reached the coordinator at " + endpoint_name(o_) + " (" +
                            std::to_string(count) + " of " + std::to_string(o_.size) +
-                           " ranks arrived); start them or check their coordinator address");
+                           " " + o_.member + "s arrived); start them or check their coordinator address");
   }
 
   void reply_all(uint32_t kind, const Status& failure) {
@@ -360,7 +360,7 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
   h.local_size = static_cast<uint32_t>(o.local_size);
   h.pid = static_cast<uint32_t>(::getpid());
   const std::string hello = encode(h, round, payload);
-  const std::string who = "bootstrap (rank " + std::to_string(o.rank) + ")";
+  const std::string who = "bootstrap (" + o.member + " " + std::to_string(o.rank) + ")";
   const auto verdict_deadline = deadline + std::min<Clock::duration>(kVerdictGrace, o.timeout);
 
   std::string last_error = "nothing listens there";
@@ -408,7 +408,7 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
   }
   return Status::Timeout(who + ": could not reach the coordinator at " + endpoint_name(o) +
                          " within " + std::to_string(o.timeout.count()) + " ms (" + last_error +
-                         "); is rank 0 running with this address?");
+                         "); is " + o.member + " 0 running with this address?");
 }
 
 }  // namespace

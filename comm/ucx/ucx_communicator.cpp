@@ -62,6 +62,22 @@ class UcxCommunicator final : public Communicator {
   int size() const override { return static_cast<int>(members_.size()); }
   int local_size() const override { return local_size_; }
 
+  std::vector<PeerStatus> peers() const override {
+    std::vector<PeerStatus> out;
+    for (int p = 0; p < size(); ++p) {
+      if (p == me_) continue;
+      const int world = members_[p];
+      PeerStatus& s = out.emplace_back();
+      s.rank = p;
+      s.address = rank_->address(world);
+      s.error = rank_->failure(world);
+      s.failed = !s.error.empty();
+      s.bytes_sent = rank_->bytes_sent(world);
+      s.bytes_received = rank_->bytes_received(world);
+    }
+    return out;
+  }
+
   Status all_to_all(const void* send, void* recv, size_t chunk_bytes, AllToAllAlgo algo) override {
     TUTEL_RETURN_IF_ERROR(begin("all_to_all"));
     if (algo == AllToAllAlgo::k2DH && size() % local_size_ != 0)

@@ -77,7 +77,7 @@ struct ConfigDeleter {
 }  // namespace
 
 UcxRank::UcxRank(const BootstrapOptions& o)
-    : rank_(o.rank), size_(o.size), local_size_(o.local_size), spin_(o.spin) {}
+    : rank_(o.rank), size_(o.size), local_size_(o.local_size), spin_(o.spin), member_(o.member) {}
 
 Result<std::shared_ptr<UcxRank>> UcxRank::create(const BootstrapOptions& options) {
   std::shared_ptr<UcxRank> self(new UcxRank(options));
@@ -156,6 +156,10 @@ Status UcxRank::init(const BootstrapOptions& o) {
 UcxRank::~UcxRank() {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (beacon_request_ != nullptr) {
+      sinks_.push_back({beacon_request_, nullptr});  // reaped below like the sinks
+      beacon_request_ = nullptr;
+    }
     for (const Sink& sink : sinks_) ucp_request_cancel(worker_, sink.request);
     const auto bound = Clock::now() + kCleanupBound;
     while (!sinks_.empty() && Clock::now() < bound) {
@@ -189,16 +193,78 @@ UcxRank::~UcxRank() {
     for (int p = 0; p < static_cast<int>(endpoints_.size()); ++p)
       if (endpoints_[p] != nullptr) close_endpoint_locked(p, true);
     if (worker_ != nullptr) finish_closing_locked(Clock::now() + kCleanupBound);
+    // Closing the endpoints completed every beacon send still queued.
+    for (auto& send : beacon_sends_) ucp_request_free(send.first);
+    beacon_sends_.clear();
   }
   if (worker_ != nullptr) ucp_worker_destroy(worker_);
   if (context_ != nullptr) ucp_cleanup(context_);
 }
 
 std::string UcxRank::describe(int peer) const {
-  std::string s = "rank " + std::to_string(peer);
+  std::string s = member_ + " " + std::to_string(peer);
   if (peer >= 0 && static_cast<size_t>(peer) < addresses_.size())
     s += " (" + addresses_[static_cast<size_t>(peer)] + ")";
   return s;
+}
+
+uint64_t UcxRank::bytes_sent(int peer) const {
+  return slots_[peer].bytes_sent.load(std::memory_order_relaxed);
+}
+
+uint64_t UcxRank::bytes_received(int peer) const {
+  return slots_[peer].bytes_received.load(std::memory_order_relaxed);
+}
+
+std::string UcxRank::failure(int peer) {
+  if (peer == rank_) return {};
+  std::lock_guard<std::mutex> lock(mu_);
+  progress_locked();  // so that a connection that broke while nobody waited is noticed
+  peer_failed_locked(peer);
+  return failures_[peer];
+}
+
+Status UcxRank::send_beacon(int peer, uint64_t tag, const void* data, size_t bytes) {
+  TUTEL_CHECK(bytes <= kMaxBeaconBytes);
+  std::lock_guard<std::mutex> lock(mu_);
+  std::erase_if(beacon_sends_, [](const auto& send) {
+    if (ucp_request_check_status(send.first) == UCS_INPROGRESS) return false;
+    ucp_request_free(send.first);
+    return true;
+  });
+  if (peer_failed_locked(peer)) return peer_failure_locked(peer);
+  auto buffer = std::make_unique<char[]>(std::max<size_t>(bytes, 1));
+  std::memcpy(buffer.get(), data, bytes);
+  ucp_request_param_t param{};
+  void* request = ucp_tag_send_nbx(endpoints_[peer], buffer.get(), bytes, tag, &param);
+  if (UCS_PTR_IS_ERR(request)) {
+    const ucs_status_t s = UCS_PTR_STATUS(request);
+    if (!is_peer_error(s)) return ucx_error("ucp_tag_send_nbx", s);
+    declare_failed_locked(peer, ucs_status_string(s));
+    return peer_failure_locked(peer);
+  }
+  if (request != nullptr) beacon_sends_.emplace_back(request, std::move(buffer));
+  return Status::OK();
+}
+
+bool UcxRank::next_beacon_locked(uint64_t tag, uint64_t mask) {
+  if (beacon_request_ == nullptr) {
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+    void* request = ucp_tag_recv_nbx(worker_, beacon_buffer_, sizeof beacon_buffer_, tag, mask, &param);
+    if (UCS_PTR_IS_ERR(request)) {
+      TUTEL_LOG(WARN) << "UCX rank " << rank_ << ": cannot post the beacon receive: "
+                      << ucs_status_string(UCS_PTR_STATUS(request));
+      return false;
+    }
+    beacon_request_ = request;
+  }
+  beacon_info_ = {};
+  const ucs_status_t s = ucp_tag_recv_request_test(beacon_request_, &beacon_info_);
+  if (s == UCS_INPROGRESS) return false;
+  ucp_request_free(beacon_request_);
+  beacon_request_ = nullptr;
+  return s == UCS_OK;  // a truncated or failed beacon is dropped; the next one will do
 }
 
 std::optional<uint32_t> UcxRank::allocate_group_id() {
@@ -345,6 +411,8 @@ bool UcxRank::poll_ops_locked(std::vector<Op>& ops, Status* error) {
                                   "different sizes");
       return false;
     }
+    (op.is_send ? slots_[t.peer].bytes_sent : slots_[t.peer].bytes_received)
+        .fetch_add(t.bytes, std::memory_order_relaxed);
     op.transfer = nullptr;  // checked; skip next time
     op.info.length = 0;
   }

@@ -26,6 +26,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "tutel/comm/bootstrap.hpp"
@@ -67,8 +68,30 @@ class UcxRank {
   int rank() const { return rank_; }
   int size() const { return size_; }
   int local_size() const { return local_size_; }
-  // "rank 3 (127.0.0.1, pid 4242)"
+  // "rank 3 (127.0.0.1, pid 4242)" ("node 3 (...)" for a cluster: BootstrapOptions::member).
   std::string describe(int peer) const;
+  // "127.0.0.1, pid 4242": where the coordinator saw the peer.
+  const std::string& address(int peer) const { return addresses_[static_cast<size_t>(peer)]; }
+
+  // Payload bytes of completed collective messages to and from `peer` (beacons excluded).
+  // Lock-free: any thread, any time.
+  uint64_t bytes_sent(int peer) const;
+  uint64_t bytes_received(int peer) const;
+  // Why `peer` is considered failed; "" while it is not. Progresses the worker.
+  std::string failure(int peer);
+
+  // Beacons: small fire-and-forget messages (heartbeats). The data (at most kMaxBeaconBytes)
+  // is copied. Fails only when the peer has failed (or UCX refuses the send).
+  static constexpr size_t kMaxBeaconBytes = 64;
+  Status send_beacon(int peer, uint64_t tag, const void* data, size_t bytes);
+  // Progresses the worker and calls on_beacon(tag, data) for every beacon matching `tag` under
+  // `mask` that has arrived, without waiting. One caller (one tag/mask) per rank.
+  template <typename F>
+  void receive_beacons(uint64_t tag, uint64_t mask, F&& on_beacon) {
+    std::lock_guard<std::mutex> lock(mu_);
+    progress_locked();
+    while (next_beacon_locked(tag, mask)) on_beacon(beacon_info_.sender_tag, std::string_view(beacon_buffer_, beacon_info_.length));
+  }
 
   // An id no other group of this rank uses (1 .. 2^20 - 1); nullopt once all are spent.
   std::optional<uint32_t> allocate_group_id();
@@ -96,6 +119,7 @@ class UcxRank {
     UcxRank* owner = nullptr;
     int peer = -1;
     std::atomic<int> ucx_error{UCS_OK};  // set by the endpoint error callback
+    std::atomic<uint64_t> bytes_sent{0}, bytes_received{0};
   };
   struct Op {
     void* request = nullptr;  // null once complete
@@ -122,6 +146,8 @@ class UcxRank {
   // OK while no notice has arrived; the notice's error otherwise.
   Status check_notice_locked(Notice& notice);
   void send_notices_locked(Notice& notice, const Status& error);
+  // True when a beacon arrived (in beacon_buffer_ / beacon_info_); keeps one receive posted.
+  bool next_beacon_locked(uint64_t tag, uint64_t mask);
 
   Status wait(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops, Clock::time_point deadline,
               Notice& notice, Clock::duration grace);
@@ -133,6 +159,7 @@ class UcxRank {
   const int size_;
   const int local_size_;
   const std::chrono::microseconds spin_;
+  const std::string member_;  // "rank" or "node", for messages
   std::vector<std::string> addresses_;
 
   std::mutex mu_;
@@ -150,6 +177,11 @@ class UcxRank {
     std::unique_ptr<char[]> buffer;
   };
   std::vector<Sink> sinks_;  // receives that swallow messages of collectives we gave up on
+  // Beacons: the one posted receive, and sends in flight with the buffers they read.
+  void* beacon_request_ = nullptr;
+  char beacon_buffer_[kMaxBeaconBytes] = {};
+  ucp_tag_recv_info_t beacon_info_{};
+  std::vector<std::pair<void*, std::unique_ptr<char[]>>> beacon_sends_;
   std::atomic<uint64_t> failure_epoch_{0};
   uint64_t seen_failure_epoch_ = 0;
   std::atomic<uint32_t> next_group_id_{1};

@@ -73,6 +73,7 @@ class StagedCommunicator final : public Communicator {
     if (!child) return std::unique_ptr<Communicator>();
     return std::unique_ptr<Communicator>(std::make_unique<StagedCommunicator>(std::move(child)));
   }
+  std::vector<PeerStatus> peers() const override { return inner_->peers(); }
 
  private:
   template <typename T>

@@ -141,3 +141,54 @@ TEST(UcxFailure, SilentPeerIsATimeoutNamingIt) {
 
 }  // namespace
 }  // namespace tutel::comm
+
+namespace tutel::comm {
+namespace {
+
+// peers(): each peer's address, the payload exchanged with it (exactly the all-to-all's chunks:
+// the bootstrap's barrier carries no payload), and, once it died, failed with the reason.
+TEST(UcxPeers, CountTrafficPerPeerAndReportTheDeadOne) {
+  const uint16_t port = testing::free_port();
+  constexpr int kSize = 3, kVictim = 2;
+  constexpr size_t kChunk = 4096;
+  testing::ProcessGroup group(kSize, [&](int rank, const ChildChannel& channel) -> std::string {
+    auto comm = ucx_bootstrap(loopback_options(port, rank, kSize, 1, kCollectiveTimeout));
+    if (!comm.ok()) return "bootstrap: " + comm.status().to_string();
+    std::vector<uint8_t> send(kSize * kChunk, 7), recv(kSize * kChunk);
+    if (Status s = (*comm)->all_to_all(send.data(), recv.data(), kChunk, AllToAllAlgo::kLinear); !s.ok())
+      return "all_to_all: " + s.to_string();
+    std::string error;
+    const std::vector<PeerStatus> peers = (*comm)->peers();
+    if (peers.size() != kSize - 1) return "expected 2 peers";
+    for (const PeerStatus& p : peers) {
+      if (p.rank == rank || p.failed || !p.error.empty()) error += "peer " + std::to_string(p.rank) + " wrong; ";
+      if (!contains(p.address, "127.0.0.1, pid ")) error += "address '" + p.address + "'; ";
+      if (p.bytes_sent != kChunk || p.bytes_received != kChunk)
+        error += "peer " + std::to_string(p.rank) + ": sent " + std::to_string(p.bytes_sent) + ", received " +
+                 std::to_string(p.bytes_received) + "; ";
+    }
+    channel.notify();
+    if (rank == kVictim) {
+      for (;;) ::pause();
+    }
+    channel.await_release();
+    if ((*comm)->barrier().ok()) return error + "barrier succeeded without rank 2";
+    // Its connection broke; this rank may have learnt of the death from rank 1's notice first.
+    const auto deadline = std::chrono::steady_clock::now() + 30s;
+    for (;;) {
+      const std::vector<PeerStatus> now = (*comm)->peers();
+      if (now[kVictim - 1].rank == kVictim && now[kVictim - 1].failed && !now[kVictim - 1].error.empty()) break;
+      if (std::chrono::steady_clock::now() >= deadline) return error + "rank 2 never reported failed";
+      std::this_thread::sleep_for(10ms);
+    }
+    return error;
+  });
+  for (int r = 0; r < kSize; ++r) ASSERT_TRUE(group.wait_notified(r, 60s));
+  group.kill_child(kVictim);
+  group.release(0);
+  group.release(1);
+  EXPECT_EQ(testing::describe_failures(group.wait_all(), {kVictim}), "");
+}
+
+}  // namespace
+}  // namespace tutel::comm

@@ -36,6 +36,9 @@ struct BootstrapOptions {
   // How long a waiting rank busy-polls before it sleeps on the transport's event fd: waking a
   // sleeping thread costs ~20 µs, so a short spin saves it when the peer is about to answer.
   std::chrono::microseconds spin{50};
+  // What a member is called in messages: "rank" for a group, "node" for a cluster of daemons
+  // ("node 2 never reached the coordinator ...").
+  std::string member = "rank";
 };
 
 // OK when the options describe a valid rank of a valid group.

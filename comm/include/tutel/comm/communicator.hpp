@@ -9,7 +9,7 @@
 // Implementations (see README.md): UCX over host memory (ucx.hpp) and NCCL over device
 // memory (nccl.hpp). Buffers are host or device memory according to the implementation.
 //
-// Thread-safety: one thread at a time per Communicator object. Distinct Communicators (other
+// Thread-safety: one thread at a time per Communicator object (peers() excepted). Distinct Communicators (other
 // ranks, or sub-groups from split() of the same rank) may be used from distinct threads at
 // the same time.
 #pragma once
@@ -18,7 +18,9 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <string_view>
+#include <vector>
 
 #include "tutel/core/status.hpp"
 
@@ -36,6 +38,19 @@ std::string_view to_string(ReduceOp op);
 std::string_view to_string(AllToAllAlgo algo);
 // "linear" | "2dh" (any letter case).
 std::optional<AllToAllAlgo> parse_all_to_all_algo(std::string_view name);
+
+// One other rank of a group as this rank sees it (tutelctl peers).
+struct PeerStatus {
+  int rank = -1;        // in the group
+  std::string address;  // where the bootstrap saw it: "127.0.0.1, pid 4242"
+  bool failed = false;
+  std::string error;  // why it is considered failed; "" while it answers
+  // Payload of the collectives' messages to and from it: what this rank handed to the
+  // transport and received, per peer (UCX); or what the collectives addressed to it (NCCL,
+  // whose rings route through other ranks). Ranks of one UCX process that share a worker
+  // (sub-groups from split()) share the counters.
+  uint64_t bytes_sent = 0, bytes_received = 0;
+};
 
 // split() with this color returns no communicator (MPI_UNDEFINED).
 inline constexpr int kNoColor = -1;
@@ -72,6 +87,10 @@ class Communicator {
   // returns a null pointer. The new group is independent of this one: both may be used at
   // the same time from different threads.
   virtual Result<std::unique_ptr<Communicator>> split(int color, int key) = 0;
+
+  // Every other rank of the group, in rank order. Unlike the collectives, safe from any thread
+  // at any time, also while a collective runs.
+  virtual std::vector<PeerStatus> peers() const = 0;
 };
 
 }  // namespace tutel::comm

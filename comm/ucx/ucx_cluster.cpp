@@ -1,0 +1,213 @@
+// The cluster over UCX: one UcxRank per daemon (its own worker: heartbeats never queue behind a
+// group's collective), a join barrier, and a heartbeat thread.
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <utility>
+
+#include "tutel/comm/cluster.hpp"
+#include "tutel/core/logging.hpp"
+#include "ucx_rank.hpp"
+
+namespace tutel::comm {
+namespace {
+
+using ucx::Clock;
+using ucx::Transfer;
+using ucx::UcxRank;
+
+// Tags: [kind: 8 bits][unused][sender node: 20 bits]. Groups have their own workers, so these
+// only need to differ from each other.
+constexpr uint64_t kSenderBits = 20;
+constexpr uint64_t kSenderMask = (uint64_t{1} << kSenderBits) - 1;
+constexpr uint64_t kJoinTag = uint64_t{0xC1} << 56;
+constexpr uint64_t kBeaconTag = uint64_t{0xC2} << 56;
+
+std::string format_ms(Clock::duration d) {
+  return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count()) + " ms";
+}
+
+class UcxCluster final : public Cluster {
+ public:
+  UcxCluster(std::shared_ptr<UcxRank> rank, const ClusterOptions& options)
+      : rank_(std::move(rank)), options_(options), peers_(static_cast<size_t>(options.nodes)) {
+    const auto now = Clock::now();
+    for (Peer& p : peers_) p.last_heard = now;
+  }
+
+  ~UcxCluster() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  // Every pair of nodes exchanges one message: after this, all endpoints work both ways.
+  Status join_barrier(Clock::time_point deadline) {
+    const int me = rank_->rank();
+    std::vector<Transfer> sends, recvs;
+    char token = 0;
+    std::vector<char> sink(peers_.size());
+    for (int p = 0; p < nodes(); ++p) {
+      if (p == me) continue;
+      sends.push_back({p, kJoinTag | static_cast<uint64_t>(me), &token, 1});
+      recvs.push_back({p, kJoinTag | static_cast<uint64_t>(p), &sink[static_cast<size_t>(p)], 1});
+    }
+    ucx::Notice no_notice;  // nobody to tell: a failed join fails every node on its own
+    return rank_->exchange(sends, recvs, deadline, no_notice, Clock::duration::zero())
+        .with_context("joining the cluster (node " + std::to_string(me) + ")");
+  }
+
+  void start() { thread_ = std::thread([this] { heartbeat_loop(); }); }
+
+  int node_rank() const override { return rank_->rank(); }
+  int nodes() const override { return static_cast<int>(peers_.size()); }
+
+  std::vector<NodeStatus> status() const override {
+    const auto now = Clock::now();
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<NodeStatus> out;
+    for (int n = 0; n < nodes(); ++n) {
+      const Peer& p = peers_[static_cast<size_t>(n)];
+      NodeStatus& s = out.emplace_back();
+      s.node = n;
+      s.self = n == node_rank();
+      s.address = s.self ? "self" : rank_->address(n);
+      s.up = p.error.empty();
+      s.error = p.error;
+      if (!s.self)
+        s.silent_for = std::chrono::duration_cast<std::chrono::milliseconds>(now - p.last_heard);
+      s.heartbeats_sent = p.sent;
+      s.heartbeats_received = p.received;
+    }
+    return out;
+  }
+
+ private:
+  struct Peer {
+    Clock::time_point last_heard;
+    uint64_t sent = 0, received = 0;
+    std::string error;  // "" while up
+    bool dead = false;  // its connection broke: it stays down
+  };
+
+  void heartbeat_loop() {
+    const int me = node_rank();
+    uint64_t sequence = 0;
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!stopping_) {
+      lock.unlock();
+      // Drain what arrived first, so a node that was itself stopped does not call everyone
+      // silent on waking: their heartbeats are already queued.
+      std::vector<int> heard;
+      rank_->receive_beacons(kBeaconTag, ~kSenderMask, [&](uint64_t tag, std::string_view) {
+        heard.push_back(static_cast<int>(tag & kSenderMask));
+      });
+      ++sequence;
+      std::vector<std::pair<int, std::string>> broken;
+      std::vector<int> sent;
+      for (int p = 0; p < nodes(); ++p) {
+        if (p == me) continue;
+        std::string failure = rank_->failure(p);
+        if (failure.empty()) {
+          const Status s = rank_->send_beacon(p, kBeaconTag | static_cast<uint64_t>(me), &sequence,
+                                              sizeof sequence);
+          if (s.ok()) {
+            sent.push_back(p);
+          } else {
+            failure = std::string(s.message());
+          }
+        }
+        if (!failure.empty()) broken.emplace_back(p, rank_->describe(p) + " failed: " + failure);
+      }
+      lock.lock();
+      const auto now = Clock::now();
+      for (int p : heard) {
+        if (p < 0 || p >= nodes() || p == me) continue;
+        Peer& peer = peers_[static_cast<size_t>(p)];
+        peer.last_heard = now;
+        ++peer.received;
+      }
+      for (int p : sent) ++peers_[static_cast<size_t>(p)].sent;
+      for (auto& [p, why] : broken) {
+        Peer& peer = peers_[static_cast<size_t>(p)];
+        if (!peer.dead) TUTEL_LOG(WARN) << "cluster: " << why;
+        peer.dead = true;
+        peer.error = std::move(why);
+      }
+      for (int p = 0; p < nodes(); ++p) {
+        Peer& peer = peers_[static_cast<size_t>(p)];
+        if (p == me || peer.dead) continue;
+        const auto silent = now - peer.last_heard;
+        const bool was_up = peer.error.empty();
+        if (silent > options_.peer_timeout) {
+          peer.error = rank_->describe(p) + " sent no heartbeat for " + format_ms(silent) +
+                       " (timeout " + format_ms(options_.peer_timeout) +
+                       "): stopped, hung or unreachable";
+          if (was_up) TUTEL_LOG(WARN) << "cluster: " << peer.error;
+        } else if (!was_up) {
+          TUTEL_LOG(INFO) << "cluster: " << rank_->describe(p) << " answers again";
+          peer.error.clear();
+        }
+      }
+      wake_.wait_for(lock, options_.heartbeat_interval, [this] { return stopping_; });
+    }
+  }
+
+  std::shared_ptr<UcxRank> rank_;
+  const ClusterOptions options_;
+  std::thread thread_;
+
+  mutable std::mutex mu_;
+  std::condition_variable wake_;
+  bool stopping_ = false;      // guarded by mu_
+  std::vector<Peer> peers_;    // guarded by mu_ (its size is fixed)
+};
+
+}  // namespace
+
+Status validate(const ClusterOptions& o) {
+  if (o.nodes < 1 || o.nodes > static_cast<int>(kSenderMask))
+    return Status::InvalidArgument("cluster: nodes " + std::to_string(o.nodes) +
+                                   " is outside [1, " + std::to_string(kSenderMask) + "]");
+  if (o.node_rank < 0 || o.node_rank >= o.nodes)
+    return Status::InvalidArgument("cluster: node_rank " + std::to_string(o.node_rank) +
+                                   " is outside [0, " + std::to_string(o.nodes) + ")");
+  if (o.nodes > 1 && o.coordinator_port == 0)
+    return Status::InvalidArgument("cluster: a coordinator port is required when nodes > 1");
+  if (o.bootstrap_timeout.count() <= 0 || o.heartbeat_interval.count() <= 0)
+    return Status::InvalidArgument("cluster: timeouts and intervals must be positive");
+  if (o.peer_timeout <= o.heartbeat_interval)
+    return Status::InvalidArgument("cluster: peer_timeout (" + std::to_string(o.peer_timeout.count()) +
+                                   " ms) must exceed heartbeat_interval (" +
+                                   std::to_string(o.heartbeat_interval.count()) + " ms)");
+  return Status::OK();
+}
+
+Result<std::unique_ptr<Cluster>> join_cluster(const ClusterOptions& options) {
+  TUTEL_RETURN_IF_ERROR(validate(options));
+  const auto deadline = Clock::now() + options.bootstrap_timeout;
+  BootstrapOptions b;
+  b.coordinator_host = options.coordinator_host;
+  b.coordinator_port = options.coordinator_port;
+  b.rank = options.node_rank;
+  b.size = options.nodes;
+  b.local_size = 1;
+  b.timeout = options.bootstrap_timeout;
+  b.collective_timeout = options.peer_timeout;
+  b.member = "node";
+  TUTEL_ASSIGN_OR_RETURN(std::shared_ptr<UcxRank> rank, UcxRank::create(b));
+  auto cluster = std::make_unique<UcxCluster>(std::move(rank), options);
+  // At least a peer timeout for the barrier: the last node may reach the coordinator just
+  // before the deadline.
+  TUTEL_RETURN_IF_ERROR(
+      cluster->join_barrier(std::max(deadline, Clock::now() + options.peer_timeout)));
+  cluster->start();
+  return std::unique_ptr<Cluster>(std::move(cluster));
+}
+
+}  // namespace tutel::comm

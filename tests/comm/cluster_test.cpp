@@ -1,0 +1,180 @@
+// The cluster of daemons (comm/cluster.hpp) over real UCX between forked processes: nodes that
+// join see each other up; a node that never arrives fails the join naming it; a stopped node is
+// reported down and comes back when it resumes; a killed node stays down while the others keep
+// seeing each other. States are awaited ("eventually", with generous bounds), never timed.
+#include "tutel/comm/cluster.hpp"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <functional>
+#include <string>
+#include <thread>
+
+#include "comm_test_util.hpp"
+
+namespace tutel::comm {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::ChildChannel;
+
+bool contains(std::string_view haystack, std::string_view needle) {
+  return haystack.find(needle) != std::string_view::npos;
+}
+
+ClusterOptions node_options(uint16_t port, int node, int nodes) {
+  ClusterOptions o;
+  o.coordinator_port = port;
+  o.node_rank = node;
+  o.nodes = nodes;
+  o.bootstrap_timeout = 20s;
+  o.heartbeat_interval = 50ms;
+  o.peer_timeout = 1000ms;
+  return o;
+}
+
+// Polls until `pred(status)` holds or 30 s pass; returns the last status text on failure.
+std::string await_status(const Cluster& cluster, const std::function<bool(const std::vector<NodeStatus>&)>& pred,
+                         const std::string& what) {
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  std::string last;
+  while (std::chrono::steady_clock::now() < deadline) {
+    const std::vector<NodeStatus> s = cluster.status();
+    if (pred(s)) return "";
+    last.clear();
+    for (const NodeStatus& n : s)
+      last += "node " + std::to_string(n.node) + (n.up ? " up" : " down: " + n.error) + "; ";
+    std::this_thread::sleep_for(20ms);
+  }
+  return "node " + std::to_string(cluster.node_rank()) + " never saw " + what + " (last: " + last + ")";
+}
+
+bool all_up_and_heard(const std::vector<NodeStatus>& s) {
+  for (const NodeStatus& n : s)
+    if (!n.up || (!n.self && n.heartbeats_received < 3)) return false;
+  return true;
+}
+
+TEST(Cluster, NodesThatJoinSeeEachOtherUp) {
+  const uint16_t port = testing::free_port();
+  constexpr int kNodes = 3;
+  testing::ProcessGroup group(kNodes, [&](int node, const ChildChannel& channel) -> std::string {
+    auto cluster = join_cluster(node_options(port, node, kNodes));
+    if (!cluster.ok()) return "join: " + cluster.status().to_string();
+    std::string error = await_status(**cluster, all_up_and_heard, "every node up");
+    const std::vector<NodeStatus> s = (*cluster)->status();
+    if ((*cluster)->nodes() != kNodes || (*cluster)->node_rank() != node || s.size() != kNodes)
+      error += "wrong shape; ";
+    for (int n = 0; n < static_cast<int>(s.size()); ++n) {
+      if (s[n].node != n || s[n].self != (n == node)) error += "node " + std::to_string(n) + " misnumbered; ";
+      if (n != node && !contains(s[n].address, "127.0.0.1, pid "))
+        error += "node " + std::to_string(n) + " has address '" + s[n].address + "'; ";
+      if (n != node && s[n].heartbeats_sent == 0) error += "sent nothing to " + std::to_string(n) + "; ";
+    }
+    // Nobody leaves before everyone has checked: a leaving node is (rightly) reported down.
+    channel.notify();
+    channel.await_release();
+    return error;
+  });
+  for (int n = 0; n < kNodes; ++n) ASSERT_TRUE(group.wait_notified(n, 60s)) << "node " << n;
+  for (int n = 0; n < kNodes; ++n) group.release(n);
+  EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
+}
+
+TEST(Cluster, JoinFailsNamingTheNodeThatNeverArrives) {
+  const uint16_t port = testing::free_port();
+  testing::ProcessGroup group(2, [&](int node, const ChildChannel&) -> std::string {
+    ClusterOptions o = node_options(port, node, 3);
+    o.bootstrap_timeout = 1500ms;
+    auto cluster = join_cluster(o);
+    if (cluster.ok()) return "joined a cluster of 3 without node 2";
+    if (cluster.status().code() != StatusCode::kTimeout ||
+        !contains(cluster.status().message(), "node 2 never reached the coordinator"))
+      return "unexpected error: " + cluster.status().to_string();
+    return "";
+  });
+  EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
+}
+
+// Node 2 is stopped (SIGSTOP), resumed, then killed; nodes 0 and 1 follow its state.
+constexpr int kVictim = 2;
+
+TEST(Cluster, AStoppedNodeIsDownUntilItResumesAndAKilledOneStaysDown) {
+  const uint16_t port = testing::free_port();
+  testing::ProcessGroup group(3, [&](int node, const ChildChannel& channel) -> std::string {
+    auto cluster = join_cluster(node_options(port, node, 3));
+    if (!cluster.ok()) return "join: " + cluster.status().to_string();
+    std::string error = await_status(**cluster, all_up_and_heard, "every node up");
+    channel.notify();
+    if (node == kVictim) {
+      for (;;) ::pause();  // heartbeats from its thread until the parent stops or kills it
+    }
+    const Cluster& c = **cluster;
+    auto victim_down_with = [](std::string_view why) {
+      return [why](const std::vector<NodeStatus>& s) {
+        return !s[kVictim].up && s[kVictim].error.find(why) != std::string::npos;
+      };
+    };
+    // Stopped: silent, so down for want of heartbeats.
+    error += await_status(c, victim_down_with("node 2 (127.0.0.1, pid "), "node 2 down");
+    error += await_status(c, victim_down_with("sent no heartbeat"), "node 2 silent");
+    channel.notify();
+    channel.await_release();
+    // Resumed: up again.
+    error += await_status(c, [](const std::vector<NodeStatus>& s) { return s[kVictim].up; }, "node 2 up again");
+    channel.notify();
+    channel.await_release();
+    // Killed: its connection breaks; it stays down, and the survivors still see each other.
+    error += await_status(c, victim_down_with("failed"), "node 2 failed");
+    error += await_status(
+        c, [](const std::vector<NodeStatus>& s) { return s[0].up && s[1].up; }, "nodes 0 and 1 up");
+    return error;
+  });
+  for (int n = 0; n < 3; ++n) ASSERT_TRUE(group.wait_notified(n, 60s)) << "node " << n << " never joined";
+  ::kill(group.pid(kVictim), SIGSTOP);
+  const bool saw_down = group.wait_notified(0, 60s) && group.wait_notified(1, 60s);
+  ::kill(group.pid(kVictim), SIGCONT);
+  EXPECT_TRUE(saw_down);
+  group.release(0);
+  group.release(1);
+  const bool saw_up = group.wait_notified(0, 60s) && group.wait_notified(1, 60s);
+  EXPECT_TRUE(saw_up);
+  group.kill_child(kVictim);
+  group.release(0);
+  group.release(1);
+  EXPECT_EQ(testing::describe_failures(group.wait_all(), {kVictim}), "");
+}
+
+TEST(Cluster, RefusesBadOptions) {
+  ClusterOptions o;
+  o.nodes = 0;
+  EXPECT_TRUE(contains(validate(o).message(), "nodes 0"));
+  o.nodes = 2;
+  o.node_rank = 2;
+  EXPECT_TRUE(contains(validate(o).message(), "node_rank 2"));
+  o.node_rank = 1;
+  EXPECT_TRUE(contains(validate(o).message(), "coordinator port"));
+  o.coordinator_port = 7000;
+  o.peer_timeout = 100ms;
+  o.heartbeat_interval = 200ms;
+  EXPECT_TRUE(contains(validate(o).message(), "must exceed heartbeat_interval"));
+  o.peer_timeout = 1000ms;
+  EXPECT_TRUE(validate(o).ok());
+}
+
+TEST(Cluster, ASingleNodeJoinsAtOnce) {
+  // In a child: this process must hold no UCX state when later tests fork.
+  testing::ProcessGroup group(1, [](int, const ChildChannel&) -> std::string {
+    auto cluster = join_cluster(ClusterOptions{});
+    if (!cluster.ok()) return "join: " + cluster.status().to_string();
+    const std::vector<NodeStatus> s = (*cluster)->status();
+    if (s.size() != 1 || !s[0].self || !s[0].up) return "a single node should see itself up";
+    return "";
+  });
+  EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
+}
+
+}  // namespace
+}  // namespace tutel::comm
