@@ -2,8 +2,10 @@
 # tools/cluster.sh N [RANKS] [-- COMMAND...]
 #
 # Starts N tuteld daemons on this machine, each with RANKS CPU ranks (default 1), on generated
-# configs in a temporary directory: unix sockets only, metrics on free loopback ports. Prints
-# where each daemon listens, then either runs COMMAND with the sockets in the environment
+# configs in a temporary directory: unix sockets only, metrics on free loopback ports, and a
+# [cluster] table so the daemons join one cluster (node i is daemon i; coordinator on a free
+# loopback port) and serve only once all have joined. Prints where each daemon listens, then
+# either runs COMMAND with the sockets in the environment
 # (TUTELD_SOCKET_<i>, TUTELD_ADMIN_SOCKET_<i>, TUTELD_CLUSTER_DIR) or waits for Ctrl-C. The
 # daemons are stopped by PID on exit, whatever happens; the exit status is COMMAND's.
 #
@@ -34,6 +36,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# A loopback port nothing listens on (checked, not reserved: good enough for a test machine).
+while :; do
+  port=$((20000 + RANDOM % 40000))
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || break
+done
+
 for ((i = 0; i < nodes; i++)); do
   mkdir -p "$dir/node$i"
   cat > "$dir/node$i/tuteld.toml" <<EOF
@@ -49,6 +57,12 @@ kind = "cpu"
 ranks = $ranks
 threads_per_rank = 1
 
+[cluster]
+coordinator = "127.0.0.1:$port"
+nodes = $nodes
+node_rank = $i
+bootstrap_timeout_ms = 30000
+
 [[tenant]]
 name = "default"
 uids = [$(id -u)]
@@ -58,11 +72,13 @@ EOF
 done
 
 for ((i = 0; i < nodes; i++)); do
-  for _ in $(seq 1 500); do
-    [ -S "$dir/node$i/client.sock" ] && [ -S "$dir/node$i/admin.sock" ] && break
+  # Serving means the cluster is complete (the sockets exist earlier, during the join).
+  for _ in $(seq 1 1750); do
+    grep -q "serving on" "$dir/node$i/tuteld.log" 2>/dev/null && break
     kill -0 "${pids[$i]}" 2>/dev/null || { cat "$dir/node$i/tuteld.log" >&2; echo "cluster.sh: daemon $i exited" >&2; exit 1; }
     sleep 0.02
   done
+  grep -q "serving on" "$dir/node$i/tuteld.log" || { cat "$dir/node$i/tuteld.log" >&2; echo "cluster.sh: daemon $i did not come up" >&2; exit 1; }
   export "TUTELD_SOCKET_$i=$dir/node$i/client.sock" "TUTELD_ADMIN_SOCKET_$i=$dir/node$i/admin.sock"
   echo "daemon $i (pid ${pids[$i]}, $ranks rank(s)): client $dir/node$i/client.sock  admin $dir/node$i/admin.sock"
 done
@@ -71,6 +87,6 @@ export TUTELD_CLUSTER_DIR="$dir"
 if [ $# -gt 0 ]; then
   "$@"
 else
-  echo "clients: tutel_connect(\$TUTELD_SOCKET_<i>); tutelctl --socket \$TUTELD_ADMIN_SOCKET_<i> status. Ctrl-C stops the cluster."
+  echo "clients: tutel_connect(\$TUTELD_SOCKET_<i>); tutelctl --socket \$TUTELD_ADMIN_SOCKET_<i> peers. Ctrl-C stops the cluster."
   while true; do sleep 1; done
 fi

@@ -44,6 +44,11 @@ class UcxCluster final : public Cluster {
     }
     wake_.notify_all();
     if (thread_.joinable()) thread_.join();
+    // Tell the others we leave on purpose, so they report a shutdown rather than a crash. The
+    // rank's destructor flushes the endpoints, so these go out before the connections close.
+    const Beacon bye{kBye, 0};
+    for (int p = 0; p < nodes(); ++p)
+      if (p != node_rank()) (void)rank_->send_beacon(p, beacon_tag(), &bye, sizeof bye);
   }
 
   // Every pair of nodes exchanges one message: after this, all endpoints work both ways.
@@ -88,34 +93,47 @@ class UcxCluster final : public Cluster {
   }
 
  private:
+  // What a beacon says.
+  enum : uint32_t { kHeartbeat = 1, kBye = 2 };
+  struct Beacon {
+    uint32_t kind;
+    uint32_t unused;
+  };
+  uint64_t beacon_tag() const { return kBeaconTag | static_cast<uint64_t>(node_rank()); }
+
   struct Peer {
     Clock::time_point last_heard;
     uint64_t sent = 0, received = 0;
     std::string error;  // "" while up
-    bool dead = false;  // its connection broke: it stays down
+    bool dead = false;  // its connection broke, or it left: it stays down
+    bool left = false;  // it said goodbye (shut down on purpose)
   };
 
   void heartbeat_loop() {
     const int me = node_rank();
-    uint64_t sequence = 0;
     std::unique_lock<std::mutex> lock(mu_);
     while (!stopping_) {
       lock.unlock();
       // Drain what arrived first, so a node that was itself stopped does not call everyone
       // silent on waking: their heartbeats are already queued.
-      std::vector<int> heard;
-      rank_->receive_beacons(kBeaconTag, ~kSenderMask, [&](uint64_t tag, std::string_view) {
-        heard.push_back(static_cast<int>(tag & kSenderMask));
+      std::vector<int> heard, leaving;
+      rank_->receive_beacons(kBeaconTag, ~kSenderMask, [&](uint64_t tag, std::string_view data) {
+        Beacon b{};
+        std::memcpy(&b, data.data(), std::min(data.size(), sizeof b));
+        (b.kind == kBye ? leaving : heard).push_back(static_cast<int>(tag & kSenderMask));
       });
-      ++sequence;
       std::vector<std::pair<int, std::string>> broken;
       std::vector<int> sent;
+      const Beacon heartbeat{kHeartbeat, 0};
       for (int p = 0; p < nodes(); ++p) {
-        if (p == me) continue;
+        if (p == me || std::find(leaving.begin(), leaving.end(), p) != leaving.end()) continue;
+        {
+          std::lock_guard<std::mutex> peers_lock(mu_);
+          if (peers_[static_cast<size_t>(p)].left) continue;
+        }
         std::string failure = rank_->failure(p);
         if (failure.empty()) {
-          const Status s = rank_->send_beacon(p, kBeaconTag | static_cast<uint64_t>(me), &sequence,
-                                              sizeof sequence);
+          const Status s = rank_->send_beacon(p, beacon_tag(), &heartbeat, sizeof heartbeat);
           if (s.ok()) {
             sent.push_back(p);
           } else {
@@ -133,8 +151,16 @@ class UcxCluster final : public Cluster {
         ++peer.received;
       }
       for (int p : sent) ++peers_[static_cast<size_t>(p)].sent;
+      for (int p : leaving) {
+        if (p < 0 || p >= nodes() || p == me) continue;
+        Peer& peer = peers_[static_cast<size_t>(p)];
+        peer.dead = peer.left = true;
+        peer.error = rank_->describe(p) + " left the cluster (its daemon shut down)";
+        TUTEL_LOG(INFO) << "cluster: " << peer.error;
+      }
       for (auto& [p, why] : broken) {
         Peer& peer = peers_[static_cast<size_t>(p)];
+        if (peer.left) continue;  // its connection closed because it left
         if (!peer.dead) TUTEL_LOG(WARN) << "cluster: " << why;
         peer.dead = true;
         peer.error = std::move(why);

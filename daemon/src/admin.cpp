@@ -30,6 +30,64 @@ json DaemonImpl::status_json() const {
           {"metrics_port", bound_metrics_port_}};
 }
 
+// The cluster's nodes (null without [cluster]) and the groups of this daemon's layers, each
+// with its other ranks: state, traffic, last error.
+json DaemonImpl::peers_json() const {
+  json cluster = nullptr;
+  if (cluster_) {
+    const int ranks_per_node = config_.cluster->ranks_per_node;
+    json nodes = json::array();
+    for (const comm::NodeStatus& n : cluster_->status())
+      nodes.push_back({{"node", n.node},
+                       {"self", n.self},
+                       {"address", n.address},
+                       {"first_rank", n.node * ranks_per_node},
+                       {"ranks", ranks_per_node},
+                       {"state", n.up ? "up" : "down"},
+                       {"silent_ms", n.silent_for.count()},
+                       {"heartbeats_sent", n.heartbeats_sent},
+                       {"heartbeats_received", n.heartbeats_received},
+                       {"last_error", n.error}});
+    cluster = {{"node_rank", cluster_->node_rank()}, {"nodes", nodes}};
+  }
+  json groups = json::array();
+  for (const LayerRef& ref : registry_->all()) {
+    const auto& g = ref.layer->definition().group;
+    if (!g) continue;
+    json peers = json::array();
+    for (const comm::PeerStatus& p : ref.layer->group_peers())
+      peers.push_back({{"rank", p.rank},
+                       {"address", p.address},
+                       {"state", p.failed ? "down" : "up"},
+                       {"bytes_sent", p.bytes_sent},
+                       {"bytes_received", p.bytes_received},
+                       {"last_error", p.error}});
+    const std::string error = ref.layer->group_error();
+    groups.push_back({{"tenant", ref.layer->tenant()},
+                      {"layer", ref.layer->name()},
+                      {"coordinator", g->coordinator_host + ":" + std::to_string(g->coordinator_port)},
+                      {"rank", g->rank},
+                      {"size", g->size},
+                      {"all_to_all", std::string(comm::to_string(g->all_to_all))},
+                      {"state", error.empty() ? "up" : "down"},
+                      {"last_error", error},
+                      {"peers", peers}});
+  }
+  return {{"cluster", cluster}, {"groups", groups}};
+}
+
+std::string DaemonImpl::metrics_text() {
+  std::map<int, bool> node_up;
+  if (cluster_)
+    for (const comm::NodeStatus& n : cluster_->status()) node_up[n.node] = n.up;
+  std::map<std::pair<std::string, int>, Metrics::PeerTraffic> traffic;
+  for (const LayerRef& ref : registry_->all())
+    for (const comm::PeerStatus& p : ref.layer->group_peers())
+      traffic[{ref.layer->tenant() + "/" + ref.layer->name(), p.rank}] = {p.bytes_sent, p.bytes_received};
+  metrics_.set_live(std::move(node_up), std::move(traffic));
+  return metrics_.prometheus_text();
+}
+
 void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Frame frame) {
   const uint32_t rid = frame.header.request_id;
   auto body = ipc::parse_body(frame);
@@ -86,25 +144,11 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
       break;
     }
     case ipc::FrameType::kAdminPeers: {
-      // The groups this daemon's layers belong to, and whether their peers still answer.
-      json groups = json::array();
-      for (const LayerRef& ref : registry_->all()) {
-        const auto& g = ref.layer->definition().group;
-        if (!g) continue;
-        const std::string error = ref.layer->group_error();
-        groups.push_back({{"tenant", ref.layer->tenant()},
-                          {"layer", ref.layer->name()},
-                          {"coordinator", g->coordinator_host + ":" + std::to_string(g->coordinator_port)},
-                          {"rank", g->rank},
-                          {"size", g->size},
-                          {"state", error.empty() ? "up" : "down"},
-                          {"last_error", error}});
-      }
-      reply(s, ipc::FrameType::kOk, rid, {{"groups", groups}});
+      reply(s, ipc::FrameType::kOk, rid, peers_json());
       break;
     }
     case ipc::FrameType::kAdminMetrics:
-      reply(s, ipc::FrameType::kOk, rid, {{"text", metrics_.prometheus_text()}});
+      reply(s, ipc::FrameType::kOk, rid, {{"text", metrics_text()}});
       break;
     case ipc::FrameType::kAdminCheckpoint: {
       const json& b = *body;
@@ -201,7 +245,7 @@ Status DaemonImpl::start_metrics_server() {
             uv_read_stop(stream);
             if (!complete) c->response = http_response(431, "Request Header Fields Too Large", "text/plain", "request head too large\n");
             else if (c->request.rfind("GET /metrics ", 0) == 0 || c->request.rfind("GET /metrics?", 0) == 0)
-              c->response = http_response(200, "OK", "text/plain; version=0.0.4", c->daemon->metrics().prometheus_text());
+              c->response = http_response(200, "OK", "text/plain; version=0.0.4", c->daemon->metrics_text());
             else c->response = http_response(404, "Not Found", "text/plain", "only GET /metrics is served here\n");
             uv_buf_t out = uv_buf_init(c->response.data(), static_cast<unsigned>(c->response.size()));
             c->write.data = c;

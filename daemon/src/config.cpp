@@ -472,14 +472,8 @@ Status parse_optimizer(const Scope& layer, OptimizerConfig& o) {
   return Status::OK();
 }
 
-Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
-  TUTEL_ASSIGN_OR_RETURN(const toml::table* t, get_table(layer, "group", false,
-                                                         "(group = { coordinator = \"127.0.0.1:7000\", size = 2, rank = 0 })"));
-  if (t == nullptr) return Status::OK();
-  const Scope s = layer.child(*t, layer.key_path("group"), "the group table");
-  TUTEL_RETURN_IF_ERROR(s.check_keys({"coordinator", "size", "rank", "local_size", "all_to_all",
-                                      "bootstrap_timeout_ms", "collective_timeout_ms"}));
-  GroupConfig g;
+// The required key `coordinator`: "<IPv4 address>:<port>".
+Status get_coordinator(const Scope& s, std::string& host, uint16_t& port_out) {
   std::string coordinator;
   TUTEL_RETURN_IF_ERROR(get_string(s, "coordinator", coordinator, true, "\"host:port\""));
   const size_t colon = coordinator.rfind(':');
@@ -493,8 +487,27 @@ Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
   if (colon == std::string::npos || port < 1 || port > 65535 ||
       ::inet_pton(AF_INET, coordinator.substr(0, colon).c_str(), &addr) != 1)
     return s.error_near("coordinator", "expected \"<IPv4 address>:<port>\", got \"" + coordinator + "\"");
-  g.coordinator_host = coordinator.substr(0, colon);
-  g.coordinator_port = static_cast<uint16_t>(port);
+  host = coordinator.substr(0, colon);
+  port_out = static_cast<uint16_t>(port);
+  return Status::OK();
+}
+
+Status get_milliseconds(const Scope& s, std::string_view key, std::chrono::milliseconds& out) {
+  int64_t ms = out.count();
+  TUTEL_RETURN_IF_ERROR(get_int(s, key, 1, 3'600'000, ms));
+  out = std::chrono::milliseconds(ms);
+  return Status::OK();
+}
+
+Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
+  TUTEL_ASSIGN_OR_RETURN(const toml::table* t, get_table(layer, "group", false,
+                                                         "(group = { coordinator = \"127.0.0.1:7000\", size = 2, rank = 0 })"));
+  if (t == nullptr) return Status::OK();
+  const Scope s = layer.child(*t, layer.key_path("group"), "the group table");
+  TUTEL_RETURN_IF_ERROR(s.check_keys({"coordinator", "size", "rank", "local_size", "all_to_all",
+                                      "bootstrap_timeout_ms", "collective_timeout_ms"}));
+  GroupConfig g;
+  TUTEL_RETURN_IF_ERROR(get_coordinator(s, g.coordinator_host, g.coordinator_port));
   TUTEL_RETURN_IF_ERROR(get_int(s, "size", 1, 1 << 20, g.size, true));
   TUTEL_RETURN_IF_ERROR(get_int(s, "rank", 0, (1 << 20) - 1, g.rank, true));
   if (g.rank >= g.size) return s.error_near("rank", "rank " + std::to_string(g.rank) + " is not below size " + std::to_string(g.size));
@@ -504,11 +517,8 @@ Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
     return s.error_near("all_to_all", "all_to_all = \"2dh\" needs local_size (" + std::to_string(g.local_size) +
                                           ") to divide size (" + std::to_string(g.size) +
                                           "): it exchanges within each node, then across nodes");
-  int64_t bootstrap_ms = g.bootstrap_timeout.count(), collective_ms = g.collective_timeout.count();
-  TUTEL_RETURN_IF_ERROR(get_int(s, "bootstrap_timeout_ms", 1, 3'600'000, bootstrap_ms));
-  TUTEL_RETURN_IF_ERROR(get_int(s, "collective_timeout_ms", 1, 3'600'000, collective_ms));
-  g.bootstrap_timeout = std::chrono::milliseconds(bootstrap_ms);
-  g.collective_timeout = std::chrono::milliseconds(collective_ms);
+  TUTEL_RETURN_IF_ERROR(get_milliseconds(s, "bootstrap_timeout_ms", g.bootstrap_timeout));
+  TUTEL_RETURN_IF_ERROR(get_milliseconds(s, "collective_timeout_ms", g.collective_timeout));
   out = g;
   return Status::OK();
 }
@@ -682,6 +692,36 @@ Status parse_backend(const Scope& root, BackendConfig& backend) {
                                        " devices for ranks = " + std::to_string(backend.ranks) +
                                        "; give one device per rank (or none for 0..ranks-1)");
   }
+  return Status::OK();
+}
+
+Status parse_cluster(const Scope& root, const BackendConfig& backend, std::optional<ClusterConfig>& out) {
+  TUTEL_ASSIGN_OR_RETURN(const toml::table* t, get_table(root, "cluster", false, "[cluster]"));
+  if (t == nullptr) return Status::OK();
+  const Scope s = root.child(*t, "cluster", "[cluster]");
+  TUTEL_RETURN_IF_ERROR(s.check_keys({"coordinator", "node_rank", "nodes", "ranks_per_node", "bootstrap_timeout_ms",
+                                      "heartbeat_interval_ms", "peer_timeout_ms"}));
+  ClusterConfig c;
+  TUTEL_RETURN_IF_ERROR(get_coordinator(s, c.coordinator_host, c.coordinator_port));
+  TUTEL_RETURN_IF_ERROR(get_int(s, "nodes", 1, (1 << 20) - 1, c.nodes, true));
+  TUTEL_RETURN_IF_ERROR(get_int(s, "node_rank", 0, (1 << 20) - 2, c.node_rank, true));
+  if (c.node_rank >= c.nodes)
+    return s.error_near("node_rank", "node_rank " + std::to_string(c.node_rank) + " is not below nodes " +
+                                         std::to_string(c.nodes));
+  c.ranks_per_node = backend.ranks;
+  TUTEL_RETURN_IF_ERROR(get_int(s, "ranks_per_node", 1, 1024, c.ranks_per_node));
+  if (c.ranks_per_node != backend.ranks)
+    return s.error_near("ranks_per_node", "ranks_per_node = " + std::to_string(c.ranks_per_node) +
+                                              " but [backend] ranks = " + std::to_string(backend.ranks) +
+                                              ": every node serves the ranks its backend has; make them equal");
+  TUTEL_RETURN_IF_ERROR(get_milliseconds(s, "bootstrap_timeout_ms", c.bootstrap_timeout));
+  TUTEL_RETURN_IF_ERROR(get_milliseconds(s, "heartbeat_interval_ms", c.heartbeat_interval));
+  TUTEL_RETURN_IF_ERROR(get_milliseconds(s, "peer_timeout_ms", c.peer_timeout));
+  if (c.peer_timeout <= c.heartbeat_interval)
+    return s.error_near("peer_timeout_ms", "peer_timeout_ms (" + std::to_string(c.peer_timeout.count()) +
+                                               ") must exceed heartbeat_interval_ms (" +
+                                               std::to_string(c.heartbeat_interval.count()) + ")");
+  out = c;
   return Status::OK();
 }
 
@@ -878,9 +918,10 @@ Result<Config> parse_config(std::string_view toml_text, std::string_view source_
   const fs::path base_dir = ec ? fs::path() : file.lexically_normal().parent_path();
 
   const Scope root(source_name, parsed.table(), "", "the top level");
-  TUTEL_RETURN_IF_ERROR(root.check_keys({"server", "backend", "tenant", "layer"}));
+  TUTEL_RETURN_IF_ERROR(root.check_keys({"server", "backend", "cluster", "tenant", "layer"}));
   TUTEL_RETURN_IF_ERROR(parse_server(root, base_dir, config.server));
   TUTEL_RETURN_IF_ERROR(parse_backend(root, config.backend));
+  TUTEL_RETURN_IF_ERROR(parse_cluster(root, config.backend, config.cluster));
   TUTEL_RETURN_IF_ERROR(parse_tenants(root, config.tenants));
   TUTEL_RETURN_IF_ERROR(parse_layers(root, base_dir, config));
   return config;

@@ -69,6 +69,8 @@ Status DaemonImpl::start() {
   // Nothing is accepted until run() starts the loop, so clients wait for the restore.
   TUTEL_RETURN_IF_ERROR(listen(config_.server.client_socket, 0660, false, &client_poll_, &client_fd_));
   TUTEL_RETURN_IF_ERROR(listen(config_.server.admin_socket, 0600, true, &admin_poll_, &admin_fd_));
+  // Serve only as part of a complete cluster: the join fails naming the nodes that are missing.
+  TUTEL_RETURN_IF_ERROR(join_cluster());
   TUTEL_RETURN_IF_ERROR(start_ranks());
   registry_ = std::make_unique<Registry>(config_.tenants, ranks_);
   TUTEL_RETURN_IF_ERROR(restore_state());
@@ -86,6 +88,24 @@ Status DaemonImpl::start() {
   TUTEL_LOG(INFO) << "tuteld serving on " << config_.server.client_socket << " (admin "
                   << config_.server.admin_socket << "), backend " << config_.backend.kind << " x"
                   << ranks_.size();
+  return Status::OK();
+}
+
+Status DaemonImpl::join_cluster() {
+  if (!config_.cluster) return Status::OK();
+  const ClusterConfig& c = *config_.cluster;
+  comm::ClusterOptions o;
+  o.coordinator_host = c.coordinator_host;
+  o.coordinator_port = c.coordinator_port;
+  o.node_rank = c.node_rank;
+  o.nodes = c.nodes;
+  o.bootstrap_timeout = c.bootstrap_timeout;
+  o.heartbeat_interval = c.heartbeat_interval;
+  o.peer_timeout = c.peer_timeout;
+  TUTEL_LOG(INFO) << "joining the cluster as node " << c.node_rank << " of " << c.nodes << " (coordinator "
+                  << c.coordinator_host << ":" << c.coordinator_port << ")";
+  TUTEL_ASSIGN_OR_RETURN(cluster_, comm::join_cluster(o));
+  TUTEL_LOG(INFO) << "cluster complete: " << c.nodes << " nodes";
   return Status::OK();
 }
 

@@ -14,6 +14,7 @@
 #include "metrics.hpp"
 #include "registry.hpp"
 #include "session.hpp"
+#include "tutel/comm/cluster.hpp"
 #include "tutel/daemon/config.hpp"
 
 namespace tutel::daemon {
@@ -45,8 +46,12 @@ class DaemonImpl {
   void handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Frame frame);
   Status start_metrics_server();
   nlohmann::json status_json() const;
+  nlohmann::json peers_json() const;
+  // The Prometheus text, with the cluster's and the groups' live state read just now.
+  std::string metrics_text();
 
  private:
+  Status join_cluster();
   Status start_ranks();
   Status restore_state();
   Status load_config_layers();
@@ -61,6 +66,7 @@ class DaemonImpl {
   void checkpoint_all();
 
   Config config_;
+  std::unique_ptr<comm::Cluster> cluster_;  // with [cluster]: the other daemons
   uv_loop_t loop_{};
   std::vector<std::unique_ptr<Rank>> ranks_;
   std::unique_ptr<Registry> registry_;

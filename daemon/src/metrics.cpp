@@ -97,7 +97,29 @@ std::string Metrics::prometheus_text() const {
       << "# TYPE tuteld_group_up gauge\n";
     for (const auto& [p, up] : peers_) o << "tuteld_group_up{layer=\"" << label(p) << "\"} " << (up ? 1 : 0) << "\n";
   }
+  if (!node_up_.empty()) {
+    o << "# HELP tuteld_node_up Whether a node of the cluster answers (1 for this node itself).\n"
+      << "# TYPE tuteld_node_up gauge\n";
+    for (const auto& [node, up] : node_up_) o << "tuteld_node_up{node=\"" << node << "\"} " << (up ? 1 : 0) << "\n";
+  }
+  if (!traffic_.empty()) {
+    for (const bool sent : {true, false}) {
+      const char* name = sent ? "tuteld_peer_sent_bytes_total" : "tuteld_peer_received_bytes_total";
+      o << "# HELP " << name << " Collective payload " << (sent ? "sent to" : "received from")
+        << " each peer rank of an expert-parallel layer's group (by tenant/layer and peer rank).\n"
+        << "# TYPE " << name << " counter\n";
+      for (const auto& [k, t] : traffic_)
+        o << name << "{layer=\"" << label(k.first) << "\",peer=\"" << k.second << "\"} " << (sent ? t.sent : t.received)
+          << "\n";
+    }
+  }
   return o.str();
+}
+
+void Metrics::set_live(std::map<int, bool> node_up, std::map<std::pair<std::string, int>, PeerTraffic> traffic) {
+  std::lock_guard lock(mutex_);
+  node_up_ = std::move(node_up);
+  traffic_ = std::move(traffic);
 }
 
 }  // namespace tutel::daemon

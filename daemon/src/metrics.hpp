@@ -22,6 +22,13 @@ class Metrics {
   void set_active_sessions(int64_t n);
   // Whether the group of an expert-parallel layer ("tenant/layer") still answers.
   void set_peer_state(const std::string& group_layer, bool up);
+  // State read from the live objects just before rendering (replaces the previous snapshot):
+  // each cluster node's liveness, and each group layer's traffic per peer rank.
+  struct PeerTraffic {
+    uint64_t sent = 0, received = 0;
+  };
+  void set_live(std::map<int, bool> node_up,
+                std::map<std::pair<std::string, int>, PeerTraffic> traffic);  // ("tenant/layer", rank)
 
   std::string prometheus_text() const;
 
@@ -43,6 +50,8 @@ class Metrics {
   std::map<std::pair<std::string, std::string>, int64_t> capacity_;
   std::map<std::string, uint64_t> tenant_memory_;
   std::map<std::string, bool> peers_;
+  std::map<int, bool> node_up_;
+  std::map<std::pair<std::string, int>, PeerTraffic> traffic_;
   int64_t active_sessions_ = 0;
 };
 

@@ -176,6 +176,11 @@ std::string ServedLayer::group_error() const {
   return group_error_;
 }
 
+std::vector<comm::PeerStatus> ServedLayer::group_peers() const {
+  // group_ is set before the layer is published and never changes after.
+  return group_ ? group_->comm->peers() : std::vector<comm::PeerStatus>{};
+}
+
 Status ServedLayer::note_group_status(Status st) {
   const StatusCode c = st.code();
   if (c == StatusCode::kUnavailable || c == StatusCode::kTimeout || c == StatusCode::kAborted) {

@@ -54,6 +54,8 @@ class ServedLayer {
   RoutingStats last_stats() const;
   // A group layer's last collective failure ("" while its peers answer).
   std::string group_error() const;
+  // A group layer's other ranks: address, state, traffic. Empty for other layers. Any thread.
+  std::vector<comm::PeerStatus> group_peers() const;
 
   // x [S, M] → y [S, O] (host pointers). With `training`, keeps what backward needs under
   // (`owner`, `sequence`); a sequence already pending is an error.

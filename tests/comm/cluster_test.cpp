@@ -147,6 +147,34 @@ TEST(Cluster, AStoppedNodeIsDownUntilItResumesAndAKilledOneStaysDown) {
   EXPECT_EQ(testing::describe_failures(group.wait_all(), {kVictim}), "");
 }
 
+TEST(Cluster, ANodeThatShutsDownIsReportedAsLeft) {
+  const uint16_t port = testing::free_port();
+  testing::ProcessGroup group(2, [&](int node, const ChildChannel& channel) -> std::string {
+    auto cluster = join_cluster(node_options(port, node, 2));
+    if (!cluster.ok()) return "join: " + cluster.status().to_string();
+    std::string error = await_status(**cluster, all_up_and_heard, "every node up");
+    if (node == 1) {
+      channel.notify();
+      channel.await_release();
+      cluster->reset();  // leaves
+      return error;
+    }
+    channel.notify();
+    error += await_status(
+        **cluster,
+        [](const std::vector<NodeStatus>& s) {
+          return !s[1].up && s[1].error.find("node 1 (127.0.0.1, pid ") != std::string::npos &&
+                 s[1].error.find("left the cluster") != std::string::npos;
+        },
+        "node 1 leave");
+    return error;
+  });
+  ASSERT_TRUE(group.wait_notified(0, 60s));
+  ASSERT_TRUE(group.wait_notified(1, 60s));
+  group.release(1);
+  EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
+}
+
 TEST(Cluster, RefusesBadOptions) {
   ClusterOptions o;
   o.nodes = 0;

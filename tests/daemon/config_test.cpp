@@ -878,3 +878,53 @@ TEST(LayerSpecGroupTest, BadGroupsNameTheKey) {
 
 }  // namespace
 }  // namespace tutel::daemon
+
+namespace tutel::daemon {
+namespace {
+
+TEST(ClusterConfigTest, ParsesWithDefaults) {
+  const Config c = parse_ok(kMinimal + "[backend]\nranks = 2\n[cluster]\ncoordinator = \"127.0.0.1:7100\"\nnodes = 3\nnode_rank = 2\n");
+  ASSERT_TRUE(c.cluster.has_value());
+  EXPECT_EQ(c.cluster->coordinator_host, "127.0.0.1");
+  EXPECT_EQ(c.cluster->coordinator_port, 7100);
+  EXPECT_EQ(c.cluster->nodes, 3);
+  EXPECT_EQ(c.cluster->node_rank, 2);
+  EXPECT_EQ(c.cluster->ranks_per_node, 2);  // from [backend] ranks
+  EXPECT_EQ(c.cluster->bootstrap_timeout.count(), 30000);
+  EXPECT_EQ(c.cluster->heartbeat_interval.count(), 250);
+  EXPECT_EQ(c.cluster->peer_timeout.count(), 3000);
+  EXPECT_FALSE(parse_ok(kMinimal).cluster.has_value());
+  const Config all = parse_ok(kMinimal +
+                              "[cluster]\ncoordinator = \"127.0.0.1:7100\"\nnodes = 2\nnode_rank = 0\nranks_per_node = 1\n"
+                              "bootstrap_timeout_ms = 500\nheartbeat_interval_ms = 20\npeer_timeout_ms = 100\n");
+  ASSERT_TRUE(all.cluster.has_value());
+  EXPECT_EQ(all.cluster->bootstrap_timeout.count(), 500);
+  EXPECT_EQ(all.cluster->heartbeat_interval.count(), 20);
+  EXPECT_EQ(all.cluster->peer_timeout.count(), 100);
+}
+
+TEST(ClusterConfigTest, BadClustersNameTheKey) {
+  const std::string head = kMinimal + "[cluster]\n";
+  const std::string ok_coord = "coordinator = \"127.0.0.1:7100\"\n";
+  expect_error(head + "nodes = 2\nnode_rank = 0\n", "cluster.coordinator", {"required"});
+  expect_error(head + "coordinator = \"node0:7100\" #!\nnodes = 2\nnode_rank = 0\n", "cluster.coordinator",
+               {"IPv4"});
+  expect_error(head + ok_coord + "node_rank = 0\n", "cluster.nodes");
+  expect_error(head + ok_coord + "nodes = 2\n", "cluster.node_rank");
+  expect_error(head + ok_coord + "nodes = 0 #!\nnode_rank = 0\n", "cluster.nodes");
+  expect_error(head + ok_coord + "nodes = 2\nnode_rank = 2 #!\n", "cluster.node_rank", {"not below nodes 2"});
+  expect_error(head + ok_coord + "nodes = 2\nnode_rank = -1 #!\n", "cluster.node_rank");
+  expect_error(head + ok_coord + "nodes = 2\nnode_rank = 0\nranks_per_node = 4 #!\n", "cluster.ranks_per_node",
+               {"[backend] ranks = 1"});
+  expect_error(head + ok_coord + "nodes = 2\nnode_rank = 0\npeer_timeout_ms = 100 #!\nheartbeat_interval_ms = 200\n",
+               "cluster.peer_timeout_ms", {"must exceed heartbeat_interval_ms"});
+  expect_error(head + ok_coord + "nodes = 2\nnode_rank = 0\nbootstrap_timeout_ms = 0 #!\n",
+               "cluster.bootstrap_timeout_ms");
+  expect_error(head + ok_coord + "nodes = 2\nnode_rank = \"1\" #!\n", "cluster.node_rank");
+  expect_error(head + ok_coord + "nodes = 2\nnode_rank = 0\nnode = 1 #!\n", "cluster.node",
+               {"unknown key in [cluster]"});
+  expect_error(kMinimal + "cluster = 3 #!\n", "tenant[0].cluster");
+}
+
+}  // namespace
+}  // namespace tutel::daemon

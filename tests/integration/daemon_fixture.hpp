@@ -25,6 +25,7 @@ struct DaemonOptions {
   std::string extra_server;   // lines appended to [server]
   std::string extra_tenants;  // more [[tenant]] tables
   std::string layers;         // [[layer]] tables
+  std::string cluster;        // the body of a [cluster] table; empty: none
   int ranks = 1;
   int threads_per_rank = 1;
   bool state_dir = true;
@@ -55,8 +56,15 @@ class DaemonProcess {
   }
   pid_t pid() const { return pid_; }
 
-  // Starts the daemon and waits (bounded) until both sockets exist.
+  // Starts the daemon and waits (bounded) until it serves.
   ::testing::AssertionResult start() {
+    auto spawned = spawn();
+    if (!spawned) return spawned;
+    return wait_serving(std::chrono::seconds(10));
+  }
+
+  // Starts the daemon without waiting: the daemons of a cluster serve only once all have started.
+  ::testing::AssertionResult spawn() {
     const std::string log_path = dir_ + "/tuteld.log";
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
@@ -68,7 +76,13 @@ class DaemonProcess {
     const int rc = posix_spawn(&pid_, bin.c_str(), &actions, nullptr, argv, environ);
     posix_spawn_file_actions_destroy(&actions);
     if (rc != 0) return ::testing::AssertionFailure() << "cannot spawn " << bin << ": " << strerror(rc);
-    for (int i = 0; i < 1000; ++i) {
+    return ::testing::AssertionSuccess();
+  }
+
+  // Waits (bounded) until the daemon logs that it serves, with both sockets in place.
+  ::testing::AssertionResult wait_serving(std::chrono::milliseconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
       if (std::filesystem::exists(client_socket()) && std::filesystem::exists(admin_socket()) &&
           log().find("serving on") != std::string::npos)
         return ::testing::AssertionSuccess();
@@ -79,7 +93,32 @@ class DaemonProcess {
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
-    return ::testing::AssertionFailure() << "tuteld did not come up within 10 s:\n" << log();
+    return ::testing::AssertionFailure() << "tuteld did not come up within " << timeout.count() << " ms:\n" << log();
+  }
+
+  // Waits (bounded) for the daemon to exit on its own; its exit status, or -1 if it did not.
+  int wait_exit(std::chrono::milliseconds timeout) {
+    if (pid_ <= 0) return exit_status_;
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      int status = 0;
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        exit_status_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        return exit_status_;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return -1;
+  }
+
+  // SIGKILLs the daemon (a crash) and reaps it.
+  void kill_hard() {
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+    exit_status_ = 137;
   }
 
   // SIGTERM, then waits (bounded) for the exit; SIGKILL if it does not come. Returns the exit status.
@@ -117,6 +156,7 @@ class DaemonProcess {
       << options_.extra_server << "\n"
       << "[backend]\nkind = \"cpu\"\nranks = " << options_.ranks << "\nthreads_per_rank = " << options_.threads_per_rank
       << "\n\n[[tenant]]\nname = \"default\"\nuids = [" << ::getuid() << "]\n"
+      << (options_.cluster.empty() ? "" : "\n[cluster]\n" + options_.cluster + "\n")
       << options_.extra_tenants << "\n"
       << options_.layers << "\n";
   }

@@ -179,19 +179,50 @@ void print_tenants(const json& reply) {
   t.print(std::cout);
 }
 
+// The cluster's nodes, then every group of this daemon's layers with one row per other rank.
 void print_peers(const json& reply) {
+  const json cluster = reply.value("cluster", json());
+  if (cluster.is_object()) {
+    Table nodes{{"NODE", "ADDRESS", "RANKS", "STATE", "SILENT", "LAST ERROR"},
+                {false, true, false, true, false, true},
+                {}};
+    for (const json& n : cluster.value("nodes", json::array())) {
+      const int64_t first = n.value("first_rank", int64_t{0}), count = n.value("ranks", int64_t{1});
+      const std::string ranks =
+          count == 1 ? std::to_string(first) : std::to_string(first) + "-" + std::to_string(first + count - 1);
+      const bool self = n.value("self", false);
+      nodes.rows.push_back({field(n, "node"), field(n, "address"), ranks, field(n, "state"),
+                            self ? "-" : field(n, "silent_ms") + " ms", field(n, "last_error")});
+    }
+    nodes.print(std::cout);
+  } else {
+    std::cout << "(not part of a cluster)\n";
+  }
   const json groups = reply.value("groups", json::array());
   if (groups.empty()) {
     std::cout << "(no expert-parallel groups)\n";
     return;
   }
-  Table t{{"LAYER", "COORDINATOR", "RANK", "SIZE", "STATE", "LAST ERROR"},
-          {true, true, false, false, true, true},
+  std::cout << "\n";
+  Table t{{"LAYER", "RANK", "A2A", "PEER", "ADDRESS", "STATE", "SENT", "RECEIVED", "LAST ERROR"},
+          {true, false, true, false, true, true, false, false, true},
           {}};
-  for (const json& g : groups)
-    t.rows.push_back({field(g, "tenant") + "/" + field(g, "layer"), field(g, "coordinator"), field(g, "rank"),
-                      field(g, "size"), field(g, "state"), field(g, "last_error")});
+  for (const json& g : groups) {
+    const std::string layer = field(g, "tenant") + "/" + field(g, "layer");
+    const std::string rank = field(g, "rank") + "/" + field(g, "size");
+    const json peers = g.value("peers", json::array());
+    if (peers.empty())
+      t.rows.push_back({layer, rank, field(g, "all_to_all"), "-", "-", field(g, "state"), "-", "-", field(g, "last_error")});
+    for (const json& p : peers)
+      t.rows.push_back({layer, rank, field(g, "all_to_all"), field(p, "rank"), field(p, "address"),
+                        field(p, "state"), bytes_field(p, "bytes_sent"), bytes_field(p, "bytes_received"),
+                        field(p, "last_error")});
+  }
   t.print(std::cout);
+  // A group's last failed collective names its culprit (which may be a peer of a peer).
+  for (const json& g : groups)
+    if (field(g, "state") == "down")
+      std::cout << field(g, "tenant") << "/" << field(g, "layer") << " is down: " << field(g, "last_error") << "\n";
 }
 
 void print_layers(const json& reply) {
@@ -255,7 +286,7 @@ int main(int argc, char** argv) {
   auto* layers =
       app.add_subcommand("layers", "every served layer with its last routing statistics");
   auto* metrics = app.add_subcommand("metrics", "the Prometheus metrics text");
-  auto* peers = app.add_subcommand("peers", "expert-parallel groups of this daemon's layers and their state");
+  auto* peers = app.add_subcommand("peers", "the cluster's nodes and the expert-parallel groups of this daemon's layers: state, traffic, last error");
   auto* checkpoint =
       app.add_subcommand("checkpoint", "save a layer's parameters and optimizer state to a file");
   std::string layer, path;

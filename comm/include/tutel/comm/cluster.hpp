@@ -11,12 +11,13 @@
 // (the process died: detected by UCX peer error handling within a fraction of a second on
 // loopback) or when nothing arrived from it for `peer_timeout` (stopped, hung or unreachable);
 // a silent peer that speaks again is up again, a dead one stays down (restart the cluster to
-// bring it back). nodes() reports each node's state, last error and traffic.
+// bring it back). A node whose Cluster is destroyed says goodbye first, so the others report
+// that it left rather than that it crashed. status() reports each node's state and last error.
 //
 // The cluster carries no collectives of groups: each group has its own communicator (so one
 // job's failure cannot stall another's), and its traffic is counted there.
 //
-// Thread-safety: nodes() may be called from any thread; the destructor stops the thread.
+// Thread-safety: status() may be called from any thread; the destructor stops the thread.
 #pragma once
 
 #include <chrono>

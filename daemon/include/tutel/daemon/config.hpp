@@ -102,10 +102,24 @@ struct ServerConfig {
   uint64_t arena_bytes = 64ull << 20;              // shared-memory arena per session
 };
 
+// [cluster]: this daemon is one node of a cluster of daemons (one per node) that meet at
+// `coordinator` (node 0's daemon listens there) before serving, and watch each other's liveness.
+struct ClusterConfig {
+  std::string coordinator_host = "127.0.0.1";  // a numeric IPv4 address
+  uint16_t coordinator_port = 0;
+  int node_rank = 0;
+  int nodes = 1;
+  int ranks_per_node = 1;  // equals [backend] ranks
+  std::chrono::milliseconds bootstrap_timeout{30'000};
+  std::chrono::milliseconds heartbeat_interval{250};
+  std::chrono::milliseconds peer_timeout{3'000};
+};
+
 struct Config {
   std::string path;  // absolute path of the file (of source_name for parse_config)
   ServerConfig server;
   BackendConfig backend;
+  std::optional<ClusterConfig> cluster;
   std::vector<TenantConfig> tenants;    // at least one
   std::vector<LayerDefinition> layers;  // every layer's tenant names one of `tenants`
 };
