@@ -58,7 +58,8 @@ Status ServedLayer::join_group() {
   o.collective_timeout = g.collective_timeout;
   TUTEL_ASSIGN_OR_RETURN(group->comm, comm::ucx_bootstrap(o));
   TUTEL_ASSIGN_OR_RETURN(graphs::ExpertParallelLayer ep,
-                         graphs::ExpertParallelLayer::create(*group->backend, *group->comm, def_.spec));
+                         graphs::ExpertParallelLayer::create(*group->backend, *group->comm, def_.spec,
+                                                             g.all_to_all));
   group->layer.emplace(std::move(ep));
   group_ = std::move(group);
   return Status::OK();

@@ -88,7 +88,8 @@ HostLayerParams slice_for_rank(const LayerSpec& spec, const ExpertShard& s,
 }
 
 Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::Communicator& comm,
-                                                        const LayerSpec& spec) {
+                                                        const LayerSpec& spec,
+                                                        comm::AllToAllAlgo algo) {
   if (backend.device().kind != DeviceKind::kCpu)
     return Status::Unimplemented(
         "expert parallelism runs on the CPU backend (host memory over UCX); the GPU path "
@@ -96,10 +97,16 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   if (spec.gate_noise > 0)
     return Status::Unimplemented(
         "gate noise is not supported across an expert-parallel group yet; set gate_noise = 0");
+  if (algo == comm::AllToAllAlgo::k2DH && comm.size() % comm.local_size() != 0)
+    return Status::InvalidArgument(
+        "the 2dh all-to-all needs the group's local_size (" + std::to_string(comm.local_size()) +
+        ") to divide its size (" + std::to_string(comm.size()) +
+        "): it exchanges within each node, then across nodes; use the linear all-to-all, or a "
+        "local_size that divides the group size");
   TUTEL_ASSIGN_OR_RETURN(ExpertShard shard, expert_shard(spec, comm.size(), comm.rank()));
   LayerSpec s = spec;
   s.alignment = shard.shards;  // Tutel's alignment = s·d (d = 1)
-  return ExpertParallelLayer(backend, comm, s, shard);
+  return ExpertParallelLayer(backend, comm, s, shard, algo);
 }
 
 Status ExpertParallelLayer::grow(DeviceBuffer& buf, size_t bytes) {
@@ -229,15 +236,14 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, boo
   if (s == 1) {
     // disp [E, C, M] is already [W][E_l][C][M]; the exchange gives [W][E_l][C][M] from every
     // rank, and the experts want [E_l][W·C][M].
-    TUTEL_RETURN_IF_ERROR(
-        comm_->all_to_all(disp, recv_.data(), El * C * M * 4, comm::AllToAllAlgo::kLinear));
+    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(disp, recv_.data(), El * C * M * 4, algo_));
     swap_outer(fp(recv_), in, W, El, C * M);
   } else {
     // Every shard of expert e needs all of e's slots: chunk w' is disp[w' / s].
     float* send = fp(send_);
     for (int64_t w = 0; w < W; ++w)
       std::memcpy(send + w * C * M, disp + (w / s) * C * M, C * M * 4);
-    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, in, C * M * 4, comm::AllToAllAlgo::kLinear));
+    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, in, C * M * 4, algo_));
   }
 
   const bool keep_pre = training && spec_.activation != Activation::kRelu;
@@ -254,13 +260,11 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, boo
   float* combined = fp(combined_);
   if (s == 1) {
     swap_outer(out, fp(send_), El, W, C * O);
-    TUTEL_RETURN_IF_ERROR(
-        comm_->all_to_all(send_.data(), combined, El * C * O * 4, comm::AllToAllAlgo::kLinear));
+    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send_.data(), combined, El * C * O * 4, algo_));
   } else {
     // Chunk w' is shard w' % s's partial sum for expert w' / s; add the shards in order.
     const float* recv = fp(recv_);
-    TUTEL_RETURN_IF_ERROR(
-        comm_->all_to_all(out, recv_.data(), C * O * 4, comm::AllToAllAlgo::kLinear));
+    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(out, recv_.data(), C * O * 4, algo_));
     for (int64_t e = 0; e < E; ++e) {
       float* dst = combined + e * C * O;
       std::memcpy(dst, recv + e * s * C * O, C * O * 4);
@@ -312,14 +316,13 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
   float* d_comb = fp(d_combined_);
   float* d_out = fp(d_expert_out_);
   if (s == 1) {
-    TUTEL_RETURN_IF_ERROR(
-        comm_->all_to_all(d_comb, recv_.data(), El * C * O * 4, comm::AllToAllAlgo::kLinear));
+    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(d_comb, recv_.data(), El * C * O * 4, algo_));
     swap_outer(fp(recv_), d_out, W, El, C * O);
   } else {
     float* send = fp(send_);
     for (int64_t w = 0; w < W; ++w)
       std::memcpy(send + w * C * O, d_comb + (w / s) * C * O, C * O * 4);
-    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, d_out, C * O * 4, comm::AllToAllAlgo::kLinear));
+    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, d_out, C * O * 4, algo_));
   }
 
   ExpertWeights grads = local_experts(local_grads.experts);
@@ -343,13 +346,11 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
   float* d_in = fp(d_expert_in_);
   if (s == 1) {
     swap_outer(d_in, fp(send_), El, W, C * M);
-    TUTEL_RETURN_IF_ERROR(
-        comm_->all_to_all(send_.data(), d_disp, El * C * M * 4, comm::AllToAllAlgo::kLinear));
+    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send_.data(), d_disp, El * C * M * 4, algo_));
   } else {
     // Each shard's d_dispatched is a partial sum over its H-slice; add the shards in order.
     const float* recv = fp(recv_);
-    TUTEL_RETURN_IF_ERROR(
-        comm_->all_to_all(d_in, recv_.data(), C * M * 4, comm::AllToAllAlgo::kLinear));
+    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(d_in, recv_.data(), C * M * 4, algo_));
     for (int64_t e = 0; e < E; ++e) {
       float* dst = d_disp + e * C * M;
       std::memcpy(dst, recv + e * s * C * M, C * M * 4);

@@ -6,6 +6,9 @@
 // sum over ranks of the reference's (sliced to the rank's experts or H-shard); the gate
 // gradient after all_reduce_gate_grad matches the sum over ranks. Tolerances as the CPU layer
 // test: forward rtol 1e-4 / atol 1e-5, gradients rtol 1e-3 / atol 1e-4 (of max|ref|).
+//
+// The same checks hold with the 2DH all-to-all (ranks laid out node by node, local_size per
+// node): the layer's result does not depend on the algorithm.
 #include "tutel/graphs/expert_parallel.hpp"
 
 #include <gtest/gtest.h>
@@ -34,9 +37,17 @@ struct EpCase {
   std::vector<int64_t> tokens;  // per rank
   Activation activation = Activation::kRelu;
   bool batch_prioritized = false;
+  comm::AllToAllAlgo algo = comm::AllToAllAlgo::kLinear;
+  int local_size = 1;  // ranks per node (the 2DH all-to-all's intra-node group)
 };
 
 void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
+
+EpCase two_dh(int local_size, EpCase c) {
+  c.algo = comm::AllToAllAlgo::k2DH;
+  c.local_size = local_size;
+  return c;
+}
 
 std::vector<EpCase> cases() {
   return {
@@ -48,6 +59,29 @@ std::vector<EpCase> cases() {
       {"FourRanksOneExpertShardedInFour", 4, 1, 64, 1, 0.0, {10, 20, 30, 40}},
       {"TwoRanksGeluBatchPrioritizedOverflow", 2, 4, 32, 2, 0.5, {48, 30}, Activation::kGelu, true},
       {"TwoRanksShardedSiluUnequal", 2, 1, 32, 1, 1.0, {25, 41}, Activation::kSilu},
+      // 2DH: two nodes of two ranks, four nodes of two, two nodes of four; one node (where 2DH
+      // is the linear exchange).
+      two_dh(2, {"TwoDhFourRanksTwoNodesTwoExpertsEach", 4, 8, 32, 2, 1.0, {30, 41, 25, 36}}),
+      two_dh(2,
+             {"TwoDhFourRanksTwoNodesShardedDroplessUnequal", 4, 2, 48, 1, 0.0, {22, 35, 17, 40}}),
+      two_dh(2, {"TwoDhEightRanksFourNodesShardedCappedDropless",
+                 8,
+                 4,
+                 32,
+                 2,
+                 -0.8,
+                 {18, 27, 33, 12, 40, 21, 29, 25},
+                 Activation::kGelu}),
+      two_dh(4, {"TwoDhEightRanksTwoNodesOneExpertEachOverflow",
+                 8,
+                 8,
+                 32,
+                 2,
+                 0.5,
+                 {26, 34, 19, 30, 41, 23, 28, 36},
+                 Activation::kSilu,
+                 true}),
+      two_dh(2, {"TwoDhTwoRanksOneNode", 2, 4, 32, 2, 1.0, {33, 27}}),
   };
 }
 
@@ -145,6 +179,7 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
       o.coordinator_port = port;
       o.rank = r;
       o.size = W;
+      o.local_size = c.local_size;
       o.timeout = std::chrono::seconds(20);
       o.collective_timeout = std::chrono::seconds(20);
       auto comm = comm::ucx_bootstrap(o);
@@ -152,8 +187,10 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
       auto backend = make_backend("cpu", {.threads = 1});
       if (!backend.ok()) return fail(backend.status());
       Backend& b = **backend;
-      auto layer = ExpertParallelLayer::create(b, **comm, spec);
+      auto layer = ExpertParallelLayer::create(b, **comm, spec, c.algo);
       if (!layer.ok()) return fail(layer.status());
+      if (layer->all_to_all_algo() != c.algo)
+        return fail(Status::Internal("the layer runs another all-to-all than it was created with"));
       out.shard = layer->shard();
       HostLayerParams local = graphs::slice_for_rank(spec, out.shard, whole_host);
       HostLayerParams grads{
@@ -230,6 +267,54 @@ INSTANTIATE_TEST_SUITE_P(Groups, ExpertParallel, ::testing::ValuesIn(cases()),
                          [](const ::testing::TestParamInfo<EpCase>& info) {
                            return info.param.name;
                          });
+
+// 2DH needs whole nodes: three ranks in nodes of two are refused on every rank, with a message
+// naming both numbers; the linear all-to-all on the same communicators is accepted.
+TEST(ExpertParallelAllToAll, TwoDhRefusedWhenLocalSizeDoesNotDivideTheGroup) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  LayerSpec spec;
+  spec.experts = 3;
+  spec.model_dim = 8;
+  spec.hidden = 8;
+  spec.k = 1;
+  constexpr int W = 3;
+  const uint16_t port = free_port();
+  std::vector<Status> bootstrapped(W), two_dh(W), linear(W);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r) {
+    threads.emplace_back([&, r] {
+      comm::BootstrapOptions o;
+      o.coordinator_port = port;
+      o.rank = r;
+      o.size = W;
+      o.local_size = 2;
+      o.timeout = std::chrono::seconds(20);
+      o.collective_timeout = std::chrono::seconds(20);
+      auto comm = comm::ucx_bootstrap(o);
+      bootstrapped[r] = comm.status();
+      if (!comm.ok()) return;
+      auto backend = make_backend("cpu", {.threads = 1});
+      if (!backend.ok()) return void(bootstrapped[r] = backend.status());
+      two_dh[r] =
+          ExpertParallelLayer::create(**backend, **comm, spec, comm::AllToAllAlgo::k2DH).status();
+      linear[r] = ExpertParallelLayer::create(**backend, **comm, spec, comm::AllToAllAlgo::kLinear)
+                      .status();
+      // Every rank is done with the communicator before any destroys it.
+      Status st = (*comm)->barrier();
+      if (!st.ok()) bootstrapped[r] = st;
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    ASSERT_TRUE(bootstrapped[r].ok()) << bootstrapped[r];
+    EXPECT_EQ(two_dh[r].code(), StatusCode::kInvalidArgument) << two_dh[r];
+    EXPECT_NE(two_dh[r].message().find("local_size (2) to divide its size (3)"),
+              std::string_view::npos)
+        << two_dh[r];
+    EXPECT_TRUE(linear[r].ok()) << linear[r];
+  }
+}
 
 TEST(ExpertShardRules, RefuseUnevenSplits) {
   LayerSpec spec;

@@ -1,10 +1,15 @@
-// Expert parallelism across real daemons: two tuteld processes, each rank of the group fed by
-// its own client session, the group meeting over UCX on loopback. Every rank's output and input
-// gradient equal the float64 reference of one process holding all experts (with the group's
-// capacity), and one SGD step moves every rank's parameters by the gradient summed over the
-// group (the gate's all-reduced). Tolerances as the CPU layer test.
+// Expert parallelism across real daemons: D tuteld processes serving R ranks of the group each
+// (W = D·R; group rank r on daemon r / R, node by node, so the group's local_size is R), each
+// rank fed by its own client session, the group meeting over UCX on loopback with the linear or
+// the 2DH all-to-all. Every rank's output, l_aux, capacity, dropped count and input gradient
+// equal the float64 reference of one process holding all experts (with the group's capacity),
+// and one SGD step moves every rank's parameters by the gradient summed over the group (the
+// gate's all-reduced). Fresh random weights (init_seed) and inputs each run; the seed is in the
+// failure message. Tolerances as the CPU layer test: forward rtol 1e-4 / atol 1e-5, dx rtol
+// 1e-3 / atol 1e-4, applied steps rtol 2e-3 / atol 2e-4 (atol of max|ref|).
 #include <gtest/gtest.h>
 
+#include <memory>
 #include <random>
 #include <thread>
 
@@ -20,12 +25,31 @@ namespace {
 
 struct GroupCase {
   std::string name;
-  int world;
-  int64_t experts;
-  double f;
-  std::vector<int64_t> tokens;  // per group rank; rank r is served by daemon r % 2
+  int daemons;           // D
+  int ranks_per_daemon;  // R: group rank r is served by daemon r / R; the group's local_size
+  int64_t experts;       // E
+  int k;
+  double f;                     // capacity factor
+  std::vector<int64_t> tokens;  // per group rank: D·R of them
+  std::string all_to_all = "linear";
 };
 void PrintTo(const GroupCase& c, std::ostream* os) { *os << c.name; }
+
+// Every D in {1, 2, 4} with every R in {1, 2}; across the cases E ≥ W and E < W (experts
+// sharded along H), k = 1 and 2, f > 0, f = 0 (dropless) and f < 0 (capped dropless), unequal
+// token counts, and the 2DH all-to-all on two and on four nodes of two ranks.
+std::vector<GroupCase> group_cases() {
+  return {
+      {"OneDaemonOneRank", 1, 1, 4, 2, 1.0, {40}},
+      {"OneDaemonTwoRanksCappedDropless", 1, 2, 4, 1, -0.8, {24, 37}},
+      {"TwoDaemonsOneRankEachOverflow", 2, 1, 4, 2, 0.5, {24, 40}},
+      {"TwoDaemonsTwoRanksEachShardedDropless", 2, 2, 2, 2, 0.0, {16, 20, 24, 12}},
+      {"TwoDaemonsTwoRanksEach2dh", 2, 2, 8, 1, 1.0, {30, 18, 26, 35}, "2dh"},
+      {"FourDaemonsOneRankEachShardedCapped", 4, 1, 2, 1, -1.0, {20, 28, 14, 31}},
+      {"FourDaemonsTwoRanksEachOneExpertEach", 4, 2, 8, 1, 1.5, {21, 14, 30, 18, 26, 11, 23, 28}},
+      {"FourDaemonsTwoRanksEach2dhShardedDropless", 4, 2, 4, 2, 0.0, {12, 20, 17, 25, 9, 22, 15, 19}, "2dh"},
+  };
+}
 
 class ExpertParallelDaemons : public ::testing::TestWithParam<GroupCase> {};
 
@@ -36,38 +60,49 @@ std::vector<float> read_tensor(const SafetensorsFile& f, const char* name) {
   return std::vector<float>(p, p + t->shape.numel());
 }
 
-TEST_P(ExpertParallelDaemons, RanksOnTwoDaemonsMatchTheSingleProcessLayer) {
+TEST_P(ExpertParallelDaemons, EveryRankMatchesTheSingleProcessLayer) {
   const GroupCase& c = GetParam();
+  const int D = c.daemons, R = c.ranks_per_daemon, W = D * R;
+  ASSERT_EQ(static_cast<int>(c.tokens.size()), W) << "one token count per group rank";
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
-  DaemonOptions options;
-  options.extra_server = "";
-  DaemonProcess d0(options), d1(options);
-  ASSERT_TRUE(d0.start());
-  ASSERT_TRUE(d1.start());
-  DaemonProcess* daemons[2] = {&d0, &d1};
+  const uint64_t init_seed = 1 + rng() % 1'000'000;
+
+  // Stopped by PID when the test ends, passed or not (DaemonProcess's destructor).
+  std::vector<std::unique_ptr<DaemonProcess>> daemons;
+  for (int d = 0; d < D; ++d) {
+    daemons.push_back(std::make_unique<DaemonProcess>(DaemonOptions{}));
+    ASSERT_TRUE(daemons.back()->start());
+  }
+  auto logs = [&] {
+    std::string all;
+    for (int d = 0; d < D; ++d) all += "--- daemon " + std::to_string(d) + " ---\n" + daemons[d]->log();
+    return all;
+  };
 
   LayerSpec spec;
   spec.experts = c.experts;
   spec.model_dim = 16;
   spec.hidden = 32;
-  spec.k = 2;
+  spec.k = c.k;
   spec.capacity_factor = c.f;
   const int64_t M = 16, O = 16, E = c.experts;
   const float lr = 0.1f, dl_aux = 0.2f;
-  const std::string body = "experts = " + std::to_string(E) + "\nmodel_dim = 16\nhidden = 32\nk = 2\ncapacity_factor = " +
-                           std::to_string(c.f) + "\ninit_seed = 11\n[optimizer]\nkind = \"sgd\"\nlr = 0.1\n";
+  const std::string body = "experts = " + std::to_string(E) + "\nmodel_dim = 16\nhidden = 32\nk = " +
+                           std::to_string(c.k) + "\ncapacity_factor = " + std::to_string(c.f) +
+                           "\ninit_seed = " + std::to_string(init_seed) +
+                           "\n[optimizer]\nkind = \"sgd\"\nlr = 0.1\n";
 
-  // The whole layer those seeds give: a single-daemon layer with the same init, saved.
+  // The whole layer that seed gives: a single-daemon layer with the same init, saved.
   {
-    auto client = client::Client::connect(d0.client_socket());
+    auto client = client::Client::connect(daemons[0]->client_socket());
     ASSERT_TRUE(client.ok()) << client.status();
     auto whole = client->create_layer("name = \"whole\"\n" + body);
     ASSERT_TRUE(whole.ok()) << whole.status();
     ASSERT_TRUE(whole->save("whole.safetensors").ok());
   }
-  auto whole_file = SafetensorsFile::open(d0.dir() + "/state/default/checkpoints/whole.safetensors");
+  auto whole_file = SafetensorsFile::open(daemons[0]->dir() + "/state/default/checkpoints/whole.safetensors");
   ASSERT_TRUE(whole_file.ok()) << whole_file.status();
   ref::Params whole;
   for (auto [name, dst] : {std::pair{kGateWeightName, &whole.wg}, std::pair{kFc1WeightName, &whole.fc1_w},
@@ -77,25 +112,45 @@ TEST_P(ExpertParallelDaemons, RanksOnTwoDaemonsMatchTheSingleProcessLayer) {
     dst->assign(v.begin(), v.end());
   }
 
-  // Inputs, and the group's capacity from the reference's routing.
-  const int W = c.world;
-  std::vector<std::vector<double>> xs(W), dys(W);
-  int64_t max_tokens = 0, max_count = 0;
-  for (int r = 0; r < W; ++r) {
-    const int64_t S = c.tokens[r];
-    xs[r] = round_f32(randn(rng, S * M, 1.0));
-    dys[r] = round_f32(randn(rng, S * O, 1.0));
-    const ref::Forward f = ref::forward(to_ref(spec, S), whole, xs[r], nullptr);
-    std::vector<int64_t> counts(E, 0);
-    for (int64_t i : f.idx) ++counts[i];
-    max_tokens = std::max(max_tokens, S);
-    max_count = std::max(max_count, *std::max_element(counts.begin(), counts.end()));
-  }
+  // Inputs away from near-ties (top-k, relu's kink), the group's capacity from the reference's
+  // routing, and the reference run with that capacity.
   auto shard0 = graphs::expert_shard(spec, W, 0);
-  ASSERT_TRUE(shard0.ok());
+  ASSERT_TRUE(shard0.ok()) << shard0.status();
   LayerSpec aligned = spec;
   aligned.alignment = shard0->shards;
-  const int64_t capacity = layer_capacity(aligned, max_tokens, max_count);
+  std::vector<std::vector<double>> xs(W), dys(W);
+  std::vector<ref::Forward> want(W);
+  std::vector<ref::Grads> grads(W);
+  int64_t capacity = 0;
+  for (int attempt = 0;; ++attempt) {
+    ASSERT_LT(attempt, 100) << "could not draw inputs without near-ties";
+    int64_t max_tokens = 0, max_count = 0;
+    for (int r = 0; r < W; ++r) {
+      const int64_t S = c.tokens[r];
+      xs[r] = round_f32(randn(rng, S * M, 1.0));
+      dys[r] = round_f32(randn(rng, S * O, 1.0));
+      const ref::Forward f = ref::forward(to_ref(spec, S), whole, xs[r], nullptr);
+      std::vector<int64_t> counts(E, 0);
+      for (int64_t i : f.idx) ++counts[i];
+      max_tokens = std::max(max_tokens, S);
+      max_count = std::max(max_count, *std::max_element(counts.begin(), counts.end()));
+    }
+    capacity = layer_capacity(aligned, max_tokens, max_count);
+    bool ties = false;
+    for (int r = 0; r < W; ++r) {
+      ref::Config cfg = to_ref(spec, c.tokens[r]);
+      cfg.capacity_override = capacity;
+      want[r] = ref::forward(cfg, whole, xs[r], nullptr);
+      ties |= want[r].min_topk_margin < 1e-6 ||
+              (spec.activation == Activation::kRelu && want[r].min_abs_pre < 1e-6);
+    }
+    if (!ties) break;
+  }
+  for (int r = 0; r < W; ++r) {
+    ref::Config cfg = to_ref(spec, c.tokens[r]);
+    cfg.capacity_override = capacity;
+    grads[r] = ref::backward(cfg, whole, xs[r], nullptr, dys[r], dl_aux);
+  }
 
   // One thread per group rank, each with its own client session on its rank's daemon.
   const uint16_t port = free_port();
@@ -109,12 +164,13 @@ TEST_P(ExpertParallelDaemons, RanksOnTwoDaemonsMatchTheSingleProcessLayer) {
   for (int r = 0; r < W; ++r) {
     threads.emplace_back([&, r] {
       RankOut& o = out[r];
-      auto client = client::Client::connect(daemons[r % 2]->client_socket());
+      auto client = client::Client::connect(daemons[r / R]->client_socket());
       if (!client.ok()) return void(o.status = client.status());
       const std::string spec_text = "name = \"moe_r" + std::to_string(r) + "\"\n" + body +
                                     "\n[group]\ncoordinator = \"127.0.0.1:" + std::to_string(port) +
                                     "\"\nsize = " + std::to_string(W) + "\nrank = " + std::to_string(r) +
-                                    "\nbootstrap_timeout_ms = 20000\ncollective_timeout_ms = 20000\n";
+                                    "\nlocal_size = " + std::to_string(R) + "\nall_to_all = \"" + c.all_to_all +
+                                    "\"\nbootstrap_timeout_ms = 20000\ncollective_timeout_ms = 20000\n";
       auto layer = client->create_layer(spec_text);
       if (!layer.ok()) return void(o.status = layer.status());
       const int64_t S = c.tokens[r];
@@ -130,12 +186,6 @@ TEST_P(ExpertParallelDaemons, RanksOnTwoDaemonsMatchTheSingleProcessLayer) {
   }
   for (auto& t : threads) t.join();
 
-  std::vector<ref::Grads> grads(W);
-  for (int r = 0; r < W; ++r) {
-    ref::Config cfg = to_ref(spec, c.tokens[r]);
-    cfg.capacity_override = capacity;
-    grads[r] = ref::backward(cfg, whole, xs[r], nullptr, dys[r], dl_aux);
-  }
   auto summed = [&](auto member) {
     std::vector<float> s((grads[0].*member).size(), 0.f);
     for (size_t i = 0; i < s.size(); ++i) {
@@ -152,14 +202,12 @@ TEST_P(ExpertParallelDaemons, RanksOnTwoDaemonsMatchTheSingleProcessLayer) {
                                            to_f32(whole.fc2_w), to_f32(whole.fc2_b)};
 
   for (int r = 0; r < W; ++r) {
-    SCOPED_TRACE("rank " + std::to_string(r));
-    ASSERT_TRUE(out[r].status.ok()) << out[r].status << "\n" << d0.log() << d1.log();
-    ref::Config cfg = to_ref(spec, c.tokens[r]);
-    cfg.capacity_override = capacity;
-    const ref::Forward want = ref::forward(cfg, whole, xs[r], nullptr);
+    SCOPED_TRACE("rank " + std::to_string(r) + " on daemon " + std::to_string(r / R));
+    ASSERT_TRUE(out[r].status.ok()) << out[r].status << "\n" << logs();
     EXPECT_EQ(out[r].info.capacity, capacity);
-    EXPECT_NEAR(out[r].info.l_aux, want.l_aux, 1e-5);
-    EXPECT_TRUE(all_close("y", out[r].y, want.y, 1e-4, 1e-5));
+    EXPECT_EQ(out[r].info.dropped, want[r].dropped);
+    EXPECT_NEAR(out[r].info.l_aux, want[r].l_aux, 1e-5);
+    EXPECT_TRUE(all_close("y", out[r].y, want[r].y, 1e-4, 1e-5));
     EXPECT_TRUE(all_close("dx", out[r].dx, grads[r].dx, 1e-3, 1e-4));
 
     // After one SGD step, (before − after) / lr is the gradient the rank applied.
@@ -167,7 +215,7 @@ TEST_P(ExpertParallelDaemons, RanksOnTwoDaemonsMatchTheSingleProcessLayer) {
     ASSERT_TRUE(shard.ok());
     const graphs::HostLayerParams before = graphs::slice_for_rank(spec, *shard, whole_host);
     const graphs::HostLayerParams want_grad = graphs::slice_for_rank(spec, *shard, grad_sum);
-    auto saved = SafetensorsFile::open(daemons[r % 2]->dir() + "/state/default/checkpoints/after_r" +
+    auto saved = SafetensorsFile::open(daemons[r / R]->dir() + "/state/default/checkpoints/after_r" +
                                        std::to_string(r) + ".safetensors");
     ASSERT_TRUE(saved.ok()) << saved.status();
     auto applied = [&](const char* name, const std::vector<float>& w0) {
@@ -180,14 +228,15 @@ TEST_P(ExpertParallelDaemons, RanksOnTwoDaemonsMatchTheSingleProcessLayer) {
     EXPECT_TRUE(all_close("gate step", applied(kGateWeightName, before.gate), widen(want_grad.gate), 2e-3, 2e-4));
     EXPECT_TRUE(all_close("fc1 step", applied(kFc1WeightName, before.fc1), widen(want_grad.fc1), 2e-3, 2e-4));
     EXPECT_TRUE(all_close("fc2 step", applied(kFc2WeightName, before.fc2), widen(want_grad.fc2), 2e-3, 2e-4));
+    EXPECT_TRUE(all_close("fc1 bias step", applied(kFc1BiasName, before.fc1_bias), widen(want_grad.fc1_bias),
+                          2e-3, 2e-4));
+    EXPECT_TRUE(all_close("fc2 bias step", applied(kFc2BiasName, before.fc2_bias), widen(want_grad.fc2_bias),
+                          2e-3, 2e-4));
   }
-  EXPECT_EQ(d0.stop(), 0) << d0.log();
-  EXPECT_EQ(d1.stop(), 0) << d1.log();
+  for (int d = 0; d < D; ++d) EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << daemons[d]->log();
 }
 
-INSTANTIATE_TEST_SUITE_P(Groups, ExpertParallelDaemons,
-                         ::testing::Values(GroupCase{"TwoRanksTwoExpertsEach", 2, 4, 1.0, {24, 40}},
-                                           GroupCase{"FourRanksOnTwoDaemonsShardedExperts", 4, 2, 0.0, {16, 20, 24, 12}}),
+INSTANTIATE_TEST_SUITE_P(Groups, ExpertParallelDaemons, ::testing::ValuesIn(group_cases()),
                          [](const ::testing::TestParamInfo<GroupCase>& info) { return info.param.name; });
 
 }  // namespace

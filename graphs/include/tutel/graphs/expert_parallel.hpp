@@ -1,7 +1,7 @@
-// The MoE layer across an expert-parallel group (DESIGN §2 steps 4, 7, 9; r = 1, d = 1):
-// each of W ranks holds E/W experts (E ≥ W) or one shard of one expert along H (E < W,
-// s = W/E shards per expert), the gate is replicated, and all-to-alls move the dispatched
-// tokens to their experts and the results back.
+// The MoE layer across an expert-parallel group (DESIGN §2 steps 4, 7, 9; r = 1, d = 1,
+// a = linear or 2DH): each of W ranks holds E/W experts (E ≥ W) or one shard of one expert
+// along H (E < W, s = W/E shards per expert), the gate is replicated, and all-to-alls move the
+// dispatched tokens to their experts and the results back.
 //
 // Every rank's output and gradients equal those of one process holding all E experts run on
 // that rank's tokens with the group's capacity (tests/graphs/expert_parallel_test.cpp).
@@ -52,11 +52,15 @@ HostLayerParams slice_for_rank(const LayerSpec& spec, const ExpertShard& shard,
 class ExpertParallelLayer {
  public:
   // The spec is the global layer; the group is `comm` (its rank and size define the shard).
+  // `algo` runs every all-to-all of the layer (forward dispatch and combine, and their
+  // backward); k2DH needs comm.local_size() to divide comm.size() and is refused otherwise.
   static Result<ExpertParallelLayer> create(Backend& backend, comm::Communicator& comm,
-                                            const LayerSpec& spec);
+                                            const LayerSpec& spec,
+                                            comm::AllToAllAlgo algo = comm::AllToAllAlgo::kLinear);
 
   const ExpertShard& shard() const { return shard_; }
   const LayerSpec& spec() const { return spec_; }
+  comm::AllToAllAlgo all_to_all_algo() const { return algo_; }
 
   // x [S, M] → y [S, O] on this rank's tokens; collective over the group. `local` holds this
   // rank's parameters (shapes above). With `training`, keeps what backward needs.
@@ -70,8 +74,9 @@ class ExpertParallelLayer {
   Status all_reduce_gate_grad(TensorView gate_grad);
 
  private:
-  ExpertParallelLayer(Backend& b, comm::Communicator& c, LayerSpec spec, ExpertShard shard)
-      : backend_(&b), comm_(&c), spec_(spec), shard_(shard) {}
+  ExpertParallelLayer(Backend& b, comm::Communicator& c, LayerSpec spec, ExpertShard shard,
+                      comm::AllToAllAlgo algo)
+      : backend_(&b), comm_(&c), spec_(spec), shard_(shard), algo_(algo) {}
   Status grow(DeviceBuffer& buf, size_t bytes);
   TensorView f32(const DeviceBuffer& buf, Shape shape) const;
   TensorView i32(const DeviceBuffer& buf, Shape shape) const;
@@ -84,6 +89,7 @@ class ExpertParallelLayer {
   comm::Communicator* comm_;
   LayerSpec spec_;
   ExpertShard shard_;
+  comm::AllToAllAlgo algo_;
 
   // State of the last forward (for backward).
   int64_t tokens_ = 0, capacity_ = 0;
