@@ -72,6 +72,7 @@ class UcxCommunicator final : public Communicator {
       s.address = rank_->address(world);
       s.error = rank_->failure(world);
       s.failed = !s.error.empty();
+      s.same_process = rank_->is_local(world);
       s.bytes_sent = rank_->bytes_sent(world);
       s.bytes_received = rank_->bytes_received(world);
     }

@@ -23,6 +23,8 @@ constexpr auto kMaxSleep = std::chrono::milliseconds(200);
 constexpr auto kCleanupBound = std::chrono::milliseconds(1000);
 // The least an aborting rank waits for its peers to take its pending sends.
 constexpr auto kMinDrain = std::chrono::milliseconds(200);
+// Before the UCX address in a bootstrap payload: the local-exchange token and mailbox id.
+constexpr size_t kPayloadPrefix = sizeof(uint64_t) + sizeof(uint32_t);
 
 // Serialises the process environment and UCX configuration parsing across ranks.
 std::mutex g_ucx_init_mu;
@@ -119,7 +121,18 @@ Status UcxRank::init(const BootstrapOptions& o) {
   size_t address_len = 0;
   s = ucp_worker_get_address(worker_, &address, &address_len);
   if (s != UCS_OK) return ucx_error("ucp_worker_get_address", s);
-  const std::string payload(reinterpret_cast<const char*>(address), address_len);
+  // The payload: [u64 local-exchange token][u32 mailbox id][UCX worker address]. Token 0: none.
+  uint64_t token = 0;
+  if (o.local_exchange) {
+    local_exchange_ = o.local_exchange;
+    mailbox_ = std::make_shared<Mailbox>();
+    mailbox_id_ = local_exchange_->hub().add(mailbox_);
+    token = local_exchange_->token();
+  }
+  std::string payload(kPayloadPrefix, '\0');
+  std::memcpy(payload.data(), &token, sizeof token);
+  std::memcpy(payload.data() + sizeof token, &mailbox_id_, sizeof mailbox_id_);
+  payload.append(reinterpret_cast<const char*>(address), address_len);
   ucp_worker_release_address(worker_, address);
 
   TUTEL_ASSIGN_OR_RETURN(BootstrapTable table, coordinator_exchange(o, "ucx", payload));
@@ -129,17 +142,24 @@ Status UcxRank::init(const BootstrapOptions& o) {
   const auto n = static_cast<size_t>(size_);
   endpoints_.assign(n, nullptr);
   failures_.assign(n, {});
+  local_boxes_.assign(n, nullptr);
+  local_ids_.assign(n, 0);
   slots_ = std::make_unique<PeerSlot[]>(n);
   for (int p = 0; p < size_; ++p) {
     slots_[p].owner = this;
     slots_[p].peer = p;
     if (p == rank_) continue;
-    if (table.payloads[p].empty())
+    const std::string& peer_payload = table.payloads[p];
+    if (peer_payload.size() <= kPayloadPrefix)
       return Status::Corruption("bootstrap: " + describe(p) + " sent no UCX worker address");
+    uint64_t peer_token = 0;
+    std::memcpy(&peer_token, peer_payload.data(), sizeof peer_token);
+    std::memcpy(&local_ids_[p], peer_payload.data() + sizeof peer_token, sizeof(uint32_t));
+    if (token != 0 && peer_token == token) local_boxes_[p] = local_exchange_->hub().find(local_ids_[p]);
     ucp_ep_params_t ep{};
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                     UCP_EP_PARAM_FIELD_ERR_HANDLER;
-    ep.address = reinterpret_cast<const ucp_address_t*>(table.payloads[p].data());
+    ep.address = reinterpret_cast<const ucp_address_t*>(peer_payload.data() + kPayloadPrefix);
     ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
     ep.err_handler.cb = &UcxRank::on_endpoint_error;
     ep.err_handler.arg = &slots_[p];
@@ -199,6 +219,61 @@ UcxRank::~UcxRank() {
   }
   if (worker_ != nullptr) ucp_worker_destroy(worker_);
   if (context_ != nullptr) ucp_cleanup(context_);
+  if (mailbox_) local_exchange_->hub().remove(mailbox_id_);
+}
+
+void UcxRank::wake_waiters() {
+  std::lock_guard<std::mutex> lock(mu_);
+  const uint64_t one = 1;
+  for (int fd : sleepers_) (void)!::write(fd, &one, sizeof one);
+}
+
+Status UcxRank::post_local_ops(std::span<const Transfer> sends, std::span<const Transfer> recvs,
+                               std::vector<LocalOp*>& local) {
+  // One pool per thread, reused: no allocation per message once warm.
+  thread_local std::vector<std::unique_ptr<LocalOp>> pool;
+  auto post = [&](const Transfer& t, bool is_send) -> Status {
+    if (!is_local(t.peer)) return Status::OK();
+    std::shared_ptr<Mailbox> box = is_send ? local_boxes_[t.peer] : mailbox_;
+    if (is_send && !local_exchange_->hub().find(local_ids_[t.peer]))
+      return Status::Unavailable(describe(t.peer) + " (in this process) has left the group");
+    if (local.size() == pool.size()) pool.push_back(std::make_unique<LocalOp>());
+    LocalOp& op = *pool[local.size()];
+    op.reset();
+    op.is_send = is_send;
+    op.peer = t.peer;
+    op.tag = t.tag;
+    op.buffer = t.buffer;
+    op.bytes = t.bytes;
+    op.owner = weak_from_this();
+    local.push_back(&op);
+    if (std::shared_ptr<UcxRank> partner = post_local(*box, op).lock()) partner->wake_waiters();
+    return Status::OK();
+  };
+  for (const Transfer& t : recvs) TUTEL_RETURN_IF_ERROR(post(t, false));
+  for (const Transfer& t : sends) TUTEL_RETURN_IF_ERROR(post(t, true));
+  return Status::OK();
+}
+
+bool UcxRank::poll_local(std::span<LocalOp* const> local, Status* error) {
+  bool all_done = true;
+  for (LocalOp* op : local) {
+    if (op->counted) continue;
+    if (op->state.load(std::memory_order_acquire) != LocalOp::kDone) {
+      all_done = false;
+      continue;
+    }
+    if (!op->is_send && op->received != op->bytes) {
+      *error = Status::InvalidArgument(describe(op->peer) + " sent " + std::to_string(op->received) +
+                                       " bytes where " + std::to_string(op->bytes) +
+                                       " were expected: the ranks called the collective with different sizes");
+      return false;
+    }
+    (op->is_send ? slots_[op->peer].bytes_sent : slots_[op->peer].bytes_received)
+        .fetch_add(op->bytes, std::memory_order_relaxed);
+    op->counted = true;
+  }
+  return all_done;
 }
 
 std::string UcxRank::describe(int peer) const {
@@ -479,28 +554,34 @@ void UcxRank::reap_sinks_locked() {
 Status UcxRank::exchange(std::span<const Transfer> sends, std::span<const Transfer> recvs,
                          Clock::time_point deadline, Notice& notice, Clock::duration grace) {
   thread_local std::vector<Op> ops;
+  thread_local std::vector<LocalOp*> local;
   ops.clear();
   ops.reserve(sends.size() + recvs.size());
+  local.clear();
+  Status s = mailbox_ ? post_local_ops(sends, recvs, local) : Status::OK();
   std::unique_lock<std::mutex> lock(mu_);
   if (!sinks_.empty()) reap_sinks_locked();
-  Status s = check_notice_locked(notice);
+  if (s.ok()) s = check_notice_locked(notice);
   for (const Transfer& t : recvs)
-    if (s.ok()) s = post_locked(ops, t, false);
+    if (s.ok() && !is_local(t.peer)) s = post_locked(ops, t, false);
   for (const Transfer& t : sends)
-    if (s.ok()) s = post_locked(ops, t, true);
-  if (!s.ok()) return abort(lock, ops, std::move(s), notice, grace);
-  return wait(lock, ops, deadline, notice, grace);
+    if (s.ok() && !is_local(t.peer)) s = post_locked(ops, t, true);
+  if (!s.ok()) return abort(lock, ops, local, std::move(s), notice, grace);
+  return wait(lock, ops, local, deadline, notice, grace);
 }
 
 Status UcxRank::wait(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
-                     Clock::time_point deadline, Notice& notice, Clock::duration grace) {
+                     std::span<LocalOp* const> local, Clock::time_point deadline, Notice& notice,
+                     Clock::duration grace) {
   ThreadWaker& waker = thread_waker();
   auto spin_until = Clock::now() + spin_;
   bool in_grace = false;
   // Under the lock: OK and *done when finished; an error when giving up.
   auto check = [&](bool* done) -> Status {
     Status error;
-    *done = poll_ops_locked(ops, &error);
+    const bool local_done = poll_local(local, &error);
+    if (!error.ok()) return error;
+    *done = poll_ops_locked(ops, &error) && local_done;
     if (*done) return Status::OK();
     // A peer's notice names the root cause; a failure we see may only be its consequence.
     Status noticed = check_notice_locked(notice);
@@ -509,7 +590,7 @@ Status UcxRank::wait(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
   for (;;) {
     progress_locked();
     bool done = false;
-    if (Status error = check(&done); !error.ok()) return abort(lock, ops, error, notice, grace);
+    if (Status error = check(&done); !error.ok()) return abort(lock, ops, local, error, notice, grace);
     if (done) return Status::OK();
 
     const auto now = Clock::now();
@@ -525,7 +606,13 @@ Status UcxRank::wait(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
         waiting += describe(op.transfer->peer) + (op.is_send ? " [send of " : " [receive of ") +
                    std::to_string(op.transfer->bytes) + " bytes]";
       }
-      return abort(lock, ops, Status::Timeout("timed out waiting for " + waiting), notice, grace);
+      for (const LocalOp* op : local) {
+        if (op->counted) continue;
+        if (!waiting.empty()) waiting += "; ";
+        waiting += describe(op->peer) + (op->is_send ? " [in-process send of " : " [in-process receive of ") +
+                   std::to_string(op->bytes) + " bytes]";
+      }
+      return abort(lock, ops, local, Status::Timeout("timed out waiting for " + waiting), notice, grace);
     }
     if (now < spin_until) {
       lock.unlock();  // let other threads of this rank in between our polls
@@ -558,9 +645,13 @@ Status UcxRank::wait(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
   }
 }
 
-Status UcxRank::abort(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops, Status error,
-                      Notice& notice, Clock::duration grace) {
+Status UcxRank::abort(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
+                      std::span<LocalOp* const> local, Status error, Notice& notice,
+                      Clock::duration grace) {
   send_notices_locked(notice, error);
+  // In-process ops: withdrawn, or finished by the partner that claimed them; afterwards
+  // nobody touches the caller's buffers. (Only mailbox locks: no other rank's mutex.)
+  for (LocalOp* op : local) cancel_local(*op);
   for (Op& op : ops)
     if (op.request != nullptr && !op.is_send) ucp_request_cancel(worker_, op.request);
 

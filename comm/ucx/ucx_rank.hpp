@@ -29,7 +29,9 @@
 #include <string_view>
 #include <vector>
 
+#include "local_hub.hpp"
 #include "tutel/comm/bootstrap.hpp"
+#include "tutel/comm/local_exchange.hpp"
 #include "tutel/core/status.hpp"
 
 namespace tutel::comm::ucx {
@@ -56,7 +58,7 @@ struct Notice {
   bool sent = false;                            // once per communicator is enough
 };
 
-class UcxRank {
+class UcxRank : public std::enable_shared_from_this<UcxRank> {
  public:
   // Creates the worker, runs the coordinator exchange and creates every endpoint. Does not
   // wait for the peers to connect (the caller's first barrier does).
@@ -109,6 +111,13 @@ class UcxRank {
   Status exchange(std::span<const Transfer> sends, std::span<const Transfer> recvs,
                   Clock::time_point deadline, Notice& notice, Clock::duration grace);
 
+  // True when `peer` lives in this process and shares our LocalExchange: messages to it are
+  // copied directly.
+  bool is_local(int peer) const { return local_boxes_[static_cast<size_t>(peer)] != nullptr; }
+  // Wakes this rank's threads that sleep in exchange(): an in-process peer completed one of
+  // their messages. Takes our mutex; call it holding no other rank's.
+  void wake_waiters();
+
   // Posts `notice`'s receive for tags equal to `tag` under `mask`.
   Status post_notice(Notice& notice, uint64_t tag, uint64_t mask);
   // Cancels a posted notice receive; the Notice may then be destroyed.
@@ -149,11 +158,17 @@ class UcxRank {
   // True when a beacon arrived (in beacon_buffer_ / beacon_info_); keeps one receive posted.
   bool next_beacon_locked(uint64_t tag, uint64_t mask);
 
-  Status wait(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops, Clock::time_point deadline,
-              Notice& notice, Clock::duration grace);
-  // Gives up on `ops` after `error` (see exchange); returns `error`.
-  Status abort(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops, Status error,
-               Notice& notice, Clock::duration grace);
+  Status wait(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops, std::span<LocalOp* const> local,
+              Clock::time_point deadline, Notice& notice, Clock::duration grace);
+  // Gives up on `ops` and `local` after `error` (see exchange); returns `error`.
+  Status abort(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops, std::span<LocalOp* const> local,
+               Status error, Notice& notice, Clock::duration grace);
+  // Posts the transfers with in-process peers (before our mutex is taken: completing one wakes
+  // the partner's rank, whose mutex we must not take while holding ours).
+  Status post_local_ops(std::span<const Transfer> sends, std::span<const Transfer> recvs,
+                        std::vector<LocalOp*>& local);
+  // True when every local op is done; *error is set when one failed (sizes disagree).
+  bool poll_local(std::span<LocalOp* const> local, Status* error);
 
   const int rank_;
   const int size_;
@@ -182,6 +197,12 @@ class UcxRank {
   char beacon_buffer_[kMaxBeaconBytes] = {};
   ucp_tag_recv_info_t beacon_info_{};
   std::vector<std::pair<void*, std::unique_ptr<char[]>>> beacon_sends_;
+  // In-process peers (LocalExchange): our mailbox, and each peer's (null: not in-process).
+  std::shared_ptr<LocalExchange> local_exchange_;
+  std::shared_ptr<Mailbox> mailbox_;
+  uint32_t mailbox_id_ = 0;
+  std::vector<std::shared_ptr<Mailbox>> local_boxes_;
+  std::vector<uint32_t> local_ids_;
   std::atomic<uint64_t> failure_epoch_{0};
   uint64_t seen_failure_epoch_ = 0;
   std::atomic<uint32_t> next_group_id_{1};

@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "daemon_impl.hpp"
+#include "tutel/comm/local_exchange.hpp"
 #include "tutel/core/logging.hpp"
 #include "tutel/core/safetensors.hpp"
 #include "tutel/ipc/json_body.hpp"
@@ -113,9 +114,12 @@ Status DaemonImpl::start_ranks() {
   const BackendConfig& b = config_.backend;
   int threads = b.threads_per_rank;
   if (threads == 0) threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / b.ranks);
+  // One for the whole daemon: the group layers of its ranks exchange through memory.
+  auto local_exchange = std::make_shared<comm::LocalExchange>();
   for (int r = 0; r < b.ranks; ++r) {
     auto rank = std::make_unique<Rank>();
     rank->index = r;
+    rank->local_exchange = local_exchange;
     rank->options = BackendOptions{.threads = threads, .device_index = b.devices.empty() ? r : b.devices[r]};
     TUTEL_ASSIGN_OR_RETURN(rank->backend, make_backend(b.kind, rank->options));
     ranks_.push_back(std::move(rank));

@@ -56,6 +56,7 @@ Status ServedLayer::join_group() {
   o.local_size = g.local_size;
   o.timeout = g.bootstrap_timeout;
   o.collective_timeout = g.collective_timeout;
+  o.local_exchange = rank_.local_exchange;
   TUTEL_ASSIGN_OR_RETURN(group->comm, comm::ucx_bootstrap(o));
   TUTEL_ASSIGN_OR_RETURN(graphs::ExpertParallelLayer ep,
                          graphs::ExpertParallelLayer::create(*group->backend, *group->comm, def_.spec,

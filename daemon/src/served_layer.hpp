@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "tutel/comm/communicator.hpp"
+#include "tutel/comm/local_exchange.hpp"
 #include "tutel/core/status.hpp"
 #include "tutel/graphs/expert_parallel.hpp"
 #include "tutel/daemon/config.hpp"
@@ -29,6 +30,8 @@ struct Rank {
   BackendOptions options;  // what `backend` was made with (group layers make their own alike)
   std::unique_ptr<Backend> backend;
   std::mutex mutex;
+  // Shared by all ranks of the daemon: group layers here copy to each other directly.
+  std::shared_ptr<comm::LocalExchange> local_exchange;
 };
 
 struct ForwardResult {

@@ -9,6 +9,7 @@
 
 #include "collective_checks.hpp"
 #include "comm_test_util.hpp"
+#include "tutel/comm/local_exchange.hpp"
 #include "tutel/comm/ucx.hpp"
 
 namespace tutel::comm {
@@ -90,6 +91,122 @@ TEST(UcxInProcess, SingleRankGroup) {
     f.merge("", testing::check_collectives(comm, {12}));
     return f.text();
   });
+  EXPECT_EQ(report, "");
+}
+
+// ---- ranks of one process exchanging through memory (LocalExchange) ------------------------
+
+// `processes` forked children with `threads` ranks each (rank p·threads + t), the ranks of a
+// child sharing one LocalExchange: in-process peers copy directly, the others go over UCX.
+template <typename Body>
+std::string run_with_local_exchange(int processes, int threads, int local_size, Body body,
+                                    std::chrono::milliseconds collective_timeout = 20s) {
+  const uint16_t port = testing::free_port();
+  const int size = processes * threads;
+  testing::ProcessGroup group(processes, [&](int process, const testing::ChildChannel&) {
+    auto exchange = std::make_shared<LocalExchange>();
+    std::vector<std::string> reports(threads);
+    std::vector<std::thread> workers;
+    for (int t = 0; t < threads; ++t) {
+      workers.emplace_back([&, t] {
+        const int r = process * threads + t;
+        BootstrapOptions o = loopback_options(port, r, size, local_size, collective_timeout);
+        o.local_exchange = exchange;
+        auto comm = ucx_bootstrap(o);
+        if (!comm.ok()) {
+          reports[t] = "bootstrap: " + comm.status().to_string() + "\n";
+          return;
+        }
+        Failures f;
+        // Exactly the peers of this process are in-process.
+        for (const PeerStatus& p : (*comm)->peers())
+          if (p.same_process != (p.rank / threads == process)) f.add("peer ", p.rank, " same_process ", p.same_process);
+        reports[t] = f.text() + body(**comm);
+      });
+    }
+    for (auto& w : workers) w.join();
+    Failures f;
+    for (int t = 0; t < threads; ++t) f.merge("rank " + std::to_string(process * threads + t) + ": ", reports[t]);
+    return f.text();
+  });
+  return testing::describe_failures(group.wait_all());
+}
+
+TEST(UcxLocalExchange, FourRanksOfOneProcessCopyDirectly) {
+  const std::string report = run_with_local_exchange(1, 4, 1, [](Communicator& comm) {
+    std::string report = testing::check_collectives(comm, {1, 12, 4096, 1 << 20});
+    report += testing::check_split_even_odd(comm);
+    // Every byte went through memory, and was counted.
+    for (const PeerStatus& p : comm.peers())
+      if (p.bytes_sent == 0 || p.bytes_received == 0) report += "no traffic counted with rank " + std::to_string(p.rank) + "\n";
+    return report;
+  });
+  EXPECT_EQ(report, "");
+}
+
+TEST(UcxLocalExchange, ConcurrentGroupsOfOneProcess) {
+  const std::string report = run_with_local_exchange(
+      1, 4, 1, [](Communicator& comm) { return testing::check_concurrent_groups(comm, 30); });
+  EXPECT_EQ(report, "");
+}
+
+// The daemon's layout: two processes (nodes) with two ranks each; 2DH's intra-node step is
+// then in-process and its inter-node step over UCX.
+TEST(UcxLocalExchange, TwoProcessesTwoRanksEachLinearAnd2DH) {
+  const std::string report = run_with_local_exchange(2, 2, 2, [](Communicator& comm) {
+    Failures f;
+    for (size_t chunk : {size_t{1}, size_t{12}, size_t{4096}, size_t{262144}}) {
+      testing::check_all_to_all(comm, chunk, AllToAllAlgo::k2DH, static_cast<uint32_t>(chunk), f);
+      testing::check_all_to_all(comm, chunk, AllToAllAlgo::kLinear, static_cast<uint32_t>(chunk) + 1, f);
+    }
+    f.merge("", testing::check_collectives(comm, {12, 65536}));
+    return f.text();
+  });
+  EXPECT_EQ(report, "");
+}
+
+TEST(UcxLocalExchange, InProcessSizeMismatchIsAnErrorNotACorruption) {
+  const std::string report = run_with_local_exchange(
+      1, 2, 1,
+      [](Communicator& comm) -> std::string {
+        const size_t bytes = comm.rank() == 0 ? 100 : 200;
+        std::vector<uint8_t> send(bytes, 9), recv(2 * bytes, 0);
+        Status s = comm.all_gather(send.data(), recv.data(), bytes);
+        if (s.ok()) return "all_gather with different sizes succeeded";
+        if (s.message().find("different sizes") == std::string::npos && s.message().find("gave up") == std::string::npos)
+          return "unclear error: " + s.to_string();
+        // Nothing was copied into the other rank's block.
+        for (size_t i = 0; i < bytes; ++i)
+          if (recv[(1 - comm.rank()) * bytes + i] != 0) return "a mismatched message was copied";
+        return "";
+      },
+      2000ms);
+  EXPECT_EQ(report, "");
+}
+
+// An in-process rank that stops calling collectives is a timeout naming it; the ranks that
+// gave up withdraw their posted copies, so the silent rank's later call cannot touch their
+// (by then reused) buffers: it fails too, on the notice.
+TEST(UcxLocalExchange, SilentInProcessRankIsATimeoutNamingIt) {
+  const std::string report = run_with_local_exchange(
+      1, 3, 1,
+      [](Communicator& comm) -> std::string {
+        if (comm.rank() == 2) {
+          std::this_thread::sleep_for(3500ms);  // past the others' timeout
+          std::vector<uint8_t> send(3 * 64, 1), recv(3 * 64);
+          Status late = comm.all_to_all(send.data(), recv.data(), 64, AllToAllAlgo::kLinear);
+          return late.ok() ? "the late all-to-all succeeded although its peers gave up" : "";
+        }
+        std::vector<uint8_t> send(3 * 64, 1), recv(3 * 64);
+        Status s = comm.all_to_all(send.data(), recv.data(), 64, AllToAllAlgo::kLinear);
+        std::fill(send.begin(), send.end(), 0xEE);  // "reused": a late copy would carry this
+        if (s.code() != StatusCode::kTimeout && s.code() != StatusCode::kUnavailable)
+          return "expected a timeout, got " + s.to_string();
+        if (s.message().find("rank 2 (127.0.0.1, pid ") == std::string::npos)
+          return "the error does not name rank 2: " + s.to_string();
+        return "";
+      },
+      2000ms);
   EXPECT_EQ(report, "");
 }
 

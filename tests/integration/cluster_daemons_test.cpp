@@ -159,13 +159,17 @@ TEST(ClusterDaemons, ADeadNodeIsDownWhileTheOthersServe) {
   for (int n = 0; n < 2; ++n) EXPECT_EQ(daemons[n]->stop(), 0) << daemons[n]->log();
 }
 
-// A group layer over two daemons: each side's peers row counts what it sent and received, and
-// what one side sent is what the other received.
-TEST(ClusterDaemons, GroupPeersCountTheirTraffic) {
-  DaemonProcess d0(DaemonOptions{}), d1(DaemonOptions{});
+// A group layer of two ranks, on two daemons (over UCX) or both on one daemon (through memory):
+// each side's peers row counts what it sent and received, and what one side sent is what the
+// other received.
+void check_group_peers(bool one_daemon) {
+  DaemonOptions options;
+  options.ranks = one_daemon ? 2 : 1;
+  DaemonProcess d0(options), d1(options);
   ASSERT_TRUE(d0.start());
-  ASSERT_TRUE(d1.start());
-  DaemonProcess* daemons[2] = {&d0, &d1};
+  if (!one_daemon) ASSERT_TRUE(d1.start());
+  DaemonProcess* daemons[2] = {&d0, one_daemon ? &d0 : &d1};
+  const std::string via = one_daemon ? "memory" : "ucx";
   const uint16_t port = free_port();
   constexpr int64_t kTokens = 24;
   std::vector<Status> results(2);
@@ -178,7 +182,7 @@ TEST(ClusterDaemons, GroupPeersCountTheirTraffic) {
       if (!c.ok()) return void(results[r] = c.status());
       clients[r].emplace(std::move(*c));
       auto l = clients[r]->create_layer(
-          "name = \"ep\"\nexperts = 4\nmodel_dim = 16\nhidden = 32\nk = 2\ninit_seed = 5\n[group]\ncoordinator = "
+          "name = \"ep" + std::to_string(one_daemon ? r : 0) + "\"\nexperts = 4\nmodel_dim = 16\nhidden = 32\nk = 2\ninit_seed = 5\n[group]\ncoordinator = "
           "\"127.0.0.1:" + std::to_string(port) + "\"\nsize = 2\nrank = " + std::to_string(r) +
           "\nbootstrap_timeout_ms = 20000\n");
       if (!l.ok()) return void(results[r] = l.status());
@@ -190,14 +194,21 @@ TEST(ClusterDaemons, GroupPeersCountTheirTraffic) {
   for (auto& t : threads) t.join();
   for (int r = 0; r < 2; ++r) ASSERT_TRUE(results[r].ok()) << results[r] << d0.log() << d1.log();
 
-  const json p0 = peers_of(d0), p1 = peers_of(d1);
+  const json p0 = peers_of(d0), p1 = peers_of(*daemons[1]);
   ASSERT_TRUE(p0["cluster"].is_null()) << p0;
-  ASSERT_EQ(p0["groups"].size(), 1u) << p0;
-  ASSERT_EQ(p1["groups"].size(), 1u) << p1;
-  const json& g0 = p0["groups"][0]["peers"][0];
-  const json& g1 = p1["groups"][0]["peers"][0];
+  ASSERT_EQ(p0["groups"].size(), one_daemon ? 2u : 1u) << p0;
+  ASSERT_EQ(p1["groups"].size(), one_daemon ? 2u : 1u) << p1;
+  auto group_of_rank = [](const json& reply, int rank) {
+    for (const json& g : reply["groups"])
+      if (g["rank"] == rank) return g;
+    return json();
+  };
+  const json g0 = group_of_rank(p0, 0)["peers"][0];
+  const json g1 = group_of_rank(p1, 1)["peers"][0];
   EXPECT_EQ(g0["rank"], 1);
   EXPECT_EQ(g1["rank"], 0);
+  EXPECT_EQ(g0["via"], via);
+  EXPECT_EQ(g1["via"], via);
   EXPECT_EQ(g0["state"], "up");
   EXPECT_GT(g0["bytes_sent"].get<uint64_t>(), 0u) << p0;
   EXPECT_EQ(g0["bytes_sent"], g1["bytes_received"]) << p0 << p1;
@@ -206,18 +217,23 @@ TEST(ClusterDaemons, GroupPeersCountTheirTraffic) {
   // float block each way per all-to-all, C ≥ 1.
   EXPECT_GE(g0["bytes_sent"].get<uint64_t>(), 2u * 2 * 16 * 4) << p0;
   const std::string metrics = run_command(std::string(TUTELCTL_BIN) + " --socket " + d0.admin_socket() + " metrics");
-  EXPECT_NE(metrics.find("tuteld_peer_sent_bytes_total{layer=\"default/ep\",peer=\"1\"} " +
+  EXPECT_NE(metrics.find("tuteld_peer_sent_bytes_total{layer=\"default/ep0\",peer=\"1\"} " +
                          std::to_string(g0["bytes_sent"].get<uint64_t>())),
             std::string::npos)
       << metrics;
   const std::string table = run_command(std::string(TUTELCTL_BIN) + " --socket " + d0.admin_socket() + " peers");
   EXPECT_NE(table.find("(not part of a cluster)"), std::string::npos) << table;
-  EXPECT_NE(table.find("default/ep"), std::string::npos) << table;
+  EXPECT_NE(table.find("default/ep0"), std::string::npos) << table;
+  EXPECT_NE(table.find(via), std::string::npos) << table;
   layers[0].reset();
   layers[1].reset();
   EXPECT_EQ(d0.stop(), 0) << d0.log();
-  EXPECT_EQ(d1.stop(), 0) << d1.log();
+  if (!one_daemon) EXPECT_EQ(d1.stop(), 0) << d1.log();
 }
+
+TEST(ClusterDaemons, GroupPeersOnTwoDaemonsCountTheirTraffic) { check_group_peers(/*one_daemon=*/false); }
+
+TEST(ClusterDaemons, GroupRanksOfOneDaemonExchangeThroughMemory) { check_group_peers(/*one_daemon=*/true); }
 
 }  // namespace
 }  // namespace tutel::testing

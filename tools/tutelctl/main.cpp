@@ -204,17 +204,17 @@ void print_peers(const json& reply) {
     return;
   }
   std::cout << "\n";
-  Table t{{"LAYER", "RANK", "A2A", "PEER", "ADDRESS", "STATE", "SENT", "RECEIVED", "LAST ERROR"},
-          {true, false, true, false, true, true, false, false, true},
+  Table t{{"LAYER", "RANK", "A2A", "PEER", "ADDRESS", "VIA", "STATE", "SENT", "RECEIVED", "LAST ERROR"},
+          {true, false, true, false, true, true, true, false, false, true},
           {}};
   for (const json& g : groups) {
     const std::string layer = field(g, "tenant") + "/" + field(g, "layer");
     const std::string rank = field(g, "rank") + "/" + field(g, "size");
     const json peers = g.value("peers", json::array());
     if (peers.empty())
-      t.rows.push_back({layer, rank, field(g, "all_to_all"), "-", "-", field(g, "state"), "-", "-", field(g, "last_error")});
+      t.rows.push_back({layer, rank, field(g, "all_to_all"), "-", "-", "-", field(g, "state"), "-", "-", field(g, "last_error")});
     for (const json& p : peers)
-      t.rows.push_back({layer, rank, field(g, "all_to_all"), field(p, "rank"), field(p, "address"),
+      t.rows.push_back({layer, rank, field(g, "all_to_all"), field(p, "rank"), field(p, "address"), field(p, "via"),
                         field(p, "state"), bytes_field(p, "bytes_sent"), bytes_field(p, "bytes_received"),
                         field(p, "last_error")});
   }

@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -19,6 +20,8 @@
 #include "tutel/core/status.hpp"
 
 namespace tutel::comm {
+
+class LocalExchange;
 
 struct BootstrapOptions {
   // Where rank 0 listens and everyone else connects: a numeric IPv4 address.
@@ -39,6 +42,9 @@ struct BootstrapOptions {
   // What a member is called in messages: "rank" for a group, "node" for a cluster of daemons
   // ("node 2 never reached the coordinator ...").
   std::string member = "rank";
+  // Ranks of this process bootstrapped with the same exchange copy their messages to each
+  // other directly (local_exchange.hpp); null: every peer goes through the transport.
+  std::shared_ptr<LocalExchange> local_exchange;
 };
 
 // OK when the options describe a valid rank of a valid group.

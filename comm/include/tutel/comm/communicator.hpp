@@ -45,6 +45,7 @@ struct PeerStatus {
   std::string address;  // where the bootstrap saw it: "127.0.0.1, pid 4242"
   bool failed = false;
   std::string error;  // why it is considered failed; "" while it answers
+  bool same_process = false;  // exchanges by memcpy through a LocalExchange, not a transport
   // Payload of the collectives' messages to and from it: what this rank handed to the
   // transport and received, per peer (UCX); or what the collectives addressed to it (NCCL,
   // whose rings route through other ranks). Ranks of one UCX process that share a worker
