@@ -9,9 +9,27 @@
 // runs in the daemon (tutel_backward with dl_aux for the load-balancing loss), and both sides
 // take an optimizer step (AdamW in the daemon, Adam here).
 //
-//   train_toy [--socket PATH] [--steps N] [--print-every N] [--layer-name NAME] [--seed N]
+//   train_toy [--world W] [--socket PATH]... [--steps N] [--print-every N] [--aux-weight X]
+//             [--layer-name NAME] [--seed N]
+//
+// With --world W > 1 it is its own launcher: it forks W rank processes, and the MoE layer is one
+// expert-parallel group layer (docs/config.md, "group") spread over the daemons named by the
+// --socket flags (rank r uses socket r % count). Every rank draws the same global data and takes
+// a contiguous 1/W slice of each batch, so the ranks together see exactly the batches of the
+// single-process run; the dense parts are data parallel (their gradients are summed over the
+// ranks before each Adam step). With --aux-weight 0 the loss curve equals the single-process one
+// up to float summation order.
 //
 // Prints the held-out loss before and after training and exits 1 unless it fell below half.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
@@ -20,6 +38,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tutel/client.h"
@@ -34,13 +53,21 @@ constexpr int kHidden = 64;
 constexpr int kExperts = 4;
 constexpr int kBatch = 256;
 constexpr int kEvalTokens = 1024;
-constexpr float kAuxWeight = 0.01f;  // total loss = MSE + kAuxWeight * l_aux
+constexpr float kAuxWeight = 0.01f;  // default of --aux-weight: loss = MSE + aux_weight * l_aux
 constexpr float kLr = 3e-3f;
+// A group layer's create waits for every rank, and each collective for the slowest rank; on a
+// loaded machine with several ranks per core the daemon's defaults (10 s, 5 s) are too tight.
+constexpr int kGroupTimeoutMs = 30000;
+
+// Who speaks in messages: "train_toy", or "train_toy rank R" in a forked rank.
+std::string g_who = "train_toy";
 
 struct Options {
-  std::string socket;
+  std::vector<std::string> sockets;
+  int world = 1;
   int steps = 300;
   int print_every = 25;
+  float aux_weight = kAuxWeight;
   std::string layer_name = "toy_moe";
   uint64_t seed = 1;
 };
@@ -49,14 +76,19 @@ struct Options {
   std::fprintf(
       stderr,
       "train_toy: %s\n"
-      "usage: train_toy [--socket PATH] [--steps N] [--print-every N] [--layer-name NAME] [--seed "
-      "N]\n"
-      "  --socket      tuteld's client socket ($TUTELD_SOCKET, else ./run/client.sock)\n"
+      "usage: train_toy [--world W] [--socket PATH]... [--steps N] [--print-every N]\n"
+      "                 [--aux-weight X] [--layer-name NAME] [--seed N]\n"
+      "  --world       ranks (1); W > 1 forks W processes training one expert-parallel layer,\n"
+      "                each on a 1/W slice of every batch; W must divide the batch (%d)\n"
+      "  --socket      tuteld's client socket ($TUTELD_SOCKET, else ./run/client.sock); give it\n"
+      "                once per daemon: rank r connects to the (r %% count)-th\n"
       "  --steps       training steps (300)\n"
-      "  --print-every print the training loss every N steps (25)\n"
-      "  --layer-name  the MoE layer's name in the daemon (toy_moe); an existing one is replaced\n"
+      "  --print-every print the training loss every N steps (25); 1 prints every step\n"
+      "  --aux-weight  weight of the load-balancing loss l_aux in the total loss (%g)\n"
+      "  --layer-name  the MoE layer's name in the daemon (toy_moe; rank r of a group uses\n"
+      "                NAME_rR); an existing one is replaced\n"
       "  --seed        seed of the data, the in-process weights and the layer's init (1)\n",
-      why);
+      why, kBatch, double(kAuxWeight));
   std::exit(2);
 }
 
@@ -71,10 +103,19 @@ long long parse_int(const char* flag, const char* value, long long min) {
   return v;
 }
 
+float parse_weight(const char* flag, const char* value) {
+  char* end = nullptr;
+  errno = 0;
+  const float v = std::strtof(value, &end);
+  if (errno != 0 || end == value || *end != '\0' || !std::isfinite(v) || v < 0.f) {
+    std::fprintf(stderr, "train_toy: %s needs a finite number >= 0, got '%s'\n", flag, value);
+    std::exit(2);
+  }
+  return v;
+}
+
 Options parse_options(int argc, char** argv) {
   Options o;
-  const char* env = std::getenv("TUTELD_SOCKET");
-  o.socket = env != nullptr && *env != '\0' ? env : "./run/client.sock";
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "-h" || flag == "--help")
@@ -82,11 +123,15 @@ Options parse_options(int argc, char** argv) {
     if (i + 1 >= argc) usage(("missing a value after " + flag).c_str());
     const char* value = argv[++i];
     if (flag == "--socket")
-      o.socket = value;
+      o.sockets.push_back(value);
+    else if (flag == "--world")
+      o.world = static_cast<int>(parse_int("--world", value, 1));
     else if (flag == "--steps")
       o.steps = static_cast<int>(parse_int("--steps", value, 1));
     else if (flag == "--print-every")
       o.print_every = static_cast<int>(parse_int("--print-every", value, 1));
+    else if (flag == "--aux-weight")
+      o.aux_weight = parse_weight("--aux-weight", value);
     else if (flag == "--layer-name")
       o.layer_name = value;
     else if (flag == "--seed")
@@ -94,7 +139,233 @@ Options parse_options(int argc, char** argv) {
     else
       usage(("unknown option " + flag).c_str());
   }
+  if (o.sockets.empty()) {
+    const char* env = std::getenv("TUTELD_SOCKET");
+    o.sockets.push_back(env != nullptr && *env != '\0' ? env : "./run/client.sock");
+  }
+  if (kBatch % o.world != 0) {
+    std::fprintf(stderr,
+                 "train_toy: --world %d does not divide the batch of %d tokens, so the ranks "
+                 "cannot share it evenly; use a world size that divides %d (1, 2, 4, 8, ...)\n",
+                 o.world, kBatch, kBatch);
+    std::exit(2);
+  }
   return o;
+}
+
+// ---- The ranks: launcher, links and the sum over ranks --------------------------------------
+
+// A file descriptor that closes itself.
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  Fd(Fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  Fd& operator=(Fd&& other) noexcept {
+    if (this != &other) {
+      reset();
+      fd_ = std::exchange(other.fd_, -1);
+    }
+    return *this;
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() { reset(); }
+  int get() const { return fd_; }
+  void reset() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+bool send_all(int fd, const void* data, size_t bytes) {
+  const char* p = static_cast<const char*>(data);
+  while (bytes > 0) {
+    const ssize_t n = ::send(fd, p, bytes, MSG_NOSIGNAL);  // a dead peer is an error, not SIGPIPE
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    p += n;
+    bytes -= size_t(n);
+  }
+  return true;
+}
+
+bool recv_all(int fd, void* data, size_t bytes) {
+  char* p = static_cast<char*>(data);
+  while (bytes > 0) {
+    const ssize_t n = ::recv(fd, p, bytes, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;  // 0: the peer rank exited
+    p += n;
+    bytes -= size_t(n);
+  }
+  return true;
+}
+
+// The rank of this process and its links to the others. The dense parameters are replicated on
+// every rank, so their gradients (and the printed losses) are summed over the ranks: a star
+// through rank 0 over socketpairs the launcher made before forking. Rank 0 adds the
+// contributions in rank order 0..W-1 and sends that one sum back to every rank, so all replicas
+// receive bit-identical values and never drift apart.
+class RankGroup {
+ public:
+  RankGroup() = default;  // a single process
+  // links[r] leads to rank r on rank 0; links[0] leads to rank 0 on the others.
+  RankGroup(int rank, int world, uint16_t port, std::vector<Fd> links)
+      : rank_(rank), world_(world), port_(port), links_(std::move(links)) {}
+
+  int rank() const { return rank_; }
+  int world() const { return world_; }
+  uint16_t coordinator_port() const { return port_; }
+
+  // Replaces v by its elementwise sum over the ranks; exits 1 when a peer rank is gone.
+  void sum(std::vector<double>& v) {
+    if (world_ == 1) return;
+    const size_t bytes = v.size() * sizeof(double);
+    bool ok = true;
+    if (rank_ == 0) {
+      std::vector<double> part(v.size());
+      for (int r = 1; r < world_ && ok; ++r) {
+        ok = recv_all(links_[r].get(), part.data(), bytes);
+        for (size_t i = 0; ok && i < v.size(); ++i) v[i] += part[i];
+      }
+      for (int r = 1; r < world_ && ok; ++r) ok = send_all(links_[r].get(), v.data(), bytes);
+    } else {
+      ok = send_all(links_[0].get(), v.data(), bytes) && recv_all(links_[0].get(), v.data(), bytes);
+    }
+    if (!ok) {
+      std::fprintf(stderr,
+                   "%s: the link to the other ranks broke (another rank failed; see its "
+                   "message)\n",
+                   g_who.c_str());
+      std::exit(1);
+    }
+  }
+
+ private:
+  int rank_ = 0, world_ = 1;
+  uint16_t port_ = 0;
+  std::vector<Fd> links_;
+};
+
+// A loopback TCP port that was free a moment ago, for the group's coordinator; 0 if none.
+uint16_t free_loopback_port() {
+  Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  if (fd.get() < 0 || ::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0)
+    return 0;
+  return ntohs(addr.sin_port);
+}
+
+// pairs[r] (r >= 1) joins rank 0 (end 0) and rank r (end 1).
+std::vector<std::array<Fd, 2>> make_links(int world) {
+  std::vector<std::array<Fd, 2>> pairs(static_cast<size_t>(world));
+  for (int r = 1; r < world; ++r) {
+    int fds[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
+      std::fprintf(stderr, "train_toy: socketpair for rank %d failed: %s\n", r,
+                   std::strerror(errno));
+      std::exit(1);
+    }
+    pairs[size_t(r)][0] = Fd(fds[0]);
+    pairs[size_t(r)][1] = Fd(fds[1]);
+  }
+  return pairs;
+}
+
+// The links of rank r; the caller then closes every other end, so that a rank that dies shows
+// up as end-of-file to its peer instead of a hang.
+std::vector<Fd> take_links(std::vector<std::array<Fd, 2>>& pairs, int rank) {
+  std::vector<Fd> links(pairs.size());
+  if (rank == 0) {
+    for (size_t r = 1; r < pairs.size(); ++r) links[r] = std::move(pairs[r][0]);
+  } else {
+    links[0] = std::move(pairs[size_t(rank)][1]);
+  }
+  return links;
+}
+
+std::string describe_exit(int status) {
+  if (WIFEXITED(status)) return "exited with " + std::to_string(WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) return std::string("was killed by ") + strsignal(WTERMSIG(status));
+  return "stopped";
+}
+
+// Waits for every rank; at the first failure it stops the others (by PID), since a group layer
+// cannot go on without all its ranks. 0 only if every rank succeeded.
+int wait_for_ranks(std::vector<pid_t> children) {
+  size_t running = children.size();
+  bool failed = false;
+  while (running > 0) {
+    int status = 0;
+    const pid_t pid = ::waitpid(-1, &status, 0);
+    if (pid < 0 && errno == EINTR) continue;
+    if (pid < 0) {
+      std::fprintf(stderr, "train_toy: waitpid: %s\n", std::strerror(errno));
+      return 1;
+    }
+    size_t rank = 0;
+    while (rank < children.size() && children[rank] != pid) ++rank;
+    if (rank == children.size()) continue;  // not one of the ranks
+    children[rank] = -1;
+    --running;
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) continue;
+    if (!failed) {
+      std::fprintf(stderr, "train_toy: rank %zu %s; stopping the other ranks\n", rank,
+                   describe_exit(status).c_str());
+      for (pid_t other : children)
+        if (other > 0) ::kill(other, SIGTERM);
+    }
+    failed = true;
+  }
+  return failed ? 1 : 0;
+}
+
+int train(const Options& o, RankGroup& group);
+
+// Forks the W ranks and waits for them.
+int launch_ranks(const Options& o) {
+  const uint16_t port = free_loopback_port();
+  if (port == 0) {
+    std::fprintf(stderr,
+                 "train_toy: found no free loopback TCP port for the group's coordinator (%s); "
+                 "check that 127.0.0.1 is up\n",
+                 std::strerror(errno));
+    return 1;
+  }
+  auto pairs = make_links(o.world);
+  std::fflush(nullptr);  // or every rank would print the launcher's buffered output again
+  std::vector<pid_t> children;
+  const pid_t launcher = ::getpid();
+  for (int r = 0; r < o.world; ++r) {
+    const pid_t pid = ::fork();
+    if (pid < 0) {
+      std::fprintf(stderr, "train_toy: fork of rank %d failed: %s\n", r, std::strerror(errno));
+      for (pid_t child : children) ::kill(child, SIGTERM);
+      for (pid_t child : children) ::waitpid(child, nullptr, 0);
+      return 1;
+    }
+    if (pid == 0) {
+      // A rank outliving a killed launcher would hold its group layer until the daemon's
+      // collective timeout; let it die with the launcher instead.
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+      if (::getppid() != launcher) std::exit(1);
+      g_who = "train_toy rank " + std::to_string(r);
+      RankGroup group(r, o.world, port, take_links(pairs, r));
+      pairs.clear();
+      std::exit(train(o, group));
+    }
+    children.push_back(pid);
+  }
+  pairs.clear();  // only the ranks hold the links now
+  return wait_for_ranks(std::move(children));
 }
 
 // ---- The synthetic task ----------------------------------------------------------------------
@@ -208,7 +479,7 @@ struct Activations {
 };
 
 void fail(const char* what, int rc) {
-  std::fprintf(stderr, "train_toy: %s failed (%d): %s\n", what, rc, tutel_last_error());
+  std::fprintf(stderr, "%s: %s failed (%d): %s\n", g_who.c_str(), what, rc, tutel_last_error());
   std::exit(1);
 }
 
@@ -230,47 +501,77 @@ void forward(Model& model, const std::vector<float>& u, int tokens, bool trainin
   linear(a.h, tokens, kModel, model.head_w, model.head_b, kOut, a.p);
 }
 
-float mse(const std::vector<float>& p, const std::vector<float>& t) {
+double squared_error(const std::vector<float>& p, const std::vector<float>& t) {
   double sum = 0;
   for (size_t i = 0; i < p.size(); ++i) sum += double(p[i] - t[i]) * (p[i] - t[i]);
-  return float(sum / double(p.size()));
+  return sum;
 }
 
-float eval_loss(Model& model, const std::vector<float>& u, const std::vector<float>& t) {
+// This rank's contiguous share of a [tokens, width] row-major matrix.
+std::vector<float> my_rows(const std::vector<float>& m, int tokens, int width,
+                           const RankGroup& group) {
+  const size_t rows = size_t(tokens / group.world()), begin = rows * size_t(group.rank());
+  return std::vector<float>(m.begin() + long(begin * width),
+                            m.begin() + long((begin + rows) * width));
+}
+
+// The held-out MSE of the whole evaluation set, every rank inferring its share.
+float eval_loss(Model& model, const std::vector<float>& u, const std::vector<float>& t,
+                RankGroup& group) {
   Activations a;
-  forward(model, u, kEvalTokens, false, a);
-  return mse(a.p, t);
+  forward(model, my_rows(u, kEvalTokens, kIn, group), kEvalTokens / group.world(), false, a);
+  std::vector<double> sse = {squared_error(a.p, my_rows(t, kEvalTokens, kOut, group))};
+  group.sum(sse);
+  return float(sse[0] / (double(kEvalTokens) * kOut));
 }
 
-std::string layer_spec(const Options& o) {
-  char buf[512];
-  std::snprintf(buf, sizeof buf,
-                "name = \"%s\"\n"
-                "experts = %d\n"
-                "model_dim = %d\n"
-                "hidden = %d\n"
-                "k = 2\n"
-                "capacity_factor = 1.5\n"
-                "activation = \"relu\"\n"
-                "init_seed = %llu\n"
-                "\n"
-                "[optimizer]\n"
-                "kind = \"adamw\"\n"
-                "lr = %g\n",
-                o.layer_name.c_str(), kExperts, kModel, kHidden,
-                static_cast<unsigned long long>(o.seed), kLr);
+std::string layer_name(const Options& o, const RankGroup& group) {
+  // Two ranks may share a daemon (and a tenant), where layer names must differ.
+  return group.world() == 1 ? o.layer_name : o.layer_name + "_r" + std::to_string(group.rank());
+}
+
+std::string layer_spec(const Options& o, const RankGroup& group) {
+  // Dropless (capacity_factor = 0): with a capacity factor, each rank's capacity comes from its
+  // own slice of the batch, so an expert-parallel run would drop other tokens than the single
+  // run and the two could not be compared.
+  char buf[768];
+  int n = std::snprintf(buf, sizeof buf,
+                        "name = \"%s\"\n"
+                        "experts = %d\n"
+                        "model_dim = %d\n"
+                        "hidden = %d\n"
+                        "k = 2\n"
+                        "capacity_factor = 0\n"
+                        "activation = \"relu\"\n"
+                        "init_seed = %llu\n"
+                        "\n"
+                        "[optimizer]\n"
+                        "kind = \"adamw\"\n"
+                        "lr = %g\n",
+                        layer_name(o, group).c_str(), kExperts, kModel, kHidden,
+                        static_cast<unsigned long long>(o.seed), kLr);
+  if (group.world() > 1)
+    std::snprintf(buf + n, sizeof buf - size_t(n),
+                  "\n[group]\n"
+                  "coordinator = \"127.0.0.1:%u\"\n"
+                  "size = %d\n"
+                  "rank = %d\n"
+                  "bootstrap_timeout_ms = %d\n"
+                  "collective_timeout_ms = %d\n",
+                  unsigned(group.coordinator_port()), group.world(), group.rank(), kGroupTimeoutMs,
+                  kGroupTimeoutMs);
   return buf;
 }
 
-tutel_layer* create_layer(tutel_client* client, const Options& o) {
-  const std::string spec = layer_spec(o);
+tutel_layer* create_layer(tutel_client* client, const Options& o, const RankGroup& group) {
+  const std::string spec = layer_spec(o, group), name = layer_name(o, group);
   tutel_layer* layer = nullptr;
   int rc = tutel_layer_create(client, spec.c_str(), &layer);
   if (rc == TUTEL_E_ALREADY_EXISTS) {
     // A layer of that name from an earlier run: start from scratch so the loss curve means
     // something.
-    std::printf("layer '%s' exists already; replacing it\n", o.layer_name.c_str());
-    CHECK_TUTEL(tutel_layer_attach(client, o.layer_name.c_str(), &layer));
+    if (group.rank() == 0) std::printf("layer '%s' exists already; replacing it\n", name.c_str());
+    CHECK_TUTEL(tutel_layer_attach(client, name.c_str(), &layer));
     CHECK_TUTEL(tutel_layer_destroy(layer));
     tutel_layer_release(layer);
     layer = nullptr;
@@ -280,10 +581,80 @@ tutel_layer* create_layer(tutel_client* client, const Options& o) {
   return layer;
 }
 
-}  // namespace
+void print_connected(const Options& o, tutel_client* client, const RankGroup& group,
+                     const std::string& socket, tutel_layer* layer) {
+  const char* tenant = "";
+  CHECK_TUTEL(tutel_client_info(client, &tenant, nullptr));
+  int64_t model_dim = 0, output_dim = 0, experts = 0;
+  CHECK_TUTEL(tutel_layer_dims(layer, &model_dim, &output_dim, &experts));
+  if (group.rank() != 0) return;
+  if (group.world() > 1)
+    std::printf("expert-parallel over %d ranks on %zu daemon socket(s), coordinator 127.0.0.1:%u\n",
+                group.world(), o.sockets.size(), unsigned(group.coordinator_port()));
+  std::printf(
+      "connected to %s as tenant '%s'; layer '%s': %lld experts, model_dim %lld, hidden %d, k 2\n",
+      socket.c_str(), tenant, layer_name(o, group).c_str(), (long long)experts,
+      (long long)model_dim, kHidden);
+}
 
-int main(int argc, char** argv) {
-  const Options o = parse_options(argc, argv);
+// What one step adds up over the ranks besides the gradients.
+struct StepStats {
+  double squared_error = 0, l_aux = 0, dropped = 0;
+};
+
+// Sums the dense gradients and the step's statistics over the ranks in one exchange (doubles, so
+// the sum adds no rounding of its own beyond the final conversion back to float).
+void sum_over_ranks(RankGroup& group, const std::vector<Param*>& params, StepStats& stats) {
+  if (group.world() == 1) return;
+  std::vector<double> v;
+  for (const Param* p : params) v.insert(v.end(), p->grad.begin(), p->grad.end());
+  v.insert(v.end(), {stats.squared_error, stats.l_aux, stats.dropped});
+  group.sum(v);
+  size_t at = 0;
+  for (Param* p : params)
+    for (float& g : p->grad) g = float(v[at++]);
+  stats = {v[at], v[at + 1], v[at + 2]};
+}
+
+// One training step on this rank's slice of the global batch (u, t); returns the group's stats.
+StepStats train_step(const Options& o, Model& model, Adam& adam, RankGroup& group,
+                     const std::vector<float>& u_all, const std::vector<float>& t_all) {
+  const int tokens = kBatch / group.world();
+  const std::vector<float> u = my_rows(u_all, kBatch, kIn, group);
+  const std::vector<float> t = my_rows(t_all, kBatch, kOut, group);
+  Activations a;
+  forward(model, u, tokens, true, a);
+
+  // The gradient of the GLOBAL mean, so that the gradients summed over the ranks are the
+  // single run's.
+  std::vector<float> dp(a.p.size()), dh, dx(size_t(tokens) * kModel), de(dx.size());
+  const float scale = 2.f / float(size_t(kBatch) * kOut);
+  for (size_t i = 0; i < dp.size(); ++i) dp[i] = scale * (a.p[i] - t[i]);
+  linear_backward(a.h, dp, tokens, kModel, kOut, model.head_w, model.head_b, &dh);
+  // The group's loss takes the mean over ranks of each rank's l_aux, hence aux_weight / W. The
+  // l_aux of a slice is not the l_aux of the whole batch (it multiplies two means over tokens),
+  // so with aux_weight > 0 the curve differs slightly from the single run's; with 0 it matches.
+  const float dl_aux = o.aux_weight / float(group.world());
+  CHECK_TUTEL(tutel_backward(model.moe, dh.data(), dl_aux, dx.data()));
+  for (size_t i = 0; i < de.size(); ++i) de[i] = dh[i] + dx[i];  // both paths of the residual
+  linear_backward(u, de, tokens, kIn, kModel, model.embed_w, model.embed_b, nullptr);
+
+  // The daemon sums the gate's gradient over the group, and each expert's gradient holds every
+  // rank's tokens already; the dense gradients are summed here.
+  CHECK_TUTEL(tutel_step(model.moe));
+  CHECK_TUTEL(tutel_zero_grad(model.moe));
+  int64_t dropped = 0;
+  CHECK_TUTEL(tutel_forward_stats(model.moe, nullptr, &dropped));
+  StepStats stats{squared_error(a.p, t), a.l_aux, double(dropped)};
+  const std::vector<Param*> params = {&model.embed_w, &model.embed_b, &model.head_w, &model.head_b};
+  sum_over_ranks(group, params, stats);
+  adam.step(params);
+  return stats;
+}
+
+// Trains as rank group.rank() of group.world(); returns the exit code.
+int train(const Options& o, RankGroup& group) {
+  // Every rank draws the same task, weights and batches from the seed, and takes its share.
   std::mt19937_64 rng(o.seed);
   const Task task(rng);
   Model model(rng);
@@ -293,63 +664,55 @@ int main(int argc, char** argv) {
     task.sample(eval_rng, kEvalTokens, eval_u, eval_t);
   }
 
-  tutel_client* client = tutel_connect(o.socket.c_str());
+  const std::string& socket = o.sockets[size_t(group.rank()) % o.sockets.size()];
+  tutel_client* client = tutel_connect(socket.c_str());
   if (client == nullptr) {
-    std::fprintf(stderr, "train_toy: %s\n", tutel_last_error());
+    std::fprintf(stderr, "%s: %s\n", g_who.c_str(), tutel_last_error());
     return 1;
   }
-  const char* tenant = "";
-  uint64_t data_bytes = 0;
-  CHECK_TUTEL(tutel_client_info(client, &tenant, &data_bytes));
-  model.moe = create_layer(client, o);
-  int64_t model_dim = 0, output_dim = 0, experts = 0;
-  CHECK_TUTEL(tutel_layer_dims(model.moe, &model_dim, &output_dim, &experts));
-  std::printf(
-      "connected to %s as tenant '%s'; layer '%s': %lld experts, model_dim %lld, hidden %d, k 2\n",
-      o.socket.c_str(), tenant, o.layer_name.c_str(), (long long)experts, (long long)model_dim,
-      kHidden);
+  model.moe = create_layer(client, o, group);
+  print_connected(o, client, group, socket, model.moe);
+  const bool speaker = group.rank() == 0;
 
-  const float initial = eval_loss(model, eval_u, eval_t);
-  std::printf("initial held-out loss %.4f\n", initial);
+  const float initial = eval_loss(model, eval_u, eval_t, group);
+  if (speaker) std::printf("initial held-out loss %.4f\n", initial);
 
   Adam adam;
-  Activations a;
-  std::vector<float> u, t, dp, dh, dx, de;
+  std::vector<float> u, t;
   for (int step = 1; step <= o.steps; ++step) {
     task.sample(rng, kBatch, u, t);
-    forward(model, u, kBatch, true, a);
-    const float loss = mse(a.p, t);
-
-    dp.resize(a.p.size());
-    const float scale = 2.f / float(a.p.size());
-    for (size_t i = 0; i < dp.size(); ++i) dp[i] = scale * (a.p[i] - t[i]);
-    linear_backward(a.h, dp, kBatch, kModel, kOut, model.head_w, model.head_b, &dh);
-    dx.resize(dh.size());
-    CHECK_TUTEL(tutel_backward(model.moe, dh.data(), kAuxWeight, dx.data()));
-    de.resize(dh.size());
-    for (size_t i = 0; i < de.size(); ++i) de[i] = dh[i] + dx[i];  // both paths of the residual
-    linear_backward(u, de, kBatch, kIn, kModel, model.embed_w, model.embed_b, nullptr);
-
-    CHECK_TUTEL(tutel_step(model.moe));
-    CHECK_TUTEL(tutel_zero_grad(model.moe));
-    adam.step({&model.embed_w, &model.embed_b, &model.head_w, &model.head_b});
-
-    if (step % o.print_every == 0 || step == 1 || step == o.steps) {
-      int64_t capacity = 0, dropped = 0;
-      CHECK_TUTEL(tutel_forward_stats(model.moe, &capacity, &dropped));
-      std::printf("step %4d  loss %.4f  l_aux %.4f  capacity %lld  dropped %lld/%d\n", step, loss,
-                  a.l_aux, (long long)capacity, (long long)dropped, kBatch * 2);
+    const StepStats s = train_step(o, model, adam, group, u, t);
+    if (speaker && (step % o.print_every == 0 || step == 1 || step == o.steps)) {
+      int64_t capacity = 0;
+      CHECK_TUTEL(tutel_forward_stats(model.moe, &capacity, nullptr));
+      // %.7g: tests compare these losses across world sizes to ~1e-5.
+      std::printf("step %4d  loss %.7g  l_aux %.4f  capacity %lld  dropped %lld/%d\n", step,
+                  s.squared_error / (double(kBatch) * kOut), s.l_aux / group.world(),
+                  (long long)capacity, (long long)s.dropped, kBatch * 2);
     }
   }
 
-  const float final_loss = eval_loss(model, eval_u, eval_t);
-  std::printf("held-out loss: initial %.4f, final %.4f (%.1f%% of initial)\n", initial, final_loss,
-              100.0 * final_loss / initial);
+  const float final_loss = eval_loss(model, eval_u, eval_t, group);
   tutel_layer_release(model.moe);
   tutel_close(client);
+  if (speaker)
+    std::printf("held-out loss: initial %.4f, final %.4f (%.1f%% of initial)\n", initial,
+                final_loss, 100.0 * final_loss / initial);
   if (!(final_loss < 0.5f * initial)) {
-    std::fprintf(stderr, "train_toy: the loss did not fall below half of its initial value\n");
+    if (speaker)
+      std::fprintf(stderr, "train_toy: the loss did not fall below half of its initial value\n");
     return 1;
   }
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Options o = parse_options(argc, argv);
+  if (o.world == 1) {
+    RankGroup single;
+    return train(o, single);
+  }
+  return launch_ranks(o);
 }

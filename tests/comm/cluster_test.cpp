@@ -130,6 +130,9 @@ TEST(Cluster, AStoppedNodeIsDownUntilItResumesAndAKilledOneStaysDown) {
     error += await_status(c, victim_down_with("failed"), "node 2 failed");
     error += await_status(
         c, [](const std::vector<NodeStatus>& s) { return s[0].up && s[1].up; }, "nodes 0 and 1 up");
+    // Stay until both survivors have checked: one that leaves is (rightly) down for the other.
+    channel.notify();
+    channel.await_release();
     return error;
   });
   for (int n = 0; n < 3; ++n) ASSERT_TRUE(group.wait_notified(n, 60s)) << "node " << n << " never joined";
@@ -142,6 +145,10 @@ TEST(Cluster, AStoppedNodeIsDownUntilItResumesAndAKilledOneStaysDown) {
   const bool saw_up = group.wait_notified(0, 60s) && group.wait_notified(1, 60s);
   EXPECT_TRUE(saw_up);
   group.kill_child(kVictim);
+  group.release(0);
+  group.release(1);
+  const bool checked = group.wait_notified(0, 60s) && group.wait_notified(1, 60s);
+  EXPECT_TRUE(checked);
   group.release(0);
   group.release(1);
   EXPECT_EQ(testing::describe_failures(group.wait_all(), {kVictim}), "");
