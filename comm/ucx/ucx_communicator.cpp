@@ -73,6 +73,7 @@ class UcxCommunicator final : public Communicator {
       s.error = rank_->failure(world);
       s.failed = !s.error.empty();
       s.same_process = rank_->is_local(world);
+      s.peer_memory = rank_->pulls_from_peer(world);
       s.bytes_sent = rank_->bytes_sent(world);
       s.bytes_received = rank_->bytes_received(world);
     }
@@ -227,13 +228,16 @@ class UcxCommunicator final : public Communicator {
            static_cast<uint64_t>(sender);
   }
 
+  // A pulled message's acknowledgement travels back with the tag of a message in the other
+  // direction of the same step, plus kAckBit: unique at its receiver, like every tag.
   void add_send(int peer, const void* buffer, size_t bytes) {
-    sends_.push_back(
-        {members_[peer], tag(group_ids_[peer], me_, seq_), const_cast<void*>(buffer), bytes});
+    sends_.push_back({members_[peer], tag(group_ids_[peer], me_, seq_), const_cast<void*>(buffer), bytes,
+                      tag(group_ids_[me_], peer, seq_) | ucx::kAckBit});
   }
 
   void add_recv(int peer, void* buffer, size_t bytes) {
-    recvs_.push_back({members_[peer], tag(group_ids_[me_], peer, seq_), buffer, bytes});
+    recvs_.push_back({members_[peer], tag(group_ids_[me_], peer, seq_), buffer, bytes,
+                      tag(group_ids_[peer], me_, seq_) | ucx::kAckBit});
   }
 
   Status run_step() {

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <random>
 #include <thread>
 #include <utility>
 
@@ -16,15 +17,21 @@ namespace tutel::comm::ucx {
 namespace {
 
 constexpr uint64_t kFullTagMask = ~uint64_t{0};
-constexpr uint32_t kMaxGroupId = (1u << 20) - 1;
+constexpr uint32_t kMaxGroupId = (1u << 19) - 1;  // the top tag bit is kAckBit
 // A sleeping waiter re-checks at least this often, whatever it is waiting for.
 constexpr auto kMaxSleep = std::chrono::milliseconds(200);
 // How long teardown and abort wait for UCX to hand back requests they cancelled.
 constexpr auto kCleanupBound = std::chrono::milliseconds(1000);
 // The least an aborting rank waits for its peers to take its pending sends.
 constexpr auto kMinDrain = std::chrono::milliseconds(200);
-// Before the UCX address in a bootstrap payload: the local-exchange token and mailbox id.
-constexpr size_t kPayloadPrefix = sizeof(uint64_t) + sizeof(uint32_t);
+// Before the UCX address in a bootstrap payload: the local-exchange token, the mailbox id and
+// the process's identity on its host (peer memory).
+constexpr size_t kPayloadPrefix = sizeof(uint64_t) + sizeof(uint32_t) + sizeof(HostIdentity);
+// Peer-memory agreement at bootstrap: [kAckBit][group 0][notice sequence][sender]. Unique: no
+// acknowledgement uses the notice sequence, and notices never have kAckBit.
+constexpr uint64_t kAgreeTag = kAckBit | (uint64_t{(1u << 24) - 1} << 20);
+// What an acknowledgement carries; static, so a send nobody waits for can always read it.
+const char kAckByte = 'a';
 
 // Serialises the process environment and UCX configuration parsing across ranks.
 std::mutex g_ucx_init_mu;
@@ -84,6 +91,7 @@ UcxRank::UcxRank(const BootstrapOptions& o)
 Result<std::shared_ptr<UcxRank>> UcxRank::create(const BootstrapOptions& options) {
   std::shared_ptr<UcxRank> self(new UcxRank(options));
   TUTEL_RETURN_IF_ERROR(self->init(options));
+  TUTEL_RETURN_IF_ERROR(self->agree_on_peer_memory(options));
   return self;
 }
 
@@ -129,9 +137,12 @@ Status UcxRank::init(const BootstrapOptions& o) {
     mailbox_id_ = local_exchange_->hub().add(mailbox_);
     token = local_exchange_->token();
   }
+  probe_ = std::make_unique<uint64_t>((uint64_t{std::random_device{}()} << 32) | std::random_device{}() | 1);
+  const HostIdentity me = this_process(probe_.get());
   std::string payload(kPayloadPrefix, '\0');
   std::memcpy(payload.data(), &token, sizeof token);
   std::memcpy(payload.data() + sizeof token, &mailbox_id_, sizeof mailbox_id_);
+  std::memcpy(payload.data() + sizeof token + sizeof mailbox_id_, &me, sizeof me);
   payload.append(reinterpret_cast<const char*>(address), address_len);
   ucp_worker_release_address(worker_, address);
 
@@ -144,6 +155,10 @@ Status UcxRank::init(const BootstrapOptions& o) {
   failures_.assign(n, {});
   local_boxes_.assign(n, nullptr);
   local_ids_.assign(n, 0);
+  hosts_.assign(n, HostIdentity{});
+  hosts_[rank_] = me;
+  pull_from_.assign(n, 0);
+  pulled_by_.assign(n, 0);
   slots_ = std::make_unique<PeerSlot[]>(n);
   for (int p = 0; p < size_; ++p) {
     slots_[p].owner = this;
@@ -156,6 +171,8 @@ Status UcxRank::init(const BootstrapOptions& o) {
     std::memcpy(&peer_token, peer_payload.data(), sizeof peer_token);
     std::memcpy(&local_ids_[p], peer_payload.data() + sizeof peer_token, sizeof(uint32_t));
     if (token != 0 && peer_token == token) local_boxes_[p] = local_exchange_->hub().find(local_ids_[p]);
+    std::memcpy(&hosts_[p], peer_payload.data() + sizeof peer_token + sizeof(uint32_t), sizeof(HostIdentity));
+    if (o.peer_memory && !local_boxes_[p] && same_host(me, hosts_[p])) pull_from_[p] = can_read(hosts_[p]);
     ucp_ep_params_t ep{};
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                     UCP_EP_PARAM_FIELD_ERR_HANDLER;
@@ -220,6 +237,36 @@ UcxRank::~UcxRank() {
   if (worker_ != nullptr) ucp_worker_destroy(worker_);
   if (context_ != nullptr) ucp_cleanup(context_);
   if (mailbox_) local_exchange_->hub().remove(mailbox_id_);
+}
+
+Status UcxRank::agree_on_peer_memory(const BootstrapOptions& o) {
+  // Every same-host pair (not in-process) swaps "I will pull your messages" flags; same_host is
+  // symmetric, so both sides of a pair take part or neither does.
+  std::vector<Transfer> sends, recvs;
+  std::vector<char> theirs(static_cast<size_t>(size_), 0);
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_ || local_boxes_[p] || !same_host(hosts_[rank_], hosts_[p])) continue;
+    sends.push_back({p, kAgreeTag | static_cast<uint64_t>(rank_), &pull_from_[p], 1});
+    recvs.push_back({p, kAgreeTag | static_cast<uint64_t>(p), &theirs[p], 1});
+  }
+  if (sends.empty()) return Status::OK();
+  Notice no_notice;  // a failed bootstrap fails every rank on its own
+  TUTEL_RETURN_IF_ERROR(exchange(sends, recvs, Clock::now() + o.collective_timeout, no_notice, Clock::duration::zero())
+                            .with_context("agreeing on peer memory with the ranks of this host"));
+  for (int p = 0; p < size_; ++p) pulled_by_[p] = theirs[p];
+  // The agreement is not traffic.
+  for (int p = 0; p < size_; ++p) {
+    slots_[p].bytes_sent.store(0, std::memory_order_relaxed);
+    slots_[p].bytes_received.store(0, std::memory_order_relaxed);
+  }
+  return Status::OK();
+}
+
+void UcxRank::cancel_and_free_locked(void* request) {
+  ucp_request_cancel(worker_, request);
+  const auto bound = Clock::now() + kCleanupBound;
+  while (ucp_request_check_status(request) == UCS_INPROGRESS && Clock::now() < bound) progress_locked();
+  ucp_request_free(request);
 }
 
 void UcxRank::wake_waiters() {
@@ -421,9 +468,26 @@ Status UcxRank::post_locked(std::vector<Op>& ops, const Transfer& t, bool is_sen
   Op& op = ops.emplace_back();
   op.transfer = &t;
   op.is_send = is_send;
+  op.pulled = is_send ? pulled_by(t.peer, t.bytes) : pulls_from(t.peer, t.bytes);
   ucp_request_param_t param{};
   void* request;
-  if (is_send) {
+  if (op.pulled && is_send) {
+    // Lend the buffer, wait for the acknowledgement, send the descriptor.
+    param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+    void* ack = ucp_tag_recv_nbx(worker_, &op.ack_sink, 1, t.ack_tag, kFullTagMask, &param);
+    if (UCS_PTR_IS_ERR(ack)) {
+      ops.pop_back();
+      return ucx_error("ucp_tag_recv_nbx", UCS_PTR_STATUS(ack));
+    }
+    op.ack_request = ack;
+    op.lease = leases_.lend(t.buffer, t.bytes);
+    ucp_request_param_t send_param{};
+    request = ucp_tag_send_nbx(endpoints_[t.peer], &op.lease->descriptor, sizeof(PullDescriptor), t.tag,
+                               &send_param);
+  } else if (op.pulled) {
+    param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+    request = ucp_tag_recv_nbx(worker_, &op.descriptor, sizeof(PullDescriptor), t.tag, kFullTagMask, &param);
+  } else if (is_send) {
     request = ucp_tag_send_nbx(endpoints_[t.peer], t.buffer, t.bytes, t.tag, &param);
   } else {
     // Always a request: UCX 1.13 does not fill recv_info on immediate completion, and the
@@ -432,6 +496,8 @@ Status UcxRank::post_locked(std::vector<Op>& ops, const Transfer& t, bool is_sen
     request = ucp_tag_recv_nbx(worker_, t.buffer, t.bytes, t.tag, kFullTagMask, &param);
   }
   if (UCS_PTR_IS_ERR(request)) {
+    if (op.ack_request != nullptr) cancel_and_free_locked(op.ack_request);
+    if (op.lease != nullptr) leases_.release(op.lease);
     ops.pop_back();
     const ucs_status_t s = UCS_PTR_STATUS(request);
     if (is_peer_error(s)) {
@@ -446,45 +512,64 @@ Status UcxRank::post_locked(std::vector<Op>& ops, const Transfer& t, bool is_sen
 
 bool UcxRank::poll_ops_locked(std::vector<Op>& ops, Status* error) {
   bool all_done = true;
+  // A request that finished with `s`: OK, or the error (the peer's failure where it is one).
+  auto finished = [&](const Op& op, ucs_status_t s, size_t expected) -> Status {
+    const int peer = op.transfer->peer;
+    if (s == UCS_OK) return Status::OK();
+    if (s == UCS_ERR_MESSAGE_TRUNCATED)
+      return Status::InvalidArgument(describe(peer) + " sent more than the " + std::to_string(expected) +
+                                     " bytes expected: the ranks called the collective with different sizes");
+    if (is_peer_error(s) || peer_failed_locked(peer)) {
+      declare_failed_locked(peer, ucs_status_string(s));
+      return peer_failure_locked(peer);
+    }
+    return ucx_error(op.is_send ? "send" : "receive", s);
+  };
   for (Op& op : ops) {
     if (op.transfer == nullptr) continue;  // completed and checked earlier
     const Transfer& t = *op.transfer;
-    if (op.request != nullptr) {
-      const ucs_status_t s = op.is_send ? ucp_request_check_status(op.request)
-                                        : ucp_tag_recv_request_test(op.request, &op.info);
+    // What arrives on the wire: a pulled message's descriptor, else the message itself.
+    const size_t expected = op.pulled && !op.is_send ? sizeof(PullDescriptor) : t.bytes;
+    bool pending = false;
+    for (void** request : {&op.request, &op.ack_request}) {
+      if (*request == nullptr) continue;
+      const bool recv_info = request == &op.request && !op.is_send;
+      const ucs_status_t s = recv_info ? ucp_tag_recv_request_test(*request, &op.info)
+                                       : ucp_request_check_status(*request);
       if (s == UCS_INPROGRESS) {
-        if (peer_failed_locked(t.peer)) {
-          *error = peer_failure_locked(t.peer);
-          return false;
-        }
-        all_done = false;
+        pending = true;
         continue;
       }
-      ucp_request_free(op.request);
-      op.request = nullptr;
-      if (s == UCS_ERR_MESSAGE_TRUNCATED) {
-        *error = Status::InvalidArgument(
-            describe(t.peer) + " sent more than the " + std::to_string(t.bytes) +
-            " bytes expected: the ranks called the collective with different sizes");
-        return false;
-      }
-      if (s != UCS_OK) {
-        if (is_peer_error(s) || peer_failed_locked(t.peer)) {
-          declare_failed_locked(t.peer, ucs_status_string(s));
-          *error = peer_failure_locked(t.peer);
-        } else {
-          *error = ucx_error(op.is_send ? "send" : "receive", s);
-        }
+      ucp_request_free(*request);
+      *request = nullptr;
+      if (Status st = finished(op, s, expected); !st.ok()) {
+        *error = std::move(st);
         return false;
       }
     }
-    if (!op.is_send && op.info.length != t.bytes) {
-      *error =
-          Status::InvalidArgument(describe(t.peer) + " sent " + std::to_string(op.info.length) +
-                                  " bytes where " + std::to_string(t.bytes) +
-                                  " were expected: the ranks called the collective with "
-                                  "different sizes");
+    if (pending) {
+      if (peer_failed_locked(t.peer)) {
+        *error = peer_failure_locked(t.peer);
+        return false;
+      }
+      all_done = false;
+      continue;
+    }
+    if (!op.is_send && op.info.length != expected) {
+      *error = Status::InvalidArgument(describe(t.peer) + " sent " + std::to_string(op.info.length) +
+                                       " bytes where " + std::to_string(expected) +
+                                       " were expected: the ranks called the collective with different sizes");
       return false;
+    }
+    if (op.pulled && !op.is_send) {
+      if (Status st = finish_pull_locked(op); !st.ok()) {
+        *error = std::move(st);
+        return false;
+      }
+    }
+    if (op.lease != nullptr) {  // acknowledged: the receiver has its copy
+      leases_.release(op.lease);
+      op.lease = nullptr;
     }
     (op.is_send ? slots_[t.peer].bytes_sent : slots_[t.peer].bytes_received)
         .fetch_add(t.bytes, std::memory_order_relaxed);
@@ -492,6 +577,20 @@ bool UcxRank::poll_ops_locked(std::vector<Op>& ops, Status* error) {
     op.info.length = 0;
   }
   return all_done;
+}
+
+Status UcxRank::finish_pull_locked(Op& op) {
+  const Transfer& t = *op.transfer;
+  TUTEL_RETURN_IF_ERROR(pull(static_cast<pid_t>(hosts_[t.peer].pid), op.descriptor, t.buffer, t.bytes, describe(t.peer)));
+  send_ack_locked(t.peer, t.ack_tag);
+  return Status::OK();
+}
+
+void UcxRank::send_ack_locked(int peer, uint64_t ack_tag) {
+  if (peer_failed_locked(peer)) return;  // nobody waits for it any more
+  ucp_request_param_t param{};
+  void* request = ucp_tag_send_nbx(endpoints_[peer], &kAckByte, 1, ack_tag, &param);
+  if (UCS_PTR_IS_PTR(request)) ucp_request_free(request);  // released when it completes
 }
 
 Status UcxRank::post_notice(Notice& notice, uint64_t tag, uint64_t mask) {
@@ -652,6 +751,28 @@ Status UcxRank::abort(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
   // In-process ops: withdrawn, or finished by the partner that claimed them; afterwards
   // nobody touches the caller's buffers. (Only mailbox locks: no other rank's mutex.)
   for (LocalOp* op : local) cancel_local(*op);
+  // Loans: withdrawn first, so a peer that reads from now on fails instead of reading a buffer
+  // the caller may reuse. Their acknowledgements are not waited for: the lease makes the buffer
+  // safe, and a late acknowledgement lands in a sink.
+  for (Op& op : ops) {
+    if (op.lease != nullptr) LeaseTable::withdraw(op.lease);
+    if (op.ack_request != nullptr) {
+      const bool acked = ucp_request_check_status(op.ack_request) != UCS_INPROGRESS;
+      if (!acked) ucp_request_cancel(worker_, op.ack_request);
+      const auto bound = Clock::now() + kCleanupBound;
+      while (ucp_request_check_status(op.ack_request) == UCS_INPROGRESS && Clock::now() < bound) progress_locked();
+      const bool cancelled = ucp_request_check_status(op.ack_request) == UCS_ERR_CANCELED;
+      ucp_request_free(op.ack_request);
+      op.ack_request = nullptr;
+      if (cancelled && !peer_failed_locked(op.transfer->peer)) {
+        ucp_request_param_t param{};
+        param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+        auto buffer = std::make_unique<char[]>(1);
+        void* sink = ucp_tag_recv_nbx(worker_, buffer.get(), 1, op.transfer->ack_tag, kFullTagMask, &param);
+        if (UCS_PTR_IS_PTR(sink)) sinks_.push_back({sink, std::move(buffer)});
+      }
+    }
+  }
   for (Op& op : ops)
     if (op.request != nullptr && !op.is_send) ucp_request_cancel(worker_, op.request);
 
@@ -669,12 +790,14 @@ Status UcxRank::abort(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
       ucp_request_free(op.request);
       op.request = nullptr;
       if (!op.is_send && s == UCS_ERR_CANCELED && !peer_failed_locked(op.transfer->peer)) {
-        // Swallow the message the peer may still send, so its send completes.
+        // Swallow the message the peer may still send, so its send completes (a pulled
+        // message's descriptor: its sender then waits for an acknowledgement that never comes,
+        // and gives up on its own, withdrawing the loan).
+        const size_t bytes = op.pulled ? sizeof(PullDescriptor) : op.transfer->bytes;
         ucp_request_param_t param{};
         param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
-        auto buffer = std::make_unique<char[]>(std::max<size_t>(op.transfer->bytes, 1));
-        void* sink = ucp_tag_recv_nbx(worker_, buffer.get(), op.transfer->bytes, op.transfer->tag,
-                                      kFullTagMask, &param);
+        auto buffer = std::make_unique<char[]>(std::max<size_t>(bytes, 1));
+        void* sink = ucp_tag_recv_nbx(worker_, buffer.get(), bytes, op.transfer->tag, kFullTagMask, &param);
         if (UCS_PTR_IS_PTR(sink)) sinks_.push_back({sink, std::move(buffer)});
       }
     }
@@ -704,7 +827,9 @@ Status UcxRank::abort(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
         pending = true;
         continue;
       }
-      abandoned |= ucp_request_check_status(op.request) == UCS_INPROGRESS;
+      const bool still_running = ucp_request_check_status(op.request) == UCS_INPROGRESS;
+      abandoned |= still_running;
+      if (still_running) op.lease = nullptr;  // it may still read the descriptor: never reuse the slot
       ucp_request_free(op.request);
       op.request = nullptr;
     }
@@ -716,6 +841,8 @@ Status UcxRank::abort(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
   if (abandoned)
     TUTEL_LOG(ERROR) << "UCX rank " << rank_
                      << ": a request of an aborted collective did not complete; abandoning it";
+  for (Op& op : ops)
+    if (op.lease != nullptr) leases_.release(op.lease);
   ops.clear();
   finish_closing_locked(Clock::now() + kCleanupBound);
   return error;

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "local_hub.hpp"
+#include "peer_memory.hpp"
 #include "tutel/comm/bootstrap.hpp"
 #include "tutel/comm/local_exchange.hpp"
 #include "tutel/core/status.hpp"
@@ -44,7 +45,15 @@ struct Transfer {
   uint64_t tag;
   void* buffer;
   size_t bytes;
+  // A message pulled from the sender's memory (peer_memory.hpp) is acknowledged with this tag:
+  // on a receive, the tag to send the acknowledgement with; on a send, the tag it arrives with.
+  // The communicator derives it from the message's tag with kAckBit set, so it is unique at
+  // the rank that receives it, like the message's own tag.
+  uint64_t ack_tag = 0;
 };
+
+// The top tag bit marks acknowledgements; group ids therefore stay below 2^19.
+inline constexpr uint64_t kAckBit = uint64_t{1} << 63;
 
 // A communicator's side of "I gave up on this group" messages: a standing receive for the
 // peers' notices, and where to send our own, so a failure reaches every rank of the group with
@@ -114,6 +123,8 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   // True when `peer` lives in this process and shares our LocalExchange: messages to it are
   // copied directly.
   bool is_local(int peer) const { return local_boxes_[static_cast<size_t>(peer)] != nullptr; }
+  // True when this rank copies `peer`'s large messages out of its memory (peer_memory.hpp).
+  bool pulls_from_peer(int peer) const { return pull_from_[static_cast<size_t>(peer)] != 0; }
   // Wakes this rank's threads that sleep in exchange(): an in-process peer completed one of
   // their messages. Takes our mutex; call it holding no other rank's.
   void wake_waiters();
@@ -135,6 +146,13 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
     const Transfer* transfer = nullptr;
     bool is_send = false;
     ucp_tag_recv_info_t info{};
+    // Pulled (peer memory): the send waits for the acknowledgement as well; the receive gets
+    // the descriptor first, then copies.
+    bool pulled = false;
+    void* ack_request = nullptr;        // a pulled send's acknowledgement receive
+    LeaseTable::Slot* lease = nullptr;  // a pulled send's loan
+    PullDescriptor descriptor;          // where a pulled receive's descriptor lands
+    char ack_sink = 0;
   };
 
   explicit UcxRank(const BootstrapOptions& options);
@@ -197,6 +215,21 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   char beacon_buffer_[kMaxBeaconBytes] = {};
   ucp_tag_recv_info_t beacon_info_{};
   std::vector<std::pair<void*, std::unique_ptr<char[]>>> beacon_sends_;
+  // Peer memory: who we pull from (same host, readable), who pulls from us (they told us at
+  // bootstrap), our probe word, and our loans.
+  std::vector<HostIdentity> hosts_;
+  std::vector<char> pull_from_, pulled_by_;
+  std::unique_ptr<uint64_t> probe_;
+  LeaseTable leases_;
+  bool pulls_from(int peer, size_t bytes) const { return bytes >= kPullMinBytes && pull_from_[static_cast<size_t>(peer)]; }
+  bool pulled_by(int peer, size_t bytes) const { return bytes >= kPullMinBytes && pulled_by_[static_cast<size_t>(peer)]; }
+  // Bootstrap: tells every same-host peer whether we can read its memory, learns the reverse.
+  Status agree_on_peer_memory(const BootstrapOptions& o);
+  // The methods below hold mu_. A pulled receive whose descriptor arrived: copy, acknowledge.
+  Status finish_pull_locked(Op& op);
+  void send_ack_locked(int peer, uint64_t ack_tag);
+  // Cancels a receive and waits (bounded) until UCX hands it back.
+  void cancel_and_free_locked(void* request);
   // In-process peers (LocalExchange): our mailbox, and each peer's (null: not in-process).
   std::shared_ptr<LocalExchange> local_exchange_;
   std::shared_ptr<Mailbox> mailbox_;

@@ -58,7 +58,7 @@ json DaemonImpl::peers_json() const {
     for (const comm::PeerStatus& p : ref.layer->group_peers())
       peers.push_back({{"rank", p.rank},
                        {"address", p.address},
-                       {"via", p.same_process ? "memory" : "ucx"},
+                       {"via", p.same_process ? "memory" : p.peer_memory ? "ucx+peer-memory" : "ucx"},
                        {"state", p.failed ? "down" : "up"},
                        {"bytes_sent", p.bytes_sent},
                        {"bytes_received", p.bytes_received},

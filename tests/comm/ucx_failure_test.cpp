@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <string>
 #include <thread>
@@ -145,25 +146,43 @@ TEST(UcxFailure, SilentPeerIsATimeoutNamingIt) {
 namespace tutel::comm {
 namespace {
 
-// peers(): each peer's address, the payload exchanged with it (exactly the all-to-all's chunks:
-// the bootstrap's barrier carries no payload), and, once it died, failed with the reason.
+// Whether this kernel lets a process read a sibling's memory (Yama ptrace_scope 0, or no Yama).
+bool ptrace_allowed() {
+  FILE* f = std::fopen("/proc/sys/kernel/yama/ptrace_scope", "r");
+  if (f == nullptr) return true;
+  int scope = 0;
+  const bool read = std::fscanf(f, "%d", &scope) == 1;
+  std::fclose(f);
+  return read && scope == 0;
+}
+
+// peers(): each peer's address, the payload exchanged with it (exactly the all-to-alls' chunks:
+// the bootstrap's barrier carries no payload), whether its large messages are pulled from its
+// memory, and, once it died, failed with the reason.
 TEST(UcxPeers, CountTrafficPerPeerAndReportTheDeadOne) {
   const uint16_t port = testing::free_port();
   constexpr int kSize = 3, kVictim = 2;
-  constexpr size_t kChunk = 4096;
+  constexpr size_t kChunk = 4096, kLargeChunk = 256 << 10;
   testing::ProcessGroup group(kSize, [&](int rank, const ChildChannel& channel) -> std::string {
     auto comm = ucx_bootstrap(loopback_options(port, rank, kSize, 1, kCollectiveTimeout));
     if (!comm.ok()) return "bootstrap: " + comm.status().to_string();
-    std::vector<uint8_t> send(kSize * kChunk, 7), recv(kSize * kChunk);
-    if (Status s = (*comm)->all_to_all(send.data(), recv.data(), kChunk, AllToAllAlgo::kLinear); !s.ok())
-      return "all_to_all: " + s.to_string();
+    // A small chunk goes through UCX; a large one is pulled from the peer's memory.
+    for (size_t chunk : {kChunk, kLargeChunk}) {
+      std::vector<uint8_t> send(kSize * chunk, 7), recv(kSize * chunk);
+      if (Status s = (*comm)->all_to_all(send.data(), recv.data(), chunk, AllToAllAlgo::kLinear); !s.ok())
+        return "all_to_all: " + s.to_string();
+      if (std::count(recv.begin(), recv.end(), 7) != static_cast<long>(recv.size())) return "wrong data received";
+    }
     std::string error;
     const std::vector<PeerStatus> peers = (*comm)->peers();
     if (peers.size() != kSize - 1) return "expected 2 peers";
     for (const PeerStatus& p : peers) {
       if (p.rank == rank || p.failed || !p.error.empty()) error += "peer " + std::to_string(p.rank) + " wrong; ";
       if (!contains(p.address, "127.0.0.1, pid ")) error += "address '" + p.address + "'; ";
-      if (p.bytes_sent != kChunk || p.bytes_received != kChunk)
+      if (p.same_process) error += "peer " + std::to_string(p.rank) + " claims to share the process; ";
+      if (ptrace_allowed() && !p.peer_memory)
+        error += "peer " + std::to_string(p.rank) + " (same host, ptrace allowed) is not read through peer memory; ";
+      if (p.bytes_sent != kChunk + kLargeChunk || p.bytes_received != kChunk + kLargeChunk)
         error += "peer " + std::to_string(p.rank) + ": sent " + std::to_string(p.bytes_sent) + ", received " +
                  std::to_string(p.bytes_received) + "; ";
     }

@@ -45,6 +45,10 @@ struct BootstrapOptions {
   // Ranks of this process bootstrapped with the same exchange copy their messages to each
   // other directly (local_exchange.hpp); null: every peer goes through the transport.
   std::shared_ptr<LocalExchange> local_exchange;
+  // Large messages to other processes of this host are copied by the receiver straight out of
+  // the sender's memory (process_vm_readv), where the OS allows it, instead of through the
+  // transport (comm/README.md). false: every message takes the transport.
+  bool peer_memory = true;
 };
 
 // OK when the options describe a valid rank of a valid group.

@@ -46,6 +46,9 @@ struct PeerStatus {
   bool failed = false;
   std::string error;  // why it is considered failed; "" while it answers
   bool same_process = false;  // exchanges by memcpy through a LocalExchange, not a transport
+  // Another process of this host whose large messages this rank copies straight out of its
+  // memory (process_vm_readv), the transport carrying only a descriptor and an acknowledgement.
+  bool peer_memory = false;
   // Payload of the collectives' messages to and from it: what this rank handed to the
   // transport and received, per peer (UCX); or what the collectives addressed to it (NCCL,
   // whose rings route through other ranks). Ranks of one UCX process that share a worker

@@ -1,0 +1,120 @@
+#include "peer_memory.hpp"
+
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+
+namespace tutel::comm::ucx {
+namespace {
+
+constexpr uint64_t kDescriptorMagic = 0x54555445'4C50554CULL;  // "TUTELPUL"
+
+}  // namespace
+
+HostIdentity this_process(const uint64_t* probe) {
+  HostIdentity id;
+  std::ifstream boot("/proc/sys/kernel/random/boot_id");
+  std::string text;
+  if (boot >> text) std::strncpy(id.boot_id, text.c_str(), sizeof id.boot_id - 1);
+  struct stat ns{};
+  if (::stat("/proc/self/ns/pid", &ns) == 0) id.pid_namespace = static_cast<uint64_t>(ns.st_ino);
+  id.pid = static_cast<uint32_t>(::getpid());
+  id.probe_address = reinterpret_cast<uint64_t>(probe);
+  id.probe_value = *probe;
+  return id;
+}
+
+bool same_host(const HostIdentity& a, const HostIdentity& b) {
+  return a.boot_id[0] != '\0' && a.pid_namespace != 0 &&
+         std::strncmp(a.boot_id, b.boot_id, sizeof a.boot_id) == 0 && a.pid_namespace == b.pid_namespace;
+}
+
+bool can_read(const HostIdentity& peer) {
+  uint64_t value = 0;
+  iovec local{&value, sizeof value};
+  iovec remote{reinterpret_cast<void*>(peer.probe_address), sizeof value};
+  const ssize_t n = ::process_vm_readv(static_cast<pid_t>(peer.pid), &local, 1, &remote, 1, 0);
+  return n == static_cast<ssize_t>(sizeof value) && value == peer.probe_value;
+}
+
+LeaseTable::Slot* LeaseTable::lend(const void* data, size_t bytes) {
+  Slot* slot;
+  if (!free_.empty()) {
+    slot = free_.back();
+    free_.pop_back();
+  } else {
+    slot = &slots_.emplace_back();
+  }
+  slot->busy = true;
+  const uint64_t value = next_value_++;
+  slot->descriptor = PullDescriptor{kDescriptorMagic, reinterpret_cast<uint64_t>(data), bytes,
+                                    reinterpret_cast<uint64_t>(&slot->lease), value};
+  slot->lease.store(value, std::memory_order_seq_cst);
+  return slot;
+}
+
+void LeaseTable::withdraw(Slot* slot) {
+  // seq_cst: the withdrawal is visible before the caller gets its buffer back.
+  slot->lease.store(0, std::memory_order_seq_cst);
+}
+
+void LeaseTable::release(Slot* slot) {
+  withdraw(slot);
+  slot->busy = false;
+  free_.push_back(slot);
+}
+
+Status pull(pid_t pid, const PullDescriptor& d, void* dst, size_t expected, const std::string& who) {
+  if (d.magic != kDescriptorMagic)
+    return Status::InvalidArgument(who + " sent a message that is not a pull descriptor: the ranks called the "
+                                         "collective with different sizes");
+  if (d.bytes != expected)
+    return Status::InvalidArgument(who + " offered " + std::to_string(d.bytes) + " bytes where " +
+                                   std::to_string(expected) +
+                                   " were expected: the ranks called the collective with different sizes");
+  uint64_t lease = 0;
+  iovec local[2] = {{dst, expected}, {&lease, sizeof lease}};
+  iovec remote[2] = {{reinterpret_cast<void*>(d.data), expected},
+                     {reinterpret_cast<void*>(d.lease), sizeof lease}};
+  size_t done = 0;
+  // process_vm_readv may stop short (it copies at most IOV_MAX pages' worth per call on some
+  // kernels); continue where it stopped. The lease word always comes last.
+  while (done < expected + sizeof lease) {
+    iovec l[2], r[2];
+    int count = 0;
+    if (done < expected) {
+      l[count] = {static_cast<char*>(dst) + done, expected - done};
+      r[count] = {reinterpret_cast<char*>(d.data) + done, expected - done};
+      ++count;
+      l[count] = local[1];
+      r[count] = remote[1];
+      ++count;
+    } else {
+      const size_t in_lease = done - expected;
+      l[0] = {reinterpret_cast<char*>(&lease) + in_lease, sizeof lease - in_lease};
+      r[0] = {reinterpret_cast<char*>(d.lease) + in_lease, sizeof lease - in_lease};
+      count = 1;
+    }
+    const ssize_t n = ::process_vm_readv(pid, l, static_cast<unsigned long>(count), r,
+                                         static_cast<unsigned long>(count), 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      const int err = errno;
+      if (err == ESRCH)
+        return Status::Unavailable(who + " failed: its process exited (process_vm_readv: no such process)");
+      return Status::Unavailable(who + ": cannot read the message from its memory (process_vm_readv: " +
+                                 std::strerror(err) + ")");
+    }
+    if (n == 0) return Status::Unavailable(who + ": process_vm_readv made no progress");
+    done += static_cast<size_t>(n);
+  }
+  if (lease != d.lease_value)
+    return Status::Unavailable(who + " withdrew the message before it was read (it gave up on the collective)");
+  return Status::OK();
+}
+
+}  // namespace tutel::comm::ucx

@@ -1,0 +1,91 @@
+// Peer memory: large messages between processes of one host, copied by the receiver straight
+// out of the sender's memory (process_vm_readv), with UCX carrying only a small descriptor one
+// way and an acknowledgement back.
+//
+// Why not UCX's own shared-memory transports: in UCX 1.13 they do not support peer-failure
+// handling (UCP_ERR_HANDLING_MODE_PEER), and without it a dead peer is a hang or undefined
+// behaviour (comm/README.md). Here the control messages keep going over UCX with peer-failure
+// handling, so a dead peer is still an error naming it; the copy itself is a system call whose
+// failure (ESRCH: the sender is gone) is an ordinary error.
+//
+// Safety when a collective is abandoned: the sender lends its buffer under a *lease*, a word in
+// its own memory that holds a fresh value while the buffer is lent and 0 once it is withdrawn.
+// The receiver reads the data and then the lease in one process_vm_readv (the kernel copies the
+// iovecs in order); a valid lease proves that the buffer was still lent when the data was read.
+// A sender that gives up withdraws its leases before it returns, so a late reader gets an error,
+// never the caller's reused buffer.
+//
+// Who may pull from whom is probed at bootstrap: same boot and pid namespace (so a pid names
+// the same process), and a test read of a word the peer published succeeds (ptrace permission).
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <string>
+#include <vector>
+
+#include "tutel/core/status.hpp"
+
+namespace tutel::comm::ucx {
+
+// Messages of at least this many bytes are pulled; smaller ones go through UCX (a descriptor
+// and an acknowledgement cost two control messages, more than copying a small message twice).
+inline constexpr size_t kPullMinBytes = size_t{32} << 10;
+
+// What identifies a process across the ranks of one host.
+struct HostIdentity {
+  char boot_id[40] = {};  // /proc/sys/kernel/random/boot_id
+  uint64_t pid_namespace = 0;
+  uint32_t pid = 0;
+  uint32_t unused = 0;
+  uint64_t probe_address = 0;  // a word the peers test-read
+  uint64_t probe_value = 0;
+};
+
+// This process (and `probe`, which must stay alive and unchanged while peers may read it).
+HostIdentity this_process(const uint64_t* probe);
+// Same boot and pid namespace: pids name the same processes. False when either is unknown.
+bool same_host(const HostIdentity& a, const HostIdentity& b);
+// True when this process can read `peer`'s memory (reads its probe word).
+bool can_read(const HostIdentity& peer);
+
+// Sent instead of the data.
+struct PullDescriptor {
+  uint64_t magic = 0;
+  uint64_t data = 0;  // the sender's buffer
+  uint64_t bytes = 0;
+  uint64_t lease = 0;        // address of the lease word in the sender
+  uint64_t lease_value = 0;  // what it holds while the buffer is lent
+};
+
+// The sender's leases and descriptors, in slots whose addresses never change (peers read them).
+// Not thread-safe: the owning rank's mutex guards it.
+class LeaseTable {
+ public:
+  struct Slot {
+    std::atomic<uint64_t> lease{0};
+    PullDescriptor descriptor;
+    bool busy = false;
+  };
+  // A slot lending `bytes` at `data`, its descriptor filled in.
+  Slot* lend(const void* data, size_t bytes);
+  // Withdraws the loan: a read from now on sees 0 and fails. The slot stays taken (a pending
+  // send may still read its descriptor).
+  static void withdraw(Slot* slot);
+  // Withdraws the loan and frees the slot: no request reads its descriptor any more.
+  void release(Slot* slot);
+
+ private:
+  std::deque<Slot> slots_;  // a deque never moves its elements
+  std::vector<Slot*> free_;
+  uint64_t next_value_ = 1;
+};
+
+// Copies the message `d` describes from process `pid` into `dst` (`expected` bytes), then
+// checks its lease. `who` names the sender in errors.
+Status pull(pid_t pid, const PullDescriptor& d, void* dst, size_t expected, const std::string& who);
+
+}  // namespace tutel::comm::ucx
