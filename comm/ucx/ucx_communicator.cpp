@@ -1,6 +1,6 @@
 // The UCX Communicator: every collective is one or two exchange steps over UcxRank.
 //
-// Tags: [group id: 20 bits][step sequence: 24 bits][sender's group rank: 20 bits]. A group id
+// Tags: [ack: 1 bit][group id: 19 bits][step sequence: 24 bits][sender's group rank: 20 bits]. A group id
 // is chosen by each receiver for itself (UcxRank::allocate_group_id) and published in the
 // split all-gather, so a sender tags a message with the *receiver's* id for the group: ids
 // are unique per receiver without any agreement, even when two threads split at once. Every
