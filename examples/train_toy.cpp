@@ -21,15 +21,7 @@
 // up to float summation order.
 //
 // Prints the held-out loss before and after training and exits 1 unless it fell below half.
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <signal.h>
-#include <sys/prctl.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
-#include <array>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
@@ -38,9 +30,9 @@
 #include <cstring>
 #include <random>
 #include <string>
-#include <utility>
 #include <vector>
 
+#include "toy_ranks.hpp"
 #include "tutel/client.h"
 
 namespace {
@@ -60,7 +52,9 @@ constexpr float kLr = 3e-3f;
 constexpr int kGroupTimeoutMs = 30000;
 
 // Who speaks in messages: "train_toy", or "train_toy rank R" in a forked rank.
+// How error messages name this process ("train_toy rank 2"); set once per process.
 std::string g_who = "train_toy";
+using toy::RankGroup;
 
 struct Options {
   std::vector<std::string> sockets;
@@ -151,221 +145,6 @@ Options parse_options(int argc, char** argv) {
     std::exit(2);
   }
   return o;
-}
-
-// ---- The ranks: launcher, links and the sum over ranks --------------------------------------
-
-// A file descriptor that closes itself.
-class Fd {
- public:
-  Fd() = default;
-  explicit Fd(int fd) : fd_(fd) {}
-  Fd(Fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  Fd& operator=(Fd&& other) noexcept {
-    if (this != &other) {
-      reset();
-      fd_ = std::exchange(other.fd_, -1);
-    }
-    return *this;
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  ~Fd() { reset(); }
-  int get() const { return fd_; }
-  void reset() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-
- private:
-  int fd_ = -1;
-};
-
-bool send_all(int fd, const void* data, size_t bytes) {
-  const char* p = static_cast<const char*>(data);
-  while (bytes > 0) {
-    const ssize_t n = ::send(fd, p, bytes, MSG_NOSIGNAL);  // a dead peer is an error, not SIGPIPE
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    p += n;
-    bytes -= size_t(n);
-  }
-  return true;
-}
-
-bool recv_all(int fd, void* data, size_t bytes) {
-  char* p = static_cast<char*>(data);
-  while (bytes > 0) {
-    const ssize_t n = ::recv(fd, p, bytes, 0);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;  // 0: the peer rank exited
-    p += n;
-    bytes -= size_t(n);
-  }
-  return true;
-}
-
-// The rank of this process and its links to the others. The dense parameters are replicated on
-// every rank, so their gradients (and the printed losses) are summed over the ranks: a star
-// through rank 0 over socketpairs the launcher made before forking. Rank 0 adds the
-// contributions in rank order 0..W-1 and sends that one sum back to every rank, so all replicas
-// receive bit-identical values and never drift apart.
-class RankGroup {
- public:
-  RankGroup() = default;  // a single process
-  // links[r] leads to rank r on rank 0; links[0] leads to rank 0 on the others.
-  RankGroup(int rank, int world, uint16_t port, std::vector<Fd> links)
-      : rank_(rank), world_(world), port_(port), links_(std::move(links)) {}
-
-  int rank() const { return rank_; }
-  int world() const { return world_; }
-  uint16_t coordinator_port() const { return port_; }
-
-  // Replaces v by its elementwise sum over the ranks; exits 1 when a peer rank is gone.
-  void sum(std::vector<double>& v) {
-    if (world_ == 1) return;
-    const size_t bytes = v.size() * sizeof(double);
-    bool ok = true;
-    if (rank_ == 0) {
-      std::vector<double> part(v.size());
-      for (int r = 1; r < world_ && ok; ++r) {
-        ok = recv_all(links_[r].get(), part.data(), bytes);
-        for (size_t i = 0; ok && i < v.size(); ++i) v[i] += part[i];
-      }
-      for (int r = 1; r < world_ && ok; ++r) ok = send_all(links_[r].get(), v.data(), bytes);
-    } else {
-      ok = send_all(links_[0].get(), v.data(), bytes) && recv_all(links_[0].get(), v.data(), bytes);
-    }
-    if (!ok) {
-      std::fprintf(stderr,
-                   "%s: the link to the other ranks broke (another rank failed; see its "
-                   "message)\n",
-                   g_who.c_str());
-      std::exit(1);
-    }
-  }
-
- private:
-  int rank_ = 0, world_ = 1;
-  uint16_t port_ = 0;
-  std::vector<Fd> links_;
-};
-
-// A loopback TCP port that was free a moment ago, for the group's coordinator; 0 if none.
-uint16_t free_loopback_port() {
-  Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof addr;
-  if (fd.get() < 0 || ::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-      ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0)
-    return 0;
-  return ntohs(addr.sin_port);
-}
-
-// pairs[r] (r >= 1) joins rank 0 (end 0) and rank r (end 1).
-std::vector<std::array<Fd, 2>> make_links(int world) {
-  std::vector<std::array<Fd, 2>> pairs(static_cast<size_t>(world));
-  for (int r = 1; r < world; ++r) {
-    int fds[2];
-    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
-      std::fprintf(stderr, "train_toy: socketpair for rank %d failed: %s\n", r,
-                   std::strerror(errno));
-      std::exit(1);
-    }
-    pairs[size_t(r)][0] = Fd(fds[0]);
-    pairs[size_t(r)][1] = Fd(fds[1]);
-  }
-  return pairs;
-}
-
-// The links of rank r; the caller then closes every other end, so that a rank that dies shows
-// up as end-of-file to its peer instead of a hang.
-std::vector<Fd> take_links(std::vector<std::array<Fd, 2>>& pairs, int rank) {
-  std::vector<Fd> links(pairs.size());
-  if (rank == 0) {
-    for (size_t r = 1; r < pairs.size(); ++r) links[r] = std::move(pairs[r][0]);
-  } else {
-    links[0] = std::move(pairs[size_t(rank)][1]);
-  }
-  return links;
-}
-
-std::string describe_exit(int status) {
-  if (WIFEXITED(status)) return "exited with " + std::to_string(WEXITSTATUS(status));
-  if (WIFSIGNALED(status)) return std::string("was killed by ") + strsignal(WTERMSIG(status));
-  return "stopped";
-}
-
-// Waits for every rank; at the first failure it stops the others (by PID), since a group layer
-// cannot go on without all its ranks. 0 only if every rank succeeded.
-int wait_for_ranks(std::vector<pid_t> children) {
-  size_t running = children.size();
-  bool failed = false;
-  while (running > 0) {
-    int status = 0;
-    const pid_t pid = ::waitpid(-1, &status, 0);
-    if (pid < 0 && errno == EINTR) continue;
-    if (pid < 0) {
-      std::fprintf(stderr, "train_toy: waitpid: %s\n", std::strerror(errno));
-      return 1;
-    }
-    size_t rank = 0;
-    while (rank < children.size() && children[rank] != pid) ++rank;
-    if (rank == children.size()) continue;  // not one of the ranks
-    children[rank] = -1;
-    --running;
-    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) continue;
-    if (!failed) {
-      std::fprintf(stderr, "train_toy: rank %zu %s; stopping the other ranks\n", rank,
-                   describe_exit(status).c_str());
-      for (pid_t other : children)
-        if (other > 0) ::kill(other, SIGTERM);
-    }
-    failed = true;
-  }
-  return failed ? 1 : 0;
-}
-
-int train(const Options& o, RankGroup& group);
-
-// Forks the W ranks and waits for them.
-int launch_ranks(const Options& o) {
-  const uint16_t port = free_loopback_port();
-  if (port == 0) {
-    std::fprintf(stderr,
-                 "train_toy: found no free loopback TCP port for the group's coordinator (%s); "
-                 "check that 127.0.0.1 is up\n",
-                 std::strerror(errno));
-    return 1;
-  }
-  auto pairs = make_links(o.world);
-  std::fflush(nullptr);  // or every rank would print the launcher's buffered output again
-  std::vector<pid_t> children;
-  const pid_t launcher = ::getpid();
-  for (int r = 0; r < o.world; ++r) {
-    const pid_t pid = ::fork();
-    if (pid < 0) {
-      std::fprintf(stderr, "train_toy: fork of rank %d failed: %s\n", r, std::strerror(errno));
-      for (pid_t child : children) ::kill(child, SIGTERM);
-      for (pid_t child : children) ::waitpid(child, nullptr, 0);
-      return 1;
-    }
-    if (pid == 0) {
-      // A rank outliving a killed launcher would hold its group layer until the daemon's
-      // collective timeout; let it die with the launcher instead.
-      ::prctl(PR_SET_PDEATHSIG, SIGTERM);
-      if (::getppid() != launcher) std::exit(1);
-      g_who = "train_toy rank " + std::to_string(r);
-      RankGroup group(r, o.world, port, take_links(pairs, r));
-      pairs.clear();
-      std::exit(train(o, group));
-    }
-    children.push_back(pid);
-  }
-  pairs.clear();  // only the ranks hold the links now
-  return wait_for_ranks(std::move(children));
 }
 
 // ---- The synthetic task ----------------------------------------------------------------------
@@ -654,6 +433,7 @@ StepStats train_step(const Options& o, Model& model, Adam& adam, RankGroup& grou
 
 // Trains as rank group.rank() of group.world(); returns the exit code.
 int train(const Options& o, RankGroup& group) {
+  g_who = group.who();
   // Every rank draws the same task, weights and batches from the seed, and takes its share.
   std::mt19937_64 rng(o.seed);
   const Task task(rng);
@@ -714,5 +494,5 @@ int main(int argc, char** argv) {
     RankGroup single;
     return train(o, single);
   }
-  return launch_ranks(o);
+  return toy::launch_ranks(o.world, [&o](toy::RankGroup& group) { return train(o, group); });
 }
