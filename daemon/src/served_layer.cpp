@@ -197,6 +197,17 @@ RoutingStats ServedLayer::last_stats() const {
   return last_stats_;
 }
 
+std::unique_ptr<ServedLayer::Pending> ServedLayer::take_pending() {
+  if (recycled_.empty()) return std::make_unique<Pending>();
+  std::unique_ptr<Pending> p = std::move(recycled_.back());
+  recycled_.pop_back();
+  return p;
+}
+
+void ServedLayer::recycle(std::unique_ptr<Pending> pending) {
+  if (recycled_.size() < kMaxRecycled) recycled_.push_back(std::move(pending));
+}
+
 Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float* y, bool training,
                                            uint64_t owner, uint64_t sequence) {
   const LayerSpec& s = def_.spec;
@@ -210,42 +221,41 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
   const Device d = b.device();
   auto device_lock = lock_device();
   RoutingStats stats;
+  // Pending entries (saved state, workspace and input) are recycled: no allocation per request
+  // once the layer has seen its largest batch.
+  std::unique_ptr<Pending> pending = training ? take_pending() : nullptr;
+  Status st;
   if (group_) {
-    // The expert-parallel step keeps one forward's state; its peers run the same sequence.
-    if (training && group_->pending)
-      return Status::ResourceExhausted("layer '" + def_.name + "' is expert-parallel and keeps one training forward "
-                                       "at a time; run the backward of sequence " +
-                                       std::to_string(group_->pending->second) + " first");
-    TUTEL_RETURN_IF_ERROR(note_group_status(group_->layer->forward(
-        weights_of(0), TensorView(const_cast<float*>(x), DType::kF32, {tokens, M}, d), training,
-        TensorView(y, DType::kF32, {tokens, O}, d), &stats)));
-    if (training) group_->pending = key;
+    // Its peers run the same forwards in the same order (the clients' contract), so every rank
+    // keeps the same micro-batches under the same sequences.
+    st = note_group_status(group_->layer->forward(
+        weights_of(0), TensorView(const_cast<float*>(x), DType::kF32, {tokens, M}, d),
+        TensorView(y, DType::kF32, {tokens, O}, d), &stats, pending ? &pending->saved : nullptr));
   } else if (!training) {
-    TUTEL_RETURN_IF_ERROR(layer_forward(b, s, weights_of(0), TensorView(const_cast<float*>(x), DType::kF32, {tokens, M}, d),
-                                        0, false, inference_workspace_, TensorView(y, DType::kF32, {tokens, O}, d), &stats));
+    st = layer_forward(b, s, weights_of(0), TensorView(const_cast<float*>(x), DType::kF32, {tokens, M}, d), 0,
+                       false, inference_workspace_, TensorView(y, DType::kF32, {tokens, O}, d), &stats);
   } else {
-    // Pending entries (workspace and saved input) are recycled: no allocation per request
-    // once the layer has seen its largest batch.
-    std::unique_ptr<Pending> pending;
-    if (!recycled_.empty()) {
-      pending = std::move(recycled_.back());
-      recycled_.pop_back();
-    } else {
-      pending = std::make_unique<Pending>();
-    }
     const size_t x_bytes = static_cast<size_t>(tokens * M) * 4;
     if (pending->x.bytes() < x_bytes) {
       pending->x.reset();
-      TUTEL_ASSIGN_OR_RETURN(pending->x, b.allocate(x_bytes));
+      auto buf = b.allocate(x_bytes);
+      if (buf.ok()) pending->x = std::move(*buf);
+      else st = buf.status();
     }
-    TUTEL_RETURN_IF_ERROR(b.copy(pending->x.data(), x, tokens * M * 4, CopyKind::kHostToDevice));
-    const TensorView xv(pending->x.data(), DType::kF32, {tokens, M}, d);
-    // The noise draw is keyed by the step and the sequence, so a replayed step draws the same noise.
-    const uint64_t noise_counter = (static_cast<uint64_t>(step_) << 32) ^ sequence;
-    TUTEL_RETURN_IF_ERROR(layer_forward(b, s, weights_of(0), xv, noise_counter, true, pending->workspace,
-                                        TensorView(y, DType::kF32, {tokens, O}, d), &stats));
-    pending_.emplace(key, std::move(pending));
+    if (st.ok()) st = b.copy(pending->x.data(), x, tokens * M * 4, CopyKind::kHostToDevice);
+    if (st.ok()) {
+      const TensorView xv(pending->x.data(), DType::kF32, {tokens, M}, d);
+      // The noise draw is keyed by the step and the sequence, so a replayed step draws the same noise.
+      const uint64_t noise_counter = (static_cast<uint64_t>(step_) << 32) ^ sequence;
+      st = layer_forward(b, s, weights_of(0), xv, noise_counter, true, pending->workspace,
+                         TensorView(y, DType::kF32, {tokens, O}, d), &stats);
+    }
   }
+  if (!st.ok()) {
+    if (pending) recycle(std::move(pending));
+    return st;
+  }
+  if (pending) pending_.emplace(key, std::move(pending));
   publish_pending();
   {
     std::lock_guard stats_lock(stats_mutex_);
@@ -259,34 +269,28 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
   const LayerSpec& s = def_.spec;
   const int64_t M = s.model_dim, O = s.out_dim();
   std::lock_guard lock(mutex_);
-  if (group_) {
-    if (group_->pending != std::make_pair(owner, sequence))
-      return Status::NotFound("layer '" + def_.name + "': no training forward with sequence " +
-                              std::to_string(sequence) + " is waiting for a backward");
-    group_->pending.reset();
-    publish_pending();
-    const Device d = group_->backend->device();
-    return note_group_status(group_->layer->backward(weights_of(0),
-                                                     TensorView(const_cast<float*>(dy), DType::kF32, {tokens, O}, d),
-                                                     dl_aux, TensorView(dx, DType::kF32, {tokens, M}, d), weights_of(1)));
-  }
   auto it = pending_.find({owner, sequence});
   if (it == pending_.end())
     return Status::NotFound("layer '" + def_.name + "': no training forward with sequence " +
                             std::to_string(sequence) + " is waiting for a backward");
   Pending& p = *it->second;
-  if (p.workspace.tokens() != tokens)
+  const int64_t forward_tokens = group_ ? p.saved.tokens() : p.workspace.tokens();
+  if (forward_tokens != tokens)
     return Status::InvalidArgument("layer '" + def_.name + "': backward of sequence " + std::to_string(sequence) +
                                    " has " + std::to_string(tokens) + " tokens, its forward had " +
-                                   std::to_string(p.workspace.tokens()));
+                                   std::to_string(forward_tokens));
   Backend& b = backend();
   const Device d = b.device();
   auto device_lock = lock_device();
-  const TensorView xv(p.x.data(), DType::kF32, {tokens, M}, d);
-  const Status st = layer_backward(b, s, weights_of(0), xv, p.workspace,
-                                   TensorView(const_cast<float*>(dy), DType::kF32, {tokens, O}, d), dl_aux,
-                                   TensorView(dx, DType::kF32, {tokens, M}, d), weights_of(1));
-  if (recycled_.size() < kMaxRecycled) recycled_.push_back(std::move(it->second));
+  const TensorView dyv(const_cast<float*>(dy), DType::kF32, {tokens, O}, d), dxv(dx, DType::kF32, {tokens, M}, d);
+  Status st;
+  if (group_) {
+    st = note_group_status(group_->layer->backward(weights_of(0), dyv, dl_aux, dxv, weights_of(1), p.saved));
+  } else {
+    const TensorView xv(p.x.data(), DType::kF32, {tokens, M}, d);
+    st = layer_backward(b, s, weights_of(0), xv, p.workspace, dyv, dl_aux, dxv, weights_of(1));
+  }
+  recycle(std::move(it->second));
   pending_.erase(it);
   publish_pending();
   return st;
@@ -294,7 +298,6 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
 
 void ServedLayer::drop_pending(uint64_t owner) {
   std::lock_guard lock(mutex_);
-  if (group_ && group_->pending && group_->pending->first == owner) group_->pending.reset();
   for (auto it = pending_.begin(); it != pending_.end();)
     it = it->first.first == owner ? pending_.erase(it) : std::next(it);
   publish_pending();

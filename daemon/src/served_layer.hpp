@@ -61,7 +61,10 @@ class ServedLayer {
   std::vector<comm::PeerStatus> group_peers() const;
 
   // x [S, M] → y [S, O] (host pointers). With `training`, keeps what backward needs under
-  // (`owner`, `sequence`); a sequence already pending is an error.
+  // (`owner`, `sequence`); a sequence already pending is an error. Many training forwards may
+  // wait for their backwards, which may come in any order, on a group layer too. A group
+  // layer's forwards and backwards are collectives: every rank's client must issue them in the
+  // same order (as pipelined micro-batches do), each backward at the same place on every rank.
   Result<ForwardResult> forward(const float* x, int64_t tokens, float* y, bool training,
                                 uint64_t owner, uint64_t sequence);
   // dy [S, O] → dx [S, M] for the training forward (`owner`, `sequence`), accumulating the
@@ -90,9 +93,14 @@ class ServedLayer {
     DeviceBuffer value, grad, state0, state1;  // state: momentum, or exp_avg / exp_avg_sq
     TensorView view(const DeviceBuffer& b, Device d) const { return TensorView(b.data(), DType::kF32, shape, d); }
   };
+  // One training forward waiting for its backward; recycled, so its buffers only grow.
   struct Pending {
+    // A layer without [group]: the layer's workspace, and the forward's input (the client may
+    // reuse its buffer).
     LayerWorkspace workspace;
-    DeviceBuffer x;  // the forward's input, kept for backward (the client may reuse its buffer)
+    DeviceBuffer x;
+    // A [group] layer: everything the expert-parallel backward needs, the input included.
+    graphs::ExpertParallelLayer::Saved saved;
   };
 
   // A [group] layer: its own backend (collectives block, so it must not hold the rank's), its
@@ -101,7 +109,6 @@ class ServedLayer {
     std::unique_ptr<Backend> backend;
     std::unique_ptr<comm::Communicator> comm;
     std::optional<graphs::ExpertParallelLayer> layer;
-    std::optional<std::pair<uint64_t, uint64_t>> pending;  // (owner, sequence) of its forward
   };
 
   Backend& backend() { return group_ ? *group_->backend : *rank_.backend; }
@@ -111,8 +118,10 @@ class ServedLayer {
   }
   Status join_group();
   void publish_pending() {  // under mutex_
-    pending_count_ = static_cast<int64_t>(pending_.size()) + (group_ && group_->pending ? 1 : 0);
+    pending_count_ = static_cast<int64_t>(pending_.size());
   }
+  std::unique_ptr<Pending> take_pending();         // a recycled entry, or a new one; under mutex_
+  void recycle(std::unique_ptr<Pending> pending);  // under mutex_
   Shape shape_of(const std::string& name) const;  // this rank's shape of a parameter
   Status allocate();
   Status initialise(uint64_t seed);
@@ -138,6 +147,7 @@ class ServedLayer {
   std::string group_error_;  // guarded by stats_mutex_
   // Records a failed collective of a group layer (peer gone, timeout) for tutelctl peers.
   Status note_group_status(Status st);
+  // After group_: a group layer's entries hold buffers of its backend.
   std::map<std::pair<uint64_t, uint64_t>, std::unique_ptr<Pending>> pending_;
   std::vector<std::unique_ptr<Pending>> recycled_;
   LayerWorkspace inference_workspace_;

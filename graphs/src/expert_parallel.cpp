@@ -169,8 +169,16 @@ Status check_local(const LayerWeights& w, const LayerSpec& spec, const ExpertSha
 
 }  // namespace
 
-Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, bool training,
-                                    TensorView y, RoutingStats* stats) {
+size_t ExpertParallelLayer::Saved::bytes() const {
+  size_t n = 0;
+  for (const DeviceBuffer* b : {&x_, &scores_, &expert_index_, &gates_, &location_, &slots_,
+                                &expert_in_, &pre_, &hidden_, &combined_})
+    n += b->bytes();
+  return n;
+}
+
+Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, TensorView y,
+                                    RoutingStats* stats, Saved* saved) {
   TUTEL_RETURN_IF_ERROR(check_local(local, spec_, shard_, "weights"));
   const int64_t S = x.rank() == 2 ? x.dim(0) : 0, E = spec_.experts, k = spec_.k,
                 M = spec_.model_dim, O = spec_.out_dim(), W = shard_.world,
@@ -181,19 +189,26 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, boo
   TUTEL_RETURN_IF_ERROR(x.expect("x", DType::kF32, {S, M}));
   TUTEL_RETURN_IF_ERROR(y.expect("y", DType::kF32, {S, O}));
   Backend& b = *backend_;
-  trained_ = false;
+  const bool training = saved != nullptr;
+  Saved& st = training ? *saved : inference_;
+  st.holds_forward_ = false;
 
-  TUTEL_RETURN_IF_ERROR(grow(x_, S * M * 4));
-  TUTEL_RETURN_IF_ERROR(grow(scores_, S * E * 4));
-  TUTEL_RETURN_IF_ERROR(grow(expert_index_, S * k * 4));
-  TUTEL_RETURN_IF_ERROR(grow(gates_, S * k * 4));
-  TUTEL_RETURN_IF_ERROR(grow(location_, S * k * 4));
+  TUTEL_RETURN_IF_ERROR(grow(st.scores_, S * E * 4));
+  TUTEL_RETURN_IF_ERROR(grow(st.expert_index_, S * k * 4));
+  TUTEL_RETURN_IF_ERROR(grow(st.gates_, S * k * 4));
+  TUTEL_RETURN_IF_ERROR(grow(st.location_, S * k * 4));
   TUTEL_RETURN_IF_ERROR(grow(l_aux_, 4));
   TUTEL_RETURN_IF_ERROR(grow(expert_count_, E * 4));
-  std::memcpy(x_.data(), x.data(), S * M * 4);
-  const TensorView xv = f32(x_, {S, M}), scores = f32(scores_, {S, E}),
-                   idx = i32(expert_index_, {S, k}), gates = f32(gates_, {S, k}),
-                   loc = i32(location_, {S, k}), counts = i32(expert_count_, {E});
+  TensorView xv = x;
+  if (training) {
+    // Backward reads x again, after the caller has moved on to other micro-batches.
+    TUTEL_RETURN_IF_ERROR(grow(st.x_, S * M * 4));
+    std::memcpy(st.x_.data(), x.data(), S * M * 4);
+    xv = f32(st.x_, {S, M});
+  }
+  const TensorView scores = f32(st.scores_, {S, E}), idx = i32(st.expert_index_, {S, k}),
+                   gates = f32(st.gates_, {S, k}), loc = i32(st.location_, {S, k}),
+                   counts = i32(expert_count_, {E});
   TUTEL_RETURN_IF_ERROR(b.gate_forward({xv,
                                         local.gate_weight,
                                         {},
@@ -214,25 +229,26 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, boo
   for (int64_t e = 0; e < E; ++e) dropped += std::max<int64_t>(0, count[e] - C);
 
   const int64_t widest = std::max(M, O);
-  TUTEL_RETURN_IF_ERROR(grow(slots_, E * C * 4));
+  const bool keep_pre = training && spec_.activation != Activation::kRelu;
+  TUTEL_RETURN_IF_ERROR(grow(st.slots_, E * C * 4));
   TUTEL_RETURN_IF_ERROR(grow(dispatched_, E * C * M * 4));
   TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
   TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
-  TUTEL_RETURN_IF_ERROR(grow(expert_in_, El * R * M * 4));
-  TUTEL_RETURN_IF_ERROR(grow(pre_, El * R * Hs * 4));
-  TUTEL_RETURN_IF_ERROR(grow(hidden_, El * R * Hs * 4));
+  TUTEL_RETURN_IF_ERROR(grow(st.expert_in_, El * R * M * 4));
+  if (keep_pre) TUTEL_RETURN_IF_ERROR(grow(st.pre_, El * R * Hs * 4));
+  TUTEL_RETURN_IF_ERROR(grow(st.hidden_, El * R * Hs * 4));
   TUTEL_RETURN_IF_ERROR(grow(expert_out_, El * R * O * 4));
-  TUTEL_RETURN_IF_ERROR(grow(combined_, E * C * O * 4));
+  TUTEL_RETURN_IF_ERROR(grow(st.combined_, E * C * O * 4));
   const ExpertShape shape{El, R, M, Hs, O};
   TUTEL_RETURN_IF_ERROR(grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype)));
 
-  TUTEL_RETURN_IF_ERROR(b.slot_map({idx, loc, C, i32(slots_, {E, C})}));
-  TUTEL_RETURN_IF_ERROR(
-      b.encode({xv, gates, i32(slots_, {E, C}), spec_.is_postscore, f32(dispatched_, {E, C, M})}));
+  TUTEL_RETURN_IF_ERROR(b.slot_map({idx, loc, C, i32(st.slots_, {E, C})}));
+  TUTEL_RETURN_IF_ERROR(b.encode(
+      {xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore, f32(dispatched_, {E, C, M})}));
 
   // Dispatch: expert e's slots go to the rank(s) that hold it.
   float* disp = fp(dispatched_);
-  float* in = fp(expert_in_);
+  float* in = fp(st.expert_in_);
   if (s == 1) {
     // disp [E, C, M] is already [W][E_l][C][M]; the exchange gives [W][E_l][C][M] from every
     // rank, and the experts want [E_l][W·C][M].
@@ -246,18 +262,17 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, boo
     TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, in, C * M * 4, algo_));
   }
 
-  const bool keep_pre = training && spec_.activation != Activation::kRelu;
-  TUTEL_RETURN_IF_ERROR(
-      b.expert_forward({f32(expert_in_, {El, R, M}), local_experts(local.experts), spec_.activation,
-                        spec_.matmul_dtype, keep_pre ? f32(pre_, {El, R, Hs}) : TensorView(),
-                        f32(hidden_, {El, R, Hs}), f32(expert_out_, {El, R, O}),
-                        TensorView(workspace_.data(), DType::kU8, {int64_t(workspace_.bytes())})}));
+  TUTEL_RETURN_IF_ERROR(b.expert_forward(
+      {f32(st.expert_in_, {El, R, M}), local_experts(local.experts), spec_.activation,
+       spec_.matmul_dtype, keep_pre ? f32(st.pre_, {El, R, Hs}) : TensorView(),
+       f32(st.hidden_, {El, R, Hs}), f32(expert_out_, {El, R, O}),
+       TensorView(workspace_.data(), DType::kU8, {int64_t(workspace_.bytes())})}));
   float* out = fp(expert_out_);
   if (s > 1 && spec_.has_fc2_bias)
     add_fc2_bias_slice(out, R, local.experts.fc2_bias.data_as<float>());
 
   // Combine: the results travel back to the tokens' ranks.
-  float* combined = fp(combined_);
+  float* combined = fp(st.combined_);
   if (s == 1) {
     swap_outer(out, fp(send_), El, W, C * O);
     TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send_.data(), combined, El * C * O * 4, algo_));
@@ -275,29 +290,34 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, boo
     }
   }
   TUTEL_RETURN_IF_ERROR(
-      b.decode({f32(combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y}));
+      b.decode({f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y}));
 
   float l_aux = 0.f;
   TUTEL_RETURN_IF_ERROR(b.copy(&l_aux, l_aux_.data(), 4, CopyKind::kDeviceToHost));
   if (stats) *stats = RoutingStats{C, dropped, l_aux};
-  tokens_ = S;
-  capacity_ = C;
-  trained_ = training;
+  st.tokens_ = S;
+  st.capacity_ = C;
+  st.holds_forward_ = training;
   return Status::OK();
 }
 
 Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, float dl_aux,
-                                     TensorView dx, const LayerWeights& local_grads) {
-  if (!trained_) return Status::InvalidArgument("backward needs a training forward first");
+                                     TensorView dx, const LayerWeights& local_grads, Saved& saved) {
+  if (!saved.holds_forward_)
+    return Status::InvalidArgument(
+        "backward needs a training forward first: this saved state holds none (never filled, "
+        "already consumed, or its forward failed)");
   TUTEL_RETURN_IF_ERROR(check_local(local, spec_, shard_, "weights"));
   TUTEL_RETURN_IF_ERROR(check_local(local_grads, spec_, shard_, "gradients"));
-  const int64_t S = tokens_, C = capacity_, E = spec_.experts, k = spec_.k, M = spec_.model_dim,
-                O = spec_.out_dim(), W = shard_.world, El = shard_.local_experts, s = shard_.shards,
-                Hs = shard_.hidden_shard, R = W * C;
+  const int64_t S = saved.tokens_, C = saved.capacity_, E = spec_.experts, k = spec_.k,
+                M = spec_.model_dim, O = spec_.out_dim(), W = shard_.world,
+                El = shard_.local_experts, s = shard_.shards, Hs = shard_.hidden_shard, R = W * C;
   TUTEL_RETURN_IF_ERROR(dy.expect("dy", DType::kF32, {S, O}));
   TUTEL_RETURN_IF_ERROR(dx.expect("dx", DType::kF32, {S, M}));
   Backend& b = *backend_;
-  trained_ = false;
+  // From here the group runs this backward's collectives: a failure leaves the forward's state
+  // half-used, so it is consumed either way.
+  saved.holds_forward_ = false;
 
   TUTEL_RETURN_IF_ERROR(grow(d_gates_, S * k * 4));
   TUTEL_RETURN_IF_ERROR(grow(d_logits_, S * E * 4));
@@ -306,13 +326,21 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
   TUTEL_RETURN_IF_ERROR(grow(d_hidden_, El * R * Hs * 4));
   TUTEL_RETURN_IF_ERROR(grow(d_expert_in_, El * R * M * 4));
   TUTEL_RETURN_IF_ERROR(grow(d_dispatched_, E * C * M * 4));
-  const TensorView xv = f32(x_, {S, M}), scores = f32(scores_, {S, E}),
-                   idx = i32(expert_index_, {S, k}), gates = f32(gates_, {S, k}),
-                   loc = i32(location_, {S, k}), d_gates = f32(d_gates_, {S, k});
-
+  // Other forwards have run since this one sized the staging and the workspace; as scratch
+  // only grows they still fit this C, and checking here costs nothing and keeps backward
+  // correct without relying on that.
+  const int64_t widest = std::max(M, O);
+  TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
+  TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
   TUTEL_RETURN_IF_ERROR(
-      b.decode_backward({dy, f32(combined_, {E, C, O}), gates, idx, loc, i32(slots_, {E, C}),
-                         spec_.is_postscore, f32(d_combined_, {E, C, O}), d_gates}));
+      grow(workspace_, b.expert_workspace_bytes({El, R, M, Hs, O}, spec_.matmul_dtype)));
+  const TensorView xv = f32(saved.x_, {S, M}), scores = f32(saved.scores_, {S, E}),
+                   idx = i32(saved.expert_index_, {S, k}), gates = f32(saved.gates_, {S, k}),
+                   loc = i32(saved.location_, {S, k}), d_gates = f32(d_gates_, {S, k});
+
+  TUTEL_RETURN_IF_ERROR(b.decode_backward({dy, f32(saved.combined_, {E, C, O}), gates, idx, loc,
+                                           i32(saved.slots_, {E, C}), spec_.is_postscore,
+                                           f32(d_combined_, {E, C, O}), d_gates}));
   float* d_comb = fp(d_combined_);
   float* d_out = fp(d_expert_out_);
   if (s == 1) {
@@ -328,8 +356,8 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
   ExpertWeights grads = local_experts(local_grads.experts);
   const bool keep_pre = spec_.activation != Activation::kRelu;
   TUTEL_RETURN_IF_ERROR(b.expert_backward(
-      {f32(expert_in_, {El, R, M}), keep_pre ? f32(pre_, {El, R, Hs}) : TensorView(),
-       f32(hidden_, {El, R, Hs}), local_experts(local.experts), spec_.activation,
+      {f32(saved.expert_in_, {El, R, M}), keep_pre ? f32(saved.pre_, {El, R, Hs}) : TensorView(),
+       f32(saved.hidden_, {El, R, Hs}), local_experts(local.experts), spec_.activation,
        spec_.matmul_dtype, f32(d_expert_out_, {El, R, O}), f32(d_hidden_, {El, R, Hs}),
        f32(d_expert_in_, {El, R, M}), grads,
        TensorView(workspace_.data(), DType::kU8, {int64_t(workspace_.bytes())})}));

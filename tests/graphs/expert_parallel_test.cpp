@@ -8,7 +8,8 @@
 // test: forward rtol 1e-4 / atol 1e-5, gradients rtol 1e-3 / atol 1e-4 (of max|ref|).
 //
 // The same checks hold with the 2DH all-to-all (ranks laid out node by node, local_size per
-// node): the layer's result does not depend on the algorithm.
+// node): the layer's result does not depend on the algorithm. And with several training
+// forwards in flight, their backwards run in reverse order (ExpertParallelInFlight).
 #include "tutel/graphs/expert_parallel.hpp"
 
 #include <gtest/gtest.h>
@@ -117,7 +118,7 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
   spec.activation = c.activation;
   spec.batch_prioritized = c.batch_prioritized;
   const int W = c.world;
-  const int64_t M = spec.model_dim, O = spec.out_dim(), E = spec.experts, H = spec.hidden;
+  const int64_t M = spec.model_dim, O = spec.out_dim(), E = spec.experts;
   auto shard0 = graphs::expert_shard(spec, W, 0);
   ASSERT_TRUE(shard0.ok()) << shard0.status();
 
@@ -214,11 +215,13 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
       std::vector<float> x = to_f32(xs[r]), dy = to_f32(dys[r]);
       out.y.resize(S * O);
       out.dx.resize(S * M);
-      Status st = layer->forward(weights_of(local), TensorView(x.data(), DType::kF32, {S, M}), true,
-                                 TensorView(out.y.data(), DType::kF32, {S, O}), &out.stats);
+      ExpertParallelLayer::Saved saved;
+      Status st = layer->forward(weights_of(local), TensorView(x.data(), DType::kF32, {S, M}),
+                                 TensorView(out.y.data(), DType::kF32, {S, O}), &out.stats, &saved);
       if (st.ok())
         st = layer->backward(weights_of(local), TensorView(dy.data(), DType::kF32, {S, O}), dl_aux,
-                             TensorView(out.dx.data(), DType::kF32, {S, M}), weights_of(grads));
+                             TensorView(out.dx.data(), DType::kF32, {S, M}), weights_of(grads),
+                             saved);
       if (st.ok())
         st = layer->all_reduce_gate_grad(TensorView(grads.gate.data(), DType::kF32, {E, M}));
       if (!st.ok()) return fail(st);
@@ -265,6 +268,294 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
 
 INSTANTIATE_TEST_SUITE_P(Groups, ExpertParallel, ::testing::ValuesIn(cases()),
                          [](const ::testing::TestParamInfo<EpCase>& info) {
+                           return info.param.name;
+                         });
+
+// Pipelined micro-batches: every rank runs three training forwards (different inputs; token
+// counts unequal across ranks and across micro-batches, so each forward agrees on its own
+// capacity), then an inference forward (which must not disturb what the training forwards
+// saved), then the three backwards in reverse order. Each micro-batch's y, l_aux, capacity,
+// dropped count and dx match the reference run with that micro-batch's capacity; the gradients
+// accumulated over the micro-batches match the reference's summed over ranks and micro-batches.
+// The round runs three times on the same Saved objects: round 0 gives micro-batch m saved[m],
+// rounds 1 and 2 saved[(m + 1) % 3] (a Saved that held a larger batch now holds a smaller one,
+// and the reverse); round 2 allocates nothing (every Saved's bytes() as after round 1), and the
+// gradients add up to three times the sum. Tolerances as above.
+struct InFlightCase {
+  std::string name;
+  int world;
+  int64_t experts, hidden;
+  int k;
+  double f;
+  std::vector<std::vector<int64_t>> tokens;  // [micro-batch][rank]
+  Activation activation = Activation::kRelu;
+  comm::AllToAllAlgo algo = comm::AllToAllAlgo::kLinear;
+  int local_size = 1;
+};
+void PrintTo(const InFlightCase& c, std::ostream* os) { *os << c.name; }
+
+std::vector<InFlightCase> in_flight_cases() {
+  return {
+      {"TwoRanksTwoExpertsEach", 2, 4, 32, 2, 1.0, {{40, 31}, {17, 52}, {29, 23}}},
+      {"TwoRanksDroplessGelu", 2, 4, 32, 1, 0.0, {{37, 50}, {12, 20}, {44, 9}}, Activation::kGelu},
+      {"FourRanksShardedInTwoOverflowSilu",
+       4,
+       2,
+       48,
+       2,
+       0.5,
+       {{30, 22, 35, 18}, {12, 40, 25, 31}, {26, 14, 19, 38}},
+       Activation::kSilu},
+      {"FourRanksOneExpertShardedInFourDropless",
+       4,
+       1,
+       64,
+       1,
+       0.0,
+       {{10, 20, 30, 40}, {33, 8, 21, 15}, {18, 27, 6, 24}}},
+      {"TwoDhFourRanksTwoNodesCappedDropless",
+       4,
+       8,
+       32,
+       2,
+       -0.8,
+       {{30, 41, 25, 36}, {22, 15, 38, 19}, {27, 33, 12, 29}},
+       Activation::kRelu,
+       comm::AllToAllAlgo::k2DH,
+       2},
+  };
+}
+
+class ExpertParallelInFlight : public ::testing::TestWithParam<InFlightCase> {};
+
+TEST_P(ExpertParallelInFlight, BackwardsInReverseOrderMatchTheReference) {
+  const InFlightCase& c = GetParam();
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  constexpr int kMicroBatches = 3, kRounds = 3;
+  ASSERT_EQ(static_cast<int>(c.tokens.size()), kMicroBatches);
+
+  LayerSpec spec;
+  spec.experts = c.experts;
+  spec.model_dim = 16;
+  spec.hidden = c.hidden;
+  spec.k = c.k;
+  spec.capacity_factor = c.f;
+  spec.activation = c.activation;
+  const int W = c.world;
+  const int64_t M = spec.model_dim, O = spec.out_dim(), E = spec.experts;
+  auto shard0 = graphs::expert_shard(spec, W, 0);
+  ASSERT_TRUE(shard0.ok()) << shard0.status();
+  LayerSpec aligned = spec;
+  aligned.alignment = shard0->shards;
+
+  // [micro-batch][rank]: inputs away from near-ties, each micro-batch's group capacity, and the
+  // reference run with it.
+  ref::Params whole;
+  std::vector<std::vector<std::vector<double>>> xs(kMicroBatches), dys(kMicroBatches);
+  std::vector<std::vector<ref::Forward>> want(kMicroBatches);
+  std::vector<int64_t> capacity(kMicroBatches);
+  for (int attempt = 0;; ++attempt) {
+    ASSERT_LT(attempt, 100) << "could not draw inputs without near-ties";
+    whole = random_params(rng, spec);
+    bool ties = false;
+    for (int m = 0; m < kMicroBatches; ++m) {
+      ASSERT_EQ(static_cast<int>(c.tokens[m].size()), W);
+      xs[m].assign(W, {});
+      dys[m].assign(W, {});
+      int64_t max_tokens = 0, max_count = 0;
+      for (int r = 0; r < W; ++r) {
+        const int64_t S = c.tokens[m][r];
+        xs[m][r] = round_f32(randn(rng, S * M, 1.0));
+        dys[m][r] = round_f32(randn(rng, S * O, 1.0));
+        const ref::Forward f = ref::forward(to_ref(spec, S), whole, xs[m][r], nullptr);
+        std::vector<int64_t> counts(E, 0);
+        for (int64_t i : f.idx) ++counts[i];
+        max_tokens = std::max(max_tokens, S);
+        max_count = std::max(max_count, *std::max_element(counts.begin(), counts.end()));
+      }
+      capacity[m] = layer_capacity(aligned, max_tokens, max_count);
+      want[m].assign(W, {});
+      for (int r = 0; r < W; ++r) {
+        ref::Config cfg = to_ref(spec, c.tokens[m][r]);
+        cfg.capacity_override = capacity[m];
+        want[m][r] = ref::forward(cfg, whole, xs[m][r], nullptr);
+        ties |= want[m][r].min_topk_margin < 1e-6 ||
+                (c.activation == Activation::kRelu && want[m][r].min_abs_pre < 1e-6);
+      }
+    }
+    if (!ties) break;
+  }
+  const float dl_aux[kMicroBatches] = {0.3f, -0.2f, 0.15f};
+  std::vector<std::vector<ref::Grads>> want_grads(kMicroBatches, std::vector<ref::Grads>(W));
+  for (int m = 0; m < kMicroBatches; ++m)
+    for (int r = 0; r < W; ++r) {
+      ref::Config cfg = to_ref(spec, c.tokens[m][r]);
+      cfg.capacity_override = capacity[m];
+      want_grads[m][r] = ref::backward(cfg, whole, xs[m][r], nullptr, dys[m][r], dl_aux[m]);
+    }
+  const HostLayerParams whole_host{to_f32(whole.wg), to_f32(whole.fc1_w), to_f32(whole.fc1_b),
+                                   to_f32(whole.fc2_w), to_f32(whole.fc2_b)};
+
+  struct RankResult {
+    Status status;
+    ExpertShard shard;
+    // [round][micro-batch]
+    std::vector<std::vector<RoutingStats>> stats;
+    std::vector<std::vector<std::vector<float>>> y, dx;
+    std::vector<std::vector<float>> y_infer;       // [round]: micro-batch 0's input, inference
+    std::vector<std::vector<size_t>> saved_bytes;  // [round][saved]
+    Status reused_backward;                        // backward of a consumed Saved
+    std::vector<float> d_wg, d_fc1, d_b1, d_fc2, d_b2;
+  };
+  std::vector<RankResult> results(W);
+  const uint16_t port = free_port();
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r) {
+    threads.emplace_back([&, r] {
+      RankResult& out = results[r];
+      auto fail = [&](Status st) { out.status = std::move(st); };
+      comm::BootstrapOptions o;
+      o.coordinator_port = port;
+      o.rank = r;
+      o.size = W;
+      o.local_size = c.local_size;
+      o.timeout = std::chrono::seconds(20);
+      o.collective_timeout = std::chrono::seconds(20);
+      auto comm = comm::ucx_bootstrap(o);
+      if (!comm.ok()) return fail(comm.status());
+      auto backend = make_backend("cpu", {.threads = 1});
+      if (!backend.ok()) return fail(backend.status());
+      auto layer = ExpertParallelLayer::create(**backend, **comm, spec, c.algo);
+      if (!layer.ok()) return fail(layer.status());
+      out.shard = layer->shard();
+      HostLayerParams local = graphs::slice_for_rank(spec, out.shard, whole_host);
+      HostLayerParams grads{
+          std::vector<float>(local.gate.size()), std::vector<float>(local.fc1.size()),
+          std::vector<float>(local.fc1_bias.size()), std::vector<float>(local.fc2.size()),
+          std::vector<float>(local.fc2_bias.size())};
+      auto weights_of = [&](HostLayerParams& p) {
+        LayerWeights w;
+        w.gate_weight = TensorView(p.gate.data(), DType::kF32, {E, M});
+        w.experts.fc1_weight =
+            TensorView(p.fc1.data(), DType::kF32, graphs::local_fc1_shape(spec, out.shard));
+        w.experts.fc1_bias = TensorView(p.fc1_bias.data(), DType::kF32,
+                                        graphs::local_fc1_bias_shape(spec, out.shard));
+        w.experts.fc2_weight =
+            TensorView(p.fc2.data(), DType::kF32, graphs::local_fc2_shape(spec, out.shard));
+        w.experts.fc2_bias = TensorView(p.fc2_bias.data(), DType::kF32,
+                                        graphs::local_fc2_bias_shape(spec, out.shard));
+        return w;
+      };
+      std::vector<ExpertParallelLayer::Saved> saved(kMicroBatches);
+      out.stats.assign(kRounds, std::vector<RoutingStats>(kMicroBatches));
+      out.y.assign(kRounds, std::vector<std::vector<float>>(kMicroBatches));
+      out.dx.assign(kRounds, std::vector<std::vector<float>>(kMicroBatches));
+      out.y_infer.assign(kRounds, {});
+      out.saved_bytes.assign(kRounds, std::vector<size_t>(kMicroBatches));
+      for (int round = 0; round < kRounds; ++round) {
+        auto saved_of = [&](int m) -> ExpertParallelLayer::Saved& {
+          return saved[round == 0 ? m : (m + 1) % kMicroBatches];
+        };
+        for (int m = 0; m < kMicroBatches; ++m) {
+          const int64_t S = c.tokens[m][r];
+          // A fresh copy each time, overwritten after the forward: backward must use its own.
+          std::vector<float> x = to_f32(xs[m][r]);
+          std::vector<float>& y = out.y[round][m];
+          y.resize(S * O);
+          Status st = layer->forward(weights_of(local), TensorView(x.data(), DType::kF32, {S, M}),
+                                     TensorView(y.data(), DType::kF32, {S, O}),
+                                     &out.stats[round][m], &saved_of(m));
+          if (!st.ok()) return fail(st);
+          std::fill(x.begin(), x.end(), 1e3f);
+          if (!saved_of(m).holds_forward() || saved_of(m).tokens() != S)
+            return fail(Status::Internal("a training forward left no state for its backward"));
+        }
+        {
+          const int64_t S = c.tokens[0][r];
+          std::vector<float> x = to_f32(xs[0][r]);
+          out.y_infer[round].resize(S * O);
+          Status st =
+              layer->forward(weights_of(local), TensorView(x.data(), DType::kF32, {S, M}),
+                             TensorView(out.y_infer[round].data(), DType::kF32, {S, O}), nullptr);
+          if (!st.ok()) return fail(st);
+        }
+        for (int m = kMicroBatches - 1; m >= 0; --m) {
+          const int64_t S = c.tokens[m][r];
+          std::vector<float> dy = to_f32(dys[m][r]);
+          std::vector<float>& dx = out.dx[round][m];
+          dx.resize(S * M);
+          Status st = layer->backward(weights_of(local), TensorView(dy.data(), DType::kF32, {S, O}),
+                                      dl_aux[m], TensorView(dx.data(), DType::kF32, {S, M}),
+                                      weights_of(grads), saved_of(m));
+          if (!st.ok()) return fail(st);
+          if (saved_of(m).holds_forward())
+            return fail(Status::Internal("backward did not consume its saved state"));
+        }
+        for (int i = 0; i < kMicroBatches; ++i) out.saved_bytes[round][i] = saved[i].bytes();
+        if (round == 0) {
+          // Refused before any collective, so every rank may try it.
+          const int64_t S = c.tokens[0][r];
+          std::vector<float> dy(S * O), dx(S * M);
+          out.reused_backward = layer->backward(
+              weights_of(local), TensorView(dy.data(), DType::kF32, {S, O}), 0.f,
+              TensorView(dx.data(), DType::kF32, {S, M}), weights_of(grads), saved[0]);
+        }
+      }
+      Status st = layer->all_reduce_gate_grad(TensorView(grads.gate.data(), DType::kF32, {E, M}));
+      if (!st.ok()) return fail(st);
+      out.d_wg = grads.gate;
+      out.d_fc1 = grads.fc1;
+      out.d_b1 = grads.fc1_bias;
+      out.d_fc2 = grads.fc2;
+      out.d_b2 = grads.fc2_bias;
+    });
+  }
+  for (auto& t : threads) t.join();
+
+  // The whole layer's gradients summed over ranks and micro-batches, times the rounds.
+  auto summed = [&](auto member) {
+    std::vector<double> sum((want_grads[0][0].*member).size(), 0.0);
+    for (int m = 0; m < kMicroBatches; ++m)
+      for (int r = 0; r < W; ++r)
+        for (size_t i = 0; i < sum.size(); ++i) sum[i] += (want_grads[m][r].*member)[i];
+    std::vector<float> out(sum.size());
+    for (size_t i = 0; i < sum.size(); ++i) out[i] = static_cast<float>(kRounds * sum[i]);
+    return out;
+  };
+  const HostLayerParams grad_sum{summed(&ref::Grads::d_wg), summed(&ref::Grads::d_fc1_w),
+                                 summed(&ref::Grads::d_fc1_b), summed(&ref::Grads::d_fc2_w),
+                                 summed(&ref::Grads::d_fc2_b)};
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    const RankResult& got = results[r];
+    ASSERT_TRUE(got.status.ok()) << got.status;
+    for (int round = 0; round < kRounds; ++round) {
+      for (int m = 0; m < kMicroBatches; ++m) {
+        SCOPED_TRACE("round " + std::to_string(round) + ", micro-batch " + std::to_string(m));
+        EXPECT_EQ(got.stats[round][m].capacity, capacity[m]);
+        EXPECT_EQ(got.stats[round][m].dropped, want[m][r].dropped);
+        EXPECT_NEAR(got.stats[round][m].l_aux, want[m][r].l_aux, 1e-5);
+        EXPECT_TRUE(all_close("y", got.y[round][m], want[m][r].y, 1e-4, 1e-5));
+        EXPECT_TRUE(all_close("dx", got.dx[round][m], want_grads[m][r].dx, 1e-3, 1e-4));
+      }
+      EXPECT_TRUE(all_close("inference y", got.y_infer[round], want[0][r].y, 1e-4, 1e-5));
+    }
+    EXPECT_EQ(got.saved_bytes[2], got.saved_bytes[1]) << "round 2 grew a Saved";
+    EXPECT_EQ(got.reused_backward.code(), StatusCode::kInvalidArgument) << got.reused_backward;
+    EXPECT_TRUE(all_close("d_wg (all-reduced)", got.d_wg, widen(grad_sum.gate), 1e-3, 1e-4));
+    const HostLayerParams want_local = graphs::slice_for_rank(spec, got.shard, grad_sum);
+    EXPECT_TRUE(all_close("d_fc1_w", got.d_fc1, widen(want_local.fc1), 1e-3, 1e-4));
+    EXPECT_TRUE(all_close("d_fc1_b", got.d_b1, widen(want_local.fc1_bias), 1e-3, 1e-4));
+    EXPECT_TRUE(all_close("d_fc2_w", got.d_fc2, widen(want_local.fc2), 1e-3, 1e-4));
+    EXPECT_TRUE(all_close("d_fc2_b", got.d_b2, widen(want_local.fc2_bias), 1e-3, 1e-4));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Groups, ExpertParallelInFlight, ::testing::ValuesIn(in_flight_cases()),
+                         [](const ::testing::TestParamInfo<InFlightCase>& info) {
                            return info.param.name;
                          });
 

@@ -4,10 +4,13 @@
 // the 2DH all-to-all. Every rank's output, l_aux, capacity, dropped count and input gradient
 // equal the float64 reference of one process holding all experts (with the group's capacity),
 // and one SGD step moves every rank's parameters by the gradient summed over the group (the
-// gate's all-reduced). Fresh random weights (init_seed) and inputs each run; the seed is in the
-// failure message. Tolerances as the CPU layer test: forward rtol 1e-4 / atol 1e-5, dx rtol
-// 1e-3 / atol 1e-4, applied steps rtol 2e-3 / atol 2e-4 (atol of max|ref|).
+// gate's all-reduced). With several training forwards in flight per rank (pipelined
+// micro-batches, backwards in reverse order), the step moves them by the gradient summed over
+// the group and the micro-batches. Fresh random weights (init_seed) and inputs each run; the
+// seed is in the failure message. Tolerances as the CPU layer test: forward rtol 1e-4 / atol
+// 1e-5, dx rtol 1e-3 / atol 1e-4, applied steps rtol 2e-3 / atol 2e-4 (atol of max|ref|).
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <memory>
 #include <random>
@@ -60,6 +63,145 @@ std::vector<float> read_tensor(const SafetensorsFile& f, const char* name) {
   return std::vector<float>(p, p + t->shape.numel());
 }
 
+std::vector<double> widen(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+
+// The layer-spec keys every test layer shares: the whole layer (on one daemon) and each group rank.
+std::string layer_body(const LayerSpec& spec, uint64_t init_seed) {
+  return "experts = " + std::to_string(spec.experts) + "\nmodel_dim = " + std::to_string(spec.model_dim) +
+         "\nhidden = " + std::to_string(spec.hidden) + "\nk = " + std::to_string(spec.k) +
+         "\ncapacity_factor = " + std::to_string(spec.capacity_factor) + "\ninit_seed = " +
+         std::to_string(init_seed) + "\n[optimizer]\nkind = \"sgd\"\nlr = 0.1\n";
+}
+constexpr float kLr = 0.1f;
+
+// Group rank r's layer: `body` plus its [group] table.
+std::string group_layer_spec(const std::string& body, uint16_t port, int W, int r, int local_size,
+                             const std::string& all_to_all) {
+  return "name = \"moe_r" + std::to_string(r) + "\"\n" + body + "\n[group]\ncoordinator = \"127.0.0.1:" +
+         std::to_string(port) + "\"\nsize = " + std::to_string(W) + "\nrank = " + std::to_string(r) +
+         "\nlocal_size = " + std::to_string(local_size) + "\nall_to_all = \"" + all_to_all +
+         "\"\nbootstrap_timeout_ms = 20000\ncollective_timeout_ms = 20000\n";
+}
+
+// The whole layer `body`'s init_seed gives: a single-daemon layer with the same init, saved on
+// `d` and read back.
+::testing::AssertionResult whole_layer(DaemonProcess& d, const std::string& body, ref::Params* whole) {
+  {
+    auto client = client::Client::connect(d.client_socket());
+    if (!client.ok()) return ::testing::AssertionFailure() << client.status();
+    auto layer = client->create_layer("name = \"whole\"\n" + body);
+    if (!layer.ok()) return ::testing::AssertionFailure() << layer.status();
+    auto saved = layer->save("whole.safetensors");
+    if (!saved.ok()) return ::testing::AssertionFailure() << saved.status();
+  }
+  auto file = SafetensorsFile::open(d.dir() + "/state/default/checkpoints/whole.safetensors");
+  if (!file.ok()) return ::testing::AssertionFailure() << file.status();
+  for (auto [name, dst] : {std::pair{kGateWeightName, &whole->wg}, std::pair{kFc1WeightName, &whole->fc1_w},
+                           std::pair{kFc1BiasName, &whole->fc1_b}, std::pair{kFc2WeightName, &whole->fc2_w},
+                           std::pair{kFc2BiasName, &whole->fc2_b}}) {
+    const std::vector<float> v = read_tensor(*file, name);
+    dst->assign(v.begin(), v.end());
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// One micro-batch of the whole group, and what the reference says of it.
+struct MicroBatch {
+  std::vector<std::vector<double>> xs, dys;  // [group rank]
+  float dl_aux = 0.f;
+  int64_t capacity = 0;  // the group's
+  std::vector<ref::Forward> want;
+  std::vector<ref::Grads> grads;
+};
+
+// Inputs away from near-ties (top-k, relu's kink), the group's capacity from the reference's
+// routing, and the reference run with that capacity.
+::testing::AssertionResult draw_micro_batch(std::mt19937_64& rng, const LayerSpec& spec, const ref::Params& whole,
+                                            const std::vector<int64_t>& tokens, float dl_aux, MicroBatch* out) {
+  const int W = static_cast<int>(tokens.size());
+  const int64_t M = spec.model_dim, O = spec.out_dim(), E = spec.experts;
+  auto shard0 = graphs::expert_shard(spec, W, 0);
+  if (!shard0.ok()) return ::testing::AssertionFailure() << shard0.status();
+  LayerSpec aligned = spec;
+  aligned.alignment = shard0->shards;
+  MicroBatch& mb = *out;
+  mb.xs.assign(W, {});
+  mb.dys.assign(W, {});
+  mb.want.assign(W, {});
+  mb.grads.assign(W, {});
+  mb.dl_aux = dl_aux;
+  for (int attempt = 0;; ++attempt) {
+    if (attempt == 100) return ::testing::AssertionFailure() << "could not draw inputs without near-ties";
+    int64_t max_tokens = 0, max_count = 0;
+    for (int r = 0; r < W; ++r) {
+      const int64_t S = tokens[r];
+      mb.xs[r] = round_f32(randn(rng, S * M, 1.0));
+      mb.dys[r] = round_f32(randn(rng, S * O, 1.0));
+      const ref::Forward f = ref::forward(to_ref(spec, S), whole, mb.xs[r], nullptr);
+      std::vector<int64_t> counts(E, 0);
+      for (int64_t i : f.idx) ++counts[i];
+      max_tokens = std::max(max_tokens, S);
+      max_count = std::max(max_count, *std::max_element(counts.begin(), counts.end()));
+    }
+    mb.capacity = layer_capacity(aligned, max_tokens, max_count);
+    bool ties = false;
+    for (int r = 0; r < W; ++r) {
+      ref::Config cfg = to_ref(spec, tokens[r]);
+      cfg.capacity_override = mb.capacity;
+      mb.want[r] = ref::forward(cfg, whole, mb.xs[r], nullptr);
+      ties |= mb.want[r].min_topk_margin < 1e-6 ||
+              (spec.activation == Activation::kRelu && mb.want[r].min_abs_pre < 1e-6);
+    }
+    if (!ties) break;
+  }
+  for (int r = 0; r < W; ++r) {
+    ref::Config cfg = to_ref(spec, tokens[r]);
+    cfg.capacity_override = mb.capacity;
+    mb.grads[r] = ref::backward(cfg, whole, mb.xs[r], nullptr, mb.dys[r], mb.dl_aux);
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// The whole layer's gradient summed over the group's ranks and the micro-batches.
+graphs::HostLayerParams summed_grads(const std::vector<MicroBatch>& batches) {
+  auto summed = [&](auto member) {
+    std::vector<double> acc((batches[0].grads[0].*member).size(), 0.0);
+    for (const MicroBatch& mb : batches)
+      for (const ref::Grads& g : mb.grads)
+        for (size_t i = 0; i < acc.size(); ++i) acc[i] += (g.*member)[i];
+    return std::vector<float>(acc.begin(), acc.end());
+  };
+  return {summed(&ref::Grads::d_wg), summed(&ref::Grads::d_fc1_w), summed(&ref::Grads::d_fc1_b),
+          summed(&ref::Grads::d_fc2_w), summed(&ref::Grads::d_fc2_b)};
+}
+
+// After one SGD step from the whole layer's slice, (before − after) / lr is the gradient group
+// rank r applied: grad_sum's slice for r (the gate's whole, all-reduced).
+void expect_applied_step(const std::string& saved_path, const LayerSpec& spec, int W, int r,
+                         const graphs::HostLayerParams& whole_host, const graphs::HostLayerParams& grad_sum) {
+  auto shard = graphs::expert_shard(spec, W, r);
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  const graphs::HostLayerParams before = graphs::slice_for_rank(spec, *shard, whole_host);
+  const graphs::HostLayerParams want = graphs::slice_for_rank(spec, *shard, grad_sum);
+  auto saved = SafetensorsFile::open(saved_path);
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  auto applied = [&](const char* name, const std::vector<float>& w0) {
+    const std::vector<float> w1 = read_tensor(*saved, name);
+    std::vector<float> g(w1.size());
+    for (size_t i = 0; i < g.size() && i < w0.size(); ++i) g[i] = (w0[i] - w1[i]) / kLr;
+    return g;
+  };
+  EXPECT_TRUE(all_close("gate step", applied(kGateWeightName, before.gate), widen(want.gate), 2e-3, 2e-4));
+  EXPECT_TRUE(all_close("fc1 step", applied(kFc1WeightName, before.fc1), widen(want.fc1), 2e-3, 2e-4));
+  EXPECT_TRUE(all_close("fc2 step", applied(kFc2WeightName, before.fc2), widen(want.fc2), 2e-3, 2e-4));
+  EXPECT_TRUE(all_close("fc1 bias step", applied(kFc1BiasName, before.fc1_bias), widen(want.fc1_bias), 2e-3, 2e-4));
+  EXPECT_TRUE(all_close("fc2 bias step", applied(kFc2BiasName, before.fc2_bias), widen(want.fc2_bias), 2e-3, 2e-4));
+}
+
+graphs::HostLayerParams to_host(const ref::Params& p) {
+  return {to_f32(p.wg), to_f32(p.fc1_w), to_f32(p.fc1_b), to_f32(p.fc2_w), to_f32(p.fc2_b)};
+}
+
 TEST_P(ExpertParallelDaemons, EveryRankMatchesTheSingleProcessLayer) {
   const GroupCase& c = GetParam();
   const int D = c.daemons, R = c.ranks_per_daemon, W = D * R;
@@ -87,70 +229,12 @@ TEST_P(ExpertParallelDaemons, EveryRankMatchesTheSingleProcessLayer) {
   spec.hidden = 32;
   spec.k = c.k;
   spec.capacity_factor = c.f;
-  const int64_t M = 16, O = 16, E = c.experts;
-  const float lr = 0.1f, dl_aux = 0.2f;
-  const std::string body = "experts = " + std::to_string(E) + "\nmodel_dim = 16\nhidden = 32\nk = " +
-                           std::to_string(c.k) + "\ncapacity_factor = " + std::to_string(c.f) +
-                           "\ninit_seed = " + std::to_string(init_seed) +
-                           "\n[optimizer]\nkind = \"sgd\"\nlr = 0.1\n";
-
-  // The whole layer that seed gives: a single-daemon layer with the same init, saved.
-  {
-    auto client = client::Client::connect(daemons[0]->client_socket());
-    ASSERT_TRUE(client.ok()) << client.status();
-    auto whole = client->create_layer("name = \"whole\"\n" + body);
-    ASSERT_TRUE(whole.ok()) << whole.status();
-    ASSERT_TRUE(whole->save("whole.safetensors").ok());
-  }
-  auto whole_file = SafetensorsFile::open(daemons[0]->dir() + "/state/default/checkpoints/whole.safetensors");
-  ASSERT_TRUE(whole_file.ok()) << whole_file.status();
+  const int64_t M = spec.model_dim, O = spec.out_dim();
+  const std::string body = layer_body(spec, init_seed);
   ref::Params whole;
-  for (auto [name, dst] : {std::pair{kGateWeightName, &whole.wg}, std::pair{kFc1WeightName, &whole.fc1_w},
-                           std::pair{kFc1BiasName, &whole.fc1_b}, std::pair{kFc2WeightName, &whole.fc2_w},
-                           std::pair{kFc2BiasName, &whole.fc2_b}}) {
-    const std::vector<float> v = read_tensor(*whole_file, name);
-    dst->assign(v.begin(), v.end());
-  }
-
-  // Inputs away from near-ties (top-k, relu's kink), the group's capacity from the reference's
-  // routing, and the reference run with that capacity.
-  auto shard0 = graphs::expert_shard(spec, W, 0);
-  ASSERT_TRUE(shard0.ok()) << shard0.status();
-  LayerSpec aligned = spec;
-  aligned.alignment = shard0->shards;
-  std::vector<std::vector<double>> xs(W), dys(W);
-  std::vector<ref::Forward> want(W);
-  std::vector<ref::Grads> grads(W);
-  int64_t capacity = 0;
-  for (int attempt = 0;; ++attempt) {
-    ASSERT_LT(attempt, 100) << "could not draw inputs without near-ties";
-    int64_t max_tokens = 0, max_count = 0;
-    for (int r = 0; r < W; ++r) {
-      const int64_t S = c.tokens[r];
-      xs[r] = round_f32(randn(rng, S * M, 1.0));
-      dys[r] = round_f32(randn(rng, S * O, 1.0));
-      const ref::Forward f = ref::forward(to_ref(spec, S), whole, xs[r], nullptr);
-      std::vector<int64_t> counts(E, 0);
-      for (int64_t i : f.idx) ++counts[i];
-      max_tokens = std::max(max_tokens, S);
-      max_count = std::max(max_count, *std::max_element(counts.begin(), counts.end()));
-    }
-    capacity = layer_capacity(aligned, max_tokens, max_count);
-    bool ties = false;
-    for (int r = 0; r < W; ++r) {
-      ref::Config cfg = to_ref(spec, c.tokens[r]);
-      cfg.capacity_override = capacity;
-      want[r] = ref::forward(cfg, whole, xs[r], nullptr);
-      ties |= want[r].min_topk_margin < 1e-6 ||
-              (spec.activation == Activation::kRelu && want[r].min_abs_pre < 1e-6);
-    }
-    if (!ties) break;
-  }
-  for (int r = 0; r < W; ++r) {
-    ref::Config cfg = to_ref(spec, c.tokens[r]);
-    cfg.capacity_override = capacity;
-    grads[r] = ref::backward(cfg, whole, xs[r], nullptr, dys[r], dl_aux);
-  }
+  ASSERT_TRUE(whole_layer(*daemons[0], body, &whole));
+  MicroBatch mb;
+  ASSERT_TRUE(draw_micro_batch(rng, spec, whole, c.tokens, /*dl_aux=*/0.2f, &mb));
 
   // One thread per group rank, each with its own client session on its rank's daemon.
   const uint16_t port = free_port();
@@ -166,19 +250,14 @@ TEST_P(ExpertParallelDaemons, EveryRankMatchesTheSingleProcessLayer) {
       RankOut& o = out[r];
       auto client = client::Client::connect(daemons[r / R]->client_socket());
       if (!client.ok()) return void(o.status = client.status());
-      const std::string spec_text = "name = \"moe_r" + std::to_string(r) + "\"\n" + body +
-                                    "\n[group]\ncoordinator = \"127.0.0.1:" + std::to_string(port) +
-                                    "\"\nsize = " + std::to_string(W) + "\nrank = " + std::to_string(r) +
-                                    "\nlocal_size = " + std::to_string(R) + "\nall_to_all = \"" + c.all_to_all +
-                                    "\"\nbootstrap_timeout_ms = 20000\ncollective_timeout_ms = 20000\n";
-      auto layer = client->create_layer(spec_text);
+      auto layer = client->create_layer(group_layer_spec(body, port, W, r, R, c.all_to_all));
       if (!layer.ok()) return void(o.status = layer.status());
       const int64_t S = c.tokens[r];
-      std::vector<float> x = to_f32(xs[r]), dy = to_f32(dys[r]);
+      std::vector<float> x = to_f32(mb.xs[r]), dy = to_f32(mb.dys[r]);
       o.y.resize(S * O);
       o.dx.resize(S * M);
       Status st = layer->forward(x.data(), S, o.y.data(), &o.info);
-      if (st.ok()) st = layer->backward(dy.data(), dl_aux, o.dx.data());
+      if (st.ok()) st = layer->backward(dy.data(), mb.dl_aux, o.dx.data());
       if (st.ok()) st = layer->step().status();
       if (st.ok()) st = layer->save("after_r" + std::to_string(r) + ".safetensors").status();
       o.status = st;
@@ -186,58 +265,193 @@ TEST_P(ExpertParallelDaemons, EveryRankMatchesTheSingleProcessLayer) {
   }
   for (auto& t : threads) t.join();
 
-  auto summed = [&](auto member) {
-    std::vector<float> s((grads[0].*member).size(), 0.f);
-    for (size_t i = 0; i < s.size(); ++i) {
-      double acc = 0;
-      for (int r = 0; r < W; ++r) acc += (grads[r].*member)[i];
-      s[i] = static_cast<float>(acc);
-    }
-    return s;
-  };
-  const graphs::HostLayerParams grad_sum{summed(&ref::Grads::d_wg), summed(&ref::Grads::d_fc1_w),
-                                         summed(&ref::Grads::d_fc1_b), summed(&ref::Grads::d_fc2_w),
-                                         summed(&ref::Grads::d_fc2_b)};
-  const graphs::HostLayerParams whole_host{to_f32(whole.wg), to_f32(whole.fc1_w), to_f32(whole.fc1_b),
-                                           to_f32(whole.fc2_w), to_f32(whole.fc2_b)};
-
+  const graphs::HostLayerParams grad_sum = summed_grads({mb}), whole_host = to_host(whole);
   for (int r = 0; r < W; ++r) {
     SCOPED_TRACE("rank " + std::to_string(r) + " on daemon " + std::to_string(r / R));
     ASSERT_TRUE(out[r].status.ok()) << out[r].status << "\n" << logs();
-    EXPECT_EQ(out[r].info.capacity, capacity);
-    EXPECT_EQ(out[r].info.dropped, want[r].dropped);
-    EXPECT_NEAR(out[r].info.l_aux, want[r].l_aux, 1e-5);
-    EXPECT_TRUE(all_close("y", out[r].y, want[r].y, 1e-4, 1e-5));
-    EXPECT_TRUE(all_close("dx", out[r].dx, grads[r].dx, 1e-3, 1e-4));
-
-    // After one SGD step, (before − after) / lr is the gradient the rank applied.
-    auto shard = graphs::expert_shard(spec, W, r);
-    ASSERT_TRUE(shard.ok());
-    const graphs::HostLayerParams before = graphs::slice_for_rank(spec, *shard, whole_host);
-    const graphs::HostLayerParams want_grad = graphs::slice_for_rank(spec, *shard, grad_sum);
-    auto saved = SafetensorsFile::open(daemons[r / R]->dir() + "/state/default/checkpoints/after_r" +
-                                       std::to_string(r) + ".safetensors");
-    ASSERT_TRUE(saved.ok()) << saved.status();
-    auto applied = [&](const char* name, const std::vector<float>& w0) {
-      const std::vector<float> w1 = read_tensor(*saved, name);
-      std::vector<float> g(w1.size());
-      for (size_t i = 0; i < g.size() && i < w0.size(); ++i) g[i] = (w0[i] - w1[i]) / lr;
-      return g;
-    };
-    auto widen = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
-    EXPECT_TRUE(all_close("gate step", applied(kGateWeightName, before.gate), widen(want_grad.gate), 2e-3, 2e-4));
-    EXPECT_TRUE(all_close("fc1 step", applied(kFc1WeightName, before.fc1), widen(want_grad.fc1), 2e-3, 2e-4));
-    EXPECT_TRUE(all_close("fc2 step", applied(kFc2WeightName, before.fc2), widen(want_grad.fc2), 2e-3, 2e-4));
-    EXPECT_TRUE(all_close("fc1 bias step", applied(kFc1BiasName, before.fc1_bias), widen(want_grad.fc1_bias),
-                          2e-3, 2e-4));
-    EXPECT_TRUE(all_close("fc2 bias step", applied(kFc2BiasName, before.fc2_bias), widen(want_grad.fc2_bias),
-                          2e-3, 2e-4));
+    EXPECT_EQ(out[r].info.capacity, mb.capacity);
+    EXPECT_EQ(out[r].info.dropped, mb.want[r].dropped);
+    EXPECT_NEAR(out[r].info.l_aux, mb.want[r].l_aux, 1e-5);
+    EXPECT_TRUE(all_close("y", out[r].y, mb.want[r].y, 1e-4, 1e-5));
+    EXPECT_TRUE(all_close("dx", out[r].dx, mb.grads[r].dx, 1e-3, 1e-4));
+    expect_applied_step(daemons[r / R]->dir() + "/state/default/checkpoints/after_r" + std::to_string(r) +
+                            ".safetensors",
+                        spec, W, r, whole_host, grad_sum);
   }
   for (int d = 0; d < D; ++d) EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << daemons[d]->log();
 }
 
 INSTANTIATE_TEST_SUITE_P(Groups, ExpertParallelDaemons, ::testing::ValuesIn(group_cases()),
                          [](const ::testing::TestParamInfo<GroupCase>& info) { return info.param.name; });
+
+// This daemon's layers as tutelctl lists them.
+nlohmann::json admin_layers(const DaemonProcess& d) {
+  FILE* p = ::popen((std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json layers").c_str(), "r");
+  if (!p) return {};
+  std::string text;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, n);
+  ::pclose(p);
+  return nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+}
+
+int64_t pending_backwards(const DaemonProcess& d, const std::string& layer) {
+  const nlohmann::json j = admin_layers(d);
+  if (j.is_object() && j.contains("layers"))
+    for (const auto& l : j["layers"])
+      if (l.value("name", "") == layer) return l.value("pending_backwards", int64_t{-1});
+  return -1;
+}
+
+// Pipelined micro-batches on a group layer: each rank's client submits three training forwards
+// (token counts unequal across ranks and micro-batches, so each agrees on its own capacity),
+// waits for them (the daemon then holds three forwards per rank, tutelctl says so), submits the
+// three backwards in reverse order, and steps. Every micro-batch's y, capacity, dropped count,
+// l_aux and dx match the reference, and the step applies the gradient summed over the group and
+// the micro-batches.
+struct InFlightCase {
+  std::string name;
+  int daemons, ranks_per_daemon;
+  int64_t experts;
+  int k;
+  double f;
+  std::vector<std::vector<int64_t>> tokens;  // [micro-batch][group rank]
+  std::string all_to_all = "linear";
+};
+void PrintTo(const InFlightCase& c, std::ostream* os) { *os << c.name; }
+
+class ExpertParallelDaemonsInFlight : public ::testing::TestWithParam<InFlightCase> {};
+
+TEST_P(ExpertParallelDaemonsInFlight, BackwardsInReverseOrderThenStepMatchTheReference) {
+  const InFlightCase& c = GetParam();
+  constexpr int kMicroBatches = 3;
+  const int D = c.daemons, R = c.ranks_per_daemon, W = D * R;
+  ASSERT_EQ(static_cast<int>(c.tokens.size()), kMicroBatches);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const uint64_t init_seed = 1 + rng() % 1'000'000;
+
+  std::vector<std::unique_ptr<DaemonProcess>> daemons;
+  for (int d = 0; d < D; ++d) {
+    daemons.push_back(std::make_unique<DaemonProcess>(DaemonOptions{}));
+    ASSERT_TRUE(daemons.back()->start());
+  }
+  auto logs = [&] {
+    std::string all;
+    for (int d = 0; d < D; ++d) all += "--- daemon " + std::to_string(d) + " ---\n" + daemons[d]->log();
+    return all;
+  };
+
+  LayerSpec spec;
+  spec.experts = c.experts;
+  spec.model_dim = 16;
+  spec.hidden = 32;
+  spec.k = c.k;
+  spec.capacity_factor = c.f;
+  const int64_t M = spec.model_dim, O = spec.out_dim();
+  const std::string body = layer_body(spec, init_seed);
+  ref::Params whole;
+  ASSERT_TRUE(whole_layer(*daemons[0], body, &whole));
+  const float dl_aux[kMicroBatches] = {0.2f, -0.1f, 0.3f};
+  std::vector<MicroBatch> batches(kMicroBatches);
+  for (int m = 0; m < kMicroBatches; ++m) {
+    ASSERT_EQ(static_cast<int>(c.tokens[m].size()), W) << "one token count per group rank";
+    ASSERT_TRUE(draw_micro_batch(rng, spec, whole, c.tokens[m], dl_aux[m], &batches[m]));
+  }
+
+  const uint16_t port = free_port();
+  struct RankOut {
+    Status status;
+    std::vector<std::vector<float>> y, dx;  // [micro-batch]
+    std::vector<client::ForwardInfo> info;
+    int64_t pending_after_forwards = -1, pending_after_backwards = -1;  // as tutelctl lists them
+  };
+  std::vector<RankOut> out(W);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r) {
+    threads.emplace_back([&, r] {
+      RankOut& o = out[r];
+      const DaemonProcess& daemon = *daemons[r / R];
+      auto client = client::Client::connect(daemon.client_socket());
+      if (!client.ok()) return void(o.status = client.status());
+      auto layer = client->create_layer(group_layer_spec(body, port, W, r, R, c.all_to_all));
+      if (!layer.ok()) return void(o.status = layer.status());
+      std::vector<std::vector<float>> x(kMicroBatches), dy(kMicroBatches);
+      o.y.resize(kMicroBatches);
+      o.dx.resize(kMicroBatches);
+      o.info.resize(kMicroBatches);
+      std::vector<client::Ticket> forwards;
+      for (int m = 0; m < kMicroBatches; ++m) {
+        const int64_t S = c.tokens[m][r];
+        x[m] = to_f32(batches[m].xs[r]);
+        dy[m] = to_f32(batches[m].dys[r]);
+        o.y[m].resize(S * O);
+        o.dx[m].resize(S * M);
+        auto t = layer->submit_forward(x[m].data(), S, o.y[m].data());
+        if (!t.ok()) return void(o.status = t.status());
+        forwards.push_back(*t);
+      }
+      for (int m = 0; m < kMicroBatches; ++m) {
+        auto info = client->wait(forwards[m]);
+        if (!info.ok()) return void(o.status = info.status());
+        o.info[m] = *info;
+      }
+      o.pending_after_forwards = pending_backwards(daemon, "moe_r" + std::to_string(r));
+      std::vector<client::Ticket> backwards;
+      for (int m = kMicroBatches - 1; m >= 0; --m) {
+        auto t = layer->submit_backward(forwards[m].sequence, dy[m].data(), batches[m].dl_aux, o.dx[m].data());
+        if (!t.ok()) return void(o.status = t.status());
+        backwards.push_back(*t);
+      }
+      for (const client::Ticket& t : backwards)
+        if (auto done = client->wait(t); !done.ok()) return void(o.status = done.status());
+      o.pending_after_backwards = pending_backwards(daemon, "moe_r" + std::to_string(r));
+      Status st = layer->step().status();
+      if (st.ok()) st = layer->save("after_r" + std::to_string(r) + ".safetensors").status();
+      o.status = st;
+    });
+  }
+  for (auto& t : threads) t.join();
+
+  const graphs::HostLayerParams grad_sum = summed_grads(batches), whole_host = to_host(whole);
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r) + " on daemon " + std::to_string(r / R));
+    ASSERT_TRUE(out[r].status.ok()) << out[r].status << "\n" << logs();
+    EXPECT_EQ(out[r].pending_after_forwards, kMicroBatches);
+    EXPECT_EQ(out[r].pending_after_backwards, 0);
+    for (int m = 0; m < kMicroBatches; ++m) {
+      SCOPED_TRACE("micro-batch " + std::to_string(m));
+      const MicroBatch& mb = batches[m];
+      EXPECT_EQ(out[r].info[m].capacity, mb.capacity);
+      EXPECT_EQ(out[r].info[m].dropped, mb.want[r].dropped);
+      EXPECT_NEAR(out[r].info[m].l_aux, mb.want[r].l_aux, 1e-5);
+      EXPECT_TRUE(all_close("y", out[r].y[m], mb.want[r].y, 1e-4, 1e-5));
+      EXPECT_TRUE(all_close("dx", out[r].dx[m], mb.grads[r].dx, 1e-3, 1e-4));
+    }
+    expect_applied_step(daemons[r / R]->dir() + "/state/default/checkpoints/after_r" + std::to_string(r) +
+                            ".safetensors",
+                        spec, W, r, whole_host, grad_sum);
+  }
+  for (int d = 0; d < D; ++d) EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << daemons[d]->log();
+}
+
+// Two daemons: one rank each (E ≥ W), and two ranks each with experts sharded along H over the
+// 2DH all-to-all.
+INSTANTIATE_TEST_SUITE_P(
+    Groups, ExpertParallelDaemonsInFlight,
+    ::testing::Values(
+        InFlightCase{"TwoDaemonsOneRankEach", 2, 1, 4, 2, 1.0, {{40, 27}, {18, 45}, {31, 22}}},
+        InFlightCase{"TwoDaemonsTwoRanksEach2dhShardedDropless",
+                     2,
+                     2,
+                     2,
+                     1,
+                     0.0,
+                     {{16, 25, 12, 30}, {28, 9, 21, 17}, {11, 19, 26, 14}},
+                     "2dh"}),
+    [](const ::testing::TestParamInfo<InFlightCase>& info) { return info.param.name; });
 
 }  // namespace
 }  // namespace tutel::testing

@@ -8,8 +8,20 @@
 // Capacity is agreed over the group: S and the largest expert count are all-reduced (MAX), so
 // ranks with different token counts work (Tutel's inequivalent_tokens).
 //
-// Thread-safety: one thread at a time per object; one training forward may wait for its
-// backward at a time.
+// Several training forwards may wait for their backwards at once (pipelined micro-batches):
+// everything one forward leaves for its backward lives in a Saved owned by the caller, and the
+// backwards may come in any order. The layer itself keeps only scratch that no call outlives.
+//
+// Ordering: forward, backward and all_reduce_gate_grad are collectives. Every rank of the group
+// must make the same sequence of calls, and the n-th call on one rank must be the same
+// micro-batch's forward (or backward) as the n-th call on every other rank: a backward's
+// exchanges are sized by the capacity its forward agreed on, and the layer cannot tell
+// micro-batches apart (a mismatch gives wrong results where the sizes agree, errors or
+// timeouts elsewhere). Which order that is (e.g. the backwards in reverse) is the caller's
+// choice, as long as every rank makes it.
+//
+// Thread-safety: one thread at a time per object, and per Saved (a Saved is only touched inside
+// the forward or backward it is passed to).
 #pragma once
 
 #include <cstdint>
@@ -62,14 +74,50 @@ class ExpertParallelLayer {
   const LayerSpec& spec() const { return spec_; }
   comm::AllToAllAlgo all_to_all_algo() const { return algo_; }
 
+  // What one training forward keeps for its backward: its input, its routing (scores, expert
+  // index, gate values, locations, slot map), its capacity and token count, and the
+  // expert-side activations (the tokens received by this rank's experts, their pre-activation
+  // and hidden values, the combined expert outputs back at the tokens' rank). Owned by the
+  // caller, one per training forward in flight. Its buffers come from the layer's backend (it
+  // must not outlive it) and only grow: a Saved reused across steps allocates nothing once it
+  // has held the largest micro-batch. Move-only.
+  class Saved {
+   public:
+    Saved() = default;
+    Saved(Saved&&) noexcept = default;
+    Saved& operator=(Saved&&) noexcept = default;
+
+    // A training forward's state waits here for its backward.
+    bool holds_forward() const { return holds_forward_; }
+    int64_t tokens() const { return tokens_; }      // S of that forward
+    int64_t capacity() const { return capacity_; }  // the C the group agreed on
+    // Device memory held.
+    size_t bytes() const;
+
+   private:
+    friend class ExpertParallelLayer;
+    bool holds_forward_ = false;
+    int64_t tokens_ = 0, capacity_ = 0;
+    DeviceBuffer x_, scores_, expert_index_, gates_, location_;  // [S, ·]
+    DeviceBuffer slots_;                                         // [E, C]
+    DeviceBuffer expert_in_, pre_, hidden_;                      // [E_l, W·C, ·]
+    DeviceBuffer combined_;                                      // [E, C, O]
+  };
+
   // x [S, M] → y [S, O] on this rank's tokens; collective over the group. `local` holds this
-  // rank's parameters (shapes above). With `training`, keeps what backward needs.
-  Status forward(const LayerWeights& local, TensorView x, bool training, TensorView y,
-                 RoutingStats* stats);
-  // Collective. dx is overwritten; `local_grads` accumulate (the gate's locally: call
-  // all_reduce_gate_grad before the optimizer step).
+  // rank's parameters (shapes above). A training forward passes `saved`: what backward needs
+  // is copied into it (x included, so the caller may reuse x's memory), replacing whatever it
+  // held. Without `saved` (inference) nothing is kept.
+  Status forward(const LayerWeights& local, TensorView x, TensorView y, RoutingStats* stats,
+                 Saved* saved = nullptr);
+  // Backward of the training forward held by `saved`; collective. dy is [saved.tokens(), O];
+  // dx is overwritten; `local_grads` accumulate (so several micro-batches add up; the gate's
+  // locally: call all_reduce_gate_grad before the optimizer step). Arguments that do not fit
+  // (shapes, a `saved` holding no forward) are refused before anything runs, and `saved` is
+  // kept; otherwise `saved` is consumed, also when a collective fails, and may be passed to
+  // another forward.
   Status backward(const LayerWeights& local, TensorView dy, float dl_aux, TensorView dx,
-                  const LayerWeights& local_grads);
+                  const LayerWeights& local_grads, Saved& saved);
   // Sums the replicated gate's gradient over the group, in place.
   Status all_reduce_gate_grad(TensorView gate_grad);
 
@@ -91,15 +139,12 @@ class ExpertParallelLayer {
   ExpertShard shard_;
   comm::AllToAllAlgo algo_;
 
-  // State of the last forward (for backward).
-  int64_t tokens_ = 0, capacity_ = 0;
-  bool trained_ = false;
-  DeviceBuffer x_, scores_, expert_index_, gates_, location_, l_aux_, expert_count_, slots_;
+  // Scratch: no call leaves anything in these that a later call reads.
+  Saved inference_;  // an inference forward's routing and activations
+  DeviceBuffer l_aux_, expert_count_;
   DeviceBuffer dispatched_;   // [E, C, M] local dispatch
   DeviceBuffer send_, recv_;  // all-to-all staging
-  DeviceBuffer expert_in_;    // [E_l, W·C, M] (or [W·C, M] sharded)
-  DeviceBuffer pre_, hidden_, expert_out_, workspace_;
-  DeviceBuffer combined_;  // [E, C, O] back at the tokens' rank
+  DeviceBuffer expert_out_, workspace_;
   DeviceBuffer d_gates_, d_logits_, d_combined_, d_expert_out_, d_hidden_, d_expert_in_,
       d_dispatched_;
 };
