@@ -1,6 +1,7 @@
 // Parses tuteld.toml and layer specs (docs/config.md). toml++ turns text into a tree with a
-// source position on every key and value; this file walks that tree against the schema, so
-// every message can point at the exact line, column and key path.
+// source position on every key and value; this file walks that tree against the schema, with
+// the typed reads of toml_reader.hpp, so every message can point at the exact line, column and
+// key path.
 #include "tutel/daemon/config.hpp"
 
 #include <arpa/inet.h>
@@ -11,419 +12,49 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <functional>
 #include <initializer_list>
-#include <limits>
 #include <map>
 #include <sstream>
+
+#include "toml_reader.hpp"
 
 namespace tutel::daemon {
 namespace {
 
 namespace fs = std::filesystem;
 
-constexpr int64_t kMaxInt = std::numeric_limits<int64_t>::max();
+using toml_reader::describe;
+using toml_reader::for_each_table;
+using toml_reader::format_double;
+using toml_reader::get_bool;
+using toml_reader::get_bytes;
+using toml_reader::get_double;
+using toml_reader::get_enum;
+using toml_reader::get_float;
+using toml_reader::get_int;
+using toml_reader::get_int_array;
+using toml_reader::get_name;
+using toml_reader::get_path;
+using toml_reader::get_string;
+using toml_reader::get_table;
+using toml_reader::KeyList;
+using toml_reader::kMaxInt;
+using toml_reader::located_error;
+using toml_reader::quote;
+using toml_reader::Scope;
+
 // Dimension bounds keep every size product the daemon computes far from int64 overflow.
 constexpr int64_t kMaxDim = int64_t{1} << 24;
 constexpr int64_t kMaxExperts = int64_t{1} << 20;
 constexpr double kMaxLayerParams = 1099511627776.0;  // 2^40 parameters (4 TiB in f32)
 constexpr int64_t kMaxUid = 4294967294;              // (uid_t)-1 means "no uid"
 constexpr size_t kMaxSocketPath = sizeof(sockaddr_un::sun_path) - 1;
-
-// ---- Messages -----------------------------------------------------------------------------
-
-std::string quote(std::string_view s) {
-  std::string out = "\"";
-  const size_t limit = 60;
-  for (size_t i = 0; i < s.size() && i < limit; ++i) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c < 0x20 || c == 0x7f) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  if (s.size() > limit) out += "...";
-  return out + "\"";
-}
-
-std::string format_double(double v) {
-  if (std::isnan(v)) return "nan";
-  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
-  char buf[64];
-  const auto r = std::to_chars(buf, buf + sizeof buf, v);
-  std::string s(buf, r.ptr);
-  // TOML needs a '.' or an exponent to read a float back as a float.
-  if (s.find_first_of(".e") == std::string::npos) s += ".0";
-  return s;
-}
-
-// The shortest text that reads back (as a double, then narrowed) to exactly `f`.
-std::string format_float(float f) {
-  if (!std::isfinite(f)) return format_double(f);
-  char buf[64];
-  const auto r = std::to_chars(buf, buf + sizeof buf, f);
-  double back = 0;
-  std::from_chars(buf, r.ptr, back);
-  if (static_cast<float>(back) != f) return format_double(static_cast<double>(f));
-  std::string s(buf, r.ptr);
-  if (s.find_first_of(".e") == std::string::npos) s += ".0";
-  return s;
-}
-
-// "-3", "2.5", "\"abc\"", "true", or what the node is when it has no short value.
-std::string describe(const toml::node& n) {
-  switch (n.type()) {
-    case toml::node_type::integer:
-      return std::to_string(n.as_integer()->get());
-    case toml::node_type::floating_point:
-      return format_double(n.as_floating_point()->get());
-    case toml::node_type::string:
-      return quote(n.as_string()->get());
-    case toml::node_type::boolean:
-      return n.as_boolean()->get() ? "true" : "false";
-    case toml::node_type::array:
-      return "an array";
-    case toml::node_type::table:
-      return "a table";
-    case toml::node_type::date:
-      return "a date";
-    case toml::node_type::time:
-      return "a time";
-    case toml::node_type::date_time:
-      return "a date-time";
-    default:
-      return "nothing";
-  }
-}
-
-size_t edit_distance(std::string_view a, std::string_view b) {
-  std::vector<size_t> row(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    size_t diagonal = row[0];
-    row[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      const size_t up = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
-      diagonal = up;
-    }
-  }
-  return row[b.size()];
-}
-
-// ---- Walking the tree ---------------------------------------------------------------------
-
-// "<source>:<line>:<column>: <path>: <message>".
-Status located_error(std::string_view source, const toml::source_region& where,
-                     std::string_view path, std::string_view message) {
-  std::string m(source);
-  if (where.begin.line > 0)
-    m += ":" + std::to_string(where.begin.line) + ":" + std::to_string(where.begin.column);
-  m += ": ";
-  if (!path.empty()) m += std::string(path) + ": ";
-  m += message;
-  return Status::InvalidArgument(std::move(m));
-}
-
-using KeyList = std::initializer_list<std::string_view>;
-
-// One table being read: where it is, what it is called, and how to point at its keys.
-class Scope {
- public:
-  Scope(std::string_view source, const toml::table& table, std::string path, std::string label)
-      : source_(source), table_(table), path_(std::move(path)), label_(std::move(label)) {}
-  Scope child(const toml::table& table, std::string path, std::string label) const {
-    return Scope(source_, table, std::move(path), std::move(label));
-  }
-
-  std::string key_path(std::string_view key) const {
-    return path_.empty() ? std::string(key) : path_ + "." + std::string(key);
-  }
-  const toml::node* find(std::string_view key) const { return table_.get(key); }
-
-  Status error_at(const toml::source_region& where, std::string_view path,
-                  std::string_view message) const {
-    return located_error(source_, where, path, message);
-  }
-  Status error(const toml::node& n, std::string_view key, std::string_view message) const {
-    return error_at(n.source(), key_path(key), message);
-  }
-  // For an absent value, or a rule over several keys: points at the value when it is present,
-  // else at the table.
-  Status error_near(std::string_view key, std::string_view message) const {
-    const toml::node* n = find(key);
-    return error_at(n != nullptr ? n->source() : table_.source(),
-                    key.empty() ? path_ : key_path(key), message);
-  }
-  Status missing(std::string_view key, std::string_view what) const {
-    return error_near(key, "missing required key (" + std::string(what) + ") in " + label_);
-  }
-
-  Status check_keys(KeyList known, KeyList more = {}) const {
-    for (auto&& [key, value] : table_) {
-      const std::string_view name = key.str();
-      const auto is = [&](std::string_view k) { return k == name; };
-      if (std::any_of(known.begin(), known.end(), is) || std::any_of(more.begin(), more.end(), is))
-        continue;
-      std::string_view best;
-      size_t best_distance = 3;  // suggest only within edit distance 2
-      for (KeyList list : {known, more})
-        for (std::string_view k : list)
-          if (const size_t d = edit_distance(name, k); d < best_distance)
-            best = k, best_distance = d;
-      std::string m = "unknown key in " + label_;
-      if (!best.empty()) m += "; did you mean '" + std::string(best) + "'?";
-      return error_at(key.source(), key_path(name), m);
-    }
-    return Status::OK();
-  }
-
- private:
-  std::string_view source_;
-  const toml::table& table_;
-  std::string path_, label_;
-};
-
-std::string int_expectation(int64_t lo, int64_t hi) {
-  if (hi == kMaxInt) {
-    if (lo == 1) return "a positive integer";
-    if (lo == 0) return "an integer >= 0";
-    return "an integer >= " + std::to_string(lo);
-  }
-  return "an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
-}
-
-template <typename T>
-Status get_int(const Scope& s, std::string_view key, int64_t lo, int64_t hi, T& out,
-               bool required = false) {
-  const toml::node* n = s.find(key);
-  if (n == nullptr) return required ? s.missing(key, int_expectation(lo, kMaxInt)) : Status::OK();
-  const auto* v = n->as_integer();
-  // Name the bound that was crossed: "a positive integer, got -3" says more than the range.
-  const std::string expected =
-      v != nullptr && v->get() < lo ? int_expectation(lo, kMaxInt) : int_expectation(lo, hi);
-  if (v == nullptr || v->get() < lo || v->get() > hi)
-    return s.error(*n, key, "expected " + expected + ", got " + describe(*n));
-  out = static_cast<T>(v->get());
-  return Status::OK();
-}
-
-// Integers are floats too: `lr = 1` means 1.0.
-Status get_double(const Scope& s, std::string_view key, const std::function<bool(double)>& ok,
-                  std::string_view expected, double& out) {
-  const toml::node* n = s.find(key);
-  if (n == nullptr) return Status::OK();
-  std::optional<double> v;
-  if (const auto* f = n->as_floating_point()) v = f->get();
-  if (const auto* i = n->as_integer()) v = static_cast<double>(i->get());
-  if (!v || !ok(*v))
-    return s.error(*n, key, "expected " + std::string(expected) + ", got " + describe(*n));
-  out = *v;
-  return Status::OK();
-}
-
-// Beyond float's range a double becomes an infinity (a plain cast would be undefined).
-float narrow(double d) {
-  constexpr double kMax = std::numeric_limits<float>::max();
-  if (d > kMax) return std::numeric_limits<float>::infinity();
-  if (d < -kMax) return -std::numeric_limits<float>::infinity();
-  return static_cast<float>(d);
-}
-
-// Judges the value narrowed to float, so lr = 1e-50 is not a positive learning rate.
-Status get_float(const Scope& s, std::string_view key, const std::function<bool(float)>& ok,
-                 std::string_view expected, float& out) {
-  double v = out;
-  TUTEL_RETURN_IF_ERROR(get_double(
-      s, key, [&](double d) { return ok(narrow(d)); }, expected, v));
-  out = narrow(v);
-  return Status::OK();
-}
-
-Status get_bool(const Scope& s, std::string_view key, bool& out) {
-  const toml::node* n = s.find(key);
-  if (n == nullptr) return Status::OK();
-  const auto* v = n->as_boolean();
-  if (v == nullptr) return s.error(*n, key, "expected true or false, got " + describe(*n));
-  out = v->get();
-  return Status::OK();
-}
-
-Status get_string(const Scope& s, std::string_view key, std::string& out, bool required = false,
-                  std::string_view expected = "a string") {
-  const toml::node* n = s.find(key);
-  if (n == nullptr) return required ? s.missing(key, expected) : Status::OK();
-  const auto* v = n->as_string();
-  if (v == nullptr)
-    return s.error(*n, key, "expected " + std::string(expected) + ", got " + describe(*n));
-  if (v->get().find('\0') != std::string::npos)
-    return s.error(*n, key, "the string holds a NUL character");
-  out = v->get();
-  return Status::OK();
-}
-
-// A string naming one of `choices`, mapped to its value by `parse`.
-template <typename T, typename Parse>
-Status get_enum(const Scope& s, std::string_view key, std::string_view choices, Parse parse,
-                T& out) {
-  const toml::node* n = s.find(key);
-  if (n == nullptr) return Status::OK();
-  std::optional<T> parsed;
-  if (const auto* v = n->as_string()) parsed = parse(std::string_view(v->get()));
-  if (!parsed)
-    return s.error(*n, key, "expected one of " + std::string(choices) + ", got " + describe(*n));
-  out = *parsed;
-  return Status::OK();
-}
-
-std::optional<uint64_t> parse_size(std::string_view text) {
-  size_t i = 0;
-  uint64_t value = 0;
-  while (i < text.size() && text[i] >= '0' && text[i] <= '9') {
-    if (value > (std::numeric_limits<uint64_t>::max() - 9) / 10) return std::nullopt;
-    value = value * 10 + static_cast<uint64_t>(text[i++] - '0');
-  }
-  if (i == 0) return std::nullopt;
-  while (i < text.size() && text[i] == ' ') ++i;
-  std::string unit(text.substr(i));
-  for (char& c : unit) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  int shift = 0;
-  if (unit == "kib")
-    shift = 10;
-  else if (unit == "mib")
-    shift = 20;
-  else if (unit == "gib")
-    shift = 30;
-  else if (unit == "tib")
-    shift = 40;
-  else if (!unit.empty() && unit != "b")
-    return std::nullopt;
-  if (value > (std::numeric_limits<uint64_t>::max() >> shift)) return std::nullopt;
-  return value << shift;
-}
-
-std::string size_name(uint64_t bytes) {
-  for (auto [shift, unit] :
-       {std::pair{40, "TiB"}, std::pair{30, "GiB"}, std::pair{20, "MiB"}, std::pair{10, "KiB"}})
-    if (bytes >= (uint64_t{1} << shift) && bytes % (uint64_t{1} << shift) == 0)
-      return std::to_string(bytes >> shift) + unit;
-  return std::to_string(bytes);
-}
-
-// A byte count: an integer, or a string such as "64MiB".
-Status get_bytes(const Scope& s, std::string_view key, uint64_t lo, uint64_t hi, uint64_t& out) {
-  const toml::node* n = s.find(key);
-  if (n == nullptr) return Status::OK();
-  std::optional<uint64_t> v;
-  if (const auto* i = n->as_integer(); i != nullptr && i->get() >= 0)
-    v = static_cast<uint64_t>(i->get());
-  if (const auto* str = n->as_string()) v = parse_size(str->get());
-  if (!v || *v < lo || *v > hi)
-    return s.error(*n, key,
-                   "expected a byte count from " + size_name(lo) + " to " + size_name(hi) +
-                       ", as an integer or a string such as \"64MiB\" (units B, KiB, MiB, GiB, "
-                       "TiB), got " +
-                       describe(*n));
-  out = *v;
-  return Status::OK();
-}
-
-template <typename T>
-Status get_int_array(const Scope& s, std::string_view key, int64_t lo, int64_t hi,
-                     std::vector<T>& out) {
-  const toml::node* n = s.find(key);
-  if (n == nullptr) return Status::OK();
-  const toml::array* a = n->as_array();
-  if (a == nullptr) return s.error(*n, key, "expected an array of integers, got " + describe(*n));
-  out.clear();
-  for (size_t i = 0; i < a->size(); ++i) {
-    const toml::node& e = *a->get(i);
-    const auto* v = e.as_integer();
-    if (v == nullptr || v->get() < lo || v->get() > hi)
-      return s.error_at(e.source(), s.key_path(key) + "[" + std::to_string(i) + "]",
-                        "expected " + int_expectation(lo, hi) + ", got " + describe(e));
-    out.push_back(static_cast<T>(v->get()));
-  }
-  return Status::OK();
-}
-
-// A sub-table `key` (either [a.key] or key = { ... }); null when absent.
-Result<const toml::table*> get_table(const Scope& s, std::string_view key, bool required,
-                                     std::string_view what) {
-  const toml::node* n = s.find(key);
-  if (n == nullptr) {
-    if (!required) return static_cast<const toml::table*>(nullptr);
-    return s.error_near(key, "missing required table " + std::string(what));
-  }
-  if (const toml::table* t = n->as_table()) return t;
-  return s.error(*n, key, "expected a table " + std::string(what) + ", got " + describe(*n));
-}
-
-// Calls `each(scope, index)` on every table of the array of tables `key` ([[key]]).
-Status for_each_table(const Scope& s, std::string_view key, std::string_view label,
-                      const std::function<Status(const Scope&, size_t)>& each) {
-  const toml::node* n = s.find(key);
-  if (n == nullptr) return Status::OK();
-  const toml::array* a = n->as_array();
-  if (a == nullptr)
-    return s.error(
-        *n, key, "expected an array of tables ([[" + std::string(key) + "]]), got " + describe(*n));
-  for (size_t i = 0; i < a->size(); ++i) {
-    const std::string path = s.key_path(key) + "[" + std::to_string(i) + "]";
-    const toml::node& e = *a->get(i);
-    const toml::table* t = e.as_table();
-    if (t == nullptr) return s.error_at(e.source(), path, "expected a table, got " + describe(e));
-    TUTEL_RETURN_IF_ERROR(each(s.child(*t, path, std::string(label)), i));
-  }
-  return Status::OK();
-}
-
-bool valid_name(std::string_view name) {
-  if (name.empty() || name.size() > 64) return false;
-  return std::all_of(name.begin(), name.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
-           c == '.' || c == '-';
-  });
-}
-
-Status get_name(const Scope& s, std::string_view key, std::string_view what, std::string& out) {
-  TUTEL_RETURN_IF_ERROR(get_string(s, key, out, /*required=*/true, what));
-  if (!valid_name(out))
-    return s.error(*s.find(key), key,
-                   "expected " + std::string(what) +
-                       " of 1 to 64 characters from A-Z a-z 0-9 _ . -, got " + quote(out));
-  return Status::OK();
-}
-
-// Relative paths are taken from the config file's directory, so the daemon does not depend
-// on the directory it was started from.
-std::string resolve(const fs::path& base_dir, const std::string& path) {
-  if (base_dir.empty()) return path;
-  const fs::path p(path);
-  return (p.is_absolute() ? p : base_dir / p).lexically_normal().string();
-}
-
-Status get_path(const Scope& s, std::string_view key, const fs::path& base_dir, bool required,
-                std::string& out) {
-  const bool present = s.find(key) != nullptr;
-  TUTEL_RETURN_IF_ERROR(get_string(s, key, out, required, "a path"));
-  if (present && required && out.empty()) return s.error_near(key, "expected a path, got \"\"");
-  if (!out.empty()) out = resolve(base_dir, out);
-  return Status::OK();
-}
 
 // ---- Layer specs --------------------------------------------------------------------------
 
@@ -802,6 +433,19 @@ Status parse_layers(const Scope& root, const fs::path& base_dir, Config& config)
 }
 
 // ---- Formatting ---------------------------------------------------------------------------
+
+// The shortest text that reads back (as a double, then narrowed) to exactly `f`.
+std::string format_float(float f) {
+  if (!std::isfinite(f)) return format_double(f);
+  char buf[64];
+  const auto r = std::to_chars(buf, buf + sizeof buf, f);
+  double back = 0;
+  std::from_chars(buf, r.ptr, back);
+  if (static_cast<float>(back) != f) return format_double(static_cast<double>(f));
+  std::string s(buf, r.ptr);
+  if (s.find_first_of(".e") == std::string::npos) s += ".0";
+  return s;
+}
 
 std::string toml_string(std::string_view s) {
   std::string out = "\"";
