@@ -1,26 +1,24 @@
-// tutel-bench a2a: the UCX all-to-all (linear and 2DH) between forked ranks on loopback, next to
-// its ceiling measured in the same run: UCX point-to-point bandwidth, rank 0 -> rank 1 alone,
-// over the same transport.
+// tutel-bench a2a: the communicator's all-to-all (linear and 2DH) between ranks on this machine,
+// next to its ceiling measured in the same run.
 //
-// Every rank is a forked child (as in tests/comm) that picks its transport with UCX_TLS before
-// it bootstraps; UCX_NET_DEVICES=lo keeps all traffic on loopback. The parent holds no UCX
-// state, reads the children's results from pipes and prints one table. Each child runs under a
-// guard alarm, re-armed for every measurement point; the parent kills only the pids it forked.
+// UCX transports (shm, sm, tcp): every rank is a forked child (as in tests/comm) that picks its
+// transport with UCX_TLS before it bootstraps; UCX_NET_DEVICES=lo keeps all traffic on loopback.
+// Ceiling: UCX point-to-point bandwidth, rank 0 -> rank 1 alone, over the same transport.
+//
+// memory: the ranks are threads of one forked child, bootstrapped with one shared
+// comm::LocalExchange, so every message is a memcpy from the sender's buffer into the
+// receiver's (as between the ranks of one daemon). Ceiling, measured first in the same child:
+// memcpy between two threads' buffers (memcpy_ceiling.hpp).
+//
+// The parent holds no UCX state, reads the children's results from pipes and prints one table.
+// Each child runs under a guard alarm, re-armed for every measurement point.
 #include "a2a_bench.hpp"
 
-#include <arpa/inet.h>
-#include <fcntl.h>
-#include <netinet/in.h>
-#include <poll.h>
-#include <signal.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
 #include <ucp/api/ucp.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
-#include <cerrno>
 #include <chrono>
 #include <cinttypes>
 #include <cstdio>
@@ -37,8 +35,11 @@
 #include <vector>
 
 #include "bench_util.hpp"
+#include "forked_ranks.hpp"
+#include "memcpy_ceiling.hpp"
 #include "tutel/comm/bootstrap.hpp"
 #include "tutel/comm/communicator.hpp"
+#include "tutel/comm/local_exchange.hpp"
 #include "tutel/comm/ucx.hpp"
 
 namespace tutel::bench {
@@ -47,10 +48,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
-// A child's alarm, re-armed at its bootstrap and at every measurement point: a hang becomes
-// SIGALRM. The parent gives up on a group that sends nothing for this long plus a margin.
-constexpr unsigned kPointGuardSeconds = 120;
-constexpr auto kParentMargin = 15s;
 // A point whose runs would take longer than this gets fewer (never under kMinRuns).
 constexpr double kPointBudgetSeconds = 2.0;
 constexpr int kMinRuns = 3;
@@ -63,16 +60,18 @@ constexpr size_t kLargeBytes = size_t{16} << 20;
 constexpr double kTargetRatio = 0.70;
 // Cores busier than this before or after the run (others' processes) make the numbers noise.
 constexpr double kBusyWarning = 0.2;
-// A failed group's report names this many of its failed ranks.
-constexpr size_t kFailuresShown = 3;
 // 2DH is benchmarked with this many ranks per node, where it divides the group.
 constexpr int kRanksPerNode = 2;
 
 struct Transport {
   std::string_view name;
   const char* ucx_tls;
+  // Ranks are threads of one process sharing a LocalExchange: messages are memcpys, and UCX
+  // (ucx_tls) carries only the notices of a rank that gives up.
+  bool in_process = false;
 };
 constexpr Transport kTransports[] = {
+    {"memory", "tcp,self", true},
     {"shm", "posix,self"},  // shared memory, copies through a posix segment
     {"sm", "sm,self"},      // every shared-memory transport UCX has: posix, sysv, cma, knem...
     {"tcp", "tcp,self"},
@@ -163,42 +162,7 @@ int choose_runs(int repeats, int64_t one_run_ns) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forked ranks.
-
-class Fd {
- public:
-  explicit Fd(int fd = -1) : fd_(fd) {}
-  ~Fd() { reset(); }
-  Fd(Fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  Fd& operator=(Fd&& other) noexcept {
-    if (this != &other) {
-      reset();
-      fd_ = std::exchange(other.fd_, -1);
-    }
-    return *this;
-  }
-  int get() const { return fd_; }
-  void reset() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-
- private:
-  int fd_;
-};
-
-// A loopback port that was free a moment ago (bind to port 0, read it back).
-uint16_t free_loopback_port() {
-  Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof addr;
-  if (fd.get() < 0 || ::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-      ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0)
-    return 0;
-  return ntohs(addr.sin_port);
-}
+// Ranks.
 
 comm::BootstrapOptions loopback_options(uint16_t port, int rank, int size, int local_size,
                                         int spin_us = -1) {
@@ -213,160 +177,6 @@ comm::BootstrapOptions loopback_options(uint16_t port, int rank, int size, int l
   // One 64 MiB all-to-all among 8 ranks sharing 2 cores over TCP takes seconds.
   o.collective_timeout = 60s;
   return o;
-}
-
-// How a child hands a result line to the parent.
-class ReportPipe {
- public:
-  explicit ReportPipe(int fd) : fd_(fd) {}
-  void line(std::string text) const {
-    std::replace(text.begin(), text.end(), '\n', ' ');
-    text += '\n';
-    size_t done = 0;
-    while (done < text.size()) {
-      const ssize_t n = ::write(fd_, text.data() + done, text.size() - done);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return;
-      done += static_cast<size_t>(n);
-    }
-  }
-
- private:
-  int fd_;
-};
-
-using RankBody = std::function<Status(int rank, const ReportPipe& report)>;
-
-// The forked children of one group; those not yet reaped are killed and reaped on destruction.
-class ChildPids {
- public:
-  ~ChildPids() {
-    for (pid_t& pid : pids_) {
-      if (pid <= 0) continue;
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-    }
-  }
-  void add(pid_t pid) { pids_.push_back(pid); }
-  size_t size() const { return pids_.size(); }
-  pid_t pid(size_t i) const { return pids_[i]; }
-  void kill_all() const {
-    for (pid_t pid : pids_)
-      if (pid > 0) ::kill(pid, SIGKILL);
-  }
-  // Blocks until child i exits (every child runs under its alarm); returns its wait status.
-  int reap(size_t i) {
-    int status = 0;
-    while (::waitpid(pids_[i], &status, 0) < 0 && errno == EINTR) {
-    }
-    pids_[i] = -1;
-    return status;
-  }
-
- private:
-  std::vector<pid_t> pids_;
-};
-
-// Forks `size` ranks with UCX_TLS = `tls` (and UCX_NET_DEVICES=lo); child r runs body(r). Every
-// line a child reports reaches on_line as it arrives. OK when every child exited 0; otherwise
-// an error naming each failed rank and what it said.
-Status run_ranks(int size, const char* tls, const RankBody& body,
-                 const std::function<void(const std::string&)>& on_line) {
-  std::fflush(stdout);  // a child must not inherit (and never flushes) unwritten output
-  std::fflush(stderr);
-  ChildPids children;
-  std::vector<Fd> pipes;
-  for (int r = 0; r < size; ++r) {
-    int fds[2];
-    if (::pipe2(fds, O_CLOEXEC) != 0)
-      return Status::IOError("pipe2: " + std::string(strerror(errno)));
-    Fd read_end(fds[0]), write_end(fds[1]);
-    const pid_t pid = ::fork();
-    if (pid < 0) return Status::IOError("fork: " + std::string(strerror(errno)));
-    if (pid == 0) {
-      ::alarm(kPointGuardSeconds);
-      for (Fd& p : pipes) p.reset();  // the siblings' read ends
-      read_end.reset();
-      ::setenv("UCX_NET_DEVICES", "lo", 1);
-      ::setenv("UCX_TLS", tls, 1);
-      const ReportPipe report(write_end.get());
-      const Status st = body(r, report);
-      if (!st.ok()) report.line("error " + st.to_string());
-      ::_exit(st.ok() ? 0 : 1);
-    }
-    children.add(pid);
-    pipes.push_back(std::move(read_end));
-  }
-
-  std::vector<std::string> partial(static_cast<size_t>(size)), said(static_cast<size_t>(size));
-  auto deadline = Clock::now() + std::chrono::seconds(kPointGuardSeconds) + kParentMargin;
-  bool stalled = false;
-  for (;;) {
-    std::vector<pollfd> polled;
-    std::vector<size_t> rank_of;
-    for (size_t r = 0; r < pipes.size(); ++r) {
-      if (pipes[r].get() < 0) continue;
-      polled.push_back({pipes[r].get(), POLLIN, 0});
-      rank_of.push_back(r);
-    }
-    if (polled.empty()) break;
-    if (Clock::now() > deadline) {
-      stalled = true;
-      children.kill_all();
-      break;
-    }
-    if (::poll(polled.data(), polled.size(), 1000) < 0 && errno != EINTR)
-      return Status::IOError("poll: " + std::string(strerror(errno)));
-    for (size_t i = 0; i < polled.size(); ++i) {
-      if (polled[i].revents == 0) continue;
-      const size_t r = rank_of[i];
-      char buf[4096];
-      const ssize_t n = ::read(pipes[r].get(), buf, sizeof buf);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        pipes[r].reset();
-        continue;
-      }
-      deadline = Clock::now() + std::chrono::seconds(kPointGuardSeconds) + kParentMargin;
-      partial[r].append(buf, static_cast<size_t>(n));
-      size_t eol;
-      while ((eol = partial[r].find('\n')) != std::string::npos) {
-        std::string line = partial[r].substr(0, eol);
-        partial[r].erase(0, eol + 1);
-        if (line.rfind("error ", 0) == 0)
-          said[r] = line.substr(6);
-        else
-          on_line(line);
-      }
-    }
-  }
-
-  // Ranks that died of a signal first: the others usually failed because of them.
-  std::vector<std::string> died, erred;
-  for (size_t r = 0; r < children.size(); ++r) {
-    const pid_t pid = children.pid(r);
-    const int status = children.reap(r);
-    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) continue;
-    std::string text = "rank " + std::to_string(r) + " (pid " + std::to_string(pid) + "): ";
-    if (WIFSIGNALED(status))
-      text += std::string("killed by ") + strsignal(WTERMSIG(status)) +
-              (WTERMSIG(status) == SIGALRM ? " (its guard alarm: it hung)" : "");
-    else
-      text += "exit code " + std::to_string(WEXITSTATUS(status));
-    if (!said[r].empty()) text += ": " + said[r];
-    (WIFSIGNALED(status) ? died : erred).push_back(std::move(text));
-  }
-  died.insert(died.end(), erred.begin(), erred.end());
-  std::string failures;
-  for (size_t i = 0; i < died.size() && i < kFailuresShown; ++i) failures += "\n  " + died[i];
-  if (died.size() > kFailuresShown)
-    failures += "\n  and " + std::to_string(died.size() - kFailuresShown) +
-                (died.size() - kFailuresShown == 1 ? " more rank" : " more ranks");
-  if (stalled)
-    failures += "\n  (the group reported nothing for " +
-                std::to_string(kPointGuardSeconds + kParentMargin.count()) +
-                " s: the ranks still running were killed)";
-  return failures.empty() ? Status::OK() : Status::Aborted("ranks failed:" + failures);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -567,14 +377,26 @@ Status p2p_rank(int rank, uint16_t port, const std::vector<size_t>& sizes, int r
 // The byte rank `src` puts in every position of its chunk for rank `dst`.
 uint8_t chunk_byte(int src, int dst) { return static_cast<uint8_t>((src * 131 + dst) * 37 + 11); }
 
-// Every rank: per size, per algorithm, warm-up runs, then timed runs each after a barrier; the
-// time of a run is the slowest rank's. Rank 0 reports
-// "a2a <requested size> <size> <algo> <runs> <median ns>".
+// One rank of a group of `ranks`: a forked process whose peers are all over UCX (exchange null),
+// or one of the group's threads in one process, all bootstrapped with the same `exchange`, whose
+// peers must then all be same_process. Per size, per algorithm, warm-up runs, then timed runs
+// each after a barrier; the time of a run is the slowest rank's; every chunk is checked. Rank 0
+// reports "a2a <ranks> <requested size> <size> <algo> <runs> <median ns>".
 Status a2a_rank(int rank, int ranks, uint16_t port, const std::vector<size_t>& sizes, int repeats,
-                int spin_us, const ReportPipe& report) {
+                int spin_us, const std::shared_ptr<comm::LocalExchange>& exchange,
+                const ReportPipe& report) {
   const int local_size = ranks % kRanksPerNode == 0 ? kRanksPerNode : 1;
-  TUTEL_ASSIGN_OR_RETURN(
-      auto comm, comm::ucx_bootstrap(loopback_options(port, rank, ranks, local_size, spin_us)));
+  comm::BootstrapOptions options = loopback_options(port, rank, ranks, local_size, spin_us);
+  options.local_exchange = exchange;
+  TUTEL_ASSIGN_OR_RETURN(auto comm, comm::ucx_bootstrap(options));
+  if (exchange != nullptr) {
+    for (const comm::PeerStatus& peer : comm->peers())
+      if (!peer.same_process)
+        return Status::Internal("rank " + std::to_string(rank) + " reaches rank " +
+                                std::to_string(peer.rank) + " (" + peer.address +
+                                ") over UCX, not through the shared LocalExchange: the "
+                                "`memory` numbers would not be memcpy's");
+  }
   std::vector<comm::AllToAllAlgo> algos = {comm::AllToAllAlgo::kLinear};
   if (local_size > 1 && local_size < ranks) algos.push_back(comm::AllToAllAlgo::k2DH);
 
@@ -588,6 +410,9 @@ Status a2a_rank(int rank, int ranks, uint16_t port, const std::vector<size_t>& s
       std::memset(send.data() + d * chunk, chunk_byte(rank, d), chunk);
 
     for (const comm::AllToAllAlgo algo : algos) {
+      // Not what any chunk should hold, so the check below fails unless this algorithm wrote.
+      for (int src = 0; src < ranks; ++src)
+        std::memset(recv.data() + src * chunk, static_cast<uint8_t>(~chunk_byte(src, rank)), chunk);
       auto one_run = [&]() -> Result<int64_t> {
         TUTEL_RETURN_IF_ERROR(comm->barrier());
         const auto t0 = Clock::now();
@@ -618,12 +443,51 @@ Status a2a_rank(int rank, int ranks, uint16_t port, const std::vector<size_t>& s
                                     std::to_string(s) + " is wrong");
       }
       if (rank == 0)
-        report.line("a2a " + std::to_string(requested) + " " + std::to_string(bytes) + " " +
-                    std::string(comm::to_string(algo)) + " " + std::to_string(runs) + " " +
-                    std::to_string(median(times)));
+        report.line("a2a " + std::to_string(ranks) + " " + std::to_string(requested) + " " +
+                    std::to_string(bytes) + " " + std::string(comm::to_string(algo)) + " " +
+                    std::to_string(runs) + " " + std::to_string(median(times)));
     }
   }
   return Status::OK();
+}
+
+// The `memory` transport, all of it in one forked process: first the memcpy ceiling per size
+// ("p2p" lines, as the UCX ceiling's), then each group size as that many threads sharing one
+// LocalExchange. A group that fails is reported as "failed <ranks> a2a <why>" and the next one
+// still runs.
+Status memory_process(const std::vector<int>& rank_counts, const std::vector<size_t>& sizes,
+                      int repeats, int spin_us, size_t llc_bytes, const ReportPipe& report) {
+  bool ceiling_failed = false;
+  std::string failed_groups;
+  for (const size_t size : sizes) {
+    ::alarm(kPointGuardSeconds);
+    const Result<CopyCeiling> ceiling = measure_copy_ceiling(size, repeats, llc_bytes);
+    if (!ceiling.ok()) {
+      report.line("failed 2 memcpy " + ceiling.status().to_string());
+      ceiling_failed = true;
+      continue;
+    }
+    report.line("p2p " + std::to_string(size) + " " + std::to_string(repeats) + " " +
+                std::to_string(ceiling->one_way_ns) + " " + std::to_string(ceiling->both_ways_ns) +
+                " " + std::to_string(ceiling->bytes_per_run));
+  }
+  for (const int ranks : rank_counts) {
+    ::alarm(kPointGuardSeconds);
+    const uint16_t port = free_loopback_port();
+    const auto exchange = std::make_shared<comm::LocalExchange>();
+    const Status st = run_threads(ranks, [&](int rank) {
+      return a2a_rank(rank, ranks, port, sizes, repeats, spin_us, exchange, report);
+    });
+    if (!st.ok()) {
+      report.line("failed " + std::to_string(ranks) + " a2a " + st.to_string());
+      failed_groups += " " + std::to_string(ranks);
+    }
+  }
+  if (!ceiling_failed && failed_groups.empty()) return Status::OK();
+  return Status::Aborted(
+      std::string(ceiling_failed ? "the memcpy ceiling failed; " : "") +
+      (failed_groups.empty() ? "" : "groups of" + failed_groups + " ranks failed") +
+      " (their rows say why)");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -654,7 +518,7 @@ Result<Plan> make_plan(const A2aBenchOptions& o) {
     for (const Transport& t : kTransports)
       if (t.name == item) found = &t;
     if (found == nullptr)
-      return Status::InvalidArgument("--transports '" + item + "': use shm, sm or tcp");
+      return Status::InvalidArgument("--transports '" + item + "': use memory, shm, sm or tcp");
     plan.transports.push_back(found);
   }
   for (const std::string& item : split_list(o.sizes)) {
@@ -706,17 +570,22 @@ std::string describe_busy(double busy) {
   return buf;
 }
 
-void print_preamble(const Plan& plan, int cores, double busy) {
+void print_preamble(const Plan& plan, int cores, double busy, size_t llc_bytes) {
   std::printf(
-      "tutel-bench a2a: UCX all-to-all between forked ranks (one process each) on this "
-      "machine: %d cores, UCX_NET_DEVICES=lo\n",
-      cores);
+      "tutel-bench a2a: the communicator's all-to-all between ranks on this machine: %d cores, "
+      "last-level cache %s, UCX_NET_DEVICES=lo\n",
+      cores, format_bytes(llc_bytes).c_str());
   std::printf(
+      "  ranks      shm, sm, tcp: forked processes, one a rank, exchanging over UCX;  memory: "
+      "threads of one forked process, one a rank, all\n"
+      "             bootstrapped with one LocalExchange (every peer same_process, checked): each "
+      "message is one memcpy into the receiver's buffer\n"
       "  size       per-rank send buffer: `ranks` chunks of size/ranks bytes (chunk i goes to "
       "rank i); the receive buffer is as large\n"
       "  time       all-to-all rows: median over runs of the slowest rank's all-to-all, each run "
       "started by a barrier (after 1-2 warm-up runs);\n"
-      "             p2p rows: one message one way (a run's time / the messages in it)\n"
+      "             every chunk received is checked;  p2p/memcpy rows: one message (copy) one "
+      "way (a run's time / the messages in it)\n"
       "  algbw      size / time;  busbw = algbw * (ranks-1)/ranks, what a rank sends to the "
       "others per second;  1 GB/s = 1e9 B/s, 1 MB/s = 1e6 B/s\n"
       "  p2p        the ceiling, measured first in the same run: raw UCX tag sends, rank 0 -> "
@@ -725,18 +594,35 @@ void print_preamble(const Plan& plan, int cores, double busy) {
       "median of --repeats runs\n"
       "  p2p 2-way  the same with rank 1 sending back at once: per-direction bandwidth of an "
       "exchange (what each rank of an all-to-all does)\n"
-      "  target     linear at size >= %s: busbw / p2p >= %.2f\n"
+      "  memcpy     memory's ceiling, in the p2p columns, measured first in the same process: "
+      "thread 0 copies `size` bytes from its buffer into\n"
+      "             thread 1's (each thread allocated and first touched its own), up to %zu "
+      "copies back to back (~%s a run) of the same\n"
+      "             buffers; sizes over the %s last-level cache: one copy a run, after a read "
+      "sweep of %s that evicts both buffers;\n"
+      "             2-way: thread 1 copies its buffer into thread 0's at the same time "
+      "(per-direction bandwidth); median of --repeats runs\n"
+      "  target     linear at size >= %s: busbw / p2p (memory: busbw / memcpy one way) >= "
+      "%.2f\n"
       "  2dh        %d ranks per node; run where that divides `ranks` into more than one node\n",
-      kP2pWindow, format_bytes(kP2pBytesPerRun).c_str(), format_bytes(kLargeBytes).c_str(),
-      kTargetRatio, kRanksPerNode);
+      kP2pWindow, format_bytes(kP2pBytesPerRun).c_str(), kCopiesPerRun,
+      format_bytes(kCopyBytesPerRun).c_str(), format_bytes(llc_bytes).c_str(),
+      format_bytes(2 * llc_bytes).c_str(), format_bytes(kLargeBytes).c_str(), kTargetRatio,
+      kRanksPerNode);
   std::printf(
       "  spin       the communicator busy-polls %s before it sleeps on its event fd "
       "(--spin-us)\n",
       plan.spin_us >= 0 ? (std::to_string(plan.spin_us) + " us").c_str() : "its default 50 us");
   std::printf("  cores      before the run, without the bench: %s\n", describe_busy(busy).c_str());
   std::printf("  transports");
-  for (const Transport* t : plan.transports)
-    std::printf(" %.*s: UCX_TLS=%s;", static_cast<int>(t->name.size()), t->name.data(), t->ucx_tls);
+  for (const Transport* t : plan.transports) {
+    if (t->in_process)
+      std::printf(" %.*s: LocalExchange (UCX_TLS=%s carries only give-up notices);",
+                  static_cast<int>(t->name.size()), t->name.data(), t->ucx_tls);
+    else
+      std::printf(" %.*s: UCX_TLS=%s;", static_cast<int>(t->name.size()), t->name.data(),
+                  t->ucx_tls);
+  }
   std::printf("\n");
   bool oversubscribed = false;
   for (int n : plan.rank_counts) oversubscribed |= n > cores;
@@ -755,8 +641,8 @@ struct P2pCeiling {
   double both_ways_bps = 0;  // per direction
 };
 
-// Records and prints rank 0's "p2p ..." line.
-void parse_p2p_row(const std::string& line, const std::string& transport,
+// Records and prints rank 0's "p2p ..." line: the ceiling row, named `kind` ("p2p", "memcpy").
+void parse_p2p_row(const std::string& line, const std::string& transport, const char* kind,
                    std::map<size_t, P2pCeiling>& p2p) {
   size_t size = 0, bytes = 0;
   int runs = 0;
@@ -769,23 +655,24 @@ void parse_p2p_row(const std::string& line, const std::string& transport,
                      static_cast<double>(bytes) / (static_cast<double>(both_ns) * 1e-9)};
   p2p[size] = c;
   const double per_message = static_cast<double>(one_ns) * 1e-9 / static_cast<double>(bytes / size);
-  std::printf(kRowFormat, "2", transport.c_str(), "p2p", format_bytes(size).c_str(),
+  std::printf(kRowFormat, "2", transport.c_str(), kind, format_bytes(size).c_str(),
               std::to_string(runs).c_str(), format_seconds(per_message).c_str(), "-", "-",
               format_gbps(c.one_way_bps).c_str(), format_gbps(c.both_ways_bps).c_str(), "-", "");
   std::fflush(stdout);
 }
 
-// One table row from rank 0's "a2a ..." line.
-void print_a2a_row(const std::string& line, int ranks, const std::string& ranks_label,
-                   const std::string& transport, const std::map<size_t, P2pCeiling>& p2p) {
+// One table row from rank 0's "a2a ..." line; ranks beyond `cores` are marked *.
+void print_a2a_row(const std::string& line, int cores, const std::string& transport,
+                   const std::map<size_t, P2pCeiling>& p2p) {
   size_t requested = 0, bytes = 0;
   char algo[16] = {};
-  int runs = 0;
+  int ranks = 0, runs = 0;
   int64_t ns = 0;
-  if (std::sscanf(line.c_str(), "a2a %zu %zu %15s %d %" SCNd64, &requested, &bytes, algo, &runs,
-                  &ns) != 5 ||
-      ns <= 0)
+  if (std::sscanf(line.c_str(), "a2a %d %zu %zu %15s %d %" SCNd64, &ranks, &requested, &bytes, algo,
+                  &runs, &ns) != 6 ||
+      ranks < 2 || ns <= 0)
     return;
+  const std::string label = std::to_string(ranks) + (ranks > cores ? "*" : "");
   const double seconds = static_cast<double>(ns) * 1e-9;
   const double algbw = static_cast<double>(bytes) / seconds;
   const double busbw = algbw * (ranks - 1) / ranks;
@@ -803,10 +690,17 @@ void print_a2a_row(const std::string& line, int ranks, const std::string& ranks_
       verdict = buf;
     }
   }
-  std::printf(kRowFormat, ranks_label.c_str(), transport.c_str(), algo, format_bytes(bytes).c_str(),
+  std::printf(kRowFormat, label.c_str(), transport.c_str(), algo, format_bytes(bytes).c_str(),
               std::to_string(runs).c_str(), format_seconds(seconds).c_str(),
               format_gbps(algbw).c_str(), format_gbps(busbw).c_str(), one_way.c_str(),
               both_ways.c_str(), ratio_text.c_str(), verdict.c_str());
+  std::fflush(stdout);
+}
+
+void print_failed_row(const std::string& ranks_label, const std::string& transport,
+                      std::string_view what, const std::string& why) {
+  std::printf("%-6s %-9s %-6.*s failed: %s\n", ranks_label.c_str(), transport.c_str(),
+              static_cast<int>(what.size()), what.data(), why.c_str());
   std::fflush(stdout);
 }
 
@@ -822,8 +716,9 @@ int run_a2a_bench(const A2aBenchOptions& options) {
   // Before any fork, so no child can miss it: UCX must not leave loopback here.
   ::setenv("UCX_NET_DEVICES", "lo", 1);
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  const size_t llc_bytes = last_level_cache_bytes();
   const double t_start = now_seconds();
-  print_preamble(plan, cores, cores_busy_elsewhere());
+  print_preamble(plan, cores, cores_busy_elsewhere(), llc_bytes);
   std::printf(kRowFormat, "ranks", "transport", "algo", "size", "runs", "time", "algbw", "busbw",
               "p2p", "p2p 2-way", "busbw/p2p", "");
 
@@ -832,31 +727,60 @@ int run_a2a_bench(const A2aBenchOptions& options) {
   for (const Transport* transport : plan.transports) {
     const std::string tname(transport->name);
     std::map<size_t, P2pCeiling> p2p;  // by requested size
+    const char* ceiling_kind = transport->in_process ? "memcpy" : "p2p";
+    auto on_line = [&](const std::string& line) {
+      if (line.rfind("p2p ", 0) == 0) {
+        parse_p2p_row(line, tname, ceiling_kind, p2p);
+      } else if (line.rfind("a2a ", 0) == 0) {
+        print_a2a_row(line, cores, tname, p2p);
+      } else if (line.rfind("failed ", 0) == 0) {  // "failed <ranks> <what> <why>"
+        char ranks[16] = {}, what[16] = {};
+        int consumed = 0;
+        if (std::sscanf(line.c_str(), "failed %15s %15s %n", ranks, what, &consumed) == 2)
+          print_failed_row(ranks, tname, what, line.substr(static_cast<size_t>(consumed)));
+        exit_code = 1;
+      }
+    };
+
+    if (transport->in_process) {
+      const Status st = run_ranks(
+          1, transport->ucx_tls,
+          [&](int, const ReportPipe& report) {
+            return memory_process(plan.rank_counts, plan.sizes, plan.repeats, plan.spin_us,
+                                  llc_bytes, report);
+          },
+          on_line, "process");
+      if (!st.ok()) {
+        print_failed_row("-", tname, "all", st.to_string());
+        exit_code = 1;
+      }
+      continue;
+    }
+
     const uint16_t p2p_port = free_loopback_port();
     const Status p2p_status = run_ranks(
         2, transport->ucx_tls,
         [&](int rank, const ReportPipe& report) {
           return p2p_rank(rank, p2p_port, plan.sizes, plan.repeats, report);
         },
-        [&](const std::string& line) { parse_p2p_row(line, tname, p2p); });
+        on_line);
     if (!p2p_status.ok()) {
-      std::printf("%-6s %-9s p2p    failed: %s\n", "2", tname.c_str(),
-                  p2p_status.to_string().c_str());
+      print_failed_row("2", tname, "p2p", p2p_status.to_string());
       exit_code = 1;
     }
 
     for (const int ranks : plan.rank_counts) {
       const uint16_t port = free_loopback_port();
-      const std::string label = std::to_string(ranks) + (ranks > cores ? "*" : "");
       const Status st = run_ranks(
           ranks, transport->ucx_tls,
           [&](int rank, const ReportPipe& report) {
-            return a2a_rank(rank, ranks, port, plan.sizes, plan.repeats, plan.spin_us, report);
+            return a2a_rank(rank, ranks, port, plan.sizes, plan.repeats, plan.spin_us, nullptr,
+                            report);
           },
-          [&](const std::string& line) { print_a2a_row(line, ranks, label, tname, p2p); });
+          on_line);
       if (!st.ok()) {
-        std::printf("%-6s %-9s a2a    failed: %s\n", label.c_str(), tname.c_str(),
-                    st.to_string().c_str());
+        print_failed_row(std::to_string(ranks) + (ranks > cores ? "*" : ""), tname, "a2a",
+                         st.to_string());
         shm_failed |= tname != "tcp";
         exit_code = 1;
       }
