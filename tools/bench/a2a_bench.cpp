@@ -14,11 +14,13 @@
 // Each child runs under a guard alarm, re-armed for every measurement point.
 #include "a2a_bench.hpp"
 
+#include <sys/uio.h>
 #include <ucp/api/ucp.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <chrono>
 #include <cinttypes>
 #include <cstdio>
@@ -69,9 +71,14 @@ struct Transport {
   // Ranks are threads of one process sharing a LocalExchange: messages are memcpys, and UCX
   // (ucx_tls) carries only the notices of a rank that gives up.
   bool in_process = false;
+  // Forked ranks whose messages of kPullMinBytes and more are pulled from the sender's memory
+  // (process_vm_readv), UCX carrying descriptors, acknowledgements and the small messages.
+  // The other forked transports run with peer memory off: UCX carries everything.
+  bool peer_memory = false;
 };
 constexpr Transport kTransports[] = {
     {"memory", "tcp,self", true},
+    {"peer", "tcp,self", false, true},
     {"shm", "posix,self"},  // shared memory, copies through a posix segment
     {"sm", "sm,self"},      // every shared-memory transport UCX has: posix, sysv, cma, knem...
     {"tcp", "tcp,self"},
@@ -176,6 +183,7 @@ comm::BootstrapOptions loopback_options(uint16_t port, int rank, int size, int l
   o.timeout = 30s;
   // One 64 MiB all-to-all among 8 ranks sharing 2 cores over TCP takes seconds.
   o.collective_timeout = 60s;
+  o.peer_memory = false;  // the transports' own numbers; the `peer` transport turns it on
   return o;
 }
 
@@ -371,6 +379,61 @@ Status p2p_rank(int rank, uint16_t port, const std::vector<size_t>& sizes, int r
   return Status::OK();
 }
 
+// The `peer` transport's ceiling: process_vm_readv between two forked processes, rank 0 reading
+// `window` messages of `size` bytes out of rank 1's memory (one way), then both reading each
+// other's at once (both ways). Rank 0 reports a "p2p ..." line, as p2p_rank does.
+Status peer_read_rank(int rank, uint16_t port, const std::vector<size_t>& sizes, int repeats,
+                      const ReportPipe& report) {
+  TUTEL_ASSIGN_OR_RETURN(auto comm, comm::ucx_bootstrap(loopback_options(port, rank, 2, 1)));
+  for (const size_t size : sizes) {
+    ::alarm(kPointGuardSeconds);
+    const size_t window = std::clamp<size_t>(kP2pBytesPerRun / size, 1, kP2pWindow);
+    std::vector<uint8_t> mine(window * size, static_cast<uint8_t>(rank + 1)), into(window * size, 0);
+    struct Where {
+      int64_t pid;
+      uint64_t address;
+    };
+    const Where me{::getpid(), reinterpret_cast<uint64_t>(mine.data())};
+    Where both[2];
+    TUTEL_RETURN_IF_ERROR(comm->all_gather(&me, both, sizeof me));
+    const Where peer = both[1 - rank];
+    int64_t median_ns[2] = {};
+    for (const bool both_ways : {false, true}) {
+      std::vector<int64_t> times;
+      for (int run = 0; run < 1 + repeats; ++run) {  // the first run warms up
+        TUTEL_RETURN_IF_ERROR(comm->barrier());
+        const auto t0 = Clock::now();
+        if (rank == 0 || both_ways) {
+          for (size_t m = 0; m < window; ++m) {
+            size_t done = 0;
+            while (done < size) {
+              iovec local{into.data() + m * size + done, size - done};
+              iovec remote{reinterpret_cast<void*>(peer.address + m * size + done), size - done};
+              const ssize_t n = ::process_vm_readv(static_cast<pid_t>(peer.pid), &local, 1, &remote, 1, 0);
+              if (n <= 0)
+                return Status::Unavailable("process_vm_readv of rank " + std::to_string(1 - rank) +
+                                                  "'s memory failed: " + std::strerror(errno));
+              done += static_cast<size_t>(n);
+            }
+          }
+        }
+        int64_t ns = elapsed_ns(t0);
+        TUTEL_RETURN_IF_ERROR(comm->all_reduce(&ns, 1, comm::ReduceOp::kMax));
+        if (run > 0) times.push_back(ns);
+      }
+      median_ns[both_ways] = median(times);
+    }
+    const uint8_t want = static_cast<uint8_t>(2 - rank);
+    if (into.front() != want || into.back() != want)
+      return Status::Corruption("peer memory: rank " + std::to_string(rank) + " read bytes its peer does not hold");
+    if (rank == 0)
+      report.line("p2p " + std::to_string(size) + " " + std::to_string(repeats) + " " +
+                  std::to_string(median_ns[0]) + " " + std::to_string(median_ns[1]) + " " +
+                  std::to_string(window * size));
+  }
+  return Status::OK();
+}
+
 // ---------------------------------------------------------------------------------------------
 // The all-to-all.
 
@@ -383,12 +446,21 @@ uint8_t chunk_byte(int src, int dst) { return static_cast<uint8_t>((src * 131 + 
 // each after a barrier; the time of a run is the slowest rank's; every chunk is checked. Rank 0
 // reports "a2a <ranks> <requested size> <size> <algo> <runs> <median ns>".
 Status a2a_rank(int rank, int ranks, uint16_t port, const std::vector<size_t>& sizes, int repeats,
-                int spin_us, const std::shared_ptr<comm::LocalExchange>& exchange,
+                int spin_us, const std::shared_ptr<comm::LocalExchange>& exchange, bool peer_memory,
                 const ReportPipe& report) {
   const int local_size = ranks % kRanksPerNode == 0 ? kRanksPerNode : 1;
   comm::BootstrapOptions options = loopback_options(port, rank, ranks, local_size, spin_us);
   options.local_exchange = exchange;
+  options.peer_memory = peer_memory;
   TUTEL_ASSIGN_OR_RETURN(auto comm, comm::ucx_bootstrap(options));
+  if (peer_memory) {
+    for (const comm::PeerStatus& peer : comm->peers())
+      if (!peer.peer_memory)
+        return Status::Unavailable(
+            "rank " + std::to_string(rank) + " cannot read rank " + std::to_string(peer.rank) +
+            "'s memory (process_vm_readv refused: Yama ptrace_scope or a container?), so the `peer` "
+            "numbers would be tcp's");
+  }
   if (exchange != nullptr) {
     for (const comm::PeerStatus& peer : comm->peers())
       if (!peer.same_process)
@@ -476,7 +548,7 @@ Status memory_process(const std::vector<int>& rank_counts, const std::vector<siz
     const uint16_t port = free_loopback_port();
     const auto exchange = std::make_shared<comm::LocalExchange>();
     const Status st = run_threads(ranks, [&](int rank) {
-      return a2a_rank(rank, ranks, port, sizes, repeats, spin_us, exchange, report);
+      return a2a_rank(rank, ranks, port, sizes, repeats, spin_us, exchange, false, report);
     });
     if (!st.ok()) {
       report.line("failed " + std::to_string(ranks) + " a2a " + st.to_string());
@@ -518,7 +590,7 @@ Result<Plan> make_plan(const A2aBenchOptions& o) {
     for (const Transport& t : kTransports)
       if (t.name == item) found = &t;
     if (found == nullptr)
-      return Status::InvalidArgument("--transports '" + item + "': use memory, shm, sm or tcp");
+      return Status::InvalidArgument("--transports '" + item + "': use memory, peer, shm, sm or tcp");
     plan.transports.push_back(found);
   }
   for (const std::string& item : split_list(o.sizes)) {
@@ -570,13 +642,17 @@ std::string describe_busy(double busy) {
   return buf;
 }
 
+// comm's threshold for pulling (comm/ucx/peer_memory.hpp, private to comm): the bench states it.
+size_t comm_pull_min_bytes() { return size_t{32} << 10; }
+
 void print_preamble(const Plan& plan, int cores, double busy, size_t llc_bytes) {
   std::printf(
       "tutel-bench a2a: the communicator's all-to-all between ranks on this machine: %d cores, "
       "last-level cache %s, UCX_NET_DEVICES=lo\n",
       cores, format_bytes(llc_bytes).c_str());
   std::printf(
-      "  ranks      shm, sm, tcp: forked processes, one a rank, exchanging over UCX;  memory: "
+      "  ranks      shm, sm, tcp: forked processes, one a rank, exchanging over UCX (peer memory off);  peer: the same over tcp,\n"
+      "             messages of %s and more pulled from the sender's memory (process_vm_readv);  memory: "
       "threads of one forked process, one a rank, all\n"
       "             bootstrapped with one LocalExchange (every peer same_process, checked): each "
       "message is one memcpy into the receiver's buffer\n"
@@ -602,10 +678,12 @@ void print_preamble(const Plan& plan, int cores, double busy, size_t llc_bytes) 
       "sweep of %s that evicts both buffers;\n"
       "             2-way: thread 1 copies its buffer into thread 0's at the same time "
       "(per-direction bandwidth); median of --repeats runs\n"
-      "  target     linear at size >= %s: busbw / p2p (memory: busbw / memcpy one way) >= "
+      "  readv      peer's ceiling, in the p2p columns: rank 0 reads `size`-byte messages out of rank 1's memory with process_vm_readv,\n"
+      "             as many and as large as p2p's; 2-way: both read each other's at once (per-direction bandwidth)\n"
+      "  target     linear at size >= %s: busbw / p2p (memory: busbw / memcpy one way; peer: busbw / readv one way) >= "
       "%.2f\n"
       "  2dh        %d ranks per node; run where that divides `ranks` into more than one node\n",
-      kP2pWindow, format_bytes(kP2pBytesPerRun).c_str(), kCopiesPerRun,
+      format_bytes(comm_pull_min_bytes()).c_str(), kP2pWindow, format_bytes(kP2pBytesPerRun).c_str(), kCopiesPerRun,
       format_bytes(kCopyBytesPerRun).c_str(), format_bytes(llc_bytes).c_str(),
       format_bytes(2 * llc_bytes).c_str(), format_bytes(kLargeBytes).c_str(), kTargetRatio,
       kRanksPerNode);
@@ -619,6 +697,9 @@ void print_preamble(const Plan& plan, int cores, double busy, size_t llc_bytes) 
     if (t->in_process)
       std::printf(" %.*s: LocalExchange (UCX_TLS=%s carries only give-up notices);",
                   static_cast<int>(t->name.size()), t->name.data(), t->ucx_tls);
+    else if (t->peer_memory)
+      std::printf(" %.*s: UCX_TLS=%s and process_vm_readv;", static_cast<int>(t->name.size()), t->name.data(),
+                  t->ucx_tls);
     else
       std::printf(" %.*s: UCX_TLS=%s;", static_cast<int>(t->name.size()), t->name.data(),
                   t->ucx_tls);
@@ -727,7 +808,7 @@ int run_a2a_bench(const A2aBenchOptions& options) {
   for (const Transport* transport : plan.transports) {
     const std::string tname(transport->name);
     std::map<size_t, P2pCeiling> p2p;  // by requested size
-    const char* ceiling_kind = transport->in_process ? "memcpy" : "p2p";
+    const char* ceiling_kind = transport->in_process ? "memcpy" : transport->peer_memory ? "readv" : "p2p";
     auto on_line = [&](const std::string& line) {
       if (line.rfind("p2p ", 0) == 0) {
         parse_p2p_row(line, tname, ceiling_kind, p2p);
@@ -761,7 +842,8 @@ int run_a2a_bench(const A2aBenchOptions& options) {
     const Status p2p_status = run_ranks(
         2, transport->ucx_tls,
         [&](int rank, const ReportPipe& report) {
-          return p2p_rank(rank, p2p_port, plan.sizes, plan.repeats, report);
+          return transport->peer_memory ? peer_read_rank(rank, p2p_port, plan.sizes, plan.repeats, report)
+                                        : p2p_rank(rank, p2p_port, plan.sizes, plan.repeats, report);
         },
         on_line);
     if (!p2p_status.ok()) {
@@ -775,13 +857,13 @@ int run_a2a_bench(const A2aBenchOptions& options) {
           ranks, transport->ucx_tls,
           [&](int rank, const ReportPipe& report) {
             return a2a_rank(rank, ranks, port, plan.sizes, plan.repeats, plan.spin_us, nullptr,
-                            report);
+                            transport->peer_memory, report);
           },
           on_line);
       if (!st.ok()) {
         print_failed_row(std::to_string(ranks) + (ranks > cores ? "*" : ""), tname, "a2a",
                          st.to_string());
-        shm_failed |= tname != "tcp";
+        shm_failed |= tname == "shm" || tname == "sm";
         exit_code = 1;
       }
     }

@@ -8,7 +8,7 @@ struct A2aBenchOptions {
   std::string ranks = "2,4,8";  // group sizes, comma-separated
   // memory (threads of one process, one LocalExchange) | shm (UCX_TLS=posix,self) | sm (sm,self)
   // | tcp (tcp,self)
-  std::string transports = "memory,shm,tcp";
+  std::string transports = "memory,peer,shm,tcp";
   // Per-rank send buffer sizes (all size() chunks together), comma-separated: 4KiB, 1MiB, 4096.
   std::string sizes = "4KiB,64KiB,1MiB,16MiB,64MiB";
   int repeats = 10;  // timed all-to-alls per point (at least 3; fewer when one takes long)

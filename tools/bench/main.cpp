@@ -31,7 +31,7 @@ int main(int argc, char** argv) {
   tutel::bench::A2aBenchOptions a2a;
   CLI::App* a2a_cmd = app.add_subcommand("a2a", "all-to-all (linear, 2DH): forked ranks over UCX on loopback vs UCX point-to-point; threads of one process (memory) vs memcpy");
   a2a_cmd->add_option("--ranks", a2a.ranks, "group sizes, comma-separated")->capture_default_str();
-  a2a_cmd->add_option("--transports", a2a.transports, "memory (threads of one process, LocalExchange) | shm (UCX_TLS=posix,self) | sm (sm,self) | tcp (tcp,self), comma-separated")->capture_default_str();
+  a2a_cmd->add_option("--transports", a2a.transports, "memory (threads of one process, LocalExchange) | peer (tcp + process_vm_readv for large messages) | shm (UCX_TLS=posix,self) | sm (sm,self) | tcp (tcp,self), comma-separated")->capture_default_str();
   a2a_cmd->add_option("--sizes", a2a.sizes, "per-rank send buffer sizes (all chunks), comma-separated")->capture_default_str();
   a2a_cmd->add_option("--repeats", a2a.repeats, "timed runs per point (at least 3; fewer when a run takes over 2 s / repeats)")->check(CLI::PositiveNumber)->capture_default_str();
   a2a_cmd->add_option("--spin-us", a2a.spin_us, "the communicator's busy-poll before it sleeps (default: 50)");
