@@ -928,3 +928,30 @@ TEST(ClusterConfigTest, BadClustersNameTheKey) {
 
 }  // namespace
 }  // namespace tutel::daemon
+
+namespace tutel::daemon {
+namespace {
+
+// The example's commented [cluster] block, uncommented, parses and shows the defaults.
+TEST(ClusterConfigTest, ExampleBlockShowsTheDefaults) {
+  const std::string example = read_file(TUTEL_EXAMPLE_CONFIG);
+  const size_t begin = example.find("# [cluster]");
+  ASSERT_NE(begin, std::string::npos);
+  std::string block;
+  size_t at = begin;
+  while (at < example.size() && example.compare(at, 2, "# ") == 0) {
+    const size_t eol = example.find('\n', at);
+    block += example.substr(at + 2, eol - at - 2) + "\n";
+    at = eol + 1;
+  }
+  const Config c = parse_ok(kMinimal + block);
+  ASSERT_TRUE(c.cluster.has_value()) << block;
+  const ClusterConfig d;
+  EXPECT_EQ(c.cluster->bootstrap_timeout, d.bootstrap_timeout);
+  EXPECT_EQ(c.cluster->heartbeat_interval, d.heartbeat_interval);
+  EXPECT_EQ(c.cluster->peer_timeout, d.peer_timeout);
+  EXPECT_EQ(c.cluster->nodes, 2);
+}
+
+}  // namespace
+}  // namespace tutel::daemon
