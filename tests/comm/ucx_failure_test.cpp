@@ -100,12 +100,16 @@ TEST(UcxFailure, BootstrapNamesTheRankThatNeverArrives) {
   EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
 }
 
-TEST(UcxFailure, RanksThatDisagreeOnSizesFailInsteadOfHanging) {
+// Sizes both small (UCX), both large (pulled from peer memory), and one of each.
+class UcxSizeMismatch : public ::testing::TestWithParam<std::pair<size_t, size_t>> {};
+
+TEST_P(UcxSizeMismatch, RanksThatDisagreeOnSizesFailInsteadOfHanging) {
   const uint16_t port = testing::free_port();
+  const auto [size0, size1] = GetParam();
   testing::ProcessGroup group(2, [&](int rank, const ChildChannel&) -> std::string {
     auto comm = ucx_bootstrap(loopback_options(port, rank, 2, 1, kCollectiveTimeout));
     if (!comm.ok()) return "bootstrap: " + comm.status().to_string();
-    const size_t bytes = rank == 0 ? 100 : 200;
+    const size_t bytes = rank == 0 ? size0 : size1;
     std::vector<uint8_t> send(bytes), recv(2 * bytes);
     Status s = (*comm)->all_gather(send.data(), recv.data(), bytes);
     if (s.ok()) return "all_gather with different sizes succeeded";
@@ -115,6 +119,11 @@ TEST(UcxFailure, RanksThatDisagreeOnSizesFailInsteadOfHanging) {
   });
   EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
 }
+
+INSTANTIATE_TEST_SUITE_P(Sizes, UcxSizeMismatch,
+                         ::testing::Values(std::pair<size_t, size_t>{100, 200},
+                                           std::pair<size_t, size_t>{100000, 200000},
+                                           std::pair<size_t, size_t>{1000, 100000}));
 
 // A rank that stops calling collectives (alive, but stuck elsewhere) is a timeout naming it.
 TEST(UcxFailure, SilentPeerIsATimeoutNamingIt) {
