@@ -427,11 +427,13 @@ void DaemonImpl::close_session(const std::shared_ptr<Session>& s) {
   s->keep_alive = s;
   uv_close(reinterpret_cast<uv_handle_t*>(&s->poll),
            [](uv_handle_t* h) { static_cast<Session*>(h->data)->keep_alive.reset(); });
-  // Join the worker off the loop (it finishes its current request first), then forget the
-  // session's pending forwards.
-  // (drop_pending may wait for a group layer busy with its peers: off the loop too.)
+  // Join the worker off the loop (it finishes its current request first), then unpin the arena
+  // and forget the session's pending forwards.
+  // (Both take locks a busy layer holds, a group layer's while it waits on its peers: off the
+  // loop too.)
   offload([this, s] {
             if (s->worker.joinable()) s->worker.join();
+            s->pinned.reset();
             for (const LayerRef& ref : registry_->all()) ref.layer->drop_pending(s->id);
           },
           [this, s] {

@@ -24,6 +24,14 @@ TensorView bytes_view(const DeviceBuffer& b, Device d) {
   return TensorView(b.data(), DType::kU8, {static_cast<int64_t>(b.bytes())}, d);
 }
 
+// Grows `buf` to hold `bytes`; contents are not kept. Allocates only when it grows.
+Status grow(Backend& b, DeviceBuffer& buf, size_t bytes) {
+  if (buf.data() && buf.bytes() >= bytes) return Status::OK();
+  buf.reset();
+  TUTEL_ASSIGN_OR_RETURN(buf, b.allocate(bytes));
+  return Status::OK();
+}
+
 }  // namespace
 
 Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& def, std::string spec_text,
@@ -208,6 +216,29 @@ void ServedLayer::recycle(std::unique_ptr<Pending> pending) {
   if (recycled_.size() < kMaxRecycled) recycled_.push_back(std::move(pending));
 }
 
+Result<TensorView> ServedLayer::stage_in(const float* host, Shape shape, DeviceBuffer& buf) {
+  Backend& b = backend();
+  if (!stages_host_memory())
+    return TensorView(const_cast<float*>(host), DType::kF32, shape, b.device());
+  const size_t bytes = static_cast<size_t>(shape.numel()) * 4;
+  TUTEL_RETURN_IF_ERROR(grow(b, buf, bytes));
+  TUTEL_RETURN_IF_ERROR(b.copy(buf.data(), host, bytes, CopyKind::kHostToDevice));
+  return TensorView(buf.data(), DType::kF32, shape, b.device());
+}
+
+Result<TensorView> ServedLayer::stage_out(float* host, Shape shape, DeviceBuffer& buf) {
+  Backend& b = backend();
+  if (!stages_host_memory()) return TensorView(host, DType::kF32, shape, b.device());
+  TUTEL_RETURN_IF_ERROR(grow(b, buf, static_cast<size_t>(shape.numel()) * 4));
+  return TensorView(buf.data(), DType::kF32, shape, b.device());
+}
+
+Status ServedLayer::unstage_out(float* host, const TensorView& out) {
+  if (!stages_host_memory()) return Status::OK();
+  // Returns once the host has the data: the client may read it as soon as it is told.
+  return backend().copy(host, out.data(), out.nbytes(), CopyKind::kDeviceToHost);
+}
+
 Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float* y, bool training,
                                            uint64_t owner, uint64_t sequence) {
   const LayerSpec& s = def_.spec;
@@ -231,25 +262,29 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
     st = note_group_status(group_->layer->forward(
         weights_of(0), TensorView(const_cast<float*>(x), DType::kF32, {tokens, M}, d),
         TensorView(y, DType::kF32, {tokens, O}, d), &stats, pending ? &pending->saved : nullptr));
-  } else if (!training) {
-    st = layer_forward(b, s, weights_of(0), TensorView(const_cast<float*>(x), DType::kF32, {tokens, M}, d), 0,
-                       false, inference_workspace_, TensorView(y, DType::kF32, {tokens, O}, d), &stats);
   } else {
-    const size_t x_bytes = static_cast<size_t>(tokens * M) * 4;
-    if (pending->x.bytes() < x_bytes) {
-      pending->x.reset();
-      auto buf = b.allocate(x_bytes);
-      if (buf.ok()) pending->x = std::move(*buf);
-      else st = buf.status();
-    }
-    if (st.ok()) st = b.copy(pending->x.data(), x, tokens * M * 4, CopyKind::kHostToDevice);
-    if (st.ok()) {
-      const TensorView xv(pending->x.data(), DType::kF32, {tokens, M}, d);
+    st = [&]() -> Status {
+      TensorView xv;
+      if (training) {
+        // Kept for the backward on the backend's device: on a device backend this copy is x's
+        // staging too, on the CPU backend the only copy the request makes.
+        const size_t x_bytes = static_cast<size_t>(tokens * M) * 4;
+        TUTEL_RETURN_IF_ERROR(grow(b, pending->x, x_bytes));
+        TUTEL_RETURN_IF_ERROR(b.copy(pending->x.data(), x, x_bytes, CopyKind::kHostToDevice));
+        xv = TensorView(pending->x.data(), DType::kF32, {tokens, M}, d);
+      } else {
+        TUTEL_ASSIGN_OR_RETURN(xv, stage_in(x, {tokens, M}, staged_in_));
+      }
+      TUTEL_ASSIGN_OR_RETURN(const TensorView yv, stage_out(y, {tokens, O}, staged_out_));
       // The noise draw is keyed by the step and the sequence, so a replayed step draws the same noise.
-      const uint64_t noise_counter = (static_cast<uint64_t>(step_) << 32) ^ sequence;
-      st = layer_forward(b, s, weights_of(0), xv, noise_counter, true, pending->workspace,
-                         TensorView(y, DType::kF32, {tokens, O}, d), &stats);
-    }
+      const uint64_t noise_counter = training ? (static_cast<uint64_t>(step_) << 32) ^ sequence : 0;
+      TUTEL_RETURN_IF_ERROR(layer_forward(b, s, weights_of(0), xv, noise_counter, training,
+                                          training ? pending->workspace : inference_workspace_, yv,
+                                          &stats));
+      return unstage_out(y, yv);
+    }();
+    // A failed request's copies from the client's buffers must be over before it is told.
+    if (!st.ok() && stages_host_memory()) (void)b.synchronize();
   }
   if (!st.ok()) {
     if (pending) recycle(std::move(pending));
@@ -282,13 +317,21 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
   Backend& b = backend();
   const Device d = b.device();
   auto device_lock = lock_device();
-  const TensorView dyv(const_cast<float*>(dy), DType::kF32, {tokens, O}, d), dxv(dx, DType::kF32, {tokens, M}, d);
   Status st;
   if (group_) {
+    const TensorView dyv(const_cast<float*>(dy), DType::kF32, {tokens, O}, d),
+        dxv(dx, DType::kF32, {tokens, M}, d);
     st = note_group_status(group_->layer->backward(weights_of(0), dyv, dl_aux, dxv, weights_of(1), p.saved));
   } else {
-    const TensorView xv(p.x.data(), DType::kF32, {tokens, M}, d);
-    st = layer_backward(b, s, weights_of(0), xv, p.workspace, dyv, dl_aux, dxv, weights_of(1));
+    st = [&]() -> Status {
+      TUTEL_ASSIGN_OR_RETURN(const TensorView dyv, stage_in(dy, {tokens, O}, staged_in_));
+      TUTEL_ASSIGN_OR_RETURN(const TensorView dxv, stage_out(dx, {tokens, M}, staged_out_));
+      const TensorView xv(p.x.data(), DType::kF32, {tokens, M}, d);
+      TUTEL_RETURN_IF_ERROR(
+          layer_backward(b, s, weights_of(0), xv, p.workspace, dyv, dl_aux, dxv, weights_of(1)));
+      return unstage_out(dx, dxv);
+    }();
+    if (!st.ok() && stages_host_memory()) (void)b.synchronize();
   }
   recycle(std::move(it->second));
   pending_.erase(it);

@@ -60,7 +60,8 @@ class ServedLayer {
   // A group layer's other ranks: address, state, traffic. Empty for other layers. Any thread.
   std::vector<comm::PeerStatus> group_peers() const;
 
-  // x [S, M] → y [S, O] (host pointers). With `training`, keeps what backward needs under
+  // x [S, M] → y [S, O] (host pointers; on a backend whose memory is not host memory they are
+  // staged through the layer's device buffers). With `training`, keeps what backward needs under
   // (`owner`, `sequence`); a sequence already pending is an error. Many training forwards may
   // wait for their backwards, which may come in any order, on a group layer too. A group
   // layer's forwards and backwards are collectives: every rank's client must issue them in the
@@ -95,8 +96,8 @@ class ServedLayer {
   };
   // One training forward waiting for its backward; recycled, so its buffers only grow.
   struct Pending {
-    // A layer without [group]: the layer's workspace, and the forward's input (the client may
-    // reuse its buffer).
+    // A layer without [group]: the layer's workspace, and the forward's input on the backend's
+    // device (the client may reuse its buffer; on a device this is also x's staging copy).
     LayerWorkspace workspace;
     DeviceBuffer x;
     // A [group] layer: everything the expert-parallel backward needs, the input included.
@@ -112,6 +113,9 @@ class ServedLayer {
   };
 
   Backend& backend() { return group_ ? *group_->backend : *rank_.backend; }
+  // The client's buffers are host memory: a backend whose memory is elsewhere gets its inputs
+  // and outputs staged through device buffers (group layers run on the CPU backend only).
+  bool stages_host_memory() { return backend().device().kind != DeviceKind::kCpu; }
   // The rank's backend is shared by its layers; a group layer's is its own.
   std::unique_lock<std::mutex> lock_device() {
     return group_ ? std::unique_lock<std::mutex>() : std::unique_lock<std::mutex>(rank_.mutex);
@@ -128,6 +132,11 @@ class ServedLayer {
   Status copy_in(const graphs::HostLayerParams& p);  // this rank's values, host → device
   LayerWeights weights_of(int which) const;  // 0 = values, 1 = gradients
   Status load_locked(const std::string& path, bool require_all);
+  // A view of `host`, or, when staging, of `buf` (grown to fit) after copying `host` into it.
+  Result<TensorView> stage_in(const float* host, Shape shape, DeviceBuffer& buf);
+  // A view of `host`, or, when staging, of `buf` (grown to fit) for unstage_out to copy back.
+  Result<TensorView> stage_out(float* host, Shape shape, DeviceBuffer& buf);
+  Status unstage_out(float* host, const TensorView& out);
 
   LayerDefinition def_;
   std::string spec_text_;
@@ -151,6 +160,10 @@ class ServedLayer {
   std::map<std::pair<uint64_t, uint64_t>, std::unique_ptr<Pending>> pending_;
   std::vector<std::unique_ptr<Pending>> recycled_;
   LayerWorkspace inference_workspace_;
+  // Staging on a device backend, under mutex_: an inference x or a backward dy (in), y or dx
+  // (out). A training forward's x is staged in its Pending entry instead, since its backward
+  // needs it later. Grow-only.
+  DeviceBuffer staged_in_, staged_out_;
 };
 
 }  // namespace tutel::daemon

@@ -16,6 +16,7 @@
 #include <string>
 #include <thread>
 
+#include "host_registration.hpp"
 #include "tutel/ipc/arena.hpp"
 #include "tutel/ipc/ring.hpp"
 #include "tutel/ipc/socket.hpp"
@@ -42,6 +43,9 @@ struct Session : std::enable_shared_from_this<Session> {
 
   // Client data path, after hello.
   std::optional<ipc::Arena> arena;
+  // The arena's data region, registered with every rank's backend by the worker before its first
+  // request, unregistered when the session closes. Declared after `arena`: it goes first.
+  HostRegistration pinned;
   ipc::RingConsumer<ipc::RequestDescriptor> requests;
   ipc::RingProducer<ipc::CompletionDescriptor> completions;
   std::thread worker;

@@ -8,6 +8,10 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <set>
+#include <sstream>
 #include <string>
 
 #include "cuda/cuda_check.hpp"
@@ -37,6 +41,30 @@ bool fits_int(std::initializer_list<int64_t> values) {
   return true;
 }
 
+// Page-locked host ranges, for the whole process: registration is per address range, not per
+// device (cudaHostRegisterPortable makes it count for every device), yet every rank's backend
+// registers the same session arenas. The first registration of a range pins it; the last
+// unregistration unpins it.
+struct HostRange {
+  size_t bytes = 0;
+  int refs = 0;
+  bool owned = false;  // false: pinned by someone else before us; not ours to unpin
+};
+std::mutex& host_ranges_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::map<const void*, HostRange>& host_ranges() {  // guarded by host_ranges_mutex()
+  static std::map<const void*, HostRange> ranges;
+  return ranges;
+}
+
+std::string address_of(const void* p) {
+  std::ostringstream o;
+  o << p;
+  return o.str();
+}
+
 ActKind act_kind(Activation a) {
   switch (a) {
     case Activation::kRelu: return ActKind::kRelu;
@@ -61,6 +89,8 @@ class CudaBackend final : public Backend {
   Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override;
   Status fill_zero(TensorView t) override;
   Status synchronize() override;
+  Status register_host(void* data, size_t bytes) override;
+  Status unregister_host(void* data) override;
 
   Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override;
   Status gate_forward(const GateForwardArgs& a) override;
@@ -95,6 +125,7 @@ class CudaBackend final : public Backend {
   std::unique_ptr<DevicePool> pool_;
   DeviceBuffer scratch_, cublas_workspace_;
   uint64_t scratch_epoch_ = 0;  // bumped when scratch_ moves (captured graphs hold its address)
+  std::set<const void*> registered_host_;  // register_host() ranges not yet unregistered
 };
 
 CudaBackend::~CudaBackend() {
@@ -102,6 +133,10 @@ CudaBackend::~CudaBackend() {
     (void)cudaSetDevice(device_);
     (void)cudaStreamSynchronize(stream_);
   }
+  // Registrations the owner forgot: our share of them goes, the pages stay pinned while another
+  // backend still holds the range.
+  while (!registered_host_.empty())
+    (void)unregister_host(const_cast<void*>(*registered_host_.begin()));
   // Buffers owned here go back to the pool while `this` is still whole.
   scratch_.reset();
   cublas_workspace_.reset();
@@ -173,6 +208,62 @@ Status CudaBackend::synchronize() {
   TUTEL_RETURN_IF_ERROR(activate());
   TUTEL_CUDA_CHECK(cudaStreamSynchronize(stream_));
   return Status::OK();
+}
+
+Status CudaBackend::register_host(void* data, size_t bytes) {
+  if (data == nullptr || bytes == 0)
+    return Status::InvalidArgument("register_host: the host range is empty");
+  if (registered_host_.count(data))
+    return Status::AlreadyExists("host memory at " + address_of(data) +
+                                 " is already registered with cuda:" + std::to_string(device_));
+  TUTEL_RETURN_IF_ERROR(activate());
+  std::lock_guard lock(host_ranges_mutex());
+  auto& ranges = host_ranges();
+  if (auto it = ranges.find(data); it != ranges.end()) {
+    if (it->second.bytes != bytes)
+      return Status::InvalidArgument("host memory at " + address_of(data) + " is registered with " +
+                                     std::to_string(it->second.bytes) + " bytes, not " +
+                                     std::to_string(bytes));
+    ++it->second.refs;
+  } else {
+    const cudaError_t err = cudaHostRegister(data, bytes, cudaHostRegisterPortable);
+    bool owned = true;
+    if (err == cudaErrorHostMemoryAlreadyRegistered) {
+      // Pinned by other code in this process: usable for DMA as it is.
+      owned = false;
+    } else if (err != cudaSuccess) {
+      (void)cudaGetLastError();  // not sticky: clear it so no later call reports it
+      return cuda_error(err, "cudaHostRegister(data, bytes, cudaHostRegisterPortable)", __FILE__,
+                        __LINE__);
+    }
+    (void)cudaGetLastError();
+    ranges.emplace(data, HostRange{bytes, 1, owned});
+  }
+  registered_host_.insert(data);
+  return Status::OK();
+}
+
+Status CudaBackend::unregister_host(void* data) {
+  if (!registered_host_.count(data))
+    return Status::NotFound("host memory at " + address_of(data) +
+                            " is not registered with cuda:" + std::to_string(device_));
+  registered_host_.erase(data);
+  // Copies queued from or to the range must finish before its pages may move. Our share of the
+  // range goes even when that fails (a lost device copies nothing any more).
+  Status st = activate();
+  if (st.ok())
+    if (const cudaError_t err = cudaStreamSynchronize(stream_); err != cudaSuccess)
+      st = cuda_error(err, "cudaStreamSynchronize(stream_)", __FILE__, __LINE__);
+  std::lock_guard lock(host_ranges_mutex());
+  auto& ranges = host_ranges();
+  auto it = ranges.find(data);
+  if (it == ranges.end() || --it->second.refs > 0) return st;
+  const bool owned = it->second.owned;
+  ranges.erase(it);
+  if (owned)
+    if (const cudaError_t err = cudaHostUnregister(data); err != cudaSuccess && st.ok())
+      st = cuda_error(err, "cudaHostUnregister(data)", __FILE__, __LINE__);
+  return st;
 }
 
 // Row-major GEMM on column-major cuBLAS, derived once:

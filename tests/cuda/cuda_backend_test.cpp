@@ -6,6 +6,7 @@
 // only the accumulation order differs). Routing (expert indices, locations, counts, slot maps)
 // and pure copies must match exactly.
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -18,6 +19,10 @@
 
 #include "cuda_test_util.hpp"
 #include "tutel/kernels/gate_noise.hpp"
+
+#if defined(TUTEL_TEST_CUDA_BUILD)
+#include <cuda_runtime_api.h>
+#endif
 
 namespace tutel::testing {
 namespace {
@@ -140,6 +145,57 @@ TEST_F(CudaOps, MemoryRoundTrips) {
   EXPECT_TRUE(gpu_->copy(nullptr, nullptr, 0, CopyKind::kDeviceToHost).ok());
   EXPECT_TRUE(gpu_->synchronize().ok());
 }
+
+#if defined(TUTEL_TEST_CUDA_BUILD)
+// A shared mapping (as a session arena is) registered by two backends, as the daemon registers
+// an arena with every rank: page-locked while either holds it, copies through it exact, and
+// unlocked once both let go.
+TEST_F(CudaOps, RegisteredHostMemoryIsPinnedWhileAnyBackendHoldsIt) {
+  constexpr size_t kBytes = size_t{4} << 20;
+  void* map = ::mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(map, MAP_FAILED);
+  auto* host = static_cast<uint8_t*>(map);
+  auto pinned = [&] {
+    cudaPointerAttributes attr{};
+    const cudaError_t err = cudaPointerGetAttributes(&attr, host);
+    EXPECT_EQ(err, cudaSuccess) << cudaGetErrorString(err);
+    return attr.type == cudaMemoryTypeHost;
+  };
+  auto other = make_backend("cuda", {});
+  ASSERT_TRUE(other.ok()) << other.status();
+  EXPECT_FALSE(pinned());
+
+  ASSERT_TRUE(gpu_->register_host(host, kBytes).ok());
+  EXPECT_TRUE(pinned());
+  EXPECT_EQ(gpu_->register_host(host, kBytes).code(), StatusCode::kAlreadyExists);
+  Status st = (*other)->register_host(host, kBytes);
+  ASSERT_TRUE(st.ok()) << st;
+
+  for (size_t i = 0; i < kBytes; ++i) host[i] = static_cast<uint8_t>(i * 13 + 1);
+  const std::vector<uint8_t> sent(host, host + kBytes);
+  auto dev = gpu_->allocate(kBytes);
+  ASSERT_TRUE(dev.ok()) << dev.status();
+  ASSERT_TRUE(gpu_->copy(dev->data(), host, kBytes, CopyKind::kHostToDevice).ok());
+  ASSERT_TRUE(gpu_->synchronize().ok());  // from pinned memory the upload may still be reading
+  std::fill(host, host + kBytes, 0);
+  ASSERT_TRUE(gpu_->copy(host, dev->data(), kBytes, CopyKind::kDeviceToHost).ok());
+  EXPECT_TRUE(std::equal(sent.begin(), sent.end(), host))
+      << "a copy through registered memory changed the data";
+
+  ASSERT_TRUE(gpu_->unregister_host(host).ok());
+  EXPECT_TRUE(pinned()) << "the other backend still holds the range";
+  EXPECT_EQ(gpu_->unregister_host(host).code(), StatusCode::kNotFound);
+  ASSERT_TRUE((*other)->unregister_host(host).ok());
+  EXPECT_FALSE(pinned()) << "the last unregistration must unlock the pages";
+  // Registered again after a full release; the backend's destructor drops what is left.
+  ASSERT_TRUE((*other)->register_host(host, kBytes).ok());
+  EXPECT_TRUE(pinned());
+  other->reset();
+  EXPECT_FALSE(pinned());
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  ::munmap(map, kBytes);
+}
+#endif
 
 TEST_F(CudaOps, GateNoiseMatchesHostGenerator) {
   auto out = make({1001});

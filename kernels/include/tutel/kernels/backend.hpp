@@ -206,6 +206,9 @@ class Backend {
   virtual Result<DeviceBuffer> allocate(size_t bytes) = 0;
   // Called by DeviceBuffer; frees what allocate() returned.
   virtual void release(void* data, size_t bytes) = 0;
+  // `kind` says where dst and src live (host memory or this backend's memory). A device-to-host
+  // copy returns once the data is on the host, after every op queued before it; a host-to-device
+  // copy may read its source until then (or until synchronize()).
   virtual Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) = 0;
   virtual Status fill_zero(TensorView t) = 0;
   // Waits for every queued op (a no-op where ops are synchronous).
@@ -231,6 +234,14 @@ class Backend {
 
   virtual Status sgd_step(const SgdArgs& a) = 0;
   virtual Status adamw_step(const AdamWArgs& a) = 0;
+
+  // (optional) Registers host memory [data, data + bytes) for fast transfers (page-locked, so
+  // copies to and from it run by DMA) until unregister_host(data). The range must stay mapped
+  // meanwhile. Nothing to do where this backend's memory is host memory. A failure only means
+  // copies of that range take the slower path.
+  virtual Status register_host(void* data, size_t bytes) { return Status::OK(); }
+  // (optional) Undoes register_host(data, ...).
+  virtual Status unregister_host(void* data) { return Status::OK(); }
 
   // (optional) The native queue every op is issued on (cudaStream_t on CUDA), so graphs/ can
   // capture a step into a CUDA graph; null where ops run synchronously on the calling thread.

@@ -1,0 +1,301 @@
+// Backends for testing the daemon's data path without a GPU.
+//
+// SimulatedDevice wraps the CPU backend and behaves, towards its caller, like a device whose
+// memory is not host memory: it reports DeviceKind::kCuda, hands out allocations of its own
+// (filled with 0xff bytes, as a device's recycled memory holds garbage), and refuses any op whose
+// views point outside those allocations, and any copy whose kind does not match where its
+// pointers are. Every refusal is also recorded, so a test can assert there were none.
+// CountingCpu forwards everything to the CPU backend and records the copies it is asked for.
+//
+// Thread-safety: like any Backend, one thread at a time.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tutel/kernels/backend.hpp"
+
+namespace tutel::daemon::testing {
+
+struct CopyRecord {
+  const void* dst;
+  const void* src;
+  size_t bytes;
+  CopyKind kind;
+  bool host_side_registered;  // the host end lies in a register_host() range
+};
+
+inline bool overlaps(const void* p, size_t n, const void* q, size_t m) {
+  const auto a = reinterpret_cast<uintptr_t>(p), b = reinterpret_cast<uintptr_t>(q);
+  return a < b + m && b < a + n;
+}
+
+class SimulatedDevice final : public Backend {
+ public:
+  explicit SimulatedDevice(std::unique_ptr<Backend> cpu) : cpu_(std::move(cpu)) {}
+  ~SimulatedDevice() override {
+    for (auto& [p, bytes] : allocations_) std::free(reinterpret_cast<void*>(p));
+  }
+
+  const std::vector<std::string>& violations() const { return violations_; }
+  const std::vector<CopyRecord>& copies() const { return copies_; }
+  int64_t allocations() const { return allocation_count_; }
+  // register_host() ranges now held: start → bytes.
+  const std::map<uintptr_t, size_t>& registered() const { return registered_; }
+  // Every register_host() call that succeeded, in order.
+  const std::vector<std::pair<const void*, size_t>>& registrations() const {
+    return registrations_;
+  }
+  // Makes register_host() fail, as cudaHostRegister does on a mapping it cannot lock.
+  void fail_registration(bool fail) { fail_registration_ = fail; }
+
+  std::string_view name() const override { return "simulated-cuda"; }
+  Device device() const override { return {DeviceKind::kCuda, 0}; }
+
+  Result<DeviceBuffer> allocate(size_t bytes) override {
+    const size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, rounded);
+    if (!p) return Status::ResourceExhausted("simulated device: out of memory");
+    std::memset(p, 0xff, rounded);
+    allocations_[reinterpret_cast<uintptr_t>(p)] = rounded;
+    ++allocation_count_;
+    return DeviceBuffer(this, p, bytes);
+  }
+  void release(void* data, size_t bytes) override {
+    auto it = allocations_.find(reinterpret_cast<uintptr_t>(data));
+    if (it == allocations_.end()) {
+      (void)violation("release of " + address(data) + ", which this device did not allocate");
+      return;
+    }
+    allocations_.erase(it);
+    std::free(data);
+  }
+
+  Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override {
+    const bool dst_device = on_device(dst, bytes), src_device = on_device(src, bytes);
+    const bool dst_host = on_host(dst, bytes), src_host = on_host(src, bytes);
+    const char* kind_name = kind == CopyKind::kHostToDevice   ? "host-to-device"
+                            : kind == CopyKind::kDeviceToHost ? "device-to-host"
+                                                              : "device-to-device";
+    const bool ok = kind == CopyKind::kHostToDevice   ? src_host && dst_device
+                    : kind == CopyKind::kDeviceToHost ? src_device && dst_host
+                                                      : src_device && dst_device;
+    if (!ok)
+      return violation(std::string(kind_name) + " copy of " + std::to_string(bytes) +
+                       " bytes from " + where(src, bytes) + " to " + where(dst, bytes));
+    const void* host_end = kind == CopyKind::kHostToDevice ? src : dst;
+    copies_.push_back({dst, src, bytes, kind,
+                       kind != CopyKind::kDeviceToDevice && is_registered(host_end, bytes)});
+    std::memmove(dst, src, bytes);
+    return Status::OK();
+  }
+  Status fill_zero(TensorView t) override {
+    TUTEL_RETURN_IF_ERROR(check("fill_zero", {t}));
+    return cpu_->fill_zero(t);
+  }
+  Status synchronize() override { return Status::OK(); }
+
+  Status register_host(void* data, size_t bytes) override {
+    if (fail_registration_) return Status::Unavailable("simulated device: cannot lock that memory");
+    if (!on_host(data, bytes))
+      return violation("register_host of " + where(data, bytes) + ", which is not host memory");
+    if (registered_.count(reinterpret_cast<uintptr_t>(data)))
+      return violation("register_host of " + address(data) + " twice");
+    registered_[reinterpret_cast<uintptr_t>(data)] = bytes;
+    registrations_.emplace_back(data, bytes);
+    return Status::OK();
+  }
+  Status unregister_host(void* data) override {
+    if (!registered_.erase(reinterpret_cast<uintptr_t>(data)))
+      return violation("unregister_host of " + address(data) + ", which is not registered");
+    return Status::OK();
+  }
+
+  Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override {
+    TUTEL_RETURN_IF_ERROR(check("gate_noise", {out}));
+    return cpu_->gate_noise(seed, counter, scale, out);
+  }
+  Status gate_forward(const GateForwardArgs& a) override {
+    TUTEL_RETURN_IF_ERROR(check(
+        "gate_forward", {a.x, a.gate_weight, a.noise, a.scores, a.expert_index, a.gates, a.l_aux}));
+    return cpu_->gate_forward(a);
+  }
+  Status locations(const LocationsArgs& a) override {
+    TUTEL_RETURN_IF_ERROR(
+        check("locations", {a.scores, a.expert_index, a.location, a.expert_count}));
+    return cpu_->locations(a);
+  }
+  Status slot_map(const SlotMapArgs& a) override {
+    TUTEL_RETURN_IF_ERROR(check("slot_map", {a.expert_index, a.location, a.slot_assignment}));
+    return cpu_->slot_map(a);
+  }
+  Status encode(const EncodeArgs& a) override {
+    TUTEL_RETURN_IF_ERROR(check("encode", {a.x, a.gates, a.slot_assignment, a.dispatched}));
+    return cpu_->encode(a);
+  }
+  Status decode(const DecodeArgs& a) override {
+    TUTEL_RETURN_IF_ERROR(
+        check("decode", {a.expert_out, a.gates, a.expert_index, a.location, a.y}));
+    return cpu_->decode(a);
+  }
+  size_t expert_workspace_bytes(const ExpertShape& s, DType d) const override {
+    return cpu_->expert_workspace_bytes(s, d);
+  }
+  Status expert_forward(const ExpertForwardArgs& a) override {
+    TUTEL_RETURN_IF_ERROR(check(
+        "expert_forward",
+        {a.dispatched, a.pre_activation, a.hidden, a.expert_out, a.workspace, a.weights.fc1_weight,
+         a.weights.fc1_bias, a.weights.fc2_weight, a.weights.fc2_bias}));
+    return cpu_->expert_forward(a);
+  }
+  Status expert_backward(const ExpertBackwardArgs& a) override {
+    TUTEL_RETURN_IF_ERROR(check(
+        "expert_backward", {a.dispatched, a.pre_activation, a.hidden, a.d_expert_out, a.d_hidden,
+                            a.d_dispatched, a.workspace, a.weights.fc1_weight, a.weights.fc1_bias,
+                            a.weights.fc2_weight, a.weights.fc2_bias, a.grads.fc1_weight,
+                            a.grads.fc1_bias, a.grads.fc2_weight, a.grads.fc2_bias}));
+    return cpu_->expert_backward(a);
+  }
+  Status decode_backward(const DecodeBackwardArgs& a) override {
+    TUTEL_RETURN_IF_ERROR(
+        check("decode_backward", {a.dy, a.expert_out, a.gates, a.expert_index, a.location,
+                                  a.slot_assignment, a.d_expert_out, a.d_gates}));
+    return cpu_->decode_backward(a);
+  }
+  Status encode_backward(const EncodeBackwardArgs& a) override {
+    TUTEL_RETURN_IF_ERROR(check("encode_backward", {a.d_dispatched, a.x, a.gates, a.expert_index,
+                                                    a.location, a.dx, a.d_gates}));
+    return cpu_->encode_backward(a);
+  }
+  Status gate_backward(const GateBackwardArgs& a) override {
+    TUTEL_RETURN_IF_ERROR(check("gate_backward", {a.x, a.gate_weight, a.scores, a.expert_index,
+                                                  a.d_gates, a.d_logits, a.dx, a.d_gate_weight}));
+    return cpu_->gate_backward(a);
+  }
+  Status sgd_step(const SgdArgs& a) override {
+    TUTEL_RETURN_IF_ERROR(check("sgd_step", {a.param, a.grad, a.momentum_buffer}));
+    return cpu_->sgd_step(a);
+  }
+  Status adamw_step(const AdamWArgs& a) override {
+    TUTEL_RETURN_IF_ERROR(check("adamw_step", {a.param, a.grad, a.exp_avg, a.exp_avg_sq}));
+    return cpu_->adamw_step(a);
+  }
+
+ private:
+  static std::string address(const void* p) {
+    std::ostringstream o;
+    o << p;
+    return o.str();
+  }
+  // [p, p + n) lies inside one allocation (an empty range may sit at its end).
+  bool on_device(const void* p, size_t n) const {
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    auto it = allocations_.upper_bound(a);
+    if (it == allocations_.begin()) return false;
+    --it;
+    return a >= it->first && a + n <= it->first + it->second;
+  }
+  // [p, p + n) touches no allocation.
+  bool on_host(const void* p, size_t n) const {
+    if (p == nullptr) return false;
+    for (const auto& [start, bytes] : allocations_)
+      if (overlaps(p, std::max<size_t>(n, 1), reinterpret_cast<const void*>(start), bytes))
+        return false;
+    return true;
+  }
+  bool is_registered(const void* p, size_t n) const {
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    auto it = registered_.upper_bound(a);
+    if (it == registered_.begin()) return false;
+    --it;
+    return a + n <= it->first + it->second;
+  }
+  std::string where(const void* p, size_t n) const {
+    return address(p) + (on_device(p, n) ? " (device)"
+                         : on_host(p, n) ? " (host)"
+                                         : " (straddles device memory)");
+  }
+  Status violation(std::string what) {
+    violations_.push_back(what);
+    return Status::Internal("simulated device: " + what);
+  }
+  Status check(const char* op, std::initializer_list<TensorView> views) {
+    int i = 0;
+    for (const TensorView& v : views) {
+      ++i;
+      if (v.empty()) continue;  // an optional operand left out
+      if (!on_device(v.data(), v.nbytes()))
+        return violation(std::string(op) + ": operand " + std::to_string(i) + " " +
+                         v.shape().to_string() + " at " + where(v.data(), v.nbytes()) +
+                         " is not in this device's memory");
+      if (!(v.device() == device()))
+        return violation(std::string(op) + ": operand " + std::to_string(i) + " says it is on " +
+                         v.device().to_string() + ", not " + device().to_string());
+    }
+    return Status::OK();
+  }
+
+  std::unique_ptr<Backend> cpu_;
+  std::map<uintptr_t, size_t> allocations_;  // start → bytes (rounded up)
+  std::map<uintptr_t, size_t> registered_;
+  std::vector<std::pair<const void*, size_t>> registrations_;
+  std::vector<std::string> violations_;
+  std::vector<CopyRecord> copies_;
+  int64_t allocation_count_ = 0;
+  bool fail_registration_ = false;
+};
+
+// The CPU backend, recording the copies it is asked for.
+class CountingCpu final : public Backend {
+ public:
+  explicit CountingCpu(std::unique_ptr<Backend> cpu) : cpu_(std::move(cpu)) {}
+  const std::vector<CopyRecord>& copies() const { return copies_; }
+
+  std::string_view name() const override { return cpu_->name(); }
+  Device device() const override { return cpu_->device(); }
+  Result<DeviceBuffer> allocate(size_t bytes) override { return cpu_->allocate(bytes); }
+  void release(void* data, size_t bytes) override { cpu_->release(data, bytes); }
+  Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override {
+    copies_.push_back({dst, src, bytes, kind, false});
+    return cpu_->copy(dst, src, bytes, kind);
+  }
+  Status fill_zero(TensorView t) override { return cpu_->fill_zero(t); }
+  Status synchronize() override { return cpu_->synchronize(); }
+  Status register_host(void* data, size_t bytes) override {
+    return cpu_->register_host(data, bytes);
+  }
+  Status unregister_host(void* data) override { return cpu_->unregister_host(data); }
+  Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override {
+    return cpu_->gate_noise(seed, counter, scale, out);
+  }
+  Status gate_forward(const GateForwardArgs& a) override { return cpu_->gate_forward(a); }
+  Status locations(const LocationsArgs& a) override { return cpu_->locations(a); }
+  Status slot_map(const SlotMapArgs& a) override { return cpu_->slot_map(a); }
+  Status encode(const EncodeArgs& a) override { return cpu_->encode(a); }
+  Status decode(const DecodeArgs& a) override { return cpu_->decode(a); }
+  size_t expert_workspace_bytes(const ExpertShape& s, DType d) const override {
+    return cpu_->expert_workspace_bytes(s, d);
+  }
+  Status expert_forward(const ExpertForwardArgs& a) override { return cpu_->expert_forward(a); }
+  Status expert_backward(const ExpertBackwardArgs& a) override { return cpu_->expert_backward(a); }
+  Status decode_backward(const DecodeBackwardArgs& a) override { return cpu_->decode_backward(a); }
+  Status encode_backward(const EncodeBackwardArgs& a) override { return cpu_->encode_backward(a); }
+  Status gate_backward(const GateBackwardArgs& a) override { return cpu_->gate_backward(a); }
+  Status sgd_step(const SgdArgs& a) override { return cpu_->sgd_step(a); }
+  Status adamw_step(const AdamWArgs& a) override { return cpu_->adamw_step(a); }
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+  std::vector<CopyRecord> copies_;
+};
+
+}  // namespace tutel::daemon::testing
