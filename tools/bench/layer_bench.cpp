@@ -2,6 +2,7 @@
 
 #include <cstdio>
 #include <random>
+#include <string_view>
 #include <vector>
 
 #include "bench_util.hpp"
@@ -11,16 +12,15 @@
 namespace tutel::bench {
 namespace {
 
-struct BenchShape {
-  const char* name;
-  int64_t S, M, H, E;
-  int k;
-  double forward_target, train_target;  // allowed time / floor
+// Allowed time / floor on the CPU (0: no target), by shape name; "all" runs the shapes listed.
+struct CpuTargets {
+  const char* shape;
+  double forward, train;
 };
+constexpr CpuTargets kCpuTargets[] = {{"small", 2.0, 0}, {"large", 1.15, 1.3}};
 
-constexpr BenchShape kShapes[] = {
-    {"small", 512, 256, 512, 8, 2, 2.0, 0},
-    {"large", 4096, 1024, 2048, 8, 2, 1.15, 1.3},
+struct BenchShape : LayerShape {
+  double forward_target = 0, train_target = 0;
 };
 
 // A buffer on the backend filled with N(0, scale) values.
@@ -120,15 +120,39 @@ Status bench_shape(const BenchShape& s, const LayerBenchOptions& o) {
 
 }  // namespace
 
-int run_layer_bench(const LayerBenchOptions& o) {
+int run_layer_bench(const LayerBenchOptions& options) {
+  if (options.backend == "cuda") {
+#if defined(TUTEL_HAVE_CUDA)
+    return run_cuda_layer_bench(options);
+#else
+    std::fprintf(stderr,
+                 "tutel-bench layer: --backend cuda: this tutel-bench was built without CUDA "
+                 "(TUTEL_CUDA=OFF, or no nvcc at configure time); rebuild with -DTUTEL_CUDA=ON\n");
+    return kExitNoCuda;
+#endif
+  }
+  if (options.graph) {
+    std::fprintf(stderr, "tutel-bench layer: --graph measures CUDA graphs; use it with --backend cuda\n");
+    return 2;
+  }
+  LayerBenchOptions o = options;
+  if (o.matmul_dtype.empty()) o.matmul_dtype = "f32";
   std::printf("tutel-bench layer: backend=%s matmul=%s threads=%d, median of %d runs\n", o.backend.c_str(),
               o.matmul_dtype.c_str(), o.threads, o.repeats);
   std::printf("floor = the step's expert GEMMs alone, timed with oneDNN %s matmul for the same shapes in this run\n",
               o.matmul_dtype.c_str());
   std::printf("%-6s %-16s %13s %13s %18s %10s\n", "shape", "step", "time", "floor", "GEMM rate", "time/floor");
   bool any = false;
-  for (const BenchShape& s : kShapes) {
-    if (o.shapes != "all" && o.shapes != s.name) continue;
+  for (const LayerShape& shape : kLayerShapes) {
+    BenchShape s{shape};
+    bool listed = false;
+    for (const CpuTargets& t : kCpuTargets) {
+      if (std::string_view(t.shape) != s.name) continue;
+      listed = true;
+      s.forward_target = t.forward;
+      s.train_target = t.train;
+    }
+    if (o.shapes == "all" ? !listed : o.shapes != s.name) continue;
     any = true;
     if (Status st = bench_shape(s, o); !st.ok()) {
       std::fprintf(stderr, "tutel-bench layer: %s\n", st.to_string().c_str());
@@ -136,7 +160,7 @@ int run_layer_bench(const LayerBenchOptions& o) {
     }
   }
   if (!any) {
-    std::fprintf(stderr, "tutel-bench layer: unknown shape '%s'; use small, large or all\n", o.shapes.c_str());
+    std::fprintf(stderr, "tutel-bench layer: unknown shape '%s'; use small, large, gpu or all\n", o.shapes.c_str());
     return 2;
   }
   return 0;

@@ -12,9 +12,15 @@ int main(int argc, char** argv) {
 
   tutel::bench::LayerBenchOptions layer;
   CLI::App* layer_cmd = app.add_subcommand("layer", "one MoE layer: forward and forward+backward vs the expert-GEMM floor");
-  layer_cmd->add_option("--shape", layer.shapes, "small | large | all")->capture_default_str();
-  layer_cmd->add_option("--backend", layer.backend, "backend name")->capture_default_str();
-  layer_cmd->add_option("--matmul-dtype", layer.matmul_dtype, "f32 | bf16")->capture_default_str();
+  layer_cmd->add_option("--shape", layer.shapes,
+                        "small | large | gpu (S=16384 M=4096 H=14336) | all (cpu: small, large; cuda: large, gpu)")
+      ->capture_default_str();
+  layer_cmd->add_option("--backend", layer.backend,
+                        "cpu | cuda (exit code 3 where cuda cannot run: no CUDA device, or a build without CUDA)")
+      ->capture_default_str();
+  layer_cmd->add_option("--matmul-dtype", layer.matmul_dtype, "f32 | bf16 (default: f32 on cpu, bf16 on cuda)");
+  layer_cmd->add_flag("--graph", layer.graph,
+                      "cuda: also a decode-sized step (S=128) launched op by op vs replayed as a CUDA graph");
   layer_cmd->add_option("--threads", layer.threads, "CPU threads (0 = all cores)")->capture_default_str();
   layer_cmd->add_option("--repeats", layer.repeats, "timed runs per measurement")->check(CLI::PositiveNumber)->capture_default_str();
 
