@@ -109,78 +109,93 @@ class UcxCluster final : public Cluster {
     bool left = false;  // it said goodbye (shut down on purpose)
   };
 
+  // What one round of the heartbeat learnt, before it is applied under mu_.
+  struct Round {
+    std::vector<int> heard, leaving, sent;
+    std::vector<std::pair<int, std::string>> broken;  // (node, why)
+  };
+
   void heartbeat_loop() {
-    const int me = node_rank();
     std::unique_lock<std::mutex> lock(mu_);
     while (!stopping_) {
       lock.unlock();
-      // Drain what arrived first, so a node that was itself stopped does not call everyone
-      // silent on waking: their heartbeats are already queued.
-      std::vector<int> heard, leaving;
-      rank_->receive_beacons(kBeaconTag, ~kSenderMask, [&](uint64_t tag, std::string_view data) {
-        Beacon b{};
-        std::memcpy(&b, data.data(), std::min(data.size(), sizeof b));
-        (b.kind == kBye ? leaving : heard).push_back(static_cast<int>(tag & kSenderMask));
-      });
-      std::vector<std::pair<int, std::string>> broken;
-      std::vector<int> sent;
-      const Beacon heartbeat{kHeartbeat, 0};
-      for (int p = 0; p < nodes(); ++p) {
-        if (p == me || std::find(leaving.begin(), leaving.end(), p) != leaving.end()) continue;
-        {
-          std::lock_guard<std::mutex> peers_lock(mu_);
-          if (peers_[static_cast<size_t>(p)].left) continue;
-        }
-        std::string failure = rank_->failure(p);
-        if (failure.empty()) {
-          const Status s = rank_->send_beacon(p, beacon_tag(), &heartbeat, sizeof heartbeat);
-          if (s.ok()) {
-            sent.push_back(p);
-          } else {
-            failure = std::string(s.message());
-          }
-        }
-        if (!failure.empty()) broken.emplace_back(p, rank_->describe(p) + " failed: " + failure);
-      }
+      const Round round = exchange_beacons();
       lock.lock();
-      const auto now = Clock::now();
-      for (int p : heard) {
-        if (p < 0 || p >= nodes() || p == me) continue;
-        Peer& peer = peers_[static_cast<size_t>(p)];
-        peer.last_heard = now;
-        ++peer.received;
+      apply(round, Clock::now());
+      wake_.wait_for(lock, options_.heartbeat_interval, [this] { return stopping_; });
+    }
+  }
+
+  // Without mu_ (it talks to the network): reads the beacons that arrived, then greets every
+  // peer that is neither gone nor leaving.
+  Round exchange_beacons() {
+    const int me = node_rank();
+    Round round;
+    // Drain what arrived first, so a node that was itself stopped does not call everyone silent
+    // on waking: their heartbeats are already queued.
+    rank_->receive_beacons(kBeaconTag, ~kSenderMask, [&](uint64_t tag, std::string_view data) {
+      Beacon b{};
+      std::memcpy(&b, data.data(), std::min(data.size(), sizeof b));
+      (b.kind == kBye ? round.leaving : round.heard).push_back(static_cast<int>(tag & kSenderMask));
+    });
+    const Beacon heartbeat{kHeartbeat, 0};
+    for (int p = 0; p < nodes(); ++p) {
+      if (p == me || std::find(round.leaving.begin(), round.leaving.end(), p) != round.leaving.end()) continue;
+      {
+        std::lock_guard<std::mutex> peers_lock(mu_);
+        if (peers_[static_cast<size_t>(p)].left) continue;
       }
-      for (int p : sent) ++peers_[static_cast<size_t>(p)].sent;
-      for (int p : leaving) {
-        if (p < 0 || p >= nodes() || p == me) continue;
-        Peer& peer = peers_[static_cast<size_t>(p)];
-        peer.dead = peer.left = true;
-        peer.error = rank_->describe(p) + " left the cluster (its daemon shut down)";
-        TUTEL_LOG(INFO) << "cluster: " << peer.error;
-      }
-      for (auto& [p, why] : broken) {
-        Peer& peer = peers_[static_cast<size_t>(p)];
-        if (peer.left) continue;  // its connection closed because it left
-        if (!peer.dead) TUTEL_LOG(WARN) << "cluster: " << why;
-        peer.dead = true;
-        peer.error = std::move(why);
-      }
-      for (int p = 0; p < nodes(); ++p) {
-        Peer& peer = peers_[static_cast<size_t>(p)];
-        if (p == me || peer.dead) continue;
-        const auto silent = now - peer.last_heard;
-        const bool was_up = peer.error.empty();
-        if (silent > options_.peer_timeout) {
-          peer.error = rank_->describe(p) + " sent no heartbeat for " + format_ms(silent) +
-                       " (timeout " + format_ms(options_.peer_timeout) +
-                       "): stopped, hung or unreachable";
-          if (was_up) TUTEL_LOG(WARN) << "cluster: " << peer.error;
-        } else if (!was_up) {
-          TUTEL_LOG(INFO) << "cluster: " << rank_->describe(p) << " answers again";
-          peer.error.clear();
+      std::string failure = rank_->failure(p);
+      if (failure.empty()) {
+        const Status s = rank_->send_beacon(p, beacon_tag(), &heartbeat, sizeof heartbeat);
+        if (s.ok()) {
+          round.sent.push_back(p);
+        } else {
+          failure = std::string(s.message());
         }
       }
-      wake_.wait_for(lock, options_.heartbeat_interval, [this] { return stopping_; });
+      if (!failure.empty()) round.broken.emplace_back(p, rank_->describe(p) + " failed: " + failure);
+    }
+    return round;
+  }
+
+  // Under mu_: the peers' states after `round`.
+  void apply(const Round& round, Clock::time_point now) {
+    const int me = node_rank();
+    auto valid = [&](int p) { return p >= 0 && p < nodes() && p != me; };
+    for (int p : round.heard) {
+      if (!valid(p)) continue;
+      peers_[static_cast<size_t>(p)].last_heard = now;
+      ++peers_[static_cast<size_t>(p)].received;
+    }
+    for (int p : round.sent) ++peers_[static_cast<size_t>(p)].sent;
+    for (int p : round.leaving) {
+      if (!valid(p)) continue;
+      Peer& peer = peers_[static_cast<size_t>(p)];
+      peer.dead = peer.left = true;
+      peer.error = rank_->describe(p) + " left the cluster (its daemon shut down)";
+      TUTEL_LOG(INFO) << "cluster: " << peer.error;
+    }
+    for (const auto& [p, why] : round.broken) {
+      Peer& peer = peers_[static_cast<size_t>(p)];
+      if (peer.left) continue;  // its connection closed because it left
+      if (!peer.dead) TUTEL_LOG(WARN) << "cluster: " << why;
+      peer.dead = true;
+      peer.error = why;
+    }
+    for (int p = 0; p < nodes(); ++p) {
+      Peer& peer = peers_[static_cast<size_t>(p)];
+      if (p == me || peer.dead) continue;
+      const auto silent = now - peer.last_heard;
+      const bool was_up = peer.error.empty();
+      if (silent > options_.peer_timeout) {
+        peer.error = rank_->describe(p) + " sent no heartbeat for " + format_ms(silent) + " (timeout " +
+                     format_ms(options_.peer_timeout) + "): stopped, hung or unreachable";
+        if (was_up) TUTEL_LOG(WARN) << "cluster: " << peer.error;
+      } else if (!was_up) {
+        TUTEL_LOG(INFO) << "cluster: " << rank_->describe(p) << " answers again";
+        peer.error.clear();
+      }
     }
   }
 
