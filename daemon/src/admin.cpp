@@ -86,6 +86,9 @@ std::string DaemonImpl::metrics_text() {
     for (const comm::PeerStatus& p : ref.layer->group_peers())
       traffic[{ref.layer->tenant() + "/" + ref.layer->name(), p.rank}] = {p.bytes_sent, p.bytes_received};
   metrics_.set_live(std::move(node_up), std::move(traffic));
+  // Activation memory changes with every training forward and backward: read when scraped.
+  for (const TenantConfig& t : config_.tenants)
+    metrics_.set_tenant_activation_memory(t.name, registry_->activation_bytes(t.name));
   return metrics_.prometheus_text();
 }
 
@@ -109,6 +112,8 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
                            {"layers", registry_->layer_count(t.name)},
                            {"max_layers", t.max_layers},
                            {"memory_bytes", registry_->memory_bytes(t.name)},
+                           {"activation_bytes", registry_->activation_bytes(t.name)},
+                           {"pending_bytes", registry_->pending_bytes(t.name)},
                            {"max_memory_bytes", t.max_memory_bytes},
                            {"inflight", registry_->inflight(t.name)},
                            {"max_inflight", t.max_inflight}});
@@ -136,6 +141,8 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
                           {"capacity_factor", spec.capacity_factor},
                           {"step", ref.layer->step_count()},
                           {"memory_bytes", ref.layer->memory_bytes()},
+                          {"activation_bytes", ref.layer->activation_bytes()},
+                          {"pending_bytes", ref.layer->pending_bytes()},
                           {"pending_backwards", ref.layer->pending_backwards()},
                           {"capacity", st.capacity},
                           {"dropped", st.dropped},

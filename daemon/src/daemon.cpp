@@ -215,7 +215,7 @@ void DaemonImpl::accept_on(bool admin) {
         continue;
       }
       s->tenant = *tenant;
-      metrics_.set_active_sessions(static_cast<int64_t>(sessions_.size()));
+      publish_session_count();
     }
   }
 }
@@ -417,6 +417,14 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
                   << client_name << "'";
 }
 
+// The metric counts client sessions, as `tutelctl status` does: admin connections (tutelctl
+// itself, closed asynchronously) are not the trainers it reports on.
+void DaemonImpl::publish_session_count() {
+  int64_t clients = 0;
+  for (const auto& [id, session] : sessions_) clients += session->admin ? 0 : 1;
+  metrics_.set_active_sessions(clients);
+}
+
 void DaemonImpl::close_session(const std::shared_ptr<Session>& s) {
   if (s->closing) return;
   s->closing = true;
@@ -438,7 +446,7 @@ void DaemonImpl::close_session(const std::shared_ptr<Session>& s) {
           },
           [this, s] {
             sessions_.erase(s->id);
-            metrics_.set_active_sessions(static_cast<int64_t>(sessions_.size()));
+            publish_session_count();
             s->fd.reset();
           });
 }

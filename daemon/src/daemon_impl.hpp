@@ -63,6 +63,7 @@ class DaemonImpl {
   void handle_hello(const std::shared_ptr<Session>& s, const ipc::Frame& frame);
   void finish_frame(const std::shared_ptr<Session>& s);
   void shutdown();
+  void publish_session_count();  // on the loop thread
   void checkpoint_all();
 
   Config config_;

@@ -46,6 +46,11 @@ void Metrics::set_tenant_memory(const std::string& tenant, uint64_t bytes) {
   tenant_memory_[tenant] = bytes;
 }
 
+void Metrics::set_tenant_activation_memory(const std::string& tenant, uint64_t bytes) {
+  std::lock_guard lock(mutex_);
+  tenant_activation_memory_[tenant] = bytes;
+}
+
 void Metrics::set_active_sessions(int64_t n) {
   std::lock_guard lock(mutex_);
   active_sessions_ = n;
@@ -90,6 +95,15 @@ std::string Metrics::prometheus_text() const {
   o << "# HELP tuteld_tenant_memory_bytes Parameters, gradients and optimizer state, by tenant.\n"
     << "# TYPE tuteld_tenant_memory_bytes gauge\n";
   for (const auto& [t, v] : tenant_memory_) o << "tuteld_tenant_memory_bytes{tenant=\"" << label(t) << "\"} " << v << "\n";
+  // A gauge of its own rather than folded into tuteld_tenant_memory_bytes: that one moves only
+  // when layers are created or destroyed and existing dashboards read it as the parameters;
+  // this one moves with every training forward and backward. Their sum is what counts against
+  // max_memory_bytes.
+  o << "# HELP tuteld_tenant_activation_bytes Memory held for forwards (in-flight and recycled "
+       "training forwards, staging, workspaces), by tenant.\n"
+    << "# TYPE tuteld_tenant_activation_bytes gauge\n";
+  for (const auto& [t, v] : tenant_activation_memory_)
+    o << "tuteld_tenant_activation_bytes{tenant=\"" << label(t) << "\"} " << v << "\n";
   o << "# HELP tuteld_active_sessions Client sessions connected.\n# TYPE tuteld_active_sessions gauge\n"
     << "tuteld_active_sessions " << active_sessions_ << "\n";
   if (!peers_.empty()) {

@@ -19,6 +19,8 @@ class Metrics {
                       bool ok, double seconds, int64_t tokens = 0, int64_t dropped = 0);
   void set_capacity(const std::string& tenant, const std::string& layer, int64_t capacity);
   void set_tenant_memory(const std::string& tenant, uint64_t bytes);
+  // What the tenant's layers hold for forwards (pending entries, staging, workspaces).
+  void set_tenant_activation_memory(const std::string& tenant, uint64_t bytes);
   void set_active_sessions(int64_t n);
   // Whether the group of an expert-parallel layer ("tenant/layer") still answers.
   void set_peer_state(const std::string& group_layer, bool up);
@@ -49,6 +51,7 @@ class Metrics {
   std::map<std::pair<std::string, std::string>, uint64_t> tokens_, dropped_;
   std::map<std::pair<std::string, std::string>, int64_t> capacity_;
   std::map<std::string, uint64_t> tenant_memory_;
+  std::map<std::string, uint64_t> tenant_activation_memory_;
   std::map<std::string, bool> peers_;
   std::map<int, bool> node_up_;
   std::map<std::pair<std::string, int>, PeerTraffic> traffic_;

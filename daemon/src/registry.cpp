@@ -7,7 +7,10 @@ namespace tutel::daemon {
 
 Registry::Registry(const std::vector<TenantConfig>& tenants, std::vector<std::unique_ptr<Rank>>& ranks)
     : ranks_(ranks), rank_bytes_(ranks.size(), 0) {
-  for (const TenantConfig& t : tenants) tenants_[t.name].config = t;
+  for (const TenantConfig& t : tenants) {
+    tenants_[t.name].config = t;
+    tenants_[t.name].memory = std::make_shared<TenantMemory>(t.name, t.max_memory_bytes);
+  }
   // Handles start at a random point so a handle from a previous daemon run is not silently
   // accepted as one of this run's.
   next_handle_ = (std::random_device{}() & 0xffffff) * 1000 + 1;
@@ -31,6 +34,7 @@ const TenantConfig* Registry::tenant_config(const std::string& tenant) const {
 
 Result<LayerRef> Registry::create(const std::string& tenant, const LayerDefinition& def, const std::string& spec_text) {
   size_t rank_index = 0;
+  std::shared_ptr<TenantMemory> memory;
   {
     std::lock_guard lock(mutex_);
     auto it = tenants_.find(tenant);
@@ -43,20 +47,18 @@ Result<LayerRef> Registry::create(const std::string& tenant, const LayerDefiniti
       return Status::ResourceExhausted("tenant '" + tenant + "' has reached its quota of " +
                                        std::to_string(t.config.max_layers) + " layers");
     rank_index = std::min_element(rank_bytes_.begin(), rank_bytes_.end()) - rank_bytes_.begin();
+    memory = it->second.memory;
   }
   // Built outside the lock: loading weights can take a while.
   TUTEL_ASSIGN_OR_RETURN(std::unique_ptr<ServedLayer> built,
-                         ServedLayer::create(def, spec_text, tenant, *ranks_[rank_index]));
+                         ServedLayer::create(def, spec_text, memory, *ranks_[rank_index]));
   std::lock_guard lock(mutex_);
   Tenant& t = tenants_.at(tenant);
   if (t.layers_by_name.count(def.name))
     return Status::AlreadyExists("tenant '" + tenant + "' already has a layer '" + def.name + "'");
-  if (t.memory_bytes + built->memory_bytes() > t.config.max_memory_bytes)
-    return Status::ResourceExhausted("layer '" + def.name + "' needs " + std::to_string(built->memory_bytes()) +
-                                     " bytes; tenant '" + tenant + "' uses " + std::to_string(t.memory_bytes) +
-                                     " of its " + std::to_string(t.config.max_memory_bytes) + " byte quota");
+  // Against parameters and what the tenant's forwards hold now.
+  TUTEL_RETURN_IF_ERROR(memory->try_charge_parameters(built->memory_bytes(), "layer '" + def.name + "'"));
   const uint64_t handle = next_handle_++;
-  t.memory_bytes += built->memory_bytes();
   rank_bytes_[rank_index] += built->memory_bytes();
   t.layers_by_name[def.name] = handle;
   auto layer = std::shared_ptr<ServedLayer>(std::move(built));
@@ -98,7 +100,7 @@ Status Registry::destroy(const std::string& tenant, uint64_t handle) {
   std::lock_guard lock(mutex_);
   Tenant& t = tenants_.at(tenant);
   t.layers_by_name.erase(ref.layer->name());
-  t.memory_bytes -= ref.layer->memory_bytes();
+  t.memory->release_parameters(ref.layer->memory_bytes());
   rank_bytes_[ref.layer->rank_index()] -= ref.layer->memory_bytes();
   layers_.erase(handle);
   return Status::OK();
@@ -131,7 +133,17 @@ int64_t Registry::inflight(const std::string& tenant) const {
 
 uint64_t Registry::memory_bytes(const std::string& tenant) const {
   std::lock_guard lock(mutex_);
-  return tenants_.at(tenant).memory_bytes;
+  return tenants_.at(tenant).memory->parameter_bytes();
+}
+
+uint64_t Registry::activation_bytes(const std::string& tenant) const {
+  std::lock_guard lock(mutex_);
+  return tenants_.at(tenant).memory->activation_bytes();
+}
+
+uint64_t Registry::pending_bytes(const std::string& tenant) const {
+  std::lock_guard lock(mutex_);
+  return tenants_.at(tenant).memory->pending_bytes();
 }
 
 int64_t Registry::layer_count(const std::string& tenant) const {

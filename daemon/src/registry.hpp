@@ -46,14 +46,22 @@ class Registry {
   bool try_begin_request(const std::string& tenant);
   void end_request(const std::string& tenant);
   int64_t inflight(const std::string& tenant) const;
+  // Parameters, gradients and optimizer state of the tenant's layers.
   uint64_t memory_bytes(const std::string& tenant) const;
+  // What the tenant's layers hold for forwards (ServedLayer::activation_bytes() summed); counts
+  // against max_memory_bytes with memory_bytes().
+  uint64_t activation_bytes(const std::string& tenant) const;
+  // The part of activation_bytes() held by training forwards waiting for their backwards.
+  uint64_t pending_bytes(const std::string& tenant) const;
   int64_t layer_count(const std::string& tenant) const;
 
  private:
   struct Tenant {
     TenantConfig config;
     std::map<std::string, uint64_t> layers_by_name;
-    uint64_t memory_bytes = 0;
+    // Shared with the tenant's layers, which charge their activations to it; outlives a
+    // destroyed layer that a request in progress still holds.
+    std::shared_ptr<TenantMemory> memory;
     int64_t inflight = 0;
   };
 

@@ -35,11 +35,15 @@ Status grow(Backend& b, DeviceBuffer& buf, size_t bytes) {
 }  // namespace
 
 Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& def, std::string spec_text,
-                                                         std::string tenant, Rank& rank) {
+                                                         std::shared_ptr<TenantMemory> memory, Rank& rank) {
   TUTEL_RETURN_IF_ERROR(def.spec.validate());
-  std::unique_ptr<ServedLayer> layer(new ServedLayer(def, std::move(spec_text), std::move(tenant), rank));
+  std::unique_ptr<ServedLayer> layer(new ServedLayer(def, std::move(spec_text), std::move(memory), rank));
   std::lock_guard lock(layer->mutex_);
-  if (def.group) TUTEL_RETURN_IF_ERROR(layer->join_group().with_context("layer '" + def.name + "'"));
+  if (def.group) {
+    TUTEL_RETURN_IF_ERROR(layer->join_group().with_context("layer '" + def.name + "'"));
+  } else {
+    layer->local_activations_ = std::make_unique<ActivationBackend>(*rank.backend, layer->memory_);
+  }
   TUTEL_RETURN_IF_ERROR(layer->allocate());
   if (def.weights_path) {
     TUTEL_RETURN_IF_ERROR(layer->load_locked(*def.weights_path, /*require_all=*/true)
@@ -56,6 +60,7 @@ Status ServedLayer::join_group() {
     return Status::Unimplemented("expert-parallel groups run on the cpu backend for now");
   auto group = std::make_unique<Group>();
   TUTEL_ASSIGN_OR_RETURN(group->backend, make_backend("cpu", rank_.options));
+  group->activations = std::make_unique<ActivationBackend>(*group->backend, memory_);
   comm::BootstrapOptions o;
   o.coordinator_host = g.coordinator_host;
   o.coordinator_port = g.coordinator_port;
@@ -66,8 +71,9 @@ Status ServedLayer::join_group() {
   o.collective_timeout = g.collective_timeout;
   o.local_exchange = rank_.local_exchange;
   TUTEL_ASSIGN_OR_RETURN(group->comm, comm::ucx_bootstrap(o));
+  // Its saved state and workspaces are allocated through `activations`, and so charged.
   TUTEL_ASSIGN_OR_RETURN(graphs::ExpertParallelLayer ep,
-                         graphs::ExpertParallelLayer::create(*group->backend, *group->comm, def_.spec,
+                         graphs::ExpertParallelLayer::create(*group->activations, *group->comm, def_.spec,
                                                              g.all_to_all));
   group->layer.emplace(std::move(ep));
   group_ = std::move(group);
@@ -181,6 +187,11 @@ int64_t ServedLayer::step_count() const { return step_; }
 
 int64_t ServedLayer::pending_backwards() const { return pending_count_; }
 
+uint64_t ServedLayer::activation_bytes() const {
+  // Both are set before the layer is published and never change after.
+  return group_ ? group_->activations->bytes() : local_activations_->bytes();
+}
+
 std::string ServedLayer::group_error() const {
   std::lock_guard lock(stats_mutex_);
   return group_error_;
@@ -213,11 +224,13 @@ std::unique_ptr<ServedLayer::Pending> ServedLayer::take_pending() {
 }
 
 void ServedLayer::recycle(std::unique_ptr<Pending> pending) {
-  if (recycled_.size() < kMaxRecycled) recycled_.push_back(std::move(pending));
+  // A backward's growth is let through the quota (see tenant_memory.hpp); an entry is kept for
+  // reuse only while the tenant is back within it, so the excess lasts one backward.
+  if (recycled_.size() < kMaxRecycled && !memory_->over_quota()) recycled_.push_back(std::move(pending));
 }
 
 Result<TensorView> ServedLayer::stage_in(const float* host, Shape shape, DeviceBuffer& buf) {
-  Backend& b = backend();
+  Backend& b = activations();
   if (!stages_host_memory())
     return TensorView(const_cast<float*>(host), DType::kF32, shape, b.device());
   const size_t bytes = static_cast<size_t>(shape.numel()) * 4;
@@ -227,7 +240,7 @@ Result<TensorView> ServedLayer::stage_in(const float* host, Shape shape, DeviceB
 }
 
 Result<TensorView> ServedLayer::stage_out(float* host, Shape shape, DeviceBuffer& buf) {
-  Backend& b = backend();
+  Backend& b = activations();
   if (!stages_host_memory()) return TensorView(host, DType::kF32, shape, b.device());
   TUTEL_RETURN_IF_ERROR(grow(b, buf, static_cast<size_t>(shape.numel()) * 4));
   return TensorView(buf.data(), DType::kF32, shape, b.device());
@@ -248,13 +261,24 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
   if (training && pending_.count(key))
     return Status::AlreadyExists("layer '" + def_.name + "': sequence " + std::to_string(sequence) +
                                  " already has a forward waiting for its backward; use a new sequence number");
-  Backend& b = backend();
+  ActivationBackend& b = activations();
   const Device d = b.device();
   auto device_lock = lock_device();
   RoutingStats stats;
   // Pending entries (saved state, workspace and input) are recycled: no allocation per request
   // once the layer has seen its largest batch.
   std::unique_ptr<Pending> pending = training ? take_pending() : nullptr;
+  // The quota is checked at each allocation, with the size the layer code computed for it and
+  // before it is made, rather than against an estimate up front: the buffers a forward needs
+  // depend on the backend's expert workspace and, dropless, on the routing, and an upper bound
+  // from the shape would refuse forwards that fit. A refused allocation fails the forward
+  // before anything is written to y, and the entry is freed below.
+  // A group layer's forward is a collective with allocations on both sides of its exchanges: a
+  // rank refusing alone would leave its peers waiting until collective_timeout and the group
+  // out of step, so its growth is charged (and shown) but not refused until the ranks can agree
+  // on a refusal.
+  std::optional<ActivationBackend::Enforce> enforce;
+  if (training && !group_) enforce.emplace(b);
   Status st;
   if (group_) {
     // Its peers run the same forwards in the same order (the clients' contract), so every rank
@@ -278,19 +302,31 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
       TUTEL_ASSIGN_OR_RETURN(const TensorView yv, stage_out(y, {tokens, O}, staged_out_));
       // The noise draw is keyed by the step and the sequence, so a replayed step draws the same noise.
       const uint64_t noise_counter = training ? (static_cast<uint64_t>(step_) << 32) ^ sequence : 0;
-      TUTEL_RETURN_IF_ERROR(layer_forward(b, s, weights_of(0), xv, noise_counter, training,
-                                          training ? pending->workspace : inference_workspace_, yv,
-                                          &stats));
+      // layer_forward allocates only the workspace's buffers, so what it adds to the layer's
+      // charge is what the workspace holds beyond before.
+      const uint64_t before = b.bytes();
+      Status forward_status = layer_forward(b, s, weights_of(0), xv, noise_counter, training,
+                                            training ? pending->workspace : inference_workspace_, yv,
+                                            &stats);
+      if (pending) pending->workspace_bytes += b.bytes() - before;
+      TUTEL_RETURN_IF_ERROR(forward_status);
       return unstage_out(y, yv);
     }();
     // A failed request's copies from the client's buffers must be over before it is told.
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();
   }
+  enforce.reset();
   if (!st.ok()) {
-    if (pending) recycle(std::move(pending));
-    return st;
+    // Refused for the quota: the entry may have grown some buffers before the one refused, so
+    // it is freed rather than kept: a new entry's charge returns to nothing, a recycled one's
+    // memory is given back too.
+    if (pending && st.code() != StatusCode::kResourceExhausted) recycle(std::move(pending));
+    return st.code() == StatusCode::kResourceExhausted ? st.with_context("layer '" + def_.name + "'") : st;
   }
-  if (pending) pending_.emplace(key, std::move(pending));
+  if (pending) {
+    add_pending_bytes(*pending);
+    pending_.emplace(key, std::move(pending));
+  }
   publish_pending();
   {
     std::lock_guard stats_lock(stats_mutex_);
@@ -314,9 +350,11 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
     return Status::InvalidArgument("layer '" + def_.name + "': backward of sequence " + std::to_string(sequence) +
                                    " has " + std::to_string(tokens) + " tokens, its forward had " +
                                    std::to_string(forward_tokens));
-  Backend& b = backend();
+  ActivationBackend& b = activations();
   const Device d = b.device();
   auto device_lock = lock_device();
+  // Counted out at what it was counted in with; the backward may grow it.
+  const uint64_t held = p.bytes();
   Status st;
   if (group_) {
     const TensorView dyv(const_cast<float*>(dy), DType::kF32, {tokens, O}, d),
@@ -327,12 +365,17 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
       TUTEL_ASSIGN_OR_RETURN(const TensorView dyv, stage_in(dy, {tokens, O}, staged_in_));
       TUTEL_ASSIGN_OR_RETURN(const TensorView dxv, stage_out(dx, {tokens, M}, staged_out_));
       const TensorView xv(p.x.data(), DType::kF32, {tokens, M}, d);
-      TUTEL_RETURN_IF_ERROR(
-          layer_backward(b, s, weights_of(0), xv, p.workspace, dyv, dl_aux, dxv, weights_of(1)));
+      // Like layer_forward, layer_backward allocates only the workspace's (gradient) buffers.
+      const uint64_t before = b.bytes();
+      Status backward_status =
+          layer_backward(b, s, weights_of(0), xv, p.workspace, dyv, dl_aux, dxv, weights_of(1));
+      p.workspace_bytes += b.bytes() - before;
+      TUTEL_RETURN_IF_ERROR(backward_status);
       return unstage_out(dx, dxv);
     }();
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();
   }
+  remove_pending_bytes(held);
   recycle(std::move(it->second));
   pending_.erase(it);
   publish_pending();
@@ -341,8 +384,14 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
 
 void ServedLayer::drop_pending(uint64_t owner) {
   std::lock_guard lock(mutex_);
-  for (auto it = pending_.begin(); it != pending_.end();)
-    it = it->first.first == owner ? pending_.erase(it) : std::next(it);
+  for (auto it = pending_.begin(); it != pending_.end();) {
+    if (it->first.first != owner) {
+      ++it;
+      continue;
+    }
+    remove_pending_bytes(it->second->bytes());
+    it = pending_.erase(it);
+  }
   publish_pending();
 }
 

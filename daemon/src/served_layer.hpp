@@ -21,6 +21,7 @@
 #include "tutel/daemon/config.hpp"
 #include "tutel/kernels/backend.hpp"
 #include "tutel/kernels/moe_layer.hpp"
+#include "tenant_memory.hpp"
 
 namespace tutel::daemon {
 
@@ -42,8 +43,15 @@ class ServedLayer {
  public:
   // Builds the layer from its definition: weights from the Tutel-named safetensors file, or
   // initialised from init_seed as Tutel initialises them. `spec_text` is kept for checkpoints.
+  // Its activation memory (see activation_bytes()) is charged to `memory` as it is allocated;
+  // its parameters are the caller's to charge (memory_bytes()).
   static Result<std::unique_ptr<ServedLayer>> create(const LayerDefinition& def, std::string spec_text,
-                                                     std::string tenant, Rank& rank);
+                                                     std::shared_ptr<TenantMemory> memory, Rank& rank);
+  // A layer whose activations are charged to a tenant of its own without a quota (tests).
+  static Result<std::unique_ptr<ServedLayer>> create(const LayerDefinition& def, std::string spec_text,
+                                                     std::string tenant, Rank& rank) {
+    return create(def, std::move(spec_text), std::make_shared<TenantMemory>(std::move(tenant), ~uint64_t{0}), rank);
+  }
 
   const std::string& name() const { return def_.name; }
   const std::string& tenant() const { return tenant_; }
@@ -52,6 +60,11 @@ class ServedLayer {
   int rank_index() const { return rank_.index; }
   // Bytes of parameters, gradients and optimizer state.
   uint64_t memory_bytes() const { return memory_bytes_; }
+  // Bytes held for forwards: pending and recycled entries (saved state, workspace, input),
+  // staging buffers and the inference workspace, from the buffers' sizes. Any thread, lock-free.
+  uint64_t activation_bytes() const;
+  // The part of activation_bytes() held by training forwards waiting for their backwards.
+  uint64_t pending_bytes() const { return pending_bytes_; }
   int64_t step_count() const;
   int64_t pending_backwards() const;
   RoutingStats last_stats() const;
@@ -66,6 +79,9 @@ class ServedLayer {
   // wait for their backwards, which may come in any order, on a group layer too. A group
   // layer's forwards and backwards are collectives: every rank's client must issue them in the
   // same order (as pipelined micro-batches do), each backward at the same place on every rank.
+  // A training forward whose new or larger entry would take the tenant over max_memory_bytes
+  // (parameters + every layer's activation_bytes()) fails with ResourceExhausted before
+  // allocating it, leaving no entry (the memory its entry had taken is given back).
   Result<ForwardResult> forward(const float* x, int64_t tokens, float* y, bool training,
                                 uint64_t owner, uint64_t sequence);
   // dy [S, O] → dx [S, M] for the training forward (`owner`, `sequence`), accumulating the
@@ -85,8 +101,9 @@ class ServedLayer {
   Status load(const std::string& path);
 
  private:
-  ServedLayer(LayerDefinition def, std::string spec_text, std::string tenant, Rank& rank)
-      : def_(std::move(def)), spec_text_(std::move(spec_text)), tenant_(std::move(tenant)), rank_(rank) {}
+  ServedLayer(LayerDefinition def, std::string spec_text, std::shared_ptr<TenantMemory> memory, Rank& rank)
+      : def_(std::move(def)), spec_text_(std::move(spec_text)), tenant_(memory->tenant()),
+        memory_(std::move(memory)), rank_(rank) {}
 
   struct Tensor {
     std::string name;   // Tutel parameter name
@@ -102,17 +119,26 @@ class ServedLayer {
     DeviceBuffer x;
     // A [group] layer: everything the expert-parallel backward needs, the input included.
     graphs::ExpertParallelLayer::Saved saved;
+    // What `workspace` holds, as charged: its buffers are its own, so forward and backward add
+    // what the layer's charge grew by while they ran on it.
+    uint64_t workspace_bytes = 0;
+    uint64_t bytes() const { return x.bytes() + workspace_bytes + saved.bytes(); }
   };
 
   // A [group] layer: its own backend (collectives block, so it must not hold the rank's), its
   // communicator, and the expert-parallel step over them.
   struct Group {
     std::unique_ptr<Backend> backend;
+    // Between the backend it wraps and the layer whose buffers it charges (member order is
+    // destruction order).
+    std::unique_ptr<ActivationBackend> activations;
     std::unique_ptr<comm::Communicator> comm;
     std::optional<graphs::ExpertParallelLayer> layer;
   };
 
   Backend& backend() { return group_ ? *group_->backend : *rank_.backend; }
+  // The backend forwards and backwards run on: backend(), with their allocations charged.
+  ActivationBackend& activations() { return group_ ? *group_->activations : *local_activations_; }
   // The client's buffers are host memory: a backend whose memory is elsewhere gets its inputs
   // and outputs staged through device buffers (group layers run on the CPU backend only).
   bool stages_host_memory() { return backend().device().kind != DeviceKind::kCpu; }
@@ -123,6 +149,15 @@ class ServedLayer {
   Status join_group();
   void publish_pending() {  // under mutex_
     pending_count_ = static_cast<int64_t>(pending_.size());
+  }
+  // Counts `p` in (or out of) pending_bytes_ and the tenant's; under mutex_.
+  void add_pending_bytes(const Pending& p) {
+    pending_bytes_ += p.bytes();
+    memory_->add_pending(p.bytes());
+  }
+  void remove_pending_bytes(uint64_t bytes) {
+    pending_bytes_ -= bytes;
+    memory_->remove_pending(bytes);
   }
   std::unique_ptr<Pending> take_pending();         // a recycled entry, or a new one; under mutex_
   void recycle(std::unique_ptr<Pending> pending);  // under mutex_
@@ -141,6 +176,7 @@ class ServedLayer {
   LayerDefinition def_;
   std::string spec_text_;
   std::string tenant_;
+  std::shared_ptr<TenantMemory> memory_;
   Rank& rank_;
   // Before the tensors: they hold buffers of the group's backend and must be freed first.
   std::unique_ptr<Group> group_;
@@ -151,11 +187,15 @@ class ServedLayer {
   // while it waits on its peers.
   std::atomic<int64_t> step_{0};
   std::atomic<int64_t> pending_count_{0};
+  std::atomic<uint64_t> pending_bytes_{0};
   mutable std::mutex stats_mutex_;
   RoutingStats last_stats_;  // guarded by stats_mutex_
   std::string group_error_;  // guarded by stats_mutex_
   // Records a failed collective of a group layer (peer gone, timeout) for tutelctl peers.
   Status note_group_status(Status st);
+  // A layer without [group]: the rank's backend, charging the buffers below. Before them, as
+  // they are freed through it.
+  std::unique_ptr<ActivationBackend> local_activations_;
   // After group_: a group layer's entries hold buffers of its backend.
   std::map<std::pair<uint64_t, uint64_t>, std::unique_ptr<Pending>> pending_;
   std::vector<std::unique_ptr<Pending>> recycled_;

@@ -223,7 +223,9 @@ TEST_F(ClientDaemon, ShutdownWhileRequestsAreInFlight) {
   // Every request either completed or fails with a clear error; nothing hangs.
   for (const auto& t : tickets) {
     auto r = client->wait(t);
-    if (!r.ok()) EXPECT_EQ(r.status().code(), StatusCode::kUnavailable) << r.status();
+    if (!r.ok()) {
+      EXPECT_EQ(r.status().code(), StatusCode::kUnavailable) << r.status();
+    }
   }
   EXPECT_TRUE(std::filesystem::exists(daemon_->dir() + "/state/default/busy.safetensors"));
   ASSERT_TRUE(daemon_->start());  // for TearDown, and: the layer is restored

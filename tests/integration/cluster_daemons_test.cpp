@@ -174,7 +174,9 @@ void check_group_peers(bool one_daemon) {
   options.ranks = one_daemon ? 2 : 1;
   DaemonProcess d0(options), d1(options);
   ASSERT_TRUE(d0.start());
-  if (!one_daemon) ASSERT_TRUE(d1.start());
+  if (!one_daemon) {
+    ASSERT_TRUE(d1.start());
+  }
   DaemonProcess* daemons[2] = {&d0, one_daemon ? &d0 : &d1};
   // Two daemons of one host pull large messages out of each other's memory where the kernel
   // lets a process read a sibling's (no Yama restriction).
@@ -237,7 +239,9 @@ void check_group_peers(bool one_daemon) {
   layers[0].reset();
   layers[1].reset();
   EXPECT_EQ(d0.stop(), 0) << d0.log();
-  if (!one_daemon) EXPECT_EQ(d1.stop(), 0) << d1.log();
+  if (!one_daemon) {
+    EXPECT_EQ(d1.stop(), 0) << d1.log();
+  }
 }
 
 TEST(ClusterDaemons, GroupPeersOnTwoDaemonsCountTheirTraffic) { check_group_peers(/*one_daemon=*/false); }

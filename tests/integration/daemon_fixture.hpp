@@ -29,6 +29,7 @@ struct DaemonOptions {
   int ranks = 1;
   int threads_per_rank = 1;
   bool state_dir = true;
+  uint64_t default_max_memory_bytes = 0;  // the "default" tenant's quota; 0: the config's default
 };
 
 class DaemonProcess {
@@ -156,6 +157,9 @@ class DaemonProcess {
       << options_.extra_server << "\n"
       << "[backend]\nkind = \"cpu\"\nranks = " << options_.ranks << "\nthreads_per_rank = " << options_.threads_per_rank
       << "\n\n[[tenant]]\nname = \"default\"\nuids = [" << ::getuid() << "]\n"
+      << (options_.default_max_memory_bytes
+              ? "max_memory_bytes = " + std::to_string(options_.default_max_memory_bytes) + "\n"
+              : std::string())
       << (options_.cluster.empty() ? "" : "\n[cluster]\n" + options_.cluster + "\n")
       << options_.extra_tenants << "\n"
       << options_.layers << "\n";

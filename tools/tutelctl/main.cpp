@@ -167,13 +167,16 @@ void print_tenants(const json& reply) {
     std::cout << "(no tenants)\n";
     return;
   }
-  Table t{{"TENANT", "UIDS", "GIDS", "LAYERS", "MEMORY", "INFLIGHT"},
-          {true, true, true, false, false, false},
+  // MEMORY: parameters against the quota; FORWARDS: what forwards hold (pending backwards in
+  // parentheses), which counts against the same quota.
+  Table t{{"TENANT", "UIDS", "GIDS", "LAYERS", "MEMORY", "FORWARDS", "INFLIGHT"},
+          {true, true, true, false, false, false, false},
           {}};
   for (const json& e : tenants) {
     t.rows.push_back({field(e, "name"), field(e, "uids"), field(e, "gids"),
                       of(field(e, "layers"), field(e, "max_layers")),
                       of(bytes_field(e, "memory_bytes"), bytes_field(e, "max_memory_bytes")),
+                      bytes_field(e, "activation_bytes") + " (" + bytes_field(e, "pending_bytes") + ")",
                       of(field(e, "inflight"), field(e, "max_inflight"))});
   }
   t.print(std::cout);

@@ -1,0 +1,147 @@
+// A tenant's memory against its max_memory_bytes, and the backend wrapper that charges a
+// layer's activation memory to it.
+//
+// What a tenant holds is two kinds of memory:
+// - parameters: weights, gradients and optimizer state, charged by the Registry when a layer is
+//   created and given back when it is destroyed;
+// - activations: what a layer's forwards keep until their backwards (Pending entries, recycled
+//   ones included), its staging buffers and its workspaces. They are charged as the buffers are
+//   allocated, from their exact sizes, by the layer's ActivationBackend, and given back when the
+//   buffers are freed.
+// Both count against the same quota. Only the growth made by a training forward (and the
+// creation of a layer) is refused: a backward must never fail for lack of memory, since it is
+// what gives the memory back, so its growth is charged but let through (as is an inference
+// forward's, whose one workspace per layer is bounded by its largest batch).
+//
+// Thread-safety: TenantMemory is lock-free and may be used from any thread. An ActivationBackend
+// is used like the Backend it wraps (one thread at a time, under the layer's mutex); its
+// bytes() may be read from any thread.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "tutel/core/status.hpp"
+#include "tutel/kernels/backend.hpp"
+
+namespace tutel::daemon {
+
+class TenantMemory {
+ public:
+  TenantMemory(std::string tenant, uint64_t max_bytes)
+      : tenant_(std::move(tenant)), max_bytes_(max_bytes) {}
+
+  const std::string& tenant() const { return tenant_; }
+  uint64_t max_bytes() const { return max_bytes_; }
+  uint64_t parameter_bytes() const { return parameters_.load(std::memory_order_relaxed); }
+  uint64_t activation_bytes() const { return activations_.load(std::memory_order_relaxed); }
+  uint64_t total_bytes() const { return total_.load(std::memory_order_relaxed); }
+  bool over_quota() const { return total_bytes() > max_bytes_; }
+  // The part of activation_bytes() that training forwards waiting for their backwards hold (the
+  // rest: recycled entries, staging, workspaces). Reported only; the quota is on the total.
+  uint64_t pending_bytes() const { return pending_.load(std::memory_order_relaxed); }
+  void add_pending(uint64_t bytes) { pending_.fetch_add(bytes, std::memory_order_relaxed); }
+  void remove_pending(uint64_t bytes) { pending_.fetch_sub(bytes, std::memory_order_relaxed); }
+
+  // Charges a new layer's parameters if the tenant stays within its quota; `what` names the
+  // layer in the error ("layer 'moe'").
+  Status try_charge_parameters(uint64_t bytes, const std::string& what);
+  void release_parameters(uint64_t bytes);
+  // Charges activation memory if the tenant stays within its quota, else ResourceExhausted
+  // saying what to do.
+  Status try_charge_activations(uint64_t bytes);
+  // Charges activation memory whatever the quota says (a backward's, an inference's).
+  void charge_activations(uint64_t bytes);
+  void release_activations(uint64_t bytes);
+
+ private:
+  // Adds `bytes` to total_ unless that takes it over max_bytes_; the one place the quota is
+  // decided, so concurrent charges from layers on different ranks cannot both slip under it.
+  bool try_reserve(uint64_t bytes);
+
+  const std::string tenant_;
+  const uint64_t max_bytes_;
+  // total_ = parameters_ + activations_, kept as its own counter so a charge is one CAS.
+  std::atomic<uint64_t> total_{0}, parameters_{0}, activations_{0};
+  std::atomic<uint64_t> pending_{0};
+};
+
+// Wraps the backend a layer runs its forwards and backwards on: every op is passed through, and
+// every allocation is charged to the layer (bytes()) and its tenant. While enforcing (a training
+// forward), an allocation that would take the tenant over its quota fails with
+// ResourceExhausted instead of allocating; the layer op that asked for it fails with that status.
+//
+// Buffers it hands out are owned by this wrapper (it frees the inner backend's buffer when they
+// die), so it must outlive them, and the inner backend must outlive it.
+class ActivationBackend final : public Backend {
+ public:
+  ActivationBackend(Backend& inner, std::shared_ptr<TenantMemory> tenant)
+      : inner_(inner), tenant_(std::move(tenant)) {}
+  ~ActivationBackend() override;
+
+  // Bytes this layer's activation buffers hold now.
+  uint64_t bytes() const { return bytes_.load(std::memory_order_relaxed); }
+  TenantMemory& tenant_memory() { return *tenant_; }
+
+  // While an Enforce lives, allocations are refused past the tenant's quota.
+  class Enforce {
+   public:
+    explicit Enforce(ActivationBackend& b) : b_(b) { b_.enforce_ = true; }
+    ~Enforce() { b_.enforce_ = false; }
+    Enforce(const Enforce&) = delete;
+    Enforce& operator=(const Enforce&) = delete;
+
+   private:
+    ActivationBackend& b_;
+  };
+
+  std::string_view name() const override { return inner_.name(); }
+  Device device() const override { return inner_.device(); }
+  Result<DeviceBuffer> allocate(size_t bytes) override;
+  void release(void* data, size_t bytes) override;
+  Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override {
+    return inner_.copy(dst, src, bytes, kind);
+  }
+  Status fill_zero(TensorView t) override { return inner_.fill_zero(t); }
+  Status synchronize() override { return inner_.synchronize(); }
+  Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override {
+    return inner_.gate_noise(seed, counter, scale, out);
+  }
+  Status gate_forward(const GateForwardArgs& a) override { return inner_.gate_forward(a); }
+  Status locations(const LocationsArgs& a) override { return inner_.locations(a); }
+  Status slot_map(const SlotMapArgs& a) override { return inner_.slot_map(a); }
+  Status encode(const EncodeArgs& a) override { return inner_.encode(a); }
+  Status decode(const DecodeArgs& a) override { return inner_.decode(a); }
+  size_t expert_workspace_bytes(const ExpertShape& shape, DType matmul_dtype) const override {
+    return inner_.expert_workspace_bytes(shape, matmul_dtype);
+  }
+  Status expert_forward(const ExpertForwardArgs& a) override { return inner_.expert_forward(a); }
+  Status expert_backward(const ExpertBackwardArgs& a) override { return inner_.expert_backward(a); }
+  Status decode_backward(const DecodeBackwardArgs& a) override { return inner_.decode_backward(a); }
+  Status encode_backward(const EncodeBackwardArgs& a) override { return inner_.encode_backward(a); }
+  Status gate_backward(const GateBackwardArgs& a) override { return inner_.gate_backward(a); }
+  Status sgd_step(const SgdArgs& a) override { return inner_.sgd_step(a); }
+  Status adamw_step(const AdamWArgs& a) override { return inner_.adamw_step(a); }
+  Status register_host(void* data, size_t bytes) override {
+    return inner_.register_host(data, bytes);
+  }
+  Status unregister_host(void* data) override { return inner_.unregister_host(data); }
+  void* native_stream() const override { return inner_.native_stream(); }
+  uint64_t scratch_epoch() const override { return inner_.scratch_epoch(); }
+
+ private:
+  Backend& inner_;
+  std::shared_ptr<TenantMemory> tenant_;
+  bool enforce_ = false;
+  std::atomic<uint64_t> bytes_{0};
+  // The inner backend's buffers behind the ones handed out, by address. Allocations are rare
+  // (buffers are grow-only), so a map under a mutex costs nothing per request.
+  std::mutex mutex_;
+  std::map<void*, DeviceBuffer> live_;
+};
+
+}  // namespace tutel::daemon

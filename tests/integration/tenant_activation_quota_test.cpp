@@ -1,0 +1,227 @@
+// A tenant's max_memory_bytes bounds what its in-flight training forwards hold, not only its
+// parameters: the forward that would take it over is refused with a message saying what to do,
+// leaves nothing behind, and the layer keeps working. Unit checks of the accounting first, then
+// the real tuteld with the client library and tutelctl.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <vector>
+
+#include "daemon_fixture.hpp"
+#include "tenant_memory.hpp"
+#include "tutel/client.hpp"
+
+namespace tutel::testing {
+namespace {
+
+using daemon::ActivationBackend;
+using daemon::TenantMemory;
+
+TEST(ActivationBackend, ChargesExactSizesAndRefusesOnlyWhileEnforcing) {
+  auto cpu = make_backend("cpu", BackendOptions{1, 0});
+  ASSERT_TRUE(cpu.ok()) << cpu.status().to_string();
+  auto memory = std::make_shared<TenantMemory>("a", 10000);
+  ASSERT_TRUE(memory->try_charge_parameters(4000, "layer 'p'").ok());
+  ActivationBackend b(**cpu, memory);
+
+  auto first = b.allocate(3000);
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(b.bytes(), 3000u);
+  EXPECT_EQ(memory->activation_bytes(), 3000u);
+  EXPECT_EQ(memory->total_bytes(), 7000u);
+  {
+    ActivationBackend::Enforce enforce(b);
+    // 7000 + 3000 fits exactly; one byte more does not.
+    auto refused = b.allocate(3001);
+    ASSERT_FALSE(refused.ok());
+    EXPECT_EQ(refused.status().code(), StatusCode::kResourceExhausted);
+    EXPECT_NE(
+        refused.status().message().find(
+            "tenant 'a' would hold 10001 bytes (parameters 4000, in-flight forwards and workspaces "
+            "6001) "
+            "over its max_memory_bytes 10000: run the backwards of pending forwards, or raise "
+            "max_memory_bytes"),
+        std::string::npos)
+        << refused.status().to_string();
+    EXPECT_EQ(memory->total_bytes(), 7000u);  // a refusal charges nothing
+    auto fits = b.allocate(3000);
+    ASSERT_TRUE(fits.ok());
+    EXPECT_EQ(memory->total_bytes(), 10000u);
+  }  // the buffer is freed here
+  EXPECT_EQ(b.bytes(), 3000u);
+  // A backward's growth is let through, and shows as over the quota.
+  auto unenforced = b.allocate(5000);
+  ASSERT_TRUE(unenforced.ok());
+  EXPECT_TRUE(memory->over_quota());
+  // A new layer does not fit while the forwards hold the memory.
+  EXPECT_EQ(memory->try_charge_parameters(1, "layer 'q'").code(), StatusCode::kResourceExhausted);
+  unenforced->reset();
+  first->reset();
+  EXPECT_EQ(b.bytes(), 0u);
+  EXPECT_EQ(memory->activation_bytes(), 0u);
+  EXPECT_EQ(memory->total_bytes(), 4000u);
+  memory->release_parameters(4000);
+  EXPECT_EQ(memory->total_bytes(), 0u);
+}
+
+std::pair<int, std::string> run(const std::string& cmd) {
+  std::string out;
+  FILE* p = ::popen((cmd + " 2>/dev/null").c_str(), "r");
+  if (!p) return {-1, ""};
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+  const int status = ::pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+nlohmann::json ctl_json(const DaemonProcess& d, const std::string& what) {
+  auto [code, out] =
+      run(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json " + what);
+  EXPECT_EQ(code, 0) << out;
+  return nlohmann::json::parse(out, nullptr, false);
+}
+
+nlohmann::json default_tenant(const DaemonProcess& d) {
+  const nlohmann::json reply = ctl_json(d, "tenants");
+  for (const auto& t : reply["tenants"])
+    if (t["name"] == "default") return t;
+  ADD_FAILURE() << "no tenant 'default' in " << reply.dump();
+  return nlohmann::json::object();
+}
+
+constexpr const char* kSpec =
+    "name = \"quota\"\nexperts = 4\nmodel_dim = 16\nhidden = 32\nk = 2\ncapacity_factor = "
+    "1.0\ninit_seed = 3\n"
+    "[optimizer]\nkind = \"sgd\"\nlr = 0.01\nmomentum = 0.9\n";
+constexpr int64_t kTokens = 64, kDim = 16;
+
+struct Batch {
+  std::vector<float> x, y, dy, dx;
+  explicit Batch(unsigned seed)
+      : x(kTokens * kDim), y(kTokens * kDim), dy(kTokens * kDim), dx(kTokens * kDim) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> n;
+    for (float& v : x) v = n(rng);
+    for (float& v : dy) v = n(rng);
+  }
+};
+
+TEST(TenantActivationQuota, RefusesTheForwardOverQuotaAndRecovers) {
+  // Calibration on a daemon with the default quota: the parameters' bytes and one in-flight
+  // forward's (a capacity factor, so the capacity and every buffer size follow from the tokens).
+  uint64_t parameters = 0, entry = 0;
+  {
+    DaemonProcess d(DaemonOptions{});
+    ASSERT_TRUE(d.start());
+    auto client = client::Client::connect(d.client_socket());
+    ASSERT_TRUE(client.ok()) << client.status().to_string();
+    auto layer = client->create_layer(kSpec);
+    ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+    Batch b(1);
+    client::ForwardInfo f1, f2;
+    ASSERT_TRUE(layer->forward(b.x.data(), kTokens, b.y.data(), &f1).ok());
+    nlohmann::json t = default_tenant(d);
+    parameters = t["memory_bytes"].get<uint64_t>();
+    entry = t["pending_bytes"].get<uint64_t>();
+    ASSERT_GT(entry, uint64_t{kTokens * kDim * 4});           // at least its copy of x
+    EXPECT_EQ(t["activation_bytes"].get<uint64_t>(), entry);  // the CPU backend stages nothing
+    ASSERT_TRUE(layer->forward(b.x.data(), kTokens, b.y.data(), &f2).ok());
+    EXPECT_EQ(default_tenant(d)["pending_bytes"].get<uint64_t>(), 2 * entry);
+    ASSERT_TRUE(layer->backward(f1.sequence, b.dy.data(), 0.f, b.dx.data()).ok());
+    ASSERT_TRUE(layer->backward(f2.sequence, b.dy.data(), 0.f, b.dx.data()).ok());
+    EXPECT_EQ(default_tenant(d)["pending_bytes"].get<uint64_t>(), 0u);
+    EXPECT_EQ(d.stop(), 0) << d.log();
+  }
+
+  // Room for the layer and kFits in-flight forwards, not one more.
+  constexpr int kFits = 3;
+  const uint64_t quota = parameters + kFits * entry + entry / 2;
+  DaemonOptions options;
+  options.default_max_memory_bytes = quota;
+  DaemonProcess d(options);
+  ASSERT_TRUE(d.start());
+  auto client = client::Client::connect(d.client_socket());
+  ASSERT_TRUE(client.ok()) << client.status().to_string();
+  auto layer = client->create_layer(kSpec);
+  ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+  nlohmann::json t = default_tenant(d);
+  EXPECT_EQ(t["memory_bytes"].get<uint64_t>(), parameters);
+  EXPECT_EQ(t["max_memory_bytes"].get<uint64_t>(), quota);
+  EXPECT_EQ(t["activation_bytes"].get<uint64_t>(), 0u);
+
+  std::vector<Batch> batches;
+  for (int i = 0; i <= kFits; ++i) batches.emplace_back(10 + i);
+  std::vector<uint64_t> sequences;
+  for (int i = 0; i < kFits; ++i) {
+    client::ForwardInfo info;
+    ASSERT_TRUE(layer->forward(batches[i].x.data(), kTokens, batches[i].y.data(), &info).ok());
+    sequences.push_back(info.sequence);
+    t = default_tenant(d);
+    EXPECT_EQ(t["pending_bytes"].get<uint64_t>(), (i + 1) * entry);
+    EXPECT_EQ(t["activation_bytes"].get<uint64_t>(), (i + 1) * entry);
+  }
+
+  const Status refused = layer->forward(batches[kFits].x.data(), kTokens, batches[kFits].y.data());
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.code(), StatusCode::kResourceExhausted) << refused.to_string();
+  ::testing::Test::RecordProperty("refusal", refused.to_string());
+  for (const std::string& part :
+       {std::string("layer 'quota'"), std::string("tenant 'default' would hold "),
+        "(parameters " + std::to_string(parameters) + ", in-flight forwards and workspaces ",
+        "over its max_memory_bytes " + std::to_string(quota),
+        std::string("run the backwards of pending forwards, or raise max_memory_bytes")})
+    EXPECT_NE(refused.message().find(part), std::string::npos)
+        << part << " not in: " << refused.to_string();
+  // Nothing left behind: no entry, and the charge is what it was.
+  t = default_tenant(d);
+  EXPECT_EQ(t["pending_bytes"].get<uint64_t>(), kFits * entry);
+  EXPECT_EQ(t["activation_bytes"].get<uint64_t>(), kFits * entry);
+  nlohmann::json layers = ctl_json(d, "layers")["layers"];
+  ASSERT_EQ(layers.size(), 1u);
+  EXPECT_EQ(layers[0]["pending_backwards"].get<int64_t>(), kFits);
+  EXPECT_EQ(layers[0]["pending_bytes"].get<uint64_t>(), kFits * entry);
+  EXPECT_EQ(layer->pending_backwards(), static_cast<size_t>(kFits));
+
+  // The pending backwards still run, in any order, and give the memory back.
+  for (int i = kFits - 1; i >= 0; --i) {
+    const Status st =
+        layer->backward(sequences[i], batches[i].dy.data(), 0.01f, batches[i].dx.data());
+    ASSERT_TRUE(st.ok()) << st.to_string();
+    EXPECT_EQ(default_tenant(d)["pending_bytes"].get<uint64_t>(), i * entry);
+  }
+  t = default_tenant(d);
+  // Recycled entries may stay, within the quota.
+  EXPECT_LE(t["activation_bytes"].get<uint64_t>() + parameters, quota);
+  ASSERT_TRUE(layer->step().ok());
+
+  // And new training forwards run again.
+  for (int round = 0; round < 2; ++round) {
+    client::ForwardInfo info;
+    const Status f =
+        layer->forward(batches[kFits].x.data(), kTokens, batches[kFits].y.data(), &info);
+    ASSERT_TRUE(f.ok()) << f.to_string();
+    // A recycled entry also holds the gradient buffers its backward added.
+    t = default_tenant(d);
+    EXPECT_GE(t["pending_bytes"].get<uint64_t>(), entry);
+    EXPECT_LE(t["activation_bytes"].get<uint64_t>() + parameters, quota);
+    const Status b =
+        layer->backward(info.sequence, batches[kFits].dy.data(), 0.01f, batches[kFits].dx.data());
+    ASSERT_TRUE(b.ok()) << b.to_string();
+  }
+  EXPECT_EQ(default_tenant(d)["pending_bytes"].get<uint64_t>(), 0u);
+
+  auto [mcode, metrics] =
+      run(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " metrics");
+  EXPECT_EQ(mcode, 0);
+  EXPECT_NE(metrics.find("tuteld_tenant_activation_bytes{tenant=\"default\"} "), std::string::npos)
+      << metrics;
+  EXPECT_TRUE(d.alive()) << d.log();
+  EXPECT_EQ(d.stop(), 0) << d.log();
+}
+
+}  // namespace
+}  // namespace tutel::testing
