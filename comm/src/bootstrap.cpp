@@ -1,9 +1,5 @@
-// The TCP coordinator behind every bootstrap (see bootstrap.hpp).
-//
-// Wire format (little-endian): a 32-byte header {magic, kind, rank, size, local_size, pid,
-// round_len, body_len}, then `round` and the body. A hello's body is the rank's payload; a
-// table's body is, per rank, {u32 len, payload, u32 len, address}; an error's body is the
-// message and its `rank` field carries the StatusCode.
+// The TCP coordinator behind every bootstrap (see bootstrap.hpp), and the client side of both
+// it and the rendezvous service (rendezvous.hpp). The wire format: bootstrap_wire.hpp.
 #include "tutel/comm/bootstrap.hpp"
 
 #include <arpa/inet.h>
@@ -19,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "bootstrap_wire.hpp"
 #include "socket_util.hpp"
 #include "tutel/core/logging.hpp"
 
@@ -28,60 +25,27 @@ namespace {
 using detail::Clock;
 using detail::Fd;
 
-constexpr uint32_t kMagic = 0x31424354;  // "TCB1"
-constexpr uint32_t kHello = 1, kTable = 2, kError = 3;
-constexpr size_t kHeaderBytes = 32;
-constexpr size_t kMaxPayload = size_t{1} << 20;
-constexpr size_t kMaxRound = 64;
+using wire::address_of;
+using wire::decode_header;
+using wire::encode;
+using wire::get_u32;
+using wire::Header;
+using wire::kError;
+using wire::kHeaderBytes;
+using wire::kHello;
+using wire::kJoin;
+using wire::kMagic;
+using wire::kMaxPayload;
+using wire::kMaxRound;
+using wire::kTable;
+using wire::rank_list;
+
 // After its hello is sent, a rank waits this much past its own deadline for the coordinator's
 // verdict, so it hears which ranks are missing rather than a bare timeout of its own.
 constexpr auto kVerdictGrace = std::chrono::milliseconds(2000);
 
-struct Header {
-  uint32_t magic = kMagic, kind = 0, rank = 0, size = 0, local_size = 0, pid = 0, round_len = 0,
-           body_len = 0;
-};
-
-void put_u32(std::string& out, uint32_t v) {
-  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-}
-
-uint32_t get_u32(const char* p) {
-  uint32_t v = 0;
-  for (int i = 0; i < 4; ++i) v |= uint32_t{static_cast<unsigned char>(p[i])} << (8 * i);
-  return v;
-}
-
-std::string encode(const Header& h, std::string_view round, std::string_view body) {
-  std::string out;
-  out.reserve(kHeaderBytes + round.size() + body.size());
-  for (uint32_t v : {h.magic, h.kind, h.rank, h.size, h.local_size, h.pid,
-                     static_cast<uint32_t>(round.size()), static_cast<uint32_t>(body.size())})
-    put_u32(out, v);
-  out.append(round);
-  out.append(body);
-  return out;
-}
-
-Header decode_header(const char* p) {
-  Header h;
-  h.magic = get_u32(p);
-  h.kind = get_u32(p + 4);
-  h.rank = get_u32(p + 8);
-  h.size = get_u32(p + 12);
-  h.local_size = get_u32(p + 16);
-  h.pid = get_u32(p + 20);
-  h.round_len = get_u32(p + 24);
-  h.body_len = get_u32(p + 28);
-  return h;
-}
-
 std::string endpoint_name(const BootstrapOptions& o) {
   return o.coordinator_host + ":" + std::to_string(o.coordinator_port);
-}
-
-std::string address_of(const std::string& ip, uint32_t pid) {
-  return ip + ", pid " + std::to_string(pid);
 }
 
 Result<sockaddr_in> coordinator_sockaddr(const BootstrapOptions& o) {
@@ -92,17 +56,6 @@ Result<sockaddr_in> coordinator_sockaddr(const BootstrapOptions& o) {
     return Status::InvalidArgument("coordinator host '" + o.coordinator_host +
                                    "' is not a numeric IPv4 address");
   return addr;
-}
-
-std::string encode_table(const BootstrapTable& t) {
-  std::string body;
-  for (size_t r = 0; r < t.payloads.size(); ++r) {
-    put_u32(body, static_cast<uint32_t>(t.payloads[r].size()));
-    body.append(t.payloads[r]);
-    put_u32(body, static_cast<uint32_t>(t.addresses[r].size()));
-    body.append(t.addresses[r]);
-  }
-  return body;
 }
 
 Result<BootstrapTable> decode_table(std::string_view body, int size) {
@@ -124,16 +77,6 @@ Result<BootstrapTable> decode_table(std::string_view body, int size) {
       return Status::Corruption("bootstrap: malformed table from the coordinator");
   }
   return t;
-}
-
-std::string rank_list(const std::vector<int>& ranks) {
-  std::string s;
-  for (size_t i = 0; i < ranks.size(); ++i) {
-    if (i == 16) return s + ", ... (" + std::to_string(ranks.size()) + " in all)";
-    if (i > 0) s += ", ";
-    s += std::to_string(ranks[i]);
-  }
-  return s;
 }
 
 // ---- rank 0: the coordinator -------------------------------------------------------------
@@ -241,6 +184,10 @@ class Coordinator {
     c.in.append(buf, static_cast<size_t>(n));
     if (c.in.size() < kHeaderBytes) return Status::OK();
     const Header h = decode_header(c.in.data());
+    if (h.magic == kMagic && h.kind == kJoin) {
+      refuse(c, endpoint_name(o_) + " is a group's own bootstrap coordinator, not a rendezvous service");
+      return Status::OK();
+    }
     if (h.magic != kMagic || h.kind != kHello || h.round_len > kMaxRound ||
         h.body_len > kMaxPayload) {
       refuse(c, "not a tuteld bootstrap hello");
@@ -313,7 +260,7 @@ class Coordinator {
       h.rank = static_cast<uint32_t>(failure.code());
       msg = encode(h, {}, failure.message());
     } else {
-      msg = encode(h, {}, encode_table(table_));
+      msg = wire::encode_table(table_.payloads, table_.addresses);
     }
     const auto send_deadline = Clock::now() + std::chrono::seconds(2);
     for (auto& c : conns_) {
@@ -350,17 +297,37 @@ Result<Fd> connect_once(const sockaddr_in& addr, Clock::time_point deadline) {
   return fd;
 }
 
+// "the coordinator at 127.0.0.1:7000", or "the rendezvous service at ... (node 0's daemon)".
+std::string server_name(const BootstrapOptions& o) {
+  if (o.rendezvous_group.empty()) return "the coordinator at " + endpoint_name(o);
+  return "the rendezvous service at " + endpoint_name(o) +
+         (o.rendezvous_owner.empty() ? "" : " (" + o.rendezvous_owner + ")");
+}
+
+// Every rank but a coordinator's rank 0: sends its hello (or its join, to a rendezvous service)
+// and waits for the table or the error.
 Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view round,
                                   std::string_view payload, Clock::time_point deadline) {
   TUTEL_ASSIGN_OR_RETURN(const sockaddr_in addr, coordinator_sockaddr(o));
+  const bool join = !o.rendezvous_group.empty();
   Header h;
-  h.kind = kHello;
+  h.kind = join ? kJoin : kHello;
   h.rank = static_cast<uint32_t>(o.rank);
   h.size = static_cast<uint32_t>(o.size);
   h.local_size = static_cast<uint32_t>(o.local_size);
   h.pid = static_cast<uint32_t>(::getpid());
-  const std::string hello = encode(h, round, payload);
-  const std::string who = "bootstrap (" + o.member + " " + std::to_string(o.rank) + ")";
+  std::string hello;
+  if (join) {
+    std::string body;
+    wire::put_u32(body, static_cast<uint32_t>(o.timeout.count()));
+    body.append(payload);
+    hello = encode(h, std::string(round) + "@" + o.rendezvous_group, body);
+  } else {
+    hello = encode(h, round, payload);
+  }
+  const std::string who = "bootstrap (" + o.member + " " + std::to_string(o.rank) +
+                          (join ? " of group '" + o.rendezvous_group + "'" : std::string()) + ")";
+  const std::string server = server_name(o);
   const auto verdict_deadline = deadline + std::min<Clock::duration>(kVerdictGrace, o.timeout);
 
   std::string last_error = "nothing listens there";
@@ -389,23 +356,26 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
     if (!s.ok())
       return Status(
           s.code() == StatusCode::kTimeout ? StatusCode::kTimeout : StatusCode::kUnavailable,
-          who + ": no answer from the coordinator at " + endpoint_name(o) + ": " +
-              std::string(s.message()));
+          who + ": no answer from " + server + ": " + std::string(s.message()));
     const Header reply = decode_header(head);
     if (reply.magic != kMagic || reply.body_len > (kMaxPayload + 4096) * size_t(o.size) + 64)
-      return Status::Corruption(who + ": malformed answer from " + endpoint_name(o));
+      return Status::Corruption(who + ": malformed answer from " + server);
     std::string body(reply.body_len, '\0');
     TUTEL_RETURN_IF_ERROR(detail::recv_exact(fd->get(), body.data(), body.size(), verdict_deadline)
-                              .with_context(who + ": reading the coordinator's answer"));
+                              .with_context(who + ": reading the answer of " + server));
     if (reply.kind == kError) {
       const auto code = static_cast<StatusCode>(reply.rank);
       return Status(code == StatusCode::kOk ? StatusCode::kInternal : code,
-                    who + ": the coordinator at " + endpoint_name(o) + " says: " + body);
+                    who + ": " + server + " says: " + body);
     }
     if (reply.kind != kTable || static_cast<int>(reply.size) != o.size)
-      return Status::Corruption(who + ": unexpected answer from " + endpoint_name(o));
+      return Status::Corruption(who + ": unexpected answer from " + server);
     return decode_table(body, o.size);
   }
+  if (join)
+    return Status::Timeout(who + ": could not reach " + server + " within " +
+                           std::to_string(o.timeout.count()) + " ms (" + last_error +
+                           "); is it running, and is this its address?");
   return Status::Timeout(who + ": could not reach the coordinator at " + endpoint_name(o) +
                          " within " + std::to_string(o.timeout.count()) + " ms (" + last_error +
                          "); is " + o.member + " 0 running with this address?");
@@ -438,6 +408,10 @@ Result<BootstrapTable> coordinator_exchange(const BootstrapOptions& options, std
     return Status::InvalidArgument("bootstrap payload of " + std::to_string(payload.size()) +
                                    " bytes exceeds 1 MiB");
   if (round.size() > kMaxRound) return Status::InvalidArgument("bootstrap round name too long");
+  const std::string& group = options.rendezvous_group;
+  if (group.size() > wire::kMaxGroupName || group.find('@') != std::string::npos)
+    return Status::InvalidArgument("rendezvous group name '" + group +
+                                   "' is longer than 190 bytes or holds '@'");
   const auto deadline = Clock::now() + options.timeout;
   if (options.size == 1) {
     BootstrapTable t;
@@ -445,7 +419,7 @@ Result<BootstrapTable> coordinator_exchange(const BootstrapOptions& options, std
     t.addresses.push_back(address_of(options.coordinator_host, static_cast<uint32_t>(::getpid())));
     return t;
   }
-  if (options.rank == 0) return Coordinator(options, round, deadline).run(payload);
+  if (options.rank == 0 && group.empty()) return Coordinator(options, round, deadline).run(payload);
   return run_client(options, round, payload, deadline);
 }
 

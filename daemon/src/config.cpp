@@ -103,10 +103,12 @@ Status parse_optimizer(const Scope& layer, OptimizerConfig& o) {
   return Status::OK();
 }
 
-// The required key `coordinator`: "<IPv4 address>:<port>".
-Status get_coordinator(const Scope& s, std::string& host, uint16_t& port_out) {
+// The key `key` ("coordinator"): "<IPv4 address>:<port>". Absent and not required: unchanged.
+Status get_address(const Scope& s, std::string_view key, std::string& host, uint16_t& port_out,
+                   bool required = true) {
+  if (!required && s.find(key) == nullptr) return Status::OK();
   std::string coordinator;
-  TUTEL_RETURN_IF_ERROR(get_string(s, "coordinator", coordinator, true, "\"host:port\""));
+  TUTEL_RETURN_IF_ERROR(get_string(s, key, coordinator, true, "\"host:port\""));
   const size_t colon = coordinator.rfind(':');
   in_addr addr{};
   int64_t port = -1;
@@ -117,10 +119,14 @@ Status get_coordinator(const Scope& s, std::string& host, uint16_t& port_out) {
   }
   if (colon == std::string::npos || port < 1 || port > 65535 ||
       ::inet_pton(AF_INET, coordinator.substr(0, colon).c_str(), &addr) != 1)
-    return s.error_near("coordinator", "expected \"<IPv4 address>:<port>\", got \"" + coordinator + "\"");
+    return s.error_near(key, "expected \"<IPv4 address>:<port>\", got \"" + coordinator + "\"");
   host = coordinator.substr(0, colon);
   port_out = static_cast<uint16_t>(port);
   return Status::OK();
+}
+
+Status get_coordinator(const Scope& s, std::string& host, uint16_t& port_out) {
+  return get_address(s, "coordinator", host, port_out);
 }
 
 Status get_milliseconds(const Scope& s, std::string_view key, std::chrono::milliseconds& out) {
@@ -135,10 +141,16 @@ Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
                                                          "(group = { coordinator = \"127.0.0.1:7000\", size = 2, rank = 0 })"));
   if (t == nullptr) return Status::OK();
   const Scope s = layer.child(*t, layer.key_path("group"), "the group table");
-  TUTEL_RETURN_IF_ERROR(s.check_keys({"coordinator", "size", "rank", "local_size", "all_to_all",
+  TUTEL_RETURN_IF_ERROR(s.check_keys({"coordinator", "name", "size", "rank", "local_size", "all_to_all",
                                       "bootstrap_timeout_ms", "collective_timeout_ms"}));
   GroupConfig g;
-  TUTEL_RETURN_IF_ERROR(get_coordinator(s, g.coordinator_host, g.coordinator_port));
+  if (s.find("name") != nullptr) TUTEL_RETURN_IF_ERROR(get_name(s, "name", "a group name", g.name));
+  if (s.find("coordinator") == nullptr && g.name.empty())
+    return s.error_near("coordinator",
+                        "missing required key (\"host:port\") in " + std::string("the group table") +
+                            ": give the group a coordinator = \"<IPv4>:<port>\", or a name to meet through "
+                            "the cluster's rendezvous service (daemons with [cluster])");
+  TUTEL_RETURN_IF_ERROR(get_address(s, "coordinator", g.coordinator_host, g.coordinator_port, false));
   TUTEL_RETURN_IF_ERROR(get_int(s, "size", 1, 1 << 20, g.size, true));
   TUTEL_RETURN_IF_ERROR(get_int(s, "rank", 0, (1 << 20) - 1, g.rank, true));
   if (g.rank >= g.size) return s.error_near("rank", "rank " + std::to_string(g.rank) + " is not below size " + std::to_string(g.size));
@@ -331,9 +343,14 @@ Status parse_cluster(const Scope& root, const BackendConfig& backend, std::optio
   if (t == nullptr) return Status::OK();
   const Scope s = root.child(*t, "cluster", "[cluster]");
   TUTEL_RETURN_IF_ERROR(s.check_keys({"coordinator", "node_rank", "nodes", "ranks_per_node", "bootstrap_timeout_ms",
-                                      "heartbeat_interval_ms", "peer_timeout_ms"}));
+                                      "heartbeat_interval_ms", "peer_timeout_ms", "rendezvous"}));
   ClusterConfig c;
   TUTEL_RETURN_IF_ERROR(get_coordinator(s, c.coordinator_host, c.coordinator_port));
+  // By default node 0 serves the rendezvous on the coordinator's own address once the join is
+  // over: one port per cluster, known to every node.
+  c.rendezvous_host = c.coordinator_host;
+  c.rendezvous_port = c.coordinator_port;
+  TUTEL_RETURN_IF_ERROR(get_address(s, "rendezvous", c.rendezvous_host, c.rendezvous_port, false));
   TUTEL_RETURN_IF_ERROR(get_int(s, "nodes", 1, (1 << 20) - 1, c.nodes, true));
   TUTEL_RETURN_IF_ERROR(get_int(s, "node_rank", 0, (1 << 20) - 2, c.node_rank, true));
   if (c.node_rank >= c.nodes)
@@ -536,9 +553,11 @@ std::string format_layer_spec(const LayerDefinition& def) {
   }
   if (def.group) {
     const GroupConfig& g = *def.group;
-    out << "\n[group]\n"
-        << "coordinator = " << toml_string(g.coordinator_host + ":" + std::to_string(g.coordinator_port)) << "\n"
-        << "size = " << g.size << "\n"
+    out << "\n[group]\n";
+    if (g.coordinator_port != 0)
+      out << "coordinator = " << toml_string(g.coordinator_host + ":" + std::to_string(g.coordinator_port)) << "\n";
+    if (!g.name.empty()) out << "name = " << toml_string(g.name) << "\n";
+    out << "size = " << g.size << "\n"
         << "rank = " << g.rank << "\n"
         << "local_size = " << g.local_size << "\n"
         << "all_to_all = " << toml_string(std::string(comm::to_string(g.all_to_all))) << "\n"

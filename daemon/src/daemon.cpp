@@ -107,7 +107,32 @@ Status DaemonImpl::join_cluster() {
                   << c.coordinator_host << ":" << c.coordinator_port << ")";
   TUTEL_ASSIGN_OR_RETURN(cluster_, comm::join_cluster(o));
   TUTEL_LOG(INFO) << "cluster complete: " << c.nodes << " nodes";
+  if (c.node_rank == 0) {
+    comm::RendezvousOptions r;
+    r.host = c.rendezvous_host;
+    r.port = c.rendezvous_port;
+    TUTEL_ASSIGN_OR_RETURN(rendezvous_, comm::RendezvousService::start(r));
+    TUTEL_LOG(INFO) << "group rendezvous service on " << c.rendezvous_host << ":" << c.rendezvous_port;
+  }
   return Status::OK();
+}
+
+std::shared_ptr<const GroupRendezvous> DaemonImpl::group_rendezvous() const {
+  if (!config_.cluster) return nullptr;
+  auto rv = std::make_shared<GroupRendezvous>();
+  rv->host = config_.cluster->rendezvous_host;
+  rv->port = config_.cluster->rendezvous_port;
+  const comm::Cluster* cluster = cluster_.get();  // outlives the ranks (member order)
+  const std::string where = rv->host + ":" + std::to_string(rv->port);
+  rv->node0_status = [cluster, where]() -> Status {
+    if (cluster == nullptr) return Status::OK();
+    const std::vector<comm::NodeStatus> nodes = cluster->status();
+    if (nodes.empty() || nodes[0].up) return Status::OK();
+    return Status::Unavailable("node 0 of the cluster (" + nodes[0].address + ") is down (" + nodes[0].error +
+                               "), and groups without a coordinator meet through its rendezvous service at " +
+                               where + "; restart the cluster, or give the group a coordinator");
+  };
+  return rv;
 }
 
 Status DaemonImpl::start_ranks() {
@@ -116,10 +141,12 @@ Status DaemonImpl::start_ranks() {
   if (threads == 0) threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / b.ranks);
   // One for the whole daemon: the group layers of its ranks exchange through memory.
   auto local_exchange = std::make_shared<comm::LocalExchange>();
+  const std::shared_ptr<const GroupRendezvous> rendezvous = group_rendezvous();
   for (int r = 0; r < b.ranks; ++r) {
     auto rank = std::make_unique<Rank>();
     rank->index = r;
     rank->local_exchange = local_exchange;
+    rank->rendezvous = rendezvous;
     rank->options = BackendOptions{.threads = threads, .device_index = b.devices.empty() ? r : b.devices[r]};
     TUTEL_ASSIGN_OR_RETURN(rank->backend, make_backend(b.kind, rank->options));
     ranks_.push_back(std::move(rank));

@@ -15,6 +15,7 @@
 #include "registry.hpp"
 #include "session.hpp"
 #include "tutel/comm/cluster.hpp"
+#include "tutel/comm/rendezvous.hpp"
 #include "tutel/daemon/config.hpp"
 
 namespace tutel::daemon {
@@ -51,7 +52,8 @@ class DaemonImpl {
   std::string metrics_text();
 
  private:
-  Status join_cluster();
+  Status join_cluster();  // and, on node 0, start the rendezvous service
+  std::shared_ptr<const GroupRendezvous> group_rendezvous() const;
   Status start_ranks();
   Status restore_state();
   Status load_config_layers();
@@ -68,6 +70,8 @@ class DaemonImpl {
 
   Config config_;
   std::unique_ptr<comm::Cluster> cluster_;  // with [cluster]: the other daemons
+  // On node 0 of a cluster: where groups without a coordinator meet, for the daemon's life.
+  std::unique_ptr<comm::RendezvousService> rendezvous_;
   uv_loop_t loop_{};
   std::vector<std::unique_ptr<Rank>> ranks_;
   std::unique_ptr<Registry> registry_;

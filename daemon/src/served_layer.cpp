@@ -64,6 +64,19 @@ Status ServedLayer::join_group() {
   comm::BootstrapOptions o;
   o.coordinator_host = g.coordinator_host;
   o.coordinator_port = g.coordinator_port;
+  if (g.coordinator_port == 0) {
+    // No coordinator of its own: the group meets by name at node 0's rendezvous service.
+    const GroupRendezvous* rv = rank_.rendezvous.get();
+    if (rv == nullptr)
+      return Status::InvalidArgument(
+          "group '" + g.name + "' has no coordinator, and this daemon is not part of a cluster (no [cluster] "
+          "in its config): give the group a coordinator = \"<IPv4>:<port>\", or run the daemons as a cluster");
+    if (rv->node0_status) TUTEL_RETURN_IF_ERROR(rv->node0_status());
+    o.coordinator_host = rv->host;
+    o.coordinator_port = rv->port;
+    o.rendezvous_group = tenant_ + "/" + g.name;
+    o.rendezvous_owner = "node 0's daemon";
+  }
   o.rank = g.rank;
   o.size = g.size;
   o.local_size = g.local_size;

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -25,6 +26,15 @@
 
 namespace tutel::daemon {
 
+// With [cluster]: where the groups of this daemon's layers that have no coordinator meet (node 0's
+// rendezvous service), and whether node 0 is up now.
+struct GroupRendezvous {
+  std::string host;
+  uint16_t port = 0;
+  // OK, or why node 0 (and so the service) is down. Any thread.
+  std::function<Status()> node0_status;
+};
+
 // One device slot (a GPU, or a CPU virtual device) and the lock that serialises its use.
 struct Rank {
   int index = 0;
@@ -33,6 +43,8 @@ struct Rank {
   std::mutex mutex;
   // Shared by all ranks of the daemon: group layers here copy to each other directly.
   std::shared_ptr<comm::LocalExchange> local_exchange;
+  // Null without [cluster]: a group layer without a coordinator is refused.
+  std::shared_ptr<const GroupRendezvous> rendezvous;
 };
 
 struct ForwardResult {

@@ -903,6 +903,55 @@ TEST(ClusterConfigTest, ParsesWithDefaults) {
   EXPECT_EQ(all.cluster->peer_timeout.count(), 100);
 }
 
+TEST(ClusterConfigTest, RendezvousDefaultsToTheCoordinatorsAddress) {
+  const std::string head = kMinimal + "[cluster]\ncoordinator = \"127.0.0.1:7100\"\nnodes = 2\nnode_rank = 1\n";
+  const Config c = parse_ok(head);
+  ASSERT_TRUE(c.cluster.has_value());
+  EXPECT_EQ(c.cluster->rendezvous_host, "127.0.0.1");
+  EXPECT_EQ(c.cluster->rendezvous_port, 7100);
+  const Config set = parse_ok(head + "rendezvous = \"127.0.0.2:9000\"\n");
+  EXPECT_EQ(set.cluster->rendezvous_host, "127.0.0.2");
+  EXPECT_EQ(set.cluster->rendezvous_port, 9000);
+  expect_error(head + "rendezvous = \"any:7100\" #!\n", "cluster.rendezvous", {"IPv4"});
+  expect_error(head + "rendezvous = \"127.0.0.1:0\" #!\n", "cluster.rendezvous");
+  expect_error(head + "rendezvous = 7100 #!\n", "cluster.rendezvous");
+}
+
+TEST(LayerSpecGroupTest, AGroupWithANameNeedsNoCoordinator) {
+  const std::string base = "name = \"g\"\nexperts = 4\nmodel_dim = 8\nhidden = 8\ninit_seed = 1\n[group]\n";
+  Result<LayerDefinition> def = parse_layer_spec(base + "name = \"moe.group-1\"\nsize = 2\nrank = 1\n", "request");
+  ASSERT_TRUE(def.ok()) << def.status();
+  ASSERT_TRUE(def->group.has_value());
+  EXPECT_EQ(def->group->name, "moe.group-1");
+  EXPECT_EQ(def->group->coordinator_port, 0);
+  const std::string text = format_layer_spec(*def);
+  EXPECT_EQ(text.find("coordinator"), std::string::npos) << text;
+  Result<LayerDefinition> again = parse_layer_spec(text, "again");
+  ASSERT_TRUE(again.ok()) << again.status() << "\n" << text;
+  EXPECT_EQ(again->group->name, "moe.group-1");
+  EXPECT_EQ(again->group->coordinator_port, 0);
+  EXPECT_EQ(again->group->rank, 1);
+  // Both: the coordinator is used, the name kept.
+  def = parse_layer_spec(base + "coordinator = \"127.0.0.1:7001\"\nname = \"both\"\nsize = 2\nrank = 0\n", "request");
+  ASSERT_TRUE(def.ok()) << def.status();
+  EXPECT_EQ(def->group->coordinator_port, 7001);
+  EXPECT_EQ(parse_layer_spec(format_layer_spec(*def), "again")->group->name, "both");
+  const auto error_of = [&](const std::string& group) {
+    Result<LayerDefinition> r = parse_layer_spec(base + group, "request");
+    EXPECT_FALSE(r.ok()) << group;
+    return r.ok() ? std::string() : std::string(r.status().message());
+  };
+  const std::string neither = error_of("size = 2\nrank = 0\n");
+  EXPECT_NE(neither.find("group.coordinator"), std::string::npos) << neither;
+  EXPECT_NE(neither.find("or a name"), std::string::npos) << neither;
+  EXPECT_NE(error_of("name = \"a b\"\nsize = 2\nrank = 0\n").find("group.name"), std::string::npos);
+  EXPECT_NE(error_of("name = \"\"\nsize = 2\nrank = 0\n").find("group.name"), std::string::npos);
+  EXPECT_NE(error_of("name = \"" + std::string(65, 'x') + "\"\nsize = 2\nrank = 0\n").find("group.name"),
+            std::string::npos);
+  EXPECT_NE(error_of("name = \"t/g\"\nsize = 2\nrank = 0\n").find("group.name"), std::string::npos);
+  EXPECT_NE(error_of("name = 3\nsize = 2\nrank = 0\n").find("group.name"), std::string::npos);
+}
+
 TEST(ClusterConfigTest, BadClustersNameTheKey) {
   const std::string head = kMinimal + "[cluster]\n";
   const std::string ok_coord = "coordinator = \"127.0.0.1:7100\"\n";

@@ -1,7 +1,9 @@
 // Bootstrap: how the ranks of a group find each other.
 //
-// Rank 0's process runs a small TCP coordinator on `coordinator_host:coordinator_port`. Every
-// rank connects (retrying until rank 0 listens), sends its rank and a payload (its UCX worker
+// Rank 0's process runs a small TCP coordinator on `coordinator_host:coordinator_port`, or, when
+// `rendezvous_group` is set, a long-lived rendezvous service (rendezvous.hpp) at that address
+// serves many groups at once, told apart by name, and rank 0 connects to it like the others.
+// Every rank connects (retrying until rank 0 listens), sends its rank and a payload (its UCX worker
 // address, or nothing); once all `size` ranks have arrived the coordinator answers everyone
 // with the table of all payloads. If some rank does not arrive within `timeout`, every rank
 // that did gets an error naming the missing ones.
@@ -49,6 +51,12 @@ struct BootstrapOptions {
   // the sender's memory (process_vm_readv), where the OS allows it, instead of through the
   // transport (comm/README.md). false: every message takes the transport.
   bool peer_memory = true;
+  // Non-empty: the coordinator address is a rendezvous service (rendezvous.hpp) shared by many
+  // groups, and this names the group there (at most 190 bytes, no '@'; the daemon passes
+  // "<tenant>/<name>"). Every rank, rank 0 included, connects to it; nobody listens.
+  std::string rendezvous_group;
+  // Who runs that service, for messages ("node 0's daemon"); empty: not said.
+  std::string rendezvous_owner;
 };
 
 // OK when the options describe a valid rank of a valid group.
@@ -62,7 +70,8 @@ struct BootstrapTable {
 
 // Every rank of the group calls this with its payload (at most 1 MiB) and gets every rank's
 // payload. `round` names the exchange ("ucx", "nccl"): ranks in different rounds on the same
-// port refuse each other. Rank 0 listens for the duration of the call only.
+// port refuse each other. Rank 0 listens for the duration of the call only (without
+// rendezvous_group).
 Result<BootstrapTable> coordinator_exchange(const BootstrapOptions& options, std::string_view round,
                                             std::string_view payload);
 

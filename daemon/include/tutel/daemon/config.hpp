@@ -39,8 +39,13 @@ struct OptimizerConfig {
 // An expert-parallel group: this layer is one rank of a layer spread over `size` ranks (on this
 // and other daemons), which meet at `coordinator` (the daemon serving rank 0 listens there).
 struct GroupConfig {
+  // Where the daemon serving rank 0 listens for the group's bootstrap. Port 0 (no `coordinator`
+  // key): the group meets by `name` at the cluster's rendezvous service instead.
   std::string coordinator_host = "127.0.0.1";  // a numeric IPv4 address
   uint16_t coordinator_port = 0;
+  // [A-Za-z0-9_.-]{1,64}; required without a coordinator. Scoped by tenant: the ranks of one
+  // tenant's group "g" never meet another tenant's "g".
+  std::string name;
   int size = 1;
   int rank = 0;
   int local_size = 1;  // ranks per node, for the 2DH all-to-all
@@ -110,6 +115,11 @@ struct ClusterConfig {
   int node_rank = 0;
   int nodes = 1;
   int ranks_per_node = 1;  // equals [backend] ranks
+  // Where node 0's daemon runs the rendezvous service of groups without a coordinator, from the
+  // end of the join (default: the coordinator's address, free again by then). The same on
+  // every node.
+  std::string rendezvous_host = "127.0.0.1";
+  uint16_t rendezvous_port = 0;
   std::chrono::milliseconds bootstrap_timeout{30'000};
   std::chrono::milliseconds heartbeat_interval{250};
   std::chrono::milliseconds peer_timeout{3'000};

@@ -1,0 +1,434 @@
+// The rendezvous service (rendezvous.hpp): one poll loop over the listener, a wake-up eventfd and
+// every connection; the joins and answers of bootstrap_wire.hpp.
+#include "tutel/comm/rendezvous.hpp"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "bootstrap_wire.hpp"
+#include "socket_util.hpp"
+#include "tutel/core/logging.hpp"
+
+namespace tutel::comm {
+namespace {
+
+using detail::Clock;
+using detail::Fd;
+using wire::Header;
+
+constexpr uint32_t kMaxTimeoutMs = 3'600'000;
+constexpr int kMaxGroupSize = 1 << 20;
+// An answer that a peer does not read within this is dropped with the connection.
+constexpr auto kWriteTimeout = std::chrono::seconds(5);
+
+struct Peer {
+  enum class State { kReading, kJoined, kWriting };
+  Fd fd;
+  State state = State::kReading;
+  std::string in;
+  std::string out;
+  size_t out_pos = 0;
+  Clock::time_point deadline;  // for reading the join, or for writing the answer
+  std::string address;         // "127.0.0.1, pid 42" once the join is read
+  std::string group;           // the key "<round>@<group>" once joined
+  int rank = -1;
+};
+
+struct Group {
+  int size = 0, local_size = 0;
+  Clock::time_point deadline;
+  std::chrono::milliseconds timeout{0};  // the one that set `deadline`, for messages
+  std::vector<uint64_t> members;         // peer id by rank; 0: not here
+  std::vector<std::string> payloads, addresses;
+  int count = 0;
+  // Set when the group is doomed: kept until `deadline` to answer its late ranks alike.
+  Status failure;
+  bool failed = false;
+};
+
+class Service final : public RendezvousService {
+ public:
+  Service(RendezvousOptions o, Fd listener, Fd wake, uint16_t port)
+      : o_(std::move(o)), listener_(std::move(listener)), wake_(std::move(wake)), port_(port) {
+    thread_ = std::thread([this] { loop(); });
+  }
+
+  ~Service() override {
+    stop_.store(true);
+    const uint64_t one = 1;
+    (void)!::write(wake_.get(), &one, sizeof one);
+    thread_.join();
+  }
+
+  const std::string& host() const override { return o_.host; }
+  uint16_t port() const override { return port_; }
+  RendezvousStats stats() const override {
+    std::lock_guard lock(stats_mu_);
+    return stats_;
+  }
+
+ private:
+  std::string where() const { return o_.host + ":" + std::to_string(port_); }
+
+  void loop() {
+    std::vector<pollfd> fds;
+    std::vector<uint64_t> ids;
+    while (!stop_.load()) {
+      fds.clear();
+      ids.clear();
+      fds.push_back({wake_.get(), POLLIN, 0});
+      fds.push_back({listener_.get(), POLLIN, 0});
+      for (auto& [id, p] : peers_) {
+        fds.push_back(
+            {p.fd.get(), p.state == Peer::State::kWriting ? short(POLLOUT) : short(POLLIN), 0});
+        ids.push_back(id);
+      }
+      const int r = ::poll(fds.data(), fds.size(), detail::poll_timeout_ms(next_deadline()));
+      if (r < 0 && errno != EINTR) {
+        TUTEL_LOG(ERROR) << "rendezvous service at " << where()
+                         << ": poll: " << detail::errno_text(errno);
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+      if (r > 0) {
+        if (fds[1].revents & POLLIN) accept_all();
+        for (size_t i = 2; i < fds.size(); ++i) {
+          if (fds[i].revents == 0) continue;
+          auto it = peers_.find(ids[i - 2]);
+          if (it != peers_.end()) on_event(it->first, it->second, fds[i].revents);
+        }
+      }
+      expire(Clock::now());
+      publish();
+    }
+    // Shutting down: every rank waiting hears why (best effort, bounded).
+    const std::string bye = wire::encode_error(
+        Status::Unavailable("the rendezvous service at " + where() + " is shutting down"));
+    for (auto& [id, p] : peers_)
+      if (p.state == Peer::State::kJoined)
+        (void)detail::send_all(p.fd.get(), bye.data(), bye.size(),
+                               Clock::now() + std::chrono::milliseconds(100));
+  }
+
+  Clock::time_point next_deadline() const {
+    auto next = Clock::now() + std::chrono::seconds(1);
+    for (const auto& [key, g] : groups_) next = std::min(next, g.deadline);
+    for (const auto& [id, p] : peers_)
+      if (p.state != Peer::State::kJoined) next = std::min(next, p.deadline);
+    return next;
+  }
+
+  void accept_all() {
+    for (;;) {
+      const int raw = ::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (raw < 0) return;
+      Fd fd(raw);
+      if (static_cast<int>(peers_.size()) >= o_.max_connections) {
+        count_refused();
+        continue;  // closed: the client retries until its deadline
+      }
+      Peer p;
+      p.fd = std::move(fd);
+      p.deadline = Clock::now() + o_.join_timeout;
+      peers_.emplace(next_id_++, std::move(p));
+    }
+  }
+
+  void on_event(uint64_t id, Peer& p, short revents) {
+    if (p.state == Peer::State::kWriting) {
+      if (revents & (POLLERR | POLLHUP | POLLNVAL)) return drop(id);
+      while (p.out_pos < p.out.size()) {
+        const ssize_t w = ::send(p.fd.get(), p.out.data() + p.out_pos, p.out.size() - p.out_pos,
+                                 MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w > 0) {
+          p.out_pos += static_cast<size_t>(w);
+          continue;
+        }
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
+        return drop(id);
+      }
+      // Answered. Read what the peer sent past its message (a malformed one may have) so that the
+      // close does not reset the connection before the peer read our answer.
+      ::shutdown(p.fd.get(), SHUT_WR);
+      char sink[4096];
+      for (int i = 0; i < 16 && ::recv(p.fd.get(), sink, sizeof sink, MSG_DONTWAIT) > 0; ++i) {
+      }
+      return drop(id);
+    }
+    char buf[65536];
+    if (p.state == Peer::State::kJoined) {
+      // A joined rank says nothing more; hearing its end means it gave up (or died).
+      const ssize_t n = ::recv(p.fd.get(), buf, sizeof buf, MSG_DONTWAIT);
+      if (n > 0 || (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))) return;
+      withdraw(p);
+      return drop(id);
+    }
+    // Reading a join: never more than the message announced in its header.
+    size_t want = wire::kHeaderBytes;
+    if (p.in.size() >= wire::kHeaderBytes) {
+      const Header h = wire::decode_header(p.in.data());
+      want = wire::kHeaderBytes + h.round_len + h.body_len;
+    }
+    const ssize_t n =
+        ::recv(p.fd.get(), buf, std::min(sizeof buf, want - p.in.size()), MSG_DONTWAIT);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+      if (!p.in.empty()) count_refused();  // truncated
+      return drop(id);
+    }
+    if (n < 0) return;
+    p.in.append(buf, static_cast<size_t>(n));
+    if (p.in.size() < wire::kHeaderBytes) return;
+    const Header h = wire::decode_header(p.in.data());
+    if (p.in.size() == wire::kHeaderBytes) {  // the header just completed: check it first
+      if (h.magic != wire::kMagic) return refuse(p, "not a tuteld rendezvous join (bad magic)");
+      if (h.kind == wire::kHello)
+        return refuse(p, where() +
+                             " is a rendezvous service, not a group's own coordinator: give the "
+                             "group a name and no coordinator, or point it at its own coordinator");
+      if (h.kind != wire::kJoin)
+        return refuse(p, "not a tuteld rendezvous join (kind " + std::to_string(h.kind) + ")");
+      if (h.round_len < 3 || h.round_len > wire::kMaxJoinRound)
+        return refuse(p, "malformed join: group key of " + std::to_string(h.round_len) + " bytes");
+      if (h.body_len < 4 || h.body_len > wire::kMaxPayload + 4)
+        return refuse(
+            p, "malformed join: body of " + std::to_string(h.body_len) + " bytes exceeds 1 MiB");
+    }
+    if (p.in.size() < wire::kHeaderBytes + h.round_len + h.body_len) return;
+    on_join(id, p, h);
+  }
+
+  void on_join(uint64_t id, Peer& p, const Header& h) {
+    std::string key = p.in.substr(wire::kHeaderBytes, h.round_len);
+    const uint32_t timeout_ms = wire::get_u32(p.in.data() + wire::kHeaderBytes + h.round_len);
+    const int size = static_cast<int>(h.size), rank = static_cast<int>(h.rank),
+              local_size = static_cast<int>(h.local_size);
+    const size_t at = key.find('@');
+    if (at == std::string::npos || at == 0 || at + 1 == key.size())
+      return refuse(
+          p, "malformed join: group key '" + printable(key) + "' is not \"<round>@<group>\"");
+    if (h.size < 1 || h.size > kMaxGroupSize || h.rank >= h.size || h.local_size < 1 ||
+        h.local_size > h.size)
+      return refuse(p, "malformed join: rank " + std::to_string(h.rank) + ", size " +
+                           std::to_string(h.size) + ", local_size " + std::to_string(h.local_size));
+    if (timeout_ms < 1 || timeout_ms > kMaxTimeoutMs)
+      return refuse(p, "malformed join: timeout of " + std::to_string(timeout_ms) + " ms");
+    p.address = wire::address_of(detail::peer_ip(p.fd.get()), h.pid);
+    std::string payload = p.in.substr(wire::kHeaderBytes + h.round_len + 4);
+    p.in.clear();
+    p.in.shrink_to_fit();
+    const std::string group_name = printable(key.substr(at + 1));
+    const auto now = Clock::now();
+    const auto timeout = std::chrono::milliseconds(timeout_ms);
+
+    auto it = groups_.find(key);
+    if (it == groups_.end()) {
+      Group g;
+      g.size = size;
+      g.local_size = local_size;
+      g.deadline = now + timeout;
+      g.timeout = timeout;
+      g.members.assign(static_cast<size_t>(size), 0);
+      g.payloads.assign(static_cast<size_t>(size), {});
+      g.addresses.assign(static_cast<size_t>(size), {});
+      it = groups_.emplace(key, std::move(g)).first;
+    }
+    Group& g = it->second;
+    if (g.failed) return answer(p, wire::encode_error(g.failure));
+    if (now + timeout < g.deadline) {
+      g.deadline = now + timeout;
+      g.timeout = timeout;
+    }
+    if (size != g.size || local_size != g.local_size) {
+      const int other = first_member(g);
+      return doom(
+          it, p,
+          Status::InvalidArgument(
+              "bootstrap: rank " + std::to_string(rank) + " (" + p.address + ") of group '" +
+              group_name + "' was started with size " + std::to_string(size) + ", local_size " +
+              std::to_string(local_size) + " but rank " + std::to_string(other) + " (" +
+              g.addresses[other] + ") with size " + std::to_string(g.size) + ", local_size " +
+              std::to_string(g.local_size) + "; start every rank with the same group shape"));
+    }
+    if (g.members[rank] != 0)
+      return doom(
+          it, p,
+          Status::InvalidArgument("bootstrap: rank " + std::to_string(rank) + " of group '" +
+                                  group_name + "' arrived twice (" + g.addresses[rank] + " and " +
+                                  p.address + "); give every process its own rank"));
+    p.state = Peer::State::kJoined;
+    p.group = key;
+    p.rank = rank;
+    g.members[rank] = id;
+    g.payloads[rank] = std::move(payload);
+    g.addresses[rank] = p.address;
+    if (++g.count < g.size) return;
+    const std::string table = wire::encode_table(g.payloads, g.addresses);
+    for (uint64_t member : g.members) answer(peers_.at(member), table);
+    groups_.erase(it);
+    std::lock_guard lock(stats_mu_);
+    ++stats_.groups_completed;
+  }
+
+  static int first_member(const Group& g) {
+    for (int r = 0; r < g.size; ++r)
+      if (g.members[r] != 0) return r;
+    return 0;
+  }
+
+  // Fails the group on every rank that joined and on `p`; the group stays, failed, until its
+  // deadline so that its late ranks hear the same.
+  void doom(std::map<std::string, Group>::iterator it, Peer& p, Status failure) {
+    Group& g = it->second;
+    const std::string msg = wire::encode_error(failure);
+    for (uint64_t& member : g.members) {
+      if (member != 0) answer(peers_.at(member), msg);
+      member = 0;
+    }
+    g.count = 0;
+    g.failed = true;
+    g.failure = std::move(failure);
+    answer(p, msg);
+    std::lock_guard lock(stats_mu_);
+    ++stats_.groups_failed;
+  }
+
+  void expire(Clock::time_point now) {
+    for (auto it = groups_.begin(); it != groups_.end();) {
+      Group& g = it->second;
+      if (now < g.deadline) {
+        ++it;
+        continue;
+      }
+      if (!g.failed) {
+        std::vector<int> missing;
+        for (int r = 0; r < g.size; ++r)
+          if (g.members[r] == 0) missing.push_back(r);
+        const std::string name = printable(it->first.substr(it->first.find('@') + 1));
+        const std::string msg = wire::encode_error(Status::Timeout(
+            "bootstrap of group '" + name + "' timed out after " +
+            std::to_string(g.timeout.count()) + " ms: rank" + (missing.size() > 1 ? "s " : " ") +
+            wire::rank_list(missing) + " never reached the rendezvous service at " + where() +
+            " (" + std::to_string(g.count) + " of " + std::to_string(g.size) +
+            " ranks arrived); start them, or check their group name and size"));
+        for (uint64_t member : g.members)
+          if (member != 0) answer(peers_.at(member), msg);
+        std::lock_guard lock(stats_mu_);
+        ++stats_.groups_failed;
+      }
+      it = groups_.erase(it);
+    }
+    std::vector<uint64_t> late;
+    for (const auto& [id, p] : peers_)
+      if (p.state != Peer::State::kJoined && now >= p.deadline) late.push_back(id);
+    for (uint64_t id : late) {
+      if (peers_.at(id).state == Peer::State::kReading) count_refused();
+      drop(id);
+    }
+  }
+
+  // A rank that hung up before its group completed: its place is free again.
+  void withdraw(const Peer& p) {
+    auto it = groups_.find(p.group);
+    if (it == groups_.end() || it->second.failed) return;
+    Group& g = it->second;
+    if (p.rank < 0 || p.rank >= g.size || g.members[p.rank] == 0) return;
+    g.members[p.rank] = 0;
+    g.payloads[p.rank].clear();
+    if (--g.count == 0) groups_.erase(it);
+  }
+
+  void answer(Peer& p, std::string message) {
+    p.state = Peer::State::kWriting;
+    p.out = std::move(message);
+    p.out_pos = 0;
+    p.deadline = Clock::now() + kWriteTimeout;
+  }
+
+  void refuse(Peer& p, const std::string& why) {
+    count_refused();
+    p.in.clear();
+    answer(p, wire::encode_error(
+                  Status::InvalidArgument("rendezvous service at " + where() + ": " + why)));
+  }
+
+  void drop(uint64_t id) { peers_.erase(id); }
+
+  void count_refused() {
+    std::lock_guard lock(stats_mu_);
+    ++stats_.refused;
+  }
+
+  void publish() {
+    std::lock_guard lock(stats_mu_);
+    stats_.pending_groups = groups_.size();
+    stats_.connections = peers_.size();
+  }
+
+  // The key as sent may be any bytes: messages show it with non-printables replaced.
+  static std::string printable(std::string s) {
+    for (char& c : s)
+      if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) > 0x7e) c = '?';
+    return s;
+  }
+
+  const RendezvousOptions o_;
+  Fd listener_, wake_;
+  const uint16_t port_;
+  std::atomic<bool> stop_{false};
+  std::map<uint64_t, Peer> peers_;  // loop thread only
+  std::map<std::string, Group> groups_;
+  uint64_t next_id_ = 1;
+  mutable std::mutex stats_mu_;
+  RendezvousStats stats_;
+  std::thread thread_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<RendezvousService>> RendezvousService::start(const RendezvousOptions& o) {
+  if (o.max_connections < 1 || o.join_timeout.count() <= 0)
+    return Status::InvalidArgument("rendezvous: max_connections and join_timeout must be positive");
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(o.port);
+  if (::inet_pton(AF_INET, o.host.c_str(), &addr.sin_addr) != 1)
+    return Status::InvalidArgument("rendezvous host '" + o.host +
+                                   "' is not a numeric IPv4 address");
+  const std::string where = o.host + ":" + std::to_string(o.port);
+  Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd.valid()) return Status::IOError("rendezvous: socket: " + detail::errno_text(errno));
+  const int one = 1;
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  // A coordinator that just closed this port (the cluster's join) may hold it for a moment.
+  const auto bind_deadline = Clock::now() + std::chrono::seconds(1);
+  while (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    const int err = errno;
+    if (err != EADDRINUSE || Clock::now() >= bind_deadline)
+      return Status::Unavailable("rendezvous service cannot listen on " + where + ": " +
+                                 detail::errno_text(err) +
+                                 " (is another process using this port? set [cluster] rendezvous)");
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (::listen(fd.get(), 256) != 0)
+    return Status::IOError("rendezvous: listen on " + where + ": " + detail::errno_text(errno));
+  socklen_t len = sizeof addr;
+  if (::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0)
+    return Status::IOError("rendezvous: getsockname: " + detail::errno_text(errno));
+  Fd wake(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!wake.valid()) return Status::IOError("rendezvous: eventfd: " + detail::errno_text(errno));
+  return std::unique_ptr<RendezvousService>(
+      new Service(o, std::move(fd), std::move(wake), ntohs(addr.sin_port)));
+}
+
+}  // namespace tutel::comm

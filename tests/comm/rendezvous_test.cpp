@@ -1,0 +1,381 @@
+// The rendezvous service: many groups bootstrapping through one long-lived address. Protocol
+// tests run ranks as threads of this process; the UCX test forks its ranks.
+#include "tutel/comm/rendezvous.hpp"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <optional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "comm_test_util.hpp"
+#include "tutel/comm/ucx.hpp"
+
+namespace tutel::comm {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::free_port;
+using Clock = std::chrono::steady_clock;
+
+bool contains(std::string_view haystack, std::string_view needle) {
+  return haystack.find(needle) != std::string_view::npos;
+}
+
+std::unique_ptr<RendezvousService> start_service(std::chrono::milliseconds join_timeout = 30s) {
+  RendezvousOptions o;
+  o.host = "127.0.0.1";
+  o.port = 0;
+  o.join_timeout = join_timeout;
+  auto service = RendezvousService::start(o);
+  EXPECT_TRUE(service.ok()) << service.status();
+  return service.ok() ? std::move(service).value() : nullptr;
+}
+
+BootstrapOptions member(const RendezvousService& s, std::string group, int rank, int size,
+                        std::chrono::milliseconds timeout = 10s) {
+  BootstrapOptions o;
+  o.coordinator_host = s.host();
+  o.coordinator_port = s.port();
+  o.rank = rank;
+  o.size = size;
+  o.timeout = timeout;
+  o.rendezvous_group = std::move(group);
+  o.rendezvous_owner = "the test";
+  return o;
+}
+
+struct Outcome {
+  std::optional<Result<BootstrapTable>> result;
+  int finished = 0;  // 1 for the first call to return, 2 for the next, ...
+};
+
+// Runs coordinator_exchange for each member on its own thread.
+std::vector<Outcome> exchange_on_threads(const std::vector<BootstrapOptions>& members,
+                                         std::string_view round = "test") {
+  std::vector<Outcome> out(members.size());
+  std::vector<std::thread> threads;
+  std::atomic<int> finished{0};
+  for (size_t i = 0; i < members.size(); ++i)
+    threads.emplace_back([&, i] {
+      const BootstrapOptions& o = members[i];
+      out[i].result.emplace(
+          coordinator_exchange(o, round, o.rendezvous_group + "#" + std::to_string(o.rank)));
+      out[i].finished = ++finished;
+    });
+  for (auto& t : threads) t.join();
+  return out;
+}
+
+std::string error_of(const Outcome& o) {
+  return o.result->ok() ? std::string("(ok)") : std::string(o.result->status().message());
+}
+
+// A raw loopback connection to the service, closed on destruction.
+struct RawClient {
+  int fd = -1;
+  explicit RawClient(uint16_t port) {
+    fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(port);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+      ::close(fd);
+      fd = -1;
+    }
+  }
+  ~RawClient() {
+    if (fd >= 0) ::close(fd);
+  }
+  void send(const std::string& bytes) const {
+    (void)!::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+  }
+  // What the service answers until it closes, or until `wait` passes.
+  std::string read_all(std::chrono::milliseconds wait = 3000ms) const {
+    std::string out;
+    const auto deadline = Clock::now() + wait;
+    for (;;) {
+      pollfd p{fd, POLLIN, 0};
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+      if (left <= 0 || ::poll(&p, 1, static_cast<int>(left)) <= 0) return out;
+      char buf[4096];
+      const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+      if (n <= 0) return out;
+      out.append(buf, static_cast<size_t>(n));
+    }
+  }
+};
+
+void put_u32(std::string& out, uint32_t v) {
+  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+
+// A join as bootstrap_wire.hpp lays it out, with every field chosen by the test.
+std::string join_bytes(uint32_t magic, uint32_t kind, uint32_t rank, uint32_t size,
+                       std::string round, std::string body, uint32_t round_len, uint32_t body_len) {
+  std::string out;
+  for (uint32_t v : {magic, kind, rank, size, 1u, 4242u, round_len, body_len}) put_u32(out, v);
+  return out + round + body;
+}
+
+constexpr uint32_t kMagic = 0x31424354;
+
+TEST(Rendezvous, TwoGroupsMeetIndependentlyAndAMissingRankDelaysOnlyItsGroup) {
+  auto service = start_service();
+  ASSERT_TRUE(service);
+  // Group A lacks rank 2; group B (same names of ranks, other group) is complete, and is
+  // answered first, while A still waits.
+  std::vector<BootstrapOptions> members = {
+      member(*service, "t/A", 0, 3, 3000ms), member(*service, "t/A", 1, 3, 3000ms),
+      member(*service, "t/B", 1, 2, 3000ms), member(*service, "t/B", 0, 2, 3000ms)};
+  const auto out = exchange_on_threads(members);
+  for (int i : {2, 3}) {
+    ASSERT_TRUE(out[i].result->ok()) << error_of(out[i]);
+    const BootstrapTable& t = out[i].result->value();
+    ASSERT_EQ(t.payloads.size(), 2u);
+    EXPECT_EQ(t.payloads[0], "t/B#0");
+    EXPECT_EQ(t.payloads[1], "t/B#1");
+    EXPECT_EQ(t.addresses[0], "127.0.0.1, pid " + std::to_string(::getpid()));
+    EXPECT_LE(out[i].finished, 2) << "group B waited for group A";
+  }
+  for (int i : {0, 1}) {
+    ASSERT_FALSE(out[i].result->ok());
+    EXPECT_EQ(out[i].result->status().code(), StatusCode::kTimeout) << error_of(out[i]);
+    EXPECT_TRUE(
+        contains(error_of(out[i]), "rank 2 never reached the rendezvous service at 127.0.0.1:" +
+                                       std::to_string(service->port())))
+        << error_of(out[i]);
+    EXPECT_TRUE(contains(error_of(out[i]), "group 't/A'")) << error_of(out[i]);
+    EXPECT_TRUE(contains(error_of(out[i]), "2 of 3 ranks arrived")) << error_of(out[i]);
+  }
+  const RendezvousStats st = service->stats();
+  EXPECT_EQ(st.groups_completed, 1u);
+  EXPECT_EQ(st.groups_failed, 1u);
+  EXPECT_EQ(st.pending_groups, 0u);
+}
+
+TEST(Rendezvous, ManyGroupsAndRoundsAtOnce) {
+  auto service = start_service();
+  ASSERT_TRUE(service);
+  std::vector<BootstrapOptions> members;
+  for (int g = 0; g < 8; ++g)
+    for (int r = 0; r < 3; ++r)
+      members.push_back(member(*service, "tenant/g" + std::to_string(g), r, 3));
+  const auto ucx = exchange_on_threads(members, "ucx");
+  for (size_t i = 0; i < members.size(); ++i) {
+    ASSERT_TRUE(ucx[i].result->ok()) << error_of(ucx[i]);
+    for (int r = 0; r < 3; ++r)
+      EXPECT_EQ(ucx[i].result->value().payloads[r],
+                members[i].rendezvous_group + "#" + std::to_string(r));
+  }
+  // The same groups again, in another round: a completed group is forgotten.
+  const auto nccl = exchange_on_threads(members, "nccl");
+  for (size_t i = 0; i < members.size(); ++i)
+    ASSERT_TRUE(nccl[i].result->ok()) << error_of(nccl[i]);
+  EXPECT_EQ(service->stats().groups_completed, 16u);
+}
+
+TEST(Rendezvous, TenantsWithTheSameGroupNameNeverMeet) {
+  auto service = start_service();
+  ASSERT_TRUE(service);
+  const auto out = exchange_on_threads(
+      {member(*service, "a/g", 0, 2, 800ms), member(*service, "b/g", 1, 2, 800ms)});
+  ASSERT_FALSE(out[0].result->ok());
+  ASSERT_FALSE(out[1].result->ok());
+  EXPECT_TRUE(contains(error_of(out[0]), "rank 1 never reached")) << error_of(out[0]);
+  EXPECT_TRUE(contains(error_of(out[1]), "rank 0 never reached")) << error_of(out[1]);
+}
+
+// Runs `o` on a thread after `delay`.
+std::thread exchange_later(const BootstrapOptions& o, std::chrono::milliseconds delay,
+                           Outcome* out) {
+  return std::thread([o, delay, out] {
+    std::this_thread::sleep_for(delay);
+    out->result.emplace(coordinator_exchange(o, "test", "x"));
+  });
+}
+
+TEST(Rendezvous, DuplicateRankFailsTheGroupOnEveryRank) {
+  auto service = start_service();
+  ASSERT_TRUE(service);
+  Outcome first, second, late;
+  // A deadline far away: a doomed group fails at once (kInvalidArgument), not at its deadline
+  // (kTimeout), and a rank arriving after the verdict hears it too.
+  std::thread a = exchange_later(member(*service, "t/dup", 0, 3, 60s), 0ms, &first);
+  std::thread b = exchange_later(member(*service, "t/dup", 0, 3, 60s), 300ms, &second);
+  std::thread c = exchange_later(member(*service, "t/dup", 1, 3, 60s), 600ms, &late);
+  a.join();
+  b.join();
+  c.join();
+  for (const Outcome* o : {&first, &second, &late}) {
+    ASSERT_FALSE(o->result->ok());
+    EXPECT_EQ(o->result->status().code(), StatusCode::kInvalidArgument) << error_of(*o);
+    EXPECT_TRUE(contains(error_of(*o), "rank 0 of group 't/dup' arrived twice")) << error_of(*o);
+  }
+}
+
+TEST(Rendezvous, RanksDisagreeingOnSizeFailClearly) {
+  auto service = start_service();
+  ASSERT_TRUE(service);
+  Outcome first, second;
+  std::thread a = exchange_later(member(*service, "t/shape", 0, 2, 60s), 0ms, &first);
+  std::thread b = exchange_later(member(*service, "t/shape", 1, 3, 60s), 300ms, &second);
+  a.join();
+  b.join();
+  for (const Outcome* o : {&first, &second}) {
+    ASSERT_FALSE(o->result->ok());
+    EXPECT_TRUE(contains(error_of(*o), "was started with size 3")) << error_of(*o);
+    EXPECT_TRUE(contains(error_of(*o), "rank 0 (127.0.0.1, pid")) << error_of(*o);
+    EXPECT_TRUE(contains(error_of(*o), "with size 2")) << error_of(*o);
+  }
+}
+
+TEST(Rendezvous, ARankThatHangsUpIsWithdrawnAndMayJoinAgain) {
+  auto service = start_service();
+  ASSERT_TRUE(service);
+  {
+    RawClient quitter(service->port());
+    std::string body;
+    put_u32(body, 5000);
+    body += "gone";
+    quitter.send(
+        join_bytes(kMagic, 4, 1, 2, "test@t/again", body, 12, static_cast<uint32_t>(body.size())));
+    std::this_thread::sleep_for(200ms);
+    EXPECT_EQ(service->stats().pending_groups, 1u);
+  }  // closed: rank 1 leaves the group
+  std::this_thread::sleep_for(200ms);
+  const auto out =
+      exchange_on_threads({member(*service, "t/again", 0, 2), member(*service, "t/again", 1, 2)});
+  for (const Outcome& o : out) {
+    ASSERT_TRUE(o.result->ok()) << error_of(o);
+    EXPECT_EQ(o.result->value().payloads[1], "t/again#1");
+  }
+}
+
+TEST(Rendezvous, MalformedClientsAreRefusedWithoutDisturbingGroups) {
+  auto service = start_service(/*join_timeout=*/700ms);
+  ASSERT_TRUE(service);
+  const uint16_t port = service->port();
+  // A group is waiting for its second rank while the garbage arrives.
+  Outcome waiting;
+  std::thread w = exchange_later(member(*service, "t/ok", 0, 2, 8000ms), 0ms, &waiting);
+  std::this_thread::sleep_for(100ms);
+
+  std::mt19937 rng(7);
+  std::string noise(5000, '\0');
+  for (char& c : noise) c = static_cast<char>(rng());
+  RawClient random_bytes(port), truncated(port), oversized(port), hello(port), bad_key(port),
+      silent(port), huge_round(port), bad_rank(port);
+  random_bytes.send(noise);
+  truncated.send(join_bytes(kMagic, 4, 1, 2, "test@t/ok", "", 9, 100).substr(0, 36));
+  oversized.send(join_bytes(kMagic, 4, 1, 2, "", "", 9, 0xffffffffu));
+  hello.send(join_bytes(kMagic, 1, 1, 2, "test", "x", 4, 1));
+  std::string body;
+  put_u32(body, 1000);
+  bad_key.send(join_bytes(kMagic, 4, 1, 2, "test-t/ok", body, 9, 4));
+  huge_round.send(join_bytes(kMagic, 4, 1, 2, "", "", 0x7fffffffu, 4));
+  bad_rank.send(join_bytes(kMagic, 4, 7, 2, "test@t/ok", body, 9, 4));
+
+  EXPECT_TRUE(contains(random_bytes.read_all(), "bad magic"));
+  EXPECT_TRUE(contains(oversized.read_all(), "exceeds 1 MiB"));
+  EXPECT_TRUE(contains(hello.read_all(), "is a rendezvous service, not a group's own coordinator"));
+  EXPECT_TRUE(contains(bad_key.read_all(), "is not \"<round>@<group>\""));
+  EXPECT_TRUE(contains(huge_round.read_all(), "group key of"));
+  EXPECT_TRUE(contains(bad_rank.read_all(), "malformed join: rank 7, size 2"));
+  ::shutdown(truncated.fd, SHUT_WR);  // the rest of its message never comes
+  EXPECT_EQ(truncated.read_all(), "");
+  EXPECT_EQ(silent.read_all(2000ms), "") << "a silent connection is dropped after join_timeout";
+
+  // The waiting group still completes with its real second rank.
+  Outcome second;
+  exchange_later(member(*service, "t/ok", 1, 2, 8000ms), 0ms, &second).join();
+  w.join();
+  ASSERT_TRUE(waiting.result->ok()) << error_of(waiting);
+  ASSERT_TRUE(second.result->ok()) << error_of(second);
+  EXPECT_EQ(waiting.result->value().payloads[1], "x");
+  const RendezvousStats st = service->stats();
+  EXPECT_GE(st.refused, 8u);
+  EXPECT_EQ(st.groups_completed, 1u);
+  EXPECT_EQ(st.groups_failed, 0u);
+}
+
+TEST(Rendezvous, AServiceThatIsNotThereIsNamedNotWaitedForForever) {
+  BootstrapOptions o;
+  o.coordinator_host = "127.0.0.1";
+  o.coordinator_port = free_port();
+  o.rank = 1;
+  o.size = 2;
+  o.timeout = 500ms;
+  o.rendezvous_group = "t/nobody";
+  o.rendezvous_owner = "node 0's daemon";
+  Result<BootstrapTable> r = coordinator_exchange(o, "ucx", "x");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kTimeout);
+  EXPECT_TRUE(
+      contains(r.status().message(), "could not reach the rendezvous service at 127.0.0.1:" +
+                                         std::to_string(o.coordinator_port) + " (node 0's daemon)"))
+      << r.status();
+}
+
+TEST(Rendezvous, StoppingTheServiceAnswersWaitingRanks) {
+  auto service = start_service();
+  ASSERT_TRUE(service);
+  Outcome waiting;
+  std::thread w = exchange_later(member(*service, "t/stop", 0, 2, 8000ms), 0ms, &waiting);
+  std::this_thread::sleep_for(300ms);
+  service.reset();
+  w.join();
+  ASSERT_FALSE(waiting.result->ok());
+  EXPECT_TRUE(contains(error_of(waiting), "is shutting down")) << error_of(waiting);
+}
+
+TEST(Rendezvous, BindsTheAddressGivenOnly) {
+  RendezvousOptions o;
+  o.host = "localhost";
+  EXPECT_FALSE(RendezvousService::start(o).ok());
+  o.host = "127.0.0.1";
+  auto a = RendezvousService::start(o);
+  ASSERT_TRUE(a.ok()) << a.status();
+  o.port = (*a)->port();
+  auto b = RendezvousService::start(o);  // the port is taken
+  ASSERT_FALSE(b.ok());
+  EXPECT_TRUE(
+      contains(b.status().message(), "cannot listen on 127.0.0.1:" + std::to_string(o.port)));
+}
+
+// Two groups of two forked processes each bootstrap UCX communicators through one service and
+// all-reduce within their own group.
+TEST(Rendezvous, UcxGroupsBootstrapThroughOneService) {
+  auto service = start_service();
+  ASSERT_TRUE(service);
+  const std::string host = service->host();
+  const uint16_t port = service->port();
+  testing::ProcessGroup children(4, [&](int child, const testing::ChildChannel&) -> std::string {
+    const int group = child / 2, rank = child % 2;
+    BootstrapOptions o = testing::loopback_options(port, rank, 2, 1);
+    o.coordinator_host = host;
+    o.rendezvous_group = "tenant/group" + std::to_string(group);
+    auto comm = ucx_bootstrap(o);
+    if (!comm.ok()) return "bootstrap: " + std::string(comm.status().message());
+    float value[2] = {float(1 + child), float(10 * group)};
+    Status s = (*comm)->all_reduce(value, 2, ReduceOp::kSum);
+    if (!s.ok()) return "all_reduce: " + std::string(s.message());
+    const float want = group == 0 ? 1 + 2 : 3 + 4;
+    if (value[0] != want || value[1] != float(20 * group))
+      return "group " + std::to_string(group) + " summed " + std::to_string(value[0]) + ", " +
+             std::to_string(value[1]) + ": the groups mixed";
+    return "";
+  });
+  const auto outcomes = children.wait_all(60s);
+  EXPECT_EQ(testing::describe_failures(outcomes), "");
+  EXPECT_EQ(service->stats().groups_completed, 2u);
+}
+
+}  // namespace
+}  // namespace tutel::comm
