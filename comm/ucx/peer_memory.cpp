@@ -68,7 +68,8 @@ void LeaseTable::release(Slot* slot) {
   free_.push_back(slot);
 }
 
-Status pull(pid_t pid, const PullDescriptor& d, void* dst, size_t expected, const std::string& who) {
+Status pull(pid_t pid, const PullDescriptor& d, void* dst, size_t expected, const std::string& who,
+            bool* withdrawn) {
   if (d.magic != kDescriptorMagic)
     return Status::InvalidArgument(who + " sent a message that is not a pull descriptor: the ranks called the "
                                          "collective with different sizes");
@@ -106,14 +107,23 @@ Status pull(pid_t pid, const PullDescriptor& d, void* dst, size_t expected, cons
       const int err = errno;
       if (err == ESRCH)
         return Status::Unavailable(who + " failed: its process exited (process_vm_readv: no such process)");
+      // The sender frees a buffer only after it returned from the collective, which it does only
+      // after withdrawing the loan: an unmapped buffer is a withdrawn one.
+      if (err == EFAULT) {
+        if (withdrawn != nullptr) *withdrawn = true;
+        return Status::Unavailable(who + " withdrew the message before it was read (its buffer is gone: it gave up "
+                                         "on the collective)");
+      }
       return Status::Unavailable(who + ": cannot read the message from its memory (process_vm_readv: " +
                                  std::strerror(err) + ")");
     }
     if (n == 0) return Status::Unavailable(who + ": process_vm_readv made no progress");
     done += static_cast<size_t>(n);
   }
-  if (lease != d.lease_value)
+  if (lease != d.lease_value) {
+    if (withdrawn != nullptr) *withdrawn = true;
     return Status::Unavailable(who + " withdrew the message before it was read (it gave up on the collective)");
+  }
   return Status::OK();
 }
 

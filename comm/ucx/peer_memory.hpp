@@ -85,7 +85,10 @@ class LeaseTable {
 };
 
 // Copies the message `d` describes from process `pid` into `dst` (`expected` bytes), then
-// checks its lease. `who` names the sender in errors.
-Status pull(pid_t pid, const PullDescriptor& d, void* dst, size_t expected, const std::string& who);
+// checks its lease. `who` names the sender in errors. *withdrawn (if given) is set when the
+// failure is the sender's withdrawal: it gave up on the collective, and its notice, which names
+// the cause, is probably on its way.
+Status pull(pid_t pid, const PullDescriptor& d, void* dst, size_t expected, const std::string& who,
+            bool* withdrawn = nullptr);
 
 }  // namespace tutel::comm::ucx

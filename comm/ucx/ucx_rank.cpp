@@ -32,6 +32,9 @@ constexpr size_t kPayloadPrefix = sizeof(uint64_t) + sizeof(uint32_t) + sizeof(H
 constexpr uint64_t kAgreeTag = kAckBit | (uint64_t{(1u << 24) - 1} << 20);
 // What an acknowledgement carries; static, so a send nobody waits for can always read it.
 const char kAckByte = 'a';
+// Set when a pull of this thread's collective failed because its sender withdrew the loan (a
+// thread polls only its own ops, so it is per thread, not per rank).
+thread_local bool t_peer_withdrew = false;
 
 // Serialises the process environment and UCX configuration parsing across ranks.
 std::mutex g_ucx_init_mu;
@@ -581,7 +584,8 @@ bool UcxRank::poll_ops_locked(std::vector<Op>& ops, Status* error) {
 
 Status UcxRank::finish_pull_locked(Op& op) {
   const Transfer& t = *op.transfer;
-  TUTEL_RETURN_IF_ERROR(pull(static_cast<pid_t>(hosts_[t.peer].pid), op.descriptor, t.buffer, t.bytes, describe(t.peer)));
+  TUTEL_RETURN_IF_ERROR(pull(static_cast<pid_t>(hosts_[t.peer].pid), op.descriptor, t.buffer, t.bytes,
+                             describe(t.peer), &t_peer_withdrew));
   send_ack_locked(t.peer, t.ack_tag);
   return Status::OK();
 }
@@ -686,10 +690,16 @@ Status UcxRank::wait(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
     Status noticed = check_notice_locked(notice);
     return noticed.ok() ? error : noticed;
   };
+  t_peer_withdrew = false;
   for (;;) {
     progress_locked();
     bool done = false;
-    if (Status error = check(&done); !error.ok()) return abort(lock, ops, local, error, notice, grace);
+    if (Status error = check(&done); !error.ok()) {
+      // A peer that withdrew a loan gave up first and sent its notice before withdrawing; the
+      // notice names the root cause (a pull can outrun it), so give it the grace to arrive.
+      if (t_peer_withdrew) error = await_notice(lock, notice, grace, std::move(error));
+      return abort(lock, ops, local, error, notice, grace);
+    }
     if (done) return Status::OK();
 
     const auto now = Clock::now();
@@ -742,6 +752,19 @@ Status UcxRank::wait(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
     waker.drain();
     spin_until = Clock::now() + spin_;
   }
+}
+
+Status UcxRank::await_notice(std::unique_lock<std::mutex>& lock, Notice& notice, Clock::duration grace,
+                             Status error) {
+  const auto until = Clock::now() + std::max<Clock::duration>(grace, kMinDrain);
+  while (notice.request != nullptr && Clock::now() < until) {
+    progress_locked();
+    if (Status noticed = check_notice_locked(notice); !noticed.ok()) return noticed;
+    lock.unlock();
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+    lock.lock();
+  }
+  return error;
 }
 
 Status UcxRank::abort(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,

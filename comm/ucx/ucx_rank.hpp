@@ -227,6 +227,9 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   Status agree_on_peer_memory(const BootstrapOptions& o);
   // The methods below hold mu_. A pulled receive whose descriptor arrived: copy, acknowledge.
   Status finish_pull_locked(Op& op);
+  // After a peer withdrew: waits (up to max(grace, 200 ms)) for a notice, and returns its error,
+  // or `error` if none came.
+  Status await_notice(std::unique_lock<std::mutex>& lock, Notice& notice, Clock::duration grace, Status error);
   void send_ack_locked(int peer, uint64_t ack_tag);
   // Cancels a receive and waits (bounded) until UCX hands it back.
   void cancel_and_free_locked(void* request);

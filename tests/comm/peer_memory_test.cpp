@@ -6,6 +6,7 @@
 #include "peer_memory.hpp"
 
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -41,8 +42,10 @@ TEST(PeerMemory, AWithdrawnLoanFailsAndSlotsAreReusedWithFreshLeases) {
   LeaseTable::Slot* slot = leases.lend(data.data(), data.size());
   const PullDescriptor late = slot->descriptor;  // what a slow receiver holds
   leases.release(slot);
-  Status s = pull(::getpid(), late, got.data(), got.size(), "rank 3 (127.0.0.1, pid 1)");
+  bool withdrawn = false;
+  Status s = pull(::getpid(), late, got.data(), got.size(), "rank 3 (127.0.0.1, pid 1)", &withdrawn);
   EXPECT_EQ(s.code(), StatusCode::kUnavailable);
+  EXPECT_TRUE(withdrawn);
   EXPECT_NE(s.message().find("rank 3 (127.0.0.1, pid 1) withdrew the message"), std::string_view::npos) << s;
   // The slot lends again, to another buffer: the old descriptor still fails (its lease value is
   // not the new one), the new one reads the new buffer.
@@ -66,6 +69,25 @@ TEST(PeerMemory, SizesThatDisagreeAndForeignMessagesAreErrors) {
   foreign.magic ^= 1;
   s = pull(::getpid(), foreign, got.data(), 100000, "rank 2");
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  leases.release(slot);
+}
+
+// A sender frees its buffer only after it withdrew the loan: an unmapped buffer reads as a
+// withdrawal (so the receiver waits for the sender's notice, which names the cause).
+TEST(PeerMemory, AnUnmappedBufferIsAWithdrawal) {
+  const size_t bytes = 1 << 20;
+  void* region = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(region, MAP_FAILED);
+  LeaseTable leases;
+  LeaseTable::Slot* slot = leases.lend(region, bytes);
+  const PullDescriptor d = slot->descriptor;
+  ::munmap(region, bytes);
+  std::vector<uint8_t> got(bytes);
+  bool withdrawn = false;
+  const Status s = pull(::getpid(), d, got.data(), bytes, "rank 4", &withdrawn);
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable);
+  EXPECT_TRUE(withdrawn);
+  EXPECT_NE(s.message().find("rank 4 withdrew the message"), std::string_view::npos) << s;
   leases.release(slot);
 }
 
