@@ -36,9 +36,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A loopback port nothing listens on (checked, not reserved: good enough for a test machine).
+# A loopback port nothing listens on (checked, not reserved: good enough for a test machine),
+# below the kernel's ephemeral range, where outgoing connections could take it meanwhile.
 while :; do
-  port=$((20000 + RANDOM % 40000))
+  port=$((10000 + RANDOM % 22000))
   (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || break
 done
 

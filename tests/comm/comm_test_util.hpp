@@ -24,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "../common/loopback.hpp"
 #include "tutel/comm/bootstrap.hpp"
 
 namespace tutel::comm::testing {
@@ -33,22 +34,9 @@ using namespace std::chrono_literals;
 // UCX must stay on loopback in every test process and its children.
 inline void use_loopback_only() { ::setenv("UCX_NET_DEVICES", "lo", 1); }
 
-// A loopback port that was free a moment ago (bind to port 0, read it back, close).
-inline uint16_t free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  uint16_t port = 0;
-  if (fd >= 0 && ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
-    socklen_t len = sizeof addr;
-    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0)
-      port = ntohs(addr.sin_port);
-  }
-  if (fd >= 0) ::close(fd);
-  return port;
-}
+// A loopback port below the ephemeral range, free a moment ago (tests/common/loopback.hpp says
+// why not bind(0)).
+inline uint16_t free_port() { return tutel::testing::free_port(); }
 
 inline BootstrapOptions loopback_options(uint16_t port, int rank, int size, int local_size,
                                          std::chrono::milliseconds collective_timeout = 20s) {

@@ -76,13 +76,14 @@ TEST(PeerMemory, SizesThatDisagreeAndForeignMessagesAreErrors) {
 // withdrawal (so the receiver waits for the sender's notice, which names the cause).
 TEST(PeerMemory, AnUnmappedBufferIsAWithdrawal) {
   const size_t bytes = 1 << 20;
+  // Allocated first: allocated after the munmap, it could land on the freed addresses.
+  std::vector<uint8_t> got(bytes);
   void* region = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   ASSERT_NE(region, MAP_FAILED);
   LeaseTable leases;
   LeaseTable::Slot* slot = leases.lend(region, bytes);
   const PullDescriptor d = slot->descriptor;
   ::munmap(region, bytes);
-  std::vector<uint8_t> got(bytes);
   bool withdrawn = false;
   const Status s = pull(::getpid(), d, got.data(), bytes, "rank 4", &withdrawn);
   EXPECT_EQ(s.code(), StatusCode::kUnavailable);
