@@ -109,6 +109,47 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   return ExpertParallelLayer(backend, comm, s, shard, algo);
 }
 
+// [E, C, row] on the tokens' rank → every rank's experts: [E_l, W·C, row] (E ≥ W), or [W·C, row]
+// for this rank's shard of one expert (E < W, each shard needs all of its expert's slots).
+Status ExpertParallelLayer::to_experts(const float* token_side, float* expert_side, int64_t C, int64_t row) {
+  const int64_t W = shard_.world, El = shard_.local_experts, s = shard_.shards;
+  const size_t chunk = static_cast<size_t>(C * row);
+  if (s == 1) {
+    // token_side is already [W][E_l][C][row]; the exchange gives [W][E_l][C][row] from every
+    // rank, and the experts want [E_l][W·C][row].
+    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(token_side, recv_.data(), El * chunk * 4, algo_));
+    swap_outer(fp(recv_), expert_side, W, El, C * row);
+    return Status::OK();
+  }
+  // Chunk w' for rank w' is expert w' / s's slots.
+  float* send = fp(send_);
+  for (int64_t w = 0; w < W; ++w) std::memcpy(send + w * chunk, token_side + (w / s) * chunk, chunk * 4);
+  return comm_->all_to_all(send, expert_side, chunk * 4, algo_);
+}
+
+// The inverse of to_experts: expert-side rows back to [E, C, row] on the tokens' rank. With
+// sharded experts every shard holds a partial sum; they are added in shard order, so every rank
+// gets the same bits.
+Status ExpertParallelLayer::to_tokens(const float* expert_side, float* token_side, int64_t C, int64_t row) {
+  const int64_t W = shard_.world, El = shard_.local_experts, s = shard_.shards, E = spec_.experts;
+  const size_t chunk = static_cast<size_t>(C * row);
+  if (s == 1) {
+    swap_outer(expert_side, fp(send_), El, W, C * row);
+    return comm_->all_to_all(send_.data(), token_side, El * chunk * 4, algo_);
+  }
+  const float* recv = fp(recv_);
+  TUTEL_RETURN_IF_ERROR(comm_->all_to_all(expert_side, recv_.data(), chunk * 4, algo_));
+  for (int64_t e = 0; e < E; ++e) {
+    float* dst = token_side + e * chunk;
+    std::memcpy(dst, recv + e * s * chunk, chunk * 4);
+    for (int64_t j = 1; j < s; ++j) {
+      const float* part = recv + (e * s + j) * chunk;
+      for (size_t i = 0; i < chunk; ++i) dst[i] += part[i];
+    }
+  }
+  return Status::OK();
+}
+
 Status ExpertParallelLayer::grow(DeviceBuffer& buf, size_t bytes) {
   if (buf.data() && buf.bytes() >= bytes) return Status::OK();
   buf.reset();
@@ -247,20 +288,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
       {xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore, f32(dispatched_, {E, C, M})}));
 
   // Dispatch: expert e's slots go to the rank(s) that hold it.
-  float* disp = fp(dispatched_);
-  float* in = fp(st.expert_in_);
-  if (s == 1) {
-    // disp [E, C, M] is already [W][E_l][C][M]; the exchange gives [W][E_l][C][M] from every
-    // rank, and the experts want [E_l][W·C][M].
-    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(disp, recv_.data(), El * C * M * 4, algo_));
-    swap_outer(fp(recv_), in, W, El, C * M);
-  } else {
-    // Every shard of expert e needs all of e's slots: chunk w' is disp[w' / s].
-    float* send = fp(send_);
-    for (int64_t w = 0; w < W; ++w)
-      std::memcpy(send + w * C * M, disp + (w / s) * C * M, C * M * 4);
-    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, in, C * M * 4, algo_));
-  }
+  TUTEL_RETURN_IF_ERROR(to_experts(fp(dispatched_), fp(st.expert_in_), C, M));
 
   TUTEL_RETURN_IF_ERROR(b.expert_forward(
       {f32(st.expert_in_, {El, R, M}), local_experts(local.experts), spec_.activation,
@@ -272,23 +300,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
     add_fc2_bias_slice(out, R, local.experts.fc2_bias.data_as<float>());
 
   // Combine: the results travel back to the tokens' ranks.
-  float* combined = fp(st.combined_);
-  if (s == 1) {
-    swap_outer(out, fp(send_), El, W, C * O);
-    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send_.data(), combined, El * C * O * 4, algo_));
-  } else {
-    // Chunk w' is shard w' % s's partial sum for expert w' / s; add the shards in order.
-    const float* recv = fp(recv_);
-    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(out, recv_.data(), C * O * 4, algo_));
-    for (int64_t e = 0; e < E; ++e) {
-      float* dst = combined + e * C * O;
-      std::memcpy(dst, recv + e * s * C * O, C * O * 4);
-      for (int64_t j = 1; j < s; ++j) {
-        const float* part = recv + (e * s + j) * C * O;
-        for (int64_t i = 0; i < C * O; ++i) dst[i] += part[i];
-      }
-    }
-  }
+  TUTEL_RETURN_IF_ERROR(to_tokens(out, fp(st.combined_), C, O));
   TUTEL_RETURN_IF_ERROR(
       b.decode({f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y}));
 
@@ -341,17 +353,8 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
   TUTEL_RETURN_IF_ERROR(b.decode_backward({dy, f32(saved.combined_, {E, C, O}), gates, idx, loc,
                                            i32(saved.slots_, {E, C}), spec_.is_postscore,
                                            f32(d_combined_, {E, C, O}), d_gates}));
-  float* d_comb = fp(d_combined_);
   float* d_out = fp(d_expert_out_);
-  if (s == 1) {
-    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(d_comb, recv_.data(), El * C * O * 4, algo_));
-    swap_outer(fp(recv_), d_out, W, El, C * O);
-  } else {
-    float* send = fp(send_);
-    for (int64_t w = 0; w < W; ++w)
-      std::memcpy(send + w * C * O, d_comb + (w / s) * C * O, C * O * 4);
-    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, d_out, C * O * 4, algo_));
-  }
+  TUTEL_RETURN_IF_ERROR(to_experts(fp(d_combined_), d_out, C, O));
 
   ExpertWeights grads = local_experts(local_grads.experts);
   const bool keep_pre = spec_.activation != Activation::kRelu;
@@ -370,24 +373,8 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
       for (int64_t c = 0; c < n; ++c) db[c] += d_out[r * O + o0 + c];
   }
 
-  float* d_disp = fp(d_dispatched_);
-  float* d_in = fp(d_expert_in_);
-  if (s == 1) {
-    swap_outer(d_in, fp(send_), El, W, C * M);
-    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send_.data(), d_disp, El * C * M * 4, algo_));
-  } else {
-    // Each shard's d_dispatched is a partial sum over its H-slice; add the shards in order.
-    const float* recv = fp(recv_);
-    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(d_in, recv_.data(), C * M * 4, algo_));
-    for (int64_t e = 0; e < E; ++e) {
-      float* dst = d_disp + e * C * M;
-      std::memcpy(dst, recv + e * s * C * M, C * M * 4);
-      for (int64_t j = 1; j < s; ++j) {
-        const float* part = recv + (e * s + j) * C * M;
-        for (int64_t i = 0; i < C * M; ++i) dst[i] += part[i];
-      }
-    }
-  }
+  // Each shard's d_dispatched is a partial sum over its H-slice: to_tokens adds them.
+  TUTEL_RETURN_IF_ERROR(to_tokens(fp(d_expert_in_), fp(d_dispatched_), C, M));
   TUTEL_RETURN_IF_ERROR(b.encode_backward(
       {f32(d_dispatched_, {E, C, M}), xv, gates, idx, loc, C, spec_.is_postscore, dx, d_gates}));
   return b.gate_backward({xv, local.gate_weight, scores, idx, d_gates, dl_aux, spec_.normalize_gate,

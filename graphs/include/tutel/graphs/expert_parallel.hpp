@@ -130,6 +130,10 @@ class ExpertParallelLayer {
   TensorView i32(const DeviceBuffer& buf, Shape shape) const;
   // [a][b][rows] → [b][a][rows]: swaps the two outer dimensions of a [a, b, row_floats] block.
   void swap_outer(const float* src, float* dst, int64_t a, int64_t b, int64_t row_floats) const;
+  // The two directions of the all-to-all (forward dispatch and backward of combine; forward
+  // combine and backward of dispatch), for rows of `row` floats and capacity C.
+  Status to_experts(const float* token_side, float* expert_side, int64_t C, int64_t row);
+  Status to_tokens(const float* expert_side, float* token_side, int64_t C, int64_t row);
   ExpertWeights local_experts(const ExpertWeights& w) const;  // drops fc2 bias when sharded
   void add_fc2_bias_slice(float* out, int64_t rows, const float* bias_slice) const;
 
