@@ -86,6 +86,18 @@ std::vector<EpCase> cases() {
   };
 }
 
+// Rank r of a group of W on loopback, with generous timeouts (2 cores shared by every rank).
+comm::BootstrapOptions rank_options(uint16_t port, int r, int W, int local_size) {
+  comm::BootstrapOptions o;
+  o.coordinator_port = port;
+  o.rank = r;
+  o.size = W;
+  o.local_size = local_size;
+  o.timeout = std::chrono::seconds(20);
+  o.collective_timeout = std::chrono::seconds(20);
+  return o;
+}
+
 class ExpertParallel : public ::testing::TestWithParam<EpCase> {};
 
 std::vector<float> sum_over_ranks(const std::vector<std::vector<double>>& per_rank) {
@@ -176,14 +188,7 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
     threads.emplace_back([&, r] {
       RankResult& out = results[r];
       auto fail = [&](Status st) { out.status = std::move(st); };
-      comm::BootstrapOptions o;
-      o.coordinator_port = port;
-      o.rank = r;
-      o.size = W;
-      o.local_size = c.local_size;
-      o.timeout = std::chrono::seconds(20);
-      o.collective_timeout = std::chrono::seconds(20);
-      auto comm = comm::ucx_bootstrap(o);
+      auto comm = comm::ucx_bootstrap(rank_options(port, r, W, c.local_size));
       if (!comm.ok()) return fail(comm.status());
       auto backend = make_backend("cpu", {.threads = 1});
       if (!backend.ok()) return fail(backend.status());
@@ -417,14 +422,7 @@ TEST_P(ExpertParallelInFlight, BackwardsInReverseOrderMatchTheReference) {
     threads.emplace_back([&, r] {
       RankResult& out = results[r];
       auto fail = [&](Status st) { out.status = std::move(st); };
-      comm::BootstrapOptions o;
-      o.coordinator_port = port;
-      o.rank = r;
-      o.size = W;
-      o.local_size = c.local_size;
-      o.timeout = std::chrono::seconds(20);
-      o.collective_timeout = std::chrono::seconds(20);
-      auto comm = comm::ucx_bootstrap(o);
+      auto comm = comm::ucx_bootstrap(rank_options(port, r, W, c.local_size));
       if (!comm.ok()) return fail(comm.status());
       auto backend = make_backend("cpu", {.threads = 1});
       if (!backend.ok()) return fail(backend.status());
@@ -574,14 +572,7 @@ TEST(ExpertParallelAllToAll, TwoDhRefusedWhenLocalSizeDoesNotDivideTheGroup) {
   std::vector<std::thread> threads;
   for (int r = 0; r < W; ++r) {
     threads.emplace_back([&, r] {
-      comm::BootstrapOptions o;
-      o.coordinator_port = port;
-      o.rank = r;
-      o.size = W;
-      o.local_size = 2;
-      o.timeout = std::chrono::seconds(20);
-      o.collective_timeout = std::chrono::seconds(20);
-      auto comm = comm::ucx_bootstrap(o);
+      auto comm = comm::ucx_bootstrap(rank_options(port, r, W, /*local_size=*/2));
       bootstrapped[r] = comm.status();
       if (!comm.ok()) return;
       auto backend = make_backend("cpu", {.threads = 1});
