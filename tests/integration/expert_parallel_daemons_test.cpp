@@ -202,6 +202,33 @@ graphs::HostLayerParams to_host(const ref::Params& p) {
   return {to_f32(p.wg), to_f32(p.fc1_w), to_f32(p.fc1_b), to_f32(p.fc2_w), to_f32(p.fc2_b)};
 }
 
+// D daemons, stopped by PID when the test ends, passed or not (DaemonProcess's destructor).
+::testing::AssertionResult start_daemons(int D, std::vector<std::unique_ptr<DaemonProcess>>& daemons) {
+  for (int d = 0; d < D; ++d) {
+    daemons.push_back(std::make_unique<DaemonProcess>(DaemonOptions{}));
+    if (auto started = daemons.back()->start(); !started) return started;
+  }
+  return ::testing::AssertionSuccess();
+}
+
+std::string all_logs(const std::vector<std::unique_ptr<DaemonProcess>>& daemons) {
+  std::string all;
+  for (size_t d = 0; d < daemons.size(); ++d)
+    all += "--- daemon " + std::to_string(d) + " ---\n" + daemons[d]->log();
+  return all;
+}
+
+// The layer shape of these tests: M = 16, H = 32.
+LayerSpec small_spec(int64_t experts, int k, double f) {
+  LayerSpec spec;
+  spec.experts = experts;
+  spec.model_dim = 16;
+  spec.hidden = 32;
+  spec.k = k;
+  spec.capacity_factor = f;
+  return spec;
+}
+
 TEST_P(ExpertParallelDaemons, EveryRankMatchesTheSingleProcessLayer) {
   const GroupCase& c = GetParam();
   const int D = c.daemons, R = c.ranks_per_daemon, W = D * R;
@@ -211,24 +238,11 @@ TEST_P(ExpertParallelDaemons, EveryRankMatchesTheSingleProcessLayer) {
   std::mt19937_64 rng(seed);
   const uint64_t init_seed = 1 + rng() % 1'000'000;
 
-  // Stopped by PID when the test ends, passed or not (DaemonProcess's destructor).
   std::vector<std::unique_ptr<DaemonProcess>> daemons;
-  for (int d = 0; d < D; ++d) {
-    daemons.push_back(std::make_unique<DaemonProcess>(DaemonOptions{}));
-    ASSERT_TRUE(daemons.back()->start());
-  }
-  auto logs = [&] {
-    std::string all;
-    for (int d = 0; d < D; ++d) all += "--- daemon " + std::to_string(d) + " ---\n" + daemons[d]->log();
-    return all;
-  };
+  ASSERT_TRUE(start_daemons(D, daemons));
+  auto logs = [&] { return all_logs(daemons); };
 
-  LayerSpec spec;
-  spec.experts = c.experts;
-  spec.model_dim = 16;
-  spec.hidden = 32;
-  spec.k = c.k;
-  spec.capacity_factor = c.f;
+  const LayerSpec spec = small_spec(c.experts, c.k, c.f);
   const int64_t M = spec.model_dim, O = spec.out_dim();
   const std::string body = layer_body(spec, init_seed);
   ref::Params whole;
@@ -334,22 +348,10 @@ TEST_P(ExpertParallelDaemonsInFlight, BackwardsInReverseOrderThenStepMatchTheRef
   const uint64_t init_seed = 1 + rng() % 1'000'000;
 
   std::vector<std::unique_ptr<DaemonProcess>> daemons;
-  for (int d = 0; d < D; ++d) {
-    daemons.push_back(std::make_unique<DaemonProcess>(DaemonOptions{}));
-    ASSERT_TRUE(daemons.back()->start());
-  }
-  auto logs = [&] {
-    std::string all;
-    for (int d = 0; d < D; ++d) all += "--- daemon " + std::to_string(d) + " ---\n" + daemons[d]->log();
-    return all;
-  };
+  ASSERT_TRUE(start_daemons(D, daemons));
+  auto logs = [&] { return all_logs(daemons); };
 
-  LayerSpec spec;
-  spec.experts = c.experts;
-  spec.model_dim = 16;
-  spec.hidden = 32;
-  spec.k = c.k;
-  spec.capacity_factor = c.f;
+  const LayerSpec spec = small_spec(c.experts, c.k, c.f);
   const int64_t M = spec.model_dim, O = spec.out_dim();
   const std::string body = layer_body(spec, init_seed);
   ref::Params whole;
