@@ -46,6 +46,9 @@ struct LocalOp {
 struct Mailbox {
   std::mutex mu;
   std::vector<LocalOp*> sends, recvs;  // unmatched, in posting order
+  // Set when its rank is destroyed: a send to it would never be matched. Checked per send, so
+  // an atomic rather than a lookup in the hub.
+  std::atomic<bool> closed{false};
 };
 
 class LocalHub {

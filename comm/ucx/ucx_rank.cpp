@@ -239,7 +239,10 @@ UcxRank::~UcxRank() {
   }
   if (worker_ != nullptr) ucp_worker_destroy(worker_);
   if (context_ != nullptr) ucp_cleanup(context_);
-  if (mailbox_) local_exchange_->hub().remove(mailbox_id_);
+  if (mailbox_) {
+    mailbox_->closed.store(true, std::memory_order_release);
+    local_exchange_->hub().remove(mailbox_id_);
+  }
 }
 
 Status UcxRank::agree_on_peer_memory(const BootstrapOptions& o) {
@@ -284,8 +287,8 @@ Status UcxRank::post_local_ops(std::span<const Transfer> sends, std::span<const 
   thread_local std::vector<std::unique_ptr<LocalOp>> pool;
   auto post = [&](const Transfer& t, bool is_send) -> Status {
     if (!is_local(t.peer)) return Status::OK();
-    std::shared_ptr<Mailbox> box = is_send ? local_boxes_[t.peer] : mailbox_;
-    if (is_send && !local_exchange_->hub().find(local_ids_[t.peer]))
+    Mailbox& box = is_send ? *local_boxes_[t.peer] : *mailbox_;  // ours keep them alive
+    if (is_send && box.closed.load(std::memory_order_acquire))
       return Status::Unavailable(describe(t.peer) + " (in this process) has left the group");
     if (local.size() == pool.size()) pool.push_back(std::make_unique<LocalOp>());
     LocalOp& op = *pool[local.size()];
@@ -297,7 +300,7 @@ Status UcxRank::post_local_ops(std::span<const Transfer> sends, std::span<const 
     op.bytes = t.bytes;
     op.owner = weak_from_this();
     local.push_back(&op);
-    if (std::shared_ptr<UcxRank> partner = post_local(*box, op).lock()) partner->wake_waiters();
+    if (std::shared_ptr<UcxRank> partner = post_local(box, op).lock()) partner->wake_waiters();
     return Status::OK();
   };
   for (const Transfer& t : recvs) TUTEL_RETURN_IF_ERROR(post(t, false));
