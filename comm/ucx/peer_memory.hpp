@@ -27,13 +27,13 @@
 #include <string>
 #include <vector>
 
+#include "tutel/comm/bootstrap.hpp"
 #include "tutel/core/status.hpp"
 
 namespace tutel::comm::ucx {
 
-// Messages of at least this many bytes are pulled; smaller ones go through UCX (a descriptor
-// and an acknowledgement cost two control messages, more than copying a small message twice).
-inline constexpr size_t kPullMinBytes = size_t{32} << 10;
+// Messages of at least this many bytes are pulled; smaller ones go through UCX.
+inline constexpr size_t kPullMinBytes = kPeerMemoryMinBytes;
 
 // What identifies a process across the ranks of one host.
 struct HostIdentity {

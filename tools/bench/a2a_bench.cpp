@@ -71,7 +71,7 @@ struct Transport {
   // Ranks are threads of one process sharing a LocalExchange: messages are memcpys, and UCX
   // (ucx_tls) carries only the notices of a rank that gives up.
   bool in_process = false;
-  // Forked ranks whose messages of kPullMinBytes and more are pulled from the sender's memory
+  // Forked ranks whose messages of comm::kPeerMemoryMinBytes and more are pulled from the sender's memory
   // (process_vm_readv), UCX carrying descriptors, acknowledgements and the small messages.
   // The other forked transports run with peer memory off: UCX carries everything.
   bool peer_memory = false;
@@ -642,9 +642,6 @@ std::string describe_busy(double busy) {
   return buf;
 }
 
-// comm's threshold for pulling (comm/ucx/peer_memory.hpp, private to comm): the bench states it.
-size_t comm_pull_min_bytes() { return size_t{32} << 10; }
-
 void print_preamble(const Plan& plan, int cores, double busy, size_t llc_bytes) {
   std::printf(
       "tutel-bench a2a: the communicator's all-to-all between ranks on this machine: %d cores, "
@@ -683,7 +680,7 @@ void print_preamble(const Plan& plan, int cores, double busy, size_t llc_bytes) 
       "  target     linear at size >= %s: busbw / p2p (memory: busbw / memcpy one way; peer: busbw / readv one way) >= "
       "%.2f\n"
       "  2dh        %d ranks per node; run where that divides `ranks` into more than one node\n",
-      format_bytes(comm_pull_min_bytes()).c_str(), kP2pWindow, format_bytes(kP2pBytesPerRun).c_str(), kCopiesPerRun,
+      format_bytes(comm::kPeerMemoryMinBytes).c_str(), kP2pWindow, format_bytes(kP2pBytesPerRun).c_str(), kCopiesPerRun,
       format_bytes(kCopyBytesPerRun).c_str(), format_bytes(llc_bytes).c_str(),
       format_bytes(2 * llc_bytes).c_str(), format_bytes(kLargeBytes).c_str(), kTargetRatio,
       kRanksPerNode);

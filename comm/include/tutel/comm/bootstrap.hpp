@@ -13,6 +13,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -24,6 +25,10 @@
 namespace tutel::comm {
 
 class LocalExchange;
+
+// Below this size a message to another process goes through the transport even with peer
+// memory: a descriptor and an acknowledgement cost more than copying a small message twice.
+inline constexpr size_t kPeerMemoryMinBytes = size_t{32} << 10;
 
 struct BootstrapOptions {
   // Where rank 0 listens and everyone else connects: a numeric IPv4 address.
@@ -47,9 +52,9 @@ struct BootstrapOptions {
   // Ranks of this process bootstrapped with the same exchange copy their messages to each
   // other directly (local_exchange.hpp); null: every peer goes through the transport.
   std::shared_ptr<LocalExchange> local_exchange;
-  // Large messages to other processes of this host are copied by the receiver straight out of
-  // the sender's memory (process_vm_readv), where the OS allows it, instead of through the
-  // transport (comm/README.md). false: every message takes the transport.
+  // Large messages (kPeerMemoryMinBytes and more) to other processes of this host are copied by
+  // the receiver straight out of the sender's memory (process_vm_readv), where the OS allows it,
+  // instead of through the transport (comm/README.md). false: every message takes the transport.
   bool peer_memory = true;
   // Non-empty: the coordinator address is a rendezvous service (rendezvous.hpp) shared by many
   // groups, and this names the group there (at most 190 bytes, no '@'; the daemon passes
