@@ -1,5 +1,7 @@
 #include "tutel/core/safetensors.hpp"
 
+#include "tutel/core/shared_memory.hpp"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -38,39 +40,6 @@ constexpr uint64_t kMaxHeaderBytes = uint64_t{100} << 20;
 // cut off before it can make any later recursive walk of the tree expensive.
 constexpr int kMaxJsonDepth = 8;
 constexpr std::string_view kMetadataKey = "__metadata__";
-
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  UniqueFd(UniqueFd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
-  UniqueFd& operator=(UniqueFd&& o) noexcept {
-    if (this != &o) {
-      reset();
-      fd_ = std::exchange(o.fd_, -1);
-    }
-    return *this;
-  }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-  ~UniqueFd() { reset(); }
-
-  int get() const { return fd_; }
-  bool valid() const { return fd_ >= 0; }
-  void reset() noexcept {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-  // Closes now and reports the error, which for a written file can be the first sign of a
-  // failed write-back.
-  int close() noexcept {
-    const int fd = std::exchange(fd_, -1);
-    return (fd >= 0 && ::close(fd) != 0) ? errno : 0;
-  }
-
- private:
-  int fd_ = -1;
-};
 
 std::string errno_text(int err) { return std::generic_category().message(err); }
 

@@ -421,7 +421,7 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
     reply_error(s, rid, Status::InvalidArgument("hello was already sent on this session"));
     return;
   }
-  auto arena = ipc::Arena::create(config_.server.arena_bytes, "tuteld-session");
+  auto arena = ipc::Arena::create(config_.server.arena_bytes);
   if (!arena.ok()) {
     reply_error(s, rid, arena.status());
     return;

@@ -1,5 +1,6 @@
 #include "cpu/cpu_backend.hpp"
 
+#include <fcntl.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -7,6 +8,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <numeric>
 #include <thread>
 #include <vector>
@@ -43,7 +46,31 @@ class CpuBackend final : public Backend {
     if (!p) return Status::ResourceExhausted("cannot allocate " + std::to_string(bytes) + " bytes of host memory");
     return DeviceBuffer(this, p, bytes);
   }
-  void release(void* data, size_t) override { std::free(data); }
+  void release(void* data, size_t) override {
+    {
+      std::lock_guard<std::mutex> lock(shared_mutex_);
+      if (auto it = shared_.find(data); it != shared_.end()) {
+        shared_.erase(it);  // unmaps; other processes keep their own mappings
+        return;
+      }
+    }
+    std::free(data);
+  }
+
+  // A sealed memfd: the other process maps the same pages.
+  Result<ShareableBuffer> allocate_shareable(size_t bytes) override {
+    TUTEL_ASSIGN_OR_RETURN(SharedMemory memory, SharedMemory::create(bytes, "shared device memory"));
+    ShareableBuffer out;
+    out.exported.kind = "host_memfd";
+    out.exported.device_id = "cpu";
+    out.exported.fd.reset(::fcntl(memory.fd(), F_DUPFD_CLOEXEC, 0));
+    if (!out.exported.fd.valid())
+      return Status::ResourceExhausted(std::string("cannot duplicate the shared memory's descriptor: ") + std::strerror(errno));
+    out.buffer = DeviceBuffer(this, memory.data(), bytes);
+    std::lock_guard<std::mutex> lock(shared_mutex_);
+    shared_.emplace(memory.data(), std::move(memory));
+    return out;
+  }
 
   Status copy(void* dst, const void* src, size_t bytes, CopyKind) override {
     if (bytes) std::memcpy(dst, src, bytes);
@@ -100,6 +127,10 @@ class CpuBackend final : public Backend {
   int threads_;
   OneDnnMatmul dnnl_;
   std::vector<int32_t> order_;  // token order scratch for batch-prioritized routing
+  // allocate_shareable()'s mappings by address. Locked because a buffer may be freed from a
+  // thread other than the one running ops (a client's region closes on the event loop).
+  std::mutex shared_mutex_;
+  std::map<void*, SharedMemory> shared_;
 };
 
 Status CpuBackend::gate_forward(const GateForwardArgs& a) {

@@ -89,6 +89,7 @@ class CudaBackend final : public Backend {
   Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override;
   Status fill_zero(TensorView t) override;
   Status synchronize() override;
+  Result<ShareableBuffer> allocate_shareable(size_t bytes) override;
   Status register_host(void* data, size_t bytes) override;
   Status unregister_host(void* data) override;
 
@@ -126,6 +127,12 @@ class CudaBackend final : public Backend {
   DeviceBuffer scratch_, cublas_workspace_;
   uint64_t scratch_epoch_ = 0;  // bumped when scratch_ moves (captured graphs hold its address)
   std::set<const void*> registered_host_;  // register_host() ranges not yet unregistered
+  // allocate_shareable()'s blocks: their own cudaMalloc each (an IPC handle exports a whole
+  // allocation), cudaFree'd on release, never cached by the pool. Locked because a buffer may be
+  // freed from a thread other than the one running ops (a client's region closes on the event
+  // loop).
+  std::mutex shareable_mutex_;
+  std::set<void*> shareable_;
 };
 
 CudaBackend::~CudaBackend() {
@@ -181,7 +188,43 @@ Result<DeviceBuffer> CudaBackend::allocate(size_t bytes) {
 
 void CudaBackend::release(void* data, size_t bytes) {
   (void)activate();
+  {
+    std::lock_guard lock(shareable_mutex_);
+    if (shareable_.erase(data)) {
+      // cudaFree waits for the device; the pages stay alive while another process has them open.
+      (void)cudaFree(data);
+      return;
+    }
+  }
   pool_->release(data, bytes);
+}
+
+Result<ShareableBuffer> CudaBackend::allocate_shareable(size_t bytes) {
+  if (bytes == 0) return Status::InvalidArgument("shared device memory must not be empty");
+  TUTEL_RETURN_IF_ERROR(activate());
+  void* p = nullptr;
+  if (const cudaError_t err = cudaMalloc(&p, bytes); err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return Status::ResourceExhausted("cannot allocate " + std::to_string(bytes) + " bytes of shared memory on cuda:" +
+                                     std::to_string(device_) + ": " + cudaGetErrorString(err));
+  }
+  ShareableBuffer out;
+  out.buffer = DeviceBuffer(this, p, bytes);  // from here on, freed through release()
+  {
+    std::lock_guard lock(shareable_mutex_);
+    shareable_.insert(p);
+  }
+  // cudaMalloc hands back memory this process freed before, possibly another tenant's data.
+  TUTEL_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_));
+  TUTEL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  cudaIpcMemHandle_t handle;
+  TUTEL_CUDA_CHECK(cudaIpcGetMemHandle(&handle, p));
+  char bus_id[32] = {};
+  TUTEL_CUDA_CHECK(cudaDeviceGetPCIBusId(bus_id, sizeof bus_id, device_));
+  out.exported.kind = "cuda_ipc";
+  out.exported.handle.assign(reinterpret_cast<const char*>(&handle), sizeof handle);
+  out.exported.device_id = bus_id;
+  return out;
 }
 
 // Host-to-device copies from pageable memory may be reused once this returns (the runtime

@@ -122,7 +122,7 @@ class FakeDaemon {
             std::lock_guard<std::mutex> lock(mutex_);
             hello_ = *body;
           }
-          auto created = ipc::Arena::create(options_.arena_bytes, "fake-tuteld");
+          auto created = ipc::Arena::create(options_.arena_bytes);
           if (!created.ok()) {
             (void)ipc::send_error(conn.get(), rid, created.status());
             break;

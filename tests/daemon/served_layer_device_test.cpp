@@ -112,7 +112,7 @@ enum class Role { kInferenceX, kTrainingX, kY, kDy, kDx };
 class ClientMemory {
  public:
   ClientMemory() {
-    auto a = ipc::Arena::create(1 << 20, "served-layer-device-test");
+    auto a = ipc::Arena::create(1 << 20);
     EXPECT_TRUE(a.ok()) << a.status();
     arena_ = std::move(a).value();
   }
@@ -457,7 +457,7 @@ TEST(ServedLayerDevice, ArenaRegistrationCoversEveryRankAndSurvivesARefusal) {
     ranks.back()->backend = std::move(d);
   }
   devices[1]->fail_registration(true);
-  auto arena = ipc::Arena::create(1 << 20, "registration-test");
+  auto arena = ipc::Arena::create(1 << 20);
   ASSERT_TRUE(arena.ok()) << arena.status();
   void* const data = arena->data();
   const size_t bytes = arena->layout().data_bytes;

@@ -47,7 +47,7 @@ std::vector<uint8_t> header_page_of(const Arena& a) {
 Result<Arena> attach_dup(const Arena& a) { return Arena::attach(UniqueFd(::dup(a.fd()))); }
 
 TEST(ArenaTest, CreateWritesTheHeaderAndEmptyRings) {
-  Result<Arena> r = Arena::create(kArenaBytes, "tuteld-session-1");
+  Result<Arena> r = Arena::create(kArenaBytes);
   ASSERT_TRUE(r.ok()) << r.status();
   const Arena& a = *r;
   Result<ArenaLayout> want = arena_layout(kArenaBytes);
@@ -83,14 +83,14 @@ TEST(ArenaTest, CreateWritesTheHeaderAndEmptyRings) {
 }
 
 TEST(ArenaTest, CreateRefusesBadSizes) {
-  Result<Arena> tiny = Arena::create(4096, "x");
+  Result<Arena> tiny = Arena::create(4096);
   ASSERT_FALSE(tiny.ok());
   EXPECT_TRUE(contains(tiny.status().message(), "minimum")) << tiny.status();
-  EXPECT_FALSE(Arena::create(uint64_t{1} << 40, "x").ok());
+  EXPECT_FALSE(Arena::create(uint64_t{1} << 40).ok());
 }
 
 TEST(ArenaTest, SealsForbidResizingAndFurtherSeals) {
-  Result<Arena> r = Arena::create(kArenaBytes, "seals");
+  Result<Arena> r = Arena::create(kArenaBytes);
   ASSERT_TRUE(r.ok()) << r.status();
   const int seals = ::fcntl(r->fd(), F_GET_SEALS);
   ASSERT_GE(seals, 0);
@@ -105,7 +105,7 @@ TEST(ArenaTest, SealsForbidResizingAndFurtherSeals) {
 }
 
 TEST(ArenaTest, AttachInAForkedChildSeesTheDaemonsWrites) {
-  Result<Arena> r = Arena::create(kArenaBytes, "fork");
+  Result<Arena> r = Arena::create(kArenaBytes);
   ASSERT_TRUE(r.ok()) << r.status();
   Arena& daemon = *r;
   const char greeting[] = "written by the daemon";
@@ -133,7 +133,7 @@ TEST(ArenaTest, AttachInAForkedChildSeesTheDaemonsWrites) {
 }
 
 TEST(ArenaTest, AttachRefusesAnUnsealedMemfd) {
-  Result<Arena> r = Arena::create(kArenaBytes, "model");
+  Result<Arena> r = Arena::create(kArenaBytes);
   ASSERT_TRUE(r.ok());
   const std::vector<uint8_t> page = header_page_of(*r);
 
@@ -177,7 +177,7 @@ TEST(ArenaTest, AttachRefusesThingsThatAreNotMemfds) {
 }
 
 TEST(ArenaTest, AttachRefusesAWrongSize) {
-  Result<Arena> r = Arena::create(kArenaBytes, "model");
+  Result<Arena> r = Arena::create(kArenaBytes);
   ASSERT_TRUE(r.ok());
   const std::vector<uint8_t> page = header_page_of(*r);
   const int seals = F_SEAL_SHRINK | F_SEAL_GROW;
@@ -206,7 +206,7 @@ TEST(ArenaTest, AttachRefusesAWrongSize) {
 }
 
 TEST(ArenaTest, AttachRefusesACorruptHeader) {
-  Result<Arena> r = Arena::create(kArenaBytes, "corrupt");
+  Result<Arena> r = Arena::create(kArenaBytes);
   ASSERT_TRUE(r.ok());
   auto* h = reinterpret_cast<ArenaHeader*>(r->base());
   const ArenaHeader good = *h;
@@ -239,7 +239,7 @@ TEST(ArenaTest, AttachRefusesACorruptHeader) {
 }
 
 TEST(ArenaTest, MovesTransferTheMapping) {
-  Result<Arena> r = Arena::create(kArenaBytes, "move");
+  Result<Arena> r = Arena::create(kArenaBytes);
   ASSERT_TRUE(r.ok());
   Arena a = std::move(*r);
   uint8_t* base = a.base();
@@ -248,7 +248,7 @@ TEST(ArenaTest, MovesTransferTheMapping) {
   EXPECT_EQ(a.base(), nullptr);  // NOLINT(bugprone-use-after-move)
   EXPECT_EQ(b.base(), base);
   EXPECT_EQ(b.fd(), fd);
-  Result<Arena> other = Arena::create(kArenaBytes, "other");
+  Result<Arena> other = Arena::create(kArenaBytes);
   ASSERT_TRUE(other.ok());
   b = std::move(*other);
   EXPECT_NE(b.base(), nullptr);

@@ -71,7 +71,7 @@ bool push_until(RingProducer<D>& p, const D& d, std::chrono::steady_clock::time_
 class RingTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    Result<Arena> r = Arena::create(kArenaBytes, "ring-test");
+    Result<Arena> r = Arena::create(kArenaBytes);
     ASSERT_TRUE(r.ok()) << r.status();
     arena_ = std::move(*r);
   }

@@ -17,6 +17,7 @@
 #include <string_view>
 #include <vector>
 
+#include "tutel/core/shared_memory.hpp"
 #include "tutel/core/status.hpp"
 #include "tutel/core/tensor.hpp"
 
@@ -43,6 +44,23 @@ class DeviceBuffer {
   Backend* owner_ = nullptr;
   void* data_ = nullptr;
   size_t bytes_ = 0;
+};
+
+// How another process of this host maps memory from Backend::allocate_shareable().
+struct MemoryExport {
+  // "host_memfd": mmap `fd`, a memfd sealed against shrink and grow.
+  // "cuda_ipc": cudaIpcOpenMemHandle on `handle` (a cudaIpcMemHandle_t's bytes) on `device_id`.
+  std::string kind;
+  std::string handle;
+  UniqueFd fd;
+  // The device: "cpu", or the GPU's PCI bus id ("0000:3b:00.0"), which names the same GPU in
+  // every process whatever its CUDA_VISIBLE_DEVICES.
+  std::string device_id;
+};
+
+struct ShareableBuffer {
+  DeviceBuffer buffer;
+  MemoryExport exported;
 };
 
 enum class Activation : uint8_t { kRelu, kGelu, kSilu };
@@ -234,6 +252,13 @@ class Backend {
 
   virtual Status sgd_step(const SgdArgs& a) = 0;
   virtual Status adamw_step(const AdamWArgs& a) = 0;
+
+  // (optional) Memory of this device that other processes of this host can map (zero-copy
+  // submission): at least `bytes`, never recycled into allocate()'s memory (what another process
+  // may still map must never hold this process's later data). Freed like allocate()'s.
+  virtual Result<ShareableBuffer> allocate_shareable(size_t bytes) {
+    return Status::Unimplemented("the " + std::string(name()) + " backend cannot share its memory with other processes");
+  }
 
   // (optional) Registers host memory [data, data + bytes) for fast transfers (page-locked, so
   // copies to and from it run by DMA) until unregister_host(data). The range must stay mapped

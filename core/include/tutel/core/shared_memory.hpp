@@ -1,0 +1,78 @@
+// Memory shared between processes of one host by passing a file descriptor (SCM_RIGHTS), never
+// by a name under /dev/shm: a memfd, sized once and sealed against shrink and grow, so the
+// process that receives it cannot truncate it under the other and crash it with SIGBUS.
+//
+// Used by the session arena (ipc/) and by the CPU backend's shareable memory (kernels/).
+// Thread-safety: values; the mapped memory is shared by design.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "tutel/core/status.hpp"
+
+namespace tutel {
+
+// An owned file descriptor (closed on destruction). Move-only.
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  UniqueFd(UniqueFd&& o) noexcept : fd_(o.release()) {}
+  UniqueFd& operator=(UniqueFd&& o) noexcept;
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+  ~UniqueFd() { reset(); }
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  int release() {
+    const int f = fd_;
+    fd_ = -1;
+    return f;
+  }
+  // Closes the descriptor held (never retried: Linux frees the fd even on EINTR) and holds `fd`.
+  void reset(int fd = -1);
+  // Closes now and returns close()'s errno (0 on success): for a written file, the first sign of
+  // a failed write-back.
+  int close();
+
+ private:
+  int fd_ = -1;
+};
+
+// A memfd mapped MAP_SHARED for reading and writing, unmapped on destruction (the fd is kept, so
+// the memory can be handed to another process). Move-only.
+class SharedMemory {
+ public:
+  SharedMemory() = default;
+  SharedMemory(SharedMemory&& o) noexcept { *this = std::move(o); }
+  SharedMemory& operator=(SharedMemory&& o) noexcept;
+  SharedMemory(const SharedMemory&) = delete;
+  SharedMemory& operator=(const SharedMemory&) = delete;
+  ~SharedMemory();
+
+  // Creates a memfd of `bytes` (> 0; rounded up to whole pages), seals it against shrink, grow
+  // and further seals, and maps it with every page faulted in now rather than on first touch.
+  // `what` names it in error messages and in /proc/<pid>/fd ("session arena").
+  static Result<SharedMemory> create(size_t bytes, std::string_view what);
+  // Maps a memfd received from another process: refuses anything that is not a regular file of
+  // whole pages sealed against shrink and grow. `what` names it in error messages ("the arena
+  // memfd").
+  static Result<SharedMemory> attach(UniqueFd fd, std::string_view what);
+
+  uint8_t* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  int fd() const { return fd_.get(); }
+
+ private:
+  UniqueFd fd_;
+  uint8_t* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// The size of a page of mapped memory.
+size_t page_bytes();
+
+}  // namespace tutel
