@@ -11,6 +11,7 @@ namespace {
 
 using tutel::Status;
 using tutel::client::Client;
+using tutel::client::DeviceRegion;
 using tutel::client::ForwardInfo;
 using tutel::client::Layer;
 using tutel::client::Ticket;
@@ -18,6 +19,7 @@ using tutel::client::Ticket;
 // Magic words catch a released or foreign pointer in the common cases (not all: it is C).
 constexpr uint32_t kClientMagic = 0x494C4354;  // "TCLI"
 constexpr uint32_t kLayerMagic = 0x594C4354;   // "TCLY"
+constexpr uint32_t kRegionMagic = 0x524C4354;  // "TCLR"
 
 thread_local std::string g_last_error;
 
@@ -54,10 +56,16 @@ struct tutel_layer {
   ForwardInfo last;  // of the last forward / infer
 };
 
+struct tutel_region {
+  uint32_t magic = kRegionMagic;
+  std::optional<DeviceRegion> region;
+};
+
 namespace {
 
 bool valid(const tutel_client* c) { return c != nullptr && c->magic == kClientMagic && c->client; }
 bool valid(const tutel_layer* l) { return l != nullptr && l->magic == kLayerMagic && l->layer; }
+bool valid(const tutel_region* r) { return r != nullptr && r->magic == kRegionMagic && r->region; }
 
 int invalid_client(const char* fn) {
   return fail_invalid(std::string(fn) + ": the client is NULL or was closed");
@@ -163,6 +171,82 @@ int tutel_layer_dims(tutel_layer* layer, int64_t* model_dim, int64_t* output_dim
     if (output_dim != nullptr) *output_dim = info.output_dim;
     if (experts != nullptr) *experts = info.experts;
     return TUTEL_OK;
+  });
+}
+
+int tutel_layer_rank(tutel_layer* layer, int* rank) {
+  return guarded("tutel_layer_rank", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_layer_rank");
+    if (rank == nullptr) return fail_invalid("tutel_layer_rank: rank is NULL");
+    *rank = layer->layer->info().rank;
+    return TUTEL_OK;
+  });
+}
+
+int tutel_region_map(tutel_client* client, int rank, uint64_t bytes, tutel_region** out) {
+  return guarded("tutel_region_map", [&] {
+    if (out == nullptr) return fail_invalid("tutel_region_map: out is NULL");
+    *out = nullptr;
+    if (!valid(client)) return invalid_client("tutel_region_map");
+    auto mapped = client->client->map_device_region(rank, bytes);
+    if (!mapped.ok()) return fail(mapped.status());
+    auto* handle = new tutel_region();
+    handle->region.emplace(std::move(mapped).value());
+    *out = handle;
+    return TUTEL_OK;
+  });
+}
+
+int tutel_region_info(tutel_region* region, void** data, uint64_t* bytes, const char** kind, const char** device) {
+  return guarded("tutel_region_info", [&] {
+    if (!valid(region)) return fail_invalid("tutel_region_info: the region is NULL or was unmapped");
+    if (data != nullptr) *data = region->region->data();
+    if (bytes != nullptr) *bytes = region->region->bytes();
+    if (kind != nullptr) *kind = region->region->kind().c_str();
+    if (device != nullptr) *device = region->region->device().c_str();
+    return TUTEL_OK;
+  });
+}
+
+int tutel_region_unmap(tutel_region* region) {
+  if (region == nullptr || region->magic != kRegionMagic) return TUTEL_OK;
+  return guarded("tutel_region_unmap", [&] {
+    region->magic = 0;
+    const Status st = region->region ? region->region->unmap() : Status::OK();
+    delete region;
+    return to_code(st);
+  });
+}
+
+int tutel_forward_device(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux) {
+  return guarded("tutel_forward_device", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_forward_device");
+    ForwardInfo info;
+    if (Status st = layer->layer->forward_device(x, tokens, y, &info); !st.ok()) return fail(st);
+    layer->last = info;
+    if (l_aux != nullptr) *l_aux = info.l_aux;
+    return TUTEL_OK;
+  });
+}
+
+int tutel_infer_device(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux) {
+  return guarded("tutel_infer_device", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_infer_device");
+    ForwardInfo info;
+    if (Status st = layer->layer->infer_device(x, tokens, y, &info); !st.ok()) return fail(st);
+    layer->last = info;
+    if (l_aux != nullptr) *l_aux = info.l_aux;
+    return TUTEL_OK;
+  });
+}
+
+int tutel_backward_device(tutel_layer* layer, const float* dy, float dl_aux, float* dx) {
+  return guarded("tutel_backward_device", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_backward_device");
+    if (layer->layer->pending_backwards() == 0)
+      return fail_invalid("tutel_backward_device: the layer has no training forward waiting for its backward on "
+                          "this handle; call tutel_forward_device first");
+    return to_code(layer->layer->backward_device(layer->layer->oldest_pending_sequence(), dy, dl_aux, dx));
   });
 }
 

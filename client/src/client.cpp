@@ -35,6 +35,15 @@ Result<LayerInfo> layer_info_from(const json& body) {
       TUTEL_ASSIGN_OR_RETURN(*out, ipc::get_int(body, key));
     }
   }
+  if (body.contains("rank")) {
+    TUTEL_ASSIGN_OR_RETURN(const int64_t rank, ipc::get_int(body, "rank"));
+    if (rank < 0 || rank > std::numeric_limits<int>::max())
+      return Status::Corruption("tuteld placed layer '" + info.name + "' on rank " + std::to_string(rank));
+    info.rank = static_cast<int>(rank);
+  }
+  if (body.contains("device")) {
+    TUTEL_ASSIGN_OR_RETURN(info.device, ipc::get_string(body, "device"));
+  }
   if (info.model_dim < 1 || info.output_dim < 1 || info.experts < 1)
     return Status::Corruption("tuteld described layer '" + info.name +
                               "' with non-positive dimensions");
@@ -116,6 +125,15 @@ Result<Layer> Client::attach_layer(std::string_view name) {
   return Layer(std::move(state));
 }
 
+Result<DeviceRegion> Client::map_device_region(int rank, size_t bytes) {
+  if (!session_) return moved_from("Client");
+  if (bytes == 0 || bytes % 4 != 0)
+    return Status::InvalidArgument("a device region needs a positive multiple of 4 bytes (f32 tensors), not " +
+                                   std::to_string(bytes));
+  TUTEL_ASSIGN_OR_RETURN(auto region, session_->map_device_region(rank, bytes));
+  return DeviceRegion(session_, std::move(region));
+}
+
 Result<ForwardInfo> Client::wait(const Ticket& ticket) {
   if (!session_) return moved_from("Client");
   return session_->wait(ticket.request_id);
@@ -142,6 +160,40 @@ Result<uint64_t> Client::transfer_checksum(const void* data, size_t bytes) {
   s.input_name = "data";
   TUTEL_ASSIGN_OR_RETURN(Ticket t, session_->submit(s));
   return session_->wait_checksum(t.request_id);
+}
+
+// ---- DeviceRegion ---------------------------------------------------------------------------
+
+DeviceRegion::DeviceRegion(std::shared_ptr<Session> session, std::shared_ptr<internal::MappedDeviceRegion> region)
+    : session_(std::move(session)), region_(std::move(region)) {}
+DeviceRegion::DeviceRegion(DeviceRegion&&) noexcept = default;
+DeviceRegion& DeviceRegion::operator=(DeviceRegion&& other) noexcept {
+  if (this != &other) {
+    (void)unmap();
+    session_ = std::move(other.session_);
+    region_ = std::move(other.region_);
+  }
+  return *this;
+}
+DeviceRegion::~DeviceRegion() { (void)unmap(); }
+
+void* DeviceRegion::data() const { return region_ ? region_->memory.data() : nullptr; }
+size_t DeviceRegion::bytes() const { return region_ ? region_->bytes : 0; }
+int DeviceRegion::rank() const { return region_ ? region_->rank : -1; }
+const std::string& DeviceRegion::kind() const {
+  static const std::string none;
+  return region_ ? region_->kind : none;
+}
+const std::string& DeviceRegion::device() const {
+  static const std::string none;
+  return region_ ? region_->device : none;
+}
+
+Status DeviceRegion::unmap() {
+  if (!region_) return Status::OK();
+  auto region = std::move(region_);
+  auto session = std::move(session_);
+  return session->unmap_device_region(region);
 }
 
 // ---- Layer ----------------------------------------------------------------------------------
@@ -171,42 +223,44 @@ Status usable(const std::shared_ptr<LayerState>& state) {
   return state->session->broken();
 }
 
-}  // namespace
-
-Result<Ticket> Layer::submit_forward(const float* x, int64_t tokens, float* y, bool training) {
-  TUTEL_RETURN_IF_ERROR(usable(state_));
+// Builds and submits a forward; `in_device_region`: x and y point into a device region.
+Result<Ticket> submit_forward_request(const std::shared_ptr<LayerState>& state, const float* x, int64_t tokens,
+                                      float* y, bool training, bool in_device_region) {
+  TUTEL_RETURN_IF_ERROR(usable(state));
   if (x == nullptr || y == nullptr)
     return Status::InvalidArgument("forward: x and y must not be null");
   Submission s;
   s.op = ipc::Op::kForward;
   s.flags = training ? uint32_t{ipc::kFlagTraining} : uint32_t{0};
-  s.layer = state_;
+  s.layer = state;
   s.tokens = tokens;
   s.input = x;
   s.output = y;
-  TUTEL_ASSIGN_OR_RETURN(s.input_bytes, tensor_bytes(tokens, state_->info.model_dim, "x"));
-  TUTEL_ASSIGN_OR_RETURN(s.output_bytes, tensor_bytes(tokens, state_->info.output_dim, "y"));
+  s.in_device_region = in_device_region;
+  TUTEL_ASSIGN_OR_RETURN(s.input_bytes, tensor_bytes(tokens, state->info.model_dim, "x"));
+  TUTEL_ASSIGN_OR_RETURN(s.output_bytes, tensor_bytes(tokens, state->info.output_dim, "y"));
   // Sequences are unique in the session, so two handles on one layer never collide.
-  if (training) s.sequence = state_->session->next_sequence();
-  TUTEL_ASSIGN_OR_RETURN(Ticket t, state_->session->submit(s));
-  if (training) state_->pending.emplace(t.sequence, tokens);
+  if (training) s.sequence = state->session->next_sequence();
+  TUTEL_ASSIGN_OR_RETURN(Ticket t, state->session->submit(s));
+  if (training) state->pending.emplace(t.sequence, tokens);
   return t;
 }
 
-Result<Ticket> Layer::submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
-  TUTEL_RETURN_IF_ERROR(usable(state_));
+Result<Ticket> submit_backward_request(const std::shared_ptr<LayerState>& state, uint64_t sequence,
+                                       const float* dy, float dl_aux, float* dx, bool in_device_region) {
+  TUTEL_RETURN_IF_ERROR(usable(state));
   if (dy == nullptr || dx == nullptr)
     return Status::InvalidArgument("backward: dy and dx must not be null");
-  auto pending = state_->pending.find(sequence);
-  if (pending == state_->pending.end()) {
+  auto pending = state->pending.find(sequence);
+  if (pending == state->pending.end()) {
     return Status::InvalidArgument(
         "backward: no training forward with sequence " + std::to_string(sequence) +
-        " waits for its backward on this handle of layer '" + state_->info.name +
+        " waits for its backward on this handle of layer '" + state->info.name +
         "' (already backwarded, failed, or submitted through another handle)");
   }
   Submission s;
   s.op = ipc::Op::kBackward;
-  s.layer = state_;
+  s.layer = state;
   s.sequence = sequence;
   s.tokens = pending->second;
   s.input = dy;
@@ -214,11 +268,49 @@ Result<Ticket> Layer::submit_backward(uint64_t sequence, const float* dy, float 
   s.dl_aux = dl_aux;
   s.input_name = "dy";
   s.output_name = "dx";
-  TUTEL_ASSIGN_OR_RETURN(s.input_bytes, tensor_bytes(s.tokens, state_->info.output_dim, "dy"));
-  TUTEL_ASSIGN_OR_RETURN(s.output_bytes, tensor_bytes(s.tokens, state_->info.model_dim, "dx"));
-  TUTEL_ASSIGN_OR_RETURN(Ticket t, state_->session->submit(s));
-  state_->pending.erase(sequence);
+  s.in_device_region = in_device_region;
+  TUTEL_ASSIGN_OR_RETURN(s.input_bytes, tensor_bytes(s.tokens, state->info.output_dim, "dy"));
+  TUTEL_ASSIGN_OR_RETURN(s.output_bytes, tensor_bytes(s.tokens, state->info.model_dim, "dx"));
+  TUTEL_ASSIGN_OR_RETURN(Ticket t, state->session->submit(s));
+  state->pending.erase(sequence);
   return t;
+}
+
+}  // namespace
+
+Result<Ticket> Layer::submit_forward(const float* x, int64_t tokens, float* y, bool training) {
+  return submit_forward_request(state_, x, tokens, y, training, false);
+}
+
+Result<Ticket> Layer::submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
+  return submit_backward_request(state_, sequence, dy, dl_aux, dx, false);
+}
+
+Result<Ticket> Layer::submit_forward_device(const float* x, int64_t tokens, float* y, bool training) {
+  return submit_forward_request(state_, x, tokens, y, training, true);
+}
+
+Result<Ticket> Layer::submit_backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
+  return submit_backward_request(state_, sequence, dy, dl_aux, dx, true);
+}
+
+Status Layer::forward_device(const float* x, int64_t tokens, float* y, ForwardInfo* info) {
+  TUTEL_ASSIGN_OR_RETURN(Ticket t, submit_forward_device(x, tokens, y, true));
+  TUTEL_ASSIGN_OR_RETURN(ForwardInfo got, state_->session->wait(t.request_id));
+  if (info != nullptr) *info = got;
+  return Status::OK();
+}
+
+Status Layer::infer_device(const float* x, int64_t tokens, float* y, ForwardInfo* info) {
+  TUTEL_ASSIGN_OR_RETURN(Ticket t, submit_forward_device(x, tokens, y, false));
+  TUTEL_ASSIGN_OR_RETURN(ForwardInfo got, state_->session->wait(t.request_id));
+  if (info != nullptr) *info = got;
+  return Status::OK();
+}
+
+Status Layer::backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
+  TUTEL_ASSIGN_OR_RETURN(Ticket t, submit_backward_device(sequence, dy, dl_aux, dx));
+  return state_->session->wait(t.request_id).status();
 }
 
 Status Layer::forward(const float* x, int64_t tokens, float* y, ForwardInfo* info) {

@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <utility>
 
 #include "tutel/ipc/json_body.hpp"
@@ -136,11 +137,16 @@ Status Session::fail(Status st) {
 void Session::close(const Status& why) {
   if (broken_.ok()) broken_ = why;
   in_flight_.clear();  // their buffers belong to the user: nothing is written into them any more
+  // The daemon frees its side when the session ends; DeviceRegion handles still held see
+  // data() == nullptr from now on.
+  for (auto& [id, region] : device_regions_) region->memory.reset();
+  device_regions_.clear();
   fd_.reset();
   arena_.reset();
 }
 
-Result<json> Session::call(ipc::FrameType type, const json& body, ipc::FrameType expected) {
+Result<json> Session::call(ipc::FrameType type, const json& body, ipc::FrameType expected,
+                           std::vector<UniqueFd>* fds) {
   if (!broken_.ok()) return broken_;
   const std::string what(ipc::frame_type_name(type));
   const uint32_t rid = next_frame_id_++;
@@ -165,7 +171,10 @@ Result<json> Session::call(ipc::FrameType type, const json& body, ipc::FrameType
     }
     const uint32_t got = frame->header.request_id;
     const auto got_type = static_cast<ipc::FrameType>(frame->header.type);
-    if (got == rid) return ipc::reply_body(*frame, expected);
+    if (got == rid) {
+      if (fds != nullptr) *fds = std::move(frame->fds);
+      return ipc::reply_body(*frame, expected);
+    }
     if (got == 0 && got_type == ipc::FrameType::kError) {
       // An error about the connection itself; the daemon closes it next.
       auto st = ipc::reply_body(*frame, expected);
@@ -176,8 +185,72 @@ Result<json> Session::call(ipc::FrameType type, const json& body, ipc::FrameType
   }
 }
 
+Result<std::shared_ptr<MappedDeviceRegion>> Session::map_device_region(int rank, uint64_t bytes) {
+  if (!broken_.ok()) return broken_;
+  std::vector<UniqueFd> fds;
+  TUTEL_ASSIGN_OR_RETURN(json reply, call(ipc::FrameType::kMapRegion, {{"rank", rank}, {"bytes", bytes}},
+                                          ipc::FrameType::kOk, &fds));
+  auto region = std::make_shared<MappedDeviceRegion>();
+  TUTEL_ASSIGN_OR_RETURN(const int64_t id, ipc::get_int(reply, "region"));
+  TUTEL_ASSIGN_OR_RETURN(const int64_t got_bytes, ipc::get_int(reply, "bytes"));
+  TUTEL_ASSIGN_OR_RETURN(region->kind, ipc::get_string(reply, "kind"));
+  TUTEL_ASSIGN_OR_RETURN(region->device, ipc::get_string(reply, "device"));
+  if (id < 1 || id > std::numeric_limits<uint32_t>::max() || got_bytes != static_cast<int64_t>(bytes))
+    return Status::Corruption("tuteld described the mapped device region as region " + std::to_string(id) + " of " +
+                              std::to_string(got_bytes) + " bytes (asked for " + std::to_string(bytes) + ")");
+  region->id = static_cast<uint32_t>(id);
+  region->rank = rank;
+  region->bytes = bytes;
+  std::string handle;
+  if (reply.contains("handle")) {
+    TUTEL_ASSIGN_OR_RETURN(const std::string hex, ipc::get_string(reply, "handle"));
+    TUTEL_ASSIGN_OR_RETURN(handle, parse_hex(hex, "the region's handle"));
+  }
+  Result<ImportedMemory> memory = ImportedMemory::open(region->kind, handle, fds.empty() ? UniqueFd() : std::move(fds[0]),
+                                                       region->device, bytes);
+  if (!memory.ok()) {
+    // The daemon holds it for nothing: give it back (a failure here only leaves it to the
+    // session's end).
+    (void)call(ipc::FrameType::kUnmapRegion, {{"region", id}}, ipc::FrameType::kOk);
+    return memory.status().with_context("mapping device region " + std::to_string(id));
+  }
+  region->memory = std::move(*memory);
+  device_regions_.emplace(region->id, region);
+  return region;
+}
+
+Status Session::unmap_device_region(const std::shared_ptr<MappedDeviceRegion>& region) {
+  auto it = device_regions_.find(region->id);
+  if (it == device_regions_.end() || it->second != region) return Status::OK();  // the session already ended
+  // Requests in flight may address it; they complete first.
+  Status st = drain();
+  device_regions_.erase(it);
+  region->memory.reset();
+  if (!st.ok()) return st;
+  return call(ipc::FrameType::kUnmapRegion, {{"region", region->id}}, ipc::FrameType::kOk).status();
+}
+
+Result<std::pair<uint32_t, uint64_t>> Session::locate(const void* data, uint64_t bytes, const char* name) const {
+  const auto p = reinterpret_cast<uintptr_t>(data);
+  for (const auto& [id, region] : device_regions_) {
+    const auto begin = reinterpret_cast<uintptr_t>(region->memory.data());
+    if (p < begin || p - begin >= region->bytes) continue;
+    const uint64_t offset = p - begin;
+    if (bytes > region->bytes - offset)
+      return Status::OutOfRange(std::string(name) + " (" + std::to_string(bytes) + " bytes at offset " +
+                                std::to_string(offset) + ") runs past the end of device region " +
+                                std::to_string(id) + " (" + std::to_string(region->bytes) + " bytes)");
+    return std::make_pair(id, offset);
+  }
+  return Status::InvalidArgument(std::string(name) +
+                                 " does not point into a device region of this client; map one with "
+                                 "Client::map_device_region and put the tensors there, or use the call without "
+                                 "_device");
+}
+
 Result<Ticket> Session::submit(const Submission& s) {
   if (!broken_.ok()) return broken_;
+  if (s.in_device_region) return submit_in_device_region(s);
   const bool has_data = s.op != ipc::Op::kNop;
   if (has_data) {
     const uint64_t need = DataRegion::rounded(s.input_bytes) + DataRegion::rounded(s.output_bytes);
@@ -239,6 +312,39 @@ Result<Ticket> Session::submit(const Submission& s) {
                                    std::to_string(in_flight_.size()) +
                                    " requests in flight (its indices were corrupted)"));
   }
+  in_flight_.emplace(d.request_id, std::move(r));
+  return Ticket{d.request_id, s.sequence};
+}
+
+Result<Ticket> Session::submit_in_device_region(const Submission& s) {
+  TUTEL_ASSIGN_OR_RETURN(const auto in, locate(s.input, s.input_bytes, s.input_name));
+  TUTEL_ASSIGN_OR_RETURN(const auto out, locate(s.output, s.output_bytes, s.output_name));
+  if (in.first != out.first)
+    return Status::InvalidArgument(std::string(s.input_name) + " is in device region " + std::to_string(in.first) +
+                                   " and " + s.output_name + " in region " + std::to_string(out.first) +
+                                   "; a request's tensors must share one region");
+  while (in_flight_.size() >= ipc::kRingSlots) TUTEL_RETURN_IF_ERROR(complete_one());
+  InFlight r;
+  r.op = s.op;
+  r.layer = s.layer;
+  r.sequence = s.sequence;
+  r.training = s.op == ipc::Op::kForward && (s.flags & ipc::kFlagTraining) != 0;
+  ipc::RequestDescriptor d{};
+  d.request_id = next_request_id_++;
+  d.op = static_cast<uint32_t>(s.op);
+  d.flags = s.flags | ipc::kFlagDeviceRegion;
+  d.region = in.first;
+  d.layer_handle = s.layer ? s.layer->info.handle : 0;
+  d.sequence = s.sequence;
+  d.tokens = s.tokens;
+  d.input_offset = in.second;
+  d.input_bytes = s.input_bytes;
+  d.output_offset = out.second;
+  d.output_bytes = s.output_bytes;
+  d.dl_aux = s.dl_aux;
+  if (!requests_.try_push(d))
+    return fail(Status::Corruption("the request ring is full with " + std::to_string(in_flight_.size()) +
+                                   " requests in flight (its indices were corrupted)"));
   in_flight_.emplace(d.request_id, std::move(r));
   return Ticket{d.request_id, s.sequence};
 }

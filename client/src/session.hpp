@@ -11,8 +11,11 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "data_region.hpp"
+#include "region_import.hpp"
 #include "tutel/client.hpp"
 #include "tutel/core/status.hpp"
 #include "tutel/ipc/arena.hpp"
@@ -30,6 +33,15 @@ struct LayerState {
   bool destroyed = false;
 };
 
+// A device region this client maps (Client::map_device_region).
+struct MappedDeviceRegion {
+  uint32_t id = 0;
+  int rank = 0;
+  uint64_t bytes = 0;
+  std::string kind, device;
+  ImportedMemory memory;
+};
+
 // A data-path request, as Layer builds it.
 struct Submission {
   ipc::Op op = ipc::Op::kNop;
@@ -44,6 +56,8 @@ struct Submission {
   float dl_aux = 0.f;
   const char* input_name = "x";  // for messages
   const char* output_name = "y";
+  // The input and output point into one of the session's device regions, not user memory.
+  bool in_device_region = false;
 };
 
 class Session {
@@ -54,9 +68,15 @@ class Session {
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
-  // A control request and its reply's body; kError replies become their Status.
+  // A control request and its reply's body; kError replies become their Status. The reply's
+  // descriptors go to `fds` when given, else they are closed.
   Result<nlohmann::json> call(ipc::FrameType type, const nlohmann::json& body,
-                              ipc::FrameType expected);
+                              ipc::FrameType expected, std::vector<UniqueFd>* fds = nullptr);
+
+  // Maps a device region on the daemon's `rank` (kMapRegion) and here.
+  Result<std::shared_ptr<MappedDeviceRegion>> map_device_region(int rank, uint64_t bytes);
+  // Drains the requests in flight, then unmaps the region here and in the daemon.
+  Status unmap_device_region(const std::shared_ptr<MappedDeviceRegion>& region);
 
   // Copies the input into the arena and pushes the descriptor; waits for room (ring slots or
   // data-region space) when needed.
@@ -100,6 +120,7 @@ class Session {
   Result<Finished> wait_finished(uint64_t request_id);
 
   Status hello(const ClientOptions& options);
+  Result<Ticket> submit_in_device_region(const Submission& s);
   // Pops and handles one completion, waiting at most until the request timeout.
   Status complete_one();
   void finish(uint64_t request_id, InFlight& r, const ipc::CompletionDescriptor& c);
@@ -107,6 +128,9 @@ class Session {
   bool peer_gone();  // polls the control socket for EOF, at most once per liveness interval
   Status lost(const std::string& detail);
   Status fail(Status st);  // marks the session broken with `st` and returns it
+  // The device region holding [data, data + bytes) and the offset of `data` in it, or an error
+  // naming `name` ("x").
+  Result<std::pair<uint32_t, uint64_t>> locate(const void* data, uint64_t bytes, const char* name) const;
 
   std::string socket_path_;
   ClientOptions options_;
@@ -122,6 +146,7 @@ class Session {
   uint64_t next_request_id_ = 1;
   uint64_t next_sequence_ = 1;
   std::map<uint64_t, InFlight> in_flight_;
+  std::map<uint32_t, std::shared_ptr<MappedDeviceRegion>> device_regions_;
   std::map<uint64_t, Finished> finished_;
   std::chrono::steady_clock::time_point last_liveness_check_{};
   Status broken_;

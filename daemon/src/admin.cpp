@@ -114,6 +114,7 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
                            {"memory_bytes", registry_->memory_bytes(t.name)},
                            {"activation_bytes", registry_->activation_bytes(t.name)},
                            {"pending_bytes", registry_->pending_bytes(t.name)},
+                           {"region_bytes", registry_->tenant_memory(t.name)->region_bytes()},
                            {"max_memory_bytes", t.max_memory_bytes},
                            {"inflight", registry_->inflight(t.name)},
                            {"max_inflight", t.max_inflight}});

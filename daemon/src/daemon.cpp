@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <limits>
 
 #include "daemon_impl.hpp"
 #include "tutel/comm/local_exchange.hpp"
@@ -47,7 +48,23 @@ json layer_info(const LayerRef& ref) {
   const LayerSpec& s = ref.layer->definition().spec;
   return {{"handle", ref.handle},         {"name", ref.layer->name()},   {"experts", s.experts},
           {"model_dim", s.model_dim},     {"hidden", s.hidden},          {"output_dim", s.out_dim()},
-          {"k", s.k},                     {"step", ref.layer->step_count()}};
+          {"k", s.k},                     {"step", ref.layer->step_count()},
+          {"rank", ref.layer->rank_index()}, {"device", ref.layer->device().to_string()}};
+}
+
+// The reply to kMapRegion: what the client needs to map the region (docs/protocol.md §7).
+json region_info(const MappedRegion& m) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string handle;
+  for (const unsigned char c : m.exported.handle) {
+    handle += kHex[c >> 4];
+    handle += kHex[c & 15];
+  }
+  json body{{"region", m.region->id()},         {"bytes", m.region->bytes()},
+            {"rank", m.region->rank_index()},   {"kind", m.exported.kind},
+            {"device", m.exported.device_id}};
+  if (!handle.empty()) body["handle"] = handle;
+  return body;
 }
 
 }  // namespace
@@ -331,6 +348,8 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
   // Everything below touches layers: it runs on the thread pool so the loop keeps serving.
   auto result = std::make_shared<Result<json>>(Status::Internal("not run"));
   auto reply_type = std::make_shared<ipc::FrameType>(ipc::FrameType::kOk);
+  // A descriptor the reply carries (a region's memfd), closed once sent.
+  auto reply_fd = std::make_shared<ipc::UniqueFd>();
   const std::string tenant = s->tenant;
   const json b = *body;
   std::function<Result<json>()> op;
@@ -394,6 +413,32 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         return json{{"path", path}};
       };
       break;
+    case ipc::FrameType::kMapRegion:
+      op_name = "map_region";
+      op = [this, s, tenant, b, reply_fd]() -> Result<json> {
+        TUTEL_ASSIGN_OR_RETURN(int64_t rank, ipc::get_int(b, "rank"));
+        TUTEL_ASSIGN_OR_RETURN(int64_t bytes, ipc::get_int(b, "bytes"));
+        if (rank < 0 || rank >= static_cast<int64_t>(ranks_.size()))
+          return Status::InvalidArgument("rank " + std::to_string(rank) + " does not exist; this daemon has ranks 0 to " +
+                                         std::to_string(ranks_.size() - 1) + " (a layer's rank is in its LayerInfo)");
+        if (bytes < 1) return Status::InvalidArgument("a device region needs bytes >= 1, not " + std::to_string(bytes));
+        TUTEL_ASSIGN_OR_RETURN(MappedRegion mapped, s->regions.map(*ranks_[static_cast<size_t>(rank)],
+                                                                   static_cast<uint64_t>(bytes),
+                                                                   registry_->tenant_memory(tenant)));
+        *reply_fd = std::move(mapped.exported.fd);
+        return region_info(mapped);
+      };
+      break;
+    case ipc::FrameType::kUnmapRegion:
+      op_name = "unmap_region";
+      op = [s, b]() -> Result<json> {
+        TUTEL_ASSIGN_OR_RETURN(int64_t region, ipc::get_int(b, "region"));
+        if (region < 1 || region > std::numeric_limits<uint32_t>::max())
+          return Status::NotFound("this session maps no device region " + std::to_string(region));
+        TUTEL_RETURN_IF_ERROR(s->regions.unmap(static_cast<uint32_t>(region)));
+        return json::object();
+      };
+      break;
     default:
       reply_error(s, rid, Status::InvalidArgument("frame type " + std::string(ipc::frame_type_name(type)) +
                                                   " is not a client request (admin frames go to the admin socket)"));
@@ -401,7 +446,7 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
   }
   const auto started = std::chrono::steady_clock::now();
   offload([op, result] { *result = op(); },
-          [this, s, rid, result, reply_type, op_name, tenant, b, started] {
+          [this, s, rid, result, reply_type, reply_fd, op_name, tenant, b, started] {
             const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
             // Name the layer in the metrics: requests carry a name (create, attach) or a handle.
             std::string layer;
@@ -409,7 +454,8 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
             else if (auto h = handle_of(b); h.ok())
               if (auto ref = registry_->find(tenant, *h); ref.ok()) layer = ref->layer->name();
             metrics_.record_request(tenant, layer, op_name, result->ok(), secs);
-            if (result->ok()) reply(s, *reply_type, rid, result->value());
+            if (result->ok() && reply_fd->valid()) reply(s, *reply_type, rid, result->value(), {reply_fd->get()});
+            else if (result->ok()) reply(s, *reply_type, rid, result->value());
             else reply_error(s, rid, result->status());
             finish_frame(s);
           });
@@ -469,6 +515,7 @@ void DaemonImpl::close_session(const std::shared_ptr<Session>& s) {
   offload([this, s] {
             if (s->worker.joinable()) s->worker.join();
             s->pinned.reset();
+            s->regions.clear();
             for (const LayerRef& ref : registry_->all()) ref.layer->drop_pending(s->id);
           },
           [this, s] {

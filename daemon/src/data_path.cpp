@@ -17,8 +17,18 @@ void set_message(ipc::CompletionDescriptor& c, const Status& st) {
   c.message[n] = '\0';
 }
 
-// The ranges a request reads and writes, in bytes, both inside the data region and disjoint.
-Status check_ranges(const ipc::ArenaLayout& layout, const ipc::RequestDescriptor& d, uint64_t in_bytes,
+// Where a request's tensors live: the session's arena (its data region), or one of its device
+// regions. Offsets are relative to `base`; every range must lie in [begin, end).
+struct RequestMemory {
+  uint8_t* base = nullptr;
+  uint64_t begin = 0, end = 0;
+  const char* where = "the arena's data region";
+  ClientMemory kind = ClientMemory::kHost;
+  std::shared_ptr<const DeviceRegion> region;  // held until the request completes
+};
+
+// The ranges a request reads and writes, in bytes, both inside its memory and disjoint.
+Status check_ranges(const RequestMemory& mem, const ipc::RequestDescriptor& d, uint64_t in_bytes,
                     uint64_t out_bytes, const char* in_name, const char* out_name) {
   if (d.input_bytes != in_bytes)
     return Status::InvalidArgument(std::string(in_name) + " has " + std::to_string(d.input_bytes) + " bytes; " +
@@ -26,11 +36,38 @@ Status check_ranges(const ipc::ArenaLayout& layout, const ipc::RequestDescriptor
   if (d.output_bytes != out_bytes)
     return Status::InvalidArgument(std::string(out_name) + " has " + std::to_string(d.output_bytes) + " bytes; " +
                                    std::to_string(d.tokens) + " tokens need " + std::to_string(out_bytes));
-  TUTEL_RETURN_IF_ERROR(ipc::check_data_range(layout, d.input_offset, d.input_bytes, in_name));
-  TUTEL_RETURN_IF_ERROR(ipc::check_data_range(layout, d.output_offset, d.output_bytes, out_name));
+  TUTEL_RETURN_IF_ERROR(ipc::check_range(mem.begin, mem.end, d.input_offset, d.input_bytes, in_name, mem.where));
+  TUTEL_RETURN_IF_ERROR(ipc::check_range(mem.begin, mem.end, d.output_offset, d.output_bytes, out_name, mem.where));
   if (d.input_offset < d.output_offset + d.output_bytes && d.output_offset < d.input_offset + d.input_bytes)
-    return Status::InvalidArgument(std::string(in_name) + " and " + out_name + " overlap in the arena; use separate buffers");
+    return Status::InvalidArgument(std::string(in_name) + " and " + out_name + " overlap in " + mem.where +
+                                   "; use separate buffers");
   return Status::OK();
+}
+
+// The memory request `d` addresses: the arena, or the device region it names, which must be on
+// the layer's device.
+Result<RequestMemory> request_memory(const Session& s, const ipc::RequestDescriptor& d, const ServedLayer& layer) {
+  RequestMemory mem;
+  if ((d.flags & ipc::kFlagDeviceRegion) == 0) {
+    const ipc::ArenaLayout& layout = s.arena->layout();
+    mem.base = s.arena->base();
+    mem.begin = layout.data_offset;
+    mem.end = layout.data_offset + layout.data_bytes;
+    return mem;
+  }
+  TUTEL_ASSIGN_OR_RETURN(mem.region, s.regions.find(d.region));
+  if (mem.region->device() != layer.device())
+    return Status::InvalidArgument("device region " + std::to_string(d.region) + " is on " +
+                                   mem.region->device().to_string() + " (rank " +
+                                   std::to_string(mem.region->rank_index()) + ") but layer '" + layer.name() +
+                                   "' runs on " + layer.device().to_string() +
+                                   "; map a region on the layer's rank (LayerInfo's rank)");
+  mem.base = mem.region->data();
+  mem.begin = 0;
+  mem.end = mem.region->bytes();
+  mem.where = "the device region";
+  mem.kind = ClientMemory::kDevice;
+  return mem;
 }
 
 // The sum of the range's 32-bit words, mod 2^64 (check_data_range guarantees 4-byte alignment).
@@ -83,10 +120,15 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
     if (d.op == uint32_t(ipc::Op::kNop)) {
       // An empty request: measures the round trip.
     } else if (d.op == uint32_t(ipc::Op::kChecksum)) {
-      st = ipc::check_data_range(layout, d.input_offset, d.input_bytes, "input");
+      st = (d.flags & ipc::kFlagDeviceRegion) != 0
+               ? Status::InvalidArgument("checksum reads the arena only; clear the device-region flag")
+               : ipc::check_data_range(layout, d.input_offset, d.input_bytes, "input");
       if (st.ok()) c.checksum = word_sum(base + d.input_offset, d.input_bytes);
     } else if (d.op != uint32_t(ipc::Op::kForward) && d.op != uint32_t(ipc::Op::kBackward)) {
       st = Status::InvalidArgument("unknown op " + std::to_string(d.op) + " (1 = forward, 2 = backward, 3 = checksum)");
+    } else if ((d.flags & ~ipc::kKnownRequestFlags) != 0) {
+      st = Status::InvalidArgument("unknown request flags " + std::to_string(d.flags & ~ipc::kKnownRequestFlags) +
+                                   " (1 = training, 2 = device region); upgrade the daemon or fix the client");
     } else if (auto ref = registry_->find(s->tenant, d.layer_handle); !ref.ok()) {
       st = ref.status();
     } else if (!registry_->try_begin_request(s->tenant)) {
@@ -96,14 +138,17 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
       layer_name = layer.name();
       const LayerSpec& spec = layer.definition().spec;
       const uint64_t M = spec.model_dim, O = spec.out_dim();
-      if (d.tokens < 1 || d.tokens > (int64_t{1} << 30) / spec.k) {
+      Result<RequestMemory> mem = request_memory(*s, d, layer);
+      if (!mem.ok()) {
+        st = mem.status();
+      } else if (d.tokens < 1 || d.tokens > (int64_t{1} << 30) / spec.k) {
         st = Status::InvalidArgument("tokens = " + std::to_string(d.tokens) + " is out of range");
       } else if (d.op == uint32_t(ipc::Op::kForward)) {
-        st = check_ranges(layout, d, d.tokens * M * 4, d.tokens * O * 4, "x", "y");
+        st = check_ranges(*mem, d, d.tokens * M * 4, d.tokens * O * 4, "x", "y");
         if (st.ok()) {
-          auto out = layer.forward(reinterpret_cast<const float*>(base + d.input_offset), d.tokens,
-                                   reinterpret_cast<float*>(base + d.output_offset),
-                                   (d.flags & ipc::kFlagTraining) != 0, s->id, d.sequence);
+          auto out = layer.forward(reinterpret_cast<const float*>(mem->base + d.input_offset), d.tokens,
+                                   reinterpret_cast<float*>(mem->base + d.output_offset),
+                                   (d.flags & ipc::kFlagTraining) != 0, s->id, d.sequence, mem->kind);
           if (out.ok()) {
             c.l_aux = out->stats.l_aux;
             c.capacity = out->stats.capacity;
@@ -116,10 +161,10 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
           }
         }
       } else {
-        st = check_ranges(layout, d, d.tokens * O * 4, d.tokens * M * 4, "dy", "dx");
+        st = check_ranges(*mem, d, d.tokens * O * 4, d.tokens * M * 4, "dy", "dx");
         if (st.ok())
-          st = layer.backward(reinterpret_cast<const float*>(base + d.input_offset), d.tokens, d.dl_aux,
-                              reinterpret_cast<float*>(base + d.output_offset), s->id, d.sequence);
+          st = layer.backward(reinterpret_cast<const float*>(mem->base + d.input_offset), d.tokens, d.dl_aux,
+                              reinterpret_cast<float*>(mem->base + d.output_offset), s->id, d.sequence, mem->kind);
       }
       registry_->end_request(s->tenant);
       if (layer.definition().group)

@@ -146,6 +146,11 @@ uint64_t Registry::pending_bytes(const std::string& tenant) const {
   return tenants_.at(tenant).memory->pending_bytes();
 }
 
+std::shared_ptr<TenantMemory> Registry::tenant_memory(const std::string& tenant) const {
+  std::lock_guard lock(mutex_);
+  return tenants_.at(tenant).memory;
+}
+
 int64_t Registry::layer_count(const std::string& tenant) const {
   std::lock_guard lock(mutex_);
   return static_cast<int64_t>(tenants_.at(tenant).layers_by_name.size());

@@ -242,31 +242,31 @@ void ServedLayer::recycle(std::unique_ptr<Pending> pending) {
   if (recycled_.size() < kMaxRecycled && !memory_->over_quota()) recycled_.push_back(std::move(pending));
 }
 
-Result<TensorView> ServedLayer::stage_in(const float* host, Shape shape, DeviceBuffer& buf) {
+Result<TensorView> ServedLayer::stage_in(const float* in, Shape shape, DeviceBuffer& buf, ClientMemory memory) {
   Backend& b = activations();
-  if (!stages_host_memory())
-    return TensorView(const_cast<float*>(host), DType::kF32, shape, b.device());
+  if (!stages(memory)) return TensorView(const_cast<float*>(in), DType::kF32, shape, b.device());
   const size_t bytes = static_cast<size_t>(shape.numel()) * 4;
   TUTEL_RETURN_IF_ERROR(grow(b, buf, bytes));
-  TUTEL_RETURN_IF_ERROR(b.copy(buf.data(), host, bytes, CopyKind::kHostToDevice));
+  TUTEL_RETURN_IF_ERROR(b.copy(buf.data(), in, bytes, CopyKind::kHostToDevice));
   return TensorView(buf.data(), DType::kF32, shape, b.device());
 }
 
-Result<TensorView> ServedLayer::stage_out(float* host, Shape shape, DeviceBuffer& buf) {
+Result<TensorView> ServedLayer::stage_out(float* out, Shape shape, DeviceBuffer& buf, ClientMemory memory) {
   Backend& b = activations();
-  if (!stages_host_memory()) return TensorView(host, DType::kF32, shape, b.device());
+  if (!stages(memory)) return TensorView(out, DType::kF32, shape, b.device());
   TUTEL_RETURN_IF_ERROR(grow(b, buf, static_cast<size_t>(shape.numel()) * 4));
   return TensorView(buf.data(), DType::kF32, shape, b.device());
 }
 
-Status ServedLayer::unstage_out(float* host, const TensorView& out) {
-  if (!stages_host_memory()) return Status::OK();
-  // Returns once the host has the data: the client may read it as soon as it is told.
-  return backend().copy(host, out.data(), out.nbytes(), CopyKind::kDeviceToHost);
+Status ServedLayer::unstage_out(float* out, const TensorView& result, ClientMemory memory) {
+  // The client may read the result as soon as it is told: on the host (copied back, which
+  // returns once the host has it) or on the device (every op that writes it has finished).
+  if (stages(memory)) return backend().copy(out, result.data(), result.nbytes(), CopyKind::kDeviceToHost);
+  return memory == ClientMemory::kDevice ? backend().synchronize() : Status::OK();
 }
 
 Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float* y, bool training,
-                                           uint64_t owner, uint64_t sequence) {
+                                           uint64_t owner, uint64_t sequence, ClientMemory memory) {
   const LayerSpec& s = def_.spec;
   const int64_t M = s.model_dim, O = s.out_dim();
   std::lock_guard lock(mutex_);
@@ -307,12 +307,14 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
         // staging too, on the CPU backend the only copy the request makes.
         const size_t x_bytes = static_cast<size_t>(tokens * M) * 4;
         TUTEL_RETURN_IF_ERROR(grow(b, pending->x, x_bytes));
-        TUTEL_RETURN_IF_ERROR(b.copy(pending->x.data(), x, x_bytes, CopyKind::kHostToDevice));
+        TUTEL_RETURN_IF_ERROR(b.copy(pending->x.data(), x, x_bytes,
+                                     memory == ClientMemory::kDevice ? CopyKind::kDeviceToDevice
+                                                                     : CopyKind::kHostToDevice));
         xv = TensorView(pending->x.data(), DType::kF32, {tokens, M}, d);
       } else {
-        TUTEL_ASSIGN_OR_RETURN(xv, stage_in(x, {tokens, M}, staged_in_));
+        TUTEL_ASSIGN_OR_RETURN(xv, stage_in(x, {tokens, M}, staged_in_, memory));
       }
-      TUTEL_ASSIGN_OR_RETURN(const TensorView yv, stage_out(y, {tokens, O}, staged_out_));
+      TUTEL_ASSIGN_OR_RETURN(const TensorView yv, stage_out(y, {tokens, O}, staged_out_, memory));
       // The noise draw is keyed by the step and the sequence, so a replayed step draws the same noise.
       const uint64_t noise_counter = training ? (static_cast<uint64_t>(step_) << 32) ^ sequence : 0;
       // layer_forward allocates only the workspace's buffers, so what it adds to the layer's
@@ -323,7 +325,7 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
                                             &stats);
       if (pending) pending->workspace_bytes += b.bytes() - before;
       TUTEL_RETURN_IF_ERROR(forward_status);
-      return unstage_out(y, yv);
+      return unstage_out(y, yv, memory);
     }();
     // A failed request's copies from the client's buffers must be over before it is told.
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();
@@ -349,7 +351,7 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
 }
 
 Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, float* dx, uint64_t owner,
-                             uint64_t sequence) {
+                             uint64_t sequence, ClientMemory memory) {
   const LayerSpec& s = def_.spec;
   const int64_t M = s.model_dim, O = s.out_dim();
   std::lock_guard lock(mutex_);
@@ -375,8 +377,8 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
     st = note_group_status(group_->layer->backward(weights_of(0), dyv, dl_aux, dxv, weights_of(1), p.saved));
   } else {
     st = [&]() -> Status {
-      TUTEL_ASSIGN_OR_RETURN(const TensorView dyv, stage_in(dy, {tokens, O}, staged_in_));
-      TUTEL_ASSIGN_OR_RETURN(const TensorView dxv, stage_out(dx, {tokens, M}, staged_out_));
+      TUTEL_ASSIGN_OR_RETURN(const TensorView dyv, stage_in(dy, {tokens, O}, staged_in_, memory));
+      TUTEL_ASSIGN_OR_RETURN(const TensorView dxv, stage_out(dx, {tokens, M}, staged_out_, memory));
       const TensorView xv(p.x.data(), DType::kF32, {tokens, M}, d);
       // Like layer_forward, layer_backward allocates only the workspace's (gradient) buffers.
       const uint64_t before = b.bytes();
@@ -384,7 +386,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
           layer_backward(b, s, weights_of(0), xv, p.workspace, dyv, dl_aux, dxv, weights_of(1));
       p.workspace_bytes += b.bytes() - before;
       TUTEL_RETURN_IF_ERROR(backward_status);
-      return unstage_out(dx, dxv);
+      return unstage_out(dx, dxv, memory);
     }();
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();
   }

@@ -47,6 +47,10 @@ struct Rank {
   std::shared_ptr<const GroupRendezvous> rendezvous;
 };
 
+// Where a request's buffers live: host memory (the session's arena), or memory of the layer's
+// own device (a device region the client maps too), which the layer uses in place.
+enum class ClientMemory : uint8_t { kHost, kDevice };
+
 struct ForwardResult {
   RoutingStats stats;
 };
@@ -70,6 +74,8 @@ class ServedLayer {
   const LayerDefinition& definition() const { return def_; }
   const std::string& spec_text() const { return spec_text_; }
   int rank_index() const { return rank_.index; }
+  // The device its forwards and backwards run on (a group layer's own backend's).
+  Device device() const { return group_ ? group_->backend->device() : rank_.backend->device(); }
   // Bytes of parameters, gradients and optimizer state.
   uint64_t memory_bytes() const { return memory_bytes_; }
   // Bytes held for forwards: pending and recycled entries (saved state, workspace, input),
@@ -85,8 +91,9 @@ class ServedLayer {
   // A group layer's other ranks: address, state, traffic. Empty for other layers. Any thread.
   std::vector<comm::PeerStatus> group_peers() const;
 
-  // x [S, M] → y [S, O] (host pointers; on a backend whose memory is not host memory they are
-  // staged through the layer's device buffers). With `training`, keeps what backward needs under
+  // x [S, M] → y [S, O]. Host pointers (kHost) are staged through the layer's device buffers
+  // on a backend whose memory is not host memory; kDevice pointers are on the layer's device
+  // and used in place (y is complete on the device when this returns). With `training`, keeps what backward needs under
   // (`owner`, `sequence`); a sequence already pending is an error. Many training forwards may
   // wait for their backwards, which may come in any order, on a group layer too. A group
   // layer's forwards and backwards are collectives: every rank's client must issue them in the
@@ -95,11 +102,11 @@ class ServedLayer {
   // (parameters + every layer's activation_bytes()) fails with ResourceExhausted before
   // allocating it, leaving no entry (the memory its entry had taken is given back).
   Result<ForwardResult> forward(const float* x, int64_t tokens, float* y, bool training,
-                                uint64_t owner, uint64_t sequence);
+                                uint64_t owner, uint64_t sequence, ClientMemory memory = ClientMemory::kHost);
   // dy [S, O] → dx [S, M] for the training forward (`owner`, `sequence`), accumulating the
   // parameter gradients; the pending forward is consumed.
   Status backward(const float* dy, int64_t tokens, float dl_aux, float* dx, uint64_t owner,
-                  uint64_t sequence);
+                  uint64_t sequence, ClientMemory memory = ClientMemory::kHost);
   // Drops every pending forward of `owner` (its session ended).
   void drop_pending(uint64_t owner);
 
@@ -154,6 +161,7 @@ class ServedLayer {
   // The client's buffers are host memory: a backend whose memory is elsewhere gets its inputs
   // and outputs staged through device buffers (group layers run on the CPU backend only).
   bool stages_host_memory() { return backend().device().kind != DeviceKind::kCpu; }
+  bool stages(ClientMemory memory) { return memory == ClientMemory::kHost && stages_host_memory(); }
   // The rank's backend is shared by its layers; a group layer's is its own.
   std::unique_lock<std::mutex> lock_device() {
     return group_ ? std::unique_lock<std::mutex>() : std::unique_lock<std::mutex>(rank_.mutex);
@@ -179,11 +187,14 @@ class ServedLayer {
   Status copy_in(const graphs::HostLayerParams& p);  // this rank's values, host → device
   LayerWeights weights_of(int which) const;  // 0 = values, 1 = gradients
   Status load_locked(const std::string& path, bool require_all);
-  // A view of `host`, or, when staging, of `buf` (grown to fit) after copying `host` into it.
-  Result<TensorView> stage_in(const float* host, Shape shape, DeviceBuffer& buf);
-  // A view of `host`, or, when staging, of `buf` (grown to fit) for unstage_out to copy back.
-  Result<TensorView> stage_out(float* host, Shape shape, DeviceBuffer& buf);
-  Status unstage_out(float* host, const TensorView& out);
+  // A view of the client's `in`, or, when staging, of `buf` (grown to fit) after copying `in`
+  // into it.
+  Result<TensorView> stage_in(const float* in, Shape shape, DeviceBuffer& buf, ClientMemory memory);
+  // A view of the client's `out`, or, when staging, of `buf` (grown to fit) for unstage_out to
+  // copy back.
+  Result<TensorView> stage_out(float* out, Shape shape, DeviceBuffer& buf, ClientMemory memory);
+  // Makes the result the client's: copies it back when staged, else waits until it is complete.
+  Status unstage_out(float* out, const TensorView& result, ClientMemory memory);
 
   LayerDefinition def_;
   std::string spec_text_;

@@ -16,6 +16,7 @@
 #include <string>
 #include <thread>
 
+#include "device_regions.hpp"
 #include "host_registration.hpp"
 #include "tutel/ipc/arena.hpp"
 #include "tutel/ipc/ring.hpp"
@@ -46,6 +47,8 @@ struct Session : std::enable_shared_from_this<Session> {
   // The arena's data region, registered with every rank's backend by the worker before its first
   // request, unregistered when the session closes. Declared after `arena`: it goes first.
   HostRegistration pinned;
+  // Device memory the client maps too (kMapRegion); requests may address it instead of the arena.
+  DeviceRegions regions;
   ipc::RingConsumer<ipc::RequestDescriptor> requests;
   ipc::RingProducer<ipc::CompletionDescriptor> completions;
   std::thread worker;

@@ -12,13 +12,19 @@ bool TenantMemory::try_reserve(uint64_t bytes) {
   return true;
 }
 
+std::string TenantMemory::breakdown(uint64_t extra_activations, uint64_t extra_regions) const {
+  std::string out = "(parameters " + std::to_string(parameter_bytes()) + ", in-flight forwards and workspaces " +
+                    std::to_string(activation_bytes() + extra_activations);
+  if (const uint64_t regions = region_bytes() + extra_regions; regions > 0)
+    out += ", device regions " + std::to_string(regions);
+  return out + ")";
+}
+
 Status TenantMemory::try_charge_parameters(uint64_t bytes, const std::string& what) {
   if (!try_reserve(bytes))
-    return Status::ResourceExhausted(
-        what + " needs " + std::to_string(bytes) + " bytes; tenant '" + tenant_ + "' holds " +
-        std::to_string(total_bytes()) + " (parameters " + std::to_string(parameter_bytes()) +
-        ", in-flight forwards and workspaces " + std::to_string(activation_bytes()) + ") of its " +
-        std::to_string(max_bytes_) + " byte max_memory_bytes");
+    return Status::ResourceExhausted(what + " needs " + std::to_string(bytes) + " bytes; tenant '" + tenant_ +
+                                     "' holds " + std::to_string(total_bytes()) + " " + breakdown(0, 0) +
+                                     " of its " + std::to_string(max_bytes_) + " byte max_memory_bytes");
   parameters_.fetch_add(bytes, std::memory_order_relaxed);
   return Status::OK();
 }
@@ -30,13 +36,10 @@ void TenantMemory::release_parameters(uint64_t bytes) {
 
 Status TenantMemory::try_charge_activations(uint64_t bytes) {
   if (!try_reserve(bytes)) {
-    const uint64_t parameters = parameter_bytes(), activations = activation_bytes() + bytes;
-    return Status::ResourceExhausted(
-        "tenant '" + tenant_ + "' would hold " + std::to_string(parameters + activations) +
-        " bytes (parameters " + std::to_string(parameters) +
-        ", in-flight forwards and workspaces " + std::to_string(activations) +
-        ") over its max_memory_bytes " + std::to_string(max_bytes_) +
-        ": run the backwards of pending forwards, or raise max_memory_bytes");
+    return Status::ResourceExhausted("tenant '" + tenant_ + "' would hold " + std::to_string(total_bytes() + bytes) +
+                                     " bytes " + breakdown(bytes, 0) + " over its max_memory_bytes " +
+                                     std::to_string(max_bytes_) +
+                                     ": run the backwards of pending forwards, or raise max_memory_bytes");
   }
   activations_.fetch_add(bytes, std::memory_order_relaxed);
   return Status::OK();
@@ -49,6 +52,22 @@ void TenantMemory::charge_activations(uint64_t bytes) {
 
 void TenantMemory::release_activations(uint64_t bytes) {
   activations_.fetch_sub(bytes, std::memory_order_relaxed);
+  total_.fetch_sub(bytes, std::memory_order_relaxed);
+}
+
+Status TenantMemory::try_charge_region(uint64_t bytes) {
+  if (!try_reserve(bytes))
+    return Status::ResourceExhausted("a device region of " + std::to_string(bytes) + " bytes would take tenant '" +
+                                     tenant_ + "' to " + std::to_string(total_bytes() + bytes) + " bytes " +
+                                     breakdown(0, bytes) + ", over its max_memory_bytes " +
+                                     std::to_string(max_bytes_) +
+                                     ": unmap regions it no longer uses, map a smaller one, or raise max_memory_bytes");
+  regions_.fetch_add(bytes, std::memory_order_relaxed);
+  return Status::OK();
+}
+
+void TenantMemory::release_region(uint64_t bytes) {
+  regions_.fetch_sub(bytes, std::memory_order_relaxed);
   total_.fetch_sub(bytes, std::memory_order_relaxed);
 }
 

@@ -8,7 +8,9 @@
 //   ones included), its staging buffers and its workspaces. They are charged as the buffers are
 //   allocated, from their exact sizes, by the layer's ActivationBackend, and given back when the
 //   buffers are freed.
-// Both count against the same quota. Only the growth made by a training forward (and the
+// - device regions: memory a client maps to hand tokens over without copies (kMapRegion),
+//   charged when mapped and given back when unmapped or when the session ends.
+// All count against the same quota. Only the growth made by a training forward (and the
 // creation of a layer) is refused: a backward must never fail for lack of memory, since it is
 // what gives the memory back, so its growth is charged but let through (as is an inference
 // forward's, whose one workspace per layer is bounded by its largest batch).
@@ -57,6 +59,10 @@ class TenantMemory {
   // Charges activation memory whatever the quota says (a backward's, an inference's).
   void charge_activations(uint64_t bytes);
   void release_activations(uint64_t bytes);
+  uint64_t region_bytes() const { return regions_.load(std::memory_order_relaxed); }
+  // Charges a device region if the tenant stays within its quota, else ResourceExhausted.
+  Status try_charge_region(uint64_t bytes);
+  void release_region(uint64_t bytes);
 
  private:
   // Adds `bytes` to total_ unless that takes it over max_bytes_; the one place the quota is
@@ -65,8 +71,11 @@ class TenantMemory {
 
   const std::string tenant_;
   const uint64_t max_bytes_;
-  // total_ = parameters_ + activations_, kept as its own counter so a charge is one CAS.
-  std::atomic<uint64_t> total_{0}, parameters_{0}, activations_{0};
+  // What the tenant holds, for messages: "(parameters P, in-flight forwards and workspaces A)".
+  std::string breakdown(uint64_t extra_activations, uint64_t extra_regions) const;
+
+  // total_ = parameters_ + activations_ + regions_, kept as its own counter so a charge is one CAS.
+  std::atomic<uint64_t> total_{0}, parameters_{0}, activations_{0}, regions_{0};
   std::atomic<uint64_t> pending_{0};
 };
 

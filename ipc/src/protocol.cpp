@@ -32,6 +32,8 @@ std::string_view frame_type_name(FrameType t) {
     case FrameType::kZeroGrad: return "ZeroGrad";
     case FrameType::kSave: return "Save";
     case FrameType::kLoad: return "Load";
+    case FrameType::kMapRegion: return "MapRegion";
+    case FrameType::kUnmapRegion: return "UnmapRegion";
     case FrameType::kAdminStatus: return "AdminStatus";
     case FrameType::kAdminTenants: return "AdminTenants";
     case FrameType::kAdminLayers: return "AdminLayers";
@@ -100,11 +102,9 @@ Result<ArenaLayout> arena_layout(uint64_t arena_bytes) {
   return l;
 }
 
-Status check_data_range(const ArenaLayout& layout, uint64_t offset, uint64_t bytes,
-                        std::string_view what) {
+Status check_range(uint64_t begin, uint64_t end, uint64_t offset, uint64_t bytes, std::string_view what,
+                   std::string_view where) {
   const std::string name(what);
-  const uint64_t begin = layout.data_offset;
-  const uint64_t end = layout.data_offset + layout.data_bytes;
   if (offset % 4 != 0 || bytes % 4 != 0) {
     return Status::InvalidArgument(name + ": offset " + std::to_string(offset) + " and size " +
                                    std::to_string(bytes) +
@@ -114,10 +114,16 @@ Status check_data_range(const ArenaLayout& layout, uint64_t offset, uint64_t byt
   if (offset < begin || offset > end || bytes > end - offset) {
     return Status::OutOfRange(name + ": bytes [" + std::to_string(offset) + ", " +
                               std::to_string(offset) + " + " + std::to_string(bytes) +
-                              ") lie outside the arena's data region [" + std::to_string(begin) +
+                              ") lie outside " + std::string(where) + " [" + std::to_string(begin) +
                               ", " + std::to_string(end) + ")");
   }
   return Status::OK();
+}
+
+Status check_data_range(const ArenaLayout& layout, uint64_t offset, uint64_t bytes,
+                        std::string_view what) {
+  return check_range(layout.data_offset, layout.data_offset + layout.data_bytes, offset, bytes, what,
+                     "the arena's data region");
 }
 
 }  // namespace tutel::ipc

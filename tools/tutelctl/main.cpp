@@ -168,16 +168,16 @@ void print_tenants(const json& reply) {
     return;
   }
   // MEMORY: parameters against the quota; FORWARDS: what forwards hold (pending backwards in
-  // parentheses), which counts against the same quota.
-  Table t{{"TENANT", "UIDS", "GIDS", "LAYERS", "MEMORY", "FORWARDS", "INFLIGHT"},
-          {true, true, true, false, false, false, false},
+  // parentheses); REGIONS: device regions clients map. All three count against the same quota.
+  Table t{{"TENANT", "UIDS", "GIDS", "LAYERS", "MEMORY", "FORWARDS", "REGIONS", "INFLIGHT"},
+          {true, true, true, false, false, false, false, false},
           {}};
   for (const json& e : tenants) {
     t.rows.push_back({field(e, "name"), field(e, "uids"), field(e, "gids"),
                       of(field(e, "layers"), field(e, "max_layers")),
                       of(bytes_field(e, "memory_bytes"), bytes_field(e, "max_memory_bytes")),
                       bytes_field(e, "activation_bytes") + " (" + bytes_field(e, "pending_bytes") + ")",
-                      of(field(e, "inflight"), field(e, "max_inflight"))});
+                      bytes_field(e, "region_bytes"), of(field(e, "inflight"), field(e, "max_inflight"))});
   }
   t.print(std::cout);
 }

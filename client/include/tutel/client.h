@@ -42,6 +42,7 @@ extern "C" {
 
 typedef struct tutel_client tutel_client;
 typedef struct tutel_layer tutel_layer;
+typedef struct tutel_region tutel_region;
 
 /* An asynchronous request in flight (tutel_submit_forward / tutel_submit_backward). */
 typedef struct tutel_ticket {
@@ -107,6 +108,26 @@ int tutel_zero_grad(tutel_layer* layer);
  * (server.state_dir/<tenant>/checkpoints/); absolute paths and ".." are refused. */
 int tutel_save(tutel_layer* layer, const char* path);
 int tutel_load(tutel_layer* layer, const char* path);
+
+/* Zero-copy submission (docs/protocol.md section 7). A device region is memory on one of the
+ * daemon's ranks that this process maps too: on a GPU daemon, GPU memory (data is a device
+ * pointer here, on the GPU whose PCI bus id is `device`); on a CPU daemon, shared host memory.
+ * The *_device calls take x and y (dy and dx) inside one region mapped on the layer's rank
+ * (tutel_layer_rank) and copy nothing. On a GPU, x must be complete on the device when the call
+ * is made (synchronise the stream that wrote it); y is complete when the call returns. A region
+ * counts against the tenant's max_memory_bytes; at most 16 per client. */
+int tutel_layer_rank(tutel_layer* layer, int* rank);
+/* bytes: a positive multiple of 4. *out must be unmapped with tutel_region_unmap. */
+int tutel_region_map(tutel_client* client, int rank, uint64_t bytes, tutel_region** out);
+/* Any out pointer may be NULL; the strings live as long as the region. */
+int tutel_region_info(tutel_region* region, void** data, uint64_t* bytes, const char** kind, const char** device);
+/* Waits for the client's requests in flight, unmaps the region here and in the daemon, and frees
+ * the handle (also when the unmap reports an error). NULL is ignored. Call it before tutel_close. */
+int tutel_region_unmap(tutel_region* region);
+int tutel_forward_device(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);
+int tutel_infer_device(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);
+/* Backward of the oldest training forward not yet backwarded on this handle. */
+int tutel_backward_device(tutel_layer* layer, const float* dy, float dl_aux, float* dx);
 
 #ifdef __cplusplus
 } /* extern "C" */

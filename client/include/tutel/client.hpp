@@ -34,6 +34,7 @@ namespace tutel::client {
 namespace internal {
 class Session;
 struct LayerState;
+struct MappedDeviceRegion;
 }  // namespace internal
 
 struct ClientOptions {
@@ -54,6 +55,8 @@ struct LayerInfo {
   std::string name;
   int64_t experts = 0, model_dim = 0, hidden = 0, output_dim = 0, k = 0;
   int64_t step = 0;  // optimizer steps taken so far
+  int rank = 0;          // the daemon's rank (device slot) the layer runs on
+  std::string device;    // that rank's device: "cpu:0", "cuda:1" (the daemon's numbering)
 };
 
 // The routing statistics of one forward (zero for a backward or a ping).
@@ -71,6 +74,37 @@ struct Ticket {
 };
 
 class Layer;
+
+// Memory on a rank's device that the daemon and this process both map: a layer's *_device calls
+// take pointers into it, and the tokens and results are never copied (docs/protocol.md §7). On
+// a GPU daemon it is GPU memory (data() is a device pointer in this process, on the GPU named by
+// device(); use it with cudaMemcpy or as a tensor's storage); on a CPU daemon, shared host
+// memory. It counts against the tenant's max_memory_bytes.
+// Move-only. Destroying it unmaps it (as unmap(), errors ignored); the Client must outlive it.
+class DeviceRegion {
+ public:
+  DeviceRegion(DeviceRegion&&) noexcept;
+  DeviceRegion& operator=(DeviceRegion&&) noexcept;
+  DeviceRegion(const DeviceRegion&) = delete;
+  DeviceRegion& operator=(const DeviceRegion&) = delete;
+  ~DeviceRegion();
+
+  void* data() const;  // null once unmapped
+  size_t bytes() const;
+  int rank() const;
+  // How it is mapped: "host_memfd" (shared host memory) or "cuda_ipc" (GPU memory).
+  const std::string& kind() const;
+  // The device: "cpu", or the GPU's PCI bus id ("0000:3b:00.0"), the same in every process.
+  const std::string& device() const;
+  // Waits for the session's requests in flight, then unmaps it here and in the daemon.
+  Status unmap();
+
+ private:
+  friend class Client;
+  DeviceRegion(std::shared_ptr<internal::Session> session, std::shared_ptr<internal::MappedDeviceRegion> region);
+  std::shared_ptr<internal::Session> session_;
+  std::shared_ptr<internal::MappedDeviceRegion> region_;
+};
 
 class Client {
  public:
@@ -96,6 +130,9 @@ class Client {
   // Waits for every request in flight (their results stay available to wait()).
   Status wait_all();
 
+  // Maps `bytes` (a multiple of 4) of shared memory on the daemon's `rank` (a layer's
+  // LayerInfo::rank) for zero-copy requests. At most 16 regions per session.
+  Result<DeviceRegion> map_device_region(int rank, size_t bytes);
   // One empty request through the rings and back (Op::kNop): checks the data path.
   Status ping();
   // Hands `bytes` (a multiple of 4) to the daemon through the arena and returns the sum of their
@@ -148,6 +185,17 @@ class Layer {
   // and as many as fit in the data region; a submit waits for room when needed).
   Result<Ticket> submit_forward(const float* x, int64_t tokens, float* y, bool training = true);
   Result<Ticket> submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx);
+
+  // Zero-copy forms: the input and the output point into one DeviceRegion of this client, mapped
+  // on this layer's rank; the daemon reads and writes them in place. On a GPU the input must be
+  // complete on the device when submitted (synchronise the stream that wrote it), and the output
+  // is complete on the device when the call (or wait) returns. The sequences and the pending
+  // list are shared with the forms above.
+  Status forward_device(const float* x, int64_t tokens, float* y, ForwardInfo* info = nullptr);
+  Status infer_device(const float* x, int64_t tokens, float* y, ForwardInfo* info = nullptr);
+  Status backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx);
+  Result<Ticket> submit_forward_device(const float* x, int64_t tokens, float* y, bool training = true);
+  Result<Ticket> submit_backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx);
 
   // The control requests below first wait for every request of the session in flight, so a
   // step always sees the gradients of the backwards submitted before it.

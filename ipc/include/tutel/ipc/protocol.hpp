@@ -31,6 +31,8 @@ enum class FrameType : uint16_t {
   kZeroGrad = 6,      // {"handle": int}                      → kOk
   kSave = 7,          // {"handle": int, "path": str}         → kOk
   kLoad = 8,          // {"handle": int, "path": str}         → kOk
+  kMapRegion = 9,     // {"rank": int, "bytes": int}          → kOk {"region", "bytes", "kind", "device", "handle"?} + fd?
+  kUnmapRegion = 10,  // {"region": int}                      → kOk
   // admin → daemon (admin socket)
   kAdminStatus = 32,      // {}                                  → kOk {status object}
   kAdminTenants = 33,     // {}                                  → kOk {"tenants": [...]}
@@ -76,7 +78,10 @@ enum class Op : uint32_t {
 };
 enum RequestFlags : uint32_t {
   kFlagTraining = 1u << 0,  // forward keeps what backward needs, under `sequence`
+  // The offsets are into the session's device region `region` (kMapRegion), not the arena.
+  kFlagDeviceRegion = 1u << 1,
 };
+inline constexpr uint32_t kKnownRequestFlags = kFlagTraining | kFlagDeviceRegion;
 
 // One request (client → daemon). 128 bytes.
 struct RequestDescriptor {
@@ -86,12 +91,12 @@ struct RequestDescriptor {
   uint64_t layer_handle;
   uint64_t sequence;       // pairs a training forward with its backward
   int64_t tokens;          // S
-  uint64_t input_offset;   // forward: x [S, M] f32; backward: dy [S, O] f32
+  uint64_t input_offset;   // forward: x [S, M] f32; backward: dy [S, O] f32 (arena or region)
   uint64_t input_bytes;
   uint64_t output_offset;  // forward: y [S, O] f32; backward: dx [S, M] f32
   uint64_t output_bytes;
   float dl_aux;            // backward only
-  uint32_t reserved0;
+  uint32_t region;         // with kFlagDeviceRegion: the device region the offsets are into
   uint8_t reserved[48];
 };
 static_assert(sizeof(RequestDescriptor) == 128);
@@ -134,6 +139,10 @@ struct ArenaLayout {
 // The layout the daemon creates for an arena of `arena_bytes` (rounded up to pages).
 Result<ArenaLayout> arena_layout(uint64_t arena_bytes);
 
+// OK when [offset, offset + bytes) lies inside [begin, end) and is 4-byte aligned; `what` names
+// the tensor and `where` the range in the message ("the arena's data region").
+Status check_range(uint64_t begin, uint64_t end, uint64_t offset, uint64_t bytes, std::string_view what,
+                   std::string_view where);
 // OK when [offset, offset + bytes) lies inside the data region and is 4-byte aligned.
 Status check_data_range(const ArenaLayout& layout, uint64_t offset, uint64_t bytes, std::string_view what);
 

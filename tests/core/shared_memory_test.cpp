@@ -1,0 +1,92 @@
+// SharedMemory: sealed memfds shared between processes, and what a receiver must refuse.
+#include "tutel/core/shared_memory.hpp"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+
+namespace tutel {
+namespace {
+
+TEST(SharedMemory, CreateRoundsToPagesSealsAndIsSharedWithAForkedReader) {
+  auto m = SharedMemory::create(10000, "test region");
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->bytes() % page_bytes(), 0u);
+  EXPECT_GE(m->bytes(), 10000u);
+  const int seals = ::fcntl(m->fd(), F_GET_SEALS);
+  EXPECT_EQ(seals & (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL), F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+  EXPECT_NE(::ftruncate(m->fd(), 4096), 0);  // sealed: nobody can shrink it under a mapper
+  for (size_t i = 0; i < m->bytes(); ++i) EXPECT_EQ(m->data()[i], 0) << i;  // fresh pages are zero
+
+  // Another mapping of the same fd (what a receiving process makes) sees the writes both ways.
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    auto other = SharedMemory::attach(UniqueFd(::dup(m->fd())), "the test memfd");
+    if (!other.ok() || other->bytes() != m->bytes()) _exit(2);
+    if (std::memcmp(other->data(), "parent", 7) != 0 && other->data()[0] != 0) _exit(3);
+    std::memcpy(other->data() + 4096, "child", 6);
+    _exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_STREQ(reinterpret_cast<const char*>(m->data() + 4096), "child");
+}
+
+TEST(SharedMemory, AttachRefusesWhatCouldBeTruncatedOrIsNotAMemfd) {
+  EXPECT_EQ(SharedMemory::attach(UniqueFd(), "x").status().code(), StatusCode::kInvalidArgument);
+  // Unsealed: the sender could truncate it and crash this process with SIGBUS.
+  UniqueFd unsealed(::memfd_create("unsealed", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  ASSERT_TRUE(unsealed.valid());
+  ASSERT_EQ(::ftruncate(unsealed.get(), 4096), 0);
+  auto r = SharedMemory::attach(std::move(unsealed), "the test memfd");
+  EXPECT_EQ(r.status().code(), StatusCode::kPermissionDenied) << r.status();
+  EXPECT_NE(r.status().message().find("the test memfd is not sealed"), std::string::npos) << r.status();
+  // Sealed, but not a whole number of pages.
+  UniqueFd odd(::memfd_create("odd", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  ASSERT_EQ(::ftruncate(odd.get(), 4097), 0);
+  ASSERT_EQ(::fcntl(odd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW), 0);
+  EXPECT_EQ(SharedMemory::attach(std::move(odd), "x").status().code(), StatusCode::kInvalidArgument);
+  // Sealed and empty.
+  UniqueFd empty(::memfd_create("empty", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  ASSERT_EQ(::fcntl(empty.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW), 0);
+  EXPECT_EQ(SharedMemory::attach(std::move(empty), "x").status().code(), StatusCode::kInvalidArgument);
+  // Not a regular file.
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe(pipe_fds), 0);
+  UniqueFd write_end(pipe_fds[1]);
+  EXPECT_EQ(SharedMemory::attach(UniqueFd(pipe_fds[0]), "x").status().code(), StatusCode::kInvalidArgument);
+  // A file that cannot be sealed (not a memfd).
+  char path[] = "/tmp/shared-memory-test-XXXXXX";
+  UniqueFd file(::mkstemp(path));
+  ASSERT_TRUE(file.valid());
+  ::unlink(path);
+  ASSERT_EQ(::ftruncate(file.get(), 4096), 0);
+  EXPECT_EQ(SharedMemory::attach(std::move(file), "x").status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST(SharedMemory, CreateRefusesEmptyAndAbsurdSizes) {
+  EXPECT_EQ(SharedMemory::create(0, "x").status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(SharedMemory::create(~size_t{0}, "x").status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST(UniqueFd, CloseReportsAndMoveTransfersOwnership) {
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  UniqueFd a(fds[0]), b(fds[1]);
+  UniqueFd moved = std::move(a);
+  EXPECT_FALSE(a.valid());
+  EXPECT_EQ(moved.get(), fds[0]);
+  EXPECT_EQ(moved.close(), 0);
+  EXPECT_FALSE(moved.valid());
+  EXPECT_EQ(moved.close(), 0);  // nothing held: nothing to report
+}
+
+}  // namespace
+}  // namespace tutel

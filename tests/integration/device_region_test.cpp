@@ -1,0 +1,383 @@
+// Zero-copy submission through device regions (docs/protocol.md §7), against the real tuteld on
+// the CPU backend, where a region is a sealed memfd both processes map. Every result is compared
+// with the same request made through the arena (the copying path, itself checked against the
+// float64 reference by daemon_parity_test): same layer, same inputs, so they must be identical.
+// Then the malformed uses: from the client library, and by hand on the wire.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <cstring>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <vector>
+
+#include "daemon_fixture.hpp"
+#include "raw_session.hpp"
+#include "tutel/client.h"
+#include "tutel/client.hpp"
+
+namespace tutel::testing {
+namespace {
+
+constexpr const char* kSpec =
+    "name = \"zc\"\nexperts = 4\nmodel_dim = 16\nhidden = 32\nk = 2\ncapacity_factor = 1.0\ninit_seed = 5\n"
+    "[optimizer]\nkind = \"sgd\"\nlr = 0.01\n";
+constexpr int64_t kDim = 16;
+
+std::vector<float> randn(size_t n, std::mt19937& rng) {
+  std::normal_distribution<float> d;
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+nlohmann::json tenant_json(const DaemonProcess& d) {
+  const std::string cmd = std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json tenants 2>/dev/null";
+  std::string out;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  EXPECT_NE(p, nullptr);
+  if (p == nullptr) return {};
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  EXPECT_EQ(::pclose(p), 0) << out;
+  const auto reply = nlohmann::json::parse(out, nullptr, false);
+  for (const auto& t : reply.value("tenants", nlohmann::json::array()))
+    if (t["name"] == "default") return t;
+  ADD_FAILURE() << "no tenant 'default' in " << out;
+  return {};
+}
+
+struct Started {
+  std::unique_ptr<DaemonProcess> daemon;
+  std::optional<client::Client> client;
+};
+
+Started start(DaemonOptions options = {}) {
+  Started s;
+  s.daemon = std::make_unique<DaemonProcess>(options);
+  EXPECT_TRUE(s.daemon->start());
+  auto c = client::Client::connect(s.daemon->client_socket());
+  EXPECT_TRUE(c.ok()) << c.status();
+  if (c.ok()) s.client.emplace(std::move(*c));
+  return s;
+}
+
+TEST(DeviceRegion, ZeroCopyRequestsEqualTheArenaPath) {
+  Started s = start();
+  ASSERT_TRUE(s.client);
+  auto layer = s.client->create_layer(kSpec);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  EXPECT_EQ(layer->info().rank, 0);
+  EXPECT_EQ(layer->info().device, "cpu:0");
+
+  // Four micro-batches of different sizes, laid out in one region: x, y, dy, dx each.
+  const std::vector<int64_t> tokens = {37, 64, 5, 128};
+  std::mt19937 rng(std::random_device{}());
+  size_t floats = 0;
+  std::vector<size_t> at;
+  for (int64_t t : tokens) {
+    at.push_back(floats);
+    floats += 4 * static_cast<size_t>(t * kDim) + 16;  // a gap, so nothing is adjacent by accident
+  }
+  auto region = s.client->map_device_region(layer->info().rank, floats * 4);
+  ASSERT_TRUE(region.ok()) << region.status();
+  EXPECT_EQ(region->kind(), "host_memfd");
+  EXPECT_EQ(region->device(), "cpu");
+  EXPECT_EQ(region->bytes(), floats * 4);
+  ASSERT_NE(region->data(), nullptr);
+  EXPECT_EQ(tenant_json(*s.daemon)["region_bytes"].get<uint64_t>(), floats * 4);
+  float* base = static_cast<float*>(region->data());
+  auto x = [&](size_t i) { return base + at[i]; };
+  auto y = [&](size_t i) { return base + at[i] + tokens[i] * kDim; };
+  auto dy = [&](size_t i) { return base + at[i] + 2 * tokens[i] * kDim; };
+  auto dx = [&](size_t i) { return base + at[i] + 3 * tokens[i] * kDim; };
+
+  std::vector<std::vector<float>> xs, dys;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    xs.push_back(randn(tokens[i] * kDim, rng));
+    dys.push_back(randn(tokens[i] * kDim, rng));
+    std::memcpy(x(i), xs[i].data(), xs[i].size() * 4);
+    std::memcpy(dy(i), dys[i].data(), dys[i].size() * 4);
+  }
+
+  // The arena path, one micro-batch at a time: the expected values.
+  std::vector<std::vector<float>> want_y, want_dx;
+  std::vector<client::ForwardInfo> want_info;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    std::vector<float> yy(tokens[i] * kDim), dxx(tokens[i] * kDim);
+    client::ForwardInfo info;
+    ASSERT_TRUE(layer->forward(xs[i].data(), tokens[i], yy.data(), &info).ok());
+    ASSERT_TRUE(layer->backward(info.sequence, dys[i].data(), 0.01f, dxx.data()).ok());
+    want_y.push_back(std::move(yy));
+    want_dx.push_back(std::move(dxx));
+    want_info.push_back(info);
+  }
+
+  // The same in place: all forwards in flight at once, the backwards in reverse order.
+  std::vector<client::Ticket> forwards;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    auto t = layer->submit_forward_device(x(i), tokens[i], y(i));
+    ASSERT_TRUE(t.ok()) << t.status();
+    forwards.push_back(*t);
+  }
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    auto info = s.client->wait(forwards[i]);
+    ASSERT_TRUE(info.ok()) << info.status();
+    EXPECT_EQ(info->capacity, want_info[i].capacity);
+    EXPECT_EQ(info->dropped, want_info[i].dropped);
+    EXPECT_EQ(info->l_aux, want_info[i].l_aux);
+    EXPECT_EQ(std::memcmp(y(i), want_y[i].data(), want_y[i].size() * 4), 0) << "micro-batch " << i;
+  }
+  for (size_t i = tokens.size(); i-- > 0;) {
+    const Status st = layer->backward_device(forwards[i].sequence, dy(i), 0.01f, dx(i));
+    ASSERT_TRUE(st.ok()) << st;
+    EXPECT_EQ(std::memcmp(dx(i), want_dx[i].data(), want_dx[i].size() * 4), 0) << "micro-batch " << i;
+  }
+  EXPECT_EQ(layer->pending_backwards(), 0u);
+
+  // Inference in place equals inference through the arena; the inputs are left untouched.
+  std::vector<float> infer_y(tokens[1] * kDim);
+  ASSERT_TRUE(layer->infer(xs[1].data(), tokens[1], infer_y.data()).ok());
+  std::memset(y(1), 0xff, infer_y.size() * 4);
+  ASSERT_TRUE(layer->infer_device(x(1), tokens[1], y(1)).ok());
+  EXPECT_EQ(std::memcmp(y(1), infer_y.data(), infer_y.size() * 4), 0);
+  EXPECT_EQ(std::memcmp(x(1), xs[1].data(), xs[1].size() * 4), 0);
+
+  // The gradients of both paths accumulated: a step works and the region goes back on unmap.
+  ASSERT_TRUE(layer->step().ok());
+  ASSERT_TRUE(region->unmap().ok());
+  EXPECT_EQ(region->data(), nullptr);
+  EXPECT_EQ(tenant_json(*s.daemon)["region_bytes"].get<uint64_t>(), 0u);
+  EXPECT_EQ(s.daemon->stop(), 0) << s.daemon->log();
+}
+
+TEST(DeviceRegion, MisuseFromTheClientIsRefusedWithWhatToDo) {
+  DaemonOptions options;
+  options.ranks = 2;
+  options.default_max_memory_bytes = 4 << 20;
+  Started s = start(options);
+  ASSERT_TRUE(s.client);
+  auto layer = s.client->create_layer(kSpec);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  const int64_t tokens = 8;
+  const size_t tensor = tokens * kDim;
+
+  auto a = s.client->map_device_region(0, 4 * tensor * 4);
+  auto b = s.client->map_device_region(1, 4 * tensor * 4);
+  ASSERT_TRUE(a.ok() && b.ok());
+  float* pa = static_cast<float*>(a->data());
+  float* pb = static_cast<float*>(b->data());
+  std::vector<float> host(tensor);
+
+  // Host memory where a region is expected.
+  Status st = layer->infer_device(host.data(), tokens, pa);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+  EXPECT_NE(st.message().find("does not point into a device region"), std::string::npos) << st;
+  // Tensors split over two regions.
+  st = layer->infer_device(pa, tokens, pb);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+  EXPECT_NE(st.message().find("must share one region"), std::string::npos) << st;
+  // A tensor running past the region's end.
+  st = layer->infer_device(pa, tokens, pa + 3 * tensor + 1);
+  EXPECT_EQ(st.code(), StatusCode::kOutOfRange) << st;
+  // Overlapping input and output: the daemon refuses it.
+  st = layer->infer_device(pa, tokens, pa + tensor / 2);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+  EXPECT_NE(st.message().find("overlap"), std::string::npos) << st;
+  // A backward without its forward.
+  EXPECT_FALSE(layer->backward_device(12345, pa, 0.f, pa + tensor).ok());
+
+  // Sizes and ranks the daemon cannot map.
+  EXPECT_EQ(s.client->map_device_region(0, 0).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.client->map_device_region(0, 6).status().code(), StatusCode::kInvalidArgument);
+  auto no_rank = s.client->map_device_region(2, 4096);
+  EXPECT_EQ(no_rank.status().code(), StatusCode::kInvalidArgument) << no_rank.status();
+  EXPECT_NE(no_rank.status().message().find("ranks 0 to 1"), std::string::npos) << no_rank.status();
+  EXPECT_EQ(s.client->map_device_region(-1, 4096).status().code(), StatusCode::kInvalidArgument);
+  // Over the tenant's quota, with what to do; nothing is charged for it.
+  const uint64_t before = tenant_json(*s.daemon)["region_bytes"].get<uint64_t>();
+  auto too_big = s.client->map_device_region(0, 8 << 20);
+  EXPECT_EQ(too_big.status().code(), StatusCode::kResourceExhausted) << too_big.status();
+  EXPECT_NE(too_big.status().message().find("unmap regions it no longer uses"), std::string::npos) << too_big.status();
+  EXPECT_EQ(tenant_json(*s.daemon)["region_bytes"].get<uint64_t>(), before);
+
+  // At most 16 per session.
+  std::vector<client::DeviceRegion> many;
+  Status last;
+  for (int i = 0; i < 20; ++i) {
+    auto r = s.client->map_device_region(0, 4096);
+    if (!r.ok()) {
+      last = r.status();
+      break;
+    }
+    many.push_back(std::move(*r));
+  }
+  EXPECT_EQ(many.size(), 14u);  // with a and b
+  EXPECT_EQ(last.code(), StatusCode::kResourceExhausted) << last;
+  many.clear();  // unmapped on destruction
+
+  // An unmapped region cannot be used, and everything still works afterwards.
+  ASSERT_TRUE(b->unmap().ok());
+  EXPECT_TRUE(b->unmap().ok());  // idempotent
+  st = layer->infer_device(pb, tokens, pb + tensor);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+  ASSERT_TRUE(layer->infer_device(pa, tokens, pa + tensor).ok());
+  ASSERT_TRUE(s.client->ping().ok());
+
+  // A session's end frees its regions, whatever the client did not unmap.
+  EXPECT_GT(tenant_json(*s.daemon)["region_bytes"].get<uint64_t>(), 0u);
+  s.client->close();
+  EXPECT_EQ(a->data(), nullptr);
+  for (int i = 0; i < 200 && tenant_json(*s.daemon)["region_bytes"].get<uint64_t>() != 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(tenant_json(*s.daemon)["region_bytes"].get<uint64_t>(), 0u);
+  EXPECT_EQ(s.daemon->stop(), 0) << s.daemon->log();
+}
+
+TEST(DeviceRegion, TheCApiMapsAndSubmitsInPlace) {
+  Started s = start();
+  ASSERT_TRUE(s.client);
+  tutel_client* c = tutel_connect(s.daemon->client_socket().c_str());
+  ASSERT_NE(c, nullptr) << tutel_last_error();
+  tutel_layer* layer = nullptr;
+  ASSERT_EQ(tutel_layer_create(c, kSpec, &layer), TUTEL_OK) << tutel_last_error();
+  int rank = -1;
+  ASSERT_EQ(tutel_layer_rank(layer, &rank), TUTEL_OK);
+  EXPECT_EQ(rank, 0);
+  const int64_t tokens = 32;
+  const size_t tensor = tokens * kDim;
+  tutel_region* region = nullptr;
+  ASSERT_EQ(tutel_region_map(c, rank, 4 * tensor * 4, &region), TUTEL_OK) << tutel_last_error();
+  void* data = nullptr;
+  uint64_t bytes = 0;
+  const char *kind = nullptr, *device = nullptr;
+  ASSERT_EQ(tutel_region_info(region, &data, &bytes, &kind, &device), TUTEL_OK);
+  EXPECT_EQ(bytes, 4 * tensor * 4);
+  EXPECT_STREQ(kind, "host_memfd");
+  EXPECT_STREQ(device, "cpu");
+  float* p = static_cast<float*>(data);
+  std::mt19937 rng(std::random_device{}());
+  const std::vector<float> x = randn(tensor, rng), dy = randn(tensor, rng);
+  std::memcpy(p, x.data(), tensor * 4);
+  std::memcpy(p + 2 * tensor, dy.data(), tensor * 4);
+
+  std::vector<float> want_y(tensor), want_dx(tensor);
+  float want_aux = 0.f, aux = 0.f;
+  ASSERT_EQ(tutel_forward(layer, x.data(), tokens, want_y.data(), &want_aux), TUTEL_OK) << tutel_last_error();
+  ASSERT_EQ(tutel_backward(layer, dy.data(), 0.f, want_dx.data()), TUTEL_OK) << tutel_last_error();
+  ASSERT_EQ(tutel_forward_device(layer, p, tokens, p + tensor, &aux), TUTEL_OK) << tutel_last_error();
+  ASSERT_EQ(tutel_backward_device(layer, p + 2 * tensor, 0.f, p + 3 * tensor), TUTEL_OK) << tutel_last_error();
+  EXPECT_EQ(aux, want_aux);
+  EXPECT_EQ(std::memcmp(p + tensor, want_y.data(), tensor * 4), 0);
+  EXPECT_EQ(std::memcmp(p + 3 * tensor, want_dx.data(), tensor * 4), 0);
+  ASSERT_EQ(tutel_infer_device(layer, p, tokens, p + tensor, nullptr), TUTEL_OK) << tutel_last_error();
+
+  // Misuse: no pending forward, host pointers, a released region handle.
+  EXPECT_EQ(tutel_backward_device(layer, p, 0.f, p + tensor), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_forward_device(layer, x.data(), tokens, want_y.data(), nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_region_map(c, 0, 4096, nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_region_info(nullptr, &data, nullptr, nullptr, nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_region_unmap(region), TUTEL_OK) << tutel_last_error();
+  EXPECT_EQ(tutel_region_unmap(nullptr), TUTEL_OK);
+  tutel_layer_release(layer);
+  tutel_close(c);
+  EXPECT_EQ(s.daemon->stop(), 0) << s.daemon->log();
+}
+
+// The wire, by hand: what no client library would send.
+TEST(DeviceRegion, MalformedFramesAndDescriptorsAreRefusedAndTheSessionGoesOn) {
+  DaemonProcess d(DaemonOptions{});
+  ASSERT_TRUE(d.start());
+  RawSession s(d.client_socket());
+  ASSERT_TRUE(s.hello().ok());
+  auto handle = s.create_layer(kSpec);
+  ASSERT_TRUE(handle.ok()) << handle.status();
+
+  // kMapRegion bodies: missing, mistyped, out of range.
+  for (const nlohmann::json& body :
+       {nlohmann::json::object(), nlohmann::json{{"rank", 0}}, nlohmann::json{{"bytes", 4096}},
+        nlohmann::json{{"rank", "0"}, {"bytes", 4096}}, nlohmann::json{{"rank", 0}, {"bytes", -4}},
+        nlohmann::json{{"rank", 0}, {"bytes", 0}}, nlohmann::json{{"rank", 0}, {"bytes", 4097}},
+        nlohmann::json{{"rank", 0}, {"bytes", int64_t{1} << 50}}, nlohmann::json{{"rank", 7}, {"bytes", 4096}},
+        nlohmann::json{{"rank", 0}, {"bytes", 1.5}}}) {
+    auto r = s.call(ipc::FrameType::kMapRegion, body, ipc::FrameType::kOk);
+    EXPECT_FALSE(r.ok()) << body.dump();
+  }
+  for (const nlohmann::json& body : {nlohmann::json::object(), nlohmann::json{{"region", 0}},
+                                     nlohmann::json{{"region", 99}}, nlohmann::json{{"region", -1}},
+                                     nlohmann::json{{"region", int64_t{1} << 40}}}) {
+    auto r = s.call(ipc::FrameType::kUnmapRegion, body, ipc::FrameType::kOk);
+    EXPECT_FALSE(r.ok()) << body.dump();
+  }
+
+  // A good region, mapped by hand.
+  ASSERT_TRUE(s.send(ipc::FrameType::kMapRegion, {{"rank", 0}, {"bytes", 65536}}).ok());
+  auto frame = s.receive();
+  ASSERT_TRUE(frame.ok()) << frame.status();
+  auto info = ipc::reply_body(*frame, ipc::FrameType::kOk);
+  ASSERT_TRUE(info.ok()) << info.status();
+  ASSERT_EQ(frame->fds.size(), 1u);
+  auto memory = SharedMemory::attach(std::move(frame->fds[0]), "the region");
+  ASSERT_TRUE(memory.ok()) << memory.status();
+  const uint32_t region = (*info)["region"].get<uint32_t>();
+  EXPECT_EQ((*info)["kind"], "host_memfd");
+
+  const uint64_t x_bytes = 8 * kDim * 4;
+  ipc::RequestDescriptor good{};
+  good.op = static_cast<uint32_t>(ipc::Op::kForward);
+  good.flags = ipc::kFlagDeviceRegion;
+  good.region = region;
+  good.layer_handle = *handle;
+  good.tokens = 8;
+  good.input_offset = 0;
+  good.input_bytes = x_bytes;
+  good.output_offset = x_bytes;
+  good.output_bytes = x_bytes;
+
+  struct Case {
+    const char* what;
+    std::function<void(ipc::RequestDescriptor&)> spoil;
+    StatusCode code;
+  };
+  const std::vector<Case> cases = {
+      {"unknown region", [](auto& r) { r.region = 42; }, StatusCode::kNotFound},
+      {"region 0", [](auto& r) { r.region = 0; }, StatusCode::kNotFound},
+      {"input past the end", [](auto& r) { r.input_offset = 65536 - 64; }, StatusCode::kOutOfRange},
+      {"output offset wraps", [](auto& r) { r.output_offset = ~uint64_t{0} - 3; }, StatusCode::kOutOfRange},
+      {"misaligned", [](auto& r) { r.output_offset = x_bytes + 2; }, StatusCode::kInvalidArgument},
+      {"overlap", [](auto& r) { r.output_offset = 64; }, StatusCode::kInvalidArgument},
+      {"wrong size", [](auto& r) { r.input_bytes = 4; }, StatusCode::kInvalidArgument},
+      {"unknown flag", [](auto& r) { r.flags |= 1u << 7; }, StatusCode::kInvalidArgument},
+      {"checksum in a region", [](auto& r) { r.op = static_cast<uint32_t>(ipc::Op::kChecksum); },
+       StatusCode::kInvalidArgument},
+  };
+  for (const Case& c : cases) {
+    ipc::RequestDescriptor bad = good;
+    c.spoil(bad);
+    auto done = s.submit(bad);
+    ASSERT_TRUE(done.has_value()) << c.what;
+    EXPECT_EQ(done->status_code, static_cast<int32_t>(c.code)) << c.what << ": " << done->message;
+  }
+  // The session goes on: the good request runs in place.
+  std::mt19937 rng(std::random_device{}());
+  const std::vector<float> x = randn(8 * kDim, rng);
+  std::memcpy(memory->data(), x.data(), x_bytes);
+  auto done = s.submit(good);
+  ASSERT_TRUE(done.has_value());
+  EXPECT_EQ(done->status_code, 0) << done->message;
+  std::vector<float> zero(8 * kDim, 0.f);
+  EXPECT_NE(std::memcmp(memory->data() + x_bytes, zero.data(), x_bytes), 0);  // y was written there
+
+  // Unmapped, it is gone for requests too.
+  ASSERT_TRUE(s.call(ipc::FrameType::kUnmapRegion, {{"region", region}}, ipc::FrameType::kOk).ok());
+  done = s.submit(good);
+  ASSERT_TRUE(done.has_value());
+  EXPECT_EQ(done->status_code, static_cast<int32_t>(StatusCode::kNotFound)) << done->message;
+  EXPECT_TRUE(d.alive());
+  EXPECT_EQ(d.stop(), 0) << d.log();
+}
+
+}  // namespace
+}  // namespace tutel::testing
