@@ -26,6 +26,7 @@ struct DaemonOptions {
   std::string extra_tenants;  // more [[tenant]] tables
   std::string layers;         // [[layer]] tables
   std::string cluster;        // the body of a [cluster] table; empty: none
+  std::string backend = "cpu";  // [backend] kind
   int ranks = 1;
   int threads_per_rank = 1;
   bool state_dir = true;
@@ -155,7 +156,7 @@ class DaemonProcess {
       << "log_level = \"info\"\n"
       << "arena_bytes = \"16MiB\"\n"
       << options_.extra_server << "\n"
-      << "[backend]\nkind = \"cpu\"\nranks = " << options_.ranks << "\nthreads_per_rank = " << options_.threads_per_rank
+      << "[backend]\nkind = \"" << options_.backend << "\"\nranks = " << options_.ranks << "\nthreads_per_rank = " << options_.threads_per_rank
       << "\n\n[[tenant]]\nname = \"default\"\nuids = [" << ::getuid() << "]\n"
       << (options_.default_max_memory_bytes
               ? "max_memory_bytes = " + std::to_string(options_.default_max_memory_bytes) + "\n"
