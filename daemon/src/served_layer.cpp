@@ -5,6 +5,7 @@
 #include <random>
 #include <vector>
 
+#include "tutel/comm/nccl.hpp"
 #include "tutel/comm/ucx.hpp"
 #include "tutel/core/safetensors.hpp"
 
@@ -56,10 +57,11 @@ Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& 
 
 Status ServedLayer::join_group() {
   const GroupConfig& g = *def_.group;
-  if (rank_.backend->device().kind != DeviceKind::kCpu)
-    return Status::Unimplemented("expert-parallel groups run on the cpu backend for now");
+  // The group's own backend, of the rank's kind on the rank's device: on a GPU rank the
+  // collectives run over NCCL on its stream, set up through the UCX group below.
+  const bool on_gpu = rank_.backend->device().kind == DeviceKind::kCuda;
   auto group = std::make_unique<Group>();
-  TUTEL_ASSIGN_OR_RETURN(group->backend, make_backend("cpu", rank_.options));
+  TUTEL_ASSIGN_OR_RETURN(group->backend, make_backend(rank_.backend->name(), rank_.options));
   group->activations = std::make_unique<ActivationBackend>(*group->backend, memory_);
   comm::BootstrapOptions o;
   o.coordinator_host = g.coordinator_host;
@@ -83,10 +85,17 @@ Status ServedLayer::join_group() {
   o.timeout = g.bootstrap_timeout;
   o.collective_timeout = g.collective_timeout;
   o.local_exchange = rank_.local_exchange;
-  TUTEL_ASSIGN_OR_RETURN(group->comm, comm::ucx_bootstrap(o));
+  TUTEL_ASSIGN_OR_RETURN(group->host_comm, comm::ucx_bootstrap(o));
+  if (on_gpu) {
+    comm::NcclOptions nccl;
+    nccl.device = rank_.options.device_index;
+    nccl.stream = group->backend->native_stream();
+    // Rank 0's unique id travels over the UCX group, which then keeps watching the peers.
+    TUTEL_ASSIGN_OR_RETURN(group->device_comm, comm::nccl_from_host(*group->host_comm, nccl, g.collective_timeout));
+  }
   // Its saved state and workspaces are allocated through `activations`, and so charged.
   TUTEL_ASSIGN_OR_RETURN(graphs::ExpertParallelLayer ep,
-                         graphs::ExpertParallelLayer::create(*group->activations, *group->comm, def_.spec,
+                         graphs::ExpertParallelLayer::create(*group->activations, group->comm(), def_.spec,
                                                              g.all_to_all));
   group->layer.emplace(std::move(ep));
   group_ = std::move(group);
@@ -212,7 +221,7 @@ std::string ServedLayer::group_error() const {
 
 std::vector<comm::PeerStatus> ServedLayer::group_peers() const {
   // group_ is set before the layer is published and never changes after.
-  return group_ ? group_->comm->peers() : std::vector<comm::PeerStatus>{};
+  return group_ ? group_->comm().peers() : std::vector<comm::PeerStatus>{};
 }
 
 Status ServedLayer::note_group_status(Status st) {
@@ -296,9 +305,15 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
   if (group_) {
     // Its peers run the same forwards in the same order (the clients' contract), so every rank
     // keeps the same micro-batches under the same sequences.
-    st = note_group_status(group_->layer->forward(
-        weights_of(0), TensorView(const_cast<float*>(x), DType::kF32, {tokens, M}, d),
-        TensorView(y, DType::kF32, {tokens, O}, d), &stats, pending ? &pending->saved : nullptr));
+    // Staged like a local layer's on a GPU group; the forward keeps its own copy of x.
+    st = note_group_status([&]() -> Status {
+      TUTEL_ASSIGN_OR_RETURN(const TensorView xv, stage_in(x, {tokens, M}, staged_in_, memory));
+      TUTEL_ASSIGN_OR_RETURN(const TensorView yv, stage_out(y, {tokens, O}, staged_out_, memory));
+      TUTEL_RETURN_IF_ERROR(
+          group_->layer->forward(weights_of(0), xv, yv, &stats, pending ? &pending->saved : nullptr));
+      return unstage_out(y, yv, memory);
+    }());
+    if (!st.ok() && stages_host_memory()) (void)b.synchronize();
   } else {
     st = [&]() -> Status {
       TensorView xv;
@@ -372,9 +387,13 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
   const uint64_t held = p.bytes();
   Status st;
   if (group_) {
-    const TensorView dyv(const_cast<float*>(dy), DType::kF32, {tokens, O}, d),
-        dxv(dx, DType::kF32, {tokens, M}, d);
-    st = note_group_status(group_->layer->backward(weights_of(0), dyv, dl_aux, dxv, weights_of(1), p.saved));
+    st = note_group_status([&]() -> Status {
+      TUTEL_ASSIGN_OR_RETURN(const TensorView dyv, stage_in(dy, {tokens, O}, staged_in_, memory));
+      TUTEL_ASSIGN_OR_RETURN(const TensorView dxv, stage_out(dx, {tokens, M}, staged_out_, memory));
+      TUTEL_RETURN_IF_ERROR(group_->layer->backward(weights_of(0), dyv, dl_aux, dxv, weights_of(1), p.saved));
+      return unstage_out(dx, dxv, memory);
+    }());
+    if (!st.ok() && stages_host_memory()) (void)b.synchronize();
   } else {
     st = [&]() -> Status {
       TUTEL_ASSIGN_OR_RETURN(const TensorView dyv, stage_in(dy, {tokens, O}, staged_in_, memory));

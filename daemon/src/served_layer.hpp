@@ -145,21 +145,26 @@ class ServedLayer {
   };
 
   // A [group] layer: its own backend (collectives block, so it must not hold the rank's), its
-  // communicator, and the expert-parallel step over them.
+  // communicators, and the expert-parallel step over them.
   struct Group {
     std::unique_ptr<Backend> backend;
     // Between the backend it wraps and the layer whose buffers it charges (member order is
     // destruction order).
     std::unique_ptr<ActivationBackend> activations;
-    std::unique_ptr<comm::Communicator> comm;
+    // UCX over host memory: the group's membership, and its collectives on a CPU rank.
+    std::unique_ptr<comm::Communicator> host_comm;
+    // On a GPU rank, NCCL over device memory (made through host_comm); null otherwise.
+    std::unique_ptr<comm::Communicator> device_comm;
     std::optional<graphs::ExpertParallelLayer> layer;
+    // The communicator the layer's collectives use.
+    comm::Communicator& comm() { return device_comm ? *device_comm : *host_comm; }
   };
 
   Backend& backend() { return group_ ? *group_->backend : *rank_.backend; }
   // The backend forwards and backwards run on: backend(), with their allocations charged.
   ActivationBackend& activations() { return group_ ? *group_->activations : *local_activations_; }
   // The client's buffers are host memory: a backend whose memory is elsewhere gets its inputs
-  // and outputs staged through device buffers (group layers run on the CPU backend only).
+  // and outputs staged through device buffers.
   bool stages_host_memory() { return backend().device().kind != DeviceKind::kCpu; }
   bool stages(ClientMemory memory) { return memory == ClientMemory::kHost && stages_host_memory(); }
   // The rank's backend is shared by its layers; a group layer's is its own.
