@@ -123,7 +123,7 @@ Status ServedLayer::allocate() {
   const LayerSpec& s = def_.spec;
   for (const char* name : {kGateWeightName, kFc1WeightName, kFc1BiasName, kFc2WeightName, kFc2BiasName}) {
     if ((name == kFc1BiasName && !s.has_fc1_bias) || (name == kFc2BiasName && !s.has_fc2_bias)) continue;
-    tensors_.push_back({name, shape_of(name), {}, {}, {}, {}});
+    tensors_.push_back({name, shape_of(name), {}, {}, {}, {}, {}});
   }
   const bool adam = def_.optimizer.kind == OptimizerKind::kAdamW;
   const bool momentum = def_.optimizer.kind == OptimizerKind::kSgd && def_.optimizer.momentum != 0.f;
@@ -145,7 +145,25 @@ Status ServedLayer::allocate() {
       TUTEL_RETURN_IF_ERROR(b.fill_zero(bytes_view(t.state1, b.device())));
       memory_bytes_ += bytes;
     }
+    if (keeps_bf16_copy(t)) {
+      TUTEL_ASSIGN_OR_RETURN(t.value_bf16, b.allocate(bytes / 2));
+      memory_bytes_ += bytes / 2;
+    }
   }
+  return Status::OK();
+}
+
+bool ServedLayer::keeps_bf16_copy(const Tensor& t) const {
+  // The expert weights are what the bf16 matmuls read; converting them once per step instead of
+  // on every forward and backward is the point (the gate and biases stay f32).
+  return def_.spec.matmul_dtype == DType::kBF16 && (t.name == kFc1WeightName || t.name == kFc2WeightName);
+}
+
+Status ServedLayer::refresh_bf16_copies() {
+  Backend& b = backend();
+  for (Tensor& t : tensors_)
+    if (t.value_bf16.data())
+      TUTEL_RETURN_IF_ERROR(b.convert(t.view(t.value, b.device()), t.bf16_view(b.device())));
   return Status::OK();
 }
 
@@ -188,7 +206,7 @@ Status ServedLayer::copy_in(const graphs::HostLayerParams& p) {
                               t.shape.to_string());
     TUTEL_RETURN_IF_ERROR(b.copy(t.value.data(), src.data(), src.size() * 4, CopyKind::kHostToDevice));
   }
-  return Status::OK();
+  return refresh_bf16_copies();
 }
 
 LayerWeights ServedLayer::weights_of(int which) const {
@@ -201,6 +219,10 @@ LayerWeights ServedLayer::weights_of(int which) const {
     else if (t.name == kFc1BiasName) w.experts.fc1_bias = v;
     else if (t.name == kFc2WeightName) w.experts.fc2_weight = v;
     else if (t.name == kFc2BiasName) w.experts.fc2_bias = v;
+    if (which == 0 && t.value_bf16.data()) {
+      if (t.name == kFc1WeightName) w.experts.fc1_weight_bf16 = t.bf16_view(d);
+      else w.experts.fc2_weight_bf16 = t.bf16_view(d);
+    }
   }
   return w;
 }
@@ -446,6 +468,7 @@ Result<int64_t> ServedLayer::step() {
       a.eps = o.eps;
       a.weight_decay = o.weight_decay;
       a.step = step_ + 1;
+      if (t.value_bf16.data()) a.param_bf16 = t.bf16_view(d);
       TUTEL_RETURN_IF_ERROR(b.adamw_step(a));
     } else {
       SgdArgs a{t.view(t.value, d), t.view(t.grad, d),
@@ -455,6 +478,7 @@ Result<int64_t> ServedLayer::step() {
       a.weight_decay = o.weight_decay;
       a.nesterov = o.nesterov;
       a.first_step = step_ == 0;
+      if (t.value_bf16.data()) a.param_bf16 = t.bf16_view(d);
       TUTEL_RETURN_IF_ERROR(b.sgd_step(a));
     }
   }
@@ -567,7 +591,7 @@ Status ServedLayer::load_locked(const std::string& path, bool require_all) {
   for (const Copy& c : copies)
     TUTEL_RETURN_IF_ERROR(b.copy(c.dst->data(), c.src->data, c.src->nbytes, CopyKind::kHostToDevice));
   step_ = step;
-  return Status::OK();
+  return refresh_bf16_copies();
 }
 
 }  // namespace tutel::daemon

@@ -128,8 +128,15 @@ class ServedLayer {
     std::string name;   // Tutel parameter name
     Shape shape;
     DeviceBuffer value, grad, state0, state1;  // state: momentum, or exp_avg / exp_avg_sq
+    // An expert weight's bf16 copy when the matmuls are bf16 (ExpertWeights): written whenever
+    // the value is (initialisation, load, every step), so it never lags behind it.
+    DeviceBuffer value_bf16;
     TensorView view(const DeviceBuffer& b, Device d) const { return TensorView(b.data(), DType::kF32, shape, d); }
+    TensorView bf16_view(Device d) const { return TensorView(value_bf16.data(), DType::kBF16, shape, d); }
   };
+  bool keeps_bf16_copy(const Tensor& t) const;
+  // Converts every value that keeps a bf16 copy into it; under the device lock.
+  Status refresh_bf16_copies();
   // One training forward waiting for its backward; recycled, so its buffers only grow.
   struct Pending {
     // A layer without [group]: the layer's workspace, and the forward's input on the backend's

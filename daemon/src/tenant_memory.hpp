@@ -135,6 +135,7 @@ class ActivationBackend final : public Backend {
   Status gate_backward(const GateBackwardArgs& a) override { return inner_.gate_backward(a); }
   Status sgd_step(const SgdArgs& a) override { return inner_.sgd_step(a); }
   Status adamw_step(const AdamWArgs& a) override { return inner_.adamw_step(a); }
+  Status convert(TensorView src, TensorView dst) override { return inner_.convert(src, dst); }
   Status register_host(void* data, size_t bytes) override {
     return inner_.register_host(data, bytes);
   }

@@ -173,7 +173,7 @@ void ExpertParallelLayer::swap_outer(const float* src, float* dst, int64_t a, in
 }
 
 ExpertWeights ExpertParallelLayer::local_experts(const ExpertWeights& w) const {
-  ExpertWeights out = w;
+  ExpertWeights out = w;  // the bf16 weight copies, already this rank's slices, pass as they are
   // A shard adds only its slice of the fc2 bias, to its own columns (add_fc2_bias_slice), so
   // the sum over shards carries the whole bias exactly once.
   if (shard_.shards > 1) out.fc2_bias = TensorView();
@@ -205,7 +205,9 @@ Status check_local(const LayerWeights& w, const LayerSpec& spec, const ExpertSha
   if (spec.has_fc2_bias)
     TUTEL_RETURN_IF_ERROR(
         w.experts.fc2_bias.expect(p + kFc2BiasName, DType::kF32, local_fc2_bias_shape(spec, s)));
-  return Status::OK();
+  // bf16 weight copies are the caller's, sliced like their weights (this rank's experts, or its
+  // H-slice): each must have its local weight's shape.
+  return w.experts.check_bf16_copies(what);
 }
 
 }  // namespace
@@ -280,7 +282,8 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   TUTEL_RETURN_IF_ERROR(grow(st.hidden_, El * R * Hs * 4));
   TUTEL_RETURN_IF_ERROR(grow(expert_out_, El * R * O * 4));
   TUTEL_RETURN_IF_ERROR(grow(st.combined_, E * C * O * 4));
-  const ExpertShape shape{El, R, M, Hs, O};
+  ExpertShape shape{El, R, M, Hs, O};
+  shape.weights_bf16 = local.experts.has_bf16_copies();
   TUTEL_RETURN_IF_ERROR(grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype)));
 
   TUTEL_RETURN_IF_ERROR(b.slot_map({idx, loc, C, i32(st.slots_, {E, C})}));
@@ -344,8 +347,9 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
   const int64_t widest = std::max(M, O);
   TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
   TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
-  TUTEL_RETURN_IF_ERROR(
-      grow(workspace_, b.expert_workspace_bytes({El, R, M, Hs, O}, spec_.matmul_dtype)));
+  ExpertShape shape{El, R, M, Hs, O};
+  shape.weights_bf16 = local.experts.has_bf16_copies();
+  TUTEL_RETURN_IF_ERROR(grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype)));
   const TensorView xv = f32(saved.x_, {S, M}), scores = f32(saved.scores_, {S, E}),
                    idx = i32(saved.expert_index_, {S, k}), gates = f32(saved.gates_, {S, k}),
                    loc = i32(saved.location_, {S, k}), d_gates = f32(d_gates_, {S, k});

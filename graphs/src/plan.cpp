@@ -26,10 +26,10 @@ PlanKind resolve_plan_kind(const Backend& backend, PlanKind kind) {
   return PlanKind::kHost;
 }
 
-size_t plan_bytes(const Backend& backend, const LayerSpec& spec, const PlanKey& key,
-                  PlanKind kind) {
+size_t plan_bytes(const Backend& backend, const LayerSpec& spec, const PlanKey& key, PlanKind kind,
+                  bool weights_bf16) {
   const bool io_buffers = resolve_plan_kind(backend, kind) == PlanKind::kCudaGraph;
-  return detail::PlanLayout(backend, spec, key, io_buffers).total();
+  return detail::PlanLayout(backend, spec, key, io_buffers, weights_bf16).total();
 }
 
 Result<std::unique_ptr<Plan>> build_plan(Backend& backend, const PlanTarget& target,
@@ -69,7 +69,7 @@ PlanBase::PlanBase(Backend& backend, const PlanTarget& target, const PlanKey& ke
       target_(target),
       key_(key),
       io_buffers_(io_buffers),
-      layout_(backend, target.spec, key, io_buffers),
+      layout_(backend, target.spec, key, io_buffers, target.weights.experts.has_bf16_copies()),
       static_capacity_(target.spec.capacity_factor > 0) {}
 
 Status PlanBase::init(int32_t* counts_host, float* l_aux_host) {

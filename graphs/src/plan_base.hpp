@@ -46,7 +46,9 @@ enum class Slot : uint8_t {
 
 class PlanLayout {
  public:
-  PlanLayout(const Backend& backend, const LayerSpec& spec, const PlanKey& key, bool io_buffers);
+  // weights_bf16: the target's expert weights come with both bf16 copies (smaller workspace).
+  PlanLayout(const Backend& backend, const LayerSpec& spec, const PlanKey& key, bool io_buffers,
+             bool weights_bf16);
   size_t offset(Slot s) const { return offset_[static_cast<size_t>(s)]; }
   size_t bytes(Slot s) const { return bytes_[static_cast<size_t>(s)]; }
   size_t total() const { return total_; }

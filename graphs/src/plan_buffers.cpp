@@ -13,7 +13,7 @@ constexpr size_t kSlotAlign = 256;
 }  // namespace
 
 PlanLayout::PlanLayout(const Backend& backend, const LayerSpec& spec, const PlanKey& key,
-                       bool io_buffers) {
+                       bool io_buffers, bool weights_bf16) {
   const size_t T = static_cast<size_t>(key.token_bucket),
                C = static_cast<size_t>(key.capacity_bucket);
   const size_t E = spec.experts, k = spec.k, M = spec.model_dim, H = spec.hidden,
@@ -41,8 +41,8 @@ PlanLayout::PlanLayout(const Backend& backend, const LayerSpec& spec, const Plan
   set(Slot::kExpertOut, E * C * O * 4);
   // The workspace need grows with C, so the bucket's size serves every C <= it. At least 64
   // bytes, as layer_forward's workspace, so the view handed to the ops is never empty.
-  const ExpertShape shape{spec.experts, key.capacity_bucket, spec.model_dim, spec.hidden,
-                          spec.out_dim()};
+  ExpertShape shape{spec.experts, key.capacity_bucket, spec.model_dim, spec.hidden, spec.out_dim()};
+  shape.weights_bf16 = weights_bf16;
   set(Slot::kWorkspace,
       std::max<size_t>(backend.expert_workspace_bytes(shape, spec.matmul_dtype), 64));
 

@@ -70,7 +70,8 @@ Result<std::shared_ptr<Plan>> PlanCache::build(LayerId id, const LayerEntry& lay
     return s;
   };
   if (Status s = check_buildable(key, layer.target.spec); !s.ok()) return fail(std::move(s));
-  const size_t bytes = plan_bytes(backend_, layer.target.spec, key, options_.kind);
+  const size_t bytes = plan_bytes(backend_, layer.target.spec, key, options_.kind,
+                                  layer.target.weights.experts.has_bf16_copies());
   if (Status s = make_room(bytes, key); !s.ok()) return fail(std::move(s));
   auto built = build_plan(backend_, layer.target, key, options_.kind);
   if (!built.ok())

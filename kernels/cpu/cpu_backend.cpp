@@ -33,6 +33,38 @@ float dot(const float* a, const float* b, int64_t n) {
   return acc;
 }
 
+// dst[i] = bf16(src[i]), round to nearest even: the one conversion every bf16 operand, weight
+// copy and optimizer refresh goes through, so they all agree bit for bit.
+void to_bf16(const float* src, int64_t n, uint16_t* dst) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+// Runs update(begin, end) over [0, n) in blocks that stay in L1, each followed by the bf16 copy
+// of its stretch of `param` when `copy` is given: one pass over memory, and inner loops without
+// a branch on the copy, which the compiler can vectorize.
+template <typename Update>
+void step_in_blocks(int64_t n, const float* param, uint16_t* copy, const Update& update) {
+  constexpr int64_t kBlock = 2048;
+#pragma omp parallel for schedule(static)
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t end = std::min(n, begin + kBlock);
+    update(begin, end);
+    if (!copy) continue;
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) copy[i] = f32_to_bf16(param[i]);
+  }
+}
+
+// A weight as a matmul operand: the owner's bf16 copy when the matmul is bf16 and there is one
+// (matmul() then converts nothing), else the f32 weight `m` as laid out.
+MatOperand with_bf16_copy(MatOperand m, const TensorView& copy, DType matmul_dtype) {
+  if (matmul_dtype != DType::kBF16 || copy.empty()) return m;
+  m.data = copy.data();
+  m.type = dnnl::memory::data_type::bf16;
+  return m;
+}
+
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(int threads) : threads_(threads) {}
@@ -89,6 +121,13 @@ class CpuBackend final : public Backend {
 
   Status synchronize() override { return Status::OK(); }
 
+  Status convert(TensorView src, TensorView dst) override {
+    TUTEL_RETURN_IF_ERROR(check_bf16_copy(src, dst, "convert's dst"));
+    threads_scope();
+    to_bf16(src.data_as<float>(), src.numel(), dst.data_as<uint16_t>());
+    return Status::OK();
+  }
+
   Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override {
     threads_scope();
     float* o = out.data_as<float>();
@@ -119,6 +158,8 @@ class CpuBackend final : public Backend {
 
   // Converts the operand's underlying buffer (numel elements) to bf16 in `scratch`.
   MatOperand as_bf16(const MatOperand& m, uint16_t* scratch) const;
+  // With bf16, f32 operands are converted into the two halves of the workspace first; operands
+  // already in bf16 (weight copies) are used as they are.
   Status matmul(const MatOperand& a, const MatOperand& b, float* dst, const MatmulOptions& o,
                 DType matmul_dtype, const TensorView& workspace);
   // dbias[e, :] += Σ_c d[e, c, :] for d of shape [E, C, N].
@@ -409,16 +450,16 @@ Status CpuBackend::gate_backward(const GateBackwardArgs& a) {
 size_t CpuBackend::expert_workspace_bytes(const ExpertShape& s, DType matmul_dtype) const {
   if (matmul_dtype != DType::kBF16) return 0;
   const int64_t C = s.capacity, M = s.model_dim, H = s.hidden, O = s.output_dim;
-  const int64_t per_operand = s.experts * std::max({C * M, C * H, C * O, H * M, H * O});
-  return static_cast<size_t>(2 * per_operand) * sizeof(uint16_t);
+  // Two operands at a time: the weight gradients' GEMMs convert two activations even when the
+  // weights come in bf16.
+  int64_t per_operand = std::max({C * M, C * H, C * O});
+  if (!s.weights_bf16) per_operand = std::max({per_operand, H * M, H * O});
+  return static_cast<size_t>(2 * s.experts * per_operand) * sizeof(uint16_t);
 }
 
 MatOperand CpuBackend::as_bf16(const MatOperand& m, uint16_t* scratch) const {
   // The operand may be a transposed view: convert the whole underlying buffer, keep strides.
-  const int64_t n = m.dims[0] * m.dims[1] * m.dims[2];
-  const float* src = static_cast<const float*>(m.data);
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) scratch[i] = f32_to_bf16(src[i]);
+  to_bf16(static_cast<const float*>(m.data), m.dims[0] * m.dims[1] * m.dims[2], scratch);
   MatOperand out = m;
   out.data = scratch;
   out.type = dnnl::memory::data_type::bf16;
@@ -430,10 +471,18 @@ Status CpuBackend::matmul(const MatOperand& a, const MatOperand& b, float* dst, 
   if (matmul_dtype != DType::kBF16) return dnnl_.run(a, b, dst, o);
   const size_t half = workspace.nbytes() / 2 / sizeof(uint16_t);
   auto* scratch = static_cast<uint16_t*>(workspace.data());
-  const size_t a_elems = a.dims[0] * a.dims[1] * a.dims[2], b_elems = b.dims[0] * b.dims[1] * b.dims[2];
-  if (a_elems > half || b_elems > half)
-    return Status::InvalidArgument("expert workspace too small for the bf16 matmul; size it with expert_workspace_bytes()");
-  return dnnl_.run(as_bf16(a, scratch), as_bf16(b, scratch + half), dst, o);
+  auto needs_room = [half](const MatOperand& m) {
+    return m.type == dnnl::memory::data_type::f32 &&
+           static_cast<size_t>(m.dims[0] * m.dims[1] * m.dims[2]) > half;
+  };
+  if (needs_room(a) || needs_room(b))
+    return Status::InvalidArgument(
+        "expert workspace too small for the bf16 matmul; size it with "
+        "expert_workspace_bytes() (weights_bf16 only when both weights come with bf16 copies)");
+  auto operand = [this](const MatOperand& m, uint16_t* slot) {
+    return m.type == dnnl::memory::data_type::bf16 ? m : as_bf16(m, slot);
+  };
+  return dnnl_.run(operand(a, scratch), operand(b, scratch + half), dst, o);
 }
 
 void CpuBackend::accumulate_bias_grad(const float* d, int64_t E, int64_t C, int64_t N, float* dbias) const {
@@ -469,8 +518,13 @@ Status CpuBackend::expert_forward(const ExpertForwardArgs& a) {
   if (C == 0) return Status::OK();
   const float* b1 = a.weights.fc1_bias.empty() ? nullptr : a.weights.fc1_bias.data_as<float>();
   const float* b2 = a.weights.fc2_bias.empty() ? nullptr : a.weights.fc2_bias.data_as<float>();
+  if (a.matmul_dtype == DType::kBF16)
+    TUTEL_RETURN_IF_ERROR(a.weights.check_bf16_copies("expert_forward:"));
   float* hidden = a.hidden.data_as<float>();
-  const MatOperand fc1 = transposed(a.weights.fc1_weight.data(), E, H, M);
+  const MatOperand fc1 = with_bf16_copy(transposed(a.weights.fc1_weight.data(), E, H, M),
+                                        a.weights.fc1_weight_bf16, a.matmul_dtype);
+  const MatOperand fc2 = with_bf16_copy(row_major(a.weights.fc2_weight.data(), E, H, O),
+                                        a.weights.fc2_weight_bf16, a.matmul_dtype);
   const MatOperand disp = row_major(a.dispatched.data(), E, C, M);
   // Fuse the activation into fc1 unless backward needs the pre-activation (gelu, silu).
   if (a.pre_activation.empty()) {
@@ -481,8 +535,8 @@ Status CpuBackend::expert_forward(const ExpertForwardArgs& a) {
     TUTEL_RETURN_IF_ERROR(matmul(disp, fc1, pre, {.bias = b1}, a.matmul_dtype, a.workspace));
     TUTEL_RETURN_IF_ERROR(dnnl_.eltwise_forward(eltwise_of(a.activation), pre, hidden, E * C * H));
   }
-  return matmul(row_major(hidden, E, C, H), row_major(a.weights.fc2_weight.data(), E, H, O),
-                a.expert_out.data_as<float>(), {.bias = b2}, a.matmul_dtype, a.workspace);
+  return matmul(row_major(hidden, E, C, H), fc2, a.expert_out.data_as<float>(), {.bias = b2},
+                a.matmul_dtype, a.workspace);
 }
 
 Status CpuBackend::expert_backward(const ExpertBackwardArgs& a) {
@@ -494,13 +548,17 @@ Status CpuBackend::expert_backward(const ExpertBackwardArgs& a) {
   const float* hidden = a.hidden.data_as<float>();
   float* d_hidden = a.d_hidden.data_as<float>();
   const DType dt = a.matmul_dtype;
+  if (dt == DType::kBF16) TUTEL_RETURN_IF_ERROR(a.weights.check_bf16_copies("expert_backward:"));
+  const MatOperand fc1 = with_bf16_copy(row_major(a.weights.fc1_weight.data(), E, H, M),
+                                        a.weights.fc1_weight_bf16, dt);
+  const MatOperand fc2_t = with_bf16_copy(transposed(a.weights.fc2_weight.data(), E, H, O),
+                                          a.weights.fc2_weight_bf16, dt);
 
   // fc2: dW2 += hᵀ·d_out, db2 += Σ_c d_out, d_hidden = d_out·W2ᵀ.
   TUTEL_RETURN_IF_ERROR(matmul(transposed(hidden, E, C, H), row_major(d_out, E, C, O),
                                a.grads.fc2_weight.data_as<float>(), {.accumulate = true}, dt, a.workspace));
   if (!a.grads.fc2_bias.empty()) accumulate_bias_grad(d_out, E, C, O, a.grads.fc2_bias.data_as<float>());
-  TUTEL_RETURN_IF_ERROR(matmul(row_major(d_out, E, C, O), transposed(a.weights.fc2_weight.data(), E, H, O),
-                               d_hidden, {}, dt, a.workspace));
+  TUTEL_RETURN_IF_ERROR(matmul(row_major(d_out, E, C, O), fc2_t, d_hidden, {}, dt, a.workspace));
   // act': in place, d_hidden becomes d_pre.
   if (a.activation == Activation::kRelu) {
     TUTEL_RETURN_IF_ERROR(dnnl_.eltwise_backward(algorithm::eltwise_relu_use_dst_for_bwd, hidden,
@@ -513,8 +571,8 @@ Status CpuBackend::expert_backward(const ExpertBackwardArgs& a) {
   TUTEL_RETURN_IF_ERROR(matmul(transposed(d_hidden, E, C, H), row_major(a.dispatched.data(), E, C, M),
                                a.grads.fc1_weight.data_as<float>(), {.accumulate = true}, dt, a.workspace));
   if (!a.grads.fc1_bias.empty()) accumulate_bias_grad(d_hidden, E, C, H, a.grads.fc1_bias.data_as<float>());
-  return matmul(row_major(d_hidden, E, C, H), row_major(a.weights.fc1_weight.data(), E, H, M),
-                a.d_dispatched.data_as<float>(), {}, dt, a.workspace);
+  return matmul(row_major(d_hidden, E, C, H), fc1, a.d_dispatched.data_as<float>(), {}, dt,
+                a.workspace);
 }
 
 Status CpuBackend::sgd_step(const SgdArgs& a) {
@@ -524,16 +582,20 @@ Status CpuBackend::sgd_step(const SgdArgs& a) {
   const float* g = a.grad.data_as<float>();
   float* buf = a.momentum_buffer.empty() ? nullptr : a.momentum_buffer.data_as<float>();
   if (a.momentum != 0.f && !buf) return Status::InvalidArgument("sgd with momentum needs a momentum buffer");
+  if (!a.param_bf16.empty())
+    TUTEL_RETURN_IF_ERROR(check_bf16_copy(a.param, a.param_bf16, "sgd param_bf16"));
+  uint16_t* copy = a.param_bf16.empty() ? nullptr : a.param_bf16.data_as<uint16_t>();
   // PyTorch's SGD (dampening 0): the first step initialises the buffer with the gradient.
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    float d = g[i] + a.weight_decay * p[i];
-    if (buf) {
-      buf[i] = a.first_step ? d : a.momentum * buf[i] + d;
-      d = a.nesterov ? d + a.momentum * buf[i] : buf[i];
+  step_in_blocks(n, p, copy, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float d = g[i] + a.weight_decay * p[i];
+      if (buf) {
+        buf[i] = a.first_step ? d : a.momentum * buf[i] + d;
+        d = a.nesterov ? d + a.momentum * buf[i] : buf[i];
+      }
+      p[i] -= a.lr * d;
     }
-    p[i] -= a.lr * d;
-  }
+  });
   return Status::OK();
 }
 
@@ -545,19 +607,23 @@ Status CpuBackend::adamw_step(const AdamWArgs& a) {
   const float* g = a.grad.data_as<float>();
   float* m = a.exp_avg.data_as<float>();
   float* v = a.exp_avg_sq.data_as<float>();
+  if (!a.param_bf16.empty())
+    TUTEL_RETURN_IF_ERROR(check_bf16_copy(a.param, a.param_bf16, "adamw param_bf16"));
+  uint16_t* copy = a.param_bf16.empty() ? nullptr : a.param_bf16.data_as<uint16_t>();
   // PyTorch's AdamW: decoupled decay, bias corrections folded into the step size.
   const double bc1 = 1.0 - std::pow(double(a.beta1), double(a.step));
   const double bc2 = 1.0 - std::pow(double(a.beta2), double(a.step));
   const float step_size = static_cast<float>(a.lr / bc1);
   const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
   const float decay = 1.f - a.lr * a.weight_decay;
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    p[i] *= decay;
-    m[i] = a.beta1 * m[i] + (1.f - a.beta1) * g[i];
-    v[i] = a.beta2 * v[i] + (1.f - a.beta2) * g[i] * g[i];
-    p[i] -= step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + a.eps);
-  }
+  step_in_blocks(n, p, copy, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      p[i] *= decay;
+      m[i] = a.beta1 * m[i] + (1.f - a.beta1) * g[i];
+      v[i] = a.beta2 * v[i] + (1.f - a.beta2) * g[i] * g[i];
+      p[i] -= step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + a.eps);
+    }
+  });
   return Status::OK();
 }
 

@@ -27,12 +27,14 @@ constexpr int64_t kBf16Align = 128;  // elements: each bf16 operand starts 256-b
 
 // One operand of a row-major GEMM: `data` holds `batch` matrices `stride` elements apart, each
 // with row stride `ld`; `trans` uses the stored matrix transposed. `elems` is how many floats
-// the whole operand spans (what the bf16 path converts).
+// the whole operand spans (what the bf16 path converts). `bf16`, when not null, is the same
+// operand already in bf16 (a weight's copy, ExpertWeights): the bf16 path reads it as it is.
 struct Operand {
   const float* data;
   int64_t ld, stride;
   bool trans;
   int64_t elems;
+  const void* bf16 = nullptr;
 };
 
 bool fits_int(std::initializer_list<int64_t> values) {
@@ -89,6 +91,7 @@ class CudaBackend final : public Backend {
   Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override;
   Status fill_zero(TensorView t) override;
   Status synchronize() override;
+  Status convert(TensorView src, TensorView dst) override;
   Result<ShareableBuffer> allocate_shareable(size_t bytes) override;
   Status register_host(void* data, size_t bytes) override;
   Status unregister_host(void* data) override;
@@ -253,6 +256,13 @@ Status CudaBackend::synchronize() {
   return Status::OK();
 }
 
+Status CudaBackend::convert(TensorView src, TensorView dst) {
+  TUTEL_RETURN_IF_ERROR(check_bf16_copy(src, dst, "convert's dst"));
+  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_CUDA_CHECK(launch_to_bf16(src.data_as<float>(), src.numel(), dst.data(), stream_));
+  return Status::OK();
+}
+
 Status CudaBackend::register_host(void* data, size_t bytes) {
   if (data == nullptr || bytes == 0)
     return Status::InvalidArgument("register_host: the host range is empty");
@@ -316,8 +326,8 @@ Status CudaBackend::unregister_host(void* data) {
 //   B first and A second, m = cols, n = rows, k = inner. For an operand stored untransposed,
 //   its column-major view already is op(X)ᵀ (cuBLAS op N); for one used transposed, the view is
 //   op(X) itself and cuBLAS must transpose it (op T). Leading dimensions are the row strides.
-// With bf16, both operands are converted into the two halves of the caller's workspace first;
-// accumulation and the output stay f32 (CUBLAS_COMPUTE_32F).
+// With bf16, each operand without a bf16 copy is converted into its half of the caller's
+// workspace first; accumulation and the output stay f32 (CUBLAS_COMPUTE_32F).
 Status CudaBackend::gemm(int64_t rows, int64_t cols, int64_t inner, const Operand& a, const Operand& b, float* c,
                          int64_t ldc, int64_t stride_c, int64_t batch, float beta, DType matmul_dtype,
                          const TensorView& workspace) {
@@ -329,14 +339,27 @@ Status CudaBackend::gemm(int64_t rows, int64_t cols, int64_t inner, const Operan
   cudaDataType type = CUDA_R_32F;
   if (matmul_dtype == DType::kBF16) {
     const int64_t half = static_cast<int64_t>(workspace.nbytes() / 2 / 2) / kBf16Align * kBf16Align;
-    if (workspace.empty() || a.elems > half || b.elems > half)
+    auto needs_room = [&](const Operand& x) {
+      return !x.bf16 && (workspace.empty() || x.elems > half);
+    };
+    if (needs_room(a) || needs_room(b))
       return Status::InvalidArgument(
-          "expert workspace too small for the bf16 matmul; size it with expert_workspace_bytes()");
+          "expert workspace too small for the bf16 matmul; size it with "
+          "expert_workspace_bytes() (weights_bf16 only when both weights come with bf16 copies)");
     auto* first = static_cast<char*>(workspace.data());
     char* second = first + half * 2;
-    TUTEL_CUDA_CHECK(launch_to_bf16(a.data, a.elems, first, stream_));
-    TUTEL_CUDA_CHECK(launch_to_bf16(b.data, b.elems, second, stream_));
-    pa = first, pb = second;
+    if (a.bf16) {
+      pa = a.bf16;
+    } else {
+      TUTEL_CUDA_CHECK(launch_to_bf16(a.data, a.elems, first, stream_));
+      pa = first;
+    }
+    if (b.bf16) {
+      pb = b.bf16;
+    } else {
+      TUTEL_CUDA_CHECK(launch_to_bf16(b.data, b.elems, second, stream_));
+      pb = second;
+    }
     type = CUDA_R_16BF;
   } else if (matmul_dtype != DType::kF32) {
     return Status::InvalidArgument("matmul dtype " + std::string(dtype_name(matmul_dtype)) +
@@ -467,7 +490,11 @@ Status CudaBackend::gate_backward(const GateBackwardArgs& a) {
 size_t CudaBackend::expert_workspace_bytes(const ExpertShape& s, DType matmul_dtype) const {
   if (matmul_dtype != DType::kBF16) return 0;
   const int64_t C = s.capacity, M = s.model_dim, H = s.hidden, O = s.output_dim;
-  const int64_t per_operand = s.experts * std::max({C * M, C * H, C * O, H * M, H * O});
+  // Two operands at a time: the weight gradients' GEMMs convert two activations even when the
+  // weights come in bf16.
+  int64_t per_expert = std::max({C * M, C * H, C * O});
+  if (!s.weights_bf16) per_expert = std::max({per_expert, H * M, H * O});
+  const int64_t per_operand = s.experts * per_expert;
   const int64_t aligned = (per_operand + kBf16Align - 1) / kBf16Align * kBf16Align;
   return static_cast<size_t>(2 * aligned) * 2;  // two bf16 operands
 }
@@ -482,16 +509,20 @@ Status CudaBackend::expert_forward(const ExpertForwardArgs& a) {
   float* pre = a.pre_activation.empty() ? nullptr : a.pre_activation.data_as<float>();
   float* hidden = a.hidden.data_as<float>();
   float* out = a.expert_out.data_as<float>();
+  const ExpertWeights& w = a.weights;
+  if (a.matmul_dtype == DType::kBF16) TUTEL_RETURN_IF_ERROR(w.check_bf16_copies("expert_forward:"));
   // pre[e] = disp[e] · fc1[e]ᵀ, then bias and activation (into hidden; pre kept for backward).
   float* fc1_out = pre ? pre : hidden;
-  TUTEL_RETURN_IF_ERROR(gemm(C, H, M, {a.dispatched.data_as<float>(), M, C * M, false, E * C * M},
-                             {a.weights.fc1_weight.data_as<float>(), M, H * M, true, E * H * M}, fc1_out, H, C * H, E,
-                             0.f, a.matmul_dtype, a.workspace));
+  TUTEL_RETURN_IF_ERROR(
+      gemm(C, H, M, {a.dispatched.data_as<float>(), M, C * M, false, E * C * M},
+           {w.fc1_weight.data_as<float>(), M, H * M, true, E * H * M, w.fc1_weight_bf16.data()},
+           fc1_out, H, C * H, E, 0.f, a.matmul_dtype, a.workspace));
   TUTEL_CUDA_CHECK(launch_bias_activation(fc1_out, b1, E, C, H, act_kind(a.activation), pre, hidden, stream_));
   // out[e] = hidden[e] · fc2[e] + b2[e]
-  TUTEL_RETURN_IF_ERROR(gemm(C, O, H, {hidden, H, C * H, false, E * C * H},
-                             {a.weights.fc2_weight.data_as<float>(), O, H * O, false, E * H * O}, out, O, C * O, E,
-                             0.f, a.matmul_dtype, a.workspace));
+  TUTEL_RETURN_IF_ERROR(
+      gemm(C, O, H, {hidden, H, C * H, false, E * C * H},
+           {w.fc2_weight.data_as<float>(), O, H * O, false, E * H * O, w.fc2_weight_bf16.data()},
+           out, O, C * O, E, 0.f, a.matmul_dtype, a.workspace));
   if (b2) TUTEL_CUDA_CHECK(launch_bias_activation(out, b2, E, C, O, ActKind::kNone, nullptr, out, stream_));
   return Status::OK();
 }
@@ -508,6 +539,8 @@ Status CudaBackend::expert_backward(const ExpertBackwardArgs& a) {
   const float* hidden = a.hidden.data_as<float>();
   float* d_hidden = a.d_hidden.data_as<float>();
   const DType dt = a.matmul_dtype;
+  const ExpertWeights& w = a.weights;
+  if (dt == DType::kBF16) TUTEL_RETURN_IF_ERROR(w.check_bf16_copies("expert_backward:"));
   const bool bias_grads = !a.grads.fc1_bias.empty() || !a.grads.fc2_bias.empty();
   void* bias_scratch = nullptr;
   if (bias_grads) {
@@ -519,9 +552,10 @@ Status CudaBackend::expert_backward(const ExpertBackwardArgs& a) {
                              a.grads.fc2_weight.data_as<float>(), O, H * O, E, 1.f, dt, a.workspace));
   if (!a.grads.fc2_bias.empty())
     TUTEL_CUDA_CHECK(launch_bias_grad(d_out, E, C, O, bias_scratch, a.grads.fc2_bias.data_as<float>(), stream_));
-  TUTEL_RETURN_IF_ERROR(gemm(C, H, O, {d_out, O, C * O, false, E * C * O},
-                             {a.weights.fc2_weight.data_as<float>(), O, H * O, true, E * H * O}, d_hidden, H, C * H,
-                             E, 0.f, dt, a.workspace));
+  TUTEL_RETURN_IF_ERROR(
+      gemm(C, H, O, {d_out, O, C * O, false, E * C * O},
+           {w.fc2_weight.data_as<float>(), O, H * O, true, E * H * O, w.fc2_weight_bf16.data()},
+           d_hidden, H, C * H, E, 0.f, dt, a.workspace));
   // act': in place, d_hidden becomes d_pre.
   const float* act_input = a.activation == Activation::kRelu ? hidden : a.pre_activation.data_as<float>();
   TUTEL_CUDA_CHECK(launch_activation_backward(act_input, act_kind(a.activation), E * C * H, d_hidden, stream_));
@@ -532,22 +566,27 @@ Status CudaBackend::expert_backward(const ExpertBackwardArgs& a) {
   if (!a.grads.fc1_bias.empty())
     TUTEL_CUDA_CHECK(launch_bias_grad(d_hidden, E, C, H, bias_scratch, a.grads.fc1_bias.data_as<float>(), stream_));
   return gemm(C, M, H, {d_hidden, H, C * H, false, E * C * H},
-              {a.weights.fc1_weight.data_as<float>(), M, H * M, false, E * H * M}, a.d_dispatched.data_as<float>(), M,
-              C * M, E, 0.f, dt, a.workspace);
+              {w.fc1_weight.data_as<float>(), M, H * M, false, E * H * M, w.fc1_weight_bf16.data()},
+              a.d_dispatched.data_as<float>(), M, C * M, E, 0.f, dt, a.workspace);
 }
 
 Status CudaBackend::sgd_step(const SgdArgs& a) {
   TUTEL_RETURN_IF_ERROR(activate());
   float* buf = a.momentum_buffer.empty() ? nullptr : a.momentum_buffer.data_as<float>();
   if (a.momentum != 0.f && !buf) return Status::InvalidArgument("sgd with momentum needs a momentum buffer");
+  if (!a.param_bf16.empty())
+    TUTEL_RETURN_IF_ERROR(check_bf16_copy(a.param, a.param_bf16, "sgd param_bf16"));
   const SgdParams p{a.lr, a.momentum, a.weight_decay, a.nesterov, a.first_step};
-  TUTEL_CUDA_CHECK(launch_sgd(a.param.data_as<float>(), a.grad.data_as<float>(), buf, a.param.numel(), p, stream_));
+  TUTEL_CUDA_CHECK(launch_sgd(a.param.data_as<float>(), a.grad.data_as<float>(), buf,
+                              a.param_bf16.data(), a.param.numel(), p, stream_));
   return Status::OK();
 }
 
 Status CudaBackend::adamw_step(const AdamWArgs& a) {
   TUTEL_RETURN_IF_ERROR(activate());
   if (a.step < 1) return Status::InvalidArgument("adamw step count must be >= 1");
+  if (!a.param_bf16.empty())
+    TUTEL_RETURN_IF_ERROR(check_bf16_copy(a.param, a.param_bf16, "adamw param_bf16"));
   // PyTorch's AdamW: decoupled decay, bias corrections folded into the step size (as the CPU).
   const double bc1 = 1.0 - std::pow(double(a.beta1), double(a.step));
   const double bc2 = 1.0 - std::pow(double(a.beta2), double(a.step));
@@ -557,8 +596,9 @@ Status CudaBackend::adamw_step(const AdamWArgs& a) {
                       static_cast<float>(a.lr / bc1),
                       static_cast<float>(std::sqrt(bc2)),
                       1.f - a.lr * a.weight_decay};
-  TUTEL_CUDA_CHECK(launch_adamw(a.param.data_as<float>(), a.grad.data_as<float>(), a.exp_avg.data_as<float>(),
-                                a.exp_avg_sq.data_as<float>(), a.param.numel(), p, stream_));
+  TUTEL_CUDA_CHECK(launch_adamw(a.param.data_as<float>(), a.grad.data_as<float>(),
+                                a.exp_avg.data_as<float>(), a.exp_avg_sq.data_as<float>(),
+                                a.param_bf16.data(), a.param.numel(), p, stream_));
   return Status::OK();
 }
 

@@ -79,16 +79,17 @@ cudaError_t launch_bias_grad(const float* d, int64_t experts, int64_t rows, int6
 cudaError_t launch_to_bf16(const float* in, int64_t n, void* out, cudaStream_t stream);
 
 // PyTorch's SGD (dampening 0) and AdamW, elementwise, with the CPU backend's operation order.
+// param_bf16 (__nv_bfloat16[n], may be null) gets bf16(updated param), rounded as launch_to_bf16.
 struct SgdParams {
   float lr, momentum, weight_decay;
   bool nesterov, first_step;
 };
-cudaError_t launch_sgd(float* param, const float* grad, float* momentum_buffer, int64_t n, SgdParams p,
-                       cudaStream_t stream);
+cudaError_t launch_sgd(float* param, const float* grad, float* momentum_buffer, void* param_bf16,
+                       int64_t n, SgdParams p, cudaStream_t stream);
 struct AdamWParams {
   float beta1, beta2, eps, step_size, bc2_sqrt, decay;  // step_size = lr / bc1, decay = 1 − lr·wd
 };
-cudaError_t launch_adamw(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
-                         AdamWParams p, cudaStream_t stream);
+cudaError_t launch_adamw(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
+                         void* param_bf16, int64_t n, AdamWParams p, cudaStream_t stream);
 
 }  // namespace tutel::cuda

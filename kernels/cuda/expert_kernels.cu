@@ -90,18 +90,22 @@ __global__ void to_bf16_kernel(const float* in, int64_t n, __nv_bfloat16* out) {
   for (int64_t i = grid_index(); i < n; i += grid_stride()) out[i] = __float2bfloat16_rn(in[i]);
 }
 
-__global__ void sgd_kernel(float* param, const float* grad, float* buf, int64_t n, SgdParams p) {
+__global__ void sgd_kernel(float* param, const float* grad, float* buf, __nv_bfloat16* param_bf16,
+                           int64_t n, SgdParams p) {
   for (int64_t i = grid_index(); i < n; i += grid_stride()) {
     float d = grad[i] + p.weight_decay * param[i];
     if (buf) {
       buf[i] = p.first_step ? d : p.momentum * buf[i] + d;
       d = p.nesterov ? d + p.momentum * buf[i] : buf[i];
     }
-    param[i] -= p.lr * d;
+    const float w = param[i] - p.lr * d;
+    param[i] = w;
+    if (param_bf16) param_bf16[i] = __float2bfloat16_rn(w);
   }
 }
 
-__global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, int64_t n, AdamWParams p) {
+__global__ void adamw_kernel(float* param, const float* grad, float* m, float* v,
+                             __nv_bfloat16* param_bf16, int64_t n, AdamWParams p) {
   for (int64_t i = grid_index(); i < n; i += grid_stride()) {
     const float g = grad[i];
     float w = param[i] * p.decay;
@@ -111,6 +115,7 @@ __global__ void adamw_kernel(float* param, const float* grad, float* m, float* v
     v[i] = vi;
     w -= p.step_size * mi / (sqrtf(vi) / p.bc2_sqrt + p.eps);
     param[i] = w;
+    if (param_bf16) param_bf16[i] = __float2bfloat16_rn(w);
   }
 }
 
@@ -158,17 +163,19 @@ cudaError_t launch_to_bf16(const float* in, int64_t n, void* out, cudaStream_t s
   return cudaGetLastError();
 }
 
-cudaError_t launch_sgd(float* param, const float* grad, float* momentum_buffer, int64_t n, SgdParams p,
-                       cudaStream_t stream) {
+cudaError_t launch_sgd(float* param, const float* grad, float* momentum_buffer, void* param_bf16,
+                       int64_t n, SgdParams p, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  sgd_kernel<<<grid_for(n), kThreads, 0, stream>>>(param, grad, momentum_buffer, n, p);
+  sgd_kernel<<<grid_for(n), kThreads, 0, stream>>>(param, grad, momentum_buffer,
+                                                   static_cast<__nv_bfloat16*>(param_bf16), n, p);
   return cudaGetLastError();
 }
 
-cudaError_t launch_adamw(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
-                         AdamWParams p, cudaStream_t stream) {
+cudaError_t launch_adamw(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
+                         void* param_bf16, int64_t n, AdamWParams p, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  adamw_kernel<<<grid_for(n), kThreads, 0, stream>>>(param, grad, exp_avg, exp_avg_sq, n, p);
+  adamw_kernel<<<grid_for(n), kThreads, 0, stream>>>(param, grad, exp_avg, exp_avg_sq,
+                                                     static_cast<__nv_bfloat16*>(param_bf16), n, p);
   return cudaGetLastError();
 }
 

@@ -24,6 +24,35 @@ void DeviceBuffer::reset() {
   bytes_ = 0;
 }
 
+Status check_bf16_copy(const TensorView& source, const TensorView& copy, std::string_view what) {
+  const std::string name(what);
+  const std::string hint =
+      "; a bf16 copy holds its f32 tensor's values rounded to bf16, in the same shape (fill it "
+      "with Backend::convert)";
+  if (source.dtype() != DType::kF32)
+    return Status::InvalidArgument(name + ": its source has dtype " +
+                                   std::string(dtype_name(source.dtype())) +
+                                   "; only f32 tensors have bf16 copies");
+  if (copy.empty() && source.numel() > 0)
+    return Status::InvalidArgument(name + " is missing (null data)" + hint);
+  if (copy.dtype() != DType::kBF16)
+    return Status::InvalidArgument(name + " has dtype " + std::string(dtype_name(copy.dtype())) +
+                                   ", expected bf16" + hint);
+  if (!(copy.shape() == source.shape()))
+    return Status::InvalidArgument(name + " has shape " + copy.shape().to_string() + ", expected " +
+                                   source.shape().to_string() + hint);
+  return Status::OK();
+}
+
+Status ExpertWeights::check_bf16_copies(std::string_view what) const {
+  const std::string p = what.empty() ? "" : std::string(what) + " ";
+  if (!fc1_weight_bf16.empty())
+    TUTEL_RETURN_IF_ERROR(check_bf16_copy(fc1_weight, fc1_weight_bf16, p + "fc1_weight_bf16"));
+  if (!fc2_weight_bf16.empty())
+    TUTEL_RETURN_IF_ERROR(check_bf16_copy(fc2_weight, fc2_weight_bf16, p + "fc2_weight_bf16"));
+  return Status::OK();
+}
+
 std::string_view activation_name(Activation a) {
   switch (a) {
     case Activation::kRelu: return "relu";

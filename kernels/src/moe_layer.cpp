@@ -64,7 +64,7 @@ Status LayerWeights::validate(const LayerSpec& spec, std::string_view what) cons
   TUTEL_RETURN_IF_ERROR(experts.fc2_weight.expect(p + kFc2WeightName, DType::kF32, {E, H, O}));
   TUTEL_RETURN_IF_ERROR(check_optional(experts.fc1_bias, spec.has_fc1_bias, p + kFc1BiasName, {E, H}));
   TUTEL_RETURN_IF_ERROR(check_optional(experts.fc2_bias, spec.has_fc2_bias, p + kFc2BiasName, {E, O}));
-  return Status::OK();
+  return experts.check_bf16_copies(what);
 }
 
 namespace {
@@ -107,8 +107,15 @@ Status LayerWorkspace::reserve_routing(Backend& b, const LayerSpec& spec, int64_
   return Status::OK();
 }
 
+Status LayerWorkspace::reserve_expert_workspace(Backend& b, const LayerSpec& spec, int64_t capacity,
+                                                const ExpertWeights& weights) {
+  ExpertShape shape{spec.experts, capacity, spec.model_dim, spec.hidden, spec.out_dim()};
+  shape.weights_bf16 = weights.has_bf16_copies();
+  return ensure(b, workspace_, b.expert_workspace_bytes(shape, spec.matmul_dtype));
+}
+
 Status LayerWorkspace::reserve_experts(Backend& b, const LayerSpec& spec, int64_t capacity,
-                                       bool training) {
+                                       bool training, const ExpertWeights& weights) {
   const size_t E = spec.experts, C = capacity, M = spec.model_dim, H = spec.hidden, O = spec.out_dim();
   TUTEL_RETURN_IF_ERROR(ensure(b, slot_assignment_, E * C * 4));
   TUTEL_RETURN_IF_ERROR(ensure(b, dispatched_, E * C * M * 4));
@@ -117,8 +124,7 @@ Status LayerWorkspace::reserve_experts(Backend& b, const LayerSpec& spec, int64_
   // relu's derivative is read off its output; gelu and silu need the pre-activation.
   if (training && spec.activation != Activation::kRelu)
     TUTEL_RETURN_IF_ERROR(ensure(b, pre_activation_, E * C * H * 4));
-  const ExpertShape shape{static_cast<int64_t>(E), capacity, spec.model_dim, spec.hidden, spec.out_dim()};
-  TUTEL_RETURN_IF_ERROR(ensure(b, workspace_, b.expert_workspace_bytes(shape, spec.matmul_dtype)));
+  TUTEL_RETURN_IF_ERROR(reserve_expert_workspace(b, spec, capacity, weights));
   capacity_ = capacity;
   return Status::OK();
 }
@@ -175,7 +181,7 @@ Status layer_forward(Backend& backend, const LayerSpec& spec, const LayerWeights
   int64_t dropped = 0;
   for (int32_t c : counts) dropped += std::max<int64_t>(0, c - C);
 
-  TUTEL_RETURN_IF_ERROR(ws.reserve_experts(backend, spec, C, training));
+  TUTEL_RETURN_IF_ERROR(ws.reserve_experts(backend, spec, C, training, weights.experts));
   const TensorView slots = view_of(ws.slot_assignment_, DType::kI32, {E, C}, dev);
   const TensorView dispatched = view_of(ws.dispatched_, DType::kF32, {E, C, M}, dev);
   const TensorView hidden = view_of(ws.hidden_, DType::kF32, {E, C, H}, dev);
@@ -218,6 +224,8 @@ Status layer_backward(Backend& backend, const LayerSpec& spec, const LayerWeight
   TUTEL_RETURN_IF_ERROR(ensure(backend, ws.d_expert_out_, E * C * O * 4));
   TUTEL_RETURN_IF_ERROR(ensure(backend, ws.d_hidden_, E * C * H * 4));
   TUTEL_RETURN_IF_ERROR(ensure(backend, ws.d_dispatched_, E * C * M * 4));
+  // The forward may have had the weights' bf16 copies and this call not: its workspace is scratch.
+  TUTEL_RETURN_IF_ERROR(ws.reserve_expert_workspace(backend, spec, C, weights.experts));
 
   const TensorView scores = view_of(ws.scores_, DType::kF32, {S, E}, dev);
   const TensorView expert_index = view_of(ws.expert_index_, DType::kI32, {S, k}, dev);

@@ -389,6 +389,71 @@ TEST_P(ServedLayerDeviceTest, CpuBackendWorksOnTheClientBuffersInPlace) {
 INSTANTIATE_TEST_SUITE_P(Layers, ServedLayerDeviceTest, ::testing::ValuesIn(cases()),
                          [](const auto& info) { return info.param.name; });
 
+// A bf16 layer keeps bf16 copies of its expert weights; they must follow the f32 weights through
+// initialisation, every optimizer step and a load. The check: after each, the layer's inference
+// equals, bit for bit, the kernels' layer_forward on the layer's saved f32 weights with the
+// weights converted on the fly (no copies), which a stale copy could not match.
+TEST(ServedLayerBf16, WeightCopiesFollowInitialisationStepsAndLoad) {
+  const Case c = cases()[1];
+  ASSERT_EQ(c.spec.matmul_dtype, DType::kBF16);
+  const LayerDefinition def = definition(c);
+  TempDir dir;
+  auto ranks = one_rank(cpu_backend());
+  auto created = ServedLayer::create(def, format_layer_spec(def), "tenant", *ranks[0]);
+  ASSERT_TRUE(created.ok()) << created.status();
+  ServedLayer& layer = **created;
+  const size_t f32 = dtype_size(DType::kF32);
+  const int64_t S = 32, M = c.spec.model_dim, O = c.spec.out_dim();
+  std::mt19937 rng(std::random_device{}());
+  std::normal_distribution<float> normal;
+  std::vector<float> x(S * M), dy(S * O), dx(S * M), y(S * O);
+  for (float& v : x) v = normal(rng);
+  for (float& v : dy) v = normal(rng);
+
+  auto backend = cpu_backend();
+  auto expect_matches_on_the_fly = [&](const char* when) {
+    const std::string path = dir.file(std::string(when) + ".safetensors");
+    ASSERT_TRUE(layer.save(path).ok());
+    auto file = SafetensorsFile::open(path);
+    ASSERT_TRUE(file.ok()) << file.status();
+    auto view = [&](const char* name) {
+      const SafetensorsTensor* t = file->find(name);
+      return t ? TensorView(const_cast<void*>(t->data), DType::kF32, t->shape) : TensorView();
+    };
+    LayerWeights w;  // f32 only: converted on the fly
+    w.gate_weight = view(kGateWeightName);
+    w.experts = {view(kFc1WeightName), view(kFc1BiasName), view(kFc2WeightName), view(kFc2BiasName)};
+    ASSERT_FALSE(w.experts.has_bf16_copies());
+    std::vector<float> want(S * O);
+    LayerWorkspace ws;
+    ASSERT_TRUE(layer_forward(*backend, c.spec, w, TensorView(x.data(), DType::kF32, {S, M}), 0, false, ws,
+                              TensorView(want.data(), DType::kF32, {S, O}), nullptr)
+                    .ok());
+    auto got = layer.forward(x.data(), S, y.data(), false, kOwner, 0);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(std::memcmp(y.data(), want.data(), y.size() * f32), 0) << when;
+  };
+  ASSERT_NO_FATAL_FAILURE(expect_matches_on_the_fly("initialised"));
+  for (int step = 1; step <= 3; ++step) {
+    ASSERT_TRUE(layer.forward(x.data(), S, y.data(), true, kOwner, step).ok());
+    ASSERT_TRUE(layer.backward(dy.data(), S, 0.01f, dx.data(), kOwner, step).ok());
+    ASSERT_TRUE(layer.step().ok());
+    ASSERT_NO_FATAL_FAILURE(expect_matches_on_the_fly(("step" + std::to_string(step)).c_str()));
+  }
+  // Loading the initial weights back rewrites the copies too.
+  ASSERT_TRUE(layer.load(dir.file("initialised.safetensors")).ok());
+  ASSERT_NO_FATAL_FAILURE(expect_matches_on_the_fly("loaded"));
+  // The copies are parameters: charged as half the expert weights' f32 bytes.
+  const int64_t E = c.spec.experts, H = c.spec.hidden;
+  const uint64_t copies = static_cast<uint64_t>(E * H * M + E * H * O) * 2;
+  const uint64_t f32_params =
+      static_cast<uint64_t>(E * M + E * H * M + E * H * O + (c.spec.has_fc1_bias ? E * H : 0) +
+                            (c.spec.has_fc2_bias ? E * O : 0)) *
+      4;
+  const uint64_t per_param = 2 + 1;  // value and grad, SGD momentum
+  EXPECT_EQ(layer.memory_bytes(), f32_params * per_param + copies);
+}
+
 // Once the layer has seen its largest batch, requests allocate nothing on the device: the
 // staging buffers and the per-forward entries are reused.
 TEST(ServedLayerDevice, AllocatesNothingOnceWarm) {

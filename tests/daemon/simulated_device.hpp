@@ -154,15 +154,17 @@ class SimulatedDevice final : public Backend {
     TUTEL_RETURN_IF_ERROR(check(
         "expert_forward",
         {a.dispatched, a.pre_activation, a.hidden, a.expert_out, a.workspace, a.weights.fc1_weight,
-         a.weights.fc1_bias, a.weights.fc2_weight, a.weights.fc2_bias}));
+         a.weights.fc1_bias, a.weights.fc2_weight, a.weights.fc2_bias, a.weights.fc1_weight_bf16,
+         a.weights.fc2_weight_bf16}));
     return cpu_->expert_forward(a);
   }
   Status expert_backward(const ExpertBackwardArgs& a) override {
     TUTEL_RETURN_IF_ERROR(check(
         "expert_backward", {a.dispatched, a.pre_activation, a.hidden, a.d_expert_out, a.d_hidden,
                             a.d_dispatched, a.workspace, a.weights.fc1_weight, a.weights.fc1_bias,
-                            a.weights.fc2_weight, a.weights.fc2_bias, a.grads.fc1_weight,
-                            a.grads.fc1_bias, a.grads.fc2_weight, a.grads.fc2_bias}));
+                            a.weights.fc2_weight, a.weights.fc2_bias, a.weights.fc1_weight_bf16,
+                            a.weights.fc2_weight_bf16, a.grads.fc1_weight, a.grads.fc1_bias,
+                            a.grads.fc2_weight, a.grads.fc2_bias}));
     return cpu_->expert_backward(a);
   }
   Status decode_backward(const DecodeBackwardArgs& a) override {
@@ -182,12 +184,16 @@ class SimulatedDevice final : public Backend {
     return cpu_->gate_backward(a);
   }
   Status sgd_step(const SgdArgs& a) override {
-    TUTEL_RETURN_IF_ERROR(check("sgd_step", {a.param, a.grad, a.momentum_buffer}));
+    TUTEL_RETURN_IF_ERROR(check("sgd_step", {a.param, a.grad, a.momentum_buffer, a.param_bf16}));
     return cpu_->sgd_step(a);
   }
   Status adamw_step(const AdamWArgs& a) override {
-    TUTEL_RETURN_IF_ERROR(check("adamw_step", {a.param, a.grad, a.exp_avg, a.exp_avg_sq}));
+    TUTEL_RETURN_IF_ERROR(check("adamw_step", {a.param, a.grad, a.exp_avg, a.exp_avg_sq, a.param_bf16}));
     return cpu_->adamw_step(a);
+  }
+  Status convert(TensorView src, TensorView dst) override {
+    TUTEL_RETURN_IF_ERROR(check("convert", {src, dst}));
+    return cpu_->convert(src, dst);
   }
 
  private:
@@ -292,6 +298,7 @@ class CountingCpu final : public Backend {
   Status gate_backward(const GateBackwardArgs& a) override { return cpu_->gate_backward(a); }
   Status sgd_step(const SgdArgs& a) override { return cpu_->sgd_step(a); }
   Status adamw_step(const AdamWArgs& a) override { return cpu_->adamw_step(a); }
+  Status convert(TensorView src, TensorView dst) override { return cpu_->convert(src, dst); }
 
  private:
   std::unique_ptr<Backend> cpu_;

@@ -70,6 +70,22 @@ INSTANTIATE_TEST_SUITE_P(Cases, CudaGraphPlanTest,
                                            find_case("PreScore")),
                          [](const auto& info) { return info.param.name; });
 
+// The copies' addresses are baked into the graphs: refreshed in place by the optimizer, they
+// must be read anew by every replay.
+TEST(CudaGraphPlanBf16Copies, MatchEagerOnTheFlyBitForBitAcrossOptimizerSteps) {
+  if (cuda_device_count() == 0)
+    GTEST_SKIP() << "no CUDA device: the cuda-graph plan is compiled, not run";
+  auto backend = make_backend("cuda", {});
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const LayerSpec spec = find_case("Bf16GeluDropless").spec;
+  const PlanKey key{1, 1, AllToAll::kLinear, 128, capacity_bound(spec, 128), true};
+  expect_bf16_copies_match_eager(**backend, spec, key, PlanKind::kCudaGraph, rng,
+                                 {128, 128, 128, 77, 77, 77});
+}
+
 TEST(CudaGraphPlanHostIo, TakesHostTensorsAndThePlansOwnBuffers) {
   if (cuda_device_count() == 0)
     GTEST_SKIP() << "no CUDA device: the cuda-graph plan is compiled, not run";

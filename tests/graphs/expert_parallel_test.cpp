@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "../common/loopback.hpp"
+#include "../kernels/bf16_copy_checks.hpp"
 #include "../kernels/layer_test_util.hpp"
 #include "tutel/comm/ucx.hpp"
 
@@ -595,6 +596,126 @@ TEST(ExpertParallelAllToAll, TwoDhRefusedWhenLocalSizeDoesNotDivideTheGroup) {
               std::string_view::npos)
         << two_dh[r];
     EXPECT_TRUE(linear[r].ok()) << linear[r];
+  }
+}
+
+// bf16 copies of each rank's local expert weights (its experts, or its H-shard of one) pass
+// through the layer: forward and backward with them give the bits of the same steps converting
+// the weights on the fly. A copy of the whole layer's weight, not the rank's slice, is refused.
+TEST(ExpertParallelBf16Copies, LocalSlicesMatchOnTheFlyBitForBit) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  constexpr int W = 2;
+  for (const int64_t experts : {int64_t{4}, int64_t{1}}) {  // two experts per rank; H in halves
+    SCOPED_TRACE(std::to_string(experts) + " experts over " + std::to_string(W) + " ranks");
+    LayerSpec spec;
+    spec.experts = experts;
+    spec.model_dim = 16;
+    spec.hidden = 32;
+    spec.k = 1;
+    spec.activation = Activation::kGelu;
+    spec.matmul_dtype = DType::kBF16;
+    const int64_t M = spec.model_dim, O = spec.out_dim(), E = spec.experts, S = 24;
+    const ref::Params p = random_params(rng, spec);
+    const HostLayerParams whole{to_f32(p.wg), to_f32(p.fc1_w), to_f32(p.fc1_b), to_f32(p.fc2_w),
+                                to_f32(p.fc2_b)};
+    std::vector<std::vector<float>> xs, dys;
+    for (int r = 0; r < W; ++r) {
+      xs.push_back(to_f32(randn(rng, S * M, 1.0)));
+      dys.push_back(to_f32(randn(rng, S * O, 1.0)));
+    }
+    struct RankResult {
+      Status status, whole_copy_refused;
+      std::vector<std::vector<float>> outputs[2];  // without, with the copies
+      std::vector<float> y_zero_fc2_copy;          // forward with fc2's copy zeroed
+    };
+    std::vector<RankResult> results(W);
+    const uint16_t port = free_port();
+    std::vector<std::thread> threads;
+    for (int r = 0; r < W; ++r) {
+      threads.emplace_back([&, r] {
+        RankResult& out = results[r];
+        auto comm = comm::ucx_bootstrap(rank_options(port, r, W, 1));
+        if (!comm.ok()) return void(out.status = comm.status());
+        auto backend = make_backend("cpu", {.threads = 1});
+        if (!backend.ok()) return void(out.status = backend.status());
+        Backend& b = **backend;
+        auto layer = ExpertParallelLayer::create(b, **comm, spec);
+        if (!layer.ok()) return void(out.status = layer.status());
+        const ExpertShard shard = layer->shard();
+        HostLayerParams local = graphs::slice_for_rank(spec, shard, whole);
+        const Shape fc1_shape = graphs::local_fc1_shape(spec, shard),
+                    fc2_shape = graphs::local_fc2_shape(spec, shard);
+        auto weights_of = [&](HostLayerParams& h) {
+          LayerWeights w;
+          w.gate_weight = TensorView(h.gate.data(), DType::kF32, {E, M});
+          w.experts.fc1_weight = TensorView(h.fc1.data(), DType::kF32, fc1_shape);
+          w.experts.fc1_bias =
+              TensorView(h.fc1_bias.data(), DType::kF32, graphs::local_fc1_bias_shape(spec, shard));
+          w.experts.fc2_weight = TensorView(h.fc2.data(), DType::kF32, fc2_shape);
+          w.experts.fc2_bias =
+              TensorView(h.fc2_bias.data(), DType::kF32, graphs::local_fc2_bias_shape(spec, shard));
+          return w;
+        };
+        std::vector<uint16_t> fc1_copy(local.fc1.size()), fc2_copy(local.fc2.size()),
+            whole_fc1_copy(whole.fc1.size());
+        LayerWeights with_copies = weights_of(local);
+        with_copies.experts.fc1_weight_bf16 = TensorView(fc1_copy.data(), DType::kBF16, fc1_shape);
+        with_copies.experts.fc2_weight_bf16 = TensorView(fc2_copy.data(), DType::kBF16, fc2_shape);
+        Status st = b.convert(with_copies.experts.fc1_weight, with_copies.experts.fc1_weight_bf16);
+        if (st.ok())
+          st = b.convert(with_copies.experts.fc2_weight, with_copies.experts.fc2_weight_bf16);
+        if (!st.ok()) return void(out.status = st);
+        std::vector<float> x = xs[r], dy = dys[r], y(S * O), dx(S * M);
+        // Refused before any collective, so every rank may try it alone.
+        LayerWeights whole_copy = with_copies;
+        whole_copy.experts.fc1_weight_bf16 =
+            TensorView(whole_fc1_copy.data(), DType::kBF16, {E, spec.hidden, M});
+        out.whole_copy_refused =
+            layer->forward(whole_copy, TensorView(x.data(), DType::kF32, {S, M}),
+                           TensorView(y.data(), DType::kF32, {S, O}), nullptr);
+        for (int copies : {0, 1}) {
+          HostLayerParams grads{
+              std::vector<float>(local.gate.size()), std::vector<float>(local.fc1.size()),
+              std::vector<float>(local.fc1_bias.size()), std::vector<float>(local.fc2.size()),
+              std::vector<float>(local.fc2_bias.size())};
+          const LayerWeights w = copies ? with_copies : weights_of(local);
+          ExpertParallelLayer::Saved saved;
+          st = layer->forward(w, TensorView(x.data(), DType::kF32, {S, M}),
+                              TensorView(y.data(), DType::kF32, {S, O}), nullptr, &saved);
+          if (st.ok())
+            st = layer->backward(w, TensorView(dy.data(), DType::kF32, {S, O}), 0.3f,
+                                 TensorView(dx.data(), DType::kF32, {S, M}), weights_of(grads),
+                                 saved);
+          if (!st.ok()) return void(out.status = st);
+          out.outputs[copies] = {
+              y, dx, grads.gate, grads.fc1, grads.fc1_bias, grads.fc2, grads.fc2_bias};
+        }
+        // The copies are what the experts read: zero fc2's and y changes.
+        std::fill(fc2_copy.begin(), fc2_copy.end(), uint16_t{0});
+        st = layer->forward(with_copies, TensorView(x.data(), DType::kF32, {S, M}),
+                            TensorView(y.data(), DType::kF32, {S, O}), nullptr);
+        if (!st.ok()) return void(out.status = st);
+        out.y_zero_fc2_copy = y;
+      });
+    }
+    for (auto& t : threads) t.join();
+    const char* names[] = {"y", "dx", "d_wg", "d_fc1_w", "d_fc1_b", "d_fc2_w", "d_fc2_b"};
+    for (int r = 0; r < W; ++r) {
+      SCOPED_TRACE("rank " + std::to_string(r));
+      const RankResult& got = results[r];
+      ASSERT_TRUE(got.status.ok()) << got.status;
+      EXPECT_EQ(got.whole_copy_refused.code(), StatusCode::kInvalidArgument)
+          << got.whole_copy_refused;
+      EXPECT_NE(got.whole_copy_refused.message().find("fc1_weight_bf16"), std::string_view::npos)
+          << got.whole_copy_refused;
+      for (size_t i = 0; i < std::size(names); ++i)
+        EXPECT_TRUE(same_bits(names[i], got.outputs[1][i], got.outputs[0][i]));
+      EXPECT_FALSE(same_bits("y", got.y_zero_fc2_copy, got.outputs[0][0]))
+          << "a zeroed fc2 copy left y as it was: the layer did not read the copies";
+    }
   }
 }
 

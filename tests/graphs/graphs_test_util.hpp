@@ -10,8 +10,10 @@
 #include <ostream>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
+#include "bf16_copy_checks.hpp"
 #include "layer_cases.hpp"
 #include "layer_test_util.hpp"
 #include "tutel/graphs/plan.hpp"
@@ -69,6 +71,7 @@ class CountingBackend final : public Backend {
   Status gate_backward(const GateBackwardArgs& a) override { return inner_->gate_backward(a); }
   Status sgd_step(const SgdArgs& a) override { return inner_->sgd_step(a); }
   Status adamw_step(const AdamWArgs& a) override { return inner_->adamw_step(a); }
+  Status convert(TensorView src, TensorView dst) override { return inner_->convert(src, dst); }
   void* native_stream() const override { return inner_->native_stream(); }
   uint64_t scratch_epoch() const override { return inner_->scratch_epoch(); }
 
@@ -262,6 +265,43 @@ inline void expect_step_matches_eager(Backend& b, TwinLayer& layer, Plan& plan, 
   ASSERT_TRUE(s.ok()) << s;
   EXPECT_TRUE(bits_equal("dx", dx_plan.download(), dx_eager.download()));
   expect_grads_equal(layer);
+}
+
+// A plan whose target carries the expert weights' bf16 copies (a bf16 spec) against eager steps
+// that convert the weights on the fly: bit for bit, also after SGD steps that update the weights
+// and refresh their copies in place (param_bf16), as a trainer does between steps; a plan (a
+// CUDA graph too) must read the copies' new values. Its workspace is sized for the copies.
+inline void expect_bf16_copies_match_eager(Backend& b, const LayerSpec& spec, const PlanKey& key,
+                                           PlanKind kind, std::mt19937_64& rng,
+                                           const std::vector<int64_t>& token_counts) {
+  ASSERT_EQ(spec.matmul_dtype, DType::kBF16);
+  TwinLayer layer(b, spec, rng);
+  ::tutel::testing::Bf16Copies copies(b, spec);
+  const Status filled = copies.fill(b, layer.params);
+  ASSERT_TRUE(filled.ok()) << filled;
+  PlanTarget target = layer.target();
+  target.weights = copies.attach(target.weights);
+  auto plan = build_plan(b, target, key, kind);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ((*plan)->bytes(), plan_bytes(b, spec, key, kind, /*weights_bf16=*/true));
+  EXPECT_LE((*plan)->bytes(), plan_bytes(b, spec, key, kind));
+  uint64_t counter = 1;
+  for (int round = 0; round < 2; ++round) {
+    for (int64_t S : token_counts) {
+      expect_step_matches_eager(b, layer, **plan, S, counter++, rng);
+      if (::testing::Test::HasFatalFailure()) return;
+    }
+    // The optimizer's step: the accumulated gradients move both weights, and their copies with
+    // them.
+    for (auto [param, grad, copy] :
+         {std::tuple{&layer.params.fc1_w, &layer.eager_grads.fc1_w, &copies.fc1},
+          std::tuple{&layer.params.fc2_w, &layer.eager_grads.fc2_w, &copies.fc2}}) {
+      SgdArgs step{param->view(), grad->view(), {}, 0.05f};
+      step.param_bf16 = copy->view();
+      const Status s = b.sgd_step(step);
+      ASSERT_TRUE(s.ok()) << s;
+    }
+  }
 }
 
 }  // namespace tutel::graphs::testing

@@ -98,6 +98,25 @@ TEST(HostPlan, ReplayAllocatesNothing) {
   }
 }
 
+TEST(HostPlan, Bf16WeightCopiesMatchEagerOnTheFlyBitForBit) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  auto backend = cpu_backend();
+  for (const char* name : {"Bf16Matmul", "Bf16GeluDropless"}) {
+    SCOPED_TRACE(name);
+    const LayerSpec spec = find_case(name).spec;
+    expect_bf16_copies_match_eager(*backend, spec, full_key(spec, kBucket, true), PlanKind::kHost,
+                                   rng, {kBucket, 13, 1});
+    if (HasFatalFailure()) return;
+  }
+  // A decode-sized bucket: the converted weights would dwarf every activation.
+  const LayerSpec spec = find_case("Bf16Matmul").spec;
+  const PlanKey decode = full_key(spec, 4, false);
+  EXPECT_LT(plan_bytes(*backend, spec, decode, PlanKind::kHost, /*weights_bf16=*/true),
+            plan_bytes(*backend, spec, decode, PlanKind::kHost) / 2);
+}
+
 TEST(HostPlan, BuffersAreOneAllocationOfTheReportedSize) {
   std::mt19937_64 rng(5);
   CountingBackend b(cpu_backend());

@@ -23,6 +23,7 @@
 #include "tutel/graphs/plan.hpp"
 #include "tutel/graphs/plan_key.hpp"
 #include "tutel/kernels/moe_layer.hpp"
+#include "weight_copies.hpp"
 
 namespace tutel::bench {
 namespace {
@@ -44,10 +45,11 @@ constexpr uint64_t kSeed = 2024;
 
 // One layer's parameters on the device: N(0, scale) from the backend's counter-based generator
 // (one counter per tensor), so the gpu shape's 0.9 G parameters are neither drawn on the host
-// nor copied.
+// nor copied. With bf16 matmuls and --weights-bf16 on, the expert weights' bf16 copies too.
 struct DeviceLayer {
   LayerSpec spec;
   DeviceBuffer wg, w1, b1, w2, b2;
+  WeightCopies copies;
   LayerWeights weights;
 };
 
@@ -58,7 +60,8 @@ Result<DeviceBuffer> normal_buffer(Backend& b, int64_t n, double scale, uint64_t
   return buf;
 }
 
-Status make_layer(Backend& b, const LayerShape& s, DType dtype, DeviceLayer& layer) {
+Status make_layer(Backend& b, const LayerShape& s, DType dtype, bool weights_bf16,
+                  DeviceLayer& layer) {
   LayerSpec& spec = layer.spec;
   spec.experts = s.E;
   spec.model_dim = s.M;
@@ -80,22 +83,27 @@ Status make_layer(Backend& b, const LayerShape& s, DType dtype, DeviceLayer& lay
   w.experts.fc1_bias = TensorView(layer.b1.data(), DType::kF32, {E, H}, dev);
   w.experts.fc2_weight = TensorView(layer.w2.data(), DType::kF32, {E, H, O}, dev);
   w.experts.fc2_bias = TensorView(layer.b2.data(), DType::kF32, {E, O}, dev);
+  if (dtype == DType::kBF16 && weights_bf16)
+    TUTEL_RETURN_IF_ERROR(layer.copies.attach(b, w.experts));
   return b.synchronize();
 }
 
 // The bytes a step must move whatever its kernels: x read and y written once, every parameter
-// read once (f32, as stored). Backward adds x and dy read, dx written, the parameters read again
-// and their gradients read and written (accumulated). Intermediates (dispatched rows, hidden
-// activations) are not counted: a fused step could keep them on chip.
-double parameter_bytes(const LayerShape& s) {
+// read once (as the matmuls read it: f32, or the expert weights' bf16 copies when given).
+// Backward adds x and dy read, dx written, the parameters read again and their gradients (f32)
+// read and written (accumulated). Intermediates (dispatched rows, hidden activations) are not
+// counted: a fused step could keep them on chip.
+double parameter_bytes(const LayerShape& s, bool expert_weights_bf16) {
   const double E = s.E, M = s.M, H = s.H, O = s.M;
-  return 4 * (E * M + E * H * M + E * H + E * H * O + E * O);
+  const double weight_bytes = expert_weights_bf16 ? 2 : 4;
+  return 4 * (E * M + E * H + E * O) + weight_bytes * (E * H * M + E * H * O);
 }
-double forward_bytes(const LayerShape& s) {
-  return 4.0 * (s.S * s.M + s.S * s.M) + parameter_bytes(s);
+double forward_bytes(const LayerShape& s, bool expert_weights_bf16) {
+  return 4.0 * (s.S * s.M + s.S * s.M) + parameter_bytes(s, expert_weights_bf16);
 }
-double train_bytes(const LayerShape& s) {
-  return forward_bytes(s) + 4.0 * 3 * s.S * s.M + 3 * parameter_bytes(s);
+double train_bytes(const LayerShape& s, bool expert_weights_bf16) {
+  return forward_bytes(s, expert_weights_bf16) + 4.0 * 3 * s.S * s.M +
+         parameter_bytes(s, expert_weights_bf16) + 2 * parameter_bytes(s, false);
 }
 
 struct Floor {
@@ -121,10 +129,10 @@ void print_row(const LayerShape& s, const char* step, double seconds, const Floo
   std::printf("\n");
 }
 
-Status bench_shape(Backend& b, const LayerShape& s, DType dtype, int repeats,
+Status bench_shape(Backend& b, const LayerShape& s, DType dtype, bool weights_bf16, int repeats,
                    const CopyBandwidth& copy, std::vector<std::string>& verdicts) {
   DeviceLayer layer;
-  TUTEL_RETURN_IF_ERROR(make_layer(b, s, dtype, layer));
+  TUTEL_RETURN_IF_ERROR(make_layer(b, s, dtype, weights_bf16, layer));
   const LayerSpec& spec = layer.spec;
   const int64_t E = s.E, M = s.M, H = s.H, O = s.M, S = s.S;
   TUTEL_ASSIGN_OR_RETURN(DeviceBuffer x, normal_buffer(b, S * M, 1.0, 6));
@@ -156,9 +164,15 @@ Status bench_shape(Backend& b, const LayerShape& s, DType dtype, int repeats,
     TUTEL_RETURN_IF_ERROR(forward());
     return layer_backward(b, spec, layer.weights, xv, ws, dyv, 1.f, dxv, grads);
   };
+  auto train_step = [&]() -> Status {
+    TUTEL_RETURN_IF_ERROR(train());
+    return sgd_step_all(b, layer.weights, grads);
+  };
   auto stream = static_cast<cudaStream_t>(b.native_stream());
   TUTEL_ASSIGN_OR_RETURN(const double fwd, median_stream_seconds(stream, 1, repeats, forward));
   TUTEL_ASSIGN_OR_RETURN(const double fwd_bwd, median_stream_seconds(stream, 1, repeats, train));
+  TUTEL_ASSIGN_OR_RETURN(const double fwd_bwd_step,
+                         median_stream_seconds(stream, 1, repeats, train_step));
 
   const int64_t C = ws.capacity();
   const bool bf16 = dtype == DType::kBF16;
@@ -168,8 +182,9 @@ Status bench_shape(Backend& b, const LayerShape& s, DType dtype, int repeats,
   Floor fwd_floor, train_floor;
   TUTEL_ASSIGN_OR_RETURN(fwd_floor.gemm, time_cuda_gemms(b, fwd_gemms, bf16, repeats));
   TUTEL_ASSIGN_OR_RETURN(train_floor.gemm, time_cuda_gemms(b, all_gemms, bf16, repeats));
-  fwd_floor.bytes = forward_bytes(s);
-  train_floor.bytes = train_bytes(s);
+  const bool copies = layer.weights.experts.has_bf16_copies();
+  fwd_floor.bytes = forward_bytes(s, copies);
+  train_floor.bytes = train_bytes(s, copies);
   fwd_floor.copy_seconds = fwd_floor.bytes / copy.bytes_per_second;
   train_floor.copy_seconds = train_floor.bytes / copy.bytes_per_second;
 
@@ -183,6 +198,7 @@ Status bench_shape(Backend& b, const LayerShape& s, DType dtype, int repeats,
       fwd_floor.gemm.flops / 1e9, train_floor.gemm.flops / 1e9);
   print_row(s, "forward", fwd, fwd_floor, target, verdicts);
   print_row(s, "forward+backward", fwd_bwd, train_floor, 0, verdicts);
+  print_row(s, "fwd+bwd+step", fwd_bwd_step, train_floor, 0, verdicts);
   return Status::OK();
 }
 
@@ -205,7 +221,8 @@ struct ForwardOps {
   DeviceBuffer scores, expert_index, gates, location, l_aux, expert_count, slot, dispatched, hidden,
       expert_out, workspace;
 
-  Status init(Backend& b, const LayerSpec& spec, int64_t tokens, int64_t capacity) {
+  Status init(Backend& b, const DeviceLayer& layer, int64_t tokens, int64_t capacity) {
+    const LayerSpec& spec = layer.spec;
     S = tokens, C = capacity;
     const size_t E = spec.experts, k = spec.k, M = spec.model_dim, H = spec.hidden,
                  O = spec.out_dim();
@@ -224,7 +241,8 @@ struct ForwardOps {
     for (const auto& [buf, bytes] : sized) {
       TUTEL_ASSIGN_OR_RETURN(*buf, b.allocate(bytes));
     }
-    const ExpertShape shape{spec.experts, C, spec.model_dim, spec.hidden, spec.out_dim()};
+    ExpertShape shape{spec.experts, C, spec.model_dim, spec.hidden, spec.out_dim()};
+    shape.weights_bf16 = layer.weights.experts.has_bf16_copies();
     TUTEL_ASSIGN_OR_RETURN(workspace, b.allocate(std::max<size_t>(
                                           b.expert_workspace_bytes(shape, spec.matmul_dtype), 64)));
     return Status::OK();
@@ -310,9 +328,9 @@ struct DecodeTimes {
   double replay_diff = 0, graph_plan_diff = 0;  // max |y - y of the eager ops|
 };
 
-Result<DecodeTimes> time_decode(Backend& b, const LayerShape& s, DType dtype) {
+Result<DecodeTimes> time_decode(Backend& b, const LayerShape& s, DType dtype, bool weights_bf16) {
   DeviceLayer layer;
-  TUTEL_RETURN_IF_ERROR(make_layer(b, s, dtype, layer));
+  TUTEL_RETURN_IF_ERROR(make_layer(b, s, dtype, weights_bf16, layer));
   const LayerSpec& spec = layer.spec;
   const int64_t S = s.S, M = s.M, O = spec.out_dim();
   DecodeTimes t;
@@ -327,7 +345,7 @@ Result<DecodeTimes> time_decode(Backend& b, const LayerShape& s, DType dtype) {
   const TensorView yo(y_other.data(), DType::kF32, {S, O}, dev);
 
   ForwardOps ops;
-  TUTEL_RETURN_IF_ERROR(ops.init(b, spec, S, t.capacity));
+  TUTEL_RETURN_IF_ERROR(ops.init(b, layer, S, t.capacity));
   // The first run grows the backend's scratch, so nothing allocates during the capture.
   TUTEL_RETURN_IF_ERROR(ops.queue(b, layer, xv, ye));
   TUTEL_RETURN_IF_ERROR(b.synchronize());
@@ -381,11 +399,11 @@ Result<DecodeTimes> time_decode(Backend& b, const LayerShape& s, DType dtype) {
   return t;
 }
 
-Status bench_decode(Backend& b, const LayerShape& shape, DType dtype,
+Status bench_decode(Backend& b, const LayerShape& shape, DType dtype, bool weights_bf16,
                     std::vector<std::string>& verdicts) {
   LayerShape s = shape;
   s.S = kDecodeTokens;
-  TUTEL_ASSIGN_OR_RETURN(const DecodeTimes t, time_decode(b, s, dtype));
+  TUTEL_ASSIGN_OR_RETURN(const DecodeTimes t, time_decode(b, s, dtype, weights_bf16));
   const double speedup = t.eager.step / t.replay.step;
   const bool launch_met = t.replay.launch <= kLaunchTargetSeconds;
   const bool speedup_met = speedup >= kReplaySpeedupTarget;
@@ -458,6 +476,7 @@ int run_cuda_layer_bench(const LayerBenchOptions& o) {
                  o.shapes.c_str());
     return 2;
   }
+  const bool weights_bf16 = o.weights_bf16 == "on";
   auto made = make_backend("cuda", {.device_index = 0});
   if (!made.ok()) {
     if (made.status().code() == StatusCode::kUnavailable) {
@@ -499,18 +518,26 @@ int run_cuda_layer_bench(const LayerBenchOptions& o) {
       "bytes read + written)\n",
       copy->bytes_per_second / 1e9, copy->buffer_bytes >> 20);
   std::printf(
-      "bytes moved: x read and y written, parameters read once (f32, as stored); "
-      "backward adds x and dy read, dx written, the parameters again, their gradients "
-      "read and written\n");
+      "bytes moved: x read and y written, parameters read once (f32, the expert weights "
+      "bf16 where their copies are read); backward adds x and dy read, dx written, the "
+      "parameters again, their gradients (f32) read and written\n");
+  std::printf(
+      "step = SGD over every parameter (lr 1e-6); fwd+bwd+step is measured against "
+      "forward+backward's floors\n");
+  if (*dtype == DType::kBF16)
+    std::printf("expert weights: %s\n",
+                weights_bf16 ? "bf16 copies made once, refreshed by the step's SGD (param_bf16) "
+                               "(--weights-bf16 on)"
+                             : "converted from f32 on every matmul (--weights-bf16 off)");
   std::printf("%-6s %-16s %13s %13s %16s %11s %13s %11s\n", "shape", "step", "time", "GEMM floor",
               "cuBLAS rate", "bytes", "bytes floor", "time/floor");
   std::vector<std::string> verdicts;
   for (const LayerShape& s : shapes)
-    if (Status st = bench_shape(b, s, *dtype, o.repeats, *copy, verdicts); !st.ok())
+    if (Status st = bench_shape(b, s, *dtype, weights_bf16, o.repeats, *copy, verdicts); !st.ok())
       return fail(st);
   if (o.graph)
     for (const LayerShape& s : shapes)
-      if (Status st = bench_decode(b, s, *dtype, verdicts); !st.ok()) return fail(st);
+      if (Status st = bench_decode(b, s, *dtype, weights_bf16, verdicts); !st.ok()) return fail(st);
   if (!verdicts.empty()) std::printf("\n");
   for (const std::string& v : verdicts) std::printf("target: %s\n", v.c_str());
   return 0;

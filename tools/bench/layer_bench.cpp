@@ -8,6 +8,7 @@
 #include "bench_util.hpp"
 #include "gemm_floor.hpp"
 #include "tutel/kernels/moe_layer.hpp"
+#include "weight_copies.hpp"
 
 namespace tutel::bench {
 namespace {
@@ -82,7 +83,10 @@ Status bench_shape(const BenchShape& s, const LayerBenchOptions& o) {
     w.experts.fc2_bias = TensorView(fb2, DType::kF32, {E, O}, dev);
     return w;
   };
-  const LayerWeights weights = weights_of(wg.data(), w1.data(), b1.data(), w2.data(), b2.data());
+  LayerWeights weights = weights_of(wg.data(), w1.data(), b1.data(), w2.data(), b2.data());
+  const bool bf16 = *dtype == DType::kBF16;
+  WeightCopies copies;
+  if (bf16 && o.weights_bf16 == "on") TUTEL_RETURN_IF_ERROR(copies.attach(b, weights.experts));
   const LayerWeights grads = weights_of(grad_bufs[0].data(), grad_bufs[1].data(), grad_bufs[2].data(),
                                         grad_bufs[3].data(), grad_bufs[4].data());
   for (const auto& g : grad_bufs) TUTEL_RETURN_IF_ERROR(b.fill_zero(TensorView(g.data(), DType::kU8, {int64_t(g.bytes())})));
@@ -98,12 +102,16 @@ Status bench_shape(const BenchShape& s, const LayerBenchOptions& o) {
     forward();
     if (status.ok()) status = layer_backward(b, spec, weights, xv, ws, dyv, 1.f, dxv, grads);
   };
+  auto train_step = [&] {
+    train();
+    if (status.ok()) status = sgd_step_all(b, weights, grads);
+  };
   const double fwd = median_seconds(1, o.repeats, forward);
   const double fwd_bwd = median_seconds(1, o.repeats, train);
+  const double fwd_bwd_step = median_seconds(1, o.repeats, train_step);
   TUTEL_RETURN_IF_ERROR(status);
 
   const int64_t C = ws.capacity();
-  const bool bf16 = *dtype == DType::kBF16;
   const auto fwd_gemms = expert_forward_gemms(E, C, M, H, O);
   auto all_gemms = fwd_gemms;
   for (const auto& g : expert_backward_gemms(E, C, M, H, O)) all_gemms.push_back(g);
@@ -115,6 +123,7 @@ Status bench_shape(const BenchShape& s, const LayerBenchOptions& o) {
               fwd_floor.flops / 1e9, train_floor.flops / 1e9);
   print_row(s, "forward", fwd, fwd_floor, s.forward_target);
   print_row(s, "forward+backward", fwd_bwd, train_floor, s.train_target);
+  print_row(s, "fwd+bwd+step", fwd_bwd_step, train_floor, 0);
   return Status::OK();
 }
 
@@ -141,6 +150,15 @@ int run_layer_bench(const LayerBenchOptions& options) {
               o.matmul_dtype.c_str(), o.threads, o.repeats);
   std::printf("floor = the step's expert GEMMs alone, timed with oneDNN %s matmul for the same shapes in this run\n",
               o.matmul_dtype.c_str());
+  std::printf(
+      "step = SGD over every parameter (lr 1e-6); fwd+bwd+step is measured against "
+      "forward+backward's floor\n");
+  if (o.matmul_dtype == "bf16")
+    std::printf(
+        "expert weights: %s\n",
+        o.weights_bf16 == "on"
+            ? "bf16 copies made once, refreshed by the step's SGD (param_bf16) (--weights-bf16 on)"
+            : "converted from f32 on every matmul (--weights-bf16 off)");
   std::printf("%-6s %-16s %13s %13s %18s %10s\n", "shape", "step", "time", "floor", "GEMM rate", "time/floor");
   bool any = false;
   for (const LayerShape& shape : kLayerShapes) {

@@ -9,6 +9,9 @@ struct LayerBenchOptions {
   std::string shapes = "all";   // small | large | gpu | all (the backend's default set)
   std::string backend = "cpu";  // cpu | cuda
   std::string matmul_dtype;     // f32 | bf16; empty: f32 on cpu, bf16 on cuda
+  // bf16 matmuls: "on" reads bf16 copies of the expert weights (made once, refreshed by the
+  // step's optimizer), "off" converts the f32 weights on every matmul (the path without copies).
+  std::string weights_bf16 = "on";
   int threads = 0;
   int repeats = 5;
   bool graph = false;  // cuda: also eager launch vs CUDA-graph replay at a decode-sized S
@@ -32,7 +35,8 @@ inline constexpr LayerShape kLayerShapes[] = {
 // or a build without CUDA. Nothing was measured then; scripts may treat it as "skipped".
 inline constexpr int kExitNoCuda = 3;
 
-// Times the layer's forward and forward+backward next to the expert-GEMM floor; returns an exit code.
+// Times the layer's forward, forward+backward and forward+backward+optimizer step next to the
+// expert-GEMM floor; returns an exit code.
 int run_layer_bench(const LayerBenchOptions& options);
 
 #if defined(TUTEL_HAVE_CUDA)

@@ -19,6 +19,13 @@ int main(int argc, char** argv) {
                         "cpu | cuda (exit code 3 where cuda cannot run: no CUDA device, or a build without CUDA)")
       ->capture_default_str();
   layer_cmd->add_option("--matmul-dtype", layer.matmul_dtype, "f32 | bf16 (default: f32 on cpu, bf16 on cuda)");
+  layer_cmd
+      ->add_option(
+          "--weights-bf16", layer.weights_bf16,
+          "bf16 matmuls: on = read bf16 copies of the expert weights, made once and refreshed by "
+          "the optimizer step; off = convert the f32 weights on every matmul")
+      ->check(CLI::IsMember({"on", "off"}))
+      ->capture_default_str();
   layer_cmd->add_flag("--graph", layer.graph,
                       "cuda: also a decode-sized step (S=128) launched op by op vs replayed as a CUDA graph");
   layer_cmd->add_option("--threads", layer.threads, "CPU threads (0 = all cores)")->capture_default_str();

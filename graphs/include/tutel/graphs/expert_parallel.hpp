@@ -105,9 +105,11 @@ class ExpertParallelLayer {
   };
 
   // x [S, M] → y [S, O] on this rank's tokens; collective over the group. `local` holds this
-  // rank's parameters (shapes above). A training forward passes `saved`: what backward needs
-  // is copied into it (x included, so the caller may reuse x's memory), replacing whatever it
-  // held. Without `saved` (inference) nothing is kept.
+  // rank's parameters (shapes above), its expert weights optionally with bf16 copies of the
+  // same local shapes (ExpertWeights; the caller slices them as the weights, e.g. Backend::
+  // convert of each local slice), read when the spec's matmul dtype is bf16. A training forward
+  // passes `saved`: what backward needs is copied into it (x included, so the caller may reuse x's
+  // memory), replacing whatever it held. Without `saved` (inference) nothing is kept.
   Status forward(const LayerWeights& local, TensorView x, TensorView y, RoutingStats* stats,
                  Saved* saved = nullptr);
   // Backward of the training forward held by `saved`; collective. dy is [saved.tokens(), O];

@@ -13,7 +13,11 @@
 //
 // A plan holds the state of one micro-batch: backward uses what the last training forward on
 // the same plan left. Parameters and gradient accumulators are the caller's and are bound at
-// build (a CUDA graph bakes their addresses): they must stay in place for the plan's life.
+// build (a CUDA graph bakes their addresses): they must stay in place for the plan's life. So
+// must the expert weights' bf16 copies when the target has them (ExpertWeights): the caller
+// refreshes them in place after each optimizer step (param_bf16), and replays read the new
+// values. With both copies a bf16 plan's workspace holds activations only (for a decode-sized
+// bucket, a small fraction of one holding the converted weights).
 // Thread-safety: a Plan is used by one thread at a time, like its Backend.
 #pragma once
 
@@ -106,7 +110,10 @@ class Plan {
 PlanKind resolve_plan_kind(const Backend& backend, PlanKind kind);
 
 // Device bytes a plan of this key and kind holds (what the cache budgets before building).
-size_t plan_bytes(const Backend& backend, const LayerSpec& spec, const PlanKey& key, PlanKind kind);
+// weights_bf16: the target's expert weights come with both bf16 copies
+// (ExpertWeights::has_bf16_copies()).
+size_t plan_bytes(const Backend& backend, const LayerSpec& spec, const PlanKey& key, PlanKind kind,
+                  bool weights_bf16 = false);
 
 // Builds the plan: checks the key (check_buildable), the target's shapes, allocates the buffers
 // and records the ops. kCudaGraph is Unavailable in a build without CUDA or on a backend without

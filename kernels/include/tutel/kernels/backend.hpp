@@ -167,6 +167,19 @@ struct ExpertWeights {
   TensorView fc1_bias;    // [E, H] or empty
   TensorView fc2_weight;  // [E, H, O]
   TensorView fc2_bias;    // [E, O] or empty
+  // (optional) bf16 copies of the two weights, each empty or bf16 in its weight's shape. Owned
+  // and kept current by whoever owns the weights (Backend::convert once, then every optimizer
+  // step through param_bf16): the backend never caches conversions itself, as a CUDA graph that
+  // baked a cache's address would read stale weights after a step. With matmul_dtype bf16 the
+  // expert ops read a present copy instead of converting the weight into the workspace on
+  // every call, with bit-identical results; f32 matmuls ignore them.
+  TensorView fc1_weight_bf16;  // [E, H, M] bf16 or empty
+  TensorView fc2_weight_bf16;  // [E, H, O] bf16 or empty
+
+  // Both copies are present: what ExpertShape::weights_bf16 promises.
+  bool has_bf16_copies() const { return !fc1_weight_bf16.empty() && !fc2_weight_bf16.empty(); }
+  // OK when every present copy is bf16 in its weight's shape; `what` prefixes messages.
+  Status check_bf16_copies(std::string_view what) const;
 };
 
 struct ExpertForwardArgs {
@@ -194,22 +207,35 @@ struct ExpertBackwardArgs {
   TensorView workspace;
 };
 
+// Both optimizers: when param_bf16 is given, the step also writes bf16(updated param) there
+// (Backend::convert's rounding) in the same pass, so a weight's bf16 copy (ExpertWeights) stays
+// current without a second read of the parameter.
 struct SgdArgs {
   TensorView param, grad, momentum_buffer;  // f32, same shape; momentum_buffer empty when momentum == 0
   float lr = 0.01f, momentum = 0.f, weight_decay = 0.f;
   bool nesterov = false;
   bool first_step = false;  // PyTorch initialises the buffer with the first gradient
+  TensorView param_bf16;    // out, optional: bf16 in param's shape
 };
 
 struct AdamWArgs {
   TensorView param, grad, exp_avg, exp_avg_sq;  // f32, same shape
   float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.01f;
-  int64_t step = 1;  // 1-based, after increment (PyTorch)
+  int64_t step = 1;       // 1-based, after increment (PyTorch)
+  TensorView param_bf16;  // out, optional: bf16 in param's shape
 };
 
 struct ExpertShape {
   int64_t experts, capacity, model_dim, hidden, output_dim;
+  // The ops will get both weights' bf16 copies (ExpertWeights::has_bf16_copies()): a bf16
+  // workspace then holds converted activations only, and is smaller. An op given a weight
+  // without its copy needs the size for false, and refuses a workspace that is too small.
+  bool weights_bf16 = false;
 };
+
+// OK when `copy` is a bf16 view in the shape of `source`, an f32 tensor: the form of every bf16
+// copy (ExpertWeights, the optimizers' param_bf16, convert's dst). `what` names the copy.
+Status check_bf16_copy(const TensorView& source, const TensorView& copy, std::string_view what);
 
 class Backend {
  public:
@@ -241,7 +267,8 @@ class Backend {
   virtual Status encode(const EncodeArgs& a) = 0;
   virtual Status decode(const DecodeArgs& a) = 0;
 
-  // Bytes of workspace the expert ops need for this shape and matmul dtype.
+  // Bytes of workspace the expert ops need for this shape and matmul dtype (bf16: room to
+  // convert the operands that come without a bf16 copy).
   virtual size_t expert_workspace_bytes(const ExpertShape& shape, DType matmul_dtype) const = 0;
   virtual Status expert_forward(const ExpertForwardArgs& a) = 0;
   virtual Status expert_backward(const ExpertBackwardArgs& a) = 0;
@@ -252,6 +279,12 @@ class Backend {
 
   virtual Status sgd_step(const SgdArgs& a) = 0;
   virtual Status adamw_step(const AdamWArgs& a) = 0;
+
+  // dst = src element by element, f32 → bf16 with round-to-nearest-even: the conversion the
+  // bf16 matmuls apply to their operands, so a weight copy made here gives the same bits as
+  // converting on the fly (NaN stays NaN; its payload is the backend's). dst must pass
+  // check_bf16_copy(src, dst). Queued like the other ops.
+  virtual Status convert(TensorView src, TensorView dst) = 0;
 
   // (optional) Memory of this device that other processes of this host can map (zero-copy
   // submission): at least `bytes`, never recycled into allocate()'s memory (what another process

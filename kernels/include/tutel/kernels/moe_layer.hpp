@@ -49,7 +49,8 @@ struct LayerSpec {
 // expert count (group maximum), with the alignment rule. Pure: shared by every backend and rank.
 int64_t layer_capacity(const LayerSpec& spec, int64_t tokens, int64_t max_expert_count);
 
-// Device views of the parameters (or of their gradients), Tutel layouts, f32.
+// Device views of the parameters (or of their gradients), Tutel layouts, f32; the expert
+// weights may come with bf16 copies (ExpertWeights), read when spec.matmul_dtype is bf16.
 struct LayerWeights {
   TensorView gate_weight;  // [E, M]
   ExpertWeights experts;   // fc1 [E, H, M], b1 [E, H], fc2 [E, H, O], b2 [E, O]
@@ -88,7 +89,11 @@ class LayerWorkspace {
                                const LayerWeights&);
 
   Status reserve_routing(Backend& b, const LayerSpec& spec, int64_t tokens);
-  Status reserve_experts(Backend& b, const LayerSpec& spec, int64_t capacity, bool training);
+  Status reserve_experts(Backend& b, const LayerSpec& spec, int64_t capacity, bool training,
+                         const ExpertWeights& weights);
+  // Sized for these weights: smaller when both come with bf16 copies.
+  Status reserve_expert_workspace(Backend& b, const LayerSpec& spec, int64_t capacity,
+                                  const ExpertWeights& weights);
 
   int64_t tokens_ = 0, capacity_ = 0, k_ = 0;
   bool has_forward_ = false, trained_ = false;
