@@ -74,6 +74,21 @@ int invalid_layer(const char* fn) {
   return fail_invalid(std::string(fn) + ": the layer is NULL or was released");
 }
 
+// A forward-shaped call (forward, infer, and their _device forms): the statistics are kept for
+// tutel_forward_stats.
+using ForwardCall = Status (Layer::*)(const float*, int64_t, float*, ForwardInfo*);
+int call_forward(const char* fn, tutel_layer* layer, ForwardCall call, const float* x, int64_t tokens, float* y,
+                 float* l_aux) {
+  return guarded(fn, [&] {
+    if (!valid(layer)) return invalid_layer(fn);
+    ForwardInfo info;
+    if (Status st = ((*layer->layer).*call)(x, tokens, y, &info); !st.ok()) return fail(st);
+    layer->last = info;
+    if (l_aux != nullptr) *l_aux = info.l_aux;
+    return TUTEL_OK;
+  });
+}
+
 int make_layer(tutel::Result<Layer> made, tutel_layer** out) {
   if (!made.ok()) return fail(made.status());
   auto* handle = new tutel_layer();
@@ -219,25 +234,11 @@ int tutel_region_unmap(tutel_region* region) {
 }
 
 int tutel_forward_device(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux) {
-  return guarded("tutel_forward_device", [&] {
-    if (!valid(layer)) return invalid_layer("tutel_forward_device");
-    ForwardInfo info;
-    if (Status st = layer->layer->forward_device(x, tokens, y, &info); !st.ok()) return fail(st);
-    layer->last = info;
-    if (l_aux != nullptr) *l_aux = info.l_aux;
-    return TUTEL_OK;
-  });
+  return call_forward("tutel_forward_device", layer, &Layer::forward_device, x, tokens, y, l_aux);
 }
 
 int tutel_infer_device(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux) {
-  return guarded("tutel_infer_device", [&] {
-    if (!valid(layer)) return invalid_layer("tutel_infer_device");
-    ForwardInfo info;
-    if (Status st = layer->layer->infer_device(x, tokens, y, &info); !st.ok()) return fail(st);
-    layer->last = info;
-    if (l_aux != nullptr) *l_aux = info.l_aux;
-    return TUTEL_OK;
-  });
+  return call_forward("tutel_infer_device", layer, &Layer::infer_device, x, tokens, y, l_aux);
 }
 
 int tutel_backward_device(tutel_layer* layer, const float* dy, float dl_aux, float* dx) {
@@ -251,14 +252,7 @@ int tutel_backward_device(tutel_layer* layer, const float* dy, float dl_aux, flo
 }
 
 int tutel_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux) {
-  return guarded("tutel_forward", [&] {
-    if (!valid(layer)) return invalid_layer("tutel_forward");
-    ForwardInfo info;
-    if (Status st = layer->layer->forward(x, tokens, y, &info); !st.ok()) return fail(st);
-    layer->last = info;
-    if (l_aux != nullptr) *l_aux = info.l_aux;
-    return TUTEL_OK;
-  });
+  return call_forward("tutel_forward", layer, &Layer::forward, x, tokens, y, l_aux);
 }
 
 int tutel_backward(tutel_layer* layer, const float* dy, float dl_aux, float* dx) {
@@ -269,14 +263,7 @@ int tutel_backward(tutel_layer* layer, const float* dy, float dl_aux, float* dx)
 }
 
 int tutel_infer(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux) {
-  return guarded("tutel_infer", [&] {
-    if (!valid(layer)) return invalid_layer("tutel_infer");
-    ForwardInfo info;
-    if (Status st = layer->layer->infer(x, tokens, y, &info); !st.ok()) return fail(st);
-    layer->last = info;
-    if (l_aux != nullptr) *l_aux = info.l_aux;
-    return TUTEL_OK;
-  });
+  return call_forward("tutel_infer", layer, &Layer::infer, x, tokens, y, l_aux);
 }
 
 int tutel_forward_stats(tutel_layer* layer, int64_t* capacity, int64_t* dropped) {

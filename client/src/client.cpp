@@ -276,6 +276,14 @@ Result<Ticket> submit_backward_request(const std::shared_ptr<LayerState>& state,
   return t;
 }
 
+// Waits for a submitted forward; its statistics go to `info` when given.
+Status wait_forward(const std::shared_ptr<LayerState>& state, Result<Ticket> submitted, ForwardInfo* info) {
+  TUTEL_ASSIGN_OR_RETURN(Ticket t, std::move(submitted));
+  TUTEL_ASSIGN_OR_RETURN(ForwardInfo got, state->session->wait(t.request_id));
+  if (info != nullptr) *info = got;
+  return Status::OK();
+}
+
 }  // namespace
 
 Result<Ticket> Layer::submit_forward(const float* x, int64_t tokens, float* y, bool training) {
@@ -295,17 +303,11 @@ Result<Ticket> Layer::submit_backward_device(uint64_t sequence, const float* dy,
 }
 
 Status Layer::forward_device(const float* x, int64_t tokens, float* y, ForwardInfo* info) {
-  TUTEL_ASSIGN_OR_RETURN(Ticket t, submit_forward_device(x, tokens, y, true));
-  TUTEL_ASSIGN_OR_RETURN(ForwardInfo got, state_->session->wait(t.request_id));
-  if (info != nullptr) *info = got;
-  return Status::OK();
+  return wait_forward(state_, submit_forward_device(x, tokens, y, true), info);
 }
 
 Status Layer::infer_device(const float* x, int64_t tokens, float* y, ForwardInfo* info) {
-  TUTEL_ASSIGN_OR_RETURN(Ticket t, submit_forward_device(x, tokens, y, false));
-  TUTEL_ASSIGN_OR_RETURN(ForwardInfo got, state_->session->wait(t.request_id));
-  if (info != nullptr) *info = got;
-  return Status::OK();
+  return wait_forward(state_, submit_forward_device(x, tokens, y, false), info);
 }
 
 Status Layer::backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
@@ -314,17 +316,11 @@ Status Layer::backward_device(uint64_t sequence, const float* dy, float dl_aux, 
 }
 
 Status Layer::forward(const float* x, int64_t tokens, float* y, ForwardInfo* info) {
-  TUTEL_ASSIGN_OR_RETURN(Ticket t, submit_forward(x, tokens, y, true));
-  TUTEL_ASSIGN_OR_RETURN(ForwardInfo got, state_->session->wait(t.request_id));
-  if (info != nullptr) *info = got;
-  return Status::OK();
+  return wait_forward(state_, submit_forward(x, tokens, y, true), info);
 }
 
 Status Layer::infer(const float* x, int64_t tokens, float* y, ForwardInfo* info) {
-  TUTEL_ASSIGN_OR_RETURN(Ticket t, submit_forward(x, tokens, y, false));
-  TUTEL_ASSIGN_OR_RETURN(ForwardInfo got, state_->session->wait(t.request_id));
-  if (info != nullptr) *info = got;
-  return Status::OK();
+  return wait_forward(state_, submit_forward(x, tokens, y, false), info);
 }
 
 Status Layer::backward(const float* dy, float dl_aux, float* dx) {

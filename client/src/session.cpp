@@ -269,11 +269,7 @@ Result<Ticket> Session::submit(const Submission& s) {
   }
   while (in_flight_.size() >= ipc::kRingSlots) TUTEL_RETURN_IF_ERROR(complete_one());
 
-  InFlight r;
-  r.op = s.op;
-  r.layer = s.layer;
-  r.sequence = s.sequence;
-  r.training = s.op == ipc::Op::kForward && (s.flags & ipc::kFlagTraining) != 0;
+  InFlight r = track(s);
   r.output = s.output;
   r.output_bytes = s.output_bytes;
   while (has_data) {
@@ -291,6 +287,25 @@ Result<Ticket> Session::submit(const Submission& s) {
   }
 
   const ipc::ArenaLayout& layout = arena_->layout();
+  ipc::RequestDescriptor d = describe(s);
+  if (has_data) {
+    std::memcpy(arena_->data() + *r.input_block, s.input, s.input_bytes);
+    d.input_offset = layout.data_offset + *r.input_block;
+    d.output_offset = layout.data_offset + *r.output_block;
+  }
+  return push(d, std::move(r));
+}
+
+Session::InFlight Session::track(const Submission& s) const {
+  InFlight r;
+  r.op = s.op;
+  r.layer = s.layer;
+  r.sequence = s.sequence;
+  r.training = s.op == ipc::Op::kForward && (s.flags & ipc::kFlagTraining) != 0;
+  return r;
+}
+
+ipc::RequestDescriptor Session::describe(const Submission& s) {
   ipc::RequestDescriptor d{};
   d.request_id = next_request_id_++;
   d.op = static_cast<uint32_t>(s.op);
@@ -298,22 +313,21 @@ Result<Ticket> Session::submit(const Submission& s) {
   d.layer_handle = s.layer ? s.layer->info.handle : 0;
   d.sequence = s.sequence;
   d.tokens = s.tokens;
-  if (has_data) {
-    std::memcpy(arena_->data() + *r.input_block, s.input, s.input_bytes);
-    d.input_offset = layout.data_offset + *r.input_block;
-    d.input_bytes = s.input_bytes;
-    d.output_offset = layout.data_offset + *r.output_block;
-    d.output_bytes = s.output_bytes;
-  }
+  d.input_bytes = s.input_bytes;
+  d.output_bytes = s.output_bytes;
   d.dl_aux = s.dl_aux;
+  return d;
+}
+
+Result<Ticket> Session::push(const ipc::RequestDescriptor& d, InFlight r) {
   if (!requests_.try_push(d)) {
     release_blocks(r);
-    return fail(Status::Corruption("the request ring is full with " +
-                                   std::to_string(in_flight_.size()) +
+    return fail(Status::Corruption("the request ring is full with " + std::to_string(in_flight_.size()) +
                                    " requests in flight (its indices were corrupted)"));
   }
+  const uint64_t sequence = r.sequence;
   in_flight_.emplace(d.request_id, std::move(r));
-  return Ticket{d.request_id, s.sequence};
+  return Ticket{d.request_id, sequence};
 }
 
 Result<Ticket> Session::submit_in_device_region(const Submission& s) {
@@ -324,29 +338,12 @@ Result<Ticket> Session::submit_in_device_region(const Submission& s) {
                                    " and " + s.output_name + " in region " + std::to_string(out.first) +
                                    "; a request's tensors must share one region");
   while (in_flight_.size() >= ipc::kRingSlots) TUTEL_RETURN_IF_ERROR(complete_one());
-  InFlight r;
-  r.op = s.op;
-  r.layer = s.layer;
-  r.sequence = s.sequence;
-  r.training = s.op == ipc::Op::kForward && (s.flags & ipc::kFlagTraining) != 0;
-  ipc::RequestDescriptor d{};
-  d.request_id = next_request_id_++;
-  d.op = static_cast<uint32_t>(s.op);
-  d.flags = s.flags | ipc::kFlagDeviceRegion;
+  ipc::RequestDescriptor d = describe(s);
+  d.flags |= ipc::kFlagDeviceRegion;
   d.region = in.first;
-  d.layer_handle = s.layer ? s.layer->info.handle : 0;
-  d.sequence = s.sequence;
-  d.tokens = s.tokens;
   d.input_offset = in.second;
-  d.input_bytes = s.input_bytes;
   d.output_offset = out.second;
-  d.output_bytes = s.output_bytes;
-  d.dl_aux = s.dl_aux;
-  if (!requests_.try_push(d))
-    return fail(Status::Corruption("the request ring is full with " + std::to_string(in_flight_.size()) +
-                                   " requests in flight (its indices were corrupted)"));
-  in_flight_.emplace(d.request_id, std::move(r));
-  return Ticket{d.request_id, s.sequence};
+  return push(d, track(s));
 }
 
 bool Session::peer_gone() {

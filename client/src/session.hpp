@@ -121,6 +121,11 @@ class Session {
 
   Status hello(const ClientOptions& options);
   Result<Ticket> submit_in_device_region(const Submission& s);
+  // What submit records of a request, and its descriptor without the offsets (a new request id).
+  InFlight track(const Submission& s) const;
+  ipc::RequestDescriptor describe(const Submission& s);
+  // Pushes the descriptor and records the request in flight (or fails the session).
+  Result<Ticket> push(const ipc::RequestDescriptor& d, InFlight r);
   // Pops and handles one completion, waiting at most until the request timeout.
   Status complete_one();
   void finish(uint64_t request_id, InFlight& r, const ipc::CompletionDescriptor& c);
