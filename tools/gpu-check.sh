@@ -5,7 +5,8 @@
 #   2. the CUDA op tests (cuda_backend_test without the layer parity suites),
 #   3. the CPU-vs-GPU layer parity tests (CudaLayerParity*, CudaLayerDeterminism*), and the
 #      daemon's data path on the GPU (served_layer_device_test *OnCuda*: host arena staging;
-#      device_region_cuda_test: a client's CUDA IPC region used in place),
+#      device_region_cuda_test: a client's CUDA IPC region used in place), and the
+#      expert-parallel layer on the CUDA backend over NCCL (expert_parallel_device_test *OnCuda*),
 #   4. tutel-bench layer --backend cuda --graph: the large and gpu shapes next to their cuBLAS
 #      and copy-bandwidth floors, then eager launch vs CUDA-graph replay at S=128 (at most 180 s;
 #      the tests leave TUTEL_GPU_BENCH_RESERVE_S of the budget for it),
@@ -129,7 +130,7 @@ fi
 built=0
 if [ $configured = 1 ]; then
   say "build"
-  targets=(cuda_backend_test served_layer_device_test device_region_cuda_test)
+  targets=(cuda_backend_test served_layer_device_test device_region_cuda_test expert_parallel_device_test)
   [ "$bench_option" = ON ] && targets+=(tutel_bench)
   build_start=$(date +%s)
   # Leave at least three minutes for the tests and the benchmark.
@@ -209,6 +210,8 @@ run_gtest "layer-parity" '*CudaLayerParity*:*CudaLayerDeterminism*' 200
 run_gtest "daemon-staging" '*OnCuda*' 60 served_layer_device_test
 # Zero-copy submission: a client maps a CUDA IPC region of a GPU daemon and submits in place.
 run_gtest "device-region" '*OnCuda*' 60 device_region_cuda_test
+# The expert-parallel layer on the CUDA backend over NCCL (one rank: one GPU here).
+run_gtest "ep-nccl" '*OnCuda*' 60 expert_parallel_device_test
 
 # ---- 5. benchmark (not a test: its verdicts are reported, never fatal) ----------------------
 # Exit codes of tutel-bench layer: 0 measured, 3 no usable CUDA device (or a build without

@@ -86,9 +86,11 @@ std::string DaemonImpl::metrics_text() {
     for (const comm::PeerStatus& p : ref.layer->group_peers())
       traffic[{ref.layer->tenant() + "/" + ref.layer->name(), p.rank}] = {p.bytes_sent, p.bytes_received};
   metrics_.set_live(std::move(node_up), std::move(traffic));
-  // Activation memory changes with every training forward and backward: read when scraped.
-  for (const TenantConfig& t : config_.tenants)
+  // Activation and region memory change with requests and sessions: read when scraped.
+  for (const TenantConfig& t : config_.tenants) {
     metrics_.set_tenant_activation_memory(t.name, registry_->activation_bytes(t.name));
+    metrics_.set_tenant_region_memory(t.name, registry_->tenant_memory(t.name)->region_bytes());
+  }
   return metrics_.prometheus_text();
 }
 

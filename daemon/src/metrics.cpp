@@ -51,6 +51,11 @@ void Metrics::set_tenant_activation_memory(const std::string& tenant, uint64_t b
   tenant_activation_memory_[tenant] = bytes;
 }
 
+void Metrics::set_tenant_region_memory(const std::string& tenant, uint64_t bytes) {
+  std::lock_guard lock(mutex_);
+  tenant_region_memory_[tenant] = bytes;
+}
+
 void Metrics::set_active_sessions(int64_t n) {
   std::lock_guard lock(mutex_);
   active_sessions_ = n;
@@ -104,6 +109,10 @@ std::string Metrics::prometheus_text() const {
     << "# TYPE tuteld_tenant_activation_bytes gauge\n";
   for (const auto& [t, v] : tenant_activation_memory_)
     o << "tuteld_tenant_activation_bytes{tenant=\"" << label(t) << "\"} " << v << "\n";
+  o << "# HELP tuteld_tenant_region_bytes Device regions clients map for zero-copy requests, by tenant.\n"
+    << "# TYPE tuteld_tenant_region_bytes gauge\n";
+  for (const auto& [t, v] : tenant_region_memory_)
+    o << "tuteld_tenant_region_bytes{tenant=\"" << label(t) << "\"} " << v << "\n";
   o << "# HELP tuteld_active_sessions Client sessions connected.\n# TYPE tuteld_active_sessions gauge\n"
     << "tuteld_active_sessions " << active_sessions_ << "\n";
   if (!peers_.empty()) {

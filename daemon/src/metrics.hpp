@@ -21,6 +21,7 @@ class Metrics {
   void set_tenant_memory(const std::string& tenant, uint64_t bytes);
   // What the tenant's layers hold for forwards (pending entries, staging, workspaces).
   void set_tenant_activation_memory(const std::string& tenant, uint64_t bytes);
+  void set_tenant_region_memory(const std::string& tenant, uint64_t bytes);
   void set_active_sessions(int64_t n);
   // Whether the group of an expert-parallel layer ("tenant/layer") still answers.
   void set_peer_state(const std::string& group_layer, bool up);
@@ -52,6 +53,7 @@ class Metrics {
   std::map<std::pair<std::string, std::string>, int64_t> capacity_;
   std::map<std::string, uint64_t> tenant_memory_;
   std::map<std::string, uint64_t> tenant_activation_memory_;
+  std::map<std::string, uint64_t> tenant_region_memory_;
   std::map<std::string, bool> peers_;
   std::map<int, bool> node_up_;
   std::map<std::pair<std::string, int>, PeerTraffic> traffic_;

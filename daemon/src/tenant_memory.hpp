@@ -136,6 +136,9 @@ class ActivationBackend final : public Backend {
   Status sgd_step(const SgdArgs& a) override { return inner_.sgd_step(a); }
   Status adamw_step(const AdamWArgs& a) override { return inner_.adamw_step(a); }
   Status convert(TensorView src, TensorView dst) override { return inner_.convert(src, dst); }
+  Status add(TensorView dst, TensorView src) override { return inner_.add(dst, src); }
+  Status add_row_bias(TensorView out, TensorView bias, int64_t column) override { return inner_.add_row_bias(out, bias, column); }
+  Status add_column_sums(TensorView src, int64_t column, TensorView dst) override { return inner_.add_column_sums(src, column, dst); }
   Status register_host(void* data, size_t bytes) override {
     return inner_.register_host(data, bytes);
   }

@@ -1,13 +1,13 @@
 #include "tutel/graphs/expert_parallel.hpp"
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 namespace tutel::graphs {
 namespace {
 
-// The CPU backend's buffers are host memory (create() refuses other devices).
+// A buffer's address, for the communicator and Backend::copy: device memory, which the host
+// never reads or writes here.
 float* fp(const DeviceBuffer& b) { return static_cast<float*>(b.data()); }
 
 }  // namespace
@@ -90,10 +90,6 @@ HostLayerParams slice_for_rank(const LayerSpec& spec, const ExpertShard& s,
 Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::Communicator& comm,
                                                         const LayerSpec& spec,
                                                         comm::AllToAllAlgo algo) {
-  if (backend.device().kind != DeviceKind::kCpu)
-    return Status::Unimplemented(
-        "expert parallelism runs on the CPU backend (host memory over UCX); the GPU path "
-        "(NCCL inside CUDA-graph plans) is not built yet");
   if (spec.gate_noise > 0)
     return Status::Unimplemented(
         "gate noise is not supported across an expert-parallel group yet; set gate_noise = 0");
@@ -111,43 +107,72 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
 
 // [E, C, row] on the tokens' rank → every rank's experts: [E_l, W·C, row] (E ≥ W), or [W·C, row]
 // for this rank's shard of one expert (E < W, each shard needs all of its expert's slots).
-Status ExpertParallelLayer::to_experts(const float* token_side, float* expert_side, int64_t C, int64_t row) {
+Status ExpertParallelLayer::to_experts(const float* token_side, float* expert_side, int64_t C,
+                                       int64_t row) {
   const int64_t W = shard_.world, El = shard_.local_experts, s = shard_.shards;
   const size_t chunk = static_cast<size_t>(C * row);
   if (s == 1) {
     // token_side is already [W][E_l][C][row]; the exchange gives [W][E_l][C][row] from every
     // rank, and the experts want [E_l][W·C][row].
+    TUTEL_RETURN_IF_ERROR(collective_ready());
     TUTEL_RETURN_IF_ERROR(comm_->all_to_all(token_side, recv_.data(), El * chunk * 4, algo_));
-    swap_outer(fp(recv_), expert_side, W, El, C * row);
-    return Status::OK();
+    return swap_outer(fp(recv_), expert_side, W, El, C * row);
   }
   // Chunk w' for rank w' is expert w' / s's slots.
   float* send = fp(send_);
-  for (int64_t w = 0; w < W; ++w) std::memcpy(send + w * chunk, token_side + (w / s) * chunk, chunk * 4);
+  for (int64_t w = 0; w < W; ++w)
+    TUTEL_RETURN_IF_ERROR(backend_->copy(send + w * chunk, token_side + (w / s) * chunk, chunk * 4,
+                                         CopyKind::kDeviceToDevice));
+  TUTEL_RETURN_IF_ERROR(collective_ready());
   return comm_->all_to_all(send, expert_side, chunk * 4, algo_);
 }
 
 // The inverse of to_experts: expert-side rows back to [E, C, row] on the tokens' rank. With
 // sharded experts every shard holds a partial sum; they are added in shard order, so every rank
 // gets the same bits.
-Status ExpertParallelLayer::to_tokens(const float* expert_side, float* token_side, int64_t C, int64_t row) {
+Status ExpertParallelLayer::to_tokens(const float* expert_side, float* token_side, int64_t C,
+                                      int64_t row) {
   const int64_t W = shard_.world, El = shard_.local_experts, s = shard_.shards, E = spec_.experts;
   const size_t chunk = static_cast<size_t>(C * row);
   if (s == 1) {
-    swap_outer(expert_side, fp(send_), El, W, C * row);
+    TUTEL_RETURN_IF_ERROR(swap_outer(expert_side, fp(send_), El, W, C * row));
+    TUTEL_RETURN_IF_ERROR(collective_ready());
     return comm_->all_to_all(send_.data(), token_side, El * chunk * 4, algo_);
   }
-  const float* recv = fp(recv_);
-  TUTEL_RETURN_IF_ERROR(comm_->all_to_all(expert_side, recv_.data(), chunk * 4, algo_));
+  float* recv = fp(recv_);
+  TUTEL_RETURN_IF_ERROR(collective_ready());
+  TUTEL_RETURN_IF_ERROR(comm_->all_to_all(expert_side, recv, chunk * 4, algo_));
+  const Shape part_shape{static_cast<int64_t>(chunk)};
   for (int64_t e = 0; e < E; ++e) {
     float* dst = token_side + e * chunk;
-    std::memcpy(dst, recv + e * s * chunk, chunk * 4);
-    for (int64_t j = 1; j < s; ++j) {
-      const float* part = recv + (e * s + j) * chunk;
-      for (size_t i = 0; i < chunk; ++i) dst[i] += part[i];
-    }
+    TUTEL_RETURN_IF_ERROR(
+        backend_->copy(dst, recv + e * s * chunk, chunk * 4, CopyKind::kDeviceToDevice));
+    const TensorView sum(dst, DType::kF32, part_shape, backend_->device());
+    for (int64_t j = 1; j < s; ++j)
+      TUTEL_RETURN_IF_ERROR(backend_->add(sum, TensorView(recv + (e * s + j) * chunk, DType::kF32,
+                                                          part_shape, backend_->device())));
   }
   return Status::OK();
+}
+
+Status ExpertParallelLayer::collective_ready() {
+  // A communicator may run on its own queue (an NCCL communicator with a stream of its own):
+  // what the backend queued into a send buffer must be done first. Free where the backend's ops
+  // are synchronous (CPU) or the communicator shares its stream (as the daemon's NCCL groups).
+  return backend_->synchronize();
+}
+
+// The values make a round trip through a few bytes of the backend's memory, the only memory
+// every communicator takes (NCCL's collectives read and write device memory only); next to the
+// expert counts just copied down, it costs one more small copy each way.
+Status ExpertParallelLayer::agree_on_max(int64_t* values, size_t count) {
+  const size_t bytes = count * sizeof(int64_t);
+  TUTEL_RETURN_IF_ERROR(grow(agreed_, bytes));
+  TUTEL_RETURN_IF_ERROR(backend_->copy(agreed_.data(), values, bytes, CopyKind::kHostToDevice));
+  TUTEL_RETURN_IF_ERROR(collective_ready());
+  TUTEL_RETURN_IF_ERROR(
+      comm_->all_reduce(static_cast<int64_t*>(agreed_.data()), count, comm::ReduceOp::kMax));
+  return backend_->copy(values, agreed_.data(), bytes, CopyKind::kDeviceToHost);
 }
 
 Status ExpertParallelLayer::grow(DeviceBuffer& buf, size_t bytes) {
@@ -163,29 +188,36 @@ TensorView ExpertParallelLayer::f32(const DeviceBuffer& buf, Shape shape) const 
 TensorView ExpertParallelLayer::i32(const DeviceBuffer& buf, Shape shape) const {
   return TensorView(buf.data(), DType::kI32, shape, backend_->device());
 }
+TensorView ExpertParallelLayer::workspace() const {
+  return TensorView(workspace_.data(), DType::kU8, {int64_t(workspace_.bytes())},
+                    backend_->device());
+}
 
-void ExpertParallelLayer::swap_outer(const float* src, float* dst, int64_t a, int64_t b,
-                                     int64_t row_floats) const {
+Status ExpertParallelLayer::swap_outer(const float* src, float* dst, int64_t a, int64_t b,
+                                       int64_t row_floats) {
   for (int64_t i = 0; i < a; ++i)
     for (int64_t j = 0; j < b; ++j)
-      std::memcpy(dst + (j * a + i) * row_floats, src + (i * b + j) * row_floats,
-                  row_floats * sizeof(float));
+      TUTEL_RETURN_IF_ERROR(backend_->copy(dst + (j * a + i) * row_floats,
+                                           src + (i * b + j) * row_floats,
+                                           row_floats * sizeof(float), CopyKind::kDeviceToDevice));
+  return Status::OK();
 }
 
 ExpertWeights ExpertParallelLayer::local_experts(const ExpertWeights& w) const {
   ExpertWeights out = w;  // the bf16 weight copies, already this rank's slices, pass as they are
-  // A shard adds only its slice of the fc2 bias, to its own columns (add_fc2_bias_slice), so
-  // the sum over shards carries the whole bias exactly once.
+  // A shard adds only its slice of the fc2 bias, to its own columns (forward's add_row_bias),
+  // so the sum over shards carries the whole bias exactly once.
   if (shard_.shards > 1) out.fc2_bias = TensorView();
   return out;
 }
 
-void ExpertParallelLayer::add_fc2_bias_slice(float* out, int64_t rows,
-                                             const float* bias_slice) const {
-  const int64_t O = spec_.out_dim(), o0 = shard_.shard_index * shard_.out_shard;
+ExpertParallelLayer::BiasColumns ExpertParallelLayer::fc2_bias_columns(
+    const TensorView& bias_slice) const {
+  // Columns [o0, o0 + n) of O; with O not divisible by s, the last shards' slices reach past O
+  // (Tutel's zero padding) or lie wholly beyond it (n = 0, an empty range at O).
+  const int64_t O = spec_.out_dim(), o0 = std::min(O, shard_.shard_index * shard_.out_shard);
   const int64_t n = std::min(shard_.out_shard, O - o0);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < n; ++c) out[r * O + o0 + c] += bias_slice[c];
+  return {o0, TensorView(bias_slice.data(), DType::kF32, {n}, bias_slice.device())};
 }
 
 namespace {
@@ -246,7 +278,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   if (training) {
     // Backward reads x again, after the caller has moved on to other micro-batches.
     TUTEL_RETURN_IF_ERROR(grow(st.x_, S * M * 4));
-    std::memcpy(st.x_.data(), x.data(), S * M * 4);
+    TUTEL_RETURN_IF_ERROR(b.copy(st.x_.data(), x.data(), S * M * 4, CopyKind::kDeviceToDevice));
     xv = f32(st.x_, {S, M});
   }
   const TensorView scores = f32(st.scores_, {S, E}), idx = i32(st.expert_index_, {S, k}),
@@ -264,12 +296,14 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   TUTEL_RETURN_IF_ERROR(b.locations({scores, idx, spec_.batch_prioritized, loc, counts}));
 
   // One capacity for the whole group: from its most tokens and its fullest expert.
-  const int32_t* count = counts.data_as<int32_t>();
-  int64_t agreed[2] = {S, *std::max_element(count, count + E)};
-  TUTEL_RETURN_IF_ERROR(comm_->all_reduce(agreed, 2, comm::ReduceOp::kMax));
+  host_counts_.resize(E);
+  TUTEL_RETURN_IF_ERROR(
+      b.copy(host_counts_.data(), counts.data(), E * sizeof(int32_t), CopyKind::kDeviceToHost));
+  int64_t agreed[2] = {S, *std::max_element(host_counts_.begin(), host_counts_.end())};
+  TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 2));
   const int64_t C = layer_capacity(spec_, agreed[0], agreed[1]), R = W * C;
   int64_t dropped = 0;
-  for (int64_t e = 0; e < E; ++e) dropped += std::max<int64_t>(0, count[e] - C);
+  for (int64_t e = 0; e < E; ++e) dropped += std::max<int64_t>(0, host_counts_[e] - C);
 
   const int64_t widest = std::max(M, O);
   const bool keep_pre = training && spec_.activation != Activation::kRelu;
@@ -296,14 +330,14 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   TUTEL_RETURN_IF_ERROR(b.expert_forward(
       {f32(st.expert_in_, {El, R, M}), local_experts(local.experts), spec_.activation,
        spec_.matmul_dtype, keep_pre ? f32(st.pre_, {El, R, Hs}) : TensorView(),
-       f32(st.hidden_, {El, R, Hs}), f32(expert_out_, {El, R, O}),
-       TensorView(workspace_.data(), DType::kU8, {int64_t(workspace_.bytes())})}));
-  float* out = fp(expert_out_);
-  if (s > 1 && spec_.has_fc2_bias)
-    add_fc2_bias_slice(out, R, local.experts.fc2_bias.data_as<float>());
+       f32(st.hidden_, {El, R, Hs}), f32(expert_out_, {El, R, O}), workspace()}));
+  if (s > 1 && spec_.has_fc2_bias) {
+    const BiasColumns bias = fc2_bias_columns(local.experts.fc2_bias);
+    TUTEL_RETURN_IF_ERROR(b.add_row_bias(f32(expert_out_, {R, O}), bias.values, bias.column));
+  }
 
   // Combine: the results travel back to the tokens' ranks.
-  TUTEL_RETURN_IF_ERROR(to_tokens(out, fp(st.combined_), C, O));
+  TUTEL_RETURN_IF_ERROR(to_tokens(fp(expert_out_), fp(st.combined_), C, O));
   TUTEL_RETURN_IF_ERROR(
       b.decode({f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y}));
 
@@ -357,8 +391,7 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
   TUTEL_RETURN_IF_ERROR(b.decode_backward({dy, f32(saved.combined_, {E, C, O}), gates, idx, loc,
                                            i32(saved.slots_, {E, C}), spec_.is_postscore,
                                            f32(d_combined_, {E, C, O}), d_gates}));
-  float* d_out = fp(d_expert_out_);
-  TUTEL_RETURN_IF_ERROR(to_experts(fp(d_combined_), d_out, C, O));
+  TUTEL_RETURN_IF_ERROR(to_experts(fp(d_combined_), fp(d_expert_out_), C, O));
 
   ExpertWeights grads = local_experts(local_grads.experts);
   const bool keep_pre = spec_.activation != Activation::kRelu;
@@ -366,15 +399,11 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
       {f32(saved.expert_in_, {El, R, M}), keep_pre ? f32(saved.pre_, {El, R, Hs}) : TensorView(),
        f32(saved.hidden_, {El, R, Hs}), local_experts(local.experts), spec_.activation,
        spec_.matmul_dtype, f32(d_expert_out_, {El, R, O}), f32(d_hidden_, {El, R, Hs}),
-       f32(d_expert_in_, {El, R, M}), grads,
-       TensorView(workspace_.data(), DType::kU8, {int64_t(workspace_.bytes())})}));
+       f32(d_expert_in_, {El, R, M}), grads, workspace()}));
   if (s > 1 && spec_.has_fc2_bias) {
     // This shard's bias columns: the gradient is the column sum of d_out over every slot.
-    float* db = local_grads.experts.fc2_bias.data_as<float>();
-    const int64_t o0 = shard_.shard_index * shard_.out_shard,
-                  n = std::min(shard_.out_shard, O - o0);
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t c = 0; c < n; ++c) db[c] += d_out[r * O + o0 + c];
+    const BiasColumns db = fc2_bias_columns(local_grads.experts.fc2_bias);
+    TUTEL_RETURN_IF_ERROR(b.add_column_sums(f32(d_expert_out_, {R, O}), db.column, db.values));
   }
 
   // Each shard's d_dispatched is a partial sum over its H-slice: to_tokens adds them.
@@ -386,6 +415,7 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
 }
 
 Status ExpertParallelLayer::all_reduce_gate_grad(TensorView gate_grad) {
+  TUTEL_RETURN_IF_ERROR(collective_ready());
   return comm_->all_reduce(gate_grad.data_as<float>(), gate_grad.numel(), comm::ReduceOp::kSum);
 }
 

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "cpu/elementwise_ops.hpp"
 #include "cpu/onednn_matmul.hpp"
 #include "tutel/kernels/gate_noise.hpp"
 
@@ -126,6 +127,20 @@ class CpuBackend final : public Backend {
     threads_scope();
     to_bf16(src.data_as<float>(), src.numel(), dst.data_as<uint16_t>());
     return Status::OK();
+  }
+
+  // The small f32 ops live in elementwise_ops.cpp.
+  Status add(TensorView dst, TensorView src) override {
+    threads_scope();
+    return cpu::add(dst, src);
+  }
+  Status add_row_bias(TensorView out, TensorView bias, int64_t column) override {
+    threads_scope();
+    return cpu::add_row_bias(out, bias, column);
+  }
+  Status add_column_sums(TensorView src, int64_t column, TensorView dst) override {
+    threads_scope();
+    return cpu::add_column_sums(src, column, dst);
   }
 
   Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override {

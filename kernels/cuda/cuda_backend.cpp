@@ -17,6 +17,7 @@
 #include "cuda/cuda_check.hpp"
 #include "cuda/cuda_kernels.hpp"
 #include "cuda/device_pool.hpp"
+#include "cuda/elementwise_ops.hpp"
 
 namespace tutel::cuda {
 namespace {
@@ -92,6 +93,19 @@ class CudaBackend final : public Backend {
   Status fill_zero(TensorView t) override;
   Status synchronize() override;
   Status convert(TensorView src, TensorView dst) override;
+  // The small f32 ops live in elementwise_ops.cpp.
+  Status add(TensorView dst, TensorView src) override {
+    TUTEL_RETURN_IF_ERROR(activate());
+    return cuda::add(dst, src, stream_);
+  }
+  Status add_row_bias(TensorView out, TensorView bias, int64_t column) override {
+    TUTEL_RETURN_IF_ERROR(activate());
+    return cuda::add_row_bias(out, bias, column, stream_);
+  }
+  Status add_column_sums(TensorView src, int64_t column, TensorView dst) override {
+    TUTEL_RETURN_IF_ERROR(activate());
+    return cuda::add_column_sums(src, column, dst, [this](size_t n) { return scratch(n); }, stream_);
+  }
   Result<ShareableBuffer> allocate_shareable(size_t bytes) override;
   Status register_host(void* data, size_t bytes) override;
   Status unregister_host(void* data) override;

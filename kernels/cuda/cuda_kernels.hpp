@@ -75,6 +75,15 @@ cudaError_t launch_activation_backward(const float* x, ActKind act, int64_t n, f
 size_t bias_grad_scratch_bytes(int64_t experts, int64_t rows, int64_t width);
 cudaError_t launch_bias_grad(const float* d, int64_t experts, int64_t rows, int64_t width, void* scratch,
                              float* dbias, cudaStream_t stream);
+// dst[i] += src[i] for i < n.
+cudaError_t launch_add(float* dst, const float* src, int64_t n, cudaStream_t stream);
+// out[r·ld + c] += bias[c] for r < rows, c < n.
+cudaError_t launch_add_row_bias(float* out, int64_t rows, int64_t ld, const float* bias, int64_t n,
+                                cudaStream_t stream);
+// dst[c] += Σ_r src[r·ld + c] for c < n, as launch_bias_grad (fixed blocks of rows, in order);
+// scratch is bias_grad_scratch_bytes(1, rows, n) long.
+cudaError_t launch_column_sums(const float* src, int64_t rows, int64_t ld, int64_t n, void* scratch,
+                               float* dst, cudaStream_t stream);
 // out[i] = bf16(in[i]), round to nearest even; out is __nv_bfloat16[n].
 cudaError_t launch_to_bf16(const float* in, int64_t n, void* out, cudaStream_t stream);
 

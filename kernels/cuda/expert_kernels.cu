@@ -1,5 +1,6 @@
 // Elementwise and reduction kernels around the expert GEMMs (bias, activation and their
-// backward, bias gradients, bf16 conversion) and the optimizers.
+// backward, bias gradients, bf16 conversion), the optimizers, and the small f32 ops
+// (Backend::add, add_row_bias, add_column_sums).
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -61,16 +62,17 @@ __global__ void activation_backward_kernel(const float* x, ActKind act, int64_t 
   for (int64_t i = grid_index(); i < n; i += grid_stride()) d[i] = activation_grad(act, x[i], d[i]);
 }
 
-// partial[e, chunk, n] = Σ over the chunk's rows of d[e, r, n], in row order.
+// partial[e, chunk, n] = Σ over the chunk's rows of d[e, r, n], in row order; row (e, r) starts
+// at d + (e·rows + r)·ld (ld = width for a dense [E, rows, width]).
 __global__ void bias_grad_partial_kernel(const float* d, int64_t experts, int64_t rows, int64_t width,
-                                         int64_t chunks, float* partial) {
+                                         int64_t ld, int64_t chunks, float* partial) {
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (n >= width) return;
   for (int64_t ec = blockIdx.y; ec < experts * chunks; ec += gridDim.y) {
     const int64_t e = ec / chunks, c = ec - e * chunks;
     const int64_t r0 = c * kBiasRows, r1 = min(rows, r0 + kBiasRows);
     float acc = 0.f;
-    for (int64_t r = r0; r < r1; ++r) acc += d[(e * rows + r) * width + n];
+    for (int64_t r = r0; r < r1; ++r) acc += d[(e * rows + r) * ld + n];
     partial[ec * width + n] = acc;
   }
 }
@@ -84,6 +86,31 @@ __global__ void bias_grad_final_kernel(const float* partial, int64_t experts, in
     for (int64_t c = 0; c < chunks; ++c) acc += partial[(e * chunks + c) * width + n];
     dbias[i] += acc;
   }
+}
+
+__global__ void add_kernel(float* dst, const float* src, int64_t n) {
+  for (int64_t i = grid_index(); i < n; i += grid_stride()) dst[i] += src[i];
+}
+
+// A block walks whole rows of out (row stride ld), its threads over the n bias columns.
+__global__ void add_row_bias_kernel(float* out, int64_t rows, int64_t ld, const float* bias, int64_t n) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x)
+    for (int64_t c = threadIdx.x; c < n; c += blockDim.x) out[r * ld + c] += bias[c];
+}
+
+// The two passes of a bias gradient over `experts` blocks of `rows` rows, each row `width`
+// floats read from a row stride of `ld`.
+cudaError_t column_sums(const float* d, int64_t experts, int64_t rows, int64_t width, int64_t ld,
+                        void* scratch, float* dbias, cudaStream_t stream) {
+  if (experts * rows * width <= 0) return cudaSuccess;
+  const int64_t chunks = (rows + kBiasRows - 1) / kBiasRows;
+  auto* partial = static_cast<float*>(scratch);
+  const dim3 grid(static_cast<unsigned>((width + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(experts * chunks > kMaxBlocks ? kMaxBlocks : experts * chunks));
+  bias_grad_partial_kernel<<<grid, kThreads, 0, stream>>>(d, experts, rows, width, ld, chunks, partial);
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  bias_grad_final_kernel<<<grid_for(experts * width), kThreads, 0, stream>>>(partial, experts, chunks, width, dbias);
+  return cudaGetLastError();
 }
 
 __global__ void to_bf16_kernel(const float* in, int64_t n, __nv_bfloat16* out) {
@@ -146,15 +173,27 @@ size_t bias_grad_scratch_bytes(int64_t experts, int64_t rows, int64_t width) {
 
 cudaError_t launch_bias_grad(const float* d, int64_t experts, int64_t rows, int64_t width, void* scratch,
                              float* dbias, cudaStream_t stream) {
-  if (experts * rows * width <= 0) return cudaSuccess;
-  const int64_t chunks = (rows + kBiasRows - 1) / kBiasRows;
-  auto* partial = static_cast<float*>(scratch);
-  const dim3 grid(static_cast<unsigned>((width + kThreads - 1) / kThreads),
-                  static_cast<unsigned>(experts * chunks > kMaxBlocks ? kMaxBlocks : experts * chunks));
-  bias_grad_partial_kernel<<<grid, kThreads, 0, stream>>>(d, experts, rows, width, chunks, partial);
-  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-  bias_grad_final_kernel<<<grid_for(experts * width), kThreads, 0, stream>>>(partial, experts, chunks, width, dbias);
+  return column_sums(d, experts, rows, width, width, scratch, dbias, stream);
+}
+
+cudaError_t launch_add(float* dst, const float* src, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  add_kernel<<<grid_for(n), kThreads, 0, stream>>>(dst, src, n);
   return cudaGetLastError();
+}
+
+cudaError_t launch_add_row_bias(float* out, int64_t rows, int64_t ld, const float* bias, int64_t n,
+                                cudaStream_t stream) {
+  if (rows <= 0 || n <= 0) return cudaSuccess;
+  const int threads = n >= kThreads ? kThreads : static_cast<int>((n + kWarpSize - 1) / kWarpSize * kWarpSize);
+  const unsigned grid = static_cast<unsigned>(rows > kMaxBlocks ? kMaxBlocks : rows);
+  add_row_bias_kernel<<<grid, threads, 0, stream>>>(out, rows, ld, bias, n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_column_sums(const float* src, int64_t rows, int64_t ld, int64_t n, void* scratch,
+                               float* dst, cudaStream_t stream) {
+  return column_sums(src, 1, rows, n, ld, scratch, dst, stream);
 }
 
 cudaError_t launch_to_bf16(const float* in, int64_t n, void* out, cudaStream_t stream) {

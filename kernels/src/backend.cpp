@@ -44,6 +44,45 @@ Status check_bf16_copy(const TensorView& source, const TensorView& copy, std::st
   return Status::OK();
 }
 
+namespace {
+
+std::string describe(const TensorView& t) {
+  return std::string(dtype_name(t.dtype())) + " " + t.shape().to_string();
+}
+
+}  // namespace
+
+Status check_add(const TensorView& dst, const TensorView& src, std::string_view op) {
+  const std::string p(op);
+  if (dst.dtype() != DType::kF32 || src.dtype() != DType::kF32 || !(dst.shape() == src.shape()))
+    return Status::InvalidArgument(p + ": dst is " + describe(dst) + " and src " + describe(src) +
+                                   "; both must be f32 of the same shape");
+  if (dst.numel() > 0 && (dst.empty() || src.empty()))
+    return Status::InvalidArgument(p + ": dst or src has no data (null) for " +
+                                   std::to_string(dst.numel()) + " elements");
+  return Status::OK();
+}
+
+Status check_column_slice(const TensorView& matrix, const TensorView& slice, int64_t column,
+                          std::string_view op) {
+  const std::string p(op);
+  if (matrix.dtype() != DType::kF32 || matrix.rank() != 2)
+    return Status::InvalidArgument(p + ": the matrix is " + describe(matrix) +
+                                   ", expected f32 [rows, columns]");
+  if (slice.dtype() != DType::kF32 || slice.rank() != 1)
+    return Status::InvalidArgument(p + ": the column slice is " + describe(slice) +
+                                   ", expected f32 [n]");
+  const int64_t O = matrix.dim(1), n = slice.dim(0);
+  if (column < 0 || column > O - n)
+    return Status::InvalidArgument(p + ": columns [" + std::to_string(column) + ", " +
+                                   std::to_string(column + n) + ") do not lie within the " +
+                                   std::to_string(O) + " columns of the matrix " +
+                                   matrix.shape().to_string());
+  if ((matrix.numel() > 0 && matrix.empty()) || (n > 0 && slice.empty()))
+    return Status::InvalidArgument(p + ": the matrix or the column slice has no data (null)");
+  return Status::OK();
+}
+
 Status ExpertWeights::check_bf16_copies(std::string_view what) const {
   const std::string p = what.empty() ? "" : std::string(what) + " ";
   if (!fc1_weight_bf16.empty())

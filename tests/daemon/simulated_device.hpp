@@ -5,10 +5,15 @@
 // (filled with 0xff bytes, as a device's recycled memory holds garbage), and refuses any op whose
 // views point outside those allocations, and any copy whose kind does not match where its
 // pointers are. Every refusal is also recorded, so a test can assert there were none.
+// With guard_host_access(), its memory is also closed to the host (PROT_NONE) outside its own
+// ops and copies, so code that reads or writes it directly faults where it does so.
 // CountingCpu forwards everything to the CPU backend and records the copies it is asked for.
 //
 // Thread-safety: like any Backend, one thread at a time.
 #pragma once
+
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -43,8 +48,33 @@ class SimulatedDevice final : public Backend {
  public:
   explicit SimulatedDevice(std::unique_ptr<Backend> cpu) : cpu_(std::move(cpu)) {}
   ~SimulatedDevice() override {
-    for (auto& [p, bytes] : allocations_) std::free(reinterpret_cast<void*>(p));
+    for (auto& [p, bytes] : allocations_) free_memory(reinterpret_cast<void*>(p), bytes);
   }
+
+  // From now on (call it before the first allocation) the device's memory is whole pages of
+  // its own, inaccessible to the host (mprotect PROT_NONE) except inside an Access: during this
+  // device's ops and copies, and wherever a test opens one, e.g. around the collectives of a
+  // communicator that carries this memory (as NCCL reads a GPU's). A host access elsewhere
+  // faults (SIGSEGV) at the offending line.
+  void guard_host_access() {
+    if (!allocations_.empty()) (void)violation("guard_host_access() after the first allocation");
+    guarded_ = true;
+  }
+  // While one lives (they nest), the memory is open to the host.
+  class Access {
+   public:
+    explicit Access(SimulatedDevice& d) : d_(d) {
+      if (d_.guarded_ && d_.open_++ == 0) d_.protect_all(PROT_READ | PROT_WRITE);
+    }
+    ~Access() {
+      if (d_.guarded_ && --d_.open_ == 0) d_.protect_all(PROT_NONE);
+    }
+    Access(const Access&) = delete;
+    Access& operator=(const Access&) = delete;
+
+   private:
+    SimulatedDevice& d_;
+  };
 
   const std::vector<std::string>& violations() const { return violations_; }
   const std::vector<CopyRecord>& copies() const { return copies_; }
@@ -62,10 +92,15 @@ class SimulatedDevice final : public Backend {
   Device device() const override { return {DeviceKind::kCuda, 0}; }
 
   Result<DeviceBuffer> allocate(size_t bytes) override {
-    const size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
-    void* p = std::aligned_alloc(64, rounded);
-    if (!p) return Status::ResourceExhausted("simulated device: out of memory");
+    const size_t align = guarded_ ? page_size() : 64;
+    const size_t rounded = (std::max<size_t>(bytes, 1) + align - 1) / align * align;
+    void* p = guarded_ ? ::mmap(nullptr, rounded, PROT_READ | PROT_WRITE,
+                                MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+                       : std::aligned_alloc(64, rounded);
+    if (p == nullptr || p == MAP_FAILED)
+      return Status::ResourceExhausted("simulated device: out of memory");
     std::memset(p, 0xff, rounded);
+    if (guarded_ && open_ == 0) ::mprotect(p, rounded, PROT_NONE);
     allocations_[reinterpret_cast<uintptr_t>(p)] = rounded;
     ++allocation_count_;
     return DeviceBuffer(this, p, bytes);
@@ -76,8 +111,8 @@ class SimulatedDevice final : public Backend {
       (void)violation("release of " + address(data) + ", which this device did not allocate");
       return;
     }
+    free_memory(data, it->second);
     allocations_.erase(it);
-    std::free(data);
   }
 
   Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override {
@@ -95,11 +130,13 @@ class SimulatedDevice final : public Backend {
     const void* host_end = kind == CopyKind::kHostToDevice ? src : dst;
     copies_.push_back({dst, src, bytes, kind,
                        kind != CopyKind::kDeviceToDevice && is_registered(host_end, bytes)});
+    Access open(*this);
     std::memmove(dst, src, bytes);
     return Status::OK();
   }
   Status fill_zero(TensorView t) override {
     TUTEL_RETURN_IF_ERROR(check("fill_zero", {t}));
+    Access open(*this);
     return cpu_->fill_zero(t);
   }
   Status synchronize() override { return Status::OK(); }
@@ -122,29 +159,35 @@ class SimulatedDevice final : public Backend {
 
   Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override {
     TUTEL_RETURN_IF_ERROR(check("gate_noise", {out}));
+    Access open(*this);
     return cpu_->gate_noise(seed, counter, scale, out);
   }
   Status gate_forward(const GateForwardArgs& a) override {
     TUTEL_RETURN_IF_ERROR(check(
         "gate_forward", {a.x, a.gate_weight, a.noise, a.scores, a.expert_index, a.gates, a.l_aux}));
+    Access open(*this);
     return cpu_->gate_forward(a);
   }
   Status locations(const LocationsArgs& a) override {
     TUTEL_RETURN_IF_ERROR(
         check("locations", {a.scores, a.expert_index, a.location, a.expert_count}));
+    Access open(*this);
     return cpu_->locations(a);
   }
   Status slot_map(const SlotMapArgs& a) override {
     TUTEL_RETURN_IF_ERROR(check("slot_map", {a.expert_index, a.location, a.slot_assignment}));
+    Access open(*this);
     return cpu_->slot_map(a);
   }
   Status encode(const EncodeArgs& a) override {
     TUTEL_RETURN_IF_ERROR(check("encode", {a.x, a.gates, a.slot_assignment, a.dispatched}));
+    Access open(*this);
     return cpu_->encode(a);
   }
   Status decode(const DecodeArgs& a) override {
     TUTEL_RETURN_IF_ERROR(
         check("decode", {a.expert_out, a.gates, a.expert_index, a.location, a.y}));
+    Access open(*this);
     return cpu_->decode(a);
   }
   size_t expert_workspace_bytes(const ExpertShape& s, DType d) const override {
@@ -156,6 +199,7 @@ class SimulatedDevice final : public Backend {
         {a.dispatched, a.pre_activation, a.hidden, a.expert_out, a.workspace, a.weights.fc1_weight,
          a.weights.fc1_bias, a.weights.fc2_weight, a.weights.fc2_bias, a.weights.fc1_weight_bf16,
          a.weights.fc2_weight_bf16}));
+    Access open(*this);
     return cpu_->expert_forward(a);
   }
   Status expert_backward(const ExpertBackwardArgs& a) override {
@@ -165,35 +209,57 @@ class SimulatedDevice final : public Backend {
                             a.weights.fc2_weight, a.weights.fc2_bias, a.weights.fc1_weight_bf16,
                             a.weights.fc2_weight_bf16, a.grads.fc1_weight, a.grads.fc1_bias,
                             a.grads.fc2_weight, a.grads.fc2_bias}));
+    Access open(*this);
     return cpu_->expert_backward(a);
   }
   Status decode_backward(const DecodeBackwardArgs& a) override {
     TUTEL_RETURN_IF_ERROR(
         check("decode_backward", {a.dy, a.expert_out, a.gates, a.expert_index, a.location,
                                   a.slot_assignment, a.d_expert_out, a.d_gates}));
+    Access open(*this);
     return cpu_->decode_backward(a);
   }
   Status encode_backward(const EncodeBackwardArgs& a) override {
     TUTEL_RETURN_IF_ERROR(check("encode_backward", {a.d_dispatched, a.x, a.gates, a.expert_index,
                                                     a.location, a.dx, a.d_gates}));
+    Access open(*this);
     return cpu_->encode_backward(a);
   }
   Status gate_backward(const GateBackwardArgs& a) override {
     TUTEL_RETURN_IF_ERROR(check("gate_backward", {a.x, a.gate_weight, a.scores, a.expert_index,
                                                   a.d_gates, a.d_logits, a.dx, a.d_gate_weight}));
+    Access open(*this);
     return cpu_->gate_backward(a);
   }
   Status sgd_step(const SgdArgs& a) override {
     TUTEL_RETURN_IF_ERROR(check("sgd_step", {a.param, a.grad, a.momentum_buffer, a.param_bf16}));
+    Access open(*this);
     return cpu_->sgd_step(a);
   }
   Status adamw_step(const AdamWArgs& a) override {
     TUTEL_RETURN_IF_ERROR(check("adamw_step", {a.param, a.grad, a.exp_avg, a.exp_avg_sq, a.param_bf16}));
+    Access open(*this);
     return cpu_->adamw_step(a);
   }
   Status convert(TensorView src, TensorView dst) override {
     TUTEL_RETURN_IF_ERROR(check("convert", {src, dst}));
+    Access open(*this);
     return cpu_->convert(src, dst);
+  }
+  Status add(TensorView dst, TensorView src) override {
+    TUTEL_RETURN_IF_ERROR(check("add", {dst, src}));
+    Access open(*this);
+    return cpu_->add(dst, src);
+  }
+  Status add_row_bias(TensorView out, TensorView bias, int64_t column) override {
+    TUTEL_RETURN_IF_ERROR(check("add_row_bias", {out, bias}));
+    Access open(*this);
+    return cpu_->add_row_bias(out, bias, column);
+  }
+  Status add_column_sums(TensorView src, int64_t column, TensorView dst) override {
+    TUTEL_RETURN_IF_ERROR(check("add_column_sums", {src, dst}));
+    Access open(*this);
+    return cpu_->add_column_sums(src, column, dst);
   }
 
  private:
@@ -230,6 +296,17 @@ class SimulatedDevice final : public Backend {
                          : on_host(p, n) ? " (host)"
                                          : " (straddles device memory)");
   }
+  static size_t page_size() { return static_cast<size_t>(::sysconf(_SC_PAGESIZE)); }
+  void free_memory(void* p, size_t bytes) {
+    if (guarded_)
+      ::munmap(p, bytes);
+    else
+      std::free(p);
+  }
+  void protect_all(int prot) {
+    for (const auto& [start, bytes] : allocations_)
+      ::mprotect(reinterpret_cast<void*>(start), bytes, prot);
+  }
   Status violation(std::string what) {
     violations_.push_back(what);
     return Status::Internal("simulated device: " + what);
@@ -258,6 +335,8 @@ class SimulatedDevice final : public Backend {
   std::vector<CopyRecord> copies_;
   int64_t allocation_count_ = 0;
   bool fail_registration_ = false;
+  bool guarded_ = false;  // guard_host_access()
+  int open_ = 0;          // live Access objects
 };
 
 // The CPU backend, recording the copies it is asked for.
@@ -299,6 +378,13 @@ class CountingCpu final : public Backend {
   Status sgd_step(const SgdArgs& a) override { return cpu_->sgd_step(a); }
   Status adamw_step(const AdamWArgs& a) override { return cpu_->adamw_step(a); }
   Status convert(TensorView src, TensorView dst) override { return cpu_->convert(src, dst); }
+  Status add(TensorView dst, TensorView src) override { return cpu_->add(dst, src); }
+  Status add_row_bias(TensorView out, TensorView bias, int64_t column) override {
+    return cpu_->add_row_bias(out, bias, column);
+  }
+  Status add_column_sums(TensorView src, int64_t column, TensorView dst) override {
+    return cpu_->add_column_sums(src, column, dst);
+  }
 
  private:
   std::unique_ptr<Backend> cpu_;

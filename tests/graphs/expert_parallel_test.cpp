@@ -21,6 +21,7 @@
 #include "../common/loopback.hpp"
 #include "../kernels/bf16_copy_checks.hpp"
 #include "../kernels/layer_test_util.hpp"
+#include "expert_parallel_test_util.hpp"
 #include "tutel/comm/ucx.hpp"
 
 namespace tutel::testing {
@@ -85,18 +86,6 @@ std::vector<EpCase> cases() {
                  true}),
       two_dh(2, {"TwoDhTwoRanksOneNode", 2, 4, 32, 2, 1.0, {33, 27}}),
   };
-}
-
-// Rank r of a group of W on loopback, with generous timeouts (2 cores shared by every rank).
-comm::BootstrapOptions rank_options(uint16_t port, int r, int W, int local_size) {
-  comm::BootstrapOptions o;
-  o.coordinator_port = port;
-  o.rank = r;
-  o.size = W;
-  o.local_size = local_size;
-  o.timeout = std::chrono::seconds(20);
-  o.collective_timeout = std::chrono::seconds(20);
-  return o;
 }
 
 class ExpertParallel : public ::testing::TestWithParam<EpCase> {};

@@ -32,16 +32,22 @@ std::vector<float> randn(size_t n, std::mt19937& rng) {
   return v;
 }
 
-nlohmann::json tenant_json(const DaemonProcess& d) {
-  const std::string cmd = std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json tenants 2>/dev/null";
+// tutelctl's output for `args` on the daemon's admin socket.
+std::string tutelctl(const DaemonProcess& d, const std::string& args) {
+  const std::string cmd = std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " " + args + " 2>/dev/null";
   std::string out;
   FILE* p = ::popen(cmd.c_str(), "r");
   EXPECT_NE(p, nullptr);
-  if (p == nullptr) return {};
+  if (p == nullptr) return out;
   char buf[4096];
   size_t n;
   while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
   EXPECT_EQ(::pclose(p), 0) << out;
+  return out;
+}
+
+nlohmann::json tenant_json(const DaemonProcess& d) {
+  const std::string out = tutelctl(d, "--json tenants");
   const auto reply = nlohmann::json::parse(out, nullptr, false);
   for (const auto& t : reply.value("tenants", nlohmann::json::array()))
     if (t["name"] == "default") return t;
@@ -88,6 +94,9 @@ TEST(DeviceRegion, ZeroCopyRequestsEqualTheArenaPath) {
   EXPECT_EQ(region->bytes(), floats * 4);
   ASSERT_NE(region->data(), nullptr);
   EXPECT_EQ(tenant_json(*s.daemon)["region_bytes"].get<uint64_t>(), floats * 4);
+  EXPECT_NE(tutelctl(*s.daemon, "metrics").find("tuteld_tenant_region_bytes{tenant=\"default\"} " +
+                                                std::to_string(floats * 4)),
+            std::string::npos);
   float* base = static_cast<float*>(region->data());
   auto x = [&](size_t i) { return base + at[i]; };
   auto y = [&](size_t i) { return base + at[i] + tokens[i] * kDim; };

@@ -20,11 +20,22 @@
 // timeouts elsewhere). Which order that is (e.g. the backwards in reverse) is the caller's
 // choice, as long as every rank makes it.
 //
+// Backends: any. Every access to the backend's memory goes through the Backend (copies of the
+// right kind, and its ops), so the layer runs on the CPU backend with a host communicator (UCX)
+// and on the CUDA backend with an NCCL communicator alike, with the same results on the CPU
+// as ever. The communicator must take the backend's memory (the NCCL communicator takes device
+// memory only); the few scalars the group agrees on (the capacity's inputs) make a round trip
+// through a small buffer of the backend's memory for that reason. Each collective starts after
+// Backend::synchronize(), so a communicator on a queue of its own still reads what the
+// backend's ops wrote; it must be done when it returns (NcclOptions::synchronize). The host
+// reads the expert counts every forward, so a forward cannot be captured into a CUDA graph.
+//
 // Thread-safety: one thread at a time per object, and per Saved (a Saved is only touched inside
 // the forward or backward it is passed to).
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "tutel/comm/communicator.hpp"
 #include "tutel/kernels/backend.hpp"
@@ -63,9 +74,12 @@ HostLayerParams slice_for_rank(const LayerSpec& spec, const ExpertShard& shard,
 
 class ExpertParallelLayer {
  public:
-  // The spec is the global layer; the group is `comm` (its rank and size define the shard).
+  // The spec is the global layer; the group is `comm` (its rank and size define the shard),
+  // whose buffers are `backend`'s memory: a host communicator for the CPU backend, an NCCL
+  // communicator on the CUDA backend's device (ideally on its stream, as the daemon's).
   // `algo` runs every all-to-all of the layer (forward dispatch and combine, and their
   // backward); k2DH needs comm.local_size() to divide comm.size() and is refused otherwise.
+  // Gate noise is refused (not supported across a group yet).
   static Result<ExpertParallelLayer> create(Backend& backend, comm::Communicator& comm,
                                             const LayerSpec& spec,
                                             comm::AllToAllAlgo algo = comm::AllToAllAlgo::kLinear);
@@ -104,12 +118,13 @@ class ExpertParallelLayer {
     DeviceBuffer combined_;                                      // [E, C, O]
   };
 
-  // x [S, M] → y [S, O] on this rank's tokens; collective over the group. `local` holds this
-  // rank's parameters (shapes above), its expert weights optionally with bf16 copies of the
-  // same local shapes (ExpertWeights; the caller slices them as the weights, e.g. Backend::
-  // convert of each local slice), read when the spec's matmul dtype is bf16. A training forward
-  // passes `saved`: what backward needs is copied into it (x included, so the caller may reuse x's
-  // memory), replacing whatever it held. Without `saved` (inference) nothing is kept.
+  // x [S, M] → y [S, O] on this rank's tokens; collective over the group. x, y and every
+  // tensor of `local` are the backend's memory. `local` holds this rank's parameters (shapes
+  // above), its expert weights optionally with bf16 copies of the same local shapes
+  // (ExpertWeights; the caller slices them as the weights, e.g. Backend::convert of each local
+  // slice), read when the spec's matmul dtype is bf16. A training forward passes `saved`: what
+  // backward needs is copied into it (x included, so the caller may reuse x's memory),
+  // replacing whatever it held. Without `saved` (inference) nothing is kept.
   Status forward(const LayerWeights& local, TensorView x, TensorView y, RoutingStats* stats,
                  Saved* saved = nullptr);
   // Backward of the training forward held by `saved`; collective. dy is [saved.tokens(), O];
@@ -130,14 +145,26 @@ class ExpertParallelLayer {
   Status grow(DeviceBuffer& buf, size_t bytes);
   TensorView f32(const DeviceBuffer& buf, Shape shape) const;
   TensorView i32(const DeviceBuffer& buf, Shape shape) const;
-  // [a][b][rows] → [b][a][rows]: swaps the two outer dimensions of a [a, b, row_floats] block.
-  void swap_outer(const float* src, float* dst, int64_t a, int64_t b, int64_t row_floats) const;
+  TensorView workspace() const;  // workspace_, all of it, as u8
+  // [a][b][rows] → [b][a][rows]: swaps the two outer dimensions of a [a, b, row_floats] block
+  // of device memory, by a·b device-to-device copies.
+  Status swap_outer(const float* src, float* dst, int64_t a, int64_t b, int64_t row_floats);
   // The two directions of the all-to-all (forward dispatch and backward of combine; forward
   // combine and backward of dispatch), for rows of `row` floats and capacity C.
   Status to_experts(const float* token_side, float* expert_side, int64_t C, int64_t row);
   Status to_tokens(const float* expert_side, float* token_side, int64_t C, int64_t row);
+  // Waits for the backend's queued ops before a collective reads what they wrote.
+  Status collective_ready();
+  // values[0..count) = their MAX over the group, through agreed_ (host in, host out).
+  Status agree_on_max(int64_t* values, size_t count);
   ExpertWeights local_experts(const ExpertWeights& w) const;  // drops fc2 bias when sharded
-  void add_fc2_bias_slice(float* out, int64_t rows, const float* bias_slice) const;
+  // A sharded expert's fc2 bias: this shard's columns of the output and, from its [1, O_s]
+  // slice (a bias or its gradient), the values that fall within O.
+  struct BiasColumns {
+    int64_t column;     // first output column
+    TensorView values;  // [n] f32
+  };
+  BiasColumns fc2_bias_columns(const TensorView& bias_slice) const;
 
   Backend* backend_;
   comm::Communicator* comm_;
@@ -148,8 +175,10 @@ class ExpertParallelLayer {
   // Scratch: no call leaves anything in these that a later call reads.
   Saved inference_;  // an inference forward's routing and activations
   DeviceBuffer l_aux_, expert_count_;
-  DeviceBuffer dispatched_;   // [E, C, M] local dispatch
-  DeviceBuffer send_, recv_;  // all-to-all staging
+  DeviceBuffer agreed_;               // [2] i64: the scalars agree_on_max reduces
+  std::vector<int32_t> host_counts_;  // [E]: expert_count_ copied to the host
+  DeviceBuffer dispatched_;           // [E, C, M] local dispatch
+  DeviceBuffer send_, recv_;          // all-to-all staging
   DeviceBuffer expert_out_, workspace_;
   DeviceBuffer d_gates_, d_logits_, d_combined_, d_expert_out_, d_hidden_, d_expert_in_,
       d_dispatched_;

@@ -237,6 +237,13 @@ struct ExpertShape {
 // copy (ExpertWeights, the optimizers' param_bf16, convert's dst). `what` names the copy.
 Status check_bf16_copy(const TensorView& source, const TensorView& copy, std::string_view what);
 
+// The shape rules of Backend::add (dst and src f32 of one shape) and of add_row_bias and
+// add_column_sums (`matrix` f32 [R, O], `slice` f32 [n], 0 <= column, column + n <= O), shared
+// by every backend so they refuse the same arguments with the same message. `op` prefixes it.
+Status check_add(const TensorView& dst, const TensorView& src, std::string_view op);
+Status check_column_slice(const TensorView& matrix, const TensorView& slice, int64_t column,
+                          std::string_view op);
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -285,6 +292,23 @@ class Backend {
   // converting on the fly (NaN stays NaN; its payload is the backend's). dst must pass
   // check_bf16_copy(src, dst). Queued like the other ops.
   virtual Status convert(TensorView src, TensorView dst) = 0;
+
+  // Small f32 ops for code above the layer ops that must not touch device memory from the host
+  // (graphs::ExpertParallelLayer: the shard sums, fc2 bias slices and their gradients of an
+  // expert sharded along H). Views are contiguous; each op checks its shapes (check_add,
+  // check_column_slice) and is queued like the others.
+  //
+  // dst[i] += src[i] elementwise; same shape, and dst must not partially overlap src.
+  virtual Status add(TensorView dst, TensorView src) = 0;
+  // out[r, column + c] += bias[c] for out [R, O], bias [n], column + n <= O: a bias that covers
+  // only some of out's columns (a shard's slice of the fc2 bias).
+  virtual Status add_row_bias(TensorView out, TensorView bias, int64_t column) = 0;
+  // dst[c] += Σ_r src[r, column + c] for src [R, O], dst [n], column + n <= O: the gradient of
+  // add_row_bias's bias. Summed in a fixed order, so no result depends on the thread count or
+  // the launch configuration; the CPU backend adds row after row into dst[c] itself (the
+  // host loop's order, bit for bit), the CUDA backend sums fixed blocks of rows, as its bias
+  // gradients.
+  virtual Status add_column_sums(TensorView src, int64_t column, TensorView dst) = 0;
 
   // (optional) Memory of this device that other processes of this host can map (zero-copy
   // submission): at least `bytes`, never recycled into allocate()'s memory (what another process

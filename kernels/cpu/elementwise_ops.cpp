@@ -1,0 +1,56 @@
+#include "cpu/elementwise_ops.hpp"
+
+#include <algorithm>
+
+namespace tutel::cpu {
+
+Status add(TensorView dst, TensorView src) {
+  TUTEL_RETURN_IF_ERROR(check_add(dst, src, "add"));
+  float* d = dst.data_as<float>();
+  const float* s = src.data_as<float>();
+  const int64_t n = dst.numel();
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) d[i] += s[i];
+  return Status::OK();
+}
+
+Status add_row_bias(TensorView out, TensorView bias, int64_t column) {
+  TUTEL_RETURN_IF_ERROR(check_column_slice(out, bias, column, "add_row_bias"));
+  const int64_t R = out.dim(0), O = out.dim(1), n = bias.dim(0);
+  float* o = out.data_as<float>() + column;
+  const float* b = bias.data_as<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    float* row = o + r * O;
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) row[c] += b[c];
+  }
+  return Status::OK();
+}
+
+Status add_column_sums(TensorView src, int64_t column, TensorView dst) {
+  TUTEL_RETURN_IF_ERROR(check_column_slice(src, dst, column, "add_column_sums"));
+  const int64_t R = src.dim(0), O = src.dim(1), n = dst.dim(0);
+  const float* s = src.data_as<float>() + column;
+  float* d = dst.data_as<float>();
+  // Threads split the columns, never the rows: each column is one running sum from d[c] down
+  // the rows, in the order the layer's host loop always used. A strip of columns stays in
+  // registers while the rows stream past; the lanes of the simd loop are distinct columns.
+  constexpr int64_t kCols = 64;
+  const int64_t strips = (n + kCols - 1) / kCols;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < strips; ++t) {
+    const int64_t c0 = t * kCols, width = std::min(kCols, n - c0);
+    float acc[kCols];
+    for (int64_t c = 0; c < width; ++c) acc[c] = d[c0 + c];
+    for (int64_t r = 0; r < R; ++r) {
+      const float* row = s + r * O + c0;
+#pragma omp simd
+      for (int64_t c = 0; c < width; ++c) acc[c] += row[c];
+    }
+    for (int64_t c = 0; c < width; ++c) d[c0 + c] = acc[c];
+  }
+  return Status::OK();
+}
+
+}  // namespace tutel::cpu
