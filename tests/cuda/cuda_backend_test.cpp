@@ -74,18 +74,8 @@ TEST(CudaBackendRegistry, RejectsBadDeviceIndex) {
   }
 }
 
-class CudaOps : public ::testing::Test {
+class CudaOps : public CpuAndCudaTest {
  protected:
-  void SetUp() override {
-    TUTEL_REQUIRE_CUDA_DEVICE();
-    auto cpu = make_backend("cpu", {.threads = 2});
-    ASSERT_TRUE(cpu.ok()) << cpu.status();
-    cpu_ = std::move(cpu).value();
-    auto gpu = make_backend("cuda", {});
-    ASSERT_TRUE(gpu.ok()) << gpu.status();
-    gpu_ = std::move(gpu).value();
-    rng_.seed(seed_);
-  }
 
   Mirror make(DType dtype, Shape shape) { return Mirror(*cpu_, *gpu_, dtype, shape); }
   Mirror make(Shape shape) { return make(DType::kF32, shape); }
@@ -115,9 +105,6 @@ class CudaOps : public ::testing::Test {
     ASSERT_TRUE(gpu_->synchronize().ok());
   }
 
-  const uint64_t seed_ = std::random_device{}();
-  std::mt19937_64 rng_;
-  std::unique_ptr<Backend> cpu_, gpu_;
 };
 
 TEST_F(CudaOps, MemoryRoundTrips) {

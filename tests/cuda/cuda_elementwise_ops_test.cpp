@@ -16,18 +16,8 @@
 namespace tutel::testing {
 namespace {
 
-class CudaElementwiseOps : public ::testing::Test {
+class CudaElementwiseOps : public CpuAndCudaTest {
  protected:
-  void SetUp() override {
-    TUTEL_REQUIRE_CUDA_DEVICE();
-    auto cpu = make_backend("cpu", {.threads = 2});
-    ASSERT_TRUE(cpu.ok()) << cpu.status();
-    cpu_ = std::move(cpu).value();
-    auto gpu = make_backend("cuda", {});
-    ASSERT_TRUE(gpu.ok()) << gpu.status();
-    gpu_ = std::move(gpu).value();
-    rng_.seed(seed_);
-  }
 
   std::vector<float> normal(size_t n, double scale) { return to_f32(randn(rng_, n, scale)); }
   // Runs an op on the CPU backend, then on the CUDA one, and waits for the device.
@@ -39,9 +29,6 @@ class CudaElementwiseOps : public ::testing::Test {
     ASSERT_TRUE(gpu_->synchronize().ok());
   }
 
-  const uint64_t seed_ = std::random_device{}();
-  std::mt19937_64 rng_;
-  std::unique_ptr<Backend> cpu_, gpu_;
 };
 
 struct Matrix {

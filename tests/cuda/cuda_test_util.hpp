@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -90,5 +92,25 @@ inline ::testing::AssertionResult matches_cpu(const std::string& what, const Mir
   const std::vector<float> want = t.cpu_values();
   return all_close(what, t.gpu_values(), std::vector<double>(want.begin(), want.end()), rtol, atol_frac);
 }
+
+// A CPU backend and a CUDA one side by side, with a fresh seed per test (print seed_ on failure).
+// Skips the test without a CUDA device.
+class CpuAndCudaTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    TUTEL_REQUIRE_CUDA_DEVICE();
+    auto cpu = make_backend("cpu", {.threads = 2});
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    cpu_ = std::move(cpu).value();
+    auto gpu = make_backend("cuda", {});
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    gpu_ = std::move(gpu).value();
+    rng_.seed(seed_);
+  }
+
+  const uint64_t seed_ = std::random_device{}();
+  std::mt19937_64 rng_;
+  std::unique_ptr<Backend> cpu_, gpu_;
+};
 
 }  // namespace tutel::testing
