@@ -9,7 +9,9 @@
 #      expert-parallel layer on the CUDA backend over NCCL (expert_parallel_device_test *OnCuda*),
 #   4. tutel-bench layer --backend cuda --graph: the large and gpu shapes next to their cuBLAS
 #      and copy-bandwidth floors, then eager launch vs CUDA-graph replay at S=128 (at most 180 s;
-#      the tests leave TUTEL_GPU_BENCH_RESERVE_S of the budget for it),
+#      the tests leave TUTEL_GPU_BENCH_RESERVE_S of the budget for it), then tutel-bench layer
+#      --via-daemon --backend cuda: a GPU tuteld's layer through the arena vs a device region
+#      (zero-copy), next to the staging copies a region saves (at most 90 s),
 #   5. compute-sanitizer memcheck over the op tests, when the tool is there and time allows,
 # within a time budget (8 minutes by default), and prints a summary table at the end, with the
 # benchmark's target verdicts as rows and its measurement lines below.
@@ -252,6 +254,23 @@ else
   done
 fi
 
+# Zero-copy through the daemon: a GPU tuteld's layer fed through the arena vs a device region.
+daemon_bench_lines=""
+if [ "$bench_option" = ON ] && [ -x "$bench" ] && [ "$(remaining)" -ge 60 ]; then
+  say "tutel-bench layer --via-daemon --backend cuda"
+  timeout 90 "$bench" layer --via-daemon --backend cuda --repeats 10 >"$log_dir/bench-daemon.log" 2>&1
+  rc=$?
+  cat "$log_dir/bench-daemon.log"
+  daemon_bench_lines=$(grep -E '^via-daemon ' "$log_dir/bench-daemon.log")
+  case $rc in
+    0) row "bench-zc" "ok" "arena vs device region through tuteld, $(echo "$daemon_bench_lines" | grep -c .) rows" ;;
+    124) row "bench-zc" "timeout" "after 90s (see $log_dir/bench-daemon.log)" ;;
+    *) row "bench-zc" "failed" "exit $rc, see $log_dir/bench-daemon.log (not a test failure)" ;;
+  esac
+else
+  row "bench-zc" "skipped" "no tutel-bench or under a minute left"
+fi
+
 # ---- 6. compute-sanitizer (optional) -------------------------------------------------------
 sanitizer=""
 for c in /usr/local/cuda/bin/compute-sanitizer "$(command -v compute-sanitizer 2>/dev/null)"; do
@@ -283,6 +302,9 @@ for r in "${rows[@]}"; do
 done
 if [ -n "$bench_lines" ]; then
   printf '\nbenchmark (tutel-bench %s; columns and floors explained in the log):\n%s\n' "$bench_cmd" "$bench_lines"
+fi
+if [ -n "$daemon_bench_lines" ]; then
+  printf '\nzero-copy through tuteld (tutel-bench layer --via-daemon --backend cuda):\n%s\n' "$daemon_bench_lines"
 fi
 printf '\nlogs: %s\n' "$log_dir"
 if [ $test_failure != 0 ]; then

@@ -3,68 +3,21 @@
 // in-process), through the arena (copied) and through a device region (zero-copy).
 #include "daemon_bench.hpp"
 
-#include <fcntl.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <random>
 #include <thread>
 #include <vector>
 
+#include "bench_daemon.hpp"
 #include "bench_util.hpp"
 #include "tutel/client.hpp"
 #include "tutel/kernels/moe_layer.hpp"
 
-extern char** environ;
-
 namespace tutel::bench {
 namespace {
-
-namespace fs = std::filesystem;
-
-// A tuteld started from the bench's own bin/ directory on a throwaway config; stopped by PID.
-class BenchDaemon {
- public:
-  BenchDaemon(const std::string& self, int threads, const std::string& arena, int spin_us = -1) {
-    char tmpl[] = "/tmp/tutel-bench-XXXXXX";
-    dir_ = ::mkdtemp(tmpl);
-    std::ofstream(dir_ + "/tuteld.toml") << "[server]\nclient_socket = \"client.sock\"\nadmin_socket = \"admin.sock\"\n"
-                                         << "metrics_listen = \"\"\nlog_level = \"warn\"\narena_bytes = \"" << arena << "\"\n"
-                                         << (spin_us >= 0 ? "spin_us = " + std::to_string(spin_us) + "\n" : "")
-                                         << "[backend]\nkind = \"cpu\"\nranks = 1\nthreads_per_rank = " << threads << "\n"
-                                         << "[[tenant]]\nname = \"bench\"\nuids = [" << ::getuid() << "]\n";
-    const std::string bin = (fs::path(self).parent_path() / "tuteld").string();
-    const std::string cfg = dir_ + "/tuteld.toml";
-    char* argv[] = {const_cast<char*>(bin.c_str()), const_cast<char*>("--config"), const_cast<char*>(cfg.c_str()), nullptr};
-    if (posix_spawn(&pid_, bin.c_str(), nullptr, nullptr, argv, environ) != 0) {
-      pid_ = -1;
-      return;
-    }
-    for (int i = 0; i < 500 && !fs::exists(socket()); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  ~BenchDaemon() {
-    if (pid_ > 0) {
-      ::kill(pid_, SIGTERM);
-      int status;
-      ::waitpid(pid_, &status, 0);
-    }
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-  std::string socket() const { return dir_ + "/client.sock"; }
-  bool running() const { return pid_ > 0 && fs::exists(socket()); }
-
- private:
-  std::string dir_;
-  pid_t pid_ = -1;
-};
 
 double percentile(std::vector<double> v, double p) {
   std::sort(v.begin(), v.end());
@@ -74,7 +27,7 @@ double percentile(std::vector<double> v, double p) {
 }  // namespace
 
 int run_ipc_bench(const std::string& self, int repeats, int spin_us) {
-  BenchDaemon daemon(self, 1, "64MiB", spin_us);
+  BenchDaemon daemon(self, "cpu", 1, "64MiB", spin_us);
   if (!daemon.running()) {
     std::fprintf(stderr, "tutel-bench ipc: could not start tuteld next to %s\n", self.c_str());
     return 1;
@@ -125,7 +78,7 @@ int run_ipc_bench(const std::string& self, int repeats, int spin_us) {
 
 int run_layer_via_daemon_bench(const std::string& self, int threads, int repeats) {
   if (threads == 0) threads = static_cast<int>(std::thread::hardware_concurrency());
-  BenchDaemon daemon(self, threads, "256MiB");
+  BenchDaemon daemon(self, "cpu", threads, "256MiB");
   if (!daemon.running()) {
     std::fprintf(stderr, "tutel-bench layer --via-daemon: could not start tuteld next to %s\n", self.c_str());
     return 1;

@@ -2,6 +2,8 @@
 // Not tests: nothing here asserts; read the ratios.
 #include <CLI/CLI.hpp>
 
+#include <cstdio>
+
 #include "a2a_bench.hpp"
 #include "daemon_bench.hpp"
 #include "layer_bench.hpp"
@@ -33,7 +35,9 @@ int main(int argc, char** argv) {
 
   bool via_daemon = false;
   layer_cmd->add_flag("--via-daemon", via_daemon,
-                      "large shape: forward through a tuteld started for the run vs in-process");
+                      "cpu: the large shape's forward through a tuteld started for the run vs in-process, "
+                      "through the arena and in a device region; cuda: through the arena vs in a device "
+                      "region (CUDA IPC) at S=128 and 4096");
 
   int ipc_repeats = 5;
   CLI::App* ipc_cmd = app.add_subcommand("ipc", "round trip and bulk transfer through tuteld vs memcpy");
@@ -50,6 +54,14 @@ int main(int argc, char** argv) {
   a2a_cmd->add_option("--spin-us", a2a.spin_us, "the communicator's busy-poll before it sleeps (default: 50)");
 
   CLI11_PARSE(app, argc, argv);
+  if (layer_cmd->parsed() && via_daemon && layer.backend == "cuda") {
+#if defined(TUTEL_HAVE_CUDA)
+    return tutel::bench::run_cuda_layer_via_daemon_bench(argv[0], layer.repeats);
+#else
+    std::fprintf(stderr, "tutel-bench layer: --backend cuda: this tutel-bench was built without CUDA\n");
+    return tutel::bench::kExitNoCuda;
+#endif
+  }
   if (layer_cmd->parsed())
     return via_daemon ? tutel::bench::run_layer_via_daemon_bench(argv[0], layer.threads, layer.repeats)
                       : tutel::bench::run_layer_bench(layer);
