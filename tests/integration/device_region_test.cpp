@@ -4,7 +4,9 @@
 // float64 reference by daemon_parity_test): same layer, same inputs, so they must be identical.
 // Then the malformed uses: from the client library, and by hand on the wire.
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
@@ -12,6 +14,7 @@
 #include <random>
 #include <vector>
 
+#include "../common/loopback.hpp"
 #include "daemon_fixture.hpp"
 #include "raw_session.hpp"
 #include "tutel/client.h"
@@ -162,6 +165,37 @@ TEST(DeviceRegion, ZeroCopyRequestsEqualTheArenaPath) {
   EXPECT_EQ(s.daemon->stop(), 0) << s.daemon->log();
 }
 
+// A [group] layer (expert parallel, here a group of one) takes device regions the same way.
+TEST(DeviceRegion, GroupLayersUseRegionsInPlaceToo) {
+  Started s = start();
+  ASSERT_TRUE(s.client);
+  const std::string spec = std::string(kSpec) + "[group]\ncoordinator = \"127.0.0.1:" +
+                           std::to_string(free_port()) + "\"\nsize = 1\nrank = 0\n";
+  auto layer = s.client->create_layer(spec);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  const int64_t tokens = 48;
+  const size_t tensor = tokens * kDim;
+  auto region = s.client->map_device_region(layer->info().rank, 4 * tensor * 4);
+  ASSERT_TRUE(region.ok()) << region.status();
+  float* p = static_cast<float*>(region->data());
+  std::mt19937 rng(std::random_device{}());
+  const std::vector<float> x = randn(tensor, rng), dy = randn(tensor, rng);
+  std::memcpy(p, x.data(), tensor * 4);
+  std::memcpy(p + 2 * tensor, dy.data(), tensor * 4);
+
+  std::vector<float> want_y(tensor), want_dx(tensor);
+  client::ForwardInfo want, got;
+  ASSERT_TRUE(layer->forward(x.data(), tokens, want_y.data(), &want).ok());
+  ASSERT_TRUE(layer->backward(want.sequence, dy.data(), 0.01f, want_dx.data()).ok());
+  ASSERT_TRUE(layer->forward_device(p, tokens, p + tensor, &got).ok());
+  ASSERT_TRUE(layer->backward_device(got.sequence, p + 2 * tensor, 0.01f, p + 3 * tensor).ok());
+  EXPECT_EQ(got.l_aux, want.l_aux);
+  EXPECT_EQ(std::memcmp(p + tensor, want_y.data(), tensor * 4), 0);
+  EXPECT_EQ(std::memcmp(p + 3 * tensor, want_dx.data(), tensor * 4), 0);
+  ASSERT_TRUE(layer->step().ok());
+  EXPECT_EQ(s.daemon->stop(), 0) << s.daemon->log();
+}
+
 TEST(DeviceRegion, MisuseFromTheClientIsRefusedWithWhatToDo) {
   DaemonOptions options;
   options.ranks = 2;
@@ -293,6 +327,58 @@ TEST(DeviceRegion, TheCApiMapsAndSubmitsInPlace) {
   tutel_layer_release(layer);
   tutel_close(c);
   EXPECT_EQ(s.daemon->stop(), 0) << s.daemon->log();
+}
+
+// A client killed with regions mapped and requests in flight: the daemon frees its regions
+// (and their charge) when the session ends, and serves the next client.
+TEST(DeviceRegion, AKilledClientsRegionsAreFreed) {
+  DaemonProcess d(DaemonOptions{});
+  ASSERT_TRUE(d.start());
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ::close(ready[0]);
+    auto c = client::Client::connect(d.client_socket());
+    if (!c.ok()) _exit(2);
+    auto layer = c->create_layer(kSpec);
+    if (!layer.ok()) _exit(3);
+    std::vector<client::DeviceRegion> regions;
+    for (int i = 0; i < 3; ++i) {
+      auto r = c->map_device_region(0, 1 << 20);
+      if (!r.ok()) _exit(4);
+      regions.push_back(std::move(*r));
+    }
+    float* p = static_cast<float*>(regions[0].data());
+    const int64_t tokens = 4096;
+    for (int i = 0; i < 8; ++i)
+      if (!layer->submit_forward_device(p, tokens, p + tokens * kDim).ok()) _exit(5);
+    const char one = 1;
+    (void)!::write(ready[1], &one, 1);
+    for (;;) ::pause();  // killed here, with requests in flight and three regions mapped
+  }
+  ::close(ready[1]);
+  char byte = 0;
+  ASSERT_EQ(::read(ready[0], &byte, 1), 1) << "the child client did not get as far as submitting";
+  ::close(ready[0]);
+  EXPECT_EQ(tenant_json(d)["region_bytes"].get<uint64_t>(), 3u << 20);
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  for (int i = 0; i < 500 && tenant_json(d)["region_bytes"].get<uint64_t>() != 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(tenant_json(d)["region_bytes"].get<uint64_t>(), 0u);
+  // The daemon goes on serving.
+  auto c = client::Client::connect(d.client_socket());
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto region = c->map_device_region(0, 4096);
+  ASSERT_TRUE(region.ok()) << region.status();
+  auto layer = c->attach_layer("zc");
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  float* p = static_cast<float*>(region->data());
+  ASSERT_TRUE(layer->infer_device(p, 8, p + 8 * kDim).ok());
+  EXPECT_TRUE(d.alive());
+  EXPECT_EQ(d.stop(), 0) << d.log();
 }
 
 // The wire, by hand: what no client library would send.
