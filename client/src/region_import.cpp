@@ -37,10 +37,15 @@ const CudaRuntime& cuda_runtime() {
   static const CudaRuntime runtime = [] {
     CudaRuntime rt;
     void* lib = nullptr;
-    // The soname of the runtime the daemon was built with first, then older and unversioned
-    // ones: IPC handles are the driver's, so any runtime opens them.
-    for (const char* name : {"libcudart.so.13", "libcudart.so.12", "libcudart.so"}) {
-      if ((lib = ::dlopen(name, RTLD_NOW | RTLD_LOCAL)) != nullptr) break;
+    // A runtime this process already loaded (a PyTorch trainer's) first, so no second one comes
+    // next to it; else the soname the daemon was built with, then older and unversioned ones:
+    // IPC handles are the driver's, so any runtime opens them.
+    constexpr const char* kNames[] = {"libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"};
+    for (const char* name : kNames)
+      if ((lib = ::dlopen(name, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD)) != nullptr) break;
+    for (const char* name : kNames) {
+      if (lib != nullptr) break;
+      lib = ::dlopen(name, RTLD_NOW | RTLD_LOCAL);
     }
     if (lib == nullptr) {
       rt.error = "the CUDA runtime (libcudart.so) cannot be loaded in this process; install it or add its "

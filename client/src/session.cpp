@@ -137,9 +137,8 @@ Status Session::fail(Status st) {
 void Session::close(const Status& why) {
   if (broken_.ok()) broken_ = why;
   in_flight_.clear();  // their buffers belong to the user: nothing is written into them any more
-  // The daemon frees its side when the session ends; DeviceRegion handles still held see
-  // data() == nullptr from now on.
-  for (auto& [id, region] : device_regions_) region->memory.reset();
+  // The daemon frees its side when the session ends. This side's mappings stay until their
+  // DeviceRegion handles go: the trainer's tensors or kernels may still point into them.
   device_regions_.clear();
   fd_.reset();
   arena_.reset();

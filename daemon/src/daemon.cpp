@@ -91,6 +91,8 @@ Status DaemonImpl::start() {
   TUTEL_RETURN_IF_ERROR(join_cluster());
   TUTEL_RETURN_IF_ERROR(start_ranks());
   registry_ = std::make_unique<Registry>(config_.tenants, ranks_);
+  for (const TenantConfig& t : config_.tenants)
+    retired_regions_[t.name] = std::make_shared<RetiredRegions>(registry_->tenant_memory(t.name));
   TUTEL_RETURN_IF_ERROR(restore_state());
   TUTEL_RETURN_IF_ERROR(load_config_layers());
   if (!config_.server.metrics_listen.empty()) TUTEL_RETURN_IF_ERROR(start_metrics_server());
@@ -424,7 +426,8 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         if (bytes < 1) return Status::InvalidArgument("a device region needs bytes >= 1, not " + std::to_string(bytes));
         TUTEL_ASSIGN_OR_RETURN(MappedRegion mapped, s->regions.map(*ranks_[static_cast<size_t>(rank)],
                                                                    static_cast<uint64_t>(bytes),
-                                                                   registry_->tenant_memory(tenant)));
+                                                                   registry_->tenant_memory(tenant),
+                                                                   retired_regions_.at(tenant)));
         *reply_fd = std::move(mapped.exported.fd);
         return region_info(mapped);
       };
@@ -515,7 +518,7 @@ void DaemonImpl::close_session(const std::shared_ptr<Session>& s) {
   offload([this, s] {
             if (s->worker.joinable()) s->worker.join();
             s->pinned.reset();
-            s->regions.clear();
+            s->regions.close();
             for (const LayerRef& ref : registry_->all()) ref.layer->drop_pending(s->id);
           },
           [this, s] {

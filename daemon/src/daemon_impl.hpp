@@ -75,6 +75,9 @@ class DaemonImpl {
   uv_loop_t loop_{};
   std::vector<std::unique_ptr<Rank>> ranks_;
   std::unique_ptr<Registry> registry_;
+  // Per tenant: region memory its clients may still map (device_regions.hpp). After ranks_, so
+  // it is freed while the ranks' backends are alive.
+  std::map<std::string, std::shared_ptr<RetiredRegions>> retired_regions_;
   Metrics metrics_;
   ipc::UniqueFd client_fd_, admin_fd_;
   uv_poll_t client_poll_{}, admin_poll_{};

@@ -3,17 +3,24 @@
 // back without a copy (docs/protocol.md §7). On a GPU the region is device memory the client
 // opens through CUDA IPC; on the CPU backend, a sealed memfd both processes map.
 //
-// A region belongs to its session: it is freed when the client unmaps it or the session ends,
-// and a request in progress keeps the region it uses alive until it completes. Its bytes count
-// against the tenant's max_memory_bytes.
-// Thread-safety: DeviceRegions may be used from any thread (the event loop's pool maps and
-// unmaps, the session's worker looks regions up).
+// A region belongs to its session: it goes when the client unmaps it or the session ends, and a
+// request in progress keeps the region it uses alive until it completes. Its bytes (whole pages,
+// or 2 MiB units on a GPU) count against the tenant's max_memory_bytes.
+//
+// Memory the client may still map after that (CUDA IPC: freeing it before the importer closes
+// its mapping is undefined, and an untrusted client need never close it) is never freed while
+// the daemon runs: it is retired to its tenant (RetiredRegions), stays charged to it, and is
+// handed out again only to that tenant's later regions, so no other tenant's data can reach it.
+// Thread-safety: DeviceRegions and RetiredRegions may be used from any thread (the event loop's
+// pool maps and unmaps, the session's worker looks regions up).
 #pragma once
 
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <vector>
 
 #include "served_layer.hpp"
 #include "tenant_memory.hpp"
@@ -21,21 +28,49 @@
 
 namespace tutel::daemon {
 
+class RetiredRegions {
+ public:
+  struct Entry {
+    Rank* rank = nullptr;
+    DeviceBuffer buffer;
+    MemoryExport exported;  // as the clients were told (no descriptor)
+  };
+
+  explicit RetiredRegions(std::shared_ptr<TenantMemory> memory) : memory_(std::move(memory)) {}
+  RetiredRegions(const RetiredRegions&) = delete;
+  RetiredRegions& operator=(const RetiredRegions&) = delete;
+  // The daemon is exiting (its clients' mappings go with their processes or the driver's
+  // teardown): frees every entry under its rank's lock. The ranks must still be alive.
+  ~RetiredRegions();
+
+  void put(Entry entry);
+  // The smallest entry on `rank` that holds `bytes`, if any (already charged to the tenant, so
+  // a larger one costs nothing more).
+  std::optional<Entry> take(const Rank& rank, uint64_t bytes);
+  uint64_t bytes() const;
+
+ private:
+  std::shared_ptr<TenantMemory> memory_;
+  mutable std::mutex mutex_;
+  std::vector<Entry> entries_;
+};
+
 class DeviceRegion {
  public:
-  DeviceRegion(uint32_t id, Rank& rank, uint64_t bytes, DeviceBuffer buffer, std::shared_ptr<TenantMemory> memory)
-      : id_(id), rank_(rank), bytes_(bytes), buffer_(std::move(buffer)), memory_(std::move(memory)) {}
+  DeviceRegion(uint32_t id, Rank& rank, uint64_t bytes, DeviceBuffer buffer, MemoryExport exported,
+               std::shared_ptr<TenantMemory> memory, std::shared_ptr<RetiredRegions> retired);
   DeviceRegion(const DeviceRegion&) = delete;
   DeviceRegion& operator=(const DeviceRegion&) = delete;
-  // Frees the memory under the rank's lock (its backend is used by one thread at a time) and
-  // gives its bytes back to the tenant.
+  // Retires the memory (keep_until_exit), or frees it under the rank's lock (its backend is used
+  // by one thread at a time) and gives its bytes back to the tenant.
   ~DeviceRegion();
 
   uint32_t id() const { return id_; }
   int rank_index() const { return rank_.index; }
   Device device() const { return rank_.backend->device(); }
-  // What requests may address: [data(), data() + bytes()).
+  // What requests may address: [data(), data() + bytes()); the allocation may be larger.
   uint64_t bytes() const { return bytes_; }
+  uint64_t allocated_bytes() const { return buffer_.bytes(); }
   uint8_t* data() const { return static_cast<uint8_t*>(buffer_.data()); }
 
  private:
@@ -43,7 +78,9 @@ class DeviceRegion {
   Rank& rank_;
   const uint64_t bytes_;
   DeviceBuffer buffer_;
+  MemoryExport exported_;  // what was sent, without the descriptor
   std::shared_ptr<TenantMemory> memory_;
+  std::shared_ptr<RetiredRegions> retired_;
 };
 
 struct MappedRegion {
@@ -53,24 +90,30 @@ struct MappedRegion {
 
 class DeviceRegions {
  public:
-  // Bounds per session, so one client cannot exhaust the daemon's descriptors or handles.
+  // Bounds per session. Each CPU region costs the daemon a mapping, no descriptor.
   static constexpr size_t kMaxRegions = 16;
   static constexpr uint64_t kMaxRegionBytes = uint64_t{1} << 40;
 
-  // Allocates a region of `bytes` on `rank`'s device, charged to `memory`.
-  Result<MappedRegion> map(Rank& rank, uint64_t bytes, std::shared_ptr<TenantMemory> memory);
+  // A region of `bytes` on `rank`'s device, charged to `memory`: one of the tenant's retired
+  // allocations when one fits, else a new one.
+  Result<MappedRegion> map(Rank& rank, uint64_t bytes, std::shared_ptr<TenantMemory> memory,
+                           std::shared_ptr<RetiredRegions> retired);
   // Forgets region `id`; its memory goes once no request uses it.
   Status unmap(uint32_t id);
   // The region `id`, or NotFound naming what to do.
   Result<std::shared_ptr<const DeviceRegion>> find(uint32_t id) const;
-  // Forgets every region (the session ended).
-  void clear();
+  // Forgets every region, and refuses maps from now on (the session ended).
+  void close();
   size_t size() const;
 
  private:
+  // An id no region of the session has (never 0); under mutex_.
+  uint32_t next_free_id();
+
   mutable std::mutex mutex_;
   std::map<uint32_t, std::shared_ptr<const DeviceRegion>> regions_;
-  uint32_t next_id_ = 1;  // 0 never names a region
+  uint32_t next_id_ = 1;
+  bool closed_ = false;
 };
 
 }  // namespace tutel::daemon

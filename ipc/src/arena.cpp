@@ -23,11 +23,17 @@ CompletionDescriptor* Arena::completion_slots() const {
 }
 
 Result<Arena> Arena::create(uint64_t arena_bytes) {
-  TUTEL_ASSIGN_OR_RETURN(const ArenaLayout layout, arena_layout(arena_bytes));
+  TUTEL_ASSIGN_OR_RETURN(ArenaLayout layout, arena_layout(arena_bytes));
   TUTEL_ASSIGN_OR_RETURN(SharedMemory memory, SharedMemory::create(layout.arena_bytes, "session arena"));
-  // arena_layout() rounds to 4096-byte pages; mapping rounds to the system's page.
-  if (memory.bytes() != layout.arena_bytes)
-    return Status::Internal("the system page size does not divide the arena layout's 4096-byte pages");
+  // arena_layout() rounds to 4096-byte pages, the mapping to the system's (64 KiB on some arm64
+  // kernels): lay out what was mapped, a whole number of 4096-byte pages too, so the client's
+  // layout of the memfd's size is the same.
+  if (memory.bytes() != layout.arena_bytes) {
+    TUTEL_ASSIGN_OR_RETURN(layout, arena_layout(memory.bytes()));
+    if (layout.arena_bytes != memory.bytes())
+      return Status::Internal("the arena's mapping of " + std::to_string(memory.bytes()) +
+                              " bytes is not a whole number of 4096-byte pages");
+  }
   Arena arena;
   arena.memory_ = std::move(memory);
   arena.layout_ = layout;

@@ -1,6 +1,5 @@
 #include "cpu/cpu_backend.hpp"
 
-#include <fcntl.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -90,16 +89,16 @@ class CpuBackend final : public Backend {
     std::free(data);
   }
 
-  // A sealed memfd: the other process maps the same pages.
+  // A sealed memfd: the other process maps the same pages, which stay its own after this side
+  // unmaps them, so nothing here can ever show it this process's later data.
   Result<ShareableBuffer> allocate_shareable(size_t bytes) override {
     TUTEL_ASSIGN_OR_RETURN(SharedMemory memory, SharedMemory::create(bytes, "shared device memory"));
     ShareableBuffer out;
     out.exported.kind = "host_memfd";
     out.exported.device_id = "cpu";
-    out.exported.fd.reset(::fcntl(memory.fd(), F_DUPFD_CLOEXEC, 0));
-    if (!out.exported.fd.valid())
-      return Status::ResourceExhausted(std::string("cannot duplicate the shared memory's descriptor: ") + std::strerror(errno));
-    out.buffer = DeviceBuffer(this, memory.data(), bytes);
+    // The descriptor goes to the other process; this side keeps only the mapping.
+    out.exported.fd = memory.take_fd();
+    out.buffer = DeviceBuffer(this, memory.data(), memory.bytes());
     std::lock_guard<std::mutex> lock(shared_mutex_);
     shared_.emplace(memory.data(), std::move(memory));
     return out;

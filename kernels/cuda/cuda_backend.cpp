@@ -208,7 +208,7 @@ void CudaBackend::release(void* data, size_t bytes) {
   {
     std::lock_guard lock(shareable_mutex_);
     if (shareable_.erase(data)) {
-      // cudaFree waits for the device; the pages stay alive while another process has them open.
+      // Only once no other process maps it (MemoryExport::keep_until_exit: the owner's call).
       (void)cudaFree(data);
       return;
     }
@@ -218,21 +218,27 @@ void CudaBackend::release(void* data, size_t bytes) {
 
 Result<ShareableBuffer> CudaBackend::allocate_shareable(size_t bytes) {
   if (bytes == 0) return Status::InvalidArgument("shared device memory must not be empty");
+  // An IPC handle shares the whole underlying allocation, and the driver may place small
+  // cudaMalloc blocks (the pool's) in one: a region of whole 2 MiB units is an allocation of its
+  // own, so its importer sees nothing else (CUDA programming guide, interprocess communication).
+  constexpr size_t kUnit = size_t{2} << 20;
+  if (bytes > (size_t{1} << 46)) return Status::InvalidArgument("shared device memory of " + std::to_string(bytes) + " bytes is too large");
+  const size_t size = (bytes + kUnit - 1) / kUnit * kUnit;
   TUTEL_RETURN_IF_ERROR(activate());
   void* p = nullptr;
-  if (const cudaError_t err = cudaMalloc(&p, bytes); err != cudaSuccess) {
+  if (const cudaError_t err = cudaMalloc(&p, size); err != cudaSuccess) {
     (void)cudaGetLastError();
-    return Status::ResourceExhausted("cannot allocate " + std::to_string(bytes) + " bytes of shared memory on cuda:" +
+    return Status::ResourceExhausted("cannot allocate " + std::to_string(size) + " bytes of shared memory on cuda:" +
                                      std::to_string(device_) + ": " + cudaGetErrorString(err));
   }
   ShareableBuffer out;
-  out.buffer = DeviceBuffer(this, p, bytes);  // from here on, freed through release()
+  out.buffer = DeviceBuffer(this, p, size);  // from here on, freed through release()
   {
     std::lock_guard lock(shareable_mutex_);
     shareable_.insert(p);
   }
   // cudaMalloc hands back memory this process freed before, possibly another tenant's data.
-  TUTEL_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_));
+  TUTEL_CUDA_CHECK(cudaMemsetAsync(p, 0, size, stream_));
   TUTEL_CUDA_CHECK(cudaStreamSynchronize(stream_));
   cudaIpcMemHandle_t handle;
   TUTEL_CUDA_CHECK(cudaIpcGetMemHandle(&handle, p));
@@ -241,6 +247,7 @@ Result<ShareableBuffer> CudaBackend::allocate_shareable(size_t bytes) {
   out.exported.kind = "cuda_ipc";
   out.exported.handle.assign(reinterpret_cast<const char*>(&handle), sizeof handle);
   out.exported.device_id = bus_id;
+  out.exported.keep_until_exit = true;
   return out;
 }
 

@@ -344,11 +344,29 @@ class CountingCpu final : public Backend {
  public:
   explicit CountingCpu(std::unique_ptr<Backend> cpu) : cpu_(std::move(cpu)) {}
   const std::vector<CopyRecord>& copies() const { return copies_; }
+  // Makes its shareable memory say what CUDA IPC's says: not to be freed while exported.
+  void keep_exports_until_exit(bool keep) { keep_exports_ = keep; }
+  int64_t shareable_allocations() const { return shareable_allocations_; }
+  int64_t releases() const { return releases_; }
 
   std::string_view name() const override { return cpu_->name(); }
   Device device() const override { return cpu_->device(); }
   Result<DeviceBuffer> allocate(size_t bytes) override { return cpu_->allocate(bytes); }
-  void release(void* data, size_t bytes) override { cpu_->release(data, bytes); }
+  void release(void* data, size_t bytes) override {
+    ++releases_;
+    if (inner_shareable_.erase(data)) return;  // the inner buffer frees it
+    cpu_->release(data, bytes);
+  }
+  Result<ShareableBuffer> allocate_shareable(size_t bytes) override {
+    TUTEL_ASSIGN_OR_RETURN(ShareableBuffer inner, cpu_->allocate_shareable(bytes));
+    ++shareable_allocations_;
+    inner.exported.keep_until_exit = keep_exports_;
+    // Freed through this wrapper, so releases are counted.
+    ShareableBuffer out{DeviceBuffer(this, inner.buffer.data(), inner.buffer.bytes()), std::move(inner.exported)};
+    void* data = inner.buffer.data();
+    inner_shareable_.emplace(data, std::move(inner.buffer));
+    return out;
+  }
   Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override {
     copies_.push_back({dst, src, bytes, kind, false});
     return cpu_->copy(dst, src, bytes, kind);
@@ -389,6 +407,9 @@ class CountingCpu final : public Backend {
  private:
   std::unique_ptr<Backend> cpu_;
   std::vector<CopyRecord> copies_;
+  bool keep_exports_ = false;
+  int64_t shareable_allocations_ = 0, releases_ = 0;
+  std::map<void*, DeviceBuffer> inner_shareable_;  // what allocate_shareable's buffers wrap
 };
 
 }  // namespace tutel::daemon::testing

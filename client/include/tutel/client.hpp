@@ -80,7 +80,9 @@ class Layer;
 // a GPU daemon it is GPU memory (data() is a device pointer in this process, on the GPU named by
 // device(); use it with cudaMemcpy or as a tensor's storage); on a CPU daemon, shared host
 // memory. It counts against the tenant's max_memory_bytes.
-// Move-only. Destroying it unmaps it (as unmap(), errors ignored); the Client must outlive it.
+// Move-only. Destroying it unmaps it (as unmap(), errors ignored). When the session ends first
+// (Client::close, the daemon's exit), the mapping stays until the handle goes, so memory the
+// program still points into never disappears under it; requests through it fail then.
 class DeviceRegion {
  public:
   DeviceRegion(DeviceRegion&&) noexcept;
@@ -89,7 +91,7 @@ class DeviceRegion {
   DeviceRegion& operator=(const DeviceRegion&) = delete;
   ~DeviceRegion();
 
-  void* data() const;  // null once unmapped
+  void* data() const;  // null once unmapped (by unmap() or a move)
   size_t bytes() const;
   int rank() const;
   // How it is mapped: "host_memfd" (shared host memory) or "cuda_ipc" (GPU memory).

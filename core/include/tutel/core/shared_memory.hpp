@@ -65,6 +65,9 @@ class SharedMemory {
   uint8_t* data() const { return data_; }
   size_t bytes() const { return bytes_; }
   int fd() const { return fd_.get(); }
+  // Hands the descriptor over (the mapping stays): for memory passed to another process, so this
+  // side holds no descriptor per mapping.
+  UniqueFd take_fd() { return std::move(fd_); }
 
  private:
   UniqueFd fd_;

@@ -56,8 +56,11 @@ struct MemoryExport {
   // The device: "cpu", or the GPU's PCI bus id ("0000:3b:00.0"), which names the same GPU in
   // every process whatever its CUDA_VISIBLE_DEVICES.
   std::string device_id;
+  // True where freeing the memory while another process still maps it is undefined (CUDA IPC:
+  // cudaFree before the importer's cudaIpcCloseMemHandle), so its owner must keep it until the
+  // importer is known to be done, which for an untrusted importer is never: until exit.
+  bool keep_until_exit = false;
 };
-
 struct ShareableBuffer {
   DeviceBuffer buffer;
   MemoryExport exported;
@@ -311,8 +314,10 @@ class Backend {
   virtual Status add_column_sums(TensorView src, int64_t column, TensorView dst) = 0;
 
   // (optional) Memory of this device that other processes of this host can map (zero-copy
-  // submission): at least `bytes`, never recycled into allocate()'s memory (what another process
-  // may still map must never hold this process's later data). Freed like allocate()'s.
+  // submission): at least `bytes` (buffer.bytes() says how much: whole pages, or 2 MiB on CUDA,
+  // since an export shares its whole allocation), zeroed, never recycled into allocate()'s
+  // memory (what another process may still map must never hold this process's later data).
+  // Freed like allocate()'s; see MemoryExport::keep_until_exit.
   virtual Result<ShareableBuffer> allocate_shareable(size_t bytes) {
     return Status::Unimplemented("the " + std::string(name()) + " backend cannot share its memory with other processes");
   }
