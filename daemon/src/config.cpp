@@ -384,7 +384,7 @@ Status parse_tenants(const Scope& root, std::vector<TenantConfig>& tenants) {
   TUTEL_RETURN_IF_ERROR(
       for_each_table(root, "tenant", "a [[tenant]] table", [&](const Scope& s, size_t i) {
         TUTEL_RETURN_IF_ERROR(s.check_keys(
-            {"name", "uids", "gids", "max_layers", "max_memory_bytes", "max_inflight"}));
+            {"name", "uids", "gids", "max_layers", "max_memory_bytes", "max_inflight", "max_sessions"}));
         TenantConfig t;
         TUTEL_RETURN_IF_ERROR(get_name(s, "name", "a tenant name", t.name));
         if (auto [it, fresh] = names.emplace(t.name, i); !fresh)
@@ -415,6 +415,7 @@ Status parse_tenants(const Scope& root, std::vector<TenantConfig>& tenants) {
         TUTEL_RETURN_IF_ERROR(
             get_bytes(s, "max_memory_bytes", 1, uint64_t{1} << 50, t.max_memory_bytes));
         TUTEL_RETURN_IF_ERROR(get_int(s, "max_inflight", 1, 1 << 20, t.max_inflight));
+        TUTEL_RETURN_IF_ERROR(get_int(s, "max_sessions", 1, 1 << 16, t.max_sessions));
         tenants.push_back(std::move(t));
         return Status::OK();
       }));

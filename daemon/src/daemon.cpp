@@ -260,10 +260,25 @@ void DaemonImpl::accept_on(bool admin) {
         close_session(s);
         continue;
       }
+      if (const int64_t open = tenant_sessions(*tenant); open >= registry_->max_sessions(*tenant)) {
+        const Status full = Status::ResourceExhausted(
+            "tenant '" + *tenant + "' already has " + std::to_string(open) +
+            " client sessions connected, its max_sessions; close one, or raise max_sessions in tuteld.toml");
+        TUTEL_LOG(WARN) << "refusing pid " << s->peer.pid << ": " << full;
+        reply_error(s, 0, full);
+        close_session(s);
+        continue;
+      }
       s->tenant = *tenant;
       publish_session_count();
     }
   }
+}
+
+int64_t DaemonImpl::tenant_sessions(const std::string& tenant) const {
+  int64_t n = 0;
+  for (const auto& [id, session] : sessions_) n += !session->admin && !session->closing && session->tenant == tenant;
+  return n;
 }
 
 void DaemonImpl::on_readable(const std::shared_ptr<Session>& s) {

@@ -66,6 +66,8 @@ class DaemonImpl {
   void finish_frame(const std::shared_ptr<Session>& s);
   void shutdown();
   void publish_session_count();  // on the loop thread
+  // The tenant's client sessions that are open (not closing); on the loop thread.
+  int64_t tenant_sessions(const std::string& tenant) const;
   void checkpoint_all();
 
   Config config_;

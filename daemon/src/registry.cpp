@@ -146,6 +146,11 @@ uint64_t Registry::pending_bytes(const std::string& tenant) const {
   return tenants_.at(tenant).memory->pending_bytes();
 }
 
+int64_t Registry::max_sessions(const std::string& tenant) const {
+  std::lock_guard lock(mutex_);
+  return tenants_.at(tenant).config.max_sessions;
+}
+
 std::shared_ptr<TenantMemory> Registry::tenant_memory(const std::string& tenant) const {
   std::lock_guard lock(mutex_);
   return tenants_.at(tenant).memory;

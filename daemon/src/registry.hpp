@@ -54,6 +54,7 @@ class Registry {
   // The part of activation_bytes() held by training forwards waiting for their backwards.
   uint64_t pending_bytes(const std::string& tenant) const;
   int64_t layer_count(const std::string& tenant) const;
+  int64_t max_sessions(const std::string& tenant) const;
   // What the tenant holds against max_memory_bytes; device regions are charged to it too.
   std::shared_ptr<TenantMemory> tenant_memory(const std::string& tenant) const;
 

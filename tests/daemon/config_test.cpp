@@ -121,6 +121,7 @@ TEST(ConfigTest, ExampleShowsTheDefaults) {
   EXPECT_EQ(c.tenants[0].max_layers, t.max_layers);
   EXPECT_EQ(c.tenants[0].max_memory_bytes, t.max_memory_bytes);
   EXPECT_EQ(c.tenants[0].max_inflight, t.max_inflight);
+  EXPECT_EQ(c.tenants[0].max_sessions, t.max_sessions);
   const LayerSpec d;
   const LayerSpec& l = c.layers[0].spec;
   EXPECT_EQ(l.k, d.k);
@@ -188,6 +189,7 @@ gids = [5, 5, 6]
 max_layers = 1
 max_memory_bytes = "3 GiB"
 max_inflight = 9
+max_sessions = 3
 [[layer]]
 name = "x.y-z_1"
 tenant = "a"
@@ -221,6 +223,7 @@ optimizer = { kind = "sgd", lr = 0.5, momentum = 0.9, nesterov = true, weight_de
   EXPECT_EQ(c.tenants[0].gids, (std::vector<uint32_t>{5, 6}));
   EXPECT_EQ(c.tenants[0].max_memory_bytes, 3ull << 30);
   EXPECT_EQ(c.tenants[0].max_inflight, 9);
+  EXPECT_EQ(c.tenants[0].max_sessions, 3);
   const LayerDefinition& l = c.layers[0];
   EXPECT_EQ(l.name, "x.y-z_1");
   EXPECT_EQ(l.spec.out_dim(), 6);
@@ -469,6 +472,9 @@ TEST(ConfigErrorTest, OutOfRange) {
   expect_error(two_tenants + "max_layers = -3 #!\n", "tenant[1].max_layers",
                {"expected a positive integer, got -3"});
   expect_error(kMinimal + "max_inflight = 0 #!\n", "tenant[0].max_inflight", {"got 0"});
+  expect_error(kMinimal + "max_sessions = 0 #!\n", "tenant[0].max_sessions", {"got 0"});
+  expect_error(kMinimal + "max_sessions = 65537 #!\n", "tenant[0].max_sessions", {"65537"});
+  expect_error(kMinimal + "max_sessions = \"many\" #!\n", "tenant[0].max_sessions", {"many"});
   expect_error(kMinimal + "max_memory_bytes = 0 #!\n", "tenant[0].max_memory_bytes",
                {"byte count"});
   expect_error(kMinimal + "max_memory_bytes = \"8 GB\" #!\n", "tenant[0].max_memory_bytes",

@@ -253,5 +253,38 @@ TEST(DaemonStartup, RefusesASecondDaemonOnTheSameSocket) {
   EXPECT_EQ(first.stop(), 0);
 }
 
+// A tenant's max_sessions bounds its connected clients: one more is refused at connect, saying
+// what to do, and a closed session makes room again. tutelctl shows the count.
+TEST(DaemonLimits, MaxSessionsRefusesOneMoreClientAndRecovers) {
+  DaemonOptions options;
+  options.default_max_sessions = 2;
+  DaemonProcess d(options);
+  ASSERT_TRUE(d.start());
+  auto first = client::Client::connect(d.client_socket());
+  auto second = client::Client::connect(d.client_socket());
+  ASSERT_TRUE(first.ok() && second.ok());
+  auto third = client::Client::connect(d.client_socket());
+  ASSERT_FALSE(third.ok());
+  EXPECT_EQ(third.status().code(), StatusCode::kResourceExhausted) << third.status();
+  EXPECT_NE(third.status().message().find("raise max_sessions"), std::string::npos) << third.status();
+  auto [code, out] = run(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json tenants");
+  ASSERT_EQ(code, 0) << out;
+  const auto tenants = nlohmann::json::parse(out)["tenants"];
+  ASSERT_EQ(tenants.size(), 1u);
+  EXPECT_EQ(tenants[0]["sessions"].get<int64_t>(), 2);
+  EXPECT_EQ(tenants[0]["max_sessions"].get<int64_t>(), 2);
+  // The existing sessions are untouched; closing one makes room (the close is asynchronous).
+  EXPECT_TRUE(first->ping().ok());
+  second->close();
+  Result<client::Client> again = Status::Unavailable("not tried");
+  for (int i = 0; i < 200 && !again.ok(); ++i) {
+    again = client::Client::connect(d.client_socket());
+    if (!again.ok()) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(again->ping().ok());
+  EXPECT_EQ(d.stop(), 0) << d.log();
+}
+
 }  // namespace
 }  // namespace tutel::testing

@@ -31,6 +31,7 @@ struct DaemonOptions {
   int threads_per_rank = 1;
   bool state_dir = true;
   uint64_t default_max_memory_bytes = 0;  // the "default" tenant's quota; 0: the config's default
+  int64_t default_max_sessions = 0;       // its session limit; 0: the config's default
 };
 
 class DaemonProcess {
@@ -160,6 +161,9 @@ class DaemonProcess {
       << "\n\n[[tenant]]\nname = \"default\"\nuids = [" << ::getuid() << "]\n"
       << (options_.default_max_memory_bytes
               ? "max_memory_bytes = " + std::to_string(options_.default_max_memory_bytes) + "\n"
+              : std::string())
+      << (options_.default_max_sessions
+              ? "max_sessions = " + std::to_string(options_.default_max_sessions) + "\n"
               : std::string())
       << (options_.cluster.empty() ? "" : "\n[cluster]\n" + options_.cluster + "\n")
       << options_.extra_tenants << "\n"

@@ -85,6 +85,7 @@ struct TenantConfig {
   int64_t max_layers = 64;
   uint64_t max_memory_bytes = 8ull << 30;  // weights + gradients + optimizer state + plans
   int64_t max_inflight = 256;              // requests submitted and not yet completed
+  int64_t max_sessions = 64;               // client sessions connected at once
 };
 
 struct BackendConfig {
