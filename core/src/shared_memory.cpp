@@ -68,16 +68,7 @@ Result<SharedMemory> SharedMemory::create(size_t bytes, std::string_view what) {
   // F_SEAL_SEAL stops the receiver from adding seals of its own (e.g. F_SEAL_FUTURE_WRITE).
   if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
     return Status::IOError("sealing the " + name + ": " + errno_text(errno));
-  // MAP_POPULATE faults every page in now, once, instead of on the data path: a request that
-  // touches fresh pages would otherwise pay a page fault per 4 KiB.
-  void* data = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd.get(), 0);
-  if (data == MAP_FAILED)
-    return Status::ResourceExhausted("mapping the " + name + " of " + std::to_string(size) + " bytes: " + errno_text(errno));
-  SharedMemory m;
-  m.fd_ = std::move(fd);
-  m.data_ = static_cast<uint8_t*>(data);
-  m.bytes_ = size;
-  return m;
+  return map(std::move(fd), size, "the " + name);
 }
 
 Result<SharedMemory> SharedMemory::attach(UniqueFd fd, std::string_view what) {
@@ -97,9 +88,15 @@ Result<SharedMemory> SharedMemory::attach(UniqueFd fd, std::string_view what) {
   if (size == 0 || size % page_bytes() != 0)
     return Status::InvalidArgument(name + " holds " + std::to_string(size) + " bytes, not a whole number of " +
                                    std::to_string(page_bytes()) + "-byte pages");
-  void* data = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd.get(), 0);  // as create()
+  return map(std::move(fd), size, name);
+}
+
+Result<SharedMemory> SharedMemory::map(UniqueFd fd, size_t size, const std::string& what) {
+  // MAP_POPULATE faults every page in now, once, instead of on the data path: a request that
+  // touches fresh pages would otherwise pay a page fault per 4 KiB.
+  void* data = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd.get(), 0);
   if (data == MAP_FAILED)
-    return Status::ResourceExhausted("mapping " + name + " of " + std::to_string(size) + " bytes: " + errno_text(errno));
+    return Status::ResourceExhausted("mapping " + what + " of " + std::to_string(size) + " bytes: " + errno_text(errno));
   SharedMemory m;
   m.fd_ = std::move(fd);
   m.data_ = static_cast<uint8_t*>(data);

@@ -14,20 +14,7 @@
 namespace tutel::testing {
 namespace {
 
-class CudaBf16Copies : public ::testing::Test {
- protected:
-  void SetUp() override {
-    TUTEL_REQUIRE_CUDA_DEVICE();
-    auto gpu = make_backend("cuda", {});
-    ASSERT_TRUE(gpu.ok()) << gpu.status();
-    gpu_ = std::move(gpu).value();
-    rng_.seed(seed_);
-  }
-
-  const uint64_t seed_ = std::random_device{}();
-  std::mt19937_64 rng_;
-  std::unique_ptr<Backend> gpu_;
-};
+class CudaBf16Copies : public CpuAndCudaTest {};
 
 TEST_F(CudaBf16Copies, ConvertRoundsToNearestEvenLikeTheMatmuls) {
   SCOPED_TRACE("seed " + std::to_string(seed_));

@@ -23,18 +23,6 @@ std::string spec(const std::string& name, int64_t model_dim = 16) {
          "\nhidden = 32\nk = 2\ninit_seed = 5\n[optimizer]\nkind = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n";
 }
 
-// Runs a command, returns (exit code, stdout+stderr).
-std::pair<int, std::string> run(const std::string& cmd) {
-  std::string out;
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  if (!p) return {-1, ""};
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
-  const int status = ::pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
-
 class ClientDaemon : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -46,7 +34,7 @@ class ClientDaemon : public ::testing::Test {
     EXPECT_EQ(daemon_->stop(), 0) << daemon_->log();
   }
   nlohmann::json ctl_json(const std::string& what) {
-    auto [code, out] = run(std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() + " --json " + what);
+    auto [code, out] = run_command(std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() + " --json " + what);
     EXPECT_EQ(code, 0) << out;
     return nlohmann::json::parse(out, nullptr, false);
   }
@@ -54,7 +42,7 @@ class ClientDaemon : public ::testing::Test {
 };
 
 TEST_F(ClientDaemon, TrainToyLearns) {
-  auto [code, out] = run(std::string(TRAIN_TOY_BIN) + " --socket " + daemon_->client_socket() + " --steps 200");
+  auto [code, out] = run_command(std::string(TRAIN_TOY_BIN) + " --socket " + daemon_->client_socket() + " --steps 200");
   EXPECT_EQ(code, 0) << out;
   EXPECT_NE(out.find("held-out loss"), std::string::npos) << out;
 }
@@ -162,7 +150,7 @@ TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
   const nlohmann::json tenants = ctl_json("tenants");
   EXPECT_EQ(tenants["tenants"][0]["name"], "default");
   EXPECT_GT(tenants["tenants"][0]["memory_bytes"], 0);
-  auto [code, table] = run(std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() + " layers");
+  auto [code, table] = run_command(std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() + " layers");
   EXPECT_EQ(code, 0);
   EXPECT_NE(table.find("default/observed"), std::string::npos) << table;
 
@@ -192,7 +180,7 @@ TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
 
   // A request the daemon refuses is counted as an error of its layer and operation.
   EXPECT_FALSE(layer->load("no-such-file.safetensors").ok());
-  auto [mcode, metrics] = run(std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() + " metrics");
+  auto [mcode, metrics] = run_command(std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() + " metrics");
   EXPECT_EQ(mcode, 0);
   EXPECT_NE(metrics.find("tuteld_errors_total{tenant=\"default\",layer=\"observed\",op=\"load\"} 1"),
             std::string::npos)
@@ -200,7 +188,7 @@ TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
 
   // Admin checkpoint to an absolute path, in a directory that does not exist yet.
   const std::string ckpt = daemon_->dir() + "/admin-ckpt/observed.safetensors";
-  auto [ccode, cout] = run(std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() +
+  auto [ccode, cout] = run_command(std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() +
                            " checkpoint default/observed " + ckpt);
   EXPECT_EQ(ccode, 0) << cout;
   EXPECT_TRUE(std::filesystem::exists(ckpt));
@@ -246,7 +234,7 @@ TEST(DaemonStartup, ConfigErrorsNameFileLineAndKey) {
 TEST(DaemonStartup, RefusesASecondDaemonOnTheSameSocket) {
   DaemonProcess first(DaemonOptions{});
   ASSERT_TRUE(first.start());
-  auto [code, out] = run(std::string(TUTELD_BIN) + " --config " + first.config_path());
+  auto [code, out] = run_command(std::string(TUTELD_BIN) + " --config " + first.config_path());
   EXPECT_NE(code, 0);
   EXPECT_NE(out.find("another tuteld is listening"), std::string::npos) << out;
   EXPECT_TRUE(first.alive());
@@ -267,7 +255,7 @@ TEST(DaemonLimits, MaxSessionsRefusesOneMoreClientAndRecovers) {
   ASSERT_FALSE(third.ok());
   EXPECT_EQ(third.status().code(), StatusCode::kResourceExhausted) << third.status();
   EXPECT_NE(third.status().message().find("raise max_sessions"), std::string::npos) << third.status();
-  auto [code, out] = run(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json tenants");
+  auto [code, out] = run_command(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json tenants");
   ASSERT_EQ(code, 0) << out;
   const auto tenants = nlohmann::json::parse(out)["tenants"];
   ASSERT_EQ(tenants.size(), 1u);

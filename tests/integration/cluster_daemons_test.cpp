@@ -20,21 +20,8 @@ namespace {
 
 using nlohmann::json;
 
-std::string run_command(const std::string& command, int* status = nullptr) {
-  FILE* p = ::popen(command.c_str(), "r");
-  if (p == nullptr) return {};
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  const int rc = ::pclose(p);
-  if (status) *status = rc;
-  return out;
-}
-
 json peers_of(const DaemonProcess& d) {
-  int rc = 0;
-  const std::string out = run_command(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json peers", &rc);
+  const auto [rc, out] = run_command(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json peers", false);
   if (rc != 0) return json();
   return json::parse(out, nullptr, /*allow_exceptions=*/false);
 }
@@ -110,11 +97,11 @@ TEST(ClusterDaemons, ServeOnceCompleteAndSeeEveryNodeUp) {
     }
   }
   // The human table and the metrics say the same.
-  const std::string table = run_command(std::string(TUTELCTL_BIN) + " --socket " + daemons[1]->admin_socket() + " peers");
+  const std::string table = run_command(std::string(TUTELCTL_BIN) + " --socket " + daemons[1]->admin_socket() + " peers", false).second;
   EXPECT_NE(table.find("NODE"), std::string::npos) << table;
   EXPECT_NE(table.find("self"), std::string::npos) << table;
   const std::string metrics =
-      run_command(std::string(TUTELCTL_BIN) + " --socket " + daemons[1]->admin_socket() + " metrics");
+      run_command(std::string(TUTELCTL_BIN) + " --socket " + daemons[1]->admin_socket() + " metrics", false).second;
   for (int m = 0; m < 3; ++m)
     EXPECT_NE(metrics.find("tuteld_node_up{node=\"" + std::to_string(m) + "\"} 1"), std::string::npos) << metrics;
   for (auto& d : daemons) EXPECT_EQ(d->stop(), 0) << d->log();
@@ -154,7 +141,7 @@ TEST(ClusterDaemons, ADeadNodeIsDownWhileTheOthersServe) {
     }));
   }
   const std::string metrics =
-      run_command(std::string(TUTELCTL_BIN) + " --socket " + daemons[0]->admin_socket() + " metrics");
+      run_command(std::string(TUTELCTL_BIN) + " --socket " + daemons[0]->admin_socket() + " metrics", false).second;
   EXPECT_NE(metrics.find("tuteld_node_up{node=\"2\"} 0"), std::string::npos) << metrics;
   // The survivors serve.
   auto client = client::Client::connect(daemons[0]->client_socket());
@@ -227,12 +214,12 @@ void check_group_peers(bool one_daemon) {
   // An inference forward's two all-to-alls carry at least the dispatched tokens: a [E/W, C, M]
   // float block each way per all-to-all, C ≥ 1.
   EXPECT_GE(g0["bytes_sent"].get<uint64_t>(), 2u * 2 * 16 * 4) << p0;
-  const std::string metrics = run_command(std::string(TUTELCTL_BIN) + " --socket " + d0.admin_socket() + " metrics");
+  const std::string metrics = run_command(std::string(TUTELCTL_BIN) + " --socket " + d0.admin_socket() + " metrics", false).second;
   EXPECT_NE(metrics.find("tuteld_peer_sent_bytes_total{layer=\"default/ep0\",peer=\"1\"} " +
                          std::to_string(g0["bytes_sent"].get<uint64_t>())),
             std::string::npos)
       << metrics;
-  const std::string table = run_command(std::string(TUTELCTL_BIN) + " --socket " + d0.admin_socket() + " peers");
+  const std::string table = run_command(std::string(TUTELCTL_BIN) + " --socket " + d0.admin_socket() + " peers", false).second;
   EXPECT_NE(table.find("(not part of a cluster)"), std::string::npos) << table;
   EXPECT_NE(table.find("default/ep0"), std::string::npos) << table;
   EXPECT_NE(table.find(via), std::string::npos) << table;

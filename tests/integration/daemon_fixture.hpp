@@ -11,15 +11,30 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 
 extern char** environ;
 
 namespace tutel::testing {
+
+// Runs `command` through /bin/sh: its exit code (-1 when it did not exit) and its standard
+// output, with its standard error merged in when `merge_stderr`, else discarded (so JSON parses).
+inline std::pair<int, std::string> run_command(const std::string& command, bool merge_stderr = true) {
+  FILE* p = ::popen((command + (merge_stderr ? " 2>&1" : " 2>/dev/null")).c_str(), "r");
+  if (p == nullptr) return {-1, ""};
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  const int status = ::pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
 
 struct DaemonOptions {
   std::string extra_server;   // lines appended to [server]

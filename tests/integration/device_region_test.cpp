@@ -37,15 +37,8 @@ std::vector<float> randn(size_t n, std::mt19937& rng) {
 
 // tutelctl's output for `args` on the daemon's admin socket.
 std::string tutelctl(const DaemonProcess& d, const std::string& args) {
-  const std::string cmd = std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " " + args + " 2>/dev/null";
-  std::string out;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  EXPECT_NE(p, nullptr);
-  if (p == nullptr) return out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  EXPECT_EQ(::pclose(p), 0) << out;
+  auto [code, out] = run_command(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " " + args, false);
+  EXPECT_EQ(code, 0) << out;
   return out;
 }
 

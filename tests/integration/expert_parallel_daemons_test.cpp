@@ -300,13 +300,8 @@ INSTANTIATE_TEST_SUITE_P(Groups, ExpertParallelDaemons, ::testing::ValuesIn(grou
 
 // This daemon's layers as tutelctl lists them.
 nlohmann::json admin_layers(const DaemonProcess& d) {
-  FILE* p = ::popen((std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json layers").c_str(), "r");
-  if (!p) return {};
-  std::string text;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, n);
-  ::pclose(p);
+  const std::string text =
+      run_command(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json layers", false).second;
   return nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
 }
 
@@ -539,19 +534,11 @@ TEST(ExpertParallelGroups, ADeadPeerFailsTheGroupNotTheDaemon) {
   EXPECT_NE(st.message().find("rank 1"), std::string_view::npos) << st;
   // tutelctl peers and the metrics report the group as down, with the reason.
   {
-    FILE* p = ::popen((std::string(TUTELCTL_BIN) + " --socket " + d0.admin_socket() + " --json peers").c_str(), "r");
-    ASSERT_NE(p, nullptr);
-    std::string out;
-    char buf[4096];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-    EXPECT_EQ(::pclose(p), 0) << out;
+    auto [code, out] = run_command(std::string(TUTELCTL_BIN) + " --socket " + d0.admin_socket() + " --json peers", false);
+    EXPECT_EQ(code, 0) << out;
     EXPECT_NE(out.find("\"state\": \"down\""), std::string::npos) << out;
     EXPECT_NE(out.find("rank 1"), std::string::npos) << out;
-    p = ::popen((std::string(TUTELCTL_BIN) + " --socket " + d0.admin_socket() + " metrics").c_str(), "r");
-    out.clear();
-    while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-    ::pclose(p);
+    out = run_command(std::string(TUTELCTL_BIN) + " --socket " + d0.admin_socket() + " metrics", false).second;
     EXPECT_NE(out.find("tuteld_group_up{layer=\"default/job_r0\"} 0"), std::string::npos) << out;
   }
   // The daemon is alive and serves a layer of its own.

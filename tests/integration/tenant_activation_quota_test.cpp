@@ -67,20 +67,9 @@ TEST(ActivationBackend, ChargesExactSizesAndRefusesOnlyWhileEnforcing) {
   EXPECT_EQ(memory->total_bytes(), 0u);
 }
 
-std::pair<int, std::string> run(const std::string& cmd) {
-  std::string out;
-  FILE* p = ::popen((cmd + " 2>/dev/null").c_str(), "r");
-  if (!p) return {-1, ""};
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
-  const int status = ::pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
-
 nlohmann::json ctl_json(const DaemonProcess& d, const std::string& what) {
   auto [code, out] =
-      run(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json " + what);
+      run_command(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json " + what, false);
   EXPECT_EQ(code, 0) << out;
   return nlohmann::json::parse(out, nullptr, false);
 }
@@ -215,7 +204,7 @@ TEST(TenantActivationQuota, RefusesTheForwardOverQuotaAndRecovers) {
   EXPECT_EQ(default_tenant(d)["pending_bytes"].get<uint64_t>(), 0u);
 
   auto [mcode, metrics] =
-      run(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " metrics");
+      run_command(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " metrics", false);
   EXPECT_EQ(mcode, 0);
   EXPECT_NE(metrics.find("tuteld_tenant_activation_bytes{tenant=\"default\"} "), std::string::npos)
       << metrics;

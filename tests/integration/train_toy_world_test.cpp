@@ -20,18 +20,6 @@
 namespace tutel::testing {
 namespace {
 
-// Runs a command, returns (exit code, stdout+stderr).
-std::pair<int, std::string> run(const std::string& cmd) {
-  std::string out;
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  if (!p) return {-1, ""};
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
-  const int status = ::pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
-
 // What train_toy printed: the training loss per step and the held-out loss before and after.
 struct Curve {
   std::map<int, double> loss;
@@ -78,7 +66,7 @@ class TrainToyWorld : public ::testing::Test {
                       " --layer-name w" + std::to_string(world) + "_" + std::to_string(++runs_) +
                       " " + flags;
     for (int d = 0; d < std::min(world, 2); ++d) cmd += " --socket " + daemons_[d]->client_socket();
-    return run(cmd);
+    return run_command(cmd);
   }
   std::string logs() const { return daemons_[0]->log() + daemons_[1]->log(); }
 
@@ -142,7 +130,7 @@ TEST_F(TrainToyWorld, ARankThatFailsStopsTheWholeLaunch) {
   // launcher stops it.
   const auto start = std::chrono::steady_clock::now();
   auto [code, out] =
-      run(std::string(TRAIN_TOY_BIN) + " --world 2 --steps 5 --layer-name orphan --socket " +
+      run_command(std::string(TRAIN_TOY_BIN) + " --world 2 --steps 5 --layer-name orphan --socket " +
           daemons_[0]->client_socket() + " --socket " + daemons_[0]->dir() + "/no-such.sock");
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -157,11 +145,11 @@ TEST_F(TrainToyWorld, ARankThatFailsStopsTheWholeLaunch) {
 TEST(TrainToyLauncher, RefusesWorldSizesThatCannotSplitTheBatch) {
   // No daemon is needed: both are refused before anything connects.
   auto [zero_code, zero_out] =
-      run(std::string(TRAIN_TOY_BIN) + " --world 0 --socket /nonexistent.sock");
+      run_command(std::string(TRAIN_TOY_BIN) + " --world 0 --socket /nonexistent.sock");
   EXPECT_EQ(zero_code, 2) << zero_out;
   EXPECT_NE(zero_out.find("--world needs an integer >= 1"), std::string::npos) << zero_out;
   auto [three_code, three_out] =
-      run(std::string(TRAIN_TOY_BIN) + " --world 3 --socket /nonexistent.sock");
+      run_command(std::string(TRAIN_TOY_BIN) + " --world 3 --socket /nonexistent.sock");
   EXPECT_EQ(three_code, 2) << three_out;
   EXPECT_NE(three_out.find("--world 3 does not divide the batch of 256 tokens"), std::string::npos)
       << three_out;

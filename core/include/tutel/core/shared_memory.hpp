@@ -70,6 +70,9 @@ class SharedMemory {
   UniqueFd take_fd() { return std::move(fd_); }
 
  private:
+  // Maps all `size` bytes of `fd` shared, read-write, faulted in; `what` names it in errors.
+  static Result<SharedMemory> map(UniqueFd fd, size_t size, const std::string& what);
+
   UniqueFd fd_;
   uint8_t* data_ = nullptr;
   size_t bytes_ = 0;
