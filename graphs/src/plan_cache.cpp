@@ -1,5 +1,6 @@
 #include "tutel/graphs/plan_cache.hpp"
 
+#include <algorithm>
 #include <string>
 
 namespace tutel::graphs {
@@ -32,11 +33,38 @@ bool PlanCache::contains(LayerId id, const PlanKey& key) const {
   return index_.contains(CacheKey{id, key});
 }
 
+size_t PlanCache::instances(LayerId id, const PlanKey& key) const {
+  auto it = index_.find(CacheKey{id, key});
+  return it == index_.end() ? 0 : it->second.size();
+}
+
+const PlanCacheStats& PlanCache::refresh_stats() {
+  stats_.held = 0;
+  for (const Entry& e : lru_) stats_.held += e.plan.use_count() > 1 ? 1 : 0;
+  return stats_;
+}
+
 void PlanCache::erase(Lru::iterator it) {
   stats_.bytes -= it->bytes;
-  index_.erase(CacheKey{it->layer, it->key});
+  auto found = index_.find(CacheKey{it->layer, it->key});
+  std::vector<Lru::iterator>& same_key = found->second;
+  same_key.erase(std::find(same_key.begin(), same_key.end(), it));
+  if (same_key.empty()) index_.erase(found);
   lru_.erase(it);
   stats_.plans = lru_.size();
+}
+
+size_t PlanCache::trim() {
+  const size_t before = stats_.bytes;
+  for (auto it = lru_.begin(); it != lru_.end();) {
+    auto next = std::next(it);
+    if (it->plan.use_count() == 1) {
+      erase(it);
+      ++stats_.evictions;
+    }
+    it = next;
+  }
+  return before - stats_.bytes;
 }
 
 Status PlanCache::make_room(size_t incoming, const PlanKey& key) {
@@ -79,7 +107,8 @@ Result<std::shared_ptr<Plan>> PlanCache::build(LayerId id, const LayerEntry& lay
   std::shared_ptr<Plan> plan = std::move(built).value();
   ++stats_.builds;
   lru_.push_front(Entry{id, key, plan, plan->bytes()});
-  index_[CacheKey{id, key}] = lru_.begin();
+  std::vector<Lru::iterator>& same_key = index_[CacheKey{id, key}];
+  same_key.insert(same_key.begin(), lru_.begin());
   stats_.bytes += plan->bytes();
   stats_.plans = lru_.size();
   return plan;
@@ -92,11 +121,36 @@ Result<std::shared_ptr<Plan>> PlanCache::get(LayerId id, const PlanKey& key) {
                             " is not registered with the plan cache; add_layer() first");
   if (auto it = index_.find(CacheKey{id, key}); it != index_.end()) {
     ++stats_.hits;
-    lru_.splice(lru_.begin(), lru_, it->second);
-    return it->second->plan;
+    return touch(it->second, 0);
   }
   ++stats_.misses;
   return build(id, layer->second, key);
+}
+
+Result<std::shared_ptr<Plan>> PlanCache::acquire(LayerId id, const PlanKey& key) {
+  auto layer = layers_.find(id);
+  if (layer == layers_.end())
+    return Status::NotFound("layer " + std::to_string(id) +
+                            " is not registered with the plan cache; add_layer() first");
+  if (auto it = index_.find(CacheKey{id, key}); it != index_.end()) {
+    std::vector<Lru::iterator>& same_key = it->second;
+    for (size_t i = 0; i < same_key.size(); ++i)
+      if (same_key[i]->plan.use_count() == 1) {
+        ++stats_.hits;
+        return touch(same_key, i);
+      }
+  }
+  // Every instance is some step's until its backward: this step gets one of its own.
+  ++stats_.misses;
+  return build(id, layer->second, key);
+}
+
+std::shared_ptr<Plan> PlanCache::touch(std::vector<Lru::iterator>& same_key, size_t i) {
+  Lru::iterator entry = same_key[i];
+  lru_.splice(lru_.begin(), lru_, entry);  // iterators stay valid
+  std::rotate(same_key.begin(), same_key.begin() + static_cast<ptrdiff_t>(i),
+              same_key.begin() + static_cast<ptrdiff_t>(i) + 1);
+  return entry->plan;
 }
 
 Status PlanCache::prebuild(LayerId id, std::span<const PlanKey> keys) {
@@ -157,7 +211,7 @@ Result<PlanStep> PlanCache::forward(LayerId id, const ParallelConfig& config, Te
   const LayerSpec& spec = layers_.at(id).target.spec;
   // At most one move: the second bucket is chosen to hold the capacity the first one reported.
   for (int attempt = 0; attempt < 2; ++attempt) {
-    TUTEL_ASSIGN_OR_RETURN(std::shared_ptr<Plan> plan, get(id, key));
+    TUTEL_ASSIGN_OR_RETURN(std::shared_ptr<Plan> plan, acquire(id, key));
     Result<RoutingStats> ran = plan->forward(x, noise_counter, y);
     if (ran.ok()) {
       if (spec.capacity_factor <= 0)

@@ -216,9 +216,11 @@ TEST(PlanCache, DynamicCapacityMovesToTheBucketThatHoldsIt) {
   auto next_key = cache.key_for(1, {}, S, true);
   ASSERT_TRUE(next_key.ok());
   EXPECT_EQ(next_key->capacity_bucket, 64);
+  const Plan* first_plan = step->plan.get();
+  step->plan.reset();  // its backward has run: the plan is free for the next step
   auto again = cache.forward(1, {}, x.view(), 1, true, y.view());
   ASSERT_TRUE(again.ok());
-  EXPECT_EQ(again->plan.get(), step->plan.get());
+  EXPECT_EQ(again->plan.get(), first_plan);
   EXPECT_EQ(cache.stats().capacity_moves, 1u);
   EXPECT_EQ(cache.stats().builds, 2u);
 }
@@ -267,6 +269,74 @@ TEST(PlanCache, ACachedStepAllocatesNothing) {
   }
   EXPECT_EQ(b.allocations(), before);
   EXPECT_EQ(cache.stats().hits, 3u);
+}
+
+// Pipelined micro-batches: training forwards of one bucket wait for their backwards at once.
+// Each gets an instance of its own, the backwards (in reverse order) equal the eager runs, a
+// released instance serves the next step, and trim() drops the idle ones.
+TEST(PlanCache, StepsInFlightEachGetTheirOwnInstance) {
+  std::mt19937_64 rng(9);
+  auto backend = cpu_backend();
+  Backend& b = *backend;
+  TwinLayer layer(b, base_spec(4, 32, 48, 2, 1.0), rng);
+  PlanCache cache(b, {});
+  ASSERT_TRUE(cache.add_layer(1, layer.target()).ok());
+  constexpr int kInFlight = 3;
+  const int64_t M = 32, O = 32;
+  const int64_t tokens[kInFlight] = {40, 64, 33};  // one token bucket (64)
+  std::vector<std::unique_ptr<DeviceTensor>> xs, ys, dys, dxs, dxs_eager;
+  std::vector<PlanStep> steps;
+  for (int i = 0; i < kInFlight; ++i) {
+    const int64_t S = tokens[i];
+    xs.push_back(std::make_unique<DeviceTensor>(b, DType::kF32, Shape{S, M}));
+    ys.push_back(std::make_unique<DeviceTensor>(b, DType::kF32, Shape{S, O}));
+    dys.push_back(std::make_unique<DeviceTensor>(b, DType::kF32, Shape{S, O}));
+    dxs.push_back(std::make_unique<DeviceTensor>(b, DType::kF32, Shape{S, M}));
+    dxs_eager.push_back(std::make_unique<DeviceTensor>(b, DType::kF32, Shape{S, M}));
+    xs[i]->upload(to_f32(randn(rng, S * M, 1.0)));
+    dys[i]->upload(to_f32(randn(rng, S * O, 1.0)));
+    auto step = cache.forward(1, {}, xs[i]->view(), 0, true, ys[i]->view());
+    ASSERT_TRUE(step.ok()) << step.status();
+    for (const PlanStep& other : steps) EXPECT_NE(other.plan.get(), step->plan.get());
+    steps.push_back(std::move(step).value());
+  }
+  const PlanKey key = steps[0].plan->key();
+  EXPECT_EQ(cache.instances(1, key), size_t{kInFlight});
+  EXPECT_EQ(cache.refresh_stats().held, size_t{kInFlight});
+  EXPECT_EQ(cache.stats().misses, uint64_t{kInFlight});
+
+  // The eager reference runs each micro-batch's forward right before its backward.
+  for (int i = kInFlight - 1; i >= 0; --i) {
+    const int64_t S = tokens[i];
+    DeviceTensor y_eager(b, DType::kF32, {S, O});
+    ASSERT_TRUE(layer_forward(b, layer.spec, layer.params.weights(), xs[i]->view(), 0, true,
+                              layer.ws, y_eager.view(), nullptr)
+                    .ok());
+    EXPECT_TRUE(bits_equal("y", ys[i]->download(), y_eager.download()));
+    ASSERT_TRUE(steps[i].plan->backward(xs[i]->view(), dys[i]->view(), 0.5f, dxs[i]->view()).ok());
+    ASSERT_TRUE(layer_backward(b, layer.spec, layer.params.weights(), xs[i]->view(), layer.ws,
+                               dys[i]->view(), 0.5f, dxs_eager[i]->view(),
+                               layer.eager_grads.weights())
+                    .ok());
+    EXPECT_TRUE(bits_equal("dx", dxs[i]->download(), dxs_eager[i]->download()));
+    steps[i].plan.reset();
+  }
+  expect_grads_equal(layer);
+  EXPECT_EQ(cache.refresh_stats().held, 0u);
+
+  // Idle instances serve the next steps without building.
+  auto next = cache.forward(1, {}, xs[0]->view(), 0, true, ys[0]->view());
+  ASSERT_TRUE(next.ok()) << next.status();
+  EXPECT_EQ(cache.stats().builds, uint64_t{kInFlight});
+  // trim() keeps the held one and gives back the rest.
+  const size_t per_plan = next->plan->bytes();
+  EXPECT_EQ(cache.trim(), per_plan * (kInFlight - 1));
+  EXPECT_EQ(cache.instances(1, key), 1u);
+  EXPECT_EQ(cache.stats().bytes, per_plan);
+  next->plan.reset();
+  EXPECT_EQ(cache.trim(), per_plan);
+  EXPECT_EQ(cache.stats().plans, 0u);
+  EXPECT_FALSE(cache.contains(1, key));
 }
 
 }  // namespace
