@@ -46,6 +46,17 @@ Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& 
     layer->local_activations_ = std::make_unique<ActivationBackend>(*rank.backend, layer->memory_);
   }
   TUTEL_RETURN_IF_ERROR(layer->allocate());
+  if (!def.group) {
+    // The tenant's quota bounds the plans, not a budget of the cache's own: they are charged to
+    // it like any activation memory, a training forward that would pass it drops the idle ones
+    // first, and so does any request that leaves the tenant over it (an inference forward's
+    // growth is let through, as its one plan per bucket is bounded by its largest batch).
+    graphs::PlanCacheOptions options;
+    options.max_bytes = SIZE_MAX;
+    layer->plans_ = std::make_unique<graphs::PlanCache>(*layer->local_activations_, options);
+    TUTEL_RETURN_IF_ERROR(layer->plans_->add_layer(0, {def.spec, layer->weights_of(0), layer->weights_of(1)}));
+    layer->publish_plan_summary();
+  }
   if (def.weights_path) {
     TUTEL_RETURN_IF_ERROR(layer->load_locked(*def.weights_path, /*require_all=*/true)
                               .with_context("layer '" + def.name + "'"));
@@ -260,6 +271,30 @@ RoutingStats ServedLayer::last_stats() const {
   return last_stats_;
 }
 
+ServedLayer::PlanSummary ServedLayer::plan_summary() const {
+  std::lock_guard lock(stats_mutex_);
+  return plan_summary_;
+}
+
+void ServedLayer::publish_plan_summary() {
+  if (!plans_) return;
+  PlanSummary summary{std::string(graphs::plan_kind_name(graphs::resolve_plan_kind(*local_activations_,
+                                                                                    plans_->options().kind))),
+                      plans_->refresh_stats()};
+  std::lock_guard lock(stats_mutex_);
+  plan_summary_ = std::move(summary);
+}
+
+void ServedLayer::trim_plans_over_quota() {
+  if (plans_ && memory_->over_quota()) plans_->trim();
+}
+
+Result<graphs::PlanStep> ServedLayer::plan_forward(TensorView x, uint64_t noise_counter, bool training, TensorView y) {
+  Result<graphs::PlanStep> step = plans_->forward(0, {}, x, noise_counter, training, y);
+  if (step.ok() || step.status().code() != StatusCode::kResourceExhausted || plans_->trim() == 0) return step;
+  return plans_->forward(0, {}, x, noise_counter, training, y);
+}
+
 std::unique_ptr<ServedLayer::Pending> ServedLayer::take_pending() {
   if (recycled_.empty()) return std::make_unique<Pending>();
   std::unique_ptr<Pending> p = std::move(recycled_.back());
@@ -268,6 +303,7 @@ std::unique_ptr<ServedLayer::Pending> ServedLayer::take_pending() {
 }
 
 void ServedLayer::recycle(std::unique_ptr<Pending> pending) {
+  pending->step = {};  // the plan goes back to the cache for the next step of its bucket
   // A backward's growth is let through the quota (see tenant_memory.hpp); an entry is kept for
   // reuse only while the tenant is back within it, so the excess lasts one backward.
   if (recycled_.size() < kMaxRecycled && !memory_->over_quota()) recycled_.push_back(std::move(pending));
@@ -309,14 +345,14 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
   const Device d = b.device();
   auto device_lock = lock_device();
   RoutingStats stats;
-  // Pending entries (saved state, workspace and input) are recycled: no allocation per request
-  // once the layer has seen its largest batch.
+  // Pending entries (saved state and input) are recycled, and plans are cached: no allocation
+  // per request once the layer has seen its largest batch.
   std::unique_ptr<Pending> pending = training ? take_pending() : nullptr;
   // The quota is checked at each allocation, with the size the layer code computed for it and
   // before it is made, rather than against an estimate up front: the buffers a forward needs
   // depend on the backend's expert workspace and, dropless, on the routing, and an upper bound
-  // from the shape would refuse forwards that fit. A refused allocation fails the forward
-  // before anything is written to y, and the entry is freed below.
+  // from the shape would refuse forwards that fit. A refused allocation (a new plan's buffers,
+  // x's copy) fails the forward before anything is written to y, and the entry is freed below.
   // A group layer's forward is a collective with allocations on both sides of its exchanges: a
   // rank refusing alone would leave its peers waiting until collective_timeout and the group
   // out of step, so its growth is charged (and shown) but not refused until the ranks can agree
@@ -354,16 +390,15 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
       TUTEL_ASSIGN_OR_RETURN(const TensorView yv, stage_out(y, {tokens, O}, staged_out_, memory));
       // The noise draw is keyed by the step and the sequence, so a replayed step draws the same noise.
       const uint64_t noise_counter = training ? (static_cast<uint64_t>(step_) << 32) ^ sequence : 0;
-      // layer_forward allocates only the workspace's buffers, so what it adds to the layer's
-      // charge is what the workspace holds beyond before.
-      const uint64_t before = b.bytes();
-      Status forward_status = layer_forward(b, s, weights_of(0), xv, noise_counter, training,
-                                            training ? pending->workspace : inference_workspace_, yv,
-                                            &stats);
-      if (pending) pending->workspace_bytes += b.bytes() - before;
-      TUTEL_RETURN_IF_ERROR(forward_status);
+      // The plan of x's token bucket; a training forward's stays held by its entry until the
+      // backward, an inference forward's goes back to the cache at once.
+      TUTEL_ASSIGN_OR_RETURN(graphs::PlanStep step, plan_forward(xv, noise_counter, training, yv));
+      stats = step.stats;
+      if (pending) pending->step = std::move(step);
       return unstage_out(y, yv, memory);
     }();
+    trim_plans_over_quota();
+    publish_plan_summary();
     // A failed request's copies from the client's buffers must be over before it is told.
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();
   }
@@ -397,7 +432,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
     return Status::NotFound("layer '" + def_.name + "': no training forward with sequence " +
                             std::to_string(sequence) + " is waiting for a backward");
   Pending& p = *it->second;
-  const int64_t forward_tokens = group_ ? p.saved.tokens() : p.workspace.tokens();
+  const int64_t forward_tokens = group_ ? p.saved.tokens() : p.step.plan->tokens();
   if (forward_tokens != tokens)
     return Status::InvalidArgument("layer '" + def_.name + "': backward of sequence " + std::to_string(sequence) +
                                    " has " + std::to_string(tokens) + " tokens, its forward had " +
@@ -421,12 +456,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
       TUTEL_ASSIGN_OR_RETURN(const TensorView dyv, stage_in(dy, {tokens, O}, staged_in_, memory));
       TUTEL_ASSIGN_OR_RETURN(const TensorView dxv, stage_out(dx, {tokens, M}, staged_out_, memory));
       const TensorView xv(p.x.data(), DType::kF32, {tokens, M}, d);
-      // Like layer_forward, layer_backward allocates only the workspace's (gradient) buffers.
-      const uint64_t before = b.bytes();
-      Status backward_status =
-          layer_backward(b, s, weights_of(0), xv, p.workspace, dyv, dl_aux, dxv, weights_of(1));
-      p.workspace_bytes += b.bytes() - before;
-      TUTEL_RETURN_IF_ERROR(backward_status);
+      TUTEL_RETURN_IF_ERROR(p.step.plan->backward(xv, dyv, dl_aux, dxv));
       return unstage_out(dx, dxv, memory);
     }();
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();
@@ -434,7 +464,9 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
   remove_pending_bytes(held);
   recycle(std::move(it->second));
   pending_.erase(it);
+  trim_plans_over_quota();
   publish_pending();
+  publish_plan_summary();
   return st;
 }
 
@@ -449,6 +481,7 @@ void ServedLayer::drop_pending(uint64_t owner) {
     it = pending_.erase(it);
   }
   publish_pending();
+  publish_plan_summary();
 }
 
 Result<int64_t> ServedLayer::step() {

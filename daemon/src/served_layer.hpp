@@ -19,6 +19,7 @@
 #include "tutel/comm/local_exchange.hpp"
 #include "tutel/core/status.hpp"
 #include "tutel/graphs/expert_parallel.hpp"
+#include "tutel/graphs/plan_cache.hpp"
 #include "tutel/daemon/config.hpp"
 #include "tutel/kernels/backend.hpp"
 #include "tutel/kernels/moe_layer.hpp"
@@ -78,14 +79,22 @@ class ServedLayer {
   Device device() const { return group_ ? group_->backend->device() : rank_.backend->device(); }
   // Bytes of parameters, gradients and optimizer state.
   uint64_t memory_bytes() const { return memory_bytes_; }
-  // Bytes held for forwards: pending and recycled entries (saved state, workspace, input),
-  // staging buffers and the inference workspace, from the buffers' sizes. Any thread, lock-free.
+  // Bytes held for forwards: the plans (a layer without [group]; cached and in use), pending
+  // and recycled entries (saved state, input), staging buffers, from the buffers' sizes. Any
+  // thread, lock-free.
   uint64_t activation_bytes() const;
   // The part of activation_bytes() held by training forwards waiting for their backwards.
   uint64_t pending_bytes() const { return pending_bytes_; }
   int64_t step_count() const;
   int64_t pending_backwards() const;
   RoutingStats last_stats() const;
+  // A layer without [group]: its plan cache after its last request (DESIGN §3 "Plans and
+  // graphs"). Any thread. kind is "host" or "cuda-graph"; empty for a group layer.
+  struct PlanSummary {
+    std::string kind;
+    graphs::PlanCacheStats cache;
+  };
+  PlanSummary plan_summary() const;
   // A group layer's last collective failure ("" while its peers answer).
   std::string group_error() const;
   // A group layer's other ranks: address, state, traffic. Empty for other layers. Any thread.
@@ -139,16 +148,14 @@ class ServedLayer {
   Status refresh_bf16_copies();
   // One training forward waiting for its backward; recycled, so its buffers only grow.
   struct Pending {
-    // A layer without [group]: the layer's workspace, and the forward's input on the backend's
-    // device (the client may reuse its buffer; on a device this is also x's staging copy).
-    LayerWorkspace workspace;
+    // A layer without [group]: the plan the forward ran on (held, so no other step takes it
+    // until this backward), and the forward's input on the backend's device (the client may
+    // reuse its buffer; on a device this is also x's staging copy).
+    graphs::PlanStep step;
     DeviceBuffer x;
     // A [group] layer: everything the expert-parallel backward needs, the input included.
     graphs::ExpertParallelLayer::Saved saved;
-    // What `workspace` holds, as charged: its buffers are its own, so forward and backward add
-    // what the layer's charge grew by while they ran on it.
-    uint64_t workspace_bytes = 0;
-    uint64_t bytes() const { return x.bytes() + workspace_bytes + saved.bytes(); }
+    uint64_t bytes() const { return x.bytes() + (step.plan ? step.plan->bytes() : 0) + saved.bytes(); }
   };
 
   // A [group] layer: its own backend (collectives block, so it must not hold the rank's), its
@@ -234,7 +241,19 @@ class ServedLayer {
   // After group_: a group layer's entries hold buffers of its backend.
   std::map<std::pair<uint64_t, uint64_t>, std::unique_ptr<Pending>> pending_;
   std::vector<std::unique_ptr<Pending>> recycled_;
-  LayerWorkspace inference_workspace_;
+  // A layer without [group]: every forward and backward runs on a plan of its token bucket
+  // (host plans on the CPU, CUDA graphs on a GPU), built through local_activations_ so their
+  // buffers are charged to the tenant. After pending_: destroyed first, its held plans live on
+  // in the entries until those go.
+  std::unique_ptr<graphs::PlanCache> plans_;
+  PlanSummary plan_summary_;  // guarded by stats_mutex_
+  // A training forward on a plan; a refusal for the tenant's quota drops the idle plans and tries
+  // once more, so cached plans never crowd out a step. Under mutex_ and the device lock.
+  Result<graphs::PlanStep> plan_forward(TensorView x, uint64_t noise_counter, bool training, TensorView y);
+  void publish_plan_summary();  // under mutex_
+  // Drops the idle plans while the tenant is over its quota, so what a request let through
+  // lasts only that request (as recycle() does for pending entries). Under mutex_.
+  void trim_plans_over_quota();
   // Staging on a device backend, under mutex_: an inference x or a backward dy (in), y or dx
   // (out). A training forward's x is staged in its Pending entry instead, since its backward
   // needs it later. Grow-only.

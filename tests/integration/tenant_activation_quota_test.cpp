@@ -212,5 +212,69 @@ TEST(TenantActivationQuota, RefusesTheForwardOverQuotaAndRecovers) {
   EXPECT_EQ(d.stop(), 0) << d.log();
 }
 
+// Plans a layer keeps for later requests (graphs' PlanCache) never crowd out a training forward:
+// an inference forward's plan is let through the quota but dropped as soon as the request has
+// left the tenant over it, an idle plan that fits stays cached, and the training forward that
+// would not fit beside it gets it dropped first and runs.
+TEST(TenantActivationQuota, IdlePlansAreDroppedBeforeATrainingForwardIsRefused) {
+  uint64_t parameters = 0, entry = 0, inference_plan = 0;
+  {
+    DaemonProcess d(DaemonOptions{});
+    ASSERT_TRUE(d.start());
+    auto client = client::Client::connect(d.client_socket());
+    ASSERT_TRUE(client.ok()) << client.status().to_string();
+    auto layer = client->create_layer(kSpec);
+    ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+    Batch b(1);
+    ASSERT_TRUE(layer->infer(b.x.data(), kTokens, b.y.data()).ok());
+    inference_plan = default_tenant(d)["activation_bytes"].get<uint64_t>();
+    ASSERT_TRUE(layer->forward(b.x.data(), kTokens, b.y.data()).ok());
+    const nlohmann::json t = default_tenant(d);
+    parameters = t["memory_bytes"].get<uint64_t>();
+    entry = t["pending_bytes"].get<uint64_t>();
+    EXPECT_EQ(t["activation_bytes"].get<uint64_t>(), inference_plan + entry);
+    EXPECT_EQ(d.stop(), 0) << d.log();
+  }
+  ASSERT_GT(inference_plan, 0u);
+  ASSERT_GT(entry, inference_plan);  // a training plan keeps more, and x
+  // Room for the layer and one in-flight forward, not for an idle inference plan beside it.
+  const uint64_t quota = parameters + entry + inference_plan / 2;
+  DaemonOptions options;
+  options.default_max_memory_bytes = quota;
+  DaemonProcess d(options);
+  ASSERT_TRUE(d.start());
+  auto client = client::Client::connect(d.client_socket());
+  ASSERT_TRUE(client.ok()) << client.status().to_string();
+  auto layer = client->create_layer(kSpec);
+  ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+
+  // A big inference forward runs over the quota and leaves nothing behind.
+  {
+    const int64_t tokens = 1024;
+    std::vector<float> x(tokens * kDim, 0.5f), y(tokens * kDim);
+    const Status st = layer->infer(x.data(), tokens, y.data());
+    ASSERT_TRUE(st.ok()) << st.to_string();
+    EXPECT_EQ(default_tenant(d)["activation_bytes"].get<uint64_t>(), 0u);
+  }
+  // One that fits keeps its plan for the next.
+  Batch b(2);
+  ASSERT_TRUE(layer->infer(b.x.data(), kTokens, b.y.data()).ok());
+  nlohmann::json t = default_tenant(d);
+  EXPECT_EQ(t["activation_bytes"].get<uint64_t>(), inference_plan);
+  ASSERT_GT(t["activation_bytes"].get<uint64_t>() + parameters + entry, quota);
+
+  // The training forward would not fit beside it: it goes, the forward runs.
+  client::ForwardInfo info;
+  const Status f = layer->forward(b.x.data(), kTokens, b.y.data(), &info);
+  ASSERT_TRUE(f.ok()) << f.to_string();
+  t = default_tenant(d);
+  EXPECT_EQ(t["pending_bytes"].get<uint64_t>(), entry);
+  EXPECT_EQ(t["activation_bytes"].get<uint64_t>(), entry);
+  ASSERT_TRUE(layer->backward(info.sequence, b.dy.data(), 0.f, b.dx.data()).ok());
+  EXPECT_EQ(default_tenant(d)["pending_bytes"].get<uint64_t>(), 0u);
+  EXPECT_TRUE(d.alive()) << d.log();
+  EXPECT_EQ(d.stop(), 0) << d.log();
+}
+
 }  // namespace
 }  // namespace tutel::testing
