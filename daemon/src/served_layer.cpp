@@ -55,6 +55,8 @@ Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& 
     options.max_bytes = SIZE_MAX;
     layer->plans_ = std::make_unique<graphs::PlanCache>(*layer->local_activations_, options);
     TUTEL_RETURN_IF_ERROR(layer->plans_->add_layer(0, {def.spec, layer->weights_of(0), layer->weights_of(1)}));
+    layer->plans_take_host_memory_ = graphs::resolve_plan_kind(*layer->local_activations_, options.kind) ==
+                                     graphs::PlanKind::kCudaGraph;
     layer->publish_plan_summary();
   }
   if (def.weights_path) {

@@ -180,7 +180,12 @@ class ServedLayer {
   // The client's buffers are host memory: a backend whose memory is elsewhere gets its inputs
   // and outputs staged through device buffers.
   bool stages_host_memory() { return backend().device().kind != DeviceKind::kCpu; }
-  bool stages(ClientMemory memory) { return memory == ClientMemory::kHost && stages_host_memory(); }
+  // Not where the layer's plans take host memory as it is: a cuda-graph plan copies its inputs
+  // and outputs between the client's (registered) buffers and its own, so staging would only
+  // add a device-to-device copy each way.
+  bool stages(ClientMemory memory) {
+    return memory == ClientMemory::kHost && stages_host_memory() && !plans_take_host_memory_;
+  }
   // The rank's backend is shared by its layers; a group layer's is its own.
   std::unique_lock<std::mutex> lock_device() {
     return group_ ? std::unique_lock<std::mutex>() : std::unique_lock<std::mutex>(rank_.mutex);
@@ -247,6 +252,7 @@ class ServedLayer {
   // in the entries until those go.
   std::unique_ptr<graphs::PlanCache> plans_;
   PlanSummary plan_summary_;  // guarded by stats_mutex_
+  bool plans_take_host_memory_ = false;  // cuda-graph plans; set before the layer is published
   // A training forward on a plan; a refusal for the tenant's quota drops the idle plans and tries
   // once more, so cached plans never crowd out a step. Under mutex_ and the device lock.
   Result<graphs::PlanStep> plan_forward(TensorView x, uint64_t noise_counter, bool training, TensorView y);
