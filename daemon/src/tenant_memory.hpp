@@ -5,7 +5,8 @@
 // - parameters: weights, gradients and optimizer state, charged by the Registry when a layer is
 //   created and given back when it is destroyed;
 // - activations: what a layer's forwards keep until their backwards (Pending entries, recycled
-//   ones included), its staging buffers and its workspaces. They are charged as the buffers are
+//   ones included), its plans (cached, or held by a forward waiting for its backward), its
+//   staging buffers and, on a [group] layer, its scratch. They are charged as the buffers are
 //   allocated, from their exact sizes, by the layer's ActivationBackend, and given back when the
 //   buffers are freed.
 // - device regions: memory a client maps to hand tokens over without copies (kMapRegion),
@@ -13,7 +14,8 @@
 // All count against the same quota. Only the growth made by a training forward (and the
 // creation of a layer) is refused: a backward must never fail for lack of memory, since it is
 // what gives the memory back, so its growth is charged but let through (as is an inference
-// forward's, whose one workspace per layer is bounded by its largest batch).
+// forward's, whose one plan per token bucket is bounded by its largest batch). Idle plans are
+// dropped before a training forward is refused, and whenever a request leaves the tenant over.
 //
 // Thread-safety: TenantMemory is lock-free and may be used from any thread. An ActivationBackend
 // is used like the Backend it wraps (one thread at a time, under the layer's mutex); its
