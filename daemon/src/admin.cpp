@@ -12,6 +12,27 @@ namespace tutel::daemon {
 
 using nlohmann::json;
 
+namespace {
+
+// A layer's plan cache; null for a group layer, which runs without one.
+json plans_json(const ServedLayer::PlanSummary& summary) {
+  if (summary.kind.empty()) return nullptr;
+  const graphs::PlanCacheStats& c = summary.cache;
+  return {{"kind", summary.kind},
+          {"plans", c.plans},
+          {"held", c.held},
+          {"bytes", c.bytes},
+          {"max_bytes", c.max_bytes},
+          {"hits", c.hits},
+          {"misses", c.misses},
+          {"builds", c.builds},
+          {"build_failures", c.build_failures},
+          {"evictions", c.evictions},
+          {"capacity_moves", c.capacity_moves}};
+}
+
+}  // namespace
+
 json DaemonImpl::status_json() const {
   const double uptime = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_at_).count();
   int64_t clients = 0;
@@ -86,6 +107,15 @@ std::string DaemonImpl::metrics_text() {
     for (const comm::PeerStatus& p : ref.layer->group_peers())
       traffic[{ref.layer->tenant() + "/" + ref.layer->name(), p.rank}] = {p.bytes_sent, p.bytes_received};
   metrics_.set_live(std::move(node_up), std::move(traffic));
+  std::map<std::pair<std::string, std::string>, Metrics::PlanCache> plan_caches;
+  for (const LayerRef& ref : registry_->all()) {
+    const ServedLayer::PlanSummary summary = ref.layer->plan_summary();
+    if (summary.kind.empty()) continue;
+    const graphs::PlanCacheStats& c = summary.cache;
+    plan_caches[{ref.layer->tenant(), ref.layer->name()}] = {c.bytes, c.plans, c.hits, c.misses,
+                                                             c.evictions};
+  }
+  metrics_.set_plan_caches(std::move(plan_caches));
   // Activation and region memory change with requests and sessions: read when scraped.
   for (const TenantConfig& t : config_.tenants) {
     metrics_.set_tenant_activation_memory(t.name, registry_->activation_bytes(t.name));
@@ -149,6 +179,7 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
                           {"activation_bytes", ref.layer->activation_bytes()},
                           {"pending_bytes", ref.layer->pending_bytes()},
                           {"pending_backwards", ref.layer->pending_backwards()},
+                          {"plans", plans_json(ref.layer->plan_summary())},
                           {"capacity", st.capacity},
                           {"dropped", st.dropped},
                           {"l_aux", st.l_aux}});

@@ -97,6 +97,23 @@ std::string Metrics::prometheus_text() const {
   by_layer("tuteld_dropped_assignments_total", "counter",
            "Token-to-expert assignments dropped for lack of capacity.", dropped_);
   by_layer("tuteld_capacity", "gauge", "Expert capacity of the layer's last forward.", capacity_);
+  auto plan_cache = [&](const char* name, const char* type, const char* help,
+                        uint64_t PlanCache::*field) {
+    std::map<std::pair<std::string, std::string>, uint64_t> m;
+    for (const auto& [k, c] : plan_caches_) m[k] = c.*field;
+    by_layer(name, type, help, m);
+  };
+  plan_cache("tuteld_plan_cache_bytes", "gauge", "Device memory of the layer's cached plans.",
+             &PlanCache::bytes);
+  plan_cache("tuteld_plan_cache_plans", "gauge", "Plans the layer's cache holds (in use or idle).",
+             &PlanCache::plans);
+  plan_cache("tuteld_plan_cache_hits_total", "counter",
+             "Plan lookups of forwards served by a cached plan.", &PlanCache::hits);
+  plan_cache("tuteld_plan_cache_misses_total", "counter",
+             "Plan lookups of forwards that had to build a plan.", &PlanCache::misses);
+  plan_cache("tuteld_plan_cache_evictions_total", "counter",
+             "Plans dropped for memory (the cache's budget or the tenant's quota).",
+             &PlanCache::evictions);
   o << "# HELP tuteld_tenant_memory_bytes Parameters, gradients and optimizer state, by tenant.\n"
     << "# TYPE tuteld_tenant_memory_bytes gauge\n";
   for (const auto& [t, v] : tenant_memory_) o << "tuteld_tenant_memory_bytes{tenant=\"" << label(t) << "\"} " << v << "\n";
@@ -143,6 +160,11 @@ void Metrics::set_live(std::map<int, bool> node_up, std::map<std::pair<std::stri
   std::lock_guard lock(mutex_);
   node_up_ = std::move(node_up);
   traffic_ = std::move(traffic);
+}
+
+void Metrics::set_plan_caches(std::map<std::pair<std::string, std::string>, PlanCache> caches) {
+  std::lock_guard lock(mutex_);
+  plan_caches_ = std::move(caches);
 }
 
 }  // namespace tutel::daemon

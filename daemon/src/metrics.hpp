@@ -32,6 +32,12 @@ class Metrics {
   };
   void set_live(std::map<int, bool> node_up,
                 std::map<std::pair<std::string, int>, PeerTraffic> traffic);  // ("tenant/layer", rank)
+  // Each local layer's plan cache by (tenant, layer), read just before rendering too; replaces
+  // the previous snapshot so a destroyed layer's series go away with it.
+  struct PlanCache {
+    uint64_t bytes = 0, plans = 0, hits = 0, misses = 0, evictions = 0;
+  };
+  void set_plan_caches(std::map<std::pair<std::string, std::string>, PlanCache> caches);
 
   std::string prometheus_text() const;
 
@@ -57,6 +63,7 @@ class Metrics {
   std::map<std::string, bool> peers_;
   std::map<int, bool> node_up_;
   std::map<std::pair<std::string, int>, PeerTraffic> traffic_;
+  std::map<std::pair<std::string, std::string>, PlanCache> plan_caches_;
   int64_t active_sessions_ = 0;
 };
 

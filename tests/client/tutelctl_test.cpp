@@ -107,9 +107,24 @@ class FakeAdmin {
                                                          {"step", 12},
                                                          {"memory_bytes", 25 << 20},
                                                          {"pending_backwards", 0},
+                                                         {"plans", {{"kind", "host"},
+                                                                    {"plans", 3},
+                                                                    {"held", 1},
+                                                                    {"bytes", 6 << 20},
+                                                                    {"max_bytes", 8ull << 30},
+                                                                    {"hits", 117},
+                                                                    {"misses", 4},
+                                                                    {"builds", 5},
+                                                                    {"build_failures", 0},
+                                                                    {"evictions", 2},
+                                                                    {"capacity_moves", 0}}},
                                                          {"capacity", 64},
                                                          {"dropped", 3},
-                                                         {"l_aux", 1.0625}}})}});
+                                                         {"l_aux", 1.0625}},
+                                                        {{"tenant", "alice"},
+                                                         {"name", "ep0"},
+                                                         {"group", {{"rank", 0}, {"size", 2}}},
+                                                         {"plans", nullptr}}})}});
           break;
         case FT::kAdminMetrics:
           (void)ipc::send_json(conn.get(), FT::kOk, rid,
@@ -139,7 +154,7 @@ TEST(Tutelctl, MissingDaemonExitsOneWithAClearMessage) {
   TempDir dir;
   const std::string sock = dir.file("admin.sock");
   for (const char* command :
-       {"status", "tenants", "layers", "metrics", "checkpoint a/b out.safetensors"}) {
+       {"status", "tenants", "layers", "plans", "metrics", "checkpoint a/b out.safetensors"}) {
     const ToolRun r = tutelctl("--socket " + sock + " " + command);
     EXPECT_EQ(r.exit_code, 1) << command << ": " << r.output;
     EXPECT_NE(r.output.find("cannot reach tuteld at " + sock + ": is it running?"),
@@ -163,12 +178,15 @@ TEST(Tutelctl, UsageErrorsExitTwo) {
   EXPECT_EQ(tutelctl("").exit_code, 2);
   EXPECT_EQ(tutelctl("frobnicate").exit_code, 2);
   EXPECT_EQ(tutelctl("status --bogus").exit_code, 2);
+  EXPECT_EQ(tutelctl("plans --bogus").exit_code, 2);
+  EXPECT_EQ(tutelctl("plans alice/moe0").exit_code, 2);  // takes no argument
   EXPECT_EQ(tutelctl("checkpoint alice/moe0").exit_code, 2);            // PATH missing
   EXPECT_EQ(tutelctl("checkpoint moe0 out.safetensors").exit_code, 2);  // not TENANT/NAME
   EXPECT_EQ(tutelctl("--timeout -1 status").exit_code, 2);
   const ToolRun help = tutelctl("--help");
   EXPECT_EQ(help.exit_code, 0);
   EXPECT_NE(help.output.find("checkpoint"), std::string::npos);
+  EXPECT_NE(help.output.find("plans"), std::string::npos);
 }
 
 TEST(Tutelctl, TablesAndJsonFromTheAdminSocket) {
@@ -198,6 +216,20 @@ TEST(Tutelctl, TablesAndJsonFromTheAdminSocket) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("alice/moe0"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("1.062"), std::string::npos) << r.output;
+
+  // The plan caches come from the same reply as layers; a group layer has none.
+  r = tutelctl(s + "plans");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  for (const char* line :
+       {"LAYER       KIND     PLANS  HELD    BYTES  HITS  MISSES  BUILDS  EVICTIONS",
+        "alice/moe0  host         3     1  6.0 MiB   117       4       5          2",
+        "alice/ep0   (group)      -     -        -     -       -       -          -"})
+    EXPECT_NE(r.output.find(line), std::string::npos) << r.output;
+  r = tutelctl(s + "--json plans");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const json plans = json::parse(r.output);
+  EXPECT_EQ(plans["layers"][0]["plans"]["hits"], 117);
+  EXPECT_TRUE(plans["layers"][1]["plans"].is_null());
 
   r = tutelctl(s + "metrics");
   ASSERT_EQ(r.exit_code, 0) << r.output;

@@ -194,6 +194,76 @@ TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
   EXPECT_TRUE(std::filesystem::exists(ckpt));
 }
 
+// The value of the series `name{labels}` in Prometheus text, or -1 when it is absent.
+double metric_value(const std::string& text, const std::string& series) {
+  const size_t at = text.find("\n" + series + " ");
+  return at == std::string::npos ? -1 : std::stod(text.substr(at + series.size() + 2));
+}
+
+TEST_F(ClientDaemon, PlanCachesAreShownByTutelctlAndMetrics) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok());
+  auto layer = client->create_layer(spec("cached"));
+  ASSERT_TRUE(layer.ok());
+  std::vector<float> x(32 * 16, 0.25f), y(32 * 16), dx(32 * 16);
+  // A training forward, then two alike inference forwards: the second runs on the first's plan.
+  ASSERT_TRUE(layer->forward(x.data(), 32, y.data()).ok());
+  ASSERT_TRUE(layer->backward(y.data(), 0.f, dx.data()).ok());
+  ASSERT_TRUE(layer->infer(x.data(), 32, y.data()).ok());
+  ASSERT_TRUE(layer->infer(x.data(), 32, y.data()).ok());
+  constexpr int64_t kForwards = 3;
+
+  const nlohmann::json layers = ctl_json("layers");
+  ASSERT_EQ(layers["layers"].size(), 1u) << layers.dump();
+  const nlohmann::json plans = layers["layers"][0]["plans"];
+  ASSERT_TRUE(plans.is_object()) << layers.dump();
+  EXPECT_EQ(plans["kind"], "host");
+  EXPECT_GE(plans["plans"].get<int64_t>(), 1);
+  EXPECT_EQ(plans["held"], 0);  // no forward waits for its backward
+  EXPECT_GT(plans["bytes"].get<int64_t>(), 0);
+  EXPECT_GE(plans["max_bytes"].get<uint64_t>(), plans["bytes"].get<uint64_t>());
+  EXPECT_GE(plans["builds"].get<int64_t>(), 1);
+  EXPECT_GE(plans["hits"].get<int64_t>(), 1);
+  EXPECT_EQ(plans["build_failures"], 0);
+  EXPECT_EQ(plans["evictions"], 0);
+  // One lookup per forward, and one more for a forward rerun on a bigger capacity bucket.
+  EXPECT_EQ(plans["hits"].get<int64_t>() + plans["misses"].get<int64_t>(),
+            kForwards + plans["capacity_moves"].get<int64_t>())
+      << plans.dump();
+
+  const std::string ctl = std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() + " ";
+  auto [code, table] = run_command(ctl + "plans");
+  EXPECT_EQ(code, 0) << table;
+  EXPECT_NE(table.find("EVICTIONS"), std::string::npos) << table;
+  const size_t row = table.find("\ndefault/cached ");
+  ASSERT_NE(row, std::string::npos) << table;
+  const std::string line = table.substr(row + 1, table.find('\n', row + 1) - row - 1);
+  EXPECT_NE(line.find(" host "), std::string::npos) << table;
+
+  auto [mcode, metrics] = run_command(ctl + "metrics");
+  EXPECT_EQ(mcode, 0) << metrics;
+  auto series = [&](const std::string& name) {
+    return metric_value(metrics, name + "{tenant=\"default\",layer=\"cached\"}");
+  };
+  EXPECT_EQ(series("tuteld_plan_cache_plans"), plans["plans"].get<double>()) << metrics;
+  EXPECT_EQ(series("tuteld_plan_cache_bytes"), plans["bytes"].get<double>()) << metrics;
+  EXPECT_EQ(series("tuteld_plan_cache_hits_total"), plans["hits"].get<double>()) << metrics;
+  EXPECT_EQ(series("tuteld_plan_cache_misses_total"), plans["misses"].get<double>()) << metrics;
+  EXPECT_EQ(series("tuteld_plan_cache_evictions_total"), 0) << metrics;
+  for (const char* type :
+       {"# TYPE tuteld_plan_cache_bytes gauge", "# TYPE tuteld_plan_cache_plans gauge",
+        "# TYPE tuteld_plan_cache_hits_total counter",
+        "# TYPE tuteld_plan_cache_misses_total counter",
+        "# TYPE tuteld_plan_cache_evictions_total counter"})
+    EXPECT_NE(metrics.find(type), std::string::npos) << type << "\n" << metrics;
+
+  // A destroyed layer's series go with it.
+  ASSERT_TRUE(layer->destroy().ok());
+  auto [dcode, after] = run_command(ctl + "metrics");
+  EXPECT_EQ(dcode, 0) << after;
+  EXPECT_EQ(after.find("tuteld_plan_cache_plans{"), std::string::npos) << after;
+}
+
 TEST_F(ClientDaemon, ShutdownWhileRequestsAreInFlight) {
   auto client = client::Client::connect(daemon_->client_socket());
   ASSERT_TRUE(client.ok());

@@ -1,6 +1,7 @@
 // tutelctl: inspect and operate a running tuteld through its admin socket.
 //
-//   tutelctl [--socket PATH] [--json] [--timeout S] status | tenants | layers | peers | metrics
+//   tutelctl [--socket PATH] [--json] [--timeout S]
+//            status | tenants | layers | plans | peers | metrics
 //   tutelctl checkpoint TENANT/LAYER PATH
 //
 // Exit status: 0 on success, 1 when the daemon cannot be reached or refuses the request,
@@ -250,6 +251,32 @@ void print_layers(const json& reply) {
   t.print(std::cout);
 }
 
+// Each layer's plan cache, from the same reply as print_layers. A group layer runs without one.
+void print_plans(const json& reply) {
+  const json layers = reply.value("layers", json::array());
+  if (layers.empty()) {
+    std::cout << "(no layers)\n";
+    return;
+  }
+  Table t{{"LAYER", "KIND", "PLANS", "HELD", "BYTES", "HITS", "MISSES", "BUILDS", "EVICTIONS"},
+          {true, true, false, false, false, false, false, false, false},
+          {}};
+  for (const json& e : layers) {
+    const std::string layer = field(e, "tenant") + "/" + field(e, "name");
+    const json plans = e.value("plans", json());
+    if (!plans.is_object()) {
+      // null: a group layer; absent: a daemon that predates plan caches.
+      t.rows.push_back(
+          {layer, e.contains("plans") ? "(group)" : "-", "-", "-", "-", "-", "-", "-", "-"});
+      continue;
+    }
+    t.rows.push_back({layer, field(plans, "kind"), field(plans, "plans"), field(plans, "held"),
+                      bytes_field(plans, "bytes"), field(plans, "hits"), field(plans, "misses"),
+                      field(plans, "builds"), field(plans, "evictions")});
+  }
+  t.print(std::cout);
+}
+
 int cannot_reach(const std::string& path, const tutel::Status& st) {
   std::cerr << "tutelctl: cannot reach tuteld at " << path << ": ";
   if (st.code() == tutel::StatusCode::kPermissionDenied)
@@ -288,6 +315,9 @@ int main(int argc, char** argv) {
   auto* tenants = app.add_subcommand("tenants", "tenants with their usage against their quotas");
   auto* layers =
       app.add_subcommand("layers", "every served layer with its last routing statistics");
+  auto* plans = app.add_subcommand("plans",
+                                   "each layer's plan cache: kind, plans and how many are in use, "
+                                   "bytes, hits, misses, builds, evictions");
   auto* metrics = app.add_subcommand("metrics", "the Prometheus metrics text");
   auto* peers = app.add_subcommand("peers", "the cluster's nodes and the expert-parallel groups of this daemon's layers: state, traffic, last error");
   auto* checkpoint =
@@ -320,7 +350,7 @@ int main(int argc, char** argv) {
     reply = admin->status();
   else if (*tenants)
     reply = admin->tenants();
-  else if (*layers)
+  else if (*layers || *plans)
     reply = admin->layers();
   else if (*metrics)
     reply = admin->metrics();
@@ -353,6 +383,8 @@ int main(int argc, char** argv) {
     print_tenants(body);
   else if (*layers)
     print_layers(body);
+  else if (*plans)
+    print_plans(body);
   else if (*peers)
     print_peers(body);
   else if (*metrics) {
