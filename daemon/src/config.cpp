@@ -166,12 +166,34 @@ Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
   return Status::OK();
 }
 
+// token_buckets = [128, 1024, 4096]: the plans' token buckets (see LayerDefinition).
+Status parse_token_buckets(const Scope& s, LayerDefinition& def) {
+  constexpr int64_t kMaxBucket = int64_t{1} << 30;  // the most tokens a request may carry
+  TUTEL_RETURN_IF_ERROR(get_int_array(s, "token_buckets", 1, kMaxBucket, def.token_buckets));
+  const std::vector<int64_t>& b = def.token_buckets;
+  if (s.find("token_buckets") == nullptr) return Status::OK();
+  if (b.empty() || b.size() > kMaxTokenBuckets)
+    return s.error_near("token_buckets", "expected 1 to " + std::to_string(kMaxTokenBuckets) +
+                                             " token counts such as [128, 1024, 4096], got " +
+                                             std::to_string(b.size()));
+  for (size_t i = 1; i < b.size(); ++i)
+    if (b[i] <= b[i - 1])
+      return s.error_near("token_buckets", "must be strictly ascending, but " + std::to_string(b[i]) +
+                                               " follows " + std::to_string(b[i - 1]));
+  if (def.group)
+    return s.error_near("token_buckets",
+                        "a layer with [group] runs without plans and has no token buckets; remove "
+                        "token_buckets or the [group] table");
+  return Status::OK();
+}
+
 // The keys of a [[layer]] table and of a request's spec. `base_dir` empty: paths kept as written.
 Status parse_layer(const Scope& s, bool in_config, const fs::path& base_dir, LayerDefinition& def) {
   TUTEL_RETURN_IF_ERROR(s.check_keys(
       {"name", "experts", "model_dim", "hidden", "output_dim", "k", "capacity_factor", "activation",
        "gate_noise", "noise_seed", "normalize_gate", "batch_prioritized", "is_postscore",
-       "has_fc1_bias", "has_fc2_bias", "dtype", "weights", "init_seed", "optimizer", "group"},
+       "has_fc1_bias", "has_fc2_bias", "dtype", "weights", "init_seed", "token_buckets", "optimizer",
+       "group"},
       in_config ? KeyList{"tenant"} : KeyList{}));
   TUTEL_RETURN_IF_ERROR(get_name(s, "name", "a layer name", def.name));
   if (in_config) TUTEL_RETURN_IF_ERROR(get_string(s, "tenant", def.tenant, true, "a tenant name"));
@@ -230,6 +252,7 @@ Status parse_layer(const Scope& s, bool in_config, const fs::path& base_dir, Lay
   }
   TUTEL_RETURN_IF_ERROR(parse_optimizer(s, def.optimizer));
   TUTEL_RETURN_IF_ERROR(parse_group(s, def.group));
+  TUTEL_RETURN_IF_ERROR(parse_token_buckets(s, def));
 
   if (Status st = spec.validate(); !st.ok()) return s.error_near("", st.message());
   return Status::OK();
@@ -539,6 +562,11 @@ std::string format_layer_spec(const LayerDefinition& def) {
       << "dtype = " << toml_string(dtype_name(s.matmul_dtype)) << "\n";
   if (def.weights_path) out << "weights = " << toml_string(*def.weights_path) << "\n";
   if (def.init_seed) out << "init_seed = " << *def.init_seed << "\n";
+  if (!def.token_buckets.empty()) {
+    out << "token_buckets = [";
+    for (size_t i = 0; i < def.token_buckets.size(); ++i) out << (i ? ", " : "") << def.token_buckets[i];
+    out << "]\n";
+  }
   const OptimizerConfig& o = def.optimizer;
   out << "\n[optimizer]\n"
       << "kind = " << toml_string(optimizer_kind_name(o.kind)) << "\n"

@@ -53,10 +53,14 @@ Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& 
     // growth is let through, as its one plan per bucket is bounded by its largest batch).
     graphs::PlanCacheOptions options;
     options.max_bytes = SIZE_MAX;
+    if (!def.token_buckets.empty()) {
+      TUTEL_ASSIGN_OR_RETURN(options.buckets.tokens, graphs::BucketPolicy::from_list(def.token_buckets));
+    }
     layer->plans_ = std::make_unique<graphs::PlanCache>(*layer->local_activations_, options);
     TUTEL_RETURN_IF_ERROR(layer->plans_->add_layer(0, {def.spec, layer->weights_of(0), layer->weights_of(1)}));
     layer->plans_take_host_memory_ = graphs::resolve_plan_kind(*layer->local_activations_, options.kind) ==
                                      graphs::PlanKind::kCudaGraph;
+    if (!def.token_buckets.empty()) TUTEL_RETURN_IF_ERROR(layer->prebuild_plans());
     layer->publish_plan_summary();
   }
   if (def.weights_path) {
@@ -283,8 +287,23 @@ void ServedLayer::publish_plan_summary() {
   PlanSummary summary{std::string(graphs::plan_kind_name(graphs::resolve_plan_kind(*local_activations_,
                                                                                     plans_->options().kind))),
                       plans_->refresh_stats()};
+  summary.cache.max_bytes = memory_->max_bytes();  // what bounds the plans (see create())
   std::lock_guard lock(stats_mutex_);
   plan_summary_ = std::move(summary);
+}
+
+Status ServedLayer::prebuild_plans() {
+  // Charged like any plan, and refused like a training forward's: a layer whose configured
+  // plans do not fit beside its parameters is not created.
+  ActivationBackend::Enforce enforce(*local_activations_);
+  auto device_lock = lock_device();
+  for (const bool training : {false, true}) {
+    TUTEL_ASSIGN_OR_RETURN(const std::vector<graphs::PlanKey> keys, plans_->configured_keys(0, {}, training));
+    if (Status st = plans_->prebuild(0, keys); !st.ok())
+      return st.with_context("layer '" + def_.name + "': building the plans of token_buckets (use fewer or "
+                             "smaller buckets, or raise the tenant's max_memory_bytes)");
+  }
+  return Status::OK();
 }
 
 void ServedLayer::trim_plans_over_quota() {

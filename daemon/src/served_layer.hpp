@@ -257,6 +257,8 @@ class ServedLayer {
   // once more, so cached plans never crowd out a step. Under mutex_ and the device lock.
   Result<graphs::PlanStep> plan_forward(TensorView x, uint64_t noise_counter, bool training, TensorView y);
   void publish_plan_summary();  // under mutex_
+  // Builds the inference and training plans of the definition's token_buckets; at creation.
+  Status prebuild_plans();
   // Drops the idle plans while the tenant is over its quota, so what a request let through
   // lasts only that request (as recycle() does for pending entries). Under mutex_.
   void trim_plans_over_quota();

@@ -630,6 +630,42 @@ TEST(LayerSpecTest, ParsesARequest) {
   EXPECT_EQ(r->optimizer.lr, 0.1f);
 }
 
+TEST(LayerSpecTest, TokenBuckets) {
+  const std::string base = "name = \"l\"\nexperts = 2\nmodel_dim = 2\nhidden = 2\ninit_seed = 1\n";
+  Result<LayerDefinition> r = parse_layer_spec(base + "token_buckets = [1, 128, 4096]\n", "request");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->token_buckets, (std::vector<int64_t>{1, 128, 4096}));
+  Result<LayerDefinition> none = parse_layer_spec(base, "request");
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_TRUE(none->token_buckets.empty());
+
+  const auto error_of = [&](const std::string& line) {
+    Result<LayerDefinition> bad = parse_layer_spec(base + line + "\n", "request");
+    EXPECT_FALSE(bad.ok()) << line;
+    EXPECT_EQ(bad.status().code(), StatusCode::kInvalidArgument) << line;
+    return bad.ok() ? std::string() : std::string(bad.status().message());
+  };
+  const auto expect_error = [&](const std::string& line, const std::string& part) {
+    const std::string message = error_of(line);
+    EXPECT_EQ(message.rfind("request:6:", 0), 0u) << message;
+    EXPECT_NE(message.find("token_buckets"), std::string::npos) << message;
+    EXPECT_NE(message.find(part), std::string::npos) << line << " gave: " << message;
+  };
+  expect_error("token_buckets = []", "expected 1 to 16 token counts");
+  expect_error("token_buckets = [64, 64]", "strictly ascending, but 64 follows 64");
+  expect_error("token_buckets = [128, 64]", "strictly ascending, but 64 follows 128");
+  expect_error("token_buckets = [0, 64]", "");
+  expect_error("token_buckets = [-5]", "");
+  expect_error("token_buckets = [2147483648]", "");
+  expect_error("token_buckets = 64", "expected an array of integers");
+  expect_error("token_buckets = [\"64\"]", "");
+  expect_error("token_buckets = [1.5]", "");
+  expect_error("token_buckets = [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17]", "got 17");
+  const std::string grouped = error_of(
+      "token_buckets = [64]\n[group]\ncoordinator = \"127.0.0.1:7001\"\nsize = 2\nrank = 0");
+  EXPECT_NE(grouped.find("a layer with [group] runs without plans"), std::string::npos) << grouped;
+}
+
 TEST(LayerSpecTest, ErrorsNameTheRequest) {
   const auto error_of = [](const std::string& text) {
     Result<LayerDefinition> r = parse_layer_spec(text, "request");
@@ -676,6 +712,7 @@ void expect_same(const LayerDefinition& a, const LayerDefinition& b) {
   EXPECT_EQ(a.optimizer.beta2, b.optimizer.beta2);
   EXPECT_EQ(a.optimizer.eps, b.optimizer.eps);
   EXPECT_EQ(a.weights_path, b.weights_path);
+  EXPECT_EQ(a.token_buckets, b.token_buckets);
   EXPECT_EQ(a.init_seed, b.init_seed);
 }
 
@@ -715,6 +752,13 @@ TEST(LayerSpecTest, RoundTrip) {
       d.weights_path = "dir with \"quotes\"\\and\ttabs/w" + std::to_string(i) + ".safetensors";
     else
       d.init_seed = rng() >> 1;
+    if (i % 3 == 0) {
+      int64_t bucket = 1 + static_cast<int64_t>(rng() % 100);
+      for (size_t n = 1 + rng() % kMaxTokenBuckets; n > 0; --n) {
+        d.token_buckets.push_back(bucket);
+        bucket += 1 + static_cast<int64_t>(rng() % 5000);
+      }
+    }
 
     const std::string text = format_layer_spec(d);
     Result<LayerDefinition> back = parse_layer_spec(text, "round-trip");

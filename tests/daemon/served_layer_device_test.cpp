@@ -482,6 +482,59 @@ TEST(ServedLayerDevice, AllocatesNothingOnceWarm) {
   EXPECT_TRUE(device.violations().empty());
 }
 
+// A layer's token_buckets are built when it is created, inference and training plans alike, and
+// serve its requests without building more; past the last bucket the buckets double. A tenant
+// whose quota cannot hold them gets the layer refused with what to do.
+TEST(ServedLayerPlans, ConfiguredBucketsArePrebuiltAndServeRequests) {
+  LayerDefinition def = definition(cases()[0]);
+  def.token_buckets = {16, 48};
+  auto ranks = one_rank(cpu_backend());
+  auto created = ServedLayer::create(def, format_layer_spec(def), "tenant", *ranks[0]);
+  ASSERT_TRUE(created.ok()) << created.status();
+  ServedLayer& layer = **created;
+  ServedLayer::PlanSummary plans = layer.plan_summary();
+  EXPECT_EQ(plans.kind, "host");
+  EXPECT_EQ(plans.cache.builds, 4u);  // 2 buckets x (inference, training)
+  EXPECT_EQ(plans.cache.plans, 4u);
+  EXPECT_EQ(plans.cache.misses, 0u);
+  EXPECT_GT(layer.activation_bytes(), 0u);
+
+  const int64_t M = def.spec.model_dim, O = def.spec.out_dim();
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal;
+  auto batch = [&](int64_t tokens) {
+    std::vector<float> v(tokens * std::max(M, O));
+    for (float& f : v) f = normal(rng);
+    return v;
+  };
+  std::vector<float> x = batch(40), y = batch(40);
+  ASSERT_TRUE(layer.forward(x.data(), 40, y.data(), false, 1, 0).ok());
+  std::vector<float> xt = batch(10), yt = batch(10), dy = batch(10), dx = batch(10);
+  ASSERT_TRUE(layer.forward(xt.data(), 10, yt.data(), true, 1, 7).ok());
+  EXPECT_EQ(layer.plan_summary().cache.held, 1u);
+  ASSERT_TRUE(layer.backward(dy.data(), 10, 0.f, dx.data(), 1, 7).ok());
+  plans = layer.plan_summary();
+  EXPECT_EQ(plans.cache.hits, 2u);
+  EXPECT_EQ(plans.cache.misses, 0u);
+  EXPECT_EQ(plans.cache.builds, 4u);
+  EXPECT_EQ(plans.cache.held, 0u);
+
+  std::vector<float> xb = batch(90), yb = batch(90);
+  ASSERT_TRUE(layer.forward(xb.data(), 90, yb.data(), false, 1, 0).ok());  // bucket 96
+  plans = layer.plan_summary();
+  EXPECT_EQ(plans.cache.misses, 1u);
+  EXPECT_EQ(plans.cache.builds, 5u);
+
+  // The same definition in a tenant with room for almost nothing.
+  auto tight = std::make_shared<TenantMemory>("tight", 4096);
+  auto refused = ServedLayer::create(def, format_layer_spec(def), tight, *ranks[0]);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_NE(refused.status().message().find("building the plans of token_buckets"), std::string::npos)
+      << refused.status();
+  EXPECT_EQ(tight->activation_bytes(), 0u) << "a refused layer left memory charged";
+}
+
 // The simulated device is only worth its name if it catches the mistakes it exists for.
 TEST(ServedLayerDevice, SimulatedDeviceRefusesHostPointersAndWrongCopyKinds) {
   SimulatedDevice device(cpu_backend());

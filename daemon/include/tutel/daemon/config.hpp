@@ -67,7 +67,12 @@ struct LayerDefinition {
   std::optional<uint64_t> init_seed;  // exactly one of weights_path / init_seed is set
   std::string tenant;                 // only from the daemon config's [[layer]] tables
   std::optional<GroupConfig> group;   // [group]: expert parallelism across ranks
+  // The token buckets of the layer's plans (a layer without [group]), strictly ascending, at
+  // most kMaxTokenBuckets: their plans are built when the layer is created, and past the last
+  // one the buckets keep doubling. Empty: 64, 128, 256, ..., each built at its first request.
+  std::vector<int64_t> token_buckets;
 };
+inline constexpr size_t kMaxTokenBuckets = 16;
 
 // Parses a create-layer request's spec: the keys of a [[layer]] table at the top level, the
 // optimizer in an [optimizer] table. `source_name` prefixes error messages ("request").
