@@ -165,6 +165,11 @@ class NcclCommunicator final : public Communicator {
     return out;
   }
 
+  Status wait_enqueued() override {
+    TUTEL_RETURN_IF_ERROR(begin("wait_enqueued"));
+    return finish(wait_stream());
+  }
+
   Status all_to_all(const void* send, void* recv, size_t c, AllToAllAlgo algo) override {
     TUTEL_RETURN_IF_ERROR(begin("all_to_all"));
     add_traffic(c);

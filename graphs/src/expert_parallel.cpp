@@ -1,6 +1,8 @@
 #include "tutel/graphs/expert_parallel.hpp"
 
 #include <algorithm>
+#include <cstring>
+#include <functional>
 #include <vector>
 
 namespace tutel::graphs {
@@ -90,6 +92,20 @@ HostLayerParams slice_for_rank(const LayerSpec& spec, const ExpertShard& s,
 Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::Communicator& comm,
                                                         const LayerSpec& spec,
                                                         comm::AllToAllAlgo algo) {
+  ExpertParallelOptions options;
+  options.algo = algo;
+  return create(backend, comm, spec, options);
+}
+
+Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::Communicator& comm,
+                                                        const LayerSpec& spec,
+                                                        const ExpertParallelOptions& options) {
+  const comm::AllToAllAlgo algo = options.algo;
+  if (options.runner != nullptr && options.runner->captures() && !options.comm_on_backend_queue)
+    return Status::InvalidArgument(
+        "a runner that captures graphs needs a communicator that enqueues on the backend's queue "
+        "and returns (NCCL on the backend's stream with synchronize = false, and "
+        "comm_on_backend_queue = true): a collective that waits cannot be captured");
   if (spec.gate_noise > 0)
     return Status::Unimplemented(
         "gate noise is not supported across an expert-parallel group yet; set gate_noise = 0");
@@ -102,7 +118,7 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   TUTEL_ASSIGN_OR_RETURN(ExpertShard shard, expert_shard(spec, comm.size(), comm.rank()));
   LayerSpec s = spec;
   s.alignment = shard.shards;  // Tutel's alignment = s·d (d = 1)
-  return ExpertParallelLayer(backend, comm, s, shard, algo);
+  return ExpertParallelLayer(backend, comm, s, shard, options);
 }
 
 // [E, C, row] on the tokens' rank → every rank's experts: [E_l, W·C, row] (E ≥ W), or [W·C, row]
@@ -158,8 +174,36 @@ Status ExpertParallelLayer::to_tokens(const float* expert_side, float* token_sid
 Status ExpertParallelLayer::collective_ready() {
   // A communicator may run on its own queue (an NCCL communicator with a stream of its own):
   // what the backend queued into a send buffer must be done first. Free where the backend's ops
-  // are synchronous (CPU) or the communicator shares its stream (as the daemon's NCCL groups).
-  return backend_->synchronize();
+  // are synchronous (CPU); skipped where the communicator enqueues on the backend's queue, whose
+  // order suffices, and where a wait could not be captured into a graph.
+  return comm_on_backend_queue_ ? Status::OK() : backend_->synchronize();
+}
+
+Status ExpertParallelLayer::wait_collectives() {
+  return comm_on_backend_queue_ ? comm_->wait_enqueued() : Status::OK();
+}
+
+PhaseKey ExpertParallelLayer::phase_key(Phase phase, const Saved& st,
+                                        std::initializer_list<uint64_t> words,
+                                        std::initializer_list<const void*> io,
+                                        std::initializer_list<const LayerWeights*> weights) const {
+  PhaseKey key;
+  key.phase = phase;
+  key.add(epoch_).add(backend_->scratch_epoch()).add(&st);
+  for (uint64_t w : words) key.add(w);
+  for (const void* p : io) key.add(p);
+  for (const LayerWeights* w : weights) {
+    const ExpertWeights& e = w->experts;
+    for (const TensorView* t : {&w->gate_weight, &e.fc1_weight, &e.fc1_bias, &e.fc2_weight,
+                                &e.fc2_bias, &e.fc1_weight_bf16, &e.fc2_weight_bf16})
+      key.add(t->data());
+  }
+  return key;
+}
+
+Status ExpertParallelLayer::run_phase(const std::function<PhaseKey()>& key,
+                                      const std::function<Status()>& ops) {
+  return runner_ == nullptr ? ops() : runner_->run(key(), ops);
 }
 
 // The values make a round trip through a few bytes of the backend's memory, the only memory
@@ -172,11 +216,13 @@ Status ExpertParallelLayer::agree_on_max(int64_t* values, size_t count) {
   TUTEL_RETURN_IF_ERROR(collective_ready());
   TUTEL_RETURN_IF_ERROR(
       comm_->all_reduce(static_cast<int64_t*>(agreed_.data()), count, comm::ReduceOp::kMax));
+  TUTEL_RETURN_IF_ERROR(wait_collectives());
   return backend_->copy(values, agreed_.data(), bytes, CopyKind::kDeviceToHost);
 }
 
 Status ExpertParallelLayer::grow(DeviceBuffer& buf, size_t bytes) {
   if (buf.data() && buf.bytes() >= bytes) return Status::OK();
+  ++epoch_;
   buf.reset();
   TUTEL_ASSIGN_OR_RETURN(buf, backend_->allocate(std::max<size_t>(bytes, 64)));
   return Status::OK();
@@ -274,26 +320,31 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   TUTEL_RETURN_IF_ERROR(grow(st.location_, S * k * 4));
   TUTEL_RETURN_IF_ERROR(grow(l_aux_, 4));
   TUTEL_RETURN_IF_ERROR(grow(expert_count_, E * 4));
-  TensorView xv = x;
-  if (training) {
-    // Backward reads x again, after the caller has moved on to other micro-batches.
-    TUTEL_RETURN_IF_ERROR(grow(st.x_, S * M * 4));
-    TUTEL_RETURN_IF_ERROR(b.copy(st.x_.data(), x.data(), S * M * 4, CopyKind::kDeviceToDevice));
-    xv = f32(st.x_, {S, M});
-  }
+  // Backward reads x again, after the caller has moved on to other micro-batches.
+  if (training) TUTEL_RETURN_IF_ERROR(grow(st.x_, S * M * 4));
+  const TensorView xv = training ? f32(st.x_, {S, M}) : x;
   const TensorView scores = f32(st.scores_, {S, E}), idx = i32(st.expert_index_, {S, k}),
                    gates = f32(st.gates_, {S, k}), loc = i32(st.location_, {S, k}),
                    counts = i32(expert_count_, {E});
-  TUTEL_RETURN_IF_ERROR(b.gate_forward({xv,
-                                        local.gate_weight,
-                                        {},
-                                        spec_.k,
-                                        spec_.normalize_gate,
-                                        scores,
-                                        idx,
-                                        gates,
-                                        f32(l_aux_, {1})}));
-  TUTEL_RETURN_IF_ERROR(b.locations({scores, idx, spec_.batch_prioritized, loc, counts}));
+  TUTEL_RETURN_IF_ERROR(run_phase(
+      [&] {
+        return phase_key(kRoutePhase, st, {uint64_t(S), uint64_t(training)}, {x.data()}, {&local});
+      },
+      [&]() -> Status {
+        if (training)
+          TUTEL_RETURN_IF_ERROR(
+              b.copy(st.x_.data(), x.data(), S * M * 4, CopyKind::kDeviceToDevice));
+        TUTEL_RETURN_IF_ERROR(b.gate_forward({xv,
+                                              local.gate_weight,
+                                              {},
+                                              spec_.k,
+                                              spec_.normalize_gate,
+                                              scores,
+                                              idx,
+                                              gates,
+                                              f32(l_aux_, {1})}));
+        return b.locations({scores, idx, spec_.batch_prioritized, loc, counts});
+      }));
 
   // One capacity for the whole group: from its most tokens and its fullest expert.
   host_counts_.resize(E);
@@ -320,26 +371,34 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   shape.weights_bf16 = local.experts.has_bf16_copies();
   TUTEL_RETURN_IF_ERROR(grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype)));
 
-  TUTEL_RETURN_IF_ERROR(b.slot_map({idx, loc, C, i32(st.slots_, {E, C})}));
-  TUTEL_RETURN_IF_ERROR(b.encode(
-      {xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore, f32(dispatched_, {E, C, M})}));
+  TUTEL_RETURN_IF_ERROR(run_phase(
+      [&] {
+        return phase_key(kExpertsPhase, st, {uint64_t(S), uint64_t(C), uint64_t(training)},
+                         {x.data(), y.data()}, {&local});
+      },
+      [&]() -> Status {
+        TUTEL_RETURN_IF_ERROR(b.slot_map({idx, loc, C, i32(st.slots_, {E, C})}));
+        TUTEL_RETURN_IF_ERROR(b.encode({xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore,
+                                        f32(dispatched_, {E, C, M})}));
 
-  // Dispatch: expert e's slots go to the rank(s) that hold it.
-  TUTEL_RETURN_IF_ERROR(to_experts(fp(dispatched_), fp(st.expert_in_), C, M));
+        // Dispatch: expert e's slots go to the rank(s) that hold it.
+        TUTEL_RETURN_IF_ERROR(to_experts(fp(dispatched_), fp(st.expert_in_), C, M));
 
-  TUTEL_RETURN_IF_ERROR(b.expert_forward(
-      {f32(st.expert_in_, {El, R, M}), local_experts(local.experts), spec_.activation,
-       spec_.matmul_dtype, keep_pre ? f32(st.pre_, {El, R, Hs}) : TensorView(),
-       f32(st.hidden_, {El, R, Hs}), f32(expert_out_, {El, R, O}), workspace()}));
-  if (s > 1 && spec_.has_fc2_bias) {
-    const BiasColumns bias = fc2_bias_columns(local.experts.fc2_bias);
-    TUTEL_RETURN_IF_ERROR(b.add_row_bias(f32(expert_out_, {R, O}), bias.values, bias.column));
-  }
+        TUTEL_RETURN_IF_ERROR(b.expert_forward(
+            {f32(st.expert_in_, {El, R, M}), local_experts(local.experts), spec_.activation,
+             spec_.matmul_dtype, keep_pre ? f32(st.pre_, {El, R, Hs}) : TensorView(),
+             f32(st.hidden_, {El, R, Hs}), f32(expert_out_, {El, R, O}), workspace()}));
+        if (s > 1 && spec_.has_fc2_bias) {
+          const BiasColumns bias = fc2_bias_columns(local.experts.fc2_bias);
+          TUTEL_RETURN_IF_ERROR(
+              b.add_row_bias(f32(expert_out_, {R, O}), bias.values, bias.column));
+        }
 
-  // Combine: the results travel back to the tokens' ranks.
-  TUTEL_RETURN_IF_ERROR(to_tokens(fp(expert_out_), fp(st.combined_), C, O));
-  TUTEL_RETURN_IF_ERROR(
-      b.decode({f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y}));
+        // Combine: the results travel back to the tokens' ranks.
+        TUTEL_RETURN_IF_ERROR(to_tokens(fp(expert_out_), fp(st.combined_), C, O));
+        return b.decode({f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y});
+      }));
+  TUTEL_RETURN_IF_ERROR(wait_collectives());
 
   float l_aux = 0.f;
   TUTEL_RETURN_IF_ERROR(b.copy(&l_aux, l_aux_.data(), 4, CopyKind::kDeviceToHost));
@@ -388,35 +447,51 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
                    idx = i32(saved.expert_index_, {S, k}), gates = f32(saved.gates_, {S, k}),
                    loc = i32(saved.location_, {S, k}), d_gates = f32(d_gates_, {S, k});
 
-  TUTEL_RETURN_IF_ERROR(b.decode_backward({dy, f32(saved.combined_, {E, C, O}), gates, idx, loc,
-                                           i32(saved.slots_, {E, C}), spec_.is_postscore,
-                                           f32(d_combined_, {E, C, O}), d_gates}));
-  TUTEL_RETURN_IF_ERROR(to_experts(fp(d_combined_), fp(d_expert_out_), C, O));
+  uint32_t dl_aux_bits = 0;
+  std::memcpy(&dl_aux_bits, &dl_aux, sizeof dl_aux_bits);
+  TUTEL_RETURN_IF_ERROR(run_phase(
+      [&] {
+        return phase_key(kBackwardPhase, saved, {uint64_t(S), uint64_t(C), dl_aux_bits},
+                         {dy.data(), dx.data()}, {&local, &local_grads});
+      },
+      [&]() -> Status {
+        TUTEL_RETURN_IF_ERROR(b.decode_backward({dy, f32(saved.combined_, {E, C, O}), gates, idx,
+                                                 loc, i32(saved.slots_, {E, C}),
+                                                 spec_.is_postscore, f32(d_combined_, {E, C, O}),
+                                                 d_gates}));
+        TUTEL_RETURN_IF_ERROR(to_experts(fp(d_combined_), fp(d_expert_out_), C, O));
 
-  ExpertWeights grads = local_experts(local_grads.experts);
-  const bool keep_pre = spec_.activation != Activation::kRelu;
-  TUTEL_RETURN_IF_ERROR(b.expert_backward(
-      {f32(saved.expert_in_, {El, R, M}), keep_pre ? f32(saved.pre_, {El, R, Hs}) : TensorView(),
-       f32(saved.hidden_, {El, R, Hs}), local_experts(local.experts), spec_.activation,
-       spec_.matmul_dtype, f32(d_expert_out_, {El, R, O}), f32(d_hidden_, {El, R, Hs}),
-       f32(d_expert_in_, {El, R, M}), grads, workspace()}));
-  if (s > 1 && spec_.has_fc2_bias) {
-    // This shard's bias columns: the gradient is the column sum of d_out over every slot.
-    const BiasColumns db = fc2_bias_columns(local_grads.experts.fc2_bias);
-    TUTEL_RETURN_IF_ERROR(b.add_column_sums(f32(d_expert_out_, {R, O}), db.column, db.values));
-  }
+        ExpertWeights grads = local_experts(local_grads.experts);
+        const bool keep_pre = spec_.activation != Activation::kRelu;
+        TUTEL_RETURN_IF_ERROR(b.expert_backward(
+            {f32(saved.expert_in_, {El, R, M}),
+             keep_pre ? f32(saved.pre_, {El, R, Hs}) : TensorView(),
+             f32(saved.hidden_, {El, R, Hs}), local_experts(local.experts), spec_.activation,
+             spec_.matmul_dtype, f32(d_expert_out_, {El, R, O}), f32(d_hidden_, {El, R, Hs}),
+             f32(d_expert_in_, {El, R, M}), grads, workspace()}));
+        if (s > 1 && spec_.has_fc2_bias) {
+          // This shard's bias columns: the gradient is the column sum of d_out over every slot.
+          const BiasColumns db = fc2_bias_columns(local_grads.experts.fc2_bias);
+          TUTEL_RETURN_IF_ERROR(
+              b.add_column_sums(f32(d_expert_out_, {R, O}), db.column, db.values));
+        }
 
-  // Each shard's d_dispatched is a partial sum over its H-slice: to_tokens adds them.
-  TUTEL_RETURN_IF_ERROR(to_tokens(fp(d_expert_in_), fp(d_dispatched_), C, M));
-  TUTEL_RETURN_IF_ERROR(b.encode_backward(
-      {f32(d_dispatched_, {E, C, M}), xv, gates, idx, loc, C, spec_.is_postscore, dx, d_gates}));
-  return b.gate_backward({xv, local.gate_weight, scores, idx, d_gates, dl_aux, spec_.normalize_gate,
-                          f32(d_logits_, {S, E}), dx, local_grads.gate_weight});
+        // Each shard's d_dispatched is a partial sum over its H-slice: to_tokens adds them.
+        TUTEL_RETURN_IF_ERROR(to_tokens(fp(d_expert_in_), fp(d_dispatched_), C, M));
+        TUTEL_RETURN_IF_ERROR(b.encode_backward({f32(d_dispatched_, {E, C, M}), xv, gates, idx, loc,
+                                                 C, spec_.is_postscore, dx, d_gates}));
+        return b.gate_backward({xv, local.gate_weight, scores, idx, d_gates, dl_aux,
+                                spec_.normalize_gate, f32(d_logits_, {S, E}), dx,
+                                local_grads.gate_weight});
+      }));
+  return wait_collectives();
 }
 
 Status ExpertParallelLayer::all_reduce_gate_grad(TensorView gate_grad) {
   TUTEL_RETURN_IF_ERROR(collective_ready());
-  return comm_->all_reduce(gate_grad.data_as<float>(), gate_grad.numel(), comm::ReduceOp::kSum);
+  TUTEL_RETURN_IF_ERROR(
+      comm_->all_reduce(gate_grad.data_as<float>(), gate_grad.numel(), comm::ReduceOp::kSum));
+  return wait_collectives();
 }
 
 }  // namespace tutel::graphs

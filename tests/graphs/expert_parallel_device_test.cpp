@@ -26,6 +26,7 @@
 #include "../kernels/bf16_copy_checks.hpp"
 #include "../kernels/layer_test_util.hpp"
 #include "expert_parallel_test_util.hpp"
+#include "graph_tape.hpp"
 #include "simulated_device.hpp"
 #include "tutel/comm/local_exchange.hpp"
 #include "tutel/comm/nccl.hpp"
@@ -190,14 +191,25 @@ struct LocalTensors {
   }
 };
 
-// The steps of one rank on `b`: two training forwards, an inference forward, the backwards in
-// reverse order, the gate gradient's all-reduce. Collective: every rank runs it at once.
+void append(std::vector<float>& to, const std::vector<float>& more) {
+  to.insert(to.end(), more.begin(), more.end());
+}
+
+// The steps of one rank on `b`, `rounds` times: two training forwards, an inference forward, the
+// backwards in reverse order; then the gate gradient's all-reduce. Every round's outputs are
+// kept, the gradients add up over the rounds. Collective: every rank runs it at once. With a
+// runner, the layer's phases run through it (and its collectives enqueue on the backend's queue).
 StepResults run_steps(Backend& b, comm::Communicator& comm, const DeviceCase& c,
                       const LayerSpec& spec, const HostLayerParams& whole,
                       const std::vector<std::vector<float>>& xs,
-                      const std::vector<std::vector<float>>& dys) {
+                      const std::vector<std::vector<float>>& dys, int rounds = 1,
+                      graphs::PhaseRunner* runner = nullptr) {
   StepResults out;
-  auto layer = ExpertParallelLayer::create(b, comm, spec, c.algo);
+  graphs::ExpertParallelOptions options;
+  options.algo = c.algo;
+  options.runner = runner;
+  options.comm_on_backend_queue = runner != nullptr;
+  auto layer = ExpertParallelLayer::create(b, comm, spec, options);
   if (!layer.ok()) {
     out.status = layer.status();
     return out;
@@ -205,33 +217,51 @@ StepResults run_steps(Backend& b, comm::Communicator& comm, const DeviceCase& c,
   const int64_t M = spec.model_dim, O = spec.out_dim();
   LocalTensors params(b, spec, layer->shard()), grads(b, spec, layer->shard());
   params.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
-  ExpertParallelLayer::Saved saved[kMicroBatches];
-  for (int m = 0; m < kMicroBatches; ++m) {
-    const int64_t S = static_cast<int64_t>(xs[m].size()) / M;
-    DeviceTensor x(b, DType::kF32, {S, M}), y(b, DType::kF32, {S, O});
-    x.upload(xs[m]);
-    out.status = layer->forward(params.weights(), x.view(), y.view(), &out.stats[m], &saved[m]);
-    if (!out.status.ok()) return out;
-    out.y[m] = y.download();
-    // The caller may reuse x's memory: backward must read the forward's own copy.
-    x.upload(std::vector<float>(S * M, 1e3f));
+  // Two sets of the step's tensors and saved states, taken in turns by the rounds: they stay in
+  // place, as the daemon's staging buffers do, so later rounds may replay graphs of earlier ones,
+  // and the turns make sure a graph never runs on another set's addresses.
+  constexpr int kSets = 2;
+  ExpertParallelLayer::Saved saved_sets[kSets][kMicroBatches];
+  std::vector<std::unique_ptr<DeviceTensor>> x_sets[kSets], y_sets[kSets], dy_sets[kSets],
+      dx_sets[kSets], x_inference_sets, y_inference_sets;
+  const int64_t S0 = static_cast<int64_t>(xs[0].size()) / M;
+  for (int set = 0; set < kSets; ++set) {
+    for (int m = 0; m < kMicroBatches; ++m) {
+      const int64_t S = static_cast<int64_t>(xs[m].size()) / M;
+      x_sets[set].push_back(std::make_unique<DeviceTensor>(b, DType::kF32, Shape{S, M}));
+      y_sets[set].push_back(std::make_unique<DeviceTensor>(b, DType::kF32, Shape{S, O}));
+      dy_sets[set].push_back(std::make_unique<DeviceTensor>(b, DType::kF32, Shape{S, O}));
+      dx_sets[set].push_back(std::make_unique<DeviceTensor>(b, DType::kF32, Shape{S, M}));
+    }
+    x_inference_sets.push_back(std::make_unique<DeviceTensor>(b, DType::kF32, Shape{S0, M}));
+    y_inference_sets.push_back(std::make_unique<DeviceTensor>(b, DType::kF32, Shape{S0, O}));
   }
-  {
-    const int64_t S = static_cast<int64_t>(xs[0].size()) / M;
-    DeviceTensor x(b, DType::kF32, {S, M}), y(b, DType::kF32, {S, O});
-    x.upload(xs[0]);
-    out.status = layer->forward(params.weights(), x.view(), y.view(), nullptr);
+  for (int round = 0; round < rounds; ++round) {
+    const int set = round % kSets;
+    auto &x = x_sets[set], &y = y_sets[set], &dy = dy_sets[set], &dx = dx_sets[set];
+    ExpertParallelLayer::Saved* saved = saved_sets[set];
+    DeviceTensor &x_inference = *x_inference_sets[set], &y_inference = *y_inference_sets[set];
+    for (int m = 0; m < kMicroBatches; ++m) {
+      const int64_t S = static_cast<int64_t>(xs[m].size()) / M;
+      x[m]->upload(xs[m]);
+      out.status =
+          layer->forward(params.weights(), x[m]->view(), y[m]->view(), &out.stats[m], &saved[m]);
+      if (!out.status.ok()) return out;
+      append(out.y[m], y[m]->download());
+      // The caller may reuse x's memory: backward must read the forward's own copy.
+      x[m]->upload(std::vector<float>(S * M, 1e3f));
+    }
+    x_inference.upload(xs[0]);
+    out.status = layer->forward(params.weights(), x_inference.view(), y_inference.view(), nullptr);
     if (!out.status.ok()) return out;
-    out.y_inference = y.download();
-  }
-  for (int m = kMicroBatches - 1; m >= 0; --m) {
-    const int64_t S = static_cast<int64_t>(xs[m].size()) / M;
-    DeviceTensor dy(b, DType::kF32, {S, O}), dx(b, DType::kF32, {S, M});
-    dy.upload(dys[m]);
-    out.status = layer->backward(params.weights(), dy.view(), 0.25f * (m + 1), dx.view(),
-                                 grads.weights(), saved[m]);
-    if (!out.status.ok()) return out;
-    out.dx[m] = dx.download();
+    append(out.y_inference, y_inference.download());
+    for (int m = kMicroBatches - 1; m >= 0; --m) {
+      dy[m]->upload(dys[m]);
+      out.status = layer->backward(params.weights(), dy[m]->view(), 0.25f * (m + 1),
+                                   dx[m]->view(), grads.weights(), saved[m]);
+      if (!out.status.ok()) return out;
+      append(out.dx[m], dx[m]->download());
+    }
   }
   out.status = layer->all_reduce_gate_grad(grads.gate.view());
   if (!out.status.ok()) return out;
@@ -243,10 +273,15 @@ StepResults run_steps(Backend& b, comm::Communicator& comm, const DeviceCase& c,
   return out;
 }
 
-class ExpertParallelOnDevice : public ::testing::TestWithParam<DeviceCase> {};
+// How the device run of a case goes: op by op, or with its phases captured as graphs.
+enum class DeviceRun { kOpByOp, kGraphs };
 
-TEST_P(ExpertParallelOnDevice, MatchesTheCpuBackendBitForBitWithoutTouchingDeviceMemory) {
-  const DeviceCase& c = GetParam();
+// With graphs every run makes eight rounds, four on each set of tensors (run_steps): the first
+// two grow the buffers (moving the epoch), then each set's phases run op by op, are captured,
+// and are launched from what was captured.
+constexpr int kGraphRounds = 8;
+
+void run_case(const DeviceCase& c, DeviceRun how) {
   ::setenv("UCX_NET_DEVICES", "lo", 1);
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
@@ -282,7 +317,10 @@ TEST_P(ExpertParallelOnDevice, MatchesTheCpuBackendBitForBitWithoutTouchingDevic
     StepResults cpu, device;
     std::vector<std::string> violations;
     graphs::ExpertShard shard;
+    graphs::PhaseRunnerStats graphs;
+    int64_t recorded_ops = 0, waits = 0;
   };
+  const int rounds = how == DeviceRun::kGraphs ? kGraphRounds : 1;
   std::vector<RankResult> results(W);
   std::shared_ptr<comm::LocalExchange> exchange;
   if (c.local_exchange) exchange = std::make_shared<comm::LocalExchange>();
@@ -299,14 +337,27 @@ TEST_P(ExpertParallelOnDevice, MatchesTheCpuBackendBitForBitWithoutTouchingDevic
       auto inner = make_backend("cpu", {.threads = 1});
       if (!cpu.ok() || !inner.ok())
         return void(out.status = cpu.ok() ? inner.status() : cpu.status());
-      out.cpu = run_steps(**cpu, **comm, c, spec, whole, xs[r], dys[r]);
+      out.cpu = run_steps(**cpu, **comm, c, spec, whole, xs[r], dys[r], rounds);
       // Both runs are collectives: a rank whose CPU run failed still joins the device run, so
       // that no peer waits for it until the timeout.
       SimulatedDevice device(std::move(inner).value());
       device.guard_host_access();
       DeviceCollectives device_comm(**comm, device);
-      out.device = run_steps(device, device_comm, c, spec, whole, xs[r], dys[r]);
-      out.violations = device.violations();
+      if (how == DeviceRun::kOpByOp) {
+        out.device = run_steps(device, device_comm, c, spec, whole, xs[r], dys[r]);
+      } else {
+        Tape tape;
+        TapeBackend tape_backend(device, tape);
+        TapeCollectives tape_comm(device_comm, tape);
+        graphs::GraphPhaseRunner runner(std::make_unique<TapeCapture>(tape));
+        out.device = run_steps(tape_backend, tape_comm, c, spec, whole, xs[r], dys[r], rounds,
+                               &runner);
+        out.graphs = runner.stats();
+        out.recorded_ops = tape.recorded_ops();
+        out.waits = tape_comm.waits();
+        for (const std::string& v : tape.violations()) out.violations.push_back(v);
+      }
+      for (const std::string& v : device.violations()) out.violations.push_back(v);
       auto shard = graphs::expert_shard(spec, W, r);
       if (shard.ok()) out.shard = *shard;
       out.status = (*comm)->barrier();  // every rank is done before any destroys its endpoint
@@ -322,6 +373,17 @@ TEST_P(ExpertParallelOnDevice, MatchesTheCpuBackendBitForBitWithoutTouchingDevic
     for (const std::string& v : got.violations) ADD_FAILURE() << "device violation: " << v;
     ASSERT_TRUE(got.device.status.ok()) << "simulated device: " << got.device.status;
     const StepResults &want = got.cpu, &dev = got.device;
+    if (how == DeviceRun::kGraphs) {
+      // Two phases per forward (route, experts) and one per backward, a key of their own per set
+      // once the buffers stopped growing: each is captured exactly once (the next time after it
+      // ran op by op) and launched then and every later time, the set's last round included.
+      const uint64_t phases = 2 * (kMicroBatches + 1) + kMicroBatches;
+      EXPECT_EQ(got.graphs.captures, 2 * phases);
+      EXPECT_GE(got.graphs.launches, 2 * got.graphs.captures);
+      EXPECT_EQ(got.graphs.evictions, 0u);
+      EXPECT_GT(got.recorded_ops, 0);
+      EXPECT_GT(got.waits, 0);  // the host waited for the enqueued collectives
+    }
     for (int m = 0; m < kMicroBatches; ++m) {
       SCOPED_TRACE("micro-batch " + std::to_string(m));
       EXPECT_GT(want.stats[m].capacity, 0);
@@ -345,6 +407,21 @@ TEST_P(ExpertParallelOnDevice, MatchesTheCpuBackendBitForBitWithoutTouchingDevic
         EXPECT_EQ(want.d_b2[col] != 0.f, o0 + col < O) << "d_fc2_b[" << col << "]";
     }
   }
+}
+
+class ExpertParallelOnDevice : public ::testing::TestWithParam<DeviceCase> {};
+
+TEST_P(ExpertParallelOnDevice, MatchesTheCpuBackendBitForBitWithoutTouchingDeviceMemory) {
+  run_case(GetParam(), DeviceRun::kOpByOp);
+}
+
+// The phases captured as graphs, the collectives inside them (graph_tape.hpp: a capture records
+// the device's ops and the collectives without running them, a launch replays them with the
+// addresses they were recorded with): every round's outputs equal the CPU backend's op-by-op
+// run bit for bit, nothing a capture may not contain happened inside one, and the later rounds
+// ran on captured graphs.
+TEST_P(ExpertParallelOnDevice, GraphsOfThePhasesMatchOpByOpBitForBit) {
+  run_case(GetParam(), DeviceRun::kGraphs);
 }
 
 INSTANTIATE_TEST_SUITE_P(Groups, ExpertParallelOnDevice, ::testing::ValuesIn(device_cases()),

@@ -85,6 +85,12 @@ class Communicator {
   // For capacities and token counts (typically kMax).
   virtual Status all_reduce(int64_t* data, size_t count, ReduceOp op) = 0;
   virtual Status barrier() = 0;
+  // Waits, within the collective timeout, for the work of collectives that returned once it was
+  // enqueued: an NCCL communicator made with NcclOptions::synchronize = false (whose collectives
+  // may also run inside a CUDA graph launched on its stream), with everything queued before it
+  // on that stream. A timeout aborts the communicator, as a collective's would. Communicators
+  // whose collectives are done when they return have nothing to wait for.
+  virtual Status wait_enqueued() { return Status::OK(); }
 
   // Collective over this group: a new communicator over the ranks that passed the same
   // `color`, ordered by `key` (ties by rank here), as MPI_Comm_split. color == kNoColor

@@ -27,8 +27,20 @@
 // memory only); the few scalars the group agrees on (the capacity's inputs) make a round trip
 // through a small buffer of the backend's memory for that reason. Each collective starts after
 // Backend::synchronize(), so a communicator on a queue of its own still reads what the
-// backend's ops wrote; it must be done when it returns (NcclOptions::synchronize). The host
-// reads the expert counts every forward, so a forward cannot be captured into a CUDA graph.
+// backend's ops wrote; it must be done when it returns (NcclOptions::synchronize).
+//
+// Graphs: a step runs as phases through a PhaseRunner (phase_runner.hpp): route (gate,
+// locations), experts (slot map, encode, the dispatch all-to-all, the expert FFNs, the combine
+// all-to-all, decode) and backward (all of it, both all-to-alls included). Between route and
+// experts the host reads the expert counts and the group agrees on the capacity, so a forward is
+// two graphs around one small collective; a backward is one graph. With a capturing runner (CUDA
+// graphs) the communicator must enqueue on the backend's queue and return (NCCL on the backend's
+// stream, NcclOptions::synchronize = false, ExpertParallelOptions::comm_on_backend_queue): the
+// NCCL calls are then captured inside the graphs, and the layer waits for them with
+// Communicator::wait_enqueued (bounded by the collective timeout) where the host needs results.
+// Each phase's key holds its sizes, scalars and every address it touches, with an epoch that
+// moves whenever a buffer of the layer or of a Saved is reallocated, so no graph runs with
+// stale addresses.
 //
 // Thread-safety: one thread at a time per object, and per Saved (a Saved is only touched inside
 // the forward or backward it is passed to).
@@ -38,6 +50,7 @@
 #include <vector>
 
 #include "tutel/comm/communicator.hpp"
+#include "tutel/graphs/phase_runner.hpp"
 #include "tutel/kernels/backend.hpp"
 #include "tutel/kernels/moe_layer.hpp"
 
@@ -72,6 +85,20 @@ struct HostLayerParams {
 HostLayerParams slice_for_rank(const LayerSpec& spec, const ExpertShard& shard,
                                const HostLayerParams& whole);
 
+struct ExpertParallelOptions {
+  // Runs every all-to-all of the layer (forward dispatch and combine, and their backward); k2DH
+  // needs comm.local_size() to divide comm.size().
+  comm::AllToAllAlgo algo = comm::AllToAllAlgo::kLinear;
+  // Runs the step's phases, e.g. as CUDA graphs (make_phase_runner). Not owned: it must outlive
+  // the layer and be used by no other. Null: op by op.
+  PhaseRunner* runner = nullptr;
+  // The communicator enqueues its collectives on the backend's queue and returns without waiting
+  // (NCCL on the backend's stream, NcclOptions::synchronize = false): queue order replaces the
+  // wait for the backend before each collective, and the layer calls comm.wait_enqueued() where
+  // the host needs a result. Required by a runner that captures.
+  bool comm_on_backend_queue = false;
+};
+
 class ExpertParallelLayer {
  public:
   // The spec is the global layer; the group is `comm` (its rank and size define the shard),
@@ -83,6 +110,9 @@ class ExpertParallelLayer {
   static Result<ExpertParallelLayer> create(Backend& backend, comm::Communicator& comm,
                                             const LayerSpec& spec,
                                             comm::AllToAllAlgo algo = comm::AllToAllAlgo::kLinear);
+  static Result<ExpertParallelLayer> create(Backend& backend, comm::Communicator& comm,
+                                            const LayerSpec& spec,
+                                            const ExpertParallelOptions& options);
 
   const ExpertShard& shard() const { return shard_; }
   const LayerSpec& spec() const { return spec_; }
@@ -140,9 +170,21 @@ class ExpertParallelLayer {
 
  private:
   ExpertParallelLayer(Backend& b, comm::Communicator& c, LayerSpec spec, ExpertShard shard,
-                      comm::AllToAllAlgo algo)
-      : backend_(&b), comm_(&c), spec_(spec), shard_(shard), algo_(algo) {}
+                      const ExpertParallelOptions& options)
+      : backend_(&b), comm_(&c), spec_(spec), shard_(shard), algo_(options.algo),
+        runner_(options.runner), comm_on_backend_queue_(options.comm_on_backend_queue) {}
+  // Grows `buf` to `bytes` (contents not kept); a reallocation moves the epoch.
   Status grow(DeviceBuffer& buf, size_t bytes);
+  enum Phase : int { kRoutePhase = 1, kExpertsPhase, kBackwardPhase };
+  // The key of a phase: its sizes and scalars (`words`), the buffers' epoch and the backend's
+  // scratch, the Saved it works on, and every address the caller passed.
+  PhaseKey phase_key(Phase phase, const Saved& st, std::initializer_list<uint64_t> words,
+                     std::initializer_list<const void*> io,
+                     std::initializer_list<const LayerWeights*> weights) const;
+  // Runs a phase's ops through the runner (directly without one); the key is built only then.
+  Status run_phase(const std::function<PhaseKey()>& key, const std::function<Status()>& ops);
+  // Waits for collectives that return once enqueued (comm_on_backend_queue).
+  Status wait_collectives();
   TensorView f32(const DeviceBuffer& buf, Shape shape) const;
   TensorView i32(const DeviceBuffer& buf, Shape shape) const;
   TensorView workspace() const;  // workspace_, all of it, as u8
@@ -171,6 +213,9 @@ class ExpertParallelLayer {
   LayerSpec spec_;
   ExpertShard shard_;
   comm::AllToAllAlgo algo_;
+  PhaseRunner* runner_;
+  bool comm_on_backend_queue_;
+  uint64_t epoch_ = 0;  // moves whenever grow() reallocates a buffer (the layer's or a Saved's)
 
   // Scratch: no call leaves anything in these that a later call reads.
   Saved inference_;  // an inference forward's routing and activations

@@ -1,0 +1,204 @@
+// A graph capture without a GPU: while a Tape records, the ops of a TapeBackend and the
+// collectives of a TapeCollectives are appended to it instead of run, as a CUDA stream capture
+// records kernels and NCCL calls without running them; launching the captured tape runs them
+// with the arguments they were recorded with, as a graph replays its baked addresses. What a
+// capture must not contain is refused and kept as a violation: an allocation, a wait for the
+// device or for a collective, a copy to or from the host (CUDA refuses these while capturing, or
+// they would be baked into the graph as stale host work).
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tutel/comm/communicator.hpp"
+#include "tutel/graphs/phase_runner.hpp"
+#include "tutel/kernels/backend.hpp"
+
+namespace tutel::testing {
+
+class Tape {
+ public:
+  bool recording() const { return recording_; }
+  const std::vector<std::string>& violations() const { return violations_; }
+  int64_t recorded_ops() const { return recorded_ops_; }
+
+  // Runs `op`, or records it while recording.
+  Status run_or_record(std::function<Status()> op) {
+    if (!recording_) return op();
+    ops_.push_back(std::move(op));
+    ++recorded_ops_;
+    return Status::OK();
+  }
+  // `what` may not happen inside a capture.
+  Status forbid(const std::string& what) {
+    if (!recording_) return Status::OK();
+    violations_.push_back(what + " while capturing");
+    return Status::Internal(what + " is not allowed while capturing a graph");
+  }
+
+  void begin() {
+    recording_ = true;
+    ops_.clear();
+  }
+  std::vector<std::function<Status()>> end() {
+    recording_ = false;
+    return std::exchange(ops_, {});
+  }
+
+ private:
+  bool recording_ = false;
+  std::vector<std::function<Status()>> ops_;
+  std::vector<std::string> violations_;
+  int64_t recorded_ops_ = 0;
+};
+
+class TapeGraph final : public graphs::CapturedGraph {
+ public:
+  explicit TapeGraph(std::vector<std::function<Status()>> ops) : ops_(std::move(ops)) {}
+  Status launch() override {
+    for (auto& op : ops_) TUTEL_RETURN_IF_ERROR(op());
+    return Status::OK();
+  }
+
+ private:
+  std::vector<std::function<Status()>> ops_;
+};
+
+class TapeCapture final : public graphs::GraphCapture {
+ public:
+  explicit TapeCapture(Tape& tape) : tape_(tape) {}
+  Status begin() override {
+    if (tape_.recording()) return Status::Internal("a capture is already recording");
+    tape_.begin();
+    return Status::OK();
+  }
+  Result<std::unique_ptr<graphs::CapturedGraph>> end() override {
+    return std::unique_ptr<graphs::CapturedGraph>(new TapeGraph(tape_.end()));
+  }
+
+ private:
+  Tape& tape_;
+};
+
+// The backend's queue, recordable.
+class TapeBackend final : public Backend {
+ public:
+  TapeBackend(Backend& inner, Tape& tape) : inner_(inner), tape_(tape) {}
+
+  std::string_view name() const override { return inner_.name(); }
+  Device device() const override { return inner_.device(); }
+  Result<DeviceBuffer> allocate(size_t bytes) override {
+    TUTEL_RETURN_IF_ERROR(tape_.forbid("allocate(" + std::to_string(bytes) + ")"));
+    return inner_.allocate(bytes);  // the inner backend owns and frees it
+  }
+  void release(void* data, size_t bytes) override {
+    (void)tape_.forbid("release");
+    inner_.release(data, bytes);
+  }
+  Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override {
+    if (kind != CopyKind::kDeviceToDevice)
+      TUTEL_RETURN_IF_ERROR(tape_.forbid("a copy to or from the host"));
+    return tape_.run_or_record([=, this] { return inner_.copy(dst, src, bytes, kind); });
+  }
+  Status synchronize() override {
+    TUTEL_RETURN_IF_ERROR(tape_.forbid("synchronize()"));
+    return inner_.synchronize();
+  }
+  size_t expert_workspace_bytes(const ExpertShape& s, DType d) const override {
+    return inner_.expert_workspace_bytes(s, d);
+  }
+  Status fill_zero(TensorView t) override {
+    return tape_.run_or_record([=, this] { return inner_.fill_zero(t); });
+  }
+  Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override {
+    return tape_.run_or_record([=, this] { return inner_.gate_noise(seed, counter, scale, out); });
+  }
+#define TUTEL_TAPE_OP(method, Args) \
+  Status method(const Args& a) override { \
+    return tape_.run_or_record([a, this] { return inner_.method(a); }); \
+  }
+  TUTEL_TAPE_OP(gate_forward, GateForwardArgs)
+  TUTEL_TAPE_OP(locations, LocationsArgs)
+  TUTEL_TAPE_OP(slot_map, SlotMapArgs)
+  TUTEL_TAPE_OP(encode, EncodeArgs)
+  TUTEL_TAPE_OP(decode, DecodeArgs)
+  TUTEL_TAPE_OP(expert_forward, ExpertForwardArgs)
+  TUTEL_TAPE_OP(expert_backward, ExpertBackwardArgs)
+  TUTEL_TAPE_OP(decode_backward, DecodeBackwardArgs)
+  TUTEL_TAPE_OP(encode_backward, EncodeBackwardArgs)
+  TUTEL_TAPE_OP(gate_backward, GateBackwardArgs)
+  TUTEL_TAPE_OP(sgd_step, SgdArgs)
+  TUTEL_TAPE_OP(adamw_step, AdamWArgs)
+#undef TUTEL_TAPE_OP
+  Status convert(TensorView src, TensorView dst) override {
+    return tape_.run_or_record([=, this] { return inner_.convert(src, dst); });
+  }
+  Status add(TensorView dst, TensorView src) override {
+    return tape_.run_or_record([=, this] { return inner_.add(dst, src); });
+  }
+  Status add_row_bias(TensorView out, TensorView bias, int64_t column) override {
+    return tape_.run_or_record([=, this] { return inner_.add_row_bias(out, bias, column); });
+  }
+  Status add_column_sums(TensorView src, int64_t column, TensorView dst) override {
+    return tape_.run_or_record([=, this] { return inner_.add_column_sums(src, column, dst); });
+  }
+  uint64_t scratch_epoch() const override { return inner_.scratch_epoch(); }
+
+ private:
+  Backend& inner_;
+  Tape& tape_;
+};
+
+// Collectives that enqueue on the backend's queue (the tape's order) and return, as NCCL's on
+// the backend's stream with NcclOptions::synchronize = false.
+class TapeCollectives final : public comm::Communicator {
+ public:
+  TapeCollectives(comm::Communicator& inner, Tape& tape) : inner_(inner), tape_(tape) {}
+
+  int rank() const override { return inner_.rank(); }
+  int size() const override { return inner_.size(); }
+  int local_size() const override { return inner_.local_size(); }
+  Status all_to_all(const void* send, void* recv, size_t chunk_bytes,
+                    comm::AllToAllAlgo algo) override {
+    return tape_.run_or_record(
+        [=, this] { return inner_.all_to_all(send, recv, chunk_bytes, algo); });
+  }
+  Status all_gather(const void* send, void* recv, size_t bytes_per_rank) override {
+    return tape_.run_or_record([=, this] { return inner_.all_gather(send, recv, bytes_per_rank); });
+  }
+  Status reduce_scatter(const float* send, float* recv, size_t count_per_rank,
+                        comm::ReduceOp op) override {
+    return tape_.run_or_record(
+        [=, this] { return inner_.reduce_scatter(send, recv, count_per_rank, op); });
+  }
+  Status all_reduce(float* data, size_t count, comm::ReduceOp op) override {
+    return tape_.run_or_record([=, this] { return inner_.all_reduce(data, count, op); });
+  }
+  Status all_reduce(int64_t* data, size_t count, comm::ReduceOp op) override {
+    return tape_.run_or_record([=, this] { return inner_.all_reduce(data, count, op); });
+  }
+  Status barrier() override {
+    TUTEL_RETURN_IF_ERROR(tape_.forbid("barrier()"));
+    return inner_.barrier();
+  }
+  Status wait_enqueued() override {
+    TUTEL_RETURN_IF_ERROR(tape_.forbid("wait_enqueued()"));
+    ++waits_;
+    return Status::OK();
+  }
+  Result<std::unique_ptr<Communicator>> split(int, int) override {
+    return Status::Unimplemented("not needed by the layer");
+  }
+  std::vector<comm::PeerStatus> peers() const override { return inner_.peers(); }
+  int64_t waits() const { return waits_; }
+
+ private:
+  comm::Communicator& inner_;
+  Tape& tape_;
+  int64_t waits_ = 0;
+};
+
+}  // namespace tutel::testing

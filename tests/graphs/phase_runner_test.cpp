@@ -1,0 +1,149 @@
+// GraphPhaseRunner's policy with a capture that only counts: a key runs op by op the first time,
+// is captured the second and launched from then on; the least recently used graph goes when the
+// runner is full; a phase that fails while being captured ends the capture, keeps nothing and
+// is captured again next time. (The capture itself: graph_tape.hpp on the CPU, CUDA graphs in
+// graphs/cuda/cuda_graph_capture.cpp.)
+#include "tutel/graphs/phase_runner.hpp"
+
+#include <gtest/gtest.h>
+
+#include <memory>
+
+namespace tutel::graphs {
+namespace {
+
+struct Counts {
+  int begins = 0, ends = 0, launches = 0;
+  bool capturing = false;
+};
+
+class CountingGraph final : public CapturedGraph {
+ public:
+  CountingGraph(Counts& c, int id) : c_(c), id_(id) {}
+  Status launch() override {
+    ++c_.launches;
+    last_launched = id_;
+    return Status::OK();
+  }
+  static inline int last_launched = -1;
+
+ private:
+  Counts& c_;
+  int id_;
+};
+
+class CountingCapture final : public GraphCapture {
+ public:
+  explicit CountingCapture(Counts& c) : c_(c) {}
+  Status begin() override {
+    ++c_.begins;
+    c_.capturing = true;
+    return Status::OK();
+  }
+  Result<std::unique_ptr<CapturedGraph>> end() override {
+    ++c_.ends;
+    c_.capturing = false;
+    return std::unique_ptr<CapturedGraph>(new CountingGraph(c_, c_.ends));
+  }
+
+ private:
+  Counts& c_;
+};
+
+PhaseKey key(int phase, uint64_t word) {
+  PhaseKey k;
+  k.phase = phase;
+  k.add(word);
+  return k;
+}
+
+TEST(GraphPhaseRunner, RunsOnceThenCapturesThenLaunches) {
+  Counts c;
+  GraphPhaseRunner runner(std::make_unique<CountingCapture>(c), 2);
+  EXPECT_TRUE(runner.captures());
+  int ran = 0, ran_capturing = 0;
+  auto ops = [&] {
+    ++ran;
+    ran_capturing += c.capturing ? 1 : 0;
+    return Status::OK();
+  };
+  ASSERT_TRUE(runner.run(key(1, 7), ops).ok());  // op by op
+  EXPECT_EQ(ran, 1);
+  EXPECT_EQ(ran_capturing, 0);
+  EXPECT_EQ(c.begins, 0);
+  ASSERT_TRUE(runner.run(key(1, 7), ops).ok());  // captured and launched
+  EXPECT_EQ(ran_capturing, 1);
+  EXPECT_EQ(c.launches, 1);
+  ASSERT_TRUE(runner.run(key(1, 7), ops).ok());  // launched, the ops not called
+  EXPECT_EQ(ran, 2);
+  EXPECT_EQ(c.launches, 2);
+  // Another word or another phase is another key.
+  ASSERT_TRUE(runner.run(key(1, 8), ops).ok());
+  ASSERT_TRUE(runner.run(key(2, 7), ops).ok());
+  EXPECT_EQ(ran, 4);
+  EXPECT_EQ(c.launches, 2);
+  const PhaseRunnerStats& s = runner.stats();
+  EXPECT_EQ(s.eager_runs, 3u);
+  EXPECT_EQ(s.captures, 1u);
+  EXPECT_EQ(s.launches, 2u);
+}
+
+TEST(GraphPhaseRunner, KeepsTheMostRecentlyUsedGraphs) {
+  Counts c;
+  GraphPhaseRunner runner(std::make_unique<CountingCapture>(c), 2);
+  auto ops = [] { return Status::OK(); };
+  for (uint64_t w : {1, 2, 3})
+    for (int twice = 0; twice < 2; ++twice) ASSERT_TRUE(runner.run(key(1, w), ops).ok());
+  // Graphs of 1, 2, 3 captured in that order; 1 went for 3.
+  EXPECT_EQ(runner.graphs(), 2u);
+  EXPECT_EQ(runner.stats().evictions, 1u);
+  ASSERT_TRUE(runner.run(key(1, 2), ops).ok());  // launched: 2 is now the most recent
+  EXPECT_EQ(CountingGraph::last_launched, 2);
+  ASSERT_TRUE(runner.run(key(1, 1), ops).ok());  // gone: op by op again
+  EXPECT_EQ(runner.stats().captures, 3u);
+  ASSERT_TRUE(runner.run(key(1, 1), ops).ok());  // captured again, in place of 3
+  EXPECT_EQ(runner.stats().captures, 4u);
+  EXPECT_EQ(runner.stats().evictions, 2u);
+  ASSERT_TRUE(runner.run(key(1, 2), ops).ok());
+  EXPECT_EQ(CountingGraph::last_launched, 2);  // 2 stayed
+}
+
+TEST(GraphPhaseRunner, AFailedCaptureEndsItAndKeepsNothing) {
+  Counts c;
+  GraphPhaseRunner runner(std::make_unique<CountingCapture>(c));
+  bool fail = false;
+  auto ops = [&] { return fail ? Status::Internal("an op failed") : Status::OK(); };
+  ASSERT_TRUE(runner.run(key(3, 1), ops).ok());
+  fail = true;
+  const Status st = runner.run(key(3, 1), ops);
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(std::string(st.message()).find("capturing a graph of the step: an op failed"),
+            std::string::npos)
+      << st;
+  EXPECT_EQ(c.begins, 1);
+  EXPECT_EQ(c.ends, 1);  // the capture was ended
+  EXPECT_FALSE(c.capturing);
+  EXPECT_EQ(runner.graphs(), 0u);
+  EXPECT_EQ(c.launches, 0);
+  fail = false;
+  ASSERT_TRUE(runner.run(key(3, 1), ops).ok());  // seen again from scratch: op by op
+  ASSERT_TRUE(runner.run(key(3, 1), ops).ok());  // then captured
+  EXPECT_EQ(runner.graphs(), 1u);
+  EXPECT_EQ(c.launches, 1);
+}
+
+TEST(EagerPhaseRunner, RunsEveryPhaseOpByOp) {
+  EagerPhaseRunner runner;
+  EXPECT_FALSE(runner.captures());
+  int ran = 0;
+  for (int i = 0; i < 3; ++i)
+    ASSERT_TRUE(runner.run(key(1, 1), [&] {
+                        ++ran;
+                        return Status::OK();
+                      }).ok());
+  EXPECT_EQ(ran, 3);
+  EXPECT_EQ(runner.stats().eager_runs, 3u);
+}
+
+}  // namespace
+}  // namespace tutel::graphs
