@@ -4,9 +4,11 @@
 #   1. nvidia-smi,
 #   2. the CUDA op tests (cuda_backend_test without the layer parity suites),
 #   3. the CPU-vs-GPU layer parity tests (CudaLayerParity*, CudaLayerDeterminism*), and the
-#      daemon's data path on the GPU (served_layer_device_test *OnCuda*: host arena staging;
-#      device_region_cuda_test: a client's CUDA IPC region used in place), and the
-#      expert-parallel layer on the CUDA backend over NCCL (expert_parallel_device_test *OnCuda*),
+#      CUDA-graph plans against eager steps (graphs_tests *Cuda*), the daemon's data path on the
+#      GPU (served_layer_device_test *OnCuda*: a local layer's CUDA-graph plans fed from a host
+#      arena; device_region_cuda_test: a client's CUDA IPC region used in place), and the
+#      expert-parallel layer on the CUDA backend over NCCL, op by op and as CUDA graphs with the
+#      NCCL calls inside (expert_parallel_device_test *OnCuda*),
 #   4. tutel-bench layer --backend cuda --graph: the large and gpu shapes next to their cuBLAS
 #      and copy-bandwidth floors, then eager launch vs CUDA-graph replay at S=128 (at most 180 s;
 #      the tests leave TUTEL_GPU_BENCH_RESERVE_S of the budget for it), then tutel-bench layer
@@ -132,7 +134,7 @@ fi
 built=0
 if [ $configured = 1 ]; then
   say "build"
-  targets=(cuda_backend_test served_layer_device_test device_region_cuda_test expert_parallel_device_test)
+  targets=(cuda_backend_test graphs_tests served_layer_device_test device_region_cuda_test expert_parallel_device_test)
   [ "$bench_option" = ON ] && targets+=(tutel_bench)
   build_start=$(date +%s)
   # Leave at least three minutes for the tests and the benchmark.
@@ -208,12 +210,15 @@ run_gtest() {
 
 run_gtest "cuda-op-tests" '-*CudaLayerParity*:*CudaLayerDeterminism*' 150
 run_gtest "layer-parity" '*CudaLayerParity*:*CudaLayerDeterminism*' 200
+# CUDA-graph plans (capture, replay, exec update) against eager steps, bit for bit.
+run_gtest "graph-plans" '*Cuda*' 90 graphs_tests
 # The daemon's data path on the GPU: a client's host arena staged through device memory.
 run_gtest "daemon-staging" '*OnCuda*' 60 served_layer_device_test
 # Zero-copy submission: a client maps a CUDA IPC region of a GPU daemon and submits in place.
 run_gtest "device-region" '*OnCuda*' 60 device_region_cuda_test
-# The expert-parallel layer on the CUDA backend over NCCL (one rank: one GPU here).
-run_gtest "ep-nccl" '*OnCuda*' 60 expert_parallel_device_test
+# The expert-parallel layer on the CUDA backend over NCCL (one rank: one GPU here), op by op and
+# as CUDA graphs with the NCCL calls captured inside.
+run_gtest "ep-nccl" '*OnCuda*' 90 expert_parallel_device_test
 
 # ---- 5. benchmark (not a test: its verdicts are reported, never fatal) ----------------------
 # Exit codes of tutel-bench layer: 0 measured, 3 no usable CUDA device (or a build without

@@ -103,17 +103,25 @@ Status ServedLayer::join_group() {
   o.collective_timeout = g.collective_timeout;
   o.local_exchange = rank_.local_exchange;
   TUTEL_ASSIGN_OR_RETURN(group->host_comm, comm::ucx_bootstrap(o));
+  graphs::ExpertParallelOptions options;
+  options.algo = g.all_to_all;
   if (on_gpu) {
     comm::NcclOptions nccl;
     nccl.device = rank_.options.device_index;
     nccl.stream = group->backend->native_stream();
+    // The collectives only enqueue on the backend's stream, so that the layer's phases run as
+    // CUDA graphs with the NCCL calls inside; the layer waits for them (wait_enqueued, bounded by
+    // the collective timeout) where the host needs a result.
+    nccl.synchronize = false;
     // Rank 0's unique id travels over the UCX group, which then keeps watching the peers.
     TUTEL_ASSIGN_OR_RETURN(group->device_comm, comm::nccl_from_host(*group->host_comm, nccl, g.collective_timeout));
+    group->runner = graphs::make_phase_runner(*group->backend);
+    options.runner = group->runner.get();
+    options.comm_on_backend_queue = true;
   }
   // Its saved state and workspaces are allocated through `activations`, and so charged.
   TUTEL_ASSIGN_OR_RETURN(graphs::ExpertParallelLayer ep,
-                         graphs::ExpertParallelLayer::create(*group->activations, group->comm(), def_.spec,
-                                                             g.all_to_all));
+                         graphs::ExpertParallelLayer::create(*group->activations, group->comm(), def_.spec, options));
   group->layer.emplace(std::move(ep));
   group_ = std::move(group);
   return Status::OK();

@@ -169,6 +169,8 @@ class ServedLayer {
     std::unique_ptr<comm::Communicator> host_comm;
     // On a GPU rank, NCCL over device memory (made through host_comm); null otherwise.
     std::unique_ptr<comm::Communicator> device_comm;
+    // On a GPU rank, the CUDA graphs of the layer's phases (NCCL inside); null otherwise.
+    std::unique_ptr<graphs::PhaseRunner> runner;
     std::optional<graphs::ExpertParallelLayer> layer;
     // The communicator the layer's collectives use.
     comm::Communicator& comm() { return device_comm ? *device_comm : *host_comm; }

@@ -437,9 +437,10 @@ INSTANTIATE_TEST_SUITE_P(Groups, ExpertParallelOnDevice, ::testing::ValuesIn(dev
 // the all-to-alls and the gate gradient's all-reduce through NCCL). Tolerances as the CUDA
 // layer parity: forward rtol 1e-4 / atol 1e-5, gradients rtol 1e-3 / atol 1e-4; capacity and
 // dropped counts exactly (inputs are redrawn until no routing decision is near a tie).
-TEST(ExpertParallelOnCuda, OneRankOverNcclMatchesTheCpuBackend) {
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: compiled, not run";
-  if (!comm::nccl_available()) GTEST_SKIP() << "this build has no NCCL";
+// kGraphs: the daemon's way on a GPU: NCCL enqueues on the backend's stream without waiting, and
+// the layer's phases are CUDA graphs with the NCCL calls captured inside (make_phase_runner),
+// over kGraphRounds rounds so that graphs are captured and launched again.
+void run_on_cuda(DeviceRun how) {
   ::setenv("UCX_NET_DEVICES", "lo", 1);
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
@@ -482,13 +483,24 @@ TEST(ExpertParallelOnCuda, OneRankOverNcclMatchesTheCpuBackend) {
   comm::NcclOptions nccl;
   nccl.device = 0;
   nccl.stream = (*gpu)->native_stream();
+  nccl.synchronize = how == DeviceRun::kOpByOp;
   auto device_comm = comm::nccl_from_host(**host, nccl, std::chrono::seconds(20));
   ASSERT_TRUE(device_comm.ok()) << device_comm.status();
 
-  const StepResults want = run_steps(**cpu, **host, c, spec, whole, xs, dys);
-  const StepResults got = run_steps(**gpu, **device_comm, c, spec, whole, xs, dys);
+  const int rounds = how == DeviceRun::kGraphs ? kGraphRounds : 1;
+  std::unique_ptr<graphs::PhaseRunner> runner;
+  if (how == DeviceRun::kGraphs) {
+    runner = graphs::make_phase_runner(**gpu);
+    ASSERT_TRUE(runner->captures()) << "the CUDA backend has no stream to capture";
+  }
+  const StepResults want = run_steps(**cpu, **host, c, spec, whole, xs, dys, rounds);
+  const StepResults got = run_steps(**gpu, **device_comm, c, spec, whole, xs, dys, rounds, runner.get());
   ASSERT_TRUE(want.status.ok()) << "cpu: " << want.status;
   ASSERT_TRUE(got.status.ok()) << "cuda: " << got.status;
+  if (runner) {
+    EXPECT_GT(runner->stats().captures, 0u);
+    EXPECT_GE(runner->stats().launches, 2 * runner->stats().captures);
+  }
   auto wide = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
   for (int m = 0; m < kMicroBatches; ++m) {
     SCOPED_TRACE("micro-batch " + std::to_string(m));
@@ -504,6 +516,18 @@ TEST(ExpertParallelOnCuda, OneRankOverNcclMatchesTheCpuBackend) {
   EXPECT_TRUE(all_close("d_fc1_b", got.d_b1, wide(want.d_b1), 1e-3, 1e-4));
   EXPECT_TRUE(all_close("d_fc2_w", got.d_fc2, wide(want.d_fc2), 1e-3, 1e-4));
   EXPECT_TRUE(all_close("d_fc2_b", got.d_b2, wide(want.d_b2), 1e-3, 1e-4));
+}
+
+TEST(ExpertParallelOnCuda, OneRankOverNcclMatchesTheCpuBackend) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: compiled, not run";
+  if (!comm::nccl_available()) GTEST_SKIP() << "this build has no NCCL";
+  run_on_cuda(DeviceRun::kOpByOp);
+}
+
+TEST(ExpertParallelOnCuda, OneRankInCudaGraphsWithNcclInsideMatchesTheCpuBackend) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: compiled, not run";
+  if (!comm::nccl_available()) GTEST_SKIP() << "this build has no NCCL";
+  run_on_cuda(DeviceRun::kGraphs);
 }
 
 }  // namespace
