@@ -165,6 +165,8 @@ class NcclCommunicator final : public Communicator {
     return out;
   }
 
+  uint64_t scratch_epoch() const override { return scratch_epoch_; }
+
   Status wait_enqueued() override {
     TUTEL_RETURN_IF_ERROR(begin("wait_enqueued"));
     return finish(wait_stream());
@@ -383,6 +385,7 @@ class NcclCommunicator final : public Communicator {
     }
     TUTEL_NCCL_CUDA(cudaMalloc(&scratch_, bytes));
     scratch_bytes_ = bytes;
+    ++scratch_epoch_;
     return Status::OK();
   }
 
@@ -429,6 +432,7 @@ class NcclCommunicator final : public Communicator {
   cudaEvent_t done_ = nullptr;
   void* scratch_ = nullptr;
   size_t scratch_bytes_ = 0;
+  uint64_t scratch_epoch_ = 0;  // moves with every reallocation of scratch_
   const char* what_ = "";
   Clock::time_point deadline_;
   Status broken_;

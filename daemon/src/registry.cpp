@@ -113,6 +113,18 @@ std::vector<LayerRef> Registry::all() const {
   return out;
 }
 
+uint64_t Registry::trim_idle_plans(const std::string& tenant) const {
+  std::vector<std::shared_ptr<ServedLayer>> layers;
+  {
+    std::lock_guard lock(mutex_);
+    for (const auto& [h, l] : layers_)
+      if (l->tenant() == tenant) layers.push_back(l);
+  }
+  uint64_t freed = 0;
+  for (const auto& l : layers) freed += l->trim_idle_plans();
+  return freed;
+}
+
 bool Registry::try_begin_request(const std::string& tenant) {
   std::lock_guard lock(mutex_);
   Tenant& t = tenants_.at(tenant);

@@ -41,6 +41,9 @@ class Registry {
   Result<LayerRef> find_by_name(const std::string& qualified_name) const;  // "tenant/name"
   Status destroy(const std::string& tenant, uint64_t handle);
   std::vector<LayerRef> all() const;
+  // Drops the idle plans of every layer of `tenant` (ServedLayer::trim_idle_plans); returns the
+  // bytes given back. Takes each layer's locks in turn: call it holding none.
+  uint64_t trim_idle_plans(const std::string& tenant) const;
 
   // Requests in flight per tenant, against its max_inflight quota.
   bool try_begin_request(const std::string& tenant);

@@ -302,26 +302,36 @@ void ServedLayer::publish_plan_summary() {
 
 Status ServedLayer::prebuild_plans() {
   // Charged like any plan, and refused like a training forward's: a layer whose configured
-  // plans do not fit beside its parameters is not created.
-  ActivationBackend::Enforce enforce(*local_activations_);
-  auto device_lock = lock_device();
-  for (const bool training : {false, true}) {
-    TUTEL_ASSIGN_OR_RETURN(const std::vector<graphs::PlanKey> keys, plans_->configured_keys(0, {}, training));
-    if (Status st = plans_->prebuild(0, keys); !st.ok())
-      return st.with_context("layer '" + def_.name + "': building the plans of token_buckets (use fewer or "
-                             "smaller buckets, or raise the tenant's max_memory_bytes)");
-  }
-  return Status::OK();
+  // plans do not fit beside its parameters is not created. The parameters are charged by the
+  // registry once the layer exists; they are held here meanwhile, so the plans are measured
+  // against what the layer will hold in all.
+  const std::string what = "layer '" + def_.name + "'";
+  TUTEL_RETURN_IF_ERROR(memory_->try_charge_parameters(memory_bytes_, what));
+  Status st = [&]() -> Status {
+    ActivationBackend::Enforce enforce(*local_activations_);
+    auto device_lock = lock_device();
+    for (const bool training : {false, true}) {
+      TUTEL_ASSIGN_OR_RETURN(const std::vector<graphs::PlanKey> keys, plans_->configured_keys(0, {}, training));
+      TUTEL_RETURN_IF_ERROR(plans_->prebuild(0, keys));
+    }
+    return Status::OK();
+  }();
+  memory_->release_parameters(memory_bytes_);
+  return st.with_context(what + ": building the plans of token_buckets (use fewer or smaller buckets, or "
+                         "raise the tenant's max_memory_bytes)");
 }
 
 void ServedLayer::trim_plans_over_quota() {
   if (plans_ && memory_->over_quota()) plans_->trim();
 }
 
-Result<graphs::PlanStep> ServedLayer::plan_forward(TensorView x, uint64_t noise_counter, bool training, TensorView y) {
-  Result<graphs::PlanStep> step = plans_->forward(0, {}, x, noise_counter, training, y);
-  if (step.ok() || step.status().code() != StatusCode::kResourceExhausted || plans_->trim() == 0) return step;
-  return plans_->forward(0, {}, x, noise_counter, training, y);
+uint64_t ServedLayer::trim_idle_plans() {
+  std::lock_guard lock(mutex_);
+  if (!plans_) return 0;
+  auto device_lock = lock_device();
+  const uint64_t freed = plans_->trim();
+  publish_plan_summary();
+  return freed;
 }
 
 std::unique_ptr<ServedLayer::Pending> ServedLayer::take_pending() {
@@ -421,7 +431,7 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
       const uint64_t noise_counter = training ? (static_cast<uint64_t>(step_) << 32) ^ sequence : 0;
       // The plan of x's token bucket; a training forward's stays held by its entry until the
       // backward, an inference forward's goes back to the cache at once.
-      TUTEL_ASSIGN_OR_RETURN(graphs::PlanStep step, plan_forward(xv, noise_counter, training, yv));
+      TUTEL_ASSIGN_OR_RETURN(graphs::PlanStep step, plans_->forward(0, {}, xv, noise_counter, training, yv));
       stats = step.stats;
       if (pending) pending->step = std::move(step);
       return unstage_out(y, yv, memory);

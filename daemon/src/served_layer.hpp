@@ -95,6 +95,10 @@ class ServedLayer {
     graphs::PlanCacheStats cache;
   };
   PlanSummary plan_summary() const;
+  // Drops the plans no forward holds (a layer without [group]); returns the bytes given back.
+  // For a training forward of the tenant that was refused for its quota: cached plans must not
+  // crowd out a step (the data path drops every layer's of the tenant, then tries once more).
+  uint64_t trim_idle_plans();
   // A group layer's last collective failure ("" while its peers answer).
   std::string group_error() const;
   // A group layer's other ranks: address, state, traffic. Empty for other layers. Any thread.
@@ -255,9 +259,6 @@ class ServedLayer {
   std::unique_ptr<graphs::PlanCache> plans_;
   PlanSummary plan_summary_;  // guarded by stats_mutex_
   bool plans_take_host_memory_ = false;  // cuda-graph plans; set before the layer is published
-  // A training forward on a plan; a refusal for the tenant's quota drops the idle plans and tries
-  // once more, so cached plans never crowd out a step. Under mutex_ and the device lock.
-  Result<graphs::PlanStep> plan_forward(TensorView x, uint64_t noise_counter, bool training, TensorView y);
   void publish_plan_summary();  // under mutex_
   // Builds the inference and training plans of the definition's token_buckets; at creation.
   Status prebuild_plans();

@@ -17,6 +17,8 @@ namespace tutel::graphs {
 namespace {
 
 Status cuda_failure(cudaError_t err, const char* expr) {
+  // The launchers of later ops return cudaGetLastError(): leave no stale error for them.
+  (void)cudaGetLastError();
   std::string msg = std::string(expr) + " failed: " + cudaGetErrorName(err) + " (" +
                     cudaGetErrorString(err) + ")";
   if (err == cudaErrorMemoryAllocation) return Status::ResourceExhausted(std::move(msg));
@@ -41,8 +43,11 @@ using ExecPtr = std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, ExecDele
 
 class CudaGraph final : public CapturedGraph {
  public:
-  CudaGraph(ExecPtr exec, cudaStream_t stream) : exec_(std::move(exec)), stream_(stream) {}
+  CudaGraph(ExecPtr exec, cudaStream_t stream, int device)
+      : exec_(std::move(exec)), stream_(stream), device_(device) {}
   Status launch() override {
+    // The calling thread may serve layers on several devices.
+    CAPTURE_CUDA_CHECK(cudaSetDevice(device_));
     CAPTURE_CUDA_CHECK(cudaGraphLaunch(exec_.get(), stream_));
     return Status::OK();
   }
@@ -50,13 +55,15 @@ class CudaGraph final : public CapturedGraph {
  private:
   ExecPtr exec_;
   cudaStream_t stream_;
+  int device_;
 };
 
 class CudaGraphCapture final : public GraphCapture {
  public:
-  explicit CudaGraphCapture(cudaStream_t stream) : stream_(stream) {}
+  CudaGraphCapture(cudaStream_t stream, int device) : stream_(stream), device_(device) {}
 
   Status begin() override {
+    CAPTURE_CUDA_CHECK(cudaSetDevice(device_));
     CAPTURE_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     return Status::OK();
   }
@@ -71,11 +78,12 @@ class CudaGraphCapture final : public GraphCapture {
     if (!graph) return Status::Internal("stream capture returned no graph");
     cudaGraphExec_t exec = nullptr;
     CAPTURE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph.get(), 0));
-    return std::unique_ptr<CapturedGraph>(new CudaGraph(ExecPtr(exec), stream_));
+    return std::unique_ptr<CapturedGraph>(new CudaGraph(ExecPtr(exec), stream_, device_));
   }
 
  private:
   cudaStream_t stream_;
+  int device_;
 };
 
 }  // namespace
@@ -84,7 +92,8 @@ std::unique_ptr<PhaseRunner> make_phase_runner(Backend& backend, size_t max_grap
   void* stream = backend.native_stream();
   if (stream == nullptr) return std::make_unique<EagerPhaseRunner>();
   return std::make_unique<GraphPhaseRunner>(
-      std::make_unique<CudaGraphCapture>(static_cast<cudaStream_t>(stream)), max_graphs);
+      std::make_unique<CudaGraphCapture>(static_cast<cudaStream_t>(stream), backend.device().index),
+      max_graphs);
 }
 
 }  // namespace tutel::graphs

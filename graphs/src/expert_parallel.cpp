@@ -180,7 +180,11 @@ Status ExpertParallelLayer::collective_ready() {
 }
 
 Status ExpertParallelLayer::wait_collectives() {
-  return comm_on_backend_queue_ ? comm_->wait_enqueued() : Status::OK();
+  if (!comm_on_backend_queue_) return Status::OK();
+  Status st = comm_->wait_enqueued();
+  // The communicator is aborted: graphs holding its collectives must never launch again.
+  if (!st.ok() && runner_ != nullptr) runner_->clear();
+  return st;
 }
 
 PhaseKey ExpertParallelLayer::phase_key(Phase phase, const Saved& st,
@@ -189,7 +193,7 @@ PhaseKey ExpertParallelLayer::phase_key(Phase phase, const Saved& st,
                                         std::initializer_list<const LayerWeights*> weights) const {
   PhaseKey key;
   key.phase = phase;
-  key.add(epoch_).add(backend_->scratch_epoch()).add(&st);
+  key.add(epoch_).add(backend_->scratch_epoch()).add(comm_->scratch_epoch()).add(&st);
   for (uint64_t w : words) key.add(w);
   for (const void* p : io) key.add(p);
   for (const LayerWeights* w : weights) {
@@ -201,9 +205,38 @@ PhaseKey ExpertParallelLayer::phase_key(Phase phase, const Saved& st,
   return key;
 }
 
-Status ExpertParallelLayer::run_phase(const std::function<PhaseKey()>& key,
-                                      const std::function<Status()>& ops) {
+Status ExpertParallelLayer::run_local_phase(const std::function<PhaseKey()>& key,
+                                            const std::function<Status()>& ops) {
   return runner_ == nullptr ? ops() : runner_->run(key(), ops);
+}
+
+Status ExpertParallelLayer::run_group_phase(const std::function<PhaseKey()>& key,
+                                            const std::function<Status()>& ops) {
+  if (runner_ == nullptr) return ops();
+  if (!runner_->captures()) return runner_->run(key(), ops);
+  // Every rank runs the phase the same way, as NCCL requires of captured collectives: the least
+  // ready of the ranks' proposals; a launch only where every rank holds a graph of the same
+  // capture round (else they capture again, together, under a new round). The agreement is
+  // also a collective: with a failed communicator it fails here, before any graph launches.
+  const PhaseKey k = key();
+  const PhaseProposal mine = runner_->propose(k);
+  const int64_t launch_round = mine.mode == PhaseMode::kLaunch ? int64_t(mine.round) : -1;
+  int64_t agreed[4] = {2 - static_cast<int64_t>(mine.mode),  // how far from launching
+                       launch_round, -launch_round,          // the same round everywhere?
+                       int64_t(capture_rounds_) + 1};        // a new round, above all so far
+  TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 4));
+  PhaseMode mode = PhaseMode::kEager;
+  uint64_t round = 0;
+  if (agreed[0] == 0 && agreed[1] == -agreed[2]) {
+    mode = PhaseMode::kLaunch;
+    round = static_cast<uint64_t>(agreed[1]);
+  } else if (agreed[0] <= 1) {
+    mode = PhaseMode::kCapture;
+    round = capture_rounds_ = static_cast<uint64_t>(agreed[3]);
+  }
+  Status st = runner_->run_as(k, mode, round, ops);
+  if (!st.ok()) runner_->clear();
+  return st;
 }
 
 // The values make a round trip through a few bytes of the backend's memory, the only memory
@@ -326,7 +359,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   const TensorView scores = f32(st.scores_, {S, E}), idx = i32(st.expert_index_, {S, k}),
                    gates = f32(st.gates_, {S, k}), loc = i32(st.location_, {S, k}),
                    counts = i32(expert_count_, {E});
-  TUTEL_RETURN_IF_ERROR(run_phase(
+  TUTEL_RETURN_IF_ERROR(run_local_phase(
       [&] {
         return phase_key(kRoutePhase, st, {uint64_t(S), uint64_t(training)}, {x.data()}, {&local});
       },
@@ -371,7 +404,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   shape.weights_bf16 = local.experts.has_bf16_copies();
   TUTEL_RETURN_IF_ERROR(grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype)));
 
-  TUTEL_RETURN_IF_ERROR(run_phase(
+  TUTEL_RETURN_IF_ERROR(run_group_phase(
       [&] {
         return phase_key(kExpertsPhase, st, {uint64_t(S), uint64_t(C), uint64_t(training)},
                          {x.data(), y.data()}, {&local});
@@ -449,7 +482,7 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
 
   uint32_t dl_aux_bits = 0;
   std::memcpy(&dl_aux_bits, &dl_aux, sizeof dl_aux_bits);
-  TUTEL_RETURN_IF_ERROR(run_phase(
+  TUTEL_RETURN_IF_ERROR(run_group_phase(
       [&] {
         return phase_key(kBackwardPhase, saved, {uint64_t(S), uint64_t(C), dl_aux_bits},
                          {dy.data(), dx.data()}, {&local, &local_grads});

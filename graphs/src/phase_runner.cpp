@@ -1,6 +1,7 @@
 #include "tutel/graphs/phase_runner.hpp"
 
 #include <algorithm>
+#include <string>
 
 namespace tutel::graphs {
 namespace {
@@ -19,36 +20,77 @@ size_t PhaseKeyHash::operator()(const PhaseKey& k) const noexcept {
 GraphPhaseRunner::GraphPhaseRunner(std::unique_ptr<GraphCapture> capture, size_t max_graphs)
     : capture_(std::move(capture)), max_graphs_(std::max<size_t>(max_graphs, 1)) {}
 
+PhaseProposal GraphPhaseRunner::propose(const PhaseKey& key) const {
+  if (std::find(failed_.begin(), failed_.end(), key) != failed_.end()) return {};
+  if (auto it = index_.find(key); it != index_.end())
+    return {PhaseMode::kLaunch, it->second->round};
+  if (std::find(seen_.begin(), seen_.end(), key) != seen_.end()) return {PhaseMode::kCapture, 0};
+  return {};
+}
+
 Status GraphPhaseRunner::run(const PhaseKey& key, const std::function<Status()>& ops) {
-  if (auto it = index_.find(key); it != index_.end()) {
+  const PhaseProposal p = propose(key);
+  return run_as(key, p.mode, p.mode == PhaseMode::kLaunch ? p.round : ++local_round_, ops);
+}
+
+Status GraphPhaseRunner::run_as(const PhaseKey& key, PhaseMode mode, uint64_t round,
+                                const std::function<Status()>& ops) {
+  const PhaseProposal ready = propose(key);
+  if (static_cast<int>(mode) > static_cast<int>(ready.mode))
+    return Status::Internal("phase runner asked to " +
+                            std::string(mode == PhaseMode::kLaunch ? "launch" : "capture") +
+                            " a phase it is not ready for");
+  if (mode == PhaseMode::kLaunch) {
+    auto it = index_.find(key);
+    if (it->second->round != round)
+      return Status::Internal("phase runner asked to launch capture round " + std::to_string(round) +
+                              ", but its graph is of round " + std::to_string(it->second->round));
     lru_.splice(lru_.begin(), lru_, it->second);
     ++stats_.launches;
     return it->second->graph->launch();
   }
-  auto seen = std::find(seen_.begin(), seen_.end(), key);
-  if (seen == seen_.end()) {
-    // First time: op by op, which also makes every lazy allocation a capture must not make.
-    seen_.push_front(key);
-    if (seen_.size() > kMaxSeen) seen_.pop_back();
+  if (mode == PhaseMode::kEager) {
+    // Op by op, which also makes every lazy allocation a capture must not make; remembered, so
+    // that the next time the key may be captured (a key with a graph keeps it).
+    if (ready.mode == PhaseMode::kEager && std::find(failed_.begin(), failed_.end(), key) == failed_.end()) {
+      seen_.push_front(key);
+      if (seen_.size() > kMaxSeen) seen_.pop_back();
+    }
     ++stats_.eager_runs;
     return ops();
   }
-  seen_.erase(seen);
+  // kCapture: replaces a graph the key may hold (the group captures together).
+  if (auto it = index_.find(key); it != index_.end()) {
+    lru_.erase(it->second);
+    index_.erase(it);
+  }
+  seen_.remove(key);
   TUTEL_RETURN_IF_ERROR(capture_->begin());
   const Status recorded = ops();
   Result<std::unique_ptr<CapturedGraph>> graph = capture_->end();
-  TUTEL_RETURN_IF_ERROR(recorded.with_context("capturing a graph of the step"));
-  TUTEL_RETURN_IF_ERROR(graph.status());
+  Status captured = recorded.ok() ? graph.status() : recorded;
+  if (!captured.ok()) {
+    failed_.push_front(key);
+    if (failed_.size() > kMaxSeen) failed_.pop_back();
+    return captured.with_context("capturing a graph of the step");
+  }
   ++stats_.captures;
   if (lru_.size() >= max_graphs_) {
     index_.erase(lru_.back().key);
     lru_.pop_back();
     ++stats_.evictions;
   }
-  lru_.push_front(Entry{key, std::move(graph).value()});
+  lru_.push_front(Entry{key, std::move(graph).value(), round});
   index_[key] = lru_.begin();
   ++stats_.launches;
   return lru_.front().graph->launch();
+}
+
+void GraphPhaseRunner::clear() {
+  index_.clear();
+  lru_.clear();
+  seen_.clear();
+  failed_.clear();
 }
 
 #if !defined(TUTEL_HAVE_CUDA)

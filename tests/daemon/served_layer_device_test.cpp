@@ -525,14 +525,20 @@ TEST(ServedLayerPlans, ConfiguredBucketsArePrebuiltAndServeRequests) {
   EXPECT_EQ(plans.cache.misses, 1u);
   EXPECT_EQ(plans.cache.builds, 5u);
 
-  // The same definition in a tenant with room for almost nothing.
-  auto tight = std::make_shared<TenantMemory>("tight", 4096);
+  // The same definition in a tenant with room for its parameters and little more: measured
+  // beside the parameters (which the registry charges later), the plans do not fit.
+  auto tight = std::make_shared<TenantMemory>("tight", layer.memory_bytes() + 4096);
   auto refused = ServedLayer::create(def, format_layer_spec(def), tight, *ranks[0]);
   ASSERT_FALSE(refused.ok());
   EXPECT_EQ(refused.status().code(), StatusCode::kResourceExhausted) << refused.status();
   EXPECT_NE(refused.status().message().find("building the plans of token_buckets"), std::string::npos)
       << refused.status();
   EXPECT_EQ(tight->activation_bytes(), 0u) << "a refused layer left memory charged";
+  EXPECT_EQ(tight->parameter_bytes(), 0u) << "a refused layer left its parameters charged";
+  // A tenant with room for the parameters and the plans creates it.
+  auto roomy = std::make_shared<TenantMemory>("roomy", layer.memory_bytes() + layer.activation_bytes() + 4096);
+  auto fits = ServedLayer::create(def, format_layer_spec(def), roomy, *ranks[0]);
+  EXPECT_TRUE(fits.ok()) << fits.status();
 }
 
 // The simulated device is only worth its name if it catches the mistakes it exists for.

@@ -16,6 +16,7 @@
 // s), k = 2, both all-to-all algorithms and the in-process exchange.
 #include <gtest/gtest.h>
 
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -273,8 +274,9 @@ StepResults run_steps(Backend& b, comm::Communicator& comm, const DeviceCase& c,
   return out;
 }
 
-// How the device run of a case goes: op by op, or with its phases captured as graphs.
-enum class DeviceRun { kOpByOp, kGraphs };
+// How the device run of a case goes: op by op, or with its phases captured as graphs; skewed:
+// rank 0's runner keeps a single graph, so it is seldom ready when its peers are.
+enum class DeviceRun { kOpByOp, kGraphs, kGraphsSkewed };
 
 // With graphs every run makes eight rounds, four on each set of tensors (run_steps): the first
 // two grow the buffers (moving the epoch), then each set's phases run op by op, are captured,
@@ -319,8 +321,9 @@ void run_case(const DeviceCase& c, DeviceRun how) {
     graphs::ExpertShard shard;
     graphs::PhaseRunnerStats graphs;
     int64_t recorded_ops = 0, waits = 0;
+    std::string collectives;  // TapeCollectives::log()
   };
-  const int rounds = how == DeviceRun::kGraphs ? kGraphRounds : 1;
+  const int rounds = how == DeviceRun::kOpByOp ? 1 : kGraphRounds;
   std::vector<RankResult> results(W);
   std::shared_ptr<comm::LocalExchange> exchange;
   if (c.local_exchange) exchange = std::make_shared<comm::LocalExchange>();
@@ -349,12 +352,14 @@ void run_case(const DeviceCase& c, DeviceRun how) {
         Tape tape;
         TapeBackend tape_backend(device, tape);
         TapeCollectives tape_comm(device_comm, tape);
-        graphs::GraphPhaseRunner runner(std::make_unique<TapeCapture>(tape));
+        const size_t max_graphs = how == DeviceRun::kGraphsSkewed && r == 0 ? 1 : 64;
+        graphs::GraphPhaseRunner runner(std::make_unique<TapeCapture>(tape), max_graphs);
         out.device = run_steps(tape_backend, tape_comm, c, spec, whole, xs[r], dys[r], rounds,
                                &runner);
         out.graphs = runner.stats();
         out.recorded_ops = tape.recorded_ops();
         out.waits = tape_comm.waits();
+        out.collectives = tape_comm.log();
         for (const std::string& v : tape.violations()) out.violations.push_back(v);
       }
       for (const std::string& v : device.violations()) out.violations.push_back(v);
@@ -373,6 +378,11 @@ void run_case(const DeviceCase& c, DeviceRun how) {
     for (const std::string& v : got.violations) ADD_FAILURE() << "device violation: " << v;
     ASSERT_TRUE(got.device.status.ok()) << "simulated device: " << got.device.status;
     const StepResults &want = got.cpu, &dev = got.device;
+    if (how != DeviceRun::kOpByOp) {
+      // Every collective ran the same way on every rank (NCCL's rule for captured ones).
+      EXPECT_EQ(got.collectives, results[0].collectives);
+      EXPECT_NE(got.collectives.find('L'), std::string::npos) << got.collectives;
+    }
     if (how == DeviceRun::kGraphs) {
       // Two phases per forward (route, experts) and one per backward, a key of their own per set
       // once the buffers stopped growing: each is captured exactly once (the next time after it
@@ -422,6 +432,127 @@ TEST_P(ExpertParallelOnDevice, MatchesTheCpuBackendBitForBitWithoutTouchingDevic
 // ran on captured graphs.
 TEST_P(ExpertParallelOnDevice, GraphsOfThePhasesMatchOpByOpBitForBit) {
   run_case(GetParam(), DeviceRun::kGraphs);
+}
+
+// One rank's runner keeps a single graph, so its peers are often ready to launch when it must
+// capture or run op by op: the group agrees on the least ready, and every collective still runs
+// the same way on every rank, with the same results.
+TEST(ExpertParallelOnDeviceSkewed, RanksThatDisagreeRunEveryCollectiveTheSameWay) {
+  run_case(device_cases()[1], DeviceRun::kGraphsSkewed);
+}
+
+// Records the key of every phase (and runs it op by op): what a graph of the phase would bake.
+class KeyRecorder final : public graphs::PhaseRunner {
+ public:
+  bool captures() const override { return false; }
+  Status run(const graphs::PhaseKey& key, const std::function<Status()>& ops) override {
+    last_[key.phase] = key;
+    return ops();
+  }
+  graphs::PhaseProposal propose(const graphs::PhaseKey&) const override { return {}; }
+  Status run_as(const graphs::PhaseKey& key, graphs::PhaseMode, uint64_t,
+                const std::function<Status()>& ops) override {
+    return run(key, ops);
+  }
+  void clear() override {}
+  const graphs::PhaseRunnerStats& stats() const override { return stats_; }
+  const graphs::PhaseKey& last(int phase) { return last_[phase]; }
+
+ private:
+  std::map<int, graphs::PhaseKey> last_;
+  graphs::PhaseRunnerStats stats_;
+};
+
+// Every address and scalar a phase's ops use is in its key, each on its own: a graph captured
+// for one set of them can never be launched for another. (The tape test changes them all at
+// once; this one, one at a time.)
+TEST(ExpertParallelPhaseKeys, EachAddressAndScalarChangesTheKeysOfThePhasesThatUseIt) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  std::mt19937_64 rng(11);
+  LayerSpec spec;
+  spec.experts = 4;
+  spec.model_dim = 16;
+  spec.hidden = 32;
+  spec.k = 2;
+  spec.capacity_factor = 1.0;  // C follows S: every variant below runs at the same C
+  auto comm = comm::ucx_bootstrap(rank_options(free_port(), 0, 1, 1));
+  ASSERT_TRUE(comm.ok()) << comm.status();
+  auto cpu = make_backend("cpu", {.threads = 1});
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  Backend& b = **cpu;
+  KeyRecorder keys;
+  graphs::ExpertParallelOptions options;
+  options.runner = &keys;
+  auto layer = ExpertParallelLayer::create(b, **comm, spec, options);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  const ref::Params p = random_params(rng, spec);
+  const HostLayerParams whole{to_f32(p.wg), to_f32(p.fc1_w), to_f32(p.fc1_b), to_f32(p.fc2_w),
+                              to_f32(p.fc2_b)};
+  LocalTensors params1(b, spec, layer->shard()), params2(b, spec, layer->shard()),
+      grads1(b, spec, layer->shard()), grads2(b, spec, layer->shard());
+  params1.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
+  params2.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
+  const int64_t S = 24, M = 16, O = 16;
+  DeviceTensor x1(b, DType::kF32, {S, M}), x2(b, DType::kF32, {S, M}), y1(b, DType::kF32, {S, O}),
+      y2(b, DType::kF32, {S, O}), dy1(b, DType::kF32, {S, O}), dy2(b, DType::kF32, {S, O}),
+      dx1(b, DType::kF32, {S, M}), dx2(b, DType::kF32, {S, M});
+  for (DeviceTensor* t : {&x1, &x2}) t->upload(to_f32(randn(rng, S * M, 1.0)));
+  for (DeviceTensor* t : {&dy1, &dy2}) t->upload(to_f32(randn(rng, S * O, 1.0)));
+  ExpertParallelLayer::Saved saved_a, saved_b;
+  constexpr int kRoute = 1, kExperts = 2, kBackward = 3;  // ExpertParallelLayer's phases
+
+  auto forward = [&](LocalTensors& w, DeviceTensor& x, DeviceTensor& y,
+                     ExpertParallelLayer::Saved* saved) {
+    ASSERT_TRUE(layer->forward(w.weights(), x.view(), y.view(), nullptr, saved).ok());
+  };
+  auto backward = [&](LocalTensors& w, DeviceTensor& dy, float dl_aux, DeviceTensor& dx,
+                      LocalTensors& g) {
+    forward(w, x1, y1, &saved_a);
+    ASSERT_TRUE(layer->backward(w.weights(), dy.view(), dl_aux, dx.view(), g.weights(), saved_a).ok());
+  };
+  // Warm up: every buffer at its size (a reallocation moves every key).
+  forward(params1, x1, y1, &saved_b);
+  ASSERT_TRUE(layer->backward(params1.weights(), dy1.view(), 0.5f, dx1.view(), grads1.weights(),
+                              saved_b).ok());
+  backward(params1, dy1, 0.5f, dx1, grads1);
+  forward(params1, x1, y1, nullptr);
+
+  forward(params1, x1, y1, &saved_a);
+  const graphs::PhaseKey route = keys.last(kRoute), experts = keys.last(kExperts);
+  forward(params1, x1, y1, &saved_a);
+  EXPECT_EQ(keys.last(kRoute), route) << "the same step must keep its keys";
+  EXPECT_EQ(keys.last(kExperts), experts);
+  forward(params1, x1, y2, &saved_a);
+  EXPECT_EQ(keys.last(kRoute), route) << "route does not touch y";
+  EXPECT_NE(keys.last(kExperts), experts) << "y";
+  forward(params1, x2, y1, &saved_a);
+  EXPECT_NE(keys.last(kRoute), route) << "x";
+  EXPECT_NE(keys.last(kExperts), experts) << "x";
+  forward(params1, x1, y1, &saved_b);
+  EXPECT_NE(keys.last(kRoute), route) << "the Saved";
+  EXPECT_NE(keys.last(kExperts), experts) << "the Saved";
+  forward(params1, x1, y1, nullptr);
+  EXPECT_NE(keys.last(kRoute), route) << "inference";
+  EXPECT_NE(keys.last(kExperts), experts) << "inference";
+  forward(params2, x1, y1, &saved_a);
+  EXPECT_NE(keys.last(kRoute), route) << "the weights";
+  EXPECT_NE(keys.last(kExperts), experts) << "the weights";
+
+  backward(params1, dy1, 0.5f, dx1, grads1);
+  const graphs::PhaseKey back = keys.last(kBackward);
+  backward(params1, dy1, 0.5f, dx1, grads1);
+  EXPECT_EQ(keys.last(kBackward), back) << "the same step must keep its key";
+  backward(params1, dy2, 0.5f, dx1, grads1);
+  EXPECT_NE(keys.last(kBackward), back) << "dy";
+  backward(params1, dy1, 0.5f, dx2, grads1);
+  EXPECT_NE(keys.last(kBackward), back) << "dx";
+  backward(params1, dy1, 0.25f, dx1, grads1);
+  EXPECT_NE(keys.last(kBackward), back) << "dl_aux";
+  backward(params1, dy1, 0.5f, dx1, grads2);
+  EXPECT_NE(keys.last(kBackward), back) << "the gradients";
+  backward(params2, dy1, 0.5f, dx1, grads1);
+  EXPECT_NE(keys.last(kBackward), back) << "the weights";
+  EXPECT_TRUE((*comm)->barrier().ok());
 }
 
 INSTANTIATE_TEST_SUITE_P(Groups, ExpertParallelOnDevice, ::testing::ValuesIn(device_cases()),

@@ -153,7 +153,9 @@ class TapeBackend final : public Backend {
 };
 
 // Collectives that enqueue on the backend's queue (the tape's order) and return, as NCCL's on
-// the backend's stream with NcclOptions::synchronize = false.
+// the backend's stream with NcclOptions::synchronize = false. log() says how each ran, a letter
+// per collective: E op by op, C recorded into a capture, L run by a graph's launch; NCCL needs
+// every rank of a group to have the same log.
 class TapeCollectives final : public comm::Communicator {
  public:
   TapeCollectives(comm::Communicator& inner, Tape& tape) : inner_(inner), tape_(tape) {}
@@ -163,22 +165,21 @@ class TapeCollectives final : public comm::Communicator {
   int local_size() const override { return inner_.local_size(); }
   Status all_to_all(const void* send, void* recv, size_t chunk_bytes,
                     comm::AllToAllAlgo algo) override {
-    return tape_.run_or_record(
-        [=, this] { return inner_.all_to_all(send, recv, chunk_bytes, algo); });
+    return collective([=, this] { return inner_.all_to_all(send, recv, chunk_bytes, algo); });
   }
   Status all_gather(const void* send, void* recv, size_t bytes_per_rank) override {
-    return tape_.run_or_record([=, this] { return inner_.all_gather(send, recv, bytes_per_rank); });
+    return collective([=, this] { return inner_.all_gather(send, recv, bytes_per_rank); });
   }
   Status reduce_scatter(const float* send, float* recv, size_t count_per_rank,
                         comm::ReduceOp op) override {
-    return tape_.run_or_record(
+    return collective(
         [=, this] { return inner_.reduce_scatter(send, recv, count_per_rank, op); });
   }
   Status all_reduce(float* data, size_t count, comm::ReduceOp op) override {
-    return tape_.run_or_record([=, this] { return inner_.all_reduce(data, count, op); });
+    return collective([=, this] { return inner_.all_reduce(data, count, op); });
   }
   Status all_reduce(int64_t* data, size_t count, comm::ReduceOp op) override {
-    return tape_.run_or_record([=, this] { return inner_.all_reduce(data, count, op); });
+    return collective([=, this] { return inner_.all_reduce(data, count, op); });
   }
   Status barrier() override {
     TUTEL_RETURN_IF_ERROR(tape_.forbid("barrier()"));
@@ -194,11 +195,26 @@ class TapeCollectives final : public comm::Communicator {
   }
   std::vector<comm::PeerStatus> peers() const override { return inner_.peers(); }
   int64_t waits() const { return waits_; }
+  const std::string& log() const { return log_; }
 
  private:
+  Status collective(std::function<Status()> call) {
+    if (!tape_.recording()) {
+      log_ += 'E';
+      return call();
+    }
+    log_ += 'C';
+    // A recorded collective runs only when its graph is launched.
+    return tape_.run_or_record([this, call] {
+      log_ += 'L';
+      return call();
+    });
+  }
+
   comm::Communicator& inner_;
   Tape& tape_;
   int64_t waits_ = 0;
+  std::string log_;
 };
 
 }  // namespace tutel::testing

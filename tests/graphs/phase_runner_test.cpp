@@ -1,7 +1,7 @@
 // GraphPhaseRunner's policy with a capture that only counts: a key runs op by op the first time,
 // is captured the second and launched from then on; the least recently used graph goes when the
 // runner is full; a phase that fails while being captured ends the capture, keeps nothing and
-// is captured again next time. (The capture itself: graph_tape.hpp on the CPU, CUDA graphs in
+// runs op by op from then on; a group's agreed mode is followed, never above the proposal. (The capture itself: graph_tape.hpp on the CPU, CUDA graphs in
 // graphs/cuda/cuda_graph_capture.cpp.)
 #include "tutel/graphs/phase_runner.hpp"
 
@@ -108,11 +108,15 @@ TEST(GraphPhaseRunner, KeepsTheMostRecentlyUsedGraphs) {
   EXPECT_EQ(CountingGraph::last_launched, 2);  // 2 stayed
 }
 
-TEST(GraphPhaseRunner, AFailedCaptureEndsItAndKeepsNothing) {
+TEST(GraphPhaseRunner, AFailedCaptureEndsItAndRunsTheKeyOpByOpFromThenOn) {
   Counts c;
   GraphPhaseRunner runner(std::make_unique<CountingCapture>(c));
   bool fail = false;
-  auto ops = [&] { return fail ? Status::Internal("an op failed") : Status::OK(); };
+  int ran = 0;
+  auto ops = [&] {
+    ++ran;
+    return fail ? Status::Internal("an op failed") : Status::OK();
+  };
   ASSERT_TRUE(runner.run(key(3, 1), ops).ok());
   fail = true;
   const Status st = runner.run(key(3, 1), ops);
@@ -125,11 +129,48 @@ TEST(GraphPhaseRunner, AFailedCaptureEndsItAndKeepsNothing) {
   EXPECT_FALSE(c.capturing);
   EXPECT_EQ(runner.graphs(), 0u);
   EXPECT_EQ(c.launches, 0);
+  // The key is not captured again: op by op, every time.
   fail = false;
-  ASSERT_TRUE(runner.run(key(3, 1), ops).ok());  // seen again from scratch: op by op
-  ASSERT_TRUE(runner.run(key(3, 1), ops).ok());  // then captured
+  EXPECT_EQ(runner.propose(key(3, 1)).mode, PhaseMode::kEager);
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(runner.run(key(3, 1), ops).ok());
+  EXPECT_EQ(ran, 5);
+  EXPECT_EQ(c.begins, 1);
+  // clear() forgets it (a new communicator, a new start).
+  runner.clear();
+  ASSERT_TRUE(runner.run(key(3, 1), ops).ok());
+  ASSERT_TRUE(runner.run(key(3, 1), ops).ok());
   EXPECT_EQ(runner.graphs(), 1u);
-  EXPECT_EQ(c.launches, 1);
+}
+
+// What a group does with propose() and run_as(): whatever the least ready rank can do.
+TEST(GraphPhaseRunner, RunsAsTheGroupAgreesNeverAboveItsProposal) {
+  Counts c;
+  GraphPhaseRunner runner(std::make_unique<CountingCapture>(c));
+  int ran = 0;
+  auto ops = [&] {
+    ++ran;
+    return Status::OK();
+  };
+  const PhaseKey k = key(2, 9);
+  EXPECT_EQ(runner.propose(k).mode, PhaseMode::kEager);
+  EXPECT_FALSE(runner.run_as(k, PhaseMode::kCapture, 1, ops).ok());  // not seen yet
+  ASSERT_TRUE(runner.run_as(k, PhaseMode::kEager, 0, ops).ok());
+  EXPECT_EQ(runner.propose(k).mode, PhaseMode::kCapture);
+  ASSERT_TRUE(runner.run_as(k, PhaseMode::kEager, 0, ops).ok());  // a peer was not ready
+  EXPECT_EQ(runner.propose(k).mode, PhaseMode::kCapture);
+  ASSERT_TRUE(runner.run_as(k, PhaseMode::kCapture, 7, ops).ok());
+  PhaseProposal p = runner.propose(k);
+  EXPECT_EQ(p.mode, PhaseMode::kLaunch);
+  EXPECT_EQ(p.round, 7u);
+  EXPECT_FALSE(runner.run_as(k, PhaseMode::kLaunch, 6, ops).ok());  // another round's graph
+  ASSERT_TRUE(runner.run_as(k, PhaseMode::kEager, 0, ops).ok());    // a peer lost its graph
+  ASSERT_TRUE(runner.run_as(k, PhaseMode::kCapture, 8, ops).ok());  // captured again together
+  EXPECT_EQ(runner.propose(k).round, 8u);
+  EXPECT_EQ(runner.graphs(), 1u);
+  const int before = ran;
+  ASSERT_TRUE(runner.run_as(k, PhaseMode::kLaunch, 8, ops).ok());
+  EXPECT_EQ(ran, before);  // launched, not run
+  EXPECT_EQ(runner.stats().captures, 2u);
 }
 
 TEST(EagerPhaseRunner, RunsEveryPhaseOpByOp) {

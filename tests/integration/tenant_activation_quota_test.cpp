@@ -214,8 +214,9 @@ TEST(TenantActivationQuota, RefusesTheForwardOverQuotaAndRecovers) {
 
 // Plans a layer keeps for later requests (graphs' PlanCache) never crowd out a training forward:
 // an inference forward's plan is let through the quota but dropped as soon as the request has
-// left the tenant over it, an idle plan that fits stays cached, and the training forward that
-// would not fit beside it gets it dropped first and runs.
+// left the tenant over it, an idle plan that fits stays cached, and a training forward that
+// would not fit beside it gets it dropped first and runs, also when the plan is another layer's
+// of the tenant.
 TEST(TenantActivationQuota, IdlePlansAreDroppedBeforeATrainingForwardIsRefused) {
   uint64_t parameters = 0, entry = 0, inference_plan = 0;
   {
@@ -237,8 +238,8 @@ TEST(TenantActivationQuota, IdlePlansAreDroppedBeforeATrainingForwardIsRefused) 
   }
   ASSERT_GT(inference_plan, 0u);
   ASSERT_GT(entry, inference_plan);  // a training plan keeps more, and x
-  // Room for the layer and one in-flight forward, not for an idle inference plan beside it.
-  const uint64_t quota = parameters + entry + inference_plan / 2;
+  // Room for two layers and one in-flight forward, not for an idle inference plan beside them.
+  const uint64_t quota = 2 * parameters + entry + inference_plan / 2;
   DaemonOptions options;
   options.default_max_memory_bytes = quota;
   DaemonProcess d(options);
@@ -247,6 +248,10 @@ TEST(TenantActivationQuota, IdlePlansAreDroppedBeforeATrainingForwardIsRefused) 
   ASSERT_TRUE(client.ok()) << client.status().to_string();
   auto layer = client->create_layer(kSpec);
   ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+  std::string other_spec = kSpec;
+  other_spec.replace(other_spec.find("\"quota\""), 7, "\"other\"");
+  auto other = client->create_layer(other_spec);
+  ASSERT_TRUE(other.ok()) << other.status().to_string();
 
   // A big inference forward runs over the quota and leaves nothing behind.
   {
@@ -256,12 +261,12 @@ TEST(TenantActivationQuota, IdlePlansAreDroppedBeforeATrainingForwardIsRefused) 
     ASSERT_TRUE(st.ok()) << st.to_string();
     EXPECT_EQ(default_tenant(d)["activation_bytes"].get<uint64_t>(), 0u);
   }
-  // One that fits keeps its plan for the next.
+  // One that fits keeps its plan for the next: here the other layer's.
   Batch b(2);
-  ASSERT_TRUE(layer->infer(b.x.data(), kTokens, b.y.data()).ok());
+  ASSERT_TRUE(other->infer(b.x.data(), kTokens, b.y.data()).ok());
   nlohmann::json t = default_tenant(d);
   EXPECT_EQ(t["activation_bytes"].get<uint64_t>(), inference_plan);
-  ASSERT_GT(t["activation_bytes"].get<uint64_t>() + parameters + entry, quota);
+  ASSERT_GT(t["activation_bytes"].get<uint64_t>() + 2 * parameters + entry, quota);
 
   // The training forward would not fit beside it: it goes, the forward runs.
   client::ForwardInfo info;

@@ -91,6 +91,9 @@ class Communicator {
   // on that stream. A timeout aborts the communicator, as a collective's would. Communicators
   // whose collectives are done when they return have nothing to wait for.
   virtual Status wait_enqueued() { return Status::OK(); }
+  // Moves whenever device memory the communicator's collectives use of their own (the NCCL 2DH
+  // all-to-all's staging) is reallocated: a captured graph of them holds its old address.
+  virtual uint64_t scratch_epoch() const { return 0; }
 
   // Collective over this group: a new communicator over the ranks that passed the same
   // `color`, ordered by `key` (ties by rank here), as MPI_Comm_split. color == kNoColor

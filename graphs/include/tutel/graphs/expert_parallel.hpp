@@ -38,9 +38,12 @@
 // stream, NcclOptions::synchronize = false, ExpertParallelOptions::comm_on_backend_queue): the
 // NCCL calls are then captured inside the graphs, and the layer waits for them with
 // Communicator::wait_enqueued (bounded by the collective timeout) where the host needs results.
-// Each phase's key holds its sizes, scalars and every address it touches, with an epoch that
-// moves whenever a buffer of the layer or of a Saved is reallocated, so no graph runs with
-// stale addresses.
+// Each phase's key holds its sizes, scalars and every address it touches, with epochs that move
+// whenever a buffer of the layer, of a Saved, of the backend's or of the communicator's scratch
+// is reallocated, so no graph runs with stale addresses. The phases with collectives (experts,
+// backward) run the same way on every rank, as NCCL requires: before each, one more 32-byte
+// all-reduce agrees on the least ready rank's way (op by op, capture, or launch of the graphs
+// captured together); a failed collective drops every graph.
 //
 // Thread-safety: one thread at a time per object, and per Saved (a Saved is only touched inside
 // the forward or backward it is passed to).
@@ -182,7 +185,10 @@ class ExpertParallelLayer {
                      std::initializer_list<const void*> io,
                      std::initializer_list<const LayerWeights*> weights) const;
   // Runs a phase's ops through the runner (directly without one); the key is built only then.
-  Status run_phase(const std::function<PhaseKey()>& key, const std::function<Status()>& ops);
+  // A phase without collectives is decided by this rank alone; one with collectives the way the
+  // group agrees on (a small all-reduce when the runner captures).
+  Status run_local_phase(const std::function<PhaseKey()>& key, const std::function<Status()>& ops);
+  Status run_group_phase(const std::function<PhaseKey()>& key, const std::function<Status()>& ops);
   // Waits for collectives that return once enqueued (comm_on_backend_queue).
   Status wait_collectives();
   TensorView f32(const DeviceBuffer& buf, Shape shape) const;
@@ -216,6 +222,7 @@ class ExpertParallelLayer {
   PhaseRunner* runner_;
   bool comm_on_backend_queue_;
   uint64_t epoch_ = 0;  // moves whenever grow() reallocates a buffer (the layer's or a Saved's)
+  uint64_t capture_rounds_ = 0;  // the last capture round the group agreed on
 
   // Scratch: no call leaves anything in these that a later call reads.
   Saved inference_;  // an inference forward's routing and activations

@@ -10,6 +10,12 @@
 // the captured graph from then on; its few most recently used graphs are kept. A caller whose
 // buffers move changes its keys (an epoch in the key), so a stale graph is never launched.
 //
+// A phase with collectives inside must be run the same way by every rank of the group: NCCL
+// requires that a collective be captured on all ranks or on none, and launched from graphs the
+// ranks captured together. Such a caller asks propose() what this rank could do, agrees with its
+// group on the least of the proposals (and on one capture round), and runs the phase with
+// run_as() in the agreed mode. A phase without collectives may use run(), decided alone.
+//
 // Thread-safety: one thread at a time, like the backend whose queue it records.
 #pragma once
 
@@ -51,14 +57,33 @@ struct PhaseRunnerStats {
   uint64_t evictions = 0;    // graphs dropped for newer keys
 };
 
+// How a phase runs, from least to most ready: op by op, captured (and launched) now, or
+// launched from a graph captured before.
+enum class PhaseMode : uint8_t { kEager = 0, kCapture = 1, kLaunch = 2 };
+
+struct PhaseProposal {
+  PhaseMode mode = PhaseMode::kEager;
+  uint64_t round = 0;  // kLaunch: the capture round of the graph this rank holds for the key
+};
+
 class PhaseRunner {
  public:
   virtual ~PhaseRunner() = default;
   // Whether phases may be captured: their collectives must then be ordered on the backend's
   // queue (a communicator on the backend's stream that returns once it has enqueued).
   virtual bool captures() const = 0;
-  // Runs the phase `key` names, whose ops are `ops`: directly, or as a graph of them.
+  // Runs the phase `key` names, whose ops are `ops`, as this runner decides alone: for phases
+  // without collectives.
   virtual Status run(const PhaseKey& key, const std::function<Status()>& ops) = 0;
+  // What run() would do with `key`.
+  virtual PhaseProposal propose(const PhaseKey& key) const = 0;
+  // Runs the phase in `mode`, which must not be above what propose() says: kCapture records
+  // the graph under `round` (agreed by the group), kLaunch launches the graph of `round`.
+  virtual Status run_as(const PhaseKey& key, PhaseMode mode, uint64_t round,
+                        const std::function<Status()>& ops) = 0;
+  // Drops every graph and everything seen: after a failed collective, whose communicator the
+  // graphs' collectives may belong to.
+  virtual void clear() = 0;
   virtual const PhaseRunnerStats& stats() const = 0;
 };
 
@@ -70,6 +95,14 @@ class EagerPhaseRunner final : public PhaseRunner {
     ++stats_.eager_runs;
     return ops();
   }
+  PhaseProposal propose(const PhaseKey&) const override { return {}; }
+  Status run_as(const PhaseKey& key, PhaseMode mode, uint64_t,
+                const std::function<Status()>& ops) override {
+    if (mode != PhaseMode::kEager)
+      return Status::Internal("an eager phase runner was asked to capture or launch a graph");
+    return run(key, ops);
+  }
+  void clear() override {}
   const PhaseRunnerStats& stats() const override { return stats_; }
 
  private:
@@ -94,9 +127,13 @@ class GraphCapture {
 
 class GraphPhaseRunner final : public PhaseRunner {
  public:
-  explicit GraphPhaseRunner(std::unique_ptr<GraphCapture> capture, size_t max_graphs = 16);
+  explicit GraphPhaseRunner(std::unique_ptr<GraphCapture> capture, size_t max_graphs = 64);
   bool captures() const override { return true; }
   Status run(const PhaseKey& key, const std::function<Status()>& ops) override;
+  PhaseProposal propose(const PhaseKey& key) const override;
+  Status run_as(const PhaseKey& key, PhaseMode mode, uint64_t round,
+                const std::function<Status()>& ops) override;
+  void clear() override;
   const PhaseRunnerStats& stats() const override { return stats_; }
   size_t graphs() const { return lru_.size(); }
 
@@ -104,6 +141,7 @@ class GraphPhaseRunner final : public PhaseRunner {
   struct Entry {
     PhaseKey key;
     std::unique_ptr<CapturedGraph> graph;
+    uint64_t round;
   };
   using Lru = std::list<Entry>;  // most recent first
 
@@ -113,11 +151,16 @@ class GraphPhaseRunner final : public PhaseRunner {
   std::unordered_map<PhaseKey, Lru::iterator, PhaseKeyHash> index_;
   // Keys that ran eagerly once: the next run of one is captured. Bounded (oldest out).
   std::list<PhaseKey> seen_;
+  // Keys whose capture failed: op by op from then on (until clear()), so an op that cannot be
+  // captured costs one failed request, not every other one.
+  std::list<PhaseKey> failed_;
+  uint64_t local_round_ = 0;  // capture rounds of run()'s own decisions
   PhaseRunnerStats stats_;
 };
 
 // The runner for `backend`: graph capture on its stream where it has one and CUDA is built
-// (CUDA graphs, thread-local capture mode), else eager. `max_graphs` bounds the graphs kept.
-std::unique_ptr<PhaseRunner> make_phase_runner(Backend& backend, size_t max_graphs = 16);
+// (CUDA graphs, thread-local capture mode), else eager. `max_graphs` bounds the graphs kept:
+// a pipelined group layer holds about three keys per micro-batch in flight.
+std::unique_ptr<PhaseRunner> make_phase_runner(Backend& backend, size_t max_graphs = 64);
 
 }  // namespace tutel::graphs
