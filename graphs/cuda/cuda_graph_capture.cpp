@@ -11,6 +11,7 @@
 #include <string>
 #include <type_traits>
 
+#include "cuda/cuda_graph_handles.hpp"
 #include "tutel/graphs/phase_runner.hpp"
 
 namespace tutel::graphs {
@@ -31,15 +32,8 @@ Status cuda_failure(cudaError_t err, const char* expr) {
     if (_capture_err != cudaSuccess) return cuda_failure(_capture_err, #expr); \
   } while (0)
 
-struct GraphDeleter {
-  void operator()(cudaGraph_t g) const { (void)cudaGraphDestroy(g); }
-};
-// Destroying an executable still in flight is allowed: it is freed when it completes.
-struct ExecDeleter {
-  void operator()(cudaGraphExec_t e) const { (void)cudaGraphExecDestroy(e); }
-};
-using GraphPtr = std::unique_ptr<std::remove_pointer_t<cudaGraph_t>, GraphDeleter>;
-using ExecPtr = std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, ExecDeleter>;
+using detail::ExecPtr;
+using detail::GraphPtr;
 
 class CudaGraph final : public CapturedGraph {
  public:

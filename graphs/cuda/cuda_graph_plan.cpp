@@ -28,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cuda/cuda_graph_handles.hpp"
 #include "src/plan_base.hpp"
 
 namespace tutel::graphs::detail {
@@ -46,17 +47,6 @@ Status cuda_failure(cudaError_t err, const char* expr, int line) {
     const cudaError_t _graphs_cuda_err = (expr);                                                 \
     if (_graphs_cuda_err != cudaSuccess) return cuda_failure(_graphs_cuda_err, #expr, __LINE__); \
   } while (0)
-
-struct GraphDeleter {
-  void operator()(cudaGraph_t g) const { (void)cudaGraphDestroy(g); }
-};
-using GraphPtr = std::unique_ptr<std::remove_pointer_t<cudaGraph_t>, GraphDeleter>;
-
-// Destroying an executable that is still in flight is allowed: it is freed when it completes.
-struct ExecDeleter {
-  void operator()(cudaGraphExec_t e) const { (void)cudaGraphExecDestroy(e); }
-};
-using ExecPtr = std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, ExecDeleter>;
 
 struct PinnedDeleter {
   void operator()(void* p) const { (void)cudaFreeHost(p); }
