@@ -392,10 +392,9 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
   // depend on the backend's expert workspace and, dropless, on the routing, and an upper bound
   // from the shape would refuse forwards that fit. A refused allocation (a new plan's buffers,
   // x's copy) fails the forward before anything is written to y, and the entry is freed below.
-  // A group layer's forward is a collective with allocations on both sides of its exchanges: a
-  // rank refusing alone would leave its peers waiting until collective_timeout and the group
-  // out of step, so its growth is charged (and shown) but not refused until the ranks can agree
-  // on a refusal.
+  // A group layer's forward is a collective: its ranks agree on whether each could allocate, and
+  // refuse the step together (ExpertParallelLayer), so only the layer's own allocations are
+  // enforced there, not the staging before it, which a rank would refuse alone.
   std::optional<ActivationBackend::Enforce> enforce;
   if (training && !group_) enforce.emplace(b);
   Status st;
@@ -406,6 +405,8 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
     st = note_group_status([&]() -> Status {
       TUTEL_ASSIGN_OR_RETURN(const TensorView xv, stage_in(x, {tokens, M}, staged_in_, memory));
       TUTEL_ASSIGN_OR_RETURN(const TensorView yv, stage_out(y, {tokens, O}, staged_out_, memory));
+      std::optional<ActivationBackend::Enforce> group_enforce;
+      if (training) group_enforce.emplace(b);
       TUTEL_RETURN_IF_ERROR(
           group_->layer->forward(weights_of(0), xv, yv, &stats, pending ? &pending->saved : nullptr));
       return unstage_out(y, yv, memory);

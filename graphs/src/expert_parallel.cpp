@@ -118,7 +118,11 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   TUTEL_ASSIGN_OR_RETURN(ExpertShard shard, expert_shard(spec, comm.size(), comm.rank()));
   LayerSpec s = spec;
   s.alignment = shard.shards;  // Tutel's alignment = s·d (d = 1)
-  return ExpertParallelLayer(backend, comm, s, shard, options);
+  ExpertParallelLayer layer(backend, comm, s, shard, options);
+  // Allocated up front: the agreements must never fail for memory, or a rank refused there
+  // would leave its peers waiting in the collective.
+  TUTEL_RETURN_IF_ERROR(layer.grow(layer.agreed_, 8 * sizeof(int64_t)));
+  return layer;
 }
 
 // [E, C, row] on the tokens' rank → every rank's experts: [E_l, W·C, row] (E ≥ W), or [W·C, row]
@@ -210,29 +214,49 @@ Status ExpertParallelLayer::run_local_phase(const std::function<PhaseKey()>& key
   return runner_ == nullptr ? ops() : runner_->run(key(), ops);
 }
 
-Status ExpertParallelLayer::run_group_phase(const std::function<PhaseKey()>& key,
+Status ExpertParallelLayer::refused_by_a_peer() const {
+  return Status::ResourceExhausted(
+      "another rank of the expert-parallel group could not allocate what this step needs (its "
+      "tenant's max_memory_bytes, or device memory), so every rank refused it: run the pending "
+      "backwards, or use smaller micro-batches");
+}
+
+Status ExpertParallelLayer::run_group_phase(const Status& prepared,
+                                            const std::function<PhaseKey()>& key,
                                             const std::function<Status()>& ops) {
-  if (runner_ == nullptr) return ops();
-  if (!runner_->captures()) return runner_->run(key(), ops);
-  // Every rank runs the phase the same way, as NCCL requires of captured collectives: the least
-  // ready of the ranks' proposals; a launch only where every rank holds a graph of the same
-  // capture round (else they capture again, together, under a new round). The agreement is
-  // also a collective: with a failed communicator it fails here, before any graph launches.
-  const PhaseKey k = key();
-  const PhaseProposal mine = runner_->propose(k);
+  const bool graphs = runner_ != nullptr && runner_->captures();
+  if (!graphs && shard_.world == 1) {  // nobody to agree with
+    TUTEL_RETURN_IF_ERROR(prepared);
+    return runner_ == nullptr ? ops() : runner_->run(key(), ops);
+  }
+  // The group agrees on whether every rank could allocate the phase's buffers (else all refuse
+  // the step) and, with graphs, on how to run it: the same way on every rank, as NCCL requires
+  // of captured collectives. The least ready rank decides: op by op, capture under a new round,
+  // or launch where every rank holds a graph of the same capture round. The agreement is also a
+  // collective: with a failed communicator it fails here, before any graph launches.
+  PhaseKey k;
+  PhaseProposal mine;
+  if (graphs && prepared.ok()) {
+    k = key();
+    mine = runner_->propose(k);
+  }
   const int64_t launch_round = mine.mode == PhaseMode::kLaunch ? int64_t(mine.round) : -1;
-  int64_t agreed[4] = {2 - static_cast<int64_t>(mine.mode),  // how far from launching
+  int64_t agreed[5] = {prepared.ok() ? 0 : 1,
+                       2 - static_cast<int64_t>(mine.mode),  // how far from launching
                        launch_round, -launch_round,          // the same round everywhere?
                        int64_t(capture_rounds_) + 1};        // a new round, above all so far
-  TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 4));
+  TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 5));
+  TUTEL_RETURN_IF_ERROR(prepared);
+  if (agreed[0] != 0) return refused_by_a_peer();
+  if (!graphs) return runner_ == nullptr ? ops() : runner_->run(key(), ops);
   PhaseMode mode = PhaseMode::kEager;
   uint64_t round = 0;
-  if (agreed[0] == 0 && agreed[1] == -agreed[2]) {
+  if (agreed[1] == 0 && agreed[2] == -agreed[3]) {
     mode = PhaseMode::kLaunch;
-    round = static_cast<uint64_t>(agreed[1]);
-  } else if (agreed[0] <= 1) {
+    round = static_cast<uint64_t>(agreed[2]);
+  } else if (agreed[1] <= 1) {
     mode = PhaseMode::kCapture;
-    round = capture_rounds_ = static_cast<uint64_t>(agreed[3]);
+    round = capture_rounds_ = static_cast<uint64_t>(agreed[4]);
   }
   Status st = runner_->run_as(k, mode, round, ops);
   if (!st.ok()) runner_->clear();
@@ -347,19 +371,25 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   Saved& st = training ? *saved : inference_;
   st.holds_forward_ = false;
 
-  TUTEL_RETURN_IF_ERROR(grow(st.scores_, S * E * 4));
-  TUTEL_RETURN_IF_ERROR(grow(st.expert_index_, S * k * 4));
-  TUTEL_RETURN_IF_ERROR(grow(st.gates_, S * k * 4));
-  TUTEL_RETURN_IF_ERROR(grow(st.location_, S * k * 4));
-  TUTEL_RETURN_IF_ERROR(grow(l_aux_, 4));
-  TUTEL_RETURN_IF_ERROR(grow(expert_count_, E * 4));
-  // Backward reads x again, after the caller has moved on to other micro-batches.
-  if (training) TUTEL_RETURN_IF_ERROR(grow(st.x_, S * M * 4));
+  // A rank that cannot allocate what the step needs (its tenant's quota, device memory) still
+  // joins the group's agreements below, so the whole group refuses the step together instead of
+  // leaving its peers waiting in a collective until the timeout.
+  Status ready = [&]() -> Status {
+    TUTEL_RETURN_IF_ERROR(grow(st.scores_, S * E * 4));
+    TUTEL_RETURN_IF_ERROR(grow(st.expert_index_, S * k * 4));
+    TUTEL_RETURN_IF_ERROR(grow(st.gates_, S * k * 4));
+    TUTEL_RETURN_IF_ERROR(grow(st.location_, S * k * 4));
+    TUTEL_RETURN_IF_ERROR(grow(l_aux_, 4));
+    TUTEL_RETURN_IF_ERROR(grow(expert_count_, E * 4));
+    // Backward reads x again, after the caller has moved on to other micro-batches.
+    if (training) TUTEL_RETURN_IF_ERROR(grow(st.x_, S * M * 4));
+    return Status::OK();
+  }();
   const TensorView xv = training ? f32(st.x_, {S, M}) : x;
   const TensorView scores = f32(st.scores_, {S, E}), idx = i32(st.expert_index_, {S, k}),
                    gates = f32(st.gates_, {S, k}), loc = i32(st.location_, {S, k}),
                    counts = i32(expert_count_, {E});
-  TUTEL_RETURN_IF_ERROR(run_local_phase(
+  if (ready.ok()) ready = run_local_phase(
       [&] {
         return phase_key(kRoutePhase, st, {uint64_t(S), uint64_t(training)}, {x.data()}, {&local});
       },
@@ -377,34 +407,39 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
                                               gates,
                                               f32(l_aux_, {1})}));
         return b.locations({scores, idx, spec_.batch_prioritized, loc, counts});
-      }));
+      });
 
   // One capacity for the whole group: from its most tokens and its fullest expert.
-  host_counts_.resize(E);
-  TUTEL_RETURN_IF_ERROR(
-      b.copy(host_counts_.data(), counts.data(), E * sizeof(int32_t), CopyKind::kDeviceToHost));
-  int64_t agreed[2] = {S, *std::max_element(host_counts_.begin(), host_counts_.end())};
-  TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 2));
+  host_counts_.assign(E, 0);
+  if (ready.ok())
+    ready = b.copy(host_counts_.data(), counts.data(), E * sizeof(int32_t), CopyKind::kDeviceToHost);
+  int64_t agreed[3] = {S, *std::max_element(host_counts_.begin(), host_counts_.end()),
+                       ready.ok() ? 0 : 1};
+  TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 3));
+  TUTEL_RETURN_IF_ERROR(ready);
+  if (agreed[2] != 0) return refused_by_a_peer();
   const int64_t C = layer_capacity(spec_, agreed[0], agreed[1]), R = W * C;
   int64_t dropped = 0;
   for (int64_t e = 0; e < E; ++e) dropped += std::max<int64_t>(0, host_counts_[e] - C);
 
   const int64_t widest = std::max(M, O);
   const bool keep_pre = training && spec_.activation != Activation::kRelu;
-  TUTEL_RETURN_IF_ERROR(grow(st.slots_, E * C * 4));
-  TUTEL_RETURN_IF_ERROR(grow(dispatched_, E * C * M * 4));
-  TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
-  TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
-  TUTEL_RETURN_IF_ERROR(grow(st.expert_in_, El * R * M * 4));
-  if (keep_pre) TUTEL_RETURN_IF_ERROR(grow(st.pre_, El * R * Hs * 4));
-  TUTEL_RETURN_IF_ERROR(grow(st.hidden_, El * R * Hs * 4));
-  TUTEL_RETURN_IF_ERROR(grow(expert_out_, El * R * O * 4));
-  TUTEL_RETURN_IF_ERROR(grow(st.combined_, E * C * O * 4));
-  ExpertShape shape{El, R, M, Hs, O};
-  shape.weights_bf16 = local.experts.has_bf16_copies();
-  TUTEL_RETURN_IF_ERROR(grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype)));
+  const Status experts_ready = [&]() -> Status {
+    TUTEL_RETURN_IF_ERROR(grow(st.slots_, E * C * 4));
+    TUTEL_RETURN_IF_ERROR(grow(dispatched_, E * C * M * 4));
+    TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
+    TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
+    TUTEL_RETURN_IF_ERROR(grow(st.expert_in_, El * R * M * 4));
+    if (keep_pre) TUTEL_RETURN_IF_ERROR(grow(st.pre_, El * R * Hs * 4));
+    TUTEL_RETURN_IF_ERROR(grow(st.hidden_, El * R * Hs * 4));
+    TUTEL_RETURN_IF_ERROR(grow(expert_out_, El * R * O * 4));
+    TUTEL_RETURN_IF_ERROR(grow(st.combined_, E * C * O * 4));
+    ExpertShape shape{El, R, M, Hs, O};
+    shape.weights_bf16 = local.experts.has_bf16_copies();
+    return grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype));
+  }();
 
-  TUTEL_RETURN_IF_ERROR(run_group_phase(
+  TUTEL_RETURN_IF_ERROR(run_group_phase(experts_ready, 
       [&] {
         return phase_key(kExpertsPhase, st, {uint64_t(S), uint64_t(C), uint64_t(training)},
                          {x.data(), y.data()}, {&local});
@@ -460,29 +495,32 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
   // half-used, so it is consumed either way.
   saved.holds_forward_ = false;
 
-  TUTEL_RETURN_IF_ERROR(grow(d_gates_, S * k * 4));
-  TUTEL_RETURN_IF_ERROR(grow(d_logits_, S * E * 4));
-  TUTEL_RETURN_IF_ERROR(grow(d_combined_, E * C * O * 4));
-  TUTEL_RETURN_IF_ERROR(grow(d_expert_out_, El * R * O * 4));
-  TUTEL_RETURN_IF_ERROR(grow(d_hidden_, El * R * Hs * 4));
-  TUTEL_RETURN_IF_ERROR(grow(d_expert_in_, El * R * M * 4));
-  TUTEL_RETURN_IF_ERROR(grow(d_dispatched_, E * C * M * 4));
-  // Other forwards have run since this one sized the staging and the workspace; as scratch
-  // only grows they still fit this C, and checking here costs nothing and keeps backward
-  // correct without relying on that.
-  const int64_t widest = std::max(M, O);
-  TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
-  TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
-  ExpertShape shape{El, R, M, Hs, O};
-  shape.weights_bf16 = local.experts.has_bf16_copies();
-  TUTEL_RETURN_IF_ERROR(grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype)));
+  // As in forward: a rank that cannot allocate joins the agreement, and the group refuses.
+  const Status ready = [&]() -> Status {
+    TUTEL_RETURN_IF_ERROR(grow(d_gates_, S * k * 4));
+    TUTEL_RETURN_IF_ERROR(grow(d_logits_, S * E * 4));
+    TUTEL_RETURN_IF_ERROR(grow(d_combined_, E * C * O * 4));
+    TUTEL_RETURN_IF_ERROR(grow(d_expert_out_, El * R * O * 4));
+    TUTEL_RETURN_IF_ERROR(grow(d_hidden_, El * R * Hs * 4));
+    TUTEL_RETURN_IF_ERROR(grow(d_expert_in_, El * R * M * 4));
+    TUTEL_RETURN_IF_ERROR(grow(d_dispatched_, E * C * M * 4));
+    // Other forwards have run since this one sized the staging and the workspace; as scratch
+    // only grows they still fit this C, and checking here costs nothing and keeps backward
+    // correct without relying on that.
+    const int64_t widest = std::max(M, O);
+    TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
+    TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
+    ExpertShape shape{El, R, M, Hs, O};
+    shape.weights_bf16 = local.experts.has_bf16_copies();
+    return grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype));
+  }();
   const TensorView xv = f32(saved.x_, {S, M}), scores = f32(saved.scores_, {S, E}),
                    idx = i32(saved.expert_index_, {S, k}), gates = f32(saved.gates_, {S, k}),
                    loc = i32(saved.location_, {S, k}), d_gates = f32(d_gates_, {S, k});
 
   uint32_t dl_aux_bits = 0;
   std::memcpy(&dl_aux_bits, &dl_aux, sizeof dl_aux_bits);
-  TUTEL_RETURN_IF_ERROR(run_group_phase(
+  TUTEL_RETURN_IF_ERROR(run_group_phase(ready,
       [&] {
         return phase_key(kBackwardPhase, saved, {uint64_t(S), uint64_t(C), dl_aux_bits},
                          {dy.data(), dx.data()}, {&local, &local_grads});

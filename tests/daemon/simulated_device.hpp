@@ -87,6 +87,10 @@ class SimulatedDevice final : public Backend {
   }
   // Makes register_host() fail, as cudaHostRegister does on a mapping it cannot lock.
   void fail_registration(bool fail) { fail_registration_ = fail; }
+  // Refuses allocations that would take the memory it holds past `bytes` (a full device, or a
+  // tenant's quota); ~0 lifts the limit.
+  void limit_memory(size_t bytes) { memory_limit_ = bytes; }
+  size_t live_bytes() const { return live_bytes_; }
 
   std::string_view name() const override { return "simulated-cuda"; }
   Device device() const override { return {DeviceKind::kCuda, 0}; }
@@ -94,6 +98,9 @@ class SimulatedDevice final : public Backend {
   Result<DeviceBuffer> allocate(size_t bytes) override {
     const size_t align = guarded_ ? page_size() : 64;
     const size_t rounded = (std::max<size_t>(bytes, 1) + align - 1) / align * align;
+    if (rounded > memory_limit_ || live_bytes_ > memory_limit_ - rounded)
+      return Status::ResourceExhausted("simulated device: " + std::to_string(bytes) +
+                                       " more bytes would pass its limit");
     void* p = guarded_ ? ::mmap(nullptr, rounded, PROT_READ | PROT_WRITE,
                                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
                        : std::aligned_alloc(64, rounded);
@@ -102,6 +109,7 @@ class SimulatedDevice final : public Backend {
     std::memset(p, 0xff, rounded);
     if (guarded_ && open_ == 0) ::mprotect(p, rounded, PROT_NONE);
     allocations_[reinterpret_cast<uintptr_t>(p)] = rounded;
+    live_bytes_ += rounded;
     ++allocation_count_;
     return DeviceBuffer(this, p, bytes);
   }
@@ -112,6 +120,7 @@ class SimulatedDevice final : public Backend {
       return;
     }
     free_memory(data, it->second);
+    live_bytes_ -= it->second;
     allocations_.erase(it);
   }
 
@@ -335,6 +344,8 @@ class SimulatedDevice final : public Backend {
   std::vector<CopyRecord> copies_;
   int64_t allocation_count_ = 0;
   bool fail_registration_ = false;
+  size_t memory_limit_ = ~size_t{0};
+  size_t live_bytes_ = 0;
   bool guarded_ = false;  // guard_host_access()
   int open_ = 0;          // live Access objects
 };

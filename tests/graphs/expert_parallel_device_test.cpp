@@ -441,6 +441,104 @@ TEST(ExpertParallelOnDeviceSkewed, RanksThatDisagreeRunEveryCollectiveTheSameWay
   run_case(device_cases()[1], DeviceRun::kGraphsSkewed);
 }
 
+// A rank that cannot allocate what a step needs (its tenant's quota, a full device) must not
+// leave its peers waiting in a collective: the group agrees, every rank refuses the step with
+// ResourceExhausted (never a timeout), and the group goes on. Rank 1 is refused where its
+// route's buffers do not fit, where only its experts' do (its peer brings more tokens, so the
+// agreed capacity grows), and in a backward; each time the limit is lifted the steps run again.
+TEST(ExpertParallelLimits, ARankThatCannotAllocateRefusesTheStepOnEveryRank) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  LayerSpec spec;
+  spec.experts = 4;
+  spec.model_dim = 16;
+  spec.hidden = 32;
+  spec.k = 2;
+  spec.capacity_factor = 1.0;
+  constexpr int W = 2;
+  const int64_t M = 16, O = 16;
+  std::mt19937_64 rng(5);
+  const ref::Params p = random_params(rng, spec);
+  const HostLayerParams whole{to_f32(p.wg), to_f32(p.fc1_w), to_f32(p.fc1_b), to_f32(p.fc2_w),
+                              to_f32(p.fc2_b)};
+  std::vector<Status> setup(W);
+  std::vector<std::vector<Status>> steps(W);
+  const uint16_t port = free_port();
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r) {
+    threads.emplace_back([&, r] {
+      auto comm = comm::ucx_bootstrap(rank_options(port, r, W, 1));
+      if (!comm.ok()) return void(setup[r] = comm.status());
+      auto inner = make_backend("cpu", {.threads = 1});
+      if (!inner.ok()) return void(setup[r] = inner.status());
+      SimulatedDevice device(std::move(inner).value());
+      DeviceCollectives device_comm(**comm, device);
+      auto layer = ExpertParallelLayer::create(device, device_comm, spec);
+      if (!layer.ok()) return void(setup[r] = layer.status());
+      LocalTensors params(device, spec, layer->shard()), grads(device, spec, layer->shard());
+      params.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
+      // The caller's tensors for every step, made before any limit: they are not the layer's.
+      struct Io {
+        std::unique_ptr<DeviceTensor> x, y, dy, dx;
+      };
+      std::map<int64_t, Io> io;
+      for (int64_t S : {8, 64, 256}) {
+        Io& t = io[S];
+        t.x = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, M});
+        t.y = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, O});
+        t.dy = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, O});
+        t.dx = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, M});
+        t.x->upload(to_f32(randn(rng, S * M, 1.0)));
+        t.dy->upload(to_f32(randn(rng, S * O, 1.0)));
+      }
+      ExpertParallelLayer::Saved small, big;
+      auto forward = [&](int64_t S, ExpertParallelLayer::Saved& saved) {
+        steps[r].push_back(
+            layer->forward(params.weights(), io[S].x->view(), io[S].y->view(), nullptr, &saved));
+      };
+      auto backward = [&](int64_t S, ExpertParallelLayer::Saved& saved) {
+        steps[r].push_back(layer->backward(params.weights(), io[S].dy->view(), 0.f,
+                                           io[S].dx->view(), grads.weights(), saved));
+      };
+      // Rank 1 can allocate nothing more; lifted again after the step.
+      auto full = [&] {
+        if (r == 1) device.limit_memory(device.live_bytes());
+      };
+      auto lift = [&] { device.limit_memory(~size_t{0}); };
+      const int64_t peer_more = r == 0 ? 256 : 64;  // rank 0 brings more tokens
+      forward(8, small);                             // 0
+      full();
+      forward(256, big);  // 1: refused, rank 1's route buffers
+      lift();
+      forward(64, big);   // 2
+      backward(64, big);  // 3
+      full();
+      forward(peer_more, big);  // 4: refused, rank 1's experts' buffers (C grew with rank 0's S)
+      lift();
+      forward(peer_more, big);  // 5
+      full();
+      backward(peer_more, big);  // 6: refused, rank 1's backward buffers
+      lift();
+      forward(peer_more, big);   // 7
+      backward(peer_more, big);  // 8
+      setup[r] = (*comm)->barrier();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    ASSERT_TRUE(setup[r].ok()) << setup[r];
+    ASSERT_EQ(steps[r].size(), 9u);
+    for (size_t i : {0, 2, 3, 5, 7, 8}) EXPECT_TRUE(steps[r][i].ok()) << "step " << i << ": " << steps[r][i];
+    for (size_t i : {1, 4, 6}) {
+      EXPECT_EQ(steps[r][i].code(), StatusCode::kResourceExhausted) << "step " << i << ": " << steps[r][i];
+      const std::string why(steps[r][i].message());
+      const char* expected = r == 0 ? "another rank of the expert-parallel group could not allocate"
+                                    : "would pass its limit";
+      EXPECT_NE(why.find(expected), std::string::npos) << "step " << i << ": " << why;
+    }
+  }
+}
+
 // Records the key of every phase (and runs it op by op): what a graph of the phase would bake.
 class KeyRecorder final : public graphs::PhaseRunner {
  public:

@@ -187,8 +187,12 @@ class ExpertParallelLayer {
   // Runs a phase's ops through the runner (directly without one); the key is built only then.
   // A phase without collectives is decided by this rank alone; one with collectives the way the
   // group agrees on (a small all-reduce when the runner captures).
+  // `prepared`: whether this rank could allocate the phase's buffers; the group refuses the step
+  // together when a rank could not.
   Status run_local_phase(const std::function<PhaseKey()>& key, const std::function<Status()>& ops);
-  Status run_group_phase(const std::function<PhaseKey()>& key, const std::function<Status()>& ops);
+  Status run_group_phase(const Status& prepared, const std::function<PhaseKey()>& key,
+                         const std::function<Status()>& ops);
+  Status refused_by_a_peer() const;
   // Waits for collectives that return once enqueued (comm_on_backend_queue).
   Status wait_collectives();
   TensorView f32(const DeviceBuffer& buf, Shape shape) const;
