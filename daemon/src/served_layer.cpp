@@ -326,8 +326,10 @@ void ServedLayer::trim_plans_over_quota() {
 }
 
 uint64_t ServedLayer::trim_idle_plans() {
-  std::lock_guard lock(mutex_);
+  // Set before the layer is published, never changed: a group layer (no plans) is skipped
+  // without taking its mutex, which it may hold for a whole collective.
   if (!plans_) return 0;
+  std::lock_guard lock(mutex_);
   auto device_lock = lock_device();
   const uint64_t freed = plans_->trim();
   publish_plan_summary();

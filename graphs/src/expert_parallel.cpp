@@ -226,7 +226,7 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
                                             const std::function<Status()>& ops) {
   const bool graphs = runner_ != nullptr && runner_->captures();
   if (!graphs && shard_.world == 1) {  // nobody to agree with
-    TUTEL_RETURN_IF_ERROR(prepared);
+    if (!prepared.ok()) return refuse(prepared);
     return runner_ == nullptr ? ops() : runner_->run(key(), ops);
   }
   // The group agrees on whether every rank could allocate the phase's buffers (else all refuse
@@ -246,8 +246,8 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
                        launch_round, -launch_round,          // the same round everywhere?
                        int64_t(capture_rounds_) + 1};        // a new round, above all so far
   TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 5));
-  TUTEL_RETURN_IF_ERROR(prepared);
-  if (agreed[0] != 0) return refused_by_a_peer();
+  if (!prepared.ok()) return refuse(prepared);
+  if (agreed[0] != 0) return refuse(refused_by_a_peer());
   if (!graphs) return runner_ == nullptr ? ops() : runner_->run(key(), ops);
   PhaseMode mode = PhaseMode::kEager;
   uint64_t round = 0;
@@ -255,12 +255,38 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
     mode = PhaseMode::kLaunch;
     round = static_cast<uint64_t>(agreed[2]);
   } else if (agreed[1] <= 1) {
-    mode = PhaseMode::kCapture;
+    // Every rank records its graph (nothing runs yet), then the group agrees on whether every
+    // capture worked: all launch, or all drop theirs and run op by op (a rank whose capture
+    // failed runs this key op by op from then on, and so proposes it, and so the group).
     round = capture_rounds_ = static_cast<uint64_t>(agreed[4]);
+    const Status captured = runner_->capture(k, round, ops);
+    int64_t failed[1] = {captured.ok() ? 0 : 1};
+    TUTEL_RETURN_IF_ERROR(agree_on_max(failed, 1));
+    if (failed[0] == 0) {
+      mode = PhaseMode::kLaunch;
+    } else {
+      runner_->drop(k);
+      round = 0;
+    }
   }
+  // A failure from here is a kernel's or a collective's: the graphs may hold a communicator
+  // that is now aborted, and must never launch again.
   Status st = runner_->run_as(k, mode, round, ops);
   if (!st.ok()) runner_->clear();
   return st;
+}
+
+Status ExpertParallelLayer::refuse(Status why) {
+  // The step's scratch may have grown part way before the refusal; what it holds is no later
+  // call's, so it goes back (to the tenant's quota too) and grows again when a step needs it.
+  for (DeviceBuffer* b : {&dispatched_, &send_, &recv_, &expert_out_, &workspace_, &d_gates_,
+                          &d_logits_, &d_combined_, &d_expert_out_, &d_hidden_, &d_expert_in_,
+                          &d_dispatched_})
+    if (b->data()) {
+      b->reset();
+      ++epoch_;
+    }
+  return why;
 }
 
 // The values make a round trip through a few bytes of the backend's memory, the only memory
@@ -416,8 +442,8 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   int64_t agreed[3] = {S, *std::max_element(host_counts_.begin(), host_counts_.end()),
                        ready.ok() ? 0 : 1};
   TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 3));
-  TUTEL_RETURN_IF_ERROR(ready);
-  if (agreed[2] != 0) return refused_by_a_peer();
+  if (!ready.ok()) return refuse(ready);
+  if (agreed[2] != 0) return refuse(refused_by_a_peer());
   const int64_t C = layer_capacity(spec_, agreed[0], agreed[1]), R = W * C;
   int64_t dropped = 0;
   for (int64_t e = 0; e < E; ++e) dropped += std::max<int64_t>(0, host_counts_[e] - C);

@@ -30,60 +30,70 @@ PhaseProposal GraphPhaseRunner::propose(const PhaseKey& key) const {
 
 Status GraphPhaseRunner::run(const PhaseKey& key, const std::function<Status()>& ops) {
   const PhaseProposal p = propose(key);
-  return run_as(key, p.mode, p.mode == PhaseMode::kLaunch ? p.round : ++local_round_, ops);
+  if (p.mode != PhaseMode::kCapture) return run_as(key, p.mode, p.round, ops);
+  const uint64_t round = ++local_round_;
+  // A capture that fails leaves nothing run: the phase runs op by op now, and from then on.
+  if (!capture(key, round, ops).ok()) return run_as(key, PhaseMode::kEager, 0, ops);
+  return run_as(key, PhaseMode::kLaunch, round, ops);
 }
 
 Status GraphPhaseRunner::run_as(const PhaseKey& key, PhaseMode mode, uint64_t round,
                                 const std::function<Status()>& ops) {
   const PhaseProposal ready = propose(key);
-  if (static_cast<int>(mode) > static_cast<int>(ready.mode))
-    return Status::Internal("phase runner asked to " +
-                            std::string(mode == PhaseMode::kLaunch ? "launch" : "capture") +
-                            " a phase it is not ready for");
+  if (mode == PhaseMode::kCapture)
+    return Status::Internal("phase runner: run_as cannot capture; use capture()");
   if (mode == PhaseMode::kLaunch) {
+    if (ready.mode != PhaseMode::kLaunch || ready.round != round)
+      return Status::Internal("phase runner asked to launch a graph of capture round " +
+                              std::to_string(round) + " it does not hold");
     auto it = index_.find(key);
-    if (it->second->round != round)
-      return Status::Internal("phase runner asked to launch capture round " + std::to_string(round) +
-                              ", but its graph is of round " + std::to_string(it->second->round));
     lru_.splice(lru_.begin(), lru_, it->second);
     ++stats_.launches;
     return it->second->graph->launch();
   }
-  if (mode == PhaseMode::kEager) {
-    // Op by op, which also makes every lazy allocation a capture must not make; remembered, so
-    // that the next time the key may be captured (a key with a graph keeps it).
-    if (ready.mode == PhaseMode::kEager && std::find(failed_.begin(), failed_.end(), key) == failed_.end()) {
-      seen_.push_front(key);
-      if (seen_.size() > kMaxSeen) seen_.pop_back();
-    }
-    ++stats_.eager_runs;
-    return ops();
+  // Op by op, which also makes every lazy allocation a capture must not make; remembered, so
+  // that the next time the key may be captured (a key with a graph keeps it).
+  if (ready.mode == PhaseMode::kEager && std::find(failed_.begin(), failed_.end(), key) == failed_.end()) {
+    seen_.push_front(key);
+    if (seen_.size() > kMaxSeen) seen_.pop_back();
   }
-  // kCapture: replaces a graph the key may hold (the group captures together).
+  ++stats_.eager_runs;
+  return ops();
+}
+
+Status GraphPhaseRunner::capture(const PhaseKey& key, uint64_t round,
+                                 const std::function<Status()>& ops) {
+  if (propose(key).mode == PhaseMode::kEager)
+    return Status::Internal("phase runner asked to capture a phase it has not run op by op yet");
+  drop(key);  // a graph the key may hold is replaced (the group captures together)
+  seen_.remove(key);
+  Status captured = capture_->begin();
+  if (captured.ok()) {
+    const Status recorded = ops();
+    Result<std::unique_ptr<CapturedGraph>> graph = capture_->end();
+    captured = recorded.ok() ? graph.status() : recorded;
+    if (captured.ok()) {
+      ++stats_.captures;
+      if (lru_.size() >= max_graphs_) {
+        index_.erase(lru_.back().key);
+        lru_.pop_back();
+        ++stats_.evictions;
+      }
+      lru_.push_front(Entry{key, std::move(graph).value(), round});
+      index_[key] = lru_.begin();
+      return Status::OK();
+    }
+  }
+  failed_.push_front(key);
+  if (failed_.size() > kMaxSeen) failed_.pop_back();
+  return captured.with_context("capturing a graph of the step");
+}
+
+void GraphPhaseRunner::drop(const PhaseKey& key) {
   if (auto it = index_.find(key); it != index_.end()) {
     lru_.erase(it->second);
     index_.erase(it);
   }
-  seen_.remove(key);
-  TUTEL_RETURN_IF_ERROR(capture_->begin());
-  const Status recorded = ops();
-  Result<std::unique_ptr<CapturedGraph>> graph = capture_->end();
-  Status captured = recorded.ok() ? graph.status() : recorded;
-  if (!captured.ok()) {
-    failed_.push_front(key);
-    if (failed_.size() > kMaxSeen) failed_.pop_back();
-    return captured.with_context("capturing a graph of the step");
-  }
-  ++stats_.captures;
-  if (lru_.size() >= max_graphs_) {
-    index_.erase(lru_.back().key);
-    lru_.pop_back();
-    ++stats_.evictions;
-  }
-  lru_.push_front(Entry{key, std::move(graph).value(), round});
-  index_[key] = lru_.begin();
-  ++stats_.launches;
-  return lru_.front().graph->launch();
 }
 
 void GraphPhaseRunner::clear() {

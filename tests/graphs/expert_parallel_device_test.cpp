@@ -275,8 +275,9 @@ StepResults run_steps(Backend& b, comm::Communicator& comm, const DeviceCase& c,
 }
 
 // How the device run of a case goes: op by op, or with its phases captured as graphs; skewed:
-// rank 0's runner keeps a single graph, so it is seldom ready when its peers are.
-enum class DeviceRun { kOpByOp, kGraphs, kGraphsSkewed };
+// rank 0's runner keeps a single graph, so it is seldom ready when its peers are; failing: every
+// capture of rank 0's fails.
+enum class DeviceRun { kOpByOp, kGraphs, kGraphsSkewed, kGraphsCaptureFails };
 
 // With graphs every run makes eight rounds, four on each set of tensors (run_steps): the first
 // two grow the buffers (moving the epoch), then each set's phases run op by op, are captured,
@@ -353,7 +354,8 @@ void run_case(const DeviceCase& c, DeviceRun how) {
         TapeBackend tape_backend(device, tape);
         TapeCollectives tape_comm(device_comm, tape);
         const size_t max_graphs = how == DeviceRun::kGraphsSkewed && r == 0 ? 1 : 64;
-        graphs::GraphPhaseRunner runner(std::make_unique<TapeCapture>(tape), max_graphs);
+        const bool fail = how == DeviceRun::kGraphsCaptureFails && r == 0;
+        graphs::GraphPhaseRunner runner(std::make_unique<TapeCapture>(tape, fail), max_graphs);
         out.device = run_steps(tape_backend, tape_comm, c, spec, whole, xs[r], dys[r], rounds,
                                &runner);
         out.graphs = runner.stats();
@@ -381,7 +383,13 @@ void run_case(const DeviceCase& c, DeviceRun how) {
     if (how != DeviceRun::kOpByOp) {
       // Every collective ran the same way on every rank (NCCL's rule for captured ones).
       EXPECT_EQ(got.collectives, results[0].collectives);
-      EXPECT_NE(got.collectives.find('L'), std::string::npos) << got.collectives;
+      if (how == DeviceRun::kGraphsCaptureFails) {
+        // Captures were tried, and since rank 0's failed, nobody launched one.
+        EXPECT_NE(got.collectives.find('C'), std::string::npos) << got.collectives;
+        EXPECT_EQ(got.collectives.find('L'), std::string::npos) << got.collectives;
+      } else {
+        EXPECT_NE(got.collectives.find('L'), std::string::npos) << got.collectives;
+      }
     }
     if (how == DeviceRun::kGraphs) {
       // Two phases per forward (route, experts) and one per backward, a key of their own per set
@@ -439,6 +447,12 @@ TEST_P(ExpertParallelOnDevice, GraphsOfThePhasesMatchOpByOpBitForBit) {
 // the same way on every rank, with the same results.
 TEST(ExpertParallelOnDeviceSkewed, RanksThatDisagreeRunEveryCollectiveTheSameWay) {
   run_case(device_cases()[1], DeviceRun::kGraphsSkewed);
+}
+
+// Every capture of rank 0's fails (its peers' work): nobody launches a graph, every rank runs
+// the phases op by op, in step, with the CPU's results, and the failed keys stay op by op.
+TEST(ExpertParallelOnDeviceSkewed, ACaptureThatFailsOnOneRankIsRunOpByOpOnEveryRank) {
+  run_case(device_cases()[0], DeviceRun::kGraphsCaptureFails);
 }
 
 // A rank that cannot allocate what a step needs (its tenant's quota, a full device) must not
@@ -552,6 +566,10 @@ class KeyRecorder final : public graphs::PhaseRunner {
                 const std::function<Status()>& ops) override {
     return run(key, ops);
   }
+  Status capture(const graphs::PhaseKey&, uint64_t, const std::function<Status()>&) override {
+    return Status::Internal("never asked: captures() is false");
+  }
+  void drop(const graphs::PhaseKey&) override {}
   void clear() override {}
   const graphs::PhaseRunnerStats& stats() const override { return stats_; }
   const graphs::PhaseKey& last(int phase) { return last_[phase]; }

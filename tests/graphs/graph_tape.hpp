@@ -69,18 +69,22 @@ class TapeGraph final : public graphs::CapturedGraph {
 
 class TapeCapture final : public graphs::GraphCapture {
  public:
-  explicit TapeCapture(Tape& tape) : tape_(tape) {}
+  // fail: every capture fails at its end, as cudaStreamEndCapture does on an invalidated capture.
+  explicit TapeCapture(Tape& tape, bool fail = false) : tape_(tape), fail_(fail) {}
   Status begin() override {
     if (tape_.recording()) return Status::Internal("a capture is already recording");
     tape_.begin();
     return Status::OK();
   }
   Result<std::unique_ptr<graphs::CapturedGraph>> end() override {
-    return std::unique_ptr<graphs::CapturedGraph>(new TapeGraph(tape_.end()));
+    auto ops = tape_.end();
+    if (fail_) return Status::Internal("simulated capture failure (the capture was invalidated)");
+    return std::unique_ptr<graphs::CapturedGraph>(new TapeGraph(std::move(ops)));
   }
 
  private:
   Tape& tape_;
+  bool fail_;
 };
 
 // The backend's queue, recordable.

@@ -501,6 +501,96 @@ TEST(ExpertParallelGroups, TwoGroupsInOppositeOrdersDoNotDeadlock) {
   EXPECT_EQ(d1.stop(), 0) << d1.log();
 }
 
+// The "default" tenant of a daemon, from tutelctl --json tenants.
+nlohmann::json default_tenant_of(const DaemonProcess& d) {
+  auto [code, out] =
+      run_command(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json tenants", false);
+  EXPECT_EQ(code, 0) << out;
+  const nlohmann::json reply = nlohmann::json::parse(out, nullptr, false);
+  for (const auto& t : reply["tenants"])
+    if (t["name"] == "default") return t;
+  ADD_FAILURE() << "no tenant 'default' in " << out;
+  return nlohmann::json::object();
+}
+
+// A group's rank on a daemon whose tenant is out of quota: the training forward that would pass
+// it is refused on every rank (the others say another rank could not allocate), promptly and not
+// as a timeout, and the group's later steps run.
+TEST(ExpertParallelGroups, ATenantOutOfQuotaOnOneDaemonRefusesTheStepOnEveryRank) {
+  // What a rank's layer and one small training forward hold, measured on a pair of daemons.
+  uint64_t parameters = 0, entry = 0;
+  {
+    DaemonProcess d0(DaemonOptions{}), d1(DaemonOptions{});
+    ASSERT_TRUE(d0.start());
+    ASSERT_TRUE(d1.start());
+    const uint16_t port = free_port();
+    std::vector<Status> results(2);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < 2; ++r)
+      threads.emplace_back([&, r] {
+        auto client = client::Client::connect((r == 0 ? d0 : d1).client_socket());
+        if (!client.ok()) return void(results[r] = client.status());
+        auto layer = client->create_layer(group_spec("quota", port, r, 20000));
+        if (!layer.ok()) return void(results[r] = layer.status());
+        std::vector<float> x(8 * 16, 0.5f), y(8 * 16);
+        client::ForwardInfo info;
+        results[r] = layer->forward(x.data(), 8, y.data(), &info);
+        if (r == 1 && results[r].ok()) {
+          const nlohmann::json t = default_tenant_of(d1);
+          parameters = t["memory_bytes"].get<uint64_t>();
+          entry = t["pending_bytes"].get<uint64_t>();
+        }
+      });
+    for (auto& t : threads) t.join();
+    for (int r = 0; r < 2; ++r) ASSERT_TRUE(results[r].ok()) << "rank " << r << ": " << results[r];
+    ASSERT_GT(entry, 0u);
+    EXPECT_EQ(d0.stop(), 0) << d0.log();
+    EXPECT_EQ(d1.stop(), 0) << d1.log();
+  }
+  DaemonOptions tight;
+  tight.default_max_memory_bytes = parameters + 3 * entry;  // small steps fit, a big one does not
+  DaemonProcess d0(DaemonOptions{}), d1(tight);
+  ASSERT_TRUE(d0.start());
+  ASSERT_TRUE(d1.start());
+  const uint16_t port = free_port();
+  std::vector<std::vector<Status>> steps(2);
+  std::vector<Status> setup(2);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r)
+    threads.emplace_back([&, r] {
+      auto client = client::Client::connect((r == 0 ? d0 : d1).client_socket());
+      if (!client.ok()) return void(setup[r] = client.status());
+      auto layer = client->create_layer(group_spec("quota", port, r, 20000));
+      if (!layer.ok()) return void(setup[r] = layer.status());
+      auto train = [&](int64_t tokens) {
+        std::vector<float> x(tokens * 16, 0.25f * (r + 1)), y(tokens * 16), dx(tokens * 16);
+        client::ForwardInfo info;
+        Status st = layer->forward(x.data(), tokens, y.data(), &info);
+        steps[r].push_back(st);
+        if (st.ok()) steps[r].push_back(layer->backward(info.sequence, y.data(), 0.f, dx.data()));
+      };
+      train(8);    // forward, backward
+      train(512);  // refused
+      train(8);    // forward, backward
+    });
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < 2; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    ASSERT_TRUE(setup[r].ok()) << setup[r];
+    ASSERT_EQ(steps[r].size(), 5u);
+    for (size_t i : {0, 1, 3, 4}) EXPECT_TRUE(steps[r][i].ok()) << "step " << i << ": " << steps[r][i];
+    EXPECT_EQ(steps[r][2].code(), StatusCode::kResourceExhausted) << steps[r][2];
+    const std::string why(steps[r][2].message());
+    EXPECT_NE(why.find(r == 0 ? "another rank of the expert-parallel group could not allocate"
+                              : "over its max_memory_bytes"),
+              std::string::npos)
+        << why;
+  }
+  EXPECT_EQ(default_tenant_of(d1)["pending_bytes"].get<uint64_t>(), 0u);
+  EXPECT_EQ(d0.stop(), 0) << d0.log();
+  EXPECT_EQ(d1.stop(), 0) << d1.log();
+}
+
 // A daemon that dies turns its group's collectives into errors naming the peer within the
 // collective timeout; the surviving daemon keeps serving its other layers.
 TEST(ExpertParallelGroups, ADeadPeerFailsTheGroupNotTheDaemon) {

@@ -193,6 +193,8 @@ class ExpertParallelLayer {
   Status run_group_phase(const Status& prepared, const std::function<PhaseKey()>& key,
                          const std::function<Status()>& ops);
   Status refused_by_a_peer() const;
+  // Gives back the scratch a refused step may have grown, and returns `why`.
+  Status refuse(Status why);
   // Waits for collectives that return once enqueued (comm_on_backend_queue).
   Status wait_collectives();
   TensorView f32(const DeviceBuffer& buf, Shape shape) const;

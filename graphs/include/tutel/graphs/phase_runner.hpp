@@ -14,7 +14,10 @@
 // requires that a collective be captured on all ranks or on none, and launched from graphs the
 // ranks captured together. Such a caller asks propose() what this rank could do, agrees with its
 // group on the least of the proposals (and on one capture round), and runs the phase with
-// run_as() in the agreed mode. A phase without collectives may use run(), decided alone.
+// run_as() in the agreed mode; to capture, every rank capture()s (nothing runs yet), the group
+// agrees on whether every capture worked, and then all launch it (run_as kLaunch) or all drop()
+// it and run op by op. A phase without collectives may use run(), decided alone: a capture that
+// fails there is run op by op at once.
 //
 // Thread-safety: one thread at a time, like the backend whose queue it records.
 #pragma once
@@ -77,10 +80,16 @@ class PhaseRunner {
   virtual Status run(const PhaseKey& key, const std::function<Status()>& ops) = 0;
   // What run() would do with `key`.
   virtual PhaseProposal propose(const PhaseKey& key) const = 0;
-  // Runs the phase in `mode`, which must not be above what propose() says: kCapture records
-  // the graph under `round` (agreed by the group), kLaunch launches the graph of `round`.
+  // Runs the phase op by op (kEager) or launches its graph of `round` (kLaunch), which must
+  // exist; never above what propose() says.
   virtual Status run_as(const PhaseKey& key, PhaseMode mode, uint64_t round,
                         const std::function<Status()>& ops) = 0;
+  // Records the phase's graph under `round` without running anything (the key must be ready to
+  // capture). On failure nothing is kept and the key runs op by op from then on.
+  virtual Status capture(const PhaseKey& key, uint64_t round,
+                         const std::function<Status()>& ops) = 0;
+  // Forgets the key's graph (a peer's capture of it failed).
+  virtual void drop(const PhaseKey& key) = 0;
   // Drops every graph and everything seen: after a failed collective, whose communicator the
   // graphs' collectives may belong to.
   virtual void clear() = 0;
@@ -99,9 +108,13 @@ class EagerPhaseRunner final : public PhaseRunner {
   Status run_as(const PhaseKey& key, PhaseMode mode, uint64_t,
                 const std::function<Status()>& ops) override {
     if (mode != PhaseMode::kEager)
-      return Status::Internal("an eager phase runner was asked to capture or launch a graph");
+      return Status::Internal("an eager phase runner was asked to launch a graph");
     return run(key, ops);
   }
+  Status capture(const PhaseKey&, uint64_t, const std::function<Status()>&) override {
+    return Status::Internal("an eager phase runner was asked to capture a graph");
+  }
+  void drop(const PhaseKey&) override {}
   void clear() override {}
   const PhaseRunnerStats& stats() const override { return stats_; }
 
@@ -133,6 +146,8 @@ class GraphPhaseRunner final : public PhaseRunner {
   PhaseProposal propose(const PhaseKey& key) const override;
   Status run_as(const PhaseKey& key, PhaseMode mode, uint64_t round,
                 const std::function<Status()>& ops) override;
+  Status capture(const PhaseKey& key, uint64_t round, const std::function<Status()>& ops) override;
+  void drop(const PhaseKey& key) override;
   void clear() override;
   const PhaseRunnerStats& stats() const override { return stats_; }
   size_t graphs() const { return lru_.size(); }
