@@ -378,7 +378,9 @@ class NcclCommunicator final : public Communicator {
   Status reserve_scratch(size_t bytes) {
     if (bytes <= scratch_bytes_) return Status::OK();
     if (scratch_ != nullptr) {
-      TUTEL_NCCL_CUDA(cudaStreamSynchronize(stream_));
+      // Work queued before may still read the old staging: wait for it, within the collective's
+      // deadline (a dead peer's all-to-all would otherwise hold this wait forever).
+      TUTEL_RETURN_IF_ERROR(wait_stream());
       TUTEL_NCCL_CUDA(cudaFree(scratch_));
       scratch_ = nullptr;
       scratch_bytes_ = 0;
