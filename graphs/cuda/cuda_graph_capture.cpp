@@ -26,9 +26,9 @@ Status cuda_failure(cudaError_t err, const char* expr) {
   return Status::Internal(std::move(msg));
 }
 
-#define CAPTURE_CUDA_CHECK(expr)                                        \
-  do {                                                                  \
-    const cudaError_t _capture_err = (expr);                            \
+#define CAPTURE_CUDA_CHECK(expr)                                               \
+  do {                                                                         \
+    const cudaError_t _capture_err = (expr);                                   \
     if (_capture_err != cudaSuccess) return cuda_failure(_capture_err, #expr); \
   } while (0)
 

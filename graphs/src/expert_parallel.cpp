@@ -279,9 +279,9 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
 Status ExpertParallelLayer::refuse(Status why) {
   // The step's scratch may have grown part way before the refusal; what it holds is no later
   // call's, so it goes back (to the tenant's quota too) and grows again when a step needs it.
-  for (DeviceBuffer* b : {&dispatched_, &send_, &recv_, &expert_out_, &workspace_, &d_gates_,
-                          &d_logits_, &d_combined_, &d_expert_out_, &d_hidden_, &d_expert_in_,
-                          &d_dispatched_})
+  for (DeviceBuffer* b :
+       {&dispatched_, &send_, &recv_, &expert_out_, &workspace_, &d_gates_, &d_logits_,
+        &d_combined_, &d_expert_out_, &d_hidden_, &d_expert_in_, &d_dispatched_})
     if (b->data()) {
       b->reset();
       ++epoch_;
@@ -415,30 +415,33 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   const TensorView scores = f32(st.scores_, {S, E}), idx = i32(st.expert_index_, {S, k}),
                    gates = f32(st.gates_, {S, k}), loc = i32(st.location_, {S, k}),
                    counts = i32(expert_count_, {E});
-  if (ready.ok()) ready = run_local_phase(
-      [&] {
-        return phase_key(kRoutePhase, st, {uint64_t(S), uint64_t(training)}, {x.data()}, {&local});
-      },
-      [&]() -> Status {
-        if (training)
-          TUTEL_RETURN_IF_ERROR(
-              b.copy(st.x_.data(), x.data(), S * M * 4, CopyKind::kDeviceToDevice));
-        TUTEL_RETURN_IF_ERROR(b.gate_forward({xv,
-                                              local.gate_weight,
-                                              {},
-                                              spec_.k,
-                                              spec_.normalize_gate,
-                                              scores,
-                                              idx,
-                                              gates,
-                                              f32(l_aux_, {1})}));
-        return b.locations({scores, idx, spec_.batch_prioritized, loc, counts});
-      });
+  if (ready.ok())
+    ready = run_local_phase(
+        [&] {
+          return phase_key(kRoutePhase, st, {uint64_t(S), uint64_t(training)}, {x.data()},
+                           {&local});
+        },
+        [&]() -> Status {
+          if (training)
+            TUTEL_RETURN_IF_ERROR(
+                b.copy(st.x_.data(), x.data(), S * M * 4, CopyKind::kDeviceToDevice));
+          TUTEL_RETURN_IF_ERROR(b.gate_forward({xv,
+                                                local.gate_weight,
+                                                {},
+                                                spec_.k,
+                                                spec_.normalize_gate,
+                                                scores,
+                                                idx,
+                                                gates,
+                                                f32(l_aux_, {1})}));
+          return b.locations({scores, idx, spec_.batch_prioritized, loc, counts});
+        });
 
   // One capacity for the whole group: from its most tokens and its fullest expert.
   host_counts_.assign(E, 0);
   if (ready.ok())
-    ready = b.copy(host_counts_.data(), counts.data(), E * sizeof(int32_t), CopyKind::kDeviceToHost);
+    ready =
+        b.copy(host_counts_.data(), counts.data(), E * sizeof(int32_t), CopyKind::kDeviceToHost);
   int64_t agreed[3] = {S, *std::max_element(host_counts_.begin(), host_counts_.end()),
                        ready.ok() ? 0 : 1};
   TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 3));
@@ -465,15 +468,16 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
     return grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype));
   }();
 
-  TUTEL_RETURN_IF_ERROR(run_group_phase(experts_ready, 
+  TUTEL_RETURN_IF_ERROR(run_group_phase(
+      experts_ready,
       [&] {
         return phase_key(kExpertsPhase, st, {uint64_t(S), uint64_t(C), uint64_t(training)},
                          {x.data(), y.data()}, {&local});
       },
       [&]() -> Status {
         TUTEL_RETURN_IF_ERROR(b.slot_map({idx, loc, C, i32(st.slots_, {E, C})}));
-        TUTEL_RETURN_IF_ERROR(b.encode({xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore,
-                                        f32(dispatched_, {E, C, M})}));
+        TUTEL_RETURN_IF_ERROR(b.encode(
+            {xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore, f32(dispatched_, {E, C, M})}));
 
         // Dispatch: expert e's slots go to the rank(s) that hold it.
         TUTEL_RETURN_IF_ERROR(to_experts(fp(dispatched_), fp(st.expert_in_), C, M));
@@ -484,8 +488,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
              f32(st.hidden_, {El, R, Hs}), f32(expert_out_, {El, R, O}), workspace()}));
         if (s > 1 && spec_.has_fc2_bias) {
           const BiasColumns bias = fc2_bias_columns(local.experts.fc2_bias);
-          TUTEL_RETURN_IF_ERROR(
-              b.add_row_bias(f32(expert_out_, {R, O}), bias.values, bias.column));
+          TUTEL_RETURN_IF_ERROR(b.add_row_bias(f32(expert_out_, {R, O}), bias.values, bias.column));
         }
 
         // Combine: the results travel back to the tokens' ranks.
@@ -546,16 +549,16 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
 
   uint32_t dl_aux_bits = 0;
   std::memcpy(&dl_aux_bits, &dl_aux, sizeof dl_aux_bits);
-  TUTEL_RETURN_IF_ERROR(run_group_phase(ready,
+  TUTEL_RETURN_IF_ERROR(run_group_phase(
+      ready,
       [&] {
         return phase_key(kBackwardPhase, saved, {uint64_t(S), uint64_t(C), dl_aux_bits},
                          {dy.data(), dx.data()}, {&local, &local_grads});
       },
       [&]() -> Status {
         TUTEL_RETURN_IF_ERROR(b.decode_backward({dy, f32(saved.combined_, {E, C, O}), gates, idx,
-                                                 loc, i32(saved.slots_, {E, C}),
-                                                 spec_.is_postscore, f32(d_combined_, {E, C, O}),
-                                                 d_gates}));
+                                                 loc, i32(saved.slots_, {E, C}), spec_.is_postscore,
+                                                 f32(d_combined_, {E, C, O}), d_gates}));
         TUTEL_RETURN_IF_ERROR(to_experts(fp(d_combined_), fp(d_expert_out_), C, O));
 
         ExpertWeights grads = local_experts(local_grads.experts);

@@ -53,7 +53,8 @@ Status GraphPhaseRunner::run_as(const PhaseKey& key, PhaseMode mode, uint64_t ro
   }
   // Op by op, which also makes every lazy allocation a capture must not make; remembered, so
   // that the next time the key may be captured (a key with a graph keeps it).
-  if (ready.mode == PhaseMode::kEager && std::find(failed_.begin(), failed_.end(), key) == failed_.end()) {
+  if (ready.mode == PhaseMode::kEager &&
+      std::find(failed_.begin(), failed_.end(), key) == failed_.end()) {
     seen_.push_front(key);
     if (seen_.size() > kMaxSeen) seen_.pop_back();
   }

@@ -29,7 +29,8 @@ Status sgd_step(const SgdArgs& a) {
   float* p = a.param.data_as<float>();
   const float* g = a.grad.data_as<float>();
   float* buf = a.momentum_buffer.empty() ? nullptr : a.momentum_buffer.data_as<float>();
-  if (a.momentum != 0.f && !buf) return Status::InvalidArgument("sgd with momentum needs a momentum buffer");
+  if (a.momentum != 0.f && !buf)
+    return Status::InvalidArgument("sgd with momentum needs a momentum buffer");
   if (!a.param_bf16.empty())
     TUTEL_RETURN_IF_ERROR(check_bf16_copy(a.param, a.param_bf16, "sgd param_bf16"));
   uint16_t* copy = a.param_bf16.empty() ? nullptr : a.param_bf16.data_as<uint16_t>();

@@ -258,8 +258,8 @@ StepResults run_steps(Backend& b, comm::Communicator& comm, const DeviceCase& c,
     append(out.y_inference, y_inference.download());
     for (int m = kMicroBatches - 1; m >= 0; --m) {
       dy[m]->upload(dys[m]);
-      out.status = layer->backward(params.weights(), dy[m]->view(), 0.25f * (m + 1),
-                                   dx[m]->view(), grads.weights(), saved[m]);
+      out.status = layer->backward(params.weights(), dy[m]->view(), 0.25f * (m + 1), dx[m]->view(),
+                                   grads.weights(), saved[m]);
       if (!out.status.ok()) return out;
       append(out.dx[m], dx[m]->download());
     }
@@ -356,8 +356,8 @@ void run_case(const DeviceCase& c, DeviceRun how) {
         const size_t max_graphs = how == DeviceRun::kGraphsSkewed && r == 0 ? 1 : 64;
         const bool fail = how == DeviceRun::kGraphsCaptureFails && r == 0;
         graphs::GraphPhaseRunner runner(std::make_unique<TapeCapture>(tape, fail), max_graphs);
-        out.device = run_steps(tape_backend, tape_comm, c, spec, whole, xs[r], dys[r], rounds,
-                               &runner);
+        out.device =
+            run_steps(tape_backend, tape_comm, c, spec, whole, xs[r], dys[r], rounds, &runner);
         out.graphs = runner.stats();
         out.recorded_ops = tape.recorded_ops();
         out.waits = tape_comm.waits();
@@ -519,7 +519,7 @@ TEST(ExpertParallelLimits, ARankThatCannotAllocateRefusesTheStepOnEveryRank) {
       };
       auto lift = [&] { device.limit_memory(~size_t{0}); };
       const int64_t peer_more = r == 0 ? 256 : 64;  // rank 0 brings more tokens
-      forward(8, small);                             // 0
+      forward(8, small);                            // 0
       full();
       forward(256, big);  // 1: refused, rank 1's route buffers
       lift();
@@ -542,9 +542,11 @@ TEST(ExpertParallelLimits, ARankThatCannotAllocateRefusesTheStepOnEveryRank) {
     SCOPED_TRACE("rank " + std::to_string(r));
     ASSERT_TRUE(setup[r].ok()) << setup[r];
     ASSERT_EQ(steps[r].size(), 9u);
-    for (size_t i : {0, 2, 3, 5, 7, 8}) EXPECT_TRUE(steps[r][i].ok()) << "step " << i << ": " << steps[r][i];
+    for (size_t i : {0, 2, 3, 5, 7, 8})
+      EXPECT_TRUE(steps[r][i].ok()) << "step " << i << ": " << steps[r][i];
     for (size_t i : {1, 4, 6}) {
-      EXPECT_EQ(steps[r][i].code(), StatusCode::kResourceExhausted) << "step " << i << ": " << steps[r][i];
+      EXPECT_EQ(steps[r][i].code(), StatusCode::kResourceExhausted)
+          << "step " << i << ": " << steps[r][i];
       const std::string why(steps[r][i].message());
       const char* expected = r == 0 ? "another rank of the expert-parallel group could not allocate"
                                     : "would pass its limit";
@@ -624,12 +626,14 @@ TEST(ExpertParallelPhaseKeys, EachAddressAndScalarChangesTheKeysOfThePhasesThatU
   auto backward = [&](LocalTensors& w, DeviceTensor& dy, float dl_aux, DeviceTensor& dx,
                       LocalTensors& g) {
     forward(w, x1, y1, &saved_a);
-    ASSERT_TRUE(layer->backward(w.weights(), dy.view(), dl_aux, dx.view(), g.weights(), saved_a).ok());
+    ASSERT_TRUE(
+        layer->backward(w.weights(), dy.view(), dl_aux, dx.view(), g.weights(), saved_a).ok());
   };
   // Warm up: every buffer at its size (a reallocation moves every key).
   forward(params1, x1, y1, &saved_b);
-  ASSERT_TRUE(layer->backward(params1.weights(), dy1.view(), 0.5f, dx1.view(), grads1.weights(),
-                              saved_b).ok());
+  ASSERT_TRUE(
+      layer->backward(params1.weights(), dy1.view(), 0.5f, dx1.view(), grads1.weights(), saved_b)
+          .ok());
   backward(params1, dy1, 0.5f, dx1, grads1);
   forward(params1, x1, y1, nullptr);
 
@@ -741,7 +745,8 @@ void run_on_cuda(DeviceRun how) {
     ASSERT_TRUE(runner->captures()) << "the CUDA backend has no stream to capture";
   }
   const StepResults want = run_steps(**cpu, **host, c, spec, whole, xs, dys, rounds);
-  const StepResults got = run_steps(**gpu, **device_comm, c, spec, whole, xs, dys, rounds, runner.get());
+  const StepResults got =
+      run_steps(**gpu, **device_comm, c, spec, whole, xs, dys, rounds, runner.get());
   ASSERT_TRUE(want.status.ok()) << "cpu: " << want.status;
   ASSERT_TRUE(got.status.ok()) << "cuda: " << got.status;
   if (runner) {

@@ -120,8 +120,8 @@ class TapeBackend final : public Backend {
   Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override {
     return tape_.run_or_record([=, this] { return inner_.gate_noise(seed, counter, scale, out); });
   }
-#define TUTEL_TAPE_OP(method, Args) \
-  Status method(const Args& a) override { \
+#define TUTEL_TAPE_OP(method, Args)                                     \
+  Status method(const Args& a) override {                               \
     return tape_.run_or_record([a, this] { return inner_.method(a); }); \
   }
   TUTEL_TAPE_OP(gate_forward, GateForwardArgs)
@@ -176,8 +176,7 @@ class TapeCollectives final : public comm::Communicator {
   }
   Status reduce_scatter(const float* send, float* recv, size_t count_per_rank,
                         comm::ReduceOp op) override {
-    return collective(
-        [=, this] { return inner_.reduce_scatter(send, recv, count_per_rank, op); });
+    return collective([=, this] { return inner_.reduce_scatter(send, recv, count_per_rank, op); });
   }
   Status all_reduce(float* data, size_t count, comm::ReduceOp op) override {
     return collective([=, this] { return inner_.all_reduce(data, count, op); });

@@ -1,8 +1,8 @@
 // GraphPhaseRunner's policy with a capture that only counts: a key runs op by op the first time,
 // is captured the second and launched from then on; the least recently used graph goes when the
 // runner is full; a phase that fails while being captured ends the capture, keeps nothing and
-// runs op by op from then on; a group's agreed mode is followed, never above the proposal. (The capture itself: graph_tape.hpp on the CPU, CUDA graphs in
-// graphs/cuda/cuda_graph_capture.cpp.)
+// runs op by op from then on; a group's agreed mode is followed, never above the proposal. (The
+// capture itself: graph_tape.hpp on the CPU, CUDA graphs in graphs/cuda/cuda_graph_capture.cpp.)
 #include "tutel/graphs/phase_runner.hpp"
 
 #include <gtest/gtest.h>
@@ -171,13 +171,13 @@ TEST(GraphPhaseRunner, RunsAsTheGroupAgreesNeverAboveItsProposal) {
   PhaseProposal p = runner.propose(k);
   EXPECT_EQ(p.mode, PhaseMode::kLaunch);
   EXPECT_EQ(p.round, 8u);
-  EXPECT_FALSE(runner.run_as(k, PhaseMode::kLaunch, 6, ops).ok());  // another round's graph
+  EXPECT_FALSE(runner.run_as(k, PhaseMode::kLaunch, 6, ops).ok());   // another round's graph
   EXPECT_FALSE(runner.run_as(k, PhaseMode::kCapture, 8, ops).ok());  // run_as never captures
   const int before = ran;
   ASSERT_TRUE(runner.run_as(k, PhaseMode::kLaunch, 8, ops).ok());
-  EXPECT_EQ(ran, before);  // launched, not run
+  EXPECT_EQ(ran, before);                                         // launched, not run
   ASSERT_TRUE(runner.run_as(k, PhaseMode::kEager, 0, ops).ok());  // a peer lost its graph
-  EXPECT_EQ(runner.propose(k).round, 8u);                           // this one keeps it
+  EXPECT_EQ(runner.propose(k).round, 8u);                         // this one keeps it
   EXPECT_EQ(runner.stats().captures, 2u);
 }
 
@@ -186,10 +186,13 @@ TEST(EagerPhaseRunner, RunsEveryPhaseOpByOp) {
   EXPECT_FALSE(runner.captures());
   int ran = 0;
   for (int i = 0; i < 3; ++i)
-    ASSERT_TRUE(runner.run(key(1, 1), [&] {
-                        ++ran;
-                        return Status::OK();
-                      }).ok());
+    ASSERT_TRUE(runner
+                    .run(key(1, 1),
+                         [&] {
+                           ++ran;
+                           return Status::OK();
+                         })
+                    .ok());
   EXPECT_EQ(ran, 3);
   EXPECT_EQ(runner.stats().eager_runs, 3u);
 }

@@ -174,8 +174,13 @@ class ExpertParallelLayer {
  private:
   ExpertParallelLayer(Backend& b, comm::Communicator& c, LayerSpec spec, ExpertShard shard,
                       const ExpertParallelOptions& options)
-      : backend_(&b), comm_(&c), spec_(spec), shard_(shard), algo_(options.algo),
-        runner_(options.runner), comm_on_backend_queue_(options.comm_on_backend_queue) {}
+      : backend_(&b),
+        comm_(&c),
+        spec_(spec),
+        shard_(shard),
+        algo_(options.algo),
+        runner_(options.runner),
+        comm_on_backend_queue_(options.comm_on_backend_queue) {}
   // Grows `buf` to `bytes` (contents not kept); a reallocation moves the epoch.
   Status grow(DeviceBuffer& buf, size_t bytes);
   enum Phase : int { kRoutePhase = 1, kExpertsPhase, kBackwardPhase };

@@ -46,7 +46,9 @@ struct PhaseKey {
     words.push_back(w);
     return *this;
   }
-  PhaseKey& add(const void* p) { return add(static_cast<uint64_t>(reinterpret_cast<uintptr_t>(p))); }
+  PhaseKey& add(const void* p) {
+    return add(static_cast<uint64_t>(reinterpret_cast<uintptr_t>(p)));
+  }
 };
 
 struct PhaseKeyHash {
@@ -54,10 +56,10 @@ struct PhaseKeyHash {
 };
 
 struct PhaseRunnerStats {
-  uint64_t eager_runs = 0;   // phases run op by op (a key's first time, or no graphs)
-  uint64_t captures = 0;     // graphs captured
-  uint64_t launches = 0;     // graph launches (a capture is launched at once too)
-  uint64_t evictions = 0;    // graphs dropped for newer keys
+  uint64_t eager_runs = 0;  // phases run op by op (a key's first time, or no graphs)
+  uint64_t captures = 0;    // graphs captured
+  uint64_t launches = 0;    // graph launches (a capture is launched at once too)
+  uint64_t evictions = 0;   // graphs dropped for newer keys
 };
 
 // How a phase runs, from least to most ready: op by op, captured (and launched) now, or
