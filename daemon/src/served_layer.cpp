@@ -417,9 +417,11 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
   } else {
     st = [&]() -> Status {
       TensorView xv;
-      if (training) {
+      if (training && !plans_take_host_memory_) {
         // Kept for the backward on the backend's device: on a device backend this copy is x's
-        // staging too, on the CPU backend the only copy the request makes.
+        // staging too, on the CPU backend the only copy the request makes. (A cuda-graph plan
+        // copies x into its own input buffer, which stays the held plan's until the backward:
+        // that copy is the one kept.)
         const size_t x_bytes = static_cast<size_t>(tokens * M) * 4;
         TUTEL_RETURN_IF_ERROR(grow(b, pending->x, x_bytes));
         TUTEL_RETURN_IF_ERROR(b.copy(pending->x.data(), x, x_bytes,
@@ -497,7 +499,11 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
     st = [&]() -> Status {
       TUTEL_ASSIGN_OR_RETURN(const TensorView dyv, stage_in(dy, {tokens, O}, staged_in_, memory));
       TUTEL_ASSIGN_OR_RETURN(const TensorView dxv, stage_out(dx, {tokens, M}, staged_out_, memory));
-      const TensorView xv(p.x.data(), DType::kF32, {tokens, M}, d);
+      // The forward's x: the entry's copy, or the held cuda-graph plan's own input buffer (which
+      // the plan then does not copy again).
+      const TensorView xv = plans_take_host_memory_ ? p.step.plan->input(tokens)
+                                                    : TensorView(p.x.data(), DType::kF32, {tokens, M}, d);
+      TUTEL_CHECK(!xv.empty());
       TUTEL_RETURN_IF_ERROR(p.step.plan->backward(xv, dyv, dl_aux, dxv));
       return unstage_out(dx, dxv, memory);
     }();

@@ -154,7 +154,8 @@ class ServedLayer {
   struct Pending {
     // A layer without [group]: the plan the forward ran on (held, so no other step takes it
     // until this backward), and the forward's input on the backend's device (the client may
-    // reuse its buffer; on a device this is also x's staging copy).
+    // reuse its buffer; on a device this is also x's staging copy). A cuda-graph plan keeps x
+    // in its own input buffer instead, so `x` stays empty there.
     graphs::PlanStep step;
     DeviceBuffer x;
     // A [group] layer: everything the expert-parallel backward needs, the input included.
