@@ -102,19 +102,18 @@ std::string DaemonImpl::metrics_text() {
   std::map<int, bool> node_up;
   if (cluster_)
     for (const comm::NodeStatus& n : cluster_->status()) node_up[n.node] = n.up;
+  // Each layer's live state: a group layer's traffic per peer, a local layer's plan cache.
   std::map<std::pair<std::string, int>, Metrics::PeerTraffic> traffic;
-  for (const LayerRef& ref : registry_->all())
-    for (const comm::PeerStatus& p : ref.layer->group_peers())
-      traffic[{ref.layer->tenant() + "/" + ref.layer->name(), p.rank}] = {p.bytes_sent, p.bytes_received};
-  metrics_.set_live(std::move(node_up), std::move(traffic));
   std::map<std::pair<std::string, std::string>, Metrics::PlanCache> plan_caches;
   for (const LayerRef& ref : registry_->all()) {
+    for (const comm::PeerStatus& p : ref.layer->group_peers())
+      traffic[{ref.layer->tenant() + "/" + ref.layer->name(), p.rank}] = {p.bytes_sent, p.bytes_received};
     const ServedLayer::PlanSummary summary = ref.layer->plan_summary();
     if (summary.kind.empty()) continue;
     const graphs::PlanCacheStats& c = summary.cache;
-    plan_caches[{ref.layer->tenant(), ref.layer->name()}] = {c.bytes, c.plans, c.hits, c.misses,
-                                                             c.evictions};
+    plan_caches[{ref.layer->tenant(), ref.layer->name()}] = {c.bytes, c.plans, c.hits, c.misses, c.evictions};
   }
+  metrics_.set_live(std::move(node_up), std::move(traffic));
   metrics_.set_plan_caches(std::move(plan_caches));
   // Activation and region memory change with requests and sessions: read when scraped.
   for (const TenantConfig& t : config_.tenants) {

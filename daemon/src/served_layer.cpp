@@ -58,8 +58,7 @@ Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& 
     }
     layer->plans_ = std::make_unique<graphs::PlanCache>(*layer->local_activations_, options);
     TUTEL_RETURN_IF_ERROR(layer->plans_->add_layer(0, {def.spec, layer->weights_of(0), layer->weights_of(1)}));
-    layer->plans_take_host_memory_ = graphs::resolve_plan_kind(*layer->local_activations_, options.kind) ==
-                                     graphs::PlanKind::kCudaGraph;
+    layer->plan_kind_ = graphs::resolve_plan_kind(*layer->local_activations_, options.kind);
     if (!def.token_buckets.empty()) TUTEL_RETURN_IF_ERROR(layer->prebuild_plans());
     layer->publish_plan_summary();
   }
@@ -287,17 +286,16 @@ RoutingStats ServedLayer::last_stats() const {
 
 ServedLayer::PlanSummary ServedLayer::plan_summary() const {
   std::lock_guard lock(stats_mutex_);
-  return plan_summary_;
+  if (!plans_) return {};
+  return {graphs::plan_kind_name(plan_kind_), plan_stats_};
 }
 
 void ServedLayer::publish_plan_summary() {
   if (!plans_) return;
-  PlanSummary summary{std::string(graphs::plan_kind_name(graphs::resolve_plan_kind(*local_activations_,
-                                                                                    plans_->options().kind))),
-                      plans_->refresh_stats()};
-  summary.cache.max_bytes = memory_->max_bytes();  // what bounds the plans (see create())
+  graphs::PlanCacheStats stats = plans_->refresh_stats();
+  stats.max_bytes = memory_->max_bytes();  // what bounds the plans (see create())
   std::lock_guard lock(stats_mutex_);
-  plan_summary_ = std::move(summary);
+  plan_stats_ = stats;
 }
 
 Status ServedLayer::prebuild_plans() {
@@ -417,7 +415,7 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
   } else {
     st = [&]() -> Status {
       TensorView xv;
-      if (training && !plans_take_host_memory_) {
+      if (training && !plans_take_host_memory()) {
         // Kept for the backward on the backend's device: on a device backend this copy is x's
         // staging too, on the CPU backend the only copy the request makes. (A cuda-graph plan
         // copies x into its own input buffer, which stays the held plan's until the backward:
@@ -501,7 +499,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
       TUTEL_ASSIGN_OR_RETURN(const TensorView dxv, stage_out(dx, {tokens, M}, staged_out_, memory));
       // The forward's x: the entry's copy, or the held cuda-graph plan's own input buffer (which
       // the plan then does not copy again).
-      const TensorView xv = plans_take_host_memory_ ? p.step.plan->input(tokens)
+      const TensorView xv = plans_take_host_memory() ? p.step.plan->input(tokens)
                                                     : TensorView(p.x.data(), DType::kF32, {tokens, M}, d);
       TUTEL_CHECK(!xv.empty());
       TUTEL_RETURN_IF_ERROR(p.step.plan->backward(xv, dyv, dl_aux, dxv));

@@ -91,7 +91,7 @@ class ServedLayer {
   // A layer without [group]: its plan cache after its last request (DESIGN §3 "Plans and
   // graphs"). Any thread. kind is "host" or "cuda-graph"; empty for a group layer.
   struct PlanSummary {
-    std::string kind;
+    std::string_view kind;
     graphs::PlanCacheStats cache;
   };
   PlanSummary plan_summary() const;
@@ -190,8 +190,9 @@ class ServedLayer {
   // Not where the layer's plans take host memory as it is: a cuda-graph plan copies its inputs
   // and outputs between the client's (registered) buffers and its own, so staging would only
   // add a device-to-device copy each way.
+  bool plans_take_host_memory() const { return plans_ && plan_kind_ == graphs::PlanKind::kCudaGraph; }
   bool stages(ClientMemory memory) {
-    return memory == ClientMemory::kHost && stages_host_memory() && !plans_take_host_memory_;
+    return memory == ClientMemory::kHost && stages_host_memory() && !plans_take_host_memory();
   }
   // The rank's backend is shared by its layers; a group layer's is its own.
   std::unique_lock<std::mutex> lock_device() {
@@ -258,8 +259,9 @@ class ServedLayer {
   // buffers are charged to the tenant. After pending_: destroyed first, its held plans live on
   // in the entries until those go.
   std::unique_ptr<graphs::PlanCache> plans_;
-  PlanSummary plan_summary_;  // guarded by stats_mutex_
-  bool plans_take_host_memory_ = false;  // cuda-graph plans; set before the layer is published
+  graphs::PlanCacheStats plan_stats_;  // guarded by stats_mutex_
+  // The kind its plans are (host, cuda-graph); set before the layer is published.
+  graphs::PlanKind plan_kind_ = graphs::PlanKind::kHost;
   void publish_plan_summary();  // under mutex_
   // Builds the inference and training plans of the definition's token_buckets; at creation.
   Status prebuild_plans();

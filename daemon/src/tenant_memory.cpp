@@ -84,7 +84,7 @@ Result<DeviceBuffer> ActivationBackend::allocate(size_t bytes) {
   } else {
     tenant_->charge_activations(bytes);
   }
-  Result<DeviceBuffer> inner = inner_.allocate(bytes);
+  Result<DeviceBuffer> inner = ForwardingBackend::allocate(bytes);
   if (!inner.ok()) {
     tenant_->release_activations(bytes);
     return inner.status();

@@ -31,6 +31,7 @@
 
 #include "tutel/core/status.hpp"
 #include "tutel/kernels/backend.hpp"
+#include "tutel/kernels/forwarding_backend.hpp"
 
 namespace tutel::daemon {
 
@@ -88,10 +89,10 @@ class TenantMemory {
 //
 // Buffers it hands out are owned by this wrapper (it frees the inner backend's buffer when they
 // die), so it must outlive them, and the inner backend must outlive it.
-class ActivationBackend final : public Backend {
+class ActivationBackend final : public ForwardingBackend {
  public:
   ActivationBackend(Backend& inner, std::shared_ptr<TenantMemory> tenant)
-      : inner_(inner), tenant_(std::move(tenant)) {}
+      : ForwardingBackend(inner), tenant_(std::move(tenant)) {}
   ~ActivationBackend() override;
 
   // Bytes this layer's activation buffers hold now.
@@ -110,46 +111,10 @@ class ActivationBackend final : public Backend {
     ActivationBackend& b_;
   };
 
-  std::string_view name() const override { return inner_.name(); }
-  Device device() const override { return inner_.device(); }
   Result<DeviceBuffer> allocate(size_t bytes) override;
   void release(void* data, size_t bytes) override;
-  Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override {
-    return inner_.copy(dst, src, bytes, kind);
-  }
-  Status fill_zero(TensorView t) override { return inner_.fill_zero(t); }
-  Status synchronize() override { return inner_.synchronize(); }
-  Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override {
-    return inner_.gate_noise(seed, counter, scale, out);
-  }
-  Status gate_forward(const GateForwardArgs& a) override { return inner_.gate_forward(a); }
-  Status locations(const LocationsArgs& a) override { return inner_.locations(a); }
-  Status slot_map(const SlotMapArgs& a) override { return inner_.slot_map(a); }
-  Status encode(const EncodeArgs& a) override { return inner_.encode(a); }
-  Status decode(const DecodeArgs& a) override { return inner_.decode(a); }
-  size_t expert_workspace_bytes(const ExpertShape& shape, DType matmul_dtype) const override {
-    return inner_.expert_workspace_bytes(shape, matmul_dtype);
-  }
-  Status expert_forward(const ExpertForwardArgs& a) override { return inner_.expert_forward(a); }
-  Status expert_backward(const ExpertBackwardArgs& a) override { return inner_.expert_backward(a); }
-  Status decode_backward(const DecodeBackwardArgs& a) override { return inner_.decode_backward(a); }
-  Status encode_backward(const EncodeBackwardArgs& a) override { return inner_.encode_backward(a); }
-  Status gate_backward(const GateBackwardArgs& a) override { return inner_.gate_backward(a); }
-  Status sgd_step(const SgdArgs& a) override { return inner_.sgd_step(a); }
-  Status adamw_step(const AdamWArgs& a) override { return inner_.adamw_step(a); }
-  Status convert(TensorView src, TensorView dst) override { return inner_.convert(src, dst); }
-  Status add(TensorView dst, TensorView src) override { return inner_.add(dst, src); }
-  Status add_row_bias(TensorView out, TensorView bias, int64_t column) override { return inner_.add_row_bias(out, bias, column); }
-  Status add_column_sums(TensorView src, int64_t column, TensorView dst) override { return inner_.add_column_sums(src, column, dst); }
-  Status register_host(void* data, size_t bytes) override {
-    return inner_.register_host(data, bytes);
-  }
-  Status unregister_host(void* data) override { return inner_.unregister_host(data); }
-  void* native_stream() const override { return inner_.native_stream(); }
-  uint64_t scratch_epoch() const override { return inner_.scratch_epoch(); }
 
  private:
-  Backend& inner_;
   std::shared_ptr<TenantMemory> tenant_;
   bool enforce_ = false;
   std::atomic<uint64_t> bytes_{0};

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "tutel/kernels/backend.hpp"
+#include "tutel/kernels/forwarding_backend.hpp"
 
 namespace tutel::daemon::testing {
 
@@ -351,25 +352,22 @@ class SimulatedDevice final : public Backend {
 };
 
 // The CPU backend, recording the copies it is asked for.
-class CountingCpu final : public Backend {
+class CountingCpu final : public ForwardingBackend {
  public:
-  explicit CountingCpu(std::unique_ptr<Backend> cpu) : cpu_(std::move(cpu)) {}
+  explicit CountingCpu(std::unique_ptr<Backend> cpu) : ForwardingBackend(std::move(cpu)) {}
   const std::vector<CopyRecord>& copies() const { return copies_; }
   // Makes its shareable memory say what CUDA IPC's says: not to be freed while exported.
   void keep_exports_until_exit(bool keep) { keep_exports_ = keep; }
   int64_t shareable_allocations() const { return shareable_allocations_; }
   int64_t releases() const { return releases_; }
 
-  std::string_view name() const override { return cpu_->name(); }
-  Device device() const override { return cpu_->device(); }
-  Result<DeviceBuffer> allocate(size_t bytes) override { return cpu_->allocate(bytes); }
   void release(void* data, size_t bytes) override {
     ++releases_;
     if (inner_shareable_.erase(data)) return;  // the inner buffer frees it
-    cpu_->release(data, bytes);
+    ForwardingBackend::release(data, bytes);
   }
   Result<ShareableBuffer> allocate_shareable(size_t bytes) override {
-    TUTEL_ASSIGN_OR_RETURN(ShareableBuffer inner, cpu_->allocate_shareable(bytes));
+    TUTEL_ASSIGN_OR_RETURN(ShareableBuffer inner, ForwardingBackend::allocate_shareable(bytes));
     ++shareable_allocations_;
     inner.exported.keep_until_exit = keep_exports_;
     // Freed through this wrapper, so releases are counted.
@@ -380,43 +378,10 @@ class CountingCpu final : public Backend {
   }
   Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override {
     copies_.push_back({dst, src, bytes, kind, false});
-    return cpu_->copy(dst, src, bytes, kind);
-  }
-  Status fill_zero(TensorView t) override { return cpu_->fill_zero(t); }
-  Status synchronize() override { return cpu_->synchronize(); }
-  Status register_host(void* data, size_t bytes) override {
-    return cpu_->register_host(data, bytes);
-  }
-  Status unregister_host(void* data) override { return cpu_->unregister_host(data); }
-  Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override {
-    return cpu_->gate_noise(seed, counter, scale, out);
-  }
-  Status gate_forward(const GateForwardArgs& a) override { return cpu_->gate_forward(a); }
-  Status locations(const LocationsArgs& a) override { return cpu_->locations(a); }
-  Status slot_map(const SlotMapArgs& a) override { return cpu_->slot_map(a); }
-  Status encode(const EncodeArgs& a) override { return cpu_->encode(a); }
-  Status decode(const DecodeArgs& a) override { return cpu_->decode(a); }
-  size_t expert_workspace_bytes(const ExpertShape& s, DType d) const override {
-    return cpu_->expert_workspace_bytes(s, d);
-  }
-  Status expert_forward(const ExpertForwardArgs& a) override { return cpu_->expert_forward(a); }
-  Status expert_backward(const ExpertBackwardArgs& a) override { return cpu_->expert_backward(a); }
-  Status decode_backward(const DecodeBackwardArgs& a) override { return cpu_->decode_backward(a); }
-  Status encode_backward(const EncodeBackwardArgs& a) override { return cpu_->encode_backward(a); }
-  Status gate_backward(const GateBackwardArgs& a) override { return cpu_->gate_backward(a); }
-  Status sgd_step(const SgdArgs& a) override { return cpu_->sgd_step(a); }
-  Status adamw_step(const AdamWArgs& a) override { return cpu_->adamw_step(a); }
-  Status convert(TensorView src, TensorView dst) override { return cpu_->convert(src, dst); }
-  Status add(TensorView dst, TensorView src) override { return cpu_->add(dst, src); }
-  Status add_row_bias(TensorView out, TensorView bias, int64_t column) override {
-    return cpu_->add_row_bias(out, bias, column);
-  }
-  Status add_column_sums(TensorView src, int64_t column, TensorView dst) override {
-    return cpu_->add_column_sums(src, column, dst);
+    return ForwardingBackend::copy(dst, src, bytes, kind);
   }
 
  private:
-  std::unique_ptr<Backend> cpu_;
   std::vector<CopyRecord> copies_;
   bool keep_exports_ = false;
   int64_t shareable_allocations_ = 0, releases_ = 0;

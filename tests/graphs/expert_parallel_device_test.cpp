@@ -155,6 +155,14 @@ std::vector<DeviceCase> device_cases() {
   };
 }
 
+LayerSpec spec_of(const DeviceCase& c) {
+  LayerSpec spec = base_spec(c.experts, 16, c.hidden, c.k, c.f);
+  spec.output_dim = c.output_dim;
+  spec.activation = c.activation;
+  spec.is_postscore = c.is_postscore;
+  return spec;
+}
+
 // What one rank's steps produced, downloaded to the host.
 struct StepResults {
   Status status;
@@ -290,22 +298,13 @@ void run_case(const DeviceCase& c, DeviceRun how) {
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
 
-  LayerSpec spec;
-  spec.experts = c.experts;
-  spec.model_dim = 16;
-  spec.hidden = c.hidden;
-  spec.output_dim = c.output_dim;
-  spec.k = c.k;
-  spec.capacity_factor = c.f;
-  spec.activation = c.activation;
-  spec.is_postscore = c.is_postscore;
+  const LayerSpec spec = spec_of(c);
   const int W = c.world;
   const int64_t M = spec.model_dim, O = spec.out_dim();
   ASSERT_EQ(static_cast<int>(c.tokens.size()), kMicroBatches);
 
   const ref::Params p = random_params(rng, spec);
-  const HostLayerParams whole{to_f32(p.wg), to_f32(p.fc1_w), to_f32(p.fc1_b), to_f32(p.fc2_w),
-                              to_f32(p.fc2_b)};
+  const HostLayerParams whole = to_host(p);
   // [rank][micro-batch]
   std::vector<std::vector<std::vector<float>>> xs(W), dys(W);
   for (int r = 0; r < W; ++r)
@@ -462,18 +461,12 @@ TEST(ExpertParallelOnDeviceSkewed, ACaptureThatFailsOnOneRankIsRunOpByOpOnEveryR
 // agreed capacity grows), and in a backward; each time the limit is lifted the steps run again.
 TEST(ExpertParallelLimits, ARankThatCannotAllocateRefusesTheStepOnEveryRank) {
   ::setenv("UCX_NET_DEVICES", "lo", 1);
-  LayerSpec spec;
-  spec.experts = 4;
-  spec.model_dim = 16;
-  spec.hidden = 32;
-  spec.k = 2;
-  spec.capacity_factor = 1.0;
+  const LayerSpec spec = base_spec(4, 16, 32, 2, 1.0);
   constexpr int W = 2;
   const int64_t M = 16, O = 16;
   std::mt19937_64 rng(5);
   const ref::Params p = random_params(rng, spec);
-  const HostLayerParams whole{to_f32(p.wg), to_f32(p.fc1_w), to_f32(p.fc1_b), to_f32(p.fc2_w),
-                              to_f32(p.fc2_b)};
+  const HostLayerParams whole = to_host(p);
   std::vector<Status> setup(W);
   std::vector<std::vector<Status>> steps(W);
   const uint16_t port = free_port();
@@ -587,12 +580,8 @@ class KeyRecorder final : public graphs::PhaseRunner {
 TEST(ExpertParallelPhaseKeys, EachAddressAndScalarChangesTheKeysOfThePhasesThatUseIt) {
   ::setenv("UCX_NET_DEVICES", "lo", 1);
   std::mt19937_64 rng(11);
-  LayerSpec spec;
-  spec.experts = 4;
-  spec.model_dim = 16;
-  spec.hidden = 32;
-  spec.k = 2;
-  spec.capacity_factor = 1.0;  // C follows S: every variant below runs at the same C
+  // f > 0: C follows S, so every variant below runs at the same C.
+  const LayerSpec spec = base_spec(4, 16, 32, 2, 1.0);
   auto comm = comm::ucx_bootstrap(rank_options(free_port(), 0, 1, 1));
   ASSERT_TRUE(comm.ok()) << comm.status();
   auto cpu = make_backend("cpu", {.threads = 1});
@@ -604,8 +593,7 @@ TEST(ExpertParallelPhaseKeys, EachAddressAndScalarChangesTheKeysOfThePhasesThatU
   auto layer = ExpertParallelLayer::create(b, **comm, spec, options);
   ASSERT_TRUE(layer.ok()) << layer.status();
   const ref::Params p = random_params(rng, spec);
-  const HostLayerParams whole{to_f32(p.wg), to_f32(p.fc1_w), to_f32(p.fc1_b), to_f32(p.fc2_w),
-                              to_f32(p.fc2_b)};
+  const HostLayerParams whole = to_host(p);
   LocalTensors params1(b, spec, layer->shard()), params2(b, spec, layer->shard()),
       grads1(b, spec, layer->shard()), grads2(b, spec, layer->shard());
   params1.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
@@ -697,13 +685,7 @@ void run_on_cuda(DeviceRun how) {
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   const DeviceCase c{"OneRank", 1, 4, 32, 0, 2, 1.0, Activation::kGelu, {{40}, {27}}};
-  LayerSpec spec;
-  spec.experts = c.experts;
-  spec.model_dim = 16;
-  spec.hidden = c.hidden;
-  spec.k = c.k;
-  spec.capacity_factor = c.f;
-  spec.activation = c.activation;
+  const LayerSpec spec = spec_of(c);
   const int64_t M = spec.model_dim, O = spec.out_dim();
   ref::Params p;
   std::vector<std::vector<float>> xs, dys;
@@ -722,8 +704,7 @@ void run_on_cuda(DeviceRun how) {
     }
     if (!ties) break;
   }
-  const HostLayerParams whole{to_f32(p.wg), to_f32(p.fc1_w), to_f32(p.fc1_b), to_f32(p.fc2_w),
-                              to_f32(p.fc2_b)};
+  const HostLayerParams whole = to_host(p);
 
   auto host = comm::ucx_bootstrap(rank_options(free_port(), 0, 1, 1));
   ASSERT_TRUE(host.ok()) << host.status();

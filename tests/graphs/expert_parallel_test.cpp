@@ -608,8 +608,7 @@ TEST(ExpertParallelBf16Copies, LocalSlicesMatchOnTheFlyBitForBit) {
     spec.matmul_dtype = DType::kBF16;
     const int64_t M = spec.model_dim, O = spec.out_dim(), E = spec.experts, S = 24;
     const ref::Params p = random_params(rng, spec);
-    const HostLayerParams whole{to_f32(p.wg), to_f32(p.fc1_w), to_f32(p.fc1_b), to_f32(p.fc2_w),
-                                to_f32(p.fc2_b)};
+    const HostLayerParams whole = to_host(p);
     std::vector<std::vector<float>> xs, dys;
     for (int r = 0; r < W; ++r) {
       xs.push_back(to_f32(randn(rng, S * M, 1.0)));

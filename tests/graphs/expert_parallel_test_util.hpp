@@ -5,7 +5,9 @@
 #include <chrono>
 #include <cstdint>
 
+#include "../kernels/layer_test_util.hpp"
 #include "tutel/comm/bootstrap.hpp"
+#include "tutel/graphs/expert_parallel.hpp"
 
 namespace tutel::testing {
 
@@ -19,6 +21,11 @@ inline comm::BootstrapOptions rank_options(uint16_t port, int r, int W, int loca
   o.timeout = std::chrono::seconds(20);
   o.collective_timeout = std::chrono::seconds(20);
   return o;
+}
+
+// The reference's parameters as the f32 whole-layer set a rank slices its part from.
+inline graphs::HostLayerParams to_host(const ref::Params& p) {
+  return {to_f32(p.wg), to_f32(p.fc1_w), to_f32(p.fc1_b), to_f32(p.fc2_w), to_f32(p.fc2_b)};
 }
 
 }  // namespace tutel::testing

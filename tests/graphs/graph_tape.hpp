@@ -16,6 +16,7 @@
 #include "tutel/comm/communicator.hpp"
 #include "tutel/graphs/phase_runner.hpp"
 #include "tutel/kernels/backend.hpp"
+#include "tutel/kernels/forwarding_backend.hpp"
 
 namespace tutel::testing {
 
@@ -87,42 +88,38 @@ class TapeCapture final : public graphs::GraphCapture {
   bool fail_;
 };
 
-// The backend's queue, recordable.
-class TapeBackend final : public Backend {
+// The backend's queue, recordable: the queued ops are recorded while capturing; what a capture
+// may not contain is refused; the rest (name, device, sizes) is the inner backend's.
+class TapeBackend final : public ForwardingBackend {
  public:
-  TapeBackend(Backend& inner, Tape& tape) : inner_(inner), tape_(tape) {}
+  TapeBackend(Backend& inner, Tape& tape) : ForwardingBackend(inner), tape_(tape) {}
 
-  std::string_view name() const override { return inner_.name(); }
-  Device device() const override { return inner_.device(); }
   Result<DeviceBuffer> allocate(size_t bytes) override {
     TUTEL_RETURN_IF_ERROR(tape_.forbid("allocate(" + std::to_string(bytes) + ")"));
-    return inner_.allocate(bytes);  // the inner backend owns and frees it
+    return inner().allocate(bytes);  // the inner backend owns and frees it
   }
   void release(void* data, size_t bytes) override {
     (void)tape_.forbid("release");
-    inner_.release(data, bytes);
+    inner().release(data, bytes);
   }
   Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override {
     if (kind != CopyKind::kDeviceToDevice)
       TUTEL_RETURN_IF_ERROR(tape_.forbid("a copy to or from the host"));
-    return tape_.run_or_record([=, this] { return inner_.copy(dst, src, bytes, kind); });
+    return tape_.run_or_record([=, this] { return inner().copy(dst, src, bytes, kind); });
   }
   Status synchronize() override {
     TUTEL_RETURN_IF_ERROR(tape_.forbid("synchronize()"));
-    return inner_.synchronize();
-  }
-  size_t expert_workspace_bytes(const ExpertShape& s, DType d) const override {
-    return inner_.expert_workspace_bytes(s, d);
+    return inner().synchronize();
   }
   Status fill_zero(TensorView t) override {
-    return tape_.run_or_record([=, this] { return inner_.fill_zero(t); });
+    return tape_.run_or_record([=, this] { return inner().fill_zero(t); });
   }
   Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override {
-    return tape_.run_or_record([=, this] { return inner_.gate_noise(seed, counter, scale, out); });
+    return tape_.run_or_record([=, this] { return inner().gate_noise(seed, counter, scale, out); });
   }
-#define TUTEL_TAPE_OP(method, Args)                                     \
-  Status method(const Args& a) override {                               \
-    return tape_.run_or_record([a, this] { return inner_.method(a); }); \
+#define TUTEL_TAPE_OP(method, Args)                                      \
+  Status method(const Args& a) override {                                \
+    return tape_.run_or_record([a, this] { return inner().method(a); }); \
   }
   TUTEL_TAPE_OP(gate_forward, GateForwardArgs)
   TUTEL_TAPE_OP(locations, LocationsArgs)
@@ -138,21 +135,19 @@ class TapeBackend final : public Backend {
   TUTEL_TAPE_OP(adamw_step, AdamWArgs)
 #undef TUTEL_TAPE_OP
   Status convert(TensorView src, TensorView dst) override {
-    return tape_.run_or_record([=, this] { return inner_.convert(src, dst); });
+    return tape_.run_or_record([=, this] { return inner().convert(src, dst); });
   }
   Status add(TensorView dst, TensorView src) override {
-    return tape_.run_or_record([=, this] { return inner_.add(dst, src); });
+    return tape_.run_or_record([=, this] { return inner().add(dst, src); });
   }
   Status add_row_bias(TensorView out, TensorView bias, int64_t column) override {
-    return tape_.run_or_record([=, this] { return inner_.add_row_bias(out, bias, column); });
+    return tape_.run_or_record([=, this] { return inner().add_row_bias(out, bias, column); });
   }
   Status add_column_sums(TensorView src, int64_t column, TensorView dst) override {
-    return tape_.run_or_record([=, this] { return inner_.add_column_sums(src, column, dst); });
+    return tape_.run_or_record([=, this] { return inner().add_column_sums(src, column, dst); });
   }
-  uint64_t scratch_epoch() const override { return inner_.scratch_epoch(); }
 
  private:
-  Backend& inner_;
   Tape& tape_;
 };
 

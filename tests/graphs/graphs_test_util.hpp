@@ -18,6 +18,7 @@
 #include "layer_test_util.hpp"
 #include "tutel/graphs/plan.hpp"
 #include "tutel/kernels/backend.hpp"
+#include "tutel/kernels/forwarding_backend.hpp"
 #include "tutel/kernels/moe_layer.hpp"
 
 namespace tutel::graphs::testing {
@@ -30,60 +31,17 @@ using ::tutel::testing::random_params;
 using ::tutel::testing::to_f32;
 
 // Forwards every op to another backend and counts allocate() calls: a replay must make none.
-class CountingBackend final : public Backend {
+class CountingBackend final : public ForwardingBackend {
  public:
-  explicit CountingBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {}
+  explicit CountingBackend(std::unique_ptr<Backend> inner) : ForwardingBackend(std::move(inner)) {}
   int64_t allocations() const { return allocations_; }
 
-  std::string_view name() const override { return inner_->name(); }
-  Device device() const override { return inner_->device(); }
   Result<DeviceBuffer> allocate(size_t bytes) override {
     ++allocations_;
-    return inner_->allocate(bytes);  // the buffer's owner is the inner backend, which frees it
+    return ForwardingBackend::allocate(bytes);  // the inner backend owns and frees the buffer
   }
-  void release(void* data, size_t bytes) override { inner_->release(data, bytes); }
-  Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override {
-    return inner_->copy(dst, src, bytes, kind);
-  }
-  Status fill_zero(TensorView t) override { return inner_->fill_zero(t); }
-  Status synchronize() override { return inner_->synchronize(); }
-  Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override {
-    return inner_->gate_noise(seed, counter, scale, out);
-  }
-  Status gate_forward(const GateForwardArgs& a) override { return inner_->gate_forward(a); }
-  Status locations(const LocationsArgs& a) override { return inner_->locations(a); }
-  Status slot_map(const SlotMapArgs& a) override { return inner_->slot_map(a); }
-  Status encode(const EncodeArgs& a) override { return inner_->encode(a); }
-  Status decode(const DecodeArgs& a) override { return inner_->decode(a); }
-  size_t expert_workspace_bytes(const ExpertShape& s, DType d) const override {
-    return inner_->expert_workspace_bytes(s, d);
-  }
-  Status expert_forward(const ExpertForwardArgs& a) override { return inner_->expert_forward(a); }
-  Status expert_backward(const ExpertBackwardArgs& a) override {
-    return inner_->expert_backward(a);
-  }
-  Status decode_backward(const DecodeBackwardArgs& a) override {
-    return inner_->decode_backward(a);
-  }
-  Status encode_backward(const EncodeBackwardArgs& a) override {
-    return inner_->encode_backward(a);
-  }
-  Status gate_backward(const GateBackwardArgs& a) override { return inner_->gate_backward(a); }
-  Status sgd_step(const SgdArgs& a) override { return inner_->sgd_step(a); }
-  Status adamw_step(const AdamWArgs& a) override { return inner_->adamw_step(a); }
-  Status convert(TensorView src, TensorView dst) override { return inner_->convert(src, dst); }
-  Status add(TensorView dst, TensorView src) override { return inner_->add(dst, src); }
-  Status add_row_bias(TensorView out, TensorView bias, int64_t column) override {
-    return inner_->add_row_bias(out, bias, column);
-  }
-  Status add_column_sums(TensorView src, int64_t column, TensorView dst) override {
-    return inner_->add_column_sums(src, column, dst);
-  }
-  void* native_stream() const override { return inner_->native_stream(); }
-  uint64_t scratch_epoch() const override { return inner_->scratch_epoch(); }
 
  private:
-  std::unique_ptr<Backend> inner_;
   int64_t allocations_ = 0;
 };
 

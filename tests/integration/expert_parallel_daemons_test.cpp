@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "../common/loopback.hpp"
+#include "../graphs/expert_parallel_test_util.hpp"
 #include "../kernels/layer_test_util.hpp"
 #include "daemon_fixture.hpp"
 #include "tutel/client.hpp"
@@ -196,10 +197,6 @@ void expect_applied_step(const std::string& saved_path, const LayerSpec& spec, i
   EXPECT_TRUE(all_close("fc2 step", applied(kFc2WeightName, before.fc2), widen(want.fc2), 2e-3, 2e-4));
   EXPECT_TRUE(all_close("fc1 bias step", applied(kFc1BiasName, before.fc1_bias), widen(want.fc1_bias), 2e-3, 2e-4));
   EXPECT_TRUE(all_close("fc2 bias step", applied(kFc2BiasName, before.fc2_bias), widen(want.fc2_bias), 2e-3, 2e-4));
-}
-
-graphs::HostLayerParams to_host(const ref::Params& p) {
-  return {to_f32(p.wg), to_f32(p.fc1_w), to_f32(p.fc1_b), to_f32(p.fc2_w), to_f32(p.fc2_b)};
 }
 
 // D daemons, stopped by PID when the test ends, passed or not (DaemonProcess's destructor).
