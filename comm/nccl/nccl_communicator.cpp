@@ -14,6 +14,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <functional>
+#include <map>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -122,6 +124,7 @@ class NcclCommunicator final : public Communicator {
 
   ~NcclCommunicator() override {
     cudaSetDevice(options_.device);
+    release_graphs();  // NCCL's destroy would wait for them
     if (comm_ != nullptr) {
       bool clean = broken_.ok();
       if (clean) {
@@ -166,6 +169,15 @@ class NcclCommunicator final : public Communicator {
   }
 
   uint64_t scratch_epoch() const override { return scratch_epoch_; }
+  uint64_t captured_traffic() const override { return captured_bytes_per_peer_; }
+  uint64_t add_graph_release(std::function<void()> release) override {
+    graph_releases_.emplace(++graph_release_ids_, std::move(release));
+    return graph_release_ids_;
+  }
+  void remove_graph_release(uint64_t id) override { graph_releases_.erase(id); }
+  void count_replayed(uint64_t bytes_per_peer) override {
+    bytes_per_peer_.fetch_add(bytes_per_peer, std::memory_order_relaxed);
+  }
 
   Status wait_enqueued() override {
     TUTEL_RETURN_IF_ERROR(begin("wait_enqueued"));
@@ -321,6 +333,11 @@ class NcclCommunicator final : public Communicator {
   Status finish(Status s) {
     if (s.ok()) return s;
     if (comm_ != nullptr) {
+      // The abort sets NCCL's abort flag, so that kernels of this communicator still running
+      // (a launched graph's too) return, then waits for every graph that captured its
+      // collectives to be destroyed: those are released first (an in-flight one is freed when
+      // it completes).
+      release_graphs();
       ncclCommAbort(comm_);
       comm_ = nullptr;
     }
@@ -442,8 +459,22 @@ class NcclCommunicator final : public Communicator {
   mutable std::mutex failure_mu_;
   std::string failure_text_;
   std::atomic<uint64_t> bytes_per_peer_{0};  // payload each peer was addressed (symmetric)
+  uint64_t captured_bytes_per_peer_ = 0;      // issued into graph captures (captured_traffic)
+  std::map<uint64_t, std::function<void()>> graph_releases_;
+  uint64_t graph_release_ids_ = 0;
+
+  void release_graphs() {
+    for (auto& [id, release] : graph_releases_) release();
+  }
 
   void add_traffic(size_t bytes_per_peer) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream_, &capture) != cudaSuccess) (void)cudaGetLastError();
+    // Active or invalidated: nothing moves now; a launch of the graph is counted by its caller.
+    if (capture != cudaStreamCaptureStatusNone) {
+      captured_bytes_per_peer_ += bytes_per_peer;
+      return;
+    }
     bytes_per_peer_.fetch_add(bytes_per_peer, std::memory_order_relaxed);
   }
 };

@@ -19,4 +19,20 @@ std::optional<AllToAllAlgo> parse_all_to_all_algo(std::string_view name) {
   return std::nullopt;
 }
 
+GraphRelease::GraphRelease(Communicator& comm, std::function<void()> release)
+    : comm_(&comm), id_(comm.add_graph_release(std::move(release))) {}
+
+GraphRelease& GraphRelease::operator=(GraphRelease&& other) noexcept {
+  if (this != &other) {
+    reset();
+    comm_ = std::exchange(other.comm_, nullptr);
+    id_ = other.id_;
+  }
+  return *this;
+}
+
+void GraphRelease::reset() {
+  if (comm_ != nullptr) std::exchange(comm_, nullptr)->remove_graph_release(id_);
+}
+
 }  // namespace tutel::comm

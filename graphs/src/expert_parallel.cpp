@@ -119,6 +119,8 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   LayerSpec s = spec;
   s.alignment = shard.shards;  // Tutel's alignment = s·d (d = 1)
   ExpertParallelLayer layer(backend, comm, s, shard, options);
+  if (options.runner != nullptr && options.runner->captures())
+    layer.graph_release_ = comm::GraphRelease(comm, [runner = options.runner] { runner->clear(); });
   // Allocated up front: the agreements must never fail for memory, or a rank refused there
   // would leave its peers waiting in the collective.
   TUTEL_RETURN_IF_ERROR(layer.grow(layer.agreed_, 8 * sizeof(int64_t)));
@@ -259,7 +261,8 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
     // capture worked: all launch, or all drop theirs and run op by op (a rank whose capture
     // failed runs this key op by op from then on, and so proposes it, and so the group).
     round = capture_rounds_ = static_cast<uint64_t>(agreed[4]);
-    const Status captured = runner_->capture(k, round, ops);
+    const Status captured =
+        runner_->capture(k, round, ops, [this] { return comm_->captured_traffic(); });
     int64_t failed[1] = {captured.ok() ? 0 : 1};
     TUTEL_RETURN_IF_ERROR(agree_on_max(failed, 1));
     if (failed[0] == 0) {
@@ -272,7 +275,12 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
   // A failure from here is a kernel's or a collective's: the graphs may hold a communicator
   // that is now aborted, and must never launch again.
   Status st = runner_->run_as(k, mode, round, ops);
-  if (!st.ok()) runner_->clear();
+  if (!st.ok()) {
+    runner_->clear();
+    return st;
+  }
+  // The collectives a launch replays are counted as traffic here: no host call issued them.
+  if (mode == PhaseMode::kLaunch) comm_->count_replayed(runner_->propose(k).traffic);
   return st;
 }
 

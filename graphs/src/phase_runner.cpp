@@ -23,7 +23,7 @@ GraphPhaseRunner::GraphPhaseRunner(std::unique_ptr<GraphCapture> capture, size_t
 PhaseProposal GraphPhaseRunner::propose(const PhaseKey& key) const {
   if (std::find(failed_.begin(), failed_.end(), key) != failed_.end()) return {};
   if (auto it = index_.find(key); it != index_.end())
-    return {PhaseMode::kLaunch, it->second->round};
+    return {PhaseMode::kLaunch, it->second->round, it->second->traffic};
   if (std::find(seen_.begin(), seen_.end(), key) != seen_.end()) return {PhaseMode::kCapture, 0};
   return {};
 }
@@ -63,14 +63,17 @@ Status GraphPhaseRunner::run_as(const PhaseKey& key, PhaseMode mode, uint64_t ro
 }
 
 Status GraphPhaseRunner::capture(const PhaseKey& key, uint64_t round,
-                                 const std::function<Status()>& ops) {
+                                 const std::function<Status()>& ops,
+                                 const std::function<uint64_t()>& traffic_issued) {
   if (propose(key).mode == PhaseMode::kEager)
     return Status::Internal("phase runner asked to capture a phase it has not run op by op yet");
   drop(key);  // a graph the key may hold is replaced (the group captures together)
   seen_.remove(key);
+  const uint64_t traffic_before = traffic_issued ? traffic_issued() : 0;
   Status captured = capture_->begin();
   if (captured.ok()) {
     const Status recorded = ops();
+    const uint64_t traffic = traffic_issued ? traffic_issued() - traffic_before : 0;
     Result<std::unique_ptr<CapturedGraph>> graph = capture_->end();
     captured = recorded.ok() ? graph.status() : recorded;
     if (captured.ok()) {
@@ -80,7 +83,7 @@ Status GraphPhaseRunner::capture(const PhaseKey& key, uint64_t round,
         lru_.pop_back();
         ++stats_.evictions;
       }
-      lru_.push_front(Entry{key, std::move(graph).value(), round});
+      lru_.push_front(Entry{key, std::move(graph).value(), round, traffic});
       index_[key] = lru_.begin();
       return Status::OK();
     }

@@ -322,6 +322,7 @@ void run_case(const DeviceCase& c, DeviceRun how) {
     graphs::PhaseRunnerStats graphs;
     int64_t recorded_ops = 0, waits = 0;
     std::string collectives;  // TapeCollectives::log()
+    uint64_t traffic_counted = 0, traffic_moved = 0;  // TapeCollectives' per peer
   };
   const int rounds = how == DeviceRun::kOpByOp ? 1 : kGraphRounds;
   std::vector<RankResult> results(W);
@@ -361,6 +362,8 @@ void run_case(const DeviceCase& c, DeviceRun how) {
         out.recorded_ops = tape.recorded_ops();
         out.waits = tape_comm.waits();
         out.collectives = tape_comm.log();
+        out.traffic_counted = tape_comm.counted_traffic();
+        out.traffic_moved = tape_comm.moved_traffic();
         for (const std::string& v : tape.violations()) out.violations.push_back(v);
       }
       for (const std::string& v : device.violations()) out.violations.push_back(v);
@@ -382,6 +385,10 @@ void run_case(const DeviceCase& c, DeviceRun how) {
     if (how != DeviceRun::kOpByOp) {
       // Every collective ran the same way on every rank (NCCL's rule for captured ones).
       EXPECT_EQ(got.collectives, results[0].collectives);
+      // The traffic tutelctl peers shows is what moved: launches count what their graphs replay,
+      // and a capture nobody launched counts nothing.
+      EXPECT_GT(got.traffic_moved, 0u);
+      EXPECT_EQ(got.traffic_counted, got.traffic_moved);
       if (how == DeviceRun::kGraphsCaptureFails) {
         // Captures were tried, and since rank 0's failed, nobody launched one.
         EXPECT_NE(got.collectives.find('C'), std::string::npos) << got.collectives;
@@ -548,6 +555,58 @@ TEST(ExpertParallelLimits, ARankThatCannotAllocateRefusesTheStepOnEveryRank) {
   }
 }
 
+// NCCL's abort waits until every graph that captured the communicator's collectives is
+// destroyed (forever, while their owner keeps them): a layer on a capturing runner has the
+// communicator drop the runner's graphs before a failed collective aborts it, and unregisters
+// when it goes.
+TEST(ExpertParallelGraphs, ACollectiveThatFailsDropsTheGraphsBeforeTheCommunicatorAborts) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  const LayerSpec spec = base_spec(4, 16, 32, 2, 1.0);
+  const int64_t S = 24, M = 16, O = 16;
+  std::mt19937_64 rng(7);
+  const ref::Params p = random_params(rng, spec);
+  auto comm = comm::ucx_bootstrap(rank_options(free_port(), 0, 1, 1));
+  ASSERT_TRUE(comm.ok()) << comm.status();
+  auto inner = make_backend("cpu", {.threads = 1});
+  ASSERT_TRUE(inner.ok()) << inner.status();
+  SimulatedDevice device(std::move(inner).value());
+  DeviceCollectives device_comm(**comm, device);
+  Tape tape;
+  TapeBackend tape_backend(device, tape);
+  TapeCollectives tape_comm(device_comm, tape);
+  graphs::GraphPhaseRunner runner(std::make_unique<TapeCapture>(tape));
+  {
+    graphs::ExpertParallelOptions options;
+    options.runner = &runner;
+    options.comm_on_backend_queue = true;
+    auto layer = ExpertParallelLayer::create(tape_backend, tape_comm, spec, options);
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    EXPECT_EQ(tape_comm.graph_releases(), 1u);
+    LocalTensors params(tape_backend, spec, layer->shard()), grads(tape_backend, spec, layer->shard());
+    params.upload(graphs::slice_for_rank(spec, layer->shard(), to_host(p)));
+    DeviceTensor x(tape_backend, DType::kF32, {S, M}), y(tape_backend, DType::kF32, {S, O});
+    DeviceTensor dy(tape_backend, DType::kF32, {S, O}), dx(tape_backend, DType::kF32, {S, M});
+    x.upload(to_f32(randn(rng, S * M, 1.0)));
+    dy.upload(to_f32(randn(rng, S * O, 1.0)));
+    ExpertParallelLayer::Saved saved;
+    for (int round = 0; round < 3; ++round) {
+      ASSERT_TRUE(layer->forward(params.weights(), x.view(), y.view(), nullptr, &saved).ok());
+      ASSERT_TRUE(layer->backward(params.weights(), dy.view(), 0.f, dx.view(), grads.weights(),
+                                  saved)
+                      .ok());
+    }
+    ASSERT_GT(runner.graphs(), 0u) << "the rounds should have captured the phases";
+    size_t graphs_at_abort = ~size_t{0};
+    tape_comm.fail_next([&] { graphs_at_abort = runner.graphs(); });
+    const Status failed = layer->forward(params.weights(), x.view(), y.view(), nullptr, &saved);
+    EXPECT_EQ(failed.code(), StatusCode::kAborted) << failed;
+    EXPECT_EQ(graphs_at_abort, 0u) << "graphs left for NCCL's abort to wait for";
+    EXPECT_EQ(runner.graphs(), 0u);
+  }
+  EXPECT_EQ(tape_comm.graph_releases(), 0u) << "the layer is gone: its release must be too";
+  EXPECT_TRUE(tape.violations().empty());
+}
+
 // Records the key of every phase (and runs it op by op): what a graph of the phase would bake.
 class KeyRecorder final : public graphs::PhaseRunner {
  public:
@@ -561,7 +620,8 @@ class KeyRecorder final : public graphs::PhaseRunner {
                 const std::function<Status()>& ops) override {
     return run(key, ops);
   }
-  Status capture(const graphs::PhaseKey&, uint64_t, const std::function<Status()>&) override {
+  Status capture(const graphs::PhaseKey&, uint64_t, const std::function<Status()>&,
+                 const std::function<uint64_t()>&) override {
     return Status::Internal("never asked: captures() is false");
   }
   void drop(const graphs::PhaseKey&) override {}

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -164,20 +165,26 @@ class TapeCollectives final : public comm::Communicator {
   int local_size() const override { return inner_.local_size(); }
   Status all_to_all(const void* send, void* recv, size_t chunk_bytes,
                     comm::AllToAllAlgo algo) override {
-    return collective([=, this] { return inner_.all_to_all(send, recv, chunk_bytes, algo); });
+    return collective(chunk_bytes,
+                      [=, this] { return inner_.all_to_all(send, recv, chunk_bytes, algo); });
   }
   Status all_gather(const void* send, void* recv, size_t bytes_per_rank) override {
-    return collective([=, this] { return inner_.all_gather(send, recv, bytes_per_rank); });
+    return collective(bytes_per_rank,
+                      [=, this] { return inner_.all_gather(send, recv, bytes_per_rank); });
   }
   Status reduce_scatter(const float* send, float* recv, size_t count_per_rank,
                         comm::ReduceOp op) override {
-    return collective([=, this] { return inner_.reduce_scatter(send, recv, count_per_rank, op); });
+    return collective(count_per_rank * sizeof(float), [=, this] {
+      return inner_.reduce_scatter(send, recv, count_per_rank, op);
+    });
   }
   Status all_reduce(float* data, size_t count, comm::ReduceOp op) override {
-    return collective([=, this] { return inner_.all_reduce(data, count, op); });
+    return collective(count * sizeof(float) / size_t(size()),
+                      [=, this] { return inner_.all_reduce(data, count, op); });
   }
   Status all_reduce(int64_t* data, size_t count, comm::ReduceOp op) override {
-    return collective([=, this] { return inner_.all_reduce(data, count, op); });
+    return collective(count * sizeof(int64_t) / size_t(size()),
+                      [=, this] { return inner_.all_reduce(data, count, op); });
   }
   Status barrier() override {
     TUTEL_RETURN_IF_ERROR(tape_.forbid("barrier()"));
@@ -192,19 +199,47 @@ class TapeCollectives final : public comm::Communicator {
     return Status::Unimplemented("not needed by the layer");
   }
   std::vector<comm::PeerStatus> peers() const override { return inner_.peers(); }
+  uint64_t captured_traffic() const override { return captured_; }
+  void count_replayed(uint64_t bytes_per_peer) override { counted_ += bytes_per_peer; }
   int64_t waits() const { return waits_; }
   const std::string& log() const { return log_; }
+  // Traffic per peer as NCCL's communicator counts it (when a collective is issued, or into
+  // captured_traffic() while capturing, plus what count_replayed() reports), and as it moved
+  // (when the collective ran: op by op, or replayed by a launch).
+  uint64_t counted_traffic() const { return counted_; }
+  uint64_t moved_traffic() const { return moved_; }
+
+  uint64_t add_graph_release(std::function<void()> release) override {
+    releases_.emplace(++release_ids_, std::move(release));
+    return release_ids_;
+  }
+  void remove_graph_release(uint64_t id) override { releases_.erase(id); }
+  size_t graph_releases() const { return releases_.size(); }
+  // The next collective the host issues fails as NCCL's do: the communicator calls the
+  // registered releases, then `at_abort` (where a test sees what NCCL's abort would wait for),
+  // then is aborted: that collective and every later one return kAborted.
+  void fail_next(std::function<void()> at_abort) { at_abort_ = std::move(at_abort); }
 
  private:
-  Status collective(std::function<Status()> call) {
+  Status collective(uint64_t bytes_per_peer, std::function<Status()> call) {
+    if (at_abort_) {
+      for (auto& [id, release] : releases_) release();
+      std::exchange(at_abort_, nullptr)();
+      aborted_ = true;
+    }
+    if (aborted_) return Status::Aborted("simulated collective failure: communicator aborted");
     if (!tape_.recording()) {
       log_ += 'E';
+      counted_ += bytes_per_peer;
+      moved_ += bytes_per_peer;
       return call();
     }
     log_ += 'C';
+    captured_ += bytes_per_peer;
     // A recorded collective runs only when its graph is launched.
-    return tape_.run_or_record([this, call] {
+    return tape_.run_or_record([this, call, bytes_per_peer] {
       log_ += 'L';
+      moved_ += bytes_per_peer;
       return call();
     });
   }
@@ -213,6 +248,11 @@ class TapeCollectives final : public comm::Communicator {
   Tape& tape_;
   int64_t waits_ = 0;
   std::string log_;
+  uint64_t captured_ = 0, counted_ = 0, moved_ = 0;
+  std::map<uint64_t, std::function<void()>> releases_;
+  uint64_t release_ids_ = 0;
+  std::function<void()> at_abort_;
+  bool aborted_ = false;
 };
 
 }  // namespace tutel::testing

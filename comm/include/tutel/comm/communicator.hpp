@@ -16,10 +16,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "tutel/core/status.hpp"
@@ -54,6 +56,27 @@ struct PeerStatus {
   // whose rings route through other ranks). Ranks of one UCX process that share a worker
   // (sub-groups from split()) share the counters.
   uint64_t bytes_sent = 0, bytes_received = 0;
+};
+
+class Communicator;
+
+// A release registered with a communicator while this lives (Communicator::add_graph_release).
+// Move-only; the communicator must outlive it.
+class GraphRelease {
+ public:
+  GraphRelease() = default;
+  GraphRelease(Communicator& comm, std::function<void()> release);
+  GraphRelease(GraphRelease&& other) noexcept
+      : comm_(std::exchange(other.comm_, nullptr)), id_(other.id_) {}
+  GraphRelease& operator=(GraphRelease&& other) noexcept;
+  GraphRelease(const GraphRelease&) = delete;
+  GraphRelease& operator=(const GraphRelease&) = delete;
+  ~GraphRelease() { reset(); }
+  void reset();
+
+ private:
+  Communicator* comm_ = nullptr;
+  uint64_t id_ = 0;
 };
 
 // split() with this color returns no communicator (MPI_UNDEFINED).
@@ -91,6 +114,20 @@ class Communicator {
   // on that stream. A timeout aborts the communicator, as a collective's would. Communicators
   // whose collectives are done when they return have nothing to wait for.
   virtual Status wait_enqueued() { return Status::OK(); }
+  // Collectives issued while their stream is captured into a graph move nothing then, and a
+  // launch of the graph issues no call the communicator sees. So a communicator whose
+  // collectives can be captured (NCCL) counts their traffic here, per peer, instead of in
+  // peers(), and adds it to peers() for each launch its caller reports with count_replayed().
+  virtual uint64_t captured_traffic() const { return 0; }
+  virtual void count_replayed(uint64_t /*bytes_per_peer*/) {}
+  // Graphs that captured a communicator's collectives must be destroyed before it is aborted or
+  // destroyed: NCCL (2.26 and later) waits for every such graph to die first, forever while its
+  // owner keeps it. The owner registers how to destroy them; the communicator calls every
+  // registered release before it aborts (a failed collective, on the calling thread) and before
+  // it is destroyed. A release must not call the communicator. Use GraphRelease, which
+  // unregisters when its owner goes.
+  virtual uint64_t add_graph_release(std::function<void()> /*release*/) { return 0; }
+  virtual void remove_graph_release(uint64_t /*id*/) {}
   // Moves whenever device memory the communicator's collectives use of their own (the NCCL 2DH
   // all-to-all's staging) is reallocated: a captured graph of them holds its old address.
   virtual uint64_t scratch_epoch() const { return 0; }

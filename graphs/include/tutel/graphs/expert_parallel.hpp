@@ -93,7 +93,9 @@ struct ExpertParallelOptions {
   // needs comm.local_size() to divide comm.size().
   comm::AllToAllAlgo algo = comm::AllToAllAlgo::kLinear;
   // Runs the step's phases, e.g. as CUDA graphs (make_phase_runner). Not owned: it must outlive
-  // the layer and be used by no other. Null: op by op.
+  // the layer and be used by no other. Null: op by op. Its graphs hold the communicator's
+  // collectives, so it must go before the communicator does (NCCL waits for those graphs); the
+  // layer has the communicator drop them before it aborts (Communicator::add_graph_release).
   PhaseRunner* runner = nullptr;
   // The communicator enqueues its collectives on the backend's queue and returns without waiting
   // (NCCL on the backend's stream, NcclOptions::synchronize = false): queue order replaces the
@@ -231,6 +233,8 @@ class ExpertParallelLayer {
   ExpertShard shard_;
   comm::AllToAllAlgo algo_;
   PhaseRunner* runner_;
+  // The runner's graphs hold the communicator's collectives: dropped before it aborts.
+  comm::GraphRelease graph_release_;
   bool comm_on_backend_queue_;
   uint64_t epoch_ = 0;  // moves whenever grow() reallocates a buffer (the layer's or a Saved's)
   uint64_t capture_rounds_ = 0;  // the last capture round the group agreed on

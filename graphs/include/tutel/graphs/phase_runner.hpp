@@ -69,6 +69,9 @@ enum class PhaseMode : uint8_t { kEager = 0, kCapture = 1, kLaunch = 2 };
 struct PhaseProposal {
   PhaseMode mode = PhaseMode::kEager;
   uint64_t round = 0;  // kLaunch: the capture round of the graph this rank holds for the key
+  // kLaunch: the traffic its collectives move per launch (capture()'s `traffic_issued`), which
+  // no host call issues again: the caller counts it (Communicator::count_replayed).
+  uint64_t traffic = 0;
 };
 
 class PhaseRunner {
@@ -88,8 +91,10 @@ class PhaseRunner {
                         const std::function<Status()>& ops) = 0;
   // Records the phase's graph under `round` without running anything (the key must be ready to
   // capture). On failure nothing is kept and the key runs op by op from then on.
-  virtual Status capture(const PhaseKey& key, uint64_t round,
-                         const std::function<Status()>& ops) = 0;
+  // `traffic_issued`, where given, reads a counter of the collectives' traffic issued into
+  // captures (Communicator::captured_traffic): what it grows by is kept with the graph.
+  virtual Status capture(const PhaseKey& key, uint64_t round, const std::function<Status()>& ops,
+                         const std::function<uint64_t()>& traffic_issued = {}) = 0;
   // Forgets the key's graph (a peer's capture of it failed).
   virtual void drop(const PhaseKey& key) = 0;
   // Drops every graph and everything seen: after a failed collective, whose communicator the
@@ -113,7 +118,8 @@ class EagerPhaseRunner final : public PhaseRunner {
       return Status::Internal("an eager phase runner was asked to launch a graph");
     return run(key, ops);
   }
-  Status capture(const PhaseKey&, uint64_t, const std::function<Status()>&) override {
+  Status capture(const PhaseKey&, uint64_t, const std::function<Status()>&,
+                 const std::function<uint64_t()>&) override {
     return Status::Internal("an eager phase runner was asked to capture a graph");
   }
   void drop(const PhaseKey&) override {}
@@ -148,7 +154,8 @@ class GraphPhaseRunner final : public PhaseRunner {
   PhaseProposal propose(const PhaseKey& key) const override;
   Status run_as(const PhaseKey& key, PhaseMode mode, uint64_t round,
                 const std::function<Status()>& ops) override;
-  Status capture(const PhaseKey& key, uint64_t round, const std::function<Status()>& ops) override;
+  Status capture(const PhaseKey& key, uint64_t round, const std::function<Status()>& ops,
+                 const std::function<uint64_t()>& traffic_issued = {}) override;
   void drop(const PhaseKey& key) override;
   void clear() override;
   const PhaseRunnerStats& stats() const override { return stats_; }
@@ -159,6 +166,7 @@ class GraphPhaseRunner final : public PhaseRunner {
     PhaseKey key;
     std::unique_ptr<CapturedGraph> graph;
     uint64_t round;
+    uint64_t traffic;
   };
   using Lru = std::list<Entry>;  // most recent first
 
