@@ -57,7 +57,9 @@ Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& 
       TUTEL_ASSIGN_OR_RETURN(options.buckets.tokens, graphs::BucketPolicy::from_list(def.token_buckets));
     }
     layer->plans_ = std::make_unique<graphs::PlanCache>(*layer->local_activations_, options);
-    TUTEL_RETURN_IF_ERROR(layer->plans_->add_layer(0, {def.spec, layer->weights_of(0), layer->weights_of(1)}));
+    // No "layer 0" in its errors: forward() names the layer in its refusals.
+    TUTEL_RETURN_IF_ERROR(
+        layer->plans_->add_layer(0, {def.spec, layer->weights_of(0), layer->weights_of(1), ""}));
     layer->plan_kind_ = graphs::resolve_plan_kind(*layer->local_activations_, options.kind);
     if (!def.token_buckets.empty()) TUTEL_RETURN_IF_ERROR(layer->prebuild_plans());
     layer->publish_plan_summary();

@@ -102,8 +102,11 @@ Result<std::shared_ptr<Plan>> PlanCache::build(LayerId id, const LayerEntry& lay
                                   layer.target.weights.experts.has_bf16_copies());
   if (Status s = make_room(bytes, key); !s.ok()) return fail(std::move(s));
   auto built = build_plan(backend_, layer.target, key, options_.kind);
-  if (!built.ok())
-    return fail(std::move(built).status().with_context("layer " + std::to_string(id)));
+  if (!built.ok()) {
+    Status st = std::move(built).status();
+    const std::string context = layer.target.error_context.value_or("layer " + std::to_string(id));
+    return fail(context.empty() ? st : st.with_context(context));
+  }
   std::shared_ptr<Plan> plan = std::move(built).value();
   ++stats_.builds;
   lru_.push_front(Entry{id, key, plan, plan->bytes()});

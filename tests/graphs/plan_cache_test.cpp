@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <optional>
+#include <string>
 #include <random>
 
 #include "graphs_test_util.hpp"
@@ -137,6 +139,42 @@ TEST(PlanCache, RefusesKeysItCannotBuild) {
   EXPECT_NE(step.status().message().find("a = 2dh"), std::string::npos) << step.status();
   EXPECT_EQ(cache.stats().build_failures, 2u);
   EXPECT_EQ(cache.stats().plans, 0u);
+}
+
+// A backend whose memory is full: every plan build fails at its first buffer.
+class FullBackend final : public ForwardingBackend {
+ public:
+  explicit FullBackend(std::unique_ptr<Backend> inner) : ForwardingBackend(std::move(inner)) {}
+  Result<DeviceBuffer> allocate(size_t bytes) override {
+    return Status::ResourceExhausted("no room for " + std::to_string(bytes) + " bytes");
+  }
+};
+
+TEST(PlanCache, BuildErrorsNameTheLayerAsItsOwnerAsks) {
+  std::mt19937_64 rng(5);
+  auto backend = cpu_backend();
+  TwinLayer layer(*backend, base_spec(4, 32, 48, 2, 1.0), rng);
+  FullBackend full(cpu_backend());
+  const PlanKey key = key_of(layer.spec, 64, false);
+  auto message_of = [&](std::optional<std::string> context) {
+    PlanCache cache(full, {});
+    PlanTarget target = layer.target();
+    target.error_context = std::move(context);
+    EXPECT_TRUE(cache.add_layer(3, target).ok());
+    auto plan = cache.get(3, key);
+    EXPECT_FALSE(plan.ok());
+    EXPECT_EQ(plan.status().code(), StatusCode::kResourceExhausted) << plan.status();
+    EXPECT_EQ(cache.stats().build_failures, 1u);
+    return std::string(plan.status().message());
+  };
+  const std::string by_id = message_of(std::nullopt);
+  EXPECT_EQ(by_id.rfind("layer 3: ", 0), 0u) << by_id;
+  const std::string named = message_of("layer 'moe0'");
+  EXPECT_EQ(named.rfind("layer 'moe0': ", 0), 0u) << named;
+  // A caller that names the layer itself gets the build's own message, with no "layer 3".
+  const std::string bare = message_of("");
+  EXPECT_EQ(bare.find("layer 3"), std::string::npos) << bare;
+  EXPECT_NE(bare.find("no room for"), std::string::npos) << bare;
 }
 
 TEST(PlanCache, BiggerRequestsMoveToBiggerTokenBuckets) {

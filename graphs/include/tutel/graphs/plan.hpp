@@ -23,6 +23,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
+#include <string>
 #include <string_view>
 
 #include "tutel/core/status.hpp"
@@ -38,6 +40,9 @@ struct PlanTarget {
   LayerSpec spec;
   LayerWeights weights;
   LayerWeights grads;
+  // Prefixes the errors of building this layer's plans: "layer <id>" when unset; nothing when
+  // empty, for a caller that names the layer in its own messages (the daemon).
+  std::optional<std::string> error_context;
 };
 
 enum class PlanKind : uint8_t {
