@@ -204,6 +204,16 @@ Result<DeviceBuffer> CudaBackend::allocate(size_t bytes) {
 }
 
 void CudaBackend::release(void* data, size_t bytes) {
+  // Buffers are dropped on any thread (a shareable region on the event loop): that thread's
+  // current device is put back as it was.
+  int previous = -1;
+  if (cudaGetDevice(&previous) != cudaSuccess) (void)cudaGetLastError();
+  struct Restore {
+    int device, previous;
+    ~Restore() {
+      if (previous >= 0 && previous != device) (void)cudaSetDevice(previous);
+    }
+  } restore{device_, previous};
   (void)activate();
   {
     std::lock_guard lock(shareable_mutex_);
@@ -226,7 +236,14 @@ Result<ShareableBuffer> CudaBackend::allocate_shareable(size_t bytes) {
   const size_t size = (bytes + kUnit - 1) / kUnit * kUnit;
   TUTEL_RETURN_IF_ERROR(activate());
   void* p = nullptr;
-  if (const cudaError_t err = cudaMalloc(&p, size); err != cudaSuccess) {
+  cudaError_t err = cudaMalloc(&p, size);
+  if (err == cudaErrorMemoryAllocation) {
+    // The pool's cache of freed blocks may hold what is missing (it bypasses the pool).
+    (void)cudaGetLastError();
+    pool_->trim();
+    err = cudaMalloc(&p, size);
+  }
+  if (err != cudaSuccess) {
     (void)cudaGetLastError();
     return Status::ResourceExhausted("cannot allocate " + std::to_string(size) + " bytes of shared memory on cuda:" +
                                      std::to_string(device_) + ": " + cudaGetErrorString(err));

@@ -33,6 +33,10 @@ bool is_sticky(cudaError_t err) {
 }  // namespace
 
 Status cuda_error(cudaError_t err, const char* expr, const char* file, int line) {
+  // A runtime call's error stays the thread's last error, and the kernel launchers report
+  // cudaGetLastError(): cleared here, or the next unrelated launch would fail with it. (A sticky
+  // error cannot be cleared: every later call reports it, as it should.)
+  if (!is_sticky(err)) (void)cudaGetLastError();
   std::string msg = std::string(expr) + " failed at " + std::string(short_path(file)) + ":" +
                     std::to_string(line) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
   switch (err) {

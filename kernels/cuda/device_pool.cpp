@@ -37,24 +37,37 @@ Result<void*> DevicePool::allocate(size_t bytes) {
   return p;
 }
 
+bool DevicePool::capturing() const {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream_, &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
 void DevicePool::release(void* data, size_t bytes) {
   if (!data) return;
   const size_t cls = size_class(bytes);
-  if (cached_ + cls <= max_cached_) {
+  // While the stream is captured into a graph, neither a wait nor a free is allowed (either
+  // would invalidate the capture and leak the block): the block stays cached, over the limit
+  // until the next trim.
+  if (cached_ + cls <= max_cached_ || capturing()) {
     free_[cls].push_back(data);
     cached_ += cls;
     return;
   }
   // Queued work may still read the block: free it only once the stream has drained.
-  (void)cudaStreamSynchronize(stream_);
-  (void)cudaFree(data);
+  if (cudaStreamSynchronize(stream_) != cudaSuccess || cudaFree(data) != cudaSuccess)
+    (void)cudaGetLastError();  // a sticky error stays; anything else must not fail a later launch
 }
 
 void DevicePool::trim() {
-  if (cached_ == 0) return;
-  (void)cudaStreamSynchronize(stream_);
+  if (cached_ == 0 || capturing()) return;
+  if (cudaStreamSynchronize(stream_) != cudaSuccess) (void)cudaGetLastError();
   for (auto& [cls, blocks] : free_)
-    for (void* p : blocks) (void)cudaFree(p);
+    for (void* p : blocks)
+      if (cudaFree(p) != cudaSuccess) (void)cudaGetLastError();
   free_.clear();
   cached_ = 0;
 }

@@ -28,12 +28,13 @@ class DevicePool {
   Result<void*> allocate(size_t bytes);
   // Returns a block from allocate(bytes) to the cache (or to the device past the limit).
   void release(void* data, size_t bytes);
-  // Waits for the stream, then frees every cached block.
+  // Waits for the stream, then frees every cached block; nothing while the stream is captured.
   void trim();
 
   size_t cached_bytes() const { return cached_; }
 
  private:
+  bool capturing() const;  // the stream is being captured into a graph
   // The size class of a request: 512-byte steps up to 1 MiB, 2 MiB steps above.
   static size_t size_class(size_t bytes);
 

@@ -269,7 +269,9 @@ class Backend {
   virtual Status synchronize() = 0;
 
   // Standard-normal noise scaled by `scale`, from a counter-based generator: the same
-  // (seed, counter) gives the same numbers on every backend.
+  // (seed, counter) draws the same uniform bits on every backend; the normals agree within a
+  // few ulp (the device's logf/sinf/cosf are not glibc's), so noisy routing near a tie may
+  // differ between a CPU and a GPU run.
   virtual Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) = 0;
   virtual Status gate_forward(const GateForwardArgs& a) = 0;
   virtual Status locations(const LocationsArgs& a) = 0;
