@@ -35,6 +35,8 @@ namespace tutel::graphs::detail {
 namespace {
 
 Status cuda_failure(cudaError_t err, const char* expr, int line) {
+  // The launchers of later ops return cudaGetLastError(): leave no stale error for them.
+  (void)cudaGetLastError();
   std::string msg = std::string(expr) +
                     " failed at graphs/cuda/cuda_graph_plan.cpp:" + std::to_string(line) + ": " +
                     cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
@@ -73,17 +75,26 @@ struct Executable {
   uint64_t last_use = 0;
 };
 
-struct PhaseGraphs {
-  std::vector<Executable> execs;                 // at most kExecsPerPhase
-  std::array<PhaseShape, kSeenPerPhase> seen{};  // a ring of shapes that ran op by op
-  size_t seen_count = 0;
+// A ring of the last few shapes.
+struct ShapeRing {
+  std::array<PhaseShape, kSeenPerPhase> shapes{};
+  size_t count = 0;
 
-  bool has_seen(const PhaseShape& s) const {
-    for (size_t i = 0; i < std::min(seen_count, kSeenPerPhase); ++i)
-      if (seen[i] == s) return true;
+  bool contains(const PhaseShape& s) const {
+    for (size_t i = 0; i < std::min(count, kSeenPerPhase); ++i)
+      if (shapes[i] == s) return true;
     return false;
   }
-  void remember(const PhaseShape& s) { seen[seen_count++ % kSeenPerPhase] = s; }
+  void add(const PhaseShape& s) { shapes[count++ % kSeenPerPhase] = s; }
+};
+
+struct PhaseGraphs {
+  std::vector<Executable> execs;  // at most kExecsPerPhase
+  ShapeRing seen;                 // shapes that ran op by op: captured the next time
+  ShapeRing failed;               // shapes whose capture failed: op by op from then on
+
+  bool has_seen(const PhaseShape& s) const { return seen.contains(s); }
+  void remember(const PhaseShape& s) { seen.add(s); }
 };
 
 enum GraphIndex : size_t { kRouteGraph, kExpertsGraph, kForwardGraph, kBackwardGraph, kGraphCount };
@@ -141,14 +152,21 @@ class CudaGraphPlan final : public PlanBase {
     }
     // First sight: op by op, which also grows the backend's scratch to what this shape needs
     // (scratch never shrinks), so the capture on a later sight allocates nothing.
-    if (!g.has_seen(shape)) return run_eagerly(g, phases, st, shape);
+    // A shape whose capture failed runs op by op from then on: an op that cannot be captured
+    // costs one failed capture, not one per step.
+    if (!g.has_seen(shape) || g.failed.contains(shape)) return run_eagerly(g, phases, st, shape);
 
     // Should the capture fail (an op that cannot be captured, scratch that had to move), the
     // stream leaves capture mode and the phase runs op by op instead, so the step still
-    // completes or reports the op's own error.
+    // completes or reports the op's own error. Scratch that moved is captured again next time.
     GraphPtr graph;
-    if (!capture(phases, st, graph).ok() || backend_.scratch_epoch() != epoch) {
+    const bool captured = capture(phases, st, graph).ok();
+    if (!captured || backend_.scratch_epoch() != epoch) {
       (void)cudaGetLastError();
+      if (!captured) {
+        g.failed.add(shape);
+        ++stats_.capture_failures;
+      }
       return run_eagerly(g, phases, st, shape);
     }
     ++stats_.captures;

@@ -62,6 +62,31 @@ TEST_P(CudaGraphPlanTest, StepsMatchEagerBitForBit) {
   EXPECT_GT(st.graph_launches, 0u);
 }
 
+// More shapes than a phase keeps executables (4): later captures are applied to the least
+// recently used executable with cudaGraphExecUpdate (or instantiated anew where the topology
+// changed), and every step, through either, must still equal eager execution.
+TEST_P(CudaGraphPlanTest, ShapesBeyondTheExecutablesUpdateThemAndStillMatchEager) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  Backend& b = *backend_;
+  TwinLayer layer(b, GetParam().spec, rng);
+  const PlanKey key{1, 1, AllToAll::kLinear, 128, capacity_bound(layer.spec, 128), true};
+  auto plan = build_plan(b, layer.target(), key, PlanKind::kAuto);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  uint64_t counter = 1;
+  for (int round = 0; round < 3; ++round)
+    for (int64_t S : {128, 120, 112, 104, 96, 88}) {
+      SCOPED_TRACE("round " + std::to_string(round) + ", S = " + std::to_string(S));
+      expect_step_matches_eager(b, layer, **plan, S, counter++, rng);
+      if (HasFatalFailure()) return;
+    }
+  const PlanStats& st = (*plan)->stats();
+  EXPECT_EQ(st.capture_failures, 0u);
+  EXPECT_EQ(st.graph_updates + st.instantiations, st.captures);
+  EXPECT_GT(st.captures, 4u);
+}
+
 INSTANTIATE_TEST_SUITE_P(Cases, CudaGraphPlanTest,
                          ::testing::Values(find_case("Basic"), find_case("Dropless"),
                                            find_case("DroplessCapped"),
