@@ -38,10 +38,27 @@ if(TUTEL_HAVE_CUDA)
     $<$<COMPILE_LANGUAGE:CUDA>:-lineinfo -Xcompiler=-Wall,-Wextra,-Wno-unused-parameter>)
 
   # NCCL ships with the toolkit here (/usr/local/cuda/lib64/libnccl.so); comm/ links tutel::nccl.
-  find_library(TUTEL_NCCL_LIBRARY NAMES nccl
-    HINTS ${CUDAToolkit_LIBRARY_DIR} ${CUDAToolkit_LIBRARY_ROOT}/lib64 /usr/local/cuda/lib64)
+  # GPU images made for PyTorch carry it as the nvidia-nccl wheel instead (site-packages/nvidia/
+  # nccl: lib/libnccl.so.2, no unversioned name, and include/nccl.h): the python3 on the PATH
+  # says where, and is searched after the toolkit.
+  set(_tutel_nccl_wheel_lib "")
+  set(_tutel_nccl_wheel_include "")
+  find_program(TUTEL_PYTHON3 NAMES python3)
+  if(TUTEL_PYTHON3)
+    execute_process(
+      COMMAND "${TUTEL_PYTHON3}" -c "import nvidia.nccl as m; print(list(m.__path__)[0])"
+      OUTPUT_VARIABLE _tutel_nccl_wheel OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+    if(_tutel_nccl_wheel AND EXISTS "${_tutel_nccl_wheel}/include/nccl.h")
+      set(_tutel_nccl_wheel_lib "${_tutel_nccl_wheel}/lib")
+      set(_tutel_nccl_wheel_include "${_tutel_nccl_wheel}/include")
+    endif()
+  endif()
+  find_library(TUTEL_NCCL_LIBRARY NAMES nccl libnccl.so.2
+    HINTS ${CUDAToolkit_LIBRARY_DIR} ${CUDAToolkit_LIBRARY_ROOT}/lib64 /usr/local/cuda/lib64
+    PATHS ${_tutel_nccl_wheel_lib})
   find_path(TUTEL_NCCL_INCLUDE_DIR NAMES nccl.h
-    HINTS ${CUDAToolkit_INCLUDE_DIRS} /usr/local/cuda/include)
+    HINTS ${CUDAToolkit_INCLUDE_DIRS} /usr/local/cuda/include
+    PATHS ${_tutel_nccl_wheel_include})
   if(TUTEL_NCCL_LIBRARY AND TUTEL_NCCL_INCLUDE_DIR)
     add_library(tutel::nccl SHARED IMPORTED GLOBAL)
     set_target_properties(tutel::nccl PROPERTIES

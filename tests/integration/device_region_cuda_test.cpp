@@ -53,6 +53,9 @@ TEST(DeviceRegionOnCuda, InPlaceRequestsEqualTheStagedPath) {
   for (float& v : dy) v = normal(rng);
   ASSERT_EQ(cudaMemcpy(p, x.data(), tensor * 4, cudaMemcpyHostToDevice), cudaSuccess);
   ASSERT_EQ(cudaMemcpy(p + 2 * tensor, dy.data(), tensor * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  // A copy from pageable memory may return before its DMA lands; the daemon reads the region
+  // from its own process, so x and dy must be complete on the device first (client.h).
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 
   std::vector<float> want_y(tensor), want_dx(tensor), got_y(tensor), got_dx(tensor);
   client::ForwardInfo want, got;

@@ -64,6 +64,8 @@ Result<Row> measure(client::Client& client, client::Layer& layer, int64_t S, int
   float* rx = static_cast<float*>(region.data());
   float* ry = rx + S * kModel;
   TUTEL_BENCH_CUDA_CHECK(cudaMemcpy(rx, x.data(), bytes, cudaMemcpyHostToDevice));
+  // Complete on the device before the daemon reads it (a pageable copy may return earlier).
+  TUTEL_BENCH_CUDA_CHECK(cudaDeviceSynchronize());
   row.region_s = median_seconds(2, repeats, [&] {
     if (st.ok()) st = layer.infer_device(rx, S, ry);
   });
