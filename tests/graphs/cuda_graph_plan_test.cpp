@@ -3,7 +3,10 @@
 // without one is checked everywhere.
 #include <gtest/gtest.h>
 
+#include <initializer_list>
+#include <memory>
 #include <random>
+#include <string>
 
 #include "graphs_test_util.hpp"
 #include "tutel/graphs/plan_cache.hpp"
@@ -35,28 +38,40 @@ class CudaGraphPlanTest : public ::testing::TestWithParam<PlanCase> {
     auto b = make_backend("cuda", {});
     ASSERT_TRUE(b.ok()) << b.status();
     backend_ = std::move(b).value();
+    SCOPED_TRACE("seed " + std::to_string(seed_));
+    layer_ = std::make_unique<TwinLayer>(*backend_, GetParam().spec, rng_);
+    auto plan = build_plan(*backend_, layer_->target(),
+                           PlanKey{1, 1, AllToAll::kLinear, 128,
+                                   capacity_bound(layer_->spec, 128), true},
+                           PlanKind::kAuto);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    ASSERT_EQ((*plan)->kind(), PlanKind::kCudaGraph);
+    plan_ = std::move(plan).value();
   }
+  // Runs steps of these token counts through the plan (training, bucket 128), each checked
+  // against eager execution.
+  void expect_steps_match_eager(std::initializer_list<int64_t> tokens) {
+    SCOPED_TRACE("seed " + std::to_string(seed_));
+    for (int64_t S : tokens) {
+      SCOPED_TRACE("step " + std::to_string(counter_) + ", S = " + std::to_string(S));
+      expect_step_matches_eager(*backend_, *layer_, *plan_, S, counter_++, rng_);
+      if (HasFatalFailure()) return;
+    }
+  }
+  const uint64_t seed_ = std::random_device{}();
+  std::mt19937_64 rng_{seed_};
   std::unique_ptr<Backend> backend_;
+  std::unique_ptr<TwinLayer> layer_;
+  std::unique_ptr<Plan> plan_;
+  uint64_t counter_ = 1;
 };
 
 // Each shape runs op by op the first time, is captured the second and launched after that;
 // every one of those steps must equal eager execution.
 TEST_P(CudaGraphPlanTest, StepsMatchEagerBitForBit) {
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE("seed " + std::to_string(seed));
-  std::mt19937_64 rng(seed);
-  Backend& b = *backend_;
-  TwinLayer layer(b, GetParam().spec, rng);
-  const PlanKey key{1, 1, AllToAll::kLinear, 128, capacity_bound(layer.spec, 128), true};
-  auto plan = build_plan(b, layer.target(), key, PlanKind::kAuto);
-  ASSERT_TRUE(plan.ok()) << plan.status();
-  ASSERT_EQ((*plan)->kind(), PlanKind::kCudaGraph);
-  uint64_t counter = 1;
-  for (int64_t S : {128, 128, 128, 128, 77, 77, 77, 128}) {
-    expect_step_matches_eager(b, layer, **plan, S, counter++, rng);
-    if (HasFatalFailure()) return;
-  }
-  const PlanStats& st = (*plan)->stats();
+  expect_steps_match_eager({128, 128, 128, 128, 77, 77, 77, 128});
+  if (HasFatalFailure()) return;
+  const PlanStats& st = plan_->stats();
   EXPECT_GT(st.eager_phases, 0u);
   EXPECT_GT(st.captures, 0u);
   EXPECT_GT(st.graph_launches, 0u);
@@ -66,22 +81,10 @@ TEST_P(CudaGraphPlanTest, StepsMatchEagerBitForBit) {
 // recently used executable with cudaGraphExecUpdate (or instantiated anew where the topology
 // changed), and every step, through either, must still equal eager execution.
 TEST_P(CudaGraphPlanTest, ShapesBeyondTheExecutablesUpdateThemAndStillMatchEager) {
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE("seed " + std::to_string(seed));
-  std::mt19937_64 rng(seed);
-  Backend& b = *backend_;
-  TwinLayer layer(b, GetParam().spec, rng);
-  const PlanKey key{1, 1, AllToAll::kLinear, 128, capacity_bound(layer.spec, 128), true};
-  auto plan = build_plan(b, layer.target(), key, PlanKind::kAuto);
-  ASSERT_TRUE(plan.ok()) << plan.status();
-  uint64_t counter = 1;
-  for (int round = 0; round < 3; ++round)
-    for (int64_t S : {128, 120, 112, 104, 96, 88}) {
-      SCOPED_TRACE("round " + std::to_string(round) + ", S = " + std::to_string(S));
-      expect_step_matches_eager(b, layer, **plan, S, counter++, rng);
-      if (HasFatalFailure()) return;
-    }
-  const PlanStats& st = (*plan)->stats();
+  for (int round = 0; round < 3 && !HasFatalFailure(); ++round)
+    expect_steps_match_eager({128, 120, 112, 104, 96, 88});
+  if (HasFatalFailure()) return;
+  const PlanStats& st = plan_->stats();
   EXPECT_EQ(st.capture_failures, 0u);
   EXPECT_EQ(st.graph_updates + st.instantiations, st.captures);
   EXPECT_GT(st.captures, 4u);
