@@ -4,6 +4,7 @@
 // Thread-safety: none; owned by one Session.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <iterator>
 #include <map>

@@ -3,6 +3,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <system_error>
 
 #include "daemon_impl.hpp"
 #include "tutel/core/logging.hpp"

@@ -16,11 +16,13 @@
 #include <charconv>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <initializer_list>
 #include <map>
 #include <sstream>
+#include <system_error>
 
 #include "toml_reader.hpp"
 

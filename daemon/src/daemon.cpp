@@ -1,10 +1,13 @@
 #include "tutel/daemon/daemon.hpp"
 
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <limits>
+#include <system_error>
 
 #include "daemon_impl.hpp"
 #include "tutel/comm/local_exchange.hpp"

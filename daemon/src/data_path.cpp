@@ -1,5 +1,6 @@
 // The data path: each client session's worker consumes its request ring, validates every
 // descriptor against the session's own arena and tenant, runs the layer, and posts a completion.
+#include <algorithm>
 #include <cstring>
 #include <thread>
 

@@ -1,6 +1,8 @@
 #include "metrics.hpp"
 
+#include <cstddef>
 #include <sstream>
+#include <utility>
 
 namespace tutel::daemon {
 namespace {

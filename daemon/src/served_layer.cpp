@@ -1,6 +1,7 @@
 #include "served_layer.hpp"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>

@@ -13,6 +13,7 @@
 
 #include <toml++/toml.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <functional>

@@ -1,6 +1,7 @@
 #include "tutel/graphs/plan_cache.hpp"
 
 #include <algorithm>
+#include <iterator>
 #include <string>
 
 namespace tutel::graphs {

@@ -1,5 +1,6 @@
 #include "tutel/ipc/json_body.hpp"
 
+#include <exception>
 #include <limits>
 #include <string>
 #include <utility>

@@ -1,6 +1,8 @@
 #include "cpu/onednn_matmul.hpp"
 
 #include <algorithm>
+#include <cstddef>
+#include <cstdint>
 #include <string>
 #include <unordered_map>
 

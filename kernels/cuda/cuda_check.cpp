@@ -1,5 +1,6 @@
 #include "cuda/cuda_check.hpp"
 
+#include <cstddef>
 #include <string>
 #include <string_view>
 

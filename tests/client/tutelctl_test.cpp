@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 
 #include <atomic>
+#include <cstdio>
 #include <string>
 #include <thread>
 

@@ -11,10 +11,12 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <ios>
 #include <iterator>
 #include <map>
 #include <random>
 #include <string>
+#include <system_error>
 #include <vector>
 
 namespace tutel {

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
+#include <vector>
 
 #include "daemon_fixture.hpp"
 #include "tutel/client.hpp"

@@ -4,6 +4,7 @@
 // (a rank, a cluster, node 0).
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <random>

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
+#include <ios>
 #include <limits>
 #include <random>
 #include <string>

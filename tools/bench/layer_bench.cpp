@@ -1,5 +1,6 @@
 #include "layer_bench.hpp"
 
+#include <cmath>
 #include <cstdio>
 #include <random>
 #include <string_view>

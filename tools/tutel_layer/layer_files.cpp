@@ -7,6 +7,7 @@
 #include <limits>
 #include <set>
 #include <string_view>
+#include <system_error>
 #include <utility>
 
 #include "tutel/core/safetensors.hpp"
