@@ -40,10 +40,10 @@ class CudaGraphPlanTest : public ::testing::TestWithParam<PlanCase> {
     backend_ = std::move(b).value();
     SCOPED_TRACE("seed " + std::to_string(seed_));
     layer_ = std::make_unique<TwinLayer>(*backend_, GetParam().spec, rng_);
-    auto plan = build_plan(*backend_, layer_->target(),
-                           PlanKey{1, 1, AllToAll::kLinear, 128,
-                                   capacity_bound(layer_->spec, 128), true},
-                           PlanKind::kAuto);
+    auto plan =
+        build_plan(*backend_, layer_->target(),
+                   PlanKey{1, 1, AllToAll::kLinear, 128, capacity_bound(layer_->spec, 128), true},
+                   PlanKind::kAuto);
     ASSERT_TRUE(plan.ok()) << plan.status();
     ASSERT_EQ((*plan)->kind(), PlanKind::kCudaGraph);
     plan_ = std::move(plan).value();

@@ -321,7 +321,7 @@ void run_case(const DeviceCase& c, DeviceRun how) {
     graphs::ExpertShard shard;
     graphs::PhaseRunnerStats graphs;
     int64_t recorded_ops = 0, waits = 0;
-    std::string collectives;  // TapeCollectives::log()
+    std::string collectives;                          // TapeCollectives::log()
     uint64_t traffic_counted = 0, traffic_moved = 0;  // TapeCollectives' per peer
   };
   const int rounds = how == DeviceRun::kOpByOp ? 1 : kGraphRounds;
@@ -582,7 +582,8 @@ TEST(ExpertParallelGraphs, ACollectiveThatFailsDropsTheGraphsBeforeTheCommunicat
     auto layer = ExpertParallelLayer::create(tape_backend, tape_comm, spec, options);
     ASSERT_TRUE(layer.ok()) << layer.status();
     EXPECT_EQ(tape_comm.graph_releases(), 1u);
-    LocalTensors params(tape_backend, spec, layer->shard()), grads(tape_backend, spec, layer->shard());
+    LocalTensors params(tape_backend, spec, layer->shard()),
+        grads(tape_backend, spec, layer->shard());
     params.upload(graphs::slice_for_rank(spec, layer->shard(), to_host(p)));
     DeviceTensor x(tape_backend, DType::kF32, {S, M}), y(tape_backend, DType::kF32, {S, O});
     DeviceTensor dy(tape_backend, DType::kF32, {S, O}), dx(tape_backend, DType::kF32, {S, M});
@@ -591,9 +592,9 @@ TEST(ExpertParallelGraphs, ACollectiveThatFailsDropsTheGraphsBeforeTheCommunicat
     ExpertParallelLayer::Saved saved;
     for (int round = 0; round < 3; ++round) {
       ASSERT_TRUE(layer->forward(params.weights(), x.view(), y.view(), nullptr, &saved).ok());
-      ASSERT_TRUE(layer->backward(params.weights(), dy.view(), 0.f, dx.view(), grads.weights(),
-                                  saved)
-                      .ok());
+      ASSERT_TRUE(
+          layer->backward(params.weights(), dy.view(), 0.f, dx.view(), grads.weights(), saved)
+              .ok());
     }
     ASSERT_GT(runner.graphs(), 0u) << "the rounds should have captured the phases";
     size_t graphs_at_abort = ~size_t{0};

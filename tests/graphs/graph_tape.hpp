@@ -174,9 +174,8 @@ class TapeCollectives final : public comm::Communicator {
   }
   Status reduce_scatter(const float* send, float* recv, size_t count_per_rank,
                         comm::ReduceOp op) override {
-    return collective(count_per_rank * sizeof(float), [=, this] {
-      return inner_.reduce_scatter(send, recv, count_per_rank, op);
-    });
+    return collective(count_per_rank * sizeof(float),
+                      [=, this] { return inner_.reduce_scatter(send, recv, count_per_rank, op); });
   }
   Status all_reduce(float* data, size_t count, comm::ReduceOp op) override {
     return collective(count * sizeof(float) / size_t(size()),

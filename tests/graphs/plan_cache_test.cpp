@@ -6,8 +6,8 @@
 
 #include <cmath>
 #include <optional>
-#include <string>
 #include <random>
+#include <string>
 
 #include "graphs_test_util.hpp"
 

@@ -9,9 +9,9 @@
 // Implementations (see README.md): UCX over host memory (ucx.hpp) and NCCL over device
 // memory (nccl.hpp). Buffers are host or device memory according to the implementation.
 //
-// Thread-safety: one thread at a time per Communicator object (peers() excepted). Distinct Communicators (other
-// ranks, or sub-groups from split() of the same rank) may be used from distinct threads at
-// the same time.
+// Thread-safety: one thread at a time per Communicator object (peers() excepted). Distinct
+// Communicators (other ranks, or sub-groups from split() of the same rank) may be used from
+// distinct threads at the same time.
 #pragma once
 
 #include <cstddef>
@@ -46,7 +46,7 @@ struct PeerStatus {
   int rank = -1;        // in the group
   std::string address;  // where the bootstrap saw it: "127.0.0.1, pid 4242"
   bool failed = false;
-  std::string error;  // why it is considered failed; "" while it answers
+  std::string error;          // why it is considered failed; "" while it answers
   bool same_process = false;  // exchanges by memcpy through a LocalExchange, not a transport
   // Another process of this host whose large messages this rank copies straight out of its
   // memory (process_vm_readv), the transport carrying only a descriptor and an acknowledgement.
