@@ -360,9 +360,16 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
     const Header reply = decode_header(head);
     if (reply.magic != kMagic || reply.body_len > (kMaxPayload + 4096) * size_t(o.size) + 64)
       return Status::Corruption(who + ": malformed answer from " + server);
-    std::string body(reply.body_len, '\0');
-    TUTEL_RETURN_IF_ERROR(detail::recv_exact(fd->get(), body.data(), body.size(), verdict_deadline)
-                              .with_context(who + ": reading the answer of " + server));
+    // Grown as the bytes arrive, never to the announced length at once: a malformed or hostile
+    // answer may announce gigabytes for a large group and send none of them.
+    std::string body;
+    while (body.size() < reply.body_len) {
+      const size_t at = body.size();
+      body.resize(at + std::min<size_t>(reply.body_len - at, size_t{1} << 20));
+      TUTEL_RETURN_IF_ERROR(
+          detail::recv_exact(fd->get(), body.data() + at, body.size() - at, verdict_deadline)
+              .with_context(who + ": reading the answer of " + server));
+    }
     if (reply.kind == kError) {
       const auto code = static_cast<StatusCode>(reply.rank);
       return Status(code == StatusCode::kOk ? StatusCode::kInternal : code,
