@@ -1,8 +1,10 @@
 #include "tutel/ipc/json_body.hpp"
 
+#include <algorithm>
 #include <exception>
 #include <limits>
 #include <string>
+#include <string_view>
 #include <utility>
 
 namespace tutel::ipc {
@@ -19,10 +21,46 @@ std::string frame_label(const Frame& f) {
 
 std::string kind_name(const json& v) { return v.type_name(); }
 
+// Request and reply bodies are flat: a layer spec's tables are text inside a string. Deeper
+// nesting is refused before parsing: copying or printing a parsed document recurses once per
+// level, so 150 000 nested brackets in a 300 KB frame would overflow the daemon's stack.
+constexpr size_t kMaxNesting = 32;
+
+// The deepest nesting of arrays and objects in `text`, brackets inside strings not counted;
+// stops counting past `limit`.
+size_t nesting_depth(std::string_view text, size_t limit) {
+  size_t depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (const char c : text) {
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+      if (deepest > limit) return deepest;
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
 }  // namespace
 
 Result<nlohmann::json> parse_body(const Frame& frame) {
   if (frame.body.empty()) return json::object();
+  if (nesting_depth(frame.body, kMaxNesting) > kMaxNesting)
+    return Status::InvalidArgument(frame_label(frame) + ": the body nests arrays and objects more than " +
+                                   std::to_string(kMaxNesting) + " deep; request bodies are flat");
   json body = json::parse(frame.body, /*cb=*/nullptr, /*allow_exceptions=*/false);
   if (body.is_discarded()) {
     // Parse once more, with exceptions, only to recover the parser's position and reason.

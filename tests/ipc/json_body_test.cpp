@@ -50,13 +50,33 @@ TEST(JsonBodyTest, RefusesMalformedJsonAndNamesTheFrame) {
   EXPECT_FALSE(bad_utf8.ok());
 }
 
-TEST(JsonBodyTest, DeepNestingNeitherCrashesNorThrows) {
-  const size_t depth = 400000;  // fits in one frame
+// Copying or printing a parsed document recurses once per level: a body nested 400 000 deep
+// (it fits in one frame) would overflow the daemon's stack when a handler copies it, so nesting
+// past 32 is refused before parsing, with the frame named. Brackets inside strings are text.
+TEST(JsonBodyTest, DeepNestingIsRefusedBeforeParsing) {
+  const size_t depth = 400000;
   const std::string balanced = "{\"a\":" + std::string(depth, '[') + std::string(depth, ']') + "}";
   ASSERT_LE(balanced.size(), kMaxFrameBody);
-  EXPECT_TRUE(parse_body(make_frame(FrameType::kCreateLayer, balanced)).ok());
+  Result<json> deep = parse_body(make_frame(FrameType::kStep, balanced, 9));
+  ASSERT_FALSE(deep.ok());
+  EXPECT_EQ(deep.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(contains(deep.status().message(), "request 9")) << deep.status();
+  EXPECT_TRUE(contains(deep.status().message(), "32 deep")) << deep.status();
   const std::string unbalanced = "{\"a\":" + std::string(depth, '[') + "}";
   EXPECT_FALSE(parse_body(make_frame(FrameType::kCreateLayer, unbalanced)).ok());
+
+  // 32 levels (the object itself and 31 arrays) parse; 33 do not.
+  auto nested = [](size_t arrays) {
+    return "{\"a\":" + std::string(arrays, '[') + std::string(arrays, ']') + "}";
+  };
+  EXPECT_TRUE(parse_body(make_frame(FrameType::kStep, nested(31))).ok());
+  EXPECT_FALSE(parse_body(make_frame(FrameType::kStep, nested(32))).ok());
+  // Brackets and escaped quotes inside strings do not count.
+  const std::string text = "{\"spec\":\"" + std::string(1000, '[') + "\\\"" +
+                           std::string(1000, '{') + "\"}";
+  Result<json> flat = parse_body(make_frame(FrameType::kCreateLayer, text));
+  ASSERT_TRUE(flat.ok()) << flat.status();
+  EXPECT_EQ((*flat)["spec"].get<std::string>().size(), 2001u);
 }
 
 TEST(JsonBodyTest, RefusesNonObjects) {
