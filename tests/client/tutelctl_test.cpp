@@ -7,9 +7,12 @@
 #include <sys/wait.h>
 
 #include <atomic>
+#include <cstdint>
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 
 #include "fake_daemon.hpp"
 
@@ -38,10 +41,11 @@ ToolRun tutelctl(const std::string& args, const std::string& env = "") {
   return r;
 }
 
-// Answers admin frames with canned bodies, like tuteld's admin.cpp.
+// Answers admin frames with canned bodies, like tuteld's admin.cpp; or every frame with `reply`.
 class FakeAdmin {
  public:
-  explicit FakeAdmin(const std::string& path) {
+  explicit FakeAdmin(const std::string& path, std::optional<json> reply = std::nullopt)
+      : reply_(std::move(reply)) {
     auto fd = ipc::listen_unix(path, 0600);
     EXPECT_TRUE(fd.ok()) << fd.status();
     if (!fd.ok()) return;
@@ -66,6 +70,10 @@ class FakeAdmin {
       const uint32_t rid = frame->header.request_id;
       auto body = ipc::parse_body(*frame).value();
       using FT = ipc::FrameType;
+      if (reply_) {
+        (void)ipc::send_json(conn.get(), FT::kOk, rid, *reply_);
+        continue;
+      }
       switch (static_cast<FT>(frame->header.type)) {
         case FT::kAdminStatus:
           (void)ipc::send_json(conn.get(), FT::kOk, rid,
@@ -146,6 +154,7 @@ class FakeAdmin {
     }
   }
 
+  std::optional<json> reply_;
   ipc::UniqueFd listen_fd_;
   std::thread thread_;
   std::atomic<bool> stop_{false};
@@ -188,6 +197,30 @@ TEST(Tutelctl, UsageErrorsExitTwo) {
   EXPECT_EQ(help.exit_code, 0);
   EXPECT_NE(help.output.find("checkpoint"), std::string::npos);
   EXPECT_NE(help.output.find("plans"), std::string::npos);
+}
+
+// A reply whose fields have unexpected types or values (another daemon version, a damaged
+// reply) is an error that says so, or a field shown as "?": never a crash.
+TEST(Tutelctl, RepliesOfUnexpectedShapesAreErrorsNotCrashes) {
+  TempDir dir;
+  auto run = [&](const json& reply, const std::string& command) {
+    const std::string sock = dir.file(command + ".sock");
+    FakeAdmin admin(sock, reply);
+    return tutelctl("--socket " + sock + " " + command);
+  };
+  for (const auto& [reply, command] :
+       {std::pair{json{{"text", 5}}, std::string("metrics")},
+        std::pair{json{{"cluster", {{"nodes", {{{"first_rank", "x"}}}}}}}, std::string("peers")},
+        std::pair{json{{"cluster", {{"nodes", {7}}}}}, std::string("peers")}}) {
+    const ToolRun r = run(reply, command);
+    EXPECT_EQ(r.exit_code, 1) << command << ": " << r.output;
+    EXPECT_NE(r.output.find("cannot read"), std::string::npos) << command << ": " << r.output;
+  }
+  ToolRun r = run(json{{"uptime_seconds", 1e300}}, "status");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("uptime           ?"), std::string::npos) << r.output;
+  r = run(json{{"cluster", {{"nodes", {{{"first_rank", INT64_MAX}, {"ranks", 2}}}}}}}, "peers");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
 }
 
 TEST(Tutelctl, TablesAndJsonFromTheAdminSocket) {

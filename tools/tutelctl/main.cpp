@@ -50,6 +50,8 @@ std::string bytes_text(double bytes) {
 }
 
 std::string duration_text(double seconds) {
+  // A reply's number is not trusted to fit: NaN, negative or past 3000 years reads as "?".
+  if (!(seconds >= 0) || seconds > 1e11) return "?";
   auto s = static_cast<int64_t>(seconds);
   char buf[64];
   if (s >= 86400)
@@ -194,8 +196,11 @@ void print_peers(const json& reply) {
                 {}};
     for (const json& n : cluster.value("nodes", json::array())) {
       const int64_t first = n.value("first_rank", int64_t{0}), count = n.value("ranks", int64_t{1});
-      const std::string ranks =
-          count == 1 ? std::to_string(first) : std::to_string(first) + "-" + std::to_string(first + count - 1);
+      const bool sane = first >= 0 && count >= 1 && first <= INT64_MAX - count;
+      const std::string ranks = !sane        ? "?"
+                                : count == 1 ? std::to_string(first)
+                                             : std::to_string(first) + "-" +
+                                                   std::to_string(first + count - 1);
       const bool self = n.value("self", false);
       nodes.rows.push_back({field(n, "node"), field(n, "address"), ranks, field(n, "state"),
                             self ? "-" : field(n, "silent_ms") + " ms", field(n, "last_error")});
@@ -379,22 +384,31 @@ int main(int argc, char** argv) {
     std::cout << body.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
     return 0;
   }
-  if (*status)
-    print_status(body);
-  else if (*tenants)
-    print_tenants(body);
-  else if (*layers)
-    print_layers(body);
-  else if (*plans)
-    print_plans(body);
-  else if (*peers)
-    print_peers(body);
-  else if (*metrics) {
-    const std::string text = body.value("text", std::string());
-    std::cout << text;
-    if (!text.empty() && text.back() != '\n') std::cout << "\n";
-  } else {
-    std::cout << "checkpointed " << layer << " to " << body.value("path", path) << "\n";
+  // A field of an unexpected type (a daemon of another version, a damaged reply) is an error
+  // that says so, not a crash.
+  try {
+    if (*status)
+      print_status(body);
+    else if (*tenants)
+      print_tenants(body);
+    else if (*layers)
+      print_layers(body);
+    else if (*plans)
+      print_plans(body);
+    else if (*peers)
+      print_peers(body);
+    else if (*metrics) {
+      const std::string text = body.value("text", std::string());
+      std::cout << text;
+      if (!text.empty() && text.back() != '\n') std::cout << "\n";
+    } else {
+      std::cout << "checkpointed " << layer << " to " << body.value("path", path) << "\n";
+    }
+  } catch (const json::exception& e) {
+    std::cout.flush();
+    std::cerr << "tutelctl: tuteld's reply has a field tutelctl cannot read (" << e.what()
+              << "); is tutelctl the daemon's version? --json prints the reply as it is\n";
+    return kExitFailure;
   }
   return 0;
 }
