@@ -40,6 +40,8 @@ Result<std::string> tenant_file(const Config& c, const std::string& tenant, cons
 
 // A stuck client must not stall the event loop for longer than this.
 constexpr std::chrono::milliseconds kReplyTimeout(5000);
+// Control frames a session may have waiting before its socket stops being read.
+constexpr size_t kMaxQueuedFrames = 64;
 
 Result<uint64_t> handle_of(const json& body) {
   TUTEL_ASSIGN_OR_RETURN(int64_t h, ipc::get_int(body, "handle"));
@@ -251,10 +253,7 @@ void DaemonImpl::accept_on(bool admin) {
     s->daemon = this;
     uv_poll_init(&loop_, &s->poll, c);
     s->poll.data = s.get();
-    uv_poll_start(&s->poll, UV_READABLE, [](uv_poll_t* h, int, int) {
-      auto* session = static_cast<Session*>(h->data);
-      session->daemon->on_readable(session->shared_from_this());
-    });
+    poll_session(s);
     if (!admin) {
       auto tenant = registry_->tenant_for(s->peer.uid, s->peer.gid);
       if (!tenant.ok()) {
@@ -284,6 +283,13 @@ int64_t DaemonImpl::tenant_sessions(const std::string& tenant) const {
   return n;
 }
 
+void DaemonImpl::poll_session(const std::shared_ptr<Session>& s) {
+  uv_poll_start(&s->poll, UV_READABLE, [](uv_poll_t* h, int, int) {
+    auto* session = static_cast<Session*>(h->data);
+    session->daemon->on_readable(session->shared_from_this());
+  });
+}
+
 void DaemonImpl::on_readable(const std::shared_ptr<Session>& s) {
   if (s->closing) return;
   auto n = ipc::read_available(s->fd.get(), s->decoder);
@@ -298,6 +304,12 @@ void DaemonImpl::on_readable(const std::shared_ptr<Session>& s) {
     close_session(s);
     return;
   }
+  // Control frames run one at a time: a client that sends them faster than they run waits in
+  // its socket's buffer, not in the daemon's memory (which grew by gigabytes before).
+  if (s->queued.size() >= kMaxQueuedFrames && !s->reading_paused) {
+    uv_poll_stop(&s->poll);
+    s->reading_paused = true;
+  }
   pump(s);
 }
 
@@ -308,6 +320,10 @@ void DaemonImpl::pump(const std::shared_ptr<Session>& s) {
     s->busy = true;
     if (s->admin) handle_admin_frame(s, std::move(frame));
     else handle_client_frame(s, std::move(frame));
+  }
+  if (s->reading_paused && !s->closing && s->queued.size() < kMaxQueuedFrames / 2) {
+    s->reading_paused = false;
+    poll_session(s);
   }
 }
 

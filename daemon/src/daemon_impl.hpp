@@ -59,6 +59,7 @@ class DaemonImpl {
   Status load_config_layers();
   Status listen(const std::string& path, mode_t mode, bool admin, uv_poll_t* poll, ipc::UniqueFd* fd);
   void accept_on(bool admin);
+  void poll_session(const std::shared_ptr<Session>& s);  // (re)starts polling its socket
   void on_readable(const std::shared_ptr<Session>& s);
   void pump(const std::shared_ptr<Session>& s);
   void handle_client_frame(const std::shared_ptr<Session>& s, ipc::Frame frame);

@@ -39,6 +39,7 @@ struct Session : std::enable_shared_from_this<Session> {
 
   // Control frames run one at a time, in order; the rest wait here.
   std::deque<ipc::Frame> queued;
+  bool reading_paused = false;  // the queue is full: the socket is not polled until it drains
   bool busy = false;
   bool closing = false;
 

@@ -6,7 +6,9 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 
+#include <cstdint>
 #include <cstring>
+#include <string>
 #include <thread>
 
 #include "daemon_fixture.hpp"
@@ -106,6 +108,35 @@ TEST_F(ProtocolAbuse, BodyThatIsNotJsonKeepsTheSession) {
   EXPECT_EQ(reply->header.type, static_cast<uint16_t>(ipc::FrameType::kError));
   // The frame boundary was intact, so the session goes on.
   EXPECT_TRUE(s.hello().ok());
+}
+
+// A client that sends control frames faster than they run is read only as fast as they run
+// (past 64 waiting frames the daemon stops reading its socket until they drain): every frame is
+// still answered, in order, and the daemon serves others meanwhile and after.
+TEST_F(ProtocolAbuse, ControlFramesSentFasterThanTheyRunAreAllAnsweredInOrder) {
+  RawSession s(daemon_->client_socket());
+  ASSERT_TRUE(s.hello().ok());
+  constexpr uint32_t kFrames = 3000;
+  const std::string body = R"({"name":"nonexistent"})";
+  std::thread writer([&] {
+    for (uint32_t id = 1; id <= kFrames; ++id)
+      if (!ipc::send_frame(s.fd(), ipc::FrameType::kAttachLayer, id, body).ok()) return;
+  });
+  uint32_t answered = 0;
+  for (uint32_t id = 1; id <= kFrames; ++id) {
+    auto reply = s.receive();
+    if (!reply.ok()) {
+      ADD_FAILURE() << "reply " << id << ": " << reply.status();
+      break;
+    }
+    EXPECT_EQ(reply->header.request_id, id);
+    EXPECT_EQ(reply->header.type, static_cast<uint16_t>(ipc::FrameType::kError));
+    ++answered;
+    if (id == kFrames / 2) expect_daemon_serves();  // another session, while this one is paused
+  }
+  writer.join();
+  EXPECT_EQ(answered, kFrames);
+  expect_daemon_serves();
 }
 
 TEST_F(ProtocolAbuse, RequestsBeforeHelloAndHelloTwice) {
