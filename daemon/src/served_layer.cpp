@@ -154,6 +154,21 @@ Status ServedLayer::allocate() {
   }
   const bool adam = def_.optimizer.kind == OptimizerKind::kAdamW;
   const bool momentum = def_.optimizer.kind == OptimizerKind::kSgd && def_.optimizer.momentum != 0.f;
+  // What the loop below will allocate (value, gradient, optimizer state, bf16 copy), held to the
+  // tenant's quota before any of it is allocated: a spec may ask for terabytes, and the caller's
+  // charge comes only after the layer is built.
+  uint64_t planned = 0;
+  for (const Tensor& t : tensors_) {
+    const uint64_t bytes = static_cast<uint64_t>(t.shape.numel()) * 4;
+    planned += bytes * (2 + (adam || momentum ? 1 : 0) + (adam ? 1 : 0)) +
+               (keeps_bf16_copy(t) ? bytes / 2 : 0);
+  }
+  if (memory_->total_bytes() + planned > memory_->max_bytes())
+    return Status::ResourceExhausted(
+        "layer '" + def_.name + "' needs " + std::to_string(planned) +
+        " bytes for its parameters, gradients and optimizer state; its tenant holds " +
+        std::to_string(memory_->total_bytes()) + " of its " + std::to_string(memory_->max_bytes()) +
+        " byte max_memory_bytes: use a smaller layer, or raise max_memory_bytes");
   Backend& b = backend();
   auto device_lock = lock_device();
   for (Tensor& t : tensors_) {

@@ -139,6 +139,31 @@ TEST_F(ProtocolAbuse, ControlFramesSentFasterThanTheyRunAreAllAnsweredInOrder) {
   expect_daemon_serves();
 }
 
+// A layer whose parameters, gradients and optimizer state do not fit its tenant's quota is
+// refused before any of it is allocated (the charge used to come after building the layer, so a
+// spec could make the daemon allocate gigabytes, or terabytes, first).
+TEST(ProtocolAbuseQuota, ALayerOverTheQuotaIsRefusedBeforeItIsAllocated) {
+  DaemonOptions options;
+  options.default_max_memory_bytes = 1 << 20;
+  DaemonProcess daemon(options);
+  ASSERT_TRUE(daemon.start());
+  RawSession s(daemon.client_socket());
+  ASSERT_TRUE(s.hello().ok());
+  const std::string big = "name = \"big\"\nexperts = 64\nmodel_dim = 65536\nhidden = 65536\nk = 2\ninit_seed = 1\n";
+  auto r = s.call(ipc::FrameType::kCreateLayer, {{"spec", big}}, ipc::FrameType::kLayerInfo);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kResourceExhausted) << r.status();
+  EXPECT_NE(r.status().message().find("parameters, gradients and optimizer state"),
+            std::string_view::npos)
+      << r.status();
+  EXPECT_NE(r.status().message().find("max_memory_bytes"), std::string_view::npos) << r.status();
+  // A layer that fits is still created.
+  auto small = s.call(ipc::FrameType::kCreateLayer, {{"spec", kSpec}}, ipc::FrameType::kLayerInfo);
+  EXPECT_TRUE(small.ok()) << small.status();
+  EXPECT_TRUE(daemon.alive()) << daemon.log();
+  EXPECT_EQ(daemon.stop(), 0) << daemon.log();
+}
+
 TEST_F(ProtocolAbuse, RequestsBeforeHelloAndHelloTwice) {
   RawSession s(daemon_->client_socket());
   auto r = s.call(ipc::FrameType::kCreateLayer, {{"spec", kSpec}}, ipc::FrameType::kLayerInfo);
