@@ -50,8 +50,13 @@ struct Group {
   int size = 0, local_size = 0;
   Clock::time_point deadline;
   std::chrono::milliseconds timeout{0};  // the one that set `deadline`, for messages
-  std::vector<uint64_t> members;         // peer id by rank; 0: not here
-  std::vector<std::string> payloads, addresses;
+  // The ranks that joined, sparse: a join claims a size (up to 2^20) before anyone else has
+  // joined, and must not make the service allocate for all of them (it did: ~75 MB a join).
+  struct Member {
+    uint64_t peer;  // peer id
+    std::string payload, address;
+  };
+  std::map<int, Member> joined;
   int count = 0;
   // Set when the group is doomed: kept until `deadline` to answer its late ranks alike.
   Status failure;
@@ -238,9 +243,6 @@ class Service final : public RendezvousService {
       g.local_size = local_size;
       g.deadline = now + timeout;
       g.timeout = timeout;
-      g.members.assign(static_cast<size_t>(size), 0);
-      g.payloads.assign(static_cast<size_t>(size), {});
-      g.addresses.assign(static_cast<size_t>(size), {});
       it = groups_.emplace(key, std::move(g)).first;
     }
     Group& g = it->second;
@@ -257,33 +259,39 @@ class Service final : public RendezvousService {
               "bootstrap: rank " + std::to_string(rank) + " (" + p.address + ") of group '" +
               group_name + "' was started with size " + std::to_string(size) + ", local_size " +
               std::to_string(local_size) + " but rank " + std::to_string(other) + " (" +
-              g.addresses[other] + ") with size " + std::to_string(g.size) + ", local_size " +
+              address_of(g, other) + ") with size " + std::to_string(g.size) + ", local_size " +
               std::to_string(g.local_size) + "; start every rank with the same group shape"));
     }
-    if (g.members[rank] != 0)
+    if (g.joined.count(rank) != 0)
       return doom(
           it, p,
           Status::InvalidArgument("bootstrap: rank " + std::to_string(rank) + " of group '" +
-                                  group_name + "' arrived twice (" + g.addresses[rank] + " and " +
+                                  group_name + "' arrived twice (" + address_of(g, rank) + " and " +
                                   p.address + "); give every process its own rank"));
     p.state = Peer::State::kJoined;
     p.group = key;
     p.rank = rank;
-    g.members[rank] = id;
-    g.payloads[rank] = std::move(payload);
-    g.addresses[rank] = p.address;
+    g.joined.emplace(rank, Group::Member{id, std::move(payload), p.address});
     if (++g.count < g.size) return;
-    const std::string table = wire::encode_table(g.payloads, g.addresses);
-    for (uint64_t member : g.members) answer(peers_.at(member), table);
+    // Every rank is here: the table is as large as what they sent.
+    std::vector<std::string> payloads, addresses;
+    payloads.reserve(g.joined.size());
+    addresses.reserve(g.joined.size());
+    for (auto& [r, m] : g.joined) {
+      payloads.push_back(std::move(m.payload));
+      addresses.push_back(m.address);
+    }
+    const std::string table = wire::encode_table(payloads, addresses);
+    for (const auto& [r, m] : g.joined) answer(peers_.at(m.peer), table);
     groups_.erase(it);
     std::lock_guard lock(stats_mu_);
     ++stats_.groups_completed;
   }
 
-  static int first_member(const Group& g) {
-    for (int r = 0; r < g.size; ++r)
-      if (g.members[r] != 0) return r;
-    return 0;
+  static int first_member(const Group& g) { return g.joined.empty() ? 0 : g.joined.begin()->first; }
+  static std::string address_of(const Group& g, int rank) {
+    auto m = g.joined.find(rank);
+    return m == g.joined.end() ? std::string("?") : m->second.address;
   }
 
   // Fails the group on every rank that joined and on `p`; the group stays, failed, until its
@@ -291,10 +299,8 @@ class Service final : public RendezvousService {
   void doom(std::map<std::string, Group>::iterator it, Peer& p, Status failure) {
     Group& g = it->second;
     const std::string msg = wire::encode_error(failure);
-    for (uint64_t& member : g.members) {
-      if (member != 0) answer(peers_.at(member), msg);
-      member = 0;
-    }
+    for (const auto& [r, m] : g.joined) answer(peers_.at(m.peer), msg);
+    g.joined.clear();  // kept failed, it holds only its failure
     g.count = 0;
     g.failed = true;
     g.failure = std::move(failure);
@@ -313,7 +319,7 @@ class Service final : public RendezvousService {
       if (!g.failed) {
         std::vector<int> missing;
         for (int r = 0; r < g.size; ++r)
-          if (g.members[r] == 0) missing.push_back(r);
+          if (g.joined.count(r) == 0) missing.push_back(r);
         const std::string name = printable(it->first.substr(it->first.find('@') + 1));
         const std::string msg = wire::encode_error(Status::Timeout(
             "bootstrap of group '" + name + "' timed out after " +
@@ -321,8 +327,7 @@ class Service final : public RendezvousService {
             wire::rank_list(missing) + " never reached the rendezvous service at " + where() +
             " (" + std::to_string(g.count) + " of " + std::to_string(g.size) +
             " ranks arrived); start them, or check their group name and size"));
-        for (uint64_t member : g.members)
-          if (member != 0) answer(peers_.at(member), msg);
+        for (const auto& [r, m] : g.joined) answer(peers_.at(m.peer), msg);
         std::lock_guard lock(stats_mu_);
         ++stats_.groups_failed;
       }
@@ -342,9 +347,7 @@ class Service final : public RendezvousService {
     auto it = groups_.find(p.group);
     if (it == groups_.end() || it->second.failed) return;
     Group& g = it->second;
-    if (p.rank < 0 || p.rank >= g.size || g.members[p.rank] == 0) return;
-    g.members[p.rank] = 0;
-    g.payloads[p.rank].clear();
+    if (g.joined.erase(p.rank) == 0) return;
     if (--g.count == 0) groups_.erase(it);
   }
 
