@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "socket_util.hpp"
+#include "fuzz_check.hpp"
 #include "tutel/comm/bootstrap.hpp"
 #include "tutel/core/logging.hpp"
 #include "tutel/core/status.hpp"
@@ -46,14 +47,6 @@ using namespace tutel;
 using namespace tutel::comm;
 
 namespace {
-
-#define FUZZ_CHECK(cond)                                                                  \
-  do {                                                                                    \
-    if (!(cond)) {                                                                        \
-      std::fprintf(stderr, "FUZZ_CHECK failed: %s at %s:%d\n", #cond, __FILE__, __LINE__); \
-      std::abort();                                                                       \
-    }                                                                                     \
-  } while (0)
 
 void run_decode_table(const uint8_t* data, size_t size) {
   if (size < 1) return;

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "tutel/ipc/json_body.hpp"
+#include "fuzz_check.hpp"
 #include "tutel/ipc/protocol.hpp"
 #include "tutel/ipc/socket.hpp"
 
@@ -36,14 +37,6 @@ using namespace tutel;
 using nlohmann::json;
 
 namespace {
-
-#define FUZZ_CHECK(cond)                                                              \
-  do {                                                                                \
-    if (!(cond)) {                                                                    \
-      std::fprintf(stderr, "FUZZ_CHECK failed: %s at %s:%d\n", #cond, __FILE__, __LINE__); \
-      std::abort();                                                                   \
-    }                                                                                 \
-  } while (0)
 
 struct Reader {
   const uint8_t* p;

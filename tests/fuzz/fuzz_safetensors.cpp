@@ -19,18 +19,11 @@
 #include <string>
 
 #include "tutel/core/safetensors.hpp"
+#include "fuzz_check.hpp"
 
 using namespace tutel;
 
 namespace {
-
-#define FUZZ_CHECK(cond)                                                                  \
-  do {                                                                                    \
-    if (!(cond)) {                                                                        \
-      std::fprintf(stderr, "FUZZ_CHECK failed: %s at %s:%d\n", #cond, __FILE__, __LINE__); \
-      std::abort();                                                                       \
-    }                                                                                     \
-  } while (0)
 
 int memfd() {
   static const int fd = ::memfd_create("fuzz.safetensors", MFD_CLOEXEC);

@@ -245,7 +245,7 @@ void safetensors_seeds() {
 
 void bootstrap_seeds() {
   using namespace tutel::comm;
-  const std::string table = wire::encode_table({"p0", "payload1"}, {"127.0.0.1, pid 1", "10.0.0.2, pid 2"});
+  const std::string table = wire::encode_table({"p0", "payload1"}, {"127.0.0.1, pid 1", "127.0.0.1, pid 2"});
   put("bootstrap", std::string(1, '\0') + std::string(1, '\1') + table.substr(wire::kHeaderBytes));
   wire::Header hello;
   hello.kind = wire::kHello;
@@ -315,7 +315,7 @@ void client_seeds() {
   put("client", std::string(1, '\2') + layers.dump());
   put("client", std::string(1, '\3') + layers.dump());
   const json peers{
-      {"cluster", {{"nodes", json::array({json{{"node", 0}, {"address", "10.0.0.1:7100"}, {"first_rank", 0},
+      {"cluster", {{"nodes", json::array({json{{"node", 0}, {"address", "127.0.0.1:7100"}, {"first_rank", 0},
                                                {"ranks", 2}, {"state", "up"}, {"self", true}, {"silent_ms", 3},
                                                {"last_error", ""}}})}}},
       {"groups", json::array({json{{"tenant", "a"}, {"layer", "g"}, {"rank", 0}, {"size", 2},
