@@ -134,11 +134,14 @@ TEST_F(CApiWithDaemon, ArgumentErrors) {
   EXPECT_NE(last_error().find("tokens = 0"), std::string::npos) << last_error();
   EXPECT_EQ(tutel_forward(layer, f, -5, f, nullptr), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_save(layer, nullptr), TUTEL_E_INVALID_ARGUMENT);
-  EXPECT_EQ(tutel_layer_create(client_, nullptr, &layer), TUTEL_E_INVALID_ARGUMENT);
-  EXPECT_EQ(layer, nullptr);
-  EXPECT_EQ(tutel_layer_attach(client_, "missing", &layer), TUTEL_E_NOT_FOUND);
+  tutel_layer* refused = layer;  // a failed create or attach sets its out-parameter to null
+  EXPECT_EQ(tutel_layer_create(client_, nullptr, &refused), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(refused, nullptr);
+  EXPECT_EQ(tutel_layer_attach(client_, "missing", &refused), TUTEL_E_NOT_FOUND);
+  EXPECT_EQ(refused, nullptr);
   EXPECT_NE(last_error().find("NotFound: tenant 'fake' has no layer 'missing'"), std::string::npos)
       << last_error();
+  tutel_layer_release(layer);
 }
 
 TEST_F(CApiWithDaemon, AsyncMicroBatches) {
