@@ -81,9 +81,14 @@ DaemonImpl::~DaemonImpl() {
   // otherwise; a socket we never bound is another daemon's and stays).
   if (client_fd_.valid()) ::unlink(config_.server.client_socket.c_str());
   if (admin_fd_.valid()) ::unlink(config_.server.admin_socket.c_str());
-  // Handles were closed by shutdown(); run the loop once more so their close callbacks fire.
-  uv_run(&loop_, UV_RUN_NOWAIT);
-  uv_loop_close(&loop_);
+  // shutdown() closed every handle; a start-up that failed never ran it, so close here what it
+  // opened (the listening polls: their descriptors are members and close themselves). Then run
+  // the loop until the close callbacks have fired, or the loop cannot free its own memory.
+  uv_walk(
+      &loop_, [](uv_handle_t* h, void*) { if (!uv_is_closing(h)) uv_close(h, nullptr); }, nullptr);
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  if (const int rc = uv_loop_close(&loop_); rc != 0)
+    TUTEL_LOG(WARN) << "the event loop did not close: " << uv_strerror(rc);
 }
 
 Status DaemonImpl::start() {
