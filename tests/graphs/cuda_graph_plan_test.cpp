@@ -120,7 +120,9 @@ TEST(CudaGraphPlanHostIo, TakesHostTensorsAndThePlansOwnBuffers) {
   auto backend = make_backend("cuda", {});
   ASSERT_TRUE(backend.ok()) << backend.status();
   Backend& b = **backend;
-  std::mt19937_64 rng(21);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   TwinLayer layer(b, base_spec(4, 32, 48, 2, 0.0), rng);
   const int64_t S = 50, M = 32, O = 32;
   auto plan = build_plan(b, layer.target(), PlanKey{1, 1, AllToAll::kLinear, 64, 64, true});
@@ -155,7 +157,9 @@ TEST(CudaGraphPlanCache, ACachedStepAllocatesNothing) {
   auto inner = make_backend("cuda", {});
   ASSERT_TRUE(inner.ok()) << inner.status();
   CountingBackend b(std::move(inner).value());
-  std::mt19937_64 rng(22);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   const LayerSpec spec = base_spec(4, 32, 48, 2, 1.0);
   DeviceLayer params(b, spec), grads(b, spec);
   params.upload(random_params(rng, spec));

@@ -471,15 +471,19 @@ TEST(ExpertParallelLimits, ARankThatCannotAllocateRefusesTheStepOnEveryRank) {
   const LayerSpec spec = base_spec(4, 16, 32, 2, 1.0);
   constexpr int W = 2;
   const int64_t M = 16, O = 16;
-  std::mt19937_64 rng(5);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   const ref::Params p = random_params(rng, spec);
   const HostLayerParams whole = to_host(p);
+  const std::vector<uint64_t> rank_seeds = {rng(), rng()};  // a generator per rank's thread
   std::vector<Status> setup(W);
   std::vector<std::vector<Status>> steps(W);
   const uint16_t port = free_port();
   std::vector<std::thread> threads;
   for (int r = 0; r < W; ++r) {
     threads.emplace_back([&, r] {
+      std::mt19937_64 rank_rng(rank_seeds[r]);
       auto comm = comm::ucx_bootstrap(rank_options(port, r, W, 1));
       if (!comm.ok()) return void(setup[r] = comm.status());
       auto inner = make_backend("cpu", {.threads = 1});
@@ -501,8 +505,8 @@ TEST(ExpertParallelLimits, ARankThatCannotAllocateRefusesTheStepOnEveryRank) {
         t.y = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, O});
         t.dy = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, O});
         t.dx = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, M});
-        t.x->upload(to_f32(randn(rng, S * M, 1.0)));
-        t.dy->upload(to_f32(randn(rng, S * O, 1.0)));
+        t.x->upload(to_f32(randn(rank_rng, S * M, 1.0)));
+        t.dy->upload(to_f32(randn(rank_rng, S * O, 1.0)));
       }
       ExpertParallelLayer::Saved small, big;
       auto forward = [&](int64_t S, ExpertParallelLayer::Saved& saved) {
@@ -563,7 +567,9 @@ TEST(ExpertParallelGraphs, ACollectiveThatFailsDropsTheGraphsBeforeTheCommunicat
   ::setenv("UCX_NET_DEVICES", "lo", 1);
   const LayerSpec spec = base_spec(4, 16, 32, 2, 1.0);
   const int64_t S = 24, M = 16, O = 16;
-  std::mt19937_64 rng(7);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   const ref::Params p = random_params(rng, spec);
   auto comm = comm::ucx_bootstrap(rank_options(free_port(), 0, 1, 1));
   ASSERT_TRUE(comm.ok()) << comm.status();
@@ -640,7 +646,9 @@ class KeyRecorder final : public graphs::PhaseRunner {
 // once; this one, one at a time.)
 TEST(ExpertParallelPhaseKeys, EachAddressAndScalarChangesTheKeysOfThePhasesThatUseIt) {
   ::setenv("UCX_NET_DEVICES", "lo", 1);
-  std::mt19937_64 rng(11);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   // f > 0: C follows S, so every variant below runs at the same C.
   const LayerSpec spec = base_spec(4, 16, 32, 2, 1.0);
   auto comm = comm::ucx_bootstrap(rank_options(free_port(), 0, 1, 1));

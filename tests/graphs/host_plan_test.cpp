@@ -70,7 +70,9 @@ INSTANTIATE_TEST_SUITE_P(Cases, HostPlanReplay, ::testing::ValuesIn(plan_cases()
                          [](const auto& info) { return info.param.name; });
 
 TEST(HostPlan, ReplayAllocatesNothing) {
-  std::mt19937_64 rng(11);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   CountingBackend b(cpu_backend());
   for (const char* name : {"Dropless", "Gelu", "Bf16Matmul", "GateNoise", "BatchPrioritized"}) {
     SCOPED_TRACE(name);
@@ -118,7 +120,9 @@ TEST(HostPlan, Bf16WeightCopiesMatchEagerOnTheFlyBitForBit) {
 }
 
 TEST(HostPlan, BuffersAreOneAllocationOfTheReportedSize) {
-  std::mt19937_64 rng(5);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   CountingBackend b(cpu_backend());
   const LayerSpec spec = find_case("Gelu").spec;
   DeviceLayer params(b, spec), grads(b, spec);
@@ -134,7 +138,9 @@ TEST(HostPlan, BuffersAreOneAllocationOfTheReportedSize) {
 }
 
 TEST(HostPlan, CapacityAboveTheBucketIsRefusedAndLeavesOutputAlone) {
-  std::mt19937_64 rng(7);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   auto backend = cpu_backend();
   Backend& b = *backend;
   TwinLayer layer(b, find_case("Dropless").spec, rng);
@@ -171,7 +177,9 @@ TEST(HostPlan, CapacityAboveTheBucketIsRefusedAndLeavesOutputAlone) {
 }
 
 TEST(HostPlan, RefusesWhatItCannotRun) {
-  std::mt19937_64 rng(9);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   auto backend = cpu_backend();
   Backend& b = *backend;
   TwinLayer layer(b, find_case("Basic").spec, rng);
@@ -205,7 +213,9 @@ TEST(HostPlan, RefusesWhatItCannotRun) {
 }
 
 TEST(HostPlan, RefusesBadRequests) {
-  std::mt19937_64 rng(13);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   auto backend = cpu_backend();
   Backend& b = *backend;
   TwinLayer layer(b, find_case("Basic").spec, rng);

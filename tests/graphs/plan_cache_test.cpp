@@ -34,7 +34,9 @@ void skew_to_expert0(TwinLayer& layer, std::vector<float>& x) {
 }
 
 TEST(PlanCache, HitsMissesBuildsAndBytes) {
-  std::mt19937_64 rng(1);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   auto backend = cpu_backend();
   TwinLayer layer(*backend, base_spec(4, 32, 48, 2, 1.0), rng);
   PlanCache cache(*backend, {.max_bytes = size_t{64} << 20});
@@ -68,7 +70,9 @@ TEST(PlanCache, HitsMissesBuildsAndBytes) {
 }
 
 TEST(PlanCache, EvictsLeastRecentlyUsedByBytes) {
-  std::mt19937_64 rng(2);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   auto backend = cpu_backend();
   TwinLayer layer(*backend, base_spec(4, 32, 48, 2, 1.0), rng);
   const PlanKey k64 = key_of(layer.spec, 64, true), k128 = key_of(layer.spec, 128, true),
@@ -95,7 +99,9 @@ TEST(PlanCache, EvictsLeastRecentlyUsedByBytes) {
 }
 
 TEST(PlanCache, NeverEvictsAPlanInUse) {
-  std::mt19937_64 rng(3);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   auto backend = cpu_backend();
   TwinLayer layer(*backend, base_spec(4, 32, 48, 2, 1.0), rng);
   const PlanKey k64 = key_of(layer.spec, 64, true), k128 = key_of(layer.spec, 128, true);
@@ -121,7 +127,9 @@ TEST(PlanCache, NeverEvictsAPlanInUse) {
 }
 
 TEST(PlanCache, RefusesKeysItCannotBuild) {
-  std::mt19937_64 rng(4);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   auto backend = cpu_backend();
   TwinLayer layer(*backend, base_spec(4, 32, 48, 2, 1.0), rng);
   PlanCache cache(*backend, {});
@@ -151,7 +159,9 @@ class FullBackend final : public ForwardingBackend {
 };
 
 TEST(PlanCache, BuildErrorsNameTheLayerAsItsOwnerAsks) {
-  std::mt19937_64 rng(5);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   auto backend = cpu_backend();
   TwinLayer layer(*backend, base_spec(4, 32, 48, 2, 1.0), rng);
   FullBackend full(cpu_backend());
@@ -178,7 +188,9 @@ TEST(PlanCache, BuildErrorsNameTheLayerAsItsOwnerAsks) {
 }
 
 TEST(PlanCache, BiggerRequestsMoveToBiggerTokenBuckets) {
-  std::mt19937_64 rng(5);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   auto backend = cpu_backend();
   Backend& b = *backend;
   TwinLayer layer(b, base_spec(4, 32, 48, 2, 1.0), rng);
@@ -209,7 +221,9 @@ TEST(PlanCache, BiggerRequestsMoveToBiggerTokenBuckets) {
 }
 
 TEST(PlanCache, DynamicCapacityMovesToTheBucketThatHoldsIt) {
-  std::mt19937_64 rng(6);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   auto backend = cpu_backend();
   Backend& b = *backend;
   TwinLayer layer(b, base_spec(4, 16, 24, 1, 0.0), rng);
@@ -264,7 +278,9 @@ TEST(PlanCache, DynamicCapacityMovesToTheBucketThatHoldsIt) {
 }
 
 TEST(PlanCache, PrebuildsTheConfiguredBuckets) {
-  std::mt19937_64 rng(7);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   auto backend = cpu_backend();
   TwinLayer layer(*backend, base_spec(4, 32, 48, 2, 0.0), rng);
   PlanCacheOptions options;
@@ -286,7 +302,9 @@ TEST(PlanCache, PrebuildsTheConfiguredBuckets) {
 }
 
 TEST(PlanCache, ACachedStepAllocatesNothing) {
-  std::mt19937_64 rng(8);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   CountingBackend b(cpu_backend());
   const LayerSpec spec = base_spec(4, 32, 48, 2, 0.0);
   DeviceLayer params(b, spec), grads(b, spec);
@@ -313,7 +331,9 @@ TEST(PlanCache, ACachedStepAllocatesNothing) {
 // Each gets an instance of its own, the backwards (in reverse order) equal the eager runs, a
 // released instance serves the next step, and trim() drops the idle ones.
 TEST(PlanCache, StepsInFlightEachGetTheirOwnInstance) {
-  std::mt19937_64 rng(9);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   auto backend = cpu_backend();
   Backend& b = *backend;
   TwinLayer layer(b, base_spec(4, 32, 48, 2, 1.0), rng);
