@@ -12,6 +12,7 @@ packages=(
   nlohmann-json3-dev                  # safetensors headers
   libcli11-dev                        # command lines
   libgtest-dev libgmock-dev           # tests
+  python3-numpy                       # the Python module (client/python) and its tests
 )
 
 missing=()

@@ -1,0 +1,325 @@
+"""MoE layers served by tuteld, driven from Python with numpy arrays.
+
+A binding of libtutel_client's C ABI (client/include/tutel/client.h) through ctypes, so it
+needs no compiler and loads wherever the library does. The layers live in the daemon: their
+parameters, gradients and optimizer state stay there; Python sends tokens and receives results
+through the session's shared memory.
+
+    import numpy as np, tuteld
+    with tuteld.Client("/run/tuteld/client.sock") as client:
+        layer = client.create_layer('name = "moe0"\\nexperts = 8\\nmodel_dim = 512\\n'
+                                    'hidden = 1024\\nk = 2\\ninit_seed = 1\\n')
+        y, info = layer.forward(x)            # x: [..., model_dim] float32; info.l_aux
+        dx = layer.backward(dy, dl_aux=0.01)  # of the oldest forward not yet backwarded
+        layer.step(); layer.zero_grad()
+
+The library is found through TUTEL_CLIENT_LIBRARY (a path, e.g. build/lib/libtutel_client.so.0),
+else by the dynamic loader's search (LD_LIBRARY_PATH, the system's library directories).
+
+A Client and its layers may be used from several threads: calls on one client take turns (the
+C ABI allows one thread at a time per client). For PyTorch, see tuteld.nn.
+"""
+
+import collections
+import ctypes
+import dataclasses
+import os
+import threading
+
+import numpy as np
+
+__all__ = ["Client", "Layer", "ForwardInfo", "TutelError"]
+
+# The C ABI's codes (TUTEL_E_*), by name.
+_CODE_NAMES = {
+    -1: "InvalidArgument",
+    -2: "NotFound",
+    -3: "AlreadyExists",
+    -4: "OutOfRange",
+    -5: "Corruption",
+    -6: "IoError",
+    -7: "Unavailable",
+    -8: "PermissionDenied",
+    -9: "ResourceExhausted",
+    -10: "Unimplemented",
+    -11: "Internal",
+    -12: "Timeout",
+    -13: "Aborted",
+}
+
+
+class TutelError(RuntimeError):
+    """A call the library or the daemon refused. `code` is the C ABI's negative code, `name`
+    its name ("NotFound", ...); the message is the library's, which says what to do."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.name = _CODE_NAMES.get(code, "Unknown")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardInfo:
+    """The routing statistics of one forward."""
+
+    l_aux: float  # the load-balancing loss (GShard)
+    capacity: int  # slots per expert this forward used
+    dropped: int  # (token, choice) assignments past the capacity
+    sequence: int  # a training forward's number, for Layer.backward(sequence=...)
+
+
+class _Ticket(ctypes.Structure):
+    _fields_ = [("request_id", ctypes.c_uint64), ("sequence", ctypes.c_uint64)]
+
+
+class _ForwardInfo(ctypes.Structure):
+    _fields_ = [
+        ("l_aux", ctypes.c_float),
+        ("capacity", ctypes.c_int64),
+        ("dropped", ctypes.c_int64),
+        ("sequence", ctypes.c_uint64),
+    ]
+
+
+def _load_library():
+    path = os.environ.get("TUTEL_CLIENT_LIBRARY")
+    names = [path] if path else ["libtutel_client.so.0", "libtutel_client.so"]
+    failures = []
+    for name in names:
+        try:
+            return ctypes.CDLL(name)
+        except OSError as e:
+            failures.append(str(e))
+    raise ImportError(
+        "tuteld: cannot load libtutel_client (" + "; ".join(failures) + "). Set "
+        "TUTEL_CLIENT_LIBRARY to its path (build/lib/libtutel_client.so.0 after tools/build.sh) "
+        "or add its directory to LD_LIBRARY_PATH."
+    )
+
+
+def _declare(lib):
+    p, i64, u64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float, ctypes.c_int
+    fp = ctypes.POINTER(ctypes.c_float)
+    signatures = {
+        "tutel_last_error": (ctypes.c_char_p, []),
+        "tutel_connect": (p, [ctypes.c_char_p]),
+        "tutel_close": (None, [p]),
+        "tutel_ping": (i32, [p]),
+        "tutel_client_info": (i32, [p, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(u64)]),
+        "tutel_layer_create": (i32, [p, ctypes.c_char_p, ctypes.POINTER(p)]),
+        "tutel_layer_attach": (i32, [p, ctypes.c_char_p, ctypes.POINTER(p)]),
+        "tutel_layer_release": (None, [p]),
+        "tutel_layer_destroy": (i32, [p]),
+        "tutel_layer_dims": (i32, [p, ctypes.POINTER(i64), ctypes.POINTER(i64), ctypes.POINTER(i64)]),
+        "tutel_submit_forward": (i32, [p, fp, i64, fp, i32, ctypes.POINTER(_Ticket)]),
+        "tutel_submit_backward": (i32, [p, u64, fp, f32, fp, ctypes.POINTER(_Ticket)]),
+        "tutel_wait": (i32, [p, _Ticket, ctypes.POINTER(_ForwardInfo)]),
+        "tutel_step": (i32, [p]),
+        "tutel_zero_grad": (i32, [p]),
+        "tutel_save": (i32, [p, ctypes.c_char_p]),
+        "tutel_load": (i32, [p, ctypes.c_char_p]),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+_lib = _declare(_load_library())
+
+
+def _error(code):
+    return TutelError(code, _lib.tutel_last_error().decode("utf-8", "replace"))
+
+
+def _check(code):
+    if code != 0:
+        raise _error(code)
+
+
+def _floats(array):
+    return array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+
+
+class Client:
+    """One session with tuteld (its client socket). Close it when done (or use `with`): that
+    ends the session; the layers stay in the daemon for the tenant to attach again."""
+
+    def __init__(self, socket_path):
+        handle = _lib.tutel_connect(os.fsencode(socket_path))
+        if not handle:
+            raise _error(-7)
+        self._handle = handle
+        self._lock = threading.RLock()
+        self._layers = []  # handles to release before the session ends
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def close(self):
+        """Releases every layer handle made from this client and ends the session."""
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return  # the constructor failed
+        with lock:
+            if self._handle is None:
+                return
+            for layer in self._layers:
+                layer._release()
+            self._layers.clear()
+            _lib.tutel_close(self._handle)
+            self._handle = None
+
+    def _session(self):
+        if self._handle is None:
+            raise TutelError(-7, "this tuteld.Client is closed")
+        return self._handle
+
+    @property
+    def tenant(self):
+        """The tenant the daemon mapped this process to."""
+        name = ctypes.c_char_p()
+        with self._lock:
+            _check(_lib.tutel_client_info(self._session(), ctypes.byref(name), None))
+        return name.value.decode()
+
+    @property
+    def data_bytes(self):
+        """The session's shared-memory data region: one request's input plus output must fit."""
+        n = ctypes.c_uint64()
+        with self._lock:
+            _check(_lib.tutel_client_info(self._session(), None, ctypes.byref(n)))
+        return n.value
+
+    def ping(self):
+        with self._lock:
+            _check(_lib.tutel_ping(self._session()))
+
+    def create_layer(self, spec_toml):
+        """Creates a layer from a TOML layer spec (docs/config.md, "Layers")."""
+        return self._open(_lib.tutel_layer_create, spec_toml)
+
+    def attach_layer(self, name):
+        """Attaches to an existing layer of this tenant."""
+        return self._open(_lib.tutel_layer_attach, name)
+
+    def _open(self, fn, text):
+        out = ctypes.c_void_p()
+        with self._lock:
+            _check(fn(self._session(), text.encode(), ctypes.byref(out)))
+            layer = Layer(self, out.value)
+            self._layers.append(layer)
+        return layer
+
+    def _wait(self, ticket):
+        info = _ForwardInfo()
+        _check(_lib.tutel_wait(self._session(), ticket, ctypes.byref(info)))
+        return ForwardInfo(float(info.l_aux), int(info.capacity), int(info.dropped), int(info.sequence))
+
+
+class Layer:
+    """A handle to one MoE layer in the daemon. Inputs are arrays of shape [..., model_dim]
+    (converted to contiguous float32 when they are not); outputs keep the leading shape."""
+
+    def __init__(self, client, handle):
+        self._client = client
+        self._handle = handle
+        self._pending = collections.deque()  # sequences of training forwards not yet backwarded
+        dims = [ctypes.c_int64() for _ in range(3)]
+        with client._lock:
+            _check(_lib.tutel_layer_dims(handle, *(ctypes.byref(d) for d in dims)))
+        self.model_dim, self.output_dim, self.experts = (d.value for d in dims)
+
+    def _layer(self):
+        self._client._session()  # a closed client released its layers: say it was closed
+        if self._handle is None:
+            raise TutelError(-7, "this tuteld.Layer handle was released")
+        return self._handle
+
+    def _release(self):
+        if self._handle is not None:
+            _lib.tutel_layer_release(self._handle)
+            self._handle = None
+
+    def release(self):
+        """Frees this handle; the layer stays in the daemon (see destroy)."""
+        with self._client._lock:
+            if self._handle is not None and self in self._client._layers:
+                self._client._layers.remove(self)
+            self._release()
+
+    def _rows(self, array, width, what):
+        a = np.ascontiguousarray(array, dtype=np.float32)
+        if a.ndim == 0 or a.shape[-1] != width:
+            raise ValueError(f"{what} must have shape [..., {width}], not {list(np.shape(array))}")
+        rows = a.reshape(-1, width)
+        if rows.shape[0] == 0:
+            raise ValueError(f"{what} holds no tokens")
+        return a.shape[:-1], rows
+
+    def forward(self, x, training=True):
+        """y [..., output_dim] and the ForwardInfo. A training forward keeps what its backward
+        needs in the daemon until backward() consumes it."""
+        lead, rows = self._rows(x, self.model_dim, "x")
+        y = np.empty((rows.shape[0], self.output_dim), dtype=np.float32)
+        ticket = _Ticket()
+        with self._client._lock:
+            _check(_lib.tutel_submit_forward(self._layer(), _floats(rows), rows.shape[0], _floats(y),
+                                             1 if training else 0, ctypes.byref(ticket)))
+            info = self._client._wait(ticket)
+            if training:
+                self._pending.append(info.sequence)
+        return y.reshape(*lead, self.output_dim), info
+
+    def infer(self, x):
+        """A forward that keeps nothing for backward."""
+        return self.forward(x, training=False)
+
+    def backward(self, dy, dl_aux=0.0, sequence=None):
+        """dx [..., model_dim] for dy (the gradient of the loss in y) and dl_aux (in l_aux),
+        of the training forward `sequence` (its ForwardInfo.sequence), by default the oldest
+        not yet backwarded. The parameter gradients accumulate in the daemon."""
+        lead, rows = self._rows(dy, self.output_dim, "dy")
+        dx = np.empty((rows.shape[0], self.model_dim), dtype=np.float32)
+        ticket = _Ticket()
+        with self._client._lock:
+            if sequence is None:
+                if not self._pending:
+                    raise TutelError(-1, "backward without a training forward to match it")
+                sequence = self._pending[0]
+            _check(_lib.tutel_submit_backward(self._layer(), sequence, _floats(rows), float(dl_aux),
+                                              _floats(dx), ctypes.byref(ticket)))
+            self._client._wait(ticket)
+            if sequence in self._pending:
+                self._pending.remove(sequence)
+        return dx.reshape(*lead, self.model_dim)
+
+    def _call(self, fn, *args):
+        with self._client._lock:
+            _check(fn(self._layer(), *args))
+
+    def step(self):
+        """Applies the layer's optimizer to the accumulated gradients."""
+        self._call(_lib.tutel_step)
+
+    def zero_grad(self):
+        self._call(_lib.tutel_zero_grad)
+
+    def save(self, name):
+        """Writes parameters and optimizer state to `name` (safetensors) in the tenant's
+        checkpoint directory on the daemon's side."""
+        self._call(_lib.tutel_save, name.encode())
+
+    def load(self, name):
+        self._call(_lib.tutel_load, name.encode())
+
+    def destroy(self):
+        """Destroys the layer in the daemon and releases this handle."""
+        self._call(_lib.tutel_layer_destroy)
+        self.release()

@@ -1,0 +1,75 @@
+"""PyTorch modules over tuteld layers.
+
+    moe = tuteld.nn.MoE(client, spec_toml)          # or MoE.attach(client, "moe0")
+    y, l_aux = moe(x)                                # x: [..., model_dim]
+    loss = task_loss(y) + 0.01 * l_aux
+    loss.backward()                                  # the MoE's gradients accumulate in the daemon
+    moe.step(); moe.zero_grad()                      # the daemon's optimizer, beside torch's own
+
+The expert and gate parameters live in the daemon, not in this module: torch's optimizers do
+not see them, the daemon's optimizer (the layer spec's [optimizer]) updates them on step().
+Autograd calls the daemon's backward for every training forward, also when x needs no gradient
+(the module holds an empty parameter so that the graph always reaches it). Tensors on another
+device or of another dtype are moved to float32 on the CPU for the call and back (the daemon's
+shared memory is host memory; GPU tensors without a copy need device regions, not here yet).
+Several forwards may be in flight before their backwards, in any order (gradient accumulation,
+pipelined micro-batches): each backward names the forward it belongs to. Under torch.no_grad()
+or in eval mode a forward is an inference, which keeps nothing in the daemon; a training forward
+whose graph is dropped without a backward keeps its state there until the client closes.
+"""
+
+import torch
+
+
+class _MoEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, anchor, layer):
+        rows = x.detach().to("cpu", torch.float32).contiguous()
+        y, info = layer.forward(rows.numpy(), training=True)
+        ctx.layer, ctx.sequence, ctx.x_meta = layer, info.sequence, (x.device, x.dtype)
+        l_aux = torch.tensor(info.l_aux, dtype=torch.float32, device=x.device)
+        return torch.from_numpy(y).to(x.device, x.dtype), l_aux
+
+    @staticmethod
+    def backward(ctx, dy, dl_aux):
+        # Autograd materialises the gradient of an unused output as zeros, so both are tensors.
+        device, dtype = ctx.x_meta
+        dy_rows = dy.detach().to("cpu", torch.float32).contiguous().numpy()
+        dx = ctx.layer.backward(dy_rows, dl_aux=float(dl_aux), sequence=ctx.sequence)
+        return torch.from_numpy(dx).to(device, dtype), None, None
+
+
+class MoE(torch.nn.Module):
+    """An MoE layer served by tuteld: forward(x) returns (y, l_aux)."""
+
+    def __init__(self, client, spec_toml=None, *, layer=None):
+        super().__init__()
+        if (spec_toml is None) == (layer is None):
+            raise ValueError("give either a layer spec (TOML text) or an attached tuteld.Layer")
+        self.layer = layer if layer is not None else client.create_layer(spec_toml)
+        # Empty, never updated: it makes every output require a gradient, so autograd runs the
+        # daemon's backward (which accumulates the expert and gate gradients) even when x
+        # itself needs none.
+        self._anchor = torch.nn.Parameter(torch.empty(0), requires_grad=True)
+
+    @classmethod
+    def attach(cls, client, name):
+        return cls(client, layer=client.attach_layer(name))
+
+    def forward(self, x):
+        if x.shape[-1] != self.layer.model_dim:
+            raise ValueError(f"x must have shape [..., {self.layer.model_dim}], not {list(x.shape)}")
+        if not (self.training and torch.is_grad_enabled()):
+            # No backward will come: a training forward would keep its state in the daemon.
+            y, info = self.layer.infer(x.detach().to("cpu", torch.float32).contiguous().numpy())
+            return (torch.from_numpy(y).to(x.device, x.dtype),
+                    torch.tensor(info.l_aux, dtype=torch.float32, device=x.device))
+        return _MoEFunction.apply(x, self._anchor, self.layer)
+
+    def step(self):
+        """The daemon's optimizer step on the gradients accumulated so far."""
+        self.layer.step()
+
+    def zero_grad(self, set_to_none=True):
+        super().zero_grad(set_to_none=set_to_none)
+        self.layer.zero_grad()

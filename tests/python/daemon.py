@@ -1,0 +1,64 @@
+"""Starts the real tuteld (TUTELD_BIN) on a generated config in a fresh temporary directory and
+stops it by its PID (SIGTERM, then SIGKILL) when the test ends, passed or not."""
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+
+class Daemon:
+    def __init__(self, extra_tenant=""):
+        self.dir = tempfile.mkdtemp(prefix="tuteld-pytest-")
+        self.client_socket = os.path.join(self.dir, "run", "client.sock")
+        self.checkpoints = os.path.join(self.dir, "state", "default", "checkpoints")
+        self.log_path = os.path.join(self.dir, "tuteld.log")
+        config = os.path.join(self.dir, "tuteld.toml")
+        with open(config, "w") as f:
+            f.write(
+                "[server]\n"
+                'client_socket = "run/client.sock"\n'
+                'admin_socket = "run/admin.sock"\n'
+                'state_dir = "state"\n'
+                'metrics_listen = "127.0.0.1:0"\n'
+                'arena_bytes = "16MiB"\n'
+                '[backend]\nkind = "cpu"\nranks = 1\nthreads_per_rank = 1\n'
+                f'[[tenant]]\nname = "default"\nuids = [{os.getuid()}]\n{extra_tenant}'
+            )
+        binary = os.environ["TUTELD_BIN"]
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen([binary, "--config", config], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_serving(10.0)
+            os.makedirs(self.checkpoints, exist_ok=True)
+        except BaseException:
+            self.stop()
+            raise
+
+    def log(self):
+        with open(self.log_path) as f:
+            return f.read()
+
+    def _wait_serving(self, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("tuteld exited during start-up:\n" + self.log())
+            if os.path.exists(self.client_socket) and "serving on" in self.log():
+                return
+            time.sleep(0.01)
+        raise RuntimeError(f"tuteld did not come up within {timeout} s:\n" + self.log())
+
+    def stop(self):
+        """SIGTERM, a bounded wait, SIGKILL if it did not exit; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return self.process.returncode

@@ -1,0 +1,169 @@
+"""The Python module (client/python/tuteld) against a real tuteld and the float64 reference:
+forward, backward, the optimizer step, micro-batches out of order, and bad input. Fresh random
+inputs every run; the seed is in the failure message."""
+
+import os
+import random
+import unittest
+
+import numpy as np
+
+import moe_reference as ref
+import tuteld
+from daemon import Daemon
+
+# float32 in the daemon against float64 here, on values of order 1: relative 1e-4 and absolute
+# 1e-5 leave room for float32 summation over M = 16 and H = 24 terms.
+RTOL, ATOL = 1e-4, 1e-5
+E, M, H, K, F = 4, 16, 24, 2, 1.0
+LR = 0.05
+
+
+def random_case(rng, tokens):
+    """Parameters and x whose routing has no near tie (see ref.routing_margin)."""
+    while True:
+        p = {
+            "wg": rng.normal(0, 0.5, (E, M)),
+            "w1": rng.normal(0, 0.3, (E, H, M)),
+            "b1": rng.normal(0, 0.1, (E, H)),
+            "w2": rng.normal(0, 0.3, (E, H, M)),
+            "b2": rng.normal(0, 0.1, (E, M)),
+        }
+        p = {n: v.astype(np.float32).astype(np.float64) for n, v in p.items()}
+        x = rng.normal(0, 1, (tokens, M)).astype(np.float32).astype(np.float64)
+        if ref.routing_margin(x, p["wg"], K) > 1e-4:
+            return p, x
+
+
+class ClientModuleTest(unittest.TestCase):
+    def setUp(self):
+        self.seed = random.SystemRandom().randrange(2**63)
+        self.rng = np.random.default_rng(self.seed)
+        self.daemon = Daemon()
+        self.addCleanup(self.daemon.stop)
+        self.client = tuteld.Client(self.daemon.client_socket)
+        self.addCleanup(self.client.close)
+
+    def make_layer(self, p, name="moe"):
+        ref.write_safetensors(os.path.join(self.daemon.checkpoints, name + "-init.safetensors"),
+                              {ref.TUTEL_NAMES[n]: v for n, v in p.items()})
+        spec = (f'name = "{name}"\nexperts = {E}\nmodel_dim = {M}\nhidden = {H}\nk = {K}\n'
+                f'capacity_factor = {F}\nweights = "{name}-init.safetensors"\n'
+                f'optimizer = {{ kind = "sgd", lr = {LR} }}\n')
+        return self.client.create_layer(spec)
+
+    def assert_close(self, actual, expected, what):
+        np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL,
+                                   err_msg=f"{what} (seed {self.seed})")
+
+    def test_session(self):
+        self.assertEqual(self.client.tenant, "default")
+        self.assertGreater(self.client.data_bytes, 0)
+        self.client.ping()
+
+    def test_forward_backward_and_step_match_the_reference(self):
+        p, x = random_case(self.rng, 24)  # 24 tokens, capacity 2*floor(1*6) = 12: some dropped
+        layer = self.make_layer(p)
+        self.assertEqual((layer.model_dim, layer.output_dim, layer.experts), (M, M, E))
+
+        y, info = layer.forward(x)
+        y_ref, stats, saved = ref.forward(p, x, K, F)
+        self.assertEqual(y.dtype, np.float32)
+        self.assert_close(y, y_ref, "y")
+        self.assertAlmostEqual(info.l_aux, stats["l_aux"], delta=1e-5 + 1e-4 * abs(stats["l_aux"]))
+        self.assertEqual(info.capacity, stats["capacity"], f"seed {self.seed}")
+        self.assertEqual(info.dropped, stats["dropped"], f"seed {self.seed}")
+
+        dy = self.rng.normal(0, 1, y.shape).astype(np.float32).astype(np.float64)
+        dl_aux = 0.25
+        dx = layer.backward(dy, dl_aux=dl_aux)
+        dx_ref, grads = ref.backward(p, saved, dy, dl_aux)
+        self.assert_close(dx, dx_ref, "dx")
+
+        # SGD without momentum: w - lr * grad, read back from the daemon's checkpoint.
+        layer.step()
+        layer.save("after-step.safetensors")
+        stored = ref.read_safetensors(os.path.join(self.daemon.checkpoints, "after-step.safetensors"))
+        for n, tutel_name in ref.TUTEL_NAMES.items():
+            self.assert_close(stored[tutel_name], p[n] - LR * grads[n], f"{tutel_name} after the step")
+
+    def test_micro_batches_backwarded_out_of_order(self):
+        p, x1 = random_case(self.rng, 8)
+        x2 = self.rng.normal(0, 1, (3, 5, M)).astype(np.float32).astype(np.float64)  # leading dims kept
+        layer = self.make_layer(p)
+        y1, info1 = layer.forward(x1)
+        y2, info2 = layer.forward(x2)
+        self.assertEqual(y2.shape, (3, 5, M))
+        self.assertNotEqual(info1.sequence, info2.sequence)
+        dy2 = self.rng.normal(0, 1, y2.shape)
+        dx2 = layer.backward(dy2, sequence=info2.sequence)  # the newer one first
+        _, _, saved2 = ref.forward(p, x2.reshape(-1, M), K, F)
+        self.assert_close(dx2.reshape(-1, M), ref.backward(p, saved2, dy2.reshape(-1, M), 0.0)[0], "dx2")
+        dy1 = self.rng.normal(0, 1, y1.shape)
+        dx1 = layer.backward(dy1)  # the oldest not yet backwarded: x1's
+        _, _, saved1 = ref.forward(p, x1, K, F)
+        self.assert_close(dx1, ref.backward(p, saved1, dy1, 0.0)[0], "dx1")
+        with self.assertRaises(tuteld.TutelError) as e:
+            layer.backward(dy1)
+        self.assertIn("without a training forward", str(e.exception))
+
+    def test_inference_keeps_nothing_for_backward(self):
+        p, x = random_case(self.rng, 8)
+        layer = self.make_layer(p)
+        y, info = layer.infer(x)
+        self.assert_close(y, ref.forward(p, x, K, F)[0], "y of infer")
+        with self.assertRaises(tuteld.TutelError):
+            layer.backward(np.zeros_like(y))
+
+    def test_a_layer_attached_again_is_the_same_layer(self):
+        p, x = random_case(self.rng, 8)
+        self.make_layer(p).release()
+        other = tuteld.Client(self.daemon.client_socket)
+        self.addCleanup(other.close)
+        y, _ = other.attach_layer("moe").infer(x)
+        self.assert_close(y, ref.forward(p, x, K, F)[0], "y through the attached layer")
+
+    def test_bad_input_is_a_clear_error_and_changes_nothing(self):
+        p, x = random_case(self.rng, 8)
+        layer = self.make_layer(p)
+        for bad in (np.zeros((4, M + 1)), np.zeros(M - 1), np.float32(1.0), np.zeros((0, M))):
+            with self.assertRaises(ValueError):
+                layer.forward(bad)
+        with self.assertRaises(tuteld.TutelError) as e:
+            self.client.attach_layer("missing")
+        self.assertEqual(e.exception.name, "NotFound")
+        self.assertIn("missing", str(e.exception))
+        with self.assertRaises(tuteld.TutelError) as e:
+            self.client.create_layer('name = "broken"\nexperts = 0\n')
+        self.assertEqual(e.exception.name, "InvalidArgument")
+        with self.assertRaises(tuteld.TutelError) as e:
+            layer.load("../../etc/passwd")
+        self.assertIn("..", str(e.exception))
+        with self.assertRaises(tuteld.TutelError) as e:
+            layer.forward(np.zeros((1_000_000, M), np.float32))  # past the 16 MiB data region
+        self.assertEqual(e.exception.name, "ResourceExhausted")
+        self.assertIn("arena_bytes", str(e.exception))
+        # The layer still computes what it did.
+        self.assert_close(layer.infer(x)[0], ref.forward(p, x, K, F)[0], "y after the refusals")
+
+    def test_closed_handles_refuse_calls(self):
+        p, x = random_case(self.rng, 8)
+        layer = self.make_layer(p)
+        layer.release()
+        with self.assertRaises(tuteld.TutelError) as e:
+            layer.infer(x)
+        self.assertIn("released", str(e.exception))
+        layer2 = self.client.attach_layer("moe")
+        self.client.close()
+        with self.assertRaises(tuteld.TutelError) as e:
+            layer2.infer(x)
+        self.assertIn("closed", str(e.exception))
+
+    def test_a_missing_daemon_is_a_clear_error(self):
+        with self.assertRaises(tuteld.TutelError) as e:
+            tuteld.Client(os.path.join(self.daemon.dir, "nobody.sock"))
+        self.assertIn("nobody.sock", str(e.exception))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,103 @@
+"""tuteld.nn.MoE under PyTorch autograd against the float64 reference: x's gradient, the
+gradients the daemon accumulates (seen through its optimizer step), two forwards in flight
+before their backwards, inputs that need no gradient, and inference. Skips without PyTorch
+(tools/bootstrap.sh does not install it)."""
+
+import os
+import random
+import unittest
+
+import numpy as np
+
+import moe_reference as ref
+from daemon import Daemon
+from test_client import LR, E, F, K, M, H, RTOL, ATOL, random_case
+
+try:
+    import torch
+
+    import tuteld
+    import tuteld.nn
+except ImportError as e:  # only PyTorch is optional
+    if "torch" not in str(e):
+        raise
+    torch = None
+
+
+@unittest.skipIf(torch is None, "PyTorch is not installed (python3-torch)")
+class TorchModuleTest(unittest.TestCase):
+    def setUp(self):
+        self.seed = random.SystemRandom().randrange(2**63)
+        self.rng = np.random.default_rng(self.seed)
+        torch.manual_seed(self.seed % 2**32)
+        self.daemon = Daemon()
+        self.addCleanup(self.daemon.stop)
+        self.client = tuteld.Client(self.daemon.client_socket)
+        self.addCleanup(self.client.close)
+
+    def make_moe(self, p):
+        ref.write_safetensors(os.path.join(self.daemon.checkpoints, "init.safetensors"),
+                              {ref.TUTEL_NAMES[n]: v for n, v in p.items()})
+        spec = (f'name = "moe"\nexperts = {E}\nmodel_dim = {M}\nhidden = {H}\nk = {K}\n'
+                f'capacity_factor = {F}\nweights = "init.safetensors"\n'
+                f'optimizer = {{ kind = "sgd", lr = {LR} }}\n')
+        return tuteld.nn.MoE(self.client, spec)
+
+    def assert_close(self, actual, expected, what):
+        np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL,
+                                   err_msg=f"{what} (seed {self.seed})")
+
+    def assert_stepped(self, moe, p, grads):
+        moe.step()
+        moe.layer.save("after.safetensors")
+        stored = ref.read_safetensors(os.path.join(self.daemon.checkpoints, "after.safetensors"))
+        for n, tutel_name in ref.TUTEL_NAMES.items():
+            self.assert_close(stored[tutel_name], p[n] - LR * grads[n], f"{tutel_name} after the step")
+
+    def test_gradients_through_autograd_match_the_reference(self):
+        p, x1 = random_case(self.rng, 12)
+        _, x2 = random_case(np.random.default_rng(self.rng.integers(2**63)), 12)
+        moe = self.make_moe(p)
+        head = torch.from_numpy(self.rng.normal(0, 1, (M,)))
+        xs = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (x1, x2)]
+        # Two forwards in flight, then one backward of their sum (gradient accumulation):
+        # autograd runs the two daemon backwards in an order of its own.
+        outs = [moe(x) for x in xs]
+        for y, _ in outs:
+            self.assertEqual(y.dtype, torch.float64)  # x's dtype comes back
+        loss = sum((y * head).sum() + 0.1 * l_aux for y, l_aux in outs)
+        loss.backward()
+        grads = {n: 0.0 for n in ref.TUTEL_NAMES}
+        for x_in, x, (y, _) in zip(xs, (x1, x2), outs):
+            y_ref, _, saved = ref.forward(p, x, K, F)
+            self.assert_close(y.detach().numpy(), y_ref, "y")
+            dx_ref, g = ref.backward(p, saved, np.broadcast_to(head.numpy(), y_ref.shape), 0.1)
+            self.assert_close(x_in.grad.numpy(), dx_ref, "x's gradient")
+            grads = {n: grads[n] + g[n] for n in grads}
+        self.assert_stepped(moe, p, grads)
+
+    def test_inputs_without_gradient_still_train_the_experts(self):
+        p, x = random_case(self.rng, 10)
+        moe = self.make_moe(p)
+        y, l_aux = moe(torch.from_numpy(x).float())  # no requires_grad anywhere upstream
+        self.assertTrue(y.requires_grad)
+        (y.sum() + l_aux).backward()
+        _, _, saved = ref.forward(p, x, K, F)
+        self.assert_stepped(moe, p, ref.backward(p, saved, np.ones((10, M)), 1.0)[1])
+
+    def test_eval_and_no_grad_are_inference(self):
+        p, x = random_case(self.rng, 6)
+        moe = self.make_moe(p)
+        with torch.no_grad():
+            y, _ = moe(torch.from_numpy(x).float())
+        self.assert_close(y.numpy(), ref.forward(p, x, K, F)[0], "y under no_grad")
+        moe.eval()
+        y, _ = moe(torch.from_numpy(x).float())
+        self.assertFalse(y.requires_grad)
+        # Nothing was kept for a backward: the daemon has no training forward to match one.
+        with self.assertRaises(tuteld.TutelError):
+            moe.layer.backward(np.zeros((6, M), np.float32))
+
+
+if __name__ == "__main__":
+    unittest.main()
