@@ -49,7 +49,9 @@ json DaemonImpl::status_json() const {
           {"client_socket", config_.server.client_socket},
           {"state_dir", config_.server.state_dir},
           {"metrics_listen", config_.server.metrics_listen},
-          {"metrics_port", bound_metrics_port_}};
+          {"metrics_port", bound_metrics_port_},
+          {"control_frames_queued_peak", queued_frames_peak_},
+          {"control_reads_paused", reads_paused_}};
 }
 
 // The cluster's nodes (null without [cluster]) and the groups of this daemon's layers, each

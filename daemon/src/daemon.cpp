@@ -304,29 +304,46 @@ void DaemonImpl::on_readable(const std::shared_ptr<Session>& s) {
     close_session(s);
     return;
   }
-  while (auto frame = s->decoder.next()) s->queued.push_back(std::move(*frame));
   if (s->decoder.eof()) {  // the peer is gone (or half-closed)
     close_session(s);
     return;
   }
-  // Control frames run one at a time: a client that sends them faster than they run waits in
-  // its socket's buffer, not in the daemon's memory (which grew by gigabytes before).
-  if (s->queued.size() >= kMaxQueuedFrames && !s->reading_paused) {
-    uv_poll_stop(&s->poll);
-    s->reading_paused = true;
-  }
   pump(s);
 }
 
+// Control frames run one at a time, in order. A client that sends them faster than they run
+// waits in its socket's buffer, not in the daemon's memory (which grew by gigabytes before):
+// at most kMaxQueuedFrames decoded frames wait, and while they are that many the socket is not
+// read; the decoder holds at most ipc::kReadAvailableBudget bytes more (read_available's
+// budget), which the queue takes from before the socket is read again.
 void DaemonImpl::pump(const std::shared_ptr<Session>& s) {
-  while (!s->busy && !s->closing && !s->queued.empty()) {
+  // A frame that finishes at once calls pump() again from inside the handler below; the loop
+  // here takes the next frame instead, so the stack does not grow with the queue.
+  if (s->pumping) return;
+  s->pumping = true;
+  for (;;) {
+    while (s->queued.size() < kMaxQueuedFrames) {
+      auto frame = s->decoder.next();
+      if (!frame) break;
+      s->queued.push_back(std::move(*frame));
+    }
+    queued_frames_peak_ = std::max<uint64_t>(queued_frames_peak_, s->queued.size());
+    if (s->busy || s->closing || s->queued.empty()) break;
     ipc::Frame frame = std::move(s->queued.front());
     s->queued.pop_front();
     s->busy = true;
     if (s->admin) handle_admin_frame(s, std::move(frame));
     else handle_client_frame(s, std::move(frame));
   }
-  if (s->reading_paused && !s->closing && s->queued.size() < kMaxQueuedFrames / 2) {
+  s->pumping = false;
+  if (s->closing) return;
+  // Not full: the decoder has no complete frame left either.
+  const bool full = s->queued.size() >= kMaxQueuedFrames;
+  if (full && !s->reading_paused) {
+    uv_poll_stop(&s->poll);
+    s->reading_paused = true;
+    ++reads_paused_;
+  } else if (!full && s->reading_paused) {
     s->reading_paused = false;
     poll_session(s);
   }

@@ -88,6 +88,10 @@ class DaemonImpl {
   uv_tcp_t metrics_server_{};
   bool metrics_started_ = false;
   int bound_metrics_port_ = 0;
+  // The most control frames any session had waiting, and how often a session's reads were
+  // paused for a full queue (pump); shown by the admin status.
+  uint64_t queued_frames_peak_ = 0;
+  uint64_t reads_paused_ = 0;
   std::map<uint64_t, std::shared_ptr<Session>> sessions_;
   uint64_t next_session_ = 1;
   bool shutting_down_ = false;

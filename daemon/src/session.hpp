@@ -37,9 +37,10 @@ struct Session : std::enable_shared_from_this<Session> {
   uv_poll_t poll{};
   ipc::FrameDecoder decoder;
 
-  // Control frames run one at a time, in order; the rest wait here.
+  // Control frames run one at a time, in order; the decoded ones wait here (DaemonImpl::pump).
   std::deque<ipc::Frame> queued;
   bool reading_paused = false;  // the queue is full: the socket is not polled until it drains
+  bool pumping = false;         // inside DaemonImpl::pump (which a finished frame re-enters)
   bool busy = false;
   bool closing = false;
 

@@ -158,6 +158,11 @@ void print_status(const json& s) {
     metrics = "http://" + listen + "/metrics";
   }
   add("metrics", metrics, {"metrics_listen", "metrics_port"});
+  if (s.contains("control_frames_queued_peak"))
+    add("control frames", "at most " + field(s, "control_frames_queued_peak") +
+                              " waited in a session; reads paused " +
+                              field(s, "control_reads_paused") + " time(s) for a full queue",
+        {"control_frames_queued_peak", "control_reads_paused"});
   for (const auto& [key, value] : s.items())  // fields a newer daemon adds
     if (!shown.count(key)) lines.emplace_back(key, text(value));
   size_t width = 0;
