@@ -94,5 +94,14 @@ Result<std::string> AdminClient::checkpoint(std::string_view layer, std::string_
                      {{"layer", std::string(layer)}, {"path", std::string(path)}},
                      std::chrono::milliseconds(-1));
 }
+Result<std::string> AdminClient::pin(std::string_view layer, bool pinned) {
+  if (!impl_) return moved_from();
+  return impl_->call(ipc::FrameType::kAdminPin, {{"layer", std::string(layer)}, {"pinned", pinned}},
+                     impl_->timeout);
+}
+Result<std::string> AdminClient::drain(bool draining) {
+  if (!impl_) return moved_from();
+  return impl_->call(ipc::FrameType::kAdminDrain, {{"draining", draining}}, impl_->timeout);
+}
 
 }  // namespace tutel::client

@@ -51,7 +51,8 @@ json DaemonImpl::status_json() const {
           {"metrics_listen", config_.server.metrics_listen},
           {"metrics_port", bound_metrics_port_},
           {"control_frames_queued_peak", queued_frames_peak_},
-          {"control_reads_paused", reads_paused_}};
+          {"control_reads_paused", reads_paused_},
+          {"draining", draining_}};
 }
 
 // The cluster's nodes (null without [cluster]) and the groups of this daemon's layers, each
@@ -182,6 +183,7 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
                           {"pending_bytes", ref.layer->pending_bytes()},
                           {"pending_backwards", ref.layer->pending_backwards()},
                           {"plans", plans_json(ref.layer->plan_summary())},
+                          {"pinned", ref.layer->pinned()},
                           {"capacity", st.capacity},
                           {"dropped", st.dropped},
                           {"l_aux", st.l_aux}});
@@ -196,6 +198,34 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
     case ipc::FrameType::kAdminMetrics:
       reply(s, ipc::FrameType::kOk, rid, {{"text", metrics_text()}});
       break;
+    case ipc::FrameType::kAdminPin: {
+      const json& b = *body;
+      if (!b.contains("layer") || !b["layer"].is_string() || !b.contains("pinned") || !b["pinned"].is_boolean()) {
+        reply_error(s, rid, Status::InvalidArgument("pin needs \"layer\" (tenant/name) and \"pinned\" (true or false)"));
+        break;
+      }
+      auto ref = registry_->find_by_name(b["layer"].get<std::string>());
+      Status st = ref.ok() ? ref->layer->set_pinned(b["pinned"].get<bool>()) : ref.status();
+      if (!st.ok()) {
+        reply_error(s, rid, st);
+        break;
+      }
+      TUTEL_LOG(INFO) << "layer " << b["layer"].get<std::string>() << (b["pinned"].get<bool>() ? " pinned" : " unpinned");
+      reply(s, ipc::FrameType::kOk, rid, {{"layer", b["layer"]}, {"pinned", b["pinned"]}});
+      break;
+    }
+    case ipc::FrameType::kAdminDrain: {
+      const json& b = *body;
+      if (!b.contains("draining") || !b["draining"].is_boolean()) {
+        reply_error(s, rid, Status::InvalidArgument("drain needs \"draining\" (true or false)"));
+        break;
+      }
+      if (draining_ != b["draining"].get<bool>())
+        TUTEL_LOG(INFO) << (b["draining"].get<bool>() ? "draining: no new sessions or layers" : "no longer draining");
+      draining_ = b["draining"].get<bool>();
+      reply(s, ipc::FrameType::kOk, rid, {{"draining", draining_}, {"sessions", status_json()["sessions"]}});
+      break;
+    }
     case ipc::FrameType::kAdminCheckpoint: {
       const json& b = *body;
       if (!b.contains("layer") || !b["layer"].is_string() || !b.contains("path") || !b["path"].is_string()) {

@@ -259,6 +259,11 @@ void DaemonImpl::accept_on(bool admin) {
     uv_poll_init(&loop_, &s->poll, c);
     s->poll.data = s.get();
     poll_session(s);
+    if (!admin && draining_) {
+      reply_error(s, 0, draining_status("takes no new client sessions"));
+      close_session(s);
+      continue;
+    }
     if (!admin) {
       auto tenant = registry_->tenant_for(s->peer.uid, s->peer.gid);
       if (!tenant.ok()) {
@@ -280,6 +285,11 @@ void DaemonImpl::accept_on(bool admin) {
       publish_session_count();
     }
   }
+}
+
+Status DaemonImpl::draining_status(const std::string& what) const {
+  return Status::Unavailable("tuteld is draining (tutelctl drain) and " + what +
+                             ": use another daemon, or ask its operator to run 'tutelctl undrain'");
 }
 
 int64_t DaemonImpl::tenant_sessions(const std::string& tenant) const {
@@ -412,6 +422,10 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
   const json b = *body;
   std::function<Result<json>()> op;
   std::string op_name;
+  if (type == ipc::FrameType::kCreateLayer && draining_) {
+    reply_error(s, rid, draining_status("creates no layers"));
+    return finish_frame(s);
+  }
   switch (type) {
     case ipc::FrameType::kCreateLayer:
       op_name = "create";

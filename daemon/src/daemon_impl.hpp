@@ -92,6 +92,9 @@ class DaemonImpl {
   // paused for a full queue (pump); shown by the admin status.
   uint64_t queued_frames_peak_ = 0;
   uint64_t reads_paused_ = 0;
+  // Set by tutelctl drain: no new client sessions, no new layers; the open sessions go on.
+  bool draining_ = false;
+  Status draining_status(const std::string& what) const;  // the refusal, naming `what`
   std::map<uint64_t, std::shared_ptr<Session>> sessions_;
   uint64_t next_session_ = 1;
   bool shutting_down_ = false;

@@ -341,10 +341,18 @@ void ServedLayer::trim_plans_over_quota() {
   if (plans_ && memory_->over_quota()) plans_->trim();
 }
 
+Status ServedLayer::set_pinned(bool pinned) {
+  if (!plans_)
+    return Status::InvalidArgument("layer '" + tenant_ + "/" + def_.name +
+                                   "' is an expert-parallel group layer: it keeps no plans to pin");
+  pinned_.store(pinned, std::memory_order_relaxed);
+  return Status::OK();
+}
+
 uint64_t ServedLayer::trim_idle_plans() {
   // Set before the layer is published, never changed: a group layer (no plans) is skipped
   // without taking its mutex, which it may hold for a whole collective.
-  if (!plans_) return 0;
+  if (!plans_ || pinned()) return 0;
   std::lock_guard lock(mutex_);
   auto device_lock = lock_device();
   const uint64_t freed = plans_->trim();

@@ -95,6 +95,11 @@ class ServedLayer {
     graphs::PlanCacheStats cache;
   };
   PlanSummary plan_summary() const;
+  // Whether the operator pinned the layer (tutelctl pin): its idle plans are then not dropped
+  // for the tenant's other requests (trim_idle_plans), only to bring the tenant back under its
+  // quota. Any thread. A group layer keeps no plans: pinning one is refused.
+  Status set_pinned(bool pinned);
+  bool pinned() const { return pinned_.load(std::memory_order_relaxed); }
   // Drops the plans no forward holds (a layer without [group]); returns the bytes given back.
   // For a training forward of the tenant that was refused for its quota: cached plans must not
   // crowd out a step (the data path drops every layer's of the tenant, then tries once more).
@@ -243,6 +248,7 @@ class ServedLayer {
   std::atomic<int64_t> step_{0};
   std::atomic<int64_t> pending_count_{0};
   std::atomic<uint64_t> pending_bytes_{0};
+  std::atomic<bool> pinned_{false};
   mutable std::mutex stats_mutex_;
   RoutingStats last_stats_;  // guarded by stats_mutex_
   std::string group_error_;  // guarded by stats_mutex_

@@ -40,6 +40,8 @@ std::string_view frame_type_name(FrameType t) {
     case FrameType::kAdminCheckpoint: return "AdminCheckpoint";
     case FrameType::kAdminMetrics: return "AdminMetrics";
     case FrameType::kAdminPeers: return "AdminPeers";
+    case FrameType::kAdminPin: return "AdminPin";
+    case FrameType::kAdminDrain: return "AdminDrain";
     case FrameType::kHelloReply: return "HelloReply";
     case FrameType::kLayerInfo: return "LayerInfo";
     case FrameType::kOk: return "Ok";

@@ -116,6 +116,7 @@ class FakeAdmin {
                                                          {"step", 12},
                                                          {"memory_bytes", 25 << 20},
                                                          {"pending_backwards", 0},
+                                                         {"pinned", true},
                                                          {"plans", {{"kind", "host"},
                                                                     {"plans", 3},
                                                                     {"held", 1},
@@ -255,9 +256,9 @@ TEST(Tutelctl, TablesAndJsonFromTheAdminSocket) {
   r = tutelctl(s + "plans");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   for (const char* line :
-       {"LAYER       KIND     PLANS  HELD    BYTES  HITS  MISSES  BUILDS  EVICTIONS",
-        "alice/moe0  host         3     1  6.0 MiB   117       4       5          2",
-        "alice/ep0   (group)      -     -        -     -       -       -          -"})
+       {"LAYER       KIND     PINNED  PLANS  HELD    BYTES  HITS  MISSES  BUILDS  EVICTIONS",
+        "alice/moe0  host     yes         3     1  6.0 MiB   117       4       5          2",
+        "alice/ep0   (group)  -           -     -        -     -       -       -          -"})
     EXPECT_NE(r.output.find(line), std::string::npos) << r.output;
   r = tutelctl(s + "--json plans");
   ASSERT_EQ(r.exit_code, 0) << r.output;

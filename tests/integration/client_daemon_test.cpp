@@ -293,6 +293,66 @@ TEST_F(ClientDaemon, ShutdownWhileRequestsAreInFlight) {
   EXPECT_TRUE(again->attach_layer("busy").ok());
 }
 
+// tutelctl drain: the daemon takes no new client sessions and creates no layers, with a message
+// saying so and what to do, while the open session trains on; drain --wait waits for the open
+// sessions to close (and fails when they do not in time); undrain takes new ones again.
+TEST_F(ClientDaemon, DrainRefusesNewSessionsAndLayersWhileOpenOnesGoOn) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok());
+  auto layer = client->create_layer(spec("before"));
+  ASSERT_TRUE(layer.ok());
+  const std::string ctl = std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() + " ";
+  auto [code, out] = run_command(ctl + "drain");
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("draining: 1 client session(s) still open"), std::string::npos) << out;
+  EXPECT_EQ(ctl_json("status")["draining"], true);
+
+  auto refused = client::Client::connect(daemon_->client_socket());
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kUnavailable) << refused.status();
+  EXPECT_NE(refused.status().message().find("tutelctl undrain"), std::string::npos) << refused.status();
+  auto more = client->create_layer(spec("during"));
+  ASSERT_FALSE(more.ok());
+  EXPECT_NE(more.status().message().find("draining"), std::string::npos) << more.status();
+  std::vector<float> x(8 * 16, 0.5f), y(8 * 16), dx(8 * 16);
+  EXPECT_TRUE(layer->forward(x.data(), 8, y.data()).ok());
+  EXPECT_TRUE(layer->backward(y.data(), 0.f, dx.data()).ok());
+  EXPECT_TRUE(layer->step().ok());
+  EXPECT_TRUE(client->attach_layer("before").ok());
+
+  auto [still_code, still_out] = run_command(ctl + "drain --wait 0.2");
+  EXPECT_EQ(still_code, 1) << still_out;  // the session is still open
+  client->close();
+  auto [drained_code, drained_out] = run_command(ctl + "drain --wait 30");
+  EXPECT_EQ(drained_code, 0) << drained_out;
+  EXPECT_NE(drained_out.find("drained: no client sessions open"), std::string::npos) << drained_out;
+
+  auto [undrain_code, undrain_out] = run_command(ctl + "undrain");
+  EXPECT_EQ(undrain_code, 0) << undrain_out;
+  EXPECT_EQ(ctl_json("status")["draining"], false);
+  auto back = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_TRUE(back->create_layer(spec("after")).ok());
+}
+
+// pin and unpin name a layer that exists and keeps plans; tutelctl says what is wrong otherwise.
+TEST_F(ClientDaemon, PinRefusesWhatCannotBePinned) {
+  const std::string ctl = std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() + " ";
+  auto [missing_code, missing_out] = run_command(ctl + "pin default/missing");
+  EXPECT_EQ(missing_code, 1) << missing_out;
+  EXPECT_NE(missing_out.find("missing"), std::string::npos) << missing_out;
+  auto [usage_code, usage_out] = run_command(ctl + "pin no-slash");
+  EXPECT_EQ(usage_code, 2) << usage_out;
+  EXPECT_NE(usage_out.find("TENANT/NAME"), std::string::npos) << usage_out;
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok());
+  ASSERT_TRUE(client->create_layer(spec("kept")).ok());
+  EXPECT_EQ(ctl_json("pin default/kept")["pinned"], true);
+  EXPECT_EQ(ctl_json("layers")["layers"][0]["pinned"], true);
+  EXPECT_EQ(ctl_json("unpin default/kept")["pinned"], false);
+  EXPECT_EQ(ctl_json("layers")["layers"][0]["pinned"], false);
+}
+
 TEST(DaemonStartup, ConfigErrorsNameFileLineAndKey) {
   DaemonProcess d(DaemonOptions{.extra_server = "spin_uss = 5"});
   EXPECT_FALSE(d.start());

@@ -186,6 +186,28 @@ TEST(ProtocolAbuseQuota, ALayerOverTheQuotaIsRefusedBeforeItIsAllocated) {
   EXPECT_EQ(daemon.stop(), 0) << daemon.log();
 }
 
+// Admin requests with bodies of the wrong shape are refused with what they need; nothing changes.
+TEST_F(ProtocolAbuse, MalformedPinAndDrainRequests) {
+  RawSession admin(daemon_->admin_socket());
+  const std::pair<ipc::FrameType, nlohmann::json> bad[] = {
+      {ipc::FrameType::kAdminPin, nlohmann::json::object()},
+      {ipc::FrameType::kAdminPin, {{"layer", 5}, {"pinned", true}}},
+      {ipc::FrameType::kAdminPin, {{"layer", "default/x"}, {"pinned", "yes"}}},
+      {ipc::FrameType::kAdminDrain, nlohmann::json::object()},
+      {ipc::FrameType::kAdminDrain, {{"draining", 1}}},
+  };
+  for (const auto& [type, body] : bad) {
+    auto r = admin.call(type, body, ipc::FrameType::kOk);
+    ASSERT_FALSE(r.ok()) << body.dump();
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
+    EXPECT_NE(r.status().message().find("needs"), std::string_view::npos) << r.status();
+  }
+  auto status = admin.call(ipc::FrameType::kAdminStatus, nlohmann::json::object(), ipc::FrameType::kOk);
+  ASSERT_TRUE(status.ok()) << status.status();
+  EXPECT_EQ((*status)["draining"], false);
+  expect_daemon_serves();
+}
+
 TEST_F(ProtocolAbuse, RequestsBeforeHelloAndHelloTwice) {
   RawSession s(daemon_->client_socket());
   auto r = s.call(ipc::FrameType::kCreateLayer, {{"spec", kSpec}}, ipc::FrameType::kLayerInfo);

@@ -216,7 +216,8 @@ TEST(TenantActivationQuota, RefusesTheForwardOverQuotaAndRecovers) {
 // an inference forward's plan is let through the quota but dropped as soon as the request has
 // left the tenant over it, an idle plan that fits stays cached, and a training forward that
 // would not fit beside it gets it dropped first and runs, also when the plan is another layer's
-// of the tenant.
+// of the tenant, unless the operator pinned that layer (tutelctl pin): then the forward is
+// refused and the pinned plan stays, until it is unpinned.
 TEST(TenantActivationQuota, IdlePlansAreDroppedBeforeATrainingForwardIsRefused) {
   uint64_t parameters = 0, entry = 0, inference_plan = 0;
   {
@@ -267,6 +268,20 @@ TEST(TenantActivationQuota, IdlePlansAreDroppedBeforeATrainingForwardIsRefused) 
   nlohmann::json t = default_tenant(d);
   EXPECT_EQ(t["activation_bytes"].get<uint64_t>(), inference_plan);
   ASSERT_GT(t["activation_bytes"].get<uint64_t>() + 2 * parameters + entry, quota);
+
+  // Pinned, the other layer keeps it, and the training forward that needs its room is refused.
+  const std::string ctl = std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " ";
+  auto [pin_code, pin_out] = run_command(ctl + "pin default/other");
+  ASSERT_EQ(pin_code, 0) << pin_out;
+  const Status refused = layer->forward(b.x.data(), kTokens, b.y.data());
+  EXPECT_EQ(refused.code(), StatusCode::kResourceExhausted) << refused.to_string();
+  t = default_tenant(d);
+  EXPECT_EQ(t["activation_bytes"].get<uint64_t>(), inference_plan);
+  EXPECT_EQ(t["pending_bytes"].get<uint64_t>(), 0u);
+  auto [plans_code, plans_table] = run_command(ctl + "plans");
+  EXPECT_NE(plans_table.find("default/other  host  yes"), std::string::npos) << plans_table;
+  auto [unpin_code, unpin_out] = run_command(ctl + "unpin default/other");
+  ASSERT_EQ(unpin_code, 0) << unpin_out;
 
   // The training forward would not fit beside it: it goes, the forward runs.
   client::ForwardInfo info;

@@ -3,11 +3,14 @@
 //   tutelctl [--socket PATH] [--json] [--timeout S]
 //            status | tenants | layers | plans | peers | metrics
 //   tutelctl checkpoint TENANT/LAYER PATH
+//   tutelctl pin | unpin TENANT/LAYER
+//   tutelctl drain [--wait S] | undrain
 //
 // Exit status: 0 on success, 1 when the daemon cannot be reached or refuses the request,
 // 2 on a usage error.
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -18,6 +21,7 @@
 #include <set>
 #include <string>
 #include <system_error>
+#include <thread>
 #include <vector>
 
 #include "tutel/admin_client.hpp"
@@ -270,8 +274,9 @@ void print_plans(const json& reply) {
     std::cout << "(no layers)\n";
     return;
   }
-  Table t{{"LAYER", "KIND", "PLANS", "HELD", "BYTES", "HITS", "MISSES", "BUILDS", "EVICTIONS"},
-          {true, true, false, false, false, false, false, false, false},
+  Table t{{"LAYER", "KIND", "PINNED", "PLANS", "HELD", "BYTES", "HITS", "MISSES", "BUILDS",
+           "EVICTIONS"},
+          {true, true, true, false, false, false, false, false, false, false},
           {}};
   for (const json& e : layers) {
     const std::string layer = field(e, "tenant") + "/" + field(e, "name");
@@ -279,14 +284,33 @@ void print_plans(const json& reply) {
     if (!plans.is_object()) {
       // null: a group layer; absent: a daemon that predates plan caches.
       t.rows.push_back(
-          {layer, e.contains("plans") ? "(group)" : "-", "-", "-", "-", "-", "-", "-", "-"});
+          {layer, e.contains("plans") ? "(group)" : "-", "-", "-", "-", "-", "-", "-", "-", "-"});
       continue;
     }
-    t.rows.push_back({layer, field(plans, "kind"), field(plans, "plans"), field(plans, "held"),
+    const std::string pinned =
+        !e.contains("pinned") ? "-" : (e["pinned"].get<bool>() ? "yes" : "no");
+    t.rows.push_back({layer, field(plans, "kind"), pinned, field(plans, "plans"), field(plans, "held"),
                       bytes_field(plans, "bytes"), field(plans, "hits"), field(plans, "misses"),
                       field(plans, "builds"), field(plans, "evictions")});
   }
   t.print(std::cout);
+}
+
+// After drain: polls the status until no client session is open or `wait_s` has passed; the
+// last status as a drain reply ({"draining", "sessions"}).
+tutel::Result<std::string> wait_drained(tutel::client::AdminClient& admin, double wait_s) {
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(wait_s * 1000));
+  for (;;) {
+    TUTEL_ASSIGN_OR_RETURN(std::string text, admin.status());
+    const json s = json::parse(text, nullptr, false);
+    if (!s.is_object() || !s.contains("sessions") || !s["sessions"].is_number_integer())
+      return tutel::Status::Internal("tuteld's status reply has no session count");
+    const int64_t open = s["sessions"].get<int64_t>();
+    if (open == 0 || std::chrono::steady_clock::now() >= deadline)
+      return json{{"draining", s.value("draining", true)}, {"sessions", open}}.dump();
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
 }
 
 int cannot_reach(const std::string& path, const tutel::Status& st) {
@@ -335,16 +359,28 @@ int main(int argc, char** argv) {
   auto* checkpoint =
       app.add_subcommand("checkpoint", "save a layer's parameters and optimizer state to a file");
   std::string layer, path;
-  checkpoint->add_option("LAYER", layer, "the layer as TENANT/NAME")
-      ->required()
-      ->check([](const std::string& v) {
-        const size_t slash = v.find('/');
-        return slash == std::string::npos || slash == 0 || slash + 1 == v.size()
-                   ? std::string("LAYER must be TENANT/NAME, e.g. alice/moe0")
-                   : std::string();
-      });
+  const auto layer_name = [](const std::string& v) {
+    const size_t slash = v.find('/');
+    return slash == std::string::npos || slash == 0 || slash + 1 == v.size()
+               ? std::string("LAYER must be TENANT/NAME, e.g. alice/moe0")
+               : std::string();
+  };
+  checkpoint->add_option("LAYER", layer, "the layer as TENANT/NAME")->required()->check(layer_name);
   checkpoint->add_option("PATH", path, "the safetensors file to write (relative to this directory)")
       ->required();
+  auto* pin = app.add_subcommand(
+      "pin", "keep a layer's cached plans when its tenant's other requests need the memory");
+  auto* unpin = app.add_subcommand("unpin", "let a pinned layer's idle plans go again");
+  for (CLI::App* c : {pin, unpin})
+    c->add_option("LAYER", layer, "the layer as TENANT/NAME")->required()->check(layer_name);
+  auto* drain = app.add_subcommand(
+      "drain", "take no new client sessions and create no layers; the open sessions go on");
+  double wait_s = 0;
+  drain->add_option("--wait", wait_s,
+                    "then wait up to this many seconds for the open client sessions to close; "
+                    "exit 1 if some are still open")
+      ->check(CLI::NonNegativeNumber);
+  auto* undrain = app.add_subcommand("undrain", "take new sessions and layers again");
 
   try {
     app.parse(argc, argv);
@@ -373,7 +409,13 @@ int main(int argc, char** argv) {
     std::error_code ec;
     const auto absolute = std::filesystem::absolute(path, ec);
     reply = admin->checkpoint(layer, ec ? path : absolute.string());
-  }
+  } else if (*pin || *unpin)
+    reply = admin->pin(layer, static_cast<bool>(*pin));
+  else if (*drain)
+    reply = admin->drain(true);
+  else if (*undrain)
+    reply = admin->drain(false);
+  if (reply.ok() && *drain && wait_s > 0) reply = wait_drained(*admin, wait_s);
   if (!reply.ok()) {
     if (reply.status().code() == tutel::StatusCode::kUnavailable)
       return cannot_reach(socket, reply.status());
@@ -406,6 +448,14 @@ int main(int argc, char** argv) {
       const std::string text = body.value("text", std::string());
       std::cout << text;
       if (!text.empty() && text.back() != '\n') std::cout << "\n";
+    } else if (*pin || *unpin) {
+      std::cout << layer << (*pin ? " pinned" : " unpinned") << "\n";
+    } else if (*drain || *undrain) {
+      const int64_t open = body.value("sessions", int64_t{-1});
+      if (*undrain) std::cout << "tuteld takes new sessions and layers again\n";
+      else if (open == 0) std::cout << "tuteld is drained: no client sessions open\n";
+      else std::cout << "tuteld is draining: " << open << " client session(s) still open\n";
+      if (*drain && wait_s > 0 && open != 0) return kExitFailure;  // the wait ran out
     } else {
       std::cout << "checkpointed " << layer << " to " << body.value("path", path) << "\n";
     }

@@ -31,6 +31,12 @@ class AdminClient {
   // Saves `layer` ("tenant/name") to `path`, as the daemon's process sees it (use an absolute
   // path). Waits without the timeout: large layers take a while. {"path": str}
   Result<std::string> checkpoint(std::string_view layer, std::string_view path);
+  // Pins (or unpins) `layer` ("tenant/name"): a pinned layer's cached plans are not dropped to
+  // make room for its tenant's other requests. {"layer": str, "pinned": bool}
+  Result<std::string> pin(std::string_view layer, bool pinned);
+  // Starts (or ends) draining: the daemon takes no new client sessions and creates no layers;
+  // the sessions it has go on. {"draining": bool, "sessions": int}
+  Result<std::string> drain(bool draining);
 
   const std::string& socket_path() const;
 

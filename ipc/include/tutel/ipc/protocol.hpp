@@ -40,6 +40,8 @@ enum class FrameType : uint16_t {
   kAdminCheckpoint = 35,  // {"layer": "tenant/name", "path": str} → kOk
   kAdminMetrics = 36,     // {}                                  → kOk {"text": prometheus text}
   kAdminPeers = 37,       // {}                                  → kOk {"groups": [...]}
+  kAdminPin = 38,         // {"layer": "tenant/name", "pinned": bool} → kOk {"layer", "pinned"}
+  kAdminDrain = 39,       // {"draining": bool}                  → kOk {"draining", "sessions"}
   // daemon → peer (replies carry the request's request_id)
   kHelloReply = 64,  // {"session": int, "tenant": str, "arena_bytes": int, ...layout}
   kLayerInfo = 65,   // {"handle": int, "name": str, "experts": int, "model_dim": int, "output_dim": int}
