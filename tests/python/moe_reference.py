@@ -23,6 +23,13 @@ def routing_margin(x, wg, k):
     return min(g.min() for g in gaps) if gaps else np.inf
 
 
+def relu_margin(p, x):
+    """The smallest |pre-activation| of any token at any expert: one closer to 0 than float32's
+    error may take the other side of relu in the daemon, so the tests redraw such inputs."""
+    pre = np.einsum("sm,ehm->seh", x, p["w1"]) + p["b1"][None, :, :]
+    return np.abs(pre).min()
+
+
 def softmax(logits):
     z = np.exp(logits - logits.max(axis=1, keepdims=True))
     return z / z.sum(axis=1, keepdims=True)

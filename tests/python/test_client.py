@@ -19,20 +19,30 @@ E, M, H, K, F = 4, 16, 24, 2, 1.0
 LR = 0.05
 
 
-def random_case(rng, tokens):
-    """Parameters and x whose routing has no near tie (see ref.routing_margin)."""
+def random_params(rng):
+    p = {
+        "wg": rng.normal(0, 0.5, (E, M)),
+        "w1": rng.normal(0, 0.3, (E, H, M)),
+        "b1": rng.normal(0, 0.1, (E, H)),
+        "w2": rng.normal(0, 0.3, (E, H, M)),
+        "b2": rng.normal(0, 0.1, (E, M)),
+    }
+    return {n: v.astype(np.float32).astype(np.float64) for n, v in p.items()}  # exact in float32
+
+
+def random_inputs(rng, p, shape):
+    """x of `shape` [..., M] with no near tie in the routing and no pre-activation near relu's
+    kink (ref.routing_margin, ref.relu_margin): float32 may decide those differently."""
     while True:
-        p = {
-            "wg": rng.normal(0, 0.5, (E, M)),
-            "w1": rng.normal(0, 0.3, (E, H, M)),
-            "b1": rng.normal(0, 0.1, (E, H)),
-            "w2": rng.normal(0, 0.3, (E, H, M)),
-            "b2": rng.normal(0, 0.1, (E, M)),
-        }
-        p = {n: v.astype(np.float32).astype(np.float64) for n, v in p.items()}
-        x = rng.normal(0, 1, (tokens, M)).astype(np.float32).astype(np.float64)
-        if ref.routing_margin(x, p["wg"], K) > 1e-4:
-            return p, x
+        x = rng.normal(0, 1, shape).astype(np.float32).astype(np.float64)
+        rows = x.reshape(-1, M)
+        if ref.routing_margin(rows, p["wg"], K) > 1e-4 and ref.relu_margin(p, rows) > 1e-4:
+            return x
+
+
+def random_case(rng, tokens):
+    p = random_params(rng)
+    return p, random_inputs(rng, p, (tokens, M))
 
 
 class ClientModuleTest(unittest.TestCase):
@@ -89,7 +99,7 @@ class ClientModuleTest(unittest.TestCase):
 
     def test_micro_batches_backwarded_out_of_order(self):
         p, x1 = random_case(self.rng, 8)
-        x2 = self.rng.normal(0, 1, (3, 5, M)).astype(np.float32).astype(np.float64)  # leading dims kept
+        x2 = random_inputs(self.rng, p, (3, 5, M))  # leading dims are kept
         layer = self.make_layer(p)
         y1, info1 = layer.forward(x1)
         y2, info2 = layer.forward(x2)

@@ -11,7 +11,7 @@ import numpy as np
 
 import moe_reference as ref
 from daemon import Daemon
-from test_client import LR, E, F, K, M, H, RTOL, ATOL, random_case
+from test_client import ATOL, RTOL, E, F, H, K, LR, M, random_case, random_inputs
 
 try:
     import torch
@@ -56,7 +56,7 @@ class TorchModuleTest(unittest.TestCase):
 
     def test_gradients_through_autograd_match_the_reference(self):
         p, x1 = random_case(self.rng, 12)
-        _, x2 = random_case(np.random.default_rng(self.rng.integers(2**63)), 12)
+        x2 = random_inputs(self.rng, p, (12, M))
         moe = self.make_moe(p)
         head = torch.from_numpy(self.rng.normal(0, 1, (M,)))
         xs = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (x1, x2)]

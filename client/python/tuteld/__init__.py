@@ -160,7 +160,10 @@ class Client:
         self.close()
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the module's globals may already be gone
+            pass
 
     def close(self):
         """Releases every layer handle made from this client and ends the session."""
