@@ -341,6 +341,8 @@ void ServedLayer::trim_plans_over_quota() {
   if (plans_ && memory_->over_quota()) plans_->trim();
 }
 
+ServedLayer::~ServedLayer() { teardown_lock_ = lock_device(); }
+
 Status ServedLayer::set_pinned(bool pinned) {
   if (!plans_)
     return Status::InvalidArgument("layer '" + tenant_ + "/" + def_.name +
@@ -544,6 +546,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
 
 void ServedLayer::drop_pending(uint64_t owner) {
   std::lock_guard lock(mutex_);
+  auto device_lock = lock_device();  // the entries free buffers of the rank's backend
   for (auto it = pending_.begin(); it != pending_.end();) {
     if (it->first.first != owner) {
       ++it;

@@ -69,6 +69,8 @@ class ServedLayer {
                                                      std::string tenant, Rank& rank) {
     return create(def, std::move(spec_text), std::make_shared<TenantMemory>(std::move(tenant), ~uint64_t{0}), rank);
   }
+  // On any thread (the last holder's): frees its buffers under the rank's lock.
+  ~ServedLayer();
 
   const std::string& name() const { return def_.name; }
   const std::string& tenant() const { return tenant_; }
@@ -240,6 +242,11 @@ class ServedLayer {
   Rank& rank_;
   // Before the tensors: they hold buffers of the group's backend and must be freed first.
   std::unique_ptr<Group> group_;
+  // Taken by ~ServedLayer and held while every member below is destroyed: they free buffers of
+  // the rank's backend, whose device pool the rank's other layers use under the same lock (a
+  // CUDA pool is not thread-safe, and a free may synchronise the stream another layer is
+  // capturing on). A group layer's backend is its own: no lock.
+  std::unique_lock<std::mutex> teardown_lock_;
   mutable std::mutex mutex_;
   std::vector<Tensor> tensors_;  // gate, fc1_w, fc1_b?, fc2_w, fc2_b?
   uint64_t memory_bytes_ = 0;
