@@ -223,6 +223,7 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
       if (draining_ != b["draining"].get<bool>())
         TUTEL_LOG(INFO) << (b["draining"].get<bool>() ? "draining: no new sessions or layers" : "no longer draining");
       draining_ = b["draining"].get<bool>();
+      metrics_.set_draining(draining_);
       reply(s, ipc::FrameType::kOk, rid, {{"draining", draining_}, {"sessions", status_json()["sessions"]}});
       break;
     }

@@ -63,6 +63,11 @@ void Metrics::set_active_sessions(int64_t n) {
   active_sessions_ = n;
 }
 
+void Metrics::set_draining(bool draining) {
+  std::lock_guard lock(mutex_);
+  draining_ = draining;
+}
+
 void Metrics::set_peer_state(const std::string& peer, bool up) {
   std::lock_guard lock(mutex_);
   peers_[peer] = up;
@@ -134,6 +139,9 @@ std::string Metrics::prometheus_text() const {
     o << "tuteld_tenant_region_bytes{tenant=\"" << label(t) << "\"} " << v << "\n";
   o << "# HELP tuteld_active_sessions Client sessions connected.\n# TYPE tuteld_active_sessions gauge\n"
     << "tuteld_active_sessions " << active_sessions_ << "\n";
+  o << "# HELP tuteld_draining 1 while the daemon drains (tutelctl drain): no new sessions or layers.\n"
+    << "# TYPE tuteld_draining gauge\n"
+    << "tuteld_draining " << (draining_ ? 1 : 0) << "\n";
   if (!peers_.empty()) {
     o << "# HELP tuteld_group_up Whether the peers of an expert-parallel layer's group answer (by tenant/layer).\n"
       << "# TYPE tuteld_group_up gauge\n";

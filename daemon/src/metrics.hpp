@@ -24,6 +24,7 @@ class Metrics {
   void set_tenant_activation_memory(const std::string& tenant, uint64_t bytes);
   void set_tenant_region_memory(const std::string& tenant, uint64_t bytes);
   void set_active_sessions(int64_t n);
+  void set_draining(bool draining);
   // Whether the group of an expert-parallel layer ("tenant/layer") still answers.
   void set_peer_state(const std::string& group_layer, bool up);
   // State read from the live objects just before rendering (replaces the previous snapshot):
@@ -66,6 +67,7 @@ class Metrics {
   std::map<std::pair<std::string, int>, PeerTraffic> traffic_;
   std::map<std::pair<std::string, std::string>, PlanCache> plan_caches_;
   int64_t active_sessions_ = 0;
+  bool draining_ = false;
 };
 
 }  // namespace tutel::daemon
