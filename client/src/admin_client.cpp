@@ -99,6 +99,10 @@ Result<std::string> AdminClient::pin(std::string_view layer, bool pinned) {
   return impl_->call(ipc::FrameType::kAdminPin, {{"layer", std::string(layer)}, {"pinned", pinned}},
                      impl_->timeout);
 }
+Result<std::string> AdminClient::sessions() {
+  if (!impl_) return moved_from();
+  return impl_->call(ipc::FrameType::kAdminSessions, json::object(), impl_->timeout);
+}
 Result<std::string> AdminClient::drain(bool draining) {
   if (!impl_) return moved_from();
   return impl_->call(ipc::FrameType::kAdminDrain, {{"draining", draining}}, impl_->timeout);

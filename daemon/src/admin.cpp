@@ -214,6 +214,22 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
       reply(s, ipc::FrameType::kOk, rid, {{"layer", b["layer"]}, {"pinned", b["pinned"]}});
       break;
     }
+    case ipc::FrameType::kAdminSessions: {
+      json sessions = json::array();
+      const auto now = std::chrono::steady_clock::now();
+      for (const auto& [id, c] : sessions_) {
+        if (c->admin || c->closing) continue;
+        sessions.push_back({{"id", id},
+                            {"tenant", c->tenant},
+                            {"pid", static_cast<int64_t>(c->peer.pid)},
+                            {"uid", static_cast<int64_t>(c->peer.uid)},
+                            {"client", c->client_name},
+                            {"connected_seconds", std::chrono::duration<double>(now - c->connected_at).count()},
+                            {"control_frames_waiting", c->queued.size()}});
+      }
+      reply(s, ipc::FrameType::kOk, rid, {{"sessions", sessions}});
+      break;
+    }
     case ipc::FrameType::kAdminDrain: {
       const json& b = *body;
       if (!b.contains("draining") || !b["draining"].is_boolean()) {

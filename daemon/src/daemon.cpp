@@ -556,11 +556,10 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
   if (s->closing) return;
   s->worker = std::thread([this, s] { run_worker(s); });
   const auto hello = ipc::parse_body(frame);
-  std::string client_name;
   if (hello.ok() && hello->contains("client") && (*hello)["client"].is_string())
-    client_name = (*hello)["client"].get<std::string>();
+    s->client_name = (*hello)["client"].get<std::string>().substr(0, 128);
   TUTEL_LOG(INFO) << "session " << s->id << ": tenant " << s->tenant << ", pid " << s->peer.pid << ", client '"
-                  << client_name << "'";
+                  << s->client_name << "'";
 }
 
 // The metric counts client sessions, as `tutelctl status` does: admin connections (tutelctl

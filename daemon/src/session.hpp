@@ -8,6 +8,7 @@
 #include <uv.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -32,6 +33,8 @@ struct Session : std::enable_shared_from_this<Session> {
   uint64_t id = 0;
   bool admin = false;
   std::string tenant;  // client sessions
+  std::string client_name;  // what its hello said it is (tutelctl sessions)
+  std::chrono::steady_clock::time_point connected_at = std::chrono::steady_clock::now();
   ipc::PeerCredentials peer{};
   ipc::UniqueFd fd;
   uv_poll_t poll{};

@@ -42,6 +42,7 @@ std::string_view frame_type_name(FrameType t) {
     case FrameType::kAdminPeers: return "AdminPeers";
     case FrameType::kAdminPin: return "AdminPin";
     case FrameType::kAdminDrain: return "AdminDrain";
+    case FrameType::kAdminSessions: return "AdminSessions";
     case FrameType::kHelloReply: return "HelloReply";
     case FrameType::kLayerInfo: return "LayerInfo";
     case FrameType::kOk: return "Ok";

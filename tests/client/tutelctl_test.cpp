@@ -165,7 +165,8 @@ TEST(Tutelctl, MissingDaemonExitsOneWithAClearMessage) {
   TempDir dir;
   const std::string sock = dir.file("admin.sock");
   for (const char* command :
-       {"status", "tenants", "layers", "plans", "metrics", "checkpoint a/b out.safetensors"}) {
+       {"status", "sessions", "tenants", "layers", "plans", "metrics", "checkpoint a/b out.safetensors",
+        "pin a/b", "drain", "undrain"}) {
     const ToolRun r = tutelctl("--socket " + sock + " " + command);
     EXPECT_EQ(r.exit_code, 1) << command << ": " << r.output;
     EXPECT_NE(r.output.find("cannot reach tuteld at " + sock + ": is it running?"),

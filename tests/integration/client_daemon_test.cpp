@@ -321,12 +321,22 @@ TEST_F(ClientDaemon, DrainRefusesNewSessionsAndLayersWhileOpenOnesGoOn) {
   EXPECT_TRUE(layer->step().ok());
   EXPECT_TRUE(client->attach_layer("before").ok());
 
+  // Which sessions keep the drain waiting: this process's.
+  const nlohmann::json open = ctl_json("sessions")["sessions"];
+  ASSERT_EQ(open.size(), 1u) << open.dump();
+  EXPECT_EQ(open[0]["pid"].get<int64_t>(), ::getpid()) << open.dump();
+  EXPECT_EQ(open[0]["tenant"], "default");
+  auto [table_code, table] = run_command(ctl + "sessions");
+  EXPECT_EQ(table_code, 0) << table;
+  EXPECT_NE(table.find(std::to_string(::getpid())), std::string::npos) << table;
+
   auto [still_code, still_out] = run_command(ctl + "drain --wait 0.2");
   EXPECT_EQ(still_code, 1) << still_out;  // the session is still open
   client->close();
   auto [drained_code, drained_out] = run_command(ctl + "drain --wait 30");
   EXPECT_EQ(drained_code, 0) << drained_out;
   EXPECT_NE(drained_out.find("drained: no client sessions open"), std::string::npos) << drained_out;
+  EXPECT_EQ(run_command(ctl + "sessions").second, "(no client sessions)\n");
 
   auto [undrain_code, undrain_out] = run_command(ctl + "undrain");
   EXPECT_EQ(undrain_code, 0) << undrain_out;

@@ -1,7 +1,7 @@
 // tutelctl: inspect and operate a running tuteld through its admin socket.
 //
 //   tutelctl [--socket PATH] [--json] [--timeout S]
-//            status | tenants | layers | plans | peers | metrics
+//            status | sessions | tenants | layers | plans | peers | metrics
 //   tutelctl checkpoint TENANT/LAYER PATH
 //   tutelctl pin | unpin TENANT/LAYER
 //   tutelctl drain [--wait S] | undrain
@@ -267,6 +267,24 @@ void print_layers(const json& reply) {
   t.print(std::cout);
 }
 
+void print_sessions(const json& reply) {
+  const json sessions = reply.value("sessions", json::array());
+  if (sessions.empty()) {
+    std::cout << "(no client sessions)\n";
+    return;
+  }
+  Table t{{"SESSION", "TENANT", "PID", "UID", "CLIENT", "CONNECTED", "WAITING"},
+          {false, true, false, false, true, false, false},
+          {}};
+  for (const json& e : sessions) {
+    const json& c = e.value("connected_seconds", json());
+    t.rows.push_back({field(e, "id"), field(e, "tenant"), field(e, "pid"), field(e, "uid"),
+                      field(e, "client"), c.is_number() ? duration_text(c.get<double>()) : "?",
+                      field(e, "control_frames_waiting")});
+  }
+  t.print(std::cout);
+}
+
 // Each layer's plan cache, from the same reply as print_layers. A group layer runs without one.
 void print_plans(const json& reply) {
   const json layers = reply.value("layers", json::array());
@@ -348,6 +366,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1, 1);
   auto* status =
       app.add_subcommand("status", "the daemon: version, uptime, backend, sessions, layers");
+  auto* sessions = app.add_subcommand(
+      "sessions", "the client sessions: tenant, process, client name, how long connected");
   auto* tenants = app.add_subcommand("tenants", "tenants with their usage against their quotas");
   auto* layers =
       app.add_subcommand("layers", "every served layer with its last routing statistics");
@@ -396,6 +416,8 @@ int main(int argc, char** argv) {
   tutel::Result<std::string> reply = tutel::Status::Internal("no command");
   if (*status)
     reply = admin->status();
+  else if (*sessions)
+    reply = admin->sessions();
   else if (*tenants)
     reply = admin->tenants();
   else if (*layers || *plans)
@@ -436,6 +458,8 @@ int main(int argc, char** argv) {
   try {
     if (*status)
       print_status(body);
+    else if (*sessions)
+      print_sessions(body);
     else if (*tenants)
       print_tenants(body);
     else if (*layers)

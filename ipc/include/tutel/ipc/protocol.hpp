@@ -42,6 +42,7 @@ enum class FrameType : uint16_t {
   kAdminPeers = 37,       // {}                                  → kOk {"groups": [...]}
   kAdminPin = 38,         // {"layer": "tenant/name", "pinned": bool} → kOk {"layer", "pinned"}
   kAdminDrain = 39,       // {"draining": bool}                  → kOk {"draining", "sessions"}
+  kAdminSessions = 40,    // {}                                  → kOk {"sessions": [...]}
   // daemon → peer (replies carry the request's request_id)
   kHelloReply = 64,  // {"session": int, "tenant": str, "arena_bytes": int, ...layout}
   kLayerInfo = 65,   // {"handle": int, "name": str, "experts": int, "model_dim": int, "output_dim": int}
