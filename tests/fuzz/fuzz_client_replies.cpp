@@ -62,7 +62,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     case 1: print_tenants(reparsed); break;
     case 2: print_layers(reparsed); break;
     case 3: print_plans(reparsed); break;
-    case 4: print_peers(reparsed); break;
+    case 4:
+      print_peers(reparsed);
+      print_sessions(reparsed);
+      break;
     case 5: {
       const std::string metrics = reparsed.value("text", std::string());
       std::cout << metrics << reparsed.value("path", std::string("p")) << "\n";

@@ -305,8 +305,8 @@ void print_plans(const json& reply) {
           {layer, e.contains("plans") ? "(group)" : "-", "-", "-", "-", "-", "-", "-", "-", "-"});
       continue;
     }
-    const std::string pinned =
-        !e.contains("pinned") ? "-" : (e["pinned"].get<bool>() ? "yes" : "no");
+    const json& p = e.value("pinned", json());
+    const std::string pinned = p.is_boolean() ? (p.get<bool>() ? "yes" : "no") : "-";
     t.rows.push_back({layer, field(plans, "kind"), pinned, field(plans, "plans"), field(plans, "held"),
                       bytes_field(plans, "bytes"), field(plans, "hits"), field(plans, "misses"),
                       field(plans, "builds"), field(plans, "evictions")});
