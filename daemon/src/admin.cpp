@@ -164,29 +164,31 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
         const LayerSpec& spec = ref.layer->definition().spec;
         const RoutingStats st = ref.layer->last_stats();
         const auto& group = ref.layer->definition().group;
-        layers.push_back({{"group", group ? json{{"rank", group->rank}, {"size", group->size},
-                                                 {"coordinator", group->coordinator_host + ":" +
-                                                                     std::to_string(group->coordinator_port)}}
-                                          : json(nullptr)},
-                          {"tenant", ref.layer->tenant()},
-                          {"name", ref.layer->name()},
-                          {"handle", ref.handle},
-                          {"rank", ref.layer->rank_index()},
-                          {"experts", spec.experts},
-                          {"model_dim", spec.model_dim},
-                          {"hidden", spec.hidden},
-                          {"k", spec.k},
-                          {"capacity_factor", spec.capacity_factor},
-                          {"step", ref.layer->step_count()},
-                          {"memory_bytes", ref.layer->memory_bytes()},
-                          {"activation_bytes", ref.layer->activation_bytes()},
-                          {"pending_bytes", ref.layer->pending_bytes()},
-                          {"pending_backwards", ref.layer->pending_backwards()},
-                          {"plans", plans_json(ref.layer->plan_summary())},
-                          {"pinned", ref.layer->pinned()},
-                          {"capacity", st.capacity},
-                          {"dropped", st.dropped},
-                          {"l_aux", st.l_aux}});
+        layers.push_back(
+            {{"group", group ? json{{"rank", group->rank},
+                                    {"size", group->size},
+                                    {"coordinator", group->coordinator_host + ":" +
+                                                        std::to_string(group->coordinator_port)}}
+                             : json(nullptr)},
+             {"tenant", ref.layer->tenant()},
+             {"name", ref.layer->name()},
+             {"handle", ref.handle},
+             {"rank", ref.layer->rank_index()},
+             {"experts", spec.experts},
+             {"model_dim", spec.model_dim},
+             {"hidden", spec.hidden},
+             {"k", spec.k},
+             {"capacity_factor", spec.capacity_factor},
+             {"step", ref.layer->step_count()},
+             {"memory_bytes", ref.layer->memory_bytes()},
+             {"activation_bytes", ref.layer->activation_bytes()},
+             {"pending_bytes", ref.layer->pending_bytes()},
+             {"pending_backwards", ref.layer->pending_backwards()},
+             {"plans", plans_json(ref.layer->plan_summary())},
+             {"pinned", ref.layer->pinned()},
+             {"capacity", st.capacity},
+             {"dropped", st.dropped},
+             {"l_aux", st.l_aux}});
       }
       reply(s, ipc::FrameType::kOk, rid, {{"layers", layers}});
       break;
@@ -200,8 +202,11 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
       break;
     case ipc::FrameType::kAdminPin: {
       const json& b = *body;
-      if (!b.contains("layer") || !b["layer"].is_string() || !b.contains("pinned") || !b["pinned"].is_boolean()) {
-        reply_error(s, rid, Status::InvalidArgument("pin needs \"layer\" (tenant/name) and \"pinned\" (true or false)"));
+      if (!b.contains("layer") || !b["layer"].is_string() || !b.contains("pinned") ||
+          !b["pinned"].is_boolean()) {
+        reply_error(s, rid,
+                    Status::InvalidArgument(
+                        "pin needs \"layer\" (tenant/name) and \"pinned\" (true or false)"));
         break;
       }
       auto ref = registry_->find_by_name(b["layer"].get<std::string>());
@@ -210,7 +215,8 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
         reply_error(s, rid, st);
         break;
       }
-      TUTEL_LOG(INFO) << "layer " << b["layer"].get<std::string>() << (b["pinned"].get<bool>() ? " pinned" : " unpinned");
+      TUTEL_LOG(INFO) << "layer " << b["layer"].get<std::string>()
+                      << (b["pinned"].get<bool>() ? " pinned" : " unpinned");
       reply(s, ipc::FrameType::kOk, rid, {{"layer", b["layer"]}, {"pinned", b["pinned"]}});
       break;
     }
@@ -219,13 +225,14 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
       const auto now = std::chrono::steady_clock::now();
       for (const auto& [id, c] : sessions_) {
         if (c->admin || c->closing) continue;
-        sessions.push_back({{"id", id},
-                            {"tenant", c->tenant},
-                            {"pid", static_cast<int64_t>(c->peer.pid)},
-                            {"uid", static_cast<int64_t>(c->peer.uid)},
-                            {"client", c->client_name},
-                            {"connected_seconds", std::chrono::duration<double>(now - c->connected_at).count()},
-                            {"control_frames_waiting", c->queued.size()}});
+        sessions.push_back(
+            {{"id", id},
+             {"tenant", c->tenant},
+             {"pid", static_cast<int64_t>(c->peer.pid)},
+             {"uid", static_cast<int64_t>(c->peer.uid)},
+             {"client", c->client_name},
+             {"connected_seconds", std::chrono::duration<double>(now - c->connected_at).count()},
+             {"control_frames_waiting", c->queued.size()}});
       }
       reply(s, ipc::FrameType::kOk, rid, {{"sessions", sessions}});
       break;
@@ -237,10 +244,12 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
         break;
       }
       if (draining_ != b["draining"].get<bool>())
-        TUTEL_LOG(INFO) << (b["draining"].get<bool>() ? "draining: no new sessions or layers" : "no longer draining");
+        TUTEL_LOG(INFO) << (b["draining"].get<bool>() ? "draining: no new sessions or layers"
+                                                      : "no longer draining");
       draining_ = b["draining"].get<bool>();
       metrics_.set_draining(draining_);
-      reply(s, ipc::FrameType::kOk, rid, {{"draining", draining_}, {"sessions", status_json()["sessions"]}});
+      reply(s, ipc::FrameType::kOk, rid,
+            {{"draining", draining_}, {"sessions", status_json()["sessions"]}});
       break;
     }
     case ipc::FrameType::kAdminCheckpoint: {

@@ -85,7 +85,11 @@ DaemonImpl::~DaemonImpl() {
   // opened (the listening polls: their descriptors are members and close themselves). Then run
   // the loop until the close callbacks have fired, or the loop cannot free its own memory.
   uv_walk(
-      &loop_, [](uv_handle_t* h, void*) { if (!uv_is_closing(h)) uv_close(h, nullptr); }, nullptr);
+      &loop_,
+      [](uv_handle_t* h, void*) {
+        if (!uv_is_closing(h)) uv_close(h, nullptr);
+      },
+      nullptr);
   uv_run(&loop_, UV_RUN_DEFAULT);
   if (const int rc = uv_loop_close(&loop_); rc != 0)
     TUTEL_LOG(WARN) << "the event loop did not close: " << uv_strerror(rc);
@@ -558,8 +562,8 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
   const auto hello = ipc::parse_body(frame);
   if (hello.ok() && hello->contains("client") && (*hello)["client"].is_string())
     s->client_name = (*hello)["client"].get<std::string>().substr(0, 128);
-  TUTEL_LOG(INFO) << "session " << s->id << ": tenant " << s->tenant << ", pid " << s->peer.pid << ", client '"
-                  << s->client_name << "'";
+  TUTEL_LOG(INFO) << "session " << s->id << ": tenant " << s->tenant << ", pid " << s->peer.pid
+                  << ", client '" << s->client_name << "'";
 }
 
 // The metric counts client sessions, as `tutelctl status` does: admin connections (tutelctl

@@ -139,7 +139,8 @@ std::string Metrics::prometheus_text() const {
     o << "tuteld_tenant_region_bytes{tenant=\"" << label(t) << "\"} " << v << "\n";
   o << "# HELP tuteld_active_sessions Client sessions connected.\n# TYPE tuteld_active_sessions gauge\n"
     << "tuteld_active_sessions " << active_sessions_ << "\n";
-  o << "# HELP tuteld_draining 1 while the daemon drains (tutelctl drain): no new sessions or layers.\n"
+  o << "# HELP tuteld_draining 1 while the daemon drains (tutelctl drain): no new sessions or "
+       "layers.\n"
     << "# TYPE tuteld_draining gauge\n"
     << "tuteld_draining " << (draining_ ? 1 : 0) << "\n";
   if (!peers_.empty()) {

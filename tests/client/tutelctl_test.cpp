@@ -117,17 +117,18 @@ class FakeAdmin {
                                                          {"memory_bytes", 25 << 20},
                                                          {"pending_backwards", 0},
                                                          {"pinned", true},
-                                                         {"plans", {{"kind", "host"},
-                                                                    {"plans", 3},
-                                                                    {"held", 1},
-                                                                    {"bytes", 6 << 20},
-                                                                    {"max_bytes", 8ull << 30},
-                                                                    {"hits", 117},
-                                                                    {"misses", 4},
-                                                                    {"builds", 5},
-                                                                    {"build_failures", 0},
-                                                                    {"evictions", 2},
-                                                                    {"capacity_moves", 0}}},
+                                                         {"plans",
+                                                          {{"kind", "host"},
+                                                           {"plans", 3},
+                                                           {"held", 1},
+                                                           {"bytes", 6 << 20},
+                                                           {"max_bytes", 8ull << 30},
+                                                           {"hits", 117},
+                                                           {"misses", 4},
+                                                           {"builds", 5},
+                                                           {"build_failures", 0},
+                                                           {"evictions", 2},
+                                                           {"capacity_moves", 0}}},
                                                          {"capacity", 64},
                                                          {"dropped", 3},
                                                          {"l_aux", 1.0625}},
@@ -164,9 +165,8 @@ class FakeAdmin {
 TEST(Tutelctl, MissingDaemonExitsOneWithAClearMessage) {
   TempDir dir;
   const std::string sock = dir.file("admin.sock");
-  for (const char* command :
-       {"status", "sessions", "tenants", "layers", "plans", "metrics", "checkpoint a/b out.safetensors",
-        "pin a/b", "drain", "undrain"}) {
+  for (const char* command : {"status", "sessions", "tenants", "layers", "plans", "metrics",
+                              "checkpoint a/b out.safetensors", "pin a/b", "drain", "undrain"}) {
     const ToolRun r = tutelctl("--socket " + sock + " " + command);
     EXPECT_EQ(r.exit_code, 1) << command << ": " << r.output;
     EXPECT_NE(r.output.find("cannot reach tuteld at " + sock + ": is it running?"),

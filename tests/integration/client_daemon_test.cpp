@@ -306,12 +306,14 @@ TEST_F(ClientDaemon, DrainRefusesNewSessionsAndLayersWhileOpenOnesGoOn) {
   EXPECT_EQ(code, 0) << out;
   EXPECT_NE(out.find("draining: 1 client session(s) still open"), std::string::npos) << out;
   EXPECT_EQ(ctl_json("status")["draining"], true);
-  EXPECT_NE(ctl_json("metrics")["text"].get<std::string>().find("\ntuteld_draining 1\n"), std::string::npos);
+  EXPECT_NE(ctl_json("metrics")["text"].get<std::string>().find("\ntuteld_draining 1\n"),
+            std::string::npos);
 
   auto refused = client::Client::connect(daemon_->client_socket());
   ASSERT_FALSE(refused.ok());
   EXPECT_EQ(refused.status().code(), StatusCode::kUnavailable) << refused.status();
-  EXPECT_NE(refused.status().message().find("tutelctl undrain"), std::string::npos) << refused.status();
+  EXPECT_NE(refused.status().message().find("tutelctl undrain"), std::string::npos)
+      << refused.status();
   auto more = client->create_layer(spec("during"));
   ASSERT_FALSE(more.ok());
   EXPECT_NE(more.status().message().find("draining"), std::string::npos) << more.status();
@@ -341,7 +343,8 @@ TEST_F(ClientDaemon, DrainRefusesNewSessionsAndLayersWhileOpenOnesGoOn) {
   auto [undrain_code, undrain_out] = run_command(ctl + "undrain");
   EXPECT_EQ(undrain_code, 0) << undrain_out;
   EXPECT_EQ(ctl_json("status")["draining"], false);
-  EXPECT_NE(ctl_json("metrics")["text"].get<std::string>().find("\ntuteld_draining 0\n"), std::string::npos);
+  EXPECT_NE(ctl_json("metrics")["text"].get<std::string>().find("\ntuteld_draining 0\n"),
+            std::string::npos);
   auto back = client::Client::connect(daemon_->client_socket());
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_TRUE(back->create_layer(spec("after")).ok());

@@ -127,8 +127,10 @@ TEST_F(ProtocolAbuse, ControlFramesSentFasterThanTheyRunWaitInTheSocket) {
     std::string bytes(reinterpret_cast<const char*>(&h), sizeof h);
     return bytes + body;
   };
-  const std::string create = nlohmann::json{{"spec", "name = \"slow\"\nexperts = 8\nmodel_dim = 256\n"
-                                                     "hidden = 1024\nk = 2\ninit_seed = 3\n"}}.dump();
+  const std::string create = nlohmann::json{{"spec",
+                                             "name = \"slow\"\nexperts = 8\nmodel_dim = 256\n"
+                                             "hidden = 1024\nk = 2\ninit_seed = 3\n"}}
+                                 .dump();
   std::string burst = frame(ipc::FrameType::kCreateLayer, 1, create);
   for (uint32_t id = 2; id <= kFrames; ++id)
     burst += frame(ipc::FrameType::kAttachLayer, id, R"({"name":"nonexistent"})");
@@ -147,7 +149,8 @@ TEST_F(ProtocolAbuse, ControlFramesSentFasterThanTheyRunWaitInTheSocket) {
       break;
     }
     EXPECT_EQ(reply->header.request_id, id);
-    EXPECT_EQ(reply->header.type, static_cast<uint16_t>(id == 1 ? ipc::FrameType::kLayerInfo : ipc::FrameType::kError));
+    EXPECT_EQ(reply->header.type,
+              static_cast<uint16_t>(id == 1 ? ipc::FrameType::kLayerInfo : ipc::FrameType::kError));
     ++answered;
     if (id == kFrames / 2) expect_daemon_serves();  // another session, while this one is paused
   }
@@ -155,7 +158,8 @@ TEST_F(ProtocolAbuse, ControlFramesSentFasterThanTheyRunWaitInTheSocket) {
   EXPECT_EQ(answered, kFrames);
   expect_daemon_serves();
   RawSession admin(daemon_->admin_socket());
-  auto status = admin.call(ipc::FrameType::kAdminStatus, nlohmann::json::object(), ipc::FrameType::kOk);
+  auto status =
+      admin.call(ipc::FrameType::kAdminStatus, nlohmann::json::object(), ipc::FrameType::kOk);
   ASSERT_TRUE(status.ok()) << status.status();
   EXPECT_LE((*status)["control_frames_queued_peak"].get<uint64_t>(), 64u) << status->dump();
   EXPECT_GT((*status)["control_reads_paused"].get<uint64_t>(), 0u) << status->dump();
@@ -202,7 +206,8 @@ TEST_F(ProtocolAbuse, MalformedPinAndDrainRequests) {
     EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
     EXPECT_NE(r.status().message().find("needs"), std::string_view::npos) << r.status();
   }
-  auto status = admin.call(ipc::FrameType::kAdminStatus, nlohmann::json::object(), ipc::FrameType::kOk);
+  auto status =
+      admin.call(ipc::FrameType::kAdminStatus, nlohmann::json::object(), ipc::FrameType::kOk);
   ASSERT_TRUE(status.ok()) << status.status();
   EXPECT_EQ((*status)["draining"], false);
   expect_daemon_serves();

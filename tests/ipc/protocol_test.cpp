@@ -22,7 +22,8 @@ FrameHeader good_header() {
 }
 
 TEST(ProtocolTest, FrameTypesHaveNamesAndUnknownOnesAreRejected) {
-  const uint16_t known[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 32, 33, 34, 35, 36, 37, 38, 39, 40, 64, 65, 66, 67};
+  const uint16_t known[] = {1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 32, 33,
+                            34, 35, 36, 37, 38, 39, 40, 64, 65, 66, 67};
   for (uint16_t t : known) {
     SCOPED_TRACE(t);
     EXPECT_TRUE(is_known_frame_type(t));

@@ -148,6 +148,10 @@ void print_status(const json& s) {
   add("backend", field(s, "backend") + " x " + field(s, "ranks") + " rank(s)",
       {"backend", "ranks"});
   add("client sessions", field(s, "sessions"), {"sessions"});
+  if (s.contains("draining") && s["draining"].is_boolean())
+    add("draining",
+        s["draining"].get<bool>() ? "yes: no new sessions or layers (tutelctl undrain)" : "no",
+        {"draining"});
   add("layers", field(s, "layers"), {"layers"});
   add("tenants", field(s, "tenants"), {"tenants"});
   add("client socket", field(s, "client_socket"), {"client_socket"});
@@ -163,9 +167,10 @@ void print_status(const json& s) {
   }
   add("metrics", metrics, {"metrics_listen", "metrics_port"});
   if (s.contains("control_frames_queued_peak"))
-    add("control frames", "at most " + field(s, "control_frames_queued_peak") +
-                              " waited in a session; reads paused " +
-                              field(s, "control_reads_paused") + " time(s) for a full queue",
+    add("control frames",
+        "at most " + field(s, "control_frames_queued_peak") +
+            " waited in a session; reads paused " + field(s, "control_reads_paused") +
+            " time(s) for a full queue",
         {"control_frames_queued_peak", "control_reads_paused"});
   for (const auto& [key, value] : s.items())  // fields a newer daemon adds
     if (!shown.count(key)) lines.emplace_back(key, text(value));
@@ -307,9 +312,9 @@ void print_plans(const json& reply) {
     }
     const json& p = e.value("pinned", json());
     const std::string pinned = p.is_boolean() ? (p.get<bool>() ? "yes" : "no") : "-";
-    t.rows.push_back({layer, field(plans, "kind"), pinned, field(plans, "plans"), field(plans, "held"),
-                      bytes_field(plans, "bytes"), field(plans, "hits"), field(plans, "misses"),
-                      field(plans, "builds"), field(plans, "evictions")});
+    t.rows.push_back({layer, field(plans, "kind"), pinned, field(plans, "plans"),
+                      field(plans, "held"), bytes_field(plans, "bytes"), field(plans, "hits"),
+                      field(plans, "misses"), field(plans, "builds"), field(plans, "evictions")});
   }
   t.print(std::cout);
 }
@@ -396,9 +401,10 @@ int main(int argc, char** argv) {
   auto* drain = app.add_subcommand(
       "drain", "take no new client sessions and create no layers; the open sessions go on");
   double wait_s = 0;
-  drain->add_option("--wait", wait_s,
-                    "then wait up to this many seconds for the open client sessions to close; "
-                    "exit 1 if some are still open")
+  drain
+      ->add_option("--wait", wait_s,
+                   "then wait up to this many seconds for the open client sessions to close; "
+                   "exit 1 if some are still open")
       ->check(CLI::NonNegativeNumber);
   auto* undrain = app.add_subcommand("undrain", "take new sessions and layers again");
 
@@ -476,9 +482,12 @@ int main(int argc, char** argv) {
       std::cout << layer << (*pin ? " pinned" : " unpinned") << "\n";
     } else if (*drain || *undrain) {
       const int64_t open = body.value("sessions", int64_t{-1});
-      if (*undrain) std::cout << "tuteld takes new sessions and layers again\n";
-      else if (open == 0) std::cout << "tuteld is drained: no client sessions open\n";
-      else std::cout << "tuteld is draining: " << open << " client session(s) still open\n";
+      if (*undrain)
+        std::cout << "tuteld takes new sessions and layers again\n";
+      else if (open == 0)
+        std::cout << "tuteld is drained: no client sessions open\n";
+      else
+        std::cout << "tuteld is draining: " << open << " client session(s) still open\n";
       if (*drain && wait_s > 0 && open != 0) return kExitFailure;  // the wait ran out
     } else {
       std::cout << "checkpointed " << layer << " to " << body.value("path", path) << "\n";

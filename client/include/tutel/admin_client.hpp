@@ -37,8 +37,8 @@ class AdminClient {
   // Starts (or ends) draining: the daemon takes no new client sessions and creates no layers;
   // the sessions it has go on. {"draining": bool, "sessions": int}
   Result<std::string> drain(bool draining);
-  // The client sessions: {"sessions": [{"id", "tenant", "pid", "uid", "client", "connected_seconds",
-  // "control_frames_waiting"}]}
+  // The client sessions: {"sessions": [{"id", "tenant", "pid", "uid", "client",
+  // "connected_seconds", "control_frames_waiting"}]}
   Result<std::string> sessions();
 
   const std::string& socket_path() const;

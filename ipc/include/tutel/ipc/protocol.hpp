@@ -31,7 +31,8 @@ enum class FrameType : uint16_t {
   kZeroGrad = 6,      // {"handle": int}                      → kOk
   kSave = 7,          // {"handle": int, "path": str}         → kOk
   kLoad = 8,          // {"handle": int, "path": str}         → kOk
-  kMapRegion = 9,     // {"rank": int, "bytes": int}          → kOk {"region", "bytes", "kind", "device", "handle"?} + fd?
+  kMapRegion = 9,     // {"rank": int, "bytes": int}          → kOk {"region", "bytes", "kind",
+                      // "device", "handle"?} + fd?
   kUnmapRegion = 10,  // {"region": int}                      → kOk
   // admin → daemon (admin socket)
   kAdminStatus = 32,      // {}                                  → kOk {status object}
@@ -45,9 +46,10 @@ enum class FrameType : uint16_t {
   kAdminSessions = 40,    // {}                                  → kOk {"sessions": [...]}
   // daemon → peer (replies carry the request's request_id)
   kHelloReply = 64,  // {"session": int, "tenant": str, "arena_bytes": int, ...layout}
-  kLayerInfo = 65,   // {"handle": int, "name": str, "experts": int, "model_dim": int, "output_dim": int}
-  kOk = 66,          // {} or a type-specific object
-  kError = 67,       // {"code": int, "code_name": str, "message": str}
+  kLayerInfo =
+      65,       // {"handle": int, "name": str, "experts": int, "model_dim": int, "output_dim": int}
+  kOk = 66,     // {} or a type-specific object
+  kError = 67,  // {"code": int, "code_name": str, "message": str}
 };
 
 std::string_view frame_type_name(FrameType t);
