@@ -237,6 +237,15 @@ class Service final : public RendezvousService {
     const auto timeout = std::chrono::milliseconds(timeout_ms);
 
     auto it = groups_.find(key);
+    if (it == groups_.end() && static_cast<int>(groups_.size()) >= o_.max_groups &&
+        !drop_a_failed_group()) {
+      count_refused();
+      return answer(p, wire::encode_error(Status::ResourceExhausted(
+                           "rendezvous service at " + where() + ": " +
+                           std::to_string(groups_.size()) +
+                           " groups are waiting for ranks, its limit; group '" + group_name +
+                           "' cannot start now: try again once some have met or timed out")));
+    }
     if (it == groups_.end()) {
       Group g;
       g.size = size;
@@ -286,6 +295,18 @@ class Service final : public RendezvousService {
     groups_.erase(it);
     std::lock_guard lock(stats_mu_);
     ++stats_.groups_completed;
+  }
+
+  // Drops the failed group nearest its deadline (its late ranks then wait for a group that is
+  // no longer there, and time out); false when no group has failed.
+  bool drop_a_failed_group() {
+    auto victim = groups_.end();
+    for (auto it = groups_.begin(); it != groups_.end(); ++it)
+      if (it->second.failed && (victim == groups_.end() || it->second.deadline < victim->second.deadline))
+        victim = it;
+    if (victim == groups_.end()) return false;
+    groups_.erase(victim);
+    return true;
   }
 
   static int first_member(const Group& g) { return g.joined.empty() ? 0 : g.joined.begin()->first; }
@@ -375,6 +396,8 @@ class Service final : public RendezvousService {
   void publish() {
     std::lock_guard lock(stats_mu_);
     stats_.pending_groups = groups_.size();
+    stats_.failed_groups = static_cast<uint64_t>(
+        std::count_if(groups_.begin(), groups_.end(), [](const auto& g) { return g.second.failed; }));
     stats_.connections = peers_.size();
   }
 
@@ -400,8 +423,9 @@ class Service final : public RendezvousService {
 }  // namespace
 
 Result<std::unique_ptr<RendezvousService>> RendezvousService::start(const RendezvousOptions& o) {
-  if (o.max_connections < 1 || o.join_timeout.count() <= 0)
-    return Status::InvalidArgument("rendezvous: max_connections and join_timeout must be positive");
+  if (o.max_connections < 1 || o.max_groups < 1 || o.join_timeout.count() <= 0)
+    return Status::InvalidArgument(
+        "rendezvous: max_connections, max_groups and join_timeout must be positive");
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = htons(o.port);

@@ -26,11 +26,13 @@ bool contains(std::string_view haystack, std::string_view needle) {
   return haystack.find(needle) != std::string_view::npos;
 }
 
-std::unique_ptr<RendezvousService> start_service(std::chrono::milliseconds join_timeout = 30s) {
+std::unique_ptr<RendezvousService> start_service(std::chrono::milliseconds join_timeout = 30s,
+                                                 int max_groups = 4096) {
   RendezvousOptions o;
   o.host = "127.0.0.1";
   o.port = 0;
   o.join_timeout = join_timeout;
+  o.max_groups = max_groups;
   auto service = RendezvousService::start(o);
   EXPECT_TRUE(service.ok()) << service.status();
   return service.ok() ? std::move(service).value() : nullptr;
@@ -234,6 +236,45 @@ TEST(Rendezvous, RanksDisagreeingOnSizeFailClearly) {
     EXPECT_TRUE(contains(error_of(*o), "rank 0 (127.0.0.1, pid")) << error_of(*o);
     EXPECT_TRUE(contains(error_of(*o), "with size 2")) << error_of(*o);
   }
+}
+
+// The service holds at most max_groups groups: a failed one (which only waits to tell its late
+// ranks why) makes room for a new group; with every group waiting for ranks, a join that would
+// start another is refused with what to do, and the waiting groups still meet.
+TEST(Rendezvous, GroupsBeyondTheLimitAreRefusedAndFailedOnesMakeRoom) {
+  auto service = start_service(30s, /*max_groups=*/2);
+  ASSERT_TRUE(service);
+  Outcome f0, f1;
+  std::thread fa = exchange_later(member(*service, "t/failed", 0, 2, 60s), 0ms, &f0);
+  std::thread fb = exchange_later(member(*service, "t/failed", 1, 3, 60s), 200ms, &f1);
+  fa.join();
+  fb.join();
+  ASSERT_FALSE(f1.result->ok());  // failed, and kept (it holds one of the two places)
+  auto wait_for = [&](uint64_t pending, uint64_t failed) {
+    for (int i = 0; i < 1000; ++i) {
+      const RendezvousStats s = service->stats();
+      if (s.pending_groups == pending && s.failed_groups == failed) return true;
+      std::this_thread::sleep_for(10ms);
+    }
+    return false;
+  };
+  ASSERT_TRUE(wait_for(1, 1));
+  Outcome a0, b0, refused, a1, b1;
+  std::thread ta = exchange_later(member(*service, "t/a", 0, 2), 0ms, &a0);
+  ASSERT_TRUE(wait_for(2, 1));
+  std::thread tb = exchange_later(member(*service, "t/b", 0, 2), 0ms, &b0);  // drops t/failed
+  ASSERT_TRUE(wait_for(2, 0));
+  std::thread tc = exchange_later(member(*service, "t/c", 0, 2), 0ms, &refused);
+  tc.join();
+  ASSERT_FALSE(refused.result->ok());
+  EXPECT_EQ(refused.result->status().code(), StatusCode::kResourceExhausted) << error_of(refused);
+  EXPECT_TRUE(contains(error_of(refused), "2 groups are waiting for ranks, its limit; group 't/c'"))
+      << error_of(refused);
+  std::thread ta1 = exchange_later(member(*service, "t/a", 1, 2), 0ms, &a1);
+  std::thread tb1 = exchange_later(member(*service, "t/b", 1, 2), 0ms, &b1);
+  for (std::thread* t : {&ta, &tb, &ta1, &tb1}) t->join();
+  for (const Outcome* o : {&a0, &b0, &a1, &b1}) EXPECT_TRUE(o->result->ok()) << error_of(*o);
+  EXPECT_EQ(service->stats().pending_groups, 0u);
 }
 
 TEST(Rendezvous, ARankThatHangsUpIsWithdrawnAndMayJoinAgain) {

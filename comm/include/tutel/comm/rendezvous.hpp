@@ -38,13 +38,20 @@ struct RendezvousOptions {
   int max_connections = 1024;
   // A connection that has not sent a whole join by then is dropped.
   std::chrono::milliseconds join_timeout{30'000};
+  // Groups held at once, waiting for ranks or failed. A failed group holds only its failure and
+  // stays until its deadline so that its late ranks hear why, with no connection open: without
+  // this bound, joins that fail on purpose would pile them up for up to an hour each. At the
+  // limit the failed group nearest its deadline makes room for a new one; with none failed,
+  // a join that would start a group is refused (ResourceExhausted).
+  int max_groups = 4096;
 };
 
 struct RendezvousStats {
   uint64_t groups_completed = 0;
   uint64_t groups_failed = 0;   // timed out or doomed by a conflict
   uint64_t refused = 0;         // connections refused or dropped for malformed input
-  uint64_t pending_groups = 0;  // groups waiting for ranks now
+  uint64_t pending_groups = 0;  // groups held now: waiting for ranks, or failed (below)
+  uint64_t failed_groups = 0;   // of those, failed ones kept to answer their late ranks
   uint64_t connections = 0;     // open now
 };
 
