@@ -52,6 +52,16 @@ std::string_view frame_type_name(FrameType t) {
   return "Unknown";
 }
 
+std::string encode_frame(FrameType type, uint32_t request_id, std::string_view body) {
+  FrameHeader h;
+  h.type = static_cast<uint16_t>(type);
+  h.body_length = static_cast<uint32_t>(body.size());
+  h.request_id = request_id;
+  std::string out(reinterpret_cast<const char*>(&h), sizeof h);
+  out.append(body);
+  return out;
+}
+
 bool is_known_frame_type(uint16_t t) {
   return frame_type_name(static_cast<FrameType>(t)) != "Unknown";
 }

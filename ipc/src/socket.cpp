@@ -267,16 +267,7 @@ Status send_frame(int fd, FrameType type, uint32_t request_id, std::string_view 
     msghdr msg{};
     msg.msg_iov = &iov[iov_index];
     msg.msg_iovlen = (iov[1].iov_len == 0 ? 1 : 2) - iov_index;
-    if (fds_pending) {
-      std::memset(control.buf, 0, sizeof control.buf);
-      msg.msg_control = control.buf;
-      msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-      cmsghdr* c = CMSG_FIRSTHDR(&msg);
-      c->cmsg_level = SOL_SOCKET;
-      c->cmsg_type = SCM_RIGHTS;
-      c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-      std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-    }
+    if (fds_pending) attach_fds(&msg, control.buf, fds);
     const ssize_t r = ::sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (r >= 0) {
       fds_pending = false;  // the kernel attached them to the first byte written
@@ -307,6 +298,18 @@ Status send_frame(int fd, FrameType type, uint32_t request_id, std::string_view 
     }
   }
   return Status::OK();
+}
+
+void attach_fds(msghdr* msg, void* control, std::span<const int> fds) {
+  const size_t space = CMSG_SPACE(sizeof(int) * fds.size());
+  std::memset(control, 0, space);
+  msg->msg_control = control;
+  msg->msg_controllen = space;
+  cmsghdr* c = CMSG_FIRSTHDR(msg);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+  std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
 }
 
 Result<Frame> recv_frame(int fd, std::chrono::milliseconds timeout) {

@@ -168,13 +168,7 @@ void run_read_available(Reader& in) {
     std::vector<int> fds;
     if (nfds > 0) {
       for (int i = 0; i < nfds; ++i) fds.push_back(::dup(devnull()));
-      msg.msg_control = control.buf;
-      msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-      cmsghdr* c = CMSG_FIRSTHDR(&msg);
-      c->cmsg_level = SOL_SOCKET;
-      c->cmsg_type = SCM_RIGHTS;
-      c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-      std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+      ipc::attach_fds(&msg, control.buf, fds);
     }
     const ssize_t w = ::sendmsg(a.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
     for (int fd : fds) ::close(fd);

@@ -37,15 +37,6 @@ void put(const std::string& target, const std::string& bytes) {
   std::ofstream(dir / ("seed-" + std::to_string(g_count[target]++)), std::ios::binary) << bytes;
 }
 
-std::string frame(ipc::FrameType type, uint32_t rid, const std::string& body) {
-  ipc::FrameHeader h;
-  h.type = static_cast<uint16_t>(type);
-  h.body_length = static_cast<uint32_t>(body.size());
-  h.request_id = rid;
-  std::string out(reinterpret_cast<const char*>(&h), sizeof h);
-  return out + body;
-}
-
 std::string read_file(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), {});
@@ -157,24 +148,39 @@ rank = 0
 
 void ipc_seeds() {
   std::vector<std::string> frames;
-  frames.push_back(frame(ipc::FrameType::kHello, 1, ipc::dump_body({{"client", "trainer"}, {"pid", 42}})));
-  frames.push_back(frame(ipc::FrameType::kCreateLayer, 2, ipc::dump_body({{"spec", kSpec}})));
-  frames.push_back(frame(ipc::FrameType::kAttachLayer, 3, ipc::dump_body({{"name", "moe0"}})));
-  frames.push_back(frame(ipc::FrameType::kStep, 4, ipc::dump_body({{"handle", 1}})));
-  frames.push_back(frame(ipc::FrameType::kSave, 5, ipc::dump_body({{"handle", 1}, {"path", "a/b.safetensors"}})));
-  frames.push_back(frame(ipc::FrameType::kMapRegion, 6, ipc::dump_body({{"rank", 0}, {"bytes", 65536}})));
-  frames.push_back(frame(ipc::FrameType::kUnmapRegion, 7, ipc::dump_body({{"region", 1}})));
+  frames.push_back(ipc::encode_frame(ipc::FrameType::kHello, 1,
+                                     ipc::dump_body({{"client", "trainer"}, {"pid", 42}})));
+  frames.push_back(
+      ipc::encode_frame(ipc::FrameType::kCreateLayer, 2, ipc::dump_body({{"spec", kSpec}})));
+  frames.push_back(
+      ipc::encode_frame(ipc::FrameType::kAttachLayer, 3, ipc::dump_body({{"name", "moe0"}})));
+  frames.push_back(ipc::encode_frame(ipc::FrameType::kStep, 4, ipc::dump_body({{"handle", 1}})));
+  frames.push_back(ipc::encode_frame(ipc::FrameType::kSave, 5,
+                                     ipc::dump_body({{"handle", 1}, {"path", "a/b.safetensors"}})));
+  frames.push_back(ipc::encode_frame(ipc::FrameType::kMapRegion, 6,
+                                     ipc::dump_body({{"rank", 0}, {"bytes", 65536}})));
+  frames.push_back(
+      ipc::encode_frame(ipc::FrameType::kUnmapRegion, 7, ipc::dump_body({{"region", 1}})));
   json hello{{"session", 3}, {"tenant", "a"}, {"spin_us", 50}};
   ipc::put_layout(hello, *ipc::arena_layout(64 << 20));
-  frames.push_back(frame(ipc::FrameType::kHelloReply, 1, ipc::dump_body(hello)));
-  frames.push_back(frame(ipc::FrameType::kError, 8, ipc::error_body(Status::NotFound("no layer 'x'"))));
-  frames.push_back(frame(ipc::FrameType::kLayerInfo, 2,
-                         ipc::dump_body({{"handle", 1}, {"name", "moe0"}, {"experts", 4}, {"model_dim", 8},
-                                         {"hidden", 16}, {"output_dim", 8}, {"k", 2}, {"step", 0},
-                                         {"rank", 0}, {"device", "cpu:0"}})));
-  frames.push_back(frame(ipc::FrameType::kAdminStatus, 9, ""));
-  frames.push_back(frame(ipc::FrameType::kAdminCheckpoint, 10,
-                         ipc::dump_body({{"layer", "a/moe0"}, {"path", "/tmp/x.safetensors"}})));
+  frames.push_back(ipc::encode_frame(ipc::FrameType::kHelloReply, 1, ipc::dump_body(hello)));
+  frames.push_back(ipc::encode_frame(ipc::FrameType::kError, 8,
+                                     ipc::error_body(Status::NotFound("no layer 'x'"))));
+  frames.push_back(ipc::encode_frame(ipc::FrameType::kLayerInfo, 2,
+                                     ipc::dump_body({{"handle", 1},
+                                                     {"name", "moe0"},
+                                                     {"experts", 4},
+                                                     {"model_dim", 8},
+                                                     {"hidden", 16},
+                                                     {"output_dim", 8},
+                                                     {"k", 2},
+                                                     {"step", 0},
+                                                     {"rank", 0},
+                                                     {"device", "cpu:0"}})));
+  frames.push_back(ipc::encode_frame(ipc::FrameType::kAdminStatus, 9, ""));
+  frames.push_back(
+      ipc::encode_frame(ipc::FrameType::kAdminCheckpoint, 10,
+                        ipc::dump_body({{"layer", "a/moe0"}, {"path", "/tmp/x.safetensors"}})));
   std::string all;
   for (const std::string& f : frames) {
     all += f;

@@ -119,21 +119,13 @@ TEST_F(ProtocolAbuse, ControlFramesSentFasterThanTheyRunWaitInTheSocket) {
   RawSession s(daemon_->client_socket());
   ASSERT_TRUE(s.hello().ok());
   constexpr uint32_t kFrames = 3000;
-  auto frame = [](ipc::FrameType type, uint32_t id, const std::string& body) {
-    ipc::FrameHeader h;
-    h.type = static_cast<uint16_t>(type);
-    h.body_length = static_cast<uint32_t>(body.size());
-    h.request_id = id;
-    std::string bytes(reinterpret_cast<const char*>(&h), sizeof h);
-    return bytes + body;
-  };
   const std::string create = nlohmann::json{{"spec",
                                              "name = \"slow\"\nexperts = 8\nmodel_dim = 256\n"
                                              "hidden = 1024\nk = 2\ninit_seed = 3\n"}}
                                  .dump();
-  std::string burst = frame(ipc::FrameType::kCreateLayer, 1, create);
+  std::string burst = ipc::encode_frame(ipc::FrameType::kCreateLayer, 1, create);
   for (uint32_t id = 2; id <= kFrames; ++id)
-    burst += frame(ipc::FrameType::kAttachLayer, id, R"({"name":"nonexistent"})");
+    burst += ipc::encode_frame(ipc::FrameType::kAttachLayer, id, R"({"name":"nonexistent"})");
   std::thread writer([&] {
     for (size_t sent = 0; sent < burst.size();) {
       const ssize_t n = ::write(s.fd(), burst.data() + sent, burst.size() - sent);

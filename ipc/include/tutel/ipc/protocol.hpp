@@ -67,6 +67,10 @@ static_assert(sizeof(FrameHeader) == 16);
 // Checks magic, version, type and length; the message says what was wrong and what to do.
 Status validate_header(const FrameHeader& h);
 
+// One frame's bytes as send_frame writes them (header, then body), unchecked: for callers that
+// need the bytes themselves (tests writing bursts or malformed streams, fuzz seeds).
+std::string encode_frame(FrameType type, uint32_t request_id, std::string_view body);
+
 // Shared-memory arena layout. All offsets are from the arena's start; everything the client
 // writes is untrusted by the daemon and validated before use.
 inline constexpr uint32_t kArenaMagic = 0x414C5554;  // "TULA"

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -16,6 +17,8 @@
 #include "tutel/core/status.hpp"
 #include "tutel/ipc/arena.hpp"
 #include "tutel/ipc/protocol.hpp"
+
+struct msghdr;
 
 namespace tutel::ipc {
 
@@ -47,6 +50,10 @@ struct Frame {
 Status send_frame(int fd, FrameType type, uint32_t request_id, std::string_view body,
                   const std::vector<int>& fds = {},
                   std::chrono::milliseconds timeout = std::chrono::milliseconds(-1));
+// Points `msg` at `control` (at least CMSG_SPACE(sizeof(int) * fds.size()) bytes, aligned for
+// cmsghdr) holding `fds` as one SCM_RIGHTS message, as send_frame attaches them; for senders
+// that must write what send_frame refuses (tests of malformed streams).
+void attach_fds(::msghdr* msg, void* control, std::span<const int> fds);
 // Blocking receive of one frame. Unavailable on orderly EOF; Corruption / InvalidArgument on a
 // bad header (the stream cannot be resynchronised after one: close it); Timeout when given.
 Result<Frame> recv_frame(int fd, std::chrono::milliseconds timeout = std::chrono::milliseconds(-1));
