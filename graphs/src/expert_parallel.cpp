@@ -1,9 +1,12 @@
 #include "tutel/graphs/expert_parallel.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <functional>
 #include <vector>
+
+#include "chunk_pipeline.hpp"
 
 namespace tutel::graphs {
 namespace {
@@ -100,7 +103,6 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
 Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::Communicator& comm,
                                                         const LayerSpec& spec,
                                                         const ExpertParallelOptions& options) {
-  const comm::AllToAllAlgo algo = options.algo;
   if (options.runner != nullptr && options.runner->captures() && !options.comm_on_backend_queue)
     return Status::InvalidArgument(
         "a runner that captures graphs needs a communicator that enqueues on the backend's queue "
@@ -109,69 +111,153 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   if (spec.gate_noise > 0)
     return Status::Unimplemented(
         "gate noise is not supported across an expert-parallel group yet; set gate_noise = 0");
-  if (algo == comm::AllToAllAlgo::k2DH && comm.size() % comm.local_size() != 0)
-    return Status::InvalidArgument(
-        "the 2dh all-to-all needs the group's local_size (" + std::to_string(comm.local_size()) +
-        ") to divide its size (" + std::to_string(comm.size()) +
-        "): it exchanges within each node, then across nodes; use the linear all-to-all, or a "
-        "local_size that divides the group size");
+  const bool tuning = options.tune.candidates.size() >= 2;
+  const std::vector<ExchangeConfig> configs =
+      tuning ? options.tune.candidates
+             : std::vector<ExchangeConfig>{{options.algo, options.pipeline}};
+  for (const ExchangeConfig& c : configs) {
+    if (c.algo == comm::AllToAllAlgo::k2DH && comm.size() % comm.local_size() != 0)
+      return Status::InvalidArgument(
+          "the 2dh all-to-all needs the group's local_size (" + std::to_string(comm.local_size()) +
+          ") to divide its size (" + std::to_string(comm.size()) +
+          "): it exchanges within each node, then across nodes; use the linear all-to-all, or a "
+          "local_size that divides the group size");
+    if (c.pipeline < 1 || c.pipeline > kMaxPipeline)
+      return Status::InvalidArgument("pipeline degree " + std::to_string(c.pipeline) +
+                                     " is outside [1, " + std::to_string(kMaxPipeline) + "]");
+  }
   TUTEL_ASSIGN_OR_RETURN(ExpertShard shard, expert_shard(spec, comm.size(), comm.rank()));
   LayerSpec s = spec;
-  s.alignment = shard.shards;  // Tutel's alignment = s·d (d = 1)
+  // Tutel aligns the capacity to s·d. Here d may change from step to step (the tuner), and the
+  // capacity must not (it decides which tokens drop): the chunks are cut from whatever capacity
+  // the group agrees on instead, so the alignment stays s.
+  s.alignment = shard.shards;
   ExpertParallelLayer layer(backend, comm, s, shard, options);
+  if (tuning) {
+    TUTEL_ASSIGN_OR_RETURN(ExchangeTuner tuner, ExchangeTuner::create(options.tune));
+    layer.tuner_ = std::make_unique<ExchangeTuner>(std::move(tuner));
+  }
   if (options.runner != nullptr && options.runner->captures())
     layer.graph_release_ = comm::GraphRelease(comm, [runner = options.runner] { runner->clear(); });
   // Allocated up front: the agreements must never fail for memory, or a rank refused there
-  // would leave its peers waiting in the collective.
-  TUTEL_RETURN_IF_ERROR(layer.grow(layer.agreed_, 8 * sizeof(int64_t)));
+  // would leave its peers waiting in the collective. The tuner's agreement is the widest.
+  TUTEL_RETURN_IF_ERROR(layer.grow(
+      layer.agreed_, std::max<size_t>(8, TunerOptions::kMaxCandidates) * sizeof(int64_t)));
   return layer;
 }
 
-// [E, C, row] on the tokens' rank → every rank's experts: [E_l, W·C, row] (E ≥ W), or [W·C, row]
-// for this rank's shard of one expert (E < W, each shard needs all of its expert's slots).
-Status ExpertParallelLayer::to_experts(const float* token_side, float* expert_side, int64_t C,
-                                       int64_t row) {
-  const int64_t W = shard_.world, El = shard_.local_experts, s = shard_.shards;
-  const size_t chunk = static_cast<size_t>(C * row);
-  if (s == 1) {
-    // token_side is already [W][E_l][C][row]; the exchange gives [W][E_l][C][row] from every
-    // rank, and the experts want [E_l][W·C][row].
-    TUTEL_RETURN_IF_ERROR(collective_ready());
-    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(token_side, recv_.data(), El * chunk * 4, algo_));
-    return swap_outer(fp(recv_), expert_side, W, El, C * row);
-  }
-  // Chunk w' for rank w' is expert w' / s's slots.
-  float* send = fp(send_);
-  for (int64_t w = 0; w < W; ++w)
-    TUTEL_RETURN_IF_ERROR(backend_->copy(send + w * chunk, token_side + (w / s) * chunk, chunk * 4,
-                                         CopyKind::kDeviceToDevice));
-  TUTEL_RETURN_IF_ERROR(collective_ready());
-  return comm_->all_to_all(send, expert_side, chunk * 4, algo_);
+ExpertParallelLayer::ExpertParallelLayer(Backend& b, comm::Communicator& c, LayerSpec spec,
+                                         ExpertShard shard, const ExpertParallelOptions& options)
+    : backend_(&b),
+      comm_(&c),
+      spec_(spec),
+      shard_(shard),
+      fixed_{options.algo, options.pipeline},
+      // The worker thread calls Backend::copy beside the GEMMs: the CPU backend's copy is a
+      // plain memcpy, safe beside its other ops. A queue-ordered backend (CUDA) would need a
+      // second stream and events instead; not built.
+      overlap_(b.device().kind == DeviceKind::kCpu && !options.comm_on_backend_queue),
+      runner_(options.runner),
+      comm_on_backend_queue_(options.comm_on_backend_queue) {}
+
+ExpertParallelLayer::ExpertParallelLayer(ExpertParallelLayer&&) noexcept = default;
+ExpertParallelLayer& ExpertParallelLayer::operator=(ExpertParallelLayer&&) noexcept = default;
+ExpertParallelLayer::~ExpertParallelLayer() = default;
+
+int ExpertParallelLayer::chunk_count(int64_t C, int d) const {
+  return static_cast<int>(std::clamp<int64_t>(C, 1, d));
 }
 
-// The inverse of to_experts: expert-side rows back to [E, C, row] on the tokens' rank. With
-// sharded experts every shard holds a partial sum; they are added in shard order, so every rank
-// gets the same bits.
-Status ExpertParallelLayer::to_tokens(const float* expert_side, float* token_side, int64_t C,
-                                      int64_t row) {
+ExpertParallelLayer::Chunk ExpertParallelLayer::chunk(int64_t C, int count, int j) const {
+  // Chunk j holds slots [j·C/count, (j+1)·C/count): sizes differ by at most one, none empty.
+  const int64_t c0 = j * C / count, c1 = (j + 1) * C / count;
+  return {C, c0, c1 - c0};
+}
+
+Status ExpertParallelLayer::run_chunks(int count, const std::function<Status(int)>& in,
+                                       const std::function<Status(int)>& compute,
+                                       const std::function<Status(int)>& out) {
+  if (count == 1 || !overlap_) return run_chunks_in_order(count, in, compute, out);
+  if (!worker_) worker_ = std::make_unique<ExchangeWorker>();
+  return worker_->run(count, in, compute, out);
+}
+
+ExchangeConfig ExpertParallelLayer::config_for(int64_t C) {
+  return tuner_ ? tuner_->next(ExchangeTuner::bucket_for(C)) : fixed_;
+}
+
+Status ExpertParallelLayer::record_run(int64_t C, int64_t nanoseconds) {
+  const int64_t bucket = ExchangeTuner::bucket_for(C);
+  if (!tuner_->record(bucket, nanoseconds)) return Status::OK();
+  // The bucket's last trial, on every rank at this same forward: the group's totals decide.
+  std::vector<int64_t> totals = tuner_->totals(bucket);
+  TUTEL_RETURN_IF_ERROR(agree_on_max(totals.data(), totals.size()));
+  return tuner_->decide(bucket, totals);
+}
+
+// Chunk [c0, c0 + Cj) of [E, C, row] on the tokens' rank → every rank's experts:
+// [E_l, W·Cj, row] (E ≥ W), or [W·Cj, row] for this rank's shard of one expert (E < W, each
+// shard needs all of its expert's slots).
+Status ExpertParallelLayer::to_experts(const float* token_side, float* expert_side, Chunk ch,
+                                       int64_t row, comm::AllToAllAlgo algo) {
   const int64_t W = shard_.world, El = shard_.local_experts, s = shard_.shards, E = spec_.experts;
-  const size_t chunk = static_cast<size_t>(C * row);
+  const size_t part = static_cast<size_t>(ch.Cj * row);
+  // Expert e's part of the chunk, on the tokens' side.
+  auto token_part = [&](int64_t e) { return token_side + (e * ch.C + ch.c0) * row; };
   if (s == 1) {
-    TUTEL_RETURN_IF_ERROR(swap_outer(expert_side, fp(send_), El, W, C * row));
+    // The send buffer is [W][E_l][Cj][row]: the token side itself when the chunk is all of C.
+    const float* send = token_side;
+    if (ch.Cj != ch.C) {
+      for (int64_t e = 0; e < E; ++e)
+        TUTEL_RETURN_IF_ERROR(backend_->copy(fp(send_) + e * part, token_part(e), part * 4,
+                                             CopyKind::kDeviceToDevice));
+      send = fp(send_);
+    }
+    // The exchange gives [W][E_l][Cj][row] from every rank, and the experts want
+    // [E_l][W·Cj][row].
     TUTEL_RETURN_IF_ERROR(collective_ready());
-    return comm_->all_to_all(send_.data(), token_side, El * chunk * 4, algo_);
+    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, recv_.data(), El * part * 4, algo));
+    return swap_outer(fp(recv_), expert_side, W, El, ch.Cj * row);
+  }
+  // Part w' for rank w' is expert w' / s's slots.
+  float* send = fp(send_);
+  for (int64_t w = 0; w < W; ++w)
+    TUTEL_RETURN_IF_ERROR(
+        backend_->copy(send + w * part, token_part(w / s), part * 4, CopyKind::kDeviceToDevice));
+  TUTEL_RETURN_IF_ERROR(collective_ready());
+  return comm_->all_to_all(send, expert_side, part * 4, algo);
+}
+
+// The inverse of to_experts: a chunk's expert-side rows back to [E, C, row] on the tokens' rank.
+// With sharded experts every shard holds a partial sum; they are added in shard order, so every
+// rank gets the same bits.
+Status ExpertParallelLayer::to_tokens(const float* expert_side, float* token_side, Chunk ch,
+                                      int64_t row, comm::AllToAllAlgo algo) {
+  const int64_t W = shard_.world, El = shard_.local_experts, s = shard_.shards, E = spec_.experts;
+  const size_t part = static_cast<size_t>(ch.Cj * row);
+  auto token_part = [&](int64_t e) { return token_side + (e * ch.C + ch.c0) * row; };
+  if (s == 1) {
+    TUTEL_RETURN_IF_ERROR(swap_outer(expert_side, fp(send_), El, W, ch.Cj * row));
+    TUTEL_RETURN_IF_ERROR(collective_ready());
+    // Straight into the token side when the chunk is all of C; else through recv_.
+    if (ch.Cj == ch.C) return comm_->all_to_all(send_.data(), token_side, El * part * 4, algo);
+    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send_.data(), recv_.data(), El * part * 4, algo));
+    for (int64_t e = 0; e < E; ++e)
+      TUTEL_RETURN_IF_ERROR(backend_->copy(token_part(e), fp(recv_) + e * part, part * 4,
+                                           CopyKind::kDeviceToDevice));
+    return Status::OK();
   }
   float* recv = fp(recv_);
   TUTEL_RETURN_IF_ERROR(collective_ready());
-  TUTEL_RETURN_IF_ERROR(comm_->all_to_all(expert_side, recv, chunk * 4, algo_));
-  const Shape part_shape{static_cast<int64_t>(chunk)};
+  TUTEL_RETURN_IF_ERROR(comm_->all_to_all(expert_side, recv, part * 4, algo));
+  const Shape part_shape{static_cast<int64_t>(part)};
   for (int64_t e = 0; e < E; ++e) {
-    float* dst = token_side + e * chunk;
+    float* dst = token_part(e);
     TUTEL_RETURN_IF_ERROR(
-        backend_->copy(dst, recv + e * s * chunk, chunk * 4, CopyKind::kDeviceToDevice));
+        backend_->copy(dst, recv + e * s * part, part * 4, CopyKind::kDeviceToDevice));
     const TensorView sum(dst, DType::kF32, part_shape, backend_->device());
     for (int64_t j = 1; j < s; ++j)
-      TUTEL_RETURN_IF_ERROR(backend_->add(sum, TensorView(recv + (e * s + j) * chunk, DType::kF32,
+      TUTEL_RETURN_IF_ERROR(backend_->add(sum, TensorView(recv + (e * s + j) * part, DType::kF32,
                                                           part_shape, backend_->device())));
   }
   return Status::OK();
@@ -321,6 +407,9 @@ Status ExpertParallelLayer::grow(DeviceBuffer& buf, size_t bytes) {
 
 TensorView ExpertParallelLayer::f32(const DeviceBuffer& buf, Shape shape) const {
   return TensorView(buf.data(), DType::kF32, shape, backend_->device());
+}
+TensorView ExpertParallelLayer::f32_at(const DeviceBuffer& buf, int64_t offset, Shape shape) const {
+  return TensorView(fp(buf) + offset, DType::kF32, shape, backend_->device());
 }
 TensorView ExpertParallelLayer::i32(const DeviceBuffer& buf, Shape shape) const {
   return TensorView(buf.data(), DType::kI32, shape, backend_->device());
@@ -476,40 +565,67 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
     return grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype));
   }();
 
+  const ExchangeConfig config = config_for(C);
+  const int chunks = chunk_count(C, config.pipeline);
+  const bool timed = tuner_ && tuner_->measuring(ExchangeTuner::bucket_for(C));
+  const auto started = std::chrono::steady_clock::now();
   TUTEL_RETURN_IF_ERROR(run_group_phase(
       experts_ready,
       [&] {
-        return phase_key(kExpertsPhase, st, {uint64_t(S), uint64_t(C), uint64_t(training)},
+        return phase_key(kExpertsPhase, st,
+                         {uint64_t(S), uint64_t(C), uint64_t(training), uint64_t(config.algo),
+                          uint64_t(chunks)},
                          {x.data(), y.data()}, {&local});
       },
       [&]() -> Status {
         TUTEL_RETURN_IF_ERROR(b.slot_map({idx, loc, C, i32(st.slots_, {E, C})}));
         TUTEL_RETURN_IF_ERROR(b.encode(
             {xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore, f32(dispatched_, {E, C, M})}));
-
-        // Dispatch: expert e's slots go to the rank(s) that hold it.
-        TUTEL_RETURN_IF_ERROR(to_experts(fp(dispatched_), fp(st.expert_in_), C, M));
-
-        TUTEL_RETURN_IF_ERROR(b.expert_forward(
-            {f32(st.expert_in_, {El, R, M}), local_experts(local.experts), spec_.activation,
-             spec_.matmul_dtype, keep_pre ? f32(st.pre_, {El, R, Hs}) : TensorView(),
-             f32(st.hidden_, {El, R, Hs}), f32(expert_out_, {El, R, O}), workspace()}));
-        if (s > 1 && spec_.has_fc2_bias) {
-          const BiasColumns bias = fc2_bias_columns(local.experts.fc2_bias);
-          TUTEL_RETURN_IF_ERROR(b.add_row_bias(f32(expert_out_, {R, O}), bias.values, bias.column));
-        }
-
-        // Combine: the results travel back to the tokens' ranks.
-        TUTEL_RETURN_IF_ERROR(to_tokens(fp(expert_out_), fp(st.combined_), C, O));
+        // Chunk j's expert-side rows start at row E_l·W·c0 of each expert-side buffer.
+        auto rows_before = [&](int j) { return El * W * chunk(C, chunks, j).c0; };
+        TUTEL_RETURN_IF_ERROR(run_chunks(
+            chunks,
+            [&](int j) {  // dispatch: expert e's slots go to the rank(s) that hold it
+              return to_experts(fp(dispatched_), fp(st.expert_in_) + rows_before(j) * M,
+                                chunk(C, chunks, j), M, config.algo);
+            },
+            [&](int j) -> Status {
+              const int64_t Rj = W * chunk(C, chunks, j).Cj, first = rows_before(j);
+              TUTEL_RETURN_IF_ERROR(b.expert_forward(
+                  {f32_at(st.expert_in_, first * M, {El, Rj, M}), local_experts(local.experts),
+                   spec_.activation, spec_.matmul_dtype,
+                   keep_pre ? f32_at(st.pre_, first * Hs, {El, Rj, Hs}) : TensorView(),
+                   f32_at(st.hidden_, first * Hs, {El, Rj, Hs}),
+                   f32_at(expert_out_, first * O, {El, Rj, O}), workspace()}));
+              if (s > 1 && spec_.has_fc2_bias) {
+                const BiasColumns bias = fc2_bias_columns(local.experts.fc2_bias);
+                TUTEL_RETURN_IF_ERROR(b.add_row_bias(f32_at(expert_out_, first * O, {Rj, O}),
+                                                     bias.values, bias.column));
+              }
+              return Status::OK();
+            },
+            [&](int j) {  // combine: the results travel back to the tokens' ranks
+              return to_tokens(fp(expert_out_) + rows_before(j) * O, fp(st.combined_),
+                               chunk(C, chunks, j), O, config.algo);
+            }));
         return b.decode({f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y});
       }));
   TUTEL_RETURN_IF_ERROR(wait_collectives());
+  if (timed) {
+    // The time of the whole expert phase, device work included.
+    TUTEL_RETURN_IF_ERROR(b.synchronize());
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::steady_clock::now() - started)
+                        .count();
+    TUTEL_RETURN_IF_ERROR(record_run(C, ns));
+  }
 
   float l_aux = 0.f;
   TUTEL_RETURN_IF_ERROR(b.copy(&l_aux, l_aux_.data(), 4, CopyKind::kDeviceToHost));
   if (stats) *stats = RoutingStats{C, dropped, l_aux};
   st.tokens_ = S;
   st.capacity_ = C;
+  st.config_ = config;
   st.holds_forward_ = training;
   return Status::OK();
 }
@@ -557,35 +673,55 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
 
   uint32_t dl_aux_bits = 0;
   std::memcpy(&dl_aux_bits, &dl_aux, sizeof dl_aux_bits);
+  const ExchangeConfig config = saved.config_;
+  const int chunks = chunk_count(C, config.pipeline);
   TUTEL_RETURN_IF_ERROR(run_group_phase(
       ready,
       [&] {
-        return phase_key(kBackwardPhase, saved, {uint64_t(S), uint64_t(C), dl_aux_bits},
+        return phase_key(kBackwardPhase, saved,
+                         {uint64_t(S), uint64_t(C), dl_aux_bits, uint64_t(config.algo),
+                          uint64_t(chunks)},
                          {dy.data(), dx.data()}, {&local, &local_grads});
       },
       [&]() -> Status {
         TUTEL_RETURN_IF_ERROR(b.decode_backward({dy, f32(saved.combined_, {E, C, O}), gates, idx,
                                                  loc, i32(saved.slots_, {E, C}), spec_.is_postscore,
                                                  f32(d_combined_, {E, C, O}), d_gates}));
-        TUTEL_RETURN_IF_ERROR(to_experts(fp(d_combined_), fp(d_expert_out_), C, O));
-
         ExpertWeights grads = local_experts(local_grads.experts);
         const bool keep_pre = spec_.activation != Activation::kRelu;
-        TUTEL_RETURN_IF_ERROR(b.expert_backward(
-            {f32(saved.expert_in_, {El, R, M}),
-             keep_pre ? f32(saved.pre_, {El, R, Hs}) : TensorView(),
-             f32(saved.hidden_, {El, R, Hs}), local_experts(local.experts), spec_.activation,
-             spec_.matmul_dtype, f32(d_expert_out_, {El, R, O}), f32(d_hidden_, {El, R, Hs}),
-             f32(d_expert_in_, {El, R, M}), grads, workspace()}));
-        if (s > 1 && spec_.has_fc2_bias) {
-          // This shard's bias columns: the gradient is the column sum of d_out over every slot.
-          const BiasColumns db = fc2_bias_columns(local_grads.experts.fc2_bias);
-          TUTEL_RETURN_IF_ERROR(
-              b.add_column_sums(f32(d_expert_out_, {R, O}), db.column, db.values));
-        }
-
-        // Each shard's d_dispatched is a partial sum over its H-slice: to_tokens adds them.
-        TUTEL_RETURN_IF_ERROR(to_tokens(fp(d_expert_in_), fp(d_dispatched_), C, M));
+        // The forward's chunks: chunk j's expert-side rows start at row E_l·W·c0.
+        auto rows_before = [&](int j) { return El * W * chunk(C, chunks, j).c0; };
+        TUTEL_RETURN_IF_ERROR(run_chunks(
+            chunks,
+            [&](int j) {
+              return to_experts(fp(d_combined_), fp(d_expert_out_) + rows_before(j) * O,
+                                chunk(C, chunks, j), O, config.algo);
+            },
+            [&](int j) -> Status {
+              const int64_t Rj = W * chunk(C, chunks, j).Cj, first = rows_before(j);
+              // The weight gradients accumulate chunk by chunk.
+              TUTEL_RETURN_IF_ERROR(b.expert_backward(
+                  {f32_at(saved.expert_in_, first * M, {El, Rj, M}),
+                   keep_pre ? f32_at(saved.pre_, first * Hs, {El, Rj, Hs}) : TensorView(),
+                   f32_at(saved.hidden_, first * Hs, {El, Rj, Hs}), local_experts(local.experts),
+                   spec_.activation, spec_.matmul_dtype,
+                   f32_at(d_expert_out_, first * O, {El, Rj, O}),
+                   f32_at(d_hidden_, first * Hs, {El, Rj, Hs}),
+                   f32_at(d_expert_in_, first * M, {El, Rj, M}), grads, workspace()}));
+              if (s > 1 && spec_.has_fc2_bias) {
+                // This shard's bias columns: the gradient is the column sum of d_out over every
+                // slot.
+                const BiasColumns db = fc2_bias_columns(local_grads.experts.fc2_bias);
+                TUTEL_RETURN_IF_ERROR(b.add_column_sums(f32_at(d_expert_out_, first * O, {Rj, O}),
+                                                        db.column, db.values));
+              }
+              return Status::OK();
+            },
+            [&](int j) {
+              // Each shard's d_dispatched is a partial sum over its H-slice: to_tokens adds them.
+              return to_tokens(fp(d_expert_in_) + rows_before(j) * M, fp(d_dispatched_),
+                               chunk(C, chunks, j), M, config.algo);
+            }));
         TUTEL_RETURN_IF_ERROR(b.encode_backward({f32(d_dispatched_, {E, C, M}), xv, gates, idx, loc,
                                                  C, spec_.is_postscore, dx, d_gates}));
         return b.gate_backward({xv, local.gate_weight, scores, idx, d_gates, dl_aux,

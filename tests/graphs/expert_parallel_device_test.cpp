@@ -99,6 +99,9 @@ struct DeviceCase {
   int local_size = 1;
   bool local_exchange = false;  // the group's ranks exchange through memory, not UCX
   bool is_postscore = true;
+  // d: on the CPU backend the chunks' exchanges overlap the GEMMs (a worker thread); on the
+  // device they run in order (and inside the graphs): the same bits either way.
+  int pipeline = 1;
 };
 void PrintTo(const DeviceCase& c, std::ostream* os) { *os << c.name; }
 
@@ -152,6 +155,34 @@ std::vector<DeviceCase> device_cases() {
        comm::AllToAllAlgo::kLinear,
        1,
        /*local_exchange=*/true},
+      {"PipelinedTwoChunksTwoRanks",
+       2,
+       4,
+       32,
+       0,
+       2,
+       1.0,
+       Activation::kGelu,
+       {{40, 29}, {17, 33}},
+       comm::AllToAllAlgo::kLinear,
+       1,
+       false,
+       true,
+       /*pipeline=*/2},
+      {"PipelinedThreeChunksTwoDhShardedPaddedBias",
+       4,
+       2,
+       48,
+       15,
+       2,
+       0.0,
+       Activation::kSilu,
+       {{30, 22, 35, 18}, {12, 40, 25, 31}},
+       comm::AllToAllAlgo::k2DH,
+       2,
+       false,
+       true,
+       /*pipeline=*/3},
   };
 }
 
@@ -216,6 +247,7 @@ StepResults run_steps(Backend& b, comm::Communicator& comm, const DeviceCase& c,
   StepResults out;
   graphs::ExpertParallelOptions options;
   options.algo = c.algo;
+  options.pipeline = c.pipeline;
   options.runner = runner;
   options.comm_on_backend_queue = runner != nullptr;
   auto layer = ExpertParallelLayer::create(b, comm, spec, options);

@@ -42,6 +42,7 @@ struct EpCase {
   bool batch_prioritized = false;
   comm::AllToAllAlgo algo = comm::AllToAllAlgo::kLinear;
   int local_size = 1;  // ranks per node (the 2DH all-to-all's intra-node group)
+  int pipeline = 1;    // d: chunks of the expert phase
 };
 
 void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
@@ -49,6 +50,11 @@ void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
 EpCase two_dh(int local_size, EpCase c) {
   c.algo = comm::AllToAllAlgo::k2DH;
   c.local_size = local_size;
+  return c;
+}
+
+EpCase pipelined(int d, EpCase c) {
+  c.pipeline = d;
   return c;
 }
 
@@ -85,6 +91,28 @@ std::vector<EpCase> cases() {
                  Activation::kSilu,
                  true}),
       two_dh(2, {"TwoDhTwoRanksOneNode", 2, 4, 32, 2, 1.0, {33, 27}}),
+      // Pipelined (d chunks of the capacity, uneven where d does not divide it; exchanged on the
+      // layer's worker thread beside the GEMMs): the same results as d = 1.
+      pipelined(2, {"PipelinedTwoRanksTwoExpertsEach", 2, 4, 32, 2, 1.0, {40, 40}}),
+      pipelined(3, {"PipelinedThreeChunksFourRanksCappedDroplessGelu",
+                    4,
+                    8,
+                    32,
+                    2,
+                    -0.8,
+                    {20, 33, 41, 28},
+                    Activation::kGelu}),
+      pipelined(4, {"PipelinedFourRanksOneExpertShardedInFour", 4, 1, 64, 1, 0.0, {10, 20, 30, 40}}),
+      pipelined(2, two_dh(2, {"PipelinedTwoDhFourRanksShardedSilu",
+                              4,
+                              2,
+                              48,
+                              1,
+                              0.0,
+                              {22, 35, 17, 40},
+                              Activation::kSilu})),
+      // More chunks than the capacity holds slots: one slot per chunk.
+      pipelined(64, {"PipelinedMoreChunksThanSlots", 2, 4, 32, 1, 1.0, {9, 7}}),
   };
 }
 
@@ -183,10 +211,13 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
       auto backend = make_backend("cpu", {.threads = 1});
       if (!backend.ok()) return fail(backend.status());
       Backend& b = **backend;
-      auto layer = ExpertParallelLayer::create(b, **comm, spec, c.algo);
+      graphs::ExpertParallelOptions options;
+      options.algo = c.algo;
+      options.pipeline = c.pipeline;
+      auto layer = ExpertParallelLayer::create(b, **comm, spec, options);
       if (!layer.ok()) return fail(layer.status());
-      if (layer->all_to_all_algo() != c.algo)
-        return fail(Status::Internal("the layer runs another all-to-all than it was created with"));
+      if (layer->all_to_all_algo() != c.algo || layer->pipeline() != c.pipeline)
+        return fail(Status::Internal("the layer runs another configuration than it was given"));
       out.shard = layer->shard();
       HostLayerParams local = graphs::slice_for_rank(spec, out.shard, whole_host);
       HostLayerParams grads{
@@ -286,6 +317,10 @@ struct InFlightCase {
   Activation activation = Activation::kRelu;
   comm::AllToAllAlgo algo = comm::AllToAllAlgo::kLinear;
   int local_size = 1;
+  int pipeline = 1;
+  // Tuned instead (no warm-up, one trial): the forwards of a bucket run the candidates in turn,
+  // each backward the way its forward ran, and every rank decides the same.
+  std::vector<graphs::ExchangeConfig> tune;
 };
 void PrintTo(const InFlightCase& c, std::ostream* os) { *os << c.name; }
 
@@ -318,6 +353,46 @@ std::vector<InFlightCase> in_flight_cases() {
        Activation::kRelu,
        comm::AllToAllAlgo::k2DH,
        2},
+      {"PipelinedThreeChunksTwoRanksGelu",
+       2,
+       4,
+       32,
+       2,
+       1.0,
+       {{40, 31}, {17, 52}, {29, 23}},
+       Activation::kGelu,
+       comm::AllToAllAlgo::kLinear,
+       1,
+       3},
+      {"TunedTwoRanksPipelineDegrees",
+       2,
+       4,
+       32,
+       1,
+       0.0,
+       {{37, 50}, {12, 20}, {44, 9}},
+       Activation::kRelu,
+       comm::AllToAllAlgo::kLinear,
+       1,
+       1,
+       {{comm::AllToAllAlgo::kLinear, 1},
+        {comm::AllToAllAlgo::kLinear, 2},
+        {comm::AllToAllAlgo::kLinear, 3}}},
+      {"TunedTwoDhFourRanksTwoNodesShardedSilu",
+       4,
+       2,
+       48,
+       2,
+       0.5,
+       {{30, 22, 35, 18}, {12, 40, 25, 31}, {26, 14, 19, 38}},
+       Activation::kSilu,
+       comm::AllToAllAlgo::kLinear,
+       2,
+       1,
+       {{comm::AllToAllAlgo::kLinear, 1},
+        {comm::AllToAllAlgo::k2DH, 1},
+        {comm::AllToAllAlgo::k2DH, 2},
+        {comm::AllToAllAlgo::kLinear, 4}}},
   };
 }
 
@@ -404,6 +479,7 @@ TEST_P(ExpertParallelInFlight, BackwardsInReverseOrderMatchTheReference) {
     std::vector<std::vector<size_t>> saved_bytes;  // [round][saved]
     Status reused_backward;                        // backward of a consumed Saved
     std::vector<float> d_wg, d_fc1, d_b1, d_fc2, d_b2;
+    std::vector<graphs::TunerEntry> tuner;  // when tuned: the dictionary at the end
   };
   std::vector<RankResult> results(W);
   const uint16_t port = free_port();
@@ -416,8 +492,16 @@ TEST_P(ExpertParallelInFlight, BackwardsInReverseOrderMatchTheReference) {
       if (!comm.ok()) return fail(comm.status());
       auto backend = make_backend("cpu", {.threads = 1});
       if (!backend.ok()) return fail(backend.status());
-      auto layer = ExpertParallelLayer::create(**backend, **comm, spec, c.algo);
+      graphs::ExpertParallelOptions options;
+      options.algo = c.algo;
+      options.pipeline = c.pipeline;
+      options.tune.candidates = c.tune;
+      options.tune.warmups = 0;
+      options.tune.trials = 1;
+      auto layer = ExpertParallelLayer::create(**backend, **comm, spec, options);
       if (!layer.ok()) return fail(layer.status());
+      if ((layer->tuner() != nullptr) != !c.tune.empty())
+        return fail(Status::Internal("tuning is not as asked"));
       out.shard = layer->shard();
       HostLayerParams local = graphs::slice_for_rank(spec, out.shard, whole_host);
       HostLayerParams grads{
@@ -499,9 +583,34 @@ TEST_P(ExpertParallelInFlight, BackwardsInReverseOrderMatchTheReference) {
       out.d_b1 = grads.fc1_bias;
       out.d_fc2 = grads.fc2;
       out.d_b2 = grads.fc2_bias;
+      if (layer->tuner()) out.tuner = layer->tuner()->entries();
     });
   }
   for (auto& t : threads) t.join();
+
+  if (!c.tune.empty()) {
+    // Every rank holds the same dictionary: the same buckets, measured as far, decided alike
+    // from the same agreed totals. Micro-batch 0's bucket ran twice per round (its training and
+    // its inference forward), enough for every candidate's one trial.
+    ASSERT_TRUE(results[0].status.ok()) << results[0].status;
+    const auto& first = results[0].tuner;
+    ASSERT_FALSE(first.empty());
+    bool any_decided = false;
+    for (const graphs::TunerEntry& e : first) any_decided |= e.decided;
+    EXPECT_TRUE(any_decided);
+    for (int r = 1; r < W; ++r) {
+      SCOPED_TRACE("rank " + std::to_string(r));
+      ASSERT_EQ(results[r].tuner.size(), first.size());
+      for (size_t i = 0; i < first.size(); ++i) {
+        const graphs::TunerEntry &a = first[i], &b = results[r].tuner[i];
+        EXPECT_EQ(a.capacity_bucket, b.capacity_bucket);
+        EXPECT_EQ(a.decided, b.decided);
+        EXPECT_EQ(a.rounds_done, b.rounds_done);
+        EXPECT_EQ(a.total_ns, b.total_ns);
+        if (a.decided) EXPECT_EQ(a.chosen, b.chosen) << a.chosen.to_string();
+      }
+    }
+  }
 
   // The whole layer's gradients summed over ranks and micro-batches, times the rounds.
   auto summed = [&](auto member) {

@@ -50,9 +50,11 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "tutel/comm/communicator.hpp"
+#include "tutel/graphs/exchange_tuner.hpp"
 #include "tutel/graphs/phase_runner.hpp"
 #include "tutel/kernels/backend.hpp"
 #include "tutel/kernels/moe_layer.hpp"
@@ -92,6 +94,18 @@ struct ExpertParallelOptions {
   // Runs every all-to-all of the layer (forward dispatch and combine, and their backward); k2DH
   // needs comm.local_size() to divide comm.size().
   comm::AllToAllAlgo algo = comm::AllToAllAlgo::kLinear;
+  // d (DESIGN §1, adaptive pipelining), 1..64: the expert phase runs in d chunks of the capacity
+  // (fewer when the capacity is smaller), each exchanged and computed on its own. Where the
+  // backend's ops are synchronous on the host (CPU) and the communicator is not on the backend's
+  // queue, a worker thread of the layer exchanges chunks while the calling thread runs the
+  // expert GEMMs of another; elsewhere (CUDA, whose one stream orders everything) the chunks run
+  // one after another: same results, no overlap yet. The capacity itself does not depend on d.
+  int pipeline = 1;
+  // Tuning (exchange_tuner.hpp): with two or more candidates, each capacity bucket measures them
+  // and keeps the fastest; `algo` and `pipeline` are then ignored. Every candidate must be valid
+  // on its own (a 2DH candidate needs local_size to divide the group size). Every rank of the
+  // group must pass the same candidates.
+  TunerOptions tune;
   // Runs the step's phases, e.g. as CUDA graphs (make_phase_runner). Not owned: it must outlive
   // the layer and be used by no other. Null: op by op. Its graphs hold the communicator's
   // collectives, so it must go before the communicator does (NCCL waits for those graphs); the
@@ -103,6 +117,8 @@ struct ExpertParallelOptions {
   // the host needs a result. Required by a runner that captures.
   bool comm_on_backend_queue = false;
 };
+
+class ExchangeWorker;
 
 class ExpertParallelLayer {
  public:
@@ -119,9 +135,19 @@ class ExpertParallelLayer {
                                             const LayerSpec& spec,
                                             const ExpertParallelOptions& options);
 
+  ExpertParallelLayer(ExpertParallelLayer&&) noexcept;
+  ExpertParallelLayer& operator=(ExpertParallelLayer&&) noexcept;
+  ~ExpertParallelLayer();
+
   const ExpertShard& shard() const { return shard_; }
   const LayerSpec& spec() const { return spec_; }
-  comm::AllToAllAlgo all_to_all_algo() const { return algo_; }
+  // The fixed configuration (when not tuning).
+  comm::AllToAllAlgo all_to_all_algo() const { return fixed_.algo; }
+  int pipeline() const { return fixed_.pipeline; }
+  // The tuner's dictionary; null when not tuning. Its entries() may be read from any thread.
+  const ExchangeTuner* tuner() const { return tuner_.get(); }
+  // Whether d > 1 overlaps exchanges with the expert GEMMs here (see ExpertParallelOptions).
+  bool overlaps_chunks() const { return overlap_; }
 
   // What one training forward keeps for its backward: its input, its routing (scores, expert
   // index, gate values, locations, slot map), its capacity and token count, and the
@@ -147,6 +173,9 @@ class ExpertParallelLayer {
     friend class ExpertParallelLayer;
     bool holds_forward_ = false;
     int64_t tokens_ = 0, capacity_ = 0;
+    // How the forward ran its expert phase; the expert-side buffers hold its chunks one after
+    // another ([chunk][E_l, W·C_j, ·]), and the backward runs the same way.
+    ExchangeConfig config_;
     DeviceBuffer x_, scores_, expert_index_, gates_, location_;  // [S, ·]
     DeviceBuffer slots_;                                         // [E, C]
     DeviceBuffer expert_in_, pre_, hidden_;                      // [E_l, W·C, ·]
@@ -175,14 +204,7 @@ class ExpertParallelLayer {
 
  private:
   ExpertParallelLayer(Backend& b, comm::Communicator& c, LayerSpec spec, ExpertShard shard,
-                      const ExpertParallelOptions& options)
-      : backend_(&b),
-        comm_(&c),
-        spec_(spec),
-        shard_(shard),
-        algo_(options.algo),
-        runner_(options.runner),
-        comm_on_backend_queue_(options.comm_on_backend_queue) {}
+                      const ExpertParallelOptions& options);
   // Grows `buf` to `bytes` (contents not kept); a reallocation moves the epoch.
   Status grow(DeviceBuffer& buf, size_t bytes);
   enum Phase : int { kRoutePhase = 1, kExpertsPhase, kBackwardPhase };
@@ -205,6 +227,7 @@ class ExpertParallelLayer {
   // Waits for collectives that return once enqueued (comm_on_backend_queue).
   Status wait_collectives();
   TensorView f32(const DeviceBuffer& buf, Shape shape) const;
+  TensorView f32_at(const DeviceBuffer& buf, int64_t offset_floats, Shape shape) const;
   TensorView i32(const DeviceBuffer& buf, Shape shape) const;
   TensorView workspace() const;  // workspace_, all of it, as u8
   // [a][b][rows] → [b][a][rows]: swaps the two outer dimensions of a [a, b, row_floats] block
@@ -212,8 +235,24 @@ class ExpertParallelLayer {
   Status swap_outer(const float* src, float* dst, int64_t a, int64_t b, int64_t row_floats);
   // The two directions of the all-to-all (forward dispatch and backward of combine; forward
   // combine and backward of dispatch), for rows of `row` floats and capacity C.
-  Status to_experts(const float* token_side, float* expert_side, int64_t C, int64_t row);
-  Status to_tokens(const float* expert_side, float* token_side, int64_t C, int64_t row);
+  // One chunk of the capacity at a time: slots [c0, c0 + Cj) of every expert; the expert side
+  // holds that chunk alone ([E_l, W·Cj, row]).
+  struct Chunk {
+    int64_t C, c0, Cj;
+  };
+  Status to_experts(const float* token_side, float* expert_side, Chunk chunk, int64_t row,
+                    comm::AllToAllAlgo algo);
+  Status to_tokens(const float* expert_side, float* token_side, Chunk chunk, int64_t row,
+                   comm::AllToAllAlgo algo);
+  // The expert phase's chunks for capacity C and d: the in/compute/out of each (chunk_pipeline).
+  int chunk_count(int64_t C, int d) const;
+  Chunk chunk(int64_t C, int count, int j) const;
+  Status run_chunks(int count, const std::function<Status(int)>& in,
+                    const std::function<Status(int)>& compute,
+                    const std::function<Status(int)>& out);
+  // The tuner's part of a forward: the configuration for C, and the time of its run.
+  ExchangeConfig config_for(int64_t C);
+  Status record_run(int64_t C, int64_t nanoseconds);
   // Waits for the backend's queued ops before a collective reads what they wrote.
   Status collective_ready();
   // values[0..count) = their MAX over the group, through agreed_ (host in, host out).
@@ -231,7 +270,10 @@ class ExpertParallelLayer {
   comm::Communicator* comm_;
   LayerSpec spec_;
   ExpertShard shard_;
-  comm::AllToAllAlgo algo_;
+  ExchangeConfig fixed_;                  // when not tuning
+  std::unique_ptr<ExchangeTuner> tuner_;  // when tuning
+  bool overlap_ = false;                  // a worker exchanges while this thread computes
+  std::unique_ptr<ExchangeWorker> worker_;  // made at the first overlapped phase
   PhaseRunner* runner_;
   // The runner's graphs hold the communicator's collectives: dropped before it aborts.
   comm::GraphRelease graph_release_;

@@ -1,0 +1,107 @@
+// The online tuner (DESIGN §1): a dictionary keyed by capacity bucket that maps to the fastest
+// way to run the expert phase, found by measuring it at run time, identical on every rank.
+//
+// A way is an all-to-all algorithm `a` and a pipeline degree `d` (ExchangeConfig). Parallelism
+// `r` is not a choice yet: only r = 1 is built.
+//
+// For a bucket not yet decided, successive forwards run the candidates in turn (round-robin, so
+// slow drift of the machine touches every candidate alike): `warmups` rounds that are not
+// counted (first-time allocations, a graph's capture), then `trials` rounds that are. Each rank
+// times its own runs; when the last trial is recorded, the group takes, per candidate, the MAX
+// of the ranks' totals (the group is as slow as its slowest rank) and every rank picks the
+// smallest, the lowest candidate on ties. Because every rank sees the same sequence of
+// capacities (the capacity is agreed over the group) and the same agreed totals, every rank
+// decides at the same forward and decides the same.
+//
+// This class holds the dictionary and the schedule; the caller times the runs and reduces the
+// totals (ExpertParallelLayer). Thread-safety: one thread drives it; entries() may be called from
+// any thread.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "tutel/comm/communicator.hpp"
+#include "tutel/core/status.hpp"
+
+namespace tutel::graphs {
+
+// The most chunks a pipelined expert phase is cut into.
+inline constexpr int kMaxPipeline = 64;
+
+struct ExchangeConfig {
+  comm::AllToAllAlgo algo = comm::AllToAllAlgo::kLinear;
+  int pipeline = 1;  // d: chunks of the dispatch buffer along the capacity
+  bool operator==(const ExchangeConfig&) const = default;
+  // "a=linear d=2"
+  std::string to_string() const;
+};
+
+struct TunerOptions {
+  // What to choose from; at most kMaxCandidates. Fewer than two: nothing to tune.
+  std::vector<ExchangeConfig> candidates;
+  int warmups = 1;  // uncounted rounds per bucket
+  int trials = 2;   // counted rounds per bucket, >= 1
+  static constexpr size_t kMaxCandidates = 16;
+};
+
+// One bucket of the dictionary, for the admin API.
+struct TunerEntry {
+  int64_t capacity_bucket = 0;
+  bool decided = false;
+  ExchangeConfig chosen;               // when decided
+  std::vector<int64_t> total_ns;       // per candidate: the group's agreed totals (when decided)
+  int rounds_done = 0;                 // while measuring
+};
+
+class ExchangeTuner {
+ public:
+  // Refuses an empty candidate list, a pipeline degree outside [1, kMaxPipeline], trials < 1 or
+  // warmups < 0, and more than kMaxCandidates.
+  static Result<ExchangeTuner> create(TunerOptions options);
+
+  // The bucket of a capacity: the smallest power of two >= it.
+  static int64_t bucket_for(int64_t capacity);
+
+  const std::vector<ExchangeConfig>& candidates() const { return options_.candidates; }
+
+  // How the next forward in `bucket` runs: the decision, or the candidate whose turn it is.
+  ExchangeConfig next(int64_t bucket);
+  // Whether that run is timed (the bucket is being measured).
+  bool measuring(int64_t bucket) const;
+  // Records the time of the run next() gave for `bucket` (only while measuring). Returns true
+  // when that was the bucket's last trial: the caller agrees the totals over the group now
+  // (totals(), MAX over ranks) and calls decide() with them.
+  bool record(int64_t bucket, int64_t nanoseconds);
+  // This rank's totals over the counted rounds, per candidate.
+  std::vector<int64_t> totals(int64_t bucket) const;
+  // Fixes the bucket's choice from the group's agreed totals (one per candidate).
+  Status decide(int64_t bucket, const std::vector<int64_t>& agreed_totals);
+  // Forgets every bucket (e.g. after the group's membership or the machine changed).
+  void reset();
+
+  std::vector<TunerEntry> entries() const;
+
+ private:
+  explicit ExchangeTuner(TunerOptions options) : options_(std::move(options)) {}
+  struct Bucket {
+    int runs = 0;  // runs started while measuring (round = runs / candidates)
+    std::vector<int64_t> total_ns;
+    bool decided = false;
+    size_t chosen = 0;
+  };
+  Bucket& bucket(int64_t key);
+  size_t k() const { return options_.candidates.size(); }
+
+  TunerOptions options_;
+  std::map<int64_t, Bucket> buckets_;
+  // Guards buckets_ against entries() from another thread; the driving thread's reads of its
+  // own writes need no lock but take it anyway (uncontended, a few times per step).
+  mutable std::unique_ptr<std::mutex> mu_ = std::make_unique<std::mutex>();
+};
+
+}  // namespace tutel::graphs

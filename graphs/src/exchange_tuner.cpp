@@ -1,0 +1,105 @@
+#include "tutel/graphs/exchange_tuner.hpp"
+
+#include <algorithm>
+#include <bit>
+
+namespace tutel::graphs {
+
+std::string ExchangeConfig::to_string() const {
+  return "a=" + std::string(comm::to_string(algo)) + " d=" + std::to_string(pipeline);
+}
+
+Result<ExchangeTuner> ExchangeTuner::create(TunerOptions options) {
+  if (options.candidates.empty())
+    return Status::InvalidArgument("the tuner needs at least one candidate configuration");
+  if (options.candidates.size() > TunerOptions::kMaxCandidates)
+    return Status::InvalidArgument("the tuner takes at most " +
+                                   std::to_string(TunerOptions::kMaxCandidates) +
+                                   " candidates, got " + std::to_string(options.candidates.size()));
+  for (const ExchangeConfig& c : options.candidates)
+    if (c.pipeline < 1 || c.pipeline > kMaxPipeline)
+      return Status::InvalidArgument("pipeline degree " + std::to_string(c.pipeline) +
+                                     " is outside [1, " + std::to_string(kMaxPipeline) + "]");
+  if (options.trials < 1 || options.warmups < 0)
+    return Status::InvalidArgument("the tuner needs trials >= 1 and warmups >= 0 (got " +
+                                   std::to_string(options.trials) + " and " +
+                                   std::to_string(options.warmups) + ")");
+  return ExchangeTuner(std::move(options));
+}
+
+int64_t ExchangeTuner::bucket_for(int64_t capacity) {
+  return capacity <= 1 ? 1 : static_cast<int64_t>(std::bit_ceil(static_cast<uint64_t>(capacity)));
+}
+
+ExchangeTuner::Bucket& ExchangeTuner::bucket(int64_t key) {
+  auto [it, inserted] = buckets_.try_emplace(key);
+  if (inserted) {
+    it->second.total_ns.assign(k(), 0);
+    // One candidate: nothing to measure.
+    it->second.decided = k() == 1;
+  }
+  return it->second;
+}
+
+ExchangeConfig ExchangeTuner::next(int64_t key) {
+  std::lock_guard<std::mutex> lock(*mu_);
+  const Bucket& b = bucket(key);
+  return options_.candidates[b.decided ? b.chosen : static_cast<size_t>(b.runs) % k()];
+}
+
+bool ExchangeTuner::measuring(int64_t key) const {
+  std::lock_guard<std::mutex> lock(*mu_);
+  auto it = buckets_.find(key);
+  return it == buckets_.end() ? k() > 1 : !it->second.decided;
+}
+
+bool ExchangeTuner::record(int64_t key, int64_t nanoseconds) {
+  std::lock_guard<std::mutex> lock(*mu_);
+  Bucket& b = bucket(key);
+  if (b.decided) return false;
+  const int round = b.runs / static_cast<int>(k());
+  if (round >= options_.warmups) b.total_ns[static_cast<size_t>(b.runs) % k()] += nanoseconds;
+  ++b.runs;
+  return b.runs == (options_.warmups + options_.trials) * static_cast<int>(k());
+}
+
+std::vector<int64_t> ExchangeTuner::totals(int64_t key) const {
+  std::lock_guard<std::mutex> lock(*mu_);
+  auto it = buckets_.find(key);
+  return it == buckets_.end() ? std::vector<int64_t>(k(), 0) : it->second.total_ns;
+}
+
+Status ExchangeTuner::decide(int64_t key, const std::vector<int64_t>& agreed) {
+  if (agreed.size() != k())
+    return Status::InvalidArgument("the tuner got " + std::to_string(agreed.size()) +
+                                   " totals for " + std::to_string(k()) + " candidates");
+  std::lock_guard<std::mutex> lock(*mu_);
+  Bucket& b = bucket(key);
+  // min_element keeps the first of equal values: the lowest candidate wins ties on every rank.
+  b.chosen = static_cast<size_t>(std::min_element(agreed.begin(), agreed.end()) - agreed.begin());
+  b.total_ns = agreed;
+  b.decided = true;
+  return Status::OK();
+}
+
+void ExchangeTuner::reset() {
+  std::lock_guard<std::mutex> lock(*mu_);
+  buckets_.clear();
+}
+
+std::vector<TunerEntry> ExchangeTuner::entries() const {
+  std::lock_guard<std::mutex> lock(*mu_);
+  std::vector<TunerEntry> out;
+  for (const auto& [key, b] : buckets_) {
+    TunerEntry e;
+    e.capacity_bucket = key;
+    e.decided = b.decided;
+    e.chosen = options_.candidates[b.chosen];
+    if (b.decided) e.total_ns = b.total_ns;
+    e.rounds_done = b.runs / static_cast<int>(k());
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+}  // namespace tutel::graphs

@@ -1,0 +1,152 @@
+// The tuner's dictionary and schedule (exchange_tuner.hpp), without a group: "ranks" are several
+// tuners fed different times, and the group's agreement is the MAX the layer would all-reduce.
+#include "tutel/graphs/exchange_tuner.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <random>
+
+namespace tutel::graphs {
+namespace {
+
+using comm::AllToAllAlgo;
+
+}  // namespace
+void PrintTo(const ExchangeConfig& c, std::ostream* os) { *os << c.to_string(); }
+namespace {
+
+TunerOptions three_candidates(int warmups, int trials) {
+  TunerOptions o;
+  o.candidates = {{AllToAllAlgo::kLinear, 1}, {AllToAllAlgo::kLinear, 2}, {AllToAllAlgo::k2DH, 1}};
+  o.warmups = warmups;
+  o.trials = trials;
+  return o;
+}
+
+TEST(ExchangeTuner, RefusesOptionsItCannotRun) {
+  TunerOptions none;
+  EXPECT_EQ(ExchangeTuner::create(none).status().code(), StatusCode::kInvalidArgument);
+  for (int d : {0, -1, kMaxPipeline + 1}) {
+    TunerOptions o = three_candidates(1, 2);
+    o.candidates[1].pipeline = d;
+    auto t = ExchangeTuner::create(o);
+    ASSERT_FALSE(t.ok()) << d;
+    EXPECT_NE(t.status().message().find("pipeline degree"), std::string::npos) << t.status();
+  }
+  TunerOptions many;
+  many.candidates.assign(TunerOptions::kMaxCandidates + 1, {});
+  EXPECT_EQ(ExchangeTuner::create(many).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_FALSE(ExchangeTuner::create(three_candidates(1, 0)).ok());
+  EXPECT_FALSE(ExchangeTuner::create(three_candidates(-1, 1)).ok());
+  EXPECT_TRUE(ExchangeTuner::create(three_candidates(0, 1)).ok());
+}
+
+TEST(ExchangeTuner, BucketsArePowersOfTwo) {
+  EXPECT_EQ(ExchangeTuner::bucket_for(0), 1);
+  EXPECT_EQ(ExchangeTuner::bucket_for(1), 1);
+  EXPECT_EQ(ExchangeTuner::bucket_for(2), 2);
+  EXPECT_EQ(ExchangeTuner::bucket_for(3), 4);
+  EXPECT_EQ(ExchangeTuner::bucket_for(128), 128);
+  EXPECT_EQ(ExchangeTuner::bucket_for(129), 256);
+}
+
+// Round-robin over the candidates, the warm-up round uncounted, the last trial reported once;
+// then the decision runs every time and nothing more is recorded.
+TEST(ExchangeTuner, MeasuresEachCandidateInTurnThenKeepsTheFastest) {
+  auto tuner = ExchangeTuner::create(three_candidates(/*warmups=*/1, /*trials=*/2));
+  ASSERT_TRUE(tuner.ok()) << tuner.status();
+  const int64_t bucket = 64;
+  const int64_t warmup_ns[3] = {1, 1000000, 1};  // would make candidate 0 or 2 win if counted
+  const int64_t trial_ns[3] = {500, 300, 400};
+  for (int round = 0; round < 3; ++round)
+    for (int c = 0; c < 3; ++c) {
+      EXPECT_TRUE(tuner->measuring(bucket));
+      EXPECT_EQ(tuner->next(bucket), tuner->candidates()[c]) << round << " " << c;
+      const bool last = tuner->record(bucket, round == 0 ? warmup_ns[c] : trial_ns[c]);
+      EXPECT_EQ(last, round == 2 && c == 2);
+    }
+  EXPECT_EQ(tuner->totals(bucket), (std::vector<int64_t>{1000, 600, 800}));
+  ASSERT_TRUE(tuner->decide(bucket, tuner->totals(bucket)).ok());
+  EXPECT_FALSE(tuner->measuring(bucket));
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(tuner->next(bucket), (ExchangeConfig{AllToAllAlgo::kLinear, 2}));
+    EXPECT_FALSE(tuner->record(bucket, 1));
+  }
+  // Another bucket starts from scratch.
+  EXPECT_TRUE(tuner->measuring(128));
+  EXPECT_EQ(tuner->next(128), tuner->candidates()[0]);
+
+  const std::vector<TunerEntry> entries = tuner->entries();
+  ASSERT_EQ(entries.size(), 2u);
+  EXPECT_EQ(entries[0].capacity_bucket, 64);
+  EXPECT_TRUE(entries[0].decided);
+  EXPECT_EQ(entries[0].chosen, (ExchangeConfig{AllToAllAlgo::kLinear, 2}));
+  EXPECT_EQ(entries[0].total_ns, (std::vector<int64_t>{1000, 600, 800}));
+  EXPECT_EQ(entries[1].capacity_bucket, 128);
+  EXPECT_FALSE(entries[1].decided);
+  EXPECT_EQ(entries[1].rounds_done, 0);
+
+  tuner->reset();
+  EXPECT_TRUE(tuner->entries().empty());
+  EXPECT_TRUE(tuner->measuring(64));
+}
+
+TEST(ExchangeTuner, TiesGoToTheLowestCandidateAndBadTotalsAreRefused) {
+  auto tuner = ExchangeTuner::create(three_candidates(0, 1));
+  ASSERT_TRUE(tuner.ok());
+  EXPECT_EQ(tuner->decide(8, {5, 7}).code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(tuner->measuring(8));
+  ASSERT_TRUE(tuner->decide(8, {9, 4, 4}).ok());
+  EXPECT_EQ(tuner->next(8), tuner->candidates()[1]);
+}
+
+TEST(ExchangeTuner, OneCandidateIsDecidedWithoutMeasuring) {
+  TunerOptions o;
+  o.candidates = {{AllToAllAlgo::k2DH, 4}};
+  auto tuner = ExchangeTuner::create(o);
+  ASSERT_TRUE(tuner.ok());
+  EXPECT_EQ(tuner->next(16), (ExchangeConfig{AllToAllAlgo::k2DH, 4}));
+  EXPECT_FALSE(tuner->measuring(16));
+  EXPECT_FALSE(tuner->record(16, 10));
+}
+
+// Ranks time their runs differently (noise, unequal loads): each would pick another candidate
+// alone, but from the agreed totals (MAX over ranks) they all pick the same one, the candidate
+// whose slowest rank is fastest.
+TEST(ExchangeTuner, RanksWithDifferentTimesDecideTheSameFromTheAgreedTotals) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  constexpr int kRanks = 4;
+  std::vector<ExchangeTuner> ranks;
+  for (int r = 0; r < kRanks; ++r) {
+    auto tuner = ExchangeTuner::create(three_candidates(1, 3));
+    ASSERT_TRUE(tuner.ok()) << tuner.status();
+    ranks.push_back(std::move(*tuner));
+  }
+  std::uniform_int_distribution<int64_t> time(1000, 9000);
+  const int64_t bucket = 32;
+  std::vector<bool> last(kRanks);
+  for (int run = 0; run < 4 * 3; ++run) {
+    const ExchangeConfig turn = ranks[0].next(bucket);
+    for (int r = 0; r < kRanks; ++r) {
+      EXPECT_EQ(ranks[r].next(bucket), turn);
+      last[r] = ranks[r].record(bucket, time(rng));
+    }
+  }
+  for (int r = 0; r < kRanks; ++r) EXPECT_TRUE(last[r]);  // every rank at the same run
+  std::vector<int64_t> agreed(3, 0);
+  for (int r = 0; r < kRanks; ++r) {
+    const std::vector<int64_t> mine = ranks[r].totals(bucket);
+    for (size_t c = 0; c < 3; ++c) agreed[c] = std::max(agreed[c], mine[c]);
+  }
+  const size_t want = std::min_element(agreed.begin(), agreed.end()) - agreed.begin();
+  for (int r = 0; r < kRanks; ++r) {
+    ASSERT_TRUE(ranks[r].decide(bucket, agreed).ok());
+    EXPECT_EQ(ranks[r].next(bucket), ranks[r].candidates()[want]) << "rank " << r;
+  }
+}
+
+}  // namespace
+}  // namespace tutel::graphs
