@@ -89,12 +89,31 @@ json DaemonImpl::peers_json() const {
                        {"bytes_received", p.bytes_received},
                        {"last_error", p.error}});
     const std::string error = ref.layer->group_error();
+    // The tuner's dictionary: per capacity bucket, what it chose (or how far it measured), and
+    // the group's agreed time of each candidate over the counted runs.
+    json candidates = json::array(), tuner = json::array();
+    for (const graphs::ExchangeConfig& c : ref.layer->group_tuner_candidates())
+      candidates.push_back({{"all_to_all", std::string(comm::to_string(c.algo))}, {"pipeline", c.pipeline}});
+    for (const graphs::TunerEntry& e : ref.layer->group_tuner()) {
+      json entry = {{"capacity_bucket", e.capacity_bucket},
+                    {"state", e.decided ? "decided" : "measuring"},
+                    {"rounds_done", e.rounds_done}};
+      if (e.decided) {
+        entry["all_to_all"] = std::string(comm::to_string(e.chosen.algo));
+        entry["pipeline"] = e.chosen.pipeline;
+        entry["total_ns"] = e.total_ns;
+      }
+      tuner.push_back(std::move(entry));
+    }
     groups.push_back({{"tenant", ref.layer->tenant()},
                       {"layer", ref.layer->name()},
                       {"coordinator", g->coordinator_host + ":" + std::to_string(g->coordinator_port)},
                       {"rank", g->rank},
                       {"size", g->size},
-                      {"all_to_all", std::string(comm::to_string(g->all_to_all))},
+                      {"all_to_all", g->all_to_all ? std::string(comm::to_string(*g->all_to_all)) : "auto"},
+                      {"pipeline", g->pipeline ? json(*g->pipeline) : json("auto")},
+                      {"tuner_candidates", candidates},
+                      {"tuner", tuner},
                       {"state", error.empty() ? "up" : "down"},
                       {"last_error", error},
                       {"peers", peers}});

@@ -25,6 +25,7 @@
 #include <system_error>
 
 #include "toml_reader.hpp"
+#include "tutel/graphs/exchange_tuner.hpp"
 
 namespace tutel::daemon {
 namespace {
@@ -144,7 +145,8 @@ Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
   if (t == nullptr) return Status::OK();
   const Scope s = layer.child(*t, layer.key_path("group"), "the group table");
   TUTEL_RETURN_IF_ERROR(s.check_keys({"coordinator", "name", "size", "rank", "local_size", "all_to_all",
-                                      "bootstrap_timeout_ms", "collective_timeout_ms"}));
+                                      "pipeline", "tune_warmups", "tune_trials", "bootstrap_timeout_ms",
+                                      "collective_timeout_ms"}));
   GroupConfig g;
   if (s.find("name") != nullptr) TUTEL_RETURN_IF_ERROR(get_name(s, "name", "a group name", g.name));
   if (s.find("coordinator") == nullptr && g.name.empty())
@@ -157,7 +159,24 @@ Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
   TUTEL_RETURN_IF_ERROR(get_int(s, "rank", 0, (1 << 20) - 1, g.rank, true));
   if (g.rank >= g.size) return s.error_near("rank", "rank " + std::to_string(g.rank) + " is not below size " + std::to_string(g.size));
   TUTEL_RETURN_IF_ERROR(get_int(s, "local_size", 1, 1 << 20, g.local_size));
-  TUTEL_RETURN_IF_ERROR(get_enum(s, "all_to_all", "\"linear\", \"2dh\"", comm::parse_all_to_all_algo, g.all_to_all));
+  const auto algo_or_auto = [](std::string_view v) -> std::optional<std::optional<comm::AllToAllAlgo>> {
+    if (v == "auto") return std::optional<comm::AllToAllAlgo>();
+    if (auto a = comm::parse_all_to_all_algo(v)) return std::optional<comm::AllToAllAlgo>(*a);
+    return std::nullopt;
+  };
+  TUTEL_RETURN_IF_ERROR(get_enum(s, "all_to_all", "\"linear\", \"2dh\", \"auto\"", algo_or_auto, g.all_to_all));
+  if (const toml::node* n = s.find("pipeline"); n != nullptr && n->is_string()) {
+    if (n->as_string()->get() != "auto")
+      return s.error(*n, "pipeline", "expected an integer in [1, " + std::to_string(graphs::kMaxPipeline) +
+                                         "] or \"auto\", got " + describe(*n));
+    g.pipeline.reset();
+  } else {
+    int d = 1;
+    TUTEL_RETURN_IF_ERROR(get_int(s, "pipeline", 1, graphs::kMaxPipeline, d));
+    g.pipeline = d;
+  }
+  TUTEL_RETURN_IF_ERROR(get_int(s, "tune_warmups", 0, 100, g.tune_warmups));
+  TUTEL_RETURN_IF_ERROR(get_int(s, "tune_trials", 1, 1000, g.tune_trials));
   if (g.all_to_all == comm::AllToAllAlgo::k2DH && g.size % g.local_size != 0)
     return s.error_near("all_to_all", "all_to_all = \"2dh\" needs local_size (" + std::to_string(g.local_size) +
                                           ") to divide size (" + std::to_string(g.size) +
@@ -591,7 +610,10 @@ std::string format_layer_spec(const LayerDefinition& def) {
     out << "size = " << g.size << "\n"
         << "rank = " << g.rank << "\n"
         << "local_size = " << g.local_size << "\n"
-        << "all_to_all = " << toml_string(std::string(comm::to_string(g.all_to_all))) << "\n"
+        << "all_to_all = " << toml_string(g.all_to_all ? std::string(comm::to_string(*g.all_to_all)) : "auto") << "\n"
+        << "pipeline = " << (g.pipeline ? std::to_string(*g.pipeline) : toml_string("auto")) << "\n"
+        << "tune_warmups = " << g.tune_warmups << "\n"
+        << "tune_trials = " << g.tune_trials << "\n"
         << "bootstrap_timeout_ms = " << g.bootstrap_timeout.count() << "\n"
         << "collective_timeout_ms = " << g.collective_timeout.count() << "\n";
   }

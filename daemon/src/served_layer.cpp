@@ -106,7 +106,8 @@ Status ServedLayer::join_group() {
   o.local_exchange = rank_.local_exchange;
   TUTEL_ASSIGN_OR_RETURN(group->host_comm, comm::ucx_bootstrap(o));
   graphs::ExpertParallelOptions options;
-  options.algo = g.all_to_all;
+  options.algo = g.all_to_all.value_or(comm::AllToAllAlgo::kLinear);
+  options.pipeline = g.pipeline.value_or(1);
   if (on_gpu) {
     comm::NcclOptions nccl;
     nccl.device = rank_.options.device_index;
@@ -120,6 +121,13 @@ Status ServedLayer::join_group() {
     group->runner = graphs::make_phase_runner(*group->backend);
     options.runner = group->runner.get();
     options.comm_on_backend_queue = true;
+  }
+  if (!g.all_to_all || !g.pipeline) {
+    // "auto": measured per capacity bucket. Chunks overlap the GEMMs on the CPU backend only
+    // (ExpertParallelOptions::pipeline), so on a GPU the tuner measures d = 1 alone.
+    options.tune.candidates = graphs::auto_candidates(g.all_to_all, g.pipeline, g.size, g.local_size, !on_gpu);
+    options.tune.warmups = g.tune_warmups;
+    options.tune.trials = g.tune_trials;
   }
   // Its saved state and workspaces are allocated through `activations`, and so charged.
   TUTEL_ASSIGN_OR_RETURN(graphs::ExpertParallelLayer ep,
@@ -286,6 +294,17 @@ std::string ServedLayer::group_error() const {
 std::vector<comm::PeerStatus> ServedLayer::group_peers() const {
   // group_ is set before the layer is published and never changes after.
   return group_ ? group_->comm().peers() : std::vector<comm::PeerStatus>{};
+}
+
+std::vector<graphs::TunerEntry> ServedLayer::group_tuner() const {
+  // The tuner guards its dictionary itself; the layer object is never replaced.
+  const graphs::ExchangeTuner* tuner = group_ && group_->layer ? group_->layer->tuner() : nullptr;
+  return tuner ? tuner->entries() : std::vector<graphs::TunerEntry>{};
+}
+
+std::vector<graphs::ExchangeConfig> ServedLayer::group_tuner_candidates() const {
+  const graphs::ExchangeTuner* tuner = group_ && group_->layer ? group_->layer->tuner() : nullptr;
+  return tuner ? tuner->candidates() : std::vector<graphs::ExchangeConfig>{};
 }
 
 Status ServedLayer::note_group_status(Status st) {

@@ -110,6 +110,10 @@ class ServedLayer {
   std::string group_error() const;
   // A group layer's other ranks: address, state, traffic. Empty for other layers. Any thread.
   std::vector<comm::PeerStatus> group_peers() const;
+  // A group layer's tuner (all_to_all or pipeline "auto"): its candidates, and its dictionary
+  // by capacity bucket. Empty for other layers. Any thread.
+  std::vector<graphs::ExchangeConfig> group_tuner_candidates() const;
+  std::vector<graphs::TunerEntry> group_tuner() const;
 
   // x [S, M] → y [S, O]. Host pointers (kHost) are staged through the layer's device buffers
   // on a backend whose memory is not host memory; kDevice pointers are on the layer's device

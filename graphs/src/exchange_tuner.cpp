@@ -9,6 +9,22 @@ std::string ExchangeConfig::to_string() const {
   return "a=" + std::string(comm::to_string(algo)) + " d=" + std::to_string(pipeline);
 }
 
+std::vector<ExchangeConfig> auto_candidates(std::optional<comm::AllToAllAlgo> algo,
+                                            std::optional<int> pipeline, int group_size,
+                                            int local_size, bool chunks_overlap) {
+  std::vector<comm::AllToAllAlgo> algos{comm::AllToAllAlgo::kLinear};
+  if (algo) algos = {*algo};
+  else if (local_size > 1 && local_size < group_size && group_size % local_size == 0)
+    algos.push_back(comm::AllToAllAlgo::k2DH);
+  std::vector<int> pipelines{1};
+  if (pipeline) pipelines = {*pipeline};
+  else if (chunks_overlap) pipelines = {1, 2, 4};
+  std::vector<ExchangeConfig> out;
+  for (comm::AllToAllAlgo a : algos)
+    for (int d : pipelines) out.push_back({a, d});
+  return out;
+}
+
 Result<ExchangeTuner> ExchangeTuner::create(TunerOptions options) {
   if (options.candidates.empty())
     return Status::InvalidArgument("the tuner needs at least one candidate configuration");

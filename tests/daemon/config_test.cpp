@@ -906,8 +906,42 @@ TEST(LayerSpecGroupTest, ParsesAndRoundTrips) {
   EXPECT_EQ(again->group->rank, 3);
   EXPECT_EQ(again->group->collective_timeout.count(), 250);
   EXPECT_EQ(again->group->all_to_all, comm::AllToAllAlgo::k2DH);
+  EXPECT_EQ(again->group->pipeline, 1);
   EXPECT_FALSE(parse_layer_spec("name = \"g\"\nexperts = 4\nmodel_dim = 8\nhidden = 8\ninit_seed = 1\n", "r")
                    ->group.has_value());
+}
+
+// all_to_all and pipeline: a value, or "auto" (the tuner chooses); both round-trip.
+TEST(LayerSpecGroupTest, PipelineAndAutoParseAndRoundTrip) {
+  const std::string base = "name = \"g\"\nexperts = 4\nmodel_dim = 8\nhidden = 8\ninit_seed = 1\n"
+                           "[group]\ncoordinator = \"127.0.0.1:7001\"\nsize = 4\nrank = 1\nlocal_size = 2\n";
+  struct Want {
+    std::string text;
+    std::optional<comm::AllToAllAlgo> algo;
+    std::optional<int> pipeline;
+  };
+  for (const Want& w : std::vector<Want>{{"", comm::AllToAllAlgo::kLinear, 1},
+                                         {"pipeline = 4\n", comm::AllToAllAlgo::kLinear, 4},
+                                         {"pipeline = 64\nall_to_all = \"2dh\"\n", comm::AllToAllAlgo::k2DH, 64},
+                                         {"all_to_all = \"auto\"\n", std::nullopt, 1},
+                                         {"pipeline = \"auto\"\n", comm::AllToAllAlgo::kLinear, std::nullopt},
+                                         {"all_to_all = \"auto\"\npipeline = \"auto\"\n", std::nullopt, std::nullopt}}) {
+    SCOPED_TRACE(w.text);
+    Result<LayerDefinition> def = parse_layer_spec(base + w.text, "request");
+    ASSERT_TRUE(def.ok()) << def.status();
+    EXPECT_EQ(def->group->all_to_all, w.algo);
+    EXPECT_EQ(def->group->pipeline, w.pipeline);
+    Result<LayerDefinition> again = parse_layer_spec(format_layer_spec(*def), "formatted");
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_EQ(again->group->all_to_all, w.algo);
+    EXPECT_EQ(again->group->pipeline, w.pipeline);
+  }
+  Result<LayerDefinition> tuned = parse_layer_spec(base + "all_to_all = \"auto\"\ntune_warmups = 0\ntune_trials = 5\n", "r");
+  ASSERT_TRUE(tuned.ok()) << tuned.status();
+  Result<LayerDefinition> again = parse_layer_spec(format_layer_spec(*tuned), "formatted");
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->group->tune_warmups, 0);
+  EXPECT_EQ(again->group->tune_trials, 5);
 }
 
 TEST(LayerSpecGroupTest, BadGroupsNameTheKey) {
@@ -929,6 +963,18 @@ TEST(LayerSpecGroupTest, BadGroupsNameTheKey) {
   EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 6\nrank = 0\nlocal_size = 4\nall_to_all = \"2dh\"\n")
                 .find("needs local_size (4) to divide size (6)"),
             std::string::npos);
+  EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\nall_to_all = \"Auto \"\n")
+                .find("\"linear\", \"2dh\", \"auto\""),
+            std::string::npos);
+  EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\ntune_trials = 0\n").find("group.tune_trials"),
+            std::string::npos);
+  EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\ntune_warmups = -1\n").find("group.tune_warmups"),
+            std::string::npos);
+  for (const char* bad : {"0", "65", "-1", "2.0", "\"AUTO\"", "\"4\"", "true", "[2]"}) {
+    const std::string message =
+        error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\npipeline = " + std::string(bad) + "\n");
+    EXPECT_NE(message.find("group.pipeline"), std::string::npos) << bad << ": " << message;
+  }
 }
 
 }  // namespace

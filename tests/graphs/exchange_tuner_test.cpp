@@ -111,6 +111,23 @@ TEST(ExchangeTuner, OneCandidateIsDecidedWithoutMeasuring) {
   EXPECT_FALSE(tuner->record(16, 10));
 }
 
+TEST(ExchangeTuner, AutoMeasuresWhatCanDifferOnTheGroup) {
+  using V = std::vector<ExchangeConfig>;
+  const auto L = AllToAllAlgo::kLinear, D = AllToAllAlgo::k2DH;
+  // Two nodes of four ranks, chunks overlapping: both algorithms, d = 1, 2, 4.
+  EXPECT_EQ(auto_candidates({}, {}, 8, 4, true),
+            (V{{L, 1}, {L, 2}, {L, 4}, {D, 1}, {D, 2}, {D, 4}}));
+  // One node, or one rank per node: 2DH is the linear exchange there; not overlapping: d = 1.
+  EXPECT_EQ(auto_candidates({}, {}, 4, 4, false), (V{{L, 1}}));
+  EXPECT_EQ(auto_candidates({}, {}, 4, 1, true), (V{{L, 1}, {L, 2}, {L, 4}}));
+  // local_size not dividing the size: no 2DH.
+  EXPECT_EQ(auto_candidates({}, {}, 6, 4, false), (V{{L, 1}}));
+  // A set dimension keeps its value.
+  EXPECT_EQ(auto_candidates(D, {}, 8, 2, true), (V{{D, 1}, {D, 2}, {D, 4}}));
+  EXPECT_EQ(auto_candidates({}, 3, 8, 2, false), (V{{L, 3}, {D, 3}}));
+  EXPECT_EQ(auto_candidates(L, 2, 8, 2, true), (V{{L, 2}}));
+}
+
 // Ranks time their runs differently (noise, unequal loads): each would pick another candidate
 // alone, but from the agreed totals (MAX over ranks) they all pick the same one, the candidate
 // whose slowest rank is fastest.

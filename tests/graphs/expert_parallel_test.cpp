@@ -607,7 +607,9 @@ TEST_P(ExpertParallelInFlight, BackwardsInReverseOrderMatchTheReference) {
         EXPECT_EQ(a.decided, b.decided);
         EXPECT_EQ(a.rounds_done, b.rounds_done);
         EXPECT_EQ(a.total_ns, b.total_ns);
-        if (a.decided) EXPECT_EQ(a.chosen, b.chosen) << a.chosen.to_string();
+        if (a.decided) {
+          EXPECT_EQ(a.chosen, b.chosen) << a.chosen.to_string();
+        }
       }
     }
   }

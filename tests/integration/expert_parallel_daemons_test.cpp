@@ -75,13 +75,13 @@ std::string layer_body(const LayerSpec& spec, uint64_t init_seed) {
 }
 constexpr float kLr = 0.1f;
 
-// Group rank r's layer: `body` plus its [group] table.
+// Group rank r's layer: `body` plus its [group] table, with `more` keys in it.
 std::string group_layer_spec(const std::string& body, uint16_t port, int W, int r, int local_size,
-                             const std::string& all_to_all) {
+                             const std::string& all_to_all, const std::string& more = "") {
   return "name = \"moe_r" + std::to_string(r) + "\"\n" + body + "\n[group]\ncoordinator = \"127.0.0.1:" +
          std::to_string(port) + "\"\nsize = " + std::to_string(W) + "\nrank = " + std::to_string(r) +
          "\nlocal_size = " + std::to_string(local_size) + "\nall_to_all = \"" + all_to_all +
-         "\"\nbootstrap_timeout_ms = 20000\ncollective_timeout_ms = 20000\n";
+         "\"\nbootstrap_timeout_ms = 20000\ncollective_timeout_ms = 20000\n" + more;
 }
 
 // The whole layer `body`'s init_seed gives: a single-daemon layer with the same init, saved on
@@ -324,6 +324,7 @@ struct InFlightCase {
   double f;
   std::vector<std::vector<int64_t>> tokens;  // [micro-batch][group rank]
   std::string all_to_all = "linear";
+  std::string more_group_keys;  // e.g. "pipeline = 3"
 };
 void PrintTo(const InFlightCase& c, std::ostream* os) { *os << c.name; }
 
@@ -370,7 +371,7 @@ TEST_P(ExpertParallelDaemonsInFlight, BackwardsInReverseOrderThenStepMatchTheRef
       const DaemonProcess& daemon = *daemons[r / R];
       auto client = client::Client::connect(daemon.client_socket());
       if (!client.ok()) return void(o.status = client.status());
-      auto layer = client->create_layer(group_layer_spec(body, port, W, r, R, c.all_to_all));
+      auto layer = client->create_layer(group_layer_spec(body, port, W, r, R, c.all_to_all, c.more_group_keys));
       if (!layer.ok()) return void(o.status = layer.status());
       std::vector<std::vector<float>> x(kMicroBatches), dy(kMicroBatches);
       o.y.resize(kMicroBatches);
@@ -444,8 +445,136 @@ INSTANTIATE_TEST_SUITE_P(
                      1,
                      0.0,
                      {{16, 25, 12, 30}, {28, 9, 21, 17}, {11, 19, 26, 14}},
-                     "2dh"}),
+                     "2dh"},
+        // The expert phase in three chunks, exchanged on each layer's worker thread.
+        InFlightCase{"TwoDaemonsTwoRanksEachPipelined",
+                     2,
+                     2,
+                     4,
+                     2,
+                     1.0,
+                     {{16, 25, 12, 30}, {28, 9, 21, 17}, {11, 19, 26, 14}},
+                     "linear",
+                     "pipeline = 3\n"}),
     [](const ::testing::TestParamInfo<InFlightCase>& info) { return info.param.name; });
+
+// This daemon's groups as `tutelctl peers --json` lists them.
+nlohmann::json admin_groups(const DaemonProcess& d) {
+  const std::string text =
+      run_command(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json peers", false).second;
+  const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  return j.is_object() ? j.value("groups", nlohmann::json::array()) : nlohmann::json::array();
+}
+
+// all_to_all = "auto", pipeline = "auto" on two daemons of two ranks each (two nodes of two: both
+// all-to-alls and d = 1, 2, 4 are candidates). Each rank's client runs the same micro-batch as
+// inference forwards, enough for the tuner to measure every candidate once (tune_warmups = 0,
+// tune_trials = 1) and then run its choice, then a training forward, backward and step. Every
+// output matches the reference whichever candidate ran it; every rank's tuner (tutelctl peers)
+// holds one decided bucket with the same choice and the same agreed times; tutelctl prints them.
+TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults) {
+  const int D = 2, R = 2, W = D * R;
+  const std::vector<int64_t> tokens{16, 25, 12, 30};
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const uint64_t init_seed = 1 + rng() % 1'000'000;
+  std::vector<std::unique_ptr<DaemonProcess>> daemons;
+  ASSERT_TRUE(start_daemons(D, daemons));
+  auto logs = [&] { return all_logs(daemons); };
+
+  const LayerSpec spec = small_spec(4, 2, 1.0);
+  const int64_t M = spec.model_dim, O = spec.out_dim();
+  const std::string body = layer_body(spec, init_seed);
+  ref::Params whole;
+  ASSERT_TRUE(whole_layer(*daemons[0], body, &whole));
+  MicroBatch mb;
+  ASSERT_TRUE(draw_micro_batch(rng, spec, whole, tokens, /*dl_aux=*/0.2f, &mb));
+
+  constexpr int kCandidates = 6, kInferences = kCandidates + 2;
+  const uint16_t port = free_port();
+  struct RankOut {
+    Status status;
+    std::vector<std::vector<float>> y_infer;
+    std::vector<float> y, dx;
+    std::vector<client::ForwardInfo> info;
+  };
+  std::vector<RankOut> out(W);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r) {
+    threads.emplace_back([&, r] {
+      RankOut& o = out[r];
+      auto client = client::Client::connect(daemons[r / R]->client_socket());
+      if (!client.ok()) return void(o.status = client.status());
+      auto layer = client->create_layer(group_layer_spec(
+          body, port, W, r, R, "auto", "pipeline = \"auto\"\ntune_warmups = 0\ntune_trials = 1\n"));
+      if (!layer.ok()) return void(o.status = layer.status());
+      const int64_t S = tokens[r];
+      std::vector<float> x = to_f32(mb.xs[r]), dy = to_f32(mb.dys[r]);
+      o.y_infer.assign(kInferences, std::vector<float>(S * O));
+      o.info.resize(kInferences + 1);
+      for (int i = 0; i < kInferences; ++i)
+        if (Status st = layer->infer(x.data(), S, o.y_infer[i].data(), &o.info[i]); !st.ok())
+          return void(o.status = st);
+      o.y.resize(S * O);
+      o.dx.resize(S * M);
+      Status st = layer->forward(x.data(), S, o.y.data(), &o.info[kInferences]);
+      if (st.ok()) st = layer->backward(dy.data(), mb.dl_aux, o.dx.data());
+      if (st.ok()) st = layer->step().status();
+      if (st.ok()) st = layer->save("after_r" + std::to_string(r) + ".safetensors").status();
+      o.status = st;
+    });
+  }
+  for (auto& t : threads) t.join();
+
+  const graphs::HostLayerParams grad_sum = summed_grads({mb}), whole_host = to_host(whole);
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r) + " on daemon " + std::to_string(r / R));
+    ASSERT_TRUE(out[r].status.ok()) << out[r].status << "\n" << logs();
+    for (int i = 0; i <= kInferences; ++i) {
+      SCOPED_TRACE("forward " + std::to_string(i));
+      EXPECT_EQ(out[r].info[i].capacity, mb.capacity);
+      EXPECT_EQ(out[r].info[i].dropped, mb.want[r].dropped);
+      EXPECT_TRUE(all_close("y", i < kInferences ? out[r].y_infer[i] : out[r].y, mb.want[r].y, 1e-4, 1e-5));
+    }
+    EXPECT_TRUE(all_close("dx", out[r].dx, mb.grads[r].dx, 1e-3, 1e-4));
+    expect_applied_step(daemons[r / R]->dir() + "/state/default/checkpoints/after_r" + std::to_string(r) +
+                            ".safetensors",
+                        spec, W, r, whole_host, grad_sum);
+  }
+
+  // Every rank's dictionary, as the admin API reports it.
+  std::vector<nlohmann::json> tuner_of(W);
+  for (int d = 0; d < D; ++d)
+    for (const nlohmann::json& g : admin_groups(*daemons[d])) {
+      const int rank = g.value("rank", -1);
+      ASSERT_TRUE(rank >= 0 && rank < W) << g.dump();
+      EXPECT_EQ(g.value("all_to_all", ""), "auto");
+      EXPECT_EQ(g.value("pipeline", nlohmann::json()), "auto");
+      EXPECT_EQ(g.value("tuner_candidates", nlohmann::json::array()).size(), size_t{kCandidates}) << g.dump();
+      tuner_of[rank] = g.value("tuner", nlohmann::json());
+    }
+  const int64_t bucket = graphs::ExchangeTuner::bucket_for(mb.capacity);
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    ASSERT_TRUE(tuner_of[r].is_array() && tuner_of[r].size() == 1) << tuner_of[r].dump();
+    const nlohmann::json& e = tuner_of[r][0];
+    EXPECT_EQ(e.value("capacity_bucket", int64_t{0}), bucket);
+    EXPECT_EQ(e.value("state", ""), "decided") << e.dump();
+    EXPECT_EQ(e.value("total_ns", nlohmann::json()).size(), size_t{kCandidates}) << e.dump();
+    EXPECT_EQ(e, tuner_of[0][0]) << "rank " << r << " decided otherwise than rank 0";
+  }
+  // tutelctl's table names the choice.
+  const auto [rc, text] = run_command(std::string(TUTELCTL_BIN) + " --socket " + daemons[0]->admin_socket() + " peers");
+  EXPECT_EQ(rc, 0) << text;
+  EXPECT_NE(text.find("tuner (capacity bucket -> all-to-all and pipeline)"), std::string::npos) << text;
+  EXPECT_NE(text.find("decided"), std::string::npos) << text;
+  EXPECT_NE(text.find("a=" + tuner_of[0][0].value("all_to_all", std::string("?")) + " d=" +
+                      std::to_string(tuner_of[0][0].value("pipeline", 0))),
+            std::string::npos)
+      << text;
+  for (int d = 0; d < D; ++d) EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << daemons[d]->log();
+}
 
 }  // namespace
 }  // namespace tutel::testing

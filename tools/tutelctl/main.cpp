@@ -201,6 +201,44 @@ void print_tenants(const json& reply) {
   t.print(std::cout);
 }
 
+// The tuner's dictionary of each group layer with all_to_all or pipeline "auto": per capacity
+// bucket, the choice and every candidate's agreed time (the group's slowest rank, summed over
+// the counted runs), or how many rounds it has measured so far.
+void print_tuners(const json& groups) {
+  for (const json& g : groups) {
+    const json candidates = g.value("tuner_candidates", json::array());
+    if (!candidates.is_array() || candidates.empty()) continue;
+    std::vector<std::string> names;
+    for (const json& c : candidates) names.push_back("a=" + field(c, "all_to_all") + " d=" + field(c, "pipeline"));
+    std::cout << "\n" << field(g, "tenant") << "/" << field(g, "layer") << " rank " << field(g, "rank")
+              << ": tuner (capacity bucket -> all-to-all and pipeline)\n";
+    const json buckets = g.value("tuner", json::array());
+    if (!buckets.is_array() || buckets.empty()) {
+      std::cout << "(no forward yet)\n";
+      continue;
+    }
+    Table t{{"BUCKET", "STATE", "CHOSEN"}, {false, true, true}, {}};
+    for (const std::string& n : names) {
+      t.header.push_back(n + " (ms)");
+      t.left.push_back(false);
+    }
+    for (const json& b : buckets) {
+      const bool decided = field(b, "state") == "decided";
+      std::vector<std::string> row{field(b, "capacity_bucket"), decided ? "decided" : "measuring (round " + field(b, "rounds_done") + ")",
+                                   decided ? "a=" + field(b, "all_to_all") + " d=" + field(b, "pipeline") : "-"};
+      const json totals = b.value("total_ns", json::array());
+      for (size_t i = 0; i < names.size(); ++i) {
+        const bool known = totals.is_array() && i < totals.size() && totals[i].is_number();
+        char ms[32] = "-";
+        if (known) std::snprintf(ms, sizeof ms, "%.3f", totals[i].get<double>() / 1e6);
+        row.push_back(ms);
+      }
+      t.rows.push_back(std::move(row));
+    }
+    t.print(std::cout);
+  }
+}
+
 // The cluster's nodes, then every group of this daemon's layers with one row per other rank.
 void print_peers(const json& reply) {
   const json cluster = reply.value("cluster", json());
@@ -229,21 +267,23 @@ void print_peers(const json& reply) {
     return;
   }
   std::cout << "\n";
-  Table t{{"LAYER", "RANK", "A2A", "PEER", "ADDRESS", "VIA", "STATE", "SENT", "RECEIVED", "LAST ERROR"},
-          {true, false, true, false, true, true, true, false, false, true},
+  Table t{{"LAYER", "RANK", "A2A", "D", "PEER", "ADDRESS", "VIA", "STATE", "SENT", "RECEIVED", "LAST ERROR"},
+          {true, false, true, false, false, true, true, true, false, false, true},
           {}};
   for (const json& g : groups) {
     const std::string layer = field(g, "tenant") + "/" + field(g, "layer");
     const std::string rank = field(g, "rank") + "/" + field(g, "size");
     const json peers = g.value("peers", json::array());
     if (peers.empty())
-      t.rows.push_back({layer, rank, field(g, "all_to_all"), "-", "-", "-", field(g, "state"), "-", "-", field(g, "last_error")});
+      t.rows.push_back({layer, rank, field(g, "all_to_all"), field(g, "pipeline"), "-", "-", "-", field(g, "state"), "-",
+                        "-", field(g, "last_error")});
     for (const json& p : peers)
-      t.rows.push_back({layer, rank, field(g, "all_to_all"), field(p, "rank"), field(p, "address"), field(p, "via"),
-                        field(p, "state"), bytes_field(p, "bytes_sent"), bytes_field(p, "bytes_received"),
-                        field(p, "last_error")});
+      t.rows.push_back({layer, rank, field(g, "all_to_all"), field(g, "pipeline"), field(p, "rank"), field(p, "address"),
+                        field(p, "via"), field(p, "state"), bytes_field(p, "bytes_sent"),
+                        bytes_field(p, "bytes_received"), field(p, "last_error")});
   }
   t.print(std::cout);
+  print_tuners(groups);
   // A group's last failed collective names its culprit (which may be a peer of a peer).
   for (const json& g : groups)
     if (field(g, "state") == "down")

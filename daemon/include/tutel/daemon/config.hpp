@@ -49,8 +49,14 @@ struct GroupConfig {
   int size = 1;
   int rank = 0;
   int local_size = 1;  // ranks per node, for the 2DH all-to-all
-  // How the layer's all-to-alls run: kLinear, or k2DH (needs local_size to divide size).
-  comm::AllToAllAlgo all_to_all = comm::AllToAllAlgo::kLinear;
+  // How the layer's all-to-alls run: kLinear, or k2DH (needs local_size to divide size);
+  // none ("auto"): the tuner measures what can differ on this group per capacity bucket.
+  std::optional<comm::AllToAllAlgo> all_to_all = comm::AllToAllAlgo::kLinear;
+  // d, the expert phase's chunks (1..64); none ("auto"): the tuner chooses.
+  std::optional<int> pipeline = 1;
+  // With "auto": per capacity bucket, uncounted rounds over the candidates, then counted ones.
+  int tune_warmups = 1;
+  int tune_trials = 2;
   std::chrono::milliseconds bootstrap_timeout{10'000};
   std::chrono::milliseconds collective_timeout{5'000};
 };

@@ -22,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -48,6 +49,16 @@ struct TunerOptions {
   int trials = 2;   // counted rounds per bucket, >= 1
   static constexpr size_t kMaxCandidates = 16;
 };
+
+// What `auto` measures (the daemon's all_to_all = "auto", pipeline = "auto"): for an unset
+// dimension, every value worth trying on this group; a set one keeps its value. The all-to-all:
+// linear, and 2DH where the group spans several nodes of several ranks each (elsewhere 2DH is
+// the linear exchange, or not valid). The pipeline: 1, 2 and 4 where chunks overlap the GEMMs
+// (ExpertParallelLayer::overlaps_chunks), else 1 only: chunks run one after another there and
+// can only cost.
+std::vector<ExchangeConfig> auto_candidates(std::optional<comm::AllToAllAlgo> algo,
+                                            std::optional<int> pipeline, int group_size,
+                                            int local_size, bool chunks_overlap);
 
 // One bucket of the dictionary, for the admin API.
 struct TunerEntry {
