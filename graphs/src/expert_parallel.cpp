@@ -113,8 +113,9 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
         "gate noise is not supported across an expert-parallel group yet; set gate_noise = 0");
   const bool tuning = options.tune.candidates.size() >= 2;
   const std::vector<ExchangeConfig> configs =
-      tuning ? options.tune.candidates
-             : std::vector<ExchangeConfig>{{options.algo, options.pipeline}};
+      !options.tune.candidates.empty()
+          ? options.tune.candidates
+          : std::vector<ExchangeConfig>{{options.algo, options.pipeline}};
   for (const ExchangeConfig& c : configs) {
     if (c.algo == comm::AllToAllAlgo::k2DH && comm.size() % comm.local_size() != 0)
       return Status::InvalidArgument(
@@ -133,6 +134,7 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   // the group agrees on instead, so the alignment stays s.
   s.alignment = shard.shards;
   ExpertParallelLayer layer(backend, comm, s, shard, options);
+  layer.fixed_ = configs[0];  // a single candidate is what runs
   if (tuning) {
     TUTEL_ASSIGN_OR_RETURN(ExchangeTuner tuner, ExchangeTuner::create(options.tune));
     layer.tuner_ = std::make_unique<ExchangeTuner>(std::move(tuner));
@@ -152,10 +154,10 @@ ExpertParallelLayer::ExpertParallelLayer(Backend& b, comm::Communicator& c, Laye
       comm_(&c),
       spec_(spec),
       shard_(shard),
-      fixed_{options.algo, options.pipeline},
-      // The worker thread calls Backend::copy beside the GEMMs: the CPU backend's copy is a
-      // plain memcpy, safe beside its other ops. A queue-ordered backend (CUDA) would need a
-      // second stream and events instead; not built.
+      // The worker thread calls Backend::copy and Backend::add (summing shards) beside the
+      // GEMMs: on the CPU backend both are stateless (a memcpy, an elementwise loop on the
+      // calling thread's own OpenMP team), safe beside its other ops. A queue-ordered backend
+      // (CUDA) would need a second stream and events instead; not built.
       overlap_(b.device().kind == DeviceKind::kCpu && !options.comm_on_backend_queue),
       runner_(options.runner),
       comm_on_backend_queue_(options.comm_on_backend_queue) {}

@@ -699,6 +699,76 @@ TEST(ExpertParallelAllToAll, TwoDhRefusedWhenLocalSizeDoesNotDivideTheGroup) {
   }
 }
 
+// Pipeline degrees outside [1, 64] and a 2DH candidate the group cannot run are refused, each
+// naming the value; one candidate is what runs (no tuner); two or more make a tuner.
+TEST(ExpertParallelOptionsCheck, RefusesWhatCannotRunAndRunsASingleCandidate) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  LayerSpec spec;
+  spec.experts = 3;
+  spec.model_dim = 8;
+  spec.hidden = 8;
+  spec.k = 1;
+  constexpr int W = 3;
+  const uint16_t port = free_port();
+  struct Out {
+    Status bootstrapped;
+    std::vector<Status> refused;
+    int single_pipeline = 0;
+    bool single_tuned = true, pair_tuned = false;
+  };
+  std::vector<Out> out(W);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r) {
+    threads.emplace_back([&, r] {
+      auto comm = comm::ucx_bootstrap(rank_options(port, r, W, /*local_size=*/2));
+      out[r].bootstrapped = comm.status();
+      if (!comm.ok()) return;
+      auto backend = make_backend("cpu", {.threads = 1});
+      if (!backend.ok()) return void(out[r].bootstrapped = backend.status());
+      for (int d : {0, -2, graphs::kMaxPipeline + 1}) {
+        graphs::ExpertParallelOptions o;
+        o.pipeline = d;
+        out[r].refused.push_back(ExpertParallelLayer::create(**backend, **comm, spec, o).status());
+      }
+      graphs::ExpertParallelOptions bad_candidate;
+      bad_candidate.tune.candidates = {{comm::AllToAllAlgo::kLinear, 2}, {comm::AllToAllAlgo::k2DH, 1}};
+      out[r].refused.push_back(
+          ExpertParallelLayer::create(**backend, **comm, spec, bad_candidate).status());
+      graphs::ExpertParallelOptions single;
+      single.pipeline = 1;
+      single.tune.candidates = {{comm::AllToAllAlgo::kLinear, 5}};
+      auto one = ExpertParallelLayer::create(**backend, **comm, spec, single);
+      if (one.ok()) {
+        out[r].single_pipeline = one->pipeline();
+        out[r].single_tuned = one->tuner() != nullptr;
+      }
+      graphs::ExpertParallelOptions pair;
+      pair.tune.candidates = {{comm::AllToAllAlgo::kLinear, 1}, {comm::AllToAllAlgo::kLinear, 2}};
+      auto two = ExpertParallelLayer::create(**backend, **comm, spec, pair);
+      out[r].pair_tuned = two.ok() && two->tuner() != nullptr;
+      Status st = (*comm)->barrier();
+      if (!st.ok()) out[r].bootstrapped = st;
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    ASSERT_TRUE(out[r].bootstrapped.ok()) << out[r].bootstrapped;
+    ASSERT_EQ(out[r].refused.size(), 4u);
+    for (size_t i = 0; i < 3; ++i) {
+      EXPECT_EQ(out[r].refused[i].code(), StatusCode::kInvalidArgument) << out[r].refused[i];
+      EXPECT_NE(out[r].refused[i].message().find("is outside [1, 64]"), std::string_view::npos)
+          << out[r].refused[i];
+    }
+    EXPECT_NE(out[r].refused[3].message().find("local_size (2) to divide its size (3)"),
+              std::string_view::npos)
+        << out[r].refused[3];
+    EXPECT_EQ(out[r].single_pipeline, 5);
+    EXPECT_FALSE(out[r].single_tuned);
+    EXPECT_TRUE(out[r].pair_tuned);
+  }
+}
+
 // bf16 copies of each rank's local expert weights (its experts, or its H-shard of one) pass
 // through the layer: forward and backward with them give the bits of the same steps converting
 // the weights on the fly. A copy of the whole layer's weight, not the rank's slice, is refused.

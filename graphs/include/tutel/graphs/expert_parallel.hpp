@@ -1,7 +1,9 @@
-// The MoE layer across an expert-parallel group (DESIGN §2 steps 4, 7, 9; r = 1, d = 1,
-// a = linear or 2DH): each of W ranks holds E/W experts (E ≥ W) or one shard of one expert
-// along H (E < W, s = W/E shards per expert), the gate is replicated, and all-to-alls move the
-// dispatched tokens to their experts and the results back.
+// The MoE layer across an expert-parallel group (DESIGN §2 steps 4, 7, 9; r = 1, any d,
+// a = linear or 2DH, or (a, d) chosen per capacity bucket by the tuner): each of W ranks holds
+// E/W experts (E ≥ W) or one shard of one expert along H (E < W, s = W/E shards per expert), the
+// gate is replicated, and all-to-alls move the dispatched tokens to their experts and the
+// results back. With d > 1 the expert phase runs in d chunks of the capacity (adaptive
+// pipelining; ExpertParallelOptions::pipeline, docs/decisions.md).
 //
 // Every rank's output and gradients equal those of one process holding all E experts run on
 // that rank's tokens with the group's capacity (tests/graphs/expert_parallel_test.cpp).
@@ -46,7 +48,10 @@
 // captured together); a failed collective drops every graph.
 //
 // Thread-safety: one thread at a time per object, and per Saved (a Saved is only touched inside
-// the forward or backward it is passed to).
+// the forward or backward it is passed to). A pipelined phase also runs on the layer's own
+// worker thread, which uses the communicator, Backend::copy and Backend::add while the calling
+// thread runs the GEMMs; both are done when the call returns. tuner()->entries() may be read
+// from any thread.
 #pragma once
 
 #include <cstdint>
@@ -102,7 +107,7 @@ struct ExpertParallelOptions {
   // one after another: same results, no overlap yet. The capacity itself does not depend on d.
   int pipeline = 1;
   // Tuning (exchange_tuner.hpp): with two or more candidates, each capacity bucket measures them
-  // and keeps the fastest; `algo` and `pipeline` are then ignored. Every candidate must be valid
+  // and keeps the fastest; with one, that one runs. `algo` and `pipeline` are then ignored. Every candidate must be valid
   // on its own (a 2DH candidate needs local_size to divide the group size). Every rank of the
   // group must pass the same candidates.
   TunerOptions tune;
