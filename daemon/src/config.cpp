@@ -139,13 +139,29 @@ Status get_milliseconds(const Scope& s, std::string_view key, std::chrono::milli
   return Status::OK();
 }
 
+// An integer in [lo, hi], or "auto" (none: the tuner chooses). Absent: `out` stays.
+Status get_int_or_auto(const Scope& s, std::string_view key, int lo, int hi, std::optional<int>& out) {
+  const toml::node* n = s.find(key);
+  if (n == nullptr) return Status::OK();
+  if (const auto* text = n->as_string(); text != nullptr && text->get() == "auto") {
+    out.reset();
+    return Status::OK();
+  }
+  const auto* v = n->as_integer();
+  if (v == nullptr || v->get() < lo || v->get() > hi)
+    return s.error(*n, key, "expected an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                                "] or \"auto\", got " + describe(*n));
+  out = static_cast<int>(v->get());
+  return Status::OK();
+}
+
 Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
   TUTEL_ASSIGN_OR_RETURN(const toml::table* t, get_table(layer, "group", false,
                                                          "(group = { coordinator = \"127.0.0.1:7000\", size = 2, rank = 0 })"));
   if (t == nullptr) return Status::OK();
   const Scope s = layer.child(*t, layer.key_path("group"), "the group table");
   TUTEL_RETURN_IF_ERROR(s.check_keys({"coordinator", "name", "size", "rank", "local_size", "all_to_all",
-                                      "pipeline", "tune_warmups", "tune_trials", "bootstrap_timeout_ms",
+                                      "r", "pipeline", "tune_warmups", "tune_trials", "bootstrap_timeout_ms",
                                       "collective_timeout_ms"}));
   GroupConfig g;
   if (s.find("name") != nullptr) TUTEL_RETURN_IF_ERROR(get_name(s, "name", "a group name", g.name));
@@ -165,16 +181,8 @@ Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
     return std::nullopt;
   };
   TUTEL_RETURN_IF_ERROR(get_enum(s, "all_to_all", "\"linear\", \"2dh\", \"auto\"", algo_or_auto, g.all_to_all));
-  if (const toml::node* n = s.find("pipeline"); n != nullptr && n->is_string()) {
-    if (n->as_string()->get() != "auto")
-      return s.error(*n, "pipeline", "expected an integer in [1, " + std::to_string(graphs::kMaxPipeline) +
-                                         "] or \"auto\", got " + describe(*n));
-    g.pipeline.reset();
-  } else {
-    int d = 1;
-    TUTEL_RETURN_IF_ERROR(get_int(s, "pipeline", 1, graphs::kMaxPipeline, d));
-    g.pipeline = d;
-  }
+  TUTEL_RETURN_IF_ERROR(get_int_or_auto(s, "pipeline", 1, graphs::kMaxPipeline, g.pipeline));
+  TUTEL_RETURN_IF_ERROR(get_int_or_auto(s, "r", 0, 1, g.r));
   TUTEL_RETURN_IF_ERROR(get_int(s, "tune_warmups", 0, 100, g.tune_warmups));
   TUTEL_RETURN_IF_ERROR(get_int(s, "tune_trials", 1, 1000, g.tune_trials));
   if (g.all_to_all == comm::AllToAllAlgo::k2DH && g.size % g.local_size != 0)
@@ -611,6 +619,7 @@ std::string format_layer_spec(const LayerDefinition& def) {
         << "rank = " << g.rank << "\n"
         << "local_size = " << g.local_size << "\n"
         << "all_to_all = " << toml_string(g.all_to_all ? std::string(comm::to_string(*g.all_to_all)) : "auto") << "\n"
+        << "r = " << (g.r ? std::to_string(*g.r) : toml_string("auto")) << "\n"
         << "pipeline = " << (g.pipeline ? std::to_string(*g.pipeline) : toml_string("auto")) << "\n"
         << "tune_warmups = " << g.tune_warmups << "\n"
         << "tune_trials = " << g.tune_trials << "\n"

@@ -108,6 +108,7 @@ Status ServedLayer::join_group() {
   graphs::ExpertParallelOptions options;
   options.algo = g.all_to_all.value_or(comm::AllToAllAlgo::kLinear);
   options.pipeline = g.pipeline.value_or(1);
+  options.r = g.r.value_or(1);
   if (on_gpu) {
     comm::NcclOptions nccl;
     nccl.device = rank_.options.device_index;
@@ -122,10 +123,10 @@ Status ServedLayer::join_group() {
     options.runner = group->runner.get();
     options.comm_on_backend_queue = true;
   }
-  if (!g.all_to_all || !g.pipeline) {
+  if (!g.r || !g.all_to_all || !g.pipeline) {
     // "auto": measured per capacity bucket. Chunks overlap the GEMMs on the CPU backend only
     // (ExpertParallelOptions::pipeline), so on a GPU the tuner measures d = 1 alone.
-    options.tune.candidates = graphs::auto_candidates(g.all_to_all, g.pipeline, g.size, g.local_size, !on_gpu);
+    options.tune.candidates = graphs::auto_candidates(g.r, g.all_to_all, g.pipeline, g.size, g.local_size, !on_gpu);
     options.tune.warmups = g.tune_warmups;
     options.tune.trials = g.tune_trials;
   }

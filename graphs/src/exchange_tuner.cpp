@@ -6,12 +6,16 @@
 namespace tutel::graphs {
 
 std::string ExchangeConfig::to_string() const {
-  return "a=" + std::string(comm::to_string(algo)) + " d=" + std::to_string(pipeline);
+  if (r == 0) return "r=0";
+  return "r=" + std::to_string(r) + " a=" + std::string(comm::to_string(algo)) +
+         " d=" + std::to_string(pipeline);
 }
 
-std::vector<ExchangeConfig> auto_candidates(std::optional<comm::AllToAllAlgo> algo,
+std::vector<ExchangeConfig> auto_candidates(std::optional<int> r,
+                                            std::optional<comm::AllToAllAlgo> algo,
                                             std::optional<int> pipeline, int group_size,
                                             int local_size, bool chunks_overlap) {
+  if (r == 0) return {kDataParallel};
   std::vector<comm::AllToAllAlgo> algos{comm::AllToAllAlgo::kLinear};
   if (algo) algos = {*algo};
   else if (local_size > 1 && local_size < group_size && group_size % local_size == 0)
@@ -20,8 +24,9 @@ std::vector<ExchangeConfig> auto_candidates(std::optional<comm::AllToAllAlgo> al
   if (pipeline) pipelines = {*pipeline};
   else if (chunks_overlap) pipelines = {1, 2, 4};
   std::vector<ExchangeConfig> out;
+  if (!r && group_size > 1) out.push_back(kDataParallel);
   for (comm::AllToAllAlgo a : algos)
-    for (int d : pipelines) out.push_back({a, d});
+    for (int d : pipelines) out.push_back({a, d, 1});
   return out;
 }
 
@@ -33,7 +38,10 @@ Result<ExchangeTuner> ExchangeTuner::create(TunerOptions options) {
                                    std::to_string(TunerOptions::kMaxCandidates) +
                                    " candidates, got " + std::to_string(options.candidates.size()));
   for (const ExchangeConfig& c : options.candidates)
-    if (c.pipeline < 1 || c.pipeline > kMaxPipeline)
+    if (c.r != 0 && c.r != 1)
+      return Status::InvalidArgument("parallelism r = " + std::to_string(c.r) +
+                                     " is not built: r is 0 (data parallel) or 1 (expert parallel)");
+    else if (c.pipeline < 1 || c.pipeline > kMaxPipeline)
       return Status::InvalidArgument("pipeline degree " + std::to_string(c.pipeline) +
                                      " is outside [1, " + std::to_string(kMaxPipeline) + "]");
   if (options.trials < 1 || options.warmups < 0)

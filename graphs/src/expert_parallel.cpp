@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstring>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "chunk_pipeline.hpp"
@@ -115,8 +116,12 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   const std::vector<ExchangeConfig> configs =
       !options.tune.candidates.empty()
           ? options.tune.candidates
-          : std::vector<ExchangeConfig>{{options.algo, options.pipeline}};
+          : std::vector<ExchangeConfig>{{options.algo, options.pipeline, options.r}};
   for (const ExchangeConfig& c : configs) {
+    if (c.r != 0 && c.r != 1)
+      return Status::InvalidArgument("parallelism r = " + std::to_string(c.r) +
+                                     " is not built: r is 0 (data parallel) or 1 (expert parallel)");
+    if (c.r == 0) continue;  // no all-to-all, no chunks
     if (c.algo == comm::AllToAllAlgo::k2DH && comm.size() % comm.local_size() != 0)
       return Status::InvalidArgument(
           "the 2dh all-to-all needs the group's local_size (" + std::to_string(comm.local_size()) +
@@ -377,7 +382,8 @@ Status ExpertParallelLayer::refuse(Status why) {
   // call's, so it goes back (to the tenant's quota too) and grows again when a step needs it.
   for (DeviceBuffer* b :
        {&dispatched_, &send_, &recv_, &expert_out_, &workspace_, &d_gates_, &d_logits_,
-        &d_combined_, &d_expert_out_, &d_hidden_, &d_expert_in_, &d_dispatched_})
+        &d_combined_, &d_expert_out_, &d_hidden_, &d_expert_in_, &d_dispatched_, &gathered_,
+        &full_grads_, &grad_slice_})
     if (b->data()) {
       b->reset();
       ++epoch_;
@@ -446,6 +452,88 @@ ExpertParallelLayer::BiasColumns ExpertParallelLayer::fc2_bias_columns(
   const int64_t O = spec_.out_dim(), o0 = std::min(O, shard_.shard_index * shard_.out_shard);
   const int64_t n = std::min(shard_.out_shard, O - o0);
   return {o0, TensorView(bias_slice.data(), DType::kF32, {n}, bias_slice.device())};
+}
+
+ExpertParallelLayer::WholeExperts ExpertParallelLayer::whole_experts() const {
+  const int64_t E = spec_.experts, M = spec_.model_dim, H = spec_.hidden, O = spec_.out_dim();
+  WholeExperts w;
+  int64_t at = 0;
+  w.fc1 = std::exchange(at, at + E * H * M);
+  w.fc2 = std::exchange(at, at + E * H * O);
+  if (spec_.has_fc1_bias) w.fc1_bias = std::exchange(at, at + E * H);
+  if (spec_.has_fc2_bias) {
+    w.fc2_bias = std::exchange(at, at + E * O);
+    if (shard_.shards > 1) w.fc2_bias_slices = std::exchange(at, at + shard_.world * shard_.out_shard);
+  }
+  w.floats = at;
+  return w;
+}
+
+ExpertWeights ExpertParallelLayer::whole_view(const DeviceBuffer& buf) const {
+  const int64_t E = spec_.experts, M = spec_.model_dim, H = spec_.hidden, O = spec_.out_dim();
+  const WholeExperts w = whole_experts();
+  ExpertWeights out;
+  out.fc1_weight = f32_at(buf, w.fc1, {E, H, M});
+  out.fc2_weight = f32_at(buf, w.fc2, {E, H, O});
+  if (spec_.has_fc1_bias) out.fc1_bias = f32_at(buf, w.fc1_bias, {E, H});
+  if (spec_.has_fc2_bias) out.fc2_bias = f32_at(buf, w.fc2_bias, {E, O});
+  return out;
+}
+
+// Rank w's slice of a weight is block w of the whole: with E ≥ W its E_l experts, [E_l, H, ·];
+// with E < W (w = e·s + j) the j-th H-slice of expert e, [1, H_s, ·]. So the ranks' slices in
+// rank order are the whole tensor, [E, H, ·], and one all-gather rebuilds it. The sharded fc2
+// bias is the exception: its slices are column ranges of O (Tutel's layout, zero-padded), put
+// back together expert by expert.
+Status ExpertParallelLayer::gather_experts(const LayerWeights& local) {
+  const WholeExperts w = whole_experts();
+  float* whole = fp(gathered_);
+  auto gather = [&](const TensorView& mine, int64_t offset) -> Status {
+    TUTEL_RETURN_IF_ERROR(collective_ready());
+    return comm_->all_gather(mine.data(), whole + offset, mine.nbytes());
+  };
+  TUTEL_RETURN_IF_ERROR(gather(local.experts.fc1_weight, w.fc1));
+  TUTEL_RETURN_IF_ERROR(gather(local.experts.fc2_weight, w.fc2));
+  if (spec_.has_fc1_bias) TUTEL_RETURN_IF_ERROR(gather(local.experts.fc1_bias, w.fc1_bias));
+  if (!spec_.has_fc2_bias) return Status::OK();
+  if (shard_.shards == 1) return gather(local.experts.fc2_bias, w.fc2_bias);
+  TUTEL_RETURN_IF_ERROR(gather(local.experts.fc2_bias, w.fc2_bias_slices));
+  // [E][s·O_s] → [E][O]: the first O columns of each expert's slices.
+  const int64_t O = spec_.out_dim(), row = shard_.shards * shard_.out_shard;
+  for (int64_t e = 0; e < spec_.experts; ++e)
+    TUTEL_RETURN_IF_ERROR(backend_->copy(whole + w.fc2_bias + e * O,
+                                         whole + w.fc2_bias_slices + e * row, O * sizeof(float),
+                                         CopyKind::kDeviceToDevice));
+  return Status::OK();
+}
+
+// The inverse of gather_experts for gradients: full_grads_ holds this rank's gradient of the
+// whole layer's experts; block w of the sum over ranks belongs to rank w (reduce-scatter).
+Status ExpertParallelLayer::scatter_expert_grads(const LayerWeights& local_grads) {
+  const WholeExperts w = whole_experts();
+  float* whole = fp(full_grads_);
+  auto scatter = [&](const TensorView& mine, const float* full) -> Status {
+    TUTEL_RETURN_IF_ERROR(collective_ready());
+    TUTEL_RETURN_IF_ERROR(comm_->reduce_scatter(full, fp(grad_slice_),
+                                                static_cast<size_t>(mine.numel()),
+                                                comm::ReduceOp::kSum));
+    return backend_->add(mine, f32(grad_slice_, mine.shape()));
+  };
+  const ExpertWeights& g = local_grads.experts;
+  TUTEL_RETURN_IF_ERROR(scatter(g.fc1_weight, whole + w.fc1));
+  TUTEL_RETURN_IF_ERROR(scatter(g.fc2_weight, whole + w.fc2));
+  if (spec_.has_fc1_bias) TUTEL_RETURN_IF_ERROR(scatter(g.fc1_bias, whole + w.fc1_bias));
+  if (!spec_.has_fc2_bias) return Status::OK();
+  if (shard_.shards == 1) return scatter(g.fc2_bias, whole + w.fc2_bias);
+  // [E][O] → [E][s·O_s], zero in the padding columns (which have no gradient).
+  const int64_t O = spec_.out_dim(), row = shard_.shards * shard_.out_shard;
+  TUTEL_RETURN_IF_ERROR(backend_->fill_zero(f32_at(full_grads_, w.fc2_bias_slices,
+                                                   {shard_.world * shard_.out_shard})));
+  for (int64_t e = 0; e < spec_.experts; ++e)
+    TUTEL_RETURN_IF_ERROR(backend_->copy(whole + w.fc2_bias_slices + e * row,
+                                         whole + w.fc2_bias + e * O, O * sizeof(float),
+                                         CopyKind::kDeviceToDevice));
+  return scatter(g.fc2_bias, whole + w.fc2_bias_slices);
 }
 
 namespace {
@@ -550,37 +638,56 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   int64_t dropped = 0;
   for (int64_t e = 0; e < E; ++e) dropped += std::max<int64_t>(0, host_counts_[e] - C);
 
-  const int64_t widest = std::max(M, O);
+  const int64_t widest = std::max(M, O), H = spec_.hidden;
   const bool keep_pre = training && spec_.activation != Activation::kRelu;
+  const ExchangeConfig config = config_for(C);
+  const bool data_parallel = config.r == 0;
+  const int chunks = data_parallel ? 1 : chunk_count(C, config.pipeline);
+  // The Saved buffers are the same size either way: E_l·W·C·H_s = E·C·H.
   const Status experts_ready = [&]() -> Status {
     TUTEL_RETURN_IF_ERROR(grow(st.slots_, E * C * 4));
-    TUTEL_RETURN_IF_ERROR(grow(dispatched_, E * C * M * 4));
-    TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
-    TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
     TUTEL_RETURN_IF_ERROR(grow(st.expert_in_, El * R * M * 4));
     if (keep_pre) TUTEL_RETURN_IF_ERROR(grow(st.pre_, El * R * Hs * 4));
     TUTEL_RETURN_IF_ERROR(grow(st.hidden_, El * R * Hs * 4));
-    TUTEL_RETURN_IF_ERROR(grow(expert_out_, El * R * O * 4));
     TUTEL_RETURN_IF_ERROR(grow(st.combined_, E * C * O * 4));
+    if (data_parallel) {
+      TUTEL_RETURN_IF_ERROR(grow(gathered_, whole_experts().floats * 4));
+      return grow(workspace_, b.expert_workspace_bytes({E, C, M, H, O}, spec_.matmul_dtype));
+    }
+    TUTEL_RETURN_IF_ERROR(grow(dispatched_, E * C * M * 4));
+    TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
+    TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
+    TUTEL_RETURN_IF_ERROR(grow(expert_out_, El * R * O * 4));
     ExpertShape shape{El, R, M, Hs, O};
     shape.weights_bf16 = local.experts.has_bf16_copies();
     return grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype));
   }();
 
-  const ExchangeConfig config = config_for(C);
-  const int chunks = chunk_count(C, config.pipeline);
   const bool timed = tuner_ && tuner_->measuring(ExchangeTuner::bucket_for(C));
   const auto started = std::chrono::steady_clock::now();
   TUTEL_RETURN_IF_ERROR(run_group_phase(
       experts_ready,
       [&] {
         return phase_key(kExpertsPhase, st,
-                         {uint64_t(S), uint64_t(C), uint64_t(training), uint64_t(config.algo),
-                          uint64_t(chunks)},
+                         {uint64_t(S), uint64_t(C), uint64_t(training), uint64_t(config.r),
+                          uint64_t(config.algo), uint64_t(chunks)},
                          {x.data(), y.data()}, {&local});
       },
       [&]() -> Status {
         TUTEL_RETURN_IF_ERROR(b.slot_map({idx, loc, C, i32(st.slots_, {E, C})}));
+        if (data_parallel) {
+          // Every expert here, on this rank's tokens: nothing travels but the weights.
+          TUTEL_RETURN_IF_ERROR(gather_experts(local));
+          const TensorView dispatched = f32(st.expert_in_, {E, C, M});
+          TUTEL_RETURN_IF_ERROR(
+              b.encode({xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore, dispatched}));
+          TUTEL_RETURN_IF_ERROR(b.expert_forward(
+              {dispatched, whole_view(gathered_), spec_.activation, spec_.matmul_dtype,
+               keep_pre ? f32(st.pre_, {E, C, H}) : TensorView(), f32(st.hidden_, {E, C, H}),
+               f32(st.combined_, {E, C, O}), workspace()}));
+          return b.decode(
+              {f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y});
+        }
         TUTEL_RETURN_IF_ERROR(b.encode(
             {xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore, f32(dispatched_, {E, C, M})}));
         // Chunk j's expert-side rows start at row E_l·W·c0 of each expert-side buffer.
@@ -650,11 +757,24 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
   // half-used, so it is consumed either way.
   saved.holds_forward_ = false;
 
+  const ExchangeConfig config = saved.config_;
+  const bool data_parallel = config.r == 0;
+  const int chunks = data_parallel ? 1 : chunk_count(C, config.pipeline);
+  const int64_t H = spec_.hidden;
   // As in forward: a rank that cannot allocate joins the agreement, and the group refuses.
   const Status ready = [&]() -> Status {
     TUTEL_RETURN_IF_ERROR(grow(d_gates_, S * k * 4));
     TUTEL_RETURN_IF_ERROR(grow(d_logits_, S * E * 4));
     TUTEL_RETURN_IF_ERROR(grow(d_combined_, E * C * O * 4));
+    if (data_parallel) {
+      TUTEL_RETURN_IF_ERROR(grow(d_hidden_, E * C * H * 4));
+      TUTEL_RETURN_IF_ERROR(grow(d_expert_in_, E * C * M * 4));
+      const int64_t whole = whole_experts().floats;
+      TUTEL_RETURN_IF_ERROR(grow(gathered_, whole * 4));
+      TUTEL_RETURN_IF_ERROR(grow(full_grads_, whole * 4));
+      TUTEL_RETURN_IF_ERROR(grow(grad_slice_, El * Hs * std::max(M, O) * 4));
+      return grow(workspace_, b.expert_workspace_bytes({E, C, M, H, O}, spec_.matmul_dtype));
+    }
     TUTEL_RETURN_IF_ERROR(grow(d_expert_out_, El * R * O * 4));
     TUTEL_RETURN_IF_ERROR(grow(d_hidden_, El * R * Hs * 4));
     TUTEL_RETURN_IF_ERROR(grow(d_expert_in_, El * R * M * 4));
@@ -675,57 +795,73 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
 
   uint32_t dl_aux_bits = 0;
   std::memcpy(&dl_aux_bits, &dl_aux, sizeof dl_aux_bits);
-  const ExchangeConfig config = saved.config_;
-  const int chunks = chunk_count(C, config.pipeline);
   TUTEL_RETURN_IF_ERROR(run_group_phase(
       ready,
       [&] {
         return phase_key(kBackwardPhase, saved,
-                         {uint64_t(S), uint64_t(C), dl_aux_bits, uint64_t(config.algo),
-                          uint64_t(chunks)},
+                         {uint64_t(S), uint64_t(C), dl_aux_bits, uint64_t(config.r),
+                          uint64_t(config.algo), uint64_t(chunks)},
                          {dy.data(), dx.data()}, {&local, &local_grads});
       },
       [&]() -> Status {
         TUTEL_RETURN_IF_ERROR(b.decode_backward({dy, f32(saved.combined_, {E, C, O}), gates, idx,
                                                  loc, i32(saved.slots_, {E, C}), spec_.is_postscore,
                                                  f32(d_combined_, {E, C, O}), d_gates}));
-        ExpertWeights grads = local_experts(local_grads.experts);
         const bool keep_pre = spec_.activation != Activation::kRelu;
-        // The forward's chunks: chunk j's expert-side rows start at row E_l·W·c0.
-        auto rows_before = [&](int j) { return El * W * chunk(C, chunks, j).c0; };
-        TUTEL_RETURN_IF_ERROR(run_chunks(
-            chunks,
-            [&](int j) {
-              return to_experts(fp(d_combined_), fp(d_expert_out_) + rows_before(j) * O,
-                                chunk(C, chunks, j), O, config.algo);
-            },
-            [&](int j) -> Status {
-              const int64_t Rj = W * chunk(C, chunks, j).Cj, first = rows_before(j);
-              // The weight gradients accumulate chunk by chunk.
-              TUTEL_RETURN_IF_ERROR(b.expert_backward(
-                  {f32_at(saved.expert_in_, first * M, {El, Rj, M}),
-                   keep_pre ? f32_at(saved.pre_, first * Hs, {El, Rj, Hs}) : TensorView(),
-                   f32_at(saved.hidden_, first * Hs, {El, Rj, Hs}), local_experts(local.experts),
-                   spec_.activation, spec_.matmul_dtype,
-                   f32_at(d_expert_out_, first * O, {El, Rj, O}),
-                   f32_at(d_hidden_, first * Hs, {El, Rj, Hs}),
-                   f32_at(d_expert_in_, first * M, {El, Rj, M}), grads, workspace()}));
-              if (s > 1 && spec_.has_fc2_bias) {
-                // This shard's bias columns: the gradient is the column sum of d_out over every
-                // slot.
-                const BiasColumns db = fc2_bias_columns(local_grads.experts.fc2_bias);
-                TUTEL_RETURN_IF_ERROR(b.add_column_sums(f32_at(d_expert_out_, first * O, {Rj, O}),
-                                                        db.column, db.values));
-              }
-              return Status::OK();
-            },
-            [&](int j) {
-              // Each shard's d_dispatched is a partial sum over its H-slice: to_tokens adds them.
-              return to_tokens(fp(d_expert_in_) + rows_before(j) * M, fp(d_dispatched_),
-                               chunk(C, chunks, j), M, config.algo);
-            }));
-        TUTEL_RETURN_IF_ERROR(b.encode_backward({f32(d_dispatched_, {E, C, M}), xv, gates, idx, loc,
-                                                 C, spec_.is_postscore, dx, d_gates}));
+        // The experts' part, by r: it leaves the gradient of the dispatched tokens, [E, C, M],
+        // in d_dispatched.
+        const DeviceBuffer* d_dispatched = &d_dispatched_;
+        if (data_parallel) {
+          // The whole layer's expert gradient of this rank's tokens, then each rank's slice of
+          // the group's sum.
+          TUTEL_RETURN_IF_ERROR(gather_experts(local));
+          TUTEL_RETURN_IF_ERROR(b.fill_zero(f32(full_grads_, {whole_experts().floats})));
+          TUTEL_RETURN_IF_ERROR(b.expert_backward(
+              {f32(saved.expert_in_, {E, C, M}),
+               keep_pre ? f32(saved.pre_, {E, C, H}) : TensorView(), f32(saved.hidden_, {E, C, H}),
+               whole_view(gathered_), spec_.activation, spec_.matmul_dtype,
+               f32(d_combined_, {E, C, O}), f32(d_hidden_, {E, C, H}), f32(d_expert_in_, {E, C, M}),
+               whole_view(full_grads_), workspace()}));
+          TUTEL_RETURN_IF_ERROR(scatter_expert_grads(local_grads));
+          d_dispatched = &d_expert_in_;
+        } else {
+          ExpertWeights grads = local_experts(local_grads.experts);
+          // The forward's chunks: chunk j's expert-side rows start at row E_l·W·c0.
+          auto rows_before = [&](int j) { return El * W * chunk(C, chunks, j).c0; };
+          TUTEL_RETURN_IF_ERROR(run_chunks(
+              chunks,
+              [&](int j) {
+                return to_experts(fp(d_combined_), fp(d_expert_out_) + rows_before(j) * O,
+                                  chunk(C, chunks, j), O, config.algo);
+              },
+              [&](int j) -> Status {
+                const int64_t Rj = W * chunk(C, chunks, j).Cj, first = rows_before(j);
+                // The weight gradients accumulate chunk by chunk.
+                TUTEL_RETURN_IF_ERROR(b.expert_backward(
+                    {f32_at(saved.expert_in_, first * M, {El, Rj, M}),
+                     keep_pre ? f32_at(saved.pre_, first * Hs, {El, Rj, Hs}) : TensorView(),
+                     f32_at(saved.hidden_, first * Hs, {El, Rj, Hs}), local_experts(local.experts),
+                     spec_.activation, spec_.matmul_dtype,
+                     f32_at(d_expert_out_, first * O, {El, Rj, O}),
+                     f32_at(d_hidden_, first * Hs, {El, Rj, Hs}),
+                     f32_at(d_expert_in_, first * M, {El, Rj, M}), grads, workspace()}));
+                if (s > 1 && spec_.has_fc2_bias) {
+                  // This shard's bias columns: the gradient is the column sum of d_out over every
+                  // slot.
+                  const BiasColumns db = fc2_bias_columns(local_grads.experts.fc2_bias);
+                  TUTEL_RETURN_IF_ERROR(b.add_column_sums(f32_at(d_expert_out_, first * O, {Rj, O}),
+                                                          db.column, db.values));
+                }
+                return Status::OK();
+              },
+              [&](int j) {
+                // Each shard's d_dispatched is a partial sum over its H-slice: to_tokens adds them.
+                return to_tokens(fp(d_expert_in_) + rows_before(j) * M, fp(d_dispatched_),
+                                 chunk(C, chunks, j), M, config.algo);
+              }));
+        }
+        TUTEL_RETURN_IF_ERROR(b.encode_backward({f32(*d_dispatched, {E, C, M}), xv, gates, idx,
+                                                 loc, C, spec_.is_postscore, dx, d_gates}));
         return b.gate_backward({xv, local.gate_weight, scores, idx, d_gates, dl_aux,
                                 spec_.normalize_gate, f32(d_logits_, {S, E}), dx,
                                 local_grads.gate_weight});

@@ -919,22 +919,27 @@ TEST(LayerSpecGroupTest, PipelineAndAutoParseAndRoundTrip) {
     std::string text;
     std::optional<comm::AllToAllAlgo> algo;
     std::optional<int> pipeline;
+    std::optional<int> r = 1;
   };
   for (const Want& w : std::vector<Want>{{"", comm::AllToAllAlgo::kLinear, 1},
                                          {"pipeline = 4\n", comm::AllToAllAlgo::kLinear, 4},
                                          {"pipeline = 64\nall_to_all = \"2dh\"\n", comm::AllToAllAlgo::k2DH, 64},
                                          {"all_to_all = \"auto\"\n", std::nullopt, 1},
                                          {"pipeline = \"auto\"\n", comm::AllToAllAlgo::kLinear, std::nullopt},
-                                         {"all_to_all = \"auto\"\npipeline = \"auto\"\n", std::nullopt, std::nullopt}}) {
+                                         {"all_to_all = \"auto\"\npipeline = \"auto\"\n", std::nullopt, std::nullopt},
+                                         {"r = 0\n", comm::AllToAllAlgo::kLinear, 1, 0},
+                                         {"r = \"auto\"\npipeline = 2\n", comm::AllToAllAlgo::kLinear, 2, std::nullopt}}) {
     SCOPED_TRACE(w.text);
     Result<LayerDefinition> def = parse_layer_spec(base + w.text, "request");
     ASSERT_TRUE(def.ok()) << def.status();
     EXPECT_EQ(def->group->all_to_all, w.algo);
     EXPECT_EQ(def->group->pipeline, w.pipeline);
+    EXPECT_EQ(def->group->r, w.r);
     Result<LayerDefinition> again = parse_layer_spec(format_layer_spec(*def), "formatted");
     ASSERT_TRUE(again.ok()) << again.status();
     EXPECT_EQ(again->group->all_to_all, w.algo);
     EXPECT_EQ(again->group->pipeline, w.pipeline);
+    EXPECT_EQ(again->group->r, w.r);
   }
   Result<LayerDefinition> tuned = parse_layer_spec(base + "all_to_all = \"auto\"\ntune_warmups = 0\ntune_trials = 5\n", "r");
   ASSERT_TRUE(tuned.ok()) << tuned.status();
@@ -970,6 +975,12 @@ TEST(LayerSpecGroupTest, BadGroupsNameTheKey) {
             std::string::npos);
   EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\ntune_warmups = -1\n").find("group.tune_warmups"),
             std::string::npos);
+  for (const char* bad : {"2", "-1", "1.0", "\"data\"", "false"}) {
+    const std::string message =
+        error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\nr = " + std::string(bad) + "\n");
+    EXPECT_NE(message.find("group.r"), std::string::npos) << bad << ": " << message;
+    EXPECT_NE(message.find("[0, 1] or \"auto\""), std::string::npos) << bad << ": " << message;
+  }
   for (const char* bad : {"0", "65", "-1", "2.0", "\"AUTO\"", "\"4\"", "true", "[2]"}) {
     const std::string message =
         error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\npipeline = " + std::string(bad) + "\n");

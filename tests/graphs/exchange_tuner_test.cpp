@@ -34,6 +34,13 @@ TEST(ExchangeTuner, RefusesOptionsItCannotRun) {
     ASSERT_FALSE(t.ok()) << d;
     EXPECT_NE(t.status().message().find("pipeline degree"), std::string::npos) << t.status();
   }
+  for (int r : {-1, 2}) {
+    TunerOptions o = three_candidates(1, 2);
+    o.candidates[2].r = r;
+    auto t = ExchangeTuner::create(o);
+    ASSERT_FALSE(t.ok()) << r;
+    EXPECT_NE(t.status().message().find("r is 0 (data parallel) or 1"), std::string::npos) << t.status();
+  }
   TunerOptions many;
   many.candidates.assign(TunerOptions::kMaxCandidates + 1, {});
   EXPECT_EQ(ExchangeTuner::create(many).status().code(), StatusCode::kInvalidArgument);
@@ -114,18 +121,25 @@ TEST(ExchangeTuner, OneCandidateIsDecidedWithoutMeasuring) {
 TEST(ExchangeTuner, AutoMeasuresWhatCanDifferOnTheGroup) {
   using V = std::vector<ExchangeConfig>;
   const auto L = AllToAllAlgo::kLinear, D = AllToAllAlgo::k2DH;
-  // Two nodes of four ranks, chunks overlapping: both algorithms, d = 1, 2, 4.
-  EXPECT_EQ(auto_candidates({}, {}, 8, 4, true),
-            (V{{L, 1}, {L, 2}, {L, 4}, {D, 1}, {D, 2}, {D, 4}}));
+  const ExchangeConfig R0 = kDataParallel;
+  // Two nodes of four ranks, chunks overlapping: r = 0, and r = 1 with both algorithms and
+  // d = 1, 2, 4.
+  EXPECT_EQ(auto_candidates({}, {}, {}, 8, 4, true),
+            (V{R0, {L, 1, 1}, {L, 2, 1}, {L, 4, 1}, {D, 1, 1}, {D, 2, 1}, {D, 4, 1}}));
   // One node, or one rank per node: 2DH is the linear exchange there; not overlapping: d = 1.
-  EXPECT_EQ(auto_candidates({}, {}, 4, 4, false), (V{{L, 1}}));
-  EXPECT_EQ(auto_candidates({}, {}, 4, 1, true), (V{{L, 1}, {L, 2}, {L, 4}}));
+  EXPECT_EQ(auto_candidates(1, {}, {}, 4, 4, false), (V{{L, 1, 1}}));
+  EXPECT_EQ(auto_candidates(1, {}, {}, 4, 1, true), (V{{L, 1, 1}, {L, 2, 1}, {L, 4, 1}}));
   // local_size not dividing the size: no 2DH.
-  EXPECT_EQ(auto_candidates({}, {}, 6, 4, false), (V{{L, 1}}));
+  EXPECT_EQ(auto_candidates(1, {}, {}, 6, 4, false), (V{{L, 1, 1}}));
   // A set dimension keeps its value.
-  EXPECT_EQ(auto_candidates(D, {}, 8, 2, true), (V{{D, 1}, {D, 2}, {D, 4}}));
-  EXPECT_EQ(auto_candidates({}, 3, 8, 2, false), (V{{L, 3}, {D, 3}}));
-  EXPECT_EQ(auto_candidates(L, 2, 8, 2, true), (V{{L, 2}}));
+  EXPECT_EQ(auto_candidates(1, D, {}, 8, 2, true), (V{{D, 1, 1}, {D, 2, 1}, {D, 4, 1}}));
+  EXPECT_EQ(auto_candidates(1, {}, 3, 8, 2, false), (V{{L, 3, 1}, {D, 3, 1}}));
+  EXPECT_EQ(auto_candidates({}, L, 2, 8, 2, true), (V{R0, {L, 2, 1}}));
+  // r = 0 alone has nothing else to choose; one rank has nothing to gather.
+  EXPECT_EQ(auto_candidates(0, {}, {}, 8, 2, true), (V{R0}));
+  EXPECT_EQ(auto_candidates({}, {}, 1, 1, 1, false), (V{{L, 1, 1}}));
+  EXPECT_EQ(R0.to_string(), "r=0");
+  EXPECT_EQ((ExchangeConfig{D, 4, 1}).to_string(), "r=1 a=2dh d=4");
 }
 
 // Ranks time their runs differently (noise, unequal loads): each would pick another candidate

@@ -102,6 +102,7 @@ struct DeviceCase {
   // d: on the CPU backend the chunks' exchanges overlap the GEMMs (a worker thread); on the
   // device they run in order (and inside the graphs): the same bits either way.
   int pipeline = 1;
+  int r = 1;  // 0: the weights gathered (all-gather), the gradients reduce-scattered
 };
 void PrintTo(const DeviceCase& c, std::ostream* os) { *os << c.name; }
 
@@ -183,6 +184,22 @@ std::vector<DeviceCase> device_cases() {
        false,
        true,
        /*pipeline=*/3},
+      // O = 15 over s = 2, data parallel: the padded bias slices gathered and scattered back.
+      {"DataParallelShardedPaddedBias",
+       4,
+       2,
+       48,
+       15,
+       2,
+       0.0,
+       Activation::kGelu,
+       {{30, 22, 35, 18}, {12, 40, 25, 31}},
+       comm::AllToAllAlgo::kLinear,
+       1,
+       false,
+       true,
+       1,
+       /*r=*/0},
   };
 }
 
@@ -248,6 +265,7 @@ StepResults run_steps(Backend& b, comm::Communicator& comm, const DeviceCase& c,
   graphs::ExpertParallelOptions options;
   options.algo = c.algo;
   options.pipeline = c.pipeline;
+  options.r = c.r;
   options.runner = runner;
   options.comm_on_backend_queue = runner != nullptr;
   auto layer = ExpertParallelLayer::create(b, comm, spec, options);

@@ -43,6 +43,7 @@ struct EpCase {
   comm::AllToAllAlgo algo = comm::AllToAllAlgo::kLinear;
   int local_size = 1;  // ranks per node (the 2DH all-to-all's intra-node group)
   int pipeline = 1;    // d: chunks of the expert phase
+  int r = 1;           // 0: data parallel (weights gathered, tokens stay)
 };
 
 void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
@@ -55,6 +56,11 @@ EpCase two_dh(int local_size, EpCase c) {
 
 EpCase pipelined(int d, EpCase c) {
   c.pipeline = d;
+  return c;
+}
+
+EpCase data_parallel(EpCase c) {
+  c.r = 0;
   return c;
 }
 
@@ -113,6 +119,25 @@ std::vector<EpCase> cases() {
                               Activation::kSilu})),
       // More chunks than the capacity holds slots: one slot per chunk.
       pipelined(64, {"PipelinedMoreChunksThanSlots", 2, 4, 32, 1, 1.0, {9, 7}}),
+      // r = 0: every expert's weights gathered on every rank, the gradients reduce-scattered
+      // back into the ranks' slices (also of experts sharded along H, and their fc2 bias).
+      data_parallel({"DataParallelTwoRanksTwoExpertsEach", 2, 4, 32, 2, 1.0, {40, 31}}),
+      data_parallel({"DataParallelFourRanksCappedDroplessGelu",
+                     4,
+                     8,
+                     32,
+                     2,
+                     -0.8,
+                     {20, 33, 41, 28},
+                     Activation::kGelu}),
+      data_parallel({"DataParallelFourRanksOneExpertShardedInFourSilu",
+                     4,
+                     1,
+                     64,
+                     1,
+                     0.0,
+                     {10, 20, 30, 40},
+                     Activation::kSilu}),
   };
 }
 
@@ -214,9 +239,11 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
       graphs::ExpertParallelOptions options;
       options.algo = c.algo;
       options.pipeline = c.pipeline;
+      options.r = c.r;
       auto layer = ExpertParallelLayer::create(b, **comm, spec, options);
       if (!layer.ok()) return fail(layer.status());
-      if (layer->all_to_all_algo() != c.algo || layer->pipeline() != c.pipeline)
+      if (layer->all_to_all_algo() != c.algo || layer->pipeline() != c.pipeline ||
+          layer->parallelism() != c.r)
         return fail(Status::Internal("the layer runs another configuration than it was given"));
       out.shard = layer->shard();
       HostLayerParams local = graphs::slice_for_rank(spec, out.shard, whole_host);
@@ -321,6 +348,7 @@ struct InFlightCase {
   // Tuned instead (no warm-up, one trial): the forwards of a bucket run the candidates in turn,
   // each backward the way its forward ran, and every rank decides the same.
   std::vector<graphs::ExchangeConfig> tune;
+  int r = 1;
 };
 void PrintTo(const InFlightCase& c, std::ostream* os) { *os << c.name; }
 
@@ -389,10 +417,23 @@ std::vector<InFlightCase> in_flight_cases() {
        comm::AllToAllAlgo::kLinear,
        2,
        1,
-       {{comm::AllToAllAlgo::kLinear, 1},
+       {graphs::kDataParallel,
         {comm::AllToAllAlgo::k2DH, 1},
         {comm::AllToAllAlgo::k2DH, 2},
         {comm::AllToAllAlgo::kLinear, 4}}},
+      {"DataParallelFourRanksShardedInTwoOverflowSilu",
+       4,
+       2,
+       48,
+       2,
+       0.5,
+       {{30, 22, 35, 18}, {12, 40, 25, 31}, {26, 14, 19, 38}},
+       Activation::kSilu,
+       comm::AllToAllAlgo::kLinear,
+       1,
+       1,
+       {},
+       0},
   };
 }
 
@@ -496,6 +537,7 @@ TEST_P(ExpertParallelInFlight, BackwardsInReverseOrderMatchTheReference) {
       options.algo = c.algo;
       options.pipeline = c.pipeline;
       options.tune.candidates = c.tune;
+      options.r = c.r;
       options.tune.warmups = 0;
       options.tune.trials = 1;
       auto layer = ExpertParallelLayer::create(**backend, **comm, spec, options);

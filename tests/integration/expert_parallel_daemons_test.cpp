@@ -466,8 +466,8 @@ nlohmann::json admin_groups(const DaemonProcess& d) {
   return j.is_object() ? j.value("groups", nlohmann::json::array()) : nlohmann::json::array();
 }
 
-// all_to_all = "auto", pipeline = "auto" on two daemons of two ranks each (two nodes of two: both
-// all-to-alls and d = 1, 2, 4 are candidates). Each rank's client runs the same micro-batch as
+// r = "auto", all_to_all = "auto", pipeline = "auto" on two daemons of two ranks each (two nodes
+// of two: r = 0, and r = 1 with both all-to-alls and d = 1, 2, 4 are candidates). Each rank's client runs the same micro-batch as
 // inference forwards, enough for the tuner to measure every candidate once (tune_warmups = 0,
 // tune_trials = 1) and then run its choice, then a training forward, backward and step. Every
 // output matches the reference whichever candidate ran it; every rank's tuner (tutelctl peers)
@@ -491,7 +491,7 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
   MicroBatch mb;
   ASSERT_TRUE(draw_micro_batch(rng, spec, whole, tokens, /*dl_aux=*/0.2f, &mb));
 
-  constexpr int kCandidates = 6, kInferences = kCandidates + 2;
+  constexpr int kCandidates = 7, kInferences = kCandidates + 2;
   const uint16_t port = free_port();
   struct RankOut {
     Status status;
@@ -507,7 +507,7 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
       auto client = client::Client::connect(daemons[r / R]->client_socket());
       if (!client.ok()) return void(o.status = client.status());
       auto layer = client->create_layer(group_layer_spec(
-          body, port, W, r, R, "auto", "pipeline = \"auto\"\ntune_warmups = 0\ntune_trials = 1\n"));
+          body, port, W, r, R, "auto", "r = \"auto\"\npipeline = \"auto\"\ntune_warmups = 0\ntune_trials = 1\n"));
       if (!layer.ok()) return void(o.status = layer.status());
       const int64_t S = tokens[r];
       std::vector<float> x = to_f32(mb.xs[r]), dy = to_f32(mb.dys[r]);
@@ -549,6 +549,7 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
     for (const nlohmann::json& g : admin_groups(*daemons[d])) {
       const int rank = g.value("rank", -1);
       ASSERT_TRUE(rank >= 0 && rank < W) << g.dump();
+      EXPECT_EQ(g.value("r", nlohmann::json()), "auto");
       EXPECT_EQ(g.value("all_to_all", ""), "auto");
       EXPECT_EQ(g.value("pipeline", nlohmann::json()), "auto");
       EXPECT_EQ(g.value("tuner_candidates", nlohmann::json::array()).size(), size_t{kCandidates}) << g.dump();
@@ -567,12 +568,14 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
   // tutelctl's table names the choice.
   const auto [rc, text] = run_command(std::string(TUTELCTL_BIN) + " --socket " + daemons[0]->admin_socket() + " peers");
   EXPECT_EQ(rc, 0) << text;
-  EXPECT_NE(text.find("tuner (capacity bucket -> all-to-all and pipeline)"), std::string::npos) << text;
+  EXPECT_NE(text.find("tuner (capacity bucket -> parallelism, all-to-all and pipeline)"), std::string::npos) << text;
   EXPECT_NE(text.find("decided"), std::string::npos) << text;
-  EXPECT_NE(text.find("a=" + tuner_of[0][0].value("all_to_all", std::string("?")) + " d=" +
-                      std::to_string(tuner_of[0][0].value("pipeline", 0))),
-            std::string::npos)
-      << text;
+  const nlohmann::json& chosen = tuner_of[0][0];
+  const std::string chosen_name = chosen.value("r", -1) == 0
+                                      ? std::string("r=0")
+                                      : "a=" + chosen.value("all_to_all", std::string("?")) + " d=" +
+                                            std::to_string(chosen.value("pipeline", 0));
+  EXPECT_NE(text.find("decided  " + chosen_name), std::string::npos) << text;
   for (int d = 0; d < D; ++d) EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << daemons[d]->log();
 }
 

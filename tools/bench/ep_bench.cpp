@@ -160,9 +160,14 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
     report.line(line);
   }
 
-  for (int d : pipelines) {
+  // r = 0 first (its floor is the GEMMs of all E experts over this rank's C slots, about the
+  // same FLOPs, plus all-gathering the weights), then r = 1 at each d.
+  std::vector<graphs::ExchangeConfig> configs{graphs::kDataParallel};
+  for (int d : pipelines) configs.push_back({comm::AllToAllAlgo::kLinear, d, 1});
+  for (const graphs::ExchangeConfig& config : configs) {
     graphs::ExpertParallelOptions options;
-    options.pipeline = d;
+    options.r = config.r;
+    options.pipeline = config.pipeline;
     TUTEL_ASSIGN_OR_RETURN(graphs::ExpertParallelLayer layer,
                            graphs::ExpertParallelLayer::create(b, *comm, spec, options));
     graphs::ExpertParallelLayer::Saved saved;
@@ -176,8 +181,9 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
     if (rank == 0) {
       char line[256];
       std::snprintf(line, sizeof line,
-                    "  a=linear d=%-2d%s  forward %s  / sum %.2f  / larger %.2f    forward+backward %s",
-                    d, layer.overlaps_chunks() || d == 1 ? "" : " (in order)", ms(fwd_ns).c_str(),
+                    "  %-16s%s  forward %s  / sum %.2f  / larger %.2f    forward+backward %s",
+                    config.to_string().c_str(),
+                    layer.overlaps_chunks() || config.pipeline == 1 ? "" : " (in order)", ms(fwd_ns).c_str(),
                     double(fwd_ns) / double(gemm_ns + a2a_ns), double(fwd_ns) / double(std::max(gemm_ns, a2a_ns)),
                     ms(train_ns).c_str());
       report.line(line);
@@ -186,7 +192,7 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
 
   // The tuner: what "auto" would choose here.
   graphs::ExpertParallelOptions options;
-  options.tune.candidates = graphs::auto_candidates({}, {}, W, 1, true);
+  options.tune.candidates = graphs::auto_candidates({}, {}, {}, W, 1, true);
   TUTEL_ASSIGN_OR_RETURN(graphs::ExpertParallelLayer tuned, graphs::ExpertParallelLayer::create(b, *comm, spec, options));
   const int64_t bucket = graphs::ExchangeTuner::bucket_for(C);
   int forwards = 0;
@@ -195,7 +201,7 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
     ++forwards;
   }
   if (rank == 0) {
-    std::string line = "  tuner (a and d auto, " + std::to_string(options.tune.warmups) + " warm-up and " +
+    std::string line = "  tuner (r, a and d auto, " + std::to_string(options.tune.warmups) + " warm-up and " +
                        std::to_string(options.tune.trials) + " counted rounds): ";
     for (const graphs::TunerEntry& e : tuned.tuner()->entries()) {
       if (!e.decided) {
@@ -206,7 +212,8 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
       const auto& c = tuned.tuner()->candidates();
       for (size_t i = 0; i < c.size(); ++i) {
         char part[64];
-        std::snprintf(part, sizeof part, " d=%d %.1f ms", c[i].pipeline, e.total_ns[i] / 1e6);
+        std::snprintf(part, sizeof part, "%s %s %.1f ms", i == 0 ? "" : ";", c[i].to_string().c_str(),
+                      e.total_ns[i] / 1e6);
         line += part;
       }
     }

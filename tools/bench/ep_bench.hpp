@@ -15,8 +15,8 @@ struct EpBenchOptions {
 // of one host exchange) at each pipeline degree d, next to its floors measured in the same run by
 // the same ranks at the same time: the expert GEMMs alone, and the all-to-alls alone (there and
 // back). d = 1 can at best reach their sum; overlapped chunks can at best reach the larger.
-// Then the tuner (a and d "auto") measures the candidates and reports its choice. Returns an exit
-// code.
+// r = 0 (weights gathered, tokens stay) is timed beside them. Then the tuner (r, a and d "auto")
+// measures the candidates and reports its choice. Returns an exit code.
 int run_ep_bench(const EpBenchOptions& options);
 
 }  // namespace tutel::bench

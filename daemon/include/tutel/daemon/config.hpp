@@ -49,7 +49,10 @@ struct GroupConfig {
   int size = 1;
   int rank = 0;
   int local_size = 1;  // ranks per node, for the 2DH all-to-all
-  // How the layer's all-to-alls run: kLinear, or k2DH (needs local_size to divide size);
+  // r: 1, expert parallel (tokens travel to the experts); 0, data parallel (every rank gathers
+  // every expert's weights, tokens stay); none ("auto"): the tuner chooses.
+  std::optional<int> r = 1;
+  // How the layer's all-to-alls run (r = 1): kLinear, or k2DH (needs local_size to divide size);
   // none ("auto"): the tuner measures what can differ on this group per capacity bucket.
   std::optional<comm::AllToAllAlgo> all_to_all = comm::AllToAllAlgo::kLinear;
   // d, the expert phase's chunks (1..64); none ("auto"): the tuner chooses.

@@ -1,8 +1,10 @@
 // The online tuner (DESIGN §1): a dictionary keyed by capacity bucket that maps to the fastest
 // way to run the expert phase, found by measuring it at run time, identical on every rank.
 //
-// A way is an all-to-all algorithm `a` and a pipeline degree `d` (ExchangeConfig). Parallelism
-// `r` is not a choice yet: only r = 1 is built.
+// A way is a parallelism `r` (0: data parallel, every rank gathers every expert's weights and
+// keeps its tokens; 1: expert parallel, the tokens travel to their experts), and with r = 1 an
+// all-to-all algorithm `a` and a pipeline degree `d` (ExchangeConfig). Switching between them
+// moves no parameter: each rank keeps its slice either way.
 //
 // For a bucket not yet decided, successive forwards run the candidates in turn (round-robin, so
 // slow drift of the machine touches every candidate alike): `warmups` rounds that are not
@@ -35,12 +37,16 @@ namespace tutel::graphs {
 inline constexpr int kMaxPipeline = 64;
 
 struct ExchangeConfig {
-  comm::AllToAllAlgo algo = comm::AllToAllAlgo::kLinear;
-  int pipeline = 1;  // d: chunks of the dispatch buffer along the capacity
+  comm::AllToAllAlgo algo = comm::AllToAllAlgo::kLinear;  // r = 1
+  int pipeline = 1;  // d: chunks of the dispatch buffer along the capacity (r = 1)
+  int r = 1;         // 0: data parallel; 1: expert parallel
   bool operator==(const ExchangeConfig&) const = default;
-  // "a=linear d=2"
+  // "r=0", "r=1 a=linear d=2"
   std::string to_string() const;
 };
+
+// r = 0 as an ExchangeConfig (algo and pipeline play no part there).
+inline constexpr ExchangeConfig kDataParallel{comm::AllToAllAlgo::kLinear, 1, 0};
 
 struct TunerOptions {
   // What to choose from; at most kMaxCandidates. Fewer than two: nothing to tune.
@@ -50,13 +56,15 @@ struct TunerOptions {
   static constexpr size_t kMaxCandidates = 16;
 };
 
-// What `auto` measures (the daemon's all_to_all = "auto", pipeline = "auto"): for an unset
-// dimension, every value worth trying on this group; a set one keeps its value. The all-to-all:
-// linear, and 2DH where the group spans several nodes of several ranks each (elsewhere 2DH is
-// the linear exchange, or not valid). The pipeline: 1, 2 and 4 where chunks overlap the GEMMs
+// What `auto` measures (the daemon's r, all_to_all and pipeline = "auto"): for an unset
+// dimension, every value worth trying on this group; a set one keeps its value. r: 0 and 1
+// (with W = 1 only 1: there is nothing to gather). The all-to-all: linear, and 2DH where the group
+// spans several nodes of several ranks each (elsewhere 2DH is the linear exchange, or not
+// valid). The pipeline: 1, 2 and 4 where chunks overlap the GEMMs
 // (ExpertParallelLayer::overlaps_chunks), else 1 only: chunks run one after another there and
 // can only cost.
-std::vector<ExchangeConfig> auto_candidates(std::optional<comm::AllToAllAlgo> algo,
+std::vector<ExchangeConfig> auto_candidates(std::optional<int> r,
+                                            std::optional<comm::AllToAllAlgo> algo,
                                             std::optional<int> pipeline, int group_size,
                                             int local_size, bool chunks_overlap);
 
@@ -71,7 +79,8 @@ struct TunerEntry {
 
 class ExchangeTuner {
  public:
-  // Refuses an empty candidate list, a pipeline degree outside [1, kMaxPipeline], trials < 1 or
+  // Refuses an empty candidate list, r other than 0 or 1, a pipeline degree outside
+  // [1, kMaxPipeline], trials < 1 or
   // warmups < 0, and more than kMaxCandidates.
   static Result<ExchangeTuner> create(TunerOptions options);
 

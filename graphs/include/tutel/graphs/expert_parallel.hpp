@@ -106,8 +106,16 @@ struct ExpertParallelOptions {
   // expert GEMMs of another; elsewhere (CUDA, whose one stream orders everything) the chunks run
   // one after another: same results, no overlap yet. The capacity itself does not depend on d.
   int pipeline = 1;
+  // r (DESIGN §1, adaptive parallelism): 1, expert parallel (the tokens travel to their experts
+  // and back); 0, data parallel: every rank gathers every expert's weights (all-gather), runs
+  // all E experts on its own tokens, and its weight gradients are summed into the ranks' slices
+  // (reduce-scatter). Each rank keeps its slice of the parameters either way, so switching moves
+  // none; r = 0 pays off where the weights are smaller than the tokens that would travel.
+  // With r = 0 the weights' bf16 copies are not gathered: bf16 matmuls convert the gathered f32
+  // weights on the fly.
+  int r = 1;
   // Tuning (exchange_tuner.hpp): with two or more candidates, each capacity bucket measures them
-  // and keeps the fastest; with one, that one runs. `algo` and `pipeline` are then ignored. Every candidate must be valid
+  // and keeps the fastest; with one, that one runs. `r`, `algo` and `pipeline` are then ignored. Every candidate must be valid
   // on its own (a 2DH candidate needs local_size to divide the group size). Every rank of the
   // group must pass the same candidates.
   TunerOptions tune;
@@ -149,6 +157,7 @@ class ExpertParallelLayer {
   // The fixed configuration (when not tuning).
   comm::AllToAllAlgo all_to_all_algo() const { return fixed_.algo; }
   int pipeline() const { return fixed_.pipeline; }
+  int parallelism() const { return fixed_.r; }
   // The tuner's dictionary; null when not tuning. Its entries() may be read from any thread.
   const ExchangeTuner* tuner() const { return tuner_.get(); }
   // Whether d > 1 overlaps exchanges with the expert GEMMs here (see ExpertParallelOptions).
@@ -258,6 +267,18 @@ class ExpertParallelLayer {
   // The tuner's part of a forward: the configuration for C, and the time of its run.
   ExchangeConfig config_for(int64_t C);
   Status record_run(int64_t C, int64_t nanoseconds);
+  // r = 0. The whole layer's expert tensors, [E, H, M], [E, H, O], [E, H], [E, O], at these
+  // offsets (floats) of gathered_ (weights) and full_grads_ (gradients); the fc2 bias slices of
+  // sharded experts pass through a [W, O_s] staging area after them.
+  struct WholeExperts {
+    int64_t fc1 = 0, fc2 = 0, fc1_bias = 0, fc2_bias = 0, fc2_bias_slices = 0, floats = 0;
+  };
+  WholeExperts whole_experts() const;
+  ExpertWeights whole_view(const DeviceBuffer& buf) const;
+  // Every rank's slices of the expert weights, gathered into gathered_ (collective).
+  Status gather_experts(const LayerWeights& local);
+  // full_grads_ summed over the group, each rank's slices added to its local_grads (collective).
+  Status scatter_expert_grads(const LayerWeights& local_grads);
   // Waits for the backend's queued ops before a collective reads what they wrote.
   Status collective_ready();
   // values[0..count) = their MAX over the group, through agreed_ (host in, host out).
@@ -296,6 +317,7 @@ class ExpertParallelLayer {
   DeviceBuffer expert_out_, workspace_;
   DeviceBuffer d_gates_, d_logits_, d_combined_, d_expert_out_, d_hidden_, d_expert_in_,
       d_dispatched_;
+  DeviceBuffer gathered_, full_grads_, grad_slice_;  // r = 0
 };
 
 }  // namespace tutel::graphs
