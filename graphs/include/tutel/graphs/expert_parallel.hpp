@@ -1,9 +1,10 @@
-// The MoE layer across an expert-parallel group (DESIGN §2 steps 4, 7, 9; r = 1, any d,
-// a = linear or 2DH, or (a, d) chosen per capacity bucket by the tuner): each of W ranks holds
-// E/W experts (E ≥ W) or one shard of one expert along H (E < W, s = W/E shards per expert), the
-// gate is replicated, and all-to-alls move the dispatched tokens to their experts and the
-// results back. With d > 1 the expert phase runs in d chunks of the capacity (adaptive
-// pipelining; ExpertParallelOptions::pipeline, docs/decisions.md).
+// The MoE layer across an expert-parallel group (DESIGN §2 steps 4, 7, 9; r = 0 or 1, any d,
+// a = linear or 2DH, or (r, a, d) chosen per capacity bucket by the tuner): each of W ranks
+// holds E/W experts (E ≥ W) or one shard of one expert along H (E < W, s = W/E shards per
+// expert), the gate is replicated, and with r = 1 all-to-alls move the dispatched tokens to their
+// experts and the results back; with r = 0 the ranks gather every expert's weights instead.
+// With d > 1 the expert phase runs in d chunks of the capacity (adaptive pipelining;
+// ExpertParallelOptions, docs/decisions.md).
 //
 // Every rank's output and gradients equal those of one process holding all E experts run on
 // that rank's tokens with the group's capacity (tests/graphs/expert_parallel_test.cpp).
