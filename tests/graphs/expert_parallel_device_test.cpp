@@ -798,12 +798,14 @@ INSTANTIATE_TEST_SUITE_P(Groups, ExpertParallelOnDevice, ::testing::ValuesIn(dev
 // kGraphs: the daemon's way on a GPU: NCCL enqueues on the backend's stream without waiting, and
 // the layer's phases are CUDA graphs with the NCCL calls captured inside (make_phase_runner),
 // over kGraphRounds rounds so that graphs are captured and launched again.
-void run_on_cuda(DeviceRun how) {
+void run_on_cuda(DeviceRun how, int pipeline = 1, int r = 1) {
   ::setenv("UCX_NET_DEVICES", "lo", 1);
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
-  const DeviceCase c{"OneRank", 1, 4, 32, 0, 2, 1.0, Activation::kGelu, {{40}, {27}}};
+  DeviceCase c{"OneRank", 1, 4, 32, 0, 2, 1.0, Activation::kGelu, {{40}, {27}}};
+  c.pipeline = pipeline;
+  c.r = r;
   const LayerSpec spec = spec_of(c);
   const int64_t M = spec.model_dim, O = spec.out_dim();
   ref::Params p;
@@ -880,6 +882,21 @@ TEST(ExpertParallelOnCuda, OneRankInCudaGraphsWithNcclInsideMatchesTheCpuBackend
   if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: compiled, not run";
   if (!comm::nccl_available()) GTEST_SKIP() << "this build has no NCCL";
   run_on_cuda(DeviceRun::kGraphs);
+}
+
+// Three chunks (d = 3: their NCCL all-to-alls in order on the stream, inside the graphs), and
+// r = 0 (an NCCL all-gather of the weights and a reduce-scatter of their gradients, captured).
+TEST(ExpertParallelOnCuda, OneRankPipelinedAndDataParallelInCudaGraphsMatchTheCpuBackend) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: compiled, not run";
+  if (!comm::nccl_available()) GTEST_SKIP() << "this build has no NCCL";
+  {
+    SCOPED_TRACE("d = 3");
+    run_on_cuda(DeviceRun::kGraphs, /*pipeline=*/3);
+  }
+  {
+    SCOPED_TRACE("r = 0");
+    run_on_cuda(DeviceRun::kGraphs, /*pipeline=*/1, /*r=*/0);
+  }
 }
 
 }  // namespace
