@@ -226,6 +226,21 @@ LayerSpec small_spec(int64_t experts, int k, double f) {
   return spec;
 }
 
+// Group rank r's last part of a test: a training forward of x [S, M] into y, its backward
+// into dx, an optimizer step, and a checkpoint "after_r<r>.safetensors" for expect_applied_step.
+Status forward_backward_step_save(client::Layer& layer, int r, const MicroBatch& mb, int64_t M, int64_t O,
+                                  std::vector<float>& y, std::vector<float>& dx, client::ForwardInfo* info) {
+  const int64_t S = static_cast<int64_t>(mb.xs[r].size()) / M;
+  std::vector<float> x = to_f32(mb.xs[r]), dy = to_f32(mb.dys[r]);
+  y.resize(S * O);
+  dx.resize(S * M);
+  Status st = layer.forward(x.data(), S, y.data(), info);
+  if (st.ok()) st = layer.backward(dy.data(), mb.dl_aux, dx.data());
+  if (st.ok()) st = layer.step().status();
+  if (st.ok()) st = layer.save("after_r" + std::to_string(r) + ".safetensors").status();
+  return st;
+}
+
 TEST_P(ExpertParallelDaemons, EveryRankMatchesTheSingleProcessLayer) {
   const GroupCase& c = GetParam();
   const int D = c.daemons, R = c.ranks_per_daemon, W = D * R;
@@ -263,15 +278,7 @@ TEST_P(ExpertParallelDaemons, EveryRankMatchesTheSingleProcessLayer) {
       if (!client.ok()) return void(o.status = client.status());
       auto layer = client->create_layer(group_layer_spec(body, port, W, r, R, c.all_to_all));
       if (!layer.ok()) return void(o.status = layer.status());
-      const int64_t S = c.tokens[r];
-      std::vector<float> x = to_f32(mb.xs[r]), dy = to_f32(mb.dys[r]);
-      o.y.resize(S * O);
-      o.dx.resize(S * M);
-      Status st = layer->forward(x.data(), S, o.y.data(), &o.info);
-      if (st.ok()) st = layer->backward(dy.data(), mb.dl_aux, o.dx.data());
-      if (st.ok()) st = layer->step().status();
-      if (st.ok()) st = layer->save("after_r" + std::to_string(r) + ".safetensors").status();
-      o.status = st;
+      o.status = forward_backward_step_save(*layer, r, mb, M, O, o.y, o.dx, &o.info);
     });
   }
   for (auto& t : threads) t.join();
@@ -510,19 +517,13 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
           body, port, W, r, R, "auto", "r = \"auto\"\npipeline = \"auto\"\ntune_warmups = 0\ntune_trials = 1\n"));
       if (!layer.ok()) return void(o.status = layer.status());
       const int64_t S = tokens[r];
-      std::vector<float> x = to_f32(mb.xs[r]), dy = to_f32(mb.dys[r]);
+      std::vector<float> x = to_f32(mb.xs[r]);
       o.y_infer.assign(kInferences, std::vector<float>(S * O));
       o.info.resize(kInferences + 1);
       for (int i = 0; i < kInferences; ++i)
         if (Status st = layer->infer(x.data(), S, o.y_infer[i].data(), &o.info[i]); !st.ok())
           return void(o.status = st);
-      o.y.resize(S * O);
-      o.dx.resize(S * M);
-      Status st = layer->forward(x.data(), S, o.y.data(), &o.info[kInferences]);
-      if (st.ok()) st = layer->backward(dy.data(), mb.dl_aux, o.dx.data());
-      if (st.ok()) st = layer->step().status();
-      if (st.ok()) st = layer->save("after_r" + std::to_string(r) + ".safetensors").status();
-      o.status = st;
+      o.status = forward_backward_step_save(*layer, r, mb, M, O, o.y, o.dx, &o.info[kInferences]);
     });
   }
   for (auto& t : threads) t.join();
