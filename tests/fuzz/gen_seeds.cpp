@@ -82,6 +82,10 @@ size = 4
 rank = 1
 local_size = 2
 all_to_all = "2dh"
+r = "auto"
+pipeline = 4
+tune_warmups = 0
+tune_trials = 3
 bootstrap_timeout_ms = 1000
 collective_timeout_ms = 500
 )";
@@ -324,8 +328,16 @@ void client_seeds() {
       {"cluster", {{"nodes", json::array({json{{"node", 0}, {"address", "127.0.0.1:7100"}, {"first_rank", 0},
                                                {"ranks", 2}, {"state", "up"}, {"self", true}, {"silent_ms", 3},
                                                {"last_error", ""}}})}}},
-      {"groups", json::array({json{{"tenant", "a"}, {"layer", "g"}, {"rank", 0}, {"size", 2},
-                                   {"all_to_all", "linear"}, {"state", "down"}, {"last_error", "boom"},
+      {"groups", json::array({json{{"tenant", "a"}, {"layer", "g"}, {"rank", 0}, {"size", 2}, {"r", "auto"},
+                                   {"all_to_all", "auto"}, {"pipeline", "auto"},
+                                   {"tuner_candidates", json::array({json{{"r", 0}, {"all_to_all", "linear"}, {"pipeline", 1}},
+                                                                     json{{"r", 1}, {"all_to_all", "2dh"}, {"pipeline", 2}}})},
+                                   {"tuner", json::array({json{{"capacity_bucket", 64}, {"state", "decided"},
+                                                               {"rounds_done", 3}, {"r", 0}, {"all_to_all", "linear"},
+                                                               {"pipeline", 1}, {"total_ns", json::array({1000, 2000})}},
+                                                          json{{"capacity_bucket", 128}, {"state", "measuring"},
+                                                               {"rounds_done", 1}}})},
+                                   {"state", "down"}, {"last_error", "boom"},
                                    {"peers", json::array({json{{"rank", 1}, {"address", "x"}, {"via", "ucx"},
                                                                {"state", "up"}, {"bytes_sent", 10},
                                                                {"bytes_received", 20}}})}}})}};
