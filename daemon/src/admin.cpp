@@ -93,7 +93,9 @@ json DaemonImpl::peers_json() const {
     // the group's agreed time of each candidate over the counted runs.
     json candidates = json::array(), tuner = json::array();
     for (const graphs::ExchangeConfig& c : ref.layer->group_tuner_candidates())
-      candidates.push_back({{"r", c.r}, {"all_to_all", std::string(comm::to_string(c.algo))}, {"pipeline", c.pipeline}});
+      candidates.push_back({{"r", c.r},
+                            {"all_to_all", std::string(comm::to_string(c.algo))},
+                            {"pipeline", c.pipeline}});
     for (const graphs::TunerEntry& e : ref.layer->group_tuner()) {
       json entry = {{"capacity_bucket", e.capacity_bucket},
                     {"state", e.decided ? "decided" : "measuring"},
@@ -106,19 +108,20 @@ json DaemonImpl::peers_json() const {
       }
       tuner.push_back(std::move(entry));
     }
-    groups.push_back({{"tenant", ref.layer->tenant()},
-                      {"layer", ref.layer->name()},
-                      {"coordinator", g->coordinator_host + ":" + std::to_string(g->coordinator_port)},
-                      {"rank", g->rank},
-                      {"size", g->size},
-                      {"r", g->r ? json(*g->r) : json("auto")},
-                      {"all_to_all", g->all_to_all ? std::string(comm::to_string(*g->all_to_all)) : "auto"},
-                      {"pipeline", g->pipeline ? json(*g->pipeline) : json("auto")},
-                      {"tuner_candidates", candidates},
-                      {"tuner", tuner},
-                      {"state", error.empty() ? "up" : "down"},
-                      {"last_error", error},
-                      {"peers", peers}});
+    groups.push_back(
+        {{"tenant", ref.layer->tenant()},
+         {"layer", ref.layer->name()},
+         {"coordinator", g->coordinator_host + ":" + std::to_string(g->coordinator_port)},
+         {"rank", g->rank},
+         {"size", g->size},
+         {"r", g->r ? json(*g->r) : json("auto")},
+         {"all_to_all", g->all_to_all ? std::string(comm::to_string(*g->all_to_all)) : "auto"},
+         {"pipeline", g->pipeline ? json(*g->pipeline) : json("auto")},
+         {"tuner_candidates", candidates},
+         {"tuner", tuner},
+         {"state", error.empty() ? "up" : "down"},
+         {"last_error", error},
+         {"peers", peers}});
   }
   return {{"cluster", cluster}, {"groups", groups}};
 }

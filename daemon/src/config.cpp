@@ -140,7 +140,8 @@ Status get_milliseconds(const Scope& s, std::string_view key, std::chrono::milli
 }
 
 // An integer in [lo, hi], or "auto" (none: the tuner chooses). Absent: `out` stays.
-Status get_int_or_auto(const Scope& s, std::string_view key, int lo, int hi, std::optional<int>& out) {
+Status get_int_or_auto(const Scope& s, std::string_view key, int lo, int hi,
+                       std::optional<int>& out) {
   const toml::node* n = s.find(key);
   if (n == nullptr) return Status::OK();
   if (const auto* text = n->as_string(); text != nullptr && text->get() == "auto") {
@@ -149,8 +150,9 @@ Status get_int_or_auto(const Scope& s, std::string_view key, int lo, int hi, std
   }
   const auto* v = n->as_integer();
   if (v == nullptr || v->get() < lo || v->get() > hi)
-    return s.error(*n, key, "expected an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) +
-                                "] or \"auto\", got " + describe(*n));
+    return s.error(*n, key,
+                   "expected an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                       "] or \"auto\", got " + describe(*n));
   out = static_cast<int>(v->get());
   return Status::OK();
 }
@@ -160,9 +162,9 @@ Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
                                                          "(group = { coordinator = \"127.0.0.1:7000\", size = 2, rank = 0 })"));
   if (t == nullptr) return Status::OK();
   const Scope s = layer.child(*t, layer.key_path("group"), "the group table");
-  TUTEL_RETURN_IF_ERROR(s.check_keys({"coordinator", "name", "size", "rank", "local_size", "all_to_all",
-                                      "r", "pipeline", "tune_warmups", "tune_trials", "bootstrap_timeout_ms",
-                                      "collective_timeout_ms"}));
+  TUTEL_RETURN_IF_ERROR(s.check_keys({"coordinator", "name", "size", "rank", "local_size",
+                                      "all_to_all", "r", "pipeline", "tune_warmups", "tune_trials",
+                                      "bootstrap_timeout_ms", "collective_timeout_ms"}));
   GroupConfig g;
   if (s.find("name") != nullptr) TUTEL_RETURN_IF_ERROR(get_name(s, "name", "a group name", g.name));
   if (s.find("coordinator") == nullptr && g.name.empty())
@@ -175,12 +177,14 @@ Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
   TUTEL_RETURN_IF_ERROR(get_int(s, "rank", 0, (1 << 20) - 1, g.rank, true));
   if (g.rank >= g.size) return s.error_near("rank", "rank " + std::to_string(g.rank) + " is not below size " + std::to_string(g.size));
   TUTEL_RETURN_IF_ERROR(get_int(s, "local_size", 1, 1 << 20, g.local_size));
-  const auto algo_or_auto = [](std::string_view v) -> std::optional<std::optional<comm::AllToAllAlgo>> {
+  const auto algo_or_auto =
+      [](std::string_view v) -> std::optional<std::optional<comm::AllToAllAlgo>> {
     if (v == "auto") return std::optional<comm::AllToAllAlgo>();
     if (auto a = comm::parse_all_to_all_algo(v)) return std::optional<comm::AllToAllAlgo>(*a);
     return std::nullopt;
   };
-  TUTEL_RETURN_IF_ERROR(get_enum(s, "all_to_all", "\"linear\", \"2dh\", \"auto\"", algo_or_auto, g.all_to_all));
+  TUTEL_RETURN_IF_ERROR(
+      get_enum(s, "all_to_all", "\"linear\", \"2dh\", \"auto\"", algo_or_auto, g.all_to_all));
   TUTEL_RETURN_IF_ERROR(get_int_or_auto(s, "pipeline", 1, graphs::kMaxPipeline, g.pipeline));
   TUTEL_RETURN_IF_ERROR(get_int_or_auto(s, "r", 0, 1, g.r));
   TUTEL_RETURN_IF_ERROR(get_int(s, "tune_warmups", 0, 100, g.tune_warmups));
@@ -618,7 +622,8 @@ std::string format_layer_spec(const LayerDefinition& def) {
     out << "size = " << g.size << "\n"
         << "rank = " << g.rank << "\n"
         << "local_size = " << g.local_size << "\n"
-        << "all_to_all = " << toml_string(g.all_to_all ? std::string(comm::to_string(*g.all_to_all)) : "auto") << "\n"
+        << "all_to_all = "
+        << toml_string(g.all_to_all ? std::string(comm::to_string(*g.all_to_all)) : "auto") << "\n"
         << "r = " << (g.r ? std::to_string(*g.r) : toml_string("auto")) << "\n"
         << "pipeline = " << (g.pipeline ? std::to_string(*g.pipeline) : toml_string("auto")) << "\n"
         << "tune_warmups = " << g.tune_warmups << "\n"

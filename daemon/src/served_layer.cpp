@@ -126,7 +126,8 @@ Status ServedLayer::join_group() {
   if (!g.r || !g.all_to_all || !g.pipeline) {
     // "auto": measured per capacity bucket. Chunks overlap the GEMMs on the CPU backend only
     // (ExpertParallelOptions::pipeline), so on a GPU the tuner measures d = 1 alone.
-    options.tune.candidates = graphs::auto_candidates(g.r, g.all_to_all, g.pipeline, g.size, g.local_size, !on_gpu);
+    options.tune.candidates =
+        graphs::auto_candidates(g.r, g.all_to_all, g.pipeline, g.size, g.local_size, !on_gpu);
     options.tune.warmups = g.tune_warmups;
     options.tune.trials = g.tune_trials;
   }

@@ -90,8 +90,10 @@ Status ExchangeWorker::run(int chunks, const ChunkStage& in, const ChunkStage& c
     }
     compute_status = compute(j);
     std::lock_guard<std::mutex> lock(mu_);
-    if (!compute_status.ok()) failed_ = true;
-    else ++computed_;
+    if (!compute_status.ok())
+      failed_ = true;
+    else
+      ++computed_;
     cv_.notify_all();
     if (failed_) break;
   }

@@ -17,12 +17,15 @@ std::vector<ExchangeConfig> auto_candidates(std::optional<int> r,
                                             int local_size, bool chunks_overlap) {
   if (r == 0) return {kDataParallel};
   std::vector<comm::AllToAllAlgo> algos{comm::AllToAllAlgo::kLinear};
-  if (algo) algos = {*algo};
+  if (algo)
+    algos = {*algo};
   else if (local_size > 1 && local_size < group_size && group_size % local_size == 0)
     algos.push_back(comm::AllToAllAlgo::k2DH);
   std::vector<int> pipelines{1};
-  if (pipeline) pipelines = {*pipeline};
-  else if (chunks_overlap) pipelines = {1, 2, 4};
+  if (pipeline)
+    pipelines = {*pipeline};
+  else if (chunks_overlap)
+    pipelines = {1, 2, 4};
   std::vector<ExchangeConfig> out;
   if (!r && group_size > 1) out.push_back(kDataParallel);
   for (comm::AllToAllAlgo a : algos)
@@ -39,8 +42,9 @@ Result<ExchangeTuner> ExchangeTuner::create(TunerOptions options) {
                                    " candidates, got " + std::to_string(options.candidates.size()));
   for (const ExchangeConfig& c : options.candidates)
     if (c.r != 0 && c.r != 1)
-      return Status::InvalidArgument("parallelism r = " + std::to_string(c.r) +
-                                     " is not built: r is 0 (data parallel) or 1 (expert parallel)");
+      return Status::InvalidArgument(
+          "parallelism r = " + std::to_string(c.r) +
+          " is not built: r is 0 (data parallel) or 1 (expert parallel)");
     else if (c.pipeline < 1 || c.pipeline > kMaxPipeline)
       return Status::InvalidArgument("pipeline degree " + std::to_string(c.pipeline) +
                                      " is outside [1, " + std::to_string(kMaxPipeline) + "]");

@@ -119,8 +119,9 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
           : std::vector<ExchangeConfig>{{options.algo, options.pipeline, options.r}};
   for (const ExchangeConfig& c : configs) {
     if (c.r != 0 && c.r != 1)
-      return Status::InvalidArgument("parallelism r = " + std::to_string(c.r) +
-                                     " is not built: r is 0 (data parallel) or 1 (expert parallel)");
+      return Status::InvalidArgument(
+          "parallelism r = " + std::to_string(c.r) +
+          " is not built: r is 0 (data parallel) or 1 (expert parallel)");
     if (c.r == 0) continue;  // no all-to-all, no chunks
     if (c.algo == comm::AllToAllAlgo::k2DH && comm.size() % comm.local_size() != 0)
       return Status::InvalidArgument(
@@ -250,8 +251,8 @@ Status ExpertParallelLayer::to_tokens(const float* expert_side, float* token_sid
     if (ch.Cj == ch.C) return comm_->all_to_all(send_.data(), token_side, El * part * 4, algo);
     TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send_.data(), recv_.data(), El * part * 4, algo));
     for (int64_t e = 0; e < E; ++e)
-      TUTEL_RETURN_IF_ERROR(backend_->copy(token_part(e), fp(recv_) + e * part, part * 4,
-                                           CopyKind::kDeviceToDevice));
+      TUTEL_RETURN_IF_ERROR(
+          backend_->copy(token_part(e), fp(recv_) + e * part, part * 4, CopyKind::kDeviceToDevice));
     return Status::OK();
   }
   float* recv = fp(recv_);
@@ -264,8 +265,8 @@ Status ExpertParallelLayer::to_tokens(const float* expert_side, float* token_sid
         backend_->copy(dst, recv + e * s * part, part * 4, CopyKind::kDeviceToDevice));
     const TensorView sum(dst, DType::kF32, part_shape, backend_->device());
     for (int64_t j = 1; j < s; ++j)
-      TUTEL_RETURN_IF_ERROR(backend_->add(sum, TensorView(recv + (e * s + j) * part, DType::kF32,
-                                                          part_shape, backend_->device())));
+      TUTEL_RETURN_IF_ERROR(backend_->add(
+          sum, TensorView(recv + (e * s + j) * part, DType::kF32, part_shape, backend_->device())));
   }
   return Status::OK();
 }
@@ -380,10 +381,9 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
 Status ExpertParallelLayer::refuse(Status why) {
   // The step's scratch may have grown part way before the refusal; what it holds is no later
   // call's, so it goes back (to the tenant's quota too) and grows again when a step needs it.
-  for (DeviceBuffer* b :
-       {&dispatched_, &send_, &recv_, &expert_out_, &workspace_, &d_gates_, &d_logits_,
-        &d_combined_, &d_expert_out_, &d_hidden_, &d_expert_in_, &d_dispatched_, &gathered_,
-        &full_grads_, &grad_slice_})
+  for (DeviceBuffer* b : {&dispatched_, &send_, &recv_, &expert_out_, &workspace_, &d_gates_,
+                          &d_logits_, &d_combined_, &d_expert_out_, &d_hidden_, &d_expert_in_,
+                          &d_dispatched_, &gathered_, &full_grads_, &grad_slice_})
     if (b->data()) {
       b->reset();
       ++epoch_;
@@ -463,7 +463,8 @@ ExpertParallelLayer::WholeExperts ExpertParallelLayer::whole_experts() const {
   if (spec_.has_fc1_bias) w.fc1_bias = std::exchange(at, at + E * H);
   if (spec_.has_fc2_bias) {
     w.fc2_bias = std::exchange(at, at + E * O);
-    if (shard_.shards > 1) w.fc2_bias_slices = std::exchange(at, at + shard_.world * shard_.out_shard);
+    if (shard_.shards > 1)
+      w.fc2_bias_slices = std::exchange(at, at + shard_.world * shard_.out_shard);
   }
   w.floats = at;
   return w;
@@ -514,9 +515,8 @@ Status ExpertParallelLayer::scatter_expert_grads(const LayerWeights& local_grads
   float* whole = fp(full_grads_);
   auto scatter = [&](const TensorView& mine, const float* full) -> Status {
     TUTEL_RETURN_IF_ERROR(collective_ready());
-    TUTEL_RETURN_IF_ERROR(comm_->reduce_scatter(full, fp(grad_slice_),
-                                                static_cast<size_t>(mine.numel()),
-                                                comm::ReduceOp::kSum));
+    TUTEL_RETURN_IF_ERROR(comm_->reduce_scatter(
+        full, fp(grad_slice_), static_cast<size_t>(mine.numel()), comm::ReduceOp::kSum));
     return backend_->add(mine, f32(grad_slice_, mine.shape()));
   };
   const ExpertWeights& g = local_grads.experts;
@@ -527,8 +527,8 @@ Status ExpertParallelLayer::scatter_expert_grads(const LayerWeights& local_grads
   if (shard_.shards == 1) return scatter(g.fc2_bias, whole + w.fc2_bias);
   // [E][O] → [E][s·O_s], zero in the padding columns (which have no gradient).
   const int64_t O = spec_.out_dim(), row = shard_.shards * shard_.out_shard;
-  TUTEL_RETURN_IF_ERROR(backend_->fill_zero(f32_at(full_grads_, w.fc2_bias_slices,
-                                                   {shard_.world * shard_.out_shard})));
+  TUTEL_RETURN_IF_ERROR(backend_->fill_zero(
+      f32_at(full_grads_, w.fc2_bias_slices, {shard_.world * shard_.out_shard})));
   for (int64_t e = 0; e < spec_.experts; ++e)
     TUTEL_RETURN_IF_ERROR(backend_->copy(whole + w.fc2_bias_slices + e * row,
                                          whole + w.fc2_bias + e * O, O * sizeof(float),
@@ -860,8 +860,8 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
                                  chunk(C, chunks, j), M, config.algo);
               }));
         }
-        TUTEL_RETURN_IF_ERROR(b.encode_backward({f32(*d_dispatched, {E, C, M}), xv, gates, idx,
-                                                 loc, C, spec_.is_postscore, dx, d_gates}));
+        TUTEL_RETURN_IF_ERROR(b.encode_backward({f32(*d_dispatched, {E, C, M}), xv, gates, idx, loc,
+                                                 C, spec_.is_postscore, dx, d_gates}));
         return b.gate_backward({xv, local.gate_weight, scores, idx, d_gates, dl_aux,
                                 spec_.normalize_gate, f32(d_logits_, {S, E}), dx,
                                 local_grads.gate_weight});

@@ -913,22 +913,24 @@ TEST(LayerSpecGroupTest, ParsesAndRoundTrips) {
 
 // all_to_all and pipeline: a value, or "auto" (the tuner chooses); both round-trip.
 TEST(LayerSpecGroupTest, PipelineAndAutoParseAndRoundTrip) {
-  const std::string base = "name = \"g\"\nexperts = 4\nmodel_dim = 8\nhidden = 8\ninit_seed = 1\n"
-                           "[group]\ncoordinator = \"127.0.0.1:7001\"\nsize = 4\nrank = 1\nlocal_size = 2\n";
+  const std::string base =
+      "name = \"g\"\nexperts = 4\nmodel_dim = 8\nhidden = 8\ninit_seed = 1\n"
+      "[group]\ncoordinator = \"127.0.0.1:7001\"\nsize = 4\nrank = 1\nlocal_size = 2\n";
   struct Want {
     std::string text;
     std::optional<comm::AllToAllAlgo> algo;
     std::optional<int> pipeline;
     std::optional<int> r = 1;
   };
-  for (const Want& w : std::vector<Want>{{"", comm::AllToAllAlgo::kLinear, 1},
-                                         {"pipeline = 4\n", comm::AllToAllAlgo::kLinear, 4},
-                                         {"pipeline = 64\nall_to_all = \"2dh\"\n", comm::AllToAllAlgo::k2DH, 64},
-                                         {"all_to_all = \"auto\"\n", std::nullopt, 1},
-                                         {"pipeline = \"auto\"\n", comm::AllToAllAlgo::kLinear, std::nullopt},
-                                         {"all_to_all = \"auto\"\npipeline = \"auto\"\n", std::nullopt, std::nullopt},
-                                         {"r = 0\n", comm::AllToAllAlgo::kLinear, 1, 0},
-                                         {"r = \"auto\"\npipeline = 2\n", comm::AllToAllAlgo::kLinear, 2, std::nullopt}}) {
+  for (const Want& w : std::vector<Want>{
+           {"", comm::AllToAllAlgo::kLinear, 1},
+           {"pipeline = 4\n", comm::AllToAllAlgo::kLinear, 4},
+           {"pipeline = 64\nall_to_all = \"2dh\"\n", comm::AllToAllAlgo::k2DH, 64},
+           {"all_to_all = \"auto\"\n", std::nullopt, 1},
+           {"pipeline = \"auto\"\n", comm::AllToAllAlgo::kLinear, std::nullopt},
+           {"all_to_all = \"auto\"\npipeline = \"auto\"\n", std::nullopt, std::nullopt},
+           {"r = 0\n", comm::AllToAllAlgo::kLinear, 1, 0},
+           {"r = \"auto\"\npipeline = 2\n", comm::AllToAllAlgo::kLinear, 2, std::nullopt}}) {
     SCOPED_TRACE(w.text);
     Result<LayerDefinition> def = parse_layer_spec(base + w.text, "request");
     ASSERT_TRUE(def.ok()) << def.status();
@@ -941,7 +943,8 @@ TEST(LayerSpecGroupTest, PipelineAndAutoParseAndRoundTrip) {
     EXPECT_EQ(again->group->pipeline, w.pipeline);
     EXPECT_EQ(again->group->r, w.r);
   }
-  Result<LayerDefinition> tuned = parse_layer_spec(base + "all_to_all = \"auto\"\ntune_warmups = 0\ntune_trials = 5\n", "r");
+  Result<LayerDefinition> tuned =
+      parse_layer_spec(base + "all_to_all = \"auto\"\ntune_warmups = 0\ntune_trials = 5\n", "r");
   ASSERT_TRUE(tuned.ok()) << tuned.status();
   Result<LayerDefinition> again = parse_layer_spec(format_layer_spec(*tuned), "formatted");
   ASSERT_TRUE(again.ok()) << again.status();
@@ -971,19 +974,21 @@ TEST(LayerSpecGroupTest, BadGroupsNameTheKey) {
   EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\nall_to_all = \"Auto \"\n")
                 .find("\"linear\", \"2dh\", \"auto\""),
             std::string::npos);
-  EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\ntune_trials = 0\n").find("group.tune_trials"),
+  EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\ntune_trials = 0\n")
+                .find("group.tune_trials"),
             std::string::npos);
-  EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\ntune_warmups = -1\n").find("group.tune_warmups"),
+  EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\ntune_warmups = -1\n")
+                .find("group.tune_warmups"),
             std::string::npos);
   for (const char* bad : {"2", "-1", "1.0", "\"data\"", "false"}) {
-    const std::string message =
-        error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\nr = " + std::string(bad) + "\n");
+    const std::string message = error_of(
+        "coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\nr = " + std::string(bad) + "\n");
     EXPECT_NE(message.find("group.r"), std::string::npos) << bad << ": " << message;
     EXPECT_NE(message.find("[0, 1] or \"auto\""), std::string::npos) << bad << ": " << message;
   }
   for (const char* bad : {"0", "65", "-1", "2.0", "\"AUTO\"", "\"4\"", "true", "[2]"}) {
-    const std::string message =
-        error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\npipeline = " + std::string(bad) + "\n");
+    const std::string message = error_of(
+        "coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\npipeline = " + std::string(bad) + "\n");
     EXPECT_NE(message.find("group.pipeline"), std::string::npos) << bad << ": " << message;
   }
 }

@@ -63,10 +63,18 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // other exception, or a crash, is a finding.
   try {
     switch (mode) {
-      case 0: print_status(reparsed); break;
-      case 1: print_tenants(reparsed); break;
-      case 2: print_layers(reparsed); break;
-      case 3: print_plans(reparsed); break;
+      case 0:
+        print_status(reparsed);
+        break;
+      case 1:
+        print_tenants(reparsed);
+        break;
+      case 2:
+        print_layers(reparsed);
+        break;
+      case 3:
+        print_plans(reparsed);
+        break;
       case 4:
         print_peers(reparsed);
         print_sessions(reparsed);

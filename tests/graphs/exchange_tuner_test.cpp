@@ -39,7 +39,8 @@ TEST(ExchangeTuner, RefusesOptionsItCannotRun) {
     o.candidates[2].r = r;
     auto t = ExchangeTuner::create(o);
     ASSERT_FALSE(t.ok()) << r;
-    EXPECT_NE(t.status().message().find("r is 0 (data parallel) or 1"), std::string::npos) << t.status();
+    EXPECT_NE(t.status().message().find("r is 0 (data parallel) or 1"), std::string::npos)
+        << t.status();
   }
   TunerOptions many;
   many.candidates.assign(TunerOptions::kMaxCandidates + 1, {});

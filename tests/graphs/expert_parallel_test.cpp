@@ -108,7 +108,8 @@ std::vector<EpCase> cases() {
                     -0.8,
                     {20, 33, 41, 28},
                     Activation::kGelu}),
-      pipelined(4, {"PipelinedFourRanksOneExpertShardedInFour", 4, 1, 64, 1, 0.0, {10, 20, 30, 40}}),
+      pipelined(4,
+                {"PipelinedFourRanksOneExpertShardedInFour", 4, 1, 64, 1, 0.0, {10, 20, 30, 40}}),
       pipelined(2, two_dh(2, {"PipelinedTwoDhFourRanksShardedSilu",
                               4,
                               2,
@@ -773,7 +774,8 @@ TEST(ExpertParallelOptionsCheck, RefusesWhatCannotRunAndRunsASingleCandidate) {
         out[r].refused.push_back(ExpertParallelLayer::create(**backend, **comm, spec, o).status());
       }
       graphs::ExpertParallelOptions bad_candidate;
-      bad_candidate.tune.candidates = {{comm::AllToAllAlgo::kLinear, 2}, {comm::AllToAllAlgo::k2DH, 1}};
+      bad_candidate.tune.candidates = {{comm::AllToAllAlgo::kLinear, 2},
+                                       {comm::AllToAllAlgo::k2DH, 1}};
       out[r].refused.push_back(
           ExpertParallelLayer::create(**backend, **comm, spec, bad_candidate).status());
       graphs::ExpertParallelOptions single;

@@ -78,8 +78,9 @@ constexpr float kLr = 0.1f;
 // Group rank r's layer: `body` plus its [group] table, with `more` keys in it.
 std::string group_layer_spec(const std::string& body, uint16_t port, int W, int r, int local_size,
                              const std::string& all_to_all, const std::string& more = "") {
-  return "name = \"moe_r" + std::to_string(r) + "\"\n" + body + "\n[group]\ncoordinator = \"127.0.0.1:" +
-         std::to_string(port) + "\"\nsize = " + std::to_string(W) + "\nrank = " + std::to_string(r) +
+  return "name = \"moe_r" + std::to_string(r) + "\"\n" + body +
+         "\n[group]\ncoordinator = \"127.0.0.1:" + std::to_string(port) +
+         "\"\nsize = " + std::to_string(W) + "\nrank = " + std::to_string(r) +
          "\nlocal_size = " + std::to_string(local_size) + "\nall_to_all = \"" + all_to_all +
          "\"\nbootstrap_timeout_ms = 20000\ncollective_timeout_ms = 20000\n" + more;
 }
@@ -228,8 +229,9 @@ LayerSpec small_spec(int64_t experts, int k, double f) {
 
 // Group rank r's last part of a test: a training forward of x [S, M] into y, its backward
 // into dx, an optimizer step, and a checkpoint "after_r<r>.safetensors" for expect_applied_step.
-Status forward_backward_step_save(client::Layer& layer, int r, const MicroBatch& mb, int64_t M, int64_t O,
-                                  std::vector<float>& y, std::vector<float>& dx, client::ForwardInfo* info) {
+Status forward_backward_step_save(client::Layer& layer, int r, const MicroBatch& mb, int64_t M,
+                                  int64_t O, std::vector<float>& y, std::vector<float>& dx,
+                                  client::ForwardInfo* info) {
   const int64_t S = static_cast<int64_t>(mb.xs[r].size()) / M;
   std::vector<float> x = to_f32(mb.xs[r]), dy = to_f32(mb.dys[r]);
   y.resize(S * O);
@@ -378,7 +380,8 @@ TEST_P(ExpertParallelDaemonsInFlight, BackwardsInReverseOrderThenStepMatchTheRef
       const DaemonProcess& daemon = *daemons[r / R];
       auto client = client::Client::connect(daemon.client_socket());
       if (!client.ok()) return void(o.status = client.status());
-      auto layer = client->create_layer(group_layer_spec(body, port, W, r, R, c.all_to_all, c.more_group_keys));
+      auto layer = client->create_layer(
+          group_layer_spec(body, port, W, r, R, c.all_to_all, c.more_group_keys));
       if (!layer.ok()) return void(o.status = layer.status());
       std::vector<std::vector<float>> x(kMicroBatches), dy(kMicroBatches);
       o.y.resize(kMicroBatches);
@@ -468,17 +471,20 @@ INSTANTIATE_TEST_SUITE_P(
 // This daemon's groups as `tutelctl peers --json` lists them.
 nlohmann::json admin_groups(const DaemonProcess& d) {
   const std::string text =
-      run_command(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json peers", false).second;
+      run_command(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json peers",
+                  false)
+          .second;
   const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   return j.is_object() ? j.value("groups", nlohmann::json::array()) : nlohmann::json::array();
 }
 
 // r = "auto", all_to_all = "auto", pipeline = "auto" on two daemons of two ranks each (two nodes
-// of two: r = 0, and r = 1 with both all-to-alls and d = 1, 2, 4 are candidates). Each rank's client runs the same micro-batch as
-// inference forwards, enough for the tuner to measure every candidate once (tune_warmups = 0,
-// tune_trials = 1) and then run its choice, then a training forward, backward and step. Every
-// output matches the reference whichever candidate ran it; every rank's tuner (tutelctl peers)
-// holds one decided bucket with the same choice and the same agreed times; tutelctl prints them.
+// of two: r = 0, and r = 1 with both all-to-alls and d = 1, 2, 4 are candidates). Each rank's
+// client runs the same micro-batch as inference forwards, enough for the tuner to measure every
+// candidate once (tune_warmups = 0, tune_trials = 1) and then run its choice, then a training
+// forward, backward and step. Every output matches the reference whichever candidate ran it; every
+// rank's tuner (tutelctl peers) holds one decided bucket with the same choice and the same agreed
+// times; tutelctl prints them.
 TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults) {
   const int D = 2, R = 2, W = D * R;
   const std::vector<int64_t> tokens{16, 25, 12, 30};
@@ -514,7 +520,8 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
       auto client = client::Client::connect(daemons[r / R]->client_socket());
       if (!client.ok()) return void(o.status = client.status());
       auto layer = client->create_layer(group_layer_spec(
-          body, port, W, r, R, "auto", "r = \"auto\"\npipeline = \"auto\"\ntune_warmups = 0\ntune_trials = 1\n"));
+          body, port, W, r, R, "auto",
+          "r = \"auto\"\npipeline = \"auto\"\ntune_warmups = 0\ntune_trials = 1\n"));
       if (!layer.ok()) return void(o.status = layer.status());
       const int64_t S = tokens[r];
       std::vector<float> x = to_f32(mb.xs[r]);
@@ -536,11 +543,12 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
       SCOPED_TRACE("forward " + std::to_string(i));
       EXPECT_EQ(out[r].info[i].capacity, mb.capacity);
       EXPECT_EQ(out[r].info[i].dropped, mb.want[r].dropped);
-      EXPECT_TRUE(all_close("y", i < kInferences ? out[r].y_infer[i] : out[r].y, mb.want[r].y, 1e-4, 1e-5));
+      EXPECT_TRUE(
+          all_close("y", i < kInferences ? out[r].y_infer[i] : out[r].y, mb.want[r].y, 1e-4, 1e-5));
     }
     EXPECT_TRUE(all_close("dx", out[r].dx, mb.grads[r].dx, 1e-3, 1e-4));
-    expect_applied_step(daemons[r / R]->dir() + "/state/default/checkpoints/after_r" + std::to_string(r) +
-                            ".safetensors",
+    expect_applied_step(daemons[r / R]->dir() + "/state/default/checkpoints/after_r" +
+                            std::to_string(r) + ".safetensors",
                         spec, W, r, whole_host, grad_sum);
   }
 
@@ -553,7 +561,8 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
       EXPECT_EQ(g.value("r", nlohmann::json()), "auto");
       EXPECT_EQ(g.value("all_to_all", ""), "auto");
       EXPECT_EQ(g.value("pipeline", nlohmann::json()), "auto");
-      EXPECT_EQ(g.value("tuner_candidates", nlohmann::json::array()).size(), size_t{kCandidates}) << g.dump();
+      EXPECT_EQ(g.value("tuner_candidates", nlohmann::json::array()).size(), size_t{kCandidates})
+          << g.dump();
       tuner_of[rank] = g.value("tuner", nlohmann::json());
     }
   const int64_t bucket = graphs::ExchangeTuner::bucket_for(mb.capacity);
@@ -567,17 +576,21 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
     EXPECT_EQ(e, tuner_of[0][0]) << "rank " << r << " decided otherwise than rank 0";
   }
   // tutelctl's table names the choice.
-  const auto [rc, text] = run_command(std::string(TUTELCTL_BIN) + " --socket " + daemons[0]->admin_socket() + " peers");
+  const auto [rc, text] =
+      run_command(std::string(TUTELCTL_BIN) + " --socket " + daemons[0]->admin_socket() + " peers");
   EXPECT_EQ(rc, 0) << text;
-  EXPECT_NE(text.find("tuner (capacity bucket -> parallelism, all-to-all and pipeline)"), std::string::npos) << text;
+  EXPECT_NE(text.find("tuner (capacity bucket -> parallelism, all-to-all and pipeline)"),
+            std::string::npos)
+      << text;
   EXPECT_NE(text.find("decided"), std::string::npos) << text;
   const nlohmann::json& chosen = tuner_of[0][0];
   const std::string chosen_name = chosen.value("r", -1) == 0
                                       ? std::string("r=0")
-                                      : "a=" + chosen.value("all_to_all", std::string("?")) + " d=" +
-                                            std::to_string(chosen.value("pipeline", 0));
+                                      : "a=" + chosen.value("all_to_all", std::string("?")) +
+                                            " d=" + std::to_string(chosen.value("pipeline", 0));
   EXPECT_NE(text.find("decided  " + chosen_name), std::string::npos) << text;
-  for (int d = 0; d < D; ++d) EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << daemons[d]->log();
+  for (int d = 0; d < D; ++d)
+    EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << daemons[d]->log();
 }
 
 }  // namespace

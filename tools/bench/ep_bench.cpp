@@ -55,7 +55,8 @@ Result<int64_t> group_max(comm::Communicator& comm, int64_t mine) {
 
 // Median over `repeats` runs of `run`, each started together by every rank (a barrier), as the
 // group's slowest rank saw it.
-Result<int64_t> time_group(comm::Communicator& comm, int repeats, const std::function<Status()>& run) {
+Result<int64_t> time_group(comm::Communicator& comm, int repeats,
+                           const std::function<Status()>& run) {
   TUTEL_RETURN_IF_ERROR(run());  // warm-up: first-time allocations, oneDNN primitives
   std::vector<int64_t> ns;
   for (int i = 0; i < repeats; ++i) {
@@ -91,7 +92,8 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
   o.timeout = std::chrono::seconds(30);
   o.collective_timeout = std::chrono::seconds(120);
   TUTEL_ASSIGN_OR_RETURN(std::unique_ptr<comm::Communicator> comm, comm::ucx_bootstrap(o));
-  TUTEL_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, make_backend("cpu", {.threads = threads}));
+  TUTEL_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
+                         make_backend("cpu", {.threads = threads}));
   Backend& b = *backend;
 
   LayerSpec spec;
@@ -110,20 +112,25 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
   local.fc1_bias = random_vector(rng, El * Hs, 0.1);
   local.fc2 = random_vector(rng, El * Hs * O, 1.0 / std::sqrt(double(Hs)));
   local.fc2_bias = random_vector(rng, El * shard.out_shard, 0.1);
-  graphs::HostLayerParams grads{std::vector<float>(local.gate.size()), std::vector<float>(local.fc1.size()),
-                                std::vector<float>(local.fc1_bias.size()), std::vector<float>(local.fc2.size()),
-                                std::vector<float>(local.fc2_bias.size())};
+  graphs::HostLayerParams grads{
+      std::vector<float>(local.gate.size()), std::vector<float>(local.fc1.size()),
+      std::vector<float>(local.fc1_bias.size()), std::vector<float>(local.fc2.size()),
+      std::vector<float>(local.fc2_bias.size())};
   auto weights_of = [&](graphs::HostLayerParams& p) {
     LayerWeights w;
     w.gate_weight = TensorView(p.gate.data(), DType::kF32, {E, M});
-    w.experts.fc1_weight = TensorView(p.fc1.data(), DType::kF32, graphs::local_fc1_shape(spec, shard));
-    w.experts.fc1_bias = TensorView(p.fc1_bias.data(), DType::kF32, graphs::local_fc1_bias_shape(spec, shard));
-    w.experts.fc2_weight = TensorView(p.fc2.data(), DType::kF32, graphs::local_fc2_shape(spec, shard));
-    w.experts.fc2_bias = TensorView(p.fc2_bias.data(), DType::kF32, graphs::local_fc2_bias_shape(spec, shard));
+    w.experts.fc1_weight =
+        TensorView(p.fc1.data(), DType::kF32, graphs::local_fc1_shape(spec, shard));
+    w.experts.fc1_bias =
+        TensorView(p.fc1_bias.data(), DType::kF32, graphs::local_fc1_bias_shape(spec, shard));
+    w.experts.fc2_weight =
+        TensorView(p.fc2.data(), DType::kF32, graphs::local_fc2_shape(spec, shard));
+    w.experts.fc2_bias =
+        TensorView(p.fc2_bias.data(), DType::kF32, graphs::local_fc2_bias_shape(spec, shard));
     return w;
   };
-  std::vector<float> x = random_vector(rng, S * M, 1.0), dy = random_vector(rng, S * O, 1.0), y(S * O),
-                     dx(S * M);
+  std::vector<float> x = random_vector(rng, S * M, 1.0), dy = random_vector(rng, S * O, 1.0),
+                     y(S * O), dx(S * M);
   const TensorView xv(x.data(), DType::kF32, {S, M}), yv(y.data(), DType::kF32, {S, O}),
       dyv(dy.data(), DType::kF32, {S, O}), dxv(dx.data(), DType::kF32, {S, M});
 
@@ -138,24 +145,28 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
   TUTEL_ASSIGN_OR_RETURN(const int64_t gemm_ns, group_max(*comm, int64_t(gemms.seconds * 1e9)));
   // Floor 2: the forward's two all-to-alls alone (dispatch [E, C, M], combine [E, C, O]).
   std::vector<float> send(E * C * std::max(M, O), 1.f), recv(send.size());
-  TUTEL_ASSIGN_OR_RETURN(const int64_t a2a_ns, time_group(*comm, repeats, [&]() -> Status {
-                           const size_t chunk = size_t(E / W) * C;
-                           TUTEL_RETURN_IF_ERROR(comm->all_to_all(send.data(), recv.data(), chunk * M * 4,
-                                                                  comm::AllToAllAlgo::kLinear));
-                           return comm->all_to_all(send.data(), recv.data(), chunk * O * 4,
-                                                   comm::AllToAllAlgo::kLinear);
-                         }));
+  TUTEL_ASSIGN_OR_RETURN(
+      const int64_t a2a_ns, time_group(*comm, repeats, [&]() -> Status {
+        const size_t chunk = size_t(E / W) * C;
+        TUTEL_RETURN_IF_ERROR(
+            comm->all_to_all(send.data(), recv.data(), chunk * M * 4, comm::AllToAllAlgo::kLinear));
+        return comm->all_to_all(send.data(), recv.data(), chunk * O * 4,
+                                comm::AllToAllAlgo::kLinear);
+      }));
   if (rank == 0) {
     // One line per report: the pipe turns newlines into spaces.
     char line[256];
-    std::snprintf(line, sizeof line, "%s: S=%lld/rank M=%lld H=%lld E=%lld k=%d f=1 C=%lld, %d ranks x %d thread(s)",
+    std::snprintf(line, sizeof line,
+                  "%s: S=%lld/rank M=%lld H=%lld E=%lld k=%d f=1 C=%lld, %d ranks x %d thread(s)",
                   shape.name, (long long)S, (long long)M, (long long)shape.H, (long long)E, shape.k,
                   (long long)C, W, threads);
     report.line(line);
-    std::snprintf(line, sizeof line, "  floor: expert GEMMs %s (%.0f GFLOP/s per rank), all-to-alls there and back %s",
+    std::snprintf(line, sizeof line,
+                  "  floor: expert GEMMs %s (%.0f GFLOP/s per rank), all-to-alls there and back %s",
                   ms(gemm_ns).c_str(), gemms.gflops(), ms(a2a_ns).c_str());
     report.line(line);
-    std::snprintf(line, sizeof line, "         their sum %s (d = 1's best), the larger %s (perfect overlap)",
+    std::snprintf(line, sizeof line,
+                  "         their sum %s (d = 1's best), the larger %s (perfect overlap)",
                   ms(gemm_ns + a2a_ns).c_str(), ms(std::max(gemm_ns, a2a_ns)).c_str());
     report.line(line);
   }
@@ -174,18 +185,19 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
     TUTEL_ASSIGN_OR_RETURN(const int64_t fwd_ns, time_group(*comm, repeats, [&] {
                              return layer.forward(weights_of(local), xv, yv, nullptr);
                            }));
-    TUTEL_ASSIGN_OR_RETURN(const int64_t train_ns, time_group(*comm, repeats, [&]() -> Status {
-                             TUTEL_RETURN_IF_ERROR(layer.forward(weights_of(local), xv, yv, nullptr, &saved));
-                             return layer.backward(weights_of(local), dyv, 1.f, dxv, weights_of(grads), saved);
-                           }));
+    TUTEL_ASSIGN_OR_RETURN(
+        const int64_t train_ns, time_group(*comm, repeats, [&]() -> Status {
+          TUTEL_RETURN_IF_ERROR(layer.forward(weights_of(local), xv, yv, nullptr, &saved));
+          return layer.backward(weights_of(local), dyv, 1.f, dxv, weights_of(grads), saved);
+        }));
     if (rank == 0) {
       char line[256];
       std::snprintf(line, sizeof line,
                     "  %-16s%s  forward %s  / sum %.2f  / larger %.2f    forward+backward %s",
                     config.to_string().c_str(),
-                    layer.overlaps_chunks() || config.pipeline == 1 ? "" : " (in order)", ms(fwd_ns).c_str(),
-                    double(fwd_ns) / double(gemm_ns + a2a_ns), double(fwd_ns) / double(std::max(gemm_ns, a2a_ns)),
-                    ms(train_ns).c_str());
+                    layer.overlaps_chunks() || config.pipeline == 1 ? "" : " (in order)",
+                    ms(fwd_ns).c_str(), double(fwd_ns) / double(gemm_ns + a2a_ns),
+                    double(fwd_ns) / double(std::max(gemm_ns, a2a_ns)), ms(train_ns).c_str());
       report.line(line);
     }
   }
@@ -193,7 +205,8 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
   // The tuner: what "auto" would choose here.
   graphs::ExpertParallelOptions options;
   options.tune.candidates = graphs::auto_candidates({}, {}, {}, W, 1, true);
-  TUTEL_ASSIGN_OR_RETURN(graphs::ExpertParallelLayer tuned, graphs::ExpertParallelLayer::create(b, *comm, spec, options));
+  TUTEL_ASSIGN_OR_RETURN(graphs::ExpertParallelLayer tuned,
+                         graphs::ExpertParallelLayer::create(b, *comm, spec, options));
   const int64_t bucket = graphs::ExchangeTuner::bucket_for(C);
   int forwards = 0;
   while (tuned.tuner()->measuring(bucket) && forwards < 200) {
@@ -201,19 +214,20 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
     ++forwards;
   }
   if (rank == 0) {
-    std::string line = "  tuner (r, a and d auto, " + std::to_string(options.tune.warmups) + " warm-up and " +
-                       std::to_string(options.tune.trials) + " counted rounds): ";
+    std::string line = "  tuner (r, a and d auto, " + std::to_string(options.tune.warmups) +
+                       " warm-up and " + std::to_string(options.tune.trials) + " counted rounds): ";
     for (const graphs::TunerEntry& e : tuned.tuner()->entries()) {
       if (!e.decided) {
         line += "undecided after " + std::to_string(forwards) + " forwards";
         continue;
       }
-      line += "chose " + e.chosen.to_string() + " after " + std::to_string(forwards) + " forwards; agreed totals:";
+      line += "chose " + e.chosen.to_string() + " after " + std::to_string(forwards) +
+              " forwards; agreed totals:";
       const auto& c = tuned.tuner()->candidates();
       for (size_t i = 0; i < c.size(); ++i) {
         char part[64];
-        std::snprintf(part, sizeof part, "%s %s %.1f ms", i == 0 ? "" : ";", c[i].to_string().c_str(),
-                      e.total_ns[i] / 1e6);
+        std::snprintf(part, sizeof part, "%s %s %.1f ms", i == 0 ? "" : ";",
+                      c[i].to_string().c_str(), e.total_ns[i] / 1e6);
         line += part;
       }
     }
@@ -233,9 +247,12 @@ int run_ep_bench(const EpBenchOptions& options) {
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const int threads = std::max(1, cores / options.ranks);
   std::printf(
-      "tutel-bench ep: the expert-parallel layer (f32, CPU backend) on %d forked ranks, UCX over tcp/lo with "
-      "peer memory (two daemons' ranks on one host), medians of %d runs; the floors are measured by the same "
-      "ranks in the same run. / sum: forward over (GEMMs + all-to-alls); / larger: over the larger of the "
+      "tutel-bench ep: the expert-parallel layer (f32, CPU backend) on %d forked ranks, UCX over "
+      "tcp/lo with "
+      "peer memory (two daemons' ranks on one host), medians of %d runs; the floors are measured "
+      "by the same "
+      "ranks in the same run. / sum: forward over (GEMMs + all-to-alls); / larger: over the larger "
+      "of the "
       "two.\n\n",
       options.ranks, options.repeats);
   int exit_code = 0;
@@ -252,7 +269,8 @@ int run_ep_bench(const EpBenchOptions& options) {
     const Status st = run_ranks(
         options.ranks, "tcp,self",
         [&](int rank, const ReportPipe& report) {
-          return ep_rank(rank, options.ranks, threads, port, *shape, pipelines, options.repeats, report);
+          return ep_rank(rank, options.ranks, threads, port, *shape, pipelines, options.repeats,
+                         report);
         },
         [](const std::string& line) {
           std::printf("%s\n", line.c_str());

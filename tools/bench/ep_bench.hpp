@@ -5,10 +5,10 @@
 namespace tutel::bench {
 
 struct EpBenchOptions {
-  int ranks = 2;                         // W: forked ranks, each its own process (two daemons' ranks)
-  std::string shapes = "comm,compute";   // comm (H = 256: the exchange weighs) | compute (H = 2048)
-  std::string pipelines = "1,2,4";       // the d values timed
-  int repeats = 5;                       // timed runs per measurement (median)
+  int ranks = 2;  // W: forked ranks, each its own process (two daemons' ranks)
+  std::string shapes = "comm,compute";  // comm (H = 256: the exchange weighs) | compute (H = 2048)
+  std::string pipelines = "1,2,4";      // the d values timed
+  int repeats = 5;                      // timed runs per measurement (median)
 };
 
 // The expert-parallel layer across forked ranks (UCX over tcp/lo with peer memory, as two daemons

@@ -1,7 +1,6 @@
 // tutel-bench: benchmarks that print their result beside a ceiling measured in the same run.
 // Not tests: nothing here asserts; read the ratios.
 #include <CLI/CLI.hpp>
-
 #include <cstdio>
 
 #include "a2a_bench.hpp"
@@ -55,13 +54,22 @@ int main(int argc, char** argv) {
   a2a_cmd->add_option("--spin-us", a2a.spin_us, "the communicator's busy-poll before it sleeps (default: 50)");
 
   tutel::bench::EpBenchOptions ep;
-  CLI::App* ep_cmd = app.add_subcommand(
-      "ep", "the expert-parallel layer on forked ranks at each pipeline degree d, and the tuner's choice, vs its GEMM and all-to-all floors");
-  ep_cmd->add_option("--ranks", ep.ranks, "group size (forked ranks)")->check(CLI::PositiveNumber)->capture_default_str();
-  ep_cmd->add_option("--shapes", ep.shapes, "comm (H=256: the exchange weighs) | compute (H=2048), comma-separated")
+  CLI::App* ep_cmd =
+      app.add_subcommand("ep",
+                         "the expert-parallel layer on forked ranks at each pipeline degree d, and "
+                         "the tuner's choice, vs its GEMM and all-to-all floors");
+  ep_cmd->add_option("--ranks", ep.ranks, "group size (forked ranks)")
+      ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  ep_cmd->add_option("--pipelines", ep.pipelines, "pipeline degrees d to time, comma-separated")->capture_default_str();
-  ep_cmd->add_option("--repeats", ep.repeats, "timed runs per measurement")->check(CLI::PositiveNumber)->capture_default_str();
+  ep_cmd
+      ->add_option("--shapes", ep.shapes,
+                   "comm (H=256: the exchange weighs) | compute (H=2048), comma-separated")
+      ->capture_default_str();
+  ep_cmd->add_option("--pipelines", ep.pipelines, "pipeline degrees d to time, comma-separated")
+      ->capture_default_str();
+  ep_cmd->add_option("--repeats", ep.repeats, "timed runs per measurement")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
 
   CLI11_PARSE(app, argc, argv);
   if (ep_cmd->parsed()) return tutel::bench::run_ep_bench(ep);

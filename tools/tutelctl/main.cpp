@@ -210,11 +210,13 @@ void print_tuners(const json& groups) {
     if (!candidates.is_array() || candidates.empty()) continue;
     // "r=0" (data parallel: nothing else to choose), or "a=linear d=2" (expert parallel).
     auto name_of = [](const json& c) {
-      return field(c, "r") == "0" ? std::string("r=0") : "a=" + field(c, "all_to_all") + " d=" + field(c, "pipeline");
+      return field(c, "r") == "0" ? std::string("r=0")
+                                  : "a=" + field(c, "all_to_all") + " d=" + field(c, "pipeline");
     };
     std::vector<std::string> names;
     for (const json& c : candidates) names.push_back(name_of(c));
-    std::cout << "\n" << field(g, "tenant") << "/" << field(g, "layer") << " rank " << field(g, "rank")
+    std::cout << "\n"
+              << field(g, "tenant") << "/" << field(g, "layer") << " rank " << field(g, "rank")
               << ": tuner (capacity bucket -> parallelism, all-to-all and pipeline)\n";
     const json buckets = g.value("tuner", json::array());
     if (!buckets.is_array() || buckets.empty()) {
@@ -228,8 +230,10 @@ void print_tuners(const json& groups) {
     }
     for (const json& b : buckets) {
       const bool decided = field(b, "state") == "decided";
-      std::vector<std::string> row{field(b, "capacity_bucket"), decided ? "decided" : "measuring (round " + field(b, "rounds_done") + ")",
-                                   decided ? name_of(b) : "-"};
+      std::vector<std::string> row{
+          field(b, "capacity_bucket"),
+          decided ? "decided" : "measuring (round " + field(b, "rounds_done") + ")",
+          decided ? name_of(b) : "-"};
       const json totals = b.value("total_ns", json::array());
       for (size_t i = 0; i < names.size(); ++i) {
         const bool known = totals.is_array() && i < totals.size() && totals[i].is_number();
@@ -271,7 +275,8 @@ void print_peers(const json& reply) {
     return;
   }
   std::cout << "\n";
-  Table t{{"LAYER", "RANK", "R", "A2A", "D", "PEER", "ADDRESS", "VIA", "STATE", "SENT", "RECEIVED", "LAST ERROR"},
+  Table t{{"LAYER", "RANK", "R", "A2A", "D", "PEER", "ADDRESS", "VIA", "STATE", "SENT", "RECEIVED",
+           "LAST ERROR"},
           {true, false, false, true, false, false, true, true, true, false, false, true},
           {}};
   for (const json& g : groups) {
@@ -279,12 +284,13 @@ void print_peers(const json& reply) {
     const std::string rank = field(g, "rank") + "/" + field(g, "size");
     const json peers = g.value("peers", json::array());
     if (peers.empty())
-      t.rows.push_back({layer, rank, field(g, "r"), field(g, "all_to_all"), field(g, "pipeline"), "-", "-", "-", field(g, "state"), "-",
-                        "-", field(g, "last_error")});
+      t.rows.push_back({layer, rank, field(g, "r"), field(g, "all_to_all"), field(g, "pipeline"),
+                        "-", "-", "-", field(g, "state"), "-", "-", field(g, "last_error")});
     for (const json& p : peers)
-      t.rows.push_back({layer, rank, field(g, "r"), field(g, "all_to_all"), field(g, "pipeline"), field(p, "rank"), field(p, "address"),
-                        field(p, "via"), field(p, "state"), bytes_field(p, "bytes_sent"),
-                        bytes_field(p, "bytes_received"), field(p, "last_error")});
+      t.rows.push_back({layer, rank, field(g, "r"), field(g, "all_to_all"), field(g, "pipeline"),
+                        field(p, "rank"), field(p, "address"), field(p, "via"), field(p, "state"),
+                        bytes_field(p, "bytes_sent"), bytes_field(p, "bytes_received"),
+                        field(p, "last_error")});
   }
   t.print(std::cout);
   print_tuners(groups);

@@ -72,9 +72,9 @@ std::vector<ExchangeConfig> auto_candidates(std::optional<int> r,
 struct TunerEntry {
   int64_t capacity_bucket = 0;
   bool decided = false;
-  ExchangeConfig chosen;               // when decided
-  std::vector<int64_t> total_ns;       // per candidate: the group's agreed totals (when decided)
-  int rounds_done = 0;                 // while measuring
+  ExchangeConfig chosen;          // when decided
+  std::vector<int64_t> total_ns;  // per candidate: the group's agreed totals (when decided)
+  int rounds_done = 0;            // while measuring
 };
 
 class ExchangeTuner {

@@ -116,9 +116,9 @@ struct ExpertParallelOptions {
   // weights on the fly.
   int r = 1;
   // Tuning (exchange_tuner.hpp): with two or more candidates, each capacity bucket measures them
-  // and keeps the fastest; with one, that one runs. `r`, `algo` and `pipeline` are then ignored. Every candidate must be valid
-  // on its own (a 2DH candidate needs local_size to divide the group size). Every rank of the
-  // group must pass the same candidates.
+  // and keeps the fastest; with one, that one runs. `r`, `algo` and `pipeline` are then ignored.
+  // Every candidate must be valid on its own (a 2DH candidate needs local_size to divide the group
+  // size). Every rank of the group must pass the same candidates.
   TunerOptions tune;
   // Runs the step's phases, e.g. as CUDA graphs (make_phase_runner). Not owned: it must outlive
   // the layer and be used by no other. Null: op by op. Its graphs hold the communicator's
@@ -297,9 +297,9 @@ class ExpertParallelLayer {
   comm::Communicator* comm_;
   LayerSpec spec_;
   ExpertShard shard_;
-  ExchangeConfig fixed_;                  // when not tuning
-  std::unique_ptr<ExchangeTuner> tuner_;  // when tuning
-  bool overlap_ = false;                  // a worker exchanges while this thread computes
+  ExchangeConfig fixed_;                    // when not tuning
+  std::unique_ptr<ExchangeTuner> tuner_;    // when tuning
+  bool overlap_ = false;                    // a worker exchanges while this thread computes
   std::unique_ptr<ExchangeWorker> worker_;  // made at the first overlapped phase
   PhaseRunner* runner_;
   // The runner's graphs hold the communicator's collectives: dropped before it aborts.
