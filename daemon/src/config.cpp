@@ -177,14 +177,18 @@ Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
   TUTEL_RETURN_IF_ERROR(get_int(s, "rank", 0, (1 << 20) - 1, g.rank, true));
   if (g.rank >= g.size) return s.error_near("rank", "rank " + std::to_string(g.rank) + " is not below size " + std::to_string(g.size));
   TUTEL_RETURN_IF_ERROR(get_int(s, "local_size", 1, 1 << 20, g.local_size));
-  const auto algo_or_auto =
-      [](std::string_view v) -> std::optional<std::optional<comm::AllToAllAlgo>> {
-    if (v == "auto") return std::optional<comm::AllToAllAlgo>();
-    if (auto a = comm::parse_all_to_all_algo(v)) return std::optional<comm::AllToAllAlgo>(*a);
-    return std::nullopt;
-  };
-  TUTEL_RETURN_IF_ERROR(
-      get_enum(s, "all_to_all", "\"linear\", \"2dh\", \"auto\"", algo_or_auto, g.all_to_all));
+  if (const toml::node* n = s.find("all_to_all"); n != nullptr) {
+    const auto* text = n->as_string();
+    const std::optional<comm::AllToAllAlgo> algo =
+        text != nullptr ? comm::parse_all_to_all_algo(text->get()) : std::nullopt;
+    if (text != nullptr && text->get() == "auto")
+      g.all_to_all.reset();  // the tuner chooses
+    else if (algo)
+      g.all_to_all = *algo;
+    else
+      return s.error(*n, "all_to_all",
+                     "expected one of \"linear\", \"2dh\", \"auto\", got " + describe(*n));
+  }
   TUTEL_RETURN_IF_ERROR(get_int_or_auto(s, "pipeline", 1, graphs::kMaxPipeline, g.pipeline));
   TUTEL_RETURN_IF_ERROR(get_int_or_auto(s, "r", 0, 1, g.r));
   TUTEL_RETURN_IF_ERROR(get_int(s, "tune_warmups", 0, 100, g.tune_warmups));

@@ -87,7 +87,7 @@ TEST(ChunkPipeline, ExchangesRunInOneOrderWithAndWithoutTheWorker) {
 TEST(ChunkPipeline, TheFirstFailureStopsBothSidesAndIsReturned) {
   ExchangeWorker worker;
   const int d = 4;
-  for (const std::string& fail_at : {"in0", "in2", "compute1", "out0", "out3"}) {
+  for (const std::string fail_at : {"in0", "in2", "compute1", "out0", "out3"}) {
     SCOPED_TRACE(fail_at);
     for (bool overlap : {false, true}) {
       SCOPED_TRACE(overlap ? "worker" : "in order");
@@ -103,8 +103,12 @@ TEST(ChunkPipeline, TheFirstFailureStopsBothSidesAndIsReturned) {
       const std::vector<std::string> want = expected_exchanges(d);
       const size_t issued = log.exchanges.size();
       EXPECT_TRUE(std::equal(log.exchanges.begin(), log.exchanges.end(), want.begin()));
-      if (fail_at.rfind("compute", 0) != 0) EXPECT_EQ(log.exchanges.back(), fail_at);
-      if (fail_at == "in0") EXPECT_TRUE(log.computes.empty());
+      if (fail_at.rfind("compute", 0) != 0) {
+        EXPECT_EQ(log.exchanges.back(), fail_at);
+      }
+      if (fail_at == "in0") {
+        EXPECT_TRUE(log.computes.empty());
+      }
       if (fail_at == "compute1") {
         EXPECT_EQ(std::count(log.exchanges.begin(), log.exchanges.end(), "out1"), 0);
         EXPECT_LE(issued, 4u);  // at most in0 in1 out0 in2
