@@ -110,7 +110,7 @@ class ServedLayer {
   std::string group_error() const;
   // A group layer's other ranks: address, state, traffic. Empty for other layers. Any thread.
   std::vector<comm::PeerStatus> group_peers() const;
-  // A group layer's tuner (all_to_all or pipeline "auto"): its candidates, and its dictionary
+  // A group layer's tuner (r, all_to_all or pipeline "auto"): its candidates, and its dictionary
   // by capacity bucket. Empty for other layers. Any thread.
   std::vector<graphs::ExchangeConfig> group_tuner_candidates() const;
   std::vector<graphs::TunerEntry> group_tuner() const;
