@@ -133,9 +133,14 @@ std::string DaemonImpl::metrics_text() {
   // Each layer's live state: a group layer's traffic per peer, a local layer's plan cache.
   std::map<std::pair<std::string, int>, Metrics::PeerTraffic> traffic;
   std::map<std::pair<std::string, std::string>, Metrics::PlanCache> plan_caches;
+  std::map<std::pair<std::string, int64_t>, Metrics::TunerDecision> decisions;
   for (const LayerRef& ref : registry_->all()) {
     for (const comm::PeerStatus& p : ref.layer->group_peers())
       traffic[{ref.layer->tenant() + "/" + ref.layer->name(), p.rank}] = {p.bytes_sent, p.bytes_received};
+    for (const graphs::TunerEntry& e : ref.layer->group_tuner())
+      if (e.decided)
+        decisions[{ref.layer->tenant() + "/" + ref.layer->name(), e.capacity_bucket}] = {
+            e.chosen.r, std::string(comm::to_string(e.chosen.algo)), e.chosen.pipeline};
     const ServedLayer::PlanSummary summary = ref.layer->plan_summary();
     if (summary.kind.empty()) continue;
     const graphs::PlanCacheStats& c = summary.cache;
@@ -143,6 +148,7 @@ std::string DaemonImpl::metrics_text() {
   }
   metrics_.set_live(std::move(node_up), std::move(traffic));
   metrics_.set_plan_caches(std::move(plan_caches));
+  metrics_.set_tuner_decisions(std::move(decisions));
   // Activation and region memory change with requests and sessions: read when scraped.
   for (const TenantConfig& t : config_.tenants) {
     metrics_.set_tenant_activation_memory(t.name, registry_->activation_bytes(t.name));

@@ -164,7 +164,21 @@ std::string Metrics::prometheus_text() const {
           << "\n";
     }
   }
+  if (!tuner_decisions_.empty()) {
+    o << "# HELP tuteld_group_tuner_decision 1 for the way the tuner chose to run an "
+         "expert-parallel layer's forwards of a capacity bucket (by tenant/layer).\n"
+      << "# TYPE tuteld_group_tuner_decision gauge\n";
+    for (const auto& [k, d] : tuner_decisions_)
+      o << "tuteld_group_tuner_decision{layer=\"" << label(k.first) << "\",capacity_bucket=\"" << k.second
+        << "\",r=\"" << d.r << "\",all_to_all=\"" << label(d.all_to_all) << "\",pipeline=\"" << d.pipeline
+        << "\"} 1\n";
+  }
   return o.str();
+}
+
+void Metrics::set_tuner_decisions(std::map<std::pair<std::string, int64_t>, TunerDecision> decisions) {
+  std::lock_guard lock(mutex_);
+  tuner_decisions_ = std::move(decisions);
 }
 
 void Metrics::set_live(std::map<int, bool> node_up, std::map<std::pair<std::string, int>, PeerTraffic> traffic) {

@@ -40,6 +40,14 @@ class Metrics {
     uint64_t bytes = 0, plans = 0, hits = 0, misses = 0, evictions = 0;
   };
   void set_plan_caches(std::map<std::pair<std::string, std::string>, PlanCache> caches);
+  // Each tuned group layer's decisions by ("tenant/layer", capacity bucket), read just before
+  // rendering too: the parallelism, all-to-all and pipeline degree chosen for that bucket.
+  struct TunerDecision {
+    int r = 1;
+    std::string all_to_all;
+    int pipeline = 1;
+  };
+  void set_tuner_decisions(std::map<std::pair<std::string, int64_t>, TunerDecision> decisions);
 
   std::string prometheus_text() const;
 
@@ -66,6 +74,7 @@ class Metrics {
   std::map<int, bool> node_up_;
   std::map<std::pair<std::string, int>, PeerTraffic> traffic_;
   std::map<std::pair<std::string, std::string>, PlanCache> plan_caches_;
+  std::map<std::pair<std::string, int64_t>, TunerDecision> tuner_decisions_;
   int64_t active_sessions_ = 0;
   bool draining_ = false;
 };

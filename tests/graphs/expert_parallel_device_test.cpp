@@ -103,6 +103,10 @@ struct DeviceCase {
   // device they run in order (and inside the graphs): the same bits either way.
   int pipeline = 1;
   int r = 1;  // 0: the weights gathered (all-gather), the gradients reduce-scattered
+  // Tuned over these instead (no warm-up, one trial). The runs on the two backends may choose
+  // differently, so only candidates whose results are the same bits (the all-to-all algorithm)
+  // are compared.
+  std::vector<graphs::ExchangeConfig> tune;
 };
 void PrintTo(const DeviceCase& c, std::ostream* os) { *os << c.name; }
 
@@ -184,6 +188,24 @@ std::vector<DeviceCase> device_cases() {
        false,
        true,
        /*pipeline=*/3},
+      // The tuner choosing between the two all-to-alls (two nodes of two ranks): every
+      // candidate's phases get keys, and graphs, of their own.
+      {"TunedAllToAllTwoNodes",
+       4,
+       8,
+       32,
+       0,
+       2,
+       1.0,
+       Activation::kRelu,
+       {{26, 34, 19, 30}, {41, 23, 28, 36}},
+       comm::AllToAllAlgo::kLinear,
+       2,
+       false,
+       true,
+       1,
+       1,
+       {{comm::AllToAllAlgo::kLinear, 1, 1}, {comm::AllToAllAlgo::k2DH, 1, 1}}},
       // O = 15 over s = 2, data parallel: the padded bias slices gathered and scattered back.
       {"DataParallelShardedPaddedBias",
        4,
@@ -217,6 +239,7 @@ struct StepResults {
   RoutingStats stats[kMicroBatches];
   std::vector<float> y[kMicroBatches], dx[kMicroBatches], y_inference;
   std::vector<float> d_wg, d_fc1, d_b1, d_fc2, d_b2;
+  std::vector<graphs::TunerEntry> tuner;  // tuned: the dictionary at the end
 };
 
 // This rank's parameters (or gradients, zeroed) in the backend's memory.
@@ -266,6 +289,9 @@ StepResults run_steps(Backend& b, comm::Communicator& comm, const DeviceCase& c,
   options.algo = c.algo;
   options.pipeline = c.pipeline;
   options.r = c.r;
+  options.tune.candidates = c.tune;
+  options.tune.warmups = 0;
+  options.tune.trials = 1;
   options.runner = runner;
   options.comm_on_backend_queue = runner != nullptr;
   auto layer = ExpertParallelLayer::create(b, comm, spec, options);
@@ -329,6 +355,7 @@ StepResults run_steps(Backend& b, comm::Communicator& comm, const DeviceCase& c,
   out.d_b1 = grads.fc1_bias.download();
   out.d_fc2 = grads.fc2.download();
   out.d_b2 = grads.fc2_bias.download();
+  if (layer->tuner()) out.tuner = layer->tuner()->entries();
   return out;
 }
 
@@ -452,6 +479,8 @@ void run_case(const DeviceCase& c, DeviceRun how) {
       // once the buffers stopped growing: each is captured exactly once (the next time after it
       // ran op by op) and launched then and every later time, the set's last round included.
       const uint64_t phases = 2 * (kMicroBatches + 1) + kMicroBatches;
+      // Tuned, the same: each candidate's phases have keys of their own, run op by op the first
+      // time; only the chosen one's come back, to be captured and launched.
       EXPECT_EQ(got.graphs.captures, 2 * phases);
       EXPECT_GE(got.graphs.launches, 2 * got.graphs.captures);
       EXPECT_EQ(got.graphs.evictions, 0u);
@@ -468,6 +497,12 @@ void run_case(const DeviceCase& c, DeviceRun how) {
       EXPECT_TRUE(same_bits("dx", dev.dx[m], want.dx[m]));
     }
     EXPECT_TRUE(same_bits("inference y", dev.y_inference, want.y_inference));
+    if (!c.tune.empty()) {
+      // Every bucket measured both candidates and decided, on the device as on the CPU.
+      ASSERT_FALSE(dev.tuner.empty());
+      for (const graphs::TunerEntry& e : dev.tuner) EXPECT_TRUE(e.decided) << e.capacity_bucket;
+      EXPECT_EQ(dev.tuner.size(), want.tuner.size());
+    }
     EXPECT_TRUE(same_bits("d_wg (all-reduced)", dev.d_wg, want.d_wg));
     EXPECT_TRUE(same_bits("d_fc1_w", dev.d_fc1, want.d_fc1));
     EXPECT_TRUE(same_bits("d_fc1_b", dev.d_b1, want.d_b1));

@@ -589,6 +589,14 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
                                       : "a=" + chosen.value("all_to_all", std::string("?")) +
                                             " d=" + std::to_string(chosen.value("pipeline", 0));
   EXPECT_NE(text.find("decided  " + chosen_name), std::string::npos) << text;
+  // The metrics name the choice too, per layer and bucket.
+  const auto [mrc, metrics] = run_command(std::string(TUTELCTL_BIN) + " --socket " + daemons[0]->admin_socket() + " metrics");
+  EXPECT_EQ(mrc, 0) << metrics;
+  const std::string series = "tuteld_group_tuner_decision{layer=\"default/moe_r0\",capacity_bucket=\"" +
+                             std::to_string(bucket) + "\",r=\"" + std::to_string(chosen.value("r", -1)) +
+                             "\",all_to_all=\"" + chosen.value("all_to_all", std::string("?")) + "\",pipeline=\"" +
+                             std::to_string(chosen.value("pipeline", 0)) + "\"} 1";
+  EXPECT_NE(metrics.find(series), std::string::npos) << series << "\n" << metrics;
   for (int d = 0; d < D; ++d)
     EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << daemons[d]->log();
 }
