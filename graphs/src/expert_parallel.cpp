@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -151,7 +152,74 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   // would leave its peers waiting in the collective. The tuner's agreement is the widest.
   TUTEL_RETURN_IF_ERROR(layer.grow(
       layer.agreed_, std::max<size_t>(8, TunerOptions::kMaxCandidates) * sizeof(int64_t)));
+  TUTEL_RETURN_IF_ERROR(layer.check_same_configuration(options));
   return layer;
+}
+
+namespace {
+
+// FNV-1a over the bytes of each value, in the order given.
+class Fingerprint {
+ public:
+  template <typename T>
+  Fingerprint& add(const T& value) {
+    static_assert(std::is_trivially_copyable_v<T>);
+    unsigned char bytes[sizeof(T)];
+    std::memcpy(bytes, &value, sizeof(T));
+    for (unsigned char b : bytes) hash_ = (hash_ ^ b) * 1099511628211ull;
+    return *this;
+  }
+  uint64_t value() const { return hash_; }
+
+ private:
+  uint64_t hash_ = 14695981039346656037ull;
+};
+
+}  // namespace
+
+Status ExpertParallelLayer::check_same_configuration(const ExpertParallelOptions& options) {
+  const int W = shard_.world;
+  if (W == 1) return Status::OK();
+  const LayerSpec& sp = spec_;
+  Fingerprint spec;
+  spec.add(sp.experts).add(sp.model_dim).add(sp.hidden).add(sp.out_dim()).add(sp.k);
+  spec.add(sp.capacity_factor).add(sp.activation).add(sp.normalize_gate).add(sp.batch_prioritized);
+  spec.add(sp.is_postscore).add(sp.has_fc1_bias).add(sp.has_fc2_bias).add(sp.matmul_dtype);
+  Fingerprint how;
+  how.add(fixed_.r).add(fixed_.algo).add(fixed_.pipeline);
+  const bool tuning = tuner_ != nullptr;
+  how.add(tuning);
+  if (tuning) {
+    how.add(options.tune.warmups).add(options.tune.trials);
+    for (const ExchangeConfig& c : options.tune.candidates) how.add(c.r).add(c.algo).add(c.pipeline);
+  }
+  // Through the backend's memory, as every collective here (NCCL takes device memory only).
+  const uint64_t mine[2] = {spec.value(), how.value()};
+  std::vector<uint64_t> all(2 * static_cast<size_t>(W));
+  TUTEL_ASSIGN_OR_RETURN(DeviceBuffer buf, backend_->allocate((all.size() + 2) * sizeof(uint64_t)));
+  uint64_t* gathered = static_cast<uint64_t*>(buf.data());
+  TUTEL_RETURN_IF_ERROR(
+      backend_->copy(gathered + all.size(), mine, sizeof mine, CopyKind::kHostToDevice));
+  TUTEL_RETURN_IF_ERROR(collective_ready());
+  TUTEL_RETURN_IF_ERROR(comm_->all_gather(gathered + all.size(), gathered, sizeof mine));
+  TUTEL_RETURN_IF_ERROR(wait_collectives());
+  TUTEL_RETURN_IF_ERROR(backend_->copy(all.data(), gathered, all.size() * sizeof(uint64_t),
+                                       CopyKind::kDeviceToHost));
+  std::string spec_differs, how_differs;
+  for (int r = 1; r < W; ++r) {
+    if (all[2 * r] != all[0]) spec_differs += (spec_differs.empty() ? "" : ", ") + std::to_string(r);
+    if (all[2 * r + 1] != all[1]) how_differs += (how_differs.empty() ? "" : ", ") + std::to_string(r);
+  }
+  if (spec_differs.empty() && how_differs.empty()) return Status::OK();
+  std::string what;
+  if (!spec_differs.empty()) what = "rank(s) " + spec_differs + " in the layer spec";
+  if (!how_differs.empty())
+    what += (what.empty() ? "" : "; ") + ("rank(s) " + how_differs +
+                                          " in how it runs (r, all_to_all, pipeline or tuning)");
+  return Status::InvalidArgument(
+      "the ranks of this expert-parallel group were given different layers, so none is created: "
+      "compared with rank 0, " +
+      what + ". Every rank must pass the same values");
 }
 
 ExpertParallelLayer::ExpertParallelLayer(Backend& b, comm::Communicator& c, LayerSpec spec,

@@ -813,6 +813,73 @@ TEST(ExpertParallelOptionsCheck, RefusesWhatCannotRunAndRunsASingleCandidate) {
   }
 }
 
+// Ranks given different layers refuse them together at creation, naming who differs and in
+// what (the spec, or how it runs); the communicator stays usable, and layers that agree are made.
+TEST(ExpertParallelOptionsCheck, RanksGivenDifferentLayersRefuseThemTogether) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  constexpr int W = 3;
+  LayerSpec base;
+  base.experts = 3;
+  base.model_dim = 8;
+  base.hidden = 8;
+  base.k = 1;
+  const uint16_t port = free_port();
+  struct Out {
+    Status bootstrapped, pipeline, spec, both, tuned, same;
+  };
+  std::vector<Out> out(W);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r) {
+    threads.emplace_back([&, r] {
+      auto comm = comm::ucx_bootstrap(rank_options(port, r, W, 1));
+      out[r].bootstrapped = comm.status();
+      if (!comm.ok()) return;
+      auto backend = make_backend("cpu", {.threads = 1});
+      if (!backend.ok()) return void(out[r].bootstrapped = backend.status());
+      auto create = [&](const LayerSpec& spec, const graphs::ExpertParallelOptions& o) {
+        return ExpertParallelLayer::create(**backend, **comm, spec, o).status();
+      };
+      graphs::ExpertParallelOptions o;
+      o.pipeline = r == 2 ? 2 : 1;  // rank 2 pipelines
+      out[r].pipeline = create(base, o);
+      LayerSpec wider = base;
+      wider.hidden = r == 1 ? 16 : 8;  // rank 1 has wider experts
+      out[r].spec = create(wider, {});
+      o.r = r == 1 ? 0 : 1;  // rank 1 data parallel, rank 2 pipelined
+      out[r].both = create(wider, o);
+      graphs::ExpertParallelOptions tuned;
+      tuned.tune.candidates = {{comm::AllToAllAlgo::kLinear, 1, 1}, graphs::kDataParallel};
+      tuned.tune.trials = r == 0 ? 3 : 2;  // rank 0 measures longer
+      out[r].tuned = create(base, tuned);
+      out[r].same = create(base, {});
+      Status st = (*comm)->barrier();
+      if (!st.ok()) out[r].bootstrapped = st;
+    });
+  }
+  for (auto& t : threads) t.join();
+  const std::string_view how = "in how it runs (r, all_to_all, pipeline or tuning)";
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    const Out& o = out[r];
+    ASSERT_TRUE(o.bootstrapped.ok()) << o.bootstrapped;
+    for (const Status* st : {&o.pipeline, &o.spec, &o.both, &o.tuned}) {
+      EXPECT_EQ(st->code(), StatusCode::kInvalidArgument) << *st;
+      EXPECT_NE(st->message().find("were given different layers"), std::string_view::npos) << *st;
+    }
+    EXPECT_NE(o.pipeline.message().find("rank(s) 2 " + std::string(how)), std::string_view::npos)
+        << o.pipeline;
+    EXPECT_EQ(o.pipeline.message().find("layer spec"), std::string_view::npos) << o.pipeline;
+    EXPECT_NE(o.spec.message().find("rank(s) 1 in the layer spec."), std::string_view::npos)
+        << o.spec;
+    EXPECT_NE(o.both.message().find("rank(s) 1 in the layer spec; rank(s) 1, 2 " + std::string(how)),
+              std::string_view::npos)
+        << o.both;
+    EXPECT_NE(o.tuned.message().find("rank(s) 1, 2 " + std::string(how)), std::string_view::npos)
+        << o.tuned;
+    EXPECT_TRUE(o.same.ok()) << o.same;
+  }
+}
+
 // bf16 copies of each rank's local expert weights (its experts, or its H-shard of one) pass
 // through the layer: forward and backward with them give the bits of the same steps converting
 // the weights on the fly. A copy of the whole layer's weight, not the rank's slice, is refused.

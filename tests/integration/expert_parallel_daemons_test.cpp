@@ -478,6 +478,40 @@ nlohmann::json admin_groups(const DaemonProcess& d) {
   return j.is_object() ? j.value("groups", nlohmann::json::array()) : nlohmann::json::array();
 }
 
+// Two daemons whose layer specs for one group differ (rank 1 pipelines its expert phase, rank 0
+// does not): both creates fail with the reason, naming rank 1, and both daemons keep serving (a
+// matching group is created next on the same daemons).
+TEST(ExpertParallelDaemonsConfig, RanksGivenDifferentLayersAreRefusedOnEveryDaemon) {
+  std::vector<std::unique_ptr<DaemonProcess>> daemons;
+  ASSERT_TRUE(start_daemons(2, daemons));
+  const std::string body = layer_body(small_spec(4, 2, 1.0), 7);
+  for (const bool differ : {true, false}) {
+    SCOPED_TRACE(differ ? "rank 1 pipelines" : "the same layers");
+    const uint16_t port = free_port();
+    std::vector<Status> created(2);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < 2; ++r)
+      threads.emplace_back([&, r] {
+        auto client = client::Client::connect(daemons[r]->client_socket());
+        if (!client.ok()) return void(created[r] = client.status());
+        const std::string more = differ && r == 1 ? "pipeline = 2\n" : "";
+        created[r] = client->create_layer(group_layer_spec(body, port, 2, r, 1, "linear", more)).status();
+      });
+    for (auto& t : threads) t.join();
+    for (int r = 0; r < 2; ++r) {
+      SCOPED_TRACE("rank " + std::to_string(r));
+      if (!differ) {
+        EXPECT_TRUE(created[r].ok()) << created[r] << "\n" << all_logs(daemons);
+        continue;
+      }
+      EXPECT_EQ(created[r].code(), StatusCode::kInvalidArgument) << created[r];
+      EXPECT_NE(created[r].message().find("were given different layers"), std::string_view::npos) << created[r];
+      EXPECT_NE(created[r].message().find("rank(s) 1 in how it runs"), std::string_view::npos) << created[r];
+    }
+  }
+  for (int d = 0; d < 2; ++d) EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << daemons[d]->log();
+}
+
 // r = "auto", all_to_all = "auto", pipeline = "auto" on two daemons of two ranks each (two nodes
 // of two: r = 0, and r = 1 with both all-to-alls and d = 1, 2, 4 are candidates). Each rank's
 // client runs the same micro-batch as inference forwards, enough for the tuner to measure every

@@ -136,6 +136,11 @@ class ExchangeWorker;
 
 class ExpertParallelLayer {
  public:
+  // Collective: every rank of the group creates its layer at once, and the ranks compare what
+  // they were given (one all-gather of two fingerprints: the spec, and r / all_to_all / pipeline
+  // / tuning). Ranks that differ would pair their collectives with other sizes or in another
+  // order, so every rank refuses the layer with InvalidArgument, naming the ranks that differ
+  // from rank 0 and in what.
   // The spec is the global layer; the group is `comm` (its rank and size define the shard),
   // whose buffers are `backend`'s memory: a host communicator for the CPU backend, an NCCL
   // communicator on the CUDA backend's device (ideally on its stream, as the daemon's).
@@ -239,6 +244,8 @@ class ExpertParallelLayer {
   Status refused_by_a_peer() const;
   // Gives back the scratch a refused step may have grown, and returns `why`.
   Status refuse(Status why);
+  // At creation: whether every rank was given the same spec and the same way to run it.
+  Status check_same_configuration(const ExpertParallelOptions& options);
   // Waits for collectives that return once enqueued (comm_on_backend_queue).
   Status wait_collectives();
   TensorView f32(const DeviceBuffer& buf, Shape shape) const;
