@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <cmath>
@@ -139,12 +140,21 @@ Status get_milliseconds(const Scope& s, std::string_view key, std::chrono::milli
   return Status::OK();
 }
 
+// "auto" in any letter case, as the all-to-all names are read.
+bool is_auto(const toml::node& n) {
+  const auto* text = n.as_string();
+  if (text == nullptr || text->get().size() != 4) return false;
+  std::string lower = text->get();
+  for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return lower == "auto";
+}
+
 // An integer in [lo, hi], or "auto" (none: the tuner chooses). Absent: `out` stays.
 Status get_int_or_auto(const Scope& s, std::string_view key, int lo, int hi,
                        std::optional<int>& out) {
   const toml::node* n = s.find(key);
   if (n == nullptr) return Status::OK();
-  if (const auto* text = n->as_string(); text != nullptr && text->get() == "auto") {
+  if (is_auto(*n)) {
     out.reset();
     return Status::OK();
   }
@@ -181,7 +191,7 @@ Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
     const auto* text = n->as_string();
     const std::optional<comm::AllToAllAlgo> algo =
         text != nullptr ? comm::parse_all_to_all_algo(text->get()) : std::nullopt;
-    if (text != nullptr && text->get() == "auto")
+    if (is_auto(*n))
       g.all_to_all.reset();  // the tuner chooses
     else if (algo)
       g.all_to_all = *algo;

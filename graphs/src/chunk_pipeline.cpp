@@ -1,8 +1,26 @@
 #include "chunk_pipeline.hpp"
 
 #include <cassert>
+#include <exception>
+#include <string>
 
 namespace tutel::graphs {
+namespace {
+
+// A stage's Status, also when it throws (std::bad_alloc building a message): no exception may
+// leave a stage, on the worker (std::terminate) or on the caller (the worker would still run
+// the caller's stages while they are destroyed).
+Status call(const ChunkStage& stage, int chunk) noexcept {
+  try {
+    return stage(chunk);
+  } catch (const std::exception& e) {
+    return Status::Internal(std::string("a pipelined stage threw: ") + e.what());
+  } catch (...) {
+    return Status::Internal("a pipelined stage threw");
+  }
+}
+
+}  // namespace
 
 Status run_chunks_in_order(int chunks, const ChunkStage& in, const ChunkStage& compute,
                            const ChunkStage& out) {
@@ -43,7 +61,7 @@ void ExchangeWorker::loop() {
 void ExchangeWorker::exchanges() {
   // Runs one exchange unless the phase already failed; records the first failure.
   auto exchange = [&](const ChunkStage& stage, int j, int* done) -> bool {
-    Status st = stage(j);
+    Status st = call(stage, j);
     std::lock_guard<std::mutex> lock(mu_);
     if (!st.ok()) {
       if (!failed_) exchange_status_ = std::move(st);
@@ -59,8 +77,8 @@ void ExchangeWorker::exchanges() {
     if (j + 1 < chunks_ && !exchange(*in_, j + 1, &exchanged_in_)) return;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return failed_ || computed_ > j; });
-      if (failed_) return;
+      cv_.wait(lock, [&] { return failed_ || stop_ || computed_ > j; });
+      if (failed_ || stop_) return;
     }
     if (!exchange(*out_, j, nullptr)) return;
   }
@@ -88,7 +106,7 @@ Status ExchangeWorker::run(int chunks, const ChunkStage& in, const ChunkStage& c
       cv_.wait(lock, [&] { return failed_ || exchanged_in_ > j; });
       if (failed_) break;
     }
-    compute_status = compute(j);
+    compute_status = call(compute, j);
     std::lock_guard<std::mutex> lock(mu_);
     if (!compute_status.ok())
       failed_ = true;

@@ -8,7 +8,9 @@
 // here and is the same with and without overlap:
 //   in(0), then for j = 0 .. d-1: in(j+1) (when j+1 < d), out(j)
 // and out(j) always follows compute(j). So a group whose ranks differ in whether they overlap
-// still pairs every collective with its peers'.
+// still pairs every collective with its peers'. After a failure the order holds up to the
+// failure only: the exchanges that remain are not issued (with overlap, one already under way
+// finishes), so the peers' collectives fail or time out, as after any failed collective.
 #pragma once
 
 #include <condition_variable>
@@ -38,8 +40,8 @@ class ExchangeWorker {
 
   // The order above, `in` and `out` on the worker and `compute` on the calling thread. The first
   // failure stops both sides (the other side finishes the stage it is in) and is returned; the
-  // exchanges after a failed one are not issued, as on the calling thread. Returns once the
-  // worker is idle again.
+  // exchanges after a failed one are not issued, as on the calling thread. A stage that throws
+  // fails with Internal. Returns once the worker is idle again, so the stages may go then.
   Status run(int chunks, const ChunkStage& in, const ChunkStage& compute, const ChunkStage& out);
 
  private:

@@ -102,9 +102,27 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   return create(backend, comm, spec, options);
 }
 
-Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::Communicator& comm,
-                                                        const LayerSpec& spec,
-                                                        const ExpertParallelOptions& options) {
+namespace {
+
+// The configurations a layer may run: the tuner's candidates, or the one it was given.
+std::vector<ExchangeConfig> configurations(const ExpertParallelOptions& options) {
+  return !options.tune.candidates.empty()
+             ? options.tune.candidates
+             : std::vector<ExchangeConfig>{{options.algo, options.pipeline, options.r}};
+}
+
+// Whether a pipelined phase's exchanges run on the layer's worker thread beside the GEMMs. The
+// worker calls Backend::copy and Backend::add (summing shards): on the CPU backend both are
+// stateless (a memcpy, an elementwise loop on the calling thread's own OpenMP team), safe beside
+// its other ops. A queue-ordered backend (CUDA) would need a second stream and events instead;
+// not built.
+bool chunks_overlap(const Backend& backend, const ExpertParallelOptions& options) {
+  return backend.device().kind == DeviceKind::kCpu && !options.comm_on_backend_queue;
+}
+
+// Everything a rank may refuse at creation, alone.
+Status check_options(const comm::Communicator& comm, const LayerSpec& spec,
+                     const ExpertParallelOptions& options) {
   if (options.runner != nullptr && options.runner->captures() && !options.comm_on_backend_queue)
     return Status::InvalidArgument(
         "a runner that captures graphs needs a communicator that enqueues on the backend's queue "
@@ -113,12 +131,7 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   if (spec.gate_noise > 0)
     return Status::Unimplemented(
         "gate noise is not supported across an expert-parallel group yet; set gate_noise = 0");
-  const bool tuning = options.tune.candidates.size() >= 2;
-  const std::vector<ExchangeConfig> configs =
-      !options.tune.candidates.empty()
-          ? options.tune.candidates
-          : std::vector<ExchangeConfig>{{options.algo, options.pipeline, options.r}};
-  for (const ExchangeConfig& c : configs) {
+  for (const ExchangeConfig& c : configurations(options)) {
     if (c.r != 0 && c.r != 1)
       return Status::InvalidArgument(
           "parallelism r = " + std::to_string(c.r) +
@@ -134,29 +147,11 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
       return Status::InvalidArgument("pipeline degree " + std::to_string(c.pipeline) +
                                      " is outside [1, " + std::to_string(kMaxPipeline) + "]");
   }
-  TUTEL_ASSIGN_OR_RETURN(ExpertShard shard, expert_shard(spec, comm.size(), comm.rank()));
-  LayerSpec s = spec;
-  // Tutel aligns the capacity to s·d. Here d may change from step to step (the tuner), and the
-  // capacity must not (it decides which tokens drop): the chunks are cut from whatever capacity
-  // the group agrees on instead, so the alignment stays s.
-  s.alignment = shard.shards;
-  ExpertParallelLayer layer(backend, comm, s, shard, options);
-  layer.fixed_ = configs[0];  // a single candidate is what runs
-  if (tuning) {
-    TUTEL_ASSIGN_OR_RETURN(ExchangeTuner tuner, ExchangeTuner::create(options.tune));
-    layer.tuner_ = std::make_unique<ExchangeTuner>(std::move(tuner));
-  }
-  if (options.runner != nullptr && options.runner->captures())
-    layer.graph_release_ = comm::GraphRelease(comm, [runner = options.runner] { runner->clear(); });
-  // Allocated up front: the agreements must never fail for memory, or a rank refused there
-  // would leave its peers waiting in the collective. The tuner's agreement is the widest.
-  TUTEL_RETURN_IF_ERROR(layer.grow(
-      layer.agreed_, std::max<size_t>(8, TunerOptions::kMaxCandidates) * sizeof(int64_t)));
-  TUTEL_RETURN_IF_ERROR(layer.check_same_configuration(options));
-  return layer;
+  TUTEL_RETURN_IF_ERROR(expert_shard(spec, comm.size(), comm.rank()).status());
+  if (options.tune.candidates.size() >= 2)
+    TUTEL_RETURN_IF_ERROR(ExchangeTuner::create(options.tune).status());
+  return Status::OK();
 }
-
-namespace {
 
 // FNV-1a over the bytes of each value, in the order given.
 class Fingerprint {
@@ -175,51 +170,117 @@ class Fingerprint {
   uint64_t hash_ = 14695981039346656037ull;
 };
 
-}  // namespace
+std::string rank_list(const std::vector<int>& ranks) {
+  std::string out;
+  for (int r : ranks) out += (out.empty() ? "" : ", ") + std::to_string(r);
+  return out;
+}
 
-Status ExpertParallelLayer::check_same_configuration(const ExpertParallelOptions& options) {
-  const int W = shard_.world;
-  if (W == 1) return Status::OK();
-  const LayerSpec& sp = spec_;
+// Every rank must run the same layer the same way: a rank that differs would pair its
+// collectives with other sizes or in another order (wrong results where the sizes agree, a
+// timeout elsewhere). So the ranks all-gather two fingerprints (the spec; how it runs) and
+// whether each could create the layer at all, and all refuse together, each saying why: a rank
+// that refused alone would leave its peers waiting in their first collective.
+Status compare_with_group(Backend& backend, comm::Communicator& comm, const LayerSpec& sp,
+                          const ExpertParallelOptions& options, const Status& valid_here) {
+  const int W = comm.size();
+  if (W == 1) return valid_here;
   Fingerprint spec;
   spec.add(sp.experts).add(sp.model_dim).add(sp.hidden).add(sp.out_dim()).add(sp.k);
   spec.add(sp.capacity_factor).add(sp.activation).add(sp.normalize_gate).add(sp.batch_prioritized);
   spec.add(sp.is_postscore).add(sp.has_fc1_bias).add(sp.has_fc2_bias).add(sp.matmul_dtype);
+  spec.add(sp.gate_noise);
   Fingerprint how;
-  how.add(fixed_.r).add(fixed_.algo).add(fixed_.pipeline);
-  const bool tuning = tuner_ != nullptr;
-  how.add(tuning);
-  if (tuning) {
-    how.add(options.tune.warmups).add(options.tune.trials);
-    for (const ExchangeConfig& c : options.tune.candidates) how.add(c.r).add(c.algo).add(c.pipeline);
+  for (const ExchangeConfig& c : configurations(options)) {
+    how.add(c.r);
+    if (c.r != 0) how.add(c.algo).add(c.pipeline);  // r = 0 runs no all-to-all, no chunks
   }
+  const bool tuning = options.tune.candidates.size() >= 2;
+  how.add(tuning);
+  if (tuning) how.add(options.tune.warmups).add(options.tune.trials);
+  // A rank that captures graphs agrees on how to run each phase: one more collective.
+  how.add(options.runner != nullptr && options.runner->captures());
+  constexpr size_t kWords = 3;
+  const uint64_t mine[kWords] = {spec.value(), how.value(), valid_here.ok() ? 1u : 0u};
+  std::vector<uint64_t> all(kWords * static_cast<size_t>(W));
   // Through the backend's memory, as every collective here (NCCL takes device memory only).
-  const uint64_t mine[2] = {spec.value(), how.value()};
-  std::vector<uint64_t> all(2 * static_cast<size_t>(W));
-  TUTEL_ASSIGN_OR_RETURN(DeviceBuffer buf, backend_->allocate((all.size() + 2) * sizeof(uint64_t)));
+  TUTEL_ASSIGN_OR_RETURN(DeviceBuffer buf,
+                         backend.allocate((all.size() + kWords) * sizeof(uint64_t)));
   uint64_t* gathered = static_cast<uint64_t*>(buf.data());
   TUTEL_RETURN_IF_ERROR(
-      backend_->copy(gathered + all.size(), mine, sizeof mine, CopyKind::kHostToDevice));
-  TUTEL_RETURN_IF_ERROR(collective_ready());
-  TUTEL_RETURN_IF_ERROR(comm_->all_gather(gathered + all.size(), gathered, sizeof mine));
-  TUTEL_RETURN_IF_ERROR(wait_collectives());
-  TUTEL_RETURN_IF_ERROR(backend_->copy(all.data(), gathered, all.size() * sizeof(uint64_t),
-                                       CopyKind::kDeviceToHost));
-  std::string spec_differs, how_differs;
-  for (int r = 1; r < W; ++r) {
-    if (all[2 * r] != all[0]) spec_differs += (spec_differs.empty() ? "" : ", ") + std::to_string(r);
-    if (all[2 * r + 1] != all[1]) how_differs += (how_differs.empty() ? "" : ", ") + std::to_string(r);
+      backend.copy(gathered + all.size(), mine, sizeof mine, CopyKind::kHostToDevice));
+  if (!options.comm_on_backend_queue) TUTEL_RETURN_IF_ERROR(backend.synchronize());
+  TUTEL_RETURN_IF_ERROR(comm.all_gather(gathered + all.size(), gathered, sizeof mine));
+  if (options.comm_on_backend_queue) TUTEL_RETURN_IF_ERROR(comm.wait_enqueued());
+  TUTEL_RETURN_IF_ERROR(backend.copy(all.data(), gathered, all.size() * sizeof(uint64_t),
+                                     CopyKind::kDeviceToHost));
+  if (!valid_here.ok()) return valid_here;
+  std::vector<int> refused, spec_differs, how_differs;
+  for (int r = 0; r < W; ++r) {
+    const uint64_t* theirs = all.data() + kWords * r;
+    if (theirs[2] == 0) refused.push_back(r);
+    if (r > 0 && theirs[0] != all[0]) spec_differs.push_back(r);
+    if (r > 0 && theirs[1] != all[1]) how_differs.push_back(r);
   }
-  if (spec_differs.empty() && how_differs.empty()) return Status::OK();
-  std::string what;
-  if (!spec_differs.empty()) what = "rank(s) " + spec_differs + " in the layer spec";
+  std::vector<std::string> why;
+  if (!refused.empty())
+    why.push_back("rank(s) " + rank_list(refused) +
+                  " could not create it (their own errors say why)");
+  if (!spec_differs.empty())
+    why.push_back("compared with rank 0, rank(s) " + rank_list(spec_differs) +
+                  " differ in the layer spec");
   if (!how_differs.empty())
-    what += (what.empty() ? "" : "; ") + ("rank(s) " + how_differs +
-                                          " in how it runs (r, all_to_all, pipeline or tuning)");
-  return Status::InvalidArgument(
-      "the ranks of this expert-parallel group were given different layers, so none is created: "
-      "compared with rank 0, " +
-      what + ". Every rank must pass the same values");
+    why.push_back("compared with rank 0, rank(s) " + rank_list(how_differs) +
+                  " differ in how it runs (r, all_to_all, pipeline or tuning)");
+  if (why.empty()) return Status::OK();
+  std::string message = "no rank of this expert-parallel group creates the layer: ";
+  for (size_t i = 0; i < why.size(); ++i) message += (i ? "; " : "") + why[i];
+  return Status::InvalidArgument(message + ". Every rank must be given the same layer");
+}
+
+}  // namespace
+
+Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::Communicator& comm,
+                                                        const LayerSpec& spec,
+                                                        const ExpertParallelOptions& options) {
+  Status valid = check_options(comm, spec, options);
+  // The worker thread starts here, before the group compares, so that a rank that cannot start
+  // it refuses together with its peers rather than in the middle of a phase.
+  std::unique_ptr<ExchangeWorker> worker;
+  const std::vector<ExchangeConfig> configs = configurations(options);
+  const bool chunked = std::any_of(configs.begin(), configs.end(), [](const ExchangeConfig& c) {
+    return c.r == 1 && c.pipeline > 1;
+  });
+  if (valid.ok() && chunked && chunks_overlap(backend, options)) {
+    try {
+      worker = std::make_unique<ExchangeWorker>();
+    } catch (const std::exception& e) {
+      valid = Status::ResourceExhausted(
+          std::string("could not start the layer's exchange thread: ") + e.what());
+    }
+  }
+  TUTEL_RETURN_IF_ERROR(compare_with_group(backend, comm, spec, options, valid));
+
+  TUTEL_ASSIGN_OR_RETURN(ExpertShard shard, expert_shard(spec, comm.size(), comm.rank()));
+  LayerSpec s = spec;
+  // Tutel aligns the capacity to s·d. Here d may change from step to step (the tuner), and the
+  // capacity must not (it decides which tokens drop): the chunks are cut from whatever capacity
+  // the group agrees on instead, so the alignment stays s.
+  s.alignment = shard.shards;
+  ExpertParallelLayer layer(backend, comm, s, shard, options);
+  layer.fixed_ = configs[0];  // a single candidate is what runs
+  layer.worker_ = std::move(worker);
+  if (options.tune.candidates.size() >= 2) {
+    TUTEL_ASSIGN_OR_RETURN(ExchangeTuner tuner, ExchangeTuner::create(options.tune));
+    layer.tuner_ = std::make_unique<ExchangeTuner>(std::move(tuner));
+  }
+  if (options.runner != nullptr && options.runner->captures())
+    layer.graph_release_ = comm::GraphRelease(comm, [runner = options.runner] { runner->clear(); });
+  // Allocated up front: the agreements must never fail for memory, or a rank refused there
+  // would leave its peers waiting in the collective. The tuner's agreement is the widest.
+  TUTEL_RETURN_IF_ERROR(layer.grow(
+      layer.agreed_, std::max<size_t>(8, TunerOptions::kMaxCandidates) * sizeof(int64_t)));
+  return layer;
 }
 
 ExpertParallelLayer::ExpertParallelLayer(Backend& b, comm::Communicator& c, LayerSpec spec,
@@ -228,11 +289,7 @@ ExpertParallelLayer::ExpertParallelLayer(Backend& b, comm::Communicator& c, Laye
       comm_(&c),
       spec_(spec),
       shard_(shard),
-      // The worker thread calls Backend::copy and Backend::add (summing shards) beside the
-      // GEMMs: on the CPU backend both are stateless (a memcpy, an elementwise loop on the
-      // calling thread's own OpenMP team), safe beside its other ops. A queue-ordered backend
-      // (CUDA) would need a second stream and events instead; not built.
-      overlap_(b.device().kind == DeviceKind::kCpu && !options.comm_on_backend_queue),
+      overlap_(chunks_overlap(b, options)),
       runner_(options.runner),
       comm_on_backend_queue_(options.comm_on_backend_queue) {}
 
@@ -253,8 +310,9 @@ ExpertParallelLayer::Chunk ExpertParallelLayer::chunk(int64_t C, int count, int 
 Status ExpertParallelLayer::run_chunks(int count, const std::function<Status(int)>& in,
                                        const std::function<Status(int)>& compute,
                                        const std::function<Status(int)>& out) {
-  if (count == 1 || !overlap_) return run_chunks_in_order(count, in, compute, out);
-  if (!worker_) worker_ = std::make_unique<ExchangeWorker>();
+  // The worker was started at creation for any configuration that chunks; in order, the
+  // exchanges run the same way (only later).
+  if (count == 1 || !worker_) return run_chunks_in_order(count, in, compute, out);
   return worker_->run(count, in, compute, out);
 }
 

@@ -930,7 +930,9 @@ TEST(LayerSpecGroupTest, PipelineAndAutoParseAndRoundTrip) {
            {"pipeline = \"auto\"\n", comm::AllToAllAlgo::kLinear, std::nullopt},
            {"all_to_all = \"auto\"\npipeline = \"auto\"\n", std::nullopt, std::nullopt},
            {"r = 0\n", comm::AllToAllAlgo::kLinear, 1, 0},
-           {"r = \"auto\"\npipeline = 2\n", comm::AllToAllAlgo::kLinear, 2, std::nullopt}}) {
+           {"r = \"auto\"\npipeline = 2\n", comm::AllToAllAlgo::kLinear, 2, std::nullopt},
+           {"r = \"AUTO\"\npipeline = \"Auto\"\nall_to_all = \"aUtO\"\n", std::nullopt, std::nullopt,
+            std::nullopt}}) {
     SCOPED_TRACE(w.text);
     Result<LayerDefinition> def = parse_layer_spec(base + w.text, "request");
     ASSERT_TRUE(def.ok()) << def.status();
@@ -986,7 +988,7 @@ TEST(LayerSpecGroupTest, BadGroupsNameTheKey) {
     EXPECT_NE(message.find("group.r"), std::string::npos) << bad << ": " << message;
     EXPECT_NE(message.find("[0, 1] or \"auto\""), std::string::npos) << bad << ": " << message;
   }
-  for (const char* bad : {"0", "65", "-1", "2.0", "\"AUTO\"", "\"4\"", "true", "[2]"}) {
+  for (const char* bad : {"0", "65", "-1", "2.0", "\"auto \"", "\"4\"", "true", "[2]"}) {
     const std::string message = error_of(
         "coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\npipeline = " + std::string(bad) + "\n");
     EXPECT_NE(message.find("group.pipeline"), std::string::npos) << bad << ": " << message;

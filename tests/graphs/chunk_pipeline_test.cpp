@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -81,6 +82,27 @@ TEST(ChunkPipeline, ExchangesRunInOneOrderWithAndWithoutTheWorker) {
     EXPECT_EQ(overlapped.computes.size(), static_cast<size_t>(d));
     expect_dependencies(overlapped.events, d);
     EXPECT_FALSE(overlapped.compute_elsewhere) << "compute must run on the calling thread";
+  }
+}
+
+// A stage that throws fails the phase with Internal, on either thread, and the worker stays
+// usable (nothing of the caller's runs after run() returns).
+TEST(ChunkPipeline, AStageThatThrowsIsAFailureNotACrash) {
+  ExchangeWorker worker;
+  for (const std::string where : {"in", "compute", "out"}) {
+    SCOPED_TRACE(where);
+    auto stage = [&](const std::string& name) -> ChunkStage {
+      return [name, where](int j) -> Status {
+        if (name == where && j == 1) throw std::runtime_error(name + " broke");
+        return Status::OK();
+      };
+    };
+    const Status st = worker.run(3, stage("in"), stage("compute"), stage("out"));
+    EXPECT_EQ(st.code(), StatusCode::kInternal) << st;
+    EXPECT_NE(st.message().find(where + " broke"), std::string::npos) << st;
+    Log next;
+    next.compute_thread = std::this_thread::get_id();
+    ASSERT_TRUE(worker.run(2, next.in(), next.compute(), next.out()).ok());
   }
 }
 

@@ -814,7 +814,8 @@ TEST(ExpertParallelOptionsCheck, RefusesWhatCannotRunAndRunsASingleCandidate) {
 }
 
 // Ranks given different layers refuse them together at creation, naming who differs and in
-// what (the spec, or how it runs); the communicator stays usable, and layers that agree are made.
+// what (the spec, or how it runs), or which rank could not create its layer at all (which says
+// why itself); the communicator stays usable, and layers that agree are made.
 TEST(ExpertParallelOptionsCheck, RanksGivenDifferentLayersRefuseThemTogether) {
   ::setenv("UCX_NET_DEVICES", "lo", 1);
   constexpr int W = 3;
@@ -825,7 +826,7 @@ TEST(ExpertParallelOptionsCheck, RanksGivenDifferentLayersRefuseThemTogether) {
   base.k = 1;
   const uint16_t port = free_port();
   struct Out {
-    Status bootstrapped, pipeline, spec, both, tuned, same;
+    Status bootstrapped, pipeline, spec, both, tuned, invalid, same;
   };
   std::vector<Out> out(W);
   std::vector<std::thread> threads;
@@ -851,31 +852,41 @@ TEST(ExpertParallelOptionsCheck, RanksGivenDifferentLayersRefuseThemTogether) {
       tuned.tune.candidates = {{comm::AllToAllAlgo::kLinear, 1, 1}, graphs::kDataParallel};
       tuned.tune.trials = r == 0 ? 3 : 2;  // rank 0 measures longer
       out[r].tuned = create(base, tuned);
+      graphs::ExpertParallelOptions bad;
+      bad.pipeline = r == 1 ? 0 : 1;  // rank 1 alone refuses its layer
+      out[r].invalid = create(base, bad);
       out[r].same = create(base, {});
       Status st = (*comm)->barrier();
       if (!st.ok()) out[r].bootstrapped = st;
     });
   }
   for (auto& t : threads) t.join();
-  const std::string_view how = "in how it runs (r, all_to_all, pipeline or tuning)";
+  const std::string none = "no rank of this expert-parallel group creates the layer: ";
+  const std::string how = " differ in how it runs (r, all_to_all, pipeline or tuning)";
   for (int r = 0; r < W; ++r) {
     SCOPED_TRACE("rank " + std::to_string(r));
     const Out& o = out[r];
     ASSERT_TRUE(o.bootstrapped.ok()) << o.bootstrapped;
-    for (const Status* st : {&o.pipeline, &o.spec, &o.both, &o.tuned}) {
+    for (const Status* st : {&o.pipeline, &o.spec, &o.both, &o.tuned, &o.invalid})
       EXPECT_EQ(st->code(), StatusCode::kInvalidArgument) << *st;
-      EXPECT_NE(st->message().find("were given different layers"), std::string_view::npos) << *st;
-    }
-    EXPECT_NE(o.pipeline.message().find("rank(s) 2 " + std::string(how)), std::string_view::npos)
-        << o.pipeline;
-    EXPECT_EQ(o.pipeline.message().find("layer spec"), std::string_view::npos) << o.pipeline;
-    EXPECT_NE(o.spec.message().find("rank(s) 1 in the layer spec."), std::string_view::npos)
-        << o.spec;
-    EXPECT_NE(o.both.message().find("rank(s) 1 in the layer spec; rank(s) 1, 2 " + std::string(how)),
+    EXPECT_EQ(o.pipeline.message(), none + "compared with rank 0, rank(s) 2" + how +
+                                        ". Every rank must be given the same layer");
+    EXPECT_EQ(o.spec.message(), none + "compared with rank 0, rank(s) 1 differ in the layer spec" +
+                                    ". Every rank must be given the same layer");
+    EXPECT_NE(o.both.message().find("rank(s) 1 differ in the layer spec; compared with rank 0, "
+                                    "rank(s) 1, 2" + how),
               std::string_view::npos)
         << o.both;
-    EXPECT_NE(o.tuned.message().find("rank(s) 1, 2 " + std::string(how)), std::string_view::npos)
-        << o.tuned;
+    EXPECT_NE(o.tuned.message().find("rank(s) 1, 2" + how), std::string_view::npos) << o.tuned;
+    // The rank that refused says why; the others name it (their own options were fine).
+    if (r == 1) {
+      EXPECT_NE(o.invalid.message().find("pipeline degree 0 is outside [1, 64]"),
+                std::string_view::npos)
+          << o.invalid;
+    } else {
+      EXPECT_NE(o.invalid.message().find("rank(s) 1 could not create it"), std::string_view::npos)
+          << o.invalid;
+    }
     EXPECT_TRUE(o.same.ok()) << o.same;
   }
 }

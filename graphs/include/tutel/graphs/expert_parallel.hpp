@@ -244,8 +244,6 @@ class ExpertParallelLayer {
   Status refused_by_a_peer() const;
   // Gives back the scratch a refused step may have grown, and returns `why`.
   Status refuse(Status why);
-  // At creation: whether every rank was given the same spec and the same way to run it.
-  Status check_same_configuration(const ExpertParallelOptions& options);
   // Waits for collectives that return once enqueued (comm_on_backend_queue).
   Status wait_collectives();
   TensorView f32(const DeviceBuffer& buf, Shape shape) const;
