@@ -124,10 +124,10 @@ Status ServedLayer::join_group() {
     options.comm_on_backend_queue = true;
   }
   if (!g.r || !g.all_to_all || !g.pipeline) {
-    // "auto": measured per capacity bucket. Chunks overlap the GEMMs on the CPU backend only
-    // (ExpertParallelOptions::pipeline), so on a GPU the tuner measures d = 1 alone.
-    options.tune.candidates =
-        graphs::auto_candidates(g.r, g.all_to_all, g.pipeline, g.size, g.local_size, !on_gpu);
+    // "auto": measured per capacity bucket; d > 1 only where chunks overlap the GEMMs.
+    options.tune.candidates = graphs::auto_candidates(
+        g.r, g.all_to_all, g.pipeline, g.size, g.local_size,
+        graphs::ExpertParallelLayer::chunks_overlap(*group->activations, options));
     options.tune.warmups = g.tune_warmups;
     options.tune.trials = g.tune_trials;
   }

@@ -110,11 +110,6 @@ Status ExchangeTuner::decide(int64_t key, const std::vector<int64_t>& agreed) {
   return Status::OK();
 }
 
-void ExchangeTuner::reset() {
-  std::lock_guard<std::mutex> lock(*mu_);
-  buckets_.clear();
-}
-
 std::vector<TunerEntry> ExchangeTuner::entries() const {
   std::lock_guard<std::mutex> lock(*mu_);
   std::vector<TunerEntry> out;

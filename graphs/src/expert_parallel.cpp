@@ -111,15 +111,6 @@ std::vector<ExchangeConfig> configurations(const ExpertParallelOptions& options)
              : std::vector<ExchangeConfig>{{options.algo, options.pipeline, options.r}};
 }
 
-// Whether a pipelined phase's exchanges run on the layer's worker thread beside the GEMMs. The
-// worker calls Backend::copy and Backend::add (summing shards): on the CPU backend both are
-// stateless (a memcpy, an elementwise loop on the calling thread's own OpenMP team), safe beside
-// its other ops. A queue-ordered backend (CUDA) would need a second stream and events instead;
-// not built.
-bool chunks_overlap(const Backend& backend, const ExpertParallelOptions& options) {
-  return backend.device().kind == DeviceKind::kCpu && !options.comm_on_backend_queue;
-}
-
 // Everything a rank may refuse at creation, alone.
 Status check_options(const comm::Communicator& comm, const LayerSpec& spec,
                      const ExpertParallelOptions& options) {
@@ -147,10 +138,7 @@ Status check_options(const comm::Communicator& comm, const LayerSpec& spec,
       return Status::InvalidArgument("pipeline degree " + std::to_string(c.pipeline) +
                                      " is outside [1, " + std::to_string(kMaxPipeline) + "]");
   }
-  TUTEL_RETURN_IF_ERROR(expert_shard(spec, comm.size(), comm.rank()).status());
-  if (options.tune.candidates.size() >= 2)
-    TUTEL_RETURN_IF_ERROR(ExchangeTuner::create(options.tune).status());
-  return Status::OK();
+  return expert_shard(spec, comm.size(), comm.rank()).status();
 }
 
 // FNV-1a over the bytes of each value, in the order given.
@@ -240,10 +228,32 @@ Status compare_with_group(Backend& backend, comm::Communicator& comm, const Laye
 
 }  // namespace
 
+// A pipelined phase's exchanges run on the layer's worker thread beside the GEMMs only here. The
+// worker calls Backend::copy and Backend::add (summing shards): on the CPU backend both are
+// stateless (a memcpy, an elementwise loop on the calling thread's own OpenMP team), safe beside
+// its other ops. A queue-ordered backend (CUDA) would need a second stream and events instead;
+// not built.
+bool ExpertParallelLayer::chunks_overlap(const Backend& backend,
+                                         const ExpertParallelOptions& options) {
+  return backend.device().kind == DeviceKind::kCpu && !options.comm_on_backend_queue;
+}
+
+bool ExpertParallelLayer::overlaps_chunks() const {
+  return backend_->device().kind == DeviceKind::kCpu && !comm_on_backend_queue_;
+}
+
 Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::Communicator& comm,
                                                         const LayerSpec& spec,
                                                         const ExpertParallelOptions& options) {
   Status valid = check_options(comm, spec, options);
+  std::unique_ptr<ExchangeTuner> tuner;
+  if (valid.ok() && options.tune.candidates.size() >= 2) {
+    Result<ExchangeTuner> made = ExchangeTuner::create(options.tune);
+    if (made.ok())
+      tuner = std::make_unique<ExchangeTuner>(std::move(made).value());
+    else
+      valid = made.status();
+  }
   // The worker thread starts here, before the group compares, so that a rank that cannot start
   // it refuses together with its peers rather than in the middle of a phase.
   std::unique_ptr<ExchangeWorker> worker;
@@ -251,7 +261,7 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   const bool chunked = std::any_of(configs.begin(), configs.end(), [](const ExchangeConfig& c) {
     return c.r == 1 && c.pipeline > 1;
   });
-  if (valid.ok() && chunked && chunks_overlap(backend, options)) {
+  if (valid.ok() && chunked && ExpertParallelLayer::chunks_overlap(backend, options)) {
     try {
       worker = std::make_unique<ExchangeWorker>();
     } catch (const std::exception& e) {
@@ -270,10 +280,7 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   ExpertParallelLayer layer(backend, comm, s, shard, options);
   layer.fixed_ = configs[0];  // a single candidate is what runs
   layer.worker_ = std::move(worker);
-  if (options.tune.candidates.size() >= 2) {
-    TUTEL_ASSIGN_OR_RETURN(ExchangeTuner tuner, ExchangeTuner::create(options.tune));
-    layer.tuner_ = std::make_unique<ExchangeTuner>(std::move(tuner));
-  }
+  layer.tuner_ = std::move(tuner);
   if (options.runner != nullptr && options.runner->captures())
     layer.graph_release_ = comm::GraphRelease(comm, [runner = options.runner] { runner->clear(); });
   // Allocated up front: the agreements must never fail for memory, or a rank refused there
@@ -289,7 +296,6 @@ ExpertParallelLayer::ExpertParallelLayer(Backend& b, comm::Communicator& c, Laye
       comm_(&c),
       spec_(spec),
       shard_(shard),
-      overlap_(chunks_overlap(b, options)),
       runner_(options.runner),
       comm_on_backend_queue_(options.comm_on_backend_queue) {}
 

@@ -27,6 +27,7 @@
 #include "../kernels/bf16_copy_checks.hpp"
 #include "../kernels/layer_test_util.hpp"
 #include "expert_parallel_test_util.hpp"
+#include "forwarding_communicator.hpp"
 #include "graph_tape.hpp"
 #include "simulated_device.hpp"
 #include "tutel/comm/local_exchange.hpp"
@@ -46,14 +47,11 @@ constexpr int kMicroBatches = 2;
 
 // A communicator whose collectives may touch the device's memory, as NCCL's touch a GPU's: each
 // runs with the memory open to the host.
-class DeviceCollectives final : public comm::Communicator {
+class DeviceCollectives final : public ForwardingCommunicator {
  public:
   DeviceCollectives(comm::Communicator& inner, SimulatedDevice& device)
-      : inner_(inner), device_(device) {}
+      : ForwardingCommunicator(inner), device_(device) {}
 
-  int rank() const override { return inner_.rank(); }
-  int size() const override { return inner_.size(); }
-  int local_size() const override { return inner_.local_size(); }
   Status all_to_all(const void* send, void* recv, size_t chunk_bytes,
                     comm::AllToAllAlgo algo) override {
     SimulatedDevice::Access open(device_);
@@ -76,14 +74,8 @@ class DeviceCollectives final : public comm::Communicator {
     SimulatedDevice::Access open(device_);
     return inner_.all_reduce(data, count, op);
   }
-  Status barrier() override { return inner_.barrier(); }
-  Result<std::unique_ptr<Communicator>> split(int color, int key) override {
-    return Status::Unimplemented("not needed by the layer");
-  }
-  std::vector<comm::PeerStatus> peers() const override { return inner_.peers(); }
 
  private:
-  comm::Communicator& inner_;
   SimulatedDevice& device_;
 };
 

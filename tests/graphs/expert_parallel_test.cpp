@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <random>
 #include <thread>
 
@@ -22,6 +23,7 @@
 #include "../kernels/bf16_copy_checks.hpp"
 #include "../kernels/layer_test_util.hpp"
 #include "expert_parallel_test_util.hpp"
+#include "forwarding_communicator.hpp"
 #include "tutel/comm/ucx.hpp"
 
 namespace tutel::testing {
@@ -47,6 +49,23 @@ struct EpCase {
 };
 
 void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
+
+// Counts the all-to-alls issued from a thread other than the one that made it (the rank's): a
+// pipelined layer on the CPU must exchange its chunks on its worker thread.
+class ExchangeThreads final : public ForwardingCommunicator {
+ public:
+  using ForwardingCommunicator::ForwardingCommunicator;
+  Status all_to_all(const void* send, void* recv, size_t chunk_bytes,
+                    comm::AllToAllAlgo algo) override {
+    if (std::this_thread::get_id() != owner_) ++elsewhere_;
+    return inner_.all_to_all(send, recv, chunk_bytes, algo);
+  }
+  int elsewhere() const { return elsewhere_.load(); }
+
+ private:
+  const std::thread::id owner_ = std::this_thread::get_id();
+  std::atomic<int> elsewhere_{0};
+};
 
 EpCase two_dh(int local_size, EpCase c) {
   c.algo = comm::AllToAllAlgo::k2DH;
@@ -224,6 +243,7 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
     ExpertShard shard;
     RoutingStats stats;
     std::vector<float> y, dx, d_wg, d_fc1, d_b1, d_fc2, d_b2;
+    int exchanges_elsewhere = -1;  // all-to-alls not issued by the rank's own thread
   };
   std::vector<RankResult> results(W);
   const uint16_t port = free_port();
@@ -232,8 +252,9 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
     threads.emplace_back([&, r] {
       RankResult& out = results[r];
       auto fail = [&](Status st) { out.status = std::move(st); };
-      auto comm = comm::ucx_bootstrap(rank_options(port, r, W, c.local_size));
-      if (!comm.ok()) return fail(comm.status());
+      auto ucx = comm::ucx_bootstrap(rank_options(port, r, W, c.local_size));
+      if (!ucx.ok()) return fail(ucx.status());
+      ExchangeThreads comm(**ucx);
       auto backend = make_backend("cpu", {.threads = 1});
       if (!backend.ok()) return fail(backend.status());
       Backend& b = **backend;
@@ -241,10 +262,10 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
       options.algo = c.algo;
       options.pipeline = c.pipeline;
       options.r = c.r;
-      auto layer = ExpertParallelLayer::create(b, **comm, spec, options);
+      auto layer = ExpertParallelLayer::create(b, comm, spec, options);
       if (!layer.ok()) return fail(layer.status());
       if (layer->all_to_all_algo() != c.algo || layer->pipeline() != c.pipeline ||
-          layer->parallelism() != c.r)
+          layer->parallelism() != c.r || !layer->overlaps_chunks())
         return fail(Status::Internal("the layer runs another configuration than it was given"));
       out.shard = layer->shard();
       HostLayerParams local = graphs::slice_for_rank(spec, out.shard, whole_host);
@@ -284,6 +305,7 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
       out.d_b1 = grads.fc1_bias;
       out.d_fc2 = grads.fc2;
       out.d_b2 = grads.fc2_bias;
+      out.exchanges_elsewhere = comm.elsewhere();
     });
   }
   for (auto& t : threads) t.join();
@@ -305,6 +327,13 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
     SCOPED_TRACE("rank " + std::to_string(r));
     const RankResult& got = results[r];
     ASSERT_TRUE(got.status.ok()) << got.status;
+    // Pipelined chunks are exchanged on the layer's worker thread (the CPU backend overlaps
+    // them with the GEMMs); everything else on the rank's own.
+    if (c.pipeline > 1 && c.r == 1 && capacity > 1) {
+      EXPECT_GT(got.exchanges_elsewhere, 0);
+    } else {
+      EXPECT_EQ(got.exchanges_elsewhere, 0);
+    }
     EXPECT_EQ(got.stats.capacity, capacity);
     EXPECT_EQ(got.stats.dropped, want[r].dropped);
     EXPECT_NEAR(got.stats.l_aux, want[r].l_aux, 1e-5);
@@ -639,7 +668,11 @@ TEST_P(ExpertParallelInFlight, BackwardsInReverseOrderMatchTheReference) {
     const auto& first = results[0].tuner;
     ASSERT_FALSE(first.empty());
     bool any_decided = false;
-    for (const graphs::TunerEntry& e : first) any_decided |= e.decided;
+    for (const graphs::TunerEntry& e : first) {
+      any_decided |= e.decided;
+      // A decided bucket ran and timed every candidate.
+      for (int64_t ns : e.total_ns) EXPECT_GT(ns, 0) << e.capacity_bucket;
+    }
     EXPECT_TRUE(any_decided);
     for (int r = 1; r < W; ++r) {
       SCOPED_TRACE("rank " + std::to_string(r));

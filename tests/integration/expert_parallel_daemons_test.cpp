@@ -609,6 +609,9 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
     EXPECT_EQ(e.value("capacity_bucket", int64_t{0}), bucket);
     EXPECT_EQ(e.value("state", ""), "decided") << e.dump();
     EXPECT_EQ(e.value("total_ns", nlohmann::json()).size(), size_t{kCandidates}) << e.dump();
+    // Every candidate was run and timed (the group's slowest rank).
+    for (const nlohmann::json& t : e.value("total_ns", nlohmann::json::array()))
+      EXPECT_TRUE(t.is_number_integer() && t.get<int64_t>() > 0) << e.dump();
     EXPECT_EQ(e, tuner_of[0][0]) << "rank " << r << " decided otherwise than rank 0";
   }
   // tutelctl's table names the choice.

@@ -87,21 +87,6 @@ constexpr Transport kTransports[] = {
 // ---------------------------------------------------------------------------------------------
 // Parsing and formatting.
 
-std::vector<std::string> split_list(const std::string& text) {
-  std::vector<std::string> items;
-  size_t start = 0;
-  while (start <= text.size()) {
-    size_t end = text.find(',', start);
-    if (end == std::string::npos) end = text.size();
-    std::string item = text.substr(start, end - start);
-    item.erase(0, item.find_first_not_of(" \t"));
-    item.erase(item.find_last_not_of(" \t") + 1);
-    if (!item.empty()) items.push_back(item);
-    start = end + 1;
-  }
-  return items;
-}
-
 // "4096", "4KiB", "4K", "64MiB", "1GiB" (binary units, any letter case).
 std::optional<size_t> parse_bytes(std::string_view text) {
   size_t digits = 0;
@@ -155,11 +140,6 @@ std::string format_gbps(double bytes_per_second) {
 
 int64_t elapsed_ns(Clock::time_point t0) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
-}
-
-int64_t median(std::vector<int64_t> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 // As many timed runs as asked, fewer when a run is slow enough to blow the point's budget.

@@ -9,9 +9,9 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
-#include <sstream>
 #include <thread>
 
+#include "bench_util.hpp"
 #include "forked_ranks.hpp"
 #include "gemm_floor.hpp"
 #include "tutel/comm/ucx.hpp"
@@ -33,19 +33,6 @@ constexpr EpShape kShapes[] = {
     {"comm", 4096, 1024, 256, 8, 2},      // the exchange is ~1/4 of the GEMMs' time here
     {"compute", 2048, 1024, 2048, 8, 2},  // the GEMMs dominate
 };
-
-std::vector<int> parse_ints(const std::string& list) {
-  std::vector<int> out;
-  std::stringstream ss(list);
-  for (std::string item; std::getline(ss, item, ',');)
-    if (!item.empty()) out.push_back(std::atoi(item.c_str()));
-  return out;
-}
-
-int64_t median(std::vector<int64_t> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 // The group's value of a per-rank time: its slowest rank's.
 Result<int64_t> group_max(comm::Communicator& comm, int64_t mine) {
@@ -204,7 +191,8 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
 
   // The tuner: what "auto" would choose here.
   graphs::ExpertParallelOptions options;
-  options.tune.candidates = graphs::auto_candidates({}, {}, {}, W, 1, true);
+  options.tune.candidates = graphs::auto_candidates(
+      {}, {}, {}, W, 1, graphs::ExpertParallelLayer::chunks_overlap(b, options));
   TUTEL_ASSIGN_OR_RETURN(graphs::ExpertParallelLayer tuned,
                          graphs::ExpertParallelLayer::create(b, *comm, spec, options));
   const int64_t bucket = graphs::ExchangeTuner::bucket_for(C);
@@ -239,9 +227,18 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
 }  // namespace
 
 int run_ep_bench(const EpBenchOptions& options) {
-  const std::vector<int> pipelines = parse_ints(options.pipelines);
-  if (options.ranks < 1 || pipelines.empty()) {
-    std::fprintf(stderr, "tutel-bench ep: need --ranks >= 1 and at least one pipeline degree\n");
+  std::vector<int> pipelines;
+  for (const std::string& item : split_list(options.pipelines)) {
+    const int d = std::atoi(item.c_str());
+    if (d < 1 || d > graphs::kMaxPipeline || std::to_string(d) != item) {
+      std::fprintf(stderr, "tutel-bench ep: --pipelines '%s': each must be a pipeline degree, 1..%d\n",
+                   item.c_str(), graphs::kMaxPipeline);
+      return 2;
+    }
+    pipelines.push_back(d);
+  }
+  if (pipelines.empty()) {
+    std::fprintf(stderr, "tutel-bench ep: --pipelines needs at least one pipeline degree\n");
     return 2;
   }
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -256,8 +253,7 @@ int run_ep_bench(const EpBenchOptions& options) {
       "two.\n\n",
       options.ranks, options.repeats);
   int exit_code = 0;
-  std::stringstream ss(options.shapes);
-  for (std::string name; std::getline(ss, name, ',');) {
+  for (const std::string& name : split_list(options.shapes)) {
     const EpShape* shape = nullptr;
     for (const EpShape& s : kShapes)
       if (name == s.name) shape = &s;

@@ -101,8 +101,6 @@ class ExchangeTuner {
   std::vector<int64_t> totals(int64_t bucket) const;
   // Fixes the bucket's choice from the group's agreed totals (one per candidate).
   Status decide(int64_t bucket, const std::vector<int64_t>& agreed_totals);
-  // Forgets every bucket (e.g. after the group's membership or the machine changed).
-  void reset();
 
   std::vector<TunerEntry> entries() const;
 

@@ -166,8 +166,11 @@ class ExpertParallelLayer {
   int parallelism() const { return fixed_.r; }
   // The tuner's dictionary; null when not tuning. Its entries() may be read from any thread.
   const ExchangeTuner* tuner() const { return tuner_.get(); }
-  // Whether d > 1 overlaps exchanges with the expert GEMMs here (see ExpertParallelOptions).
-  bool overlaps_chunks() const { return overlap_; }
+  // Whether d > 1 overlaps exchanges with the expert GEMMs on `backend` with `options` (see
+  // ExpertParallelOptions::pipeline): what the tuner's candidates depend on (auto_candidates).
+  static bool chunks_overlap(const Backend& backend, const ExpertParallelOptions& options);
+  // The same for this layer.
+  bool overlaps_chunks() const;
 
   // What one training forward keeps for its backward: its input, its routing (scores, expert
   // index, gate values, locations, slot map), its capacity and token count, and the
@@ -304,7 +307,6 @@ class ExpertParallelLayer {
   ExpertShard shard_;
   ExchangeConfig fixed_;                    // when not tuning
   std::unique_ptr<ExchangeTuner> tuner_;    // when tuning
-  bool overlap_ = false;                    // a worker exchanges while this thread computes
   std::unique_ptr<ExchangeWorker> worker_;  // made at the first overlapped phase
   PhaseRunner* runner_;
   // The runner's graphs hold the communicator's collectives: dropped before it aborts.
