@@ -319,7 +319,7 @@ else
   rc=$?
   cat "$log_dir/bench.log"
   # The summary keeps the measurement rows; the explanations stay in the log above.
-  bench_lines=$(grep -E '^(device copy bandwidth|shape |small |large |gpu |decode )|^  (path |layer ops|the same ops|plan cuda-graph)' \
+  bench_lines=$(grep -E '^(device copy bandwidth|shape |small |large |gpu |decode )|^  (path |layer ops|the same ops|plan cuda-graph|bytes floor)' \
                   "$log_dir/bench.log")
   while IFS= read -r t; do
     [ -n "$t" ] && target_rows+=("$t")

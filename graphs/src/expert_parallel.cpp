@@ -816,7 +816,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
           TUTEL_RETURN_IF_ERROR(b.expert_forward(
               {dispatched, whole_view(gathered_), spec_.activation, spec_.matmul_dtype,
                keep_pre ? f32(st.pre_, {E, C, H}) : TensorView(), f32(st.hidden_, {E, C, H}),
-               f32(st.combined_, {E, C, O}), workspace()}));
+               f32(st.combined_, {E, C, O}), workspace(), /*keep_hidden=*/training}));
           return b.decode(
               {f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y});
         }
@@ -837,7 +837,8 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
                    spec_.activation, spec_.matmul_dtype,
                    keep_pre ? f32_at(st.pre_, first * Hs, {El, Rj, Hs}) : TensorView(),
                    f32_at(st.hidden_, first * Hs, {El, Rj, Hs}),
-                   f32_at(expert_out_, first * O, {El, Rj, O}), workspace()}));
+                   f32_at(expert_out_, first * O, {El, Rj, O}), workspace(),
+                   /*keep_hidden=*/training}));
               if (s > 1 && spec_.has_fc2_bias) {
                 const BiasColumns bias = fc2_bias_columns(local.experts.fc2_bias);
                 TUTEL_RETURN_IF_ERROR(b.add_row_bias(f32_at(expert_out_, first * O, {Rj, O}),

@@ -183,7 +183,7 @@ void PlanBase::record() {
     return backend_.expert_forward(
         {view(Slot::kDispatched, f32, {E, C, M}), target_.weights.experts, target_.spec.activation,
          target_.spec.matmul_dtype, pre, view(Slot::kHidden, f32, {E, C, H}),
-         view(Slot::kExpertOut, f32, {E, C, O}), workspace});
+         view(Slot::kExpertOut, f32, {E, C, O}), workspace, /*keep_hidden=*/training});
   });
   experts.push_back([=, this](const StepState& st) {
     const int64_t S = st.tokens, C = st.capacity;

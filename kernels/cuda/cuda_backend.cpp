@@ -38,6 +38,26 @@ struct Operand {
   const void* bf16 = nullptr;
 };
 
+// The caller's bf16 workspace holds two operand rooms of `elems` bf16 each: gemm converts its
+// first operand into `first`, its second into `second`.
+struct Bf16Rooms {
+  char* first;
+  char* second;
+  int64_t elems;
+};
+
+Bf16Rooms bf16_rooms(const TensorView& workspace) {
+  const int64_t half = static_cast<int64_t>(workspace.nbytes() / 2 / 2) / kBf16Align * kBf16Align;
+  auto* first = static_cast<char*>(workspace.data());
+  return {first, first ? first + half * 2 : nullptr, half};
+}
+
+Status workspace_too_small() {
+  return Status::InvalidArgument(
+      "expert workspace too small for the bf16 matmul; size it with "
+      "expert_workspace_bytes() (weights_bf16 only when both weights come with bf16 copies)");
+}
+
 bool fits_int(std::initializer_list<int64_t> values) {
   for (int64_t v : values)
     if (v < 0 || v > INT_MAX) return false;
@@ -376,27 +396,20 @@ Status CudaBackend::gemm(int64_t rows, int64_t cols, int64_t inner, const Operan
   const void* pb = b.data;
   cudaDataType type = CUDA_R_32F;
   if (matmul_dtype == DType::kBF16) {
-    const int64_t half = static_cast<int64_t>(workspace.nbytes() / 2 / 2) / kBf16Align * kBf16Align;
-    auto needs_room = [&](const Operand& x) {
-      return !x.bf16 && (workspace.empty() || x.elems > half);
-    };
-    if (needs_room(a) || needs_room(b))
-      return Status::InvalidArgument(
-          "expert workspace too small for the bf16 matmul; size it with "
-          "expert_workspace_bytes() (weights_bf16 only when both weights come with bf16 copies)");
-    auto* first = static_cast<char*>(workspace.data());
-    char* second = first + half * 2;
+    const Bf16Rooms rooms = bf16_rooms(workspace);
+    auto needs_room = [&](const Operand& x) { return !x.bf16 && (workspace.empty() || x.elems > rooms.elems); };
+    if (needs_room(a) || needs_room(b)) return workspace_too_small();
     if (a.bf16) {
       pa = a.bf16;
     } else {
-      TUTEL_CUDA_CHECK(launch_to_bf16(a.data, a.elems, first, stream_));
-      pa = first;
+      TUTEL_CUDA_CHECK(launch_to_bf16(a.data, a.elems, rooms.first, stream_));
+      pa = rooms.first;
     }
     if (b.bf16) {
       pb = b.bf16;
     } else {
-      TUTEL_CUDA_CHECK(launch_to_bf16(b.data, b.elems, second, stream_));
-      pb = second;
+      TUTEL_CUDA_CHECK(launch_to_bf16(b.data, b.elems, rooms.second, stream_));
+      pb = rooms.second;
     }
     type = CUDA_R_16BF;
   } else if (matmul_dtype != DType::kF32) {
@@ -549,19 +562,32 @@ Status CudaBackend::expert_forward(const ExpertForwardArgs& a) {
   float* out = a.expert_out.data_as<float>();
   const ExpertWeights& w = a.weights;
   if (a.matmul_dtype == DType::kBF16) TUTEL_RETURN_IF_ERROR(w.check_bf16_copies("expert_forward:"));
+  // Under bf16 the second GEMM reads bf16(act(pre)). The bias-activation pass writes it straight
+  // into the workspace room where that GEMM would convert hidden (the same rounding, so the same
+  // bits), and writes the f32 hidden only where a backward reads it: at the GPU shape of
+  // tutel-bench layer that saves two of the forward's seven passes over [E, C, H] f32.
+  void* hidden_bf16 = nullptr;
+  if (a.matmul_dtype == DType::kBF16) {
+    const Bf16Rooms rooms = bf16_rooms(a.workspace);
+    if (rooms.elems < E * C * H) return workspace_too_small();
+    hidden_bf16 = rooms.first;
+  }
+  float* hidden_out = hidden_bf16 && !a.keep_hidden ? nullptr : hidden;
   // pre[e] = disp[e] · fc1[e]ᵀ, then bias and activation (into hidden; pre kept for backward).
   float* fc1_out = pre ? pre : hidden;
   TUTEL_RETURN_IF_ERROR(
       gemm(C, H, M, {a.dispatched.data_as<float>(), M, C * M, false, E * C * M},
            {w.fc1_weight.data_as<float>(), M, H * M, true, E * H * M, w.fc1_weight_bf16.data()},
            fc1_out, H, C * H, E, 0.f, a.matmul_dtype, a.workspace));
-  TUTEL_CUDA_CHECK(launch_bias_activation(fc1_out, b1, E, C, H, act_kind(a.activation), pre, hidden, stream_));
+  TUTEL_CUDA_CHECK(launch_bias_activation(fc1_out, b1, E, C, H, act_kind(a.activation), pre, hidden_out,
+                                          hidden_bf16, stream_));
   // out[e] = hidden[e] · fc2[e] + b2[e]
   TUTEL_RETURN_IF_ERROR(
-      gemm(C, O, H, {hidden, H, C * H, false, E * C * H},
+      gemm(C, O, H, {hidden, H, C * H, false, E * C * H, hidden_bf16},
            {w.fc2_weight.data_as<float>(), O, H * O, false, E * H * O, w.fc2_weight_bf16.data()},
            out, O, C * O, E, 0.f, a.matmul_dtype, a.workspace));
-  if (b2) TUTEL_CUDA_CHECK(launch_bias_activation(out, b2, E, C, O, ActKind::kNone, nullptr, out, stream_));
+  if (b2)
+    TUTEL_CUDA_CHECK(launch_bias_activation(out, b2, E, C, O, ActKind::kNone, nullptr, out, nullptr, stream_));
   return Status::OK();
 }
 

@@ -64,10 +64,11 @@ cudaError_t launch_assignment_dot(const float* rows, const float* tokens, const 
                                   bool accumulate, float* out, cudaStream_t stream);
 
 // ---- expert_kernels.cu ------------------------------------------------------------------
-// For x = in[e, r, n] + bias[e, n] (bias may be null): pre_out = x (when not null), out = act(x).
-// in may alias pre_out or out.
+// For x = in[e, r, n] + bias[e, n] (bias may be null): pre_out = x, out = act(x) and
+// out_bf16 (__nv_bfloat16) = bf16(act(x)) as launch_to_bf16 rounds it, each where not null.
+// in may alias pre_out or out. 16-byte accesses where the width and the pointers allow.
 cudaError_t launch_bias_activation(const float* in, const float* bias, int64_t experts, int64_t rows,
-                                   int64_t width, ActKind act, float* pre_out, float* out,
+                                   int64_t width, ActKind act, float* pre_out, float* out, void* out_bf16,
                                    cudaStream_t stream);
 // d ← d · act'(x) in place; x is the activation's output for relu, its input for gelu/silu.
 cudaError_t launch_activation_backward(const float* x, ActKind act, int64_t n, float* d, cudaStream_t stream);
@@ -84,7 +85,8 @@ cudaError_t launch_add_row_bias(float* out, int64_t rows, int64_t ld, const floa
 // scratch is bias_grad_scratch_bytes(1, rows, n) long.
 cudaError_t launch_column_sums(const float* src, int64_t rows, int64_t ld, int64_t n, void* scratch,
                                float* dst, cudaStream_t stream);
-// out[i] = bf16(in[i]), round to nearest even; out is __nv_bfloat16[n].
+// out[i] = bf16(in[i]), round to nearest even; out is __nv_bfloat16[n]. 16-byte loads where
+// n and the pointers allow.
 cudaError_t launch_to_bf16(const float* in, int64_t n, void* out, cudaStream_t stream);
 
 // PyTorch's SGD (dampening 0) and AdamW, elementwise, with the CPU backend's operation order.

@@ -43,17 +43,46 @@ __device__ inline float activation_grad(ActKind act, float x, float d) {
 }
 
 // A block walks whole rows, its threads over the row: one division per row, none per element.
-__global__ void bias_activation_kernel(const float* in, const float* bias, int64_t experts, int64_t rows,
-                                       int64_t width, ActKind act, float* pre_out, float* out) {
+// Four bf16 values stored with one 8-byte access.
+struct alignas(8) Bf16x4 {
+  __nv_bfloat162 lo, hi;
+};
+
+__device__ inline Bf16x4 to_bf16x4(float4 v) {
+  return {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
+}
+
+__device__ inline float4 operator+(float4 a, float4 b) { return {a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w}; }
+
+__device__ inline float4 activate4(ActKind act, float4 x) {
+  return {activate(act, x.x), activate(act, x.y), activate(act, x.z), activate(act, x.w)};
+}
+
+__device__ inline void store_bf16(__nv_bfloat16* out, int64_t i, float v) { out[i] = __float2bfloat16_rn(v); }
+__device__ inline void store_bf16(Bf16x4* out, int64_t i, float4 v) { out[i] = to_bf16x4(v); }
+
+// One element type for the whole row walk: float (any width) or float4 (width % 4 == 0, every
+// pointer 16-byte aligned; the bf16 output then goes 8 bytes at a time). Both do the same f32
+// operations per element, so they give the same bits.
+template <typename V, typename B>
+__global__ void bias_activation_kernel(const V* in, const V* bias, int64_t experts, int64_t rows, int64_t width,
+                                       ActKind act, V* pre_out, V* out, B* out_bf16) {
   const int64_t total_rows = experts * rows;
   for (int64_t row = blockIdx.x; row < total_rows; row += gridDim.x) {
-    const float* b = bias ? bias + (row / rows) * width : nullptr;
+    const V* b = bias ? bias + (row / rows) * width : nullptr;
     const int64_t base = row * width;
     for (int64_t n = threadIdx.x; n < width; n += blockDim.x) {
-      float x = in[base + n];
-      if (b) x += b[n];
+      V x = in[base + n];
+      if (b) x = x + b[n];
       if (pre_out) pre_out[base + n] = x;
-      out[base + n] = activate(act, x);
+      V y;
+      if constexpr (sizeof(V) == sizeof(float4)) {
+        y = activate4(act, x);
+      } else {
+        y = activate(act, x);
+      }
+      if (out) out[base + n] = y;
+      if (out_bf16) store_bf16(out_bf16, base + n, y);
     }
   }
 }
@@ -117,6 +146,17 @@ __global__ void to_bf16_kernel(const float* in, int64_t n, __nv_bfloat16* out) {
   for (int64_t i = grid_index(); i < n; i += grid_stride()) out[i] = __float2bfloat16_rn(in[i]);
 }
 
+__global__ void to_bf16x4_kernel(const float4* in, int64_t vecs, Bf16x4* out) {
+  for (int64_t i = grid_index(); i < vecs; i += grid_stride()) out[i] = to_bf16x4(in[i]);
+}
+
+bool vectorizable(int64_t width, std::initializer_list<const void*> pointers) {
+  if (width % 4 != 0) return false;
+  for (const void* p : pointers)
+    if (p && !aligned16(p)) return false;
+  return true;
+}
+
 __global__ void sgd_kernel(float* param, const float* grad, float* buf, __nv_bfloat16* param_bf16,
                            int64_t n, SgdParams p) {
   for (int64_t i = grid_index(); i < n; i += grid_stride()) {
@@ -151,12 +191,25 @@ size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 }  // namespace
 
 cudaError_t launch_bias_activation(const float* in, const float* bias, int64_t experts, int64_t rows,
-                                   int64_t width, ActKind act, float* pre_out, float* out, cudaStream_t stream) {
+                                   int64_t width, ActKind act, float* pre_out, float* out, void* out_bf16,
+                                   cudaStream_t stream) {
   const int64_t total_rows = experts * rows;
   if (total_rows <= 0 || width <= 0) return cudaSuccess;
-  const int threads = width >= kThreads ? kThreads : static_cast<int>((width + kWarpSize - 1) / kWarpSize * kWarpSize);
   const unsigned grid = static_cast<unsigned>(total_rows > kMaxBlocks ? kMaxBlocks : total_rows);
-  bias_activation_kernel<<<grid, threads, 0, stream>>>(in, bias, experts, rows, width, act, pre_out, out);
+  auto threads_for = [](int64_t items) {
+    return items >= kThreads ? kThreads : static_cast<int>((items + kWarpSize - 1) / kWarpSize * kWarpSize);
+  };
+  // The bf16 row is half as wide in bytes: 8-byte alignment is what its stores need.
+  const bool bf16_ok = !out_bf16 || (reinterpret_cast<uintptr_t>(out_bf16) & 7u) == 0;
+  if (bf16_ok && vectorizable(width, {in, bias, pre_out, out})) {
+    const int64_t vecs = width / 4;
+    bias_activation_kernel<<<grid, threads_for(vecs), 0, stream>>>(
+        reinterpret_cast<const float4*>(in), reinterpret_cast<const float4*>(bias), experts, rows, vecs, act,
+        reinterpret_cast<float4*>(pre_out), reinterpret_cast<float4*>(out), static_cast<Bf16x4*>(out_bf16));
+  } else {
+    bias_activation_kernel<<<grid, threads_for(width), 0, stream>>>(
+        in, bias, experts, rows, width, act, pre_out, out, static_cast<__nv_bfloat16*>(out_bf16));
+  }
   return cudaGetLastError();
 }
 
@@ -198,7 +251,12 @@ cudaError_t launch_column_sums(const float* src, int64_t rows, int64_t ld, int64
 
 cudaError_t launch_to_bf16(const float* in, int64_t n, void* out, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  to_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(in, n, static_cast<__nv_bfloat16*>(out));
+  if (vectorizable(n, {in}) && (reinterpret_cast<uintptr_t>(out) & 7u) == 0) {
+    to_bf16x4_kernel<<<grid_for(n / 4), kThreads, 0, stream>>>(reinterpret_cast<const float4*>(in), n / 4,
+                                                                static_cast<Bf16x4*>(out));
+  } else {
+    to_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(in, n, static_cast<__nv_bfloat16*>(out));
+  }
   return cudaGetLastError();
 }
 

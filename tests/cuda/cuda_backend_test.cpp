@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <iostream>
 #include <numeric>
@@ -470,6 +471,60 @@ TEST_F(CudaOps, ExpertForwardBackwardMatchCpu) {
           EXPECT_TRUE(matches_cpu("d_fc2_w", g_fc2, tol, tol / 10));
           EXPECT_TRUE(matches_cpu("d_fc1_b", g_b1, tol, tol / 10));
           EXPECT_TRUE(matches_cpu("d_fc2_b", g_b2, tol, tol / 10));
+        }
+      }
+    }
+  }
+}
+
+// An inference forward (keep_hidden false) gives the training forward's expert_out bit for bit.
+// Under bf16 the second GEMM reads the bf16 hidden that the bias-activation pass writes into the
+// workspace's first operand room (a white-box check: that copy is convert(hidden), the rounding
+// the GEMM's own conversion would make). Widths divisible by 4 take the 16-byte path, the others
+// the scalar one.
+TEST_F(CudaOps, InferenceForwardSkipsTheF32HiddenWithTheSameBits) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  struct Shape5 {
+    int64_t E, C, M, H, O;
+  };
+  for (const Shape5& sh : {Shape5{3, 5, 12, 20, 7}, Shape5{2, 33, 16, 48, 8}, Shape5{1, 3, 3, 5, 2}}) {
+    for (Activation act : {Activation::kRelu, Activation::kGelu, Activation::kSilu}) {
+      for (bool biases : {true, false}) {
+        for (DType dt : {DType::kF32, DType::kBF16}) {
+          const int64_t E = sh.E, C = sh.C, M = sh.M, H = sh.H, O = sh.O;
+          SCOPED_TRACE("E " + std::to_string(E) + " C " + std::to_string(C) + " H " + std::to_string(H) + " " +
+                       std::string(activation_name(act)) + (biases ? " biases " : " no biases ") +
+                       std::string(dtype_name(dt)));
+          auto disp = make({E, C, M}), fc1 = make({E, H, M}), b1 = make({E, H}), fc2 = make({E, H, O}),
+               b2 = make({E, O}), hidden = make({E, C, H}), out = make({E, C, O});
+          disp.set(normal(E * C * M, 1.0));
+          fc1.set(normal(E * H * M, 1.0 / std::sqrt(double(M))));
+          fc2.set(normal(E * H * O, 1.0 / std::sqrt(double(H))));
+          b1.set(normal(E * H, 0.1));
+          b2.set(normal(E * O, 0.1));
+          const auto ws_bytes = static_cast<int64_t>(gpu_->expert_workspace_bytes({E, C, M, H, O}, dt));
+          auto ws = make(DType::kU8, {std::max<int64_t>(ws_bytes, 1)});
+          const ExpertWeights w{fc1.gpu(), biases ? b1.gpu() : TensorView(), fc2.gpu(),
+                                biases ? b2.gpu() : TensorView()};
+          std::vector<uint32_t> outs[2];  // bits
+          for (bool keep : {true, false}) {
+            hidden.set(std::vector<float>(E * C * H, -7.f));
+            Status s = gpu_->expert_forward({disp.gpu(), w, act, dt, {}, hidden.gpu(), out.gpu(),
+                                             TensorView(ws.gpu().data(), DType::kU8, {ws_bytes}, gpu_->device()),
+                                             keep});
+            ASSERT_TRUE(s.ok()) << s;
+            ASSERT_TRUE(gpu_->synchronize().ok());
+            outs[keep] = out.gpu_values<uint32_t>();
+            if (!keep || dt != DType::kBF16) continue;
+            // The kept f32 hidden, and the bf16 copy the second GEMM read.
+            auto hidden_bf16 = make(DType::kBF16, {E, C, H});
+            ASSERT_TRUE(gpu_->convert(hidden.gpu(), hidden_bf16.gpu()).ok());
+            const std::vector<uint8_t> room = ws.gpu_values<uint8_t>();
+            std::vector<uint16_t> read(E * C * H);
+            std::memcpy(read.data(), room.data(), read.size() * sizeof(uint16_t));
+            EXPECT_EQ(read, hidden_bf16.gpu_values<uint16_t>());
+          }
+          EXPECT_EQ(outs[0], outs[1]) << "expert_out of an inference forward differs from a training one";
         }
       }
     }

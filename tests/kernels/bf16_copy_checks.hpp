@@ -181,7 +181,11 @@ inline void check_expert_ops_with_copies(Backend& b, std::mt19937_64& rng) {
         shape.weights_bf16 = true;
         const auto copy_bytes = static_cast<int64_t>(b.expert_workspace_bytes(shape, DType::kBF16));
         EXPECT_LE(copy_bytes, full_bytes);
-        if (H * M > C * std::max({M, H, O})) {
+        // Smaller where the weights are the largest operands by more than a backend's rounding:
+        // the CUDA backend starts each bf16 operand on a 256-byte boundary (128 elements), which
+        // hides the saving at E 1 C 1 M 3 H 5 O 2 (seen on an H200).
+        const int64_t saved_per_operand = E * (std::max(H * M, H * O) - C * std::max({M, H, O}));
+        if (saved_per_operand >= 128) {
           EXPECT_LT(copy_bytes, full_bytes) << "the weights are the largest operands here";
         }
         auto random = [&](Shape s, double scale) {

@@ -191,9 +191,12 @@ struct ExpertForwardArgs {
   Activation activation = Activation::kRelu;
   DType matmul_dtype = DType::kF32;  // f32, or bf16 inputs with f32 accumulation
   TensorView pre_activation;// out [E, C, H] f32; needed for backward of gelu/silu, else may be empty
-  TensorView hidden;        // out [E, C, H] f32: act(pre)
+  TensorView hidden;        // out [E, C, H] f32: act(pre); scratch when !keep_hidden
   TensorView expert_out;    // out [E, C, O] f32
   TensorView workspace;     // u8, expert_workspace_bytes() long
+  // False where no backward follows (inference): a backend may then leave `hidden` holding
+  // anything, and skip writing act(pre) in f32 where its second GEMM reads another copy.
+  bool keep_hidden = true;
 };
 
 struct ExpertBackwardArgs {
