@@ -14,7 +14,9 @@
 #      and copy-bandwidth floors, then eager launch vs CUDA-graph replay at S=128 (at most 180 s;
 #      the tests leave TUTEL_GPU_BENCH_RESERVE_S of the budget for it), then tutel-bench layer
 #      --via-daemon --backend cuda: a GPU tuteld's layer through the arena vs a device region
-#      (zero-copy), next to the staging copies a region saves (at most 90 s),
+#      (zero-copy), next to the staging copies a region saves (at most 90 s), then tutel-bench
+#      layer --backend cuda --phases: the GPU time of each op of an inference step, where the
+#      step's time goes (at most 60 s),
 #   5. compute-sanitizer memcheck over the op tests, when the tool is there and time allows,
 # within a time budget (8 minutes by default), and prints a summary table at the end, with the
 # benchmark's target verdicts as rows and its measurement lines below.
@@ -356,6 +358,24 @@ else
   row "bench-zc" "skipped" "no tutel-bench or under a minute left"
 fi
 
+# Where the step's time goes: each op of an inference step on the GPU, back to back (not a test).
+phase_lines=""
+if [ "$bench_option" = ON ] && [ -x "$bench" ] && [ "$(remaining)" -ge 45 ]; then
+  say "tutel-bench layer --backend cuda --phases"
+  timeout 60 "$bench" layer --backend cuda --phases >"$log_dir/bench-phases.log" 2>&1
+  rc=$?
+  cat "$log_dir/bench-phases.log"
+  phase_lines=$(grep -E '^phases ' "$log_dir/bench-phases.log")
+  case $rc in
+    0) row "bench-phases" "ok" "GPU time per op, $(echo "$phase_lines" | grep -c .) steps" ;;
+    3) row "bench-phases" "no device" "exit 3 (see $log_dir/bench-phases.log)" ;;
+    124) row "bench-phases" "timeout" "after 60s (see $log_dir/bench-phases.log)" ;;
+    *) row "bench-phases" "failed" "exit $rc, see $log_dir/bench-phases.log (not a test failure)" ;;
+  esac
+else
+  row "bench-phases" "skipped" "no tutel-bench or under 45 s left"
+fi
+
 # ---- 6. compute-sanitizer (optional) -------------------------------------------------------
 sanitizer=""
 for c in /usr/local/cuda/bin/compute-sanitizer "$(command -v compute-sanitizer 2>/dev/null)"; do
@@ -393,6 +413,9 @@ if [ -n "$bench_lines" ]; then
 fi
 if [ -n "$daemon_bench_lines" ]; then
   printf '\nzero-copy through tuteld (tutel-bench layer --via-daemon --backend cuda):\n%s\n' "$daemon_bench_lines"
+fi
+if [ -n "$phase_lines" ]; then
+  printf '\nGPU time per op (tutel-bench layer --backend cuda --phases):\n%s\n' "$phase_lines"
 fi
 printf '\nlogs: %s\n' "$log_dir"
 # The logs, packed for a caller that keeps only a folder (the device tool's $OUT).

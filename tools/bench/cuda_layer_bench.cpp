@@ -4,6 +4,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -11,6 +12,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -252,7 +254,13 @@ struct ForwardOps {
     return Status::OK();
   }
 
-  Status queue(Backend& b, const DeviceLayer& layer, TensorView x, TensorView y) const {
+  struct Op {
+    const char* name;
+    std::function<Status()> run;
+  };
+
+  // The step's Backend ops in order, each queued by its own call (captures b, layer, x and y).
+  std::vector<Op> ops(Backend& b, const DeviceLayer& layer, TensorView x, TensorView y) const {
     const LayerSpec& spec = layer.spec;
     const int64_t E = spec.experts, k = spec.k, M = spec.model_dim, H = spec.hidden,
                   O = spec.out_dim();
@@ -262,32 +270,185 @@ struct ForwardOps {
     const TensorView g(gates.data(), f32, {S, k}, d), sc(scores.data(), f32, {S, E}, d);
     const TensorView slots(slot.data(), i32, {E, C}, d), out(expert_out.data(), f32, {E, C, O}, d);
     const TensorView disp(dispatched.data(), f32, {E, C, M}, d);
-    TUTEL_RETURN_IF_ERROR(b.gate_forward({x,
-                                          layer.weights.gate_weight,
-                                          {},
-                                          spec.k,
-                                          spec.normalize_gate,
-                                          sc,
-                                          idx,
-                                          g,
-                                          TensorView(l_aux.data(), f32, {1}, d)}));
-    TUTEL_RETURN_IF_ERROR(b.locations(
-        {sc, idx, spec.batch_prioritized, loc, TensorView(expert_count.data(), i32, {E}, d)}));
-    TUTEL_RETURN_IF_ERROR(b.slot_map({idx, loc, C, slots}));
-    TUTEL_RETURN_IF_ERROR(b.encode({x, g, slots, spec.is_postscore, disp}));
-    TUTEL_RETURN_IF_ERROR(b.expert_forward(
-        {disp,
-         layer.weights.experts,
-         spec.activation,
-         spec.matmul_dtype,
-         {},
-         TensorView(hidden.data(), f32, {E, C, H}, d),
-         out,
-         TensorView(workspace.data(), DType::kU8, {int64_t(workspace.bytes())}, d),
-         /*keep_hidden=*/false}));
-    return b.decode({out, g, idx, loc, C, spec.is_postscore, y});
+    const TensorView hid(hidden.data(), f32, {E, C, H}, d), lx(l_aux.data(), f32, {1}, d);
+    const TensorView ws(workspace.data(), DType::kU8, {int64_t(workspace.bytes())}, d);
+    const TensorView count(expert_count.data(), i32, {E}, d);
+    const int64_t C_ = C;
+    const bool normalize = spec.normalize_gate, prioritized = spec.batch_prioritized,
+               postscore = spec.is_postscore;
+    const Activation act = spec.activation;
+    const DType mm = spec.matmul_dtype;
+    const int top_k = spec.k;
+    return {
+        {"gate", [=, &b, &layer] {
+           return b.gate_forward(
+               {x, layer.weights.gate_weight, {}, top_k, normalize, sc, idx, g, lx});
+         }},
+        {"locations", [=, &b] { return b.locations({sc, idx, prioritized, loc, count}); }},
+        {"slot_map", [=, &b] { return b.slot_map({idx, loc, C_, slots}); }},
+        {"encode", [=, &b] { return b.encode({x, g, slots, postscore, disp}); }},
+        {"experts", [=, &b, &layer] {
+           return b.expert_forward({disp, layer.weights.experts, act, mm, {}, hid, out, ws,
+                                    /*keep_hidden=*/false});
+         }},
+        {"decode", [=, &b] { return b.decode({out, g, idx, loc, C_, postscore, y}); }},
+    };
+  }
+
+  Status queue(Backend& b, const DeviceLayer& layer, TensorView x, TensorView y) const {
+    for (const Op& op : ops(b, layer, x, y)) TUTEL_RETURN_IF_ERROR(op.run());
+    return Status::OK();
   }
 };
+
+// The ops captured into one graph on the backend's stream, instantiated.
+Result<ExecPtr> capture(Backend& b, const std::vector<ForwardOps::Op>& ops) {
+  auto stream = static_cast<cudaStream_t>(b.native_stream());
+  const uint64_t epoch = b.scratch_epoch();
+  TUTEL_BENCH_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  Status recorded = Status::OK();
+  for (const ForwardOps::Op& op : ops)
+    if (recorded.ok()) recorded = op.run();
+  cudaGraph_t raw_graph = nullptr;
+  const cudaError_t ended = cudaStreamEndCapture(stream, &raw_graph);
+  GraphPtr graph(raw_graph);
+  TUTEL_RETURN_IF_ERROR(recorded);
+  TUTEL_BENCH_CUDA_CHECK(ended);
+  if (b.scratch_epoch() != epoch)
+    return Status::Internal("the backend's scratch moved during the capture");
+  cudaGraphExec_t raw_exec = nullptr;
+  TUTEL_BENCH_CUDA_CHECK(cudaGraphInstantiate(&raw_exec, graph.get(), 0));
+  return ExecPtr(raw_exec);
+}
+
+// ---- GPU time per op (--phases) ---------------------------------------------------------------
+
+// Holds a stream behind a host function that waits for release(), so that ops queued meanwhile
+// run back to back once released: their events then time the GPU alone, without the gaps of the
+// host's launches. The wait gives up after kMaxHoldSeconds (an op that waits for the stream
+// while it is held would otherwise hang the run); gave_up() says so.
+class StreamHold {
+ public:
+  static constexpr double kMaxHoldSeconds = 10;
+
+  explicit StreamHold(cudaStream_t stream) : stream_(stream) {}
+  StreamHold(const StreamHold&) = delete;
+  StreamHold& operator=(const StreamHold&) = delete;
+  // The host function reads this object: it must have run before the object goes.
+  ~StreamHold() {
+    release();
+    if (held_) (void)cudaStreamSynchronize(stream_);
+  }
+
+  Status hold() {
+    TUTEL_BENCH_CUDA_CHECK(cudaLaunchHostFunc(stream_, &StreamHold::wait, this));
+    held_ = true;
+    return Status::OK();
+  }
+  void release() { released_.store(true, std::memory_order_release); }
+  bool gave_up() const { return gave_up_.load(std::memory_order_acquire); }
+
+ private:
+  static void CUDART_CB wait(void* self) {
+    auto* hold = static_cast<StreamHold*>(self);
+    const double start = now_seconds();
+    while (!hold->released_.load(std::memory_order_acquire)) {
+      if (now_seconds() - start > kMaxHoldSeconds) {
+        hold->gave_up_.store(true, std::memory_order_release);
+        return;
+      }
+      std::this_thread::yield();
+    }
+  }
+
+  cudaStream_t stream_;
+  bool held_ = false;
+  std::atomic<bool> released_{false}, gave_up_{false};
+};
+
+struct EventDeleter {
+  void operator()(cudaEvent_t e) const { (void)cudaEventDestroy(e); }
+};
+using EventPtr = std::unique_ptr<std::remove_pointer_t<cudaEvent_t>, EventDeleter>;
+
+struct PhaseTimes {
+  std::vector<const char*> names;
+  std::vector<double> seconds;  // median GPU seconds of each op, run back to back
+  double sum = 0;               // of the medians
+  double graph = 0;             // median GPU seconds of the same ops replayed as one graph
+};
+
+constexpr int kPhaseRepeats = 20;
+
+// Each op's GPU time: the ops queued behind a held stream with an event between each two, then
+// released; the median over kPhaseRepeats runs (after one warm-up run). Then the same ops as
+// one graph, timed between two events around its launch.
+Result<PhaseTimes> time_phases(Backend& b, const std::vector<ForwardOps::Op>& ops) {
+  auto stream = static_cast<cudaStream_t>(b.native_stream());
+  std::vector<EventPtr> events;
+  for (size_t i = 0; i <= ops.size(); ++i) {
+    cudaEvent_t e = nullptr;
+    TUTEL_BENCH_CUDA_CHECK(cudaEventCreate(&e));
+    events.emplace_back(e);
+  }
+  for (const ForwardOps::Op& op : ops) TUTEL_RETURN_IF_ERROR(op.run());  // warm-up, unheld
+  TUTEL_BENCH_CUDA_CHECK(cudaStreamSynchronize(stream));
+  std::vector<std::vector<double>> samples(ops.size());
+  for (int r = 0; r < kPhaseRepeats; ++r) {
+    StreamHold hold(stream);
+    TUTEL_RETURN_IF_ERROR(hold.hold());
+    TUTEL_BENCH_CUDA_CHECK(cudaEventRecord(events[0].get(), stream));
+    for (size_t i = 0; i < ops.size(); ++i) {
+      TUTEL_RETURN_IF_ERROR(ops[i].run());
+      TUTEL_BENCH_CUDA_CHECK(cudaEventRecord(events[i + 1].get(), stream));
+    }
+    hold.release();
+    TUTEL_BENCH_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (hold.gave_up())
+      return Status::Internal("an op waited for the stream while it was held; no per-op times");
+    for (size_t i = 0; i < ops.size(); ++i) {
+      float ms = 0;
+      TUTEL_BENCH_CUDA_CHECK(cudaEventElapsedTime(&ms, events[i].get(), events[i + 1].get()));
+      samples[i].push_back(ms * 1e-3);
+    }
+  }
+  PhaseTimes t;
+  for (size_t i = 0; i < ops.size(); ++i) {
+    std::sort(samples[i].begin(), samples[i].end());
+    t.names.push_back(ops[i].name);
+    t.seconds.push_back(samples[i][samples[i].size() / 2]);
+    t.sum += t.seconds.back();
+  }
+  TUTEL_ASSIGN_OR_RETURN(const ExecPtr exec, capture(b, ops));
+  TUTEL_ASSIGN_OR_RETURN(t.graph, median_stream_seconds(stream, 2, kPhaseRepeats, [&]() -> Status {
+                           TUTEL_BENCH_CUDA_CHECK(cudaGraphLaunch(exec.get(), stream));
+                           return Status::OK();
+                         }));
+  return t;
+}
+
+// One inference step of shape s (its S tokens, the capacity of f = 1) op by op on the GPU.
+Status bench_phases(Backend& b, const LayerShape& s, DType dtype, bool weights_bf16) {
+  DeviceLayer layer;
+  TUTEL_RETURN_IF_ERROR(make_layer(b, s, dtype, weights_bf16, layer));
+  const int64_t S = s.S, M = s.M, O = layer.spec.out_dim();
+  const int64_t C = layer_capacity(layer.spec, S, 0);
+  TUTEL_ASSIGN_OR_RETURN(DeviceBuffer x, normal_buffer(b, S * M, 1.0, 8));
+  TUTEL_ASSIGN_OR_RETURN(DeviceBuffer y, b.allocate(S * O * 4));
+  ForwardOps ops;
+  TUTEL_RETURN_IF_ERROR(ops.init(b, layer, S, C));
+  const Device dev = b.device();
+  TUTEL_ASSIGN_OR_RETURN(
+      const PhaseTimes t,
+      time_phases(b, ops.ops(b, layer, TensorView(x.data(), DType::kF32, {S, M}, dev),
+                             TensorView(y.data(), DType::kF32, {S, O}, dev))));
+  std::printf("phases %-5s S=%-5lld M=%lld H=%lld C=%lld:", s.name, (long long)S, (long long)M,
+              (long long)s.H, (long long)C);
+  for (size_t i = 0; i < t.names.size(); ++i)
+    std::printf(" %s %.1f us%s", t.names[i], t.seconds[i] * 1e6, i + 1 < t.names.size() ? "," : "");
+  std::printf("; sum %.1f us, one graph %.1f us\n", t.sum * 1e6, t.graph * 1e6);
+  return Status::OK();
+}
 
 // Median host seconds of one step: the call itself, and from the call until the stream drained.
 struct LaunchTiming {
@@ -354,21 +515,13 @@ Result<DecodeTimes> time_decode(Backend& b, const LayerShape& s, DType dtype, bo
   // The first run grows the backend's scratch, so nothing allocates during the capture.
   TUTEL_RETURN_IF_ERROR(ops.queue(b, layer, xv, ye));
   TUTEL_RETURN_IF_ERROR(b.synchronize());
-  TUTEL_ASSIGN_OR_RETURN(t.eager, time_steps(stream, [&] { return ops.queue(b, layer, xv, ye); }));
+  const std::vector<ForwardOps::Op> eager_ops = ops.ops(b, layer, xv, ye);
+  TUTEL_ASSIGN_OR_RETURN(t.eager, time_steps(stream, [&]() -> Status {
+                           for (const ForwardOps::Op& op : eager_ops) TUTEL_RETURN_IF_ERROR(op.run());
+                           return Status::OK();
+                         }));
 
-  const uint64_t epoch = b.scratch_epoch();
-  TUTEL_BENCH_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  const Status recorded = ops.queue(b, layer, xv, yo);
-  cudaGraph_t raw_graph = nullptr;
-  const cudaError_t ended = cudaStreamEndCapture(stream, &raw_graph);
-  GraphPtr graph(raw_graph);
-  TUTEL_RETURN_IF_ERROR(recorded);
-  TUTEL_BENCH_CUDA_CHECK(ended);
-  if (b.scratch_epoch() != epoch)
-    return Status::Internal("the backend's scratch moved during the capture");
-  cudaGraphExec_t raw_exec = nullptr;
-  TUTEL_BENCH_CUDA_CHECK(cudaGraphInstantiate(&raw_exec, graph.get(), 0));
-  ExecPtr exec(raw_exec);
+  TUTEL_ASSIGN_OR_RETURN(const ExecPtr exec, capture(b, ops.ops(b, layer, xv, yo)));
   TUTEL_ASSIGN_OR_RETURN(t.replay, time_steps(stream, [&]() -> Status {
                            TUTEL_BENCH_CUDA_CHECK(cudaGraphLaunch(exec.get(), stream));
                            return Status::OK();
@@ -518,6 +671,20 @@ int run_cuda_layer_bench(const LayerBenchOptions& o) {
     std::fprintf(stderr, "tutel-bench layer: %s\n", st.to_string().c_str());
     return 1;
   };
+  if (o.phases) {
+    std::printf(
+        "tutel-bench layer --phases: backend=cuda (%s), matmul=%s; GPU time of each Backend op of "
+        "an inference step, queued behind a held stream and run back to back (median of %d), "
+        "and the same ops replayed as one graph\n",
+        prop.name, dtype_text.c_str(), kPhaseRepeats);
+    for (const LayerShape& s : shapes) {
+      LayerShape decode = s;
+      decode.S = kDecodeTokens;
+      for (const LayerShape& shape : {s, decode})
+        if (Status st = bench_phases(b, shape, *dtype, weights_bf16); !st.ok()) return fail(st);
+    }
+    return 0;
+  }
   auto copy = measure_device_copy(b, o.repeats);
   if (!copy.ok()) return fail(copy.status());
 

@@ -15,6 +15,7 @@ struct LayerBenchOptions {
   int threads = 0;
   int repeats = 5;
   bool graph = false;  // cuda: also eager launch vs CUDA-graph replay at a decode-sized S
+  bool phases = false;  // cuda: only the GPU time of each op of an inference step, full S and S=128
 };
 
 // The layer shapes the bench knows. "all" runs small and large on the CPU, large and gpu on
