@@ -39,6 +39,7 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 
 // float4 arithmetic for the vectorised row kernels.
 __device__ inline float4 operator*(float g, float4 v) { return make_float4(g * v.x, g * v.y, g * v.z, g * v.w); }
+__device__ inline float4 operator+(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
 __device__ inline float4& operator+=(float4& a, float4 b) {
   a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w;
   return a;

@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "cuda/cuda_kernels.hpp"
 #include "cuda/device_utils.cuh"
@@ -43,16 +44,21 @@ __device__ inline float activation_grad(ActKind act, float x, float d) {
 }
 
 // A block walks whole rows, its threads over the row: one division per row, none per element.
-// Four bf16 values stored with one 8-byte access.
+// Four bf16 values, in memory order x, y, z, w: stored with one 8-byte access.
 struct alignas(8) Bf16x4 {
-  __nv_bfloat162 lo, hi;
+  uint2 bits;
 };
 
-__device__ inline Bf16x4 to_bf16x4(float4 v) {
-  return {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
+__device__ inline uint32_t bits_of(__nv_bfloat162 h) {
+  uint32_t u;
+  memcpy(&u, &h, sizeof u);
+  return u;
 }
 
-__device__ inline float4 operator+(float4 a, float4 b) { return {a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w}; }
+__device__ inline Bf16x4 to_bf16x4(float4 v) {
+  // __floats2bfloat162_rn(a, b) puts a in the low half, the lower address.
+  return {make_uint2(bits_of(__floats2bfloat162_rn(v.x, v.y)), bits_of(__floats2bfloat162_rn(v.z, v.w)))};
+}
 
 __device__ inline float4 activate4(ActKind act, float4 x) {
   return {activate(act, x.x), activate(act, x.y), activate(act, x.z), activate(act, x.w)};
@@ -76,7 +82,7 @@ __global__ void bias_activation_kernel(const V* in, const V* bias, int64_t exper
       if (b) x = x + b[n];
       if (pre_out) pre_out[base + n] = x;
       V y;
-      if constexpr (sizeof(V) == sizeof(float4)) {
+      if constexpr (std::is_same_v<V, float4>) {
         y = activate4(act, x);
       } else {
         y = activate(act, x);

@@ -82,30 +82,58 @@ inline std::vector<float> conversion_inputs(std::mt19937_64& rng) {
   for (int i = 0; i < 4096; ++i)
     v.push_back(float_of_bits((any(rng) & 0xffff0000u) | 0x8000u));  // ties
   for (int i = 0; i < 60000; ++i) v.push_back(float_of_bits(any(rng)));
+  while (v.size() % 4 != 0) v.push_back(float_of_bits(any(rng)));  // whole 16-byte groups
   return v;
 }
 
-// convert() rounds as reference_bf16 and keeps NaN a NaN. `same_as_host` (the CPU backend):
-// every output, NaN payloads included, also equals f32_to_bf16, the on-the-fly conversion.
-inline void check_convert(Backend& b, std::mt19937_64& rng, bool same_as_host) {
-  const std::vector<float> in = conversion_inputs(rng);
-  const int64_t n = static_cast<int64_t>(in.size());
-  DeviceTensor src(b, DType::kF32, {n}), dst(b, DType::kBF16, {n});
-  src.upload(in);
-  const Status s = b.convert(src.view(), dst.view());
-  ASSERT_TRUE(s.ok()) << s;
-  const std::vector<uint16_t> out = dst.download_as<uint16_t>();
+// Every element of `out` (bf16 bits) is reference_bf16 of `in`, NaN kept a NaN; with
+// `same_as_host`, NaN payloads included, also f32_to_bf16, the on-the-fly conversion.
+inline ::testing::AssertionResult rounded_as_reference(const std::vector<float>& in,
+                                                       const std::vector<uint16_t>& out,
+                                                       bool same_as_host = false) {
+  if (in.size() != out.size())
+    return ::testing::AssertionFailure() << in.size() << " inputs, " << out.size() << " outputs";
   int64_t wrong = 0;
-  for (int64_t i = 0; i < n; ++i) {
+  ::testing::AssertionResult result = ::testing::AssertionSuccess();
+  for (size_t i = 0; i < in.size(); ++i) {
     const bool ok = (std::isnan(in[i]) ? bf16_is_nan(out[i]) : out[i] == reference_bf16(in[i])) &&
                     (!same_as_host || out[i] == f32_to_bf16(in[i]));
     if (ok || ++wrong > 10) continue;
     uint32_t bits;
     std::memcpy(&bits, &in[i], 4);
-    ADD_FAILURE() << std::hex << "input 0x" << bits << " gave 0x" << out[i] << ", reference 0x"
-                  << reference_bf16(in[i]) << ", f32_to_bf16 0x" << f32_to_bf16(in[i]);
+    result = ::testing::AssertionFailure();
+    result << std::hex << "[" << std::dec << i << std::hex << "] input 0x" << bits << " gave 0x"
+           << out[i] << ", reference 0x" << reference_bf16(in[i]) << ", f32_to_bf16 0x"
+           << f32_to_bf16(in[i]) << "; ";
   }
-  EXPECT_EQ(wrong, 0) << "of " << n << " inputs";
+  if (wrong != 0) result << std::dec << wrong << " wrong of " << in.size();
+  return result;
+}
+
+// convert() rounds as reference_bf16 and keeps NaN a NaN. `same_as_host` (the CPU backend):
+// every output, NaN payloads included, also equals f32_to_bf16, the on-the-fly conversion.
+// Three views of the inputs, for backends with a 16-byte path: the whole (a multiple of 4
+// elements, aligned), one element short (a tail), and from the second element (unaligned).
+inline void check_convert(Backend& b, std::mt19937_64& rng, bool same_as_host) {
+  const std::vector<float> in = conversion_inputs(rng);
+  const int64_t n = static_cast<int64_t>(in.size());
+  ASSERT_EQ(n % 4, 0);
+  DeviceTensor src(b, DType::kF32, {n});
+  src.upload(in);
+  struct Part {
+    int64_t first, count;
+  };
+  for (const Part& part : {Part{0, n}, Part{0, n - 1}, Part{1, n - 1}}) {
+    SCOPED_TRACE("elements [" + std::to_string(part.first) + ", " +
+                 std::to_string(part.first + part.count) + ")");
+    DeviceTensor dst(b, DType::kBF16, {part.count});
+    const TensorView from(static_cast<float*>(src.view().data()) + part.first, DType::kF32,
+                          {part.count}, src.view().device());
+    const Status s = b.convert(from, dst.view());
+    ASSERT_TRUE(s.ok()) << s;
+    const std::vector<float> want(in.begin() + part.first, in.begin() + part.first + part.count);
+    EXPECT_TRUE(rounded_as_reference(want, dst.download_as<uint16_t>(), same_as_host));
+  }
 }
 
 // bf16 copies of a DeviceLayer's two expert weights, filled by Backend::convert.
@@ -182,8 +210,9 @@ inline void check_expert_ops_with_copies(Backend& b, std::mt19937_64& rng) {
         const auto copy_bytes = static_cast<int64_t>(b.expert_workspace_bytes(shape, DType::kBF16));
         EXPECT_LE(copy_bytes, full_bytes);
         // Smaller where the weights are the largest operands by more than a backend's rounding:
-        // the CUDA backend starts each bf16 operand on a 256-byte boundary (128 elements), which
-        // hides the saving at E 1 C 1 M 3 H 5 O 2 (seen on an H200).
+        // the CUDA backend starts each bf16 operand on a 256-byte boundary (kBf16Align = 128
+        // elements in kernels/cuda/cuda_backend.cpp), which hides the saving at E 1 C 1 M 3 H 5
+        // O 2 (seen on an H200).
         const int64_t saved_per_operand = E * (std::max(H * M, H * O) - C * std::max({M, H, O}));
         if (saved_per_operand >= 128) {
           EXPECT_LT(copy_bytes, full_bytes) << "the weights are the largest operands here";
