@@ -60,6 +60,9 @@ struct GroupConfig {
   // With "auto": per capacity bucket, uncounted rounds over the candidates, then counted ones.
   int tune_warmups = 1;
   int tune_trials = 2;
+
+  // Whether the tuner chooses anything: r, all_to_all or pipeline is "auto".
+  bool tuned() const { return !r || !all_to_all || !pipeline; }
   std::chrono::milliseconds bootstrap_timeout{10'000};
   std::chrono::milliseconds collective_timeout{5'000};
 };
