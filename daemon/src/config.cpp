@@ -206,9 +206,11 @@ Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
   // A tuning key without anything to tune would be silently ignored: say so instead.
   for (const char* key : {"tune_warmups", "tune_trials"})
     if (s.find(key) != nullptr && !g.tuned())
-      return s.error_near(key, std::string(key) +
-                                   " has no effect: nothing is tuned; set r, all_to_all or pipeline "
-                                   "to \"auto\", or remove " + key);
+      return s.error_near(key,
+                          std::string(key) +
+                              " has no effect: nothing is tuned; set r, all_to_all or pipeline "
+                              "to \"auto\", or remove " +
+                              key);
   if (g.all_to_all == comm::AllToAllAlgo::k2DH && g.size % g.local_size != 0)
     return s.error_near("all_to_all", "all_to_all = \"2dh\" needs local_size (" + std::to_string(g.local_size) +
                                           ") to divide size (" + std::to_string(g.size) +
@@ -645,7 +647,8 @@ std::string format_layer_spec(const LayerDefinition& def) {
         << "all_to_all = "
         << toml_string(g.all_to_all ? std::string(comm::to_string(*g.all_to_all)) : "auto") << "\n"
         << "r = " << (g.r ? std::to_string(*g.r) : toml_string("auto")) << "\n"
-        << "pipeline = " << (g.pipeline ? std::to_string(*g.pipeline) : toml_string("auto")) << "\n";
+        << "pipeline = " << (g.pipeline ? std::to_string(*g.pipeline) : toml_string("auto"))
+        << "\n";
     if (g.tuned())
       out << "tune_warmups = " << g.tune_warmups << "\n"
           << "tune_trials = " << g.tune_trials << "\n";

@@ -194,9 +194,10 @@ Status layer_forward(Backend& backend, const LayerSpec& spec, const LayerWeights
 
   TUTEL_RETURN_IF_ERROR(backend.slot_map({expert_index, location, C, slots}));
   TUTEL_RETURN_IF_ERROR(backend.encode({x, gates, slots, spec.is_postscore, dispatched}));
-  TUTEL_RETURN_IF_ERROR(backend.expert_forward({dispatched, weights.experts, spec.activation,
-                                                spec.matmul_dtype, pre, hidden, expert_out, workspace,
-                                                /*keep_hidden=*/training}));
+  TUTEL_RETURN_IF_ERROR(
+      backend.expert_forward({dispatched, weights.experts, spec.activation, spec.matmul_dtype, pre,
+                              hidden, expert_out, workspace,
+                              /*keep_hidden=*/training}));
   TUTEL_RETURN_IF_ERROR(backend.decode({expert_out, gates, expert_index, location, C, spec.is_postscore, y}));
 
   ws.stats_ = RoutingStats{C, dropped, l_aux_host};

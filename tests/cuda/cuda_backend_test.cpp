@@ -488,22 +488,25 @@ TEST_F(CudaOps, InferenceForwardSkipsTheF32HiddenWithTheSameBits) {
   struct Shape5 {
     int64_t E, C, M, H, O;
   };
-  for (const Shape5& sh : {Shape5{3, 5, 12, 20, 7}, Shape5{2, 33, 16, 48, 8}, Shape5{1, 3, 3, 5, 2}}) {
+  for (const Shape5& sh :
+       {Shape5{3, 5, 12, 20, 7}, Shape5{2, 33, 16, 48, 8}, Shape5{1, 3, 3, 5, 2}}) {
     for (Activation act : {Activation::kRelu, Activation::kGelu, Activation::kSilu}) {
       for (bool biases : {true, false}) {
         for (DType dt : {DType::kF32, DType::kBF16}) {
           const int64_t E = sh.E, C = sh.C, M = sh.M, H = sh.H, O = sh.O;
-          SCOPED_TRACE("E " + std::to_string(E) + " C " + std::to_string(C) + " H " + std::to_string(H) + " " +
-                       std::string(activation_name(act)) + (biases ? " biases " : " no biases ") +
-                       std::string(dtype_name(dt)));
-          auto disp = make({E, C, M}), fc1 = make({E, H, M}), b1 = make({E, H}), fc2 = make({E, H, O}),
-               b2 = make({E, O}), hidden = make({E, C, H}), out = make({E, C, O});
+          SCOPED_TRACE("E " + std::to_string(E) + " C " + std::to_string(C) + " H " +
+                       std::to_string(H) + " " + std::string(activation_name(act)) +
+                       (biases ? " biases " : " no biases ") + std::string(dtype_name(dt)));
+          auto disp = make({E, C, M}), fc1 = make({E, H, M}), b1 = make({E, H}),
+               fc2 = make({E, H, O}), b2 = make({E, O}), hidden = make({E, C, H}),
+               out = make({E, C, O});
           disp.set(normal(E * C * M, 1.0));
           fc1.set(normal(E * H * M, 1.0 / std::sqrt(double(M))));
           fc2.set(normal(E * H * O, 1.0 / std::sqrt(double(H))));
           b1.set(normal(E * H, 0.1));
           b2.set(normal(E * O, 0.1));
-          const auto ws_bytes = static_cast<int64_t>(gpu_->expert_workspace_bytes({E, C, M, H, O}, dt));
+          const auto ws_bytes =
+              static_cast<int64_t>(gpu_->expert_workspace_bytes({E, C, M, H, O}, dt));
           auto ws = make(DType::kU8, {std::max<int64_t>(ws_bytes, 1)});
           const ExpertWeights w{fc1.gpu(), biases ? b1.gpu() : TensorView(), fc2.gpu(),
                                 biases ? b2.gpu() : TensorView()};
@@ -511,9 +514,16 @@ TEST_F(CudaOps, InferenceForwardSkipsTheF32HiddenWithTheSameBits) {
           std::vector<uint32_t> hiddens[2];
           for (bool keep : {true, false}) {
             hidden.set(std::vector<float>(E * C * H, -7.f));
-            Status s = gpu_->expert_forward({disp.gpu(), w, act, dt, {}, hidden.gpu(), out.gpu(),
-                                             TensorView(ws.gpu().data(), DType::kU8, {ws_bytes}, gpu_->device()),
-                                             keep});
+            Status s = gpu_->expert_forward(
+                {disp.gpu(),
+                 w,
+                 act,
+                 dt,
+                 {},
+                 hidden.gpu(),
+                 out.gpu(),
+                 TensorView(ws.gpu().data(), DType::kU8, {ws_bytes}, gpu_->device()),
+                 keep});
             ASSERT_TRUE(s.ok()) << s;
             ASSERT_TRUE(gpu_->synchronize().ok());
             outs[keep] = out.gpu_values<uint32_t>();
@@ -525,7 +535,8 @@ TEST_F(CudaOps, InferenceForwardSkipsTheF32HiddenWithTheSameBits) {
             std::memcpy(read.data(), room.data(), read.size() * sizeof(uint16_t));
             EXPECT_TRUE(rounded_as_reference(hidden.gpu_values(), read));
           }
-          EXPECT_EQ(outs[0], outs[1]) << "expert_out of an inference forward differs from a training one";
+          EXPECT_EQ(outs[0], outs[1])
+              << "expert_out of an inference forward differs from a training one";
           if (dt == DType::kBF16 && biases) {
             // Without keep_hidden the f32 act(pre) is not written: hidden holds the first GEMM's
             // output before the bias (nonzero) and the activation.

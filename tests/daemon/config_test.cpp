@@ -984,8 +984,8 @@ TEST(LayerSpecGroupTest, BadGroupsNameTheKey) {
             std::string::npos);
   // Tuning keys with nothing to tune are errors, not silently ignored.
   for (const char* key : {"tune_warmups", "tune_trials"}) {
-    const std::string message = error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\nr = 1\n" +
-                                         std::string(key) + " = 3\n");
+    const std::string message = error_of(
+        "coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\nr = 1\n" + std::string(key) + " = 3\n");
     EXPECT_NE(message.find(std::string("group.") + key), std::string::npos) << message;
     EXPECT_NE(message.find("has no effect: nothing is tuned"), std::string::npos) << message;
   }

@@ -38,8 +38,8 @@ namespace {
 // no replay target; its bytes floor is printed instead.
 struct CudaTargets {
   const char* shape;
-  double forward;       // allowed time / floor (0: none)
-  bool decode_replay;   // the replay speedup target applies to its decode step
+  double forward;      // allowed time / floor (0: none)
+  bool decode_replay;  // the replay speedup target applies to its decode step
 };
 constexpr CudaTargets kCudaTargets[] = {{"large", 0, true}, {"gpu", 1.25, false}};
 constexpr double kLaunchTargetSeconds = 10e-6;
@@ -280,18 +280,39 @@ struct ForwardOps {
     const DType mm = spec.matmul_dtype;
     const int top_k = spec.k;
     return {
-        {"gate", [=, &b, &layer] {
+        {"gate",
+         [=, &b, &layer] {
            return b.gate_forward(
                {x, layer.weights.gate_weight, {}, top_k, normalize, sc, idx, g, lx});
          }},
-        {"locations", [=, &b] { return b.locations({sc, idx, prioritized, loc, count}); }},
-        {"slot_map", [=, &b] { return b.slot_map({idx, loc, C_, slots}); }},
-        {"encode", [=, &b] { return b.encode({x, g, slots, postscore, disp}); }},
-        {"experts", [=, &b, &layer] {
-           return b.expert_forward({disp, layer.weights.experts, act, mm, {}, hid, out, ws,
+        {"locations",
+         [=, &b] {
+           return b.locations({sc, idx, prioritized, loc, count});
+         }},
+        {"slot_map",
+         [=, &b] {
+           return b.slot_map({idx, loc, C_, slots});
+         }},
+        {"encode",
+         [=, &b] {
+           return b.encode({x, g, slots, postscore, disp});
+         }},
+        {"experts",
+         [=, &b, &layer] {
+           return b.expert_forward({disp,
+                                    layer.weights.experts,
+                                    act,
+                                    mm,
+                                    {},
+                                    hid,
+                                    out,
+                                    ws,
                                     /*keep_hidden=*/false});
          }},
-        {"decode", [=, &b] { return b.decode({out, g, idx, loc, C_, postscore, y}); }},
+        {"decode",
+         [=, &b] {
+           return b.decode({out, g, idx, loc, C_, postscore, y});
+         }},
     };
   }
 
@@ -517,7 +538,8 @@ Result<DecodeTimes> time_decode(Backend& b, const LayerShape& s, DType dtype, bo
   TUTEL_RETURN_IF_ERROR(b.synchronize());
   const std::vector<ForwardOps::Op> eager_ops = ops.ops(b, layer, xv, ye);
   TUTEL_ASSIGN_OR_RETURN(t.eager, time_steps(stream, [&]() -> Status {
-                           for (const ForwardOps::Op& op : eager_ops) TUTEL_RETURN_IF_ERROR(op.run());
+                           for (const ForwardOps::Op& op : eager_ops)
+                             TUTEL_RETURN_IF_ERROR(op.run());
                            return Status::OK();
                          }));
 

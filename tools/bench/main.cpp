@@ -30,9 +30,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   layer_cmd->add_flag("--graph", layer.graph,
                       "cuda: also a decode-sized step (S=128) launched op by op vs replayed as a CUDA graph");
-  layer_cmd->add_flag("--phases", layer.phases,
-                      "cuda: instead, the GPU time of each op of an inference step (at each shape's S and at "
-                      "S=128), the ops run back to back behind a held stream, beside the same ops as one graph");
+  layer_cmd->add_flag(
+      "--phases", layer.phases,
+      "cuda: instead, the GPU time of each op of an inference step (at each shape's S and at "
+      "S=128), the ops run back to back behind a held stream, beside the same ops as one graph");
   layer_cmd->add_option("--threads", layer.threads, "CPU threads (0 = all cores)")->capture_default_str();
   layer_cmd->add_option("--repeats", layer.repeats, "timed runs per measurement")->check(CLI::PositiveNumber)->capture_default_str();
 
