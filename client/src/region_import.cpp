@@ -23,6 +23,7 @@ struct CudaRuntime {
   int (*device_get_by_pci_bus_id)(int*, const char*) = nullptr;
   int (*ipc_open_mem_handle)(void**, IpcMemHandle, unsigned) = nullptr;
   int (*ipc_close_mem_handle)(void*) = nullptr;
+  int (*get_last_error)() = nullptr;
   const char* (*get_error_string)(int) = nullptr;
   std::string error;  // why it could not be loaded ("" when it was)
 };
@@ -56,6 +57,7 @@ const CudaRuntime& cuda_runtime() {
                     resolve(lib, "cudaDeviceGetByPCIBusId", &rt.device_get_by_pci_bus_id) &&
                     resolve(lib, "cudaIpcOpenMemHandle", &rt.ipc_open_mem_handle) &&
                     resolve(lib, "cudaIpcCloseMemHandle", &rt.ipc_close_mem_handle) &&
+                    resolve(lib, "cudaGetLastError", &rt.get_last_error) &&
                     resolve(lib, "cudaGetErrorString", &rt.get_error_string);
     if (!ok) rt.error = "the CUDA runtime loaded lacks the IPC entry points (cudaIpcOpenMemHandle)";
     return rt;  // the library stays loaded for the process's life
@@ -63,7 +65,10 @@ const CudaRuntime& cuda_runtime() {
   return runtime;
 }
 
+// The failure as a Status; the runtime's last error is cleared, so that the host application (a
+// PyTorch trainer) does not later see an error of ours as its own.
 Status cuda_failure(const CudaRuntime& rt, int err, const std::string& call) {
+  (void)rt.get_last_error();
   return Status::Unavailable(call + " failed: " + rt.get_error_string(err) + " (CUDA error " + std::to_string(err) + ")");
 }
 
@@ -74,14 +79,26 @@ ImportedMemory& ImportedMemory::operator=(ImportedMemory&& o) noexcept {
     reset();
     host_ = std::move(o.host_);
     cuda_ = std::exchange(o.cuda_, nullptr);
+    cuda_device_ = std::exchange(o.cuda_device_, -1);
     data_ = std::exchange(o.data_, nullptr);
   }
   return *this;
 }
 
 void ImportedMemory::reset() {
-  if (cuda_ != nullptr) (void)cuda_runtime().ipc_close_mem_handle(cuda_);
+  if (cuda_ != nullptr) {
+    // A mapping is closed on the device that opened it: switch there and back, as open() did,
+    // whatever device the caller has made current since; then leave no error of ours behind.
+    const CudaRuntime& rt = cuda_runtime();
+    int previous = -1;
+    const bool switched =
+        rt.get_device(&previous) == 0 && previous != cuda_device_ && rt.set_device(cuda_device_) == 0;
+    (void)rt.ipc_close_mem_handle(cuda_);
+    if (switched) (void)rt.set_device(previous);
+    (void)rt.get_last_error();
+  }
   cuda_ = nullptr;
+  cuda_device_ = -1;
   host_ = SharedMemory();
   data_ = nullptr;
 }
@@ -116,9 +133,13 @@ Result<ImportedMemory> ImportedMemory::open(const std::string& kind, const std::
     std::memcpy(&h, handle.data(), sizeof h);
     void* p = nullptr;
     const int err = rt.ipc_open_mem_handle(&p, h, kIpcMemLazyEnablePeerAccess);
-    (void)rt.set_device(previous);
+    if (int restored = rt.set_device(previous); restored != 0 && err == 0) {
+      (void)rt.ipc_close_mem_handle(p);
+      return cuda_failure(rt, restored, "cudaSetDevice (back to the caller's device)");
+    }
     if (err != 0) return cuda_failure(rt, err, "cudaIpcOpenMemHandle");
     m.cuda_ = p;
+    m.cuda_device_ = device;
     m.data_ = p;
     return m;
   }

@@ -37,6 +37,7 @@ class ImportedMemory {
  private:
   SharedMemory host_;      // host_memfd
   void* cuda_ = nullptr;   // cuda_ipc: the pointer cudaIpcOpenMemHandle gave
+  int cuda_device_ = -1;   // cuda_ipc: the device it was opened on (closed on the same one)
   void* data_ = nullptr;
 };
 

@@ -113,12 +113,11 @@ class NcclCommunicator final : public Communicator {
                                                           std::chrono::milliseconds timeout) {
     std::unique_ptr<NcclCommunicator> self(
         new NcclCommunicator(comm, std::move(shape), options, timeout));
-    TUTEL_NCCL_CUDA(cudaSetDevice(options.device));
-    if (options.stream == nullptr) {
-      TUTEL_NCCL_CUDA(cudaStreamCreateWithFlags(&self->stream_, cudaStreamNonBlocking));
-      self->own_stream_ = true;
+    if (Status s = self->init_cuda(); !s.ok()) {
+      // The caller still owns `comm` and aborts it: the half-made object must not destroy it too.
+      self->comm_ = nullptr;
+      return s;
     }
-    TUTEL_NCCL_CUDA(cudaEventCreateWithFlags(&self->done_, cudaEventDisableTiming));
     return self;
   }
 
@@ -312,6 +311,7 @@ class NcclCommunicator final : public Communicator {
 
   Status begin(const char* what) {
     what_ = what;
+    if (abort_pending_ && !capturing()) abort();
     if (!broken_.ok())
       return Status::Aborted(std::string(what) + ": this NCCL communicator failed earlier (" +
                              std::string(broken_.message()) + "); create a new one");
@@ -321,6 +321,16 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
+  Status init_cuda() {
+    TUTEL_NCCL_CUDA(cudaSetDevice(options_.device));
+    if (stream_ == nullptr) {
+      TUTEL_NCCL_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+      own_stream_ = true;
+    }
+    TUTEL_NCCL_CUDA(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+    return Status::OK();
+  }
+
   NcclCommunicator(ncclComm_t comm, Shape shape, const NcclOptions& options,
                    std::chrono::milliseconds timeout)
       : comm_(comm),
@@ -330,16 +340,17 @@ class NcclCommunicator final : public Communicator {
         stream_(static_cast<cudaStream_t>(options.stream)) {}
 
   // Any failure after work was enqueued aborts: the ranks no longer agree on where they are.
+  // Not while the stream is being captured: the abort makes CUDA calls the capture refuses,
+  // and it waits for every graph holding this communicator's collectives to be destroyed,
+  // the one being captured included, which its capturer destroys only after this call
+  // returns: it would wait forever. The next call (begin) or the destructor aborts then.
   Status finish(Status s) {
     if (s.ok()) return s;
     if (comm_ != nullptr) {
-      // The abort sets NCCL's abort flag, so that kernels of this communicator still running
-      // (a launched graph's too) return, then waits for every graph that captured its
-      // collectives to be destroyed: those are released first (an in-flight one is freed when
-      // it completes).
-      release_graphs();
-      ncclCommAbort(comm_);
-      comm_ = nullptr;
+      if (capturing())
+        abort_pending_ = true;
+      else
+        abort();
     }
     if (s.code() == StatusCode::kTimeout)
       s = Status::Timeout("did not complete within " + std::to_string(timeout_.count()) +
@@ -455,6 +466,7 @@ class NcclCommunicator final : public Communicator {
   const char* what_ = "";
   Clock::time_point deadline_;
   Status broken_;
+  bool abort_pending_ = false;  // failed while stream_ was captured: abort once it is not
   // For peers(), read from any thread.
   mutable std::mutex failure_mu_;
   std::string failure_text_;
@@ -465,6 +477,27 @@ class NcclCommunicator final : public Communicator {
 
   void release_graphs() {
     for (auto& [id, release] : graph_releases_) release();
+  }
+
+  // The abort sets NCCL's abort flag, so that kernels of this communicator still running (a
+  // launched graph's too) return, then waits for every graph that captured its collectives to
+  // be destroyed: those are released first (an in-flight one is freed when it completes).
+  void abort() {
+    release_graphs();
+    ncclCommAbort(comm_);
+    comm_ = nullptr;
+    abort_pending_ = false;
+  }
+
+  // Whether stream_ is in a capture (active or invalidated); a failed query counts as one, so
+  // that the abort waits for begin() or the destructor rather than risk the capture's hang.
+  bool capturing() const {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream_, &status) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return true;
+    }
+    return status != cudaStreamCaptureStatusNone;
   }
 
   void add_traffic(size_t bytes_per_peer) {
@@ -486,7 +519,12 @@ Result<std::unique_ptr<Communicator>> init_from_id(const ncclUniqueId& id, int r
   TUTEL_NCCL_CUDA(cudaSetDevice(options.device));
   ncclComm_t comm = nullptr;
   ncclConfig_t config = nonblocking_config();
-  TUTEL_NCCL(ncclCommInitRankConfig(&comm, size, id, rank, &config), comm);
+  if (const ncclResult_t r = ncclCommInitRankConfig(&comm, size, id, rank, &config);
+      r != ncclSuccess && r != ncclInProgress) {
+    Status s = nccl_failure(r, "ncclCommInitRankConfig", comm);
+    if (comm != nullptr) ncclCommAbort(comm);  // a handle NCCL made before it failed
+    return s;
+  }
   if (Status s = wait_comm(comm, deadline); !s.ok()) {
     ncclCommAbort(comm);
     if (s.code() == StatusCode::kTimeout)

@@ -193,7 +193,16 @@ class CudaGraphPlan final : public PlanBase {
     }
     if (!target->exec) {
       cudaGraphExec_t exec = nullptr;
-      GRAPHS_CUDA_CHECK(cudaGraphInstantiate(&exec, graph.get(), 0));
+      if (cudaGraphInstantiate(&exec, graph.get(), 0) != cudaSuccess) {
+        // No executable (out of device memory for it, say). Nothing of the phase has run (a
+        // capture runs nothing): run it op by op, now and for this shape from then on, as a
+        // failed capture does. The emptied slot is the first one reused.
+        (void)cudaGetLastError();
+        target->last_use = 0;
+        g.failed.add(shape);
+        ++stats_.capture_failures;
+        return run_eagerly(g, phases, st, shape);
+      }
       target->exec.reset(exec);
       ++stats_.instantiations;
     }

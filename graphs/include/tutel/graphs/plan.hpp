@@ -64,7 +64,7 @@ struct PlanStats {
   uint64_t captures = 0;
   uint64_t graph_updates = 0;   // captures applied to an existing executable (cudaGraphExecUpdate)
   uint64_t instantiations = 0;  // captures that needed a new executable
-  uint64_t capture_failures = 0;  // shapes whose capture failed: op by op from then on
+  uint64_t capture_failures = 0;  // shapes whose capture (or instantiation) failed: op by op from then on
 };
 
 class Plan {
