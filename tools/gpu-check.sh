@@ -9,7 +9,8 @@
 #      GPU (served_layer_device_test *OnCuda*: a local layer's CUDA-graph plans fed from a host
 #      arena; device_region_cuda_test: a client's CUDA IPC region used in place), and the
 #      expert-parallel layer on the CUDA backend over NCCL, op by op and as CUDA graphs with the
-#      NCCL calls inside (expert_parallel_device_test *OnCuda*),
+#      NCCL calls inside (expert_parallel_device_test *OnCuda*), and the NCCL communicator's own
+#      tests (comm_tests Nccl.*),
 #   4. tutel-bench layer --backend cuda --graph: the large and gpu shapes next to their cuBLAS
 #      and copy-bandwidth floors, then eager launch vs CUDA-graph replay at S=128 (at most 180 s;
 #      the tests leave TUTEL_GPU_BENCH_RESERVE_S of the budget for it), then tutel-bench layer
@@ -196,7 +197,8 @@ fi
 built=0
 if [ $configured = 1 ]; then
   say "build"
-  targets=(cuda_backend_test graphs_tests served_layer_device_test device_region_cuda_test expert_parallel_device_test)
+  targets=(cuda_backend_test graphs_tests served_layer_device_test device_region_cuda_test expert_parallel_device_test
+           comm_tests)
   [ "$bench_option" = ON ] && targets+=(tutel_bench)
   build_start=$(date +%s)
   # Leave at least three minutes for the tests and the benchmark.
@@ -300,6 +302,9 @@ run_gtest "device-region" '*OnCuda*' 60 device_region_cuda_test
 # The expert-parallel layer on the CUDA backend over NCCL (one rank: one GPU here), op by op and
 # as CUDA graphs with the NCCL calls captured inside.
 run_gtest "ep-nccl" '*OnCuda*' 90 expert_parallel_device_test
+# The NCCL communicator itself: the collectives on every GPU (one rank per GPU), and a failure
+# inside a graph capture that must be an error, not a hang.
+run_gtest "nccl" 'Nccl.*-Nccl.EntryPointsSayWhenNcclIsMissing' 90 comm_tests
 
 # ---- 5. benchmark (not a test: its verdicts are reported, never fatal) ----------------------
 # Exit codes of tutel-bench layer: 0 measured, 3 no usable CUDA device (or a build without

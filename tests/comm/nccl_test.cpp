@@ -142,6 +142,51 @@ TEST(Nccl, CollectivesOnEveryDevice) {
   EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
 }
 
+// A collective that fails while the communicator's stream is being captured into a CUDA graph
+// (here: a synchronising communicator, whose wait for the stream the capture refuses) is an
+// error, then the communicator is broken, and its destructor returns. Aborting it inside the
+// capture would wait for the graph being captured to be destroyed: forever. The rank runs in
+// a child with a guard alarm, so a hang fails the test instead of stalling the suite.
+TEST(Nccl, AFailureInsideACaptureIsAnErrorNotAHang) {
+  if (device_count_in_child() == 0)
+    GTEST_SKIP() << "no CUDA device: the NCCL communicator is compiled, not run";
+  const uint16_t port = testing::free_port();
+  testing::ProcessGroup group(
+      1,
+      [&](int rank, const testing::ChildChannel&) -> std::string {
+        cudaStream_t stream = nullptr;
+        float* data = nullptr;
+        if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess ||
+            cudaMalloc(reinterpret_cast<void**>(&data), 64 * sizeof(float)) != cudaSuccess)
+          return "CUDA set-up failed";
+        NcclOptions nccl;
+        nccl.stream = stream;
+        nccl.synchronize = true;
+        auto comm = nccl_bootstrap(testing::loopback_options(port, rank, 1, 1), nccl);
+        if (!comm.ok()) return "nccl_bootstrap: " + comm.status().to_string();
+        std::string report;
+        if (Status s = (*comm)->all_reduce(data, 64, ReduceOp::kSum); !s.ok())
+          report += "all_reduce outside a capture failed: " + s.to_string() + "\n";
+        if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess)
+          return report + "cudaStreamBeginCapture failed";
+        const Status inside = (*comm)->all_reduce(data, 64, ReduceOp::kSum);
+        cudaGraph_t graph = nullptr;
+        (void)cudaStreamEndCapture(stream, &graph);
+        if (graph != nullptr) cudaGraphDestroy(graph);
+        (void)cudaGetLastError();
+        if (inside.ok()) report += "a synchronising all_reduce inside a capture succeeded\n";
+        const Status after = (*comm)->all_reduce(data, 64, ReduceOp::kSum);
+        if (after.code() != StatusCode::kAborted)
+          report += "after the failure: " + after.to_string() + ", expected Aborted\n";
+        comm->reset();  // the deferred abort: must return
+        cudaFree(data);
+        cudaStreamDestroy(stream);
+        return report;
+      },
+      /*guard_seconds=*/60);
+  EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
+}
+
 #endif  // TUTEL_TEST_NCCL
 
 }  // namespace
