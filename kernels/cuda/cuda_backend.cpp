@@ -192,7 +192,7 @@ CudaBackend::~CudaBackend() {
 Status CudaBackend::init() {
   TUTEL_CUDA_CHECK(cudaSetDevice(device_));
   TUTEL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  pool_ = std::make_unique<DevicePool>(stream_, kMaxCachedBytes);
+  pool_ = std::make_unique<DevicePool>(device_, stream_, kMaxCachedBytes);
   TUTEL_CUBLAS_CHECK(cublasCreate(&cublas_));
   TUTEL_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
   // A workspace of our own keeps cuBLAS from allocating inside a CUDA graph capture.
@@ -258,9 +258,9 @@ Result<ShareableBuffer> CudaBackend::allocate_shareable(size_t bytes) {
   void* p = nullptr;
   cudaError_t err = cudaMalloc(&p, size);
   if (err == cudaErrorMemoryAllocation) {
-    // The pool's cache of freed blocks may hold what is missing (it bypasses the pool).
+    // The pools' caches of freed blocks may hold what is missing (it bypasses them).
     (void)cudaGetLastError();
-    pool_->trim();
+    pool_->trim_device();
     err = cudaMalloc(&p, size);
   }
   if (err != cudaSuccess) {

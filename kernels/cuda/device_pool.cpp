@@ -1,10 +1,54 @@
 #include "cuda/device_pool.hpp"
 
+#include <algorithm>
 #include <string>
 
 #include "cuda/cuda_check.hpp"
 
 namespace tutel::cuda {
+namespace {
+
+// The pools of this process, by device.
+class PoolList {
+ public:
+  static PoolList& instance() {
+    static PoolList list;  // process-wide, as the devices' memory is
+    return list;
+  }
+  void add(int device, DevicePool* pool) {
+    std::lock_guard lock(mu_);
+    pools_[device].push_back(pool);
+  }
+  void remove(int device, DevicePool* pool) {
+    std::lock_guard lock(mu_);
+    auto& v = pools_[device];
+    v.erase(std::remove(v.begin(), v.end(), pool), v.end());
+  }
+  // f(pool) for every pool of `device` but `self`, while none of them can go away.
+  template <typename F>
+  void for_others(int device, const DevicePool* self, F&& f) {
+    std::lock_guard lock(mu_);
+    for (DevicePool* p : pools_[device])
+      if (p != self) f(*p);
+  }
+
+ private:
+  std::mutex mu_;
+  std::unordered_map<int, std::vector<DevicePool*>> pools_;
+};
+
+}  // namespace
+
+DevicePool::DevicePool(int device, cudaStream_t stream, size_t max_cached_bytes)
+    : device_(device), stream_(stream), max_cached_(max_cached_bytes) {
+  PoolList::instance().add(device_, this);
+}
+
+DevicePool::~DevicePool() {
+  PoolList::instance().remove(device_, this);
+  std::lock_guard lock(mu_);
+  trim_locked();
+}
 
 size_t DevicePool::size_class(size_t bytes) {
   constexpr size_t kSmallStep = 512, kLargeStep = size_t{2} << 20, kSmallLimit = size_t{1} << 20;
@@ -13,19 +57,29 @@ size_t DevicePool::size_class(size_t bytes) {
   return (bytes + kLargeStep - 1) / kLargeStep * kLargeStep;
 }
 
+size_t DevicePool::cached_bytes() const {
+  std::lock_guard lock(mu_);
+  return cached_;
+}
+
 Result<void*> DevicePool::allocate(size_t bytes) {
   const size_t cls = size_class(bytes);
-  if (auto it = free_.find(cls); it != free_.end() && !it->second.empty()) {
-    void* p = it->second.back();
-    it->second.pop_back();
-    cached_ -= cls;
-    return p;
+  {
+    std::lock_guard lock(mu_);
+    if (auto it = free_.find(cls); it != free_.end() && !it->second.empty()) {
+      void* p = it->second.back();
+      it->second.pop_back();
+      cached_ -= cls;
+      return p;
+    }
   }
   void* p = nullptr;
   cudaError_t err = cudaMalloc(&p, cls);
-  if (err == cudaErrorMemoryAllocation && cached_ > 0) {
-    (void)cudaGetLastError();  // out-of-memory is not sticky: clear it and retry on an empty cache
-    trim();
+  if (err == cudaErrorMemoryAllocation) {
+    // Out-of-memory is not sticky: clear it, free the idle blocks of this device's pools (this
+    // one's first), and try once more.
+    (void)cudaGetLastError();
+    trim_device();
     err = cudaMalloc(&p, cls);
   }
   if (err == cudaErrorMemoryAllocation) {
@@ -49,13 +103,16 @@ bool DevicePool::capturing() const {
 void DevicePool::release(void* data, size_t bytes) {
   if (!data) return;
   const size_t cls = size_class(bytes);
-  // While the stream is captured into a graph, neither a wait nor a free is allowed (either
-  // would invalidate the capture and leak the block): the block stays cached, over the limit
-  // until the next trim.
-  if (cached_ + cls <= max_cached_ || capturing()) {
-    free_[cls].push_back(data);
-    cached_ += cls;
-    return;
+  {
+    std::lock_guard lock(mu_);
+    // While the stream is captured into a graph, neither a wait nor a free is allowed (either
+    // would invalidate the capture and leak the block): the block stays cached, over the limit
+    // until the next trim.
+    if (cached_ + cls <= max_cached_ || capturing()) {
+      free_[cls].push_back(data);
+      cached_ += cls;
+      return;
+    }
   }
   // Queued work may still read the block: free it only once the stream has drained.
   if (cudaStreamSynchronize(stream_) != cudaSuccess || cudaFree(data) != cudaSuccess)
@@ -63,6 +120,21 @@ void DevicePool::release(void* data, size_t bytes) {
 }
 
 void DevicePool::trim() {
+  std::lock_guard lock(mu_);
+  trim_locked();
+}
+
+void DevicePool::trim_device() {
+  trim();
+  // A pool in use by its own thread is skipped rather than waited for: two pools trimming each
+  // other cannot deadlock, and what a busy pool holds is in use or about to be.
+  PoolList::instance().for_others(device_, this, [](DevicePool& other) {
+    std::unique_lock lock(other.mu_, std::try_to_lock);
+    if (lock.owns_lock()) other.trim_locked();
+  });
+}
+
+void DevicePool::trim_locked() {
   if (cached_ == 0 || capturing()) return;
   if (cudaStreamSynchronize(stream_) != cudaSuccess) (void)cudaGetLastError();
   for (auto& [cls, blocks] : free_)

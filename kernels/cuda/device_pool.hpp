@@ -4,12 +4,20 @@
 // on the backend's single stream, a block released while queued work still reads it is reused
 // only by work queued after that work. Blocks beyond the cache limit, and the whole cache when
 // cudaMalloc runs out, are freed after the stream drains.
-// Thread-safety: none; the owning backend is used from one thread at a time.
+//
+// Every backend on a device has a pool of its own (a daemon makes one per group layer), so
+// the idle blocks of the others can be what an allocation lacks: when cudaMalloc runs out even
+// after this pool's cache is freed, the caches of the device's other pools are freed too, and
+// the allocation tried once more. For that the pools of a process are listed by device (the
+// device's memory is the process's, so is the list of what caches it).
+// Thread-safety: allocate, release and trim may be called from any thread; each pool is meant
+// to be used by its backend's thread, and a peer's trim takes a pool only when it is not busy.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <mutex>
 #include <unordered_map>
 #include <vector>
 
@@ -19,10 +27,10 @@ namespace tutel::cuda {
 
 class DevicePool {
  public:
-  DevicePool(cudaStream_t stream, size_t max_cached_bytes) : stream_(stream), max_cached_(max_cached_bytes) {}
+  DevicePool(int device, cudaStream_t stream, size_t max_cached_bytes);
   DevicePool(const DevicePool&) = delete;
   DevicePool& operator=(const DevicePool&) = delete;
-  ~DevicePool() { trim(); }
+  ~DevicePool();
 
   // At least `bytes` of device memory (256-byte aligned), from the cache when a block fits.
   Result<void*> allocate(size_t bytes);
@@ -30,16 +38,22 @@ class DevicePool {
   void release(void* data, size_t bytes);
   // Waits for the stream, then frees every cached block; nothing while the stream is captured.
   void trim();
+  // trim(), then the same on every other pool of this device that is not busy: for a
+  // cudaMalloc that ran out (also one that bypasses the pools).
+  void trim_device();
 
-  size_t cached_bytes() const { return cached_; }
+  size_t cached_bytes() const;
 
  private:
   bool capturing() const;  // the stream is being captured into a graph
+  void trim_locked();
   // The size class of a request: 512-byte steps up to 1 MiB, 2 MiB steps above.
   static size_t size_class(size_t bytes);
 
+  const int device_;
   cudaStream_t stream_;
   size_t max_cached_;
+  mutable std::mutex mu_;  // guards what follows
   size_t cached_ = 0;
   std::unordered_map<size_t, std::vector<void*>> free_;
 };

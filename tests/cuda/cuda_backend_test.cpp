@@ -136,6 +136,32 @@ TEST_F(CudaOps, MemoryRoundTrips) {
 }
 
 #if defined(TUTEL_TEST_CUDA_BUILD)
+// Two backends on one device (a daemon makes one per group layer): what one keeps cached when
+// its buffers go back is freed for the other's allocation when the device runs out. The device
+// is filled to within kLeft of its end by one plain cudaMalloc, so that the second backend's
+// block fits only once the first one's idle block is freed.
+TEST_F(CudaOps, AnotherBackendsIdleCacheIsFreedWhenTheDeviceRunsOut) {
+  constexpr size_t kLeft = size_t{1} << 30, kBlock = size_t{768} << 20;
+  auto other = make_backend("cuda", {});
+  ASSERT_TRUE(other.ok()) << other.status();
+  ASSERT_TRUE(gpu_->synchronize().ok());
+  size_t free_bytes = 0, total = 0;
+  ASSERT_EQ(cudaMemGetInfo(&free_bytes, &total), cudaSuccess);
+  ASSERT_GT(free_bytes, 2 * kLeft);
+  void* filler = nullptr;
+  ASSERT_EQ(cudaMalloc(&filler, free_bytes - kLeft), cudaSuccess);
+  {
+    auto cached = gpu_->allocate(kBlock);
+    ASSERT_TRUE(cached.ok()) << cached.status();
+  }  // back to gpu_'s cache, not to the device
+  {
+    auto second = (*other)->allocate(kBlock);
+    EXPECT_TRUE(second.ok()) << second.status()
+                             << " (the first backend's idle block was not freed for it)";
+  }
+  ASSERT_EQ(cudaFree(filler), cudaSuccess);
+}
+
 // A shared mapping (as a session arena is) registered by two backends, as the daemon registers
 // an arena with every rank: page-locked while either holds it, copies through it exact, and
 // unlocked once both let go.
