@@ -99,7 +99,8 @@ json DaemonImpl::peers_json() const {
     for (const graphs::TunerEntry& e : ref.layer->group_tuner()) {
       json entry = {{"capacity_bucket", e.capacity_bucket},
                     {"state", e.decided ? "decided" : "measuring"},
-                    {"rounds_done", e.rounds_done}};
+                    {"rounds_done", e.rounds_done},
+                    {"excluded", e.excluded}};
       if (e.decided) {
         entry["r"] = e.chosen.r;
         entry["all_to_all"] = std::string(comm::to_string(e.chosen.algo));

@@ -62,17 +62,27 @@ int64_t ExchangeTuner::bucket_for(int64_t capacity) {
 ExchangeTuner::Bucket& ExchangeTuner::bucket(int64_t key) {
   auto [it, inserted] = buckets_.try_emplace(key);
   if (inserted) {
-    it->second.total_ns.assign(k(), 0);
+    Bucket& b = it->second;
+    b.total_ns.assign(k(), 0);
+    b.excluded.assign(k(), false);
+    for (size_t i = 0; i < k(); ++i) b.left.push_back(i);
     // One candidate: nothing to measure.
-    it->second.decided = k() == 1;
+    b.decided = k() == 1;
   }
   return it->second;
+}
+
+size_t ExchangeTuner::best(const Bucket& b, const std::vector<int64_t>& totals) {
+  size_t chosen = b.left.front();
+  for (size_t i : b.left)
+    if (totals[i] < totals[chosen]) chosen = i;
+  return chosen;
 }
 
 ExchangeConfig ExchangeTuner::next(int64_t key) {
   std::lock_guard<std::mutex> lock(*mu_);
   const Bucket& b = bucket(key);
-  return options_.candidates[b.decided ? b.chosen : static_cast<size_t>(b.runs) % k()];
+  return options_.candidates[b.decided ? b.chosen : turn(b)];
 }
 
 bool ExchangeTuner::measuring(int64_t key) const {
@@ -85,10 +95,10 @@ bool ExchangeTuner::record(int64_t key, int64_t nanoseconds) {
   std::lock_guard<std::mutex> lock(*mu_);
   Bucket& b = bucket(key);
   if (b.decided) return false;
-  const int round = b.runs / static_cast<int>(k());
-  if (round >= options_.warmups) b.total_ns[static_cast<size_t>(b.runs) % k()] += nanoseconds;
+  const int left = static_cast<int>(b.left.size());
+  if (b.runs / left >= options_.warmups) b.total_ns[turn(b)] += nanoseconds;
   ++b.runs;
-  return b.runs == (options_.warmups + options_.trials) * static_cast<int>(k());
+  return b.runs == (options_.warmups + options_.trials) * left;
 }
 
 std::vector<int64_t> ExchangeTuner::totals(int64_t key) const {
@@ -103,11 +113,34 @@ Status ExchangeTuner::decide(int64_t key, const std::vector<int64_t>& agreed) {
                                    " totals for " + std::to_string(k()) + " candidates");
   std::lock_guard<std::mutex> lock(*mu_);
   Bucket& b = bucket(key);
-  // min_element keeps the first of equal values: the lowest candidate wins ties on every rank.
-  b.chosen = static_cast<size_t>(std::min_element(agreed.begin(), agreed.end()) - agreed.begin());
+  // The first of equal values: the lowest candidate wins ties on every rank.
+  b.chosen = best(b, agreed);
   b.total_ns = agreed;
   b.decided = true;
   return Status::OK();
+}
+
+bool ExchangeTuner::exclude(int64_t key, const ExchangeConfig& config) {
+  std::lock_guard<std::mutex> lock(*mu_);
+  Bucket& b = bucket(key);
+  const auto it = std::find(options_.candidates.begin(), options_.candidates.end(), config);
+  if (it == options_.candidates.end()) return false;
+  const size_t i = static_cast<size_t>(it - options_.candidates.begin());
+  if (b.excluded[i] || b.left.size() == 1) return false;
+  b.excluded[i] = true;
+  b.left.erase(std::find(b.left.begin(), b.left.end(), i));
+  if (b.decided) {
+    b.chosen = best(b, b.total_ns);  // the next best of the agreed totals
+  } else {
+    // A round times every candidate left once: the rounds start again over those.
+    b.runs = 0;
+    b.total_ns.assign(k(), 0);
+    if (b.left.size() == 1) {
+      b.decided = true;
+      b.chosen = b.left.front();
+    }
+  }
+  return true;
 }
 
 std::vector<TunerEntry> ExchangeTuner::entries() const {
@@ -119,7 +152,8 @@ std::vector<TunerEntry> ExchangeTuner::entries() const {
     e.decided = b.decided;
     e.chosen = options_.candidates[b.chosen];
     if (b.decided) e.total_ns = b.total_ns;
-    e.rounds_done = b.runs / static_cast<int>(k());
+    e.rounds_done = b.runs / static_cast<int>(b.left.size());
+    e.excluded = b.excluded;
     out.push_back(std::move(e));
   }
   return out;

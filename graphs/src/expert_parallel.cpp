@@ -200,8 +200,8 @@ Status compare_with_group(Backend& backend, comm::Communicator& comm, const Laye
   if (!options.comm_on_backend_queue) TUTEL_RETURN_IF_ERROR(backend.synchronize());
   TUTEL_RETURN_IF_ERROR(comm.all_gather(gathered + all.size(), gathered, sizeof mine));
   if (options.comm_on_backend_queue) TUTEL_RETURN_IF_ERROR(comm.wait_enqueued());
-  TUTEL_RETURN_IF_ERROR(backend.copy(all.data(), gathered, all.size() * sizeof(uint64_t),
-                                     CopyKind::kDeviceToHost));
+  TUTEL_RETURN_IF_ERROR(
+      backend.copy(all.data(), gathered, all.size() * sizeof(uint64_t), CopyKind::kDeviceToHost));
   if (!valid_here.ok()) return valid_here;
   std::vector<int> refused, spec_differs, how_differs;
   for (int r = 0; r < W; ++r) {
@@ -451,10 +451,15 @@ Status ExpertParallelLayer::refused_by_a_peer() const {
 
 Status ExpertParallelLayer::run_group_phase(const Status& prepared,
                                             const std::function<PhaseKey()>& key,
-                                            const std::function<Status()>& ops) {
+                                            const std::function<Status()>& ops,
+                                            bool* refused_together) {
   const bool graphs = runner_ != nullptr && runner_->captures();
+  if (refused_together) *refused_together = false;
   if (!graphs && shard_.world == 1) {  // nobody to agree with
-    if (!prepared.ok()) return refuse(prepared);
+    if (!prepared.ok()) {
+      if (refused_together) *refused_together = true;
+      return refuse(prepared);
+    }
     return runner_ == nullptr ? ops() : runner_->run(key(), ops);
   }
   // The group agrees on whether every rank could allocate the phase's buffers (else all refuse
@@ -474,6 +479,7 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
                        launch_round, -launch_round,          // the same round everywhere?
                        int64_t(capture_rounds_) + 1};        // a new round, above all so far
   TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 5));
+  if (agreed[0] != 0 && refused_together) *refused_together = true;
   if (!prepared.ok()) return refuse(prepared);
   if (agreed[0] != 0) return refuse(refused_by_a_peer());
   if (!graphs) return runner_ == nullptr ? ops() : runner_->run(key(), ops);
@@ -772,94 +778,110 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
 
   const int64_t widest = std::max(M, O), H = spec_.hidden;
   const bool keep_pre = training && spec_.activation != Activation::kRelu;
-  const ExchangeConfig config = config_for(C);
-  const bool data_parallel = config.r == 0;
-  const int chunks = data_parallel ? 1 : chunk_count(C, config.pipeline);
-  // The Saved buffers are the same size either way: E_l·W·C·H_s = E·C·H.
-  const Status experts_ready = [&]() -> Status {
-    TUTEL_RETURN_IF_ERROR(grow(st.slots_, E * C * 4));
-    TUTEL_RETURN_IF_ERROR(grow(st.expert_in_, El * R * M * 4));
-    if (keep_pre) TUTEL_RETURN_IF_ERROR(grow(st.pre_, El * R * Hs * 4));
-    TUTEL_RETURN_IF_ERROR(grow(st.hidden_, El * R * Hs * 4));
-    TUTEL_RETURN_IF_ERROR(grow(st.combined_, E * C * O * 4));
-    if (data_parallel) {
-      TUTEL_RETURN_IF_ERROR(grow(gathered_, whole_experts().floats * 4));
-      return grow(workspace_, b.expert_workspace_bytes({E, C, M, H, O}, spec_.matmul_dtype));
-    }
-    TUTEL_RETURN_IF_ERROR(grow(dispatched_, E * C * M * 4));
-    TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
-    TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
-    TUTEL_RETURN_IF_ERROR(grow(expert_out_, El * R * O * 4));
-    ExpertShape shape{El, R, M, Hs, O};
-    shape.weights_bf16 = local.experts.has_bf16_copies();
-    return grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype));
-  }();
+  // A way of running the phase that the group refuses together (a buffer it needs does not
+  // fit on some rank, as r = 0's gathered weights may not) is dropped from the tuner's bucket on
+  // every rank alike, and the phase runs the next way: routing and capacity are agreed already.
+  // Without a tuner, or with no other way left, the refusal is the step's.
+  ExchangeConfig config;
+  for (;;) {
+    config = config_for(C);
+    const bool data_parallel = config.r == 0;
+    const int chunks = data_parallel ? 1 : chunk_count(C, config.pipeline);
+    // The Saved buffers are the same size either way: E_l·W·C·H_s = E·C·H.
+    const Status experts_ready = [&]() -> Status {
+      TUTEL_RETURN_IF_ERROR(grow(st.slots_, E * C * 4));
+      TUTEL_RETURN_IF_ERROR(grow(st.expert_in_, El * R * M * 4));
+      if (keep_pre) TUTEL_RETURN_IF_ERROR(grow(st.pre_, El * R * Hs * 4));
+      TUTEL_RETURN_IF_ERROR(grow(st.hidden_, El * R * Hs * 4));
+      TUTEL_RETURN_IF_ERROR(grow(st.combined_, E * C * O * 4));
+      if (data_parallel) {
+        TUTEL_RETURN_IF_ERROR(grow(gathered_, whole_experts().floats * 4));
+        return grow(workspace_, b.expert_workspace_bytes({E, C, M, H, O}, spec_.matmul_dtype));
+      }
+      TUTEL_RETURN_IF_ERROR(grow(dispatched_, E * C * M * 4));
+      TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
+      TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
+      TUTEL_RETURN_IF_ERROR(grow(expert_out_, El * R * O * 4));
+      ExpertShape shape{El, R, M, Hs, O};
+      shape.weights_bf16 = local.experts.has_bf16_copies();
+      return grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype));
+    }();
 
-  const bool timed = tuner_ && tuner_->measuring(ExchangeTuner::bucket_for(C));
-  const auto started = std::chrono::steady_clock::now();
-  TUTEL_RETURN_IF_ERROR(run_group_phase(
-      experts_ready,
-      [&] {
-        return phase_key(kExpertsPhase, st,
-                         {uint64_t(S), uint64_t(C), uint64_t(training), uint64_t(config.r),
-                          uint64_t(config.algo), uint64_t(chunks)},
-                         {x.data(), y.data()}, {&local});
-      },
-      [&]() -> Status {
-        TUTEL_RETURN_IF_ERROR(b.slot_map({idx, loc, C, i32(st.slots_, {E, C})}));
-        if (data_parallel) {
-          // Every expert here, on this rank's tokens: nothing travels but the weights.
-          TUTEL_RETURN_IF_ERROR(gather_experts(local));
-          const TensorView dispatched = f32(st.expert_in_, {E, C, M});
-          TUTEL_RETURN_IF_ERROR(
-              b.encode({xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore, dispatched}));
-          TUTEL_RETURN_IF_ERROR(b.expert_forward(
-              {dispatched, whole_view(gathered_), spec_.activation, spec_.matmul_dtype,
-               keep_pre ? f32(st.pre_, {E, C, H}) : TensorView(), f32(st.hidden_, {E, C, H}),
-               f32(st.combined_, {E, C, O}), workspace(), /*keep_hidden=*/training}));
+    const bool timed = tuner_ && tuner_->measuring(ExchangeTuner::bucket_for(C));
+    const auto started = std::chrono::steady_clock::now();
+    bool refused_together = false;
+    const Status ran = run_group_phase(
+        experts_ready,
+        [&] {
+          return phase_key(kExpertsPhase, st,
+                           {uint64_t(S), uint64_t(C), uint64_t(training), uint64_t(config.r),
+                            uint64_t(config.algo), uint64_t(chunks)},
+                           {x.data(), y.data()}, {&local});
+        },
+        [&]() -> Status {
+          TUTEL_RETURN_IF_ERROR(b.slot_map({idx, loc, C, i32(st.slots_, {E, C})}));
+          if (data_parallel) {
+            // Every expert here, on this rank's tokens: nothing travels but the weights.
+            TUTEL_RETURN_IF_ERROR(gather_experts(local));
+            const TensorView dispatched = f32(st.expert_in_, {E, C, M});
+            TUTEL_RETURN_IF_ERROR(
+                b.encode({xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore, dispatched}));
+            TUTEL_RETURN_IF_ERROR(b.expert_forward(
+                {dispatched, whole_view(gathered_), spec_.activation, spec_.matmul_dtype,
+                 keep_pre ? f32(st.pre_, {E, C, H}) : TensorView(), f32(st.hidden_, {E, C, H}),
+                 f32(st.combined_, {E, C, O}), workspace(), /*keep_hidden=*/training}));
+            return b.decode(
+                {f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y});
+          }
+          TUTEL_RETURN_IF_ERROR(b.encode({xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore,
+                                          f32(dispatched_, {E, C, M})}));
+          // Chunk j's expert-side rows start at row E_l·W·c0 of each expert-side buffer.
+          auto rows_before = [&](int j) { return El * W * chunk(C, chunks, j).c0; };
+          TUTEL_RETURN_IF_ERROR(run_chunks(
+              chunks,
+              [&](int j) {  // dispatch: expert e's slots go to the rank(s) that hold it
+                return to_experts(fp(dispatched_), fp(st.expert_in_) + rows_before(j) * M,
+                                  chunk(C, chunks, j), M, config.algo);
+              },
+              [&](int j) -> Status {
+                const int64_t Rj = W * chunk(C, chunks, j).Cj, first = rows_before(j);
+                TUTEL_RETURN_IF_ERROR(b.expert_forward(
+                    {f32_at(st.expert_in_, first * M, {El, Rj, M}), local_experts(local.experts),
+                     spec_.activation, spec_.matmul_dtype,
+                     keep_pre ? f32_at(st.pre_, first * Hs, {El, Rj, Hs}) : TensorView(),
+                     f32_at(st.hidden_, first * Hs, {El, Rj, Hs}),
+                     f32_at(expert_out_, first * O, {El, Rj, O}), workspace(),
+                     /*keep_hidden=*/training}));
+                if (s > 1 && spec_.has_fc2_bias) {
+                  const BiasColumns bias = fc2_bias_columns(local.experts.fc2_bias);
+                  TUTEL_RETURN_IF_ERROR(b.add_row_bias(f32_at(expert_out_, first * O, {Rj, O}),
+                                                       bias.values, bias.column));
+                }
+                return Status::OK();
+              },
+              [&](int j) {  // combine: the results travel back to the tokens' ranks
+                return to_tokens(fp(expert_out_) + rows_before(j) * O, fp(st.combined_),
+                                 chunk(C, chunks, j), O, config.algo);
+              }));
           return b.decode(
               {f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y});
-        }
-        TUTEL_RETURN_IF_ERROR(b.encode(
-            {xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore, f32(dispatched_, {E, C, M})}));
-        // Chunk j's expert-side rows start at row E_l·W·c0 of each expert-side buffer.
-        auto rows_before = [&](int j) { return El * W * chunk(C, chunks, j).c0; };
-        TUTEL_RETURN_IF_ERROR(run_chunks(
-            chunks,
-            [&](int j) {  // dispatch: expert e's slots go to the rank(s) that hold it
-              return to_experts(fp(dispatched_), fp(st.expert_in_) + rows_before(j) * M,
-                                chunk(C, chunks, j), M, config.algo);
-            },
-            [&](int j) -> Status {
-              const int64_t Rj = W * chunk(C, chunks, j).Cj, first = rows_before(j);
-              TUTEL_RETURN_IF_ERROR(b.expert_forward(
-                  {f32_at(st.expert_in_, first * M, {El, Rj, M}), local_experts(local.experts),
-                   spec_.activation, spec_.matmul_dtype,
-                   keep_pre ? f32_at(st.pre_, first * Hs, {El, Rj, Hs}) : TensorView(),
-                   f32_at(st.hidden_, first * Hs, {El, Rj, Hs}),
-                   f32_at(expert_out_, first * O, {El, Rj, O}), workspace(),
-                   /*keep_hidden=*/training}));
-              if (s > 1 && spec_.has_fc2_bias) {
-                const BiasColumns bias = fc2_bias_columns(local.experts.fc2_bias);
-                TUTEL_RETURN_IF_ERROR(b.add_row_bias(f32_at(expert_out_, first * O, {Rj, O}),
-                                                     bias.values, bias.column));
-              }
-              return Status::OK();
-            },
-            [&](int j) {  // combine: the results travel back to the tokens' ranks
-              return to_tokens(fp(expert_out_) + rows_before(j) * O, fp(st.combined_),
-                               chunk(C, chunks, j), O, config.algo);
-            }));
-        return b.decode({f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y});
-      }));
-  TUTEL_RETURN_IF_ERROR(wait_collectives());
-  if (timed) {
-    // The time of the whole expert phase, device work included.
-    TUTEL_RETURN_IF_ERROR(b.synchronize());
-    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                        std::chrono::steady_clock::now() - started)
-                        .count();
-    TUTEL_RETURN_IF_ERROR(record_run(C, ns));
+        },
+        &refused_together);
+    if (!ran.ok()) {
+      if (refused_together && tuner_ && tuner_->exclude(ExchangeTuner::bucket_for(C), config))
+        continue;
+      return ran;
+    }
+    TUTEL_RETURN_IF_ERROR(wait_collectives());
+    if (timed) {
+      // The time of the whole expert phase, device work included.
+      TUTEL_RETURN_IF_ERROR(b.synchronize());
+      const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                          std::chrono::steady_clock::now() - started)
+                          .count();
+      TUTEL_RETURN_IF_ERROR(record_run(C, ns));
+    }
+    break;
   }
 
   float l_aux = 0.f;

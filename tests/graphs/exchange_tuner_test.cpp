@@ -105,6 +105,64 @@ TEST(ExchangeTuner, TiesGoToTheLowestCandidateAndBadTotalsAreRefused) {
   EXPECT_EQ(tuner->next(8), tuner->candidates()[1]);
 }
 
+// A candidate the group refused is excluded from its bucket: the rounds restart over the
+// others (an excluded candidate is never offered, and its totals never win), a decided bucket
+// takes the next best of its agreed totals, the last candidate left is never excluded, and
+// other buckets are untouched.
+TEST(ExchangeTuner, ACandidateTheGroupRefusedIsNeverOfferedAgainInItsBucket) {
+  auto tuner = ExchangeTuner::create(three_candidates(/*warmups=*/0, /*trials=*/2));
+  ASSERT_TRUE(tuner.ok()) << tuner.status();
+  const std::vector<ExchangeConfig>& c = tuner->candidates();
+  const int64_t bucket = 16;
+  // Part way through the first round: candidate 0 ran, candidate 1 is refused.
+  EXPECT_EQ(tuner->next(bucket), c[0]);
+  EXPECT_FALSE(tuner->record(bucket, 100));
+  EXPECT_EQ(tuner->next(bucket), c[1]);
+  EXPECT_TRUE(tuner->exclude(bucket, c[1]));
+  EXPECT_FALSE(tuner->exclude(bucket, c[1])) << "already excluded";
+  EXPECT_FALSE(tuner->exclude(bucket, ExchangeConfig{AllToAllAlgo::kLinear, 7})) << "no such";
+  EXPECT_TRUE(tuner->measuring(bucket));
+  // Two rounds over candidates 0 and 2, from the start.
+  const int64_t ns[3] = {500, 1, 400};
+  for (int round = 0; round < 2; ++round)
+    for (int i : {0, 2}) {
+      EXPECT_EQ(tuner->next(bucket), c[i]) << round << " " << i;
+      const bool last = tuner->record(bucket, ns[i]);
+      EXPECT_EQ(last, round == 1 && i == 2);
+    }
+  EXPECT_EQ(tuner->totals(bucket), (std::vector<int64_t>{1000, 0, 800}));
+  // Its zero total (never measured) does not make the excluded candidate win.
+  ASSERT_TRUE(tuner->decide(bucket, tuner->totals(bucket)).ok());
+  EXPECT_EQ(tuner->next(bucket), c[2]);
+  // Decided: refusing the choice falls back to the next best agreed total; the last one stays.
+  EXPECT_TRUE(tuner->exclude(bucket, c[2]));
+  EXPECT_EQ(tuner->next(bucket), c[0]);
+  EXPECT_FALSE(tuner->exclude(bucket, c[0])) << "the last candidate left";
+  EXPECT_EQ(tuner->next(bucket), c[0]);
+  std::vector<TunerEntry> entries = tuner->entries();
+  ASSERT_EQ(entries.size(), 1u);
+  EXPECT_EQ(entries[0].excluded, (std::vector<bool>{false, true, true}));
+  // Another bucket still measures all three.
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(tuner->next(32), c[i]);
+    tuner->record(32, 1);
+  }
+}
+
+// Excluding while measuring until one candidate is left decides the bucket on it.
+TEST(ExchangeTuner, ExcludingAllButOneDecidesOnIt) {
+  auto tuner = ExchangeTuner::create(three_candidates(1, 1));
+  ASSERT_TRUE(tuner.ok()) << tuner.status();
+  const std::vector<ExchangeConfig>& c = tuner->candidates();
+  EXPECT_TRUE(tuner->exclude(8, c[0]));
+  EXPECT_TRUE(tuner->measuring(8));
+  EXPECT_EQ(tuner->next(8), c[1]);
+  EXPECT_TRUE(tuner->exclude(8, c[1]));
+  EXPECT_FALSE(tuner->measuring(8));
+  EXPECT_EQ(tuner->next(8), c[2]);
+  EXPECT_FALSE(tuner->record(8, 5)) << "a decided bucket records nothing";
+}
+
 TEST(ExchangeTuner, OneCandidateIsDecidedWithoutMeasuring) {
   TunerOptions o;
   o.candidates = {{AllToAllAlgo::k2DH, 4}};

@@ -636,6 +636,80 @@ TEST(ExpertParallelLimits, ARankThatCannotAllocateRefusesTheStepOnEveryRank) {
   }
 }
 
+// A tuning candidate the group cannot allocate (r = 0 gathers every expert's weights; rank 1 has
+// room for r = 1's buffers only) is refused by the group together, dropped from the bucket on
+// both ranks, and the same forward runs the next candidate: no forward fails, the bucket
+// decides r = 1 with r = 0 marked refused, and every y equals an untuned r = 1 layer's.
+TEST(ExpertParallelLimits, ATuningCandidateTheGroupCannotAllocateIsDroppedNotOfferedAgain) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  const LayerSpec spec = base_spec(4, 16, 4096, 2, 1.0);  // r = 0 gathers ~2 MiB of weights
+  constexpr int W = 2;
+  const int64_t S = 8, M = 16, O = 16;
+  constexpr int kForwards = 6;
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const HostLayerParams whole = to_host(random_params(rng, spec));
+  const std::vector<uint64_t> rank_seeds = {rng(), rng()};
+  std::vector<Status> setup(W);
+  std::vector<std::vector<Status>> steps(W);
+  std::vector<std::vector<bool>> same_y(W);
+  std::vector<std::vector<graphs::TunerEntry>> entries(W);
+  const uint16_t port = free_port();
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r) {
+    threads.emplace_back([&, r] {
+      std::mt19937_64 rank_rng(rank_seeds[r]);
+      auto comm = comm::ucx_bootstrap(rank_options(port, r, W, 1));
+      if (!comm.ok()) return void(setup[r] = comm.status());
+      auto inner = make_backend("cpu", {.threads = 1});
+      if (!inner.ok()) return void(setup[r] = inner.status());
+      SimulatedDevice device(std::move(inner).value());
+      DeviceCollectives device_comm(**comm, device);
+      graphs::ExpertParallelOptions tuned;
+      tuned.tune.candidates = {graphs::kDataParallel, {comm::AllToAllAlgo::kLinear, 1, 1}};
+      tuned.tune.warmups = 0;
+      tuned.tune.trials = 1;
+      auto layer = ExpertParallelLayer::create(device, device_comm, spec, tuned);
+      if (!layer.ok()) return void(setup[r] = layer.status());
+      auto fixed = ExpertParallelLayer::create(device, device_comm, spec);  // r = 1
+      if (!fixed.ok()) return void(setup[r] = fixed.status());
+      LocalTensors params(device, spec, layer->shard());
+      params.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
+      DeviceTensor x(device, DType::kF32, {S, M}), y(device, DType::kF32, {S, O}),
+          y_fixed(device, DType::kF32, {S, O});
+      x.upload(to_f32(randn(rank_rng, S * M, 1.0)));
+      ExpertParallelLayer::Saved fixed_saved, saved;
+      setup[r] = fixed->forward(params.weights(), x.view(), y_fixed.view(), nullptr, &fixed_saved);
+      if (!setup[r].ok()) return;
+      const std::vector<float> want = y_fixed.download();
+      if (r == 1) device.limit_memory(device.live_bytes() + (size_t{1} << 20));
+      for (int i = 0; i < kForwards; ++i) {
+        steps[r].push_back(layer->forward(params.weights(), x.view(), y.view(), nullptr, &saved));
+        same_y[r].push_back(steps[r].back().ok() && y.download() == want);
+      }
+      device.limit_memory(~size_t{0});
+      entries[r] = layer->tuner()->entries();
+      setup[r] = (*comm)->barrier();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    ASSERT_TRUE(setup[r].ok()) << setup[r];
+    ASSERT_EQ(steps[r].size(), size_t{kForwards});
+    for (int i = 0; i < kForwards; ++i) {
+      EXPECT_TRUE(steps[r][i].ok()) << "forward " << i << ": " << steps[r][i];
+      EXPECT_TRUE(same_y[r][i]) << "forward " << i << ": y differs from the r = 1 layer's";
+    }
+    ASSERT_EQ(entries[r].size(), 1u);
+    const graphs::TunerEntry& e = entries[r][0];
+    EXPECT_TRUE(e.decided);
+    EXPECT_EQ(e.chosen.r, 1);
+    EXPECT_EQ(e.excluded, (std::vector<bool>{true, false}));
+  }
+}
+
 // NCCL's abort waits until every graph that captured the communicator's collectives is
 // destroyed (forever, while their owner keeps them): a layer on a capturing runner has the
 // communicator drop the runner's graphs before a failed collective aborts it, and unregisters

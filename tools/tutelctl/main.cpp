@@ -235,10 +235,16 @@ void print_tuners(const json& groups) {
           decided ? "decided" : "measuring (round " + field(b, "rounds_done") + ")",
           decided ? name_of(b) : "-"};
       const json totals = b.value("total_ns", json::array());
+      const json excluded = b.value("excluded", json::array());
       for (size_t i = 0; i < names.size(); ++i) {
         const bool known = totals.is_array() && i < totals.size() && totals[i].is_number();
+        const bool refused = excluded.is_array() && i < excluded.size() &&
+                             excluded[i].is_boolean() && excluded[i].get<bool>();
         char ms[32] = "-";
-        if (known) std::snprintf(ms, sizeof ms, "%.3f", totals[i].get<double>() / 1e6);
+        if (refused)
+          std::snprintf(ms, sizeof ms, "refused");  // the group could not allocate it here
+        else if (known)
+          std::snprintf(ms, sizeof ms, "%.3f", totals[i].get<double>() / 1e6);
         row.push_back(ms);
       }
       t.rows.push_back(std::move(row));

@@ -15,6 +15,11 @@
 // capacities (the capacity is agreed over the group) and the same agreed totals, every rank
 // decides at the same forward and decides the same.
 //
+// A candidate the group cannot run in a bucket (every rank refused it together: a buffer it
+// needs does not fit, as r = 0's gathered weights may not) is excluded from that bucket on every
+// rank alike: a bucket still measuring starts its rounds again over what is left, a decided one
+// takes the next best of its agreed totals. So the tuner never keeps offering what cannot run.
+//
 // This class holds the dictionary and the schedule; the caller times the runs and reduces the
 // totals (ExpertParallelLayer). Thread-safety: one thread drives it; entries() may be called from
 // any thread.
@@ -75,6 +80,7 @@ struct TunerEntry {
   ExchangeConfig chosen;          // when decided
   std::vector<int64_t> total_ns;  // per candidate: the group's agreed totals (when decided)
   int rounds_done = 0;            // while measuring
+  std::vector<bool> excluded;     // per candidate: refused by the group in this bucket
 };
 
 class ExchangeTuner {
@@ -99,21 +105,33 @@ class ExchangeTuner {
   bool record(int64_t bucket, int64_t nanoseconds);
   // This rank's totals over the counted rounds, per candidate.
   std::vector<int64_t> totals(int64_t bucket) const;
-  // Fixes the bucket's choice from the group's agreed totals (one per candidate).
+  // Fixes the bucket's choice from the group's agreed totals (one per candidate; those of
+  // excluded candidates are ignored).
   Status decide(int64_t bucket, const std::vector<int64_t>& agreed_totals);
+  // The group refused to run `config` in `bucket` (every rank calls this alike): excludes it
+  // there and returns true, unless it is the last candidate left (false: nothing else to run).
+  bool exclude(int64_t bucket, const ExchangeConfig& config);
 
   std::vector<TunerEntry> entries() const;
 
  private:
   explicit ExchangeTuner(TunerOptions options) : options_(std::move(options)) {}
   struct Bucket {
-    int runs = 0;  // runs started while measuring (round = runs / candidates)
+    int runs = 0;  // runs started while measuring (round = runs / candidates left)
     std::vector<int64_t> total_ns;
     bool decided = false;
     size_t chosen = 0;
+    std::vector<bool> excluded;
+    std::vector<size_t> left;  // the candidates not excluded, in order
   };
   Bucket& bucket(int64_t key);
   size_t k() const { return options_.candidates.size(); }
+  // The candidate whose turn run `runs` of a measuring bucket is.
+  static size_t turn(const Bucket& b) {
+    return b.left[static_cast<size_t>(b.runs) % b.left.size()];
+  }
+  // The lowest of `totals` over the candidates left (the first on ties).
+  static size_t best(const Bucket& b, const std::vector<int64_t>& totals);
 
   TunerOptions options_;
   std::map<int64_t, Bucket> buckets_;

@@ -240,10 +240,10 @@ class ExpertParallelLayer {
   // A phase without collectives is decided by this rank alone; one with collectives the way the
   // group agrees on (a small all-reduce when the runner captures).
   // `prepared`: whether this rank could allocate the phase's buffers; the group refuses the step
-  // together when a rank could not.
+  // together when a rank could not, and then sets *refused_together (when given).
   Status run_local_phase(const std::function<PhaseKey()>& key, const std::function<Status()>& ops);
   Status run_group_phase(const Status& prepared, const std::function<PhaseKey()>& key,
-                         const std::function<Status()>& ops);
+                         const std::function<Status()>& ops, bool* refused_together = nullptr);
   Status refused_by_a_peer() const;
   // Gives back the scratch a refused step may have grown, and returns `why`.
   Status refuse(Status why);
