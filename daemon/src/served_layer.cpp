@@ -43,6 +43,14 @@ Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& 
   std::lock_guard lock(layer->mutex_);
   if (def.group) {
     TUTEL_RETURN_IF_ERROR(layer->join_group().with_context("layer '" + def.name + "'"));
+    // From here a rank that fails alone would leave the others with a layer whose first step
+    // waits for it until the collective timeout: every rank's outcome is agreed first.
+    Status ready = layer->allocate();
+    if (ready.ok())
+      ready = def.weights_path ? layer->load_locked(*def.weights_path, /*require_all=*/true)
+                               : layer->initialise(def.init_seed.value_or(0));
+    TUTEL_RETURN_IF_ERROR(layer->confirm_group(ready).with_context("layer '" + def.name + "'"));
+    return layer;
   } else {
     layer->local_activations_ = std::make_unique<ActivationBackend>(*rank.backend, layer->memory_);
   }
@@ -72,6 +80,48 @@ Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& 
     TUTEL_RETURN_IF_ERROR(layer->initialise(def.init_seed.value_or(0)));
   }
   return layer;
+}
+
+Status ServedLayer::confirm_group(const Status& ready_here) {
+  comm::Communicator& comm = *group_->host_comm;
+  const int W = comm.size();
+  // FNV-1a over the gate's bits and the optimizer's settings.
+  uint64_t fingerprint = 1469598103934665603ull;
+  auto add = [&](const void* data, size_t bytes) {
+    for (size_t i = 0; i < bytes; ++i) {
+      fingerprint ^= static_cast<const unsigned char*>(data)[i];
+      fingerprint *= 1099511628211ull;
+    }
+  };
+  Status ready = ready_here;
+  if (ready.ok()) {
+    const Tensor& gate = tensors_.front();  // kGateWeightName, allocated first
+    std::vector<float> values(static_cast<size_t>(gate.shape.numel()));
+    ready = backend().copy(values.data(), gate.value.data(), values.size() * 4, CopyKind::kDeviceToHost);
+    add(values.data(), values.size() * 4);
+    const OptimizerConfig& o = def_.optimizer;
+    for (float f : {o.lr, o.momentum, o.weight_decay, o.beta1, o.beta2, o.eps}) add(&f, sizeof f);
+    const int flags[2] = {static_cast<int>(o.kind), o.nesterov ? 1 : 0};
+    add(flags, sizeof flags);
+  }
+  const uint64_t mine[2] = {ready.ok() ? 1u : 0u, ready.ok() ? fingerprint : 0u};
+  std::vector<uint64_t> all(2 * static_cast<size_t>(W));
+  TUTEL_RETURN_IF_ERROR(comm.all_gather(mine, all.data(), sizeof mine));
+  if (!ready.ok()) return ready;
+  auto join = [](std::string& list, int r) { list += (list.empty() ? "" : ", ") + std::to_string(r); };
+  std::string failed, differs;
+  for (int r = 0; r < W; ++r)
+    if (all[2 * r] == 0) join(failed, r);
+  if (!failed.empty())
+    return Status::Aborted("no rank of this expert-parallel group creates the layer: rank(s) " + failed +
+                           " could not allocate or load their part (their own errors say why)");
+  for (int r = 1; r < W; ++r)
+    if (all[2 * r + 1] != all[1]) join(differs, r);
+  if (differs.empty()) return Status::OK();
+  return Status::InvalidArgument(
+      "no rank of this expert-parallel group creates the layer: compared with rank 0, rank(s) " + differs +
+      " hold another gate (a weights file or init_seed of their own) or another optimizer; every rank routes "
+      "with the replicated gate and steps it alike, so all must start from the same one");
 }
 
 Status ServedLayer::join_group() {

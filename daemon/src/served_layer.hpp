@@ -210,6 +210,10 @@ class ServedLayer {
     return group_ ? std::unique_lock<std::mutex>() : std::unique_lock<std::mutex>(rank_.mutex);
   }
   Status join_group();
+  // After a group layer's parameters are in place (`ready_here`: this rank allocated and loaded
+  // or initialised them): every rank got that far, and holds the same gate and optimizer, which
+  // every rank routes and steps with. All-gathered over the group; all refuse together otherwise.
+  Status confirm_group(const Status& ready_here);
   void publish_pending() {  // under mutex_
     pending_count_ = static_cast<int64_t>(pending_.size());
   }

@@ -514,6 +514,52 @@ TEST(ExpertParallelDaemonsConfig, RanksGivenDifferentLayersAreRefusedOnEveryDaem
   for (int d = 0; d < 2; ++d) EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << daemons[d]->log();
 }
 
+// What fails on one rank after the group met (its weights file is missing there, or it starts
+// from another gate: an init_seed of its own) fails the create on every rank, so no daemon keeps
+// a layer whose first step would wait for a missing peer, or route with another gate. Then the
+// same layers are created on both.
+TEST(ExpertParallelDaemonsConfig, ARankThatFailsOrHoldsAnotherGateAfterMeetingFailsEveryRank) {
+  std::vector<std::unique_ptr<DaemonProcess>> daemons;
+  ASSERT_TRUE(start_daemons(2, daemons));
+  const std::string body = layer_body(small_spec(4, 2, 1.0), 7);
+  const std::string other_seed = layer_body(small_spec(4, 2, 1.0), 8);
+  std::string no_file = body;
+  no_file.replace(no_file.find("init_seed = 7"), 13, "weights = \"missing.safetensors\"");
+  enum Case { kOtherGate, kNoFile, kSame };
+  for (const Case c : {kOtherGate, kNoFile, kSame}) {
+    SCOPED_TRACE(c == kOtherGate ? "rank 1: another init_seed" : c == kNoFile ? "rank 1: no weights file" : "same");
+    const uint16_t port = free_port();
+    std::vector<Status> created(2);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < 2; ++r)
+      threads.emplace_back([&, r] {
+        auto client = client::Client::connect(daemons[r]->client_socket());
+        if (!client.ok()) return void(created[r] = client.status());
+        const std::string& mine = r == 0 || c == kSame ? body : c == kOtherGate ? other_seed : no_file;
+        created[r] = client->create_layer(group_layer_spec(mine, port, 2, r, 1, "linear")).status();
+      });
+    for (auto& t : threads) t.join();
+    for (int r = 0; r < 2; ++r) {
+      SCOPED_TRACE("rank " + std::to_string(r));
+      if (c == kSame) {
+        EXPECT_TRUE(created[r].ok()) << created[r] << "\n" << all_logs(daemons);
+        continue;
+      }
+      ASSERT_FALSE(created[r].ok());
+      const std::string why(created[r].message());
+      if (c == kOtherGate) {
+        EXPECT_EQ(created[r].code(), StatusCode::kInvalidArgument) << created[r];
+        EXPECT_NE(why.find("rank(s) 1 hold another gate"), std::string::npos) << why;
+      } else if (r == 0) {
+        EXPECT_NE(why.find("rank(s) 1 could not allocate or load their part"), std::string::npos) << why;
+      } else {
+        EXPECT_NE(why.find("missing.safetensors"), std::string::npos) << why;
+      }
+    }
+  }
+  for (int d = 0; d < 2; ++d) EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << daemons[d]->log();
+}
+
 // r = "auto", all_to_all = "auto", pipeline = "auto" on two daemons of two ranks each (two nodes
 // of two: r = 0, and r = 1 with both all-to-alls and d = 1, 2, 4 are candidates). Each rank's
 // client runs the same micro-batch as inference forwards, enough for the tuner to measure every
