@@ -98,7 +98,8 @@ bool ExchangeTuner::record(int64_t key, int64_t nanoseconds) {
   const int left = static_cast<int>(b.left.size());
   if (b.runs / left >= options_.warmups) b.total_ns[turn(b)] += nanoseconds;
   ++b.runs;
-  return b.runs == (options_.warmups + options_.trials) * left;
+  // >= rather than ==: a decision whose agreement failed is tried again at the next run.
+  return b.runs >= (options_.warmups + options_.trials) * left;
 }
 
 std::vector<int64_t> ExchangeTuner::totals(int64_t key) const {

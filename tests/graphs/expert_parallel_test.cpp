@@ -46,6 +46,7 @@ struct EpCase {
   int local_size = 1;  // ranks per node (the 2DH all-to-all's intra-node group)
   int pipeline = 1;    // d: chunks of the expert phase
   int r = 1;           // 0: data parallel (weights gathered, tokens stay)
+  int64_t output_dim = 0;  // O (0: M)
 };
 
 void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
@@ -80,6 +81,11 @@ EpCase pipelined(int d, EpCase c) {
 
 EpCase data_parallel(EpCase c) {
   c.r = 0;
+  return c;
+}
+
+EpCase output_dim(int64_t O, EpCase c) {
+  c.output_dim = O;
   return c;
 }
 
@@ -137,6 +143,13 @@ std::vector<EpCase> cases() {
                               0.0,
                               {22, 35, 17, 40},
                               Activation::kSilu})),
+      // O != M with sharded experts: the fc2 bias's column slices are uneven (O = 15 over s = 2)
+      // or partly padding (O = 6 over s = 4), under r = 1, pipelined, and r = 0.
+      output_dim(15, {"OutputDim15FourRanksTwoExpertsShardedInTwo", 4, 2, 48, 2, 1.0, {30, 30, 30, 30}}),
+      pipelined(2, output_dim(6, {"PipelinedOutputDim6FourRanksOneExpertShardedInFour",
+                                  4, 1, 64, 1, 0.0, {10, 20, 30, 40}})),
+      data_parallel(output_dim(6, {"DataParallelOutputDim6FourRanksOneExpertShardedInFour",
+                                   4, 1, 64, 1, 0.0, {10, 20, 30, 40}})),
       // More chunks than the capacity holds slots: one slot per chunk.
       pipelined(64, {"PipelinedMoreChunksThanSlots", 2, 4, 32, 1, 1.0, {9, 7}}),
       // r = 0: every expert's weights gathered on every rank, the gradients reduce-scattered
@@ -192,6 +205,7 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
   spec.capacity_factor = c.f;
   spec.activation = c.activation;
   spec.batch_prioritized = c.batch_prioritized;
+  spec.output_dim = c.output_dim;
   const int W = c.world;
   const int64_t M = spec.model_dim, O = spec.out_dim(), E = spec.experts;
   auto shard0 = graphs::expert_shard(spec, W, 0);
