@@ -502,13 +502,16 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
     // keeps the same micro-batches under the same sequences.
     // Staged like a local layer's on a GPU group; the forward keeps its own copy of x.
     st = note_group_status([&]() -> Status {
-      TUTEL_ASSIGN_OR_RETURN(const TensorView xv, stage_in(x, {tokens, M}, staged_in_, memory));
-      TUTEL_ASSIGN_OR_RETURN(const TensorView yv, stage_out(y, {tokens, O}, staged_out_, memory));
+      // Staging is this rank's alone: a failure there is refused through the step's agreement,
+      // so that every rank refuses the step.
+      Result<TensorView> xv = stage_in(x, {tokens, M}, staged_in_, memory);
+      Result<TensorView> yv = xv.ok() ? stage_out(y, {tokens, O}, staged_out_, memory) : xv.status();
+      if (!yv.ok()) return group_->layer->refuse_forward(yv.status());
       std::optional<ActivationBackend::Enforce> group_enforce;
       if (training) group_enforce.emplace(b);
       TUTEL_RETURN_IF_ERROR(
-          group_->layer->forward(weights_of(0), xv, yv, &stats, pending ? &pending->saved : nullptr));
-      return unstage_out(y, yv, memory);
+          group_->layer->forward(weights_of(0), *xv, *yv, &stats, pending ? &pending->saved : nullptr));
+      return unstage_out(y, *yv, memory);
     }());
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();
   } else {
@@ -586,10 +589,11 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
   Status st;
   if (group_) {
     st = note_group_status([&]() -> Status {
-      TUTEL_ASSIGN_OR_RETURN(const TensorView dyv, stage_in(dy, {tokens, O}, staged_in_, memory));
-      TUTEL_ASSIGN_OR_RETURN(const TensorView dxv, stage_out(dx, {tokens, M}, staged_out_, memory));
-      TUTEL_RETURN_IF_ERROR(group_->layer->backward(weights_of(0), dyv, dl_aux, dxv, weights_of(1), p.saved));
-      return unstage_out(dx, dxv, memory);
+      Result<TensorView> dyv = stage_in(dy, {tokens, O}, staged_in_, memory);
+      Result<TensorView> dxv = dyv.ok() ? stage_out(dx, {tokens, M}, staged_out_, memory) : dyv.status();
+      if (!dxv.ok()) return group_->layer->refuse_backward(p.saved, dxv.status());
+      TUTEL_RETURN_IF_ERROR(group_->layer->backward(weights_of(0), *dyv, dl_aux, *dxv, weights_of(1), p.saved));
+      return unstage_out(dx, *dxv, memory);
     }());
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();
   } else {

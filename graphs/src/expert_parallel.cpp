@@ -516,6 +516,22 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
   return st;
 }
 
+Status ExpertParallelLayer::refuse_forward(Status why) {
+  if (why.ok()) why = Status::Internal("refuse_forward without a reason");
+  // The forward's first agreement: {tokens, fullest expert, refused}.
+  int64_t agreed[3] = {0, 0, 1};
+  TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 3));
+  return refuse(std::move(why));
+}
+
+Status ExpertParallelLayer::refuse_backward(Saved& saved, Status why) {
+  if (why.ok()) why = Status::Internal("refuse_backward without a reason");
+  saved.holds_forward_ = false;
+  // The backward's first agreement is its phase's: refused, it runs nothing.
+  return run_group_phase(
+      why, [] { return PhaseKey(); }, [] { return Status::OK(); });
+}
+
 Status ExpertParallelLayer::refuse(Status why) {
   // The step's scratch may have grown part way before the refusal; what it holds is no later
   // call's, so it goes back (to the tenant's quota too) and grows again when a step needs it.

@@ -636,6 +636,85 @@ TEST(ExpertParallelLimits, ARankThatCannotAllocateRefusesTheStepOnEveryRank) {
   }
 }
 
+// A step its owner refuses on one rank before the layer runs it (a daemon that cannot stage the
+// request) is refused on every rank through the step's first agreement, instead of leaving the
+// peers in a collective until the timeout; a refused backward consumes the forward on every
+// rank; and the group's next steps run.
+TEST(ExpertParallelLimits, AStepOneRanksOwnerRefusesIsRefusedOnEveryRank) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  const LayerSpec spec = base_spec(4, 16, 32, 2, 1.0);
+  constexpr int W = 2;
+  const int64_t S = 24, M = 16, O = 16;
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const HostLayerParams whole = to_host(random_params(rng, spec));
+  const std::vector<uint64_t> rank_seeds = {rng(), rng()};
+  std::vector<Status> setup(W);
+  std::vector<std::vector<Status>> steps(W);
+  const uint16_t port = free_port();
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r) {
+    threads.emplace_back([&, r] {
+      std::mt19937_64 rank_rng(rank_seeds[r]);
+      auto comm = comm::ucx_bootstrap(rank_options(port, r, W, 1));
+      if (!comm.ok()) return void(setup[r] = comm.status());
+      auto inner = make_backend("cpu", {.threads = 1});
+      if (!inner.ok()) return void(setup[r] = inner.status());
+      SimulatedDevice device(std::move(inner).value());
+      DeviceCollectives device_comm(**comm, device);
+      auto layer = ExpertParallelLayer::create(device, device_comm, spec);
+      if (!layer.ok()) return void(setup[r] = layer.status());
+      LocalTensors params(device, spec, layer->shard()), grads(device, spec, layer->shard());
+      params.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
+      DeviceTensor x(device, DType::kF32, {S, M}), y(device, DType::kF32, {S, O}),
+          dy(device, DType::kF32, {S, O}), dx(device, DType::kF32, {S, M});
+      x.upload(to_f32(randn(rank_rng, S * M, 1.0)));
+      dy.upload(to_f32(randn(rank_rng, S * O, 1.0)));
+      ExpertParallelLayer::Saved saved;
+      const Status cannot_stage = Status::Unavailable("cannot stage the request");
+      auto forward = [&](bool refuse) {
+        steps[r].push_back(refuse ? layer->refuse_forward(cannot_stage)
+                                  : layer->forward(params.weights(), x.view(), y.view(), nullptr,
+                                                   &saved));
+      };
+      auto backward = [&](bool refuse) {
+        steps[r].push_back(refuse ? layer->refuse_backward(saved, cannot_stage)
+                                  : layer->backward(params.weights(), dy.view(), 0.f, dx.view(),
+                                                    grads.weights(), saved));
+      };
+      const bool one = r == 1;
+      forward(false);   // 0
+      backward(false);  // 1
+      forward(one);     // 2: refused by rank 1's owner
+      forward(false);   // 3
+      backward(one);    // 4: refused by rank 1's owner; consumed on both
+      backward(false);  // 5: nothing left to run a backward of, on either rank
+      forward(false);   // 6
+      backward(false);  // 7
+      setup[r] = (*comm)->barrier();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    ASSERT_TRUE(setup[r].ok()) << setup[r];
+    ASSERT_EQ(steps[r].size(), 8u);
+    for (size_t i : {0, 1, 3, 6, 7}) EXPECT_TRUE(steps[r][i].ok()) << "step " << i << ": " << steps[r][i];
+    for (size_t i : {2, 4}) {
+      if (r == 1) {
+        EXPECT_EQ(steps[r][i].code(), StatusCode::kUnavailable) << "step " << i << ": " << steps[r][i];
+      } else {
+        EXPECT_EQ(steps[r][i].code(), StatusCode::kResourceExhausted) << "step " << i << ": " << steps[r][i];
+        EXPECT_NE(steps[r][i].message().find("another rank of the expert-parallel group"),
+                  std::string_view::npos)
+            << steps[r][i];
+      }
+    }
+    EXPECT_EQ(steps[r][5].code(), StatusCode::kInvalidArgument) << steps[r][5];
+  }
+}
+
 // A tuning candidate the group cannot allocate (r = 0 gathers every expert's weights; rank 1 has
 // room for r = 1's buffers only) is refused by the group together, dropped from the bucket on
 // both ranks, and the same forward runs the next candidate: no forward fails, the bucket

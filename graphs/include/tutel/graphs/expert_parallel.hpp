@@ -222,6 +222,12 @@ class ExpertParallelLayer {
   // another forward.
   Status backward(const LayerWeights& local, TensorView dy, float dl_aux, TensorView dx,
                   const LayerWeights& local_grads, Saved& saved);
+  // This rank's step was refused before the layer could run it (its owner could not stage the
+  // request's input or output, say): it joins the step's first agreement as a rank that cannot
+  // run it, so every rank refuses the same step rather than waiting for this one until the
+  // collective timeout. Returns `why`. refuse_backward consumes `saved`, as a backward would.
+  Status refuse_forward(Status why);
+  Status refuse_backward(Saved& saved, Status why);
   // Sums the replicated gate's gradient over the group, in place.
   Status all_reduce_gate_grad(TensorView gate_grad);
 
