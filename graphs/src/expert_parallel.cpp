@@ -425,7 +425,12 @@ PhaseKey ExpertParallelLayer::phase_key(Phase phase, const Saved& st,
                                         std::initializer_list<const LayerWeights*> weights) const {
   PhaseKey key;
   key.phase = phase;
-  key.add(epoch_).add(backend_->scratch_epoch()).add(comm_->scratch_epoch()).add(&st);
+  key.add(epoch_).add(backend_->scratch_epoch()).add(comm_->scratch_epoch());
+  // The saved state by its buffers, not by the object's address: a Saved moved or swapped into
+  // the same object without growing would otherwise replay a graph onto the old buffers.
+  for (const DeviceBuffer* b : {&st.x_, &st.scores_, &st.expert_index_, &st.gates_, &st.location_,
+                                &st.slots_, &st.expert_in_, &st.pre_, &st.hidden_, &st.combined_})
+    key.add(b->data());
   for (uint64_t w : words) key.add(w);
   for (const void* p : io) key.add(p);
   for (const LayerWeights* w : weights) {

@@ -944,6 +944,12 @@ TEST(ExpertParallelPhaseKeys, EachAddressAndScalarChangesTheKeysOfThePhasesThatU
   forward(params2, x1, y1, &saved_a);
   EXPECT_NE(keys.last(kRoute), route) << "the weights";
   EXPECT_NE(keys.last(kExperts), experts) << "the weights";
+  // The objects stay where they are, their buffers trade places: a key that named the Saved by
+  // its address would replay saved_a's old buffers.
+  std::swap(saved_a, saved_b);
+  forward(params1, x1, y1, &saved_a);
+  EXPECT_NE(keys.last(kRoute), route) << "the Saved's buffers";
+  EXPECT_NE(keys.last(kExperts), experts) << "the Saved's buffers";
 
   backward(params1, dy1, 0.5f, dx1, grads1);
   const graphs::PhaseKey back = keys.last(kBackward);
