@@ -345,41 +345,38 @@ else
   done
 fi
 
-# Zero-copy through the daemon: a GPU tuteld's layer fed through the arena vs a device region.
-daemon_bench_lines=""
-if [ "$bench_option" = ON ] && [ -x "$bench" ] && [ "$(remaining)" -ge 60 ]; then
-  say "tutel-bench layer --via-daemon --backend cuda"
-  timeout 90 "$bench" layer --via-daemon --backend cuda --repeats 10 >"$log_dir/bench-daemon.log" 2>&1
-  rc=$?
-  cat "$log_dir/bench-daemon.log"
-  daemon_bench_lines=$(grep -E '^via-daemon ' "$log_dir/bench-daemon.log")
+# run_bench_step NAME LOG LIMIT PATTERN WHAT ARGS...: a further tutel-bench run (not a test: its
+# failure is reported, never fatal), when the benchmark was built and LIMIT seconds are left.
+# Sets bench_step_lines to its output lines matching PATTERN.
+run_bench_step() {
+  local name=$1 log="$log_dir/$2" limit=$3 pattern=$4 what=$5
+  shift 5
+  bench_step_lines=""
+  if [ "$bench_option" != ON ] || [ ! -x "$bench" ] || [ "$(remaining)" -lt "$limit" ]; then
+    row "$name" "skipped" "no tutel-bench or under ${limit}s left"
+    return
+  fi
+  say "tutel-bench $*"
+  timeout "$limit" "$bench" "$@" >"$log" 2>&1
+  local rc=$?
+  cat "$log"
+  bench_step_lines=$(grep -E "$pattern" "$log")
   case $rc in
-    0) row "bench-zc" "ok" "arena vs device region through tuteld, $(echo "$daemon_bench_lines" | grep -c .) rows" ;;
-    3) row "bench-zc" "no device" "exit 3: no usable CUDA device (see $log_dir/bench-daemon.log)" ;;
-    124) row "bench-zc" "timeout" "after 90s (see $log_dir/bench-daemon.log)" ;;
-    *) row "bench-zc" "failed" "exit $rc, see $log_dir/bench-daemon.log (not a test failure)" ;;
+    0) row "$name" "ok" "$what, $(echo "$bench_step_lines" | grep -c .) rows" ;;
+    3) row "$name" "no device" "exit 3: no usable CUDA device (see $log)" ;;
+    124) row "$name" "timeout" "after ${limit}s (see $log)" ;;
+    *) row "$name" "failed" "exit $rc, see $log (not a test failure)" ;;
   esac
-else
-  row "bench-zc" "skipped" "no tutel-bench or under a minute left"
-fi
+}
 
-# Where the step's time goes: each op of an inference step on the GPU, back to back (not a test).
-phase_lines=""
-if [ "$bench_option" = ON ] && [ -x "$bench" ] && [ "$(remaining)" -ge 45 ]; then
-  say "tutel-bench layer --backend cuda --phases"
-  timeout 60 "$bench" layer --backend cuda --phases >"$log_dir/bench-phases.log" 2>&1
-  rc=$?
-  cat "$log_dir/bench-phases.log"
-  phase_lines=$(grep -E '^phases ' "$log_dir/bench-phases.log")
-  case $rc in
-    0) row "bench-phases" "ok" "GPU time per op, $(echo "$phase_lines" | grep -c .) steps" ;;
-    3) row "bench-phases" "no device" "exit 3 (see $log_dir/bench-phases.log)" ;;
-    124) row "bench-phases" "timeout" "after 60s (see $log_dir/bench-phases.log)" ;;
-    *) row "bench-phases" "failed" "exit $rc, see $log_dir/bench-phases.log (not a test failure)" ;;
-  esac
-else
-  row "bench-phases" "skipped" "no tutel-bench or under 45 s left"
-fi
+# Zero-copy through the daemon: a GPU tuteld's layer fed through the arena vs a device region.
+run_bench_step "bench-zc" bench-daemon.log 90 '^via-daemon ' "arena vs device region through tuteld" \
+  layer --via-daemon --backend cuda --repeats 10
+daemon_bench_lines=$bench_step_lines
+# Where the step's time goes: each op of an inference step on the GPU, back to back.
+run_bench_step "bench-phases" bench-phases.log 60 '^phases ' "GPU time per op" \
+  layer --backend cuda --phases
+phase_lines=$bench_step_lines
 
 # ---- 6. compute-sanitizer (optional) -------------------------------------------------------
 sanitizer=""

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "tutel/comm/nccl.hpp"
+#include "tutel/core/fingerprint.hpp"
 #include "tutel/comm/ucx.hpp"
 #include "tutel/core/safetensors.hpp"
 
@@ -85,26 +86,18 @@ Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& 
 Status ServedLayer::confirm_group(const Status& ready_here) {
   comm::Communicator& comm = *group_->host_comm;
   const int W = comm.size();
-  // FNV-1a over the gate's bits and the optimizer's settings.
-  uint64_t fingerprint = 1469598103934665603ull;
-  auto add = [&](const void* data, size_t bytes) {
-    for (size_t i = 0; i < bytes; ++i) {
-      fingerprint ^= static_cast<const unsigned char*>(data)[i];
-      fingerprint *= 1099511628211ull;
-    }
-  };
+  Fingerprint fingerprint;  // the gate's bits and the optimizer's settings
   Status ready = ready_here;
   if (ready.ok()) {
     const Tensor& gate = tensors_.front();  // kGateWeightName, allocated first
     std::vector<float> values(static_cast<size_t>(gate.shape.numel()));
     ready = backend().copy(values.data(), gate.value.data(), values.size() * 4, CopyKind::kDeviceToHost);
-    add(values.data(), values.size() * 4);
+    fingerprint.add_bytes(values.data(), values.size() * 4);
     const OptimizerConfig& o = def_.optimizer;
-    for (float f : {o.lr, o.momentum, o.weight_decay, o.beta1, o.beta2, o.eps}) add(&f, sizeof f);
-    const int flags[2] = {static_cast<int>(o.kind), o.nesterov ? 1 : 0};
-    add(flags, sizeof flags);
+    for (float f : {o.lr, o.momentum, o.weight_decay, o.beta1, o.beta2, o.eps}) fingerprint.add(f);
+    fingerprint.add(o.kind).add(o.nesterov);
   }
-  const uint64_t mine[2] = {ready.ok() ? 1u : 0u, ready.ok() ? fingerprint : 0u};
+  const uint64_t mine[2] = {ready.ok() ? 1u : 0u, ready.ok() ? fingerprint.value() : 0u};
   std::vector<uint64_t> all(2 * static_cast<size_t>(W));
   TUTEL_RETURN_IF_ERROR(comm.all_gather(mine, all.data(), sizeof mine));
   if (!ready.ok()) return ready;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "chunk_pipeline.hpp"
+#include "tutel/core/fingerprint.hpp"
 
 namespace tutel::graphs {
 namespace {
@@ -140,23 +141,6 @@ Status check_options(const comm::Communicator& comm, const LayerSpec& spec,
   }
   return expert_shard(spec, comm.size(), comm.rank()).status();
 }
-
-// FNV-1a over the bytes of each value, in the order given.
-class Fingerprint {
- public:
-  template <typename T>
-  Fingerprint& add(const T& value) {
-    static_assert(std::is_trivially_copyable_v<T>);
-    unsigned char bytes[sizeof(T)];
-    std::memcpy(bytes, &value, sizeof(T));
-    for (unsigned char b : bytes) hash_ = (hash_ ^ b) * 1099511628211ull;
-    return *this;
-  }
-  uint64_t value() const { return hash_; }
-
- private:
-  uint64_t hash_ = 14695981039346656037ull;
-};
 
 std::string rank_list(const std::vector<int>& ranks) {
   std::string out;

@@ -538,13 +538,36 @@ TEST(ExpertParallelOnDeviceSkewed, ACaptureThatFailsOnOneRankIsRunOpByOpOnEveryR
   run_case(device_cases()[0], DeviceRun::kGraphsCaptureFails);
 }
 
+// Runs body(rank, device, collectives) on W ranks, each a thread with its own UCX communicator
+// (loopback) and simulated device over a one-thread CPU backend. Each rank's status: its
+// set-up's or body's failure, else the closing barrier's.
+std::vector<Status> run_simulated_ranks(
+    int W, const std::function<Status(int, SimulatedDevice&, DeviceCollectives&)>& body) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  const uint16_t port = free_port();
+  std::vector<Status> out(W);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r)
+    threads.emplace_back([&, r] {
+      auto comm = comm::ucx_bootstrap(rank_options(port, r, W, 1));
+      if (!comm.ok()) return void(out[r] = comm.status());
+      auto inner = make_backend("cpu", {.threads = 1});
+      if (!inner.ok()) return void(out[r] = inner.status());
+      SimulatedDevice device(std::move(inner).value());
+      DeviceCollectives device_comm(**comm, device);
+      out[r] = body(r, device, device_comm);
+      if (out[r].ok()) out[r] = (*comm)->barrier();
+    });
+  for (auto& t : threads) t.join();
+  return out;
+}
+
 // A rank that cannot allocate what a step needs (its tenant's quota, a full device) must not
 // leave its peers waiting in a collective: the group agrees, every rank refuses the step with
 // ResourceExhausted (never a timeout), and the group goes on. Rank 1 is refused where its
 // route's buffers do not fit, where only its experts' do (its peer brings more tokens, so the
 // agreed capacity grows), and in a backward; each time the limit is lifted the steps run again.
 TEST(ExpertParallelLimits, ARankThatCannotAllocateRefusesTheStepOnEveryRank) {
-  ::setenv("UCX_NET_DEVICES", "lo", 1);
   const LayerSpec spec = base_spec(4, 16, 32, 2, 1.0);
   constexpr int W = 2;
   const int64_t M = 16, O = 16;
@@ -554,71 +577,60 @@ TEST(ExpertParallelLimits, ARankThatCannotAllocateRefusesTheStepOnEveryRank) {
   const ref::Params p = random_params(rng, spec);
   const HostLayerParams whole = to_host(p);
   const std::vector<uint64_t> rank_seeds = {rng(), rng()};  // a generator per rank's thread
-  std::vector<Status> setup(W);
   std::vector<std::vector<Status>> steps(W);
-  const uint16_t port = free_port();
-  std::vector<std::thread> threads;
-  for (int r = 0; r < W; ++r) {
-    threads.emplace_back([&, r] {
-      std::mt19937_64 rank_rng(rank_seeds[r]);
-      auto comm = comm::ucx_bootstrap(rank_options(port, r, W, 1));
-      if (!comm.ok()) return void(setup[r] = comm.status());
-      auto inner = make_backend("cpu", {.threads = 1});
-      if (!inner.ok()) return void(setup[r] = inner.status());
-      SimulatedDevice device(std::move(inner).value());
-      DeviceCollectives device_comm(**comm, device);
-      auto layer = ExpertParallelLayer::create(device, device_comm, spec);
-      if (!layer.ok()) return void(setup[r] = layer.status());
-      LocalTensors params(device, spec, layer->shard()), grads(device, spec, layer->shard());
-      params.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
-      // The caller's tensors for every step, made before any limit: they are not the layer's.
-      struct Io {
-        std::unique_ptr<DeviceTensor> x, y, dy, dx;
-      };
-      std::map<int64_t, Io> io;
-      for (int64_t S : {8, 64, 256}) {
-        Io& t = io[S];
-        t.x = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, M});
-        t.y = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, O});
-        t.dy = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, O});
-        t.dx = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, M});
-        t.x->upload(to_f32(randn(rank_rng, S * M, 1.0)));
-        t.dy->upload(to_f32(randn(rank_rng, S * O, 1.0)));
-      }
-      ExpertParallelLayer::Saved small, big;
-      auto forward = [&](int64_t S, ExpertParallelLayer::Saved& saved) {
-        steps[r].push_back(
-            layer->forward(params.weights(), io[S].x->view(), io[S].y->view(), nullptr, &saved));
-      };
-      auto backward = [&](int64_t S, ExpertParallelLayer::Saved& saved) {
-        steps[r].push_back(layer->backward(params.weights(), io[S].dy->view(), 0.f,
-                                           io[S].dx->view(), grads.weights(), saved));
-      };
-      // Rank 1 can allocate nothing more; lifted again after the step.
-      auto full = [&] {
-        if (r == 1) device.limit_memory(device.live_bytes());
-      };
-      auto lift = [&] { device.limit_memory(~size_t{0}); };
-      const int64_t peer_more = r == 0 ? 256 : 64;  // rank 0 brings more tokens
-      forward(8, small);                            // 0
-      full();
-      forward(256, big);  // 1: refused, rank 1's route buffers
-      lift();
-      forward(64, big);   // 2
-      backward(64, big);  // 3
-      full();
-      forward(peer_more, big);  // 4: refused, rank 1's experts' buffers (C grew with rank 0's S)
-      lift();
-      forward(peer_more, big);  // 5
-      full();
-      backward(peer_more, big);  // 6: refused, rank 1's backward buffers
-      lift();
-      forward(peer_more, big);   // 7
-      backward(peer_more, big);  // 8
-      setup[r] = (*comm)->barrier();
-    });
-  }
-  for (auto& t : threads) t.join();
+  const std::vector<Status> setup = run_simulated_ranks(
+      W, [&](int r, SimulatedDevice& device, DeviceCollectives& device_comm) -> Status {
+        std::mt19937_64 rank_rng(rank_seeds[r]);
+        auto layer = ExpertParallelLayer::create(device, device_comm, spec);
+        if (!layer.ok()) return layer.status();
+        LocalTensors params(device, spec, layer->shard()), grads(device, spec, layer->shard());
+        params.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
+        // The caller's tensors for every step, made before any limit: they are not the layer's.
+        struct Io {
+          std::unique_ptr<DeviceTensor> x, y, dy, dx;
+        };
+        std::map<int64_t, Io> io;
+        for (int64_t S : {8, 64, 256}) {
+          Io& t = io[S];
+          t.x = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, M});
+          t.y = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, O});
+          t.dy = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, O});
+          t.dx = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, M});
+          t.x->upload(to_f32(randn(rank_rng, S * M, 1.0)));
+          t.dy->upload(to_f32(randn(rank_rng, S * O, 1.0)));
+        }
+        ExpertParallelLayer::Saved small, big;
+        auto forward = [&](int64_t S, ExpertParallelLayer::Saved& saved) {
+          steps[r].push_back(
+              layer->forward(params.weights(), io[S].x->view(), io[S].y->view(), nullptr, &saved));
+        };
+        auto backward = [&](int64_t S, ExpertParallelLayer::Saved& saved) {
+          steps[r].push_back(layer->backward(params.weights(), io[S].dy->view(), 0.f,
+                                             io[S].dx->view(), grads.weights(), saved));
+        };
+        // Rank 1 can allocate nothing more; lifted again after the step.
+        auto full = [&] {
+          if (r == 1) device.limit_memory(device.live_bytes());
+        };
+        auto lift = [&] { device.limit_memory(~size_t{0}); };
+        const int64_t peer_more = r == 0 ? 256 : 64;  // rank 0 brings more tokens
+        forward(8, small);                            // 0
+        full();
+        forward(256, big);  // 1: refused, rank 1's route buffers
+        lift();
+        forward(64, big);   // 2
+        backward(64, big);  // 3
+        full();
+        forward(peer_more, big);  // 4: refused, rank 1's experts' buffers (C grew with rank 0's S)
+        lift();
+        forward(peer_more, big);  // 5
+        full();
+        backward(peer_more, big);  // 6: refused, rank 1's backward buffers
+        lift();
+        forward(peer_more, big);   // 7
+        backward(peer_more, big);  // 8
+        return Status::OK();
+      });
   for (int r = 0; r < W; ++r) {
     SCOPED_TRACE("rank " + std::to_string(r));
     ASSERT_TRUE(setup[r].ok()) << setup[r];
@@ -641,7 +653,6 @@ TEST(ExpertParallelLimits, ARankThatCannotAllocateRefusesTheStepOnEveryRank) {
 // peers in a collective until the timeout; a refused backward consumes the forward on every
 // rank; and the group's next steps run.
 TEST(ExpertParallelLimits, AStepOneRanksOwnerRefusesIsRefusedOnEveryRank) {
-  ::setenv("UCX_NET_DEVICES", "lo", 1);
   const LayerSpec spec = base_spec(4, 16, 32, 2, 1.0);
   constexpr int W = 2;
   const int64_t S = 24, M = 16, O = 16;
@@ -650,62 +661,54 @@ TEST(ExpertParallelLimits, AStepOneRanksOwnerRefusesIsRefusedOnEveryRank) {
   std::mt19937_64 rng(seed);
   const HostLayerParams whole = to_host(random_params(rng, spec));
   const std::vector<uint64_t> rank_seeds = {rng(), rng()};
-  std::vector<Status> setup(W);
   std::vector<std::vector<Status>> steps(W);
-  const uint16_t port = free_port();
-  std::vector<std::thread> threads;
-  for (int r = 0; r < W; ++r) {
-    threads.emplace_back([&, r] {
-      std::mt19937_64 rank_rng(rank_seeds[r]);
-      auto comm = comm::ucx_bootstrap(rank_options(port, r, W, 1));
-      if (!comm.ok()) return void(setup[r] = comm.status());
-      auto inner = make_backend("cpu", {.threads = 1});
-      if (!inner.ok()) return void(setup[r] = inner.status());
-      SimulatedDevice device(std::move(inner).value());
-      DeviceCollectives device_comm(**comm, device);
-      auto layer = ExpertParallelLayer::create(device, device_comm, spec);
-      if (!layer.ok()) return void(setup[r] = layer.status());
-      LocalTensors params(device, spec, layer->shard()), grads(device, spec, layer->shard());
-      params.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
-      DeviceTensor x(device, DType::kF32, {S, M}), y(device, DType::kF32, {S, O}),
-          dy(device, DType::kF32, {S, O}), dx(device, DType::kF32, {S, M});
-      x.upload(to_f32(randn(rank_rng, S * M, 1.0)));
-      dy.upload(to_f32(randn(rank_rng, S * O, 1.0)));
-      ExpertParallelLayer::Saved saved;
-      const Status cannot_stage = Status::Unavailable("cannot stage the request");
-      auto forward = [&](bool refuse) {
-        steps[r].push_back(refuse ? layer->refuse_forward(cannot_stage)
-                                  : layer->forward(params.weights(), x.view(), y.view(), nullptr,
-                                                   &saved));
-      };
-      auto backward = [&](bool refuse) {
-        steps[r].push_back(refuse ? layer->refuse_backward(saved, cannot_stage)
-                                  : layer->backward(params.weights(), dy.view(), 0.f, dx.view(),
-                                                    grads.weights(), saved));
-      };
-      const bool one = r == 1;
-      forward(false);   // 0
-      backward(false);  // 1
-      forward(one);     // 2: refused by rank 1's owner
-      forward(false);   // 3
-      backward(one);    // 4: refused by rank 1's owner; consumed on both
-      backward(false);  // 5: nothing left to run a backward of, on either rank
-      forward(false);   // 6
-      backward(false);  // 7
-      setup[r] = (*comm)->barrier();
-    });
-  }
-  for (auto& t : threads) t.join();
+  const std::vector<Status> setup = run_simulated_ranks(
+      W, [&](int r, SimulatedDevice& device, DeviceCollectives& device_comm) -> Status {
+        std::mt19937_64 rank_rng(rank_seeds[r]);
+        auto layer = ExpertParallelLayer::create(device, device_comm, spec);
+        if (!layer.ok()) return layer.status();
+        LocalTensors params(device, spec, layer->shard()), grads(device, spec, layer->shard());
+        params.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
+        DeviceTensor x(device, DType::kF32, {S, M}), y(device, DType::kF32, {S, O}),
+            dy(device, DType::kF32, {S, O}), dx(device, DType::kF32, {S, M});
+        x.upload(to_f32(randn(rank_rng, S * M, 1.0)));
+        dy.upload(to_f32(randn(rank_rng, S * O, 1.0)));
+        ExpertParallelLayer::Saved saved;
+        const Status cannot_stage = Status::Unavailable("cannot stage the request");
+        auto forward = [&](bool refuse) {
+          steps[r].push_back(
+              refuse ? layer->refuse_forward(cannot_stage)
+                     : layer->forward(params.weights(), x.view(), y.view(), nullptr, &saved));
+        };
+        auto backward = [&](bool refuse) {
+          steps[r].push_back(refuse ? layer->refuse_backward(saved, cannot_stage)
+                                    : layer->backward(params.weights(), dy.view(), 0.f, dx.view(),
+                                                      grads.weights(), saved));
+        };
+        const bool one = r == 1;
+        forward(false);   // 0
+        backward(false);  // 1
+        forward(one);     // 2: refused by rank 1's owner
+        forward(false);   // 3
+        backward(one);    // 4: refused by rank 1's owner; consumed on both
+        backward(false);  // 5: nothing left to run a backward of, on either rank
+        forward(false);   // 6
+        backward(false);  // 7
+        return Status::OK();
+      });
   for (int r = 0; r < W; ++r) {
     SCOPED_TRACE("rank " + std::to_string(r));
     ASSERT_TRUE(setup[r].ok()) << setup[r];
     ASSERT_EQ(steps[r].size(), 8u);
-    for (size_t i : {0, 1, 3, 6, 7}) EXPECT_TRUE(steps[r][i].ok()) << "step " << i << ": " << steps[r][i];
+    for (size_t i : {0, 1, 3, 6, 7})
+      EXPECT_TRUE(steps[r][i].ok()) << "step " << i << ": " << steps[r][i];
     for (size_t i : {2, 4}) {
       if (r == 1) {
-        EXPECT_EQ(steps[r][i].code(), StatusCode::kUnavailable) << "step " << i << ": " << steps[r][i];
+        EXPECT_EQ(steps[r][i].code(), StatusCode::kUnavailable)
+            << "step " << i << ": " << steps[r][i];
       } else {
-        EXPECT_EQ(steps[r][i].code(), StatusCode::kResourceExhausted) << "step " << i << ": " << steps[r][i];
+        EXPECT_EQ(steps[r][i].code(), StatusCode::kResourceExhausted)
+            << "step " << i << ": " << steps[r][i];
         EXPECT_NE(steps[r][i].message().find("another rank of the expert-parallel group"),
                   std::string_view::npos)
             << steps[r][i];
@@ -720,7 +723,6 @@ TEST(ExpertParallelLimits, AStepOneRanksOwnerRefusesIsRefusedOnEveryRank) {
 // both ranks, and the same forward runs the next candidate: no forward fails, the bucket
 // decides r = 1 with r = 0 marked refused, and every y equals an untuned r = 1 layer's.
 TEST(ExpertParallelLimits, ATuningCandidateTheGroupCannotAllocateIsDroppedNotOfferedAgain) {
-  ::setenv("UCX_NET_DEVICES", "lo", 1);
   const LayerSpec spec = base_spec(4, 16, 4096, 2, 1.0);  // r = 0 gathers ~2 MiB of weights
   constexpr int W = 2;
   const int64_t S = 8, M = 16, O = 16;
@@ -730,49 +732,40 @@ TEST(ExpertParallelLimits, ATuningCandidateTheGroupCannotAllocateIsDroppedNotOff
   std::mt19937_64 rng(seed);
   const HostLayerParams whole = to_host(random_params(rng, spec));
   const std::vector<uint64_t> rank_seeds = {rng(), rng()};
-  std::vector<Status> setup(W);
   std::vector<std::vector<Status>> steps(W);
   std::vector<std::vector<bool>> same_y(W);
   std::vector<std::vector<graphs::TunerEntry>> entries(W);
-  const uint16_t port = free_port();
-  std::vector<std::thread> threads;
-  for (int r = 0; r < W; ++r) {
-    threads.emplace_back([&, r] {
-      std::mt19937_64 rank_rng(rank_seeds[r]);
-      auto comm = comm::ucx_bootstrap(rank_options(port, r, W, 1));
-      if (!comm.ok()) return void(setup[r] = comm.status());
-      auto inner = make_backend("cpu", {.threads = 1});
-      if (!inner.ok()) return void(setup[r] = inner.status());
-      SimulatedDevice device(std::move(inner).value());
-      DeviceCollectives device_comm(**comm, device);
-      graphs::ExpertParallelOptions tuned;
-      tuned.tune.candidates = {graphs::kDataParallel, {comm::AllToAllAlgo::kLinear, 1, 1}};
-      tuned.tune.warmups = 0;
-      tuned.tune.trials = 1;
-      auto layer = ExpertParallelLayer::create(device, device_comm, spec, tuned);
-      if (!layer.ok()) return void(setup[r] = layer.status());
-      auto fixed = ExpertParallelLayer::create(device, device_comm, spec);  // r = 1
-      if (!fixed.ok()) return void(setup[r] = fixed.status());
-      LocalTensors params(device, spec, layer->shard());
-      params.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
-      DeviceTensor x(device, DType::kF32, {S, M}), y(device, DType::kF32, {S, O}),
-          y_fixed(device, DType::kF32, {S, O});
-      x.upload(to_f32(randn(rank_rng, S * M, 1.0)));
-      ExpertParallelLayer::Saved fixed_saved, saved;
-      setup[r] = fixed->forward(params.weights(), x.view(), y_fixed.view(), nullptr, &fixed_saved);
-      if (!setup[r].ok()) return;
-      const std::vector<float> want = y_fixed.download();
-      if (r == 1) device.limit_memory(device.live_bytes() + (size_t{1} << 20));
-      for (int i = 0; i < kForwards; ++i) {
-        steps[r].push_back(layer->forward(params.weights(), x.view(), y.view(), nullptr, &saved));
-        same_y[r].push_back(steps[r].back().ok() && y.download() == want);
-      }
-      device.limit_memory(~size_t{0});
-      entries[r] = layer->tuner()->entries();
-      setup[r] = (*comm)->barrier();
-    });
-  }
-  for (auto& t : threads) t.join();
+  const std::vector<Status> setup = run_simulated_ranks(
+      W, [&](int r, SimulatedDevice& device, DeviceCollectives& device_comm) -> Status {
+        std::mt19937_64 rank_rng(rank_seeds[r]);
+        graphs::ExpertParallelOptions tuned;
+        tuned.tune.candidates = {graphs::kDataParallel, {comm::AllToAllAlgo::kLinear, 1, 1}};
+        tuned.tune.warmups = 0;
+        tuned.tune.trials = 1;
+        auto layer = ExpertParallelLayer::create(device, device_comm, spec, tuned);
+        if (!layer.ok()) return layer.status();
+        auto fixed = ExpertParallelLayer::create(device, device_comm, spec);  // r = 1
+        if (!fixed.ok()) return fixed.status();
+        LocalTensors params(device, spec, layer->shard());
+        params.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
+        DeviceTensor x(device, DType::kF32, {S, M}), y(device, DType::kF32, {S, O}),
+            y_fixed(device, DType::kF32, {S, O});
+        x.upload(to_f32(randn(rank_rng, S * M, 1.0)));
+        ExpertParallelLayer::Saved fixed_saved, saved;
+        if (Status s =
+                fixed->forward(params.weights(), x.view(), y_fixed.view(), nullptr, &fixed_saved);
+            !s.ok())
+          return s;
+        const std::vector<float> want = y_fixed.download();
+        if (r == 1) device.limit_memory(device.live_bytes() + (size_t{1} << 20));
+        for (int i = 0; i < kForwards; ++i) {
+          steps[r].push_back(layer->forward(params.weights(), x.view(), y.view(), nullptr, &saved));
+          same_y[r].push_back(steps[r].back().ok() && y.download() == want);
+        }
+        device.limit_memory(~size_t{0});
+        entries[r] = layer->tuner()->entries();
+        return Status::OK();
+      });
   for (int r = 0; r < W; ++r) {
     SCOPED_TRACE("rank " + std::to_string(r));
     ASSERT_TRUE(setup[r].ok()) << setup[r];

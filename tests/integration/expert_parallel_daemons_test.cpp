@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <functional>
 #include <memory>
 #include <random>
 #include <thread>
@@ -478,6 +479,22 @@ nlohmann::json admin_groups(const DaemonProcess& d) {
   return j.is_object() ? j.value("groups", nlohmann::json::array()) : nlohmann::json::array();
 }
 
+// Creates rank r's layer, spec_of(r), on daemons[r], all at once (a group's creates meet); each
+// create's status.
+std::vector<Status> create_on_each(const std::vector<std::unique_ptr<DaemonProcess>>& daemons,
+                                   const std::function<std::string(int)>& spec_of) {
+  std::vector<Status> created(daemons.size());
+  std::vector<std::thread> threads;
+  for (int r = 0; r < static_cast<int>(daemons.size()); ++r)
+    threads.emplace_back([&, r] {
+      auto client = client::Client::connect(daemons[r]->client_socket());
+      if (!client.ok()) return void(created[r] = client.status());
+      created[r] = client->create_layer(spec_of(r)).status();
+    });
+  for (auto& t : threads) t.join();
+  return created;
+}
+
 // Two daemons whose layer specs for one group differ (rank 1 pipelines its expert phase, rank 0
 // does not): both creates fail with the reason, naming rank 1, and both daemons keep serving (a
 // matching group is created next on the same daemons).
@@ -488,16 +505,10 @@ TEST(ExpertParallelDaemonsConfig, RanksGivenDifferentLayersAreRefusedOnEveryDaem
   for (const bool differ : {true, false}) {
     SCOPED_TRACE(differ ? "rank 1 pipelines" : "the same layers");
     const uint16_t port = free_port();
-    std::vector<Status> created(2);
-    std::vector<std::thread> threads;
-    for (int r = 0; r < 2; ++r)
-      threads.emplace_back([&, r] {
-        auto client = client::Client::connect(daemons[r]->client_socket());
-        if (!client.ok()) return void(created[r] = client.status());
-        const std::string more = differ && r == 1 ? "pipeline = 2\n" : "";
-        created[r] = client->create_layer(group_layer_spec(body, port, 2, r, 1, "linear", more)).status();
-      });
-    for (auto& t : threads) t.join();
+    const std::vector<Status> created = create_on_each(daemons, [&](int r) {
+      const std::string more = differ && r == 1 ? "pipeline = 2\n" : "";
+      return group_layer_spec(body, port, 2, r, 1, "linear", more);
+    });
     for (int r = 0; r < 2; ++r) {
       SCOPED_TRACE("rank " + std::to_string(r));
       if (!differ) {
@@ -529,16 +540,10 @@ TEST(ExpertParallelDaemonsConfig, ARankThatFailsOrHoldsAnotherGateAfterMeetingFa
   for (const Case c : {kOtherGate, kNoFile, kSame}) {
     SCOPED_TRACE(c == kOtherGate ? "rank 1: another init_seed" : c == kNoFile ? "rank 1: no weights file" : "same");
     const uint16_t port = free_port();
-    std::vector<Status> created(2);
-    std::vector<std::thread> threads;
-    for (int r = 0; r < 2; ++r)
-      threads.emplace_back([&, r] {
-        auto client = client::Client::connect(daemons[r]->client_socket());
-        if (!client.ok()) return void(created[r] = client.status());
-        const std::string& mine = r == 0 || c == kSame ? body : c == kOtherGate ? other_seed : no_file;
-        created[r] = client->create_layer(group_layer_spec(mine, port, 2, r, 1, "linear")).status();
-      });
-    for (auto& t : threads) t.join();
+    const std::vector<Status> created = create_on_each(daemons, [&](int r) {
+      const std::string& mine = r == 0 || c == kSame ? body : c == kOtherGate ? other_seed : no_file;
+      return group_layer_spec(mine, port, 2, r, 1, "linear");
+    });
     for (int r = 0; r < 2; ++r) {
       SCOPED_TRACE("rank " + std::to_string(r));
       if (c == kSame) {
