@@ -504,13 +504,21 @@ TEST_F(CudaOps, ExpertForwardBackwardMatchCpu) {
   }
 }
 
-// An inference forward (keep_hidden false) gives the training forward's expert_out bit for bit.
-// Under bf16 the second GEMM reads the bf16 hidden that the bias-activation pass writes into the
-// workspace's first operand room (a white-box check: that copy is convert(hidden), the rounding
-// the GEMM's own conversion would make). Widths divisible by 4 take the 16-byte path, the others
-// the scalar one.
-TEST_F(CudaOps, InferenceForwardSkipsTheF32HiddenWithTheSameBits) {
+// The expert forward on both CUDA paths (the GEMMs' bias and ReLU in cuBLASLt's epilogue, the
+// default, and in passes of their own), as a training forward (keep_hidden) and as an inference
+// one, against the CPU backend: expert_out always, hidden where kept. Around that, what the
+// paths promise of their buffers:
+// - under bf16, an inference forward does not write the f32 hidden;
+// - under bf16, a training forward leaves in the workspace's first room the bf16 operand its
+//   second GEMM read: the kept f32 hidden as the host rounds it;
+// - inference and training give the same expert_out bits, except the fused inference ReLU
+//   forward under bf16, whose first GEMM writes the second's bf16 operand itself (a kernel of
+//   its own, which may accumulate in another order): that one is held to the CPU's tolerance.
+// Widths divisible by 4 take the 16-byte paths, the others the scalar ones.
+TEST_F(CudaOps, ExpertForwardPathsMatchCpuAndKeepWhatTheyPromise) {
   SCOPED_TRACE("seed " + std::to_string(seed_));
+  auto separate = make_backend("cuda", {.device_index = gpu_->device().index, .fused_epilogues = false});
+  ASSERT_TRUE(separate.ok()) << separate.status();
   struct Shape5 {
     int64_t E, C, M, H, O;
   };
@@ -523,6 +531,7 @@ TEST_F(CudaOps, InferenceForwardSkipsTheF32HiddenWithTheSameBits) {
           SCOPED_TRACE("E " + std::to_string(E) + " C " + std::to_string(C) + " H " +
                        std::to_string(H) + " " + std::string(activation_name(act)) +
                        (biases ? " biases " : " no biases ") + std::string(dtype_name(dt)));
+          const double tol = dt == DType::kF32 ? 1e-4 : 1e-2;
           auto disp = make({E, C, M}), fc1 = make({E, H, M}), b1 = make({E, H}),
                fc2 = make({E, H, O}), b2 = make({E, O}), hidden = make({E, C, H}),
                out = make({E, C, O});
@@ -531,44 +540,55 @@ TEST_F(CudaOps, InferenceForwardSkipsTheF32HiddenWithTheSameBits) {
           fc2.set(normal(E * H * O, 1.0 / std::sqrt(double(H))));
           b1.set(normal(E * H, 0.1));
           b2.set(normal(E * O, 0.1));
-          const auto ws_bytes =
-              static_cast<int64_t>(gpu_->expert_workspace_bytes({E, C, M, H, O}, dt));
+          const ExpertShape shape{E, C, M, H, O};
+          auto cpu_ws = make(DType::kU8, {static_cast<int64_t>(cpu_->expert_workspace_bytes(shape, dt)) + 1});
+          const ExpertWeights wc{fc1.cpu(), biases ? b1.cpu() : TensorView(), fc2.cpu(),
+                                 biases ? b2.cpu() : TensorView()};
+          Status s = cpu_->expert_forward({disp.cpu(), wc, act, dt, {}, hidden.cpu(), out.cpu(), cpu_ws.cpu()});
+          ASSERT_TRUE(s.ok()) << s;
+          const std::vector<float> cpu_out = out.cpu_values(), cpu_hidden = hidden.cpu_values();
+          const std::vector<double> want_out(cpu_out.begin(), cpu_out.end()),
+              want_hidden(cpu_hidden.begin(), cpu_hidden.end());
+
+          const auto ws_bytes = static_cast<int64_t>(gpu_->expert_workspace_bytes(shape, dt));
           auto ws = make(DType::kU8, {std::max<int64_t>(ws_bytes, 1)});
-          const ExpertWeights w{fc1.gpu(), biases ? b1.gpu() : TensorView(), fc2.gpu(),
-                                biases ? b2.gpu() : TensorView()};
-          std::vector<uint32_t> outs[2];  // bits
-          std::vector<uint32_t> hiddens[2];
-          for (bool keep : {true, false}) {
-            hidden.set(std::vector<float>(E * C * H, -7.f));
-            Status s = gpu_->expert_forward(
-                {disp.gpu(),
-                 w,
-                 act,
-                 dt,
-                 {},
-                 hidden.gpu(),
-                 out.gpu(),
-                 TensorView(ws.gpu().data(), DType::kU8, {ws_bytes}, gpu_->device()),
-                 keep});
-            ASSERT_TRUE(s.ok()) << s;
-            ASSERT_TRUE(gpu_->synchronize().ok());
-            outs[keep] = out.gpu_values<uint32_t>();
-            hiddens[keep] = hidden.gpu_values<uint32_t>();
-            if (!keep || dt != DType::kBF16) continue;
-            // The bf16 copy the second GEMM read is the kept f32 hidden rounded on the host.
-            const std::vector<uint8_t> room = ws.gpu_values<uint8_t>();
-            std::vector<uint16_t> read(E * C * H);
-            std::memcpy(read.data(), room.data(), read.size() * sizeof(uint16_t));
-            EXPECT_TRUE(rounded_as_reference(hidden.gpu_values(), read));
-          }
-          EXPECT_EQ(outs[0], outs[1])
-              << "expert_out of an inference forward differs from a training one";
-          if (dt == DType::kBF16 && biases) {
-            // Without keep_hidden the f32 act(pre) is not written: hidden holds the first GEMM's
-            // output before the bias (nonzero) and the activation.
-            EXPECT_NE(hiddens[0], hiddens[1]) << "an inference forward wrote the f32 hidden";
-          } else if (dt == DType::kF32) {
-            EXPECT_EQ(hiddens[0], hiddens[1]) << "f32 matmuls read the f32 hidden: always written";
+          const TensorView gpu_ws(ws.gpu().data(), DType::kU8, {ws_bytes}, gpu_->device());
+          const ExpertWeights wg{fc1.gpu(), biases ? b1.gpu() : TensorView(), fc2.gpu(),
+                                 biases ? b2.gpu() : TensorView()};
+          for (Backend* b : {gpu_.get(), separate->get()}) {
+            const bool fused = b == gpu_.get();
+            SCOPED_TRACE(fused ? "fused epilogues" : "separate epilogues");
+            std::vector<uint32_t> outs[2], hiddens[2];  // bits, by keep_hidden
+            for (bool keep : {true, false}) {
+              SCOPED_TRACE(keep ? "training forward" : "inference forward");
+              hidden.set(std::vector<float>(E * C * H, -7.f));
+              // The tensors live on gpu_'s stream; the other backend runs on its own.
+              ASSERT_TRUE(gpu_->synchronize().ok());
+              s = b->expert_forward({disp.gpu(), wg, act, dt, {}, hidden.gpu(), out.gpu(), gpu_ws, keep});
+              ASSERT_TRUE(s.ok()) << s;
+              ASSERT_TRUE(b->synchronize().ok());
+              EXPECT_TRUE(all_close("expert_out", out.gpu_values(), want_out, tol, tol / 10));
+              if (keep) {
+                EXPECT_TRUE(all_close("hidden", hidden.gpu_values(), want_hidden, tol, tol / 10));
+              }
+              outs[keep] = out.gpu_values<uint32_t>();
+              hiddens[keep] = hidden.gpu_values<uint32_t>();
+              if (!keep || dt != DType::kBF16) continue;
+              const std::vector<uint8_t> room = ws.gpu_values<uint8_t>();
+              std::vector<uint16_t> read(E * C * H);
+              std::memcpy(read.data(), room.data(), read.size() * sizeof(uint16_t));
+              EXPECT_TRUE(rounded_as_reference(hidden.gpu_values(), read))
+                  << "the second GEMM's bf16 operand is not the kept hidden rounded";
+            }
+            if (!(fused && dt == DType::kBF16 && act == Activation::kRelu)) {
+              EXPECT_EQ(outs[0], outs[1]) << "expert_out of an inference forward differs from a training one";
+            }
+            if (dt == DType::kBF16 && biases) {
+              // Not act(pre) in f32: the GEMM's output before the activation, or its bf16 copy.
+              EXPECT_NE(hiddens[0], hiddens[1]) << "an inference forward wrote the f32 hidden";
+            } else if (dt == DType::kF32) {
+              EXPECT_EQ(hiddens[0], hiddens[1]) << "f32 matmuls read the f32 hidden: always written";
+            }
           }
         }
       }

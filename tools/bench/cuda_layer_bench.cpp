@@ -162,9 +162,14 @@ Status bench_shape(Backend& b, const LayerShape& s, DType dtype, bool weights_bf
   const TensorView dyv(dy.data(), DType::kF32, {S, O}, dev),
       dxv(dx.data(), DType::kF32, {S, M}, dev);
 
-  LayerWorkspace ws;
+  // "forward" is an inference forward (what a request without a backward runs); "forward,
+  // train" is the forward of a training step, which also keeps what its backward reads.
+  LayerWorkspace ws, infer_ws;
+  auto infer = [&] {
+    return layer_forward(b, spec, layer.weights, xv, 0, /*training=*/false, infer_ws, yv, nullptr);
+  };
   auto forward = [&] {
-    return layer_forward(b, spec, layer.weights, xv, 0, true, ws, yv, nullptr);
+    return layer_forward(b, spec, layer.weights, xv, 0, /*training=*/true, ws, yv, nullptr);
   };
   auto train = [&]() -> Status {
     TUTEL_RETURN_IF_ERROR(forward());
@@ -175,6 +180,8 @@ Status bench_shape(Backend& b, const LayerShape& s, DType dtype, bool weights_bf
     return sgd_step_all(b, layer.weights, grads);
   };
   auto stream = static_cast<cudaStream_t>(b.native_stream());
+  TUTEL_ASSIGN_OR_RETURN(const double fwd_infer, median_stream_seconds(stream, 1, repeats, infer));
+  infer_ws = LayerWorkspace();  // its buffers back to the pool before the training ones grow
   TUTEL_ASSIGN_OR_RETURN(const double fwd, median_stream_seconds(stream, 1, repeats, forward));
   TUTEL_ASSIGN_OR_RETURN(const double fwd_bwd, median_stream_seconds(stream, 1, repeats, train));
   TUTEL_ASSIGN_OR_RETURN(const double fwd_bwd_step,
@@ -202,7 +209,8 @@ Status bench_shape(Backend& b, const LayerShape& s, DType dtype, bool weights_bf
       "forward, %.1f GFLOP forward+backward\n",
       s.name, (long long)S, (long long)M, (long long)H, (long long)E, s.k, (long long)C,
       fwd_floor.gemm.flops / 1e9, train_floor.gemm.flops / 1e9);
-  print_row(s, "forward", fwd, fwd_floor, target, verdicts);
+  print_row(s, "forward", fwd_infer, fwd_floor, target, verdicts);
+  print_row(s, "forward, train", fwd, fwd_floor, 0, verdicts);
   print_row(s, "forward+backward", fwd_bwd, train_floor, 0, verdicts);
   print_row(s, "fwd+bwd+step", fwd_bwd_step, train_floor, 0, verdicts);
   return Status::OK();
@@ -671,7 +679,8 @@ int run_cuda_layer_bench(const LayerBenchOptions& o) {
     return 2;
   }
   const bool weights_bf16 = o.weights_bf16 == "on";
-  auto made = make_backend("cuda", {.device_index = 0});
+  auto made =
+      make_backend("cuda", {.device_index = 0, .fused_epilogues = o.epilogues == "fused"});
   if (!made.ok()) {
     if (made.status().code() == StatusCode::kUnavailable) {
       std::printf("tutel-bench layer: no CUDA device: %s\nnothing was measured (exit code %d)\n",
@@ -712,9 +721,10 @@ int run_cuda_layer_bench(const LayerBenchOptions& o) {
 
   std::printf(
       "tutel-bench layer: backend=cuda (%s, sm_%d%d, %d SMs, %.1f GiB) matmul=%s, "
-      "median of %d runs timed with CUDA events on the backend's stream\n",
+      "epilogues %s, median of %d runs timed with CUDA events on the backend's stream\n",
       prop.name, prop.major, prop.minor, prop.multiProcessorCount,
-      static_cast<double>(prop.totalGlobalMem) / (1 << 30), dtype_text.c_str(), o.repeats);
+      static_cast<double>(prop.totalGlobalMem) / (1 << 30), dtype_text.c_str(),
+      o.epilogues.c_str(), o.repeats);
   std::printf(
       "floor = max(GEMM floor, bytes floor), both measured in this run: the step's expert "
       "GEMMs alone with cuBLAS %s (the better of one strided-batched call and one "

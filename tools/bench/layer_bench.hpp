@@ -12,6 +12,9 @@ struct LayerBenchOptions {
   // bf16 matmuls: "on" reads bf16 copies of the expert weights (made once, refreshed by the
   // step's optimizer), "off" converts the f32 weights on every matmul (the path without copies).
   std::string weights_bf16 = "on";
+  // cuda: "fused" adds the expert GEMMs' biases (and ReLU) in cuBLASLt's epilogue, "separate"
+  // in passes of their own (BackendOptions::fused_epilogues), to compare the two.
+  std::string epilogues = "fused";
   int threads = 0;
   int repeats = 5;
   bool graph = false;  // cuda: also eager launch vs CUDA-graph replay at a decode-sized S

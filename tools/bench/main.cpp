@@ -28,6 +28,12 @@ int main(int argc, char** argv) {
           "the optimizer step; off = convert the f32 weights on every matmul")
       ->check(CLI::IsMember({"on", "off"}))
       ->capture_default_str();
+  layer_cmd
+      ->add_option("--epilogues", layer.epilogues,
+                   "cuda: fused = the expert GEMMs add their bias (and ReLU) in cuBLASLt's "
+                   "epilogue; separate = in passes of their own (to compare)")
+      ->check(CLI::IsMember({"fused", "separate"}))
+      ->capture_default_str();
   layer_cmd->add_flag("--graph", layer.graph,
                       "cuda: also a decode-sized step (S=128) launched op by op vs replayed as a CUDA graph");
   layer_cmd->add_flag(

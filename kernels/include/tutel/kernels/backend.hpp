@@ -346,6 +346,9 @@ class Backend {
 struct BackendOptions {
   int threads = 0;        // CPU: worker threads (0 = all cores)
   int device_index = 0;   // CUDA: which device
+  // CUDA: the expert GEMMs add their bias (and ReLU) in cuBLASLt's epilogue, where cuBLASLt
+  // offers an algorithm for it, instead of in a pass of their own. Off only to compare the two.
+  bool fused_epilogues = true;
 };
 
 // The registry: "cpu" always, "cuda" when built with CUDA and a device is present.
