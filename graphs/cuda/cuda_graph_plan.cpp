@@ -213,7 +213,9 @@ class CudaGraphPlan final : public PlanBase {
   }
 
   Status read_to_host(void* host, const void* device, size_t bytes) override {
-    // Into pinned memory, so the copy is a node of the graph; data is there after a sync.
+    // Into pinned memory, so the copy is a node of the graph; data is there after a sync. The
+    // copy waits for work the backend forked off (the gate loss writes l_aux).
+    TUTEL_RETURN_IF_ERROR(backend_.join_forked_work());
     GRAPHS_CUDA_CHECK(cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, stream_));
     return Status::OK();
   }

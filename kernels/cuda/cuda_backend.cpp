@@ -13,12 +13,14 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "cuda/cuda_check.hpp"
 #include "cuda/cuda_kernels.hpp"
 #include "cuda/device_pool.hpp"
 #include "cuda/elementwise_ops.hpp"
 #include "cuda/lt_gemm.hpp"
+#include "tutel/core/logging.hpp"
 
 namespace tutel::cuda {
 namespace {
@@ -126,15 +128,15 @@ class CudaBackend final : public Backend {
   Status convert(TensorView src, TensorView dst) override;
   // The small f32 ops live in elementwise_ops.cpp.
   Status add(TensorView dst, TensorView src) override {
-    TUTEL_RETURN_IF_ERROR(activate());
+    TUTEL_RETURN_IF_ERROR(enter_op());
     return cuda::add(dst, src, stream_);
   }
   Status add_row_bias(TensorView out, TensorView bias, int64_t column) override {
-    TUTEL_RETURN_IF_ERROR(activate());
+    TUTEL_RETURN_IF_ERROR(enter_op());
     return cuda::add_row_bias(out, bias, column, stream_);
   }
   Status add_column_sums(TensorView src, int64_t column, TensorView dst) override {
-    TUTEL_RETURN_IF_ERROR(activate());
+    TUTEL_RETURN_IF_ERROR(enter_op());
     return cuda::add_column_sums(src, column, dst, [this](size_t n) { return scratch(n); }, stream_);
   }
   Result<ShareableBuffer> allocate_shareable(size_t bytes) override;
@@ -157,10 +159,28 @@ class CudaBackend final : public Backend {
   Status adamw_step(const AdamWArgs& a) override;
   void* native_stream() const override { return stream_; }
   uint64_t scratch_epoch() const override { return scratch_epoch_; }
+  Status join_forked_work() override;
 
  private:
   // Makes this backend's device current on the calling thread (executors may change threads).
   Status activate();
+  // activate() for an op that may read or overwrite what forked work writes: joins it first.
+  // Only the forward ops that follow the gate (locations, slot_map, encode, expert_forward,
+  // decode) call activate() alone, and so run beside the gate loss inside a graph.
+  Status enter_op() {
+    TUTEL_RETURN_IF_ERROR(activate());
+    return join_forked_work();
+  }
+  // stream_'s capture: whether it is capturing, which capture, and the nodes the next captured
+  // node will depend on.
+  struct CaptureDeps {
+    bool capturing = false;
+    unsigned long long id = 0;
+    std::vector<cudaGraphNode_t> nodes;
+  };
+  Result<CaptureDeps> capture_deps();
+  // The gate loss's scratch, apart from scratch_ so that the loss may run beside later ops.
+  Result<void*> loss_scratch(size_t bytes);
   // Backend-owned scratch for the ops' reductions and sorts: grows, never shrinks. Reuse across
   // ops is safe because every op runs on the one stream.
   Result<void*> scratch(size_t bytes);
@@ -187,7 +207,11 @@ class CudaBackend final : public Backend {
   cublasHandle_t cublas_ = nullptr;
   std::unique_ptr<LtGemm> lt_;  // null when fused epilogues are off
   std::unique_ptr<DevicePool> pool_;
-  DeviceBuffer scratch_, cublas_workspace_;
+  DeviceBuffer scratch_, loss_scratch_, cublas_workspace_;
+  // Leaves of the capture `forked_capture_` that the next captured op does not wait for (the
+  // gate loss, gate_forward); join_forked_work() makes it wait.
+  std::vector<cudaGraphNode_t> forked_;
+  unsigned long long forked_capture_ = 0;
   uint64_t scratch_epoch_ = 0;  // bumped when scratch_ moves (captured graphs hold its address)
   std::set<const void*> registered_host_;  // register_host() ranges not yet unregistered
   // allocate_shareable()'s blocks: their own cudaMalloc each (an IPC handle exports a whole
@@ -209,6 +233,7 @@ CudaBackend::~CudaBackend() {
     (void)unregister_host(const_cast<void*>(*registered_host_.begin()));
   // Buffers owned here go back to the pool while `this` is still whole.
   scratch_.reset();
+  loss_scratch_.reset();
   lt_.reset();
   cublas_workspace_.reset();
   if (cublas_) cublasDestroy(cublas_);
@@ -228,7 +253,10 @@ Status CudaBackend::init() {
   if (fused_epilogues_) {
     // cuBLAS and cuBLASLt share the workspace: both run only on stream_, one call at a time.
     lt_ = std::make_unique<LtGemm>();
-    TUTEL_RETURN_IF_ERROR(lt_->init(cublas_workspace_.data(), kCublasWorkspaceBytes));
+    if (Status st = lt_->init(cublas_workspace_.data(), kCublasWorkspaceBytes); !st.ok()) {
+      TUTEL_LOG(WARN) << "cuda:" << device_ << ": " << st << "; the expert GEMMs' epilogues run as passes of their own";
+      lt_.reset();
+    }
   }
   return Status::OK();
 }
@@ -247,6 +275,37 @@ Result<void*> CudaBackend::scratch(size_t bytes) {
   ++scratch_epoch_;
   TUTEL_ASSIGN_OR_RETURN(scratch_, allocate((std::max<size_t>(bytes, 1) + kStep - 1) / kStep * kStep));
   return scratch_.data();
+}
+
+Result<void*> CudaBackend::loss_scratch(size_t bytes) {
+  if (loss_scratch_.data() && loss_scratch_.bytes() >= bytes) return loss_scratch_.data();
+  loss_scratch_.reset();
+  ++scratch_epoch_;
+  TUTEL_ASSIGN_OR_RETURN(loss_scratch_, allocate(std::max<size_t>(bytes, 256)));
+  return loss_scratch_.data();
+}
+
+Result<CudaBackend::CaptureDeps> CudaBackend::capture_deps() {
+  CaptureDeps out;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaGraphNode_t* nodes = nullptr;
+  size_t count = 0;
+  TUTEL_CUDA_CHECK(cudaStreamGetCaptureInfo(stream_, &status, &out.id, nullptr, &nodes, nullptr, &count));
+  out.capturing = status == cudaStreamCaptureStatusActive;
+  if (out.capturing && count > 0) out.nodes.assign(nodes, nodes + count);  // valid until the next call
+  return out;
+}
+
+Status CudaBackend::join_forked_work() {
+  if (forked_.empty()) return Status::OK();
+  const std::vector<cudaGraphNode_t> forked = std::move(forked_);
+  forked_.clear();
+  TUTEL_ASSIGN_OR_RETURN(const CaptureDeps now, capture_deps());
+  // Outside that capture there is nothing to join: its graph ends only when all its nodes have.
+  if (!now.capturing || now.id != forked_capture_) return Status::OK();
+  TUTEL_CUDA_CHECK(cudaStreamUpdateCaptureDependencies(stream_, const_cast<cudaGraphNode_t*>(forked.data()),
+                                                       nullptr, forked.size(), cudaStreamAddCaptureDependencies));
+  return Status::OK();
 }
 
 Result<DeviceBuffer> CudaBackend::allocate(size_t bytes) {
@@ -324,7 +383,7 @@ Result<ShareableBuffer> CudaBackend::allocate_shareable(size_t bytes) {
 // stages them); from pinned memory, keep the source unchanged until synchronize().
 Status CudaBackend::copy(void* dst, const void* src, size_t bytes, CopyKind kind) {
   if (bytes == 0) return Status::OK();
-  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_RETURN_IF_ERROR(enter_op());
   cudaMemcpyKind k = cudaMemcpyDeviceToDevice;
   if (kind == CopyKind::kHostToDevice) k = cudaMemcpyHostToDevice;
   if (kind == CopyKind::kDeviceToHost) k = cudaMemcpyDeviceToHost;
@@ -335,20 +394,20 @@ Status CudaBackend::copy(void* dst, const void* src, size_t bytes, CopyKind kind
 
 Status CudaBackend::fill_zero(TensorView t) {
   if (t.nbytes() == 0) return Status::OK();
-  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_RETURN_IF_ERROR(enter_op());
   TUTEL_CUDA_CHECK(cudaMemsetAsync(t.data(), 0, t.nbytes(), stream_));
   return Status::OK();
 }
 
 Status CudaBackend::synchronize() {
-  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_RETURN_IF_ERROR(enter_op());
   TUTEL_CUDA_CHECK(cudaStreamSynchronize(stream_));
   return Status::OK();
 }
 
 Status CudaBackend::convert(TensorView src, TensorView dst) {
   TUTEL_RETURN_IF_ERROR(check_bf16_copy(src, dst, "convert's dst"));
-  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_RETURN_IF_ERROR(enter_op());
   TUTEL_CUDA_CHECK(launch_to_bf16(src.data_as<float>(), src.numel(), dst.data(), stream_));
   return Status::OK();
 }
@@ -502,13 +561,13 @@ Result<bool> CudaBackend::fused_gemm(int64_t rows, int64_t cols, int64_t inner, 
 }
 
 Status CudaBackend::gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) {
-  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_RETURN_IF_ERROR(enter_op());
   TUTEL_CUDA_CHECK(launch_gate_noise(seed, counter, scale, out.data_as<float>(), out.numel(), stream_));
   return Status::OK();
 }
 
 Status CudaBackend::gate_forward(const GateForwardArgs& a) {
-  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_RETURN_IF_ERROR(enter_op());
   const int64_t S = a.x.dim(0), M = a.x.dim(1), E = a.gate_weight.dim(0);
   float* scores = a.scores.data_as<float>();
   // logits[S, E] = x[S, M] · wgᵀ
@@ -518,9 +577,25 @@ Status CudaBackend::gate_forward(const GateForwardArgs& a) {
   const float* noise = a.noise.empty() ? nullptr : a.noise.data_as<float>();
   TUTEL_CUDA_CHECK(launch_gate_softmax_topk(scores, noise, S, E, a.k, a.normalize_gate,
                                             a.expert_index.data_as<int32_t>(), a.gates.data_as<float>(), stream_));
-  TUTEL_ASSIGN_OR_RETURN(void* s, scratch(gate_loss_scratch_bytes(S, E)));
+  // The loss: nothing in a forward reads it on the device. Inside a graph capture it becomes a
+  // branch off the softmax node that the rest of the step does not wait for (a graph runs each
+  // node once its inputs are ready), so its three nodes leave the step's critical path: the
+  // decode step's replay is mostly that path. Anything that may read l_aux or the loss's scratch
+  // joins it first (enter_op, join_forked_work); a capture ending without a join is fine, as its
+  // graph completes only with all of its nodes. Launched op by op it stays in line, where a fork
+  // would cost host time (events) and gain nothing.
+  TUTEL_ASSIGN_OR_RETURN(void* s, loss_scratch(gate_loss_scratch_bytes(S, E)));
+  TUTEL_ASSIGN_OR_RETURN(const CaptureDeps before, capture_deps());
   TUTEL_CUDA_CHECK(launch_gate_loss(scores, a.expert_index.data_as<int32_t>(), S, E, a.k, s,
                                     a.l_aux.data_as<float>(), stream_));
+  if (before.capturing && !before.nodes.empty()) {
+    TUTEL_ASSIGN_OR_RETURN(const CaptureDeps after, capture_deps());
+    TUTEL_CUDA_CHECK(cudaStreamUpdateCaptureDependencies(stream_, const_cast<cudaGraphNode_t*>(before.nodes.data()),
+                                                         nullptr, before.nodes.size(),
+                                                         cudaStreamSetCaptureDependencies));
+    forked_.insert(forked_.end(), after.nodes.begin(), after.nodes.end());
+    forked_capture_ = after.id;
+  }
   return Status::OK();
 }
 
@@ -565,7 +640,7 @@ Status CudaBackend::decode(const DecodeArgs& a) {
 }
 
 Status CudaBackend::decode_backward(const DecodeBackwardArgs& a) {
-  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_RETURN_IF_ERROR(enter_op());
   const int64_t S = a.dy.dim(0), O = a.dy.dim(1), k = a.gates.dim(1), C = a.slot_assignment.dim(1);
   TUTEL_CUDA_CHECK(launch_scatter_rows(a.dy.data_as<float>(), a.gates.data_as<float>(),
                                        a.slot_assignment.data_as<int32_t>(), a.slot_assignment.numel(), O,
@@ -583,7 +658,7 @@ Status CudaBackend::decode_backward(const DecodeBackwardArgs& a) {
 }
 
 Status CudaBackend::encode_backward(const EncodeBackwardArgs& a) {
-  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_RETURN_IF_ERROR(enter_op());
   const int64_t S = a.x.dim(0), M = a.x.dim(1), k = a.gates.dim(1);
   TUTEL_CUDA_CHECK(launch_gather_rows(a.d_dispatched.data_as<float>(), a.gates.data_as<float>(),
                                       a.expert_index.data_as<int32_t>(), a.location.data_as<int32_t>(), S,
@@ -598,7 +673,7 @@ Status CudaBackend::encode_backward(const EncodeBackwardArgs& a) {
 }
 
 Status CudaBackend::gate_backward(const GateBackwardArgs& a) {
-  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_RETURN_IF_ERROR(enter_op());
   const int64_t S = a.x.dim(0), M = a.x.dim(1), E = a.gate_weight.dim(0), k = a.expert_index.dim(1);
   float* d_logits = a.d_logits.data_as<float>();
   TUTEL_ASSIGN_OR_RETURN(void* s, scratch(gate_backward_scratch_bytes(E)));
@@ -654,9 +729,8 @@ Status CudaBackend::expert_forward(const ExpertForwardArgs& a) {
     hidden_bf16 = rooms.first;
   }
   float* hidden_out = hidden_bf16 && !a.keep_hidden ? nullptr : hidden;
-  const bool relu_in_epilogue = act == ActKind::kRelu && !pre;
   bool fused = false;
-  if (bf16 && relu_in_epilogue && !hidden_out) {
+  if (bf16 && act == ActKind::kRelu && !pre && !hidden_out) {
     // An inference ReLU forward: the GEMM writes bf16(relu(pre)) itself, into the memory of the
     // f32 hidden (scratch here; the room is still being read), so nothing passes over [E, C, H]
     // between the GEMMs. At the GPU shape of tutel-bench layer that is 3.8 GB less traffic.
@@ -666,6 +740,8 @@ Status CudaBackend::expert_forward(const ExpertForwardArgs& a) {
   }
   if (!fused) {
     // pre[e] = disp[e] · fc1[e]ᵀ + b1[e], into pre where a backward needs it, else into hidden.
+    // ReLU goes into the epilogue only where the f32 hidden is wanted: written as relu(pre).
+    const bool relu_in_epilogue = act == ActKind::kRelu && !pre && hidden_out;
     float* fc1_out = pre ? pre : hidden;
     TUTEL_ASSIGN_OR_RETURN(fused, fused_gemm(C, H, M, disp, fc1, fc1_out, H, C * H, E, a.matmul_dtype,
                                              a.workspace, {b1, H, relu_in_epilogue, nullptr}));
@@ -696,7 +772,7 @@ Status CudaBackend::expert_forward(const ExpertForwardArgs& a) {
 }
 
 Status CudaBackend::expert_backward(const ExpertBackwardArgs& a) {
-  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_RETURN_IF_ERROR(enter_op());
   const int64_t E = a.dispatched.dim(0), C = a.dispatched.dim(1), M = a.dispatched.dim(2);
   const int64_t H = a.weights.fc1_weight.dim(1), O = a.weights.fc2_weight.dim(2);
   if (C == 0) return Status::OK();  // no slots: nothing flows to the weights, d_dispatched is empty
@@ -739,7 +815,7 @@ Status CudaBackend::expert_backward(const ExpertBackwardArgs& a) {
 }
 
 Status CudaBackend::sgd_step(const SgdArgs& a) {
-  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_RETURN_IF_ERROR(enter_op());
   float* buf = a.momentum_buffer.empty() ? nullptr : a.momentum_buffer.data_as<float>();
   if (a.momentum != 0.f && !buf) return Status::InvalidArgument("sgd with momentum needs a momentum buffer");
   if (!a.param_bf16.empty())
@@ -751,7 +827,7 @@ Status CudaBackend::sgd_step(const SgdArgs& a) {
 }
 
 Status CudaBackend::adamw_step(const AdamWArgs& a) {
-  TUTEL_RETURN_IF_ERROR(activate());
+  TUTEL_RETURN_IF_ERROR(enter_op());
   if (a.step < 1) return Status::InvalidArgument("adamw step count must be >= 1");
   if (!a.param_bf16.empty())
     TUTEL_RETURN_IF_ERROR(check_bf16_copy(a.param, a.param_bf16, "adamw param_bf16"));

@@ -28,6 +28,15 @@ struct Owned {
   Handle release() { return std::exchange(h, nullptr); }
 };
 
+const char* status_name(cublasStatus_t st) {
+  switch (st) {
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "NOT_SUPPORTED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "INVALID_VALUE";
+    case CUBLAS_STATUS_SUCCESS: return "no algorithm";
+    default: return "error";
+  }
+}
+
 }  // namespace
 
 uint32_t lt_alignment(const void* p, std::initializer_list<int64_t> byte_offsets) {
@@ -77,8 +86,22 @@ Status LtGemm::init(void* workspace, size_t workspace_bytes) {
   return Status::OK();
 }
 
+// Once per kind of problem (data types and epilogue): the step still runs, the epilogue as a
+// pass of its own, and the WARN line says which kind cuBLASLt would not fuse.
+void LtGemm::warn_refused(const LtProblem& p, const char* why) {
+  const uint32_t kind = 1u << ((p.d_type == CUDA_R_16BF) | (p.ab_type == CUDA_R_16BF) << 1 | p.bias << 2 | p.relu << 3);
+  if (warned_ & kind) return;
+  warned_ |= kind;
+  TUTEL_LOG(WARN) << "cuBLASLt offers no algorithm for a " << type_name(p.ab_type) << " -> " << type_name(p.d_type)
+                  << " GEMM m=" << p.m << " n=" << p.n << " k=" << p.k << " batch=" << p.batch
+                  << (p.bias ? " with an f32 bias" : "") << (p.relu ? " and relu" : "") << " (alignments " << p.align_a
+                  << "/" << p.align_b << "/" << p.align_d << "/" << p.align_bias << "; " << why
+                  << "); its epilogue runs as a separate kernel";
+}
+
 Result<LtGemm::Plan*> LtGemm::plan_for(const LtProblem& p) {
   if (auto it = plans_.find(p); it != plans_.end()) return it->second.get();
+  if (plans_.size() >= kMaxPlans) plans_.clear();  // no Plan* outlives the call that got it
   auto plan = std::make_unique<Plan>();
   Owned<cublasLtMatmulDesc_t, cublasLtMatmulDescDestroy> op;
   Owned<cublasLtMatrixLayout_t, cublasLtMatrixLayoutDestroy> la, lb, ld;
@@ -147,12 +170,7 @@ Result<LtGemm::Plan*> LtGemm::plan_for(const LtProblem& p) {
   } else if (st != CUBLAS_STATUS_SUCCESS && st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) {
     return cublas_error(st, "cublasLtMatmulAlgoGetHeuristic", __FILE__, __LINE__);
   } else {
-    // Once per problem: the step still runs, with the bias and activation as their own pass.
-    TUTEL_LOG(WARN) << "cuBLASLt offers no algorithm for a " << type_name(p.ab_type) << " -> " << type_name(p.d_type)
-                    << " GEMM m=" << p.m << " n=" << p.n << " k=" << p.k << " batch=" << p.batch
-                    << (p.bias ? " with bias" : "") << (p.relu ? " and relu" : "") << " (alignments " << p.align_a
-                    << "/" << p.align_b << "/" << p.align_d << "/" << p.align_bias
-                    << "); its epilogue runs as a separate kernel";
+    warn_refused(p, st != CUBLAS_STATUS_SUCCESS ? status_name(st) : found == 0 ? "no algorithm" : "algorithm state");
   }
   return plans_.emplace(p, std::move(plan)).first->second.get();
 }
@@ -173,8 +191,7 @@ Result<bool> LtGemm::run(const LtProblem& p, const void* a, const void* b, void*
                                            plan->d, &plan->algo, workspace_, workspace_bytes_, stream);
   if (st == CUBLAS_STATUS_NOT_SUPPORTED) {
     // Refused before queueing anything: this problem goes the plain way from now on.
-    TUTEL_LOG(WARN) << "cublasLtMatmul refused the algorithm its heuristic chose (m=" << p.m << " n=" << p.n
-                    << " k=" << p.k << "); the epilogue runs as a separate kernel";
+    warn_refused(p, "cublasLtMatmul refused the heuristic's algorithm");
     plan->usable = false;
     return false;
   }

@@ -48,6 +48,8 @@ struct LtProblem {
 // The largest power of two, at most 256, dividing the address and every byte offset given.
 uint32_t lt_alignment(const void* p, std::initializer_list<int64_t> byte_offsets = {});
 
+// Not thread-safe: one backend's ops run one at a time (its stream's order), and so do its calls
+// here; run() also sets the bias pointer on a cached descriptor.
 class LtGemm {
  public:
   LtGemm();  // out of line, as ~LtGemm: Plan is complete only in lt_gemm.cpp
@@ -72,11 +74,17 @@ class LtGemm {
     size_t operator()(const LtProblem& p) const;
   };
   Result<Plan*> plan_for(const LtProblem& p);
+  void warn_refused(const LtProblem& p, const char* why);
+
+  // A capacity that changes with the routing (f <= 0) makes new problems: the cache is dropped
+  // whole when it reaches this (plans cost a heuristic query each, microseconds).
+  static constexpr size_t kMaxPlans = 512;
 
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   std::unordered_map<LtProblem, std::unique_ptr<Plan>, ProblemHash> plans_;
+  uint32_t warned_ = 0;  // the kinds of problem (types, epilogue) a refusal was logged for
 };
 
 }  // namespace tutel::cuda

@@ -341,6 +341,12 @@ class Backend {
   // (optional) Changes whenever memory the backend owns and its ops use internally (scratch)
   // moves: a captured graph that baked the old address must be captured again.
   virtual uint64_t scratch_epoch() const { return 0; }
+  // (optional) While native_stream() is being captured, a backend may leave work that nothing
+  // after it needs off the graph's critical path (CUDA: the gate loss, a branch that the rest of
+  // the step does not wait for). Its own ops join it where they need it; code that reads, on the
+  // native stream directly, what a Backend op wrote (a captured device-to-host copy of l_aux)
+  // calls this first.
+  virtual Status join_forked_work() { return Status::OK(); }
 };
 
 struct BackendOptions {
