@@ -14,8 +14,9 @@
 // is captured again. Gate noise, whose counter changes every step, runs outside the graphs.
 //
 // With dynamic capacity (f <= 0) a forward is two graphs around the one small read of the
-// expert counts: route (gate, locations, counts → pinned host) and experts (slot map, encode,
-// expert FFNs, decode). With f > 0 the capacity follows from S and the forward is one graph.
+// expert counts: route (gate, locations, counts and l_aux → pinned host) and experts (slot map,
+// encode, expert FFNs, decode). With f > 0 the capacity follows from S and the forward is one
+// graph, which reads l_aux last: the backend runs the gate loss beside the rest of the step.
 //
 // Never links the driver library: runtime API only.
 #include <cuda_runtime_api.h>
@@ -212,10 +213,9 @@ class CudaGraphPlan final : public PlanBase {
     return launch(*target);
   }
 
-  Status read_to_host(void* host, const void* device, size_t bytes) override {
-    // Into pinned memory, so the copy is a node of the graph; data is there after a sync. The
-    // copy waits for work the backend forked off (the gate loss writes l_aux).
-    TUTEL_RETURN_IF_ERROR(backend_.join_forked_work());
+  Status read_to_host(void* host, const void* device, size_t bytes, bool after_forked_work) override {
+    // Into pinned memory, so the copy is a node of the graph; data is there after a sync.
+    if (after_forked_work) TUTEL_RETURN_IF_ERROR(backend_.join_forked_work());
     GRAPHS_CUDA_CHECK(cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, stream_));
     return Status::OK();
   }

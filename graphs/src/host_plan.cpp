@@ -21,7 +21,7 @@ class HostPlan final : public PlanBase {
     for (Phase p : phases) TUTEL_RETURN_IF_ERROR(run_ops(p, st));
     return Status::OK();
   }
-  Status read_to_host(void* host, const void* device, size_t bytes) override {
+  Status read_to_host(void* host, const void* device, size_t bytes, bool) override {
     return backend_.copy(host, device, bytes, CopyKind::kDeviceToHost);
   }
   // No copies: the ops read x and write y where the caller keeps them.

@@ -160,10 +160,16 @@ void PlanBase::record() {
                                view(Slot::kExpertCount, i32, {E})});
   });
   route.push_back([=, this](const StepState&) {
-    return read_to_host(counts_host_, slot_data(Slot::kExpertCount), static_cast<size_t>(E) * 4);
+    return read_to_host(counts_host_, slot_data(Slot::kExpertCount), static_cast<size_t>(E) * 4,
+                        /*after_forked_work=*/false);
   });
-  route.push_back(
-      [this](const StepState&) { return read_to_host(l_aux_host_, slot_data(Slot::kLAux), 4); });
+  // l_aux is written by the gate loss, which a CUDA graph runs beside the rest of the step: read
+  // last, so that nothing else waits for it. With f <= 0 the host waits for the route phase's
+  // end anyway (for the counts); with f > 0 route and experts are one graph.
+  auto read_l_aux = [this](const StepState&) {
+    return read_to_host(l_aux_host_, slot_data(Slot::kLAux), 4, /*after_forked_work=*/true);
+  };
+  if (!static_capacity_) route.push_back(read_l_aux);
 
   experts.push_back([=, this](const StepState& st) {
     const int64_t S = st.tokens, C = st.capacity;
@@ -192,6 +198,7 @@ void PlanBase::record() {
                             view(Slot::kLocation, i32, {S, k}), C, target_.spec.is_postscore,
                             st.y});
   });
+  if (static_capacity_) experts.push_back(read_l_aux);
 
   if (!training) return;
   backward.push_back([=, this](const StepState& st) {

@@ -100,9 +100,12 @@ class PlanBase : public Plan {
 
   // Runs the ops of `phases` (in order) for one step.
   virtual Status run(std::initializer_list<Phase> phases, const StepState& st) = 0;
-  // Issues a device-to-host read of `bytes` as an op of the route phase; the data must be on
-  // the host once run() of that phase has returned and the backend has synchronized.
-  virtual Status read_to_host(void* host, const void* device, size_t bytes) = 0;
+  // Issues a device-to-host read of `bytes` as an op of its phase; the data must be on the host
+  // once run() of that phase has returned and the backend has synchronized. `after_forked_work`:
+  // the data is written by work the backend may have forked off the captured step's critical
+  // path (l_aux, Backend::join_forked_work), so the read waits for it.
+  virtual Status read_to_host(void* host, const void* device, size_t bytes,
+                              bool after_forked_work) = 0;
   // Point the step at its tensors (host: the caller's; fixed buffers: copy in) and back out.
   virtual Status bind_forward(TensorView x, TensorView y, StepState& st) = 0;
   virtual Status finish_forward(TensorView y, const StepState& st) = 0;

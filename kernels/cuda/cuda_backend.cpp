@@ -171,14 +171,15 @@ class CudaBackend final : public Backend {
     TUTEL_RETURN_IF_ERROR(activate());
     return join_forked_work();
   }
-  // stream_'s capture: whether it is capturing, which capture, and the nodes the next captured
-  // node will depend on.
+  // stream_'s capture: whether it is capturing, which capture, and (with_nodes) the nodes the
+  // next captured node will depend on. Ask for the nodes only after our own kernels: the query
+  // fails (cudaErrorLossyQuery) where a dependency carries edge data, as a library's may.
   struct CaptureDeps {
     bool capturing = false;
     unsigned long long id = 0;
     std::vector<cudaGraphNode_t> nodes;
   };
-  Result<CaptureDeps> capture_deps();
+  Result<CaptureDeps> capture_deps(bool with_nodes);
   // The gate loss's scratch, apart from scratch_ so that the loss may run beside later ops.
   Result<void*> loss_scratch(size_t bytes);
   // Backend-owned scratch for the ops' reductions and sorts: grows, never shrinks. Reuse across
@@ -279,18 +280,30 @@ Result<void*> CudaBackend::scratch(size_t bytes) {
 
 Result<void*> CudaBackend::loss_scratch(size_t bytes) {
   if (loss_scratch_.data() && loss_scratch_.bytes() >= bytes) return loss_scratch_.data();
+  // Whole steps, as scratch(): each move makes every captured graph of this backend stale.
+  constexpr size_t kStep = size_t{1} << 16;
   loss_scratch_.reset();
   ++scratch_epoch_;
-  TUTEL_ASSIGN_OR_RETURN(loss_scratch_, allocate(std::max<size_t>(bytes, 256)));
+  TUTEL_ASSIGN_OR_RETURN(loss_scratch_, allocate((std::max<size_t>(bytes, 1) + kStep - 1) / kStep * kStep));
   return loss_scratch_.data();
 }
 
-Result<CudaBackend::CaptureDeps> CudaBackend::capture_deps() {
+// The capture API as CUDA 13 names it; 12.3 to 12.9 had the same calls under versioned names.
+#if CUDART_VERSION >= 13000
+#define TUTEL_GET_CAPTURE_INFO cudaStreamGetCaptureInfo
+#define TUTEL_UPDATE_CAPTURE_DEPS cudaStreamUpdateCaptureDependencies
+#else
+#define TUTEL_GET_CAPTURE_INFO cudaStreamGetCaptureInfo_v3
+#define TUTEL_UPDATE_CAPTURE_DEPS cudaStreamUpdateCaptureDependencies_v2
+#endif
+
+Result<CudaBackend::CaptureDeps> CudaBackend::capture_deps(bool with_nodes) {
   CaptureDeps out;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   const cudaGraphNode_t* nodes = nullptr;
   size_t count = 0;
-  TUTEL_CUDA_CHECK(cudaStreamGetCaptureInfo(stream_, &status, &out.id, nullptr, &nodes, nullptr, &count));
+  TUTEL_CUDA_CHECK(TUTEL_GET_CAPTURE_INFO(stream_, &status, &out.id, nullptr, with_nodes ? &nodes : nullptr,
+                                          nullptr, with_nodes ? &count : nullptr));
   out.capturing = status == cudaStreamCaptureStatusActive;
   if (out.capturing && count > 0) out.nodes.assign(nodes, nodes + count);  // valid until the next call
   return out;
@@ -300,11 +313,11 @@ Status CudaBackend::join_forked_work() {
   if (forked_.empty()) return Status::OK();
   const std::vector<cudaGraphNode_t> forked = std::move(forked_);
   forked_.clear();
-  TUTEL_ASSIGN_OR_RETURN(const CaptureDeps now, capture_deps());
+  TUTEL_ASSIGN_OR_RETURN(const CaptureDeps now, capture_deps(/*with_nodes=*/false));
   // Outside that capture there is nothing to join: its graph ends only when all its nodes have.
   if (!now.capturing || now.id != forked_capture_) return Status::OK();
-  TUTEL_CUDA_CHECK(cudaStreamUpdateCaptureDependencies(stream_, const_cast<cudaGraphNode_t*>(forked.data()),
-                                                       nullptr, forked.size(), cudaStreamAddCaptureDependencies));
+  TUTEL_CUDA_CHECK(TUTEL_UPDATE_CAPTURE_DEPS(stream_, const_cast<cudaGraphNode_t*>(forked.data()), nullptr,
+                                             forked.size(), cudaStreamAddCaptureDependencies));
   return Status::OK();
 }
 
@@ -585,16 +598,19 @@ Status CudaBackend::gate_forward(const GateForwardArgs& a) {
   // graph completes only with all of its nodes. Launched op by op it stays in line, where a fork
   // would cost host time (events) and gain nothing.
   TUTEL_ASSIGN_OR_RETURN(void* s, loss_scratch(gate_loss_scratch_bytes(S, E)));
-  TUTEL_ASSIGN_OR_RETURN(const CaptureDeps before, capture_deps());
+  // The dependencies here are the softmax kernel's (and after the loss its last kernel's): plain
+  // kernel nodes, so asking for them is safe.
+  TUTEL_ASSIGN_OR_RETURN(const CaptureDeps before, capture_deps(/*with_nodes=*/true));
   TUTEL_CUDA_CHECK(launch_gate_loss(scores, a.expert_index.data_as<int32_t>(), S, E, a.k, s,
                                     a.l_aux.data_as<float>(), stream_));
   if (before.capturing && !before.nodes.empty()) {
-    TUTEL_ASSIGN_OR_RETURN(const CaptureDeps after, capture_deps());
-    TUTEL_CUDA_CHECK(cudaStreamUpdateCaptureDependencies(stream_, const_cast<cudaGraphNode_t*>(before.nodes.data()),
-                                                         nullptr, before.nodes.size(),
-                                                         cudaStreamSetCaptureDependencies));
-    forked_.insert(forked_.end(), after.nodes.begin(), after.nodes.end());
-    forked_capture_ = after.id;
+    TUTEL_ASSIGN_OR_RETURN(const CaptureDeps after, capture_deps(/*with_nodes=*/true));
+    if (after.nodes != before.nodes) {  // the loss captured nodes of its own (S > 0)
+      TUTEL_CUDA_CHECK(TUTEL_UPDATE_CAPTURE_DEPS(stream_, const_cast<cudaGraphNode_t*>(before.nodes.data()), nullptr,
+                                                 before.nodes.size(), cudaStreamSetCaptureDependencies));
+      forked_.insert(forked_.end(), after.nodes.begin(), after.nodes.end());
+      forked_capture_ = after.id;
+    }
   }
   return Status::OK();
 }

@@ -25,6 +25,9 @@ namespace tutel::cuda {
 namespace {
 
 constexpr int kChunk = 512;  // positions per block in the counting passes
+// Experts whose per-chunk histogram fits a block's shared memory (32 KiB, under the 48 KiB a
+// block gets without opting in).
+constexpr int64_t kSharedHistogramExperts = 8192;
 constexpr int kTokensPerBlock = 4;
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
@@ -66,14 +69,29 @@ __device__ inline void position(int64_t q, const int32_t* expert_index, const ui
   *expert = (e >= 0 && e < E) ? e : -1;
 }
 
+// hist[c, e] = the positions of chunk c routed to expert e. With `shared` the block counts in
+// shared memory (E ints) and writes its whole row, so hist needs no zeroing first (one node less
+// on a decode step's path); else it adds into a zeroed hist. Counts are integers: the same
+// result in any order.
 __global__ void chunk_histogram_kernel(const int32_t* expert_index, const uint64_t* order, int64_t S, int64_t E,
-                                       int k, uint64_t token_mask, int32_t* hist) {
+                                       int k, uint64_t token_mask, bool shared, int32_t* hist) {
+  extern __shared__ int32_t block_counts[];
   const int64_t q = static_cast<int64_t>(blockIdx.x) * kChunk + threadIdx.x;
-  if (q >= S * k) return;
-  int64_t a;
-  int e;
-  position(q, expert_index, order, S, E, k, token_mask, &a, &e);
-  if (e >= 0) atomicAdd(&hist[static_cast<int64_t>(blockIdx.x) * E + e], 1);
+  int32_t* row = hist + static_cast<int64_t>(blockIdx.x) * E;
+  if (shared) {
+    for (int64_t i = threadIdx.x; i < E; i += blockDim.x) block_counts[i] = 0;
+    __syncthreads();
+  }
+  if (q < S * k) {
+    int64_t a;
+    int e;
+    position(q, expert_index, order, S, E, k, token_mask, &a, &e);
+    if (e >= 0) atomicAdd(shared ? &block_counts[e] : &row[e], 1);
+  }
+  if (shared) {
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < E; i += blockDim.x) row[i] = block_counts[i];
+  }
 }
 
 // Thread e: hist[c, e] becomes the slots expert e has taken before chunk c.
@@ -149,9 +167,8 @@ size_t locations_scratch_bytes(int64_t S, int64_t E, int k, bool batch_prioritiz
 cudaError_t launch_locations(const float* scores, const int32_t* expert_index, int64_t S, int64_t E, int k,
                              bool batch_prioritized, void* scratch, size_t scratch_bytes, int32_t* location,
                              int32_t* expert_count, cudaStream_t stream) {
-  if (cudaError_t err = cudaMemsetAsync(expert_count, 0, static_cast<size_t>(E) * 4, stream); err != cudaSuccess)
-    return err;
-  if (S <= 0 || k <= 0) return cudaSuccess;
+  // chunk_scan_kernel writes every expert_count; without positions nothing else would.
+  if (S <= 0 || k <= 0) return cudaMemsetAsync(expert_count, 0, static_cast<size_t>(E) * 4, stream);
   const LocationsLayout layout = locations_layout(S, E, k, batch_prioritized);
   if (scratch_bytes < layout.total) return cudaErrorInvalidValue;
   char* base = static_cast<char*>(scratch);
@@ -176,10 +193,14 @@ cudaError_t launch_locations(const float* scores, const int32_t* expert_index, i
     order = keys_out;
   }
 
-  if (cudaError_t err = cudaMemsetAsync(hist, 0, static_cast<size_t>(chunks * E) * 4, stream); err != cudaSuccess)
-    return err;
-  chunk_histogram_kernel<<<static_cast<unsigned>(chunks), kChunk, 0, stream>>>(expert_index, order, S, E, k,
-                                                                              token_mask, hist);
+  const bool shared = E <= kSharedHistogramExperts;
+  if (!shared) {
+    if (cudaError_t err = cudaMemsetAsync(hist, 0, static_cast<size_t>(chunks * E) * 4, stream); err != cudaSuccess)
+      return err;
+  }
+  const size_t shared_bytes = shared ? static_cast<size_t>(E) * 4 : 0;
+  chunk_histogram_kernel<<<static_cast<unsigned>(chunks), kChunk, shared_bytes, stream>>>(
+      expert_index, order, S, E, k, token_mask, shared, hist);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   chunk_scan_kernel<<<grid_for(E), kThreads, 0, stream>>>(chunks, E, hist, expert_count);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;

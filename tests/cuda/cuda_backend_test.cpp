@@ -168,15 +168,16 @@ TEST_F(CudaOps, AnotherBackendsIdleCacheIsFreedWhenTheDeviceRunsOut) {
 }
 
 // Inside a graph capture the gate loss is a branch the rest of the step does not wait for: a
-// captured gate_forward + locations has two leaves (the loss's last node and locations' last),
-// and one once the capture joins the forked work. Either graph, replayed, gives the eager ops'
-// results bit for bit, l_aux included.
+// captured gate_forward + locations has two leaves (the loss's last node and locations' last).
+// A copy of l_aux captured after join_forked_work() waits for both: one leaf. Either graph,
+// replayed, gives the eager ops' results bit for bit, l_aux (and its copy) included.
 TEST_F(CudaOps, CapturedGateLossIsABranchTheStepDoesNotWaitFor) {
   SCOPED_TRACE("seed " + std::to_string(seed_));
   constexpr int64_t S = 96, E = 8, M = 32;
   constexpr int k = 2;
   auto x = make({S, M}), wg = make({E, M}), scores = make({S, E}), gates = make({S, k}), l_aux = make({1});
   auto idx = make(DType::kI32, {S, k}), loc = make(DType::kI32, {S, k}), count = make(DType::kI32, {E});
+  auto l_aux_copy = make({1});
   x.set(normal(S * M, 1.0));
   wg.set(normal(E * M, 2.0 / std::sqrt(double(M))));
   auto step = [&]() -> Status {
@@ -197,8 +198,10 @@ TEST_F(CudaOps, CapturedGateLossIsABranchTheStepDoesNotWaitFor) {
   for (bool join : {false, true}) {
     SCOPED_TRACE(join ? "joined before the capture ends" : "left forked");
     ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-    const Status captured = step();
+    Status captured = step();
     const Status joined = join ? gpu_->join_forked_work() : Status::OK();
+    if (join && captured.ok() && joined.ok())
+      captured = gpu_->copy(l_aux_copy.gpu().data(), l_aux.gpu().data(), 4, CopyKind::kDeviceToDevice);
     cudaGraph_t graph = nullptr;
     const cudaError_t ended = cudaStreamEndCapture(stream, &graph);
     ASSERT_TRUE(captured.ok()) << captured;
@@ -218,9 +221,13 @@ TEST_F(CudaOps, CapturedGateLossIsABranchTheStepDoesNotWaitFor) {
     cudaGraphExec_t exec = nullptr;
     ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
     for (Mirror* m : outputs) ASSERT_TRUE(gpu_->fill_zero(m->gpu()).ok());
+    ASSERT_TRUE(gpu_->fill_zero(l_aux_copy.gpu()).ok());
     ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
     ASSERT_TRUE(gpu_->synchronize().ok());
     EXPECT_EQ(bits(), want) << "the replayed graph's outputs differ from the eager ops'";
+    if (join) {
+      EXPECT_EQ(l_aux_copy.gpu_values<uint32_t>(), want[2]) << "the copy did not wait for the loss";
+    }
     (void)cudaGraphExecDestroy(exec);
     (void)cudaGraphDestroy(graph);
   }

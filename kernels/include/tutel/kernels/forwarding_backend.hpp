@@ -60,6 +60,7 @@ class ForwardingBackend : public Backend {
   Status unregister_host(void* data) override { return inner_.unregister_host(data); }
   void* native_stream() const override { return inner_.native_stream(); }
   uint64_t scratch_epoch() const override { return inner_.scratch_epoch(); }
+  Status join_forked_work() override { return inner_.join_forked_work(); }
 
  protected:
   // Forwards to `inner`, which must outlive this backend.
