@@ -17,7 +17,7 @@
 #      --via-daemon --backend cuda: a GPU tuteld's layer through the arena vs a device region
 #      (zero-copy), next to the staging copies a region saves (at most 90 s), then tutel-bench
 #      layer --backend cuda --phases: the GPU time of each op of an inference step, where the
-#      step's time goes (at most 60 s), then the gpu shape again with the expert GEMMs' bias and
+#      step's time goes (at most 60 s), then the same benchmark with the expert GEMMs' bias and
 #      ReLU as passes of their own (--epilogues separate; at most 60 s), to compare with the
 #      fused epilogues,
 #   5. compute-sanitizer memcheck over the op tests, when the tool is there and time allows,
@@ -379,10 +379,10 @@ daemon_bench_lines=$bench_step_lines
 run_bench_step "bench-phases" bench-phases.log 60 '^phases ' "GPU time per op" \
   layer --backend cuda --phases
 phase_lines=$bench_step_lines
-# The same gpu-shape rows with the expert GEMMs' bias and ReLU as passes of their own instead of
-# in cuBLASLt's epilogue: what the fusion saves, measured beside it.
-run_bench_step "bench-unfused" bench-unfused.log 60 '^gpu ' "gpu shape, epilogues separate" \
-  layer --backend cuda --shape gpu --epilogues separate
+# The same rows with the expert GEMMs' bias and ReLU as passes of their own instead of in
+# cuBLASLt's epilogue: what the fusion saves (forward and decode step), measured beside it.
+run_bench_step "bench-unfused" bench-unfused.log 60 '^(large |gpu |decode )|^  (layer ops|the same ops)' \
+  "epilogues separate" layer --backend cuda --graph --epilogues separate
 unfused_lines=$bench_step_lines
 # A GEMM cuBLASLt would not fuse runs the plain way and says so once (a WARN line): worth seeing.
 lt_refusals=$(cat "$log_dir"/bench*.log 2>/dev/null | grep -E 'cuBLASLt offers no algorithm|cublasLtMatmul refused' |
@@ -431,7 +431,7 @@ if [ -n "$phase_lines" ]; then
   printf '\nGPU time per op (tutel-bench layer --backend cuda --phases):\n%s\n' "$phase_lines"
 fi
 if [ -n "$unfused_lines" ]; then
-  printf '\nthe gpu shape with separate epilogues (tutel-bench layer --backend cuda --shape gpu --epilogues separate):\n%s\n' "$unfused_lines"
+  printf '\nwith separate epilogues (tutel-bench layer --backend cuda --graph --epilogues separate):\n%s\n' "$unfused_lines"
 fi
 if [ -n "$lt_refusals" ]; then
   printf '\nGEMMs cuBLASLt did not fuse (run unfused):\n%s\n' "$lt_refusals"
