@@ -182,6 +182,7 @@ class CudaBackend final : public Backend {
   Result<CaptureDeps> capture_deps(bool with_nodes);
   // The gate loss's scratch, apart from scratch_ so that the loss may run beside later ops.
   Result<void*> loss_scratch(size_t bytes);
+  Result<void*> grow(DeviceBuffer& buffer, size_t bytes, size_t step);
   // Backend-owned scratch for the ops' reductions and sorts: grows, never shrinks. Reuse across
   // ops is safe because every op runs on the one stream.
   Result<void*> scratch(size_t bytes);
@@ -269,24 +270,19 @@ Status CudaBackend::activate() {
   return Status::OK();
 }
 
-Result<void*> CudaBackend::scratch(size_t bytes) {
-  if (scratch_.data() && scratch_.bytes() >= bytes) return scratch_.data();
-  constexpr size_t kStep = size_t{1} << 20;
-  scratch_.reset();
+// Grows in whole steps (never shrinks): each move makes every captured graph of this backend
+// stale (scratch_epoch), so it should move seldom.
+Result<void*> CudaBackend::grow(DeviceBuffer& buffer, size_t bytes, size_t step) {
+  if (buffer.data() && buffer.bytes() >= bytes) return buffer.data();
+  buffer.reset();
   ++scratch_epoch_;
-  TUTEL_ASSIGN_OR_RETURN(scratch_, allocate((std::max<size_t>(bytes, 1) + kStep - 1) / kStep * kStep));
-  return scratch_.data();
+  TUTEL_ASSIGN_OR_RETURN(buffer, allocate((std::max<size_t>(bytes, 1) + step - 1) / step * step));
+  return buffer.data();
 }
 
-Result<void*> CudaBackend::loss_scratch(size_t bytes) {
-  if (loss_scratch_.data() && loss_scratch_.bytes() >= bytes) return loss_scratch_.data();
-  // Whole steps, as scratch(): each move makes every captured graph of this backend stale.
-  constexpr size_t kStep = size_t{1} << 16;
-  loss_scratch_.reset();
-  ++scratch_epoch_;
-  TUTEL_ASSIGN_OR_RETURN(loss_scratch_, allocate((std::max<size_t>(bytes, 1) + kStep - 1) / kStep * kStep));
-  return loss_scratch_.data();
-}
+Result<void*> CudaBackend::scratch(size_t bytes) { return grow(scratch_, bytes, size_t{1} << 20); }
+
+Result<void*> CudaBackend::loss_scratch(size_t bytes) { return grow(loss_scratch_, bytes, size_t{1} << 16); }
 
 // The capture API as CUDA 13 names it; 12.3 to 12.9 had the same calls under versioned names.
 #if CUDART_VERSION >= 13000
