@@ -526,7 +526,7 @@ Status ExpertParallelLayer::refuse(Status why) {
   // call's, so it goes back (to the tenant's quota too) and grows again when a step needs it.
   for (DeviceBuffer* b : {&dispatched_, &send_, &recv_, &expert_out_, &workspace_, &d_gates_,
                           &d_logits_, &d_combined_, &d_expert_out_, &d_hidden_, &d_expert_in_,
-                          &d_dispatched_, &gathered_, &full_grads_, &grad_slice_})
+                          &d_dispatched_, &gathered_, &gathered_bf16_, &full_grads_, &grad_slice_})
     if (b->data()) {
       b->reset();
       ++epoch_;
@@ -597,12 +597,14 @@ ExpertParallelLayer::BiasColumns ExpertParallelLayer::fc2_bias_columns(
   return {o0, TensorView(bias_slice.data(), DType::kF32, {n}, bias_slice.device())};
 }
 
-ExpertParallelLayer::WholeExperts ExpertParallelLayer::whole_experts() const {
+ExpertParallelLayer::WholeExperts ExpertParallelLayer::whole_experts(bool f32_weights) const {
   const int64_t E = spec_.experts, M = spec_.model_dim, H = spec_.hidden, O = spec_.out_dim();
   WholeExperts w;
   int64_t at = 0;
-  w.fc1 = std::exchange(at, at + E * H * M);
-  w.fc2 = std::exchange(at, at + E * H * O);
+  if (f32_weights) {
+    w.fc1 = std::exchange(at, at + E * H * M);
+    w.fc2 = std::exchange(at, at + E * H * O);
+  }
   if (spec_.has_fc1_bias) w.fc1_bias = std::exchange(at, at + E * H);
   if (spec_.has_fc2_bias) {
     w.fc2_bias = std::exchange(at, at + E * O);
@@ -613,12 +615,21 @@ ExpertParallelLayer::WholeExperts ExpertParallelLayer::whole_experts() const {
   return w;
 }
 
-ExpertWeights ExpertParallelLayer::whole_view(const DeviceBuffer& buf) const {
+ExpertWeights ExpertParallelLayer::whole_view(const DeviceBuffer& buf, bool copies) const {
   const int64_t E = spec_.experts, M = spec_.model_dim, H = spec_.hidden, O = spec_.out_dim();
-  const WholeExperts w = whole_experts();
+  const WholeExperts w = whole_experts(!copies);
   ExpertWeights out;
-  out.fc1_weight = f32_at(buf, w.fc1, {E, H, M});
-  out.fc2_weight = f32_at(buf, w.fc2, {E, H, O});
+  if (copies) {
+    const Device dev = backend_->device();
+    auto* bf16 = static_cast<uint16_t*>(gathered_bf16_.data());
+    out.fc1_weight = TensorView(nullptr, DType::kF32, {E, H, M}, dev);
+    out.fc2_weight = TensorView(nullptr, DType::kF32, {E, H, O}, dev);
+    out.fc1_weight_bf16 = TensorView(bf16, DType::kBF16, {E, H, M}, dev);
+    out.fc2_weight_bf16 = TensorView(bf16 + E * H * M, DType::kBF16, {E, H, O}, dev);
+  } else {
+    out.fc1_weight = f32_at(buf, w.fc1, {E, H, M});
+    out.fc2_weight = f32_at(buf, w.fc2, {E, H, O});
+  }
   if (spec_.has_fc1_bias) out.fc1_bias = f32_at(buf, w.fc1_bias, {E, H});
   if (spec_.has_fc2_bias) out.fc2_bias = f32_at(buf, w.fc2_bias, {E, O});
   return out;
@@ -629,15 +640,35 @@ ExpertWeights ExpertParallelLayer::whole_view(const DeviceBuffer& buf) const {
 // rank order are the whole tensor, [E, H, ·], and one all-gather rebuilds it. The sharded fc2
 // bias is the exception: its slices are column ranges of O (Tutel's layout, zero-padded), put
 // back together expert by expert.
+bool ExpertParallelLayer::gathers_copies(const LayerWeights& local) const {
+  return spec_.matmul_dtype == DType::kBF16 && local.experts.has_bf16_copies();
+}
+
+Status ExpertParallelLayer::grow_gathered(bool copies) {
+  TUTEL_RETURN_IF_ERROR(grow(gathered_, whole_experts(!copies).floats * 4));
+  if (!copies) return Status::OK();
+  const int64_t E = spec_.experts, M = spec_.model_dim, H = spec_.hidden, O = spec_.out_dim();
+  return grow(gathered_bf16_, (E * H * M + E * H * O) * 2);
+}
+
 Status ExpertParallelLayer::gather_experts(const LayerWeights& local) {
-  const WholeExperts w = whole_experts();
+  const bool copies = gathers_copies(local);
+  const WholeExperts w = whole_experts(!copies);
   float* whole = fp(gathered_);
-  auto gather = [&](const TensorView& mine, int64_t offset) -> Status {
+  auto gather_to = [&](const TensorView& mine, void* to) -> Status {
     TUTEL_RETURN_IF_ERROR(collective_ready());
-    return comm_->all_gather(mine.data(), whole + offset, mine.nbytes());
+    return comm_->all_gather(mine.data(), to, mine.nbytes());
   };
-  TUTEL_RETURN_IF_ERROR(gather(local.experts.fc1_weight, w.fc1));
-  TUTEL_RETURN_IF_ERROR(gather(local.experts.fc2_weight, w.fc2));
+  auto gather = [&](const TensorView& mine, int64_t offset) { return gather_to(mine, whole + offset); };
+  if (copies) {
+    // The slices of the copies in rank order are the whole copies, as for the weights.
+    const ExpertWeights view = whole_view(gathered_, /*copies=*/true);
+    TUTEL_RETURN_IF_ERROR(gather_to(local.experts.fc1_weight_bf16, view.fc1_weight_bf16.data()));
+    TUTEL_RETURN_IF_ERROR(gather_to(local.experts.fc2_weight_bf16, view.fc2_weight_bf16.data()));
+  } else {
+    TUTEL_RETURN_IF_ERROR(gather(local.experts.fc1_weight, w.fc1));
+    TUTEL_RETURN_IF_ERROR(gather(local.experts.fc2_weight, w.fc2));
+  }
   if (spec_.has_fc1_bias) TUTEL_RETURN_IF_ERROR(gather(local.experts.fc1_bias, w.fc1_bias));
   if (!spec_.has_fc2_bias) return Status::OK();
   if (shard_.shards == 1) return gather(local.experts.fc2_bias, w.fc2_bias);
@@ -800,8 +831,10 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
       TUTEL_RETURN_IF_ERROR(grow(st.hidden_, El * R * Hs * 4));
       TUTEL_RETURN_IF_ERROR(grow(st.combined_, E * C * O * 4));
       if (data_parallel) {
-        TUTEL_RETURN_IF_ERROR(grow(gathered_, whole_experts().floats * 4));
-        return grow(workspace_, b.expert_workspace_bytes({E, C, M, H, O}, spec_.matmul_dtype));
+        TUTEL_RETURN_IF_ERROR(grow_gathered(gathers_copies(local)));
+        ExpertShape shape{E, C, M, H, O};
+        shape.weights_bf16 = gathers_copies(local);
+        return grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype));
       }
       TUTEL_RETURN_IF_ERROR(grow(dispatched_, E * C * M * 4));
       TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
@@ -832,7 +865,8 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
             TUTEL_RETURN_IF_ERROR(
                 b.encode({xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore, dispatched}));
             TUTEL_RETURN_IF_ERROR(b.expert_forward(
-                {dispatched, whole_view(gathered_), spec_.activation, spec_.matmul_dtype,
+                {dispatched, whole_view(gathered_, gathers_copies(local)), spec_.activation,
+                 spec_.matmul_dtype,
                  keep_pre ? f32(st.pre_, {E, C, H}) : TensorView(), f32(st.hidden_, {E, C, H}),
                  f32(st.combined_, {E, C, O}), workspace(), /*keep_hidden=*/training}));
             return b.decode(
@@ -929,11 +963,12 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
     if (data_parallel) {
       TUTEL_RETURN_IF_ERROR(grow(d_hidden_, E * C * H * 4));
       TUTEL_RETURN_IF_ERROR(grow(d_expert_in_, E * C * M * 4));
-      const int64_t whole = whole_experts().floats;
-      TUTEL_RETURN_IF_ERROR(grow(gathered_, whole * 4));
-      TUTEL_RETURN_IF_ERROR(grow(full_grads_, whole * 4));
+      TUTEL_RETURN_IF_ERROR(grow_gathered(gathers_copies(local)));
+      TUTEL_RETURN_IF_ERROR(grow(full_grads_, whole_experts().floats * 4));
       TUTEL_RETURN_IF_ERROR(grow(grad_slice_, El * Hs * std::max(M, O) * 4));
-      return grow(workspace_, b.expert_workspace_bytes({E, C, M, H, O}, spec_.matmul_dtype));
+      ExpertShape shape{E, C, M, H, O};
+      shape.weights_bf16 = gathers_copies(local);
+      return grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype));
     }
     TUTEL_RETURN_IF_ERROR(grow(d_expert_out_, El * R * O * 4));
     TUTEL_RETURN_IF_ERROR(grow(d_hidden_, El * R * Hs * 4));
@@ -979,7 +1014,7 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
           TUTEL_RETURN_IF_ERROR(b.expert_backward(
               {f32(saved.expert_in_, {E, C, M}),
                keep_pre ? f32(saved.pre_, {E, C, H}) : TensorView(), f32(saved.hidden_, {E, C, H}),
-               whole_view(gathered_), spec_.activation, spec_.matmul_dtype,
+               whole_view(gathered_, gathers_copies(local)), spec_.activation, spec_.matmul_dtype,
                f32(d_combined_, {E, C, O}), f32(d_hidden_, {E, C, H}), f32(d_expert_in_, {E, C, M}),
                whole_view(full_grads_), workspace()}));
           TUTEL_RETURN_IF_ERROR(scatter_expert_grads(local_grads));

@@ -940,15 +940,19 @@ TEST(ExpertParallelOptionsCheck, RanksGivenDifferentLayersRefuseThemTogether) {
 
 // bf16 copies of each rank's local expert weights (its experts, or its H-shard of one) pass
 // through the layer: forward and backward with them give the bits of the same steps converting
-// the weights on the fly. A copy of the whole layer's weight, not the rank's slice, is refused.
+// the weights on the fly, expert parallel (r = 1) and data parallel (r = 0, where the ranks
+// gather the copies instead of the f32 weights). A copy of the whole layer's weight, not the
+// rank's slice, is refused.
 TEST(ExpertParallelBf16Copies, LocalSlicesMatchOnTheFlyBitForBit) {
   ::setenv("UCX_NET_DEVICES", "lo", 1);
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   constexpr int W = 2;
+  for (const int parallel : {1, 0})
   for (const int64_t experts : {int64_t{4}, int64_t{1}}) {  // two experts per rank; H in halves
-    SCOPED_TRACE(std::to_string(experts) + " experts over " + std::to_string(W) + " ranks");
+    SCOPED_TRACE(std::to_string(experts) + " experts over " + std::to_string(W) + " ranks, r = " +
+                 std::to_string(parallel));
     LayerSpec spec;
     spec.experts = experts;
     spec.model_dim = 16;
@@ -980,7 +984,9 @@ TEST(ExpertParallelBf16Copies, LocalSlicesMatchOnTheFlyBitForBit) {
         auto backend = make_backend("cpu", {.threads = 1});
         if (!backend.ok()) return void(out.status = backend.status());
         Backend& b = **backend;
-        auto layer = ExpertParallelLayer::create(b, **comm, spec);
+        graphs::ExpertParallelOptions options;
+        options.r = parallel;
+        auto layer = ExpertParallelLayer::create(b, **comm, spec, options);
         if (!layer.ok()) return void(out.status = layer.status());
         const ExpertShard shard = layer->shard();
         HostLayerParams local = graphs::slice_for_rank(spec, shard, whole);

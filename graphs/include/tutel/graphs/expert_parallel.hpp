@@ -112,8 +112,8 @@ struct ExpertParallelOptions {
   // all E experts on its own tokens, and its weight gradients are summed into the ranks' slices
   // (reduce-scatter). Each rank keeps its slice of the parameters either way, so switching moves
   // none; r = 0 pays off where the weights are smaller than the tokens that would travel.
-  // With r = 0 the weights' bf16 copies are not gathered: bf16 matmuls convert the gathered f32
-  // weights on the fly.
+  // With r = 0, bf16 matmuls and the weights' bf16 copies given, the ranks gather the copies
+  // (half the bytes) and not the f32 weights, and the matmuls read them as they are.
   int r = 1;
   // Tuning (exchange_tuner.hpp): with two or more candidates, each capacity bucket measures them
   // and keeps the fastest; with one, that one runs. `r`, `algo` and `pipeline` are then ignored.
@@ -284,13 +284,22 @@ class ExpertParallelLayer {
   Status record_run(int64_t C, int64_t nanoseconds);
   // r = 0. The whole layer's expert tensors, [E, H, M], [E, H, O], [E, H], [E, O], at these
   // offsets (floats) of gathered_ (weights) and full_grads_ (gradients); the fc2 bias slices of
-  // sharded experts pass through a [W, O_s] staging area after them.
+  // sharded experts pass through a [W, O_s] staging area after them. Without f32 weights
+  // (gathered bf16 copies instead, gathers_copies) only the biases are laid out.
   struct WholeExperts {
     int64_t fc1 = 0, fc2 = 0, fc1_bias = 0, fc2_bias = 0, fc2_bias_slices = 0, floats = 0;
   };
-  WholeExperts whole_experts() const;
-  ExpertWeights whole_view(const DeviceBuffer& buf) const;
-  // Every rank's slices of the expert weights, gathered into gathered_ (collective).
+  WholeExperts whole_experts(bool f32_weights = true) const;
+  // The whole layer's experts in `buf` (laid out by whole_experts(!copies)). With `copies` the
+  // weights are the bf16 copies in gathered_bf16_ (fc1's, then fc2's), and the f32 weights are
+  // shapes without data: the bf16 matmuls read only the copies.
+  ExpertWeights whole_view(const DeviceBuffer& buf, bool copies = false) const;
+  // r = 0 gathers the bf16 copies instead of the f32 weights: bf16 matmuls and both copies given.
+  bool gathers_copies(const LayerWeights& local) const;
+  // Sizes gathered_ (and gathered_bf16_) for the whole layer's weights.
+  Status grow_gathered(bool copies);
+  // Every rank's slices of the expert weights (or of their bf16 copies), gathered into
+  // gathered_ (and gathered_bf16_) (collective).
   Status gather_experts(const LayerWeights& local);
   // full_grads_ summed over the group, each rank's slices added to its local_grads (collective).
   Status scatter_expert_grads(const LayerWeights& local_grads);
@@ -331,7 +340,7 @@ class ExpertParallelLayer {
   DeviceBuffer expert_out_, workspace_;
   DeviceBuffer d_gates_, d_logits_, d_combined_, d_expert_out_, d_hidden_, d_expert_in_,
       d_dispatched_;
-  DeviceBuffer gathered_, full_grads_, grad_slice_;  // r = 0
+  DeviceBuffer gathered_, gathered_bf16_, full_grads_, grad_slice_;  // r = 0
 };
 
 }  // namespace tutel::graphs
