@@ -354,9 +354,11 @@ TEST_F(CudaOps, LocationsAndSlotMapMatchCpuExactly) {
     int k;
     bool prioritized;
   };
+  // E = 8192 is the most a chunk's histogram counts in shared memory; E = 9000 takes the zeroed
+  // global histogram instead.
   for (const C& c : {C{1000, 7, 2, false}, C{1000, 7, 2, true}, C{3, 4, 2, true}, C{1, 1, 1, false},
                      C{1, 3, 2, true}, C{2000, 64, 4, true}, C{513, 2, 1, false}, C{4097, 33, 3, false},
-                     C{300, 5, 5, true}}) {
+                     C{300, 5, 5, true}, C{1100, 8192, 2, false}, C{700, 9000, 2, true}}) {
     SCOPED_TRACE("S " + std::to_string(c.S) + " E " + std::to_string(c.E) + " k " + std::to_string(c.k) +
                  (c.prioritized ? " batch-prioritized" : ""));
     auto scores = make({c.S, c.E});
@@ -368,6 +370,9 @@ TEST_F(CudaOps, LocationsAndSlotMapMatchCpuExactly) {
     for (int64_t s = 1; s < c.S; s += 3) std::copy_n(sc.begin() + (s - 1) * c.E, c.E, sc.begin() + s * c.E);
     scores.set(sc);
     idx.set(random_routing(c.S, c.E, c.k));
+    // Outputs poisoned first: every location and every count (most are 0 here) must be written.
+    loc.set(std::vector<int32_t>(c.S * c.k, -5));
+    count.set(std::vector<int32_t>(c.E, -5));
     run_both([&](Backend& b, bool gpu) {
       auto v = [&](const Mirror& m) { return gpu ? m.gpu() : m.cpu(); };
       return b.locations({v(scores), v(idx), c.prioritized, v(loc), v(count)});
