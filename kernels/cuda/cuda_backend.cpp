@@ -214,7 +214,7 @@ class CudaBackend final : public Backend {
   // gate loss, gate_forward); join_forked_work() makes it wait.
   std::vector<cudaGraphNode_t> forked_;
   unsigned long long forked_capture_ = 0;
-  uint64_t scratch_epoch_ = 0;  // bumped when scratch_ moves (captured graphs hold its address)
+  uint64_t scratch_epoch_ = 0;  // bumped when a scratch buffer moves (captured graphs hold its address)
   std::set<const void*> registered_host_;  // register_host() ranges not yet unregistered
   // allocate_shareable()'s blocks: their own cudaMalloc each (an IPC handle exports a whole
   // allocation), cudaFree'd on release, never cached by the pool. Locked because a buffer may be
