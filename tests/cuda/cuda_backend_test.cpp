@@ -24,6 +24,8 @@
 
 #if defined(TUTEL_TEST_CUDA_BUILD)
 #include <cuda_runtime_api.h>
+
+#include "cuda/lt_gemm.hpp"
 #endif
 
 namespace tutel::testing {
@@ -136,6 +138,22 @@ TEST_F(CudaOps, MemoryRoundTrips) {
 }
 
 #if defined(TUTEL_TEST_CUDA_BUILD)
+// The alignment cuBLASLt's heuristic is told to assume: the largest power of two up to 256 that
+// divides the pointer and every batch offset (host only: runs without a device).
+TEST(LtGemmAlignment, IsTheLargestPowerOfTwoDividingPointerAndOffsets) {
+  auto at = [](uintptr_t address) { return reinterpret_cast<const void*>(address); };
+  EXPECT_EQ(cuda::lt_alignment(at(0x10000)), 256u);
+  EXPECT_EQ(cuda::lt_alignment(at(0x10100)), 256u);
+  EXPECT_EQ(cuda::lt_alignment(at(0x10080)), 128u);
+  EXPECT_EQ(cuda::lt_alignment(at(0x10002)), 2u);
+  EXPECT_EQ(cuda::lt_alignment(at(0x10001)), 1u);
+  // A batch stride of 100 bf16 (200 bytes) leaves every other batch 8-byte aligned only.
+  EXPECT_EQ(cuda::lt_alignment(at(0x10000), {200}), 8u);
+  EXPECT_EQ(cuda::lt_alignment(at(0x10000), {4096, 0}), 256u);
+  EXPECT_EQ(cuda::lt_alignment(at(0x10010), {4096}), 16u);
+  EXPECT_EQ(cuda::lt_alignment(at(0x10000), {-24}), 8u);  // the sign plays no part
+}
+
 // Two backends on one device (a daemon makes one per group layer): what one keeps cached when
 // its buffers go back is freed for the other's allocation when the device runs out. The device
 // is filled to within kLeft of its end by one plain cudaMalloc, so that the second backend's
