@@ -244,6 +244,12 @@ struct LocalTensors {
         fc1_bias(b, DType::kF32, graphs::local_fc1_bias_shape(spec, shard)),
         fc2(b, DType::kF32, graphs::local_fc2_shape(spec, shard)),
         fc2_bias(b, DType::kF32, graphs::local_fc2_bias_shape(spec, shard)) {}
+  // A rank's parameters: its slice of the whole layer's.
+  LocalTensors(Backend& b, const LayerSpec& spec, const graphs::ExpertShard& shard,
+               const HostLayerParams& whole)
+      : LocalTensors(b, spec, shard) {
+    upload(graphs::slice_for_rank(spec, shard, whole));
+  }
 
   void upload(const HostLayerParams& p) {
     gate.upload(p.gate);
@@ -292,8 +298,7 @@ StepResults run_steps(Backend& b, comm::Communicator& comm, const DeviceCase& c,
     return out;
   }
   const int64_t M = spec.model_dim, O = spec.out_dim();
-  LocalTensors params(b, spec, layer->shard()), grads(b, spec, layer->shard());
-  params.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
+  LocalTensors params(b, spec, layer->shard(), whole), grads(b, spec, layer->shard());
   // Two sets of the step's tensors and saved states, taken in turns by the rounds: they stay in
   // place, as the daemon's staging buffers do, so later rounds may replay graphs of earlier ones,
   // and the turns make sure a graph never runs on another set's addresses.
@@ -583,8 +588,7 @@ TEST(ExpertParallelLimits, ARankThatCannotAllocateRefusesTheStepOnEveryRank) {
         std::mt19937_64 rank_rng(rank_seeds[r]);
         auto layer = ExpertParallelLayer::create(device, device_comm, spec);
         if (!layer.ok()) return layer.status();
-        LocalTensors params(device, spec, layer->shard()), grads(device, spec, layer->shard());
-        params.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
+        LocalTensors params(device, spec, layer->shard(), whole), grads(device, spec, layer->shard());
         // The caller's tensors for every step, made before any limit: they are not the layer's.
         struct Io {
           std::unique_ptr<DeviceTensor> x, y, dy, dx;
@@ -667,8 +671,7 @@ TEST(ExpertParallelLimits, AStepOneRanksOwnerRefusesIsRefusedOnEveryRank) {
         std::mt19937_64 rank_rng(rank_seeds[r]);
         auto layer = ExpertParallelLayer::create(device, device_comm, spec);
         if (!layer.ok()) return layer.status();
-        LocalTensors params(device, spec, layer->shard()), grads(device, spec, layer->shard());
-        params.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
+        LocalTensors params(device, spec, layer->shard(), whole), grads(device, spec, layer->shard());
         DeviceTensor x(device, DType::kF32, {S, M}), y(device, DType::kF32, {S, O}),
             dy(device, DType::kF32, {S, O}), dx(device, DType::kF32, {S, M});
         x.upload(to_f32(randn(rank_rng, S * M, 1.0)));
@@ -746,8 +749,7 @@ TEST(ExpertParallelLimits, ATuningCandidateTheGroupCannotAllocateIsDroppedNotOff
         if (!layer.ok()) return layer.status();
         auto fixed = ExpertParallelLayer::create(device, device_comm, spec);  // r = 1
         if (!fixed.ok()) return fixed.status();
-        LocalTensors params(device, spec, layer->shard());
-        params.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
+        LocalTensors params(device, spec, layer->shard(), whole);
         DeviceTensor x(device, DType::kF32, {S, M}), y(device, DType::kF32, {S, O}),
             y_fixed(device, DType::kF32, {S, O});
         x.upload(to_f32(randn(rank_rng, S * M, 1.0)));
@@ -811,9 +813,8 @@ TEST(ExpertParallelGraphs, ACollectiveThatFailsDropsTheGraphsBeforeTheCommunicat
     auto layer = ExpertParallelLayer::create(tape_backend, tape_comm, spec, options);
     ASSERT_TRUE(layer.ok()) << layer.status();
     EXPECT_EQ(tape_comm.graph_releases(), 1u);
-    LocalTensors params(tape_backend, spec, layer->shard()),
+    LocalTensors params(tape_backend, spec, layer->shard(), to_host(p)),
         grads(tape_backend, spec, layer->shard());
-    params.upload(graphs::slice_for_rank(spec, layer->shard(), to_host(p)));
     DeviceTensor x(tape_backend, DType::kF32, {S, M}), y(tape_backend, DType::kF32, {S, O});
     DeviceTensor dy(tape_backend, DType::kF32, {S, O}), dx(tape_backend, DType::kF32, {S, M});
     x.upload(to_f32(randn(rng, S * M, 1.0)));
@@ -886,10 +887,8 @@ TEST(ExpertParallelPhaseKeys, EachAddressAndScalarChangesTheKeysOfThePhasesThatU
   ASSERT_TRUE(layer.ok()) << layer.status();
   const ref::Params p = random_params(rng, spec);
   const HostLayerParams whole = to_host(p);
-  LocalTensors params1(b, spec, layer->shard()), params2(b, spec, layer->shard()),
+  LocalTensors params1(b, spec, layer->shard(), whole), params2(b, spec, layer->shard(), whole),
       grads1(b, spec, layer->shard()), grads2(b, spec, layer->shard());
-  params1.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
-  params2.upload(graphs::slice_for_rank(spec, layer->shard(), whole));
   const int64_t S = 24, M = 16, O = 16;
   DeviceTensor x1(b, DType::kF32, {S, M}), x2(b, DType::kF32, {S, M}), y1(b, DType::kF32, {S, O}),
       y2(b, DType::kF32, {S, O}), dy1(b, DType::kF32, {S, O}), dy2(b, DType::kF32, {S, O}),
