@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstddef>
 #include <cstring>
 #include <functional>
 #include <type_traits>
@@ -17,6 +18,7 @@ namespace {
 // A buffer's address, for the communicator and Backend::copy: device memory, which the host
 // never reads or writes here.
 float* fp(const DeviceBuffer& b) { return static_cast<float*>(b.data()); }
+std::byte* bytes_of(const DeviceBuffer& b) { return static_cast<std::byte*>(b.data()); }
 
 }  // namespace
 
@@ -322,34 +324,36 @@ Status ExpertParallelLayer::record_run(int64_t C, int64_t nanoseconds) {
 // Chunk [c0, c0 + Cj) of [E, C, row] on the tokens' rank → every rank's experts:
 // [E_l, W·Cj, row] (E ≥ W), or [W·Cj, row] for this rank's shard of one expert (E < W, each
 // shard needs all of its expert's slots).
-Status ExpertParallelLayer::to_experts(const float* token_side, float* expert_side, Chunk ch,
-                                       int64_t row, comm::AllToAllAlgo algo) {
+Status ExpertParallelLayer::to_experts(const void* token_side, void* expert_side, Chunk ch,
+                                       int64_t row_bytes, comm::AllToAllAlgo algo) {
   const int64_t W = shard_.world, El = shard_.local_experts, s = shard_.shards, E = spec_.experts;
-  const size_t part = static_cast<size_t>(ch.Cj * row);
+  const size_t part = static_cast<size_t>(ch.Cj * row_bytes);
   // Expert e's part of the chunk, on the tokens' side.
-  auto token_part = [&](int64_t e) { return token_side + (e * ch.C + ch.c0) * row; };
+  auto token_part = [&](int64_t e) {
+    return static_cast<const std::byte*>(token_side) + (e * ch.C + ch.c0) * row_bytes;
+  };
   if (s == 1) {
     // The send buffer is [W][E_l][Cj][row]: the token side itself when the chunk is all of C.
-    const float* send = token_side;
+    const void* send = token_side;
     if (ch.Cj != ch.C) {
       for (int64_t e = 0; e < E; ++e)
-        TUTEL_RETURN_IF_ERROR(backend_->copy(fp(send_) + e * part, token_part(e), part * 4,
+        TUTEL_RETURN_IF_ERROR(backend_->copy(bytes_of(send_) + e * part, token_part(e), part,
                                              CopyKind::kDeviceToDevice));
-      send = fp(send_);
+      send = send_.data();
     }
     // The exchange gives [W][E_l][Cj][row] from every rank, and the experts want
     // [E_l][W·Cj][row].
     TUTEL_RETURN_IF_ERROR(collective_ready());
-    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, recv_.data(), El * part * 4, algo));
-    return swap_outer(fp(recv_), expert_side, W, El, ch.Cj * row);
+    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, recv_.data(), El * part, algo));
+    return swap_outer(recv_.data(), expert_side, W, El, ch.Cj * row_bytes);
   }
   // Part w' for rank w' is expert w' / s's slots.
-  float* send = fp(send_);
+  std::byte* send = bytes_of(send_);
   for (int64_t w = 0; w < W; ++w)
     TUTEL_RETURN_IF_ERROR(
-        backend_->copy(send + w * part, token_part(w / s), part * 4, CopyKind::kDeviceToDevice));
+        backend_->copy(send + w * part, token_part(w / s), part, CopyKind::kDeviceToDevice));
   TUTEL_RETURN_IF_ERROR(collective_ready());
-  return comm_->all_to_all(send, expert_side, part * 4, algo);
+  return comm_->all_to_all(send, expert_side, part, algo);
 }
 
 // The inverse of to_experts: a chunk's expert-side rows back to [E, C, row] on the tokens' rank.
@@ -361,7 +365,7 @@ Status ExpertParallelLayer::to_tokens(const float* expert_side, float* token_sid
   const size_t part = static_cast<size_t>(ch.Cj * row);
   auto token_part = [&](int64_t e) { return token_side + (e * ch.C + ch.c0) * row; };
   if (s == 1) {
-    TUTEL_RETURN_IF_ERROR(swap_outer(expert_side, fp(send_), El, W, ch.Cj * row));
+    TUTEL_RETURN_IF_ERROR(swap_outer(expert_side, send_.data(), El, W, ch.Cj * row * 4));
     TUTEL_RETURN_IF_ERROR(collective_ready());
     // Straight into the token side when the chunk is all of C; else through recv_.
     if (ch.Cj == ch.C) return comm_->all_to_all(send_.data(), token_side, El * part * 4, algo);
@@ -562,6 +566,10 @@ TensorView ExpertParallelLayer::f32(const DeviceBuffer& buf, Shape shape) const 
 TensorView ExpertParallelLayer::f32_at(const DeviceBuffer& buf, int64_t offset, Shape shape) const {
   return TensorView(fp(buf) + offset, DType::kF32, shape, backend_->device());
 }
+TensorView ExpertParallelLayer::disp_at(const DeviceBuffer& buf, int64_t offset, Shape shape) const {
+  const DType d = spec_.dispatch_dtype();
+  return TensorView(bytes_of(buf) + offset * dtype_size(d), d, shape, backend_->device());
+}
 TensorView ExpertParallelLayer::i32(const DeviceBuffer& buf, Shape shape) const {
   return TensorView(buf.data(), DType::kI32, shape, backend_->device());
 }
@@ -570,13 +578,15 @@ TensorView ExpertParallelLayer::workspace() const {
                     backend_->device());
 }
 
-Status ExpertParallelLayer::swap_outer(const float* src, float* dst, int64_t a, int64_t b,
-                                       int64_t row_floats) {
+Status ExpertParallelLayer::swap_outer(const void* src, void* dst, int64_t a, int64_t b,
+                                       int64_t row_bytes) {
+  const auto* from = static_cast<const std::byte*>(src);
+  auto* to = static_cast<std::byte*>(dst);
   for (int64_t i = 0; i < a; ++i)
     for (int64_t j = 0; j < b; ++j)
-      TUTEL_RETURN_IF_ERROR(backend_->copy(dst + (j * a + i) * row_floats,
-                                           src + (i * b + j) * row_floats,
-                                           row_floats * sizeof(float), CopyKind::kDeviceToDevice));
+      TUTEL_RETURN_IF_ERROR(backend_->copy(to + (j * a + i) * row_bytes,
+                                           from + (i * b + j) * row_bytes, row_bytes,
+                                           CopyKind::kDeviceToDevice));
   return Status::OK();
 }
 
@@ -813,6 +823,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   for (int64_t e = 0; e < E; ++e) dropped += std::max<int64_t>(0, host_counts_[e] - C);
 
   const int64_t widest = std::max(M, O), H = spec_.hidden;
+  const int64_t disp_size = static_cast<int64_t>(dtype_size(spec_.dispatch_dtype()));
   const bool keep_pre = training && spec_.activation != Activation::kRelu;
   // A way of running the phase that the group refuses together (a buffer it needs does not
   // fit on some rank, as r = 0's gathered weights may not) is dropped from the tuner's bucket on
@@ -826,7 +837,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
     // The Saved buffers are the same size either way: E_l·W·C·H_s = E·C·H.
     const Status experts_ready = [&]() -> Status {
       TUTEL_RETURN_IF_ERROR(grow(st.slots_, E * C * 4));
-      TUTEL_RETURN_IF_ERROR(grow(st.expert_in_, El * R * M * 4));
+      TUTEL_RETURN_IF_ERROR(grow(st.expert_in_, El * R * M * disp_size));
       if (keep_pre) TUTEL_RETURN_IF_ERROR(grow(st.pre_, El * R * Hs * 4));
       TUTEL_RETURN_IF_ERROR(grow(st.hidden_, El * R * Hs * 4));
       TUTEL_RETURN_IF_ERROR(grow(st.combined_, E * C * O * 4));
@@ -836,7 +847,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
         shape.weights_bf16 = gathers_copies(local);
         return grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype));
       }
-      TUTEL_RETURN_IF_ERROR(grow(dispatched_, E * C * M * 4));
+      TUTEL_RETURN_IF_ERROR(grow(dispatched_, E * C * M * disp_size));
       TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
       TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
       TUTEL_RETURN_IF_ERROR(grow(expert_out_, El * R * O * 4));
@@ -861,7 +872,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
           if (data_parallel) {
             // Every expert here, on this rank's tokens: nothing travels but the weights.
             TUTEL_RETURN_IF_ERROR(gather_experts(local));
-            const TensorView dispatched = f32(st.expert_in_, {E, C, M});
+            const TensorView dispatched = disp_at(st.expert_in_, 0, {E, C, M});
             TUTEL_RETURN_IF_ERROR(
                 b.encode({xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore, dispatched}));
             TUTEL_RETURN_IF_ERROR(b.expert_forward(
@@ -873,19 +884,20 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
                 {f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y});
           }
           TUTEL_RETURN_IF_ERROR(b.encode({xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore,
-                                          f32(dispatched_, {E, C, M})}));
+                                          disp_at(dispatched_, 0, {E, C, M})}));
           // Chunk j's expert-side rows start at row E_l·W·c0 of each expert-side buffer.
           auto rows_before = [&](int j) { return El * W * chunk(C, chunks, j).c0; };
           TUTEL_RETURN_IF_ERROR(run_chunks(
               chunks,
               [&](int j) {  // dispatch: expert e's slots go to the rank(s) that hold it
-                return to_experts(fp(dispatched_), fp(st.expert_in_) + rows_before(j) * M,
-                                  chunk(C, chunks, j), M, config.algo);
+                return to_experts(dispatched_.data(),
+                                  bytes_of(st.expert_in_) + rows_before(j) * M * disp_size,
+                                  chunk(C, chunks, j), M * disp_size, config.algo);
               },
               [&](int j) -> Status {
                 const int64_t Rj = W * chunk(C, chunks, j).Cj, first = rows_before(j);
                 TUTEL_RETURN_IF_ERROR(b.expert_forward(
-                    {f32_at(st.expert_in_, first * M, {El, Rj, M}), local_experts(local.experts),
+                    {disp_at(st.expert_in_, first * M, {El, Rj, M}), local_experts(local.experts),
                      spec_.activation, spec_.matmul_dtype,
                      keep_pre ? f32_at(st.pre_, first * Hs, {El, Rj, Hs}) : TensorView(),
                      f32_at(st.hidden_, first * Hs, {El, Rj, Hs}),
@@ -1012,7 +1024,7 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
           TUTEL_RETURN_IF_ERROR(gather_experts(local));
           TUTEL_RETURN_IF_ERROR(b.fill_zero(f32(full_grads_, {whole_experts().floats})));
           TUTEL_RETURN_IF_ERROR(b.expert_backward(
-              {f32(saved.expert_in_, {E, C, M}),
+              {disp_at(saved.expert_in_, 0, {E, C, M}),
                keep_pre ? f32(saved.pre_, {E, C, H}) : TensorView(), f32(saved.hidden_, {E, C, H}),
                whole_view(gathered_, gathers_copies(local)), spec_.activation, spec_.matmul_dtype,
                f32(d_combined_, {E, C, O}), f32(d_hidden_, {E, C, H}), f32(d_expert_in_, {E, C, M}),
@@ -1026,14 +1038,14 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
           TUTEL_RETURN_IF_ERROR(run_chunks(
               chunks,
               [&](int j) {
-                return to_experts(fp(d_combined_), fp(d_expert_out_) + rows_before(j) * O,
-                                  chunk(C, chunks, j), O, config.algo);
+                return to_experts(d_combined_.data(), fp(d_expert_out_) + rows_before(j) * O,
+                                  chunk(C, chunks, j), O * 4, config.algo);
               },
               [&](int j) -> Status {
                 const int64_t Rj = W * chunk(C, chunks, j).Cj, first = rows_before(j);
                 // The weight gradients accumulate chunk by chunk.
                 TUTEL_RETURN_IF_ERROR(b.expert_backward(
-                    {f32_at(saved.expert_in_, first * M, {El, Rj, M}),
+                    {disp_at(saved.expert_in_, first * M, {El, Rj, M}),
                      keep_pre ? f32_at(saved.pre_, first * Hs, {El, Rj, Hs}) : TensorView(),
                      f32_at(saved.hidden_, first * Hs, {El, Rj, Hs}), local_experts(local.experts),
                      spec_.activation, spec_.matmul_dtype,

@@ -131,7 +131,7 @@ void PlanBase::record() {
   auto& route = program_[static_cast<size_t>(Phase::kRoute)];
   auto& experts = program_[static_cast<size_t>(Phase::kExperts)];
   auto& backward = program_[static_cast<size_t>(Phase::kBackward)];
-  const DType f32 = DType::kF32, i32 = DType::kI32;
+  const DType f32 = DType::kF32, i32 = DType::kI32, disp_dtype = spec.dispatch_dtype();
   const TensorView workspace(slot_data(Slot::kWorkspace), DType::kU8,
                              {static_cast<int64_t>(layout_.bytes(Slot::kWorkspace))},
                              backend_.device());
@@ -181,13 +181,13 @@ void PlanBase::record() {
     const int64_t S = st.tokens, C = st.capacity;
     return backend_.encode({st.x, view(Slot::kGates, f32, {S, k}),
                             view(Slot::kSlotAssignment, i32, {E, C}), target_.spec.is_postscore,
-                            view(Slot::kDispatched, f32, {E, C, M})});
+                            view(Slot::kDispatched, disp_dtype, {E, C, M})});
   });
   experts.push_back([=, this](const StepState& st) {
     const int64_t C = st.capacity;
     const TensorView pre = keep_pre ? view(Slot::kPreActivation, f32, {E, C, H}) : TensorView();
     return backend_.expert_forward(
-        {view(Slot::kDispatched, f32, {E, C, M}), target_.weights.experts, target_.spec.activation,
+        {view(Slot::kDispatched, disp_dtype, {E, C, M}), target_.weights.experts, target_.spec.activation,
          target_.spec.matmul_dtype, pre, view(Slot::kHidden, f32, {E, C, H}),
          view(Slot::kExpertOut, f32, {E, C, O}), workspace, /*keep_hidden=*/training});
   });
@@ -213,7 +213,7 @@ void PlanBase::record() {
     const int64_t C = st.capacity;
     const TensorView pre = keep_pre ? view(Slot::kPreActivation, f32, {E, C, H}) : TensorView();
     return backend_.expert_backward(
-        {view(Slot::kDispatched, f32, {E, C, M}), pre, view(Slot::kHidden, f32, {E, C, H}),
+        {view(Slot::kDispatched, disp_dtype, {E, C, M}), pre, view(Slot::kHidden, f32, {E, C, H}),
          target_.weights.experts, target_.spec.activation, target_.spec.matmul_dtype,
          view(Slot::kDExpertOut, f32, {E, C, O}), view(Slot::kDHidden, f32, {E, C, H}),
          view(Slot::kDDispatched, f32, {E, C, M}), target_.grads.experts, workspace});

@@ -34,7 +34,7 @@ PlanLayout::PlanLayout(const Backend& backend, const LayerSpec& spec, const Plan
   set(Slot::kExpertCount, E * 4);
 
   set(Slot::kSlotAssignment, E * C * 4);
-  set(Slot::kDispatched, E * C * M * 4);
+  set(Slot::kDispatched, E * C * M * dtype_size(spec.dispatch_dtype()));
   // relu's derivative is read off its output; gelu and silu need the pre-activation.
   if (training && spec.activation != Activation::kRelu) set(Slot::kPreActivation, E * C * H * 4);
   set(Slot::kHidden, E * C * H * 4);

@@ -43,6 +43,13 @@ void to_bf16(const float* src, int64_t n, uint16_t* dst) {
 
 // A weight as a matmul operand: the owner's bf16 copy when the matmul is bf16 and there is one
 // (matmul() then converts nothing), else the f32 weight `m` as laid out.
+// The dispatched tokens as a GEMM operand: bf16 ones are read as they are.
+MatOperand dispatched_operand(const TensorView& dispatched, int64_t E, int64_t C, int64_t M) {
+  MatOperand m = row_major(dispatched.data(), E, C, M);
+  if (dispatched.dtype() == DType::kBF16) m.type = dnnl::memory::data_type::bf16;
+  return m;
+}
+
 MatOperand with_bf16_copy(MatOperand m, const TensorView& copy, DType matmul_dtype) {
   if (matmul_dtype != DType::kBF16 || copy.empty()) return m;
   m.data = copy.data();
@@ -283,6 +290,34 @@ Status CpuBackend::encode(const EncodeArgs& a) {
   const float* x = a.x.data_as<float>();
   const float* gates = a.gates.data_as<float>();
   const int32_t* slots = a.slot_assignment.data_as<int32_t>();
+  if (a.dispatched.dtype() == DType::kBF16) {
+    // Each row rounded as it is written: the bits of encoding in f32 and converting after,
+    // without the f32 rows ever reaching memory.
+    uint16_t* disp = a.dispatched.data_as<uint16_t>();
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      uint16_t* out = disp + r * M;
+      const int32_t as = slots[r];
+      if (as < 0) {
+        std::memset(out, 0, M * sizeof(uint16_t));
+        continue;
+      }
+      const float* in = x + (as / k) * M;
+      if (a.is_postscore) {
+#pragma omp simd
+        for (int64_t m = 0; m < M; ++m) out[m] = f32_to_bf16(in[m]);
+      } else {
+        const float g = gates[as];
+#pragma omp simd
+        for (int64_t m = 0; m < M; ++m) out[m] = f32_to_bf16(g * in[m]);
+      }
+    }
+    return Status::OK();
+  }
+  if (a.dispatched.dtype() != DType::kF32)
+    return Status::InvalidArgument("encode: dispatched has dtype " +
+                                   std::string(dtype_name(a.dispatched.dtype())) +
+                                   "; give f32 or bf16");
   float* disp = a.dispatched.data_as<float>();
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
@@ -517,6 +552,7 @@ Status CpuBackend::expert_forward(const ExpertForwardArgs& a) {
   if (C == 0) return Status::OK();
   const float* b1 = a.weights.fc1_bias.empty() ? nullptr : a.weights.fc1_bias.data_as<float>();
   const float* b2 = a.weights.fc2_bias.empty() ? nullptr : a.weights.fc2_bias.data_as<float>();
+  TUTEL_RETURN_IF_ERROR(check_dispatched(a.dispatched, a.matmul_dtype, "expert_forward:"));
   if (a.matmul_dtype == DType::kBF16)
     TUTEL_RETURN_IF_ERROR(a.weights.check_bf16_copies("expert_forward:"));
   float* hidden = a.hidden.data_as<float>();
@@ -524,7 +560,7 @@ Status CpuBackend::expert_forward(const ExpertForwardArgs& a) {
                                         a.weights.fc1_weight_bf16, a.matmul_dtype);
   const MatOperand fc2 = with_bf16_copy(row_major(a.weights.fc2_weight.data(), E, H, O),
                                         a.weights.fc2_weight_bf16, a.matmul_dtype);
-  const MatOperand disp = row_major(a.dispatched.data(), E, C, M);
+  const MatOperand disp = dispatched_operand(a.dispatched, E, C, M);
   // Fuse the activation into fc1 unless backward needs the pre-activation (gelu, silu).
   if (a.pre_activation.empty()) {
     TUTEL_RETURN_IF_ERROR(matmul(disp, fc1, hidden, {.bias = b1, .activation = eltwise_of(a.activation)},
@@ -547,6 +583,7 @@ Status CpuBackend::expert_backward(const ExpertBackwardArgs& a) {
   const float* hidden = a.hidden.data_as<float>();
   float* d_hidden = a.d_hidden.data_as<float>();
   const DType dt = a.matmul_dtype;
+  TUTEL_RETURN_IF_ERROR(check_dispatched(a.dispatched, dt, "expert_backward:"));
   if (dt == DType::kBF16) TUTEL_RETURN_IF_ERROR(a.weights.check_bf16_copies("expert_backward:"));
   const MatOperand fc1 = with_bf16_copy(row_major(a.weights.fc1_weight.data(), E, H, M),
                                         a.weights.fc1_weight_bf16, dt);
@@ -567,7 +604,7 @@ Status CpuBackend::expert_backward(const ExpertBackwardArgs& a) {
                                                  d_hidden, d_hidden, E * C * H));
   }
   // fc1: dW1 += d_preᵀ·disp, db1 += Σ_c d_pre, d_disp = d_pre·W1.
-  TUTEL_RETURN_IF_ERROR(matmul(transposed(d_hidden, E, C, H), row_major(a.dispatched.data(), E, C, M),
+  TUTEL_RETURN_IF_ERROR(matmul(transposed(d_hidden, E, C, H), dispatched_operand(a.dispatched, E, C, M),
                                a.grads.fc1_weight.data_as<float>(), {.accumulate = true}, dt, a.workspace));
   if (!a.grads.fc1_bias.empty()) accumulate_bias_grad(d_hidden, E, C, H, a.grads.fc1_bias.data_as<float>());
   return matmul(row_major(d_hidden, E, C, H), fc1, a.d_dispatched.data_as<float>(), {}, dt,

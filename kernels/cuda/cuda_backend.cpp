@@ -41,6 +41,13 @@ struct Operand {
   const void* bf16 = nullptr;
 };
 
+// The dispatched tokens [E, C, M] as a GEMM operand: bf16 ones (encode's bf16 output) are read
+// as they are, as a weight's bf16 copy is; f32 ones are converted under bf16 matmuls.
+Operand dispatched_operand(const TensorView& dispatched, int64_t E, int64_t C, int64_t M) {
+  if (dispatched.dtype() == DType::kBF16) return {nullptr, M, C * M, false, E * C * M, dispatched.data()};
+  return {dispatched.data_as<float>(), M, C * M, false, E * C * M};
+}
+
 // What an expert GEMM adds in cuBLASLt's epilogue (CudaBackend::fused_gemm): `bias` (f32, one
 // vector per batch, `bias_stride` elements apart) to every row of the row-major output, then
 // ReLU when asked. With `out_bf16`, the output is bf16 there instead of f32 in c.
@@ -635,6 +642,16 @@ Status CudaBackend::slot_map(const SlotMapArgs& a) {
 Status CudaBackend::encode(const EncodeArgs& a) {
   TUTEL_RETURN_IF_ERROR(activate());
   const int64_t M = a.x.dim(1), k = a.gates.dim(1);
+  if (a.dispatched.dtype() == DType::kBF16) {
+    TUTEL_CUDA_CHECK(launch_scatter_rows_to_bf16(a.x.data_as<float>(), a.gates.data_as<float>(),
+                                                 a.slot_assignment.data_as<int32_t>(), a.slot_assignment.numel(),
+                                                 M, static_cast<int>(k), !a.is_postscore, a.dispatched.data(),
+                                                 stream_));
+    return Status::OK();
+  }
+  if (a.dispatched.dtype() != DType::kF32)
+    return Status::InvalidArgument("encode: dispatched has dtype " + std::string(dtype_name(a.dispatched.dtype())) +
+                                   "; give f32 or bf16");
   TUTEL_CUDA_CHECK(launch_scatter_rows(a.x.data_as<float>(), a.gates.data_as<float>(),
                                        a.slot_assignment.data_as<int32_t>(), a.slot_assignment.numel(), M,
                                        static_cast<int>(k), !a.is_postscore, a.dispatched.data_as<float>(), stream_));
@@ -724,10 +741,11 @@ Status CudaBackend::expert_forward(const ExpertForwardArgs& a) {
   float* hidden = a.hidden.data_as<float>();
   float* out = a.expert_out.data_as<float>();
   const ExpertWeights& w = a.weights;
+  TUTEL_RETURN_IF_ERROR(check_dispatched(a.dispatched, a.matmul_dtype, "expert_forward:"));
   if (a.matmul_dtype == DType::kBF16) TUTEL_RETURN_IF_ERROR(w.check_bf16_copies("expert_forward:"));
   const ActKind act = act_kind(a.activation);
   const bool bf16 = a.matmul_dtype == DType::kBF16;
-  const Operand disp{a.dispatched.data_as<float>(), M, C * M, false, E * C * M};
+  const Operand disp = dispatched_operand(a.dispatched, E, C, M);
   const Operand fc1{w.fc1_weight.data_as<float>(), M, H * M, true, E * H * M, w.fc1_weight_bf16.data()};
   const Operand fc2{w.fc2_weight.data_as<float>(), O, H * O, false, E * H * O, w.fc2_weight_bf16.data()};
   // Under bf16 the second GEMM reads bf16(act(pre)), written by whatever makes act(pre): into the
@@ -796,6 +814,7 @@ Status CudaBackend::expert_backward(const ExpertBackwardArgs& a) {
   float* d_hidden = a.d_hidden.data_as<float>();
   const DType dt = a.matmul_dtype;
   const ExpertWeights& w = a.weights;
+  TUTEL_RETURN_IF_ERROR(check_dispatched(a.dispatched, dt, "expert_backward:"));
   if (dt == DType::kBF16) TUTEL_RETURN_IF_ERROR(w.check_bf16_copies("expert_backward:"));
   const bool bias_grads = !a.grads.fc1_bias.empty() || !a.grads.fc2_bias.empty();
   void* bias_scratch = nullptr;
@@ -816,8 +835,7 @@ Status CudaBackend::expert_backward(const ExpertBackwardArgs& a) {
   const float* act_input = a.activation == Activation::kRelu ? hidden : a.pre_activation.data_as<float>();
   TUTEL_CUDA_CHECK(launch_activation_backward(act_input, act_kind(a.activation), E * C * H, d_hidden, stream_));
   // fc1: dW1 += d_preᵀ·disp, db1 += Σ_c d_pre, d_disp = d_pre·W1.
-  TUTEL_RETURN_IF_ERROR(gemm(H, M, C, {d_hidden, H, C * H, true, E * C * H},
-                             {a.dispatched.data_as<float>(), M, C * M, false, E * C * M},
+  TUTEL_RETURN_IF_ERROR(gemm(H, M, C, {d_hidden, H, C * H, true, E * C * H}, dispatched_operand(a.dispatched, E, C, M),
                              a.grads.fc1_weight.data_as<float>(), M, H * M, E, 1.f, dt, a.workspace));
   if (!a.grads.fc1_bias.empty())
     TUTEL_CUDA_CHECK(launch_bias_grad(d_hidden, E, C, H, bias_scratch, a.grads.fc1_bias.data_as<float>(), stream_));

@@ -52,6 +52,9 @@ cudaError_t launch_slot_map(const int32_t* expert_index, const int32_t* location
 // (encode; decode' for d_expert_out.)
 cudaError_t launch_scatter_rows(const float* src, const float* gates, const int32_t* slots, int64_t rows,
                                 int64_t width, int k, bool scale, float* out, cudaStream_t stream);
+// The same rows rounded to bf16 as they are written (encode into bf16 dispatched tokens).
+cudaError_t launch_scatter_rows_to_bf16(const float* src, const float* gates, const int32_t* slots, int64_t rows,
+                                        int64_t width, int k, bool scale, void* out, cudaStream_t stream);
 // out[s, :] = Σ_j over kept choices, in j order, (scale ? gates[s, j] : 1) · rows[idx·C + loc, :].
 // (decode; encode' for dx.)
 cudaError_t launch_gather_rows(const float* rows, const float* gates, const int32_t* expert_index,

@@ -1,6 +1,7 @@
 // Small device helpers shared by the .cu files of the CUDA backend.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -55,5 +56,26 @@ __device__ inline float4 zero_of<float4>() { return make_float4(0.f, 0.f, 0.f, 0
 
 __device__ inline float dot_of(float a, float b) { return a * b; }
 __device__ inline float dot_of(float4 a, float4 b) { return dot4(a, b); }
+
+// Four bf16 values, in memory order x, y, z, w: stored with one 8-byte access.
+struct alignas(8) Bf16x4 {
+  uint2 bits;
+};
+
+__device__ inline uint32_t bits_of(__nv_bfloat162 h) {
+  uint32_t u;
+  memcpy(&u, &h, sizeof u);
+  return u;
+}
+
+__device__ inline Bf16x4 to_bf16x4(float4 v) {
+  // __floats2bfloat162_rn(a, b) puts a in the low half, the lower address.
+  return {make_uint2(bits_of(__floats2bfloat162_rn(v.x, v.y)), bits_of(__floats2bfloat162_rn(v.z, v.w)))};
+}
+
+// The one rounding of every bf16 the kernels write (round to nearest even, as the CPU's
+// f32_to_bf16), one value or four at a time.
+__device__ inline void store_bf16(__nv_bfloat16* out, int64_t i, float v) { out[i] = __float2bfloat16_rn(v); }
+__device__ inline void store_bf16(Bf16x4* out, int64_t i, float4 v) { out[i] = to_bf16x4(v); }
 
 }  // namespace tutel::cuda

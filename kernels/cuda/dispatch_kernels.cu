@@ -8,9 +8,16 @@
 namespace tutel::cuda {
 namespace {
 
-template <typename V>
+__device__ inline void store_row_value(float* out, int64_t i, float v) { out[i] = v; }
+__device__ inline void store_row_value(float4* out, int64_t i, float4 v) { out[i] = v; }
+__device__ inline void store_row_value(__nv_bfloat16* out, int64_t i, float v) { store_bf16(out, i, v); }
+__device__ inline void store_row_value(Bf16x4* out, int64_t i, float4 v) { store_bf16(out, i, v); }
+
+// V: float or float4; O: the same, or their bf16 counterparts (__nv_bfloat16, Bf16x4), which
+// get the f32 value's rounding.
+template <typename V, typename O>
 __global__ void scatter_rows_kernel(const V* src, const float* gates, const int32_t* slots, int64_t rows,
-                                    int64_t vecs, int k, bool scale, V* out) {
+                                    int64_t vecs, int k, bool scale, O* out) {
   const int64_t n = rows * vecs;
   for (int64_t i = grid_index(); i < n; i += grid_stride()) {
     const int64_t r = i / vecs, v = i - r * vecs;
@@ -20,7 +27,7 @@ __global__ void scatter_rows_kernel(const V* src, const float* gates, const int3
       value = src[(a / k) * vecs + v];
       if (scale) value = gates[a] * value;
     }
-    out[i] = value;
+    store_row_value(out, i, value);
   }
 }
 
@@ -85,6 +92,21 @@ cudaError_t launch_scatter_rows(const float* src, const float* gates, const int3
   } else {
     scatter_rows_kernel<<<grid_for(rows * width), kThreads, 0, stream>>>(src, gates, slots, rows, width, k, scale,
                                                                          out);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_scatter_rows_to_bf16(const float* src, const float* gates, const int32_t* slots, int64_t rows,
+                                        int64_t width, int k, bool scale, void* out, cudaStream_t stream) {
+  if (rows * width <= 0) return cudaSuccess;
+  // Four values a lane: 16 bytes read, 8 written.
+  if (use_float4(width, {src}) && (reinterpret_cast<uintptr_t>(out) & 7u) == 0) {
+    const int64_t vecs = width / 4;
+    scatter_rows_kernel<<<grid_for(rows * vecs), kThreads, 0, stream>>>(
+        reinterpret_cast<const float4*>(src), gates, slots, rows, vecs, k, scale, static_cast<Bf16x4*>(out));
+  } else {
+    scatter_rows_kernel<<<grid_for(rows * width), kThreads, 0, stream>>>(src, gates, slots, rows, width, k, scale,
+                                                                         static_cast<__nv_bfloat16*>(out));
   }
   return cudaGetLastError();
 }

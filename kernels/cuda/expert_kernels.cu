@@ -44,28 +44,10 @@ __device__ inline float activation_grad(ActKind act, float x, float d) {
 }
 
 // A block walks whole rows, its threads over the row: one division per row, none per element.
-// Four bf16 values, in memory order x, y, z, w: stored with one 8-byte access.
-struct alignas(8) Bf16x4 {
-  uint2 bits;
-};
-
-__device__ inline uint32_t bits_of(__nv_bfloat162 h) {
-  uint32_t u;
-  memcpy(&u, &h, sizeof u);
-  return u;
-}
-
-__device__ inline Bf16x4 to_bf16x4(float4 v) {
-  // __floats2bfloat162_rn(a, b) puts a in the low half, the lower address.
-  return {make_uint2(bits_of(__floats2bfloat162_rn(v.x, v.y)), bits_of(__floats2bfloat162_rn(v.z, v.w)))};
-}
-
 __device__ inline float4 activate4(ActKind act, float4 x) {
   return {activate(act, x.x), activate(act, x.y), activate(act, x.z), activate(act, x.w)};
 }
 
-__device__ inline void store_bf16(__nv_bfloat16* out, int64_t i, float v) { out[i] = __float2bfloat16_rn(v); }
-__device__ inline void store_bf16(Bf16x4* out, int64_t i, float4 v) { out[i] = to_bf16x4(v); }
 
 // One element type for the whole row walk: float (any width) or float4 (width % 4 == 0, every
 // pointer 16-byte aligned; the bf16 output then goes 8 bytes at a time). Both do the same f32

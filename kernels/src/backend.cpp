@@ -24,6 +24,15 @@ void DeviceBuffer::reset() {
   bytes_ = 0;
 }
 
+Status check_dispatched(const TensorView& dispatched, DType matmul_dtype, std::string_view op) {
+  const DType d = dispatched.dtype();
+  if (d == DType::kF32 || (d == DType::kBF16 && matmul_dtype == DType::kBF16)) return Status::OK();
+  return Status::InvalidArgument(
+      std::string(op) + " dispatched has dtype " + std::string(dtype_name(d)) + " under " +
+      std::string(dtype_name(matmul_dtype)) +
+      " matmuls; give f32, or bf16 with matmul_dtype bf16 (LayerSpec::dispatch_dtype)");
+}
+
 Status check_bf16_copy(const TensorView& source, const TensorView& copy, std::string_view what) {
   const std::string name(what);
   const std::string hint =

@@ -118,7 +118,7 @@ Status LayerWorkspace::reserve_experts(Backend& b, const LayerSpec& spec, int64_
                                        bool training, const ExpertWeights& weights) {
   const size_t E = spec.experts, C = capacity, M = spec.model_dim, H = spec.hidden, O = spec.out_dim();
   TUTEL_RETURN_IF_ERROR(ensure(b, slot_assignment_, E * C * 4));
-  TUTEL_RETURN_IF_ERROR(ensure(b, dispatched_, E * C * M * 4));
+  TUTEL_RETURN_IF_ERROR(ensure(b, dispatched_, E * C * M * dtype_size(spec.dispatch_dtype())));
   TUTEL_RETURN_IF_ERROR(ensure(b, hidden_, E * C * H * 4));
   TUTEL_RETURN_IF_ERROR(ensure(b, expert_out_, E * C * O * 4));
   // relu's derivative is read off its output; gelu and silu need the pre-activation.
@@ -183,7 +183,7 @@ Status layer_forward(Backend& backend, const LayerSpec& spec, const LayerWeights
 
   TUTEL_RETURN_IF_ERROR(ws.reserve_experts(backend, spec, C, training, weights.experts));
   const TensorView slots = view_of(ws.slot_assignment_, DType::kI32, {E, C}, dev);
-  const TensorView dispatched = view_of(ws.dispatched_, DType::kF32, {E, C, M}, dev);
+  const TensorView dispatched = view_of(ws.dispatched_, spec.dispatch_dtype(), {E, C, M}, dev);
   const TensorView hidden = view_of(ws.hidden_, DType::kF32, {E, C, H}, dev);
   const TensorView expert_out = view_of(ws.expert_out_, DType::kF32, {E, C, O}, dev);
   TensorView pre;
@@ -234,7 +234,7 @@ Status layer_backward(Backend& backend, const LayerSpec& spec, const LayerWeight
   const TensorView gates = view_of(ws.gates_, DType::kF32, {S, k}, dev);
   const TensorView location = view_of(ws.location_, DType::kI32, {S, k}, dev);
   const TensorView slots = view_of(ws.slot_assignment_, DType::kI32, {E, C}, dev);
-  const TensorView dispatched = view_of(ws.dispatched_, DType::kF32, {E, C, M}, dev);
+  const TensorView dispatched = view_of(ws.dispatched_, spec.dispatch_dtype(), {E, C, M}, dev);
   const TensorView hidden = view_of(ws.hidden_, DType::kF32, {E, C, H}, dev);
   const TensorView expert_out = view_of(ws.expert_out_, DType::kF32, {E, C, O}, dev);
   TensorView pre;

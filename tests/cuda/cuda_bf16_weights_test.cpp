@@ -1,5 +1,6 @@
-// bf16 weight copies on the CUDA backend: the checks of tests/kernels/bf16_copy_checks.hpp that
-// the CPU suite runs, here on the device (skipped without one). NaN keeps only its NaN-ness:
+// bf16 weight copies and bf16 dispatched tokens on the CUDA backend: the checks of
+// tests/kernels/bf16_copy_checks.hpp and bf16_dispatch_checks.hpp that the CPU suite runs, here
+// on the device (skipped without one). NaN keeps only its NaN-ness:
 // the device's conversion writes its canonical NaN.
 #include <gtest/gtest.h>
 
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "bf16_copy_checks.hpp"
+#include "bf16_dispatch_checks.hpp"
 #include "cuda_test_util.hpp"
 #include "layer_cases.hpp"
 
@@ -56,6 +58,20 @@ TEST_F(CudaBf16Copies, ConvertMatchesTheCpuBackend) {
   ASSERT_TRUE(gpu_->convert(src.gpu(), dst.gpu()).ok());
   EXPECT_EQ(dst.gpu_values<uint16_t>(), dst.cpu_values<uint16_t>());
 }
+
+class CudaBf16Dispatch : public CpuAndCudaTest {};
+
+TEST_F(CudaBf16Dispatch, EncodeIntoBf16IsTheRoundingOfTheF32Rows) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  check_encode_to_bf16(*gpu_, rng_);
+}
+
+TEST_F(CudaBf16Dispatch, ExpertOpsGiveTheSameBitsFromBf16Rows) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  check_expert_ops_read_bf16_dispatched(*gpu_, rng_);
+}
+
+TEST_F(CudaBf16Dispatch, MisuseIsRefused) { check_bf16_dispatched_misuse_refused(*gpu_); }
 
 }  // namespace
 }  // namespace tutel::testing

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <mutex>
 #include <random>
 #include <thread>
 
@@ -47,25 +48,37 @@ struct EpCase {
   int pipeline = 1;    // d: chunks of the expert phase
   int r = 1;           // 0: data parallel (weights gathered, tokens stay)
   int64_t output_dim = 0;  // O (0: M)
+  DType matmul = DType::kF32;  // bf16: the dispatched tokens travel in bf16
 };
 
 void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
 
 // Counts the all-to-alls issued from a thread other than the one that made it (the rank's): a
-// pipelined layer on the CPU must exchange its chunks on its worker thread.
+// pipelined layer on the CPU must exchange its chunks on its worker thread. Keeps the bytes per
+// peer of each all-to-all, in the order issued.
 class ExchangeThreads final : public ForwardingCommunicator {
  public:
   using ForwardingCommunicator::ForwardingCommunicator;
   Status all_to_all(const void* send, void* recv, size_t chunk_bytes,
                     comm::AllToAllAlgo algo) override {
     if (std::this_thread::get_id() != owner_) ++elsewhere_;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      chunk_bytes_.push_back(chunk_bytes);
+    }
     return inner_.all_to_all(send, recv, chunk_bytes, algo);
   }
   int elsewhere() const { return elsewhere_.load(); }
+  std::vector<size_t> chunk_bytes() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return chunk_bytes_;
+  }
 
  private:
   const std::thread::id owner_ = std::this_thread::get_id();
   std::atomic<int> elsewhere_{0};
+  mutable std::mutex mu_;
+  std::vector<size_t> chunk_bytes_;
 };
 
 EpCase two_dh(int local_size, EpCase c) {
@@ -86,6 +99,14 @@ EpCase data_parallel(EpCase c) {
 
 EpCase output_dim(int64_t O, EpCase c) {
   c.output_dim = O;
+  return c;
+}
+
+// bf16 matmuls, so bf16 dispatched tokens on the wire. ReLU becomes GELU, as in the CPU layer's
+// bf16 test: bf16 moves pre-activations by ~1e-2, and relu's kink would flip derivatives.
+EpCase bf16_matmuls(EpCase c) {
+  c.matmul = DType::kBF16;
+  if (c.activation == Activation::kRelu) c.activation = Activation::kGelu;
   return c;
 }
 
@@ -171,6 +192,16 @@ std::vector<EpCase> cases() {
                      0.0,
                      {10, 20, 30, 40},
                      Activation::kSilu}),
+      // bf16 matmuls: the dispatch travels as bf16 rows (half the bytes), the combine in f32;
+      // whole experts, H-shards, pipelined chunks (staged through the send buffer), 2DH, r = 0.
+      bf16_matmuls({"Bf16TwoRanksTwoExpertsEach", 2, 4, 32, 2, 1.0, {40, 31}}),
+      bf16_matmuls({"Bf16FourRanksOneExpertShardedInFour", 4, 1, 64, 1, 0.0, {10, 20, 30, 40}}),
+      bf16_matmuls(pipelined(3, {"Bf16PipelinedThreeChunksFourRanksCappedDropless",
+                                 4, 8, 32, 2, -0.8, {20, 33, 41, 28}})),
+      bf16_matmuls(two_dh(2, {"Bf16TwoDhFourRanksTwoNodesShardedSilu",
+                              4, 2, 48, 1, 0.0, {22, 35, 17, 40}, Activation::kSilu})),
+      bf16_matmuls(data_parallel({"Bf16DataParallelTwoRanksTwoExpertsEach",
+                                  2, 4, 32, 2, 1.0, {40, 31}})),
   };
 }
 
@@ -206,6 +237,7 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
   spec.activation = c.activation;
   spec.batch_prioritized = c.batch_prioritized;
   spec.output_dim = c.output_dim;
+  spec.matmul_dtype = c.matmul;
   const int W = c.world;
   const int64_t M = spec.model_dim, O = spec.out_dim(), E = spec.experts;
   auto shard0 = graphs::expert_shard(spec, W, 0);
@@ -258,6 +290,7 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
     RoutingStats stats;
     std::vector<float> y, dx, d_wg, d_fc1, d_b1, d_fc2, d_b2;
     int exchanges_elsewhere = -1;  // all-to-alls not issued by the rank's own thread
+    std::vector<size_t> exchange_bytes;  // bytes per peer of each all-to-all, in order
   };
   std::vector<RankResult> results(W);
   const uint16_t port = free_port();
@@ -320,6 +353,7 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
       out.d_fc2 = grads.fc2;
       out.d_b2 = grads.fc2_bias;
       out.exchanges_elsewhere = comm.elsewhere();
+      out.exchange_bytes = comm.chunk_bytes();
     });
   }
   for (auto& t : threads) t.join();
@@ -351,15 +385,27 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
     EXPECT_EQ(got.stats.capacity, capacity);
     EXPECT_EQ(got.stats.dropped, want[r].dropped);
     EXPECT_NEAR(got.stats.l_aux, want[r].l_aux, 1e-5);
-    EXPECT_TRUE(all_close("y", got.y, want[r].y, 1e-4, 1e-5));
-    EXPECT_TRUE(all_close("dx", got.dx, want_grads[r].dx, 1e-3, 1e-4));
-    EXPECT_TRUE(all_close("d_wg (all-reduced)", got.d_wg, widen(grad_sum.gate), 1e-3, 1e-4));
+    // The forward's first all-to-all is the dispatch (of the whole capacity when d = 1): each
+    // peer gets E_l experts' rows (one H-shard's expert's with s > 1) in the dispatch dtype.
+    if (c.r == 1 && c.pipeline == 1) {
+      ASSERT_FALSE(got.exchange_bytes.empty());
+      const int64_t experts_per_peer = got.shard.shards == 1 ? got.shard.local_experts : 1;
+      EXPECT_EQ(got.exchange_bytes[0], static_cast<size_t>(experts_per_peer * capacity * M) *
+                                           dtype_size(spec.dispatch_dtype()));
+    }
+    // bf16 matmuls round every GEMM input: the CPU layer's bf16 tolerances.
+    const bool bf16 = c.matmul == DType::kBF16;
+    const double y_rtol = bf16 ? 3e-2 : 1e-4, y_atol = bf16 ? 3e-2 : 1e-5,
+                 g_rtol = bf16 ? 3e-2 : 1e-3, g_atol = bf16 ? 3e-2 : 1e-4;
+    EXPECT_TRUE(all_close("y", got.y, want[r].y, y_rtol, y_atol));
+    EXPECT_TRUE(all_close("dx", got.dx, want_grads[r].dx, g_rtol, g_atol));
+    EXPECT_TRUE(all_close("d_wg (all-reduced)", got.d_wg, widen(grad_sum.gate), g_rtol, g_atol));
     const HostLayerParams want_local = graphs::slice_for_rank(spec, got.shard, grad_sum);
-    EXPECT_TRUE(all_close("d_fc1_w", got.d_fc1, widen(want_local.fc1), 1e-3, 1e-4));
-    EXPECT_TRUE(all_close("d_fc1_b", got.d_b1, widen(want_local.fc1_bias), 1e-3, 1e-4));
-    EXPECT_TRUE(all_close("d_fc2_w", got.d_fc2, widen(want_local.fc2), 1e-3, 1e-4));
+    EXPECT_TRUE(all_close("d_fc1_w", got.d_fc1, widen(want_local.fc1), g_rtol, g_atol));
+    EXPECT_TRUE(all_close("d_fc1_b", got.d_b1, widen(want_local.fc1_bias), g_rtol, g_atol));
+    EXPECT_TRUE(all_close("d_fc2_w", got.d_fc2, widen(want_local.fc2), g_rtol, g_atol));
     // Padding columns of a sharded fc2 bias (O not divisible by s) have no gradient.
-    EXPECT_TRUE(all_close("d_fc2_b", got.d_b2, widen(want_local.fc2_bias), 1e-3, 1e-4));
+    EXPECT_TRUE(all_close("d_fc2_b", got.d_b2, widen(want_local.fc2_bias), g_rtol, g_atol));
   }
 }
 

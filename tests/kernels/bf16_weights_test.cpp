@@ -1,11 +1,14 @@
-// bf16 weight copies on the CPU backend (the checks are in bf16_copy_checks.hpp, shared with the
-// CUDA suite): convert's rounding, the layer and the expert ops with copies against the
-// on-the-fly conversion bit for bit, the optimizers' param_bf16, and malformed copies refused.
+// bf16 weight copies and bf16 dispatched tokens on the CPU backend (the checks are in
+// bf16_copy_checks.hpp and bf16_dispatch_checks.hpp, shared with the CUDA suite): convert's
+// rounding, the layer and the expert ops with copies against the on-the-fly conversion bit for
+// bit, the optimizers' param_bf16, malformed copies refused; encode into bf16 and the expert
+// ops reading bf16 rows against the f32 rows bit for bit.
 #include <gtest/gtest.h>
 
 #include <random>
 
 #include "bf16_copy_checks.hpp"
+#include "bf16_dispatch_checks.hpp"
 #include "layer_cases.hpp"
 
 namespace tutel::testing {
@@ -82,6 +85,30 @@ TEST(CpuBf16Copies, WorkspaceForWeightsInBf16HoldsActivationsOnly) {
   EXPECT_EQ(b->expert_workspace_bytes(shape, DType::kBF16),
             size_t{2} * 8 * 1024 * 2048 * 2);  // E·C·H
   EXPECT_EQ(b->expert_workspace_bytes(shape, DType::kF32), 0u);
+}
+
+TEST(CpuBf16Dispatch, EncodeIntoBf16IsTheRoundingOfTheF32Rows) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  auto b = cpu_backend();
+  ASSERT_TRUE(b);
+  check_encode_to_bf16(*b, rng);
+}
+
+TEST(CpuBf16Dispatch, ExpertOpsGiveTheSameBitsFromBf16Rows) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  auto b = cpu_backend();
+  ASSERT_TRUE(b);
+  check_expert_ops_read_bf16_dispatched(*b, rng);
+}
+
+TEST(CpuBf16Dispatch, MisuseIsRefused) {
+  auto b = cpu_backend();
+  ASSERT_TRUE(b);
+  check_bf16_dispatched_misuse_refused(*b);
 }
 
 }  // namespace

@@ -82,6 +82,11 @@ class DeviceTensor {
     ASSERT_EQ(static_cast<int64_t>(host.size()), shape_.numel());
     ASSERT_TRUE(backend_->copy(buffer_.data(), host.data(), host.size() * 4, CopyKind::kHostToDevice).ok());
   }
+  template <typename T>
+  void upload_as(const std::vector<T>& host) {
+    ASSERT_EQ(static_cast<int64_t>(host.size() * sizeof(T)), shape_.numel() * static_cast<int64_t>(dtype_size(dtype_)));
+    ASSERT_TRUE(backend_->copy(buffer_.data(), host.data(), host.size() * sizeof(T), CopyKind::kHostToDevice).ok());
+  }
   std::vector<float> download() const {
     std::vector<float> host(shape_.numel());
     EXPECT_TRUE(backend_->copy(host.data(), buffer_.data(), host.size() * 4, CopyKind::kDeviceToHost).ok());

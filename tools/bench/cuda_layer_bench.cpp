@@ -249,7 +249,7 @@ struct ForwardOps {
         {&l_aux, 4},
         {&expert_count, E * 4},
         {&slot, E * Cz * 4},
-        {&dispatched, E * Cz * M * 4},
+        {&dispatched, E * Cz * M * dtype_size(spec.dispatch_dtype())},
         {&hidden, E * Cz * H * 4},
         {&expert_out, E * Cz * O * 4}};
     for (const auto& [buf, bytes] : sized) {
@@ -277,7 +277,7 @@ struct ForwardOps {
     const TensorView idx(expert_index.data(), i32, {S, k}, d), loc(location.data(), i32, {S, k}, d);
     const TensorView g(gates.data(), f32, {S, k}, d), sc(scores.data(), f32, {S, E}, d);
     const TensorView slots(slot.data(), i32, {E, C}, d), out(expert_out.data(), f32, {E, C, O}, d);
-    const TensorView disp(dispatched.data(), f32, {E, C, M}, d);
+    const TensorView disp(dispatched.data(), spec.dispatch_dtype(), {E, C, M}, d);
     const TensorView hid(hidden.data(), f32, {E, C, H}, d), lx(l_aux.data(), f32, {1}, d);
     const TensorView ws(workspace.data(), DType::kU8, {int64_t(workspace.bytes())}, d);
     const TensorView count(expert_count.data(), i32, {E}, d);

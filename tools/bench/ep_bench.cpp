@@ -17,6 +17,7 @@
 #include "tutel/comm/ucx.hpp"
 #include "tutel/graphs/exchange_tuner.hpp"
 #include "tutel/graphs/expert_parallel.hpp"
+#include "weight_copies.hpp"
 
 namespace tutel::bench {
 namespace {
@@ -69,7 +70,8 @@ std::string ms(int64_t ns) {
 }
 
 Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape,
-               const std::vector<int>& pipelines, int repeats, const ReportPipe& report) {
+               const std::vector<int>& pipelines, int repeats, DType matmul_dtype,
+               const ReportPipe& report) {
   omp_set_num_threads(threads);
   comm::BootstrapOptions o;
   o.coordinator_host = "127.0.0.1";
@@ -89,6 +91,8 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
   spec.hidden = shape.H;
   spec.k = shape.k;
   spec.capacity_factor = 1.0;
+  spec.matmul_dtype = matmul_dtype;
+  const bool bf16 = matmul_dtype == DType::kBF16;
   TUTEL_ASSIGN_OR_RETURN(graphs::ExpertShard shard, graphs::expert_shard(spec, W, rank));
   const int64_t S = shape.S, M = shape.M, O = spec.out_dim(), E = shape.E, El = shard.local_experts,
                 Hs = shard.hidden_shard;
@@ -116,6 +120,11 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
         TensorView(p.fc2_bias.data(), DType::kF32, graphs::local_fc2_bias_shape(spec, shard));
     return w;
   };
+  // The weights the layer runs with: under bf16 with their bf16 copies, made once, as the
+  // daemon keeps them.
+  LayerWeights weights = weights_of(local);
+  WeightCopies copies;
+  if (bf16) TUTEL_RETURN_IF_ERROR(copies.attach(b, weights.experts));
   std::vector<float> x = random_vector(rng, S * M, 1.0), dy = random_vector(rng, S * O, 1.0),
                      y(S * O), dx(S * M);
   const TensorView xv(x.data(), DType::kF32, {S, M}), yv(y.data(), DType::kF32, {S, O}),
@@ -128,15 +137,17 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
 
   // Floor 1: the expert GEMMs of this rank's forward alone (every rank at once, as in the step).
   TUTEL_RETURN_IF_ERROR(comm->barrier());
-  const GemmTiming gemms = time_gemms(expert_forward_gemms(El, R, M, Hs, O), false, repeats);
+  const GemmTiming gemms = time_gemms(expert_forward_gemms(El, R, M, Hs, O), bf16, repeats);
   TUTEL_ASSIGN_OR_RETURN(const int64_t gemm_ns, group_max(*comm, int64_t(gemms.seconds * 1e9)));
-  // Floor 2: the forward's two all-to-alls alone (dispatch [E, C, M], combine [E, C, O]).
+  // Floor 2: the forward's two all-to-alls alone (dispatch [E, C, M] in the dispatch dtype,
+  // combine [E, C, O] in f32).
   std::vector<float> send(E * C * std::max(M, O), 1.f), recv(send.size());
+  const size_t dispatch_size = dtype_size(spec.dispatch_dtype());
   TUTEL_ASSIGN_OR_RETURN(
       const int64_t a2a_ns, time_group(*comm, repeats, [&]() -> Status {
         const size_t chunk = size_t(E / W) * C;
-        TUTEL_RETURN_IF_ERROR(
-            comm->all_to_all(send.data(), recv.data(), chunk * M * 4, comm::AllToAllAlgo::kLinear));
+        TUTEL_RETURN_IF_ERROR(comm->all_to_all(send.data(), recv.data(), chunk * M * dispatch_size,
+                                               comm::AllToAllAlgo::kLinear));
         return comm->all_to_all(send.data(), recv.data(), chunk * O * 4,
                                 comm::AllToAllAlgo::kLinear);
       }));
@@ -144,9 +155,10 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
     // One line per report: the pipe turns newlines into spaces.
     char line[256];
     std::snprintf(line, sizeof line,
-                  "%s: S=%lld/rank M=%lld H=%lld E=%lld k=%d f=1 C=%lld, %d ranks x %d thread(s)",
+                  "%s: S=%lld/rank M=%lld H=%lld E=%lld k=%d f=1 C=%lld, %s matmuls, %d ranks x "
+                  "%d thread(s)",
                   shape.name, (long long)S, (long long)M, (long long)shape.H, (long long)E, shape.k,
-                  (long long)C, W, threads);
+                  (long long)C, dtype_name(matmul_dtype).data(), W, threads);
     report.line(line);
     std::snprintf(line, sizeof line,
                   "  floor: expert GEMMs %s (%.0f GFLOP/s per rank), all-to-alls there and back %s",
@@ -170,12 +182,12 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
                            graphs::ExpertParallelLayer::create(b, *comm, spec, options));
     graphs::ExpertParallelLayer::Saved saved;
     TUTEL_ASSIGN_OR_RETURN(const int64_t fwd_ns, time_group(*comm, repeats, [&] {
-                             return layer.forward(weights_of(local), xv, yv, nullptr);
+                             return layer.forward(weights, xv, yv, nullptr);
                            }));
     TUTEL_ASSIGN_OR_RETURN(
         const int64_t train_ns, time_group(*comm, repeats, [&]() -> Status {
-          TUTEL_RETURN_IF_ERROR(layer.forward(weights_of(local), xv, yv, nullptr, &saved));
-          return layer.backward(weights_of(local), dyv, 1.f, dxv, weights_of(grads), saved);
+          TUTEL_RETURN_IF_ERROR(layer.forward(weights, xv, yv, nullptr, &saved));
+          return layer.backward(weights, dyv, 1.f, dxv, weights_of(grads), saved);
         }));
     if (rank == 0) {
       char line[256];
@@ -198,7 +210,7 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
   const int64_t bucket = graphs::ExchangeTuner::bucket_for(C);
   int forwards = 0;
   while (tuned.tuner()->measuring(bucket) && forwards < 200) {
-    TUTEL_RETURN_IF_ERROR(tuned.forward(weights_of(local), xv, yv, nullptr));
+    TUTEL_RETURN_IF_ERROR(tuned.forward(weights, xv, yv, nullptr));
     ++forwards;
   }
   if (rank == 0) {
@@ -244,14 +256,12 @@ int run_ep_bench(const EpBenchOptions& options) {
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const int threads = std::max(1, cores / options.ranks);
   std::printf(
-      "tutel-bench ep: the expert-parallel layer (f32, CPU backend) on %d forked ranks, UCX over "
-      "tcp/lo with "
-      "peer memory (two daemons' ranks on one host), medians of %d runs; the floors are measured "
-      "by the same "
-      "ranks in the same run. / sum: forward over (GEMMs + all-to-alls); / larger: over the larger "
-      "of the "
-      "two.\n\n",
-      options.ranks, options.repeats);
+      "tutel-bench ep: the expert-parallel layer (%s matmuls, CPU backend) on %d forked ranks, "
+      "UCX over tcp/lo with peer memory (two daemons' ranks on one host), medians of %d runs; the "
+      "floors are measured by the same ranks in the same run. / sum: forward over (GEMMs + "
+      "all-to-alls); / larger: over the larger of the two.\n\n",
+      options.matmul_dtype.c_str(), options.ranks, options.repeats);
+  const DType matmul_dtype = options.matmul_dtype == "bf16" ? DType::kBF16 : DType::kF32;
   int exit_code = 0;
   for (const std::string& name : split_list(options.shapes)) {
     const EpShape* shape = nullptr;
@@ -266,7 +276,7 @@ int run_ep_bench(const EpBenchOptions& options) {
         options.ranks, "tcp,self",
         [&](int rank, const ReportPipe& report) {
           return ep_rank(rank, options.ranks, threads, port, *shape, pipelines, options.repeats,
-                         report);
+                         matmul_dtype, report);
         },
         [](const std::string& line) {
           std::printf("%s\n", line.c_str());

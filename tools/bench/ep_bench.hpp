@@ -9,6 +9,9 @@ struct EpBenchOptions {
   std::string shapes = "comm,compute";  // comm (H = 256: the exchange weighs) | compute (H = 2048)
   std::string pipelines = "1,2,4";      // the d values timed
   int repeats = 5;                      // timed runs per measurement (median)
+  // f32, or bf16 (expert GEMM inputs in bf16, the weights' bf16 copies made once, the dispatched
+  // tokens exchanged in bf16).
+  std::string matmul_dtype = "f32";
 };
 
 // The expert-parallel layer across forked ranks (UCX over tcp/lo with peer memory, as two daemons

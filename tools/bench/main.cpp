@@ -80,6 +80,12 @@ int main(int argc, char** argv) {
   ep_cmd->add_option("--repeats", ep.repeats, "timed runs per measurement")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  ep_cmd
+      ->add_option("--matmul-dtype", ep.matmul_dtype,
+                   "f32 | bf16 (bf16: the weights' bf16 copies, the dispatched tokens exchanged "
+                   "in bf16)")
+      ->check(CLI::IsMember({"f32", "bf16"}))
+      ->capture_default_str();
 
   CLI11_PARSE(app, argc, argv);
   if (ep_cmd->parsed()) return tutel::bench::run_ep_bench(ep);

@@ -201,7 +201,7 @@ class ExpertParallelLayer {
     ExchangeConfig config_;
     DeviceBuffer x_, scores_, expert_index_, gates_, location_;  // [S, ·]
     DeviceBuffer slots_;                                         // [E, C]
-    DeviceBuffer expert_in_, pre_, hidden_;                      // [E_l, W·C, ·]
+    DeviceBuffer expert_in_, pre_, hidden_;  // [E_l, W·C, ·]; expert_in_ in the dispatch dtype
     DeviceBuffer combined_;                                      // [E, C, O]
   };
 
@@ -258,18 +258,22 @@ class ExpertParallelLayer {
   TensorView f32(const DeviceBuffer& buf, Shape shape) const;
   TensorView f32_at(const DeviceBuffer& buf, int64_t offset_floats, Shape shape) const;
   TensorView i32(const DeviceBuffer& buf, Shape shape) const;
+  // The dispatched tokens (dispatched_, Saved::expert_in_) in the spec's dispatch dtype, from
+  // element `offset`.
+  TensorView disp_at(const DeviceBuffer& buf, int64_t offset, Shape shape) const;
   TensorView workspace() const;  // workspace_, all of it, as u8
-  // [a][b][rows] → [b][a][rows]: swaps the two outer dimensions of a [a, b, row_floats] block
+  // [a][b][rows] → [b][a][rows]: swaps the two outer dimensions of a [a, b, row_bytes] block
   // of device memory, by a·b device-to-device copies.
-  Status swap_outer(const float* src, float* dst, int64_t a, int64_t b, int64_t row_floats);
+  Status swap_outer(const void* src, void* dst, int64_t a, int64_t b, int64_t row_bytes);
   // The two directions of the all-to-all (forward dispatch and backward of combine; forward
-  // combine and backward of dispatch), for rows of `row` floats and capacity C.
-  // One chunk of the capacity at a time: slots [c0, c0 + Cj) of every expert; the expert side
-  // holds that chunk alone ([E_l, W·Cj, row]).
+  // combine and backward of dispatch) for capacity C. One chunk of the capacity at a time:
+  // slots [c0, c0 + Cj) of every expert; the expert side holds that chunk alone
+  // ([E_l, W·Cj, row]). to_experts moves rows of `row_bytes` (the dispatched tokens may be
+  // bf16); to_tokens rows of `row` floats, as it adds the shards' partial sums.
   struct Chunk {
     int64_t C, c0, Cj;
   };
-  Status to_experts(const float* token_side, float* expert_side, Chunk chunk, int64_t row,
+  Status to_experts(const void* token_side, void* expert_side, Chunk chunk, int64_t row_bytes,
                     comm::AllToAllAlgo algo);
   Status to_tokens(const float* expert_side, float* token_side, Chunk chunk, int64_t row,
                    comm::AllToAllAlgo algo);
@@ -335,7 +339,7 @@ class ExpertParallelLayer {
   DeviceBuffer l_aux_, expert_count_;
   DeviceBuffer agreed_;               // [2] i64: the scalars agree_on_max reduces
   std::vector<int32_t> host_counts_;  // [E]: expert_count_ copied to the host
-  DeviceBuffer dispatched_;           // [E, C, M] local dispatch
+  DeviceBuffer dispatched_;           // [E, C, M] local dispatch, in the dispatch dtype
   DeviceBuffer send_, recv_;          // all-to-all staging
   DeviceBuffer expert_out_, workspace_;
   DeviceBuffer d_gates_, d_logits_, d_combined_, d_expert_out_, d_hidden_, d_expert_in_,

@@ -105,12 +105,14 @@ struct SlotMapArgs {
 };
 
 // disp[e, c] = x[s] (· g[s, j] unless postscore) for the assignment in slot (e, c); empty slots 0.
+// A bf16 `dispatched` gets the f32 value's rounding (Backend::convert's), the same bits as
+// encoding in f32 and converting after.
 struct EncodeArgs {
   TensorView x;                // [S, M] f32
   TensorView gates;            // [S, k] f32
   TensorView slot_assignment;  // [E, C] i32
   bool is_postscore = true;
-  TensorView dispatched;       // out [E, C, M] f32
+  TensorView dispatched;       // out [E, C, M] f32 or bf16
 };
 
 // y[s] = Σ_j (g[s, j] if postscore) · expert_out[e, c] over kept choices, in j order.
@@ -186,7 +188,9 @@ struct ExpertWeights {
 };
 
 struct ExpertForwardArgs {
-  TensorView dispatched;    // [E, C, M] f32
+  // [E, C, M] f32; or bf16 under bf16 matmuls (encode's bf16 output, LayerSpec::dispatch_dtype),
+  // read as it is where an f32 one would be converted first: the same bits.
+  TensorView dispatched;
   ExpertWeights weights;    // f32
   Activation activation = Activation::kRelu;
   DType matmul_dtype = DType::kF32;  // f32, or bf16 inputs with f32 accumulation
@@ -200,7 +204,7 @@ struct ExpertForwardArgs {
 };
 
 struct ExpertBackwardArgs {
-  TensorView dispatched;     // [E, C, M]
+  TensorView dispatched;     // [E, C, M]: f32, or bf16 under bf16 matmuls (as in forward)
   TensorView pre_activation; // [E, C, H] (gelu/silu)
   TensorView hidden;         // [E, C, H]
   ExpertWeights weights;
@@ -238,6 +242,10 @@ struct ExpertShape {
   // without its copy needs the size for false, and refuses a workspace that is too small.
   bool weights_bf16 = false;
 };
+
+// OK when the expert ops may read `dispatched` under `matmul_dtype`: f32 always, bf16 only
+// under bf16 matmuls (an f32 GEMM has no bf16 input). `op` prefixes the message.
+Status check_dispatched(const TensorView& dispatched, DType matmul_dtype, std::string_view op);
 
 // OK when `copy` is a bf16 view in the shape of `source`, an f32 tensor: the form of every bf16
 // copy (ExpertWeights, the optimizers' param_bf16, convert's dst). `what` names the copy.

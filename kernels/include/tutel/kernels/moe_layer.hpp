@@ -41,6 +41,10 @@ struct LayerSpec {
   int64_t alignment = 1;            // s·d; capacity is rounded up to it (Tutel's rule)
 
   int64_t out_dim() const { return output_dim > 0 ? output_dim : model_dim; }
+  // The dtype encode writes the dispatched tokens in, which the exchange carries and the expert
+  // GEMMs read (forward, and the weight gradient's GEMM in backward): bf16 under bf16 matmuls,
+  // whose GEMMs read only the rounding anyway, so nothing changes but half the bytes.
+  DType dispatch_dtype() const { return matmul_dtype == DType::kBF16 ? DType::kBF16 : DType::kF32; }
   // Explains the first invalid field, e.g. "k = 3 exceeds experts = 2".
   Status validate() const;
 };
