@@ -133,19 +133,27 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
     } else if (auto ref = registry_->find(s->tenant, d.layer_handle); !ref.ok()) {
       st = ref.status();
     } else if (!registry_->try_begin_request(s->tenant)) {
-      st = Status::ResourceExhausted("tenant '" + s->tenant + "' has its quota of requests in flight; wait for completions");
+      // Refused here, before the layer: a group layer's peers are told through its step (below too).
+      const bool backward = d.op == uint32_t(ipc::Op::kBackward);
+      layer_name = ref->layer->name();
+      st = ref->layer->refuse_step(backward, s->id, d.sequence,
+                                   Status::ResourceExhausted("tenant '" + s->tenant +
+                                                             "' has its quota of requests in flight; wait for completions"));
     } else {
       ServedLayer& layer = *ref->layer;
       layer_name = layer.name();
       const LayerSpec& spec = layer.definition().spec;
       const uint64_t M = spec.model_dim, O = spec.out_dim();
+      const bool backward = d.op == uint32_t(ipc::Op::kBackward);
+      auto refuse = [&](Status why) { return layer.refuse_step(backward, s->id, d.sequence, std::move(why)); };
       Result<RequestMemory> mem = request_memory(*s, d, layer);
       if (!mem.ok()) {
-        st = mem.status();
+        st = refuse(mem.status());
       } else if (d.tokens < 1 || d.tokens > (int64_t{1} << 30) / spec.k) {
-        st = Status::InvalidArgument("tokens = " + std::to_string(d.tokens) + " is out of range");
-      } else if (d.op == uint32_t(ipc::Op::kForward)) {
+        st = refuse(Status::InvalidArgument("tokens = " + std::to_string(d.tokens) + " is out of range"));
+      } else if (!backward) {
         st = check_ranges(*mem, d, d.tokens * M * 4, d.tokens * O * 4, "x", "y");
+        if (!st.ok()) st = refuse(std::move(st));
         if (st.ok()) {
           const bool training = (d.flags & ipc::kFlagTraining) != 0;
           auto run = [&] {
@@ -173,6 +181,7 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
         }
       } else {
         st = check_ranges(*mem, d, d.tokens * O * 4, d.tokens * M * 4, "dy", "dx");
+        if (!st.ok()) st = refuse(std::move(st));
         if (st.ok())
           st = layer.backward(reinterpret_cast<const float*>(mem->base + d.input_offset), d.tokens, d.dl_aux,
                               reinterpret_cast<float*>(mem->base + d.output_offset), s->id, d.sequence, mem->kind);

@@ -469,12 +469,14 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
   const int64_t M = s.model_dim, O = s.out_dim();
   std::lock_guard lock(mutex_);
   const auto key = std::make_pair(owner, sequence);
-  if (training && pending_.count(key))
-    return Status::AlreadyExists("layer '" + def_.name + "': sequence " + std::to_string(sequence) +
-                                 " already has a forward waiting for its backward; use a new sequence number");
+  auto device_lock = lock_device();
+  if (training && pending_.count(key)) {
+    Status why = Status::AlreadyExists("layer '" + def_.name + "': sequence " + std::to_string(sequence) +
+                                       " already has a forward waiting for its backward; use a new sequence number");
+    return group_ ? refuse_group_step(false, owner, sequence, std::move(why)) : why;
+  }
   ActivationBackend& b = activations();
   const Device d = b.device();
-  auto device_lock = lock_device();
   RoutingStats stats;
   // Pending entries (saved state and input) are recycled, and plans are cached: no allocation
   // per request once the layer has seen its largest batch.
@@ -564,19 +566,23 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
   const LayerSpec& s = def_.spec;
   const int64_t M = s.model_dim, O = s.out_dim();
   std::lock_guard lock(mutex_);
+  auto device_lock = lock_device();
   auto it = pending_.find({owner, sequence});
-  if (it == pending_.end())
-    return Status::NotFound("layer '" + def_.name + "': no training forward with sequence " +
-                            std::to_string(sequence) + " is waiting for a backward");
+  if (it == pending_.end()) {
+    Status why = Status::NotFound("layer '" + def_.name + "': no training forward with sequence " +
+                                  std::to_string(sequence) + " is waiting for a backward");
+    return group_ ? refuse_group_step(true, owner, sequence, std::move(why)) : why;
+  }
   Pending& p = *it->second;
   const int64_t forward_tokens = group_ ? p.saved.tokens() : p.step.plan->tokens();
-  if (forward_tokens != tokens)
-    return Status::InvalidArgument("layer '" + def_.name + "': backward of sequence " + std::to_string(sequence) +
-                                   " has " + std::to_string(tokens) + " tokens, its forward had " +
-                                   std::to_string(forward_tokens));
+  if (forward_tokens != tokens) {
+    Status why = Status::InvalidArgument("layer '" + def_.name + "': backward of sequence " +
+                                         std::to_string(sequence) + " has " + std::to_string(tokens) +
+                                         " tokens, its forward had " + std::to_string(forward_tokens));
+    return group_ ? refuse_group_step(true, owner, sequence, std::move(why)) : why;
+  }
   ActivationBackend& b = activations();
   const Device d = b.device();
-  auto device_lock = lock_device();
   // Counted out at what it was counted in with; the backward may grow it.
   const uint64_t held = p.bytes();
   Status st;
@@ -610,6 +616,36 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
   publish_pending();
   publish_plan_summary();
   return st;
+}
+
+Status ServedLayer::refuse_step(bool backward, uint64_t owner, uint64_t sequence, Status why) {
+  if (!group_ || why.ok()) return why;
+  std::lock_guard lock(mutex_);
+  auto device_lock = lock_device();
+  return refuse_group_step(backward, owner, sequence, std::move(why));
+}
+
+Status ServedLayer::refuse_group_step(bool backward, uint64_t owner, uint64_t sequence, Status why) {
+  Status agreed;
+  if (!backward) {
+    agreed = group_->layer->refuse_forward(why);
+  } else if (auto it = pending_.find({owner, sequence}); it != pending_.end()) {
+    // The group consumes the forward this backward names, so this rank drops it too.
+    const uint64_t held = it->second->bytes();
+    agreed = group_->layer->refuse_backward(it->second->saved, why);
+    remove_pending_bytes(held);
+    recycle(std::move(it->second));
+    pending_.erase(it);
+    publish_pending();
+  } else {
+    // No forward here to consume (the client named none): the peers still consume theirs.
+    graphs::ExpertParallelLayer::Saved none;
+    agreed = group_->layer->refuse_backward(none, why);
+  }
+  // refuse_forward and refuse_backward give `why` back once the group has agreed; anything else
+  // is the agreement's own failure, which is the group's.
+  if (agreed.code() != why.code() || agreed.message() != why.message()) return note_group_status(agreed);
+  return why;
 }
 
 void ServedLayer::drop_pending(uint64_t owner) {

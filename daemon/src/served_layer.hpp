@@ -133,6 +133,13 @@ class ServedLayer {
                   uint64_t sequence, ClientMemory memory = ClientMemory::kHost);
   // Drops every pending forward of `owner` (its session ended).
   void drop_pending(uint64_t owner);
+  // A forward or backward request the daemon refuses before running it (the tenant's
+  // max_inflight, a malformed descriptor): returns `why`. A group layer's steps are
+  // collectives, so there this rank first joins the step's agreement as a rank that cannot run
+  // it, and every rank refuses the step at once instead of waiting for this one until the
+  // collective timeout. A refused backward consumes its forward on every rank: here too, when
+  // (`owner`, `sequence`) names one.
+  Status refuse_step(bool backward, uint64_t owner, uint64_t sequence, Status why);
 
   // Applies the optimizer to the accumulated gradients; returns the new step count.
   Result<int64_t> step();
@@ -269,6 +276,8 @@ class ServedLayer {
   std::string group_error_;  // guarded by stats_mutex_
   // Records a failed collective of a group layer (peer gone, timeout) for tutelctl peers.
   Status note_group_status(Status st);
+  // refuse_step on a group layer, with mutex_ and the device held.
+  Status refuse_group_step(bool backward, uint64_t owner, uint64_t sequence, Status why);
   // A layer without [group]: the rank's backend, charging the buffers below. Before them, as
   // they are freed through it.
   std::unique_ptr<ActivationBackend> local_activations_;

@@ -21,6 +21,7 @@
 #include "../graphs/expert_parallel_test_util.hpp"
 #include "../kernels/layer_test_util.hpp"
 #include "daemon_fixture.hpp"
+#include "raw_session.hpp"
 #include "tutel/client.hpp"
 #include "tutel/core/safetensors.hpp"
 #include "tutel/graphs/expert_parallel.hpp"
@@ -828,6 +829,111 @@ TEST(ExpertParallelGroups, ATenantOutOfQuotaOnOneDaemonRefusesTheStepOnEveryRank
         << why;
   }
   EXPECT_EQ(default_tenant_of(d1)["pending_bytes"].get<uint64_t>(), 0u);
+  EXPECT_EQ(d0.stop(), 0) << d0.log();
+  EXPECT_EQ(d1.stop(), 0) << d1.log();
+}
+
+// Requests a rank's daemon refuses before its layer runs them (a malformed descriptor from a
+// client the library does not check: a dx range past the arena, zero tokens; a backward naming no
+// forward) are refused on every rank through the step's agreement, at once rather than after the
+// collective timeout; a refused backward consumes the forward on every rank (no entry is left
+// pending on either daemon); and the group's next steps run. Rank 1 speaks the protocol by hand.
+TEST(ExpertParallelGroups, ARequestOneDaemonRefusesBeforeTheLayerIsRefusedOnEveryRank) {
+  DaemonProcess d0(DaemonOptions{}), d1(DaemonOptions{});
+  ASSERT_TRUE(d0.start());
+  ASSERT_TRUE(d1.start());
+  const uint16_t port = free_port();
+  constexpr int64_t S = 8, M = 16;
+  constexpr uint64_t kBytes = S * M * 4;
+  std::vector<Status> rank0_steps;
+  std::vector<ipc::CompletionDescriptor> rank1_steps;
+  Status setup0, setup1;
+  std::thread rank1([&] {
+    RawSession raw(d1.client_socket());
+    if (Status st = raw.hello(); !st.ok()) return void(setup1 = st);
+    auto handle = raw.create_layer(group_spec("refused", port, 1, 20000));
+    if (!handle.ok()) return void(setup1 = handle.status());
+    const ipc::ArenaLayout& l = raw.arena().layout();
+    auto* x = reinterpret_cast<float*>(raw.arena().base() + l.data_offset);
+    for (int64_t i = 0; i < S * M; ++i) x[i] = 0.01f * static_cast<float>(i % 37) - 0.2f;
+    auto step = [&](ipc::Op op, uint64_t sequence, int64_t tokens, uint64_t output_offset) {
+      ipc::RequestDescriptor d{};
+      d.op = static_cast<uint32_t>(op);
+      d.flags = op == ipc::Op::kForward ? ipc::kFlagTraining : 0;
+      d.layer_handle = *handle;
+      d.tokens = tokens;
+      d.sequence = sequence;
+      d.input_offset = l.data_offset;
+      d.input_bytes = kBytes;
+      d.output_offset = output_offset;
+      d.output_bytes = kBytes;
+      const std::optional<ipc::CompletionDescriptor> c = raw.submit(d);
+      if (!c) {
+        ipc::CompletionDescriptor lost{};
+        lost.status_code = -1;
+        rank1_steps.push_back(lost);
+      } else {
+        rank1_steps.push_back(*c);
+      }
+    };
+    const uint64_t out = l.data_offset + kBytes, past_the_arena = l.data_offset + l.data_bytes;
+    step(ipc::Op::kForward, 1, S, out);              // 0
+    step(ipc::Op::kBackward, 1, S, out);             // 1
+    step(ipc::Op::kForward, 2, S, out);              // 2
+    step(ipc::Op::kBackward, 2, S, past_the_arena);  // 3: dx past the arena
+    step(ipc::Op::kForward, 3, 0, out);              // 4: no tokens
+    step(ipc::Op::kForward, 4, S, out);              // 5
+    step(ipc::Op::kBackward, 99, S, out);            // 6: names no forward
+    step(ipc::Op::kForward, 5, S, out);              // 7
+    step(ipc::Op::kBackward, 5, S, out);             // 8
+  });
+  {
+    auto client = client::Client::connect(d0.client_socket());
+    auto layer = client.ok() ? client->create_layer(group_spec("refused", port, 0, 20000))
+                             : Result<client::Layer>(client.status());
+    if (!layer.ok()) {
+      setup0 = layer.status();
+    } else {
+      std::vector<float> x(S * M, 0.3f), y(S * M), dx(S * M);
+      client::ForwardInfo info;
+      auto forward = [&] {
+        rank0_steps.push_back(layer->forward(x.data(), S, y.data(), &info));
+      };
+      auto backward = [&] { rank0_steps.push_back(layer->backward(info.sequence, y.data(), 0.f, dx.data())); };
+      forward();   // 0
+      backward();  // 1
+      forward();   // 2
+      backward();  // 3: refused by rank 1's daemon
+      forward();   // 4: refused by rank 1's daemon
+      forward();   // 5
+      backward();  // 6: refused by rank 1's daemon (consumes 5)
+      forward();   // 7
+      backward();  // 8
+    }
+  }
+  rank1.join();
+  ASSERT_TRUE(setup0.ok()) << setup0;
+  ASSERT_TRUE(setup1.ok()) << setup1;
+  ASSERT_EQ(rank0_steps.size(), 9u);
+  ASSERT_EQ(rank1_steps.size(), 9u);
+  for (size_t i : {0, 1, 2, 5, 7, 8}) {
+    EXPECT_TRUE(rank0_steps[i].ok()) << "rank 0 step " << i << ": " << rank0_steps[i];
+    EXPECT_EQ(rank1_steps[i].status_code, 0) << "rank 1 step " << i << ": " << rank1_steps[i].message;
+  }
+  for (size_t i : {3, 4, 6}) {
+    SCOPED_TRACE("step " + std::to_string(i));
+    // Not the collective timeout: the peer was told through the step.
+    EXPECT_EQ(rank0_steps[i].code(), StatusCode::kResourceExhausted) << rank0_steps[i];
+    EXPECT_NE(rank0_steps[i].message().find("refused its request before running it"), std::string_view::npos)
+        << rank0_steps[i];
+  }
+  EXPECT_NE(rank1_steps[3].status_code, 0);
+  EXPECT_NE(std::string(rank1_steps[3].message).find("dx"), std::string::npos) << rank1_steps[3].message;
+  EXPECT_NE(std::string(rank1_steps[4].message).find("tokens = 0"), std::string::npos) << rank1_steps[4].message;
+  EXPECT_EQ(rank1_steps[6].status_code, static_cast<int32_t>(StatusCode::kNotFound)) << rank1_steps[6].message;
+  // Every forward was backwarded or consumed by a refused backward, on both daemons but rank 1's
+  // sequence 4 (its backward named 99): that one is rank 1's client's to run or drop.
+  EXPECT_EQ(default_tenant_of(d0)["pending_bytes"].get<uint64_t>(), 0u);
   EXPECT_EQ(d0.stop(), 0) << d0.log();
   EXPECT_EQ(d1.stop(), 0) << d1.log();
 }
