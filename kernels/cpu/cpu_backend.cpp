@@ -41,6 +41,35 @@ void to_bf16(const float* src, int64_t n, uint16_t* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
 
+inline float stored(float v, float*) { return v; }
+inline uint16_t stored(float v, uint16_t*) { return f32_to_bf16(v); }
+
+// out[r, :] = 0 for slots[r] < 0, else (scale ? gates[a] : 1) · src[a / k, :] with a = slots[r]
+// (encode, and decode's backward), written as f32, or rounded to bf16 (uint16_t) as it is
+// written. Without `scale` the row is copied as it is.
+template <typename Out>
+void scatter_rows(const float* src, const float* gates, const int32_t* slots, int64_t rows,
+                  int64_t width, int64_t k, bool scale, Out* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    Out* row = out + r * width;
+    const int32_t a = slots[r];
+    if (a < 0) {
+      std::memset(row, 0, width * sizeof(Out));
+      continue;
+    }
+    const float* in = src + (a / k) * width;
+    if (scale) {
+      const float g = gates[a];
+#pragma omp simd
+      for (int64_t m = 0; m < width; ++m) row[m] = stored(g * in[m], row);
+    } else {
+#pragma omp simd
+      for (int64_t m = 0; m < width; ++m) row[m] = stored(in[m], row);
+    }
+  }
+}
+
 // A weight as a matmul operand: the owner's bf16 copy when the matmul is bf16 and there is one
 // (matmul() then converts nothing), else the f32 weight `m` as laid out.
 // The dispatched tokens as a GEMM operand: bf16 ones are read as they are.
@@ -286,55 +315,24 @@ Status CpuBackend::slot_map(const SlotMapArgs& a) {
 
 Status CpuBackend::encode(const EncodeArgs& a) {
   threads_scope();
-  const int64_t rows = a.slot_assignment.numel(), M = a.x.dim(1), k = a.gates.dim(1);
+  const int64_t M = a.x.dim(1), k = a.gates.dim(1);
   const float* x = a.x.data_as<float>();
   const float* gates = a.gates.data_as<float>();
   const int32_t* slots = a.slot_assignment.data_as<int32_t>();
-  if (a.dispatched.dtype() == DType::kBF16) {
-    // Each row rounded as it is written: the bits of encoding in f32 and converting after,
-    // without the f32 rows ever reaching memory.
-    uint16_t* disp = a.dispatched.data_as<uint16_t>();
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      uint16_t* out = disp + r * M;
-      const int32_t as = slots[r];
-      if (as < 0) {
-        std::memset(out, 0, M * sizeof(uint16_t));
-        continue;
-      }
-      const float* in = x + (as / k) * M;
-      if (a.is_postscore) {
-#pragma omp simd
-        for (int64_t m = 0; m < M; ++m) out[m] = f32_to_bf16(in[m]);
-      } else {
-        const float g = gates[as];
-#pragma omp simd
-        for (int64_t m = 0; m < M; ++m) out[m] = f32_to_bf16(g * in[m]);
-      }
-    }
-    return Status::OK();
+  const int64_t rows = a.slot_assignment.numel();
+  switch (a.dispatched.dtype()) {
+    case DType::kF32:
+      scatter_rows(x, gates, slots, rows, M, k, !a.is_postscore, a.dispatched.data_as<float>());
+      return Status::OK();
+    case DType::kBF16:
+      // Each row rounded as it is written: the bits of encoding in f32 and converting after,
+      // without the f32 rows ever reaching memory.
+      scatter_rows(x, gates, slots, rows, M, k, !a.is_postscore, a.dispatched.data_as<uint16_t>());
+      return Status::OK();
+    default:
+      return Status::InvalidArgument("encode: dispatched has dtype " +
+                                     std::string(dtype_name(a.dispatched.dtype())) + "; give f32 or bf16");
   }
-  if (a.dispatched.dtype() != DType::kF32)
-    return Status::InvalidArgument("encode: dispatched has dtype " +
-                                   std::string(dtype_name(a.dispatched.dtype())) +
-                                   "; give f32 or bf16");
-  float* disp = a.dispatched.data_as<float>();
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    float* out = disp + r * M;
-    const int32_t as = slots[r];
-    if (as < 0) {
-      std::memset(out, 0, M * sizeof(float));
-    } else if (a.is_postscore) {
-      std::memcpy(out, x + (as / k) * M, M * sizeof(float));
-    } else {
-      const float g = gates[as];
-      const float* in = x + (as / k) * M;
-#pragma omp simd
-      for (int64_t m = 0; m < M; ++m) out[m] = g * in[m];
-    }
-  }
-  return Status::OK();
 }
 
 Status CpuBackend::decode(const DecodeArgs& a) {
@@ -373,19 +371,7 @@ Status CpuBackend::decode_backward(const DecodeBackwardArgs& a) {
   const int32_t* slots = a.slot_assignment.data_as<int32_t>();
   float* d_yexp = a.d_expert_out.data_as<float>();
   float* d_gates = a.d_gates.data_as<float>();
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    float* out = d_yexp + r * O;
-    const int32_t as = slots[r];
-    if (as < 0) {
-      std::memset(out, 0, O * sizeof(float));
-      continue;
-    }
-    const float g = a.is_postscore ? gates[as] : 1.f;
-    const float* in = dy + (as / k) * O;
-#pragma omp simd
-    for (int64_t o = 0; o < O; ++o) out[o] = g * in[o];
-  }
+  scatter_rows(dy, gates, slots, rows, O, k, a.is_postscore, d_yexp);
 #pragma omp parallel for schedule(static)
   for (int64_t s = 0; s < S; ++s)
     for (int64_t j = 0; j < k; ++j) {

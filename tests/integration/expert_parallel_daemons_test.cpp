@@ -859,7 +859,7 @@ TEST(ExpertParallelGroups, ARequestOneDaemonRefusesBeforeTheLayerIsRefusedOnEver
     auto step = [&](ipc::Op op, uint64_t sequence, int64_t tokens, uint64_t output_offset) {
       ipc::RequestDescriptor d{};
       d.op = static_cast<uint32_t>(op);
-      d.flags = op == ipc::Op::kForward ? ipc::kFlagTraining : 0;
+      d.flags = op == ipc::Op::kForward ? uint32_t{ipc::kFlagTraining} : uint32_t{0};
       d.layer_handle = *handle;
       d.tokens = tokens;
       d.sequence = sequence;

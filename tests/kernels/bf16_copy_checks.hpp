@@ -217,11 +217,7 @@ inline void check_expert_ops_with_copies(Backend& b, std::mt19937_64& rng) {
         if (saved_per_operand >= 128) {
           EXPECT_LT(copy_bytes, full_bytes) << "the weights are the largest operands here";
         }
-        auto random = [&](Shape s, double scale) {
-          DeviceTensor t(b, DType::kF32, s);
-          t.upload(to_f32(randn(rng, s.numel(), scale)));
-          return t;
-        };
+        auto random = [&](Shape s, double scale) { return random_tensor(b, rng, s, scale); };
         const DeviceTensor disp = random({E, C, M}, 1.0), fc1 = random({E, H, M}, 0.3),
                            fc2 = random({E, H, O}, 0.3), b1 = random({E, H}, 0.1),
                            b2 = random({E, O}, 0.1), d_out = random({E, C, O}, 1.0);
@@ -272,11 +268,7 @@ inline void check_expert_ops_with_copies(Backend& b, std::mt19937_64& rng) {
 // that use them (forward fc2, backward d_dispatched = d_pre·fc1), with no bias to hide it.
 inline void check_copies_are_read(Backend& b, std::mt19937_64& rng) {
   const int64_t E = 2, C = 6, M = 8, H = 16, O = 8;
-  auto random = [&](Shape s) {
-    DeviceTensor t(b, DType::kF32, s);
-    t.upload(to_f32(randn(rng, s.numel(), 1.0)));
-    return t;
-  };
+  auto random = [&](Shape s) { return random_tensor(b, rng, s, 1.0); };
   const DeviceTensor disp = random({E, C, M}), fc1 = random({E, H, M}), fc2 = random({E, H, O}),
                      d_out = random({E, C, O});
   // A DeviceTensor starts zero-filled: the copies are bf16 zeros.

@@ -92,11 +92,7 @@ inline void check_expert_ops_read_bf16_dispatched(Backend& b, std::mt19937_64& r
                      std::to_string(M) + " H " + std::to_string(H) + " O " + std::to_string(O) +
                      " " + std::string(activation_name(act)) +
                      (copies ? " with weight copies" : " converting the weights"));
-        auto random = [&](Shape s, double scale) {
-          DeviceTensor t(b, DType::kF32, s);
-          t.upload(to_f32(randn(rng, s.numel(), scale)));
-          return t;
-        };
+        auto random = [&](Shape s, double scale) { return random_tensor(b, rng, s, scale); };
         const DeviceTensor disp = random({E, C, M}, 1.0), fc1 = random({E, H, M}, 0.3),
                            fc2 = random({E, H, O}, 0.3), b1 = random({E, H}, 0.1),
                            b2 = random({E, O}, 0.1), d_out = random({E, C, O}, 1.0);

@@ -106,6 +106,13 @@ class DeviceTensor {
   DeviceBuffer buffer_;
 };
 
+// An f32 tensor of `shape` on b's device, filled with N(0, scale²) draws.
+inline DeviceTensor random_tensor(Backend& b, std::mt19937_64& rng, Shape shape, double scale) {
+  DeviceTensor t(b, DType::kF32, shape);
+  t.upload(to_f32(randn(rng, shape.numel(), scale)));
+  return t;
+}
+
 // Parameters (or gradients) of one layer on a device.
 struct DeviceLayer {
   DeviceTensor wg, fc1_w, fc1_b, fc2_w, fc2_b;
