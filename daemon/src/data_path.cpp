@@ -127,18 +127,23 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
       if (st.ok()) c.checksum = word_sum(base + d.input_offset, d.input_bytes);
     } else if (d.op != uint32_t(ipc::Op::kForward) && d.op != uint32_t(ipc::Op::kBackward)) {
       st = Status::InvalidArgument("unknown op " + std::to_string(d.op) + " (1 = forward, 2 = backward, 3 = checksum)");
-    } else if ((d.flags & ~ipc::kKnownRequestFlags) != 0) {
-      st = Status::InvalidArgument("unknown request flags " + std::to_string(d.flags & ~ipc::kKnownRequestFlags) +
-                                   " (1 = training, 2 = device region); upgrade the daemon or fix the client");
     } else if (auto ref = registry_->find(s->tenant, d.layer_handle); !ref.ok()) {
       st = ref.status();
-    } else if (!registry_->try_begin_request(s->tenant)) {
-      // Refused here, before the layer: a group layer's peers are told through its step (below too).
+    } else if (const bool unknown_flags = (d.flags & ~ipc::kKnownRequestFlags) != 0;
+               unknown_flags || !registry_->try_begin_request(s->tenant)) {
+      // Refused here, before the layer: a group layer's peers are told through its step (so are
+      // the refusals below).
       const bool backward = d.op == uint32_t(ipc::Op::kBackward);
-      layer_name = ref->layer->name();
-      st = ref->layer->refuse_step(backward, s->id, d.sequence,
-                                   Status::ResourceExhausted("tenant '" + s->tenant +
-                                                             "' has its quota of requests in flight; wait for completions"));
+      ServedLayer& layer = *ref->layer;
+      layer_name = layer.name();
+      st = layer.refuse_step(
+          backward, s->id, d.sequence,
+          unknown_flags
+              ? Status::InvalidArgument("unknown request flags " + std::to_string(d.flags & ~ipc::kKnownRequestFlags) +
+                                        " (1 = training, 2 = device region); upgrade the daemon or fix the client")
+              : Status::ResourceExhausted("tenant '" + s->tenant +
+                                          "' has its quota of requests in flight; wait for completions"));
+      if (layer.definition().group) metrics_.set_peer_state(s->tenant + "/" + layer_name, layer.group_error().empty());
     } else {
       ServedLayer& layer = *ref->layer;
       layer_name = layer.name();

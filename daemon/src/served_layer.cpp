@@ -643,8 +643,9 @@ Status ServedLayer::refuse_group_step(bool backward, uint64_t owner, uint64_t se
     agreed = group_->layer->refuse_backward(none, why);
   }
   // refuse_forward and refuse_backward give `why` back once the group has agreed; anything else
-  // is the agreement's own failure, which is the group's.
-  if (agreed.code() != why.code() || agreed.message() != why.message()) return note_group_status(agreed);
+  // is the agreement's own failure, which is the group's (and says why this rank refused).
+  if (agreed.code() != why.code() || agreed.message() != why.message())
+    return note_group_status(agreed.with_context("refusing a step (" + std::string(why.message()) + ")"));
   return why;
 }
 

@@ -137,8 +137,10 @@ class ServedLayer {
   // max_inflight, a malformed descriptor): returns `why`. A group layer's steps are
   // collectives, so there this rank first joins the step's agreement as a rank that cannot run
   // it, and every rank refuses the step at once instead of waiting for this one until the
-  // collective timeout. A refused backward consumes its forward on every rank: here too, when
-  // (`owner`, `sequence`) names one.
+  // collective timeout (should the agreement itself fail, that failure is returned, naming
+  // `why`). A refused backward consumes its forward on every rank: here too, when (`owner`,
+  // `sequence`) names one. One that names none leaves this rank's forward pending (the peers'
+  // is gone): its client is out of step with the group, as a client that skips a step is.
   Status refuse_step(bool backward, uint64_t owner, uint64_t sequence, Status why);
 
   // Applies the optimizer to the accumulated gradients; returns the new step count.

@@ -437,10 +437,9 @@ Status ExpertParallelLayer::run_local_phase(const std::function<PhaseKey()>& key
 
 Status ExpertParallelLayer::refused_by_a_peer() const {
   return Status::ResourceExhausted(
-      "another rank of the expert-parallel group could not allocate what this step needs (its "
-      "tenant's max_memory_bytes, or device memory) or refused its request before running it "
-      "(its tenant's max_inflight, a malformed request), so every rank refused it: see that "
-      "rank's error; run the pending backwards, or use smaller micro-batches");
+      "another rank of the expert-parallel group could not allocate this step (max_memory_bytes, "
+      "device memory) or refused its request before running it (max_inflight, a malformed "
+      "request), so every rank refused it; see that rank's error");
 }
 
 Status ExpertParallelLayer::run_group_phase(const Status& prepared,

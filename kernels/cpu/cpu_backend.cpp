@@ -70,8 +70,6 @@ void scatter_rows(const float* src, const float* gates, const int32_t* slots, in
   }
 }
 
-// A weight as a matmul operand: the owner's bf16 copy when the matmul is bf16 and there is one
-// (matmul() then converts nothing), else the f32 weight `m` as laid out.
 // The dispatched tokens as a GEMM operand: bf16 ones are read as they are.
 MatOperand dispatched_operand(const TensorView& dispatched, int64_t E, int64_t C, int64_t M) {
   MatOperand m = row_major(dispatched.data(), E, C, M);
@@ -79,6 +77,8 @@ MatOperand dispatched_operand(const TensorView& dispatched, int64_t E, int64_t C
   return m;
 }
 
+// A weight as a matmul operand: the owner's bf16 copy when the matmul is bf16 and there is one
+// (matmul() then converts nothing), else the f32 weight `m` as laid out.
 MatOperand with_bf16_copy(MatOperand m, const TensorView& copy, DType matmul_dtype) {
   if (matmul_dtype != DType::kBF16 || copy.empty()) return m;
   m.data = copy.data();

@@ -43,12 +43,11 @@ __device__ inline float activation_grad(ActKind act, float x, float d) {
   return d;
 }
 
-// A block walks whole rows, its threads over the row: one division per row, none per element.
 __device__ inline float4 activate4(ActKind act, float4 x) {
   return {activate(act, x.x), activate(act, x.y), activate(act, x.z), activate(act, x.w)};
 }
 
-
+// A block walks whole rows, its threads over the row: one division per row, none per element.
 // One element type for the whole row walk: float (any width) or float4 (width % 4 == 0, every
 // pointer 16-byte aligned; the bf16 output then goes 8 bytes at a time). Both do the same f32
 // operations per element, so they give the same bits.

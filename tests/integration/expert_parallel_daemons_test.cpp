@@ -834,10 +834,10 @@ TEST(ExpertParallelGroups, ATenantOutOfQuotaOnOneDaemonRefusesTheStepOnEveryRank
 }
 
 // Requests a rank's daemon refuses before its layer runs them (a malformed descriptor from a
-// client the library does not check: a dx range past the arena, zero tokens; a backward naming no
-// forward) are refused on every rank through the step's agreement, at once rather than after the
-// collective timeout; a refused backward consumes the forward on every rank (no entry is left
-// pending on either daemon); and the group's next steps run. Rank 1 speaks the protocol by hand.
+// client the library does not check: a dx range past the arena, zero tokens, an unknown flag; a
+// backward naming no forward) are refused on every rank through the step's agreement, at once
+// rather than after the collective timeout; a refused backward consumes the forward it names on
+// every rank; and the group's next steps run. Rank 1 speaks the protocol by hand.
 TEST(ExpertParallelGroups, ARequestOneDaemonRefusesBeforeTheLayerIsRefusedOnEveryRank) {
   DaemonProcess d0(DaemonOptions{}), d1(DaemonOptions{});
   ASSERT_TRUE(d0.start());
@@ -848,18 +848,22 @@ TEST(ExpertParallelGroups, ARequestOneDaemonRefusesBeforeTheLayerIsRefusedOnEver
   std::vector<Status> rank0_steps;
   std::vector<ipc::CompletionDescriptor> rank1_steps;
   Status setup0, setup1;
+  // Forwards waiting for their backwards, read while the sessions are open (a session's close
+  // drops its own).
+  int64_t pending0 = -1, pending1 = -1;
   std::thread rank1([&] {
     RawSession raw(d1.client_socket());
     if (Status st = raw.hello(); !st.ok()) return void(setup1 = st);
-    auto handle = raw.create_layer(group_spec("refused", port, 1, 20000));
+    auto handle = raw.create_layer(group_spec("refused", port, 1, 20000), 60s);
     if (!handle.ok()) return void(setup1 = handle.status());
     const ipc::ArenaLayout& l = raw.arena().layout();
     auto* x = reinterpret_cast<float*>(raw.arena().base() + l.data_offset);
     for (int64_t i = 0; i < S * M; ++i) x[i] = 0.01f * static_cast<float>(i % 37) - 0.2f;
-    auto step = [&](ipc::Op op, uint64_t sequence, int64_t tokens, uint64_t output_offset) {
+    auto step = [&](ipc::Op op, uint64_t sequence, int64_t tokens, uint64_t output_offset,
+                    uint32_t extra_flags = 0) {
       ipc::RequestDescriptor d{};
       d.op = static_cast<uint32_t>(op);
-      d.flags = op == ipc::Op::kForward ? uint32_t{ipc::kFlagTraining} : uint32_t{0};
+      d.flags = (op == ipc::Op::kForward ? uint32_t{ipc::kFlagTraining} : uint32_t{0}) | extra_flags;
       d.layer_handle = *handle;
       d.tokens = tokens;
       d.sequence = sequence;
@@ -886,6 +890,10 @@ TEST(ExpertParallelGroups, ARequestOneDaemonRefusesBeforeTheLayerIsRefusedOnEver
     step(ipc::Op::kBackward, 99, S, out);            // 6: names no forward
     step(ipc::Op::kForward, 5, S, out);              // 7
     step(ipc::Op::kBackward, 5, S, out);             // 8
+    step(ipc::Op::kForward, 6, S, out, 1u << 30);    // 9: a flag no daemon knows
+    step(ipc::Op::kForward, 7, S, out);              // 10
+    step(ipc::Op::kBackward, 7, S, out);             // 11
+    pending1 = pending_backwards(d1, "refused");
   });
   {
     auto client = client::Client::connect(d0.client_socket());
@@ -909,18 +917,22 @@ TEST(ExpertParallelGroups, ARequestOneDaemonRefusesBeforeTheLayerIsRefusedOnEver
       backward();  // 6: refused by rank 1's daemon (consumes 5)
       forward();   // 7
       backward();  // 8
+      forward();   // 9: refused by rank 1's daemon
+      forward();   // 10
+      backward();  // 11
+      pending0 = pending_backwards(d0, "refused");
     }
   }
   rank1.join();
   ASSERT_TRUE(setup0.ok()) << setup0;
   ASSERT_TRUE(setup1.ok()) << setup1;
-  ASSERT_EQ(rank0_steps.size(), 9u);
-  ASSERT_EQ(rank1_steps.size(), 9u);
-  for (size_t i : {0, 1, 2, 5, 7, 8}) {
+  ASSERT_EQ(rank0_steps.size(), 12u);
+  ASSERT_EQ(rank1_steps.size(), 12u);
+  for (size_t i : {0, 1, 2, 5, 7, 8, 10, 11}) {
     EXPECT_TRUE(rank0_steps[i].ok()) << "rank 0 step " << i << ": " << rank0_steps[i];
     EXPECT_EQ(rank1_steps[i].status_code, 0) << "rank 1 step " << i << ": " << rank1_steps[i].message;
   }
-  for (size_t i : {3, 4, 6}) {
+  for (size_t i : {3, 4, 6, 9}) {
     SCOPED_TRACE("step " + std::to_string(i));
     // Not the collective timeout: the peer was told through the step.
     EXPECT_EQ(rank0_steps[i].code(), StatusCode::kResourceExhausted) << rank0_steps[i];
@@ -931,9 +943,13 @@ TEST(ExpertParallelGroups, ARequestOneDaemonRefusesBeforeTheLayerIsRefusedOnEver
   EXPECT_NE(std::string(rank1_steps[3].message).find("dx"), std::string::npos) << rank1_steps[3].message;
   EXPECT_NE(std::string(rank1_steps[4].message).find("tokens = 0"), std::string::npos) << rank1_steps[4].message;
   EXPECT_EQ(rank1_steps[6].status_code, static_cast<int32_t>(StatusCode::kNotFound)) << rank1_steps[6].message;
-  // Every forward was backwarded or consumed by a refused backward, on both daemons but rank 1's
-  // sequence 4 (its backward named 99): that one is rank 1's client's to run or drop.
-  EXPECT_EQ(default_tenant_of(d0)["pending_bytes"].get<uint64_t>(), 0u);
+  EXPECT_NE(std::string(rank1_steps[9].message).find("unknown request flags"), std::string::npos)
+      << rank1_steps[9].message;
+  // Every forward was backwarded or consumed by a refused backward: none is pending on daemon 0,
+  // and on daemon 1 only sequence 4 (its backward named 99, so rank 1 consumed nothing there;
+  // it is rank 1's client's to run or drop). Sequence 2 went with its refused backward.
+  EXPECT_EQ(pending0, 0);
+  EXPECT_EQ(pending1, 1);
   EXPECT_EQ(d0.stop(), 0) << d0.log();
   EXPECT_EQ(d1.stop(), 0) << d1.log();
 }

@@ -30,11 +30,12 @@ class RawSession {
   Status send(ipc::FrameType type, const nlohmann::json& body) {
     return ipc::send_json(fd_.get(), type, ++request_id_, body);
   }
-  Result<ipc::Frame> receive() { return ipc::recv_frame(fd_.get(), 10s); }
+  Result<ipc::Frame> receive(std::chrono::milliseconds timeout = 10s) { return ipc::recv_frame(fd_.get(), timeout); }
   // Sends and waits for the reply body (an error reply becomes its Status).
-  Result<nlohmann::json> call(ipc::FrameType type, const nlohmann::json& body, ipc::FrameType expected) {
+  Result<nlohmann::json> call(ipc::FrameType type, const nlohmann::json& body, ipc::FrameType expected,
+                              std::chrono::milliseconds timeout = 10s) {
     TUTEL_RETURN_IF_ERROR(send(type, body));
-    TUTEL_ASSIGN_OR_RETURN(ipc::Frame reply, receive());
+    TUTEL_ASSIGN_OR_RETURN(ipc::Frame reply, receive(timeout));
     if (reply.header.request_id != request_id_)
       return Status::Internal("reply to request " + std::to_string(reply.header.request_id) + ", expected " +
                               std::to_string(request_id_));
@@ -68,8 +69,10 @@ class RawSession {
     return c;
   }
 
-  Result<uint64_t> create_layer(const std::string& spec) {
-    TUTEL_ASSIGN_OR_RETURN(nlohmann::json info, call(ipc::FrameType::kCreateLayer, {{"spec", spec}}, ipc::FrameType::kLayerInfo));
+  // `timeout`: above a group layer's bootstrap_timeout_ms, whose creation waits for its peers.
+  Result<uint64_t> create_layer(const std::string& spec, std::chrono::milliseconds timeout = 10s) {
+    TUTEL_ASSIGN_OR_RETURN(nlohmann::json info,
+                           call(ipc::FrameType::kCreateLayer, {{"spec", spec}}, ipc::FrameType::kLayerInfo, timeout));
     return info["handle"].get<uint64_t>();
   }
 

@@ -189,7 +189,9 @@ struct ExpertWeights {
 
 struct ExpertForwardArgs {
   // [E, C, M] f32; or bf16 under bf16 matmuls (encode's bf16 output, LayerSpec::dispatch_dtype),
-  // read as it is where an f32 one would be converted first: the same bits.
+  // read as it is where an f32 one would be converted first: the same operand values. (A GEMM
+  // library that picks its algorithm by pointer alignment, as cuBLAS does, may then differ in
+  // the last bits where the rows start less aligned than a converted copy would.)
   TensorView dispatched;
   ExpertWeights weights;    // f32
   Activation activation = Activation::kRelu;
