@@ -50,6 +50,7 @@ struct DaemonOptions {
   bool state_dir = true;
   uint64_t default_max_memory_bytes = 0;  // the "default" tenant's quota; 0: the config's default
   int64_t default_max_sessions = 0;       // its session limit; 0: the config's default
+  int64_t default_max_inflight = 0;       // its requests in flight; 0: the config's default
 };
 
 class DaemonProcess {
@@ -182,6 +183,9 @@ class DaemonProcess {
               : std::string())
       << (options_.default_max_sessions
               ? "max_sessions = " + std::to_string(options_.default_max_sessions) + "\n"
+              : std::string())
+      << (options_.default_max_inflight
+              ? "max_inflight = " + std::to_string(options_.default_max_inflight) + "\n"
               : std::string())
       << (options_.cluster.empty() ? "" : "\n[cluster]\n" + options_.cluster + "\n")
       << options_.extra_tenants << "\n"

@@ -12,8 +12,10 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <atomic>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <thread>
 
@@ -950,6 +952,84 @@ TEST(ExpertParallelGroups, ARequestOneDaemonRefusesBeforeTheLayerIsRefusedOnEver
   // it is rank 1's client's to run or drop). Sequence 2 went with its refused backward.
   EXPECT_EQ(pending0, 0);
   EXPECT_EQ(pending1, 1);
+  EXPECT_EQ(d0.stop(), 0) << d0.log();
+  EXPECT_EQ(d1.stop(), 0) << d1.log();
+}
+
+// A group step one rank's daemon refuses for its tenant's max_inflight is refused on every rank.
+// Daemon 1 allows its tenant one request in flight; group H's rank 1 holds it (its forward waits
+// for H's rank 0, which the test holds back); group G's forward on daemon 1 is then refused for
+// the quota, and G's rank 0 is refused with it at once, not at the collective timeout. H's step
+// then completes, and G's next step runs.
+TEST(ExpertParallelGroups, AStepRefusedForMaxInflightOnOneDaemonIsRefusedOnEveryRank) {
+  DaemonOptions one_in_flight;
+  one_in_flight.default_max_inflight = 1;
+  DaemonProcess d0(DaemonOptions{}), d1(one_in_flight);
+  ASSERT_TRUE(d0.start());
+  ASSERT_TRUE(d1.start());
+  const uint16_t port_g = free_port(), port_h = free_port();
+  std::atomic<bool> g_refused{false};
+  Status h0, h1, g0_refused, g1_refused, g0_next, g1_next, setup;
+  std::mutex setup_mutex;
+  auto failed_setup = [&](const Status& st) {
+    std::lock_guard lock(setup_mutex);
+    if (setup.ok()) setup = st;
+  };
+  auto inflight_on_d1 = [&] { return default_tenant_of(d1)["inflight"].get<int64_t>(); };
+  std::vector<float> x(8 * 16, 0.5f);
+  auto run_rank = [&](DaemonProcess& d, const std::string& name, uint16_t port, int rank,
+                      const std::function<void(client::Layer&)>& steps) {
+    auto client = client::Client::connect(d.client_socket());
+    if (!client.ok()) return failed_setup(client.status());
+    auto layer = client->create_layer(group_spec(name, port, rank, 20000));
+    if (!layer.ok()) return failed_setup(layer.status());
+    steps(*layer);
+  };
+  auto forward = [&](client::Layer& layer) {
+    std::vector<float> y(8 * 16);
+    client::ForwardInfo info;
+    return layer.infer(x.data(), 8, y.data(), &info);
+  };
+  std::vector<std::thread> threads;
+  threads.emplace_back([&] {  // H, rank 1: holds daemon 1's one slot until H's rank 0 comes
+    run_rank(d1, "h_r1", port_h, 1, [&](client::Layer& l) { h1 = forward(l); });
+  });
+  threads.emplace_back([&] {  // H, rank 0: comes once G's step has been refused
+    run_rank(d0, "h_r0", port_h, 0, [&](client::Layer& l) {
+      while (!g_refused.load()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      h0 = forward(l);
+    });
+  });
+  threads.emplace_back([&] {  // G, rank 1: submits while H's rank 1 holds the slot
+    run_rank(d1, "g_r1", port_g, 1, [&](client::Layer& l) {
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+      while (inflight_on_d1() < 1 && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      g1_refused = forward(l);
+      g_refused = true;
+      while (inflight_on_d1() != 0 && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      g1_next = forward(l);
+    });
+  });
+  threads.emplace_back([&] {  // G, rank 0
+    run_rank(d0, "g_r0", port_g, 0, [&](client::Layer& l) {
+      g0_refused = forward(l);
+      g0_next = forward(l);
+    });
+  });
+  for (auto& t : threads) t.join();
+  g_refused = true;
+  ASSERT_TRUE(setup.ok()) << setup;
+  EXPECT_EQ(g1_refused.code(), StatusCode::kResourceExhausted) << g1_refused;
+  EXPECT_NE(g1_refused.message().find("quota of requests in flight"), std::string_view::npos) << g1_refused;
+  EXPECT_EQ(g0_refused.code(), StatusCode::kResourceExhausted) << g0_refused;
+  EXPECT_NE(g0_refused.message().find("refused its request before running it"), std::string_view::npos)
+      << g0_refused;
+  EXPECT_TRUE(h0.ok()) << h0;
+  EXPECT_TRUE(h1.ok()) << h1;
+  EXPECT_TRUE(g0_next.ok()) << g0_next;
+  EXPECT_TRUE(g1_next.ok()) << g1_next;
   EXPECT_EQ(d0.stop(), 0) << d0.log();
   EXPECT_EQ(d1.stop(), 0) << d1.log();
 }
