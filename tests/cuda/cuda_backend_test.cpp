@@ -372,11 +372,13 @@ TEST_F(CudaOps, LocationsAndSlotMapMatchCpuExactly) {
     int k;
     bool prioritized;
   };
-  // E = 8192 is the most a chunk's histogram counts in shared memory; E = 9000 takes the zeroed
-  // global histogram instead.
+  // E = 8192 is the most a chunk's histogram counts in shared memory (E = 600: more experts than
+  // a block has threads, not a multiple of them); E = 9000 takes the zeroed global histogram
+  // instead. S = 0: no assignment, yet every count is written.
   for (const C& c : {C{1000, 7, 2, false}, C{1000, 7, 2, true}, C{3, 4, 2, true}, C{1, 1, 1, false},
                      C{1, 3, 2, true}, C{2000, 64, 4, true}, C{513, 2, 1, false}, C{4097, 33, 3, false},
-                     C{300, 5, 5, true}, C{1100, 8192, 2, false}, C{700, 9000, 2, true}}) {
+                     C{300, 5, 5, true}, C{1100, 600, 2, false}, C{1100, 8192, 2, false},
+                     C{700, 9000, 2, true}, C{0, 5, 2, false}, C{0, 5, 2, true}}) {
     SCOPED_TRACE("S " + std::to_string(c.S) + " E " + std::to_string(c.E) + " k " + std::to_string(c.k) +
                  (c.prioritized ? " batch-prioritized" : ""));
     auto scores = make({c.S, c.E});
