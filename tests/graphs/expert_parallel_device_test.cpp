@@ -99,11 +99,20 @@ struct DeviceCase {
   // differently, so only candidates whose results are the same bits (the all-to-all algorithm)
   // are compared.
   std::vector<graphs::ExchangeConfig> tune;
+  DType matmul = DType::kF32;  // bf16: bf16 dispatched rows on the wire (LayerSpec::dispatch_dtype)
 };
 void PrintTo(const DeviceCase& c, std::ostream* os) { *os << c.name; }
 
+// The case under bf16 matmuls: the device path's exchanges then move bf16 rows (whole, chunked,
+// 2DH) or gather the weights, and must still give the CPU backend's bits.
+DeviceCase with_bf16_matmuls(DeviceCase c) {
+  c.name = "Bf16" + c.name;
+  c.matmul = DType::kBF16;
+  return c;
+}
+
 std::vector<DeviceCase> device_cases() {
-  return {
+  std::vector<DeviceCase> cases = {
       {"TwoRanksTwoExpertsEach", 2, 4, 32, 0, 2, 1.0, Activation::kRelu, {{40, 29}, {17, 33}}},
       // O = 15 over s = 2: slices of 8 columns, the second padded with one.
       {"FourRanksShardedInTwoPaddedBiasDropless",
@@ -215,6 +224,9 @@ std::vector<DeviceCase> device_cases() {
        1,
        /*r=*/0},
   };
+  // Whole experts; three chunks over 2DH with H-shards; data parallel.
+  for (const size_t i : {size_t{0}, size_t{6}, size_t{8}}) cases.push_back(with_bf16_matmuls(cases[i]));
+  return cases;
 }
 
 LayerSpec spec_of(const DeviceCase& c) {
@@ -222,6 +234,7 @@ LayerSpec spec_of(const DeviceCase& c) {
   spec.output_dim = c.output_dim;
   spec.activation = c.activation;
   spec.is_postscore = c.is_postscore;
+  spec.matmul_dtype = c.matmul;
   return spec;
 }
 
@@ -976,7 +989,7 @@ INSTANTIATE_TEST_SUITE_P(Groups, ExpertParallelOnDevice, ::testing::ValuesIn(dev
 // kGraphs: the daemon's way on a GPU: NCCL enqueues on the backend's stream without waiting, and
 // the layer's phases are CUDA graphs with the NCCL calls captured inside (make_phase_runner),
 // over kGraphRounds rounds so that graphs are captured and launched again.
-void run_on_cuda(DeviceRun how, int pipeline = 1, int r = 1) {
+void run_on_cuda(DeviceRun how, int pipeline = 1, int r = 1, DType matmul = DType::kF32) {
   ::setenv("UCX_NET_DEVICES", "lo", 1);
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
@@ -984,6 +997,7 @@ void run_on_cuda(DeviceRun how, int pipeline = 1, int r = 1) {
   DeviceCase c{"OneRank", 1, 4, 32, 0, 2, 1.0, Activation::kGelu, {{40}, {27}}};
   c.pipeline = pipeline;
   c.r = r;
+  c.matmul = matmul;
   const LayerSpec spec = spec_of(c);
   const int64_t M = spec.model_dim, O = spec.out_dim();
   ref::Params p;
@@ -1034,20 +1048,24 @@ void run_on_cuda(DeviceRun how, int pipeline = 1, int r = 1) {
     EXPECT_GE(runner->stats().launches, 2 * runner->stats().captures);
   }
   auto wide = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+  // bf16 matmuls on two backends: the CPU layer's bf16 tolerances (GELU here, no ReLU kink).
+  const bool bf16 = matmul == DType::kBF16;
+  const double y_rtol = bf16 ? 3e-2 : 1e-4, y_atol = bf16 ? 3e-2 : 1e-5,
+               g_rtol = bf16 ? 3e-2 : 1e-3, g_atol = bf16 ? 3e-2 : 1e-4;
   for (int m = 0; m < kMicroBatches; ++m) {
     SCOPED_TRACE("micro-batch " + std::to_string(m));
     EXPECT_EQ(got.stats[m].capacity, want.stats[m].capacity);
     EXPECT_EQ(got.stats[m].dropped, want.stats[m].dropped);
     EXPECT_NEAR(got.stats[m].l_aux, want.stats[m].l_aux, 1e-5);
-    EXPECT_TRUE(all_close("y", got.y[m], wide(want.y[m]), 1e-4, 1e-5));
-    EXPECT_TRUE(all_close("dx", got.dx[m], wide(want.dx[m]), 1e-3, 1e-4));
+    EXPECT_TRUE(all_close("y", got.y[m], wide(want.y[m]), y_rtol, y_atol));
+    EXPECT_TRUE(all_close("dx", got.dx[m], wide(want.dx[m]), g_rtol, g_atol));
   }
-  EXPECT_TRUE(all_close("inference y", got.y_inference, wide(want.y_inference), 1e-4, 1e-5));
-  EXPECT_TRUE(all_close("d_wg", got.d_wg, wide(want.d_wg), 1e-3, 1e-4));
-  EXPECT_TRUE(all_close("d_fc1_w", got.d_fc1, wide(want.d_fc1), 1e-3, 1e-4));
-  EXPECT_TRUE(all_close("d_fc1_b", got.d_b1, wide(want.d_b1), 1e-3, 1e-4));
-  EXPECT_TRUE(all_close("d_fc2_w", got.d_fc2, wide(want.d_fc2), 1e-3, 1e-4));
-  EXPECT_TRUE(all_close("d_fc2_b", got.d_b2, wide(want.d_b2), 1e-3, 1e-4));
+  EXPECT_TRUE(all_close("inference y", got.y_inference, wide(want.y_inference), y_rtol, y_atol));
+  EXPECT_TRUE(all_close("d_wg", got.d_wg, wide(want.d_wg), g_rtol, g_atol));
+  EXPECT_TRUE(all_close("d_fc1_w", got.d_fc1, wide(want.d_fc1), g_rtol, g_atol));
+  EXPECT_TRUE(all_close("d_fc1_b", got.d_b1, wide(want.d_b1), g_rtol, g_atol));
+  EXPECT_TRUE(all_close("d_fc2_w", got.d_fc2, wide(want.d_fc2), g_rtol, g_atol));
+  EXPECT_TRUE(all_close("d_fc2_b", got.d_b2, wide(want.d_b2), g_rtol, g_atol));
 }
 
 TEST(ExpertParallelOnCuda, OneRankOverNcclMatchesTheCpuBackend) {
@@ -1075,6 +1093,19 @@ TEST(ExpertParallelOnCuda, OneRankPipelinedAndDataParallelInCudaGraphsMatchTheCp
     SCOPED_TRACE("r = 0");
     run_on_cuda(DeviceRun::kGraphs, /*pipeline=*/1, /*r=*/0);
   }
+}
+
+// bf16 matmuls, the GPU's default: bf16 dispatched rows through NCCL (whole and in three chunks)
+// and r = 0's gathered weights, in CUDA graphs, against the CPU backend at bf16 tolerances.
+TEST(ExpertParallelOnCuda, OneRankBf16InCudaGraphsMatchesTheCpuBackend) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: compiled, not run";
+  if (!comm::nccl_available()) GTEST_SKIP() << "this build has no NCCL";
+  for (const int pipeline : {1, 3}) {
+    SCOPED_TRACE("d = " + std::to_string(pipeline));
+    run_on_cuda(DeviceRun::kGraphs, pipeline, /*r=*/1, DType::kBF16);
+  }
+  SCOPED_TRACE("r = 0");
+  run_on_cuda(DeviceRun::kGraphs, /*pipeline=*/1, /*r=*/0, DType::kBF16);
 }
 
 }  // namespace
