@@ -580,6 +580,32 @@ std::vector<Status> run_simulated_ranks(
   return out;
 }
 
+// One rank's side of run_simulated_layers: its layer, its slice of the parameters, zeroed
+// gradients of the same shapes, and its own generator.
+struct RankLayer {
+  ExpertParallelLayer& layer;
+  LocalTensors& params;
+  LocalTensors& grads;
+  std::mt19937_64& rng;
+};
+
+// run_simulated_ranks on rank_seeds.size() ranks, each with its layer of `spec` created and its
+// slice of `whole` uploaded; rank r draws from rank_seeds[r].
+std::vector<Status> run_simulated_layers(
+    const LayerSpec& spec, const HostLayerParams& whole, const std::vector<uint64_t>& rank_seeds,
+    const std::function<Status(int, SimulatedDevice&, RankLayer&)>& body) {
+  return run_simulated_ranks(
+      static_cast<int>(rank_seeds.size()),
+      [&](int r, SimulatedDevice& device, DeviceCollectives& device_comm) -> Status {
+        std::mt19937_64 rng(rank_seeds[r]);
+        auto layer = ExpertParallelLayer::create(device, device_comm, spec);
+        if (!layer.ok()) return layer.status();
+        LocalTensors params(device, spec, layer->shard(), whole), grads(device, spec, layer->shard());
+        RankLayer rank{*layer, params, grads, rng};
+        return body(r, device, rank);
+      });
+}
+
 // A rank that cannot allocate what a step needs (its tenant's quota, a full device) must not
 // leave its peers waiting in a collective: the group agrees, every rank refuses the step with
 // ResourceExhausted (never a timeout), and the group goes on. Rank 1 is refused where its
@@ -596,12 +622,8 @@ TEST(ExpertParallelLimits, ARankThatCannotAllocateRefusesTheStepOnEveryRank) {
   const HostLayerParams whole = to_host(p);
   const std::vector<uint64_t> rank_seeds = {rng(), rng()};  // a generator per rank's thread
   std::vector<std::vector<Status>> steps(W);
-  const std::vector<Status> setup = run_simulated_ranks(
-      W, [&](int r, SimulatedDevice& device, DeviceCollectives& device_comm) -> Status {
-        std::mt19937_64 rank_rng(rank_seeds[r]);
-        auto layer = ExpertParallelLayer::create(device, device_comm, spec);
-        if (!layer.ok()) return layer.status();
-        LocalTensors params(device, spec, layer->shard(), whole), grads(device, spec, layer->shard());
+  const std::vector<Status> setup = run_simulated_layers(
+      spec, whole, rank_seeds, [&](int r, SimulatedDevice& device, RankLayer& rank) -> Status {
         // The caller's tensors for every step, made before any limit: they are not the layer's.
         struct Io {
           std::unique_ptr<DeviceTensor> x, y, dy, dx;
@@ -613,17 +635,17 @@ TEST(ExpertParallelLimits, ARankThatCannotAllocateRefusesTheStepOnEveryRank) {
           t.y = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, O});
           t.dy = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, O});
           t.dx = std::make_unique<DeviceTensor>(device, DType::kF32, Shape{S, M});
-          t.x->upload(to_f32(randn(rank_rng, S * M, 1.0)));
-          t.dy->upload(to_f32(randn(rank_rng, S * O, 1.0)));
+          t.x->upload(to_f32(randn(rank.rng, S * M, 1.0)));
+          t.dy->upload(to_f32(randn(rank.rng, S * O, 1.0)));
         }
         ExpertParallelLayer::Saved small, big;
         auto forward = [&](int64_t S, ExpertParallelLayer::Saved& saved) {
-          steps[r].push_back(
-              layer->forward(params.weights(), io[S].x->view(), io[S].y->view(), nullptr, &saved));
+          steps[r].push_back(rank.layer.forward(rank.params.weights(), io[S].x->view(),
+                                                io[S].y->view(), nullptr, &saved));
         };
         auto backward = [&](int64_t S, ExpertParallelLayer::Saved& saved) {
-          steps[r].push_back(layer->backward(params.weights(), io[S].dy->view(), 0.f,
-                                             io[S].dx->view(), grads.weights(), saved));
+          steps[r].push_back(rank.layer.backward(rank.params.weights(), io[S].dy->view(), 0.f,
+                                                 io[S].dx->view(), rank.grads.weights(), saved));
         };
         // Rank 1 can allocate nothing more; lifted again after the step.
         auto full = [&] {
@@ -679,27 +701,23 @@ TEST(ExpertParallelLimits, AStepOneRanksOwnerRefusesIsRefusedOnEveryRank) {
   const HostLayerParams whole = to_host(random_params(rng, spec));
   const std::vector<uint64_t> rank_seeds = {rng(), rng()};
   std::vector<std::vector<Status>> steps(W);
-  const std::vector<Status> setup = run_simulated_ranks(
-      W, [&](int r, SimulatedDevice& device, DeviceCollectives& device_comm) -> Status {
-        std::mt19937_64 rank_rng(rank_seeds[r]);
-        auto layer = ExpertParallelLayer::create(device, device_comm, spec);
-        if (!layer.ok()) return layer.status();
-        LocalTensors params(device, spec, layer->shard(), whole), grads(device, spec, layer->shard());
+  const std::vector<Status> setup = run_simulated_layers(
+      spec, whole, rank_seeds, [&](int r, SimulatedDevice& device, RankLayer& rank) -> Status {
         DeviceTensor x(device, DType::kF32, {S, M}), y(device, DType::kF32, {S, O}),
             dy(device, DType::kF32, {S, O}), dx(device, DType::kF32, {S, M});
-        x.upload(to_f32(randn(rank_rng, S * M, 1.0)));
-        dy.upload(to_f32(randn(rank_rng, S * O, 1.0)));
+        x.upload(to_f32(randn(rank.rng, S * M, 1.0)));
+        dy.upload(to_f32(randn(rank.rng, S * O, 1.0)));
         ExpertParallelLayer::Saved saved;
         const Status cannot_stage = Status::Unavailable("cannot stage the request");
         auto forward = [&](bool refuse) {
-          steps[r].push_back(
-              refuse ? layer->refuse_forward(cannot_stage)
-                     : layer->forward(params.weights(), x.view(), y.view(), nullptr, &saved));
+          steps[r].push_back(refuse ? rank.layer.refuse_forward(cannot_stage)
+                                    : rank.layer.forward(rank.params.weights(), x.view(), y.view(),
+                                                         nullptr, &saved));
         };
         auto backward = [&](bool refuse) {
-          steps[r].push_back(refuse ? layer->refuse_backward(saved, cannot_stage)
-                                    : layer->backward(params.weights(), dy.view(), 0.f, dx.view(),
-                                                      grads.weights(), saved));
+          steps[r].push_back(refuse ? rank.layer.refuse_backward(saved, cannot_stage)
+                                    : rank.layer.backward(rank.params.weights(), dy.view(), 0.f,
+                                                          dx.view(), rank.grads.weights(), saved));
         };
         const bool one = r == 1;
         forward(false);   // 0
