@@ -49,7 +49,7 @@ json DaemonImpl::status_json() const {
           {"client_socket", config_.server.client_socket},
           {"state_dir", config_.server.state_dir},
           {"metrics_listen", config_.server.metrics_listen},
-          {"metrics_port", bound_metrics_port_},
+          {"metrics_port", metrics_http_ ? metrics_http_->port() : 0},
           {"control_frames_queued_peak", queued_frames_peak_},
           {"control_reads_paused", reads_paused_},
           {"draining", draining_}};
@@ -319,87 +319,12 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
   finish_frame(s);
 }
 
-namespace {
-
-// One HTTP connection: read the request head, answer GET /metrics, close.
-struct HttpConnection {
-  uv_tcp_t tcp;
-  std::string request;
-  DaemonImpl* daemon;
-  std::string response;
-  uv_write_t write;
-};
-
-constexpr size_t kMaxRequestHead = 8192;
-
-void close_connection(HttpConnection* c) {
-  uv_close(reinterpret_cast<uv_handle_t*>(&c->tcp),
-           [](uv_handle_t* h) { delete static_cast<HttpConnection*>(h->data); });
-}
-
-std::string http_response(int code, const char* reason, const std::string& content_type, const std::string& body) {
-  return "HTTP/1.1 " + std::to_string(code) + " " + reason + "\r\nContent-Type: " + content_type +
-         "\r\nContent-Length: " + std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
-}
-
-}  // namespace
-
 Status DaemonImpl::start_metrics_server() {
-  uv_tcp_init(&loop_, &metrics_server_);
-  metrics_server_.data = this;
-  sockaddr_storage addr{};
-  const std::string& host = config_.server.metrics_host;
-  int rc = host.find(':') != std::string::npos
-               ? uv_ip6_addr(host.c_str(), config_.server.metrics_port, reinterpret_cast<sockaddr_in6*>(&addr))
-               : uv_ip4_addr(host.c_str(), config_.server.metrics_port, reinterpret_cast<sockaddr_in*>(&addr));
-  if (rc == 0) rc = uv_tcp_bind(&metrics_server_, reinterpret_cast<const sockaddr*>(&addr), 0);
-  if (rc == 0)
-    rc = uv_listen(reinterpret_cast<uv_stream_t*>(&metrics_server_), 16, [](uv_stream_t* server, int status) {
-      if (status < 0) return;
-      auto* self = static_cast<DaemonImpl*>(server->data);
-      auto* c = new HttpConnection{};
-      c->daemon = self;
-      uv_tcp_init(server->loop, &c->tcp);
-      c->tcp.data = c;
-      if (uv_accept(server, reinterpret_cast<uv_stream_t*>(&c->tcp)) != 0) return close_connection(c);
-      uv_read_start(
-          reinterpret_cast<uv_stream_t*>(&c->tcp),
-          [](uv_handle_t*, size_t suggested, uv_buf_t* buf) {
-            buf->base = new char[suggested];
-            buf->len = suggested;
-          },
-          [](uv_stream_t* stream, ssize_t n, const uv_buf_t* buf) {
-            auto* c = static_cast<HttpConnection*>(stream->data);
-            if (n > 0) c->request.append(buf->base, n);
-            delete[] buf->base;
-            if (n < 0) return close_connection(c);
-            const bool complete = c->request.find("\r\n\r\n") != std::string::npos;
-            if (!complete && c->request.size() < kMaxRequestHead) return;
-            uv_read_stop(stream);
-            if (!complete) c->response = http_response(431, "Request Header Fields Too Large", "text/plain", "request head too large\n");
-            else if (c->request.rfind("GET /metrics ", 0) == 0 || c->request.rfind("GET /metrics?", 0) == 0)
-              c->response = http_response(200, "OK", "text/plain; version=0.0.4", c->daemon->metrics_text());
-            else c->response = http_response(404, "Not Found", "text/plain", "only GET /metrics is served here\n");
-            uv_buf_t out = uv_buf_init(c->response.data(), static_cast<unsigned>(c->response.size()));
-            c->write.data = c;
-            uv_write(&c->write, stream, &out, 1,
-                     [](uv_write_t* w, int) { close_connection(static_cast<HttpConnection*>(w->data)); });
-          });
-    });
-  if (rc != 0) {
-    uv_close(reinterpret_cast<uv_handle_t*>(&metrics_server_), nullptr);
-    return Status::Unavailable("cannot serve metrics on " + config_.server.metrics_listen + ": " + uv_strerror(rc) +
+  metrics_http_ = std::make_unique<MetricsHttpServer>(&loop_, [this] { return metrics_text(); });
+  if (Status st = metrics_http_->listen(config_.server.metrics_host, config_.server.metrics_port); !st.ok())
+    return Status::Unavailable("cannot serve metrics on " + config_.server.metrics_listen + ": " + std::string(st.message()) +
                                "; pick another server.metrics_listen port, or \"\" to disable");
-  }
-  metrics_started_ = true;
-  // Report the bound port (it differs from the configured one when that was 0).
-  sockaddr_storage bound{};
-  int len = sizeof(bound);
-  uv_tcp_getsockname(&metrics_server_, reinterpret_cast<sockaddr*>(&bound), &len);
-  const int port = bound.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port)
-                                               : ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
-  TUTEL_LOG(INFO) << "metrics on http://" << config_.server.metrics_host << ":" << port << "/metrics";
-  bound_metrics_port_ = port;
+  TUTEL_LOG(INFO) << "metrics on http://" << config_.server.metrics_host << ":" << metrics_http_->port() << "/metrics";
   return Status::OK();
 }
 

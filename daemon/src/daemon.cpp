@@ -84,6 +84,7 @@ DaemonImpl::~DaemonImpl() {
   // shutdown() closed every handle; a start-up that failed never ran it, so close here what it
   // opened (the listening polls: their descriptors are members and close themselves). Then run
   // the loop until the close callbacks have fired, or the loop cannot free its own memory.
+  if (metrics_http_) metrics_http_->close();
   uv_walk(
       &loop_,
       [](uv_handle_t* h, void*) {
@@ -623,7 +624,7 @@ void DaemonImpl::shutdown() {
   uv_close(reinterpret_cast<uv_handle_t*>(&admin_poll_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&sigterm_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&sigint_), nullptr);
-  if (metrics_started_) uv_close(reinterpret_cast<uv_handle_t*>(&metrics_server_), nullptr);
+  if (metrics_http_) metrics_http_->close();  // and its connections, which would keep the loop alive
   ::unlink(config_.server.client_socket.c_str());
   ::unlink(config_.server.admin_socket.c_str());
   client_fd_.reset();

@@ -1,5 +1,5 @@
 // The daemon's internals, shared by daemon.cpp (lifecycle, sockets, control frames),
-// data_path.cpp (the per-session request worker) and admin.cpp (admin frames, metrics HTTP).
+// data_path.cpp (the per-session request worker) and admin.cpp (admin frames, the metrics endpoint).
 #pragma once
 
 #include <uv.h>
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "metrics.hpp"
+#include "metrics_http.hpp"
 #include "registry.hpp"
 #include "session.hpp"
 #include "tutel/comm/cluster.hpp"
@@ -85,9 +86,7 @@ class DaemonImpl {
   ipc::UniqueFd client_fd_, admin_fd_;
   uv_poll_t client_poll_{}, admin_poll_{};
   uv_signal_t sigterm_{}, sigint_{};
-  uv_tcp_t metrics_server_{};
-  bool metrics_started_ = false;
-  int bound_metrics_port_ = 0;
+  std::unique_ptr<MetricsHttpServer> metrics_http_;  // with server.metrics_listen
   // The most control frames any session had waiting, and how often a session's reads were
   // paused for a full queue (pump); shown by the admin status.
   uint64_t queued_frames_peak_ = 0;

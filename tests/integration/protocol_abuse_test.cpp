@@ -2,14 +2,20 @@
 // before hello, descriptors pointing outside the arena, wrong sizes, unknown and foreign layer
 // handles, bad specs, a corrupted ring and a client killed mid-request. Each gets an error (or
 // the offending session is closed) and the daemon keeps serving everyone else.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <cstdint>
+#include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "daemon_fixture.hpp"
 #include "raw_session.hpp"
@@ -302,6 +308,75 @@ TEST_F(ProtocolAbuse, DescriptorsAreValidatedBeforeAnyByteIsRead) {
   ASSERT_TRUE(c.has_value());
   EXPECT_EQ(c->status_code, 0) << c->message;
   EXPECT_GT(c->capacity, 0);
+}
+
+// A TCP connection to 127.0.0.1:`port`, or -1.
+int connect_loopback(int port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// Everything the peer sends until it closes, or until nothing came for `timeout`.
+std::string read_until_closed(int fd, std::chrono::seconds timeout, bool* closed) {
+  timeval tv{static_cast<time_t>(timeout.count()), 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  std::string got;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::read(fd, buf, sizeof(buf))) > 0) got.append(buf, static_cast<size_t>(n));
+  *closed = n == 0 || (n < 0 && errno == ECONNRESET);
+  return got;
+}
+
+// Any local process may connect to the metrics port. Connections that never send a request (or
+// never finish one) are closed: the oldest when too many are open, every one after a deadline,
+// and all at shutdown, which would otherwise never end (the loop waits for its last handle).
+TEST_F(ProtocolAbuse, IdleMetricsConnectionsHoldNeitherTheEndpointNorTheShutdown) {
+  RawSession admin(daemon_->admin_socket());
+  auto status = admin.call(ipc::FrameType::kAdminStatus, nlohmann::json::object(), ipc::FrameType::kOk);
+  ASSERT_TRUE(status.ok()) << status.status();
+  const int port = (*status)["metrics_port"];
+  ASSERT_GT(port, 0);
+  constexpr int kIdle = 40;  // more than the endpoint keeps open
+  std::vector<int> idle;
+  for (int i = 0; i < kIdle; ++i) {
+    const int fd = connect_loopback(port);
+    ASSERT_GE(fd, 0);
+    if (i % 2 == 1) {
+      ASSERT_EQ(::write(fd, "GET /metr", 9), 9);  // half a request head
+    }
+    idle.push_back(fd);
+  }
+  // Still served, and the oldest idle connection was closed to make room.
+  const int fd = connect_loopback(port);
+  ASSERT_GE(fd, 0);
+  const std::string req = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+  ASSERT_EQ(::write(fd, req.data(), req.size()), static_cast<ssize_t>(req.size()));
+  bool closed = false;
+  EXPECT_NE(read_until_closed(fd, std::chrono::seconds(30), &closed).find("200 OK"), std::string::npos);
+  EXPECT_TRUE(closed);
+  ::close(fd);
+  EXPECT_EQ(read_until_closed(idle.front(), std::chrono::seconds(30), &closed), "");
+  EXPECT_TRUE(closed) << "the oldest idle connection should have been closed";
+  // The newest one is closed at its deadline (a few seconds), having received nothing.
+  EXPECT_EQ(read_until_closed(idle.back(), std::chrono::seconds(30), &closed), "");
+  EXPECT_TRUE(closed) << "an idle connection should be closed at its deadline";
+  for (int f : idle) ::close(f);
+
+  // A connection open at shutdown does not keep the daemon running.
+  const int last = connect_loopback(port);
+  ASSERT_GE(last, 0);
+  EXPECT_EQ(daemon_->stop(), 0) << daemon_->log();
+  daemon_.reset();
+  ::close(last);
 }
 
 TEST_F(ProtocolAbuse, CorruptRingIndicesStopOnlyThatSession) {
