@@ -115,14 +115,18 @@ class Coordinator {
           reading.push_back(i);
         }
       }
-      const int timeout = detail::poll_timeout_ms(deadline_);
+      if (detail::cancelled(o_.cancel.get())) {
+        failure = cancelled_error(count);
+        break;
+      }
+      const int timeout = detail::poll_timeout_ms(deadline_, o_.cancel.get());
       const int r = timeout == 0 ? 0 : ::poll(fds.data(), fds.size(), timeout);
       if (r < 0 && errno == EINTR) continue;
       if (r < 0) {
         failure = Status::IOError("bootstrap coordinator: poll: " + detail::errno_text(errno));
         break;
       }
-      if (r == 0) {
+      if (r == 0 && Clock::now() >= deadline_) {
         failure = missing_ranks_error(count);
         break;
       }
@@ -152,7 +156,7 @@ class Coordinator {
     for (;;) {
       if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) break;
       const int err = errno;
-      if (err != EADDRINUSE || Clock::now() >= deadline_)
+      if (err != EADDRINUSE || Clock::now() >= deadline_ || detail::cancelled(o_.cancel.get()))
         return Status::Unavailable("bootstrap: " + o_.member + " 0 cannot listen on " + endpoint_name(o_) +
                                    ": " + detail::errno_text(err) +
                                    " (is another coordinator using this port?)");
@@ -251,6 +255,11 @@ class Coordinator {
                            " " + o_.member + "s arrived); start them or check their coordinator address");
   }
 
+  Status cancelled_error(int count) const {
+    return Status::Aborted("bootstrap cancelled on " + o_.member + " 0 (the coordinator) with " + std::to_string(count) +
+                           " of " + std::to_string(o_.size) + " " + o_.member + "s arrived");
+  }
+
   void reply_all(uint32_t kind, const Status& failure) {
     Header h;
     h.kind = kind;
@@ -330,15 +339,18 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
   const std::string server = server_name(o);
   const auto verdict_deadline = deadline + std::min<Clock::duration>(kVerdictGrace, o.timeout);
 
+  const std::atomic<bool>* cancel = o.cancel.get();
   std::string last_error = "nothing listens there";
   while (Clock::now() < deadline) {
-    auto fd = connect_once(addr, std::min(deadline, Clock::now() + std::chrono::seconds(1)));
+    if (detail::cancelled(cancel))
+      return Status::Aborted(who + ": cancelled while waiting for " + server + " (" + last_error + ")");
+    auto fd = connect_once(addr, std::min(deadline, Clock::now() + detail::kCancelCheck));
     if (!fd.ok()) {
       last_error = std::string(fd.status().message());
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
       continue;
     }
-    Status s = detail::send_all(fd->get(), hello.data(), hello.size(), deadline);
+    Status s = detail::send_all(fd->get(), hello.data(), hello.size(), deadline, cancel);
     if (!s.ok()) {
       last_error = std::string(s.message());
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -346,7 +358,7 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
     }
     char head[kHeaderBytes];
     bool closed_early = false;
-    s = detail::recv_exact(fd->get(), head, sizeof head, verdict_deadline, &closed_early);
+    s = detail::recv_exact(fd->get(), head, sizeof head, verdict_deadline, &closed_early, cancel);
     if (closed_early) {
       // A listener of an earlier round that closed before serving us: try again.
       last_error = "the coordinator closed the connection";
@@ -354,9 +366,9 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
       continue;
     }
     if (!s.ok())
-      return Status(
-          s.code() == StatusCode::kTimeout ? StatusCode::kTimeout : StatusCode::kUnavailable,
-          who + ": no answer from " + server + ": " + std::string(s.message()));
+      return Status(s.code() == StatusCode::kTimeout || s.code() == StatusCode::kAborted ? s.code()
+                                                                                         : StatusCode::kUnavailable,
+                    who + ": no answer from " + server + ": " + std::string(s.message()));
     const Header reply = decode_header(head);
     if (reply.magic != kMagic || reply.body_len > (kMaxPayload + 4096) * size_t(o.size) + 64)
       return Status::Corruption(who + ": malformed answer from " + server);
@@ -367,7 +379,7 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
       const size_t at = body.size();
       body.resize(at + std::min<size_t>(reply.body_len - at, size_t{1} << 20));
       TUTEL_RETURN_IF_ERROR(
-          detail::recv_exact(fd->get(), body.data() + at, body.size() - at, verdict_deadline)
+          detail::recv_exact(fd->get(), body.data() + at, body.size() - at, verdict_deadline, nullptr, cancel)
               .with_context(who + ": reading the answer of " + server));
     }
     if (reply.kind == kError) {

@@ -16,11 +16,12 @@ void Fd::reset() {
   fd_ = -1;
 }
 
-int poll_timeout_ms(Clock::time_point deadline) {
+int poll_timeout_ms(Clock::time_point deadline, const std::atomic<bool>* cancel) {
   const auto left = deadline - Clock::now();
   if (left <= Clock::duration::zero()) return 0;
+  const int64_t most = cancel != nullptr ? kCancelCheck.count() : 1'000'000;
   const auto ms = std::chrono::ceil<std::chrono::milliseconds>(left).count();
-  return ms > 1'000'000 ? 1'000'000 : static_cast<int>(ms);
+  return ms > most ? static_cast<int>(most) : static_cast<int>(ms);
 }
 
 std::string errno_text(int err) {
@@ -28,18 +29,19 @@ std::string errno_text(int err) {
   return std::string(strerror_r(err, buf, sizeof buf));
 }
 
-static Status wait_fd(int fd, short events, Clock::time_point deadline, const char* what) {
+static Status wait_fd(int fd, short events, Clock::time_point deadline, const std::atomic<bool>* cancel,
+                      const char* what) {
   for (;;) {
+    if (cancelled(cancel)) return Status::Aborted(std::string("cancelled while ") + what);
     pollfd p{fd, events, 0};
-    const int timeout = poll_timeout_ms(deadline);
-    const int r = ::poll(&p, 1, timeout);
+    const int r = ::poll(&p, 1, poll_timeout_ms(deadline, cancel));
     if (r > 0) return Status::OK();
-    if (r == 0) return Status::Timeout(std::string("timed out while ") + what);
-    if (errno != EINTR) return Status::IOError(std::string("poll: ") + errno_text(errno));
+    if (r == 0 && Clock::now() >= deadline) return Status::Timeout(std::string("timed out while ") + what);
+    if (r < 0 && errno != EINTR) return Status::IOError(std::string("poll: ") + errno_text(errno));
   }
 }
 
-Status send_all(int fd, const void* data, size_t n, Clock::time_point deadline) {
+Status send_all(int fd, const void* data, size_t n, Clock::time_point deadline, const std::atomic<bool>* cancel) {
   const char* p = static_cast<const char*>(data);
   while (n > 0) {
     const ssize_t w = ::send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -50,7 +52,7 @@ Status send_all(int fd, const void* data, size_t n, Clock::time_point deadline) 
     }
     if (w < 0 && errno == EINTR) continue;
     if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      TUTEL_RETURN_IF_ERROR(wait_fd(fd, POLLOUT, deadline, "sending"));
+      TUTEL_RETURN_IF_ERROR(wait_fd(fd, POLLOUT, deadline, cancel, "sending"));
       continue;
     }
     return Status::IOError("send: " + errno_text(errno));
@@ -58,7 +60,8 @@ Status send_all(int fd, const void* data, size_t n, Clock::time_point deadline) 
   return Status::OK();
 }
 
-Status recv_exact(int fd, void* data, size_t n, Clock::time_point deadline, bool* closed_early) {
+Status recv_exact(int fd, void* data, size_t n, Clock::time_point deadline, bool* closed_early,
+                  const std::atomic<bool>* cancel) {
   char* p = static_cast<char*>(data);
   size_t got = 0;
   if (closed_early != nullptr) *closed_early = false;
@@ -74,7 +77,7 @@ Status recv_exact(int fd, void* data, size_t n, Clock::time_point deadline, bool
     }
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) {
-      TUTEL_RETURN_IF_ERROR(wait_fd(fd, POLLIN, deadline, "receiving"));
+      TUTEL_RETURN_IF_ERROR(wait_fd(fd, POLLIN, deadline, cancel, "receiving"));
       continue;
     }
     return Status::IOError("recv: " + errno_text(errno));

@@ -1,6 +1,7 @@
 // Small POSIX socket helpers for the bootstrap: an owning fd and deadline-bounded I/O.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <string>
@@ -36,16 +37,25 @@ class Fd {
   int fd_ = -1;
 };
 
-// Milliseconds left until `deadline` for poll(2): 0 when past, rounded up otherwise.
-int poll_timeout_ms(Clock::time_point deadline);
+// A wait given a `cancel` flag (may be null: nothing cancels it) looks at it at least this often,
+// and gives up with kAborted once another thread raised it.
+inline constexpr std::chrono::milliseconds kCancelCheck{100};
+inline bool cancelled(const std::atomic<bool>* cancel) {
+  return cancel != nullptr && cancel->load(std::memory_order_acquire);
+}
 
-// Writes all of `data` (MSG_NOSIGNAL) or fails at `deadline`.
-Status send_all(int fd, const void* data, size_t n, Clock::time_point deadline);
+// Milliseconds left until `deadline` for poll(2): 0 when past, rounded up otherwise; at most
+// kCancelCheck when there is a `cancel` flag to look at.
+int poll_timeout_ms(Clock::time_point deadline, const std::atomic<bool>* cancel = nullptr);
 
-// Reads exactly `n` bytes or fails at `deadline`. `*closed_early` (if given) tells whether the
-// peer closed or reset the connection before the first byte.
+// Writes all of `data` (MSG_NOSIGNAL) or fails at `deadline` (or once `cancel` is raised).
+Status send_all(int fd, const void* data, size_t n, Clock::time_point deadline,
+                const std::atomic<bool>* cancel = nullptr);
+
+// Reads exactly `n` bytes or fails at `deadline` (or once `cancel` is raised). `*closed_early`
+// (if given) tells whether the peer closed or reset the connection before the first byte.
 Status recv_exact(int fd, void* data, size_t n, Clock::time_point deadline,
-                  bool* closed_early = nullptr);
+                  bool* closed_early = nullptr, const std::atomic<bool>* cancel = nullptr);
 
 // "127.0.0.1" for the remote end of a connected socket.
 std::string peer_ip(int fd);

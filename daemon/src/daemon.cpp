@@ -181,6 +181,7 @@ Status DaemonImpl::start_ranks() {
     rank->index = r;
     rank->local_exchange = local_exchange;
     rank->rendezvous = rendezvous;
+    rank->stopping = stopping_;
     rank->options = BackendOptions{.threads = threads, .device_index = b.devices.empty() ? r : b.devices[r]};
     TUTEL_ASSIGN_OR_RETURN(rank->backend, make_backend(b.kind, rank->options));
     ranks_.push_back(std::move(rank));
@@ -618,6 +619,7 @@ void DaemonImpl::checkpoint_all() {
 void DaemonImpl::shutdown() {
   if (shutting_down_) return;
   shutting_down_ = true;
+  stopping_->store(true, std::memory_order_release);  // group layers still meeting their peers give up
   uv_poll_stop(&client_poll_);
   uv_poll_stop(&admin_poll_);
   uv_close(reinterpret_cast<uv_handle_t*>(&client_poll_), nullptr);

@@ -4,6 +4,7 @@
 
 #include <uv.h>
 
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <memory>
@@ -97,6 +98,8 @@ class DaemonImpl {
   std::map<uint64_t, std::shared_ptr<Session>> sessions_;
   uint64_t next_session_ = 1;
   bool shutting_down_ = false;
+  // Raised with shutting_down_, for the pool threads: see Rank::stopping.
+  std::shared_ptr<std::atomic<bool>> stopping_ = std::make_shared<std::atomic<bool>>(false);
   std::chrono::steady_clock::time_point started_at_;
 };
 

@@ -147,7 +147,11 @@ Status ServedLayer::join_group() {
   o.timeout = g.bootstrap_timeout;
   o.collective_timeout = g.collective_timeout;
   o.local_exchange = rank_.local_exchange;
-  TUTEL_ASSIGN_OR_RETURN(group->host_comm, comm::ucx_bootstrap(o));
+  o.cancel = rank_.stopping;
+  Result<std::unique_ptr<comm::Communicator>> host_comm = comm::ucx_bootstrap(o);
+  if (!host_comm.ok() && rank_.stopping && rank_.stopping->load())
+    return host_comm.status().with_context("tuteld is shutting down");
+  TUTEL_ASSIGN_OR_RETURN(group->host_comm, std::move(host_comm));
   graphs::ExpertParallelOptions options;
   options.algo = g.all_to_all.value_or(comm::AllToAllAlgo::kLinear);
   options.pipeline = g.pipeline.value_or(1);

@@ -5,8 +5,8 @@
 // with other layers of the same rank and is serialised by the Rank's mutex (taken inside).
 #pragma once
 
-#include <cstdint>
 #include <atomic>
+#include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
@@ -46,6 +46,9 @@ struct Rank {
   std::shared_ptr<comm::LocalExchange> local_exchange;
   // Null without [cluster]: a group layer without a coordinator is refused.
   std::shared_ptr<const GroupRendezvous> rendezvous;
+  // Raised when the daemon shuts down: a group layer still waiting for its peers gives up then,
+  // rather than holding the shutdown for up to its bootstrap_timeout_ms. Null: never raised.
+  std::shared_ptr<const std::atomic<bool>> stopping;
 };
 
 // Where a request's buffers live: host memory (the session's arena), or memory of the layer's

@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <memory>
 #include <optional>
 #include <string>
 #include <thread>
@@ -77,6 +79,33 @@ TEST(Bootstrap, NoCoordinatorIsATimeout) {
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), StatusCode::kTimeout);
   EXPECT_TRUE(contains(r.status().message(), "could not reach the coordinator")) << r.status();
+}
+
+// A bootstrap whose ranks may never come (a daemon shutting down while a group layer waits for
+// its peers) ends when its cancel flag is raised, on the coordinator and on the ranks waiting
+// for it or for its answer, long before its timeout.
+TEST(Bootstrap, RaisingTheCancelFlagEndsEveryWaitWithAborted) {
+  const uint16_t port = free_port();
+  auto cancel = std::make_shared<std::atomic<bool>>(false);
+  std::vector<BootstrapOptions> ranks = {loopback_options(port, 0, 4, 1),  // waits for ranks 1, 3
+                                         loopback_options(port, 2, 4, 1),  // waits for the table
+                                         // another group's rank that finds no coordinator
+                                         loopback_options(free_port(), 1, 2, 1)};
+  for (auto& o : ranks) {
+    o.timeout = 60s;  // what a test without the flag would wait out
+    o.cancel = cancel;
+  }
+  std::thread raise([&] {
+    std::this_thread::sleep_for(300ms);
+    cancel->store(true);
+  });
+  const auto results = exchange_on_threads(ranks, {"a", "b", "c"});
+  raise.join();
+  for (const auto& r : results) {
+    ASSERT_FALSE(r->ok());
+    EXPECT_EQ(r->status().code(), StatusCode::kAborted) << r->status();
+    EXPECT_TRUE(contains(r->status().message(), "cancel")) << r->status();
+  }
 }
 
 TEST(Bootstrap, DuplicateRankFailsEveryone) {

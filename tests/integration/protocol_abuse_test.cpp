@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "../common/loopback.hpp"
 #include "daemon_fixture.hpp"
 #include "raw_session.hpp"
 
@@ -377,6 +378,21 @@ TEST_F(ProtocolAbuse, IdleMetricsConnectionsHoldNeitherTheEndpointNorTheShutdown
   EXPECT_EQ(daemon_->stop(), 0) << daemon_->log();
   daemon_.reset();
   ::close(last);
+}
+
+// A client may create a group layer whose peers never come, with a bootstrap timeout of minutes.
+// Its creation runs on the daemon's thread pool, which a shutdown waits for: the shutdown cancels
+// the bootstrap instead of waiting it out.
+TEST_F(ProtocolAbuse, AShutdownCancelsAGroupLayerWaitingForPeersThatNeverCome) {
+  RawSession s(daemon_->client_socket());
+  ASSERT_TRUE(s.hello().ok());
+  const std::string spec = std::string(kSpec) + "[group]\ncoordinator = \"127.0.0.1:" + std::to_string(free_port()) +
+                           "\"\nsize = 2\nrank = 0\nbootstrap_timeout_ms = 600000\n";
+  ASSERT_TRUE(s.send(ipc::FrameType::kCreateLayer, {{"spec", spec}}).ok());
+  // Until the bootstrap listens and waits for rank 1 (an admin request answers meanwhile).
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(daemon_->stop(), 0) << daemon_->log();
+  daemon_.reset();
 }
 
 TEST_F(ProtocolAbuse, CorruptRingIndicesStopOnlyThatSession) {

@@ -12,6 +12,7 @@
 // as long as each call has its own rank.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -62,6 +63,10 @@ struct BootstrapOptions {
   std::string rendezvous_group;
   // Who runs that service, for messages ("node 0's daemon"); empty: not said.
   std::string rendezvous_owner;
+  // Raised by another thread, the bootstrap gives up within ~100 ms with kAborted instead of
+  // waiting out `timeout` for ranks that may never come (a daemon shutting down). Null: only
+  // the timeout ends it.
+  std::shared_ptr<const std::atomic<bool>> cancel;
 };
 
 // OK when the options describe a valid rank of a valid group.
