@@ -54,8 +54,12 @@ Result<LayerRef> Registry::create(const std::string& tenant, const LayerDefiniti
                          ServedLayer::create(def, spec_text, memory, *ranks_[rank_index]));
   std::lock_guard lock(mutex_);
   Tenant& t = tenants_.at(tenant);
+  // Other creations of the tenant ran meanwhile: both checks again.
   if (t.layers_by_name.count(def.name))
     return Status::AlreadyExists("tenant '" + tenant + "' already has a layer '" + def.name + "'");
+  if (static_cast<int64_t>(t.layers_by_name.size()) >= t.config.max_layers)
+    return Status::ResourceExhausted("tenant '" + tenant + "' has reached its quota of " +
+                                     std::to_string(t.config.max_layers) + " layers");
   // Against parameters and what the tenant's forwards hold now.
   TUTEL_RETURN_IF_ERROR(memory->try_charge_parameters(built->memory_bytes(), "layer '" + def.name + "'"));
   const uint64_t handle = next_handle_++;
@@ -78,6 +82,10 @@ Result<LayerRef> Registry::attach(const std::string& tenant, const std::string& 
 
 Result<LayerRef> Registry::find(const std::string& tenant, uint64_t handle) const {
   std::lock_guard lock(mutex_);
+  return find_locked(tenant, handle);
+}
+
+Result<LayerRef> Registry::find_locked(const std::string& tenant, uint64_t handle) const {
   auto it = layers_.find(handle);
   if (it == layers_.end())
     return Status::NotFound("no layer with handle " + std::to_string(handle) +
@@ -96,14 +104,20 @@ Result<LayerRef> Registry::find_by_name(const std::string& qualified_name) const
 }
 
 Status Registry::destroy(const std::string& tenant, uint64_t handle) {
-  TUTEL_ASSIGN_OR_RETURN(LayerRef ref, find(tenant, handle));
-  std::lock_guard lock(mutex_);
-  Tenant& t = tenants_.at(tenant);
-  t.layers_by_name.erase(ref.layer->name());
-  t.memory->release_parameters(ref.layer->memory_bytes());
-  rank_bytes_[ref.layer->rank_index()] -= ref.layer->memory_bytes();
-  layers_.erase(handle);
-  return Status::OK();
+  std::shared_ptr<ServedLayer> layer;
+  {
+    // One lock from the lookup to the erase: two destroys of one handle at once release its
+    // parameters once, and the loser gets NotFound.
+    std::lock_guard lock(mutex_);
+    TUTEL_ASSIGN_OR_RETURN(LayerRef ref, find_locked(tenant, handle));
+    Tenant& t = tenants_.at(tenant);
+    t.layers_by_name.erase(ref.layer->name());
+    t.memory->release_parameters(ref.layer->memory_bytes());
+    rank_bytes_[ref.layer->rank_index()] -= ref.layer->memory_bytes();
+    layers_.erase(handle);
+    layer = std::move(ref.layer);
+  }
+  return Status::OK();  // `layer` goes (or waits for its requests in flight) outside the lock
 }
 
 std::vector<LayerRef> Registry::all() const {

@@ -71,6 +71,8 @@ class Registry {
     int64_t inflight = 0;
   };
 
+  Result<LayerRef> find_locked(const std::string& tenant, uint64_t handle) const;  // under mutex_
+
   mutable std::mutex mutex_;
   std::map<std::string, Tenant> tenants_;
   std::map<uint64_t, std::shared_ptr<ServedLayer>> layers_;

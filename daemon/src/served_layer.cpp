@@ -409,7 +409,12 @@ void ServedLayer::trim_plans_over_quota() {
   if (plans_ && memory_->over_quota()) plans_->trim();
 }
 
-ServedLayer::~ServedLayer() { teardown_lock_ = lock_device(); }
+ServedLayer::~ServedLayer() {
+  teardown_lock_ = lock_device();
+  // Forwards still pending (a layer destroyed before their backwards) leave the tenant's count
+  // with their memory, which goes with pending_.
+  memory_->remove_pending(pending_bytes_.load());
+}
 
 Status ServedLayer::set_pinned(bool pinned) {
   if (!plans_)

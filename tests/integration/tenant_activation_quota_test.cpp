@@ -296,5 +296,31 @@ TEST(TenantActivationQuota, IdlePlansAreDroppedBeforeATrainingForwardIsRefused) 
   EXPECT_EQ(d.stop(), 0) << d.log();
 }
 
+// A layer destroyed while training forwards wait for their backwards frees what they held, and the
+// tenant's count of it goes with it (it used to stay, for good).
+TEST(TenantActivationQuota, DestroyingALayerWithPendingForwardsGivesTheirBytesBack) {
+  DaemonProcess d(DaemonOptions{});
+  ASSERT_TRUE(d.start());
+  auto client = client::Client::connect(d.client_socket());
+  ASSERT_TRUE(client.ok()) << client.status().to_string();
+  auto layer = client->create_layer(kSpec);
+  ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+  Batch b(5);
+  ASSERT_TRUE(layer->forward(b.x.data(), kTokens, b.y.data()).ok());
+  ASSERT_TRUE(layer->forward(b.x.data(), kTokens, b.y.data()).ok());
+  nlohmann::json t = default_tenant(d);
+  ASSERT_GT(t["pending_bytes"].get<uint64_t>(), 0u);
+  ASSERT_TRUE(layer->destroy().ok());
+  t = default_tenant(d);
+  EXPECT_EQ(t["pending_bytes"].get<uint64_t>(), 0u) << t.dump();
+  EXPECT_EQ(t["activation_bytes"].get<uint64_t>(), 0u) << t.dump();
+  EXPECT_EQ(t["memory_bytes"].get<uint64_t>(), 0u) << t.dump();
+  // And the quota it frees serves a new layer's forwards.
+  auto again = client->create_layer(kSpec);
+  ASSERT_TRUE(again.ok()) << again.status().to_string();
+  ASSERT_TRUE(again->forward(b.x.data(), kTokens, b.y.data()).ok());
+  EXPECT_EQ(d.stop(), 0) << d.log();
+}
+
 }  // namespace
 }  // namespace tutel::testing

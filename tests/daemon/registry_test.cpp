@@ -1,0 +1,104 @@
+// Registry: the tenant's quotas and the layer table under concurrent control requests. Control
+// frames of one tenant's sessions run on different threads of the daemon's pool, so two requests
+// about one layer (or two creations against one quota) may run at the same moment.
+#include "registry.hpp"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace tutel::daemon {
+namespace {
+
+struct OneRankRegistry {
+  std::vector<std::unique_ptr<Rank>> ranks;
+  std::unique_ptr<Registry> registry;
+  explicit OneRankRegistry(int64_t max_layers) {
+    auto rank = std::make_unique<Rank>();
+    auto cpu = make_backend("cpu", BackendOptions{.threads = 1});
+    EXPECT_TRUE(cpu.ok()) << cpu.status();
+    rank->backend = std::move(cpu).value();
+    ranks.push_back(std::move(rank));
+    TenantConfig t;
+    t.name = "a";
+    t.max_layers = max_layers;
+    registry = std::make_unique<Registry>(std::vector<TenantConfig>{t}, ranks);
+  }
+};
+
+LayerDefinition definition(const std::string& name, int64_t hidden) {
+  const std::string spec = "name = \"" + name + "\"\nexperts = 4\nmodel_dim = 32\nhidden = " + std::to_string(hidden) +
+                           "\nk = 2\ninit_seed = 1\n";
+  auto def = parse_layer_spec(spec, "test");
+  EXPECT_TRUE(def.ok()) << def.status();
+  return def.ok() ? *def : LayerDefinition{};
+}
+
+// Runs fn(i) on `n` threads released together.
+template <typename Fn>
+void at_once(int n, Fn fn) {
+  std::atomic<int> ready{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < n; ++i)
+    threads.emplace_back([&, i] {
+      ready.fetch_add(1);
+      while (ready.load() < n) std::this_thread::yield();
+      fn(i);
+    });
+  for (auto& t : threads) t.join();
+}
+
+TEST(Registry, ConcurrentDestroysOfOneLayerReleaseItsParametersOnce) {
+  OneRankRegistry r(/*max_layers=*/64);
+  const LayerDefinition def = definition("moe", 64);
+  for (int round = 0; round < 100; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    auto created = r.registry->create("a", def, "");
+    ASSERT_TRUE(created.ok()) << created.status();
+    ASSERT_GT(r.registry->memory_bytes("a"), 0u);
+    std::atomic<int> destroyed{0}, not_found{0};
+    at_once(4, [&](int) {
+      const Status st = r.registry->destroy("a", created->handle);
+      if (st.ok()) destroyed.fetch_add(1);
+      else if (st.code() == StatusCode::kNotFound) not_found.fetch_add(1);
+    });
+    EXPECT_EQ(destroyed.load(), 1);
+    EXPECT_EQ(not_found.load(), 3);
+    ASSERT_EQ(r.registry->memory_bytes("a"), 0u) << "the parameters were released more or less than once";
+    ASSERT_EQ(r.registry->layer_count("a"), 0);
+  }
+}
+
+TEST(Registry, ConcurrentCreationsStayWithinMaxLayers) {
+  OneRankRegistry r(/*max_layers=*/1);
+  for (int round = 0; round < 20; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    std::vector<Result<LayerRef>> created(3, Status::Internal("not run"));
+    // Layers large enough that their construction (outside the registry's lock) overlaps.
+    at_once(3, [&](int i) { created[i] = r.registry->create("a", definition("l" + std::to_string(i), 256), ""); });
+    int ok = 0;
+    for (const auto& c : created) {
+      if (c.ok()) {
+        ++ok;
+        continue;
+      }
+      EXPECT_EQ(c.status().code(), StatusCode::kResourceExhausted) << c.status();
+      EXPECT_NE(c.status().message().find("quota of 1 layers"), std::string_view::npos) << c.status();
+    }
+    EXPECT_EQ(ok, 1);
+    EXPECT_EQ(r.registry->layer_count("a"), 1);
+    for (const auto& c : created) {
+      if (c.ok()) {
+        ASSERT_TRUE(r.registry->destroy("a", c->handle).ok());
+      }
+    }
+    ASSERT_EQ(r.registry->memory_bytes("a"), 0u);
+  }
+}
+
+}  // namespace
+}  // namespace tutel::daemon
