@@ -1,6 +1,9 @@
 // The data path: each client session's worker consumes its request ring, validates every
 // descriptor against the session's own arena and tenant, runs the layer, and posts a completion.
+#include <sys/socket.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <thread>
 
@@ -107,7 +110,10 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
     const ipc::PopResult r = s->requests.pop_wait(&d, policy, stopped);
     if (r == ipc::PopResult::kEmpty) continue;
     if (r == ipc::PopResult::kCorrupt) {
-      TUTEL_LOG(WARN) << "session " << s->id << ": request ring indices are corrupt; no more requests are read";
+      TUTEL_LOG(WARN) << "session " << s->id << ": request ring indices are corrupt; the session is closed";
+      // The loop owns the socket and closes the session once it sees the hang-up; the descriptor
+      // stays open until this thread has been joined, so shutting it down here is safe.
+      ::shutdown(s->fd.get(), SHUT_RDWR);
       return;
     }
     const auto started = std::chrono::steady_clock::now();
@@ -199,10 +205,13 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     metrics_.record_request(s->tenant, layer_name, op_name, st.ok(), secs, tokens, dropped);
     // The client keeps at most kRingSlots requests outstanding, so the completion ring has
-    // room; a client that breaks that rule waits here until it reads or goes away.
-    while (!s->completions.try_push(c)) {
+    // room; a client that breaks that rule (or corrupts the ring's indices, which reads as full)
+    // waits here until it reads or goes away. Asleep: the client does not wake a producer, and
+    // spinning would burn a core per such session.
+    for (auto nap = std::chrono::microseconds(50); !s->completions.try_push(c);
+         nap = std::min(2 * nap, std::chrono::microseconds(2000))) {
       if (stopped()) return;
-      std::this_thread::yield();
+      std::this_thread::sleep_for(nap);
     }
   }
 }

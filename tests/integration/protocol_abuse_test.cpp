@@ -402,9 +402,44 @@ TEST_F(ProtocolAbuse, CorruptRingIndicesStopOnlyThatSession) {
     s.arena().request_control()->head.store(1000000);
     s.arena().request_control()->doorbell.fetch_add(1);
     ipc::futex_wake_all(&s.arena().request_control()->doorbell);
-    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    // The daemon ends the session (docs/protocol.md): it hangs up, and the session is gone.
+    EXPECT_EQ(s.receive(std::chrono::seconds(30)).status().code(), StatusCode::kUnavailable);
+    RawSession admin(daemon_->admin_socket());
+    auto sessions = admin.call(ipc::FrameType::kAdminSessions, nlohmann::json::object(), ipc::FrameType::kOk);
+    ASSERT_TRUE(sessions.ok()) << sessions.status();
+    EXPECT_TRUE((*sessions)["sessions"].empty()) << sessions->dump();
   }
   expect_daemon_serves();
+}
+
+// A client that submits more requests than the completion ring holds and reads no completion:
+// the daemon's worker waits for room (asleep, not spinning) and posts every completion, in
+// order, once the client reads.
+TEST_F(ProtocolAbuse, AClientThatDoesNotReadItsCompletionsGetsThemAllLater) {
+  RawSession s(daemon_->client_socket());
+  ASSERT_TRUE(s.hello().ok());
+  ipc::RingProducer<ipc::RequestDescriptor> requests(s.arena().request_control(), s.arena().request_slots());
+  ipc::RingConsumer<ipc::CompletionDescriptor> completions(s.arena().completion_control(),
+                                                           s.arena().completion_slots());
+  auto push = [&](uint64_t id) {
+    ipc::RequestDescriptor d{};
+    d.op = static_cast<uint32_t>(ipc::Op::kNop);
+    d.request_id = id;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (!requests.try_push(d) && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  };
+  constexpr uint64_t kRequests = ipc::kRingSlots + 8;
+  for (uint64_t id = 1; id <= kRequests; ++id) push(id);  // the last 8 wait for the worker
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the worker waits for room
+  for (uint64_t id = 1; id <= kRequests; ++id) {
+    ipc::CompletionDescriptor c{};
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    ASSERT_EQ(completions.pop_wait(&c, ipc::WaitPolicy{}, [] { return false; }, deadline), ipc::PopResult::kItem)
+        << "completion " << id;
+    EXPECT_EQ(c.request_id, id);
+    EXPECT_EQ(c.status_code, 0);
+  }
 }
 
 TEST_F(ProtocolAbuse, ForeignLayerHandleIsRefused) {
