@@ -22,10 +22,12 @@ constexpr uint32_t kLayerMagic = 0x594C4354;   // "TCLY"
 constexpr uint32_t kRegionMagic = 0x524C4354;  // "TCLR"
 
 thread_local std::string g_last_error;
+thread_local int g_last_error_code = TUTEL_OK;
 
 int fail(const Status& st) {
   g_last_error = st.to_string();
-  return -static_cast<int>(st.code());
+  g_last_error_code = -static_cast<int>(st.code());
+  return g_last_error_code;
 }
 
 int fail_invalid(const std::string& message) { return fail(Status::InvalidArgument(message)); }
@@ -102,6 +104,8 @@ int make_layer(tutel::Result<Layer> made, tutel_layer** out) {
 extern "C" {
 
 const char* tutel_last_error(void) { return g_last_error.c_str(); }
+
+int tutel_last_error_code(void) { return g_last_error_code; }
 
 tutel_client* tutel_connect(const char* socket_path) {
   tutel_client* out = nullptr;

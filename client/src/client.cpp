@@ -191,9 +191,11 @@ const std::string& DeviceRegion::device() const {
 
 Status DeviceRegion::unmap() {
   if (!region_) return Status::OK();
-  auto region = std::move(region_);
-  auto session = std::move(session_);
-  return session->unmap_device_region(region);
+  Status st = session_->unmap_device_region(region_);
+  if (session_->maps(region_)) return st;  // timed out waiting: the handle stays for another try
+  region_.reset();
+  session_.reset();
+  return st;
 }
 
 // ---- Layer ----------------------------------------------------------------------------------
@@ -276,10 +278,19 @@ Result<Ticket> submit_backward_request(const std::shared_ptr<LayerState>& state,
   return t;
 }
 
+// Waits for a request that a synchronous call submitted. When the wait times out, the request
+// is abandoned: the caller may free its buffers once the call returns, and no later backward
+// may pair with a forward whose result the caller never saw.
+Result<ForwardInfo> wait_synchronously(Session& session, Result<Ticket> submitted) {
+  TUTEL_ASSIGN_OR_RETURN(Ticket t, std::move(submitted));
+  Result<ForwardInfo> got = session.wait(t.request_id);
+  if (!got.ok() && got.status().code() == StatusCode::kTimeout) session.abandon(t.request_id);
+  return got;
+}
+
 // Waits for a submitted forward; its statistics go to `info` when given.
 Status wait_forward(const std::shared_ptr<LayerState>& state, Result<Ticket> submitted, ForwardInfo* info) {
-  TUTEL_ASSIGN_OR_RETURN(Ticket t, std::move(submitted));
-  TUTEL_ASSIGN_OR_RETURN(ForwardInfo got, state->session->wait(t.request_id));
+  TUTEL_ASSIGN_OR_RETURN(ForwardInfo got, wait_synchronously(*state->session, std::move(submitted)));
   if (info != nullptr) *info = got;
   return Status::OK();
 }
@@ -311,8 +322,7 @@ Status Layer::infer_device(const float* x, int64_t tokens, float* y, ForwardInfo
 }
 
 Status Layer::backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
-  TUTEL_ASSIGN_OR_RETURN(Ticket t, submit_backward_device(sequence, dy, dl_aux, dx));
-  return state_->session->wait(t.request_id).status();
+  return wait_synchronously(*state_->session, submit_backward_device(sequence, dy, dl_aux, dx)).status();
 }
 
 Status Layer::forward(const float* x, int64_t tokens, float* y, ForwardInfo* info) {
@@ -335,8 +345,7 @@ Status Layer::backward(const float* dy, float dl_aux, float* dx) {
 }
 
 Status Layer::backward(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
-  TUTEL_ASSIGN_OR_RETURN(Ticket t, submit_backward(sequence, dy, dl_aux, dx));
-  return state_->session->wait(t.request_id).status();
+  return wait_synchronously(*state_->session, submit_backward(sequence, dy, dl_aux, dx)).status();
 }
 
 namespace {

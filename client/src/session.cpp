@@ -218,14 +218,28 @@ Result<std::shared_ptr<MappedDeviceRegion>> Session::map_device_region(int rank,
   return region;
 }
 
-Status Session::unmap_device_region(const std::shared_ptr<MappedDeviceRegion>& region) {
+bool Session::maps(const std::shared_ptr<MappedDeviceRegion>& region) const {
   auto it = device_regions_.find(region->id);
-  if (it == device_regions_.end() || it->second != region) return Status::OK();  // the session already ended
+  return it != device_regions_.end() && it->second == region;
+}
+
+Status Session::unmap_device_region(const std::shared_ptr<MappedDeviceRegion>& region) {
+  if (!maps(region)) return Status::OK();  // the session already ended
   // Requests in flight may address it; they complete first.
-  Status st = drain();
-  device_regions_.erase(it);
+  if (Status st = drain(); !st.ok()) {
+    // Still in flight, they may still read or write it: it stays mapped on both sides, so that
+    // unmapping again once they complete gives the daemon its memory back.
+    if (maps(region)) {
+      return st.with_context("device region " + std::to_string(region->id) +
+                             " is still mapped here and in tuteld; call unmap() again once the "
+                             "requests in flight complete");
+    }
+    // The session broke (close() forgot its regions); the daemon frees its side.
+    region->memory.reset();
+    return st;
+  }
+  device_regions_.erase(region->id);
   region->memory.reset();
-  if (!st.ok()) return st;
   return call(ipc::FrameType::kUnmapRegion, {{"region", region->id}}, ipc::FrameType::kOk).status();
 }
 
@@ -405,6 +419,10 @@ Status Session::complete_one() {
 }
 
 void Session::finish(uint64_t request_id, InFlight& r, const ipc::CompletionDescriptor& c) {
+  if (r.abandoned) {
+    release_blocks(r);
+    return;
+  }
   Finished f;
   f.info.sequence = r.sequence;
   if (c.status_code == 0) {
@@ -457,6 +475,16 @@ Result<Session::Finished> Session::wait_finished(uint64_t request_id) {
     }
     TUTEL_RETURN_IF_ERROR(complete_one());
   }
+}
+
+void Session::abandon(uint64_t request_id) {
+  finished_.erase(request_id);
+  auto it = in_flight_.find(request_id);
+  if (it == in_flight_.end()) return;
+  InFlight& r = it->second;
+  r.abandoned = true;
+  r.output = nullptr;
+  if (r.training && r.layer) r.layer->pending.erase(r.sequence);
 }
 
 Status Session::drain() {

@@ -75,8 +75,11 @@ class Session {
 
   // Maps a device region on the daemon's `rank` (kMapRegion) and here.
   Result<std::shared_ptr<MappedDeviceRegion>> map_device_region(int rank, uint64_t bytes);
-  // Drains the requests in flight, then unmaps the region here and in the daemon.
+  // Drains the requests in flight, then unmaps the region here and in the daemon. When the
+  // drain times out, the region stays mapped on both sides (maps() is still true): call again.
   Status unmap_device_region(const std::shared_ptr<MappedDeviceRegion>& region);
+  // Whether `region` is one of this session's mapped regions (false once the session ended).
+  bool maps(const std::shared_ptr<MappedDeviceRegion>& region) const;
 
   // Copies the input into the arena and pushes the descriptor; waits for room (ring slots or
   // data-region space) when needed.
@@ -87,6 +90,12 @@ class Session {
   Result<uint64_t> wait_checksum(uint64_t request_id);
   // Waits until nothing is in flight (results stay available to wait()).
   Status drain();
+  // Gives up on a request whose caller will never wait for it again (a synchronous call that
+  // timed out, whose buffers the caller may free): its output is not written, its result is
+  // dropped when it completes, and a training forward is no longer pending on its layer. It
+  // stays in flight until then, holding its ring slot and data-region blocks; the daemon keeps
+  // an abandoned training forward's saved state until the session ends.
+  void abandon(uint64_t request_id);
 
   // A sequence number for a new training forward, unique within the session.
   uint64_t next_sequence() { return next_sequence_++; }
@@ -111,6 +120,7 @@ class Session {
     std::optional<uint64_t> input_block, output_block;  // data-region offsets
     float* output = nullptr;
     uint64_t output_bytes = 0;
+    bool abandoned = false;  // abandon(): completes without a trace
   };
   struct Finished {
     Status status;

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "fake_daemon.hpp"
@@ -23,6 +24,7 @@ TEST(CApi, ConnectToAMissingSocketGivesNullAndSaysWhy) {
   TempDir dir;
   const std::string path = dir.file("absent.sock");
   EXPECT_EQ(tutel_connect(path.c_str()), nullptr);
+  EXPECT_EQ(tutel_last_error_code(), TUTEL_E_UNAVAILABLE);
   EXPECT_NE(last_error().find("Unavailable"), std::string::npos) << last_error();
   EXPECT_NE(last_error().find("is tuteld running?"), std::string::npos) << last_error();
   EXPECT_NE(last_error().find(path), std::string::npos) << last_error();
@@ -33,6 +35,22 @@ TEST(CApi, HeaderCompilesAsC) { EXPECT_EQ(tutel_c_header_check(), 0); }
 TEST(CApi, ConnectWithNullPathGivesNull) {
   EXPECT_EQ(tutel_connect(nullptr), nullptr);
   EXPECT_NE(last_error().find("socket_path is NULL"), std::string::npos) << last_error();
+}
+
+TEST(CApi, LastErrorCodeIsTheLastFailureOfThisThread) {
+  EXPECT_EQ(tutel_ping(nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_last_error_code(), TUTEL_E_INVALID_ARGUMENT);
+  int fresh_thread = 1, after_its_failure = 1;
+  std::thread other([&] {
+    fresh_thread = tutel_last_error_code();
+    TempDir dir;
+    (void)tutel_connect(dir.file("absent.sock").c_str());
+    after_its_failure = tutel_last_error_code();
+  });
+  other.join();
+  EXPECT_EQ(fresh_thread, TUTEL_OK);
+  EXPECT_EQ(after_its_failure, TUTEL_E_UNAVAILABLE);
+  EXPECT_EQ(tutel_last_error_code(), TUTEL_E_INVALID_ARGUMENT);  // this thread's is unchanged
 }
 
 TEST(CApi, NullHandlesGiveInvalidArgument) {
@@ -188,6 +206,7 @@ TEST(CApi, RefusedHelloGivesNullWithTheDaemonsReason) {
   FakeDaemon daemon(dir.file("d.sock"), options);
   ASSERT_EQ(daemon.error(), "");
   EXPECT_EQ(tutel_connect(dir.file("d.sock").c_str()), nullptr);
+  EXPECT_EQ(tutel_last_error_code(), TUTEL_E_PERMISSION_DENIED) << last_error();
   EXPECT_NE(last_error().find("PermissionDenied"), std::string::npos) << last_error();
   EXPECT_NE(last_error().find("belongs to no tenant"), std::string::npos) << last_error();
 }

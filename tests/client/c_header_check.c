@@ -10,5 +10,8 @@ int tutel_c_header_check(void) {
   tutel_forward_info info = {0.f, 0, 0, 0};
   (void)info;
   /* A NULL client is refused with TUTEL_E_INVALID_ARGUMENT, from C as from C++. */
-  return tutel_wait(NULL, ticket, NULL) == TUTEL_E_INVALID_ARGUMENT ? 0 : 1;
+  return tutel_wait(NULL, ticket, NULL) == TUTEL_E_INVALID_ARGUMENT &&
+                 tutel_last_error_code() == TUTEL_E_INVALID_ARGUMENT
+             ? 0
+             : 1;
 }

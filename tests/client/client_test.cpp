@@ -194,6 +194,73 @@ TEST(Client, RequestTimeoutLeavesTheRequestInFlight) {
   EXPECT_EQ(y[0], 2.f);
 }
 
+// A synchronous call that times out gives its request up: the caller may have freed its buffers
+// by the time it completes, and no later backward pairs with a forward the caller never saw.
+TEST(Client, TimedOutSynchronousForwardIsAbandoned) {
+  Fixture f;
+  ClientOptions copts;
+  copts.request_timeout = std::chrono::milliseconds(20);
+  auto client = f.connect(copts);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto layer = client->attach_layer("moe");
+  ASSERT_TRUE(layer.ok());
+  std::vector<float> x(4, 1.f), y(4, -7.f);
+  f.daemon.hold_completions(true);
+  const Status st = layer->forward(x.data(), 1, y.data());
+  EXPECT_EQ(st.code(), StatusCode::kTimeout) << st;
+  EXPECT_EQ(layer->pending_backwards(), 0u);
+  f.daemon.hold_completions(false);
+
+  // The next forward's wait also completes the abandoned one.
+  std::vector<float> x2(4, 5.f), y2(4), dy(4, 1.f), dx(4);
+  ForwardInfo info;
+  ASSERT_TRUE(layer->forward(x2.data(), 1, y2.data(), &info).ok());
+  EXPECT_EQ(f.daemon.requests_seen(), 2u);
+  EXPECT_EQ(y[0], -7.f);  // never written
+  EXPECT_EQ(y2[0], 10.f);
+  EXPECT_EQ(layer->pending_backwards(), 1u);
+  EXPECT_EQ(layer->oldest_pending_sequence(), info.sequence);
+  ASSERT_TRUE(layer->backward(dy.data(), 0.f, dx.data()).ok());
+  EXPECT_EQ(layer->pending_backwards(), 0u);
+  EXPECT_TRUE(client->ping().ok());
+}
+
+// unmap() waits for the requests in flight; when that times out it changes nothing, so the region
+// stays usable and charged in the daemon until a second unmap() gives it back.
+TEST(Client, DeviceRegionUnmapThatTimesOutCanBeRetried) {
+  Fixture f;
+  ClientOptions copts;
+  copts.request_timeout = std::chrono::milliseconds(20);
+  auto client = f.connect(copts);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto region = client->map_device_region(0, 4096);
+  ASSERT_TRUE(region.ok()) << region.status();
+  auto* data = static_cast<float*>(region->data());
+  ASSERT_NE(data, nullptr);
+  data[0] = 42.f;
+  auto layer = client->attach_layer("moe");
+  ASSERT_TRUE(layer.ok());
+  std::vector<float> x(4, 1.f), y(4);
+  f.daemon.hold_completions(true);
+  auto t = layer->submit_forward(x.data(), 1, y.data());
+  ASSERT_TRUE(t.ok()) << t.status();
+
+  const Status st = region->unmap();
+  EXPECT_EQ(st.code(), StatusCode::kTimeout) << st;
+  EXPECT_NE(st.message().find("call unmap() again"), std::string::npos) << st;
+  ASSERT_EQ(region->data(), data);  // still mapped here
+  EXPECT_EQ(data[0], 42.f);
+  EXPECT_TRUE(f.daemon.unmapped_regions().empty());
+
+  f.daemon.hold_completions(false);
+  const Status again = region->unmap();
+  EXPECT_TRUE(again.ok()) << again;
+  EXPECT_EQ(region->data(), nullptr);
+  EXPECT_EQ(f.daemon.unmapped_regions(), std::vector<int64_t>{1});
+  EXPECT_TRUE(client->wait(*t).ok());  // its result was kept
+  EXPECT_EQ(y[0], 2.f);
+}
+
 TEST(Client, MovedFromObjectsSaySo) {
   Fixture f;
   auto client = f.connect();

@@ -1,7 +1,9 @@
 // A stand-in for tuteld that speaks the wire protocol (hello + arena, control frames, the rings)
 // with trivial arithmetic instead of an MoE, so the client library's mechanics can be tested
 // without the daemon: forward y = 2·x, backward dx = 3·dy, l_aux = 0.5, capacity = tokens.
-// Behaviours a test can ask for: refuse the hello, fail one request, hang up after N requests.
+// Behaviours a test can ask for: refuse the hello, fail one request, hang up after N requests,
+// hold every completion back until the test lets them go. Device regions are host memfds (their
+// data requests fail: the worker computes only in the arena); it records which were unmapped.
 #pragma once
 
 #include <poll.h>
@@ -14,13 +16,16 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <system_error>
 #include <thread>
+#include <vector>
 
+#include "tutel/core/shared_memory.hpp"
 #include "tutel/ipc/arena.hpp"
 #include "tutel/ipc/json_body.hpp"
 #include "tutel/ipc/ring.hpp"
@@ -82,6 +87,13 @@ class FakeDaemon {
     std::lock_guard<std::mutex> lock(mutex_);
     return hello_;
   }
+  // While on, requests are taken but not completed, so a client's wait times out for sure.
+  void hold_completions(bool on) { hold_ = on; }
+  // The device regions clients unmapped (kUnmapRegion), in order.
+  std::vector<int64_t> unmapped_regions() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return unmapped_;
+  }
 
  private:
   void serve() {
@@ -101,6 +113,7 @@ class FakeDaemon {
       return;
     }
     std::optional<ipc::Arena> arena;
+    std::map<int64_t, SharedMemory> regions;
     std::thread worker;
     std::atomic<bool> session_stop{false};
     std::atomic<bool> hang_up{false};
@@ -155,6 +168,28 @@ class FakeDaemon {
                                 {"step", 0}});
           break;
         }
+        case FT::kMapRegion: {
+          const int64_t bytes = body->value("bytes", int64_t{0});
+          auto memory = SharedMemory::create(static_cast<size_t>(bytes), "fake device region");
+          if (!memory.ok()) {
+            (void)ipc::send_error(conn.get(), rid, memory.status());
+            break;
+          }
+          const int64_t id = static_cast<int64_t>(regions.size()) + 1;
+          const nlohmann::json reply{
+              {"region", id}, {"bytes", bytes}, {"kind", "host_memfd"}, {"device", "cpu"}};
+          (void)ipc::send_json(conn.get(), FT::kOk, rid, reply, {memory->fd()});
+          regions.emplace(id, std::move(*memory));
+          break;
+        }
+        case FT::kUnmapRegion: {
+          {
+            std::lock_guard<std::mutex> lock(mutex_);
+            unmapped_.push_back(body->value("region", int64_t{0}));
+          }
+          (void)ipc::send_json(conn.get(), FT::kOk, rid, nlohmann::json::object());
+          break;
+        }
         case FT::kStep:
           (void)ipc::send_json(conn.get(), FT::kOk, rid, {{"step", ++steps_}});
           break;
@@ -189,12 +224,16 @@ class FakeDaemon {
         return;
       }
       if (options_.delay.count() > 0) std::this_thread::sleep_for(options_.delay);
+      while (hold_ && !stopped()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
       ipc::CompletionDescriptor c{};
       c.request_id = d.request_id;
       const auto op = static_cast<ipc::Op>(d.op);
       if (d.request_id == options_.fail_request) {
         c.status_code = static_cast<int32_t>(StatusCode::kInvalidArgument);
         std::strcpy(c.message, "InvalidArgument: x has 12 bytes; 3 tokens need 48");
+      } else if ((d.flags & ipc::kFlagDeviceRegion) != 0) {
+        c.status_code = static_cast<int32_t>(StatusCode::kUnimplemented);
+        std::strcpy(c.message, "Unimplemented: the fake daemon computes only in the arena");
       } else if (op == ipc::Op::kForward || op == ipc::Op::kBackward) {
         const float factor = op == ipc::Op::kForward ? 2.f : 3.f;
         auto* in = reinterpret_cast<const float*>(arena.base() + d.input_offset);
@@ -216,10 +255,12 @@ class FakeDaemon {
   std::string error_;
   std::thread thread_;
   std::atomic<bool> stop_{false};
+  std::atomic<bool> hold_{false};
   std::atomic<int64_t> steps_{0};
   std::atomic<uint64_t> requests_seen_{0};
   std::mutex mutex_;
   nlohmann::json hello_;
+  std::vector<int64_t> unmapped_;
 };
 
 }  // namespace tutel::client::testing

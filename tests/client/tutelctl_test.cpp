@@ -42,6 +42,7 @@ ToolRun tutelctl(const std::string& args, const std::string& env = "") {
 }
 
 // Answers admin frames with canned bodies, like tuteld's admin.cpp; or every frame with `reply`.
+// A connection is served until tutelctl hangs up (drain --wait sends several requests).
 class FakeAdmin {
  public:
   explicit FakeAdmin(const std::string& path, std::optional<json> reply = std::nullopt)
@@ -65,94 +66,100 @@ class FakeAdmin {
       if (::poll(&p, 1, 50) <= 0) continue;
       ipc::UniqueFd conn(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
       if (!conn.valid()) continue;
-      auto frame = ipc::recv_frame(conn.get(), std::chrono::milliseconds(5000));
-      if (!frame.ok()) continue;
-      const uint32_t rid = frame->header.request_id;
-      auto body = ipc::parse_body(*frame).value();
-      using FT = ipc::FrameType;
-      if (reply_) {
-        (void)ipc::send_json(conn.get(), FT::kOk, rid, *reply_);
-        continue;
+      for (;;) {
+        auto frame = ipc::recv_frame(conn.get(), std::chrono::milliseconds(5000));
+        if (!frame.ok()) break;
+        answer(conn.get(), *frame);
       }
-      switch (static_cast<FT>(frame->header.type)) {
-        case FT::kAdminStatus:
-          (void)ipc::send_json(conn.get(), FT::kOk, rid,
-                               {{"version", "0.1.0"},
-                                {"pid", 4242},
-                                {"uptime_seconds", 3725.5},
-                                {"backend", "cpu"},
-                                {"ranks", 2},
-                                {"sessions", 1},
-                                {"layers", 1},
-                                {"tenants", 1},
-                                {"client_socket", "/run/tuteld/client.sock"},
-                                {"state_dir", ""},
-                                {"metrics_listen", "127.0.0.1:0"},
-                                {"metrics_port", 39999}});
-          break;
-        case FT::kAdminTenants:
-          (void)ipc::send_json(conn.get(), FT::kOk, rid,
-                               {{"tenants", json::array({{{"name", "alice"},
-                                                          {"uids", {1000, 1001}},
-                                                          {"gids", json::array()},
-                                                          {"layers", 1},
-                                                          {"max_layers", 64},
-                                                          {"memory_bytes", 3 << 20},
-                                                          {"max_memory_bytes", 8ull << 30},
-                                                          {"inflight", 0},
-                                                          {"max_inflight", 256}}})}});
-          break;
-        case FT::kAdminLayers:
-          (void)ipc::send_json(conn.get(), FT::kOk, rid,
-                               {{"layers", json::array({{{"tenant", "alice"},
-                                                         {"name", "moe0"},
-                                                         {"handle", 1},
-                                                         {"rank", 0},
-                                                         {"experts", 8},
-                                                         {"model_dim", 256},
-                                                         {"hidden", 1024},
-                                                         {"k", 2},
-                                                         {"capacity_factor", 1.0},
-                                                         {"step", 12},
-                                                         {"memory_bytes", 25 << 20},
-                                                         {"pending_backwards", 0},
-                                                         {"pinned", true},
-                                                         {"plans",
-                                                          {{"kind", "host"},
-                                                           {"plans", 3},
-                                                           {"held", 1},
-                                                           {"bytes", 6 << 20},
-                                                           {"max_bytes", 8ull << 30},
-                                                           {"hits", 117},
-                                                           {"misses", 4},
-                                                           {"builds", 5},
-                                                           {"build_failures", 0},
-                                                           {"evictions", 2},
-                                                           {"capacity_moves", 0}}},
-                                                         {"capacity", 64},
-                                                         {"dropped", 3},
-                                                         {"l_aux", 1.0625}},
-                                                        {{"tenant", "alice"},
-                                                         {"name", "ep0"},
-                                                         {"group", {{"rank", 0}, {"size", 2}}},
-                                                         {"plans", nullptr}}})}});
-          break;
-        case FT::kAdminMetrics:
-          (void)ipc::send_json(conn.get(), FT::kOk, rid,
-                               {{"text", "# TYPE tuteld_up gauge\ntuteld_up 1\n"}});
-          break;
-        case FT::kAdminCheckpoint:
-          if (body.value("layer", "") != "alice/moe0") {
-            (void)ipc::send_error(conn.get(), rid,
-                                  Status::NotFound("no layer '" + body.value("layer", "") + "'"));
-          } else {
-            last_checkpoint_path = body.value("path", "");
-            (void)ipc::send_json(conn.get(), FT::kOk, rid, {{"path", last_checkpoint_path}});
-          }
-          break;
-        default:
-          (void)ipc::send_error(conn.get(), rid, Status::InvalidArgument("not an admin request"));
-      }
+    }
+  }
+
+  void answer(int conn, const ipc::Frame& frame) {
+    const uint32_t rid = frame.header.request_id;
+    auto body = ipc::parse_body(frame).value();
+    using FT = ipc::FrameType;
+    if (reply_) {
+      (void)ipc::send_json(conn, FT::kOk, rid, *reply_);
+      return;
+    }
+    switch (static_cast<FT>(frame.header.type)) {
+      case FT::kAdminStatus:
+        (void)ipc::send_json(conn, FT::kOk, rid,
+                             {{"version", "0.1.0"},
+                              {"pid", 4242},
+                              {"uptime_seconds", 3725.5},
+                              {"backend", "cpu"},
+                              {"ranks", 2},
+                              {"sessions", 1},
+                              {"layers", 1},
+                              {"tenants", 1},
+                              {"client_socket", "/run/tuteld/client.sock"},
+                              {"state_dir", ""},
+                              {"metrics_listen", "127.0.0.1:0"},
+                              {"metrics_port", 39999}});
+        break;
+      case FT::kAdminTenants:
+        (void)ipc::send_json(conn, FT::kOk, rid,
+                             {{"tenants", json::array({{{"name", "alice"},
+                                                        {"uids", {1000, 1001}},
+                                                        {"gids", json::array()},
+                                                        {"layers", 1},
+                                                        {"max_layers", 64},
+                                                        {"memory_bytes", 3 << 20},
+                                                        {"max_memory_bytes", 8ull << 30},
+                                                        {"inflight", 0},
+                                                        {"max_inflight", 256}}})}});
+        break;
+      case FT::kAdminLayers:
+        (void)ipc::send_json(conn, FT::kOk, rid,
+                             {{"layers", json::array({{{"tenant", "alice"},
+                                                       {"name", "moe0"},
+                                                       {"handle", 1},
+                                                       {"rank", 0},
+                                                       {"experts", 8},
+                                                       {"model_dim", 256},
+                                                       {"hidden", 1024},
+                                                       {"k", 2},
+                                                       {"capacity_factor", 1.0},
+                                                       {"step", 12},
+                                                       {"memory_bytes", 25 << 20},
+                                                       {"pending_backwards", 0},
+                                                       {"pinned", true},
+                                                       {"plans",
+                                                        {{"kind", "host"},
+                                                         {"plans", 3},
+                                                         {"held", 1},
+                                                         {"bytes", 6 << 20},
+                                                         {"max_bytes", 8ull << 30},
+                                                         {"hits", 117},
+                                                         {"misses", 4},
+                                                         {"builds", 5},
+                                                         {"build_failures", 0},
+                                                         {"evictions", 2},
+                                                         {"capacity_moves", 0}}},
+                                                       {"capacity", 64},
+                                                       {"dropped", 3},
+                                                       {"l_aux", 1.0625}},
+                                                      {{"tenant", "alice"},
+                                                       {"name", "ep0"},
+                                                       {"group", {{"rank", 0}, {"size", 2}}},
+                                                       {"plans", nullptr}}})}});
+        break;
+      case FT::kAdminMetrics:
+        (void)ipc::send_json(conn, FT::kOk, rid,
+                             {{"text", "# TYPE tuteld_up gauge\ntuteld_up 1\n"}});
+        break;
+      case FT::kAdminCheckpoint:
+        if (body.value("layer", "") != "alice/moe0") {
+          (void)ipc::send_error(conn, rid,
+                                Status::NotFound("no layer '" + body.value("layer", "") + "'"));
+        } else {
+          last_checkpoint_path = body.value("path", "");
+          (void)ipc::send_json(conn, FT::kOk, rid, {{"path", last_checkpoint_path}});
+        }
+        break;
+      default:
+        (void)ipc::send_error(conn, rid, Status::InvalidArgument("not an admin request"));
     }
   }
 
@@ -223,6 +230,49 @@ TEST(Tutelctl, RepliesOfUnexpectedShapesAreErrorsNotCrashes) {
   EXPECT_NE(r.output.find("uptime           ?"), std::string::npos) << r.output;
   r = run(json{{"cluster", {{"nodes", {{{"first_rank", INT64_MAX}, {"ranks", 2}}}}}}}, "peers");
   EXPECT_EQ(r.exit_code, 0) << r.output;
+}
+
+// drain --wait exits 1 while client sessions stay open, with --json as with a table, and 0 once
+// none is open.
+TEST(Tutelctl, DrainWaitExitsOneWhileSessionsStayOpen) {
+  TempDir dir;
+  const std::string open_sock = dir.file("open.sock"), closed_sock = dir.file("closed.sock");
+  FakeAdmin open(open_sock, json{{"sessions", 2}, {"draining", true}});
+  FakeAdmin closed(closed_sock, json{{"sessions", 0}, {"draining", true}});
+
+  ToolRun r = tutelctl("--socket " + open_sock + " drain --wait 0.2");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("2 client session(s) still open"), std::string::npos) << r.output;
+  r = tutelctl("--socket " + open_sock + " --json drain --wait 0.2");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  const json still_open = json::parse(r.output, nullptr, false);
+  ASSERT_TRUE(still_open.is_object()) << r.output;  // stdout stays JSON
+  EXPECT_EQ(still_open.value("sessions", -1), 2) << r.output;
+
+  r = tutelctl("--socket " + closed_sock + " drain --wait 0.2");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("tuteld is drained"), std::string::npos) << r.output;
+  r = tutelctl("--socket " + closed_sock + " --json drain --wait 0.2");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(json::parse(r.output, nullptr, false).value("sessions", -1), 0) << r.output;
+}
+
+// The status replies drain --wait reads are checked like every other reply: a field of another
+// type is an error that says so, not an abort.
+TEST(Tutelctl, DrainWaitOnAnUnreadableStatusIsAnError) {
+  TempDir dir;
+  int n = 0;
+  for (const json& reply : {json{{"sessions", 2}, {"draining", "yes"}}, json{{"sessions", "2"}},
+                            json{{"draining", true}}}) {
+    const std::string sock = dir.file("admin" + std::to_string(n++) + ".sock");
+    FakeAdmin admin(sock, reply);
+    for (const char* json_flag : {"", "--json "}) {
+      const ToolRun r = tutelctl("--socket " + sock + " " + json_flag + "drain --wait 0.2");
+      EXPECT_EQ(r.exit_code, 1) << reply.dump() << ": " << r.output;
+      EXPECT_NE(r.output.find("cannot read tuteld's status reply"), std::string::npos)
+          << reply.dump() << ": " << r.output;
+    }
+  }
 }
 
 TEST(Tutelctl, TablesAndJsonFromTheAdminSocket) {

@@ -10,7 +10,9 @@ import time
 
 
 class Daemon:
-    def __init__(self, extra_tenant=""):
+    def __init__(self, extra_tenant="", uids=None):
+        """uids: the tenant "default"'s uids; by default this process's, so it may connect."""
+        uids = [os.getuid()] if uids is None else uids
         self.dir = tempfile.mkdtemp(prefix="tuteld-pytest-")
         self.client_socket = os.path.join(self.dir, "run", "client.sock")
         self.checkpoints = os.path.join(self.dir, "state", "default", "checkpoints")
@@ -25,7 +27,7 @@ class Daemon:
                 'metrics_listen = "127.0.0.1:0"\n'
                 'arena_bytes = "16MiB"\n'
                 '[backend]\nkind = "cpu"\nranks = 1\nthreads_per_rank = 1\n'
-                f'[[tenant]]\nname = "default"\nuids = [{os.getuid()}]\n{extra_tenant}'
+                f'[[tenant]]\nname = "default"\nuids = [{", ".join(map(str, uids))}]\n{extra_tenant}'
             )
         binary = os.environ["TUTELD_BIN"]
         with open(self.log_path, "w") as log:

@@ -117,6 +117,45 @@ class ClientModuleTest(unittest.TestCase):
             layer.backward(dy1)
         self.assertIn("without a training forward", str(e.exception))
 
+    def test_backward_needs_as_many_rows_as_its_forward(self):
+        p, x = random_case(self.rng, 8)
+        layer = self.make_layer(p)
+        y, info = layer.forward(x)
+        # The library sizes a backward by its forward: other row counts would read past dy (fewer)
+        # or return rows it never wrote (more).
+        for rows in (12, 5):
+            with self.assertRaises(ValueError) as e:
+                layer.backward(self.rng.normal(0, 1, (rows, M)))
+            self.assertIn(f"dy has {rows} rows", str(e.exception))
+            self.assertIn("had 8 tokens", str(e.exception))
+            with self.assertRaises(ValueError):
+                layer.backward(self.rng.normal(0, 1, (rows, M)), sequence=info.sequence)
+        # The forward still waits for its backward.
+        dy = self.rng.normal(0, 1, y.shape)
+        _, _, saved = ref.forward(p, x, K, F)
+        self.assert_close(layer.backward(dy), ref.backward(p, saved, dy, 0.0)[0], "dx after the refusals")
+
+    def test_a_backward_that_fails_in_its_wait_is_not_retried_by_later_backwards(self):
+        p, x = random_case(self.rng, 8)
+        layer = self.make_layer(p)
+        y, _ = layer.forward(x)
+        real_wait = self.client._wait
+
+        def failing_wait(ticket):  # the backward ran, but its wait reports a failure
+            self.client._wait = real_wait
+            real_wait(ticket)
+            raise tuteld.TutelError(-13, "injected: the wait failed")
+
+        self.client._wait = failing_wait
+        with self.assertRaises(tuteld.TutelError):
+            layer.backward(np.zeros_like(y))
+        # The library forgot that forward at the submit: the next default backward is the new one's.
+        x2 = random_inputs(self.rng, p, (8, M))
+        y2, _ = layer.forward(x2)
+        dy2 = self.rng.normal(0, 1, y2.shape)
+        _, _, saved2 = ref.forward(p, x2, K, F)
+        self.assert_close(layer.backward(dy2), ref.backward(p, saved2, dy2, 0.0)[0], "dx of the new forward")
+
     def test_inference_keeps_nothing_for_backward(self):
         p, x = random_case(self.rng, 8)
         layer = self.make_layer(p)
@@ -173,6 +212,15 @@ class ClientModuleTest(unittest.TestCase):
         with self.assertRaises(tuteld.TutelError) as e:
             tuteld.Client(os.path.join(self.daemon.dir, "nobody.sock"))
         self.assertIn("nobody.sock", str(e.exception))
+        self.assertEqual(e.exception.name, "Unavailable")
+
+    def test_a_refused_uid_raises_the_daemons_code(self):
+        other = Daemon(uids=[os.getuid() + 1])  # a tenant that does not admit this process
+        self.addCleanup(other.stop)
+        with self.assertRaises(tuteld.TutelError) as e:
+            tuteld.Client(other.client_socket)
+        self.assertEqual(e.exception.name, "PermissionDenied", str(e.exception))
+        self.assertIn("belongs to no tenant", str(e.exception))
 
 
 if __name__ == "__main__":

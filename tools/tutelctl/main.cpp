@@ -375,19 +375,44 @@ void print_plans(const json& reply) {
   t.print(std::cout);
 }
 
-// After drain: polls the status until no client session is open or `wait_s` has passed; the
-// last status as a drain reply ({"draining", "sessions"}).
-tutel::Result<std::string> wait_drained(tutel::client::AdminClient& admin, double wait_s) {
+// The end of `drain --wait`: the last status as a drain reply ({"draining", "sessions"}).
+struct Drained {
+  std::string reply;
+  int64_t open = 0;  // client sessions still open: non-zero when the wait ran out
+};
+
+// A status reply tutelctl cannot read, said as main says it of other replies: wait_drained runs
+// outside main's json::exception guard, so its checks are explicit and nothing in it throws.
+tutel::Status unreadable_status(const std::string& what) {
+  return tutel::Status::Corruption("tutelctl cannot read tuteld's status reply (" + what +
+                                   "); is tutelctl the daemon's version? `tutelctl --json status` "
+                                   "prints the reply as it is");
+}
+
+// A reply's value in a message; never throws.
+std::string shown(const json& v) { return v.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+// After drain: polls the status until no client session is open or `wait_s` has passed.
+tutel::Result<Drained> wait_drained(tutel::client::AdminClient& admin, double wait_s) {
   const auto deadline = std::chrono::steady_clock::now() +
                         std::chrono::milliseconds(static_cast<int64_t>(wait_s * 1000));
   for (;;) {
     TUTEL_ASSIGN_OR_RETURN(std::string text, admin.status());
     const json s = json::parse(text, nullptr, false);
-    if (!s.is_object() || !s.contains("sessions") || !s["sessions"].is_number_integer())
-      return tutel::Status::Internal("tuteld's status reply has no session count");
-    const int64_t open = s["sessions"].get<int64_t>();
-    if (open == 0 || std::chrono::steady_clock::now() >= deadline)
-      return json{{"draining", s.value("draining", true)}, {"sessions", open}}.dump();
+    if (!s.is_object()) return unreadable_status("it is not a JSON object");
+    const auto sessions = s.find("sessions");
+    if (sessions == s.end() || !sessions->is_number_integer()) {
+      const std::string got = sessions == s.end() ? "missing" : shown(*sessions);
+      return unreadable_status("\"sessions\" is " + got + ", not a session count");
+    }
+    const auto draining = s.find("draining");
+    if (draining != s.end() && !draining->is_boolean())
+      return unreadable_status("\"draining\" is " + shown(*draining) + ", not true or false");
+    const int64_t open = sessions->get<int64_t>();
+    if (open == 0 || std::chrono::steady_clock::now() >= deadline) {
+      const bool is_draining = draining == s.end() || draining->get<bool>();
+      return Drained{json{{"draining", is_draining}, {"sessions", open}}.dump(), open};
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
 }
@@ -499,7 +524,16 @@ int main(int argc, char** argv) {
     reply = admin->drain(true);
   else if (*undrain)
     reply = admin->drain(false);
-  if (reply.ok() && *drain && wait_s > 0) reply = wait_drained(*admin, wait_s);
+  bool wait_ran_out = false;  // drain --wait with sessions still open: exit 1, table or --json
+  if (reply.ok() && *drain && wait_s > 0) {
+    auto drained = wait_drained(*admin, wait_s);
+    if (drained.ok()) {
+      wait_ran_out = drained->open != 0;
+      reply = std::move(drained->reply);
+    } else {
+      reply = drained.status();
+    }
+  }
   if (!reply.ok()) {
     if (reply.status().code() == tutel::StatusCode::kUnavailable)
       return cannot_reach(socket, reply.status());
@@ -513,7 +547,7 @@ int main(int argc, char** argv) {
   }
   if (as_json) {
     std::cout << body.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
-    return 0;
+    return wait_ran_out ? kExitFailure : 0;
   }
   // A field of an unexpected type (a daemon of another version, a damaged reply) is an error
   // that says so, not a crash.
@@ -544,7 +578,7 @@ int main(int argc, char** argv) {
         std::cout << "tuteld is drained: no client sessions open\n";
       else
         std::cout << "tuteld is draining: " << open << " client session(s) still open\n";
-      if (*drain && wait_s > 0 && open != 0) return kExitFailure;  // the wait ran out
+      if (wait_ran_out) return kExitFailure;
     } else {
       std::cout << "checkpointed " << layer << " to " << body.value("path", path) << "\n";
     }

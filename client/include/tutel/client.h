@@ -1,15 +1,17 @@
 /* libtutel_client, C ABI: the same sessions and layers as tutel/client.hpp, for any language.
  *
  * Every int-returning function returns 0 on success and a negative code otherwise: minus the
- * StatusCode (TUTEL_E_*), with a message for the calling thread in tutel_last_error(). Nothing
- * is thrown across this boundary. Pointers of the wrong kind or NULL give TUTEL_E_INVALID_ARGUMENT.
+ * StatusCode (TUTEL_E_*), with a message for the calling thread in tutel_last_error(). A
+ * function that returns a pointer returns NULL on failure; its code is tutel_last_error_code().
+ * Nothing is thrown across this boundary. Pointers of the wrong kind or NULL give
+ * TUTEL_E_INVALID_ARGUMENT.
  *
  * Buffers are float32, row-major: x [tokens, model_dim], y [tokens, output_dim], dy [tokens,
  * output_dim], dx [tokens, model_dim]. One request's input plus output must fit in the session's
  * shared-memory data region (tutel_data_bytes; raise server.arena_bytes in tuteld.toml for more).
  *
  * Thread-safety: a tutel_client and the layers made from it belong to one thread at a time;
- * use one client per thread. tutel_last_error() is per thread.
+ * use one client per thread. tutel_last_error() and tutel_last_error_code() are per thread.
  *
  * Lifetime: tutel_close ends the session (layers made from it then fail with
  * TUTEL_E_UNAVAILABLE) and frees the client; each layer handle is freed with
@@ -61,8 +63,13 @@ typedef struct tutel_forward_info {
 /* The message of the last failed call on this thread ("" when none failed yet). Valid until
  * the next failing call on this thread. */
 const char* tutel_last_error(void);
+/* The code (TUTEL_E_*) of the last failed call on this thread, 0 when none failed yet: why
+ * tutel_connect returned NULL, for instance. Like tutel_last_error, a successful call leaves it. */
+int tutel_last_error_code(void);
 
-/* Connects to tuteld's client socket; NULL on failure (see tutel_last_error). */
+/* Connects to tuteld's client socket; NULL on failure (see tutel_last_error_code and
+ * tutel_last_error: TUTEL_E_UNAVAILABLE when no daemon answers, TUTEL_E_PERMISSION_DENIED when
+ * it maps this process's uid to no tenant). */
 tutel_client* tutel_connect(const char* socket_path);
 /* Ends the session and frees the client. NULL is ignored. */
 void tutel_close(tutel_client* client);

@@ -80,7 +80,8 @@ class Layer;
 // a GPU daemon it is GPU memory (data() is a device pointer in this process, on the GPU named by
 // device(); use it with cudaMemcpy or as a tensor's storage); on a CPU daemon, shared host
 // memory. It counts against the tenant's max_memory_bytes.
-// Move-only. Destroying it unmaps it (as unmap(), errors ignored). When the session ends first
+// Move-only. Destroying it unmaps it (as unmap(), errors ignored; if that times out, the region
+// stays mapped on both sides until the session ends). When the session ends first
 // (Client::close, the daemon's exit), the mapping stays until the handle goes, so memory the
 // program still points into never disappears under it; requests through it fail then.
 class DeviceRegion {
@@ -98,7 +99,11 @@ class DeviceRegion {
   const std::string& kind() const;
   // The device: "cpu", or the GPU's PCI bus id ("0000:3b:00.0"), the same in every process.
   const std::string& device() const;
-  // Waits for the session's requests in flight, then unmaps it here and in the daemon.
+  // Waits for the session's requests in flight, then unmaps it here and in the daemon. When that
+  // wait runs past ClientOptions::request_timeout, it returns Timeout and changes nothing: the
+  // requests still in flight may use the region, so it stays mapped here and in the daemon (still
+  // counted against the quota) and this handle stays valid; call unmap() again. Any other error
+  // (the session ended) leaves the handle empty, as success does.
   Status unmap();
 
  private:

@@ -102,6 +102,7 @@ def _declare(lib):
     fp = ctypes.POINTER(ctypes.c_float)
     signatures = {
         "tutel_last_error": (ctypes.c_char_p, []),
+        "tutel_last_error_code": (i32, []),
         "tutel_connect": (p, [ctypes.c_char_p]),
         "tutel_close": (None, [p]),
         "tutel_ping": (i32, [p]),
@@ -148,7 +149,8 @@ class Client:
     def __init__(self, socket_path):
         handle = _lib.tutel_connect(os.fsencode(socket_path))
         if not handle:
-            raise _error(-7)
+            # The real cause (a refused uid, a version mismatch), not a guess: callers branch on it.
+            raise _error(_lib.tutel_last_error_code() or -11)
         self._handle = handle
         self._lock = threading.RLock()
         self._layers = []  # handles to release before the session ends
@@ -190,7 +192,8 @@ class Client:
         name = ctypes.c_char_p()
         with self._lock:
             _check(_lib.tutel_client_info(self._session(), ctypes.byref(name), None))
-        return name.value.decode()
+            # The string belongs to the client: a close() on another thread frees it.
+            return name.value.decode()
 
     @property
     def data_bytes(self):
@@ -233,7 +236,9 @@ class Layer:
     def __init__(self, client, handle):
         self._client = client
         self._handle = handle
-        self._pending = collections.deque()  # sequences of training forwards not yet backwarded
+        # Training forwards not yet backwarded, oldest first: sequence -> rows. The C side sizes
+        # a backward by its forward's rows, so dy must have exactly that many.
+        self._pending = collections.OrderedDict()
         dims = [ctypes.c_int64() for _ in range(3)]
         with client._lock:
             _check(_lib.tutel_layer_dims(handle, *(ctypes.byref(d) for d in dims)))
@@ -277,7 +282,7 @@ class Layer:
                                              1 if training else 0, ctypes.byref(ticket)))
             info = self._client._wait(ticket)
             if training:
-                self._pending.append(info.sequence)
+                self._pending[info.sequence] = rows.shape[0]
         return y.reshape(*lead, self.output_dim), info
 
     def infer(self, x):
@@ -289,18 +294,30 @@ class Layer:
         of the training forward `sequence` (its ForwardInfo.sequence), by default the oldest
         not yet backwarded. The parameter gradients accumulate in the daemon."""
         lead, rows = self._rows(dy, self.output_dim, "dy")
-        dx = np.empty((rows.shape[0], self.model_dim), dtype=np.float32)
         ticket = _Ticket()
         with self._client._lock:
             if sequence is None:
                 if not self._pending:
                     raise TutelError(-1, "backward without a training forward to match it")
-                sequence = self._pending[0]
+                sequence = next(iter(self._pending))
+            elif sequence not in self._pending:
+                raise TutelError(-1, f"backward: no training forward with sequence {sequence} waits "
+                                     "for its backward on this handle (already backwarded, failed, "
+                                     "or made through another handle)")
+            tokens = self._pending[sequence]
+            if rows.shape[0] != tokens:
+                raise ValueError(f"dy has {rows.shape[0]} rows but the forward with sequence "
+                                 f"{sequence} had {tokens} tokens; pass the gradient of that "
+                                 "forward's y")
+            dx = np.empty((tokens, self.model_dim), dtype=np.float32)
             _check(_lib.tutel_submit_backward(self._layer(), sequence, _floats(rows), float(dl_aux),
                                               _floats(dx), ctypes.byref(ticket)))
-            self._client._wait(ticket)
-            if sequence in self._pending:
-                self._pending.remove(sequence)
+            # The library forgot the forward at the submit: whatever the wait says, it cannot be
+            # backwarded again.
+            try:
+                self._client._wait(ticket)
+            finally:
+                del self._pending[sequence]
         return dx.reshape(*lead, self.model_dim)
 
     def _call(self, fn, *args):
