@@ -68,6 +68,13 @@ void LeaseTable::release(Slot* slot) {
   free_.push_back(slot);
 }
 
+bool is_pull_descriptor(const void* data, size_t bytes) {
+  uint64_t magic = 0;
+  if (bytes != sizeof(PullDescriptor)) return false;
+  std::memcpy(&magic, data, sizeof magic);
+  return magic == kDescriptorMagic;
+}
+
 Status pull(pid_t pid, const PullDescriptor& d, void* dst, size_t expected, const std::string& who,
             bool* withdrawn) {
   if (d.magic != kDescriptorMagic)

@@ -61,6 +61,13 @@ struct PullDescriptor {
   uint64_t lease_value = 0;  // what it holds while the buffer is lent
 };
 
+// Whether a message of `bytes` at `data` is a PullDescriptor (its size and magic). A receive of
+// plain bytes gets one where the sender called the collective with a size large enough to be
+// pulled and the receiver with exactly sizeof(PullDescriptor): without this check the receiver
+// would return the descriptor as its data. Plain data that happens to be 40 bytes starting with
+// the magic ("TUTELPUL") reads as one too: a 2^-64 chance for arbitrary bytes.
+bool is_pull_descriptor(const void* data, size_t bytes);
+
 // The sender's leases and descriptors, in slots whose addresses never change (peers read them).
 // Not thread-safe: the owning rank's mutex guards it.
 class LeaseTable {

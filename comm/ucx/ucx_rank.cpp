@@ -567,6 +567,14 @@ bool UcxRank::poll_ops_locked(std::vector<Op>& ops, Status* error) {
                                        " were expected: the ranks called the collective with different sizes");
       return false;
     }
+    if (!op.is_send && !op.pulled && pull_from_[static_cast<size_t>(t.peer)] &&
+        is_pull_descriptor(t.buffer, op.info.length)) {
+      *error = Status::InvalidArgument(describe(t.peer) + " offered " + std::to_string(t.bytes) +
+                                       " bytes to be pulled from its memory where a message of " +
+                                       std::to_string(op.info.length) +
+                                       " bytes was expected: the ranks called the collective with different sizes");
+      return false;
+    }
     if (op.pulled && !op.is_send) {
       if (Status st = finish_pull_locked(op); !st.ok()) {
         *error = std::move(st);

@@ -100,7 +100,9 @@ TEST(UcxFailure, BootstrapNamesTheRankThatNeverArrives) {
   EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
 }
 
-// Sizes both small (UCX), both large (pulled from peer memory), and one of each.
+// Sizes both small (UCX), both large (pulled from peer memory), and one of each; and a small
+// size of exactly a pull descriptor's 40 bytes against a pulled one, where the small side's
+// receive gets the descriptor: it must not take it for its data.
 class UcxSizeMismatch : public ::testing::TestWithParam<std::pair<size_t, size_t>> {};
 
 TEST_P(UcxSizeMismatch, RanksThatDisagreeOnSizesFailInsteadOfHanging) {
@@ -123,7 +125,8 @@ TEST_P(UcxSizeMismatch, RanksThatDisagreeOnSizesFailInsteadOfHanging) {
 INSTANTIATE_TEST_SUITE_P(Sizes, UcxSizeMismatch,
                          ::testing::Values(std::pair<size_t, size_t>{100, 200},
                                            std::pair<size_t, size_t>{100000, 200000},
-                                           std::pair<size_t, size_t>{1000, 100000}));
+                                           std::pair<size_t, size_t>{1000, 100000},
+                                           std::pair<size_t, size_t>{40, 65536}));
 
 // A rank that stops calling collectives (alive, but stuck elsewhere) is a timeout naming it.
 TEST(UcxFailure, SilentPeerIsATimeoutNamingIt) {
