@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cerrno>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -38,7 +39,8 @@ struct Peer {
   Fd fd;
   State state = State::kReading;
   std::string in;
-  std::string out;
+  // The answer: a group's members share one table (up to size × 1 MiB), never a copy each.
+  std::shared_ptr<const std::string> out;
   size_t out_pos = 0;
   Clock::time_point deadline;  // for reading the join, or for writing the answer
   std::string address;         // "127.0.0.1, pid 42" once the join is read
@@ -153,8 +155,8 @@ class Service final : public RendezvousService {
   void on_event(uint64_t id, Peer& p, short revents) {
     if (p.state == Peer::State::kWriting) {
       if (revents & (POLLERR | POLLHUP | POLLNVAL)) return drop(id);
-      while (p.out_pos < p.out.size()) {
-        const ssize_t w = ::send(p.fd.get(), p.out.data() + p.out_pos, p.out.size() - p.out_pos,
+      while (p.out_pos < p.out->size()) {
+        const ssize_t w = ::send(p.fd.get(), p.out->data() + p.out_pos, p.out->size() - p.out_pos,
                                  MSG_NOSIGNAL | MSG_DONTWAIT);
         if (w > 0) {
           p.out_pos += static_cast<size_t>(w);
@@ -290,7 +292,7 @@ class Service final : public RendezvousService {
       payloads.push_back(std::move(m.payload));
       addresses.push_back(m.address);
     }
-    const std::string table = wire::encode_table(payloads, addresses);
+    const auto table = std::make_shared<const std::string>(wire::encode_table(payloads, addresses));
     for (const auto& [r, m] : g.joined) answer(peers_.at(m.peer), table);
     groups_.erase(it);
     std::lock_guard lock(stats_mu_);
@@ -319,7 +321,7 @@ class Service final : public RendezvousService {
   // deadline so that its late ranks hear the same.
   void doom(std::map<std::string, Group>::iterator it, Peer& p, Status failure) {
     Group& g = it->second;
-    const std::string msg = wire::encode_error(failure);
+    const auto msg = std::make_shared<const std::string>(wire::encode_error(failure));
     for (const auto& [r, m] : g.joined) answer(peers_.at(m.peer), msg);
     g.joined.clear();  // kept failed, it holds only its failure
     g.count = 0;
@@ -342,12 +344,12 @@ class Service final : public RendezvousService {
         for (int r = 0; r < g.size; ++r)
           if (g.joined.count(r) == 0) missing.push_back(r);
         const std::string name = printable(it->first.substr(it->first.find('@') + 1));
-        const std::string msg = wire::encode_error(Status::Timeout(
+        const auto msg = std::make_shared<const std::string>(wire::encode_error(Status::Timeout(
             "bootstrap of group '" + name + "' timed out after " +
             std::to_string(g.timeout.count()) + " ms: rank" + (missing.size() > 1 ? "s " : " ") +
             wire::rank_list(missing) + " never reached the rendezvous service at " + where() +
             " (" + std::to_string(g.count) + " of " + std::to_string(g.size) +
-            " ranks arrived); start them, or check their group name and size"));
+            " ranks arrived); start them, or check their group name and size")));
         for (const auto& [r, m] : g.joined) answer(peers_.at(m.peer), msg);
         std::lock_guard lock(stats_mu_);
         ++stats_.groups_failed;
@@ -372,7 +374,8 @@ class Service final : public RendezvousService {
     if (--g.count == 0) groups_.erase(it);
   }
 
-  void answer(Peer& p, std::string message) {
+  void answer(Peer& p, std::string message) { answer(p, std::make_shared<const std::string>(std::move(message))); }
+  void answer(Peer& p, std::shared_ptr<const std::string> message) {
     p.state = Peer::State::kWriting;
     p.out = std::move(message);
     p.out_pos = 0;

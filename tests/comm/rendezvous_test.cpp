@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <fstream>
 #include <optional>
 #include <random>
 #include <string>
@@ -297,6 +298,45 @@ TEST(Rendezvous, ARankThatHangsUpIsWithdrawnAndMayJoinAgain) {
     ASSERT_TRUE(o.result->ok()) << error_of(o);
     EXPECT_EQ(o.result->value().payloads[1], "t/again#1");
   }
+}
+
+// The resident set of this process, in bytes (VmRSS), or 0 when unknown.
+uint64_t resident_bytes() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);)
+    if (line.rfind("VmRSS:", 0) == 0) return std::stoull(line.substr(6)) * 1024;
+  return 0;
+}
+
+// The members of a group share one answer: a table as large as everything they sent (up to
+// size × 1 MiB) is not copied for each of them, which let any local process that can reach the
+// service make it allocate size² MiB.
+TEST(Rendezvous, AGroupsMembersShareOneCopyOfTheirTable) {
+  auto service = start_service();
+  ASSERT_TRUE(service);
+  constexpr uint32_t kSize = 16;
+  const std::string payload(size_t{1} << 20, 'p');  // the most a member may send
+  std::string body;
+  put_u32(body, 10000);
+  body += payload;
+  const std::string round = "test@t/large";
+  std::vector<std::unique_ptr<RawClient>> members;
+  const uint64_t before = resident_bytes();
+  for (uint32_t r = 0; r < kSize; ++r) {
+    members.push_back(std::make_unique<RawClient>(service->port()));
+    ASSERT_GE(members.back()->fd, 0);
+    // Never read: the answers wait in the service until its write timeout.
+    members.back()->send(join_bytes(kMagic, 4, r, kSize, round, body, static_cast<uint32_t>(round.size()),
+                                    static_cast<uint32_t>(body.size())));
+  }
+  const auto deadline = Clock::now() + 10s;
+  while (service->stats().groups_completed == 0 && Clock::now() < deadline) std::this_thread::sleep_for(10ms);
+  ASSERT_EQ(service->stats().groups_completed, 1u);
+  const uint64_t after = resident_bytes();
+  ASSERT_GT(before, 0u);
+  // One 16 MiB table and what the reads held; a copy per member would be 256 MiB.
+  EXPECT_LT(after - std::min(after, before), uint64_t{96} << 20)
+      << "the service holds " << ((after - before) >> 20) << " MiB more for one group's answers";
 }
 
 TEST(Rendezvous, MalformedClientsAreRefusedWithoutDisturbingGroups) {
