@@ -201,8 +201,10 @@ Result<PlanKey> PlanCache::key_for(LayerId id, const ParallelConfig& config, int
   if (auto it = in_use.find(make_key(config, token_bucket, 0, training));
       it != in_use.end() && spec.capacity_factor <= 0)
     return make_key(config, token_bucket, it->second, training);
+  // The bucket's balanced guess, as configured_keys() gives it: a request's first plan is then
+  // the one prebuilt for its bucket (for f > 0 the capacity is the bucket's anyway).
   const int64_t capacity =
-      capacity_bucket_for(spec, options_.buckets, token_bucket, balanced_capacity(spec, tokens));
+      capacity_bucket_for(spec, options_.buckets, token_bucket, balanced_capacity(spec, token_bucket));
   return make_key(config, token_bucket, capacity, training);
 }
 

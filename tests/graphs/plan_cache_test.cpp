@@ -299,6 +299,15 @@ TEST(PlanCache, PrebuildsTheConfiguredBuckets) {
   EXPECT_EQ(cache.stats().misses, 0u);
   EXPECT_EQ(cache.stats().plans, 2u);
   for (const PlanKey& k : *keys) EXPECT_TRUE(cache.contains(3, k));
+  // A first request smaller than its bucket runs on the plan prebuilt for the bucket (f <= 0:
+  // both take the balanced capacity of the whole bucket), not on a new one.
+  DeviceTensor x(*backend, DType::kF32, {40, 32}), y(*backend, DType::kF32, {40, 32});
+  x.upload(to_f32(randn(rng, 40 * 32, 1.0)));
+  auto step = cache.forward(3, {}, x.view(), 0, /*training=*/true, y.view());
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_EQ(step->plan->key(), (*keys)[1]) << "40 tokens should run on the bucket-96 plan";
+  EXPECT_EQ(cache.stats().builds, 2u);
+  EXPECT_EQ(cache.stats().misses, 0u);
 }
 
 TEST(PlanCache, ACachedStepAllocatesNothing) {

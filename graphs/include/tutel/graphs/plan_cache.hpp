@@ -88,7 +88,8 @@ class PlanCache {
                                                bool training) const;
 
   // The key a request of `tokens` tokens starts on: its token bucket and, for f <= 0, the
-  // capacity bucket the last forward of that bucket ran on (or the balanced guess).
+  // capacity bucket the last forward of that bucket ran on (or, before any, the guess of
+  // configured_keys(): the capacity a balanced routing of the whole bucket needs).
   Result<PlanKey> key_for(LayerId id, const ParallelConfig& config, int64_t tokens,
                           bool training) const;
 
