@@ -126,7 +126,22 @@ bool ExchangeTuner::exclude(int64_t key, const ExchangeConfig& config) {
   Bucket& b = bucket(key);
   const auto it = std::find(options_.candidates.begin(), options_.candidates.end(), config);
   if (it == options_.candidates.end()) return false;
-  const size_t i = static_cast<size_t>(it - options_.candidates.begin());
+  return exclude_locked(b, static_cast<size_t>(it - options_.candidates.begin()));
+}
+
+bool ExchangeTuner::exclude_parallelism(int64_t key, int r) {
+  std::lock_guard<std::mutex> lock(*mu_);
+  Bucket& b = bucket(key);
+  const auto other_r_left = [&] {
+    return std::any_of(b.left.begin(), b.left.end(), [&](size_t i) { return options_.candidates[i].r != r; });
+  };
+  if (!other_r_left()) return false;
+  for (size_t i = 0; i < k(); ++i)
+    if (options_.candidates[i].r == r && !b.excluded[i]) (void)exclude_locked(b, i);
+  return true;
+}
+
+bool ExchangeTuner::exclude_locked(Bucket& b, size_t i) {
   if (b.excluded[i] || b.left.size() == 1) return false;
   b.excluded[i] = true;
   b.left.erase(std::find(b.left.begin(), b.left.end(), i));

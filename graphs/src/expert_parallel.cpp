@@ -445,12 +445,14 @@ Status ExpertParallelLayer::refused_by_a_peer() const {
 Status ExpertParallelLayer::run_group_phase(const Status& prepared,
                                             const std::function<PhaseKey()>& key,
                                             const std::function<Status()>& ops,
-                                            bool* refused_together) {
+                                            bool prepared_way_specific, bool* refused_for_the_way) {
   const bool graphs = runner_ != nullptr && runner_->captures();
-  if (refused_together) *refused_together = false;
+  if (refused_for_the_way) *refused_for_the_way = false;
+  // 0: prepared; 1: a failure only this way's buffers cause; 2: one every way would meet.
+  const int64_t unprepared = prepared.ok() ? 0 : prepared_way_specific ? 1 : 2;
   if (!graphs && shard_.world == 1) {  // nobody to agree with
     if (!prepared.ok()) {
-      if (refused_together) *refused_together = true;
+      if (refused_for_the_way) *refused_for_the_way = unprepared == 1;
       return refuse(prepared);
     }
     return runner_ == nullptr ? ops() : runner_->run(key(), ops);
@@ -467,12 +469,12 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
     mine = runner_->propose(k);
   }
   const int64_t launch_round = mine.mode == PhaseMode::kLaunch ? int64_t(mine.round) : -1;
-  int64_t agreed[5] = {prepared.ok() ? 0 : 1,
+  int64_t agreed[5] = {unprepared,
                        2 - static_cast<int64_t>(mine.mode),  // how far from launching
                        launch_round, -launch_round,          // the same round everywhere?
                        int64_t(capture_rounds_) + 1};        // a new round, above all so far
   TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 5));
-  if (agreed[0] != 0 && refused_together) *refused_together = true;
+  if (refused_for_the_way) *refused_for_the_way = agreed[0] == 1;
   if (!prepared.ok()) return refuse(prepared);
   if (agreed[0] != 0) return refuse(refused_by_a_peer());
   if (!graphs) return runner_ == nullptr ? ops() : runner_->run(key(), ops);
@@ -825,22 +827,25 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   const int64_t widest = std::max(M, O), H = spec_.hidden;
   const int64_t disp_size = static_cast<int64_t>(dtype_size(spec_.dispatch_dtype()));
   const bool keep_pre = training && spec_.activation != Activation::kRelu;
-  // A way of running the phase that the group refuses together (a buffer it needs does not
-  // fit on some rank, as r = 0's gathered weights may not) is dropped from the tuner's bucket on
+  // A parallelism r that the group refuses together for want of a buffer only its ways need
+  // (r = 0's gathered weights may not fit on some rank) is dropped from the tuner's bucket on
   // every rank alike, and the phase runs the next way: routing and capacity are agreed already.
-  // Without a tuner, or with no other way left, the refusal is the step's.
+  // A buffer every way needs, no other way left, or no tuner: the refusal is the step's, and the
+  // tuner keeps what it offers (the memory may be back for the next step).
   ExchangeConfig config;
+  // The Saved buffers are the same size whatever the way: E_l·W·C·H_s = E·C·H.
+  const Status shared_ready = [&]() -> Status {
+    TUTEL_RETURN_IF_ERROR(grow(st.slots_, E * C * 4));
+    TUTEL_RETURN_IF_ERROR(grow(st.expert_in_, El * R * M * disp_size));
+    if (keep_pre) TUTEL_RETURN_IF_ERROR(grow(st.pre_, El * R * Hs * 4));
+    TUTEL_RETURN_IF_ERROR(grow(st.hidden_, El * R * Hs * 4));
+    return grow(st.combined_, E * C * O * 4);
+  }();
   for (;;) {
     config = config_for(C);
     const bool data_parallel = config.r == 0;
     const int chunks = data_parallel ? 1 : chunk_count(C, config.pipeline);
-    // The Saved buffers are the same size either way: E_l·W·C·H_s = E·C·H.
-    const Status experts_ready = [&]() -> Status {
-      TUTEL_RETURN_IF_ERROR(grow(st.slots_, E * C * 4));
-      TUTEL_RETURN_IF_ERROR(grow(st.expert_in_, El * R * M * disp_size));
-      if (keep_pre) TUTEL_RETURN_IF_ERROR(grow(st.pre_, El * R * Hs * 4));
-      TUTEL_RETURN_IF_ERROR(grow(st.hidden_, El * R * Hs * 4));
-      TUTEL_RETURN_IF_ERROR(grow(st.combined_, E * C * O * 4));
+    const Status experts_ready = !shared_ready.ok() ? shared_ready : [&]() -> Status {
       if (data_parallel) {
         TUTEL_RETURN_IF_ERROR(grow_gathered(gathers_copies(local)));
         ExpertShape shape{E, C, M, H, O};
@@ -858,7 +863,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
 
     const bool timed = tuner_ && tuner_->measuring(ExchangeTuner::bucket_for(C));
     const auto started = std::chrono::steady_clock::now();
-    bool refused_together = false;
+    bool refused_for_the_way = false;
     const Status ran = run_group_phase(
         experts_ready,
         [&] {
@@ -917,9 +922,9 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
           return b.decode(
               {f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y});
         },
-        &refused_together);
+        /*prepared_way_specific=*/shared_ready.ok(), &refused_for_the_way);
     if (!ran.ok()) {
-      if (refused_together && tuner_ && tuner_->exclude(ExchangeTuner::bucket_for(C), config))
+      if (refused_for_the_way && tuner_ && tuner_->exclude_parallelism(ExchangeTuner::bucket_for(C), config.r))
         continue;
       return ran;
     }

@@ -163,6 +163,32 @@ TEST(ExchangeTuner, ExcludingAllButOneDecidesOnIt) {
   EXPECT_FALSE(tuner->record(8, 5)) << "a decided bucket records nothing";
 }
 
+// A parallelism refused for want of its own buffers is excluded whole, only while a candidate of
+// another parallelism is left to run instead.
+TEST(ExchangeTuner, ExcludingAParallelismDropsAllItsWaysWhileAnotherIsLeft) {
+  TunerOptions o;
+  o.candidates = {{AllToAllAlgo::kLinear, 1, 1}, {AllToAllAlgo::kLinear, 2, 1}, kDataParallel};
+  o.warmups = 0;
+  o.trials = 1;
+  auto tuner = ExchangeTuner::create(o);
+  ASSERT_TRUE(tuner.ok()) << tuner.status();
+  const std::vector<ExchangeConfig>& c = tuner->candidates();
+  EXPECT_TRUE(tuner->exclude_parallelism(8, 1));
+  EXPECT_EQ(tuner->entries().at(0).excluded, (std::vector<bool>{true, true, false}));
+  EXPECT_FALSE(tuner->measuring(8));
+  EXPECT_EQ(tuner->next(8), c[2]);
+  EXPECT_FALSE(tuner->exclude_parallelism(8, 0)) << "r = 0 is all that is left";
+  // Without a candidate of another parallelism nothing is excluded.
+  EXPECT_TRUE(tuner->exclude_parallelism(16, 0));
+  EXPECT_FALSE(tuner->exclude_parallelism(16, 1)) << "only r = 1 is left";
+  for (const TunerEntry& e : tuner->entries()) {
+    if (e.capacity_bucket == 16) {
+      EXPECT_EQ(e.excluded, (std::vector<bool>{false, false, true}));
+    }
+  }
+  EXPECT_TRUE(tuner->measuring(16));
+}
+
 TEST(ExchangeTuner, OneCandidateIsDecidedWithoutMeasuring) {
   TunerOptions o;
   o.candidates = {{AllToAllAlgo::k2DH, 4}};

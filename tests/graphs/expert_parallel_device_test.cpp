@@ -815,6 +815,64 @@ TEST(ExpertParallelLimits, ATuningCandidateTheGroupCannotAllocateIsDroppedNotOff
   }
 }
 
+// A refusal for want of memory that every way of running the phase needs (a rank near its limit
+// when the capacity grows), or with no way of another parallelism left, is the step's alone: the
+// tuner keeps offering every candidate, and once the memory is back the bucket runs and is tuned
+// as usual. (Dropping the way that happened to be running made the bucket run the others, or
+// nothing, from then on.)
+TEST(ExpertParallelLimits, AStepRefusedForMemoryEveryWayNeedsDropsNoTuningCandidate) {
+  const LayerSpec spec = base_spec(4, 16, 32, 2, 1.0);
+  constexpr int W = 2;
+  const int64_t M = 16, O = 16, kSmall = 8, kLarge = 64;
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const HostLayerParams whole = to_host(random_params(rng, spec));
+  const std::vector<uint64_t> rank_seeds = {rng(), rng()};
+  for (const bool with_data_parallel : {false, true}) {
+    SCOPED_TRACE(with_data_parallel ? "candidates r=1 d=1, r=0" : "candidates r=1 d=1, r=1 d=2");
+    std::vector<Status> refused(W), recovered(W);
+    std::vector<std::vector<graphs::TunerEntry>> entries(W);
+    const std::vector<Status> setup = run_simulated_ranks(
+        W, [&](int r, SimulatedDevice& device, DeviceCollectives& device_comm) -> Status {
+          std::mt19937_64 rank_rng(rank_seeds[r]);
+          graphs::ExpertParallelOptions tuned;
+          const graphs::ExchangeConfig one{comm::AllToAllAlgo::kLinear, 1, 1},
+              two{comm::AllToAllAlgo::kLinear, 2, 1};
+          tuned.tune.candidates = {one, with_data_parallel ? graphs::kDataParallel : two};
+          tuned.tune.warmups = 0;
+          tuned.tune.trials = 1;
+          auto layer = ExpertParallelLayer::create(device, device_comm, spec, tuned);
+          if (!layer.ok()) return layer.status();
+          LocalTensors params(device, spec, layer->shard(), whole);
+          DeviceTensor x(device, DType::kF32, {kLarge, M}), y(device, DType::kF32, {kLarge, O});
+          x.upload(to_f32(randn(rank_rng, kLarge * M, 1.0)));
+          ExpertParallelLayer::Saved saved;
+          const TensorView small_x(x.view().data(), DType::kF32, {kSmall, M}, x.view().device()),
+              small_y(y.view().data(), DType::kF32, {kSmall, O}, y.view().device());
+          if (Status s = layer->forward(params.weights(), small_x, small_y, nullptr, &saved); !s.ok()) return s;
+          // Rank 1 can allocate nothing more, and rank 0 brings more tokens: the agreed capacity
+          // (a new bucket) needs larger buffers on both.
+          if (r == 1) device.limit_memory(device.live_bytes());
+          const TensorView x_r = r == 0 ? x.view() : small_x, y_r = r == 0 ? y.view() : small_y;
+          refused[r] = layer->forward(params.weights(), x_r, y_r, nullptr, &saved);
+          device.limit_memory(~size_t{0});
+          recovered[r] = layer->forward(params.weights(), x_r, y_r, nullptr, &saved);
+          entries[r] = layer->tuner()->entries();
+          return Status::OK();
+        });
+    for (int r = 0; r < W; ++r) {
+      SCOPED_TRACE("rank " + std::to_string(r));
+      ASSERT_TRUE(setup[r].ok()) << setup[r];
+      EXPECT_EQ(refused[r].code(), StatusCode::kResourceExhausted) << refused[r];
+      EXPECT_TRUE(recovered[r].ok()) << recovered[r];
+      ASSERT_EQ(entries[r].size(), 2u);
+      for (const graphs::TunerEntry& e : entries[r])
+        EXPECT_EQ(e.excluded, (std::vector<bool>{false, false})) << "bucket " << e.capacity_bucket;
+    }
+  }
+}
+
 // NCCL's abort waits until every graph that captured the communicator's collectives is
 // destroyed (forever, while their owner keeps them): a layer on a capturing runner has the
 // communicator drop the runner's graphs before a failed collective aborts it, and unregisters

@@ -19,6 +19,9 @@
 // needs does not fit, as r = 0's gathered weights may not) is excluded from that bucket on every
 // rank alike: a bucket still measuring starts its rounds again over what is left, a decided one
 // takes the next best of its agreed totals. So the tuner never keeps offering what cannot run.
+// The expert-parallel layer excludes a whole parallelism r, and only when the buffers that failed
+// are r's own and a candidate of another r is left (exclude_parallelism): memory that every way
+// needs is the step's refusal, and may be back for the next step.
 //
 // This class holds the dictionary and the schedule; the caller times the runs and reduces the
 // totals (ExpertParallelLayer). Thread-safety: one thread drives it; entries() may be called from
@@ -111,6 +114,11 @@ class ExchangeTuner {
   // The group refused to run `config` in `bucket` (every rank calls this alike): excludes it
   // there and returns true, unless it is the last candidate left (false: nothing else to run).
   bool exclude(int64_t bucket, const ExchangeConfig& config);
+  // The group refused to run `bucket`'s phase with parallelism `r` for want of a buffer that only
+  // r's ways need (r = 0's gathered weights; r = 1's exchange buffers): excludes every candidate
+  // with that r there and returns true, unless no candidate of another r is left (false: what
+  // is left would need the same buffers, so the refusal is the step's alone).
+  bool exclude_parallelism(int64_t bucket, int r);
 
   std::vector<TunerEntry> entries() const;
 
@@ -125,6 +133,7 @@ class ExchangeTuner {
     std::vector<size_t> left;  // the candidates not excluded, in order
   };
   Bucket& bucket(int64_t key);
+  bool exclude_locked(Bucket& b, size_t candidate);  // under mu_; exclude()'s answer
   size_t k() const { return options_.candidates.size(); }
   // The candidate whose turn run `runs` of a measuring bucket is.
   static size_t turn(const Bucket& b) {

@@ -246,10 +246,14 @@ class ExpertParallelLayer {
   // A phase without collectives is decided by this rank alone; one with collectives the way the
   // group agrees on (a small all-reduce when the runner captures).
   // `prepared`: whether this rank could allocate the phase's buffers; the group refuses the step
-  // together when a rank could not, and then sets *refused_together (when given).
+  // together when a rank could not. `prepared_way_specific`: a failure of `prepared` was on
+  // buffers that only this way of running the phase needs (another parallelism r might fit).
+  // *refused_for_the_way (when given) is set when the group refused and every refusing rank's
+  // failure was of that kind: only then may the tuner drop the way, identically on every rank.
   Status run_local_phase(const std::function<PhaseKey()>& key, const std::function<Status()>& ops);
   Status run_group_phase(const Status& prepared, const std::function<PhaseKey()>& key,
-                         const std::function<Status()>& ops, bool* refused_together = nullptr);
+                         const std::function<Status()>& ops, bool prepared_way_specific = false,
+                         bool* refused_for_the_way = nullptr);
   Status refused_by_a_peer() const;
   // Gives back the scratch a refused step may have grown, and returns `why`.
   Status refuse(Status why);
