@@ -38,8 +38,10 @@ Result<std::string> tenant_file(const Config& c, const std::string& tenant, cons
   return (dir / p).string();
 }
 
-// A stuck client must not stall the event loop for longer than this.
-constexpr std::chrono::milliseconds kReplyTimeout(5000);
+// Replies a session may leave unread: a client that sends requests and never reads the answers
+// is closed beyond this, rather than the daemon's memory (or, as before, the event loop, which
+// waited on its socket) paying for it.
+constexpr size_t kMaxUnreadReplyBytes = size_t{4} << 20;
 // Control frames a session may have waiting before its socket stops being read.
 constexpr size_t kMaxQueuedFrames = 64;
 
@@ -305,10 +307,35 @@ int64_t DaemonImpl::tenant_sessions(const std::string& tenant) const {
 }
 
 void DaemonImpl::poll_session(const std::shared_ptr<Session>& s) {
-  uv_poll_start(&s->poll, UV_READABLE, [](uv_poll_t* h, int, int) {
-    auto* session = static_cast<Session*>(h->data);
-    session->daemon->on_readable(session->shared_from_this());
+  if (s->closing) return;
+  // Readable unless its queue of control frames is full; writable while replies wait.
+  const int events = (s->reading_paused ? 0 : UV_READABLE) | (s->replies.empty() ? 0 : UV_WRITABLE);
+  if (events == s->poll_events) return;
+  s->poll_events = events;
+  if (events == 0) {
+    uv_poll_stop(&s->poll);
+    return;
+  }
+  uv_poll_start(&s->poll, events, [](uv_poll_t* h, int status, int ready) {
+    const std::shared_ptr<Session> session = static_cast<Session*>(h->data)->shared_from_this();
+    if (ready & UV_WRITABLE) session->daemon->flush_replies(session);
+    // An error on the descriptor: the read says what it is.
+    if ((ready & UV_READABLE) || status < 0) session->daemon->on_readable(session);
   });
+}
+
+void DaemonImpl::flush_replies(const std::shared_ptr<Session>& s) {
+  if (s->closing) return;
+  Status st = s->replies.write_some(s->fd.get());
+  if (st.ok() && s->replies.pending_bytes() > kMaxUnreadReplyBytes)
+    st = Status::ResourceExhausted("the client left " + std::to_string(s->replies.pending_bytes()) +
+                                   " bytes of replies unread");
+  if (!st.ok()) {
+    TUTEL_LOG(WARN) << "session " << s->id << ": " << st << "; closing it";
+    close_session(s);
+    return;
+  }
+  poll_session(s);
 }
 
 void DaemonImpl::on_readable(const std::shared_ptr<Session>& s) {
@@ -356,8 +383,8 @@ void DaemonImpl::pump(const std::shared_ptr<Session>& s) {
   // Not full: the decoder has no complete frame left either.
   const bool full = s->queued.size() >= kMaxQueuedFrames;
   if (full && !s->reading_paused) {
-    uv_poll_stop(&s->poll);
     s->reading_paused = true;
+    poll_session(s);
     ++reads_paused_;
   } else if (!full && s->reading_paused) {
     s->reading_paused = false;
@@ -373,19 +400,22 @@ void DaemonImpl::finish_frame(const std::shared_ptr<Session>& s) {
 void DaemonImpl::reply(const std::shared_ptr<Session>& s, ipc::FrameType type, uint32_t request_id,
                        const json& body, const std::vector<int>& fds) {
   if (s->closing) return;
-  const Status st = ipc::send_json(s->fd.get(), type, request_id, body, fds, kReplyTimeout);
-  if (!st.ok()) {
+  if (const Status st = s->replies.push(type, request_id, ipc::dump_body(body), fds); !st.ok()) {
     TUTEL_LOG(WARN) << "session " << s->id << ": " << st << "; closing it";
     close_session(s);
+    return;
   }
+  flush_replies(s);
 }
 
 void DaemonImpl::reply_error(const std::shared_ptr<Session>& s, uint32_t request_id, const Status& status) {
   if (s->closing) return;
-  if (const Status st = ipc::send_error(s->fd.get(), request_id, status, kReplyTimeout); !st.ok()) {
+  if (const Status st = s->replies.push(ipc::FrameType::kError, request_id, ipc::error_body(status)); !st.ok()) {
     TUTEL_LOG(WARN) << "session " << s->id << ": " << st << "; closing it";
     close_session(s);
+    return;
   }
+  flush_replies(s);
 }
 
 void DaemonImpl::offload(std::function<void()> work, std::function<void()> done) {

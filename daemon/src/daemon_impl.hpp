@@ -35,7 +35,8 @@ class DaemonImpl {
   Registry& registry() { return *registry_; }
   Metrics& metrics() { return metrics_; }
 
-  // Sends a reply frame on the loop thread; a failure closes the session.
+  // Queues a reply frame and writes what the socket takes (on the loop thread); the rest goes
+  // as the client reads. A failure, or too much left unread, closes the session.
   void reply(const std::shared_ptr<Session>& s, ipc::FrameType type, uint32_t request_id,
              const nlohmann::json& body, const std::vector<int>& fds = {});
   void reply_error(const std::shared_ptr<Session>& s, uint32_t request_id, const Status& status);
@@ -61,7 +62,8 @@ class DaemonImpl {
   Status load_config_layers();
   Status listen(const std::string& path, mode_t mode, bool admin, uv_poll_t* poll, ipc::UniqueFd* fd);
   void accept_on(bool admin);
-  void poll_session(const std::shared_ptr<Session>& s);  // (re)starts polling its socket
+  void poll_session(const std::shared_ptr<Session>& s);  // polls its socket for what it waits for
+  void flush_replies(const std::shared_ptr<Session>& s);
   void on_readable(const std::shared_ptr<Session>& s);
   void pump(const std::shared_ptr<Session>& s);
   void handle_client_frame(const std::shared_ptr<Session>& s, ipc::Frame frame);

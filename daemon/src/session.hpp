@@ -43,6 +43,10 @@ struct Session : std::enable_shared_from_this<Session> {
   // Control frames run one at a time, in order; the decoded ones wait here (DaemonImpl::pump).
   std::deque<ipc::Frame> queued;
   bool reading_paused = false;  // the queue is full: the socket is not polled until it drains
+  // Replies the socket has not taken yet (the client is slow to read); written from the loop
+  // when the socket is writable again, never waited for.
+  ipc::FrameQueue replies;
+  int poll_events = 0;  // what `poll` waits for now (UV_READABLE | UV_WRITABLE)
   bool pumping = false;         // inside DaemonImpl::pump (which a finished frame re-enters)
   bool busy = false;
   bool closing = false;

@@ -300,6 +300,58 @@ Status send_frame(int fd, FrameType type, uint32_t request_id, std::string_view 
   return Status::OK();
 }
 
+Status FrameQueue::push(FrameType type, uint32_t request_id, std::string_view body, const std::vector<int>& fds) {
+  if (!is_known_frame_type(static_cast<uint16_t>(type)))
+    return Status::InvalidArgument("FrameQueue: unknown frame type " + std::to_string(static_cast<unsigned>(type)));
+  if (body.size() > kMaxFrameBody)
+    return Status::InvalidArgument("FrameQueue: a " + std::string(frame_type_name(type)) + " body of " +
+                                   std::to_string(body.size()) + " bytes exceeds the limit of " +
+                                   std::to_string(kMaxFrameBody) + " bytes");
+  if (fds.size() > kMaxFdsPerFrame)
+    return Status::InvalidArgument("FrameQueue: " + std::to_string(fds.size()) + " descriptors, at most " +
+                                   std::to_string(kMaxFdsPerFrame) + " per frame");
+  Pending p;
+  for (int fd : fds) {
+    // The caller may close its own once push returns; these stay until the frame is written.
+    UniqueFd copy(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+    if (!copy.valid()) return Status::IOError("FrameQueue: dup: " + errno_text(errno));
+    p.fds.push_back(std::move(copy));
+  }
+  p.bytes = encode_frame(type, request_id, body);
+  pending_bytes_ += p.bytes.size();
+  frames_.push_back(std::move(p));
+  return Status::OK();
+}
+
+Status FrameQueue::write_some(int fd) {
+  while (!frames_.empty()) {
+    Pending& p = frames_.front();
+    iovec iov{p.bytes.data() + p.sent, p.bytes.size() - p.sent};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    ControlBuffer control;
+    std::vector<int> raw;
+    if (p.sent == 0 && !p.fds.empty()) {
+      for (const UniqueFd& f : p.fds) raw.push_back(f.get());
+      attach_fds(&msg, control.buf, raw);
+    }
+    const ssize_t r = ::sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (r < 0) {
+      const int err = errno;
+      if (err == EINTR) continue;
+      if (err == EAGAIN || err == EWOULDBLOCK) return Status::OK();
+      if (err == EPIPE || err == ECONNRESET || err == ENOTCONN) return Status::Unavailable("the peer closed the connection");
+      return Status::IOError("sendmsg: " + errno_text(err));
+    }
+    p.sent += static_cast<size_t>(r);
+    pending_bytes_ -= static_cast<size_t>(r);
+    p.fds.clear();  // the kernel attached them to the first byte written
+    if (p.sent == p.bytes.size()) frames_.pop_front();
+  }
+  return Status::OK();
+}
+
 void attach_fds(msghdr* msg, void* control, std::span<const int> fds) {
   const size_t space = CMSG_SPACE(sizeof(int) * fds.size());
   std::memset(control, 0, space);

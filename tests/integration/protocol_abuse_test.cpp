@@ -395,6 +395,43 @@ TEST_F(ProtocolAbuse, AShutdownCancelsAGroupLayerWaitingForPeersThatNeverCome) {
   daemon_.reset();
 }
 
+// A client that sends requests and never reads the replies: its replies wait in the daemon, the
+// event loop goes on serving everyone else meanwhile (it used to block on that client's full
+// socket, up to 5 s per reply), and once too much is left unread the session is closed.
+TEST_F(ProtocolAbuse, AClientThatNeverReadsItsRepliesHoldsUpNoOneElse) {
+  RawSession stuck(daemon_->client_socket()), other(daemon_->client_socket());
+  ASSERT_TRUE(stuck.hello().ok());
+  ASSERT_TRUE(other.hello().ok());
+  // Errors that echo a 60 KB name: far more than a socket buffer, and past the daemon's bound
+  // on unread replies.
+  const std::string name(60000, 'n');
+  std::thread flood([&] {
+    for (int i = 0; i < 1024; ++i) {
+      if (!stuck.send(ipc::FrameType::kAttachLayer, {{"name", name}}).ok()) break;  // closed already
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // its socket is full by now
+  // Meanwhile another client is answered at once.
+  auto r = other.call(ipc::FrameType::kAttachLayer, {{"name", "nope"}}, ipc::FrameType::kLayerInfo,
+                      std::chrono::seconds(3));
+  EXPECT_EQ(r.status().code(), StatusCode::kNotFound) << r.status();
+  flood.join();
+  // The stuck client's session was closed: draining its socket ends in the daemon's hang-up.
+  Status end;
+  int frames = 0;
+  size_t bytes = 0;
+  for (; frames < 2000; ++frames) {
+    auto f = stuck.receive(std::chrono::seconds(30));
+    if (!f.ok()) {
+      end = f.status();
+      break;
+    }
+    bytes += f->body.size();
+  }
+  EXPECT_EQ(end.code(), StatusCode::kUnavailable) << end << " after " << frames << " frames, " << bytes << " bytes";
+  expect_daemon_serves();
+}
+
 TEST_F(ProtocolAbuse, CorruptRingIndicesStopOnlyThatSession) {
   {
     RawSession s(daemon_->client_socket());

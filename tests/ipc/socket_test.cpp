@@ -236,6 +236,65 @@ TEST(FrameTest, SendWorksOnANonBlockingSocket) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// FrameQueue
+
+// Frames queued faster than the peer reads: write_some() never waits, keeps what the socket does
+// not take, and the peer gets every frame whole and in order, descriptors with theirs, however
+// the writes were cut.
+TEST(FrameQueueTest, WritesWhatTheSocketTakesAndTheRestLaterInOrder) {
+  auto [a, b] = socket_pair();
+  UniqueFd memfd = make_memfd("attached");
+  FrameQueue q;
+  constexpr uint32_t kFrames = 40;
+  auto with_fd = [](uint32_t i) { return i % 7 == 3; };
+  std::vector<std::string> bodies;
+  for (uint32_t i = 0; i < kFrames; ++i) {
+    bodies.push_back(pattern(100000 + i, i));
+    // The caller's descriptor may be closed as soon as push returns: the queue holds its own.
+    UniqueFd copy(::dup(memfd.get()));
+    ASSERT_TRUE(q.push(FrameType::kOk, i, bodies.back(), with_fd(i) ? std::vector<int>{copy.get()} : std::vector<int>{})
+                    .ok());
+  }
+  ASSERT_TRUE(q.write_some(a.get()).ok());
+  ASSERT_FALSE(q.empty()) << "4 MB should not fit in a socket buffer nobody reads";
+  const size_t left = q.pending_bytes();
+  EXPECT_GT(left, 0u);
+  EXPECT_LT(left, kFrames * (100000 + 16 + 40));
+  std::vector<Frame> got;
+  while (got.size() < kFrames) {
+    Result<Frame> f = recv_frame(b.get(), 5000ms);
+    ASSERT_TRUE(f.ok()) << f.status() << " after " << got.size() << " frames";
+    got.push_back(std::move(*f));
+    ASSERT_TRUE(q.write_some(a.get()).ok());
+  }
+  EXPECT_TRUE(q.empty());
+  EXPECT_EQ(q.pending_bytes(), 0u);
+  for (uint32_t i = 0; i < kFrames; ++i) {
+    SCOPED_TRACE(i);
+    EXPECT_EQ(got[i].header.request_id, i);
+    EXPECT_TRUE(got[i].body == bodies[i]);
+    ASSERT_EQ(got[i].fds.size(), with_fd(i) ? 1u : 0u);
+    if (with_fd(i)) {
+      EXPECT_EQ(read_fd(got[i].fds[0].get(), 8), "attached");
+    }
+  }
+}
+
+TEST(FrameQueueTest, RefusesWhatSendFrameRefusesAndSaysWhenThePeerIsGone) {
+  FrameQueue q;
+  EXPECT_EQ(q.push(FrameType::kOk, 1, std::string(kMaxFrameBody + 1, 'x')).code(), StatusCode::kInvalidArgument);
+  UniqueFd m = make_memfd("x");
+  EXPECT_EQ(q.push(FrameType::kOk, 1, "{}", std::vector<int>(5, m.get())).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(q.push(static_cast<FrameType>(99), 1, "{}").code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(q.push(FrameType::kOk, 1, "{}", {-1}).code(), StatusCode::kIOError) << "not a descriptor";
+  EXPECT_TRUE(q.empty()) << "a refused frame is not queued";
+  auto [a, b] = socket_pair();
+  ASSERT_TRUE(q.push(FrameType::kOk, 2, "{}").ok());
+  b.reset();
+  EXPECT_EQ(q.write_some(a.get()).code(), StatusCode::kUnavailable);
+}
+
+// ---------------------------------------------------------------------------------------------
 // FrameDecoder
 
 struct Expected {

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <optional>
 #include <span>
 #include <string>
@@ -50,6 +51,30 @@ struct Frame {
 Status send_frame(int fd, FrameType type, uint32_t request_id, std::string_view body,
                   const std::vector<int>& fds = {},
                   std::chrono::milliseconds timeout = std::chrono::milliseconds(-1));
+// Frames for a non-blocking socket, written as the peer reads them, never waited for: for an
+// event loop, which must not stall on one peer that stops reading. push() checks a frame as
+// send_frame does and keeps its bytes and duplicates of its descriptors; write_some() writes
+// what the socket takes now (descriptors with their frame's first byte) and leaves the rest for
+// when the socket is writable again. One thread at a time.
+class FrameQueue {
+ public:
+  Status push(FrameType type, uint32_t request_id, std::string_view body, const std::vector<int>& fds = {});
+  // OK once nothing more can be written now (empty() tells whether all was); Unavailable when the
+  // peer has gone, another error when the stream broke. After an error the stream is unusable.
+  Status write_some(int fd);
+  bool empty() const { return frames_.empty(); }
+  size_t pending_bytes() const { return pending_bytes_; }  // not yet written
+
+ private:
+  struct Pending {
+    std::string bytes;  // header and body
+    std::vector<UniqueFd> fds;
+    size_t sent = 0;
+  };
+  std::deque<Pending> frames_;
+  size_t pending_bytes_ = 0;
+};
+
 // Points `msg` at `control` (at least CMSG_SPACE(sizeof(int) * fds.size()) bytes, aligned for
 // cmsghdr) holding `fds` as one SCM_RIGHTS message, as send_frame attaches them; for senders
 // that must write what send_frame refuses (tests of malformed streams).
