@@ -107,7 +107,10 @@ class Coordinator {
     Status failure;
     while (count < o_.size && failure.ok()) {
       std::vector<pollfd> fds;
-      fds.push_back({listener.get(), POLLIN, 0});
+      // Out of descriptors, the listener stays readable with nothing to accept: not polled for a
+      // moment then, rather than spun on (the connections read meanwhile free some).
+      const bool accepting = Clock::now() >= accept_paused_until_;
+      fds.push_back({listener.get(), static_cast<short>(accepting ? POLLIN : 0), 0});
       std::vector<size_t> reading;  // indices: accept_all() may grow conns_
       for (size_t i = 0; i < conns_.size(); ++i) {
         if (conns_[i].rank < 0 && !conns_[i].dead) {
@@ -119,7 +122,8 @@ class Coordinator {
         failure = cancelled_error(count);
         break;
       }
-      const int timeout = detail::poll_timeout_ms(deadline_, o_.cancel.get());
+      int timeout = detail::poll_timeout_ms(deadline_, o_.cancel.get());
+      if (!accepting) timeout = std::min(timeout, static_cast<int>(detail::kAcceptPause.count()));
       const int r = timeout == 0 ? 0 : ::poll(fds.data(), fds.size(), timeout);
       if (r < 0 && errno == EINTR) continue;
       if (r < 0) {
@@ -171,7 +175,10 @@ class Coordinator {
   void accept_all(int listener) {
     for (;;) {
       const int fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-      if (fd < 0) return;
+      if (fd < 0) {
+        if (detail::out_of_descriptors(errno)) accept_paused_until_ = Clock::now() + detail::kAcceptPause;
+        return;
+      }
       conns_.push_back(Conn{Fd(fd), {}, -1, false});
     }
   }
@@ -182,6 +189,7 @@ class Coordinator {
     const ssize_t n = ::recv(c.fd.get(), buf, sizeof buf, MSG_DONTWAIT);
     if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
       c.dead = true;  // a rank that gave up and will retry, or a stray connection
+      c.fd.reset();   // at once: a stream of such connections must not use up the descriptors
       return Status::OK();
     }
     if (n < 0) return Status::OK();
@@ -287,6 +295,7 @@ class Coordinator {
   std::vector<Conn> conns_;
   BootstrapTable table_;
   std::vector<bool> arrived_;
+  Clock::time_point accept_paused_until_{};
 };
 
 // ---- ranks 1..size-1 ---------------------------------------------------------------------

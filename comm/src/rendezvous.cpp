@@ -96,13 +96,18 @@ class Service final : public RendezvousService {
       fds.clear();
       ids.clear();
       fds.push_back({wake_.get(), POLLIN, 0});
-      fds.push_back({listener_.get(), POLLIN, 0});
+      // Out of descriptors, the listener stays readable with nothing to accept: not polled for
+      // a moment then, rather than spun on.
+      const bool accepting = Clock::now() >= accept_paused_until_;
+      fds.push_back({listener_.get(), static_cast<short>(accepting ? POLLIN : 0), 0});
       for (auto& [id, p] : peers_) {
         fds.push_back(
             {p.fd.get(), p.state == Peer::State::kWriting ? short(POLLOUT) : short(POLLIN), 0});
         ids.push_back(id);
       }
-      const int r = ::poll(fds.data(), fds.size(), detail::poll_timeout_ms(next_deadline()));
+      int timeout = detail::poll_timeout_ms(next_deadline());
+      if (!accepting) timeout = std::min(timeout, static_cast<int>(detail::kAcceptPause.count()));
+      const int r = ::poll(fds.data(), fds.size(), timeout);
       if (r < 0 && errno != EINTR) {
         TUTEL_LOG(ERROR) << "rendezvous service at " << where()
                          << ": poll: " << detail::errno_text(errno);
@@ -139,7 +144,10 @@ class Service final : public RendezvousService {
   void accept_all() {
     for (;;) {
       const int raw = ::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-      if (raw < 0) return;
+      if (raw < 0) {
+        if (detail::out_of_descriptors(errno)) accept_paused_until_ = Clock::now() + detail::kAcceptPause;
+        return;
+      }
       Fd fd(raw);
       if (static_cast<int>(peers_.size()) >= o_.max_connections) {
         count_refused();
@@ -413,6 +421,7 @@ class Service final : public RendezvousService {
 
   const RendezvousOptions o_;
   Fd listener_, wake_;
+  Clock::time_point accept_paused_until_{};  // accepting paused until then (out of descriptors)
   const uint16_t port_;
   std::atomic<bool> stop_{false};
   std::map<uint64_t, Peer> peers_;  // loop thread only

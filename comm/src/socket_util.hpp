@@ -2,6 +2,7 @@
 #pragma once
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstddef>
 #include <string>
@@ -56,6 +57,13 @@ Status send_all(int fd, const void* data, size_t n, Clock::time_point deadline,
 // (if given) tells whether the peer closed or reset the connection before the first byte.
 Status recv_exact(int fd, void* data, size_t n, Clock::time_point deadline,
                   bool* closed_early = nullptr, const std::atomic<bool>* cancel = nullptr);
+
+// accept(2) failed for want of descriptors or memory: the listener stays readable, so a loop
+// polling it must pause accepting for kAcceptPause instead of spinning.
+inline bool out_of_descriptors(int err) {
+  return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
+}
+inline constexpr std::chrono::milliseconds kAcceptPause{100};
 
 // "127.0.0.1" for the remote end of a connected socket.
 std::string peer_ip(int fd);

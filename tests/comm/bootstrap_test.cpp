@@ -2,6 +2,11 @@
 #include "tutel/comm/bootstrap.hpp"
 
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -106,6 +111,46 @@ TEST(Bootstrap, RaisingTheCancelFlagEndsEveryWaitWithAborted) {
     EXPECT_EQ(r->status().code(), StatusCode::kAborted) << r->status();
     EXPECT_TRUE(contains(r->status().message(), "cancel")) << r->status();
   }
+}
+
+// Connections that close without a hello (ranks that gave up and retry, stray clients) give their
+// descriptor back at once, and a coordinator out of descriptors waits instead of spinning: a
+// stream of them does not keep the real ranks out. The coordinator runs in a child whose limit
+// is 64 descriptors; 150 connections come and go before rank 1 arrives.
+TEST(Bootstrap, ConnectionsThatComeAndGoDoNotUseUpTheCoordinatorsDescriptors) {
+  const uint16_t port = free_port();
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    const rlimit limit{64, 64};
+    if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) ::_exit(2);
+    auto o = loopback_options(port, 0, 2, 1);
+    o.timeout = 30s;
+    ::_exit(coordinator_exchange(o, "test", "zero").ok() ? 0 : 1);
+  }
+  int connected = 0;
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  while (connected < 150 && std::chrono::steady_clock::now() < deadline) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) ++connected;
+    else std::this_thread::sleep_for(5ms);  // not listening yet
+    ::close(fd);
+    // Now and then a moment for the coordinator to accept: a full backlog drops the next SYN,
+    // which loopback retries only after a second.
+    if (connected % 8 == 0) std::this_thread::sleep_for(1ms);
+  }
+  EXPECT_EQ(connected, 150);
+  auto o = loopback_options(port, 1, 2, 1);
+  o.timeout = 20s;
+  const auto table = coordinator_exchange(o, "test", "one");
+  EXPECT_TRUE(table.ok()) << table.status();
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the coordinator failed: status " << status;
 }
 
 TEST(Bootstrap, DuplicateRankFailsEveryone) {
