@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <limits>
 #include <system_error>
@@ -102,6 +104,8 @@ Status DaemonImpl::start() {
   started_at_ = std::chrono::steady_clock::now();
   // Sockets first: a second daemon on the same paths fails before it touches state_dir.
   // Nothing is accepted until run() starts the loop, so clients wait for the restore.
+  uv_timer_init(&loop_, &accept_pause_);
+  accept_pause_.data = this;
   TUTEL_RETURN_IF_ERROR(listen(config_.server.client_socket, 0660, false, &client_poll_, &client_fd_));
   TUTEL_RETURN_IF_ERROR(listen(config_.server.admin_socket, 0600, true, &admin_poll_, &admin_fd_));
   // Serve only as part of a complete cluster: the join fails naming the nodes that are missing.
@@ -241,17 +245,49 @@ Status DaemonImpl::listen(const std::string& path, mode_t mode, bool admin, uv_p
   TUTEL_ASSIGN_OR_RETURN(*fd, ipc::listen_unix(path, mode));
   uv_poll_init(&loop_, poll, fd->get());
   poll->data = this;
+  start_accepting(admin);
+  return Status::OK();
+}
+
+void DaemonImpl::start_accepting(bool admin) {
   auto cb = admin ? +[](uv_poll_t* h, int, int) { static_cast<DaemonImpl*>(h->data)->accept_on(true); }
                   : +[](uv_poll_t* h, int, int) { static_cast<DaemonImpl*>(h->data)->accept_on(false); };
-  uv_poll_start(poll, UV_READABLE, cb);
-  return Status::OK();
+  uv_poll_start(admin ? &admin_poll_ : &client_poll_, UV_READABLE, cb);
+}
+
+void DaemonImpl::resume_accepting() {
+  start_accepting(false);
+  start_accepting(true);
+}
+
+void DaemonImpl::pause_accepting(int err) {
+  if (shutting_down_ || accepting_paused_) return;
+  accepting_paused_ = true;
+  TUTEL_LOG(WARN) << "cannot accept connections: " << std::strerror(err) << "; trying again in 100 ms (raise the "
+                  << "descriptor limit, ulimit -n, for more sessions)";
+  uv_poll_stop(&client_poll_);
+  uv_poll_stop(&admin_poll_);
+  uv_timer_start(
+      &accept_pause_,
+      [](uv_timer_t* t) {
+        auto* self = static_cast<DaemonImpl*>(t->data);
+        self->accepting_paused_ = false;
+        if (self->shutting_down_) return;
+        self->resume_accepting();
+      },
+      100, 0);
 }
 
 void DaemonImpl::accept_on(bool admin) {
   const int listen_fd = admin ? admin_fd_.get() : client_fd_.get();
   for (;;) {
     const int c = accept4(listen_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (c < 0) return;  // EAGAIN (or a transient error): wait for the next readiness
+    if (c < 0) {
+      // Out of descriptors the listener stays readable with nothing to accept: a pause, rather
+      // than a loop spinning on it. Otherwise (EAGAIN) wait for the next readiness.
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) pause_accepting(errno);
+      return;
+    }
     auto s = std::make_shared<Session>();
     s->id = next_session_++;
     s->admin = admin;
@@ -654,6 +690,7 @@ void DaemonImpl::shutdown() {
   uv_poll_stop(&admin_poll_);
   uv_close(reinterpret_cast<uv_handle_t*>(&client_poll_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&admin_poll_), nullptr);
+  uv_close(reinterpret_cast<uv_handle_t*>(&accept_pause_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&sigterm_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&sigint_), nullptr);
   if (metrics_http_) metrics_http_->close();  // and its connections, which would keep the loop alive

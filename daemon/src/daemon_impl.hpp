@@ -62,6 +62,10 @@ class DaemonImpl {
   Status load_config_layers();
   Status listen(const std::string& path, mode_t mode, bool admin, uv_poll_t* poll, ipc::UniqueFd* fd);
   void accept_on(bool admin);
+  void start_accepting(bool admin);  // polls that listener
+  // Out of descriptors: stops accepting for 100 ms (accept_pause_), then resume_accepting().
+  void pause_accepting(int err);
+  void resume_accepting();
   void poll_session(const std::shared_ptr<Session>& s);  // polls its socket for what it waits for
   void flush_replies(const std::shared_ptr<Session>& s);
   void on_readable(const std::shared_ptr<Session>& s);
@@ -89,6 +93,8 @@ class DaemonImpl {
   ipc::UniqueFd client_fd_, admin_fd_;
   uv_poll_t client_poll_{}, admin_poll_{};
   uv_signal_t sigterm_{}, sigint_{};
+  uv_timer_t accept_pause_{};
+  bool accepting_paused_ = false;
   std::unique_ptr<MetricsHttpServer> metrics_http_;  // with server.metrics_listen
   // The most control frames any session had waiting, and how often a session's reads were
   // paused for a full queue (pump); shown by the admin status.

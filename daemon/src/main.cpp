@@ -1,5 +1,6 @@
 // tuteld --config FILE: serves MoE layers to the trainers on this node until SIGTERM/SIGINT.
 #include <signal.h>
+#include <sys/resource.h>
 #include <stdlib.h>
 
 #include <CLI/CLI.hpp>
@@ -22,6 +23,12 @@ int main(int argc, char** argv) {
   }
   // A client that disappears mid-write must not kill the daemon.
   ::signal(SIGPIPE, SIG_IGN);
+  // Every session holds a socket and its arena, every group layer its transports: the soft
+  // limit on descriptors (often 1024) goes up to what the hard limit allows.
+  if (rlimit files{}; ::getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+    files.rlim_cur = files.rlim_max;
+    (void)::setrlimit(RLIMIT_NOFILE, &files);
+  }
   // Control operations run on libuv's thread pool (4 threads by default); a group layer's
   // create blocks there until its peers arrive, so a few pending groups must not starve the
   // session tear-downs and checkpoints queued behind them.

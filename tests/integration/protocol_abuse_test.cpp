@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
@@ -13,6 +14,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
@@ -430,6 +432,31 @@ TEST_F(ProtocolAbuse, AClientThatNeverReadsItsRepliesHoldsUpNoOneElse) {
   }
   EXPECT_EQ(end.code(), StatusCode::kUnavailable) << end << " after " << frames << " frames, " << bytes << " bytes";
   expect_daemon_serves();
+}
+
+// A daemon out of descriptors cannot accept: it pauses accepting (instead of spinning on a
+// listener that stays readable), says why in its log, and serves again once descriptors free up.
+TEST_F(ProtocolAbuse, ADaemonOutOfDescriptorsPausesAcceptingAndRecovers) {
+  size_t open_fds = 0;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/" + std::to_string(daemon_->pid()) + "/fd")) {
+    (void)e;
+    ++open_fds;
+  }
+  rlimit old{};
+  ASSERT_EQ(::prlimit(daemon_->pid(), RLIMIT_NOFILE, nullptr, &old), 0) << std::strerror(errno);
+  const rlimit low{open_fds + 4, old.rlim_max};  // the soft limit only: it can be raised back
+  ASSERT_EQ(::prlimit(daemon_->pid(), RLIMIT_NOFILE, &low, nullptr), 0) << std::strerror(errno);
+  std::vector<ipc::UniqueFd> clients;
+  for (int i = 0; i < 24; ++i) {
+    auto c = ipc::connect_unix(daemon_->client_socket());
+    ASSERT_TRUE(c.ok()) << c.status();  // queued in the listener's backlog when not accepted
+    clients.push_back(std::move(*c));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  clients.clear();
+  ASSERT_EQ(::prlimit(daemon_->pid(), RLIMIT_NOFILE, &old, nullptr), 0) << std::strerror(errno);
+  expect_daemon_serves();
+  EXPECT_NE(daemon_->log().find("cannot accept connections"), std::string::npos) << daemon_->log();
 }
 
 TEST_F(ProtocolAbuse, CorruptRingIndicesStopOnlyThatSession) {
