@@ -348,14 +348,19 @@ class Service final : public RendezvousService {
         continue;
       }
       if (!g.failed) {
+        // The first missing ranks only (the message names 16): a group may be 2^20 ranks large,
+        // and many may expire at once on the service's one thread.
         std::vector<int> missing;
-        for (int r = 0; r < g.size; ++r)
+        const size_t total_missing = static_cast<size_t>(g.size - g.count);
+        for (int r = 0; r < g.size && missing.size() < 16; ++r)
           if (g.joined.count(r) == 0) missing.push_back(r);
+        std::string missing_text = wire::rank_list(missing);
+        if (total_missing > missing.size()) missing_text += ", ... (" + std::to_string(total_missing) + " in all)";
         const std::string name = printable(it->first.substr(it->first.find('@') + 1));
         const auto msg = std::make_shared<const std::string>(wire::encode_error(Status::Timeout(
             "bootstrap of group '" + name + "' timed out after " +
-            std::to_string(g.timeout.count()) + " ms: rank" + (missing.size() > 1 ? "s " : " ") +
-            wire::rank_list(missing) + " never reached the rendezvous service at " + where() +
+            std::to_string(g.timeout.count()) + " ms: rank" + (total_missing > 1 ? "s " : " ") +
+            missing_text + " never reached the rendezvous service at " + where() +
             " (" + std::to_string(g.count) + " of " + std::to_string(g.size) +
             " ranks arrived); start them, or check their group name and size")));
         for (const auto& [r, m] : g.joined) answer(peers_.at(m.peer), msg);

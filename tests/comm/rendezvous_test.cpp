@@ -339,6 +339,22 @@ TEST(Rendezvous, AGroupsMembersShareOneCopyOfTheirTable) {
       << "the service holds " << ((after - before) >> 20) << " MiB more for one group's answers";
 }
 
+// A large group that times out names its first 16 missing ranks and how many are missing in
+// all; the service looks no further for them.
+TEST(Rendezvous, ALargeGroupThatTimesOutNamesItsFirstMissingRanks) {
+  auto service = start_service();
+  ASSERT_TRUE(service);
+  const auto out = exchange_on_threads({member(*service, "t/large", 0, 100000, 300ms),
+                                        member(*service, "t/large", 5, 100000, 300ms)});
+  for (const Outcome& o : out) {
+    ASSERT_FALSE(o.result->ok());
+    EXPECT_EQ(o.result->status().code(), StatusCode::kTimeout) << error_of(o);
+    EXPECT_TRUE(contains(error_of(o), "ranks 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, ... (99998 in all) "
+                                      "never reached the rendezvous service"))
+        << error_of(o);
+  }
+}
+
 TEST(Rendezvous, MalformedClientsAreRefusedWithoutDisturbingGroups) {
   auto service = start_service(/*join_timeout=*/700ms);
   ASSERT_TRUE(service);
