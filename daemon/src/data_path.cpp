@@ -124,10 +124,17 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
                                       : d.op == uint32_t(ipc::Op::kChecksum) ? "checksum" : "nop";
     Status st;
     int64_t tokens = 0, dropped = 0;
+    const uint32_t unknown_flags = d.flags & ~ipc::kKnownRequestFlags;
+    auto unknown_flags_status = [&] {
+      return Status::InvalidArgument("unknown request flags " + std::to_string(unknown_flags) +
+                                     " (1 = training, 2 = device region); upgrade the daemon or fix the client");
+    };
     if (d.op == uint32_t(ipc::Op::kNop)) {
       // An empty request: measures the round trip.
+      if (unknown_flags != 0) st = unknown_flags_status();
     } else if (d.op == uint32_t(ipc::Op::kChecksum)) {
-      st = (d.flags & ipc::kFlagDeviceRegion) != 0
+      st = unknown_flags != 0 ? unknown_flags_status()
+           : (d.flags & ipc::kFlagDeviceRegion) != 0
                ? Status::InvalidArgument("checksum reads the arena only; clear the device-region flag")
                : ipc::check_data_range(layout, d.input_offset, d.input_bytes, "input");
       if (st.ok()) c.checksum = word_sum(base + d.input_offset, d.input_bytes);
@@ -135,8 +142,7 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
       st = Status::InvalidArgument("unknown op " + std::to_string(d.op) + " (1 = forward, 2 = backward, 3 = checksum)");
     } else if (auto ref = registry_->find(s->tenant, d.layer_handle); !ref.ok()) {
       st = ref.status();
-    } else if (const bool unknown_flags = (d.flags & ~ipc::kKnownRequestFlags) != 0;
-               unknown_flags || !registry_->try_begin_request(s->tenant)) {
+    } else if (unknown_flags != 0 || !registry_->try_begin_request(s->tenant)) {
       // Refused here, before the layer: a group layer's peers are told through its step (so are
       // the refusals below).
       const bool backward = d.op == uint32_t(ipc::Op::kBackward);
@@ -144,9 +150,8 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
       layer_name = layer.name();
       st = layer.refuse_step(
           backward, s->id, d.sequence,
-          unknown_flags
-              ? Status::InvalidArgument("unknown request flags " + std::to_string(d.flags & ~ipc::kKnownRequestFlags) +
-                                        " (1 = training, 2 = device region); upgrade the daemon or fix the client")
+          unknown_flags != 0
+              ? unknown_flags_status()
               : Status::ResourceExhausted("tenant '" + s->tenant +
                                           "' has its quota of requests in flight; wait for completions"));
       if (layer.definition().group) metrics_.set_peer_state(s->tenant + "/" + layer_name, layer.group_error().empty());

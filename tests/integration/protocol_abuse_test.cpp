@@ -459,6 +459,24 @@ TEST_F(ProtocolAbuse, ADaemonOutOfDescriptorsPausesAcceptingAndRecovers) {
   EXPECT_NE(daemon_->log().find("cannot accept connections"), std::string::npos) << daemon_->log();
 }
 
+// Unknown request flags are refused on every op, as docs/protocol.md says, not only on forward
+// and backward; the session goes on.
+TEST_F(ProtocolAbuse, UnknownFlagsAreRefusedOnNopAndChecksumToo) {
+  RawSession s(daemon_->client_socket());
+  ASSERT_TRUE(s.hello().ok());
+  for (const ipc::Op op : {ipc::Op::kNop, ipc::Op::kChecksum}) {
+    ipc::RequestDescriptor d{};
+    d.op = static_cast<uint32_t>(op);
+    d.flags = 1u << 9;
+    d.input_offset = s.arena().layout().data_offset;
+    auto c = s.submit(d);
+    ASSERT_TRUE(c.has_value());
+    EXPECT_EQ(c->status_code, static_cast<int32_t>(StatusCode::kInvalidArgument));
+    EXPECT_NE(std::string(c->message).find("unknown request flags 512"), std::string::npos) << c->message;
+  }
+  expect_daemon_serves();
+}
+
 TEST_F(ProtocolAbuse, CorruptRingIndicesStopOnlyThatSession) {
   {
     RawSession s(daemon_->client_socket());
