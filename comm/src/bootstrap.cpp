@@ -200,7 +200,7 @@ class Coordinator {
       refuse(c, endpoint_name(o_) + " is a group's own bootstrap coordinator, not a rendezvous service");
       return Status::OK();
     }
-    if (h.magic != kMagic || h.kind != kHello || h.round_len > kMaxRound ||
+    if (h.magic != kMagic || h.kind != kHello || h.round_len > wire::kMaxJoinRound ||
         h.body_len > kMaxPayload) {
       refuse(c, "not a tuteld bootstrap hello");
       return Status::OK();
@@ -440,6 +440,12 @@ Result<BootstrapTable> coordinator_exchange(const BootstrapOptions& options, std
   if (group.size() > wire::kMaxGroupName || group.find('@') != std::string::npos)
     return Status::InvalidArgument("rendezvous group name '" + group +
                                    "' is longer than 190 bytes or holds '@'");
+  const std::string& name = options.group_name;
+  if (name.size() > wire::kMaxGroupName || name.find('@') != std::string::npos)
+    return Status::InvalidArgument("group name '" + name + "' is longer than 190 bytes or holds '@'");
+  // A named group's own coordinator runs the round under the name: "ucx@tenant/layer".
+  const std::string named_round =
+      group.empty() && !name.empty() ? std::string(round) + "@" + name : std::string(round);
   const auto deadline = Clock::now() + options.timeout;
   if (options.size == 1) {
     BootstrapTable t;
@@ -447,8 +453,8 @@ Result<BootstrapTable> coordinator_exchange(const BootstrapOptions& options, std
     t.addresses.push_back(address_of(options.coordinator_host, static_cast<uint32_t>(::getpid())));
     return t;
   }
-  if (options.rank == 0 && group.empty()) return Coordinator(options, round, deadline).run(payload);
-  return run_client(options, round, payload, deadline);
+  if (options.rank == 0 && group.empty()) return Coordinator(options, named_round, deadline).run(payload);
+  return run_client(options, named_round, payload, deadline);
 }
 
 }  // namespace tutel::comm

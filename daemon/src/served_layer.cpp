@@ -128,6 +128,8 @@ Status ServedLayer::join_group() {
   comm::BootstrapOptions o;
   o.coordinator_host = g.coordinator_host;
   o.coordinator_port = g.coordinator_port;
+  // Ranks of another tenant's group given the same address are refused by name.
+  o.group_name = tenant_ + "/" + g.name;
   if (g.coordinator_port == 0) {
     // No coordinator of its own: the group meets by name at node 0's rendezvous service.
     const GroupRendezvous* rv = rank_.rendezvous.get();

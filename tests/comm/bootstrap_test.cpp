@@ -153,6 +153,24 @@ TEST(Bootstrap, ConnectionsThatComeAndGoDoNotUseUpTheCoordinatorsDescriptors) {
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the coordinator failed: status " << status;
 }
 
+// A group's own coordinator refuses a rank that names another group (two tenants' layers given
+// one address), and serves the ranks that name its own.
+TEST(Bootstrap, ARankNamingAnotherGroupIsRefused) {
+  const uint16_t port = free_port();
+  std::vector<BootstrapOptions> ranks = {loopback_options(port, 0, 2, 1), loopback_options(port, 1, 2, 1)};
+  ranks[0].group_name = "a/moe";
+  ranks[1].group_name = "b/moe";
+  for (auto& o : ranks) o.timeout = 2s;
+  auto results = exchange_on_threads(ranks, {"zero", "one"});
+  ASSERT_FALSE(results[1]->ok());
+  EXPECT_TRUE(contains(results[1]->status().message(), "runs round 'test@a/moe', not 'test@b/moe'"))
+      << results[1]->status();
+  ASSERT_FALSE(results[0]->ok()) << "rank 1 never arrived";
+  ranks[1].group_name = "a/moe";
+  results = exchange_on_threads(ranks, {"zero", "one"});
+  for (const auto& r : results) EXPECT_TRUE(r->ok()) << r->status();
+}
+
 TEST(Bootstrap, DuplicateRankFailsEveryone) {
   const uint16_t port = free_port();
   std::vector<BootstrapOptions> ranks = {loopback_options(port, 0, 3, 1),

@@ -63,6 +63,11 @@ struct BootstrapOptions {
   std::string rendezvous_group;
   // Who runs that service, for messages ("node 0's daemon"); empty: not said.
   std::string rendezvous_owner;
+  // With a coordinator of the group's own (no rendezvous_group): the group's name, at most 190
+  // bytes without '@'. A coordinator refuses ranks that name another group, so a rank meant for
+  // one group never joins another that was given the same address (the daemon passes
+  // "<tenant>/<name>": one tenant's layer never joins another's). Empty: no name.
+  std::string group_name;
   // Raised by another thread, the bootstrap gives up within ~100 ms with kAborted instead of
   // waiting out `timeout` for ranks that may never come (a daemon shutting down). Null: only
   // the timeout ends it.
