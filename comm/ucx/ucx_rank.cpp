@@ -840,16 +840,17 @@ Status UcxRank::abort(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
     std::this_thread::sleep_for(std::chrono::microseconds(50));
     lock.lock();
   }
-  // A send nobody took may still read the caller's buffer: close its endpoint, which
-  // completes it. Such a peer is gone, or too late to trust anyway.
+  // A send nobody took may still read the caller's buffer, and a receive the cancel could not
+  // stop (matched, its data still arriving) may still write it: close the peer's endpoint, which
+  // completes both. Such a peer is gone, or too late to trust anyway.
   bool abandoned = false;
   for (Op& op : ops) {
     if (op.request == nullptr) continue;
-    if (op.is_send) {
-      declare_failed_locked(op.transfer->peer,
-                            "declared failed here: it did not take a message of a collective "
-                            "this rank gave up on");
-    }
+    declare_failed_locked(op.transfer->peer,
+                          op.is_send ? "declared failed here: it did not take a message of a collective "
+                                       "this rank gave up on"
+                                     : "declared failed here: it was still sending a message of a collective "
+                                       "this rank gave up on");
   }
   const auto close_bound = Clock::now() + kCleanupBound;
   for (;;) {
