@@ -138,6 +138,7 @@ class NcclCommunicator final : public Communicator {
       }
     }
     if (scratch_ != nullptr) cudaFree(scratch_);
+    if (pinned_ != nullptr) cudaFreeHost(pinned_);
     if (done_ != nullptr) cudaEventDestroy(done_);
     if (own_stream_) cudaStreamDestroy(stream_);
   }
@@ -296,17 +297,41 @@ class NcclCommunicator final : public Communicator {
     return std::unique_ptr<Communicator>(std::move(created).value());
   }
 
-  // Gathers host bytes through a device staging buffer (used by split and nccl_from_host).
+  // Gathers host bytes through a device staging buffer (used by split and nccl_from_host). The
+  // host side of both copies is pinned: a copy to or from pageable memory may block the calling
+  // thread until the stream reaches it, which waits for the all-gather, which waits forever
+  // for a peer that never calls it. With pinned memory only wait_stream waits, within the
+  // collective's deadline.
   Status host_all_gather(const void* send, void* recv, size_t bytes) {
     const size_t total = bytes * static_cast<size_t>(size());
     TUTEL_RETURN_IF_ERROR(reserve_scratch(total + bytes));
+    TUTEL_RETURN_IF_ERROR(reserve_pinned(total + bytes));
     auto* gathered = static_cast<unsigned char*>(scratch_);
     unsigned char* mine = gathered + total;
-    TUTEL_NCCL_CUDA(cudaMemcpyAsync(mine, send, bytes, cudaMemcpyHostToDevice, stream_));
+    auto* host = static_cast<unsigned char*>(pinned_);
+    std::memcpy(host + total, send, bytes);
+    TUTEL_NCCL_CUDA(cudaMemcpyAsync(mine, host + total, bytes, cudaMemcpyHostToDevice, stream_));
     TUTEL_NCCL(ncclAllGather(mine, gathered, bytes, ncclInt8, comm_, stream_), comm_);
     TUTEL_RETURN_IF_ERROR(wait_comm(comm_, deadline_));
-    TUTEL_NCCL_CUDA(cudaMemcpyAsync(recv, gathered, total, cudaMemcpyDeviceToHost, stream_));
-    return wait_stream();
+    TUTEL_NCCL_CUDA(cudaMemcpyAsync(host, gathered, total, cudaMemcpyDeviceToHost, stream_));
+    TUTEL_RETURN_IF_ERROR(wait_stream());
+    std::memcpy(recv, host, total);
+    return Status::OK();
+  }
+
+  Status reserve_pinned(size_t bytes) {
+    if (bytes <= pinned_bytes_) return Status::OK();
+    if (pinned_ != nullptr) {
+      // A copy queued before may still use it (only after a failure, when the stream did not
+      // drain): wait, within the deadline, before it goes.
+      TUTEL_RETURN_IF_ERROR(wait_stream());
+      TUTEL_NCCL_CUDA(cudaFreeHost(pinned_));
+      pinned_ = nullptr;
+      pinned_bytes_ = 0;
+    }
+    TUTEL_NCCL_CUDA(cudaMallocHost(&pinned_, bytes));
+    pinned_bytes_ = bytes;
+    return Status::OK();
   }
 
   Status begin(const char* what) {
@@ -462,6 +487,8 @@ class NcclCommunicator final : public Communicator {
   cudaEvent_t done_ = nullptr;
   void* scratch_ = nullptr;
   size_t scratch_bytes_ = 0;
+  void* pinned_ = nullptr;  // host staging of host_all_gather (cudaMallocHost)
+  size_t pinned_bytes_ = 0;
   uint64_t scratch_epoch_ = 0;  // moves with every reallocation of scratch_
   const char* what_ = "";
   Clock::time_point deadline_;
