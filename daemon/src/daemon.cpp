@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -104,6 +105,11 @@ Status DaemonImpl::start() {
   started_at_ = std::chrono::steady_clock::now();
   // Sockets first: a second daemon on the same paths fails before it touches state_dir.
   // Nothing is accepted until run() starts the loop, so clients wait for the restore.
+  // Layer creations at once: half of libuv's thread pool (main.cpp makes it 32 threads unless
+  // UV_THREADPOOL_SIZE says otherwise; libuv's own default is 4).
+  const char* pool = std::getenv("UV_THREADPOOL_SIZE");
+  const int64_t pool_threads = pool != nullptr ? std::clamp<int64_t>(std::atoll(pool), 1, 1024) : 4;
+  max_creations_in_progress_ = std::max<int64_t>(1, pool_threads / 2);
   uv_timer_init(&loop_, &accept_pause_);
   accept_pause_.data = this;
   TUTEL_RETURN_IF_ERROR(listen(config_.server.client_socket, 0660, false, &client_poll_, &client_fd_));
@@ -498,6 +504,17 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
     reply_error(s, rid, draining_status("creates no layers"));
     return finish_frame(s);
   }
+  // A group layer's creation holds a pool thread until its peers arrive (up to its
+  // bootstrap_timeout_ms): creations may hold half the pool, never the steps, saves and session
+  // tear-downs of every other tenant queued behind them.
+  const bool creation = type == ipc::FrameType::kCreateLayer;
+  if (creation && creations_in_progress_ >= max_creations_in_progress_) {
+    reply_error(s, rid,
+                Status::ResourceExhausted(std::to_string(creations_in_progress_) +
+                                          " layer creations are in progress on this daemon (group layers wait there "
+                                          "for their peers), its limit: create this one once one of them has finished"));
+    return finish_frame(s);
+  }
   switch (type) {
     case ipc::FrameType::kCreateLayer:
       op_name = "create";
@@ -590,8 +607,10 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
       return finish_frame(s);
   }
   const auto started = std::chrono::steady_clock::now();
+  if (creation) ++creations_in_progress_;
   offload([op, result] { *result = op(); },
-          [this, s, rid, result, reply_type, reply_fd, op_name, tenant, b, started] {
+          [this, s, rid, result, reply_type, reply_fd, op_name, tenant, b, started, creation] {
+            if (creation) --creations_in_progress_;
             const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
             // Name the layer in the metrics: requests carry a name (create, attach) or a handle.
             std::string layer;

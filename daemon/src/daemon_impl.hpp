@@ -106,6 +106,8 @@ class DaemonImpl {
   std::map<uint64_t, std::shared_ptr<Session>> sessions_;
   uint64_t next_session_ = 1;
   bool shutting_down_ = false;
+  int64_t creations_in_progress_ = 0;  // CreateLayer frames on the pool (loop thread)
+  int64_t max_creations_in_progress_ = 1;  // half the pool, from start()
   // Raised with shutting_down_, for the pool threads: see Rank::stopping.
   std::shared_ptr<std::atomic<bool>> stopping_ = std::make_shared<std::atomic<bool>>(false);
   std::chrono::steady_clock::time_point started_at_;

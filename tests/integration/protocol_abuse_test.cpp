@@ -477,6 +477,34 @@ TEST_F(ProtocolAbuse, UnknownFlagsAreRefusedOnNopAndChecksumToo) {
   expect_daemon_serves();
 }
 
+// Group layers whose peers never come each hold a thread of the daemon's pool while they wait.
+// Creations may hold half of it: beyond that a creation is refused at once, and everything else
+// (another session's requests, the shutdown) still runs.
+TEST_F(ProtocolAbuse, CreationsWaitingForPeersHoldOnlyHalfTheThreadPool) {
+  constexpr int kWaiting = 16;  // half of tuteld's 32 pool threads
+  std::vector<std::unique_ptr<RawSession>> waiting;
+  for (int i = 0; i < kWaiting; ++i) {
+    waiting.push_back(std::make_unique<RawSession>(daemon_->client_socket()));
+    ASSERT_TRUE(waiting.back()->hello().ok());
+    const std::string spec = "name = \"g" + std::to_string(i) + "\"\nexperts = 4\nmodel_dim = 16\nhidden = 32\n" +
+                             "k = 2\ninit_seed = 3\n[group]\ncoordinator = \"127.0.0.1:" + std::to_string(free_port()) +
+                             "\"\nsize = 2\nrank = 0\nbootstrap_timeout_ms = 600000\n";
+    ASSERT_TRUE(waiting.back()->send(ipc::FrameType::kCreateLayer, {{"spec", spec}}).ok());
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // all of them on the pool
+  RawSession s(daemon_->client_socket());
+  ASSERT_TRUE(s.hello().ok());
+  auto refused = s.create_layer(kSpec);
+  EXPECT_EQ(refused.status().code(), StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_NE(refused.status().message().find("layer creations are in progress"), std::string_view::npos)
+      << refused.status();
+  // Requests that need the pool still run.
+  auto attach = s.call(ipc::FrameType::kAttachLayer, {{"name", "g0"}}, ipc::FrameType::kLayerInfo);
+  EXPECT_EQ(attach.status().code(), StatusCode::kNotFound) << attach.status();
+  EXPECT_EQ(daemon_->stop(), 0) << daemon_->log();
+  daemon_.reset();
+}
+
 TEST_F(ProtocolAbuse, CorruptRingIndicesStopOnlyThatSession) {
   {
     RawSession s(daemon_->client_socket());
