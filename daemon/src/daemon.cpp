@@ -211,8 +211,21 @@ Status DaemonImpl::restore_state() {
   for (const TenantConfig& t : config_.tenants) {
     const fs::path dir = fs::path(config_.server.state_dir) / t.name;
     if (!fs::is_directory(dir, ec)) continue;
-    for (const auto& entry : fs::directory_iterator(dir, ec)) {
-      if (entry.path().extension() != ".safetensors" || !entry.is_regular_file()) continue;
+    // What cannot be read is an error naming it, never skipped: a layer left out here would be
+    // created afresh and then checkpointed over its state at the next exit.
+    auto unreadable = [](const fs::path& p, const std::error_code& e) {
+      return Status::IOError("cannot read " + p.string() + " in state_dir: " + e.message() +
+                             "; fix its permissions, or move it out of state_dir");
+    };
+    fs::directory_iterator it(dir, ec);
+    if (ec) return unreadable(dir, ec);
+    for (; it != fs::directory_iterator(); it.increment(ec)) {
+      if (ec) return unreadable(dir, ec);
+      const fs::directory_entry& entry = *it;
+      if (entry.path().extension() != ".safetensors") continue;
+      const bool regular = entry.is_regular_file(ec);
+      if (ec) return unreadable(entry.path(), ec);
+      if (!regular) continue;
       const std::string path = entry.path().string();
       TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::open(path));
       auto spec = file.metadata().find("tuteld.spec");

@@ -1,5 +1,6 @@
 #include "served_layer.hpp"
 
+#include <charconv>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -786,11 +787,15 @@ Status ServedLayer::load_locked(const std::string& path, bool require_all) {
     DeviceBuffer* dst;
   };
   std::vector<Copy> copies;
+  // Optimizer state the file does not carry starts afresh (zeros), as its step does (0): a load
+  // never leaves the state of the weights it replaced beside the new ones.
+  std::vector<TensorView> fresh;
   auto take = [&](const std::string& name, const Tensor& t, DeviceBuffer* dst, bool required) -> Status {
     const SafetensorsTensor* src = file.find(name);
     if (!src) {
       if (required && require_all)
         return Status::NotFound(path + ": tensor '" + name + "' is missing (expected f32 " + t.shape.to_string() + ")");
+      if (!required) fresh.emplace_back(dst->data(), DType::kF32, t.shape, b.device());
       return Status::OK();
     }
     if (src->dtype != DType::kF32 || !(src->shape == t.shape))
@@ -806,14 +811,16 @@ Status ServedLayer::load_locked(const std::string& path, bool require_all) {
   }
   int64_t step = 0;
   if (auto it = file.metadata().find(kStepKey); it != file.metadata().end()) {
-    char* end = nullptr;
-    step = std::strtoll(it->second.c_str(), &end, 10);
-    if (end == it->second.c_str() || *end != '\0' || step < 0)
-      return Status::Corruption(path + ": metadata '" + kStepKey + "' is not a step count: '" + it->second + "'");
+    const std::string& text = it->second;
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), step);
+    // Below 2^53: more steps than any training takes, so counting on never overflows.
+    if (ec != std::errc() || end != text.data() + text.size() || step < 0 || step >= (int64_t{1} << 53))
+      return Status::Corruption(path + ": metadata '" + kStepKey + "' is not a step count: '" + text + "'");
   }
   auto device_lock = lock_device();
   for (const Copy& c : copies)
     TUTEL_RETURN_IF_ERROR(b.copy(c.dst->data(), c.src->data, c.src->nbytes, CopyKind::kHostToDevice));
+  for (const TensorView& state : fresh) TUTEL_RETURN_IF_ERROR(b.fill_zero(state));
   step_ = step;
   return refresh_bf16_copies();
 }

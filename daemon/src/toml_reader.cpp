@@ -272,8 +272,10 @@ Status for_each_table(const Scope& s, std::string_view key, std::string_view lab
 
 namespace {
 
+// Names become path components (state_dir/<tenant>/<layer>.safetensors): "." and ".." would
+// name the directory above, or another tenant's.
 bool valid_name(std::string_view name) {
-  if (name.empty() || name.size() > 64) return false;
+  if (name.empty() || name.size() > 64 || name == "." || name == "..") return false;
   return std::all_of(name.begin(), name.end(), [](char c) {
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
            c == '.' || c == '-';
@@ -287,7 +289,7 @@ Status get_name(const Scope& s, std::string_view key, std::string_view what, std
   if (!valid_name(out))
     return s.error(*s.find(key), key,
                    "expected " + std::string(what) +
-                       " of 1 to 64 characters from A-Z a-z 0-9 _ . -, got " + quote(out));
+                       " of 1 to 64 characters from A-Z a-z 0-9 _ . - (not \".\" or \"..\"), got " + quote(out));
   return Status::OK();
 }
 

@@ -576,6 +576,11 @@ TEST(ConfigErrorTest, Tenants) {
                {"at least one uid or gid"});
   expect_error(kMinimal + "[[tenant]]\nname = \"b c\" #!\nuids = [2]\n", "tenant[1].name",
                {"a tenant name of 1 to 64 characters"});
+  // Tenant names are directories under state_dir: "." and ".." would be state_dir itself (where
+  // another tenant's "checkpoints" directory could be planted) or the directory above it.
+  for (const char* dots : {".", ".."})
+    expect_error(kMinimal + "[[tenant]]\nname = \"" + dots + "\" #!\nuids = [2]\n", "tenant[1].name",
+                 {"(not \".\" or \"..\")"});
 }
 
 TEST(ConfigErrorTest, Layers) {

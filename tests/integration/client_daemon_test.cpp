@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
@@ -375,6 +376,20 @@ TEST(DaemonStartup, ConfigErrorsNameFileLineAndKey) {
   EXPECT_NE(log.find("tuteld.toml:"), std::string::npos) << log;
   EXPECT_NE(log.find("spin_uss"), std::string::npos) << log;
   EXPECT_NE(log.find("spin_us"), std::string::npos) << "suggests the known key\n" << log;
+}
+
+// A *.safetensors entry in state_dir that cannot be read (here a symlink loop) stops the start
+// with an error naming it: skipping it would create the layer afresh and checkpoint over it at
+// exit, and the unchecked stat used to throw out of the daemon (SIGABRT).
+TEST(DaemonStartup, AStateFileItCannotReadStopsTheStartNamingIt) {
+  DaemonProcess d(DaemonOptions{});
+  std::filesystem::create_directories(d.dir() + "/state/default");
+  std::filesystem::create_symlink("loop.safetensors", d.dir() + "/state/default/loop.safetensors");
+  EXPECT_FALSE(d.start());
+  const std::string log = d.log();
+  EXPECT_NE(log.find("cannot read"), std::string::npos) << log;
+  EXPECT_NE(log.find("loop.safetensors"), std::string::npos) << log;
+  EXPECT_EQ(log.find("terminate called"), std::string::npos) << log;
 }
 
 TEST(DaemonStartup, RefusesASecondDaemonOnTheSameSocket) {

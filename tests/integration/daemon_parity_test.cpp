@@ -228,5 +228,72 @@ TEST_F(DaemonParity, LoadRefusesAMismatchedFileAndKeepsTheLayer) {
   EXPECT_EQ(0, std::memcmp(saved->find(kGateWeightName)->data, want.data(), want.size() * 4));
 }
 
+// A load replaces the optimizer state too: with the file's where it carries one, afresh (zeros,
+// step 0) where it does not. It used to keep the state of the weights it replaced beside the new
+// ones. A step count that does not fit is refused, not clamped into an overflow at the next step.
+TEST_F(DaemonParity, LoadReplacesTheOptimizerStateAndRefusesAStepThatDoesNotFit) {
+  RawSession s(daemon_->client_socket());
+  ASSERT_TRUE(s.hello().ok());
+  auto handle = s.create_layer(kSpecToml);
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  const int64_t E = 4, M = 32, H = 48;
+  const std::vector<std::pair<const char*, Shape>> tensors = {{kGateWeightName, {E, M}},
+                                                              {kFc1WeightName, {E, H, M}},
+                                                              {kFc1BiasName, {E, H}},
+                                                              {kFc2WeightName, {E, H, M}},
+                                                              {kFc2BiasName, {E, M}}};
+  std::vector<std::vector<float>> data;
+  std::vector<std::string> names;
+  for (const auto& [name, shape] : tensors) {
+    for (const char* prefix : {"", "optimizer.state0.", "optimizer.state1."}) {
+      names.push_back(prefix + std::string(name));
+      data.emplace_back(static_cast<size_t>(shape.numel()), 0.5f);
+    }
+  }
+  std::vector<SafetensorsEntry> entries;
+  for (size_t i = 0; i < names.size(); ++i)
+    entries.push_back({names[i], DType::kF32, tensors[i / 3].second, data[i].data()});
+  auto save_and_open = [&](const std::string& name) -> Result<SafetensorsFile> {
+    TUTEL_RETURN_IF_ERROR(
+        s.call(ipc::FrameType::kSave, {{"handle", *handle}, {"path", name}}, ipc::FrameType::kOk).status());
+    return SafetensorsFile::open(checkpoints_ + "/" + name);
+  };
+  auto state_values = [](const SafetensorsFile& f, const std::string& name) {
+    const SafetensorsTensor* t = f.find(name);
+    const float* v = t ? static_cast<const float*>(t->data) : nullptr;
+    return v ? std::vector<float>(v, v + t->nbytes / 4) : std::vector<float>();
+  };
+  const std::string state0 = std::string("optimizer.state0.") + kFc1WeightName;
+
+  ASSERT_TRUE(write_safetensors(checkpoints_ + "/trained.safetensors", entries, {{"tuteld.step", "7"}}).ok());
+  ASSERT_TRUE(s.call(ipc::FrameType::kLoad, {{"handle", *handle}, {"path", "trained.safetensors"}}, ipc::FrameType::kOk)
+                  .ok());
+  auto trained = save_and_open("a.safetensors");
+  ASSERT_TRUE(trained.ok()) << trained.status();
+  EXPECT_EQ(trained->metadata().at("tuteld.step"), "7");
+  EXPECT_EQ(state_values(*trained, state0), std::vector<float>(static_cast<size_t>(E * H * M), 0.5f));
+
+  // Weights only (a Tutel file): the optimizer starts afresh.
+  ASSERT_TRUE(
+      s.call(ipc::FrameType::kLoad, {{"handle", *handle}, {"path", "start.safetensors"}}, ipc::FrameType::kOk).ok());
+  auto fresh = save_and_open("b.safetensors");
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  EXPECT_EQ(fresh->metadata().at("tuteld.step"), "0");
+  for (const auto& [name, shape] : tensors)
+    for (const char* prefix : {"optimizer.state0.", "optimizer.state1."})
+      EXPECT_EQ(state_values(*fresh, prefix + std::string(name)), std::vector<float>(static_cast<size_t>(shape.numel()), 0.f))
+          << prefix << name;
+
+  for (const char* step : {"99999999999999999999", "9223372036854775807", "-1", "7x"}) {
+    ASSERT_TRUE(write_safetensors(checkpoints_ + "/step.safetensors", entries, {{"tuteld.step", step}}).ok());
+    auto load = s.call(ipc::FrameType::kLoad, {{"handle", *handle}, {"path", "step.safetensors"}}, ipc::FrameType::kOk);
+    EXPECT_EQ(load.status().code(), StatusCode::kCorruption) << step << ": " << load.status();
+    EXPECT_NE(load.status().message().find("not a step count"), std::string_view::npos) << load.status();
+  }
+  auto after = save_and_open("c.safetensors");  // the refused loads changed nothing
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->metadata().at("tuteld.step"), "0");
+}
+
 }  // namespace
 }  // namespace tutel::testing
