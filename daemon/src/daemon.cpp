@@ -556,8 +556,17 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
       op_name = "destroy";
       op = [this, tenant, b]() -> Result<json> {
         TUTEL_ASSIGN_OR_RETURN(uint64_t h, handle_of(b));
+        TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->find(tenant, h));
         TUTEL_RETURN_IF_ERROR(registry_->destroy(tenant, h));
         metrics_.set_tenant_memory(tenant, registry_->memory_bytes(tenant));
+        // Its checkpoint in state_dir goes too, or the next start would bring the layer back.
+        if (!config_.server.state_dir.empty()) {
+          std::error_code ec;
+          fs::remove(fs::path(config_.server.state_dir) / tenant / (ref.layer->name() + ".safetensors"), ec);
+          if (ec)
+            TUTEL_LOG(WARN) << "destroyed layer " << tenant << "/" << ref.layer->name()
+                            << " keeps its checkpoint in state_dir: " << ec.message();
+        }
         return json::object();
       };
       break;

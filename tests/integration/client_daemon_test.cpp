@@ -136,6 +136,32 @@ TEST_F(ClientDaemon, KilledClientFreesItsSessionAndPendingForwards) {
   EXPECT_TRUE(layer->infer(x.data(), 8, y.data()).ok());
 }
 
+// A destroyed layer stays destroyed across restarts: its checkpoint in state_dir goes with it
+// (it used to come back, with its old step, at the next start).
+TEST_F(ClientDaemon, ADestroyedLayerDoesNotComeBackAtTheNextStart) {
+  {
+    auto client = client::Client::connect(daemon_->client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    ASSERT_TRUE(client->create_layer(spec("gone")).ok());
+    ASSERT_TRUE(client->create_layer(spec("kept")).ok());
+  }
+  ASSERT_EQ(daemon_->stop(), 0) << daemon_->log();  // both checkpointed
+  ASSERT_TRUE(daemon_->start());
+  {
+    auto client = client::Client::connect(daemon_->client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    auto gone = client->attach_layer("gone");
+    ASSERT_TRUE(gone.ok()) << gone.status() << daemon_->log();  // restored
+    ASSERT_TRUE(gone->destroy().ok());
+  }
+  ASSERT_EQ(daemon_->stop(), 0) << daemon_->log();
+  ASSERT_TRUE(daemon_->start());
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  EXPECT_EQ(client->attach_layer("gone").status().code(), StatusCode::kNotFound);
+  EXPECT_TRUE(client->attach_layer("kept").ok());
+}
+
 TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
   auto client = client::Client::connect(daemon_->client_socket());
   ASSERT_TRUE(client.ok());
