@@ -236,7 +236,8 @@ Status DaemonImpl::restore_state() {
         // Its peers restart on their own schedule; the trainer re-creates the group layer and
         // loads this file.
         TUTEL_LOG(INFO) << "not restoring group layer " << t.name << "/" << def.name << " (rank " << def.group->rank
-                        << " of " << def.group->size << "); re-create it and load " << path;
+                        << " of " << def.group->size << "); creating it again with the same spec resumes from "
+                        << path;
         continue;
       }
       def.weights_path = path;
@@ -245,6 +246,31 @@ Status DaemonImpl::restore_state() {
       TUTEL_LOG(INFO) << "restored layer " << t.name << "/" << def.name << " at step " << ref.layer->step_count();
     }
   }
+  return Status::OK();
+}
+
+// A group layer is not restored at start (its peers restart on their own schedule): created
+// again with the spec it was checkpointed with, each rank resumes from its own checkpoint. The
+// ranks' creation check then finds them agreeing (all resumed) or refuses on every rank (one
+// without its checkpoint holds another gate).
+Status DaemonImpl::resume_group_layer(const std::string& tenant, const std::string& canonical_spec,
+                                      LayerDefinition& def) const {
+  if (!def.group || config_.server.state_dir.empty()) return Status::OK();
+  const fs::path path = fs::path(config_.server.state_dir) / tenant / (def.name + ".safetensors");
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return Status::OK();
+  TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::open(path.string()));
+  const auto written = file.metadata().find("tuteld.spec");
+  if (written == file.metadata().end() || written->second != canonical_spec) {
+    // Another layer under this name, or this one with other keys: a new layer, whose checkpoint
+    // replaces the old one at exit.
+    TUTEL_LOG(WARN) << "group layer " << tenant << "/" << def.name << " is created afresh: its checkpoint "
+                    << path.string() << " was written for another spec";
+    return Status::OK();
+  }
+  def.weights_path = path.string();
+  def.init_seed.reset();
+  TUTEL_LOG(INFO) << "group layer " << tenant << "/" << def.name << " resumes from " << path.string();
   return Status::OK();
 }
 
@@ -538,7 +564,9 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         if (def.weights_path) {
           TUTEL_ASSIGN_OR_RETURN(*def.weights_path, tenant_file(config_, tenant, *def.weights_path));
         }
-        TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(tenant, def, format_layer_spec(def)));
+        const std::string canonical = format_layer_spec(def);
+        TUTEL_RETURN_IF_ERROR(resume_group_layer(tenant, canonical, def));
+        TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(tenant, def, canonical));
         metrics_.set_tenant_memory(tenant, registry_->memory_bytes(tenant));
         return layer_info(ref);
       };

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "../common/loopback.hpp"
 #include "daemon_fixture.hpp"
 #include "tutel/client.hpp"
 
@@ -160,6 +161,39 @@ TEST_F(ClientDaemon, ADestroyedLayerDoesNotComeBackAtTheNextStart) {
   ASSERT_TRUE(client.ok()) << client.status();
   EXPECT_EQ(client->attach_layer("gone").status().code(), StatusCode::kNotFound);
   EXPECT_TRUE(client->attach_layer("kept").ok());
+}
+
+// A group layer is checkpointed at exit but not restored at start (its peers restart on their own
+// schedule): created again with the same spec, it resumes from its checkpoint, with its step and
+// weights, and the checkpoint written at the next exit carries on from there (it used to be
+// created afresh, and its trained checkpoint overwritten).
+TEST_F(ClientDaemon, AGroupLayerCreatedAgainResumesFromItsCheckpoint) {
+  const std::string group_spec = spec("g") + "[group]\ncoordinator = \"127.0.0.1:" + std::to_string(free_port()) +
+                                 "\"\nsize = 1\nrank = 0\n";
+  std::vector<float> x(8 * 16, 0.5f), y(8 * 16), dx(8 * 16), y_before(8 * 16), y_after(8 * 16);
+  {
+    auto client = client::Client::connect(daemon_->client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    auto layer = client->create_layer(group_spec);
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    for (int i = 0; i < 3; ++i) {
+      ASSERT_TRUE(layer->forward(x.data(), 8, y.data()).ok());
+      ASSERT_TRUE(layer->backward(y.data(), 0.f, dx.data()).ok());
+      ASSERT_TRUE(layer->step().ok());
+    }
+    ASSERT_TRUE(layer->infer(x.data(), 8, y_before.data()).ok());
+  }
+  ASSERT_EQ(daemon_->stop(), 0) << daemon_->log();
+  ASSERT_TRUE(daemon_->start());
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  EXPECT_EQ(client->attach_layer("g").status().code(), StatusCode::kNotFound) << "not restored at start";
+  auto layer = client->create_layer(group_spec);
+  ASSERT_TRUE(layer.ok()) << layer.status() << daemon_->log();
+  EXPECT_EQ(layer->info().step, 3);
+  ASSERT_TRUE(layer->infer(x.data(), 8, y_after.data()).ok());
+  EXPECT_EQ(y_after, y_before) << "the trained weights are back";
+  EXPECT_NE(daemon_->log().find("resumes from"), std::string::npos) << daemon_->log();
 }
 
 TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
