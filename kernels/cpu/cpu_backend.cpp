@@ -287,9 +287,16 @@ Status CpuBackend::locations(const LocationsArgs& a) {
   std::iota(order_.begin(), order_.end(), 0);
   if (a.batch_prioritized) {
     const float* scores = a.scores.data_as<float>();
+    // The largest score that is a number: a token whose scores are NaN (its input was) ranks
+    // last, as on the GPU (fmaxf), instead of making the comparison below no ordering at all,
+    // which let it reorder the valid tokens around it.
     std::vector<float> importance(S);
-    for (int64_t s = 0; s < S; ++s)
-      importance[s] = *std::max_element(scores + s * E, scores + (s + 1) * E);
+    for (int64_t s = 0; s < S; ++s) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t e = 0; e < E; ++e)
+        if (scores[s * E + e] > mx) mx = scores[s * E + e];
+      importance[s] = mx;
+    }
     std::stable_sort(order_.begin(), order_.end(),
                      [&](int32_t x, int32_t y) { return importance[x] > importance[y]; });
   }

@@ -1,7 +1,8 @@
 // The CPU backend: oneDNN for every matmul, OpenMP for the rest, over both cores.
 //
-// Reductions run over fixed blocks of tokens and are combined in a fixed order, so results do
-// not depend on the thread count (oneDNN's f32 GEMMs split work without splitting K).
+// The reductions written here run over fixed blocks of tokens combined in a fixed order, so they
+// do not depend on the thread count. oneDNN's GEMMs are repeatable at one thread count, but may
+// split a long summed dimension over the threads (decisions.md, "Determinism").
 #pragma once
 
 #include <memory>

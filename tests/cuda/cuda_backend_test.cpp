@@ -9,6 +9,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <limits>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -388,6 +389,9 @@ TEST_F(CudaOps, LocationsAndSlotMapMatchCpuExactly) {
     // Equal priorities on purpose: every third token repeats the previous one's scores, so the
     // sort's stability decides their order.
     for (int64_t s = 1; s < c.S; s += 3) std::copy_n(sc.begin() + (s - 1) * c.E, c.E, sc.begin() + s * c.E);
+    // Tokens whose scores are NaN (their input was) rank last on both, in token order.
+    for (int64_t s = 5; s < c.S; s += 97)
+      std::fill_n(sc.begin() + s * c.E, c.E, std::numeric_limits<float>::quiet_NaN());
     scores.set(sc);
     idx.set(random_routing(c.S, c.E, c.k));
     // Outputs poisoned first: every location and every count (most are 0 here) must be written.

@@ -1087,7 +1087,7 @@ void run_on_cuda(DeviceRun how, int pipeline = 1, int r = 1, DType matmul = DTyp
     for (int m = 0; m < kMicroBatches; ++m) {
       const int64_t S = c.tokens[m][0];
       const std::vector<double> x = round_f32(randn(rng, S * M, 1.0));
-      ties |= ref::forward(to_ref(spec, S), p, x, nullptr).min_topk_margin < 1e-6;
+      ties |= ref::forward(to_ref(spec, S), p, x, nullptr).min_order_margin < 1e-6;
       xs.push_back(to_f32(x));
       dys.push_back(to_f32(randn(rng, S * O, 1.0)));
     }

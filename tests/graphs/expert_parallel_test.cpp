@@ -259,7 +259,7 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
       dys[r] = round_f32(randn(rng, S * O, 1.0));
       ref::Config cfg = to_ref(spec, S);
       first[r] = ref::forward(cfg, whole, xs[r], nullptr);
-      ties |= first[r].min_topk_margin < 1e-6 ||
+      ties |= first[r].min_order_margin < 1e-6 ||
               (c.batch_prioritized && first[r].min_priority_margin < 1e-6) ||
               (c.activation == Activation::kRelu && first[r].min_abs_pre < 1e-6);
       std::vector<int64_t> counts(E, 0);
@@ -583,7 +583,7 @@ TEST_P(ExpertParallelInFlight, BackwardsInReverseOrderMatchTheReference) {
         ref::Config cfg = to_ref(spec, c.tokens[m][r]);
         cfg.capacity_override = capacity[m];
         want[m][r] = ref::forward(cfg, whole, xs[m][r], nullptr);
-        ties |= want[m][r].min_topk_margin < 1e-6 ||
+        ties |= want[m][r].min_order_margin < 1e-6 ||
                 (c.activation == Activation::kRelu && want[m][r].min_abs_pre < 1e-6);
       }
     }

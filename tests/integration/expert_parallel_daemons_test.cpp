@@ -155,7 +155,7 @@ struct MicroBatch {
       ref::Config cfg = to_ref(spec, tokens[r]);
       cfg.capacity_override = mb.capacity;
       mb.want[r] = ref::forward(cfg, whole, mb.xs[r], nullptr);
-      ties |= mb.want[r].min_topk_margin < 1e-6 ||
+      ties |= mb.want[r].min_order_margin < 1e-6 ||
               (spec.activation == Activation::kRelu && mb.want[r].min_abs_pre < 1e-6);
     }
     if (!ties) break;

@@ -9,6 +9,7 @@
 // no routing decision is within 1e-6 of a tie, where f32 and f64 may legitimately disagree.
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <optional>
 #include <random>
 
@@ -93,34 +94,78 @@ TEST_P(CpuLayerTest, MatchesFloat64ReferenceBf16Matmul) {
 INSTANTIATE_TEST_SUITE_P(Shapes, CpuLayerTest, ::testing::ValuesIn(all_cases()),
                          [](const ::testing::TestParamInfo<LayerCase>& info) { return info.param.name; });
 
-// The same inputs give bit-identical results with 1 and 2 threads (fixed reduction blocks).
+// Batch-prioritized routing ranks a token whose scores are NaN (its input was) last, and keeps
+// the valid tokens in their order: the comparison used to be no ordering at all with a NaN in it,
+// and put the 0.6 token before the 0.8 one here. The reference ranks it the same way.
+TEST(CpuLayerRouting, ATokenWithNaNScoresRanksLastUnderBatchPrioritizedRouting) {
+  auto backend = make_backend("cpu", {.threads = 1});
+  ASSERT_TRUE(backend.ok());
+  Backend& b = **backend;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> scores = {0.6f, 0.4f, nan, nan, 0.8f, 0.2f, 0.7f, 0.3f};
+  std::vector<int32_t> idx = {0, 0, 0, 0}, loc(4, -5), count(2, -5);
+  const Device d = b.device();
+  ASSERT_TRUE(b.locations({TensorView(scores.data(), DType::kF32, {4, 2}, d),
+                           TensorView(idx.data(), DType::kI32, {4, 1}, d), /*batch_prioritized=*/true,
+                           TensorView(loc.data(), DType::kI32, {4, 1}, d), TensorView(count.data(), DType::kI32, {2}, d)})
+                  .ok());
+  // Order 0.8 (token 2), 0.7 (token 3), 0.6 (token 0), then the NaN token.
+  EXPECT_EQ(loc, (std::vector<int32_t>{2, 3, 0, 1}));
+  EXPECT_EQ(count, (std::vector<int32_t>{4, 0}));
+}
+
+// Every output of one step: y, dx and the gradients.
+std::vector<std::vector<float>> one_step(const LayerSpec& spec, const ref::Params& p, int64_t S,
+                                         const std::vector<float>& x_host, const std::vector<float>& dy_host,
+                                         int threads) {
+  auto backend = make_backend("cpu", {.threads = threads});
+  EXPECT_TRUE(backend.ok());
+  if (!backend.ok()) return {};
+  Backend& b = **backend;
+  const int64_t M = spec.model_dim, O = spec.out_dim();
+  DeviceLayer layer(b, spec), grads(b, spec);
+  layer.upload(p);
+  DeviceTensor x(b, DType::kF32, {S, M}), y(b, DType::kF32, {S, O}), dy(b, DType::kF32, {S, O}),
+      dx(b, DType::kF32, {S, M});
+  x.upload(x_host);
+  dy.upload(dy_host);
+  LayerWorkspace ws;
+  EXPECT_TRUE(layer_forward(b, spec, layer.weights(), x.view(), 0, true, ws, y.view(), nullptr).ok());
+  EXPECT_TRUE(layer_backward(b, spec, layer.weights(), x.view(), ws, dy.view(), 0.5f, dx.view(), grads.weights()).ok());
+  return {y.download(), dx.download(), grads.wg.download(), grads.fc1_w.download(),
+          grads.fc1_b.download(), grads.fc2_w.download(), grads.fc2_b.download()};
+}
+
+// The same inputs give bit-identical results with 1 and 2 threads: the reductions the backend
+// writes (the loss, bias gradients) sum fixed blocks, and at this size oneDNN does not split a
+// GEMM's summed dimension over threads.
 TEST(CpuLayerDeterminism, IndependentOfThreadCount) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   LayerSpec spec = base_spec(8, 64, 128, 2, 1.0);
-  const int64_t S = 600, M = spec.model_dim, O = spec.out_dim();
+  const int64_t S = 600;
   const ref::Params p = random_params(rng, spec);
-  const std::vector<float> x_host = to_f32(randn(rng, S * M, 1.0)), dy_host = to_f32(randn(rng, S * O, 1.0));
+  const std::vector<float> x = to_f32(randn(rng, S * spec.model_dim, 1.0)), dy = to_f32(randn(rng, S * spec.out_dim(), 1.0));
+  const auto one = one_step(spec, p, S, x, dy, 1), two = one_step(spec, p, S, x, dy, 2);
+  ASSERT_EQ(one.size(), two.size());
+  for (size_t i = 0; i < one.size(); ++i) EXPECT_EQ(one[i], two[i]) << "output " << i;
+}
 
-  std::vector<std::vector<float>> outputs[2];
-  for (int threads : {1, 2}) {
-    auto backend = make_backend("cpu", {.threads = threads});
-    ASSERT_TRUE(backend.ok());
-    Backend& b = **backend;
-    DeviceLayer layer(b, spec), grads(b, spec);
-    layer.upload(p);
-    DeviceTensor x(b, DType::kF32, {S, M}), y(b, DType::kF32, {S, O}), dy(b, DType::kF32, {S, O}),
-        dx(b, DType::kF32, {S, M});
-    x.upload(x_host);
-    dy.upload(dy_host);
-    LayerWorkspace ws;
-    ASSERT_TRUE(layer_forward(b, spec, layer.weights(), x.view(), 0, true, ws, y.view(), nullptr).ok());
-    ASSERT_TRUE(layer_backward(b, spec, layer.weights(), x.view(), ws, dy.view(), 0.5f, dx.view(), grads.weights()).ok());
-    outputs[threads - 1] = {y.download(), dx.download(), grads.wg.download(), grads.fc1_w.download(),
-                            grads.fc1_b.download(), grads.fc2_w.download(), grads.fc2_b.download()};
-  }
-  for (size_t i = 0; i < outputs[0].size(); ++i) EXPECT_EQ(outputs[0][i], outputs[1][i]) << "output " << i;
+// Longer reductions (weight gradients over 2048 tokens and more) may be split by oneDNN over the
+// threads, so their last bits depend on the thread count (decisions.md, "Determinism"); at one
+// thread count a step is still repeatable bit for bit.
+TEST(CpuLayerDeterminism, RepeatableAtOneThreadCountForLongReductions) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  LayerSpec spec = base_spec(8, 64, 128, 2, 1.0);
+  const int64_t S = 4096;
+  const ref::Params p = random_params(rng, spec);
+  const std::vector<float> x = to_f32(randn(rng, S * spec.model_dim, 1.0)), dy = to_f32(randn(rng, S * spec.out_dim(), 1.0));
+  const auto first = one_step(spec, p, S, x, dy, 2), second = one_step(spec, p, S, x, dy, 2);
+  ASSERT_EQ(first.size(), second.size());
+  for (size_t i = 0; i < first.size(); ++i) EXPECT_EQ(first[i], second[i]) << "output " << i;
 }
 
 // A workspace reused for a second, larger batch gives the same answer as a fresh one.

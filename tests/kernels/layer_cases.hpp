@@ -174,7 +174,7 @@ inline std::optional<Inputs> draw(std::mt19937_64& rng, const LayerCase& c) {
     in.dy = round_f32(randn(rng, c.tokens * s.out_dim(), 1.0));
     in.dl_aux = static_cast<float>(std::uniform_real_distribution<double>(0.1, 2.0)(rng));
     in.want = ref::forward(cfg, in.params, in.x, c.noise ? &in.noise : nullptr);
-    const bool ties = in.want.min_topk_margin < 1e-6 ||
+    const bool ties = in.want.min_order_margin < 1e-6 ||
                       (s.batch_prioritized && in.want.min_priority_margin < 1e-6) ||
                       (s.activation == Activation::kRelu && in.want.min_abs_pre < 1e-6);
     bool all_to_zero = true;

@@ -74,6 +74,7 @@ struct Trace {
   std::vector<double> yexp;  // [E,C,O]
   std::vector<double> y;     // [S,O]
   double min_topk_margin = kInf;
+  double min_order_margin = kInf;
   double min_priority_margin = kInf;
   double min_abs_pre = kInf;
 };
@@ -140,6 +141,8 @@ Trace run_forward(const Config& c, const Params& p, const std::vector<double>& x
       const double margin = t.scores[s * E + order[K - 1]] - t.scores[s * E + order[K]];
       t.min_topk_margin = std::min(t.min_topk_margin, margin);
     }
+    for (int64_t j = 0; j + 1 < std::min(K + 1, E); ++j)
+      t.min_order_margin = std::min(t.min_order_margin, t.scores[s * E + order[j]] - t.scores[s * E + order[j + 1]]);
   }
 
   // 3b. gate normalisation: only for k > 1 (Tutel never normalises top-1).
@@ -176,8 +179,10 @@ Trace run_forward(const Config& c, const Params& p, const std::vector<double>& x
   if (c.batch_prioritized) {
     std::vector<double> max_score(S);
     for (int64_t s = 0; s < S; ++s) {
-      double mx = t.scores[s * E];
-      for (int64_t e = 1; e < E; ++e) mx = std::max(mx, t.scores[s * E + e]);
+      // The largest score that is a number; a token of NaN scores ranks last (as the backends).
+      double mx = -std::numeric_limits<double>::infinity();
+      for (int64_t e = 0; e < E; ++e)
+        if (t.scores[s * E + e] > mx) mx = t.scores[s * E + e];
       max_score[s] = mx;
     }
     std::stable_sort(token_order.begin(), token_order.end(),
@@ -294,6 +299,7 @@ Forward forward(const Config& c, const Params& p, const std::vector<double>& x,
   f.capacity = t.C;
   f.dropped = t.dropped;
   f.min_topk_margin = t.min_topk_margin;
+  f.min_order_margin = t.min_order_margin;
   f.min_priority_margin = t.min_priority_margin;
   f.min_abs_pre = t.min_abs_pre;
   return f;

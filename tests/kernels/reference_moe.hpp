@@ -45,6 +45,10 @@ struct Forward {
   int64_t dropped;                // number of (token, choice) assignments with loc >= C
   double min_topk_margin;         // min over tokens of score[k-th best] - score[(k+1)-th best]
                                   // (inf if k == E)
+  // min over tokens of the gaps between adjacent scores among the k+1 best (all E when k = E):
+  // besides which experts are chosen, the order among them (choice 0 first) decides the
+  // locations and l_aux's top-1, and a near-tie there is rounding's to decide.
+  double min_order_margin;
   double min_priority_margin;     // batch_prioritized only: min gap between adjacent sorted
                                   // per-token max scores (inf otherwise or S == 1)
   // Addition beyond the requested API (tests use it to stay away from relu's kink):

@@ -84,7 +84,7 @@ std::optional<Drawn> draw(std::mt19937_64& rng, const Case& c) {
     if (c.with_dl_aux)
       d.dl_aux = static_cast<float>(std::uniform_real_distribution<double>(0.1, 2.0)(rng));
     d.want = ref::forward(cfg, d.rounded, d.x, nullptr);
-    const bool ties = d.want.min_topk_margin < 1e-6 ||
+    const bool ties = d.want.min_order_margin < 1e-6 ||
                       (c.batch_prioritized && d.want.min_priority_margin < 1e-6) ||
                       (c.activation == Activation::kRelu && d.want.min_abs_pre < 1e-6);
     if (!ties) return d;
