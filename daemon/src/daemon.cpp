@@ -206,8 +206,12 @@ Status DaemonImpl::start_ranks() {
 Status DaemonImpl::restore_state() {
   if (config_.server.state_dir.empty()) return Status::OK();
   std::error_code ec;
+  // Created private: it holds every tenant's weights and optimizer state. (One that exists keeps
+  // the modes its operator gave it.)
+  const bool existed = fs::exists(config_.server.state_dir, ec);
   fs::create_directories(config_.server.state_dir, ec);
   if (ec) return Status::IOError("cannot create state_dir " + config_.server.state_dir + ": " + ec.message());
+  if (!existed) fs::permissions(config_.server.state_dir, fs::perms::owner_all, fs::perm_options::replace, ec);
   for (const TenantConfig& t : config_.tenants) {
     const fs::path dir = fs::path(config_.server.state_dir) / t.name;
     if (!fs::is_directory(dir, ec)) continue;

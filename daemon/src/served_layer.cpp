@@ -767,8 +767,9 @@ Status ServedLayer::load_locked(const std::string& path, bool require_all) {
         if (!t || t->dtype != DType::kF32 || !(t->shape == shape))
           return Status::InvalidArgument(path + ": tensor '" + name + "' must be f32 " + shape.to_string() +
                                          " in a whole-layer file");
-        const float* f = static_cast<const float*>(t->data);
-        out.assign(f, f + shape.numel());
+        // A safetensors offset need not be 4-byte aligned: copied as bytes, not read as floats.
+        out.resize(static_cast<size_t>(shape.numel()));
+        std::memcpy(out.data(), t->data, out.size() * sizeof(float));
         return Status::OK();
       };
       const int64_t E = s.experts, M = s.model_dim, H = s.hidden, O = s.out_dim();

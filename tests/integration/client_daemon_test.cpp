@@ -452,6 +452,16 @@ TEST(DaemonStartup, AStateFileItCannotReadStopsTheStartNamingIt) {
   EXPECT_EQ(log.find("terminate called"), std::string::npos) << log;
 }
 
+// state_dir holds every tenant's weights and optimizer state: the daemon creates it private.
+TEST(DaemonStartup, CreatesStateDirPrivate) {
+  DaemonProcess d(DaemonOptions{});
+  ASSERT_TRUE(d.start());
+  const auto perms = std::filesystem::status(d.dir() + "/state").permissions();
+  EXPECT_EQ(perms & (std::filesystem::perms::group_all | std::filesystem::perms::others_all),
+            std::filesystem::perms::none);
+  EXPECT_EQ(d.stop(), 0) << d.log();
+}
+
 TEST(DaemonStartup, RefusesASecondDaemonOnTheSameSocket) {
   DaemonProcess first(DaemonOptions{});
   ASSERT_TRUE(first.start());
