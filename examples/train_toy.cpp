@@ -23,6 +23,7 @@
 // Prints the held-out loss before and after training and exits 1 unless it fell below half.
 
 #include <cerrno>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -86,12 +87,14 @@ struct Options {
   std::exit(2);
 }
 
-long long parse_int(const char* flag, const char* value, long long min) {
+// An integer in [min, max]; the options stored in an int pass max = INT_MAX, so that a value
+// past it is refused instead of wrapping (--world 4294967296 became 0, a division by zero).
+long long parse_int(const char* flag, const char* value, long long min, long long max = LLONG_MAX) {
   char* end = nullptr;
   errno = 0;
   const long long v = std::strtoll(value, &end, 10);
-  if (errno != 0 || end == value || *end != '\0' || v < min) {
-    std::fprintf(stderr, "train_toy: %s needs an integer >= %lld, got '%s'\n", flag, min, value);
+  if (errno != 0 || end == value || *end != '\0' || v < min || v > max) {
+    std::fprintf(stderr, "train_toy: %s needs an integer in [%lld, %lld], got '%s'\n", flag, min, max, value);
     std::exit(2);
   }
   return v;
@@ -119,11 +122,11 @@ Options parse_options(int argc, char** argv) {
     if (flag == "--socket")
       o.sockets.push_back(value);
     else if (flag == "--world")
-      o.world = static_cast<int>(parse_int("--world", value, 1));
+      o.world = static_cast<int>(parse_int("--world", value, 1, INT_MAX));
     else if (flag == "--steps")
-      o.steps = static_cast<int>(parse_int("--steps", value, 1));
+      o.steps = static_cast<int>(parse_int("--steps", value, 1, INT_MAX));
     else if (flag == "--print-every")
-      o.print_every = static_cast<int>(parse_int("--print-every", value, 1));
+      o.print_every = static_cast<int>(parse_int("--print-every", value, 1, INT_MAX));
     else if (flag == "--aux-weight")
       o.aux_weight = parse_weight("--aux-weight", value);
     else if (flag == "--layer-name")

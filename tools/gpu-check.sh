@@ -197,6 +197,7 @@ else
 fi
 
 built=0
+absent=()  # test binaries the build could not bring up to date
 if [ $configured = 1 ]; then
   say "build"
   targets=(cuda_backend_test graphs_tests served_layer_device_test device_region_cuda_test expert_parallel_device_test
@@ -228,8 +229,19 @@ if [ $configured = 1 ]; then
       >>"$log_dir/build.log" 2>&1
     built=1
     bench_option=OFF
+    # A binary left from an earlier build is not this code's: a target counts only when nothing
+    # of it is left to build (a failed compile leaves the old binary in place).
+    up_to_date() {
+      if [ "$generator" = Ninja ]; then
+        cmake --build "$build_dir" --target "$1" -- -n 2>/dev/null | grep -q "no work to do"
+      else
+        cmake --build "$build_dir" --target "$1" -- -q >/dev/null 2>&1
+      fi
+    }
     absent=()
-    for t in "${test_targets[@]}"; do [ -x "$build_dir/bin/$t" ] || absent+=("$t"); done
+    for t in "${test_targets[@]}"; do
+      { [ -x "$build_dir/bin/$t" ] && up_to_date "$t"; } || absent+=("$t")
+    done
     if [ ${#absent[@]} = 0 ]; then
       row "build" "partial" "every test binary; tutel_bench FAILED (see $log_dir/build.log)"
     else
@@ -251,6 +263,15 @@ run_gtest() {
     test_failure=1
     return
   fi
+  # A binary the build could not bring up to date is an earlier code's: not run.
+  local t
+  for t in "${absent[@]:-}"; do
+    if [ "$t" = "${4:-cuda_backend_test}" ]; then
+      row "$name" "not run" "${4:-cuda_backend_test} did not build (see $log_dir/build.log)"
+      test_failure=1
+      return
+    fi
+  done
   # Keep the benchmark's share of the budget when it was built.
   local left=$(remaining)
   [ "$bench_option" = ON ] && [ "$built" = 1 ] && left=$(( left - bench_reserve ))

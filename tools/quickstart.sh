@@ -20,8 +20,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The example config as it is, but with its metrics on a free port (9464 may be taken).
-sed 's/^metrics_listen = .*/metrics_listen = "127.0.0.1:0"/' examples/tuteld.toml > "$work/tuteld.toml"
+# The example config as it is, but with its metrics on a free port (9464 may be taken) and its
+# tenant mapping this user (the example maps root, uid 0).
+sed -e 's/^metrics_listen = .*/metrics_listen = "127.0.0.1:0"/' \
+    -e "s/^uids = \[0\]/uids = [$(id -u)]/" examples/tuteld.toml > "$work/tuteld.toml"
 (cd "$work" && exec "$bin/tuteld" --config tuteld.toml) > "$work/tuteld.log" 2>&1 &
 daemon_pid=$!
 for _ in $(seq 1 500); do

@@ -32,8 +32,9 @@ cmake --build "$build_dir" -j "$jobs"
 # report fail its test even where the test itself would pass.
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export ASAN_OPTIONS=detect_leaks=1:detect_stack_use_after_return=1:check_initialization_order=1:strict_init_order=1
-# history_size: enough history to restore the stacks the suppressions match on.
-export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:history_size=7:suppressions=$PWD/tools/tsan.supp"
+# history_size: enough history to restore the stacks the suppressions match on. The path is
+# quoted for the sanitizer's option parser, which ends a value at a space.
+export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:history_size=7:suppressions='$PWD/tools/tsan.supp'"
 if [ "$kind" = thread ]; then
   # UCX patches malloc and mmap to watch memory events (RDMA registration caches); under
   # ThreadSanitizer's own interceptors that crashes the process at exit. tcp, posix shared

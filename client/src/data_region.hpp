@@ -21,12 +21,15 @@ class DataRegion {
     if (bytes_ > 0) free_[0] = bytes_;
   }
 
+  // `bytes` rounded up to whole blocks; saturates (never wraps to a small size) near 2^64.
   static uint64_t rounded(uint64_t bytes) {
+    if (bytes > UINT64_MAX - kAlignment) return UINT64_MAX / kAlignment * kAlignment;
     return bytes == 0 ? kAlignment : (bytes + kAlignment - 1) / kAlignment * kAlignment;
   }
 
   // The offset (from the region's start) of a new block of at least `bytes`, or nothing.
   std::optional<uint64_t> allocate(uint64_t bytes) {
+    if (bytes > bytes_) return std::nullopt;
     const uint64_t size = rounded(bytes);
     for (auto it = free_.begin(); it != free_.end(); ++it) {
       if (it->second < size) continue;

@@ -266,7 +266,10 @@ Result<Ticket> Session::submit(const Submission& s) {
   if (s.in_device_region) return submit_in_device_region(s);
   const bool has_data = s.op != ipc::Op::kNop;
   if (has_data) {
-    const uint64_t need = DataRegion::rounded(s.input_bytes) + DataRegion::rounded(s.output_bytes);
+    const uint64_t in = DataRegion::rounded(s.input_bytes), out = DataRegion::rounded(s.output_bytes);
+    // Rounded sizes saturate, so a size near 2^64 (a caller's n - 4 gone below zero) cannot wrap
+    // the sum into something small.
+    const uint64_t need = in > UINT64_MAX - out ? UINT64_MAX : in + out;
     if (need > region_.capacity()) {
       const uint64_t per_token = s.tokens > 0 ? need / static_cast<uint64_t>(s.tokens) + 1 : need;
       return Status::ResourceExhausted(

@@ -59,5 +59,17 @@ TEST(DataRegion, FirstFitSkipsHolesThatAreTooSmall) {
   EXPECT_EQ(*e, 0u);
 }
 
+// A size near 2^64 (a caller's n - 4 below zero) is refused: rounding it up used to wrap to 0,
+// which took a zero-size block at offset 0 and left offset 0 free for the next allocation too.
+TEST(DataRegion, SizesNearTwoToTheSixtyFourAreRefusedNotWrapped) {
+  DataRegion r(1 << 20);
+  for (uint64_t huge : {~uint64_t{0}, ~uint64_t{0} - 3, ~uint64_t{0} - 63, uint64_t{1} << 63})
+    EXPECT_FALSE(r.allocate(huge).has_value()) << huge;
+  EXPECT_GE(DataRegion::rounded(~uint64_t{0} - 3), ~uint64_t{0} - 63) << "saturates";
+  auto a = r.allocate(64), b = r.allocate(64);
+  ASSERT_TRUE(a && b);
+  EXPECT_NE(*a, *b);
+}
+
 }  // namespace
 }  // namespace tutel::client::internal

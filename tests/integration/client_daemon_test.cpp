@@ -462,6 +462,16 @@ TEST(DaemonStartup, CreatesStateDirPrivate) {
   EXPECT_EQ(d.stop(), 0) << d.log();
 }
 
+// train_toy refuses integer options past what it stores (an int), instead of wrapping them: 2^32
+// workers became 0, and a division by zero.
+TEST(TrainToyOptions, IntegersPastAnIntAreRefused) {
+  for (const char* option : {"--world 4294967296", "--world 4294967298", "--steps 4294967296", "--print-every 4294967296"}) {
+    auto [code, out] = run_command(std::string(TRAIN_TOY_BIN) + " " + option + " --socket /nonexistent");
+    EXPECT_EQ(code, 2) << option << "\n" << out;
+    EXPECT_NE(out.find("needs an integer in [1, 2147483647]"), std::string::npos) << option << "\n" << out;
+  }
+}
+
 TEST(DaemonStartup, RefusesASecondDaemonOnTheSameSocket) {
   DaemonProcess first(DaemonOptions{});
   ASSERT_TRUE(first.start());

@@ -98,6 +98,33 @@ class TorchModuleTest(unittest.TestCase):
         with self.assertRaises(tuteld.TutelError):
             moe.layer.backward(np.zeros((6, M), np.float32))
 
+    def test_a_frozen_module_runs_inference_and_keeps_nothing(self):
+        p, x = random_case(self.rng, 6)
+        moe = self.make_moe(p)
+        moe.requires_grad_(False)  # a frozen backbone, in train mode, grad enabled
+        y, _ = moe(torch.from_numpy(x).float())
+        self.assertFalse(y.requires_grad)
+        self.assertEqual(len(moe.layer._pending), 0)
+        with self.assertRaises(tuteld.TutelError):
+            moe.layer.backward(np.zeros((6, M), np.float32))
+
+    def test_eval_mode_warns_that_x_gets_no_gradient(self):
+        p, x = random_case(self.rng, 6)
+        moe = self.make_moe(p)
+        moe.eval()
+        xt = torch.from_numpy(x).float().requires_grad_()
+        with self.assertWarnsRegex(UserWarning, "no gradient reaches x"):
+            moe(xt)
+
+    def test_a_second_derivative_through_the_layer_raises(self):
+        p, x = random_case(self.rng, 6)
+        moe = self.make_moe(p)
+        xt = torch.from_numpy(x).float().requires_grad_()
+        h = xt + moe(xt)[0]
+        (g,) = torch.autograd.grad(h.pow(2).sum(), xt, create_graph=True)
+        with self.assertRaises(RuntimeError):
+            g.pow(2).sum().backward()
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -104,10 +104,10 @@ inline std::string slurp(const std::string& path) {
   return ss.str();
 }
 
-// Runs the built binary with stdout and stderr sent to files in `dir`.
-inline ToolRun run_tool(const TempDir& dir, const std::vector<std::string>& args) {
+// Runs `binary` with stdout and stderr sent to files in `dir`.
+inline ToolRun run_binary(const TempDir& dir, const std::string& binary, const std::vector<std::string>& args) {
   const std::string out_path = dir.file("stdout.txt"), err_path = dir.file("stderr.txt");
-  std::vector<std::string> argv_storage{TUTEL_LAYER_BIN};
+  std::vector<std::string> argv_storage{binary};
   argv_storage.insert(argv_storage.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (std::string& a : argv_storage) argv.push_back(a.data());
@@ -133,6 +133,11 @@ inline ToolRun run_tool(const TempDir& dir, const std::vector<std::string>& args
   run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   run.err = slurp(err_path);
   return run;
+}
+
+// Runs the built tutel-layer.
+inline ToolRun run_tool(const TempDir& dir, const std::vector<std::string>& args) {
+  return run_binary(dir, TUTEL_LAYER_BIN, args);
 }
 
 inline std::vector<float> read_f32(const SafetensorsFile& f, const std::string& name) {

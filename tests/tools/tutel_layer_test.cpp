@@ -234,6 +234,22 @@ INSTANTIATE_TEST_SUITE_P(Options, TutelLayerAgainstReference, ::testing::ValuesI
                            return info.param.name;
                          });
 
+// The README's "Running one layer in-process": the example writes its files into a directory it
+// creates (it used to need one that existed), and tutel-layer runs on them.
+TEST(TutelLayerReadme, TheExampleFilesRunThroughTutelLayer) {
+  TempDir dir;
+  const std::string out = dir.file("made/by/the/example");
+  const ToolRun made = run_binary(dir, TUTEL_LAYER_EXAMPLE_BIN, {"--out", out});
+  ASSERT_EQ(made.exit_code, 0) << made.err;
+  const ToolRun ran = run_tool(dir, {"--weights", out + "/weights.safetensors", "--input", out + "/input.safetensors",
+                                     "--output", out + "/out.safetensors", "--k", "2", "--capacity-factor", "1.0",
+                                     "--backward"});
+  ASSERT_EQ(ran.exit_code, 0) << ran.err;
+  auto result = SafetensorsFile::open(out + "/out.safetensors");
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_NE(result->find("y"), nullptr);
+}
+
 TEST(TutelLayerMetadata, RecordsTheOptionsUsed) {
   TempDir dir;
   std::mt19937_64 rng(7);

@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 
 #include <cmath>
+#include <filesystem>
 #include <iostream>
 #include <random>
 #include <vector>
@@ -52,6 +53,12 @@ int main(int argc, char** argv) {
   const auto dy = randn(rng, S * M, 1.0);
   const float dl_aux = 0.01f;
   using tutel::DType;
+  std::error_code ec;
+  std::filesystem::create_directories(out_dir, ec);
+  if (ec) {
+    std::cerr << "tutel-layer-example: cannot create " << out_dir << ": " << ec.message() << "\n";
+    return 2;
+  }
   tutel::Status st = tutel::write_safetensors(
       out_dir + "/weights.safetensors",
       {{tutel::kGateWeightName, DType::kF32, {E, M}, wg.data()},

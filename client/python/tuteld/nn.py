@@ -13,12 +13,18 @@ Autograd calls the daemon's backward for every training forward, also when x nee
 device or of another dtype are moved to float32 on the CPU for the call and back (the daemon's
 shared memory is host memory; GPU tensors without a copy need device regions, not here yet).
 Several forwards may be in flight before their backwards, in any order (gradient accumulation,
-pipelined micro-batches): each backward names the forward it belongs to. Under torch.no_grad()
-or in eval mode a forward is an inference, which keeps nothing in the daemon; a training forward
-whose graph is dropped without a backward keeps its state there until the client closes.
+pipelined micro-batches): each backward names the forward it belongs to. Under torch.no_grad(),
+in eval mode, or frozen (requires_grad_(False)) with an x that needs no gradient, a forward is an
+inference, which keeps nothing in the daemon; in eval mode no gradient reaches x (a warning says
+so once). A training forward whose graph is dropped without a backward keeps its state there
+until the client closes. The backward is differentiable once only: a second derivative through
+the layer raises.
 """
 
+import warnings
+
 import torch
+from torch.autograd.function import once_differentiable
 
 
 class _MoEFunction(torch.autograd.Function):
@@ -31,6 +37,7 @@ class _MoEFunction(torch.autograd.Function):
         return torch.from_numpy(y).to(x.device, x.dtype), l_aux
 
     @staticmethod
+    @once_differentiable  # dx comes from the daemon, not from torch ops: no second derivative
     def backward(ctx, dy, dl_aux):
         # Autograd materialises the gradient of an unused output as zeros, so both are tensors.
         device, dtype = ctx.x_meta
@@ -51,6 +58,7 @@ class MoE(torch.nn.Module):
         # daemon's backward (which accumulates the expert and gate gradients) even when x
         # itself needs none.
         self._anchor = torch.nn.Parameter(torch.empty(0), requires_grad=True)
+        self._warned_eval_grad = False
 
     @classmethod
     def attach(cls, client, name):
@@ -59,8 +67,16 @@ class MoE(torch.nn.Module):
     def forward(self, x):
         if x.shape[-1] != self.layer.model_dim:
             raise ValueError(f"x must have shape [..., {self.layer.model_dim}], not {list(x.shape)}")
-        if not (self.training and torch.is_grad_enabled()):
-            # No backward will come: a training forward would keep its state in the daemon.
+        # A backward comes only where autograd has something to differentiate: the anchor, or x.
+        # Otherwise (no_grad, eval, a frozen module given an x that needs no gradient) it is an
+        # inference: a training forward would keep its state in the daemon, for good.
+        wants_backward = torch.is_grad_enabled() and (self._anchor.requires_grad or x.requires_grad)
+        if not (self.training and wants_backward):
+            if wants_backward and x.requires_grad and not self._warned_eval_grad:
+                self._warned_eval_grad = True
+                warnings.warn("tuteld.nn.MoE in eval mode runs an inference: no gradient reaches x "
+                              "through it (use train mode for gradients, torch.no_grad() to say none "
+                              "are wanted)", stacklevel=2)
             y, info = self.layer.infer(x.detach().to("cpu", torch.float32).contiguous().numpy())
             return (torch.from_numpy(y).to(x.device, x.dtype),
                     torch.tensor(info.l_aux, dtype=torch.float32, device=x.device))
