@@ -526,10 +526,7 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
     reply_error(s, rid, body.status());
     return finish_frame(s);
   }
-  if (type == ipc::FrameType::kHello) {
-    handle_hello(s, frame);
-    return finish_frame(s);
-  }
+  if (type == ipc::FrameType::kHello) return handle_hello(s, frame);  // finishes the frame
   if (!s->arena) {
     reply_error(s, rid, Status::InvalidArgument("send hello first: the session has no arena yet"));
     return finish_frame(s);
@@ -679,32 +676,50 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
           });
 }
 
+// The arena is created on the thread pool: populating it (arena_bytes of shared memory, up to
+// 64 GiB) takes tens of milliseconds per 64 MiB, which the loop, and so every other session,
+// would otherwise wait for at each hello. Finishes the frame when done.
 void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Frame& frame) {
   const uint32_t rid = frame.header.request_id;
-  if (s->arena) {
+  if (s->hello_received) {
     reply_error(s, rid, Status::InvalidArgument("hello was already sent on this session"));
-    return;
+    return finish_frame(s);
   }
-  auto arena = ipc::Arena::create(config_.server.arena_bytes);
-  if (!arena.ok()) {
-    reply_error(s, rid, arena.status());
-    return;
-  }
-  s->arena = std::move(*arena);
-  s->requests = ipc::RingConsumer<ipc::RequestDescriptor>(s->arena->request_control(), s->arena->request_slots());
-  s->completions = ipc::RingProducer<ipc::CompletionDescriptor>(s->arena->completion_control(),
-                                                               s->arena->completion_slots());
-  const ipc::ArenaLayout& l = s->arena->layout();
-  json body{{"session", s->id}, {"tenant", s->tenant}, {"spin_us", config_.server.spin.count()}};
-  ipc::put_layout(body, l);
-  reply(s, ipc::FrameType::kHelloReply, rid, body, {s->arena->fd()});
-  if (s->closing) return;
-  s->worker = std::thread([this, s] { run_worker(s); });
+  s->hello_received = true;
   const auto hello = ipc::parse_body(frame);
   if (hello.ok() && hello->contains("client") && (*hello)["client"].is_string())
     s->client_name = (*hello)["client"].get<std::string>().substr(0, 128);
-  TUTEL_LOG(INFO) << "session " << s->id << ": tenant " << s->tenant << ", pid " << s->peer.pid
-                  << ", client '" << s->client_name << "'";
+  auto arena = std::make_shared<Result<ipc::Arena>>(Status::Internal("not created"));
+  offload([this, arena] { *arena = ipc::Arena::create(config_.server.arena_bytes); },
+          [this, s, rid, arena] {
+            if (s->closing) return finish_frame(s);  // the arena goes with the callback, rarely
+            if (!arena->ok()) {
+              reply_error(s, rid, arena->status());
+              return finish_frame(s);
+            }
+            s->arena = std::move(arena->value());
+            s->requests =
+                ipc::RingConsumer<ipc::RequestDescriptor>(s->arena->request_control(), s->arena->request_slots());
+            s->completions = ipc::RingProducer<ipc::CompletionDescriptor>(s->arena->completion_control(),
+                                                                         s->arena->completion_slots());
+            const ipc::ArenaLayout& l = s->arena->layout();
+            json body{{"session", s->id}, {"tenant", s->tenant}, {"spin_us", config_.server.spin.count()}};
+            ipc::put_layout(body, l);
+            reply(s, ipc::FrameType::kHelloReply, rid, body, {s->arena->fd()});
+            if (s->closing) return finish_frame(s);
+            try {
+              s->worker = std::thread([this, s] { run_worker(s); });
+            } catch (const std::system_error& e) {
+              // Out of threads (a task limit): this session cannot run, the daemon goes on.
+              TUTEL_LOG(WARN) << "session " << s->id << ": cannot start its worker thread: " << e.what()
+                              << "; closing it";
+              close_session(s);
+              return finish_frame(s);
+            }
+            TUTEL_LOG(INFO) << "session " << s->id << ": tenant " << s->tenant << ", pid " << s->peer.pid
+                            << ", client '" << s->client_name << "'";
+            finish_frame(s);
+          });
 }
 
 // The metric counts client sessions, as `tutelctl status` does: admin connections (tutelctl
@@ -733,6 +748,7 @@ void DaemonImpl::close_session(const std::shared_ptr<Session>& s) {
             if (s->worker.joinable()) s->worker.join();
             s->pinned.reset();
             s->regions.close();
+            s->arena.reset();  // unmapped here, not on the loop (tens of ms per 64 MiB)
             for (const LayerRef& ref : registry_->all()) ref.layer->drop_pending(s->id);
           },
           [this, s] {
