@@ -136,37 +136,30 @@ std::vector<std::vector<float>> one_step(const LayerSpec& spec, const ref::Param
           grads.fc1_b.download(), grads.fc2_w.download(), grads.fc2_b.download()};
 }
 
-// The same inputs give bit-identical results with 1 and 2 threads: the reductions the backend
-// writes (the loss, bias gradients) sum fixed blocks, and at this size oneDNN does not split a
-// GEMM's summed dimension over threads.
-TEST(CpuLayerDeterminism, IndependentOfThreadCount) {
+// One step each with `threads_a` and `threads_b` threads on the same fresh inputs of S tokens:
+// every output must be the same bits.
+void expect_identical_steps(int64_t S, int threads_a, int threads_b) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
-  LayerSpec spec = base_spec(8, 64, 128, 2, 1.0);
-  const int64_t S = 600;
+  const LayerSpec spec = base_spec(8, 64, 128, 2, 1.0);
   const ref::Params p = random_params(rng, spec);
-  const std::vector<float> x = to_f32(randn(rng, S * spec.model_dim, 1.0)), dy = to_f32(randn(rng, S * spec.out_dim(), 1.0));
-  const auto one = one_step(spec, p, S, x, dy, 1), two = one_step(spec, p, S, x, dy, 2);
-  ASSERT_EQ(one.size(), two.size());
-  for (size_t i = 0; i < one.size(); ++i) EXPECT_EQ(one[i], two[i]) << "output " << i;
+  const std::vector<float> x = to_f32(randn(rng, S * spec.model_dim, 1.0)),
+                           dy = to_f32(randn(rng, S * spec.out_dim(), 1.0));
+  const auto a = one_step(spec, p, S, x, dy, threads_a), b = one_step(spec, p, S, x, dy, threads_b);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], b[i]) << "output " << i;
 }
+
+// The same inputs give bit-identical results with 1 and 2 threads: the reductions the backend
+// writes (the loss, bias gradients) sum fixed blocks, and at this size oneDNN does not split a
+// GEMM's summed dimension over threads.
+TEST(CpuLayerDeterminism, IndependentOfThreadCount) { expect_identical_steps(600, 1, 2); }
 
 // Longer reductions (weight gradients over 2048 tokens and more) may be split by oneDNN over the
 // threads, so their last bits depend on the thread count (decisions.md, "Determinism"); at one
 // thread count a step is still repeatable bit for bit.
-TEST(CpuLayerDeterminism, RepeatableAtOneThreadCountForLongReductions) {
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE("seed " + std::to_string(seed));
-  std::mt19937_64 rng(seed);
-  LayerSpec spec = base_spec(8, 64, 128, 2, 1.0);
-  const int64_t S = 4096;
-  const ref::Params p = random_params(rng, spec);
-  const std::vector<float> x = to_f32(randn(rng, S * spec.model_dim, 1.0)), dy = to_f32(randn(rng, S * spec.out_dim(), 1.0));
-  const auto first = one_step(spec, p, S, x, dy, 2), second = one_step(spec, p, S, x, dy, 2);
-  ASSERT_EQ(first.size(), second.size());
-  for (size_t i = 0; i < first.size(); ++i) EXPECT_EQ(first[i], second[i]) << "output " << i;
-}
+TEST(CpuLayerDeterminism, RepeatableAtOneThreadCountForLongReductions) { expect_identical_steps(4096, 2, 2); }
 
 // A workspace reused for a second, larger batch gives the same answer as a fresh one.
 TEST(CpuLayerWorkspace, ReuseAcrossBatchSizes) {
