@@ -103,8 +103,6 @@ DaemonImpl::~DaemonImpl() {
 
 Status DaemonImpl::start() {
   started_at_ = std::chrono::steady_clock::now();
-  // Sockets first: a second daemon on the same paths fails before it touches state_dir.
-  // Nothing is accepted until run() starts the loop, so clients wait for the restore.
   // Layer creations at once: half of libuv's thread pool (main.cpp makes it 32 threads unless
   // UV_THREADPOOL_SIZE says otherwise; libuv's own default is 4).
   const char* pool = std::getenv("UV_THREADPOOL_SIZE");
@@ -112,6 +110,8 @@ Status DaemonImpl::start() {
   max_creations_in_progress_ = std::max<int64_t>(1, pool_threads / 2);
   uv_timer_init(&loop_, &accept_pause_);
   accept_pause_.data = this;
+  // Sockets first: a second daemon on the same paths fails before it touches state_dir.
+  // Nothing is accepted until run() starts the loop, so clients wait for the restore.
   TUTEL_RETURN_IF_ERROR(listen(config_.server.client_socket, 0660, false, &client_poll_, &client_fd_));
   TUTEL_RETURN_IF_ERROR(listen(config_.server.admin_socket, 0600, true, &admin_poll_, &admin_fd_));
   // Serve only as part of a complete cluster: the join fails naming the nodes that are missing.
@@ -237,8 +237,8 @@ Status DaemonImpl::restore_state() {
         return Status::Corruption(path + ": no 'tuteld.spec' metadata; it was not written by tuteld, move it out of state_dir");
       TUTEL_ASSIGN_OR_RETURN(LayerDefinition def, parse_layer_spec(spec->second, path));
       if (def.group) {
-        // Its peers restart on their own schedule; the trainer re-creates the group layer and
-        // loads this file.
+        // Its peers restart on their own schedule; the trainer creates the group layer again,
+        // which resumes from this file (resume_group_layer).
         TUTEL_LOG(INFO) << "not restoring group layer " << t.name << "/" << def.name << " (rank " << def.group->rank
                         << " of " << def.group->size << "); creating it again with the same spec resumes from "
                         << path;
