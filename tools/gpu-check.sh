@@ -227,20 +227,20 @@ if [ $configured = 1 ]; then
     timeout "$(( $(remaining) - 150 > 30 ? $(remaining) - 150 : 30 ))" \
       cmake --build "$build_dir" -j "$jobs" --target "${test_targets[@]}" -- "${keep_going[@]}" \
       >>"$log_dir/build.log" 2>&1
+    rebuild_rc=$?
     built=1
     bench_option=OFF
-    # A binary left from an earlier build is not this code's: a target counts only when nothing
-    # of it is left to build (a failed compile leaves the old binary in place).
+    # A binary left from an earlier build is not this code's: when the test targets did not all
+    # build, a target counts only when nothing of it is left to build (a failed compile leaves
+    # the old binary in place). Ninja says so per target (-n); make cannot (CMake's targets are
+    # phony), so there every test binary counts as not built.
     up_to_date() {
-      if [ "$generator" = Ninja ]; then
+      [ "$generator" = Ninja ] &&
         cmake --build "$build_dir" --target "$1" -- -n 2>/dev/null | grep -q "no work to do"
-      else
-        cmake --build "$build_dir" --target "$1" -- -q >/dev/null 2>&1
-      fi
     }
     absent=()
     for t in "${test_targets[@]}"; do
-      { [ -x "$build_dir/bin/$t" ] && up_to_date "$t"; } || absent+=("$t")
+      if [ ! -x "$build_dir/bin/$t" ] || { [ $rebuild_rc != 0 ] && ! up_to_date "$t"; }; then absent+=("$t"); fi
     done
     if [ ${#absent[@]} = 0 ]; then
       row "build" "partial" "every test binary; tutel_bench FAILED (see $log_dir/build.log)"

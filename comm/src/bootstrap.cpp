@@ -300,13 +300,18 @@ class Coordinator {
 
 // ---- ranks 1..size-1 ---------------------------------------------------------------------
 
-Result<Fd> connect_once(const sockaddr_in& addr, Clock::time_point deadline) {
+// One connection attempt, given until `deadline` (looking at `cancel` meanwhile).
+Result<Fd> connect_once(const sockaddr_in& addr, Clock::time_point deadline, const std::atomic<bool>* cancel) {
   Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   if (!fd.valid()) return Status::IOError("socket: " + detail::errno_text(errno));
   if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0) return fd;
   if (errno != EINPROGRESS) return Status::Unavailable(detail::errno_text(errno));
-  pollfd p{fd.get(), POLLOUT, 0};
-  const int r = ::poll(&p, 1, detail::poll_timeout_ms(deadline));
+  int r = 0;
+  do {
+    if (detail::cancelled(cancel)) return Status::Aborted("cancelled while connecting");
+    pollfd p{fd.get(), POLLOUT, 0};
+    r = ::poll(&p, 1, detail::poll_timeout_ms(deadline, cancel));
+  } while ((r == 0 && Clock::now() < deadline) || (r < 0 && errno == EINTR));
   if (r <= 0) return Status::Unavailable("connect timed out");
   int err = 0;
   socklen_t len = sizeof err;
@@ -353,7 +358,7 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
   while (Clock::now() < deadline) {
     if (detail::cancelled(cancel))
       return Status::Aborted(who + ": cancelled while waiting for " + server + " (" + last_error + ")");
-    auto fd = connect_once(addr, std::min(deadline, Clock::now() + detail::kCancelCheck));
+    auto fd = connect_once(addr, std::min(deadline, Clock::now() + std::chrono::seconds(1)), cancel);
     if (!fd.ok()) {
       last_error = std::string(fd.status().message());
       std::this_thread::sleep_for(std::chrono::milliseconds(20));

@@ -103,7 +103,7 @@ DaemonImpl::~DaemonImpl() {
 
 Status DaemonImpl::start() {
   started_at_ = std::chrono::steady_clock::now();
-  // Layer creations at once: half of libuv's thread pool (main.cpp makes it 32 threads unless
+  // Layer creations at once: half of libuv's thread pool (main.cpp makes it 64 threads unless
   // UV_THREADPOOL_SIZE says otherwise; libuv's own default is 4).
   const char* pool = std::getenv("UV_THREADPOOL_SIZE");
   const int64_t pool_threads = pool != nullptr ? std::clamp<int64_t>(std::atoll(pool), 1, 1024) : 4;
@@ -214,18 +214,20 @@ Status DaemonImpl::restore_state() {
   if (!existed) fs::permissions(config_.server.state_dir, fs::perms::owner_all, fs::perm_options::replace, ec);
   for (const TenantConfig& t : config_.tenants) {
     const fs::path dir = fs::path(config_.server.state_dir) / t.name;
-    if (!fs::is_directory(dir, ec)) continue;
     // What cannot be read is an error naming it, never skipped: a layer left out here would be
     // created afresh and then checkpointed over its state at the next exit.
     auto unreadable = [](const fs::path& p, const std::error_code& e) {
       return Status::IOError("cannot read " + p.string() + " in state_dir: " + e.message() +
                              "; fix its permissions, or move it out of state_dir");
     };
-    fs::directory_iterator it(dir, ec);
+    const bool is_dir = fs::is_directory(dir, ec);
+    if (ec && ec != std::errc::no_such_file_or_directory) return unreadable(dir, ec);
+    if (!is_dir) continue;
+    // The whole listing first: a read error ends the iteration (it becomes the end) with ec set.
+    std::vector<fs::directory_entry> entries;
+    for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) entries.push_back(*it);
     if (ec) return unreadable(dir, ec);
-    for (; it != fs::directory_iterator(); it.increment(ec)) {
-      if (ec) return unreadable(dir, ec);
-      const fs::directory_entry& entry = *it;
+    for (const fs::directory_entry& entry : entries) {
       if (entry.path().extension() != ".safetensors") continue;
       const bool regular = entry.is_regular_file(ec);
       if (ec) return unreadable(entry.path(), ec);
@@ -263,7 +265,12 @@ Status DaemonImpl::resume_group_layer(const std::string& tenant, const std::stri
   const fs::path path = fs::path(config_.server.state_dir) / tenant / (def.name + ".safetensors");
   std::error_code ec;
   if (!fs::exists(path, ec)) return Status::OK();
-  TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::open(path.string()));
+  Result<SafetensorsFile> opened = SafetensorsFile::open(path.string());
+  if (!opened.ok())  // never overwritten unread: it may be the only copy of a trained layer
+    return opened.status().with_context("group layer " + tenant + "/" + def.name + " has a checkpoint " +
+                                        path.string() + " that cannot be read; move it out of state_dir to "
+                                        "create the layer afresh");
+  const SafetensorsFile& file = *opened;
   const auto written = file.metadata().find("tuteld.spec");
   if (written == file.metadata().end() || written->second != canonical_spec) {
     // Another layer under this name, or this one with other keys: a new layer, whose checkpoint
@@ -694,6 +701,7 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
           [this, s, rid, arena] {
             if (s->closing) return finish_frame(s);  // the arena goes with the callback, rarely
             if (!arena->ok()) {
+              s->hello_received = false;  // nothing was set up: another hello may try again
               reply_error(s, rid, arena->status());
               return finish_frame(s);
             }

@@ -481,7 +481,7 @@ TEST_F(ProtocolAbuse, UnknownFlagsAreRefusedOnNopAndChecksumToo) {
 // Creations may hold half of it: beyond that a creation is refused at once, and everything else
 // (another session's requests, the shutdown) still runs.
 TEST_F(ProtocolAbuse, CreationsWaitingForPeersHoldOnlyHalfTheThreadPool) {
-  constexpr int kWaiting = 16;  // half of tuteld's 32 pool threads
+  constexpr int kWaiting = 32;  // half of tuteld's 64 pool threads
   std::vector<std::unique_ptr<RawSession>> waiting;
   for (int i = 0; i < kWaiting; ++i) {
     waiting.push_back(std::make_unique<RawSession>(daemon_->client_socket()));
