@@ -593,9 +593,9 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
       op = [this, tenant, b]() -> Result<json> {
         TUTEL_ASSIGN_OR_RETURN(uint64_t h, handle_of(b));
         TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->find(tenant, h));
-        TUTEL_RETURN_IF_ERROR(registry_->destroy(tenant, h));
-        metrics_.set_tenant_memory(tenant, registry_->memory_bytes(tenant));
-        // Its checkpoint in state_dir goes too, or the next start would bring the layer back.
+        // Its checkpoint in state_dir goes too, or the next start would bring the layer back;
+        // first, while the name is still taken, so a creation of the same name that comes right
+        // after the destroy cannot resume from it.
         if (!config_.server.state_dir.empty()) {
           std::error_code ec;
           fs::remove(fs::path(config_.server.state_dir) / tenant / (ref.layer->name() + ".safetensors"), ec);
@@ -603,6 +603,8 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
             TUTEL_LOG(WARN) << "destroyed layer " << tenant << "/" << ref.layer->name()
                             << " keeps its checkpoint in state_dir: " << ec.message();
         }
+        TUTEL_RETURN_IF_ERROR(registry_->destroy(tenant, h));
+        metrics_.set_tenant_memory(tenant, registry_->memory_bytes(tenant));
         return json::object();
       };
       break;
