@@ -22,6 +22,12 @@ struct Fixture {
   Result<Client> connect(ClientOptions options = {}) {
     return Client::connect(dir.file("d.sock"), options);
   }
+  // A client whose waits for a completion give up after `timeout`.
+  Result<Client> connect_with_request_timeout(std::chrono::milliseconds timeout) {
+    ClientOptions options;
+    options.request_timeout = timeout;
+    return connect(options);
+  }
   TempDir dir;
   FakeDaemon daemon;
 };
@@ -174,9 +180,7 @@ TEST(Client, RequestTimeoutLeavesTheRequestInFlight) {
   FakeDaemonOptions options;
   options.delay = std::chrono::milliseconds(300);
   Fixture f(options);
-  ClientOptions copts;
-  copts.request_timeout = std::chrono::milliseconds(50);
-  auto client = f.connect(copts);
+  auto client = f.connect_with_request_timeout(std::chrono::milliseconds(50));
   ASSERT_TRUE(client.ok());
   auto layer = client->attach_layer("moe");
   ASSERT_TRUE(layer.ok());
@@ -198,9 +202,7 @@ TEST(Client, RequestTimeoutLeavesTheRequestInFlight) {
 // by the time it completes, and no later backward pairs with a forward the caller never saw.
 TEST(Client, TimedOutSynchronousForwardIsAbandoned) {
   Fixture f;
-  ClientOptions copts;
-  copts.request_timeout = std::chrono::milliseconds(20);
-  auto client = f.connect(copts);
+  auto client = f.connect_with_request_timeout(std::chrono::milliseconds(20));
   ASSERT_TRUE(client.ok()) << client.status();
   auto layer = client->attach_layer("moe");
   ASSERT_TRUE(layer.ok());
@@ -229,9 +231,7 @@ TEST(Client, TimedOutSynchronousForwardIsAbandoned) {
 // stays usable and charged in the daemon until a second unmap() gives it back.
 TEST(Client, DeviceRegionUnmapThatTimesOutCanBeRetried) {
   Fixture f;
-  ClientOptions copts;
-  copts.request_timeout = std::chrono::milliseconds(20);
-  auto client = f.connect(copts);
+  auto client = f.connect_with_request_timeout(std::chrono::milliseconds(20));
   ASSERT_TRUE(client.ok()) << client.status();
   auto region = client->map_device_region(0, 4096);
   ASSERT_TRUE(region.ok()) << region.status();
