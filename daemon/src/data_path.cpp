@@ -179,9 +179,9 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
           };
           auto out = run();
           // Refused for the tenant's quota (which leaves nothing behind): plans the tenant's layers
-          // keep for later requests must not crowd out a step, so they go and it runs once more.
+          // keep for later requests must not crowd out a forward, so they go and it runs once more.
           // Never a group layer's: its forward is a collective, which one rank cannot repeat alone.
-          if (training && !layer.definition().group && !out.ok() &&
+          if (!layer.definition().group && !out.ok() &&
               out.status().code() == StatusCode::kResourceExhausted && registry_->trim_idle_plans(s->tenant) > 0)
             out = run();
           if (out.ok()) {

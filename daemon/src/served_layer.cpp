@@ -59,9 +59,8 @@ Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& 
   TUTEL_RETURN_IF_ERROR(layer->allocate());
   if (!def.group) {
     // The tenant's quota bounds the plans, not a budget of the cache's own: they are charged to
-    // it like any activation memory, a training forward that would pass it drops the idle ones
-    // first, and so does any request that leaves the tenant over it (an inference forward's
-    // growth is let through, as its one plan per bucket is bounded by its largest batch).
+    // it like any activation memory, a forward that would pass it drops the idle ones first, and
+    // so does any request that leaves the tenant over it (a backward's growth is let through).
     graphs::PlanCacheOptions options;
     options.max_bytes = SIZE_MAX;
     if (!def.token_buckets.empty()) {
@@ -501,8 +500,11 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
   // A group layer's forward is a collective: its ranks agree on whether each could allocate, and
   // refuse the step together (ExpertParallelLayer), so only the layer's own allocations are
   // enforced there, not the staging before it, which a rank would refuse alone.
+  // Inference forwards are held to the quota too: their buffers grow with the tokens and the
+  // capacity (a capacity_factor far above E/k), and a daemon that let them through would run out
+  // of memory for every tenant instead of refusing one request.
   std::optional<ActivationBackend::Enforce> enforce;
-  if (training && !group_) enforce.emplace(b);
+  if (!group_) enforce.emplace(b);
   Status st;
   if (group_) {
     // Its peers run the same forwards in the same order (the clients' contract), so every rank
@@ -514,8 +516,7 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
       Result<TensorView> xv = stage_in(x, {tokens, M}, staged_in_, memory);
       Result<TensorView> yv = xv.ok() ? stage_out(y, {tokens, O}, staged_out_, memory) : xv.status();
       if (!yv.ok()) return group_->layer->refuse_forward(yv.status());
-      std::optional<ActivationBackend::Enforce> group_enforce;
-      if (training) group_enforce.emplace(b);
+      ActivationBackend::Enforce group_enforce(b);
       TUTEL_RETURN_IF_ERROR(
           group_->layer->forward(weights_of(0), *xv, *yv, &stats, pending ? &pending->saved : nullptr));
       return unstage_out(y, *yv, memory);

@@ -11,11 +11,10 @@
 //   buffers are freed.
 // - device regions: memory a client maps to hand tokens over without copies (kMapRegion),
 //   charged when mapped and given back when unmapped or when the session ends.
-// All count against the same quota. Only the growth made by a training forward (and the
-// creation of a layer) is refused: a backward must never fail for lack of memory, since it is
-// what gives the memory back, so its growth is charged but let through (as is an inference
-// forward's, whose one plan per token bucket is bounded by its largest batch). Idle plans are
-// dropped before a training forward is refused, and whenever a request leaves the tenant over.
+// All count against the same quota. The growth made by a forward (training or inference) and
+// the creation of a layer are refused past it: a backward must never fail for lack of memory,
+// since it is what gives the memory back, so its growth is charged but let through. Idle plans
+// are dropped before a forward is refused, and whenever a request leaves the tenant over.
 //
 // Thread-safety: TenantMemory is lock-free and may be used from any thread. An ActivationBackend
 // is used like the Backend it wraps (one thread at a time, under the layer's mutex); its
@@ -59,7 +58,7 @@ class TenantMemory {
   // Charges activation memory if the tenant stays within its quota, else ResourceExhausted
   // saying what to do.
   Status try_charge_activations(uint64_t bytes);
-  // Charges activation memory whatever the quota says (a backward's, an inference's).
+  // Charges activation memory whatever the quota says (a backward's).
   void charge_activations(uint64_t bytes);
   void release_activations(uint64_t bytes);
   uint64_t region_bytes() const { return regions_.load(std::memory_order_relaxed); }
