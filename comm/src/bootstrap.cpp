@@ -30,7 +30,11 @@ using wire::decode_header;
 using wire::encode;
 using wire::get_u32;
 using wire::Header;
+using wire::kAuthBytes;
+using wire::kAuthenticated;
 using wire::kError;
+using wire::kMacBytes;
+using wire::kNonceBytes;
 using wire::kHeaderBytes;
 using wire::kHello;
 using wire::kJoin;
@@ -86,6 +90,7 @@ struct Conn {
   std::string in;
   int rank = -1;  // set once its hello is accepted
   bool dead = false;
+  std::string nonce;  // of its authenticated hello, for the table's mac
 };
 
 class Coordinator {
@@ -179,7 +184,7 @@ class Coordinator {
         if (detail::out_of_descriptors(errno)) accept_paused_until_ = Clock::now() + detail::kAcceptPause;
         return;
       }
-      conns_.push_back(Conn{Fd(fd), {}, -1, false});
+      conns_.push_back(Conn{Fd(fd), {}, -1, false, {}});
     }
   }
 
@@ -195,17 +200,44 @@ class Coordinator {
     if (n < 0) return Status::OK();
     c.in.append(buf, static_cast<size_t>(n));
     if (c.in.size() < kHeaderBytes) return Status::OK();
-    const Header h = decode_header(c.in.data());
-    if (h.magic == kMagic && h.kind == kJoin) {
+    Header h = decode_header(c.in.data());
+    const bool authenticated = (h.kind & kAuthenticated) != 0;
+    const uint32_t kind = h.kind & ~kAuthenticated;
+    if (h.magic == kMagic && kind == kJoin) {
       refuse(c, endpoint_name(o_) + " is a group's own bootstrap coordinator, not a rendezvous service");
       return Status::OK();
     }
-    if (h.magic != kMagic || h.kind != kHello || h.round_len > wire::kMaxJoinRound ||
-        h.body_len > kMaxPayload) {
+    if (h.magic != kMagic || kind != kHello || h.round_len > wire::kMaxJoinRound ||
+        h.body_len > kMaxPayload + (authenticated ? kAuthBytes : 0) ||
+        (authenticated && h.body_len < kAuthBytes)) {
       refuse(c, "not a tuteld bootstrap hello");
       return Status::OK();
     }
-    if (c.in.size() < kHeaderBytes + h.round_len + h.body_len) return Status::OK();
+    const size_t message_bytes = kHeaderBytes + h.round_len + h.body_len;
+    if (c.in.size() < message_bytes) return Status::OK();
+    if (!o_.secret.empty()) {
+      if (!authenticated) {
+        refuse(c, "the coordinator at " + endpoint_name(o_) + " requires the peer secret, and this " + o_.member +
+                      "'s daemon has none: give every daemon the same [server] peer_secret_file",
+               StatusCode::kPermissionDenied);
+        return Status::OK();
+      }
+      if (!wire::verify_authenticated(std::string_view(c.in).substr(0, message_bytes), o_.secret, &c.nonce)) {
+        TUTEL_LOG(WARN) << "bootstrap: refused a hello from " << detail::peer_ip(c.fd.get()) << ", pid " << h.pid
+                        << ": it does not prove the peer secret";
+        refuse(c, "the coordinator at " + endpoint_name(o_) + " refused the hello: this " + o_.member +
+                      "'s peer secret is not the coordinator's; give every daemon the same [server] "
+                      "peer_secret_file",
+               StatusCode::kPermissionDenied);
+        return Status::OK();
+      }
+      h.body_len -= static_cast<uint32_t>(kAuthBytes);
+    } else if (authenticated) {
+      refuse(c, "the coordinator at " + endpoint_name(o_) + " has no peer secret, and this " + o_.member +
+                    "'s daemon has one: give every daemon the same [server] peer_secret_file (or none)",
+             StatusCode::kPermissionDenied);
+      return Status::OK();
+    }
     const std::string_view round(c.in.data() + kHeaderBytes, h.round_len);
     if (round != round_) {
       refuse(c, "the coordinator at " + endpoint_name(o_) + " runs round '" + round_ + "', not '" +
@@ -241,10 +273,10 @@ class Coordinator {
     return Status::OK();
   }
 
-  void refuse(Conn& c, const std::string& why) {
+  void refuse(Conn& c, const std::string& why, StatusCode code = StatusCode::kInvalidArgument) {
     Header h;
     h.kind = kError;
-    h.rank = static_cast<uint32_t>(StatusCode::kInvalidArgument);
+    h.rank = static_cast<uint32_t>(code);
     const std::string msg = encode(h, {}, why);
     (void)detail::send_all(c.fd.get(), msg.data(), msg.size(),
                            Clock::now() + std::chrono::milliseconds(200));
@@ -273,16 +305,23 @@ class Coordinator {
     h.kind = kind;
     h.size = static_cast<uint32_t>(o_.size);
     std::string msg;
+    const bool authenticated = kind == kTable && !o_.secret.empty();
+    Digest digest{};
     if (kind == kError) {
       h.rank = static_cast<uint32_t>(failure.code());
       msg = encode(h, {}, failure.message());
     } else {
-      msg = wire::encode_table(table_.payloads, table_.addresses);
+      msg = wire::encode_table(table_.payloads, table_.addresses, authenticated);
+      if (authenticated) digest = sha256(msg);
     }
     const auto send_deadline = Clock::now() + std::chrono::seconds(2);
     for (auto& c : conns_) {
       if (c.rank < 0 || c.dead) continue;
       Status s = detail::send_all(c.fd.get(), msg.data(), msg.size(), send_deadline);
+      if (s.ok() && authenticated) {
+        const std::string mac = wire::table_mac(o_.secret, c.nonce, digest);
+        s = detail::send_all(c.fd.get(), mac.data(), mac.size(), send_deadline);
+      }
       if (!s.ok())
         TUTEL_LOG(WARN) << "bootstrap: cannot answer rank " << c.rank << ": " << s.message();
     }
@@ -339,15 +378,17 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
   h.size = static_cast<uint32_t>(o.size);
   h.local_size = static_cast<uint32_t>(o.local_size);
   h.pid = static_cast<uint32_t>(::getpid());
-  std::string hello;
+  std::string hello_round, hello_body;
   if (join) {
-    std::string body;
-    wire::put_u32(body, static_cast<uint32_t>(o.timeout.count()));
-    body.append(payload);
-    hello = encode(h, std::string(round) + "@" + o.rendezvous_group, body);
+    wire::put_u32(hello_body, static_cast<uint32_t>(o.timeout.count()));
+    hello_body.append(payload);
+    hello_round = std::string(round) + "@" + o.rendezvous_group;
   } else {
-    hello = encode(h, round, payload);
+    hello_body.assign(payload);
+    hello_round.assign(round);
   }
+  const bool authenticated = !o.secret.empty();
+  std::string nonce, hello;
   const std::string who = "bootstrap (" + o.member + " " + std::to_string(o.rank) +
                           (join ? " of group '" + o.rendezvous_group + "'" : std::string()) + ")";
   const std::string server = server_name(o);
@@ -363,6 +404,12 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
       last_error = std::string(fd.status().message());
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
       continue;
+    }
+    if (authenticated) {  // a fresh nonce per connection: the table's mac answers this one
+      TUTEL_ASSIGN_OR_RETURN(nonce, random_bytes(kNonceBytes));
+      hello = wire::encode_authenticated(h, hello_round, hello_body, o.secret, nonce);
+    } else if (hello.empty()) {
+      hello = encode(h, hello_round, hello_body);
     }
     Status s = detail::send_all(fd->get(), hello.data(), hello.size(), deadline, cancel);
     if (!s.ok()) {
@@ -401,8 +448,24 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
       return Status(code == StatusCode::kOk ? StatusCode::kInternal : code,
                     who + ": " + server + " says: " + body);
     }
-    if (reply.kind != kTable || static_cast<int>(reply.size) != o.size)
+    if ((reply.kind & ~kAuthenticated) != kTable || static_cast<int>(reply.size) != o.size)
       return Status::Corruption(who + ": unexpected answer from " + server);
+    const bool proven = (reply.kind & kAuthenticated) != 0;
+    if (authenticated != proven)
+      return Status::PermissionDenied(who + ": " + server + (authenticated ? " has no peer secret" : " has a peer secret") +
+                                      " and this daemon " + (authenticated ? "has one" : "has none") +
+                                      ": give every daemon the same [server] peer_secret_file");
+    if (authenticated) {
+      // The mac follows the table: proof that a holder of the secret answered this hello.
+      std::string mac(kMacBytes, '\0');
+      TUTEL_RETURN_IF_ERROR(detail::recv_exact(fd->get(), mac.data(), mac.size(), verdict_deadline, nullptr, cancel)
+                                .with_context(who + ": reading the answer of " + server));
+      const Digest digest = Sha256().update(head, sizeof head).update(body).finish();
+      if (!constant_time_equal(mac, wire::table_mac(o.secret, nonce, digest)))
+        return Status::PermissionDenied(who + ": the table from " + server +
+                                        " does not prove the peer secret (another secret, or not a tuteld): "
+                                        "give every daemon the same [server] peer_secret_file");
+    }
     return decode_table(body, o.size);
   }
   if (join)
@@ -431,6 +494,9 @@ Status validate(const BootstrapOptions& o) {
   if (o.timeout.count() <= 0 || o.collective_timeout.count() <= 0)
     return Status::InvalidArgument("bootstrap and collective timeouts must be positive");
   if (o.spin.count() < 0) return Status::InvalidArgument("spin must not be negative");
+  if (!o.secret.empty() && (o.secret.size() < kMinSecretBytes || o.secret.size() > kMaxSecretBytes))
+    return Status::InvalidArgument("a peer secret is " + std::to_string(kMinSecretBytes) + " to " +
+                                   std::to_string(kMaxSecretBytes) + " bytes, not " + std::to_string(o.secret.size()));
   return Status::OK();
 }
 

@@ -6,6 +6,17 @@
 // join's (rendezvous) body is {u32 timeout_ms, payload} and its round is "<round>@<group>"; a
 // table's body is, per rank, {u32 len, payload, u32 len, address}; an error's body is the
 // message and its `rank` field carries the StatusCode.
+//
+// With a peer secret (BootstrapOptions::secret) a hello or join carries kAuthenticated in its
+// kind and ends with {nonce[32], mac[32]} inside its body: mac = HMAC(secret, "tuteld hello" ‖
+// every byte before the mac), the nonce fresh per connection. The server checks it and answers
+// with the table's kind | kAuthenticated followed, after the table's body, by
+// HMAC(secret, "tuteld table" ‖ nonce ‖ SHA-256(the table message)), so the rank knows the table
+// came from a holder of the secret and for this very hello. Hashing the table once and keying
+// only its digest per rank keeps a large group's answers linear in its size. Errors are not
+// authenticated: a forged one can only make a bootstrap fail, which whoever can reach the
+// port can do anyway. A recorded hello replayed to the server can make its group fail (the
+// rank then arrives twice), not join it: the table it draws is useless without the secret.
 #pragma once
 
 #include <cstddef>
@@ -15,11 +26,15 @@
 #include <vector>
 
 #include "tutel/comm/bootstrap.hpp"
+#include "tutel/core/secret.hpp"
 
 namespace tutel::comm::wire {
 
 constexpr uint32_t kMagic = 0x31424354;  // "TCB1"
 constexpr uint32_t kHello = 1, kTable = 2, kError = 3, kJoin = 4;
+// Or'ed into a hello's, a join's or a table's kind when it is authenticated (see above).
+constexpr uint32_t kAuthenticated = 0x100;
+constexpr size_t kNonceBytes = 32, kMacBytes = 32, kAuthBytes = kNonceBytes + kMacBytes;
 constexpr size_t kHeaderBytes = 32;
 constexpr size_t kMaxPayload = size_t{1} << 20;
 constexpr size_t kMaxRound = 64;
@@ -74,8 +89,9 @@ inline std::string encode_error(const Status& failure) {
 }
 
 // The table message for a group of `size`, from payloads and addresses in rank order.
+// (authenticated: the kind carries kAuthenticated, and each rank's table_mac follows it.)
 inline std::string encode_table(const std::vector<std::string>& payloads,
-                                const std::vector<std::string>& addresses) {
+                                const std::vector<std::string>& addresses, bool authenticated) {
   std::string body;
   for (size_t r = 0; r < payloads.size(); ++r) {
     put_u32(body, static_cast<uint32_t>(payloads[r].size()));
@@ -84,9 +100,39 @@ inline std::string encode_table(const std::vector<std::string>& payloads,
     body.append(addresses[r]);
   }
   Header h;
-  h.kind = kTable;
+  h.kind = kTable | (authenticated ? kAuthenticated : 0u);
   h.size = static_cast<uint32_t>(payloads.size());
   return encode(h, {}, body);
+}
+
+// A hello or join (header kind without kAuthenticated) authenticated under `secret` with
+// `nonce`: the kind gains the flag and the body the nonce and the mac.
+inline std::string encode_authenticated(Header h, std::string_view round, std::string_view body,
+                                        std::string_view secret, std::string_view nonce) {
+  h.kind |= kAuthenticated;
+  std::string body_with_nonce(body);
+  body_with_nonce.append(nonce);
+  body_with_nonce.append(kMacBytes, '\0');  // counted in body_len, replaced below
+  std::string out = encode(h, round, body_with_nonce);
+  const Digest mac = hmac_sha256(secret, {"tuteld hello", std::string_view(out).substr(0, out.size() - kMacBytes)});
+  out.replace(out.size() - kMacBytes, kMacBytes, as_view(mac));
+  return out;
+}
+
+// Checks an authenticated hello or join, the whole message; on success gives its nonce.
+inline bool verify_authenticated(std::string_view message, std::string_view secret, std::string* nonce) {
+  if (message.size() < kHeaderBytes + kAuthBytes) return false;
+  const std::string_view signed_part = message.substr(0, message.size() - kMacBytes);
+  const Digest mac = hmac_sha256(secret, {"tuteld hello", signed_part});
+  if (!constant_time_equal(as_view(mac), message.substr(message.size() - kMacBytes))) return false;
+  nonce->assign(signed_part.substr(signed_part.size() - kNonceBytes));
+  return true;
+}
+
+// What follows an authenticated table for the rank that sent `nonce`; `table_digest` is the
+// SHA-256 of the whole table message (header included).
+inline std::string table_mac(std::string_view secret, std::string_view nonce, const Digest& table_digest) {
+  return std::string(as_view(hmac_sha256(secret, {"tuteld table", nonce, as_view(table_digest)})));
 }
 
 inline std::string address_of(const std::string& ip, uint32_t pid) {

@@ -39,9 +39,12 @@ struct Peer {
   Fd fd;
   State state = State::kReading;
   std::string in;
-  // The answer: a group's members share one table (up to size × 1 MiB), never a copy each.
+  // The answer: a group's members share one table (up to size × 1 MiB), never a copy each;
+  // with a peer secret, each rank's own mac of it follows (out_mac).
   std::shared_ptr<const std::string> out;
-  size_t out_pos = 0;
+  std::string out_mac;
+  size_t out_pos = 0;  // over out, then out_mac
+  std::string nonce;   // of its authenticated join
   Clock::time_point deadline;  // for reading the join, or for writing the answer
   std::string address;         // "127.0.0.1, pid 42" once the join is read
   std::string group;           // the key "<round>@<group>" once joined
@@ -163,9 +166,12 @@ class Service final : public RendezvousService {
   void on_event(uint64_t id, Peer& p, short revents) {
     if (p.state == Peer::State::kWriting) {
       if (revents & (POLLERR | POLLHUP | POLLNVAL)) return drop(id);
-      while (p.out_pos < p.out->size()) {
-        const ssize_t w = ::send(p.fd.get(), p.out->data() + p.out_pos, p.out->size() - p.out_pos,
-                                 MSG_NOSIGNAL | MSG_DONTWAIT);
+      const size_t table_bytes = p.out->size(), total = table_bytes + p.out_mac.size();
+      while (p.out_pos < total) {
+        const bool in_table = p.out_pos < table_bytes;
+        const char* from = in_table ? p.out->data() + p.out_pos : p.out_mac.data() + (p.out_pos - table_bytes);
+        const size_t left = in_table ? table_bytes - p.out_pos : total - p.out_pos;
+        const ssize_t w = ::send(p.fd.get(), from, left, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (w > 0) {
           p.out_pos += static_cast<size_t>(w);
           continue;
@@ -205,21 +211,50 @@ class Service final : public RendezvousService {
     p.in.append(buf, static_cast<size_t>(n));
     if (p.in.size() < wire::kHeaderBytes) return;
     const Header h = wire::decode_header(p.in.data());
+    const bool authenticated = (h.kind & wire::kAuthenticated) != 0;
+    const uint32_t kind = h.kind & ~wire::kAuthenticated;
+    const size_t auth_bytes = authenticated ? wire::kAuthBytes : 0;
     if (p.in.size() == wire::kHeaderBytes) {  // the header just completed: check it first
       if (h.magic != wire::kMagic) return refuse(p, "not a tuteld rendezvous join (bad magic)");
-      if (h.kind == wire::kHello)
+      if (kind == wire::kHello)
         return refuse(p, where() +
                              " is a rendezvous service, not a group's own coordinator: give the "
                              "group a name and no coordinator, or point it at its own coordinator");
-      if (h.kind != wire::kJoin)
+      if (kind != wire::kJoin)
         return refuse(p, "not a tuteld rendezvous join (kind " + std::to_string(h.kind) + ")");
       if (h.round_len < 3 || h.round_len > wire::kMaxJoinRound)
         return refuse(p, "malformed join: group key of " + std::to_string(h.round_len) + " bytes");
-      if (h.body_len < 4 || h.body_len > wire::kMaxPayload + 4)
+      if (h.body_len < 4 + auth_bytes || h.body_len > wire::kMaxPayload + 4 + auth_bytes)
         return refuse(
             p, "malformed join: body of " + std::to_string(h.body_len) + " bytes exceeds 1 MiB");
+      // Told before the body is read: it may be a megabyte.
+      if (!o_.secret.empty() && !authenticated)
+        return refuse(p,
+                      "this service requires the peer secret, and the joining daemon has none: give every "
+                      "daemon the same [server] peer_secret_file",
+                      StatusCode::kPermissionDenied);
+      if (o_.secret.empty() && authenticated)
+        return refuse(p,
+                      "this service has no peer secret, and the joining daemon has one: give every daemon "
+                      "the same [server] peer_secret_file (or none)",
+                      StatusCode::kPermissionDenied);
     }
-    if (p.in.size() < wire::kHeaderBytes + h.round_len + h.body_len) return;
+    const size_t message_bytes = wire::kHeaderBytes + h.round_len + h.body_len;
+    if (p.in.size() < message_bytes) return;
+    if (authenticated) {
+      if (!wire::verify_authenticated(p.in, o_.secret, &p.nonce)) {
+        TUTEL_LOG(WARN) << "rendezvous: refused a join from " << detail::peer_ip(p.fd.get()) << ", pid " << h.pid
+                        << ": it does not prove the peer secret";
+        return refuse(p,
+                      "the join does not prove this service's peer secret: give every daemon the same "
+                      "[server] peer_secret_file",
+                      StatusCode::kPermissionDenied);
+      }
+      p.in.resize(message_bytes - wire::kAuthBytes);
+      Header stripped = h;
+      stripped.body_len -= static_cast<uint32_t>(wire::kAuthBytes);
+      return on_join(id, p, stripped);
+    }
     on_join(id, p, h);
   }
 
@@ -300,8 +335,15 @@ class Service final : public RendezvousService {
       payloads.push_back(std::move(m.payload));
       addresses.push_back(m.address);
     }
-    const auto table = std::make_shared<const std::string>(wire::encode_table(payloads, addresses));
-    for (const auto& [r, m] : g.joined) answer(peers_.at(m.peer), table);
+    const bool authenticated = !o_.secret.empty();
+    const auto table =
+        std::make_shared<const std::string>(wire::encode_table(payloads, addresses, authenticated));
+    const Digest digest = authenticated ? sha256(*table) : Digest{};
+    for (const auto& [r, m] : g.joined) {
+      Peer& member = peers_.at(m.peer);
+      answer(member, table);
+      if (authenticated) member.out_mac = wire::table_mac(o_.secret, member.nonce, digest);
+    }
     groups_.erase(it);
     std::lock_guard lock(stats_mu_);
     ++stats_.groups_completed;
@@ -391,15 +433,15 @@ class Service final : public RendezvousService {
   void answer(Peer& p, std::shared_ptr<const std::string> message) {
     p.state = Peer::State::kWriting;
     p.out = std::move(message);
+    p.out_mac.clear();
     p.out_pos = 0;
     p.deadline = Clock::now() + kWriteTimeout;
   }
 
-  void refuse(Peer& p, const std::string& why) {
+  void refuse(Peer& p, const std::string& why, StatusCode code = StatusCode::kInvalidArgument) {
     count_refused();
     p.in.clear();
-    answer(p, wire::encode_error(
-                  Status::InvalidArgument("rendezvous service at " + where() + ": " + why)));
+    answer(p, wire::encode_error(Status(code, "rendezvous service at " + where() + ": " + why)));
   }
 
   void drop(uint64_t id) { peers_.erase(id); }
@@ -443,6 +485,9 @@ Result<std::unique_ptr<RendezvousService>> RendezvousService::start(const Rendez
   if (o.max_connections < 1 || o.max_groups < 1 || o.join_timeout.count() <= 0)
     return Status::InvalidArgument(
         "rendezvous: max_connections, max_groups and join_timeout must be positive");
+  if (!o.secret.empty() && (o.secret.size() < kMinSecretBytes || o.secret.size() > kMaxSecretBytes))
+    return Status::InvalidArgument("rendezvous: a peer secret is " + std::to_string(kMinSecretBytes) + " to " +
+                                   std::to_string(kMaxSecretBytes) + " bytes");
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = htons(o.port);

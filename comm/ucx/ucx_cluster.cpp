@@ -241,6 +241,7 @@ Result<std::unique_ptr<Cluster>> join_cluster(const ClusterOptions& options) {
   b.timeout = options.bootstrap_timeout;
   b.collective_timeout = options.peer_timeout;
   b.member = "node";
+  b.secret = options.secret;
   TUTEL_ASSIGN_OR_RETURN(std::shared_ptr<UcxRank> rank, UcxRank::create(b));
   auto cluster = std::make_unique<UcxCluster>(std::move(rank), options);
   // At least a peer timeout for the barrier: the last node may reach the coordinator just

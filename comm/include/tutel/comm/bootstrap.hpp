@@ -72,6 +72,11 @@ struct BootstrapOptions {
   // waiting out `timeout` for ranks that may never come (a daemon shutting down). Null: only
   // the timeout ends it.
   std::shared_ptr<const std::atomic<bool>> cancel;
+  // The deployment's peer secret (16 to 4096 bytes; empty: none). With one, every hello and
+  // join proves it and every table is proven back (HMAC-SHA256 over a fresh nonce; the secret
+  // never crosses the wire), and a coordinator or rendezvous service refuses ranks without it.
+  // Every rank of a group, and the service, must have the same one (or all none).
+  std::string secret;
 };
 
 // OK when the options describe a valid rank of a valid group.

@@ -40,6 +40,8 @@ struct ClusterOptions {
   std::chrono::milliseconds heartbeat_interval{250};
   // Silence after which a peer is reported down; must exceed heartbeat_interval.
   std::chrono::milliseconds peer_timeout{3'000};
+  // The peer secret the nodes prove to each other at the join (BootstrapOptions::secret).
+  std::string secret;
 };
 
 // OK when the options describe a valid node of a valid cluster.

@@ -44,6 +44,8 @@ struct RendezvousOptions {
   // limit the failed group nearest its deadline makes room for a new one; with none failed,
   // a join that would start a group is refused (ResourceExhausted).
   int max_groups = 4096;
+  // The peer secret (BootstrapOptions::secret): joins must prove it, tables are proven back.
+  std::string secret;
 };
 
 struct RendezvousStats {
