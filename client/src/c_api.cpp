@@ -11,6 +11,7 @@ namespace {
 
 using tutel::Status;
 using tutel::client::Client;
+using tutel::client::ClientOptions;
 using tutel::client::DeviceRegion;
 using tutel::client::ForwardInfo;
 using tutel::client::Layer;
@@ -107,11 +108,15 @@ const char* tutel_last_error(void) { return g_last_error.c_str(); }
 
 int tutel_last_error_code(void) { return g_last_error_code; }
 
-tutel_client* tutel_connect(const char* socket_path) {
+tutel_client* tutel_connect(const char* socket_path) { return tutel_connect_with_secret(socket_path, nullptr); }
+
+tutel_client* tutel_connect_with_secret(const char* socket_path, const char* secret_file) {
   tutel_client* out = nullptr;
   guarded("tutel_connect", [&] {
     if (socket_path == nullptr) return fail_invalid("tutel_connect: socket_path is NULL");
-    auto client = Client::connect(socket_path);
+    ClientOptions options;
+    if (secret_file != nullptr) options.secret_file = secret_file;
+    auto client = Client::connect(socket_path, options);
     if (!client.ok()) return fail(client.status());
     out = new tutel_client();
     out->client.emplace(std::move(client).value());

@@ -7,10 +7,12 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <utility>
 
+#include "tutel/core/secret.hpp"
 #include "tutel/ipc/json_body.hpp"
 #include "tutel/ipc/socket.hpp"
 
@@ -73,8 +75,14 @@ Session::~Session() { close(Status::Aborted("the client was closed")); }
 
 Status Session::hello(const ClientOptions& options) {
   const uint32_t rid = next_frame_id_++;
-  const json body{{"client", options.name.empty() ? program_name() : options.name},
-                  {"pid", static_cast<int64_t>(::getpid())}};
+  json body{{"client", options.name.empty() ? program_name() : options.name},
+            {"pid", static_cast<int64_t>(::getpid())}};
+  std::string secret_file = options.secret_file;
+  if (const char* env = std::getenv("TUTEL_SECRET_FILE"); secret_file.empty() && env != nullptr) secret_file = env;
+  if (!secret_file.empty()) {
+    const char* what = options.secret_file.empty() ? "TUTEL_SECRET_FILE" : "ClientOptions::secret_file";
+    TUTEL_ASSIGN_OR_RETURN(body["secret"], read_secret_file(secret_file, what));
+  }
   const auto timeout =
       options.control_timeout.count() > 0 ? options.control_timeout : kHelloTimeout;
   const Status sent = ipc::send_json(fd_.get(), ipc::FrameType::kHello, rid, body, {}, timeout);

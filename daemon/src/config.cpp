@@ -362,7 +362,7 @@ Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& s
   const Scope s = root.child(*t, "server", "[server]");
   TUTEL_RETURN_IF_ERROR(
       s.check_keys({"client_socket", "admin_socket", "state_dir", "metrics_listen", "log_level",
-                    "spin_us", "arena_bytes"}));
+                    "spin_us", "arena_bytes", "peer_secret_file"}));
   for (auto [key, out] : {std::pair{"client_socket", &server.client_socket},
                           std::pair{"admin_socket", &server.admin_socket}}) {
     TUTEL_RETURN_IF_ERROR(get_path(s, key, base_dir, true, *out));
@@ -376,6 +376,7 @@ Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& s
     return s.error_near("admin_socket", "the admin socket must differ from the client socket (" +
                                             quote(server.client_socket) + ")");
   TUTEL_RETURN_IF_ERROR(get_path(s, "state_dir", base_dir, false, server.state_dir));
+  TUTEL_RETURN_IF_ERROR(get_path(s, "peer_secret_file", base_dir, false, server.peer_secret_file));
   TUTEL_RETURN_IF_ERROR(parse_metrics_listen(s, server));
   TUTEL_RETURN_IF_ERROR(get_enum(s, "log_level", "\"debug\", \"info\", \"warn\", \"error\"",
                                  parse_log_level, server.log_level));
@@ -451,7 +452,7 @@ Status parse_cluster(const Scope& root, const BackendConfig& backend, std::optio
   return Status::OK();
 }
 
-Status parse_tenants(const Scope& root, std::vector<TenantConfig>& tenants) {
+Status parse_tenants(const Scope& root, const fs::path& base_dir, std::vector<TenantConfig>& tenants) {
   if (root.find("tenant") == nullptr)
     return root.error_near("tenant",
                            "missing [[tenant]]: at least one tenant must be configured, "
@@ -462,7 +463,7 @@ Status parse_tenants(const Scope& root, std::vector<TenantConfig>& tenants) {
   TUTEL_RETURN_IF_ERROR(
       for_each_table(root, "tenant", "a [[tenant]] table", [&](const Scope& s, size_t i) {
         TUTEL_RETURN_IF_ERROR(s.check_keys(
-            {"name", "uids", "gids", "max_layers", "max_memory_bytes", "max_inflight", "max_sessions"}));
+            {"name", "uids", "gids", "max_layers", "max_memory_bytes", "max_inflight", "max_sessions", "secret_file"}));
         TenantConfig t;
         TUTEL_RETURN_IF_ERROR(get_name(s, "name", "a tenant name", t.name));
         if (auto [it, fresh] = names.emplace(t.name, i); !fresh)
@@ -494,6 +495,7 @@ Status parse_tenants(const Scope& root, std::vector<TenantConfig>& tenants) {
             get_bytes(s, "max_memory_bytes", 1, uint64_t{1} << 50, t.max_memory_bytes));
         TUTEL_RETURN_IF_ERROR(get_int(s, "max_inflight", 1, 1 << 20, t.max_inflight));
         TUTEL_RETURN_IF_ERROR(get_int(s, "max_sessions", 1, 1 << 16, t.max_sessions));
+        TUTEL_RETURN_IF_ERROR(get_path(s, "secret_file", base_dir, false, t.secret_file));
         tenants.push_back(std::move(t));
         return Status::OK();
       }));
@@ -676,7 +678,7 @@ Result<Config> parse_config(std::string_view toml_text, std::string_view source_
   TUTEL_RETURN_IF_ERROR(parse_server(root, base_dir, config.server));
   TUTEL_RETURN_IF_ERROR(parse_backend(root, config.backend));
   TUTEL_RETURN_IF_ERROR(parse_cluster(root, config.backend, config.cluster));
-  TUTEL_RETURN_IF_ERROR(parse_tenants(root, config.tenants));
+  TUTEL_RETURN_IF_ERROR(parse_tenants(root, base_dir, config.tenants));
   TUTEL_RETURN_IF_ERROR(parse_layers(root, base_dir, config));
   return config;
 }

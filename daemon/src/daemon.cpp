@@ -16,6 +16,7 @@
 #include "tutel/comm/local_exchange.hpp"
 #include "tutel/core/logging.hpp"
 #include "tutel/core/safetensors.hpp"
+#include "tutel/core/secret.hpp"
 #include "tutel/ipc/json_body.hpp"
 
 namespace tutel::daemon {
@@ -103,6 +104,7 @@ DaemonImpl::~DaemonImpl() {
 
 Status DaemonImpl::start() {
   started_at_ = std::chrono::steady_clock::now();
+  TUTEL_RETURN_IF_ERROR(read_secrets());
   // Layer creations at once: half of libuv's thread pool (main.cpp makes it 64 threads unless
   // UV_THREADPOOL_SIZE says otherwise; libuv's own default is 4).
   const char* pool = std::getenv("UV_THREADPOOL_SIZE");
@@ -138,6 +140,20 @@ Status DaemonImpl::start() {
   return Status::OK();
 }
 
+Status DaemonImpl::read_secrets() {
+  for (const TenantConfig& t : config_.tenants) {
+    if (t.secret_file.empty()) continue;
+    TUTEL_ASSIGN_OR_RETURN(tenant_secrets_[t.name],
+                           read_secret_file(t.secret_file, "tenant '" + t.name + "' secret_file"));
+  }
+  if (!config_.server.peer_secret_file.empty()) {
+    TUTEL_ASSIGN_OR_RETURN(std::string secret,
+                           read_secret_file(config_.server.peer_secret_file, "[server] peer_secret_file"));
+    peer_secret_ = std::make_shared<const std::string>(std::move(secret));
+  }
+  return Status::OK();
+}
+
 Status DaemonImpl::join_cluster() {
   if (!config_.cluster) return Status::OK();
   const ClusterConfig& c = *config_.cluster;
@@ -149,6 +165,7 @@ Status DaemonImpl::join_cluster() {
   o.bootstrap_timeout = c.bootstrap_timeout;
   o.heartbeat_interval = c.heartbeat_interval;
   o.peer_timeout = c.peer_timeout;
+  if (peer_secret_) o.secret = *peer_secret_;
   TUTEL_LOG(INFO) << "joining the cluster as node " << c.node_rank << " of " << c.nodes << " (coordinator "
                   << c.coordinator_host << ":" << c.coordinator_port << ")";
   TUTEL_ASSIGN_OR_RETURN(cluster_, comm::join_cluster(o));
@@ -157,6 +174,7 @@ Status DaemonImpl::join_cluster() {
     comm::RendezvousOptions r;
     r.host = c.rendezvous_host;
     r.port = c.rendezvous_port;
+    if (peer_secret_) r.secret = *peer_secret_;
     TUTEL_ASSIGN_OR_RETURN(rendezvous_, comm::RendezvousService::start(r));
     TUTEL_LOG(INFO) << "group rendezvous service on " << c.rendezvous_host << ":" << c.rendezvous_port;
   }
@@ -194,6 +212,7 @@ Status DaemonImpl::start_ranks() {
     rank->local_exchange = local_exchange;
     rank->rendezvous = rendezvous;
     rank->stopping = stopping_;
+    rank->peer_secret = peer_secret_;
     rank->options = BackendOptions{.threads = threads, .device_index = b.devices.empty() ? r : b.devices[r]};
     TUTEL_ASSIGN_OR_RETURN(rank->backend, make_backend(b.kind, rank->options));
     ranks_.push_back(std::move(rank));
@@ -698,6 +717,23 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
   const auto hello = ipc::parse_body(frame);
   if (hello.ok() && hello->contains("client") && (*hello)["client"].is_string())
     s->client_name = (*hello)["client"].get<std::string>().substr(0, 128);
+  if (auto secret = tenant_secrets_.find(s->tenant); secret != tenant_secrets_.end()) {
+    // The tenant asks its clients for its secret on top of the uid mapping. Compared in constant
+    // time; a session that fails is told why and closed (a new connection may try again).
+    const json* given = hello.ok() && hello->contains("secret") ? &(*hello)["secret"] : nullptr;
+    const bool present = given != nullptr && given->is_string();
+    if (!present || !constant_time_equal(given->get_ref<const std::string&>(), secret->second)) {
+      const Status refused = Status::PermissionDenied(
+          "tenant '" + s->tenant + "' requires its secret in the hello, and this client " +
+          (present ? "gave another one" : "gave none") +
+          ": give the client the tenant's secret file (TUTEL_SECRET_FILE, or ClientOptions::secret_file)");
+      TUTEL_LOG(WARN) << "session " << s->id << " (pid " << s->peer.pid << ", uid " << s->peer.uid
+                      << "): " << (present ? "wrong" : "no") << " secret for tenant " << s->tenant << "; closing it";
+      reply_error(s, rid, refused);
+      close_session(s);
+      return finish_frame(s);
+    }
+  }
   auto arena = std::make_shared<Result<ipc::Arena>>(Status::Internal("not created"));
   offload([this, arena] { *arena = ipc::Arena::create(config_.server.arena_bytes); },
           [this, s, rid, arena] {

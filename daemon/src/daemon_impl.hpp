@@ -55,6 +55,7 @@ class DaemonImpl {
   std::string metrics_text();
 
  private:
+  Status read_secrets();  // the tenants' and the peers' (config paths), at start
   Status join_cluster();  // and, on node 0, start the rendezvous service
   std::shared_ptr<const GroupRendezvous> group_rendezvous() const;
   Status start_ranks();
@@ -83,6 +84,10 @@ class DaemonImpl {
   void checkpoint_all();
 
   Config config_;
+  // Tenants with a secret_file: the secret their clients' hellos must carry.
+  std::map<std::string, std::string> tenant_secrets_;
+  // [server] peer_secret_file: what the daemons of a deployment prove to each other; null: none.
+  std::shared_ptr<const std::string> peer_secret_;
   std::unique_ptr<comm::Cluster> cluster_;  // with [cluster]: the other daemons
   // On node 0 of a cluster: where groups without a coordinator meet, for the daemon's life.
   std::unique_ptr<comm::RendezvousService> rendezvous_;

@@ -150,6 +150,7 @@ Status ServedLayer::join_group() {
   o.collective_timeout = g.collective_timeout;
   o.local_exchange = rank_.local_exchange;
   o.cancel = rank_.stopping;
+  if (rank_.peer_secret) o.secret = *rank_.peer_secret;
   Result<std::unique_ptr<comm::Communicator>> host_comm = comm::ucx_bootstrap(o);
   if (!host_comm.ok() && rank_.stopping && rank_.stopping->load())
     return host_comm.status().with_context("tuteld is shutting down");

@@ -49,6 +49,8 @@ struct Rank {
   // Raised when the daemon shuts down: a group layer still waiting for its peers gives up then,
   // rather than holding the shutdown for up to its bootstrap_timeout_ms. Null: never raised.
   std::shared_ptr<const std::atomic<bool>> stopping;
+  // [server] peer_secret_file's secret, which a group's bootstrap proves; null: none.
+  std::shared_ptr<const std::string> peer_secret;
 };
 
 // Where a request's buffers live: host memory (the session's arena), or memory of the layer's

@@ -330,6 +330,33 @@ weights = "w/m.safetensors"
   EXPECT_EQ(*c.layers[1].weights_path, "/srv/tuteld/conf/w/m.safetensors");
 }
 
+// Secret files are paths like any other (read when the daemon starts, not when it parses).
+TEST(ConfigTest, SecretFilesResolveAgainstTheConfigDirectory) {
+  const Config c = parse_ok(R"(
+[server]
+client_socket = "run/client.sock"
+admin_socket = "run/admin.sock"
+peer_secret_file = "secrets/peer"
+[[tenant]]
+name = "a"
+uids = [1]
+secret_file = "/etc/tuteld/a.secret"
+[[tenant]]
+name = "b"
+uids = [2]
+secret_file = "b.secret"
+[[tenant]]
+name = "c"
+uids = [3]
+)",
+                            "/srv/tuteld/conf/tuteld.toml");
+  EXPECT_EQ(c.server.peer_secret_file, "/srv/tuteld/conf/secrets/peer");
+  EXPECT_EQ(c.tenants[0].secret_file, "/etc/tuteld/a.secret");
+  EXPECT_EQ(c.tenants[1].secret_file, "/srv/tuteld/conf/b.secret");
+  EXPECT_EQ(c.tenants[2].secret_file, "");
+  EXPECT_EQ(parse_ok(kMinimal).server.peer_secret_file, "");
+}
+
 TEST(ConfigTest, SourceWithoutDirectoryResolvesAgainstTheWorkingDirectory) {
   const Config c = parse_ok(kMinimal, "tuteld.toml");
   EXPECT_EQ(c.path, (fs::current_path() / "tuteld.toml").string());
@@ -449,6 +476,10 @@ TEST(ConfigErrorTest, WrongTypes) {
   expect_error("[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\n[tenant] #!\nname = \"a\"\n",
                "tenant", {"expected an array of tables ([[tenant]])"});
   expect_error("layer = [1] #!\n" + kMinimal, "layer[0]", {"expected a table, got 1"});
+  expect_error(kMinimal + "secret_file = 42 #!\n", "tenant[0].secret_file", {"expected a path, got 42"});
+  expect_error("[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\npeer_secret_file = [\"x\"] #!\n"
+               "[[tenant]]\nname = \"a\"\nuids = [1]\n",
+               "server.peer_secret_file", {"expected a path"});
 }
 
 TEST(ConfigErrorTest, MissingRequiredKeys) {

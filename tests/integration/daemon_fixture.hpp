@@ -51,6 +51,7 @@ struct DaemonOptions {
   uint64_t default_max_memory_bytes = 0;  // the "default" tenant's quota; 0: the config's default
   int64_t default_max_sessions = 0;       // its session limit; 0: the config's default
   int64_t default_max_inflight = 0;       // its requests in flight; 0: the config's default
+  std::string default_tenant_extra;       // more lines of the "default" tenant's table
 };
 
 class DaemonProcess {
@@ -187,6 +188,7 @@ class DaemonProcess {
       << (options_.default_max_inflight
               ? "max_inflight = " + std::to_string(options_.default_max_inflight) + "\n"
               : std::string())
+      << options_.default_tenant_extra << "\n"
       << (options_.cluster.empty() ? "" : "\n[cluster]\n" + options_.cluster + "\n")
       << options_.extra_tenants << "\n"
       << options_.layers << "\n";

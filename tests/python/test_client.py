@@ -4,6 +4,8 @@ inputs every run; the seed is in the failure message."""
 
 import os
 import random
+import shutil
+import tempfile
 import unittest
 
 import numpy as np
@@ -221,6 +223,23 @@ class ClientModuleTest(unittest.TestCase):
             tuteld.Client(other.client_socket)
         self.assertEqual(e.exception.name, "PermissionDenied", str(e.exception))
         self.assertIn("belongs to no tenant", str(e.exception))
+
+    def test_a_tenant_with_a_secret_needs_it(self):
+        secret_dir = tempfile.mkdtemp(prefix="tutel-secret-")
+        self.addCleanup(shutil.rmtree, secret_dir, True)
+        secret = os.path.join(secret_dir, "secret")
+        with open(os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write("python-tenant-secret-0123456789\n")
+        guarded = Daemon(extra_tenant=f'secret_file = "{secret}"\n')
+        self.addCleanup(guarded.stop)
+        os.environ.pop("TUTEL_SECRET_FILE", None)
+        with self.assertRaises(tuteld.TutelError) as e:
+            tuteld.Client(guarded.client_socket)
+        self.assertEqual(e.exception.name, "PermissionDenied", str(e.exception))
+        self.assertIn("requires its secret", str(e.exception))
+        with tuteld.Client(guarded.client_socket, secret_file=secret) as client:
+            self.assertEqual(client.tenant, "default")
+            client.ping()
 
 
 if __name__ == "__main__":

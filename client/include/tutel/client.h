@@ -71,6 +71,10 @@ int tutel_last_error_code(void);
  * tutel_last_error: TUTEL_E_UNAVAILABLE when no daemon answers, TUTEL_E_PERMISSION_DENIED when
  * it maps this process's uid to no tenant). */
 tutel_client* tutel_connect(const char* socket_path);
+/* tutel_connect for a tenant with a secret (docs/config.md): secret_file names the file holding
+ * it, sent in the hello. NULL or "": TUTEL_SECRET_FILE from the environment, if set (as
+ * tutel_connect does); neither: no secret. */
+tutel_client* tutel_connect_with_secret(const char* socket_path, const char* secret_file);
 /* Ends the session and frees the client. NULL is ignored. */
 void tutel_close(tutel_client* client);
 /* One empty round trip through the shared-memory rings. */

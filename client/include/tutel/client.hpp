@@ -47,6 +47,11 @@ struct ClientOptions {
   std::chrono::milliseconds control_timeout{0};
   // How often a waiting call checks the control socket for the daemon's exit.
   std::chrono::milliseconds liveness_interval{200};
+  // A file holding the tenant's secret, for a tenant with `secret_file` in tuteld.toml: sent in
+  // the hello. "" = the file named by the environment variable TUTEL_SECRET_FILE, if set (how the
+  // C ABI and the Python module take it); neither: no secret. The file must be closed to other
+  // users (mode o-rwx, g-w), as the daemon's is, or connect fails saying so.
+  std::string secret_file;
 };
 
 // What the daemon reports about a layer when it is created or attached.

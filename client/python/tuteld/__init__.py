@@ -104,6 +104,7 @@ def _declare(lib):
         "tutel_last_error": (ctypes.c_char_p, []),
         "tutel_last_error_code": (i32, []),
         "tutel_connect": (p, [ctypes.c_char_p]),
+        "tutel_connect_with_secret": (p, [ctypes.c_char_p, ctypes.c_char_p]),
         "tutel_close": (None, [p]),
         "tutel_ping": (i32, [p]),
         "tutel_client_info": (i32, [p, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(u64)]),
@@ -144,10 +145,14 @@ def _floats(array):
 
 class Client:
     """One session with tuteld (its client socket). Close it when done (or use `with`): that
-    ends the session; the layers stay in the daemon for the tenant to attach again."""
+    ends the session; the layers stay in the daemon for the tenant to attach again.
 
-    def __init__(self, socket_path):
-        handle = _lib.tutel_connect(os.fsencode(socket_path))
+    secret_file: for a tenant configured with a secret, the file holding it (default: the
+    TUTEL_SECRET_FILE environment variable, if set)."""
+
+    def __init__(self, socket_path, secret_file=None):
+        secret = None if secret_file is None else os.fsencode(secret_file)
+        handle = _lib.tutel_connect_with_secret(os.fsencode(socket_path), secret)
         if not handle:
             # The real cause (a refused uid, a version mismatch), not a guess: callers branch on it.
             raise _error(_lib.tutel_last_error_code() or -11)

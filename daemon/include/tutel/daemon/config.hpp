@@ -103,6 +103,9 @@ struct TenantConfig {
   uint64_t max_memory_bytes = 8ull << 30;  // weights + gradients + optimizer state + plans
   int64_t max_inflight = 256;              // requests submitted and not yet completed
   int64_t max_sessions = 64;               // client sessions connected at once
+  // Absolute path of a file holding the tenant's secret; "" = none. With one, a client mapped to
+  // the tenant must also present the secret in its hello. Read when the daemon starts.
+  std::string secret_file;
 };
 
 struct BackendConfig {
@@ -123,6 +126,10 @@ struct ServerConfig {
   LogLevel log_level = LogLevel::kInfo;
   std::chrono::microseconds spin{50};              // wait policy: spin this long before blocking
   uint64_t arena_bytes = 64ull << 20;              // shared-memory arena per session
+  // Absolute path of the secret every daemon of a deployment shares; "" = none. With one, the
+  // cluster join, the rendezvous service and every group's bootstrap authenticate both ends
+  // with it (HMAC-SHA256 over fresh nonces), and refuse peers without it. Read at start.
+  std::string peer_secret_file;
 };
 
 // [cluster]: this daemon is one node of a cluster of daemons (one per node) that meet at
