@@ -81,7 +81,9 @@ Status Session::hello(const ClientOptions& options) {
   if (const char* env = std::getenv("TUTEL_SECRET_FILE"); secret_file.empty() && env != nullptr) secret_file = env;
   if (!secret_file.empty()) {
     const char* what = options.secret_file.empty() ? "TUTEL_SECRET_FILE" : "ClientOptions::secret_file";
-    TUTEL_ASSIGN_OR_RETURN(body["secret"], read_secret_file(secret_file, what));
+    // Hex: a secret may hold any bytes, and a JSON string only UTF-8.
+    TUTEL_ASSIGN_OR_RETURN(const std::string secret, read_secret_file(secret_file, what));
+    body["secret"] = to_hex(secret);
   }
   const auto timeout =
       options.control_timeout.count() > 0 ? options.control_timeout : kHelloTimeout;

@@ -217,25 +217,22 @@ class Coordinator {
     if (c.in.size() < message_bytes) return Status::OK();
     if (!o_.secret.empty()) {
       if (!authenticated) {
-        refuse(c, "the coordinator at " + endpoint_name(o_) + " requires the peer secret, and this " + o_.member +
-                      "'s daemon has none: give every daemon the same [server] peer_secret_file",
-               StatusCode::kPermissionDenied);
+        refuse_for_secret(c, h, "the coordinator at " + endpoint_name(o_) + " requires the peer secret, and this " +
+                                    o_.member + "'s daemon has none: give every daemon the same [server] "
+                                    "peer_secret_file");
         return Status::OK();
       }
       if (!wire::verify_authenticated(std::string_view(c.in).substr(0, message_bytes), o_.secret, &c.nonce)) {
-        TUTEL_LOG(WARN) << "bootstrap: refused a hello from " << detail::peer_ip(c.fd.get()) << ", pid " << h.pid
-                        << ": it does not prove the peer secret";
-        refuse(c, "the coordinator at " + endpoint_name(o_) + " refused the hello: this " + o_.member +
-                      "'s peer secret is not the coordinator's; give every daemon the same [server] "
-                      "peer_secret_file",
-               StatusCode::kPermissionDenied);
+        refuse_for_secret(c, h, "the coordinator at " + endpoint_name(o_) + " refused the hello: this " + o_.member +
+                                    "'s peer secret is not the coordinator's; give every daemon the same [server] "
+                                    "peer_secret_file");
         return Status::OK();
       }
       h.body_len -= static_cast<uint32_t>(kAuthBytes);
     } else if (authenticated) {
-      refuse(c, "the coordinator at " + endpoint_name(o_) + " has no peer secret, and this " + o_.member +
-                    "'s daemon has one: give every daemon the same [server] peer_secret_file (or none)",
-             StatusCode::kPermissionDenied);
+      refuse_for_secret(c, h, "the coordinator at " + endpoint_name(o_) + " has no peer secret, and this " +
+                                  o_.member + "'s daemon has one: give every daemon the same [server] "
+                                  "peer_secret_file (or none)");
       return Status::OK();
     }
     const std::string_view round(c.in.data() + kHeaderBytes, h.round_len);
@@ -273,6 +270,15 @@ class Coordinator {
     return Status::OK();
   }
 
+  // A hello refused for the peer secret: logged and counted here too, since the rank that sent
+  // it hears why but the group only sees that rank missing.
+  void refuse_for_secret(Conn& c, const Header& h, const std::string& why) {
+    TUTEL_LOG(WARN) << "bootstrap: refused a hello from " << detail::peer_ip(c.fd.get()) << ", pid " << h.pid
+                    << ", claiming " << o_.member << " " << h.rank << ": " << why;
+    ++refused_for_secret_;
+    refuse(c, why, StatusCode::kPermissionDenied);
+  }
+
   void refuse(Conn& c, const std::string& why, StatusCode code = StatusCode::kInvalidArgument) {
     Header h;
     h.kind = kError;
@@ -292,7 +298,12 @@ class Coordinator {
                            " ms: " + o_.member + (missing.size() > 1 ? "s " : " ") + rank_list(missing) +
                            " never reached the coordinator at " + endpoint_name(o_) + " (" +
                            std::to_string(count) + " of " + std::to_string(o_.size) +
-                           " " + o_.member + "s arrived); start them or check their coordinator address");
+                           " " + o_.member + "s arrived); start them or check their coordinator address" +
+                           (refused_for_secret_ == 0
+                                ? std::string()
+                                : " (" + std::to_string(refused_for_secret_) +
+                                      " hello(s) were refused for the peer secret: give every daemon the same "
+                                      "[server] peer_secret_file)"));
   }
 
   Status cancelled_error(int count) const {
@@ -335,6 +346,7 @@ class Coordinator {
   BootstrapTable table_;
   std::vector<bool> arrived_;
   Clock::time_point accept_paused_until_{};
+  int refused_for_secret_ = 0;
 };
 
 // ---- ranks 1..size-1 ---------------------------------------------------------------------

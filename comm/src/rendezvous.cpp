@@ -229,27 +229,21 @@ class Service final : public RendezvousService {
             p, "malformed join: body of " + std::to_string(h.body_len) + " bytes exceeds 1 MiB");
       // Told before the body is read: it may be a megabyte.
       if (!o_.secret.empty() && !authenticated)
-        return refuse(p,
-                      "this service requires the peer secret, and the joining daemon has none: give every "
-                      "daemon the same [server] peer_secret_file",
-                      StatusCode::kPermissionDenied);
+        return refuse_for_secret(p, h,
+                                 "this service requires the peer secret, and the joining daemon has none: give "
+                                 "every daemon the same [server] peer_secret_file");
       if (o_.secret.empty() && authenticated)
-        return refuse(p,
-                      "this service has no peer secret, and the joining daemon has one: give every daemon "
-                      "the same [server] peer_secret_file (or none)",
-                      StatusCode::kPermissionDenied);
+        return refuse_for_secret(p, h,
+                                 "this service has no peer secret, and the joining daemon has one: give every "
+                                 "daemon the same [server] peer_secret_file (or none)");
     }
     const size_t message_bytes = wire::kHeaderBytes + h.round_len + h.body_len;
     if (p.in.size() < message_bytes) return;
     if (authenticated) {
-      if (!wire::verify_authenticated(p.in, o_.secret, &p.nonce)) {
-        TUTEL_LOG(WARN) << "rendezvous: refused a join from " << detail::peer_ip(p.fd.get()) << ", pid " << h.pid
-                        << ": it does not prove the peer secret";
-        return refuse(p,
-                      "the join does not prove this service's peer secret: give every daemon the same "
-                      "[server] peer_secret_file",
-                      StatusCode::kPermissionDenied);
-      }
+      if (!wire::verify_authenticated(p.in, o_.secret, &p.nonce))
+        return refuse_for_secret(p, h,
+                                 "the join does not prove this service's peer secret: give every daemon the "
+                                 "same [server] peer_secret_file");
       p.in.resize(message_bytes - wire::kAuthBytes);
       Header stripped = h;
       stripped.body_len -= static_cast<uint32_t>(wire::kAuthBytes);
@@ -436,6 +430,13 @@ class Service final : public RendezvousService {
     p.out_mac.clear();
     p.out_pos = 0;
     p.deadline = Clock::now() + kWriteTimeout;
+  }
+
+  // Logged too: the joining rank hears why, its group only sees that rank missing.
+  void refuse_for_secret(Peer& p, const Header& h, const std::string& why) {
+    TUTEL_LOG(WARN) << "rendezvous service at " << where() << ": refused a join from "
+                    << detail::peer_ip(p.fd.get()) << ", pid " << h.pid << ": " << why;
+    refuse(p, why, StatusCode::kPermissionDenied);
   }
 
   void refuse(Peer& p, const std::string& why, StatusCode code = StatusCode::kInvalidArgument) {

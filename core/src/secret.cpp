@@ -119,6 +119,17 @@ Digest hmac_sha256(std::string_view key, std::initializer_list<std::string_view>
   return Sha256().update(outer_pad, 64).update(inner_digest.data(), inner_digest.size()).finish();
 }
 
+std::string to_hex(std::string_view bytes) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(2 * bytes.size());
+  for (unsigned char c : bytes) {
+    out.push_back(kDigits[c >> 4]);
+    out.push_back(kDigits[c & 15]);
+  }
+  return out;
+}
+
 bool constant_time_equal(std::string_view a, std::string_view b) {
   // Every byte of the longer is visited; a difference in length counts as a difference.
   const size_t n = std::max(a.size(), b.size());
@@ -145,7 +156,9 @@ Result<std::string> random_bytes(size_t n) {
 
 Result<std::string> read_secret_file(const std::string& path, std::string_view what) {
   const std::string name = std::string(what) + " '" + path + "'";
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
+  // O_NONBLOCK: a FIFO (or a device) named by mistake must not block the open; it is refused
+  // below as not a regular file, and a regular file reads the same either way.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
   if (fd < 0) return Status::IOError("cannot open " + name + ": " + std::strerror(errno));
   struct Closer {
     int fd;

@@ -362,7 +362,7 @@ Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& s
   const Scope s = root.child(*t, "server", "[server]");
   TUTEL_RETURN_IF_ERROR(
       s.check_keys({"client_socket", "admin_socket", "state_dir", "metrics_listen", "log_level",
-                    "spin_us", "arena_bytes", "peer_secret_file"}));
+                    "spin_us", "arena_bytes", "peer_secret_file", "hello_timeout_ms"}));
   for (auto [key, out] : {std::pair{"client_socket", &server.client_socket},
                           std::pair{"admin_socket", &server.admin_socket}}) {
     TUTEL_RETURN_IF_ERROR(get_path(s, key, base_dir, true, *out));
@@ -377,6 +377,7 @@ Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& s
                                             quote(server.client_socket) + ")");
   TUTEL_RETURN_IF_ERROR(get_path(s, "state_dir", base_dir, false, server.state_dir));
   TUTEL_RETURN_IF_ERROR(get_path(s, "peer_secret_file", base_dir, false, server.peer_secret_file));
+  TUTEL_RETURN_IF_ERROR(get_milliseconds(s, "hello_timeout_ms", server.hello_timeout));
   TUTEL_RETURN_IF_ERROR(parse_metrics_listen(s, server));
   TUTEL_RETURN_IF_ERROR(get_enum(s, "log_level", "\"debug\", \"info\", \"warn\", \"error\"",
                                  parse_log_level, server.log_level));

@@ -112,6 +112,15 @@ Status DaemonImpl::start() {
   max_creations_in_progress_ = std::max<int64_t>(1, pool_threads / 2);
   uv_timer_init(&loop_, &accept_pause_);
   accept_pause_.data = this;
+  // Sessions that never send their hello are closed after hello_timeout: checked a few times per
+  // timeout, at most once a second.
+  uv_timer_init(&loop_, &hello_sweep_);
+  hello_sweep_.data = this;
+  const uint64_t sweep_ms =
+      static_cast<uint64_t>(std::clamp<int64_t>(config_.server.hello_timeout.count() / 4, 10, 1000));
+  uv_timer_start(
+      &hello_sweep_, [](uv_timer_t* t) { static_cast<DaemonImpl*>(t->data)->close_silent_sessions(); }, sweep_ms,
+      sweep_ms);
   // Sockets first: a second daemon on the same paths fails before it touches state_dir.
   // Nothing is accepted until run() starts the loop, so clients wait for the restore.
   TUTEL_RETURN_IF_ERROR(listen(config_.server.client_socket, 0660, false, &client_poll_, &client_fd_));
@@ -143,8 +152,9 @@ Status DaemonImpl::start() {
 Status DaemonImpl::read_secrets() {
   for (const TenantConfig& t : config_.tenants) {
     if (t.secret_file.empty()) continue;
-    TUTEL_ASSIGN_OR_RETURN(tenant_secrets_[t.name],
+    TUTEL_ASSIGN_OR_RETURN(const std::string secret,
                            read_secret_file(t.secret_file, "tenant '" + t.name + "' secret_file"));
+    tenant_secrets_[t.name] = to_hex(secret);  // as the hello carries it
   }
   if (!config_.server.peer_secret_file.empty()) {
     TUTEL_ASSIGN_OR_RETURN(std::string secret,
@@ -391,10 +401,9 @@ void DaemonImpl::accept_on(bool admin) {
         close_session(s);
         continue;
       }
-      if (const int64_t open = tenant_sessions(*tenant); open >= registry_->max_sessions(*tenant)) {
-        const Status full = Status::ResourceExhausted(
-            "tenant '" + *tenant + "' already has " + std::to_string(open) +
-            " client sessions connected, its max_sessions; close one, or raise max_sessions in tuteld.toml");
+      // Counted again at the hello: only sessions past it (and past the tenant's secret) hold a
+      // place, so connections that never say hello cannot keep the tenant's clients out.
+      if (const Status full = sessions_full(*tenant); !full.ok()) {
         TUTEL_LOG(WARN) << "refusing pid " << s->peer.pid << ": " << full;
         reply_error(s, 0, full);
         close_session(s);
@@ -406,6 +415,30 @@ void DaemonImpl::accept_on(bool admin) {
   }
 }
 
+Status DaemonImpl::sessions_full(const std::string& tenant) const {
+  const int64_t open = tenant_sessions(tenant);
+  if (open < registry_->max_sessions(tenant)) return Status::OK();
+  return Status::ResourceExhausted("tenant '" + tenant + "' already has " + std::to_string(open) +
+                                   " client sessions connected, its max_sessions; close one, or raise max_sessions in "
+                                   "tuteld.toml");
+}
+
+void DaemonImpl::close_silent_sessions() {
+  const auto now = std::chrono::steady_clock::now();
+  std::vector<std::shared_ptr<Session>> silent;
+  for (const auto& [id, s] : sessions_)
+    if (!s->admin && !s->hello_received && !s->closing && now - s->connected_at >= config_.server.hello_timeout)
+      silent.push_back(s);
+  for (const auto& s : silent) {
+    TUTEL_LOG(WARN) << "session " << s->id << " (pid " << s->peer.pid << "): no hello within "
+                    << config_.server.hello_timeout.count() << " ms; closing it";
+    reply_error(s, 0, Status::Timeout("no hello within hello_timeout_ms (" +
+                                      std::to_string(config_.server.hello_timeout.count()) +
+                                      " ms) of connecting: send it at once"));
+    close_session(s);
+  }
+}
+
 Status DaemonImpl::draining_status(const std::string& what) const {
   return Status::Unavailable("tuteld is draining (tutelctl drain) and " + what +
                              ": use another daemon, or ask its operator to run 'tutelctl undrain'");
@@ -413,7 +446,8 @@ Status DaemonImpl::draining_status(const std::string& what) const {
 
 int64_t DaemonImpl::tenant_sessions(const std::string& tenant) const {
   int64_t n = 0;
-  for (const auto& [id, session] : sessions_) n += !session->admin && !session->closing && session->tenant == tenant;
+  for (const auto& [id, session] : sessions_)
+    n += !session->admin && session->admitted && !session->closing && session->tenant == tenant;
   return n;
 }
 
@@ -734,6 +768,15 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
       return finish_frame(s);
     }
   }
+  if (!s->admitted) {  // a second hello after a failed arena is admitted already
+    if (const Status full = sessions_full(s->tenant); !full.ok()) {
+      TUTEL_LOG(WARN) << "session " << s->id << " (pid " << s->peer.pid << "): " << full;
+      reply_error(s, rid, full);
+      close_session(s);
+      return finish_frame(s);
+    }
+    s->admitted = true;
+  }
   auto arena = std::make_shared<Result<ipc::Arena>>(Status::Internal("not created"));
   offload([this, arena] { *arena = ipc::Arena::create(config_.server.arena_bytes); },
           [this, s, rid, arena] {
@@ -826,6 +869,7 @@ void DaemonImpl::shutdown() {
   uv_close(reinterpret_cast<uv_handle_t*>(&client_poll_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&admin_poll_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&accept_pause_), nullptr);
+  uv_close(reinterpret_cast<uv_handle_t*>(&hello_sweep_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&sigterm_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&sigint_), nullptr);
   if (metrics_http_) metrics_http_->close();  // and its connections, which would keep the loop alive

@@ -79,12 +79,17 @@ class DaemonImpl {
   void finish_frame(const std::shared_ptr<Session>& s);
   void shutdown();
   void publish_session_count();  // on the loop thread
-  // The tenant's client sessions that are open (not closing); on the loop thread.
+  // The tenant's client sessions that are open (not closing) and past their hello; on the loop
+  // thread.
   int64_t tenant_sessions(const std::string& tenant) const;
+  // ResourceExhausted when the tenant has max_sessions of them already.
+  Status sessions_full(const std::string& tenant) const;
+  // Closes client sessions that have not sent their hello within hello_timeout (hello_sweep_).
+  void close_silent_sessions();
   void checkpoint_all();
 
   Config config_;
-  // Tenants with a secret_file: the secret their clients' hellos must carry.
+  // Tenants with a secret_file: the secret their clients' hellos must carry, in hex.
   std::map<std::string, std::string> tenant_secrets_;
   // [server] peer_secret_file: what the daemons of a deployment prove to each other; null: none.
   std::shared_ptr<const std::string> peer_secret_;
@@ -102,6 +107,7 @@ class DaemonImpl {
   uv_poll_t client_poll_{}, admin_poll_{};
   uv_signal_t sigterm_{}, sigint_{};
   uv_timer_t accept_pause_{};
+  uv_timer_t hello_sweep_{};
   bool accepting_paused_ = false;
   std::unique_ptr<MetricsHttpServer> metrics_http_;  // with server.metrics_listen
   // The most control frames any session had waiting, and how often a session's reads were

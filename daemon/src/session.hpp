@@ -53,6 +53,8 @@ struct Session : std::enable_shared_from_this<Session> {
 
   // Client data path, after hello (the arena is created on the pool; the flag is set at once).
   bool hello_received = false;
+  // Past its hello and its tenant's secret: counted against max_sessions from then on.
+  bool admitted = false;
   std::optional<ipc::Arena> arena;
   // The arena's data region, registered with every rank's backend by the worker before its first
   // request, unregistered when the session closes. Declared after `arena`: it goes first.

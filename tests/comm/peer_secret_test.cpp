@@ -88,6 +88,9 @@ TEST(PeerSecret, ACoordinatorWithoutASecretRefusesAnAuthenticatedHello) {
   expect_refused(exchange(rank_options(port, 1, 2, kSecret)), "has no peer secret");
   rank0.join();
   EXPECT_EQ(coordinator->status().code(), StatusCode::kTimeout) << coordinator->status();
+  // Rank 0 says why rank 1 is missing, not only that it is.
+  EXPECT_TRUE(contains(coordinator->status().message(), "1 hello(s) were refused for the peer secret"))
+      << coordinator->status();
 }
 
 // A process that holds the coordinator's port and answers with a table of its own.

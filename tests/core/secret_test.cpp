@@ -77,6 +77,12 @@ TEST(HmacSha256, Rfc4231Vectors) {
             "d4229b87e09c5dba84a00e3679ece32b5de4bb58a64d28afe3800adb898c6920");
 }
 
+TEST(Hex, TwoLowercaseDigitsPerByte) {
+  EXPECT_EQ(to_hex(""), "");
+  EXPECT_EQ(to_hex(std::string("\x00\x01\x7f\x80\xff", 5)), "00017f80ff");
+  EXPECT_EQ(to_hex("tutel"), "747574656c");
+}
+
 TEST(ConstantTimeEqual, ComparesContentsAndLengths) {
   EXPECT_TRUE(constant_time_equal("", ""));
   EXPECT_TRUE(constant_time_equal("secret-secret-16", "secret-secret-16"));
@@ -139,6 +145,12 @@ TEST_F(SecretFile, RefusesSecretsTooShortTooLongMissingOrNotFiles) {
   auto missing = read_secret_file((dir_ / "none").string(), "secret_file");
   EXPECT_EQ(missing.status().code(), StatusCode::kIOError);
   EXPECT_NE(missing.status().message().find("No such file"), std::string::npos) << missing.status().to_string();
+  // A FIFO is refused at once rather than waited on (nothing will ever write it).
+  const std::string fifo = (dir_ / "fifo").string();
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  auto from_fifo = read_secret_file(fifo, "secret_file");
+  EXPECT_EQ(from_fifo.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(from_fifo.status().message().find("not a regular file"), std::string::npos);
   auto directory = read_secret_file(dir_.string(), "secret_file");
   EXPECT_EQ(directory.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(directory.status().message().find("not a regular file"), std::string::npos);

@@ -120,6 +120,7 @@ TEST(ConfigTest, ExampleShowsTheDefaults) {
   EXPECT_EQ(c.server.log_level, s.log_level);
   EXPECT_EQ(c.server.spin, s.spin);
   EXPECT_EQ(c.server.arena_bytes, s.arena_bytes);
+  EXPECT_EQ(c.server.hello_timeout, s.hello_timeout);
   const BackendConfig b;
   EXPECT_EQ(c.backend.threads_per_rank, b.threads_per_rank);
   const TenantConfig t;

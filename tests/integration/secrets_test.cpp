@@ -4,7 +4,14 @@
 // (the cluster join, the rendezvous service, a group's own coordinator). Files that would leak
 // the secret, or hold none, stop the daemon at start-up.
 #include <gtest/gtest.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 
 #include <filesystem>
 #include <fstream>
@@ -101,6 +108,23 @@ TEST(TenantSecret, ClientsMustPresentTheTenantsSecret) {
   EXPECT_NE(c, nullptr) << tutel_last_error();
   tutel_close(c);
 
+  // Any bytes: a secret from /dev/urandom, not UTF-8, with a NUL in it.
+  {
+    const std::string binary("\xff\xfe\x00\x80random-bytes\xc3\x28\x01!", 20);
+    SecretFiles binary_files;
+    const std::string path = binary_files.write("binary", binary);
+    DaemonProcess raw(with_tenant_secret(path));
+    ASSERT_TRUE(raw.start());
+    client::ClientOptions raw_options;
+    raw_options.secret_file = path;
+    auto admitted = client::Client::connect(raw.client_socket(), raw_options);
+    EXPECT_TRUE(admitted.ok()) << admitted.status();
+    raw_options.secret_file = secret;
+    EXPECT_EQ(client::Client::connect(raw.client_socket(), raw_options).status().code(),
+              StatusCode::kPermissionDenied);
+    EXPECT_EQ(raw.stop(), 0) << raw.log();
+  }
+
   // A secret file others could read is refused by the client before anything is sent.
   options.secret_file = files.write("leaky", "tenant-secret-0123456789abcdef\n", 0644);
   auto leaky = client::Client::connect(d.client_socket(), options);
@@ -112,6 +136,61 @@ TEST(TenantSecret, ClientsMustPresentTheTenantsSecret) {
   EXPECT_TRUE(contains(d.log(), "no secret for tenant default")) << d.log();
   EXPECT_TRUE(contains(d.log(), "wrong secret for tenant default")) << d.log();
   EXPECT_FALSE(contains(d.log(), "tenant-secret-0123456789abcdef")) << "the secret must never be logged";
+  EXPECT_EQ(d.stop(), 0) << d.log();
+}
+
+// A unix connection that never sends its hello: what a process under the tenant's uid but
+// without its secret can open.
+struct SilentConnection {
+  int fd = -1;
+  explicit SilentConnection(const std::string& path) {
+    fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path.c_str());
+    EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0) << std::strerror(errno);
+  }
+  ~SilentConnection() { ::close(fd); }
+  // Whether the daemon closed it (bounded wait), after whatever it said.
+  bool closed_by_daemon(std::chrono::milliseconds wait) const {
+    const auto deadline = std::chrono::steady_clock::now() + wait;
+    char buf[4096];
+    while (std::chrono::steady_clock::now() < deadline) {
+      pollfd p{fd, POLLIN, 0};
+      if (::poll(&p, 1, 50) <= 0) continue;
+      const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+      if (n == 0) return true;
+      if (n < 0) return errno != EAGAIN && errno != EINTR;
+    }
+    return false;
+  }
+};
+
+// Sessions count against max_sessions from their hello on: connections that never send one
+// (without the secret, a process under the tenant's uid can open nothing else) do not keep the
+// tenant's clients out, and are closed after hello_timeout_ms.
+TEST(TenantSecret, ConnectionsThatNeverSayHelloHoldNoSessionPlace) {
+  SecretFiles files;
+  const std::string secret = files.write("tenant", "tenant-secret-0123456789abcdef\n");
+  DaemonOptions o = with_tenant_secret(secret);
+  o.default_max_sessions = 2;
+  o.extra_server = "hello_timeout_ms = 400";
+  DaemonProcess d(o);
+  ASSERT_TRUE(d.start());
+  std::vector<std::unique_ptr<SilentConnection>> silent;
+  for (int i = 0; i < 4; ++i) silent.push_back(std::make_unique<SilentConnection>(d.client_socket()));
+  client::ClientOptions options;
+  options.secret_file = secret;
+  auto first = client::Client::connect(d.client_socket(), options);
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second = client::Client::connect(d.client_socket(), options);
+  ASSERT_TRUE(second.ok()) << second.status();
+  auto third = client::Client::connect(d.client_socket(), options);
+  EXPECT_EQ(third.status().code(), StatusCode::kResourceExhausted) << third.status();
+  EXPECT_TRUE(contains(third.status().message(), "already has 2 client sessions")) << third.status();
+  for (const auto& c : silent) EXPECT_TRUE(c->closed_by_daemon(std::chrono::seconds(10)));
+  EXPECT_TRUE(contains(d.log(), "no hello within 400 ms; closing it")) << d.log();
+  EXPECT_TRUE(first->ping().ok());
   EXPECT_EQ(d.stop(), 0) << d.log();
 }
 
@@ -220,7 +299,7 @@ TEST(PeerSecret, ANodeWithAnotherSecretCannotJoinTheCluster) {
   EXPECT_TRUE(contains(node1.log(), "peer secret is not the coordinator's")) << node1.log();
   EXPECT_EQ(node0.wait_exit(std::chrono::seconds(30)), 1) << node0.log();
   EXPECT_TRUE(contains(node0.log(), "node 1 never reached the coordinator")) << node0.log();
-  EXPECT_TRUE(contains(node0.log(), "does not prove the peer secret")) << node0.log();
+  EXPECT_TRUE(contains(node0.log(), "hello(s) were refused for the peer secret")) << node0.log();
 }
 
 TEST(PeerSecret, AGroupRankOnADaemonWithoutTheSecretIsRefusedAtTheCoordinator) {
@@ -237,6 +316,7 @@ TEST(PeerSecret, AGroupRankOnADaemonWithoutTheSecretIsRefusedAtTheCoordinator) {
   EXPECT_TRUE(contains(out[1].status().message(), "requires the peer secret")) << out[1].status();
   ASSERT_FALSE(out[0].ok());
   EXPECT_TRUE(contains(out[0].status().message(), "rank 1 never reached the coordinator")) << out[0].status();
+  EXPECT_TRUE(contains(out[0].status().message(), "1 hello(s) were refused for the peer secret")) << out[0].status();
   EXPECT_EQ(guarded.stop(), 0) << guarded.log();
   EXPECT_EQ(open.stop(), 0) << open.log();
 }

@@ -5,7 +5,8 @@
 // cluster's secret, which daemons prove to each other when their ranks bootstrap over TCP
 // (a process that can reach a coordinator's port must not join a group, nor pose as the
 // coordinator and hand the ranks a table of its own). The cluster's secret never crosses the
-// wire: each side proves it with an HMAC-SHA256 over the other's fresh nonce.
+// wire: a rank proves it with an HMAC-SHA256 of its hello, the server with one over the
+// rank's fresh nonce.
 //
 // SHA-256 and HMAC are implemented here (FIPS 180-4, RFC 2104) rather than taken from OpenSSL:
 // they are ~100 lines, checked against the standards' test vectors, and keep the daemon free of
@@ -48,6 +49,9 @@ Digest hmac_sha256(std::string_view key, std::initializer_list<std::string_view>
 
 // Equal contents, in time that depends on the lengths only (not on where they first differ).
 bool constant_time_equal(std::string_view a, std::string_view b);
+
+// Lowercase hexadecimal, two characters per byte: how a secret of any bytes travels in JSON.
+std::string to_hex(std::string_view bytes);
 
 inline std::string_view as_view(const Digest& d) {
   return {reinterpret_cast<const char*>(d.data()), d.size()};

@@ -126,9 +126,11 @@ struct ServerConfig {
   LogLevel log_level = LogLevel::kInfo;
   std::chrono::microseconds spin{50};              // wait policy: spin this long before blocking
   uint64_t arena_bytes = 64ull << 20;              // shared-memory arena per session
+  // A client session that has not sent its hello by then is closed.
+  std::chrono::milliseconds hello_timeout{10'000};
   // Absolute path of the secret every daemon of a deployment shares; "" = none. With one, the
   // cluster join, the rendezvous service and every group's bootstrap authenticate both ends
-  // with it (HMAC-SHA256 over fresh nonces), and refuse peers without it. Read at start.
+  // with it (HMAC-SHA256), and refuse peers without it. Read at start.
   std::string peer_secret_file;
 };
 
