@@ -32,6 +32,7 @@ using wire::get_u32;
 using wire::Header;
 using wire::kAuthBytes;
 using wire::kAuthenticated;
+using wire::kChallenge;
 using wire::kError;
 using wire::kMacBytes;
 using wire::kNonceBytes;
@@ -90,7 +91,8 @@ struct Conn {
   std::string in;
   int rank = -1;  // set once its hello is accepted
   bool dead = false;
-  std::string nonce;  // of its authenticated hello, for the table's mac
+  // With a peer secret: the rank's nonce (its challenge) and ours (the answer), once exchanged.
+  std::string rank_nonce, server_nonce;
 };
 
 class Coordinator {
@@ -184,7 +186,7 @@ class Coordinator {
         if (detail::out_of_descriptors(errno)) accept_paused_until_ = Clock::now() + detail::kAcceptPause;
         return;
       }
-      conns_.push_back(Conn{Fd(fd), {}, -1, false, {}});
+      conns_.push_back(Conn{Fd(fd), {}, -1, false, {}, {}});
     }
   }
 
@@ -203,6 +205,7 @@ class Coordinator {
     Header h = decode_header(c.in.data());
     const bool authenticated = (h.kind & kAuthenticated) != 0;
     const uint32_t kind = h.kind & ~kAuthenticated;
+    if (h.magic == kMagic && kind == kChallenge && authenticated) return answer_challenge(c, h);
     if (h.magic == kMagic && kind == kJoin) {
       refuse(c, endpoint_name(o_) + " is a group's own bootstrap coordinator, not a rendezvous service");
       return Status::OK();
@@ -222,7 +225,14 @@ class Coordinator {
                                     "peer_secret_file");
         return Status::OK();
       }
-      if (!wire::verify_authenticated(std::string_view(c.in).substr(0, message_bytes), o_.secret, &c.nonce)) {
+      if (c.server_nonce.empty()) {
+        refuse_for_secret(c, h, "a hello to the coordinator at " + endpoint_name(o_) +
+                                    " came without its challenge first: this " + o_.member +
+                                    "'s daemon speaks another version of the bootstrap");
+        return Status::OK();
+      }
+      if (!wire::verify_authenticated(std::string_view(c.in).substr(0, message_bytes), o_.secret, c.rank_nonce,
+                                      c.server_nonce)) {
         refuse_for_secret(c, h, "the coordinator at " + endpoint_name(o_) + " refused the hello: this " + o_.member +
                                     "'s peer secret is not the coordinator's; give every daemon the same [server] "
                                     "peer_secret_file");
@@ -267,6 +277,38 @@ class Coordinator {
     table_.addresses[rank] = address;
     c.in.clear();
     ++*count;
+    return Status::OK();
+  }
+
+  // A rank's challenge (its nonce, before its hello): answered with ours, which its hello's mac
+  // must cover. Refused where this coordinator has no secret, or for a second challenge.
+  Status answer_challenge(Conn& c, const Header& h) {
+    if (o_.secret.empty()) {
+      refuse_for_secret(c, h, "the coordinator at " + endpoint_name(o_) + " has no peer secret, and this " +
+                                  o_.member + "'s daemon has one: give every daemon the same [server] "
+                                  "peer_secret_file (or none)");
+      return Status::OK();
+    }
+    if (h.round_len != 0 || h.body_len != kNonceBytes || !c.server_nonce.empty()) {
+      refuse(c, "malformed bootstrap challenge");
+      return Status::OK();
+    }
+    if (c.in.size() < kHeaderBytes + kNonceBytes) return Status::OK();
+    Result<std::string> nonce = random_bytes(kNonceBytes);
+    if (!nonce.ok()) {
+      refuse(c, "the coordinator cannot draw a nonce: " + std::string(nonce.status().message()), StatusCode::kInternal);
+      return Status::OK();
+    }
+    c.rank_nonce = c.in.substr(kHeaderBytes, kNonceBytes);
+    c.server_nonce = std::move(nonce).value();
+    c.in.erase(0, kHeaderBytes + kNonceBytes);
+    const std::string answer = wire::encode_challenge(c.server_nonce);
+    if (!detail::send_all(c.fd.get(), answer.data(), answer.size(), Clock::now() + std::chrono::milliseconds(200))
+             .ok()) {
+      c.dead = true;
+      c.fd.reset();
+    }
+    // The rank sends its hello once it has read this: nothing more can be waiting in c.in.
     return Status::OK();
   }
 
@@ -330,7 +372,7 @@ class Coordinator {
       if (c.rank < 0 || c.dead) continue;
       Status s = detail::send_all(c.fd.get(), msg.data(), msg.size(), send_deadline);
       if (s.ok() && authenticated) {
-        const std::string mac = wire::table_mac(o_.secret, c.nonce, digest);
+        const std::string mac = wire::table_mac(o_.secret, c.rank_nonce, c.server_nonce, digest);
         s = detail::send_all(c.fd.get(), mac.data(), mac.size(), send_deadline);
       }
       if (!s.ok())
@@ -400,7 +442,7 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
     hello_round.assign(round);
   }
   const bool authenticated = !o.secret.empty();
-  std::string nonce, hello;
+  std::string rank_nonce, server_nonce, hello;
   const std::string who = "bootstrap (" + o.member + " " + std::to_string(o.rank) +
                           (join ? " of group '" + o.rendezvous_group + "'" : std::string()) + ")";
   const std::string server = server_name(o);
@@ -417,49 +459,82 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
       continue;
     }
-    if (authenticated) {  // a fresh nonce per connection: the table's mac answers this one
-      TUTEL_ASSIGN_OR_RETURN(nonce, random_bytes(kNonceBytes));
-      hello = wire::encode_authenticated(h, hello_round, hello_body, o.secret, nonce);
+    // One message from the server: its header (`head`, kept for the table's digest) and body;
+    // closed_early when it hung up before a byte (a listener of an earlier round closing).
+    char head[kHeaderBytes];
+    std::string body;
+    bool closed_early = false;
+    auto read_answer = [&]() -> Result<Header> {
+      Status s = detail::recv_exact(fd->get(), head, sizeof head, verdict_deadline, &closed_early, cancel);
+      if (closed_early) return Status::Unavailable("the coordinator closed the connection");
+      if (!s.ok())
+        return Status(s.code() == StatusCode::kTimeout || s.code() == StatusCode::kAborted ? s.code()
+                                                                                           : StatusCode::kUnavailable,
+                      who + ": no answer from " + server + ": " + std::string(s.message()));
+      const Header reply = decode_header(head);
+      if (reply.magic != kMagic || reply.body_len > (kMaxPayload + 4096) * size_t(o.size) + 64)
+        return Status::Corruption(who + ": malformed answer from " + server);
+      // Grown as the bytes arrive, never to the announced length at once: a malformed or hostile
+      // answer may announce gigabytes for a large group and send none of them.
+      body.clear();
+      while (body.size() < reply.body_len) {
+        const size_t at = body.size();
+        body.resize(at + std::min<size_t>(reply.body_len - at, size_t{1} << 20));
+        TUTEL_RETURN_IF_ERROR(
+            detail::recv_exact(fd->get(), body.data() + at, body.size() - at, verdict_deadline, nullptr, cancel)
+                .with_context(who + ": reading the answer of " + server));
+      }
+      if (reply.kind == kError) {
+        const auto code = static_cast<StatusCode>(reply.rank);
+        return Status(code == StatusCode::kOk ? StatusCode::kInternal : code,
+                      who + ": " + server + " says: " + body);
+      }
+      return reply;
+    };
+    // Sends `message`; false (and last_error) when the connection failed before it went.
+    auto send = [&](const std::string& message) {
+      const Status s = detail::send_all(fd->get(), message.data(), message.size(), deadline, cancel);
+      if (!s.ok()) last_error = std::string(s.message());
+      return s.ok();
+    };
+    auto retry_later = [] { std::this_thread::sleep_for(std::chrono::milliseconds(20)); };
+    if (authenticated) {
+      // Nonces both ways, fresh for this connection: the hello's mac covers the server's, the
+      // table's mac both (bootstrap_wire.hpp).
+      TUTEL_ASSIGN_OR_RETURN(rank_nonce, random_bytes(kNonceBytes));
+      if (!send(wire::encode_challenge(rank_nonce))) {
+        retry_later();
+        continue;
+      }
+      Result<Header> challenge = read_answer();
+      if (closed_early) {
+        last_error = "the coordinator closed the connection";
+        retry_later();
+        continue;
+      }
+      if (!challenge.ok()) return challenge.status();
+      if (challenge->kind != (kChallenge | kAuthenticated) || body.size() != kNonceBytes)
+        return Status::PermissionDenied(who + ": " + server +
+                                        " did not answer the challenge for the peer secret (it has none, or is not a "
+                                        "tuteld of this version): give every daemon the same [server] peer_secret_file");
+      server_nonce = body;
+      hello = wire::encode_authenticated(h, hello_round, hello_body, o.secret, rank_nonce, server_nonce);
     } else if (hello.empty()) {
       hello = encode(h, hello_round, hello_body);
     }
-    Status s = detail::send_all(fd->get(), hello.data(), hello.size(), deadline, cancel);
-    if (!s.ok()) {
-      last_error = std::string(s.message());
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    if (!send(hello)) {
+      retry_later();
       continue;
     }
-    char head[kHeaderBytes];
-    bool closed_early = false;
-    s = detail::recv_exact(fd->get(), head, sizeof head, verdict_deadline, &closed_early, cancel);
+    Result<Header> answer = read_answer();
     if (closed_early) {
       // A listener of an earlier round that closed before serving us: try again.
       last_error = "the coordinator closed the connection";
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      retry_later();
       continue;
     }
-    if (!s.ok())
-      return Status(s.code() == StatusCode::kTimeout || s.code() == StatusCode::kAborted ? s.code()
-                                                                                         : StatusCode::kUnavailable,
-                    who + ": no answer from " + server + ": " + std::string(s.message()));
-    const Header reply = decode_header(head);
-    if (reply.magic != kMagic || reply.body_len > (kMaxPayload + 4096) * size_t(o.size) + 64)
-      return Status::Corruption(who + ": malformed answer from " + server);
-    // Grown as the bytes arrive, never to the announced length at once: a malformed or hostile
-    // answer may announce gigabytes for a large group and send none of them.
-    std::string body;
-    while (body.size() < reply.body_len) {
-      const size_t at = body.size();
-      body.resize(at + std::min<size_t>(reply.body_len - at, size_t{1} << 20));
-      TUTEL_RETURN_IF_ERROR(
-          detail::recv_exact(fd->get(), body.data() + at, body.size() - at, verdict_deadline, nullptr, cancel)
-              .with_context(who + ": reading the answer of " + server));
-    }
-    if (reply.kind == kError) {
-      const auto code = static_cast<StatusCode>(reply.rank);
-      return Status(code == StatusCode::kOk ? StatusCode::kInternal : code,
-                    who + ": " + server + " says: " + body);
-    }
+    if (!answer.ok()) return answer.status();
+    const Header reply = *answer;
     if ((reply.kind & ~kAuthenticated) != kTable || static_cast<int>(reply.size) != o.size)
       return Status::Corruption(who + ": unexpected answer from " + server);
     const bool proven = (reply.kind & kAuthenticated) != 0;
@@ -473,7 +548,7 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
       TUTEL_RETURN_IF_ERROR(detail::recv_exact(fd->get(), mac.data(), mac.size(), verdict_deadline, nullptr, cancel)
                                 .with_context(who + ": reading the answer of " + server));
       const Digest digest = Sha256().update(head, sizeof head).update(body).finish();
-      if (!constant_time_equal(mac, wire::table_mac(o.secret, nonce, digest)))
+      if (!constant_time_equal(mac, wire::table_mac(o.secret, rank_nonce, server_nonce, digest)))
         return Status::PermissionDenied(who + ": the table from " + server +
                                         " does not prove the peer secret (another secret, or not a tuteld): "
                                         "give every daemon the same [server] peer_secret_file");

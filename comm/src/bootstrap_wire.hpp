@@ -7,16 +7,20 @@
 // table's body is, per rank, {u32 len, payload, u32 len, address}; an error's body is the
 // message and its `rank` field carries the StatusCode.
 //
-// With a peer secret (BootstrapOptions::secret) a hello or join carries kAuthenticated in its
-// kind and ends with {nonce[32], mac[32]} inside its body: mac = HMAC(secret, "tuteld hello" ‖
-// every byte before the mac), the nonce fresh per connection. The server checks it and answers
-// with the table's kind | kAuthenticated followed, after the table's body, by
-// HMAC(secret, "tuteld table" ‖ nonce ‖ SHA-256(the table message)), so the rank knows the table
-// came from a holder of the secret and for this very hello. Hashing the table once and keying
-// only its digest per rank keeps a large group's answers linear in its size. Errors are not
-// authenticated: a forged one can only make a bootstrap fail, which whoever can reach the
-// port can do anyway. A recorded hello replayed to the server can make its group fail (the
-// rank then arrives twice), not join it: the table it draws is useless without the secret.
+// With a peer secret (BootstrapOptions::secret) both sides pick a fresh nonce per connection:
+//   rank → server  kChallenge | kAuthenticated, body: the rank's nonce (32 bytes);
+//   server → rank  kChallenge | kAuthenticated, body: the server's nonce;
+//   rank → server  the hello or join, kind | kAuthenticated, its body ending with {rank's nonce,
+//                  mac}: mac = HMAC(secret, "tuteld hello" ‖ server's nonce ‖ every byte before
+//                  the mac);
+//   server → rank  the table, kind | kAuthenticated, followed after its body by
+//                  HMAC(secret, "tuteld table" ‖ rank's nonce ‖ server's nonce ‖ SHA-256(table)).
+// So each side proves the secret over the other's fresh nonce: a recorded hello or table is
+// worthless on another connection, and the secret never crosses the wire. Hashing the table
+// once and keying only its digest per rank keeps a large group's answers linear in its size. A
+// server without a secret answers a challenge with an error, one with a secret refuses a plain
+// hello, so a mismatch is named at once on the rank's side. Errors are not authenticated: a
+// forged one can only make a bootstrap fail, which whoever can reach the port can do anyway.
 #pragma once
 
 #include <cstddef>
@@ -31,7 +35,7 @@
 namespace tutel::comm::wire {
 
 constexpr uint32_t kMagic = 0x31424354;  // "TCB1"
-constexpr uint32_t kHello = 1, kTable = 2, kError = 3, kJoin = 4;
+constexpr uint32_t kHello = 1, kTable = 2, kError = 3, kJoin = 4, kChallenge = 5;
 // Or'ed into a hello's, a join's or a table's kind when it is authenticated (see above).
 constexpr uint32_t kAuthenticated = 0x100;
 constexpr size_t kNonceBytes = 32, kMacBytes = 32, kAuthBytes = kNonceBytes + kMacBytes;
@@ -105,34 +109,49 @@ inline std::string encode_table(const std::vector<std::string>& payloads,
   return encode(h, {}, body);
 }
 
-// A hello or join (header kind without kAuthenticated) authenticated under `secret` with
-// `nonce`: the kind gains the flag and the body the nonce and the mac.
+// A challenge (either way): the sender's nonce.
+inline std::string encode_challenge(std::string_view nonce) {
+  Header h;
+  h.kind = kChallenge | kAuthenticated;
+  return encode(h, {}, nonce);
+}
+
+// A hello or join (header kind without kAuthenticated) authenticated under `secret` for the
+// server's challenge `server_nonce`: the kind gains the flag and the body the rank's nonce and
+// the mac.
 inline std::string encode_authenticated(Header h, std::string_view round, std::string_view body,
-                                        std::string_view secret, std::string_view nonce) {
+                                        std::string_view secret, std::string_view rank_nonce,
+                                        std::string_view server_nonce) {
   h.kind |= kAuthenticated;
   std::string body_with_nonce(body);
-  body_with_nonce.append(nonce);
+  body_with_nonce.append(rank_nonce);
   body_with_nonce.append(kMacBytes, '\0');  // counted in body_len, replaced below
   std::string out = encode(h, round, body_with_nonce);
-  const Digest mac = hmac_sha256(secret, {"tuteld hello", std::string_view(out).substr(0, out.size() - kMacBytes)});
+  const Digest mac =
+      hmac_sha256(secret, {"tuteld hello", server_nonce, std::string_view(out).substr(0, out.size() - kMacBytes)});
   out.replace(out.size() - kMacBytes, kMacBytes, as_view(mac));
   return out;
 }
 
-// Checks an authenticated hello or join, the whole message; on success gives its nonce.
-inline bool verify_authenticated(std::string_view message, std::string_view secret, std::string* nonce) {
+// Checks an authenticated hello or join (the whole message) against the nonces of its
+// connection: the server's challenge and the rank's own, which the message must repeat.
+inline bool verify_authenticated(std::string_view message, std::string_view secret, std::string_view rank_nonce,
+                                 std::string_view server_nonce) {
   if (message.size() < kHeaderBytes + kAuthBytes) return false;
   const std::string_view signed_part = message.substr(0, message.size() - kMacBytes);
-  const Digest mac = hmac_sha256(secret, {"tuteld hello", signed_part});
-  if (!constant_time_equal(as_view(mac), message.substr(message.size() - kMacBytes))) return false;
-  nonce->assign(signed_part.substr(signed_part.size() - kNonceBytes));
-  return true;
+  const Digest mac = hmac_sha256(secret, {"tuteld hello", server_nonce, signed_part});
+  // Both compared, whatever the first gives: no early exit to time.
+  const bool mac_ok = constant_time_equal(as_view(mac), message.substr(message.size() - kMacBytes));
+  const bool nonce_ok = constant_time_equal(signed_part.substr(signed_part.size() - kNonceBytes), rank_nonce);
+  return mac_ok && nonce_ok;
 }
 
-// What follows an authenticated table for the rank that sent `nonce`; `table_digest` is the
+// What follows an authenticated table for the connection of these nonces; `table_digest` is the
 // SHA-256 of the whole table message (header included).
-inline std::string table_mac(std::string_view secret, std::string_view nonce, const Digest& table_digest) {
-  return std::string(as_view(hmac_sha256(secret, {"tuteld table", nonce, as_view(table_digest)})));
+inline std::string table_mac(std::string_view secret, std::string_view rank_nonce, std::string_view server_nonce,
+                             const Digest& table_digest) {
+  return std::string(
+      as_view(hmac_sha256(secret, {"tuteld table", rank_nonce, server_nonce, as_view(table_digest)})));
 }
 
 inline std::string address_of(const std::string& ip, uint32_t pid) {

@@ -44,7 +44,8 @@ struct Peer {
   std::shared_ptr<const std::string> out;
   std::string out_mac;
   size_t out_pos = 0;  // over out, then out_mac
-  std::string nonce;   // of its authenticated join
+  // With a peer secret: the rank's nonce (its challenge) and ours (the answer), once exchanged.
+  std::string rank_nonce, server_nonce;
   Clock::time_point deadline;  // for reading the join, or for writing the answer
   std::string address;         // "127.0.0.1, pid 42" once the join is read
   std::string group;           // the key "<round>@<group>" once joined
@@ -220,27 +221,37 @@ class Service final : public RendezvousService {
         return refuse(p, where() +
                              " is a rendezvous service, not a group's own coordinator: give the "
                              "group a name and no coordinator, or point it at its own coordinator");
-      if (kind != wire::kJoin)
+      if (kind != wire::kJoin && !(kind == wire::kChallenge && authenticated))
         return refuse(p, "not a tuteld rendezvous join (kind " + std::to_string(h.kind) + ")");
-      if (h.round_len < 3 || h.round_len > wire::kMaxJoinRound)
-        return refuse(p, "malformed join: group key of " + std::to_string(h.round_len) + " bytes");
-      if (h.body_len < 4 + auth_bytes || h.body_len > wire::kMaxPayload + 4 + auth_bytes)
-        return refuse(
-            p, "malformed join: body of " + std::to_string(h.body_len) + " bytes exceeds 1 MiB");
       // Told before the body is read: it may be a megabyte.
-      if (!o_.secret.empty() && !authenticated)
-        return refuse_for_secret(p, h,
-                                 "this service requires the peer secret, and the joining daemon has none: give "
-                                 "every daemon the same [server] peer_secret_file");
       if (o_.secret.empty() && authenticated)
         return refuse_for_secret(p, h,
                                  "this service has no peer secret, and the joining daemon has one: give every "
                                  "daemon the same [server] peer_secret_file (or none)");
+      if (!o_.secret.empty() && !authenticated)
+        return refuse_for_secret(p, h,
+                                 "this service requires the peer secret, and the joining daemon has none: give "
+                                 "every daemon the same [server] peer_secret_file");
+      if (kind == wire::kChallenge) {
+        if (h.round_len != 0 || h.body_len != wire::kNonceBytes || !p.server_nonce.empty())
+          return refuse(p, "malformed challenge");
+      } else {
+        if (authenticated && p.server_nonce.empty())
+          return refuse_for_secret(p, h,
+                                   "a join came without its challenge first: the joining daemon speaks another "
+                                   "version of the bootstrap");
+        if (h.round_len < 3 || h.round_len > wire::kMaxJoinRound)
+          return refuse(p, "malformed join: group key of " + std::to_string(h.round_len) + " bytes");
+        if (h.body_len < 4 + auth_bytes || h.body_len > wire::kMaxPayload + 4 + auth_bytes)
+          return refuse(
+              p, "malformed join: body of " + std::to_string(h.body_len) + " bytes exceeds 1 MiB");
+      }
     }
     const size_t message_bytes = wire::kHeaderBytes + h.round_len + h.body_len;
     if (p.in.size() < message_bytes) return;
+    if (kind == wire::kChallenge) return answer_challenge(id, p);
     if (authenticated) {
-      if (!wire::verify_authenticated(p.in, o_.secret, &p.nonce))
+      if (!wire::verify_authenticated(p.in, o_.secret, p.rank_nonce, p.server_nonce))
         return refuse_for_secret(p, h,
                                  "the join does not prove this service's peer secret: give every daemon the "
                                  "same [server] peer_secret_file");
@@ -336,7 +347,7 @@ class Service final : public RendezvousService {
     for (const auto& [r, m] : g.joined) {
       Peer& member = peers_.at(m.peer);
       answer(member, table);
-      if (authenticated) member.out_mac = wire::table_mac(o_.secret, member.nonce, digest);
+      if (authenticated) member.out_mac = wire::table_mac(o_.secret, member.rank_nonce, member.server_nonce, digest);
     }
     groups_.erase(it);
     std::lock_guard lock(stats_mu_);
@@ -430,6 +441,26 @@ class Service final : public RendezvousService {
     p.out_mac.clear();
     p.out_pos = 0;
     p.deadline = Clock::now() + kWriteTimeout;
+  }
+
+  // A rank's challenge (its nonce, before its join), answered with ours at once: 72 bytes into a
+  // fresh connection's empty send buffer, so a send that does not take them whole means the
+  // connection is gone. The peer then sends its join, read as any other.
+  void answer_challenge(uint64_t id, Peer& p) {
+    Result<std::string> nonce = random_bytes(wire::kNonceBytes);
+    if (!nonce.ok()) {
+      count_refused();
+      p.in.clear();
+      return answer(p, wire::encode_error(Status::Internal("rendezvous service at " + where() +
+                                                           ": cannot draw a nonce: " +
+                                                           std::string(nonce.status().message()))));
+    }
+    p.rank_nonce = p.in.substr(wire::kHeaderBytes, wire::kNonceBytes);
+    p.server_nonce = std::move(nonce).value();
+    p.in.clear();
+    const std::string challenge = wire::encode_challenge(p.server_nonce);
+    const ssize_t w = ::send(p.fd.get(), challenge.data(), challenge.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (w != static_cast<ssize_t>(challenge.size())) drop(id);
   }
 
   // Logged too: the joining rank hears why, its group only sees that rank missing.

@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <functional>
 #include <optional>
 #include <random>
 #include <string>
@@ -93,11 +94,13 @@ TEST(PeerSecret, ACoordinatorWithoutASecretRefusesAnAuthenticatedHello) {
       << coordinator->status();
 }
 
-// A process that holds the coordinator's port and answers with a table of its own.
+// A process that holds the coordinator's port, answers the rank's challenge with a nonce of its
+// own as a coordinator does, and then answers the hello with a table of its own.
 class ForgedCoordinator {
  public:
-  // `answer(nonce_of_the_hello)` gives the bytes sent back.
-  explicit ForgedCoordinator(std::function<std::string(const std::string&)> answer) : port_(free_port()) {
+  // `answer(rank_nonce, server_nonce)` gives the bytes sent back after the hello.
+  using Answer = std::function<std::string(const std::string&, const std::string&)>;
+  explicit ForgedCoordinator(Answer answer) : port_(free_port()) {
     listener_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     const int one = 1;
     ::setsockopt(listener_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -112,19 +115,26 @@ class ForgedCoordinator {
       if (::poll(&p, 1, 10000) <= 0) return;
       const int fd = ::accept(listener_, nullptr, nullptr);
       if (fd < 0) return;
-      std::string in;
       char buf[4096];
-      // The whole hello: header, round, body (the nonce and the mac at its end).
-      while (in.size() < wire::kHeaderBytes ||
-             in.size() < wire::kHeaderBytes + wire::decode_header(in.data()).round_len +
-                             wire::decode_header(in.data()).body_len) {
-        const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
-        if (n <= 0) break;
-        in.append(buf, static_cast<size_t>(n));
-      }
-      const std::string nonce =
-          in.size() >= wire::kAuthBytes ? in.substr(in.size() - wire::kAuthBytes, wire::kNonceBytes) : "";
-      const std::string out = answer(nonce);
+      // One whole message: header, round, body.
+      auto read_message = [&] {
+        std::string in;
+        while (in.size() < wire::kHeaderBytes ||
+               in.size() < wire::kHeaderBytes + wire::decode_header(in.data()).round_len +
+                               wire::decode_header(in.data()).body_len) {
+          const ssize_t n = ::recv(fd, buf, 1, 0);  // byte by byte: never past the message
+          if (n <= 0) break;
+          in.append(buf, static_cast<size_t>(n));
+        }
+        return in;
+      };
+      const std::string challenge = read_message();
+      const std::string rank_nonce = challenge.size() > wire::kHeaderBytes ? challenge.substr(wire::kHeaderBytes) : "";
+      const std::string server_nonce(wire::kNonceBytes, 's');
+      const std::string reply = wire::encode_challenge(server_nonce);
+      (void)!::send(fd, reply.data(), reply.size(), MSG_NOSIGNAL);
+      (void)read_message();  // the hello
+      const std::string out = answer(rank_nonce, server_nonce);
       (void)!::send(fd, out.data(), out.size(), MSG_NOSIGNAL);
       ::shutdown(fd, SHUT_WR);
       while (::recv(fd, buf, sizeof buf, 0) > 0) {
@@ -148,27 +158,28 @@ TEST(PeerSecret, ARankDoesNotBelieveATableThatDoesNotProveTheSecret) {
   const std::vector<std::string> payloads = {"forged-address", "payload-1"};
   const std::vector<std::string> addresses = {"127.0.0.1, pid 1", "127.0.0.1, pid 2"};
   {  // No proof at all: a coordinator without the secret (or an impostor) answering plainly.
-    ForgedCoordinator forged([&](const std::string&) { return wire::encode_table(payloads, addresses, false); });
+    ForgedCoordinator forged(
+        [&](const std::string&, const std::string&) { return wire::encode_table(payloads, addresses, false); });
     expect_refused(exchange(rank_options(forged.port(), 1, 2, kSecret)), "has no peer secret");
   }
   {  // A proof made with another secret, for this very hello.
-    ForgedCoordinator forged([&](const std::string& nonce) {
+    ForgedCoordinator forged([&](const std::string& rank_nonce, const std::string& server_nonce) {
       const std::string table = wire::encode_table(payloads, addresses, true);
-      return table + wire::table_mac(kOtherSecret, nonce, sha256(table));
+      return table + wire::table_mac(kOtherSecret, rank_nonce, server_nonce, sha256(table));
     });
     expect_refused(exchange(rank_options(forged.port(), 1, 2, kSecret)), "does not prove the peer secret");
   }
-  {  // The right secret, but for another hello (a recorded answer replayed): another nonce.
-    ForgedCoordinator forged([&](const std::string&) {
+  {  // The right secret, but for another connection (a recorded answer replayed): other nonces.
+    ForgedCoordinator forged([&](const std::string&, const std::string& server_nonce) {
       const std::string table = wire::encode_table(payloads, addresses, true);
-      return table + wire::table_mac(kSecret, std::string(wire::kNonceBytes, 'n'), sha256(table));
+      return table + wire::table_mac(kSecret, std::string(wire::kNonceBytes, 'n'), server_nonce, sha256(table));
     });
     expect_refused(exchange(rank_options(forged.port(), 1, 2, kSecret)), "does not prove the peer secret");
   }
   {  // And the proof the real coordinator gives is accepted (the forgeries differ only there).
-    ForgedCoordinator genuine([&](const std::string& nonce) {
+    ForgedCoordinator genuine([&](const std::string& rank_nonce, const std::string& server_nonce) {
       const std::string table = wire::encode_table(payloads, addresses, true);
-      return table + wire::table_mac(kSecret, nonce, sha256(table));
+      return table + wire::table_mac(kSecret, rank_nonce, server_nonce, sha256(table));
     });
     const Result<BootstrapTable> r = exchange(rank_options(genuine.port(), 1, 2, kSecret));
     ASSERT_TRUE(r.ok()) << r.status();
@@ -176,25 +187,95 @@ TEST(PeerSecret, ARankDoesNotBelieveATableThatDoesNotProveTheSecret) {
   }
 }
 
-TEST(PeerSecret, AnyChangeToAnAuthenticatedHelloFailsItsCheck) {
+TEST(PeerSecret, AnyChangeToAnAuthenticatedHelloOrAReplayFailsItsCheck) {
   wire::Header h;
   h.kind = wire::kHello;
   h.rank = 3;
   h.size = 8;
   h.pid = 4242;
-  const std::string nonce(wire::kNonceBytes, 'q');
-  const std::string message = wire::encode_authenticated(h, "ucx@t/g", "the-payload", kSecret, nonce);
-  std::string got;
-  ASSERT_TRUE(wire::verify_authenticated(message, kSecret, &got));
-  EXPECT_EQ(got, nonce);
-  EXPECT_FALSE(wire::verify_authenticated(message, kOtherSecret, &got));
+  const std::string rank_nonce(wire::kNonceBytes, 'q'), server_nonce(wire::kNonceBytes, 's');
+  const std::string message =
+      wire::encode_authenticated(h, "ucx@t/g", "the-payload", kSecret, rank_nonce, server_nonce);
+  EXPECT_TRUE(wire::verify_authenticated(message, kSecret, rank_nonce, server_nonce));
+  EXPECT_FALSE(wire::verify_authenticated(message, kOtherSecret, rank_nonce, server_nonce));
+  // The same hello on another connection (a replay): the server's nonce differs there.
+  EXPECT_FALSE(wire::verify_authenticated(message, kSecret, rank_nonce, std::string(wire::kNonceBytes, 't')));
+  EXPECT_FALSE(wire::verify_authenticated(message, kSecret, std::string(wire::kNonceBytes, 'r'), server_nonce));
   std::mt19937 rng(std::random_device{}());
   for (size_t at = 0; at < message.size(); ++at) {
     std::string changed = message;
     changed[at] = static_cast<char>(changed[at] ^ (1 + rng() % 255));
-    EXPECT_FALSE(wire::verify_authenticated(changed, kSecret, &got)) << "byte " << at;
+    EXPECT_FALSE(wire::verify_authenticated(changed, kSecret, rank_nonce, server_nonce)) << "byte " << at;
   }
-  EXPECT_FALSE(wire::verify_authenticated(message.substr(0, 40), kSecret, &got));
+  EXPECT_FALSE(wire::verify_authenticated(message.substr(0, 40), kSecret, rank_nonce, server_nonce));
+}
+
+// A raw loopback connection (the test speaks the wire itself).
+struct Raw {
+  int fd = -1;
+  explicit Raw(uint16_t port) {
+    fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(port);
+    for (int i = 0; i < 200 && ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0; ++i) {
+      ::close(fd);  // the coordinator may not listen yet
+      std::this_thread::sleep_for(10ms);
+      fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    }
+  }
+  ~Raw() { ::close(fd); }
+  void send(const std::string& bytes) const { (void)!::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL); }
+  std::string read(size_t bytes) const {
+    std::string out(bytes, '\0');
+    size_t at = 0;
+    while (at < bytes) {
+      pollfd p{fd, POLLIN, 0};
+      if (::poll(&p, 1, 5000) <= 0) break;
+      const ssize_t n = ::recv(fd, out.data() + at, bytes - at, 0);
+      if (n <= 0) break;
+      at += static_cast<size_t>(n);
+    }
+    out.resize(at);
+    return out;
+  }
+};
+
+// A hello recorded on one connection, replayed on another: the coordinator's challenge differs
+// there, so the replay is refused, and the real rank still joins.
+TEST(PeerSecret, AHelloReplayedOnAnotherConnectionIsRefused) {
+  const uint16_t port = free_port();
+  std::optional<Result<BootstrapTable>> coordinator;
+  std::thread rank0([&] { coordinator.emplace(exchange(rank_options(port, 0, 2, kSecret, 15s))); });
+  wire::Header h;
+  h.kind = wire::kHello;
+  h.rank = 1;
+  h.size = 2;
+  h.local_size = 1;
+  h.pid = 4242;
+  const std::string rank_nonce(wire::kNonceBytes, 'r');
+  std::string recorded;
+  {  // What a genuine rank sent on its connection (which then broke before the table).
+    Raw first(port);
+    first.send(wire::encode_challenge(rank_nonce));
+    const std::string challenge = first.read(wire::kHeaderBytes + wire::kNonceBytes);
+    ASSERT_EQ(challenge.size(), wire::kHeaderBytes + wire::kNonceBytes);
+    recorded = wire::encode_authenticated(h, "test", "payload-1", kSecret, rank_nonce,
+                                          challenge.substr(wire::kHeaderBytes));
+  }
+  Raw replay(port);
+  replay.send(wire::encode_challenge(rank_nonce));
+  ASSERT_EQ(replay.read(wire::kHeaderBytes + wire::kNonceBytes).size(), wire::kHeaderBytes + wire::kNonceBytes);
+  replay.send(recorded);
+  const std::string answer = replay.read(4096);
+  ASSERT_GE(answer.size(), wire::kHeaderBytes);
+  EXPECT_EQ(wire::decode_header(answer.data()).kind, wire::kError);
+  EXPECT_TRUE(contains(answer, "peer secret is not the coordinator's")) << answer.substr(wire::kHeaderBytes);
+  const Result<BootstrapTable> real = exchange(rank_options(port, 1, 2, kSecret));
+  rank0.join();
+  ASSERT_TRUE(real.ok()) << real.status();
+  ASSERT_TRUE(coordinator->ok()) << coordinator->status();
 }
 
 TEST(PeerSecret, SecretsOutsideTheirBoundsAreRefused) {
@@ -233,6 +314,38 @@ TEST(PeerSecret, TheRendezvousServiceServesOnlyJoinsThatProveItsSecret) {
   EXPECT_EQ(second.value().payloads[0], "payload-0");
   EXPECT_EQ(s.stats().groups_completed, 1u);
   EXPECT_GE(s.stats().refused, 2u);
+
+  // Malformed handshakes are refused, touching no group: a challenge of the wrong size, a second
+  // challenge, an authenticated join that skipped its challenge.
+  wire::Header bad;
+  bad.kind = wire::kChallenge | wire::kAuthenticated;
+  {
+    Raw c(s.port());
+    c.send(wire::encode(bad, {}, "short"));
+    EXPECT_TRUE(contains(c.read(4096), "malformed challenge"));
+  }
+  {
+    Raw c(s.port());
+    c.send(wire::encode_challenge(std::string(wire::kNonceBytes, 'a')));
+    EXPECT_EQ(c.read(wire::kHeaderBytes + wire::kNonceBytes).size(), wire::kHeaderBytes + wire::kNonceBytes);
+    c.send(wire::encode_challenge(std::string(wire::kNonceBytes, 'b')));
+    EXPECT_TRUE(contains(c.read(4096), "malformed challenge"));
+  }
+  {
+    Raw c(s.port());
+    wire::Header join;
+    join.kind = wire::kJoin;
+    join.rank = 0;
+    join.size = 2;
+    join.local_size = 1;
+    std::string body;
+    wire::put_u32(body, 1000);
+    c.send(wire::encode_authenticated(join, "test@t/h", body, kSecret, std::string(wire::kNonceBytes, 'a'),
+                                      std::string(wire::kNonceBytes, 'b')));
+    EXPECT_TRUE(contains(c.read(4096), "without its challenge first"));
+  }
+  EXPECT_EQ(s.stats().groups_completed, 1u);
+  EXPECT_EQ(s.stats().pending_groups, 0u);
 
   // A service without a secret refuses an authenticated join rather than misreading it.
   auto plain = RendezvousService::start(RendezvousOptions{});

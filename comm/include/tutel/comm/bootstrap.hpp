@@ -73,7 +73,7 @@ struct BootstrapOptions {
   // the timeout ends it.
   std::shared_ptr<const std::atomic<bool>> cancel;
   // The deployment's peer secret (16 to 4096 bytes; empty: none). With one, every hello and
-  // join proves it and every table is proven back (HMAC-SHA256, over the rank's fresh nonce; the secret
+  // join proves it and every table is proven back (HMAC-SHA256 over both sides' fresh nonces; the secret
   // never crosses the wire), and a coordinator or rendezvous service refuses ranks without it.
   // Every rank of a group, and the service, must have the same one (or all none).
   std::string secret;

@@ -5,8 +5,7 @@
 // cluster's secret, which daemons prove to each other when their ranks bootstrap over TCP
 // (a process that can reach a coordinator's port must not join a group, nor pose as the
 // coordinator and hand the ranks a table of its own). The cluster's secret never crosses the
-// wire: a rank proves it with an HMAC-SHA256 of its hello, the server with one over the
-// rank's fresh nonce.
+// wire: each side proves it with an HMAC-SHA256 over the other's fresh nonce.
 //
 // SHA-256 and HMAC are implemented here (FIPS 180-4, RFC 2104) rather than taken from OpenSSL:
 // they are ~100 lines, checked against the standards' test vectors, and keep the daemon free of
