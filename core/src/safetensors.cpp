@@ -106,8 +106,9 @@ std::optional<ShapeSize> shape_size(const Shape& shape, DType dtype) {
 }
 
 // A first pass over the header before any tree is built. It catches what a tree would hide:
-// a tensor name given twice (the tree keeps the last one silently), and nesting too deep to
-// be a real header. nlohmann's parser callback could do this during the tree's own parse,
+// a tensor name or a '__metadata__' key given twice (the tree keeps the last one silently: a
+// checkpoint's "tuteld.spec" could say one thing to one reader and another to the next), and
+// nesting too deep to be a real header. nlohmann's parser callback could do this during the tree's own parse,
 // but it rescans the parent object after every member: quadratic in the tensor count.
 class HeaderScan final : public nlohmann::json_sax<json> {
  public:
@@ -118,12 +119,26 @@ class HeaderScan final : public nlohmann::json_sax<json> {
   bool number_float(number_float_t, const string_t&) override { return true; }
   bool string(string_t&) override { return true; }
   bool binary(binary_t&) override { return true; }
-  bool start_object(std::size_t) override { return enter(); }
-  bool start_array(std::size_t) override { return enter(); }
-  bool end_object() override { return leave(); }
+  bool start_object(std::size_t) override {
+    in_metadata_ = depth_ == 1 && last_root_key_ == kMetadataKey;
+    return enter();
+  }
+  bool start_array(std::size_t) override {
+    in_metadata_ = false;
+    return enter();
+  }
+  bool end_object() override {
+    if (depth_ == 2) in_metadata_ = false;
+    return leave();
+  }
   bool end_array() override { return leave(); }
   bool key(string_t& key) override {
-    if (depth_ == 1) root_keys_.push_back(key);
+    if (depth_ == 1) {
+      root_keys_.push_back(key);
+      last_root_key_ = key;
+    } else if (depth_ == 2 && in_metadata_) {
+      metadata_keys_.push_back(key);
+    }
     return true;
   }
   bool parse_error(std::size_t, const std::string&, const json::exception& e) override {
@@ -134,11 +149,9 @@ class HeaderScan final : public nlohmann::json_sax<json> {
   // Empty when the header is well-formed JSON of sane depth.
   const std::string& error() const { return error_; }
   // The first repeated name at the top level, or nullptr.
-  const std::string* duplicate_root_key() {
-    std::sort(root_keys_.begin(), root_keys_.end());
-    const auto it = std::adjacent_find(root_keys_.begin(), root_keys_.end());
-    return it == root_keys_.end() ? nullptr : &*it;
-  }
+  const std::string* duplicate_root_key() { return first_repeated(root_keys_); }
+  // The first key repeated inside '__metadata__', or nullptr.
+  const std::string* duplicate_metadata_key() { return first_repeated(metadata_keys_); }
 
  private:
   bool enter() {
@@ -151,8 +164,16 @@ class HeaderScan final : public nlohmann::json_sax<json> {
     return true;
   }
 
+  static const std::string* first_repeated(std::vector<std::string>& keys) {
+    std::sort(keys.begin(), keys.end());
+    const auto it = std::adjacent_find(keys.begin(), keys.end());
+    return it == keys.end() ? nullptr : &*it;
+  }
+
   int depth_ = 0;
-  std::vector<std::string> root_keys_;
+  std::vector<std::string> root_keys_, metadata_keys_;
+  std::string last_root_key_;
+  bool in_metadata_ = false;  // inside the top-level '__metadata__' object
   std::string error_;
 };
 
@@ -332,6 +353,8 @@ Result<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
     if (!scan.error().empty()) return corrupt(path, scan.error());
     if (const std::string* name = scan.duplicate_root_key())
       return corrupt_tensor(path, *name, "appears more than once in the header");
+    if (const std::string* key = scan.duplicate_metadata_key())
+      return corrupt(path, "'__metadata__' key '" + *key + "' appears more than once");
     const json header = json::parse(bytes + 8, data_section, nullptr, /*allow_exceptions=*/false);
     if (header.is_discarded()) return corrupt(path, "header is not valid JSON");
     if (!header.is_object())

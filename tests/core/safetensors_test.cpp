@@ -426,6 +426,10 @@ std::vector<CorruptCase> corrupt_cases() {
        {w, "more than once"}},
       {"metadata_array", image(R"({"__metadata__":[1]})"), {"'__metadata__'", "array"}},
       {"metadata_number_value", image(R"({"__metadata__":{"k":1}})"), {"'__metadata__'", "'k'"}},
+      // Readers disagree on which of two equal keys wins: a checkpoint's spec must not be ambiguous.
+      {"duplicate_metadata_key",
+       image(R"({"__metadata__":{"tuteld.spec":"a","other":"x","tuteld.spec":"b"}})"),
+       {"'__metadata__' key 'tuteld.spec'", "more than once"}},
       {"too_deep", image(R"({"__metadata__":{"k":[[[[[[[[[[[[1]]]]]]]]]]]]}})"), {"deeper"}},
   };
 }
