@@ -389,6 +389,7 @@ void DaemonImpl::accept_on(bool admin) {
     s->poll.data = s.get();
     poll_session(s);
     if (!admin && draining_) {
+      metrics_.count_session_refused("", "draining");
       reply_error(s, 0, draining_status("takes no new client sessions"));
       close_session(s);
       continue;
@@ -397,6 +398,7 @@ void DaemonImpl::accept_on(bool admin) {
       auto tenant = registry_->tenant_for(s->peer.uid, s->peer.gid);
       if (!tenant.ok()) {
         TUTEL_LOG(WARN) << "refusing pid " << s->peer.pid << ": " << tenant.status();
+        metrics_.count_session_refused("", "no_tenant");
         reply_error(s, 0, tenant.status());
         close_session(s);
         continue;
@@ -405,6 +407,7 @@ void DaemonImpl::accept_on(bool admin) {
       // place, so connections that never say hello cannot keep the tenant's clients out.
       if (const Status full = sessions_full(*tenant); !full.ok()) {
         TUTEL_LOG(WARN) << "refusing pid " << s->peer.pid << ": " << full;
+        metrics_.count_session_refused(*tenant, "max_sessions");
         reply_error(s, 0, full);
         close_session(s);
         continue;
@@ -432,6 +435,7 @@ void DaemonImpl::close_silent_sessions() {
   for (const auto& s : silent) {
     TUTEL_LOG(WARN) << "session " << s->id << " (pid " << s->peer.pid << "): no hello within "
                     << config_.server.hello_timeout.count() << " ms; closing it";
+    metrics_.count_session_refused(s->tenant, "hello_timeout");
     reply_error(s, 0, Status::Timeout("no hello within hello_timeout_ms (" +
                                       std::to_string(config_.server.hello_timeout.count()) +
                                       " ms) of connecting: send it at once"));
@@ -763,6 +767,7 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
           ": give the client the tenant's secret file (TUTEL_SECRET_FILE, or ClientOptions::secret_file)");
       TUTEL_LOG(WARN) << "session " << s->id << " (pid " << s->peer.pid << ", uid " << s->peer.uid
                       << "): " << (present ? "wrong" : "no") << " secret for tenant " << s->tenant << "; closing it";
+      metrics_.count_session_refused(s->tenant, "secret");
       reply_error(s, rid, refused);
       close_session(s);
       return finish_frame(s);
@@ -771,6 +776,7 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
   if (!s->admitted) {  // a second hello after a failed arena is admitted already
     if (const Status full = sessions_full(s->tenant); !full.ok()) {
       TUTEL_LOG(WARN) << "session " << s->id << " (pid " << s->peer.pid << "): " << full;
+      metrics_.count_session_refused(s->tenant, "max_sessions");
       reply_error(s, rid, full);
       close_session(s);
       return finish_frame(s);

@@ -63,6 +63,11 @@ void Metrics::set_active_sessions(int64_t n) {
   active_sessions_ = n;
 }
 
+void Metrics::count_session_refused(const std::string& tenant, const std::string& reason) {
+  std::lock_guard lock(mutex_);
+  ++sessions_refused_[{tenant, reason}];
+}
+
 void Metrics::set_draining(bool draining) {
   std::lock_guard lock(mutex_);
   draining_ = draining;
@@ -139,6 +144,13 @@ std::string Metrics::prometheus_text() const {
     o << "tuteld_tenant_region_bytes{tenant=\"" << label(t) << "\"} " << v << "\n";
   o << "# HELP tuteld_active_sessions Client sessions connected.\n# TYPE tuteld_active_sessions gauge\n"
     << "tuteld_active_sessions " << active_sessions_ << "\n";
+  // Refusals of the secret show attempts to use a tenant without it; an operator alerts on them.
+  o << "# HELP tuteld_sessions_refused_total Client sessions refused or closed before serving, by "
+       "tenant and reason.\n"
+    << "# TYPE tuteld_sessions_refused_total counter\n";
+  for (const auto& [k, v] : sessions_refused_)
+    o << "tuteld_sessions_refused_total{tenant=\"" << label(k.first) << "\",reason=\"" << label(k.second) << "\"} "
+      << v << "\n";
   o << "# HELP tuteld_draining 1 while the daemon drains (tutelctl drain): no new sessions or "
        "layers.\n"
     << "# TYPE tuteld_draining gauge\n"

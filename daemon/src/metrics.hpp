@@ -24,6 +24,9 @@ class Metrics {
   void set_tenant_activation_memory(const std::string& tenant, uint64_t bytes);
   void set_tenant_region_memory(const std::string& tenant, uint64_t bytes);
   void set_active_sessions(int64_t n);
+  // A client session refused or closed before it could serve, by tenant ("" when the uid maps
+  // to none) and reason: "no_tenant", "draining", "max_sessions", "secret", "hello_timeout".
+  void count_session_refused(const std::string& tenant, const std::string& reason);
   void set_draining(bool draining);
   // Whether the group of an expert-parallel layer ("tenant/layer") still answers.
   void set_peer_state(const std::string& group_layer, bool up);
@@ -75,6 +78,7 @@ class Metrics {
   std::map<std::pair<std::string, int>, PeerTraffic> traffic_;
   std::map<std::pair<std::string, std::string>, PlanCache> plan_caches_;
   std::map<std::pair<std::string, int64_t>, TunerDecision> tuner_decisions_;
+  std::map<std::pair<std::string, std::string>, uint64_t> sessions_refused_;  // (tenant, reason)
   int64_t active_sessions_ = 0;
   bool draining_ = false;
 };

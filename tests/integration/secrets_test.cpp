@@ -22,6 +22,7 @@
 
 #include "../common/loopback.hpp"
 #include "daemon_fixture.hpp"
+#include "tutel/admin_client.hpp"
 #include "tutel/client.h"
 #include "tutel/client.hpp"
 
@@ -136,6 +137,13 @@ TEST(TenantSecret, ClientsMustPresentTheTenantsSecret) {
   EXPECT_TRUE(contains(d.log(), "no secret for tenant default")) << d.log();
   EXPECT_TRUE(contains(d.log(), "wrong secret for tenant default")) << d.log();
   EXPECT_FALSE(contains(d.log(), "tenant-secret-0123456789abcdef")) << "the secret must never be logged";
+  // The operator sees the refusals: two hellos here (none, another) and the C call without one.
+  auto admin = client::AdminClient::connect(d.admin_socket());
+  ASSERT_TRUE(admin.ok()) << admin.status();
+  auto metrics = admin->metrics();
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  EXPECT_TRUE(contains(*metrics, "tuteld_sessions_refused_total{tenant=\\\"default\\\",reason=\\\"secret\\\"} 3"))
+      << *metrics;
   EXPECT_EQ(d.stop(), 0) << d.log();
 }
 
@@ -190,6 +198,12 @@ TEST(TenantSecret, ConnectionsThatNeverSayHelloHoldNoSessionPlace) {
   EXPECT_TRUE(contains(third.status().message(), "already has 2 client sessions")) << third.status();
   for (const auto& c : silent) EXPECT_TRUE(c->closed_by_daemon(std::chrono::seconds(10)));
   EXPECT_TRUE(contains(d.log(), "no hello within 400 ms; closing it")) << d.log();
+  auto admin = client::AdminClient::connect(d.admin_socket());
+  ASSERT_TRUE(admin.ok()) << admin.status();
+  auto metrics = admin->metrics();
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  EXPECT_TRUE(contains(*metrics, "reason=\\\"hello_timeout\\\"} 4")) << *metrics;
+  EXPECT_TRUE(contains(*metrics, "reason=\\\"max_sessions\\\"} 1")) << *metrics;
   EXPECT_TRUE(first->ping().ok());
   EXPECT_EQ(d.stop(), 0) << d.log();
 }
