@@ -610,14 +610,27 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
   }
   // A group layer's creation holds a pool thread until its peers arrive (up to its
   // bootstrap_timeout_ms): creations may hold half the pool, never the steps, saves and session
-  // tear-downs of every other tenant queued behind them.
+  // tear-downs of every other tenant queued behind them; and one tenant holds at most its share
+  // of those, so its groups waiting for peers never keep another tenant from creating layers.
   const bool creation = type == ipc::FrameType::kCreateLayer;
-  if (creation && creations_in_progress_ >= max_creations_in_progress_) {
-    reply_error(s, rid,
-                Status::ResourceExhausted(std::to_string(creations_in_progress_) +
-                                          " layer creations are in progress on this daemon (group layers wait there "
-                                          "for their peers), its limit: create this one once one of them has finished"));
-    return finish_frame(s);
+  if (creation) {
+    const int64_t tenants = std::max<int64_t>(1, static_cast<int64_t>(config_.tenants.size()));
+    const int64_t share = std::max<int64_t>(1, max_creations_in_progress_ / tenants);
+    const int64_t mine = creations_by_tenant_[tenant];
+    Status busy;
+    if (creations_in_progress_ >= max_creations_in_progress_)
+      busy = Status::ResourceExhausted(std::to_string(creations_in_progress_) +
+                                       " layer creations are in progress on this daemon (group layers wait there "
+                                       "for their peers), its limit: create this one once one of them has finished");
+    else if (mine >= share)
+      busy = Status::ResourceExhausted(
+          "tenant '" + tenant + "' has " + std::to_string(mine) + " layer creations in progress (group layers wait there "
+          "for their peers), its share of this daemon's " + std::to_string(max_creations_in_progress_) +
+          ": create this one once one of them has finished (or raise UV_THREADPOOL_SIZE for tuteld)");
+    if (!busy.ok()) {
+      reply_error(s, rid, busy);
+      return finish_frame(s);
+    }
   }
   switch (type) {
     case ipc::FrameType::kCreateLayer:
@@ -724,10 +737,16 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
       return finish_frame(s);
   }
   const auto started = std::chrono::steady_clock::now();
-  if (creation) ++creations_in_progress_;
+  if (creation) {
+    ++creations_in_progress_;
+    ++creations_by_tenant_[tenant];
+  }
   offload([op, result] { *result = op(); },
           [this, s, rid, result, reply_type, reply_fd, op_name, tenant, b, started, creation] {
-            if (creation) --creations_in_progress_;
+            if (creation) {
+              --creations_in_progress_;
+              --creations_by_tenant_[tenant];
+            }
             const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
             // Name the layer in the metrics: requests carry a name (create, attach) or a handle.
             std::string layer;

@@ -122,6 +122,8 @@ class DaemonImpl {
   bool shutting_down_ = false;
   int64_t creations_in_progress_ = 0;  // CreateLayer frames on the pool (loop thread)
   int64_t max_creations_in_progress_ = 1;  // half the pool, from start()
+  // Of those, each tenant's: at most max_creations_in_progress_ / tenants (at least 1) each.
+  std::map<std::string, int64_t> creations_by_tenant_;
   // Raised with shutting_down_, for the pool threads: see Rank::stopping.
   std::shared_ptr<std::atomic<bool>> stopping_ = std::make_shared<std::atomic<bool>>(false);
   std::chrono::steady_clock::time_point started_at_;

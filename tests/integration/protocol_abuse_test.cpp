@@ -397,6 +397,58 @@ TEST_F(ProtocolAbuse, AShutdownCancelsAGroupLayerWaitingForPeersThatNeverCome) {
   daemon_.reset();
 }
 
+// One tenant's group layers waiting for peers that never come hold at most its share of the
+// daemon's creation slots: another tenant still creates its layers meanwhile (it was refused at
+// once while the first held them all).
+TEST_F(ProtocolAbuse, ATenantsGroupsWaitingForPeersLeaveOtherTenantsTheirShareOfCreations) {
+  daemon_->stop();
+  // 4 pool threads: 2 creations at once, 1 for each of the 2 tenants.
+  ::setenv("UV_THREADPOOL_SIZE", "4", 1);
+  daemon_ = std::make_unique<DaemonProcess>(
+      DaemonOptions{.extra_tenants = "[[tenant]]\nname = \"other\"\nuids = [65534]\n"});
+  const auto started = daemon_->start();
+  ::unsetenv("UV_THREADPOOL_SIZE");
+  ASSERT_TRUE(started);
+  ::chmod(daemon_->client_socket().c_str(), 0666);
+  ::chmod(daemon_->dir().c_str(), 0755);
+  ::chmod((daemon_->dir() + "/run").c_str(), 0755);
+
+  RawSession waiting(daemon_->client_socket()), again(daemon_->client_socket());
+  ASSERT_TRUE(waiting.hello().ok());
+  ASSERT_TRUE(again.hello().ok());
+  const std::string group = std::string(kSpec) + "[group]\ncoordinator = \"127.0.0.1:" +
+                            std::to_string(free_port()) + "\"\nsize = 2\nrank = 0\nbootstrap_timeout_ms = 4000\n";
+  ASSERT_TRUE(waiting.send(ipc::FrameType::kCreateLayer, {{"spec", group}}).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // on the pool, waiting for rank 1
+  // The same tenant's next creation is refused at once: its share is taken.
+  auto refused = again.create_layer(kSpec, std::chrono::seconds(2));
+  EXPECT_EQ(refused.status().code(), StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_NE(refused.status().message().find("tenant 'default' has 1 layer creations in progress"),
+            std::string_view::npos)
+      << refused.status();
+
+  // The other tenant creates a layer meanwhile.
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(3);
+    RawSession other(daemon_->client_socket());
+    if (!other.hello().ok()) ::_exit(4);
+    if (!other.create_layer(kSpec, std::chrono::seconds(3)).ok()) ::_exit(5);
+    ::_exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << WEXITSTATUS(status) << "\n" << daemon_->log();
+  // The waiting group fails on its own timeout, naming the rank that never came.
+  auto reply = waiting.receive(std::chrono::seconds(10));
+  ASSERT_TRUE(reply.ok()) << reply.status();
+  EXPECT_EQ(reply->header.type, static_cast<uint16_t>(ipc::FrameType::kError));
+  EXPECT_NE(reply->body.find("rank 1 never reached the coordinator"), std::string::npos) << reply->body;
+  // Its slot is back: the tenant creates again.
+  EXPECT_TRUE(again.create_layer(kSpec, std::chrono::seconds(3)).ok());
+}
+
 // A client that sends requests and never reads the replies: its replies wait in the daemon, the
 // event loop goes on serving everyone else meanwhile (it used to block on that client's full
 // socket, up to 5 s per reply), and once too much is left unread the session is closed.
