@@ -342,8 +342,10 @@ Status ExpertParallelLayer::to_experts(const void* token_side, void* expert_side
       send = send_.data();
     }
     // The exchange gives [W][E_l][Cj][row] from every rank, and the experts want
-    // [E_l][W·Cj][row].
+    // [E_l][W·Cj][row]: the same layout with one expert per rank (E = W, Tutel's usual set-up),
+    // so then it lands where the experts read it, without a reordering pass.
     TUTEL_RETURN_IF_ERROR(collective_ready());
+    if (El == 1) return comm_->all_to_all(send, expert_side, part, algo);
     TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, recv_.data(), El * part, algo));
     return swap_outer(recv_.data(), expert_side, W, El, ch.Cj * row_bytes);
   }
@@ -365,11 +367,17 @@ Status ExpertParallelLayer::to_tokens(const float* expert_side, float* token_sid
   const size_t part = static_cast<size_t>(ch.Cj * row);
   auto token_part = [&](int64_t e) { return token_side + (e * ch.C + ch.c0) * row; };
   if (s == 1) {
-    TUTEL_RETURN_IF_ERROR(swap_outer(expert_side, send_.data(), El, W, ch.Cj * row * 4));
+    // [E_l][W·Cj][row] → [W][E_l][Cj][row] for the exchange: nothing to reorder with one expert
+    // per rank, which then sends straight from the experts' output.
+    const void* send = expert_side;
+    if (El > 1) {
+      TUTEL_RETURN_IF_ERROR(swap_outer(expert_side, send_.data(), El, W, ch.Cj * row * 4));
+      send = send_.data();
+    }
     TUTEL_RETURN_IF_ERROR(collective_ready());
     // Straight into the token side when the chunk is all of C; else through recv_.
-    if (ch.Cj == ch.C) return comm_->all_to_all(send_.data(), token_side, El * part * 4, algo);
-    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send_.data(), recv_.data(), El * part * 4, algo));
+    if (ch.Cj == ch.C) return comm_->all_to_all(send, token_side, El * part * 4, algo);
+    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, recv_.data(), El * part * 4, algo));
     for (int64_t e = 0; e < E; ++e)
       TUTEL_RETURN_IF_ERROR(
           backend_->copy(token_part(e), fp(recv_) + e * part, part * 4, CopyKind::kDeviceToDevice));

@@ -114,6 +114,8 @@ std::vector<EpCase> cases() {
   return {
       {"OneRank", 1, 4, 32, 2, 1.0, {40}},
       {"TwoRanksTwoExpertsEach", 2, 4, 32, 2, 1.0, {40, 40}},
+      // One expert per rank: the exchange lands where the experts read (no reordering pass).
+      {"FourRanksOneExpertEachUnequal", 4, 4, 32, 2, 1.0, {31, 40, 22, 37}, Activation::kGelu},
       {"TwoRanksDroplessUnequalTokens", 2, 4, 32, 1, 0.0, {37, 50}},
       {"FourRanksCappedDropless", 4, 8, 32, 2, -0.8, {20, 33, 41, 28}},
       {"FourRanksTwoExpertsShardedInTwo", 4, 2, 48, 2, 1.0, {30, 30, 30, 30}},
@@ -146,6 +148,7 @@ std::vector<EpCase> cases() {
       // Pipelined (d chunks of the capacity, uneven where d does not divide it; exchanged on the
       // layer's worker thread beside the GEMMs): the same results as d = 1.
       pipelined(2, {"PipelinedTwoRanksTwoExpertsEach", 2, 4, 32, 2, 1.0, {40, 40}}),
+      pipelined(3, {"PipelinedThreeChunksTwoRanksOneExpertEach", 2, 2, 32, 1, 0.0, {35, 26}}),
       pipelined(3, {"PipelinedThreeChunksFourRanksCappedDroplessGelu",
                     4,
                     8,
@@ -195,6 +198,7 @@ std::vector<EpCase> cases() {
       // bf16 matmuls: the dispatch travels as bf16 rows (half the bytes), the combine in f32;
       // whole experts, H-shards, pipelined chunks (staged through the send buffer), 2DH, r = 0.
       bf16_matmuls({"Bf16TwoRanksTwoExpertsEach", 2, 4, 32, 2, 1.0, {40, 31}}),
+      bf16_matmuls(pipelined(2, {"Bf16PipelinedTwoRanksOneExpertEach", 2, 2, 32, 2, 1.0, {29, 40}})),
       bf16_matmuls({"Bf16FourRanksOneExpertShardedInFour", 4, 1, 64, 1, 0.0, {10, 20, 30, 40}}),
       bf16_matmuls(pipelined(3, {"Bf16PipelinedThreeChunksFourRanksCappedDropless",
                                  4, 8, 32, 2, -0.8, {20, 33, 41, 28}})),
