@@ -271,6 +271,9 @@ int run_ep_bench(const EpBenchOptions& options) {
       std::fprintf(stderr, "tutel-bench ep: unknown shape '%s' (comm, compute)\n", name.c_str());
       return 2;
     }
+    EpShape chosen = *shape;
+    if (options.experts > 0) chosen.E = options.experts;
+    shape = &chosen;
     const uint16_t port = free_loopback_port();
     const Status st = run_ranks(
         options.ranks, "tcp,self",

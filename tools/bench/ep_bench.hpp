@@ -12,6 +12,8 @@ struct EpBenchOptions {
   // f32, or bf16 (expert GEMM inputs in bf16, the weights' bf16 copies made once, the dispatched
   // tokens exchanged in bf16).
   std::string matmul_dtype = "f32";
+  // E: experts of every shape; 0 = the shapes' own (8). E = ranks is Tutel's one expert per rank.
+  int experts = 0;
 };
 
 // The expert-parallel layer across forked ranks (UCX over tcp/lo with peer memory, as two daemons

@@ -86,6 +86,9 @@ int main(int argc, char** argv) {
                    "in bf16)")
       ->check(CLI::IsMember({"f32", "bf16"}))
       ->capture_default_str();
+  ep_cmd->add_option("--experts", ep.experts, "E for every shape (0: the shapes' own, 8); --experts 2 --ranks 2 is one expert per rank")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
 
   CLI11_PARSE(app, argc, argv);
   if (ep_cmd->parsed()) return tutel::bench::run_ep_bench(ep);
