@@ -69,7 +69,8 @@ int tutel_last_error_code(void);
 
 /* Connects to tuteld's client socket; NULL on failure (see tutel_last_error_code and
  * tutel_last_error: TUTEL_E_UNAVAILABLE when no daemon answers, TUTEL_E_PERMISSION_DENIED when
- * it maps this process's uid to no tenant). */
+ * it maps this process's uid to no tenant, or its tenant requires a secret this process did not
+ * give). The tenant's secret, if any, is read from the file TUTEL_SECRET_FILE names. */
 tutel_client* tutel_connect(const char* socket_path);
 /* tutel_connect for a tenant with a secret (docs/config.md): secret_file names the file holding
  * it, sent in the hello. NULL or "": TUTEL_SECRET_FILE from the environment, if set (as
