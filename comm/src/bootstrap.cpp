@@ -216,21 +216,28 @@ class Coordinator {
       refuse(c, "not a tuteld bootstrap hello");
       return Status::OK();
     }
+    // Refused at the header, before a body of up to 1 MiB is read, where the secret rules it out.
+    if (!o_.secret.empty() && !authenticated) {
+      refuse_for_secret(c, h, "the coordinator at " + endpoint_name(o_) + " requires the peer secret, and this " +
+                                  o_.member + "'s daemon has none: give every daemon the same [server] "
+                                  "peer_secret_file");
+      return Status::OK();
+    }
+    if (!o_.secret.empty() && c.server_nonce.empty()) {
+      refuse_for_secret(c, h, "a hello to the coordinator at " + endpoint_name(o_) +
+                                  " came without its challenge first: this " + o_.member +
+                                  "'s daemon speaks another version of the bootstrap");
+      return Status::OK();
+    }
+    if (o_.secret.empty() && authenticated) {
+      refuse_for_secret(c, h, "the coordinator at " + endpoint_name(o_) + " has no peer secret, and this " +
+                                  o_.member + "'s daemon has one: give every daemon the same [server] "
+                                  "peer_secret_file (or none)");
+      return Status::OK();
+    }
     const size_t message_bytes = kHeaderBytes + h.round_len + h.body_len;
     if (c.in.size() < message_bytes) return Status::OK();
-    if (!o_.secret.empty()) {
-      if (!authenticated) {
-        refuse_for_secret(c, h, "the coordinator at " + endpoint_name(o_) + " requires the peer secret, and this " +
-                                    o_.member + "'s daemon has none: give every daemon the same [server] "
-                                    "peer_secret_file");
-        return Status::OK();
-      }
-      if (c.server_nonce.empty()) {
-        refuse_for_secret(c, h, "a hello to the coordinator at " + endpoint_name(o_) +
-                                    " came without its challenge first: this " + o_.member +
-                                    "'s daemon speaks another version of the bootstrap");
-        return Status::OK();
-      }
+    if (authenticated) {
       if (!wire::verify_authenticated(std::string_view(c.in).substr(0, message_bytes), o_.secret, c.rank_nonce,
                                       c.server_nonce)) {
         refuse_for_secret(c, h, "the coordinator at " + endpoint_name(o_) + " refused the hello: this " + o_.member +
@@ -239,11 +246,6 @@ class Coordinator {
         return Status::OK();
       }
       h.body_len -= static_cast<uint32_t>(kAuthBytes);
-    } else if (authenticated) {
-      refuse_for_secret(c, h, "the coordinator at " + endpoint_name(o_) + " has no peer secret, and this " +
-                                  o_.member + "'s daemon has one: give every daemon the same [server] "
-                                  "peer_secret_file (or none)");
-      return Status::OK();
     }
     const std::string_view round(c.in.data() + kHeaderBytes, h.round_len);
     if (round != round_) {
@@ -312,10 +314,10 @@ class Coordinator {
     return Status::OK();
   }
 
-  // A hello refused for the peer secret: logged and counted here too, since the rank that sent
-  // it hears why but the group only sees that rank missing.
+  // A connection refused for the peer secret (its challenge or its hello): logged and counted
+  // here too, since the rank hears why but the group only sees that rank missing.
   void refuse_for_secret(Conn& c, const Header& h, const std::string& why) {
-    TUTEL_LOG(WARN) << "bootstrap: refused a hello from " << detail::peer_ip(c.fd.get()) << ", pid " << h.pid
+    TUTEL_LOG(WARN) << "bootstrap: refused a connection from " << detail::peer_ip(c.fd.get()) << ", pid " << h.pid
                     << ", claiming " << o_.member << " " << h.rank << ": " << why;
     ++refused_for_secret_;
     refuse(c, why, StatusCode::kPermissionDenied);
@@ -344,7 +346,7 @@ class Coordinator {
                            (refused_for_secret_ == 0
                                 ? std::string()
                                 : " (" + std::to_string(refused_for_secret_) +
-                                      " hello(s) were refused for the peer secret: give every daemon the same "
+                                      " connection(s) were refused for the peer secret: give every daemon the same "
                                       "[server] peer_secret_file)"));
   }
 
@@ -502,7 +504,7 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
       // Nonces both ways, fresh for this connection: the hello's mac covers the server's, the
       // table's mac both (bootstrap_wire.hpp).
       TUTEL_ASSIGN_OR_RETURN(rank_nonce, random_bytes(kNonceBytes));
-      if (!send(wire::encode_challenge(rank_nonce))) {
+      if (!send(wire::encode_challenge(rank_nonce, h.rank, h.pid))) {
         retry_later();
         continue;
       }

@@ -109,10 +109,13 @@ inline std::string encode_table(const std::vector<std::string>& payloads,
   return encode(h, {}, body);
 }
 
-// A challenge (either way): the sender's nonce.
-inline std::string encode_challenge(std::string_view nonce) {
+// A challenge (either way): the sender's nonce; a rank's names it (rank, pid) for the server's
+// logs, as its hello will.
+inline std::string encode_challenge(std::string_view nonce, uint32_t rank = 0, uint32_t pid = 0) {
   Header h;
   h.kind = kChallenge | kAuthenticated;
+  h.rank = rank;
+  h.pid = pid;
   return encode(h, {}, nonce);
 }
 

@@ -465,7 +465,7 @@ class Service final : public RendezvousService {
 
   // Logged too: the joining rank hears why, its group only sees that rank missing.
   void refuse_for_secret(Peer& p, const Header& h, const std::string& why) {
-    TUTEL_LOG(WARN) << "rendezvous service at " << where() << ": refused a join from "
+    TUTEL_LOG(WARN) << "rendezvous service at " << where() << ": refused a connection from "
                     << detail::peer_ip(p.fd.get()) << ", pid " << h.pid << ": " << why;
     refuse(p, why, StatusCode::kPermissionDenied);
   }

@@ -412,6 +412,11 @@ void DaemonImpl::accept_on(bool admin) {
         close_session(s);
         continue;
       }
+      // Connections without a hello yet are bounded apart, max_sessions per tenant, so they cannot
+      // take the daemon's descriptors from every other tenant: past the bound the oldest of them
+      // makes room. Refusing the newcomer instead would let a process that opens connections and
+      // says nothing (under the tenant's uid, without its secret) keep the tenant's clients out.
+      if (waiting_for_hello(*tenant) >= registry_->max_sessions(*tenant)) evict_oldest_silent(*tenant);
       s->tenant = *tenant;
       publish_session_count();
     }
@@ -430,7 +435,8 @@ void DaemonImpl::close_silent_sessions() {
   const auto now = std::chrono::steady_clock::now();
   std::vector<std::shared_ptr<Session>> silent;
   for (const auto& [id, s] : sessions_)
-    if (!s->admin && !s->hello_received && !s->closing && now - s->connected_at >= config_.server.hello_timeout)
+    if (!s->admin && !s->hello_received && !s->admitted && !s->closing &&
+        now - s->connected_at >= config_.server.hello_timeout)
       silent.push_back(s);
   for (const auto& s : silent) {
     TUTEL_LOG(WARN) << "session " << s->id << " (pid " << s->peer.pid << "): no hello within "
@@ -446,6 +452,30 @@ void DaemonImpl::close_silent_sessions() {
 Status DaemonImpl::draining_status(const std::string& what) const {
   return Status::Unavailable("tuteld is draining (tutelctl drain) and " + what +
                              ": use another daemon, or ask its operator to run 'tutelctl undrain'");
+}
+
+void DaemonImpl::evict_oldest_silent(const std::string& tenant) {
+  std::shared_ptr<Session> oldest;
+  for (const auto& [id, s] : sessions_)
+    if (!s->admin && !s->admitted && !s->hello_received && !s->closing && s->tenant == tenant &&
+        (!oldest || s->connected_at < oldest->connected_at))
+      oldest = s;
+  if (!oldest) return;
+  TUTEL_LOG(WARN) << "session " << oldest->id << " (pid " << oldest->peer.pid << "): no hello yet, and tenant "
+                  << tenant << " has max_sessions connections without one; closing it to make room";
+  metrics_.count_session_refused(tenant, "no_hello_evicted");
+  reply_error(oldest, 0,
+              Status::ResourceExhausted("closed before its hello to make room: tenant '" + tenant + "' has " +
+                                        std::to_string(registry_->max_sessions(tenant)) +
+                                        " connections without a hello; send the hello at once after connecting"));
+  close_session(oldest);
+}
+
+int64_t DaemonImpl::waiting_for_hello(const std::string& tenant) const {
+  int64_t n = 0;
+  for (const auto& [id, session] : sessions_)
+    n += !session->admin && !session->admitted && !session->closing && session->tenant == tenant;
+  return n;
 }
 
 int64_t DaemonImpl::tenant_sessions(const std::string& tenant) const {
@@ -610,23 +640,30 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
   }
   // A group layer's creation holds a pool thread until its peers arrive (up to its
   // bootstrap_timeout_ms): creations may hold half the pool, never the steps, saves and session
-  // tear-downs of every other tenant queued behind them; and one tenant holds at most its share
-  // of those, so its groups waiting for peers never keep another tenant from creating layers.
+  // tear-downs of every other tenant queued behind them. Of those slots each tenant has a share
+  // reserved (max / tenants); beyond its share a tenant may use what no other tenant's unused
+  // reservation needs. So one tenant's groups waiting for peers never keep another from creating
+  // layers, and a tenant alone may still form a group of more ranks than its share.
   const bool creation = type == ipc::FrameType::kCreateLayer;
   if (creation) {
     const int64_t tenants = std::max<int64_t>(1, static_cast<int64_t>(config_.tenants.size()));
     const int64_t share = std::max<int64_t>(1, max_creations_in_progress_ / tenants);
     const int64_t mine = creations_by_tenant_[tenant];
+    int64_t reserved_for_others = 0;
+    for (const TenantConfig& t : config_.tenants)
+      if (t.name != tenant) reserved_for_others += std::max<int64_t>(0, share - creations_by_tenant_[t.name]);
+    const int64_t free_after = max_creations_in_progress_ - creations_in_progress_ - 1;
     Status busy;
     if (creations_in_progress_ >= max_creations_in_progress_)
       busy = Status::ResourceExhausted(std::to_string(creations_in_progress_) +
                                        " layer creations are in progress on this daemon (group layers wait there "
                                        "for their peers), its limit: create this one once one of them has finished");
-    else if (mine >= share)
+    else if (mine >= share && free_after < reserved_for_others)
       busy = Status::ResourceExhausted(
           "tenant '" + tenant + "' has " + std::to_string(mine) + " layer creations in progress (group layers wait there "
-          "for their peers), its share of this daemon's " + std::to_string(max_creations_in_progress_) +
-          ": create this one once one of them has finished (or raise UV_THREADPOOL_SIZE for tuteld)");
+          "for their peers), beyond its share of " + std::to_string(share) + " of this daemon's " +
+          std::to_string(max_creations_in_progress_) + ", and the rest is kept for the other tenants: create this "
+          "one once one of them has finished (or raise UV_THREADPOOL_SIZE for tuteld)");
     if (!busy.ok()) {
       reply_error(s, rid, busy);
       return finish_frame(s);

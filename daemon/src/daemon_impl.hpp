@@ -82,6 +82,10 @@ class DaemonImpl {
   // The tenant's client sessions that are open (not closing) and past their hello; on the loop
   // thread.
   int64_t tenant_sessions(const std::string& tenant) const;
+  // Its client sessions not admitted yet (no hello passed); on the loop thread.
+  int64_t waiting_for_hello(const std::string& tenant) const;
+  // Closes the tenant's oldest session that has not sent its hello (room for a new connection).
+  void evict_oldest_silent(const std::string& tenant);
   // ResourceExhausted when the tenant has max_sessions of them already.
   Status sessions_full(const std::string& tenant) const;
   // Closes client sessions that have not sent their hello within hello_timeout (hello_sweep_).

@@ -90,7 +90,7 @@ TEST(PeerSecret, ACoordinatorWithoutASecretRefusesAnAuthenticatedHello) {
   rank0.join();
   EXPECT_EQ(coordinator->status().code(), StatusCode::kTimeout) << coordinator->status();
   // Rank 0 says why rank 1 is missing, not only that it is.
-  EXPECT_TRUE(contains(coordinator->status().message(), "1 hello(s) were refused for the peer secret"))
+  EXPECT_TRUE(contains(coordinator->status().message(), "1 connection(s) were refused for the peer secret"))
       << coordinator->status();
 }
 
@@ -272,6 +272,14 @@ TEST(PeerSecret, AHelloReplayedOnAnotherConnectionIsRefused) {
   ASSERT_GE(answer.size(), wire::kHeaderBytes);
   EXPECT_EQ(wire::decode_header(answer.data()).kind, wire::kError);
   EXPECT_TRUE(contains(answer, "peer secret is not the coordinator's")) << answer.substr(wire::kHeaderBytes);
+  // A plain hello announcing a megabyte is refused at its header: the coordinator reads no body
+  // it would refuse anyway.
+  Raw plain(port);
+  std::string header;
+  for (uint32_t v : {wire::kMagic, wire::kHello, 1u, 2u, 1u, 4242u, 4u, 1u << 20}) wire::put_u32(header, v);
+  plain.send(header);  // and nothing more
+  const std::string refused = plain.read(4096);
+  EXPECT_TRUE(contains(refused, "requires the peer secret")) << refused;
   const Result<BootstrapTable> real = exchange(rank_options(port, 1, 2, kSecret));
   rank0.join();
   ASSERT_TRUE(real.ok()) << real.status();

@@ -397,13 +397,15 @@ TEST_F(ProtocolAbuse, AShutdownCancelsAGroupLayerWaitingForPeersThatNeverCome) {
   daemon_.reset();
 }
 
-// One tenant's group layers waiting for peers that never come hold at most its share of the
-// daemon's creation slots: another tenant still creates its layers meanwhile (it was refused at
-// once while the first held them all).
+// Each tenant has a share of the daemon's layer-creation slots reserved: one tenant's group
+// layers waiting for peers that never come may go beyond its share only into slots no other
+// tenant's reservation needs, so another tenant still creates its layers meanwhile (it was
+// refused at once while the first held them all). Beyond its share a tenant may still form a
+// group of more ranks than the share, while the others leave their reservations unused.
 TEST_F(ProtocolAbuse, ATenantsGroupsWaitingForPeersLeaveOtherTenantsTheirShareOfCreations) {
   daemon_->stop();
-  // 4 pool threads: 2 creations at once, 1 for each of the 2 tenants.
-  ::setenv("UV_THREADPOOL_SIZE", "4", 1);
+  // 6 pool threads: 3 creations at once; 2 tenants, so 1 reserved for each and 1 for either.
+  ::setenv("UV_THREADPOOL_SIZE", "6", 1);
   daemon_ = std::make_unique<DaemonProcess>(
       DaemonOptions{.extra_tenants = "[[tenant]]\nname = \"other\"\nuids = [65534]\n"});
   const auto started = daemon_->start();
@@ -413,18 +415,28 @@ TEST_F(ProtocolAbuse, ATenantsGroupsWaitingForPeersLeaveOtherTenantsTheirShareOf
   ::chmod(daemon_->dir().c_str(), 0755);
   ::chmod((daemon_->dir() + "/run").c_str(), 0755);
 
-  RawSession waiting(daemon_->client_socket()), again(daemon_->client_socket());
+  auto group = [](int i) {
+    std::string spec(kSpec);
+    spec.replace(spec.find("\"moe\""), 5, "\"moe_g" + std::to_string(i) + "\"");
+    return spec + "[group]\ncoordinator = \"127.0.0.1:" + std::to_string(free_port()) +
+           "\"\nsize = 2\nrank = 0\nbootstrap_timeout_ms = 4000\n";
+  };
+  RawSession waiting(daemon_->client_socket()), also_waiting(daemon_->client_socket()),
+      again(daemon_->client_socket());
   ASSERT_TRUE(waiting.hello().ok());
+  ASSERT_TRUE(also_waiting.hello().ok());
   ASSERT_TRUE(again.hello().ok());
-  const std::string group = std::string(kSpec) + "[group]\ncoordinator = \"127.0.0.1:" +
-                            std::to_string(free_port()) + "\"\nsize = 2\nrank = 0\nbootstrap_timeout_ms = 4000\n";
-  ASSERT_TRUE(waiting.send(ipc::FrameType::kCreateLayer, {{"spec", group}}).ok());
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // on the pool, waiting for rank 1
-  // The same tenant's next creation is refused at once: its share is taken.
+  // Its share, then the slot that is nobody's reservation: both wait for their rank 1.
+  ASSERT_TRUE(waiting.send(ipc::FrameType::kCreateLayer, {{"spec", group(1)}}).ok());
+  ASSERT_TRUE(also_waiting.send(ipc::FrameType::kCreateLayer, {{"spec", group(2)}}).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // on the pool, waiting
+  // A third would take the other tenant's reservation: refused at once.
   auto refused = again.create_layer(kSpec, std::chrono::seconds(2));
   EXPECT_EQ(refused.status().code(), StatusCode::kResourceExhausted) << refused.status();
-  EXPECT_NE(refused.status().message().find("tenant 'default' has 1 layer creations in progress"),
+  EXPECT_NE(refused.status().message().find("tenant 'default' has 2 layer creations in progress"),
             std::string_view::npos)
+      << refused.status();
+  EXPECT_NE(refused.status().message().find("kept for the other tenants"), std::string_view::npos)
       << refused.status();
 
   // The other tenant creates a layer meanwhile.
@@ -440,12 +452,14 @@ TEST_F(ProtocolAbuse, ATenantsGroupsWaitingForPeersLeaveOtherTenantsTheirShareOf
   int status = 0;
   ASSERT_EQ(::waitpid(child, &status, 0), child);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << WEXITSTATUS(status) << "\n" << daemon_->log();
-  // The waiting group fails on its own timeout, naming the rank that never came.
-  auto reply = waiting.receive(std::chrono::seconds(10));
-  ASSERT_TRUE(reply.ok()) << reply.status();
-  EXPECT_EQ(reply->header.type, static_cast<uint16_t>(ipc::FrameType::kError));
-  EXPECT_NE(reply->body.find("rank 1 never reached the coordinator"), std::string::npos) << reply->body;
-  // Its slot is back: the tenant creates again.
+  // The waiting groups fail on their own timeout, naming the rank that never came.
+  for (RawSession* s : {&waiting, &also_waiting}) {
+    auto reply = s->receive(std::chrono::seconds(10));
+    ASSERT_TRUE(reply.ok()) << reply.status();
+    EXPECT_EQ(reply->header.type, static_cast<uint16_t>(ipc::FrameType::kError));
+    EXPECT_NE(reply->body.find("rank 1 never reached the coordinator"), std::string::npos) << reply->body;
+  }
+  // Their slots are back: the tenant creates again.
   EXPECT_TRUE(again.create_layer(kSpec, std::chrono::seconds(3)).ok());
 }
 

@@ -176,35 +176,61 @@ struct SilentConnection {
 
 // Sessions count against max_sessions from their hello on: connections that never send one
 // (without the secret, a process under the tenant's uid can open nothing else) do not keep the
-// tenant's clients out, and are closed after hello_timeout_ms.
+// tenant's clients out. A tenant keeps at most max_sessions of them, the oldest closed to make
+// room for a newcomer, so they cannot take the daemon's descriptors either.
 TEST(TenantSecret, ConnectionsThatNeverSayHelloHoldNoSessionPlace) {
   SecretFiles files;
   const std::string secret = files.write("tenant", "tenant-secret-0123456789abcdef\n");
   DaemonOptions o = with_tenant_secret(secret);
   o.default_max_sessions = 2;
-  o.extra_server = "hello_timeout_ms = 400";
+  o.extra_server = "hello_timeout_ms = 60000";  // none closed for silence in this test
   DaemonProcess d(o);
   ASSERT_TRUE(d.start());
   std::vector<std::unique_ptr<SilentConnection>> silent;
   for (int i = 0; i < 4; ++i) silent.push_back(std::make_unique<SilentConnection>(d.client_socket()));
+  // The two oldest made room for the two newest.
+  EXPECT_TRUE(silent[0]->closed_by_daemon(std::chrono::seconds(10)));
+  EXPECT_TRUE(silent[1]->closed_by_daemon(std::chrono::seconds(10)));
   client::ClientOptions options;
   options.secret_file = secret;
   auto first = client::Client::connect(d.client_socket(), options);
   ASSERT_TRUE(first.ok()) << first.status();
   auto second = client::Client::connect(d.client_socket(), options);
   ASSERT_TRUE(second.ok()) << second.status();
+  // The first client made room for itself (silent[2] and silent[3] were the two without a
+  // hello); then one place without a hello was free again for the second.
+  EXPECT_TRUE(silent[2]->closed_by_daemon(std::chrono::seconds(10)));
+  EXPECT_FALSE(silent[3]->closed_by_daemon(std::chrono::milliseconds(300)));
   auto third = client::Client::connect(d.client_socket(), options);
   EXPECT_EQ(third.status().code(), StatusCode::kResourceExhausted) << third.status();
   EXPECT_TRUE(contains(third.status().message(), "already has 2 client sessions")) << third.status();
-  for (const auto& c : silent) EXPECT_TRUE(c->closed_by_daemon(std::chrono::seconds(10)));
-  EXPECT_TRUE(contains(d.log(), "no hello within 400 ms; closing it")) << d.log();
+  EXPECT_TRUE(first->ping().ok());
   auto admin = client::AdminClient::connect(d.admin_socket());
   ASSERT_TRUE(admin.ok()) << admin.status();
   auto metrics = admin->metrics();
   ASSERT_TRUE(metrics.ok()) << metrics.status();
-  EXPECT_TRUE(contains(*metrics, "reason=\\\"hello_timeout\\\"} 4")) << *metrics;
+  EXPECT_TRUE(contains(*metrics, "reason=\\\"no_hello_evicted\\\"} 3")) << *metrics;
   EXPECT_TRUE(contains(*metrics, "reason=\\\"max_sessions\\\"} 1")) << *metrics;
-  EXPECT_TRUE(first->ping().ok());
+  EXPECT_EQ(d.stop(), 0) << d.log();
+}
+
+TEST(TenantSecret, AConnectionWithoutAHelloIsClosedAfterHelloTimeout) {
+  DaemonOptions o;
+  o.extra_server = "hello_timeout_ms = 300";
+  DaemonProcess d(o);
+  ASSERT_TRUE(d.start());
+  SilentConnection silent(d.client_socket());
+  EXPECT_TRUE(silent.closed_by_daemon(std::chrono::seconds(10)));
+  EXPECT_TRUE(contains(d.log(), "no hello within 300 ms; closing it")) << d.log();
+  auto admin = client::AdminClient::connect(d.admin_socket());
+  ASSERT_TRUE(admin.ok()) << admin.status();
+  auto metrics = admin->metrics();
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  EXPECT_TRUE(contains(*metrics, "reason=\\\"hello_timeout\\\"} 1")) << *metrics;
+  // A client that says hello at once is served as ever.
+  auto client = client::Client::connect(d.client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  EXPECT_TRUE(client->ping().ok());
   EXPECT_EQ(d.stop(), 0) << d.log();
 }
 
@@ -313,7 +339,7 @@ TEST(PeerSecret, ANodeWithAnotherSecretCannotJoinTheCluster) {
   EXPECT_TRUE(contains(node1.log(), "peer secret is not the coordinator's")) << node1.log();
   EXPECT_EQ(node0.wait_exit(std::chrono::seconds(30)), 1) << node0.log();
   EXPECT_TRUE(contains(node0.log(), "node 1 never reached the coordinator")) << node0.log();
-  EXPECT_TRUE(contains(node0.log(), "hello(s) were refused for the peer secret")) << node0.log();
+  EXPECT_TRUE(contains(node0.log(), "connection(s) were refused for the peer secret")) << node0.log();
 }
 
 TEST(PeerSecret, AGroupRankOnADaemonWithoutTheSecretIsRefusedAtTheCoordinator) {
@@ -330,7 +356,7 @@ TEST(PeerSecret, AGroupRankOnADaemonWithoutTheSecretIsRefusedAtTheCoordinator) {
   EXPECT_TRUE(contains(out[1].status().message(), "requires the peer secret")) << out[1].status();
   ASSERT_FALSE(out[0].ok());
   EXPECT_TRUE(contains(out[0].status().message(), "rank 1 never reached the coordinator")) << out[0].status();
-  EXPECT_TRUE(contains(out[0].status().message(), "1 hello(s) were refused for the peer secret")) << out[0].status();
+  EXPECT_TRUE(contains(out[0].status().message(), "1 connection(s) were refused for the peer secret")) << out[0].status();
   EXPECT_EQ(guarded.stop(), 0) << guarded.log();
   EXPECT_EQ(open.stop(), 0) << open.log();
 }
