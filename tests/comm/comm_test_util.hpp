@@ -14,6 +14,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
@@ -254,5 +255,50 @@ inline std::string describe_failures(const std::vector<ChildOutcome>& outcomes,
   }
   return report;
 }
+
+// A raw loopback TCP connection to a coordinator or the rendezvous service, for tests that
+// speak the bootstrap's wire themselves; closed on destruction. `retry_for`: keep connecting
+// that long while nothing listens yet (a coordinator about to); fd stays -1 if it never did.
+struct RawClient {
+  int fd = -1;
+  explicit RawClient(uint16_t port, std::chrono::milliseconds retry_for = 0ms) {
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(port);
+    const auto deadline = std::chrono::steady_clock::now() + retry_for;
+    for (;;) {
+      fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) return;
+      ::close(fd);
+      fd = -1;
+      if (std::chrono::steady_clock::now() >= deadline) return;
+      std::this_thread::sleep_for(10ms);
+    }
+  }
+  ~RawClient() {
+    if (fd >= 0) ::close(fd);
+  }
+  void send(const std::string& bytes) const { (void)!::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL); }
+  // At most `bytes` of what the server sends, until it closes or `wait` passes.
+  std::string read(size_t bytes, std::chrono::milliseconds wait = 3000ms) const {
+    std::string out;
+    const auto deadline = std::chrono::steady_clock::now() + wait;
+    while (out.size() < bytes) {
+      pollfd p{fd, POLLIN, 0};
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline -
+                                                                              std::chrono::steady_clock::now())
+                            .count();
+      if (left <= 0 || ::poll(&p, 1, static_cast<int>(left)) <= 0) break;
+      char buf[4096];
+      const ssize_t n = ::recv(fd, buf, std::min(sizeof buf, bytes - out.size()), 0);
+      if (n <= 0) break;
+      out.append(buf, static_cast<size_t>(n));
+    }
+    return out;
+  }
+  // Everything the server sends until it closes, or until `wait` passes.
+  std::string read_all(std::chrono::milliseconds wait = 3000ms) const { return read(SIZE_MAX, wait); }
+};
 
 }  // namespace tutel::comm::testing

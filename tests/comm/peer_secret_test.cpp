@@ -27,6 +27,7 @@ namespace {
 using namespace std::chrono_literals;
 using testing::free_port;
 using testing::loopback_options;
+using testing::RawClient;
 
 const std::string kSecret = "the-deployment-peer-secret-0123456789";
 const std::string kOtherSecret = "another-deployment-secret-9876543210";
@@ -210,38 +211,6 @@ TEST(PeerSecret, AnyChangeToAnAuthenticatedHelloOrAReplayFailsItsCheck) {
   EXPECT_FALSE(wire::verify_authenticated(message.substr(0, 40), kSecret, rank_nonce, server_nonce));
 }
 
-// A raw loopback connection (the test speaks the wire itself).
-struct Raw {
-  int fd = -1;
-  explicit Raw(uint16_t port) {
-    fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    addr.sin_port = htons(port);
-    for (int i = 0; i < 200 && ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0; ++i) {
-      ::close(fd);  // the coordinator may not listen yet
-      std::this_thread::sleep_for(10ms);
-      fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    }
-  }
-  ~Raw() { ::close(fd); }
-  void send(const std::string& bytes) const { (void)!::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL); }
-  std::string read(size_t bytes) const {
-    std::string out(bytes, '\0');
-    size_t at = 0;
-    while (at < bytes) {
-      pollfd p{fd, POLLIN, 0};
-      if (::poll(&p, 1, 5000) <= 0) break;
-      const ssize_t n = ::recv(fd, out.data() + at, bytes - at, 0);
-      if (n <= 0) break;
-      at += static_cast<size_t>(n);
-    }
-    out.resize(at);
-    return out;
-  }
-};
-
 // A hello recorded on one connection, replayed on another: the coordinator's challenge differs
 // there, so the replay is refused, and the real rank still joins.
 TEST(PeerSecret, AHelloReplayedOnAnotherConnectionIsRefused) {
@@ -257,28 +226,28 @@ TEST(PeerSecret, AHelloReplayedOnAnotherConnectionIsRefused) {
   const std::string rank_nonce(wire::kNonceBytes, 'r');
   std::string recorded;
   {  // What a genuine rank sent on its connection (which then broke before the table).
-    Raw first(port);
+    RawClient first(port, 2s);
     first.send(wire::encode_challenge(rank_nonce));
     const std::string challenge = first.read(wire::kHeaderBytes + wire::kNonceBytes);
     ASSERT_EQ(challenge.size(), wire::kHeaderBytes + wire::kNonceBytes);
     recorded = wire::encode_authenticated(h, "test", "payload-1", kSecret, rank_nonce,
                                           challenge.substr(wire::kHeaderBytes));
   }
-  Raw replay(port);
+  RawClient replay(port, 2s);
   replay.send(wire::encode_challenge(rank_nonce));
   ASSERT_EQ(replay.read(wire::kHeaderBytes + wire::kNonceBytes).size(), wire::kHeaderBytes + wire::kNonceBytes);
   replay.send(recorded);
-  const std::string answer = replay.read(4096);
+  const std::string answer = replay.read_all();
   ASSERT_GE(answer.size(), wire::kHeaderBytes);
   EXPECT_EQ(wire::decode_header(answer.data()).kind, wire::kError);
   EXPECT_TRUE(contains(answer, "peer secret is not the coordinator's")) << answer.substr(wire::kHeaderBytes);
   // A plain hello announcing a megabyte is refused at its header: the coordinator reads no body
   // it would refuse anyway.
-  Raw plain(port);
+  RawClient plain(port, 2s);
   std::string header;
   for (uint32_t v : {wire::kMagic, wire::kHello, 1u, 2u, 1u, 4242u, 4u, 1u << 20}) wire::put_u32(header, v);
   plain.send(header);  // and nothing more
-  const std::string refused = plain.read(4096);
+  const std::string refused = plain.read_all();
   EXPECT_TRUE(contains(refused, "requires the peer secret")) << refused;
   const Result<BootstrapTable> real = exchange(rank_options(port, 1, 2, kSecret));
   rank0.join();
@@ -328,19 +297,19 @@ TEST(PeerSecret, TheRendezvousServiceServesOnlyJoinsThatProveItsSecret) {
   wire::Header bad;
   bad.kind = wire::kChallenge | wire::kAuthenticated;
   {
-    Raw c(s.port());
+    RawClient c(s.port());
     c.send(wire::encode(bad, {}, "short"));
-    EXPECT_TRUE(contains(c.read(4096), "malformed challenge"));
+    EXPECT_TRUE(contains(c.read_all(), "malformed challenge"));
   }
   {
-    Raw c(s.port());
+    RawClient c(s.port());
     c.send(wire::encode_challenge(std::string(wire::kNonceBytes, 'a')));
     EXPECT_EQ(c.read(wire::kHeaderBytes + wire::kNonceBytes).size(), wire::kHeaderBytes + wire::kNonceBytes);
     c.send(wire::encode_challenge(std::string(wire::kNonceBytes, 'b')));
-    EXPECT_TRUE(contains(c.read(4096), "malformed challenge"));
+    EXPECT_TRUE(contains(c.read_all(), "malformed challenge"));
   }
   {
-    Raw c(s.port());
+    RawClient c(s.port());
     wire::Header join;
     join.kind = wire::kJoin;
     join.rank = 0;
@@ -350,7 +319,7 @@ TEST(PeerSecret, TheRendezvousServiceServesOnlyJoinsThatProveItsSecret) {
     wire::put_u32(body, 1000);
     c.send(wire::encode_authenticated(join, "test@t/h", body, kSecret, std::string(wire::kNonceBytes, 'a'),
                                       std::string(wire::kNonceBytes, 'b')));
-    EXPECT_TRUE(contains(c.read(4096), "without its challenge first"));
+    EXPECT_TRUE(contains(c.read_all(), "without its challenge first"));
   }
   EXPECT_EQ(s.stats().groups_completed, 1u);
   EXPECT_EQ(s.stats().pending_groups, 0u);

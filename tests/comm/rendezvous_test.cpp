@@ -21,6 +21,7 @@ namespace {
 
 using namespace std::chrono_literals;
 using testing::free_port;
+using testing::RawClient;
 using Clock = std::chrono::steady_clock;
 
 bool contains(std::string_view haystack, std::string_view needle) {
@@ -77,43 +78,6 @@ std::vector<Outcome> exchange_on_threads(const std::vector<BootstrapOptions>& me
 std::string error_of(const Outcome& o) {
   return o.result->ok() ? std::string("(ok)") : std::string(o.result->status().message());
 }
-
-// A raw loopback connection to the service, closed on destruction.
-struct RawClient {
-  int fd = -1;
-  explicit RawClient(uint16_t port) {
-    fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    addr.sin_port = htons(port);
-    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-      ::close(fd);
-      fd = -1;
-    }
-  }
-  ~RawClient() {
-    if (fd >= 0) ::close(fd);
-  }
-  void send(const std::string& bytes) const {
-    (void)!::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
-  }
-  // What the service answers until it closes, or until `wait` passes.
-  std::string read_all(std::chrono::milliseconds wait = 3000ms) const {
-    std::string out;
-    const auto deadline = Clock::now() + wait;
-    for (;;) {
-      pollfd p{fd, POLLIN, 0};
-      const auto left =
-          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
-      if (left <= 0 || ::poll(&p, 1, static_cast<int>(left)) <= 0) return out;
-      char buf[4096];
-      const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
-      if (n <= 0) return out;
-      out.append(buf, static_cast<size_t>(n));
-    }
-  }
-};
 
 void put_u32(std::string& out, uint32_t v) {
   for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
