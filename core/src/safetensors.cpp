@@ -108,8 +108,9 @@ std::optional<ShapeSize> shape_size(const Shape& shape, DType dtype) {
 // A first pass over the header before any tree is built. It catches what a tree would hide:
 // a tensor name or a '__metadata__' key given twice (the tree keeps the last one silently: a
 // checkpoint's "tuteld.spec" could say one thing to one reader and another to the next), and
-// nesting too deep to be a real header. nlohmann's parser callback could do this during the tree's own parse,
-// but it rescans the parent object after every member: quadratic in the tensor count.
+// nesting too deep to be a real header. nlohmann's parser callback could do this during the
+// tree's own parse, but it rescans the parent object after every member: quadratic in the
+// tensor count.
 class HeaderScan final : public nlohmann::json_sax<json> {
  public:
   bool null() override { return true; }
@@ -119,12 +120,14 @@ class HeaderScan final : public nlohmann::json_sax<json> {
   bool number_float(number_float_t, const string_t&) override { return true; }
   bool string(string_t&) override { return true; }
   bool binary(binary_t&) override { return true; }
+  // in_metadata_ changes only where a top-level value starts (depth 1 → 2): values nested
+  // inside '__metadata__' (refused later as not strings) leave it as it is.
   bool start_object(std::size_t) override {
-    in_metadata_ = depth_ == 1 && last_root_key_ == kMetadataKey;
+    if (depth_ == 1) in_metadata_ = last_root_key_ == kMetadataKey;
     return enter();
   }
   bool start_array(std::size_t) override {
-    in_metadata_ = false;
+    if (depth_ == 1) in_metadata_ = false;
     return enter();
   }
   bool end_object() override {
