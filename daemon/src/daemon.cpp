@@ -455,11 +455,20 @@ Status DaemonImpl::draining_status(const std::string& what) const {
 }
 
 void DaemonImpl::evict_oldest_silent(const std::string& tenant) {
-  std::shared_ptr<Session> oldest;
+  std::vector<std::shared_ptr<Session>> silent;
   for (const auto& [id, s] : sessions_)
-    if (!s->admin && !s->admitted && !s->hello_received && !s->closing && s->tenant == tenant &&
-        (!oldest || s->connected_at < oldest->connected_at))
+    if (!s->admin && !s->admitted && !s->hello_received && !s->closing && s->tenant == tenant) silent.push_back(s);
+  std::sort(silent.begin(), silent.end(), [](const auto& a, const auto& b) { return a->connected_at < b->connected_at; });
+  // Oldest first, each after reading what it has sent: a client whose hello arrived in the same
+  // pass of the loop as this connection is served, not evicted unread.
+  std::shared_ptr<Session> oldest;
+  for (const auto& s : silent) {
+    on_readable(s);
+    if (!s->hello_received && !s->closing) {
       oldest = s;
+      break;
+    }
+  }
   if (!oldest) return;
   TUTEL_LOG(WARN) << "session " << oldest->id << " (pid " << oldest->peer.pid << "): no hello yet, and tenant "
                   << tenant << " has max_sessions connections without one; closing it to make room";
@@ -640,18 +649,24 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
   }
   // A group layer's creation holds a pool thread until its peers arrive (up to its
   // bootstrap_timeout_ms): creations may hold half the pool, never the steps, saves and session
-  // tear-downs of every other tenant queued behind them. Of those slots each tenant has a share
-  // reserved (max / tenants); beyond its share a tenant may use what no other tenant's unused
-  // reservation needs. So one tenant's groups waiting for peers never keep another from creating
-  // layers, and a tenant alone may still form a group of more ranks than its share.
+  // tear-downs of every other tenant queued behind them. The active tenants (with a session or
+  // a creation under way) each have a share of those slots reserved (max / active tenants);
+  // beyond its share a tenant may use what no other active tenant's unused reservation needs.
+  // So one tenant's groups waiting for peers never keep another connected tenant from creating
+  // layers, and a tenant alone may form a group of as many local ranks as there are slots.
   const bool creation = type == ipc::FrameType::kCreateLayer;
   if (creation) {
-    const int64_t tenants = std::max<int64_t>(1, static_cast<int64_t>(config_.tenants.size()));
-    const int64_t share = std::max<int64_t>(1, max_creations_in_progress_ / tenants);
-    const int64_t mine = creations_by_tenant_[tenant];
-    int64_t reserved_for_others = 0;
+    auto creating = [this](const std::string& t) {
+      const auto it = creations_by_tenant_.find(t);
+      return it == creations_by_tenant_.end() ? int64_t{0} : it->second;
+    };
+    std::vector<std::string> others;  // the other active tenants
     for (const TenantConfig& t : config_.tenants)
-      if (t.name != tenant) reserved_for_others += std::max<int64_t>(0, share - creations_by_tenant_[t.name]);
+      if (t.name != tenant && (creating(t.name) > 0 || tenant_sessions(t.name) > 0)) others.push_back(t.name);
+    const int64_t share = std::max<int64_t>(1, max_creations_in_progress_ / (1 + static_cast<int64_t>(others.size())));
+    const int64_t mine = creating(tenant);
+    int64_t reserved_for_others = 0;
+    for (const std::string& t : others) reserved_for_others += std::max<int64_t>(0, share - creating(t));
     const int64_t free_after = max_creations_in_progress_ - creations_in_progress_ - 1;
     Status busy;
     if (creations_in_progress_ >= max_creations_in_progress_)
@@ -662,8 +677,8 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
       busy = Status::ResourceExhausted(
           "tenant '" + tenant + "' has " + std::to_string(mine) + " layer creations in progress (group layers wait there "
           "for their peers), beyond its share of " + std::to_string(share) + " of this daemon's " +
-          std::to_string(max_creations_in_progress_) + ", and the rest is kept for the other tenants: create this "
-          "one once one of them has finished (or raise UV_THREADPOOL_SIZE for tuteld)");
+          std::to_string(max_creations_in_progress_) + ", and the rest is kept for the other connected tenants: "
+          "create this one once one of them has finished (or raise UV_THREADPOOL_SIZE for tuteld)");
     if (!busy.ok()) {
       reply_error(s, rid, busy);
       return finish_frame(s);

@@ -397,14 +397,14 @@ TEST_F(ProtocolAbuse, AShutdownCancelsAGroupLayerWaitingForPeersThatNeverCome) {
   daemon_.reset();
 }
 
-// Each tenant has a share of the daemon's layer-creation slots reserved: one tenant's group
-// layers waiting for peers that never come may go beyond its share only into slots no other
-// tenant's reservation needs, so another tenant still creates its layers meanwhile (it was
-// refused at once while the first held them all). Beyond its share a tenant may still form a
-// group of more ranks than the share, while the others leave their reservations unused.
+// Each connected tenant has a share of the daemon's layer-creation slots reserved: one tenant's
+// group layers waiting for peers that never come may go beyond its share only into slots no
+// other connected tenant's reservation needs, so that tenant still creates its layers meanwhile
+// (it was refused at once while the first held them all).
 TEST_F(ProtocolAbuse, ATenantsGroupsWaitingForPeersLeaveOtherTenantsTheirShareOfCreations) {
   daemon_->stop();
-  // 6 pool threads: 3 creations at once; 2 tenants, so 1 reserved for each and 1 for either.
+  // 6 pool threads: 3 creations at once; 2 connected tenants, so 1 reserved for each and 1 for
+  // either.
   ::setenv("UV_THREADPOOL_SIZE", "6", 1);
   daemon_ = std::make_unique<DaemonProcess>(
       DaemonOptions{.extra_tenants = "[[tenant]]\nname = \"other\"\nuids = [65534]\n"});
@@ -414,6 +414,24 @@ TEST_F(ProtocolAbuse, ATenantsGroupsWaitingForPeersLeaveOtherTenantsTheirShareOf
   ::chmod(daemon_->client_socket().c_str(), 0666);
   ::chmod(daemon_->dir().c_str(), 0755);
   ::chmod((daemon_->dir() + "/run").c_str(), 0755);
+
+  // The other tenant connects first (a child as uid 65534), then waits for its turn to create.
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(3);
+    RawSession other(daemon_->client_socket());
+    if (!other.hello().ok()) ::_exit(4);
+    char c = 'r';
+    if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) ::_exit(6);
+    if (!other.create_layer(kSpec, std::chrono::seconds(3)).ok()) ::_exit(5);
+    ::_exit(0);
+  }
+  char c = 0;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
 
   auto group = [](int i) {
     std::string spec(kSpec);
@@ -436,22 +454,15 @@ TEST_F(ProtocolAbuse, ATenantsGroupsWaitingForPeersLeaveOtherTenantsTheirShareOf
   EXPECT_NE(refused.status().message().find("tenant 'default' has 2 layer creations in progress"),
             std::string_view::npos)
       << refused.status();
-  EXPECT_NE(refused.status().message().find("kept for the other tenants"), std::string_view::npos)
+  EXPECT_NE(refused.status().message().find("kept for the other connected tenants"), std::string_view::npos)
       << refused.status();
 
-  // The other tenant creates a layer meanwhile.
-  const pid_t child = ::fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(3);
-    RawSession other(daemon_->client_socket());
-    if (!other.hello().ok()) ::_exit(4);
-    if (!other.create_layer(kSpec, std::chrono::seconds(3)).ok()) ::_exit(5);
-    ::_exit(0);
-  }
+  // The other tenant creates its layer meanwhile.
+  ASSERT_EQ(::write(go[1], &c, 1), 1);
   int status = 0;
   ASSERT_EQ(::waitpid(child, &status, 0), child);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << WEXITSTATUS(status) << "\n" << daemon_->log();
+  for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
   // The waiting groups fail on their own timeout, naming the rank that never came.
   for (RawSession* s : {&waiting, &also_waiting}) {
     auto reply = s->receive(std::chrono::seconds(10));
@@ -459,8 +470,20 @@ TEST_F(ProtocolAbuse, ATenantsGroupsWaitingForPeersLeaveOtherTenantsTheirShareOf
     EXPECT_EQ(reply->header.type, static_cast<uint16_t>(ipc::FrameType::kError));
     EXPECT_NE(reply->body.find("rank 1 never reached the coordinator"), std::string::npos) << reply->body;
   }
-  // Their slots are back: the tenant creates again.
-  EXPECT_TRUE(again.create_layer(kSpec, std::chrono::seconds(3)).ok());
+  // Their slots are back, and the other tenant has gone: this one may now take every slot, as
+  // many local ranks of one group as there are slots.
+  std::vector<std::unique_ptr<RawSession>> ranks;
+  for (int i = 0; i < 3; ++i) {
+    ranks.push_back(std::make_unique<RawSession>(daemon_->client_socket()));
+    ASSERT_TRUE(ranks.back()->hello().ok());
+    ASSERT_TRUE(ranks.back()->send(ipc::FrameType::kCreateLayer, {{"spec", group(10 + i)}}).ok());
+  }
+  for (auto& r : ranks) {
+    auto reply = r->receive(std::chrono::seconds(10));
+    ASSERT_TRUE(reply.ok()) << reply.status();
+    // Each waited for its peer (not refused for a slot).
+    EXPECT_NE(reply->body.find("never reached the coordinator"), std::string::npos) << reply->body;
+  }
 }
 
 // A client that sends requests and never reads the replies: its replies wait in the daemon, the
