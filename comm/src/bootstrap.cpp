@@ -462,13 +462,17 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
       continue;
     }
     // One message from the server: its header (`head`, kept for the table's digest) and body;
-    // closed_early when it hung up before a byte (a listener of an earlier round closing).
+    // closed_early when it hung up before a byte (a listener of an earlier round closing: the
+    // caller tries again, with last_error set).
     char head[kHeaderBytes];
     std::string body;
     bool closed_early = false;
     auto read_answer = [&]() -> Result<Header> {
       Status s = detail::recv_exact(fd->get(), head, sizeof head, verdict_deadline, &closed_early, cancel);
-      if (closed_early) return Status::Unavailable("the coordinator closed the connection");
+      if (closed_early) {
+        last_error = "the coordinator closed the connection";
+        return Status::Unavailable(last_error);
+      }
       if (!s.ok())
         return Status(s.code() == StatusCode::kTimeout || s.code() == StatusCode::kAborted ? s.code()
                                                                                            : StatusCode::kUnavailable,
@@ -510,7 +514,6 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
       }
       Result<Header> challenge = read_answer();
       if (closed_early) {
-        last_error = "the coordinator closed the connection";
         retry_later();
         continue;
       }
@@ -530,8 +533,6 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
     }
     Result<Header> answer = read_answer();
     if (closed_early) {
-      // A listener of an earlier round that closed before serving us: try again.
-      last_error = "the coordinator closed the connection";
       retry_later();
       continue;
     }

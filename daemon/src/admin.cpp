@@ -183,7 +183,7 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
                            {"region_bytes", registry_->tenant_memory(t.name)->region_bytes()},
                            {"max_memory_bytes", t.max_memory_bytes},
                            {"inflight", registry_->inflight(t.name)},
-                           {"sessions", tenant_sessions(t.name)},
+                           {"sessions", client_sessions(t.name, /*admitted=*/true)},
                            {"max_sessions", t.max_sessions},
                            {"max_inflight", t.max_inflight}});
       reply(s, ipc::FrameType::kOk, rid, {{"tenants", tenants}});

@@ -416,7 +416,7 @@ void DaemonImpl::accept_on(bool admin) {
       // take the daemon's descriptors from every other tenant: past the bound the oldest of them
       // makes room. Refusing the newcomer instead would let a process that opens connections and
       // says nothing (under the tenant's uid, without its secret) keep the tenant's clients out.
-      if (waiting_for_hello(*tenant) >= registry_->max_sessions(*tenant)) evict_oldest_silent(*tenant);
+      if (client_sessions(*tenant, /*admitted=*/false) >= registry_->max_sessions(*tenant)) evict_oldest_silent(*tenant);
       s->tenant = *tenant;
       publish_session_count();
     }
@@ -424,7 +424,7 @@ void DaemonImpl::accept_on(bool admin) {
 }
 
 Status DaemonImpl::sessions_full(const std::string& tenant) const {
-  const int64_t open = tenant_sessions(tenant);
+  const int64_t open = client_sessions(tenant, /*admitted=*/true);
   if (open < registry_->max_sessions(tenant)) return Status::OK();
   return Status::ResourceExhausted("tenant '" + tenant + "' already has " + std::to_string(open) +
                                    " client sessions connected, its max_sessions; close one, or raise max_sessions in "
@@ -435,9 +435,7 @@ void DaemonImpl::close_silent_sessions() {
   const auto now = std::chrono::steady_clock::now();
   std::vector<std::shared_ptr<Session>> silent;
   for (const auto& [id, s] : sessions_)
-    if (!s->admin && !s->hello_received && !s->admitted && !s->closing &&
-        now - s->connected_at >= config_.server.hello_timeout)
-      silent.push_back(s);
+    if (s->awaiting_hello() && now - s->connected_at >= config_.server.hello_timeout) silent.push_back(s);
   for (const auto& s : silent) {
     TUTEL_LOG(WARN) << "session " << s->id << " (pid " << s->peer.pid << "): no hello within "
                     << config_.server.hello_timeout.count() << " ms; closing it";
@@ -457,14 +455,14 @@ Status DaemonImpl::draining_status(const std::string& what) const {
 void DaemonImpl::evict_oldest_silent(const std::string& tenant) {
   std::vector<std::shared_ptr<Session>> silent;
   for (const auto& [id, s] : sessions_)
-    if (!s->admin && !s->admitted && !s->hello_received && !s->closing && s->tenant == tenant) silent.push_back(s);
+    if (s->awaiting_hello() && s->tenant == tenant) silent.push_back(s);
   std::sort(silent.begin(), silent.end(), [](const auto& a, const auto& b) { return a->connected_at < b->connected_at; });
   // Oldest first, each after reading what it has sent: a client whose hello arrived in the same
   // pass of the loop as this connection is served, not evicted unread.
   std::shared_ptr<Session> oldest;
   for (const auto& s : silent) {
     on_readable(s);
-    if (!s->hello_received && !s->closing) {
+    if (s->awaiting_hello()) {
       oldest = s;
       break;
     }
@@ -480,17 +478,10 @@ void DaemonImpl::evict_oldest_silent(const std::string& tenant) {
   close_session(oldest);
 }
 
-int64_t DaemonImpl::waiting_for_hello(const std::string& tenant) const {
+int64_t DaemonImpl::client_sessions(const std::string& tenant, bool admitted) const {
   int64_t n = 0;
-  for (const auto& [id, session] : sessions_)
-    n += !session->admin && !session->admitted && !session->closing && session->tenant == tenant;
-  return n;
-}
-
-int64_t DaemonImpl::tenant_sessions(const std::string& tenant) const {
-  int64_t n = 0;
-  for (const auto& [id, session] : sessions_)
-    n += !session->admin && session->admitted && !session->closing && session->tenant == tenant;
+  for (const auto& [id, s] : sessions_)
+    n += s->tenant == tenant && (admitted ? !s->admin && s->admitted && !s->closing : s->awaiting_hello());
   return n;
 }
 
@@ -662,15 +653,16 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
     };
     std::vector<std::string> others;  // the other active tenants
     for (const TenantConfig& t : config_.tenants)
-      if (t.name != tenant && (creating(t.name) > 0 || tenant_sessions(t.name) > 0)) others.push_back(t.name);
+      if (t.name != tenant && (creating(t.name) > 0 || client_sessions(t.name, true) > 0)) others.push_back(t.name);
     const int64_t share = std::max<int64_t>(1, max_creations_in_progress_ / (1 + static_cast<int64_t>(others.size())));
     const int64_t mine = creating(tenant);
-    int64_t reserved_for_others = 0;
+    int64_t in_progress = 0, reserved_for_others = 0;
+    for (const auto& [t, n] : creations_by_tenant_) in_progress += n;
     for (const std::string& t : others) reserved_for_others += std::max<int64_t>(0, share - creating(t));
-    const int64_t free_after = max_creations_in_progress_ - creations_in_progress_ - 1;
+    const int64_t free_after = max_creations_in_progress_ - in_progress - 1;
     Status busy;
-    if (creations_in_progress_ >= max_creations_in_progress_)
-      busy = Status::ResourceExhausted(std::to_string(creations_in_progress_) +
+    if (in_progress >= max_creations_in_progress_)
+      busy = Status::ResourceExhausted(std::to_string(in_progress) +
                                        " layer creations are in progress on this daemon (group layers wait there "
                                        "for their peers), its limit: create this one once one of them has finished");
     else if (mine >= share && free_after < reserved_for_others)
@@ -789,16 +781,10 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
       return finish_frame(s);
   }
   const auto started = std::chrono::steady_clock::now();
-  if (creation) {
-    ++creations_in_progress_;
-    ++creations_by_tenant_[tenant];
-  }
+  if (creation) ++creations_by_tenant_[tenant];
   offload([op, result] { *result = op(); },
           [this, s, rid, result, reply_type, reply_fd, op_name, tenant, b, started, creation] {
-            if (creation) {
-              --creations_in_progress_;
-              --creations_by_tenant_[tenant];
-            }
+            if (creation) --creations_by_tenant_[tenant];
             const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
             // Name the layer in the metrics: requests carry a name (create, attach) or a handle.
             std::string layer;

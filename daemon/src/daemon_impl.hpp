@@ -79,11 +79,9 @@ class DaemonImpl {
   void finish_frame(const std::shared_ptr<Session>& s);
   void shutdown();
   void publish_session_count();  // on the loop thread
-  // The tenant's client sessions that are open (not closing) and past their hello; on the loop
-  // thread.
-  int64_t tenant_sessions(const std::string& tenant) const;
-  // Its client sessions not admitted yet (no hello passed); on the loop thread.
-  int64_t waiting_for_hello(const std::string& tenant) const;
+  // The tenant's open client sessions, admitted (past their hello: what max_sessions counts) or
+  // still awaiting it; on the loop thread.
+  int64_t client_sessions(const std::string& tenant, bool admitted) const;
   // Closes the tenant's oldest session that has not sent its hello (room for a new connection).
   void evict_oldest_silent(const std::string& tenant);
   // ResourceExhausted when the tenant has max_sessions of them already.
@@ -124,10 +122,10 @@ class DaemonImpl {
   std::map<uint64_t, std::shared_ptr<Session>> sessions_;
   uint64_t next_session_ = 1;
   bool shutting_down_ = false;
-  int64_t creations_in_progress_ = 0;  // CreateLayer frames on the pool (loop thread)
-  int64_t max_creations_in_progress_ = 1;  // half the pool, from start()
-  // Of those, each tenant's: at most max_creations_in_progress_ / tenants (at least 1) each.
+  // CreateLayer frames on the pool, by tenant (loop thread); their sum at most
+  // max_creations_in_progress_, each active tenant's share reserved (handle_client_frame).
   std::map<std::string, int64_t> creations_by_tenant_;
+  int64_t max_creations_in_progress_ = 1;  // half the pool, from start()
   // Raised with shutting_down_, for the pool threads: see Rank::stopping.
   std::shared_ptr<std::atomic<bool>> stopping_ = std::make_shared<std::atomic<bool>>(false);
   std::chrono::steady_clock::time_point started_at_;

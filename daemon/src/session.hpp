@@ -55,6 +55,9 @@ struct Session : std::enable_shared_from_this<Session> {
   bool hello_received = false;
   // Past its hello and its tenant's secret: counted against max_sessions from then on.
   bool admitted = false;
+  // A client connection that has not yet sent a hello that passed (a hello that fails closes the
+  // session; one that passes admits it before its arena is made).
+  bool awaiting_hello() const { return !admin && !admitted && !closing; }
   std::optional<ipc::Arena> arena;
   // The arena's data region, registered with every rank's backend by the worker before its first
   // request, unregistered when the session closes. Declared after `arena`: it goes first.
