@@ -56,6 +56,7 @@ using toml_reader::Scope;
 // Dimension bounds keep every size product the daemon computes far from int64 overflow.
 constexpr int64_t kMaxDim = int64_t{1} << 24;
 constexpr int64_t kMaxExperts = int64_t{1} << 20;
+constexpr int kMaxGroupSize = 1 << 20;
 constexpr double kMaxLayerParams = 1099511627776.0;  // 2^40 parameters (4 TiB in f32)
 constexpr int64_t kMaxUid = 4294967294;              // (uid_t)-1 means "no uid"
 constexpr size_t kMaxSocketPath = sizeof(sockaddr_un::sun_path) - 1;
@@ -167,7 +168,8 @@ Status get_int_or_auto(const Scope& s, std::string_view key, int lo, int hi,
   return Status::OK();
 }
 
-Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
+// `experts`: the layer's E, against which r is checked.
+Status parse_group(const Scope& layer, int64_t experts, std::optional<GroupConfig>& out) {
   TUTEL_ASSIGN_OR_RETURN(const toml::table* t, get_table(layer, "group", false,
                                                          "(group = { coordinator = \"127.0.0.1:7000\", size = 2, rank = 0 })"));
   if (t == nullptr) return Status::OK();
@@ -183,7 +185,7 @@ Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
                             ": give the group a coordinator = \"<IPv4>:<port>\", or a name to meet through "
                             "the cluster's rendezvous service (daemons with [cluster])");
   TUTEL_RETURN_IF_ERROR(get_address(s, "coordinator", g.coordinator_host, g.coordinator_port, false));
-  TUTEL_RETURN_IF_ERROR(get_int(s, "size", 1, 1 << 20, g.size, true));
+  TUTEL_RETURN_IF_ERROR(get_int(s, "size", 1, kMaxGroupSize, g.size, true));
   TUTEL_RETURN_IF_ERROR(get_int(s, "rank", 0, (1 << 20) - 1, g.rank, true));
   if (g.rank >= g.size) return s.error_near("rank", "rank " + std::to_string(g.rank) + " is not below size " + std::to_string(g.size));
   TUTEL_RETURN_IF_ERROR(get_int(s, "local_size", 1, 1 << 20, g.local_size));
@@ -200,7 +202,17 @@ Status parse_group(const Scope& layer, std::optional<GroupConfig>& out) {
                      "expected one of \"linear\", \"2dh\", \"auto\", got " + describe(*n));
   }
   TUTEL_RETURN_IF_ERROR(get_int_or_auto(s, "pipeline", 1, graphs::kMaxPipeline, g.pipeline));
-  TUTEL_RETURN_IF_ERROR(get_int_or_auto(s, "r", 0, 1, g.r));
+  TUTEL_RETURN_IF_ERROR(get_int_or_auto(s, "r", 0, kMaxGroupSize, g.r));
+  // r >= 1 says how many of the s = W / E ranks that share an expert split its H (E >= W: s = 1).
+  if (g.r && *g.r > 1) {
+    const int64_t shards = experts < g.size && g.size % experts == 0 ? g.size / experts : 1;
+    if (shards % *g.r != 0)
+      return s.error_near(
+          "r", "r = " + std::to_string(*g.r) + " must be 0 or divide the " +
+                   std::to_string(shards) + " rank(s) that share each expert (W / E = " +
+                   std::to_string(g.size) + " / " + std::to_string(experts) +
+                   " when the group has more ranks than experts, else 1); \"auto\" tries them all");
+  }
   TUTEL_RETURN_IF_ERROR(get_int(s, "tune_warmups", 0, 100, g.tune_warmups));
   TUTEL_RETURN_IF_ERROR(get_int(s, "tune_trials", 1, 1000, g.tune_trials));
   // A tuning key without anything to tune would be silently ignored: say so instead.
@@ -306,7 +318,7 @@ Status parse_layer(const Scope& s, bool in_config, const fs::path& base_dir, Lay
     def.init_seed = seed;
   }
   TUTEL_RETURN_IF_ERROR(parse_optimizer(s, def.optimizer));
-  TUTEL_RETURN_IF_ERROR(parse_group(s, def.group));
+  TUTEL_RETURN_IF_ERROR(parse_group(s, spec.experts, def.group));
   TUTEL_RETURN_IF_ERROR(parse_token_buckets(s, def));
 
   if (Status st = spec.validate(); !st.ok()) return s.error_near("", st.message());

@@ -175,9 +175,12 @@ Status ServedLayer::join_group() {
   }
   if (!g.r || !g.all_to_all || !g.pipeline) {
     // "auto": measured per capacity bucket; d > 1 only where chunks overlap the GEMMs.
+    // Where W > E, every divisor of the s = W / E ranks per expert is a parallelism r.
+    const Result<graphs::ExpertShard> shard = graphs::expert_shard(def_.spec, g.size, g.rank);
+    const int shards = shard.ok() ? static_cast<int>(shard->shards) : 1;
     options.tune.candidates = graphs::auto_candidates(
         g.r, g.all_to_all, g.pipeline, g.size, g.local_size,
-        graphs::ExpertParallelLayer::chunks_overlap(*group->activations, options));
+        graphs::ExpertParallelLayer::chunks_overlap(*group->activations, options), shards);
     options.tune.warmups = g.tune_warmups;
     options.tune.trials = g.tune_trials;
   }

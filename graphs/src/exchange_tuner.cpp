@@ -14,7 +14,7 @@ std::string ExchangeConfig::to_string() const {
 std::vector<ExchangeConfig> auto_candidates(std::optional<int> r,
                                             std::optional<comm::AllToAllAlgo> algo,
                                             std::optional<int> pipeline, int group_size,
-                                            int local_size, bool chunks_overlap) {
+                                            int local_size, bool chunks_overlap, int shards) {
   if (r == 0) return {kDataParallel};
   std::vector<comm::AllToAllAlgo> algos{comm::AllToAllAlgo::kLinear};
   if (algo)
@@ -26,10 +26,21 @@ std::vector<ExchangeConfig> auto_candidates(std::optional<int> r,
     pipelines = {*pipeline};
   else if (chunks_overlap)
     pipelines = {1, 2, 4};
+  std::vector<int> parallelisms;
+  if (r) {
+    parallelisms = {*r};
+  } else {
+    for (int d = 1; d <= shards; ++d)
+      if (shards % d == 0) parallelisms.push_back(d);
+    const size_t ways = algos.size() * pipelines.size();
+    if (parallelisms.size() * ways + (group_size > 1 ? 1 : 0) > TunerOptions::kMaxCandidates)
+      parallelisms = shards > 1 ? std::vector<int>{1, shards} : std::vector<int>{1};
+  }
   std::vector<ExchangeConfig> out;
   if (!r && group_size > 1) out.push_back(kDataParallel);
-  for (comm::AllToAllAlgo a : algos)
-    for (int d : pipelines) out.push_back({a, d, 1});
+  for (int p : parallelisms)
+    for (comm::AllToAllAlgo a : algos)
+      for (int d : pipelines) out.push_back({a, d, p});
   return out;
 }
 
@@ -41,10 +52,9 @@ Result<ExchangeTuner> ExchangeTuner::create(TunerOptions options) {
                                    std::to_string(TunerOptions::kMaxCandidates) +
                                    " candidates, got " + std::to_string(options.candidates.size()));
   for (const ExchangeConfig& c : options.candidates)
-    if (c.r != 0 && c.r != 1)
-      return Status::InvalidArgument(
-          "parallelism r = " + std::to_string(c.r) +
-          " is not built: r is 0 (data parallel) or 1 (expert parallel)");
+    if (c.r < 0)
+      return Status::InvalidArgument("parallelism r = " + std::to_string(c.r) +
+                                     " is negative: r is 0 (data parallel) or at least 1");
     else if (c.pipeline < 1 || c.pipeline > kMaxPipeline)
       return Status::InvalidArgument("pipeline degree " + std::to_string(c.pipeline) +
                                      " is outside [1, " + std::to_string(kMaxPipeline) + "]");

@@ -11,6 +11,7 @@
 
 #include "chunk_pipeline.hpp"
 #include "tutel/core/fingerprint.hpp"
+#include "tutel/core/logging.hpp"
 
 namespace tutel::graphs {
 namespace {
@@ -125,12 +126,23 @@ Status check_options(const comm::Communicator& comm, const LayerSpec& spec,
   if (spec.gate_noise > 0)
     return Status::Unimplemented(
         "gate noise is not supported across an expert-parallel group yet; set gate_noise = 0");
+  TUTEL_ASSIGN_OR_RETURN(const ExpertShard shard, expert_shard(spec, comm.size(), comm.rank()));
+  const int64_t s = shard.shards;
   for (const ExchangeConfig& c : configurations(options)) {
-    if (c.r != 0 && c.r != 1)
+    if (c.r < 0 || (c.r > 0 && s % c.r != 0))
       return Status::InvalidArgument(
-          "parallelism r = " + std::to_string(c.r) +
-          " is not built: r is 0 (data parallel) or 1 (expert parallel)");
+          "parallelism r = " + std::to_string(c.r) + " does not fit this group: r is 0 (data "
+          "parallel) or a divisor of the " + std::to_string(s) + " rank(s) that share each expert (" +
+          (s == 1 ? "E >= W: each rank holds whole experts, so r is 0 or 1)"
+                  : "W / E; r = " + std::to_string(s) + " splits its H over all of them)"));
     if (c.r == 0) continue;  // no all-to-all, no chunks
+    // Each chunk of the capacity is split among the s / r ranks of a gather group, so the
+    // capacity must be a multiple of it: the alignment s is, unless s > 256 rounds it to 128s.
+    if (c.r < s && s > 256 && s % 128 != 0)
+      return Status::InvalidArgument(
+          "parallelism r = " + std::to_string(c.r) + " < s = " + std::to_string(s) +
+          " needs the capacity to be a multiple of s / r, which the capacity alignment gives only "
+          "for s <= 256 or a multiple of 128; use r = " + std::to_string(s) + " or r = 0");
     if (c.algo == comm::AllToAllAlgo::k2DH && comm.size() % comm.local_size() != 0)
       return Status::InvalidArgument(
           "the 2dh all-to-all needs the group's local_size (" + std::to_string(comm.local_size()) +
@@ -141,7 +153,7 @@ Status check_options(const comm::Communicator& comm, const LayerSpec& spec,
       return Status::InvalidArgument("pipeline degree " + std::to_string(c.pipeline) +
                                      " is outside [1, " + std::to_string(kMaxPipeline) + "]");
   }
-  return expert_shard(spec, comm.size(), comm.rank()).status();
+  return Status::OK();
 }
 
 std::string rank_list(const std::vector<int>& ranks) {
@@ -214,6 +226,57 @@ Status compare_with_group(Backend& backend, comm::Communicator& comm, const Laye
 
 }  // namespace
 
+// The communicators of the gather groups, one per q = s / r > 1 the layer may run (groups of q
+// consecutive ranks, as Tutel's). The runner's graphs may hold their collectives, and NCCL waits
+// for every such graph to die before it destroys a communicator, forever while the runner keeps
+// it: so the graphs are dropped before the communicators go, and (each group's release) before
+// one of them aborts.
+class ExpertParallelLayer::GatherGroups {
+ public:
+  explicit GatherGroups(PhaseRunner* runner)
+      : runner_(runner != nullptr && runner->captures() ? runner : nullptr) {}
+  GatherGroups(const GatherGroups&) = delete;
+  GatherGroups& operator=(const GatherGroups&) = delete;
+  ~GatherGroups() {
+    if (runner_ != nullptr && !groups_.empty()) runner_->clear();
+  }
+
+  // Collective over `comm`: every rank adds the same splits in the same order.
+  Status add(comm::Communicator& comm, int64_t split) {
+    if (find(split) != nullptr) return Status::OK();
+    const int rank = comm.rank();
+    TUTEL_ASSIGN_OR_RETURN(
+        std::unique_ptr<comm::Communicator> made,
+        comm.split(static_cast<int>(rank / split), static_cast<int>(rank % split)));
+    if (made == nullptr || made->size() != split)
+      return Status::Internal("splitting the group into its gather groups of " +
+                              std::to_string(split) + " ranks gave another group");
+    Group& g = groups_.emplace_back();
+    g.split = split;
+    g.comm = std::move(made);
+    if (runner_ != nullptr)
+      g.release = comm::GraphRelease(*g.comm, [runner = runner_] { runner->clear(); });
+    comms_.push_back(g.comm.get());
+    return Status::OK();
+  }
+  comm::Communicator* find(int64_t split) const {
+    for (const Group& g : groups_)
+      if (g.split == split) return g.comm.get();
+    return nullptr;
+  }
+  const std::vector<comm::Communicator*>& all() const { return comms_; }
+
+ private:
+  struct Group {
+    int64_t split = 0;
+    std::unique_ptr<comm::Communicator> comm;
+    comm::GraphRelease release;  // after comm: unregisters while comm is alive
+  };
+  PhaseRunner* runner_;  // only one that captures
+  std::vector<Group> groups_;
+  std::vector<comm::Communicator*> comms_;  // groups_' communicators, in order
+};
+
 // A pipelined phase's exchanges run on the layer's worker thread beside the GEMMs only here. The
 // worker calls Backend::copy and Backend::add (summing shards): on the CPU backend both are
 // stateless (a memcpy, an elementwise loop on the calling thread's own OpenMP team), safe beside
@@ -245,7 +308,7 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   std::unique_ptr<ExchangeWorker> worker;
   const std::vector<ExchangeConfig> configs = configurations(options);
   const bool chunked = std::any_of(configs.begin(), configs.end(), [](const ExchangeConfig& c) {
-    return c.r == 1 && c.pipeline > 1;
+    return c.r >= 1 && c.pipeline > 1;
   });
   if (valid.ok() && chunked && ExpertParallelLayer::chunks_overlap(backend, options)) {
     try {
@@ -269,6 +332,11 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   layer.tuner_ = std::move(tuner);
   if (options.runner != nullptr && options.runner->captures())
     layer.graph_release_ = comm::GraphRelease(comm, [runner = options.runner] { runner->clear(); });
+  for (const ExchangeConfig& c : configs)
+    if (c.r >= 1 && shard.shards / c.r > 1)
+      TUTEL_RETURN_IF_ERROR(layer.gather_groups_->add(comm, shard.shards / c.r)
+                                .with_context("creating the layer's gather groups (r = " +
+                                              std::to_string(c.r) + ")"));
   // Allocated up front: the agreements must never fail for memory, or a rank refused there
   // would leave its peers waiting in the collective. The tuner's agreement is the widest.
   TUTEL_RETURN_IF_ERROR(layer.grow(
@@ -283,19 +351,32 @@ ExpertParallelLayer::ExpertParallelLayer(Backend& b, comm::Communicator& c, Laye
       spec_(spec),
       shard_(shard),
       runner_(options.runner),
-      comm_on_backend_queue_(options.comm_on_backend_queue) {}
+      comm_on_backend_queue_(options.comm_on_backend_queue),
+      gather_groups_(std::make_unique<GatherGroups>(options.runner)) {}
 
 ExpertParallelLayer::ExpertParallelLayer(ExpertParallelLayer&&) noexcept = default;
 ExpertParallelLayer& ExpertParallelLayer::operator=(ExpertParallelLayer&&) noexcept = default;
 ExpertParallelLayer::~ExpertParallelLayer() = default;
 
-int ExpertParallelLayer::chunk_count(int64_t C, int d) const {
-  return static_cast<int>(std::clamp<int64_t>(C, 1, d));
+ExpertParallelLayer::ExpertSide ExpertParallelLayer::expert_side(int r) const {
+  ExpertSide side;
+  side.split = r >= 1 ? shard_.shards / r : 1;  // r divides s (checked at creation)
+  side.hidden = shard_.hidden_shard * side.split;
+  if (side.split > 1) side.gather = gather_groups_->find(side.split);
+  TUTEL_CHECK(side.split == 1 || side.gather != nullptr)
+      << "r = " << r << " has no gather group: it was not among the ways the layer was created for";
+  return side;
 }
 
-ExpertParallelLayer::Chunk ExpertParallelLayer::chunk(int64_t C, int count, int j) const {
-  // Chunk j holds slots [j·C/count, (j+1)·C/count): sizes differ by at most one, none empty.
-  const int64_t c0 = j * C / count, c1 = (j + 1) * C / count;
+int ExpertParallelLayer::chunk_count(int64_t C, int d, int64_t q) const {
+  return static_cast<int>(std::clamp<int64_t>(C / q, 1, d));
+}
+
+ExpertParallelLayer::Chunk ExpertParallelLayer::chunk(int64_t C, int count, int j,
+                                                      int64_t q) const {
+  // Chunk j holds units [j·U/count, (j+1)·U/count) of U = C/q units of q slots (C is a multiple
+  // of q, the alignment s is): sizes differ by at most one unit, none empty.
+  const int64_t units = C / q, c0 = q * (j * units / count), c1 = q * ((j + 1) * units / count);
   return {C, c0, c1 - c0};
 }
 
@@ -322,17 +403,19 @@ Status ExpertParallelLayer::record_run(int64_t C, int64_t nanoseconds) {
 }
 
 // Chunk [c0, c0 + Cj) of [E, C, row] on the tokens' rank → every rank's experts:
-// [E_l, W·Cj, row] (E ≥ W), or [W·Cj, row] for this rank's shard of one expert (E < W, each
-// shard needs all of its expert's slots).
+// [E_l, W·Cj, row] (E ≥ W); with E < W, for this rank's share of one expert, [W·Cj/q, row]: the
+// slots [c0 + t·Cj/q, c0 + (t+1)·Cj/q) of every rank, t = this rank's place in its gather group
+// (q = side.split; with q = 1 each shard needs all of its expert's slots).
 Status ExpertParallelLayer::to_experts(const void* token_side, void* expert_side, Chunk ch,
-                                       int64_t row_bytes, comm::AllToAllAlgo algo) {
+                                       int64_t row_bytes, const ExpertSide& side,
+                                       comm::AllToAllAlgo algo) {
   const int64_t W = shard_.world, El = shard_.local_experts, s = shard_.shards, E = spec_.experts;
-  const size_t part = static_cast<size_t>(ch.Cj * row_bytes);
   // Expert e's part of the chunk, on the tokens' side.
   auto token_part = [&](int64_t e) {
     return static_cast<const std::byte*>(token_side) + (e * ch.C + ch.c0) * row_bytes;
   };
   if (s == 1) {
+    const size_t part = static_cast<size_t>(ch.Cj * row_bytes);
     // The send buffer is [W][E_l][Cj][row]: the token side itself when the chunk is all of C.
     const void* send = token_side;
     if (ch.Cj != ch.C) {
@@ -349,24 +432,32 @@ Status ExpertParallelLayer::to_experts(const void* token_side, void* expert_side
     TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, recv_.data(), El * part, algo));
     return swap_outer(recv_.data(), expert_side, W, El, ch.Cj * row_bytes);
   }
-  // Part w' for rank w' is expert w' / s's slots.
-  std::byte* send = bytes_of(send_);
-  for (int64_t w = 0; w < W; ++w)
-    TUTEL_RETURN_IF_ERROR(
-        backend_->copy(send + w * part, token_part(w / s), part, CopyKind::kDeviceToDevice));
+  // Part w for rank w = e·s + j is expert e's share t = j mod q of the chunk's slots.
+  const int64_t q = side.split;
+  const size_t part = static_cast<size_t>(ch.Cj / q * row_bytes);
+  const void* send = token_side;
+  // With q = s over the whole capacity, part w is at w·part: the token side is the send buffer.
+  if (q != s || ch.Cj != ch.C) {
+    for (int64_t w = 0; w < W; ++w)
+      TUTEL_RETURN_IF_ERROR(backend_->copy(bytes_of(send_) + w * part,
+                                           token_part(w / s) + (w % q) * part, part,
+                                           CopyKind::kDeviceToDevice));
+    send = send_.data();
+  }
   TUTEL_RETURN_IF_ERROR(collective_ready());
   return comm_->all_to_all(send, expert_side, part, algo);
 }
 
 // The inverse of to_experts: a chunk's expert-side rows back to [E, C, row] on the tokens' rank.
-// With sharded experts every shard holds a partial sum; they are added in shard order, so every
-// rank gets the same bits.
+// Where r > 1 ranks split an expert's H, each holds a partial sum of the same slots; they are
+// added in the order of their H-parts, so every rank gets the same bits.
 Status ExpertParallelLayer::to_tokens(const float* expert_side, float* token_side, Chunk ch,
-                                      int64_t row, comm::AllToAllAlgo algo) {
+                                      int64_t row, const ExpertSide& side,
+                                      comm::AllToAllAlgo algo) {
   const int64_t W = shard_.world, El = shard_.local_experts, s = shard_.shards, E = spec_.experts;
-  const size_t part = static_cast<size_t>(ch.Cj * row);
   auto token_part = [&](int64_t e) { return token_side + (e * ch.C + ch.c0) * row; };
   if (s == 1) {
+    const size_t part = static_cast<size_t>(ch.Cj * row);
     // [E_l][W·Cj][row] → [W][E_l][Cj][row] for the exchange: nothing to reorder with one expert
     // per rank, which then sends straight from the experts' output.
     const void* send = expert_side;
@@ -383,19 +474,26 @@ Status ExpertParallelLayer::to_tokens(const float* expert_side, float* token_sid
           backend_->copy(token_part(e), fp(recv_) + e * part, part * 4, CopyKind::kDeviceToDevice));
     return Status::OK();
   }
-  float* recv = fp(recv_);
+  const int64_t q = side.split, parts = s / q;  // parts: r, the H-parts of each expert
+  const size_t part = static_cast<size_t>(ch.Cj / q * row);
   TUTEL_RETURN_IF_ERROR(collective_ready());
+  // One rank per slot share (r = 1) over the whole capacity: block w lands where it belongs.
+  if (parts == 1 && ch.Cj == ch.C)
+    return comm_->all_to_all(expert_side, token_side, part * 4, algo);
+  float* recv = fp(recv_);
   TUTEL_RETURN_IF_ERROR(comm_->all_to_all(expert_side, recv, part * 4, algo));
   const Shape part_shape{static_cast<int64_t>(part)};
-  for (int64_t e = 0; e < E; ++e) {
-    float* dst = token_part(e);
-    TUTEL_RETURN_IF_ERROR(
-        backend_->copy(dst, recv + e * s * part, part * 4, CopyKind::kDeviceToDevice));
-    const TensorView sum(dst, DType::kF32, part_shape, backend_->device());
-    for (int64_t j = 1; j < s; ++j)
-      TUTEL_RETURN_IF_ERROR(backend_->add(
-          sum, TensorView(recv + (e * s + j) * part, DType::kF32, part_shape, backend_->device())));
-  }
+  // Rank e·s + g·q + t sent H-part g's sum over share t of expert e's slots.
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t t = 0; t < q; ++t) {
+      float* dst = token_part(e) + t * part;
+      auto from = [&](int64_t g) { return recv + (e * s + g * q + t) * part; };
+      TUTEL_RETURN_IF_ERROR(backend_->copy(dst, from(0), part * 4, CopyKind::kDeviceToDevice));
+      const TensorView sum(dst, DType::kF32, part_shape, backend_->device());
+      for (int64_t g = 1; g < parts; ++g)
+        TUTEL_RETURN_IF_ERROR(
+            backend_->add(sum, TensorView(from(g), DType::kF32, part_shape, backend_->device())));
+    }
   return Status::OK();
 }
 
@@ -410,6 +508,9 @@ Status ExpertParallelLayer::collective_ready() {
 Status ExpertParallelLayer::wait_collectives() {
   if (!comm_on_backend_queue_) return Status::OK();
   Status st = comm_->wait_enqueued();
+  // Each gather group watches its own peers (one that failed, on the same queue, stalls it).
+  for (comm::Communicator* group : gather_groups_->all())
+    if (st.ok()) st = group->wait_enqueued();
   // The communicator is aborted: graphs holding its collectives must never launch again.
   if (!st.ok() && runner_ != nullptr) runner_->clear();
   return st;
@@ -422,6 +523,7 @@ PhaseKey ExpertParallelLayer::phase_key(Phase phase, const Saved& st,
   PhaseKey key;
   key.phase = phase;
   key.add(epoch_).add(backend_->scratch_epoch()).add(comm_->scratch_epoch());
+  for (const comm::Communicator* group : gather_groups_->all()) key.add(group->scratch_epoch());
   // The saved state by its buffers, not by the object's address: a Saved moved or swapped into
   // the same object without growing would otherwise replay a graph onto the old buffers.
   for (const DeviceBuffer* b : {&st.x_, &st.scores_, &st.expert_index_, &st.gates_, &st.location_,
@@ -609,12 +711,13 @@ ExpertWeights ExpertParallelLayer::local_experts(const ExpertWeights& w) const {
 }
 
 ExpertParallelLayer::BiasColumns ExpertParallelLayer::fc2_bias_columns(
-    const TensorView& bias_slice) const {
+    const TensorView& bias_slices, int64_t count) const {
   // Columns [o0, o0 + n) of O; with O not divisible by s, the last shards' slices reach past O
   // (Tutel's zero padding) or lie wholly beyond it (n = 0, an empty range at O).
-  const int64_t O = spec_.out_dim(), o0 = std::min(O, shard_.shard_index * shard_.out_shard);
-  const int64_t n = std::min(shard_.out_shard, O - o0);
-  return {o0, TensorView(bias_slice.data(), DType::kF32, {n}, bias_slice.device())};
+  const int64_t O = spec_.out_dim(), first = shard_.shard_index / count * count;
+  const int64_t o0 = std::min(O, first * shard_.out_shard);
+  const int64_t n = std::min(count * shard_.out_shard, O - o0);
+  return {o0, TensorView(bias_slices.data(), DType::kF32, {n}, bias_slices.device())};
 }
 
 ExpertParallelLayer::WholeExperts ExpertParallelLayer::whole_experts(bool f32_weights) const {
@@ -707,11 +810,8 @@ Status ExpertParallelLayer::gather_experts(const LayerWeights& local) {
 Status ExpertParallelLayer::scatter_expert_grads(const LayerWeights& local_grads) {
   const WholeExperts w = whole_experts();
   float* whole = fp(full_grads_);
-  auto scatter = [&](const TensorView& mine, const float* full) -> Status {
-    TUTEL_RETURN_IF_ERROR(collective_ready());
-    TUTEL_RETURN_IF_ERROR(comm_->reduce_scatter(
-        full, fp(grad_slice_), static_cast<size_t>(mine.numel()), comm::ReduceOp::kSum));
-    return backend_->add(mine, f32(grad_slice_, mine.shape()));
+  auto scatter = [&](const TensorView& mine, const float* full) {
+    return reduce_scatter_add(*comm_, full, mine);
   };
   const ExpertWeights& g = local_grads.experts;
   TUTEL_RETURN_IF_ERROR(scatter(g.fc1_weight, whole + w.fc1));
@@ -728,6 +828,102 @@ Status ExpertParallelLayer::scatter_expert_grads(const LayerWeights& local_grads
                                          whole + w.fc2_bias + e * O, O * sizeof(float),
                                          CopyKind::kDeviceToDevice));
   return scatter(g.fc2_bias, whole + w.fc2_bias_slices);
+}
+
+Status ExpertParallelLayer::reduce_scatter_add(comm::Communicator& group, const float* full,
+                                               const TensorView& mine) {
+  TUTEL_RETURN_IF_ERROR(collective_ready());
+  TUTEL_RETURN_IF_ERROR(group.reduce_scatter(full, fp(grad_slice_),
+                                             static_cast<size_t>(mine.numel()),
+                                             comm::ReduceOp::kSum));
+  return backend_->add(mine, f32(grad_slice_, mine.shape()));
+}
+
+// A gather group's q ranks hold the consecutive H-slices of one expert, so their slices in rank
+// order are its H-part [q·H_s, ·], and one all-gather over the group puts each weight together.
+// Their fc2 bias slices in rank order are the part's q·O_s columns, as they are.
+ExpertParallelLayer::PartExperts ExpertParallelLayer::part_experts(const ExpertSide& side,
+                                                                   bool f32_weights) const {
+  const int64_t M = spec_.model_dim, O = spec_.out_dim(), Hq = side.hidden;
+  PartExperts p;
+  int64_t at = 0;
+  if (f32_weights) {
+    p.fc1 = std::exchange(at, at + Hq * M);
+    p.fc2 = std::exchange(at, at + Hq * O);
+  }
+  if (spec_.has_fc1_bias) p.fc1_bias = std::exchange(at, at + Hq);
+  if (spec_.has_fc2_bias) p.fc2_bias = std::exchange(at, at + side.split * shard_.out_shard);
+  p.floats = at;
+  return p;
+}
+
+ExpertWeights ExpertParallelLayer::part_view(const DeviceBuffer& buf, const ExpertSide& side,
+                                             bool copies) const {
+  const int64_t M = spec_.model_dim, O = spec_.out_dim(), Hq = side.hidden;
+  const PartExperts p = part_experts(side, !copies);
+  ExpertWeights out;
+  if (copies) {
+    const Device dev = backend_->device();
+    auto* bf16 = static_cast<uint16_t*>(gathered_bf16_.data());
+    out.fc1_weight = TensorView(nullptr, DType::kF32, {1, Hq, M}, dev);
+    out.fc2_weight = TensorView(nullptr, DType::kF32, {1, Hq, O}, dev);
+    out.fc1_weight_bf16 = TensorView(bf16, DType::kBF16, {1, Hq, M}, dev);
+    out.fc2_weight_bf16 = TensorView(bf16 + Hq * M, DType::kBF16, {1, Hq, O}, dev);
+  } else {
+    out.fc1_weight = f32_at(buf, p.fc1, {1, Hq, M});
+    out.fc2_weight = f32_at(buf, p.fc2, {1, Hq, O});
+  }
+  if (spec_.has_fc1_bias) out.fc1_bias = f32_at(buf, p.fc1_bias, {1, Hq});
+  return out;
+}
+
+TensorView ExpertParallelLayer::part_fc2_bias(const DeviceBuffer& buf, const ExpertSide& side,
+                                              bool copies) const {
+  return f32_at(buf, part_experts(side, !copies).fc2_bias, {side.split * shard_.out_shard});
+}
+
+Status ExpertParallelLayer::grow_part(const ExpertSide& side, bool copies) {
+  TUTEL_RETURN_IF_ERROR(grow(gathered_, part_experts(side, !copies).floats * 4));
+  if (!copies) return Status::OK();
+  return grow(gathered_bf16_, side.hidden * (spec_.model_dim + spec_.out_dim()) * 2);
+}
+
+Status ExpertParallelLayer::gather_part(const LayerWeights& local, const ExpertSide& side) {
+  const bool copies = gathers_copies(local);
+  const PartExperts p = part_experts(side, !copies);
+  auto gather = [&](const TensorView& mine, void* to) -> Status {
+    TUTEL_RETURN_IF_ERROR(collective_ready());
+    return side.gather->all_gather(mine.data(), to, mine.nbytes());
+  };
+  if (copies) {
+    const ExpertWeights view = part_view(gathered_, side, /*copies=*/true);
+    TUTEL_RETURN_IF_ERROR(gather(local.experts.fc1_weight_bf16, view.fc1_weight_bf16.data()));
+    TUTEL_RETURN_IF_ERROR(gather(local.experts.fc2_weight_bf16, view.fc2_weight_bf16.data()));
+  } else {
+    TUTEL_RETURN_IF_ERROR(gather(local.experts.fc1_weight, fp(gathered_) + p.fc1));
+    TUTEL_RETURN_IF_ERROR(gather(local.experts.fc2_weight, fp(gathered_) + p.fc2));
+  }
+  if (spec_.has_fc1_bias)
+    TUTEL_RETURN_IF_ERROR(gather(local.experts.fc1_bias, fp(gathered_) + p.fc1_bias));
+  if (spec_.has_fc2_bias)
+    TUTEL_RETURN_IF_ERROR(gather(local.experts.fc2_bias, fp(gathered_) + p.fc2_bias));
+  return Status::OK();
+}
+
+// The part's gradient of this rank's share of the slots, summed over the gather group: block t
+// of the sum is rank t's slice.
+Status ExpertParallelLayer::scatter_part_grads(const LayerWeights& local_grads,
+                                               const ExpertSide& side) {
+  const PartExperts p = part_experts(side);
+  const float* part = fp(full_grads_);
+  const ExpertWeights& g = local_grads.experts;
+  TUTEL_RETURN_IF_ERROR(reduce_scatter_add(*side.gather, part + p.fc1, g.fc1_weight));
+  TUTEL_RETURN_IF_ERROR(reduce_scatter_add(*side.gather, part + p.fc2, g.fc2_weight));
+  if (spec_.has_fc1_bias)
+    TUTEL_RETURN_IF_ERROR(reduce_scatter_add(*side.gather, part + p.fc1_bias, g.fc1_bias));
+  if (spec_.has_fc2_bias)
+    TUTEL_RETURN_IF_ERROR(reduce_scatter_add(*side.gather, part + p.fc2_bias, g.fc2_bias));
+  return Status::OK();
 }
 
 namespace {
@@ -852,7 +1048,12 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   for (;;) {
     config = config_for(C);
     const bool data_parallel = config.r == 0;
-    const int chunks = data_parallel ? 1 : chunk_count(C, config.pipeline);
+    // With r >= 1: q = side.split ranks share each H-part of an expert and split its slots, each
+    // computing Hq columns of H over W·C/q rows per local expert (q·Hq = the Saved's E_l·R·H_s).
+    const ExpertSide side = expert_side(config.r);
+    const int64_t q = side.split, Hq = side.hidden;
+    const bool gathers_part = !data_parallel && q > 1;
+    const int chunks = data_parallel ? 1 : chunk_count(C, config.pipeline, q);
     const Status experts_ready = !shared_ready.ok() ? shared_ready : [&]() -> Status {
       if (data_parallel) {
         TUTEL_RETURN_IF_ERROR(grow_gathered(gathers_copies(local)));
@@ -864,8 +1065,10 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
       TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
       TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
       TUTEL_RETURN_IF_ERROR(grow(expert_out_, El * R * O * 4));
-      ExpertShape shape{El, R, M, Hs, O};
-      shape.weights_bf16 = local.experts.has_bf16_copies();
+      if (gathers_part) TUTEL_RETURN_IF_ERROR(grow_part(side, gathers_copies(local)));
+      ExpertShape shape{El, R / q, M, Hq, O};
+      shape.weights_bf16 =
+          gathers_part ? gathers_copies(local) : local.experts.has_bf16_copies();
       return grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype));
     }();
 
@@ -898,26 +1101,34 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
           }
           TUTEL_RETURN_IF_ERROR(b.encode({xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore,
                                           disp_at(dispatched_, 0, {E, C, M})}));
-          // Chunk j's expert-side rows start at row E_l·W·c0 of each expert-side buffer.
-          auto rows_before = [&](int j) { return El * W * chunk(C, chunks, j).c0; };
+          if (gathers_part) TUTEL_RETURN_IF_ERROR(gather_part(local, side));
+          const bool copies = gathers_copies(local);
+          const ExpertWeights weights = gathers_part ? part_view(gathered_, side, copies)
+                                                     : local_experts(local.experts);
+          // A sharded expert's fc2 bias: each rank adds its own columns, or its group's.
+          const TensorView bias_slices =
+              gathers_part && spec_.has_fc2_bias ? part_fc2_bias(gathered_, side, copies)
+                                                 : local.experts.fc2_bias;
+          // Chunk j's expert-side rows start at row E_l·W·c0/q of each expert-side buffer.
+          auto rows_before = [&](int j) { return El * W * chunk(C, chunks, j, q).c0 / q; };
           TUTEL_RETURN_IF_ERROR(run_chunks(
               chunks,
               [&](int j) {  // dispatch: expert e's slots go to the rank(s) that hold it
                 return to_experts(dispatched_.data(),
                                   bytes_of(st.expert_in_) + rows_before(j) * M * disp_size,
-                                  chunk(C, chunks, j), M * disp_size, config.algo);
+                                  chunk(C, chunks, j, q), M * disp_size, side, config.algo);
               },
               [&](int j) -> Status {
-                const int64_t Rj = W * chunk(C, chunks, j).Cj, first = rows_before(j);
+                const int64_t Rj = W * chunk(C, chunks, j, q).Cj / q, first = rows_before(j);
                 TUTEL_RETURN_IF_ERROR(b.expert_forward(
-                    {disp_at(st.expert_in_, first * M, {El, Rj, M}), local_experts(local.experts),
-                     spec_.activation, spec_.matmul_dtype,
-                     keep_pre ? f32_at(st.pre_, first * Hs, {El, Rj, Hs}) : TensorView(),
-                     f32_at(st.hidden_, first * Hs, {El, Rj, Hs}),
+                    {disp_at(st.expert_in_, first * M, {El, Rj, M}), weights, spec_.activation,
+                     spec_.matmul_dtype,
+                     keep_pre ? f32_at(st.pre_, first * Hq, {El, Rj, Hq}) : TensorView(),
+                     f32_at(st.hidden_, first * Hq, {El, Rj, Hq}),
                      f32_at(expert_out_, first * O, {El, Rj, O}), workspace(),
                      /*keep_hidden=*/training}));
                 if (s > 1 && spec_.has_fc2_bias) {
-                  const BiasColumns bias = fc2_bias_columns(local.experts.fc2_bias);
+                  const BiasColumns bias = fc2_bias_columns(bias_slices, q);
                   TUTEL_RETURN_IF_ERROR(b.add_row_bias(f32_at(expert_out_, first * O, {Rj, O}),
                                                        bias.values, bias.column));
                 }
@@ -925,7 +1136,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
               },
               [&](int j) {  // combine: the results travel back to the tokens' ranks
                 return to_tokens(fp(expert_out_) + rows_before(j) * O, fp(st.combined_),
-                                 chunk(C, chunks, j), O, config.algo);
+                                 chunk(C, chunks, j, q), O, side, config.algo);
               }));
           return b.decode(
               {f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y});
@@ -978,7 +1189,10 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
 
   const ExchangeConfig config = saved.config_;
   const bool data_parallel = config.r == 0;
-  const int chunks = data_parallel ? 1 : chunk_count(C, config.pipeline);
+  const ExpertSide side = expert_side(config.r);  // as the forward ran (see there)
+  const int64_t q = side.split, Hq = side.hidden;
+  const bool gathers_part = !data_parallel && q > 1;
+  const int chunks = data_parallel ? 1 : chunk_count(C, config.pipeline, q);
   const int64_t H = spec_.hidden;
   // As in forward: a rank that cannot allocate joins the agreement, and the group refuses.
   const Status ready = [&]() -> Status {
@@ -1005,8 +1219,13 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
     const int64_t widest = std::max(M, O);
     TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
     TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
-    ExpertShape shape{El, R, M, Hs, O};
-    shape.weights_bf16 = local.experts.has_bf16_copies();
+    if (gathers_part) {
+      TUTEL_RETURN_IF_ERROR(grow_part(side, gathers_copies(local)));
+      TUTEL_RETURN_IF_ERROR(grow(full_grads_, part_experts(side).floats * 4));
+      TUTEL_RETURN_IF_ERROR(grow(grad_slice_, Hs * widest * 4));
+    }
+    ExpertShape shape{El, R / q, M, Hq, O};
+    shape.weights_bf16 = gathers_part ? gathers_copies(local) : local.experts.has_bf16_copies();
     return grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype));
   }();
   const TensorView xv = f32(saved.x_, {S, M}), scores = f32(saved.scores_, {S, E}),
@@ -1045,40 +1264,54 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
           TUTEL_RETURN_IF_ERROR(scatter_expert_grads(local_grads));
           d_dispatched = &d_expert_in_;
         } else {
-          ExpertWeights grads = local_experts(local_grads.experts);
-          // The forward's chunks: chunk j's expert-side rows start at row E_l·W·c0.
-          auto rows_before = [&](int j) { return El * W * chunk(C, chunks, j).c0; };
+          // With a gather group, the gradients of its H-part over this rank's share of the slots,
+          // summed over the group into the ranks' slices at the end.
+          if (gathers_part) {
+            TUTEL_RETURN_IF_ERROR(gather_part(local, side));
+            TUTEL_RETURN_IF_ERROR(b.fill_zero(f32(full_grads_, {part_experts(side).floats})));
+          }
+          const ExpertWeights weights = gathers_part
+                                            ? part_view(gathered_, side, gathers_copies(local))
+                                            : local_experts(local.experts);
+          const ExpertWeights grads =
+              gathers_part ? part_view(full_grads_, side) : local_experts(local_grads.experts);
+          const TensorView bias_grad_slices = gathers_part && spec_.has_fc2_bias
+                                                  ? part_fc2_bias(full_grads_, side)
+                                                  : local_grads.experts.fc2_bias;
+          // The forward's chunks: chunk j's expert-side rows start at row E_l·W·c0/q.
+          auto rows_before = [&](int j) { return El * W * chunk(C, chunks, j, q).c0 / q; };
           TUTEL_RETURN_IF_ERROR(run_chunks(
               chunks,
               [&](int j) {
                 return to_experts(d_combined_.data(), fp(d_expert_out_) + rows_before(j) * O,
-                                  chunk(C, chunks, j), O * 4, config.algo);
+                                  chunk(C, chunks, j, q), O * 4, side, config.algo);
               },
               [&](int j) -> Status {
-                const int64_t Rj = W * chunk(C, chunks, j).Cj, first = rows_before(j);
+                const int64_t Rj = W * chunk(C, chunks, j, q).Cj / q, first = rows_before(j);
                 // The weight gradients accumulate chunk by chunk.
                 TUTEL_RETURN_IF_ERROR(b.expert_backward(
                     {disp_at(saved.expert_in_, first * M, {El, Rj, M}),
-                     keep_pre ? f32_at(saved.pre_, first * Hs, {El, Rj, Hs}) : TensorView(),
-                     f32_at(saved.hidden_, first * Hs, {El, Rj, Hs}), local_experts(local.experts),
-                     spec_.activation, spec_.matmul_dtype,
-                     f32_at(d_expert_out_, first * O, {El, Rj, O}),
-                     f32_at(d_hidden_, first * Hs, {El, Rj, Hs}),
+                     keep_pre ? f32_at(saved.pre_, first * Hq, {El, Rj, Hq}) : TensorView(),
+                     f32_at(saved.hidden_, first * Hq, {El, Rj, Hq}), weights, spec_.activation,
+                     spec_.matmul_dtype, f32_at(d_expert_out_, first * O, {El, Rj, O}),
+                     f32_at(d_hidden_, first * Hq, {El, Rj, Hq}),
                      f32_at(d_expert_in_, first * M, {El, Rj, M}), grads, workspace()}));
                 if (s > 1 && spec_.has_fc2_bias) {
-                  // This shard's bias columns: the gradient is the column sum of d_out over every
-                  // slot.
-                  const BiasColumns db = fc2_bias_columns(local_grads.experts.fc2_bias);
+                  // This shard's (or group's) bias columns: the gradient is the column sum of
+                  // d_out over the slots.
+                  const BiasColumns db = fc2_bias_columns(bias_grad_slices, q);
                   TUTEL_RETURN_IF_ERROR(b.add_column_sums(f32_at(d_expert_out_, first * O, {Rj, O}),
                                                           db.column, db.values));
                 }
                 return Status::OK();
               },
               [&](int j) {
-                // Each shard's d_dispatched is a partial sum over its H-slice: to_tokens adds them.
+                // Where r > 1 ranks split an expert's H, each one's d_dispatched is a partial sum
+                // over its H-part: to_tokens adds them.
                 return to_tokens(fp(d_expert_in_) + rows_before(j) * M, fp(d_dispatched_),
-                                 chunk(C, chunks, j), M, config.algo);
+                                 chunk(C, chunks, j, q), M, side, config.algo);
               }));
+          if (gathers_part) TUTEL_RETURN_IF_ERROR(scatter_part_grads(local_grads, side));
         }
         TUTEL_RETURN_IF_ERROR(b.encode_backward({f32(*d_dispatched, {E, C, M}), xv, gates, idx, loc,
                                                  C, spec_.is_postscore, dx, d_gates}));

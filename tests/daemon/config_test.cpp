@@ -1026,11 +1026,23 @@ TEST(LayerSpecGroupTest, BadGroupsNameTheKey) {
     EXPECT_NE(message.find(std::string("group.") + key), std::string::npos) << message;
     EXPECT_NE(message.find("has no effect: nothing is tuned"), std::string::npos) << message;
   }
-  for (const char* bad : {"2", "-1", "1.0", "\"data\"", "false"}) {
+  for (const char* bad : {"-1", "1048577", "1.0", "\"data\"", "false"}) {
     const std::string message = error_of(
         "coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\nr = " + std::string(bad) + "\n");
     EXPECT_NE(message.find("group.r"), std::string::npos) << bad << ": " << message;
-    EXPECT_NE(message.find("[0, 1] or \"auto\""), std::string::npos) << bad << ": " << message;
+    EXPECT_NE(message.find("[0, 1048576] or \"auto\""), std::string::npos) << bad << ": " << message;
+  }
+  // r >= 1 must divide the ranks per expert: 1 with E = 4 >= W = 2; 4 with E = 4, W = 16.
+  for (const char* bad : {"size = 2\nr = 2\n", "size = 16\nr = 3\n", "size = 16\nr = 8\n"}) {
+    const std::string message =
+        error_of("coordinator = \"127.0.0.1:7\"\nrank = 0\n" + std::string(bad));
+    EXPECT_NE(message.find("group.r"), std::string::npos) << bad << ": " << message;
+    EXPECT_NE(message.find("must be 0 or divide the"), std::string::npos) << bad << ": " << message;
+  }
+  for (const char* good : {"size = 16\nr = 2\n", "size = 16\nr = 4\n", "size = 2\nr = 1\n"}) {
+    Result<LayerDefinition> r =
+        parse_layer_spec(base + "coordinator = \"127.0.0.1:7\"\nrank = 0\n" + good, "request");
+    EXPECT_TRUE(r.ok()) << good << ": " << r.status();
   }
   for (const char* bad : {"0", "65", "-1", "2.0", "\"auto \"", "\"4\"", "true", "[2]"}) {
     const std::string message = error_of(

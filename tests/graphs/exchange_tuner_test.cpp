@@ -34,13 +34,15 @@ TEST(ExchangeTuner, RefusesOptionsItCannotRun) {
     ASSERT_FALSE(t.ok()) << d;
     EXPECT_NE(t.status().message().find("pipeline degree"), std::string::npos) << t.status();
   }
-  for (int r : {-1, 2}) {
+  {
     TunerOptions o = three_candidates(1, 2);
-    o.candidates[2].r = r;
+    o.candidates[2].r = -1;
     auto t = ExchangeTuner::create(o);
-    ASSERT_FALSE(t.ok()) << r;
-    EXPECT_NE(t.status().message().find("r is 0 (data parallel) or 1"), std::string::npos)
-        << t.status();
+    ASSERT_FALSE(t.ok());
+    EXPECT_NE(t.status().message().find("r = -1 is negative"), std::string::npos) << t.status();
+    // Whether an r >= 1 fits (it must divide the ranks per expert) is the layer's to check.
+    o.candidates[2].r = 2;
+    EXPECT_TRUE(ExchangeTuner::create(o).ok());
   }
   TunerOptions many;
   many.candidates.assign(TunerOptions::kMaxCandidates + 1, {});
@@ -219,6 +221,13 @@ TEST(ExchangeTuner, AutoMeasuresWhatCanDifferOnTheGroup) {
   // r = 0 alone has nothing else to choose; one rank has nothing to gather.
   EXPECT_EQ(auto_candidates(0, {}, {}, 8, 2, true), (V{R0}));
   EXPECT_EQ(auto_candidates({}, {}, 1, 1, 1, false), (V{{L, 1, 1}}));
+  // s = W / E ranks per expert: every divisor of s is a way (r = 1 gathers the whole expert,
+  // r = s splits its H over all of them); a set r keeps its value.
+  EXPECT_EQ(auto_candidates({}, {}, 1, 8, 1, false, 4), (V{R0, {L, 1, 1}, {L, 1, 2}, {L, 1, 4}}));
+  EXPECT_EQ(auto_candidates(2, {}, 1, 8, 1, false, 4), (V{{L, 1, 2}}));
+  EXPECT_EQ(auto_candidates({}, {}, 2, 4, 1, false, 2), (V{R0, {L, 2, 1}, {L, 2, 2}}));
+  // Where every divisor would make more than kMaxCandidates, only 1 and s.
+  EXPECT_EQ(auto_candidates({}, {}, {}, 64, 8, true, 8).size(), 1 + 2 * 2 * 3u);
   EXPECT_EQ(R0.to_string(), "r=0");
   EXPECT_EQ((ExchangeConfig{D, 4, 1}).to_string(), "r=1 a=2dh d=4");
 }

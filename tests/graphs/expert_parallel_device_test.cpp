@@ -74,6 +74,13 @@ class DeviceCollectives final : public ForwardingCommunicator {
     SimulatedDevice::Access open(device_);
     return inner_.all_reduce(data, count, op);
   }
+  Result<std::unique_ptr<Communicator>> split(int color, int key) override {
+    TUTEL_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> inner, inner_.split(color, key));
+    if (inner == nullptr) return std::unique_ptr<Communicator>();
+    auto child = std::make_unique<DeviceCollectives>(*inner, device_);
+    child->owned_ = std::move(inner);
+    return std::unique_ptr<Communicator>(std::move(child));
+  }
 
  private:
   SimulatedDevice& device_;

@@ -97,6 +97,14 @@ EpCase data_parallel(EpCase c) {
   return c;
 }
 
+// r >= 1 where s = W / E ranks share each expert: r of them split its H (r = s: each its own
+// slice over all of the expert's slots; r < s: groups of s / r gather their slices and split
+// the slots). The cases above run r = 1 (each group gathers the whole expert).
+EpCase parallelism(int r, EpCase c) {
+  c.r = r;
+  return c;
+}
+
 EpCase output_dim(int64_t O, EpCase c) {
   c.output_dim = O;
   return c;
@@ -206,6 +214,25 @@ std::vector<EpCase> cases() {
                               4, 2, 48, 1, 0.0, {22, 35, 17, 40}, Activation::kSilu})),
       bf16_matmuls(data_parallel({"Bf16DataParallelTwoRanksTwoExpertsEach",
                                   2, 4, 32, 2, 1.0, {40, 31}})),
+      // r = s (expert + model parallel: every shard computes its H-slice over all of its expert's
+      // slots, the partial sums added on the way back) and 1 < r < s (groups of s / r gather).
+      parallelism(2, {"ModelParallelFourRanksTwoExpertsShardedInTwo", 4, 2, 48, 2, 1.0, {30, 30, 30, 30}}),
+      parallelism(4, {"ModelParallelFourRanksOneExpertShardedInFour", 4, 1, 64, 1, 0.0, {10, 20, 30, 40}}),
+      parallelism(2, {"TwoPartsFourRanksOneExpertShardedInFour", 4, 1, 64, 1, 0.0, {10, 20, 30, 40}}),
+      parallelism(2, output_dim(6, {"TwoPartsOutputDim6FourRanksOneExpertShardedInFour",
+                                    4, 1, 64, 1, 1.0, {19, 33, 26, 30}, Activation::kGelu})),
+      parallelism(2, output_dim(15, {"ModelParallelOutputDim15FourRanksTwoExpertsShardedInTwo",
+                                     4, 2, 48, 2, 1.0, {30, 30, 30, 30}})),
+      parallelism(2, pipelined(3, {"TwoPartsPipelinedThreeChunksFourRanksShardedInFour",
+                                   4, 1, 64, 1, -0.8, {20, 33, 41, 28}, Activation::kSilu})),
+      parallelism(2, two_dh(2, {"ModelParallelTwoDhFourRanksTwoNodesSharded",
+                                4, 2, 48, 1, 0.0, {22, 35, 17, 40}})),
+      parallelism(2, two_dh(2, {"TwoPartsTwoDhEightRanksTwoNodesShardedInFour",
+                                8, 2, 64, 2, 1.0, {18, 27, 33, 12, 40, 21, 29, 25}})),
+      bf16_matmuls(parallelism(2, {"Bf16TwoPartsFourRanksOneExpertShardedInFour",
+                                   4, 1, 64, 1, 0.0, {10, 20, 30, 40}})),
+      bf16_matmuls(parallelism(2, pipelined(2, {"Bf16ModelParallelPipelinedTwoRanksSharded",
+                                                2, 1, 32, 1, 1.0, {25, 41}}))),
   };
 }
 
@@ -381,7 +408,7 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
     ASSERT_TRUE(got.status.ok()) << got.status;
     // Pipelined chunks are exchanged on the layer's worker thread (the CPU backend overlaps
     // them with the GEMMs); everything else on the rank's own.
-    if (c.pipeline > 1 && c.r == 1 && capacity > 1) {
+    if (c.pipeline > 1 && c.r >= 1 && capacity > 1) {
       EXPECT_GT(got.exchanges_elsewhere, 0);
     } else {
       EXPECT_EQ(got.exchanges_elsewhere, 0);
@@ -390,11 +417,13 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
     EXPECT_EQ(got.stats.dropped, want[r].dropped);
     EXPECT_NEAR(got.stats.l_aux, want[r].l_aux, 1e-5);
     // The forward's first all-to-all is the dispatch (of the whole capacity when d = 1): each
-    // peer gets E_l experts' rows (one H-shard's expert's with s > 1) in the dispatch dtype.
-    if (c.r == 1 && c.pipeline == 1) {
+    // peer gets E_l experts' rows (with s > 1 one expert's share of C / (s / r) slots) in the
+    // dispatch dtype.
+    if (c.r >= 1 && c.pipeline == 1) {
       ASSERT_FALSE(got.exchange_bytes.empty());
       const int64_t experts_per_peer = got.shard.shards == 1 ? got.shard.local_experts : 1;
-      EXPECT_EQ(got.exchange_bytes[0], static_cast<size_t>(experts_per_peer * capacity * M) *
+      const int64_t slots_per_peer = capacity / (got.shard.shards / c.r);
+      EXPECT_EQ(got.exchange_bytes[0], static_cast<size_t>(experts_per_peer * slots_per_peer * M) *
                                            dtype_size(spec.dispatch_dtype()));
     }
     // bf16 matmuls round every GEMM input: the CPU layer's bf16 tolerances.
@@ -528,6 +557,36 @@ std::vector<InFlightCase> in_flight_cases() {
        1,
        {},
        0},
+      // Every parallelism of one expert sharded in four, tuned: micro-batches in flight ran
+      // different r (each backward the way its forward ran, through its own gather group).
+      {"TunedEveryParallelismFourRanksShardedInFourGelu",
+       4,
+       1,
+       64,
+       1,
+       0.0,
+       {{10, 20, 30, 40}, {33, 8, 21, 15}, {18, 27, 6, 24}},
+       Activation::kGelu,
+       comm::AllToAllAlgo::kLinear,
+       1,
+       1,
+       {graphs::kDataParallel,
+        {comm::AllToAllAlgo::kLinear, 1, 1},
+        {comm::AllToAllAlgo::kLinear, 2, 2},
+        {comm::AllToAllAlgo::kLinear, 1, 4}}},
+      {"ModelParallelFourRanksShardedInTwoOverflowSilu",
+       4,
+       2,
+       48,
+       2,
+       0.5,
+       {{30, 22, 35, 18}, {12, 40, 25, 31}, {26, 14, 19, 38}},
+       Activation::kSilu,
+       comm::AllToAllAlgo::kLinear,
+       1,
+       1,
+       {},
+       2},
   };
 }
 

@@ -35,13 +35,16 @@ class ForwardingCommunicator : public comm::Communicator {
     return inner_.all_reduce(data, count, op);
   }
   Status barrier() override { return inner_.barrier(); }
-  Result<std::unique_ptr<Communicator>> split(int, int) override {
-    return Status::Unimplemented("not needed by the layer");
+  // The inner communicator's new group, unwrapped: a wrapper that must also watch the new
+  // group's collectives overrides this (and keeps the inner group in owned_).
+  Result<std::unique_ptr<Communicator>> split(int color, int key) override {
+    return inner_.split(color, key);
   }
   std::vector<comm::PeerStatus> peers() const override { return inner_.peers(); }
 
  protected:
   comm::Communicator& inner_;
+  std::unique_ptr<Communicator> owned_;  // inner_, where a split() made it
 };
 
 }  // namespace tutel::testing

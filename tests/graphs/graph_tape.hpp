@@ -194,8 +194,13 @@ class TapeCollectives final : public comm::Communicator {
     ++waits_;
     return Status::OK();
   }
-  Result<std::unique_ptr<Communicator>> split(int, int) override {
-    return Status::Unimplemented("not needed by the layer");
+  // The new group's collectives go through the same tape, with a log of their own.
+  Result<std::unique_ptr<Communicator>> split(int color, int key) override {
+    TUTEL_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> inner, inner_.split(color, key));
+    if (inner == nullptr) return std::unique_ptr<Communicator>();
+    auto child = std::make_unique<TapeCollectives>(*inner, tape_);
+    child->owned_ = std::move(inner);
+    return std::unique_ptr<Communicator>(std::move(child));
   }
   std::vector<comm::PeerStatus> peers() const override { return inner_.peers(); }
   uint64_t captured_traffic() const override { return captured_; }
@@ -244,6 +249,7 @@ class TapeCollectives final : public comm::Communicator {
   }
 
   comm::Communicator& inner_;
+  std::unique_ptr<Communicator> owned_;  // inner_, for a group made by split()
   Tape& tape_;
   int64_t waits_ = 0;
   std::string log_;

@@ -140,12 +140,13 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
   const GemmTiming gemms = time_gemms(expert_forward_gemms(El, R, M, Hs, O), bf16, repeats);
   TUTEL_ASSIGN_OR_RETURN(const int64_t gemm_ns, group_max(*comm, int64_t(gemms.seconds * 1e9)));
   // Floor 2: the forward's two all-to-alls alone (dispatch [E, C, M] in the dispatch dtype,
-  // combine [E, C, O] in f32).
+  // combine [E, C, O] in f32), each slot travelling once: E·C/W slots to each peer (with E < W,
+  // r = 1's share of an expert; r > 1 sends each slot to r ranks).
   std::vector<float> send(E * C * std::max(M, O), 1.f), recv(send.size());
   const size_t dispatch_size = dtype_size(spec.dispatch_dtype());
   TUTEL_ASSIGN_OR_RETURN(
       const int64_t a2a_ns, time_group(*comm, repeats, [&]() -> Status {
-        const size_t chunk = size_t(E / W) * C;
+        const size_t chunk = size_t(E * C / W);
         TUTEL_RETURN_IF_ERROR(comm->all_to_all(send.data(), recv.data(), chunk * M * dispatch_size,
                                                comm::AllToAllAlgo::kLinear));
         return comm->all_to_all(send.data(), recv.data(), chunk * O * 4,
@@ -171,9 +172,12 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
   }
 
   // r = 0 first (its floor is the GEMMs of all E experts over this rank's C slots, about the
-  // same FLOPs, plus all-gathering the weights), then r = 1 at each d.
+  // same FLOPs, plus all-gathering the weights), then every r >= 1 (the divisors of s, the ranks
+  // per expert: only 1 where E >= W) at each d.
   std::vector<graphs::ExchangeConfig> configs{graphs::kDataParallel};
-  for (int d : pipelines) configs.push_back({comm::AllToAllAlgo::kLinear, d, 1});
+  for (int r = 1; r <= shard.shards; ++r)
+    if (shard.shards % r == 0)
+      for (int d : pipelines) configs.push_back({comm::AllToAllAlgo::kLinear, d, r});
   for (const graphs::ExchangeConfig& config : configs) {
     graphs::ExpertParallelOptions options;
     options.r = config.r;
@@ -204,7 +208,8 @@ Status ep_rank(int rank, int W, int threads, uint16_t port, const EpShape& shape
   // The tuner: what "auto" would choose here.
   graphs::ExpertParallelOptions options;
   options.tune.candidates = graphs::auto_candidates(
-      {}, {}, {}, W, 1, graphs::ExpertParallelLayer::chunks_overlap(b, options));
+      {}, {}, {}, W, 1, graphs::ExpertParallelLayer::chunks_overlap(b, options),
+      static_cast<int>(shard.shards));
   TUTEL_ASSIGN_OR_RETURN(graphs::ExpertParallelLayer tuned,
                          graphs::ExpertParallelLayer::create(b, *comm, spec, options));
   const int64_t bucket = graphs::ExchangeTuner::bucket_for(C);
@@ -273,6 +278,7 @@ int run_ep_bench(const EpBenchOptions& options) {
     }
     EpShape chosen = *shape;
     if (options.experts > 0) chosen.E = options.experts;
+    chosen.k = static_cast<int>(std::min<int64_t>(chosen.k, chosen.E));
     shape = &chosen;
     const uint16_t port = free_loopback_port();
     const Status st = run_ranks(

@@ -86,7 +86,7 @@ int main(int argc, char** argv) {
                    "in bf16)")
       ->check(CLI::IsMember({"f32", "bf16"}))
       ->capture_default_str();
-  ep_cmd->add_option("--experts", ep.experts, "E for every shape (0: the shapes' own, 8); --experts 2 --ranks 2 is one expert per rank")
+  ep_cmd->add_option("--experts", ep.experts, "E for every shape (0: the shapes' own, 8; k is capped at E); --experts 2 --ranks 2 is one expert per rank, --experts 1 --ranks 2 shards it (r = 1 and r = 2 run)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
 

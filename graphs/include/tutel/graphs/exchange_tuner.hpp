@@ -2,9 +2,12 @@
 // way to run the expert phase, found by measuring it at run time, identical on every rank.
 //
 // A way is a parallelism `r` (0: data parallel, every rank gathers every expert's weights and
-// keeps its tokens; 1: expert parallel, the tokens travel to their experts), and with r = 1 an
-// all-to-all algorithm `a` and a pipeline degree `d` (ExchangeConfig). Switching between them
-// moves no parameter: each rank keeps its slice either way.
+// keeps its tokens; r >= 1: the tokens travel to their experts, and where s = W / E > 1 ranks
+// share each expert, r of them split its H (r = s: each computes its own slice; r < s: groups
+// of s / r put their slices together and split the expert's slots instead;
+// ExpertParallelOptions::r), and with r >= 1 an all-to-all algorithm `a` and a pipeline degree
+// `d` (ExchangeConfig). Switching between them moves no parameter: each rank keeps its slice
+// either way.
 //
 // For a bucket not yet decided, successive forwards run the candidates in turn (round-robin, so
 // slow drift of the machine touches every candidate alike): `warmups` rounds that are not
@@ -45,9 +48,9 @@ namespace tutel::graphs {
 inline constexpr int kMaxPipeline = 64;
 
 struct ExchangeConfig {
-  comm::AllToAllAlgo algo = comm::AllToAllAlgo::kLinear;  // r = 1
-  int pipeline = 1;  // d: chunks of the dispatch buffer along the capacity (r = 1)
-  int r = 1;         // 0: data parallel; 1: expert parallel
+  comm::AllToAllAlgo algo = comm::AllToAllAlgo::kLinear;  // r >= 1
+  int pipeline = 1;  // d: chunks of the dispatch buffer along the capacity (r >= 1)
+  int r = 1;         // 0: data parallel; >= 1: expert parallel, r ranks per expert split its H
   bool operator==(const ExchangeConfig&) const = default;
   // "r=0", "r=1 a=linear d=2"
   std::string to_string() const;
@@ -65,8 +68,10 @@ struct TunerOptions {
 };
 
 // What `auto` measures (the daemon's r, all_to_all and pipeline = "auto"): for an unset
-// dimension, every value worth trying on this group; a set one keeps its value. r: 0 and 1
-// (with W = 1 only 1: there is nothing to gather). The all-to-all: linear, and 2DH where the group
+// dimension, every value worth trying on this group; a set one keeps its value. r: 0 and every
+// divisor of `shards` (the ranks per expert, s = W / E where E < W, else 1; with W = 1 only 1:
+// there is nothing to gather); where that would make more than kMaxCandidates, the divisors
+// between 1 and s are left out. The all-to-all: linear, and 2DH where the group
 // spans several nodes of several ranks each (elsewhere 2DH is the linear exchange, or not
 // valid). The pipeline: 1, 2 and 4 where chunks overlap the GEMMs
 // (ExpertParallelLayer::overlaps_chunks), else 1 only: chunks run one after another there and
@@ -74,7 +79,7 @@ struct TunerOptions {
 std::vector<ExchangeConfig> auto_candidates(std::optional<int> r,
                                             std::optional<comm::AllToAllAlgo> algo,
                                             std::optional<int> pipeline, int group_size,
-                                            int local_size, bool chunks_overlap);
+                                            int local_size, bool chunks_overlap, int shards = 1);
 
 // One bucket of the dictionary, for the admin API.
 struct TunerEntry {

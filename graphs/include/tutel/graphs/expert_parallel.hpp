@@ -1,8 +1,10 @@
-// The MoE layer across an expert-parallel group (DESIGN §2 steps 4, 7, 9; r = 0 or 1, any d,
+// The MoE layer across an expert-parallel group (DESIGN §2 steps 4, 7, 9; any r, d,
 // a = linear or 2DH, or (r, a, d) chosen per capacity bucket by the tuner): each of W ranks
 // holds E/W experts (E ≥ W) or one shard of one expert along H (E < W, s = W/E shards per
-// expert), the gate is replicated, and with r = 1 all-to-alls move the dispatched tokens to their
-// experts and the results back; with r = 0 the ranks gather every expert's weights instead.
+// expert), the gate is replicated, and with r >= 1 all-to-alls move the dispatched tokens to their
+// experts and the results back (with r < s, groups of an expert's ranks first put their
+// H-slices together and split its slots); with r = 0 the ranks gather every expert's weights
+// instead.
 // With d > 1 the expert phase runs in d chunks of the capacity (adaptive pipelining;
 // ExpertParallelOptions, docs/decisions.md).
 //
@@ -107,13 +109,20 @@ struct ExpertParallelOptions {
   // expert GEMMs of another; elsewhere (CUDA, whose one stream orders everything) the chunks run
   // one after another: same results, no overlap yet. The capacity itself does not depend on d.
   int pipeline = 1;
-  // r (DESIGN §1, adaptive parallelism): 1, expert parallel (the tokens travel to their experts
-  // and back); 0, data parallel: every rank gathers every expert's weights (all-gather), runs
-  // all E experts on its own tokens, and its weight gradients are summed into the ranks' slices
-  // (reduce-scatter). Each rank keeps its slice of the parameters either way, so switching moves
-  // none; r = 0 pays off where the weights are smaller than the tokens that would travel.
-  // With r = 0, bf16 matmuls and the weights' bf16 copies given, the ranks gather the copies
-  // (half the bytes) and not the f32 weights, and the matmuls read them as they are.
+  // r (DESIGN §1, adaptive parallelism). 0, data parallel: every rank gathers every expert's
+  // weights (all-gather), runs all E experts on its own tokens, and its weight gradients are
+  // summed into the ranks' slices (reduce-scatter). r >= 1, expert parallel: the tokens travel to
+  // their experts and back. Where E < W, s = W / E ranks hold an H-slice each of one expert and r
+  // (a divisor of s) says how many of them split its H: r = s (expert + model parallel), each
+  // computes its slice over all of the expert's slots and the s partial sums are added on the way
+  // back; r < s, the s / r ranks of each group (consecutive ranks) all-gather their slices into
+  // an H / r part and split the expert's slots among them, so each token travels to r ranks
+  // instead of s, and the weight gradients are reduce-scattered back into the slices; r = 1
+  // (expert + data parallel, Tutel's default) gathers the whole expert. With E >= W, r is 0 or 1.
+  // Each rank keeps its slice of the parameters under every r, so switching moves none; r = 0
+  // pays off where the weights are smaller than the tokens that would travel. With bf16 matmuls
+  // and the weights' bf16 copies given, the gathers take the copies (half the bytes) and not the
+  // f32 weights, and the matmuls read them as they are.
   int r = 1;
   // Tuning (exchange_tuner.hpp): with two or more candidates, each capacity bucket measures them
   // and keeps the fastest; with one, that one runs. `r`, `algo` and `pipeline` are then ignored.
@@ -146,6 +155,8 @@ class ExpertParallelLayer {
   // communicator on the CUDA backend's device (ideally on its stream, as the daemon's).
   // `algo` runs every all-to-all of the layer (forward dispatch and combine, and their
   // backward); k2DH needs comm.local_size() to divide comm.size() and is refused otherwise.
+  // Every r with 1 <= r < s among the ways it may run splits `comm` once (Communicator::split)
+  // into its groups of s / r ranks, which the layer keeps.
   // Gate noise is refused (not supported across a group yet).
   static Result<ExpertParallelLayer> create(Backend& backend, comm::Communicator& comm,
                                             const LayerSpec& spec,
@@ -269,6 +280,16 @@ class ExpertParallelLayer {
   // [a][b][rows] → [b][a][rows]: swaps the two outer dimensions of a [a, b, row_bytes] block
   // of device memory, by a·b device-to-device copies.
   Status swap_outer(const void* src, void* dst, int64_t a, int64_t b, int64_t row_bytes);
+  // How a parallelism r >= 1 lays out the expert side: `split` ranks (q = s / r; 1 with E >= W
+  // or r = s) put their H-slices of an expert together into `hidden` = q·H_s columns and split
+  // its slots, each taking W·C/q rows per local expert; `gather` is their communicator (a split
+  // of the group; null when q = 1).
+  struct ExpertSide {
+    int64_t split = 1;
+    int64_t hidden = 0;
+    comm::Communicator* gather = nullptr;
+  };
+  ExpertSide expert_side(int r) const;
   // The two directions of the all-to-all (forward dispatch and backward of combine; forward
   // combine and backward of dispatch) for capacity C. One chunk of the capacity at a time:
   // slots [c0, c0 + Cj) of every expert; the expert side holds that chunk alone
@@ -278,12 +299,13 @@ class ExpertParallelLayer {
     int64_t C, c0, Cj;
   };
   Status to_experts(const void* token_side, void* expert_side, Chunk chunk, int64_t row_bytes,
-                    comm::AllToAllAlgo algo);
+                    const ExpertSide& side, comm::AllToAllAlgo algo);
   Status to_tokens(const float* expert_side, float* token_side, Chunk chunk, int64_t row,
-                   comm::AllToAllAlgo algo);
-  // The expert phase's chunks for capacity C and d: the in/compute/out of each (chunk_pipeline).
-  int chunk_count(int64_t C, int d) const;
-  Chunk chunk(int64_t C, int count, int j) const;
+                   const ExpertSide& side, comm::AllToAllAlgo algo);
+  // The expert phase's chunks for capacity C and d, cut at multiples of q (each chunk's slots are
+  // split among q ranks): the in/compute/out of each (chunk_pipeline).
+  int chunk_count(int64_t C, int d, int64_t q) const;
+  Chunk chunk(int64_t C, int count, int j, int64_t q) const;
   Status run_chunks(int count, const std::function<Status(int)>& in,
                     const std::function<Status(int)>& compute,
                     const std::function<Status(int)>& out);
@@ -311,18 +333,39 @@ class ExpertParallelLayer {
   Status gather_experts(const LayerWeights& local);
   // full_grads_ summed over the group, each rank's slices added to its local_grads (collective).
   Status scatter_expert_grads(const LayerWeights& local_grads);
+  // r < s. The H-part of this rank's expert that its gather group puts together, [1, q·H_s, ·],
+  // at these offsets (floats) of gathered_ (weights) and full_grads_ (gradients), and the
+  // group's q slices of the fc2 bias ([q·O_s] columns from its first shard's). Without f32
+  // weights (gathered bf16 copies instead, gathers_copies) only the biases are laid out.
+  struct PartExperts {
+    int64_t fc1 = 0, fc2 = 0, fc1_bias = 0, fc2_bias = 0, floats = 0;
+  };
+  PartExperts part_experts(const ExpertSide& side, bool f32_weights = true) const;
+  // The part in `buf` as the weights the expert ops take (laid out by part_experts(!copies); with
+  // `copies` the weights are the bf16 copies in gathered_bf16_). No fc2 bias: each rank adds its
+  // group's columns (fc2_bias_columns), as a shard adds its own.
+  ExpertWeights part_view(const DeviceBuffer& buf, const ExpertSide& side, bool copies = false) const;
+  TensorView part_fc2_bias(const DeviceBuffer& buf, const ExpertSide& side, bool copies = false) const;
+  Status grow_part(const ExpertSide& side, bool copies);
+  // The group's slices (or their bf16 copies) gathered into gathered_ (collective over the gather
+  // group), and full_grads_ summed over it back into each rank's slices of local_grads.
+  Status gather_part(const LayerWeights& local, const ExpertSide& side);
+  Status scatter_part_grads(const LayerWeights& local_grads, const ExpertSide& side);
+  // mine += block `group.rank()` of the sum over `group` of each rank's `full` (collective).
+  Status reduce_scatter_add(comm::Communicator& group, const float* full, const TensorView& mine);
   // Waits for the backend's queued ops before a collective reads what they wrote.
   Status collective_ready();
   // values[0..count) = their MAX over the group, through agreed_ (host in, host out).
   Status agree_on_max(int64_t* values, size_t count);
   ExpertWeights local_experts(const ExpertWeights& w) const;  // drops fc2 bias when sharded
-  // A sharded expert's fc2 bias: this shard's columns of the output and, from its [1, O_s]
-  // slice (a bias or its gradient), the values that fall within O.
+  // A sharded expert's fc2 bias: the output columns of `count` consecutive shards' slices from
+  // this rank's group's first (count 1: this shard's own; q: its gather group's) and, from those
+  // slices ([count·O_s]: a bias or its gradient), the values that fall within O.
   struct BiasColumns {
     int64_t column;     // first output column
     TensorView values;  // [n] f32
   };
-  BiasColumns fc2_bias_columns(const TensorView& bias_slice) const;
+  BiasColumns fc2_bias_columns(const TensorView& bias_slices, int64_t count) const;
 
   Backend* backend_;
   comm::Communicator* comm_;
@@ -348,7 +391,11 @@ class ExpertParallelLayer {
   DeviceBuffer expert_out_, workspace_;
   DeviceBuffer d_gates_, d_logits_, d_combined_, d_expert_out_, d_hidden_, d_expert_in_,
       d_dispatched_;
-  DeviceBuffer gathered_, gathered_bf16_, full_grads_, grad_slice_;  // r = 0
+  DeviceBuffer gathered_, gathered_bf16_, full_grads_, grad_slice_;  // r = 0, and r < s
+  // The gather groups of every r < s the layer may run, made at creation. The runner's graphs,
+  // which may hold their collectives, are dropped before they go (expert_parallel.cpp).
+  class GatherGroups;
+  std::unique_ptr<GatherGroups> gather_groups_;
 };
 
 }  // namespace tutel::graphs
