@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../src/group_layout.hpp"
+#include "../src/block_layout.hpp"
 #include "../src/two_dh.hpp"
 #include "tutel/comm/nccl.hpp"
 
@@ -82,6 +83,23 @@ ncclConfig_t nonblocking_config() {
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;
   return config;
+}
+
+// Device memory: block i, piece j of `src` (laid out as `from`) to the same piece of `dst` (as
+// `to`), one 2-D copy per block (rows = pieces, the strides as pitches).
+Status copy_blocks_device(void* dst, const BlockLayout& to, const void* src, const BlockLayout& from,
+                          int blocks, cudaStream_t stream) {
+  auto* d = static_cast<unsigned char*>(dst);
+  const auto* s = static_cast<const unsigned char*>(src);
+  // A single row's pitch is never read, but must not be below its width.
+  const size_t to_pitch = to.pieces > 1 ? to.piece_stride : to.piece_bytes;
+  const size_t from_pitch = from.pieces > 1 ? from.piece_stride : from.piece_bytes;
+  for (int i = 0; i < blocks; ++i)
+    TUTEL_NCCL_CUDA(cudaMemcpy2DAsync(d + static_cast<size_t>(i) * to.block_stride, to_pitch,
+                                      s + static_cast<size_t>(i) * from.block_stride, from_pitch,
+                                      from.piece_bytes, from.pieces, cudaMemcpyDeviceToDevice,
+                                      stream));
+  return Status::OK();
 }
 
 // dst[j][i] = src[i][j] for a [rows][cols] matrix of `chunk`-byte elements in device memory.
@@ -184,9 +202,12 @@ class NcclCommunicator final : public Communicator {
     return finish(wait_stream());
   }
 
-  Status all_to_all(const void* send, void* recv, size_t c, AllToAllAlgo algo) override {
+  using Communicator::all_to_all;
+  Status all_to_all(const void* send, const BlockLayout& from, void* recv, const BlockLayout& to,
+                    AllToAllAlgo algo) override {
     TUTEL_RETURN_IF_ERROR(begin("all_to_all"));
-    add_traffic(c);
+    TUTEL_RETURN_IF_ERROR(detail::check_block_layouts(from, to));
+    add_traffic(from.block_bytes());
     const int n = size(), l = local_size();
     if (algo == AllToAllAlgo::k2DH && n % l != 0)
       return Status::InvalidArgument(
@@ -195,15 +216,32 @@ class NcclCommunicator final : public Communicator {
     const auto* s = static_cast<const unsigned char*>(send);
     auto* r = static_cast<unsigned char*>(recv);
     if (algo == AllToAllAlgo::kLinear || l == 1 || l == n) {
+      // A send and a receive per piece; NCCL pairs the ones between two ranks in order.
       return finish(grouped([&]() -> Status {
-        for (int p = 0; p < n; ++p) {
-          TUTEL_NCCL(ncclSend(s + p * c, c, ncclInt8, p, comm_, stream_), comm_);
-          TUTEL_NCCL(ncclRecv(r + p * c, c, ncclInt8, p, comm_, stream_), comm_);
-        }
+        for (int p = 0; p < n; ++p)
+          for (size_t j = 0; j < from.pieces; ++j) {
+            TUTEL_NCCL(ncclSend(s + p * from.block_stride + j * from.piece_stride, from.piece_bytes,
+                                ncclInt8, p, comm_, stream_),
+                       comm_);
+            TUTEL_NCCL(ncclRecv(r + p * to.block_stride + j * to.piece_stride, to.piece_bytes,
+                                ncclInt8, p, comm_, stream_),
+                       comm_);
+          }
         return Status::OK();
       }));
     }
-    return finish(all_to_all_2dh(s, r, c));
+    if (from.is_contiguous() && to.is_contiguous())
+      return finish(all_to_all_2dh(s, r, from.block_bytes()));
+    // 2DH moves whole contiguous blocks: pack and unpack on the stream, around it, through
+    // scratch past the 2DH's own (T and U).
+    const size_t c = from.block_bytes(), total = static_cast<size_t>(n) * c;
+    TUTEL_RETURN_IF_ERROR(finish(reserve_scratch(4 * total)));
+    unsigned char* in = static_cast<unsigned char*>(scratch_) + 2 * total;
+    unsigned char* out = in + total;
+    const BlockLayout packed{from.piece_bytes, from.pieces, from.piece_bytes, c};
+    TUTEL_RETURN_IF_ERROR(finish(copy_blocks_device(in, packed, s, from, n, stream_)));
+    TUTEL_RETURN_IF_ERROR(finish(all_to_all_2dh(in, out, c)));
+    return finish(copy_blocks_device(r, to, out, packed, n, stream_));
   }
 
   Status all_gather(const void* send, void* recv, size_t bytes) override {

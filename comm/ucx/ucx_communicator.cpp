@@ -15,6 +15,7 @@
 
 #include "../src/group_layout.hpp"
 #include "../src/reduce.hpp"
+#include "../src/block_layout.hpp"
 #include "../src/two_dh.hpp"
 #include "tutel/comm/ucx.hpp"
 #include "ucx_rank.hpp"
@@ -80,19 +81,32 @@ class UcxCommunicator final : public Communicator {
     return out;
   }
 
-  Status all_to_all(const void* send, void* recv, size_t chunk_bytes, AllToAllAlgo algo) override {
+  using Communicator::all_to_all;
+  Status all_to_all(const void* send, const BlockLayout& send_layout, void* recv,
+                    const BlockLayout& recv_layout, AllToAllAlgo algo) override {
     TUTEL_RETURN_IF_ERROR(begin("all_to_all"));
+    TUTEL_RETURN_IF_ERROR(detail::check_block_layouts(send_layout, recv_layout));
     if (algo == AllToAllAlgo::k2DH && size() % local_size_ != 0)
       return Status::InvalidArgument(
           "2DH all-to-all needs local_size (" + std::to_string(local_size_) +
           ") to divide the group size (" + std::to_string(size()) +
           "); use AllToAllAlgo::kLinear, or a local_size that divides it");
-    if (algo == AllToAllAlgo::k2DH && local_size_ > 1 && local_size_ < size())
-      return finish(all_to_all_2dh(static_cast<const unsigned char*>(send),
-                                   static_cast<unsigned char*>(recv), chunk_bytes));
+    const auto* s = static_cast<const unsigned char*>(send);
+    auto* r = static_cast<unsigned char*>(recv);
     // 2DH with one rank per node, or one node, is the linear exchange.
-    return finish(all_to_all_linear(static_cast<const unsigned char*>(send),
-                                    static_cast<unsigned char*>(recv), chunk_bytes));
+    if (algo != AllToAllAlgo::k2DH || local_size_ == 1 || local_size_ == size())
+      return finish(all_to_all_linear(s, send_layout, r, recv_layout));
+    if (send_layout.is_contiguous() && recv_layout.is_contiguous())
+      return finish(all_to_all_2dh(s, r, send_layout.block_bytes()));
+    // 2DH moves whole contiguous blocks: pack, exchange, unpack (its stride copies copy anyway).
+    const size_t c = send_layout.block_bytes(), total = static_cast<size_t>(size()) * c;
+    const BlockLayout packed{send_layout.piece_bytes, send_layout.pieces, send_layout.piece_bytes, c};
+    unsigned char* in = scratch_c<unsigned char>(2 * total);
+    unsigned char* out = in + total;
+    detail::copy_blocks(in, packed, s, send_layout, size());
+    TUTEL_RETURN_IF_ERROR(finish(all_to_all_2dh(in, out, c)));
+    detail::copy_blocks(r, recv_layout, out, packed, size());
+    return Status::OK();
   }
 
   Status all_gather(const void* send, void* recv, size_t bytes_per_rank) override {
@@ -230,21 +244,30 @@ class UcxCommunicator final : public Communicator {
 
   // A pulled message's acknowledgement travels back with the tag of a message in the other
   // direction of the same step, plus kAckBit: unique at its receiver, like every tag.
-  void add_send(int peer, const void* buffer, size_t bytes) {
-    sends_.push_back({members_[peer], tag(group_ids_[peer], me_, seq_), const_cast<void*>(buffer), bytes,
-                      tag(group_ids_[me_], peer, seq_) | ucx::kAckBit});
+  // `message`: the step's j-th message to or from this peer (a step of several pieces).
+  void add_send(int peer, const void* buffer, size_t bytes, size_t message = 0) {
+    const uint32_t seq = seq_at(message);
+    sends_.push_back({members_[peer], tag(group_ids_[peer], me_, seq), const_cast<void*>(buffer), bytes,
+                      tag(group_ids_[me_], peer, seq) | ucx::kAckBit});
   }
 
-  void add_recv(int peer, void* buffer, size_t bytes) {
-    recvs_.push_back({members_[peer], tag(group_ids_[me_], peer, seq_), buffer, bytes,
-                      tag(group_ids_[peer], me_, seq_) | ucx::kAckBit});
+  void add_recv(int peer, void* buffer, size_t bytes, size_t message = 0) {
+    const uint32_t seq = seq_at(message);
+    recvs_.push_back({members_[peer], tag(group_ids_[me_], peer, seq), buffer, bytes,
+                      tag(group_ids_[peer], me_, seq) | ucx::kAckBit});
   }
 
-  Status run_step() {
+  // The step's sequence numbers run from seq_, skipping the notices' (kNoticeSeq).
+  uint32_t seq_at(size_t message) const {
+    return static_cast<uint32_t>((seq_ + message) % kNoticeSeq);
+  }
+
+  // `messages`: the most messages the step exchanged with one peer (its sequence numbers used).
+  Status run_step(size_t messages = 1) {
     const Clock::duration grace =
         std::min<Clock::duration>(timeout_ / 4, std::chrono::milliseconds(500));
     Status s = rank_->exchange(sends_, recvs_, deadline_, notice_, grace);
-    seq_ = seq_ + 1 == kNoticeSeq ? 0 : seq_ + 1;
+    seq_ = seq_at(messages);
     if (s.ok()) {
       sends_.clear();
       recvs_.clear();
@@ -261,6 +284,12 @@ class UcxCommunicator final : public Communicator {
   T* scratch_b(size_t count) {
     if (scratch_b_.size() < count * sizeof(T)) scratch_b_.resize(count * sizeof(T));
     return reinterpret_cast<T*>(scratch_b_.data());
+  }
+
+  template <typename T>
+  T* scratch_c(size_t count) {
+    if (scratch_c_.size() < count * sizeof(T)) scratch_c_.resize(count * sizeof(T));
+    return reinterpret_cast<T*>(scratch_c_.data());
   }
 
   template <typename T>
@@ -291,15 +320,23 @@ class UcxCommunicator final : public Communicator {
     return run_step();
   }
 
-  Status all_to_all_linear(const unsigned char* send, unsigned char* recv, size_t c) {
+  // One message per piece: piece j of a step goes with the step's j-th sequence number, so each
+  // has a tag of its own (also for the acknowledgement of a pulled one).
+  Status all_to_all_linear(const unsigned char* send, const BlockLayout& from, unsigned char* recv,
+                           const BlockLayout& to) {
     const int n = size();
-    std::memcpy(recv + me_ * c, send + me_ * c, c);
+    const size_t pieces = from.pieces;
+    for (size_t j = 0; j < pieces; ++j)
+      std::memcpy(recv + me_ * to.block_stride + j * to.piece_stride,
+                  send + me_ * from.block_stride + j * from.piece_stride, from.piece_bytes);
     for (int i = 1; i < n; ++i) {
       const int p = (me_ + i) % n;  // staggered, so not every rank starts with rank 0
-      add_recv(p, recv + p * c, c);
-      add_send(p, send + p * c, c);
+      for (size_t j = 0; j < pieces; ++j) {
+        add_recv(p, recv + p * to.block_stride + j * to.piece_stride, to.piece_bytes, j);
+        add_send(p, send + p * from.block_stride + j * from.piece_stride, from.piece_bytes, j);
+      }
     }
-    return run_step();
+    return run_step(pieces);
   }
 
   // See src/two_dh.hpp for the algebra.
@@ -379,6 +416,7 @@ class UcxCommunicator final : public Communicator {
   std::vector<Transfer> sends_, recvs_;
   std::tuple<std::vector<const float*>, std::vector<const int64_t*>> blocks_;  // reduce inputs
   std::vector<unsigned char> scratch_a_, scratch_b_;
+  std::vector<unsigned char> scratch_c_;  // a block all-to-all packed for 2DH
 };
 
 }  // namespace

@@ -139,15 +139,15 @@ bool ExchangeTuner::exclude(int64_t key, const ExchangeConfig& config) {
   return exclude_locked(b, static_cast<size_t>(it - options_.candidates.begin()));
 }
 
-bool ExchangeTuner::exclude_parallelism(int64_t key, int r) {
+bool ExchangeTuner::exclude_parallelism(int64_t key, int r, int last_r) {
   std::lock_guard<std::mutex> lock(*mu_);
   Bucket& b = bucket(key);
-  const auto other_r_left = [&] {
-    return std::any_of(b.left.begin(), b.left.end(), [&](size_t i) { return options_.candidates[i].r != r; });
+  const auto in_range = [&](size_t i) {
+    return options_.candidates[i].r >= r && options_.candidates[i].r <= last_r;
   };
-  if (!other_r_left()) return false;
+  if (std::all_of(b.left.begin(), b.left.end(), in_range)) return false;
   for (size_t i = 0; i < k(); ++i)
-    if (options_.candidates[i].r == r && !b.excluded[i]) (void)exclude_locked(b, i);
+    if (in_range(i) && !b.excluded[i]) (void)exclude_locked(b, i);
   return true;
 }
 

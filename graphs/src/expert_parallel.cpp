@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -409,28 +410,20 @@ Status ExpertParallelLayer::record_run(int64_t C, int64_t nanoseconds) {
 Status ExpertParallelLayer::to_experts(const void* token_side, void* expert_side, Chunk ch,
                                        int64_t row_bytes, const ExpertSide& side,
                                        comm::AllToAllAlgo algo) {
-  const int64_t W = shard_.world, El = shard_.local_experts, s = shard_.shards, E = spec_.experts;
+  const int64_t W = shard_.world, El = shard_.local_experts, s = shard_.shards;
   // Expert e's part of the chunk, on the tokens' side.
   auto token_part = [&](int64_t e) {
     return static_cast<const std::byte*>(token_side) + (e * ch.C + ch.c0) * row_bytes;
   };
   if (s == 1) {
-    const size_t part = static_cast<size_t>(ch.Cj * row_bytes);
-    // The send buffer is [W][E_l][Cj][row]: the token side itself when the chunk is all of C.
-    const void* send = token_side;
-    if (ch.Cj != ch.C) {
-      for (int64_t e = 0; e < E; ++e)
-        TUTEL_RETURN_IF_ERROR(backend_->copy(bytes_of(send_) + e * part, token_part(e), part,
-                                             CopyKind::kDeviceToDevice));
-      send = send_.data();
-    }
-    // The exchange gives [W][E_l][Cj][row] from every rank, and the experts want
-    // [E_l][W·Cj][row]: the same layout with one expert per rank (E = W, Tutel's usual set-up),
-    // so then it lands where the experts read it, without a reordering pass.
+    // Rank w's block is its E_l experts' slots of the chunk, a piece per expert, straight from
+    // [E][C] here and straight into [E_l][W·Cj] there: no packing, no reordering pass.
+    const size_t piece = static_cast<size_t>(ch.Cj * row_bytes);
+    const comm::BlockLayout send{piece, size_t(El), size_t(ch.C * row_bytes),
+                                 size_t(El * ch.C * row_bytes)};
+    const comm::BlockLayout recv{piece, size_t(El), size_t(W) * piece, piece};
     TUTEL_RETURN_IF_ERROR(collective_ready());
-    if (El == 1) return comm_->all_to_all(send, expert_side, part, algo);
-    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, recv_.data(), El * part, algo));
-    return swap_outer(recv_.data(), expert_side, W, El, ch.Cj * row_bytes);
+    return comm_->all_to_all(token_part(0), send, expert_side, recv, algo);
   }
   // Part w for rank w = e·s + j is expert e's share t = j mod q of the chunk's slots.
   const int64_t q = side.split;
@@ -457,22 +450,13 @@ Status ExpertParallelLayer::to_tokens(const float* expert_side, float* token_sid
   const int64_t W = shard_.world, El = shard_.local_experts, s = shard_.shards, E = spec_.experts;
   auto token_part = [&](int64_t e) { return token_side + (e * ch.C + ch.c0) * row; };
   if (s == 1) {
-    const size_t part = static_cast<size_t>(ch.Cj * row);
-    // [E_l][W·Cj][row] → [W][E_l][Cj][row] for the exchange: nothing to reorder with one expert
-    // per rank, which then sends straight from the experts' output.
-    const void* send = expert_side;
-    if (El > 1) {
-      TUTEL_RETURN_IF_ERROR(swap_outer(expert_side, send_.data(), El, W, ch.Cj * row * 4));
-      send = send_.data();
-    }
+    // The inverse of to_experts' layouts: from [E_l][W·Cj] straight into [E][C].
+    const size_t piece = static_cast<size_t>(ch.Cj * row * 4);
+    const comm::BlockLayout send{piece, size_t(El), size_t(W) * piece, piece};
+    const comm::BlockLayout recv{piece, size_t(El), size_t(ch.C * row * 4),
+                                 size_t(El * ch.C * row * 4)};
     TUTEL_RETURN_IF_ERROR(collective_ready());
-    // Straight into the token side when the chunk is all of C; else through recv_.
-    if (ch.Cj == ch.C) return comm_->all_to_all(send, token_side, El * part * 4, algo);
-    TUTEL_RETURN_IF_ERROR(comm_->all_to_all(send, recv_.data(), El * part * 4, algo));
-    for (int64_t e = 0; e < E; ++e)
-      TUTEL_RETURN_IF_ERROR(
-          backend_->copy(token_part(e), fp(recv_) + e * part, part * 4, CopyKind::kDeviceToDevice));
-    return Status::OK();
+    return comm_->all_to_all(expert_side, send, token_part(0), recv, algo);
   }
   const int64_t q = side.split, parts = s / q;  // parts: r, the H-parts of each expert
   const size_t part = static_cast<size_t>(ch.Cj / q * row);
@@ -508,9 +492,13 @@ Status ExpertParallelLayer::collective_ready() {
 Status ExpertParallelLayer::wait_collectives() {
   if (!comm_on_backend_queue_) return Status::OK();
   Status st = comm_->wait_enqueued();
-  // Each gather group watches its own peers (one that failed, on the same queue, stalls it).
-  for (comm::Communicator* group : gather_groups_->all())
-    if (st.ok()) st = group->wait_enqueued();
+  // The gather groups' collectives share the queue, and each communicator watches (and on a
+  // timeout aborts) only its own: a group whose peer died stalls the queue until that group
+  // gives up. So every one is waited for, also after another failed, and the first error kept.
+  for (comm::Communicator* group : gather_groups_->all()) {
+    Status waited = group->wait_enqueued();
+    if (st.ok()) st = std::move(waited);
+  }
   // The communicator is aborted: graphs holding its collectives must never launch again.
   if (!st.ok() && runner_ != nullptr) runner_->clear();
   return st;
@@ -555,14 +543,13 @@ Status ExpertParallelLayer::refused_by_a_peer() const {
 Status ExpertParallelLayer::run_group_phase(const Status& prepared,
                                             const std::function<PhaseKey()>& key,
                                             const std::function<Status()>& ops,
-                                            bool prepared_way_specific, bool* refused_for_the_way) {
+                                            Unprepared unprepared_scope, Unprepared* refused) {
   const bool graphs = runner_ != nullptr && runner_->captures();
-  if (refused_for_the_way) *refused_for_the_way = false;
-  // 0: prepared; 1: a failure only this way's buffers cause; 2: one every way would meet.
-  const int64_t unprepared = prepared.ok() ? 0 : prepared_way_specific ? 1 : 2;
+  if (refused) *refused = Unprepared::kPrepared;
+  const int64_t unprepared = static_cast<int64_t>(prepared.ok() ? Unprepared::kPrepared : unprepared_scope);
   if (!graphs && shard_.world == 1) {  // nobody to agree with
     if (!prepared.ok()) {
-      if (refused_for_the_way) *refused_for_the_way = unprepared == 1;
+      if (refused) *refused = unprepared_scope;
       return refuse(prepared);
     }
     return runner_ == nullptr ? ops() : runner_->run(key(), ops);
@@ -584,7 +571,7 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
                        launch_round, -launch_round,          // the same round everywhere?
                        int64_t(capture_rounds_) + 1};        // a new round, above all so far
   TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 5));
-  if (refused_for_the_way) *refused_for_the_way = agreed[0] == 1;
+  if (refused) *refused = static_cast<Unprepared>(agreed[0]);
   if (!prepared.ok()) return refuse(prepared);
   if (agreed[0] != 0) return refuse(refused_by_a_peer());
   if (!graphs) return runner_ == nullptr ? ops() : runner_->run(key(), ops);
@@ -688,18 +675,6 @@ TensorView ExpertParallelLayer::i32(const DeviceBuffer& buf, Shape shape) const 
 TensorView ExpertParallelLayer::workspace() const {
   return TensorView(workspace_.data(), DType::kU8, {int64_t(workspace_.bytes())},
                     backend_->device());
-}
-
-Status ExpertParallelLayer::swap_outer(const void* src, void* dst, int64_t a, int64_t b,
-                                       int64_t row_bytes) {
-  const auto* from = static_cast<const std::byte*>(src);
-  auto* to = static_cast<std::byte*>(dst);
-  for (int64_t i = 0; i < a; ++i)
-    for (int64_t j = 0; j < b; ++j)
-      TUTEL_RETURN_IF_ERROR(backend_->copy(to + (j * a + i) * row_bytes,
-                                           from + (i * b + j) * row_bytes, row_bytes,
-                                           CopyKind::kDeviceToDevice));
-  return Status::OK();
 }
 
 ExpertWeights ExpertParallelLayer::local_experts(const ExpertWeights& w) const {
@@ -1032,8 +1007,10 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   const int64_t disp_size = static_cast<int64_t>(dtype_size(spec_.dispatch_dtype()));
   const bool keep_pre = training && spec_.activation != Activation::kRelu;
   // A parallelism r that the group refuses together for want of a buffer only its ways need
-  // (r = 0's gathered weights may not fit on some rank) is dropped from the tuner's bucket on
-  // every rank alike, and the phase runs the next way: routing and capacity are agreed already.
+  // (r = 0's gathered weights, an r < s's gathered part may not fit on some rank; or the
+  // exchange's buffers, which every r >= 1 needs) is dropped from the tuner's bucket on every rank
+  // alike (every r >= 1 at once for the exchange's), and the phase runs the next way: routing
+  // and capacity are agreed already.
   // A buffer every way needs, no other way left, or no tuner: the refusal is the step's, and the
   // tuner keeps what it offers (the memory may be back for the next step).
   ExchangeConfig config;
@@ -1054,17 +1031,25 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
     const int64_t q = side.split, Hq = side.hidden;
     const bool gathers_part = !data_parallel && q > 1;
     const int chunks = data_parallel ? 1 : chunk_count(C, config.pipeline, q);
+    // Which ways a failure here rules out: the stage it failed in.
+    Unprepared unprepared = Unprepared::kEveryWay;
     const Status experts_ready = !shared_ready.ok() ? shared_ready : [&]() -> Status {
       if (data_parallel) {
+        unprepared = Unprepared::kThisParallelism;
         TUTEL_RETURN_IF_ERROR(grow_gathered(gathers_copies(local)));
         ExpertShape shape{E, C, M, H, O};
         shape.weights_bf16 = gathers_copies(local);
         return grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype));
       }
+      unprepared = Unprepared::kExpertParallel;
       TUTEL_RETURN_IF_ERROR(grow(dispatched_, E * C * M * disp_size));
-      TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
-      TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
+      if (s > 1) {  // whole experts exchange straight between the layer's buffers
+        TUTEL_RETURN_IF_ERROR(grow(send_, W * C * widest * 4));
+        TUTEL_RETURN_IF_ERROR(grow(recv_, W * C * widest * 4));
+      }
       TUTEL_RETURN_IF_ERROR(grow(expert_out_, El * R * O * 4));
+      // The gathered part, and the workspace whose size follows r's H-part.
+      unprepared = Unprepared::kThisParallelism;
       if (gathers_part) TUTEL_RETURN_IF_ERROR(grow_part(side, gathers_copies(local)));
       ExpertShape shape{El, R / q, M, Hq, O};
       shape.weights_bf16 =
@@ -1074,7 +1059,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
 
     const bool timed = tuner_ && tuner_->measuring(ExchangeTuner::bucket_for(C));
     const auto started = std::chrono::steady_clock::now();
-    bool refused_for_the_way = false;
+    Unprepared refused = Unprepared::kPrepared;
     const Status ran = run_group_phase(
         experts_ready,
         [&] {
@@ -1141,9 +1126,14 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
           return b.decode(
               {f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y});
         },
-        /*prepared_way_specific=*/shared_ready.ok(), &refused_for_the_way);
+        unprepared, &refused);
     if (!ran.ok()) {
-      if (refused_for_the_way && tuner_ && tuner_->exclude_parallelism(ExchangeTuner::bucket_for(C), config.r))
+      const int64_t bucket = ExchangeTuner::bucket_for(C);
+      if (tuner_ && refused == Unprepared::kThisParallelism &&
+          tuner_->exclude_parallelism(bucket, config.r))
+        continue;
+      if (tuner_ && refused == Unprepared::kExpertParallel &&
+          tuner_->exclude_parallelism(bucket, 1, std::numeric_limits<int>::max()))
         continue;
       return ran;
     }
@@ -1217,8 +1207,10 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
     // only grows they still fit this C, and checking here costs nothing and keeps backward
     // correct without relying on that.
     const int64_t widest = std::max(M, O);
-    TUTEL_RETURN_IF_ERROR(grow(send_, std::max(E, W) * C * widest * 4));
-    TUTEL_RETURN_IF_ERROR(grow(recv_, std::max(E, W) * C * widest * 4));
+    if (s > 1) {
+      TUTEL_RETURN_IF_ERROR(grow(send_, W * C * widest * 4));
+      TUTEL_RETURN_IF_ERROR(grow(recv_, W * C * widest * 4));
+    }
     if (gathers_part) {
       TUTEL_RETURN_IF_ERROR(grow_part(side, gathers_copies(local)));
       TUTEL_RETURN_IF_ERROR(grow(full_grads_, part_experts(side).floats * 4));

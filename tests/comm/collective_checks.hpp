@@ -35,6 +35,47 @@ inline void check_all_to_all(Communicator& comm, size_t chunk, AllToAllAlgo algo
       }
 }
 
+// All-to-all of blocks of `pieces` pieces of `piece_bytes` in two strided layouts with gaps, the
+// strides different on every rank: piece-major (piece j of every block, then piece j + 1: the
+// expert side of the expert-parallel layer) and block-major with room between the pieces
+// (`swap` trades which one sends). Every received piece must hold what its sender put in the
+// same piece, and every byte between the pieces must be left as it was.
+inline void check_all_to_all_blocks(Communicator& comm, size_t pieces, size_t piece_bytes,
+                                    AllToAllAlgo algo, uint32_t seed, bool swap, Failures& f) {
+  const int n = comm.size(), me = comm.rank();
+  const size_t gap = 1 + static_cast<size_t>(me % 3);
+  const BlockLayout piece_major{piece_bytes, pieces, n * (piece_bytes + gap), piece_bytes + gap};
+  const BlockLayout block_major{piece_bytes, pieces, piece_bytes + 5 + gap,
+                                pieces * (piece_bytes + 5 + gap) + 7};
+  const BlockLayout& from = swap ? block_major : piece_major;
+  const BlockLayout& to = swap ? piece_major : block_major;
+  std::vector<uint8_t> send(from.extent(n) + 3, 0xAB), recv(to.extent(n) + 3, 0xEE);
+  std::vector<bool> written(recv.size(), false);
+  for (int d = 0; d < n; ++d)
+    for (size_t j = 0; j < pieces; ++j)
+      for (size_t b = 0; b < piece_bytes; ++b)
+        send[d * from.block_stride + j * from.piece_stride + b] =
+            pattern(me, d, j * piece_bytes + b, seed);
+  const std::string what = "all_to_all of " + std::to_string(pieces) + " pieces of " +
+                           std::to_string(piece_bytes) + " bytes (" + std::string(to_string(algo)) +
+                           (swap ? ", block-major to piece-major" : ", piece-major to block-major") +
+                           "): ";
+  Status s = comm.all_to_all(send.data(), from, recv.data(), to, algo);
+  if (!s.ok()) return f.add(what, s.to_string());
+  for (int src = 0; src < n; ++src)
+    for (size_t j = 0; j < pieces; ++j)
+      for (size_t b = 0; b < piece_bytes; ++b) {
+        const size_t at = src * to.block_stride + j * to.piece_stride + b;
+        written[at] = true;
+        if (recv[at] != pattern(src, me, j * piece_bytes + b, seed))
+          return f.add(what, "rank ", me, " byte ", b, " of piece ", j, " from rank ", src,
+                       " is wrong");
+      }
+  for (size_t at = 0; at < recv.size(); ++at)
+    if (!written[at] && recv[at] != 0xEE)
+      return f.add(what, "rank ", me, " byte ", at, " between the pieces was overwritten");
+}
+
 inline void check_all_gather(Communicator& comm, size_t bytes, uint32_t seed, Failures& f) {
   const int n = comm.size(), me = comm.rank();
   std::vector<uint8_t> send(bytes), recv(n * bytes, 0xEE);
@@ -98,6 +139,13 @@ inline std::string check_collectives(Communicator& comm, const std::vector<size_
     check_all_to_all(comm, chunk, AllToAllAlgo::kLinear, seed++, f);
     if (comm.size() % comm.local_size() == 0)
       check_all_to_all(comm, chunk, AllToAllAlgo::k2DH, seed++, f);
+    // Three pieces of half a chunk each: past the peer-memory threshold where the chunk is.
+    const size_t piece = std::max<size_t>(1, chunk / 2);
+    check_all_to_all_blocks(comm, 3, piece, AllToAllAlgo::kLinear, seed, (seed & 1) != 0, f);
+    ++seed;
+    if (comm.size() % comm.local_size() == 0)
+      check_all_to_all_blocks(comm, 3, piece, AllToAllAlgo::k2DH, seed, (seed & 1) != 0, f);
+    ++seed;
   }
   for (size_t bytes : {size_t{1}, size_t{1000}, size_t{200000}})
     check_all_gather(comm, bytes, seed++, f);

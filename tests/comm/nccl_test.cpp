@@ -44,11 +44,15 @@ class StagedCommunicator final : public Communicator {
   int size() const override { return inner_->size(); }
   int local_size() const override { return inner_->local_size(); }
 
-  Status all_to_all(const void* send, void* recv, size_t c, AllToAllAlgo algo) override {
-    const size_t n = static_cast<size_t>(size()) * c;
-    TUTEL_RETURN_IF_ERROR(stage(send, n, n));
-    TUTEL_RETURN_IF_ERROR(inner_->all_to_all(a_, b_, c, algo));
-    return back(recv, n);
+  using Communicator::all_to_all;
+  // The layouts' whole extents travel, so the device buffers hold the same layouts.
+  Status all_to_all(const void* send, const BlockLayout& from, void* recv, const BlockLayout& to,
+                    AllToAllAlgo algo) override {
+    const size_t in = from.extent(size()), out = to.extent(size());
+    TUTEL_RETURN_IF_ERROR(stage(send, in, out));
+    TUTEL_RETURN_IF_ERROR(back_fill(recv, out));
+    TUTEL_RETURN_IF_ERROR(inner_->all_to_all(a_, from, b_, to, algo));
+    return back(recv, out);
   }
   Status all_gather(const void* send, void* recv, size_t bytes) override {
     TUTEL_RETURN_IF_ERROR(stage(send, bytes, bytes * size()));
@@ -96,6 +100,12 @@ class StagedCommunicator final : public Communicator {
       b_bytes_ = out_bytes + 1;
     }
     if (cudaMemcpy(a_, host, in_bytes, cudaMemcpyHostToDevice) != cudaSuccess)
+      return Status::Internal("cudaMemcpy");
+    return Status::OK();
+  }
+  // The receive buffer as it is, so what the collective leaves alone comes back unchanged.
+  Status back_fill(const void* host, size_t bytes) {
+    if (cudaMemcpy(b_, host, bytes, cudaMemcpyHostToDevice) != cudaSuccess)
       return Status::Internal("cudaMemcpy");
     return Status::OK();
   }

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <limits>
 #include <random>
 
 namespace tutel::graphs {
@@ -189,6 +190,29 @@ TEST(ExchangeTuner, ExcludingAParallelismDropsAllItsWaysWhileAnotherIsLeft) {
     }
   }
   EXPECT_TRUE(tuner->measuring(16));
+}
+
+// The exchange's buffers are every r >= 1's: refused for want of them, the bucket drops every
+// r >= 1 at once (not one r per step, leaving whichever came last) while r = 0 is left.
+TEST(ExchangeTuner, ExcludingARangeOfParallelismsDropsThemTogether) {
+  TunerOptions o;
+  o.candidates = {kDataParallel, {AllToAllAlgo::kLinear, 1, 1}, {AllToAllAlgo::kLinear, 1, 2},
+                  {AllToAllAlgo::kLinear, 2, 4}};
+  o.warmups = 0;
+  o.trials = 1;
+  auto tuner = ExchangeTuner::create(o);
+  ASSERT_TRUE(tuner.ok()) << tuner.status();
+  EXPECT_TRUE(tuner->exclude_parallelism(8, 2, 4));
+  EXPECT_EQ(tuner->entries().at(0).excluded, (std::vector<bool>{false, false, true, true}));
+  EXPECT_TRUE(tuner->exclude_parallelism(8, 1, std::numeric_limits<int>::max()));
+  EXPECT_EQ(tuner->entries().at(0).excluded, (std::vector<bool>{false, true, true, true}));
+  EXPECT_EQ(tuner->next(8), kDataParallel);
+  // Every r >= 1 with nothing else left: the refusal is the step's.
+  o.candidates.erase(o.candidates.begin());
+  auto without_r0 = ExchangeTuner::create(o);
+  ASSERT_TRUE(without_r0.ok()) << without_r0.status();
+  EXPECT_FALSE(without_r0->exclude_parallelism(8, 1, std::numeric_limits<int>::max()));
+  EXPECT_TRUE(without_r0->measuring(8));
 }
 
 TEST(ExchangeTuner, OneCandidateIsDecidedWithoutMeasuring) {

@@ -52,10 +52,11 @@ class DeviceCollectives final : public ForwardingCommunicator {
   DeviceCollectives(comm::Communicator& inner, SimulatedDevice& device)
       : ForwardingCommunicator(inner), device_(device) {}
 
-  Status all_to_all(const void* send, void* recv, size_t chunk_bytes,
-                    comm::AllToAllAlgo algo) override {
+  using Communicator::all_to_all;
+  Status all_to_all(const void* send, const comm::BlockLayout& send_layout, void* recv,
+                    const comm::BlockLayout& recv_layout, comm::AllToAllAlgo algo) override {
     SimulatedDevice::Access open(device_);
-    return inner_.all_to_all(send, recv, chunk_bytes, algo);
+    return inner_.all_to_all(send, send_layout, recv, recv_layout, algo);
   }
   Status all_gather(const void* send, void* recv, size_t bytes_per_rank) override {
     SimulatedDevice::Access open(device_);

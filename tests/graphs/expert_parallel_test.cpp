@@ -59,14 +59,15 @@ void PrintTo(const EpCase& c, std::ostream* os) { *os << c.name; }
 class ExchangeThreads final : public ForwardingCommunicator {
  public:
   using ForwardingCommunicator::ForwardingCommunicator;
-  Status all_to_all(const void* send, void* recv, size_t chunk_bytes,
-                    comm::AllToAllAlgo algo) override {
+  using Communicator::all_to_all;
+  Status all_to_all(const void* send, const comm::BlockLayout& send_layout, void* recv,
+                    const comm::BlockLayout& recv_layout, comm::AllToAllAlgo algo) override {
     if (std::this_thread::get_id() != owner_) ++elsewhere_;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      chunk_bytes_.push_back(chunk_bytes);
+      chunk_bytes_.push_back(send_layout.block_bytes());
     }
-    return inner_.all_to_all(send, recv, chunk_bytes, algo);
+    return inner_.all_to_all(send, send_layout, recv, recv_layout, algo);
   }
   int elsewhere() const { return elsewhere_.load(); }
   std::vector<size_t> chunk_bytes() const {
@@ -408,7 +409,8 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
     ASSERT_TRUE(got.status.ok()) << got.status;
     // Pipelined chunks are exchanged on the layer's worker thread (the CPU backend overlaps
     // them with the GEMMs); everything else on the rank's own.
-    if (c.pipeline > 1 && c.r >= 1 && capacity > 1) {
+    // (Each chunk is cut in units of the s / r ranks that split an expert's slots.)
+    if (c.pipeline > 1 && c.r >= 1 && capacity / (shard0->shards / std::max(c.r, 1)) > 1) {
       EXPECT_GT(got.exchanges_elsewhere, 0);
     } else {
       EXPECT_EQ(got.exchanges_elsewhere, 0);
@@ -1058,8 +1060,12 @@ TEST(ExpertParallelBf16Copies, LocalSlicesMatchOnTheFlyBitForBit) {
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   constexpr int W = 2;
-  for (const int parallel : {1, 0})
-  for (const int64_t experts : {int64_t{4}, int64_t{1}}) {  // two experts per rank; H in halves
+  // Two experts per rank, or one sharded in halves: gathered whole (r = 1), each half on its own
+  // (r = 2), and r = 0.
+  const std::pair<int, int64_t> ways[] = {{1, 4}, {1, 1}, {2, 1}, {0, 4}, {0, 1}};
+  for (const auto& way : ways) {
+    const int parallel = way.first;
+    const int64_t experts = way.second;
     SCOPED_TRACE(std::to_string(experts) + " experts over " + std::to_string(W) + " ranks, r = " +
                  std::to_string(parallel));
     LayerSpec spec;

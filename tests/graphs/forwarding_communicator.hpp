@@ -17,9 +17,10 @@ class ForwardingCommunicator : public comm::Communicator {
   int rank() const override { return inner_.rank(); }
   int size() const override { return inner_.size(); }
   int local_size() const override { return inner_.local_size(); }
-  Status all_to_all(const void* send, void* recv, size_t chunk_bytes,
-                    comm::AllToAllAlgo algo) override {
-    return inner_.all_to_all(send, recv, chunk_bytes, algo);
+  using Communicator::all_to_all;
+  Status all_to_all(const void* send, const comm::BlockLayout& send_layout, void* recv,
+                    const comm::BlockLayout& recv_layout, comm::AllToAllAlgo algo) override {
+    return inner_.all_to_all(send, send_layout, recv, recv_layout, algo);
   }
   Status all_gather(const void* send, void* recv, size_t bytes_per_rank) override {
     return inner_.all_gather(send, recv, bytes_per_rank);

@@ -163,10 +163,12 @@ class TapeCollectives final : public comm::Communicator {
   int rank() const override { return inner_.rank(); }
   int size() const override { return inner_.size(); }
   int local_size() const override { return inner_.local_size(); }
-  Status all_to_all(const void* send, void* recv, size_t chunk_bytes,
-                    comm::AllToAllAlgo algo) override {
-    return collective(chunk_bytes,
-                      [=, this] { return inner_.all_to_all(send, recv, chunk_bytes, algo); });
+  using Communicator::all_to_all;
+  Status all_to_all(const void* send, const comm::BlockLayout& send_layout, void* recv,
+                    const comm::BlockLayout& recv_layout, comm::AllToAllAlgo algo) override {
+    return collective(send_layout.block_bytes(), [=, this] {
+      return inner_.all_to_all(send, send_layout, recv, recv_layout, algo);
+    });
   }
   Status all_gather(const void* send, void* recv, size_t bytes_per_rank) override {
     return collective(bytes_per_rank,

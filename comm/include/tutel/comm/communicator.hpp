@@ -58,6 +58,32 @@ struct PeerStatus {
   uint64_t bytes_sent = 0, bytes_received = 0;
 };
 
+// Where the size() blocks of an all-to-all lie in a buffer: block i is `pieces` pieces of
+// `piece_bytes` each, piece j at byte offset i·block_stride + j·piece_stride. So one exchange
+// can read a block from, and write it to, rows that are not next to each other: the expert-
+// parallel layer receives each peer's E_l experts' rows straight into [E_l][W·C] (a piece per
+// expert) and sends a chunk of the capacity straight from [E][C] (Communicator::all_to_all).
+struct BlockLayout {
+  size_t piece_bytes = 0;
+  size_t pieces = 1;
+  size_t piece_stride = 0;  // between the pieces of a block (unused with one piece)
+  size_t block_stride = 0;  // between blocks
+
+  // Blocks of `bytes` back to back, one piece each.
+  static BlockLayout contiguous(size_t bytes) { return {bytes, 1, bytes, bytes}; }
+  size_t block_bytes() const { return piece_bytes * pieces; }
+  // Whether block i is bytes [i·block_bytes(), (i+1)·block_bytes()).
+  bool is_contiguous() const {
+    return block_stride == block_bytes() && (pieces <= 1 || piece_stride == piece_bytes);
+  }
+  // Bytes from the first piece's start to the last one's end, over `blocks` blocks.
+  size_t extent(int blocks) const {
+    if (blocks < 1 || block_bytes() == 0) return 0;
+    return static_cast<size_t>(blocks - 1) * block_stride + (pieces - 1) * piece_stride +
+           piece_bytes;
+  }
+};
+
 class Communicator;
 
 // A release registered with a communicator while this lives (Communicator::add_graph_release).
@@ -93,10 +119,17 @@ class Communicator {
   // r % local_size(). 1 when the group's ranks are not laid out node by node.
   virtual int local_size() const = 0;
 
-  // `send` and `recv` hold size() chunks of `chunk_bytes`: chunk i of `send` goes to rank i,
-  // chunk i of `recv` came from rank i. The buffers must not overlap.
-  virtual Status all_to_all(const void* send, void* recv, size_t chunk_bytes,
-                            AllToAllAlgo algo) = 0;
+  // Block i of `send` goes to rank i, block i of `recv` came from rank i, each buffer laid out
+  // as its layout says; piece j of a received block is piece j of the sender's block. Every rank
+  // passes the same `pieces` and `piece_bytes` (the strides are each rank's own, for each
+  // buffer). No two pieces of `recv` may overlap, nor `recv` overlap `send`.
+  virtual Status all_to_all(const void* send, const BlockLayout& send_layout, void* recv,
+                            const BlockLayout& recv_layout, AllToAllAlgo algo) = 0;
+  // `send` and `recv` hold size() chunks of `chunk_bytes` back to back.
+  Status all_to_all(const void* send, void* recv, size_t chunk_bytes, AllToAllAlgo algo) {
+    const BlockLayout chunks = BlockLayout::contiguous(chunk_bytes);
+    return all_to_all(send, chunks, recv, chunks, algo);
+  }
   // recv holds size() blocks of `bytes_per_rank`; block i is rank i's `send`.
   virtual Status all_gather(const void* send, void* recv, size_t bytes_per_rank) = 0;
   // send holds size() blocks of `count_per_rank` floats; recv (count_per_rank floats) gets

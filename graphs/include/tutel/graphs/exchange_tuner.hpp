@@ -22,9 +22,10 @@
 // needs does not fit, as r = 0's gathered weights may not) is excluded from that bucket on every
 // rank alike: a bucket still measuring starts its rounds again over what is left, a decided one
 // takes the next best of its agreed totals. So the tuner never keeps offering what cannot run.
-// The expert-parallel layer excludes a whole parallelism r, and only when the buffers that failed
-// are r's own and a candidate of another r is left (exclude_parallelism): memory that every way
-// needs is the step's refusal, and may be back for the next step.
+// The expert-parallel layer excludes a whole parallelism r (or every r >= 1), and only when the
+// buffers that failed are those ways' own and a candidate of another r is left
+// (exclude_parallelism): memory that every way needs is the step's refusal, and may be back for
+// the next step.
 //
 // This class holds the dictionary and the schedule; the caller times the runs and reduces the
 // totals (ExpertParallelLayer). Thread-safety: one thread drives it; entries() may be called from
@@ -93,9 +94,9 @@ struct TunerEntry {
 
 class ExchangeTuner {
  public:
-  // Refuses an empty candidate list, r other than 0 or 1, a pipeline degree outside
-  // [1, kMaxPipeline], trials < 1 or
-  // warmups < 0, and more than kMaxCandidates.
+  // Refuses an empty candidate list, a negative r (which r >= 1 fit a group is the layer's to
+  // check), a pipeline degree outside [1, kMaxPipeline], trials < 1 or warmups < 0, and more
+  // than kMaxCandidates.
   static Result<ExchangeTuner> create(TunerOptions options);
 
   // The bucket of a capacity: the smallest power of two >= it.
@@ -119,11 +120,13 @@ class ExchangeTuner {
   // The group refused to run `config` in `bucket` (every rank calls this alike): excludes it
   // there and returns true, unless it is the last candidate left (false: nothing else to run).
   bool exclude(int64_t bucket, const ExchangeConfig& config);
-  // The group refused to run `bucket`'s phase with parallelism `r` for want of a buffer that only
-  // r's ways need (r = 0's gathered weights; r = 1's exchange buffers): excludes every candidate
-  // with that r there and returns true, unless no candidate of another r is left (false: what
-  // is left would need the same buffers, so the refusal is the step's alone).
-  bool exclude_parallelism(int64_t bucket, int r);
+  // The group refused to run `bucket`'s phase with a parallelism in [r, last_r] for want of a
+  // buffer that only those ways need (r = 0's gathered weights; an r < s's gathered part; every
+  // r >= 1's exchange buffers): excludes every candidate with such an r there and returns true,
+  // unless no candidate of another r is left (false: what is left would need the same buffers,
+  // so the refusal is the step's alone).
+  bool exclude_parallelism(int64_t bucket, int r, int last_r);
+  bool exclude_parallelism(int64_t bucket, int r) { return exclude_parallelism(bucket, r, r); }
 
   std::vector<TunerEntry> entries() const;
 

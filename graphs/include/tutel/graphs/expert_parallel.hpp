@@ -257,14 +257,22 @@ class ExpertParallelLayer {
   // A phase without collectives is decided by this rank alone; one with collectives the way the
   // group agrees on (a small all-reduce when the runner captures).
   // `prepared`: whether this rank could allocate the phase's buffers; the group refuses the step
-  // together when a rank could not. `prepared_way_specific`: a failure of `prepared` was on
-  // buffers that only this way of running the phase needs (another parallelism r might fit).
-  // *refused_for_the_way (when given) is set when the group refused and every refusing rank's
-  // failure was of that kind: only then may the tuner drop the way, identically on every rank.
+  // together when a rank could not. `unprepared`: which ways a failure of `prepared` rules out,
+  // those needing the buffers that failed (another parallelism r might fit).
+  // *refused (when given) is what the group refused: the widest of the refusing ranks' scopes,
+  // kPrepared when it did not refuse. The tuner may drop the ways it names, identically on
+  // every rank.
+  enum class Unprepared : int64_t {
+    kPrepared = 0,
+    kThisParallelism = 1,  // r's own buffers: r = 0's gathered weights, an r < s's gathered part
+    kExpertParallel = 2,   // what every r >= 1 needs: the exchange's buffers
+    kEveryWay = 3,         // what the step needs whichever way it runs
+  };
   Status run_local_phase(const std::function<PhaseKey()>& key, const std::function<Status()>& ops);
   Status run_group_phase(const Status& prepared, const std::function<PhaseKey()>& key,
-                         const std::function<Status()>& ops, bool prepared_way_specific = false,
-                         bool* refused_for_the_way = nullptr);
+                         const std::function<Status()>& ops,
+                         Unprepared unprepared = Unprepared::kEveryWay,
+                         Unprepared* refused = nullptr);
   Status refused_by_a_peer() const;
   // Gives back the scratch a refused step may have grown, and returns `why`.
   Status refuse(Status why);
@@ -277,9 +285,6 @@ class ExpertParallelLayer {
   // element `offset`.
   TensorView disp_at(const DeviceBuffer& buf, int64_t offset, Shape shape) const;
   TensorView workspace() const;  // workspace_, all of it, as u8
-  // [a][b][rows] → [b][a][rows]: swaps the two outer dimensions of a [a, b, row_bytes] block
-  // of device memory, by a·b device-to-device copies.
-  Status swap_outer(const void* src, void* dst, int64_t a, int64_t b, int64_t row_bytes);
   // How a parallelism r >= 1 lays out the expert side: `split` ranks (q = s / r; 1 with E >= W
   // or r = s) put their H-slices of an expert together into `hidden` = q·H_s columns and split
   // its slots, each taking W·C/q rows per local expert; `gather` is their communicator (a split
@@ -293,8 +298,11 @@ class ExpertParallelLayer {
   // The two directions of the all-to-all (forward dispatch and backward of combine; forward
   // combine and backward of dispatch) for capacity C. One chunk of the capacity at a time:
   // slots [c0, c0 + Cj) of every expert; the expert side holds that chunk alone
-  // ([E_l, W·Cj, row]). to_experts moves rows of `row_bytes` (the dispatched tokens may be
-  // bf16); to_tokens rows of `row` floats, as it adds the shards' partial sums.
+  // ([E_l, W·Cj/q, row], this rank's share of the slots). to_experts moves rows of `row_bytes`
+  // (the dispatched tokens may be bf16); to_tokens rows of `row` floats, as it adds the partial
+  // sums of an expert's r H-parts. Whole experts (s = 1) travel straight between the token side
+  // and the expert side (block all-to-all: a piece per local expert), sharded ones through
+  // send_ and recv_.
   struct Chunk {
     int64_t C, c0, Cj;
   };
