@@ -40,6 +40,7 @@ struct GroupCase {
   double f;                     // capacity factor
   std::vector<int64_t> tokens;  // per group rank: D·R of them
   std::string all_to_all = "linear";
+  std::string more_group_keys;  // e.g. "r = 2\n"
 };
 void PrintTo(const GroupCase& c, std::ostream* os) { *os << c.name; }
 
@@ -56,6 +57,10 @@ std::vector<GroupCase> group_cases() {
       {"FourDaemonsOneRankEachShardedCapped", 4, 1, 2, 1, -1.0, {20, 28, 14, 31}},
       {"FourDaemonsTwoRanksEachOneExpertEach", 4, 2, 8, 1, 1.5, {21, 14, 30, 18, 26, 11, 23, 28}},
       {"FourDaemonsTwoRanksEach2dhShardedDropless", 4, 2, 4, 2, 0.0, {12, 20, 17, 25, 9, 22, 15, 19}, "2dh"},
+      // Sharded experts under r = s (each shard its H-slice over all of its expert's slots) and
+      // 1 < r < s (pairs of shards gathered); the cases above run r = 1 (each gathered whole).
+      {"FourDaemonsOneRankEachShardedModelParallel", 4, 1, 2, 1, -1.0, {20, 28, 14, 31}, "linear", "r = 2\n"},
+      {"TwoDaemonsTwoRanksEachOneExpertInTwoParts", 2, 2, 1, 1, 1.0, {16, 20, 24, 12}, "linear", "r = 2\n"},
   };
 }
 
@@ -282,7 +287,7 @@ TEST_P(ExpertParallelDaemons, EveryRankMatchesTheSingleProcessLayer) {
       RankOut& o = out[r];
       auto client = client::Client::connect(daemons[r / R]->client_socket());
       if (!client.ok()) return void(o.status = client.status());
-      auto layer = client->create_layer(group_layer_spec(body, port, W, r, R, c.all_to_all));
+      auto layer = client->create_layer(group_layer_spec(body, port, W, r, R, c.all_to_all, c.more_group_keys));
       if (!layer.ok()) return void(o.status = layer.status());
       o.status = forward_backward_step_save(*layer, r, mb, M, O, o.y, o.dx, &o.info);
     });
@@ -679,7 +684,8 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
   const nlohmann::json& chosen = tuner_of[0][0];
   const std::string chosen_name = chosen.value("r", -1) == 0
                                       ? std::string("r=0")
-                                      : "a=" + chosen.value("all_to_all", std::string("?")) +
+                                      : "r=" + std::to_string(chosen.value("r", -1)) +
+                                            " a=" + chosen.value("all_to_all", std::string("?")) +
                                             " d=" + std::to_string(chosen.value("pipeline", 0));
   EXPECT_NE(text.find("decided  " + chosen_name), std::string::npos) << text;
   // The metrics name the choice too, per layer and bucket.

@@ -208,10 +208,12 @@ void print_tuners(const json& groups) {
   for (const json& g : groups) {
     const json candidates = g.value("tuner_candidates", json::array());
     if (!candidates.is_array() || candidates.empty()) continue;
-    // "r=0" (data parallel: nothing else to choose), or "a=linear d=2" (expert parallel).
+    // "r=0" (data parallel: nothing else to choose), or "r=1 a=linear d=2" (expert parallel; r
+    // above 1 where sharded experts split their H).
     auto name_of = [](const json& c) {
-      return field(c, "r") == "0" ? std::string("r=0")
-                                  : "a=" + field(c, "all_to_all") + " d=" + field(c, "pipeline");
+      const std::string r = "r=" + field(c, "r");
+      return r == "r=0" ? r
+                        : r + " a=" + field(c, "all_to_all") + " d=" + field(c, "pipeline");
     };
     std::vector<std::string> names;
     for (const json& c : candidates) names.push_back(name_of(c));
