@@ -85,23 +85,6 @@ ncclConfig_t nonblocking_config() {
   return config;
 }
 
-// Device memory: block i, piece j of `src` (laid out as `from`) to the same piece of `dst` (as
-// `to`), one 2-D copy per block (rows = pieces, the strides as pitches).
-Status copy_blocks_device(void* dst, const BlockLayout& to, const void* src, const BlockLayout& from,
-                          int blocks, cudaStream_t stream) {
-  auto* d = static_cast<unsigned char*>(dst);
-  const auto* s = static_cast<const unsigned char*>(src);
-  // A single row's pitch is never read, but must not be below its width.
-  const size_t to_pitch = to.pieces > 1 ? to.piece_stride : to.piece_bytes;
-  const size_t from_pitch = from.pieces > 1 ? from.piece_stride : from.piece_bytes;
-  for (int i = 0; i < blocks; ++i)
-    TUTEL_NCCL_CUDA(cudaMemcpy2DAsync(d + static_cast<size_t>(i) * to.block_stride, to_pitch,
-                                      s + static_cast<size_t>(i) * from.block_stride, from_pitch,
-                                      from.piece_bytes, from.pieces, cudaMemcpyDeviceToDevice,
-                                      stream));
-  return Status::OK();
-}
-
 // dst[j][i] = src[i][j] for a [rows][cols] matrix of `chunk`-byte elements in device memory.
 Status transpose_chunks_device(void* dst, const void* src, int rows, int cols, size_t chunk,
                                cudaStream_t stream) {
@@ -206,7 +189,7 @@ class NcclCommunicator final : public Communicator {
   Status all_to_all(const void* send, const BlockLayout& from, void* recv, const BlockLayout& to,
                     AllToAllAlgo algo) override {
     TUTEL_RETURN_IF_ERROR(begin("all_to_all"));
-    TUTEL_RETURN_IF_ERROR(detail::check_block_layouts(from, to));
+    TUTEL_RETURN_IF_ERROR(detail::check_block_layouts(from, to, size()));
     add_traffic(from.block_bytes());
     const int n = size(), l = local_size();
     if (algo == AllToAllAlgo::k2DH && n % l != 0)
@@ -230,18 +213,29 @@ class NcclCommunicator final : public Communicator {
         return Status::OK();
       }));
     }
-    if (from.is_contiguous() && to.is_contiguous())
-      return finish(all_to_all_2dh(s, r, from.block_bytes()));
-    // 2DH moves whole contiguous blocks: pack and unpack on the stream, around it, through
-    // scratch past the 2DH's own (T and U).
+    const bool pack = !from.is_contiguous(), unpack = !to.is_contiguous();
+    if (!pack && !unpack) return finish(all_to_all_2dh(s, r, from.block_bytes()));
+    // 2DH moves whole contiguous blocks: a strided side is packed before it, or unpacked after,
+    // on the stream, through scratch past the 2DH's own (T and U).
     const size_t c = from.block_bytes(), total = static_cast<size_t>(n) * c;
     TUTEL_RETURN_IF_ERROR(finish(reserve_scratch(4 * total)));
-    unsigned char* in = static_cast<unsigned char*>(scratch_) + 2 * total;
-    unsigned char* out = in + total;
+    unsigned char* staging = static_cast<unsigned char*>(scratch_) + 2 * total;
+    // The same pieces, back to back.
     const BlockLayout packed{from.piece_bytes, from.pieces, from.piece_bytes, c};
-    TUTEL_RETURN_IF_ERROR(finish(copy_blocks_device(in, packed, s, from, n, stream_)));
-    TUTEL_RETURN_IF_ERROR(finish(all_to_all_2dh(in, out, c)));
-    return finish(copy_blocks_device(r, to, out, packed, n, stream_));
+    const unsigned char* in = s;
+    if (pack) {
+      TUTEL_RETURN_IF_ERROR(finish(copy_blocks_device(staging, packed, s, from, n)));
+      in = staging;
+    }
+    unsigned char* out = unpack ? staging + total : r;
+    // Only enqueued: the unpack follows on the stream, and the wait (when synchronising) comes
+    // after it.
+    const bool synchronize = std::exchange(options_.synchronize, false);
+    Status st = all_to_all_2dh(in, out, c);
+    options_.synchronize = synchronize;
+    TUTEL_RETURN_IF_ERROR(finish(std::move(st)));
+    if (unpack) TUTEL_RETURN_IF_ERROR(finish(copy_blocks_device(r, to, out, packed, n)));
+    return finish(complete());
   }
 
   Status all_gather(const void* send, void* recv, size_t bytes) override {
@@ -391,6 +385,9 @@ class NcclCommunicator final : public Communicator {
       own_stream_ = true;
     }
     TUTEL_NCCL_CUDA(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+    int max_pitch = 0;
+    TUTEL_NCCL_CUDA(cudaDeviceGetAttribute(&max_pitch, cudaDevAttrMaxPitch, options_.device));
+    max_pitch_ = static_cast<size_t>(max_pitch);
     return Status::OK();
   }
 
@@ -482,6 +479,34 @@ class NcclCommunicator final : public Communicator {
     return Status::OK();
   }
 
+  // Device memory: block i, piece j of `src` (laid out as `from`) to the same piece of `dst` (as
+  // `to`) on the stream: a 2-D copy per block (rows = pieces, the strides as pitches), or a copy
+  // per piece where a stride is past the device's largest pitch.
+  Status copy_blocks_device(void* dst, const BlockLayout& to, const void* src,
+                            const BlockLayout& from, int blocks) {
+    auto* d = static_cast<unsigned char*>(dst);
+    const auto* s = static_cast<const unsigned char*>(src);
+    // A single row's pitch is never read, but must not be below its width.
+    const size_t to_pitch = to.pieces > 1 ? to.piece_stride : to.piece_bytes;
+    const size_t from_pitch = from.pieces > 1 ? from.piece_stride : from.piece_bytes;
+    const bool two_d = to_pitch <= max_pitch_ && from_pitch <= max_pitch_;
+    for (int i = 0; i < blocks; ++i) {
+      unsigned char* block_to = d + static_cast<size_t>(i) * to.block_stride;
+      const unsigned char* block_from = s + static_cast<size_t>(i) * from.block_stride;
+      if (two_d) {
+        TUTEL_NCCL_CUDA(cudaMemcpy2DAsync(block_to, to_pitch, block_from, from_pitch,
+                                          from.piece_bytes, from.pieces, cudaMemcpyDeviceToDevice,
+                                          stream_));
+        continue;
+      }
+      for (size_t j = 0; j < from.pieces; ++j)
+        TUTEL_NCCL_CUDA(cudaMemcpyAsync(block_to + j * to.piece_stride,
+                                        block_from + j * from.piece_stride, from.piece_bytes,
+                                        cudaMemcpyDeviceToDevice, stream_));
+    }
+    return Status::OK();
+  }
+
   // See src/two_dh.hpp: T and U live in scratch; V reuses T.
   Status all_to_all_2dh(const unsigned char* send, unsigned char* recv, size_t c) {
     const detail::TwoDH g(rank(), size(), local_size());
@@ -523,6 +548,7 @@ class NcclCommunicator final : public Communicator {
   cudaStream_t stream_;
   bool own_stream_ = false;
   cudaEvent_t done_ = nullptr;
+  size_t max_pitch_ = 0;  // cudaDevAttrMaxPitch: the largest stride of a 2-D copy
   void* scratch_ = nullptr;
   size_t scratch_bytes_ = 0;
   void* pinned_ = nullptr;  // host staging of host_all_gather (cudaMallocHost)

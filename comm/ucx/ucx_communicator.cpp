@@ -4,8 +4,9 @@
 // is chosen by each receiver for itself (UcxRank::allocate_group_id) and published in the
 // split all-gather, so a sender tags a message with the *receiver's* id for the group: ids
 // are unique per receiver without any agreement, even when two threads split at once. Every
-// rank of a group runs the same steps in the same order, so the sequence numbers agree; they
-// wrap after 2^24 steps, far more than can ever be in flight.
+// rank of a group runs the same steps in the same order, so the sequence numbers agree (a step
+// of several messages per peer uses one per message); they wrap after 2^24 − 1, far more than
+// can ever be in flight.
 #include <algorithm>
 #include <cstring>
 #include <numeric>
@@ -85,7 +86,7 @@ class UcxCommunicator final : public Communicator {
   Status all_to_all(const void* send, const BlockLayout& send_layout, void* recv,
                     const BlockLayout& recv_layout, AllToAllAlgo algo) override {
     TUTEL_RETURN_IF_ERROR(begin("all_to_all"));
-    TUTEL_RETURN_IF_ERROR(detail::check_block_layouts(send_layout, recv_layout));
+    TUTEL_RETURN_IF_ERROR(detail::check_block_layouts(send_layout, recv_layout, size()));
     if (algo == AllToAllAlgo::k2DH && size() % local_size_ != 0)
       return Status::InvalidArgument(
           "2DH all-to-all needs local_size (" + std::to_string(local_size_) +
@@ -96,16 +97,20 @@ class UcxCommunicator final : public Communicator {
     // 2DH with one rank per node, or one node, is the linear exchange.
     if (algo != AllToAllAlgo::k2DH || local_size_ == 1 || local_size_ == size())
       return finish(all_to_all_linear(s, send_layout, r, recv_layout));
-    if (send_layout.is_contiguous() && recv_layout.is_contiguous())
-      return finish(all_to_all_2dh(s, r, send_layout.block_bytes()));
-    // 2DH moves whole contiguous blocks: pack, exchange, unpack (its stride copies copy anyway).
+    // 2DH moves whole contiguous blocks: a strided side is packed before, or unpacked after.
     const size_t c = send_layout.block_bytes(), total = static_cast<size_t>(size()) * c;
+    // The same pieces, back to back.
     const BlockLayout packed{send_layout.piece_bytes, send_layout.pieces, send_layout.piece_bytes, c};
-    unsigned char* in = scratch_c<unsigned char>(2 * total);
-    unsigned char* out = in + total;
-    detail::copy_blocks(in, packed, s, send_layout, size());
+    const bool pack = !send_layout.is_contiguous(), unpack = !recv_layout.is_contiguous();
+    unsigned char* staging = pack || unpack ? scratch_c<unsigned char>(2 * total) : nullptr;
+    const unsigned char* in = s;
+    if (pack) {
+      detail::copy_blocks(staging, packed, s, send_layout, size());
+      in = staging;
+    }
+    unsigned char* out = unpack ? staging + total : r;
     TUTEL_RETURN_IF_ERROR(finish(all_to_all_2dh(in, out, c)));
-    detail::copy_blocks(r, recv_layout, out, packed, size());
+    if (unpack) detail::copy_blocks(r, recv_layout, out, packed, size());
     return Status::OK();
   }
 
@@ -321,9 +326,13 @@ class UcxCommunicator final : public Communicator {
   }
 
   // One message per piece: piece j of a step goes with the step's j-th sequence number, so each
-  // has a tag of its own (also for the acknowledgement of a pulled one).
+  // has a tag of its own (also for the acknowledgement of a pulled one). An empty message with
+  // the next number ends each peer's pieces: ranks that disagree on the number of pieces then
+  // both fail on a message of the wrong size, where the one with fewer would otherwise return
+  // and leave the others' extra pieces to be taken by its next step.
   Status all_to_all_linear(const unsigned char* send, const BlockLayout& from, unsigned char* recv,
                            const BlockLayout& to) {
+    static char end_of_pieces;
     const int n = size();
     const size_t pieces = from.pieces;
     for (size_t j = 0; j < pieces; ++j)
@@ -335,8 +344,10 @@ class UcxCommunicator final : public Communicator {
         add_recv(p, recv + p * to.block_stride + j * to.piece_stride, to.piece_bytes, j);
         add_send(p, send + p * from.block_stride + j * from.piece_stride, from.piece_bytes, j);
       }
+      add_recv(p, &end_of_pieces, 0, pieces);
+      add_send(p, &end_of_pieces, 0, pieces);
     }
-    return run_step(pieces);
+    return run_step(pieces + 1);
   }
 
   // See src/two_dh.hpp for the algebra.

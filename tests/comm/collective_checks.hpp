@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "comm_test_util.hpp"
@@ -35,20 +36,34 @@ inline void check_all_to_all(Communicator& comm, size_t chunk, AllToAllAlgo algo
       }
 }
 
-// All-to-all of blocks of `pieces` pieces of `piece_bytes` in two strided layouts with gaps, the
-// strides different on every rank: piece-major (piece j of every block, then piece j + 1: the
-// expert side of the expert-parallel layer) and block-major with room between the pieces
-// (`swap` trades which one sends). Every received piece must hold what its sender put in the
-// same piece, and every byte between the pieces must be left as it was.
+// The layouts of a block all-to-all's check: strided piece-major (piece j of every block, then
+// piece j + 1: the expert side of the expert-parallel layer), strided block-major with room
+// between the pieces (a chunk of the token side), and contiguous blocks.
+enum class BlockShape { kPieceMajor, kBlockMajor, kContiguous };
+
+inline BlockLayout block_layout(BlockShape shape, size_t pieces, size_t piece_bytes, int n,
+                                size_t gap) {
+  switch (shape) {
+    case BlockShape::kPieceMajor:
+      return {piece_bytes, pieces, n * (piece_bytes + gap), piece_bytes + gap};
+    case BlockShape::kBlockMajor:
+      return {piece_bytes, pieces, piece_bytes + 5 + gap, pieces * (piece_bytes + 5 + gap) + 7};
+    case BlockShape::kContiguous:
+      return {piece_bytes, pieces, piece_bytes, pieces * piece_bytes};
+  }
+  return {};
+}
+
+// All-to-all of blocks of `pieces` pieces of `piece_bytes` from one layout to another, the gaps
+// different on every rank. Every received piece must hold what its sender put in the same
+// piece, and every byte between the pieces must be left as it was.
 inline void check_all_to_all_blocks(Communicator& comm, size_t pieces, size_t piece_bytes,
-                                    AllToAllAlgo algo, uint32_t seed, bool swap, Failures& f) {
+                                    AllToAllAlgo algo, BlockShape from_shape, BlockShape to_shape,
+                                    uint32_t seed, Failures& f) {
   const int n = comm.size(), me = comm.rank();
   const size_t gap = 1 + static_cast<size_t>(me % 3);
-  const BlockLayout piece_major{piece_bytes, pieces, n * (piece_bytes + gap), piece_bytes + gap};
-  const BlockLayout block_major{piece_bytes, pieces, piece_bytes + 5 + gap,
-                                pieces * (piece_bytes + 5 + gap) + 7};
-  const BlockLayout& from = swap ? block_major : piece_major;
-  const BlockLayout& to = swap ? piece_major : block_major;
+  const BlockLayout from = block_layout(from_shape, pieces, piece_bytes, n, gap);
+  const BlockLayout to = block_layout(to_shape, pieces, piece_bytes, n, gap + 1);
   std::vector<uint8_t> send(from.extent(n) + 3, 0xAB), recv(to.extent(n) + 3, 0xEE);
   std::vector<bool> written(recv.size(), false);
   for (int d = 0; d < n; ++d)
@@ -58,8 +73,8 @@ inline void check_all_to_all_blocks(Communicator& comm, size_t pieces, size_t pi
             pattern(me, d, j * piece_bytes + b, seed);
   const std::string what = "all_to_all of " + std::to_string(pieces) + " pieces of " +
                            std::to_string(piece_bytes) + " bytes (" + std::string(to_string(algo)) +
-                           (swap ? ", block-major to piece-major" : ", piece-major to block-major") +
-                           "): ";
+                           ", layouts " + std::to_string(int(from_shape)) + " to " +
+                           std::to_string(int(to_shape)) + "): ";
   Status s = comm.all_to_all(send.data(), from, recv.data(), to, algo);
   if (!s.ok()) return f.add(what, s.to_string());
   for (int src = 0; src < n; ++src)
@@ -74,6 +89,19 @@ inline void check_all_to_all_blocks(Communicator& comm, size_t pieces, size_t pi
   for (size_t at = 0; at < recv.size(); ++at)
     if (!written[at] && recv[at] != 0xEE)
       return f.add(what, "rank ", me, " byte ", at, " between the pieces was overwritten");
+}
+
+// Every pair of layouts the expert-parallel layer uses, and one strided piece per block, with
+// pieces of `piece_bytes`, by `algo`.
+inline void check_block_layouts(Communicator& comm, size_t piece_bytes, AllToAllAlgo algo,
+                                uint32_t& seed, Failures& f) {
+  using enum BlockShape;
+  const std::pair<BlockShape, BlockShape> pairs[] = {
+      {kBlockMajor, kPieceMajor}, {kPieceMajor, kBlockMajor}, {kContiguous, kPieceMajor},
+      {kPieceMajor, kContiguous}};
+  for (const auto& [from, to] : pairs)
+    check_all_to_all_blocks(comm, 3, piece_bytes, algo, from, to, seed++, f);
+  check_all_to_all_blocks(comm, 1, piece_bytes, algo, kBlockMajor, kPieceMajor, seed++, f);
 }
 
 inline void check_all_gather(Communicator& comm, size_t bytes, uint32_t seed, Failures& f) {
@@ -139,13 +167,11 @@ inline std::string check_collectives(Communicator& comm, const std::vector<size_
     check_all_to_all(comm, chunk, AllToAllAlgo::kLinear, seed++, f);
     if (comm.size() % comm.local_size() == 0)
       check_all_to_all(comm, chunk, AllToAllAlgo::k2DH, seed++, f);
-    // Three pieces of half a chunk each: past the peer-memory threshold where the chunk is.
+    // Pieces of half a chunk: past the peer-memory threshold where the chunk is.
     const size_t piece = std::max<size_t>(1, chunk / 2);
-    check_all_to_all_blocks(comm, 3, piece, AllToAllAlgo::kLinear, seed, (seed & 1) != 0, f);
-    ++seed;
+    check_block_layouts(comm, piece, AllToAllAlgo::kLinear, seed, f);
     if (comm.size() % comm.local_size() == 0)
-      check_all_to_all_blocks(comm, 3, piece, AllToAllAlgo::k2DH, seed, (seed & 1) != 0, f);
-    ++seed;
+      check_block_layouts(comm, piece, AllToAllAlgo::k2DH, seed, f);
   }
   for (size_t bytes : {size_t{1}, size_t{1000}, size_t{200000}})
     check_all_gather(comm, bytes, seed++, f);

@@ -84,6 +84,35 @@ TEST(UcxInProcess, TwoDHRefusesLocalSizeNotDividingSize) {
   EXPECT_EQ(report, "");
 }
 
+// Block layouts: what a rank can see is wrong is refused before anything is sent (the
+// communicator stays usable); ranks that disagree on the number of pieces both fail, as ranks
+// that disagree on a chunk's size do, rather than one returning with the other's extra pieces
+// left for its next step.
+TEST(UcxInProcess, BlockLayoutsThatDoNotFitAreRefused) {
+  const std::string report = run_threads_in_child(2, 1, [](Communicator& comm) {
+    Failures f;
+    std::vector<uint8_t> send(4096), recv(4096);
+    const BlockLayout three{16, 3, 16, 48}, two{16, 2, 16, 32}, overlapping{16, 3, 8, 48},
+        blocks_overlap{16, 3, 16, 20};
+    auto expect_refusal = [&](const BlockLayout& from, const BlockLayout& to, const char* says) {
+      Status s = comm.all_to_all(send.data(), from, recv.data(), to, AllToAllAlgo::kLinear);
+      if (s.code() != StatusCode::kInvalidArgument || s.message().find(says) == std::string::npos)
+        f.add("expected a refusal saying '", says, "', got ", s.to_string());
+    };
+    expect_refusal(three, two, "give both layouts the same pieces and piece_bytes");
+    expect_refusal(three, overlapping, "the receive layout's pieces overlap");
+    expect_refusal(overlapping, three, "the send layout's pieces overlap");
+    expect_refusal(three, blocks_overlap, "the receive layout's pieces overlap");
+    expect_refusal(BlockLayout{16, 0, 16, 0}, BlockLayout{16, 0, 16, 0}, "needs 1 to");
+    testing::check_all_to_all(comm, 8, AllToAllAlgo::kLinear, 3, f);
+    const BlockLayout& mine = comm.rank() == 0 ? three : two;
+    Status s = comm.all_to_all(send.data(), mine, recv.data(), mine, AllToAllAlgo::kLinear);
+    if (s.ok()) f.add("rank ", comm.rank(), " returned OK from an exchange whose ranks disagree on its pieces");
+    return f.text();
+  });
+  EXPECT_EQ(report, "");
+}
+
 TEST(UcxInProcess, SingleRankGroup) {
   const std::string report = run_threads_in_child(1, 1, [](Communicator& comm) {
     Failures f;
