@@ -22,8 +22,8 @@
 #include <utility>
 #include <vector>
 
-#include "../src/group_layout.hpp"
 #include "../src/block_layout.hpp"
+#include "../src/group_layout.hpp"
 #include "../src/two_dh.hpp"
 #include "tutel/comm/nccl.hpp"
 

@@ -14,9 +14,9 @@
 #include <tuple>
 #include <vector>
 
+#include "../src/block_layout.hpp"
 #include "../src/group_layout.hpp"
 #include "../src/reduce.hpp"
-#include "../src/block_layout.hpp"
 #include "../src/two_dh.hpp"
 #include "tutel/comm/ucx.hpp"
 #include "ucx_rank.hpp"
