@@ -325,32 +325,36 @@ class UcxCommunicator final : public Communicator {
     return run_step();
   }
 
-  // One message per piece: piece j of a step goes with the step's j-th sequence number, so each
-  // has a tag of its own (also for the acknowledgement of a pulled one). With several pieces an
-  // empty message with the next number ends each peer's pieces: ranks that disagree on their
-  // number then both fail on a message of the wrong size, where the one with fewer would
-  // otherwise return and leave the others' extra pieces to be taken by its next step. (Not for
-  // one piece: a plain all-to-all of small chunks would pay a second round trip, ~10 µs here.)
+  // One message per piece, each with a sequence number of its own, so each has a tag of its own
+  // (also for the acknowledgement of a pulled one). Ranks that disagree on the number of pieces
+  // must not pair up: the one with fewer would return, and leave the others' extra pieces to be
+  // taken by its next step. So with several pieces, piece j takes the step's (j + 1)-th number
+  // (the first is one piece's) and an empty message the next one ends each peer's pieces: ranks
+  // that pass several but different numbers both fail on a message of the wrong size, and a
+  // rank that passes one piece against several both wait for a message that never comes, until
+  // the timeout. (One piece sends no end: a plain all-to-all of small chunks would pay a second
+  // round trip, ~10 µs here.)
   Status all_to_all_linear(const unsigned char* send, const BlockLayout& from, unsigned char* recv,
                            const BlockLayout& to) {
     static char end_of_pieces;
     const int n = size();
-    const size_t pieces = from.pieces;
+    const size_t pieces = from.pieces, first = pieces > 1 ? 1 : 0;
     for (size_t j = 0; j < pieces; ++j)
       std::memcpy(recv + me_ * to.block_stride + j * to.piece_stride,
                   send + me_ * from.block_stride + j * from.piece_stride, from.piece_bytes);
     for (int i = 1; i < n; ++i) {
       const int p = (me_ + i) % n;  // staggered, so not every rank starts with rank 0
       for (size_t j = 0; j < pieces; ++j) {
-        add_recv(p, recv + p * to.block_stride + j * to.piece_stride, to.piece_bytes, j);
-        add_send(p, send + p * from.block_stride + j * from.piece_stride, from.piece_bytes, j);
+        add_recv(p, recv + p * to.block_stride + j * to.piece_stride, to.piece_bytes, first + j);
+        add_send(p, send + p * from.block_stride + j * from.piece_stride, from.piece_bytes,
+                 first + j);
       }
       if (pieces > 1) {
-        add_recv(p, &end_of_pieces, 0, pieces);
-        add_send(p, &end_of_pieces, 0, pieces);
+        add_recv(p, &end_of_pieces, 0, first + pieces);
+        add_send(p, &end_of_pieces, 0, first + pieces);
       }
     }
-    return run_step(pieces > 1 ? pieces + 1 : 1);
+    return run_step(pieces > 1 ? pieces + 2 : 1);
   }
 
   // See src/two_dh.hpp for the algebra.

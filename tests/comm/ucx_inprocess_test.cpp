@@ -113,6 +113,29 @@ TEST(UcxInProcess, BlockLayoutsThatDoNotFitAreRefused) {
   EXPECT_EQ(report, "");
 }
 
+// One rank passing a single piece where the other passes several: they never pair up, so both
+// fail (at the collective timeout, here short) rather than the one returning with a piece of the
+// other's exchange.
+TEST(UcxInProcess, OnePieceAgainstSeveralFailsOnBothRanks) {
+  const uint16_t port = testing::free_port();
+  testing::ProcessGroup group(1, [&](int, const testing::ChildChannel&) {
+    std::vector<std::string> reports(2);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < 2; ++r)
+      threads.emplace_back([&, r] {
+        auto comm = ucx_bootstrap(loopback_options(port, r, 2, 1, 500ms));
+        if (!comm.ok()) return void(reports[r] = "bootstrap: " + comm.status().to_string());
+        std::vector<uint8_t> send(4096), recv(4096);
+        const BlockLayout mine = r == 0 ? BlockLayout{16, 1, 16, 16} : BlockLayout{16, 3, 16, 48};
+        Status s = (*comm)->all_to_all(send.data(), mine, recv.data(), mine, AllToAllAlgo::kLinear);
+        if (s.ok()) reports[r] = "rank " + std::to_string(r) + " returned OK";
+      });
+    for (auto& t : threads) t.join();
+    return reports[0] + reports[1];
+  });
+  EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
+}
+
 TEST(UcxInProcess, SingleRankGroup) {
   const std::string report = run_threads_in_child(1, 1, [](Communicator& comm) {
     Failures f;
