@@ -218,7 +218,7 @@ class NcclCommunicator final : public Communicator {
     // 2DH moves whole contiguous blocks: a strided side is packed before it, or unpacked after,
     // on the stream, through scratch past the 2DH's own (T and U).
     const size_t c = from.block_bytes(), total = static_cast<size_t>(n) * c;
-    TUTEL_RETURN_IF_ERROR(finish(reserve_scratch(4 * total)));
+    TUTEL_RETURN_IF_ERROR(finish(reserve_scratch((2 + size_t{pack} + size_t{unpack}) * total)));
     unsigned char* staging = static_cast<unsigned char*>(scratch_) + 2 * total;
     // The same pieces, back to back.
     const BlockLayout packed{from.piece_bytes, from.pieces, from.piece_bytes, c};
@@ -227,7 +227,7 @@ class NcclCommunicator final : public Communicator {
       TUTEL_RETURN_IF_ERROR(finish(copy_blocks_device(staging, packed, s, from, n)));
       in = staging;
     }
-    unsigned char* out = unpack ? staging + total : r;
+    unsigned char* out = unpack ? staging + (pack ? total : 0) : r;
     // Only enqueued: the unpack follows on the stream, and the wait (when synchronising) comes
     // after it.
     const bool synchronize = std::exchange(options_.synchronize, false);

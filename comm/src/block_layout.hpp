@@ -12,8 +12,9 @@
 
 namespace tutel::comm::detail {
 
-// The most pieces a block may have (UCX spends a sequence number on each).
-inline constexpr size_t kMaxPieces = size_t{1} << 16;
+// The most pieces a block may have (UCX spends a sequence number on each, of 2^24 − 1): as many
+// as a layer may have experts, so the expert-parallel layer's piece per local expert always fits.
+inline constexpr size_t kMaxPieces = size_t{1} << 20;
 
 // Whether the `blocks`·pieces pieces of `layout` are disjoint, in one of the layouts the
 // collective takes: block-major (each block's pieces in order, then the next block) or

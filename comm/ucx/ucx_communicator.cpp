@@ -102,13 +102,15 @@ class UcxCommunicator final : public Communicator {
     // The same pieces, back to back.
     const BlockLayout packed{send_layout.piece_bytes, send_layout.pieces, send_layout.piece_bytes, c};
     const bool pack = !send_layout.is_contiguous(), unpack = !recv_layout.is_contiguous();
-    unsigned char* staging = pack || unpack ? scratch_c<unsigned char>(2 * total) : nullptr;
+    // Staging for each strided side: the packed send blocks, then the received ones.
+    unsigned char* staging =
+        pack || unpack ? scratch_c<unsigned char>((size_t{pack} + size_t{unpack}) * total) : nullptr;
     const unsigned char* in = s;
     if (pack) {
       detail::copy_blocks(staging, packed, s, send_layout, size());
       in = staging;
     }
-    unsigned char* out = unpack ? staging + total : r;
+    unsigned char* out = unpack ? staging + (pack ? total : 0) : r;
     TUTEL_RETURN_IF_ERROR(finish(all_to_all_2dh(in, out, c)));
     if (unpack) detail::copy_blocks(r, recv_layout, out, packed, size());
     return Status::OK();

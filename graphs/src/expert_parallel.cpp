@@ -319,6 +319,19 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
           std::string("could not start the layer's exchange thread: ") + e.what());
     }
   }
+  // The agreements' buffer, allocated up front: an agreement must never fail for memory, or a
+  // rank refused there would leave its peers waiting in the collective; and before the group
+  // compares, so a rank that cannot allocate it refuses with its peers. The tuner's agreement
+  // is the widest.
+  DeviceBuffer agreed;
+  if (valid.ok()) {
+    Result<DeviceBuffer> made =
+        backend.allocate(std::max<size_t>(8, TunerOptions::kMaxCandidates) * sizeof(int64_t));
+    if (made.ok())
+      agreed = std::move(made).value();
+    else
+      valid = made.status();
+  }
   TUTEL_RETURN_IF_ERROR(compare_with_group(backend, comm, spec, options, valid));
 
   TUTEL_ASSIGN_OR_RETURN(ExpertShard shard, expert_shard(spec, comm.size(), comm.rank()));
@@ -333,15 +346,28 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   layer.tuner_ = std::move(tuner);
   if (options.runner != nullptr && options.runner->captures())
     layer.graph_release_ = comm::GraphRelease(comm, [runner = options.runner] { runner->clear(); });
+  layer.agreed_ = std::move(agreed);
+  // The gather groups. Each split is a collective: a rank whose split failed here alone (its
+  // new communicator could not start) still joins every later one, then the group agrees on
+  // whether every rank has its groups, and all refuse the layer together if one does not.
+  Status groups_made;
+  bool splits = false;
   for (const ExchangeConfig& c : configs)
-    if (c.r >= 1 && shard.shards / c.r > 1)
-      TUTEL_RETURN_IF_ERROR(layer.gather_groups_->add(comm, shard.shards / c.r)
-                                .with_context("creating the layer's gather groups (r = " +
-                                              std::to_string(c.r) + ")"));
-  // Allocated up front: the agreements must never fail for memory, or a rank refused there
-  // would leave its peers waiting in the collective. The tuner's agreement is the widest.
-  TUTEL_RETURN_IF_ERROR(layer.grow(
-      layer.agreed_, std::max<size_t>(8, TunerOptions::kMaxCandidates) * sizeof(int64_t)));
+    if (c.r >= 1 && shard.shards / c.r > 1) {
+      splits = true;
+      Status made = layer.gather_groups_->add(comm, shard.shards / c.r);
+      if (groups_made.ok() && !made.ok())
+        groups_made = made.with_context("creating the layer's gather groups (r = " +
+                                        std::to_string(c.r) + ")");
+    }
+  if (!splits) return layer;
+  int64_t failed[1] = {groups_made.ok() ? 0 : 1};
+  TUTEL_RETURN_IF_ERROR(layer.agree_on_max(failed, 1));
+  if (!groups_made.ok()) return groups_made;
+  if (failed[0] != 0)
+    return Status::Unavailable(
+        "another rank of the expert-parallel group could not make its gather groups (its own "
+        "error says why), so every rank refuses the layer");
   return layer;
 }
 

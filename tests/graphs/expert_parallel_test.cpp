@@ -971,6 +971,62 @@ TEST(ExpertParallelOptionsCheck, RefusesWhatCannotRunAndRunsASingleCandidate) {
   }
 }
 
+// A communicator whose split() fails on one rank after the collective part (its new group could
+// not start there), as NCCL's may when the child's CUDA set-up fails on one device.
+class SplitFailsOnOneRank final : public ForwardingCommunicator {
+ public:
+  SplitFailsOnOneRank(comm::Communicator& inner, int failing_rank)
+      : ForwardingCommunicator(inner), failing_rank_(failing_rank) {}
+  Result<std::unique_ptr<comm::Communicator>> split(int color, int key) override {
+    auto made = inner_.split(color, key);
+    if (rank() == failing_rank_) return Status::Internal("simulated: the new group did not start");
+    return made;
+  }
+
+ private:
+  int failing_rank_;
+};
+
+// Gather groups are split after the ranks have compared their layers: a rank whose split failed
+// alone still joins the rest, and every rank refuses the layer (none keeps one whose steps would
+// wait for the missing rank); the communicator stays usable.
+TEST(ExpertParallelOptionsCheck, AGatherGroupThatFailsOnOneRankIsRefusedByEveryRank) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  LayerSpec spec;
+  spec.experts = 1;  // one expert sharded over both ranks: r = 1 gathers it in a group of two
+  spec.model_dim = 8;
+  spec.hidden = 8;
+  spec.k = 1;
+  constexpr int W = 2;
+  const uint16_t port = free_port();
+  std::vector<Status> bootstrapped(W), created(W), after(W);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r)
+    threads.emplace_back([&, r] {
+      auto ucx = comm::ucx_bootstrap(rank_options(port, r, W, 1));
+      bootstrapped[r] = ucx.status();
+      if (!ucx.ok()) return;
+      SplitFailsOnOneRank comm(**ucx, /*failing_rank=*/1);
+      auto backend = make_backend("cpu", {.threads = 1});
+      if (!backend.ok()) return void(bootstrapped[r] = backend.status());
+      created[r] = ExpertParallelLayer::create(**backend, comm, spec, graphs::ExpertParallelOptions{})
+                       .status();
+      after[r] = (*ucx)->barrier();
+    });
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    ASSERT_TRUE(bootstrapped[r].ok()) << bootstrapped[r];
+    EXPECT_FALSE(created[r].ok());
+    EXPECT_TRUE(after[r].ok()) << after[r];
+  }
+  EXPECT_NE(created[1].message().find("the new group did not start"), std::string_view::npos)
+      << created[1];
+  EXPECT_EQ(created[0].code(), StatusCode::kUnavailable) << created[0];
+  EXPECT_NE(created[0].message().find("could not make its gather groups"), std::string_view::npos)
+      << created[0];
+}
+
 // Ranks given different layers refuse them together at creation, naming who differs and in
 // what (the spec, or how it runs), or which rank could not create its layer at all (which says
 // why itself); the communicator stays usable, and layers that agree are made.
