@@ -208,11 +208,14 @@ class ExpertParallelLayer {
     bool holds_forward_ = false;
     int64_t tokens_ = 0, capacity_ = 0;
     // How the forward ran its expert phase; the expert-side buffers hold its chunks one after
-    // another ([chunk][E_l, W·C_j, ·]), and the backward runs the same way.
+    // another ([chunk][E_l, W·C_j/q, ·], q = the ranks that split an expert's slots under its r),
+    // and the backward runs the same way.
     ExchangeConfig config_;
     DeviceBuffer x_, scores_, expert_index_, gates_, location_;  // [S, ·]
     DeviceBuffer slots_;                                         // [E, C]
-    DeviceBuffer expert_in_, pre_, hidden_;  // [E_l, W·C, ·]; expert_in_ in the dispatch dtype
+    // [E_l, W·C/q, ·], sized for q = 1 (pre_ and hidden_ hold q·H_s columns, so the same bytes);
+    // expert_in_ in the dispatch dtype.
+    DeviceBuffer expert_in_, pre_, hidden_;
     DeviceBuffer combined_;                                      // [E, C, O]
   };
 
