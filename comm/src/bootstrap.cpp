@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -497,28 +498,31 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
       }
       return reply;
     };
-    // Sends `message`; false (and last_error) when the connection failed before it went.
-    auto send = [&](const std::string& message) {
-      const Status s = detail::send_all(fd->get(), message.data(), message.size(), deadline, cancel);
-      if (!s.ok()) last_error = std::string(s.message());
-      return s.ok();
+    // Sends `message` and reads the answer; nullopt (and last_error) when the connection failed
+    // before the message went or the coordinator hung up before answering: the caller retries.
+    auto ask = [&](const std::string& message) -> std::optional<Result<Header>> {
+      const Status sent = detail::send_all(fd->get(), message.data(), message.size(), deadline, cancel);
+      if (!sent.ok()) {
+        last_error = std::string(sent.message());
+        return std::nullopt;
+      }
+      Result<Header> answer = read_answer();
+      if (closed_early) return std::nullopt;
+      return answer;
     };
     auto retry_later = [] { std::this_thread::sleep_for(std::chrono::milliseconds(20)); };
     if (authenticated) {
       // Nonces both ways, fresh for this connection: the hello's mac covers the server's, the
       // table's mac both (bootstrap_wire.hpp).
       TUTEL_ASSIGN_OR_RETURN(rank_nonce, random_bytes(kNonceBytes));
-      if (!send(wire::encode_challenge(rank_nonce, h.rank, h.pid))) {
+      const std::optional<Result<Header>> challenge =
+          ask(wire::encode_challenge(rank_nonce, h.rank, h.pid));
+      if (!challenge) {
         retry_later();
         continue;
       }
-      Result<Header> challenge = read_answer();
-      if (closed_early) {
-        retry_later();
-        continue;
-      }
-      if (!challenge.ok()) return challenge.status();
-      if (challenge->kind != (kChallenge | kAuthenticated) || body.size() != kNonceBytes)
+      if (!challenge->ok()) return challenge->status();
+      if ((*challenge)->kind != (kChallenge | kAuthenticated) || body.size() != kNonceBytes)
         return Status::PermissionDenied(who + ": " + server +
                                         " did not answer the challenge for the peer secret (it has none, or is not a "
                                         "tuteld of this version): give every daemon the same [server] peer_secret_file");
@@ -527,17 +531,13 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
     } else if (hello.empty()) {
       hello = encode(h, hello_round, hello_body);
     }
-    if (!send(hello)) {
+    const std::optional<Result<Header>> answer = ask(hello);
+    if (!answer) {
       retry_later();
       continue;
     }
-    Result<Header> answer = read_answer();
-    if (closed_early) {
-      retry_later();
-      continue;
-    }
-    if (!answer.ok()) return answer.status();
-    const Header reply = *answer;
+    if (!answer->ok()) return answer->status();
+    const Header reply = **answer;
     if ((reply.kind & ~kAuthenticated) != kTable || static_cast<int>(reply.size) != o.size)
       return Status::Corruption(who + ": unexpected answer from " + server);
     const bool proven = (reply.kind & kAuthenticated) != 0;

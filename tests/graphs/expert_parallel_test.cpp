@@ -66,6 +66,7 @@ class ExchangeThreads final : public ForwardingCommunicator {
     {
       std::lock_guard<std::mutex> lock(mu_);
       chunk_bytes_.push_back(send_layout.block_bytes());
+      pieces_.push_back(send_layout.pieces);
     }
     return inner_.all_to_all(send, send_layout, recv, recv_layout, algo);
   }
@@ -74,12 +75,17 @@ class ExchangeThreads final : public ForwardingCommunicator {
     std::lock_guard<std::mutex> lock(mu_);
     return chunk_bytes_;
   }
+  std::vector<size_t> pieces() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return pieces_;
+  }
 
  private:
   const std::thread::id owner_ = std::this_thread::get_id();
   std::atomic<int> elsewhere_{0};
   mutable std::mutex mu_;
   std::vector<size_t> chunk_bytes_;
+  std::vector<size_t> pieces_;  // of each all-to-all's blocks
 };
 
 EpCase two_dh(int local_size, EpCase c) {
@@ -323,6 +329,7 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
     std::vector<float> y, dx, d_wg, d_fc1, d_b1, d_fc2, d_b2;
     int exchanges_elsewhere = -1;  // all-to-alls not issued by the rank's own thread
     std::vector<size_t> exchange_bytes;  // bytes per peer of each all-to-all, in order
+    std::vector<size_t> exchange_pieces;  // pieces per block of each all-to-all, in order
   };
   std::vector<RankResult> results(W);
   const uint16_t port = free_port();
@@ -386,6 +393,7 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
       out.d_b2 = grads.fc2_bias;
       out.exchanges_elsewhere = comm.elsewhere();
       out.exchange_bytes = comm.chunk_bytes();
+      out.exchange_pieces = comm.pieces();
     });
   }
   for (auto& t : threads) t.join();
@@ -427,6 +435,13 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
       const int64_t slots_per_peer = capacity / (got.shard.shards / c.r);
       EXPECT_EQ(got.exchange_bytes[0], static_cast<size_t>(experts_per_peer * slots_per_peer * M) *
                                            dtype_size(spec.dispatch_dtype()));
+    }
+    // Whole experts travel as a piece per local expert, straight into the experts' [E_l][W·C]
+    // (no staging and reordering pass); sharded ones as one piece through the staging.
+    if (c.r >= 1) {
+      ASSERT_FALSE(got.exchange_pieces.empty());
+      const size_t want_pieces = got.shard.shards == 1 ? size_t(got.shard.local_experts) : 1;
+      for (size_t pieces : got.exchange_pieces) EXPECT_EQ(pieces, want_pieces);
     }
     // bf16 matmuls round every GEMM input: the CPU layer's bf16 tolerances.
     const bool bf16 = c.matmul == DType::kBF16;
