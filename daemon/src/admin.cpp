@@ -1,9 +1,13 @@
 // The admin socket's requests (tutelctl) and the Prometheus endpoint.
 #include <unistd.h>
 
+#include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <map>
+#include <optional>
 #include <system_error>
+#include <utility>
 
 #include "daemon_impl.hpp"
 #include "tutel/core/logging.hpp"
@@ -38,11 +42,21 @@ json DaemonImpl::status_json() const {
   const double uptime = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_at_).count();
   int64_t clients = 0;
   for (const auto& [id, s] : sessions_) clients += s->admin ? 0 : 1;
+  // The ranks whose device was lost: why and since when (seconds ago, as uptime is given).
+  json out_of_service = json::array();
+  for (const auto& rank : ranks_)
+    if (const std::optional<RankHealth::Loss> loss = rank->health.loss())
+      out_of_service.push_back(
+          {{"rank", rank->index},
+           {"device", loss->device},
+           {"seconds_ago", std::chrono::duration<double>(std::chrono::system_clock::now() - loss->since).count()},
+           {"error", loss->error}});
   return {{"version", "0.1.0"},
           {"pid", static_cast<int64_t>(::getpid())},
           {"uptime_seconds", uptime},
           {"backend", config_.backend.kind},
           {"ranks", ranks_.size()},
+          {"out_of_service", out_of_service},
           {"sessions", clients},
           {"layers", registry_->all().size()},
           {"tenants", config_.tenants.size()},
@@ -150,6 +164,9 @@ std::string DaemonImpl::metrics_text() {
   metrics_.set_live(std::move(node_up), std::move(traffic));
   metrics_.set_plan_caches(std::move(plan_caches));
   metrics_.set_tuner_decisions(std::move(decisions));
+  std::map<int, std::pair<std::string, bool>> ranks;
+  for (const auto& rank : ranks_) ranks[rank->index] = {rank->backend->device().to_string(), rank->health.in_service()};
+  metrics_.set_ranks(std::move(ranks));
   // Activation and region memory change with requests and sessions: read when scraped.
   for (const TenantConfig& t : config_.tenants) {
     metrics_.set_tenant_activation_memory(t.name, registry_->activation_bytes(t.name));

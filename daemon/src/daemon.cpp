@@ -13,6 +13,7 @@
 #include <system_error>
 
 #include "daemon_impl.hpp"
+#include "guarded.hpp"
 #include "tutel/comm/local_exchange.hpp"
 #include "tutel/core/logging.hpp"
 #include "tutel/core/safetensors.hpp"
@@ -26,10 +27,34 @@ using nlohmann::json;
 
 namespace {
 
+// `text` from a client, safe to log or echo: control characters (a newline would forge a log
+// line) and other bytes outside printable ASCII as \xNN.
+std::string printable(std::string_view text) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (const char ch : text) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c >= 0x20 && c < 0x7f && c != '\\') {
+      out += ch;
+    } else {
+      out += "\\x";
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    }
+  }
+  return out;
+}
+
 // Where a client's relative checkpoint path lands: inside its tenant's directory, never outside.
 Result<std::string> tenant_file(const Config& c, const std::string& tenant, const std::string& relative) {
   if (c.server.state_dir.empty())
     return Status::Unavailable("the daemon has no server.state_dir configured, so it cannot save or load files for clients");
+  // Control characters (a NUL would cut the path short in the C calls below it) are refused
+  // rather than relied on to land somewhere harmless.
+  for (const char ch : relative)
+    if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f)
+      return Status::InvalidArgument("path '" + printable(relative) +
+                                     "' contains control characters; name the file with printable characters");
   const fs::path p(relative);
   if (relative.empty() || p.is_absolute())
     return Status::InvalidArgument("path '" + relative + "' must be relative: it names a file in the tenant's checkpoint directory");
@@ -719,6 +744,7 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         }
         TUTEL_RETURN_IF_ERROR(registry_->destroy(tenant, h));
         metrics_.set_tenant_memory(tenant, registry_->memory_bytes(tenant));
+        metrics_.forget_layer(tenant, ref.layer->name());
         return json::object();
       };
       break;
@@ -782,7 +808,7 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
   }
   const auto started = std::chrono::steady_clock::now();
   if (creation) ++creations_by_tenant_[tenant];
-  offload([op, result] { *result = op(); },
+  offload([op, result] { *result = guarded(op); },
           [this, s, rid, result, reply_type, reply_fd, op_name, tenant, b, started, creation] {
             if (creation) --creations_by_tenant_[tenant];
             const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
@@ -811,7 +837,7 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
   s->hello_received = true;
   const auto hello = ipc::parse_body(frame);
   if (hello.ok() && hello->contains("client") && (*hello)["client"].is_string())
-    s->client_name = (*hello)["client"].get<std::string>().substr(0, 128);
+    s->client_name = printable((*hello)["client"].get<std::string>().substr(0, 128));
   if (auto secret = tenant_secrets_.find(s->tenant); secret != tenant_secrets_.end()) {
     // The tenant asks its clients for its secret on top of the uid mapping. Compared in constant
     // time; a session that fails is told why and closed (a new connection may try again).
@@ -841,7 +867,7 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
     s->admitted = true;
   }
   auto arena = std::make_shared<Result<ipc::Arena>>(Status::Internal("not created"));
-  offload([this, arena] { *arena = ipc::Arena::create(config_.server.arena_bytes); },
+  offload([this, arena] { *arena = guarded([&] { return ipc::Arena::create(config_.server.arena_bytes); }); },
           [this, s, rid, arena] {
             if (s->closing) return finish_frame(s);  // the arena goes with the callback, rarely
             if (!arena->ok()) {
@@ -901,7 +927,11 @@ void DaemonImpl::close_session(const std::shared_ptr<Session>& s) {
             s->pinned.reset();
             s->regions.close();
             s->arena.reset();  // unmapped here, not on the loop (tens of ms per 64 MiB)
-            for (const LayerRef& ref : registry_->all()) ref.layer->drop_pending(s->id);
+            // Only its tenant's layers can hold its forwards; another tenant's layer may be held
+            // for a whole collective (a group waiting on its peers), which this must not wait for.
+            if (!s->admin)
+              for (const LayerRef& ref : registry_->all())
+                if (ref.layer->tenant() == s->tenant) ref.layer->drop_pending(s->id);
           },
           [this, s] {
             sessions_.erase(s->id);
@@ -919,7 +949,9 @@ void DaemonImpl::checkpoint_all() {
     const std::string path = (dir / (ref.layer->name() + ".safetensors")).string();
     const Status st = ref.layer->save(path);
     if (st.ok()) TUTEL_LOG(INFO) << "checkpointed " << ref.layer->tenant() << "/" << ref.layer->name() << " to " << path;
-    else TUTEL_LOG(ERROR) << "checkpoint of " << ref.layer->tenant() << "/" << ref.layer->name() << " failed: " << st;
+    else
+      TUTEL_LOG(ERROR) << "checkpoint of " << ref.layer->tenant() << "/" << ref.layer->name() << " failed: " << st
+                       << " (" << path << " keeps what it held)";
   }
 }
 

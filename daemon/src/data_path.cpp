@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "daemon_impl.hpp"
+#include "guarded.hpp"
 #include "tutel/core/logging.hpp"
 
 namespace tutel::daemon {
@@ -173,9 +174,11 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
         if (st.ok()) {
           const bool training = (d.flags & ipc::kFlagTraining) != 0;
           auto run = [&] {
-            return layer.forward(reinterpret_cast<const float*>(mem->base + d.input_offset), d.tokens,
-                                 reinterpret_cast<float*>(mem->base + d.output_offset), training, s->id,
-                                 d.sequence, mem->kind);
+            return guarded([&] {
+              return layer.forward(reinterpret_cast<const float*>(mem->base + d.input_offset), d.tokens,
+                                   reinterpret_cast<float*>(mem->base + d.output_offset), training, s->id,
+                                   d.sequence, mem->kind);
+            });
           };
           auto out = run();
           // Refused for the tenant's quota (which leaves nothing behind): plans the tenant's layers
@@ -199,8 +202,11 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
         st = check_ranges(*mem, d, d.tokens * O * 4, d.tokens * M * 4, "dy", "dx");
         if (!st.ok()) st = refuse(std::move(st));
         if (st.ok())
-          st = layer.backward(reinterpret_cast<const float*>(mem->base + d.input_offset), d.tokens, d.dl_aux,
-                              reinterpret_cast<float*>(mem->base + d.output_offset), s->id, d.sequence, mem->kind);
+          st = guarded([&] {
+            return layer.backward(reinterpret_cast<const float*>(mem->base + d.input_offset), d.tokens, d.dl_aux,
+                                  reinterpret_cast<float*>(mem->base + d.output_offset), s->id, d.sequence,
+                                  mem->kind);
+          });
       }
       registry_->end_request(s->tenant);
       if (layer.definition().group)

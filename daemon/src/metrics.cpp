@@ -38,6 +38,15 @@ void Metrics::record_request(const std::string& tenant, const std::string& layer
   if (dropped > 0) dropped_[{tenant, layer}] += dropped;
 }
 
+void Metrics::forget_layer(const std::string& tenant, const std::string& layer) {
+  std::lock_guard lock(mutex_);
+  for (auto* counts : {&requests_, &errors_})
+    std::erase_if(*counts, [&](const auto& kv) { return std::get<0>(kv.first) == tenant && std::get<1>(kv.first) == layer; });
+  for (auto* values : {&tokens_, &dropped_}) values->erase({tenant, layer});
+  capacity_.erase({tenant, layer});
+  peers_.erase(tenant + "/" + layer);
+}
+
 void Metrics::set_capacity(const std::string& tenant, const std::string& layer, int64_t capacity) {
   std::lock_guard lock(mutex_);
   capacity_[{tenant, layer}] = capacity;
@@ -155,6 +164,14 @@ std::string Metrics::prometheus_text() const {
        "layers.\n"
     << "# TYPE tuteld_draining gauge\n"
     << "tuteld_draining " << (draining_ ? 1 : 0) << "\n";
+  if (!ranks_.empty()) {
+    o << "# HELP tuteld_rank_in_service 1 while a rank's device serves; 0 once it was lost (a sticky "
+         "CUDA error), until tuteld restarts.\n"
+      << "# TYPE tuteld_rank_in_service gauge\n";
+    for (const auto& [rank, state] : ranks_)
+      o << "tuteld_rank_in_service{rank=\"" << rank << "\",device=\"" << label(state.first) << "\"} "
+        << (state.second ? 1 : 0) << "\n";
+  }
   if (!peers_.empty()) {
     o << "# HELP tuteld_group_up Whether the peers of an expert-parallel layer's group answer (by tenant/layer).\n"
       << "# TYPE tuteld_group_up gauge\n";
@@ -191,6 +208,11 @@ std::string Metrics::prometheus_text() const {
 void Metrics::set_tuner_decisions(std::map<std::pair<std::string, int64_t>, TunerDecision> decisions) {
   std::lock_guard lock(mutex_);
   tuner_decisions_ = std::move(decisions);
+}
+
+void Metrics::set_ranks(std::map<int, std::pair<std::string, bool>> ranks) {
+  std::lock_guard lock(mutex_);
+  ranks_ = std::move(ranks);
 }
 
 void Metrics::set_live(std::map<int, bool> node_up, std::map<std::pair<std::string, int>, PeerTraffic> traffic) {

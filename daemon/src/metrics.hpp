@@ -19,6 +19,9 @@ class Metrics {
   void record_request(const std::string& tenant, const std::string& layer, const std::string& op,
                       bool ok, double seconds, int64_t tokens = 0, int64_t dropped = 0);
   void set_capacity(const std::string& tenant, const std::string& layer, int64_t capacity);
+  // Drops the series of a destroyed layer (its requests, errors, tokens, drops, capacity and
+  // group state), so layers created and destroyed under new names do not grow them for good.
+  void forget_layer(const std::string& tenant, const std::string& layer);
   void set_tenant_memory(const std::string& tenant, uint64_t bytes);
   // What the tenant's layers hold for forwards (pending entries, staging, workspaces).
   void set_tenant_activation_memory(const std::string& tenant, uint64_t bytes);
@@ -51,6 +54,9 @@ class Metrics {
     int pipeline = 1;
   };
   void set_tuner_decisions(std::map<std::pair<std::string, int64_t>, TunerDecision> decisions);
+  // Each rank's device ("cuda:0") and whether it is in service (rank_health.hpp), read just
+  // before rendering too.
+  void set_ranks(std::map<int, std::pair<std::string, bool>> ranks);
 
   std::string prometheus_text() const;
 
@@ -78,6 +84,7 @@ class Metrics {
   std::map<std::pair<std::string, int>, PeerTraffic> traffic_;
   std::map<std::pair<std::string, std::string>, PlanCache> plan_caches_;
   std::map<std::pair<std::string, int64_t>, TunerDecision> tuner_decisions_;
+  std::map<int, std::pair<std::string, bool>> ranks_;
   std::map<std::pair<std::string, std::string>, uint64_t> sessions_refused_;  // (tenant, reason)
   int64_t active_sessions_ = 0;
   bool draining_ = false;

@@ -1,6 +1,7 @@
 #include "registry.hpp"
 
 #include <algorithm>
+#include <optional>
 #include <random>
 
 namespace tutel::daemon {
@@ -46,7 +47,16 @@ Result<LayerRef> Registry::create(const std::string& tenant, const LayerDefiniti
     if (static_cast<int64_t>(t.layers_by_name.size()) >= t.config.max_layers)
       return Status::ResourceExhausted("tenant '" + tenant + "' has reached its quota of " +
                                        std::to_string(t.config.max_layers) + " layers");
-    rank_index = std::min_element(rank_bytes_.begin(), rank_bytes_.end()) - rank_bytes_.begin();
+    // The least loaded of the ranks still serving.
+    std::optional<size_t> least;
+    for (size_t r = 0; r < ranks_.size(); ++r)
+      if (ranks_[r]->health.in_service() && (!least || rank_bytes_[r] < rank_bytes_[*least])) least = r;
+    if (!least) {
+      const Status down = ranks_.front()->health.check();
+      return Status::Unavailable("no rank of this tuteld can take layer '" + def.name + "': every one is out of service (" +
+                                 std::string(down.message()) + ")");
+    }
+    rank_index = *least;
     memory = it->second.memory;
   }
   // Built outside the lock: loading weights can take a while.

@@ -47,40 +47,45 @@ Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& 
     TUTEL_RETURN_IF_ERROR(layer->join_group().with_context("layer '" + def.name + "'"));
     // From here a rank that fails alone would leave the others with a layer whose first step
     // waits for it until the collective timeout: every rank's outcome is agreed first.
-    Status ready = layer->allocate();
+    // A rank out of service joins only to refuse with the others.
+    Status ready = rank.health.check();
+    if (ready.ok()) ready = layer->allocate();
     if (ready.ok())
       ready = def.weights_path ? layer->load_locked(*def.weights_path, /*require_all=*/true)
                                : layer->initialise(def.init_seed.value_or(0));
+    ready = layer->watch_device(std::move(ready));
     TUTEL_RETURN_IF_ERROR(layer->confirm_group(ready).with_context("layer '" + def.name + "'"));
     return layer;
-  } else {
-    layer->local_activations_ = std::make_unique<ActivationBackend>(*rank.backend, layer->memory_);
   }
-  TUTEL_RETURN_IF_ERROR(layer->allocate());
-  if (!def.group) {
-    // The tenant's quota bounds the plans, not a budget of the cache's own: they are charged to
-    // it like any activation memory, a forward that would pass it drops the idle ones first, and
-    // so does any request that leaves the tenant over it (a backward's growth is let through).
-    graphs::PlanCacheOptions options;
-    options.max_bytes = SIZE_MAX;
-    if (!def.token_buckets.empty()) {
-      TUTEL_ASSIGN_OR_RETURN(options.buckets.tokens, graphs::BucketPolicy::from_list(def.token_buckets));
-    }
-    layer->plans_ = std::make_unique<graphs::PlanCache>(*layer->local_activations_, options);
-    // No "layer 0" in its errors: forward() names the layer in its refusals.
-    TUTEL_RETURN_IF_ERROR(
-        layer->plans_->add_layer(0, {def.spec, layer->weights_of(0), layer->weights_of(1), ""}));
-    layer->plan_kind_ = graphs::resolve_plan_kind(*layer->local_activations_, options.kind);
-    if (!def.token_buckets.empty()) TUTEL_RETURN_IF_ERROR(layer->prebuild_plans());
-    layer->publish_plan_summary();
-  }
-  if (def.weights_path) {
-    TUTEL_RETURN_IF_ERROR(layer->load_locked(*def.weights_path, /*require_all=*/true)
-                              .with_context("layer '" + def.name + "'"));
-  } else {
-    TUTEL_RETURN_IF_ERROR(layer->initialise(def.init_seed.value_or(0)));
+  TUTEL_RETURN_IF_ERROR(rank.health.check());
+  layer->local_activations_ = std::make_unique<ActivationBackend>(*rank.backend, layer->memory_);
+  if (Status built = layer->build_local(); !built.ok()) {
+    auto device_lock = layer->lock_device();
+    return layer->watch_device(std::move(built));
   }
   return layer;
+}
+
+// create() of a layer without [group], past the checks: its parameters, plans and values.
+Status ServedLayer::build_local() {
+  TUTEL_RETURN_IF_ERROR(allocate());
+  // The tenant's quota bounds the plans, not a budget of the cache's own: they are charged to
+  // it like any activation memory, a forward that would pass it drops the idle ones first, and
+  // so does any request that leaves the tenant over it (a backward's growth is let through).
+  graphs::PlanCacheOptions options;
+  options.max_bytes = SIZE_MAX;
+  if (!def_.token_buckets.empty()) {
+    TUTEL_ASSIGN_OR_RETURN(options.buckets.tokens, graphs::BucketPolicy::from_list(def_.token_buckets));
+  }
+  plans_ = std::make_unique<graphs::PlanCache>(*local_activations_, options);
+  // No "layer 0" in its errors: forward() names the layer in its refusals.
+  TUTEL_RETURN_IF_ERROR(plans_->add_layer(0, {def_.spec, weights_of(0), weights_of(1), ""}));
+  plan_kind_ = graphs::resolve_plan_kind(*local_activations_, options.kind);
+  if (!def_.token_buckets.empty()) TUTEL_RETURN_IF_ERROR(prebuild_plans());
+  publish_plan_summary();
+  if (def_.weights_path)
+    return load_locked(*def_.weights_path, /*require_all=*/true).with_context("layer '" + def_.name + "'");
+  return initialise(def_.init_seed.value_or(0));
 }
 
 Status ServedLayer::confirm_group(const Status& ready_here) {
@@ -485,6 +490,8 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
   std::lock_guard lock(mutex_);
   const auto key = std::make_pair(owner, sequence);
   auto device_lock = lock_device();
+  if (Status down = rank_.health.check(); !down.ok())
+    return group_ ? refuse_group_step(false, owner, sequence, std::move(down)) : down;
   if (training && pending_.count(key)) {
     Status why = Status::AlreadyExists("layer '" + def_.name + "': sequence " + std::to_string(sequence) +
                                        " already has a forward waiting for its backward; use a new sequence number");
@@ -559,6 +566,7 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();
   }
   enforce.reset();
+  if (!st.ok()) st = watch_device(std::move(st));
   if (!st.ok()) {
     // Refused for the quota: the entry may have grown some buffers before the one refused, so
     // it is freed rather than kept: a new entry's charge returns to nothing, a recycled one's
@@ -584,6 +592,8 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
   const int64_t M = s.model_dim, O = s.out_dim();
   std::lock_guard lock(mutex_);
   auto device_lock = lock_device();
+  if (Status down = rank_.health.check(); !down.ok())
+    return group_ ? refuse_group_step(true, owner, sequence, std::move(down)) : down;
   auto it = pending_.find({owner, sequence});
   if (it == pending_.end()) {
     Status why = Status::NotFound("layer '" + def_.name + "': no training forward with sequence " +
@@ -632,7 +642,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
   trim_plans_over_quota();
   publish_pending();
   publish_plan_summary();
-  return st;
+  return watch_device(std::move(st));
 }
 
 Status ServedLayer::refuse_step(bool backward, uint64_t owner, uint64_t sequence, Status why) {
@@ -683,12 +693,22 @@ void ServedLayer::drop_pending(uint64_t owner) {
 
 Result<int64_t> ServedLayer::step() {
   std::lock_guard lock(mutex_);
+  auto device_lock = lock_device();
+  // A group layer's step is a collective: a rank out of service fails it at its first op, and
+  // its peers when their all-reduce times out.
+  if (!group_) TUTEL_RETURN_IF_ERROR(rank_.health.check());
+  // The gate is replicated: every rank steps it with the gradient summed over the group.
+  if (group_)
+    TUTEL_RETURN_IF_ERROR(
+        watch_device(note_group_status(group_->layer->all_reduce_gate_grad(weights_of(1).gate_weight))));
+  TUTEL_RETURN_IF_ERROR(watch_device(apply_optimizer()));
+  return ++step_;
+}
+
+Status ServedLayer::apply_optimizer() {
   Backend& b = backend();
   const Device d = b.device();
   const OptimizerConfig& o = def_.optimizer;
-  auto device_lock = lock_device();
-  // The gate is replicated: every rank steps it with the gradient summed over the group.
-  if (group_) TUTEL_RETURN_IF_ERROR(note_group_status(group_->layer->all_reduce_gate_grad(weights_of(1).gate_weight)));
   for (Tensor& t : tensors_) {
     if (o.kind == OptimizerKind::kAdamW) {
       AdamWArgs a{t.view(t.value, d), t.view(t.grad, d), t.view(t.state0, d), t.view(t.state1, d)};
@@ -712,14 +732,15 @@ Result<int64_t> ServedLayer::step() {
       TUTEL_RETURN_IF_ERROR(b.sgd_step(a));
     }
   }
-  return ++step_;
+  return Status::OK();
 }
 
 Status ServedLayer::zero_grad() {
   std::lock_guard lock(mutex_);
   Backend& b = backend();
   auto device_lock = lock_device();
-  for (Tensor& t : tensors_) TUTEL_RETURN_IF_ERROR(b.fill_zero(bytes_view(t.grad, b.device())));
+  TUTEL_RETURN_IF_ERROR(rank_.health.check());
+  for (Tensor& t : tensors_) TUTEL_RETURN_IF_ERROR(watch_device(b.fill_zero(bytes_view(t.grad, b.device()))));
   return Status::OK();
 }
 
@@ -731,10 +752,12 @@ Status ServedLayer::save(const std::string& path) {
   std::vector<SafetensorsEntry> entries;
   {
     auto device_lock = lock_device();
+    // Never from a lost device: the file keeps the last checkpoint written from a live one.
+    TUTEL_RETURN_IF_ERROR(rank_.health.check());
     auto stage = [&](const std::string& name, const Shape& shape, const DeviceBuffer& buf) -> Status {
       host.emplace_back(shape.numel());
-      TUTEL_RETURN_IF_ERROR(b.copy(host.back().data(), buf.data(), host.back().size() * 4, CopyKind::kDeviceToHost));
-      return Status::OK();
+      return watch_device(
+          b.copy(host.back().data(), buf.data(), host.back().size() * 4, CopyKind::kDeviceToHost));
     };
     for (const Tensor& t : tensors_) {
       TUTEL_RETURN_IF_ERROR(stage(t.name, t.shape, t.value));
@@ -754,7 +777,11 @@ Status ServedLayer::save(const std::string& path) {
 
 Status ServedLayer::load(const std::string& path) {
   std::lock_guard lock(mutex_);
-  return load_locked(path, /*require_all=*/true);
+  TUTEL_RETURN_IF_ERROR(rank_.health.check());
+  Status loaded = load_locked(path, /*require_all=*/true);
+  if (loaded.ok()) return loaded;
+  auto device_lock = lock_device();
+  return watch_device(std::move(loaded));
 }
 
 Status ServedLayer::load_locked(const std::string& path, bool require_all) {

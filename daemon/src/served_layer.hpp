@@ -23,6 +23,7 @@
 #include "tutel/daemon/config.hpp"
 #include "tutel/kernels/backend.hpp"
 #include "tutel/kernels/moe_layer.hpp"
+#include "rank_health.hpp"
 #include "tenant_memory.hpp"
 
 namespace tutel::daemon {
@@ -42,6 +43,8 @@ struct Rank {
   BackendOptions options;  // what `backend` was made with (group layers make their own alike)
   std::unique_ptr<Backend> backend;
   std::mutex mutex;
+  // Out of service once its device is lost, until the daemon restarts (rank_health.hpp).
+  RankHealth health;
   // Shared by all ranks of the daemon: group layers here copy to each other directly.
   std::shared_ptr<comm::LocalExchange> local_exchange;
   // Null without [cluster]: a group layer without a coordinator is refused.
@@ -173,8 +176,12 @@ class ServedLayer {
     TensorView bf16_view(Device d) const { return TensorView(value_bf16.data(), DType::kBF16, shape, d); }
   };
   bool keeps_bf16_copy(const Tensor& t) const;
+  // create() of a layer without [group]: allocates, builds its plan cache, loads or initialises.
+  Status build_local();
   // Converts every value that keeps a bf16 copy into it; under the device lock.
   Status refresh_bf16_copies();
+  // step()'s optimizer pass over every tensor (not the step count); under the device lock.
+  Status apply_optimizer();
   // One training forward waiting for its backward; recycled, so its buffers only grow.
   struct Pending {
     // A layer without [group]: the plan the forward ran on (held, so no other step takes it
@@ -207,6 +214,9 @@ class ServedLayer {
   };
 
   Backend& backend() { return group_ ? *group_->backend : *rank_.backend; }
+  // `st` of an op on backend(), with the device lock held (a group layer: the layer's): a
+  // failure may mean the device is lost, which takes the rank out of service (RankHealth).
+  Status watch_device(Status st) { return rank_.health.observe(rank_.index, backend(), std::move(st)); }
   // The backend forwards and backwards run on: backend(), with their allocations charged.
   ActivationBackend& activations() { return group_ ? *group_->activations : *local_activations_; }
   // The client's buffers are host memory: a backend whose memory is elsewhere gets its inputs

@@ -169,6 +169,7 @@ class CudaBackend final : public Backend {
   void* native_stream() const override { return stream_; }
   uint64_t scratch_epoch() const override { return scratch_epoch_; }
   Status join_forked_work() override;
+  Status device_health() override;
 
  private:
   // Makes this backend's device current on the calling thread (executors may change threads).
@@ -423,6 +424,24 @@ Status CudaBackend::synchronize() {
   return Status::OK();
 }
 
+Status CudaBackend::device_health() {
+  // After a sticky error every call returns it; otherwise these read a status and wait for
+  // nothing. A stream being captured is not queried (the query would invalidate the capture).
+  cudaError_t err = cudaSetDevice(device_);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (err == cudaSuccess) err = cudaStreamIsCapturing(stream_, &capture);
+  if (err == cudaSuccess && capture == cudaStreamCaptureStatusNone) err = cudaStreamQuery(stream_);
+  if (err == cudaSuccess || err == cudaErrorNotReady) return Status::OK();
+  if (!cuda::is_sticky(err)) {
+    (void)cudaGetLastError();  // not this device's loss: leave no error for the next launch
+    return Status::OK();
+  }
+  return Status::Unavailable("CUDA device " + std::to_string(device_) + " is lost: " + cudaGetErrorName(err) + " (" +
+                             cudaGetErrorString(err) +
+                             "); this process can run nothing more on it: restart the process (the device may "
+                             "need a reset, see nvidia-smi)");
+}
+
 Status CudaBackend::convert(TensorView src, TensorView dst) {
   TUTEL_RETURN_IF_ERROR(check_bf16_copy(src, dst, "convert's dst"));
   TUTEL_RETURN_IF_ERROR(enter_op());
@@ -573,6 +592,10 @@ Result<bool> CudaBackend::fused_gemm(int64_t rows, int64_t cols, int64_t inner, 
   p.align_b = lt_alignment(in.a, {a.stride * in_size});
   p.align_d = lt_alignment(d, {stride_c * d_size});
   p.align_bias = ep.bias ? lt_alignment(ep.bias, {p.bias_stride * 4}) : 256;
+  // cuBLASLt takes no alignment preference for the bias, so the kernel it picks may read the
+  // bias with wide loads whatever the pointer: a bias (or a batch's) off 16 bytes, e.g. fc2's
+  // at O = 7, takes the separate pass rather than risk a misaligned access, which is sticky.
+  if (p.bias && p.align_bias < 16) return false;
   // Ask first, so a problem cuBLASLt refuses costs no conversion the fallback would redo.
   TUTEL_ASSIGN_OR_RETURN(const bool supported, lt_->supports(p));
   if (!supported) return false;

@@ -13,6 +13,8 @@ std::string_view short_path(std::string_view file) {
   return at == std::string_view::npos ? file : file.substr(at);
 }
 
+}  // namespace
+
 bool is_sticky(cudaError_t err) {
   switch (err) {
     case cudaErrorIllegalAddress:
@@ -30,8 +32,6 @@ bool is_sticky(cudaError_t err) {
       return false;
   }
 }
-
-}  // namespace
 
 Status cuda_error(cudaError_t err, const char* expr, const char* file, int line) {
   // A runtime call's error stays the thread's last error, and the kernel launchers report
@@ -52,7 +52,7 @@ Status cuda_error(cudaError_t err, const char* expr, const char* file, int line)
       break;
   }
   if (is_sticky(err))
-    msg += "; the CUDA context is lost (sticky error): take this device out of service and restart the process";
+    msg += "; the CUDA context is lost (sticky error): nothing more can run on this device in this process";
   return Status::Internal(std::move(msg));
 }
 

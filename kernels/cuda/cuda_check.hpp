@@ -12,6 +12,8 @@ namespace tutel::cuda {
 // otherwise; a sticky error (the context is lost) says so.
 Status cuda_error(cudaError_t err, const char* expr, const char* file, int line);
 Status cublas_error(cublasStatus_t st, const char* expr, const char* file, int line);
+// Whether `err` destroyed the context: every later call on the device fails with it.
+bool is_sticky(cudaError_t err);
 
 }  // namespace tutel::cuda
 

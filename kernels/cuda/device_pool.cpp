@@ -127,11 +127,22 @@ void DevicePool::trim() {
 void DevicePool::trim_device() {
   trim();
   // A pool in use by its own thread is skipped rather than waited for: two pools trimming each
-  // other cannot deadlock, and what a busy pool holds is in use or about to be.
+  // other cannot deadlock, and what a busy pool holds is in use or about to be. So is one whose
+  // stream has work queued: trimming waits for its stream, which may be a collective waiting on
+  // a peer that is gone (holding the pool's lock meanwhile, so its own thread could not even
+  // free a buffer on the way to its timeout).
   PoolList::instance().for_others(device_, this, [](DevicePool& other) {
     std::unique_lock lock(other.mu_, std::try_to_lock);
-    if (lock.owns_lock()) other.trim_locked();
+    if (lock.owns_lock() && other.stream_idle()) other.trim_locked();
   });
+}
+
+bool DevicePool::stream_idle() const {
+  if (capturing()) return false;  // (a query would invalidate the capture)
+  const cudaError_t err = cudaStreamQuery(stream_);
+  if (err == cudaSuccess) return true;
+  if (!is_sticky(err)) (void)cudaGetLastError();
+  return false;
 }
 
 void DevicePool::trim_locked() {

@@ -46,6 +46,7 @@ class DevicePool {
 
  private:
   bool capturing() const;  // the stream is being captured into a graph
+  bool stream_idle() const;  // nothing queued on the stream, and not capturing
   void trim_locked();
   // The size class of a request: 512-byte steps up to 1 MiB, 2 MiB steps above.
   static size_t size_class(size_t bytes);

@@ -101,13 +101,18 @@ class StagedCommunicator final : public Communicator {
     }
     if (cudaMemcpy(a_, host, in_bytes, cudaMemcpyHostToDevice) != cudaSuccess)
       return Status::Internal("cudaMemcpy");
-    return Status::OK();
+    return landed();
+  }
+  // A copy from pageable memory may return before its DMA is done, and NCCL's stream is not
+  // ordered after the legacy stream's: what the collective reads or leaves alone must be there.
+  static Status landed() {
+    return cudaDeviceSynchronize() == cudaSuccess ? Status::OK() : Status::Internal("cudaDeviceSynchronize");
   }
   // The receive buffer as it is, so what the collective leaves alone comes back unchanged.
   Status back_fill(const void* host, size_t bytes) {
     if (cudaMemcpy(b_, host, bytes, cudaMemcpyHostToDevice) != cudaSuccess)
       return Status::Internal("cudaMemcpy");
-    return Status::OK();
+    return landed();
   }
   Status back(void* host, size_t bytes) {
     if (cudaMemcpy(host, b_, bytes, cudaMemcpyDeviceToHost) != cudaSuccess)

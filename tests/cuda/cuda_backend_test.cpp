@@ -7,10 +7,12 @@
 // and pure copies must match exactly.
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <limits>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <iostream>
@@ -77,6 +79,35 @@ TEST(CudaBackendRegistry, RejectsBadDeviceIndex) {
     EXPECT_EQ(beyond.status().code(), StatusCode::kInvalidArgument) << beyond.status();
     EXPECT_NE(beyond.status().message().find("4096"), std::string_view::npos) << beyond.status();
   }
+}
+
+// A sticky error loses the device for the whole process: device_health() says so, as
+// Unavailable, after one and not before (nor after an error that is not sticky). Here a kernel
+// writes through a pointer nothing maps, in a child process (a death test), so the lost
+// context cannot fail the tests after this one.
+TEST(CudaDeviceLoss, HealthReportsALostDeviceAndOnlyThen) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  GTEST_FLAG_SET(death_test_style, "threadsafe");  // a fresh process: CUDA does not survive fork
+  EXPECT_EXIT(
+      {
+        auto gpu = make_backend("cuda", {});
+        if (!gpu.ok()) _exit(2);
+        Backend& b = **gpu;
+        if (!b.device_health().ok()) _exit(3);
+        // Out of memory is an error the device survives.
+        if (b.allocate(size_t{1} << 50).ok() || !b.device_health().ok()) _exit(4);
+        auto src = b.allocate(4096);
+        if (!src.ok() || !b.fill_zero(TensorView(src->data(), DType::kF32, {1024}, b.device())).ok()) _exit(5);
+        const TensorView unmapped(reinterpret_cast<void*>(uintptr_t{0x1000}), DType::kF32, {1024}, b.device());
+        (void)b.add(unmapped, TensorView(src->data(), DType::kF32, {1024}, b.device()));
+        const Status synced = b.synchronize();
+        if (synced.ok()) _exit(6);
+        const Status health = b.device_health();
+        std::fprintf(stderr, "synchronize: %s\nhealth: %s\n", synced.to_string().c_str(), health.to_string().c_str());
+        if (health.code() != StatusCode::kUnavailable || b.device_health().ok()) _exit(7);  // and for good
+        _exit(0);
+      },
+      ::testing::ExitedWithCode(0), "health: Unavailable: CUDA device 0 is lost");
 }
 
 class CudaOps : public CpuAndCudaTest {
@@ -169,6 +200,9 @@ TEST_F(CudaOps, AnotherBackendsIdleCacheIsFreedWhenTheDeviceRunsOut) {
   ASSERT_GT(free_bytes, 2 * kLeft);
   void* filler = nullptr;
   ASSERT_EQ(cudaMalloc(&filler, free_bytes - kLeft), cudaSuccess);
+  // Freed on every way out: a failed assertion below must not leave the device full for the
+  // tests after this one.
+  const std::unique_ptr<void, void (*)(void*)> free_filler(filler, [](void* p) { (void)cudaFree(p); });
   size_t free_while_held = 0, free_after = 0;
   {
     auto cached = gpu_->allocate(kBlock);
@@ -183,7 +217,6 @@ TEST_F(CudaOps, AnotherBackendsIdleCacheIsFreedWhenTheDeviceRunsOut) {
     EXPECT_TRUE(second.ok()) << second.status()
                              << " (the first backend's idle block was not freed for it)";
   }
-  ASSERT_EQ(cudaFree(filler), cudaSuccess);
 }
 
 // Inside a graph capture the gate loss is a branch the rest of the step does not wait for: a

@@ -91,12 +91,19 @@ class SimulatedDevice final : public Backend {
   // Refuses allocations that would take the memory it holds past `bytes` (a full device, or a
   // tenant's quota); ~0 lifts the limit.
   void limit_memory(size_t bytes) { memory_limit_ = bytes; }
+  // Loses the device, as a sticky CUDA error does: from now on every op, copy, allocation and
+  // synchronize fails (Internal, as the CUDA backend reports one), and device_health() says why.
+  void lose(std::string why) { lost_ = std::move(why); }
+  Status device_health() override {
+    return lost_.empty() ? Status::OK() : Status::Unavailable("simulated device is lost: " + lost_);
+  }
   size_t live_bytes() const { return live_bytes_; }
 
   std::string_view name() const override { return "simulated-cuda"; }
   Device device() const override { return {DeviceKind::kCuda, 0}; }
 
   Result<DeviceBuffer> allocate(size_t bytes) override {
+    TUTEL_RETURN_IF_ERROR(sticky("allocate"));
     const size_t align = guarded_ ? page_size() : 64;
     const size_t rounded = (std::max<size_t>(bytes, 1) + align - 1) / align * align;
     if (rounded > memory_limit_ || live_bytes_ > memory_limit_ - rounded)
@@ -126,6 +133,7 @@ class SimulatedDevice final : public Backend {
   }
 
   Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override {
+    TUTEL_RETURN_IF_ERROR(sticky("copy"));
     const bool dst_device = on_device(dst, bytes), src_device = on_device(src, bytes);
     const bool dst_host = on_host(dst, bytes), src_host = on_host(src, bytes);
     const char* kind_name = kind == CopyKind::kHostToDevice   ? "host-to-device"
@@ -149,7 +157,7 @@ class SimulatedDevice final : public Backend {
     Access open(*this);
     return cpu_->fill_zero(t);
   }
-  Status synchronize() override { return Status::OK(); }
+  Status synchronize() override { return sticky("synchronize"); }
 
   Status register_host(void* data, size_t bytes) override {
     if (fail_registration_) return Status::Unavailable("simulated device: cannot lock that memory");
@@ -321,7 +329,12 @@ class SimulatedDevice final : public Backend {
     violations_.push_back(what);
     return Status::Internal("simulated device: " + what);
   }
+  Status sticky(const char* op) const {
+    if (lost_.empty()) return Status::OK();
+    return Status::Internal(std::string("simulated device: ") + op + " failed: " + lost_ + " (sticky error)");
+  }
   Status check(const char* op, std::initializer_list<TensorView> views) {
+    TUTEL_RETURN_IF_ERROR(sticky(op));
     int i = 0;
     for (const TensorView& v : views) {
       ++i;
@@ -349,6 +362,7 @@ class SimulatedDevice final : public Backend {
   size_t live_bytes_ = 0;
   bool guarded_ = false;  // guard_host_access()
   int open_ = 0;          // live Access objects
+  std::string lost_;      // lose()'s cause; empty while the device works
 };
 
 // The CPU backend, recording the copies it is asked for.

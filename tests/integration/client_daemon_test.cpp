@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <sstream>
 #include <thread>
 #include <vector>
 
@@ -209,6 +210,14 @@ TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
   const nlohmann::json status = ctl_json("status");
   EXPECT_EQ(status["sessions"], 1);
   EXPECT_EQ(status["layers"], 1);
+  EXPECT_EQ(status["out_of_service"], nlohmann::json::array()) << status;  // every rank serves
+  auto [scode, status_text] = run_command(std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() + " status");
+  EXPECT_EQ(scode, 0) << status_text;
+  std::istringstream status_lines(status_text);
+  bool none_out = false;
+  for (std::string line; std::getline(status_lines, line);)
+    none_out |= line.rfind("out of service", 0) == 0 && line.size() >= 4 && line.substr(line.size() - 4) == "none";
+  EXPECT_TRUE(none_out) << status_text;
   const nlohmann::json tenants = ctl_json("tenants");
   EXPECT_EQ(tenants["tenants"][0]["name"], "default");
   EXPECT_GT(tenants["tenants"][0]["memory_bytes"], 0);
@@ -237,7 +246,7 @@ TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
        {"tuteld_requests_total{tenant=\"default\",layer=\"observed\",op=\"forward\"} 1",
         "tuteld_requests_total{tenant=\"default\",layer=\"observed\",op=\"step\"} 1", "tuteld_request_seconds_bucket",
         "tuteld_tokens_total{tenant=\"default\",layer=\"observed\"} 32", "tuteld_capacity{", "tuteld_tenant_memory_bytes",
-        "tuteld_active_sessions 1"})
+        "tuteld_active_sessions 1", "tuteld_rank_in_service{rank=\"0\",device=\"cpu:0\"} 1"})
     EXPECT_NE(response.find(needle), std::string::npos) << needle << "\n" << response;
 
   // A request the daemon refuses is counted as an error of its layer and operation.
@@ -254,6 +263,24 @@ TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
                            " checkpoint default/observed " + ckpt);
   EXPECT_EQ(ccode, 0) << cout;
   EXPECT_TRUE(std::filesystem::exists(ckpt));
+}
+
+// A destroyed layer's series go with it: layers created and destroyed under ever new names
+// must not grow the daemon's metrics (and the admin reply that carries them) for good.
+TEST_F(ClientDaemon, ADestroyedLayersSeriesGoWithIt) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok());
+  std::vector<float> x(32 * 16, 0.25f), y(32 * 16);
+  for (const char* name : {"churn0", "churn1"}) {
+    auto layer = client->create_layer(spec(name));
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    ASSERT_TRUE(layer->forward(x.data(), 32, y.data()).ok());
+    const std::string during = ctl_json("metrics")["text"].get<std::string>();
+    EXPECT_NE(during.find(std::string("layer=\"") + name + "\""), std::string::npos) << during;
+    ASSERT_TRUE(layer->destroy().ok());
+  }
+  const std::string after = ctl_json("metrics")["text"].get<std::string>();
+  EXPECT_EQ(after.find("layer=\"churn"), std::string::npos) << after;
 }
 
 // The value of the series `name{labels}` in Prometheus text, or -1 when it is absent.

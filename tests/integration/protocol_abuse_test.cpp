@@ -245,6 +245,19 @@ TEST_F(ProtocolAbuse, BadSpecsAreRefusedWithTheKey) {
   EXPECT_EQ(save.status().code(), StatusCode::kPermissionDenied) << save.status();
   save = s.call(ipc::FrameType::kSave, {{"handle", (*h)["handle"]}, {"path", "/tmp/abs.safetensors"}}, ipc::FrameType::kOk);
   EXPECT_EQ(save.status().code(), StatusCode::kInvalidArgument) << save.status();
+  // Control characters: a NUL would cut the path short in the file system's calls, a newline
+  // would forge a line of the daemon's log. Refused, and echoed escaped; nothing is written.
+  for (const std::string path : {std::string("a\0/../../../escape.safetensors", 31), std::string("x\nforged.safetensors")}) {
+    for (const ipc::FrameType type : {ipc::FrameType::kSave, ipc::FrameType::kLoad}) {
+      auto r = s.call(type, {{"handle", (*h)["handle"]}, {"path", path}}, ipc::FrameType::kOk);
+      EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
+      EXPECT_NE(r.status().message().find("control characters"), std::string_view::npos) << r.status();
+      EXPECT_EQ(r.status().message().find('\n'), std::string_view::npos) << r.status();
+    }
+  }
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::recursive_directory_iterator(daemon_->dir(), ec))
+    EXPECT_EQ(entry.path().filename().string().find("escape"), std::string::npos) << entry.path();
 }
 
 TEST_F(ProtocolAbuse, DescriptorsAreValidatedBeforeAnyByteIsRead) {

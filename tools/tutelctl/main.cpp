@@ -147,6 +147,18 @@ void print_status(const json& s) {
     add("uptime", duration_text(s["uptime_seconds"].get<double>()), {"uptime_seconds"});
   add("backend", field(s, "backend") + " x " + field(s, "ranks") + " rank(s)",
       {"backend", "ranks"});
+  if (s.contains("out_of_service") && s["out_of_service"].is_array()) {
+    std::string lost;
+    for (const json& r : s["out_of_service"]) {
+      if (!r.is_object()) continue;
+      lost += (lost.empty() ? "" : "; ") + std::string("rank ") + field(r, "rank") + " (" + field(r, "device") +
+              ", " + (r.contains("seconds_ago") && r["seconds_ago"].is_number()
+                          ? duration_text(r["seconds_ago"].get<double>()) + " ago"
+                          : std::string("-")) +
+              "): " + field(r, "error");
+    }
+    add("out of service", lost.empty() ? "none" : lost + " (restart tuteld)", {"out_of_service"});
+  }
   add("client sessions", field(s, "sessions"), {"sessions"});
   if (s.contains("draining") && s["draining"].is_boolean())
     add("draining",

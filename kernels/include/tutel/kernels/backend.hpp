@@ -357,6 +357,13 @@ class Backend {
   // native stream directly, what a Backend op wrote (a captured device-to-host copy of l_aux)
   // calls this first.
   virtual Status join_forked_work() { return Status::OK(); }
+  // (optional) OK while this backend's device can still run work; once it cannot, why (as
+  // Unavailable), for good: on CUDA a sticky error (an illegal address, an uncorrectable ECC
+  // error, a trap) destroys the process's context on the device, and every later call fails
+  // the same way. Ops report such an error as they meet it; their caller asks here after a
+  // failure, to tell a device that is lost from an op that failed (the daemon then takes the
+  // device out of service). Cheap; one thread at a time, like the ops. Never fails on the CPU.
+  virtual Status device_health() { return Status::OK(); }
 };
 
 struct BackendOptions {

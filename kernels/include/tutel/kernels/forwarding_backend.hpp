@@ -61,6 +61,7 @@ class ForwardingBackend : public Backend {
   void* native_stream() const override { return inner_.native_stream(); }
   uint64_t scratch_epoch() const override { return inner_.scratch_epoch(); }
   Status join_forked_work() override { return inner_.join_forked_work(); }
+  Status device_health() override { return inner_.device_health(); }
 
  protected:
   // Forwards to `inner`, which must outlive this backend.
