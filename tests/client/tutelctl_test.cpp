@@ -228,6 +228,20 @@ TEST(Tutelctl, RepliesOfUnexpectedShapesAreErrorsNotCrashes) {
   ToolRun r = run(json{{"uptime_seconds", 1e300}}, "status");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("uptime           ?"), std::string::npos) << r.output;
+  // Ranks out of service: each with its device, how long ago and why; entries of other shapes
+  // are skipped, a time that is not one reads as "-".
+  r = run(json{{"out_of_service",
+                {{{"rank", 1}, {"device", "cuda:1"}, {"seconds_ago", 65}, {"error", "CUDA device 1 is lost"}},
+                 7,
+                 {{"rank", 2}, {"device", "cuda:2"}, {"seconds_ago", "soon"}, {"error", "lost too"}}}}},
+          "status");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("rank 1 (cuda:1, 1m 05s ago): CUDA device 1 is lost; rank 2 (cuda:2, -): lost too "
+                          "(restart tuteld)"),
+            std::string::npos)
+      << r.output;
+  r = run(json{{"out_of_service", json::array()}}, "status");
+  EXPECT_NE(r.output.find("out of service   none"), std::string::npos) << r.output;
   r = run(json{{"cluster", {{"nodes", {{{"first_rank", INT64_MAX}, {"ranks", 2}}}}}}}, "peers");
   EXPECT_EQ(r.exit_code, 0) << r.output;
 }
