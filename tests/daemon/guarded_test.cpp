@@ -6,7 +6,6 @@
 
 #include <new>
 #include <stdexcept>
-#include <vector>
 
 namespace tutel::daemon {
 namespace {
@@ -20,12 +19,8 @@ TEST(Guarded, PassesResultsThrough) {
 }
 
 TEST(Guarded, OutOfHostMemoryIsResourceExhausted) {
-  const Result<int> r = guarded([]() -> Result<int> {
-    std::vector<char> v;
-    v.reserve(v.max_size());  // throws std::length_error or std::bad_alloc
-    return 1;
-  });
-  ASSERT_FALSE(r.ok());
+  // Thrown rather than provoked: an allocation too large to make is a sanitizer's error, not an
+  // exception, under AddressSanitizer.
   const Status thrown = guarded([]() -> Status { throw std::bad_alloc(); });
   EXPECT_EQ(thrown.code(), StatusCode::kResourceExhausted) << thrown;
   EXPECT_NE(thrown.message().find("out of host memory"), std::string_view::npos) << thrown;
