@@ -123,4 +123,24 @@ CheckFailure::~CheckFailure() {
 }
 
 }  // namespace detail
+
+std::string escape_text(std::string_view text, char quote) {
+  std::string out;
+  out.reserve(text.size());
+  for (const char ch : text) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (ch == '\\' || (quote != 0 && ch == quote)) {
+      out += '\\';
+      out += ch;
+    } else if (c < 0x20 || c == 0x7f) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    } else {
+      out += ch;
+    }
+  }
+  return out;
+}
+
 }  // namespace tutel

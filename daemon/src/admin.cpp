@@ -47,7 +47,7 @@ json DaemonImpl::status_json() const {
   for (const auto& rank : ranks_)
     if (const std::optional<RankHealth::Loss> loss = rank->health.loss())
       out_of_service.push_back(
-          {{"rank", rank->index},
+          {{"rank", loss->rank},
            {"device", loss->device},
            {"seconds_ago", std::chrono::duration<double>(std::chrono::system_clock::now() - loss->since).count()},
            {"error", loss->error}});

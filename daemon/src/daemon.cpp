@@ -27,24 +27,6 @@ using nlohmann::json;
 
 namespace {
 
-// `text` from a client, safe to log or echo: control characters (a newline would forge a log
-// line) and other bytes outside printable ASCII as \xNN.
-std::string printable(std::string_view text) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  for (const char ch : text) {
-    const auto c = static_cast<unsigned char>(ch);
-    if (c >= 0x20 && c < 0x7f && c != '\\') {
-      out += ch;
-    } else {
-      out += "\\x";
-      out += kHex[c >> 4];
-      out += kHex[c & 15];
-    }
-  }
-  return out;
-}
-
 // Where a client's relative checkpoint path lands: inside its tenant's directory, never outside.
 Result<std::string> tenant_file(const Config& c, const std::string& tenant, const std::string& relative) {
   if (c.server.state_dir.empty())
@@ -53,7 +35,7 @@ Result<std::string> tenant_file(const Config& c, const std::string& tenant, cons
   // rather than relied on to land somewhere harmless.
   for (const char ch : relative)
     if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f)
-      return Status::InvalidArgument("path '" + printable(relative) +
+      return Status::InvalidArgument("path '" + escape_text(relative) +
                                      "' contains control characters; name the file with printable characters");
   const fs::path p(relative);
   if (relative.empty() || p.is_absolute())
@@ -837,7 +819,7 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
   s->hello_received = true;
   const auto hello = ipc::parse_body(frame);
   if (hello.ok() && hello->contains("client") && (*hello)["client"].is_string())
-    s->client_name = printable((*hello)["client"].get<std::string>().substr(0, 128));
+    s->client_name = escape_text((*hello)["client"].get<std::string>().substr(0, 128));
   if (auto secret = tenant_secrets_.find(s->tenant); secret != tenant_secrets_.end()) {
     // The tenant asks its clients for its secret on top of the uid mapping. Compared in constant
     // time; a session that fails is told why and closed (a new connection may try again).

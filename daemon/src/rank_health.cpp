@@ -22,7 +22,7 @@ std::string utc_text(std::chrono::system_clock::time_point t) {
 Status RankHealth::check() const {
   if (in_service()) return Status::OK();
   std::lock_guard lock(mutex_);
-  return Status::Unavailable("rank " + std::to_string(rank_) + " of this tuteld (" + loss_->device +
+  return Status::Unavailable("rank " + std::to_string(loss_->rank) + " of this tuteld (" + loss_->device +
                              ") is out of service since " + utc_text(loss_->since) + ": " + loss_->error +
                              ". Its layers cannot run or be checkpointed; restart tuteld (layers resume from "
                              "their last checkpoint in state_dir), and create new layers meanwhile (they go to "
@@ -41,8 +41,7 @@ Status RankHealth::observe(int rank, Backend& backend, Status failure) {
   {
     std::lock_guard lock(mutex_);
     if (!loss_) {
-      loss_ = Loss{backend.device().to_string(), std::string(health.message()), std::chrono::system_clock::now()};
-      rank_ = rank;
+      loss_ = Loss{rank, backend.device().to_string(), std::string(health.message()), std::chrono::system_clock::now()};
       lost_.store(true, std::memory_order_release);
       TUTEL_LOG(ERROR) << "rank " << rank << " (" << loss_->device << ") is out of service: " << health
                        << " (after: " << failure << ")";

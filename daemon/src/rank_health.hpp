@@ -26,6 +26,7 @@ namespace tutel::daemon {
 class RankHealth {
  public:
   struct Loss {
+    int rank = 0;
     std::string device;  // "cuda:0"
     std::string error;   // the backend's verdict
     std::chrono::system_clock::time_point since;
@@ -43,8 +44,7 @@ class RankHealth {
   Status observe(int rank, Backend& backend, Status failure);
 
  private:
-  std::atomic<bool> lost_{false};
-  int rank_ = -1;  // set with loss_
+  std::atomic<bool> lost_{false};  // loss_ is set: read without the lock on every request
   mutable std::mutex mutex_;
   std::optional<Loss> loss_;  // guarded by mutex_
 };

@@ -52,9 +52,10 @@ Result<LayerRef> Registry::create(const std::string& tenant, const LayerDefiniti
     for (size_t r = 0; r < ranks_.size(); ++r)
       if (ranks_[r]->health.in_service() && (!least || rank_bytes_[r] < rank_bytes_[*least])) least = r;
     if (!least) {
-      const Status down = ranks_.front()->health.check();
-      return Status::Unavailable("no rank of this tuteld can take layer '" + def.name + "': every one is out of service (" +
-                                 std::string(down.message()) + ")");
+      const RankHealth::Loss first = *ranks_.front()->health.loss();
+      return Status::Unavailable("no rank of this tuteld can take layer '" + def.name +
+                                 "': every one is out of service (rank 0, " + first.device + ": " + first.error +
+                                 "); restart tuteld");
     }
     rank_index = *least;
     memory = it->second.memory;

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdio>
 
+#include "tutel/core/logging.hpp"
+
 namespace tutel::daemon::toml_reader {
 
 namespace fs = std::filesystem;
@@ -14,23 +16,8 @@ namespace fs = std::filesystem;
 // ---- Messages -----------------------------------------------------------------------------
 
 std::string quote(std::string_view s) {
-  std::string out = "\"";
   const size_t limit = 60;
-  for (size_t i = 0; i < s.size() && i < limit; ++i) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c < 0x20 || c == 0x7f) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  if (s.size() > limit) out += "...";
-  return out + "\"";
+  return "\"" + escape_text(s.substr(0, limit), '"') + (s.size() > limit ? "..." : "") + "\"";
 }
 
 std::string format_double(double v) {

@@ -148,5 +148,17 @@ TEST(LoggingDeathTest, FailedCheckAbortsWithLocationAndMessage) {
                R"(FATAL [0-9]+ logging_test\.cpp:[0-9]+\] Check failed: limit > 10 limit was 4)");
 }
 
+// Text from outside the process cannot forge a log line or end a quoted value early; the rest,
+// UTF-8 included, reads as it was.
+TEST(EscapeText, EscapesControlCharactersBackslashAndTheQuoteOnly) {
+  EXPECT_EQ(escape_text("plain name-1.safetensors"), "plain name-1.safetensors");
+  EXPECT_EQ(escape_text("a\nb\tc\x7f"), "a\\x0ab\\x09c\\x7f");
+  EXPECT_EQ(escape_text(std::string("nul\0cut", 7)), "nul\\x00cut");
+  EXPECT_EQ(escape_text("back\\slash \"q\""), "back\\\\slash \"q\"");
+  EXPECT_EQ(escape_text("back\\slash \"q\"", '"'), "back\\\\slash \\\"q\\\"");
+  EXPECT_EQ(escape_text("caf\xc3\xa9"), "caf\xc3\xa9");
+  EXPECT_EQ(escape_text(""), "");
+}
+
 }  // namespace
 }  // namespace tutel

@@ -265,6 +265,21 @@ TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
   EXPECT_TRUE(std::filesystem::exists(ckpt));
 }
 
+// A client's name is its own text: a newline in it must not forge a line of the daemon's log,
+// and tutelctl shows it escaped.
+TEST_F(ClientDaemon, AClientsNameIsEscapedBeforeItIsLoggedOrShown) {
+  client::ClientOptions options;
+  options.name = "trainer\nERROR forged line";
+  auto client = client::Client::connect(daemon_->client_socket(), options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  const nlohmann::json sessions = ctl_json("sessions")["sessions"];
+  ASSERT_EQ(sessions.size(), 1u) << sessions.dump();
+  EXPECT_EQ(sessions[0]["client"], "trainer\\x0aERROR forged line") << sessions.dump();
+  const std::string log = daemon_->log();
+  EXPECT_EQ(log.find("\nERROR forged line"), std::string::npos) << log;
+  EXPECT_NE(log.find("client 'trainer\\x0aERROR forged line'"), std::string::npos) << log;
+}
+
 // A destroyed layer's series go with it: layers created and destroyed under ever new names
 // must not grow the daemon's metrics (and the admin reply that carries them) for good.
 TEST_F(ClientDaemon, ADestroyedLayersSeriesGoWithIt) {

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <filesystem>
 #include <string>
+#include <future>
 #include <thread>
 #include <vector>
 
@@ -497,6 +498,88 @@ TEST_F(ProtocolAbuse, ATenantsGroupsWaitingForPeersLeaveOtherTenantsTheirShareOf
     // Each waited for its peer (not refused for a slot).
     EXPECT_NE(reply->body.find("never reached the coordinator"), std::string::npos) << reply->body;
   }
+}
+
+// A session that closes drops its pending forwards from its own tenant's layers only. Another
+// tenant's group layer may be held for a whole collective (here a forward whose peer rank has
+// not come yet); a close that waited for it held a pool thread, and the session, that long.
+TEST_F(ProtocolAbuse, AClosingSessionDoesNotWaitForAnotherTenantsBusyLayer) {
+  daemon_->stop();
+  daemon_ = std::make_unique<DaemonProcess>(
+      DaemonOptions{.extra_tenants = "[[tenant]]\nname = \"other\"\nuids = [65534]\n"});
+  ASSERT_TRUE(daemon_->start());
+  ::chmod(daemon_->client_socket().c_str(), 0666);
+  ::chmod(daemon_->dir().c_str(), 0755);
+  ::chmod((daemon_->dir() + "/run").c_str(), 0755);
+
+  // Tenant default's group of two ranks in this daemon, with a collective timeout far longer
+  // than the test.
+  const std::string coordinator = "127.0.0.1:" + std::to_string(free_port());
+  RawSession rank0(daemon_->client_socket()), rank1(daemon_->client_socket());
+  std::vector<uint64_t> handles;
+  for (RawSession* s : {&rank0, &rank1}) {
+    ASSERT_TRUE(s->hello().ok());
+    // Each rank's layer has a name of its own: the tenant's names are unique in the daemon.
+    std::string spec = std::string(kSpec) + "[group]\ncoordinator = \"" + coordinator +
+                             "\"\nsize = 2\nrank = " + std::to_string(s == &rank0 ? 0 : 1) +
+                             "\ncollective_timeout_ms = 120000\n";
+    spec.replace(spec.find("\"moe\""), 5, s == &rank0 ? "\"moe_r0\"" : "\"moe_r1\"");
+    ASSERT_TRUE(s->send(ipc::FrameType::kCreateLayer, {{"spec", spec}}).ok());
+  }
+  for (RawSession* s : {&rank0, &rank1}) {
+    auto reply = s->receive(std::chrono::seconds(30));
+    ASSERT_TRUE(reply.ok()) << reply.status();
+    auto info = ipc::reply_body(*reply, ipc::FrameType::kLayerInfo);
+    ASSERT_TRUE(info.ok()) << info.status();
+    handles.push_back((*info)["handle"].get<uint64_t>());
+  }
+  auto forward = [&](RawSession& s, uint64_t handle) {
+    const ipc::ArenaLayout& l = s.arena().layout();
+    ipc::RequestDescriptor d{};
+    d.op = static_cast<uint32_t>(ipc::Op::kForward);
+    d.layer_handle = handle;
+    d.tokens = 8;
+    d.input_offset = l.data_offset;
+    d.input_bytes = d.output_bytes = 8 * 16 * 4;
+    d.output_offset = l.data_offset + d.input_bytes;
+    return s.submit(d);
+  };
+  // Rank 0's forward waits in its collective for rank 1, holding its layer.
+  auto held = std::async(std::launch::async, [&] { return forward(rank0, handles[0]); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+
+  // The other tenant's session opens and closes meanwhile.
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(3);
+    RawSession other(daemon_->client_socket());
+    ::_exit(other.hello().ok() ? 0 : 4);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << WEXITSTATUS(status);
+  // Its session goes while rank 0's forward still waits (the loop's bound only keeps a broken
+  // daemon from hanging the test).
+  RawSession admin(daemon_->admin_socket());
+  int64_t open = -1;
+  for (int i = 0; i < 400 && held.wait_for(std::chrono::milliseconds(0)) != std::future_status::ready; ++i) {
+    auto st = admin.call(ipc::FrameType::kAdminStatus, nlohmann::json::object(), ipc::FrameType::kOk);
+    ASSERT_TRUE(st.ok()) << st.status();
+    open = (*st)["sessions"].get<int64_t>();
+    if (open == 2) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(open, 2) << "the other tenant's closed session is still open";
+  EXPECT_NE(held.wait_for(std::chrono::milliseconds(0)), std::future_status::ready)
+      << "rank 0's forward ended before the other tenant's session went";
+
+  // Rank 1 comes: the group's forward completes on both ranks.
+  const auto second = forward(rank1, handles[1]);
+  const auto first = held.get();
+  ASSERT_TRUE(first.has_value() && second.has_value());
+  EXPECT_EQ(first->status_code, 0) << first->message;
+  EXPECT_EQ(second->status_code, 0) << second->message;
 }
 
 // A client that sends requests and never reads the replies: its replies wait in the daemon, the

@@ -16,6 +16,7 @@
 #include <atomic>
 #include <optional>
 #include <sstream>
+#include <string>
 #include <string_view>
 
 namespace tutel {
@@ -29,6 +30,12 @@ LogLevel log_level();
 std::string_view log_level_name(LogLevel level);
 // Accepts debug | info | warn | warning | error, in any letter case.
 std::optional<LogLevel> parse_log_level(std::string_view name);
+
+// `text` from outside the process (a client's name or path, a config file's key), safe to put
+// in a log line or a message: backslash, `quote` (when not 0) and control characters escaped
+// as \\, \" and \xNN, so a newline cannot forge a log line; every other byte, UTF-8 included,
+// kept.
+std::string escape_text(std::string_view text, char quote = 0);
 
 namespace detail {
 
