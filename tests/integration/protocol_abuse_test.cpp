@@ -48,6 +48,17 @@ class ProtocolAbuse : public ::testing::Test {
       EXPECT_EQ(daemon_->stop(), 0) << daemon_->log();
     }
   }
+  // Restarts the daemon with a second tenant, "other", for uid 65534 (nobody), whose clients run
+  // in children that drop to that uid; its socket and directories are opened to them.
+  void restart_with_other_tenant() {
+    daemon_->stop();
+    daemon_ = std::make_unique<DaemonProcess>(
+        DaemonOptions{.extra_tenants = "[[tenant]]\nname = \"other\"\nuids = [65534]\n"});
+    ASSERT_TRUE(daemon_->start());
+    ::chmod(daemon_->client_socket().c_str(), 0666);
+    ::chmod(daemon_->dir().c_str(), 0755);
+    ::chmod((daemon_->dir() + "/run").c_str(), 0755);
+  }
   // A fresh, well-behaved session still works: the daemon survived whatever came before.
   void expect_daemon_serves() {
     RawSession s(daemon_->client_socket());
@@ -416,18 +427,12 @@ TEST_F(ProtocolAbuse, AShutdownCancelsAGroupLayerWaitingForPeersThatNeverCome) {
 // other connected tenant's reservation needs, so that tenant still creates its layers meanwhile
 // (it was refused at once while the first held them all).
 TEST_F(ProtocolAbuse, ATenantsGroupsWaitingForPeersLeaveOtherTenantsTheirShareOfCreations) {
-  daemon_->stop();
   // 6 pool threads: 3 creations at once; 2 connected tenants, so 1 reserved for each and 1 for
   // either.
   ::setenv("UV_THREADPOOL_SIZE", "6", 1);
-  daemon_ = std::make_unique<DaemonProcess>(
-      DaemonOptions{.extra_tenants = "[[tenant]]\nname = \"other\"\nuids = [65534]\n"});
-  const auto started = daemon_->start();
+  restart_with_other_tenant();
   ::unsetenv("UV_THREADPOOL_SIZE");
-  ASSERT_TRUE(started);
-  ::chmod(daemon_->client_socket().c_str(), 0666);
-  ::chmod(daemon_->dir().c_str(), 0755);
-  ::chmod((daemon_->dir() + "/run").c_str(), 0755);
+  ASSERT_FALSE(HasFatalFailure());
 
   // The other tenant connects first (a child as uid 65534), then waits for its turn to create.
   int ready[2], go[2];
@@ -504,13 +509,7 @@ TEST_F(ProtocolAbuse, ATenantsGroupsWaitingForPeersLeaveOtherTenantsTheirShareOf
 // tenant's group layer may be held for a whole collective (here a forward whose peer rank has
 // not come yet); a close that waited for it held a pool thread, and the session, that long.
 TEST_F(ProtocolAbuse, AClosingSessionDoesNotWaitForAnotherTenantsBusyLayer) {
-  daemon_->stop();
-  daemon_ = std::make_unique<DaemonProcess>(
-      DaemonOptions{.extra_tenants = "[[tenant]]\nname = \"other\"\nuids = [65534]\n"});
-  ASSERT_TRUE(daemon_->start());
-  ::chmod(daemon_->client_socket().c_str(), 0666);
-  ::chmod(daemon_->dir().c_str(), 0755);
-  ::chmod((daemon_->dir() + "/run").c_str(), 0755);
+  ASSERT_NO_FATAL_FAILURE(restart_with_other_tenant());
 
   // Tenant default's group of two ranks in this daemon, with a collective timeout far longer
   // than the test.
@@ -738,14 +737,7 @@ TEST_F(ProtocolAbuse, AClientThatDoesNotReadItsCompletionsGetsThemAllLater) {
 }
 
 TEST_F(ProtocolAbuse, ForeignLayerHandleIsRefused) {
-  // A second tenant for uid 65534 (nobody); its client runs in a child that drops to that uid.
-  daemon_->stop();
-  daemon_ = std::make_unique<DaemonProcess>(
-      DaemonOptions{.extra_tenants = "[[tenant]]\nname = \"other\"\nuids = [65534]\n"});
-  ASSERT_TRUE(daemon_->start());
-  ::chmod(daemon_->client_socket().c_str(), 0666);
-  ::chmod(daemon_->dir().c_str(), 0755);
-  ::chmod((daemon_->dir() + "/run").c_str(), 0755);
+  ASSERT_NO_FATAL_FAILURE(restart_with_other_tenant());
 
   RawSession owner(daemon_->client_socket());
   ASSERT_TRUE(owner.hello().ok());
