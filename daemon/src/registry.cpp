@@ -71,8 +71,6 @@ Result<LayerRef> Registry::create(const std::string& tenant, const LayerDefiniti
   if (static_cast<int64_t>(t.layers_by_name.size()) >= t.config.max_layers)
     return Status::ResourceExhausted("tenant '" + tenant + "' has reached its quota of " +
                                      std::to_string(t.config.max_layers) + " layers");
-  // Against parameters and what the tenant's forwards hold now.
-  TUTEL_RETURN_IF_ERROR(memory->try_charge_parameters(built->memory_bytes(), "layer '" + def.name + "'"));
   const uint64_t handle = next_handle_++;
   rank_bytes_[rank_index] += built->memory_bytes();
   t.layers_by_name[def.name] = handle;
@@ -123,7 +121,6 @@ Status Registry::destroy(const std::string& tenant, uint64_t handle) {
     TUTEL_ASSIGN_OR_RETURN(LayerRef ref, find_locked(tenant, handle));
     Tenant& t = tenants_.at(tenant);
     t.layers_by_name.erase(ref.layer->name());
-    t.memory->release_parameters(ref.layer->memory_bytes());
     rank_bytes_[ref.layer->rank_index()] -= ref.layer->memory_bytes();
     layers_.erase(handle);
     layer = std::move(ref.layer);

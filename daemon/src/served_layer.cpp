@@ -1,5 +1,6 @@
 #include "served_layer.hpp"
 
+#include <cassert>
 #include <charconv>
 #include <cmath>
 #include <cstdlib>
@@ -222,21 +223,16 @@ Status ServedLayer::allocate() {
   }
   const bool adam = def_.optimizer.kind == OptimizerKind::kAdamW;
   const bool momentum = def_.optimizer.kind == OptimizerKind::kSgd && def_.optimizer.momentum != 0.f;
-  // What the loop below will allocate (value, gradient, optimizer state, bf16 copy), held to the
-  // tenant's quota before any of it is allocated: a spec may ask for terabytes, and the caller's
-  // charge comes only after the layer is built.
+  // What the loop below will allocate (value, gradient, optimizer state, bf16 copy), charged to
+  // the tenant before any of it is allocated: a spec may ask for terabytes, and two creations at
+  // once must not both pass the quota and then allocate together.
   uint64_t planned = 0;
   for (const Tensor& t : tensors_) {
     const uint64_t bytes = static_cast<uint64_t>(t.shape.numel()) * 4;
     planned += bytes * (2 + (adam || momentum ? 1 : 0) + (adam ? 1 : 0)) +
                (keeps_bf16_copy(t) ? bytes / 2 : 0);
   }
-  if (memory_->total_bytes() + planned > memory_->max_bytes())
-    return Status::ResourceExhausted(
-        "layer '" + def_.name + "' needs " + std::to_string(planned) +
-        " bytes for its parameters, gradients and optimizer state; its tenant holds " +
-        std::to_string(memory_->total_bytes()) + " of its " + std::to_string(memory_->max_bytes()) +
-        " byte max_memory_bytes: use a smaller layer, or raise max_memory_bytes");
+  TUTEL_ASSIGN_OR_RETURN(parameter_charge_, ParameterCharge::take(memory_, planned, "layer '" + def_.name + "'"));
   Backend& b = backend();
   auto device_lock = lock_device();
   for (Tensor& t : tensors_) {
@@ -260,6 +256,7 @@ Status ServedLayer::allocate() {
       memory_bytes_ += bytes / 2;
     }
   }
+  assert(memory_bytes_ == parameter_charge_.bytes());
   return Status::OK();
 }
 
@@ -397,11 +394,7 @@ void ServedLayer::publish_plan_summary() {
 
 Status ServedLayer::prebuild_plans() {
   // Charged like any plan, and refused like a training forward's: a layer whose configured
-  // plans do not fit beside its parameters is not created. The parameters are charged by the
-  // registry once the layer exists; they are held here meanwhile, so the plans are measured
-  // against what the layer will hold in all.
-  const std::string what = "layer '" + def_.name + "'";
-  TUTEL_RETURN_IF_ERROR(memory_->try_charge_parameters(memory_bytes_, what));
+  // plans do not fit beside its parameters (charged already, by allocate()) is not created.
   Status st = [&]() -> Status {
     ActivationBackend::Enforce enforce(*local_activations_);
     auto device_lock = lock_device();
@@ -411,8 +404,8 @@ Status ServedLayer::prebuild_plans() {
     }
     return Status::OK();
   }();
-  memory_->release_parameters(memory_bytes_);
-  return st.with_context(what + ": building the plans of token_buckets (use fewer or smaller buckets, or "
+  return st.with_context("layer '" + def_.name +
+                         "': building the plans of token_buckets (use fewer or smaller buckets, or "
                          "raise the tenant's max_memory_bytes)");
 }
 

@@ -68,8 +68,8 @@ class ServedLayer {
  public:
   // Builds the layer from its definition: weights from the Tutel-named safetensors file, or
   // initialised from init_seed as Tutel initialises them. `spec_text` is kept for checkpoints.
-  // Its activation memory (see activation_bytes()) is charged to `memory` as it is allocated;
-  // its parameters are the caller's to charge (memory_bytes()).
+  // Its parameters (memory_bytes()) are charged to `memory` before they are allocated and until
+  // the layer is gone; its activation memory (see activation_bytes()) as it is allocated.
   static Result<std::unique_ptr<ServedLayer>> create(const LayerDefinition& def, std::string spec_text,
                                                      std::shared_ptr<TenantMemory> memory, Rank& rank);
   // A layer whose activations are charged to a tenant of its own without a quota (tests).
@@ -271,6 +271,9 @@ class ServedLayer {
   std::string spec_text_;
   std::string tenant_;
   std::shared_ptr<TenantMemory> memory_;
+  // memory_bytes_ charged to the tenant. Before the tensors, so it is given back after they are
+  // freed.
+  ParameterCharge parameter_charge_;
   Rank& rank_;
   // Before the tensors: they hold buffers of the group's backend and must be freed first.
   std::unique_ptr<Group> group_;

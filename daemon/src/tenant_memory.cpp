@@ -1,6 +1,7 @@
 #include "tenant_memory.hpp"
 
 #include <cassert>
+#include <utility>
 
 namespace tutel::daemon {
 
@@ -22,9 +23,11 @@ std::string TenantMemory::breakdown(uint64_t extra_activations, uint64_t extra_r
 
 Status TenantMemory::try_charge_parameters(uint64_t bytes, const std::string& what) {
   if (!try_reserve(bytes))
-    return Status::ResourceExhausted(what + " needs " + std::to_string(bytes) + " bytes; tenant '" + tenant_ +
+    return Status::ResourceExhausted(what + " needs " + std::to_string(bytes) +
+                                     " bytes for its parameters, gradients and optimizer state; tenant '" + tenant_ +
                                      "' holds " + std::to_string(total_bytes()) + " " + breakdown(0, 0) +
-                                     " of its " + std::to_string(max_bytes_) + " byte max_memory_bytes");
+                                     " of its " + std::to_string(max_bytes_) +
+                                     " byte max_memory_bytes: use a smaller layer, or raise max_memory_bytes");
   parameters_.fetch_add(bytes, std::memory_order_relaxed);
   return Status::OK();
 }
@@ -69,6 +72,30 @@ Status TenantMemory::try_charge_region(uint64_t bytes) {
 void TenantMemory::release_region(uint64_t bytes) {
   regions_.fetch_sub(bytes, std::memory_order_relaxed);
   total_.fetch_sub(bytes, std::memory_order_relaxed);
+}
+
+Result<ParameterCharge> ParameterCharge::take(std::shared_ptr<TenantMemory> memory, uint64_t bytes,
+                                              const std::string& what) {
+  TUTEL_RETURN_IF_ERROR(memory->try_charge_parameters(bytes, what));
+  ParameterCharge charge;
+  charge.memory_ = std::move(memory);
+  charge.bytes_ = bytes;
+  return charge;
+}
+
+ParameterCharge& ParameterCharge::operator=(ParameterCharge&& other) noexcept {
+  if (this != &other) {
+    reset();
+    memory_ = std::move(other.memory_);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+void ParameterCharge::reset() {
+  if (memory_) memory_->release_parameters(bytes_);
+  memory_.reset();
+  bytes_ = 0;
 }
 
 ActivationBackend::~ActivationBackend() {

@@ -2,8 +2,8 @@
 // layer's activation memory to it.
 //
 // What a tenant holds is two kinds of memory:
-// - parameters: weights, gradients and optimizer state, charged by the Registry when a layer is
-//   created and given back when it is destroyed;
+// - parameters: weights, gradients and optimizer state, charged by a layer before it allocates
+//   them and given back once they are freed (ParameterCharge);
 // - activations: what a layer's forwards keep until their backwards (Pending entries, recycled
 //   ones included), its plans (cached, or held by a forward waiting for its backward), its
 //   staging buffers and, on a [group] layer, its scratch. They are charged as the buffers are
@@ -34,6 +34,8 @@
 
 namespace tutel::daemon {
 
+class ParameterCharge;
+
 class TenantMemory {
  public:
   TenantMemory(std::string tenant, uint64_t max_bytes)
@@ -51,10 +53,6 @@ class TenantMemory {
   void add_pending(uint64_t bytes) { pending_.fetch_add(bytes, std::memory_order_relaxed); }
   void remove_pending(uint64_t bytes) { pending_.fetch_sub(bytes, std::memory_order_relaxed); }
 
-  // Charges a new layer's parameters if the tenant stays within its quota; `what` names the
-  // layer in the error ("layer 'moe'").
-  Status try_charge_parameters(uint64_t bytes, const std::string& what);
-  void release_parameters(uint64_t bytes);
   // Charges activation memory if the tenant stays within its quota, else ResourceExhausted
   // saying what to do.
   Status try_charge_activations(uint64_t bytes);
@@ -67,6 +65,12 @@ class TenantMemory {
   void release_region(uint64_t bytes);
 
  private:
+  // A layer's parameters, through ParameterCharge only: charged if the tenant stays within its
+  // quota; `what` names the layer in the error ("layer 'moe'").
+  friend class ParameterCharge;
+  Status try_charge_parameters(uint64_t bytes, const std::string& what);
+  void release_parameters(uint64_t bytes);
+
   // Adds `bytes` to total_ unless that takes it over max_bytes_; the one place the quota is
   // decided, so concurrent charges from layers on different ranks cannot both slip under it.
   bool try_reserve(uint64_t bytes);
@@ -79,6 +83,30 @@ class TenantMemory {
   // total_ = parameters_ + activations_ + regions_, kept as its own counter so a charge is one CAS.
   std::atomic<uint64_t> total_{0}, parameters_{0}, activations_{0}, regions_{0};
   std::atomic<uint64_t> pending_{0};
+};
+
+// A layer's parameters, gradients and optimizer state, charged to its tenant from before they
+// are allocated until after they are freed: concurrent creations cannot each pass the quota and
+// then allocate together, and a destroyed layer's memory counts until it is really gone (a
+// request in flight may keep the layer a while). Move-only.
+class ParameterCharge {
+ public:
+  ParameterCharge() = default;
+  // Charges `bytes` if the tenant stays within its quota, else ResourceExhausted naming `what`.
+  static Result<ParameterCharge> take(std::shared_ptr<TenantMemory> memory, uint64_t bytes,
+                                      const std::string& what);
+  ParameterCharge(ParameterCharge&& other) noexcept { *this = std::move(other); }
+  ParameterCharge& operator=(ParameterCharge&& other) noexcept;
+  ParameterCharge(const ParameterCharge&) = delete;
+  ParameterCharge& operator=(const ParameterCharge&) = delete;
+  ~ParameterCharge() { reset(); }
+
+  uint64_t bytes() const { return bytes_; }
+  void reset();
+
+ private:
+  std::shared_ptr<TenantMemory> memory_;
+  uint64_t bytes_ = 0;
 };
 
 // Wraps the backend a layer runs its forwards and backwards on: every op is passed through, and

@@ -5,6 +5,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tutel/kernels/forwarding_backend.hpp"
+
 #include <atomic>
 #include <memory>
 #include <string>
@@ -17,22 +19,42 @@ namespace {
 struct OneRankRegistry {
   std::vector<std::unique_ptr<Rank>> ranks;
   std::unique_ptr<Registry> registry;
-  explicit OneRankRegistry(int64_t max_layers) {
+  explicit OneRankRegistry(int64_t max_layers, uint64_t max_memory_bytes = TenantConfig{}.max_memory_bytes,
+                           std::unique_ptr<Backend> backend = nullptr) {
     auto rank = std::make_unique<Rank>();
-    auto cpu = make_backend("cpu", BackendOptions{.threads = 1});
-    EXPECT_TRUE(cpu.ok()) << cpu.status();
-    rank->backend = std::move(cpu).value();
+    if (backend == nullptr) {
+      auto cpu = make_backend("cpu", BackendOptions{.threads = 1});
+      EXPECT_TRUE(cpu.ok()) << cpu.status();
+      backend = std::move(cpu).value();
+    }
+    rank->backend = std::move(backend);
     ranks.push_back(std::move(rank));
     TenantConfig t;
     t.name = "a";
     t.max_layers = max_layers;
+    t.max_memory_bytes = max_memory_bytes;
     registry = std::make_unique<Registry>(std::vector<TenantConfig>{t}, ranks);
   }
 };
 
-LayerDefinition definition(const std::string& name, int64_t hidden) {
-  const std::string spec = "name = \"" + name + "\"\nexperts = 4\nmodel_dim = 32\nhidden = " + std::to_string(hidden) +
-                           "\nk = 2\ninit_seed = 1\n";
+// The CPU backend, counting every byte allocated through it.
+class AllocationCounter final : public ForwardingBackend {
+ public:
+  explicit AllocationCounter(std::unique_ptr<Backend> cpu) : ForwardingBackend(*cpu), cpu_(std::move(cpu)) {}
+  Result<DeviceBuffer> allocate(size_t bytes) override {
+    allocated_.fetch_add(bytes);
+    return ForwardingBackend::allocate(bytes);
+  }
+  uint64_t allocated() const { return allocated_.load(); }
+
+ private:
+  std::unique_ptr<Backend> cpu_;  // outlives nothing it forwards to: ForwardingBackend holds a reference
+  std::atomic<uint64_t> allocated_{0};
+};
+
+LayerDefinition definition(const std::string& name, int64_t hidden, int64_t model_dim = 32) {
+  const std::string spec = "name = \"" + name + "\"\nexperts = 4\nmodel_dim = " + std::to_string(model_dim) +
+                           "\nhidden = " + std::to_string(hidden) + "\nk = 2\ninit_seed = 1\n";
   auto def = parse_layer_spec(spec, "test");
   EXPECT_TRUE(def.ok()) << def.status();
   return def.ok() ? *def : LayerDefinition{};
@@ -68,6 +90,10 @@ TEST(Registry, ConcurrentDestroysOfOneLayerReleaseItsParametersOnce) {
     });
     EXPECT_EQ(destroyed.load(), 1);
     EXPECT_EQ(not_found.load(), 3);
+    // A request in progress (here, the test's reference) keeps the layer, and its memory counts
+    // until it is really gone.
+    ASSERT_EQ(r.registry->memory_bytes("a"), created->layer->memory_bytes());
+    created->layer.reset();
     ASSERT_EQ(r.registry->memory_bytes("a"), 0u) << "the parameters were released more or less than once";
     ASSERT_EQ(r.registry->layer_count("a"), 0);
   }
@@ -96,7 +122,51 @@ TEST(Registry, ConcurrentCreationsStayWithinMaxLayers) {
         ASSERT_TRUE(r.registry->destroy("a", c->handle).ok());
       }
     }
+    created.clear();
     ASSERT_EQ(r.registry->memory_bytes("a"), 0u);
+  }
+}
+
+TEST(Registry, ConcurrentCreationsNeverAllocatePastMaxMemoryBytes) {
+  // Each layer's parameters (values and gradients, f32) take most of the quota: one fits, and
+  // the others must be refused before they allocate, not after (they were once each checked
+  // against the quota before any was charged, so all allocated together).
+  const LayerDefinition probe = definition("probe", 1024, 256);
+  uint64_t layer_bytes = 0;
+  {
+    OneRankRegistry sizing(/*max_layers=*/1);
+    auto one = sizing.registry->create("a", probe, "");
+    ASSERT_TRUE(one.ok()) << one.status();
+    layer_bytes = one->layer->memory_bytes();
+  }
+  const uint64_t quota = layer_bytes * 3 / 2;
+  auto cpu = make_backend("cpu", BackendOptions{.threads = 1});
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  auto counter = std::make_unique<AllocationCounter>(std::move(cpu).value());
+  AllocationCounter& allocations = *counter;
+  OneRankRegistry r(/*max_layers=*/8, quota, std::move(counter));
+  for (int round = 0; round < 5; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    const uint64_t before = allocations.allocated();
+    std::vector<Result<LayerRef>> created(3, Status::Internal("not run"));
+    at_once(3, [&](int i) { created[i] = r.registry->create("a", definition("l" + std::to_string(i), 1024, 256), ""); });
+    int ok = 0;
+    for (const auto& c : created) {
+      if (c.ok()) {
+        ++ok;
+        continue;
+      }
+      EXPECT_EQ(c.status().code(), StatusCode::kResourceExhausted) << c.status();
+      EXPECT_NE(c.status().message().find("max_memory_bytes"), std::string_view::npos) << c.status();
+    }
+    EXPECT_EQ(ok, 1);
+    EXPECT_EQ(r.registry->memory_bytes("a"), layer_bytes);
+    EXPECT_LE(allocations.allocated() - before, quota) << "refused creations allocated before they were refused";
+    for (const auto& c : created)
+      if (c.ok()) ASSERT_TRUE(r.registry->destroy("a", c->handle).ok());
+    created.clear();
+    ASSERT_EQ(r.registry->memory_bytes("a"), 0u);
+    ASSERT_EQ(r.registry->tenant_memory("a")->total_bytes(), 0u);
   }
 }
 

@@ -24,7 +24,8 @@ TEST(ActivationBackend, ChargesExactSizesAndRefusesOnlyWhileEnforcing) {
   auto cpu = make_backend("cpu", BackendOptions{1, 0});
   ASSERT_TRUE(cpu.ok()) << cpu.status().to_string();
   auto memory = std::make_shared<TenantMemory>("a", 10000);
-  ASSERT_TRUE(memory->try_charge_parameters(4000, "layer 'p'").ok());
+  auto parameters = daemon::ParameterCharge::take(memory, 4000, "layer 'p'");
+  ASSERT_TRUE(parameters.ok());
   ActivationBackend b(**cpu, memory);
 
   auto first = b.allocate(3000);
@@ -57,13 +58,13 @@ TEST(ActivationBackend, ChargesExactSizesAndRefusesOnlyWhileEnforcing) {
   ASSERT_TRUE(unenforced.ok());
   EXPECT_TRUE(memory->over_quota());
   // A new layer does not fit while the forwards hold the memory.
-  EXPECT_EQ(memory->try_charge_parameters(1, "layer 'q'").code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ(daemon::ParameterCharge::take(memory, 1, "layer 'q'").status().code(), StatusCode::kResourceExhausted);
   unenforced->reset();
   first->reset();
   EXPECT_EQ(b.bytes(), 0u);
   EXPECT_EQ(memory->activation_bytes(), 0u);
   EXPECT_EQ(memory->total_bytes(), 4000u);
-  memory->release_parameters(4000);
+  parameters->reset();
   EXPECT_EQ(memory->total_bytes(), 0u);
 }
 
