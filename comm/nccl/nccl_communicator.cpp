@@ -66,14 +66,22 @@ Status nccl_failure(ncclResult_t r, const char* expr, ncclComm_t comm) {
       return nccl_failure(_tutel_r, #expr, comm);              \
   } while (0)
 
-// Waits until `comm` has no NCCL call in progress.
-Status wait_comm(ncclComm_t comm, Clock::time_point deadline) {
+// NcclOptions::abandon was raised: the caller gives up as at its deadline.
+bool abandoned(const std::atomic<bool>* abandon) {
+  return abandon != nullptr && abandon->load(std::memory_order_acquire);
+}
+Status abandoned_status() { return Status::Aborted("abandoned: this process is shutting down"); }
+
+// Waits until `comm` has no NCCL call in progress, until `deadline` or until `abandon` (may be
+// null) is raised.
+Status wait_comm(ncclComm_t comm, Clock::time_point deadline, const std::atomic<bool>* abandon = nullptr) {
   for (;;) {
     ncclResult_t state = ncclSuccess;
     const ncclResult_t r = ncclCommGetAsyncError(comm, &state);
     if (r != ncclSuccess) return nccl_failure(r, "ncclCommGetAsyncError", comm);
     if (state == ncclSuccess) return Status::OK();
     if (state != ncclInProgress) return nccl_failure(state, "NCCL (asynchronous)", comm);
+    if (abandoned(abandon)) return abandoned_status();
     if (Clock::now() >= deadline) return Status::Timeout("NCCL call still in progress");
     std::this_thread::sleep_for(std::chrono::microseconds(20));
   }
@@ -130,7 +138,7 @@ class NcclCommunicator final : public Communicator {
       if (clean) {
         const ncclResult_t r = ncclCommFinalize(comm_);
         clean = (r == ncclSuccess || r == ncclInProgress) &&
-                wait_comm(comm_, Clock::now() + timeout_).ok();
+                wait_comm(comm_, Clock::now() + timeout_, options_.abandon.get()).ok();
       }
       if (clean) {
         ncclCommDestroy(comm_);
@@ -298,10 +306,10 @@ class NcclCommunicator final : public Communicator {
         comm_, mine.color == kNoColor ? NCCL_SPLIT_NOCOLOR : mine.color, key, &child, &config);
     if (split_result != ncclSuccess && split_result != ncclInProgress)
       return finish(nccl_failure(split_result, "ncclCommSplit", comm_));
-    TUTEL_RETURN_IF_ERROR(finish(wait_comm(comm_, deadline_)));
+    TUTEL_RETURN_IF_ERROR(finish(wait_comm(comm_, deadline_, options_.abandon.get())));
     if (mine.color == kNoColor) return std::unique_ptr<Communicator>();
     if (child == nullptr) return finish(Status::Internal("ncclCommSplit returned no communicator"));
-    if (Status s = wait_comm(child, deadline_); !s.ok()) {
+    if (Status s = wait_comm(child, deadline_, options_.abandon.get()); !s.ok()) {
       ncclCommAbort(child);
       return finish(std::move(s));
     }
@@ -344,7 +352,7 @@ class NcclCommunicator final : public Communicator {
     std::memcpy(host + total, send, bytes);
     TUTEL_NCCL_CUDA(cudaMemcpyAsync(mine, host + total, bytes, cudaMemcpyHostToDevice, stream_));
     TUTEL_NCCL(ncclAllGather(mine, gathered, bytes, ncclInt8, comm_, stream_), comm_);
-    TUTEL_RETURN_IF_ERROR(wait_comm(comm_, deadline_));
+    TUTEL_RETURN_IF_ERROR(wait_comm(comm_, deadline_, options_.abandon.get()));
     TUTEL_NCCL_CUDA(cudaMemcpyAsync(host, gathered, total, cudaMemcpyDeviceToHost, stream_));
     TUTEL_RETURN_IF_ERROR(wait_stream());
     std::memcpy(recv, host, total);
@@ -443,7 +451,7 @@ class NcclCommunicator final : public Communicator {
 
   // Waits for the enqueue, then (when synchronising) for the stream.
   Status complete() {
-    TUTEL_RETURN_IF_ERROR(wait_comm(comm_, deadline_));
+    TUTEL_RETURN_IF_ERROR(wait_comm(comm_, deadline_, options_.abandon.get()));
     if (!options_.synchronize) return Status::OK();
     return wait_stream();
   }
@@ -458,6 +466,7 @@ class NcclCommunicator final : public Communicator {
       ncclCommGetAsyncError(comm_, &state);
       if (state != ncclSuccess && state != ncclInProgress)
         return nccl_failure(state, "NCCL (asynchronous)", comm_);
+      if (abandoned(options_.abandon.get())) return abandoned_status();
       if (Clock::now() >= deadline_) return Status::Timeout("stream did not drain");
       std::this_thread::sleep_for(std::chrono::microseconds(20));
     }
@@ -616,7 +625,7 @@ Result<std::unique_ptr<Communicator>> init_from_id(const ncclUniqueId& id, int r
     if (comm != nullptr) ncclCommAbort(comm);  // a handle NCCL made before it failed
     return s;
   }
-  if (Status s = wait_comm(comm, deadline); !s.ok()) {
+  if (Status s = wait_comm(comm, deadline, options.abandon.get()); !s.ok()) {
     ncclCommAbort(comm);
     if (s.code() == StatusCode::kTimeout)
       return Status::Timeout("NCCL communicator creation (rank " + std::to_string(rank) + " of " +

@@ -192,6 +192,9 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   const int size_;
   const int local_size_;
   const std::chrono::microseconds spin_;
+  // BootstrapOptions::abandon; null: never raised.
+  const std::shared_ptr<const std::atomic<bool>> abandon_;
+  bool abandoned() const { return abandon_ && abandon_->load(std::memory_order_acquire); }
   const std::string member_;  // "rank" or "node", for messages
   std::vector<std::string> addresses_;
 

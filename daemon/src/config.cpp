@@ -24,6 +24,7 @@
 #include <map>
 #include <sstream>
 #include <system_error>
+#include <tuple>
 
 #include "toml_reader.hpp"
 #include "tutel/graphs/exchange_tuner.hpp"
@@ -374,7 +375,8 @@ Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& s
   const Scope s = root.child(*t, "server", "[server]");
   TUTEL_RETURN_IF_ERROR(
       s.check_keys({"client_socket", "admin_socket", "state_dir", "metrics_listen", "log_level",
-                    "spin_us", "arena_bytes", "peer_secret_file", "hello_timeout_ms"}));
+                    "spin_us", "arena_bytes", "peer_secret_file", "hello_timeout_ms",
+                    "max_bootstrap_timeout_ms", "max_collective_timeout_ms", "shutdown_grace_ms"}));
   for (auto [key, out] : {std::pair{"client_socket", &server.client_socket},
                           std::pair{"admin_socket", &server.admin_socket}}) {
     TUTEL_RETURN_IF_ERROR(get_path(s, key, base_dir, true, *out));
@@ -390,6 +392,11 @@ Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& s
   TUTEL_RETURN_IF_ERROR(get_path(s, "state_dir", base_dir, false, server.state_dir));
   TUTEL_RETURN_IF_ERROR(get_path(s, "peer_secret_file", base_dir, false, server.peer_secret_file));
   TUTEL_RETURN_IF_ERROR(get_milliseconds(s, "hello_timeout_ms", server.hello_timeout));
+  TUTEL_RETURN_IF_ERROR(get_milliseconds(s, "max_bootstrap_timeout_ms", server.max_bootstrap_timeout));
+  TUTEL_RETURN_IF_ERROR(get_milliseconds(s, "max_collective_timeout_ms", server.max_collective_timeout));
+  int64_t grace_ms = server.shutdown_grace.count();
+  TUTEL_RETURN_IF_ERROR(get_int(s, "shutdown_grace_ms", 0, 600'000, grace_ms));
+  server.shutdown_grace = std::chrono::milliseconds(grace_ms);
   TUTEL_RETURN_IF_ERROR(parse_metrics_listen(s, server));
   TUTEL_RETURN_IF_ERROR(get_enum(s, "log_level", "\"debug\", \"info\", \"warn\", \"error\"",
                                  parse_log_level, server.log_level));
@@ -532,6 +539,8 @@ Status parse_layers(const Scope& root, const fs::path& base_dir, Config& config)
       return s.error_near("name", "duplicate layer name " + quote(def.name) + " in tenant " +
                                       quote(def.tenant) + " (also layer[" +
                                       std::to_string(it->second) + "])");
+    if (Status within = check_layer_limits(config.server, def); !within.ok())
+      return s.error_near("group", std::string(within.message()));
     const size_t t = static_cast<size_t>(tenant - config.tenants.begin());
     if (++per_tenant[t] > tenant->max_layers)
       return s.error_near("tenant",
@@ -595,6 +604,19 @@ std::string toml_string(std::string_view s) {
 
 std::string_view optimizer_kind_name(OptimizerKind kind) {
   return kind == OptimizerKind::kSgd ? "sgd" : "adamw";
+}
+
+Status check_layer_limits(const ServerConfig& server, const LayerDefinition& def) {
+  if (!def.group) return Status::OK();
+  for (const auto& [key, asked, most] :
+       {std::tuple{"bootstrap_timeout_ms", def.group->bootstrap_timeout, server.max_bootstrap_timeout},
+        std::tuple{"collective_timeout_ms", def.group->collective_timeout, server.max_collective_timeout}})
+    if (asked > most)
+      return Status::InvalidArgument("group." + std::string(key) + " = " + std::to_string(asked.count()) +
+                                     " is above this tuteld's [server] max_" + key + " (" +
+                                     std::to_string(most.count()) + "): ask for at most that, or have the "
+                                     "operator raise it");
+  return Status::OK();
 }
 
 Result<LayerDefinition> parse_layer_spec(std::string_view toml_text, std::string_view source_name) {

@@ -229,6 +229,7 @@ Status DaemonImpl::start_ranks() {
     rank->local_exchange = local_exchange;
     rank->rendezvous = rendezvous;
     rank->stopping = stopping_;
+    rank->abandon_collectives = abandon_collectives_;
     rank->peer_secret = peer_secret_;
     rank->options = BackendOptions{.threads = threads, .device_index = b.devices.empty() ? r : b.devices[r]};
     TUTEL_ASSIGN_OR_RETURN(rank->backend, make_backend(b.kind, rank->options));
@@ -693,6 +694,7 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         if (def.weights_path) {
           TUTEL_ASSIGN_OR_RETURN(*def.weights_path, tenant_file(config_, tenant, *def.weights_path));
         }
+        TUTEL_RETURN_IF_ERROR(check_layer_limits(config_.server, def));
         const std::string canonical = format_layer_spec(def);
         TUTEL_RETURN_IF_ERROR(resume_group_layer(tenant, canonical, def));
         TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(tenant, def, canonical));
@@ -955,10 +957,27 @@ void DaemonImpl::shutdown() {
   client_fd_.reset();
   admin_fd_.reset();
   // Sessions finish their current request and close; the loop ends when the last handle and
-  // the last offloaded job are done, and run() then writes the checkpoints.
+  // the last offloaded job are done, and run() then writes the checkpoints. A request waiting
+  // in a collective on peers that stopped calling gives up after the grace.
+  if (config_.server.shutdown_grace.count() == 0) {
+    abandon_collectives();
+  } else {
+    uv_timer_init(&loop_, &abandon_timer_);
+    abandon_timer_.data = this;
+    uv_timer_start(
+        &abandon_timer_, [](uv_timer_t* t) { static_cast<DaemonImpl*>(t->data)->abandon_collectives(); },
+        static_cast<uint64_t>(config_.server.shutdown_grace.count()), 0);
+    uv_unref(reinterpret_cast<uv_handle_t*>(&abandon_timer_));
+  }
   std::vector<std::shared_ptr<Session>> open;
   for (auto& [id, s] : sessions_) open.push_back(s);
   for (auto& s : open) close_session(s);
+}
+
+void DaemonImpl::abandon_collectives() {
+  TUTEL_LOG(WARN) << "shutting down: group layers' collectives still waiting after shutdown_grace_ms ("
+                  << config_.server.shutdown_grace.count() << " ms) give up now";
+  abandon_collectives_->store(true, std::memory_order_release);
 }
 
 int DaemonImpl::run() {

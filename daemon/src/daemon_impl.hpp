@@ -128,6 +128,11 @@ class DaemonImpl {
   int64_t max_creations_in_progress_ = 1;  // half the pool, from start()
   // Raised with shutting_down_, for the pool threads: see Rank::stopping.
   std::shared_ptr<std::atomic<bool>> stopping_ = std::make_shared<std::atomic<bool>>(false);
+  // Raised by abandon_timer_, server.shutdown_grace after the shutdown began: see
+  // Rank::abandon_collectives. The timer is unreferenced: it never holds the loop open.
+  std::shared_ptr<std::atomic<bool>> abandon_collectives_ = std::make_shared<std::atomic<bool>>(false);
+  uv_timer_t abandon_timer_{};
+  void abandon_collectives();
   std::chrono::steady_clock::time_point started_at_;
 };
 

@@ -156,6 +156,7 @@ Status ServedLayer::join_group() {
   o.collective_timeout = g.collective_timeout;
   o.local_exchange = rank_.local_exchange;
   o.cancel = rank_.stopping;
+  o.abandon = rank_.abandon_collectives;
   if (rank_.peer_secret) o.secret = *rank_.peer_secret;
   Result<std::unique_ptr<comm::Communicator>> host_comm = comm::ucx_bootstrap(o);
   if (!host_comm.ok() && rank_.stopping && rank_.stopping->load())
@@ -173,6 +174,7 @@ Status ServedLayer::join_group() {
     // CUDA graphs with the NCCL calls inside; the layer waits for them (wait_enqueued, bounded by
     // the collective timeout) where the host needs a result.
     nccl.synchronize = false;
+    nccl.abandon = rank_.abandon_collectives;
     // Rank 0's unique id travels over the UCX group, which then keeps watching the peers.
     TUTEL_ASSIGN_OR_RETURN(group->device_comm, comm::nccl_from_host(*group->host_comm, nccl, g.collective_timeout));
     group->runner = graphs::make_phase_runner(*group->backend);

@@ -52,6 +52,9 @@ struct Rank {
   // Raised when the daemon shuts down: a group layer still waiting for its peers gives up then,
   // rather than holding the shutdown for up to its bootstrap_timeout_ms. Null: never raised.
   std::shared_ptr<const std::atomic<bool>> stopping;
+  // Raised [server] shutdown_grace_ms after the shutdown began: a group layer's collectives
+  // still waiting then give up (comm::BootstrapOptions::abandon). Null: never raised.
+  std::shared_ptr<const std::atomic<bool>> abandon_collectives;
   // [server] peer_secret_file's secret, which a group's bootstrap proves; null: none.
   std::shared_ptr<const std::string> peer_secret;
 };

@@ -6,7 +6,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -148,6 +150,49 @@ TEST(UcxFailure, SilentPeerIsATimeoutNamingIt) {
   });
   bool notified = group.wait_notified(0, 60s) && group.wait_notified(1, 60s);
   group.release(2);
+  EXPECT_TRUE(notified);
+  EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
+}
+
+// A process that shuts down raises BootstrapOptions::abandon: its collective waiting on a
+// silent peer gives up with kAborted instead of waiting out the collective timeout (a minute
+// here, far beyond the test), and the peer, once it calls, learns why from the notice.
+TEST(UcxFailure, RaisingAbandonEndsAWaitingCollectiveAndTellsThePeers) {
+  const uint16_t port = testing::free_port();
+  testing::ProcessGroup group(2, [&](int rank, const ChildChannel& channel) -> std::string {
+    BootstrapOptions o = loopback_options(port, rank, 2, 1, 60s);
+    auto abandon = std::make_shared<std::atomic<bool>>(false);
+    o.abandon = abandon;
+    auto comm = ucx_bootstrap(o);
+    if (!comm.ok()) return "bootstrap: " + comm.status().to_string();
+    if (Status s = (*comm)->barrier(); !s.ok()) return "barrier: " + s.to_string();
+    if (rank == 1) {
+      channel.await_release();  // until rank 0 has given up
+      // Rank 0's message of the abandoned barrier may have been delivered before it gave up
+      // (and this rank's is drained by its abort), so the first late barrier may still
+      // complete; the next has no partner, and fails on rank 0's notice.
+      Status late = (*comm)->barrier();
+      if (late.ok()) late = (*comm)->barrier();
+      if (late.ok()) return "two barriers succeeded although rank 0 gave up";
+      if (!contains(late.message(), "abandoned: this process is shutting down"))
+        return "rank 0's notice does not say why: " + late.to_string();
+      return "";
+    }
+    std::thread raise([&] {
+      std::this_thread::sleep_for(200ms);
+      abandon->store(true);
+    });
+    Status s = (*comm)->barrier();
+    raise.join();
+    channel.notify();
+    if (s.code() != StatusCode::kAborted || !contains(s.message(), "abandoned: this process is shutting down"))
+      return "expected the barrier abandoned, got " + s.to_string();
+    if (Status again = (*comm)->barrier(); again.code() != StatusCode::kAborted)
+      return "an abandoned communicator must refuse further work, got " + again.to_string();
+    return "";
+  });
+  const bool notified = group.wait_notified(0, 60s);
+  group.release(1);
   EXPECT_TRUE(notified);
   EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
 }

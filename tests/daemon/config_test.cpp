@@ -121,6 +121,9 @@ TEST(ConfigTest, ExampleShowsTheDefaults) {
   EXPECT_EQ(c.server.spin, s.spin);
   EXPECT_EQ(c.server.arena_bytes, s.arena_bytes);
   EXPECT_EQ(c.server.hello_timeout, s.hello_timeout);
+  EXPECT_EQ(c.server.max_bootstrap_timeout, s.max_bootstrap_timeout);
+  EXPECT_EQ(c.server.max_collective_timeout, s.max_collective_timeout);
+  EXPECT_EQ(c.server.shutdown_grace, s.shutdown_grace);
   const BackendConfig b;
   EXPECT_EQ(c.backend.threads_per_rank, b.threads_per_rank);
   const TenantConfig t;
@@ -138,6 +141,26 @@ TEST(ConfigTest, ExampleShowsTheDefaults) {
   EXPECT_EQ(c.layers[0].optimizer.lr, o.lr);
   EXPECT_EQ(c.layers[0].optimizer.beta2, o.beta2);
   EXPECT_EQ(c.layers[0].optimizer.eps, o.eps);
+}
+
+// [server]'s bounds on a group's timeouts hold for the config's own [[layer]] tables too; the
+// error points at the layer's group.
+TEST(ConfigTest, AGroupLayerWithinTheServersTimeoutBounds) {
+  const std::string server = "[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\n"
+                             "max_bootstrap_timeout_ms = 2000\nmax_collective_timeout_ms = 1000\n"
+                             "shutdown_grace_ms = 0\n[[tenant]]\nname = \"a\"\nuids = [1000]\n";
+  const std::string layer = "[[layer]]\nname = \"g\"\ntenant = \"a\"\nexperts = 2\nmodel_dim = 2\nhidden = 2\n"
+                            "init_seed = 1\n[layer.group] #!\ncoordinator = \"127.0.0.1:7001\"\nsize = 2\nrank = 0\n";
+  const Config c = parse_ok(server + layer + "bootstrap_timeout_ms = 2000\ncollective_timeout_ms = 1000\n");
+  EXPECT_EQ(c.server.max_bootstrap_timeout, std::chrono::milliseconds(2000));
+  EXPECT_EQ(c.server.max_collective_timeout, std::chrono::milliseconds(1000));
+  EXPECT_EQ(c.server.shutdown_grace, std::chrono::milliseconds(0));
+  ASSERT_EQ(c.layers.size(), 1u);
+  EXPECT_TRUE(check_layer_limits(c.server, c.layers[0]).ok());
+  expect_error(server + layer + "bootstrap_timeout_ms = 2001\ncollective_timeout_ms = 1000\n", "layer[0].group",
+               {"group.bootstrap_timeout_ms = 2001 is above this tuteld's [server] max_bootstrap_timeout_ms (2000)"});
+  expect_error(server + layer + "bootstrap_timeout_ms = 2000\ncollective_timeout_ms = 1001\n", "layer[0].group",
+               {"group.collective_timeout_ms = 1001 is above", "max_collective_timeout_ms (1000)"});
 }
 
 TEST(ConfigTest, DefaultsOfAMinimalConfig) {
@@ -529,6 +552,12 @@ TEST(ConfigErrorTest, OutOfRange) {
                {"from 64KiB to 64GiB"});
   expect_error(server + "arena_bytes = \"99999999999999999999999 B\" #!\n", "server.arena_bytes",
                {});
+  expect_error(server + "shutdown_grace_ms = -1 #!\n", "server.shutdown_grace_ms", {"got -1"});
+  expect_error(server + "shutdown_grace_ms = 600001 #!\n", "server.shutdown_grace_ms", {"got 600001"});
+  expect_error(server + "shutdown_grace_ms = \"5s\" #!\n", "server.shutdown_grace_ms", {});
+  expect_error(server + "max_collective_timeout_ms = 0 #!\n", "server.max_collective_timeout_ms", {});
+  expect_error(server + "max_bootstrap_timeout_ms = 3600001 #!\n", "server.max_bootstrap_timeout_ms", {});
+  expect_error(server + "max_bootstrap_timeout_ms = 1.5 #!\n", "server.max_bootstrap_timeout_ms", {});
 
   const std::string layer = kMinimal + kLayer;
   expect_error(layer + "k = 5 #!\n", "layer[0].k", {"k = 5 exceeds experts = 4"});

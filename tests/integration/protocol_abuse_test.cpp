@@ -18,6 +18,7 @@
 #include <string>
 #include <future>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "../common/loopback.hpp"
@@ -58,6 +59,39 @@ class ProtocolAbuse : public ::testing::Test {
     ::chmod(daemon_->client_socket().c_str(), 0666);
     ::chmod(daemon_->dir().c_str(), 0755);
     ::chmod((daemon_->dir() + "/run").c_str(), 0755);
+  }
+  // Tenant default's group of two ranks in this daemon, one layer per session (the tenant's
+  // names are unique in the daemon: "moe_r0", "moe_r1"), with a collective timeout far longer
+  // than any test; their handles go to `handles`.
+  void create_two_rank_group(RawSession& rank0, RawSession& rank1, std::vector<uint64_t>& handles) {
+    const std::string coordinator = "127.0.0.1:" + std::to_string(free_port());
+    for (RawSession* s : {&rank0, &rank1}) {
+      ASSERT_TRUE(s->hello().ok());
+      std::string spec = std::string(kSpec) + "[group]\ncoordinator = \"" + coordinator +
+                         "\"\nsize = 2\nrank = " + std::to_string(s == &rank0 ? 0 : 1) +
+                         "\ncollective_timeout_ms = 120000\n";
+      spec.replace(spec.find("\"moe\""), 5, s == &rank0 ? "\"moe_r0\"" : "\"moe_r1\"");
+      ASSERT_TRUE(s->send(ipc::FrameType::kCreateLayer, {{"spec", spec}}).ok());
+    }
+    for (RawSession* s : {&rank0, &rank1}) {
+      auto reply = s->receive(std::chrono::seconds(30));
+      ASSERT_TRUE(reply.ok()) << reply.status();
+      auto info = ipc::reply_body(*reply, ipc::FrameType::kLayerInfo);
+      ASSERT_TRUE(info.ok()) << info.status();
+      handles.push_back((*info)["handle"].get<uint64_t>());
+    }
+  }
+  // A forward of 8 tokens on `handle`, from and to `s`'s arena; its completion.
+  static std::optional<ipc::CompletionDescriptor> forward8(RawSession& s, uint64_t handle) {
+    const ipc::ArenaLayout& l = s.arena().layout();
+    ipc::RequestDescriptor d{};
+    d.op = static_cast<uint32_t>(ipc::Op::kForward);
+    d.layer_handle = handle;
+    d.tokens = 8;
+    d.input_offset = l.data_offset;
+    d.input_bytes = d.output_bytes = 8 * 16 * 4;
+    d.output_offset = l.data_offset + d.input_bytes;
+    return s.submit(d);
   }
   // A fresh, well-behaved session still works: the daemon survived whatever came before.
   void expect_daemon_serves() {
@@ -422,6 +456,55 @@ TEST_F(ProtocolAbuse, AShutdownCancelsAGroupLayerWaitingForPeersThatNeverCome) {
   daemon_.reset();
 }
 
+// A group layer's collective waiting for a peer rank that stopped calling (here: never sends
+// its forward) holds its request up to collective_timeout_ms (two minutes here). A shutdown
+// waits shutdown_grace_ms for it, then the collective gives up: the daemon exits and writes its
+// checkpoints instead of being killed at the end of its stop timeout with them unwritten.
+TEST_F(ProtocolAbuse, AShutdownGivesUpACollectiveWhosePeerStoppedCalling) {
+  daemon_->stop();
+  daemon_ = std::make_unique<DaemonProcess>(DaemonOptions{.extra_server = "shutdown_grace_ms = 200\n"});
+  ASSERT_TRUE(daemon_->start());
+  RawSession rank0(daemon_->client_socket()), rank1(daemon_->client_socket());
+  std::vector<uint64_t> handles;
+  ASSERT_NO_FATAL_FAILURE(create_two_rank_group(rank0, rank1, handles));
+  auto held = std::async(std::launch::async, [&] { return forward8(rank0, handles[0]); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // in its collective by now
+  ASSERT_NE(held.wait_for(std::chrono::milliseconds(0)), std::future_status::ready);
+
+  // stop() sends SIGTERM and kills the daemon (137) if it has not exited within 30 s.
+  EXPECT_EQ(daemon_->stop(), 0) << daemon_->log();
+  const auto failed = held.get();
+  ASSERT_TRUE(failed.has_value());
+  EXPECT_NE(failed->status_code, 0);
+  EXPECT_NE(std::string(failed->message).find("shutting down"), std::string::npos) << failed->message;
+  EXPECT_NE(daemon_->log().find("give up now"), std::string::npos) << daemon_->log();
+  for (const char* layer : {"moe_r0", "moe_r1"})
+    EXPECT_TRUE(std::filesystem::exists(daemon_->dir() + "/state/default/" + layer + ".safetensors")) << layer;
+  daemon_.reset();
+}
+
+// A group's timeouts are bounded by the daemon's [server] max_bootstrap_timeout_ms and
+// max_collective_timeout_ms: a spec above either is refused before anything waits.
+TEST_F(ProtocolAbuse, GroupTimeoutsAboveTheDaemonsLimitsAreRefused) {
+  daemon_->stop();
+  daemon_ = std::make_unique<DaemonProcess>(DaemonOptions{
+      .extra_server = "max_bootstrap_timeout_ms = 20000\nmax_collective_timeout_ms = 10000\n"});
+  ASSERT_TRUE(daemon_->start());
+  RawSession s(daemon_->client_socket());
+  ASSERT_TRUE(s.hello().ok());
+  const std::string group =
+      std::string(kSpec) + "[group]\ncoordinator = \"127.0.0.1:" + std::to_string(free_port()) + "\"\nsize = 2\nrank = 0\n";
+  for (const auto& [line, key, limit] :
+       {std::tuple{"bootstrap_timeout_ms = 20001\n", "max_bootstrap_timeout_ms", "20000"},
+        std::tuple{"collective_timeout_ms = 3600000\n", "max_collective_timeout_ms", "10000"}}) {
+    auto refused = s.create_layer(group + line);
+    EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument) << refused.status();
+    EXPECT_NE(refused.status().message().find(std::string(key) + " (" + limit + ")"), std::string_view::npos)
+        << refused.status();
+  }
+  expect_daemon_serves();
+}
+
 // Each connected tenant has a share of the daemon's layer-creation slots reserved: one tenant's
 // group layers waiting for peers that never come may go beyond its share only into slots no
 // other connected tenant's reservation needs, so that tenant still creates its layers meanwhile
@@ -511,40 +594,11 @@ TEST_F(ProtocolAbuse, ATenantsGroupsWaitingForPeersLeaveOtherTenantsTheirShareOf
 TEST_F(ProtocolAbuse, AClosingSessionDoesNotWaitForAnotherTenantsBusyLayer) {
   ASSERT_NO_FATAL_FAILURE(restart_with_other_tenant());
 
-  // Tenant default's group of two ranks in this daemon, with a collective timeout far longer
-  // than the test.
-  const std::string coordinator = "127.0.0.1:" + std::to_string(free_port());
   RawSession rank0(daemon_->client_socket()), rank1(daemon_->client_socket());
   std::vector<uint64_t> handles;
-  for (RawSession* s : {&rank0, &rank1}) {
-    ASSERT_TRUE(s->hello().ok());
-    // Each rank's layer has a name of its own: the tenant's names are unique in the daemon.
-    std::string spec = std::string(kSpec) + "[group]\ncoordinator = \"" + coordinator +
-                             "\"\nsize = 2\nrank = " + std::to_string(s == &rank0 ? 0 : 1) +
-                             "\ncollective_timeout_ms = 120000\n";
-    spec.replace(spec.find("\"moe\""), 5, s == &rank0 ? "\"moe_r0\"" : "\"moe_r1\"");
-    ASSERT_TRUE(s->send(ipc::FrameType::kCreateLayer, {{"spec", spec}}).ok());
-  }
-  for (RawSession* s : {&rank0, &rank1}) {
-    auto reply = s->receive(std::chrono::seconds(30));
-    ASSERT_TRUE(reply.ok()) << reply.status();
-    auto info = ipc::reply_body(*reply, ipc::FrameType::kLayerInfo);
-    ASSERT_TRUE(info.ok()) << info.status();
-    handles.push_back((*info)["handle"].get<uint64_t>());
-  }
-  auto forward = [&](RawSession& s, uint64_t handle) {
-    const ipc::ArenaLayout& l = s.arena().layout();
-    ipc::RequestDescriptor d{};
-    d.op = static_cast<uint32_t>(ipc::Op::kForward);
-    d.layer_handle = handle;
-    d.tokens = 8;
-    d.input_offset = l.data_offset;
-    d.input_bytes = d.output_bytes = 8 * 16 * 4;
-    d.output_offset = l.data_offset + d.input_bytes;
-    return s.submit(d);
-  };
+  ASSERT_NO_FATAL_FAILURE(create_two_rank_group(rank0, rank1, handles));
   // Rank 0's forward waits in its collective for rank 1, holding its layer.
-  auto held = std::async(std::launch::async, [&] { return forward(rank0, handles[0]); });
+  auto held = std::async(std::launch::async, [&] { return forward8(rank0, handles[0]); });
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
 
   // The other tenant's session opens and closes meanwhile.
@@ -574,7 +628,7 @@ TEST_F(ProtocolAbuse, AClosingSessionDoesNotWaitForAnotherTenantsBusyLayer) {
       << "rank 0's forward ended before the other tenant's session went";
 
   // Rank 1 comes: the group's forward completes on both ranks.
-  const auto second = forward(rank1, handles[1]);
+  const auto second = forward8(rank1, handles[1]);
   const auto first = held.get();
   ASSERT_TRUE(first.has_value() && second.has_value());
   EXPECT_EQ(first->status_code, 0) << first->message;

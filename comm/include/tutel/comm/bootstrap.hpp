@@ -72,6 +72,12 @@ struct BootstrapOptions {
   // waiting out `timeout` for ranks that may never come (a daemon shutting down). Null: only
   // the timeout ends it.
   std::shared_ptr<const std::atomic<bool>> cancel;
+  // Raised by another thread, every collective of the resulting communicator (and of its
+  // sub-groups) that is waiting gives up within ~200 ms with kAborted, as on any failure: its
+  // peers are told why, and the communicator is broken. So is every later one. For a process
+  // that shuts down and will not wait out `collective_timeout` for peers that stopped calling.
+  // Null: only failures and timeouts end a collective.
+  std::shared_ptr<const std::atomic<bool>> abandon;
   // The deployment's peer secret (16 to 4096 bytes; empty: none). With one, every hello and
   // join proves it and every table is proven back (HMAC-SHA256 over both sides' fresh nonces; the secret
   // never crosses the wire), and a coordinator or rendezvous service refuses ranks without it.

@@ -28,6 +28,9 @@ struct NcclOptions {
   // false: collectives only enqueue work and return (for CUDA graph capture, where the caller
   // synchronises); timeouts then apply only to communicator creation and split.
   bool synchronize = true;
+  // As BootstrapOptions::abandon: raised, a waiting collective (or wait_enqueued) gives up at
+  // once with kAborted and aborts the communicator. Null: never raised.
+  std::shared_ptr<const std::atomic<bool>> abandon;
 };
 
 // True in a build that has NCCL.

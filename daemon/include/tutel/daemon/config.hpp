@@ -132,6 +132,15 @@ struct ServerConfig {
   // cluster join, the rendezvous service and every group's bootstrap authenticate both ends
   // with it (HMAC-SHA256), and refuse peers without it. Read at start.
   std::string peer_secret_file;
+  // The most a layer's [group] may ask for its bootstrap_timeout_ms and collective_timeout_ms:
+  // a group layer holds a pool thread for its bootstrap, and its lock (so every request of that
+  // layer) for each collective, so these bound how long one tenant's silent peers hold them.
+  std::chrono::milliseconds max_bootstrap_timeout{600'000};
+  std::chrono::milliseconds max_collective_timeout{600'000};
+  // On SIGTERM, collectives still waiting this long after it give up (their peers are told):
+  // a healthy step finishes in time, one waiting on peers that stopped calling does not hold
+  // the shutdown (and the checkpoints written at its end) for its collective_timeout_ms.
+  std::chrono::milliseconds shutdown_grace{5'000};
 };
 
 // [cluster]: this daemon is one node of a cluster of daemons (one per node) that meet at
@@ -160,6 +169,10 @@ struct Config {
   std::vector<TenantConfig> tenants;    // at least one
   std::vector<LayerDefinition> layers;  // every layer's tenant names one of `tenants`
 };
+
+// Whether `def` keeps within what [server] allows a layer (its group's timeouts); the error
+// names the key, the limit and what to do.
+Status check_layer_limits(const ServerConfig& server, const LayerDefinition& def);
 
 // Reads and parses the file at `path`. Error messages name the path as given.
 Result<Config> load_config(const std::string& path);
