@@ -432,11 +432,19 @@ void DaemonImpl::accept_on(bool admin) {
 }
 
 Status DaemonImpl::sessions_full(const std::string& tenant) const {
-  const int64_t open = client_sessions(tenant, /*admitted=*/true);
-  if (open < registry_->max_sessions(tenant)) return Status::OK();
-  return Status::ResourceExhausted("tenant '" + tenant + "' already has " + std::to_string(open) +
-                                   " client sessions connected, its max_sessions; close one, or raise max_sessions in "
-                                   "tuteld.toml");
+  // A closing session keeps its place until it is gone: until then its worker, finishing the
+  // request in progress (a group layer's collective may wait up to its timeout), and its arena
+  // are still held, and a client that hangs up and reconnects must not stack those up.
+  int64_t open = 0, closing = 0;
+  for (const auto& [id, c] : sessions_)
+    if (c->tenant == tenant && !c->admin && c->admitted) ++(c->closing ? closing : open);
+  if (open + closing < registry_->max_sessions(tenant)) return Status::OK();
+  return Status::ResourceExhausted(
+      "tenant '" + tenant + "' already has " + std::to_string(open + closing) + " client sessions connected" +
+      (closing > 0 ? " (" + std::to_string(closing) +
+                         " of them closing, each until its request in progress has finished)"
+                   : std::string()) +
+      ", its max_sessions; close one, or raise max_sessions in tuteld.toml");
 }
 
 void DaemonImpl::close_silent_sessions() {

@@ -483,6 +483,51 @@ TEST_F(ProtocolAbuse, AShutdownGivesUpACollectiveWhosePeerStoppedCalling) {
   daemon_.reset();
 }
 
+// A session that hangs up while its request waits (here a group layer's forward whose peer
+// rank has not come) is closing until that request has finished, holding its worker and arena
+// meanwhile: it keeps its place under max_sessions until then, so a client cannot stack such
+// sessions up by reconnecting.
+TEST_F(ProtocolAbuse, AClosingSessionKeepsItsPlaceUntilItsRequestHasFinished) {
+  daemon_->stop();
+  daemon_ = std::make_unique<DaemonProcess>(DaemonOptions{.default_max_sessions = 2});
+  ASSERT_TRUE(daemon_->start());
+  RawSession rank0(daemon_->client_socket()), rank1(daemon_->client_socket());
+  std::vector<uint64_t> handles;
+  ASSERT_NO_FATAL_FAILURE(create_two_rank_group(rank0, rank1, handles));
+  auto held = std::async(std::launch::async, [&] { return forward8(rank0, handles[0]); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // in its collective by now
+  ASSERT_EQ(::shutdown(rank0.fd(), SHUT_RDWR), 0);
+  // Until the daemon has seen the hang-up: the session is closing, and left the listing.
+  RawSession admin(daemon_->admin_socket());
+  size_t listed = 2;
+  for (int i = 0; i < 400 && listed != 1; ++i) {
+    auto sessions = admin.call(ipc::FrameType::kAdminSessions, nlohmann::json::object(), ipc::FrameType::kOk);
+    ASSERT_TRUE(sessions.ok()) << sessions.status();
+    listed = (*sessions)["sessions"].size();
+    if (listed != 1) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_EQ(listed, 1u);
+  ASSERT_NE(held.wait_for(std::chrono::milliseconds(0)), std::future_status::ready);
+  {
+    RawSession third(daemon_->client_socket());
+    const Status refused = third.hello();
+    EXPECT_EQ(refused.code(), StatusCode::kResourceExhausted) << refused;
+    EXPECT_NE(refused.message().find("1 of them closing"), std::string_view::npos) << refused;
+  }
+  // Rank 1 comes: the held forward finishes, the closing session goes, and its place is free.
+  const auto second = forward8(rank1, handles[1]);
+  ASSERT_TRUE(second.has_value());
+  EXPECT_EQ(second->status_code, 0) << second->message;
+  held.wait();
+  Status admitted = Status::Unavailable("not tried");
+  for (int i = 0; i < 400 && !admitted.ok(); ++i) {
+    RawSession again(daemon_->client_socket());
+    admitted = again.hello();
+    if (!admitted.ok()) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_TRUE(admitted.ok()) << admitted;
+}
+
 // A group's timeouts are bounded by the daemon's [server] max_bootstrap_timeout_ms and
 // max_collective_timeout_ms: a spec above either is refused before anything waits.
 TEST_F(ProtocolAbuse, GroupTimeoutsAboveTheDaemonsLimitsAreRefused) {
