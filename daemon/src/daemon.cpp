@@ -116,7 +116,7 @@ Status DaemonImpl::start() {
   // UV_THREADPOOL_SIZE says otherwise; libuv's own default is 4).
   const char* pool = std::getenv("UV_THREADPOOL_SIZE");
   const int64_t pool_threads = pool != nullptr ? std::clamp<int64_t>(std::atoll(pool), 1, 1024) : 4;
-  max_creations_in_progress_ = std::max<int64_t>(1, pool_threads / 2);
+  creation_slots_ = PoolShares(pool_threads / 2);
   uv_timer_init(&loop_, &accept_pause_);
   accept_pause_.data = this;
   // Sessions that never send their hello are closed after hello_timeout: checked a few times per
@@ -655,42 +655,27 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
     return finish_frame(s);
   }
   // A group layer's creation holds a pool thread until its peers arrive (up to its
-  // bootstrap_timeout_ms): creations may hold half the pool, never the steps, saves and session
-  // tear-downs of every other tenant queued behind them. The active tenants (with a session or
-  // a creation under way) each have a share of those slots reserved (max / active tenants);
-  // beyond its share a tenant may use what no other active tenant's unused reservation needs.
-  // So one tenant's groups waiting for peers never keep another connected tenant from creating
-  // layers, and a tenant alone may form a group of as many local ranks as there are slots.
+  // bootstrap_timeout_ms): creations may hold half the pool (creation_slots_), each active
+  // tenant's share of them reserved (pool_shares.hpp), and are refused beyond it, so one
+  // tenant's groups waiting for peers never keep another connected tenant from creating layers,
+  // and a tenant alone may form a group of as many local ranks as there are slots.
   const bool creation = type == ipc::FrameType::kCreateLayer;
-  if (creation) {
-    auto creating = [this](const std::string& t) {
-      const auto it = creations_by_tenant_.find(t);
-      return it == creations_by_tenant_.end() ? int64_t{0} : it->second;
-    };
-    std::vector<std::string> others;  // the other active tenants
-    for (const TenantConfig& t : config_.tenants)
-      if (t.name != tenant && (creating(t.name) > 0 || client_sessions(t.name, true) > 0)) others.push_back(t.name);
-    const int64_t share = std::max<int64_t>(1, max_creations_in_progress_ / (1 + static_cast<int64_t>(others.size())));
-    const int64_t mine = creating(tenant);
-    int64_t in_progress = 0, reserved_for_others = 0;
-    for (const auto& [t, n] : creations_by_tenant_) in_progress += n;
-    for (const std::string& t : others) reserved_for_others += std::max<int64_t>(0, share - creating(t));
-    const int64_t free_after = max_creations_in_progress_ - in_progress - 1;
-    Status busy;
-    if (in_progress >= max_creations_in_progress_)
-      busy = Status::ResourceExhausted(std::to_string(in_progress) +
-                                       " layer creations are in progress on this daemon (group layers wait there "
-                                       "for their peers), its limit: create this one once one of them has finished");
-    else if (mine >= share && free_after < reserved_for_others)
-      busy = Status::ResourceExhausted(
-          "tenant '" + tenant + "' has " + std::to_string(mine) + " layer creations in progress (group layers wait there "
-          "for their peers), beyond its share of " + std::to_string(share) + " of this daemon's " +
-          std::to_string(max_creations_in_progress_) + ", and the rest is kept for the other connected tenants: "
-          "create this one once one of them has finished (or raise UV_THREADPOOL_SIZE for tuteld)");
-    if (!busy.ok()) {
-      reply_error(s, rid, busy);
-      return finish_frame(s);
-    }
+  if (creation && !creation_slots_.may_take(tenant, other_active_tenants(tenant))) {
+    const int64_t mine = creation_slots_.in_use(tenant);
+    const Status busy =
+        creation_slots_.in_use() >= creation_slots_.capacity()
+            ? Status::ResourceExhausted(std::to_string(creation_slots_.in_use()) +
+                                        " layer creations are in progress on this daemon (group layers wait there "
+                                        "for their peers), its limit: create this one once one of them has finished")
+            : Status::ResourceExhausted(
+                  "tenant '" + tenant + "' has " + std::to_string(mine) +
+                  " layer creations in progress (group layers wait there for their peers), beyond its share of " +
+                  std::to_string(creation_slots_.share(1 + other_active_tenants(tenant).size())) +
+                  " of this daemon's " + std::to_string(creation_slots_.capacity()) +
+                  ", and the rest is kept for the other connected tenants: create this one once one of them has "
+                  "finished (or raise UV_THREADPOOL_SIZE for tuteld)");
+    reply_error(s, rid, busy);
+    return finish_frame(s);
   }
   switch (type) {
     case ipc::FrameType::kCreateLayer:
@@ -799,22 +784,54 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
       return finish_frame(s);
   }
   const auto started = std::chrono::steady_clock::now();
-  if (creation) ++creations_by_tenant_[tenant];
-  offload([op, result] { *result = guarded(op); },
-          [this, s, rid, result, reply_type, reply_fd, op_name, tenant, b, started, creation] {
-            if (creation) --creations_by_tenant_[tenant];
-            const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-            // Name the layer in the metrics: requests carry a name (create, attach) or a handle.
-            std::string layer;
-            if (result->ok() && result->value().contains("name")) layer = result->value()["name"].get<std::string>();
-            else if (auto h = handle_of(b); h.ok())
-              if (auto ref = registry_->find(tenant, *h); ref.ok()) layer = ref->layer->name();
-            metrics_.record_request(tenant, layer, op_name, result->ok(), secs);
-            if (result->ok() && reply_fd->valid()) reply(s, *reply_type, rid, result->value(), {reply_fd->get()});
-            else if (result->ok()) reply(s, *reply_type, rid, result->value());
-            else reply_error(s, rid, result->status());
-            finish_frame(s);
-          });
+  if (creation) creation_slots_.take(tenant);
+  // The frames of one layer wait for each other here, not on the pool (layer_work_); a handle
+  // that is not the tenant's fails at once and waits for nothing.
+  std::optional<uint64_t> layer_handle;
+  if (type == ipc::FrameType::kDestroyLayer || type == ipc::FrameType::kStep || type == ipc::FrameType::kZeroGrad ||
+      type == ipc::FrameType::kSave || type == ipc::FrameType::kLoad)
+    if (const Result<uint64_t> h = handle_of(b); h.ok() && registry_->find(tenant, *h).ok()) layer_handle = *h;
+  auto work = [op, result] { *result = guarded(op); };
+  auto done = [this, s, rid, result, reply_type, reply_fd, op_name, tenant, b, started, creation] {
+    if (creation) creation_slots_.give_back(tenant);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    // Name the layer in the metrics: requests carry a name (create, attach) or a handle.
+    std::string layer;
+    if (result->ok() && result->value().contains("name")) layer = result->value()["name"].get<std::string>();
+    else if (auto h = handle_of(b); h.ok())
+      if (auto ref = registry_->find(tenant, *h); ref.ok()) layer = ref->layer->name();
+    metrics_.record_request(tenant, layer, op_name, result->ok(), secs);
+    if (result->ok() && reply_fd->valid()) reply(s, *reply_type, rid, result->value(), {reply_fd->get()});
+    else if (result->ok()) reply(s, *reply_type, rid, result->value());
+    else reply_error(s, rid, result->status());
+    finish_frame(s);
+  };
+  if (layer_handle) run_layer_work(*layer_handle, std::move(work), std::move(done));
+  else offload(std::move(work), std::move(done));
+}
+
+void DaemonImpl::run_layer_work(uint64_t handle, std::function<void()> work, std::function<void()> done) {
+  auto [it, idle] = layer_work_.try_emplace(handle);
+  if (!idle) {  // a frame of this layer runs: after it, and after those waiting already
+    it->second.push_back({std::move(work), std::move(done)});
+    return;
+  }
+  start_layer_work(handle, {std::move(work), std::move(done)});
+}
+
+void DaemonImpl::start_layer_work(uint64_t handle, LayerWork w) {
+  offload(std::move(w.work), [this, handle, done = std::move(w.done)] {
+    done();
+    // The entry lives while a frame of the layer runs (what done() sent meanwhile queued in it).
+    auto it = layer_work_.find(handle);
+    if (it->second.empty()) {
+      layer_work_.erase(it);
+      return;
+    }
+    LayerWork next = std::move(it->second.front());
+    it->second.pop_front();
+    start_layer_work(handle, std::move(next));
+  });
 }
 
 // The arena is created on the thread pool: populating it (arena_bytes of shared memory, up to
@@ -931,6 +948,15 @@ void DaemonImpl::close_session(const std::shared_ptr<Session>& s) {
             s->fd.reset();
           });
 }
+
+std::vector<std::string> DaemonImpl::other_active_tenants(const std::string& tenant) const {
+  std::vector<std::string> others;
+  for (const TenantConfig& t : config_.tenants)
+    if (t.name != tenant && (client_sessions(t.name, true) > 0 || creation_slots_.in_use(t.name) > 0))
+      others.push_back(t.name);
+  return others;
+}
+
 
 void DaemonImpl::checkpoint_all() {
   if (config_.server.state_dir.empty()) return;

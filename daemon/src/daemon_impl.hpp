@@ -6,6 +6,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -14,6 +16,7 @@
 
 #include "metrics.hpp"
 #include "metrics_http.hpp"
+#include "pool_shares.hpp"
 #include "registry.hpp"
 #include "session.hpp"
 #include "tutel/comm/cluster.hpp"
@@ -122,10 +125,24 @@ class DaemonImpl {
   std::map<uint64_t, std::shared_ptr<Session>> sessions_;
   uint64_t next_session_ = 1;
   bool shutting_down_ = false;
-  // CreateLayer frames on the pool, by tenant (loop thread); their sum at most
-  // max_creations_in_progress_, each active tenant's share reserved (handle_client_frame).
-  std::map<std::string, int64_t> creations_by_tenant_;
-  int64_t max_creations_in_progress_ = 1;  // half the pool, from start()
+  // Layer creations at once: half the thread pool (from start()), shared between the active
+  // tenants (pool_shares.hpp); beyond its share a creation is refused. Loop thread.
+  PoolShares creation_slots_;
+  // A layer's control frames (step, zero_grad, save, load, destroy) run one at a time, in the
+  // order they came, whichever sessions sent them: they would take the layer's lock one at a
+  // time anyway, and a group layer may hold it for a whole collective, so waiting here holds no
+  // thread of the pool. Handles of layers with a frame running, and what waits behind it.
+  struct LayerWork {
+    std::function<void()> work, done;
+  };
+  std::map<uint64_t, std::deque<LayerWork>> layer_work_;
+  // Runs `work` on the pool (then `done` on the loop) once the frames before it on `handle`'s
+  // layer have finished.
+  void run_layer_work(uint64_t handle, std::function<void()> work, std::function<void()> done);
+  void start_layer_work(uint64_t handle, LayerWork w);
+  // The tenants other than `tenant` that are active now: a client session connected, or a
+  // creation under way.
+  std::vector<std::string> other_active_tenants(const std::string& tenant) const;
   // Raised with shutting_down_, for the pool threads: see Rank::stopping.
   std::shared_ptr<std::atomic<bool>> stopping_ = std::make_shared<std::atomic<bool>>(false);
   // Raised by abandon_timer_, server.shutdown_grace after the shutdown began: see

@@ -528,6 +528,51 @@ TEST_F(ProtocolAbuse, AClosingSessionKeepsItsPlaceUntilItsRequestHasFinished) {
   EXPECT_TRUE(admitted.ok()) << admitted;
 }
 
+// Control frames for one layer wait for each other in the daemon, not on its thread pool: many
+// sessions' frames on a group layer held by a collective (its peer rank has not come yet) take
+// one pool thread between them, and every other request still runs meanwhile. (They took a
+// thread each: six of them held the whole pool of four, and a hello, which needs the pool for
+// its arena, waited for the collective.)
+TEST_F(ProtocolAbuse, FramesQueuedOnABusyLayerHoldOnePoolThreadBetweenThem) {
+  daemon_->stop();
+  ::setenv("UV_THREADPOOL_SIZE", "4", 1);
+  daemon_ = std::make_unique<DaemonProcess>(DaemonOptions{});
+  const bool started = daemon_->start();
+  ::unsetenv("UV_THREADPOOL_SIZE");
+  ASSERT_TRUE(started);
+  RawSession rank0(daemon_->client_socket()), rank1(daemon_->client_socket());
+  std::vector<uint64_t> handles;
+  ASSERT_NO_FATAL_FAILURE(create_two_rank_group(rank0, rank1, handles));
+  auto held = std::async(std::launch::async, [&] { return forward8(rank0, handles[0]); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // in its collective by now
+  std::vector<std::unique_ptr<RawSession>> queued;
+  for (int i = 0; i < 6; ++i) {
+    queued.push_back(std::make_unique<RawSession>(daemon_->client_socket()));
+    ASSERT_TRUE(queued.back()->hello().ok());
+    ASSERT_TRUE(queued.back()->send(ipc::FrameType::kZeroGrad, {{"handle", handles[0]}}).ok());
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // all of them in the daemon
+  RawSession other(daemon_->client_socket());
+  ASSERT_TRUE(other.hello().ok());
+  auto attach = other.call(ipc::FrameType::kAttachLayer, {{"name", "moe_r1"}}, ipc::FrameType::kLayerInfo);
+  ASSERT_TRUE(attach.ok()) << attach.status();
+  EXPECT_EQ((*attach)["handle"].get<uint64_t>(), handles[1]);
+  ASSERT_NE(held.wait_for(std::chrono::milliseconds(0)), std::future_status::ready);
+
+  // Rank 1 comes: the forward completes, then each queued frame in turn.
+  const auto second = forward8(rank1, handles[1]);
+  ASSERT_TRUE(second.has_value());
+  EXPECT_EQ(second->status_code, 0) << second->message;
+  const auto first = held.get();
+  ASSERT_TRUE(first.has_value());
+  EXPECT_EQ(first->status_code, 0) << first->message;
+  for (auto& q : queued) {
+    auto reply = q->receive(std::chrono::seconds(30));
+    ASSERT_TRUE(reply.ok()) << reply.status();
+    EXPECT_TRUE(ipc::reply_body(*reply, ipc::FrameType::kOk).ok()) << reply->body;
+  }
+}
+
 // A group's timeouts are bounded by the daemon's [server] max_bootstrap_timeout_ms and
 // max_collective_timeout_ms: a spec above either is refused before anything waits.
 TEST_F(ProtocolAbuse, GroupTimeoutsAboveTheDaemonsLimitsAreRefused) {
