@@ -28,7 +28,14 @@ using nlohmann::json;
 namespace {
 
 // Where a client's relative checkpoint path lands: inside its tenant's directory, never outside.
-Result<std::string> tenant_file(const Config& c, const std::string& tenant, const std::string& relative) {
+// Where a tenant's clients save and load their files (the tenant's CheckpointQuota counts it).
+fs::path client_checkpoints(const Config& c, const std::string& tenant) {
+  return fs::path(c.server.state_dir) / tenant / "checkpoints";
+}
+
+// `create_parent`: a save's file may go in a directory not made yet; a load's must exist.
+Result<std::string> tenant_file(const Config& c, const std::string& tenant, const std::string& relative,
+                                bool create_parent) {
   if (c.server.state_dir.empty())
     return Status::Unavailable("the daemon has no server.state_dir configured, so it cannot save or load files for clients");
   // Control characters (a NUL would cut the path short in the C calls below it) are refused
@@ -42,10 +49,12 @@ Result<std::string> tenant_file(const Config& c, const std::string& tenant, cons
     return Status::InvalidArgument("path '" + relative + "' must be relative: it names a file in the tenant's checkpoint directory");
   for (const auto& part : p)
     if (part == "..") return Status::PermissionDenied("path '" + relative + "' may not contain '..'");
-  const fs::path dir = fs::path(c.server.state_dir) / tenant / "checkpoints";
-  std::error_code ec;
-  fs::create_directories((dir / p).parent_path(), ec);
-  if (ec) return Status::IOError("cannot create " + (dir / p).parent_path().string() + ": " + ec.message());
+  const fs::path dir = client_checkpoints(c, tenant);
+  if (create_parent) {
+    std::error_code ec;
+    fs::create_directories((dir / p).parent_path(), ec);
+    if (ec) return Status::IOError("cannot create " + (dir / p).parent_path().string() + ": " + ec.message());
+  }
   return (dir / p).string();
 }
 
@@ -112,6 +121,10 @@ DaemonImpl::~DaemonImpl() {
 Status DaemonImpl::start() {
   started_at_ = std::chrono::steady_clock::now();
   TUTEL_RETURN_IF_ERROR(read_secrets());
+  if (!config_.server.state_dir.empty())
+    for (const TenantConfig& t : config_.tenants)
+      checkpoint_quotas_[t.name] = std::make_unique<CheckpointQuota>(
+          t.name, client_checkpoints(config_, t.name).string(), t.max_checkpoint_bytes);
   // Layer creations at once: half of libuv's thread pool (main.cpp makes it 64 threads unless
   // UV_THREADPOOL_SIZE says otherwise; libuv's own default is 4).
   const char* pool = std::getenv("UV_THREADPOOL_SIZE");
@@ -685,7 +698,7 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         TUTEL_ASSIGN_OR_RETURN(std::string spec, ipc::get_string(b, "spec"));
         TUTEL_ASSIGN_OR_RETURN(LayerDefinition def, parse_layer_spec(spec, "spec"));
         if (def.weights_path) {
-          TUTEL_ASSIGN_OR_RETURN(*def.weights_path, tenant_file(config_, tenant, *def.weights_path));
+          TUTEL_ASSIGN_OR_RETURN(*def.weights_path, tenant_file(config_, tenant, *def.weights_path, false));
         }
         TUTEL_RETURN_IF_ERROR(check_layer_limits(config_.server, def));
         const std::string canonical = format_layer_spec(def);
@@ -746,8 +759,16 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         TUTEL_ASSIGN_OR_RETURN(uint64_t h, handle_of(b));
         TUTEL_ASSIGN_OR_RETURN(std::string rel, ipc::get_string(b, "path"));
         TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->find(tenant, h));
-        TUTEL_ASSIGN_OR_RETURN(std::string path, tenant_file(config_, tenant, rel));
-        TUTEL_RETURN_IF_ERROR(type == ipc::FrameType::kSave ? ref.layer->save(path) : ref.layer->load(path));
+        const bool save = type == ipc::FrameType::kSave;
+        TUTEL_ASSIGN_OR_RETURN(std::string path, tenant_file(config_, tenant, rel, save));
+        if (!save) {
+          TUTEL_RETURN_IF_ERROR(ref.layer->load(path));
+          return json{{"path", path}};
+        }
+        // Held until the file is written: then the file itself counts.
+        TUTEL_ASSIGN_OR_RETURN(CheckpointQuota::Reservation room,
+                               checkpoint_quotas_.at(tenant)->reserve(path, ref.layer->save_bytes_bound()));
+        TUTEL_RETURN_IF_ERROR(ref.layer->save(path));
         return json{{"path", path}};
       };
       break;

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint_quota.hpp"
 #include "metrics.hpp"
 #include "metrics_http.hpp"
 #include "pool_shares.hpp"
@@ -94,6 +95,9 @@ class DaemonImpl {
   void checkpoint_all();
 
   Config config_;
+  // Per tenant, with state_dir: its clients' saves against its max_checkpoint_bytes. Made at
+  // start, never changed after (the quotas are thread-safe).
+  std::map<std::string, std::unique_ptr<CheckpointQuota>> checkpoint_quotas_;
   // Tenants with a secret_file: the secret their clients' hellos must carry, in hex.
   std::map<std::string, std::string> tenant_secrets_;
   // [server] peer_secret_file: what the daemons of a deployment prove to each other; null: none.

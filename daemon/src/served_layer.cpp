@@ -739,6 +739,17 @@ Status ServedLayer::zero_grad() {
   return Status::OK();
 }
 
+uint64_t ServedLayer::save_bytes_bound() const {
+  // Gradients and bf16 copies are not saved.
+  uint64_t bytes = 0;
+  for (const Tensor& t : tensors_)
+    bytes += static_cast<uint64_t>(t.shape.numel()) * 4 *
+             (1 + (t.state0.data() ? 1 : 0) + (t.state1.data() ? 1 : 0));
+  // The header (JSON): the metadata (the spec whole, each character escaped to at most 6) and
+  // per tensor a name, a dtype, a shape and offsets, well within 256 bytes each.
+  return bytes + 6 * (spec_text_.size() + tenant_.size()) + 4096 + 256 * 3 * tensors_.size();
+}
+
 Status ServedLayer::save(const std::string& path) {
   std::lock_guard lock(mutex_);
   Backend& b = backend();

@@ -92,6 +92,9 @@ class ServedLayer {
   Device device() const { return group_ ? group_->backend->device() : rank_.backend->device(); }
   // Bytes of parameters, gradients and optimizer state.
   uint64_t memory_bytes() const { return memory_bytes_; }
+  // The most bytes a file that save() writes takes: the values and optimizer state, and a
+  // header bound.
+  uint64_t save_bytes_bound() const;
   // Bytes held for forwards: the plans (a layer without [group]; cached and in use), pending
   // and recycled entries (saved state, input), staging buffers, from the buffers' sizes. Any
   // thread, lock-free.

@@ -131,6 +131,7 @@ TEST(ConfigTest, ExampleShowsTheDefaults) {
   EXPECT_EQ(c.tenants[0].max_memory_bytes, t.max_memory_bytes);
   EXPECT_EQ(c.tenants[0].max_inflight, t.max_inflight);
   EXPECT_EQ(c.tenants[0].max_sessions, t.max_sessions);
+  EXPECT_EQ(c.tenants[0].max_checkpoint_bytes, t.max_checkpoint_bytes);
   const LayerSpec d;
   const LayerSpec& l = c.layers[0].spec;
   EXPECT_EQ(l.k, d.k);
@@ -539,6 +540,9 @@ TEST(ConfigErrorTest, OutOfRange) {
                {"byte count"});
   expect_error(kMinimal + "max_memory_bytes = \"8 GB\" #!\n", "tenant[0].max_memory_bytes",
                {"\"8 GB\""});
+  expect_error(kMinimal + "max_checkpoint_bytes = 0 #!\n", "tenant[0].max_checkpoint_bytes", {"byte count"});
+  expect_error(kMinimal + "max_checkpoint_bytes = \"2 PiB\" #!\n", "tenant[0].max_checkpoint_bytes", {});
+  EXPECT_EQ(parse_ok(kMinimal + "max_checkpoint_bytes = \"1GiB\"\n").tenants[0].max_checkpoint_bytes, 1ull << 30);
   expect_error(kMinimal + "[[tenant]]\nname = \"b\"\nuids = [-1] #!\n", "tenant[1].uids[0]",
                {"got -1"});
   expect_error(kMinimal + "[[tenant]]\nname = \"b\"\nuids = [4294967295] #!\n", "tenant[1].uids[0]",

@@ -573,6 +573,39 @@ TEST_F(ProtocolAbuse, FramesQueuedOnABusyLayerHoldOnePoolThreadBetweenThem) {
   }
 }
 
+// A client's saves are bounded by its tenant's max_checkpoint_bytes (state_dir holds every
+// tenant's exit checkpoints too, so one tenant filling the disk costs the others): a save that
+// does not fit is refused before anything is written, a save over an old file still fits, and a
+// load creates no directory.
+TEST_F(ProtocolAbuse, ClientSavesAreBoundedByTheTenantsDiskQuota) {
+  daemon_->stop();
+  // One checkpoint of kSpec (AdamW: values and two moments, 4352 floats each) is about 53 KB.
+  daemon_ = std::make_unique<DaemonProcess>(DaemonOptions{.default_tenant_extra = "max_checkpoint_bytes = 100000\n"});
+  ASSERT_TRUE(daemon_->start());
+  RawSession s(daemon_->client_socket());
+  ASSERT_TRUE(s.hello().ok());
+  auto handle = s.create_layer(kSpec);
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  auto save = [&](const std::string& path) {
+    return s.call(ipc::FrameType::kSave, {{"handle", *handle}, {"path", path}}, ipc::FrameType::kOk);
+  };
+  const std::string checkpoints = daemon_->dir() + "/state/default/checkpoints/";
+  ASSERT_TRUE(save("first.safetensors").ok());
+  auto refused = save("more/second.safetensors");
+  EXPECT_EQ(refused.status().code(), StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_NE(refused.status().message().find("over its max_checkpoint_bytes 100000"), std::string_view::npos)
+      << refused.status();
+  EXPECT_FALSE(std::filesystem::exists(checkpoints + "more/second.safetensors"));
+  // Over the old file: fits.
+  EXPECT_TRUE(save("first.safetensors").ok());
+  // A load of a file that is not there fails, and leaves no directory behind.
+  auto load = s.call(ipc::FrameType::kLoad, {{"handle", *handle}, {"path", "no/such/dir/x.safetensors"}},
+                     ipc::FrameType::kOk);
+  EXPECT_FALSE(load.ok());
+  EXPECT_FALSE(std::filesystem::exists(checkpoints + "no")) << "a load created directories";
+  expect_daemon_serves();
+}
+
 // A group's timeouts are bounded by the daemon's [server] max_bootstrap_timeout_ms and
 // max_collective_timeout_ms: a spec above either is refused before anything waits.
 TEST_F(ProtocolAbuse, GroupTimeoutsAboveTheDaemonsLimitsAreRefused) {

@@ -1,0 +1,59 @@
+// A tenant's disk quota for the checkpoints its clients save (state_dir/<tenant>/checkpoints):
+// what the files there hold, plus the saves under way, against the tenant's
+// max_checkpoint_bytes. state_dir also holds every tenant's exit checkpoints, so one tenant
+// filling the disk would cost the others their weights at the next shutdown.
+//
+// A save reserves an upper bound of its file's size first (replacing a file counts only what it
+// adds), so concurrent saves cannot pass the quota together; the reservation ends with the
+// save, when the file itself counts. Usage is measured from the directory at each reservation
+// (regular files only; symbolic links are not followed), so files removed by the operator give
+// their room back at once.
+//
+// Thread-safety: reserve() may be called from any thread; a Reservation is released on the
+// thread that destroys it.
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+
+#include "tutel/core/status.hpp"
+
+namespace tutel::daemon {
+
+class CheckpointQuota {
+ public:
+  CheckpointQuota(std::string tenant, std::string dir, uint64_t max_bytes)
+      : tenant_(std::move(tenant)), dir_(std::move(dir)), max_bytes_(max_bytes) {}
+  CheckpointQuota(const CheckpointQuota&) = delete;
+  CheckpointQuota& operator=(const CheckpointQuota&) = delete;
+
+  class Reservation {
+   public:
+    Reservation() = default;
+    Reservation(Reservation&& other) noexcept { *this = std::move(other); }
+    Reservation& operator=(Reservation&& other) noexcept;
+    ~Reservation() { release(); }
+
+   private:
+    friend class CheckpointQuota;
+    void release();
+    CheckpointQuota* quota_ = nullptr;
+    uint64_t bytes_ = 0;
+  };
+
+  // Room for a file of at most `bytes` at `path` (inside the directory), or ResourceExhausted
+  // saying what the tenant holds and what to do.
+  Result<Reservation> reserve(const std::string& path, uint64_t bytes);
+  // What the directory's files hold now (an IOError when it cannot be read).
+  Result<uint64_t> used_bytes() const;
+
+ private:
+  const std::string tenant_;
+  const std::string dir_;
+  const uint64_t max_bytes_;
+  std::mutex mutex_;
+  uint64_t reserved_ = 0;  // under mutex_
+};
+
+}  // namespace tutel::daemon
