@@ -108,7 +108,10 @@ class FakeAdmin {
                                                         {"memory_bytes", 3 << 20},
                                                         {"max_memory_bytes", 8ull << 30},
                                                         {"inflight", 0},
-                                                        {"max_inflight", 256}}})}});
+                                                        {"max_inflight", 256},
+                                                        {"sessions", 1},
+                                                        {"closing_sessions", 2},
+                                                        {"max_sessions", 64}}})}});
         break;
       case FT::kAdminLayers:
         (void)ipc::send_json(conn, FT::kOk, rid,
@@ -311,6 +314,7 @@ TEST(Tutelctl, TablesAndJsonFromTheAdminSocket) {
   EXPECT_NE(r.output.find("TENANT"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("alice   1000,1001"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("3.0 MiB / 8.0 GiB"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("1 / 64 (2 closing)"), std::string::npos) << r.output;
 
   r = tutelctl(s + "layers");
   ASSERT_EQ(r.exit_code, 0) << r.output;

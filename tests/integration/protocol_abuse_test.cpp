@@ -508,6 +508,10 @@ TEST_F(ProtocolAbuse, AClosingSessionKeepsItsPlaceUntilItsRequestHasFinished) {
   }
   ASSERT_EQ(listed, 1u);
   ASSERT_NE(held.wait_for(std::chrono::milliseconds(0)), std::future_status::ready);
+  auto tenants = admin.call(ipc::FrameType::kAdminTenants, nlohmann::json::object(), ipc::FrameType::kOk);
+  ASSERT_TRUE(tenants.ok()) << tenants.status();
+  EXPECT_EQ((*tenants)["tenants"][0]["sessions"].get<int64_t>(), 1) << tenants->dump();
+  EXPECT_EQ((*tenants)["tenants"][0]["closing_sessions"].get<int64_t>(), 1) << tenants->dump();
   {
     RawSession third(daemon_->client_socket());
     const Status refused = third.hello();

@@ -200,15 +200,20 @@ void print_tenants(const json& reply) {
   }
   // MEMORY: parameters against the quota; FORWARDS: what forwards hold (pending backwards in
   // parentheses); REGIONS: device regions clients map. All three count against the same quota.
-  Table t{{"TENANT", "UIDS", "GIDS", "LAYERS", "MEMORY", "FORWARDS", "REGIONS", "INFLIGHT"},
-          {true, true, true, false, false, false, false, false},
+  // SESSIONS: connected, and in parentheses those closing, which keep their place until their
+  // request in progress has finished.
+  Table t{{"TENANT", "UIDS", "GIDS", "LAYERS", "MEMORY", "FORWARDS", "REGIONS", "INFLIGHT", "SESSIONS"},
+          {true, true, true, false, false, false, false, false, false},
           {}};
   for (const json& e : tenants) {
+    std::string sessions = of(field(e, "sessions"), field(e, "max_sessions"));
+    if (auto c = e.find("closing_sessions"); c != e.end() && c->is_number_integer() && c->get<int64_t>() > 0)
+      sessions += " (" + text(*c) + " closing)";
     t.rows.push_back({field(e, "name"), field(e, "uids"), field(e, "gids"),
                       of(field(e, "layers"), field(e, "max_layers")),
                       of(bytes_field(e, "memory_bytes"), bytes_field(e, "max_memory_bytes")),
                       bytes_field(e, "activation_bytes") + " (" + bytes_field(e, "pending_bytes") + ")",
-                      bytes_field(e, "region_bytes"), of(field(e, "inflight"), field(e, "max_inflight"))});
+                      bytes_field(e, "region_bytes"), of(field(e, "inflight"), field(e, "max_inflight")), sessions});
   }
   t.print(std::cout);
 }
