@@ -667,7 +667,9 @@ Result<std::unique_ptr<Communicator>> nccl_bootstrap(const BootstrapOptions& opt
     return Status::Corruption("bootstrap: rank 0 sent no NCCL unique id");
   ncclUniqueId id;
   std::memcpy(&id, table.payloads[0].data(), sizeof id);
-  return init_from_id(id, options.rank, options.size, options.local_size, nccl,
+  NcclOptions with_abandon = nccl;
+  if (!with_abandon.abandon) with_abandon.abandon = options.abandon;
+  return init_from_id(id, options.rank, options.size, options.local_size, with_abandon,
                       std::max(deadline, Clock::now() + options.collective_timeout),
                       options.collective_timeout);
 }

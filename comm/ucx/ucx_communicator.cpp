@@ -154,6 +154,9 @@ class UcxCommunicator final : public Communicator {
     return finish(barrier_step());
   }
 
+  // After the bootstrap's first barrier: BootstrapOptions::cancel no longer ends collectives.
+  void end_bootstrap() { rank_->end_bootstrap(); }
+
   // The bootstrap's first barrier: it also waits for every endpoint to connect.
   Status barrier_until(Clock::time_point deadline) {
     TUTEL_RETURN_IF_ERROR(begin("barrier"));
@@ -455,6 +458,7 @@ Result<std::unique_ptr<Communicator>> ucx_bootstrap(const BootstrapOptions& opti
   TUTEL_RETURN_IF_ERROR(
       comm->barrier_until(std::max(deadline, Clock::now() + options.collective_timeout))
           .with_context("bootstrap: connecting to every peer"));
+  comm->end_bootstrap();
   return std::unique_ptr<Communicator>(std::move(comm));
 }
 

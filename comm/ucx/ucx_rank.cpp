@@ -89,7 +89,7 @@ struct ConfigDeleter {
 }  // namespace
 
 UcxRank::UcxRank(const BootstrapOptions& o)
-    : rank_(o.rank), size_(o.size), local_size_(o.local_size), spin_(o.spin), abandon_(o.abandon), member_(o.member) {}
+    : rank_(o.rank), size_(o.size), local_size_(o.local_size), spin_(o.spin), abandon_(o.abandon), cancel_(o.cancel), member_(o.member) {}
 
 Result<std::shared_ptr<UcxRank>> UcxRank::create(const BootstrapOptions& options) {
   std::shared_ptr<UcxRank> self(new UcxRank(options));
@@ -712,8 +712,7 @@ Status UcxRank::wait(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
       return abort(lock, ops, local, error, notice, grace);
     }
     if (done) return Status::OK();
-    if (abandoned())
-      return abort(lock, ops, local, Status::Aborted("abandoned: this process is shutting down"), notice, grace);
+    if (Status stop = stop_requested(); !stop.ok()) return abort(lock, ops, local, std::move(stop), notice, grace);
 
     const auto now = Clock::now();
     if (now >= deadline && !in_grace && notice.request != nullptr &&

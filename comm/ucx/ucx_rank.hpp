@@ -120,6 +120,9 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   Status exchange(std::span<const Transfer> sends, std::span<const Transfer> recvs,
                   Clock::time_point deadline, Notice& notice, Clock::duration grace);
 
+  // The bootstrap's first barrier is over: BootstrapOptions::cancel no longer applies.
+  void end_bootstrap() { bootstrapping_.store(false, std::memory_order_relaxed); }
+
   // True when `peer` lives in this process and shares our LocalExchange: messages to it are
   // copied directly.
   bool is_local(int peer) const { return local_boxes_[static_cast<size_t>(peer)] != nullptr; }
@@ -192,9 +195,18 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   const int size_;
   const int local_size_;
   const std::chrono::microseconds spin_;
-  // BootstrapOptions::abandon; null: never raised.
-  const std::shared_ptr<const std::atomic<bool>> abandon_;
-  bool abandoned() const { return abandon_ && abandon_->load(std::memory_order_acquire); }
+  // BootstrapOptions::abandon, and ::cancel, which counts only until the bootstrap's first
+  // barrier is over (end_bootstrap); null: never raised.
+  const std::shared_ptr<const std::atomic<bool>> abandon_, cancel_;
+  std::atomic<bool> bootstrapping_{true};
+  // Why exchange() must give up now, or OK.
+  Status stop_requested() const {
+    if (abandon_ && abandon_->load(std::memory_order_acquire))
+      return Status::Aborted("abandoned: this process is shutting down");
+    if (cancel_ && bootstrapping_.load(std::memory_order_relaxed) && cancel_->load(std::memory_order_acquire))
+      return Status::Aborted("cancelled while connecting to the peers");
+    return Status::OK();
+  }
   const std::string member_;  // "rank" or "node", for messages
   std::vector<std::string> addresses_;
 

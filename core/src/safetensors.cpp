@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <bit>
 #include <cerrno>
 #include <cstdint>
@@ -438,6 +439,9 @@ class TempFileGuard {
   bool committed_ = false;
 };
 
+constexpr std::string_view kTempInfix = ".tmp-";
+constexpr size_t kTempSuffixDigits = 16;
+
 // A fresh, uniquely named file next to `path`, so the final rename stays within one
 // filesystem. Created with 0666 so the process umask applies, as for any new file.
 Result<std::pair<UniqueFd, std::string>> create_temp_file(const std::string& path) {
@@ -448,7 +452,7 @@ Result<std::pair<UniqueFd, std::string>> create_temp_file(const std::string& pat
   for (int attempt = 0; attempt < 16; ++attempt) {
     char suffix[17];
     (void)std::snprintf(suffix, sizeof(suffix), "%08x%08x", entropy(), entropy());
-    std::string temp = (dir / ("." + target.filename().string() + ".tmp-" + suffix)).string();
+    std::string temp = (dir / ("." + target.filename().string() + std::string(kTempInfix) + suffix)).string();
     const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
     if (fd >= 0) return std::make_pair(UniqueFd(fd), std::move(temp));
     if (errno != EEXIST) return errno_status(errno, "cannot create a temporary file for", path);
@@ -550,6 +554,14 @@ Status write_safetensors(const std::string& path, const std::vector<SafetensorsE
   } catch (const std::exception& e) {
     return Status::Internal("writing " + file_context(path) + ": " + e.what());
   }
+}
+
+bool is_safetensors_temp_name(std::string_view filename) {
+  if (filename.size() < 1 + kTempInfix.size() + kTempSuffixDigits || filename.front() != '.') return false;
+  const std::string_view suffix = filename.substr(filename.size() - kTempSuffixDigits);
+  for (const char c : suffix)
+    if (!std::isxdigit(static_cast<unsigned char>(c))) return false;
+  return filename.substr(filename.size() - kTempSuffixDigits - kTempInfix.size(), kTempInfix.size()) == kTempInfix;
 }
 
 }  // namespace tutel

@@ -167,8 +167,10 @@ std::string DaemonImpl::metrics_text() {
   std::map<int, std::pair<std::string, bool>> ranks;
   for (const auto& rank : ranks_) ranks[rank->index] = {rank->backend->device().to_string(), rank->health.in_service()};
   metrics_.set_ranks(std::move(ranks));
-  // Activation and region memory change with requests and sessions: read when scraped.
+  // Memory changes with requests, sessions and layers (whose parameters count until the last
+  // request holding a destroyed one lets it go): read when scraped.
   for (const TenantConfig& t : config_.tenants) {
+    metrics_.set_tenant_memory(t.name, registry_->memory_bytes(t.name));
     metrics_.set_tenant_activation_memory(t.name, registry_->activation_bytes(t.name));
     metrics_.set_tenant_region_memory(t.name, registry_->tenant_memory(t.name)->region_bytes());
   }

@@ -4,6 +4,9 @@
 #include <filesystem>
 #include <system_error>
 #include <utility>
+#include <vector>
+
+#include "tutel/core/safetensors.hpp"
 
 namespace tutel::daemon {
 
@@ -38,13 +41,35 @@ Result<uint64_t> CheckpointQuota::used_bytes() const {
       it.disable_recursion_pending();
       continue;
     }
-    if (it->is_regular_file(entry_ec)) {
+    if (it->is_directory(entry_ec)) {
+      used += kDirectoryBytes;
+    } else if (it->is_regular_file(entry_ec) && !is_safetensors_temp_name(it->path().filename().string())) {
       const uintmax_t size = it->file_size(entry_ec);
       if (!entry_ec) used += size;
     }
   }
   if (ec) return Status::IOError("cannot measure tenant '" + tenant_ + "''s checkpoints in " + dir_ + ": " + ec.message());
   return used;
+}
+
+Result<int64_t> CheckpointQuota::remove_interrupted_saves() {
+  std::error_code ec;
+  if (!fs::exists(dir_, ec)) return int64_t{0};
+  std::vector<fs::path> stale;
+  for (fs::recursive_directory_iterator it(dir_, fs::directory_options::none, ec), end; !ec && it != end;
+       it.increment(ec)) {
+    std::error_code entry_ec;
+    if (it->is_symlink(entry_ec)) {
+      it.disable_recursion_pending();
+      continue;
+    }
+    if (it->is_regular_file(entry_ec) && is_safetensors_temp_name(it->path().filename().string()))
+      stale.push_back(it->path());
+  }
+  if (ec) return Status::IOError("cannot list tenant '" + tenant_ + "''s checkpoints in " + dir_ + ": " + ec.message());
+  for (const fs::path& p : stale)
+    if (!fs::remove(p, ec) && ec) return Status::IOError("cannot remove " + p.string() + ": " + ec.message());
+  return static_cast<int64_t>(stale.size());
 }
 
 Result<CheckpointQuota::Reservation> CheckpointQuota::reserve(const std::string& path, uint64_t bytes) {

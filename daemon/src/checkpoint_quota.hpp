@@ -5,9 +5,12 @@
 //
 // A save reserves an upper bound of its file's size first (replacing a file counts only what it
 // adds), so concurrent saves cannot pass the quota together; the reservation ends with the
-// save, when the file itself counts. Usage is measured from the directory at each reservation
-// (regular files only; symbolic links are not followed), so files removed by the operator give
-// their room back at once.
+// save, when the file itself counts. Usage is measured from the directory at each reservation,
+// so files removed by the operator give their room back at once: regular files, and 4 KiB for
+// each directory (a save may create some); symbolic links are neither followed nor counted, and
+// a save's temporary file (core/safetensors.hpp) not at all, since its reservation covers it.
+// The caller refuses client paths named like temporary files, and remove_interrupted_saves()
+// clears the ones a crash left.
 //
 // Thread-safety: reserve() may be called from any thread; a Reservation is released on the
 // thread that destroys it.
@@ -47,6 +50,11 @@ class CheckpointQuota {
   Result<Reservation> reserve(const std::string& path, uint64_t bytes);
   // What the directory's files hold now (an IOError when it cannot be read).
   Result<uint64_t> used_bytes() const;
+  // Removes the temporary files of saves that never finished (the daemon was killed): call it
+  // while no save runs. Returns how many went.
+  Result<int64_t> remove_interrupted_saves();
+  // What a directory counts for.
+  static constexpr uint64_t kDirectoryBytes = 4096;
 
  private:
   const std::string tenant_;

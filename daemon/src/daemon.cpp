@@ -33,9 +33,8 @@ fs::path client_checkpoints(const Config& c, const std::string& tenant) {
   return fs::path(c.server.state_dir) / tenant / "checkpoints";
 }
 
-// `create_parent`: a save's file may go in a directory not made yet; a load's must exist.
-Result<std::string> tenant_file(const Config& c, const std::string& tenant, const std::string& relative,
-                                bool create_parent) {
+// The path of a file a client names, in its tenant's directory (nothing is created).
+Result<std::string> tenant_file(const Config& c, const std::string& tenant, const std::string& relative) {
   if (c.server.state_dir.empty())
     return Status::Unavailable("the daemon has no server.state_dir configured, so it cannot save or load files for clients");
   // Control characters (a NUL would cut the path short in the C calls below it) are refused
@@ -49,13 +48,12 @@ Result<std::string> tenant_file(const Config& c, const std::string& tenant, cons
     return Status::InvalidArgument("path '" + relative + "' must be relative: it names a file in the tenant's checkpoint directory");
   for (const auto& part : p)
     if (part == "..") return Status::PermissionDenied("path '" + relative + "' may not contain '..'");
-  const fs::path dir = client_checkpoints(c, tenant);
-  if (create_parent) {
-    std::error_code ec;
-    fs::create_directories((dir / p).parent_path(), ec);
-    if (ec) return Status::IOError("cannot create " + (dir / p).parent_path().string() + ": " + ec.message());
-  }
-  return (dir / p).string();
+  // The form of a save's temporary file is the daemon's: such files are not counted against
+  // the quota (their save's reservation is), and are removed at start.
+  if (is_safetensors_temp_name(p.filename().string()))
+    return Status::InvalidArgument("path '" + relative + "' has the form of a temporary file (\".<name>.tmp-<16 hex "
+                                   "digits>\"); choose another name");
+  return (client_checkpoints(c, tenant) / p).string();
 }
 
 // Replies a session may leave unread: a client that sends requests and never reads the answers
@@ -122,9 +120,15 @@ Status DaemonImpl::start() {
   started_at_ = std::chrono::steady_clock::now();
   TUTEL_RETURN_IF_ERROR(read_secrets());
   if (!config_.server.state_dir.empty())
-    for (const TenantConfig& t : config_.tenants)
-      checkpoint_quotas_[t.name] = std::make_unique<CheckpointQuota>(
-          t.name, client_checkpoints(config_, t.name).string(), t.max_checkpoint_bytes);
+    for (const TenantConfig& t : config_.tenants) {
+      auto quota = std::make_unique<CheckpointQuota>(t.name, client_checkpoints(config_, t.name).string(),
+                                                     t.max_checkpoint_bytes);
+      // Saves the last run did not finish (killed): their temporary files would hold room.
+      TUTEL_ASSIGN_OR_RETURN(const int64_t removed, quota->remove_interrupted_saves());
+      if (removed > 0)
+        TUTEL_LOG(INFO) << "removed " << removed << " temporary file(s) of unfinished saves of tenant " << t.name;
+      checkpoint_quotas_[t.name] = std::move(quota);
+    }
   // Layer creations at once: half of libuv's thread pool (main.cpp makes it 64 threads unless
   // UV_THREADPOOL_SIZE says otherwise; libuv's own default is 4).
   const char* pool = std::getenv("UV_THREADPOOL_SIZE");
@@ -309,8 +313,7 @@ Status DaemonImpl::restore_state() {
 // again with the spec it was checkpointed with, each rank resumes from its own checkpoint. The
 // ranks' creation check then finds them agreeing (all resumed) or refuses on every rank (one
 // without its checkpoint holds another gate).
-Status DaemonImpl::resume_group_layer(const std::string& tenant, const std::string& canonical_spec,
-                                      LayerDefinition& def) const {
+Status DaemonImpl::resume_group_layer(const std::string& tenant, LayerDefinition& def) const {
   if (!def.group || config_.server.state_dir.empty()) return Status::OK();
   const fs::path path = fs::path(config_.server.state_dir) / tenant / (def.name + ".safetensors");
   std::error_code ec;
@@ -322,7 +325,17 @@ Status DaemonImpl::resume_group_layer(const std::string& tenant, const std::stri
                                         "create the layer afresh");
   const SafetensorsFile& file = *opened;
   const auto written = file.metadata().find("tuteld.spec");
-  if (written == file.metadata().end() || written->second != canonical_spec) {
+  // The layer's identity: its spec less the group's timeouts, which change nothing it holds (a
+  // client that changes only those, as a lower max_collective_timeout_ms may make it, resumes).
+  auto identity = [](LayerDefinition d) {
+    d.group->bootstrap_timeout = GroupConfig{}.bootstrap_timeout;
+    d.group->collective_timeout = GroupConfig{}.collective_timeout;
+    return format_layer_spec(d);
+  };
+  Result<LayerDefinition> before = written == file.metadata().end()
+                                       ? Result<LayerDefinition>(Status::NotFound("no spec"))
+                                       : parse_layer_spec(written->second, path.string());
+  if (!before.ok() || !before->group || identity(*before) != identity(def)) {
     // Another layer under this name, or this one with other keys: a new layer, whose checkpoint
     // replaces the old one at exit.
     TUTEL_LOG(WARN) << "group layer " << tenant << "/" << def.name << " is created afresh: its checkpoint "
@@ -698,13 +711,12 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         TUTEL_ASSIGN_OR_RETURN(std::string spec, ipc::get_string(b, "spec"));
         TUTEL_ASSIGN_OR_RETURN(LayerDefinition def, parse_layer_spec(spec, "spec"));
         if (def.weights_path) {
-          TUTEL_ASSIGN_OR_RETURN(*def.weights_path, tenant_file(config_, tenant, *def.weights_path, false));
+          TUTEL_ASSIGN_OR_RETURN(*def.weights_path, tenant_file(config_, tenant, *def.weights_path));
         }
         TUTEL_RETURN_IF_ERROR(check_layer_limits(config_.server, def));
         const std::string canonical = format_layer_spec(def);
-        TUTEL_RETURN_IF_ERROR(resume_group_layer(tenant, canonical, def));
+        TUTEL_RETURN_IF_ERROR(resume_group_layer(tenant, def));
         TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(tenant, def, canonical));
-        metrics_.set_tenant_memory(tenant, registry_->memory_bytes(tenant));
         return layer_info(ref);
       };
       break;
@@ -733,7 +745,6 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
                             << " keeps its checkpoint in state_dir: " << ec.message();
         }
         TUTEL_RETURN_IF_ERROR(registry_->destroy(tenant, h));
-        metrics_.set_tenant_memory(tenant, registry_->memory_bytes(tenant));
         metrics_.forget_layer(tenant, ref.layer->name());
         return json::object();
       };
@@ -760,14 +771,19 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         TUTEL_ASSIGN_OR_RETURN(std::string rel, ipc::get_string(b, "path"));
         TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->find(tenant, h));
         const bool save = type == ipc::FrameType::kSave;
-        TUTEL_ASSIGN_OR_RETURN(std::string path, tenant_file(config_, tenant, rel, save));
+        TUTEL_ASSIGN_OR_RETURN(std::string path, tenant_file(config_, tenant, rel));
         if (!save) {
           TUTEL_RETURN_IF_ERROR(ref.layer->load(path));
           return json{{"path", path}};
         }
-        // Held until the file is written: then the file itself counts.
+        // Room first (held until the file is written, when the file itself counts), then the
+        // directories, so a refused save leaves nothing behind.
         TUTEL_ASSIGN_OR_RETURN(CheckpointQuota::Reservation room,
                                checkpoint_quotas_.at(tenant)->reserve(path, ref.layer->save_bytes_bound()));
+        std::error_code ec;
+        const fs::path parent = fs::path(path).parent_path();
+        fs::create_directories(parent, ec);
+        if (ec) return Status::IOError("cannot create " + parent.string() + ": " + ec.message());
         TUTEL_RETURN_IF_ERROR(ref.layer->save(path));
         return json{{"path", path}};
       };
@@ -1030,8 +1046,8 @@ void DaemonImpl::shutdown() {
 }
 
 void DaemonImpl::abandon_collectives() {
-  TUTEL_LOG(WARN) << "shutting down: group layers' collectives still waiting after shutdown_grace_ms ("
-                  << config_.server.shutdown_grace.count() << " ms) give up now";
+  TUTEL_LOG(WARN) << "shutting down, shutdown_grace_ms (" << config_.server.shutdown_grace.count()
+                  << " ms) passed: group layers' collectives waiting now or started from now on give up";
   abandon_collectives_->store(true, std::memory_order_release);
 }
 

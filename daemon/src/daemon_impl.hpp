@@ -66,8 +66,7 @@ class DaemonImpl {
   Status restore_state();
   Status load_config_layers();
   // A group layer created with the spec of its checkpoint in state_dir resumes from it.
-  Status resume_group_layer(const std::string& tenant, const std::string& canonical_spec,
-                            LayerDefinition& def) const;
+  Status resume_group_layer(const std::string& tenant, LayerDefinition& def) const;
   Status listen(const std::string& path, mode_t mode, bool admin, uv_poll_t* poll, ipc::UniqueFd* fd);
   void accept_on(bool admin);
   void start_accepting(bool admin);  // polls that listener

@@ -33,7 +33,8 @@ int main(int argc, char** argv) {
   // create blocks there until its peers arrive, so a few pending groups must not starve the
   // session tear-downs and checkpoints queued behind them.
   // Creations may hold half of it (DaemonImpl::creation_slots_): 32 groups meeting at once on
-  // one daemon; the tenants share the rest fairly (DaemonImpl::tenant_work_).
+  // one daemon. Other control frames of one layer wait for each other on the loop, not here
+  // (DaemonImpl::layer_work_).
   ::setenv("UV_THREADPOOL_SIZE", "64", /*overwrite=*/0);
 
   auto config = tutel::daemon::load_config(config_path);

@@ -483,6 +483,7 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
   const LayerSpec& s = def_.spec;
   const int64_t M = s.model_dim, O = s.out_dim();
   std::lock_guard lock(mutex_);
+  ReapOrphansOnExit reap{*this};
   const auto key = std::make_pair(owner, sequence);
   auto device_lock = lock_device();
   if (Status down = rank_.health.check(); !down.ok())
@@ -586,6 +587,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
   const LayerSpec& s = def_.spec;
   const int64_t M = s.model_dim, O = s.out_dim();
   std::lock_guard lock(mutex_);
+  ReapOrphansOnExit reap{*this};
   auto device_lock = lock_device();
   if (Status down = rank_.health.check(); !down.ok())
     return group_ ? refuse_group_step(true, owner, sequence, std::move(down)) : down;
@@ -643,6 +645,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
 Status ServedLayer::refuse_step(bool backward, uint64_t owner, uint64_t sequence, Status why) {
   if (!group_ || why.ok()) return why;
   std::lock_guard lock(mutex_);
+  ReapOrphansOnExit reap{*this};
   auto device_lock = lock_device();
   return refuse_group_step(backward, owner, sequence, std::move(why));
 }
@@ -672,7 +675,37 @@ Status ServedLayer::refuse_group_step(bool backward, uint64_t owner, uint64_t se
 }
 
 void ServedLayer::drop_pending(uint64_t owner) {
-  std::lock_guard lock(mutex_);
+  std::unique_lock lock(mutex_, std::defer_lock);
+  if (group_) {
+    // A group layer may hold its lock for a whole collective (up to its collective timeout):
+    // the closing session does not wait for it; whoever holds the lock drops the entries on
+    // its way out (ReapOrphansOnExit).
+    if (!lock.try_lock()) {
+      {
+        std::lock_guard orphans(orphans_mutex_);
+        orphaned_owners_.push_back(owner);
+      }
+      // The holder may have left meanwhile, past its reaping; otherwise it reaps them, or (in
+      // the narrow window between its reaping and its unlock) the layer's next operation does.
+      if (lock.try_lock()) drop_orphans_locked();
+      return;
+    }
+  } else {
+    lock.lock();  // held for one op at a time, never for a collective
+  }
+  drop_pending_locked(owner);
+}
+
+void ServedLayer::drop_orphans_locked() {
+  std::vector<uint64_t> owners;
+  {
+    std::lock_guard orphans(orphans_mutex_);
+    owners.swap(orphaned_owners_);
+  }
+  for (const uint64_t owner : owners) drop_pending_locked(owner);
+}
+
+void ServedLayer::drop_pending_locked(uint64_t owner) {
   auto device_lock = lock_device();  // the entries free buffers of the rank's backend
   for (auto it = pending_.begin(); it != pending_.end();) {
     if (it->first.first != owner) {
@@ -688,6 +721,7 @@ void ServedLayer::drop_pending(uint64_t owner) {
 
 Result<int64_t> ServedLayer::step() {
   std::lock_guard lock(mutex_);
+  ReapOrphansOnExit reap{*this};
   auto device_lock = lock_device();
   // A group layer's step is a collective: a rank out of service fails it at its first op, and
   // its peers when their all-reduce times out.
@@ -732,6 +766,7 @@ Status ServedLayer::apply_optimizer() {
 
 Status ServedLayer::zero_grad() {
   std::lock_guard lock(mutex_);
+  ReapOrphansOnExit reap{*this};
   Backend& b = backend();
   auto device_lock = lock_device();
   TUTEL_RETURN_IF_ERROR(rank_.health.check());
@@ -752,6 +787,7 @@ uint64_t ServedLayer::save_bytes_bound() const {
 
 Status ServedLayer::save(const std::string& path) {
   std::lock_guard lock(mutex_);
+  ReapOrphansOnExit reap{*this};
   Backend& b = backend();
   // Device tensors are staged on the host; on the CPU backend this is one memcpy per tensor.
   std::vector<std::vector<float>> host;
@@ -783,6 +819,7 @@ Status ServedLayer::save(const std::string& path) {
 
 Status ServedLayer::load(const std::string& path) {
   std::lock_guard lock(mutex_);
+  ReapOrphansOnExit reap{*this};
   TUTEL_RETURN_IF_ERROR(rank_.health.check());
   Status loaded = load_locked(path, /*require_all=*/true);
   if (loaded.ok()) return loaded;

@@ -256,6 +256,19 @@ class ServedLayer {
     pending_bytes_ -= bytes;
     memory_->remove_pending(bytes);
   }
+  // Sessions whose drop_pending() found a group layer's mutex_ held: their entries are dropped
+  // by whoever holds it, on the way out of its operation (ReapOrphansOnExit, declared right
+  // after taking mutex_ in every operation that may hold it long).
+  std::mutex orphans_mutex_;
+  std::vector<uint64_t> orphaned_owners_;  // guarded by orphans_mutex_
+  void drop_orphans_locked();              // under mutex_
+  void drop_pending_locked(uint64_t owner);  // under mutex_
+  struct ReapOrphansOnExit {
+    ServedLayer& layer;
+    ~ReapOrphansOnExit() {
+      if (layer.group_) layer.drop_orphans_locked();
+    }
+  };
   std::unique_ptr<Pending> take_pending();         // a recycled entry, or a new one; under mutex_
   void recycle(std::unique_ptr<Pending> pending);  // under mutex_
   Shape shape_of(const std::string& name) const;  // this rank's shape of a parameter

@@ -154,6 +154,25 @@ TEST(UcxFailure, SilentPeerIsATimeoutNamingIt) {
   EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
 }
 
+// BootstrapOptions::cancel ends the bootstrap only: raised once the communicator is made (a
+// daemon shutting down while a group layer steps), the collectives go on, and only abandon
+// (raised after the shutdown's grace) ends them.
+TEST(UcxFailure, TheCancelFlagEndsTheBootstrapOnly) {
+  const uint16_t port = testing::free_port();
+  testing::ProcessGroup group(2, [&](int rank, const ChildChannel&) -> std::string {
+    BootstrapOptions o = loopback_options(port, rank, 2, 1, 60s);
+    auto cancel = std::make_shared<std::atomic<bool>>(false);
+    o.cancel = cancel;
+    auto comm = ucx_bootstrap(o);
+    if (!comm.ok()) return "bootstrap: " + comm.status().to_string();
+    cancel->store(true);
+    for (int i = 0; i < 3; ++i)
+      if (Status s = (*comm)->barrier(); !s.ok()) return "barrier after the bootstrap: " + s.to_string();
+    return "";
+  });
+  EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
+}
+
 // A process that shuts down raises BootstrapOptions::abandon: its collective waiting on a
 // silent peer gives up with kAborted instead of waiting out the collective timeout (a minute
 // here, far beyond the test), and the peer, once it calls, learns why from the notice.

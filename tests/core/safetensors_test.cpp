@@ -218,6 +218,18 @@ TEST_F(SafetensorsTest, WriteReplacesExistingFileAndLeavesNoTemporaries) {
   EXPECT_EQ(f->metadata().at("v"), "2");
 }
 
+// What the daemon's checkpoint quota skips, and removes at start, as a save's temporary file.
+TEST(SafetensorsTempName, MatchesOnlyTheWritersTemporaryFiles) {
+  EXPECT_TRUE(is_safetensors_temp_name(".w.safetensors.tmp-0123456789abcdef"));
+  EXPECT_TRUE(is_safetensors_temp_name(".x.tmp-FEDCBA9876543210"));
+  EXPECT_FALSE(is_safetensors_temp_name("w.safetensors"));
+  EXPECT_FALSE(is_safetensors_temp_name("w.safetensors.tmp-0123456789abcdef"));  // no leading dot
+  EXPECT_FALSE(is_safetensors_temp_name(".w.tmp-0123456789abcde"));              // 15 digits
+  EXPECT_FALSE(is_safetensors_temp_name(".w.tmp-0123456789abcdeg"));             // not hex
+  EXPECT_FALSE(is_safetensors_temp_name(".w.tmq-0123456789abcdef"));
+  EXPECT_FALSE(is_safetensors_temp_name(""));
+}
+
 TEST_F(SafetensorsTest, WriterRefusesBadInputAndKeepsTheOldFile) {
   const std::string path = file("keep.safetensors");
   const float data[4] = {1, 2, 3, 4};

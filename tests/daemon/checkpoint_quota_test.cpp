@@ -53,12 +53,27 @@ TEST_F(CheckpointQuotaTest, SavesUnderWayAndFilesOnDiskCountAgainstTheQuota) {
   EXPECT_EQ(quota.reserve((dir_ / "b.safetensors").string(), 600).status().code(), StatusCode::kResourceExhausted);
   // A save over the file replaces it, so only what it adds counts.
   EXPECT_TRUE(quota.reserve((dir_ / "a.safetensors").string(), 1000).ok());
-  // Files in subdirectories count; more than the whole quota never fits.
+  EXPECT_FALSE(quota.reserve((dir_ / "a.safetensors").string(), 1001).ok());
+}
+
+TEST_F(CheckpointQuotaTest, DirectoriesCountAndTemporaryFilesDoNot) {
+  const uint64_t dir_bytes = CheckpointQuota::kDirectoryBytes;
+  CheckpointQuota quota("t", dir_.string(), 3 * dir_bytes);
+  // Files in subdirectories count, and so does each directory.
   write(dir_ / "deep" / "er" / "c.safetensors", 300);
-  EXPECT_EQ(*quota.used_bytes(), 900u);
-  EXPECT_TRUE(quota.reserve((dir_ / "d.safetensors").string(), 100).ok());
-  EXPECT_FALSE(quota.reserve((dir_ / "e.safetensors").string(), 101).ok());
-  EXPECT_FALSE(quota.reserve((dir_ / "a.safetensors").string(), 2000).ok());
+  EXPECT_EQ(*quota.used_bytes(), 2 * dir_bytes + 300);
+  EXPECT_TRUE(quota.reserve((dir_ / "d.safetensors").string(), dir_bytes - 300).ok());
+  EXPECT_FALSE(quota.reserve((dir_ / "e.safetensors").string(), dir_bytes - 299).ok());
+  // A save's temporary file is covered by its reservation, not counted again; one a killed
+  // daemon left behind is removed at the next start.
+  write(dir_ / ".d.safetensors.tmp-0123456789abcdef", 5000);
+  write(dir_ / "deep" / ".x.tmp-fedcba9876543210", 5000);
+  EXPECT_EQ(*quota.used_bytes(), 2 * dir_bytes + 300);
+  auto removed = quota.remove_interrupted_saves();
+  ASSERT_TRUE(removed.ok()) << removed.status();
+  EXPECT_EQ(*removed, 2);
+  EXPECT_FALSE(fs::exists(dir_ / ".d.safetensors.tmp-0123456789abcdef"));
+  EXPECT_TRUE(fs::exists(dir_ / "deep" / "er" / "c.safetensors"));
 }
 
 TEST_F(CheckpointQuotaTest, LinksAreNeitherFollowedNorCounted) {

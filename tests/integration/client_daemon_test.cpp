@@ -189,12 +189,27 @@ TEST_F(ClientDaemon, AGroupLayerCreatedAgainResumesFromItsCheckpoint) {
   auto client = client::Client::connect(daemon_->client_socket());
   ASSERT_TRUE(client.ok()) << client.status();
   EXPECT_EQ(client->attach_layer("g").status().code(), StatusCode::kNotFound) << "not restored at start";
-  auto layer = client->create_layer(group_spec);
+  // With other timeouts (they change nothing the layer holds): the same layer.
+  auto layer = client->create_layer(group_spec + "bootstrap_timeout_ms = 7000\ncollective_timeout_ms = 6000\n");
   ASSERT_TRUE(layer.ok()) << layer.status() << daemon_->log();
   EXPECT_EQ(layer->info().step, 3);
   ASSERT_TRUE(layer->infer(x.data(), 8, y_after.data()).ok());
   EXPECT_EQ(y_after, y_before) << "the trained weights are back";
   EXPECT_NE(daemon_->log().find("resumes from"), std::string::npos) << daemon_->log();
+
+  // Another layer under the name (here another model_dim) is a new layer: it starts afresh.
+  layer = Status::Aborted("released");
+  client = Status::Aborted("disconnected");
+  ASSERT_EQ(daemon_->stop(), 0) << daemon_->log();
+  ASSERT_TRUE(daemon_->start());
+  auto other_client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(other_client.ok()) << other_client.status();
+  std::string other_spec = group_spec;
+  other_spec.replace(other_spec.find("model_dim = 16"), 14, "model_dim = 8");
+  auto other = other_client->create_layer(other_spec);
+  ASSERT_TRUE(other.ok()) << other.status() << daemon_->log();
+  EXPECT_EQ(other->info().step, 0);
+  EXPECT_NE(daemon_->log().find("is created afresh"), std::string::npos) << daemon_->log();
 }
 
 TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
@@ -296,6 +311,8 @@ TEST_F(ClientDaemon, ADestroyedLayersSeriesGoWithIt) {
   }
   const std::string after = ctl_json("metrics")["text"].get<std::string>();
   EXPECT_EQ(after.find("layer=\"churn"), std::string::npos) << after;
+  // Their parameters are gone from the tenant's memory too.
+  EXPECT_NE(after.find("\ntuteld_tenant_memory_bytes{tenant=\"default\"} 0\n"), std::string::npos) << after;
 }
 
 // The value of the series `name{labels}` in Prometheus text, or -1 when it is absent.

@@ -68,15 +68,17 @@ struct BootstrapOptions {
   // one group never joins another that was given the same address (the daemon passes
   // "<tenant>/<name>": one tenant's layer never joins another's). Empty: no name.
   std::string group_name;
-  // Raised by another thread, the bootstrap gives up within ~100 ms with kAborted instead of
-  // waiting out `timeout` for ranks that may never come (a daemon shutting down). Null: only
-  // the timeout ends it.
+  // Raised by another thread, the bootstrap (until its communicator is returned: the first
+  // barrier, which waits for every peer to connect, included) gives up within ~200 ms with
+  // kAborted instead of waiting out `timeout` for ranks that may never come (a daemon shutting
+  // down). Null: only the timeout ends it.
   std::shared_ptr<const std::atomic<bool>> cancel;
   // Raised by another thread, every collective of the resulting communicator (and of its
-  // sub-groups) that is waiting gives up within ~200 ms with kAborted, as on any failure: its
-  // peers are told why, and the communicator is broken. So is every later one. For a process
-  // that shuts down and will not wait out `collective_timeout` for peers that stopped calling.
-  // Null: only failures and timeouts end a collective.
+  // sub-groups) that is waiting notices within ~200 ms and gives up with kAborted, as on any
+  // failure: its peers are told why (its cleanup may take up to about a second more), and the
+  // communicator is broken. So does every later one. For a process that shuts down and will not
+  // wait out `collective_timeout` for peers that stopped calling. Null: only failures and
+  // timeouts end a collective. (nccl_bootstrap passes it on to its NCCL communicator.)
   std::shared_ptr<const std::atomic<bool>> abandon;
   // The deployment's peer secret (16 to 4096 bytes; empty: none). With one, every hello and
   // join proves it and every table is proven back (HMAC-SHA256 over both sides' fresh nonces; the secret

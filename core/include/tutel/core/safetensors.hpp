@@ -94,4 +94,8 @@ struct SafetensorsEntry {
 Status write_safetensors(const std::string& path, const std::vector<SafetensorsEntry>& tensors,
                          const std::map<std::string, std::string>& metadata = {});
 
+// Whether `filename` (no directory) has the form of write_safetensors' temporary files
+// (".<name>.tmp-" and 16 hex digits): one whose writer was interrupted if no write runs.
+bool is_safetensors_temp_name(std::string_view filename);
+
 }  // namespace tutel
