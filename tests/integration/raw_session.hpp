@@ -45,8 +45,12 @@ class RawSession {
   void send_bytes(const void* data, size_t n) { ASSERT_EQ(::write(fd_.get(), data, n), static_cast<ssize_t>(n)); }
 
   Status hello() {
-    TUTEL_RETURN_IF_ERROR(send(ipc::FrameType::kHello, {{"client", "raw"}, {"pid", ::getpid()}}));
-    TUTEL_ASSIGN_OR_RETURN(ipc::Frame reply, receive());
+    // A daemon that refuses the connection (max_sessions) says why and hangs up, maybe before
+    // the hello is sent: its reply is read even when the send failed, as the client library does.
+    const Status sent = send(ipc::FrameType::kHello, {{"client", "raw"}, {"pid", ::getpid()}});
+    Result<ipc::Frame> received = receive(sent.ok() ? 10s : 1s);
+    if (!received.ok()) return sent.ok() ? received.status() : sent;
+    ipc::Frame reply = std::move(received).value();
     TUTEL_ASSIGN_OR_RETURN(nlohmann::json body, ipc::reply_body(reply, ipc::FrameType::kHelloReply));
     if (reply.fds.size() != 1) return Status::Internal("hello reply carried " + std::to_string(reply.fds.size()) + " fds");
     TUTEL_ASSIGN_OR_RETURN(ipc::Arena arena, ipc::Arena::attach(std::move(reply.fds[0])));
