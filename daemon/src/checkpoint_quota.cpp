@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <functional>
 #include <system_error>
 #include <utility>
 #include <vector>
@@ -28,12 +29,11 @@ void CheckpointQuota::Reservation::release() {
   quota_ = nullptr;
 }
 
-Result<uint64_t> CheckpointQuota::used_bytes() const {
-  uint64_t used = 0;
+Status CheckpointQuota::for_each_entry(const std::function<void(const fs::directory_entry&)>& visit) const {
   std::error_code ec;
-  if (!fs::exists(dir_, ec)) return used;
-  // Links are neither followed nor counted: the daemon writes none, and one placed by hand
-  // must not make the quota read the file system outside the directory.
+  if (!fs::exists(dir_, ec)) return Status::OK();
+  // Links are neither followed nor visited: the daemon writes none, and one placed by hand must
+  // not make the quota read the file system outside the directory.
   for (fs::recursive_directory_iterator it(dir_, fs::directory_options::none, ec), end; !ec && it != end;
        it.increment(ec)) {
     std::error_code entry_ec;
@@ -41,34 +41,37 @@ Result<uint64_t> CheckpointQuota::used_bytes() const {
       it.disable_recursion_pending();
       continue;
     }
-    if (it->is_directory(entry_ec)) {
-      used += kDirectoryBytes;
-    } else if (it->is_regular_file(entry_ec) && !is_safetensors_temp_name(it->path().filename().string())) {
-      const uintmax_t size = it->file_size(entry_ec);
-      if (!entry_ec) used += size;
-    }
+    visit(*it);
   }
-  if (ec) return Status::IOError("cannot measure tenant '" + tenant_ + "''s checkpoints in " + dir_ + ": " + ec.message());
+  if (ec) return Status::IOError("cannot list tenant '" + tenant_ + "''s checkpoints in " + dir_ + ": " + ec.message());
+  return Status::OK();
+}
+
+Result<uint64_t> CheckpointQuota::used_bytes() const {
+  uint64_t used = 0;
+  TUTEL_RETURN_IF_ERROR(for_each_entry([&](const fs::directory_entry& entry) {
+    std::error_code ec;
+    if (entry.is_directory(ec)) {
+      used += kDirectoryBytes;
+    } else if (entry.is_regular_file(ec) && !is_safetensors_temp_name(entry.path().filename().string())) {
+      const uintmax_t size = entry.file_size(ec);
+      if (!ec) used += size;
+    }
+  }));
   return used;
 }
 
 Result<int64_t> CheckpointQuota::remove_interrupted_saves() {
-  std::error_code ec;
-  if (!fs::exists(dir_, ec)) return int64_t{0};
   std::vector<fs::path> stale;
-  for (fs::recursive_directory_iterator it(dir_, fs::directory_options::none, ec), end; !ec && it != end;
-       it.increment(ec)) {
-    std::error_code entry_ec;
-    if (it->is_symlink(entry_ec)) {
-      it.disable_recursion_pending();
-      continue;
-    }
-    if (it->is_regular_file(entry_ec) && is_safetensors_temp_name(it->path().filename().string()))
-      stale.push_back(it->path());
-  }
-  if (ec) return Status::IOError("cannot list tenant '" + tenant_ + "''s checkpoints in " + dir_ + ": " + ec.message());
-  for (const fs::path& p : stale)
+  TUTEL_RETURN_IF_ERROR(for_each_entry([&](const fs::directory_entry& entry) {
+    std::error_code ec;
+    if (entry.is_regular_file(ec) && is_safetensors_temp_name(entry.path().filename().string()))
+      stale.push_back(entry.path());
+  }));
+  for (const fs::path& p : stale) {
+    std::error_code ec;
     if (!fs::remove(p, ec) && ec) return Status::IOError("cannot remove " + p.string() + ": " + ec.message());
+  }
   return static_cast<int64_t>(stale.size());
 }
 

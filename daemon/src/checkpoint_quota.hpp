@@ -17,6 +17,8 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
+#include <functional>
 #include <mutex>
 #include <string>
 
@@ -57,6 +59,9 @@ class CheckpointQuota {
   static constexpr uint64_t kDirectoryBytes = 4096;
 
  private:
+  // Calls `visit` for every entry under the directory, links neither followed nor visited.
+  Status for_each_entry(const std::function<void(const std::filesystem::directory_entry&)>& visit) const;
+
   const std::string tenant_;
   const std::string dir_;
   const uint64_t max_bytes_;

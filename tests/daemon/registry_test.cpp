@@ -10,6 +10,7 @@
 #include <atomic>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -74,6 +75,20 @@ void at_once(int n, Fn fn) {
   for (auto& t : threads) t.join();
 }
 
+// How many of `created` succeeded; each refusal must be ResourceExhausted saying `why`.
+int count_created(const std::vector<Result<LayerRef>>& created, std::string_view why) {
+  int ok = 0;
+  for (const auto& c : created) {
+    if (c.ok()) {
+      ++ok;
+      continue;
+    }
+    EXPECT_EQ(c.status().code(), StatusCode::kResourceExhausted) << c.status();
+    EXPECT_NE(c.status().message().find(why), std::string_view::npos) << c.status();
+  }
+  return ok;
+}
+
 TEST(Registry, ConcurrentDestroysOfOneLayerReleaseItsParametersOnce) {
   OneRankRegistry r(/*max_layers=*/64);
   const LayerDefinition def = definition("moe", 64);
@@ -106,16 +121,7 @@ TEST(Registry, ConcurrentCreationsStayWithinMaxLayers) {
     std::vector<Result<LayerRef>> created(3, Status::Internal("not run"));
     // Layers large enough that their construction (outside the registry's lock) overlaps.
     at_once(3, [&](int i) { created[i] = r.registry->create("a", definition("l" + std::to_string(i), 256), ""); });
-    int ok = 0;
-    for (const auto& c : created) {
-      if (c.ok()) {
-        ++ok;
-        continue;
-      }
-      EXPECT_EQ(c.status().code(), StatusCode::kResourceExhausted) << c.status();
-      EXPECT_NE(c.status().message().find("quota of 1 layers"), std::string_view::npos) << c.status();
-    }
-    EXPECT_EQ(ok, 1);
+    EXPECT_EQ(count_created(created, "quota of 1 layers"), 1);
     EXPECT_EQ(r.registry->layer_count("a"), 1);
     for (const auto& c : created) {
       if (c.ok()) {
@@ -150,16 +156,7 @@ TEST(Registry, ConcurrentCreationsNeverAllocatePastMaxMemoryBytes) {
     const uint64_t before = allocations.allocated();
     std::vector<Result<LayerRef>> created(3, Status::Internal("not run"));
     at_once(3, [&](int i) { created[i] = r.registry->create("a", definition("l" + std::to_string(i), 1024, 256), ""); });
-    int ok = 0;
-    for (const auto& c : created) {
-      if (c.ok()) {
-        ++ok;
-        continue;
-      }
-      EXPECT_EQ(c.status().code(), StatusCode::kResourceExhausted) << c.status();
-      EXPECT_NE(c.status().message().find("max_memory_bytes"), std::string_view::npos) << c.status();
-    }
-    EXPECT_EQ(ok, 1);
+    EXPECT_EQ(count_created(created, "max_memory_bytes"), 1);
     EXPECT_EQ(r.registry->memory_bytes("a"), layer_bytes);
     EXPECT_LE(allocations.allocated() - before, quota) << "refused creations allocated before they were refused";
     for (const auto& c : created)

@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <string>
 #include <future>
+#include <optional>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -49,13 +50,16 @@ class ProtocolAbuse : public ::testing::Test {
       EXPECT_EQ(daemon_->stop(), 0) << daemon_->log();
     }
   }
+  // Restarts the daemon with other options.
+  void restart(const DaemonOptions& options) {
+    daemon_->stop();
+    daemon_ = std::make_unique<DaemonProcess>(options);
+    ASSERT_TRUE(daemon_->start());
+  }
   // Restarts the daemon with a second tenant, "other", for uid 65534 (nobody), whose clients run
   // in children that drop to that uid; its socket and directories are opened to them.
   void restart_with_other_tenant() {
-    daemon_->stop();
-    daemon_ = std::make_unique<DaemonProcess>(
-        DaemonOptions{.extra_tenants = "[[tenant]]\nname = \"other\"\nuids = [65534]\n"});
-    ASSERT_TRUE(daemon_->start());
+    ASSERT_NO_FATAL_FAILURE(restart(DaemonOptions{.extra_tenants = "[[tenant]]\nname = \"other\"\nuids = [65534]\n"}));
     ::chmod(daemon_->client_socket().c_str(), 0666);
     ::chmod(daemon_->dir().c_str(), 0755);
     ::chmod((daemon_->dir() + "/run").c_str(), 0755);
@@ -80,6 +84,37 @@ class ProtocolAbuse : public ::testing::Test {
       ASSERT_TRUE(info.ok()) << info.status();
       handles.push_back((*info)["handle"].get<uint64_t>());
     }
+  }
+  // Polls the admin status until it counts `expected` client sessions, up to 20 s
+  // (a bound that only keeps a broken daemon from hanging the test); the last count.
+  int64_t await_sessions(int64_t expected) {
+    RawSession admin(daemon_->admin_socket());
+    int64_t open = -1;
+    for (int i = 0; i < 400 && open != expected; ++i) {
+      auto st = admin.call(ipc::FrameType::kAdminStatus, nlohmann::json::object(), ipc::FrameType::kOk);
+      EXPECT_TRUE(st.ok()) << st.status();
+      if (!st.ok()) break;
+      open = (*st)["sessions"].get<int64_t>();
+      if (open != expected) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return open;
+  }
+  // Rank 1's forward comes, and the group's forward completes on both ranks: rank 0's was `held`.
+  static void complete_group_forward(std::future<std::optional<ipc::CompletionDescriptor>>& held,
+                                     RawSession& rank1, uint64_t rank1_handle) {
+    const auto second = forward8(rank1, rank1_handle);
+    const auto first = held.get();
+    ASSERT_TRUE(first.has_value() && second.has_value());
+    EXPECT_EQ(first->status_code, 0) << first->message;
+    EXPECT_EQ(second->status_code, 0) << second->message;
+  }
+  // Rank 0's forward of a two-rank group, in its collective waiting for rank 1's once this
+  // returns (300 ms given to get there).
+  static std::future<std::optional<ipc::CompletionDescriptor>> hold_group_forward(RawSession& rank0,
+                                                                                  uint64_t handle) {
+    auto held = std::async(std::launch::async, [&rank0, handle] { return forward8(rank0, handle); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    return held;
   }
   // A forward of 8 tokens on `handle`, from and to `s`'s arena; its completion.
   static std::optional<ipc::CompletionDescriptor> forward8(RawSession& s, uint64_t handle) {
@@ -461,14 +496,11 @@ TEST_F(ProtocolAbuse, AShutdownCancelsAGroupLayerWaitingForPeersThatNeverCome) {
 // waits shutdown_grace_ms for it, then the collective gives up: the daemon exits and writes its
 // checkpoints instead of being killed at the end of its stop timeout with them unwritten.
 TEST_F(ProtocolAbuse, AShutdownGivesUpACollectiveWhosePeerStoppedCalling) {
-  daemon_->stop();
-  daemon_ = std::make_unique<DaemonProcess>(DaemonOptions{.extra_server = "shutdown_grace_ms = 200\n"});
-  ASSERT_TRUE(daemon_->start());
+  ASSERT_NO_FATAL_FAILURE(restart(DaemonOptions{.extra_server = "shutdown_grace_ms = 200\n"}));
   RawSession rank0(daemon_->client_socket()), rank1(daemon_->client_socket());
   std::vector<uint64_t> handles;
   ASSERT_NO_FATAL_FAILURE(create_two_rank_group(rank0, rank1, handles));
-  auto held = std::async(std::launch::async, [&] { return forward8(rank0, handles[0]); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // in its collective by now
+  auto held = hold_group_forward(rank0, handles[0]);
   ASSERT_NE(held.wait_for(std::chrono::milliseconds(0)), std::future_status::ready);
 
   // stop() sends SIGTERM and kills the daemon (137) if it has not exited within 30 s.
@@ -491,28 +523,15 @@ TEST_F(ProtocolAbuse, AClosingSessionDoesNotWaitForItsOwnTenantsBusyGroupLayer) 
   RawSession rank0(daemon_->client_socket()), rank1(daemon_->client_socket());
   std::vector<uint64_t> handles;
   ASSERT_NO_FATAL_FAILURE(create_two_rank_group(rank0, rank1, handles));
-  auto held = std::async(std::launch::async, [&] { return forward8(rank0, handles[0]); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // in its collective by now
+  auto held = hold_group_forward(rank0, handles[0]);
   {
     RawSession idle(daemon_->client_socket());
     ASSERT_TRUE(idle.hello().ok());
   }  // hangs up
-  RawSession admin(daemon_->admin_socket());
-  int64_t open = -1;
-  for (int i = 0; i < 400 && open != 2; ++i) {
-    auto st = admin.call(ipc::FrameType::kAdminStatus, nlohmann::json::object(), ipc::FrameType::kOk);
-    ASSERT_TRUE(st.ok()) << st.status();
-    open = (*st)["sessions"].get<int64_t>();
-    if (open != 2) std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  EXPECT_EQ(open, 2) << "the closed session is still there";
+  EXPECT_EQ(await_sessions(2), 2) << "the closed session is still there";
   EXPECT_NE(held.wait_for(std::chrono::milliseconds(0)), std::future_status::ready)
       << "rank 0's forward ended before the closed session went";
-  const auto second = forward8(rank1, handles[1]);
-  const auto first = held.get();
-  ASSERT_TRUE(first.has_value() && second.has_value());
-  EXPECT_EQ(first->status_code, 0) << first->message;
-  EXPECT_EQ(second->status_code, 0) << second->message;
+  complete_group_forward(held, rank1, handles[1]);
 }
 
 // A session that hangs up while its request waits (here a group layer's forward whose peer
@@ -520,14 +539,11 @@ TEST_F(ProtocolAbuse, AClosingSessionDoesNotWaitForItsOwnTenantsBusyGroupLayer) 
 // meanwhile: it keeps its place under max_sessions until then, so a client cannot stack such
 // sessions up by reconnecting.
 TEST_F(ProtocolAbuse, AClosingSessionKeepsItsPlaceUntilItsRequestHasFinished) {
-  daemon_->stop();
-  daemon_ = std::make_unique<DaemonProcess>(DaemonOptions{.default_max_sessions = 2});
-  ASSERT_TRUE(daemon_->start());
+  ASSERT_NO_FATAL_FAILURE(restart(DaemonOptions{.default_max_sessions = 2}));
   RawSession rank0(daemon_->client_socket()), rank1(daemon_->client_socket());
   std::vector<uint64_t> handles;
   ASSERT_NO_FATAL_FAILURE(create_two_rank_group(rank0, rank1, handles));
-  auto held = std::async(std::launch::async, [&] { return forward8(rank0, handles[0]); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // in its collective by now
+  auto held = hold_group_forward(rank0, handles[0]);
   ASSERT_EQ(::shutdown(rank0.fd(), SHUT_RDWR), 0);
   // Until the daemon has seen the hang-up: the session is closing, and left the listing.
   RawSession admin(daemon_->admin_socket());
@@ -579,8 +595,7 @@ TEST_F(ProtocolAbuse, FramesQueuedOnABusyLayerHoldOnePoolThreadBetweenThem) {
   RawSession rank0(daemon_->client_socket()), rank1(daemon_->client_socket());
   std::vector<uint64_t> handles;
   ASSERT_NO_FATAL_FAILURE(create_two_rank_group(rank0, rank1, handles));
-  auto held = std::async(std::launch::async, [&] { return forward8(rank0, handles[0]); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // in its collective by now
+  auto held = hold_group_forward(rank0, handles[0]);
   std::vector<std::unique_ptr<RawSession>> queued;
   for (int i = 0; i < 6; ++i) {
     queued.push_back(std::make_unique<RawSession>(daemon_->client_socket()));
@@ -596,12 +611,7 @@ TEST_F(ProtocolAbuse, FramesQueuedOnABusyLayerHoldOnePoolThreadBetweenThem) {
   ASSERT_NE(held.wait_for(std::chrono::milliseconds(0)), std::future_status::ready);
 
   // Rank 1 comes: the forward completes, then each queued frame in turn.
-  const auto second = forward8(rank1, handles[1]);
-  ASSERT_TRUE(second.has_value());
-  EXPECT_EQ(second->status_code, 0) << second->message;
-  const auto first = held.get();
-  ASSERT_TRUE(first.has_value());
-  EXPECT_EQ(first->status_code, 0) << first->message;
+  ASSERT_NO_FATAL_FAILURE(complete_group_forward(held, rank1, handles[1]));
   for (auto& q : queued) {
     auto reply = q->receive(std::chrono::seconds(30));
     ASSERT_TRUE(reply.ok()) << reply.status();
@@ -614,10 +624,8 @@ TEST_F(ProtocolAbuse, FramesQueuedOnABusyLayerHoldOnePoolThreadBetweenThem) {
 // does not fit is refused before anything is written, a save over an old file still fits, and a
 // load creates no directory.
 TEST_F(ProtocolAbuse, ClientSavesAreBoundedByTheTenantsDiskQuota) {
-  daemon_->stop();
   // One checkpoint of kSpec (AdamW: values and two moments, 4352 floats each) is about 53 KB.
-  daemon_ = std::make_unique<DaemonProcess>(DaemonOptions{.default_tenant_extra = "max_checkpoint_bytes = 100000\n"});
-  ASSERT_TRUE(daemon_->start());
+  ASSERT_NO_FATAL_FAILURE(restart(DaemonOptions{.default_tenant_extra = "max_checkpoint_bytes = 100000\n"}));
   RawSession s(daemon_->client_socket());
   ASSERT_TRUE(s.hello().ok());
   auto handle = s.create_layer(kSpec);
@@ -648,10 +656,8 @@ TEST_F(ProtocolAbuse, ClientSavesAreBoundedByTheTenantsDiskQuota) {
 // A group's timeouts are bounded by the daemon's [server] max_bootstrap_timeout_ms and
 // max_collective_timeout_ms: a spec above either is refused before anything waits.
 TEST_F(ProtocolAbuse, GroupTimeoutsAboveTheDaemonsLimitsAreRefused) {
-  daemon_->stop();
-  daemon_ = std::make_unique<DaemonProcess>(DaemonOptions{
-      .extra_server = "max_bootstrap_timeout_ms = 20000\nmax_collective_timeout_ms = 10000\n"});
-  ASSERT_TRUE(daemon_->start());
+  ASSERT_NO_FATAL_FAILURE(restart(DaemonOptions{
+      .extra_server = "max_bootstrap_timeout_ms = 20000\nmax_collective_timeout_ms = 10000\n"}));
   RawSession s(daemon_->client_socket());
   ASSERT_TRUE(s.hello().ok());
   const std::string group =
@@ -760,8 +766,7 @@ TEST_F(ProtocolAbuse, AClosingSessionDoesNotWaitForAnotherTenantsBusyLayer) {
   std::vector<uint64_t> handles;
   ASSERT_NO_FATAL_FAILURE(create_two_rank_group(rank0, rank1, handles));
   // Rank 0's forward waits in its collective for rank 1, holding its layer.
-  auto held = std::async(std::launch::async, [&] { return forward8(rank0, handles[0]); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  auto held = hold_group_forward(rank0, handles[0]);
 
   // The other tenant's session opens and closes meanwhile.
   const pid_t child = ::fork();
@@ -774,27 +779,11 @@ TEST_F(ProtocolAbuse, AClosingSessionDoesNotWaitForAnotherTenantsBusyLayer) {
   int status = 0;
   ASSERT_EQ(::waitpid(child, &status, 0), child);
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << WEXITSTATUS(status);
-  // Its session goes while rank 0's forward still waits (the loop's bound only keeps a broken
-  // daemon from hanging the test).
-  RawSession admin(daemon_->admin_socket());
-  int64_t open = -1;
-  for (int i = 0; i < 400 && held.wait_for(std::chrono::milliseconds(0)) != std::future_status::ready; ++i) {
-    auto st = admin.call(ipc::FrameType::kAdminStatus, nlohmann::json::object(), ipc::FrameType::kOk);
-    ASSERT_TRUE(st.ok()) << st.status();
-    open = (*st)["sessions"].get<int64_t>();
-    if (open == 2) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  EXPECT_EQ(open, 2) << "the other tenant's closed session is still open";
+  // Its session goes while rank 0's forward still waits.
+  EXPECT_EQ(await_sessions(2), 2) << "the other tenant's closed session is still open";
   EXPECT_NE(held.wait_for(std::chrono::milliseconds(0)), std::future_status::ready)
       << "rank 0's forward ended before the other tenant's session went";
-
-  // Rank 1 comes: the group's forward completes on both ranks.
-  const auto second = forward8(rank1, handles[1]);
-  const auto first = held.get();
-  ASSERT_TRUE(first.has_value() && second.has_value());
-  EXPECT_EQ(first->status_code, 0) << first->message;
-  EXPECT_EQ(second->status_code, 0) << second->message;
+  complete_group_forward(held, rank1, handles[1]);
 }
 
 // A client that sends requests and never reads the replies: its replies wait in the daemon, the
