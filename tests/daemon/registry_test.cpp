@@ -159,8 +159,11 @@ TEST(Registry, ConcurrentCreationsNeverAllocatePastMaxMemoryBytes) {
     EXPECT_EQ(count_created(created, "max_memory_bytes"), 1);
     EXPECT_EQ(r.registry->memory_bytes("a"), layer_bytes);
     EXPECT_LE(allocations.allocated() - before, quota) << "refused creations allocated before they were refused";
-    for (const auto& c : created)
-      if (c.ok()) ASSERT_TRUE(r.registry->destroy("a", c->handle).ok());
+    for (const auto& c : created) {
+      if (c.ok()) {
+        ASSERT_TRUE(r.registry->destroy("a", c->handle).ok());
+      }
+    }
     created.clear();
     ASSERT_EQ(r.registry->memory_bytes("a"), 0u);
     ASSERT_EQ(r.registry->tenant_memory("a")->total_bytes(), 0u);

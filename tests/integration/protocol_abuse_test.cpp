@@ -328,7 +328,7 @@ TEST_F(ProtocolAbuse, BadSpecsAreRefusedWithTheKey) {
   EXPECT_EQ(save.status().code(), StatusCode::kInvalidArgument) << save.status();
   // Control characters: a NUL would cut the path short in the file system's calls, a newline
   // would forge a line of the daemon's log. Refused, and echoed escaped; nothing is written.
-  for (const std::string path : {std::string("a\0/../../../escape.safetensors", 31), std::string("x\nforged.safetensors")}) {
+  for (const std::string& path : {std::string("a\0/../../../escape.safetensors", 31), std::string("x\nforged.safetensors")}) {
     for (const ipc::FrameType type : {ipc::FrameType::kSave, ipc::FrameType::kLoad}) {
       auto r = s.call(type, {{"handle", (*h)["handle"]}, {"path", path}}, ipc::FrameType::kOk);
       EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
