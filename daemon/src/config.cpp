@@ -370,13 +370,58 @@ Status parse_metrics_listen(const Scope& s, ServerConfig& server) {
   return Status::OK();
 }
 
+// coordinator_networks = ["10.0.0.0/8", "127.0.0.1/32"], coordinator_ports = [1024, 65535].
+Status parse_coordinator_bounds(const Scope& s, ServerConfig& server) {
+  if (const toml::node* n = s.find("coordinator_networks"); n != nullptr) {
+    const toml::array* a = n->as_array();
+    if (a == nullptr)
+      return s.error(*n, "coordinator_networks",
+                     "expected an array of IPv4 networks such as [\"10.0.0.0/8\"], got " + toml_reader::describe(*n));
+    for (size_t i = 0; i < a->size(); ++i) {
+      const toml::node& e = *a->get(i);
+      const auto* text = e.as_string();
+      ServerConfig::Ipv4Network net;
+      bool ok = text != nullptr;
+      if (ok) {
+        const std::string& t = text->get();
+        const size_t slash = t.find('/');
+        in_addr addr{};
+        char* end = nullptr;
+        const long prefix = slash == std::string::npos ? -1 : std::strtol(t.c_str() + slash + 1, &end, 10);
+        ok = slash != std::string::npos && end != t.c_str() + slash + 1 && *end == '\0' && prefix >= 0 &&
+             prefix <= 32 && ::inet_pton(AF_INET, t.substr(0, slash).c_str(), &addr) == 1;
+        if (ok) {
+          net.prefix = static_cast<int>(prefix);
+          const uint32_t mask = net.prefix == 0 ? 0 : ~uint32_t{0} << (32 - net.prefix);
+          net.address = ntohl(addr.s_addr) & mask;
+          net.text = t;
+        }
+      }
+      if (!ok)
+        return s.error_at(e.source(), s.key_path("coordinator_networks") + "[" + std::to_string(i) + "]",
+                          "expected an IPv4 network \"<address>/<prefix 0-32>\", got " + toml_reader::describe(e));
+      server.coordinator_networks.push_back(std::move(net));
+    }
+  }
+  std::vector<int> ports;
+  TUTEL_RETURN_IF_ERROR(get_int_array(s, "coordinator_ports", 1, 65535, ports));
+  if (s.find("coordinator_ports") != nullptr) {
+    if (ports.size() != 2 || ports[0] > ports[1])
+      return s.error_near("coordinator_ports", "expected [lowest, highest], two ports in ascending order, such as "
+                                               "[1024, 65535]");
+    server.coordinator_ports = {ports[0], ports[1]};
+  }
+  return Status::OK();
+}
+
 Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& server) {
   TUTEL_ASSIGN_OR_RETURN(const toml::table* t, get_table(root, "server", true, "[server]"));
   const Scope s = root.child(*t, "server", "[server]");
   TUTEL_RETURN_IF_ERROR(
       s.check_keys({"client_socket", "admin_socket", "state_dir", "metrics_listen", "log_level",
                     "spin_us", "arena_bytes", "peer_secret_file", "hello_timeout_ms",
-                    "max_bootstrap_timeout_ms", "max_collective_timeout_ms", "shutdown_grace_ms"}));
+                    "max_bootstrap_timeout_ms", "max_collective_timeout_ms", "shutdown_grace_ms",
+                    "coordinator_networks", "coordinator_ports"}));
   for (auto [key, out] : {std::pair{"client_socket", &server.client_socket},
                           std::pair{"admin_socket", &server.admin_socket}}) {
     TUTEL_RETURN_IF_ERROR(get_path(s, key, base_dir, true, *out));
@@ -397,6 +442,7 @@ Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& s
   int64_t grace_ms = server.shutdown_grace.count();
   TUTEL_RETURN_IF_ERROR(get_int(s, "shutdown_grace_ms", 0, 600'000, grace_ms));
   server.shutdown_grace = std::chrono::milliseconds(grace_ms);
+  TUTEL_RETURN_IF_ERROR(parse_coordinator_bounds(s, server));
   TUTEL_RETURN_IF_ERROR(parse_metrics_listen(s, server));
   TUTEL_RETURN_IF_ERROR(get_enum(s, "log_level", "\"debug\", \"info\", \"warn\", \"error\"",
                                  parse_log_level, server.log_level));
@@ -609,8 +655,32 @@ std::string_view optimizer_kind_name(OptimizerKind kind) {
   return kind == OptimizerKind::kSgd ? "sgd" : "adamw";
 }
 
+bool ServerConfig::Ipv4Network::contains(uint32_t host_order_address) const {
+  const uint32_t mask = prefix == 0 ? 0 : ~uint32_t{0} << (32 - prefix);
+  return (host_order_address & mask) == address;
+}
+
 Status check_layer_limits(const ServerConfig& server, const LayerDefinition& def) {
   if (!def.group) return Status::OK();
+  if (const GroupConfig& g = *def.group; g.coordinator_port != 0) {
+    const std::string where = g.coordinator_host + ":" + std::to_string(g.coordinator_port);
+    const auto [lowest, highest] = server.coordinator_ports;
+    if (g.coordinator_port < lowest || g.coordinator_port > highest)
+      return Status::PermissionDenied("group.coordinator " + where + ": this tuteld's [server] coordinator_ports allow " +
+                                      std::to_string(lowest) + " to " + std::to_string(highest) +
+                                      "; choose a port in that range");
+    in_addr addr{};
+    const bool parsed = ::inet_pton(AF_INET, g.coordinator_host.c_str(), &addr) == 1;
+    bool allowed = server.coordinator_networks.empty();
+    for (const ServerConfig::Ipv4Network& net : server.coordinator_networks)
+      allowed = allowed || (parsed && net.contains(ntohl(addr.s_addr)));
+    if (!allowed) {
+      std::string list;
+      for (const ServerConfig::Ipv4Network& net : server.coordinator_networks) list += (list.empty() ? "" : ", ") + net.text;
+      return Status::PermissionDenied("group.coordinator " + where + " is outside this tuteld's [server] "
+                                      "coordinator_networks (" + list + "); use an address in one of them");
+    }
+  }
   for (const auto& [key, asked, most] :
        {std::tuple{"bootstrap_timeout_ms", def.group->bootstrap_timeout, server.max_bootstrap_timeout},
         std::tuple{"collective_timeout_ms", def.group->collective_timeout, server.max_collective_timeout}})

@@ -124,6 +124,8 @@ TEST(ConfigTest, ExampleShowsTheDefaults) {
   EXPECT_EQ(c.server.max_bootstrap_timeout, s.max_bootstrap_timeout);
   EXPECT_EQ(c.server.max_collective_timeout, s.max_collective_timeout);
   EXPECT_EQ(c.server.shutdown_grace, s.shutdown_grace);
+  EXPECT_EQ(c.server.coordinator_ports, s.coordinator_ports);
+  EXPECT_TRUE(c.server.coordinator_networks.empty());
   const BackendConfig b;
   EXPECT_EQ(c.backend.threads_per_rank, b.threads_per_rank);
   const TenantConfig t;
@@ -162,6 +164,49 @@ TEST(ConfigTest, AGroupLayerWithinTheServersTimeoutBounds) {
                {"group.bootstrap_timeout_ms = 2001 is above this tuteld's [server] max_bootstrap_timeout_ms (2000)"});
   expect_error(server + layer + "bootstrap_timeout_ms = 2000\ncollective_timeout_ms = 1001\n", "layer[0].group",
                {"group.collective_timeout_ms = 1001 is above", "max_collective_timeout_ms (1000)"});
+}
+
+// Where a group may put a coordinator of its own: a port in coordinator_ports (not a privileged
+// one by default) and an address in coordinator_networks (any while the list is empty).
+TEST(ConfigTest, GroupCoordinatorsWithinTheServersNetworksAndPorts) {
+  const std::string tenant = "[[tenant]]\nname = \"a\"\nuids = [1000]\n";
+  const std::string server = "[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\n";
+  auto layer = [](const std::string& coordinator) {
+    return "[[layer]]\nname = \"g\"\ntenant = \"a\"\nexperts = 2\nmodel_dim = 2\nhidden = 2\ninit_seed = 1\n"
+           "[layer.group] #!\ncoordinator = \"" + coordinator + "\"\nsize = 2\nrank = 0\n";
+  };
+  const Config any = parse_ok(server + tenant + layer("127.0.0.1:1024"));
+  EXPECT_TRUE(any.server.coordinator_networks.empty());
+  EXPECT_EQ(any.server.coordinator_ports, (std::pair<int, int>{1024, 65535}));
+  expect_error(server + tenant + layer("127.0.0.1:80"), "layer[0].group",
+               {"group.coordinator 127.0.0.1:80: this tuteld's [server] coordinator_ports allow 1024 to 65535"});
+
+  const std::string narrow = server + "coordinator_networks = [\"127.0.0.0/8\", \"127.0.0.1/32\"]\n"
+                                      "coordinator_ports = [7000, 7099]\n" + tenant;
+  const Config c = parse_ok(narrow + layer("127.1.2.3:7001"));
+  ASSERT_EQ(c.server.coordinator_networks.size(), 2u);
+  EXPECT_EQ(c.server.coordinator_networks[0].prefix, 8);
+  EXPECT_TRUE(c.server.coordinator_networks[1].contains(0x7f000001u));
+  EXPECT_FALSE(c.server.coordinator_networks[1].contains(0x7f000002u));
+  expect_error(narrow + layer("127.0.0.1:7100"), "layer[0].group", {"allow 7000 to 7099"});
+  const std::string only_one = server + "coordinator_networks = [\"127.0.0.2/32\"]\n" + tenant;
+  expect_error(only_one + layer("127.0.0.1:7001"), "layer[0].group",
+               {"group.coordinator 127.0.0.1:7001 is outside this tuteld's [server] coordinator_networks (127.0.0.2/32)"});
+  // A network written with host bits is the network they are in; /0 is every address.
+  EXPECT_TRUE(parse_ok(server + "coordinator_networks = [\"127.9.9.9/0\"]\n" + tenant + layer("127.0.0.1:7001"))
+                  .server.coordinator_networks[0].contains(0x7f000001u));
+
+  // Malformed values.
+  expect_error(server + "coordinator_networks = \"127.0.0.0/8\" #!\n", "server.coordinator_networks",
+               {"expected an array of IPv4 networks"});
+  for (const char* bad : {"[\"127.0.0.1\"]", "[\"127.0.0.0/33\"]", "[\"x/8\"]", "[8]", "[\"127.0.0.0/\"]",
+                          "[\"127.0.0.0/8x\"]", "[\"127.0.0.0/-1\"]"})
+    expect_error(server + "coordinator_networks = " + bad + " #!\n", "server.coordinator_networks[0]",
+                 {"expected an IPv4 network"});
+  for (const char* bad : {"[1024]", "[2000, 1000]", "[1, 2, 3]", "\"1024-65535\""})
+    expect_error(server + "coordinator_ports = " + bad + " #!\n", "server.coordinator_ports", {});
+  expect_error(server + "coordinator_ports = [0, 10] #!\n", "server.coordinator_ports[0]", {"got 0"});
+  expect_error(server + "coordinator_ports = [1, 65536] #!\n", "server.coordinator_ports[1]", {"got 65536"});
 }
 
 TEST(ConfigTest, DefaultsOfAMinimalConfig) {

@@ -653,19 +653,30 @@ TEST_F(ProtocolAbuse, ClientSavesAreBoundedByTheTenantsDiskQuota) {
   expect_daemon_serves();
 }
 
-// A group's timeouts are bounded by the daemon's [server] max_bootstrap_timeout_ms and
-// max_collective_timeout_ms: a spec above either is refused before anything waits.
-TEST_F(ProtocolAbuse, GroupTimeoutsAboveTheDaemonsLimitsAreRefused) {
+// A group is bounded by the daemon's [server] limits, and a spec outside them is refused before
+// anything listens, connects or waits: its timeouts by max_bootstrap_timeout_ms and
+// max_collective_timeout_ms, its own coordinator's address by coordinator_ports (a privileged
+// port, which a root daemon could bind for the client, by default) and coordinator_networks.
+TEST_F(ProtocolAbuse, GroupSpecsOutsideTheDaemonsLimitsAreRefused) {
   ASSERT_NO_FATAL_FAILURE(restart(DaemonOptions{
-      .extra_server = "max_bootstrap_timeout_ms = 20000\nmax_collective_timeout_ms = 10000\n"}));
+      .extra_server = "max_bootstrap_timeout_ms = 20000\nmax_collective_timeout_ms = 10000\n"
+                      "coordinator_networks = [\"127.0.0.2/32\"]\n"}));
   RawSession s(daemon_->client_socket());
   ASSERT_TRUE(s.hello().ok());
-  const std::string group =
-      std::string(kSpec) + "[group]\ncoordinator = \"127.0.0.1:" + std::to_string(free_port()) + "\"\nsize = 2\nrank = 0\n";
+  const std::string in_network = "127.0.0.2:" + std::to_string(free_port());
+  auto group = [](const std::string& coordinator) {
+    return std::string(kSpec) + "[group]\ncoordinator = \"" + coordinator + "\"\nsize = 2\nrank = 0\n";
+  };
+  for (const std::string& coordinator : {std::string("127.0.0.2:80"), "127.0.0.1:" + std::to_string(free_port())}) {
+    auto refused = s.create_layer(group(coordinator));
+    EXPECT_EQ(refused.status().code(), StatusCode::kPermissionDenied) << refused.status();
+    EXPECT_NE(refused.status().message().find("group.coordinator " + coordinator), std::string_view::npos)
+        << refused.status();
+  }
   for (const auto& [line, key, limit] :
        {std::tuple{"bootstrap_timeout_ms = 20001\n", "max_bootstrap_timeout_ms", "20000"},
         std::tuple{"collective_timeout_ms = 3600000\n", "max_collective_timeout_ms", "10000"}}) {
-    auto refused = s.create_layer(group + line);
+    auto refused = s.create_layer(group(in_network) + line);
     EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument) << refused.status();
     EXPECT_NE(refused.status().message().find(std::string(key) + " (" + limit + ")"), std::string_view::npos)
         << refused.status();

@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "tutel/comm/communicator.hpp"
@@ -139,6 +140,19 @@ struct ServerConfig {
   // layer) for each collective, so these bound how long one tenant's silent peers hold them.
   std::chrono::milliseconds max_bootstrap_timeout{600'000};
   std::chrono::milliseconds max_collective_timeout{600'000};
+  // Where a layer's [group] may put a coordinator of its own (rank 0's daemon listens there,
+  // the others connect): a port in [coordinator_ports.first, .second] (by default not a
+  // privileged one, which a root daemon could bind for a client) and, when the list is not
+  // empty, an address in one of `coordinator_networks`. Groups meeting at a cluster's
+  // rendezvous service have no address of their own and are not checked.
+  struct Ipv4Network {
+    uint32_t address = 0;  // host byte order, the bits past the prefix zero
+    int prefix = 0;        // 0..32
+    std::string text;      // as written ("10.0.0.0/8"), for messages
+    bool contains(uint32_t host_order_address) const;
+  };
+  std::vector<Ipv4Network> coordinator_networks;  // empty: any address
+  std::pair<int, int> coordinator_ports{1024, 65535};
   // On SIGTERM, collectives still waiting this long after it give up (their peers are told):
   // a healthy step finishes in time, one waiting on peers that stopped calling does not hold
   // the shutdown (and the checkpoints written at its end) for its collective_timeout_ms.
@@ -172,7 +186,8 @@ struct Config {
   std::vector<LayerDefinition> layers;  // every layer's tenant names one of `tenants`
 };
 
-// Whether `def` keeps within what [server] allows a layer (its group's timeouts); the error
+// Whether `def` keeps within what [server] allows a layer (its group's timeouts and coordinator
+// address); the error
 // names the key, the limit and what to do.
 Status check_layer_limits(const ServerConfig& server, const LayerDefinition& def);
 
