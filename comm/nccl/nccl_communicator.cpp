@@ -72,9 +72,9 @@ bool abandoned(const std::atomic<bool>* abandon) {
 }
 Status abandoned_status() { return Status::Aborted("abandoned: this process is shutting down"); }
 
-// Waits until `comm` has no NCCL call in progress, until `deadline` or until `abandon` (may be
-// null) is raised.
-Status wait_comm(ncclComm_t comm, Clock::time_point deadline, const std::atomic<bool>* abandon = nullptr) {
+// Waits until `comm` has no NCCL call in progress, until `deadline` or until `abandon` (null:
+// never) is raised.
+Status wait_comm(ncclComm_t comm, Clock::time_point deadline, const std::atomic<bool>* abandon) {
   for (;;) {
     ncclResult_t state = ncclSuccess;
     const ncclResult_t r = ncclCommGetAsyncError(comm, &state);

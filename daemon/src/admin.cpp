@@ -189,13 +189,6 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
       reply(s, ipc::FrameType::kOk, rid, status_json());
       break;
     case ipc::FrameType::kAdminTenants: {
-      // Sessions that hung up and are still finishing their request keep their max_sessions
-      // place (sessions_full): shown apart, so a refusal at "sessions" < "max_sessions" reads.
-      auto closing = [this](const std::string& tenant) {
-        int64_t n = 0;
-        for (const auto& [id, c] : sessions_) n += c->tenant == tenant && !c->admin && c->admitted && c->closing;
-        return n;
-      };
       json tenants = json::array();
       for (const TenantConfig& t : config_.tenants)
         tenants.push_back({{"name", t.name},
@@ -209,8 +202,10 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
                            {"region_bytes", registry_->tenant_memory(t.name)->region_bytes()},
                            {"max_memory_bytes", t.max_memory_bytes},
                            {"inflight", registry_->inflight(t.name)},
-                           {"sessions", client_sessions(t.name, /*admitted=*/true)},
-                           {"closing_sessions", closing(t.name)},
+                           {"sessions", client_sessions(t.name, SessionState::kOpen)},
+                           // They keep their max_sessions place (sessions_full): shown apart,
+                           // so a refusal at "sessions" < "max_sessions" reads.
+                           {"closing_sessions", client_sessions(t.name, SessionState::kClosing)},
                            {"max_sessions", t.max_sessions},
                            {"max_checkpoint_bytes", t.max_checkpoint_bytes},
                            {"max_inflight", t.max_inflight}});

@@ -27,13 +27,13 @@ using nlohmann::json;
 
 namespace {
 
-// Where a client's relative checkpoint path lands: inside its tenant's directory, never outside.
 // Where a tenant's clients save and load their files (the tenant's CheckpointQuota counts it).
 fs::path client_checkpoints(const Config& c, const std::string& tenant) {
   return fs::path(c.server.state_dir) / tenant / "checkpoints";
 }
 
-// The path of a file a client names, in its tenant's directory (nothing is created).
+// Where a client's relative checkpoint path lands: inside its tenant's directory, never
+// outside (nothing is created).
 Result<std::string> tenant_file(const Config& c, const std::string& tenant, const std::string& relative) {
   if (c.server.state_dir.empty())
     return Status::Unavailable("the daemon has no server.state_dir configured, so it cannot save or load files for clients");
@@ -450,7 +450,7 @@ void DaemonImpl::accept_on(bool admin) {
       // take the daemon's descriptors from every other tenant: past the bound the oldest of them
       // makes room. Refusing the newcomer instead would let a process that opens connections and
       // says nothing (under the tenant's uid, without its secret) keep the tenant's clients out.
-      if (client_sessions(*tenant, /*admitted=*/false) >= registry_->max_sessions(*tenant)) evict_oldest_silent(*tenant);
+      if (client_sessions(*tenant, SessionState::kAwaitingHello) >= registry_->max_sessions(*tenant)) evict_oldest_silent(*tenant);
       s->tenant = *tenant;
       publish_session_count();
     }
@@ -461,9 +461,8 @@ Status DaemonImpl::sessions_full(const std::string& tenant) const {
   // A closing session keeps its place until it is gone: until then its worker, finishing the
   // request in progress (a group layer's collective may wait up to its timeout), and its arena
   // are still held, and a client that hangs up and reconnects must not stack those up.
-  int64_t open = 0, closing = 0;
-  for (const auto& [id, c] : sessions_)
-    if (c->tenant == tenant && !c->admin && c->admitted) ++(c->closing ? closing : open);
+  const int64_t open = client_sessions(tenant, SessionState::kOpen);
+  const int64_t closing = client_sessions(tenant, SessionState::kClosing);
   if (open + closing < registry_->max_sessions(tenant)) return Status::OK();
   return Status::ResourceExhausted(
       "tenant '" + tenant + "' already has " + std::to_string(open + closing) + " client sessions connected" +
@@ -520,10 +519,15 @@ void DaemonImpl::evict_oldest_silent(const std::string& tenant) {
   close_session(oldest);
 }
 
-int64_t DaemonImpl::client_sessions(const std::string& tenant, bool admitted) const {
+int64_t DaemonImpl::client_sessions(const std::string& tenant, SessionState state) const {
   int64_t n = 0;
-  for (const auto& [id, s] : sessions_)
-    n += s->tenant == tenant && (admitted ? !s->admin && s->admitted && !s->closing : s->awaiting_hello());
+  for (const auto& [id, s] : sessions_) {
+    if (s->tenant != tenant) continue;
+    const bool admitted = !s->admin && s->admitted;
+    n += state == SessionState::kAwaitingHello ? s->awaiting_hello()
+         : state == SessionState::kOpen        ? admitted && !s->closing
+                                               : admitted && s->closing;
+  }
   return n;
 }
 
@@ -686,7 +690,8 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
   // tenant's groups waiting for peers never keep another connected tenant from creating layers,
   // and a tenant alone may form a group of as many local ranks as there are slots.
   const bool creation = type == ipc::FrameType::kCreateLayer;
-  if (creation && !creation_slots_.may_take(tenant, other_active_tenants(tenant))) {
+  const std::vector<std::string> others = creation ? other_active_tenants(tenant) : std::vector<std::string>{};
+  if (creation && !creation_slots_.may_take(tenant, others)) {
     const int64_t mine = creation_slots_.in_use(tenant);
     const Status busy =
         creation_slots_.in_use() >= creation_slots_.capacity()
@@ -696,7 +701,7 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
             : Status::ResourceExhausted(
                   "tenant '" + tenant + "' has " + std::to_string(mine) +
                   " layer creations in progress (group layers wait there for their peers), beyond its share of " +
-                  std::to_string(creation_slots_.share(1 + other_active_tenants(tenant).size())) +
+                  std::to_string(creation_slots_.share(1 + others.size())) +
                   " of this daemon's " + std::to_string(creation_slots_.capacity()) +
                   ", and the rest is kept for the other connected tenants: create this one once one of them has "
                   "finished (or raise UV_THREADPOOL_SIZE for tuteld)");
@@ -989,11 +994,10 @@ void DaemonImpl::close_session(const std::shared_ptr<Session>& s) {
 std::vector<std::string> DaemonImpl::other_active_tenants(const std::string& tenant) const {
   std::vector<std::string> others;
   for (const TenantConfig& t : config_.tenants)
-    if (t.name != tenant && (client_sessions(t.name, true) > 0 || creation_slots_.in_use(t.name) > 0))
+    if (t.name != tenant && (client_sessions(t.name, SessionState::kOpen) > 0 || creation_slots_.in_use(t.name) > 0))
       others.push_back(t.name);
   return others;
 }
-
 
 void DaemonImpl::checkpoint_all() {
   if (config_.server.state_dir.empty()) return;

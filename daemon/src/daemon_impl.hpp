@@ -82,9 +82,10 @@ class DaemonImpl {
   void finish_frame(const std::shared_ptr<Session>& s);
   void shutdown();
   void publish_session_count();  // on the loop thread
-  // The tenant's open client sessions, admitted (past their hello: what max_sessions counts) or
-  // still awaiting it; on the loop thread.
-  int64_t client_sessions(const std::string& tenant, bool admitted) const;
+  // The tenant's client sessions in one state, on the loop thread: still awaiting their hello,
+  // admitted (past it) and open, or admitted and closing (max_sessions counts both of these).
+  enum class SessionState { kAwaitingHello, kOpen, kClosing };
+  int64_t client_sessions(const std::string& tenant, SessionState state) const;
   // Closes the tenant's oldest session that has not sent its hello (room for a new connection).
   void evict_oldest_silent(const std::string& tenant);
   // ResourceExhausted when the tenant has max_sessions of them already.

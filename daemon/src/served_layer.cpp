@@ -1,6 +1,5 @@
 #include "served_layer.hpp"
 
-#include <cassert>
 #include <charconv>
 #include <cmath>
 #include <cstdlib>
@@ -242,23 +241,18 @@ Status ServedLayer::allocate() {
     TUTEL_ASSIGN_OR_RETURN(t.value, b.allocate(bytes));
     TUTEL_ASSIGN_OR_RETURN(t.grad, b.allocate(bytes));
     TUTEL_RETURN_IF_ERROR(b.fill_zero(bytes_view(t.grad, b.device())));
-    memory_bytes_ += 2 * bytes;
     if (adam || momentum) {
       TUTEL_ASSIGN_OR_RETURN(t.state0, b.allocate(bytes));
       TUTEL_RETURN_IF_ERROR(b.fill_zero(bytes_view(t.state0, b.device())));
-      memory_bytes_ += bytes;
     }
     if (adam) {
       TUTEL_ASSIGN_OR_RETURN(t.state1, b.allocate(bytes));
       TUTEL_RETURN_IF_ERROR(b.fill_zero(bytes_view(t.state1, b.device())));
-      memory_bytes_ += bytes;
     }
     if (keeps_bf16_copy(t)) {
       TUTEL_ASSIGN_OR_RETURN(t.value_bf16, b.allocate(bytes / 2));
-      memory_bytes_ += bytes / 2;
     }
   }
-  assert(memory_bytes_ == parameter_charge_.bytes());
   return Status::OK();
 }
 
@@ -434,7 +428,7 @@ uint64_t ServedLayer::trim_idle_plans() {
   // Set before the layer is published, never changed: a group layer (no plans) is skipped
   // without taking its mutex, which it may hold for a whole collective.
   if (!plans_ || pinned()) return 0;
-  std::lock_guard lock(mutex_);
+  LayerLock lock(*this);
   auto device_lock = lock_device();
   const uint64_t freed = plans_->trim();
   publish_plan_summary();
@@ -482,8 +476,7 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
                                            uint64_t owner, uint64_t sequence, ClientMemory memory) {
   const LayerSpec& s = def_.spec;
   const int64_t M = s.model_dim, O = s.out_dim();
-  std::lock_guard lock(mutex_);
-  ReapOrphansOnExit reap{*this};
+  LayerLock lock(*this);
   const auto key = std::make_pair(owner, sequence);
   auto device_lock = lock_device();
   if (Status down = rank_.health.check(); !down.ok())
@@ -586,8 +579,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
                              uint64_t sequence, ClientMemory memory) {
   const LayerSpec& s = def_.spec;
   const int64_t M = s.model_dim, O = s.out_dim();
-  std::lock_guard lock(mutex_);
-  ReapOrphansOnExit reap{*this};
+  LayerLock lock(*this);
   auto device_lock = lock_device();
   if (Status down = rank_.health.check(); !down.ok())
     return group_ ? refuse_group_step(true, owner, sequence, std::move(down)) : down;
@@ -644,8 +636,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
 
 Status ServedLayer::refuse_step(bool backward, uint64_t owner, uint64_t sequence, Status why) {
   if (!group_ || why.ok()) return why;
-  std::lock_guard lock(mutex_);
-  ReapOrphansOnExit reap{*this};
+  LayerLock lock(*this);
   auto device_lock = lock_device();
   return refuse_group_step(backward, owner, sequence, std::move(why));
 }
@@ -679,11 +670,12 @@ void ServedLayer::drop_pending(uint64_t owner) {
   if (group_) {
     // A group layer may hold its lock for a whole collective (up to its collective timeout):
     // the closing session does not wait for it; whoever holds the lock drops the entries on
-    // its way out (ReapOrphansOnExit).
+    // its way out (LayerLock).
     if (!lock.try_lock()) {
       {
         std::lock_guard orphans(orphans_mutex_);
         orphaned_owners_.push_back(owner);
+        has_orphans_.store(true, std::memory_order_release);
       }
       // The holder may have left meanwhile, past its reaping; otherwise it reaps them, or (in
       // the narrow window between its reaping and its unlock) the layer's next operation does.
@@ -701,6 +693,7 @@ void ServedLayer::drop_orphans_locked() {
   {
     std::lock_guard orphans(orphans_mutex_);
     owners.swap(orphaned_owners_);
+    has_orphans_.store(false, std::memory_order_relaxed);
   }
   for (const uint64_t owner : owners) drop_pending_locked(owner);
 }
@@ -720,8 +713,7 @@ void ServedLayer::drop_pending_locked(uint64_t owner) {
 }
 
 Result<int64_t> ServedLayer::step() {
-  std::lock_guard lock(mutex_);
-  ReapOrphansOnExit reap{*this};
+  LayerLock lock(*this);
   auto device_lock = lock_device();
   // A group layer's step is a collective: a rank out of service fails it at its first op, and
   // its peers when their all-reduce times out.
@@ -765,8 +757,7 @@ Status ServedLayer::apply_optimizer() {
 }
 
 Status ServedLayer::zero_grad() {
-  std::lock_guard lock(mutex_);
-  ReapOrphansOnExit reap{*this};
+  LayerLock lock(*this);
   Backend& b = backend();
   auto device_lock = lock_device();
   TUTEL_RETURN_IF_ERROR(rank_.health.check());
@@ -786,8 +777,7 @@ uint64_t ServedLayer::save_bytes_bound() const {
 }
 
 Status ServedLayer::save(const std::string& path) {
-  std::lock_guard lock(mutex_);
-  ReapOrphansOnExit reap{*this};
+  LayerLock lock(*this);
   Backend& b = backend();
   // Device tensors are staged on the host; on the CPU backend this is one memcpy per tensor.
   std::vector<std::vector<float>> host;
@@ -818,8 +808,7 @@ Status ServedLayer::save(const std::string& path) {
 }
 
 Status ServedLayer::load(const std::string& path) {
-  std::lock_guard lock(mutex_);
-  ReapOrphansOnExit reap{*this};
+  LayerLock lock(*this);
   TUTEL_RETURN_IF_ERROR(rank_.health.check());
   Status loaded = load_locked(path, /*require_all=*/true);
   if (loaded.ok()) return loaded;

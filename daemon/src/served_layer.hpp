@@ -91,7 +91,7 @@ class ServedLayer {
   // The device its forwards and backwards run on (a group layer's own backend's).
   Device device() const { return group_ ? group_->backend->device() : rank_.backend->device(); }
   // Bytes of parameters, gradients and optimizer state.
-  uint64_t memory_bytes() const { return memory_bytes_; }
+  uint64_t memory_bytes() const { return parameter_charge_.bytes(); }
   // The most bytes a file that save() writes takes: the values and optimizer state, and a
   // header bound.
   uint64_t save_bytes_bound() const;
@@ -257,17 +257,26 @@ class ServedLayer {
     memory_->remove_pending(bytes);
   }
   // Sessions whose drop_pending() found a group layer's mutex_ held: their entries are dropped
-  // by whoever holds it, on the way out of its operation (ReapOrphansOnExit, declared right
-  // after taking mutex_ in every operation that may hold it long).
+  // by whoever holds it, on the way out of its operation (LayerLock).
   std::mutex orphans_mutex_;
   std::vector<uint64_t> orphaned_owners_;  // guarded by orphans_mutex_
+  std::atomic<bool> has_orphans_{false};   // orphaned_owners_ is not empty: one load per operation
   void drop_orphans_locked();              // under mutex_
   void drop_pending_locked(uint64_t owner);  // under mutex_
-  struct ReapOrphansOnExit {
-    ServedLayer& layer;
-    ~ReapOrphansOnExit() {
-      if (layer.group_) layer.drop_orphans_locked();
+  // mutex_, as every operation takes it; on the way out, still holding it, drops the entries of
+  // sessions that closed meanwhile.
+  class LayerLock {
+   public:
+    explicit LayerLock(ServedLayer& layer) : layer_(layer), lock_(layer.mutex_) {}
+    ~LayerLock() {
+      if (layer_.has_orphans_.load(std::memory_order_acquire)) layer_.drop_orphans_locked();
     }
+    LayerLock(const LayerLock&) = delete;
+    LayerLock& operator=(const LayerLock&) = delete;
+
+   private:
+    ServedLayer& layer_;
+    std::lock_guard<std::mutex> lock_;
   };
   std::unique_ptr<Pending> take_pending();         // a recycled entry, or a new one; under mutex_
   void recycle(std::unique_ptr<Pending> pending);  // under mutex_
@@ -290,7 +299,7 @@ class ServedLayer {
   std::string spec_text_;
   std::string tenant_;
   std::shared_ptr<TenantMemory> memory_;
-  // memory_bytes_ charged to the tenant. Before the tensors, so it is given back after they are
+  // The parameters (memory_bytes()) charged to the tenant. Before the tensors, so it is given back after they are
   // freed.
   ParameterCharge parameter_charge_;
   Rank& rank_;
@@ -303,7 +312,6 @@ class ServedLayer {
   std::unique_lock<std::mutex> teardown_lock_;
   mutable std::mutex mutex_;
   std::vector<Tensor> tensors_;  // gate, fc1_w, fc1_b?, fc2_w, fc2_b?
-  uint64_t memory_bytes_ = 0;
   // Read by the admin socket on the event loop: never behind mutex_, which a group layer holds
   // while it waits on its peers.
   std::atomic<int64_t> step_{0};

@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <string>
 #include <future>
+#include <map>
 #include <optional>
 #include <thread>
 #include <tuple>
@@ -101,8 +102,8 @@ class ProtocolAbuse : public ::testing::Test {
   }
   // Rank 1's forward comes, and the group's forward completes on both ranks: rank 0's was `held`.
   static void complete_group_forward(std::future<std::optional<ipc::CompletionDescriptor>>& held,
-                                     RawSession& rank1, uint64_t rank1_handle) {
-    const auto second = forward8(rank1, rank1_handle);
+                                     RawSession& rank1, uint64_t rank1_handle, uint64_t training_sequence = 0) {
+    const auto second = forward8(rank1, rank1_handle, training_sequence);
     const auto first = held.get();
     ASSERT_TRUE(first.has_value() && second.has_value());
     EXPECT_EQ(first->status_code, 0) << first->message;
@@ -110,17 +111,24 @@ class ProtocolAbuse : public ::testing::Test {
   }
   // Rank 0's forward of a two-rank group, in its collective waiting for rank 1's once this
   // returns (300 ms given to get there).
-  static std::future<std::optional<ipc::CompletionDescriptor>> hold_group_forward(RawSession& rank0,
-                                                                                  uint64_t handle) {
-    auto held = std::async(std::launch::async, [&rank0, handle] { return forward8(rank0, handle); });
+  static std::future<std::optional<ipc::CompletionDescriptor>> hold_group_forward(
+      RawSession& rank0, uint64_t handle, uint64_t training_sequence = 0) {
+    auto held = std::async(std::launch::async,
+                           [&rank0, handle, training_sequence] { return forward8(rank0, handle, training_sequence); });
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
     return held;
   }
   // A forward of 8 tokens on `handle`, from and to `s`'s arena; its completion.
-  static std::optional<ipc::CompletionDescriptor> forward8(RawSession& s, uint64_t handle) {
+  // With a `training_sequence` (not 0), a training forward, kept for its backward under it.
+  static std::optional<ipc::CompletionDescriptor> forward8(RawSession& s, uint64_t handle,
+                                                           uint64_t training_sequence = 0) {
     const ipc::ArenaLayout& l = s.arena().layout();
     ipc::RequestDescriptor d{};
     d.op = static_cast<uint32_t>(ipc::Op::kForward);
+    if (training_sequence != 0) {
+      d.flags = ipc::kFlagTraining;
+      d.sequence = training_sequence;
+    }
     d.layer_handle = handle;
     d.tokens = 8;
     d.input_offset = l.data_offset;
@@ -516,22 +524,35 @@ TEST_F(ProtocolAbuse, AShutdownGivesUpACollectiveWhosePeerStoppedCalling) {
 }
 
 // A session of the same tenant that closes while one of the tenant's group layers is held for a
-// whole collective does not wait for it: its forwards pending there (none, here) are dropped by
-// the layer once its collective is over. (The tear-down took the layer's lock and waited, a
+// whole collective does not wait for it: its forward pending there is dropped by the layer once
+// its collective is over. (The tear-down took the layer's lock and waited, a
 // pool thread and a max_sessions place held per closing session.)
 TEST_F(ProtocolAbuse, AClosingSessionDoesNotWaitForItsOwnTenantsBusyGroupLayer) {
   RawSession rank0(daemon_->client_socket()), rank1(daemon_->client_socket());
   std::vector<uint64_t> handles;
   ASSERT_NO_FATAL_FAILURE(create_two_rank_group(rank0, rank1, handles));
-  auto held = hold_group_forward(rank0, handles[0]);
   {
-    RawSession idle(daemon_->client_socket());
-    ASSERT_TRUE(idle.hello().ok());
-  }  // hangs up
-  EXPECT_EQ(await_sessions(2), 2) << "the closed session is still there";
-  EXPECT_NE(held.wait_for(std::chrono::milliseconds(0)), std::future_status::ready)
-      << "rank 0's forward ended before the closed session went";
-  complete_group_forward(held, rank1, handles[1]);
+    RawSession closing(daemon_->client_socket());
+    ASSERT_TRUE(closing.hello().ok());
+    // A training forward of this session on rank 0's layer (with rank 1's), left pending.
+    auto pending = hold_group_forward(closing, handles[0], /*training_sequence=*/1);
+    ASSERT_NO_FATAL_FAILURE(complete_group_forward(pending, rank1, handles[1], 1));
+    auto held = hold_group_forward(rank0, handles[0], 2);
+    ::shutdown(closing.fd(), SHUT_RDWR);  // hangs up while rank 0's layer is held
+    EXPECT_EQ(await_sessions(2), 2) << "the closed session is still there";
+    EXPECT_NE(held.wait_for(std::chrono::milliseconds(0)), std::future_status::ready)
+        << "rank 0's forward ended before the closed session went";
+    ASSERT_NO_FATAL_FAILURE(complete_group_forward(held, rank1, handles[1], 2));
+  }
+  // The closed session's pending forward went once the layer was free: rank 0's layer keeps only
+  // rank 0's own, rank 1's both of rank 1's.
+  RawSession admin(daemon_->admin_socket());
+  auto layers = admin.call(ipc::FrameType::kAdminLayers, nlohmann::json::object(), ipc::FrameType::kOk);
+  ASSERT_TRUE(layers.ok()) << layers.status();
+  std::map<std::string, int64_t> pending;
+  for (const auto& l : (*layers)["layers"]) pending[l["name"].get<std::string>()] = l["pending_backwards"].get<int64_t>();
+  EXPECT_EQ(pending["moe_r0"], 1) << layers->dump();
+  EXPECT_EQ(pending["moe_r1"], 2) << layers->dump();
 }
 
 // A session that hangs up while its request waits (here a group layer's forward whose peer

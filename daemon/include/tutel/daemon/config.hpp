@@ -148,8 +148,9 @@ struct ServerConfig {
   struct Ipv4Network {
     uint32_t address = 0;  // host byte order, the bits past the prefix zero
     int prefix = 0;        // 0..32
-    std::string text;      // as written ("10.0.0.0/8"), for messages
+    std::string text;      // as written ("127.0.0.0/8"), for messages
     bool contains(uint32_t host_order_address) const;
+    static uint32_t mask(int prefix);  // the prefix's bits set
   };
   std::vector<Ipv4Network> coordinator_networks;  // empty: any address
   std::pair<int, int> coordinator_ports{1024, 65535};
