@@ -38,7 +38,10 @@ struct AdminClient::Impl {
                                    " closed the connection before answering " + what);
       return frame.status().with_context("waiting for tuteld's reply to " + what);
     }
-    if (frame->header.request_id != rid && frame->header.request_id != 0) {
+    // Request id 0 is the daemon's word about the connection itself, only ever an error.
+    const bool connection_error =
+        frame->header.request_id == 0 && frame->header.type == static_cast<uint16_t>(ipc::FrameType::kError);
+    if (frame->header.request_id != rid && !connection_error) {
       fd.reset();
       return Status::Corruption("tuteld answered request " + std::to_string(rid) +
                                 " with a reply to " + std::to_string(frame->header.request_id));

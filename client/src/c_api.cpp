@@ -1,4 +1,8 @@
 // The C ABI over tutel::client. Every entry point catches everything: no exception crosses it.
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <cstring>
 #include <exception>
 #include <optional>
 #include <string>
@@ -92,6 +96,13 @@ int call_forward(const char* fn, tutel_layer* layer, ForwardCall call, const flo
   });
 }
 
+// The end of tutel_wait / tutel_wait_for: the statistics to `info` when given.
+int waited(tutel::Result<ForwardInfo> got, tutel_forward_info* info) {
+  if (!got.ok()) return fail(got.status());
+  if (info != nullptr) *info = tutel_forward_info{got->l_aux, got->capacity, got->dropped, got->sequence};
+  return TUTEL_OK;
+}
+
 int make_layer(tutel::Result<Layer> made, tutel_layer** out) {
   if (!made.ok()) return fail(made.status());
   auto* handle = new tutel_layer();
@@ -108,14 +119,32 @@ const char* tutel_last_error(void) { return g_last_error.c_str(); }
 
 int tutel_last_error_code(void) { return g_last_error_code; }
 
-tutel_client* tutel_connect(const char* socket_path) { return tutel_connect_with_secret(socket_path, nullptr); }
+tutel_client* tutel_connect(const char* socket_path) { return tutel_connect_with_options(socket_path, nullptr); }
 
 tutel_client* tutel_connect_with_secret(const char* socket_path, const char* secret_file) {
+  tutel_connect_options options{};
+  options.struct_size = sizeof options;
+  options.secret_file = secret_file;
+  return tutel_connect_with_options(socket_path, &options);
+}
+
+tutel_client* tutel_connect_with_options(const char* socket_path, const tutel_connect_options* given) {
   tutel_client* out = nullptr;
   guarded("tutel_connect", [&] {
     if (socket_path == nullptr) return fail_invalid("tutel_connect: socket_path is NULL");
+    // The fields the caller's header had (struct_size), the rest zero: the defaults.
+    tutel_connect_options o{};
+    if (given != nullptr) {
+      if (given->struct_size < offsetof(tutel_connect_options, secret_file))
+        return fail_invalid("tutel_connect_with_options: options->struct_size is " +
+                            std::to_string(given->struct_size) + "; set it to sizeof(tutel_connect_options)");
+      std::memcpy(&o, given, std::min<size_t>(given->struct_size, sizeof o));
+    }
     ClientOptions options;
-    if (secret_file != nullptr) options.secret_file = secret_file;
+    if (o.secret_file != nullptr) options.secret_file = o.secret_file;
+    if (o.name != nullptr) options.name = o.name;
+    options.request_timeout = std::chrono::milliseconds(o.request_timeout_ms);
+    options.control_timeout = std::chrono::milliseconds(o.control_timeout_ms);
     auto client = Client::connect(socket_path, options);
     if (!client.ok()) return fail(client.status());
     out = new tutel_client();
@@ -311,10 +340,23 @@ int tutel_submit_backward(tutel_layer* layer, uint64_t sequence, const float* dy
 int tutel_wait(tutel_client* client, tutel_ticket ticket, tutel_forward_info* info) {
   return guarded("tutel_wait", [&] {
     if (!valid(client)) return invalid_client("tutel_wait");
-    auto got = client->client->wait(Ticket{ticket.request_id, ticket.sequence});
-    if (!got.ok()) return fail(got.status());
-    if (info != nullptr)
-      *info = tutel_forward_info{got->l_aux, got->capacity, got->dropped, got->sequence};
+    return waited(client->client->wait(Ticket{ticket.request_id, ticket.sequence}), info);
+  });
+}
+
+int tutel_wait_for(tutel_client* client, tutel_ticket ticket, int64_t timeout_ms, tutel_forward_info* info) {
+  return guarded("tutel_wait_for", [&] {
+    if (!valid(client)) return invalid_client("tutel_wait_for");
+    return waited(client->client->wait(Ticket{ticket.request_id, ticket.sequence},
+                                       std::chrono::milliseconds(std::max<int64_t>(timeout_ms, 0))),
+                  info);
+  });
+}
+
+int tutel_abandon(tutel_client* client, tutel_ticket ticket) {
+  return guarded("tutel_abandon", [&] {
+    if (!valid(client)) return invalid_client("tutel_abandon");
+    client->client->abandon(Ticket{ticket.request_id, ticket.sequence});
     return TUTEL_OK;
   });
 }

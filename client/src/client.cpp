@@ -20,7 +20,15 @@ Status moved_from(const char* what) {
                                  " was moved from; use the object it was moved to");
 }
 
+Result<LayerInfo> parse_layer_info(const json& body);
+
 Result<LayerInfo> layer_info_from(const json& body) {
+  Result<LayerInfo> info = parse_layer_info(body);
+  if (!info.ok()) return internal::malformed_reply(info.status(), "LayerInfo");
+  return info;
+}
+
+Result<LayerInfo> parse_layer_info(const json& body) {
   LayerInfo info;
   TUTEL_ASSIGN_OR_RETURN(const int64_t handle, ipc::get_int(body, "handle"));
   if (handle < 0) return Status::Corruption("tuteld sent a negative layer handle");
@@ -139,6 +147,15 @@ Result<ForwardInfo> Client::wait(const Ticket& ticket) {
   return session_->wait(ticket.request_id);
 }
 
+Result<ForwardInfo> Client::wait(const Ticket& ticket, std::chrono::milliseconds timeout) {
+  if (!session_) return moved_from("Client");
+  return session_->wait(ticket.request_id, timeout);
+}
+
+void Client::abandon(const Ticket& ticket) {
+  if (session_) session_->abandon(ticket.request_id);
+}
+
 Status Client::wait_all() {
   if (!session_) return moved_from("Client");
   return session_->drain();
@@ -153,6 +170,7 @@ Status Client::ping() {
 Result<uint64_t> Client::transfer_checksum(const void* data, size_t bytes) {
   if (!session_) return moved_from("Client");
   if (bytes % 4 != 0) return Status::InvalidArgument("transfer_checksum needs a multiple of 4 bytes");
+  if (data == nullptr && bytes > 0) return Status::InvalidArgument("transfer_checksum: data is null");
   Submission s;
   s.op = ipc::Op::kChecksum;
   s.input = static_cast<const float*>(data);
@@ -281,8 +299,10 @@ Result<Ticket> submit_backward_request(const std::shared_ptr<LayerState>& state,
 // Waits for a request that a synchronous call submitted. When the wait times out, the request
 // is abandoned: the caller may free its buffers once the call returns, and no later backward
 // may pair with a forward whose result the caller never saw.
-Result<ForwardInfo> wait_synchronously(Session& session, Result<Ticket> submitted) {
+// `submitted` is checked first: a moved-from handle (null `state`) failed there.
+Result<ForwardInfo> wait_synchronously(const std::shared_ptr<LayerState>& state, Result<Ticket> submitted) {
   TUTEL_ASSIGN_OR_RETURN(Ticket t, std::move(submitted));
+  Session& session = *state->session;
   Result<ForwardInfo> got = session.wait(t.request_id);
   if (!got.ok() && got.status().code() == StatusCode::kTimeout) session.abandon(t.request_id);
   return got;
@@ -290,7 +310,7 @@ Result<ForwardInfo> wait_synchronously(Session& session, Result<Ticket> submitte
 
 // Waits for a submitted forward; its statistics go to `info` when given.
 Status wait_forward(const std::shared_ptr<LayerState>& state, Result<Ticket> submitted, ForwardInfo* info) {
-  TUTEL_ASSIGN_OR_RETURN(ForwardInfo got, wait_synchronously(*state->session, std::move(submitted)));
+  TUTEL_ASSIGN_OR_RETURN(ForwardInfo got, wait_synchronously(state, std::move(submitted)));
   if (info != nullptr) *info = got;
   return Status::OK();
 }
@@ -322,7 +342,7 @@ Status Layer::infer_device(const float* x, int64_t tokens, float* y, ForwardInfo
 }
 
 Status Layer::backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
-  return wait_synchronously(*state_->session, submit_backward_device(sequence, dy, dl_aux, dx)).status();
+  return wait_synchronously(state_, submit_backward_device(sequence, dy, dl_aux, dx)).status();
 }
 
 Status Layer::forward(const float* x, int64_t tokens, float* y, ForwardInfo* info) {
@@ -345,7 +365,7 @@ Status Layer::backward(const float* dy, float dl_aux, float* dx) {
 }
 
 Status Layer::backward(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
-  return wait_synchronously(*state_->session, submit_backward(sequence, dy, dl_aux, dx)).status();
+  return wait_synchronously(state_, submit_backward(sequence, dy, dl_aux, dx)).status();
 }
 
 namespace {
@@ -362,7 +382,9 @@ Result<json> layer_call(const std::shared_ptr<LayerState>& state, ipc::FrameType
 
 Result<int64_t> Layer::step() {
   TUTEL_ASSIGN_OR_RETURN(json reply, layer_call(state_, ipc::FrameType::kStep, json::object()));
-  TUTEL_ASSIGN_OR_RETURN(state_->info.step, ipc::get_int(reply, "step"));
+  Result<int64_t> step = ipc::get_int(reply, "step");
+  if (!step.ok()) return internal::malformed_reply(step.status(), "Step");
+  state_->info.step = *step;
   return state_->info.step;
 }
 

@@ -108,10 +108,17 @@ Result<ImportedMemory> ImportedMemory::open(const std::string& kind, const std::
   ImportedMemory m;
   if (kind == "host_memfd") {
     if (!fd.valid()) return Status::Corruption("tuteld sent a host_memfd device region without its memfd");
-    TUTEL_ASSIGN_OR_RETURN(m.host_, SharedMemory::attach(std::move(fd), "the device region's memfd"));
-    if (m.host_.bytes() < bytes)
-      return Status::Corruption("the device region's memfd holds " + std::to_string(m.host_.bytes()) +
-                                " bytes, less than the " + std::to_string(bytes) + " tuteld announced");
+    // The daemon's memfd is the region rounded up to whole pages (SharedMemory::create).
+    const size_t page = page_bytes();
+    if (bytes == 0 || bytes > (size_t{1} << 46))
+      return Status::Corruption("tuteld announced a device region of " + std::to_string(bytes) + " bytes");
+    const size_t expected = (bytes + page - 1) / page * page;
+    Result<SharedMemory> host = SharedMemory::attach(std::move(fd), "the device region's memfd", expected);
+    if (!host.ok())
+      return host.status().code() == StatusCode::kInvalidArgument
+                 ? Status::Corruption(std::string(host.status().message()) + " (tuteld sent it)")
+                 : host.status();
+    m.host_ = std::move(*host);
     m.data_ = m.host_.data();
     return m;
   }

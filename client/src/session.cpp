@@ -100,12 +100,14 @@ Status Session::hello(const ClientOptions& options) {
                               std::to_string(rid));
   }
   TUTEL_ASSIGN_OR_RETURN(json reply, ipc::reply_body(*frame, ipc::FrameType::kHelloReply));
-  TUTEL_ASSIGN_OR_RETURN(ipc::ArenaLayout layout, ipc::get_layout(reply));
+  Result<ipc::ArenaLayout> announced = ipc::get_layout(reply);
+  if (!announced.ok()) return malformed_reply(announced.status(), "Hello");
+  const ipc::ArenaLayout layout = *announced;
   if (frame->fds.size() != 1) {
     return Status::Corruption("the hello reply carried " + std::to_string(frame->fds.size()) +
                               " descriptors; expected exactly one (the session arena's memfd)");
   }
-  TUTEL_ASSIGN_OR_RETURN(ipc::Arena arena, ipc::Arena::attach(std::move(frame->fds[0])));
+  TUTEL_ASSIGN_OR_RETURN(ipc::Arena arena, ipc::Arena::attach(std::move(frame->fds[0]), layout.arena_bytes));
   const ipc::ArenaLayout& mapped = arena.layout();
   if (mapped.arena_bytes != layout.arena_bytes || mapped.data_offset != layout.data_offset ||
       mapped.data_bytes != layout.data_bytes) {
@@ -113,13 +115,17 @@ Status Session::hello(const ClientOptions& options) {
                               " bytes) does not match the layout in the hello reply (" +
                               std::to_string(layout.arena_bytes) + " bytes)");
   }
-  TUTEL_ASSIGN_OR_RETURN(tenant_, ipc::get_string(reply, "tenant"));
-  TUTEL_ASSIGN_OR_RETURN(const int64_t session, ipc::get_int(reply, "session"));
-  session_id_ = static_cast<uint64_t>(session);
   int64_t spin_us = 50;
-  if (reply.contains("spin_us")) {
-    TUTEL_ASSIGN_OR_RETURN(spin_us, ipc::get_int(reply, "spin_us"));
-  }
+  const Status described = [&]() -> Status {
+    TUTEL_ASSIGN_OR_RETURN(tenant_, ipc::get_string(reply, "tenant"));
+    TUTEL_ASSIGN_OR_RETURN(const int64_t session, ipc::get_int(reply, "session"));
+    session_id_ = static_cast<uint64_t>(session);
+    if (reply.contains("spin_us")) {
+      TUTEL_ASSIGN_OR_RETURN(spin_us, ipc::get_int(reply, "spin_us"));
+    }
+    return Status::OK();
+  }();
+  if (!described.ok()) return malformed_reply(described, "Hello");
   wait_policy_.spin = std::chrono::microseconds(std::clamp<int64_t>(spin_us, 0, 1000000));
   wait_policy_.timeout = options_.liveness_interval;
   arena_ = std::move(arena);
@@ -200,29 +206,35 @@ Result<std::shared_ptr<MappedDeviceRegion>> Session::map_device_region(int rank,
   TUTEL_ASSIGN_OR_RETURN(json reply, call(ipc::FrameType::kMapRegion, {{"rank", rank}, {"bytes", bytes}},
                                           ipc::FrameType::kOk, &fds));
   auto region = std::make_shared<MappedDeviceRegion>();
-  TUTEL_ASSIGN_OR_RETURN(const int64_t id, ipc::get_int(reply, "region"));
-  TUTEL_ASSIGN_OR_RETURN(const int64_t got_bytes, ipc::get_int(reply, "bytes"));
-  TUTEL_ASSIGN_OR_RETURN(region->kind, ipc::get_string(reply, "kind"));
-  TUTEL_ASSIGN_OR_RETURN(region->device, ipc::get_string(reply, "device"));
-  if (id < 1 || id > std::numeric_limits<uint32_t>::max() || got_bytes != static_cast<int64_t>(bytes))
-    return Status::Corruption("tuteld described the mapped device region as region " + std::to_string(id) + " of " +
-                              std::to_string(got_bytes) + " bytes (asked for " + std::to_string(bytes) + ")");
-  region->id = static_cast<uint32_t>(id);
+  // Whatever fails from here, the daemon holds the region for nothing: give it back when its id
+  // is known (a failure of that only leaves it to the session's end).
+  auto give_back = [&](Status st) {
+    if (auto id = ipc::get_int(reply, "region"); id.ok() && *id >= 1 && *id <= std::numeric_limits<uint32_t>::max())
+      (void)call(ipc::FrameType::kUnmapRegion, {{"region", *id}}, ipc::FrameType::kOk);
+    return st;
+  };
+  std::string handle;
+  const Status described = [&]() -> Status {
+    TUTEL_ASSIGN_OR_RETURN(const int64_t id, ipc::get_int(reply, "region"));
+    TUTEL_ASSIGN_OR_RETURN(const int64_t got_bytes, ipc::get_int(reply, "bytes"));
+    TUTEL_ASSIGN_OR_RETURN(region->kind, ipc::get_string(reply, "kind"));
+    TUTEL_ASSIGN_OR_RETURN(region->device, ipc::get_string(reply, "device"));
+    if (id < 1 || id > std::numeric_limits<uint32_t>::max() || got_bytes != static_cast<int64_t>(bytes))
+      return Status::Corruption("tuteld described the mapped device region as region " + std::to_string(id) + " of " +
+                                std::to_string(got_bytes) + " bytes (asked for " + std::to_string(bytes) + ")");
+    region->id = static_cast<uint32_t>(id);
+    if (reply.contains("handle")) {
+      TUTEL_ASSIGN_OR_RETURN(const std::string hex, ipc::get_string(reply, "handle"));
+      TUTEL_ASSIGN_OR_RETURN(handle, parse_hex(hex, "the region's handle"));
+    }
+    return Status::OK();
+  }();
+  if (!described.ok()) return give_back(malformed_reply(described, "MapRegion"));
   region->rank = rank;
   region->bytes = bytes;
-  std::string handle;
-  if (reply.contains("handle")) {
-    TUTEL_ASSIGN_OR_RETURN(const std::string hex, ipc::get_string(reply, "handle"));
-    TUTEL_ASSIGN_OR_RETURN(handle, parse_hex(hex, "the region's handle"));
-  }
   Result<ImportedMemory> memory = ImportedMemory::open(region->kind, handle, fds.empty() ? UniqueFd() : std::move(fds[0]),
                                                        region->device, bytes);
-  if (!memory.ok()) {
-    // The daemon holds it for nothing: give it back (a failure here only leaves it to the
-    // session's end).
-    (void)call(ipc::FrameType::kUnmapRegion, {{"region", id}}, ipc::FrameType::kOk);
-    return memory.status().with_context("mapping device region " + std::to_string(id));
-  }
+  if (!memory.ok()) return give_back(memory.status().with_context("mapping device region " + std::to_string(region->id)));
   region->memory = std::move(*memory);
   device_regions_.emplace(region->id, region);
   return region;
@@ -387,12 +399,18 @@ bool Session::peer_gone() {
   return false;
 }
 
-Status Session::complete_one() {
+std::optional<Clock::time_point> Session::request_deadline() const {
+  if (options_.request_timeout.count() <= 0) return std::nullopt;
+  return ipc::deadline_after(options_.request_timeout);
+}
+
+Status Session::complete_one() { return complete_one(request_deadline(), options_.request_timeout, true); }
+
+Status Session::complete_one(std::optional<Clock::time_point> deadline, std::chrono::milliseconds bound,
+                             bool bound_is_option) {
   if (!broken_.ok()) return broken_;
   if (in_flight_.empty())
     return Status::Internal("waiting for a completion with nothing in flight");
-  std::optional<Clock::time_point> deadline;
-  if (options_.request_timeout.count() > 0) deadline = Clock::now() + options_.request_timeout;
   bool gone = false;
   ipc::CompletionDescriptor c;
   ipc::PopResult r = completions_.pop_wait(
@@ -415,11 +433,9 @@ Status Session::complete_one() {
       }
       return fail(lost(detail));
     }
-    return Status::Timeout("no completion from tuteld within " +
-                           std::to_string(options_.request_timeout.count()) + " ms (" +
-                           std::to_string(in_flight_.size()) +
-                           " requests in flight; they stay in flight, wait again or raise "
-                           "ClientOptions::request_timeout)");
+    return Status::Timeout("no completion from tuteld within " + std::to_string(bound.count()) + " ms (" +
+                           std::to_string(in_flight_.size()) + " requests in flight; they stay in flight, wait again" +
+                           (bound_is_option ? " or raise ClientOptions::request_timeout)" : ")"));
   }
   auto it = in_flight_.find(c.request_id);
   if (it == in_flight_.end()) {
@@ -462,17 +478,21 @@ void Session::release_blocks(InFlight& r) {
   r.output_block.reset();
 }
 
-Result<ForwardInfo> Session::wait(uint64_t request_id) {
-  TUTEL_ASSIGN_OR_RETURN(Finished f, wait_finished(request_id));
+Result<ForwardInfo> Session::wait(uint64_t request_id, std::optional<std::chrono::milliseconds> timeout) {
+  TUTEL_ASSIGN_OR_RETURN(Finished f, wait_finished(request_id, timeout));
   return f.info;
 }
 
 Result<uint64_t> Session::wait_checksum(uint64_t request_id) {
-  TUTEL_ASSIGN_OR_RETURN(Finished f, wait_finished(request_id));
+  TUTEL_ASSIGN_OR_RETURN(Finished f, wait_finished(request_id, std::nullopt));
   return f.checksum;
 }
 
-Result<Session::Finished> Session::wait_finished(uint64_t request_id) {
+Result<Session::Finished> Session::wait_finished(uint64_t request_id,
+                                                 std::optional<std::chrono::milliseconds> timeout) {
+  // A timeout given here bounds this whole wait; the option bounds each completion.
+  std::optional<Clock::time_point> deadline;
+  if (timeout) deadline = ipc::deadline_after(std::max(*timeout, std::chrono::milliseconds(0)));
   for (;;) {
     if (auto it = finished_.find(request_id); it != finished_.end()) {
       Finished f = std::move(it->second);
@@ -486,7 +506,7 @@ Result<Session::Finished> Session::wait_finished(uint64_t request_id) {
           "request " + std::to_string(request_id) +
           " is not in flight on this client (already waited for, or never submitted here)");
     }
-    TUTEL_RETURN_IF_ERROR(complete_one());
+    TUTEL_RETURN_IF_ERROR(timeout ? complete_one(deadline, *timeout, false) : complete_one());
   }
 }
 

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -41,6 +42,13 @@ struct MappedDeviceRegion {
   std::string kind, device;
   ImportedMemory memory;
 };
+
+// A reply of tuteld's that lacks a field or has one of the wrong type (the JSON readers' InvalidArgument,
+// which would read as the caller's mistake) is the daemon's fault: Corruption, naming the frame.
+inline Status malformed_reply(const Status& st, std::string_view frame) {
+  if (st.code() != StatusCode::kInvalidArgument) return st;
+  return Status::Corruption("tuteld's reply to " + std::string(frame) + " is malformed: " + std::string(st.message()));
+}
 
 // A data-path request, as Layer builds it.
 struct Submission {
@@ -84,8 +92,10 @@ class Session {
   // Copies the input into the arena and pushes the descriptor; waits for room (ring slots or
   // data-region space) when needed.
   Result<Ticket> submit(const Submission& s);
-  // Completes one request: its output is in the user's buffer when this returns OK.
-  Result<ForwardInfo> wait(uint64_t request_id);
+  // Completes one request: its output is in the user's buffer when this returns OK. `timeout`
+  // bounds this wait (zero: only what has completed already) instead of the request timeout;
+  // when it passes, Timeout, and the request stays in flight.
+  Result<ForwardInfo> wait(uint64_t request_id, std::optional<std::chrono::milliseconds> timeout = std::nullopt);
   // The word sum an Op::kChecksum request returned.
   Result<uint64_t> wait_checksum(uint64_t request_id);
   // Waits until nothing is in flight (results stay available to wait()).
@@ -127,7 +137,7 @@ class Session {
     ForwardInfo info;
     uint64_t checksum = 0;  // Op::kChecksum
   };
-  Result<Finished> wait_finished(uint64_t request_id);
+  Result<Finished> wait_finished(uint64_t request_id, std::optional<std::chrono::milliseconds> timeout);
 
   Status hello(const ClientOptions& options);
   Result<Ticket> submit_in_device_region(const Submission& s);
@@ -138,6 +148,11 @@ class Session {
   Result<Ticket> push(const ipc::RequestDescriptor& d, InFlight r);
   // Pops and handles one completion, waiting at most until the request timeout.
   Status complete_one();
+  // ... or until `deadline`; `bound` is its length for the message, `bound_is_option` whether it
+  // is the request timeout (so the message can say which option to raise).
+  Status complete_one(std::optional<std::chrono::steady_clock::time_point> deadline, std::chrono::milliseconds bound,
+                      bool bound_is_option);
+  std::optional<std::chrono::steady_clock::time_point> request_deadline() const;
   void finish(uint64_t request_id, InFlight& r, const ipc::CompletionDescriptor& c);
   void release_blocks(InFlight& r);
   bool peer_gone();  // polls the control socket for EOF, at most once per liveness interval

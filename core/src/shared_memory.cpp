@@ -71,7 +71,7 @@ Result<SharedMemory> SharedMemory::create(size_t bytes, std::string_view what) {
   return map(std::move(fd), size, "the " + name);
 }
 
-Result<SharedMemory> SharedMemory::attach(UniqueFd fd, std::string_view what) {
+Result<SharedMemory> SharedMemory::attach(UniqueFd fd, std::string_view what, size_t expected_bytes) {
   const std::string name(what);
   if (!fd.valid()) return Status::InvalidArgument(name + " is not a valid descriptor");
   struct stat st {};
@@ -85,6 +85,9 @@ Result<SharedMemory> SharedMemory::attach(UniqueFd fd, std::string_view what) {
                                     "could truncate it and crash this process with SIGBUS)");
   }
   const auto size = static_cast<size_t>(st.st_size);
+  if (size != expected_bytes)
+    return Status::InvalidArgument(name + " holds " + std::to_string(size) + " bytes, not the " +
+                                   std::to_string(expected_bytes) + " announced; refusing to map it");
   if (size == 0 || size % page_bytes() != 0)
     return Status::InvalidArgument(name + " holds " + std::to_string(size) + " bytes, not a whole number of " +
                                    std::to_string(page_bytes()) + "-byte pages");

@@ -54,10 +54,12 @@ Result<Arena> Arena::create(uint64_t arena_bytes) {
   return arena;
 }
 
-Result<Arena> Arena::attach(UniqueFd fd) {
-  TUTEL_ASSIGN_OR_RETURN(SharedMemory memory, SharedMemory::attach(std::move(fd), "the arena memfd"));
-  Result<ArenaLayout> layout = arena_layout(memory.bytes());
-  if (!layout.ok()) return layout.status().with_context("arena memfd size");
+Result<Arena> Arena::attach(UniqueFd fd, uint64_t expected_bytes) {
+  // The layout first: it bounds the size (64 KiB to 64 GiB) before the mapping faults it in.
+  Result<ArenaLayout> layout = arena_layout(expected_bytes);
+  if (!layout.ok()) return layout.status().with_context("arena size");
+  TUTEL_ASSIGN_OR_RETURN(SharedMemory memory,
+                         SharedMemory::attach(std::move(fd), "the arena memfd", static_cast<size_t>(expected_bytes)));
   if (layout->arena_bytes != memory.bytes()) {
     return Status::InvalidArgument("the arena memfd holds " + std::to_string(memory.bytes()) +
                                    " bytes, not a whole number of 4096-byte pages");

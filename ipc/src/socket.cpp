@@ -57,10 +57,6 @@ int poll_timeout_ms(const std::optional<Clock::time_point>& deadline) {
   return static_cast<int>(std::clamp<int64_t>(left.count(), 0, 1 << 30));
 }
 
-std::optional<Clock::time_point> deadline_after(std::chrono::milliseconds timeout) {
-  if (timeout.count() < 0) return std::nullopt;
-  return Clock::now() + timeout;
-}
 
 // Moves the SCM_RIGHTS descriptors of a received message into `out` (closing any beyond `cap`).
 void collect_fds(msghdr* msg, std::vector<UniqueFd>* out, size_t cap) {
@@ -138,6 +134,15 @@ FrameHeader read_header(const char* p) {
 }
 
 }  // namespace
+
+std::optional<Clock::time_point> deadline_after(std::chrono::milliseconds timeout) {
+  if (timeout.count() < 0) return std::nullopt;
+  const Clock::time_point now = Clock::now();
+  // Compared in milliseconds: `now + timeout` in the clock's nanoseconds would overflow first.
+  if (timeout >= std::chrono::duration_cast<std::chrono::milliseconds>(Clock::time_point::max() - now))
+    return std::nullopt;
+  return now + timeout;
+}
 
 Result<UniqueFd> listen_unix(const std::string& path, mode_t mode, int backlog) {
   sockaddr_un addr;

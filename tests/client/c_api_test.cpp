@@ -2,6 +2,8 @@
 // fake daemon.
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <cstddef>
 #include <string>
 #include <thread>
 #include <vector>
@@ -82,8 +84,55 @@ TEST(CApi, NullHandlesGiveInvalidArgument) {
   EXPECT_EQ(tutel_submit_forward(nullptr, &f, 1, &f, 1, &ticket), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_submit_backward(nullptr, 1, &f, 0.f, &f, &ticket), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_wait(nullptr, ticket, nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_wait_for(nullptr, ticket, 10, nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_abandon(nullptr, ticket), TUTEL_E_INVALID_ARGUMENT);
   tutel_layer_release(nullptr);  // no-ops
   tutel_close(nullptr);
+}
+
+TEST(CApi, ConnectOptionsAreCheckedAndApplied) {
+  TempDir dir;
+  FakeDaemon daemon(dir.file("d.sock"), FakeDaemonOptions{});
+  ASSERT_EQ(daemon.error(), "");
+  const std::string path = dir.file("d.sock");
+  tutel_connect_options options{};  // struct_size left 0: a caller that forgot it
+  EXPECT_EQ(tutel_connect_with_options(path.c_str(), &options), nullptr);
+  EXPECT_EQ(tutel_last_error_code(), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("set it to sizeof(tutel_connect_options)"), std::string::npos) << last_error();
+
+  // A caller built against an older, shorter struct: the fields past its size are defaults.
+  options.struct_size = offsetof(tutel_connect_options, request_timeout_ms);
+  options.name = "old-caller";
+  options.request_timeout_ms = 1;  // past struct_size: must not be read
+  tutel_client* old_caller = tutel_connect_with_options(path.c_str(), &options);
+  ASSERT_NE(old_caller, nullptr) << last_error();
+  EXPECT_EQ(daemon.last_hello().value("client", std::string()), "old-caller");
+  tutel_layer* layer = nullptr;
+  ASSERT_EQ(tutel_layer_attach(old_caller, "moe", &layer), TUTEL_OK) << last_error();
+  std::vector<float> x(4, 1.f), y(4);
+  daemon.hold_completions(true);
+  std::thread release([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    daemon.hold_completions(false);
+  });
+  EXPECT_EQ(tutel_forward(layer, x.data(), 1, y.data(), nullptr), TUTEL_OK) << last_error();  // no 1 ms bound
+  release.join();
+  tutel_layer_release(layer);
+  tutel_close(old_caller);
+
+  // The whole struct: the request timeout bounds a synchronous call, which abandons its request.
+  options.struct_size = sizeof options;
+  options.request_timeout_ms = 30;
+  tutel_client* client = tutel_connect_with_options(path.c_str(), &options);
+  ASSERT_NE(client, nullptr) << last_error();
+  ASSERT_EQ(tutel_layer_attach(client, "moe", &layer), TUTEL_OK) << last_error();
+  daemon.hold_completions(true);
+  EXPECT_EQ(tutel_forward(layer, x.data(), 1, y.data(), nullptr), TUTEL_E_TIMEOUT);
+  EXPECT_EQ(tutel_backward(layer, y.data(), 0.f, x.data()), TUTEL_E_INVALID_ARGUMENT);  // abandoned: not pending
+  daemon.hold_completions(false);
+  EXPECT_EQ(tutel_ping(client), TUTEL_OK) << last_error();
+  tutel_layer_release(layer);
+  tutel_close(client);
 }
 
 class CApiWithDaemon : public ::testing::Test {
@@ -183,6 +232,40 @@ TEST_F(CApiWithDaemon, AsyncMicroBatches) {
   EXPECT_EQ(dx[0], 12.f);
   EXPECT_EQ(tutel_submit_backward(layer, t2.sequence, y2.data(), 0.f, dx.data(), &tb),
             TUTEL_E_INVALID_ARGUMENT);
+  tutel_layer_release(layer);
+}
+
+// tutel_wait_for waits in slices that leave the request in flight; tutel_abandon gives it up so
+// its buffers may go (what the Python module does on KeyboardInterrupt).
+TEST_F(CApiWithDaemon, WaitInSlicesAndAbandon) {
+  tutel_layer* layer = nullptr;
+  ASSERT_EQ(tutel_layer_attach(client_, "moe", &layer), TUTEL_OK);
+  std::vector<float> x(4, 1.f), y(4, -7.f), x2(4, 3.f), y2(4, -7.f);
+  tutel_ticket kept{}, dropped{};
+  daemon_->hold_completions(true);
+  ASSERT_EQ(tutel_submit_forward(layer, x.data(), 1, y.data(), 1, &kept), TUTEL_OK);
+  ASSERT_EQ(tutel_submit_forward(layer, x2.data(), 1, y2.data(), 1, &dropped), TUTEL_OK);
+  tutel_forward_info info{};
+  EXPECT_EQ(tutel_wait_for(client_, kept, 0, &info), TUTEL_E_TIMEOUT);
+  EXPECT_EQ(tutel_wait_for(client_, kept, 20, &info), TUTEL_E_TIMEOUT);
+  EXPECT_NE(last_error().find("they stay in flight"), std::string::npos) << last_error();
+  ASSERT_EQ(tutel_abandon(client_, dropped), TUTEL_OK);
+  daemon_->hold_completions(false);
+  int code = TUTEL_E_TIMEOUT;
+  for (int i = 0; i < 600 && code == TUTEL_E_TIMEOUT; ++i) code = tutel_wait_for(client_, kept, 100, &info);
+  ASSERT_EQ(code, TUTEL_OK) << last_error();
+  EXPECT_EQ(info.sequence, kept.sequence);
+  EXPECT_EQ(y[0], 2.f);
+  EXPECT_EQ(tutel_ping(client_), TUTEL_OK);  // completes the abandoned one too
+  EXPECT_EQ(y2[0], -7.f);                    // never written
+  EXPECT_EQ(tutel_wait(client_, dropped, nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_abandon(client_, dropped), TUTEL_OK);  // unknown: ignored
+  // Only the kept forward waits for its backward.
+  std::vector<float> dx(4);
+  tutel_ticket tb{};
+  EXPECT_EQ(tutel_submit_backward(layer, dropped.sequence, y.data(), 0.f, dx.data(), &tb), TUTEL_E_INVALID_ARGUMENT);
+  ASSERT_EQ(tutel_backward(layer, y.data(), 0.f, dx.data()), TUTEL_OK) << last_error();
+  EXPECT_EQ(dx[0], 6.f);
   tutel_layer_release(layer);
 }
 

@@ -272,9 +272,116 @@ TEST(Client, MovedFromObjectsSaySo) {
   ASSERT_TRUE(layer.ok());
   Layer other = std::move(*layer);
   EXPECT_EQ(layer->zero_grad().code(), StatusCode::kInvalidArgument);
+  // The synchronous data calls too (they once waited on the moved-from handle's null session).
+  std::vector<float> x(4, 1.f), y(4);
+  EXPECT_EQ(layer->forward(x.data(), 1, y.data()).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(layer->infer(x.data(), 1, y.data()).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(layer->backward(1, y.data(), 0.f, x.data()).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(layer->forward_device(x.data(), 1, y.data()).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(layer->infer_device(x.data(), 1, y.data()).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(layer->backward_device(1, y.data(), 0.f, x.data()).code(), StatusCode::kInvalidArgument);
   EXPECT_TRUE(other.zero_grad().ok());
   EXPECT_TRUE(other.destroy().ok());
   EXPECT_EQ(other.zero_grad().code(), StatusCode::kNotFound);
+}
+
+TEST(Client, ChecksumOfNullDataIsRefused) {
+  Fixture f;
+  auto client = f.connect();
+  ASSERT_TRUE(client.ok()) << client.status();
+  EXPECT_EQ(client->transfer_checksum(nullptr, 8).status().code(), StatusCode::kInvalidArgument);
+  auto empty = client->transfer_checksum(nullptr, 0);
+  EXPECT_TRUE(empty.ok()) << empty.status();
+  EXPECT_TRUE(client->ping().ok());
+}
+
+// milliseconds::max() reads as "forever": it once wrapped into a deadline already past, so every
+// control call timed out (closing the session) and every wait gave up at once.
+TEST(Client, TheLongestTimeoutsMeanNoBound) {
+  Fixture f;
+  ClientOptions options;
+  options.control_timeout = std::chrono::milliseconds::max();
+  options.request_timeout = std::chrono::milliseconds::max();
+  auto client = f.connect(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto layer = client->attach_layer("moe");
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  std::vector<float> x(4, 1.5f), y(4);
+  const Status st = layer->forward(x.data(), 1, y.data());
+  ASSERT_TRUE(st.ok()) << st;
+  EXPECT_EQ(y[0], 3.f);
+  auto step = layer->step();
+  EXPECT_TRUE(step.ok()) << step.status();
+}
+
+// The request timeout is kept to the millisecond, not to the next liveness poll: with a poll every
+// 10 s, a 50 ms timeout once waited the whole 10 s.
+TEST(Client, ARequestTimeoutDoesNotWaitForTheNextLivenessPoll) {
+  Fixture f;
+  ClientOptions options;
+  options.request_timeout = std::chrono::milliseconds(50);
+  options.liveness_interval = std::chrono::milliseconds(10000);
+  auto client = f.connect(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto layer = client->attach_layer("moe");
+  ASSERT_TRUE(layer.ok());
+  std::vector<float> x(4, 1.f), y(4);
+  f.daemon.hold_completions(true);
+  const auto started = std::chrono::steady_clock::now();
+  EXPECT_EQ(layer->forward(x.data(), 1, y.data()).code(), StatusCode::kTimeout);
+  // A bound on behaviour, not a speed: far below the 10 s the old wait took, far above 50 ms.
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(5));
+  f.daemon.hold_completions(false);
+  EXPECT_TRUE(client->wait_all().ok());
+}
+
+// wait(ticket, timeout) bounds one wait and leaves the request in flight; abandon() then makes
+// sure nothing is written into buffers the caller is about to free (the Python module's Ctrl-C).
+TEST(Client, AWaitWithItsOwnTimeoutAndAnAbandonedRequest) {
+  Fixture f;
+  auto client = f.connect();
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto layer = client->attach_layer("moe");
+  ASSERT_TRUE(layer.ok());
+  std::vector<float> x(4, 1.f), y(4, -7.f), x2(4, 2.f), y2(4, -7.f);
+  f.daemon.hold_completions(true);
+  auto kept = layer->submit_forward(x.data(), 1, y.data());
+  auto dropped = layer->submit_forward(x2.data(), 1, y2.data());
+  ASSERT_TRUE(kept.ok() && dropped.ok());
+  EXPECT_EQ(client->wait(*kept, std::chrono::milliseconds(0)).status().code(), StatusCode::kTimeout);
+  auto slice = client->wait(*kept, std::chrono::milliseconds(30));
+  EXPECT_EQ(slice.status().code(), StatusCode::kTimeout) << slice.status();
+  EXPECT_NE(slice.status().message().find("within 30 ms"), std::string::npos) << slice.status();
+  EXPECT_EQ(layer->pending_backwards(), 2u);
+
+  client->abandon(*dropped);
+  EXPECT_EQ(layer->pending_backwards(), 1u);  // no backward can pair with it
+  f.daemon.hold_completions(false);
+  auto got = client->wait(*kept, std::chrono::milliseconds(60000));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(y[0], 2.f);
+  ASSERT_TRUE(client->wait_all().ok());
+  EXPECT_EQ(y2[0], -7.f);  // completed, never written
+  EXPECT_EQ(client->wait(*dropped).status().code(), StatusCode::kInvalidArgument);  // forgotten
+  client->abandon(*dropped);                                                       // ignored
+  EXPECT_EQ(layer->pending_backwards(), 1u);
+  EXPECT_EQ(layer->oldest_pending_sequence(), kept->sequence);
+}
+
+// A MapRegion reply that lacks a field is the daemon's fault (Corruption, not the caller's
+// InvalidArgument), and the region it holds is given back rather than left charged.
+TEST(Client, AMalformedMapRegionReplyGivesTheRegionBack) {
+  FakeDaemonOptions options;
+  options.map_region_omits = "device";
+  Fixture f(options);
+  auto client = f.connect();
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto region = client->map_device_region(0, 4096);
+  ASSERT_FALSE(region.ok());
+  EXPECT_EQ(region.status().code(), StatusCode::kCorruption) << region.status();
+  EXPECT_NE(region.status().message().find("reply to MapRegion is malformed"), std::string::npos) << region.status();
+  EXPECT_EQ(f.daemon.unmapped_regions(), std::vector<int64_t>{1});
+  EXPECT_TRUE(client->ping().ok());
 }
 
 }  // namespace

@@ -2,7 +2,7 @@
 // with trivial arithmetic instead of an MoE, so the client library's mechanics can be tested
 // without the daemon: forward y = 2·x, backward dx = 3·dy, l_aux = 0.5, capacity = tokens.
 // Behaviours a test can ask for: refuse the hello, fail one request, hang up after N requests,
-// hold every completion back until the test lets them go. Device regions are host memfds (their
+// hold every completion back until the test lets them go, leave a field out of MapRegion's reply. Device regions are host memfds (their
 // data requests fail: the worker computes only in the arena); it records which were unmapped.
 #pragma once
 
@@ -59,6 +59,7 @@ struct FakeDaemonOptions {
   uint64_t fail_request = 0;           // the data request with this id completes with an error
   uint64_t hang_up_after = 0;          // close the session when this many data requests arrived
   std::chrono::milliseconds delay{0};  // before each completion
+  std::string map_region_omits;        // MapRegion: the reply lacks this field (a broken daemon)
 };
 
 class FakeDaemon {
@@ -176,8 +177,8 @@ class FakeDaemon {
             break;
           }
           const int64_t id = static_cast<int64_t>(regions.size()) + 1;
-          const nlohmann::json reply{
-              {"region", id}, {"bytes", bytes}, {"kind", "host_memfd"}, {"device", "cpu"}};
+          nlohmann::json reply{{"region", id}, {"bytes", bytes}, {"kind", "host_memfd"}, {"device", "cpu"}};
+          reply.erase(options_.map_region_omits);
           (void)ipc::send_json(conn.get(), FT::kOk, rid, reply, {memory->fd()});
           regions.emplace(id, std::move(*memory));
           break;

@@ -45,8 +45,10 @@ ToolRun tutelctl(const std::string& args, const std::string& env = "") {
 // A connection is served until tutelctl hangs up (drain --wait sends several requests).
 class FakeAdmin {
  public:
-  explicit FakeAdmin(const std::string& path, std::optional<json> reply = std::nullopt)
-      : reply_(std::move(reply)) {
+  // reply_request_id: answer `reply` under this request id instead of the request's.
+  explicit FakeAdmin(const std::string& path, std::optional<json> reply = std::nullopt,
+                     std::optional<uint32_t> reply_request_id = std::nullopt)
+      : reply_(std::move(reply)), reply_request_id_(reply_request_id) {
     auto fd = ipc::listen_unix(path, 0600);
     EXPECT_TRUE(fd.ok()) << fd.status();
     if (!fd.ok()) return;
@@ -79,7 +81,7 @@ class FakeAdmin {
     auto body = ipc::parse_body(frame).value();
     using FT = ipc::FrameType;
     if (reply_) {
-      (void)ipc::send_json(conn, FT::kOk, rid, *reply_);
+      (void)ipc::send_json(conn, FT::kOk, reply_request_id_.value_or(rid), *reply_);
       return;
     }
     switch (static_cast<FT>(frame.header.type)) {
@@ -167,6 +169,7 @@ class FakeAdmin {
   }
 
   std::optional<json> reply_;
+  std::optional<uint32_t> reply_request_id_;
   ipc::UniqueFd listen_fd_;
   std::thread thread_;
   std::atomic<bool> stop_{false};
@@ -251,6 +254,17 @@ TEST(Tutelctl, RepliesOfUnexpectedShapesAreErrorsNotCrashes) {
 
 // drain --wait exits 1 while client sessions stay open, with --json as with a table, and 0 once
 // none is open.
+// Request id 0 is the daemon's word about the connection, only ever an error: an Ok under it (a
+// stale or confused peer) is not the answer to what was asked.
+TEST(Tutelctl, AnOkUnderRequestIdZeroIsNotAnAnswer) {
+  TempDir dir;
+  const std::string sock = dir.file("admin.sock");
+  FakeAdmin admin(sock, json{{"version", "0.1.0"}, {"pid", 1}}, 0);
+  const ToolRun r = tutelctl("--socket " + sock + " --json status");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("with a reply to 0"), std::string::npos) << r.output;
+}
+
 TEST(Tutelctl, DrainWaitExitsOneWhileSessionsStayOpen) {
   TempDir dir;
   const std::string open_sock = dir.file("open.sock"), closed_sock = dir.file("closed.sock");

@@ -26,7 +26,7 @@ TEST(SharedMemory, CreateRoundsToPagesSealsAndIsSharedWithAForkedReader) {
   const pid_t child = ::fork();
   ASSERT_GE(child, 0);
   if (child == 0) {
-    auto other = SharedMemory::attach(UniqueFd(::dup(m->fd())), "the test memfd");
+    auto other = SharedMemory::attach(UniqueFd(::dup(m->fd())), "the test memfd", m->bytes());
     if (!other.ok() || other->bytes() != m->bytes()) _exit(2);
     if (std::memcmp(other->data(), "parent", 7) != 0 && other->data()[0] != 0) _exit(3);
     std::memcpy(other->data() + 4096, "child", 6);
@@ -40,35 +40,57 @@ TEST(SharedMemory, CreateRoundsToPagesSealsAndIsSharedWithAForkedReader) {
 }
 
 TEST(SharedMemory, AttachRefusesWhatCouldBeTruncatedOrIsNotAMemfd) {
-  EXPECT_EQ(SharedMemory::attach(UniqueFd(), "x").status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(SharedMemory::attach(UniqueFd(), "x", 4096).status().code(), StatusCode::kInvalidArgument);
   // Unsealed: the sender could truncate it and crash this process with SIGBUS.
   UniqueFd unsealed(::memfd_create("unsealed", MFD_CLOEXEC | MFD_ALLOW_SEALING));
   ASSERT_TRUE(unsealed.valid());
   ASSERT_EQ(::ftruncate(unsealed.get(), 4096), 0);
-  auto r = SharedMemory::attach(std::move(unsealed), "the test memfd");
+  auto r = SharedMemory::attach(std::move(unsealed), "the test memfd", 4096);
   EXPECT_EQ(r.status().code(), StatusCode::kPermissionDenied) << r.status();
   EXPECT_NE(r.status().message().find("the test memfd is not sealed"), std::string::npos) << r.status();
   // Sealed, but not a whole number of pages.
   UniqueFd odd(::memfd_create("odd", MFD_CLOEXEC | MFD_ALLOW_SEALING));
   ASSERT_EQ(::ftruncate(odd.get(), 4097), 0);
   ASSERT_EQ(::fcntl(odd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW), 0);
-  EXPECT_EQ(SharedMemory::attach(std::move(odd), "x").status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(SharedMemory::attach(std::move(odd), "x", 4097).status().code(), StatusCode::kInvalidArgument);
   // Sealed and empty.
   UniqueFd empty(::memfd_create("empty", MFD_CLOEXEC | MFD_ALLOW_SEALING));
   ASSERT_EQ(::fcntl(empty.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW), 0);
-  EXPECT_EQ(SharedMemory::attach(std::move(empty), "x").status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(SharedMemory::attach(std::move(empty), "x", 0).status().code(), StatusCode::kInvalidArgument);
   // Not a regular file.
   int pipe_fds[2];
   ASSERT_EQ(::pipe(pipe_fds), 0);
   UniqueFd write_end(pipe_fds[1]);
-  EXPECT_EQ(SharedMemory::attach(UniqueFd(pipe_fds[0]), "x").status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(SharedMemory::attach(UniqueFd(pipe_fds[0]), "x", 4096).status().code(), StatusCode::kInvalidArgument);
   // A file that cannot be sealed (not a memfd).
   char path[] = "/tmp/shared-memory-test-XXXXXX";
   UniqueFd file(::mkstemp(path));
   ASSERT_TRUE(file.valid());
   ::unlink(path);
   ASSERT_EQ(::ftruncate(file.get(), 4096), 0);
-  EXPECT_EQ(SharedMemory::attach(std::move(file), "x").status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(SharedMemory::attach(std::move(file), "x", 4096).status().code(), StatusCode::kInvalidArgument);
+}
+
+// The sender chooses the size, and a mapping faults every page in: a memfd of other than the
+// announced size is refused before anything is mapped. A sparse 1 TiB memfd costs nothing to make
+// and would take the machine's memory (or fail to map, as ResourceExhausted) if it were mapped.
+TEST(SharedMemory, AttachRefusesAnotherSizeThanAnnouncedBeforeMapping) {
+  auto sealed_memfd = [](off_t bytes) {
+    UniqueFd fd(::memfd_create("sized", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+    EXPECT_TRUE(fd.valid());
+    EXPECT_EQ(::ftruncate(fd.get(), bytes), 0);
+    EXPECT_EQ(::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW), 0);
+    return fd;
+  };
+  auto huge = SharedMemory::attach(sealed_memfd(off_t{1} << 40), "the huge memfd", 65536);
+  EXPECT_EQ(huge.status().code(), StatusCode::kInvalidArgument) << huge.status();
+  EXPECT_NE(huge.status().message().find("holds 1099511627776 bytes, not the 65536 announced"), std::string::npos)
+      << huge.status();
+  auto small = SharedMemory::attach(sealed_memfd(4096), "the small memfd", 65536);
+  EXPECT_EQ(small.status().code(), StatusCode::kInvalidArgument) << small.status();
+  auto exact = SharedMemory::attach(sealed_memfd(65536), "the exact memfd", 65536);
+  ASSERT_TRUE(exact.ok()) << exact.status();
+  EXPECT_EQ(exact->bytes(), 65536u);
 }
 
 TEST(SharedMemory, CreateRefusesEmptyAndAbsurdSizes) {

@@ -415,7 +415,7 @@ TEST(DeviceRegion, MalformedFramesAndDescriptorsAreRefusedAndTheSessionGoesOn) {
   auto info = ipc::reply_body(*frame, ipc::FrameType::kOk);
   ASSERT_TRUE(info.ok()) << info.status();
   ASSERT_EQ(frame->fds.size(), 1u);
-  auto memory = SharedMemory::attach(std::move(frame->fds[0]), "the region");
+  auto memory = SharedMemory::attach(std::move(frame->fds[0]), "the region", 65536);
   ASSERT_TRUE(memory.ok()) << memory.status();
   const uint32_t region = (*info)["region"].get<uint32_t>();
   EXPECT_EQ((*info)["kind"], "host_memfd");

@@ -53,7 +53,7 @@ class RawSession {
     ipc::Frame reply = std::move(received).value();
     TUTEL_ASSIGN_OR_RETURN(nlohmann::json body, ipc::reply_body(reply, ipc::FrameType::kHelloReply));
     if (reply.fds.size() != 1) return Status::Internal("hello reply carried " + std::to_string(reply.fds.size()) + " fds");
-    TUTEL_ASSIGN_OR_RETURN(ipc::Arena arena, ipc::Arena::attach(std::move(reply.fds[0])));
+    TUTEL_ASSIGN_OR_RETURN(ipc::Arena arena, ipc::Arena::attach(std::move(reply.fds[0]), body["arena_bytes"].get<uint64_t>()));
     arena_ = std::move(arena);
     requests_ = ipc::RingProducer<ipc::RequestDescriptor>(arena_->request_control(), arena_->request_slots());
     completions_ = ipc::RingConsumer<ipc::CompletionDescriptor>(arena_->completion_control(), arena_->completion_slots());

@@ -45,7 +45,7 @@ std::vector<uint8_t> header_page_of(const Arena& a) {
   return std::vector<uint8_t>(a.base(), a.base() + 4096);
 }
 
-Result<Arena> attach_dup(const Arena& a) { return Arena::attach(UniqueFd(::dup(a.fd()))); }
+Result<Arena> attach_dup(const Arena& a) { return Arena::attach(UniqueFd(::dup(a.fd())), a.layout().arena_bytes); }
 
 TEST(ArenaTest, CreateWritesTheHeaderAndEmptyRings) {
   Result<Arena> r = Arena::create(kArenaBytes);
@@ -118,7 +118,7 @@ TEST(ArenaTest, AttachInAForkedChildSeesTheDaemonsWrites) {
     // The client's view: the arena arrives over the socket, as in the hello reply.
     Result<Frame> hello = recv_frame(fd, 10000ms);
     if (!hello.ok() || hello->fds.size() != 1) return 2;
-    Result<Arena> mine = Arena::attach(std::move(hello->fds[0]));
+    Result<Arena> mine = Arena::attach(std::move(hello->fds[0]), daemon.layout().arena_bytes);
     if (!mine.ok()) return 3;
     if (mine->base() == daemon.base()) return 4;  // a mapping of its own
     if (mine->layout().data_offset != daemon.layout().data_offset) return 5;
@@ -140,32 +140,32 @@ TEST(ArenaTest, AttachRefusesAnUnsealedMemfd) {
 
   UniqueFd unsealed = make_memfd(r->layout().arena_bytes, page, 0);
   ASSERT_TRUE(unsealed.valid());
-  Result<Arena> a = Arena::attach(std::move(unsealed));
+  Result<Arena> a = Arena::attach(std::move(unsealed), r->layout().arena_bytes);
   ASSERT_FALSE(a.ok());
   EXPECT_EQ(a.status().code(), StatusCode::kPermissionDenied);
   EXPECT_TRUE(contains(a.status().message(), "not sealed")) << a.status();
 
   UniqueFd shrink_only = make_memfd(r->layout().arena_bytes, page, F_SEAL_SHRINK);
   ASSERT_TRUE(shrink_only.valid());
-  EXPECT_FALSE(Arena::attach(std::move(shrink_only)).ok());
+  EXPECT_FALSE(Arena::attach(std::move(shrink_only), r->layout().arena_bytes).ok());
 
   UniqueFd no_sealing = make_memfd(r->layout().arena_bytes, page, 0, /*allow_sealing=*/false);
   ASSERT_TRUE(no_sealing.valid());
-  EXPECT_FALSE(Arena::attach(std::move(no_sealing)).ok());
+  EXPECT_FALSE(Arena::attach(std::move(no_sealing), r->layout().arena_bytes).ok());
 
   // The same bytes, properly sealed, attach.
   UniqueFd sealed = make_memfd(r->layout().arena_bytes, page, F_SEAL_SHRINK | F_SEAL_GROW);
   ASSERT_TRUE(sealed.valid());
-  Result<Arena> good = Arena::attach(std::move(sealed));
+  Result<Arena> good = Arena::attach(std::move(sealed), r->layout().arena_bytes);
   EXPECT_TRUE(good.ok()) << good.status();
 }
 
 TEST(ArenaTest, AttachRefusesThingsThatAreNotMemfds) {
-  EXPECT_EQ(Arena::attach(UniqueFd()).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(Arena::attach(UniqueFd(), kArenaBytes).status().code(), StatusCode::kInvalidArgument);
   int p[2];
   ASSERT_EQ(::pipe(p), 0);
   UniqueFd w(p[1]);
-  Result<Arena> pipe_arena = Arena::attach(UniqueFd(p[0]));
+  Result<Arena> pipe_arena = Arena::attach(UniqueFd(p[0]), kArenaBytes);
   ASSERT_FALSE(pipe_arena.ok());
   EXPECT_TRUE(contains(pipe_arena.status().message(), "not a memfd")) << pipe_arena.status();
 
@@ -174,7 +174,7 @@ TEST(ArenaTest, AttachRefusesThingsThatAreNotMemfds) {
   UniqueFd file(::open(dir.file("arena").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
   ASSERT_TRUE(file.valid());
   ASSERT_EQ(::ftruncate(file.get(), kArenaBytes), 0);
-  EXPECT_FALSE(Arena::attach(std::move(file)).ok());
+  EXPECT_FALSE(Arena::attach(std::move(file), kArenaBytes).ok());
 }
 
 TEST(ArenaTest, AttachRefusesAWrongSize) {
@@ -186,24 +186,32 @@ TEST(ArenaTest, AttachRefusesAWrongSize) {
   // Not a whole number of pages.
   UniqueFd ragged = make_memfd(kArenaBytes + 100, page, seals);
   ASSERT_TRUE(ragged.valid());
-  Result<Arena> a = Arena::attach(std::move(ragged));
+  Result<Arena> a = Arena::attach(std::move(ragged), kArenaBytes + 100);
   ASSERT_FALSE(a.ok());
   EXPECT_TRUE(contains(a.status().message(), "pages")) << a.status();
 
   // Below the minimum.
   UniqueFd tiny = make_memfd(8192, page, seals);
   ASSERT_TRUE(tiny.valid());
-  Result<Arena> b = Arena::attach(std::move(tiny));
+  Result<Arena> b = Arena::attach(std::move(tiny), 8192);
   ASSERT_FALSE(b.ok());
   EXPECT_TRUE(contains(b.status().message(), "minimum")) << b.status();
 
-  // Larger than the header says.
+  // Larger than the header says (and than announced: the announced size must match too).
   UniqueFd grown = make_memfd(kArenaBytes * 2, page, seals);
   ASSERT_TRUE(grown.valid());
-  Result<Arena> c = Arena::attach(std::move(grown));
+  Result<Arena> c = Arena::attach(UniqueFd(::dup(grown.get())), kArenaBytes * 2);
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), StatusCode::kCorruption);
   EXPECT_TRUE(contains(c.status().message(), "arena_bytes")) << c.status();
+  Result<Arena> d = Arena::attach(std::move(grown), kArenaBytes);
+  ASSERT_FALSE(d.ok());
+  EXPECT_TRUE(contains(d.status().message(), "not the " + std::to_string(kArenaBytes) + " announced")) << d.status();
+
+  // Announced beyond the maximum: refused before the descriptor is even looked at.
+  Result<Arena> e = Arena::attach(UniqueFd(), uint64_t{1} << 40);
+  ASSERT_FALSE(e.ok());
+  EXPECT_TRUE(contains(e.status().message(), "maximum")) << e.status();
 }
 
 TEST(ArenaTest, AttachRefusesACorruptHeader) {

@@ -181,8 +181,9 @@ TEST_F(RingTest, TwoThreadsPassManyDescriptorsInOrder) {
 // completion, both rings busy at once, both sides in their own mapping.
 TEST_F(RingTest, TwoProcessesEchoManyDescriptorsInOrder) {
   const int arena_fd = arena_.fd();
-  Child client([arena_fd]() -> int {
-    Result<Arena> mine = Arena::attach(UniqueFd(::dup(arena_fd)));
+  const uint64_t arena_bytes = arena_.layout().arena_bytes;
+  Child client([arena_fd, arena_bytes]() -> int {
+    Result<Arena> mine = Arena::attach(UniqueFd(::dup(arena_fd)), arena_bytes);
     if (!mine.ok()) return 2;
     RingProducer<RequestDescriptor> requests(mine->request_control(), mine->request_slots());
     RingConsumer<CompletionDescriptor> completions(mine->completion_control(),
@@ -288,8 +289,9 @@ TEST_F(RingTest, StopIsHonouredWhenWoken) {
 
 TEST_F(RingTest, ConsumerInAnotherProcessIsWokenByAPush) {
   const int arena_fd = arena_.fd();
-  Child daemon([arena_fd]() -> int {
-    Result<Arena> mine = Arena::attach(UniqueFd(::dup(arena_fd)));
+  const uint64_t arena_bytes = arena_.layout().arena_bytes;
+  Child daemon([arena_fd, arena_bytes]() -> int {
+    Result<Arena> mine = Arena::attach(UniqueFd(::dup(arena_fd)), arena_bytes);
     if (!mine.ok()) return 2;
     RingConsumer<RequestDescriptor> c(mine->request_control(), mine->request_slots());
     RequestDescriptor out{};

@@ -32,7 +32,7 @@ TEST(CpuShareableMemory, AnotherProcessSeesTheSameBytesBothWays) {
   const pid_t child = ::fork();
   ASSERT_GE(child, 0);
   if (child == 0) {
-    auto mapped = SharedMemory::attach(std::move(shared->exported.fd), "the exported memfd");
+    auto mapped = SharedMemory::attach(std::move(shared->exported.fd), "the exported memfd", shared->buffer.bytes());
     if (!mapped.ok() || mapped->bytes() < 12345 * 4) _exit(2);
     float* p = reinterpret_cast<float*>(mapped->data());
     if (p[7] != 3.5f) _exit(3);

@@ -158,6 +158,57 @@ class ClientModuleTest(unittest.TestCase):
         _, _, saved2 = ref.forward(p, x2, K, F)
         self.assert_close(layer.backward(dy2), ref.backward(p, saved2, dy2, 0.0)[0], "dx of the new forward")
 
+    def test_an_interrupted_forward_is_abandoned(self):
+        # Ctrl-C while a forward waits: the request is abandoned before its arrays can be freed
+        # (the library would otherwise write into them at the next wait), and it is not pending.
+        p, x = random_case(self.rng, 8)
+        layer = self.make_layer(p)
+        lib = tuteld._lib
+        real_wait_for, real_abandon = lib.tutel_wait_for, lib.tutel_abandon
+        abandoned = []
+
+        def interrupted_wait_for(*args):
+            lib.tutel_wait_for = real_wait_for
+            raise KeyboardInterrupt
+
+        def spying_abandon(client, ticket):
+            abandoned.append(ticket.request_id)
+            return real_abandon(client, ticket)
+
+        lib.tutel_wait_for, lib.tutel_abandon = interrupted_wait_for, spying_abandon
+        self.addCleanup(setattr, lib, "tutel_abandon", real_abandon)
+        self.addCleanup(setattr, lib, "tutel_wait_for", real_wait_for)
+        with self.assertRaises(KeyboardInterrupt):
+            layer.forward(x)
+        self.assertEqual(len(abandoned), 1)
+        self.assertNotEqual(abandoned[0], 0)
+        with self.assertRaises(tuteld.TutelError):  # nothing waits for a backward
+            layer.backward(np.zeros((8, M)))
+        # The session goes on: the next forward's wait completes the abandoned one, and the
+        # default backward pairs with the new forward.
+        x2 = random_inputs(self.rng, p, (8, M))
+        y2, _ = layer.forward(x2)
+        y2_ref, _, saved2 = ref.forward(p, x2, K, F)
+        self.assert_close(y2, y2_ref, "y after the interrupted forward")
+        dy2 = self.rng.normal(0, 1, y2.shape)
+        self.assert_close(layer.backward(dy2), ref.backward(p, saved2, dy2, 0.0)[0], "dx of the new forward")
+        self.assertEqual(len(abandoned), 1)
+
+    def test_timeouts_are_checked(self):
+        for bad in (-1, 0, float("nan"), float("inf"), "1"):
+            with self.assertRaises(ValueError):
+                tuteld.Client(self.daemon.client_socket, request_timeout=bad)
+            with self.assertRaises(ValueError):
+                tuteld.Client(self.daemon.client_socket, control_timeout=bad)
+        with tuteld.Client(self.daemon.client_socket, request_timeout=30, control_timeout=30,
+                           name="bounded") as client:
+            p, x = random_case(self.rng, 8)
+            ref.write_safetensors(os.path.join(self.daemon.checkpoints, "t-init.safetensors"),
+                                  {ref.TUTEL_NAMES[n]: v for n, v in p.items()})
+            layer = client.create_layer(f'name = "t"\nexperts = {E}\nmodel_dim = {M}\nhidden = {H}\n'
+                                        f'k = {K}\ncapacity_factor = {F}\nweights = "t-init.safetensors"\n')
+            self.assert_close(layer.infer(x)[0], ref.forward(p, x, K, F)[0], "y with timeouts set")
+
     def test_inference_keeps_nothing_for_backward(self):
         p, x = random_case(self.rng, 8)
         layer = self.make_layer(p)

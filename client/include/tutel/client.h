@@ -76,6 +76,26 @@ tutel_client* tutel_connect(const char* socket_path);
  * it, sent in the hello. NULL or "": TUTEL_SECRET_FILE from the environment, if set (as
  * tutel_connect does); neither: no secret. */
 tutel_client* tutel_connect_with_secret(const char* socket_path, const char* secret_file);
+/* Options of tutel_connect_with_options. Zero-initialise it and set struct_size to
+ * sizeof(tutel_connect_options): fields a newer header adds past struct_size keep their
+ * defaults, so a program built against this header keeps working with a later library. */
+typedef struct tutel_connect_options {
+  uint32_t struct_size;
+  /* As tutel_connect_with_secret's secret_file (NULL or "": TUTEL_SECRET_FILE, if set). */
+  const char* secret_file;
+  /* Reported to the daemon (its logs name the session by it); NULL or "": the program's name. */
+  const char* name;
+  /* Bound on waiting for one request's completion in the synchronous calls (tutel_forward, ...)
+   * and in tutel_wait, in milliseconds; 0 or negative: none (a daemon that exits is still noticed
+   * within about 200 ms). A synchronous call that times out abandons its request. */
+  int64_t request_timeout_ms;
+  /* Bound on waiting for a control reply (create, step, save, ...); 0 or negative: none. A
+   * control call that times out closes the session (the stream may hold half a reply). */
+  int64_t control_timeout_ms;
+} tutel_connect_options;
+
+/* tutel_connect with options; options may be NULL (the defaults, as tutel_connect). */
+tutel_client* tutel_connect_with_options(const char* socket_path, const tutel_connect_options* options);
 /* Ends the session and frees the client. NULL is ignored. */
 void tutel_close(tutel_client* client);
 /* One empty round trip through the shared-memory rings. */
@@ -112,6 +132,14 @@ int tutel_submit_backward(tutel_layer* layer, uint64_t sequence, const float* dy
                           float* dx, tutel_ticket* ticket);
 /* info may be NULL. */
 int tutel_wait(tutel_client* client, tutel_ticket ticket, tutel_forward_info* info);
+/* tutel_wait for at most timeout_ms milliseconds (0: only a request already complete), instead of
+ * the request timeout. TUTEL_E_TIMEOUT leaves the request in flight: wait again, or abandon it.
+ * Waiting in slices keeps a program responsive to signals (the Python module does). */
+int tutel_wait_for(tutel_client* client, tutel_ticket ticket, int64_t timeout_ms, tutel_forward_info* info);
+/* Gives up on a request whose buffers are about to be freed (its caller was interrupted): from
+ * now on the library writes nothing into its output, its result is dropped, and a training
+ * forward no longer waits for its backward. Unknown or finished tickets are ignored. */
+int tutel_abandon(tutel_client* client, tutel_ticket ticket);
 
 /* Applies the optimizer to the accumulated gradients. */
 int tutel_step(tutel_layer* layer);

@@ -139,6 +139,16 @@ class Client {
   // Waits for an asynchronous request and returns its result. The buffers given to the submit
   // call must stay valid until then; the output is written into them before wait returns.
   Result<ForwardInfo> wait(const Ticket& ticket);
+  // As wait(ticket), but for at most `timeout` (zero: only a request already complete), instead
+  // of ClientOptions::request_timeout; on Timeout the request stays in flight: wait again, or
+  // abandon it. For waits that must stay interruptible (the Python module waits in slices).
+  Result<ForwardInfo> wait(const Ticket& ticket, std::chrono::milliseconds timeout);
+  // Gives up on a request the caller will not wait for (its buffers are about to go): from now
+  // on nothing is written into its output, its result is dropped, and a training forward is no
+  // longer pending on its layer. It still holds its ring slot and arena space until the daemon
+  // completes it, and the daemon keeps an abandoned training forward's saved state until the
+  // session ends. Unknown or finished tickets are ignored.
+  void abandon(const Ticket& ticket);
   // Waits for every request in flight (their results stay available to wait()).
   Status wait_all();
 

@@ -23,8 +23,10 @@ C ABI allows one thread at a time per client). For PyTorch, see tuteld.nn.
 import collections
 import ctypes
 import dataclasses
+import math
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -72,6 +74,22 @@ class _Ticket(ctypes.Structure):
     _fields_ = [("request_id", ctypes.c_uint64), ("sequence", ctypes.c_uint64)]
 
 
+class _ConnectOptions(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("secret_file", ctypes.c_char_p),
+        ("name", ctypes.c_char_p),
+        ("request_timeout_ms", ctypes.c_int64),
+        ("control_timeout_ms", ctypes.c_int64),
+    ]
+
+
+_TIMEOUT = -12
+# A wait for a completion returns to Python this often, so a signal (Ctrl-C) is handled promptly:
+# the C library retries its waits on EINTR, and Python runs handlers only between its own steps.
+_WAIT_SLICE_MS = 100
+
+
 class _ForwardInfo(ctypes.Structure):
     _fields_ = [
         ("l_aux", ctypes.c_float),
@@ -105,6 +123,7 @@ def _declare(lib):
         "tutel_last_error_code": (i32, []),
         "tutel_connect": (p, [ctypes.c_char_p]),
         "tutel_connect_with_secret": (p, [ctypes.c_char_p, ctypes.c_char_p]),
+        "tutel_connect_with_options": (p, [ctypes.c_char_p, ctypes.POINTER(_ConnectOptions)]),
         "tutel_close": (None, [p]),
         "tutel_ping": (i32, [p]),
         "tutel_client_info": (i32, [p, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(u64)]),
@@ -116,6 +135,8 @@ def _declare(lib):
         "tutel_submit_forward": (i32, [p, fp, i64, fp, i32, ctypes.POINTER(_Ticket)]),
         "tutel_submit_backward": (i32, [p, u64, fp, f32, fp, ctypes.POINTER(_Ticket)]),
         "tutel_wait": (i32, [p, _Ticket, ctypes.POINTER(_ForwardInfo)]),
+        "tutel_wait_for": (i32, [p, _Ticket, i64, ctypes.POINTER(_ForwardInfo)]),
+        "tutel_abandon": (i32, [p, _Ticket]),
         "tutel_step": (i32, [p]),
         "tutel_zero_grad": (i32, [p]),
         "tutel_save": (i32, [p, ctypes.c_char_p]),
@@ -139,6 +160,15 @@ def _check(code):
         raise _error(code)
 
 
+def _milliseconds(seconds, what):
+    """A timeout in seconds as the C ABI's milliseconds (0: none)."""
+    if seconds is None:
+        return 0
+    if not isinstance(seconds, (int, float)) or not seconds > 0 or math.isinf(seconds):
+        raise ValueError(f"{what} must be a positive number of seconds or None, not {seconds!r}")
+    return max(1, math.ceil(seconds * 1000))
+
+
 def _floats(array):
     return array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
@@ -148,11 +178,28 @@ class Client:
     ends the session; the layers stay in the daemon for the tenant to attach again.
 
     secret_file: for a tenant configured with a secret, the file holding it (default: the
-    TUTEL_SECRET_FILE environment variable, if set)."""
+    TUTEL_SECRET_FILE environment variable, if set).
+    request_timeout: seconds a forward or backward may wait for its result (None: no bound; a
+    daemon that exits is noticed within about 200 ms either way); past it the call raises
+    TutelError "Timeout" and the request is abandoned.
+    control_timeout: seconds a control call (create, step, save, ...) may wait for its reply
+    (None: no bound); past it the session is closed (connect again and attach the layers).
+    name: how the daemon's logs name this session (default: the program's name).
 
-    def __init__(self, socket_path, secret_file=None):
-        secret = None if secret_file is None else os.fsencode(secret_file)
-        handle = _lib.tutel_connect_with_secret(os.fsencode(socket_path), secret)
+    A forward or backward interrupted by a signal (KeyboardInterrupt) abandons its request: the
+    library never writes into its arrays afterwards, and a training forward is not pending."""
+
+    def __init__(self, socket_path, secret_file=None, request_timeout=None, control_timeout=None, name=None):
+        options = _ConnectOptions()
+        options.struct_size = ctypes.sizeof(_ConnectOptions)
+        options.secret_file = None if secret_file is None else os.fsencode(secret_file)
+        options.name = None if name is None else name.encode()
+        options.control_timeout_ms = _milliseconds(control_timeout, "control_timeout")
+        self._request_timeout = None
+        if request_timeout is not None:
+            _milliseconds(request_timeout, "request_timeout")
+            self._request_timeout = float(request_timeout)
+        handle = _lib.tutel_connect_with_options(os.fsencode(socket_path), ctypes.byref(options))
         if not handle:
             # The real cause (a refused uid, a version mismatch), not a guess: callers branch on it.
             raise _error(_lib.tutel_last_error_code() or -11)
@@ -228,9 +275,34 @@ class Client:
             self._layers.append(layer)
         return layer
 
+    def _submit_and_wait(self, ticket, submit, *args):
+        """Submits a data request (submit(*args, ticket); ticket.request_id stays 0 unless it was
+        submitted) and waits for it, in slices so that a signal is handled; on any exception
+        (KeyboardInterrupt, the request timeout) the request is abandoned before the caller's
+        arrays can go. Under self._lock."""
+        try:
+            _check(submit(*args, ctypes.byref(ticket)))
+            return self._wait(ticket)
+        except BaseException:
+            if ticket.request_id != 0 and self._handle is not None:
+                _lib.tutel_abandon(self._handle, ticket)
+            raise
+
     def _wait(self, ticket):
         info = _ForwardInfo()
-        _check(_lib.tutel_wait(self._session(), ticket, ctypes.byref(info)))
+        timeout = self._request_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            slice_ms = _WAIT_SLICE_MS
+            if deadline is not None:
+                slice_ms = max(0, min(slice_ms, math.ceil((deadline - time.monotonic()) * 1000)))
+            code = _lib.tutel_wait_for(self._session(), ticket, slice_ms, ctypes.byref(info))
+            if code != _TIMEOUT:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TutelError(_TIMEOUT, f"no completion from tuteld within {timeout:g} s (the request "
+                                           "was abandoned; raise request_timeout in tuteld.Client)")
+        _check(code)
         return ForwardInfo(float(info.l_aux), int(info.capacity), int(info.dropped), int(info.sequence))
 
 
@@ -281,11 +353,9 @@ class Layer:
         needs in the daemon until backward() consumes it."""
         lead, rows = self._rows(x, self.model_dim, "x")
         y = np.empty((rows.shape[0], self.output_dim), dtype=np.float32)
-        ticket = _Ticket()
         with self._client._lock:
-            _check(_lib.tutel_submit_forward(self._layer(), _floats(rows), rows.shape[0], _floats(y),
-                                             1 if training else 0, ctypes.byref(ticket)))
-            info = self._client._wait(ticket)
+            info = self._client._submit_and_wait(_Ticket(), _lib.tutel_submit_forward, self._layer(), _floats(rows),
+                                                 rows.shape[0], _floats(y), 1 if training else 0)
             if training:
                 self._pending[info.sequence] = rows.shape[0]
         return y.reshape(*lead, self.output_dim), info
@@ -299,7 +369,6 @@ class Layer:
         of the training forward `sequence` (its ForwardInfo.sequence), by default the oldest
         not yet backwarded. The parameter gradients accumulate in the daemon."""
         lead, rows = self._rows(dy, self.output_dim, "dy")
-        ticket = _Ticket()
         with self._client._lock:
             if sequence is None:
                 if not self._pending:
@@ -315,14 +384,15 @@ class Layer:
                                  f"{sequence} had {tokens} tokens; pass the gradient of that "
                                  "forward's y")
             dx = np.empty((tokens, self.model_dim), dtype=np.float32)
-            _check(_lib.tutel_submit_backward(self._layer(), sequence, _floats(rows), float(dl_aux),
-                                              _floats(dx), ctypes.byref(ticket)))
-            # The library forgot the forward at the submit: whatever the wait says, it cannot be
-            # backwarded again.
+            # The library forgets the forward once the backward is submitted: whatever happens
+            # next, it cannot be backwarded again. A refused submit leaves it pending.
+            ticket = _Ticket()
             try:
-                self._client._wait(ticket)
+                self._client._submit_and_wait(ticket, _lib.tutel_submit_backward, self._layer(), sequence,
+                                              _floats(rows), float(dl_aux), _floats(dx))
             finally:
-                del self._pending[sequence]
+                if ticket.request_id != 0:
+                    del self._pending[sequence]
         return dx.reshape(*lead, self.model_dim)
 
     def _call(self, fn, *args):

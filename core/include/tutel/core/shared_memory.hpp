@@ -58,9 +58,10 @@ class SharedMemory {
   // `what` names it in error messages and in /proc/<pid>/fd ("session arena").
   static Result<SharedMemory> create(size_t bytes, std::string_view what);
   // Maps a memfd received from another process: refuses anything that is not a regular file of
-  // whole pages sealed against shrink and grow. `what` names it in error messages ("the arena
-  // memfd").
-  static Result<SharedMemory> attach(UniqueFd fd, std::string_view what);
+  // exactly `expected_bytes` (what the peer announced), sealed against shrink and grow. The size
+  // is checked before anything is mapped: the peer chooses it, and mapping faults every page in.
+  // `what` names it in error messages ("the arena memfd").
+  static Result<SharedMemory> attach(UniqueFd fd, std::string_view what, size_t expected_bytes);
 
   uint8_t* data() const { return data_; }
   size_t bytes() const { return bytes_; }

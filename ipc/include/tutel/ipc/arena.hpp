@@ -19,8 +19,9 @@ class Arena {
 
   // Daemon side: creates, sizes, seals and maps a new arena, and writes its header and rings.
   static Result<Arena> create(uint64_t arena_bytes);
-  // Client side: maps an arena received over the socket; checks the seals, the size and the header.
-  static Result<Arena> attach(UniqueFd fd);
+  // Client side: maps an arena received over the socket; checks the seals, the size (exactly
+  // `expected_bytes`, the hello reply's arena_bytes, before mapping anything) and the header.
+  static Result<Arena> attach(UniqueFd fd, uint64_t expected_bytes);
 
   int fd() const { return memory_.fd(); }
   uint8_t* base() const { return memory_.data(); }

@@ -82,7 +82,8 @@ class RingConsumer {
   }
 
   // Spins, then sleeps, until an item arrives, `stop()` returns true, or `deadline` passes.
-  // stop() is polled between sleeps; wake a sleeping consumer with wake() to stop it promptly.
+  // stop() is polled between sleeps (at least every policy.timeout); wake a sleeping consumer
+  // with wake() to stop it promptly.
   template <typename StopFn>
   PopResult pop_wait(Descriptor* out, const WaitPolicy& policy, StopFn&& stop,
                      std::optional<std::chrono::steady_clock::time_point> deadline = std::nullopt) {
@@ -104,7 +105,14 @@ class RingConsumer {
         control_->consumer_waiting.store(0, std::memory_order_relaxed);
         return PopResult::kEmpty;
       }
-      futex_wait(&control_->doorbell, bell, policy.timeout);
+      // One sleep ends by policy.timeout (so stop() is polled) or by the deadline, whichever
+      // comes first: a deadline is kept to the millisecond, not to the next poll.
+      std::chrono::milliseconds sleep = policy.timeout;
+      if (deadline) {
+        const auto left = std::chrono::ceil<std::chrono::milliseconds>(*deadline - now);
+        if (sleep.count() < 0 || left < sleep) sleep = left;
+      }
+      futex_wait(&control_->doorbell, bell, sleep);
       control_->consumer_waiting.store(0, std::memory_order_relaxed);
     }
   }

@@ -23,6 +23,10 @@ struct msghdr;
 
 namespace tutel::ipc {
 
+// The time `timeout` from now, or none when it is negative or beyond what the clock can represent
+// (std::chrono::milliseconds::max() as "forever" must not wrap into a deadline already past).
+std::optional<std::chrono::steady_clock::time_point> deadline_after(std::chrono::milliseconds timeout);
+
 // Creates a listening AF_UNIX stream socket at `path` with `mode` (e.g. 0660). Refuses to
 // replace a path that is not a socket; removes a stale socket nobody listens on.
 Result<UniqueFd> listen_unix(const std::string& path, mode_t mode, int backlog = 64);
