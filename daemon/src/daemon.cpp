@@ -118,6 +118,8 @@ DaemonImpl::~DaemonImpl() {
 
 Status DaemonImpl::start() {
   started_at_ = std::chrono::steady_clock::now();
+  // Before anything on disk is touched: another daemon on these paths fails here.
+  TUTEL_RETURN_IF_ERROR(lock_instance());
   TUTEL_RETURN_IF_ERROR(read_secrets());
   if (!config_.server.state_dir.empty())
     for (const TenantConfig& t : config_.tenants) {
@@ -145,7 +147,6 @@ Status DaemonImpl::start() {
   uv_timer_start(
       &hello_sweep_, [](uv_timer_t* t) { static_cast<DaemonImpl*>(t->data)->close_silent_sessions(); }, sweep_ms,
       sweep_ms);
-  // Sockets first: a second daemon on the same paths fails before it touches state_dir.
   // Nothing is accepted until run() starts the loop, so clients wait for the restore.
   TUTEL_RETURN_IF_ERROR(listen(config_.server.client_socket, 0660, false, &client_poll_, &client_fd_));
   TUTEL_RETURN_IF_ERROR(listen(config_.server.admin_socket, 0600, true, &admin_poll_, &admin_fd_));
@@ -255,17 +256,35 @@ Status DaemonImpl::start_ranks() {
   return Status::OK();
 }
 
+Status DaemonImpl::lock_instance() {
+  std::vector<std::pair<fs::path, std::string>> locks = {
+      {config_.server.client_socket + ".lock", "client_socket " + config_.server.client_socket},
+      {config_.server.admin_socket + ".lock", "admin_socket " + config_.server.admin_socket}};
+  if (!config_.server.state_dir.empty()) {
+    std::error_code ec;
+    // Created private: it holds every tenant's weights and optimizer state. (One that exists
+    // keeps the modes its operator gave it.)
+    const bool existed = fs::exists(config_.server.state_dir, ec);
+    fs::create_directories(config_.server.state_dir, ec);
+    if (ec) return Status::IOError("cannot create state_dir " + config_.server.state_dir + ": " + ec.message());
+    if (!existed) fs::permissions(config_.server.state_dir, fs::perms::owner_all, fs::perm_options::replace, ec);
+    locks.emplace_back(fs::path(config_.server.state_dir) / "tuteld.lock", "state_dir " + config_.server.state_dir);
+  }
+  for (const auto& [path, what] : locks) {
+    std::error_code ec;
+    fs::create_directories(path.parent_path(), ec);
+    if (ec) return Status::IOError("cannot create the directory of " + path.string() + ": " + ec.message());
+    TUTEL_ASSIGN_OR_RETURN(InstanceLock lock, InstanceLock::acquire(path.string(), what));
+    instance_locks_.push_back(std::move(lock));
+  }
+  return Status::OK();
+}
+
 // state_dir/<tenant>/<layer>.safetensors holds each layer's parameters, optimizer state, step and
-// spec; a restart brings every one of them back.
+// spec; a restart brings every one of them back. (lock_instance() created state_dir.)
 Status DaemonImpl::restore_state() {
   if (config_.server.state_dir.empty()) return Status::OK();
   std::error_code ec;
-  // Created private: it holds every tenant's weights and optimizer state. (One that exists keeps
-  // the modes its operator gave it.)
-  const bool existed = fs::exists(config_.server.state_dir, ec);
-  fs::create_directories(config_.server.state_dir, ec);
-  if (ec) return Status::IOError("cannot create state_dir " + config_.server.state_dir + ": " + ec.message());
-  if (!existed) fs::permissions(config_.server.state_dir, fs::perms::owner_all, fs::perm_options::replace, ec);
   for (const TenantConfig& t : config_.tenants) {
     const fs::path dir = fs::path(config_.server.state_dir) / t.name;
     // What cannot be read is an error naming it, never skipped: a layer left out here would be

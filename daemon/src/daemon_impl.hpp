@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "checkpoint_quota.hpp"
+#include "instance_lock.hpp"
 #include "metrics.hpp"
 #include "metrics_http.hpp"
 #include "pool_shares.hpp"
@@ -67,6 +68,9 @@ class DaemonImpl {
   Status load_config_layers();
   // A group layer created with the spec of its checkpoint in state_dir resumes from it.
   Status resume_group_layer(const std::string& tenant, LayerDefinition& def) const;
+  // Takes the instance locks of both sockets and of state_dir (creating it), or fails naming the
+  // daemon that holds one.
+  Status lock_instance();
   Status listen(const std::string& path, mode_t mode, bool admin, uv_poll_t* poll, ipc::UniqueFd* fd);
   void accept_on(bool admin);
   void start_accepting(bool admin);  // polls that listener
@@ -112,6 +116,8 @@ class DaemonImpl {
   // it is freed while the ranks' backends are alive.
   std::map<std::string, std::shared_ptr<RetiredRegions>> retired_regions_;
   Metrics metrics_;
+  // One daemon per socket and per state_dir (instance_lock.hpp); held until the daemon is gone.
+  std::vector<InstanceLock> instance_locks_;
   ipc::UniqueFd client_fd_, admin_fd_;
   uv_poll_t client_poll_{}, admin_poll_{};
   uv_signal_t sigterm_{}, sigint_{};

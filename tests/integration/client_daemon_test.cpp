@@ -536,7 +536,43 @@ TEST(DaemonStartup, RefusesASecondDaemonOnTheSameSocket) {
   ASSERT_TRUE(first.start());
   auto [code, out] = run_command(std::string(TUTELD_BIN) + " --config " + first.config_path());
   EXPECT_NE(code, 0);
-  EXPECT_NE(out.find("another tuteld is listening"), std::string::npos) << out;
+  EXPECT_NE(out.find("another tuteld (pid " + std::to_string(first.pid()) + ") is running with client_socket"),
+            std::string::npos)
+      << out;
+  EXPECT_TRUE(first.alive());
+  EXPECT_EQ(first.stop(), 0);
+}
+
+// Two daemons on one state_dir would write each other's checkpoints, and the second would remove
+// the first's saves under way as leftovers of a crash: the second is refused before it touches
+// anything there, whatever its sockets.
+TEST(DaemonStartup, RefusesASecondDaemonOnTheSameStateDir) {
+  DaemonProcess first(DaemonOptions{});
+  ASSERT_TRUE(first.start());
+  const std::string checkpoints = first.dir() + "/state/default/checkpoints";
+  std::filesystem::create_directories(checkpoints);
+  const std::string saving = checkpoints + "/.ck.safetensors.tmp-0123456789abcdef";  // a save under way
+  { std::ofstream(saving) << "half a checkpoint"; }
+  char tmpl[] = "/tmp/tuteld-second-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string second_dir = tmpl;
+  {
+    std::ofstream f(second_dir + "/tuteld.toml");
+    f << "[server]\nclient_socket = \"run/client.sock\"\nadmin_socket = \"run/admin.sock\"\n"
+      << "state_dir = \"" << first.dir() << "/state\"\n"
+      << "[backend]\nkind = \"cpu\"\nranks = 1\n\n[[tenant]]\nname = \"default\"\nuids = [" << ::getuid() << "]\n";
+  }
+  // Bounded: a daemon that wrongly starts would otherwise serve until killed.
+  auto [code, out] = run_command("timeout -s KILL 60 " + std::string(TUTELD_BIN) + " --config " + second_dir + "/tuteld.toml");
+  EXPECT_NE(code, 0);
+  EXPECT_NE(out.find("another tuteld (pid " + std::to_string(first.pid()) + ") is running with state_dir"),
+            std::string::npos)
+      << out;
+  EXPECT_TRUE(std::filesystem::exists(saving));
+  EXPECT_FALSE(std::filesystem::exists(second_dir + "/run/client.sock"));
+  std::error_code ec;
+  std::filesystem::remove_all(second_dir, ec);
+  std::filesystem::remove(saving, ec);
   EXPECT_TRUE(first.alive());
   EXPECT_EQ(first.stop(), 0);
 }
