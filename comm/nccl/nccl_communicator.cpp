@@ -289,6 +289,13 @@ class NcclCommunicator final : public Communicator {
                 "ncclAllReduce"));
   }
 
+  // NCCL has no way to tell the peers: they find out at their collective timeout. The abort
+  // makes kernels of this communicator still running return.
+  void give_up(const Status& why) override {
+    if (!broken_.ok()) return;
+    (void)finish(Status::Aborted("this rank gave up on its step between collectives: " + std::string(why.message())));
+  }
+
   Result<std::unique_ptr<Communicator>> split(int color, int key) override {
     TUTEL_RETURN_IF_ERROR(begin("split"));
     // Everyone learns every (color, key) to derive the new group's members and local_size;

@@ -201,6 +201,13 @@ class UcxCommunicator final : public Communicator {
     return std::unique_ptr<Communicator>(std::move(child));
   }
 
+  void give_up(const Status& why) override {
+    if (!broken_.ok()) return;
+    broken_ = Status::Aborted("this rank gave up on its step between collectives: " + std::string(why.message()))
+                  .with_context(context());
+    rank_->give_up(notice_, broken_);
+  }
+
  private:
   // ---- collective framing ----------------------------------------------------------------
 

@@ -629,6 +629,14 @@ void UcxRank::cancel_notice(Notice& notice) {
   notice.request = nullptr;
 }
 
+void UcxRank::give_up(Notice& notice, const Status& error) {
+  std::lock_guard<std::mutex> lock(mu_);
+  send_notices_locked(notice, error);
+  // The notices are small (eager) sends; a few rounds of progress put them on the wire, where a
+  // peer's own progress completes them.
+  for (int i = 0; i < 16; ++i) progress_locked();
+}
+
 void UcxRank::send_notices_locked(Notice& notice, const Status& error) {
   if (notice.sent || notice.peers.empty()) return;
   notice.sent = true;

@@ -132,6 +132,9 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   // their messages. Takes our mutex; call it holding no other rank's.
   void wake_waiters();
 
+  // Tells `notice.peers` that this rank gave up (once per notice, as a failed exchange does),
+  // outside any exchange: the caller's own work failed between its collectives.
+  void give_up(Notice& notice, const Status& error);
   // Posts `notice`'s receive for tags equal to `tag` under `mask`.
   Status post_notice(Notice& notice, uint64_t tag, uint64_t mask);
   // Cancels a posted notice receive; the Notice may then be destroyed.

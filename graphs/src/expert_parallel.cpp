@@ -600,7 +600,7 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
   if (refused) *refused = static_cast<Unprepared>(agreed[0]);
   if (!prepared.ok()) return refuse(prepared);
   if (agreed[0] != 0) return refuse(refused_by_a_peer());
-  if (!graphs) return runner_ == nullptr ? ops() : runner_->run(key(), ops);
+  if (!graphs) return gave_up(runner_ == nullptr ? ops() : runner_->run(key(), ops));
   PhaseMode mode = PhaseMode::kEager;
   uint64_t round = 0;
   if (agreed[1] == 0 && agreed[2] == -agreed[3]) {
@@ -627,10 +627,20 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
   Status st = runner_->run_as(k, mode, round, ops);
   if (!st.ok()) {
     runner_->clear();
-    return st;
+    return gave_up(std::move(st));
   }
   // The collectives a launch replays are counted as traffic here: no host call issued them.
   if (mode == PhaseMode::kLaunch) comm_->count_replayed(runner_->propose(k).traffic);
+  return st;
+}
+
+Status ExpertParallelLayer::gave_up(Status st) {
+  // The phase's ops failed part way on this rank (a kernel, its own collective): its peers may
+  // still wait in a collective this rank will not issue, and its next one would pair with
+  // theirs. The group's communicator stops here and tells them (a no-op where a collective
+  // failed already). Every later step of this rank then fails at its first agreement on it, so
+  // it issues nothing more on a gather group either (whose peers find out at their timeout).
+  if (!st.ok()) comm_->give_up(st);
   return st;
 }
 

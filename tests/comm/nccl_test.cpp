@@ -72,6 +72,7 @@ class StagedCommunicator final : public Communicator {
     return reduce_in_place(data, count, op);
   }
   Status barrier() override { return inner_->barrier(); }
+  void give_up(const Status& why) override { inner_->give_up(why); }
   Result<std::unique_ptr<Communicator>> split(int color, int key) override {
     TUTEL_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> child, inner_->split(color, key));
     if (!child) return std::unique_ptr<Communicator>();

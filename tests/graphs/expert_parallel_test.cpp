@@ -26,6 +26,7 @@
 #include "expert_parallel_test_util.hpp"
 #include "forwarding_communicator.hpp"
 #include "tutel/comm/ucx.hpp"
+#include "tutel/kernels/forwarding_backend.hpp"
 
 namespace tutel::testing {
 namespace {
@@ -1040,6 +1041,84 @@ TEST(ExpertParallelOptionsCheck, AGatherGroupThatFailsOnOneRankIsRefusedByEveryR
   EXPECT_EQ(created[0].code(), StatusCode::kUnavailable) << created[0];
   EXPECT_NE(created[0].message().find("could not make its gather groups"), std::string_view::npos)
       << created[0];
+}
+
+// A rank whose expert kernel fails once: its own work failing between a phase's collectives.
+class ExpertForwardFailsOnce final : public ForwardingBackend {
+ public:
+  explicit ExpertForwardFailsOnce(std::unique_ptr<Backend> inner) : ForwardingBackend(std::move(inner)) {}
+  Status expert_forward(const ExpertForwardArgs& a) override {
+    if (fail_.exchange(false)) return Status::Internal("simulated: the expert kernel failed");
+    return ForwardingBackend::expert_forward(a);
+  }
+
+ private:
+  std::atomic<bool> fail_{true};
+};
+
+// Rank 1's kernel fails between the dispatch and the combine: rank 0 waits in the combine for
+// rank 1's rows, which will never come. Rank 1 gives the group's communicator up and tells rank
+// 0, whose step fails at once saying so; both refuse every later step. (Before, rank 1 went on
+// to its next step, whose first agreement paired with rank 0's combine: a size mismatch, or
+// where the sizes agreed, rank 1's agreement taken for expert outputs.)
+TEST(ExpertParallelFailures, AKernelThatFailsMidPhaseTakesTheGroupOutOfStepAndSaysSo) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  LayerSpec spec;
+  spec.experts = 2;
+  spec.model_dim = 8;
+  spec.hidden = 8;
+  spec.k = 1;
+  constexpr int W = 2;
+  constexpr int64_t S = 6, M = 8;
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const graphs::HostLayerParams whole = to_host(random_params(rng, spec));
+  const std::vector<float> x = to_f32(randn(rng, S * M, 1.0));
+  const uint16_t port = free_port();
+  std::vector<Status> setup(W), first(W), second(W);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r)
+    threads.emplace_back([&, r] {
+      auto ucx = comm::ucx_bootstrap(rank_options(port, r, W, 1));
+      if (!ucx.ok()) return void(setup[r] = ucx.status());
+      auto cpu = make_backend("cpu", {.threads = 1});
+      if (!cpu.ok()) return void(setup[r] = cpu.status());
+      std::unique_ptr<Backend> backend =
+          r == 1 ? std::make_unique<ExpertForwardFailsOnce>(std::move(*cpu)) : std::move(*cpu);
+      graphs::ExpertParallelOptions options;
+      options.pipeline = 1;
+      auto layer = ExpertParallelLayer::create(*backend, **ucx, spec, options);
+      if (!layer.ok()) return void(setup[r] = layer.status());
+      graphs::HostLayerParams local = graphs::slice_for_rank(spec, layer->shard(), whole);
+      LayerWeights w;
+      w.gate_weight = TensorView(local.gate.data(), DType::kF32, {spec.experts, M});
+      w.experts.fc1_weight = TensorView(local.fc1.data(), DType::kF32, graphs::local_fc1_shape(spec, layer->shard()));
+      w.experts.fc1_bias =
+          TensorView(local.fc1_bias.data(), DType::kF32, graphs::local_fc1_bias_shape(spec, layer->shard()));
+      w.experts.fc2_weight = TensorView(local.fc2.data(), DType::kF32, graphs::local_fc2_shape(spec, layer->shard()));
+      w.experts.fc2_bias =
+          TensorView(local.fc2_bias.data(), DType::kF32, graphs::local_fc2_bias_shape(spec, layer->shard()));
+      std::vector<float> xr = x, y(S * M);
+      auto forward = [&] {
+        ExpertParallelLayer::Saved saved;
+        return layer->forward(w, TensorView(xr.data(), DType::kF32, {S, M}), TensorView(y.data(), DType::kF32, {S, M}),
+                              nullptr, &saved);
+      };
+      first[r] = forward();
+      second[r] = forward();
+    });
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < W; ++r) ASSERT_TRUE(setup[r].ok()) << "rank " << r << ": " << setup[r];
+  EXPECT_EQ(first[1].code(), StatusCode::kInternal) << first[1];
+  EXPECT_NE(first[1].message().find("simulated: the expert kernel failed"), std::string_view::npos) << first[1];
+  ASSERT_FALSE(first[0].ok());
+  EXPECT_NE(first[0].message().find("gave up on its step between collectives"), std::string_view::npos) << first[0];
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    EXPECT_EQ(second[r].code(), StatusCode::kAborted) << second[r];
+    EXPECT_NE(second[r].message().find("failed earlier"), std::string_view::npos) << second[r];
+  }
 }
 
 // Ranks given different layers refuse them together at creation, naming who differs and in

@@ -36,6 +36,7 @@ class ForwardingCommunicator : public comm::Communicator {
     return inner_.all_reduce(data, count, op);
   }
   Status barrier() override { return inner_.barrier(); }
+  void give_up(const Status& why) override { inner_.give_up(why); }
   // The inner communicator's new group, unwrapped: a wrapper that must also watch the new
   // group's collectives overrides this (and keeps the inner group in owned_).
   Result<std::unique_ptr<Communicator>> split(int color, int key) override {

@@ -191,6 +191,7 @@ class TapeCollectives final : public comm::Communicator {
     TUTEL_RETURN_IF_ERROR(tape_.forbid("barrier()"));
     return inner_.barrier();
   }
+  void give_up(const Status& why) override { inner_.give_up(why); }
   Status wait_enqueued() override {
     TUTEL_RETURN_IF_ERROR(tape_.forbid("wait_enqueued()"));
     ++waits_;

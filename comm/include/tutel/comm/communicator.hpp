@@ -141,6 +141,13 @@ class Communicator {
   // For capacities and token counts (typically kMax).
   virtual Status all_reduce(int64_t* data, size_t count, ReduceOp op) = 0;
   virtual Status barrier() = 0;
+  // This rank gives up on the collectives of its current step: its own work failed between
+  // them (a kernel, an allocation), so its next collective would pair with one its peers are
+  // still waiting in (a timeout, or, where the sizes happen to agree, wrong data). From now on
+  // the communicator refuses every call, as after a failed collective, and the peers are told
+  // where the transport can (UCX sends them this rank's notice, so their collective fails at
+  // once; NCCL's peers find out at their timeout). Idempotent; a no-op once failed.
+  virtual void give_up(const Status& why) = 0;
   // Waits, within the collective timeout, for the work of collectives that returned once it was
   // enqueued: an NCCL communicator made with NcclOptions::synchronize = false (whose collectives
   // may also run inside a CUDA graph launched on its stream), with everything queued before it

@@ -277,6 +277,9 @@ class ExpertParallelLayer {
                          Unprepared unprepared = Unprepared::kEveryWay,
                          Unprepared* refused = nullptr);
   Status refused_by_a_peer() const;
+  // A phase's ops that failed part way leave the group out of step: gives up the communicator
+  // (Communicator::give_up) and returns `st`; OK passes through.
+  Status gave_up(Status st);
   // Gives back the scratch a refused step may have grown, and returns `why`.
   Status refuse(Status why);
   // Waits for collectives that return once enqueued (comm_on_backend_queue).
