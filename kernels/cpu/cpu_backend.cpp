@@ -235,19 +235,33 @@ Status CpuBackend::gate_forward(const GateForwardArgs& a) {
     }
     const float inv = 1.f / sum;
     for (int64_t e = 0; e < E; ++e) row[e] *= inv;
-    // Top-k by repeated selection: k is small, and strict '>' keeps the lower index on ties.
+    // Top-k: the higher score first, the lower index on ties. A row holds NaN everywhere or
+    // nowhere (one NaN makes the softmax's sum NaN), so an all-NaN row takes experts 0..k-1, as
+    // every comparison of its scores is false. The k best so far are kept in a heap in ix,
+    // whose top is the worst of them: O(E log k), where k may be as large as E.
     int32_t* ix = idx + s * k;
     float* g = gates + s * k;
+    auto before = [row](int32_t a, int32_t b) {
+      if (row[a] > row[b]) return true;
+      if (row[b] > row[a]) return false;
+      return a < b;
+    };
+    int32_t* heap_end = ix;
+    for (int64_t e = 0; e < E; ++e) {
+      const auto expert = static_cast<int32_t>(e);
+      if (heap_end - ix < k) {
+        *heap_end++ = expert;
+        std::push_heap(ix, heap_end, before);
+      } else if (before(expert, ix[0])) {
+        std::pop_heap(ix, heap_end, before);
+        heap_end[-1] = expert;
+        std::push_heap(ix, heap_end, before);
+      }
+    }
+    std::sort_heap(ix, heap_end, before);
     float total = 0.f;
     for (int64_t j = 0; j < k; ++j) {
-      int32_t best = -1;
-      for (int64_t e = 0; e < E; ++e) {
-        bool taken = false;
-        for (int64_t i = 0; i < j; ++i) taken |= ix[i] == e;
-        if (!taken && (best < 0 || row[e] > row[best])) best = static_cast<int32_t>(e);
-      }
-      ix[j] = best;
-      g[j] = row[best];
+      g[j] = row[ix[j]];
       total += g[j];
     }
     if (normalize) {

@@ -9,6 +9,7 @@
 // no routing decision is within 1e-6 of a tie, where f32 and f64 may legitimately disagree.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 #include <random>
@@ -112,6 +113,50 @@ TEST(CpuLayerRouting, ATokenWithNaNScoresRanksLastUnderBatchPrioritizedRouting) 
   // Order 0.8 (token 2), 0.7 (token 3), 0.6 (token 0), then the NaN token.
   EXPECT_EQ(loc, (std::vector<int32_t>{2, 3, 0, 1}));
   EXPECT_EQ(count, (std::vector<int32_t>{4, 0}));
+}
+
+// Top-k over many experts (k up to E, which the spec allows) takes the highest scores first and
+// the lower index on ties, and an all-NaN row (its input was NaN) experts 0..k-1: checked
+// against a stable sort of the scores the backend returns. (The first CPU top-k took O(k²·E) per
+// token: at k = E = 4096 a forward of a few tokens held its rank for minutes.)
+TEST(CpuLayerRouting, TopKOfManyExpertsKeepsScoreOrderAndTheLowerIndexOnTies) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  auto backend = make_backend("cpu", {.threads = 2});
+  ASSERT_TRUE(backend.ok());
+  Backend& b = **backend;
+  const Device d = b.device();
+  const int64_t M = 4, S = 4;
+  for (const auto& [E, k] : {std::pair<int64_t, int64_t>{4096, 4096}, {1024, 7}, {64, 64}, {5, 2}}) {
+    SCOPED_TRACE("E " + std::to_string(E) + ", k " + std::to_string(k));
+    // The gate's rows are equal in pairs, so every token's scores tie in pairs. Tokens: two
+    // random, all zeros (every score tied), NaN.
+    std::vector<float> x(S * M), wg(E * M), scores(S * E), gates(S * k), l_aux(1);
+    std::normal_distribution<float> normal(0.f, 1.f);
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t m = 0; m < M; ++m) wg[e * M + m] = e % 2 == 1 ? wg[(e - 1) * M + m] : normal(rng);
+    for (int64_t m = 0; m < M; ++m) {
+      x[0 * M + m] = normal(rng);
+      x[1 * M + m] = normal(rng);
+      x[2 * M + m] = 0.f;
+      x[3 * M + m] = std::numeric_limits<float>::quiet_NaN();
+    }
+    std::vector<int32_t> idx(S * k, -1);
+    ASSERT_TRUE(b.gate_forward({TensorView(x.data(), DType::kF32, {S, M}, d), TensorView(wg.data(), DType::kF32, {E, M}, d),
+                                {}, k, /*normalize=*/true, TensorView(scores.data(), DType::kF32, {S, E}, d),
+                                TensorView(idx.data(), DType::kI32, {S, k}, d), TensorView(gates.data(), DType::kF32, {S, k}, d),
+                                TensorView(l_aux.data(), DType::kF32, {1}, d)})
+                    .ok());
+    for (int64_t s = 0; s < S; ++s) {
+      SCOPED_TRACE("token " + std::to_string(s));
+      std::vector<int32_t> order(E);
+      for (int64_t e = 0; e < E; ++e) order[e] = static_cast<int32_t>(e);
+      const float* row = scores.data() + s * E;
+      std::stable_sort(order.begin(), order.end(), [row](int32_t a, int32_t c) { return row[a] > row[c]; });
+      for (int64_t j = 0; j < k; ++j) ASSERT_EQ(idx[s * k + j], order[j]) << "choice " << j;
+    }
+  }
 }
 
 // Every output of one step: y, dx and the gradients.
