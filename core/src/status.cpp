@@ -24,6 +24,9 @@ std::string_view status_code_name(StatusCode code) {
 
 Status::Status(StatusCode code, std::string message) {
   assert(code != StatusCode::kOk && "use Status() for success");
+  // Release builds too: a Status of code kOk is OK (its message has nowhere to go), never an
+  // error whose code() says kOk.
+  if (code == StatusCode::kOk) return;
   state_ = std::make_unique<State>(State{code, std::move(message)});
 }
 

@@ -94,6 +94,9 @@ class CpuBackend final : public Backend {
   Device device() const override { return {DeviceKind::kCpu, 0}; }
 
   Result<DeviceBuffer> allocate(size_t bytes) override {
+    // Rounding near SIZE_MAX would wrap to a tiny buffer that claims `bytes`.
+    if (bytes > (size_t{1} << 62))
+      return Status::ResourceExhausted("cannot allocate " + std::to_string(bytes) + " bytes of host memory");
     const size_t rounded = (bytes + 63) / 64 * 64;
     void* p = std::aligned_alloc(64, std::max<size_t>(rounded, 64));
     if (!p) return Status::ResourceExhausted("cannot allocate " + std::to_string(bytes) + " bytes of host memory");

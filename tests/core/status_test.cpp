@@ -120,6 +120,21 @@ TEST(ResultTest, HoldsError) {
   EXPECT_EQ(moved.code(), StatusCode::kOutOfRange);
 }
 
+// The invariants hold in release builds too, where the asserts that catch these misuses are
+// compiled out: an OK Result always holds a value, an error Status never reads as kOk.
+TEST(ResultTest, MisuseStaysConsistentWithoutAsserts) {
+#ifndef NDEBUG
+  GTEST_SKIP() << "asserts are on: they stop these misuses at the call";
+#else
+  Result<int> from_ok = Status::OK();
+  EXPECT_FALSE(from_ok.ok());
+  EXPECT_EQ(from_ok.status().code(), StatusCode::kInternal);
+  const Status ok_with_message(StatusCode::kOk, "nothing wrong");
+  EXPECT_TRUE(ok_with_message.ok());
+  EXPECT_EQ(ok_with_message.code(), StatusCode::kOk);
+#endif
+}
+
 TEST(ResultTest, MoveOnlyValue) {
   Result<std::unique_ptr<int>> r(std::make_unique<int>(42));
   ASSERT_TRUE(r.ok());

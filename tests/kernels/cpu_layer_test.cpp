@@ -159,6 +159,52 @@ TEST(CpuLayerRouting, TopKOfManyExpertsKeepsScoreOrderAndTheLowerIndexOnTies) {
   }
 }
 
+// layer_backward reads the buffers its forward laid out: a spec of other shapes (k, E, H) would
+// read past them, and is refused naming both.
+TEST(CpuLayerApi, ABackwardWithAnotherSpecThanItsForwardIsRefused) {
+  auto backend = make_backend("cpu", {.threads = 1});
+  ASSERT_TRUE(backend.ok());
+  Backend& b = **backend;
+  std::mt19937_64 rng(std::random_device{}());
+  LayerSpec spec;
+  spec.experts = 4;
+  spec.model_dim = 8;
+  spec.hidden = 8;
+  spec.k = 1;
+  const int64_t S = 6, M = 8;
+  DeviceLayer layer(b, spec), grads(b, spec);
+  layer.upload(random_params(rng, spec));
+  DeviceTensor x(b, DType::kF32, {S, M}), y(b, DType::kF32, {S, M}), dy(b, DType::kF32, {S, M}),
+      dx(b, DType::kF32, {S, M});
+  x.upload(to_f32(randn(rng, S * M, 1.0)));
+  dy.upload(to_f32(randn(rng, S * M, 1.0)));
+  LayerWorkspace ws;
+  ASSERT_TRUE(layer_forward(b, spec, layer.weights(), x.view(), 0, true, ws, y.view(), nullptr).ok());
+  for (int variant = 0; variant < 3; ++variant) {
+    LayerSpec other = spec;
+    if (variant == 0) other.k = 2;
+    if (variant == 1) other.experts = 8;
+    if (variant == 2) other.hidden = 16;
+    DeviceLayer other_layer(b, other), other_grads(b, other);
+    other_layer.upload(random_params(rng, other));
+    const Status st = layer_backward(b, other, other_layer.weights(), x.view(), ws, dy.view(), 0.f, dx.view(),
+                                     other_grads.weights());
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << "variant " << variant << ": " << st;
+    EXPECT_NE(st.message().find("differs from its forward's"), std::string_view::npos) << st;
+  }
+  // The forward's own spec still runs its backward.
+  EXPECT_TRUE(layer_backward(b, spec, layer.weights(), x.view(), ws, dy.view(), 0.f, dx.view(), grads.weights()).ok());
+}
+
+TEST(CpuLayerApi, AnAllocationNearTheAddressSpaceIsRefusedNotWrapped) {
+  auto backend = make_backend("cpu", {.threads = 1});
+  ASSERT_TRUE(backend.ok());
+  for (size_t bytes : {std::numeric_limits<size_t>::max() - 10, std::numeric_limits<size_t>::max()}) {
+    auto buf = (*backend)->allocate(bytes);
+    EXPECT_EQ(buf.status().code(), StatusCode::kResourceExhausted) << bytes;
+  }
+}
+
 // Every output of one step: y, dx and the gradients.
 std::vector<std::vector<float>> one_step(const LayerSpec& spec, const ref::Params& p, int64_t S,
                                          const std::vector<float>& x_host, const std::vector<float>& dy_host,

@@ -86,6 +86,8 @@ class [[nodiscard]] Result {
   Result(T value) : value_(std::move(value)) {}  // NOLINT(google-explicit-constructor)
   Result(Status status) : status_(std::move(status)) {  // NOLINT(google-explicit-constructor)
     assert(!status_.ok() && "a Result built from a Status must hold an error");
+    // Release builds too: an OK Result without a value would hand out an empty optional.
+    if (status_.ok()) status_ = Status::Internal("a Result was made from an OK Status, without a value");
   }
 
   bool ok() const noexcept { return status_.ok(); }
