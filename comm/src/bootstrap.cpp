@@ -147,6 +147,9 @@ class Coordinator {
         if (fds[i].revents == 0) continue;
         failure = read_hello(conns_[reading[i - 1]], &count);
       }
+      // A refused or closed connection goes at once, with what it had sent (up to a whole
+      // hello, 1 MiB): anyone who can reach the port may open many.
+      std::erase_if(conns_, [](const Conn& c) { return c.dead; });
     }
     listener.reset();
     if (!failure.ok()) {
