@@ -191,12 +191,20 @@ Status compare_with_group(Backend& backend, comm::Communicator& comm, const Laye
   const uint64_t mine[kWords] = {spec.value(), how.value(), valid_here.ok() ? 1u : 0u};
   std::vector<uint64_t> all(kWords * static_cast<size_t>(W));
   // Through the backend's memory, as every collective here (NCCL takes device memory only).
-  TUTEL_ASSIGN_OR_RETURN(DeviceBuffer buf,
-                         backend.allocate((all.size() + kWords) * sizeof(uint64_t)));
+  // A rank that cannot even stage its words cannot join the all-gather its peers wait in: it
+  // gives the communicator up, so they fail now rather than at the collective timeout.
+  DeviceBuffer buf;
+  const Status staged = [&]() -> Status {
+    TUTEL_ASSIGN_OR_RETURN(buf, backend.allocate((all.size() + kWords) * sizeof(uint64_t)));
+    TUTEL_RETURN_IF_ERROR(backend.copy(static_cast<uint64_t*>(buf.data()) + all.size(), mine, sizeof mine,
+                                       CopyKind::kHostToDevice));
+    return options.comm_on_backend_queue ? Status::OK() : backend.synchronize();
+  }();
+  if (!staged.ok()) {
+    comm.give_up(staged);
+    return staged.with_context("staging this rank's layer fingerprint for the group");
+  }
   uint64_t* gathered = static_cast<uint64_t*>(buf.data());
-  TUTEL_RETURN_IF_ERROR(
-      backend.copy(gathered + all.size(), mine, sizeof mine, CopyKind::kHostToDevice));
-  if (!options.comm_on_backend_queue) TUTEL_RETURN_IF_ERROR(backend.synchronize());
   TUTEL_RETURN_IF_ERROR(comm.all_gather(gathered + all.size(), gathered, sizeof mine));
   if (options.comm_on_backend_queue) TUTEL_RETURN_IF_ERROR(comm.wait_enqueued());
   TUTEL_RETURN_IF_ERROR(

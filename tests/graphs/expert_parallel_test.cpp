@@ -1121,6 +1121,54 @@ TEST(ExpertParallelFailures, AKernelThatFailsMidPhaseTakesTheGroupOutOfStepAndSa
   }
 }
 
+// A backend that cannot allocate buffers of exactly `bytes` (one small buffer of the creation).
+class RefusesAllocationsOf final : public ForwardingBackend {
+ public:
+  RefusesAllocationsOf(std::unique_ptr<Backend> inner, size_t bytes) : ForwardingBackend(std::move(inner)), bytes_(bytes) {}
+  Result<DeviceBuffer> allocate(size_t bytes) override {
+    if (bytes == bytes_) return Status::ResourceExhausted("simulated: no memory for " + std::to_string(bytes) + " bytes");
+    return ForwardingBackend::allocate(bytes);
+  }
+
+ private:
+  size_t bytes_;
+};
+
+// A rank that cannot stage its layer's fingerprint cannot join the creation's all-gather: it
+// gives the communicator up, and its peers' creation fails at once, saying so, instead of
+// waiting out the collective timeout.
+TEST(ExpertParallelFailures, ARankThatCannotStageItsFingerprintFailsTheCreationEverywhereAtOnce) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  LayerSpec spec;
+  spec.experts = 2;
+  spec.model_dim = 8;
+  spec.hidden = 8;
+  spec.k = 1;
+  constexpr int W = 2;
+  const uint16_t port = free_port();
+  std::vector<Status> setup(W), created(W);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r)
+    threads.emplace_back([&, r] {
+      auto ucx = comm::ucx_bootstrap(rank_options(port, r, W, 1));
+      if (!ucx.ok()) return void(setup[r] = ucx.status());
+      auto cpu = make_backend("cpu", {.threads = 1});
+      if (!cpu.ok()) return void(setup[r] = cpu.status());
+      // The fingerprint's buffer: W ranks' 3 words, and this rank's 3.
+      std::unique_ptr<Backend> backend =
+          r == 1 ? std::make_unique<RefusesAllocationsOf>(std::move(*cpu), (3 * W + 3) * sizeof(uint64_t))
+                 : std::move(*cpu);
+      created[r] = ExpertParallelLayer::create(*backend, **ucx, spec, graphs::ExpertParallelOptions{}).status();
+    });
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < W; ++r) ASSERT_TRUE(setup[r].ok()) << "rank " << r << ": " << setup[r];
+  EXPECT_EQ(created[1].code(), StatusCode::kResourceExhausted) << created[1];
+  EXPECT_NE(created[1].message().find("staging this rank's layer fingerprint"), std::string_view::npos) << created[1];
+  ASSERT_FALSE(created[0].ok());
+  EXPECT_NE(created[0].message().find("gave up on its step between collectives"), std::string_view::npos)
+      << created[0];
+}
+
 // Ranks given different layers refuse them together at creation, naming who differs and in
 // what (the spec, or how it runs), or which rank could not create its layer at all (which says
 // why itself); the communicator stays usable, and layers that agree are made.
