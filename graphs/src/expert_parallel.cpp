@@ -1077,13 +1077,32 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
     const int chunks = data_parallel ? 1 : chunk_count(C, config.pipeline, q);
     // Which ways a failure here rules out: the stage it failed in.
     Unprepared unprepared = Unprepared::kEveryWay;
+    // The workspace's size follows r's H-part, but with whole experts every r needs the same
+    // (E_l·W·C rows = E·C): failing it rules r out only where another parallelism the tuner
+    // offers needs less.
+    auto workspace_bytes = [&](int r) {
+      if (r == 0) {
+        ExpertShape shape{E, C, M, H, O};
+        shape.weights_bf16 = gathers_copies(local);
+        return b.expert_workspace_bytes(shape, spec_.matmul_dtype);
+      }
+      const ExpertSide side_r = expert_side(r);
+      ExpertShape shape{El, R / side_r.split, M, side_r.hidden, O};
+      shape.weights_bf16 = side_r.split > 1 ? gathers_copies(local) : local.experts.has_bf16_copies();
+      return b.expert_workspace_bytes(shape, spec_.matmul_dtype);
+    };
+    auto workspace_failure = [&](int r) {
+      if (tuner_)
+        for (const ExchangeConfig& other : tuner_->candidates())
+          if (other.r != r && workspace_bytes(other.r) < workspace_bytes(r)) return Unprepared::kThisParallelism;
+      return Unprepared::kEveryWay;
+    };
     const Status experts_ready = !shared_ready.ok() ? shared_ready : [&]() -> Status {
       if (data_parallel) {
         unprepared = Unprepared::kThisParallelism;
         TUTEL_RETURN_IF_ERROR(grow_gathered(gathers_copies(local)));
-        ExpertShape shape{E, C, M, H, O};
-        shape.weights_bf16 = gathers_copies(local);
-        return grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype));
+        unprepared = workspace_failure(0);
+        return grow(workspace_, workspace_bytes(0));
       }
       unprepared = Unprepared::kExpertParallel;
       TUTEL_RETURN_IF_ERROR(grow(dispatched_, E * C * M * disp_size));
@@ -1092,13 +1111,11 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
         TUTEL_RETURN_IF_ERROR(grow(recv_, W * C * widest * 4));
       }
       TUTEL_RETURN_IF_ERROR(grow(expert_out_, El * R * O * 4));
-      // The gathered part, and the workspace whose size follows r's H-part.
+      // The gathered part (this r's own), and the workspace.
       unprepared = Unprepared::kThisParallelism;
       if (gathers_part) TUTEL_RETURN_IF_ERROR(grow_part(side, gathers_copies(local)));
-      ExpertShape shape{El, R / q, M, Hq, O};
-      shape.weights_bf16 =
-          gathers_part ? gathers_copies(local) : local.experts.has_bf16_copies();
-      return grow(workspace_, b.expert_workspace_bytes(shape, spec_.matmul_dtype));
+      unprepared = workspace_failure(config.r);
+      return grow(workspace_, workspace_bytes(config.r));
     }();
 
     const bool timed = tuner_ && tuner_->measuring(ExchangeTuner::bucket_for(C));

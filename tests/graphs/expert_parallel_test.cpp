@@ -1169,6 +1169,96 @@ TEST(ExpertParallelFailures, ARankThatCannotStageItsFingerprintFailsTheCreationE
       << created[0];
 }
 
+// A backend whose first expert workspace (the allocation right after the layer asked for its
+// size) fails: a rank briefly at its memory limit when the capacity grows.
+class FirstWorkspaceFails final : public ForwardingBackend {
+ public:
+  explicit FirstWorkspaceFails(std::unique_ptr<Backend> inner) : ForwardingBackend(std::move(inner)) {}
+  size_t expert_workspace_bytes(const ExpertShape& shape, DType matmul_dtype) const override {
+    const size_t bytes = ForwardingBackend::expert_workspace_bytes(shape, matmul_dtype);
+    if (!failed_ && bytes > 0) armed_ = bytes;
+    return bytes;
+  }
+  Result<DeviceBuffer> allocate(size_t bytes) override {
+    if (!failed_ && armed_ != 0 && bytes == armed_) {
+      failed_ = true;
+      return Status::ResourceExhausted("simulated: no memory for the expert workspace");
+    }
+    return ForwardingBackend::allocate(bytes);
+  }
+
+ private:
+  mutable size_t armed_ = 0;
+  bool failed_ = false;
+};
+
+// With whole experts every parallelism needs the same workspace (E_l·W·C rows = E·C): a rank that
+// cannot allocate it refuses the step, but the tuner drops no candidate for it (it once dropped
+// r = 1 for good, leaving the bucket to r = 0).
+TEST(ExpertParallelFailures, AWorkspaceEveryParallelismNeedsDropsNoTuningCandidate) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  LayerSpec spec;
+  spec.experts = 4;
+  spec.model_dim = 16;
+  spec.hidden = 16;
+  spec.k = 1;
+  spec.matmul_dtype = DType::kBF16;
+  constexpr int W = 2;
+  constexpr int64_t S = 16, M = 16;
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const graphs::HostLayerParams whole = to_host(random_params(rng, spec));
+  const std::vector<float> x = to_f32(randn(rng, S * M, 1.0));
+  const uint16_t port = free_port();
+  std::vector<Status> setup(W), refused(W), recovered(W);
+  std::vector<std::vector<graphs::TunerEntry>> entries(W);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r)
+    threads.emplace_back([&, r] {
+      auto ucx = comm::ucx_bootstrap(rank_options(port, r, W, 1));
+      if (!ucx.ok()) return void(setup[r] = ucx.status());
+      auto cpu = make_backend("cpu", {.threads = 1});
+      if (!cpu.ok()) return void(setup[r] = cpu.status());
+      std::unique_ptr<Backend> backend =
+          r == 1 ? std::make_unique<FirstWorkspaceFails>(std::move(*cpu)) : std::move(*cpu);
+      graphs::ExpertParallelOptions options;
+      options.tune.candidates = {{comm::AllToAllAlgo::kLinear, 1, 1}, graphs::kDataParallel};
+      options.tune.warmups = 0;
+      options.tune.trials = 1;
+      auto layer = ExpertParallelLayer::create(*backend, **ucx, spec, options);
+      if (!layer.ok()) return void(setup[r] = layer.status());
+      graphs::HostLayerParams local = graphs::slice_for_rank(spec, layer->shard(), whole);
+      LayerWeights w;
+      w.gate_weight = TensorView(local.gate.data(), DType::kF32, {spec.experts, M});
+      w.experts.fc1_weight = TensorView(local.fc1.data(), DType::kF32, graphs::local_fc1_shape(spec, layer->shard()));
+      w.experts.fc1_bias =
+          TensorView(local.fc1_bias.data(), DType::kF32, graphs::local_fc1_bias_shape(spec, layer->shard()));
+      w.experts.fc2_weight = TensorView(local.fc2.data(), DType::kF32, graphs::local_fc2_shape(spec, layer->shard()));
+      w.experts.fc2_bias =
+          TensorView(local.fc2_bias.data(), DType::kF32, graphs::local_fc2_bias_shape(spec, layer->shard()));
+      std::vector<float> xr = x, y(S * M);
+      auto forward = [&] {
+        ExpertParallelLayer::Saved saved;
+        return layer->forward(w, TensorView(xr.data(), DType::kF32, {S, M}), TensorView(y.data(), DType::kF32, {S, M}),
+                              nullptr, &saved);
+      };
+      refused[r] = forward();
+      recovered[r] = forward();
+      entries[r] = layer->tuner()->entries();
+    });
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    ASSERT_TRUE(setup[r].ok()) << setup[r];
+    EXPECT_EQ(refused[r].code(), StatusCode::kResourceExhausted) << refused[r];
+    EXPECT_TRUE(recovered[r].ok()) << recovered[r];
+    ASSERT_FALSE(entries[r].empty());
+    for (const graphs::TunerEntry& e : entries[r])
+      EXPECT_EQ(e.excluded, (std::vector<bool>{false, false})) << "bucket " << e.capacity_bucket;
+  }
+}
+
 // Ranks given different layers refuse them together at creation, naming who differs and in
 // what (the spec, or how it runs), or which rank could not create its layer at all (which says
 // why itself); the communicator stays usable, and layers that agree are made.
