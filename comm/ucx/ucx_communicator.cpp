@@ -189,7 +189,7 @@ class UcxCommunicator final : public Communicator {
       if (all[p].group_id == kInvalidGroupId)
         return Status::ResourceExhausted(
             rank_->describe(members_[p]) +
-            " has used all 2^20 group ids of its communicator; re-bootstrap it");
+            " has used all 2^19 - 1 group ids of its communicator; re-bootstrap it");
       if (p == me_) new_me = static_cast<int>(members.size());
       members.push_back(members_[p]);
       ids.push_back(all[p].group_id);

@@ -540,7 +540,10 @@ Status write_safetensors_impl(const std::string& path, const std::vector<Safeten
     return errno_status(errno, "cannot rename the temporary file onto", path);
   guard.commit();
   // Without this the rename itself may not survive a crash.
-  return fsync_directory_of(path);
+  const Status synced = fsync_directory_of(path);
+  if (!synced.ok())
+    return synced.with_context(path + " was replaced by the new file, but the rename may not survive a crash");
+  return synced;
 }
 
 }  // namespace
