@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <functional>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -1043,6 +1044,60 @@ TEST(ExpertParallelOptionsCheck, AGatherGroupThatFailsOnOneRankIsRefusedByEveryR
       << created[0];
 }
 
+// A group of W ranks (threads, UCX on loopback) whose backends `wrap` may replace, each running
+// `body` with its layer and a training forward of `x` through its slice of `whole`. Returns what
+// each rank's set-up came to: the creation's status, or the bootstrap's where that failed.
+using WrapBackend = std::function<std::unique_ptr<Backend>(int rank, std::unique_ptr<Backend> cpu)>;
+using FailureBody = std::function<void(int rank, ExpertParallelLayer& layer, const std::function<Status()>& forward)>;
+std::vector<Status> run_failure_ranks(int W, const LayerSpec& spec, const graphs::ExpertParallelOptions& options,
+                                      const WrapBackend& wrap, const FailureBody& body) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  const int64_t S = 16, M = spec.model_dim, O = spec.out_dim();
+  const uint64_t seed = std::random_device{}();
+  std::mt19937_64 rng(seed);
+  const graphs::HostLayerParams whole = to_host(random_params(rng, spec));
+  const std::vector<float> x = to_f32(randn(rng, S * M, 1.0));
+  const uint16_t port = free_port();
+  std::vector<Status> setup(W);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r)
+    threads.emplace_back([&, r] {
+      auto ucx = comm::ucx_bootstrap(rank_options(port, r, W, 1));
+      if (!ucx.ok()) return void(setup[r] = ucx.status());
+      auto cpu = make_backend("cpu", {.threads = 1});
+      if (!cpu.ok()) return void(setup[r] = cpu.status());
+      std::unique_ptr<Backend> backend = wrap(r, std::move(*cpu));
+      auto layer = ExpertParallelLayer::create(*backend, **ucx, spec, options);
+      if (!layer.ok()) return void(setup[r] = layer.status());
+      const ExpertShard shard = layer->shard();
+      graphs::HostLayerParams local = graphs::slice_for_rank(spec, shard, whole);
+      LayerWeights w;
+      w.gate_weight = TensorView(local.gate.data(), DType::kF32, {spec.experts, M});
+      w.experts.fc1_weight = TensorView(local.fc1.data(), DType::kF32, graphs::local_fc1_shape(spec, shard));
+      w.experts.fc1_bias = TensorView(local.fc1_bias.data(), DType::kF32, graphs::local_fc1_bias_shape(spec, shard));
+      w.experts.fc2_weight = TensorView(local.fc2.data(), DType::kF32, graphs::local_fc2_shape(spec, shard));
+      w.experts.fc2_bias = TensorView(local.fc2_bias.data(), DType::kF32, graphs::local_fc2_bias_shape(spec, shard));
+      std::vector<float> xr = x, y(S * O);
+      body(r, *layer, [&] {
+        ExpertParallelLayer::Saved saved;
+        return layer->forward(w, TensorView(xr.data(), DType::kF32, {S, M}), TensorView(y.data(), DType::kF32, {S, O}),
+                              nullptr, &saved);
+      });
+    });
+  for (auto& t : threads) t.join();
+  return setup;
+}
+
+LayerSpec small_failure_spec(int64_t experts, DType matmul = DType::kF32) {
+  LayerSpec spec;
+  spec.experts = experts;
+  spec.model_dim = 16;
+  spec.hidden = 16;
+  spec.k = 1;
+  spec.matmul_dtype = matmul;
+  return spec;
+}
+
 // A rank whose expert kernel fails once: its own work failing between a phase's collectives.
 class ExpertForwardFailsOnce final : public ForwardingBackend {
  public:
@@ -1062,53 +1117,20 @@ class ExpertForwardFailsOnce final : public ForwardingBackend {
 // to its next step, whose first agreement paired with rank 0's combine: a size mismatch, or
 // where the sizes agreed, rank 1's agreement taken for expert outputs.)
 TEST(ExpertParallelFailures, AKernelThatFailsMidPhaseTakesTheGroupOutOfStepAndSaysSo) {
-  ::setenv("UCX_NET_DEVICES", "lo", 1);
-  LayerSpec spec;
-  spec.experts = 2;
-  spec.model_dim = 8;
-  spec.hidden = 8;
-  spec.k = 1;
   constexpr int W = 2;
-  constexpr int64_t S = 6, M = 8;
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE("seed " + std::to_string(seed));
-  std::mt19937_64 rng(seed);
-  const graphs::HostLayerParams whole = to_host(random_params(rng, spec));
-  const std::vector<float> x = to_f32(randn(rng, S * M, 1.0));
-  const uint16_t port = free_port();
-  std::vector<Status> setup(W), first(W), second(W);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < W; ++r)
-    threads.emplace_back([&, r] {
-      auto ucx = comm::ucx_bootstrap(rank_options(port, r, W, 1));
-      if (!ucx.ok()) return void(setup[r] = ucx.status());
-      auto cpu = make_backend("cpu", {.threads = 1});
-      if (!cpu.ok()) return void(setup[r] = cpu.status());
-      std::unique_ptr<Backend> backend =
-          r == 1 ? std::make_unique<ExpertForwardFailsOnce>(std::move(*cpu)) : std::move(*cpu);
-      graphs::ExpertParallelOptions options;
-      options.pipeline = 1;
-      auto layer = ExpertParallelLayer::create(*backend, **ucx, spec, options);
-      if (!layer.ok()) return void(setup[r] = layer.status());
-      graphs::HostLayerParams local = graphs::slice_for_rank(spec, layer->shard(), whole);
-      LayerWeights w;
-      w.gate_weight = TensorView(local.gate.data(), DType::kF32, {spec.experts, M});
-      w.experts.fc1_weight = TensorView(local.fc1.data(), DType::kF32, graphs::local_fc1_shape(spec, layer->shard()));
-      w.experts.fc1_bias =
-          TensorView(local.fc1_bias.data(), DType::kF32, graphs::local_fc1_bias_shape(spec, layer->shard()));
-      w.experts.fc2_weight = TensorView(local.fc2.data(), DType::kF32, graphs::local_fc2_shape(spec, layer->shard()));
-      w.experts.fc2_bias =
-          TensorView(local.fc2_bias.data(), DType::kF32, graphs::local_fc2_bias_shape(spec, layer->shard()));
-      std::vector<float> xr = x, y(S * M);
-      auto forward = [&] {
-        ExpertParallelLayer::Saved saved;
-        return layer->forward(w, TensorView(xr.data(), DType::kF32, {S, M}), TensorView(y.data(), DType::kF32, {S, M}),
-                              nullptr, &saved);
-      };
-      first[r] = forward();
-      second[r] = forward();
-    });
-  for (auto& t : threads) t.join();
+  graphs::ExpertParallelOptions options;
+  options.pipeline = 1;
+  std::vector<Status> first(W), second(W);
+  const std::vector<Status> setup = run_failure_ranks(
+      W, small_failure_spec(2), options,
+      [](int r, std::unique_ptr<Backend> cpu) -> std::unique_ptr<Backend> {
+        if (r == 1) return std::make_unique<ExpertForwardFailsOnce>(std::move(cpu));
+        return cpu;
+      },
+      [&](int r, ExpertParallelLayer&, const std::function<Status()>& forward) {
+        first[r] = forward();
+        second[r] = forward();
+      });
   for (int r = 0; r < W; ++r) ASSERT_TRUE(setup[r].ok()) << "rank " << r << ": " << setup[r];
   EXPECT_EQ(first[1].code(), StatusCode::kInternal) << first[1];
   EXPECT_NE(first[1].message().find("simulated: the expert kernel failed"), std::string_view::npos) << first[1];
@@ -1138,30 +1160,15 @@ class RefusesAllocationsOf final : public ForwardingBackend {
 // gives the communicator up, and its peers' creation fails at once, saying so, instead of
 // waiting out the collective timeout.
 TEST(ExpertParallelFailures, ARankThatCannotStageItsFingerprintFailsTheCreationEverywhereAtOnce) {
-  ::setenv("UCX_NET_DEVICES", "lo", 1);
-  LayerSpec spec;
-  spec.experts = 2;
-  spec.model_dim = 8;
-  spec.hidden = 8;
-  spec.k = 1;
   constexpr int W = 2;
-  const uint16_t port = free_port();
-  std::vector<Status> setup(W), created(W);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < W; ++r)
-    threads.emplace_back([&, r] {
-      auto ucx = comm::ucx_bootstrap(rank_options(port, r, W, 1));
-      if (!ucx.ok()) return void(setup[r] = ucx.status());
-      auto cpu = make_backend("cpu", {.threads = 1});
-      if (!cpu.ok()) return void(setup[r] = cpu.status());
-      // The fingerprint's buffer: W ranks' 3 words, and this rank's 3.
-      std::unique_ptr<Backend> backend =
-          r == 1 ? std::make_unique<RefusesAllocationsOf>(std::move(*cpu), (3 * W + 3) * sizeof(uint64_t))
-                 : std::move(*cpu);
-      created[r] = ExpertParallelLayer::create(*backend, **ucx, spec, graphs::ExpertParallelOptions{}).status();
-    });
-  for (auto& t : threads) t.join();
-  for (int r = 0; r < W; ++r) ASSERT_TRUE(setup[r].ok()) << "rank " << r << ": " << setup[r];
+  const std::vector<Status> created = run_failure_ranks(
+      W, small_failure_spec(2), graphs::ExpertParallelOptions{},
+      [](int r, std::unique_ptr<Backend> cpu) -> std::unique_ptr<Backend> {
+        // The fingerprint's buffer: W ranks' 3 words, and this rank's 3.
+        if (r == 1) return std::make_unique<RefusesAllocationsOf>(std::move(cpu), (3 * W + 3) * sizeof(uint64_t));
+        return cpu;
+      },
+      [](int, ExpertParallelLayer&, const std::function<Status()>&) {});
   EXPECT_EQ(created[1].code(), StatusCode::kResourceExhausted) << created[1];
   EXPECT_NE(created[1].message().find("staging this rank's layer fingerprint"), std::string_view::npos) << created[1];
   ASSERT_FALSE(created[0].ok());
@@ -1196,58 +1203,24 @@ class FirstWorkspaceFails final : public ForwardingBackend {
 // cannot allocate it refuses the step, but the tuner drops no candidate for it (it once dropped
 // r = 1 for good, leaving the bucket to r = 0).
 TEST(ExpertParallelFailures, AWorkspaceEveryParallelismNeedsDropsNoTuningCandidate) {
-  ::setenv("UCX_NET_DEVICES", "lo", 1);
-  LayerSpec spec;
-  spec.experts = 4;
-  spec.model_dim = 16;
-  spec.hidden = 16;
-  spec.k = 1;
-  spec.matmul_dtype = DType::kBF16;
   constexpr int W = 2;
-  constexpr int64_t S = 16, M = 16;
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE("seed " + std::to_string(seed));
-  std::mt19937_64 rng(seed);
-  const graphs::HostLayerParams whole = to_host(random_params(rng, spec));
-  const std::vector<float> x = to_f32(randn(rng, S * M, 1.0));
-  const uint16_t port = free_port();
-  std::vector<Status> setup(W), refused(W), recovered(W);
+  graphs::ExpertParallelOptions options;
+  options.tune.candidates = {{comm::AllToAllAlgo::kLinear, 1, 1}, graphs::kDataParallel};
+  options.tune.warmups = 0;
+  options.tune.trials = 1;
+  std::vector<Status> refused(W), recovered(W);
   std::vector<std::vector<graphs::TunerEntry>> entries(W);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < W; ++r)
-    threads.emplace_back([&, r] {
-      auto ucx = comm::ucx_bootstrap(rank_options(port, r, W, 1));
-      if (!ucx.ok()) return void(setup[r] = ucx.status());
-      auto cpu = make_backend("cpu", {.threads = 1});
-      if (!cpu.ok()) return void(setup[r] = cpu.status());
-      std::unique_ptr<Backend> backend =
-          r == 1 ? std::make_unique<FirstWorkspaceFails>(std::move(*cpu)) : std::move(*cpu);
-      graphs::ExpertParallelOptions options;
-      options.tune.candidates = {{comm::AllToAllAlgo::kLinear, 1, 1}, graphs::kDataParallel};
-      options.tune.warmups = 0;
-      options.tune.trials = 1;
-      auto layer = ExpertParallelLayer::create(*backend, **ucx, spec, options);
-      if (!layer.ok()) return void(setup[r] = layer.status());
-      graphs::HostLayerParams local = graphs::slice_for_rank(spec, layer->shard(), whole);
-      LayerWeights w;
-      w.gate_weight = TensorView(local.gate.data(), DType::kF32, {spec.experts, M});
-      w.experts.fc1_weight = TensorView(local.fc1.data(), DType::kF32, graphs::local_fc1_shape(spec, layer->shard()));
-      w.experts.fc1_bias =
-          TensorView(local.fc1_bias.data(), DType::kF32, graphs::local_fc1_bias_shape(spec, layer->shard()));
-      w.experts.fc2_weight = TensorView(local.fc2.data(), DType::kF32, graphs::local_fc2_shape(spec, layer->shard()));
-      w.experts.fc2_bias =
-          TensorView(local.fc2_bias.data(), DType::kF32, graphs::local_fc2_bias_shape(spec, layer->shard()));
-      std::vector<float> xr = x, y(S * M);
-      auto forward = [&] {
-        ExpertParallelLayer::Saved saved;
-        return layer->forward(w, TensorView(xr.data(), DType::kF32, {S, M}), TensorView(y.data(), DType::kF32, {S, M}),
-                              nullptr, &saved);
-      };
-      refused[r] = forward();
-      recovered[r] = forward();
-      entries[r] = layer->tuner()->entries();
-    });
-  for (auto& t : threads) t.join();
+  const std::vector<Status> setup = run_failure_ranks(
+      W, small_failure_spec(4, DType::kBF16), options,
+      [](int r, std::unique_ptr<Backend> cpu) -> std::unique_ptr<Backend> {
+        if (r == 1) return std::make_unique<FirstWorkspaceFails>(std::move(cpu));
+        return cpu;
+      },
+      [&](int r, ExpertParallelLayer& layer, const std::function<Status()>& forward) {
+        refused[r] = forward();
+        recovered[r] = forward();
+        entries[r] = layer.tuner()->entries();
+      });
   for (int r = 0; r < W; ++r) {
     SCOPED_TRACE("rank " + std::to_string(r));
     ASSERT_TRUE(setup[r].ok()) << setup[r];
