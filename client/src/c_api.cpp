@@ -132,10 +132,14 @@ tutel_client* tutel_connect_with_options(const char* socket_path, const tutel_co
   tutel_client* out = nullptr;
   guarded("tutel_connect", [&] {
     if (socket_path == nullptr) return fail_invalid("tutel_connect: socket_path is NULL");
-    // The fields the caller's header had (struct_size), the rest zero: the defaults.
+    // The fields this library knows of; a newer caller's struct is longer, and its fields past
+    // ours are not read. Every caller has at least the first version's fields (the whole struct
+    // today): a later version adds fields whose zero is their default, and accepts the sizes at
+    // which an earlier version ended.
+    constexpr size_t kFirstVersionSize = offsetof(tutel_connect_options, control_timeout_ms) + sizeof(int64_t);
     tutel_connect_options o{};
     if (given != nullptr) {
-      if (given->struct_size < offsetof(tutel_connect_options, secret_file))
+      if (given->struct_size < kFirstVersionSize)
         return fail_invalid("tutel_connect_with_options: options->struct_size is " +
                             std::to_string(given->struct_size) + "; set it to sizeof(tutel_connect_options)");
       std::memcpy(&o, given, std::min<size_t>(given->struct_size, sizeof o));

@@ -100,21 +100,14 @@ Status Session::hello(const ClientOptions& options) {
                               std::to_string(rid));
   }
   TUTEL_ASSIGN_OR_RETURN(json reply, ipc::reply_body(*frame, ipc::FrameType::kHelloReply));
-  Result<ipc::ArenaLayout> announced = ipc::get_layout(reply);
-  if (!announced.ok()) return malformed_reply(announced.status(), "Hello");
-  const ipc::ArenaLayout layout = *announced;
+  // Its errors stay InvalidArgument: a layout other than this side's is a version mismatch.
+  TUTEL_ASSIGN_OR_RETURN(const ipc::ArenaLayout layout, ipc::get_layout(reply));
   if (frame->fds.size() != 1) {
     return Status::Corruption("the hello reply carried " + std::to_string(frame->fds.size()) +
                               " descriptors; expected exactly one (the session arena's memfd)");
   }
+  // Mapped only at the announced size, whose layout get_layout checked against this side's.
   TUTEL_ASSIGN_OR_RETURN(ipc::Arena arena, ipc::Arena::attach(std::move(frame->fds[0]), layout.arena_bytes));
-  const ipc::ArenaLayout& mapped = arena.layout();
-  if (mapped.arena_bytes != layout.arena_bytes || mapped.data_offset != layout.data_offset ||
-      mapped.data_bytes != layout.data_bytes) {
-    return Status::Corruption("the arena memfd (" + std::to_string(mapped.arena_bytes) +
-                              " bytes) does not match the layout in the hello reply (" +
-                              std::to_string(layout.arena_bytes) + " bytes)");
-  }
   int64_t spin_us = 50;
   const Status described = [&]() -> Status {
     TUTEL_ASSIGN_OR_RETURN(tenant_, ipc::get_string(reply, "tenant"));
@@ -454,6 +447,7 @@ void Session::finish(uint64_t request_id, InFlight& r, const ipc::CompletionDesc
   }
   Finished f;
   f.info.sequence = r.sequence;
+  if (r.training) f.training_layer = r.layer;
   if (c.status_code == 0) {
     if (r.output != nullptr && r.output_bytes > 0 && r.output_block)
       std::memcpy(r.output, arena_->data() + *r.output_block, r.output_bytes);
@@ -511,7 +505,13 @@ Result<Session::Finished> Session::wait_finished(uint64_t request_id,
 }
 
 void Session::abandon(uint64_t request_id) {
-  finished_.erase(request_id);
+  if (auto done = finished_.find(request_id); done != finished_.end()) {
+    // Completed while the caller waited for another request: its output is written already,
+    // but no backward may pair with it.
+    if (auto layer = done->second.training_layer.lock()) layer->pending.erase(done->second.info.sequence);
+    finished_.erase(done);
+    return;
+  }
   auto it = in_flight_.find(request_id);
   if (it == in_flight_.end()) return;
   InFlight& r = it->second;

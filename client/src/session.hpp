@@ -136,6 +136,9 @@ class Session {
     Status status;
     ForwardInfo info;
     uint64_t checksum = 0;  // Op::kChecksum
+    // A training forward's layer, so that abandoning it after it completed still takes it off
+    // the layer's pending list (weak: LayerState owns the session).
+    std::weak_ptr<LayerState> training_layer;
   };
   Result<Finished> wait_finished(uint64_t request_id, std::optional<std::chrono::milliseconds> timeout);
 

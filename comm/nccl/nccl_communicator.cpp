@@ -293,7 +293,8 @@ class NcclCommunicator final : public Communicator {
   // makes kernels of this communicator still running return.
   void give_up(const Status& why) override {
     if (!broken_.ok()) return;
-    (void)finish(Status::Aborted("this rank gave up on its step between collectives: " + std::string(why.message())));
+    (void)finish(Status::Aborted("rank " + std::to_string(rank()) + "'s own work failed between collectives: " +
+                                 std::string(why.message())));
   }
 
   Result<std::unique_ptr<Communicator>> split(int color, int key) override {

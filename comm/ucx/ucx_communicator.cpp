@@ -203,8 +203,10 @@ class UcxCommunicator final : public Communicator {
 
   void give_up(const Status& why) override {
     if (!broken_.ok()) return;
-    broken_ = Status::Aborted("this rank gave up on its step between collectives: " + std::string(why.message()))
-                  .with_context(context());
+    // The peers read "<this rank> gave up on its step: rank i's own work failed ...".
+    broken_ = Status::Aborted("rank " + std::to_string(me_) + "'s own work failed between collectives: " +
+                              std::string(why.message()));
+    notice_.what = "its step";
     rank_->give_up(notice_, broken_);
   }
 

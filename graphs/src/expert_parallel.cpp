@@ -645,10 +645,13 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
 Status ExpertParallelLayer::gave_up(Status st) {
   // The phase's ops failed part way on this rank (a kernel, its own collective): its peers may
   // still wait in a collective this rank will not issue, and its next one would pair with
-  // theirs. The group's communicator stops here and tells them (a no-op where a collective
-  // failed already). Every later step of this rank then fails at its first agreement on it, so
-  // it issues nothing more on a gather group either (whose peers find out at their timeout).
-  if (!st.ok()) comm_->give_up(st);
+  // theirs. The group's communicators stop here and tell them (a no-op where a collective
+  // failed already): the gather groups too, whose peers may wait in a gather. Alone, a rank
+  // has nobody to fall out of step with.
+  if (st.ok() || shard_.world == 1) return st;
+  comm_->give_up(st);
+  if (gather_groups_)
+    for (comm::Communicator* group : gather_groups_->all()) group->give_up(st);
   return st;
 }
 
@@ -686,9 +689,14 @@ Status ExpertParallelLayer::refuse(Status why) {
 // expert counts just copied down, it costs one more small copy each way.
 Status ExpertParallelLayer::agree_on_max(int64_t* values, size_t count) {
   const size_t bytes = count * sizeof(int64_t);
-  TUTEL_RETURN_IF_ERROR(grow(agreed_, bytes));
-  TUTEL_RETURN_IF_ERROR(backend_->copy(agreed_.data(), values, bytes, CopyKind::kHostToDevice));
-  TUTEL_RETURN_IF_ERROR(collective_ready());
+  // agreed_ was allocated at creation for the widest agreement; a rank whose staging fails (a
+  // device error) cannot join the all-reduce its peers wait in, and gives the group up.
+  const Status staged = [&]() -> Status {
+    TUTEL_RETURN_IF_ERROR(grow(agreed_, bytes));
+    TUTEL_RETURN_IF_ERROR(backend_->copy(agreed_.data(), values, bytes, CopyKind::kHostToDevice));
+    return collective_ready();
+  }();
+  if (!staged.ok()) return gave_up(staged);
   TUTEL_RETURN_IF_ERROR(
       comm_->all_reduce(static_cast<int64_t*>(agreed_.data()), count, comm::ReduceOp::kMax));
   TUTEL_RETURN_IF_ERROR(wait_collectives());
@@ -1092,9 +1100,15 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
       return b.expert_workspace_bytes(shape, spec_.matmul_dtype);
     };
     auto workspace_failure = [&](int r) {
-      if (tuner_)
-        for (const ExchangeConfig& other : tuner_->candidates())
-          if (other.r != r && workspace_bytes(other.r) < workspace_bytes(r)) return Unprepared::kThisParallelism;
+      if (!tuner_) return Unprepared::kEveryWay;
+      // The candidates still offered in this bucket (a rare path: the entries are built here).
+      std::vector<bool> excluded(tuner_->candidates().size(), false);
+      for (const TunerEntry& e : tuner_->entries())
+        if (e.capacity_bucket == ExchangeTuner::bucket_for(C)) excluded = e.excluded;
+      for (size_t i = 0; i < tuner_->candidates().size(); ++i) {
+        const int other = tuner_->candidates()[i].r;
+        if (!excluded[i] && other != r && workspace_bytes(other) < workspace_bytes(r)) return Unprepared::kThisParallelism;
+      }
       return Unprepared::kEveryWay;
     };
     const Status experts_ready = !shared_ready.ok() ? shared_ready : [&]() -> Status {

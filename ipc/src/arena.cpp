@@ -5,6 +5,8 @@
 #include <string>
 #include <utility>
 
+#include "tutel/core/logging.hpp"
+
 namespace tutel::ipc {
 
 RingControl* Arena::request_control() const {
@@ -60,10 +62,8 @@ Result<Arena> Arena::attach(UniqueFd fd, uint64_t expected_bytes) {
   if (!layout.ok()) return layout.status().with_context("arena size");
   TUTEL_ASSIGN_OR_RETURN(SharedMemory memory,
                          SharedMemory::attach(std::move(fd), "the arena memfd", static_cast<size_t>(expected_bytes)));
-  if (layout->arena_bytes != memory.bytes()) {
-    return Status::InvalidArgument("the arena memfd holds " + std::to_string(memory.bytes()) +
-                                   " bytes, not a whole number of 4096-byte pages");
-  }
+  // attach() took exactly expected_bytes, whole pages, which arena_layout() keeps as they are.
+  TUTEL_CHECK(layout->arena_bytes == memory.bytes());
   Arena arena;
   arena.memory_ = std::move(memory);
   arena.layout_ = *layout;

@@ -368,6 +368,25 @@ TEST(Client, AWaitWithItsOwnTimeoutAndAnAbandonedRequest) {
   EXPECT_EQ(layer->oldest_pending_sequence(), kept->sequence);
 }
 
+// A training forward that completed while the caller waited for a later request, then abandoned,
+// is not pending either: the default backward would otherwise pair with it.
+TEST(Client, AnAbandonedForwardThatHadCompletedIsNotPending) {
+  Fixture f;
+  auto client = f.connect();
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto layer = client->attach_layer("moe");
+  ASSERT_TRUE(layer.ok());
+  std::vector<float> x(4, 1.f), y(4), x2(4, 2.f), y2(4), dy(4, 1.f), dx(4);
+  auto first = layer->submit_forward(x.data(), 1, y.data());
+  auto second = layer->submit_forward(x2.data(), 1, y2.data());
+  ASSERT_TRUE(first.ok() && second.ok());
+  ASSERT_TRUE(client->wait(*second).ok());  // pops the first's completion on the way
+  client->abandon(*first);
+  EXPECT_EQ(layer->pending_backwards(), 1u);
+  EXPECT_EQ(layer->oldest_pending_sequence(), second->sequence);
+  EXPECT_EQ(client->wait(*first).status().code(), StatusCode::kInvalidArgument);
+}
+
 // A MapRegion reply that lacks a field is the daemon's fault (Corruption, not the caller's
 // InvalidArgument), and the region it holds is given back rather than left charged.
 TEST(Client, AMalformedMapRegionReplyGivesTheRegionBack) {

@@ -5,6 +5,7 @@ inputs every run; the seed is in the failure message."""
 import os
 import random
 import shutil
+import signal
 import tempfile
 import unittest
 
@@ -193,6 +194,32 @@ class ClientModuleTest(unittest.TestCase):
         dy2 = self.rng.normal(0, 1, y2.shape)
         self.assert_close(layer.backward(dy2), ref.backward(p, saved2, dy2, 0.0)[0], "dx of the new forward")
         self.assertEqual(len(abandoned), 1)
+
+    def test_a_request_timeout_abandons_the_request_and_the_session_goes_on(self):
+        # The daemon stopped (SIGSTOP: alive, its socket open, nothing answers): the forward gives
+        # up at request_timeout, abandons its request, and once the daemon runs again the session
+        # serves as before.
+        p, x = random_case(self.rng, 8)
+        ref.write_safetensors(os.path.join(self.daemon.checkpoints, "t-init.safetensors"),
+                              {ref.TUTEL_NAMES[n]: v for n, v in p.items()})
+        with tuteld.Client(self.daemon.client_socket, request_timeout=0.3) as client:
+            layer = client.create_layer(f'name = "t"\nexperts = {E}\nmodel_dim = {M}\nhidden = {H}\n'
+                                        f'k = {K}\ncapacity_factor = {F}\nweights = "t-init.safetensors"\n')
+            self.daemon.process.send_signal(signal.SIGSTOP)
+            try:
+                with self.assertRaises(tuteld.TutelError) as e:
+                    layer.forward(x)
+            finally:
+                self.daemon.process.send_signal(signal.SIGCONT)
+            self.assertEqual(e.exception.name, "Timeout", str(e.exception))
+            self.assertIn("abandoned", str(e.exception))
+            with self.assertRaises(tuteld.TutelError):  # the abandoned forward waits for no backward
+                layer.backward(np.zeros((8, M)))
+            y_ref, _, saved = ref.forward(p, x, K, F)
+            y, _ = layer.forward(x)
+            self.assert_close(y, y_ref, "y after the timeout")
+            dy = self.rng.normal(0, 1, y.shape)
+            self.assert_close(layer.backward(dy), ref.backward(p, saved, dy, 0.0)[0], "dx after the timeout")
 
     def test_timeouts_are_checked(self):
         for bad in (-1, 0, float("nan"), float("inf"), "1"):

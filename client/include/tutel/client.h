@@ -77,17 +77,18 @@ tutel_client* tutel_connect(const char* socket_path);
  * tutel_connect does); neither: no secret. */
 tutel_client* tutel_connect_with_secret(const char* socket_path, const char* secret_file);
 /* Options of tutel_connect_with_options. Zero-initialise it and set struct_size to
- * sizeof(tutel_connect_options): fields a newer header adds past struct_size keep their
- * defaults, so a program built against this header keeps working with a later library. */
+ * sizeof(tutel_connect_options): a later library reads only the fields this header has (those
+ * it adds keep their defaults), and this library ignores fields a later header adds. */
 typedef struct tutel_connect_options {
   uint32_t struct_size;
   /* As tutel_connect_with_secret's secret_file (NULL or "": TUTEL_SECRET_FILE, if set). */
   const char* secret_file;
   /* Reported to the daemon (its logs name the session by it); NULL or "": the program's name. */
   const char* name;
-  /* Bound on waiting for one request's completion in the synchronous calls (tutel_forward, ...)
-   * and in tutel_wait, in milliseconds; 0 or negative: none (a daemon that exits is still noticed
-   * within about 200 ms). A synchronous call that times out abandons its request. */
+  /* Bound, in milliseconds, on each wait for a completion: in the synchronous calls
+   * (tutel_forward, ...), in tutel_wait, and in a submit that waits for room in the rings or the
+   * data region; 0 or negative: none (a daemon that exits is still noticed within about 200 ms).
+   * A synchronous call that times out abandons its request. */
   int64_t request_timeout_ms;
   /* Bound on waiting for a control reply (create, step, save, ...); 0 or negative: none. A
    * control call that times out closes the session (the stream may hold half a reply). */

@@ -186,8 +186,10 @@ class Client:
     (None: no bound); past it the session is closed (connect again and attach the layers).
     name: how the daemon's logs name this session (default: the program's name).
 
-    A forward or backward interrupted by a signal (KeyboardInterrupt) abandons its request: the
-    library never writes into its arrays afterwards, and a training forward is not pending."""
+    A forward or backward interrupted by a signal (KeyboardInterrupt) while it waits for its
+    result abandons its request: the library never writes into its arrays afterwards, and a
+    training forward is not pending. (A submit that waits for room behind requests the daemon has
+    not completed, and a control call, wait in the library: bound them with the timeouts.)"""
 
     def __init__(self, socket_path, secret_file=None, request_timeout=None, control_timeout=None, name=None):
         options = _ConnectOptions()
@@ -195,10 +197,10 @@ class Client:
         options.secret_file = None if secret_file is None else os.fsencode(secret_file)
         options.name = None if name is None else name.encode()
         options.control_timeout_ms = _milliseconds(control_timeout, "control_timeout")
-        self._request_timeout = None
-        if request_timeout is not None:
-            _milliseconds(request_timeout, "request_timeout")
-            self._request_timeout = float(request_timeout)
+        # The library's own bound covers a submit that waits for room (behind abandoned requests
+        # the daemon has not completed); this module's waits use their own deadline.
+        options.request_timeout_ms = _milliseconds(request_timeout, "request_timeout")
+        self._request_timeout = None if request_timeout is None else float(request_timeout)
         handle = _lib.tutel_connect_with_options(os.fsencode(socket_path), ctypes.byref(options))
         if not handle:
             # The real cause (a refused uid, a version mismatch), not a guess: callers branch on it.
