@@ -144,7 +144,7 @@ TEST(CpuLayerRouting, TopKOfManyExpertsKeepsScoreOrderAndTheLowerIndexOnTies) {
     }
     std::vector<int32_t> idx(S * k, -1);
     ASSERT_TRUE(b.gate_forward({TensorView(x.data(), DType::kF32, {S, M}, d), TensorView(wg.data(), DType::kF32, {E, M}, d),
-                                {}, k, /*normalize=*/true, TensorView(scores.data(), DType::kF32, {S, E}, d),
+                                {}, static_cast<int>(k), /*normalize=*/true, TensorView(scores.data(), DType::kF32, {S, E}, d),
                                 TensorView(idx.data(), DType::kI32, {S, k}, d), TensorView(gates.data(), DType::kF32, {S, k}, d),
                                 TensorView(l_aux.data(), DType::kF32, {1}, d)})
                     .ok());
