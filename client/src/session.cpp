@@ -320,7 +320,7 @@ Result<Ticket> Session::submit(const Submission& s) {
   const ipc::ArenaLayout& layout = arena_->layout();
   ipc::RequestDescriptor d = describe(s);
   if (has_data) {
-    std::memcpy(arena_->data() + *r.input_block, s.input, s.input_bytes);
+    if (s.input_bytes > 0) std::memcpy(arena_->data() + *r.input_block, s.input, s.input_bytes);
     d.input_offset = layout.data_offset + *r.input_block;
     d.output_offset = layout.data_offset + *r.output_block;
   }
