@@ -84,13 +84,13 @@ TensorView view_of(const DeviceBuffer& buf, DType dtype, Shape shape, Device dev
 }  // namespace
 
 TensorView LayerWorkspace::expert_index(Device d) const {
-  return view_of(expert_index_, DType::kI32, {tokens_, k_}, d);
+  return view_of(expert_index_, DType::kI32, {tokens_, spec_.k}, d);
 }
 TensorView LayerWorkspace::location(Device d) const {
-  return view_of(location_, DType::kI32, {tokens_, k_}, d);
+  return view_of(location_, DType::kI32, {tokens_, spec_.k}, d);
 }
 TensorView LayerWorkspace::gates(Device d) const {
-  return view_of(gates_, DType::kF32, {tokens_, k_}, d);
+  return view_of(gates_, DType::kF32, {tokens_, spec_.k}, d);
 }
 
 Status LayerWorkspace::reserve_routing(Backend& b, const LayerSpec& spec, int64_t tokens) {
@@ -103,13 +103,7 @@ Status LayerWorkspace::reserve_routing(Backend& b, const LayerSpec& spec, int64_
   TUTEL_RETURN_IF_ERROR(ensure(b, expert_count_, E * 4));
   if (spec.gate_noise > 0) TUTEL_RETURN_IF_ERROR(ensure(b, noise_, S * E * 4));
   tokens_ = tokens;
-  k_ = spec.k;
-  experts_ = spec.experts;
-  model_dim_ = spec.model_dim;
-  hidden_dim_ = spec.hidden;
-  output_dim_ = spec.out_dim();
-  activation_ = spec.activation;
-  matmul_dtype_ = spec.matmul_dtype;
+  spec_ = spec;
   return Status::OK();
 }
 
@@ -219,15 +213,16 @@ Status layer_backward(Backend& backend, const LayerSpec& spec, const LayerWeight
   if (!ws.has_forward_ || !ws.trained_)
     return Status::InvalidArgument("backward needs a training forward on this workspace first");
   // The workspace's buffers are laid out for the forward's spec: another one would read past them.
-  if (spec.experts != ws.experts_ || spec.k != ws.k_ || spec.model_dim != ws.model_dim_ || spec.hidden != ws.hidden_dim_ ||
-      spec.out_dim() != ws.output_dim_ || spec.activation != ws.activation_ || spec.matmul_dtype != ws.matmul_dtype_)
-    return Status::InvalidArgument("backward's spec (E " + std::to_string(spec.experts) + ", k " + std::to_string(spec.k) +
-                                   ", M " + std::to_string(spec.model_dim) + ", H " + std::to_string(spec.hidden) +
-                                   ", O " + std::to_string(spec.out_dim()) +
-                                   ", or its activation or matmul dtype) differs from its forward's (E " +
-                                   std::to_string(ws.experts_) + ", k " + std::to_string(ws.k_) + ", M " +
-                                   std::to_string(ws.model_dim_) + ", H " + std::to_string(ws.hidden_dim_) + ", O " +
-                                   std::to_string(ws.output_dim_) + "); pass the spec the forward ran with");
+  const LayerSpec& fwd = ws.spec_;
+  auto shapes = [](const LayerSpec& s) {
+    return "E " + std::to_string(s.experts) + ", k " + std::to_string(s.k) + ", M " + std::to_string(s.model_dim) +
+           ", H " + std::to_string(s.hidden) + ", O " + std::to_string(s.out_dim());
+  };
+  if (spec.experts != fwd.experts || spec.k != fwd.k || spec.model_dim != fwd.model_dim || spec.hidden != fwd.hidden ||
+      spec.out_dim() != fwd.out_dim() || spec.activation != fwd.activation || spec.matmul_dtype != fwd.matmul_dtype)
+    return Status::InvalidArgument("backward's spec (" + shapes(spec) +
+                                   ", or its activation or matmul dtype) differs from its forward's (" + shapes(fwd) +
+                                   "); pass the spec the forward ran with");
   const int64_t S = ws.tokens_, E = spec.experts, k = spec.k, M = spec.model_dim, H = spec.hidden,
                 O = spec.out_dim(), C = ws.capacity_;
   TUTEL_RETURN_IF_ERROR(weights.validate(spec, "weights"));

@@ -90,8 +90,9 @@ struct SafetensorsEntry {
 // Atomic: the bytes go to a temporary file in the same directory, which is fsynced and
 // renamed over `path`, then the directory is fsynced; on failure `path` is untouched and
 // the temporary file removed, except when only that last fsync fails: then `path` already
-// holds the new file (the error says the rename may not survive a crash). Refuses duplicate names, the reserved name "__metadata__",
-// negative dimensions and null data for a non-empty tensor.
+// holds the new file (the error says the rename may not survive a crash). Refuses duplicate
+// names, the reserved name "__metadata__", negative dimensions and null data for a non-empty
+// tensor.
 Status write_safetensors(const std::string& path, const std::vector<SafetensorsEntry>& tensors,
                          const std::map<std::string, std::string>& metadata = {});
 

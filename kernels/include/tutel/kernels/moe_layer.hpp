@@ -99,11 +99,9 @@ class LayerWorkspace {
   Status reserve_expert_workspace(Backend& b, const LayerSpec& spec, int64_t capacity,
                                   const ExpertWeights& weights);
 
-  int64_t tokens_ = 0, capacity_ = 0, k_ = 0;
-  // What the last forward's buffers were laid out for: a backward must have the same shapes.
-  int64_t experts_ = 0, model_dim_ = 0, hidden_dim_ = 0, output_dim_ = 0;
-  Activation activation_ = Activation::kRelu;
-  DType matmul_dtype_ = DType::kF32;
+  int64_t tokens_ = 0, capacity_ = 0;
+  // The spec the last forward's buffers were laid out for: a backward must have its shapes.
+  LayerSpec spec_;
   bool has_forward_ = false, trained_ = false;
   RoutingStats stats_;
   // Routing, sized by tokens.
