@@ -15,7 +15,7 @@ constexpr uint64_t kDescriptorMagic = 0x54555445'4C50554CULL;  // "TUTELPUL"
 
 }  // namespace
 
-HostIdentity this_process(const uint64_t* probe) {
+HostIdentity this_process(const uint64_t* challenge_words) {
   HostIdentity id;
   std::ifstream boot("/proc/sys/kernel/random/boot_id");
   std::string text;
@@ -23,8 +23,7 @@ HostIdentity this_process(const uint64_t* probe) {
   struct stat ns{};
   if (::stat("/proc/self/ns/pid", &ns) == 0) id.pid_namespace = static_cast<uint64_t>(ns.st_ino);
   id.pid = static_cast<uint32_t>(::getpid());
-  id.probe_address = reinterpret_cast<uint64_t>(probe);
-  id.probe_value = *probe;
+  id.challenge_words = reinterpret_cast<uint64_t>(challenge_words);
   return id;
 }
 
@@ -33,12 +32,16 @@ bool same_host(const HostIdentity& a, const HostIdentity& b) {
          std::strncmp(a.boot_id, b.boot_id, sizeof a.boot_id) == 0 && a.pid_namespace == b.pid_namespace;
 }
 
-bool can_read(const HostIdentity& peer) {
+ChallengeAnswer read_challenge(const HostIdentity& peer, int my_rank, uint64_t nonce) {
   uint64_t value = 0;
   iovec local{&value, sizeof value};
-  iovec remote{reinterpret_cast<void*>(peer.probe_address), sizeof value};
+  // Unsigned arithmetic: a stated address near the top wraps to another wrong address, which
+  // at worst reads as kUnreadable or kNotHeld.
+  iovec remote{reinterpret_cast<void*>(peer.challenge_words + uint64_t{sizeof value} * static_cast<uint64_t>(my_rank)),
+               sizeof value};
   const ssize_t n = ::process_vm_readv(static_cast<pid_t>(peer.pid), &local, 1, &remote, 1, 0);
-  return n == static_cast<ssize_t>(sizeof value) && value == peer.probe_value;
+  if (n != static_cast<ssize_t>(sizeof value)) return ChallengeAnswer::kUnreadable;
+  return value == nonce ? ChallengeAnswer::kHeld : ChallengeAnswer::kNotHeld;
 }
 
 LeaseTable::Slot* LeaseTable::lend(const void* data, size_t bytes) {

@@ -15,8 +15,14 @@
 // A sender that gives up withdraws its leases before it returns, so a late reader gets an error,
 // never the caller's reused buffer.
 //
-// Who may pull from whom is probed at bootstrap: same boot and pid namespace (so a pid names
-// the same process), and a test read of a word the peer published succeeds (ptrace permission).
+// Who may pull from whom is settled at bootstrap: same boot and pid namespace (so a pid names
+// the same process), and a challenge: each side sends the other a fresh nonce over UCX, the
+// other receives it into its challenge word for that rank, and each side then reads that word
+// out of the process the peer's identity names. The read proves ptrace permission, and the
+// value proves that the named process is the peer: a process that states another's pid (a
+// rank joined without a peer secret, or a coordinator that hands out a forged table) cannot
+// place the nonce in that process's memory, so nothing is ever pulled from a process that is
+// not the sender.
 #pragma once
 
 #include <sys/types.h>
@@ -41,16 +47,24 @@ struct HostIdentity {
   uint64_t pid_namespace = 0;
   uint32_t pid = 0;
   uint32_t unused = 0;
-  uint64_t probe_address = 0;  // a word the peers test-read
-  uint64_t probe_value = 0;
+  uint64_t challenge_words = 0;  // address of one word per rank: rank r's nonce lands in word r
 };
 
-// This process (and `probe`, which must stay alive and unchanged while peers may read it).
-HostIdentity this_process(const uint64_t* probe);
+// This process, its challenge words at `challenge_words` (which must stay alive while peers
+// may read them).
+HostIdentity this_process(const uint64_t* challenge_words);
 // Same boot and pid namespace: pids name the same processes. False when either is unknown.
 bool same_host(const HostIdentity& a, const HostIdentity& b);
-// True when this process can read `peer`'s memory (reads its probe word).
-bool can_read(const HostIdentity& peer);
+
+// What reading our nonce back out of the process a peer's identity names showed.
+enum class ChallengeAnswer {
+  kHeld,        // the process holds it: it is the peer, and we may read its memory
+  kUnreadable,  // we may not read that process (Yama, a container, or it is gone)
+  kNotHeld,     // readable, but not holding it: the identity names another process
+};
+// Reads word `my_rank` of `peer`'s challenge words in the process `peer.pid` and compares it
+// with `nonce`, the value we sent that peer (and that it said it received).
+ChallengeAnswer read_challenge(const HostIdentity& peer, int my_rank, uint64_t nonce);
 
 // Sent instead of the data.
 struct PullDescriptor {

@@ -7,11 +7,11 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <random>
 #include <thread>
 #include <utility>
 
 #include "tutel/core/logging.hpp"
+#include "tutel/core/secret.hpp"
 
 namespace tutel::comm::ucx {
 namespace {
@@ -27,9 +27,11 @@ constexpr auto kMinDrain = std::chrono::milliseconds(200);
 // Before the UCX address in a bootstrap payload: the local-exchange token, the mailbox id and
 // the process's identity on its host (peer memory).
 constexpr size_t kPayloadPrefix = sizeof(uint64_t) + sizeof(uint32_t) + sizeof(HostIdentity);
-// Peer-memory agreement at bootstrap: [kAckBit][group 0][notice sequence][sender]. Unique: no
-// acknowledgement uses the notice sequence, and notices never have kAckBit.
+// Peer-memory agreement at bootstrap: [kAckBit][group 0, 1 or 2][notice sequence][sender].
+// Unique: no acknowledgement uses the notice sequence, and notices never have kAckBit.
 constexpr uint64_t kAgreeTag = kAckBit | (uint64_t{(1u << 24) - 1} << 20);
+constexpr uint64_t kChallengeTag = kAgreeTag | (uint64_t{1} << 44);
+constexpr uint64_t kChallengeTakenTag = kAgreeTag | (uint64_t{2} << 44);
 // What an acknowledgement carries; static, so a send nobody waits for can always read it.
 const char kAckByte = 'a';
 // Set when a pull of this thread's collective failed because its sender withdrew the loan (a
@@ -140,8 +142,8 @@ Status UcxRank::init(const BootstrapOptions& o) {
     mailbox_id_ = local_exchange_->hub().add(mailbox_);
     token = local_exchange_->token();
   }
-  probe_ = std::make_unique<uint64_t>((uint64_t{std::random_device{}()} << 32) | std::random_device{}() | 1);
-  const HostIdentity me = this_process(probe_.get());
+  challenge_words_ = std::make_unique<uint64_t[]>(static_cast<size_t>(o.size));
+  const HostIdentity me = this_process(challenge_words_.get());
   std::string payload(kPayloadPrefix, '\0');
   std::memcpy(payload.data(), &token, sizeof token);
   std::memcpy(payload.data() + sizeof token, &mailbox_id_, sizeof mailbox_id_);
@@ -175,7 +177,6 @@ Status UcxRank::init(const BootstrapOptions& o) {
     std::memcpy(&local_ids_[p], peer_payload.data() + sizeof peer_token, sizeof(uint32_t));
     if (token != 0 && peer_token == token) local_boxes_[p] = local_exchange_->hub().find(local_ids_[p]);
     std::memcpy(&hosts_[p], peer_payload.data() + sizeof peer_token + sizeof(uint32_t), sizeof(HostIdentity));
-    if (o.peer_memory && !local_boxes_[p] && same_host(me, hosts_[p])) pull_from_[p] = can_read(hosts_[p]);
     ucp_ep_params_t ep{};
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                     UCP_EP_PARAM_FIELD_ERR_HANDLER;
@@ -246,19 +247,54 @@ UcxRank::~UcxRank() {
 }
 
 Status UcxRank::agree_on_peer_memory(const BootstrapOptions& o) {
-  // Every same-host pair (not in-process) swaps "I will pull your messages" flags; same_host is
-  // symmetric, so both sides of a pair take part or neither does.
-  std::vector<Transfer> sends, recvs;
-  std::vector<char> theirs(static_cast<size_t>(size_), 0);
-  for (int p = 0; p < size_; ++p) {
-    if (p == rank_ || local_boxes_[p] || !same_host(hosts_[rank_], hosts_[p])) continue;
-    sends.push_back({p, kAgreeTag | static_cast<uint64_t>(rank_), &pull_from_[p], 1});
-    recvs.push_back({p, kAgreeTag | static_cast<uint64_t>(p), &theirs[p], 1});
-  }
-  if (sends.empty()) return Status::OK();
+  // Every same-host pair (not in-process) takes part, whether or not it may pull: same_host is
+  // symmetric, so both sides of a pair run the same three rounds or neither does.
+  std::vector<int> peers;
+  for (int p = 0; p < size_; ++p)
+    if (p != rank_ && !local_boxes_[p] && same_host(hosts_[rank_], hosts_[p])) peers.push_back(p);
+  if (peers.empty()) return Status::OK();
+  const auto deadline = Clock::now() + o.collective_timeout;
   Notice no_notice;  // a failed bootstrap fails every rank on its own
-  TUTEL_RETURN_IF_ERROR(exchange(sends, recvs, Clock::now() + o.collective_timeout, no_notice, Clock::duration::zero())
-                            .with_context("agreeing on peer memory with the ranks of this host"));
+  auto swap = [&](uint64_t tag, auto* ours, auto* theirs, const char* what) {
+    std::vector<Transfer> sends, recvs;
+    for (int p : peers) {
+      sends.push_back({p, tag | static_cast<uint64_t>(rank_), &ours[p], sizeof ours[p]});
+      recvs.push_back({p, tag | static_cast<uint64_t>(p), &theirs[p], sizeof theirs[p]});
+    }
+    return exchange(sends, recvs, deadline, no_notice, Clock::duration::zero()).with_context(what);
+  };
+
+  // 1. The challenge (peer_memory.hpp): our fresh nonce to each peer; theirs lands in our
+  //    challenge word for them, where they will read it out of our memory.
+  TUTEL_ASSIGN_OR_RETURN(std::string random, random_bytes(sizeof(uint64_t) * static_cast<size_t>(size_)));
+  std::vector<uint64_t> nonces(static_cast<size_t>(size_));
+  std::memcpy(nonces.data(), random.data(), random.size());
+  TUTEL_RETURN_IF_ERROR(swap(kChallengeTag, nonces.data(), challenge_words_.get(),
+                             "sending the peer-memory challenge to the ranks of this host"));
+  // 2. "Your nonce is in place": our sends completing does not mean that the peers' receives
+  //    have, so each side says so before the other reads.
+  std::vector<char> taken(static_cast<size_t>(size_), 1), their_taken(static_cast<size_t>(size_), 0);
+  TUTEL_RETURN_IF_ERROR(swap(kChallengeTakenTag, taken.data(), their_taken.data(),
+                             "confirming the peer-memory challenge with the ranks of this host"));
+  for (int p : peers) {
+    if (!o.peer_memory) continue;
+    switch (read_challenge(hosts_[p], rank_, nonces[static_cast<size_t>(p)])) {
+      case ChallengeAnswer::kHeld:
+        pull_from_[p] = 1;
+        break;
+      case ChallengeAnswer::kUnreadable:  // Yama or a container: the pair stays on UCX
+        break;
+      case ChallengeAnswer::kNotHeld:
+        TUTEL_LOG(WARN) << "UCX rank " << rank_ << ": " << describe(p) << " names pid " << hosts_[p].pid
+                        << " as its process, but that process does not hold the nonce we sent it: its "
+                           "large messages go over UCX, never out of that process's memory (a rank "
+                           "that states another's pid; set a peer secret to keep such ranks out)";
+        break;
+    }
+  }
+  // 3. "I will pull your messages": both sides of each direction agree.
+  std::vector<char> theirs(static_cast<size_t>(size_), 0);
+  TUTEL_RETURN_IF_ERROR(swap(kAgreeTag, pull_from_.data(), theirs.data(), "agreeing on peer memory with the ranks of this host"));
   for (int p = 0; p < size_; ++p) pulled_by_[p] = theirs[p];
   // The agreement is not traffic.
   for (int p = 0; p < size_; ++p) {

@@ -233,15 +233,16 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   char beacon_buffer_[kMaxBeaconBytes] = {};
   ucp_tag_recv_info_t beacon_info_{};
   std::vector<std::pair<void*, std::unique_ptr<char[]>>> beacon_sends_;
-  // Peer memory: who we pull from (same host, readable), who pulls from us (they told us at
-  // bootstrap), our probe word, and our loans.
+  // Peer memory: who we pull from (same host, answered our challenge), who pulls from us (they
+  // told us at bootstrap), our challenge words (one per rank), and our loans.
   std::vector<HostIdentity> hosts_;
   std::vector<char> pull_from_, pulled_by_;
-  std::unique_ptr<uint64_t> probe_;
+  std::unique_ptr<uint64_t[]> challenge_words_;
   LeaseTable leases_;
   bool pulls_from(int peer, size_t bytes) const { return bytes >= kPullMinBytes && pull_from_[static_cast<size_t>(peer)]; }
   bool pulled_by(int peer, size_t bytes) const { return bytes >= kPullMinBytes && pulled_by_[static_cast<size_t>(peer)]; }
-  // Bootstrap: tells every same-host peer whether we can read its memory, learns the reverse.
+  // Bootstrap: challenges every same-host peer (peer_memory.hpp), tells it whether we will pull
+  // its large messages, learns the reverse.
   Status agree_on_peer_memory(const BootstrapOptions& o);
   // The methods below hold mu_. A pulled receive whose descriptor arrived: copy, acknowledge.
   Status finish_pull_locked(Op& op);

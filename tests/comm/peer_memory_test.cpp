@@ -1,7 +1,8 @@
 // Peer memory's pieces in one process (process_vm_readv on our own pid works like on a
 // neighbour's): a loan is read exactly; a withdrawn loan, a wrong size, a foreign message and a
 // gone process are errors, and nothing is copied from a withdrawn loan that could be mistaken
-// for data. The protocol between processes runs in every multi-process comm test (chunks of
+// for data; only the process that received a challenge's nonce answers it. The protocol
+// between processes runs in every multi-process comm test (chunks of
 // 64 KiB and more are pulled; `peers()` says so).
 #include "peer_memory.hpp"
 
@@ -11,9 +12,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
+
+#include "tutel/core/secret.hpp"
 
 namespace tutel::comm::ucx {
 namespace {
@@ -107,17 +111,81 @@ TEST(PeerMemory, AGoneProcessIsAnErrorNamingIt) {
   leases.release(slot);
 }
 
-TEST(PeerMemory, HostIdentityAndProbe) {
-  const uint64_t probe = 0x1234'5678'9abc'def1ULL;
-  const HostIdentity me = this_process(&probe);
+TEST(PeerMemory, HostIdentity) {
+  uint64_t words[2] = {};
+  const HostIdentity me = this_process(words);
   EXPECT_TRUE(same_host(me, me));
-  EXPECT_TRUE(can_read(me));
+  EXPECT_EQ(me.pid, static_cast<uint32_t>(::getpid()));
+  EXPECT_EQ(me.challenge_words, reinterpret_cast<uint64_t>(words));
   HostIdentity other = me;
   other.pid_namespace += 1;  // another container: pids mean other processes
   EXPECT_FALSE(same_host(me, other));
-  HostIdentity wrong_probe = me;
-  wrong_probe.probe_value ^= 1;  // a pid that is not the process it claims to be
-  EXPECT_FALSE(can_read(wrong_probe));
+}
+
+// A child that stays alive until the returned pipe's write end is closed; `before` runs in it
+// first, and the child says so on its own pipe before the parent goes on.
+template <typename Before>
+pid_t spawn_waiting_child(int* hold_fd, Before before) {
+  int hold[2], ready[2];
+  if (::pipe(hold) != 0 || ::pipe(ready) != 0) return -1;
+  const pid_t child = ::fork();
+  if (child == 0) {
+    ::close(hold[1]);
+    ::close(ready[0]);
+    before();
+    char c = 'r';
+    (void)!::write(ready[1], &c, 1);
+    (void)!::read(hold[0], &c, 1);  // returns when the parent closes its end
+    ::_exit(0);
+  }
+  ::close(hold[0]);
+  ::close(ready[1]);
+  char c = 0;
+  (void)!::read(ready[0], &c, 1);
+  ::close(ready[0]);
+  *hold_fd = hold[1];
+  return child;
+}
+
+TEST(PeerMemory, OnlyTheProcessThatReceivedTheNonceAnswersTheChallenge) {
+  // The words are allocated before the forks, so the same address is valid in every process:
+  // only the value tells the peer from a process whose pid a liar stated.
+  const auto random = tutel::random_bytes(sizeof(uint64_t));
+  ASSERT_TRUE(random.ok()) << random.status();
+  uint64_t nonce = 0;
+  std::memcpy(&nonce, random->data(), sizeof nonce);
+  nonce |= 1;  // never the words' initial 0
+  std::vector<uint64_t> words(4, 0);
+  const int my_rank = 2;
+  int hold_peer = -1, hold_bystander = -1;
+  const pid_t peer = spawn_waiting_child(&hold_peer, [&] { words[my_rank] = nonce; });
+  const pid_t bystander = spawn_waiting_child(&hold_bystander, [] {});
+  ASSERT_GT(peer, 0);
+  ASSERT_GT(bystander, 0);
+
+  HostIdentity honest = this_process(words.data());
+  honest.pid = static_cast<uint32_t>(peer);
+  EXPECT_EQ(read_challenge(honest, my_rank, nonce), ChallengeAnswer::kHeld);
+  EXPECT_EQ(read_challenge(honest, my_rank, nonce ^ 1), ChallengeAnswer::kNotHeld) << "another nonce";
+  EXPECT_EQ(read_challenge(honest, 1, nonce), ChallengeAnswer::kNotHeld) << "another rank's word";
+
+  HostIdentity liar = honest;  // the peer states the bystander's pid
+  liar.pid = static_cast<uint32_t>(bystander);
+  EXPECT_EQ(read_challenge(liar, my_rank, nonce), ChallengeAnswer::kNotHeld);
+  liar.pid = static_cast<uint32_t>(::getpid());  // or ours: we never wrote the nonce into our words
+  EXPECT_EQ(read_challenge(liar, my_rank, nonce), ChallengeAnswer::kNotHeld);
+
+  HostIdentity unmapped = honest;
+  unmapped.challenge_words = 8;  // page 0
+  EXPECT_EQ(read_challenge(unmapped, my_rank, nonce), ChallengeAnswer::kUnreadable);
+  unmapped.challenge_words = ~uint64_t{0} - 7;  // wraps past the top for rank 2
+  EXPECT_EQ(read_challenge(unmapped, my_rank, nonce), ChallengeAnswer::kUnreadable);
+
+  ::close(hold_peer);
+  ::close(hold_bystander);
+  ::waitpid(peer, nullptr, 0);
+  ::waitpid(bystander, nullptr, 0);
+  EXPECT_EQ(read_challenge(honest, my_rank, nonce), ChallengeAnswer::kUnreadable) << "a gone process";
 }
 
 }  // namespace
