@@ -167,7 +167,9 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
       if (!mem.ok()) {
         st = refuse(mem.status());
       } else if (d.tokens < 1 || d.tokens > (int64_t{1} << 30) / spec.k) {
-        st = refuse(Status::InvalidArgument("tokens = " + std::to_string(d.tokens) + " is out of range"));
+        st = refuse(Status::InvalidArgument("tokens = " + std::to_string(d.tokens) +
+                                            " is out of range: a request carries 1 to 2^30 / k = " +
+                                            std::to_string((int64_t{1} << 30) / spec.k) + " tokens; split it"));
       } else if (!backward) {
         st = check_ranges(*mem, d, d.tokens * M * 4, d.tokens * O * 4, "x", "y");
         if (!st.ok()) st = refuse(std::move(st));

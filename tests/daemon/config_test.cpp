@@ -1234,18 +1234,23 @@ TEST(ClusterConfigTest, BadClustersNameTheKey) {
 namespace tutel::daemon {
 namespace {
 
-// The example's commented [cluster] block, uncommented, parses and shows the defaults.
-TEST(ClusterConfigTest, ExampleBlockShowsTheDefaults) {
+// The example's commented block that starts with `header`, uncommented (empty when absent).
+std::string example_block(const std::string& header) {
   const std::string example = read_file(TUTEL_EXAMPLE_CONFIG);
-  const size_t begin = example.find("# [cluster]");
-  ASSERT_NE(begin, std::string::npos);
   std::string block;
-  size_t at = begin;
+  size_t at = example.find("# " + header);
   while (at < example.size() && example.compare(at, 2, "# ") == 0) {
     const size_t eol = example.find('\n', at);
     block += example.substr(at + 2, eol - at - 2) + "\n";
     at = eol + 1;
   }
+  return block;
+}
+
+// The example's commented [cluster] block, uncommented, parses and shows the defaults.
+TEST(ClusterConfigTest, ExampleBlockShowsTheDefaults) {
+  const std::string block = example_block("[cluster]");
+  ASSERT_FALSE(block.empty());
   const Config c = parse_ok(kMinimal + block);
   ASSERT_TRUE(c.cluster.has_value()) << block;
   const ClusterConfig d;
@@ -1253,6 +1258,44 @@ TEST(ClusterConfigTest, ExampleBlockShowsTheDefaults) {
   EXPECT_EQ(c.cluster->heartbeat_interval, d.heartbeat_interval);
   EXPECT_EQ(c.cluster->peer_timeout, d.peer_timeout);
   EXPECT_EQ(c.cluster->nodes, 2);
+}
+
+// The example's commented [layer.group] block, uncommented under a layer, parses and shows the
+// defaults of every key it does not have to set (size and rank are required).
+TEST(ClusterConfigTest, ExampleGroupBlockShowsTheDefaults) {
+  const std::string block = example_block("[layer.group]");
+  ASSERT_FALSE(block.empty());
+  const Config c = parse_ok(kMinimal + kLayer + block);
+  ASSERT_EQ(c.layers.size(), 1u);
+  ASSERT_TRUE(c.layers[0].group.has_value()) << block;
+  const GroupConfig& g = *c.layers[0].group;
+  const GroupConfig d;
+  EXPECT_EQ(g.coordinator_host, "127.0.0.1");
+  EXPECT_EQ(g.coordinator_port, 7200);
+  EXPECT_EQ(g.size, 2);
+  EXPECT_EQ(g.rank, 0);
+  EXPECT_EQ(g.local_size, d.local_size);
+  EXPECT_EQ(g.r, d.r);
+  EXPECT_EQ(g.all_to_all, d.all_to_all);
+  EXPECT_EQ(g.pipeline, d.pipeline);
+  EXPECT_EQ(g.bootstrap_timeout, d.bootstrap_timeout);
+  EXPECT_EQ(g.collective_timeout, d.collective_timeout);
+  // The tuning keys are commented twice: they are errors unless something is "auto".
+  std::string tuned = block;
+  for (const std::string key : {"tune_warmups", "tune_trials"}) {
+    const size_t at = tuned.find("# " + key);
+    ASSERT_NE(at, std::string::npos) << key;
+    tuned.erase(at, 2);
+  }
+  const size_t r_at = tuned.find("r = 1 ");
+  ASSERT_NE(r_at, std::string::npos);
+  tuned.replace(r_at, 5, "r = \"auto\"");
+  const Config t = parse_ok(kMinimal + kLayer + tuned);
+  ASSERT_EQ(t.layers.size(), 1u);
+  ASSERT_TRUE(t.layers[0].group.has_value()) << tuned;
+  EXPECT_FALSE(t.layers[0].group->r.has_value());
+  EXPECT_EQ(t.layers[0].group->tune_warmups, d.tune_warmups);
+  EXPECT_EQ(t.layers[0].group->tune_trials, d.tune_trials);
 }
 
 }  // namespace

@@ -39,7 +39,7 @@ _CODE_NAMES = {
     -3: "AlreadyExists",
     -4: "OutOfRange",
     -5: "Corruption",
-    -6: "IoError",
+    -6: "IOError",
     -7: "Unavailable",
     -8: "PermissionDenied",
     -9: "ResourceExhausted",
