@@ -171,7 +171,8 @@ Result<json> Session::call(ipc::FrameType type, const json& body, ipc::FrameType
         return fail(
             Status::Timeout("no reply from tuteld to " + what + " within " +
                             std::to_string(options_.control_timeout.count()) +
-                            " ms; the session was closed (raise ClientOptions::control_timeout)"));
+                            " ms; the session was closed (raise the control timeout: ClientOptions::control_timeout, "
+                            "control_timeout_ms in C, control_timeout= in Python)"));
       }
       if (frame.status().code() == StatusCode::kUnavailable)
         return fail(lost("waiting for the reply to " + what));
@@ -428,7 +429,9 @@ Status Session::complete_one(std::optional<Clock::time_point> deadline, std::chr
     }
     return Status::Timeout("no completion from tuteld within " + std::to_string(bound.count()) + " ms (" +
                            std::to_string(in_flight_.size()) + " requests in flight; they stay in flight, wait again" +
-                           (bound_is_option ? " or raise ClientOptions::request_timeout)" : ")"));
+                           (bound_is_option ? " or raise the request timeout: ClientOptions::request_timeout, "
+                                              "request_timeout_ms in C, request_timeout= in Python)"
+                                            : ")"));
   }
   auto it = in_flight_.find(c.request_id);
   if (it == in_flight_.end()) {

@@ -136,6 +136,28 @@ TEST(CApi, ConnectOptionsAreCheckedAndApplied) {
   EXPECT_EQ(tutel_ping(client), TUTEL_OK) << last_error();
   tutel_layer_release(layer);
   tutel_close(client);
+
+  // The control timeout bounds a control call; one that runs out closes the session, since the
+  // stream may hold half a reply, and every later call says so instead of waiting.
+  options.request_timeout_ms = 0;
+  options.control_timeout_ms = 50;
+  client = tutel_connect_with_options(path.c_str(), &options);
+  ASSERT_NE(client, nullptr) << last_error();
+  ASSERT_EQ(tutel_layer_attach(client, "moe", &layer), TUTEL_OK) << last_error();
+  EXPECT_EQ(tutel_step(layer), TUTEL_OK) << last_error();
+  daemon.hold_step_replies(true);
+  EXPECT_EQ(tutel_step(layer), TUTEL_E_TIMEOUT) << last_error();
+  const std::string timed_out = last_error();
+  EXPECT_NE(timed_out.find("Timeout"), std::string::npos) << timed_out;
+  daemon.hold_step_replies(false);
+  EXPECT_NE(timed_out.find("the session was closed"), std::string::npos) << timed_out;
+  EXPECT_NE(timed_out.find("control_timeout_ms in C"), std::string::npos) << timed_out;
+  EXPECT_NE(tutel_step(layer), TUTEL_OK);
+  EXPECT_NE(last_error().find("the session was closed"), std::string::npos) << last_error();
+  EXPECT_NE(tutel_forward(layer, x.data(), 1, y.data(), nullptr), TUTEL_OK);
+  EXPECT_NE(last_error().find("the session was closed"), std::string::npos) << last_error();
+  tutel_layer_release(layer);
+  tutel_close(client);
 }
 
 class CApiWithDaemon : public ::testing::Test {

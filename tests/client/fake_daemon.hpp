@@ -90,6 +90,8 @@ class FakeDaemon {
   }
   // While on, requests are taken but not completed, so a client's wait times out for sure.
   void hold_completions(bool on) { hold_ = on; }
+  // While on, step requests are read but never answered, so a control call times out for sure.
+  void hold_step_replies(bool on) { hold_steps_ = on; }
   // The device regions clients unmapped (kUnmapRegion), in order.
   std::vector<int64_t> unmapped_regions() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -192,7 +194,7 @@ class FakeDaemon {
           break;
         }
         case FT::kStep:
-          (void)ipc::send_json(conn.get(), FT::kOk, rid, {{"step", ++steps_}});
+          if (!hold_steps_) (void)ipc::send_json(conn.get(), FT::kOk, rid, {{"step", ++steps_}});
           break;
         case FT::kSave:
           (void)ipc::send_json(
@@ -257,6 +259,7 @@ class FakeDaemon {
   std::thread thread_;
   std::atomic<bool> stop_{false};
   std::atomic<bool> hold_{false};
+  std::atomic<bool> hold_steps_{false};
   std::atomic<int64_t> steps_{0};
   std::atomic<uint64_t> requests_seen_{0};
   std::mutex mutex_;
