@@ -405,8 +405,9 @@ phase_lines=$bench_step_lines
 run_bench_step "bench-unfused" bench-unfused.log 60 '^(large |gpu |decode )|^  (layer ops|the same ops)' \
   "epilogues separate" layer --backend cuda --graph --epilogues separate
 unfused_lines=$bench_step_lines
-# A GEMM cuBLASLt would not fuse runs the plain way and says so once (a WARN line): worth seeing.
-lt_refusals=$(cat "$log_dir"/bench*.log 2>/dev/null | grep -E 'cuBLASLt offers no algorithm|cublasLtMatmul refused' |
+# A GEMM cuBLASLt would not fuse runs the plain way and says so once (a WARN line): worth seeing,
+# from the tests (the inference plans' bf16 ReLU forward) as from the benchmarks.
+lt_refusals=$(cat "$log_dir"/*.log 2>/dev/null | grep -E 'cuBLASLt offers no algorithm|cublasLtMatmul refused' |
                 sed 's/^.*\] //' | sort -u | head -n 8)
 
 # ---- 6. compute-sanitizer (optional) -------------------------------------------------------

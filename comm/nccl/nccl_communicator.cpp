@@ -93,16 +93,28 @@ ncclConfig_t nonblocking_config() {
   return config;
 }
 
-// dst[j][i] = src[i][j] for a [rows][cols] matrix of `chunk`-byte elements in device memory.
+// dst[j][i] = src[i][j] for a [rows][cols] matrix of `chunk`-byte elements in device memory:
+// a 2-D copy per column (the source's row as its pitch), or, where that pitch is past the
+// device's largest (`max_pitch`, cudaDevAttrMaxPitch: a 2-D copy would fail), one copy per
+// element.
 Status transpose_chunks_device(void* dst, const void* src, int rows, int cols, size_t chunk,
-                               cudaStream_t stream) {
+                               size_t max_pitch, cudaStream_t stream) {
   auto* d = static_cast<unsigned char*>(dst);
   const auto* s = static_cast<const unsigned char*>(src);
+  const size_t src_pitch = static_cast<size_t>(cols) * chunk;
+  const bool two_d = src_pitch <= max_pitch;
   for (int j = 0; j < cols; ++j) {
-    TUTEL_NCCL_CUDA(cudaMemcpy2DAsync(d + static_cast<size_t>(j) * rows * chunk, chunk,
-                                      s + static_cast<size_t>(j) * chunk,
-                                      static_cast<size_t>(cols) * chunk, chunk,
-                                      static_cast<size_t>(rows), cudaMemcpyDeviceToDevice, stream));
+    unsigned char* column_to = d + static_cast<size_t>(j) * rows * chunk;
+    const unsigned char* column_from = s + static_cast<size_t>(j) * chunk;
+    if (two_d) {
+      TUTEL_NCCL_CUDA(cudaMemcpy2DAsync(column_to, chunk, column_from, src_pitch, chunk,
+                                        static_cast<size_t>(rows), cudaMemcpyDeviceToDevice, stream));
+      continue;
+    }
+    for (int i = 0; i < rows; ++i)
+      TUTEL_NCCL_CUDA(cudaMemcpyAsync(column_to + static_cast<size_t>(i) * chunk,
+                                      column_from + static_cast<size_t>(i) * src_pitch, chunk,
+                                      cudaMemcpyDeviceToDevice, stream));
   }
   return Status::OK();
 }
@@ -532,7 +544,7 @@ class NcclCommunicator final : public Communicator {
     auto* t = static_cast<unsigned char*>(scratch_);
     unsigned char* u = t + total;
 
-    TUTEL_RETURN_IF_ERROR(transpose_chunks_device(t, send, g.nodes, g.local_size, c, stream_));
+    TUTEL_RETURN_IF_ERROR(transpose_chunks_device(t, send, g.nodes, g.local_size, c, max_pitch_, stream_));
     const size_t b1 = g.phase1_bytes(c);
     // Phase 1 is only enqueued (no stream wait): stream order puts it before the next copy.
     const bool synchronize = std::exchange(options_.synchronize, false);
@@ -547,7 +559,7 @@ class NcclCommunicator final : public Communicator {
     TUTEL_RETURN_IF_ERROR(s);
 
     unsigned char* v = t;
-    TUTEL_RETURN_IF_ERROR(transpose_chunks_device(v, u, g.local_size, g.nodes, c, stream_));
+    TUTEL_RETURN_IF_ERROR(transpose_chunks_device(v, u, g.local_size, g.nodes, c, max_pitch_, stream_));
     const size_t b2 = g.phase2_bytes(c);
     return grouped([&]() -> Status {
       for (int m = 0; m < g.nodes; ++m) {

@@ -88,6 +88,7 @@ Status GraphPhaseRunner::capture(const PhaseKey& key, uint64_t round,
       return Status::OK();
     }
   }
+  ++stats_.capture_failures;
   failed_.push_front(key);
   if (failed_.size() > kMaxSeen) failed_.pop_back();
   return captured.with_context("capturing a graph of the step");

@@ -15,6 +15,9 @@ std::string_view short_path(std::string_view file) {
 
 }  // namespace
 
+// The errors driver_types.h says leave the process in an inconsistent state ("any further CUDA
+// work will return the same error"; the process must be relaunched), and the uncorrectable
+// hardware faults.
 bool is_sticky(cudaError_t err) {
   switch (err) {
     case cudaErrorIllegalAddress:
@@ -27,6 +30,11 @@ bool is_sticky(cudaError_t err) {
     case cudaErrorAssert:
     case cudaErrorLaunchTimeout:
     case cudaErrorECCUncorrectable:
+    case cudaErrorNvlinkUncorrectable:
+    case cudaErrorContained:
+    case cudaErrorTensorMemoryLeak:
+    case cudaErrorMpsClientTerminated:
+    case cudaErrorExternalDevice:
       return true;
     default:
       return false;

@@ -131,9 +131,14 @@ void DevicePool::trim_device() {
   // stream has work queued: trimming waits for its stream, which may be a collective waiting on
   // a peer that is gone (holding the pool's lock meanwhile, so its own thread could not even
   // free a buffer on the way to its timeout).
+  //
+  // Another pool's stream is touched only by the one query in stream_idle(), never synchronized:
+  // its owner thread begins captures without this lock, and a synchronize that met one would
+  // invalidate it (the phase would then run op by op for good). Idle under the lock is enough:
+  // a cached block is nobody's until allocate() hands it out, which needs the lock.
   PoolList::instance().for_others(device_, this, [](DevicePool& other) {
     std::unique_lock lock(other.mu_, std::try_to_lock);
-    if (lock.owns_lock() && other.stream_idle()) other.trim_locked();
+    if (lock.owns_lock() && other.stream_idle()) other.free_cached_locked();
   });
 }
 
@@ -148,6 +153,10 @@ bool DevicePool::stream_idle() const {
 void DevicePool::trim_locked() {
   if (cached_ == 0 || capturing()) return;
   if (cudaStreamSynchronize(stream_) != cudaSuccess) (void)cudaGetLastError();
+  free_cached_locked();
+}
+
+void DevicePool::free_cached_locked() {
   for (auto& [cls, blocks] : free_)
     for (void* p : blocks)
       if (cudaFree(p) != cudaSuccess) (void)cudaGetLastError();

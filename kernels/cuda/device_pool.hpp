@@ -47,7 +47,8 @@ class DevicePool {
  private:
   bool capturing() const;  // the stream is being captured into a graph
   bool stream_idle() const;  // nothing queued on the stream, and not capturing
-  void trim_locked();
+  void trim_locked();  // waits for the stream, then free_cached_locked()
+  void free_cached_locked();  // the stream must be idle
   // The size class of a request: 512-byte steps up to 1 MiB, 2 MiB steps above.
   static size_t size_class(size_t bytes);
 

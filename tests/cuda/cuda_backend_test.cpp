@@ -28,6 +28,7 @@
 #if defined(TUTEL_TEST_CUDA_BUILD)
 #include <cuda_runtime_api.h>
 
+#include "cuda/cuda_check.hpp"
 #include "cuda/lt_gemm.hpp"
 #endif
 
@@ -184,6 +185,31 @@ TEST(LtGemmAlignment, IsTheLargestPowerOfTwoDividingPointerAndOffsets) {
   EXPECT_EQ(cuda::lt_alignment(at(0x10000), {4096, 0}), 256u);
   EXPECT_EQ(cuda::lt_alignment(at(0x10010), {4096}), 16u);
   EXPECT_EQ(cuda::lt_alignment(at(0x10000), {-24}), 8u);  // the sign plays no part
+}
+
+// Which errors lose the device for good (a rank out of service, device_health() says so) and
+// how each reads as a Status (host only: runs without a device).
+TEST(CudaErrors, StickyOnesLoseTheContextOthersAreOrdinary) {
+  for (cudaError_t err : {cudaErrorIllegalAddress, cudaErrorLaunchFailure, cudaErrorECCUncorrectable,
+                          cudaErrorNvlinkUncorrectable, cudaErrorContained, cudaErrorTensorMemoryLeak,
+                          cudaErrorMpsClientTerminated, cudaErrorExternalDevice}) {
+    SCOPED_TRACE(cudaGetErrorName(err));
+    EXPECT_TRUE(cuda::is_sticky(err));
+    const Status s = cuda::cuda_error(err, "kernel<<<...>>>", "/build/x/kernels/cuda/k.cu", 7);
+    EXPECT_EQ(s.code(), StatusCode::kInternal);
+    EXPECT_NE(s.message().find("the CUDA context is lost"), std::string::npos) << s;
+    EXPECT_NE(s.message().find("kernels/cuda/k.cu:7"), std::string::npos) << s;
+  }
+  for (cudaError_t err : {cudaErrorInvalidValue, cudaErrorMemoryAllocation, cudaErrorNotReady,
+                          cudaErrorStreamCaptureInvalidated}) {
+    SCOPED_TRACE(cudaGetErrorName(err));
+    EXPECT_FALSE(cuda::is_sticky(err));
+    const Status s = cuda::cuda_error(err, "call()", "k.cu", 1);
+    EXPECT_EQ(s.message().find("the CUDA context is lost"), std::string::npos) << s;
+  }
+  EXPECT_EQ(cuda::cuda_error(cudaErrorMemoryAllocation, "cudaMalloc", "k.cu", 1).code(),
+            StatusCode::kResourceExhausted);
+  EXPECT_EQ(cuda::cuda_error(cudaErrorNoDevice, "cudaSetDevice", "k.cu", 1).code(), StatusCode::kUnavailable);
 }
 
 // Two backends on one device (a daemon makes one per group layer): what one keeps cached when

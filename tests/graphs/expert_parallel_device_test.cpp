@@ -520,6 +520,9 @@ void run_case(const DeviceCase& c, DeviceRun how) {
         // Captures were tried, and since rank 0's failed, nobody launched one.
         EXPECT_NE(got.collectives.find('C'), std::string::npos) << got.collectives;
         EXPECT_EQ(got.collectives.find('L'), std::string::npos) << got.collectives;
+        if (r == 0) {
+          EXPECT_GT(got.graphs.capture_failures, 0u);
+        }
       } else {
         EXPECT_NE(got.collectives.find('L'), std::string::npos) << got.collectives;
       }
@@ -532,6 +535,7 @@ void run_case(const DeviceCase& c, DeviceRun how) {
       // Tuned, the same: each candidate's phases have keys of their own, run op by op the first
       // time; only the chosen one's come back, to be captured and launched.
       EXPECT_EQ(got.graphs.captures, 2 * phases);
+      EXPECT_EQ(got.graphs.capture_failures, 0u);
       EXPECT_GE(got.graphs.launches, 2 * got.graphs.captures);
       EXPECT_EQ(got.graphs.evictions, 0u);
       EXPECT_GT(got.recorded_ops, 0);
@@ -1160,8 +1164,12 @@ void run_on_cuda(DeviceRun how, int pipeline = 1, int r = 1, DType matmul = DTyp
   ASSERT_TRUE(want.status.ok()) << "cpu: " << want.status;
   ASSERT_TRUE(got.status.ok()) << "cuda: " << got.status;
   if (runner) {
+    // Every phase was captured: a failed capture runs op by op with the same results, so only
+    // these counts tell that the NCCL calls really ran inside graphs.
     EXPECT_GT(runner->stats().captures, 0u);
+    EXPECT_EQ(runner->stats().capture_failures, 0u);
     EXPECT_GE(runner->stats().launches, 2 * runner->stats().captures);
+    EXPECT_GT((*device_comm)->captured_traffic(), 0u) << "no collective was issued into a graph";
   }
   auto wide = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
   // bf16 matmuls on two backends: the CPU layer's bf16 tolerances (GELU here, no ReLU kink).

@@ -127,11 +127,13 @@ TEST(GraphPhaseRunner, AFailedCaptureRunsThePhaseOpByOpNowAndFromThenOn) {
   EXPECT_FALSE(c.capturing);
   EXPECT_EQ(runner.graphs(), 0u);
   EXPECT_EQ(c.launches, 0);
+  EXPECT_EQ(runner.stats().capture_failures, 1u);
   // The key is not captured again: op by op, every time.
   EXPECT_EQ(runner.propose(key(3, 1)).mode, PhaseMode::kEager);
   for (int i = 0; i < 3; ++i) ASSERT_TRUE(runner.run(key(3, 1), ops).ok());
   EXPECT_EQ(ran, 6);
   EXPECT_EQ(c.begins, 1);
+  EXPECT_EQ(runner.stats().capture_failures, 1u);
   // clear() forgets it (a new communicator, a new start).
   fail_in_capture = false;
   runner.clear();
