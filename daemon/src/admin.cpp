@@ -149,7 +149,9 @@ std::string DaemonImpl::metrics_text() {
   std::map<std::pair<std::string, int>, Metrics::PeerTraffic> traffic;
   std::map<std::pair<std::string, std::string>, Metrics::PlanCache> plan_caches;
   std::map<std::pair<std::string, int64_t>, Metrics::TunerDecision> decisions;
+  std::map<std::pair<std::string, std::string>, double> waits;
   for (const LayerRef& ref : registry_->all()) {
+    waits[{ref.layer->tenant(), ref.layer->name()}] = ref.layer->wait_seconds();
     for (const comm::PeerStatus& p : ref.layer->group_peers())
       traffic[{ref.layer->tenant() + "/" + ref.layer->name(), p.rank}] = {p.bytes_sent, p.bytes_received};
     for (const graphs::TunerEntry& e : ref.layer->group_tuner())
@@ -163,6 +165,7 @@ std::string DaemonImpl::metrics_text() {
   }
   metrics_.set_live(std::move(node_up), std::move(traffic));
   metrics_.set_plan_caches(std::move(plan_caches));
+  metrics_.set_layer_waits(std::move(waits));
   metrics_.set_tuner_decisions(std::move(decisions));
   std::map<int, std::pair<std::string, bool>> ranks;
   for (const auto& rank : ranks_) ranks[rank->index] = {rank->backend->device().to_string(), rank->health.in_service()};

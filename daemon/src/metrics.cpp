@@ -118,6 +118,10 @@ std::string Metrics::prometheus_text() const {
   by_layer("tuteld_dropped_assignments_total", "counter",
            "Token-to-expert assignments dropped for lack of capacity.", dropped_);
   by_layer("tuteld_capacity", "gauge", "Expert capacity of the layer's last forward.", capacity_);
+  by_layer("tuteld_layer_wait_seconds_total", "counter",
+           "Time the layer's operations waited for the layer or its device before running (part of "
+           "tuteld_request_seconds).",
+           layer_waits_);
   auto plan_cache = [&](const char* name, const char* type, const char* help,
                         uint64_t PlanCache::*field) {
     std::map<std::pair<std::string, std::string>, uint64_t> m;
@@ -224,6 +228,11 @@ void Metrics::set_live(std::map<int, bool> node_up, std::map<std::pair<std::stri
 void Metrics::set_plan_caches(std::map<std::pair<std::string, std::string>, PlanCache> caches) {
   std::lock_guard lock(mutex_);
   plan_caches_ = std::move(caches);
+}
+
+void Metrics::set_layer_waits(std::map<std::pair<std::string, std::string>, double> waits) {
+  std::lock_guard lock(mutex_);
+  layer_waits_ = std::move(waits);
 }
 
 }  // namespace tutel::daemon

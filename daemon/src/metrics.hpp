@@ -46,6 +46,9 @@ class Metrics {
     uint64_t bytes = 0, plans = 0, hits = 0, misses = 0, evictions = 0;
   };
   void set_plan_caches(std::map<std::pair<std::string, std::string>, PlanCache> caches);
+  // Each layer's total wait for the layer or its device by (tenant, layer) (ServedLayer::
+  // wait_seconds), read just before rendering too.
+  void set_layer_waits(std::map<std::pair<std::string, std::string>, double> waits);
   // Each tuned group layer's decisions by ("tenant/layer", capacity bucket), read just before
   // rendering too: the parallelism, all-to-all and pipeline degree chosen for that bucket.
   struct TunerDecision {
@@ -83,6 +86,7 @@ class Metrics {
   std::map<int, bool> node_up_;
   std::map<std::pair<std::string, int>, PeerTraffic> traffic_;
   std::map<std::pair<std::string, std::string>, PlanCache> plan_caches_;
+  std::map<std::pair<std::string, std::string>, double> layer_waits_;
   std::map<std::pair<std::string, int64_t>, TunerDecision> tuner_decisions_;
   std::map<int, std::pair<std::string, bool>> ranks_;
   std::map<std::pair<std::string, std::string>, uint64_t> sessions_refused_;  // (tenant, reason)

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -116,6 +117,11 @@ class ServedLayer {
   // quota. Any thread. A group layer keeps no plans: pinning one is refused.
   Status set_pinned(bool pinned);
   bool pinned() const { return pinned_.load(std::memory_order_relaxed); }
+  // How long the layer's operations have waited, in all, for the layer (another request of it in
+  // progress: a group layer holds it for a whole collective) or its device (another layer's
+  // request on the same rank) before they could run: the queueing inside the daemon's request
+  // latency. Any thread.
+  double wait_seconds() const { return static_cast<double>(wait_ns_.load(std::memory_order_relaxed)) * 1e-9; }
   // Drops the plans no forward holds (a layer without [group]); returns the bytes given back.
   // For a training forward of the tenant that was refused for its quota: cached plans must not
   // crowd out a step (the data path drops every layer's of the tenant, then tries once more).
@@ -237,7 +243,7 @@ class ServedLayer {
   }
   // The rank's backend is shared by its layers; a group layer's is its own.
   std::unique_lock<std::mutex> lock_device() {
-    return group_ ? std::unique_lock<std::mutex>() : std::unique_lock<std::mutex>(rank_.mutex);
+    return group_ ? std::unique_lock<std::mutex>() : lock_counting_wait(rank_.mutex);
   }
   Status join_group();
   // After a group layer's parameters are in place (`ready_here`: this rank allocated and loaded
@@ -267,7 +273,7 @@ class ServedLayer {
   // sessions that closed meanwhile.
   class LayerLock {
    public:
-    explicit LayerLock(ServedLayer& layer) : layer_(layer), lock_(layer.mutex_) {}
+    explicit LayerLock(ServedLayer& layer) : layer_(layer), lock_(layer.lock_counting_wait(layer.mutex_)) {}
     ~LayerLock() {
       if (layer_.has_orphans_.load(std::memory_order_acquire)) layer_.drop_orphans_locked();
     }
@@ -276,8 +282,22 @@ class ServedLayer {
 
    private:
     ServedLayer& layer_;
-    std::lock_guard<std::mutex> lock_;
+    std::unique_lock<std::mutex> lock_;
   };
+  // `m` locked; the time it took, when it was held, added to wait_ns_ (the clock is read only
+  // then: an uncontended lock costs one try_lock).
+  std::unique_lock<std::mutex> lock_counting_wait(std::mutex& m) {
+    std::unique_lock<std::mutex> lock(m, std::try_to_lock);
+    if (!lock.owns_lock()) {
+      const auto begin = std::chrono::steady_clock::now();
+      lock.lock();
+      const auto waited = std::chrono::steady_clock::now() - begin;
+      wait_ns_.fetch_add(static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(waited).count()),
+                         std::memory_order_relaxed);
+    }
+    return lock;
+  }
+  std::atomic<uint64_t> wait_ns_{0};
   std::unique_ptr<Pending> take_pending();         // a recycled entry, or a new one; under mutex_
   void recycle(std::unique_ptr<Pending> pending);  // under mutex_
   Shape shape_of(const std::string& name) const;  // this rank's shape of a parameter

@@ -321,6 +321,41 @@ double metric_value(const std::string& text, const std::string& series) {
   return at == std::string::npos ? -1 : std::stod(text.substr(at + series.size() + 2));
 }
 
+// The time requests waited for their layer: nothing while one session runs its forwards one
+// after another; something once two sessions run forwards of the same layer at once (tried
+// until they overlap: the assertion is that waits are counted, not how long they take).
+TEST_F(ClientDaemon, WaitsForABusyLayerAreCounted) {
+  auto first = client::Client::connect(daemon_->client_socket());
+  auto second = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(first.ok() && second.ok());
+  auto layer = first->create_layer(spec("busy"));
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  auto attached = second->attach_layer("busy");
+  ASSERT_TRUE(attached.ok()) << attached.status();
+  auto waited = [&] {
+    const std::string text = ctl_json("metrics")["text"].get<std::string>();
+    EXPECT_NE(text.find("# TYPE tuteld_layer_wait_seconds_total counter"), std::string::npos) << text;
+    return metric_value(text, "tuteld_layer_wait_seconds_total{tenant=\"default\",layer=\"busy\"}");
+  };
+  std::vector<float> x(256 * 16, 0.25f), y1(256 * 16), y2(256 * 16);
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(layer->infer(x.data(), 256, y1.data()).ok());
+  EXPECT_EQ(waited(), 0.0);
+  double total = 0;
+  for (int round = 0; round < 50 && total <= 0; ++round) {
+    Status other;
+    std::thread t([&] {
+      for (int i = 0; i < 20 && other.ok(); ++i) other = attached->infer(x.data(), 256, y2.data());
+    });
+    Status mine;
+    for (int i = 0; i < 20 && mine.ok(); ++i) mine = layer->infer(x.data(), 256, y1.data());
+    t.join();
+    ASSERT_TRUE(mine.ok()) << mine;
+    ASSERT_TRUE(other.ok()) << other;
+    total = waited();
+  }
+  EXPECT_GT(total, 0.0) << "2000 forwards of one layer from two sessions at once never overlapped";
+}
+
 TEST_F(ClientDaemon, PlanCachesAreShownByTutelctlAndMetrics) {
   auto client = client::Client::connect(daemon_->client_socket());
   ASSERT_TRUE(client.ok());
