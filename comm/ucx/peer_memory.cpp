@@ -32,16 +32,36 @@ bool same_host(const HostIdentity& a, const HostIdentity& b) {
          std::strncmp(a.boot_id, b.boot_id, sizeof a.boot_id) == 0 && a.pid_namespace == b.pid_namespace;
 }
 
-ChallengeAnswer read_challenge(const HostIdentity& peer, int my_rank, uint64_t nonce) {
+uint64_t challenge_answer(uint64_t nonce, int sender, int receiver, const Digest& table) {
+  const int64_t pair[2] = {sender, receiver};
+  Sha256 h;
+  h.update("tutel peer-memory challenge");
+  h.update(&nonce, sizeof nonce).update(pair, sizeof pair).update(table.data(), table.size());
+  const Digest d = h.finish();
+  uint64_t answer = 0;
+  std::memcpy(&answer, d.data(), sizeof answer);
+  return answer;
+}
+
+Digest table_digest(const BootstrapTable& table) {
+  Sha256 h;
+  for (const std::string& payload : table.payloads) {
+    const uint64_t bytes = payload.size();  // lengths too: no two tables hash alike by regrouping
+    h.update(&bytes, sizeof bytes).update(payload);
+  }
+  return h.finish();
+}
+
+std::optional<uint64_t> read_challenge_word(const HostIdentity& peer, int my_rank) {
   uint64_t value = 0;
   iovec local{&value, sizeof value};
   // Unsigned arithmetic: a stated address near the top wraps to another wrong address, which
-  // at worst reads as kUnreadable or kNotHeld.
+  // at worst reads as unreadable or as a wrong answer.
   iovec remote{reinterpret_cast<void*>(peer.challenge_words + uint64_t{sizeof value} * static_cast<uint64_t>(my_rank)),
                sizeof value};
   const ssize_t n = ::process_vm_readv(static_cast<pid_t>(peer.pid), &local, 1, &remote, 1, 0);
-  if (n != static_cast<ssize_t>(sizeof value)) return ChallengeAnswer::kUnreadable;
-  return value == nonce ? ChallengeAnswer::kHeld : ChallengeAnswer::kNotHeld;
+  if (n != static_cast<ssize_t>(sizeof value)) return std::nullopt;
+  return value;
 }
 
 LeaseTable::Slot* LeaseTable::lend(const void* data, size_t bytes) {

@@ -16,13 +16,18 @@
 // never the caller's reused buffer.
 //
 // Who may pull from whom is settled at bootstrap: same boot and pid namespace (so a pid names
-// the same process), and a challenge: each side sends the other a fresh nonce over UCX, the
-// other receives it into its challenge word for that rank, and each side then reads that word
-// out of the process the peer's identity names. The read proves ptrace permission, and the
-// value proves that the named process is the peer: a process that states another's pid (a
-// rank joined without a peer secret, or a coordinator that hands out a forged table) cannot
-// place the nonce in that process's memory, so nothing is ever pulled from a process that is
-// not the sender.
+// the same process), both sides willing, and a challenge: each side sends the other a fresh
+// nonce over UCX; the receiver writes into its challenge word for the sender a hash of the
+// nonce bound to the pair and the group (challenge_answer: sender, receiver, the digest of the
+// bootstrap table), and each side then reads that word out of the process the peer's identity
+// names and compares it with the answer it computes itself, after the read. The read proves
+// ptrace permission, and the value proves that the named process is the peer: a rank that
+// states another process's pid (one joined without a peer secret, or a coordinator that hands
+// out a forged table) cannot make that process hold the answer. It cannot relay the nonce into
+// the words that process keeps for its own groups either, since those hold answers bound to
+// another pair and another table; and the reader's own memory holds no answer before its read,
+// so naming the reader's pid fails too (it is refused outright anyway). Nothing is ever pulled
+// from a process that is not the sender.
 #pragma once
 
 #include <sys/types.h>
@@ -30,10 +35,12 @@
 #include <atomic>
 #include <cstdint>
 #include <deque>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "tutel/comm/bootstrap.hpp"
+#include "tutel/core/secret.hpp"
 #include "tutel/core/status.hpp"
 
 namespace tutel::comm::ucx {
@@ -47,7 +54,7 @@ struct HostIdentity {
   uint64_t pid_namespace = 0;
   uint32_t pid = 0;
   uint32_t unused = 0;
-  uint64_t challenge_words = 0;  // address of one word per rank: rank r's nonce lands in word r
+  uint64_t challenge_words = 0;  // address of one word per rank: the answer to rank r's nonce in word r
 };
 
 // This process, its challenge words at `challenge_words` (which must stay alive while peers
@@ -56,15 +63,16 @@ HostIdentity this_process(const uint64_t* challenge_words);
 // Same boot and pid namespace: pids name the same processes. False when either is unknown.
 bool same_host(const HostIdentity& a, const HostIdentity& b);
 
-// What reading our nonce back out of the process a peer's identity names showed.
-enum class ChallengeAnswer {
-  kHeld,        // the process holds it: it is the peer, and we may read its memory
-  kUnreadable,  // we may not read that process (Yama, a container, or it is gone)
-  kNotHeld,     // readable, but not holding it: the identity names another process
-};
-// Reads word `my_rank` of `peer`'s challenge words in the process `peer.pid` and compares it
-// with `nonce`, the value we sent that peer (and that it said it received).
-ChallengeAnswer read_challenge(const HostIdentity& peer, int my_rank, uint64_t nonce);
+// What a challenge word holds once rank `receiver` received `nonce` from rank `sender` of the
+// group whose bootstrap table has digest `table` (table_digest): the first 8 bytes of a SHA-256
+// over all four.
+uint64_t challenge_answer(uint64_t nonce, int sender, int receiver, const Digest& table);
+// The digest every rank of a group computes over its bootstrap table: each rank's payload
+// (worker address, host identity), in rank order.
+Digest table_digest(const BootstrapTable& table);
+// Word `my_rank` of `peer`'s challenge words, read out of the process `peer.pid`; none when that
+// process cannot be read (Yama, a container, or it is gone).
+std::optional<uint64_t> read_challenge_word(const HostIdentity& peer, int my_rank);
 
 // Sent instead of the data.
 struct PullDescriptor {

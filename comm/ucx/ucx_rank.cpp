@@ -152,6 +152,7 @@ Status UcxRank::init(const BootstrapOptions& o) {
   ucp_worker_release_address(worker_, address);
 
   TUTEL_ASSIGN_OR_RETURN(BootstrapTable table, coordinator_exchange(o, "ucx", payload));
+  table_digest_ = table_digest(table);
   addresses_ = std::move(table.addresses);
 
   std::lock_guard<std::mutex> lock(mu_);
@@ -264,38 +265,40 @@ Status UcxRank::agree_on_peer_memory(const BootstrapOptions& o) {
     return exchange(sends, recvs, deadline, no_notice, Clock::duration::zero()).with_context(what);
   };
 
-  // 1. The challenge (peer_memory.hpp): our fresh nonce to each peer; theirs lands in our
-  //    challenge word for them, where they will read it out of our memory.
+  // 1. The challenge (peer_memory.hpp): our fresh nonce to each peer, and theirs, whose answer
+  //    goes into our challenge word for them.
   TUTEL_ASSIGN_OR_RETURN(std::string random, random_bytes(sizeof(uint64_t) * static_cast<size_t>(size_)));
-  std::vector<uint64_t> nonces(static_cast<size_t>(size_));
+  std::vector<uint64_t> nonces(static_cast<size_t>(size_)), theirs(static_cast<size_t>(size_));
   std::memcpy(nonces.data(), random.data(), random.size());
-  TUTEL_RETURN_IF_ERROR(swap(kChallengeTag, nonces.data(), challenge_words_.get(),
+  TUTEL_RETURN_IF_ERROR(swap(kChallengeTag, nonces.data(), theirs.data(),
                              "sending the peer-memory challenge to the ranks of this host"));
-  // 2. "Your nonce is in place": our sends completing does not mean that the peers' receives
-  //    have, so each side says so before the other reads.
-  std::vector<char> taken(static_cast<size_t>(size_), 1), their_taken(static_cast<size_t>(size_), 0);
-  TUTEL_RETURN_IF_ERROR(swap(kChallengeTakenTag, taken.data(), their_taken.data(),
+  for (int p : peers) challenge_words_[p] = challenge_answer(theirs[p], p, rank_, table_digest_);
+  // 2. "Your answer is in place, and you may read my memory": our sends completing does not
+  //    mean that the peers' receives have, so each side says so before the other reads; and a
+  //    rank with peer_memory = false lends nothing either.
+  std::vector<char> allow(static_cast<size_t>(size_), o.peer_memory ? 1 : 0), allowed(static_cast<size_t>(size_), 0);
+  TUTEL_RETURN_IF_ERROR(swap(kChallengeTakenTag, allow.data(), allowed.data(),
                              "confirming the peer-memory challenge with the ranks of this host"));
   for (int p : peers) {
-    if (!o.peer_memory) continue;
-    switch (read_challenge(hosts_[p], rank_, nonces[static_cast<size_t>(p)])) {
-      case ChallengeAnswer::kHeld:
-        pull_from_[p] = 1;
-        break;
-      case ChallengeAnswer::kUnreadable:  // Yama or a container: the pair stays on UCX
-        break;
-      case ChallengeAnswer::kNotHeld:
-        TUTEL_LOG(WARN) << "UCX rank " << rank_ << ": " << describe(p) << " names pid " << hosts_[p].pid
-                        << " as its process, but that process does not hold the nonce we sent it: its "
-                           "large messages go over UCX, never out of that process's memory (a rank "
-                           "that states another's pid; set a peer secret to keep such ranks out)";
-        break;
+    // Another process that names ours is not telling the truth (ranks of this process meet
+    // through the local exchange, or over UCX without one).
+    if (!o.peer_memory || !allowed[p] || hosts_[p].pid == hosts_[rank_].pid) continue;
+    const std::optional<uint64_t> word = read_challenge_word(hosts_[p], rank_);
+    if (!word) continue;  // Yama or a container: the pair stays on UCX
+    // Computed only now: before the read no memory of ours held it.
+    if (*word == challenge_answer(nonces[p], rank_, p, table_digest_)) {
+      pull_from_[p] = 1;
+      continue;
     }
+    TUTEL_LOG(WARN) << "UCX rank " << rank_ << ": " << describe(p) << " names pid " << hosts_[p].pid
+                    << " as its process, but that process does not hold the answer to the nonce we "
+                       "sent it: its large messages go over UCX, never out of that process's memory "
+                       "(a rank that states another's pid; set a peer secret to keep such ranks out)";
   }
   // 3. "I will pull your messages": both sides of each direction agree.
-  std::vector<char> theirs(static_cast<size_t>(size_), 0);
-  TUTEL_RETURN_IF_ERROR(swap(kAgreeTag, pull_from_.data(), theirs.data(), "agreeing on peer memory with the ranks of this host"));
-  for (int p = 0; p < size_; ++p) pulled_by_[p] = theirs[p];
+  std::vector<char> pulls(static_cast<size_t>(size_), 0);
+  TUTEL_RETURN_IF_ERROR(swap(kAgreeTag, pull_from_.data(), pulls.data(), "agreeing on peer memory with the ranks of this host"));
+  for (int p = 0; p < size_; ++p) pulled_by_[p] = pulls[p];
   // The agreement is not traffic.
   for (int p = 0; p < size_; ++p) {
     slots_[p].bytes_sent.store(0, std::memory_order_relaxed);

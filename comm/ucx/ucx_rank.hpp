@@ -238,6 +238,7 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   std::vector<HostIdentity> hosts_;
   std::vector<char> pull_from_, pulled_by_;
   std::unique_ptr<uint64_t[]> challenge_words_;
+  Digest table_digest_{};  // of the bootstrap table, which the challenge answers are bound to
   LeaseTable leases_;
   bool pulls_from(int peer, size_t bytes) const { return bytes >= kPullMinBytes && pull_from_[static_cast<size_t>(peer)]; }
   bool pulled_by(int peer, size_t bytes) const { return bytes >= kPullMinBytes && pulled_by_[static_cast<size_t>(peer)]; }

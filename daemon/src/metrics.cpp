@@ -1,5 +1,6 @@
 #include "metrics.hpp"
 
+#include <charconv>
 #include <cstddef>
 #include <sstream>
 #include <utility>
@@ -19,6 +20,14 @@ std::string label(const std::string& v) {
     out += c;
   }
   return out;
+}
+
+// A double in its shortest form that reads back exactly: a seconds counter keeps its
+// microseconds past 10^5 s, where the stream's default 6 digits would round them to seconds.
+std::string exact(double v) {
+  char buf[32];
+  const auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);
+  return ec == std::errc() ? std::string(buf, end) : std::to_string(v);
 }
 
 }  // namespace
@@ -106,7 +115,7 @@ std::string Metrics::prometheus_text() const {
       o << "tuteld_request_seconds_bucket{op=\"" << label(op) << "\",le=\"" << kBuckets[i] << "\"} "
         << h.counts[i] << "\n";
     o << "tuteld_request_seconds_bucket{op=\"" << label(op) << "\",le=\"+Inf\"} " << h.total << "\n"
-      << "tuteld_request_seconds_sum{op=\"" << label(op) << "\"} " << h.sum << "\n"
+      << "tuteld_request_seconds_sum{op=\"" << label(op) << "\"} " << exact(h.sum) << "\n"
       << "tuteld_request_seconds_count{op=\"" << label(op) << "\"} " << h.total << "\n";
   }
   auto by_layer = [&](const char* name, const char* type, const char* help, const auto& m) {
@@ -118,10 +127,12 @@ std::string Metrics::prometheus_text() const {
   by_layer("tuteld_dropped_assignments_total", "counter",
            "Token-to-expert assignments dropped for lack of capacity.", dropped_);
   by_layer("tuteld_capacity", "gauge", "Expert capacity of the layer's last forward.", capacity_);
+  std::map<std::pair<std::string, std::string>, std::string> waits;
+  for (const auto& [k, seconds] : layer_waits_) waits[k] = exact(seconds);
   by_layer("tuteld_layer_wait_seconds_total", "counter",
-           "Time the layer's operations waited for the layer or its device before running (part of "
-           "tuteld_request_seconds).",
-           layer_waits_);
+           "Time the layer's requests waited for the layer or its device before running (part of "
+           "their tuteld_request_seconds).",
+           waits);
   auto plan_cache = [&](const char* name, const char* type, const char* help,
                         uint64_t PlanCache::*field) {
     std::map<std::pair<std::string, std::string>, uint64_t> m;

@@ -476,9 +476,9 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
                                            uint64_t owner, uint64_t sequence, ClientMemory memory) {
   const LayerSpec& s = def_.spec;
   const int64_t M = s.model_dim, O = s.out_dim();
-  LayerLock lock(*this);
+  LayerLock lock(*this, Waits::kCounted);
   const auto key = std::make_pair(owner, sequence);
-  auto device_lock = lock_device();
+  auto device_lock = lock_device(Waits::kCounted);
   if (Status down = rank_.health.check(); !down.ok())
     return group_ ? refuse_group_step(false, owner, sequence, std::move(down)) : down;
   if (training && pending_.count(key)) {
@@ -579,8 +579,8 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
                              uint64_t sequence, ClientMemory memory) {
   const LayerSpec& s = def_.spec;
   const int64_t M = s.model_dim, O = s.out_dim();
-  LayerLock lock(*this);
-  auto device_lock = lock_device();
+  LayerLock lock(*this, Waits::kCounted);
+  auto device_lock = lock_device(Waits::kCounted);
   if (Status down = rank_.health.check(); !down.ok())
     return group_ ? refuse_group_step(true, owner, sequence, std::move(down)) : down;
   auto it = pending_.find({owner, sequence});
@@ -636,8 +636,8 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
 
 Status ServedLayer::refuse_step(bool backward, uint64_t owner, uint64_t sequence, Status why) {
   if (!group_ || why.ok()) return why;
-  LayerLock lock(*this);
-  auto device_lock = lock_device();
+  LayerLock lock(*this, Waits::kCounted);
+  auto device_lock = lock_device(Waits::kCounted);
   return refuse_group_step(backward, owner, sequence, std::move(why));
 }
 
@@ -713,8 +713,8 @@ void ServedLayer::drop_pending_locked(uint64_t owner) {
 }
 
 Result<int64_t> ServedLayer::step() {
-  LayerLock lock(*this);
-  auto device_lock = lock_device();
+  LayerLock lock(*this, Waits::kCounted);
+  auto device_lock = lock_device(Waits::kCounted);
   // A group layer's step is a collective: a rank out of service fails it at its first op, and
   // its peers when their all-reduce times out.
   if (!group_) TUTEL_RETURN_IF_ERROR(rank_.health.check());

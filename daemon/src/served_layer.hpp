@@ -117,10 +117,10 @@ class ServedLayer {
   // quota. Any thread. A group layer keeps no plans: pinning one is refused.
   Status set_pinned(bool pinned);
   bool pinned() const { return pinned_.load(std::memory_order_relaxed); }
-  // How long the layer's operations have waited, in all, for the layer (another request of it in
-  // progress: a group layer holds it for a whole collective) or its device (another layer's
-  // request on the same rank) before they could run: the queueing inside the daemon's request
-  // latency. Any thread.
+  // How long the layer's requests (forward, backward, step) have waited, in all, for the layer
+  // (another operation of it in progress: a group layer holds it for a whole collective) or its
+  // device (another layer's operation on the same rank) before they could run: the queueing
+  // inside the daemon's request latency. Any thread.
   double wait_seconds() const { return static_cast<double>(wait_ns_.load(std::memory_order_relaxed)) * 1e-9; }
   // Drops the plans no forward holds (a layer without [group]); returns the bytes given back.
   // For a training forward of the tenant that was refused for its quota: cached plans must not
@@ -241,9 +241,13 @@ class ServedLayer {
   bool stages(ClientMemory memory) {
     return memory == ClientMemory::kHost && stages_host_memory() && !plans_take_host_memory();
   }
+  // Whether taking a lock adds the time it took to wait_ns_: only for the layer's requests, not
+  // for the operator's and the daemon's own operations on it (a checkpoint, a trim of its idle
+  // plans for another layer's forward, its teardown).
+  enum class Waits : bool { kUncounted, kCounted };
   // The rank's backend is shared by its layers; a group layer's is its own.
-  std::unique_lock<std::mutex> lock_device() {
-    return group_ ? std::unique_lock<std::mutex>() : lock_counting_wait(rank_.mutex);
+  std::unique_lock<std::mutex> lock_device(Waits waits = Waits::kUncounted) {
+    return group_ ? std::unique_lock<std::mutex>() : lock_mutex(rank_.mutex, waits);
   }
   Status join_group();
   // After a group layer's parameters are in place (`ready_here`: this rank allocated and loaded
@@ -273,7 +277,8 @@ class ServedLayer {
   // sessions that closed meanwhile.
   class LayerLock {
    public:
-    explicit LayerLock(ServedLayer& layer) : layer_(layer), lock_(layer.lock_counting_wait(layer.mutex_)) {}
+    explicit LayerLock(ServedLayer& layer, Waits waits = Waits::kUncounted)
+        : layer_(layer), lock_(layer.lock_mutex(layer.mutex_, waits)) {}
     ~LayerLock() {
       if (layer_.has_orphans_.load(std::memory_order_acquire)) layer_.drop_orphans_locked();
     }
@@ -284,9 +289,10 @@ class ServedLayer {
     ServedLayer& layer_;
     std::unique_lock<std::mutex> lock_;
   };
-  // `m` locked; the time it took, when it was held, added to wait_ns_ (the clock is read only
-  // then: an uncontended lock costs one try_lock).
-  std::unique_lock<std::mutex> lock_counting_wait(std::mutex& m) {
+  // `m` locked; with kCounted, the time it took, when it was held, added to wait_ns_ (the clock
+  // is read only then: an uncontended lock costs one try_lock).
+  std::unique_lock<std::mutex> lock_mutex(std::mutex& m, Waits waits) {
+    if (waits == Waits::kUncounted) return std::unique_lock<std::mutex>(m);
     std::unique_lock<std::mutex> lock(m, std::try_to_lock);
     if (!lock.owns_lock()) {
       const auto begin = std::chrono::steady_clock::now();

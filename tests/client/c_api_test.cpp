@@ -150,6 +150,7 @@ TEST(CApi, ConnectOptionsAreCheckedAndApplied) {
   const std::string timed_out = last_error();
   EXPECT_NE(timed_out.find("Timeout"), std::string::npos) << timed_out;
   daemon.hold_step_replies(false);
+  EXPECT_NE(timed_out.find("within 50 ms"), std::string::npos) << timed_out;
   EXPECT_NE(timed_out.find("the session was closed"), std::string::npos) << timed_out;
   EXPECT_NE(timed_out.find("control_timeout_ms in C"), std::string::npos) << timed_out;
   EXPECT_NE(tutel_step(layer), TUTEL_OK);

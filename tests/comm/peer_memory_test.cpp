@@ -1,7 +1,7 @@
 // Peer memory's pieces in one process (process_vm_readv on our own pid works like on a
 // neighbour's): a loan is read exactly; a withdrawn loan, a wrong size, a foreign message and a
 // gone process are errors, and nothing is copied from a withdrawn loan that could be mistaken
-// for data; only the process that received a challenge's nonce answers it. The protocol
+// for data; only the peer that received a challenge's nonce holds its answer. The protocol
 // between processes runs in every multi-process comm test (chunks of
 // 64 KiB and more are pulled; `peers()` says so).
 #include "peer_memory.hpp"
@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstring>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -147,45 +148,72 @@ pid_t spawn_waiting_child(int* hold_fd, Before before) {
   return child;
 }
 
-TEST(PeerMemory, OnlyTheProcessThatReceivedTheNonceAnswersTheChallenge) {
+TEST(PeerMemory, ChallengeAnswersAreBoundToTheNonceThePairAndTheGroup) {
+  const Digest one = sha256("group one"), two = sha256("group two");
+  const uint64_t base = challenge_answer(42, 2, 3, one);
+  EXPECT_EQ(challenge_answer(42, 2, 3, one), base);
+  EXPECT_NE(challenge_answer(43, 2, 3, one), base);
+  EXPECT_NE(challenge_answer(42, 3, 2, one), base) << "the other direction of the pair";
+  EXPECT_NE(challenge_answer(42, 2, 4, one), base) << "another receiver";
+  EXPECT_NE(challenge_answer(42, 1, 3, one), base) << "another sender";
+  EXPECT_NE(challenge_answer(42, 2, 3, two), base) << "another group's table";
+  EXPECT_NE(challenge_answer(42, 2, 3, one), uint64_t{42}) << "the nonce itself";
+  // The table's digest covers each payload and where it ends.
+  BootstrapTable a, b;
+  a.payloads = {"ab", "c"};
+  b.payloads = {"a", "bc"};
+  EXPECT_NE(table_digest(a), table_digest(b));
+  EXPECT_EQ(table_digest(a), table_digest(a));
+}
+
+TEST(PeerMemory, OnlyThePeerHoldsTheAnswerToItsChallenge) {
   // The words are allocated before the forks, so the same address is valid in every process:
   // only the value tells the peer from a process whose pid a liar stated.
   const auto random = tutel::random_bytes(sizeof(uint64_t));
   ASSERT_TRUE(random.ok()) << random.status();
   uint64_t nonce = 0;
   std::memcpy(&nonce, random->data(), sizeof nonce);
-  nonce |= 1;  // never the words' initial 0
+  const Digest group = sha256("this group's table"), another_table = sha256("another group's table");
+  const int me = 2, peer_rank = 3;
   std::vector<uint64_t> words(4, 0);
-  const int my_rank = 2;
-  int hold_peer = -1, hold_bystander = -1;
-  const pid_t peer = spawn_waiting_child(&hold_peer, [&] { words[my_rank] = nonce; });
+  // The peer received our nonce as rank 3 of our group and wrote its answer into word 2.
+  int hold_peer = -1, hold_other_pair = -1, hold_other_group = -1, hold_raw = -1, hold_bystander = -1;
+  const pid_t peer =
+      spawn_waiting_child(&hold_peer, [&] { words[me] = challenge_answer(nonce, me, peer_rank, group); });
+  // Processes a liar could name, holding what a relay can put there: the answer to the same
+  // nonce for another pair or in another group, or the raw nonce; and one holding nothing.
+  const pid_t other_pair =
+      spawn_waiting_child(&hold_other_pair, [&] { words[me] = challenge_answer(nonce, me, 1, group); });
+  const pid_t other_group =
+      spawn_waiting_child(&hold_other_group, [&] { words[me] = challenge_answer(nonce, me, peer_rank, another_table); });
+  const pid_t raw = spawn_waiting_child(&hold_raw, [&] { words[me] = nonce; });
   const pid_t bystander = spawn_waiting_child(&hold_bystander, [] {});
-  ASSERT_GT(peer, 0);
-  ASSERT_GT(bystander, 0);
+  for (pid_t child : {peer, other_pair, other_group, raw, bystander}) ASSERT_GT(child, 0);
 
-  HostIdentity honest = this_process(words.data());
-  honest.pid = static_cast<uint32_t>(peer);
-  EXPECT_EQ(read_challenge(honest, my_rank, nonce), ChallengeAnswer::kHeld);
-  EXPECT_EQ(read_challenge(honest, my_rank, nonce ^ 1), ChallengeAnswer::kNotHeld) << "another nonce";
-  EXPECT_EQ(read_challenge(honest, 1, nonce), ChallengeAnswer::kNotHeld) << "another rank's word";
-
-  HostIdentity liar = honest;  // the peer states the bystander's pid
-  liar.pid = static_cast<uint32_t>(bystander);
-  EXPECT_EQ(read_challenge(liar, my_rank, nonce), ChallengeAnswer::kNotHeld);
-  liar.pid = static_cast<uint32_t>(::getpid());  // or ours: we never wrote the nonce into our words
-  EXPECT_EQ(read_challenge(liar, my_rank, nonce), ChallengeAnswer::kNotHeld);
-
-  HostIdentity unmapped = honest;
+  const uint64_t expected = challenge_answer(nonce, me, peer_rank, group);
+  HostIdentity named = this_process(words.data());
+  auto read_from = [&](pid_t pid) {
+    named.pid = static_cast<uint32_t>(pid);
+    return read_challenge_word(named, me);
+  };
+  EXPECT_EQ(read_from(peer), std::optional<uint64_t>(expected));
+  for (pid_t liar : {other_pair, other_group, raw, bystander, ::getpid()}) {
+    SCOPED_TRACE("pid " + std::to_string(liar));
+    const std::optional<uint64_t> word = read_from(liar);
+    ASSERT_TRUE(word.has_value());  // readable: the same user
+    EXPECT_NE(*word, expected);
+  }
+  named.pid = static_cast<uint32_t>(peer);
+  EXPECT_NE(read_challenge_word(named, 1), std::optional<uint64_t>(expected)) << "another rank's word";
+  HostIdentity unmapped = named;
   unmapped.challenge_words = 8;  // page 0
-  EXPECT_EQ(read_challenge(unmapped, my_rank, nonce), ChallengeAnswer::kUnreadable);
+  EXPECT_EQ(read_challenge_word(unmapped, me), std::nullopt);
   unmapped.challenge_words = ~uint64_t{0} - 7;  // wraps past the top for rank 2
-  EXPECT_EQ(read_challenge(unmapped, my_rank, nonce), ChallengeAnswer::kUnreadable);
+  EXPECT_EQ(read_challenge_word(unmapped, me), std::nullopt);
 
-  ::close(hold_peer);
-  ::close(hold_bystander);
-  ::waitpid(peer, nullptr, 0);
-  ::waitpid(bystander, nullptr, 0);
-  EXPECT_EQ(read_challenge(honest, my_rank, nonce), ChallengeAnswer::kUnreadable) << "a gone process";
+  for (int fd : {hold_peer, hold_other_pair, hold_other_group, hold_raw, hold_bystander}) ::close(fd);
+  for (pid_t child : {peer, other_pair, other_group, raw, bystander}) ::waitpid(child, nullptr, 0);
+  EXPECT_EQ(read_challenge_word(named, me), std::nullopt) << "a gone process";
 }
 
 }  // namespace

@@ -285,5 +285,37 @@ TEST(UcxPeers, CountTrafficPerPeerAndReportTheDeadOne) {
   EXPECT_EQ(testing::describe_failures(group.wait_all(), {kVictim}), "");
 }
 
+// A rank with peer_memory = false neither pulls nor lends: both directions of each of its pairs
+// take UCX (and carry the messages exactly), while the other pair pulls.
+TEST(UcxPeers, ARankWithoutPeerMemoryNeitherPullsNorIsPulledFrom) {
+  const uint16_t port = testing::free_port();
+  constexpr int kSize = 3, kWithout = 1;
+  constexpr size_t kChunk = 256 << 10;  // pulled where the pair agreed
+  testing::ProcessGroup group(kSize, [&](int rank, const ChildChannel&) -> std::string {
+    BootstrapOptions options = loopback_options(port, rank, kSize, 1, kCollectiveTimeout);
+    options.peer_memory = rank != kWithout;
+    auto comm = ucx_bootstrap(options);
+    if (!comm.ok()) return "bootstrap: " + comm.status().to_string();
+    std::vector<uint8_t> send(kSize * kChunk), recv(kSize * kChunk);
+    for (int d = 0; d < kSize; ++d)
+      std::fill_n(send.begin() + static_cast<long>(d * kChunk), kChunk, static_cast<uint8_t>(16 * rank + d));
+    if (Status s = (*comm)->all_to_all(send.data(), recv.data(), kChunk, AllToAllAlgo::kLinear); !s.ok())
+      return "all_to_all: " + s.to_string();
+    std::string error;
+    for (int from = 0; from < kSize; ++from)
+      if (std::count(recv.begin() + static_cast<long>(from * kChunk), recv.begin() + static_cast<long>((from + 1) * kChunk),
+                     static_cast<uint8_t>(16 * from + rank)) != static_cast<long>(kChunk))
+        error += "wrong data from rank " + std::to_string(from) + "; ";
+    for (const PeerStatus& p : (*comm)->peers()) {
+      const bool expected = ptrace_allowed() && rank != kWithout && p.rank != kWithout;
+      if (p.peer_memory != expected)
+        error += "peer " + std::to_string(p.rank) + (p.peer_memory ? " is" : " is not") + " read through peer memory; ";
+    }
+    if (Status s = (*comm)->barrier(); !s.ok()) error += "barrier: " + s.to_string();
+    return error;
+  });
+  EXPECT_EQ(testing::describe_failures(group.wait_all(), {}), "");
+}
+
 }  // namespace
 }  // namespace tutel::comm

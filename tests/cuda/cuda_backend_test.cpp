@@ -191,8 +191,11 @@ TEST(LtGemmAlignment, IsTheLargestPowerOfTwoDividingPointerAndOffsets) {
 // how each reads as a Status (host only: runs without a device).
 TEST(CudaErrors, StickyOnesLoseTheContextOthersAreOrdinary) {
   for (cudaError_t err : {cudaErrorIllegalAddress, cudaErrorLaunchFailure, cudaErrorECCUncorrectable,
-                          cudaErrorNvlinkUncorrectable, cudaErrorContained, cudaErrorTensorMemoryLeak,
-                          cudaErrorMpsClientTerminated, cudaErrorExternalDevice}) {
+                          cudaErrorNvlinkUncorrectable, cudaErrorMpsClientTerminated, cudaErrorExternalDevice,
+#if CUDART_VERSION >= 12080
+                          cudaErrorContained, cudaErrorTensorMemoryLeak,
+#endif
+                          cudaErrorLaunchTimeout}) {
     SCOPED_TRACE(cudaGetErrorName(err));
     EXPECT_TRUE(cuda::is_sticky(err));
     const Status s = cuda::cuda_error(err, "kernel<<<...>>>", "/build/x/kernels/cuda/k.cu", 7);

@@ -7,8 +7,10 @@
 #include <sys/socket.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
@@ -321,9 +323,30 @@ double metric_value(const std::string& text, const std::string& series) {
   return at == std::string::npos ? -1 : std::stod(text.substr(at + series.size() + 2));
 }
 
+// Runs forwards of `a` and `b` (layers of two sessions) at once, in rounds, until `waited()` is
+// above 0 or 50 rounds passed; returns the last `waited()`. The assertion is that waits are
+// counted, never how long they take.
+double overlap_until_waited(client::Layer& a, client::Layer& b, const std::function<double()>& waited) {
+  std::vector<float> x(256 * 16, 0.25f), ya(256 * 16), yb(256 * 16);
+  double total = 0;
+  for (int round = 0; round < 50 && total <= 0; ++round) {
+    Status in_b;
+    std::thread t([&] {
+      for (int i = 0; i < 20 && in_b.ok(); ++i) in_b = b.infer(x.data(), 256, yb.data());
+    });
+    Status in_a;
+    for (int i = 0; i < 20 && in_a.ok(); ++i) in_a = a.infer(x.data(), 256, ya.data());
+    t.join();
+    EXPECT_TRUE(in_a.ok()) << in_a;
+    EXPECT_TRUE(in_b.ok()) << in_b;
+    if (!in_a.ok() || !in_b.ok()) return total;
+    total = waited();
+  }
+  return total;
+}
+
 // The time requests waited for their layer: nothing while one session runs its forwards one
-// after another; something once two sessions run forwards of the same layer at once (tried
-// until they overlap: the assertion is that waits are counted, not how long they take).
+// after another; something once two sessions run forwards of the same layer at once.
 TEST_F(ClientDaemon, WaitsForABusyLayerAreCounted) {
   auto first = client::Client::connect(daemon_->client_socket());
   auto second = client::Client::connect(daemon_->client_socket());
@@ -337,23 +360,35 @@ TEST_F(ClientDaemon, WaitsForABusyLayerAreCounted) {
     EXPECT_NE(text.find("# TYPE tuteld_layer_wait_seconds_total counter"), std::string::npos) << text;
     return metric_value(text, "tuteld_layer_wait_seconds_total{tenant=\"default\",layer=\"busy\"}");
   };
-  std::vector<float> x(256 * 16, 0.25f), y1(256 * 16), y2(256 * 16);
-  for (int i = 0; i < 5; ++i) ASSERT_TRUE(layer->infer(x.data(), 256, y1.data()).ok());
+  std::vector<float> x(256 * 16, 0.25f), y(256 * 16);
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(layer->infer(x.data(), 256, y.data()).ok());
   EXPECT_EQ(waited(), 0.0);
-  double total = 0;
-  for (int round = 0; round < 50 && total <= 0; ++round) {
-    Status other;
-    std::thread t([&] {
-      for (int i = 0; i < 20 && other.ok(); ++i) other = attached->infer(x.data(), 256, y2.data());
-    });
-    Status mine;
-    for (int i = 0; i < 20 && mine.ok(); ++i) mine = layer->infer(x.data(), 256, y1.data());
-    t.join();
-    ASSERT_TRUE(mine.ok()) << mine;
-    ASSERT_TRUE(other.ok()) << other;
-    total = waited();
-  }
-  EXPECT_GT(total, 0.0) << "2000 forwards of one layer from two sessions at once never overlapped";
+  EXPECT_GT(overlap_until_waited(*layer, *attached, waited), 0.0)
+      << "1000 forwards of one layer from each of two sessions at once never overlapped";
+}
+
+// The layers of one rank share its device: two sessions' forwards of two layers wait for it,
+// and the wait is counted on the layer that waited.
+TEST_F(ClientDaemon, WaitsForTheDeviceAreCountedToo) {
+  auto first = client::Client::connect(daemon_->client_socket());
+  auto second = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(first.ok() && second.ok());
+  auto a = first->create_layer(spec("device_a"));
+  auto b = second->create_layer(spec("device_b"));
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto waited = [&] {
+    const std::string text = ctl_json("metrics")["text"].get<std::string>();
+    double sum = 0;
+    for (const char* name : {"device_a", "device_b"}) {
+      const double v = metric_value(
+          text, std::string("tuteld_layer_wait_seconds_total{tenant=\"default\",layer=\"") + name + "\"}");
+      EXPECT_GE(v, 0.0) << name << " has no series\n" << text;
+      sum += std::max(v, 0.0);
+    }
+    return sum;
+  };
+  EXPECT_GT(overlap_until_waited(*a, *b, waited), 0.0)
+      << "1000 forwards of each of two layers on one rank at once never overlapped";
 }
 
 TEST_F(ClientDaemon, PlanCachesAreShownByTutelctlAndMetrics) {

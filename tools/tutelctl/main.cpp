@@ -6,8 +6,8 @@
 //   tutelctl pin | unpin TENANT/LAYER
 //   tutelctl drain [--wait S] | undrain
 //
-// Exit status: 0 on success, 1 when the daemon cannot be reached or refuses the request,
-// 2 on a usage error.
+// Exit status: 0 on success, 1 when the daemon cannot be reached or refuses the request (or
+// drain --wait ran out with sessions still open), 2 on a usage error (docs/tutelctl.md).
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>

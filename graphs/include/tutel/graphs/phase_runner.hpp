@@ -60,8 +60,9 @@ struct PhaseRunnerStats {
   uint64_t captures = 0;    // graphs captured
   uint64_t launches = 0;    // graph launches (a capture is launched at once too)
   uint64_t evictions = 0;   // graphs dropped for newer keys
-  // Captures that failed (the phase then runs op by op, from then on): a test that expects graphs
-  // asserts none, since the op-by-op fallback gives the same results.
+  // Captures that gave no graph: CUDA refused one, or an op failed inside it (the phase then runs
+  // op by op, from then on). A test that expects graphs asserts none, since the op-by-op
+  // fallback gives the same results.
   uint64_t capture_failures = 0;
 };
 
