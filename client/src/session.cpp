@@ -138,7 +138,13 @@ Status Session::lost(const std::string& detail) {
 }
 
 Status Session::fail(Status st) {
-  if (broken_.ok()) broken_ = st;
+  // The failing call reports its cause; every later call says the session is closed, as
+  // Unavailable: a caller that retries a Timeout must not retry a closed session for ever.
+  if (broken_.ok())
+    broken_ = st.code() == StatusCode::kUnavailable
+                  ? st
+                  : Status::Unavailable("this session was closed after an earlier failure (" + st.to_string() +
+                                        "); connect again and attach the layers (they outlive the session)");
   close(broken_);
   return st;
 }

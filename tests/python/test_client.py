@@ -2,12 +2,15 @@
 forward, backward, the optimizer step, micro-batches out of order, and bad input. Fresh random
 inputs every run; the seed is in the failure message."""
 
+import gc
 import os
 import random
 import shutil
 import signal
 import tempfile
+import time
 import unittest
+import weakref
 
 import numpy as np
 
@@ -47,6 +50,25 @@ def random_case(rng, tokens):
     p = random_params(rng)
     return p, random_inputs(rng, p, (tokens, M))
 
+
+
+def wait_until_stopped(pid, timeout=10.0):
+    """Returns once every thread of `pid` is stopped (a SIGSTOP takes effect asynchronously: a
+    thread may still serve a request meanwhile)."""
+    deadline = time.monotonic() + timeout
+    task_dir = f"/proc/{pid}/task"
+    while time.monotonic() < deadline:
+        states = []
+        for tid in os.listdir(task_dir):
+            try:
+                with open(f"{task_dir}/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:  # a thread that ended meanwhile
+                continue
+        if states and all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop within {timeout} s")
 
 class ClientModuleTest(unittest.TestCase):
     def setUp(self):
@@ -207,6 +229,7 @@ class ClientModuleTest(unittest.TestCase):
                                         f'k = {K}\ncapacity_factor = {F}\nweights = "t-init.safetensors"\n')
             self.daemon.process.send_signal(signal.SIGSTOP)
             try:
+                wait_until_stopped(self.daemon.process.pid)
                 with self.assertRaises(tuteld.TutelError) as e:
                     layer.forward(x)
             finally:
@@ -287,6 +310,28 @@ class ClientModuleTest(unittest.TestCase):
         with self.assertRaises(tuteld.TutelError) as e:
             layer2.infer(x)
         self.assertIn("closed", str(e.exception))
+
+    def test_dropped_handles_go_without_the_cycle_collector(self):
+        # A dropped Layer's handle goes back at its client's next call; a dropped client and its
+        # layers end the session at once, not when the cycle collector happens to run.
+        p, x = random_case(self.rng, 8)
+        self.make_layer(p).release()  # creates "moe"
+        gc.disable()
+        self.addCleanup(gc.enable)
+        layer = self.client.attach_layer("moe")
+        dead_layer = weakref.ref(layer)
+        del layer
+        self.assertIsNone(dead_layer())
+        self.assertEqual(len(self.client._dropped_handles), 1)
+        self.client.ping()
+        self.assertEqual(len(self.client._dropped_handles), 0)
+        client = tuteld.Client(self.daemon.client_socket)
+        layer = client.attach_layer("moe")
+        self.assertEqual(layer.infer(x)[0].shape, (8, M))
+        dead_client, dead_layer = weakref.ref(client), weakref.ref(layer)
+        del client, layer
+        self.assertIsNone(dead_layer())
+        self.assertIsNone(dead_client())
 
     def test_a_missing_daemon_is_a_clear_error(self):
         with self.assertRaises(tuteld.TutelError) as e:

@@ -125,6 +125,63 @@ class TorchModuleTest(unittest.TestCase):
         with self.assertRaises(RuntimeError):
             g.pow(2).sum().backward()
 
+    def test_a_second_backward_through_the_same_graph_says_why(self):
+        p, x = random_case(self.rng, 6)
+        moe = self.make_moe(p)
+        y, l_aux = moe(torch.from_numpy(x).float().requires_grad_())
+        loss = y.sum() + l_aux
+        loss.backward(retain_graph=True)
+        with self.assertRaisesRegex(RuntimeError, "retain_graph"):
+            loss.backward()
+
+    def test_an_empty_batch_gives_empty_outputs_without_the_daemon(self):
+        p, _ = random_case(self.rng, 6)
+        moe = self.make_moe(p)
+        xt = torch.zeros(3, 0, M, requires_grad=True)
+        y, l_aux = moe(xt)
+        self.assertEqual(tuple(y.shape), (3, 0, M))
+        self.assertEqual(float(l_aux), 0.0)
+        (y.sum() + l_aux).backward()
+        self.assertEqual(tuple(xt.grad.shape), (3, 0, M))
+        self.assertEqual(len(moe.layer._pending), 0)
+        with torch.no_grad():
+            self.assertEqual(tuple(moe(torch.zeros(0, M))[0].shape), (0, M))
+
+    def test_copy_and_pickle_say_the_parameters_live_in_the_daemon(self):
+        import copy
+        import pickle
+
+        p, _ = random_case(self.rng, 6)
+        moe = self.make_moe(p)
+        model = torch.nn.Sequential(torch.nn.Linear(M, M), moe)
+        with self.assertRaisesRegex(TypeError, "live in the daemon"):
+            copy.deepcopy(model)
+        with self.assertRaisesRegex(TypeError, "live in the daemon"):
+            pickle.dumps(model)
+
+    def test_model_helpers_zero_and_step_every_moe(self):
+        # model.zero_grad() does not call the modules' own zero_grad: tuteld.nn.zero_grad does.
+        p, x = random_case(self.rng, 6)
+        first = self.make_moe(p)
+        second = tuteld.nn.MoE.attach(self.client, "moe")  # the same layer: its gradients twice
+        model = torch.nn.ModuleDict({"first": first, "second": second})
+        xt = torch.from_numpy(x).float()
+        with torch.no_grad():
+            before = first(xt)[0]
+        for m in (first, second):
+            y, l_aux = m(xt)
+            (y.pow(2).sum() + l_aux).backward()
+        tuteld.nn.zero_grad(model)
+        tuteld.nn.step(model)  # two SGD steps on zero gradients: nothing moves
+        with torch.no_grad():
+            torch.testing.assert_close(first(xt)[0], before, rtol=0, atol=0)
+        for m in (first, second):
+            y, l_aux = m(xt)
+            (y.pow(2).sum() + l_aux).backward()
+        tuteld.nn.step(model)
+        with torch.no_grad():
+            self.assertFalse(torch.equal(first(xt)[0], before))
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -27,6 +27,7 @@ import math
 import os
 import threading
 import time
+import weakref
 
 import numpy as np
 
@@ -207,7 +208,13 @@ class Client:
             raise _error(_lib.tutel_last_error_code() or -11)
         self._handle = handle
         self._lock = threading.RLock()
-        self._layers = []  # handles to release before the session ends
+        # The layers made from this client, weakly: a Layer holds its client, so strong references
+        # both ways would keep a dropped client's session open until the cycle collector ran.
+        self._layers = weakref.WeakSet()
+        # C handles of Layers that were garbage-collected, released at this client's next call:
+        # a finalizer may run on any thread, between any two steps of a call on this client, so
+        # it only queues (deque appends are atomic).
+        self._dropped_handles = collections.deque()
 
     def __enter__(self):
         return self
@@ -229,15 +236,23 @@ class Client:
         with lock:
             if self._handle is None:
                 return
-            for layer in self._layers:
+            for layer in list(self._layers):
                 layer._release()
             self._layers.clear()
+            self._release_dropped()
             _lib.tutel_close(self._handle)
             self._handle = None
 
+    def _release_dropped(self):
+        """Releases the handles of garbage-collected Layers. Under self._lock."""
+        while self._dropped_handles:
+            _lib.tutel_layer_release(self._dropped_handles.popleft())
+
     def _session(self):
+        """The C client, for a call made under self._lock."""
         if self._handle is None:
             raise TutelError(-7, "this tuteld.Client is closed")
+        self._release_dropped()
         return self._handle
 
     @property
@@ -273,8 +288,12 @@ class Client:
         out = ctypes.c_void_p()
         with self._lock:
             _check(fn(self._session(), text.encode(), ctypes.byref(out)))
-            layer = Layer(self, out.value)
-            self._layers.append(layer)
+            try:
+                layer = Layer(self, out.value)
+            except BaseException:
+                _lib.tutel_layer_release(out.value)
+                raise
+            self._layers.add(layer)
         return layer
 
     def _submit_and_wait(self, ticket, submit, *args):
@@ -315,6 +334,9 @@ class Layer:
     def __init__(self, client, handle):
         self._client = client
         self._handle = handle
+        # Dropped without release(): the handle goes back at the client's next call, or at once
+        # once the client is closed (a layer handle may be released after its client).
+        self._finalizer = weakref.finalize(self, Layer._queue_release, weakref.ref(client), handle)
         # Training forwards not yet backwarded, oldest first: sequence -> rows. The C side sizes
         # a backward by its forward's rows, so dy must have exactly that many.
         self._pending = collections.OrderedDict()
@@ -329,16 +351,24 @@ class Layer:
             raise TutelError(-7, "this tuteld.Layer handle was released")
         return self._handle
 
+    @staticmethod
+    def _queue_release(client_ref, handle):
+        client = client_ref()
+        if client is not None and client._handle is not None:
+            client._dropped_handles.append(handle)
+        else:
+            _lib.tutel_layer_release(handle)
+
     def _release(self):
         if self._handle is not None:
+            self._finalizer.detach()
             _lib.tutel_layer_release(self._handle)
             self._handle = None
 
     def release(self):
         """Frees this handle; the layer stays in the daemon (see destroy)."""
         with self._client._lock:
-            if self._handle is not None and self in self._client._layers:
-                self._client._layers.remove(self)
+            self._client._layers.discard(self)
             self._release()
 
     def _rows(self, array, width, what):

@@ -5,6 +5,7 @@
     loss = task_loss(y) + 0.01 * l_aux
     loss.backward()                                  # the MoE's gradients accumulate in the daemon
     moe.step(); moe.zero_grad()                      # the daemon's optimizer, beside torch's own
+    tuteld.nn.step(model); tuteld.nn.zero_grad(model)  # or every MoE in a model at once
 
 The expert and gate parameters live in the daemon, not in this module: torch's optimizers do
 not see them, the daemon's optimizer (the layer spec's [optimizer]) updates them on step().
@@ -17,8 +18,21 @@ pipelined micro-batches): each backward names the forward it belongs to. Under t
 in eval mode, or frozen (requires_grad_(False)) with an x that needs no gradient, a forward is an
 inference, which keeps nothing in the daemon; in eval mode no gradient reaches x (a warning says
 so once). A training forward whose graph is dropped without a backward keeps its state there
-until the client closes. The backward is differentiable once only: a second derivative through
-the layer raises.
+until the client closes. The backward runs once per forward (the daemon drops a forward's state
+when its backward ran: a second backward through the same graph raises, retain_graph or not) and
+is not differentiable again (a second derivative raises). An empty batch returns empty outputs
+without a call to the daemon.
+
+What torch's own machinery does not reach, since the experts are not torch parameters:
+- model.zero_grad() and torch optimizers do not zero or step the daemon's gradients: call
+  tuteld.nn.zero_grad(model) and tuteld.nn.step(model) (or each MoE's own zero_grad/step);
+- model.state_dict() and torch.save hold no expert weights: save them with moe.layer.save(name);
+  copy.deepcopy and pickle raise (attach the layer again instead);
+- every backward through the layer accumulates the expert gradients, also one that asks torch
+  for the gradient of x alone (torch.autograd.grad(y, x)) and one through a frozen module given
+  an x that needs a gradient: zero them before the next step where that is not wanted;
+- a GradScaler's loss scale reaches the daemon's gradients unscaled, and an overflowed step is
+  not skipped there: with tuteld layers, train in bf16 autocast (no scaler) or in float32.
 """
 
 import warnings
@@ -33,6 +47,7 @@ class _MoEFunction(torch.autograd.Function):
         rows = x.detach().to("cpu", torch.float32).contiguous()
         y, info = layer.forward(rows.numpy(), training=True)
         ctx.layer, ctx.sequence, ctx.x_meta = layer, info.sequence, (x.device, x.dtype)
+        ctx.backwarded = False
         l_aux = torch.tensor(info.l_aux, dtype=torch.float32, device=x.device)
         return torch.from_numpy(y).to(x.device, x.dtype), l_aux
 
@@ -41,6 +56,11 @@ class _MoEFunction(torch.autograd.Function):
     def backward(ctx, dy, dl_aux):
         # Autograd materialises the gradient of an unused output as zeros, so both are tensors.
         device, dtype = ctx.x_meta
+        if ctx.backwarded:
+            raise RuntimeError("tuteld.nn.MoE: this forward was backwarded already; the daemon keeps a "
+                               "forward's state only until its backward, so a graph through the layer "
+                               "can be backwarded once (retain_graph=True does not keep it)")
+        ctx.backwarded = True
         dy_rows = dy.detach().to("cpu", torch.float32).contiguous().numpy()
         dx = ctx.layer.backward(dy_rows, dl_aux=float(dl_aux), sequence=ctx.sequence)
         return torch.from_numpy(dx).to(device, dtype), None, None
@@ -65,8 +85,14 @@ class MoE(torch.nn.Module):
         return cls(client, layer=client.attach_layer(name))
 
     def forward(self, x):
-        if x.shape[-1] != self.layer.model_dim:
+        if x.dim() == 0 or x.shape[-1] != self.layer.model_dim:
             raise ValueError(f"x must have shape [..., {self.layer.model_dim}], not {list(x.shape)}")
+        if x.numel() == 0:
+            # No tokens, nothing for the daemon: empty outputs (still in x's graph) and no loss.
+            y = x.new_zeros(*x.shape[:-1], self.layer.output_dim)
+            if x.requires_grad and torch.is_grad_enabled():
+                y = y + x.sum()
+            return y, torch.zeros((), dtype=torch.float32, device=x.device)
         # A backward comes only where autograd has something to differentiate: the anchor, or x.
         # Otherwise (no_grad, eval, a frozen module given an x that needs no gradient) it is an
         # inference: a training forward would keep its state in the daemon, for good.
@@ -89,3 +115,31 @@ class MoE(torch.nn.Module):
     def zero_grad(self, set_to_none=True):
         super().zero_grad(set_to_none=set_to_none)
         self.layer.zero_grad()
+
+    def __deepcopy__(self, memo):
+        raise TypeError("tuteld.nn.MoE cannot be copied: its parameters live in the daemon. Attach "
+                        "the layer again (MoE.attach(client, name)), or save it (moe.layer.save) and "
+                        "load it into another layer")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("tuteld.nn.MoE cannot be pickled (torch.save of the module): its parameters "
+                        "live in the daemon; save them with moe.layer.save(name) and attach or load "
+                        "the layer again")
+
+
+def step(model):
+    """The daemon's optimizer step for every tuteld MoE in `model` (torch's optimizers and
+    model.step-like helpers do not see them)."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.step()
+
+
+def zero_grad(model):
+    """Zeroes the daemon-side gradients of every tuteld MoE in `model`, and torch's own
+    (model.zero_grad() alone does not reach the daemon: it does not call the modules'
+    zero_grad)."""
+    model.zero_grad()
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.layer.zero_grad()
