@@ -365,6 +365,13 @@ int tutel_abandon(tutel_client* client, tutel_ticket ticket) {
   });
 }
 
+int tutel_discard(tutel_layer* layer, uint64_t sequence) {
+  return guarded("tutel_discard", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_discard");
+    return to_code(layer->layer->discard(sequence));
+  });
+}
+
 int tutel_step(tutel_layer* layer) {
   return guarded("tutel_step", [&] {
     if (!valid(layer)) return invalid_layer("tutel_step");

@@ -368,6 +368,17 @@ Status Layer::backward(uint64_t sequence, const float* dy, float dl_aux, float* 
   return wait_synchronously(state_, submit_backward(sequence, dy, dl_aux, dx)).status();
 }
 
+Status Layer::discard(uint64_t sequence) {
+  TUTEL_RETURN_IF_ERROR(usable(state_));
+  Submission s;
+  s.op = ipc::Op::kDiscard;
+  s.layer = state_;
+  s.sequence = sequence;
+  Result<Ticket> submitted = state_->session->submit(s);
+  if (submitted.ok()) state_->pending.erase(sequence);  // no backward may pair with it now
+  return wait_synchronously(state_, std::move(submitted)).status();
+}
+
 namespace {
 
 // A control request about one layer, after every request in flight has completed.

@@ -286,7 +286,7 @@ Result<std::pair<uint32_t, uint64_t>> Session::locate(const void* data, uint64_t
 Result<Ticket> Session::submit(const Submission& s) {
   if (!broken_.ok()) return broken_;
   if (s.in_device_region) return submit_in_device_region(s);
-  const bool has_data = s.op != ipc::Op::kNop;
+  const bool has_data = s.op != ipc::Op::kNop && s.op != ipc::Op::kDiscard;
   if (has_data) {
     const uint64_t in = DataRegion::rounded(s.input_bytes), out = DataRegion::rounded(s.output_bytes);
     // Rounded sizes saturate, so a size near 2^64 (a caller's n - 4 gone below zero) cannot wrap

@@ -122,7 +122,9 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
     c.request_id = d.request_id;
     std::string layer_name, op_name = d.op == uint32_t(ipc::Op::kForward) ? "forward"
                                       : d.op == uint32_t(ipc::Op::kBackward) ? "backward"
-                                      : d.op == uint32_t(ipc::Op::kChecksum) ? "checksum" : "nop";
+                                      : d.op == uint32_t(ipc::Op::kChecksum) ? "checksum"
+                                      : d.op == uint32_t(ipc::Op::kDiscard)  ? "discard"
+                                                                             : "nop";
     Status st;
     int64_t tokens = 0, dropped = 0;
     const uint32_t unknown_flags = d.flags & ~ipc::kKnownRequestFlags;
@@ -139,14 +141,16 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
                ? Status::InvalidArgument("checksum reads the arena only; clear the device-region flag")
                : ipc::check_data_range(layout, d.input_offset, d.input_bytes, "input");
       if (st.ok()) c.checksum = word_sum(base + d.input_offset, d.input_bytes);
-    } else if (d.op != uint32_t(ipc::Op::kForward) && d.op != uint32_t(ipc::Op::kBackward)) {
-      st = Status::InvalidArgument("unknown op " + std::to_string(d.op) + " (1 = forward, 2 = backward, 3 = checksum)");
+    } else if (d.op != uint32_t(ipc::Op::kForward) && d.op != uint32_t(ipc::Op::kBackward) &&
+               d.op != uint32_t(ipc::Op::kDiscard)) {
+      st = Status::InvalidArgument("unknown op " + std::to_string(d.op) +
+                                   " (1 = forward, 2 = backward, 3 = checksum, 4 = discard)");
     } else if (auto ref = registry_->find(s->tenant, d.layer_handle); !ref.ok()) {
       st = ref.status();
     } else if (unknown_flags != 0 || !registry_->try_begin_request(s->tenant)) {
       // Refused here, before the layer: a group layer's peers are told through its step (so are
-      // the refusals below).
-      const bool backward = d.op == uint32_t(ipc::Op::kBackward);
+      // the refusals below). A discard stands in for a backward there.
+      const bool backward = d.op != uint32_t(ipc::Op::kForward);
       ServedLayer& layer = *ref->layer;
       layer_name = layer.name();
       st = layer.refuse_step(
@@ -156,6 +160,13 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
               : Status::ResourceExhausted("tenant '" + s->tenant +
                                           "' has its quota of requests in flight; wait for completions"));
       if (layer.definition().group) metrics_.set_peer_state(s->tenant + "/" + layer_name, layer.group_error().empty());
+    } else if (d.op == uint32_t(ipc::Op::kDiscard)) {
+      ServedLayer& layer = *ref->layer;
+      layer_name = layer.name();
+      st = guarded([&] { return layer.discard(s->id, d.sequence); });
+      registry_->end_request(s->tenant);
+      if (layer.definition().group)
+        metrics_.set_peer_state(s->tenant + "/" + layer_name, layer.group_error().empty());
     } else {
       ServedLayer& layer = *ref->layer;
       layer_name = layer.name();

@@ -162,6 +162,11 @@ class ServedLayer {
   // `sequence`) names one. One that names none leaves this rank's forward pending (the peers'
   // is gone): its client is out of step with the group, as a client that skips a step is.
   Status refuse_step(bool backward, uint64_t owner, uint64_t sequence, Status why);
+  // Drops the training forward (`owner`, `sequence`) that will never be backwarded, with what it
+  // holds (ipc::Op::kDiscard). OK also when it is not pending. On a group layer it is a refused
+  // backward: every rank consumes its forward in the same collective, and a peer that backwards
+  // instead is refused with it.
+  Status discard(uint64_t owner, uint64_t sequence);
 
   // Applies the optimizer to the accumulated gradients; returns the new step count.
   Result<int64_t> step();

@@ -323,6 +323,46 @@ double metric_value(const std::string& text, const std::string& series) {
   return at == std::string::npos ? -1 : std::stod(text.substr(at + series.size() + 2));
 }
 
+// A training forward its trainer will not backward (skipped, or its wait abandoned) is
+// discarded: it is no longer pending in the daemon and its memory goes back to the tenant; a
+// discard of a forward that is not pending is no error; the layer trains on as before.
+TEST_F(ClientDaemon, ADiscardedForwardFreesWhatItHeld) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok());
+  auto layer = client->create_layer(spec("discarded"));
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  auto held = [&] {
+    const nlohmann::json layers = ctl_json("layers");
+    for (const auto& l : layers["layers"])
+      if (l["name"] == "discarded") return std::make_pair(l["pending_backwards"].get<int64_t>(), l["pending_bytes"].get<int64_t>());
+    ADD_FAILURE() << layers;
+    return std::make_pair(int64_t{-1}, int64_t{-1});
+  };
+  std::vector<float> x(32 * 16, 0.25f), y(32 * 16), dx(32 * 16);
+  client::ForwardInfo kept, skipped;
+  ASSERT_TRUE(layer->forward(x.data(), 32, y.data(), &kept).ok());
+  ASSERT_TRUE(layer->forward(x.data(), 32, y.data(), &skipped).ok());
+  EXPECT_EQ(held().first, 2);
+  const int64_t one_forward = held().second / 2;
+  EXPECT_GT(one_forward, 0);
+  ASSERT_TRUE(layer->discard(skipped.sequence).ok());
+  EXPECT_EQ(held(), std::make_pair(int64_t{1}, one_forward));
+  EXPECT_TRUE(layer->discard(skipped.sequence).ok());  // no longer pending: no error
+  EXPECT_TRUE(layer->discard(12345).ok());              // never made: no error
+  EXPECT_EQ(layer->backward(skipped.sequence, y.data(), 0.f, dx.data()).code(), StatusCode::kInvalidArgument);
+  // An abandoned wait: the client forgets the forward, the discard frees the daemon's side.
+  auto ticket = layer->submit_forward(x.data(), 32, y.data(), true);
+  ASSERT_TRUE(ticket.ok()) << ticket.status();
+  client->abandon(*ticket);
+  ASSERT_TRUE(client->wait_all().ok());
+  EXPECT_EQ(held().first, 2);
+  ASSERT_TRUE(layer->discard(ticket->sequence).ok());
+  EXPECT_EQ(held(), std::make_pair(int64_t{1}, one_forward));
+  ASSERT_TRUE(layer->backward(kept.sequence, y.data(), 0.f, dx.data()).ok());
+  EXPECT_EQ(held(), std::make_pair(int64_t{0}, int64_t{0}));
+  ASSERT_TRUE(layer->step().ok());
+}
+
 // Runs forwards of `a` and `b` (layers of two sessions) at once, in rounds, until `waited()` is
 // above 0 or 50 rounds passed; returns the last `waited()`. The assertion is that waits are
 // counted, never how long they take.

@@ -962,6 +962,97 @@ TEST(ExpertParallelGroups, ARequestOneDaemonRefusesBeforeTheLayerIsRefusedOnEver
   EXPECT_EQ(d1.stop(), 0) << d1.log();
 }
 
+// A discarded training forward stands in for its backward on every rank: discarded on both, it
+// is gone from both daemons and the group goes on; discarded on one while the other backwards
+// it, the backward is refused (not left to time out) and the forward is gone from both.
+TEST(ExpertParallelGroups, ADiscardedForwardIsConsumedOnEveryRank) {
+  DaemonProcess d0(DaemonOptions{}), d1(DaemonOptions{});
+  ASSERT_TRUE(d0.start());
+  ASSERT_TRUE(d1.start());
+  const uint16_t port = free_port();
+  constexpr int64_t S = 8, M = 16;
+  constexpr uint64_t kBytes = S * M * 4;
+  std::vector<Status> rank0_steps;
+  std::vector<ipc::CompletionDescriptor> rank1_steps;
+  Status setup0, setup1;
+  int64_t pending0 = -1, pending1 = -1;
+  std::thread rank1([&] {
+    RawSession raw(d1.client_socket());
+    if (Status st = raw.hello(); !st.ok()) return void(setup1 = st);
+    auto handle = raw.create_layer(group_spec("discarded", port, 1, 20000), 60s);
+    if (!handle.ok()) return void(setup1 = handle.status());
+    const ipc::ArenaLayout& l = raw.arena().layout();
+    auto* x = reinterpret_cast<float*>(raw.arena().base() + l.data_offset);
+    for (int64_t i = 0; i < S * M; ++i) x[i] = 0.01f * static_cast<float>(i % 37) - 0.2f;
+    auto step = [&](ipc::Op op, uint64_t sequence) {
+      ipc::RequestDescriptor d{};
+      d.op = static_cast<uint32_t>(op);
+      d.flags = op == ipc::Op::kForward ? uint32_t{ipc::kFlagTraining} : uint32_t{0};
+      d.layer_handle = *handle;
+      d.sequence = sequence;
+      if (op != ipc::Op::kDiscard) {
+        d.tokens = S;
+        d.input_offset = l.data_offset;
+        d.input_bytes = kBytes;
+        d.output_offset = l.data_offset + kBytes;
+        d.output_bytes = kBytes;
+      }
+      const std::optional<ipc::CompletionDescriptor> c = raw.submit(d);
+      ipc::CompletionDescriptor lost{};
+      lost.status_code = -1;
+      rank1_steps.push_back(c ? *c : lost);
+    };
+    step(ipc::Op::kForward, 1);   // 0
+    step(ipc::Op::kDiscard, 1);   // 1
+    step(ipc::Op::kForward, 2);   // 2
+    step(ipc::Op::kBackward, 2);  // 3
+    step(ipc::Op::kForward, 3);   // 4
+    step(ipc::Op::kBackward, 3);  // 5: rank 0 discards it instead
+    step(ipc::Op::kDiscard, 77);  // 6: names no forward here; rank 0's neither
+    pending1 = pending_backwards(d1, "discarded");
+  });
+  {
+    auto client = client::Client::connect(d0.client_socket());
+    auto layer = client.ok() ? client->create_layer(group_spec("discarded", port, 0, 20000))
+                             : Result<client::Layer>(client.status());
+    if (!layer.ok()) {
+      setup0 = layer.status();
+    } else {
+      std::vector<float> x(S * M, 0.3f), y(S * M), dx(S * M);
+      client::ForwardInfo info;
+      auto forward = [&] { rank0_steps.push_back(layer->forward(x.data(), S, y.data(), &info)); };
+      auto discard = [&] { rank0_steps.push_back(layer->discard(info.sequence)); };
+      forward();                                                               // 0
+      discard();                                                               // 1
+      forward();                                                               // 2
+      rank0_steps.push_back(layer->backward(info.sequence, y.data(), 0.f, dx.data()));  // 3
+      forward();                                                               // 4
+      discard();                                                               // 5
+      rank0_steps.push_back(layer->discard(77));                               // 6
+      // The discarded forward can no longer be backwarded from this handle.
+      EXPECT_EQ(layer->backward(info.sequence, y.data(), 0.f, dx.data()).code(), StatusCode::kInvalidArgument);
+      pending0 = pending_backwards(d0, "discarded");
+    }
+  }
+  rank1.join();
+  ASSERT_TRUE(setup0.ok()) << setup0;
+  ASSERT_TRUE(setup1.ok()) << setup1;
+  ASSERT_EQ(rank0_steps.size(), 7u);
+  ASSERT_EQ(rank1_steps.size(), 7u);
+  for (size_t i = 0; i < 7; ++i) EXPECT_TRUE(rank0_steps[i].ok()) << "rank 0 step " << i << ": " << rank0_steps[i];
+  for (size_t i : {0, 1, 2, 3, 4, 6})
+    EXPECT_EQ(rank1_steps[i].status_code, 0) << "rank 1 step " << i << ": " << rank1_steps[i].message;
+  // Refused by the peer's discard, at once.
+  EXPECT_EQ(rank1_steps[5].status_code, static_cast<int32_t>(StatusCode::kResourceExhausted))
+      << rank1_steps[5].message;
+  EXPECT_NE(std::string(rank1_steps[5].message).find("refused its request before running it"), std::string::npos)
+      << rank1_steps[5].message;
+  EXPECT_EQ(pending0, 0);
+  EXPECT_EQ(pending1, 0);
+  EXPECT_EQ(d0.stop(), 0) << d0.log();
+  EXPECT_EQ(d1.stop(), 0) << d1.log();
+}
+
 // A group step one rank's daemon refuses for its tenant's max_inflight is refused on every rank.
 // Daemon 1 allows its tenant one request in flight; group H's rank 1 holds it (its forward waits
 // for H's rank 0, which the test holds back); group G's forward on daemon 1 is then refused for

@@ -880,6 +880,54 @@ TEST_F(ProtocolAbuse, ADaemonOutOfDescriptorsPausesAcceptingAndRecovers) {
   EXPECT_NE(daemon_->log().find("cannot accept connections"), std::string::npos) << daemon_->log();
 }
 
+// A discard reaches only its own session's forwards: another session of the same tenant naming
+// the same sequence drops nothing; a discard with unknown flags, or of a layer the session does
+// not hold, is refused; the forward is still there for its own session's backward.
+TEST_F(ProtocolAbuse, ADiscardReachesOnlyItsOwnSessionsForwards) {
+  RawSession owner(daemon_->client_socket()), other(daemon_->client_socket());
+  ASSERT_TRUE(owner.hello().ok());
+  ASSERT_TRUE(other.hello().ok());
+  auto handle = owner.create_layer(kSpec);
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  auto attached = other.call(ipc::FrameType::kAttachLayer, {{"name", "moe"}}, ipc::FrameType::kLayerInfo);
+  ASSERT_TRUE(attached.ok()) << attached.status();
+  const uint64_t other_handle = (*attached)["handle"].get<uint64_t>();
+  constexpr int64_t S = 8;
+  constexpr uint64_t kBytes = S * 16 * 4;
+  auto request = [](RawSession& s, ipc::Op op, uint64_t layer, uint64_t sequence, uint32_t flags = 0) {
+    const ipc::ArenaLayout& l = s.arena().layout();
+    ipc::RequestDescriptor d{};
+    d.op = static_cast<uint32_t>(op);
+    d.flags = flags | (op == ipc::Op::kForward ? uint32_t{ipc::kFlagTraining} : uint32_t{0});
+    d.layer_handle = layer;
+    d.sequence = sequence;
+    if (op != ipc::Op::kDiscard) {
+      d.tokens = S;
+      d.input_offset = l.data_offset;
+      d.input_bytes = kBytes;
+      d.output_offset = l.data_offset + kBytes;
+      d.output_bytes = kBytes;
+    }
+    return s.submit(d);
+  };
+  auto c = request(owner, ipc::Op::kForward, *handle, 5);
+  ASSERT_TRUE(c && c->status_code == 0) << (c ? c->message : "lost");
+  c = request(other, ipc::Op::kDiscard, other_handle, 5);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->status_code, 0) << c->message;  // nothing of its own to drop: no error, no effect
+  c = request(other, ipc::Op::kDiscard, other_handle + 999, 5);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->status_code, static_cast<int32_t>(StatusCode::kNotFound)) << c->message;
+  c = request(owner, ipc::Op::kDiscard, *handle, 5, 1u << 9);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_NE(std::string(c->message).find("unknown request flags 512"), std::string::npos) << c->message;
+  // Still pending for its own session: the backward runs.
+  c = request(owner, ipc::Op::kBackward, *handle, 5);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->status_code, 0) << c->message;
+  expect_daemon_serves();
+}
+
 // Unknown request flags are refused on every op, as docs/protocol.md says, not only on forward
 // and backward; the session goes on.
 TEST_F(ProtocolAbuse, UnknownFlagsAreRefusedOnNopAndChecksumToo) {

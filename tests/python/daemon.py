@@ -1,6 +1,7 @@
 """Starts the real tuteld (TUTELD_BIN) on a generated config in a fresh temporary directory and
 stops it by its PID (SIGTERM, then SIGKILL) when the test ends, passed or not."""
 
+import json
 import os
 import shutil
 import signal
@@ -42,6 +43,17 @@ class Daemon:
     def log(self):
         with open(self.log_path) as f:
             return f.read()
+
+    def pending_backwards(self, layer):
+        """The training forwards `layer` holds for their backwards, as tutelctl (beside tuteld)
+        reads them from the admin socket."""
+        tutelctl = os.path.join(os.path.dirname(os.environ["TUTELD_BIN"]), "tutelctl")
+        out = subprocess.run([tutelctl, "--socket", os.path.join(self.dir, "run", "admin.sock"), "--json", "layers"],
+                             check=True, capture_output=True, text=True).stdout
+        for entry in json.loads(out)["layers"]:
+            if entry["name"] == layer:
+                return entry["pending_backwards"]
+        raise KeyError(f"tuteld serves no layer {layer!r}: {out}")
 
     def _wait_serving(self, timeout):
         deadline = time.monotonic() + timeout

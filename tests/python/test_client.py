@@ -311,6 +311,36 @@ class ClientModuleTest(unittest.TestCase):
             layer2.infer(x)
         self.assertIn("closed", str(e.exception))
 
+    def test_discarded_and_abandoned_forwards_leave_the_daemon(self):
+        p, x = random_case(self.rng, 8)
+        layer = self.make_layer(p)
+        _, kept = layer.forward(x)
+        _, skipped = layer.forward(x)
+        self.assertEqual(self.daemon.pending_backwards("moe"), 2)
+        layer.discard(skipped.sequence)
+        self.assertEqual(self.daemon.pending_backwards("moe"), 1)
+        layer.discard(skipped.sequence)  # no longer pending: no error
+        with self.assertRaises(tuteld.TutelError):
+            layer.backward(np.zeros((8, M)), sequence=skipped.sequence)
+        # An abandoned wait (the request timeout of a stopped daemon): discarded at the next call.
+        with tuteld.Client(self.daemon.client_socket, request_timeout=0.3) as client:
+            other = client.attach_layer("moe")
+            self.daemon.process.send_signal(signal.SIGSTOP)
+            try:
+                wait_until_stopped(self.daemon.process.pid)
+                with self.assertRaises(tuteld.TutelError):
+                    other.forward(x)
+            finally:
+                self.daemon.process.send_signal(signal.SIGCONT)
+            self.assertEqual(len(other._discards), 1)
+            other.infer(x)  # the next call discards it (a discard waits behind the forward)
+            self.assertEqual(len(other._discards), 0)
+            self.assertEqual(self.daemon.pending_backwards("moe"), 1)
+        y_ref, _, saved = ref.forward(p, x, K, F)
+        dy = self.rng.normal(0, 1, (8, M))
+        self.assert_close(layer.backward(dy, sequence=kept.sequence), ref.backward(p, saved, dy, 0.0)[0], "dx")
+        self.assertEqual(self.daemon.pending_backwards("moe"), 0)
+
     def test_dropped_handles_go_without_the_cycle_collector(self):
         # A dropped Layer's handle goes back at its client's next call; a dropped client and its
         # layers end the session at once, not when the cycle collector happens to run.

@@ -134,6 +134,30 @@ class TorchModuleTest(unittest.TestCase):
         with self.assertRaisesRegex(RuntimeError, "retain_graph"):
             loss.backward()
 
+    def test_a_dropped_graph_is_discarded_in_the_daemon(self):
+        p, x = random_case(self.rng, 6)
+        moe = self.make_moe(p)
+        xt = torch.from_numpy(x).float()
+        for _ in range(3):
+            y, l_aux = moe(xt)  # a training forward whose graph goes unused: each call discards
+            del y, l_aux        # the forwards dropped before it
+        self.assertEqual(self.daemon.pending_backwards("moe"), 1)
+        self.assertEqual(len(moe.layer._discards), 1)
+        # backward(inputs=...) that does not reach the layer drops its graph too.
+        w = torch.zeros(M, requires_grad=True)
+        y, l_aux = moe(xt)
+        (y.sum() + (w * w).sum()).backward(inputs=[w])
+        del y, l_aux
+        self.assertEqual(self.daemon.pending_backwards("moe"), 1)
+        self.assertEqual(len(moe.layer._discards), 1)
+        with torch.no_grad():
+            moe(xt)  # the layer's next call discards them
+        self.assertEqual(self.daemon.pending_backwards("moe"), 0)
+        self.assertEqual(len(moe.layer._pending), 0)
+        y, l_aux = moe(xt)
+        (y.sum() + l_aux).backward()  # the layer goes on as before
+        self.assertEqual(self.daemon.pending_backwards("moe"), 0)
+
     def test_an_empty_batch_gives_empty_outputs_without_the_daemon(self):
         p, _ = random_case(self.rng, 6)
         moe = self.make_moe(p)

@@ -142,6 +142,11 @@ int tutel_wait_for(tutel_client* client, tutel_ticket ticket, int64_t timeout_ms
  * forward no longer waits for its backward. Unknown or finished tickets are ignored. */
 int tutel_abandon(tutel_client* client, tutel_ticket ticket);
 
+/* Drops the training forward `sequence` that will never be backwarded (a skipped backward, an
+ * abandoned wait), with the memory the daemon holds for it until then; one that is not pending
+ * is no error. On an expert-parallel layer every rank discards the same forward. */
+int tutel_discard(tutel_layer* layer, uint64_t sequence);
+
 /* Applies the optimizer to the accumulated gradients. */
 int tutel_step(tutel_layer* layer);
 int tutel_zero_grad(tutel_layer* layer);

@@ -202,6 +202,12 @@ class Layer {
   Status backward(const float* dy, float dl_aux, float* dx);
   // Backward of the training forward with `sequence`.
   Status backward(uint64_t sequence, const float* dy, float dl_aux, float* dx);
+  // Drops the training forward `sequence` that will never be backwarded (the trainer skipped
+  // its backward, or abandoned its wait), with what the daemon holds for it: otherwise that
+  // stays until the session ends, counted against the tenant's memory. A forward that is not
+  // pending (backwarded, never made) is no error. On an expert-parallel layer it stands in for
+  // the backward's collective: every rank's trainer discards the same forward.
+  Status discard(uint64_t sequence);
 
   // Asynchronous forms: several micro-batches may be in flight (at most the ring's 64 slots
   // and as many as fit in the data region; a submit waits for room when needed).

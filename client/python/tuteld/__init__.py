@@ -138,6 +138,7 @@ def _declare(lib):
         "tutel_wait": (i32, [p, _Ticket, ctypes.POINTER(_ForwardInfo)]),
         "tutel_wait_for": (i32, [p, _Ticket, i64, ctypes.POINTER(_ForwardInfo)]),
         "tutel_abandon": (i32, [p, _Ticket]),
+        "tutel_discard": (i32, [p, u64]),
         "tutel_step": (i32, [p]),
         "tutel_zero_grad": (i32, [p]),
         "tutel_save": (i32, [p, ctypes.c_char_p]),
@@ -340,15 +341,27 @@ class Layer:
         # Training forwards not yet backwarded, oldest first: sequence -> rows. The C side sizes
         # a backward by its forward's rows, so dy must have exactly that many.
         self._pending = collections.OrderedDict()
+        # Training forwards to discard at this layer's next call (an abandoned wait, a dropped
+        # autograd graph): queued, since they arise where a call cannot be made (an exception
+        # handler, a finalizer on any thread).
+        self._discards = collections.deque()
         dims = [ctypes.c_int64() for _ in range(3)]
         with client._lock:
             _check(_lib.tutel_layer_dims(handle, *(ctypes.byref(d) for d in dims)))
         self.model_dim, self.output_dim, self.experts = (d.value for d in dims)
 
     def _layer(self):
+        """The C handle, for a call made under the client's lock; first discards the forwards
+        queued for it."""
         self._client._session()  # a closed client released its layers: say it was closed
         if self._handle is None:
             raise TutelError(-7, "this tuteld.Layer handle was released")
+        while self._discards:
+            sequence = self._discards.popleft()
+            self._pending.pop(sequence, None)
+            # Best effort: a failure here belongs to no call of the caller's (a closed session
+            # frees the forward anyway; a group that refused it has said so to the peers).
+            _lib.tutel_discard(self._handle, sequence)
         return self._handle
 
     @staticmethod
@@ -385,9 +398,15 @@ class Layer:
         needs in the daemon until backward() consumes it."""
         lead, rows = self._rows(x, self.model_dim, "x")
         y = np.empty((rows.shape[0], self.output_dim), dtype=np.float32)
+        ticket = _Ticket()
         with self._client._lock:
-            info = self._client._submit_and_wait(_Ticket(), _lib.tutel_submit_forward, self._layer(), _floats(rows),
-                                                 rows.shape[0], _floats(y), 1 if training else 0)
+            try:
+                info = self._client._submit_and_wait(ticket, _lib.tutel_submit_forward, self._layer(), _floats(rows),
+                                                     rows.shape[0], _floats(y), 1 if training else 0)
+            except BaseException:
+                if training and ticket.request_id != 0:
+                    self._discards.append(ticket.sequence)  # abandoned: the daemon holds it still
+                raise
             if training:
                 self._pending[info.sequence] = rows.shape[0]
         return y.reshape(*lead, self.output_dim), info
@@ -426,6 +445,15 @@ class Layer:
                 if ticket.request_id != 0:
                     del self._pending[sequence]
         return dx.reshape(*lead, self.model_dim)
+
+    def discard(self, sequence):
+        """Drops the training forward `sequence` that will not be backwarded, with the memory
+        the daemon holds for it (otherwise kept until the session ends). A forward that is not
+        pending is no error. On an expert-parallel layer every rank discards the same forward.
+        (Abandoned forwards and tuteld.nn.MoE's dropped graphs are discarded by themselves.)"""
+        with self._client._lock:
+            self._pending.pop(sequence, None)
+            _check(_lib.tutel_discard(self._layer(), sequence))
 
     def _call(self, fn, *args):
         with self._client._lock:

@@ -17,8 +17,9 @@ Several forwards may be in flight before their backwards, in any order (gradient
 pipelined micro-batches): each backward names the forward it belongs to. Under torch.no_grad(),
 in eval mode, or frozen (requires_grad_(False)) with an x that needs no gradient, a forward is an
 inference, which keeps nothing in the daemon; in eval mode no gradient reaches x (a warning says
-so once). A training forward whose graph is dropped without a backward keeps its state there
-until the client closes. The backward runs once per forward (the daemon drops a forward's state
+so once). A training forward whose graph is dropped without a backward is discarded in the
+daemon at the layer's next call (on an expert-parallel layer every rank must drop it alike, as
+it would backward it). The backward runs once per forward (the daemon drops a forward's state
 when its backward ran: a second backward through the same graph raises, retain_graph or not) and
 is not differentiable again (a second derivative raises). An empty batch returns empty outputs
 without a call to the daemon.
@@ -41,13 +42,26 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
+class _PendingForward:
+    """A training forward's place in its autograd graph: dropped before its backward ran (a
+    graph freed unused, backward(inputs=...) that skips the layer, an exception between forward
+    and backward), it has the layer discard the forward at its next call."""
+
+    def __init__(self, layer, sequence):
+        self.layer, self.sequence, self.backwarded = layer, sequence, False
+
+    def __del__(self):
+        if not self.backwarded:
+            self.layer._discards.append(self.sequence)  # any thread: a deque append, no call
+
+
 class _MoEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, anchor, layer):
         rows = x.detach().to("cpu", torch.float32).contiguous()
         y, info = layer.forward(rows.numpy(), training=True)
         ctx.layer, ctx.sequence, ctx.x_meta = layer, info.sequence, (x.device, x.dtype)
-        ctx.backwarded = False
+        ctx.pending = _PendingForward(layer, info.sequence)
         l_aux = torch.tensor(info.l_aux, dtype=torch.float32, device=x.device)
         return torch.from_numpy(y).to(x.device, x.dtype), l_aux
 
@@ -56,11 +70,11 @@ class _MoEFunction(torch.autograd.Function):
     def backward(ctx, dy, dl_aux):
         # Autograd materialises the gradient of an unused output as zeros, so both are tensors.
         device, dtype = ctx.x_meta
-        if ctx.backwarded:
+        if ctx.pending.backwarded:
             raise RuntimeError("tuteld.nn.MoE: this forward was backwarded already; the daemon keeps a "
                                "forward's state only until its backward, so a graph through the layer "
                                "can be backwarded once (retain_graph=True does not keep it)")
-        ctx.backwarded = True
+        ctx.pending.backwarded = True
         dy_rows = dy.detach().to("cpu", torch.float32).contiguous().numpy()
         dx = ctx.layer.backward(dy_rows, dl_aux=float(dl_aux), sequence=ctx.sequence)
         return torch.from_numpy(dx).to(device, dtype), None, None
