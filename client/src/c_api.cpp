@@ -231,6 +231,14 @@ int tutel_layer_dims(tutel_layer* layer, int64_t* model_dim, int64_t* output_dim
   });
 }
 
+const char* tutel_layer_name(tutel_layer* layer) {
+  if (!valid(layer)) {
+    (void)invalid_layer("tutel_layer_name");
+    return nullptr;
+  }
+  return layer->layer->info().name.c_str();
+}
+
 int tutel_layer_rank(tutel_layer* layer, int* rank) {
   return guarded("tutel_layer_rank", [&] {
     if (!valid(layer)) return invalid_layer("tutel_layer_rank");

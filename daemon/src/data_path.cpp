@@ -147,10 +147,16 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
                                    " (1 = forward, 2 = backward, 3 = checksum, 4 = discard)");
     } else if (auto ref = registry_->find(s->tenant, d.layer_handle); !ref.ok()) {
       st = ref.status();
+    } else if (d.op == uint32_t(ipc::Op::kDiscard)) {
+      // Not held to max_inflight: a discard only gives memory back, and one refused would leave
+      // the forward held until the session ends. It is this rank's alone, even on a group layer.
+      ServedLayer& layer = *ref->layer;
+      layer_name = layer.name();
+      st = unknown_flags != 0 ? unknown_flags_status() : guarded([&] { return layer.discard(s->id, d.sequence); });
     } else if (unknown_flags != 0 || !registry_->try_begin_request(s->tenant)) {
       // Refused here, before the layer: a group layer's peers are told through its step (so are
-      // the refusals below). A discard stands in for a backward there.
-      const bool backward = d.op != uint32_t(ipc::Op::kForward);
+      // the refusals below).
+      const bool backward = d.op == uint32_t(ipc::Op::kBackward);
       ServedLayer& layer = *ref->layer;
       layer_name = layer.name();
       st = layer.refuse_step(
@@ -160,13 +166,6 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
               : Status::ResourceExhausted("tenant '" + s->tenant +
                                           "' has its quota of requests in flight; wait for completions"));
       if (layer.definition().group) metrics_.set_peer_state(s->tenant + "/" + layer_name, layer.group_error().empty());
-    } else if (d.op == uint32_t(ipc::Op::kDiscard)) {
-      ServedLayer& layer = *ref->layer;
-      layer_name = layer.name();
-      st = guarded([&] { return layer.discard(s->id, d.sequence); });
-      registry_->end_request(s->tenant);
-      if (layer.definition().group)
-        metrics_.set_peer_state(s->tenant + "/" + layer_name, layer.group_error().empty());
     } else {
       ServedLayer& layer = *ref->layer;
       layer_name = layer.name();

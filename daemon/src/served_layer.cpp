@@ -668,18 +668,12 @@ Status ServedLayer::refuse_group_step(bool backward, uint64_t owner, uint64_t se
 Status ServedLayer::discard(uint64_t owner, uint64_t sequence) {
   LayerLock lock(*this, Waits::kCounted);
   auto device_lock = lock_device(Waits::kCounted);  // the entry frees buffers of the rank's backend
-  if (group_) {
-    const Status why = Status::Aborted("layer '" + def_.name + "': sequence " + std::to_string(sequence) +
-                                       " was discarded by its client (it will not be backwarded)");
-    const Status agreed = refuse_group_step(true, owner, sequence, why);
-    // The group agreed to drop it: that is the discard's success.
-    return agreed.code() == why.code() && agreed.message() == why.message() ? Status::OK() : agreed;
-  }
   auto it = pending_.find({owner, sequence});
   if (it == pending_.end()) return Status::OK();
   remove_pending_bytes(it->second->bytes());
   recycle(std::move(it->second));
   pending_.erase(it);
+  trim_plans_over_quota();
   publish_pending();
   publish_plan_summary();
   return Status::OK();

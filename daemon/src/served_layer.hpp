@@ -163,9 +163,10 @@ class ServedLayer {
   // is gone): its client is out of step with the group, as a client that skips a step is.
   Status refuse_step(bool backward, uint64_t owner, uint64_t sequence, Status why);
   // Drops the training forward (`owner`, `sequence`) that will never be backwarded, with what it
-  // holds (ipc::Op::kDiscard). OK also when it is not pending. On a group layer it is a refused
-  // backward: every rank consumes its forward in the same collective, and a peer that backwards
-  // instead is refused with it.
+  // holds (ipc::Op::kDiscard). OK also when it is not pending. On a group layer too it is this
+  // rank's alone, no collective: a forward's saved state is each rank's own, so ranks that drop
+  // the same forward stay in step whenever each sends its discard (a collective would have to
+  // come at the same point of every rank's program, which a finalizer cannot promise).
   Status discard(uint64_t owner, uint64_t sequence);
 
   // Applies the optimizer to the accumulated gradients; returns the new step count.

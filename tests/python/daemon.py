@@ -44,16 +44,19 @@ class Daemon:
         with open(self.log_path) as f:
             return f.read()
 
-    def pending_backwards(self, layer):
-        """The training forwards `layer` holds for their backwards, as tutelctl (beside tuteld)
-        reads them from the admin socket."""
+    def layer_field(self, layer, field):
+        """A field of `layer` in tutelctl's (beside tuteld) `layers` reply, read from the admin
+        socket: "pending_backwards" (training forwards held for their backwards), "step", ..."""
         tutelctl = os.path.join(os.path.dirname(os.environ["TUTELD_BIN"]), "tutelctl")
         out = subprocess.run([tutelctl, "--socket", os.path.join(self.dir, "run", "admin.sock"), "--json", "layers"],
                              check=True, capture_output=True, text=True).stdout
         for entry in json.loads(out)["layers"]:
             if entry["name"] == layer:
-                return entry["pending_backwards"]
+                return entry[field]
         raise KeyError(f"tuteld serves no layer {layer!r}: {out}")
+
+    def pending_backwards(self, layer):
+        return self.layer_field(layer, "pending_backwards")
 
     def _wait_serving(self, timeout):
         deadline = time.monotonic() + timeout

@@ -363,6 +363,28 @@ class ClientModuleTest(unittest.TestCase):
         self.assertIsNone(dead_layer())
         self.assertIsNone(dead_client())
 
+    def test_a_failed_open_releases_its_handle_once(self):
+        p, _ = random_case(self.rng, 8)
+        self.make_layer(p).release()
+        released = []
+        real_release, real_dims = tuteld._lib.tutel_layer_release, tuteld._lib.tutel_layer_dims
+        def counting_release(handle):
+            released.append(handle)
+            real_release(handle)
+        tuteld._lib.tutel_layer_release = counting_release
+        tuteld._lib.tutel_layer_dims = lambda *args: -11  # fails after the handle was made
+        try:
+            with self.assertRaises(tuteld.TutelError):
+                self.client.attach_layer("moe")
+            tuteld._lib.tutel_layer_dims = real_dims
+            gc.collect()
+            self.client.ping()  # a finalizer's queue would be released here
+            self.assertEqual(len(released), 1, released)
+            layer = self.client.attach_layer("moe")
+            self.assertEqual(layer.name, "moe")
+        finally:
+            tuteld._lib.tutel_layer_release, tuteld._lib.tutel_layer_dims = real_release, real_dims
+
     def test_a_missing_daemon_is_a_clear_error(self):
         with self.assertRaises(tuteld.TutelError) as e:
             tuteld.Client(os.path.join(self.daemon.dir, "nobody.sock"))

@@ -196,7 +196,9 @@ class TorchModuleTest(unittest.TestCase):
             y, l_aux = m(xt)
             (y.pow(2).sum() + l_aux).backward()
         tuteld.nn.zero_grad(model)
-        tuteld.nn.step(model)  # two SGD steps on zero gradients: nothing moves
+        steps = self.daemon.layer_field("moe", "step")
+        tuteld.nn.step(model)  # one SGD step (the two modules share one layer) on zero gradients
+        self.assertEqual(self.daemon.layer_field("moe", "step"), steps + 1)
         with torch.no_grad():
             torch.testing.assert_close(first(xt)[0], before, rtol=0, atol=0)
         for m in (first, second):

@@ -114,6 +114,9 @@ void tutel_layer_release(tutel_layer* layer);
 int tutel_layer_destroy(tutel_layer* layer);
 /* Any out pointer may be NULL. */
 int tutel_layer_dims(tutel_layer* layer, int64_t* model_dim, int64_t* output_dim, int64_t* experts);
+/* The layer's name in its tenant; the string belongs to the handle (valid until it is
+ * released). NULL for an invalid handle. */
+const char* tutel_layer_name(tutel_layer* layer);
 
 /* Training forward under a new sequence; l_aux may be NULL. */
 int tutel_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);
@@ -144,7 +147,7 @@ int tutel_abandon(tutel_client* client, tutel_ticket ticket);
 
 /* Drops the training forward `sequence` that will never be backwarded (a skipped backward, an
  * abandoned wait), with the memory the daemon holds for it until then; one that is not pending
- * is no error. On an expert-parallel layer every rank discards the same forward. */
+ * is no error. On an expert-parallel layer it is this rank's alone (no collective). */
 int tutel_discard(tutel_layer* layer, uint64_t sequence);
 
 /* Applies the optimizer to the accumulated gradients. */

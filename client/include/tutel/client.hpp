@@ -205,8 +205,9 @@ class Layer {
   // Drops the training forward `sequence` that will never be backwarded (the trainer skipped
   // its backward, or abandoned its wait), with what the daemon holds for it: otherwise that
   // stays until the session ends, counted against the tenant's memory. A forward that is not
-  // pending (backwarded, never made) is no error. On an expert-parallel layer it stands in for
-  // the backward's collective: every rank's trainer discards the same forward.
+  // pending (backwarded, never made) is no error. On an expert-parallel layer it is this rank's
+  // alone (no collective): the other ranks' trainers drop the same forward, or their backward
+  // waits for this rank's until the collective timeout, as for any skipped backward.
   Status discard(uint64_t sequence);
 
   // Asynchronous forms: several micro-batches may be in flight (at most the ring's 64 slots

@@ -133,6 +133,7 @@ def _declare(lib):
         "tutel_layer_release": (None, [p]),
         "tutel_layer_destroy": (i32, [p]),
         "tutel_layer_dims": (i32, [p, ctypes.POINTER(i64), ctypes.POINTER(i64), ctypes.POINTER(i64)]),
+        "tutel_layer_name": (ctypes.c_char_p, [p]),
         "tutel_submit_forward": (i32, [p, fp, i64, fp, i32, ctypes.POINTER(_Ticket)]),
         "tutel_submit_backward": (i32, [p, u64, fp, f32, fp, ctypes.POINTER(_Ticket)]),
         "tutel_wait": (i32, [p, _Ticket, ctypes.POINTER(_ForwardInfo)]),
@@ -243,11 +244,20 @@ class Client:
             self._release_dropped()
             _lib.tutel_close(self._handle)
             self._handle = None
+            # Queued by a finalizer meanwhile: a layer handle may be released after its client.
+            self._release_dropped(discard=False)
 
-    def _release_dropped(self):
-        """Releases the handles of garbage-collected Layers. Under self._lock."""
+    def _release_dropped(self, discard=True):
+        """Sends the discards of garbage-collected Layers, then releases their handles. Under
+        self._lock."""
         while self._dropped_handles:
-            _lib.tutel_layer_release(self._dropped_handles.popleft())
+            handle, discards = self._dropped_handles[0]
+            if discard:
+                while discards:
+                    _lib.tutel_discard(handle, discards[0])  # best effort, as in Layer._layer
+                    discards.popleft()
+            self._dropped_handles.popleft()
+            _lib.tutel_layer_release(handle)
 
     def _session(self):
         """The C client, for a call made under self._lock."""
@@ -335,9 +345,6 @@ class Layer:
     def __init__(self, client, handle):
         self._client = client
         self._handle = handle
-        # Dropped without release(): the handle goes back at the client's next call, or at once
-        # once the client is closed (a layer handle may be released after its client).
-        self._finalizer = weakref.finalize(self, Layer._queue_release, weakref.ref(client), handle)
         # Training forwards not yet backwarded, oldest first: sequence -> rows. The C side sizes
         # a backward by its forward's rows, so dy must have exactly that many.
         self._pending = collections.OrderedDict()
@@ -348,7 +355,13 @@ class Layer:
         dims = [ctypes.c_int64() for _ in range(3)]
         with client._lock:
             _check(_lib.tutel_layer_dims(handle, *(ctypes.byref(d) for d in dims)))
+            self.name = _lib.tutel_layer_name(handle).decode()
         self.model_dim, self.output_dim, self.experts = (d.value for d in dims)
+        # Last, once nothing can fail (a failed constructor's handle is its caller's to release):
+        # dropped without release(), the handle and its queued discards go at the client's next
+        # call (or at once, once the client itself is gone).
+        self._finalizer = weakref.finalize(self, Layer._queue_release, weakref.ref(client), handle,
+                                           self._discards)
 
     def _layer(self):
         """The C handle, for a call made under the client's lock; first discards the forwards
@@ -357,24 +370,29 @@ class Layer:
         if self._handle is None:
             raise TutelError(-7, "this tuteld.Layer handle was released")
         while self._discards:
-            sequence = self._discards.popleft()
+            sequence = self._discards[0]
             self._pending.pop(sequence, None)
             # Best effort: a failure here belongs to no call of the caller's (a closed session
-            # frees the forward anyway; a group that refused it has said so to the peers).
+            # frees the forward anyway). Taken off the queue only once sent: a discard sent twice
+            # (an interrupt in between) is no error.
             _lib.tutel_discard(self._handle, sequence)
+            self._discards.popleft()
         return self._handle
 
     @staticmethod
-    def _queue_release(client_ref, handle):
+    def _queue_release(client_ref, handle, discards):
         client = client_ref()
-        if client is not None and client._handle is not None:
-            client._dropped_handles.append(handle)
+        if client is not None:
+            client._dropped_handles.append((handle, discards))  # any thread: no call from here
         else:
-            _lib.tutel_layer_release(handle)
+            _lib.tutel_layer_release(handle)  # its client is gone: nothing else uses the library
 
     def _release(self):
+        """Sends the queued discards and releases the handle. Under the client's lock."""
         if self._handle is not None:
             self._finalizer.detach()
+            if self._client._handle is not None:
+                self._layer()  # the queued discards
             _lib.tutel_layer_release(self._handle)
             self._handle = None
 
@@ -421,6 +439,7 @@ class Layer:
         not yet backwarded. The parameter gradients accumulate in the daemon."""
         lead, rows = self._rows(dy, self.output_dim, "dy")
         with self._client._lock:
+            handle = self._layer()  # first the queued discards: the default may not pick one
             if sequence is None:
                 if not self._pending:
                     raise TutelError(-1, "backward without a training forward to match it")
@@ -439,7 +458,7 @@ class Layer:
             # next, it cannot be backwarded again. A refused submit leaves it pending.
             ticket = _Ticket()
             try:
-                self._client._submit_and_wait(ticket, _lib.tutel_submit_backward, self._layer(), sequence,
+                self._client._submit_and_wait(ticket, _lib.tutel_submit_backward, handle, sequence,
                                               _floats(rows), float(dl_aux), _floats(dx))
             finally:
                 if ticket.request_id != 0:
@@ -449,7 +468,7 @@ class Layer:
     def discard(self, sequence):
         """Drops the training forward `sequence` that will not be backwarded, with the memory
         the daemon holds for it (otherwise kept until the session ends). A forward that is not
-        pending is no error. On an expert-parallel layer every rank discards the same forward.
+        pending is no error. On an expert-parallel layer it is this rank's alone (no collective).
         (Abandoned forwards and tuteld.nn.MoE's dropped graphs are discarded by themselves.)"""
         with self._client._lock:
             self._pending.pop(sequence, None)

@@ -18,11 +18,12 @@ pipelined micro-batches): each backward names the forward it belongs to. Under t
 in eval mode, or frozen (requires_grad_(False)) with an x that needs no gradient, a forward is an
 inference, which keeps nothing in the daemon; in eval mode no gradient reaches x (a warning says
 so once). A training forward whose graph is dropped without a backward is discarded in the
-daemon at the layer's next call (on an expert-parallel layer every rank must drop it alike, as
-it would backward it). The backward runs once per forward (the daemon drops a forward's state
+daemon at the layer's next call (on an expert-parallel layer too: a discard is each rank's
+own). The backward runs once per forward (the daemon drops a forward's state
 when its backward ran: a second backward through the same graph raises, retain_graph or not) and
 is not differentiable again (a second derivative raises). An empty batch returns empty outputs
-without a call to the daemon.
+without a call to the daemon (on an expert-parallel layer its peers then wait for this rank's
+part until their collective timeout, unless their batches are empty too).
 
 What torch's own machinery does not reach, since the experts are not torch parameters:
 - model.zero_grad() and torch optimizers do not zero or step the daemon's gradients: call
@@ -70,13 +71,18 @@ class _MoEFunction(torch.autograd.Function):
     def backward(ctx, dy, dl_aux):
         # Autograd materialises the gradient of an unused output as zeros, so both are tensors.
         device, dtype = ctx.x_meta
-        if ctx.pending.backwarded:
+        pending = ctx.pending
+        if pending.backwarded:
             raise RuntimeError("tuteld.nn.MoE: this forward was backwarded already; the daemon keeps a "
                                "forward's state only until its backward, so a graph through the layer "
                                "can be backwarded once (retain_graph=True does not keep it)")
-        ctx.pending.backwarded = True
         dy_rows = dy.detach().to("cpu", torch.float32).contiguous().numpy()
-        dx = ctx.layer.backward(dy_rows, dl_aux=float(dl_aux), sequence=ctx.sequence)
+        try:
+            dx = ctx.layer.backward(dy_rows, dl_aux=float(dl_aux), sequence=ctx.sequence)
+        finally:
+            # Consumed once submitted (the layer forgets it then), also when it failed; still
+            # pending when refused before that, so that a dropped graph discards it.
+            pending.backwarded = ctx.sequence not in ctx.layer._pending
         return torch.from_numpy(dx).to(device, dtype), None, None
 
 
@@ -141,19 +147,27 @@ class MoE(torch.nn.Module):
                         "the layer again")
 
 
-def step(model):
-    """The daemon's optimizer step for every tuteld MoE in `model` (torch's optimizers and
-    model.step-like helpers do not see them)."""
+def _layers(model):
+    """The daemon layers of the tuteld MoEs in `model`, each once: modules attached to the same
+    layer share its parameters, which torch would step once too."""
+    seen = {}
     for m in model.modules():
         if isinstance(m, MoE):
-            m.step()
+            seen.setdefault((m.layer._client.tenant, m.layer.name), m.layer)
+    return seen.values()
+
+
+def step(model):
+    """The daemon's optimizer step for every tuteld layer in `model`, once each (torch's
+    optimizers do not see them)."""
+    for layer in _layers(model):
+        layer.step()
 
 
 def zero_grad(model):
-    """Zeroes the daemon-side gradients of every tuteld MoE in `model`, and torch's own
+    """Zeroes the daemon-side gradients of every tuteld layer in `model`, and torch's own
     (model.zero_grad() alone does not reach the daemon: it does not call the modules'
     zero_grad)."""
     model.zero_grad()
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.layer.zero_grad()
+    for layer in _layers(model):
+        layer.zero_grad()

@@ -84,10 +84,10 @@ enum class Op : uint32_t {
   // Reads input_bytes at input_offset and returns the sum of its 32-bit words (mod 2^64) in
   // CompletionDescriptor::checksum: verifies and measures the shared-memory path.
   kChecksum = 3,
-  // Drops the training forward `sequence` of `layer_handle` that will never be backwarded (its
-  // graph was dropped, its wait abandoned), with the memory it holds; a forward that is not
-  // pending (backwarded, never made) is no error. On an expert-parallel layer it is a collective,
-  // like the backward it replaces: every rank discards the same forward.
+  // Drops the session's training forward `sequence` of `layer_handle` that will never be
+  // backwarded (its graph was dropped, its wait abandoned), with the memory it holds; a forward
+  // that is not pending (backwarded, never made) is no error. Not held to max_inflight. On an
+  // expert-parallel layer it is this rank's alone (no collective).
   kDiscard = 4,
 };
 enum RequestFlags : uint32_t {
