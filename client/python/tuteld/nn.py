@@ -18,12 +18,12 @@ pipelined micro-batches): each backward names the forward it belongs to. Under t
 in eval mode, or frozen (requires_grad_(False)) with an x that needs no gradient, a forward is an
 inference, which keeps nothing in the daemon; in eval mode no gradient reaches x (a warning says
 so once). A training forward whose graph is dropped without a backward is discarded in the
-daemon at the layer's next call (on an expert-parallel layer too: a discard is each rank's
-own). The backward runs once per forward (the daemon drops a forward's state
-when its backward ran: a second backward through the same graph raises, retain_graph or not) and
-is not differentiable again (a second derivative raises). An empty batch returns empty outputs
-without a call to the daemon (on an expert-parallel layer its peers then wait for this rank's
-part until their collective timeout, unless their batches are empty too).
+daemon at the layer's next call (on an expert-parallel layer too: a discard is each rank's own).
+The backward runs once per forward (the daemon drops a forward's state when its backward ran: a
+second backward through the same graph raises, retain_graph or not) and is not differentiable
+again (a second derivative raises). An empty batch returns empty outputs without a call to the
+daemon (on an expert-parallel layer its peers then wait for this rank's part until their
+collective timeout, unless their batches are empty too).
 
 What torch's own machinery does not reach, since the experts are not torch parameters:
 - model.zero_grad() and torch optimizers do not zero or step the daemon's gradients: call
