@@ -928,6 +928,46 @@ TEST_F(ProtocolAbuse, ADiscardReachesOnlyItsOwnSessionsForwards) {
   expect_daemon_serves();
 }
 
+// A discard only gives memory back: it is not held to the tenant's max_inflight, which a request
+// in flight (here a group forward waiting for its peer) has used up; refused, it would leave the
+// forward held until the session ends.
+TEST_F(ProtocolAbuse, ADiscardIsNotHeldToMaxInflight) {
+  ASSERT_NO_FATAL_FAILURE(restart(DaemonOptions{.default_max_inflight = 1}));
+  RawSession local(daemon_->client_socket()), rank0(daemon_->client_socket()), rank1(daemon_->client_socket());
+  ASSERT_TRUE(local.hello().ok());
+  auto handle = local.create_layer(kSpec);
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  auto made = forward8(local, *handle, 9);
+  ASSERT_TRUE(made && made->status_code == 0) << (made ? made->message : "lost");
+  std::vector<uint64_t> handles;
+  ASSERT_NO_FATAL_FAILURE(create_two_rank_group(rank0, rank1, handles));
+  auto held = hold_group_forward(rank0, handles[0]);  // the tenant's one request in flight
+  auto refused = forward8(local, *handle);
+  ASSERT_TRUE(refused.has_value());
+  EXPECT_EQ(refused->status_code, static_cast<int32_t>(StatusCode::kResourceExhausted)) << refused->message;
+  ipc::RequestDescriptor d{};
+  d.op = static_cast<uint32_t>(ipc::Op::kDiscard);
+  d.layer_handle = *handle;
+  d.sequence = 9;
+  auto discarded = local.submit(d);
+  ASSERT_TRUE(discarded.has_value());
+  EXPECT_EQ(discarded->status_code, 0) << discarded->message;
+  // Rank 1's forward is refused for the same quota, and the group refuses rank 0's with it.
+  const auto second = forward8(rank1, handles[1]);
+  const auto first = held.get();
+  ASSERT_TRUE(first.has_value() && second.has_value());
+  EXPECT_EQ(second->status_code, static_cast<int32_t>(StatusCode::kResourceExhausted)) << second->message;
+  EXPECT_NE(first->status_code, 0) << first->message;
+  RawSession admin(daemon_->admin_socket());
+  auto layers = admin.call(ipc::FrameType::kAdminLayers, nlohmann::json::object(), ipc::FrameType::kOk);
+  ASSERT_TRUE(layers.ok()) << layers.status();
+  for (const auto& l : (*layers)["layers"]) {
+    if (l["name"] == "moe") {
+      EXPECT_EQ(l["pending_backwards"], 0) << l;
+    }
+  }
+}
+
 // Unknown request flags are refused on every op, as docs/protocol.md says, not only on forward
 // and backward; the session goes on.
 TEST_F(ProtocolAbuse, UnknownFlagsAreRefusedOnNopAndChecksumToo) {
