@@ -339,10 +339,20 @@ int tutel_submit_forward(tutel_layer* layer, const float* x, int64_t tokens, flo
 
 int tutel_submit_backward(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
                           float* dx, tutel_ticket* ticket) {
+  return tutel_submit_backward_flags(layer, sequence, dy, dl_aux, dx, 0, ticket);
+}
+
+int tutel_submit_backward_flags(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
+                                float* dx, uint32_t flags, tutel_ticket* ticket) {
   return guarded("tutel_submit_backward", [&] {
     if (!valid(layer)) return invalid_layer("tutel_submit_backward");
     if (ticket == nullptr) return fail_invalid("tutel_submit_backward: ticket is NULL");
-    auto t = layer->layer->submit_backward(sequence, dy, dl_aux, dx);
+    if ((flags & ~TUTEL_KEEP_PARAM_GRADS) != 0)
+      return fail_invalid("tutel_submit_backward_flags: unknown flags " + std::to_string(flags) +
+                          " (TUTEL_KEEP_PARAM_GRADS is the only one)");
+    const auto param_grads = (flags & TUTEL_KEEP_PARAM_GRADS) != 0 ? Layer::ParamGrads::kKeep
+                                                                   : Layer::ParamGrads::kAccumulate;
+    auto t = layer->layer->submit_backward(sequence, dy, dl_aux, dx, param_grads);
     if (!t.ok()) return fail(t.status());
     *ticket = tutel_ticket{t->request_id, t->sequence};
     return TUTEL_OK;

@@ -267,7 +267,8 @@ Result<Ticket> submit_forward_request(const std::shared_ptr<LayerState>& state, 
 }
 
 Result<Ticket> submit_backward_request(const std::shared_ptr<LayerState>& state, uint64_t sequence,
-                                       const float* dy, float dl_aux, float* dx, bool in_device_region) {
+                                       const float* dy, float dl_aux, float* dx, bool in_device_region,
+                                       Layer::ParamGrads param_grads = Layer::ParamGrads::kAccumulate) {
   TUTEL_RETURN_IF_ERROR(usable(state));
   if (dy == nullptr || dx == nullptr)
     return Status::InvalidArgument("backward: dy and dx must not be null");
@@ -280,6 +281,7 @@ Result<Ticket> submit_backward_request(const std::shared_ptr<LayerState>& state,
   }
   Submission s;
   s.op = ipc::Op::kBackward;
+  if (param_grads == Layer::ParamGrads::kKeep) s.flags |= ipc::kFlagKeepParamGrads;
   s.layer = state;
   s.sequence = sequence;
   s.tokens = pending->second;
@@ -321,8 +323,9 @@ Result<Ticket> Layer::submit_forward(const float* x, int64_t tokens, float* y, b
   return submit_forward_request(state_, x, tokens, y, training, false);
 }
 
-Result<Ticket> Layer::submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
-  return submit_backward_request(state_, sequence, dy, dl_aux, dx, false);
+Result<Ticket> Layer::submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx,
+                                      ParamGrads param_grads) {
+  return submit_backward_request(state_, sequence, dy, dl_aux, dx, false, param_grads);
 }
 
 Result<Ticket> Layer::submit_forward_device(const float* x, int64_t tokens, float* y, bool training) {
@@ -364,8 +367,8 @@ Status Layer::backward(const float* dy, float dl_aux, float* dx) {
   return backward(state_->pending.begin()->first, dy, dl_aux, dx);
 }
 
-Status Layer::backward(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
-  return wait_synchronously(state_, submit_backward(sequence, dy, dl_aux, dx)).status();
+Status Layer::backward(uint64_t sequence, const float* dy, float dl_aux, float* dx, ParamGrads param_grads) {
+  return wait_synchronously(state_, submit_backward(sequence, dy, dl_aux, dx, param_grads)).status();
 }
 
 Status Layer::discard(uint64_t sequence) {

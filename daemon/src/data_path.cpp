@@ -127,10 +127,15 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
                                                                              : "nop";
     Status st;
     int64_t tokens = 0, dropped = 0;
-    const uint32_t unknown_flags = d.flags & ~ipc::kKnownRequestFlags;
+    // kFlagKeepParamGrads means something on a backward only: elsewhere it is as unknown.
+    const uint32_t known_flags = d.op == uint32_t(ipc::Op::kBackward)
+                                     ? ipc::kKnownRequestFlags
+                                     : ipc::kKnownRequestFlags & ~uint32_t{ipc::kFlagKeepParamGrads};
+    const uint32_t unknown_flags = d.flags & ~known_flags;
     auto unknown_flags_status = [&] {
       return Status::InvalidArgument("unknown request flags " + std::to_string(unknown_flags) +
-                                     " (1 = training, 2 = device region); upgrade the daemon or fix the client");
+                                     " (1 = training, 2 = device region, 4 = a backward that keeps the "
+                                     "parameter gradients); upgrade the daemon or fix the client");
     };
     if (d.op == uint32_t(ipc::Op::kNop)) {
       // An empty request: measures the round trip.
@@ -217,7 +222,7 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
           st = guarded([&] {
             return layer.backward(reinterpret_cast<const float*>(mem->base + d.input_offset), d.tokens, d.dl_aux,
                                   reinterpret_cast<float*>(mem->base + d.output_offset), s->id, d.sequence,
-                                  mem->kind);
+                                  mem->kind, (d.flags & ipc::kFlagKeepParamGrads) != 0);
           });
       }
       registry_->end_request(s->tenant);

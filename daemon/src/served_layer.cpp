@@ -576,7 +576,7 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
 }
 
 Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, float* dx, uint64_t owner,
-                             uint64_t sequence, ClientMemory memory) {
+                             uint64_t sequence, ClientMemory memory, bool keep_param_grads) {
   const LayerSpec& s = def_.spec;
   const int64_t M = s.model_dim, O = s.out_dim();
   LayerLock lock(*this, Waits::kCounted);
@@ -601,11 +601,28 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
   const Device d = b.device();
   // Counted out at what it was counted in with; the backward may grow it.
   const uint64_t held = p.bytes();
+  // A backward for dx alone: the parameter gradients are copied aside before and back after, so
+  // it leaves them as they were. (The backends always accumulate them; skipping those GEMMs
+  // would be faster, but is a change to every backend and to the group layers' collectives, for
+  // a backward trainers ask for rarely: the gradient of the input alone, a frozen module.) The
+  // copies are activation memory of the tenant's, for the length of the backward.
+  std::vector<DeviceBuffer> kept_grads;
+  auto keep_grads = [&]() -> Status {
+    for (const Tensor& t : tensors_) {
+      TUTEL_ASSIGN_OR_RETURN(DeviceBuffer copy, b.allocate(t.grad.bytes()));
+      TUTEL_RETURN_IF_ERROR(b.copy(copy.data(), t.grad.data(), t.grad.bytes(), CopyKind::kDeviceToDevice));
+      kept_grads.push_back(std::move(copy));
+    }
+    return Status::OK();
+  };
   Status st;
   if (group_) {
     st = note_group_status([&]() -> Status {
       Result<TensorView> dyv = stage_in(dy, {tokens, O}, staged_in_, memory);
       Result<TensorView> dxv = dyv.ok() ? stage_out(dx, {tokens, M}, staged_out_, memory) : dyv.status();
+      if (dxv.ok() && keep_param_grads) {
+        if (Status kept = keep_grads(); !kept.ok()) dxv = kept;
+      }
       if (!dxv.ok()) return group_->layer->refuse_backward(p.saved, dxv.status());
       TUTEL_RETURN_IF_ERROR(group_->layer->backward(weights_of(0), *dyv, dl_aux, *dxv, weights_of(1), p.saved));
       return unstage_out(dx, *dxv, memory);
@@ -615,6 +632,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
     st = [&]() -> Status {
       TUTEL_ASSIGN_OR_RETURN(const TensorView dyv, stage_in(dy, {tokens, O}, staged_in_, memory));
       TUTEL_ASSIGN_OR_RETURN(const TensorView dxv, stage_out(dx, {tokens, M}, staged_out_, memory));
+      if (keep_param_grads) TUTEL_RETURN_IF_ERROR(keep_grads());
       // The forward's x: the entry's copy, or the held cuda-graph plan's own input buffer (which
       // the plan then does not copy again).
       const TensorView xv = plans_take_host_memory() ? p.step.plan->input(tokens)
@@ -624,6 +642,15 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
       return unstage_out(dx, dxv, memory);
     }();
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();
+  }
+  // Back, whether the backward ran or failed half-way (its partial sums go with it).
+  if (kept_grads.size() == tensors_.size()) {
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      const Status restored =
+          b.copy(tensors_[i].grad.data(), kept_grads[i].data(), kept_grads[i].bytes(), CopyKind::kDeviceToDevice);
+      if (st.ok()) st = restored;
+    }
+    if (st.ok()) st = b.synchronize();  // the copies read kept_grads, which go with this scope
   }
   remove_pending_bytes(held);
   recycle(std::move(it->second));

@@ -323,6 +323,36 @@ double metric_value(const std::string& text, const std::string& series) {
   return at == std::string::npos ? -1 : std::stod(text.substr(at + series.size() + 2));
 }
 
+// A backward for dx alone (ParamGrads::kKeep): the same dx as a plain backward, and the
+// parameter gradients as they were: a step after it (SGD on zeroed gradients) moves nothing,
+// while a step after a plain backward does.
+TEST_F(ClientDaemon, ABackwardForDxAloneLeavesTheParameterGradients) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok());
+  auto layer = client->create_layer(spec("dx_only"));
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  std::mt19937 rng(std::random_device{}());
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<float> x(32 * 16), dy(32 * 16), y(32 * 16), before(32 * 16), after(32 * 16), dx_kept(32 * 16),
+      dx_plain(32 * 16);
+  for (float& v : x) v = normal(rng);
+  for (float& v : dy) v = normal(rng);
+  ASSERT_TRUE(layer->zero_grad().ok());
+  ASSERT_TRUE(layer->infer(x.data(), 32, before.data()).ok());
+  client::ForwardInfo info;
+  ASSERT_TRUE(layer->forward(x.data(), 32, y.data(), &info).ok());
+  ASSERT_TRUE(layer->backward(info.sequence, dy.data(), 0.5f, dx_kept.data(), client::Layer::ParamGrads::kKeep).ok());
+  ASSERT_TRUE(layer->step().ok());
+  ASSERT_TRUE(layer->infer(x.data(), 32, after.data()).ok());
+  EXPECT_EQ(after, before) << "a step after a dx-only backward moved the parameters";
+  ASSERT_TRUE(layer->forward(x.data(), 32, y.data(), &info).ok());
+  ASSERT_TRUE(layer->backward(info.sequence, dy.data(), 0.5f, dx_plain.data()).ok());
+  EXPECT_EQ(dx_kept, dx_plain);  // the same parameters, the same (deterministic) backward
+  ASSERT_TRUE(layer->step().ok());
+  ASSERT_TRUE(layer->infer(x.data(), 32, after.data()).ok());
+  EXPECT_NE(after, before) << "a step after a plain backward moved nothing";
+}
+
 // A training forward its trainer will not backward (skipped, or its wait abandoned) is
 // discarded: it is no longer pending in the daemon and its memory goes back to the tenant; a
 // discard of a forward that is not pending is no error; the layer trains on as before.

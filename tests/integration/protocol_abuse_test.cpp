@@ -983,6 +983,20 @@ TEST_F(ProtocolAbuse, UnknownFlagsAreRefusedOnNopAndChecksumToo) {
     EXPECT_EQ(c->status_code, static_cast<int32_t>(StatusCode::kInvalidArgument));
     EXPECT_NE(std::string(c->message).find("unknown request flags 512"), std::string::npos) << c->message;
   }
+  // The dx-only flag means something on a backward only.
+  auto handle = s.create_layer(kSpec);
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  ipc::RequestDescriptor d{};
+  d.op = static_cast<uint32_t>(ipc::Op::kForward);
+  d.flags = ipc::kFlagKeepParamGrads;
+  d.layer_handle = *handle;
+  d.tokens = 8;
+  d.input_offset = s.arena().layout().data_offset;
+  d.input_bytes = d.output_bytes = 8 * 16 * 4;
+  d.output_offset = d.input_offset + d.input_bytes;
+  auto c = s.submit(d);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_NE(std::string(c->message).find("unknown request flags 4"), std::string::npos) << c->message;
   expect_daemon_serves();
 }
 

@@ -125,6 +125,31 @@ class TorchModuleTest(unittest.TestCase):
         with self.assertRaises(RuntimeError):
             g.pow(2).sum().backward()
 
+    def test_a_frozen_module_gives_x_its_gradient_and_keeps_the_experts(self):
+        p, x = random_case(self.rng, 6)
+        moe = self.make_moe(p)
+        head = torch.from_numpy(self.rng.normal(0, 1, (M,))).float()
+        xt = torch.from_numpy(x).float()
+        with torch.no_grad():
+            before = moe(xt)[0]
+        moe.requires_grad_(False)
+        x_frozen = xt.clone().requires_grad_()
+        y, l_aux = moe(x_frozen)
+        ((y * head).sum() + 0.1 * l_aux).backward()
+        moe.requires_grad_(True)
+        x_trained = xt.clone().requires_grad_()
+        y, l_aux = moe(x_trained)
+        ((y * head).sum() + 0.1 * l_aux).backward()
+        torch.testing.assert_close(x_frozen.grad, x_trained.grad, rtol=0, atol=0)
+        # Only the second backward's gradients are in the daemon: a step moves the experts by
+        # exactly one backward's worth, as the reference says.
+        _, _, saved = ref.forward(p, x.astype(np.float64), K, F)
+        dy = np.broadcast_to(head.double().numpy(), (6, M))
+        grads = ref.backward(p, saved, dy, 0.1)[1]
+        self.assert_stepped(moe, p, grads)
+        with torch.no_grad():
+            self.assertFalse(torch.equal(moe(xt)[0], before))
+
     def test_a_second_backward_through_the_same_graph_says_why(self):
         p, x = random_case(self.rng, 6)
         moe = self.make_moe(p)

@@ -134,6 +134,11 @@ int tutel_submit_forward(tutel_layer* layer, const float* x, int64_t tokens, flo
                          tutel_ticket* ticket);
 int tutel_submit_backward(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
                           float* dx, tutel_ticket* ticket);
+/* tutel_submit_backward with flags: TUTEL_KEEP_PARAM_GRADS computes dx alone and leaves the
+ * parameter gradients as they were (the gradient of the input alone; a frozen module). */
+#define TUTEL_KEEP_PARAM_GRADS 1u
+int tutel_submit_backward_flags(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
+                                float* dx, uint32_t flags, tutel_ticket* ticket);
 /* info may be NULL. */
 int tutel_wait(tutel_client* client, tutel_ticket ticket, tutel_forward_info* info);
 /* tutel_wait for at most timeout_ms milliseconds (0: only a request already complete), instead of

@@ -86,6 +86,7 @@ class _ConnectOptions(ctypes.Structure):
 
 
 _TIMEOUT = -12
+_KEEP_PARAM_GRADS = 1  # TUTEL_KEEP_PARAM_GRADS
 # A wait for a completion returns to Python this often, so a signal (Ctrl-C) is handled promptly:
 # the C library retries its waits on EINTR, and Python runs handlers only between its own steps.
 _WAIT_SLICE_MS = 100
@@ -136,6 +137,7 @@ def _declare(lib):
         "tutel_layer_name": (ctypes.c_char_p, [p]),
         "tutel_submit_forward": (i32, [p, fp, i64, fp, i32, ctypes.POINTER(_Ticket)]),
         "tutel_submit_backward": (i32, [p, u64, fp, f32, fp, ctypes.POINTER(_Ticket)]),
+        "tutel_submit_backward_flags": (i32, [p, u64, fp, f32, fp, ctypes.c_uint32, ctypes.POINTER(_Ticket)]),
         "tutel_wait": (i32, [p, _Ticket, ctypes.POINTER(_ForwardInfo)]),
         "tutel_wait_for": (i32, [p, _Ticket, i64, ctypes.POINTER(_ForwardInfo)]),
         "tutel_abandon": (i32, [p, _Ticket]),
@@ -433,10 +435,12 @@ class Layer:
         """A forward that keeps nothing for backward."""
         return self.forward(x, training=False)
 
-    def backward(self, dy, dl_aux=0.0, sequence=None):
+    def backward(self, dy, dl_aux=0.0, sequence=None, param_grads=True):
         """dx [..., model_dim] for dy (the gradient of the loss in y) and dl_aux (in l_aux),
         of the training forward `sequence` (its ForwardInfo.sequence), by default the oldest
-        not yet backwarded. The parameter gradients accumulate in the daemon."""
+        not yet backwarded. The parameter gradients accumulate in the daemon; with
+        param_grads=False they are left as they were (dx alone: a frozen module, the gradient
+        of the input alone)."""
         lead, rows = self._rows(dy, self.output_dim, "dy")
         with self._client._lock:
             handle = self._layer()  # first the queued discards: the default may not pick one
@@ -458,8 +462,9 @@ class Layer:
             # next, it cannot be backwarded again. A refused submit leaves it pending.
             ticket = _Ticket()
             try:
-                self._client._submit_and_wait(ticket, _lib.tutel_submit_backward, handle, sequence,
-                                              _floats(rows), float(dl_aux), _floats(dx))
+                self._client._submit_and_wait(ticket, _lib.tutel_submit_backward_flags, handle, sequence,
+                                              _floats(rows), float(dl_aux), _floats(dx),
+                                              0 if param_grads else _KEEP_PARAM_GRADS)
             finally:
                 if ticket.request_id != 0:
                     del self._pending[sequence]

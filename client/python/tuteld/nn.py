@@ -30,9 +30,11 @@ What torch's own machinery does not reach, since the experts are not torch param
   tuteld.nn.zero_grad(model) and tuteld.nn.step(model) (or each MoE's own zero_grad/step);
 - model.state_dict() and torch.save hold no expert weights: save them with moe.layer.save(name);
   copy.deepcopy and pickle raise (attach the layer again instead);
-- every backward through the layer accumulates the expert gradients, also one that asks torch
-  for the gradient of x alone (torch.autograd.grad(y, x)) and one through a frozen module given
-  an x that needs a gradient: zero them before the next step where that is not wanted;
+- a frozen module (requires_grad_(False)) given an x that needs a gradient computes dx alone
+  and leaves the daemon's gradients as they were; but a backward that asks torch for the
+  gradient of x alone (torch.autograd.grad(y, x)) through a module that is not frozen
+  accumulates the expert gradients too (torch does not tell the layer which gradients it wants):
+  zero them before the next step where that is not wanted;
 - a GradScaler's loss scale reaches the daemon's gradients unscaled, and an overflowed step is
   not skipped there: with tuteld layers, train in bf16 autocast (no scaler) or in float32.
 """
@@ -78,7 +80,9 @@ class _MoEFunction(torch.autograd.Function):
                                "can be backwarded once (retain_graph=True does not keep it)")
         dy_rows = dy.detach().to("cpu", torch.float32).contiguous().numpy()
         try:
-            dx = ctx.layer.backward(dy_rows, dl_aux=float(dl_aux), sequence=ctx.sequence)
+            # needs_input_grad[1] is the anchor's: a frozen module wants dx alone.
+            dx = ctx.layer.backward(dy_rows, dl_aux=float(dl_aux), sequence=ctx.sequence,
+                                    param_grads=ctx.needs_input_grad[1])
         finally:
             # Consumed once submitted (the layer forgets it then), also when it failed; still
             # pending when refused before that, so that a dropped graph discards it.

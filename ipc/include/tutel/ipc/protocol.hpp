@@ -94,8 +94,11 @@ enum RequestFlags : uint32_t {
   kFlagTraining = 1u << 0,  // forward keeps what backward needs, under `sequence`
   // The offsets are into the session's device region `region` (kMapRegion), not the arena.
   kFlagDeviceRegion = 1u << 1,
+  // Backward only: dx alone; the parameter gradients are left as they were (the gradient of
+  // the input alone, a frozen module).
+  kFlagKeepParamGrads = 1u << 2,
 };
-inline constexpr uint32_t kKnownRequestFlags = kFlagTraining | kFlagDeviceRegion;
+inline constexpr uint32_t kKnownRequestFlags = kFlagTraining | kFlagDeviceRegion | kFlagKeepParamGrads;
 
 // One request (client → daemon). 128 bytes.
 struct RequestDescriptor {
