@@ -337,18 +337,16 @@ int tutel_submit_forward(tutel_layer* layer, const float* x, int64_t tokens, flo
   });
 }
 
-int tutel_submit_backward(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
-                          float* dx, tutel_ticket* ticket) {
-  return tutel_submit_backward_flags(layer, sequence, dy, dl_aux, dx, 0, ticket);
-}
+namespace {
 
-int tutel_submit_backward_flags(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
-                                float* dx, uint32_t flags, tutel_ticket* ticket) {
-  return guarded("tutel_submit_backward", [&] {
-    if (!valid(layer)) return invalid_layer("tutel_submit_backward");
-    if (ticket == nullptr) return fail_invalid("tutel_submit_backward: ticket is NULL");
+// tutel_submit_backward and tutel_submit_backward_flags, errors named after `name`.
+int submit_backward_with(const char* name, tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
+                         float* dx, uint32_t flags, tutel_ticket* ticket) {
+  return guarded(name, [&] {
+    if (!valid(layer)) return invalid_layer(name);
+    if (ticket == nullptr) return fail_invalid(std::string(name) + ": ticket is NULL");
     if ((flags & ~TUTEL_KEEP_PARAM_GRADS) != 0)
-      return fail_invalid("tutel_submit_backward_flags: unknown flags " + std::to_string(flags) +
+      return fail_invalid(std::string(name) + ": unknown flags " + std::to_string(flags) +
                           " (TUTEL_KEEP_PARAM_GRADS is the only one)");
     const auto param_grads = (flags & TUTEL_KEEP_PARAM_GRADS) != 0 ? Layer::ParamGrads::kKeep
                                                                    : Layer::ParamGrads::kAccumulate;
@@ -357,6 +355,18 @@ int tutel_submit_backward_flags(tutel_layer* layer, uint64_t sequence, const flo
     *ticket = tutel_ticket{t->request_id, t->sequence};
     return TUTEL_OK;
   });
+}
+
+}  // namespace
+
+int tutel_submit_backward(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
+                          float* dx, tutel_ticket* ticket) {
+  return submit_backward_with("tutel_submit_backward", layer, sequence, dy, dl_aux, dx, 0, ticket);
+}
+
+int tutel_submit_backward_flags(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
+                                float* dx, uint32_t flags, tutel_ticket* ticket) {
+  return submit_backward_with("tutel_submit_backward_flags", layer, sequence, dy, dl_aux, dx, flags, ticket);
 }
 
 int tutel_wait(tutel_client* client, tutel_ticket ticket, tutel_forward_info* info) {

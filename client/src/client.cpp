@@ -323,6 +323,10 @@ Result<Ticket> Layer::submit_forward(const float* x, int64_t tokens, float* y, b
   return submit_forward_request(state_, x, tokens, y, training, false);
 }
 
+Result<Ticket> Layer::submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
+  return submit_backward(sequence, dy, dl_aux, dx, ParamGrads::kAccumulate);
+}
+
 Result<Ticket> Layer::submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx,
                                       ParamGrads param_grads) {
   return submit_backward_request(state_, sequence, dy, dl_aux, dx, false, param_grads);
@@ -365,6 +369,10 @@ Status Layer::backward(const float* dy, float dl_aux, float* dx) {
         "call forward() first");
   }
   return backward(state_->pending.begin()->first, dy, dl_aux, dx);
+}
+
+Status Layer::backward(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
+  return backward(sequence, dy, dl_aux, dx, ParamGrads::kAccumulate);
 }
 
 Status Layer::backward(uint64_t sequence, const float* dy, float dl_aux, float* dx, ParamGrads param_grads) {

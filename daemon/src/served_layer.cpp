@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <functional>
 #include <random>
 #include <vector>
 
@@ -605,7 +607,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
   // it leaves them as they were. (The backends always accumulate them; skipping those GEMMs
   // would be faster, but is a change to every backend and to the group layers' collectives, for
   // a backward trainers ask for rarely: the gradient of the input alone, a frozen module.) The
-  // copies are activation memory of the tenant's, for the length of the backward.
+  // copies are activation memory of the tenant's until they are put back.
   std::vector<DeviceBuffer> kept_grads;
   auto keep_grads = [&]() -> Status {
     for (const Tensor& t : tensors_) {
@@ -615,6 +617,26 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
     }
     return Status::OK();
   };
+  // Back, whether the backward ran or failed half-way (its partial sums go with it); also when
+  // an exception leaves this function (the guard below). The buffers go at once: the backend's
+  // memory is stream-ordered, so the copies that read them come first.
+  auto restore_grads = [&]() -> Status {
+    Status first;
+    if (kept_grads.size() == tensors_.size())
+      for (size_t i = 0; i < tensors_.size(); ++i) {
+        const Status restored = b.copy(tensors_[i].grad.data(), kept_grads[i].data(), kept_grads[i].bytes(),
+                                       CopyKind::kDeviceToDevice);
+        if (first.ok()) first = restored;
+      }
+    kept_grads.clear();
+    return first;
+  };
+  struct RestoreOnUnwind {
+    const std::function<Status()> restore;
+    ~RestoreOnUnwind() {
+      if (std::uncaught_exceptions() > 0) (void)restore();
+    }
+  } restore_on_unwind{restore_grads};
   Status st;
   if (group_) {
     st = note_group_status([&]() -> Status {
@@ -643,15 +665,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
     }();
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();
   }
-  // Back, whether the backward ran or failed half-way (its partial sums go with it).
-  if (kept_grads.size() == tensors_.size()) {
-    for (size_t i = 0; i < tensors_.size(); ++i) {
-      const Status restored =
-          b.copy(tensors_[i].grad.data(), kept_grads[i].data(), kept_grads[i].bytes(), CopyKind::kDeviceToDevice);
-      if (st.ok()) st = restored;
-    }
-    if (st.ok()) st = b.synchronize();  // the copies read kept_grads, which go with this scope
-  }
+  if (Status restored = restore_grads(); st.ok()) st = std::move(restored);
   remove_pending_bytes(held);
   recycle(std::move(it->second));
   pending_.erase(it);

@@ -83,6 +83,9 @@ TEST(CApi, NullHandlesGiveInvalidArgument) {
   EXPECT_EQ(tutel_layer_destroy(nullptr), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_submit_forward(nullptr, &f, 1, &f, 1, &ticket), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_submit_backward(nullptr, 1, &f, 0.f, &f, &ticket), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_submit_backward_flags(nullptr, 1, &f, 0.f, &f, TUTEL_KEEP_PARAM_GRADS, &ticket),
+            TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("tutel_submit_backward_flags"), std::string::npos) << last_error();
   EXPECT_EQ(tutel_wait(nullptr, ticket, nullptr), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_wait_for(nullptr, ticket, 10, nullptr), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_abandon(nullptr, ticket), TUTEL_E_INVALID_ARGUMENT);
@@ -243,6 +246,8 @@ TEST_F(CApiWithDaemon, AsyncMicroBatches) {
   ASSERT_EQ(tutel_layer_attach(client_, "moe", &layer), TUTEL_OK);
   std::vector<float> x1(4, 1.f), x2(8, 2.f), y1(4), y2(8), dx(8);
   tutel_ticket t1{}, t2{}, tb{};
+  EXPECT_EQ(tutel_submit_backward_flags(layer, 1, x1.data(), 0.f, y1.data(), 8, &tb), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("unknown flags 8"), std::string::npos) << last_error();
   ASSERT_EQ(tutel_submit_forward(layer, x1.data(), 1, y1.data(), 1, &t1), TUTEL_OK);
   ASSERT_EQ(tutel_submit_forward(layer, x2.data(), 2, y2.data(), 1, &t2), TUTEL_OK);
   EXPECT_NE(t1.sequence, t2.sequence);

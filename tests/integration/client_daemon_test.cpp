@@ -323,34 +323,46 @@ double metric_value(const std::string& text, const std::string& series) {
   return at == std::string::npos ? -1 : std::stod(text.substr(at + series.size() + 2));
 }
 
-// A backward for dx alone (ParamGrads::kKeep): the same dx as a plain backward, and the
-// parameter gradients as they were: a step after it (SGD on zeroed gradients) moves nothing,
-// while a step after a plain backward does.
+// A backward for dx alone (ParamGrads::kKeep) between a plain backward and a step: its dx is a
+// plain backward's, and the step is the plain backward's alone. Layer a: plain (x1, dy1), then
+// kKeep (x2, dy2), step. Layer b, a twin: plain (x2, dy2) for the dx to compare, zero_grad, plain
+// (x1, dy1), step. The two must then give the same outputs, bit for bit.
 TEST_F(ClientDaemon, ABackwardForDxAloneLeavesTheParameterGradients) {
   auto client = client::Client::connect(daemon_->client_socket());
   ASSERT_TRUE(client.ok());
-  auto layer = client->create_layer(spec("dx_only"));
-  ASSERT_TRUE(layer.ok()) << layer.status();
+  auto a = client->create_layer(spec("dx_only_a"));
+  auto b = client->create_layer(spec("dx_only_b"));  // the same init_seed: the same parameters
+  ASSERT_TRUE(a.ok() && b.ok());
   std::mt19937 rng(std::random_device{}());
   std::normal_distribution<float> normal(0.f, 1.f);
-  std::vector<float> x(32 * 16), dy(32 * 16), y(32 * 16), before(32 * 16), after(32 * 16), dx_kept(32 * 16),
-      dx_plain(32 * 16);
-  for (float& v : x) v = normal(rng);
-  for (float& v : dy) v = normal(rng);
-  ASSERT_TRUE(layer->zero_grad().ok());
-  ASSERT_TRUE(layer->infer(x.data(), 32, before.data()).ok());
+  auto random = [&] {
+    std::vector<float> v(32 * 16);
+    for (float& f : v) f = normal(rng);
+    return v;
+  };
+  const std::vector<float> x1 = random(), x2 = random(), dy1 = random(), dy2 = random();
+  std::vector<float> y(32 * 16), dx(32 * 16), dx_kept(32 * 16), dx_plain(32 * 16), before(32 * 16);
+  ASSERT_TRUE(a->infer(x1.data(), 32, before.data()).ok());
   client::ForwardInfo info;
-  ASSERT_TRUE(layer->forward(x.data(), 32, y.data(), &info).ok());
-  ASSERT_TRUE(layer->backward(info.sequence, dy.data(), 0.5f, dx_kept.data(), client::Layer::ParamGrads::kKeep).ok());
-  ASSERT_TRUE(layer->step().ok());
-  ASSERT_TRUE(layer->infer(x.data(), 32, after.data()).ok());
-  EXPECT_EQ(after, before) << "a step after a dx-only backward moved the parameters";
-  ASSERT_TRUE(layer->forward(x.data(), 32, y.data(), &info).ok());
-  ASSERT_TRUE(layer->backward(info.sequence, dy.data(), 0.5f, dx_plain.data()).ok());
-  EXPECT_EQ(dx_kept, dx_plain);  // the same parameters, the same (deterministic) backward
-  ASSERT_TRUE(layer->step().ok());
-  ASSERT_TRUE(layer->infer(x.data(), 32, after.data()).ok());
-  EXPECT_NE(after, before) << "a step after a plain backward moved nothing";
+  auto train = [&](client::Layer& layer, const std::vector<float>& x, const std::vector<float>& dy,
+                   std::vector<float>& dx_out, client::Layer::ParamGrads grads) {
+    ASSERT_TRUE(layer.forward(x.data(), 32, y.data(), &info).ok());
+    ASSERT_TRUE(layer.backward(info.sequence, dy.data(), 0.5f, dx_out.data(), grads).ok());
+  };
+  using client::Layer;
+  ASSERT_NO_FATAL_FAILURE(train(*a, x1, dy1, dx, Layer::ParamGrads::kAccumulate));
+  ASSERT_NO_FATAL_FAILURE(train(*a, x2, dy2, dx_kept, Layer::ParamGrads::kKeep));
+  ASSERT_TRUE(a->step().ok());
+  ASSERT_NO_FATAL_FAILURE(train(*b, x2, dy2, dx_plain, Layer::ParamGrads::kAccumulate));
+  ASSERT_TRUE(b->zero_grad().ok());
+  ASSERT_NO_FATAL_FAILURE(train(*b, x1, dy1, dx, Layer::ParamGrads::kAccumulate));
+  ASSERT_TRUE(b->step().ok());
+  EXPECT_EQ(dx_kept, dx_plain);
+  std::vector<float> ya(32 * 16), yb(32 * 16);
+  ASSERT_TRUE(a->infer(x1.data(), 32, ya.data()).ok());
+  ASSERT_TRUE(b->infer(x1.data(), 32, yb.data()).ok());
+  EXPECT_EQ(ya, yb) << "the step after a dx-only backward is not the plain backward's alone";
+  EXPECT_NE(ya, before) << "the step moved nothing";
 }
 
 // A training forward its trainer will not backward (skipped, or its wait abandoned) is

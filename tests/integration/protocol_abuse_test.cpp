@@ -996,6 +996,7 @@ TEST_F(ProtocolAbuse, UnknownFlagsAreRefusedOnNopAndChecksumToo) {
   d.output_offset = d.input_offset + d.input_bytes;
   auto c = s.submit(d);
   ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->status_code, static_cast<int32_t>(StatusCode::kInvalidArgument)) << c->message;
   EXPECT_NE(std::string(c->message).find("unknown request flags 4"), std::string::npos) << c->message;
   expect_daemon_serves();
 }

@@ -200,11 +200,13 @@ class Layer {
   // Backward of the oldest training forward not yet backwarded; accumulates the gradients.
   // The aux-loss gradient dl_aux is d(total loss)/d(l_aux) (e.g. the aux-loss weight).
   Status backward(const float* dy, float dl_aux, float* dx);
-  // Backward of the training forward with `sequence`. kKeep: dx alone, the parameter gradients
-  // left as they were (the gradient of the input alone; a frozen module).
+  // Backward of the training forward with `sequence`.
+  Status backward(uint64_t sequence, const float* dy, float dl_aux, float* dx);
+  // The same with kKeep: dx alone, the parameter gradients left as they were (the gradient of
+  // the input alone; a frozen module). An overload, not a default argument: the library's
+  // existing symbols stay as they were.
   enum class ParamGrads { kAccumulate, kKeep };
-  Status backward(uint64_t sequence, const float* dy, float dl_aux, float* dx,
-                  ParamGrads param_grads = ParamGrads::kAccumulate);
+  Status backward(uint64_t sequence, const float* dy, float dl_aux, float* dx, ParamGrads param_grads);
   // Drops the training forward `sequence` that will never be backwarded (the trainer skipped
   // its backward, or abandoned its wait), with what the daemon holds for it: otherwise that
   // stays until the session ends, counted against the tenant's memory. A forward that is not
@@ -216,8 +218,8 @@ class Layer {
   // Asynchronous forms: several micro-batches may be in flight (at most the ring's 64 slots
   // and as many as fit in the data region; a submit waits for room when needed).
   Result<Ticket> submit_forward(const float* x, int64_t tokens, float* y, bool training = true);
-  Result<Ticket> submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx,
-                                 ParamGrads param_grads = ParamGrads::kAccumulate);
+  Result<Ticket> submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx);
+  Result<Ticket> submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx, ParamGrads param_grads);
 
   // Zero-copy forms: the input and the output point into one DeviceRegion of this client, mapped
   // on this layer's rank; the daemon reads and writes them in place. On a GPU the input must be
