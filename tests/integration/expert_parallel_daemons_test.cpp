@@ -841,6 +841,16 @@ TEST(ExpertParallelGroups, ATenantOutOfQuotaOnOneDaemonRefusesTheStepOnEveryRank
   EXPECT_EQ(d1.stop(), 0) << d1.log();
 }
 
+// A rank spoken by hand: its hello, the group layer `spec` created, and x (S rows of M) at the
+// data region's start; the layer's handle.
+Result<uint64_t> open_raw_rank(RawSession& raw, const std::string& spec, int64_t S, int64_t M) {
+  TUTEL_RETURN_IF_ERROR(raw.hello());
+  TUTEL_ASSIGN_OR_RETURN(uint64_t handle, raw.create_layer(spec, 60s));
+  auto* x = reinterpret_cast<float*>(raw.arena().base() + raw.arena().layout().data_offset);
+  for (int64_t i = 0; i < S * M; ++i) x[i] = 0.01f * static_cast<float>(i % 37) - 0.2f;
+  return handle;
+}
+
 // Requests a rank's daemon refuses before its layer runs them (a malformed descriptor from a
 // client the library does not check: a dx range past the arena, zero tokens, an unknown flag; a
 // backward naming no forward) are refused on every rank through the step's agreement, at once
@@ -861,12 +871,9 @@ TEST(ExpertParallelGroups, ARequestOneDaemonRefusesBeforeTheLayerIsRefusedOnEver
   int64_t pending0 = -1, pending1 = -1;
   std::thread rank1([&] {
     RawSession raw(d1.client_socket());
-    if (Status st = raw.hello(); !st.ok()) return void(setup1 = st);
-    auto handle = raw.create_layer(group_spec("refused", port, 1, 20000), 60s);
+    auto handle = open_raw_rank(raw, group_spec("refused", port, 1, 20000), S, M);
     if (!handle.ok()) return void(setup1 = handle.status());
     const ipc::ArenaLayout& l = raw.arena().layout();
-    auto* x = reinterpret_cast<float*>(raw.arena().base() + l.data_offset);
-    for (int64_t i = 0; i < S * M; ++i) x[i] = 0.01f * static_cast<float>(i % 37) - 0.2f;
     auto step = [&](ipc::Op op, uint64_t sequence, int64_t tokens, uint64_t output_offset,
                     uint32_t extra_flags = 0) {
       ipc::RequestDescriptor d{};
@@ -971,33 +978,17 @@ TEST(ExpertParallelGroups, ADiscardIsEachRanksOwnAndTheGroupStaysInStep) {
   ASSERT_TRUE(d1.start());
   const uint16_t port = free_port();
   constexpr int64_t S = 8, M = 16;
-  constexpr uint64_t kBytes = S * M * 4;
   std::vector<Status> rank0_steps;
   std::vector<ipc::CompletionDescriptor> rank1_steps;
   Status setup0, setup1;
   int64_t pending0 = -1, pending1 = -1;
   std::thread rank1([&] {
     RawSession raw(d1.client_socket());
-    if (Status st = raw.hello(); !st.ok()) return void(setup1 = st);
-    auto handle = raw.create_layer(group_spec("discarded", port, 1, 20000), 60s);
+    auto handle = open_raw_rank(raw, group_spec("discarded", port, 1, 20000), S, M);
     if (!handle.ok()) return void(setup1 = handle.status());
     const ipc::ArenaLayout& l = raw.arena().layout();
-    auto* x = reinterpret_cast<float*>(raw.arena().base() + l.data_offset);
-    for (int64_t i = 0; i < S * M; ++i) x[i] = 0.01f * static_cast<float>(i % 37) - 0.2f;
     auto step = [&](ipc::Op op, uint64_t sequence) {
-      ipc::RequestDescriptor d{};
-      d.op = static_cast<uint32_t>(op);
-      d.flags = op == ipc::Op::kForward ? uint32_t{ipc::kFlagTraining} : uint32_t{0};
-      d.layer_handle = *handle;
-      d.sequence = sequence;
-      if (op != ipc::Op::kDiscard) {
-        d.tokens = S;
-        d.input_offset = l.data_offset;
-        d.input_bytes = kBytes;
-        d.output_offset = l.data_offset + kBytes;
-        d.output_bytes = kBytes;
-      }
-      const std::optional<ipc::CompletionDescriptor> c = raw.submit(d);
+      const std::optional<ipc::CompletionDescriptor> c = raw.submit(data_request(l, op, *handle, sequence, S, M));
       ipc::CompletionDescriptor lost{};
       lost.status_code = -1;
       rank1_steps.push_back(c ? *c : lost);

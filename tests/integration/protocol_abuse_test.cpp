@@ -892,23 +892,8 @@ TEST_F(ProtocolAbuse, ADiscardReachesOnlyItsOwnSessionsForwards) {
   auto attached = other.call(ipc::FrameType::kAttachLayer, {{"name", "moe"}}, ipc::FrameType::kLayerInfo);
   ASSERT_TRUE(attached.ok()) << attached.status();
   const uint64_t other_handle = (*attached)["handle"].get<uint64_t>();
-  constexpr int64_t S = 8;
-  constexpr uint64_t kBytes = S * 16 * 4;
   auto request = [](RawSession& s, ipc::Op op, uint64_t layer, uint64_t sequence, uint32_t flags = 0) {
-    const ipc::ArenaLayout& l = s.arena().layout();
-    ipc::RequestDescriptor d{};
-    d.op = static_cast<uint32_t>(op);
-    d.flags = flags | (op == ipc::Op::kForward ? uint32_t{ipc::kFlagTraining} : uint32_t{0});
-    d.layer_handle = layer;
-    d.sequence = sequence;
-    if (op != ipc::Op::kDiscard) {
-      d.tokens = S;
-      d.input_offset = l.data_offset;
-      d.input_bytes = kBytes;
-      d.output_offset = l.data_offset + kBytes;
-      d.output_bytes = kBytes;
-    }
-    return s.submit(d);
+    return s.submit(data_request(s.arena().layout(), op, layer, sequence, 8, 16, flags));
   };
   auto c = request(owner, ipc::Op::kForward, *handle, 5);
   ASSERT_TRUE(c && c->status_code == 0) << (c ? c->message : "lost");
@@ -945,11 +930,7 @@ TEST_F(ProtocolAbuse, ADiscardIsNotHeldToMaxInflight) {
   auto refused = forward8(local, *handle);
   ASSERT_TRUE(refused.has_value());
   EXPECT_EQ(refused->status_code, static_cast<int32_t>(StatusCode::kResourceExhausted)) << refused->message;
-  ipc::RequestDescriptor d{};
-  d.op = static_cast<uint32_t>(ipc::Op::kDiscard);
-  d.layer_handle = *handle;
-  d.sequence = 9;
-  auto discarded = local.submit(d);
+  auto discarded = local.submit(data_request(local.arena().layout(), ipc::Op::kDiscard, *handle, 9, 0, 16));
   ASSERT_TRUE(discarded.has_value());
   EXPECT_EQ(discarded->status_code, 0) << discarded->message;
   // Rank 1's forward is refused for the same quota, and the group refuses rank 0's with it.
@@ -986,15 +967,7 @@ TEST_F(ProtocolAbuse, UnknownFlagsAreRefusedOnNopAndChecksumToo) {
   // The dx-only flag means something on a backward only.
   auto handle = s.create_layer(kSpec);
   ASSERT_TRUE(handle.ok()) << handle.status();
-  ipc::RequestDescriptor d{};
-  d.op = static_cast<uint32_t>(ipc::Op::kForward);
-  d.flags = ipc::kFlagKeepParamGrads;
-  d.layer_handle = *handle;
-  d.tokens = 8;
-  d.input_offset = s.arena().layout().data_offset;
-  d.input_bytes = d.output_bytes = 8 * 16 * 4;
-  d.output_offset = d.input_offset + d.input_bytes;
-  auto c = s.submit(d);
+  auto c = s.submit(data_request(s.arena().layout(), ipc::Op::kForward, *handle, 0, 8, 16, ipc::kFlagKeepParamGrads));
   ASSERT_TRUE(c.has_value());
   EXPECT_EQ(c->status_code, static_cast<int32_t>(StatusCode::kInvalidArgument)) << c->message;
   EXPECT_NE(std::string(c->message).find("unknown request flags 4"), std::string::npos) << c->message;

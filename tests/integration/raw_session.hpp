@@ -89,4 +89,25 @@ class RawSession {
   ipc::RingConsumer<ipc::CompletionDescriptor> completions_;
 };
 
+// A data request of `op` on `layer` as the tests send them: a forward (a training one under a
+// nonzero `sequence`) or a backward over `tokens` rows of `width` floats, the input at the data
+// region's start and the output right after it; a discard carries no tokens and no buffers.
+inline ipc::RequestDescriptor data_request(const ipc::ArenaLayout& l, ipc::Op op, uint64_t layer, uint64_t sequence,
+                                           int64_t tokens, int64_t width, uint32_t flags = 0) {
+  ipc::RequestDescriptor d{};
+  d.op = static_cast<uint32_t>(op);
+  d.flags = flags | (op == ipc::Op::kForward && sequence != 0 ? uint32_t{ipc::kFlagTraining} : uint32_t{0});
+  d.layer_handle = layer;
+  d.sequence = sequence;
+  if (op == ipc::Op::kForward || op == ipc::Op::kBackward) {
+    const uint64_t bytes = static_cast<uint64_t>(tokens * width) * sizeof(float);
+    d.tokens = tokens;
+    d.input_offset = l.data_offset;
+    d.input_bytes = bytes;
+    d.output_offset = l.data_offset + bytes;
+    d.output_bytes = bytes;
+  }
+  return d;
+}
+
 }  // namespace tutel::testing
