@@ -646,7 +646,9 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
         if (Status kept = keep_grads(); !kept.ok()) dxv = kept;
       }
       if (!dxv.ok()) return group_->layer->refuse_backward(p.saved, dxv.status());
-      TUTEL_RETURN_IF_ERROR(group_->layer->backward(weights_of(0), *dyv, dl_aux, *dxv, weights_of(1), p.saved));
+      // The group checks that every rank asks for dx alone alike (see ExpertParallelLayer).
+      TUTEL_RETURN_IF_ERROR(
+          group_->layer->backward(weights_of(0), *dyv, dl_aux, *dxv, weights_of(1), p.saved, keep_param_grads));
       return unstage_out(dx, *dxv, memory);
     }());
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();

@@ -148,8 +148,9 @@ class ServedLayer {
   Result<ForwardResult> forward(const float* x, int64_t tokens, float* y, bool training,
                                 uint64_t owner, uint64_t sequence, ClientMemory memory = ClientMemory::kHost);
   // dy [S, O] → dx [S, M] for the training forward (`owner`, `sequence`), accumulating the
-  // parameter gradients, or with `keep_param_grads` leaving them as they were (dx alone); the
-  // pending forward is consumed.
+  // parameter gradients, or with `keep_param_grads` leaving them as they were (dx alone; on a
+  // group layer every rank must ask alike, or the group refuses the step); the pending forward
+  // is consumed.
   Status backward(const float* dy, int64_t tokens, float dl_aux, float* dx, uint64_t owner,
                   uint64_t sequence, ClientMemory memory = ClientMemory::kHost, bool keep_param_grads = false);
   // Drops every pending forward of `owner` (its session ended).

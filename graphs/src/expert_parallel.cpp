@@ -577,7 +577,8 @@ Status ExpertParallelLayer::refused_by_a_peer() const {
 Status ExpertParallelLayer::run_group_phase(const Status& prepared,
                                             const std::function<PhaseKey()>& key,
                                             const std::function<Status()>& ops,
-                                            Unprepared unprepared_scope, Unprepared* refused) {
+                                            Unprepared unprepared_scope, Unprepared* refused,
+                                            MustMatch must_match) {
   const bool graphs = runner_ != nullptr && runner_->captures();
   if (refused) *refused = Unprepared::kPrepared;
   const int64_t unprepared = static_cast<int64_t>(prepared.ok() ? Unprepared::kPrepared : unprepared_scope);
@@ -600,14 +601,19 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
     mine = runner_->propose(k);
   }
   const int64_t launch_round = mine.mode == PhaseMode::kLaunch ? int64_t(mine.round) : -1;
-  int64_t agreed[5] = {unprepared,
-                       2 - static_cast<int64_t>(mine.mode),  // how far from launching
-                       launch_round, -launch_round,          // the same round everywhere?
-                       int64_t(capture_rounds_) + 1};        // a new round, above all so far
-  TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 5));
+  int64_t agreed[7] = {unprepared,
+                       2 - static_cast<int64_t>(mine.mode),      // how far from launching
+                       launch_round, -launch_round,              // the same round everywhere?
+                       int64_t(capture_rounds_) + 1,             // a new round, above all so far
+                       must_match.value, -must_match.value};     // the same value everywhere?
+  TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 7));
   if (refused) *refused = static_cast<Unprepared>(agreed[0]);
   if (!prepared.ok()) return refuse(prepared);
   if (agreed[0] != 0) return refuse(refused_by_a_peer());
+  if (agreed[5] != -agreed[6]) {
+    TUTEL_CHECK(must_match.mismatch_refusal != nullptr);
+    return refuse(Status::InvalidArgument(must_match.mismatch_refusal));
+  }
   if (!graphs) return gave_up(runner_ == nullptr ? ops() : runner_->run(key(), ops));
   PhaseMode mode = PhaseMode::kEager;
   uint64_t round = 0;
@@ -1235,7 +1241,8 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
 }
 
 Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, float dl_aux,
-                                     TensorView dx, const LayerWeights& local_grads, Saved& saved) {
+                                     TensorView dx, const LayerWeights& local_grads, Saved& saved,
+                                     bool dx_only) {
   if (!saved.holds_forward_)
     return Status::InvalidArgument(
         "backward needs a training forward first: this saved state holds none (never filled, "
@@ -1385,7 +1392,14 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
         return b.gate_backward({xv, local.gate_weight, scores, idx, d_gates, dl_aux,
                                 spec_.normalize_gate, f32(d_logits_, {S, E}), dx,
                                 local_grads.gate_weight});
-      }));
+      },
+      Unprepared::kEveryWay, nullptr,
+      {dx_only ? 1 : 0,
+       "the ranks of the expert-parallel group disagree on this backward: some asked for dx alone "
+       "(the parameter gradients left as they were: a frozen module, Layer.backward(param_grads="
+       "False), ParamGrads::kKeep), others for the parameter gradients too. An expert's gradient "
+       "sums every rank's tokens, so every rank's trainer must ask the same; every rank refused "
+       "this backward, and its forward is consumed"}));
   return wait_collectives();
 }
 

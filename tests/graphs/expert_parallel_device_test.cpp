@@ -29,6 +29,7 @@
 #include "expert_parallel_test_util.hpp"
 #include "forwarding_communicator.hpp"
 #include "graph_tape.hpp"
+#include "graphs_test_util.hpp"
 #include "simulated_device.hpp"
 #include "tutel/comm/local_exchange.hpp"
 #include "tutel/comm/nccl.hpp"
@@ -793,6 +794,64 @@ TEST(ExpertParallelLimits, AStepOneRanksOwnerRefusesIsRefusedOnEveryRank) {
       }
     }
     EXPECT_EQ(steps[r][5].code(), StatusCode::kInvalidArgument) << steps[r][5];
+  }
+}
+
+// A backward for dx alone is the group's choice, not one rank's: an expert's gradient sums every
+// rank's tokens, so where one rank asks for dx alone and another does not, every rank refuses
+// the backward (InvalidArgument, naming the disagreement), before it runs: no gradient moves,
+// and the forward is consumed on both. Asked alike, the backward runs, and its dx is the plain
+// backward's bit for bit (the layer computes the same; keeping the gradients is the caller's).
+TEST(ExpertParallelLimits, ABackwardForDxAloneMustBeAskedByEveryRank) {
+  const LayerSpec spec = base_spec(4, 16, 32, 2, 1.0);
+  constexpr int W = 2;
+  const int64_t S = 24, M = 16, O = 16;
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const HostLayerParams whole = to_host(random_params(rng, spec));
+  const std::vector<uint64_t> rank_seeds = {rng(), rng()};
+  std::vector<std::vector<Status>> steps(W);
+  std::vector<std::vector<float>> grads_after_refusal(W), dx_alone(W), dx_plain(W);
+  const std::vector<Status> setup = run_simulated_layers(
+      spec, whole, rank_seeds, [&](int r, SimulatedDevice& device, RankLayer& rank) -> Status {
+        DeviceTensor x(device, DType::kF32, {S, M}), y(device, DType::kF32, {S, O}),
+            dy(device, DType::kF32, {S, O}), dx(device, DType::kF32, {S, M});
+        x.upload(to_f32(randn(rank.rng, S * M, 1.0)));
+        dy.upload(to_f32(randn(rank.rng, S * O, 1.0)));
+        ExpertParallelLayer::Saved saved;
+        auto forward = [&] {
+          steps[r].push_back(rank.layer.forward(rank.params.weights(), x.view(), y.view(), nullptr, &saved));
+        };
+        auto backward = [&](bool dx_only) {
+          steps[r].push_back(rank.layer.backward(rank.params.weights(), dy.view(), 0.f, dx.view(),
+                                                 rank.grads.weights(), saved, dx_only));
+        };
+        forward();          // 0
+        backward(r == 1);   // 1: rank 1 asks for dx alone, rank 0 does not
+        for (const DeviceTensor* g : {&rank.grads.gate, &rank.grads.fc1, &rank.grads.fc1_bias,
+                                      &rank.grads.fc2, &rank.grads.fc2_bias})
+          for (float v : g->download()) grads_after_refusal[r].push_back(v);
+        backward(false);    // 2: the refused backward consumed the forward
+        forward();          // 3
+        backward(true);     // 4: both ask for dx alone
+        dx_alone[r] = dx.download();
+        forward();          // 5
+        backward(false);    // 6: both ask for the gradients too
+        dx_plain[r] = dx.download();
+        return Status::OK();
+      });
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    ASSERT_TRUE(setup[r].ok()) << setup[r];
+    ASSERT_EQ(steps[r].size(), 7u);
+    for (size_t i : {0, 3, 4, 5, 6}) EXPECT_TRUE(steps[r][i].ok()) << "step " << i << ": " << steps[r][i];
+    EXPECT_EQ(steps[r][1].code(), StatusCode::kInvalidArgument) << steps[r][1];
+    EXPECT_NE(steps[r][1].message().find("disagree on this backward"), std::string_view::npos) << steps[r][1];
+    EXPECT_EQ(steps[r][2].code(), StatusCode::kInvalidArgument) << steps[r][2];
+    EXPECT_TRUE(graphs::testing::bits_equal("gradients after the refused backward", grads_after_refusal[r],
+                           std::vector<float>(grads_after_refusal[r].size(), 0.f)));
+    EXPECT_TRUE(graphs::testing::bits_equal("dx alone", dx_alone[r], dx_plain[r]));
   }
 }
 

@@ -1040,6 +1040,96 @@ TEST(ExpertParallelGroups, ADiscardIsEachRanksOwnAndTheGroupStaysInStep) {
   EXPECT_EQ(d1.stop(), 0) << d1.log();
 }
 
+// The parameters a group rank saved as `name` on `d`: gate, fc1, fc1 bias, fc2, fc2 bias in
+// one vector (empty when the file cannot be read).
+std::vector<float> saved_parameters(const DaemonProcess& d, const std::string& name) {
+  auto file = SafetensorsFile::open(d.dir() + "/state/default/checkpoints/" + name);
+  if (!file.ok()) return {};
+  std::vector<float> all;
+  for (const char* tensor : {kGateWeightName, kFc1WeightName, kFc1BiasName, kFc2WeightName, kFc2BiasName}) {
+    const std::vector<float> v = read_tensor(*file, tensor);
+    all.insert(all.end(), v.begin(), v.end());
+  }
+  return all;
+}
+
+// A backward for dx alone on a group layer, end to end: asked by one rank only, it is refused on
+// both (InvalidArgument naming the disagreement) and consumes the forward; asked by both, it
+// leaves every rank's gradients as they were, so an SGD step from zeroed gradients moves no
+// parameter on either daemon, and its dx equals the plain backward's that follows; the plain
+// backward's step then moves them.
+TEST(ExpertParallelGroups, ABackwardForDxAloneIsTheWholeGroupsOrRefusedOnEveryRank) {
+  DaemonProcess d0(DaemonOptions{}), d1(DaemonOptions{});
+  ASSERT_TRUE(d0.start());
+  ASSERT_TRUE(d1.start());
+  const uint16_t port = free_port();
+  constexpr int64_t S = 12, M = 16;
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  struct RankOut {
+    Status setup;
+    std::vector<Status> steps;
+    std::vector<float> dx_alone, dx_plain;
+    size_t pending = 1;
+  };
+  RankOut out[2];
+  auto rank = [&](int r, DaemonProcess& d) {
+    RankOut& o = out[r];
+    std::mt19937_64 rng(seed + r);
+    std::normal_distribution<float> normal;
+    std::vector<float> x(S * M), dy(S * M), y(S * M), dx(S * M);
+    for (float& v : x) v = normal(rng);
+    for (float& v : dy) v = normal(rng);
+    auto client = client::Client::connect(d.client_socket());
+    auto layer = client.ok() ? client->create_layer(group_spec("dx_alone", port, r, 20000))
+                             : Result<client::Layer>(client.status());
+    if (!layer.ok()) return void(o.setup = layer.status());
+    auto note = [&](Status st) { o.steps.push_back(std::move(st)); };
+    auto forward_backward = [&](client::Layer::ParamGrads grads) {
+      client::ForwardInfo info;
+      note(layer->forward(x.data(), S, y.data(), &info));
+      note(layer->backward(info.sequence, dy.data(), 0.f, dx.data(), grads));
+    };
+    using client::Layer;
+    note(layer->save("w0_r" + std::to_string(r)).status());                      // 0
+    forward_backward(r == 0 ? Layer::ParamGrads::kKeep : Layer::ParamGrads::kAccumulate);  // 1, 2: refused
+    forward_backward(Layer::ParamGrads::kKeep);                                  // 3, 4
+    o.dx_alone = dx;
+    note(layer->step().status());                                                // 5
+    note(layer->save("w1_r" + std::to_string(r)).status());                      // 6
+    forward_backward(Layer::ParamGrads::kAccumulate);                            // 7, 8
+    o.dx_plain = dx;
+    note(layer->step().status());                                                // 9
+    note(layer->save("w2_r" + std::to_string(r)).status());                      // 10
+    o.pending = layer->pending_backwards();
+  };
+  std::thread rank1(rank, 1, std::ref(d1));
+  rank(0, d0);
+  rank1.join();
+  for (int r = 0; r < 2; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    DaemonProcess& d = r == 0 ? d0 : d1;
+    ASSERT_TRUE(out[r].setup.ok()) << out[r].setup;
+    const std::vector<Status>& steps = out[r].steps;
+    ASSERT_EQ(steps.size(), 11u);
+    for (size_t i : {0, 1, 3, 4, 5, 6, 7, 8, 9, 10})
+      EXPECT_TRUE(steps[i].ok()) << "step " << i << ": " << steps[i] << "\n" << d.log();
+    EXPECT_EQ(steps[2].code(), StatusCode::kInvalidArgument) << steps[2];
+    EXPECT_NE(steps[2].message().find("disagree on this backward"), std::string_view::npos) << steps[2];
+    EXPECT_EQ(out[r].pending, 0u);
+    EXPECT_EQ(pending_backwards(d, "dx_alone"), 0);
+    EXPECT_TRUE(all_close("dx alone", out[r].dx_alone, widen(out[r].dx_plain), 1e-6, 1e-7));
+    const std::string tag = "_r" + std::to_string(r);
+    const std::vector<float> w0 = saved_parameters(d, "w0" + tag), w1 = saved_parameters(d, "w1" + tag),
+                             w2 = saved_parameters(d, "w2" + tag);
+    ASSERT_FALSE(w0.empty());
+    EXPECT_EQ(w1, w0) << "a step after a backward for dx alone moved the parameters";
+    EXPECT_NE(w2, w0) << "the plain backward's step moved nothing: the check above shows nothing";
+  }
+  EXPECT_EQ(d0.stop(), 0) << d0.log();
+  EXPECT_EQ(d1.stop(), 0) << d1.log();
+}
+
 // A group step one rank's daemon refuses for its tenant's max_inflight is refused on every rank.
 // Daemon 1 allows its tenant one request in flight; group H's rank 1 holds it (its forward waits
 // for H's rank 0, which the test holds back); group G's forward on daemon 1 is then refused for

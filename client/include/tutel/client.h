@@ -135,7 +135,9 @@ int tutel_submit_forward(tutel_layer* layer, const float* x, int64_t tokens, flo
 int tutel_submit_backward(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
                           float* dx, tutel_ticket* ticket);
 /* tutel_submit_backward with flags: TUTEL_KEEP_PARAM_GRADS computes dx alone and leaves the
- * parameter gradients as they were (the gradient of the input alone; a frozen module). */
+ * parameter gradients as they were (the gradient of the input alone; a frozen module). On an
+ * expert-parallel layer every rank must pass it alike, or every rank's backward is refused
+ * (TUTEL_E_INVALID_ARGUMENT) and its forward consumed. */
 #define TUTEL_KEEP_PARAM_GRADS 1u
 int tutel_submit_backward_flags(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
                                 float* dx, uint32_t flags, tutel_ticket* ticket);

@@ -203,8 +203,9 @@ class Layer {
   // Backward of the training forward with `sequence`.
   Status backward(uint64_t sequence, const float* dy, float dl_aux, float* dx);
   // The same with kKeep: dx alone, the parameter gradients left as they were (the gradient of
-  // the input alone; a frozen module). An overload, not a default argument: the library's
-  // existing symbols stay as they were.
+  // the input alone; a frozen module). On an expert-parallel layer every rank must ask alike,
+  // or every rank's backward is refused (InvalidArgument) and its forward consumed. An
+  // overload, not a default argument: the library's existing symbols stay as they were.
   enum class ParamGrads { kAccumulate, kKeep };
   Status backward(uint64_t sequence, const float* dy, float dl_aux, float* dx, ParamGrads param_grads);
   // Drops the training forward `sequence` that will never be backwarded (the trainer skipped

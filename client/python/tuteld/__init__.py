@@ -440,7 +440,8 @@ class Layer:
         of the training forward `sequence` (its ForwardInfo.sequence), by default the oldest
         not yet backwarded. The parameter gradients accumulate in the daemon; with
         param_grads=False they are left as they were (dx alone: a frozen module, the gradient
-        of the input alone)."""
+        of the input alone); on an expert-parallel layer every rank must ask alike, or every
+        rank's backward raises (InvalidArgument) and its forward is consumed."""
         lead, rows = self._rows(dy, self.output_dim, "dy")
         with self._client._lock:
             handle = self._layer()  # first the queued discards: the default may not pick one

@@ -234,8 +234,14 @@ class ExpertParallelLayer {
   // (shapes, a `saved` holding no forward) are refused before anything runs, and `saved` is
   // kept; otherwise `saved` is consumed, also when a collective fails, and may be passed to
   // another forward.
+  // `dx_only`: the caller puts `local_grads` back as they were after this backward (a backward
+  // for dx alone, a frozen module); the layer accumulates into them all the same. Every rank
+  // must say the same: an expert's gradient sums every rank's tokens routed to it, so a group
+  // where some ranks keep their gradients and some do not would keep only part of a step's. The
+  // group checks it in the backward's first agreement (no collective more) and refuses the step
+  // on every rank (InvalidArgument) when the ranks differ; `saved` is consumed then too.
   Status backward(const LayerWeights& local, TensorView dy, float dl_aux, TensorView dx,
-                  const LayerWeights& local_grads, Saved& saved);
+                  const LayerWeights& local_grads, Saved& saved, bool dx_only = false);
   // This rank's step was refused before the layer could run it (its owner could not stage the
   // request's input or output, say): it joins the step's first agreement as a rank that cannot
   // run it, so every rank refuses the same step rather than waiting for this one until the
@@ -272,10 +278,17 @@ class ExpertParallelLayer {
     kEveryWay = 3,         // what the step needs whichever way it runs
   };
   Status run_local_phase(const std::function<PhaseKey()>& key, const std::function<Status()>& ops);
+  // `must_match`: a value every rank must pass alike (a caller's choice the group has to
+  // share); where the ranks differ the group refuses the step, each rank with
+  // `mismatch_refusal`, after the checks above (a rank that could not prepare names the cause).
+  struct MustMatch {
+    int64_t value;
+    const char* mismatch_refusal;  // an InvalidArgument's message
+  };
   Status run_group_phase(const Status& prepared, const std::function<PhaseKey()>& key,
                          const std::function<Status()>& ops,
                          Unprepared unprepared = Unprepared::kEveryWay,
-                         Unprepared* refused = nullptr);
+                         Unprepared* refused = nullptr, MustMatch must_match = {0, nullptr});
   Status refused_by_a_peer() const;
   // A phase's ops that failed part way leave the group out of step: gives up the communicator
   // (Communicator::give_up) and returns `st`; OK passes through.
