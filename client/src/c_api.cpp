@@ -414,6 +414,23 @@ int tutel_zero_grad(tutel_layer* layer) {
   });
 }
 
+int tutel_grad_norm(tutel_layer* layer, double* norm) {
+  return guarded("tutel_grad_norm", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_grad_norm");
+    if (norm == nullptr) return fail_invalid("tutel_grad_norm: norm is NULL");
+    tutel::Result<double> got = layer->layer->grad_norm();
+    if (got.ok()) *norm = *got;
+    return to_code(got.status());
+  });
+}
+
+int tutel_scale_grads(tutel_layer* layer, double factor) {
+  return guarded("tutel_scale_grads", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_scale_grads");
+    return to_code(layer->layer->scale_grads(factor));
+  });
+}
+
 int tutel_save(tutel_layer* layer, const char* path) {
   return guarded("tutel_save", [&] {
     if (!valid(layer)) return invalid_layer("tutel_save");

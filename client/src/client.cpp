@@ -1,5 +1,6 @@
 #include "tutel/client.hpp"
 
+#include <cmath>
 #include <limits>
 #include <utility>
 
@@ -412,6 +413,25 @@ Result<int64_t> Layer::step() {
 
 Status Layer::zero_grad() {
   return layer_call(state_, ipc::FrameType::kZeroGrad, json::object()).status();
+}
+
+Result<double> Layer::grad_norm() {
+  TUTEL_ASSIGN_OR_RETURN(json reply, layer_call(state_, ipc::FrameType::kGradNorm, json::object()));
+  const auto norm = reply.find("norm");
+  if (norm != reply.end() && norm->is_number()) return norm->get<double>();
+  const auto not_finite = reply.find("not_finite");
+  if (not_finite != reply.end() && *not_finite == "inf") return std::numeric_limits<double>::infinity();
+  if (not_finite != reply.end() && *not_finite == "nan") return std::numeric_limits<double>::quiet_NaN();
+  return internal::malformed_reply(Status::InvalidArgument("no number in 'norm' and no 'not_finite' of inf or nan: " +
+                                                           ipc::dump_body(reply)),
+                                   "GradNorm");
+}
+
+Status Layer::scale_grads(double factor) {
+  // JSON carries no inf or NaN: refused here with the daemon's words, not sent as null.
+  if (!std::isfinite(factor))
+    return Status::InvalidArgument("scale_grads: the factor must be a finite number, not " + std::to_string(factor));
+  return layer_call(state_, ipc::FrameType::kScaleGrads, {{"factor", factor}}).status();
 }
 
 Result<std::string> Layer::save(std::string_view path) {

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -787,6 +788,27 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         return json{{"step", step}};
       };
       break;
+    case ipc::FrameType::kGradNorm:
+      op_name = "grad_norm";
+      op = [this, tenant, b]() -> Result<json> {
+        TUTEL_ASSIGN_OR_RETURN(uint64_t h, handle_of(b));
+        TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->find(tenant, h));
+        TUTEL_ASSIGN_OR_RETURN(double norm, ref.layer->grad_norm());
+        // JSON has no inf or NaN: a gradient that is not finite is said in words.
+        if (std::isfinite(norm)) return json{{"norm", norm}};
+        return json{{"norm", nullptr}, {"not_finite", std::isnan(norm) ? "nan" : "inf"}};
+      };
+      break;
+    case ipc::FrameType::kScaleGrads:
+      op_name = "scale_grads";
+      op = [this, tenant, b]() -> Result<json> {
+        TUTEL_ASSIGN_OR_RETURN(uint64_t h, handle_of(b));
+        TUTEL_ASSIGN_OR_RETURN(double factor, ipc::get_number(b, "factor"));
+        TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->find(tenant, h));
+        TUTEL_RETURN_IF_ERROR(ref.layer->scale_grads(factor));
+        return json::object();
+      };
+      break;
     case ipc::FrameType::kSave:
     case ipc::FrameType::kLoad:
       op_name = type == ipc::FrameType::kSave ? "save" : "load";
@@ -850,6 +872,7 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
   // that is not the tenant's fails at once and waits for nothing.
   std::optional<uint64_t> layer_handle;
   if (type == ipc::FrameType::kDestroyLayer || type == ipc::FrameType::kStep || type == ipc::FrameType::kZeroGrad ||
+      type == ipc::FrameType::kGradNorm || type == ipc::FrameType::kScaleGrads ||
       type == ipc::FrameType::kSave || type == ipc::FrameType::kLoad)
     if (const Result<uint64_t> h = handle_of(b); h.ok() && registry_->find(tenant, *h).ok()) layer_handle = *h;
   auto work = [op, result] { *result = guarded(op); };

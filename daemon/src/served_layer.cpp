@@ -6,6 +6,7 @@
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -819,6 +820,44 @@ Status ServedLayer::zero_grad() {
   auto device_lock = lock_device();
   TUTEL_RETURN_IF_ERROR(rank_.health.check());
   for (Tensor& t : tensors_) TUTEL_RETURN_IF_ERROR(watch_device(b.fill_zero(bytes_view(t.grad, b.device()))));
+  return Status::OK();
+}
+
+Result<double> ServedLayer::grad_norm() {
+  LayerLock lock(*this, Waits::kCounted);
+  auto device_lock = lock_device(Waits::kCounted);
+  // On a group layer a collective: a rank out of service fails it at its first op (as step).
+  if (group_) {
+    Result<double> squares = group_->layer->grad_sum_squares(weights_of(1));
+    TUTEL_RETURN_IF_ERROR(watch_device(note_group_status(squares.status())));
+    return std::sqrt(*squares);
+  }
+  TUTEL_RETURN_IF_ERROR(rank_.health.check());
+  ActivationBackend& b = activations();
+  const Device d = b.device();
+  TUTEL_ASSIGN_OR_RETURN(DeviceBuffer sum, b.allocate(sizeof(float)));
+  const TensorView sum_view(sum.data(), DType::kF32, {1}, d);
+  float squares = 0;
+  const Status st = [&]() -> Status {
+    TUTEL_RETURN_IF_ERROR(b.fill_zero(sum_view));
+    for (const Tensor& t : tensors_) TUTEL_RETURN_IF_ERROR(b.add_sum_squares(t.view(t.grad, d), sum_view));
+    TUTEL_RETURN_IF_ERROR(b.copy(&squares, sum.data(), sizeof squares, CopyKind::kDeviceToHost));
+    return b.synchronize();
+  }();
+  TUTEL_RETURN_IF_ERROR(watch_device(st));
+  return std::sqrt(double(squares));
+}
+
+Status ServedLayer::scale_grads(double factor) {
+  if (!std::isfinite(factor) || std::abs(factor) > double(std::numeric_limits<float>::max()))
+    return Status::InvalidArgument("layer '" + def_.name + "': a gradient scale must be a finite f32 number, not " +
+                                   std::to_string(factor));
+  LayerLock lock(*this);
+  Backend& b = backend();
+  auto device_lock = lock_device();
+  TUTEL_RETURN_IF_ERROR(rank_.health.check());
+  for (Tensor& t : tensors_)
+    TUTEL_RETURN_IF_ERROR(watch_device(b.scale(t.view(t.grad, b.device()), static_cast<float>(factor))));
   return Status::OK();
 }
 

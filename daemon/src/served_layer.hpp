@@ -174,6 +174,14 @@ class ServedLayer {
   // Applies the optimizer to the accumulated gradients; returns the new step count.
   Result<int64_t> step();
   Status zero_grad();
+  // The L2 norm of the accumulated gradients (every parameter of the layer; inf or NaN where one
+  // is not finite). On a group layer it is the whole layer's, the same on every rank: a
+  // collective, like step (the gate's gradient summed over the group, as step applies it).
+  Result<double> grad_norm();
+  // Multiplies the accumulated gradients by `factor` (finite): clipping, unscaling a loss scale.
+  // This rank's alone; on a group layer every rank must scale by the same factor (the gate's
+  // gradient is summed over the group at the step).
+  Status scale_grads(double factor);
   // Parameters, optimizer state, step count and spec, written atomically.
   Status save(const std::string& path);
   // Parameters (and optimizer state when present) from a file written by save() or a Tutel

@@ -331,12 +331,14 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   // rank refused there would leave its peers waiting in the collective; and before the group
   // compares, so a rank that cannot allocate it refuses with its peers. The tuner's agreement
   // is the widest.
-  DeviceBuffer agreed;
-  if (valid.ok()) {
-    Result<DeviceBuffer> made =
-        backend.allocate(std::max<size_t>(8, TunerOptions::kMaxCandidates) * sizeof(int64_t));
+  // The gradient norm's all-reduce buffer likewise ([E·M] gate gradient, one sum of squares).
+  DeviceBuffer agreed, grad_norm;
+  for (auto [buffer, bytes] : {std::pair{&agreed, std::max<size_t>(8, TunerOptions::kMaxCandidates) * sizeof(int64_t)},
+                               std::pair{&grad_norm, static_cast<size_t>(spec.experts * spec.model_dim + 1) * 4}}) {
+    if (!valid.ok()) break;
+    Result<DeviceBuffer> made = backend.allocate(bytes);
     if (made.ok())
-      agreed = std::move(made).value();
+      *buffer = std::move(made).value();
     else
       valid = made.status();
   }
@@ -355,6 +357,7 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   if (options.runner != nullptr && options.runner->captures())
     layer.graph_release_ = comm::GraphRelease(comm, [runner = options.runner] { runner->clear(); });
   layer.agreed_ = std::move(agreed);
+  layer.grad_norm_ = std::move(grad_norm);
   // The gather groups. Each split is a collective: a rank whose split failed here alone (its
   // new communicator could not start) still joins every later one, then the group agrees on
   // whether every rank has its groups, and all refuse the layer together if one does not.
@@ -1401,6 +1404,35 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
        "sums every rank's tokens, so every rank's trainer must ask the same; every rank refused "
        "this backward, and its forward is consumed"}));
   return wait_collectives();
+}
+
+Result<double> ExpertParallelLayer::grad_sum_squares(const LayerWeights& local_grads) {
+  TUTEL_RETURN_IF_ERROR(check_local(local_grads, spec_, shard_, "gradients"));
+  Backend& b = *backend_;
+  const int64_t gate_floats = spec_.experts * spec_.model_dim;
+  const TensorView gate = f32(grad_norm_, {spec_.experts, spec_.model_dim}),
+                   sum = f32_at(grad_norm_, gate_floats, {1});
+  // Staged on this rank alone; a rank whose staging fails cannot join the all-reduce its peers
+  // wait in, and gives the group up (as agree_on_max).
+  const Status staged = [&]() -> Status {
+    TUTEL_RETURN_IF_ERROR(b.copy(gate.data(), local_grads.gate_weight.data(), gate_floats * 4,
+                                 CopyKind::kDeviceToDevice));
+    TUTEL_RETURN_IF_ERROR(b.fill_zero(sum));
+    const ExpertWeights& e = local_grads.experts;
+    for (const TensorView* t : {&e.fc1_weight, &e.fc1_bias, &e.fc2_weight, &e.fc2_bias})
+      if (!t->empty()) TUTEL_RETURN_IF_ERROR(b.add_sum_squares(*t, sum));
+    return collective_ready();
+  }();
+  if (!staged.ok()) return gave_up(staged);
+  // One all-reduce: the gate's gradient summed over the group (what the step will apply) and the
+  // experts' disjoint slices' sums of squares.
+  TUTEL_RETURN_IF_ERROR(comm_->all_reduce(gate.data_as<float>(), gate_floats + 1, comm::ReduceOp::kSum));
+  TUTEL_RETURN_IF_ERROR(wait_collectives());
+  TUTEL_RETURN_IF_ERROR(b.add_sum_squares(gate, sum));
+  float host = 0;
+  TUTEL_RETURN_IF_ERROR(b.copy(&host, sum.data(), sizeof host, CopyKind::kDeviceToHost));
+  TUTEL_RETURN_IF_ERROR(b.synchronize());
+  return double(host);
 }
 
 Status ExpertParallelLayer::all_reduce_gate_grad(TensorView gate_grad) {

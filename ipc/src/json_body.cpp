@@ -158,6 +158,15 @@ Result<int64_t> get_int(const nlohmann::json& body, std::string_view key) {
   return Status::InvalidArgument("field '" + k + "' must be an integer, got " + kind_name(*it));
 }
 
+Result<double> get_number(const nlohmann::json& body, std::string_view key) {
+  const std::string k(key);
+  if (!body.is_object()) return Status::InvalidArgument("expected an object holding '" + k + "'");
+  const auto it = body.find(k);
+  if (it == body.end()) return Status::InvalidArgument("field '" + k + "' is missing");
+  if (!it->is_number()) return Status::InvalidArgument("field '" + k + "' must be a number, got " + kind_name(*it));
+  return it->get<double>();
+}
+
 Result<std::string> get_string(const nlohmann::json& body, std::string_view key) {
   const std::string k(key);
   if (!body.is_object()) return Status::InvalidArgument("expected an object holding '" + k + "'");

@@ -34,6 +34,8 @@ std::string_view frame_type_name(FrameType t) {
     case FrameType::kLoad: return "Load";
     case FrameType::kMapRegion: return "MapRegion";
     case FrameType::kUnmapRegion: return "UnmapRegion";
+    case FrameType::kGradNorm: return "GradNorm";
+    case FrameType::kScaleGrads: return "ScaleGrads";
     case FrameType::kAdminStatus: return "AdminStatus";
     case FrameType::kAdminTenants: return "AdminTenants";
     case FrameType::kAdminLayers: return "AdminLayers";

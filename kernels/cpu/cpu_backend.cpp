@@ -165,6 +165,14 @@ class CpuBackend final : public Backend {
     threads_scope();
     return cpu::add_column_sums(src, column, dst);
   }
+  Status add_sum_squares(TensorView src, TensorView dst) override {
+    threads_scope();
+    return cpu::add_sum_squares(src, dst);
+  }
+  Status scale(TensorView t, float factor) override {
+    threads_scope();
+    return cpu::scale(t, factor);
+  }
 
   Status gate_noise(uint64_t seed, uint64_t counter, float scale, TensorView out) override {
     threads_scope();

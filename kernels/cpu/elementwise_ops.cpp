@@ -1,6 +1,7 @@
 #include "cpu/elementwise_ops.hpp"
 
 #include <algorithm>
+#include <vector>
 
 namespace tutel::cpu {
 
@@ -50,6 +51,38 @@ Status add_column_sums(TensorView src, int64_t column, TensorView dst) {
     }
     for (int64_t c = 0; c < width; ++c) d[c0 + c] = acc[c];
   }
+  return Status::OK();
+}
+
+// Fixed blocks of kSquareBlock elements, each a double sum of its own; then the blocks in order
+// (on this thread), so the threads only decide who sums which block.
+Status add_sum_squares(TensorView src, TensorView dst) {
+  TUTEL_RETURN_IF_ERROR(check_sum_squares(src, dst));
+  constexpr int64_t kSquareBlock = 1 << 16;
+  const int64_t n = src.numel(), blocks = (n + kSquareBlock - 1) / kSquareBlock;
+  const float* s = src.data_as<float>();
+  std::vector<double> partial(static_cast<size_t>(blocks));
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t end = std::min(n, (b + 1) * kSquareBlock);
+    double acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = b * kSquareBlock; i < end; ++i) acc += double(s[i]) * double(s[i]);
+    partial[static_cast<size_t>(b)] = acc;
+  }
+  double sum = 0;
+  for (double p : partial) sum += p;
+  float* d = dst.data_as<float>();
+  d[0] = static_cast<float>(double(d[0]) + sum);
+  return Status::OK();
+}
+
+Status scale(TensorView t, float factor) {
+  TUTEL_RETURN_IF_ERROR(check_scale(t));
+  float* d = t.data_as<float>();
+  const int64_t n = t.numel();
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) d[i] *= factor;
   return Status::OK();
 }
 

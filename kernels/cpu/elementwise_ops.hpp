@@ -13,5 +13,7 @@ Status add(TensorView dst, TensorView src);
 Status add_row_bias(TensorView out, TensorView bias, int64_t column);
 // A running sum per column, starting from dst[c], over the rows in increasing order.
 Status add_column_sums(TensorView src, int64_t column, TensorView dst);
+Status add_sum_squares(TensorView src, TensorView dst);
+Status scale(TensorView t, float factor);
 
 }  // namespace tutel::cpu

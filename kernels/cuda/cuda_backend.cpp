@@ -148,6 +148,14 @@ class CudaBackend final : public Backend {
     TUTEL_RETURN_IF_ERROR(enter_op());
     return cuda::add_column_sums(src, column, dst, [this](size_t n) { return scratch(n); }, stream_);
   }
+  Status add_sum_squares(TensorView src, TensorView dst) override {
+    TUTEL_RETURN_IF_ERROR(enter_op());
+    return cuda::add_sum_squares(src, dst, [this](size_t n) { return scratch(n); }, stream_);
+  }
+  Status scale(TensorView t, float factor) override {
+    TUTEL_RETURN_IF_ERROR(enter_op());
+    return cuda::scale(t, factor, stream_);
+  }
   Result<ShareableBuffer> allocate_shareable(size_t bytes) override;
   Status register_host(void* data, size_t bytes) override;
   Status unregister_host(void* data) override;

@@ -81,6 +81,11 @@ cudaError_t launch_bias_grad(const float* d, int64_t experts, int64_t rows, int6
                              float* dbias, cudaStream_t stream);
 // dst[i] += src[i] for i < n.
 cudaError_t launch_add(float* dst, const float* src, int64_t n, cudaStream_t stream);
+// dst[0] += Σ src[i]² (double sums of fixed blocks, then the blocks in order); scratch is
+// sum_squares_scratch_bytes() long.
+size_t sum_squares_scratch_bytes();
+cudaError_t launch_sum_squares(const float* src, int64_t n, void* scratch, float* dst, cudaStream_t stream);
+cudaError_t launch_scale(float* t, int64_t n, float factor, cudaStream_t stream);
 // out[r·ld + c] += bias[c] for r < rows, c < n.
 cudaError_t launch_add_row_bias(float* out, int64_t rows, int64_t ld, const float* bias, int64_t n,
                                 cudaStream_t stream);

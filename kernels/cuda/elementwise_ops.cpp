@@ -30,4 +30,19 @@ Status add_column_sums(TensorView src, int64_t column, TensorView dst,
   return Status::OK();
 }
 
+Status add_sum_squares(TensorView src, TensorView dst, const std::function<Result<void*>(size_t bytes)>& scratch,
+                       cudaStream_t stream) {
+  TUTEL_RETURN_IF_ERROR(check_sum_squares(src, dst));
+  if (src.numel() == 0) return Status::OK();
+  TUTEL_ASSIGN_OR_RETURN(void* partial, scratch(sum_squares_scratch_bytes()));
+  TUTEL_CUDA_CHECK(launch_sum_squares(src.data_as<float>(), src.numel(), partial, dst.data_as<float>(), stream));
+  return Status::OK();
+}
+
+Status scale(TensorView t, float factor, cudaStream_t stream) {
+  TUTEL_RETURN_IF_ERROR(check_scale(t));
+  TUTEL_CUDA_CHECK(launch_scale(t.data_as<float>(), t.numel(), factor, stream));
+  return Status::OK();
+}
+
 }  // namespace tutel::cuda

@@ -20,4 +20,9 @@ Status add_column_sums(TensorView src, int64_t column, TensorView dst,
                        const std::function<Result<void*>(size_t bytes)>& scratch,
                        cudaStream_t stream);
 
+// The partial sums in device memory from `scratch`, asked for once the arguments are good.
+Status add_sum_squares(TensorView src, TensorView dst, const std::function<Result<void*>(size_t bytes)>& scratch,
+                       cudaStream_t stream);
+Status scale(TensorView t, float factor, cudaStream_t stream);
+
 }  // namespace tutel::cuda

@@ -222,6 +222,60 @@ cudaError_t launch_add(float* dst, const float* src, int64_t n, cudaStream_t str
   return cudaGetLastError();
 }
 
+namespace {
+
+// A fixed grid: the partial of block b sums the elements b·kThreads + t + j·(grid·kThreads) in a
+// fixed tree, so the result depends on n alone, never on the device.
+constexpr int kSquareBlocks = 1024;
+
+__global__ void sum_squares_partial_kernel(const float* src, int64_t n, double* partial) {
+  __shared__ double lane[kThreads];
+  double acc = 0;
+  for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) {
+    const double v = src[i];
+    acc += v * v;
+  }
+  lane[threadIdx.x] = acc;
+  __syncthreads();
+  for (int half = kThreads / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) lane[threadIdx.x] += lane[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[blockIdx.x] = lane[0];
+}
+
+// One thread: the blocks' partials in order (at most kSquareBlocks of them).
+__global__ void sum_squares_final_kernel(const double* partial, int blocks, float* dst) {
+  double sum = 0;
+  for (int b = 0; b < blocks; ++b) sum += partial[b];
+  dst[0] = static_cast<float>(static_cast<double>(dst[0]) + sum);
+}
+
+__global__ void scale_kernel(float* t, int64_t n, float factor) {
+  for (int64_t i = grid_index(); i < n; i += grid_stride()) t[i] *= factor;
+}
+
+}  // namespace
+
+size_t sum_squares_scratch_bytes() { return kSquareBlocks * sizeof(double); }
+
+cudaError_t launch_sum_squares(const float* src, int64_t n, void* scratch, float* dst, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  const int64_t wanted = (n + kThreads - 1) / kThreads;
+  const int blocks = static_cast<int>(wanted < kSquareBlocks ? wanted : kSquareBlocks);
+  auto* partial = static_cast<double*>(scratch);
+  sum_squares_partial_kernel<<<blocks, kThreads, 0, stream>>>(src, n, partial);
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  sum_squares_final_kernel<<<1, 1, 0, stream>>>(partial, blocks, dst);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_scale(float* t, int64_t n, float factor, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  scale_kernel<<<grid_for(n), kThreads, 0, stream>>>(t, n, factor);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_add_row_bias(float* out, int64_t rows, int64_t ld, const float* bias, int64_t n,
                                 cudaStream_t stream) {
   if (rows <= 0 || n <= 0) return cudaSuccess;

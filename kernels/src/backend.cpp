@@ -72,6 +72,21 @@ Status check_add(const TensorView& dst, const TensorView& src, std::string_view 
   return Status::OK();
 }
 
+Status check_sum_squares(const TensorView& src, const TensorView& dst) {
+  if (src.dtype() != DType::kF32 || dst.dtype() != DType::kF32 || dst.numel() != 1)
+    return Status::InvalidArgument("add_sum_squares: src is " + describe(src) + " and dst " + describe(dst) +
+                                   "; src must be f32, dst f32 of one element");
+  if (dst.empty() || (src.numel() > 0 && src.empty()))
+    return Status::InvalidArgument("add_sum_squares: src or dst has no data (null)");
+  return Status::OK();
+}
+
+Status check_scale(const TensorView& t) {
+  if (t.dtype() != DType::kF32) return Status::InvalidArgument("scale: t is " + describe(t) + "; it must be f32");
+  if (t.numel() > 0 && t.empty()) return Status::InvalidArgument("scale: t has no data (null)");
+  return Status::OK();
+}
+
 Status check_column_slice(const TensorView& matrix, const TensorView& slice, int64_t column,
                           std::string_view op) {
   const std::string p(op);

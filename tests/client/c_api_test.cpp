@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstddef>
 #include <string>
 #include <thread>
@@ -76,6 +77,9 @@ TEST(CApi, NullHandlesGiveInvalidArgument) {
   EXPECT_EQ(tutel_infer(nullptr, &f, 1, &f, nullptr), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_step(nullptr), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_zero_grad(nullptr), TUTEL_E_INVALID_ARGUMENT);
+  double norm = 0;
+  EXPECT_EQ(tutel_grad_norm(nullptr, &norm), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_scale_grads(nullptr, 0.5), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_save(nullptr, "a"), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_load(nullptr, "a"), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_layer_dims(nullptr, &i, &i, &i), TUTEL_E_INVALID_ARGUMENT);
@@ -213,6 +217,13 @@ TEST_F(CApiWithDaemon, TrainingRoundTrip) {
   ASSERT_EQ(tutel_step(layer), TUTEL_OK) << last_error();
   EXPECT_EQ(daemon_->steps(), 1);
   EXPECT_EQ(tutel_zero_grad(layer), TUTEL_OK);
+  double norm = 0;
+  EXPECT_EQ(tutel_grad_norm(layer, &norm), TUTEL_OK) << last_error();
+  EXPECT_EQ(norm, 1.5);  // the fake daemon's
+  EXPECT_EQ(tutel_grad_norm(layer, nullptr), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("norm is NULL"), std::string::npos) << last_error();
+  EXPECT_EQ(tutel_scale_grads(layer, 0.5), TUTEL_OK) << last_error();
+  EXPECT_EQ(tutel_scale_grads(layer, INFINITY), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_save(layer, "ck.safetensors"), TUTEL_OK);
   EXPECT_EQ(tutel_load(layer, "ck.safetensors"), TUTEL_OK);
 

@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -400,6 +402,36 @@ TEST(Client, AMalformedMapRegionReplyGivesTheRegionBack) {
   EXPECT_EQ(region.status().code(), StatusCode::kCorruption) << region.status();
   EXPECT_NE(region.status().message().find("reply to MapRegion is malformed"), std::string::npos) << region.status();
   EXPECT_EQ(f.daemon.unmapped_regions(), std::vector<int64_t>{1});
+  EXPECT_TRUE(client->ping().ok());
+}
+
+// A GradNorm reply: a number, or null with "not_finite" naming inf or nan (JSON has neither),
+// each given back as the double; anything else is the daemon's fault (Corruption), and the
+// session goes on.
+TEST(Client, GradNormRepliesAreReadAndMalformedOnesRefused) {
+  Fixture f(FakeDaemonOptions{});
+  auto client = f.connect();
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto layer = client->attach_layer("moe");
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  f.daemon.set_grad_norm_reply({{"norm", 2.5}});
+  EXPECT_EQ(*layer->grad_norm(), 2.5);
+  f.daemon.set_grad_norm_reply({{"norm", nullptr}, {"not_finite", "inf"}});
+  EXPECT_EQ(*layer->grad_norm(), std::numeric_limits<double>::infinity());
+  f.daemon.set_grad_norm_reply({{"norm", nullptr}, {"not_finite", "nan"}});
+  EXPECT_TRUE(std::isnan(*layer->grad_norm()));
+  for (const nlohmann::json& bad : {nlohmann::json::object(), nlohmann::json{{"norm", "2.5"}},
+                                    nlohmann::json{{"norm", nullptr}},
+                                    nlohmann::json{{"norm", nullptr}, {"not_finite", "huge"}},
+                                    nlohmann::json{{"not_finite", 1}}}) {
+    f.daemon.set_grad_norm_reply(bad);
+    const Result<double> norm = layer->grad_norm();
+    ASSERT_FALSE(norm.ok()) << bad.dump();
+    EXPECT_EQ(norm.status().code(), StatusCode::kCorruption) << norm.status();
+    EXPECT_NE(norm.status().message().find("reply to GradNorm is malformed"), std::string::npos) << norm.status();
+  }
+  // A factor JSON cannot carry is refused before it is sent.
+  EXPECT_EQ(layer->scale_grads(std::nan("")).code(), StatusCode::kInvalidArgument);
   EXPECT_TRUE(client->ping().ok());
 }
 

@@ -92,7 +92,13 @@ class FakeDaemon {
   void hold_completions(bool on) { hold_ = on; }
   // While on, step requests are read but never answered, so a control call times out for sure.
   void hold_step_replies(bool on) { hold_steps_ = on; }
+  // The body of the next GradNorm replies (a daemon's, or a broken one's).
+  void set_grad_norm_reply(nlohmann::json body) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    grad_norm_reply_ = std::move(body);
+  }
   // The device regions clients unmapped (kUnmapRegion), in order.
+  nlohmann::json grad_norm_reply_ = {{"norm", 1.5}};
   std::vector<int64_t> unmapped_regions() {
     std::lock_guard<std::mutex> lock(mutex_);
     return unmapped_;
@@ -196,6 +202,15 @@ class FakeDaemon {
         case FT::kStep:
           if (!hold_steps_) (void)ipc::send_json(conn.get(), FT::kOk, rid, {{"step", ++steps_}});
           break;
+        case FT::kGradNorm: {
+          nlohmann::json reply;
+          {
+            std::lock_guard<std::mutex> lock(mutex_);
+            reply = grad_norm_reply_;
+          }
+          (void)ipc::send_json(conn.get(), FT::kOk, rid, reply);
+          break;
+        }
         case FT::kSave:
           (void)ipc::send_json(
               conn.get(), FT::kOk, rid,

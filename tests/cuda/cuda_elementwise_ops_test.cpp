@@ -2,7 +2,9 @@
 // CPU backend on identical random inputs (skipped without a device). add and add_row_bias round
 // once per element on both backends: identical bits. add_column_sums sums fixed blocks of rows
 // on the GPU and row after row on the CPU: rtol 1e-5, atol 1e-5 (of max|cpu|), and the same
-// bits from run to run. Malformed arguments are refused as on the CPU, before any launch.
+// bits from run to run. add_sum_squares sums fixed blocks in double on both (blocks of its own
+// on each): rtol 1e-6, and the same bits from run to run; scale rounds once per element on both:
+// identical bits. Malformed arguments are refused as on the CPU, before any launch.
 #include <gtest/gtest.h>
 
 #include <functional>
@@ -96,6 +98,29 @@ TEST_F(CudaElementwiseOps, AddColumnSumsMatchesCpuAndRepeatsItsBits) {
   }
 }
 
+TEST_F(CudaElementwiseOps, AddSumSquaresAndScaleMatchCpu) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  // Below one block of threads, past the grid of 1024 blocks, and none.
+  for (const Shape& shape : {Shape{1}, Shape{17, 3}, Shape{300000}, Shape{4096, 600}, Shape{0, 4}}) {
+    SCOPED_TRACE(shape.to_string());
+    const size_t n = static_cast<size_t>(shape.numel());
+    const std::vector<float> start = normal(1, 2.0);
+    Mirror src(*cpu_, *gpu_, DType::kF32, shape), dst(*cpu_, *gpu_, DType::kF32, {1});
+    src.set(normal(n, 1.5));
+    dst.set(start);
+    run_both([&](Backend& b, bool gpu) { return b.add_sum_squares(gpu ? src.gpu() : src.cpu(), gpu ? dst.gpu() : dst.cpu()); });
+    EXPECT_TRUE(matches_cpu("sum of squares", dst, 1e-6, 0.0));
+    const std::vector<float> first = dst.gpu_values();
+    dst.set(start);
+    const Status again = gpu_->add_sum_squares(src.gpu(), dst.gpu());
+    ASSERT_TRUE(again.ok()) << again;
+    EXPECT_TRUE(same_bits("sum of squares, second run", dst.gpu_values(), first));
+    const float factor = normal(1, 1.0)[0];
+    run_both([&](Backend& b, bool gpu) { return b.scale(gpu ? src.gpu() : src.cpu(), factor); });
+    EXPECT_TRUE(same_bits("scaled", src.gpu_values(), src.cpu_values()));
+  }
+}
+
 TEST_F(CudaElementwiseOps, MalformedArgumentsAreRefused) {
   Mirror a(*cpu_, *gpu_, DType::kF32, {4, 6}), other(*cpu_, *gpu_, DType::kF32, {6, 4}),
       ints(*cpu_, *gpu_, DType::kI32, {4, 6}), slice(*cpu_, *gpu_, DType::kF32, {3});
@@ -109,6 +134,8 @@ TEST_F(CudaElementwiseOps, MalformedArgumentsAreRefused) {
   refused(gpu_->add_row_bias(a.gpu(), slice.gpu(), 4), "columns [4, 7)");
   refused(gpu_->add_column_sums(a.gpu(), -1, slice.gpu()), "columns [-1, 2)");
   refused(gpu_->add_column_sums(a.gpu(), 0, a.gpu()), "expected f32 [n]");
+  refused(gpu_->add_sum_squares(a.gpu(), slice.gpu()), "dst f32 of one element");
+  refused(gpu_->scale(ints.gpu(), 2.f), "it must be f32");
   EXPECT_TRUE(gpu_->synchronize().ok());
 }
 

@@ -269,6 +269,16 @@ class SimulatedDevice final : public Backend {
     Access open(*this);
     return cpu_->add(dst, src);
   }
+  Status add_sum_squares(TensorView src, TensorView dst) override {
+    TUTEL_RETURN_IF_ERROR(check("add_sum_squares", {src, dst}));
+    Access open(*this);
+    return cpu_->add_sum_squares(src, dst);
+  }
+  Status scale(TensorView t, float factor) override {
+    TUTEL_RETURN_IF_ERROR(check("scale", {t}));
+    Access open(*this);
+    return cpu_->scale(t, factor);
+  }
   Status add_row_bias(TensorView out, TensorView bias, int64_t column) override {
     TUTEL_RETURN_IF_ERROR(check("add_row_bias", {out, bias}));
     Access open(*this);

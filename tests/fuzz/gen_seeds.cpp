@@ -165,6 +165,9 @@ void ipc_seeds() {
                                      ipc::dump_body({{"rank", 0}, {"bytes", 65536}})));
   frames.push_back(
       ipc::encode_frame(ipc::FrameType::kUnmapRegion, 7, ipc::dump_body({{"region", 1}})));
+  frames.push_back(ipc::encode_frame(ipc::FrameType::kGradNorm, 11, ipc::dump_body({{"handle", 1}})));
+  frames.push_back(
+      ipc::encode_frame(ipc::FrameType::kScaleGrads, 12, ipc::dump_body({{"handle", 1}, {"factor", 0.25}})));
   json hello{{"session", 3}, {"tenant", "a"}, {"spin_us", 50}};
   ipc::put_layout(hello, *ipc::arena_layout(64 << 20));
   frames.push_back(ipc::encode_frame(ipc::FrameType::kHelloReply, 1, ipc::dump_body(hello)));

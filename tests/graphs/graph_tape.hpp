@@ -141,6 +141,12 @@ class TapeBackend final : public ForwardingBackend {
   Status add(TensorView dst, TensorView src) override {
     return tape_.run_or_record([=, this] { return inner().add(dst, src); });
   }
+  Status add_sum_squares(TensorView src, TensorView dst) override {
+    return tape_.run_or_record([=, this] { return inner().add_sum_squares(src, dst); });
+  }
+  Status scale(TensorView t, float factor) override {
+    return tape_.run_or_record([=, this] { return inner().scale(t, factor); });
+  }
   Status add_row_bias(TensorView out, TensorView bias, int64_t column) override {
     return tape_.run_or_record([=, this] { return inner().add_row_bias(out, bias, column); });
   }

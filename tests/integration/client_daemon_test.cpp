@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <functional>
@@ -20,6 +21,7 @@
 #include "../common/loopback.hpp"
 #include "daemon_fixture.hpp"
 #include "tutel/client.hpp"
+#include "tutel/core/safetensors.hpp"
 
 namespace tutel::testing {
 namespace {
@@ -363,6 +365,77 @@ TEST_F(ClientDaemon, ABackwardForDxAloneLeavesTheParameterGradients) {
   ASSERT_TRUE(b->infer(x1.data(), 32, yb.data()).ok());
   EXPECT_EQ(ya, yb) << "the step after a dx-only backward is not the plain backward's alone";
   EXPECT_NE(ya, before) << "the step moved nothing";
+}
+
+// Every parameter a layer saved as `name` (no optimizer state), in the file's order; empty when
+// the file cannot be read.
+std::vector<float> saved_parameters(const DaemonProcess& d, const std::string& name) {
+  auto file = SafetensorsFile::open(d.dir() + "/state/default/checkpoints/" + name);
+  if (!file.ok()) return {};
+  std::vector<float> all;
+  for (const SafetensorsTensor& t : file->tensors()) {
+    if (t.name.rfind("optimizer.", 0) == 0 || t.dtype != DType::kF32) continue;
+    const float* p = static_cast<const float*>(t.data);
+    all.insert(all.end(), p, p + t.shape.numel());
+  }
+  return all;
+}
+
+// The gradient norm is the norm of what the step applies, and scale_grads scales it: after one
+// SGD step (lr 0.05; on the first step momentum applies the gradient itself) from gradients
+// scaled by 0.25, (before − after) / lr has the norm 0.25 · grad_norm (rtol 1e-3: the weights'
+// f32 rounding over lr). A refused scale (beyond f32, not finite) changes nothing; a NaN in the
+// gradients gives a NaN norm; zero_grad gives 0.
+TEST_F(ClientDaemon, TheGradientNormIsTheStepsAndScaleGradsScalesIt) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok());
+  auto layer = client->create_layer(spec("norm"));
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  std::mt19937 rng(std::random_device{}());
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<float> x(32 * 16), dy(32 * 16), y(32 * 16), dx(32 * 16);
+  for (float& v : x) v = normal(rng);
+  for (float& v : dy) v = normal(rng);
+  ASSERT_TRUE(layer->forward(x.data(), 32, y.data()).ok());
+  ASSERT_TRUE(layer->backward(dy.data(), 0.5f, dx.data()).ok());
+  const Result<double> norm = layer->grad_norm();
+  ASSERT_TRUE(norm.ok()) << norm.status();
+  EXPECT_GT(*norm, 0.0);
+  // Refused, and nothing changes: beyond f32 (the daemon), not finite (the library).
+  EXPECT_EQ(layer->scale_grads(1e300).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(layer->scale_grads(std::nan("")).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(layer->scale_grads(INFINITY).code(), StatusCode::kInvalidArgument);
+  const Result<double> again = layer->grad_norm();
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(*again, *norm);
+  ASSERT_TRUE(layer->save("norm_before").ok());
+  ASSERT_TRUE(layer->scale_grads(0.25).ok());
+  const Result<double> scaled = layer->grad_norm();
+  ASSERT_TRUE(scaled.ok()) << scaled.status();
+  EXPECT_NEAR(*scaled, 0.25 * *norm, 1e-6 * *norm);
+  ASSERT_TRUE(layer->step().ok());
+  ASSERT_TRUE(layer->save("norm_after").ok());
+  const std::vector<float> before = saved_parameters(*daemon_, "norm_before"),
+                           after = saved_parameters(*daemon_, "norm_after");
+  ASSERT_EQ(before.size(), after.size());
+  ASSERT_FALSE(before.empty());
+  double applied = 0;
+  for (size_t i = 0; i < before.size(); ++i) {
+    const double g = (double(before[i]) - double(after[i])) / 0.05;
+    applied += g * g;
+  }
+  EXPECT_NEAR(std::sqrt(applied), 0.25 * *norm, 1e-3 * *norm);
+
+  ASSERT_TRUE(layer->zero_grad().ok());
+  const Result<double> zero = layer->grad_norm();
+  ASSERT_TRUE(zero.ok()) << zero.status();
+  EXPECT_EQ(*zero, 0.0);
+  dy[7] = std::nanf("");
+  ASSERT_TRUE(layer->forward(x.data(), 32, y.data()).ok());
+  ASSERT_TRUE(layer->backward(dy.data(), 0.5f, dx.data()).ok());
+  const Result<double> nan = layer->grad_norm();
+  ASSERT_TRUE(nan.ok()) << nan.status();
+  EXPECT_TRUE(std::isnan(*nan)) << *nan;
 }
 
 // A training forward its trainer will not backward (skipped, or its wait abandoned) is

@@ -8,11 +8,14 @@
 // micro-batches, backwards in reverse order), the step moves them by the gradient summed over
 // the group and the micro-batches. Fresh random weights (init_seed) and inputs each run; the
 // seed is in the failure message. Tolerances as the CPU layer test: forward rtol 1e-4 / atol
-// 1e-5, dx rtol 1e-3 / atol 1e-4, applied steps rtol 2e-3 / atol 2e-4 (atol of max|ref|).
+// 1e-5, dx rtol 1e-3 / atol 1e-4, applied steps rtol 2e-3 / atol 2e-4 (atol of max|ref|);
+// every rank's gradient norm (Layer::grad_norm, before the gradients are scaled for the step)
+// is the whole layer's reference norm within rtol 1e-4.
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #include <atomic>
+#include <cmath>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -236,17 +239,42 @@ LayerSpec small_spec(int64_t experts, int k, double f) {
   return spec;
 }
 
-// Group rank r's last part of a test: a training forward of x [S, M] into y, its backward
-// into dx, an optimizer step, and a checkpoint "after_r<r>.safetensors" for expect_applied_step.
+// The gradients are scaled by this before the step (a power of two: exact), so the applied step
+// is kGradScale times the reference gradient.
+constexpr float kGradScale = 0.5f;
+
+// The L2 norm of a whole layer's parameters (or gradients), in double.
+double l2_norm(const graphs::HostLayerParams& p) {
+  double squares = 0;
+  for (const std::vector<float>* t : {&p.gate, &p.fc1, &p.fc1_bias, &p.fc2, &p.fc2_bias})
+    for (float v : *t) squares += double(v) * double(v);
+  return std::sqrt(squares);
+}
+
+graphs::HostLayerParams scaled(graphs::HostLayerParams p, float factor) {
+  for (std::vector<float>* t : {&p.gate, &p.fc1, &p.fc1_bias, &p.fc2, &p.fc2_bias})
+    for (float& v : *t) v *= factor;
+  return p;
+}
+
+// Group rank r's last part of a test: a training forward of x [S, M] into y, its backward into
+// dx, the gradient norm (*norm), the gradients scaled by kGradScale, an optimizer step, and a
+// checkpoint "after_r<r>.safetensors" for expect_applied_step.
 Status forward_backward_step_save(client::Layer& layer, int r, const MicroBatch& mb, int64_t M,
                                   int64_t O, std::vector<float>& y, std::vector<float>& dx,
-                                  client::ForwardInfo* info) {
+                                  client::ForwardInfo* info, double* norm) {
   const int64_t S = static_cast<int64_t>(mb.xs[r].size()) / M;
   std::vector<float> x = to_f32(mb.xs[r]), dy = to_f32(mb.dys[r]);
   y.resize(S * O);
   dx.resize(S * M);
   Status st = layer.forward(x.data(), S, y.data(), info);
   if (st.ok()) st = layer.backward(dy.data(), mb.dl_aux, dx.data());
+  if (st.ok()) {
+    Result<double> got = layer.grad_norm();
+    st = got.status();
+    if (got.ok()) *norm = *got;
+  }
+  if (st.ok()) st = layer.scale_grads(kGradScale);
   if (st.ok()) st = layer.step().status();
   if (st.ok()) st = layer.save("after_r" + std::to_string(r) + ".safetensors").status();
   return st;
@@ -279,6 +307,7 @@ TEST_P(ExpertParallelDaemons, EveryRankMatchesTheSingleProcessLayer) {
     Status status;
     std::vector<float> y, dx;
     client::ForwardInfo info;
+    double grad_norm = -1;
   };
   std::vector<RankOut> out(W);
   std::vector<std::thread> threads;
@@ -289,7 +318,7 @@ TEST_P(ExpertParallelDaemons, EveryRankMatchesTheSingleProcessLayer) {
       if (!client.ok()) return void(o.status = client.status());
       auto layer = client->create_layer(group_layer_spec(body, port, W, r, R, c.all_to_all, c.more_group_keys));
       if (!layer.ok()) return void(o.status = layer.status());
-      o.status = forward_backward_step_save(*layer, r, mb, M, O, o.y, o.dx, &o.info);
+      o.status = forward_backward_step_save(*layer, r, mb, M, O, o.y, o.dx, &o.info, &o.grad_norm);
     });
   }
   for (auto& t : threads) t.join();
@@ -303,9 +332,11 @@ TEST_P(ExpertParallelDaemons, EveryRankMatchesTheSingleProcessLayer) {
     EXPECT_NEAR(out[r].info.l_aux, mb.want[r].l_aux, 1e-5);
     EXPECT_TRUE(all_close("y", out[r].y, mb.want[r].y, 1e-4, 1e-5));
     EXPECT_TRUE(all_close("dx", out[r].dx, mb.grads[r].dx, 1e-3, 1e-4));
+    // The whole layer's gradient norm on every rank (the gate's summed over the group).
+    EXPECT_NEAR(out[r].grad_norm, l2_norm(grad_sum), 1e-4 * l2_norm(grad_sum));
     expect_applied_step(daemons[r / R]->dir() + "/state/default/checkpoints/after_r" + std::to_string(r) +
                             ".safetensors",
-                        spec, W, r, whole_host, grad_sum);
+                        spec, W, r, whole_host, scaled(grad_sum, kGradScale));
   }
   for (int d = 0; d < D; ++d) EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << daemons[d]->log();
 }
@@ -606,6 +637,7 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
     std::vector<std::vector<float>> y_infer;
     std::vector<float> y, dx;
     std::vector<client::ForwardInfo> info;
+    double grad_norm = -1;
   };
   std::vector<RankOut> out(W);
   std::vector<std::thread> threads;
@@ -625,7 +657,7 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
       for (int i = 0; i < kInferences; ++i)
         if (Status st = layer->infer(x.data(), S, o.y_infer[i].data(), &o.info[i]); !st.ok())
           return void(o.status = st);
-      o.status = forward_backward_step_save(*layer, r, mb, M, O, o.y, o.dx, &o.info[kInferences]);
+      o.status = forward_backward_step_save(*layer, r, mb, M, O, o.y, o.dx, &o.info[kInferences], &o.grad_norm);
     });
   }
   for (auto& t : threads) t.join();
@@ -642,9 +674,10 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
           all_close("y", i < kInferences ? out[r].y_infer[i] : out[r].y, mb.want[r].y, 1e-4, 1e-5));
     }
     EXPECT_TRUE(all_close("dx", out[r].dx, mb.grads[r].dx, 1e-3, 1e-4));
+    EXPECT_NEAR(out[r].grad_norm, l2_norm(grad_sum), 1e-4 * l2_norm(grad_sum));
     expect_applied_step(daemons[r / R]->dir() + "/state/default/checkpoints/after_r" +
                             std::to_string(r) + ".safetensors",
-                        spec, W, r, whole_host, grad_sum);
+                        spec, W, r, whole_host, scaled(grad_sum, kGradScale));
   }
 
   // Every rank's dictionary, as the admin API reports it.

@@ -303,6 +303,37 @@ TEST_F(ProtocolAbuse, MalformedPinAndDrainRequests) {
   expect_daemon_serves();
 }
 
+// The gradient frames with what a library would never send: no factor, a factor that is not a
+// number or beyond f32, a handle that is not an integer or names no layer. Each is refused with
+// a message naming the field; the layer's gradients stay as they were (its norm), and it serves.
+TEST_F(ProtocolAbuse, MalformedGradNormAndScaleGradsRequests) {
+  RawSession s(daemon_->client_socket());
+  ASSERT_TRUE(s.hello().ok());
+  auto handle = s.create_layer(kSpec);
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  const nlohmann::json h = *handle;
+  const std::tuple<ipc::FrameType, nlohmann::json, StatusCode, const char*> bad[] = {
+      {ipc::FrameType::kScaleGrads, {{"handle", h}}, StatusCode::kInvalidArgument, "'factor' is missing"},
+      {ipc::FrameType::kScaleGrads, {{"handle", h}, {"factor", "2"}}, StatusCode::kInvalidArgument, "must be a number"},
+      {ipc::FrameType::kScaleGrads, {{"handle", h}, {"factor", nullptr}}, StatusCode::kInvalidArgument, "must be a number"},
+      {ipc::FrameType::kScaleGrads, {{"handle", h}, {"factor", 1e39}}, StatusCode::kInvalidArgument, "finite f32"},
+      {ipc::FrameType::kScaleGrads, {{"handle", "1"}, {"factor", 2}}, StatusCode::kInvalidArgument, "'handle'"},
+      {ipc::FrameType::kScaleGrads, {{"handle", 987654}, {"factor", 2}}, StatusCode::kNotFound, "987654"},
+      {ipc::FrameType::kGradNorm, nlohmann::json::object(), StatusCode::kInvalidArgument, "'handle' is missing"},
+      {ipc::FrameType::kGradNorm, {{"handle", -3}}, StatusCode::kInvalidArgument, "-3"},
+  };
+  for (const auto& [type, body, code, needle] : bad) {
+    auto r = s.call(type, body, ipc::FrameType::kOk);
+    ASSERT_FALSE(r.ok()) << body.dump();
+    EXPECT_EQ(r.status().code(), code) << body.dump() << ": " << r.status();
+    EXPECT_NE(r.status().message().find(needle), std::string_view::npos) << r.status();
+  }
+  auto norm = s.call(ipc::FrameType::kGradNorm, {{"handle", h}}, ipc::FrameType::kOk);
+  ASSERT_TRUE(norm.ok()) << norm.status();
+  EXPECT_EQ((*norm)["norm"], 0.0) << norm->dump();
+  expect_daemon_serves();
+}
+
 TEST_F(ProtocolAbuse, RequestsBeforeHelloAndHelloTwice) {
   RawSession s(daemon_->client_socket());
   auto r = s.call(ipc::FrameType::kCreateLayer, {{"spec", kSpec}}, ipc::FrameType::kLayerInfo);

@@ -1,11 +1,14 @@
-// The CPU backend's small f32 ops (Backend::add, add_row_bias, add_column_sums) against a
-// float64 reference on fresh random inputs, and the arguments they refuse.
+// The CPU backend's small f32 ops (Backend::add, add_row_bias, add_column_sums,
+// add_sum_squares, scale) against a float64 reference on fresh random inputs, and the arguments
+// they refuse.
 //
 // Tolerances (all_close: |got − want| <= atol·max|want| + rtol·|want|): one f32 rounding per
 // element for add and add_row_bias (rtol 1e-6); add_column_sums is a running f32 sum over up to
 // 700 rows (rtol 1e-5, atol 1e-5). add_column_sums must also give the bits of the plain f32 loop
 // that adds row after row into dst (the order graphs::ExpertParallelLayer relies on to keep its
-// results), whatever the thread count.
+// results), whatever the thread count. add_sum_squares sums in double and rounds once into
+// dst (rtol 1e-6), with the same bits on one thread and on two; scale rounds once per element
+// (rtol 1e-6).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -122,6 +125,41 @@ TEST(ElementwiseOps, AddColumnSumsMatchesTheReferenceAndTheRowOrderLoop) {
   }
 }
 
+TEST(ElementwiseOps, AddSumSquaresAndScaleMatchTheReference) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  auto one = cpu_backend(1), two = cpu_backend(2);
+  ASSERT_TRUE(one && two);
+  // Sizes around the CPU's block of 2^16 elements, and none.
+  for (const Shape& shape : {Shape{1}, Shape{17, 3}, Shape{65536}, Shape{65537}, Shape{3, 100000}, Shape{0, 4}}) {
+    SCOPED_TRACE(shape.to_string());
+    const size_t n = static_cast<size_t>(shape.numel());
+    const std::vector<float> x = to_f32(randn(rng, n, 1.5));
+    const float start = to_f32(randn(rng, 1, 2.0))[0];
+    const float factor = to_f32(randn(rng, 1, 1.0))[0];
+    double squares = 0;
+    for (float v : x) squares += double(v) * double(v);
+    std::vector<float> sums;
+    for (Backend* b : {one.get(), two.get()}) {
+      DeviceTensor src(*b, DType::kF32, shape), dst(*b, DType::kF32, {1});
+      src.upload(x);
+      dst.upload({start});
+      const Status st = b->add_sum_squares(src.view(), dst.view());
+      ASSERT_TRUE(st.ok()) << st;
+      sums.push_back(dst.download()[0]);
+      EXPECT_TRUE(all_close("sum of squares", {sums.back()}, {double(start) + squares}, 1e-6, 0.0));
+      EXPECT_TRUE(same_bits("src", src.download(), x)) << "add_sum_squares wrote to its source";
+      const Status scaled = b->scale(src.view(), factor);
+      ASSERT_TRUE(scaled.ok()) << scaled;
+      std::vector<double> want(n);
+      for (size_t i = 0; i < n; ++i) want[i] = double(x[i]) * double(factor);
+      EXPECT_TRUE(all_close("scaled", src.download(), want, 1e-6, 0.0));
+    }
+    EXPECT_TRUE(same_bits("the sum on one thread and on two", {sums[0]}, {sums[1]}));
+  }
+}
+
 // One refused call: its status is InvalidArgument and names `needle`.
 void expect_refused(const Status& st, const std::string& needle) {
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
@@ -154,6 +192,10 @@ TEST(ElementwiseOps, MalformedArgumentsAreRefusedAndNothingIsWritten) {
   expect_refused(b->add_column_sums(a.view(), 0, islice.view()), "expected f32 [n]");
   expect_refused(b->add_column_sums(a.view(), 5, slice.view()), "6 columns");
   expect_refused(b->add_column_sums(a.view(), -2, slice.view()), "columns [-2, 1)");
+
+  expect_refused(b->add_sum_squares(a.view(), slice.view()), "dst f32 of one element");
+  expect_refused(b->add_sum_squares(ints.view(), slice.view()), "src must be f32");
+  expect_refused(b->scale(ints.view(), 2.f), "it must be f32");
 
   EXPECT_TRUE(same_bits("a", a.download(), ones));
   EXPECT_TRUE(same_bits("slice", slice.download(), {1.f, 1.f, 1.f}));

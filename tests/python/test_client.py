@@ -122,6 +122,30 @@ class ClientModuleTest(unittest.TestCase):
         for n, tutel_name in ref.TUTEL_NAMES.items():
             self.assert_close(stored[tutel_name], p[n] - LR * grads[n], f"{tutel_name} after the step")
 
+    def test_the_gradient_norm_and_its_scale_match_the_reference(self):
+        p, x = random_case(self.rng, 16)
+        layer = self.make_layer(p)
+        self.assertEqual(layer.grad_norm(), 0.0)
+        y, _ = layer.forward(x)
+        _, _, saved = ref.forward(p, x, K, F)
+        dy = self.rng.normal(0, 1, y.shape).astype(np.float32).astype(np.float64)
+        layer.backward(dy, dl_aux=0.25)
+        _, grads = ref.backward(p, saved, dy, 0.25)
+        norm_ref = np.sqrt(sum(float(np.sum(np.square(g))) for g in grads.values()))
+        norm = layer.grad_norm()
+        self.assertAlmostEqual(norm, norm_ref, delta=1e-4 * norm_ref, msg=f"seed {self.seed}")
+        for bad in (float("nan"), float("inf"), 1e300):
+            with self.assertRaises(tuteld.TutelError) as e:
+                layer.scale_grads(bad)
+            self.assertEqual(e.exception.name, "InvalidArgument")
+        self.assertEqual(layer.grad_norm(), norm)  # the refusals changed nothing
+        layer.scale_grads(0.5)
+        layer.step()
+        layer.save("after-scaled-step.safetensors")
+        stored = ref.read_safetensors(os.path.join(self.daemon.checkpoints, "after-scaled-step.safetensors"))
+        for n, tutel_name in ref.TUTEL_NAMES.items():
+            self.assert_close(stored[tutel_name], p[n] - LR * 0.5 * grads[n], f"{tutel_name} after the step")
+
     def test_micro_batches_backwarded_out_of_order(self):
         p, x1 = random_case(self.rng, 8)
         x2 = random_inputs(self.rng, p, (3, 5, M))  # leading dims are kept

@@ -229,6 +229,53 @@ class TorchModuleTest(unittest.TestCase):
         with torch.no_grad():
             self.assertFalse(torch.equal(first(xt)[0], before))
 
+    def test_clip_grad_norm_clips_torchs_and_the_daemons_gradients_together(self):
+        p, x = random_case(self.rng, 10)
+        moe = self.make_moe(p)
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.proj = torch.nn.Linear(M, M).double()
+                self.moe = moe
+
+            def forward(self, x):
+                return self.moe(self.proj(x))
+
+        net = Net()
+        head = torch.from_numpy(self.rng.normal(0, 1, (M,)))
+        xt = torch.from_numpy(x)
+        y, l_aux = net(xt)
+        ((y * head).sum() + 0.1 * l_aux).backward()
+        with torch.no_grad():
+            moe_in = net.proj(xt).numpy()
+        _, _, saved = ref.forward(p, moe_in, K, F)
+        _, grads = ref.backward(p, saved, np.broadcast_to(head.numpy(), (x.shape[0], M)), 0.1)
+        daemon_norm = np.sqrt(sum(float(np.sum(np.square(g))) for g in grads.values()))
+        proj_grads = [q.grad.clone() for q in net.proj.parameters()]
+        torch_norm = float(torch.sqrt(sum(g.pow(2).sum() for g in proj_grads)))
+        total = np.hypot(torch_norm, daemon_norm)
+        # Above the norm: nothing is scaled.
+        got = tuteld.nn.clip_grad_norm_(net, 2 * total)
+        self.assertAlmostEqual(float(got), total, delta=1e-4 * total, msg=f"seed {self.seed}")
+        for q, g in zip(net.proj.parameters(), proj_grads):
+            torch.testing.assert_close(q.grad, g, rtol=0, atol=0)
+        # Below: both by max_norm / (norm + 1e-6), so the joint norm becomes max_norm.
+        got = tuteld.nn.clip_grad_norm_(net, total / 4)
+        self.assertAlmostEqual(float(got), total, delta=1e-4 * total, msg=f"seed {self.seed}")
+        coef = (total / 4) / (float(got) + 1e-6)
+        for q, g in zip(net.proj.parameters(), proj_grads):
+            torch.testing.assert_close(q.grad, g * coef)
+        self.assertAlmostEqual(moe.layer.grad_norm(), coef * daemon_norm, delta=1e-4 * daemon_norm)
+        self.assert_stepped(moe, p, {n: coef * g for n, g in grads.items()})
+        # A gradient that is not finite: nothing is scaled, the norm says so, or it raises.
+        net.proj.weight.grad[0, 0] = float("inf")
+        with self.assertRaises(RuntimeError):
+            tuteld.nn.clip_grad_norm_(net, 1.0, error_if_nonfinite=True)
+        before = moe.layer.grad_norm()
+        self.assertEqual(float(tuteld.nn.clip_grad_norm_(net, 1.0)), float("inf"))
+        self.assertEqual(moe.layer.grad_norm(), before)
+
 
 if __name__ == "__main__":
     unittest.main()

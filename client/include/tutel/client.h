@@ -160,6 +160,13 @@ int tutel_discard(tutel_layer* layer, uint64_t sequence);
 /* Applies the optimizer to the accumulated gradients. */
 int tutel_step(tutel_layer* layer);
 int tutel_zero_grad(tutel_layer* layer);
+/* The L2 norm of the accumulated gradients into *norm (+inf or NaN where one is not finite). On
+ * an expert-parallel layer the whole layer's, the same on every rank: a collective, every rank
+ * calls it in the same order as its steps. */
+int tutel_grad_norm(tutel_layer* layer, double* norm);
+/* Multiplies the accumulated gradients by `factor` (finite, within float): clipping, unscaling.
+ * On an expert-parallel layer every rank must pass the same factor. */
+int tutel_scale_grads(tutel_layer* layer, double factor);
 /* path: a relative name inside the tenant's checkpoint directory on the daemon's side
  * (server.state_dir/<tenant>/checkpoints/); absolute paths and ".." are refused. */
 int tutel_save(tutel_layer* layer, const char* path);

@@ -238,6 +238,14 @@ class Layer {
   // Applies the optimizer to the accumulated gradients; returns the new step count.
   Result<int64_t> step();
   Status zero_grad();
+  // The L2 norm of the accumulated gradients, +inf or NaN where one is not finite (gradient
+  // clipping, an overflow check). On an expert-parallel layer it is the whole layer's, the same
+  // on every rank, and a collective: every rank asks, in the same order as its steps.
+  Result<double> grad_norm();
+  // Multiplies the accumulated gradients by `factor` (finite, within f32): clipping by a norm,
+  // unscaling a loss scale. On an expert-parallel layer each rank scales its own; every rank
+  // must pass the same factor (the gate's gradient is summed over the group at the step).
+  Status scale_grads(double factor);
   // Writes parameters and optimizer state to `path`, a relative name inside the tenant's
   // checkpoint directory on the daemon (server.state_dir/<tenant>/checkpoints/); returns the
   // daemon-side path it wrote. Absolute paths and ".." are refused.

@@ -144,6 +144,8 @@ def _declare(lib):
         "tutel_discard": (i32, [p, u64]),
         "tutel_step": (i32, [p]),
         "tutel_zero_grad": (i32, [p]),
+        "tutel_grad_norm": (i32, [p, ctypes.POINTER(ctypes.c_double)]),
+        "tutel_scale_grads": (i32, [p, ctypes.c_double]),
         "tutel_save": (i32, [p, ctypes.c_char_p]),
         "tutel_load": (i32, [p, ctypes.c_char_p]),
     }
@@ -490,6 +492,19 @@ class Layer:
 
     def zero_grad(self):
         self._call(_lib.tutel_zero_grad)
+
+    def grad_norm(self):
+        """The L2 norm of the accumulated gradients (inf or nan where one is not finite). On an
+        expert-parallel layer the whole layer's, the same on every rank: a collective, which
+        every rank calls in the same order as its steps."""
+        norm = ctypes.c_double()
+        self._call(_lib.tutel_grad_norm, ctypes.byref(norm))
+        return norm.value
+
+    def scale_grads(self, factor):
+        """Multiplies the accumulated gradients by `factor` (finite): clipping, unscaling a loss
+        scale. On an expert-parallel layer every rank must pass the same factor."""
+        self._call(_lib.tutel_scale_grads, float(factor))
 
     def save(self, name):
         """Writes parameters and optimizer state to `name` (safetensors) in the tenant's

@@ -6,6 +6,7 @@
     loss.backward()                                  # the MoE's gradients accumulate in the daemon
     moe.step(); moe.zero_grad()                      # the daemon's optimizer, beside torch's own
     tuteld.nn.step(model); tuteld.nn.zero_grad(model)  # or every MoE in a model at once
+    tuteld.nn.clip_grad_norm_(model, 1.0)            # torch's and the daemon's gradients together
 
 The expert and gate parameters live in the daemon, not in this module: torch's optimizers do
 not see them, the daemon's optimizer (the layer spec's [optimizer]) updates them on step().
@@ -28,6 +29,8 @@ collective timeout, unless their batches are empty too).
 What torch's own machinery does not reach, since the experts are not torch parameters:
 - model.zero_grad() and torch optimizers do not zero or step the daemon's gradients: call
   tuteld.nn.zero_grad(model) and tuteld.nn.step(model) (or each MoE's own zero_grad/step);
+- torch.nn.utils.clip_grad_norm_ does not see them either: tuteld.nn.clip_grad_norm_(model,
+  max_norm) clips torch's gradients and the daemon's by their joint L2 norm;
 - model.state_dict() and torch.save hold no expert weights: save them with moe.layer.save(name);
   copy.deepcopy and pickle raise (attach the layer again instead);
 - a frozen module (requires_grad_(False)) given an x that needs a gradient computes dx alone
@@ -36,9 +39,12 @@ What torch's own machinery does not reach, since the experts are not torch param
   accumulates the expert gradients too (torch does not tell the layer which gradients it wants):
   zero them before the next step where that is not wanted;
 - a GradScaler's loss scale reaches the daemon's gradients unscaled, and an overflowed step is
-  not skipped there: with tuteld layers, train in bf16 autocast (no scaler) or in float32.
+  not skipped there: with tuteld layers, train in bf16 autocast (no scaler) or in float32 (by
+  hand: moe.layer.scale_grads(1 / scale), and skip the step where moe.layer.grad_norm() is not
+  finite).
 """
 
+import math
 import warnings
 
 import torch
@@ -175,3 +181,36 @@ def zero_grad(model):
     model.zero_grad()
     for layer in _layers(model):
         layer.zero_grad()
+
+
+def clip_grad_norm_(model, max_norm, error_if_nonfinite=False):
+    """torch.nn.utils.clip_grad_norm_ (the L2 norm) over `model`'s parameters and the daemon's
+    gradients of its tuteld layers together: where their joint norm passes max_norm, both are
+    scaled by max_norm / (norm + 1e-6). Returns the joint norm (a float64 tensor). Where it is
+    not finite nothing is scaled (error_if_nonfinite=True raises instead): skip that step.
+    On an expert-parallel layer the daemon's norm is the whole layer's (a collective: every rank
+    calls this in the same order as its steps); the torch parameters' gradients must be the same
+    on every rank (data parallel, all-reduced), so that every rank scales by the same factor."""
+    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    squares = 0.0
+    for g in grads:
+        norm = float(torch.linalg.vector_norm(g, 2.0, dtype=torch.float64))
+        squares += norm * norm  # inf where it overflows (** 2 would raise)
+    layers = list(_layers(model))
+    for layer in layers:
+        norm = layer.grad_norm()
+        squares += norm * norm
+    total = math.sqrt(squares)
+    if not math.isfinite(total):
+        if error_if_nonfinite:
+            raise RuntimeError(f"the total norm of the gradients is {total}: clip_grad_norm_ cannot scale "
+                               "them (skip this step, or lower the learning rate)")
+        return torch.tensor(total, dtype=torch.float64)
+    coef = float(max_norm) / (total + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+        for layer in layers:
+            layer.scale_grads(coef)
+    return torch.tensor(total, dtype=torch.float64)
+

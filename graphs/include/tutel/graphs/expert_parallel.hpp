@@ -250,6 +250,12 @@ class ExpertParallelLayer {
   Status refuse_backward(Saved& saved, Status why);
   // Sums the replicated gate's gradient over the group, in place.
   Status all_reduce_gate_grad(TensorView gate_grad);
+  // The squared L2 norm of the whole layer's gradients, the same on every rank (collective, in
+  // the group's order like the others): the experts' slices (disjoint over the group) and the
+  // gate's gradient summed over the group, as all_reduce_gate_grad will leave it. Leaves
+  // `local_grads` as they are. In f32 (each tensor summed in double, then added in f32): an
+  // overflow or a NaN anywhere gives inf or NaN, as torch's norm does.
+  Result<double> grad_sum_squares(const LayerWeights& local_grads);
 
  private:
   ExpertParallelLayer(Backend& b, comm::Communicator& c, LayerSpec spec, ExpertShard shard,
@@ -412,6 +418,7 @@ class ExpertParallelLayer {
   Saved inference_;  // an inference forward's routing and activations
   DeviceBuffer l_aux_, expert_count_;
   DeviceBuffer agreed_;               // [2] i64: the scalars agree_on_max reduces
+  DeviceBuffer grad_norm_;            // [E·M + 1] f32: grad_sum_squares's all-reduce
   std::vector<int32_t> host_counts_;  // [E]: expert_count_ copied to the host
   DeviceBuffer dispatched_;           // [E, C, M] local dispatch, in the dispatch dtype
   DeviceBuffer send_, recv_;          // all-to-all staging

@@ -37,6 +37,8 @@ Result<nlohmann::json> reply_body(const Frame& reply, FrameType expected);
 // Required fields; InvalidArgument names the field and what was found instead.
 Result<int64_t> get_int(const nlohmann::json& body, std::string_view key);
 Result<std::string> get_string(const nlohmann::json& body, std::string_view key);
+// A JSON number, integer or not (JSON has no NaN or infinity, so it is finite).
+Result<double> get_number(const nlohmann::json& body, std::string_view key);
 
 // The arena layout as kHelloReply fields: arena_bytes, request_ring_offset,
 // completion_ring_offset, data_offset, data_bytes and ring_slots (a non-object `body` is

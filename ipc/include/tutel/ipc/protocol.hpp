@@ -34,6 +34,9 @@ enum class FrameType : uint16_t {
   kMapRegion = 9,     // {"rank": int, "bytes": int}          → kOk {"region", "bytes", "kind",
                       // "device", "handle"?} + fd?
   kUnmapRegion = 10,  // {"region": int}                      → kOk
+  kGradNorm = 11,     // {"handle": int}                      → kOk {"norm": number} or, not
+                      // finite, {"norm": null, "not_finite": "inf" | "nan"}
+  kScaleGrads = 12,   // {"handle": int, "factor": number}    → kOk
   // admin → daemon (admin socket)
   kAdminStatus = 32,      // {}                                  → kOk {status object}
   kAdminTenants = 33,     // {}                                  → kOk {"tenants": [...]}

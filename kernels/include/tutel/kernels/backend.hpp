@@ -257,6 +257,9 @@ Status check_bf16_copy(const TensorView& source, const TensorView& copy, std::st
 // add_column_sums (`matrix` f32 [R, O], `slice` f32 [n], 0 <= column, column + n <= O), shared
 // by every backend so they refuse the same arguments with the same message. `op` prefixes it.
 Status check_add(const TensorView& dst, const TensorView& src, std::string_view op);
+// add_sum_squares: src any f32 tensor, dst an f32 tensor of one element. scale: an f32 tensor.
+Status check_sum_squares(const TensorView& src, const TensorView& dst);
+Status check_scale(const TensorView& t);
 Status check_column_slice(const TensorView& matrix, const TensorView& slice, int64_t column,
                           std::string_view op);
 
@@ -327,6 +330,14 @@ class Backend {
   // host loop's order, bit for bit), the CUDA backend sums fixed blocks of rows, as its bias
   // gradients.
   virtual Status add_column_sums(TensorView src, int64_t column, TensorView dst) = 0;
+
+  // Two f32 ops for the parameter gradients as a whole (a layer's gradient norm, clipping), on
+  // the device like the others, so a group can all-reduce the result where it lies.
+  // dst[0] += Σ_i src[i]², summed in double in a fixed order (fixed blocks, then the blocks in
+  // order: no result depends on the thread count or the launch), added to dst in f32.
+  virtual Status add_sum_squares(TensorView src, TensorView dst) = 0;
+  // t[i] *= factor.
+  virtual Status scale(TensorView t, float factor) = 0;
 
   // (optional) Memory of this device that other processes of this host can map (zero-copy
   // submission): at least `bytes` (buffer.bytes() says how much: whole pages, or 2 MiB on CUDA,

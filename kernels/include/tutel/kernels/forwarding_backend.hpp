@@ -45,6 +45,8 @@ class ForwardingBackend : public Backend {
   Status adamw_step(const AdamWArgs& a) override { return inner_.adamw_step(a); }
   Status convert(TensorView src, TensorView dst) override { return inner_.convert(src, dst); }
   Status add(TensorView dst, TensorView src) override { return inner_.add(dst, src); }
+  Status add_sum_squares(TensorView src, TensorView dst) override { return inner_.add_sum_squares(src, dst); }
+  Status scale(TensorView t, float factor) override { return inner_.scale(t, factor); }
   Status add_row_bias(TensorView out, TensorView bias, int64_t column) override {
     return inner_.add_row_bias(out, bias, column);
   }
