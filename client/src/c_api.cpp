@@ -291,14 +291,35 @@ int tutel_infer_device(tutel_layer* layer, const float* x, int64_t tokens, float
   return call_forward("tutel_infer_device", layer, &Layer::infer_device, x, tokens, y, l_aux);
 }
 
-int tutel_backward_device(tutel_layer* layer, const float* dy, float dl_aux, float* dx) {
-  return guarded("tutel_backward_device", [&] {
-    if (!valid(layer)) return invalid_layer("tutel_backward_device");
+namespace {
+
+// tutel_backward_device and tutel_backward_device_flags, errors named after `name`.
+int backward_device_with(const char* name, tutel_layer* layer, const float* dy, float dl_aux, float* dx,
+                         uint32_t flags) {
+  return guarded(name, [&] {
+    if (!valid(layer)) return invalid_layer(name);
+    if ((flags & ~TUTEL_KEEP_PARAM_GRADS) != 0)
+      return fail_invalid(std::string(name) + ": unknown flags " + std::to_string(flags) +
+                          " (TUTEL_KEEP_PARAM_GRADS is the only one)");
     if (layer->layer->pending_backwards() == 0)
-      return fail_invalid("tutel_backward_device: the layer has no training forward waiting for its backward on "
-                          "this handle; call tutel_forward_device first");
-    return to_code(layer->layer->backward_device(layer->layer->oldest_pending_sequence(), dy, dl_aux, dx));
+      return fail_invalid(std::string(name) +
+                          ": the layer has no training forward waiting for its backward on this handle; call "
+                          "tutel_forward_device first");
+    const auto param_grads = (flags & TUTEL_KEEP_PARAM_GRADS) != 0 ? Layer::ParamGrads::kKeep
+                                                                   : Layer::ParamGrads::kAccumulate;
+    return to_code(
+        layer->layer->backward_device(layer->layer->oldest_pending_sequence(), dy, dl_aux, dx, param_grads));
   });
+}
+
+}  // namespace
+
+int tutel_backward_device(tutel_layer* layer, const float* dy, float dl_aux, float* dx) {
+  return backward_device_with("tutel_backward_device", layer, dy, dl_aux, dx, 0);
+}
+
+int tutel_backward_device_flags(tutel_layer* layer, const float* dy, float dl_aux, float* dx, uint32_t flags) {
+  return backward_device_with("tutel_backward_device_flags", layer, dy, dl_aux, dx, flags);
 }
 
 int tutel_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux) {

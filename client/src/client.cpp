@@ -338,7 +338,12 @@ Result<Ticket> Layer::submit_forward_device(const float* x, int64_t tokens, floa
 }
 
 Result<Ticket> Layer::submit_backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
-  return submit_backward_request(state_, sequence, dy, dl_aux, dx, true);
+  return submit_backward_device(sequence, dy, dl_aux, dx, ParamGrads::kAccumulate);
+}
+
+Result<Ticket> Layer::submit_backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx,
+                                             ParamGrads param_grads) {
+  return submit_backward_request(state_, sequence, dy, dl_aux, dx, true, param_grads);
 }
 
 Status Layer::forward_device(const float* x, int64_t tokens, float* y, ForwardInfo* info) {
@@ -350,7 +355,11 @@ Status Layer::infer_device(const float* x, int64_t tokens, float* y, ForwardInfo
 }
 
 Status Layer::backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
-  return wait_synchronously(state_, submit_backward_device(sequence, dy, dl_aux, dx)).status();
+  return backward_device(sequence, dy, dl_aux, dx, ParamGrads::kAccumulate);
+}
+
+Status Layer::backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx, ParamGrads param_grads) {
+  return wait_synchronously(state_, submit_backward_device(sequence, dy, dl_aux, dx, param_grads)).status();
 }
 
 Status Layer::forward(const float* x, int64_t tokens, float* y, ForwardInfo* info) {

@@ -188,6 +188,17 @@ TEST(DeviceRegion, GroupLayersUseRegionsInPlaceToo) {
   EXPECT_EQ(got.l_aux, want.l_aux);
   EXPECT_EQ(std::memcmp(p + tensor, want_y.data(), tensor * 4), 0);
   EXPECT_EQ(std::memcmp(p + 3 * tensor, want_dx.data(), tensor * 4), 0);
+  // dx alone from a device region: the same dx, and the gradients stay zeroed.
+  ASSERT_TRUE(layer->zero_grad().ok());
+  std::memset(p + 3 * tensor, 0, tensor * 4);
+  ASSERT_TRUE(layer->forward_device(p, tokens, p + tensor, &got).ok());
+  ASSERT_TRUE(layer->backward_device(got.sequence, p + 2 * tensor, 0.01f, p + 3 * tensor,
+                                     client::Layer::ParamGrads::kKeep)
+                  .ok());
+  EXPECT_EQ(std::memcmp(p + 3 * tensor, want_dx.data(), tensor * 4), 0);
+  const Result<double> norm = layer->grad_norm();
+  ASSERT_TRUE(norm.ok()) << norm.status();
+  EXPECT_EQ(*norm, 0.0);
   ASSERT_TRUE(layer->step().ok());
   EXPECT_EQ(s.daemon->stop(), 0) << s.daemon->log();
 }
@@ -317,6 +328,18 @@ TEST(DeviceRegion, TheCApiMapsAndSubmitsInPlace) {
   EXPECT_EQ(std::memcmp(p + tensor, want_y.data(), tensor * 4), 0);
   EXPECT_EQ(std::memcmp(p + 3 * tensor, want_dx.data(), tensor * 4), 0);
   ASSERT_EQ(tutel_infer_device(layer, p, tokens, p + tensor, nullptr), TUTEL_OK) << tutel_last_error();
+  // dx alone: the same dx, the gradients as they were (zeroed).
+  ASSERT_EQ(tutel_zero_grad(layer), TUTEL_OK) << tutel_last_error();
+  std::memset(p + 3 * tensor, 0, tensor * 4);
+  ASSERT_EQ(tutel_forward_device(layer, p, tokens, p + tensor, nullptr), TUTEL_OK) << tutel_last_error();
+  EXPECT_EQ(tutel_backward_device_flags(layer, p + 2 * tensor, 0.f, p + 3 * tensor, 2u), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(tutel_last_error()).find("unknown flags 2"), std::string::npos) << tutel_last_error();
+  ASSERT_EQ(tutel_backward_device_flags(layer, p + 2 * tensor, 0.f, p + 3 * tensor, TUTEL_KEEP_PARAM_GRADS), TUTEL_OK)
+      << tutel_last_error();
+  EXPECT_EQ(std::memcmp(p + 3 * tensor, want_dx.data(), tensor * 4), 0);
+  double norm = -1;
+  ASSERT_EQ(tutel_grad_norm(layer, &norm), TUTEL_OK) << tutel_last_error();
+  EXPECT_EQ(norm, 0.0);
 
   // Misuse: no pending forward, host pointers, a released region handle.
   EXPECT_EQ(tutel_backward_device(layer, p, 0.f, p + tensor), TUTEL_E_INVALID_ARGUMENT);

@@ -191,6 +191,8 @@ int tutel_forward_device(tutel_layer* layer, const float* x, int64_t tokens, flo
 int tutel_infer_device(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);
 /* Backward of the oldest training forward not yet backwarded on this handle. */
 int tutel_backward_device(tutel_layer* layer, const float* dy, float dl_aux, float* dx);
+/* The same with flags (TUTEL_KEEP_PARAM_GRADS: dx alone, see tutel_submit_backward_flags). */
+int tutel_backward_device_flags(tutel_layer* layer, const float* dy, float dl_aux, float* dx, uint32_t flags);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -232,6 +232,10 @@ class Layer {
   Status backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx);
   Result<Ticket> submit_forward_device(const float* x, int64_t tokens, float* y, bool training = true);
   Result<Ticket> submit_backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx);
+  // With kKeep: dx alone (as backward's).
+  Status backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx, ParamGrads param_grads);
+  Result<Ticket> submit_backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx,
+                                        ParamGrads param_grads);
 
   // The control requests below first wait for every request of the session in flight, so a
   // step always sees the gradients of the backwards submitted before it.
