@@ -614,8 +614,13 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
   if (!prepared.ok()) return refuse(prepared);
   if (agreed[0] != 0) return refuse(refused_by_a_peer());
   if (agreed[5] != -agreed[6]) {
-    TUTEL_CHECK(must_match.mismatch_refusal != nullptr);
-    return refuse(Status::InvalidArgument(must_match.mismatch_refusal));
+    // The peers' values may come from a rank out of step (in another phase of the same width),
+    // so a phase without a message of its own says so rather than asserting.
+    return refuse(Status::InvalidArgument(
+        must_match.mismatch_refusal != nullptr
+            ? must_match.mismatch_refusal
+            : "the ranks of the expert-parallel group passed different values to a step that needs "
+              "the same on every rank: their trainers' steps are out of order"));
   }
   if (!graphs) return gave_up(runner_ == nullptr ? ops() : runner_->run(key(), ops));
   PhaseMode mode = PhaseMode::kEager;
@@ -1406,8 +1411,21 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
   return wait_collectives();
 }
 
+Status ExpertParallelLayer::agree_on_control_op(ControlOp op) {
+  int64_t agreed[2] = {static_cast<int64_t>(op), -static_cast<int64_t>(op)};
+  TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 2));
+  if (agreed[0] == -agreed[1]) return Status::OK();
+  return Status::InvalidArgument(
+      std::string("the ranks of the expert-parallel group called different control requests at this point: "
+                  "this rank ") +
+      (op == ControlOp::kGradNorm ? "grad_norm, another step" : "step, another grad_norm") +
+      ". Every rank's trainer must call step and grad_norm (clip_grad_norm_) alike and in the same order "
+      "(on every rank, not on one alone); neither ran, and the group goes on");
+}
+
 Result<double> ExpertParallelLayer::grad_sum_squares(const LayerWeights& local_grads) {
   TUTEL_RETURN_IF_ERROR(check_local(local_grads, spec_, shard_, "gradients"));
+  TUTEL_RETURN_IF_ERROR(agree_on_control_op(ControlOp::kGradNorm));
   Backend& b = *backend_;
   const int64_t gate_floats = spec_.experts * spec_.model_dim;
   const TensorView gate = f32(grad_norm_, {spec_.experts, spec_.model_dim}),
@@ -1436,6 +1454,7 @@ Result<double> ExpertParallelLayer::grad_sum_squares(const LayerWeights& local_g
 }
 
 Status ExpertParallelLayer::all_reduce_gate_grad(TensorView gate_grad) {
+  TUTEL_RETURN_IF_ERROR(agree_on_control_op(ControlOp::kGateGradSum));
   TUTEL_RETURN_IF_ERROR(collective_ready());
   TUTEL_RETURN_IF_ERROR(
       comm_->all_reduce(gate_grad.data_as<float>(), gate_grad.numel(), comm::ReduceOp::kSum));

@@ -16,6 +16,7 @@
 // s), k = 2, both all-to-all algorithms and the in-process exchange.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <map>
 #include <memory>
 #include <random>
@@ -853,6 +854,69 @@ TEST(ExpertParallelLimits, ABackwardForDxAloneMustBeAskedByEveryRank) {
                            std::vector<float>(grads_after_refusal[r].size(), 0.f)));
     EXPECT_TRUE(graphs::testing::bits_equal("dx alone", dx_alone[r], dx_plain[r]));
   }
+}
+
+// The group's gradient norm is the whole layer's, the same on every rank: every rank's expert
+// slices and the gate's gradient summed over the group (rtol 1e-5 of a double sum of the ranks'
+// downloaded gradients, the same bits on both ranks). The two control collectives called out of
+// order (one rank the norm, the other the gate's sum) are refused on both, naming them, and run
+// neither: the gate's gradient is summed once, by the step that follows (rtol 1e-6).
+TEST(ExpertParallelLimits, TheGradientNormIsTheGroupsAndControlCallsOutOfOrderAreRefused) {
+  const LayerSpec spec = base_spec(4, 16, 32, 2, 1.0);
+  constexpr int W = 2;
+  const int64_t S = 24, M = 16, O = 16;
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const HostLayerParams whole = to_host(random_params(rng, spec));
+  const std::vector<uint64_t> rank_seeds = {rng(), rng()};
+  std::vector<std::vector<Status>> steps(W);
+  std::vector<double> norms(W, -1);
+  std::vector<std::vector<float>> experts(W), gate_before(W), gate_after(W);
+  const std::vector<Status> setup = run_simulated_layers(
+      spec, whole, rank_seeds, [&](int r, SimulatedDevice& device, RankLayer& rank) -> Status {
+        DeviceTensor x(device, DType::kF32, {S, M}), y(device, DType::kF32, {S, O}),
+            dy(device, DType::kF32, {S, O}), dx(device, DType::kF32, {S, M});
+        x.upload(to_f32(randn(rank.rng, S * M, 1.0)));
+        dy.upload(to_f32(randn(rank.rng, S * O, 1.0)));
+        ExpertParallelLayer::Saved saved;
+        steps[r].push_back(rank.layer.forward(rank.params.weights(), x.view(), y.view(), nullptr, &saved));
+        steps[r].push_back(rank.layer.backward(rank.params.weights(), dy.view(), 0.3f, dx.view(),
+                                               rank.grads.weights(), saved));
+        for (const DeviceTensor* g : {&rank.grads.fc1, &rank.grads.fc1_bias, &rank.grads.fc2, &rank.grads.fc2_bias})
+          for (float v : g->download()) experts[r].push_back(v);
+        gate_before[r] = rank.grads.gate.download();
+        // 2: out of order.
+        steps[r].push_back(r == 0 ? rank.layer.grad_sum_squares(rank.grads.weights()).status()
+                                  : rank.layer.all_reduce_gate_grad(rank.grads.gate.view()));
+        Result<double> squares = rank.layer.grad_sum_squares(rank.grads.weights());  // 3
+        steps[r].push_back(squares.status());
+        if (squares.ok()) norms[r] = std::sqrt(*squares);
+        steps[r].push_back(rank.layer.all_reduce_gate_grad(rank.grads.gate.view()));  // 4
+        gate_after[r] = rank.grads.gate.download();
+        return Status::OK();
+      });
+  double squares = 0;
+  std::vector<double> gate_sum(gate_before[0].size(), 0.0);
+  for (int r = 0; r < W; ++r) {
+    for (float v : experts[r]) squares += double(v) * double(v);
+    for (size_t i = 0; i < gate_sum.size() && i < gate_before[r].size(); ++i) gate_sum[i] += gate_before[r][i];
+  }
+  for (double v : gate_sum) squares += v * v;
+  const double want = std::sqrt(squares);
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    ASSERT_TRUE(setup[r].ok()) << setup[r];
+    ASSERT_EQ(steps[r].size(), 5u);
+    for (size_t i : {0, 1, 3, 4}) EXPECT_TRUE(steps[r][i].ok()) << "step " << i << ": " << steps[r][i];
+    EXPECT_EQ(steps[r][2].code(), StatusCode::kInvalidArgument) << steps[r][2];
+    EXPECT_NE(steps[r][2].message().find(r == 0 ? "this rank grad_norm, another step" : "this rank step, another grad_norm"),
+              std::string_view::npos)
+        << steps[r][2];
+    EXPECT_NEAR(norms[r], want, 1e-5 * want);
+    EXPECT_TRUE(all_close("the gate's gradient after the step's sum", gate_after[r], gate_sum, 1e-6, 1e-7));
+  }
+  EXPECT_EQ(norms[0], norms[1]);
 }
 
 // A tuning candidate the group cannot allocate (r = 0 gathers every expert's weights; rank 1 has

@@ -257,6 +257,7 @@ class TorchModuleTest(unittest.TestCase):
         total = np.hypot(torch_norm, daemon_norm)
         # Above the norm: nothing is scaled.
         got = tuteld.nn.clip_grad_norm_(net, 2 * total)
+        self.assertEqual(got.dtype, torch.float64)  # the gradients' dtype, as torch's
         self.assertAlmostEqual(float(got), total, delta=1e-4 * total, msg=f"seed {self.seed}")
         for q, g in zip(net.proj.parameters(), proj_grads):
             torch.testing.assert_close(q.grad, g, rtol=0, atol=0)
@@ -273,8 +274,18 @@ class TorchModuleTest(unittest.TestCase):
         with self.assertRaises(RuntimeError):
             tuteld.nn.clip_grad_norm_(net, 1.0, error_if_nonfinite=True)
         before = moe.layer.grad_norm()
+        torch_before = [q.grad.clone() for q in net.proj.parameters()]
         self.assertEqual(float(tuteld.nn.clip_grad_norm_(net, 1.0)), float("inf"))
         self.assertEqual(moe.layer.grad_norm(), before)
+        for q, g in zip(net.proj.parameters(), torch_before):
+            torch.testing.assert_close(q.grad, g, rtol=0, atol=0)
+        # What torch's signature would let through silently is refused.
+        with self.assertRaises(TypeError):
+            tuteld.nn.clip_grad_norm_(net.parameters(), 1.0)
+        with self.assertRaises(NotImplementedError):
+            tuteld.nn.clip_grad_norm_(net, 1.0, float("inf"))
+        with self.assertRaises(TypeError):
+            tuteld.nn.clip_grad_norm_(net, 1.0, 2.0, True)  # error_if_nonfinite is keyword-only
 
 
 if __name__ == "__main__":

@@ -183,34 +183,49 @@ def zero_grad(model):
         layer.zero_grad()
 
 
-def clip_grad_norm_(model, max_norm, error_if_nonfinite=False):
-    """torch.nn.utils.clip_grad_norm_ (the L2 norm) over `model`'s parameters and the daemon's
-    gradients of its tuteld layers together: where their joint norm passes max_norm, both are
-    scaled by max_norm / (norm + 1e-6). Returns the joint norm (a float64 tensor). Where it is
-    not finite nothing is scaled (error_if_nonfinite=True raises instead): skip that step.
-    On an expert-parallel layer the daemon's norm is the whole layer's (a collective: every rank
-    calls this in the same order as its steps); the torch parameters' gradients must be the same
-    on every rank (data parallel, all-reduced), so that every rank scales by the same factor."""
+def clip_grad_norm_(model, max_norm, norm_type=2.0, *, error_if_nonfinite=False):
+    """torch.nn.utils.clip_grad_norm_ over `model`'s parameters and the daemon's gradients of
+    its tuteld layers together: where their joint L2 norm passes max_norm, all of them are
+    scaled by max_norm / (norm + 1e-6). Returns the joint norm (a tensor on the gradients'
+    device, of their dtype, as torch's). `model` is the module itself (the daemon's layers are
+    found through it), not model.parameters(); only the L2 norm (norm_type=2) is offered, since
+    the daemon computes that one. Where the norm is not finite nothing is scaled
+    (error_if_nonfinite=True raises instead): skip that step.
+    On an expert-parallel layer the daemon's norm is the whole layer's, a collective: every rank
+    calls this, in the same order as its steps (not on one rank alone, e.g. for logging). The
+    torch parameters' gradients must be the same on every rank (data parallel, all-reduced), so
+    that every rank scales by the same factor."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError("tuteld.nn.clip_grad_norm_ takes the model (a torch.nn.Module), not "
+                        f"{type(model).__name__}: it finds the daemon's layers through the modules")
+    if float(norm_type) != 2.0:
+        raise NotImplementedError(f"tuteld.nn.clip_grad_norm_ offers the L2 norm only (norm_type=2), "
+                                  f"not {norm_type}: the daemon computes that one")
     grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    like = grads[0] if grads else torch.zeros((), dtype=torch.float32)
     squares = 0.0
-    for g in grads:
-        norm = float(torch.linalg.vector_norm(g, 2.0, dtype=torch.float64))
+    if grads:  # one host sync for all of them, as torch's
+        norms = torch.stack([torch.linalg.vector_norm(g, 2.0, dtype=torch.float64).to(like.device)
+                             for g in grads])
+        norm = float(torch.linalg.vector_norm(norms, 2.0))
         squares += norm * norm  # inf where it overflows (** 2 would raise)
     layers = list(_layers(model))
     for layer in layers:
         norm = layer.grad_norm()
         squares += norm * norm
     total = math.sqrt(squares)
+    result = torch.tensor(total, dtype=like.dtype, device=like.device)
     if not math.isfinite(total):
         if error_if_nonfinite:
             raise RuntimeError(f"the total norm of the gradients is {total}: clip_grad_norm_ cannot scale "
                                "them (skip this step, or lower the learning rate)")
-        return torch.tensor(total, dtype=torch.float64)
+        return result
     coef = float(max_norm) / (total + 1e-6)
     if coef < 1.0:
-        for g in grads:
-            g.mul_(coef)
+        # The daemon's first: a refused call (a closed session, a timeout) leaves torch's as they
+        # were, not half the model clipped.
         for layer in layers:
             layer.scale_grads(coef)
-    return torch.tensor(total, dtype=torch.float64)
-
+        for g in grads:
+            g.mul_(coef)
+    return result

@@ -46,7 +46,7 @@
 // Each phase's key holds its sizes, scalars and every address it touches, with epochs that move
 // whenever a buffer of the layer, of a Saved, of the backend's or of the communicator's scratch
 // is reallocated, so no graph runs with stale addresses. The phases with collectives (experts,
-// backward) run the same way on every rank, as NCCL requires: before each, one more 32-byte
+// backward) run the same way on every rank, as NCCL requires: before each, one more 56-byte
 // all-reduce agrees on the least ready rank's way (op by op, capture, or launch of the graphs
 // captured together); a failed collective drops every graph.
 //
@@ -248,7 +248,10 @@ class ExpertParallelLayer {
   // collective timeout. Returns `why`. refuse_backward consumes `saved`, as a backward would.
   Status refuse_forward(Status why);
   Status refuse_backward(Saved& saved, Status why);
-  // Sums the replicated gate's gradient over the group, in place.
+  // Sums the replicated gate's gradient over the group, in place. Collective: every rank calls
+  // it, in the same order as grad_sum_squares (each is preceded by a two-word agreement on which
+  // of the two the ranks called, so a rank that calls the other one at this point fails both
+  // with InvalidArgument naming them, instead of pairing all-reduces of different lengths).
   Status all_reduce_gate_grad(TensorView gate_grad);
   // The squared L2 norm of the whole layer's gradients, the same on every rank (collective, in
   // the group's order like the others): the experts' slices (disjoint over the group) and the
@@ -296,6 +299,10 @@ class ExpertParallelLayer {
                          Unprepared unprepared = Unprepared::kEveryWay,
                          Unprepared* refused = nullptr, MustMatch must_match = {0, nullptr});
   Status refused_by_a_peer() const;
+  // The group's control collectives (all_reduce_gate_grad, grad_sum_squares): the ranks agree on
+  // which one they call before its all-reduce.
+  enum class ControlOp : int64_t { kGateGradSum = 1, kGradNorm = 2 };
+  Status agree_on_control_op(ControlOp op);
   // A phase's ops that failed part way leave the group out of step: gives up the communicator
   // (Communicator::give_up) and returns `st`; OK passes through.
   Status gave_up(Status st);
@@ -417,7 +424,7 @@ class ExpertParallelLayer {
   // Scratch: no call leaves anything in these that a later call reads.
   Saved inference_;  // an inference forward's routing and activations
   DeviceBuffer l_aux_, expert_count_;
-  DeviceBuffer agreed_;               // [2] i64: the scalars agree_on_max reduces
+  DeviceBuffer agreed_;               // i64: the scalars agree_on_max reduces (the widest agreement)
   DeviceBuffer grad_norm_;            // [E·M + 1] f32: grad_sum_squares's all-reduce
   std::vector<int32_t> host_counts_;  // [E]: expert_count_ copied to the host
   DeviceBuffer dispatched_;           // [E, C, M] local dispatch, in the dispatch dtype
