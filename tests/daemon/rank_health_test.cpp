@@ -134,6 +134,8 @@ TEST_F(RankHealthTest, ALostDeviceTakesItsRankOutOfServiceAndOnlyItsLayers) {
   expect_out_of_service(backward(*a.layer, 2), 0, "backward");
   expect_out_of_service(a.layer->step().status(), 0, "step");
   expect_out_of_service(a.layer->zero_grad(), 0, "zero_grad");
+  expect_out_of_service(a.layer->grad_norm().status(), 0, "grad_norm");
+  expect_out_of_service(a.layer->scale_grads(0.5), 0, "scale_grads");
   expect_out_of_service(a.layer->save(checkpoint), 0, "save");
   expect_out_of_service(a.layer->load(checkpoint), 0, "load");
   EXPECT_EQ(contents(checkpoint), saved) << "the last checkpoint from the live device must stay as it was";
