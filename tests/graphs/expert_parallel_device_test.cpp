@@ -652,6 +652,32 @@ std::vector<Status> run_simulated_layers(
       });
 }
 
+// The small two-rank case of the tests below: fresh parameters, and one generator seed per rank.
+struct TwoRankCase {
+  LayerSpec spec = base_spec(4, 16, 32, 2, 1.0);
+  uint64_t seed = std::random_device{}();
+  HostLayerParams whole;
+  std::vector<uint64_t> rank_seeds;
+  TwoRankCase() {
+    std::mt19937_64 rng(seed);
+    whole = to_host(random_params(rng, spec));
+    rank_seeds = {rng(), rng()};
+  }
+};
+
+// One rank's step tensors for TwoRankCase's spec: x [kTokens, M] and dy [kTokens, O] drawn from
+// its generator, y and dx to write.
+struct RankIo {
+  static constexpr int64_t kTokens = 24, kM = 16, kO = 16;
+  DeviceTensor x, y, dy, dx;
+  RankIo(Backend& device, std::mt19937_64& rng)
+      : x(device, DType::kF32, {kTokens, kM}), y(device, DType::kF32, {kTokens, kO}),
+        dy(device, DType::kF32, {kTokens, kO}), dx(device, DType::kF32, {kTokens, kM}) {
+    x.upload(to_f32(randn(rng, kTokens * kM, 1.0)));
+    dy.upload(to_f32(randn(rng, kTokens * kO, 1.0)));
+  }
+};
+
 // A rank that cannot allocate what a step needs (its tenant's quota, a full device) must not
 // leave its peers waiting in a collective: the group agrees, every rank refuses the step with
 // ResourceExhausted (never a timeout), and the group goes on. Rank 1 is refused where its
@@ -738,21 +764,14 @@ TEST(ExpertParallelLimits, ARankThatCannotAllocateRefusesTheStepOnEveryRank) {
 // peers in a collective until the timeout; a refused backward consumes the forward on every
 // rank; and the group's next steps run.
 TEST(ExpertParallelLimits, AStepOneRanksOwnerRefusesIsRefusedOnEveryRank) {
-  const LayerSpec spec = base_spec(4, 16, 32, 2, 1.0);
+  const TwoRankCase c;
+  SCOPED_TRACE("seed " + std::to_string(c.seed));
   constexpr int W = 2;
-  const int64_t S = 24, M = 16, O = 16;
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE("seed " + std::to_string(seed));
-  std::mt19937_64 rng(seed);
-  const HostLayerParams whole = to_host(random_params(rng, spec));
-  const std::vector<uint64_t> rank_seeds = {rng(), rng()};
   std::vector<std::vector<Status>> steps(W);
   const std::vector<Status> setup = run_simulated_layers(
-      spec, whole, rank_seeds, [&](int r, SimulatedDevice& device, RankLayer& rank) -> Status {
-        DeviceTensor x(device, DType::kF32, {S, M}), y(device, DType::kF32, {S, O}),
-            dy(device, DType::kF32, {S, O}), dx(device, DType::kF32, {S, M});
-        x.upload(to_f32(randn(rank.rng, S * M, 1.0)));
-        dy.upload(to_f32(randn(rank.rng, S * O, 1.0)));
+      c.spec, c.whole, c.rank_seeds, [&](int r, SimulatedDevice& device, RankLayer& rank) -> Status {
+        RankIo io(device, rank.rng);
+        DeviceTensor &x = io.x, &y = io.y, &dy = io.dy, &dx = io.dx;
         ExpertParallelLayer::Saved saved;
         const Status cannot_stage = Status::Unavailable("cannot stage the request");
         auto forward = [&](bool refuse) {
@@ -804,22 +823,15 @@ TEST(ExpertParallelLimits, AStepOneRanksOwnerRefusesIsRefusedOnEveryRank) {
 // and the forward is consumed on both. Asked alike, the backward runs, and its dx is the plain
 // backward's bit for bit (the layer computes the same; keeping the gradients is the caller's).
 TEST(ExpertParallelLimits, ABackwardForDxAloneMustBeAskedByEveryRank) {
-  const LayerSpec spec = base_spec(4, 16, 32, 2, 1.0);
+  const TwoRankCase c;
+  SCOPED_TRACE("seed " + std::to_string(c.seed));
   constexpr int W = 2;
-  const int64_t S = 24, M = 16, O = 16;
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE("seed " + std::to_string(seed));
-  std::mt19937_64 rng(seed);
-  const HostLayerParams whole = to_host(random_params(rng, spec));
-  const std::vector<uint64_t> rank_seeds = {rng(), rng()};
   std::vector<std::vector<Status>> steps(W);
   std::vector<std::vector<float>> grads_after_refusal(W), dx_alone(W), dx_plain(W);
   const std::vector<Status> setup = run_simulated_layers(
-      spec, whole, rank_seeds, [&](int r, SimulatedDevice& device, RankLayer& rank) -> Status {
-        DeviceTensor x(device, DType::kF32, {S, M}), y(device, DType::kF32, {S, O}),
-            dy(device, DType::kF32, {S, O}), dx(device, DType::kF32, {S, M});
-        x.upload(to_f32(randn(rank.rng, S * M, 1.0)));
-        dy.upload(to_f32(randn(rank.rng, S * O, 1.0)));
+      c.spec, c.whole, c.rank_seeds, [&](int r, SimulatedDevice& device, RankLayer& rank) -> Status {
+        RankIo io(device, rank.rng);
+        DeviceTensor &x = io.x, &y = io.y, &dy = io.dy, &dx = io.dx;
         ExpertParallelLayer::Saved saved;
         auto forward = [&] {
           steps[r].push_back(rank.layer.forward(rank.params.weights(), x.view(), y.view(), nullptr, &saved));
@@ -862,23 +874,16 @@ TEST(ExpertParallelLimits, ABackwardForDxAloneMustBeAskedByEveryRank) {
 // order (one rank the norm, the other the gate's sum) are refused on both, naming them, and run
 // neither: the gate's gradient is summed once, by the step that follows (rtol 1e-6).
 TEST(ExpertParallelLimits, TheGradientNormIsTheGroupsAndControlCallsOutOfOrderAreRefused) {
-  const LayerSpec spec = base_spec(4, 16, 32, 2, 1.0);
+  const TwoRankCase c;
+  SCOPED_TRACE("seed " + std::to_string(c.seed));
   constexpr int W = 2;
-  const int64_t S = 24, M = 16, O = 16;
-  const uint64_t seed = std::random_device{}();
-  SCOPED_TRACE("seed " + std::to_string(seed));
-  std::mt19937_64 rng(seed);
-  const HostLayerParams whole = to_host(random_params(rng, spec));
-  const std::vector<uint64_t> rank_seeds = {rng(), rng()};
   std::vector<std::vector<Status>> steps(W);
   std::vector<double> norms(W, -1);
   std::vector<std::vector<float>> experts(W), gate_before(W), gate_after(W);
   const std::vector<Status> setup = run_simulated_layers(
-      spec, whole, rank_seeds, [&](int r, SimulatedDevice& device, RankLayer& rank) -> Status {
-        DeviceTensor x(device, DType::kF32, {S, M}), y(device, DType::kF32, {S, O}),
-            dy(device, DType::kF32, {S, O}), dx(device, DType::kF32, {S, M});
-        x.upload(to_f32(randn(rank.rng, S * M, 1.0)));
-        dy.upload(to_f32(randn(rank.rng, S * O, 1.0)));
+      c.spec, c.whole, c.rank_seeds, [&](int r, SimulatedDevice& device, RankLayer& rank) -> Status {
+        RankIo io(device, rank.rng);
+        DeviceTensor &x = io.x, &y = io.y, &dy = io.dy, &dx = io.dx;
         ExpertParallelLayer::Saved saved;
         steps[r].push_back(rank.layer.forward(rank.params.weights(), x.view(), y.view(), nullptr, &saved));
         steps[r].push_back(rank.layer.backward(rank.params.weights(), dy.view(), 0.3f, dx.view(),
