@@ -287,6 +287,36 @@ class TorchModuleTest(unittest.TestCase):
         with self.assertRaises(TypeError):
             tuteld.nn.clip_grad_norm_(net, 1.0, 2.0, True)  # error_if_nonfinite is keyword-only
 
+    def test_unscale_divides_the_daemons_gradients_and_reports_an_overflow(self):
+        # A stand-in for torch.cuda.amp.GradScaler (disabled without CUDA): only its scale.
+        class Scaler:
+            def __init__(self, scale):
+                self.scale = scale
+
+            def get_scale(self):
+                return self.scale
+
+        p, x = random_case(self.rng, 10)
+        moe = self.make_moe(p)
+        head = torch.from_numpy(self.rng.normal(0, 1, (M,)))
+        y, l_aux = moe(torch.from_numpy(x))
+        (1024.0 * ((y * head).sum() + 0.1 * l_aux)).backward()  # a loss scaled by 1024
+        _, _, saved = ref.forward(p, x, K, F)
+        _, grads = ref.backward(p, saved, np.broadcast_to(head.numpy(), y.shape), 0.1)
+        self.assertFalse(tuteld.nn.unscale_(moe, Scaler(1024.0)))
+        self.assert_stepped(moe, p, grads)  # the step applies the unscaled gradients
+        with self.assertRaises(ValueError):
+            tuteld.nn.unscale_(moe, Scaler(0.0))
+        # An overflow: reported, and nothing is divided.
+        moe.zero_grad()
+        y, l_aux = moe(torch.from_numpy(x))
+        (float("inf") * y.sum()).backward()
+        before = moe.layer.grad_norm()
+        self.assertFalse(np.isfinite(before))
+        self.assertTrue(tuteld.nn.unscale_(moe, Scaler(1024.0)))
+        after = moe.layer.grad_norm()
+        self.assertTrue(after == before or (np.isnan(after) and np.isnan(before)))
+
 
 if __name__ == "__main__":
     unittest.main()

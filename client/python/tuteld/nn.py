@@ -38,10 +38,9 @@ What torch's own machinery does not reach, since the experts are not torch param
   gradient of x alone (torch.autograd.grad(y, x)) through a module that is not frozen
   accumulates the expert gradients too (torch does not tell the layer which gradients it wants):
   zero them before the next step where that is not wanted;
-- a GradScaler's loss scale reaches the daemon's gradients unscaled, and an overflowed step is
-  not skipped there: with tuteld layers, train in bf16 autocast (no scaler) or in float32 (by
-  hand: moe.layer.scale_grads(1 / scale), and skip the step where moe.layer.grad_norm() is not
-  finite).
+- a GradScaler's scaler.unscale_(optimizer) and its overflow check do not see them either:
+  tuteld.nn.unscale_(model, scaler) unscales the daemon's gradients and says whether they
+  overflowed (then skip tuteld.nn.step and lower the scale; see unscale_).
 """
 
 import math
@@ -229,3 +228,32 @@ def clip_grad_norm_(model, max_norm, norm_type=2.0, *, error_if_nonfinite=False)
         for g in grads:
             g.mul_(coef)
     return result
+
+
+def unscale_(model, scaler):
+    """GradScaler.unscale_ for the daemon's gradients of `model`'s tuteld layers: divides them by
+    scaler.get_scale() and returns True where any of them is not finite (then nothing is
+    divided: the step is to be skipped). torch's scaler does not see the daemon's gradients, so
+    its own overflow check and backoff do not cover them:
+
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        overflow = tuteld.nn.unscale_(model, scaler)
+        tuteld.nn.clip_grad_norm_(model, 1.0)           # optional, on unscaled gradients
+        scaler.step(optimizer)
+        if not overflow:
+            tuteld.nn.step(model)
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor() if overflow else None)
+
+    Call it once per step, after the backward and before any clipping, as torch's. On an
+    expert-parallel layer it is a collective (the gradient norm), called by every rank alike."""
+    scale = float(scaler.get_scale())
+    if not math.isfinite(scale) or scale <= 0.0:
+        raise ValueError(f"tuteld.nn.unscale_: the scaler's scale is {scale}; it must be a positive finite number")
+    layers = list(_layers(model))
+    overflow = any(not math.isfinite(layer.grad_norm()) for layer in layers)
+    if not overflow:
+        for layer in layers:
+            layer.scale_grads(1.0 / scale)
+    return overflow
+
