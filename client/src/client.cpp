@@ -437,7 +437,7 @@ Result<double> Layer::grad_norm() {
 }
 
 Status Layer::scale_grads(double factor) {
-  // JSON carries no inf or NaN: refused here with the daemon's words, not sent as null.
+  // JSON carries no inf or NaN (it would send null): refused here, before anything is sent.
   if (!std::isfinite(factor))
     return Status::InvalidArgument("scale_grads: the factor must be a finite number, not " + std::to_string(factor));
   return layer_call(state_, ipc::FrameType::kScaleGrads, {{"factor", factor}}).status();

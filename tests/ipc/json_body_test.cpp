@@ -167,6 +167,17 @@ TEST(JsonBodyTest, TypedFieldsNameWhatIsWrong) {
   ASSERT_FALSE(not_string.ok());
   EXPECT_TRUE(contains(not_string.status().message(), "must be a string")) << not_string.status();
   EXPECT_FALSE(get_int(json::array(), "handle").ok());
+
+  // Numbers: integers and not.
+  EXPECT_EQ(*get_number(body, "float"), 1.5);
+  EXPECT_EQ(*get_number(body, "neg"), -3.0);
+  Result<double> text_number = get_number(body, "text_number");
+  ASSERT_FALSE(text_number.ok());
+  EXPECT_TRUE(contains(text_number.status().message(), "must be a number, got string")) << text_number.status();
+  EXPECT_TRUE(contains(get_number(body, "layer").status().message(), "'layer' is missing"));
+  EXPECT_FALSE(get_number(json{{"x", nullptr}}, "x").ok());
+  EXPECT_FALSE(get_number(json{{"x", true}}, "x").ok());
+  EXPECT_FALSE(get_number(json::array(), "x").ok());
 }
 
 TEST(JsonBodyTest, LayoutRoundTripsAndMismatchesAreRefused) {
