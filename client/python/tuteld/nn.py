@@ -221,8 +221,8 @@ def clip_grad_norm_(model, max_norm, norm_type=2.0, *, error_if_nonfinite=False)
         return result
     coef = float(max_norm) / (total + 1e-6)
     if coef < 1.0:
-        # The daemon's first: a refused call (a closed session, a timeout) leaves torch's as they
-        # were, not half the model clipped.
+        # The daemon's first: where a call is refused (a closed session, a timeout), torch's
+        # gradients are still as they were.
         for layer in layers:
             layer.scale_grads(coef)
         for g in grads:
@@ -251,7 +251,10 @@ def unscale_(model, scaler):
     if not math.isfinite(scale) or scale <= 0.0:
         raise ValueError(f"tuteld.nn.unscale_: the scaler's scale is {scale}; it must be a positive finite number")
     layers = list(_layers(model))
-    overflow = any(not math.isfinite(layer.grad_norm()) for layer in layers)
+    # Every layer's norm, not up to the first overflow: on a group layer each is a collective,
+    # and every rank makes the same calls.
+    norms = [layer.grad_norm() for layer in layers]
+    overflow = not all(math.isfinite(n) for n in norms)
     if not overflow:
         for layer in layers:
             layer.scale_grads(1.0 / scale)
