@@ -1,6 +1,7 @@
 // Registry: the tenant's quotas and the layer table under concurrent control requests. Control
 // frames of one tenant's sessions run on different threads of the daemon's pool, so two requests
-// about one layer (or two creations against one quota) may run at the same moment.
+// about one layer (or two creations against one quota) may run at the same moment. Also the
+// bound a layer's save reserves against the tenant's checkpoint quota.
 #include "registry.hpp"
 
 #include <gtest/gtest.h>
