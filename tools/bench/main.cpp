@@ -6,6 +6,7 @@
 #include "a2a_bench.hpp"
 #include "daemon_bench.hpp"
 #include "ep_bench.hpp"
+#include "grads_bench.hpp"
 #include "layer_bench.hpp"
 
 int main(int argc, char** argv) {
@@ -90,8 +91,18 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
 
+  tutel::bench::GradsBenchOptions grads;
+  CLI::App* grads_cmd = app.add_subcommand(
+      "grads", "the gradient norm's and scale's CPU kernels (add_sum_squares, scale) vs a parallel memcpy");
+  grads_cmd->add_option("--floats", grads.floats, "gradient floats (default: E=8 M=1024 H=4096's)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  grads_cmd->add_option("--threads", grads.threads, "CPU threads (0 = all cores)")->capture_default_str();
+  grads_cmd->add_option("--repeats", grads.repeats, "timed runs per measurement")->check(CLI::PositiveNumber)->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
   if (ep_cmd->parsed()) return tutel::bench::run_ep_bench(ep);
+  if (grads_cmd->parsed()) return tutel::bench::run_grads_bench(grads);
   if (layer_cmd->parsed() && via_daemon && layer.backend == "cuda") {
 #if defined(TUTEL_HAVE_CUDA)
     return tutel::bench::run_cuda_layer_via_daemon_bench(argv[0], layer.repeats);
