@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include "tutel/core/safetensors.hpp"
 #include "tutel/kernels/forwarding_backend.hpp"
 
 #include <unistd.h>
@@ -94,28 +95,36 @@ int count_created(const std::vector<Result<LayerRef>>& created, std::string_view
 }
 
 // The checkpoint quota reserves ServedLayer::save_bytes_bound() before a save: the file written
-// must never be larger. Its worst case here: AdamW's two states per parameter, and a spec text
-// whose comment is all characters JSON escapes (quotes, backslashes, tabs), kept whole in the
-// file's metadata.
+// must never be larger. Its worst case here: AdamW's two states per parameter (allocated with
+// the layer), and a spec text of ~40 KB whose comment is all characters JSON escapes (quotes,
+// backslashes, tabs), kept whole in the file's metadata: large beside the bound's fixed
+// headroom, so a bound that did not allow for the escapes would fail here.
 TEST(Registry, ASavedLayerFitsTheBoundItsQuotaReserves) {
   OneRankRegistry r(4);
   std::string spec = "name = \"bounded\"\nexperts = 4\nmodel_dim = 32\nhidden = 48\nk = 2\ninit_seed = 1\n"
                      "[optimizer]\nkind = \"adamw\"\nlr = 0.001\n# ";
-  for (int i = 0; i < 4000; ++i) spec += i % 3 == 0 ? "\"" : i % 3 == 1 ? "\\" : "\t";
+  for (int i = 0; i < 40000; ++i) spec += i % 3 == 0 ? "\"" : i % 3 == 1 ? "\\" : "\t";
   spec += "\n";
   auto def = parse_layer_spec(spec, "test");
   ASSERT_TRUE(def.ok()) << def.status();
   auto ref = r.registry->create("a", *def, spec);
   ASSERT_TRUE(ref.ok()) << ref.status();
-  ASSERT_TRUE(ref->layer->step().ok());  // AdamW's states exist from the first step
   const std::string path = ::testing::TempDir() + "bounded_" + std::to_string(::getpid()) + ".safetensors";
   ASSERT_TRUE(ref->layer->save(path).ok());
   std::error_code ec;
   const uint64_t written = std::filesystem::file_size(path, ec);
   ASSERT_FALSE(ec) << ec.message();
+  {
+    auto file = SafetensorsFile::open(path);
+    ASSERT_TRUE(file.ok()) << file.status();
+    const auto kept = file->metadata().find("tuteld.spec");
+    ASSERT_NE(kept, file->metadata().end());
+    EXPECT_EQ(kept->second, spec) << "the spec is kept whole, escapes and all";
+  }
   std::filesystem::remove(path, ec);
   EXPECT_LE(written, ref->layer->save_bytes_bound());
-  EXPECT_GT(written, 3 * 4 * uint64_t(4 * 32 * 48 * 2)) << "the file holds the experts and both states";
+  EXPECT_GT(written, 80000u + 3 * 4 * uint64_t(4 * 32 * 48 * 2))
+      << "the file holds the escaped spec, the experts and both states";
 }
 
 TEST(Registry, ConcurrentDestroysOfOneLayerReleaseItsParametersOnce) {

@@ -307,15 +307,25 @@ class TorchModuleTest(unittest.TestCase):
         self.assert_stepped(moe, p, grads)  # the step applies the unscaled gradients
         with self.assertRaises(ValueError):
             tuteld.nn.unscale_(moe, Scaler(0.0))
-        # An overflow: reported, and nothing is divided.
+        with self.assertRaises(TypeError):
+            tuteld.nn.unscale_(moe.parameters(), Scaler(2.0))
+        # An overflow: reported, and nothing is divided (inf / 1024 would still be inf: the
+        # layer's scale_grads is watched instead).
         moe.zero_grad()
         y, l_aux = moe(torch.from_numpy(x))
         (float("inf") * y.sum()).backward()
-        before = moe.layer.grad_norm()
-        self.assertFalse(np.isfinite(before))
-        self.assertTrue(tuteld.nn.unscale_(moe, Scaler(1024.0)))
-        after = moe.layer.grad_norm()
-        self.assertTrue(after == before or (np.isnan(after) and np.isnan(before)))
+        self.assertFalse(np.isfinite(moe.layer.grad_norm()))
+        scaled = []
+        real_scale_grads = moe.layer.scale_grads
+        moe.layer.scale_grads = lambda factor: scaled.append(factor) or real_scale_grads(factor)
+        try:
+            self.assertTrue(tuteld.nn.unscale_(moe, Scaler(1024.0)))
+            self.assertEqual(scaled, [])
+            moe.zero_grad()  # finite again: now it divides
+            self.assertFalse(tuteld.nn.unscale_(moe, Scaler(1024.0)))
+            self.assertEqual(scaled, [1.0 / 1024.0])
+        finally:
+            del moe.layer.scale_grads
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstring>
 #include <thread>
+#include <utility>
 
 #include "bench_util.hpp"
 #include "tutel/kernels/backend.hpp"
@@ -44,27 +45,48 @@ int run_grads_bench(const GradsBenchOptions& o) {
     note(b.add_sum_squares(grads, total));
   });
   const double scale_s = median_seconds(1, o.repeats, [&] { note(b.scale(grads, 1.0f)); });
-  // The ceiling: the same bytes copied by the same threads, each its own contiguous part.
+  // The ceilings, on the same threads, each its own contiguous part (whole cache lines): a read
+  // of the same bytes (the norm only reads), and a copy of them (scale reads and writes).
+  auto part_of = [&](size_t parts, size_t part) {
+    const size_t lines = bytes / 64, begin = lines / parts * part * 64;
+    return std::pair{begin, part + 1 == parts ? bytes : lines / parts * (part + 1) * 64};
+  };
+  uint64_t read_check = 0;
+  const double read_s = median_seconds(1, o.repeats, [&] {
+    uint64_t all = 0;
+#pragma omp parallel num_threads(threads) reduction(^ : all)
+    {
+      const auto [begin, end] = part_of(static_cast<size_t>(omp_get_num_threads()), static_cast<size_t>(omp_get_thread_num()));
+      const uint64_t* words = reinterpret_cast<const uint64_t*>(reinterpret_cast<const char*>(s) + begin);
+      uint64_t x = 0;
+#pragma omp simd reduction(^ : x)
+      for (size_t i = 0; i < (end - begin) / 8; ++i) x ^= words[i];
+      all ^= x;
+    }
+    read_check = all;  // used, so the reads stay
+  });
   const double copy_s = median_seconds(1, o.repeats, [&] {
 #pragma omp parallel num_threads(threads)
     {
-      const size_t parts = static_cast<size_t>(omp_get_num_threads()), part = static_cast<size_t>(omp_get_thread_num());
-      const size_t begin = bytes / parts * part, end = part + 1 == parts ? bytes : bytes / parts * (part + 1);
+      const auto [begin, end] = part_of(static_cast<size_t>(omp_get_num_threads()), static_cast<size_t>(omp_get_thread_num()));
       std::memcpy(d + begin, reinterpret_cast<const char*>(s) + begin, end - begin);
     }
   });
+  float norm_squares = 0;
+  note(b.copy(&norm_squares, sum->data(), 4, CopyKind::kDeviceToHost));
   if (!failed.ok()) {
     std::fprintf(stderr, "tutel-bench grads: %s\n", failed.to_string().c_str());
     return 1;
   }
   const double gb = static_cast<double>(bytes) / 1e9;
-  std::printf("grads: %lld floats (%.0f MB), %d threads, median of %d\n", static_cast<long long>(o.floats),
-              gb * 1e3, threads, o.repeats);
-  std::printf("  memcpy (ceiling)     %8.2f ms  %6.1f GB/s read, %6.1f GB/s read+write\n", copy_s * 1e3,
-              gb / copy_s, 2 * gb / copy_s);
-  std::printf("  add_sum_squares      %8.2f ms  %6.1f GB/s read              %.2f x the copy's time\n",
-              norm_s * 1e3, gb / norm_s, norm_s / copy_s);
-  std::printf("  scale (in place)     %8.2f ms  %6.1f GB/s read+write        %.2f x the copy's time\n",
+  std::printf("grads: %lld floats (%.0f MB), %d threads, median of %d (sum of squares %.6g, read check %llx)\n",
+              static_cast<long long>(o.floats), gb * 1e3, threads, o.repeats, double(norm_squares),
+              static_cast<unsigned long long>(read_check));
+  std::printf("  read (ceiling of the norm)    %8.2f ms  %6.1f GB/s read\n", read_s * 1e3, gb / read_s);
+  std::printf("  add_sum_squares               %8.2f ms  %6.1f GB/s read         %.2f x the read's time\n",
+              norm_s * 1e3, gb / norm_s, norm_s / read_s);
+  std::printf("  memcpy (ceiling of scale)     %8.2f ms  %6.1f GB/s read+write   \n", copy_s * 1e3, 2 * gb / copy_s);
+  std::printf("  scale (in place)              %8.2f ms  %6.1f GB/s read+write   %.2f x the copy's time\n",
               scale_s * 1e3, 2 * gb / scale_s, scale_s / copy_s);
   return 0;
 }

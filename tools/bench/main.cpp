@@ -93,11 +93,13 @@ int main(int argc, char** argv) {
 
   tutel::bench::GradsBenchOptions grads;
   CLI::App* grads_cmd = app.add_subcommand(
-      "grads", "the gradient norm's and scale's CPU kernels (add_sum_squares, scale) vs a parallel memcpy");
+      "grads", "the gradient norm's and scale's CPU kernels (add_sum_squares, scale) vs a read and a memcpy of the same bytes");
   grads_cmd->add_option("--floats", grads.floats, "gradient floats (default: E=8 M=1024 H=4096's)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  grads_cmd->add_option("--threads", grads.threads, "CPU threads (0 = all cores)")->capture_default_str();
+  grads_cmd->add_option("--threads", grads.threads, "CPU threads (0 = all cores)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   grads_cmd->add_option("--repeats", grads.repeats, "timed runs per measurement")->check(CLI::PositiveNumber)->capture_default_str();
 
   CLI11_PARSE(app, argc, argv);

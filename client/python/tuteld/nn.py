@@ -232,21 +232,30 @@ def clip_grad_norm_(model, max_norm, norm_type=2.0, *, error_if_nonfinite=False)
 
 def unscale_(model, scaler):
     """GradScaler.unscale_ for the daemon's gradients of `model`'s tuteld layers: divides them by
-    scaler.get_scale() and returns True where any of them is not finite (then nothing is
-    divided: the step is to be skipped). torch's scaler does not see the daemon's gradients, so
-    its own overflow check and backoff do not cover them:
+    scaler.get_scale() and returns True where a layer's gradient norm is not finite (an inf or
+    a NaN among them, or a sum of squares past f32's range); nothing is divided then, and the
+    daemon's step is to be skipped. torch's scaler does not see the daemon's gradients, so its
+    own overflow check and backoff do not cover them:
 
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         overflow = tuteld.nn.unscale_(model, scaler)
         tuteld.nn.clip_grad_norm_(model, 1.0)           # optional, on unscaled gradients
-        scaler.step(optimizer)
+        scaler.step(optimizer)                          # skipped where torch's overflowed
         if not overflow:
             tuteld.nn.step(model)
         scaler.update(scaler.get_scale() * scaler.get_backoff_factor() if overflow else None)
+        tuteld.nn.zero_grad(model)                      # torch's and the daemon's (inf ones too)
 
-    Call it once per step, after the backward and before any clipping, as torch's. On an
-    expert-parallel layer it is a collective (the gradient norm), called by every rank alike."""
+    As with two torch optimizers under one scaler, torch's step and the daemon's are skipped
+    each on its own overflow. A scale set through update(new_scale) does not reset the scaler's
+    count of good steps, as its own backoff does: the scale may grow again sooner after an
+    overflow of the daemon's alone. Call it once per step (it divides again if called again),
+    after the backward and before any clipping. On an expert-parallel layer it is a collective
+    (the gradient norm), called by every rank alike."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError("tuteld.nn.unscale_ takes the model (a torch.nn.Module), not "
+                        f"{type(model).__name__}: it finds the daemon's layers through the modules")
     scale = float(scaler.get_scale())
     if not math.isfinite(scale) or scale <= 0.0:
         raise ValueError(f"tuteld.nn.unscale_: the scaler's scale is {scale}; it must be a positive finite number")
@@ -259,4 +268,3 @@ def unscale_(model, scaler):
         for layer in layers:
             layer.scale_grads(1.0 / scale)
     return overflow
-
