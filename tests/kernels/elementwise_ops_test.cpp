@@ -6,9 +6,9 @@
 // element for add and add_row_bias (rtol 1e-6); add_column_sums is a running f32 sum over up to
 // 700 rows (rtol 1e-5, atol 1e-5). add_column_sums must also give the bits of the plain f32 loop
 // that adds row after row into dst (the order graphs::ExpertParallelLayer relies on to keep its
-// results), whatever the thread count. add_sum_squares sums in double and rounds once into
-// dst (rtol 1e-6), with the same bits on one thread and on two; scale rounds once per element
-// (rtol 1e-6).
+// results), whatever the thread count. add_sum_squares gathers 8 squares per f32 lane, then
+// sums in double and rounds once into dst (all positive terms: within 9 · 2^-24, rtol 1e-6),
+// with the same bits on one thread and on two; scale rounds once per element (rtol 1e-6).
 #include <gtest/gtest.h>
 
 #include <cmath>

@@ -333,8 +333,9 @@ class Backend {
 
   // Two f32 ops for the parameter gradients as a whole (a layer's gradient norm, clipping), on
   // the device like the others, so a group can all-reduce the result where it lies.
-  // dst[0] += Σ_i src[i]², summed in double in a fixed order (fixed blocks, then the blocks in
-  // order: no result depends on the thread count or the launch), added to dst in f32.
+  // dst[0] += Σ_i src[i]², in a fixed order (fixed blocks, then the blocks in order: no result
+  // depends on the thread count or the launch), in double past a few terms (the CPU gathers 8
+  // squares per f32 lane first; CUDA is double throughout), added to dst in f32.
   virtual Status add_sum_squares(TensorView src, TensorView dst) = 0;
   // t[i] *= factor.
   virtual Status scale(TensorView t, float factor) = 0;
