@@ -293,22 +293,30 @@ int tutel_infer_device(tutel_layer* layer, const float* x, int64_t tokens, float
 
 namespace {
 
+// A backward's flags as the C++ API's ParamGrads; nullopt for a bit the ABI does not define.
+std::optional<Layer::ParamGrads> param_grads_of(uint32_t flags) {
+  if ((flags & ~TUTEL_KEEP_PARAM_GRADS) != 0) return std::nullopt;
+  return (flags & TUTEL_KEEP_PARAM_GRADS) != 0 ? Layer::ParamGrads::kKeep : Layer::ParamGrads::kAccumulate;
+}
+
+int unknown_flags(const char* name, uint32_t flags) {
+  return fail_invalid(std::string(name) + ": unknown flags " + std::to_string(flags) +
+                      " (TUTEL_KEEP_PARAM_GRADS is the only one)");
+}
+
 // tutel_backward_device and tutel_backward_device_flags, errors named after `name`.
 int backward_device_with(const char* name, tutel_layer* layer, const float* dy, float dl_aux, float* dx,
                          uint32_t flags) {
   return guarded(name, [&] {
     if (!valid(layer)) return invalid_layer(name);
-    if ((flags & ~TUTEL_KEEP_PARAM_GRADS) != 0)
-      return fail_invalid(std::string(name) + ": unknown flags " + std::to_string(flags) +
-                          " (TUTEL_KEEP_PARAM_GRADS is the only one)");
+    const std::optional<Layer::ParamGrads> param_grads = param_grads_of(flags);
+    if (!param_grads) return unknown_flags(name, flags);
     if (layer->layer->pending_backwards() == 0)
       return fail_invalid(std::string(name) +
                           ": the layer has no training forward waiting for its backward on this handle; call "
                           "tutel_forward_device first");
-    const auto param_grads = (flags & TUTEL_KEEP_PARAM_GRADS) != 0 ? Layer::ParamGrads::kKeep
-                                                                   : Layer::ParamGrads::kAccumulate;
     return to_code(
-        layer->layer->backward_device(layer->layer->oldest_pending_sequence(), dy, dl_aux, dx, param_grads));
+        layer->layer->backward_device(layer->layer->oldest_pending_sequence(), dy, dl_aux, dx, *param_grads));
   });
 }
 
@@ -366,12 +374,9 @@ int submit_backward_with(const char* name, tutel_layer* layer, uint64_t sequence
   return guarded(name, [&] {
     if (!valid(layer)) return invalid_layer(name);
     if (ticket == nullptr) return fail_invalid(std::string(name) + ": ticket is NULL");
-    if ((flags & ~TUTEL_KEEP_PARAM_GRADS) != 0)
-      return fail_invalid(std::string(name) + ": unknown flags " + std::to_string(flags) +
-                          " (TUTEL_KEEP_PARAM_GRADS is the only one)");
-    const auto param_grads = (flags & TUTEL_KEEP_PARAM_GRADS) != 0 ? Layer::ParamGrads::kKeep
-                                                                   : Layer::ParamGrads::kAccumulate;
-    auto t = layer->layer->submit_backward(sequence, dy, dl_aux, dx, param_grads);
+    const std::optional<Layer::ParamGrads> param_grads = param_grads_of(flags);
+    if (!param_grads) return unknown_flags(name, flags);
+    auto t = layer->layer->submit_backward(sequence, dy, dl_aux, dx, *param_grads);
     if (!t.ok()) return fail(t.status());
     *ticket = tutel_ticket{t->request_id, t->sequence};
     return TUTEL_OK;
