@@ -1,5 +1,6 @@
 // The C ABI over tutel::client. Every entry point catches everything: no exception crosses it.
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstddef>
 #include <cstring>
@@ -470,6 +471,30 @@ int tutel_load(tutel_layer* layer, const char* path) {
     if (!valid(layer)) return invalid_layer("tutel_load");
     if (path == nullptr) return fail_invalid("tutel_load: path is NULL");
     return to_code(layer->layer->load(path));
+  });
+}
+
+int tutel_export_state(tutel_layer* layer, int* fd, uint64_t* bytes) {
+  return guarded("tutel_export_state", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_export_state");
+    if (fd == nullptr || bytes == nullptr) return fail_invalid("tutel_export_state: fd or bytes is NULL");
+    tutel::Result<tutel::client::ExportedState> state = layer->layer->export_state();
+    if (!state.ok()) return to_code(state.status());
+    const int dup = state->dup_fd();
+    if (dup < 0)
+      return to_code(tutel::Status::ResourceExhausted(std::string("tutel_export_state: cannot hand over the memfd: ") +
+                                                      std::strerror(errno)));
+    *fd = dup;
+    *bytes = state->size();
+    return TUTEL_OK;
+  });
+}
+
+int tutel_import_state(tutel_layer* layer, int fd) {
+  return guarded("tutel_import_state", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_import_state");
+    if (fd < 0) return fail_invalid("tutel_import_state: fd is negative");
+    return to_code(layer->layer->import_state(fd));
   });
 }
 

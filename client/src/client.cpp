@@ -1,10 +1,17 @@
 #include "tutel/client.hpp"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <utility>
 
 #include "session.hpp"
+#include "tutel/core/shared_memory.hpp"
 #include "tutel/ipc/json_body.hpp"
 
 namespace tutel::client {
@@ -52,6 +59,11 @@ Result<LayerInfo> parse_layer_info(const json& body) {
   }
   if (body.contains("device")) {
     TUTEL_ASSIGN_OR_RETURN(info.device, ipc::get_string(body, "device"));
+  }
+  if (body.contains("state_bytes")) {
+    TUTEL_ASSIGN_OR_RETURN(const int64_t bytes, ipc::get_int(body, "state_bytes"));
+    if (bytes < 0) return Status::Corruption("tuteld gave layer '" + info.name + "' a negative state_bytes");
+    info.state_bytes = static_cast<uint64_t>(bytes);
   }
   if (info.model_dim < 1 || info.output_dim < 1 || info.experts < 1)
     return Status::Corruption("tuteld described layer '" + info.name +
@@ -403,11 +415,13 @@ Status Layer::discard(uint64_t sequence) {
 namespace {
 
 // A control request about one layer, after every request in flight has completed.
-Result<json> layer_call(const std::shared_ptr<LayerState>& state, ipc::FrameType type, json body) {
+// `send_fds` go with the request (SCM_RIGHTS).
+Result<json> layer_call(const std::shared_ptr<LayerState>& state, ipc::FrameType type, json body,
+                        const std::vector<int>& send_fds = {}) {
   TUTEL_RETURN_IF_ERROR(usable(state));
   TUTEL_RETURN_IF_ERROR(state->session->drain());
   body["handle"] = state->info.handle;
-  return state->session->call(type, body, ipc::FrameType::kOk);
+  return state->session->call(type, body, ipc::FrameType::kOk, nullptr, send_fds);
 }
 
 }  // namespace
@@ -452,6 +466,72 @@ Result<std::string> Layer::save(std::string_view path) {
 
 Status Layer::load(std::string_view path) {
   return layer_call(state_, ipc::FrameType::kLoad, {{"path", std::string(path)}}).status();
+}
+
+ExportedState::ExportedState(ExportedState&& o) noexcept
+    : fd_(std::exchange(o.fd_, -1)),
+      data_(std::exchange(o.data_, nullptr)),
+      size_(std::exchange(o.size_, 0)),
+      mapped_(std::exchange(o.mapped_, 0)) {}
+
+ExportedState& ExportedState::operator=(ExportedState&& o) noexcept {
+  if (this != &o) {
+    ExportedState old(std::move(*this));  // what this held goes at the end of the scope
+    fd_ = std::exchange(o.fd_, -1);
+    data_ = std::exchange(o.data_, nullptr);
+    size_ = std::exchange(o.size_, 0);
+    mapped_ = std::exchange(o.mapped_, 0);
+  }
+  return *this;
+}
+
+ExportedState::~ExportedState() {
+  if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), mapped_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+int ExportedState::dup_fd() const {
+  if (fd_ < 0) {
+    errno = EBADF;
+    return -1;
+  }
+  return ::fcntl(fd_, F_DUPFD_CLOEXEC, 0);
+}
+
+Result<ExportedState> Layer::export_state() {
+  TUTEL_RETURN_IF_ERROR(usable(state_));
+  const uint64_t bound = state_->info.state_bytes;
+  if (bound == 0)
+    return Status::Unimplemented("this tuteld does not export a layer's state (it sent no state_bytes): upgrade it, "
+                                 "or use save()");
+  // Allocated here, every page (the daemon refuses a memfd with holes): the memory is this
+  // process's. Sealed against shrinking, so the daemon can map it without fear of SIGBUS.
+  TUTEL_ASSIGN_OR_RETURN(SharedMemory memory, SharedMemory::create(bound, "tuteld layer state"));
+  TUTEL_ASSIGN_OR_RETURN(json reply, layer_call(state_, ipc::FrameType::kExportState, json::object(), {memory.fd()}));
+  const auto bytes = reply.find("bytes");
+  if (bytes == reply.end() || !bytes->is_number_unsigned() || bytes->get<uint64_t>() < 8 ||
+      bytes->get<uint64_t>() > memory.bytes())
+    return internal::malformed_reply(
+        Status::InvalidArgument("'bytes' must be a size within the " + std::to_string(memory.bytes()) +
+                                " bytes given: " + ipc::dump_body(reply)),
+        "ExportState");
+  // Read-only from here on: a second mapping, then the writable one goes.
+  const uint64_t mapped = memory.bytes();
+  void* view = ::mmap(nullptr, mapped, PROT_READ, MAP_SHARED, memory.fd(), 0);
+  if (view == MAP_FAILED)
+    return Status::ResourceExhausted("mapping the exported state of " + std::to_string(mapped) +
+                                     " bytes: " + std::strerror(errno));
+  ExportedState out;
+  out.fd_ = memory.take_fd().release();
+  out.data_ = static_cast<const uint8_t*>(view);
+  out.size_ = bytes->get<uint64_t>();
+  out.mapped_ = mapped;
+  return out;
+}
+
+Status Layer::import_state(int fd) {
+  if (fd < 0) return Status::InvalidArgument("import_state: " + std::to_string(fd) + " is not a descriptor");
+  return layer_call(state_, ipc::FrameType::kImportState, json::object(), {fd}).status();
 }
 
 Status Layer::destroy() {

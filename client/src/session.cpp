@@ -160,12 +160,12 @@ void Session::close(const Status& why) {
 }
 
 Result<json> Session::call(ipc::FrameType type, const json& body, ipc::FrameType expected,
-                           std::vector<UniqueFd>* fds) {
+                           std::vector<UniqueFd>* fds, const std::vector<int>& send_fds) {
   if (!broken_.ok()) return broken_;
   const std::string what(ipc::frame_type_name(type));
   const uint32_t rid = next_frame_id_++;
   const auto timeout = socket_timeout(options_.control_timeout);
-  if (Status st = ipc::send_json(fd_.get(), type, rid, body, {}, timeout); !st.ok()) {
+  if (Status st = ipc::send_json(fd_.get(), type, rid, body, send_fds, timeout); !st.ok()) {
     if (st.code() == StatusCode::kInvalidArgument) return st;  // e.g. a spec beyond the frame limit
     return fail(lost("sending " + what + ": " + std::string(st.message())));
   }

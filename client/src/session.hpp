@@ -76,10 +76,11 @@ class Session {
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
-  // A control request and its reply's body; kError replies become their Status. The reply's
-  // descriptors go to `fds` when given, else they are closed.
+  // A control request and its reply's body; kError replies become their Status. `send_fds` go
+  // with the request. The reply's descriptors go to `fds` when given, else they are closed.
   Result<nlohmann::json> call(ipc::FrameType type, const nlohmann::json& body,
-                              ipc::FrameType expected, std::vector<UniqueFd>* fds = nullptr);
+                              ipc::FrameType expected, std::vector<UniqueFd>* fds = nullptr,
+                              const std::vector<int>& send_fds = {});
 
   // Maps a device region on the daemon's `rank` (kMapRegion) and here.
   Result<std::shared_ptr<MappedDeviceRegion>> map_device_region(int rank, uint64_t bytes);

@@ -279,6 +279,7 @@ SafetensorsFile::SafetensorsFile(SafetensorsFile&& other) noexcept
     : path_(std::move(other.path_)),
       mapping_(std::exchange(other.mapping_, nullptr)),
       mapping_size_(std::exchange(other.mapping_size_, 0)),
+      owned_(std::move(other.owned_)),
       tensors_(std::move(other.tensors_)),
       index_(std::move(other.index_)),
       metadata_(std::move(other.metadata_)) {}
@@ -289,6 +290,7 @@ SafetensorsFile& SafetensorsFile::operator=(SafetensorsFile&& other) noexcept {
     path_ = std::move(other.path_);
     mapping_ = std::exchange(other.mapping_, nullptr);
     mapping_size_ = std::exchange(other.mapping_size_, 0);
+    owned_ = std::move(other.owned_);
     tensors_ = std::move(other.tensors_);
     index_ = std::move(other.index_);
     metadata_ = std::move(other.metadata_);
@@ -332,79 +334,116 @@ Result<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
     file.mapping_ = mapping;
     file.mapping_size_ = file_size;
     fd.reset();
-    const auto* bytes = static_cast<const char*>(mapping);
-
-    uint64_t header_size = 0;
-    std::memcpy(&header_size, bytes, 8);
-    if (header_size > file_size - 8)
-      return corrupt(path, "header length " + std::to_string(header_size) + " exceeds the " +
-                               std::to_string(file_size - 8) +
-                               " bytes that follow it; the file is truncated or not safetensors");
-    if (header_size > kMaxHeaderBytes)
-      return corrupt(path, "header length " + std::to_string(header_size) +
-                               " is over the limit of " + std::to_string(kMaxHeaderBytes) +
-                               " bytes");
-    const char* data_section = bytes + 8 + header_size;
-    const uint64_t data_size = file_size - 8 - header_size;
-
-    // JSON never holds a raw NUL, and nlohmann's lexer would take one for the end of input
-    // and ignore whatever follows it.
-    if (std::memchr(bytes + 8, '\0', header_size) != nullptr)
-      return corrupt(path, "header is not valid JSON: it contains a NUL byte");
-
-    HeaderScan scan;
-    json::sax_parse(bytes + 8, data_section, &scan);
-    if (!scan.error().empty()) return corrupt(path, scan.error());
-    if (const std::string* name = scan.duplicate_root_key())
-      return corrupt_tensor(path, *name, "appears more than once in the header");
-    if (const std::string* key = scan.duplicate_metadata_key())
-      return corrupt(path, "'__metadata__' key '" + *key + "' appears more than once");
-    const json header = json::parse(bytes + 8, data_section, nullptr, /*allow_exceptions=*/false);
-    if (header.is_discarded()) return corrupt(path, "header is not valid JSON");
-    if (!header.is_object())
-      return corrupt(
-          path, std::string("header is a JSON ") + header.type_name() + ", expected an object");
-
-    std::vector<ParsedEntry> entries;
-    entries.reserve(header.size());
-    for (const auto& [name, value] : header.items()) {
-      if (name == kMetadataKey) {
-        TUTEL_RETURN_IF_ERROR(parse_metadata(path, value, file.metadata_));
-        continue;
-      }
-      TUTEL_ASSIGN_OR_RETURN(ParsedEntry entry, parse_entry(path, name, value, data_size));
-      entries.push_back(std::move(entry));
-    }
-
-    std::sort(entries.begin(), entries.end(), [](const ParsedEntry& a, const ParsedEntry& b) {
-      return std::tie(a.begin, a.end, a.name) < std::tie(b.begin, b.end, b.name);
-    });
-    // An empty tensor owns no bytes, so it cannot overlap anything wherever it points.
-    const ParsedEntry* previous = nullptr;
-    for (const ParsedEntry& entry : entries) {
-      if (entry.begin == entry.end) continue;
-      if (previous != nullptr && entry.begin < previous->end)
-        return corrupt_tensor(path, entry.name,
-                              "data [" + std::to_string(entry.begin) + ", " +
-                                  std::to_string(entry.end) + ") overlaps tensor '" +
-                                  previous->name + "' at [" + std::to_string(previous->begin) +
-                                  ", " + std::to_string(previous->end) + ")");
-      previous = &entry;
-    }
-
-    file.tensors_.reserve(entries.size());
-    for (ParsedEntry& entry : entries) {
-      file.index_.emplace(entry.name, file.tensors_.size());
-      file.tensors_.push_back(SafetensorsTensor{std::move(entry.name), entry.dtype, entry.shape,
-                                                data_section + entry.begin,
-                                                static_cast<size_t>(entry.end - entry.begin)});
-    }
+    TUTEL_RETURN_IF_ERROR(file.parse(static_cast<const char*>(mapping), file_size));
     return file;
   } catch (const std::bad_alloc&) {
     return Status::ResourceExhausted("out of memory reading " + file_context(path));
   } catch (const std::exception& e) {
     return Status::Internal("reading " + file_context(path) + ": " + e.what());
   }
+}
+
+Result<SafetensorsFile> SafetensorsFile::read(int fd, const std::string& what, uint64_t max_bytes) {
+  try {
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) return errno_status(errno, "cannot stat", what);
+    if (!S_ISREG(st.st_mode))
+      return Status::InvalidArgument(file_context(what) +
+                                     " is not a regular file (give a memfd or an open file)");
+    const auto file_size = static_cast<uint64_t>(st.st_size);
+    if (file_size > max_bytes)
+      return Status::InvalidArgument(file_context(what) + " is " + std::to_string(file_size) +
+                                     " bytes, more than the " + std::to_string(max_bytes) +
+                                     " its reader takes");
+    if (file_size < 8)
+      return corrupt(what, "file is " + std::to_string(file_size) +
+                               " bytes, too short for the 8-byte header length");
+    SafetensorsFile file;
+    file.path_ = what;
+    file.owned_.reset(new char[file_size]);
+    // pread leaves the descriptor's offset, which the sender may share, as it was.
+    for (uint64_t done = 0; done < file_size;) {
+      const ssize_t n = ::pread(fd, file.owned_.get() + done, file_size - done, static_cast<off_t>(done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return errno_status(errno, "cannot read", what);
+      if (n == 0)
+        return corrupt(what, "file shrank from " + std::to_string(file_size) + " to " +
+                                 std::to_string(done) + " bytes while it was read");
+      done += static_cast<uint64_t>(n);
+    }
+    TUTEL_RETURN_IF_ERROR(file.parse(file.owned_.get(), file_size));
+    return file;
+  } catch (const std::bad_alloc&) {
+    return Status::ResourceExhausted("out of memory reading " + file_context(what));
+  } catch (const std::exception& e) {
+    return Status::Internal("reading " + file_context(what) + ": " + e.what());
+  }
+}
+
+Status SafetensorsFile::parse(const char* bytes, uint64_t file_size) {
+  const std::string& path = path_;
+  uint64_t header_size = 0;
+  std::memcpy(&header_size, bytes, 8);
+  if (header_size > file_size - 8)
+    return corrupt(path, "header length " + std::to_string(header_size) + " exceeds the " +
+                             std::to_string(file_size - 8) +
+                             " bytes that follow it; the file is truncated or not safetensors");
+  if (header_size > kMaxHeaderBytes)
+    return corrupt(path, "header length " + std::to_string(header_size) +
+                             " is over the limit of " + std::to_string(kMaxHeaderBytes) + " bytes");
+  const char* data_section = bytes + 8 + header_size;
+  const uint64_t data_size = file_size - 8 - header_size;
+
+  // JSON never holds a raw NUL, and nlohmann's lexer would take one for the end of input
+  // and ignore whatever follows it.
+  if (std::memchr(bytes + 8, '\0', header_size) != nullptr)
+    return corrupt(path, "header is not valid JSON: it contains a NUL byte");
+
+  HeaderScan scan;
+  json::sax_parse(bytes + 8, data_section, &scan);
+  if (!scan.error().empty()) return corrupt(path, scan.error());
+  if (const std::string* name = scan.duplicate_root_key())
+    return corrupt_tensor(path, *name, "appears more than once in the header");
+  if (const std::string* key = scan.duplicate_metadata_key())
+    return corrupt(path, "'__metadata__' key '" + *key + "' appears more than once");
+  const json header = json::parse(bytes + 8, data_section, nullptr, /*allow_exceptions=*/false);
+  if (header.is_discarded()) return corrupt(path, "header is not valid JSON");
+  if (!header.is_object())
+    return corrupt(path, std::string("header is a JSON ") + header.type_name() + ", expected an object");
+
+  std::vector<ParsedEntry> entries;
+  entries.reserve(header.size());
+  for (const auto& [name, value] : header.items()) {
+    if (name == kMetadataKey) {
+      TUTEL_RETURN_IF_ERROR(parse_metadata(path, value, metadata_));
+      continue;
+    }
+    TUTEL_ASSIGN_OR_RETURN(ParsedEntry entry, parse_entry(path, name, value, data_size));
+    entries.push_back(std::move(entry));
+  }
+
+  std::sort(entries.begin(), entries.end(), [](const ParsedEntry& a, const ParsedEntry& b) {
+    return std::tie(a.begin, a.end, a.name) < std::tie(b.begin, b.end, b.name);
+  });
+  // An empty tensor owns no bytes, so it cannot overlap anything wherever it points.
+  const ParsedEntry* previous = nullptr;
+  for (const ParsedEntry& entry : entries) {
+    if (entry.begin == entry.end) continue;
+    if (previous != nullptr && entry.begin < previous->end)
+      return corrupt_tensor(path, entry.name,
+                            "data [" + std::to_string(entry.begin) + ", " + std::to_string(entry.end) +
+                                ") overlaps tensor '" + previous->name + "' at [" +
+                                std::to_string(previous->begin) + ", " + std::to_string(previous->end) + ")");
+    previous = &entry;
+  }
+
+  tensors_.reserve(entries.size());
+  for (ParsedEntry& entry : entries) {
+    index_.emplace(entry.name, tensors_.size());
+    tensors_.push_back(SafetensorsTensor{std::move(entry.name), entry.dtype, entry.shape, data_section + entry.begin,
+                                         static_cast<size_t>(entry.end - entry.begin)});
+  }
+  return Status::OK();
 }
 
 namespace {
@@ -473,10 +512,11 @@ Status fsync_directory_of(const std::string& path) {
 // The header text, padded so the data section starts 8-byte aligned (and with it the first
 // tensor), and each tensor's byte size. Built member by member rather than as one
 // ordered_json, whose linear key lookups would make this quadratic in the tensor count.
+// `filled_later`: a tensor may come without data (its writer fills it in place).
 Result<std::string> build_header(const std::string& path,
                                  const std::vector<SafetensorsEntry>& tensors,
                                  const std::map<std::string, std::string>& metadata,
-                                 std::vector<size_t>& sizes) {
+                                 std::vector<size_t>& sizes, bool filled_later = false) {
   std::string text = "{";
   const auto append_member = [&](const std::string& key, const json& value) {
     if (text.size() > 1) text += ',';
@@ -499,7 +539,7 @@ Result<std::string> build_header(const std::string& path,
         if (d < 0) return refuse("has negative dimension in shape " + t.shape.to_string());
       const std::optional<ShapeSize> size = shape_size(t.shape, t.dtype);
       if (!size) return refuse("has too many elements in shape " + t.shape.to_string());
-      if (t.data == nullptr && size->nbytes > 0) return refuse("has no data");
+      if (t.data == nullptr && size->nbytes > 0 && !filled_later) return refuse("has no data");
       uint64_t end = 0;
       if (__builtin_add_overflow(offset, size->nbytes, &end))
         return refuse("overflows the file size");
@@ -556,6 +596,63 @@ Status write_safetensors(const std::string& path, const std::vector<SafetensorsE
     return Status::ResourceExhausted("out of memory writing " + file_context(path));
   } catch (const std::exception& e) {
     return Status::Internal("writing " + file_context(path) + ": " + e.what());
+  }
+}
+
+Result<uint64_t> write_safetensors_into(int fd, const std::string& what,
+                                        const std::vector<SafetensorsEntry>& tensors,
+                                        const std::map<std::string, std::string>& metadata,
+                                        const std::function<Status(size_t, void*)>& fill) {
+  try {
+    std::vector<size_t> sizes;
+    sizes.reserve(tensors.size());
+    TUTEL_ASSIGN_OR_RETURN(const std::string header_text,
+                           build_header(what, tensors, metadata, sizes, /*filled_later=*/static_cast<bool>(fill)));
+    uint64_t file_size = 8 + header_text.size();
+    for (size_t size : sizes) file_size += size;
+
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) return errno_status(errno, "cannot stat", what);
+    if (!S_ISREG(st.st_mode))
+      return Status::InvalidArgument(file_context(what) + ": the descriptor to write it into is not a memfd");
+    const int seals = ::fcntl(fd, F_GET_SEALS);
+    if (seals < 0 || (seals & F_SEAL_SHRINK) == 0 || (seals & F_SEAL_WRITE) != 0)
+      return Status::InvalidArgument(file_context(what) +
+                                     ": the memfd to write it into must be sealed against shrinking "
+                                     "(F_SEAL_SHRINK) and not against writing");
+    const auto memfd_size = static_cast<uint64_t>(st.st_size);
+    if (memfd_size < file_size)
+      return Status::InvalidArgument(file_context(what) + " takes " + std::to_string(file_size) +
+                                     " bytes, more than the " + std::to_string(memfd_size) + " of the memfd given");
+    // Pages the sender allocated are charged to it; pages this process faulted in would be
+    // charged here, and the sender could hold them for good. So every page must be allocated.
+    const uint64_t allocated = static_cast<uint64_t>(st.st_blocks) * 512;
+    if (allocated < memfd_size)
+      return Status::InvalidArgument(file_context(what) + ": the memfd given has " + std::to_string(allocated) +
+                                     " of its " + std::to_string(memfd_size) +
+                                     " bytes allocated; allocate them all first (posix_fallocate)");
+    void* mapping = ::mmap(nullptr, file_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (mapping == MAP_FAILED) return errno_status(errno, "cannot map", what);
+    Status written = [&]() -> Status {
+      auto* out = static_cast<char*>(mapping);
+      const uint64_t header_size = header_text.size();
+      std::memcpy(out, &header_size, 8);
+      std::memcpy(out + 8, header_text.data(), header_text.size());
+      char* at = out + 8 + header_text.size();
+      for (size_t i = 0; i < tensors.size(); at += sizes[i], ++i) {
+        if (sizes[i] == 0) continue;
+        if (tensors[i].data != nullptr) std::memcpy(at, tensors[i].data, sizes[i]);
+        else TUTEL_RETURN_IF_ERROR(fill(i, at));
+      }
+      return Status::OK();
+    }();
+    ::munmap(mapping, file_size);
+    TUTEL_RETURN_IF_ERROR(written);
+    return file_size;
+  } catch (const std::bad_alloc&) {
+    return Status::ResourceExhausted("out of memory writing " + file_context(what));
+  } catch (const std::exception& e) {
+    return Status::Internal("writing " + file_context(what) + ": " + e.what());
   }
 }
 

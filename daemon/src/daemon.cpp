@@ -75,7 +75,8 @@ json layer_info(const LayerRef& ref) {
   return {{"handle", ref.handle},         {"name", ref.layer->name()},   {"experts", s.experts},
           {"model_dim", s.model_dim},     {"hidden", s.hidden},          {"output_dim", s.out_dim()},
           {"k", s.k},                     {"step", ref.layer->step_count()},
-          {"rank", ref.layer->rank_index()}, {"device", ref.layer->device().to_string()}};
+          {"rank", ref.layer->rank_index()}, {"device", ref.layer->device().to_string()},
+          {"state_bytes", ref.layer->save_bytes_bound()}};
 }
 
 // The reply to kMapRegion: what the client needs to map the region (docs/protocol.md §7).
@@ -834,6 +835,33 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         return json{{"path", path}};
       };
       break;
+    case ipc::FrameType::kExportState:
+    case ipc::FrameType::kImportState: {
+      const bool is_export = type == ipc::FrameType::kExportState;
+      op_name = is_export ? "export_state" : "import_state";
+      // The descriptor that came with the frame: the client's memfd to write into, or the file
+      // to read. Held by the op (a std::function is copied), closed when it is done.
+      std::shared_ptr<ipc::UniqueFd> fd;
+      if (frame.fds.size() == 1) fd = std::make_shared<ipc::UniqueFd>(std::move(frame.fds[0]));
+      const size_t fds_given = frame.fds.size();
+      op = [this, tenant, b, is_export, fd, fds_given]() -> Result<json> {
+        TUTEL_ASSIGN_OR_RETURN(uint64_t h, handle_of(b));
+        TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->find(tenant, h));
+        if (!fd)
+          return Status::InvalidArgument(
+              std::string(is_export ? "ExportState" : "ImportState") + " needs one descriptor sent with the frame (" +
+              (is_export ? "a memfd of the layer's state_bytes, allocated and sealed against shrinking, to write into"
+                         : "the safetensors file to read") +
+              "), not " + std::to_string(fds_given));
+        if (!is_export) {
+          TUTEL_RETURN_IF_ERROR(ref.layer->import_state(fd->get()));
+          return json::object();
+        }
+        TUTEL_ASSIGN_OR_RETURN(uint64_t bytes, ref.layer->export_state(fd->get()));
+        return json{{"bytes", bytes}};
+      };
+      break;
+    }
     case ipc::FrameType::kMapRegion:
       op_name = "map_region";
       op = [this, s, tenant, b, reply_fd]() -> Result<json> {
@@ -873,7 +901,8 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
   std::optional<uint64_t> layer_handle;
   if (type == ipc::FrameType::kDestroyLayer || type == ipc::FrameType::kStep || type == ipc::FrameType::kZeroGrad ||
       type == ipc::FrameType::kGradNorm || type == ipc::FrameType::kScaleGrads ||
-      type == ipc::FrameType::kSave || type == ipc::FrameType::kLoad)
+      type == ipc::FrameType::kSave || type == ipc::FrameType::kLoad || type == ipc::FrameType::kExportState ||
+      type == ipc::FrameType::kImportState)
     if (const Result<uint64_t> h = handle_of(b); h.ok() && registry_->find(tenant, *h).ok()) layer_handle = *h;
   auto work = [op, result] { *result = guarded(op); };
   auto done = [this, s, rid, result, reply_type, reply_fd, op_name, tenant, b, started, creation] {

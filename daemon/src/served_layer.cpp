@@ -872,35 +872,79 @@ uint64_t ServedLayer::save_bytes_bound() const {
   return bytes + 6 * (spec_text_.size() + tenant_.size()) + 4096 + 256 * 3 * tensors_.size();
 }
 
+std::vector<ServedLayer::SavedTensor> ServedLayer::saved_tensors() const {
+  std::vector<SavedTensor> out;
+  for (const Tensor& t : tensors_) {
+    out.push_back({t.name, &t.shape, &t.value});
+    if (t.state0.data()) out.push_back({kState0Prefix + t.name, &t.shape, &t.state0});
+    if (t.state1.data()) out.push_back({kState1Prefix + t.name, &t.shape, &t.state1});
+  }
+  return out;
+}
+
+std::map<std::string, std::string> ServedLayer::saved_metadata() const {
+  return {{kStepKey, std::to_string(step_.load())}, {kSpecKey, spec_text_}, {kTenantKey, tenant_}};
+}
+
 Status ServedLayer::save(const std::string& path) {
   LayerLock lock(*this);
   Backend& b = backend();
+  const std::vector<SavedTensor> saved = saved_tensors();
   // Device tensors are staged on the host; on the CPU backend this is one memcpy per tensor.
   std::vector<std::vector<float>> host;
-  std::vector<SafetensorsEntry> entries;
   {
     auto device_lock = lock_device();
     // Never from a lost device: the file keeps the last checkpoint written from a live one.
     TUTEL_RETURN_IF_ERROR(rank_.health.check());
-    auto stage = [&](const std::string& name, const Shape& shape, const DeviceBuffer& buf) -> Status {
-      host.emplace_back(shape.numel());
-      return watch_device(
-          b.copy(host.back().data(), buf.data(), host.back().size() * 4, CopyKind::kDeviceToHost));
-    };
-    for (const Tensor& t : tensors_) {
-      TUTEL_RETURN_IF_ERROR(stage(t.name, t.shape, t.value));
-      if (t.state0.data()) TUTEL_RETURN_IF_ERROR(stage(kState0Prefix + t.name, t.shape, t.state0));
-      if (t.state1.data()) TUTEL_RETURN_IF_ERROR(stage(kState1Prefix + t.name, t.shape, t.state1));
+    for (const SavedTensor& t : saved) {
+      host.emplace_back(t.shape->numel());
+      TUTEL_RETURN_IF_ERROR(watch_device(
+          b.copy(host.back().data(), t.value->data(), host.back().size() * 4, CopyKind::kDeviceToHost)));
     }
   }
-  size_t i = 0;
-  for (const Tensor& t : tensors_) {
-    entries.push_back({t.name, DType::kF32, t.shape, host[i++].data()});
-    if (t.state0.data()) entries.push_back({kState0Prefix + t.name, DType::kF32, t.shape, host[i++].data()});
-    if (t.state1.data()) entries.push_back({kState1Prefix + t.name, DType::kF32, t.shape, host[i++].data()});
-  }
-  return write_safetensors(path, entries,
-                           {{kStepKey, std::to_string(step_.load())}, {kSpecKey, spec_text_}, {kTenantKey, tenant_}});
+  std::vector<SafetensorsEntry> entries;
+  for (size_t i = 0; i < saved.size(); ++i)
+    entries.push_back({saved[i].name, DType::kF32, *saved[i].shape, host[i].data()});
+  return write_safetensors(path, entries, saved_metadata());
+}
+
+Result<uint64_t> ServedLayer::export_state(int memfd) {
+  LayerLock lock(*this);
+  Backend& b = backend();
+  const std::vector<SavedTensor> saved = saved_tensors();
+  std::vector<SafetensorsEntry> entries;
+  for (const SavedTensor& t : saved) entries.push_back({t.name, DType::kF32, *t.shape, nullptr});
+  auto device_lock = lock_device();
+  TUTEL_RETURN_IF_ERROR(rank_.health.check());
+  // Straight from the device into the client's memory: no host copy in between.
+  auto fill = [&](size_t i, void* dst) -> Status {
+    return watch_device(b.copy(dst, saved[i].value->data(), static_cast<size_t>(saved[i].shape->numel()) * 4,
+                               CopyKind::kDeviceToHost));
+  };
+  return write_safetensors_into(memfd, "the state of layer " + def_.name, entries, saved_metadata(), fill);
+}
+
+uint64_t ServedLayer::import_bytes_bound() const {
+  // A file of this rank's tensors, or, on a group layer, a whole-layer file (every expert):
+  // either with both optimizer states.
+  const LayerSpec& s = def_.spec;
+  const uint64_t E = static_cast<uint64_t>(s.experts), M = static_cast<uint64_t>(s.model_dim),
+                 H = static_cast<uint64_t>(s.hidden), O = static_cast<uint64_t>(s.out_dim());
+  const uint64_t whole = 4 * 3 * (E * M + E * H * M + E * H + E * H * O + E * O);
+  // The header bound of save_bytes_bound().
+  const uint64_t header = 6 * (spec_text_.size() + tenant_.size()) + 4096 + 256 * 3 * tensors_.size();
+  return std::max(save_bytes_bound(), whole + header);
+}
+
+Status ServedLayer::import_state(int fd) {
+  TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file,
+                         SafetensorsFile::read(fd, "the state imported into " + def_.name, import_bytes_bound()));
+  LayerLock lock(*this);
+  TUTEL_RETURN_IF_ERROR(rank_.health.check());
+  Status loaded = load_file_locked(file, /*require_all=*/true);
+  if (loaded.ok()) return loaded;
+  auto device_lock = lock_device();
+  return watch_device(std::move(loaded));
 }
 
 Status ServedLayer::load(const std::string& path) {
@@ -914,6 +958,11 @@ Status ServedLayer::load(const std::string& path) {
 
 Status ServedLayer::load_locked(const std::string& path, bool require_all) {
   TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::open(path));
+  return load_file_locked(file, require_all);
+}
+
+Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_all) {
+  const std::string& path = file.path();
   if (group_) {
     // A whole-layer file (all E experts, e.g. a Tutel checkpoint): this rank takes its slice.
     const LayerSpec& s = def_.spec;

@@ -18,6 +18,7 @@
 
 #include "tutel/comm/communicator.hpp"
 #include "tutel/comm/local_exchange.hpp"
+#include "tutel/core/safetensors.hpp"
 #include "tutel/core/status.hpp"
 #include "tutel/graphs/expert_parallel.hpp"
 #include "tutel/graphs/plan_cache.hpp"
@@ -187,6 +188,18 @@ class ServedLayer {
   // Parameters (and optimizer state when present) from a file written by save() or a Tutel
   // state dict; shapes must match this layer.
   Status load(const std::string& path);
+  // What save() writes (at most save_bytes_bound() bytes), into the client's `memfd` instead of
+  // a file: its memory and its pages are the client's (write_safetensors_into says what it must
+  // be). Returns the file's size.
+  Result<uint64_t> export_state(int memfd);
+  // What load() reads, from the safetensors file `fd` holds (a memfd the client wrote, or an
+  // open file): read into the daemon's memory first, never mapped, so the sender cannot
+  // truncate it under the daemon; a file over import_bytes_bound() is refused unread. A file
+  // that fails a check leaves the layer as it was.
+  Status import_state(int fd);
+  // The largest file import_state reads: this rank's tensors or, on a group layer, the whole
+  // layer's (each with both optimizer states), and a header.
+  uint64_t import_bytes_bound() const;
 
  private:
   ServedLayer(LayerDefinition def, std::string spec_text, std::shared_ptr<TenantMemory> memory, Rank& rank)
@@ -328,6 +341,15 @@ class ServedLayer {
   Status copy_in(const graphs::HostLayerParams& p);  // this rank's values, host → device
   LayerWeights weights_of(int which) const;  // 0 = values, 1 = gradients
   Status load_locked(const std::string& path, bool require_all);
+  Status load_file_locked(const SafetensorsFile& file, bool require_all);
+  // What save() and export_state() write: each parameter, then its optimizer states.
+  struct SavedTensor {
+    std::string name;
+    const Shape* shape;
+    const DeviceBuffer* value;
+  };
+  std::vector<SavedTensor> saved_tensors() const;
+  std::map<std::string, std::string> saved_metadata() const;
   // A view of the client's `in`, or, when staging, of `buf` (grown to fit) after copying `in`
   // into it.
   Result<TensorView> stage_in(const float* in, Shape shape, DeviceBuffer& buf, ClientMemory memory);

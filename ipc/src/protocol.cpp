@@ -36,6 +36,8 @@ std::string_view frame_type_name(FrameType t) {
     case FrameType::kUnmapRegion: return "UnmapRegion";
     case FrameType::kGradNorm: return "GradNorm";
     case FrameType::kScaleGrads: return "ScaleGrads";
+    case FrameType::kExportState: return "ExportState";
+    case FrameType::kImportState: return "ImportState";
     case FrameType::kAdminStatus: return "AdminStatus";
     case FrameType::kAdminTenants: return "AdminTenants";
     case FrameType::kAdminLayers: return "AdminLayers";

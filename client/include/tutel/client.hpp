@@ -62,6 +62,32 @@ struct LayerInfo {
   int64_t step = 0;  // optimizer steps taken so far
   int rank = 0;          // the daemon's rank (device slot) the layer runs on
   std::string device;    // that rank's device: "cpu:0", "cuda:1" (the daemon's numbering)
+  // The most bytes Layer::export_state's file takes (0: a daemon without ExportState).
+  uint64_t state_bytes = 0;
+};
+
+// A layer's state (Layer::export_state): a safetensors file, as Layer::save writes one, in this
+// process's memory (a memfd mapped read-only; the daemon wrote it there). Move-only; the memory
+// goes with the last of the object and the descriptors taken from it.
+class ExportedState {
+ public:
+  ExportedState() = default;
+  ExportedState(ExportedState&&) noexcept;
+  ExportedState& operator=(ExportedState&&) noexcept;
+  ~ExportedState();
+  // The file's bytes.
+  const uint8_t* data() const { return data_; }
+  uint64_t size() const { return size_; }
+  // A new descriptor of the memfd (close it when done; -1 with errno set when none can be
+  // made): the file is its first size() bytes; the memfd may be longer.
+  int dup_fd() const;
+
+ private:
+  friend class Layer;
+  int fd_ = -1;
+  const uint8_t* data_ = nullptr;
+  uint64_t size_ = 0;
+  uint64_t mapped_ = 0;
 };
 
 // The routing statistics of one forward (zero for a backward or a ping).
@@ -256,6 +282,16 @@ class Layer {
   Result<std::string> save(std::string_view path);
   // Reads them back from the same place.
   Status load(std::string_view path);
+  // The parameters, optimizer state, step and spec as save() writes them, but into this
+  // process's memory rather than the daemon's checkpoint directory (a state_dict; a checkpoint
+  // the trainer keeps). Memory for info().state_bytes is allocated here, and the daemon writes
+  // into it. On an expert-parallel layer: this rank's experts and the gate, as save().
+  Result<ExportedState> export_state();
+  // Replaces them with the safetensors file that `fd` holds (an open file or a memfd, read from
+  // its start; the descriptor stays the caller's), as load() reads one: this layer's tensors,
+  // or, on an expert-parallel layer, the whole layer's (every expert, as a Tutel checkpoint has
+  // them). A file the daemon refuses leaves the layer as it was.
+  Status import_state(int fd);
   // Destroys the layer in the daemon (for every session of the tenant); the handle is dead after.
   Status destroy();
 

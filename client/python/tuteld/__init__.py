@@ -23,7 +23,9 @@ C ABI allows one thread at a time per client). For PyTorch, see tuteld.nn.
 import collections
 import ctypes
 import dataclasses
+import json
 import math
+import mmap
 import os
 import threading
 import time
@@ -148,6 +150,8 @@ def _declare(lib):
         "tutel_scale_grads": (i32, [p, ctypes.c_double]),
         "tutel_save": (i32, [p, ctypes.c_char_p]),
         "tutel_load": (i32, [p, ctypes.c_char_p]),
+        "tutel_export_state": (i32, [p, ctypes.POINTER(i32), ctypes.POINTER(u64)]),
+        "tutel_import_state": (i32, [p, i32]),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
@@ -178,6 +182,45 @@ def _milliseconds(seconds, what):
 
 def _floats(array):
     return array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+
+
+def _read_safetensors(buffer):
+    """(tensors, metadata) of the safetensors file in `buffer`: each tensor a float32 array of
+    its own (a copy), the metadata a dict of strings. The daemon writes only F32 tensors."""
+    if len(buffer) < 8:
+        raise TutelError(-5, f"a layer state of {len(buffer)} bytes is too short for a safetensors file")
+    header_bytes = int.from_bytes(buffer[:8], "little")
+    if header_bytes > len(buffer) - 8:
+        raise TutelError(-5, f"a layer state's header of {header_bytes} bytes runs past its {len(buffer)} bytes")
+    header = json.loads(bytes(buffer[8:8 + header_bytes]))
+    metadata = header.pop("__metadata__", {})
+    data = 8 + header_bytes
+    tensors = {}
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        if entry["dtype"] != "F32" or not 0 <= begin <= end <= len(buffer) - data:
+            raise TutelError(-5, f"a layer state's tensor {name!r} is not F32 within the file: {entry}")
+        values = np.frombuffer(buffer, dtype="<f4", count=(end - begin) // 4, offset=data + begin)
+        tensors[name] = values.reshape(entry["shape"]).copy()
+    return tensors, metadata
+
+
+def _write_safetensors(file, tensors, metadata):
+    """Writes `tensors` (name -> array-like, stored as float32) and `metadata` (str -> str) as a
+    safetensors file to the binary file object `file`."""
+    arrays = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in tensors.items()}
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, array in arrays.items():
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section 8-byte aligned, as the daemon writes it
+    file.write(len(text).to_bytes(8, "little"))
+    file.write(text)
+    for array in arrays.values():
+        file.write(memoryview(array).cast("B"))
 
 
 class Client:
@@ -513,6 +556,34 @@ class Layer:
 
     def load(self, name):
         self._call(_lib.tutel_load, name.encode())
+
+    def export_state(self):
+        """The layer's state as save() writes it, but into this process: (tensors, metadata).
+        tensors maps each name (Tutel's parameter names; "optimizer.state0.<name>" and
+        "optimizer.state1.<name>" for the optimizer's) to a float32 array of its own; metadata
+        holds the step ("tuteld.step"), the spec and the tenant. On an expert-parallel layer,
+        this rank's experts and the gate."""
+        fd, size = ctypes.c_int(-1), ctypes.c_uint64(0)
+        self._call(_lib.tutel_export_state, ctypes.byref(fd), ctypes.byref(size))
+        try:
+            with mmap.mmap(fd.value, size.value, access=mmap.ACCESS_READ) as mapped:
+                return _read_safetensors(mapped)
+        finally:
+            os.close(fd.value)
+
+    def import_state(self, tensors, metadata=None):
+        """Replaces the layer's state with `tensors` (name -> array-like, as export_state gives
+        them; stored as float32) and `metadata` (the step as "tuteld.step"), as load() reads a
+        file: every parameter must be there; optimizer state that is not starts afresh, as does
+        the step. On an expert-parallel layer, this rank's tensors, or the whole layer's (every
+        expert: the daemon takes this rank's). A state the daemon refuses changes nothing."""
+        fd = os.memfd_create("tuteld layer state", os.MFD_CLOEXEC)
+        try:
+            with open(fd, "wb", closefd=False) as file:
+                _write_safetensors(file, tensors, metadata or {})
+            self._call(_lib.tutel_import_state, fd)
+        finally:
+            os.close(fd)
 
     def destroy(self):
         """Destroys the layer in the daemon and releases this handle."""

@@ -6,8 +6,9 @@
 // Multi-byte elements are little-endian, the host's own order (checked at compile time),
 // so tensors are used in place with no conversion.
 //
-// The reader maps the file read-only and validates the whole header before returning, so
-// every tensor it hands out lies inside the file. The data is only as aligned as the file
+// The reader maps the file read-only (or, from another process's descriptor, reads it into
+// its own memory) and validates the whole header before returning, so every tensor it hands
+// out lies inside the file. The data is only as aligned as the file
 // made it: write_safetensors aligns the data section to 8 bytes and packs tensors in the
 // order given, so listing them by descending dtype size keeps every tensor aligned.
 //
@@ -22,6 +23,7 @@
 #include <cstddef>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -52,6 +54,13 @@ class SafetensorsFile {
   // tensor: NotFound / PermissionDenied / IOError when the file can't be read, Corruption
   // when its contents are not a valid safetensors file.
   static Result<SafetensorsFile> open(const std::string& path);
+  // Reads the file `fd` holds (from offset 0, with pread: the descriptor's offset stays as it
+  // was) into memory the object owns, and validates it as open() does. For a file another
+  // process handed over: a mapping of it could be truncated under this process (SIGBUS), a copy
+  // cannot. Refuses anything but a regular file, and a file over `max_bytes` before reading
+  // it (InvalidArgument). `what` names it in errors. The tensors' data is aligned only as the
+  // file made it (see above).
+  static Result<SafetensorsFile> read(int fd, const std::string& what, uint64_t max_bytes);
 
   SafetensorsFile(SafetensorsFile&& other) noexcept;
   SafetensorsFile& operator=(SafetensorsFile&& other) noexcept;
@@ -69,10 +78,14 @@ class SafetensorsFile {
  private:
   SafetensorsFile() = default;
   void unmap() noexcept;
+  // Validates the header of the file's `size` bytes at `bytes` (mapped or owned) and fills
+  // tensors_, index_ and metadata_.
+  Status parse(const char* bytes, uint64_t size);
 
   std::string path_;
   void* mapping_ = nullptr;
   size_t mapping_size_ = 0;
+  std::unique_ptr<char[]> owned_;  // read(): the file's bytes
   std::vector<SafetensorsTensor> tensors_;
   std::map<std::string, size_t, std::less<>> index_;  // name -> position in tensors_
   std::map<std::string, std::string> metadata_;
@@ -95,6 +108,19 @@ struct SafetensorsEntry {
 // tensor.
 Status write_safetensors(const std::string& path, const std::vector<SafetensorsEntry>& tensors,
                          const std::map<std::string, std::string>& metadata = {});
+
+// Writes a safetensors file, laid out as write_safetensors lays one out, at the start of the
+// memfd `fd` that another process handed over to be filled (a layer's state for a client);
+// returns the file's size. The memfd must be a regular file sealed against shrinking (so it
+// cannot be truncated under the mapping this writes through, which would raise SIGBUS) and not
+// against writing, at least as large as the file, with its pages allocated (posix_fallocate,
+// or touched): its memory is the sender's, and none is allocated here. Where `fill` is given,
+// a tensor may come with null data: fill(i, dst) then writes tensors[i]'s bytes in place (a
+// tensor staged straight from device memory). `what` names the file in errors.
+Result<uint64_t> write_safetensors_into(int fd, const std::string& what,
+                                        const std::vector<SafetensorsEntry>& tensors,
+                                        const std::map<std::string, std::string>& metadata = {},
+                                        const std::function<Status(size_t, void*)>& fill = {});
 
 // Whether `filename` (no directory) has the form of write_safetensors' temporary files
 // (".<name>.tmp-" and 16 hex digits): one whose writer was interrupted if no write runs.

@@ -37,6 +37,9 @@ enum class FrameType : uint16_t {
   kGradNorm = 11,     // {"handle": int}                      → kOk {"norm": number} or, not
                       // finite, {"norm": null, "not_finite": "inf" | "nan"}
   kScaleGrads = 12,   // {"handle": int, "factor": number}    → kOk
+  kExportState = 13,  // {"handle": int} + a memfd            → kOk {"bytes": int}: the layer's
+                      // state, as kSave writes it, at the memfd's start (protocol.md §3)
+  kImportState = 14,  // {"handle": int} + a file's fd        → kOk: as kLoad, from that file
   // admin → daemon (admin socket)
   kAdminStatus = 32,      // {}                                  → kOk {status object}
   kAdminTenants = 33,     // {}                                  → kOk {"tenants": [...]}
