@@ -1,6 +1,7 @@
 #include "tutel/core/safetensors.hpp"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -18,6 +19,8 @@
 #include <string>
 #include <system_error>
 #include <vector>
+
+#include "tutel/core/shared_memory.hpp"
 
 namespace tutel {
 namespace {
@@ -446,19 +449,170 @@ std::vector<CorruptCase> corrupt_cases() {
   };
 }
 
+// Both readers: open() maps the path, read() copies what a descriptor holds.
 TEST_F(SafetensorsTest, RejectsEveryCorruptCaseWithAClearMessage) {
   for (const CorruptCase& c : corrupt_cases()) {
     SCOPED_TRACE(c.label);
     const std::string path = file(std::string(c.label) + ".safetensors");
     write_file(path, c.bytes);
-    const Result<SafetensorsFile> r = SafetensorsFile::open(path);
-    ASSERT_FALSE(r.ok());
-    EXPECT_EQ(r.status().code(), StatusCode::kCorruption) << r.status();
-    EXPECT_TRUE(contains(r.status().message(), "'" + path + "'")) << r.status();
-    for (const std::string& fragment : c.fragments)
-      EXPECT_TRUE(contains(r.status().message(), fragment))
-          << "missing '" << fragment << "' in: " << r.status();
+    const UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    ASSERT_TRUE(fd.valid());
+    for (const Result<SafetensorsFile>& r : {SafetensorsFile::open(path), SafetensorsFile::read(fd.get(), path, 1 << 20)}) {
+      ASSERT_FALSE(r.ok());
+      EXPECT_EQ(r.status().code(), StatusCode::kCorruption) << r.status();
+      EXPECT_TRUE(contains(r.status().message(), "'" + path + "'")) << r.status();
+      for (const std::string& fragment : c.fragments)
+        EXPECT_TRUE(contains(r.status().message(), fragment))
+            << "missing '" << fragment << "' in: " << r.status();
+    }
   }
+}
+
+// ---- files handed over by descriptor (a layer's state between the daemon and a client) ----
+
+UniqueFd memfd_holding(const std::string& bytes) {
+  UniqueFd fd(::memfd_create("safetensors test", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  EXPECT_TRUE(fd.valid());
+  EXPECT_EQ(::pwrite(fd.get(), bytes.data(), bytes.size(), 0), static_cast<ssize_t>(bytes.size()));
+  return fd;
+}
+
+TEST_F(SafetensorsTest, ReadKeepsItsOwnCopyOfWhatADescriptorHeld) {
+  std::mt19937_64 rng(std::random_device{}());
+  const std::vector<Owned> tensors = {random_tensor(rng, "w", DType::kF32, {3, 5}),
+                                      random_tensor(rng, "b", DType::kF32, {5})};
+  const std::string path = file("state.safetensors");
+  ASSERT_TRUE(write_safetensors(path, entries_of(tensors), {{"tuteld.step", "4"}}).ok());
+  const std::string bytes = read_file(path);
+  UniqueFd fd = memfd_holding(bytes);
+  ASSERT_EQ(::lseek(fd.get(), 3, SEEK_SET), 3);
+  Result<SafetensorsFile> f = SafetensorsFile::read(fd.get(), "the handed-over state", bytes.size());
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(::lseek(fd.get(), 0, SEEK_CUR), 3) << "read moved the descriptor's offset, which its sender shares";
+  // The sender may rewrite or truncate its file afterwards: what was read stays as it was.
+  const std::string garbage(bytes.size(), '\x5a');
+  ASSERT_EQ(::pwrite(fd.get(), garbage.data(), garbage.size(), 0), static_cast<ssize_t>(garbage.size()));
+  ASSERT_EQ(::ftruncate(fd.get(), 0), 0);
+  EXPECT_EQ(f->path(), "the handed-over state");
+  EXPECT_EQ(f->metadata().at("tuteld.step"), "4");
+  for (const Owned& t : tensors) {
+    const SafetensorsTensor* got = f->find(t.name);
+    ASSERT_NE(got, nullptr) << t.name;
+    EXPECT_EQ(got->shape, t.shape);
+    ASSERT_EQ(got->nbytes, t.bytes.size());
+    EXPECT_EQ(0, std::memcmp(got->data, t.bytes.data(), t.bytes.size())) << t.name;
+  }
+}
+
+TEST_F(SafetensorsTest, ReadRefusesWhatIsNotARegularFileAndFilesOverItsBound) {
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
+  const UniqueFd pipe_read(pipe_fds[0]), pipe_write(pipe_fds[1]);
+  const UniqueFd dir(::open(dir_.path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  for (int fd : {pipe_read.get(), dir.get()}) {
+    const Result<SafetensorsFile> r = SafetensorsFile::read(fd, "the state", 1 << 20);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
+    EXPECT_TRUE(contains(r.status().message(), "not a regular file")) << r.status();
+  }
+  // Over the bound: refused from its size alone, before anything is read or allocated (a sparse
+  // terabyte here).
+  const UniqueFd huge = memfd_holding(image("{}"));
+  ASSERT_EQ(::ftruncate(huge.get(), off_t{1} << 40), 0);
+  const Result<SafetensorsFile> r = SafetensorsFile::read(huge.get(), "the state", 1 << 20);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
+  EXPECT_TRUE(contains(r.status().message(), "more than the 1048576")) << r.status();
+  EXPECT_EQ(SafetensorsFile::read(-1, "the state", 1 << 20).status().code(), StatusCode::kIOError);
+}
+
+// A memfd as a receiver of write_safetensors_into must make it: sized, every page allocated,
+// sealed against shrinking.
+Result<SharedMemory> receiver_memfd(size_t bytes) { return SharedMemory::create(bytes, "state receiver"); }
+
+TEST_F(SafetensorsTest, WriteIntoAMemfdLaysOutWhatWriteSafetensorsWritesAndFillsInPlace) {
+  std::mt19937_64 rng(std::random_device{}());
+  const std::vector<Owned> tensors = {random_tensor(rng, "a", DType::kF32, {4, 3}),
+                                      random_tensor(rng, "filled", DType::kF32, {7}),
+                                      random_tensor(rng, "empty", DType::kF32, {0, 2}),
+                                      random_tensor(rng, "c", DType::kI64, {2})};
+  const std::map<std::string, std::string> metadata = {{"tuteld.step", "12"}, {"tuteld.spec", "x = \"\\\n\""}};
+  const std::string path = file("reference.safetensors");
+  ASSERT_TRUE(write_safetensors(path, entries_of(tensors), metadata).ok());
+  const std::string reference = read_file(path);
+
+  Result<SharedMemory> memfd = receiver_memfd(reference.size() + 100);
+  ASSERT_TRUE(memfd.ok()) << memfd.status();
+  std::vector<SafetensorsEntry> entries = entries_of(tensors);
+  entries[1].data = nullptr;  // this one is filled in place
+  std::vector<size_t> filled;
+  Result<uint64_t> written = write_safetensors_into(memfd->fd(), "the state", entries, metadata,
+                                                    [&](size_t i, void* dst) {
+                                                      filled.push_back(i);
+                                                      std::memcpy(dst, tensors[i].bytes.data(), tensors[i].bytes.size());
+                                                      return Status::OK();
+                                                    });
+  ASSERT_TRUE(written.ok()) << written.status();
+  EXPECT_EQ(filled, std::vector<size_t>{1});
+  ASSERT_EQ(*written, reference.size());
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(memfd->data()), *written), reference);
+
+  // A fill that fails fails the write with its status.
+  const Result<uint64_t> failed = write_safetensors_into(memfd->fd(), "the state", entries, metadata,
+                                                         [](size_t, void*) { return Status::IOError("device lost"); });
+  EXPECT_EQ(failed.status().code(), StatusCode::kIOError);
+  EXPECT_EQ(failed.status().message(), "device lost");
+  // Without a fill, null data is refused as write_safetensors refuses it.
+  EXPECT_EQ(write_safetensors_into(memfd->fd(), "the state", entries, metadata).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
+TEST_F(SafetensorsTest, WriteIntoRefusesAMemfdItCannotTrust) {
+  const std::vector<float> values(256, 1.5f);
+  const std::vector<SafetensorsEntry> entries = {{"w", DType::kF32, {256}, values.data()}};
+  auto refusal = [&](int fd) { return write_safetensors_into(fd, "the state", entries).status(); };
+  auto expect_refused = [&](const Status& st, std::string_view says) {
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+    EXPECT_TRUE(contains(st.message(), says)) << "missing '" << says << "' in: " << st;
+  };
+  {
+    SCOPED_TRACE("not sealed against shrinking: a truncation would raise SIGBUS in the writer");
+    const UniqueFd fd = memfd_holding(std::string(8192, '\0'));
+    expect_refused(refusal(fd.get()), "sealed against shrinking");
+  }
+  {
+    SCOPED_TRACE("sealed against writing");
+    const UniqueFd fd = memfd_holding(std::string(8192, '\0'));
+    ASSERT_EQ(::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_WRITE), 0);
+    expect_refused(refusal(fd.get()), "sealed against shrinking");
+  }
+  {
+    SCOPED_TRACE("too small");
+    const UniqueFd fd = memfd_holding("");
+    ASSERT_EQ(::ftruncate(fd.get(), 600), 0);
+    ASSERT_EQ(::posix_fallocate(fd.get(), 0, 600), 0);
+    ASSERT_EQ(::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK), 0);
+    expect_refused(refusal(fd.get()), "more than the 600");
+  }
+  {
+    SCOPED_TRACE("sparse: the writer would allocate the pages, and be charged for them");
+    const UniqueFd fd = memfd_holding("");
+    ASSERT_EQ(::ftruncate(fd.get(), 1 << 20), 0);
+    ASSERT_EQ(::posix_fallocate(fd.get(), 0, 4096), 0);
+    ASSERT_EQ(::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK), 0);
+    expect_refused(refusal(fd.get()), "allocate them all first");
+  }
+  {
+    SCOPED_TRACE("not a memfd");
+    int pipe_fds[2];
+    ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
+    const UniqueFd pipe_read(pipe_fds[0]), pipe_write(pipe_fds[1]);
+    expect_refused(refusal(pipe_write.get()), "not a memfd");
+  }
+  // The same memfd, fully allocated and sealed against shrinking, is taken.
+  Result<SharedMemory> good = receiver_memfd(8192);
+  ASSERT_TRUE(good.ok());
+  EXPECT_TRUE(write_safetensors_into(good->fd(), "the state", entries).ok());
 }
 
 TEST_F(SafetensorsTest, RejectsAbsurdHeaderLength) {

@@ -10,6 +10,14 @@
 
 The expert and gate parameters live in the daemon, not in this module: torch's optimizers do
 not see them, the daemon's optimizer (the layer spec's [optimizer]) updates them on step().
+model.state_dict() holds them all the same, under Tutel's names (prefix + "experts.batched_fc1_w",
+"gates.0.wg.weight", ...: a Tutel MOELayer's state_dict loads into the module at the same path),
+as float32 CPU tensors copied out of the daemon, with the daemon's optimizer state and step
+under prefix + "_extra_state"; load_state_dict writes them back (strict as torch's: missing,
+unexpected and mis-shaped entries are reported, and a module with an error in its entries is
+left as it was). Without an "_extra_state" entry (weights alone, a Tutel checkpoint) the
+daemon's optimizer starts afresh, at step 0. On an expert-parallel layer, each rank's
+state_dict holds its own experts (save every rank's), as Tutel's does.
 Autograd calls the daemon's backward for every training forward, also when x needs no gradient
 (the module holds an empty parameter so that the graph always reaches it). Tensors on another
 device or of another dtype are moved to float32 on the CPU for the call and back (the daemon's
@@ -31,13 +39,12 @@ What torch's own machinery does not reach, since the experts are not torch param
   tuteld.nn.zero_grad(model) and tuteld.nn.step(model) (or each MoE's own zero_grad/step);
 - torch.nn.utils.clip_grad_norm_ does not see them either: tuteld.nn.clip_grad_norm_(model,
   max_norm) clips torch's gradients and the daemon's by their joint L2 norm;
-- model.state_dict() and torch.save hold no expert weights: save them with moe.layer.save(name);
-  copy.deepcopy and pickle raise (attach the layer again instead);
-- a frozen module (requires_grad_(False)) given an x that needs a gradient computes dx alone
-  and leaves the daemon's gradients as they were; but a backward that asks torch for the
-  gradient of x alone (torch.autograd.grad(y, x)) through a module that is not frozen
-  accumulates the expert gradients too (torch does not tell the layer which gradients it wants):
-  zero them before the next step where that is not wanted;
+- a frozen module (requires_grad_(False)), a backward that does not reach the module's
+  parameters (torch.autograd.grad(y, x), backward(inputs=[x])) and torch.autograd.grad over
+  them (which returns gradients rather than accumulating them, and the experts' cannot be
+  returned) compute dx alone and leave the daemon's gradients as they were;
+- copy.deepcopy and pickle (torch.save of the module itself) raise: torch.save the state_dict,
+  or attach the layer again;
 - a GradScaler's scaler.unscale_(optimizer) and its overflow check do not see them either:
   tuteld.nn.unscale_(model, scaler) unscales the daemon's gradients and says whether they
   overflowed (then skip tuteld.nn.step and lower the scale; see unscale_).
@@ -48,6 +55,8 @@ import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from . import TutelError
 
 
 class _PendingForward:
@@ -61,6 +70,28 @@ class _PendingForward:
     def __del__(self):
         if not self.backwarded:
             self.layer._discards.append(self.sequence)  # any thread: a deque append, no call
+
+
+def _wants_param_grads(ctx):
+    """Whether this backward is to accumulate the expert and gate gradients in the daemon, as
+    torch accumulates a parameter's into .grad: only where autograd reaches the parameters with
+    backward() (loss.backward(), backward(inputs=...) that names the module's). Not for a frozen
+    module (the anchor needs no gradient), not where the backward does not reach the anchor
+    (torch.autograd.grad(y, x), backward(inputs=[x])), and not for torch.autograd.grad over the
+    parameters: it returns gradients instead of accumulating them, and the experts' cannot be
+    returned through the empty anchor."""
+    if not ctx.needs_input_grad[1]:
+        return False
+    anchor = ctx.next_functions[1][0]  # the anchor's AccumulateGrad node
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    if anchor is None or will_execute is None:
+        return True
+    try:
+        return bool(will_execute(anchor))
+    except RuntimeError:
+        # torch refuses the question for a leaf that torch.autograd.grad captures: the anchor is
+        # among its inputs (e.g. torch.autograd.grad(loss, model.parameters())).
+        return False
 
 
 class _MoEFunction(torch.autograd.Function):
@@ -85,9 +116,8 @@ class _MoEFunction(torch.autograd.Function):
                                "can be backwarded once (retain_graph=True does not keep it)")
         dy_rows = dy.detach().to("cpu", torch.float32).contiguous().numpy()
         try:
-            # needs_input_grad[1] is the anchor's: a frozen module wants dx alone.
             dx = ctx.layer.backward(dy_rows, dl_aux=float(dl_aux), sequence=ctx.sequence,
-                                    param_grads=ctx.needs_input_grad[1])
+                                    param_grads=_wants_param_grads(ctx))
         finally:
             # Consumed once submitted (the layer forgets it then), also when it failed; still
             # pending when refused before that, so that a dropped graph discards it.
@@ -145,6 +175,76 @@ class MoE(torch.nn.Module):
         super().zero_grad(set_to_none=set_to_none)
         self.layer.zero_grad()
 
+    # The daemon's optimizer state and step go under this key (a dict, not a tensor), beside
+    # the parameters under Tutel's names: torch's own module state_dict has no optimizer
+    # state, but the daemon's optimizer has no state_dict of its own to put it in.
+    _EXTRA_STATE = "_extra_state"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # the anchor
+        tensors, metadata = self.layer.export_state()
+        optimizer = {}
+        for name, values in tensors.items():
+            if name.startswith("optimizer."):
+                optimizer[name] = torch.from_numpy(values)
+            else:
+                destination[prefix + name] = torch.from_numpy(values)
+        destination[prefix + self._EXTRA_STATE] = {"step": int(metadata.get("tuteld.step", "0")),
+                                                   "optimizer": optimizer}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # What the daemon holds now: the parameters' names and shapes, and the values a missing
+        # one keeps (as torch keeps a parameter that strict=False finds no entry for).
+        current, _ = self.layer.export_state()
+        params = {name: values for name, values in current.items() if not name.startswith("optimizer.")}
+        state, errors = {}, []
+        for name, values in params.items():
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+                state[name] = values
+                continue
+            given = state_dict[key]
+            if not torch.is_tensor(given):
+                errors.append(f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like '
+                              f"object from checkpoint but received {type(given)}")
+            elif tuple(given.shape) != values.shape:
+                errors.append(f"size mismatch for {key}: copying a param with shape {tuple(given.shape)} from "
+                              f"checkpoint, the shape in current model is {values.shape}.")
+            else:
+                state[name] = given.detach().to("cpu", torch.float32).numpy()
+        metadata = {}
+        extra = state_dict.get(prefix + self._EXTRA_STATE)
+        if extra is not None:
+            optimizer = extra.get("optimizer") if isinstance(extra, dict) else None
+            step = extra.get("step") if isinstance(extra, dict) else None
+            if (not isinstance(optimizer, dict) or not isinstance(step, int) or isinstance(step, bool)
+                    or not all(isinstance(k, str) and k.startswith("optimizer.") and torch.is_tensor(v)
+                               for k, v in optimizer.items())):
+                errors.append(f'"{prefix + self._EXTRA_STATE}" must be the dict a tuteld.nn.MoE state_dict '
+                              '{"step": int, "optimizer": {"optimizer.<state>.<name>": tensor}}')
+            else:
+                # Without it (a Tutel checkpoint, weights alone) the optimizer starts afresh.
+                state.update({k: v.detach().to("cpu", torch.float32).numpy() for k, v in optimizer.items()})
+                metadata["tuteld.step"] = str(step)
+        if strict:
+            ours = set(params) | {self._EXTRA_STATE}
+            for key in state_dict:
+                name = key[len(prefix):]
+                if (key.startswith(prefix) and name not in ours and name.split(".", 1)[0] not in self._parameters
+                        and name.split(".", 1)[0] not in self._modules):
+                    unexpected_keys.append(key)
+        error_msgs.extend(errors)
+        if not errors:  # torch raises at the end where there are errors: the layer stays as it was
+            try:
+                self.layer.import_state(state, metadata)
+            except TutelError as e:  # a refusal by the daemon (a shape in the optimizer state)
+                error_msgs.append(f"tuteld refused the state of {prefix or 'the module'}: {e}")
+        own = {key: value for key, value in state_dict.items()
+               if key.startswith(prefix) and key[len(prefix):] in self._parameters}
+        super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, [], error_msgs)
+
     def __deepcopy__(self, memo):
         raise TypeError("tuteld.nn.MoE cannot be copied: its parameters live in the daemon. Attach "
                         "the layer again (MoE.attach(client, name)), or save it (moe.layer.save) and "
@@ -152,8 +252,8 @@ class MoE(torch.nn.Module):
 
     def __reduce_ex__(self, protocol):
         raise TypeError("tuteld.nn.MoE cannot be pickled (torch.save of the module): its parameters "
-                        "live in the daemon; save them with moe.layer.save(name) and attach or load "
-                        "the layer again")
+                        "live in the daemon; torch.save(model.state_dict()) holds them, and "
+                        "load_state_dict puts them back into a model made anew")
 
 
 def _layers(model):
