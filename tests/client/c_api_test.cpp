@@ -1,6 +1,7 @@
 // The C ABI: argument checks, error codes and messages, and a training round trip against the
 // fake daemon.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cmath>
@@ -82,6 +83,10 @@ TEST(CApi, NullHandlesGiveInvalidArgument) {
   EXPECT_EQ(tutel_scale_grads(nullptr, 0.5), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_save(nullptr, "a"), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_load(nullptr, "a"), TUTEL_E_INVALID_ARGUMENT);
+  int state_fd = -1;
+  uint64_t state_bytes = 0;
+  EXPECT_EQ(tutel_export_state(nullptr, &state_fd, &state_bytes), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_import_state(nullptr, 0), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_layer_dims(nullptr, &i, &i, &i), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_forward_stats(nullptr, &i, &i), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_layer_destroy(nullptr), TUTEL_E_INVALID_ARGUMENT);
@@ -226,6 +231,15 @@ TEST_F(CApiWithDaemon, TrainingRoundTrip) {
   EXPECT_EQ(tutel_scale_grads(layer, INFINITY), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_save(layer, "ck.safetensors"), TUTEL_OK);
   EXPECT_EQ(tutel_load(layer, "ck.safetensors"), TUTEL_OK);
+  int state_fd = -1;
+  uint64_t state_bytes = 0;
+  EXPECT_EQ(tutel_export_state(layer, nullptr, &state_bytes), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_export_state(layer, &state_fd, nullptr), TUTEL_E_INVALID_ARGUMENT);
+  ASSERT_EQ(tutel_export_state(layer, &state_fd, &state_bytes), TUTEL_OK) << last_error();
+  EXPECT_EQ(state_bytes, 16u);  // the fake daemon's reply
+  EXPECT_EQ(tutel_import_state(layer, state_fd), TUTEL_OK) << last_error();
+  EXPECT_EQ(::close(state_fd), 0) << "the caller owns the descriptor";
+  EXPECT_EQ(tutel_import_state(layer, -1), TUTEL_E_INVALID_ARGUMENT);
 
   ASSERT_EQ(tutel_infer(layer, x.data(), 2, y.data(), nullptr), TUTEL_OK);
   EXPECT_EQ(tutel_backward(layer, y.data(), 0.f, dx.data()),

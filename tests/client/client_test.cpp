@@ -3,6 +3,8 @@
 #include "tutel/client.hpp"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cmath>
@@ -433,6 +435,60 @@ TEST(Client, GradNormRepliesAreReadAndMalformedOnesRefused) {
   // A factor JSON cannot carry is refused before it is sent.
   EXPECT_EQ(layer->scale_grads(std::nan("")).code(), StatusCode::kInvalidArgument);
   EXPECT_TRUE(client->ping().ok());
+}
+
+// ExportState's reply is checked before anything is read from the memfd: "bytes" must be a
+// size within the memory the library gave (at least a safetensors length prefix); anything else
+// is a malformed reply. A daemon without the frame (no state_bytes) is said to be too old.
+TEST(Client, ExportStateRepliesAreCheckedAndTheMemfdGoesWithTheFrames) {
+  Fixture f(FakeDaemonOptions{});
+  auto client = f.connect();
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto layer = client->attach_layer("moe");
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  EXPECT_EQ(layer->info().state_bytes, 4096u);
+  Result<ExportedState> state = layer->export_state();
+  ASSERT_TRUE(state.ok()) << state.status();
+  EXPECT_EQ(state->size(), 16u);
+  ASSERT_NE(state->data(), nullptr);
+  const int fd = state->dup_fd();
+  ASSERT_GE(fd, 0);
+  struct stat st {};
+  ASSERT_EQ(::fstat(fd, &st), 0);
+  EXPECT_GE(static_cast<uint64_t>(st.st_size), 4096u);  // the memory the library allocated
+  EXPECT_EQ(layer->import_state(fd).code(), StatusCode::kOk);
+  ::close(fd);
+  EXPECT_EQ(layer->import_state(-1).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(f.daemon.state_frame_fds(), (std::vector<size_t>{1, 1}));
+  ExportedState moved = std::move(*state);
+  EXPECT_EQ(moved.size(), 16u);
+  EXPECT_EQ(state->dup_fd(), -1);  // moved from
+
+  for (const nlohmann::json& bad : {nlohmann::json::object(), nlohmann::json{{"bytes", "16"}},
+                                    nlohmann::json{{"bytes", -1}}, nlohmann::json{{"bytes", 7}},
+                                    nlohmann::json{{"bytes", uint64_t{1} << 40}}}) {
+    f.daemon.set_export_state_reply(bad);
+    const Result<ExportedState> refused = layer->export_state();
+    ASSERT_FALSE(refused.ok()) << bad.dump();
+    EXPECT_EQ(refused.status().code(), StatusCode::kCorruption) << refused.status();
+    EXPECT_NE(refused.status().message().find("reply to ExportState is malformed"), std::string::npos)
+        << refused.status();
+  }
+  EXPECT_TRUE(client->ping().ok());
+}
+
+TEST(Client, ExportStateFromADaemonWithoutItSaysSo) {
+  FakeDaemonOptions options;
+  options.state_bytes = 0;
+  Fixture f(options);
+  auto client = f.connect();
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto layer = client->attach_layer("moe");
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  const Result<ExportedState> state = layer->export_state();
+  EXPECT_EQ(state.status().code(), StatusCode::kUnimplemented) << state.status();
+  EXPECT_NE(state.status().message().find("use save()"), std::string::npos) << state.status();
+  EXPECT_TRUE(f.daemon.state_frame_fds().empty());
 }
 
 }  // namespace

@@ -60,6 +60,7 @@ struct FakeDaemonOptions {
   uint64_t hang_up_after = 0;          // close the session when this many data requests arrived
   std::chrono::milliseconds delay{0};  // before each completion
   std::string map_region_omits;        // MapRegion: the reply lacks this field (a broken daemon)
+  uint64_t state_bytes = 4096;         // LayerInfo's; 0: omitted (a daemon without ExportState)
 };
 
 class FakeDaemon {
@@ -97,8 +98,20 @@ class FakeDaemon {
     std::lock_guard<std::mutex> lock(mutex_);
     grad_norm_reply_ = std::move(body);
   }
+  // The body of the next ExportState replies; the fake writes nothing into the memfd.
+  void set_export_state_reply(nlohmann::json body) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    export_state_reply_ = std::move(body);
+  }
+  // How many descriptors each ExportState and ImportState frame carried, in order.
+  std::vector<size_t> state_frame_fds() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return state_frame_fds_;
+  }
   // The device regions clients unmapped (kUnmapRegion), in order.
   nlohmann::json grad_norm_reply_ = {{"norm", 1.5}};
+  nlohmann::json export_state_reply_ = {{"bytes", 16}};
+  std::vector<size_t> state_frame_fds_;
   std::vector<int64_t> unmapped_regions() {
     std::lock_guard<std::mutex> lock(mutex_);
     return unmapped_;
@@ -166,15 +179,16 @@ class FakeDaemon {
                 Status::NotFound("tenant 'fake' has no layer 'missing'; create it first"));
             break;
           }
-          (void)ipc::send_json(conn.get(), FT::kLayerInfo, rid,
-                               {{"handle", 7},
-                                {"name", name},
-                                {"experts", 4},
-                                {"model_dim", options_.model_dim},
-                                {"hidden", 8},
-                                {"output_dim", options_.model_dim},
-                                {"k", 2},
-                                {"step", 0}});
+          nlohmann::json info{{"handle", 7},
+                              {"name", name},
+                              {"experts", 4},
+                              {"model_dim", options_.model_dim},
+                              {"hidden", 8},
+                              {"output_dim", options_.model_dim},
+                              {"k", 2},
+                              {"step", 0}};
+          if (options_.state_bytes != 0) info["state_bytes"] = options_.state_bytes;
+          (void)ipc::send_json(conn.get(), FT::kLayerInfo, rid, info);
           break;
         }
         case FT::kMapRegion: {
@@ -207,6 +221,17 @@ class FakeDaemon {
           {
             std::lock_guard<std::mutex> lock(mutex_);
             reply = grad_norm_reply_;
+          }
+          (void)ipc::send_json(conn.get(), FT::kOk, rid, reply);
+          break;
+        }
+        case FT::kExportState:
+        case FT::kImportState: {
+          nlohmann::json reply = nlohmann::json::object();
+          {
+            std::lock_guard<std::mutex> lock(mutex_);
+            state_frame_fds_.push_back(frame->fds.size());
+            if (static_cast<FT>(frame->header.type) == FT::kExportState) reply = export_state_reply_;
           }
           (void)ipc::send_json(conn.get(), FT::kOk, rid, reply);
           break;

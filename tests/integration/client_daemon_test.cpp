@@ -5,12 +5,18 @@
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <fcntl.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -436,6 +442,85 @@ TEST_F(ClientDaemon, TheGradientNormIsTheStepsAndScaleGradsScalesIt) {
   const Result<double> nan = layer->grad_norm();
   ASSERT_TRUE(nan.ok()) << nan.status();
   EXPECT_TRUE(std::isnan(*nan)) << *nan;
+}
+
+// Every tensor of a state file (parameters and optimizer state), by name.
+std::map<std::string, std::vector<float>> state_tensors(const SafetensorsFile& file) {
+  std::map<std::string, std::vector<float>> out;
+  for (const SafetensorsTensor& t : file.tensors()) {
+    std::vector<float>& values = out[t.name];
+    values.resize(t.nbytes / sizeof(float));
+    std::memcpy(values.data(), t.data, t.nbytes);
+  }
+  return out;
+}
+
+// A layer's exported state is the file save() writes, byte for byte; imported into another
+// layer (another initialisation), it makes that layer the first one's twin: the same outputs,
+// and after the same training step, the same parameters and momentum (so the step count and
+// optimizer state came along), bit for bit. A file opened on disk imports as well.
+TEST_F(ClientDaemon, AnExportedStateIsTheSavedFileAndImportingItMakesATwin) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok());
+  auto first = client->create_layer(spec("first"));
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second = client->create_layer(spec("second").replace(spec("second").find("init_seed = 5"), 13, "init_seed = 6"));
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_GE(first->info().state_bytes, uint64_t{4 * 16 + 2 * 4 * 32 * 16 + 4 * 32 + 4 * 16} * 4 * 2);
+  std::mt19937 rng(std::random_device{}());
+  std::normal_distribution<float> normal(0.f, 1.f);
+  auto random = [&](size_t n) {
+    std::vector<float> v(n);
+    for (float& e : v) e = normal(rng);
+    return v;
+  };
+  auto train_step = [&](client::Layer& layer, const std::vector<float>& x, const std::vector<float>& dy) {
+    std::vector<float> y(32 * 16), dx(32 * 16);
+    EXPECT_TRUE(layer.forward(x.data(), 32, y.data()).ok());
+    EXPECT_TRUE(layer.backward(dy.data(), 0.5f, dx.data()).ok());
+    EXPECT_TRUE(layer.step().ok());
+    EXPECT_TRUE(layer.zero_grad().ok());
+    return y;
+  };
+  for (int i = 0; i < 2; ++i) train_step(*first, random(32 * 16), random(32 * 16));
+
+  ASSERT_TRUE(first->save("first.safetensors").ok());
+  Result<client::ExportedState> exported = first->export_state();
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  std::ifstream saved_file(daemon_->dir() + "/state/default/checkpoints/first.safetensors", std::ios::binary);
+  const std::string saved((std::istreambuf_iterator<char>(saved_file)), std::istreambuf_iterator<char>());
+  ASSERT_EQ(exported->size(), saved.size());
+  EXPECT_EQ(0, std::memcmp(exported->data(), saved.data(), saved.size())) << "the export is not the saved file";
+
+  const int fd = exported->dup_fd();
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(second->import_state(fd).ok());
+  ::close(fd);
+  const std::vector<float> x = random(32 * 16), dy = random(32 * 16);
+  EXPECT_EQ(train_step(*first, x, dy), train_step(*second, x, dy)) << "the twins' outputs differ";
+  auto state_of = [&](client::Layer& layer) {
+    Result<client::ExportedState> state = layer.export_state();
+    EXPECT_TRUE(state.ok()) << state.status();
+    const int copy = state.ok() ? state->dup_fd() : -1;
+    Result<SafetensorsFile> file = SafetensorsFile::read(copy, "the export", 1 << 24);
+    ::close(copy);
+    EXPECT_TRUE(file.ok()) << file.status();
+    return std::make_pair(file.ok() ? state_tensors(*file) : std::map<std::string, std::vector<float>>{},
+                          file.ok() ? file->metadata().at("tuteld.step") : std::string());
+  };
+  const auto [first_state, first_step] = state_of(*first);
+  const auto [second_state, second_step] = state_of(*second);
+  EXPECT_EQ(first_step, "3");
+  EXPECT_EQ(second_step, "3");
+  ASSERT_EQ(first_state.size(), 10u);  // 5 parameters and their momentum
+  EXPECT_TRUE(first_state == second_state) << "the twins' parameters or momentum differ after the same step";
+
+  // The saved file, opened here and handed over as it is.
+  const int on_disk = ::open((daemon_->dir() + "/state/default/checkpoints/first.safetensors").c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(on_disk, 0);
+  ASSERT_TRUE(second->import_state(on_disk).ok());
+  ::close(on_disk);
+  EXPECT_EQ(state_of(*second).second, "2");
 }
 
 // A training forward its trainer will not backward (skipped, or its wait abandoned) is

@@ -23,7 +23,12 @@
 #include <tuple>
 #include <vector>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+
 #include "../common/loopback.hpp"
+#include "tutel/core/safetensors.hpp"
+#include "tutel/core/shared_memory.hpp"
 #include "daemon_fixture.hpp"
 #include "raw_session.hpp"
 
@@ -331,6 +336,109 @@ TEST_F(ProtocolAbuse, MalformedGradNormAndScaleGradsRequests) {
   auto norm = s.call(ipc::FrameType::kGradNorm, {{"handle", h}}, ipc::FrameType::kOk);
   ASSERT_TRUE(norm.ok()) << norm.status();
   EXPECT_EQ((*norm)["norm"], 0.0) << norm->dump();
+  expect_daemon_serves();
+}
+
+// A memfd as the client library gives one to ExportState: every page allocated, sealed against
+// shrinking.
+SharedMemory export_receiver(uint64_t bytes) {
+  Result<SharedMemory> m = SharedMemory::create(bytes, "test state receiver");
+  EXPECT_TRUE(m.ok()) << m.status();
+  return std::move(m).value();
+}
+
+UniqueFd memfd_with(const std::string& bytes) {
+  UniqueFd fd(::memfd_create("test state", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  EXPECT_TRUE(fd.valid());
+  EXPECT_EQ(::pwrite(fd.get(), bytes.data(), bytes.size(), 0), static_cast<ssize_t>(bytes.size()));
+  return fd;
+}
+
+// The state frames with what a library would never send: no descriptor or two, descriptors that
+// are not what the frame needs (a pipe, a directory, an unsealed or sparse or small memfd),
+// files that are not a layer's state (garbage, cut short, a terabyte, a tensor mis-shaped or
+// missing). Each is refused with a message saying what was wrong; the layer's state stays
+// exactly as it was (its export, byte for byte), and the daemon serves.
+TEST_F(ProtocolAbuse, MalformedExportAndImportStateRequests) {
+  RawSession s(daemon_->client_socket());
+  ASSERT_TRUE(s.hello().ok());
+  auto info = s.call(ipc::FrameType::kCreateLayer, {{"spec", kSpec}}, ipc::FrameType::kLayerInfo);
+  ASSERT_TRUE(info.ok()) << info.status();
+  const nlohmann::json h = (*info)["handle"];
+  const uint64_t state_bytes = (*info)["state_bytes"].get<uint64_t>();
+  auto export_state = [&]() -> std::string {
+    SharedMemory receiver = export_receiver(state_bytes);
+    auto reply = s.call(ipc::FrameType::kExportState, {{"handle", h}}, ipc::FrameType::kOk, 10s, {receiver.fd()});
+    EXPECT_TRUE(reply.ok()) << reply.status();
+    if (!reply.ok()) return {};
+    return std::string(reinterpret_cast<const char*>(receiver.data()), (*reply)["bytes"].get<size_t>());
+  };
+  const std::string before = export_state();
+  ASSERT_GT(before.size(), 8u);
+
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
+  const UniqueFd pipe_read(pipe_fds[0]), pipe_write(pipe_fds[1]);
+  const UniqueFd dir(::open(daemon_->dir().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  SharedMemory good = export_receiver(state_bytes), small = export_receiver(64);
+  const UniqueFd unsealed = memfd_with(std::string(state_bytes, '\0'));
+  UniqueFd sparse = memfd_with("");
+  ASSERT_EQ(::ftruncate(sparse.get(), static_cast<off_t>(state_bytes)), 0);
+  ASSERT_EQ(::fcntl(sparse.get(), F_ADD_SEALS, F_SEAL_SHRINK), 0);
+  const UniqueFd garbage = memfd_with(std::string(4096, '\x7f'));
+  const UniqueFd cut = memfd_with(before.substr(0, before.size() / 2));
+  UniqueFd terabyte = memfd_with(before);
+  ASSERT_EQ(::ftruncate(terabyte.get(), off_t{1} << 40), 0);
+  // A state with the gate one column short, and one without fc2's weight.
+  auto written = [&](bool drop_fc2, int64_t gate_columns) {
+    const std::vector<float> gate(static_cast<size_t>(4 * gate_columns), 0.5f), fc(4 * 32 * 16, 0.25f),
+        b1(4 * 32, 0.f), b2(4 * 16, 0.f);
+    std::vector<SafetensorsEntry> entries = {{"gates.0.wg.weight", DType::kF32, {4, gate_columns}, gate.data()},
+                                             {"experts.batched_fc1_w", DType::kF32, {4, 32, 16}, fc.data()},
+                                             {"experts.batched_fc1_bias", DType::kF32, {4, 32}, b1.data()},
+                                             {"experts.batched_fc2_bias", DType::kF32, {4, 16}, b2.data()}};
+    if (!drop_fc2) entries.push_back({"experts.batched_fc2_w", DType::kF32, {4, 32, 16}, fc.data()});
+    SharedMemory m = export_receiver(1 << 20);
+    const Result<uint64_t> n = write_safetensors_into(m.fd(), "test file", entries);
+    EXPECT_TRUE(n.ok()) << n.status();
+    return memfd_with(std::string(reinterpret_cast<const char*>(m.data()), n.ok() ? *n : 0));
+  };
+  const UniqueFd misshaped = written(false, 15), missing = written(true, 16), whole = written(false, 16);
+
+  const std::tuple<ipc::FrameType, nlohmann::json, std::vector<int>, StatusCode, const char*> bad[] = {
+      {ipc::FrameType::kExportState, {{"handle", h}}, {}, StatusCode::kInvalidArgument, "needs one descriptor"},
+      {ipc::FrameType::kExportState, {{"handle", h}}, {good.fd(), good.fd()}, StatusCode::kInvalidArgument, "not 2"},
+      {ipc::FrameType::kExportState, {{"handle", h}}, {pipe_write.get()}, StatusCode::kInvalidArgument, "not a memfd"},
+      {ipc::FrameType::kExportState, {{"handle", h}}, {unsealed.get()}, StatusCode::kInvalidArgument, "sealed against shrinking"},
+      {ipc::FrameType::kExportState, {{"handle", h}}, {sparse.get()}, StatusCode::kInvalidArgument, "allocate them all"},
+      {ipc::FrameType::kExportState, {{"handle", h}}, {small.fd()}, StatusCode::kInvalidArgument, "more than the"},
+      {ipc::FrameType::kExportState, {{"handle", 987654}}, {good.fd()}, StatusCode::kNotFound, "987654"},
+      {ipc::FrameType::kImportState, {{"handle", h}}, {}, StatusCode::kInvalidArgument, "needs one descriptor"},
+      {ipc::FrameType::kImportState, {{"handle", "1"}}, {whole.get()}, StatusCode::kInvalidArgument, "'handle'"},
+      {ipc::FrameType::kImportState, {{"handle", h}}, {pipe_read.get()}, StatusCode::kInvalidArgument, "not a regular file"},
+      {ipc::FrameType::kImportState, {{"handle", h}}, {dir.get()}, StatusCode::kInvalidArgument, "not a regular file"},
+      {ipc::FrameType::kImportState, {{"handle", h}}, {garbage.get()}, StatusCode::kCorruption, "header length"},
+      {ipc::FrameType::kImportState, {{"handle", h}}, {cut.get()}, StatusCode::kCorruption, "truncated"},
+      {ipc::FrameType::kImportState, {{"handle", h}}, {terabyte.get()}, StatusCode::kInvalidArgument, "more than the"},
+      {ipc::FrameType::kImportState, {{"handle", h}}, {misshaped.get()}, StatusCode::kInvalidArgument, "gates.0.wg.weight"},
+      {ipc::FrameType::kImportState, {{"handle", h}}, {missing.get()}, StatusCode::kNotFound, "experts.batched_fc2_w"},
+  };
+  for (const auto& [type, body, fds, code, needle] : bad) {
+    SCOPED_TRACE(std::string(ipc::frame_type_name(type)) + " " + body.dump() + " with " + std::to_string(fds.size()) +
+                 " descriptors, expecting '" + needle + "'");
+    auto r = s.call(type, body, ipc::FrameType::kOk, 10s, fds);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), code) << r.status();
+    EXPECT_NE(r.status().message().find(needle), std::string_view::npos) << r.status();
+    EXPECT_EQ(export_state(), before) << "a refused request changed the layer";
+  }
+  // The well-formed file is taken, and the export says so.
+  auto taken = s.call(ipc::FrameType::kImportState, {{"handle", h}}, ipc::FrameType::kOk, 10s, {whole.get()});
+  ASSERT_TRUE(taken.ok()) << taken.status();
+  auto after = SafetensorsFile::read(memfd_with(export_state()).get(), "after", 1 << 20);
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(static_cast<const float*>(after->find("gates.0.wg.weight")->data)[63], 0.5f);
+  EXPECT_EQ(after->metadata().at("tuteld.step"), "0");
   expect_daemon_serves();
 }
 

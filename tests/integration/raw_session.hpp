@@ -8,6 +8,7 @@
 #include <chrono>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "tutel/ipc/arena.hpp"
 #include "tutel/ipc/json_body.hpp"
@@ -27,14 +28,15 @@ class RawSession {
   }
   int fd() const { return fd_.get(); }
 
-  Status send(ipc::FrameType type, const nlohmann::json& body) {
-    return ipc::send_json(fd_.get(), type, ++request_id_, body);
+  // `fds` go with the frame (SCM_RIGHTS).
+  Status send(ipc::FrameType type, const nlohmann::json& body, const std::vector<int>& fds = {}) {
+    return ipc::send_json(fd_.get(), type, ++request_id_, body, fds);
   }
   Result<ipc::Frame> receive(std::chrono::milliseconds timeout = 10s) { return ipc::recv_frame(fd_.get(), timeout); }
   // Sends and waits for the reply body (an error reply becomes its Status).
   Result<nlohmann::json> call(ipc::FrameType type, const nlohmann::json& body, ipc::FrameType expected,
-                              std::chrono::milliseconds timeout = 10s) {
-    TUTEL_RETURN_IF_ERROR(send(type, body));
+                              std::chrono::milliseconds timeout = 10s, const std::vector<int>& fds = {}) {
+    TUTEL_RETURN_IF_ERROR(send(type, body, fds));
     TUTEL_ASSIGN_OR_RETURN(ipc::Frame reply, receive(timeout));
     if (reply.header.request_id != request_id_)
       return Status::Internal("reply to request " + std::to_string(reply.header.request_id) + ", expected " +
