@@ -146,6 +146,40 @@ class ClientModuleTest(unittest.TestCase):
         for n, tutel_name in ref.TUTEL_NAMES.items():
             self.assert_close(stored[tutel_name], p[n] - LR * 0.5 * grads[n], f"{tutel_name} after the step")
 
+    def test_export_state_is_the_saved_file_and_import_state_puts_it_back(self):
+        p, x = random_case(self.rng, 12)
+        layer = self.make_layer(p)
+        tensors, metadata = layer.export_state()
+        self.assertEqual(set(tensors), set(ref.TUTEL_NAMES.values()))  # plain SGD keeps no state
+        for n, tutel_name in ref.TUTEL_NAMES.items():
+            self.assertEqual(tensors[tutel_name].dtype, np.float32)
+            np.testing.assert_array_equal(tensors[tutel_name], p[n].astype(np.float32), tutel_name)
+        self.assertEqual(metadata["tuteld.step"], "0")
+        y, _ = layer.forward(x)
+        layer.backward(self.rng.normal(0, 1, y.shape))
+        layer.step()
+        layer.save("stepped.safetensors")
+        stored = ref.read_safetensors(os.path.join(self.daemon.checkpoints, "stepped.safetensors"))
+        tensors, metadata = layer.export_state()
+        self.assertEqual(metadata["tuteld.step"], "1")
+        for name, values in stored.items():
+            np.testing.assert_array_equal(tensors[name], values, name)
+
+        # Into a layer initialised otherwise: the same outputs, bit for bit.
+        other = self.make_layer(random_params(self.rng), name="other")
+        other.import_state({name: values.astype(np.float64) for name, values in tensors.items()}, metadata)
+        np.testing.assert_array_equal(other.infer(x)[0], layer.infer(x)[0])
+        self.assertEqual(other.export_state()[1]["tuteld.step"], "1")
+        # Refused, and nothing changes: a mis-shaped tensor, a missing one, a step that is no count.
+        bad = [dict(tensors, **{"gates.0.wg.weight": np.zeros((E, M + 1))}),
+               {k: v for k, v in tensors.items() if k != "experts.batched_fc2_w"}]
+        for state, meta, name in ((bad[0], metadata, "InvalidArgument"), (bad[1], metadata, "NotFound"),
+                                  (tensors, {"tuteld.step": "-2"}, "Corruption")):
+            with self.assertRaises(tuteld.TutelError) as e:
+                other.import_state(state, meta)
+            self.assertEqual(e.exception.name, name, str(e.exception))
+        np.testing.assert_array_equal(other.infer(x)[0], layer.infer(x)[0])
+
     def test_micro_batches_backwarded_out_of_order(self):
         p, x1 = random_case(self.rng, 8)
         x2 = random_inputs(self.rng, p, (3, 5, M))  # leading dims are kept

@@ -204,6 +204,125 @@ class TorchModuleTest(unittest.TestCase):
         with self.assertRaisesRegex(TypeError, "live in the daemon"):
             pickle.dumps(model)
 
+    def make_adamw_moe(self, name, seed):
+        spec = (f'name = "{name}"\nexperts = {E}\nmodel_dim = {M}\nhidden = {H}\nk = {K}\n'
+                f'capacity_factor = {F}\ninit_seed = {seed}\n'
+                f'optimizer = {{ kind = "adamw", lr = 0.01, weight_decay = 0.01 }}\n')
+        return tuteld.nn.MoE(self.client, spec)
+
+    def train_step(self, model, x, head):
+        y, l_aux = model(x)
+        ((y * head).sum() + 0.1 * l_aux).backward()
+        tuteld.nn.step(model)
+        tuteld.nn.zero_grad(model)
+        return y.detach()
+
+    def test_state_dict_holds_the_daemons_state_and_load_state_dict_makes_a_twin(self):
+        import io
+
+        first = torch.nn.Sequential(torch.nn.Linear(M, M), self.make_adamw_moe("first", 1))
+        second = torch.nn.Sequential(torch.nn.Linear(M, M), self.make_adamw_moe("second", 2))
+        head = torch.from_numpy(self.rng.normal(0, 1, (M,))).float()
+        xs = [torch.from_numpy(self.rng.normal(0, 1, (8, M))).float() for _ in range(3)]
+        for x in xs[:2]:
+            self.train_step(first, x, head)
+
+        state = first.state_dict()
+        moe_keys = {"1." + name for name in ref.TUTEL_NAMES.values()}
+        self.assertEqual(set(state), {"0.weight", "0.bias", "1._anchor", "1._extra_state"} | moe_keys)
+        first[1].layer.save("first.safetensors")
+        stored = ref.read_safetensors(os.path.join(self.daemon.checkpoints, "first.safetensors"))
+        for name in ref.TUTEL_NAMES.values():  # what the daemon holds, exactly
+            np.testing.assert_array_equal(state["1." + name].numpy(), stored[name], name)
+        extra = state["1._extra_state"]
+        self.assertEqual(extra["step"], 2)
+        self.assertEqual(set(extra["optimizer"]),
+                         {f"optimizer.state{i}.{n}" for i in (0, 1) for n in ref.TUTEL_NAMES.values()})
+
+        # Through torch.save and torch.load, into a model initialised otherwise.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        result = second.load_state_dict(torch.load(buffer))
+        self.assertEqual((result.missing_keys, result.unexpected_keys), ([], []))
+        # Twins: the same outputs, and after the same AdamW step (its bias correction counts the
+        # steps) the same parameters, bit for bit.
+        self.assertTrue(torch.equal(self.train_step(first, xs[2], head), self.train_step(second, xs[2], head)))
+        after_first, after_second = first.state_dict(), second.state_dict()
+        for key in moe_keys:
+            self.assertTrue(torch.equal(after_first[key], after_second[key]), key)
+        self.assertEqual(after_second["1._extra_state"]["step"], 3)
+
+    def test_load_state_dict_reports_as_torch_does_and_a_refused_module_stays(self):
+        moe = self.make_adamw_moe("moe", 1)
+        model = torch.nn.Sequential(torch.nn.Linear(M, M), moe)
+        head = torch.from_numpy(self.rng.normal(0, 1, (M,))).float()
+        self.train_step(model, torch.from_numpy(self.rng.normal(0, 1, (8, M))).float(), head)
+        state = model.state_dict()
+        fc2 = "1." + ref.TUTEL_NAMES["w2"]
+        gate = "1." + ref.TUTEL_NAMES["wg"]
+
+        def moe_state():  # the parameters, the optimizer state and the step, each a tensor
+            now = model.state_dict()
+            out = {k: v for k, v in now.items() if k.startswith("1.") and k != "1._extra_state"}
+            out.update(now["1._extra_state"]["optimizer"])
+            out["step"] = torch.tensor(now["1._extra_state"]["step"])
+            return out
+
+        before = moe_state()
+        for broken, says in (({**state, gate: torch.zeros(E, M + 1)}, "size mismatch for 1.gates.0.wg.weight"),
+                             ({**state, gate: "not a tensor"}, "expected torch.Tensor"),
+                             ({**state, "1._extra_state": {"step": "2"}}, "_extra_state")):
+            with self.assertRaisesRegex(RuntimeError, says):
+                model.load_state_dict(broken)
+            for key, value in moe_state().items():
+                self.assertTrue(torch.equal(value, before[key]), f"{key} changed by a refused load ({says})")
+
+        # strict: missing and unexpected keys are reported; strict=False loads what is there.
+        missing = {k: v for k, v in state.items() if k != fc2}
+        with self.assertRaisesRegex(RuntimeError, "Missing key"):
+            model.load_state_dict(missing)
+        with self.assertRaisesRegex(RuntimeError, "Unexpected key.*1.experts.extra"):
+            model.load_state_dict({**state, "1.experts.extra": torch.zeros(1)})
+        new_gate = torch.from_numpy(self.rng.normal(0, 1, (E, M))).float()
+        result = model.load_state_dict({**missing, gate: new_gate}, strict=False)
+        self.assertEqual(result.missing_keys, [fc2])
+        now = moe_state()
+        self.assertTrue(torch.equal(now[gate], new_gate))
+        self.assertTrue(torch.equal(now[fc2], before[fc2]), "a missing entry keeps the layer's value")
+
+        # Weights alone (a Tutel checkpoint): the optimizer starts afresh.
+        weights = {k: v for k, v in state.items() if k != "1._extra_state"}
+        model.load_state_dict(weights)
+        extra = model.state_dict()["1._extra_state"]
+        self.assertEqual(extra["step"], 0)
+        self.assertTrue(all(not v.any() for v in extra["optimizer"].values()))
+
+    def test_gradients_of_x_alone_leave_the_daemons_gradients(self):
+        # torch.autograd.grad and backward(inputs=[x]) accumulate no parameter's gradient: the
+        # daemon's stay as they were, while x gets its own; loss.backward() accumulates them.
+        p, x = random_case(self.rng, 8)
+        moe = self.make_moe(p)
+        head = torch.from_numpy(self.rng.normal(0, 1, (M,)))
+        _, _, saved = ref.forward(p, x, K, F)
+        dx_ref, grads = ref.backward(p, saved, np.broadcast_to(head.numpy(), (8, M)), 0.1)
+        norm_ref = np.sqrt(sum(float(np.sum(np.square(g))) for g in grads.values()))
+
+        def loss_of(xt):
+            y, l_aux = moe(xt)
+            return (y * head).sum() + 0.1 * l_aux
+
+        xt = torch.tensor(x, requires_grad=True)
+        (gx,) = torch.autograd.grad(loss_of(xt), xt)
+        self.assert_close(gx.numpy(), dx_ref, "torch.autograd.grad's dx")
+        loss_of(xt).backward(inputs=[xt])
+        self.assert_close(xt.grad.numpy(), dx_ref, "backward(inputs=[x])'s dx")
+        (anchor_grad,) = torch.autograd.grad(loss_of(xt), list(moe.parameters()), allow_unused=True)
+        self.assertIsNone(anchor_grad)
+        self.assertEqual(moe.layer.grad_norm(), 0.0)
+        loss_of(xt).backward()
+        self.assertAlmostEqual(moe.layer.grad_norm(), norm_ref, delta=1e-4 * norm_ref, msg=f"seed {self.seed}")
+
     def test_model_helpers_zero_and_step_every_moe(self):
         # model.zero_grad() does not call the modules' own zero_grad: tuteld.nn.zero_grad does.
         p, x = random_case(self.rng, 6)
