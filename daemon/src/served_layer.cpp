@@ -298,10 +298,12 @@ Status ServedLayer::initialise(uint64_t seed) {
   return copy_in(group_ ? graphs::slice_for_rank(s, group_->layer->shard(), whole) : whole);
 }
 
-Status ServedLayer::copy_in(const graphs::HostLayerParams& p) {
+Status ServedLayer::copy_in(const graphs::HostLayerParams& p, int which) {
   Backend& b = backend();
   auto device_lock = lock_device();
   for (Tensor& t : tensors_) {
+    DeviceBuffer& dst = which == 0 ? t.value : which == 1 ? t.state0 : t.state1;
+    TUTEL_CHECK(dst.data() != nullptr) << "copy_in into optimizer state " << which << " the layer does not keep";
     const std::vector<float>& src = t.name == kGateWeightName ? p.gate
                                     : t.name == kFc1WeightName ? p.fc1
                                     : t.name == kFc1BiasName   ? p.fc1_bias
@@ -310,9 +312,9 @@ Status ServedLayer::copy_in(const graphs::HostLayerParams& p) {
     if (static_cast<int64_t>(src.size()) != t.shape.numel())
       return Status::Internal("parameter " + t.name + " has " + std::to_string(src.size()) + " values for shape " +
                               t.shape.to_string());
-    TUTEL_RETURN_IF_ERROR(b.copy(t.value.data(), src.data(), src.size() * 4, CopyKind::kHostToDevice));
+    TUTEL_RETURN_IF_ERROR(b.copy(dst.data(), src.data(), src.size() * 4, CopyKind::kHostToDevice));
   }
-  return refresh_bf16_copies();
+  return which == 0 ? refresh_bf16_copies() : Status::OK();
 }
 
 LayerWeights ServedLayer::weights_of(int which) const {
@@ -961,33 +963,75 @@ Status ServedLayer::load_locked(const std::string& path, bool require_all) {
   return load_file_locked(file, require_all);
 }
 
+Result<int64_t> ServedLayer::step_of(const SafetensorsFile& file) {
+  int64_t step = 0;
+  if (auto it = file.metadata().find(kStepKey); it != file.metadata().end()) {
+    const std::string& text = it->second;
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), step);
+    // Below 2^53: more steps than any training takes, so counting on never overflows.
+    if (ec != std::errc() || end != text.data() + text.size() || step < 0 || step >= (int64_t{1} << 53))
+      return Status::Corruption(file.path() + ": metadata '" + kStepKey + "' is not a step count: '" + text + "'");
+  }
+  return step;
+}
+
 Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_all) {
   const std::string& path = file.path();
   if (group_) {
-    // A whole-layer file (all E experts, e.g. a Tutel checkpoint): this rank takes its slice.
+    // A whole-layer file (all E experts, e.g. a Tutel checkpoint): this rank takes its slice, of
+    // the optimizer state too where the file has it; where it has none, the state starts afresh.
     const LayerSpec& s = def_.spec;
     const SafetensorsTensor* fc1 = file.find(kFc1WeightName);
     const Shape whole_fc1{s.experts, s.hidden, s.model_dim};
     if (fc1 && fc1->shape == whole_fc1 && !(whole_fc1 == shape_of(kFc1WeightName))) {
-      graphs::HostLayerParams whole;
-      auto read = [&](const char* name, Shape shape, bool present, std::vector<float>& out) -> Status {
-        if (!present) return Status::OK();
-        const SafetensorsTensor* t = file.find(name);
-        if (!t || t->dtype != DType::kF32 || !(t->shape == shape))
-          return Status::InvalidArgument(path + ": tensor '" + name + "' must be f32 " + shape.to_string() +
-                                         " in a whole-layer file");
-        // A safetensors offset need not be 4-byte aligned: copied as bytes, not read as floats.
-        out.resize(static_cast<size_t>(shape.numel()));
-        std::memcpy(out.data(), t->data, out.size() * sizeof(float));
-        return Status::OK();
-      };
       const int64_t E = s.experts, M = s.model_dim, H = s.hidden, O = s.out_dim();
-      TUTEL_RETURN_IF_ERROR(read(kGateWeightName, {E, M}, true, whole.gate));
-      TUTEL_RETURN_IF_ERROR(read(kFc1WeightName, {E, H, M}, true, whole.fc1));
-      TUTEL_RETURN_IF_ERROR(read(kFc1BiasName, {E, H}, s.has_fc1_bias, whole.fc1_bias));
-      TUTEL_RETURN_IF_ERROR(read(kFc2WeightName, {E, H, O}, true, whole.fc2));
-      TUTEL_RETURN_IF_ERROR(read(kFc2BiasName, {E, O}, s.has_fc2_bias, whole.fc2_bias));
-      return copy_in(graphs::slice_for_rank(s, group_->layer->shard(), whole));
+      // The whole layer's tensors named `prefix` + each parameter's name; false where the file
+      // holds none of them (optimizer state it does not carry), an error where it holds some.
+      auto read_whole = [&](const std::string& prefix, graphs::HostLayerParams& whole) -> Result<bool> {
+        if (!prefix.empty() && !file.find(prefix + kFc1WeightName)) return false;
+        auto read = [&](const char* name, Shape shape, bool present, std::vector<float>& out) -> Status {
+          if (!present) return Status::OK();
+          const std::string full = prefix + name;
+          const SafetensorsTensor* t = file.find(full);
+          if (!t || t->dtype != DType::kF32 || !(t->shape == shape))
+            return Status::InvalidArgument(path + ": tensor '" + full + "' must be f32 " + shape.to_string() +
+                                           " in a whole-layer file");
+          // A safetensors offset need not be 4-byte aligned: copied as bytes, not read as floats.
+          out.resize(static_cast<size_t>(shape.numel()));
+          std::memcpy(out.data(), t->data, out.size() * sizeof(float));
+          return Status::OK();
+        };
+        TUTEL_RETURN_IF_ERROR(read(kGateWeightName, {E, M}, true, whole.gate));
+        TUTEL_RETURN_IF_ERROR(read(kFc1WeightName, {E, H, M}, true, whole.fc1));
+        TUTEL_RETURN_IF_ERROR(read(kFc1BiasName, {E, H}, s.has_fc1_bias, whole.fc1_bias));
+        TUTEL_RETURN_IF_ERROR(read(kFc2WeightName, {E, H, O}, true, whole.fc2));
+        TUTEL_RETURN_IF_ERROR(read(kFc2BiasName, {E, O}, s.has_fc2_bias, whole.fc2_bias));
+        return true;
+      };
+      const bool has_state[2] = {tensors_.front().state0.data() != nullptr, tensors_.front().state1.data() != nullptr};
+      graphs::HostLayerParams values, states[2];
+      bool file_has_state[2] = {false, false};
+      TUTEL_RETURN_IF_ERROR(read_whole("", values).status());
+      for (int i = 0; i < 2; ++i)
+        if (has_state[i]) {
+          TUTEL_ASSIGN_OR_RETURN(file_has_state[i], read_whole(i == 0 ? kState0Prefix : kState1Prefix, states[i]));
+        }
+      TUTEL_ASSIGN_OR_RETURN(const int64_t step, step_of(file));
+      const graphs::ExpertShard& shard = group_->layer->shard();
+      TUTEL_RETURN_IF_ERROR(copy_in(graphs::slice_for_rank(s, shard, values)));
+      for (int i = 0; i < 2; ++i) {
+        if (!has_state[i]) continue;
+        if (file_has_state[i]) {
+          TUTEL_RETURN_IF_ERROR(copy_in(graphs::slice_for_rank(s, shard, states[i]), 1 + i));
+          continue;
+        }
+        Backend& b = backend();
+        auto device_lock = lock_device();
+        for (Tensor& t : tensors_)
+          TUTEL_RETURN_IF_ERROR(b.fill_zero(t.view(i == 0 ? t.state0 : t.state1, b.device())));
+      }
+      step_ = step;
+      return Status::OK();
     }
   }
   Backend& b = backend();
@@ -1019,14 +1063,7 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
     if (t.state0.data()) TUTEL_RETURN_IF_ERROR(take(kState0Prefix + t.name, t, &t.state0, false));
     if (t.state1.data()) TUTEL_RETURN_IF_ERROR(take(kState1Prefix + t.name, t, &t.state1, false));
   }
-  int64_t step = 0;
-  if (auto it = file.metadata().find(kStepKey); it != file.metadata().end()) {
-    const std::string& text = it->second;
-    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), step);
-    // Below 2^53: more steps than any training takes, so counting on never overflows.
-    if (ec != std::errc() || end != text.data() + text.size() || step < 0 || step >= (int64_t{1} << 53))
-      return Status::Corruption(path + ": metadata '" + kStepKey + "' is not a step count: '" + text + "'");
-  }
+  TUTEL_ASSIGN_OR_RETURN(const int64_t step, step_of(file));
   auto device_lock = lock_device();
   for (const Copy& c : copies)
     TUTEL_RETURN_IF_ERROR(b.copy(c.dst->data(), c.src->data, c.src->nbytes, CopyKind::kHostToDevice));

@@ -2,7 +2,8 @@
 // named in configs and requests, checkpoints a client asks to load, and state_dir on restart.
 //
 // SafetensorsFile::open only reads paths, so each input is written to one memfd and opened as
-// /proc/self/fd/N (a regular file to fstat and mmap).
+// /proc/self/fd/N (a regular file to fstat and mmap); SafetensorsFile::read copies the same memfd
+// through its descriptor, and must agree with open() on every input.
 // First byte even: the rest is the whole file.
 // First byte odd: bytes 1-2 give a header length L (clamped to what follows); the file is the
 // u64 L, then the rest. This keeps the length prefix consistent so the fuzzer works on the JSON.
@@ -51,12 +52,24 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string path = "/proc/self/fd/" + std::to_string(fd);
 
   Result<SafetensorsFile> opened = SafetensorsFile::open(path);
+  // The reader of descriptors another process hands over (ImportState) copies the file and must
+  // decide exactly as the mapping reader does.
+  Result<SafetensorsFile> copied = SafetensorsFile::read(fd, path, uint64_t{1} << 30);
+  FUZZ_CHECK(copied.ok() == opened.ok());
   if (!opened.ok()) {
     const StatusCode c = opened.status().code();
     FUZZ_CHECK(c == StatusCode::kCorruption || c == StatusCode::kResourceExhausted);
+    FUZZ_CHECK(copied.status().code() == c);
     return 0;
   }
   const SafetensorsFile& f = *opened;
+  FUZZ_CHECK(copied->tensors().size() == f.tensors().size());
+  FUZZ_CHECK(copied->metadata() == f.metadata());
+  for (size_t i = 0; i < f.tensors().size(); ++i) {
+    const SafetensorsTensor &a = f.tensors()[i], &b = copied->tensors()[i];
+    FUZZ_CHECK(a.name == b.name && a.dtype == b.dtype && a.shape == b.shape && a.nbytes == b.nbytes);
+    FUZZ_CHECK(a.nbytes == 0 || std::memcmp(a.data, b.data, a.nbytes) == 0);
+  }
   uint64_t sum = 0;
   const char* prev_end = nullptr;
   for (const SafetensorsTensor& t : f.tensors()) {

@@ -168,6 +168,8 @@ void ipc_seeds() {
   frames.push_back(ipc::encode_frame(ipc::FrameType::kGradNorm, 11, ipc::dump_body({{"handle", 1}})));
   frames.push_back(
       ipc::encode_frame(ipc::FrameType::kScaleGrads, 12, ipc::dump_body({{"handle", 1}, {"factor", 0.25}})));
+  frames.push_back(ipc::encode_frame(ipc::FrameType::kExportState, 13, ipc::dump_body({{"handle", 1}})));
+  frames.push_back(ipc::encode_frame(ipc::FrameType::kImportState, 14, ipc::dump_body({{"handle", 1}})));
   json hello{{"session", 3}, {"tenant", "a"}, {"spin_us", 50}};
   ipc::put_layout(hello, *ipc::arena_layout(64 << 20));
   frames.push_back(ipc::encode_frame(ipc::FrameType::kHelloReply, 1, ipc::dump_body(hello)));
@@ -183,7 +185,8 @@ void ipc_seeds() {
                                                      {"k", 2},
                                                      {"step", 0},
                                                      {"rank", 0},
-                                                     {"device", "cpu:0"}})));
+                                                     {"device", "cpu:0"},
+                                                     {"state_bytes", 4096}})));
   frames.push_back(ipc::encode_frame(ipc::FrameType::kAdminStatus, 9, ""));
   frames.push_back(
       ipc::encode_frame(ipc::FrameType::kAdminCheckpoint, 10,
@@ -258,7 +261,8 @@ void safetensors_seeds() {
 
 void bootstrap_seeds() {
   using namespace tutel::comm;
-  const std::string table = wire::encode_table({"p0", "payload1"}, {"127.0.0.1, pid 1", "127.0.0.1, pid 2"});
+  const std::string table = wire::encode_table({"p0", "payload1"}, {"127.0.0.1, pid 1", "127.0.0.1, pid 2"},
+                                               /*authenticated=*/false);
   put("bootstrap", std::string(1, '\0') + std::string(1, '\1') + table.substr(wire::kHeaderBytes));
   wire::Header hello;
   hello.kind = wire::kHello;

@@ -11,14 +11,19 @@
 // 1e-5, dx rtol 1e-3 / atol 1e-4, applied steps rtol 2e-3 / atol 2e-4 (atol of max|ref|);
 // every rank's gradient norm (Layer::grad_norm, before the gradients are scaled for the step)
 // is the whole layer's reference norm within rtol 1e-4.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <unistd.h>
 
 #include <atomic>
 #include <cmath>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -308,9 +313,11 @@ TEST_P(ExpertParallelDaemons, EveryRankMatchesTheSingleProcessLayer) {
     std::vector<float> y, dx;
     client::ForwardInfo info;
     double grad_norm = -1;
+    std::string exported;  // the rank's state after the step, through ExportState
   };
   std::vector<RankOut> out(W);
   std::vector<std::thread> threads;
+  const std::string whole_file = daemons[0]->dir() + "/state/default/checkpoints/whole.safetensors";
   for (int r = 0; r < W; ++r) {
     threads.emplace_back([&, r] {
       RankOut& o = out[r];
@@ -319,6 +326,15 @@ TEST_P(ExpertParallelDaemons, EveryRankMatchesTheSingleProcessLayer) {
       auto layer = client->create_layer(group_layer_spec(body, port, W, r, R, c.all_to_all, c.more_group_keys));
       if (!layer.ok()) return void(o.status = layer.status());
       o.status = forward_backward_step_save(*layer, r, mb, M, O, o.y, o.dx, &o.info, &o.grad_norm);
+      if (!o.status.ok()) return;
+      // Each rank's state out (its slice), and the whole layer's file in (each takes its slice).
+      Result<client::ExportedState> state = layer->export_state();
+      if (!state.ok()) return void(o.status = state.status());
+      o.exported.assign(reinterpret_cast<const char*>(state->data()), state->size());
+      const int whole_fd = ::open(whole_file.c_str(), O_RDONLY | O_CLOEXEC);
+      o.status = layer->import_state(whole_fd);
+      ::close(whole_fd);
+      if (o.status.ok()) o.status = layer->save("imported_r" + std::to_string(r) + ".safetensors").status();
     });
   }
   for (auto& t : threads) t.join();
@@ -334,9 +350,23 @@ TEST_P(ExpertParallelDaemons, EveryRankMatchesTheSingleProcessLayer) {
     EXPECT_TRUE(all_close("dx", out[r].dx, mb.grads[r].dx, 1e-3, 1e-4));
     // The whole layer's gradient norm on every rank (the gate's summed over the group).
     EXPECT_NEAR(out[r].grad_norm, l2_norm(grad_sum), 1e-4 * l2_norm(grad_sum));
-    expect_applied_step(daemons[r / R]->dir() + "/state/default/checkpoints/after_r" + std::to_string(r) +
-                            ".safetensors",
-                        spec, W, r, whole_host, scaled(grad_sum, kGradScale));
+    const std::string checkpoints = daemons[r / R]->dir() + "/state/default/checkpoints/";
+    expect_applied_step(checkpoints + "after_r" + std::to_string(r) + ".safetensors", spec, W, r, whole_host,
+                        scaled(grad_sum, kGradScale));
+    std::ifstream saved(checkpoints + "after_r" + std::to_string(r) + ".safetensors", std::ios::binary);
+    EXPECT_TRUE(out[r].exported == std::string(std::istreambuf_iterator<char>(saved), std::istreambuf_iterator<char>()))
+        << "the rank's exported state is not its saved file";
+    // The whole layer's file imported: this rank's slice of it, exactly.
+    auto shard = graphs::expert_shard(spec, W, r);
+    ASSERT_TRUE(shard.ok()) << shard.status();
+    const graphs::HostLayerParams slice = graphs::slice_for_rank(spec, *shard, whole_host);
+    auto imported = SafetensorsFile::open(checkpoints + "imported_r" + std::to_string(r) + ".safetensors");
+    ASSERT_TRUE(imported.ok()) << imported.status();
+    for (auto [name, want] : {std::pair{kGateWeightName, &slice.gate}, std::pair{kFc1WeightName, &slice.fc1},
+                              std::pair{kFc1BiasName, &slice.fc1_bias}, std::pair{kFc2WeightName, &slice.fc2},
+                              std::pair{kFc2BiasName, &slice.fc2_bias}})
+      EXPECT_EQ(read_tensor(*imported, name), *want) << name << " after importing the whole layer";
+    EXPECT_EQ(imported->metadata().at("tuteld.step"), "0");
   }
   for (int d = 0; d < D; ++d) EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << daemons[d]->log();
 }
@@ -1161,6 +1191,117 @@ TEST(ExpertParallelGroups, ABackwardForDxAloneIsTheWholeGroupsOrRefusedOnEveryRa
   }
   EXPECT_EQ(d0.stop(), 0) << d0.log();
   EXPECT_EQ(d1.stop(), 0) << d1.log();
+}
+
+// A whole-layer file (every expert, as a single-daemon layer or Tutel saves one) imported into a
+// group layer whose optimizer keeps momentum: each rank takes its slice of the parameters and of
+// the momentum, and the file's step. A file without momentum starts it afresh (zeros, step 0),
+// as a load into a layer without [group] does; a file with the momentum of some tensors only is
+// refused, and the ranks keep what they had.
+TEST(ExpertParallelGroups, AWholeLayerFileGivesEachRankItsSliceOfTheOptimizerState) {
+  DaemonProcess d(DaemonOptions{});
+  ASSERT_TRUE(d.start());
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal;
+  const LayerSpec spec = small_spec(/*experts=*/2, /*k=*/1, 1.0);  // an expert per rank
+  const int W = 2;
+  const int64_t E = spec.experts, M = spec.model_dim, H = spec.hidden, O = spec.out_dim();
+  auto random_params = [&] {
+    graphs::HostLayerParams p;
+    for (auto [t, n] : {std::pair{&p.gate, E * M}, std::pair{&p.fc1, E * H * M}, std::pair{&p.fc1_bias, E * H},
+                        std::pair{&p.fc2, E * H * O}, std::pair{&p.fc2_bias, E * O}}) {
+      t->resize(static_cast<size_t>(n));
+      for (float& v : *t) v = normal(rng);
+    }
+    return p;
+  };
+  const graphs::HostLayerParams values = random_params(), momentum = random_params();
+  auto entries = [&](const graphs::HostLayerParams& p, const std::string& prefix) {
+    return std::vector<SafetensorsEntry>{{prefix + kGateWeightName, DType::kF32, {E, M}, p.gate.data()},
+                                         {prefix + kFc1WeightName, DType::kF32, {E, H, M}, p.fc1.data()},
+                                         {prefix + kFc1BiasName, DType::kF32, {E, H}, p.fc1_bias.data()},
+                                         {prefix + kFc2WeightName, DType::kF32, {E, H, O}, p.fc2.data()},
+                                         {prefix + kFc2BiasName, DType::kF32, {E, O}, p.fc2_bias.data()}};
+  };
+  const std::string dir = d.dir() + "/";
+  std::vector<SafetensorsEntry> with_momentum = entries(values, "");
+  for (const SafetensorsEntry& e : entries(momentum, "optimizer.state0.")) with_momentum.push_back(e);
+  ASSERT_TRUE(write_safetensors(dir + "with_momentum.safetensors", with_momentum, {{"tuteld.step", "5"}}).ok());
+  ASSERT_TRUE(write_safetensors(dir + "weights_alone.safetensors", entries(values, "")).ok());
+  std::vector<SafetensorsEntry> partial = entries(values, "");
+  partial.push_back(entries(momentum, "optimizer.state0.")[1]);  // fc1's momentum alone
+  ASSERT_TRUE(write_safetensors(dir + "partial.safetensors", partial).ok());
+
+  const uint16_t port = free_port();
+  const std::string body = "experts = 2\nmodel_dim = 16\nhidden = 32\nk = 1\ninit_seed = 9\n"
+                           "[optimizer]\nkind = \"sgd\"\nlr = 0.1\nmomentum = 0.9\n";
+  std::optional<client::Client> clients[2];
+  std::optional<client::Layer> layers[2];
+  Status created[2];
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r)
+    threads.emplace_back([&, r] {
+      auto client = client::Client::connect(d.client_socket());
+      if (!client.ok()) return void(created[r] = client.status());
+      auto layer = client->create_layer(group_layer_spec(body, port, W, r, /*local_size=*/2, "linear"));
+      if (!layer.ok()) return void(created[r] = layer.status());
+      clients[r].emplace(std::move(*client));
+      layers[r].emplace(std::move(*layer));
+    });
+  for (auto& t : threads) t.join();
+  auto import = [&](int r, const std::string& file) {
+    const int fd = ::open((dir + file).c_str(), O_RDONLY | O_CLOEXEC);
+    const Status st = layers[r]->import_state(fd);
+    ::close(fd);
+    return st;
+  };
+  auto state_of = [&](int r) {
+    Result<client::ExportedState> state = layers[r]->export_state();
+    EXPECT_TRUE(state.ok()) << state.status();
+    const int fd = state.ok() ? state->dup_fd() : -1;
+    Result<SafetensorsFile> file = SafetensorsFile::read(fd, "rank " + std::to_string(r), 1 << 24);
+    ::close(fd);
+    EXPECT_TRUE(file.ok()) << file.status();
+    return std::move(file).value();
+  };
+  auto expect_slices = [&](int r, const SafetensorsFile& f, const graphs::HostLayerParams& want,
+                           const std::string& prefix) {
+    auto shard = graphs::expert_shard(spec, W, r);
+    ASSERT_TRUE(shard.ok()) << shard.status();
+    const graphs::HostLayerParams slice = graphs::slice_for_rank(spec, *shard, want);
+    for (auto [name, v] : {std::pair{kGateWeightName, &slice.gate}, std::pair{kFc1WeightName, &slice.fc1},
+                           std::pair{kFc1BiasName, &slice.fc1_bias}, std::pair{kFc2WeightName, &slice.fc2},
+                           std::pair{kFc2BiasName, &slice.fc2_bias}})
+      EXPECT_EQ(read_tensor(f, (prefix + name).c_str()), *v) << prefix << name;
+  };
+  graphs::HostLayerParams zeros = scaled(momentum, 0.f);
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    ASSERT_TRUE(created[r].ok()) << created[r] << "\n" << d.log();
+    ASSERT_TRUE(import(r, "with_momentum.safetensors").ok());
+    SafetensorsFile taken = state_of(r);
+    expect_slices(r, taken, values, "");
+    expect_slices(r, taken, momentum, "optimizer.state0.");
+    EXPECT_EQ(taken.metadata().at("tuteld.step"), "5");
+
+    const Status refused = import(r, "partial.safetensors");
+    EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument) << refused;
+    EXPECT_NE(refused.message().find("optimizer.state0.gates.0.wg.weight"), std::string_view::npos) << refused;
+    SafetensorsFile kept = state_of(r);
+    expect_slices(r, kept, momentum, "optimizer.state0.");
+    EXPECT_EQ(kept.metadata().at("tuteld.step"), "5");
+
+    ASSERT_TRUE(import(r, "weights_alone.safetensors").ok());
+    SafetensorsFile fresh = state_of(r);
+    expect_slices(r, fresh, values, "");
+    expect_slices(r, fresh, zeros, "optimizer.state0.");
+    EXPECT_EQ(fresh.metadata().at("tuteld.step"), "0");
+  }
+  layers[0].reset();
+  layers[1].reset();
+  EXPECT_EQ(d.stop(), 0) << d.log();
 }
 
 // A group step one rank's daemon refuses for its tenant's max_inflight is refused on every rank.
