@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -9,6 +10,7 @@
 #include <cstring>
 #include <limits>
 #include <utility>
+#include <vector>
 
 #include "session.hpp"
 #include "tutel/core/shared_memory.hpp"
@@ -529,9 +531,43 @@ Result<ExportedState> Layer::export_state() {
   return out;
 }
 
+namespace {
+
+// The daemon reads memfds only (a file on a network or FUSE mount could block it for good):
+// another regular file is copied into a new one here, from its start.
+Result<UniqueFd> memfd_copy_of(int fd) {
+  UniqueFd copy(::memfd_create("tuteld layer state", MFD_CLOEXEC));
+  if (!copy.valid()) return Status::ResourceExhausted(std::string("import_state: memfd_create: ") + std::strerror(errno));
+  std::vector<char> chunk(size_t{1} << 20);
+  for (off_t at = 0;;) {
+    const ssize_t n = ::pread(fd, chunk.data(), chunk.size(), at);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return Status::IOError(std::string("import_state: reading the file: ") + std::strerror(errno));
+    if (n == 0) return copy;
+    for (ssize_t done = 0; done < n;) {
+      const ssize_t w = ::pwrite(copy.get(), chunk.data() + done, static_cast<size_t>(n - done), at + done);
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0) return Status::ResourceExhausted(std::string("import_state: copying the file: ") + std::strerror(errno));
+      done += w;
+    }
+    at += n;
+  }
+}
+
+}  // namespace
+
 Status Layer::import_state(int fd) {
-  if (fd < 0) return Status::InvalidArgument("import_state: " + std::to_string(fd) + " is not a descriptor");
-  return layer_call(state_, ipc::FrameType::kImportState, json::object(), {fd}).status();
+  // A descriptor that is not open would fail the send, and a failed send ends the session.
+  if (fd < 0 || ::fcntl(fd, F_GETFD) < 0)
+    return Status::InvalidArgument("import_state: " + std::to_string(fd) + " is not an open descriptor");
+  if (check_memory_file(fd, "the state").ok())
+    return layer_call(state_, ipc::FrameType::kImportState, json::object(), {fd}).status();
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+    return Status::InvalidArgument("import_state: descriptor " + std::to_string(fd) +
+                                   " is not a regular file (give a memfd or an open safetensors file)");
+  TUTEL_ASSIGN_OR_RETURN(UniqueFd copy, memfd_copy_of(fd));
+  return layer_call(state_, ipc::FrameType::kImportState, json::object(), {copy.get()}).status();
 }
 
 Status Layer::destroy() {

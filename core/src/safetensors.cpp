@@ -43,6 +43,12 @@ constexpr uint64_t kMaxHeaderBytes = uint64_t{100} << 20;
 // cut off before it can make any later recursive walk of the tree expensive.
 constexpr int kMaxJsonDepth = 8;
 constexpr std::string_view kMetadataKey = "__metadata__";
+// Linux >= 5.1; glibc's headers may lack it.
+#ifdef F_SEAL_FUTURE_WRITE
+constexpr int kSealFutureWrite = F_SEAL_FUTURE_WRITE;
+#else
+constexpr int kSealFutureWrite = 0x0010;
+#endif
 
 std::string errno_text(int err) { return std::generic_category().message(err); }
 
@@ -611,12 +617,11 @@ Result<uint64_t> write_safetensors_into(int fd, const std::string& what,
     uint64_t file_size = 8 + header_text.size();
     for (size_t size : sizes) file_size += size;
 
+    TUTEL_RETURN_IF_ERROR(check_memory_file(fd, "the descriptor to write " + file_context(what) + " into"));
     struct stat st {};
     if (::fstat(fd, &st) != 0) return errno_status(errno, "cannot stat", what);
-    if (!S_ISREG(st.st_mode))
-      return Status::InvalidArgument(file_context(what) + ": the descriptor to write it into is not a memfd");
     const int seals = ::fcntl(fd, F_GET_SEALS);
-    if (seals < 0 || (seals & F_SEAL_SHRINK) == 0 || (seals & F_SEAL_WRITE) != 0)
+    if (seals < 0 || (seals & F_SEAL_SHRINK) == 0 || (seals & (F_SEAL_WRITE | kSealFutureWrite)) != 0)
       return Status::InvalidArgument(file_context(what) +
                                      ": the memfd to write it into must be sealed against shrinking "
                                      "(F_SEAL_SHRINK) and not against writing");
@@ -625,12 +630,16 @@ Result<uint64_t> write_safetensors_into(int fd, const std::string& what,
       return Status::InvalidArgument(file_context(what) + " takes " + std::to_string(file_size) +
                                      " bytes, more than the " + std::to_string(memfd_size) + " of the memfd given");
     // Pages the sender allocated are charged to it; pages this process faulted in would be
-    // charged here, and the sender could hold them for good. So every page must be allocated.
-    const uint64_t allocated = static_cast<uint64_t>(st.st_blocks) * 512;
-    if (allocated < memfd_size)
-      return Status::InvalidArgument(file_context(what) + ": the memfd given has " + std::to_string(allocated) +
-                                     " of its " + std::to_string(memfd_size) +
-                                     " bytes allocated; allocate them all first (posix_fallocate)");
+    // charged here, and the sender could hold them for good. So the memfd must have no hole:
+    // SEEK_HOLE finds its end. (st_blocks alone would not see a hole beside pages allocated past
+    // the end; and to SEEK_HOLE a page that fallocate reserved is a hole until it is written.)
+    // A sender that punches one while this writes still gets it filled here.
+    const off_t hole = ::lseek(fd, 0, SEEK_HOLE);
+    if (hole < 0) return errno_status(errno, "cannot look for holes in the memfd for", what);
+    if (static_cast<uint64_t>(hole) < memfd_size)
+      return Status::InvalidArgument(file_context(what) + ": the memfd given has a hole at byte " +
+                                     std::to_string(hole) + " of its " + std::to_string(memfd_size) +
+                                     "; touch every page first (write it, or map it with MAP_POPULATE)");
     void* mapping = ::mmap(nullptr, file_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (mapping == MAP_FAILED) return errno_status(errno, "cannot map", what);
     Status written = [&]() -> Status {
@@ -646,7 +655,9 @@ Result<uint64_t> write_safetensors_into(int fd, const std::string& what,
       }
       return Status::OK();
     }();
-    ::munmap(mapping, file_size);
+    if (::munmap(mapping, file_size) != 0)
+      return Status::Internal("cannot unmap the memfd " + file_context(what) + " was written into: " +
+                              errno_text(errno));
     TUTEL_RETURN_IF_ERROR(written);
     return file_size;
   } catch (const std::bad_alloc&) {

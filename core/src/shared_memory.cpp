@@ -1,8 +1,10 @@
 #include "tutel/core/shared_memory.hpp"
 
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -69,6 +71,17 @@ Result<SharedMemory> SharedMemory::create(size_t bytes, std::string_view what) {
   if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
     return Status::IOError("sealing the " + name + ": " + errno_text(errno));
   return map(std::move(fd), size, "the " + name);
+}
+
+Status check_memory_file(int fd, std::string_view what) {
+  const std::string name(what);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return Status::InvalidArgument(name + ": " + errno_text(errno));
+  struct statfs fs {};
+  if (!S_ISREG(st.st_mode) || ::fstatfs(fd, &fs) != 0 || fs.f_type != TMPFS_MAGIC)
+    return Status::InvalidArgument(name + " is not a memfd (a regular file in memory, tmpfs; not hugetlb): " +
+                                   "make one with memfd_create");
+  return Status::OK();
 }
 
 Result<SharedMemory> SharedMemory::attach(UniqueFd fd, std::string_view what, size_t expected_bytes) {

@@ -927,18 +927,22 @@ Result<uint64_t> ServedLayer::export_state(int memfd) {
 }
 
 uint64_t ServedLayer::import_bytes_bound() const {
-  // A file of this rank's tensors, or, on a group layer, a whole-layer file (every expert):
-  // either with both optimizer states.
+  // A file of this rank's tensors (save_bytes_bound), or on a group layer of the whole layer's,
+  // each with the optimizer states this layer keeps: a file may carry no more that it takes.
   const LayerSpec& s = def_.spec;
   const uint64_t E = static_cast<uint64_t>(s.experts), M = static_cast<uint64_t>(s.model_dim),
                  H = static_cast<uint64_t>(s.hidden), O = static_cast<uint64_t>(s.out_dim());
-  const uint64_t whole = 4 * 3 * (E * M + E * H * M + E * H + E * H * O + E * O);
+  const uint64_t states = (tensors_.front().state0.data() ? 1 : 0) + (tensors_.front().state1.data() ? 1 : 0);
+  const uint64_t whole = 4 * (1 + states) * (E * M + E * H * M + E * H + E * H * O + E * O);
   // The header bound of save_bytes_bound().
   const uint64_t header = 6 * (spec_text_.size() + tenant_.size()) + 4096 + 256 * 3 * tensors_.size();
-  return std::max(save_bytes_bound(), whole + header);
+  return group_ ? std::max(save_bytes_bound(), whole + header) : save_bytes_bound();
 }
 
 Status ServedLayer::import_state(int fd) {
+  // A memfd only: a file on a network or FUSE mount the client controls could block this pool
+  // thread in pread for good (the client library copies any other file into a memfd).
+  TUTEL_RETURN_IF_ERROR(check_memory_file(fd, "the file to import into " + def_.name));
   TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file,
                          SafetensorsFile::read(fd, "the state imported into " + def_.name, import_bytes_bound()));
   LayerLock lock(*this);
@@ -980,24 +984,27 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
   if (group_) {
     // A whole-layer file (all E experts, e.g. a Tutel checkpoint): this rank takes its slice, of
     // the optimizer state too where the file has it; where it has none, the state starts afresh.
+    // The whole layer is staged on the host, as values and states (up to three times the whole
+    // layer's parameters, transiently, within import_bytes_bound of the file's own size).
     const LayerSpec& s = def_.spec;
     const SafetensorsTensor* fc1 = file.find(kFc1WeightName);
     const Shape whole_fc1{s.experts, s.hidden, s.model_dim};
     if (fc1 && fc1->shape == whole_fc1 && !(whole_fc1 == shape_of(kFc1WeightName))) {
       const int64_t E = s.experts, M = s.model_dim, H = s.hidden, O = s.out_dim();
-      // The whole layer's tensors named `prefix` + each parameter's name; false where the file
-      // holds none of them (optimizer state it does not carry), an error where it holds some.
-      auto read_whole = [&](const std::string& prefix, graphs::HostLayerParams& whole) -> Result<bool> {
-        if (!prefix.empty() && !file.find(prefix + kFc1WeightName)) return false;
+      // The whole layer's tensors named `prefix` + each parameter's name. `optional`: one the
+      // file lacks is zeros (optimizer state it does not carry starts afresh, tensor by tensor,
+      // as a load into a layer without [group] starts it); a tensor present must be whole.
+      auto read_whole = [&](const std::string& prefix, bool optional, graphs::HostLayerParams& whole) -> Status {
         auto read = [&](const char* name, Shape shape, bool present, std::vector<float>& out) -> Status {
           if (!present) return Status::OK();
           const std::string full = prefix + name;
+          out.assign(static_cast<size_t>(shape.numel()), 0.f);
           const SafetensorsTensor* t = file.find(full);
+          if (!t && optional) return Status::OK();
           if (!t || t->dtype != DType::kF32 || !(t->shape == shape))
             return Status::InvalidArgument(path + ": tensor '" + full + "' must be f32 " + shape.to_string() +
                                            " in a whole-layer file");
           // A safetensors offset need not be 4-byte aligned: copied as bytes, not read as floats.
-          out.resize(static_cast<size_t>(shape.numel()));
           std::memcpy(out.data(), t->data, out.size() * sizeof(float));
           return Status::OK();
         };
@@ -1006,30 +1013,18 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
         TUTEL_RETURN_IF_ERROR(read(kFc1BiasName, {E, H}, s.has_fc1_bias, whole.fc1_bias));
         TUTEL_RETURN_IF_ERROR(read(kFc2WeightName, {E, H, O}, true, whole.fc2));
         TUTEL_RETURN_IF_ERROR(read(kFc2BiasName, {E, O}, s.has_fc2_bias, whole.fc2_bias));
-        return true;
+        return Status::OK();
       };
       const bool has_state[2] = {tensors_.front().state0.data() != nullptr, tensors_.front().state1.data() != nullptr};
       graphs::HostLayerParams values, states[2];
-      bool file_has_state[2] = {false, false};
-      TUTEL_RETURN_IF_ERROR(read_whole("", values).status());
+      TUTEL_RETURN_IF_ERROR(read_whole("", /*optional=*/false, values));
       for (int i = 0; i < 2; ++i)
-        if (has_state[i]) {
-          TUTEL_ASSIGN_OR_RETURN(file_has_state[i], read_whole(i == 0 ? kState0Prefix : kState1Prefix, states[i]));
-        }
+        if (has_state[i]) TUTEL_RETURN_IF_ERROR(read_whole(i == 0 ? kState0Prefix : kState1Prefix, true, states[i]));
       TUTEL_ASSIGN_OR_RETURN(const int64_t step, step_of(file));
       const graphs::ExpertShard& shard = group_->layer->shard();
       TUTEL_RETURN_IF_ERROR(copy_in(graphs::slice_for_rank(s, shard, values)));
-      for (int i = 0; i < 2; ++i) {
-        if (!has_state[i]) continue;
-        if (file_has_state[i]) {
-          TUTEL_RETURN_IF_ERROR(copy_in(graphs::slice_for_rank(s, shard, states[i]), 1 + i));
-          continue;
-        }
-        Backend& b = backend();
-        auto device_lock = lock_device();
-        for (Tensor& t : tensors_)
-          TUTEL_RETURN_IF_ERROR(b.fill_zero(t.view(i == 0 ? t.state0 : t.state1, b.device())));
-      }
+      for (int i = 0; i < 2; ++i)
+        if (has_state[i]) TUTEL_RETURN_IF_ERROR(copy_in(graphs::slice_for_rank(s, shard, states[i]), 1 + i));
       step_ = step;
       return Status::OK();
     }

@@ -192,13 +192,13 @@ class ServedLayer {
   // a file: its memory and its pages are the client's (write_safetensors_into says what it must
   // be). Returns the file's size.
   Result<uint64_t> export_state(int memfd);
-  // What load() reads, from the safetensors file `fd` holds (a memfd the client wrote, or an
-  // open file): read into the daemon's memory first, never mapped, so the sender cannot
-  // truncate it under the daemon; a file over import_bytes_bound() is refused unread. A file
-  // that fails a check leaves the layer as it was.
+  // What load() reads, from the safetensors file the memfd `fd` holds (check_memory_file): read
+  // into the daemon's memory first, never mapped, so the sender cannot truncate it under the
+  // daemon; a file over import_bytes_bound() is refused unread. A file that fails a check
+  // leaves the layer as it was.
   Status import_state(int fd);
   // The largest file import_state reads: this rank's tensors or, on a group layer, the whole
-  // layer's (each with both optimizer states), and a header.
+  // layer's (each with the optimizer states this layer keeps), and a header.
   uint64_t import_bytes_bound() const;
 
  private:

@@ -457,9 +457,32 @@ TEST(Client, ExportStateRepliesAreCheckedAndTheMemfdGoesWithTheFrames) {
   ASSERT_EQ(::fstat(fd, &st), 0);
   EXPECT_GE(static_cast<uint64_t>(st.st_size), 4096u);  // the memory the library allocated
   EXPECT_EQ(layer->import_state(fd).code(), StatusCode::kOk);
+  EXPECT_TRUE(f.daemon.last_import().second) << "a memfd goes as it is";
   ::close(fd);
+  // Refused here, and the session goes on: no descriptor, a closed one (the send would fail, and
+  // a failed send ends the session), a pipe.
   EXPECT_EQ(layer->import_state(-1).code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(f.daemon.state_frame_fds(), (std::vector<size_t>{1, 1}));
+  EXPECT_EQ(layer->import_state(fd).code(), StatusCode::kInvalidArgument) << "closed";
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe(pipe_fds), 0);
+  const Status piped = layer->import_state(pipe_fds[0]);
+  EXPECT_EQ(piped.code(), StatusCode::kInvalidArgument) << piped;
+  EXPECT_NE(piped.message().find("not a regular file"), std::string_view::npos) << piped;
+  ::close(pipe_fds[0]);
+  ::close(pipe_fds[1]);
+  EXPECT_TRUE(client->ping().ok());
+  // A file on disk is copied into a memfd, which the daemon reads.
+  char path[] = "/tmp/tutel_client_state_XXXXXX";
+  const int disk = ::mkstemp(path);
+  ASSERT_GE(disk, 0);
+  const std::string contents(3 << 20, 'q');  // past the copy's 1 MiB chunks
+  ASSERT_EQ(::write(disk, contents.data(), contents.size()), static_cast<ssize_t>(contents.size()));
+  EXPECT_EQ(layer->import_state(disk).code(), StatusCode::kOk);
+  ::close(disk);
+  ::unlink(path);
+  EXPECT_TRUE(f.daemon.last_import().second) << "the daemon got a memfd";
+  EXPECT_TRUE(f.daemon.last_import().first == contents) << "the copy is not the file";
+  EXPECT_EQ(f.daemon.state_frame_fds(), (std::vector<size_t>{1, 1, 1}));
   ExportedState moved = std::move(*state);
   EXPECT_EQ(moved.size(), 16u);
   EXPECT_EQ(state->dup_fd(), -1);  // moved from

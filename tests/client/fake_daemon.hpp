@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -23,6 +24,7 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "tutel/core/shared_memory.hpp"
@@ -108,10 +110,16 @@ class FakeDaemon {
     std::lock_guard<std::mutex> lock(mutex_);
     return state_frame_fds_;
   }
+  // What the last ImportState's descriptor held, and whether it was a memfd.
+  std::pair<std::string, bool> last_import() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return last_import_;
+  }
   // The device regions clients unmapped (kUnmapRegion), in order.
   nlohmann::json grad_norm_reply_ = {{"norm", 1.5}};
   nlohmann::json export_state_reply_ = {{"bytes", 16}};
   std::vector<size_t> state_frame_fds_;
+  std::pair<std::string, bool> last_import_;
   std::vector<int64_t> unmapped_regions() {
     std::lock_guard<std::mutex> lock(mutex_);
     return unmapped_;
@@ -232,6 +240,13 @@ class FakeDaemon {
             std::lock_guard<std::mutex> lock(mutex_);
             state_frame_fds_.push_back(frame->fds.size());
             if (static_cast<FT>(frame->header.type) == FT::kExportState) reply = export_state_reply_;
+            else if (frame->fds.size() == 1) {
+              const int fd = frame->fds[0].get();
+              std::string contents(static_cast<size_t>(std::max<off_t>(::lseek(fd, 0, SEEK_END), 0)), '\0');
+              const ssize_t n = ::pread(fd, contents.data(), contents.size(), 0);
+              contents.resize(n > 0 ? static_cast<size_t>(n) : 0);
+              last_import_ = {std::move(contents), check_memory_file(fd, "import").ok()};
+            }
           }
           (void)ipc::send_json(conn.get(), FT::kOk, rid, reply);
           break;

@@ -526,8 +526,8 @@ TEST_F(SafetensorsTest, ReadRefusesWhatIsNotARegularFileAndFilesOverItsBound) {
   EXPECT_EQ(SafetensorsFile::read(-1, "the state", 1 << 20).status().code(), StatusCode::kIOError);
 }
 
-// A memfd as a receiver of write_safetensors_into must make it: sized, every page allocated,
-// sealed against shrinking.
+// A memfd as a receiver of write_safetensors_into must make it: sized, every page faulted in
+// (MAP_POPULATE), sealed against shrinking.
 Result<SharedMemory> receiver_memfd(size_t bytes) { return SharedMemory::create(bytes, "state receiver"); }
 
 TEST_F(SafetensorsTest, WriteIntoAMemfdLaysOutWhatWriteSafetensorsWritesAndFillsInPlace) {
@@ -588,19 +588,37 @@ TEST_F(SafetensorsTest, WriteIntoRefusesAMemfdItCannotTrust) {
   }
   {
     SCOPED_TRACE("too small");
-    const UniqueFd fd = memfd_holding("");
-    ASSERT_EQ(::ftruncate(fd.get(), 600), 0);
-    ASSERT_EQ(::posix_fallocate(fd.get(), 0, 600), 0);
+    const UniqueFd fd = memfd_holding(std::string(600, '\0'));
     ASSERT_EQ(::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK), 0);
     expect_refused(refusal(fd.get()), "more than the 600");
   }
   {
     SCOPED_TRACE("sparse: the writer would allocate the pages, and be charged for them");
-    const UniqueFd fd = memfd_holding("");
+    const UniqueFd fd = memfd_holding(std::string(4096, '\1'));
     ASSERT_EQ(::ftruncate(fd.get(), 1 << 20), 0);
-    ASSERT_EQ(::posix_fallocate(fd.get(), 0, 4096), 0);
     ASSERT_EQ(::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK), 0);
-    expect_refused(refusal(fd.get()), "allocate them all first");
+    expect_refused(refusal(fd.get()), "has a hole at byte 4096");
+  }
+  {
+    SCOPED_TRACE("a hole where the file goes, pages reserved past the end: st_blocks alone adds up");
+    const UniqueFd fd = memfd_holding("");
+    ASSERT_EQ(::ftruncate(fd.get(), 8192), 0);
+    ASSERT_EQ(::fallocate(fd.get(), FALLOC_FL_KEEP_SIZE, 8192, 8192), 0);
+    ASSERT_EQ(::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK), 0);
+    struct stat st {};
+    ASSERT_EQ(::fstat(fd.get(), &st), 0);
+    ASSERT_GE(static_cast<uint64_t>(st.st_blocks) * 512, static_cast<uint64_t>(st.st_size));
+    expect_refused(refusal(fd.get()), "has a hole at byte 0");
+  }
+  {
+    SCOPED_TRACE("sealed against future writes: a writable mapping would be refused");
+    Result<SharedMemory> sealed = receiver_memfd(8192);
+    ASSERT_TRUE(sealed.ok());
+    ASSERT_EQ(::fcntl(sealed->fd(), F_ADD_SEALS, 0x0010 /* F_SEAL_FUTURE_WRITE */), -1)
+        << "SharedMemory::create seals further seals";
+    const UniqueFd fd = memfd_holding(std::string(8192, '\0'));
+    ASSERT_EQ(::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | 0x0010), 0);
+    expect_refused(refusal(fd.get()), "not against writing");
   }
   {
     SCOPED_TRACE("not a memfd");
@@ -608,6 +626,13 @@ TEST_F(SafetensorsTest, WriteIntoRefusesAMemfdItCannotTrust) {
     ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
     const UniqueFd pipe_read(pipe_fds[0]), pipe_write(pipe_fds[1]);
     expect_refused(refusal(pipe_write.get()), "not a memfd");
+    // A file on disk, fully written: a network or FUSE file could block the writer for good.
+    const std::string path = file("on_disk");
+    write_file(path, std::string(8192, '\0'));
+    const UniqueFd on_disk(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+    ASSERT_TRUE(on_disk.valid());
+    if (!check_memory_file(on_disk.get(), "").ok())  // else /tmp is tmpfs on this machine
+      expect_refused(refusal(on_disk.get()), "not a memfd");
   }
   // The same memfd, fully allocated and sealed against shrinking, is taken.
   Result<SharedMemory> good = receiver_memfd(8192);

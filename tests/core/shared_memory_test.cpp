@@ -3,7 +3,9 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <linux/magic.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -96,6 +98,36 @@ TEST(SharedMemory, AttachRefusesAnotherSizeThanAnnouncedBeforeMapping) {
 TEST(SharedMemory, CreateRefusesEmptyAndAbsurdSizes) {
   EXPECT_EQ(SharedMemory::create(0, "x").status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(SharedMemory::create(~size_t{0}, "x").status().code(), StatusCode::kInvalidArgument);
+}
+
+// What a daemon takes from a client to read or write: a file in ordinary memory, never one on
+// a disk (which could be on a network or FUSE mount), a pipe, or nothing.
+TEST(CheckMemoryFile, TakesMemfdsAndTmpfsFilesOnly) {
+  const UniqueFd memfd(::memfd_create("check", MFD_CLOEXEC));
+  ASSERT_TRUE(memfd.valid());
+  EXPECT_TRUE(check_memory_file(memfd.get(), "the state").ok());
+  // This test's own binary: a file on a disk, wherever the build is (refused only where it is
+  // not on tmpfs).
+  const UniqueFd disk(::open("/proc/self/exe", O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(disk.valid());
+  struct statfs disk_fs {};
+  ASSERT_EQ(::fstatfs(disk.get(), &disk_fs), 0);
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC), 0);
+  const UniqueFd pipe_read(pipe_fds[0]), pipe_write(pipe_fds[1]);
+  for (int fd : {disk_fs.f_type == TMPFS_MAGIC ? -1 : disk.get(), pipe_read.get(), -1}) {
+    const Status st = check_memory_file(fd, "the state");
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << fd << ": " << st;
+    EXPECT_NE(st.message().find("the state"), std::string_view::npos) << st;
+  }
+  struct statfs fs {};
+  if (::statfs("/dev/shm", &fs) == 0 && fs.f_type == TMPFS_MAGIC) {
+    char in_shm[] = "/dev/shm/tutel_check_memory_file_XXXXXX";
+    const UniqueFd shm(::mkstemp(in_shm));
+    ASSERT_TRUE(shm.valid());
+    ::unlink(in_shm);
+    EXPECT_TRUE(check_memory_file(shm.get(), "the state").ok());
+  }
 }
 
 TEST(UniqueFd, CloseReportsAndMoveTransfersOwnership) {

@@ -1194,10 +1194,11 @@ TEST(ExpertParallelGroups, ABackwardForDxAloneIsTheWholeGroupsOrRefusedOnEveryRa
 }
 
 // A whole-layer file (every expert, as a single-daemon layer or Tutel saves one) imported into a
-// group layer whose optimizer keeps momentum: each rank takes its slice of the parameters and of
-// the momentum, and the file's step. A file without momentum starts it afresh (zeros, step 0),
-// as a load into a layer without [group] does; a file with the momentum of some tensors only is
-// refused, and the ranks keep what they had.
+// group layer whose optimizer keeps two states (AdamW), its one expert sharded over the two ranks
+// along H: each rank takes its slice of the parameters and of both states (fc2's bias padded
+// as the layer pads it), and the file's step. A file without optimizer state starts it afresh
+// (zeros, step 0), and one with some tensors' state starts the others afresh, as a load into a
+// layer without [group] does.
 TEST(ExpertParallelGroups, AWholeLayerFileGivesEachRankItsSliceOfTheOptimizerState) {
   DaemonProcess d(DaemonOptions{});
   ASSERT_TRUE(d.start());
@@ -1205,7 +1206,7 @@ TEST(ExpertParallelGroups, AWholeLayerFileGivesEachRankItsSliceOfTheOptimizerSta
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal;
-  const LayerSpec spec = small_spec(/*experts=*/2, /*k=*/1, 1.0);  // an expert per rank
+  const LayerSpec spec = small_spec(/*experts=*/1, /*k=*/1, 1.0);  // one expert, sharded along H
   const int W = 2;
   const int64_t E = spec.experts, M = spec.model_dim, H = spec.hidden, O = spec.out_dim();
   auto random_params = [&] {
@@ -1217,7 +1218,7 @@ TEST(ExpertParallelGroups, AWholeLayerFileGivesEachRankItsSliceOfTheOptimizerSta
     }
     return p;
   };
-  const graphs::HostLayerParams values = random_params(), momentum = random_params();
+  const graphs::HostLayerParams values = random_params(), moment1 = random_params(), moment2 = random_params();
   auto entries = [&](const graphs::HostLayerParams& p, const std::string& prefix) {
     return std::vector<SafetensorsEntry>{{prefix + kGateWeightName, DType::kF32, {E, M}, p.gate.data()},
                                          {prefix + kFc1WeightName, DType::kF32, {E, H, M}, p.fc1.data()},
@@ -1226,17 +1227,21 @@ TEST(ExpertParallelGroups, AWholeLayerFileGivesEachRankItsSliceOfTheOptimizerSta
                                          {prefix + kFc2BiasName, DType::kF32, {E, O}, p.fc2_bias.data()}};
   };
   const std::string dir = d.dir() + "/";
-  std::vector<SafetensorsEntry> with_momentum = entries(values, "");
-  for (const SafetensorsEntry& e : entries(momentum, "optimizer.state0.")) with_momentum.push_back(e);
-  ASSERT_TRUE(write_safetensors(dir + "with_momentum.safetensors", with_momentum, {{"tuteld.step", "5"}}).ok());
+  std::vector<SafetensorsEntry> with_state = entries(values, "");
+  for (const SafetensorsEntry& e : entries(moment1, "optimizer.state0.")) with_state.push_back(e);
+  for (const SafetensorsEntry& e : entries(moment2, "optimizer.state1.")) with_state.push_back(e);
+  ASSERT_TRUE(write_safetensors(dir + "with_state.safetensors", with_state, {{"tuteld.step", "5"}}).ok());
   ASSERT_TRUE(write_safetensors(dir + "weights_alone.safetensors", entries(values, "")).ok());
   std::vector<SafetensorsEntry> partial = entries(values, "");
-  partial.push_back(entries(momentum, "optimizer.state0.")[1]);  // fc1's momentum alone
-  ASSERT_TRUE(write_safetensors(dir + "partial.safetensors", partial).ok());
+  partial.push_back(entries(moment1, "optimizer.state0.")[1]);  // fc1's first moment alone
+  ASSERT_TRUE(write_safetensors(dir + "partial.safetensors", partial, {{"tuteld.step", "3"}}).ok());
+  std::vector<SafetensorsEntry> misshaped = entries(values, "");
+  misshaped.push_back({std::string("optimizer.state1.") + kFc1WeightName, DType::kF32, {E, H, M - 1}, moment2.fc1.data()});
+  ASSERT_TRUE(write_safetensors(dir + "misshaped.safetensors", misshaped).ok());
 
   const uint16_t port = free_port();
-  const std::string body = "experts = 2\nmodel_dim = 16\nhidden = 32\nk = 1\ninit_seed = 9\n"
-                           "[optimizer]\nkind = \"sgd\"\nlr = 0.1\nmomentum = 0.9\n";
+  const std::string body = "experts = 1\nmodel_dim = 16\nhidden = 32\nk = 1\ninit_seed = 9\n"
+                           "[optimizer]\nkind = \"adamw\"\nlr = 0.01\n";
   std::optional<client::Client> clients[2];
   std::optional<client::Layer> layers[2];
   Status created[2];
@@ -1276,27 +1281,42 @@ TEST(ExpertParallelGroups, AWholeLayerFileGivesEachRankItsSliceOfTheOptimizerSta
                            std::pair{kFc2BiasName, &slice.fc2_bias}})
       EXPECT_EQ(read_tensor(f, (prefix + name).c_str()), *v) << prefix << name;
   };
-  graphs::HostLayerParams zeros = scaled(momentum, 0.f);
+  const graphs::HostLayerParams zeros = scaled(moment1, 0.f);
+  graphs::HostLayerParams fc1_alone = zeros;
+  fc1_alone.fc1 = moment1.fc1;
   for (int r = 0; r < W; ++r) {
     SCOPED_TRACE("rank " + std::to_string(r));
     ASSERT_TRUE(created[r].ok()) << created[r] << "\n" << d.log();
-    ASSERT_TRUE(import(r, "with_momentum.safetensors").ok());
-    SafetensorsFile taken = state_of(r);
+    auto shard = graphs::expert_shard(spec, W, r);
+    ASSERT_TRUE(shard.ok());
+    ASSERT_EQ(graphs::local_fc1_shape(spec, *shard), (Shape{1, H / 2, M})) << "the expert is not sharded";
+
+    ASSERT_TRUE(import(r, "with_state.safetensors").ok());
+    const SafetensorsFile taken = state_of(r);
     expect_slices(r, taken, values, "");
-    expect_slices(r, taken, momentum, "optimizer.state0.");
+    expect_slices(r, taken, moment1, "optimizer.state0.");
+    expect_slices(r, taken, moment2, "optimizer.state1.");
     EXPECT_EQ(taken.metadata().at("tuteld.step"), "5");
 
-    const Status refused = import(r, "partial.safetensors");
+    const Status refused = import(r, "misshaped.safetensors");
     EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument) << refused;
-    EXPECT_NE(refused.message().find("optimizer.state0.gates.0.wg.weight"), std::string_view::npos) << refused;
-    SafetensorsFile kept = state_of(r);
-    expect_slices(r, kept, momentum, "optimizer.state0.");
+    EXPECT_NE(refused.message().find("optimizer.state1.experts.batched_fc1_w"), std::string_view::npos) << refused;
+    const SafetensorsFile kept = state_of(r);
+    expect_slices(r, kept, values, "");
+    expect_slices(r, kept, moment2, "optimizer.state1.");
     EXPECT_EQ(kept.metadata().at("tuteld.step"), "5");
 
+    ASSERT_TRUE(import(r, "partial.safetensors").ok());
+    const SafetensorsFile part = state_of(r);
+    expect_slices(r, part, fc1_alone, "optimizer.state0.");
+    expect_slices(r, part, zeros, "optimizer.state1.");
+    EXPECT_EQ(part.metadata().at("tuteld.step"), "3");
+
     ASSERT_TRUE(import(r, "weights_alone.safetensors").ok());
-    SafetensorsFile fresh = state_of(r);
+    const SafetensorsFile fresh = state_of(r);
     expect_slices(r, fresh, values, "");
     expect_slices(r, fresh, zeros, "optimizer.state0.");
+    expect_slices(r, fresh, zeros, "optimizer.state1.");
     EXPECT_EQ(fresh.metadata().at("tuteld.step"), "0");
   }
   layers[0].reset();

@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <future>
 #include <map>
@@ -355,9 +356,9 @@ UniqueFd memfd_with(const std::string& bytes) {
 }
 
 // The state frames with what a library would never send: no descriptor or two, descriptors that
-// are not what the frame needs (a pipe, a directory, an unsealed or sparse or small memfd),
-// files that are not a layer's state (garbage, cut short, a terabyte, a tensor mis-shaped or
-// missing). Each is refused with a message saying what was wrong; the layer's state stays
+// are not what the frame needs (a pipe, a directory, a file on disk, an unsealed or sparse or
+// small memfd), files that are not a layer's state (garbage, cut short, a terabyte, a tensor
+// mis-shaped or missing). Each is refused with a message saying what was wrong; the layer's state stays
 // exactly as it was (its export, byte for byte), and the daemon serves.
 TEST_F(ProtocolAbuse, MalformedExportAndImportStateRequests) {
   RawSession s(daemon_->client_socket());
@@ -399,24 +400,37 @@ TEST_F(ProtocolAbuse, MalformedExportAndImportStateRequests) {
                                              {"experts.batched_fc2_bias", DType::kF32, {4, 16}, b2.data()}};
     if (!drop_fc2) entries.push_back({"experts.batched_fc2_w", DType::kF32, {4, 32, 16}, fc.data()});
     SharedMemory m = export_receiver(1 << 20);
-    const Result<uint64_t> n = write_safetensors_into(m.fd(), "test file", entries);
+    const Result<uint64_t> n = write_safetensors_into(m.fd(), "test file", entries, {{"tuteld.step", "7"}});
     EXPECT_TRUE(n.ok()) << n.status();
     return memfd_with(std::string(reinterpret_cast<const char*>(m.data()), n.ok() ? *n : 0));
   };
   const UniqueFd misshaped = written(false, 15), missing = written(true, 16), whole = written(false, 16);
+  // The well-formed file on disk: a network or FUSE file could block the daemon for good.
+  const std::string disk_path = daemon_->dir() + "/state.safetensors";
+  {
+    std::ofstream disk(disk_path, std::ios::binary);
+    std::string bytes(static_cast<size_t>(::lseek(whole.get(), 0, SEEK_END)), '\0');
+    ASSERT_EQ(::pread(whole.get(), bytes.data(), bytes.size(), 0), static_cast<ssize_t>(bytes.size()));
+    disk << bytes;
+  }
+  const UniqueFd on_disk(::open(disk_path.c_str(), O_RDONLY | O_CLOEXEC));
 
   const std::tuple<ipc::FrameType, nlohmann::json, std::vector<int>, StatusCode, const char*> bad[] = {
       {ipc::FrameType::kExportState, {{"handle", h}}, {}, StatusCode::kInvalidArgument, "needs one descriptor"},
       {ipc::FrameType::kExportState, {{"handle", h}}, {good.fd(), good.fd()}, StatusCode::kInvalidArgument, "not 2"},
       {ipc::FrameType::kExportState, {{"handle", h}}, {pipe_write.get()}, StatusCode::kInvalidArgument, "not a memfd"},
       {ipc::FrameType::kExportState, {{"handle", h}}, {unsealed.get()}, StatusCode::kInvalidArgument, "sealed against shrinking"},
-      {ipc::FrameType::kExportState, {{"handle", h}}, {sparse.get()}, StatusCode::kInvalidArgument, "allocate them all"},
+      {ipc::FrameType::kExportState, {{"handle", h}}, {sparse.get()}, StatusCode::kInvalidArgument, "has a hole at byte 0"},
       {ipc::FrameType::kExportState, {{"handle", h}}, {small.fd()}, StatusCode::kInvalidArgument, "more than the"},
       {ipc::FrameType::kExportState, {{"handle", 987654}}, {good.fd()}, StatusCode::kNotFound, "987654"},
       {ipc::FrameType::kImportState, {{"handle", h}}, {}, StatusCode::kInvalidArgument, "needs one descriptor"},
       {ipc::FrameType::kImportState, {{"handle", "1"}}, {whole.get()}, StatusCode::kInvalidArgument, "'handle'"},
-      {ipc::FrameType::kImportState, {{"handle", h}}, {pipe_read.get()}, StatusCode::kInvalidArgument, "not a regular file"},
-      {ipc::FrameType::kImportState, {{"handle", h}}, {dir.get()}, StatusCode::kInvalidArgument, "not a regular file"},
+      {ipc::FrameType::kImportState, {{"handle", h}}, {pipe_read.get()}, StatusCode::kInvalidArgument, "not a memfd"},
+      {ipc::FrameType::kImportState, {{"handle", h}}, {dir.get()}, StatusCode::kInvalidArgument, "not a memfd"},
+      // (Where /tmp is tmpfs the "disk" file is a memory file: a pipe stands in for it.)
+      {ipc::FrameType::kImportState, {{"handle", h}},
+       {check_memory_file(on_disk.get(), "").ok() ? pipe_read.get() : on_disk.get()},
+       StatusCode::kInvalidArgument, "not a memfd"},
       {ipc::FrameType::kImportState, {{"handle", h}}, {garbage.get()}, StatusCode::kCorruption, "header length"},
       {ipc::FrameType::kImportState, {{"handle", h}}, {cut.get()}, StatusCode::kCorruption, "truncated"},
       {ipc::FrameType::kImportState, {{"handle", h}}, {terabyte.get()}, StatusCode::kInvalidArgument, "more than the"},
@@ -438,7 +452,7 @@ TEST_F(ProtocolAbuse, MalformedExportAndImportStateRequests) {
   auto after = SafetensorsFile::read(memfd_with(export_state()).get(), "after", 1 << 20);
   ASSERT_TRUE(after.ok()) << after.status();
   EXPECT_EQ(static_cast<const float*>(after->find("gates.0.wg.weight")->data)[63], 0.5f);
-  EXPECT_EQ(after->metadata().at("tuteld.step"), "0");
+  EXPECT_EQ(after->metadata().at("tuteld.step"), "7");
   expect_daemon_serves();
 }
 

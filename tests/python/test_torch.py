@@ -229,15 +229,16 @@ class TorchModuleTest(unittest.TestCase):
 
         state = first.state_dict()
         moe_keys = {"1." + name for name in ref.TUTEL_NAMES.values()}
-        self.assertEqual(set(state), {"0.weight", "0.bias", "1._anchor", "1._extra_state"} | moe_keys)
+        optimizer_keys = {f"1.optimizer.state{i}.{n}" for i in (0, 1) for n in ref.TUTEL_NAMES.values()}
+        self.assertEqual(set(state), {"0.weight", "0.bias", "1.optimizer.step"} | moe_keys | optimizer_keys)
+        self.assertTrue(all(torch.is_tensor(v) for v in state.values()))
         first[1].layer.save("first.safetensors")
         stored = ref.read_safetensors(os.path.join(self.daemon.checkpoints, "first.safetensors"))
-        for name in ref.TUTEL_NAMES.values():  # what the daemon holds, exactly
-            np.testing.assert_array_equal(state["1." + name].numpy(), stored[name], name)
-        extra = state["1._extra_state"]
-        self.assertEqual(extra["step"], 2)
-        self.assertEqual(set(extra["optimizer"]),
-                         {f"optimizer.state{i}.{n}" for i in (0, 1) for n in ref.TUTEL_NAMES.values()})
+        self.assertEqual(set(stored), {key[2:] for key in moe_keys | optimizer_keys})
+        for name, values in stored.items():  # what the daemon holds, exactly
+            np.testing.assert_array_equal(state["1." + name].numpy(), values, name)
+        self.assertEqual(state["1.optimizer.step"].dtype, torch.int64)
+        self.assertEqual(int(state["1.optimizer.step"]), 2)
 
         # Through torch.save and torch.load, into a model initialised otherwise.
         buffer = io.BytesIO()
@@ -251,7 +252,7 @@ class TorchModuleTest(unittest.TestCase):
         after_first, after_second = first.state_dict(), second.state_dict()
         for key in moe_keys:
             self.assertTrue(torch.equal(after_first[key], after_second[key]), key)
-        self.assertEqual(after_second["1._extra_state"]["step"], 3)
+        self.assertEqual(int(after_second["1.optimizer.step"]), 3)
 
     def test_load_state_dict_reports_as_torch_does_and_a_refused_module_stays(self):
         moe = self.make_adamw_moe("moe", 1)
@@ -262,17 +263,14 @@ class TorchModuleTest(unittest.TestCase):
         fc2 = "1." + ref.TUTEL_NAMES["w2"]
         gate = "1." + ref.TUTEL_NAMES["wg"]
 
-        def moe_state():  # the parameters, the optimizer state and the step, each a tensor
-            now = model.state_dict()
-            out = {k: v for k, v in now.items() if k.startswith("1.") and k != "1._extra_state"}
-            out.update(now["1._extra_state"]["optimizer"])
-            out["step"] = torch.tensor(now["1._extra_state"]["step"])
-            return out
+        def moe_state():  # the parameters, the optimizer state and the step
+            return {k: v for k, v in model.state_dict().items() if k.startswith("1.")}
 
         before = moe_state()
         for broken, says in (({**state, gate: torch.zeros(E, M + 1)}, "size mismatch for 1.gates.0.wg.weight"),
                              ({**state, gate: "not a tensor"}, "expected torch.Tensor"),
-                             ({**state, "1._extra_state": {"step": "2"}}, "_extra_state")):
+                             ({**state, "1.optimizer.step": torch.tensor(2.5)}, "integer scalar"),
+                             ({**state, "1.optimizer.step": torch.tensor(-2)}, "not a step count")):
             with self.assertRaisesRegex(RuntimeError, says):
                 model.load_state_dict(broken)
             for key, value in moe_state().items():
@@ -291,12 +289,24 @@ class TorchModuleTest(unittest.TestCase):
         self.assertTrue(torch.equal(now[gate], new_gate))
         self.assertTrue(torch.equal(now[fc2], before[fc2]), "a missing entry keeps the layer's value")
 
-        # Weights alone (a Tutel checkpoint): the optimizer starts afresh.
-        weights = {k: v for k, v in state.items() if k != "1._extra_state"}
-        model.load_state_dict(weights)
-        extra = model.state_dict()["1._extra_state"]
-        self.assertEqual(extra["step"], 0)
-        self.assertTrue(all(not v.any() for v in extra["optimizer"].values()))
+        # The optimizer state of some tensors only: the others' are reported missing.
+        first_moment = "1.optimizer.state0." + ref.TUTEL_NAMES["w1"]
+        with self.assertRaisesRegex(RuntimeError, "Missing key.*optimizer.state1"):
+            model.load_state_dict({k: v for k, v in state.items() if ".state1." not in k})
+        # Weights alone, as a Tutel MOELayer's state_dict has them: strict, and the optimizer
+        # starts afresh.
+        tutel = {"0.weight": state["0.weight"], "0.bias": state["0.bias"]}
+        tutel.update({"1." + n: torch.from_numpy(self.rng.normal(0, 1, state["1." + n].shape)).float()
+                      for n in ref.TUTEL_NAMES.values()})
+        result = model.load_state_dict(tutel)
+        self.assertEqual((result.missing_keys, result.unexpected_keys), ([], []))
+        now = moe_state()
+        for n in ref.TUTEL_NAMES.values():
+            self.assertTrue(torch.equal(now["1." + n], tutel["1." + n]), n)
+        self.assertEqual(int(now["1.optimizer.step"]), 0)
+        self.assertFalse(now[first_moment].any())
+        # A state_dict saved before the anchor was left out loads too.
+        model.load_state_dict({**state, "1._anchor": torch.empty(0)})
 
     def test_gradients_of_x_alone_leave_the_daemons_gradients(self):
         # torch.autograd.grad and backward(inputs=[x]) accumulate no parameter's gradient: the

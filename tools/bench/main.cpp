@@ -8,6 +8,7 @@
 #include "ep_bench.hpp"
 #include "grads_bench.hpp"
 #include "layer_bench.hpp"
+#include "state_bench.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"tutel-bench: tuteld benchmarks, each next to its measured ceiling"};
@@ -102,7 +103,16 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   grads_cmd->add_option("--repeats", grads.repeats, "timed runs per measurement")->check(CLI::PositiveNumber)->capture_default_str();
 
+  tutel::bench::StateBenchOptions state;
+  CLI::App* state_cmd = app.add_subcommand(
+      "state", "a layer's state through memory (export_state, import_state) and the daemon's disk (save, load) vs memcpy");
+  state_cmd->add_option("--experts", state.experts, "E")->check(CLI::PositiveNumber)->capture_default_str();
+  state_cmd->add_option("--model-dim", state.model_dim, "M")->check(CLI::PositiveNumber)->capture_default_str();
+  state_cmd->add_option("--hidden", state.hidden, "H")->check(CLI::PositiveNumber)->capture_default_str();
+  state_cmd->add_option("--repeats", state.repeats, "timed runs per measurement")->check(CLI::PositiveNumber)->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
+  if (state_cmd->parsed()) return tutel::bench::run_state_bench(argv[0], state);
   if (ep_cmd->parsed()) return tutel::bench::run_ep_bench(ep);
   if (grads_cmd->parsed()) return tutel::bench::run_grads_bench(grads);
   if (layer_cmd->parsed() && via_daemon && layer.backend == "cuda") {

@@ -175,9 +175,9 @@ int tutel_load(tutel_layer* layer, const char* path);
  * process's memory instead of the daemon's checkpoint directory: *fd is a new memfd (close it)
  * whose first *bytes bytes are the safetensors file. On an expert-parallel layer, this rank's. */
 int tutel_export_state(tutel_layer* layer, int* fd, uint64_t* bytes);
-/* Replaces the layer's state with the safetensors file `fd` holds (an open file or a memfd, read
- * from its start; fd stays the caller's), as tutel_load reads one. A refused file changes
- * nothing. */
+/* Replaces the layer's state with the safetensors file `fd` holds (a memfd, or another regular
+ * file, which the library copies into one first; read from its start; fd stays the caller's), as
+ * tutel_load reads one. A refused file changes nothing. */
 int tutel_import_state(tutel_layer* layer, int fd);
 
 /* Zero-copy submission (docs/protocol.md section 7). A device region is memory on one of the

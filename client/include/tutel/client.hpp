@@ -287,8 +287,9 @@ class Layer {
   // the trainer keeps). Memory for info().state_bytes is allocated here, and the daemon writes
   // into it. On an expert-parallel layer: this rank's experts and the gate, as save().
   Result<ExportedState> export_state();
-  // Replaces them with the safetensors file that `fd` holds (an open file or a memfd, read from
-  // its start; the descriptor stays the caller's), as load() reads one: this layer's tensors,
+  // Replaces them with the safetensors file that `fd` holds (a memfd, sent as it is, or another
+  // regular file, copied into one here first; read from its start; the descriptor stays the
+  // caller's), as load() reads one: this layer's tensors,
   // or, on an expert-parallel layer, the whole layer's (every expert, as a Tutel checkpoint has
   // them). A file the daemon refuses leaves the layer as it was.
   Status import_state(int fd);

@@ -198,10 +198,14 @@ def _read_safetensors(buffer):
     tensors = {}
     for name, entry in header.items():
         begin, end = entry["data_offsets"]
-        if entry["dtype"] != "F32" or not 0 <= begin <= end <= len(buffer) - data:
-            raise TutelError(-5, f"a layer state's tensor {name!r} is not F32 within the file: {entry}")
-        values = np.frombuffer(buffer, dtype="<f4", count=(end - begin) // 4, offset=data + begin)
-        tensors[name] = values.reshape(entry["shape"]).copy()
+        shape = entry["shape"]
+        if (entry["dtype"] != "F32" or not 0 <= begin <= end <= len(buffer) - data
+                or 4 * math.prod(shape) != end - begin):
+            raise TutelError(-5, f"a layer state's tensor {name!r} is not F32 of its shape within the file: {entry}")
+        # One expression: no view of the mapping outlives it (an exception with one alive would
+        # keep the mapping from closing, and hide the exception behind a BufferError).
+        tensors[name] = np.frombuffer(buffer, dtype="<f4", count=(end - begin) // 4,
+                                      offset=data + begin).reshape(shape).copy()
     return tensors, metadata
 
 

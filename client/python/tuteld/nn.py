@@ -12,10 +12,11 @@ The expert and gate parameters live in the daemon, not in this module: torch's o
 not see them, the daemon's optimizer (the layer spec's [optimizer]) updates them on step().
 model.state_dict() holds them all the same, under Tutel's names (prefix + "experts.batched_fc1_w",
 "gates.0.wg.weight", ...: a Tutel MOELayer's state_dict loads into the module at the same path),
-as float32 CPU tensors copied out of the daemon, with the daemon's optimizer state and step
-under prefix + "_extra_state"; load_state_dict writes them back (strict as torch's: missing,
-unexpected and mis-shaped entries are reported, and a module with an error in its entries is
-left as it was). Without an "_extra_state" entry (weights alone, a Tutel checkpoint) the
+as float32 CPU tensors copied out of the daemon, with the daemon's optimizer state under its own
+names (prefix + "optimizer.state0.experts.batched_fc1_w", ...) and its step (prefix +
+"optimizer.step", an int64 scalar); load_state_dict writes them back (strict as torch's:
+missing, unexpected and mis-shaped entries are reported, and a module with an error in its
+entries is left as it was). Without optimizer entries (weights alone, a Tutel checkpoint) the
 daemon's optimizer starts afresh, at step 0. On an expert-parallel layer, each rank's
 state_dict holds its own experts (save every rank's), as Tutel's does.
 Autograd calls the daemon's backward for every training forward, also when x needs no gradient
@@ -175,35 +176,39 @@ class MoE(torch.nn.Module):
         super().zero_grad(set_to_none=set_to_none)
         self.layer.zero_grad()
 
-    # The daemon's optimizer state and step go under this key (a dict, not a tensor), beside
-    # the parameters under Tutel's names: torch's own module state_dict has no optimizer
-    # state, but the daemon's optimizer has no state_dict of its own to put it in.
-    _EXTRA_STATE = "_extra_state"
+    # The daemon's optimizer state goes beside the parameters under the daemon's own names
+    # (prefix + "optimizer.state0.<parameter>", ...), and its step as prefix + "optimizer.step"
+    # (an int64 scalar): torch's module state_dict holds no optimizer state, but the daemon's
+    # optimizer has no state_dict of its own to hold it. Every entry is a tensor, so the dict
+    # goes wherever torch's do (torch.save, safetensors). The anchor, an implementation detail,
+    # is left out, so that a Tutel MOELayer's state_dict loads under strict=True.
+    _OPTIMIZER = "optimizer."
+    _STEP = "optimizer.step"
+    _ANCHOR = "_anchor"
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # the anchor
         tensors, metadata = self.layer.export_state()
-        optimizer = {}
         for name, values in tensors.items():
-            if name.startswith("optimizer."):
-                optimizer[name] = torch.from_numpy(values)
-            else:
-                destination[prefix + name] = torch.from_numpy(values)
-        destination[prefix + self._EXTRA_STATE] = {"step": int(metadata.get("tuteld.step", "0")),
-                                                   "optimizer": optimizer}
+            destination[prefix + name] = torch.from_numpy(values)
+        destination[prefix + self._STEP] = torch.tensor(int(metadata.get("tuteld.step", "0")), dtype=torch.int64)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # What the daemon holds now: the parameters' names and shapes, and the values a missing
-        # one keeps (as torch keeps a parameter that strict=False finds no entry for).
+        # What the daemon holds now: every tensor's name and shape, and the value a parameter
+        # missing from state_dict keeps (as torch keeps one that strict=False finds no entry for).
         current, _ = self.layer.export_state()
-        params = {name: values for name, values in current.items() if not name.startswith("optimizer.")}
         state, errors = {}, []
-        for name, values in params.items():
+        optimizer_given = any(prefix + name in state_dict for name in current if name.startswith(self._OPTIMIZER))
+        for name, values in current.items():
             key = prefix + name
+            is_state = name.startswith(self._OPTIMIZER)
             if key not in state_dict:
-                missing_keys.append(key)
-                state[name] = values
+                # Optimizer state absent altogether (a Tutel checkpoint, weights alone) starts
+                # afresh without a word; absent for some tensors only, it is reported.
+                if not is_state or optimizer_given:
+                    missing_keys.append(key)
+                if not is_state:
+                    state[name] = values
                 continue
             given = state_dict[key]
             if not torch.is_tensor(given):
@@ -215,35 +220,25 @@ class MoE(torch.nn.Module):
             else:
                 state[name] = given.detach().to("cpu", torch.float32).numpy()
         metadata = {}
-        extra = state_dict.get(prefix + self._EXTRA_STATE)
-        if extra is not None:
-            optimizer = extra.get("optimizer") if isinstance(extra, dict) else None
-            step = extra.get("step") if isinstance(extra, dict) else None
-            if (not isinstance(optimizer, dict) or not isinstance(step, int) or isinstance(step, bool)
-                    or not all(isinstance(k, str) and k.startswith("optimizer.") and torch.is_tensor(v)
-                               for k, v in optimizer.items())):
-                errors.append(f'"{prefix + self._EXTRA_STATE}" must be the dict a tuteld.nn.MoE state_dict '
-                              '{"step": int, "optimizer": {"optimizer.<state>.<name>": tensor}}')
+        step = state_dict.get(prefix + self._STEP)
+        if step is not None:
+            if (not torch.is_tensor(step) or step.numel() != 1 or step.is_floating_point() or step.is_complex()
+                    or step.dtype == torch.bool):
+                errors.append(f'"{prefix + self._STEP}" must be the integer scalar tensor a tuteld.nn.MoE '
+                              f"state_dict holds, not {step!r}")
             else:
-                # Without it (a Tutel checkpoint, weights alone) the optimizer starts afresh.
-                state.update({k: v.detach().to("cpu", torch.float32).numpy() for k, v in optimizer.items()})
-                metadata["tuteld.step"] = str(step)
+                metadata["tuteld.step"] = str(int(step))
         if strict:
-            ours = set(params) | {self._EXTRA_STATE}
+            ours = set(current) | {self._STEP, self._ANCHOR}
             for key in state_dict:
-                name = key[len(prefix):]
-                if (key.startswith(prefix) and name not in ours and name.split(".", 1)[0] not in self._parameters
-                        and name.split(".", 1)[0] not in self._modules):
+                if key.startswith(prefix) and key[len(prefix):] not in ours:
                     unexpected_keys.append(key)
         error_msgs.extend(errors)
         if not errors:  # torch raises at the end where there are errors: the layer stays as it was
             try:
                 self.layer.import_state(state, metadata)
-            except TutelError as e:  # a refusal by the daemon (a shape in the optimizer state)
+            except TutelError as e:  # a refusal by the daemon (a step that is no count)
                 error_msgs.append(f"tuteld refused the state of {prefix or 'the module'}: {e}")
-        own = {key: value for key, value in state_dict.items()
-               if key.startswith(prefix) and key[len(prefix):] in self._parameters}
-        super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, [], error_msgs)
 
     def __deepcopy__(self, memo):
         raise TypeError("tuteld.nn.MoE cannot be copied: its parameters live in the daemon. Attach "

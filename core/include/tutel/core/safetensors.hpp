@@ -111,12 +111,15 @@ Status write_safetensors(const std::string& path, const std::vector<SafetensorsE
 
 // Writes a safetensors file, laid out as write_safetensors lays one out, at the start of the
 // memfd `fd` that another process handed over to be filled (a layer's state for a client);
-// returns the file's size. The memfd must be a regular file sealed against shrinking (so it
-// cannot be truncated under the mapping this writes through, which would raise SIGBUS) and not
-// against writing, at least as large as the file, with its pages allocated (posix_fallocate,
-// or touched): its memory is the sender's, and none is allocated here. Where `fill` is given,
-// a tensor may come with null data: fill(i, dst) then writes tensors[i]'s bytes in place (a
-// tensor staged straight from device memory). `what` names the file in errors.
+// returns the file's size. The memfd must be in ordinary memory (check_memory_file), sealed
+// against shrinking (so it cannot be truncated under the mapping this writes through, which
+// would raise SIGBUS) and not against writing (F_SEAL_WRITE, F_SEAL_FUTURE_WRITE), at least as
+// large as the file, and without holes (every page written, or faulted in by MAP_POPULATE; a
+// page fallocate reserved is a hole to SEEK_HOLE until it is written): its memory is
+// the sender's, and none is allocated here, unless the sender punches a hole while this
+// writes. Where `fill` is given, a tensor may come with null data: fill(i, dst) then writes
+// tensors[i]'s bytes in place (a tensor staged straight from device memory). `what` names the
+// file in errors.
 Result<uint64_t> write_safetensors_into(int fd, const std::string& what,
                                         const std::vector<SafetensorsEntry>& tensors,
                                         const std::map<std::string, std::string>& metadata = {},

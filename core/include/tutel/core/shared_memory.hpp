@@ -82,4 +82,10 @@ class SharedMemory {
 // The size of a page of mapped memory.
 size_t page_bytes();
 
+// OK when `fd` is a regular file in ordinary memory (tmpfs or shmem: a memfd without
+// MFD_HUGETLB), else InvalidArgument naming `what`. Such a file never blocks a read or a write
+// (as one on a network or FUSE mount can), and a mapping of it faults no SIGBUS while it keeps
+// its size (a hugetlb file's can, when a hole punched in it leaves no huge page to fill it).
+Status check_memory_file(int fd, std::string_view what);
+
 }  // namespace tutel

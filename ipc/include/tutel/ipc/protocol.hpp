@@ -38,8 +38,8 @@ enum class FrameType : uint16_t {
                       // finite, {"norm": null, "not_finite": "inf" | "nan"}
   kScaleGrads = 12,   // {"handle": int, "factor": number}    → kOk
   kExportState = 13,  // {"handle": int} + a memfd            → kOk {"bytes": int}: the layer's
-                      // state, as kSave writes it, at the memfd's start (protocol.md §3)
-  kImportState = 14,  // {"handle": int} + a file's fd        → kOk: as kLoad, from that file
+                      // state, as kSave writes it, at the memfd's start (protocol.md §2)
+  kImportState = 14,  // {"handle": int} + a memfd            → kOk: as kLoad, from that file
   // admin → daemon (admin socket)
   kAdminStatus = 32,      // {}                                  → kOk {status object}
   kAdminTenants = 33,     // {}                                  → kOk {"tenants": [...]}
