@@ -534,16 +534,21 @@ Result<ExportedState> Layer::export_state() {
 namespace {
 
 // The daemon reads memfds only (a file on a network or FUSE mount could block it for good):
-// another regular file is copied into a new one here, from its start.
+// another regular file is copied into a new one here, from its start, and sealed, so that the
+// daemon maps it rather than copying it again.
 Result<UniqueFd> memfd_copy_of(int fd) {
-  UniqueFd copy(::memfd_create("tuteld layer state", MFD_CLOEXEC));
+  UniqueFd copy(::memfd_create("tuteld layer state", MFD_CLOEXEC | MFD_ALLOW_SEALING));
   if (!copy.valid()) return Status::ResourceExhausted(std::string("import_state: memfd_create: ") + std::strerror(errno));
   std::vector<char> chunk(size_t{1} << 20);
   for (off_t at = 0;;) {
     const ssize_t n = ::pread(fd, chunk.data(), chunk.size(), at);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return Status::IOError(std::string("import_state: reading the file: ") + std::strerror(errno));
-    if (n == 0) return copy;
+    if (n == 0) {
+      if (::fcntl(copy.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE) != 0)
+        return Status::Internal(std::string("import_state: sealing the copy: ") + std::strerror(errno));
+      return copy;
+    }
     for (ssize_t done = 0; done < n;) {
       const ssize_t w = ::pwrite(copy.get(), chunk.data() + done, static_cast<size_t>(n - done), at + done);
       if (w < 0 && errno == EINTR) continue;

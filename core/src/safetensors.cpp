@@ -386,6 +386,38 @@ Result<SafetensorsFile> SafetensorsFile::read(int fd, const std::string& what, u
   }
 }
 
+Result<SafetensorsFile> SafetensorsFile::map_sealed(int fd, const std::string& what, uint64_t max_bytes) {
+  try {
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) return errno_status(errno, "cannot stat", what);
+    const int seals = ::fcntl(fd, F_GET_SEALS);
+    if (!S_ISREG(st.st_mode) || seals < 0 || (seals & F_SEAL_SHRINK) == 0 || (seals & F_SEAL_WRITE) == 0)
+      return Status::InvalidArgument(file_context(what) +
+                                     " is not a memfd sealed against shrinking and writing (F_SEAL_SHRINK, "
+                                     "F_SEAL_WRITE); read() copies one that is not");
+    const auto file_size = static_cast<uint64_t>(st.st_size);
+    if (file_size > max_bytes)
+      return Status::InvalidArgument(file_context(what) + " is " + std::to_string(file_size) +
+                                     " bytes, more than the " + std::to_string(max_bytes) +
+                                     " its reader takes");
+    if (file_size < 8)
+      return corrupt(what, "file is " + std::to_string(file_size) +
+                               " bytes, too short for the 8-byte header length");
+    SafetensorsFile file;
+    file.path_ = what;
+    void* mapping = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (mapping == MAP_FAILED) return errno_status(errno, "cannot map", what);
+    file.mapping_ = mapping;
+    file.mapping_size_ = file_size;
+    TUTEL_RETURN_IF_ERROR(file.parse(static_cast<const char*>(mapping), file_size));
+    return file;
+  } catch (const std::bad_alloc&) {
+    return Status::ResourceExhausted("out of memory reading " + file_context(what));
+  } catch (const std::exception& e) {
+    return Status::Internal("reading " + file_context(what) + ": " + e.what());
+  }
+}
+
 Status SafetensorsFile::parse(const char* bytes, uint64_t file_size) {
   const std::string& path = path_;
   uint64_t header_size = 0;
@@ -640,7 +672,8 @@ Result<uint64_t> write_safetensors_into(int fd, const std::string& what,
       return Status::InvalidArgument(file_context(what) + ": the memfd given has a hole at byte " +
                                      std::to_string(hole) + " of its " + std::to_string(memfd_size) +
                                      "; touch every page first (write it, or map it with MAP_POPULATE)");
-    void* mapping = ::mmap(nullptr, file_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    // MAP_POPULATE maps every page of the sender's at once, rather than one fault per page.
+    void* mapping = ::mmap(nullptr, file_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
     if (mapping == MAP_FAILED) return errno_status(errno, "cannot map", what);
     Status written = [&]() -> Status {
       auto* out = static_cast<char*>(mapping);

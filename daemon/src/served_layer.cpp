@@ -1,5 +1,7 @@
 #include "served_layer.hpp"
 
+#include <fcntl.h>
+
 #include <charconv>
 #include <cmath>
 #include <cstdlib>
@@ -14,6 +16,7 @@
 #include "tutel/core/fingerprint.hpp"
 #include "tutel/comm/ucx.hpp"
 #include "tutel/core/safetensors.hpp"
+#include "tutel/core/shared_memory.hpp"
 
 namespace tutel::daemon {
 namespace {
@@ -936,15 +939,23 @@ uint64_t ServedLayer::import_bytes_bound() const {
   const uint64_t whole = 4 * (1 + states) * (E * M + E * H * M + E * H + E * H * O + E * O);
   // The header bound of save_bytes_bound().
   const uint64_t header = 6 * (spec_text_.size() + tenant_.size()) + 4096 + 256 * 3 * tensors_.size();
-  return group_ ? std::max(save_bytes_bound(), whole + header) : save_bytes_bound();
+  const uint64_t bound = group_ ? std::max(save_bytes_bound(), whole + header) : save_bytes_bound();
+  // Rounded up to whole pages: an export's memfd is, and may come back as it is.
+  const uint64_t page = page_bytes();
+  return (bound + page - 1) / page * page;
 }
 
 Status ServedLayer::import_state(int fd) {
   // A memfd only: a file on a network or FUSE mount the client controls could block this pool
   // thread in pread for good (the client library copies any other file into a memfd).
   TUTEL_RETURN_IF_ERROR(check_memory_file(fd, "the file to import into " + def_.name));
-  TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file,
-                         SafetensorsFile::read(fd, "the state imported into " + def_.name, import_bytes_bound()));
+  // Sealed against shrinking and writing, it is mapped as a file on disk is (no copy); else
+  // read into the daemon's memory, since a mapping of it could be truncated under the daemon.
+  const std::string what = "the state imported into " + def_.name;
+  const int seals = ::fcntl(fd, F_GET_SEALS);
+  const bool sealed = seals >= 0 && (seals & F_SEAL_SHRINK) != 0 && (seals & F_SEAL_WRITE) != 0;
+  TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, sealed ? SafetensorsFile::map_sealed(fd, what, import_bytes_bound())
+                                                      : SafetensorsFile::read(fd, what, import_bytes_bound()));
   LayerLock lock(*this);
   TUTEL_RETURN_IF_ERROR(rank_.health.check());
   Status loaded = load_file_locked(file, /*require_all=*/true);

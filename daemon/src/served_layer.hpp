@@ -198,7 +198,8 @@ class ServedLayer {
   // leaves the layer as it was.
   Status import_state(int fd);
   // The largest file import_state reads: this rank's tensors or, on a group layer, the whole
-  // layer's (each with the optimizer states this layer keeps), and a header.
+  // layer's (each with the optimizer states this layer keeps), and a header, in whole pages (an
+  // export's memfd comes back as it was made, with the file in its first bytes).
   uint64_t import_bytes_bound() const;
 
  private:

@@ -526,6 +526,44 @@ TEST_F(SafetensorsTest, ReadRefusesWhatIsNotARegularFileAndFilesOverItsBound) {
   EXPECT_EQ(SafetensorsFile::read(-1, "the state", 1 << 20).status().code(), StatusCode::kIOError);
 }
 
+// A memfd sealed against shrinking and writing is mapped, not copied: the same tensors as open()
+// of the same bytes; one without both seals is refused (read() copies it), as is one over the
+// bound, and a corrupt one is refused as open() refuses it.
+TEST_F(SafetensorsTest, MapSealedMapsOnlyWhatCanNeitherShrinkNorChange) {
+  std::mt19937_64 rng(std::random_device{}());
+  const std::vector<Owned> tensors = {random_tensor(rng, "w", DType::kF32, {6, 5})};
+  const std::string path = file("state.safetensors");
+  ASSERT_TRUE(write_safetensors(path, entries_of(tensors), {{"tuteld.step", "9"}}).ok());
+  const std::string bytes = read_file(path);
+  auto sealed_memfd = [&](const std::string& contents, int seals) {
+    UniqueFd fd(::memfd_create("sealed", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+    EXPECT_EQ(::pwrite(fd.get(), contents.data(), contents.size(), 0), static_cast<ssize_t>(contents.size()));
+    if (seals != 0) EXPECT_EQ(::fcntl(fd.get(), F_ADD_SEALS, seals), 0);
+    return fd;
+  };
+  const UniqueFd good = sealed_memfd(bytes, F_SEAL_SHRINK | F_SEAL_WRITE);
+  Result<SafetensorsFile> f = SafetensorsFile::map_sealed(good.get(), "the state", bytes.size());
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(f->metadata().at("tuteld.step"), "9");
+  ASSERT_NE(f->find("w"), nullptr);
+  EXPECT_EQ(0, std::memcmp(f->find("w")->data, tensors[0].bytes.data(), tensors[0].bytes.size()));
+  // The seals hold: neither a write nor a hole punch reaches what is mapped.
+  EXPECT_EQ(::pwrite(good.get(), "x", 1, 100), -1);
+  EXPECT_EQ(::fallocate(good.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096), -1);
+
+  for (int seals : {0, F_SEAL_SHRINK, F_SEAL_WRITE}) {
+    SCOPED_TRACE("seals " + std::to_string(seals));
+    const UniqueFd fd = sealed_memfd(bytes, seals);
+    const Result<SafetensorsFile> r = SafetensorsFile::map_sealed(fd.get(), "the state", bytes.size());
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
+    EXPECT_TRUE(contains(r.status().message(), "sealed against shrinking and writing")) << r.status();
+  }
+  EXPECT_EQ(SafetensorsFile::map_sealed(good.get(), "the state", bytes.size() - 1).status().code(),
+            StatusCode::kInvalidArgument);
+  const UniqueFd corrupt = sealed_memfd(image("{not json}"), F_SEAL_SHRINK | F_SEAL_WRITE);
+  EXPECT_EQ(SafetensorsFile::map_sealed(corrupt.get(), "the state", 1 << 20).status().code(), StatusCode::kCorruption);
+}
+
 // A memfd as a receiver of write_safetensors_into must make it: sized, every page faulted in
 // (MAP_POPULATE), sealed against shrinking.
 Result<SharedMemory> receiver_memfd(size_t bytes) { return SharedMemory::create(bytes, "state receiver"); }

@@ -446,6 +446,23 @@ TEST_F(ProtocolAbuse, MalformedExportAndImportStateRequests) {
     EXPECT_NE(r.status().message().find(needle), std::string_view::npos) << r.status();
     EXPECT_EQ(export_state(), before) << "a refused request changed the layer";
   }
+  // Sealed against writing, the daemon maps a file rather than copying it: the same checks.
+  auto sealed_copy = [&](int from) {
+    std::string bytes(static_cast<size_t>(::lseek(from, 0, SEEK_END)), '\0');
+    EXPECT_EQ(::pread(from, bytes.data(), bytes.size(), 0), static_cast<ssize_t>(bytes.size()));
+    UniqueFd fd = memfd_with(bytes);
+    EXPECT_EQ(::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE), 0);
+    return fd;
+  };
+  for (const auto& [fd, code, needle] :
+       {std::tuple{sealed_copy(garbage.get()), StatusCode::kCorruption, "header length"},
+        std::tuple{sealed_copy(misshaped.get()), StatusCode::kInvalidArgument, "gates.0.wg.weight"},
+        std::tuple{sealed_copy(missing.get()), StatusCode::kNotFound, "experts.batched_fc2_w"}}) {
+    auto r = s.call(ipc::FrameType::kImportState, {{"handle", h}}, ipc::FrameType::kOk, 10s, {fd.get()});
+    EXPECT_EQ(r.status().code(), code) << r.status();
+    EXPECT_NE(r.status().message().find(needle), std::string_view::npos) << r.status();
+    EXPECT_EQ(export_state(), before) << "a refused sealed file changed the layer";
+  }
   // The well-formed file is taken, and the export says so.
   auto taken = s.call(ipc::FrameType::kImportState, {{"handle", h}}, ipc::FrameType::kOk, 10s, {whole.get()});
   ASSERT_TRUE(taken.ok()) << taken.status();

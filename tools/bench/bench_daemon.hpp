@@ -20,14 +20,17 @@ namespace tutel::bench {
 
 class BenchDaemon {
  public:
+  // `state_dir`: the daemon gets one (clients may save and load; it checkpoints its layers when
+  // it stops).
   BenchDaemon(const std::string& self, const std::string& backend, int threads, const std::string& arena,
-              int spin_us = -1) {
+              int spin_us = -1, bool state_dir = false) {
     char tmpl[] = "/tmp/tutel-bench-XXXXXX";
     dir_ = ::mkdtemp(tmpl);
     std::ofstream(dir_ + "/tuteld.toml")
         << "[server]\nclient_socket = \"client.sock\"\nadmin_socket = \"admin.sock\"\n"
         << "metrics_listen = \"\"\nlog_level = \"warn\"\narena_bytes = \"" << arena << "\"\n"
         << (spin_us >= 0 ? "spin_us = " + std::to_string(spin_us) + "\n" : "")
+        << (state_dir ? "state_dir = \"state\"\n" : "")
         << "[backend]\nkind = \"" << backend << "\"\nranks = 1\nthreads_per_rank = " << threads << "\n"
         << "[[tenant]]\nname = \"bench\"\nuids = [" << ::getuid() << "]\n";
     const std::string bin = (std::filesystem::path(self).parent_path() / "tuteld").string();

@@ -23,6 +23,7 @@ C ABI allows one thread at a time per client). For PyTorch, see tuteld.nn.
 import collections
 import ctypes
 import dataclasses
+import fcntl
 import json
 import math
 import mmap
@@ -581,10 +582,12 @@ class Layer:
         file: every parameter must be there; optimizer state that is not starts afresh, as does
         the step. On an expert-parallel layer, this rank's tensors, or the whole layer's (every
         expert: the daemon takes this rank's). A state the daemon refuses changes nothing."""
-        fd = os.memfd_create("tuteld layer state", os.MFD_CLOEXEC)
+        fd = os.memfd_create("tuteld layer state", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             with open(fd, "wb", closefd=False) as file:
                 _write_safetensors(file, tensors, metadata or {})
+            # Sealed, the daemon maps it rather than copying it.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
             self._call(_lib.tutel_import_state, fd)
         finally:
             os.close(fd)

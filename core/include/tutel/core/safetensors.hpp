@@ -61,6 +61,12 @@ class SafetensorsFile {
   // it (InvalidArgument). `what` names it in errors. The tensors' data is aligned only as the
   // file made it (see above).
   static Result<SafetensorsFile> read(int fd, const std::string& what, uint64_t max_bytes);
+  // Maps the file `fd` holds without copying it, as open() maps a path, where neither its size
+  // nor its bytes can change: a memfd sealed against shrinking and writing (F_SEAL_SHRINK,
+  // F_SEAL_WRITE; the write seal also forbids punching holes). InvalidArgument for any other
+  // descriptor (read() copies those), and for a file over `max_bytes`. The caller checks that
+  // the file is in ordinary memory (check_memory_file): a hugetlb file could still fault.
+  static Result<SafetensorsFile> map_sealed(int fd, const std::string& what, uint64_t max_bytes);
 
   SafetensorsFile(SafetensorsFile&& other) noexcept;
   SafetensorsFile& operator=(SafetensorsFile&& other) noexcept;
