@@ -637,10 +637,23 @@ Status write_safetensors(const std::string& path, const std::vector<SafetensorsE
   }
 }
 
+Status pwrite_all(int fd, const void* data, size_t size, uint64_t at, const std::string& what) {
+  const auto* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t n = ::pwrite(fd, p, size, static_cast<off_t>(at));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return errno_status(errno, "cannot write", what);
+    p += n;
+    at += static_cast<uint64_t>(n);
+    size -= static_cast<size_t>(n);
+  }
+  return Status::OK();
+}
+
 Result<uint64_t> write_safetensors_into(int fd, const std::string& what,
                                         const std::vector<SafetensorsEntry>& tensors,
                                         const std::map<std::string, std::string>& metadata,
-                                        const std::function<Status(size_t, void*)>& fill) {
+                                        const SafetensorsFill& fill) {
   try {
     std::vector<size_t> sizes;
     sizes.reserve(tensors.size());
@@ -661,37 +674,37 @@ Result<uint64_t> write_safetensors_into(int fd, const std::string& what,
     if (memfd_size < file_size)
       return Status::InvalidArgument(file_context(what) + " takes " + std::to_string(file_size) +
                                      " bytes, more than the " + std::to_string(memfd_size) + " of the memfd given");
-    // Pages the sender allocated are charged to it; pages this process faulted in would be
-    // charged here, and the sender could hold them for good. So the memfd must have no hole:
-    // SEEK_HOLE finds its end. (st_blocks alone would not see a hole beside pages allocated past
-    // the end; and to SEEK_HOLE a page that fallocate reserved is a hole until it is written.)
-    // A sender that punches one while this writes still gets it filled here.
-    const off_t hole = ::lseek(fd, 0, SEEK_HOLE);
-    if (hole < 0) return errno_status(errno, "cannot look for holes in the memfd for", what);
-    if (static_cast<uint64_t>(hole) < memfd_size)
+    // Pages the sender allocated are charged to it; pages this process filled in would be
+    // charged here, and the sender could hold them for good. So the memfd must have no hole.
+    // (st_blocks alone would not see a hole beside pages reserved past the end.) A sender that
+    // punches one while this writes still gets it filled here, at this process's charge.
+    TUTEL_ASSIGN_OR_RETURN(const uint64_t hole, first_hole(fd));
+    if (hole < memfd_size)
       return Status::InvalidArgument(file_context(what) + ": the memfd given has a hole at byte " +
                                      std::to_string(hole) + " of its " + std::to_string(memfd_size) +
                                      "; touch every page first (write it, or map it with MAP_POPULATE)");
-    // MAP_POPULATE maps every page of the sender's at once, rather than one fault per page.
-    void* mapping = ::mmap(nullptr, file_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
-    if (mapping == MAP_FAILED) return errno_status(errno, "cannot map", what);
-    Status written = [&]() -> Status {
-      auto* out = static_cast<char*>(mapping);
-      const uint64_t header_size = header_text.size();
-      std::memcpy(out, &header_size, 8);
-      std::memcpy(out + 8, header_text.data(), header_text.size());
-      char* at = out + 8 + header_text.size();
-      for (size_t i = 0; i < tensors.size(); at += sizes[i], ++i) {
-        if (sizes[i] == 0) continue;
-        if (tensors[i].data != nullptr) std::memcpy(at, tensors[i].data, sizes[i]);
-        else TUTEL_RETURN_IF_ERROR(fill(i, at));
+    // pwrite, not a mapping: a page the sender punched out meanwhile that cannot be had again
+    // is an error here, where a write through a mapping would raise SIGBUS.
+    const uint64_t header_size = header_text.size();
+    TUTEL_RETURN_IF_ERROR(pwrite_all(fd, &header_size, 8, 0, what));
+    TUTEL_RETURN_IF_ERROR(pwrite_all(fd, header_text.data(), header_text.size(), 8, what));
+    std::vector<char> chunk;
+    uint64_t at = 8 + header_text.size();
+    for (size_t i = 0; i < tensors.size(); at += sizes[i], ++i) {
+      if (sizes[i] == 0) continue;
+      if (tensors[i].data != nullptr) {
+        TUTEL_RETURN_IF_ERROR(pwrite_all(fd, tensors[i].data, sizes[i], at, what));
+        continue;
       }
-      return Status::OK();
-    }();
-    if (::munmap(mapping, file_size) != 0)
-      return Status::Internal("cannot unmap the memfd " + file_context(what) + " was written into: " +
-                              errno_text(errno));
-    TUTEL_RETURN_IF_ERROR(written);
+      // Staged through a bounded buffer (a device tensor): never a whole tensor's copy here.
+      chunk.resize(std::min<size_t>(sizes[i], kFillChunkBytes));
+      for (size_t done = 0; done < sizes[i];) {
+        const size_t n = std::min(chunk.size(), sizes[i] - done);
+        TUTEL_RETURN_IF_ERROR(fill(i, done, chunk.data(), n));
+        TUTEL_RETURN_IF_ERROR(pwrite_all(fd, chunk.data(), n, at + done, what));
+        done += n;
+      }
+    }
     return file_size;
   } catch (const std::bad_alloc&) {
     return Status::ResourceExhausted("out of memory writing " + file_context(what));

@@ -84,6 +84,16 @@ Status check_memory_file(int fd, std::string_view what) {
   return Status::OK();
 }
 
+Result<uint64_t> first_hole(int fd) {
+  const off_t at = ::lseek(fd, 0, SEEK_CUR);
+  if (at < 0) return Status::InvalidArgument(std::string("cannot look for holes: ") + errno_text(errno));
+  const off_t hole = ::lseek(fd, 0, SEEK_HOLE);
+  const int err = errno;
+  (void)::lseek(fd, at, SEEK_SET);  // the offset is shared with whoever sent the descriptor
+  if (hole < 0) return Status::InvalidArgument(std::string("cannot look for holes: ") + errno_text(err));
+  return static_cast<uint64_t>(hole);
+}
+
 Result<SharedMemory> SharedMemory::attach(UniqueFd fd, std::string_view what, size_t expected_bytes) {
   const std::string name(what);
   if (!fd.valid()) return Status::InvalidArgument(name + " is not a valid descriptor");

@@ -1,6 +1,7 @@
 #include "served_layer.hpp"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 
 #include <charconv>
 #include <cmath>
@@ -917,16 +918,20 @@ Result<uint64_t> ServedLayer::export_state(int memfd) {
   LayerLock lock(*this);
   Backend& b = backend();
   const std::vector<SavedTensor> saved = saved_tensors();
+  // On the CPU backend the tensors are host memory, written from where they are; a device's
+  // are staged a chunk at a time.
+  const bool host = b.device().kind == DeviceKind::kCpu;
   std::vector<SafetensorsEntry> entries;
-  for (const SavedTensor& t : saved) entries.push_back({t.name, DType::kF32, *t.shape, nullptr});
+  for (const SavedTensor& t : saved)
+    entries.push_back({t.name, DType::kF32, *t.shape, host ? t.value->data() : nullptr});
   auto device_lock = lock_device();
   TUTEL_RETURN_IF_ERROR(rank_.health.check());
-  // Straight from the device into the client's memory: no host copy in between.
-  auto fill = [&](size_t i, void* dst) -> Status {
-    return watch_device(b.copy(dst, saved[i].value->data(), static_cast<size_t>(saved[i].shape->numel()) * 4,
+  auto fill = [&](size_t i, uint64_t offset, void* dst, size_t bytes) -> Status {
+    return watch_device(b.copy(dst, static_cast<const char*>(saved[i].value->data()) + offset, bytes,
                                CopyKind::kDeviceToHost));
   };
-  return write_safetensors_into(memfd, "the state of layer " + def_.name, entries, saved_metadata(), fill);
+  return write_safetensors_into(memfd, "the state of layer " + def_.name, entries, saved_metadata(),
+                                host ? SafetensorsFill() : SafetensorsFill(fill));
 }
 
 uint64_t ServedLayer::import_bytes_bound() const {
@@ -935,27 +940,33 @@ uint64_t ServedLayer::import_bytes_bound() const {
   const LayerSpec& s = def_.spec;
   const uint64_t E = static_cast<uint64_t>(s.experts), M = static_cast<uint64_t>(s.model_dim),
                  H = static_cast<uint64_t>(s.hidden), O = static_cast<uint64_t>(s.out_dim());
-  const uint64_t states = (tensors_.front().state0.data() ? 1 : 0) + (tensors_.front().state1.data() ? 1 : 0);
-  const uint64_t whole = 4 * (1 + states) * (E * M + E * H * M + E * H + E * H * O + E * O);
-  // The header bound of save_bytes_bound().
-  const uint64_t header = 6 * (spec_text_.size() + tenant_.size()) + 4096 + 256 * 3 * tensors_.size();
-  const uint64_t bound = group_ ? std::max(save_bytes_bound(), whole + header) : save_bytes_bound();
-  // Rounded up to whole pages: an export's memfd is, and may come back as it is.
-  const uint64_t page = page_bytes();
-  return (bound + page - 1) / page * page;
+  // Both optimizer states whatever this layer keeps: a load ignores the ones it does not (an
+  // AdamW layer's state imported into an SGD one).
+  uint64_t here = 0;
+  for (const Tensor& t : tensors_) here += static_cast<uint64_t>(t.shape.numel()) * 4 * 3;
+  const uint64_t whole = 4 * 3 * (E * M + E * H * M + E * H + E * H * O + E * O);
+  // save_bytes_bound()'s header bound, and room for another layer's metadata and names (a
+  // longer spec or tenant) and an export's rounding to whole pages.
+  const uint64_t header = 6 * (spec_text_.size() + tenant_.size()) + 4096 + 256 * 3 * tensors_.size() + (1u << 20);
+  return (group_ ? std::max(here, whole) : here) + header;
 }
 
 Status ServedLayer::import_state(int fd) {
   // A memfd only: a file on a network or FUSE mount the client controls could block this pool
   // thread in pread for good (the client library copies any other file into a memfd).
   TUTEL_RETURN_IF_ERROR(check_memory_file(fd, "the file to import into " + def_.name));
-  // Sealed against shrinking and writing, it is mapped as a file on disk is (no copy); else
-  // read into the daemon's memory, since a mapping of it could be truncated under the daemon.
+  // Sealed against shrinking and writing, and without holes, it is mapped as a file on disk is
+  // (no copy); else read into the daemon's memory, since a mapping of it could be truncated
+  // under the daemon, or allocate a page at a hole (pread reads a hole as zeros).
   const std::string what = "the state imported into " + def_.name;
+  // Not where it has a hole: reading one through the mapping would allocate the page here.
   const int seals = ::fcntl(fd, F_GET_SEALS);
   const bool sealed = seals >= 0 && (seals & F_SEAL_SHRINK) != 0 && (seals & F_SEAL_WRITE) != 0;
-  TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, sealed ? SafetensorsFile::map_sealed(fd, what, import_bytes_bound())
-                                                      : SafetensorsFile::read(fd, what, import_bytes_bound()));
+  struct stat st {};
+  const Result<uint64_t> hole = sealed ? first_hole(fd) : Result<uint64_t>(uint64_t{0});
+  const bool mappable = sealed && hole.ok() && ::fstat(fd, &st) == 0 && *hole >= static_cast<uint64_t>(st.st_size);
+  TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, mappable ? SafetensorsFile::map_sealed(fd, what, import_bytes_bound())
+                                                        : SafetensorsFile::read(fd, what, import_bytes_bound()));
   LayerLock lock(*this);
   TUTEL_RETURN_IF_ERROR(rank_.health.check());
   Status loaded = load_file_locked(file, /*require_all=*/true);

@@ -192,14 +192,15 @@ class ServedLayer {
   // a file: its memory and its pages are the client's (write_safetensors_into says what it must
   // be). Returns the file's size.
   Result<uint64_t> export_state(int memfd);
-  // What load() reads, from the safetensors file the memfd `fd` holds (check_memory_file): read
-  // into the daemon's memory first, never mapped, so the sender cannot truncate it under the
-  // daemon; a file over import_bytes_bound() is refused unread. A file that fails a check
-  // leaves the layer as it was.
+  // What load() reads, from the safetensors file the memfd `fd` holds (check_memory_file):
+  // mapped where it is sealed against shrinking and writing and has no hole, else read into
+  // the daemon's memory first (a mapping could be truncated under the daemon, or allocate at a
+  // hole); a file over import_bytes_bound() is refused unread. A file that fails a check leaves
+  // the layer as it was.
   Status import_state(int fd);
   // The largest file import_state reads: this rank's tensors or, on a group layer, the whole
-  // layer's (each with the optimizer states this layer keeps), and a header, in whole pages (an
-  // export's memfd comes back as it was made, with the file in its first bytes).
+  // layer's, each with two optimizer states (a load ignores those the layer does not keep),
+  // and a header with room for another layer's metadata and an export's page rounding.
   uint64_t import_bytes_bound() const;
 
  private:

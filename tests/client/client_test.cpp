@@ -457,7 +457,9 @@ TEST(Client, ExportStateRepliesAreCheckedAndTheMemfdGoesWithTheFrames) {
   ASSERT_EQ(::fstat(fd, &st), 0);
   EXPECT_GE(static_cast<uint64_t>(st.st_size), 4096u);  // the memory the library allocated
   EXPECT_EQ(layer->import_state(fd).code(), StatusCode::kOk);
-  EXPECT_TRUE(f.daemon.last_import().second) << "a memfd goes as it is";
+  struct stat sent {};
+  ASSERT_EQ(::fstat(fd, &sent), 0);
+  EXPECT_EQ(f.daemon.last_import_inode(), sent.st_ino) << "a memfd goes as it is, not a copy";
   ::close(fd);
   // Refused here, and the session goes on: no descriptor, a closed one (the send would fail, and
   // a failed send ends the session), a pipe.
@@ -482,6 +484,7 @@ TEST(Client, ExportStateRepliesAreCheckedAndTheMemfdGoesWithTheFrames) {
   ::unlink(path);
   EXPECT_TRUE(f.daemon.last_import().second) << "the daemon got a memfd";
   EXPECT_TRUE(f.daemon.last_import().first == contents) << "the copy is not the file";
+  EXPECT_NE(f.daemon.last_import_inode(), sent.st_ino);
   EXPECT_EQ(f.daemon.state_frame_fds(), (std::vector<size_t>{1, 1, 1}));
   ExportedState moved = std::move(*state);
   EXPECT_EQ(moved.size(), 16u);

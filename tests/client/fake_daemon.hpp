@@ -8,6 +8,7 @@
 
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -115,11 +116,17 @@ class FakeDaemon {
     std::lock_guard<std::mutex> lock(mutex_);
     return last_import_;
   }
+  // Its inode: the file the client sent, or a copy of it.
+  ino_t last_import_inode() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return last_import_inode_;
+  }
   // The device regions clients unmapped (kUnmapRegion), in order.
   nlohmann::json grad_norm_reply_ = {{"norm", 1.5}};
   nlohmann::json export_state_reply_ = {{"bytes", 16}};
   std::vector<size_t> state_frame_fds_;
   std::pair<std::string, bool> last_import_;
+  ino_t last_import_inode_ = 0;
   std::vector<int64_t> unmapped_regions() {
     std::lock_guard<std::mutex> lock(mutex_);
     return unmapped_;
@@ -245,7 +252,9 @@ class FakeDaemon {
               std::string contents(static_cast<size_t>(std::max<off_t>(::lseek(fd, 0, SEEK_END), 0)), '\0');
               const ssize_t n = ::pread(fd, contents.data(), contents.size(), 0);
               contents.resize(n > 0 ? static_cast<size_t>(n) : 0);
+              struct stat st {};
               last_import_ = {std::move(contents), check_memory_file(fd, "import").ok()};
+              last_import_inode_ = ::fstat(fd, &st) == 0 ? st.st_ino : 0;
             }
           }
           (void)ipc::send_json(conn.get(), FT::kOk, rid, reply);

@@ -18,6 +18,7 @@
 #include <random>
 #include <string>
 #include <system_error>
+#include <tuple>
 #include <vector>
 
 #include "tutel/core/shared_memory.hpp"
@@ -538,7 +539,9 @@ TEST_F(SafetensorsTest, MapSealedMapsOnlyWhatCanNeitherShrinkNorChange) {
   auto sealed_memfd = [&](const std::string& contents, int seals) {
     UniqueFd fd(::memfd_create("sealed", MFD_CLOEXEC | MFD_ALLOW_SEALING));
     EXPECT_EQ(::pwrite(fd.get(), contents.data(), contents.size(), 0), static_cast<ssize_t>(contents.size()));
-    if (seals != 0) EXPECT_EQ(::fcntl(fd.get(), F_ADD_SEALS, seals), 0);
+    if (seals != 0) {
+      EXPECT_EQ(::fcntl(fd.get(), F_ADD_SEALS, seals), 0);
+    }
     return fd;
   };
   const UniqueFd good = sealed_memfd(bytes, F_SEAL_SHRINK | F_SEAL_WRITE);
@@ -571,7 +574,7 @@ Result<SharedMemory> receiver_memfd(size_t bytes) { return SharedMemory::create(
 TEST_F(SafetensorsTest, WriteIntoAMemfdLaysOutWhatWriteSafetensorsWritesAndFillsInPlace) {
   std::mt19937_64 rng(std::random_device{}());
   const std::vector<Owned> tensors = {random_tensor(rng, "a", DType::kF32, {4, 3}),
-                                      random_tensor(rng, "filled", DType::kF32, {7}),
+                                      random_tensor(rng, "filled", DType::kF32, {3, 1 << 20}),  // 12 MiB: chunks
                                       random_tensor(rng, "empty", DType::kF32, {0, 2}),
                                       random_tensor(rng, "c", DType::kI64, {2})};
   const std::map<std::string, std::string> metadata = {{"tuteld.step", "12"}, {"tuteld.spec", "x = \"\\\n\""}};
@@ -583,21 +586,23 @@ TEST_F(SafetensorsTest, WriteIntoAMemfdLaysOutWhatWriteSafetensorsWritesAndFills
   ASSERT_TRUE(memfd.ok()) << memfd.status();
   std::vector<SafetensorsEntry> entries = entries_of(tensors);
   entries[1].data = nullptr;  // this one is filled in place
-  std::vector<size_t> filled;
-  Result<uint64_t> written = write_safetensors_into(memfd->fd(), "the state", entries, metadata,
-                                                    [&](size_t i, void* dst) {
-                                                      filled.push_back(i);
-                                                      std::memcpy(dst, tensors[i].bytes.data(), tensors[i].bytes.size());
-                                                      return Status::OK();
-                                                    });
+  std::vector<std::tuple<size_t, uint64_t, size_t>> filled;  // (tensor, offset, bytes)
+  Result<uint64_t> written =
+      write_safetensors_into(memfd->fd(), "the state", entries, metadata, [&](size_t i, uint64_t at, void* dst, size_t n) {
+        filled.emplace_back(i, at, n);
+        std::memcpy(dst, tensors[i].bytes.data() + at, n);
+        return Status::OK();
+      });
   ASSERT_TRUE(written.ok()) << written.status();
-  EXPECT_EQ(filled, std::vector<size_t>{1});
+  const size_t filled_bytes = tensors[1].bytes.size();
+  EXPECT_EQ(filled, (std::vector<std::tuple<size_t, uint64_t, size_t>>{
+                        {1, 0, kFillChunkBytes}, {1, kFillChunkBytes, filled_bytes - kFillChunkBytes}}));
   ASSERT_EQ(*written, reference.size());
   EXPECT_EQ(std::string(reinterpret_cast<const char*>(memfd->data()), *written), reference);
 
   // A fill that fails fails the write with its status.
   const Result<uint64_t> failed = write_safetensors_into(memfd->fd(), "the state", entries, metadata,
-                                                         [](size_t, void*) { return Status::IOError("device lost"); });
+                                                         [](size_t, uint64_t, void*, size_t) { return Status::IOError("device lost"); });
   EXPECT_EQ(failed.status().code(), StatusCode::kIOError);
   EXPECT_EQ(failed.status().message(), "device lost");
   // Without a fill, null data is refused as write_safetensors refuses it.

@@ -120,6 +120,11 @@ TEST(CheckMemoryFile, TakesMemfdsAndTmpfsFilesOnly) {
     EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << fd << ": " << st;
     EXPECT_NE(st.message().find("the state"), std::string_view::npos) << st;
   }
+  // A hugetlb memfd, where the kernel makes one (it needs no huge pages to exist yet).
+  const UniqueFd huge(::memfd_create("check", MFD_CLOEXEC | MFD_HUGETLB));
+  if (huge.valid()) {
+    EXPECT_EQ(check_memory_file(huge.get(), "the state").code(), StatusCode::kInvalidArgument);
+  }
   struct statfs fs {};
   if (::statfs("/dev/shm", &fs) == 0 && fs.f_type == TMPFS_MAGIC) {
     char in_shm[] = "/dev/shm/tutel_check_memory_file_XXXXXX";

@@ -463,6 +463,25 @@ TEST_F(ProtocolAbuse, MalformedExportAndImportStateRequests) {
     EXPECT_NE(r.status().message().find(needle), std::string_view::npos) << r.status();
     EXPECT_EQ(export_state(), before) << "a refused sealed file changed the layer";
   }
+  // Sealed but sparse (the header written, the tensors' bytes holes): read, not mapped, since
+  // a read through the mapping would allocate every page at the daemon's charge. pread reads
+  // the holes as zeros and allocates nothing.
+  {
+    std::string bytes(static_cast<size_t>(::lseek(whole.get(), 0, SEEK_END)), '\0');
+    ASSERT_EQ(::pread(whole.get(), bytes.data(), bytes.size(), 0), static_cast<ssize_t>(bytes.size()));
+    uint64_t header = 0;
+    std::memcpy(&header, bytes.data(), 8);
+    UniqueFd sparse_state = memfd_with(bytes.substr(0, 8 + header));
+    ASSERT_EQ(::ftruncate(sparse_state.get(), static_cast<off_t>(bytes.size() + (1 << 20))), 0);
+    ASSERT_EQ(::fcntl(sparse_state.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE), 0);
+    struct stat st {};
+    ASSERT_EQ(::fstat(sparse_state.get(), &st), 0);
+    const blkcnt_t blocks = st.st_blocks;
+    auto r = s.call(ipc::FrameType::kImportState, {{"handle", h}}, ipc::FrameType::kOk, 10s, {sparse_state.get()});
+    EXPECT_TRUE(r.ok()) << r.status();  // zeros are a layer's state too
+    ASSERT_EQ(::fstat(sparse_state.get(), &st), 0);
+    EXPECT_EQ(st.st_blocks, blocks) << "the daemon allocated pages of the client's memfd";
+  }
   // The well-formed file is taken, and the export says so.
   auto taken = s.call(ipc::FrameType::kImportState, {{"handle", h}}, ipc::FrameType::kOk, 10s, {whole.get()});
   ASSERT_TRUE(taken.ok()) << taken.status();

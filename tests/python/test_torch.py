@@ -230,11 +230,13 @@ class TorchModuleTest(unittest.TestCase):
         state = first.state_dict()
         moe_keys = {"1." + name for name in ref.TUTEL_NAMES.values()}
         optimizer_keys = {f"1.optimizer.state{i}.{n}" for i in (0, 1) for n in ref.TUTEL_NAMES.values()}
-        self.assertEqual(set(state), {"0.weight", "0.bias", "1.optimizer.step"} | moe_keys | optimizer_keys)
+        self.assertEqual(set(state), {"0.weight", "0.bias", "1.optimizer.step", "1._num_global_experts"}
+                         | moe_keys | optimizer_keys)
+        self.assertEqual(int(state["1._num_global_experts"]), E)
         self.assertTrue(all(torch.is_tensor(v) for v in state.values()))
         first[1].layer.save("first.safetensors")
         stored = ref.read_safetensors(os.path.join(self.daemon.checkpoints, "first.safetensors"))
-        self.assertEqual(set(stored), {key[2:] for key in moe_keys | optimizer_keys})
+        self.assertEqual(set(stored), {key[2:] for key in moe_keys | optimizer_keys})  # no more, no less
         for name, values in stored.items():  # what the daemon holds, exactly
             np.testing.assert_array_equal(state["1." + name].numpy(), values, name)
         self.assertEqual(state["1.optimizer.step"].dtype, torch.int64)
@@ -289,15 +291,30 @@ class TorchModuleTest(unittest.TestCase):
         self.assertTrue(torch.equal(now[gate], new_gate))
         self.assertTrue(torch.equal(now[fc2], before[fc2]), "a missing entry keeps the layer's value")
 
-        # The optimizer state of some tensors only: the others' are reported missing.
-        first_moment = "1.optimizer.state0." + ref.TUTEL_NAMES["w1"]
-        with self.assertRaisesRegex(RuntimeError, "Missing key.*optimizer.state1"):
-            model.load_state_dict({k: v for k, v in state.items() if ".state1." not in k})
-        # Weights alone, as a Tutel MOELayer's state_dict has them: strict, and the optimizer
-        # starts afresh.
-        tutel = {"0.weight": state["0.weight"], "0.bias": state["0.bias"]}
+        # Reported and kept, as torch keeps what it finds no entry for: the optimizer state of
+        # some tensors only (the others' moments stay), moments without their step (the step
+        # stays), and a checkpoint with nothing for this module (nothing changes).
+        first_moment, second_moment = ("1.optimizer.state0." + ref.TUTEL_NAMES["w1"],
+                                       "1.optimizer.state1." + ref.TUTEL_NAMES["w1"])
+        before = moe_state()
+        self.assertTrue(before[second_moment].any())
+        for partial, says in (({k: v for k, v in state.items() if ".state1." not in k}, "optimizer.state1"),
+                              ({k: v for k, v in state.items() if k != "1.optimizer.step"}, "optimizer.step"),
+                              ({"0.weight": state["0.weight"], "0.bias": state["0.bias"]}, "1.gates.0.wg.weight")):
+            with self.assertRaisesRegex(RuntimeError, "Missing key.*" + says):
+                model.load_state_dict(partial)
+            result = model.load_state_dict(partial, strict=False)
+            self.assertIn("1." + says if not says.startswith("1.") else says, " ".join(result.missing_keys))
+            now = moe_state()
+            for key in (second_moment, "1.optimizer.step"):
+                self.assertTrue(torch.equal(now[key], before[key]), f"{key} changed by a load without it ({says})")
+        # Weights alone, as a Tutel MOELayer's state_dict has them (with its buffer of the expert
+        # count): strict, and the optimizer starts afresh.
+        tutel = {"0.weight": state["0.weight"], "0.bias": state["0.bias"], "1._num_global_experts": torch.tensor(E)}
         tutel.update({"1." + n: torch.from_numpy(self.rng.normal(0, 1, state["1." + n].shape)).float()
                       for n in ref.TUTEL_NAMES.values()})
+        with self.assertRaisesRegex(RuntimeError, "_num_global_experts.*this layer has"):
+            model.load_state_dict({**tutel, "1._num_global_experts": torch.tensor(E + 1)})
         result = model.load_state_dict(tutel)
         self.assertEqual((result.missing_keys, result.unexpected_keys), ([], []))
         now = moe_state()
@@ -305,8 +322,30 @@ class TorchModuleTest(unittest.TestCase):
             self.assertTrue(torch.equal(now["1." + n], tutel["1." + n]), n)
         self.assertEqual(int(now["1.optimizer.step"]), 0)
         self.assertFalse(now[first_moment].any())
+        self.assertEqual(int(now["1._num_global_experts"]), E)
         # A state_dict saved before the anchor was left out loads too.
         model.load_state_dict({**state, "1._anchor": torch.empty(0)})
+
+    def test_a_subclass_keeps_its_own_entries_and_pre_hooks(self):
+        class Scaled(tuteld.nn.MoE):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.scale = torch.nn.Parameter(torch.ones(1))
+                self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+        spec = (f'name = "sub"\nexperts = {E}\nmodel_dim = {M}\nhidden = {H}\nk = {K}\ninit_seed = 4\n')
+        moe = Scaled(self.client, spec)
+        state = moe.state_dict()
+        self.assertIn("scale", state)
+        self.assertIn("calls", state)
+        self.assertNotIn("_anchor", state)
+        seen = []
+        moe._register_load_state_dict_pre_hook(lambda sd, prefix, *rest: seen.append(sorted(sd)))
+        result = moe.load_state_dict({**state, "scale": torch.full((1,), 3.0), "calls": torch.tensor(7)})
+        self.assertEqual((result.missing_keys, result.unexpected_keys), ([], []))
+        self.assertEqual(float(moe.scale), 3.0)
+        self.assertEqual(int(moe.calls), 7)
+        self.assertEqual(len(seen), 1, "a later pre-hook runs, on what is left for torch")
 
     def test_gradients_of_x_alone_leave_the_daemons_gradients(self):
         # torch.autograd.grad and backward(inputs=[x]) accumulate no parameter's gradient: the

@@ -57,6 +57,7 @@ int run_state_bench(const std::string& self, const StateBenchOptions& o) {
   if (::pwrite(sealed, kept->data(), bytes, 0) != static_cast<ssize_t>(bytes) ||
       ::fcntl(sealed, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE) != 0)
     check(Status::IOError("cannot make a sealed copy of the state"), "memfd");
+  if (failed) return 1;
   const double import_sealed_s =
       median_seconds(1, o.repeats, [&] { check(layer->import_state(sealed), "import_state"); });
   ::close(sealed);

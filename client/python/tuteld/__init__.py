@@ -185,6 +185,15 @@ def _floats(array):
     return array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
 
+def _sealable_memfd(name):
+    """A new memfd that may be sealed, with an exec policy where the kernel has one (Linux 6.3
+    warns about memfds without; older kernels refuse the flag)."""
+    try:
+        return os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | 0x0008)  # MFD_NOEXEC_SEAL
+    except OSError:
+        return os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+
+
 def _read_safetensors(buffer):
     """(tensors, metadata) of the safetensors file in `buffer`: each tensor a float32 array of
     its own (a copy), the metadata a dict of strings. The daemon writes only F32 tensors."""
@@ -582,7 +591,7 @@ class Layer:
         file: every parameter must be there; optimizer state that is not starts afresh, as does
         the step. On an expert-parallel layer, this rank's tensors, or the whole layer's (every
         expert: the daemon takes this rank's). A state the daemon refuses changes nothing."""
-        fd = os.memfd_create("tuteld layer state", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = _sealable_memfd("tuteld layer state")
         try:
             with open(fd, "wb", closefd=False) as file:
                 _write_safetensors(file, tensors, metadata or {})

@@ -13,12 +13,13 @@ not see them, the daemon's optimizer (the layer spec's [optimizer]) updates them
 model.state_dict() holds them all the same, under Tutel's names (prefix + "experts.batched_fc1_w",
 "gates.0.wg.weight", ...: a Tutel MOELayer's state_dict loads into the module at the same path),
 as float32 CPU tensors copied out of the daemon, with the daemon's optimizer state under its own
-names (prefix + "optimizer.state0.experts.batched_fc1_w", ...) and its step (prefix +
-"optimizer.step", an int64 scalar); load_state_dict writes them back (strict as torch's:
-missing, unexpected and mis-shaped entries are reported, and a module with an error in its
-entries is left as it was). Without optimizer entries (weights alone, a Tutel checkpoint) the
-daemon's optimizer starts afresh, at step 0. On an expert-parallel layer, each rank's
-state_dict holds its own experts (save every rank's), as Tutel's does.
+names (prefix + "optimizer.state0.experts.batched_fc1_w", ...), its step (prefix +
+"optimizer.step", an int64 scalar) and Tutel's "_num_global_experts"; load_state_dict writes
+them back (strict as torch's: missing, unexpected and mis-shaped entries are reported, what has
+no entry keeps its value, and a module with an error in its entries is left as it was). Without
+optimizer entries (weights alone, a Tutel checkpoint) the daemon's optimizer starts afresh, at
+step 0. On an expert-parallel layer, each rank's state_dict holds its own experts (save every
+rank's), as Tutel's does.
 Autograd calls the daemon's backward for every training forward, also when x needs no gradient
 (the module holds an empty parameter so that the graph always reaches it). Tensors on another
 device or of another dtype are moved to float32 on the CPU for the call and back (the daemon's
@@ -139,6 +140,8 @@ class MoE(torch.nn.Module):
         # itself needs none.
         self._anchor = torch.nn.Parameter(torch.empty(0), requires_grad=True)
         self._warned_eval_grad = False
+        # with_module: torch keeps a weak reference to the module, not a cycle through it.
+        self._register_load_state_dict_pre_hook(MoE._load_daemon_state, with_module=True)
 
     @classmethod
     def attach(cls, client, name):
@@ -181,64 +184,90 @@ class MoE(torch.nn.Module):
     # (an int64 scalar): torch's module state_dict holds no optimizer state, but the daemon's
     # optimizer has no state_dict of its own to hold it. Every entry is a tensor, so the dict
     # goes wherever torch's do (torch.save, safetensors). The anchor, an implementation detail,
-    # is left out, so that a Tutel MOELayer's state_dict loads under strict=True.
+    # is left out, and "_num_global_experts" (a Tutel MOELayer's buffer) is in, so that a Tutel
+    # state_dict loads under strict=True and this one into a Tutel layer.
     _OPTIMIZER = "optimizer."
     _STEP = "optimizer.step"
     _ANCHOR = "_anchor"
+    _TUTEL_EXPERTS = ("_num_global_experts", "_max_num_global_experts")
+    _NAMESPACES = ("gates.", "experts.", "optimizer.")  # the daemon's tensors' names begin so
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # a subclass's own entries
+        destination.pop(prefix + self._ANCHOR, None)
         tensors, metadata = self.layer.export_state()
         for name, values in tensors.items():
             destination[prefix + name] = torch.from_numpy(values)
         destination[prefix + self._STEP] = torch.tensor(int(metadata.get("tuteld.step", "0")), dtype=torch.int64)
+        destination[prefix + self._TUTEL_EXPERTS[0]] = torch.tensor(self.layer.experts, dtype=torch.int64)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        # What the daemon holds now: every tensor's name and shape, and the value a parameter
-        # missing from state_dict keeps (as torch keeps one that strict=False finds no entry for).
-        current, _ = self.layer.export_state()
+    def _load_daemon_state(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                           error_msgs):
+        """A load_state_dict pre-hook (the first of the module's): takes this module's daemon
+        entries out of `state_dict` (torch's own copy) and imports them; torch then loads the
+        rest (a subclass's entries) and reports what is left over."""
+        ours = [key for key in state_dict if key.startswith(prefix) and
+                (key[len(prefix):].startswith(self._NAMESPACES) or key[len(prefix):] in self._TUTEL_EXPERTS)]
+        # The anchor is never saved: an entry for it is not missing (nor one a state_dict saved
+        # before it was left out carries: torch copies that one in, an empty tensor).
+        state_dict.setdefault(prefix + self._ANCHOR, self._anchor.detach())
+        if not ours:
+            # Nothing for this module (a checkpoint of another part of the model): nothing to
+            # import, every entry missing, the daemon's state as it was.
+            missing_keys.extend(prefix + name for name in self._daemon_names())
+            return
+        # What the daemon holds now: every tensor's name and shape, and the value an entry
+        # missing from state_dict keeps (as torch keeps a parameter strict=False finds none for).
+        current, current_meta = self.layer.export_state()
+        given = {key[len(prefix):]: state_dict.pop(key) for key in ours}
         state, errors = {}, []
-        optimizer_given = any(prefix + name in state_dict for name in current if name.startswith(self._OPTIMIZER))
+        optimizer_given = any(name.startswith(self._OPTIMIZER) for name in given)
         for name, values in current.items():
             key = prefix + name
-            is_state = name.startswith(self._OPTIMIZER)
-            if key not in state_dict:
+            if name not in given:
                 # Optimizer state absent altogether (a Tutel checkpoint, weights alone) starts
-                # afresh without a word; absent for some tensors only, it is reported.
-                if not is_state or optimizer_given:
+                # afresh, unreported; absent for some tensors only, it is reported, and kept.
+                if not name.startswith(self._OPTIMIZER) or optimizer_given:
                     missing_keys.append(key)
-                if not is_state:
                     state[name] = values
                 continue
-            given = state_dict[key]
-            if not torch.is_tensor(given):
+            value = given.pop(name)
+            if not torch.is_tensor(value):
                 errors.append(f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like '
-                              f"object from checkpoint but received {type(given)}")
-            elif tuple(given.shape) != values.shape:
-                errors.append(f"size mismatch for {key}: copying a param with shape {tuple(given.shape)} from "
+                              f"object from checkpoint but received {type(value)}")
+            elif tuple(value.shape) != values.shape:
+                errors.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)} from "
                               f"checkpoint, the shape in current model is {values.shape}.")
             else:
-                state[name] = given.detach().to("cpu", torch.float32).numpy()
+                state[name] = value.detach().to("cpu", torch.float32).numpy()
         metadata = {}
-        step = state_dict.get(prefix + self._STEP)
-        if step is not None:
+        step = given.pop(self._STEP, None)
+        if step is None and optimizer_given:  # moments without their step: keep the layer's
+            missing_keys.append(prefix + self._STEP)
+            metadata["tuteld.step"] = current_meta.get("tuteld.step", "0")
+        elif step is not None:
             if (not torch.is_tensor(step) or step.numel() != 1 or step.is_floating_point() or step.is_complex()
                     or step.dtype == torch.bool):
                 errors.append(f'"{prefix + self._STEP}" must be the integer scalar tensor a tuteld.nn.MoE '
                               f"state_dict holds, not {step!r}")
             else:
                 metadata["tuteld.step"] = str(int(step))
-        if strict:
-            ours = set(current) | {self._STEP, self._ANCHOR}
-            for key in state_dict:
-                if key.startswith(prefix) and key[len(prefix):] not in ours:
-                    unexpected_keys.append(key)
+        for name in self._TUTEL_EXPERTS:
+            count = given.pop(name, None)
+            if count is not None and (not torch.is_tensor(count) or count.numel() != 1
+                                      or int(count) != self.layer.experts):
+                errors.append(f'"{prefix + name}" says {count!r} experts; this layer has {self.layer.experts}')
+        unexpected_keys.extend(prefix + name for name in given)  # entries no tensor of the layer's has
         error_msgs.extend(errors)
         if not errors:  # torch raises at the end where there are errors: the layer stays as it was
             try:
                 self.layer.import_state(state, metadata)
             except TutelError as e:  # a refusal by the daemon (a step that is no count)
                 error_msgs.append(f"tuteld refused the state of {prefix or 'the module'}: {e}")
+
+    def _daemon_names(self):
+        tensors, _ = self.layer.export_state()
+        return list(tensors) + [self._STEP, self._TUTEL_EXPERTS[0]]
 
     def __deepcopy__(self, memo):
         raise TypeError("tuteld.nn.MoE cannot be copied: its parameters live in the daemon. Attach "

@@ -61,11 +61,13 @@ class SafetensorsFile {
   // it (InvalidArgument). `what` names it in errors. The tensors' data is aligned only as the
   // file made it (see above).
   static Result<SafetensorsFile> read(int fd, const std::string& what, uint64_t max_bytes);
-  // Maps the file `fd` holds without copying it, as open() maps a path, where neither its size
-  // nor its bytes can change: a memfd sealed against shrinking and writing (F_SEAL_SHRINK,
+  // Maps the file `fd` holds without copying it, as open() maps a path, where it can neither
+  // shrink nor change: a memfd sealed against shrinking and writing (F_SEAL_SHRINK,
   // F_SEAL_WRITE; the write seal also forbids punching holes). InvalidArgument for any other
-  // descriptor (read() copies those), and for a file over `max_bytes`. The caller checks that
-  // the file is in ordinary memory (check_memory_file): a hugetlb file could still fault.
+  // descriptor (read() copies those), and for a file over `max_bytes` (a file that grows later
+  // is mapped at the size it had). The caller checks that the file is in ordinary memory
+  // (check_memory_file) and has no hole (first_hole): reading a hole through the mapping
+  // would allocate a page, at this process's charge, or fault where none can be had.
   static Result<SafetensorsFile> map_sealed(int fd, const std::string& what, uint64_t max_bytes);
 
   SafetensorsFile(SafetensorsFile&& other) noexcept;
@@ -115,21 +117,26 @@ struct SafetensorsEntry {
 Status write_safetensors(const std::string& path, const std::vector<SafetensorsEntry>& tensors,
                          const std::map<std::string, std::string>& metadata = {});
 
+// Writes bytes [offset, offset + size) of tensor `index` into `dst` (host memory): a tensor
+// whose data is not in host memory (a device tensor), staged a bounded chunk at a time.
+using SafetensorsFill = std::function<Status(size_t index, uint64_t offset, void* dst, size_t size)>;
+// The most bytes a fill is asked for at once.
+inline constexpr size_t kFillChunkBytes = size_t{8} << 20;
+
 // Writes a safetensors file, laid out as write_safetensors lays one out, at the start of the
 // memfd `fd` that another process handed over to be filled (a layer's state for a client);
 // returns the file's size. The memfd must be in ordinary memory (check_memory_file), sealed
-// against shrinking (so it cannot be truncated under the mapping this writes through, which
-// would raise SIGBUS) and not against writing (F_SEAL_WRITE, F_SEAL_FUTURE_WRITE), at least as
+// against shrinking and not against writing (F_SEAL_WRITE, F_SEAL_FUTURE_WRITE), at least as
 // large as the file, and without holes (every page written, or faulted in by MAP_POPULATE; a
-// page fallocate reserved is a hole to SEEK_HOLE until it is written): its memory is
-// the sender's, and none is allocated here, unless the sender punches a hole while this
-// writes. Where `fill` is given, a tensor may come with null data: fill(i, dst) then writes
-// tensors[i]'s bytes in place (a tensor staged straight from device memory). `what` names the
-// file in errors.
+// page fallocate reserved is a hole to SEEK_HOLE until it is written): its memory is the
+// sender's, and none is allocated here, unless the sender punches a hole while this writes.
+// It writes with pwrite, never through a mapping, so such a hole is at worst an error, never
+// SIGBUS. Where `fill` is given, a tensor may come with null data: its bytes come from fill.
+// `what` names the file in errors.
 Result<uint64_t> write_safetensors_into(int fd, const std::string& what,
                                         const std::vector<SafetensorsEntry>& tensors,
                                         const std::map<std::string, std::string>& metadata = {},
-                                        const std::function<Status(size_t, void*)>& fill = {});
+                                        const SafetensorsFill& fill = {});
 
 // Whether `filename` (no directory) has the form of write_safetensors' temporary files
 // (".<name>.tmp-" and 16 hex digits): one whose writer was interrupted if no write runs.

@@ -83,9 +83,14 @@ class SharedMemory {
 size_t page_bytes();
 
 // OK when `fd` is a regular file in ordinary memory (tmpfs or shmem: a memfd without
-// MFD_HUGETLB), else InvalidArgument naming `what`. Such a file never blocks a read or a write
-// (as one on a network or FUSE mount can), and a mapping of it faults no SIGBUS while it keeps
-// its size (a hugetlb file's can, when a hole punched in it leaves no huge page to fill it).
+// MFD_HUGETLB), else InvalidArgument naming `what`. Such a file never blocks a read or a write,
+// as one on a network or FUSE mount can. A mapping of it can still fault: past its end, or at
+// a hole when no page can be had for it (strict overcommit), and a hugetlb file's even so.
 Status check_memory_file(int fd, std::string_view what);
+
+// The offset of the first hole in the file `fd` (its size where it has none: SEEK_HOLE), with
+// the descriptor's offset, shared with whoever sent it, left as it was. To SEEK_HOLE a page
+// that fallocate reserved in a memfd is a hole until it is written.
+Result<uint64_t> first_hole(int fd);
 
 }  // namespace tutel
