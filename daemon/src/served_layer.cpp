@@ -935,8 +935,8 @@ Result<uint64_t> ServedLayer::export_state(int memfd) {
 }
 
 uint64_t ServedLayer::import_bytes_bound() const {
-  // A file of this rank's tensors (save_bytes_bound), or on a group layer of the whole layer's,
-  // each with the optimizer states this layer keeps: a file may carry no more that it takes.
+  // A file of this rank's tensors, or on a group layer of the whole layer's: a file may carry
+  // no more than a load could take.
   const LayerSpec& s = def_.spec;
   const uint64_t E = static_cast<uint64_t>(s.experts), M = static_cast<uint64_t>(s.model_dim),
                  H = static_cast<uint64_t>(s.hidden), O = static_cast<uint64_t>(s.out_dim());
@@ -957,9 +957,9 @@ Status ServedLayer::import_state(int fd) {
   TUTEL_RETURN_IF_ERROR(check_memory_file(fd, "the file to import into " + def_.name));
   // Sealed against shrinking and writing, and without holes, it is mapped as a file on disk is
   // (no copy); else read into the daemon's memory, since a mapping of it could be truncated
-  // under the daemon, or allocate a page at a hole (pread reads a hole as zeros).
+  // under the daemon, or allocate a page at a hole at the daemon's charge (pread reads a hole as
+  // zeros).
   const std::string what = "the state imported into " + def_.name;
-  // Not where it has a hole: reading one through the mapping would allocate the page here.
   const int seals = ::fcntl(fd, F_GET_SEALS);
   const bool sealed = seals >= 0 && (seals & F_SEAL_SHRINK) != 0 && (seals & F_SEAL_WRITE) != 0;
   struct stat st {};
