@@ -327,26 +327,35 @@ Result<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
     if (::fstat(fd.get(), &st) != 0) return errno_status(errno, "cannot stat", path);
     if (!S_ISREG(st.st_mode))
       return Status::InvalidArgument(file_context(path) + " is not a regular file");
-    const auto file_size = static_cast<uint64_t>(st.st_size);
-    if (file_size < 8)
-      return corrupt(path, "file is " + std::to_string(file_size) +
-                               " bytes, too short for the 8-byte header length");
-
-    SafetensorsFile file;
-    file.path_ = path;
-    void* mapping = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
-    if (mapping == MAP_FAILED) return errno_status(errno, "cannot map", path);
-    // The mapping keeps the file alive on its own; the descriptor is no longer needed.
-    file.mapping_ = mapping;
-    file.mapping_size_ = file_size;
-    fd.reset();
-    TUTEL_RETURN_IF_ERROR(file.parse(static_cast<const char*>(mapping), file_size));
-    return file;
+    return map_file(fd.get(), path, static_cast<uint64_t>(st.st_size), ~uint64_t{0});
   } catch (const std::bad_alloc&) {
     return Status::ResourceExhausted("out of memory reading " + file_context(path));
   } catch (const std::exception& e) {
     return Status::Internal("reading " + file_context(path) + ": " + e.what());
   }
+}
+
+Status SafetensorsFile::check_size(const std::string& what, uint64_t file_size, uint64_t max_bytes) {
+  if (file_size > max_bytes)
+    return Status::InvalidArgument(file_context(what) + " is " + std::to_string(file_size) + " bytes, more than the " +
+                                   std::to_string(max_bytes) + " its reader takes");
+  if (file_size < 8)
+    return corrupt(what, "file is " + std::to_string(file_size) + " bytes, too short for the 8-byte header length");
+  return Status::OK();
+}
+
+Result<SafetensorsFile> SafetensorsFile::map_file(int fd, const std::string& what, uint64_t file_size,
+                                                  uint64_t max_bytes) {
+  TUTEL_RETURN_IF_ERROR(check_size(what, file_size, max_bytes));
+  SafetensorsFile file;
+  file.path_ = what;
+  void* mapping = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
+  if (mapping == MAP_FAILED) return errno_status(errno, "cannot map", what);
+  // The mapping keeps the file alive on its own; the descriptor is not needed past this.
+  file.mapping_ = mapping;
+  file.mapping_size_ = file_size;
+  TUTEL_RETURN_IF_ERROR(file.parse(static_cast<const char*>(mapping), file_size));
+  return file;
 }
 
 Result<SafetensorsFile> SafetensorsFile::read(int fd, const std::string& what, uint64_t max_bytes) {
@@ -357,13 +366,7 @@ Result<SafetensorsFile> SafetensorsFile::read(int fd, const std::string& what, u
       return Status::InvalidArgument(file_context(what) +
                                      " is not a regular file (give a memfd or an open file)");
     const auto file_size = static_cast<uint64_t>(st.st_size);
-    if (file_size > max_bytes)
-      return Status::InvalidArgument(file_context(what) + " is " + std::to_string(file_size) +
-                                     " bytes, more than the " + std::to_string(max_bytes) +
-                                     " its reader takes");
-    if (file_size < 8)
-      return corrupt(what, "file is " + std::to_string(file_size) +
-                               " bytes, too short for the 8-byte header length");
+    TUTEL_RETURN_IF_ERROR(check_size(what, file_size, max_bytes));
     SafetensorsFile file;
     file.path_ = what;
     file.owned_.reset(new char[file_size]);
@@ -395,22 +398,7 @@ Result<SafetensorsFile> SafetensorsFile::map_sealed(int fd, const std::string& w
       return Status::InvalidArgument(file_context(what) +
                                      " is not a memfd sealed against shrinking and writing (F_SEAL_SHRINK, "
                                      "F_SEAL_WRITE); read() copies one that is not");
-    const auto file_size = static_cast<uint64_t>(st.st_size);
-    if (file_size > max_bytes)
-      return Status::InvalidArgument(file_context(what) + " is " + std::to_string(file_size) +
-                                     " bytes, more than the " + std::to_string(max_bytes) +
-                                     " its reader takes");
-    if (file_size < 8)
-      return corrupt(what, "file is " + std::to_string(file_size) +
-                               " bytes, too short for the 8-byte header length");
-    SafetensorsFile file;
-    file.path_ = what;
-    void* mapping = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (mapping == MAP_FAILED) return errno_status(errno, "cannot map", what);
-    file.mapping_ = mapping;
-    file.mapping_size_ = file_size;
-    TUTEL_RETURN_IF_ERROR(file.parse(static_cast<const char*>(mapping), file_size));
-    return file;
+    return map_file(fd, what, static_cast<uint64_t>(st.st_size), max_bytes);
   } catch (const std::bad_alloc&) {
     return Status::ResourceExhausted("out of memory reading " + file_context(what));
   } catch (const std::exception& e) {

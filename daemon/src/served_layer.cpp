@@ -967,18 +967,19 @@ Status ServedLayer::import_state(int fd) {
   const bool mappable = sealed && hole.ok() && ::fstat(fd, &st) == 0 && *hole >= static_cast<uint64_t>(st.st_size);
   TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, mappable ? SafetensorsFile::map_sealed(fd, what, import_bytes_bound())
                                                         : SafetensorsFile::read(fd, what, import_bytes_bound()));
-  LayerLock lock(*this);
-  TUTEL_RETURN_IF_ERROR(rank_.health.check());
-  Status loaded = load_file_locked(file, /*require_all=*/true);
-  if (loaded.ok()) return loaded;
-  auto device_lock = lock_device();
-  return watch_device(std::move(loaded));
+  return load_file(file);
 }
 
 Status ServedLayer::load(const std::string& path) {
+  // Read before the layer is locked: its requests wait for the copy only.
+  TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::open(path));
+  return load_file(file);
+}
+
+Status ServedLayer::load_file(const SafetensorsFile& file) {
   LayerLock lock(*this);
   TUTEL_RETURN_IF_ERROR(rank_.health.check());
-  Status loaded = load_locked(path, /*require_all=*/true);
+  Status loaded = load_file_locked(file, /*require_all=*/true);
   if (loaded.ok()) return loaded;
   auto device_lock = lock_device();
   return watch_device(std::move(loaded));

@@ -89,6 +89,11 @@ class SafetensorsFile {
   // Validates the header of the file's `size` bytes at `bytes` (mapped or owned) and fills
   // tensors_, index_ and metadata_.
   Status parse(const char* bytes, uint64_t size);
+  // InvalidArgument over `max_bytes`, Corruption under the 8-byte length prefix.
+  static Status check_size(const std::string& what, uint64_t file_size, uint64_t max_bytes);
+  // Maps the `file_size` bytes of the regular file `fd` read-only and parses them.
+  static Result<SafetensorsFile> map_file(int fd, const std::string& what, uint64_t file_size,
+                                          uint64_t max_bytes);
 
   std::string path_;
   void* mapping_ = nullptr;
