@@ -537,11 +537,7 @@ namespace {
 // another regular file is copied into a new one here, from its start, and sealed, so that the
 // daemon maps it rather than copying it again.
 Result<UniqueFd> memfd_copy_of(int fd) {
-  // MFD_NOEXEC_SEAL (0x8): Linux 6.3 warns about memfds without an exec policy; older kernels
-  // refuse the flag.
-  UniqueFd copy(::memfd_create("tuteld layer state", MFD_CLOEXEC | MFD_ALLOW_SEALING | 0x0008U));
-  if (!copy.valid() && errno == EINVAL) copy.reset(::memfd_create("tuteld layer state", MFD_CLOEXEC | MFD_ALLOW_SEALING));
-  if (!copy.valid()) return Status::ResourceExhausted(std::string("import_state: memfd_create: ") + std::strerror(errno));
+  TUTEL_ASSIGN_OR_RETURN(UniqueFd copy, create_memfd("tuteld layer state"));
   std::vector<char> chunk(size_t{1} << 20);
   for (off_t at = 0;;) {
     const ssize_t n = ::pread(fd, chunk.data(), chunk.size(), at);

@@ -56,15 +56,21 @@ SharedMemory::~SharedMemory() {
   if (data_ != nullptr) ::munmap(data_, bytes_);
 }
 
+Result<UniqueFd> create_memfd(std::string_view what) {
+  const std::string name(what);
+  UniqueFd fd(::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING | kMfdNoexecSeal));
+  if (!fd.valid() && errno == EINVAL) fd.reset(::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!fd.valid()) return Status::IOError("memfd_create for the " + name + ": " + errno_text(errno));
+  return fd;
+}
+
 Result<SharedMemory> SharedMemory::create(size_t bytes, std::string_view what) {
   const std::string name(what);
   if (bytes == 0) return Status::InvalidArgument(name + " must not be empty");
   const size_t page = page_bytes();
   if (bytes > (size_t{1} << 46)) return Status::InvalidArgument(name + " of " + std::to_string(bytes) + " bytes is too large");
   const size_t size = (bytes + page - 1) / page * page;
-  UniqueFd fd(::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING | kMfdNoexecSeal));
-  if (!fd.valid() && errno == EINVAL) fd.reset(::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
-  if (!fd.valid()) return Status::IOError("memfd_create for the " + name + ": " + errno_text(errno));
+  TUTEL_ASSIGN_OR_RETURN(UniqueFd fd, create_memfd(what));
   if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0)
     return Status::ResourceExhausted("cannot size the " + name + " to " + std::to_string(size) + " bytes: " + errno_text(errno));
   // F_SEAL_SEAL stops the receiver from adding seals of its own (e.g. F_SEAL_FUTURE_WRITE).

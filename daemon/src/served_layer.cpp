@@ -28,6 +28,19 @@ constexpr const char* kTenantKey = "tuteld.tenant";
 const std::string kState0Prefix = "optimizer.state0.";  // SGD momentum, AdamW exp_avg
 const std::string kState1Prefix = "optimizer.state1.";  // AdamW exp_avg_sq
 
+// A file's step count (metadata kStepKey), 0 without one.
+Result<int64_t> step_of(const SafetensorsFile& file) {
+  int64_t step = 0;
+  if (auto it = file.metadata().find(kStepKey); it != file.metadata().end()) {
+    const std::string& text = it->second;
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), step);
+    // Below 2^53: more steps than any training takes, so counting on never overflows.
+    if (ec != std::errc() || end != text.data() + text.size() || step < 0 || step >= (int64_t{1} << 53))
+      return Status::Corruption(file.path() + ": metadata '" + kStepKey + "' is not a step count: '" + text + "'");
+  }
+  return step;
+}
+
 // Pending entries kept for reuse; more in flight than this allocate afresh.
 constexpr size_t kMaxRecycled = 8;
 
@@ -988,18 +1001,6 @@ Status ServedLayer::load_file(const SafetensorsFile& file) {
 Status ServedLayer::load_locked(const std::string& path, bool require_all) {
   TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::open(path));
   return load_file_locked(file, require_all);
-}
-
-Result<int64_t> ServedLayer::step_of(const SafetensorsFile& file) {
-  int64_t step = 0;
-  if (auto it = file.metadata().find(kStepKey); it != file.metadata().end()) {
-    const std::string& text = it->second;
-    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), step);
-    // Below 2^53: more steps than any training takes, so counting on never overflows.
-    if (ec != std::errc() || end != text.data() + text.size() || step < 0 || step >= (int64_t{1} << 53))
-      return Status::Corruption(file.path() + ": metadata '" + kStepKey + "' is not a step count: '" + text + "'");
-  }
-  return step;
 }
 
 Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_all) {

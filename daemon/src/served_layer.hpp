@@ -342,7 +342,6 @@ class ServedLayer {
   Status initialise(uint64_t seed);
   // This rank's values (which = 0) or optimizer state `which` - 1, host → device.
   Status copy_in(const graphs::HostLayerParams& p, int which = 0);
-  static Result<int64_t> step_of(const SafetensorsFile& file);  // its kStepKey, 0 without one
   LayerWeights weights_of(int which) const;  // 0 = values, 1 = gradients
   Status load_locked(const std::string& path, bool require_all);
   Status load_file_locked(const SafetensorsFile& file, bool require_all);

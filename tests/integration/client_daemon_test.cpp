@@ -32,9 +32,10 @@
 namespace tutel::testing {
 namespace {
 
-std::string spec(const std::string& name, int64_t model_dim = 16) {
+std::string spec(const std::string& name, int64_t model_dim = 16, int init_seed = 5) {
   return "name = \"" + name + "\"\nexperts = 4\nmodel_dim = " + std::to_string(model_dim) +
-         "\nhidden = 32\nk = 2\ninit_seed = 5\n[optimizer]\nkind = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n";
+         "\nhidden = 32\nk = 2\ninit_seed = " + std::to_string(init_seed) +
+         "\n[optimizer]\nkind = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n";
 }
 
 class ClientDaemon : public ::testing::Test {
@@ -464,7 +465,7 @@ TEST_F(ClientDaemon, AnExportedStateIsTheSavedFileAndImportingItMakesATwin) {
   ASSERT_TRUE(client.ok());
   auto first = client->create_layer(spec("first"));
   ASSERT_TRUE(first.ok()) << first.status();
-  auto second = client->create_layer(spec("second").replace(spec("second").find("init_seed = 5"), 13, "init_seed = 6"));
+  auto second = client->create_layer(spec("second", 16, /*init_seed=*/6));
   ASSERT_TRUE(second.ok()) << second.status();
   EXPECT_GE(first->info().state_bytes, uint64_t{4 * 16 + 2 * 4 * 32 * 16 + 4 * 32 + 4 * 16} * 4 * 2);
   std::mt19937 rng(std::random_device{}());

@@ -82,6 +82,10 @@ class SharedMemory {
 // The size of a page of mapped memory.
 size_t page_bytes();
 
+// A new, empty memfd that may be sealed (MFD_ALLOW_SEALING), closed on exec, with an exec policy
+// where the kernel has one; `what` names it in /proc/<pid>/fd and in the error.
+Result<UniqueFd> create_memfd(std::string_view what);
+
 // OK when `fd` is a regular file in ordinary memory (tmpfs or shmem: a memfd without
 // MFD_HUGETLB), else InvalidArgument naming `what`. Such a file never blocks a read or a write,
 // as one on a network or FUSE mount can. A mapping of it can still fault: past its end, or at
