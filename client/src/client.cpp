@@ -76,8 +76,8 @@ Result<LayerInfo> parse_layer_info(const json& body) {
 // Bytes of a [tokens, dim] f32 tensor, or an error when that overflows.
 Result<uint64_t> tensor_bytes(int64_t tokens, int64_t dim, const char* name) {
   constexpr int64_t kMax = std::numeric_limits<int64_t>::max() / 8;
-  if (tokens < 1)
-    return Status::InvalidArgument("tokens = " + std::to_string(tokens) + " must be at least 1");
+  if (tokens < 0)
+    return Status::InvalidArgument("tokens = " + std::to_string(tokens) + " must not be negative");
   if (tokens > kMax / 4 / dim)
     return Status::InvalidArgument(std::string(name) + " of " + std::to_string(tokens) +
                                    " tokens is too large");
@@ -262,9 +262,13 @@ Status usable(const std::shared_ptr<LayerState>& state) {
 Result<Ticket> submit_forward_request(const std::shared_ptr<LayerState>& state, const float* x, int64_t tokens,
                                       float* y, bool training, bool in_device_region) {
   TUTEL_RETURN_IF_ERROR(usable(state));
-  if (x == nullptr || y == nullptr)
-    return Status::InvalidArgument("forward: x and y must not be null");
   Submission s;
+  TUTEL_ASSIGN_OR_RETURN(s.input_bytes, tensor_bytes(tokens, state->info.model_dim, "x"));
+  TUTEL_ASSIGN_OR_RETURN(s.output_bytes, tensor_bytes(tokens, state->info.output_dim, "y"));
+  // An empty batch has nothing to read or write in host memory; a device call still names its
+  // region by pointer.
+  if ((x == nullptr || y == nullptr) && (tokens != 0 || in_device_region))
+    return Status::InvalidArgument("forward: x and y must not be null");
   s.op = ipc::Op::kForward;
   s.flags = training ? uint32_t{ipc::kFlagTraining} : uint32_t{0};
   s.layer = state;
@@ -272,8 +276,6 @@ Result<Ticket> submit_forward_request(const std::shared_ptr<LayerState>& state, 
   s.input = x;
   s.output = y;
   s.in_device_region = in_device_region;
-  TUTEL_ASSIGN_OR_RETURN(s.input_bytes, tensor_bytes(tokens, state->info.model_dim, "x"));
-  TUTEL_ASSIGN_OR_RETURN(s.output_bytes, tensor_bytes(tokens, state->info.output_dim, "y"));
   // Sequences are unique in the session, so two handles on one layer never collide.
   if (training) s.sequence = state->session->next_sequence();
   TUTEL_ASSIGN_OR_RETURN(Ticket t, state->session->submit(s));
@@ -285,9 +287,9 @@ Result<Ticket> submit_backward_request(const std::shared_ptr<LayerState>& state,
                                        const float* dy, float dl_aux, float* dx, bool in_device_region,
                                        Layer::ParamGrads param_grads = Layer::ParamGrads::kAccumulate) {
   TUTEL_RETURN_IF_ERROR(usable(state));
-  if (dy == nullptr || dx == nullptr)
-    return Status::InvalidArgument("backward: dy and dx must not be null");
   auto pending = state->pending.find(sequence);
+  if ((dy == nullptr || dx == nullptr) && (pending == state->pending.end() || pending->second != 0 || in_device_region))
+    return Status::InvalidArgument("backward: dy and dx must not be null");
   if (pending == state->pending.end()) {
     return Status::InvalidArgument(
         "backward: no training forward with sequence " + std::to_string(sequence) +

@@ -181,9 +181,11 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
       Result<RequestMemory> mem = request_memory(*s, d, layer);
       if (!mem.ok()) {
         st = refuse(mem.status());
-      } else if (d.tokens < 1 || d.tokens > (int64_t{1} << 30) / spec.k) {
+      } else if (d.tokens < 0 || d.tokens > (int64_t{1} << 30) / spec.k) {
+        // An empty batch (0) is a request like any other: an expert-parallel rank's peers need
+        // its part of the step's collectives.
         st = refuse(Status::InvalidArgument("tokens = " + std::to_string(d.tokens) +
-                                            " is out of range: a request carries 1 to 2^30 / k = " +
+                                            " is out of range: a request carries 0 to 2^30 / k = " +
                                             std::to_string((int64_t{1} << 30) / spec.k) + " tokens; split it"));
       } else if (!backward) {
         st = check_ranges(*mem, d, d.tokens * M * 4, d.tokens * O * 4, "x", "y");

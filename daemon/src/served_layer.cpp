@@ -490,7 +490,9 @@ Result<TensorView> ServedLayer::stage_out(float* out, Shape shape, DeviceBuffer&
 Status ServedLayer::unstage_out(float* out, const TensorView& result, ClientMemory memory) {
   // The client may read the result as soon as it is told: on the host (copied back, which
   // returns once the host has it) or on the device (every op that writes it has finished).
-  if (stages(memory)) return backend().copy(out, result.data(), result.nbytes(), CopyKind::kDeviceToHost);
+  if (stages(memory))
+    return result.nbytes() > 0 ? backend().copy(out, result.data(), result.nbytes(), CopyKind::kDeviceToHost)
+                               : backend().synchronize();  // an empty batch's: no copy waits for the step
   return memory == ClientMemory::kDevice ? backend().synchronize() : Status::OK();
 }
 
@@ -544,6 +546,11 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
       return unstage_out(y, *yv, memory);
     }());
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();
+  } else if (tokens == 0) {
+    // An empty batch: nothing to route or compute (capacity 0, l_aux 0). A training forward's
+    // entry (without a plan) still waits for its backward, so a trainer calls the same way
+    // whatever its batch holds.
+    stats = RoutingStats{};
   } else {
     st = [&]() -> Status {
       TensorView xv;
@@ -612,7 +619,8 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
     return group_ ? refuse_group_step(true, owner, sequence, std::move(why)) : why;
   }
   Pending& p = *it->second;
-  const int64_t forward_tokens = group_ ? p.saved.tokens() : p.step.plan->tokens();
+  // An empty batch's entry holds no plan (forward).
+  const int64_t forward_tokens = group_ ? p.saved.tokens() : p.step.plan ? p.step.plan->tokens() : 0;
   if (forward_tokens != tokens) {
     Status why = Status::InvalidArgument("layer '" + def_.name + "': backward of sequence " +
                                          std::to_string(sequence) + " has " + std::to_string(tokens) +
@@ -672,7 +680,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
       return unstage_out(dx, *dxv, memory);
     }());
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();
-  } else {
+  } else if (tokens > 0) {  // an empty batch's backward changes nothing
     st = [&]() -> Status {
       TUTEL_ASSIGN_OR_RETURN(const TensorView dyv, stage_in(dy, {tokens, O}, staged_in_, memory));
       TUTEL_ASSIGN_OR_RETURN(const TensorView dxv, stage_out(dx, {tokens, M}, staged_out_, memory));

@@ -1002,12 +1002,14 @@ size_t ExpertParallelLayer::Saved::bytes() const {
 Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, TensorView y,
                                     RoutingStats* stats, Saved* saved) {
   TUTEL_RETURN_IF_ERROR(check_local(local, spec_, shard_, "weights"));
-  const int64_t S = x.rank() == 2 ? x.dim(0) : 0, E = spec_.experts, k = spec_.k,
+  const int64_t S = x.rank() == 2 ? x.dim(0) : -1, E = spec_.experts, k = spec_.k,
                 M = spec_.model_dim, O = spec_.out_dim(), W = shard_.world,
                 El = shard_.local_experts, s = shard_.shards, Hs = shard_.hidden_shard;
-  if (S < 1)
+  // S = 0 is a step too: a rank whose batch is empty still runs its part of the group's
+  // collectives (its experts serve the peers' tokens), with nothing of its own routed.
+  if (S < 0)
     return Status::InvalidArgument("x has shape " + x.shape().to_string() +
-                                   ", expected [tokens >= 1, M]");
+                                   ", expected [tokens, M]");
   TUTEL_RETURN_IF_ERROR(x.expect("x", DType::kF32, {S, M}));
   TUTEL_RETURN_IF_ERROR(y.expect("y", DType::kF32, {S, O}));
   Backend& b = *backend_;
@@ -1040,6 +1042,12 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
                            {&local});
         },
         [&]() -> Status {
+          // No tokens: no expert gets one from this rank, and l_aux (a mean over the rank's
+          // tokens) is 0. The backends' routing kernels are not asked to take S = 0.
+          if (S == 0) {
+            TUTEL_RETURN_IF_ERROR(b.fill_zero(counts));
+            return b.fill_zero(f32(l_aux_, {1}));
+          }
           if (training)
             TUTEL_RETURN_IF_ERROR(
                 b.copy(st.x_.data(), x.data(), S * M * 4, CopyKind::kDeviceToDevice));
@@ -1158,23 +1166,33 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
                            {x.data(), y.data()}, {&local});
         },
         [&]() -> Status {
-          TUTEL_RETURN_IF_ERROR(b.slot_map({idx, loc, C, i32(st.slots_, {E, C})}));
+          // This rank's tokens into their experts' slots, and the experts' results back to
+          // them. Without tokens every slot is empty and y has no rows.
+          auto dispatch = [&](const TensorView& dispatched) -> Status {
+            if (S == 0) return b.fill_zero(dispatched);
+            TUTEL_RETURN_IF_ERROR(b.slot_map({idx, loc, C, i32(st.slots_, {E, C})}));
+            return b.encode({xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore, dispatched});
+          };
+          auto combine = [&]() -> Status {
+            if (S == 0) return Status::OK();
+            return b.decode(
+                {f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y});
+          };
           if (data_parallel) {
-            // Every expert here, on this rank's tokens: nothing travels but the weights.
+            // Every expert here, on this rank's tokens: nothing travels but the weights (which
+            // a rank without tokens gathers all the same: the gather is a collective).
             TUTEL_RETURN_IF_ERROR(gather_experts(local));
+            if (S == 0) return Status::OK();
             const TensorView dispatched = disp_at(st.expert_in_, 0, {E, C, M});
-            TUTEL_RETURN_IF_ERROR(
-                b.encode({xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore, dispatched}));
+            TUTEL_RETURN_IF_ERROR(dispatch(dispatched));
             TUTEL_RETURN_IF_ERROR(b.expert_forward(
                 {dispatched, whole_view(gathered_, gathers_copies(local)), spec_.activation,
                  spec_.matmul_dtype,
                  keep_pre ? f32(st.pre_, {E, C, H}) : TensorView(), f32(st.hidden_, {E, C, H}),
                  f32(st.combined_, {E, C, O}), workspace(), /*keep_hidden=*/training}));
-            return b.decode(
-                {f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y});
+            return combine();
           }
-          TUTEL_RETURN_IF_ERROR(b.encode({xv, gates, i32(st.slots_, {E, C}), spec_.is_postscore,
-                                          disp_at(dispatched_, 0, {E, C, M})}));
+          TUTEL_RETURN_IF_ERROR(dispatch(disp_at(dispatched_, 0, {E, C, M})));
           if (gathers_part) TUTEL_RETURN_IF_ERROR(gather_part(local, side));
           const bool copies = gathers_copies(local);
           const ExpertWeights weights = gathers_part ? part_view(gathered_, side, copies)
@@ -1212,8 +1230,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
                 return to_tokens(fp(expert_out_) + rows_before(j) * O, fp(st.combined_),
                                  chunk(C, chunks, j, q), O, side, config.algo);
               }));
-          return b.decode(
-              {f32(st.combined_, {E, C, O}), gates, idx, loc, C, spec_.is_postscore, y});
+          return combine();
         },
         unprepared, &refused);
     if (!ran.ok()) {
@@ -1325,9 +1342,15 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
                          {dy.data(), dx.data()}, {&local, &local_grads});
       },
       [&]() -> Status {
-        TUTEL_RETURN_IF_ERROR(b.decode_backward({dy, f32(saved.combined_, {E, C, O}), gates, idx,
-                                                 loc, i32(saved.slots_, {E, C}), spec_.is_postscore,
-                                                 f32(d_combined_, {E, C, O}), d_gates}));
+        // A rank without tokens (S = 0) sends its experts' slots no gradient, takes none back,
+        // and adds nothing to the gate's; it runs the collectives alone.
+        if (S == 0) {
+          TUTEL_RETURN_IF_ERROR(b.fill_zero(f32(d_combined_, {E, C, O})));
+        } else {
+          TUTEL_RETURN_IF_ERROR(b.decode_backward({dy, f32(saved.combined_, {E, C, O}), gates, idx,
+                                                   loc, i32(saved.slots_, {E, C}), spec_.is_postscore,
+                                                   f32(d_combined_, {E, C, O}), d_gates}));
+        }
         const bool keep_pre = spec_.activation != Activation::kRelu;
         // The experts' part, by r: it leaves the gradient of the dispatched tokens, [E, C, M],
         // in d_dispatched.
@@ -1337,6 +1360,7 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
           // the group's sum.
           TUTEL_RETURN_IF_ERROR(gather_experts(local));
           TUTEL_RETURN_IF_ERROR(b.fill_zero(f32(full_grads_, {whole_experts().floats})));
+          if (S == 0) return scatter_expert_grads(local_grads);  // its share of the peers' sum
           TUTEL_RETURN_IF_ERROR(b.expert_backward(
               {disp_at(saved.expert_in_, 0, {E, C, M}),
                keep_pre ? f32(saved.pre_, {E, C, H}) : TensorView(), f32(saved.hidden_, {E, C, H}),
@@ -1395,6 +1419,7 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
               }));
           if (gathers_part) TUTEL_RETURN_IF_ERROR(scatter_part_grads(local_grads, side));
         }
+        if (S == 0) return Status::OK();
         TUTEL_RETURN_IF_ERROR(b.encode_backward({f32(*d_dispatched, {E, C, M}), xv, gates, idx, loc,
                                                  C, spec_.is_postscore, dx, d_gates}));
         return b.gate_backward({xv, local.gate_weight, scores, idx, d_gates, dl_aux,

@@ -242,6 +242,22 @@ std::vector<EpCase> cases() {
                                    4, 1, 64, 1, 0.0, {10, 20, 30, 40}})),
       bf16_matmuls(parallelism(2, pipelined(2, {"Bf16ModelParallelPipelinedTwoRanksSharded",
                                                 2, 1, 32, 1, 1.0, {25, 41}}))),
+      // Ranks with an empty batch (S = 0) run their part of every collective for their peers'
+      // tokens: y and dx without rows, l_aux 0, nothing added to any gradient. Under every
+      // way of exchanging, and a group where no rank has a token (capacity 0).
+      {"TwoRanksOneWithoutTokens", 2, 4, 32, 2, 1.0, {40, 0}},
+      {"FourRanksTwoWithoutTokensCappedDroplessGelu", 4, 8, 32, 2, -0.8, {0, 33, 0, 28},
+       Activation::kGelu},
+      {"FourRanksOneExpertShardedInFourOneWithoutTokens", 4, 1, 64, 1, 0.0, {10, 0, 30, 40}},
+      data_parallel({"DataParallelTwoRanksOneWithoutTokens", 2, 4, 32, 2, 1.0, {0, 31}}),
+      data_parallel({"DataParallelFourRanksShardedOneWithoutTokens", 4, 1, 64, 1, 0.0, {10, 20, 0, 40}}),
+      pipelined(3, {"PipelinedThreeChunksTwoRanksOneWithoutTokens", 2, 2, 32, 1, 0.0, {0, 26}}),
+      two_dh(2, {"TwoDhFourRanksTwoNodesOneWithoutTokens", 4, 8, 32, 2, 1.0, {30, 0, 25, 36}}),
+      bf16_matmuls({"Bf16TwoRanksOneWithoutTokens", 2, 4, 32, 2, 1.0, {40, 0}}),
+      parallelism(2, {"ModelParallelFourRanksShardedTwoWithoutTokens", 4, 2, 48, 2, 1.0, {0, 30, 30, 0}}),
+      parallelism(2, {"TwoPartsFourRanksShardedInFourOneWithoutTokens", 4, 1, 64, 1, 0.0, {10, 20, 0, 40}}),
+      {"TwoRanksWithoutTokens", 2, 4, 32, 2, 1.0, {0, 0}},
+      data_parallel({"DataParallelTwoRanksWithoutTokens", 2, 4, 32, 2, 1.0, {0, 0}}),
   };
 }
 

@@ -374,6 +374,52 @@ TEST_F(ClientDaemon, ABackwardForDxAloneLeavesTheParameterGradients) {
   EXPECT_NE(ya, before) << "the step moved nothing";
 }
 
+// An empty batch (0 tokens, null buffers) is a request like any other on a layer without
+// [group]: the forward says capacity 0, nothing dropped, l_aux 0; a training forward waits for
+// its backward, which consumes it and adds nothing to the gradients (their norm stays 0); the
+// asynchronous calls and inference take it too, and the layer goes on. Negative counts are
+// refused before anything is sent. (Expert-parallel layers: ExpertParallelDaemons.)
+TEST_F(ClientDaemon, AnEmptyBatchIsAStepThatChangesNothing) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto layer = client->create_layer(spec("empty_batch"));
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  client::ForwardInfo info;
+  info.l_aux = 1.f;
+  info.capacity = info.dropped = -1;
+  ASSERT_TRUE(layer->forward(nullptr, 0, nullptr, &info).ok());
+  EXPECT_EQ(info.capacity, 0);
+  EXPECT_EQ(info.dropped, 0);
+  EXPECT_EQ(info.l_aux, 0.f);
+  ASSERT_TRUE(layer->backward(info.sequence, nullptr, 0.5f, nullptr).ok());
+  EXPECT_FALSE(layer->backward(info.sequence, nullptr, 0.5f, nullptr).ok()) << "a backward ran twice";
+  auto norm = layer->grad_norm();
+  ASSERT_TRUE(norm.ok()) << norm.status();
+  EXPECT_EQ(*norm, 0.0);
+  ASSERT_TRUE(layer->infer(nullptr, 0, nullptr, &info).ok());
+  auto ticket = layer->submit_forward(nullptr, 0, nullptr);
+  ASSERT_TRUE(ticket.ok()) << ticket.status();
+  ASSERT_TRUE(client->wait(*ticket).ok());
+  auto back = layer->submit_backward(ticket->sequence, nullptr, 0.f, nullptr);
+  ASSERT_TRUE(back.ok()) << back.status();
+  ASSERT_TRUE(client->wait(*back).ok());
+  norm = layer->grad_norm();
+  ASSERT_TRUE(norm.ok()) << norm.status();
+  EXPECT_EQ(*norm, 0.0);
+  const Status negative = layer->forward(nullptr, -1, nullptr, &info);
+  EXPECT_EQ(negative.code(), StatusCode::kInvalidArgument) << negative;
+  EXPECT_NE(negative.message().find("negative"), std::string_view::npos) << negative;
+  // Null buffers with tokens are still refused, and a real batch runs as before.
+  EXPECT_EQ(layer->forward(nullptr, 4, nullptr, &info).code(), StatusCode::kInvalidArgument);
+  std::vector<float> x(4 * 16, 0.25f), y(4 * 16), dx(4 * 16);
+  ASSERT_TRUE(layer->forward(x.data(), 4, y.data(), &info).ok());
+  EXPECT_GT(info.capacity, 0);
+  ASSERT_TRUE(layer->backward(info.sequence, y.data(), 0.f, dx.data()).ok());
+  norm = layer->grad_norm();
+  ASSERT_TRUE(norm.ok()) << norm.status();
+  EXPECT_GT(*norm, 0.0);
+}
+
 // Every parameter a layer saved as `name` (no optimizer state), in the file's order; empty when
 // the file cannot be read.
 std::vector<float> saved_parameters(const DaemonProcess& d, const std::string& name) {

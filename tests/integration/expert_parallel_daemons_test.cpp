@@ -69,6 +69,10 @@ std::vector<GroupCase> group_cases() {
       // 1 < r < s (pairs of shards gathered); the cases above run r = 1 (each gathered whole).
       {"FourDaemonsOneRankEachShardedModelParallel", 4, 1, 2, 1, -1.0, {20, 28, 14, 31}, "linear", "r = 2\n"},
       {"TwoDaemonsTwoRanksEachOneExpertInTwoParts", 2, 2, 1, 1, 1.0, {16, 20, 24, 12}, "linear", "r = 2\n"},
+      // Ranks with an empty batch (0 tokens) call as their peers do: their experts serve the
+      // peers' tokens, and they add nothing to any gradient.
+      {"TwoDaemonsOneRankEachOneWithoutTokens", 2, 1, 4, 2, 1.0, {24, 0}},
+      {"TwoDaemonsTwoRanksEachShardedDroplessTwoWithoutTokens", 2, 2, 2, 2, 0.0, {16, 0, 0, 12}, "2dh"},
   };
 }
 
@@ -518,6 +522,8 @@ INSTANTIATE_TEST_SUITE_P(
     Groups, ExpertParallelDaemonsInFlight,
     ::testing::Values(
         InFlightCase{"TwoDaemonsOneRankEach", 2, 1, 4, 2, 1.0, {{40, 27}, {18, 45}, {31, 22}}},
+        // Empty batches on one rank, then on every rank (the group's capacity 0).
+        InFlightCase{"TwoDaemonsOneRankEachEmptyBatches", 2, 1, 4, 2, 1.0, {{40, 0}, {0, 45}, {0, 0}}},
         InFlightCase{"TwoDaemonsTwoRanksEach2dhShardedDropless",
                      2,
                      2,
@@ -915,7 +921,7 @@ Result<uint64_t> open_raw_rank(RawSession& raw, const std::string& spec, int64_t
 }
 
 // Requests a rank's daemon refuses before its layer runs them (a malformed descriptor from a
-// client the library does not check: a dx range past the arena, zero tokens, an unknown flag; a
+// client the library does not check: a dx range past the arena, negative tokens, an unknown flag; a
 // backward naming no forward) are refused on every rank through the step's agreement, at once
 // rather than after the collective timeout; a refused backward consumes the forward it names on
 // every rank; and the group's next steps run. Rank 1 speaks the protocol by hand.
@@ -963,7 +969,7 @@ TEST(ExpertParallelGroups, ARequestOneDaemonRefusesBeforeTheLayerIsRefusedOnEver
     step(ipc::Op::kBackward, 1, S, out);             // 1
     step(ipc::Op::kForward, 2, S, out);              // 2
     step(ipc::Op::kBackward, 2, S, past_the_arena);  // 3: dx past the arena
-    step(ipc::Op::kForward, 3, 0, out);              // 4: no tokens
+    step(ipc::Op::kForward, 3, -1, out);             // 4: negative tokens
     step(ipc::Op::kForward, 4, S, out);              // 5
     step(ipc::Op::kBackward, 99, S, out);            // 6: names no forward
     step(ipc::Op::kForward, 5, S, out);              // 7
@@ -1019,7 +1025,7 @@ TEST(ExpertParallelGroups, ARequestOneDaemonRefusesBeforeTheLayerIsRefusedOnEver
   }
   EXPECT_NE(rank1_steps[3].status_code, 0);
   EXPECT_NE(std::string(rank1_steps[3].message).find("dx"), std::string::npos) << rank1_steps[3].message;
-  EXPECT_NE(std::string(rank1_steps[4].message).find("tokens = 0"), std::string::npos) << rank1_steps[4].message;
+  EXPECT_NE(std::string(rank1_steps[4].message).find("tokens = -1"), std::string::npos) << rank1_steps[4].message;
   EXPECT_EQ(rank1_steps[6].status_code, static_cast<int32_t>(StatusCode::kNotFound)) << rank1_steps[6].message;
   EXPECT_NE(std::string(rank1_steps[9].message).find("unknown request flags"), std::string::npos)
       << rank1_steps[9].message;

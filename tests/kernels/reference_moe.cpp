@@ -81,7 +81,8 @@ struct Trace {
 
 void check_inputs(const Config& c, const Params& p, const std::vector<double>& x,
                   const std::vector<double>* noise) {
-  require(c.S >= 1 && c.M >= 1 && c.H >= 1 && c.O >= 1 && c.E >= 1, "dims must be >= 1");
+  // S = 0: an empty batch (an expert-parallel rank's), whose l_aux is 0 and gradients nothing.
+  require(c.S >= 0 && c.M >= 1 && c.H >= 1 && c.O >= 1 && c.E >= 1, "need S >= 0 and other dims >= 1");
   require(c.k >= 1 && c.k <= c.E, "need 1 <= k <= E");
   require(c.alignment >= 1, "alignment must be >= 1");
   require(static_cast<int64_t>(x.size()) == c.S * c.M, "x must be [S,M]");

@@ -35,8 +35,9 @@ def softmax(logits):
     return z / z.sum(axis=1, keepdims=True)
 
 
-def forward(p, x, k, capacity_factor, normalize_gate=True):
-    """p: wg [E,M], w1 [E,H,M], b1 [E,H], w2 [E,H,O], b2 [E,O] (Tutel's layouts)."""
+def forward(p, x, k, capacity_factor, normalize_gate=True, capacity=None):
+    """p: wg [E,M], w1 [E,H,M], b1 [E,H], w2 [E,H,O], b2 [E,O] (Tutel's layouts). `capacity`:
+    the expert-parallel group's, in place of the one from x's tokens (capacity_factor > 0)."""
     S, _ = x.shape
     E = p["wg"].shape[0]
     logits = x @ p["wg"].T
@@ -47,7 +48,7 @@ def forward(p, x, k, capacity_factor, normalize_gate=True):
     me = scores.mean(axis=0)
     ce = np.bincount(idx[:, 0], minlength=E) / S
     l_aux = E * np.sum(me * ce)
-    C = k * int(np.floor(capacity_factor * -(-S // E)))
+    C = k * int(np.floor(capacity_factor * -(-S // E))) if capacity is None else capacity
     # Slots: all first choices in token order, then all second choices, and so on.
     loc = np.zeros_like(idx)
     count = np.zeros(E, dtype=np.int64)

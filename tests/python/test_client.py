@@ -7,7 +7,9 @@ import os
 import random
 import shutil
 import signal
+import socket
 import tempfile
+import threading
 import time
 import unittest
 import weakref
@@ -49,6 +51,40 @@ def random_inputs(rng, p, shape):
 def random_case(rng, tokens):
     p = random_params(rng)
     return p, random_inputs(rng, p, (tokens, M))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_spec(rank, port, size=2):
+    """Group rank `rank`'s layer "moe" of the shape above, from the whole layer's
+    init.safetensors (each rank takes its slice), meeting its peers on loopback `port`."""
+    return (f'name = "moe"\nexperts = {E}\nmodel_dim = {M}\nhidden = {H}\nk = {K}\n'
+            f'capacity_factor = {F}\nweights = "init.safetensors"\n'
+            f'optimizer = {{ kind = "sgd", lr = {LR} }}\n'
+            f'[group]\ncoordinator = "127.0.0.1:{port}"\nsize = {size}\nrank = {rank}\n'
+            'collective_timeout_ms = 20000\n')
+
+
+def run_ranks(body, ranks):
+    """body(r) on a thread per rank; the exceptions they raised."""
+    errors = []
+
+    def run(r):
+        try:
+            body(r)
+        except BaseException as e:  # reported by the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
 
 
 
@@ -179,6 +215,65 @@ class ClientModuleTest(unittest.TestCase):
                 other.import_state(state, meta)
             self.assertEqual(e.exception.name, name, str(e.exception))
         np.testing.assert_array_equal(other.infer(x)[0], layer.infer(x)[0])
+
+    def test_an_empty_batch_is_a_step_that_changes_nothing(self):
+        p, x = random_case(self.rng, 8)
+        layer = self.make_layer(p)
+        y, info = layer.forward(np.zeros((3, 0, M)))
+        self.assertEqual(y.shape, (3, 0, M))
+        self.assertEqual((info.l_aux, info.capacity, info.dropped), (0.0, 0, 0))
+        self.assertEqual(self.daemon.pending_backwards("moe"), 1)
+        self.assertEqual(layer.backward(np.zeros((3, 0, M))).shape, (3, 0, M))
+        self.assertEqual(self.daemon.pending_backwards("moe"), 0)
+        self.assertEqual(layer.grad_norm(), 0.0)
+        self.assertEqual(layer.infer(np.zeros((0, M)))[0].shape, (0, M))
+        self.assert_close(layer.infer(x)[0], ref.forward(p, x, K, F)[0], "y after the empty batches")
+
+    def test_a_group_rank_with_an_empty_batch_serves_its_peers_tokens(self):
+        """Two daemons, a group layer of two ranks (two experts each). Rank 1's batch is empty:
+        it still calls, and rank 0's y, l_aux and dx are the single-process reference's on rank
+        0's tokens; after both ranks step, each holds its slice of the whole layer stepped by
+        rank 0's gradient alone."""
+        os.environ["UCX_NET_DEVICES"] = "lo"  # the daemons' UCX: loopback only
+        peer = Daemon()
+        self.addCleanup(peer.stop)
+        daemons = [self.daemon, peer]
+        p, x = random_case(self.rng, 24)
+        for d in daemons:
+            ref.write_safetensors(os.path.join(d.checkpoints, "init.safetensors"),
+                                  {ref.TUTEL_NAMES[n]: v for n, v in p.items()})
+        port = free_port()
+        dy = self.rng.normal(0, 1, x.shape).astype(np.float32).astype(np.float64)
+        results = [None, None]
+
+        def rank(r):
+            with tuteld.Client(daemons[r].client_socket) as client:
+                layer = client.create_layer(group_spec(r, port))
+                y, info = layer.forward(x if r == 0 else np.zeros((0, M)))
+                dx = layer.backward(dy if r == 0 else np.zeros((0, M)), dl_aux=0.25)
+                layer.step()
+                layer.save("after.safetensors")
+                results[r] = (y, info, dx)
+
+        errors = run_ranks(rank, 2)
+        self.assertEqual(errors, [], f"{errors}\n{self.daemon.log()}\n{peer.log()}")
+        y_ref, stats, saved = ref.forward(p, x, K, F)
+        dx_ref, grads = ref.backward(p, saved, dy, 0.25)
+        y, info, dx = results[0]
+        self.assert_close(y, y_ref, "rank 0's y")
+        self.assert_close(dx, dx_ref, "rank 0's dx")
+        self.assertAlmostEqual(info.l_aux, stats["l_aux"], delta=1e-5 + 1e-4 * abs(stats["l_aux"]))
+        self.assertEqual(info.capacity, stats["capacity"])
+        y, info, dx = results[1]
+        self.assertEqual((y.shape, dx.shape), ((0, M), (0, M)))
+        self.assertEqual((info.l_aux, info.capacity, info.dropped), (0.0, stats["capacity"], 0))
+        for r, d in enumerate(daemons):
+            stored = ref.read_safetensors(os.path.join(d.checkpoints, "after.safetensors"))
+            for n, tutel_name in ref.TUTEL_NAMES.items():
+                want = p[n] - LR * grads[n]
+                if n != "wg":
+                    want = want[r * E // 2:(r + 1) * E // 2]  # the rank's experts
+                self.assert_close(stored[tutel_name], want, f"rank {r}'s {tutel_name} after the step")
 
     def test_micro_batches_backwarded_out_of_order(self):
         p, x1 = random_case(self.rng, 8)
@@ -336,7 +431,7 @@ class ClientModuleTest(unittest.TestCase):
     def test_bad_input_is_a_clear_error_and_changes_nothing(self):
         p, x = random_case(self.rng, 8)
         layer = self.make_layer(p)
-        for bad in (np.zeros((4, M + 1)), np.zeros(M - 1), np.float32(1.0), np.zeros((0, M))):
+        for bad in (np.zeros((4, M + 1)), np.zeros(M - 1), np.float32(1.0), np.zeros((0, M + 1))):
             with self.assertRaises(ValueError):
                 layer.forward(bad)
         with self.assertRaises(tuteld.TutelError) as e:

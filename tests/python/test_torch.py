@@ -11,7 +11,8 @@ import numpy as np
 
 import moe_reference as ref
 from daemon import Daemon
-from test_client import ATOL, RTOL, E, F, H, K, LR, M, random_case, random_inputs
+from test_client import (ATOL, RTOL, E, F, H, K, LR, M, free_port, group_spec, random_case, random_inputs,
+                         run_ranks)
 
 try:
     import torch
@@ -179,18 +180,80 @@ class TorchModuleTest(unittest.TestCase):
         (y.sum() + l_aux).backward()  # the layer goes on as before
         self.assertEqual(self.daemon.pending_backwards("moe"), 0)
 
-    def test_an_empty_batch_gives_empty_outputs_without_the_daemon(self):
+    def test_an_empty_batch_is_a_step_that_changes_nothing(self):
+        # Through the daemon, as every batch (an expert-parallel rank's peers need its part).
         p, _ = random_case(self.rng, 6)
         moe = self.make_moe(p)
         xt = torch.zeros(3, 0, M, requires_grad=True)
         y, l_aux = moe(xt)
         self.assertEqual(tuple(y.shape), (3, 0, M))
         self.assertEqual(float(l_aux), 0.0)
+        self.assertEqual(self.daemon.pending_backwards("moe"), 1)
         (y.sum() + l_aux).backward()
         self.assertEqual(tuple(xt.grad.shape), (3, 0, M))
         self.assertEqual(len(moe.layer._pending), 0)
+        self.assertEqual(self.daemon.pending_backwards("moe"), 0)
+        self.assertEqual(moe.layer.grad_norm(), 0.0)
         with torch.no_grad():
             self.assertEqual(tuple(moe(torch.zeros(0, M))[0].shape), (0, M))
+
+    def test_an_expert_parallel_rank_with_an_empty_batch_keeps_its_peers_going(self):
+        # Two daemons, a group MoE of two ranks; rank 1's first micro-batch is empty: every
+        # forward and backward through autograd completes on both (a rank that skipped one would
+        # leave its peer's next collective waiting), y and x.grad are the reference's where
+        # there are tokens, and the step sums the ranks' gradients.
+        os.environ["UCX_NET_DEVICES"] = "lo"  # the daemons' UCX: loopback only
+        peer = Daemon()
+        self.addCleanup(peer.stop)
+        daemons = [self.daemon, peer]
+        p = random_case(self.rng, 1)[0]
+        for d in daemons:
+            ref.write_safetensors(os.path.join(d.checkpoints, "init.safetensors"),
+                                  {ref.TUTEL_NAMES[n]: v for n, v in p.items()})
+        # [micro-batch][rank]: who has tokens.
+        xs = [[random_inputs(self.rng, p, (2, 5, M)), np.zeros((2, 0, M))],
+              [random_inputs(self.rng, p, (9, M)), random_inputs(self.rng, p, (7, M))]]
+        capacities = [K * int(F * -(-max(b[0].size, b[1].size) // M // E)) for b in xs]
+        port = free_port()
+        results = [[None, None], [None, None]]
+
+        def rank(r):
+            with tuteld.Client(daemons[r].client_socket) as client:
+                moe = tuteld.nn.MoE(client, group_spec(r, port))
+                for m, batch in enumerate(xs):
+                    xt = torch.tensor(batch[r], dtype=torch.float32, requires_grad=True)
+                    y, l_aux = moe(xt)
+                    (y.square().sum() + 0.5 * l_aux).backward()
+                    results[m][r] = (y.detach().numpy().astype(np.float64), float(l_aux), xt.grad.numpy())
+                moe.step()
+                moe.layer.save("after.safetensors")
+
+        errors = run_ranks(rank, 2)
+        self.assertEqual(errors, [], f"{errors}\n{self.daemon.log()}\n{peer.log()}")
+        grads = {n: np.zeros_like(v) for n, v in p.items()}
+        for m, batch in enumerate(xs):
+            for r in range(2):
+                y, l_aux, dx = results[m][r]
+                if batch[r].size == 0:
+                    self.assertEqual((y.shape, dx.shape, l_aux), (batch[r].shape, batch[r].shape, 0.0))
+                    continue
+                # The group's capacity: from the most tokens of a rank (f > 0).
+                rows = batch[r].reshape(-1, M)
+                y_ref, stats, saved = ref.forward(p, rows, K, F, capacity=capacities[m])
+                self.assert_close(y.reshape(-1, M), y_ref, f"y of micro-batch {m}")
+                self.assertAlmostEqual(l_aux, stats["l_aux"], delta=1e-5 + 1e-4 * abs(stats["l_aux"]))
+                dx_ref, g = ref.backward(p, saved, 2 * y_ref, 0.5)
+                self.assert_close(dx.reshape(-1, M), dx_ref, f"x.grad of micro-batch {m}")
+                for n in grads:
+                    grads[n] += g[n]
+        for r, d in enumerate(daemons):
+            stored = ref.read_safetensors(os.path.join(d.checkpoints, "after.safetensors"))
+            for n, tutel_name in ref.TUTEL_NAMES.items():
+                want = p[n] - LR * grads[n]
+                if n != "wg":
+                    want = want[r * E // 2:(r + 1) * E // 2]  # the rank's experts
+                np.testing.assert_allclose(stored[tutel_name], want, rtol=1e-3, atol=1e-4,
+                                           err_msg=f"rank {r}'s {tutel_name} after the step (seed {self.seed})")
 
     def test_copy_and_pickle_say_the_parameters_live_in_the_daemon(self):
         import copy

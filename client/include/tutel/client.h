@@ -9,6 +9,8 @@
  * Buffers are float32, row-major: x [tokens, model_dim], y [tokens, output_dim], dy [tokens,
  * output_dim], dx [tokens, model_dim]. One request's input plus output must fit in the session's
  * shared-memory data region (tutel_data_bytes; raise server.arena_bytes in tuteld.toml for more).
+ * tokens may be 0 (an empty batch; its buffers may be NULL except in the _device calls); on an
+ * expert-parallel layer a rank with an empty batch calls all the same, as its peers do.
  *
  * Thread-safety: a tutel_client and the layers made from it belong to one thread at a time;
  * use one client per thread. tutel_last_error() and tutel_last_error_code() are per thread.

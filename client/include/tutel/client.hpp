@@ -208,6 +208,10 @@ class Client {
 // Buffers are f32, row-major: x [tokens, model_dim], y [tokens, output_dim], dy [tokens,
 // output_dim], dx [tokens, model_dim]. A request's input plus output must fit in the session's
 // data region (Client::data_bytes(); raise server.arena_bytes in tuteld.toml for more).
+// tokens may be 0 (an empty batch: l_aux 0, capacity 0 on a layer without [group], and the
+// pointers may be null except in the _device calls). On an expert-parallel layer a rank with an
+// empty batch must still call, as its peers do: its part of the step's collectives serves their
+// tokens.
 class Layer {
  public:
   Layer(Layer&&) noexcept;

@@ -467,10 +467,9 @@ class Layer:
         a = np.ascontiguousarray(array, dtype=np.float32)
         if a.ndim == 0 or a.shape[-1] != width:
             raise ValueError(f"{what} must have shape [..., {width}], not {list(np.shape(array))}")
-        rows = a.reshape(-1, width)
-        if rows.shape[0] == 0:
-            raise ValueError(f"{what} holds no tokens")
-        return a.shape[:-1], rows
+        # No rows is an empty batch, which the daemon takes (an expert-parallel rank's peers need
+        # its part of the step).
+        return a.shape[:-1], a.reshape(-1, width)
 
     def forward(self, x, training=True):
         """y [..., output_dim] and the ForwardInfo. A training forward keeps what its backward

@@ -32,9 +32,9 @@ so once). A training forward whose graph is dropped without a backward is discar
 daemon at the layer's next call (on an expert-parallel layer too: a discard is each rank's own).
 The backward runs once per forward (the daemon drops a forward's state when its backward ran: a
 second backward through the same graph raises, retain_graph or not) and is not differentiable
-again (a second derivative raises). An empty batch returns empty outputs without a call to the
-daemon (on an expert-parallel layer its peers then wait for this rank's part until their
-collective timeout, unless their batches are empty too).
+again (a second derivative raises). An empty batch (no tokens) is a step like any other: empty
+outputs, l_aux 0, a backward that adds nothing to the gradients; on an expert-parallel layer the
+rank still runs its part of the group's collectives, which its peers' tokens need.
 
 What torch's own machinery does not reach, since the experts are not torch parameters:
 - model.zero_grad() and torch optimizers do not zero or step the daemon's gradients: call
@@ -150,12 +150,6 @@ class MoE(torch.nn.Module):
     def forward(self, x):
         if x.dim() == 0 or x.shape[-1] != self.layer.model_dim:
             raise ValueError(f"x must have shape [..., {self.layer.model_dim}], not {list(x.shape)}")
-        if x.numel() == 0:
-            # No tokens, nothing for the daemon: empty outputs (still in x's graph) and no loss.
-            y = x.new_zeros(*x.shape[:-1], self.layer.output_dim)
-            if x.requires_grad and torch.is_grad_enabled():
-                y = y + x.sum()
-            return y, torch.zeros((), dtype=torch.float32, device=x.device)
         # A backward comes only where autograd has something to differentiate: the anchor, or x.
         # Otherwise (no_grad, eval, a frozen module given an x that needs no gradient) it is an
         # inference: a training forward would keep its state in the daemon, for good.

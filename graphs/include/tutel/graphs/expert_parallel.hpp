@@ -219,7 +219,9 @@ class ExpertParallelLayer {
     DeviceBuffer combined_;                                      // [E, C, O]
   };
 
-  // x [S, M] → y [S, O] on this rank's tokens; collective over the group. x, y and every
+  // x [S, M] → y [S, O] on this rank's tokens; collective over the group. S may be 0 (a rank
+  // with an empty batch runs its part of the collectives for its peers' tokens; its l_aux is 0,
+  // and its backward adds nothing to the gate's gradient). x, y and every
   // tensor of `local` are the backend's memory. `local` holds this rank's parameters (shapes
   // above), its expert weights optionally with bf16 copies of the same local shapes
   // (ExpertWeights; the caller slices them as the weights, e.g. Backend::convert of each local
