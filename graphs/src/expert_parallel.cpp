@@ -333,7 +333,7 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   // is the widest.
   // The gradient norm's all-reduce buffer likewise ([E·M] gate gradient, one sum of squares).
   DeviceBuffer agreed, grad_norm;
-  for (auto [buffer, bytes] : {std::pair{&agreed, std::max<size_t>(8, TunerOptions::kMaxCandidates) * sizeof(int64_t)},
+  for (auto [buffer, bytes] : {std::pair{&agreed, std::max<size_t>(kAgreementWidth, TunerOptions::kMaxCandidates) * sizeof(int64_t)},
                                std::pair{&grad_norm, static_cast<size_t>(spec.experts * spec.model_dim + 1) * 4}}) {
     if (!valid.ok()) break;
     Result<DeviceBuffer> made = backend.allocate(bytes);
@@ -577,7 +577,7 @@ Status ExpertParallelLayer::refused_by_a_peer() const {
       "request), so every rank refused it; see that rank's error");
 }
 
-Status ExpertParallelLayer::run_group_phase(const Status& prepared,
+Status ExpertParallelLayer::run_group_phase(Agreement what, const Status& prepared,
                                             const std::function<PhaseKey()>& key,
                                             const std::function<Status()>& ops,
                                             Unprepared unprepared_scope, Unprepared* refused,
@@ -609,7 +609,7 @@ Status ExpertParallelLayer::run_group_phase(const Status& prepared,
                        launch_round, -launch_round,              // the same round everywhere?
                        int64_t(capture_rounds_) + 1,             // a new round, above all so far
                        must_match.value, -must_match.value};     // the same value everywhere?
-  TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 7));
+  TUTEL_RETURN_IF_ERROR(agree(what, agreed, 7));
   if (refused) *refused = static_cast<Unprepared>(agreed[0]);
   if (!prepared.ok()) return refuse(prepared);
   if (agreed[0] != 0) return refuse(refused_by_a_peer());
@@ -673,7 +673,7 @@ Status ExpertParallelLayer::refuse_forward(Status why) {
   if (why.ok()) why = Status::Internal("refuse_forward without a reason");
   // The forward's first agreement: {tokens, fullest expert, refused}.
   int64_t agreed[3] = {0, 0, 1};
-  TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 3));
+  TUTEL_RETURN_IF_ERROR(agree(Agreement::kForward, agreed, 3));
   return refuse(std::move(why));
 }
 
@@ -682,7 +682,7 @@ Status ExpertParallelLayer::refuse_backward(Saved& saved, Status why) {
   saved.holds_forward_ = false;
   // The backward's first agreement is its phase's: refused, it runs nothing.
   return run_group_phase(
-      why, [] { return PhaseKey(); }, [] { return Status::OK(); });
+      Agreement::kBackward, why, [] { return PhaseKey(); }, [] { return Status::OK(); });
 }
 
 Status ExpertParallelLayer::refuse(Status why) {
@@ -715,6 +715,37 @@ Status ExpertParallelLayer::agree_on_max(int64_t* values, size_t count) {
       comm_->all_reduce(static_cast<int64_t*>(agreed_.data()), count, comm::ReduceOp::kMax));
   TUTEL_RETURN_IF_ERROR(wait_collectives());
   return backend_->copy(values, agreed_.data(), bytes, CopyKind::kDeviceToHost);
+}
+
+Status ExpertParallelLayer::agree(Agreement what, int64_t* values, size_t count) {
+  TUTEL_CHECK(count <= kAgreementValues);
+  int64_t all[kAgreementWidth] = {static_cast<int64_t>(what), -static_cast<int64_t>(what)};
+  std::copy(values, values + count, all + 2);
+  TUTEL_RETURN_IF_ERROR(agree_on_max(all, kAgreementWidth));
+  const int64_t highest = all[0], lowest = -all[1];
+  if (highest == lowest) {
+    std::copy(all + 2, all + 2 + count, values);
+    return Status::OK();
+  }
+  // Out of step: the peers' values belong to another call. Each rank refuses the one it is in,
+  // which leaves the group in step again (every rank has made this one collective).
+  auto call = [](int64_t a) -> const char* {
+    switch (static_cast<Agreement>(a)) {
+      case Agreement::kForward:
+      case Agreement::kExpertPhase: return "forward";
+      case Agreement::kBackward: return "backward";
+      case Agreement::kGateGradSum: return "step";
+      case Agreement::kGradNorm: return "grad_norm";
+    }
+    return "an unknown call";
+  };
+  const int64_t other = highest != static_cast<int64_t>(what) ? highest : lowest;
+  return refuse(Status::InvalidArgument(
+      std::string("the ranks of the expert-parallel group called different requests at this point: this rank ") +
+      call(static_cast<int64_t>(what)) + ", another " + call(other) +
+      ". Every rank's trainer must call forward, backward, step and grad_norm (clip_grad_norm_) alike and "
+      "in the same order (the same micro-batches on every rank, an empty batch too); neither ran, and the "
+      "group goes on"));
 }
 
 Status ExpertParallelLayer::grow(DeviceBuffer& buf, size_t bytes) {
@@ -1070,7 +1101,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
         b.copy(host_counts_.data(), counts.data(), E * sizeof(int32_t), CopyKind::kDeviceToHost);
   int64_t agreed[3] = {S, *std::max_element(host_counts_.begin(), host_counts_.end()),
                        ready.ok() ? 0 : 1};
-  TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 3));
+  TUTEL_RETURN_IF_ERROR(agree(Agreement::kForward, agreed, 3));
   if (!ready.ok()) return refuse(ready);
   if (agreed[2] != 0) return refuse(refused_by_a_peer());
   const int64_t C = layer_capacity(spec_, agreed[0], agreed[1]), R = W * C;
@@ -1158,7 +1189,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
     const auto started = std::chrono::steady_clock::now();
     Unprepared refused = Unprepared::kPrepared;
     const Status ran = run_group_phase(
-        experts_ready,
+        Agreement::kExpertPhase, experts_ready,
         [&] {
           return phase_key(kExpertsPhase, st,
                            {uint64_t(S), uint64_t(C), uint64_t(training), uint64_t(config.r),
@@ -1334,7 +1365,7 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
   uint32_t dl_aux_bits = 0;
   std::memcpy(&dl_aux_bits, &dl_aux, sizeof dl_aux_bits);
   TUTEL_RETURN_IF_ERROR(run_group_phase(
-      ready,
+      Agreement::kBackward, ready,
       [&] {
         return phase_key(kBackwardPhase, saved,
                          {uint64_t(S), uint64_t(C), dl_aux_bits, uint64_t(config.r),
@@ -1436,21 +1467,9 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
   return wait_collectives();
 }
 
-Status ExpertParallelLayer::agree_on_control_op(ControlOp op) {
-  int64_t agreed[2] = {static_cast<int64_t>(op), -static_cast<int64_t>(op)};
-  TUTEL_RETURN_IF_ERROR(agree_on_max(agreed, 2));
-  if (agreed[0] == -agreed[1]) return Status::OK();
-  return Status::InvalidArgument(
-      std::string("the ranks of the expert-parallel group called different control requests at this point: "
-                  "this rank ") +
-      (op == ControlOp::kGradNorm ? "grad_norm, another step" : "step, another grad_norm") +
-      ". Every rank's trainer must call step and grad_norm (clip_grad_norm_) alike and in the same order "
-      "(on every rank, not on one alone); neither ran, and the group goes on");
-}
-
 Result<double> ExpertParallelLayer::grad_sum_squares(const LayerWeights& local_grads) {
   TUTEL_RETURN_IF_ERROR(check_local(local_grads, spec_, shard_, "gradients"));
-  TUTEL_RETURN_IF_ERROR(agree_on_control_op(ControlOp::kGradNorm));
+  TUTEL_RETURN_IF_ERROR(agree(Agreement::kGradNorm, nullptr, 0));
   Backend& b = *backend_;
   const int64_t gate_floats = spec_.experts * spec_.model_dim;
   const TensorView gate = f32(grad_norm_, {spec_.experts, spec_.model_dim}),
@@ -1479,7 +1498,7 @@ Result<double> ExpertParallelLayer::grad_sum_squares(const LayerWeights& local_g
 }
 
 Status ExpertParallelLayer::all_reduce_gate_grad(TensorView gate_grad) {
-  TUTEL_RETURN_IF_ERROR(agree_on_control_op(ControlOp::kGateGradSum));
+  TUTEL_RETURN_IF_ERROR(agree(Agreement::kGateGradSum, nullptr, 0));
   TUTEL_RETURN_IF_ERROR(collective_ready());
   TUTEL_RETURN_IF_ERROR(
       comm_->all_reduce(gate_grad.data_as<float>(), gate_grad.numel(), comm::ReduceOp::kSum));

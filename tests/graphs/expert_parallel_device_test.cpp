@@ -16,6 +16,7 @@
 // s), k = 2, both all-to-all algorithms and the in-process exchange.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <map>
 #include <memory>
@@ -953,6 +954,66 @@ TEST(ExpertParallelLimits, TheGradientNormIsTheGroupsAndControlCallsOutOfOrderAr
     EXPECT_TRUE(all_close("the gate's gradient after the step's sum", gate_after[r], gate_sum, 1e-6, 1e-7));
   }
   EXPECT_EQ(norms[0], norms[1]);
+}
+
+// Calls out of step across the ranks (one rank's forward meeting another's step, a backward
+// meeting a grad_norm, a refused forward meeting a step) meet in one agreement of one width:
+// both ranks refuse the call they are in, naming both, and the group goes on in step: the next
+// forward, backward and step run on both, and the gate's gradient is summed once, by that step
+// (each rank's y of the last forward equals its y of the first that ran, bit for bit).
+TEST(ExpertParallelLimits, CallsOutOfStepAreRefusedOnEveryRankNamingBothAndTheGroupGoesOn) {
+  const TwoRankCase c;
+  SCOPED_TRACE("seed " + std::to_string(c.seed));
+  constexpr int W = 2;
+  std::vector<std::vector<Status>> steps(W);
+  std::vector<std::vector<float>> first_y(W), last_y(W), gate_before(W), gate_after(W);
+  const std::vector<Status> setup = run_simulated_layers(
+      c.spec, c.whole, c.rank_seeds, [&](int r, SimulatedDevice& device, RankLayer& rank) -> Status {
+        RankIo io(device, rank.rng);
+        ExpertParallelLayer::Saved first, second;
+        auto forward = [&](ExpertParallelLayer::Saved& saved) {
+          return rank.layer.forward(rank.params.weights(), io.x.view(), io.y.view(), nullptr, &saved);
+        };
+        auto backward = [&](ExpertParallelLayer::Saved& saved) {
+          return rank.layer.backward(rank.params.weights(), io.dy.view(), 0.3f, io.dx.view(),
+                                     rank.grads.weights(), saved);
+        };
+        auto step = [&] { return rank.layer.all_reduce_gate_grad(rank.grads.gate.view()); };
+        auto grad_norm = [&] { return rank.layer.grad_sum_squares(rank.grads.weights()).status(); };
+        steps[r].push_back(r == 0 ? forward(first) : step());  // 0: out of step
+        steps[r].push_back(forward(first));                     // 1
+        first_y[r] = io.y.download();
+        steps[r].push_back(r == 0 ? backward(first) : grad_norm());  // 2: out of step
+        steps[r].push_back(r == 0 ? rank.layer.refuse_forward(Status::ResourceExhausted("refused here"))
+                                  : step());  // 3: out of step
+        steps[r].push_back(forward(second));  // 4
+        last_y[r] = io.y.download();
+        steps[r].push_back(backward(second));  // 5
+        gate_before[r] = rank.grads.gate.download();
+        steps[r].push_back(step());  // 6
+        gate_after[r] = rank.grads.gate.download();
+        return Status::OK();
+      });
+  const char* want[W][3] = {{"this rank forward, another step", "this rank backward, another grad_norm",
+                             "this rank forward, another step"},
+                            {"this rank step, another forward", "this rank grad_norm, another backward",
+                             "this rank step, another forward"}};
+  std::vector<double> gate_sum;
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    ASSERT_TRUE(setup[r].ok()) << setup[r];
+    ASSERT_EQ(steps[r].size(), 7u);
+    for (size_t i : {1, 4, 5, 6}) EXPECT_TRUE(steps[r][i].ok()) << "step " << i << ": " << steps[r][i];
+    for (size_t j = 0; j < 3; ++j) {
+      const Status& st = steps[r][std::array<size_t, 3>{0, 2, 3}[j]];
+      EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+      EXPECT_NE(st.message().find(want[r][j]), std::string_view::npos) << st;
+    }
+    EXPECT_TRUE(graphs::testing::bits_equal("y of the forward after the refusals", last_y[r], first_y[r]));
+    gate_sum.resize(gate_before[r].size(), 0.0);
+    for (size_t i = 0; i < gate_sum.size(); ++i) gate_sum[i] += gate_before[r][i];
+  }
+  for (int r = 0; r < W; ++r) EXPECT_TRUE(all_close("the gate's gradient after the step", gate_after[r], gate_sum, 1e-6, 1e-7));
 }
 
 // A tuning candidate the group cannot allocate (r = 0 gathers every expert's weights; rank 1 has

@@ -1199,6 +1199,70 @@ TEST(ExpertParallelGroups, ABackwardForDxAloneIsTheWholeGroupsOrRefusedOnEveryRa
   EXPECT_EQ(d1.stop(), 0) << d1.log();
 }
 
+// Trainers out of step across daemons (rank 0 steps where rank 1 runs one more forward; then
+// rank 1 asks for the gradient norm where rank 0 runs a forward) are told at once, not after the
+// collective timeout: both ranks' calls are refused, naming both, and the group goes on: the
+// next forward, backward and step run on both, each rank's y equals its first forward's (no
+// step ran in between), and no forward is left pending.
+TEST(ExpertParallelGroups, CallsOutOfStepAcrossDaemonsAreRefusedOnBothAndTheGroupGoesOn) {
+  DaemonProcess d0(DaemonOptions{}), d1(DaemonOptions{});
+  ASSERT_TRUE(d0.start());
+  ASSERT_TRUE(d1.start());
+  const uint16_t port = free_port();
+  constexpr int64_t S = 12, M = 16;
+  struct RankOut {
+    Status setup;
+    std::vector<Status> steps;
+    std::vector<float> first_y, last_y;
+  };
+  RankOut out[2];
+  auto rank = [&](int r, DaemonProcess& d) {
+    RankOut& o = out[r];
+    std::vector<float> x(S * M, 0.1f * static_cast<float>(r + 1)), y(S * M), dx(S * M);
+    auto client = client::Client::connect(d.client_socket());
+    auto layer = client.ok() ? client->create_layer(group_spec("out_of_step", port, r, 20000))
+                             : Result<client::Layer>(client.status());
+    if (!layer.ok()) return void(o.setup = layer.status());
+    auto note = [&](Status st) { o.steps.push_back(std::move(st)); };
+    client::ForwardInfo info;
+    note(layer->forward(x.data(), S, y.data(), &info));                // 0
+    o.first_y = y;
+    note(layer->backward(info.sequence, y.data(), 0.f, dx.data()));    // 1
+    if (r == 0) {
+      note(layer->step().status());                                    // 2: out of step
+      note(layer->forward(x.data(), S, y.data(), &info));              // 3: out of step
+    } else {
+      note(layer->forward(x.data(), S, y.data(), &info));              // 2: out of step
+      note(layer->grad_norm().status());                               // 3: out of step
+    }
+    note(layer->forward(x.data(), S, y.data(), &info));                // 4
+    o.last_y = y;
+    note(layer->backward(info.sequence, y.data(), 0.f, dx.data()));    // 5
+    note(layer->step().status());                                      // 6
+  };
+  std::thread rank1(rank, 1, std::ref(d1));
+  rank(0, d0);
+  rank1.join();
+  const char* want[2][2] = {{"this rank step, another forward", "this rank forward, another grad_norm"},
+                            {"this rank forward, another step", "this rank grad_norm, another forward"}};
+  for (int r = 0; r < 2; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    DaemonProcess& d = r == 0 ? d0 : d1;
+    ASSERT_TRUE(out[r].setup.ok()) << out[r].setup;
+    const std::vector<Status>& steps = out[r].steps;
+    ASSERT_EQ(steps.size(), 7u);
+    for (size_t i : {0, 1, 4, 5, 6}) EXPECT_TRUE(steps[i].ok()) << "step " << i << ": " << steps[i] << "\n" << d.log();
+    for (size_t j = 0; j < 2; ++j) {
+      EXPECT_EQ(steps[2 + j].code(), StatusCode::kInvalidArgument) << steps[2 + j];
+      EXPECT_NE(steps[2 + j].message().find(want[r][j]), std::string_view::npos) << steps[2 + j];
+    }
+    EXPECT_EQ(out[r].last_y, out[r].first_y);
+    EXPECT_EQ(pending_backwards(d, "out_of_step"), 0);
+  }
+  EXPECT_EQ(d0.stop(), 0) << d0.log();
+  EXPECT_EQ(d1.stop(), 0) << d1.log();
+}
+
 // A whole-layer file (every expert, as a single-daemon layer or Tutel saves one) imported into a
 // group layer whose optimizer keeps two states (AdamW), its one expert sharded over the two ranks
 // along H: each rank takes its slice of the parameters and of both states (fc2's bias padded

@@ -265,6 +265,17 @@ class ExpertParallelLayer {
  private:
   ExpertParallelLayer(Backend& b, comm::Communicator& c, LayerSpec spec, ExpertShard shard,
                       const ExpertParallelOptions& options);
+  // What an agreement opens: every call of the group (forward, backward, the control
+  // collectives) starts with one, and the expert phase has its own.
+  enum class Agreement : int64_t { kForward = 1, kExpertPhase, kBackward, kGateGradSum, kGradNorm };
+  // Its width: every agreement of a step reduces this many values, what it is (twice, as max and
+  // -min) and up to kAgreementValues of its own, so that ranks out of step (one in a forward,
+  // another in a step) meet in a collective of one size and see it, rather than reduce buffers
+  // of different sizes or hang.
+  static constexpr size_t kAgreementValues = 7, kAgreementWidth = kAgreementValues + 2;
+  // values[0..count) = their MAX over the group, where every rank agrees on `what`; where one
+  // does not, every rank refuses the call it is in (InvalidArgument, naming both calls).
+  Status agree(Agreement what, int64_t* values, size_t count);
   // Grows `buf` to `bytes` (contents not kept); a reallocation moves the epoch.
   Status grow(DeviceBuffer& buf, size_t bytes);
   enum Phase : int { kRoutePhase = 1, kExpertsPhase, kBackwardPhase };
@@ -296,15 +307,12 @@ class ExpertParallelLayer {
     int64_t value;
     const char* mismatch_refusal;  // an InvalidArgument's message
   };
-  Status run_group_phase(const Status& prepared, const std::function<PhaseKey()>& key,
+  // `what`: the call the phase's agreement opens (agree).
+  Status run_group_phase(Agreement what, const Status& prepared, const std::function<PhaseKey()>& key,
                          const std::function<Status()>& ops,
                          Unprepared unprepared = Unprepared::kEveryWay,
                          Unprepared* refused = nullptr, MustMatch must_match = {0, nullptr});
   Status refused_by_a_peer() const;
-  // The group's control collectives (all_reduce_gate_grad, grad_sum_squares): the ranks agree on
-  // which one they call before its all-reduce.
-  enum class ControlOp : int64_t { kGateGradSum = 1, kGradNorm = 2 };
-  Status agree_on_control_op(ControlOp op);
   // A phase's ops that failed part way leave the group out of step: gives up the communicator
   // (Communicator::give_up) and returns `st`; OK passes through.
   Status gave_up(Status st);
@@ -397,7 +405,8 @@ class ExpertParallelLayer {
   Status reduce_scatter_add(comm::Communicator& group, const float* full, const TensorView& mine);
   // Waits for the backend's queued ops before a collective reads what they wrote.
   Status collective_ready();
-  // values[0..count) = their MAX over the group, through agreed_ (host in, host out).
+  // values[0..count) = their MAX over the group, through agreed_ (host in, host out). Untagged:
+  // for the layer's creation and for what follows an agreement within one call (agree).
   Status agree_on_max(int64_t* values, size_t count);
   ExpertWeights local_experts(const ExpertWeights& w) const;  // drops fc2 bias when sharded
   // A sharded expert's fc2 bias: the output columns of `count` consecutive shards' slices from
