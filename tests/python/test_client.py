@@ -215,6 +215,17 @@ class ClientModuleTest(unittest.TestCase):
                 other.import_state(state, meta)
             self.assertEqual(e.exception.name, name, str(e.exception))
         np.testing.assert_array_equal(other.infer(x)[0], layer.infer(x)[0])
+        # Views of one private mapping, not copies: writable, and writing to one changes neither
+        # the daemon's state nor another export; the mapping outlives the call and its fd.
+        views, _ = layer.export_state()
+        gate = views["gates.0.wg.weight"]
+        self.assertFalse(gate.flags.owndata)
+        self.assertTrue(gate.flags.writeable)
+        gate[...] = 7.0
+        np.testing.assert_array_equal(layer.export_state()[0]["gates.0.wg.weight"], stored["gates.0.wg.weight"])
+        np.testing.assert_array_equal(views["experts.batched_fc1_w"], stored["experts.batched_fc1_w"])
+        del views
+        np.testing.assert_array_equal(gate, np.full_like(gate, 7.0))
 
     def test_an_empty_batch_is_a_step_that_changes_nothing(self):
         p, x = random_case(self.rng, 8)

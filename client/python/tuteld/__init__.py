@@ -195,8 +195,9 @@ def _sealable_memfd(name):
 
 
 def _read_safetensors(buffer):
-    """(tensors, metadata) of the safetensors file in `buffer`: each tensor a float32 array of
-    its own (a copy), the metadata a dict of strings. The daemon writes only F32 tensors."""
+    """(tensors, metadata) of the safetensors file in `buffer`: each tensor a float32 array over
+    `buffer` (no copy: the arrays keep it alive), the metadata a dict of strings. The daemon
+    writes only F32 tensors."""
     if len(buffer) < 8:
         raise TutelError(-5, f"a layer state of {len(buffer)} bytes is too short for a safetensors file")
     header_bytes = int.from_bytes(buffer[:8], "little")
@@ -212,10 +213,8 @@ def _read_safetensors(buffer):
         if (entry["dtype"] != "F32" or not 0 <= begin <= end <= len(buffer) - data
                 or 4 * math.prod(shape) != end - begin):
             raise TutelError(-5, f"a layer state's tensor {name!r} is not F32 of its shape within the file: {entry}")
-        # One expression: no view of the mapping outlives it (an exception with one alive would
-        # keep the mapping from closing, and hide the exception behind a BufferError).
         tensors[name] = np.frombuffer(buffer, dtype="<f4", count=(end - begin) // 4,
-                                      offset=data + begin).reshape(shape).copy()
+                                      offset=data + begin).reshape(shape)
     return tensors, metadata
 
 
@@ -573,16 +572,18 @@ class Layer:
     def export_state(self):
         """The layer's state as save() writes it, but into this process: (tensors, metadata).
         tensors maps each name (Tutel's parameter names; "optimizer.state0.<name>" and
-        "optimizer.state1.<name>" for the optimizer's) to a float32 array of its own; metadata
-        holds the step ("tuteld.step"), the spec and the tenant. On an expert-parallel layer,
-        this rank's experts and the gate."""
+        "optimizer.state1.<name>" for the optimizer's) to a float32 array; metadata holds the
+        step ("tuteld.step"), the spec and the tenant. On an expert-parallel layer, this rank's
+        experts and the gate.
+        The arrays are views of one private (copy-on-write) mapping of the file the daemon wrote:
+        nothing is copied, writing to an array copies only the pages written, and the mapping
+        goes with the last of them."""
         fd, size = ctypes.c_int(-1), ctypes.c_uint64(0)
         self._call(_lib.tutel_export_state, ctypes.byref(fd), ctypes.byref(size))
         try:
-            with mmap.mmap(fd.value, size.value, access=mmap.ACCESS_READ) as mapped:
-                return _read_safetensors(mapped)
+            return _read_safetensors(mmap.mmap(fd.value, size.value, access=mmap.ACCESS_COPY))
         finally:
-            os.close(fd.value)
+            os.close(fd.value)  # the mapping holds the memory
 
     def import_state(self, tensors, metadata=None):
         """Replaces the layer's state with `tensors` (name -> array-like, as export_state gives
