@@ -288,14 +288,15 @@ Result<Ticket> submit_backward_request(const std::shared_ptr<LayerState>& state,
                                        Layer::ParamGrads param_grads = Layer::ParamGrads::kAccumulate) {
   TUTEL_RETURN_IF_ERROR(usable(state));
   auto pending = state->pending.find(sequence);
-  if ((dy == nullptr || dx == nullptr) && (pending == state->pending.end() || pending->second != 0 || in_device_region))
-    return Status::InvalidArgument("backward: dy and dx must not be null");
   if (pending == state->pending.end()) {
     return Status::InvalidArgument(
         "backward: no training forward with sequence " + std::to_string(sequence) +
         " waits for its backward on this handle of layer '" + state->info.name +
         "' (already backwarded, failed, or submitted through another handle)");
   }
+  // As for the forward: an empty batch's host buffers may be null.
+  if ((dy == nullptr || dx == nullptr) && (pending->second != 0 || in_device_region))
+    return Status::InvalidArgument("backward: dy and dx must not be null");
   Submission s;
   s.op = ipc::Op::kBackward;
   if (param_grads == Layer::ParamGrads::kKeep) s.flags |= ipc::kFlagKeepParamGrads;

@@ -212,7 +212,10 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
             c.dropped = out->stats.dropped;
             tokens = d.tokens;
             dropped = out->stats.dropped;
-            metrics_.set_capacity(s->tenant, layer_name, out->stats.capacity);
+            // An empty batch on a layer without [group] has no capacity to show (a group layer's
+            // is the group's).
+            if (d.tokens > 0 || layer.definition().group)
+              metrics_.set_capacity(s->tenant, layer_name, out->stats.capacity);
           } else {
             st = out.status();
           }

@@ -187,6 +187,9 @@ Status compare_with_group(Backend& backend, comm::Communicator& comm, const Laye
   if (tuning) how.add(options.tune.warmups).add(options.tune.trials);
   // A rank that captures graphs agrees on how to run each phase: one more collective.
   how.add(options.runner != nullptr && options.runner->captures());
+  // The agreements' width: a daemon from before it changed would pair its agreements with
+  // all-reduces of another size.
+  how.add(static_cast<int64_t>(ExpertParallelLayer::kAgreementWidth));
   constexpr size_t kWords = 3;
   const uint64_t mine[kWords] = {spec.value(), how.value(), valid_here.ok() ? 1u : 0u};
   std::vector<uint64_t> all(kWords * static_cast<size_t>(W));
@@ -329,8 +332,8 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   }
   // The agreements' buffer, allocated up front: an agreement must never fail for memory, or a
   // rank refused there would leave its peers waiting in the collective; and before the group
-  // compares, so a rank that cannot allocate it refuses with its peers. The tuner's agreement
-  // is the widest.
+  // compares, so a rank that cannot allocate it refuses with its peers. The widest of the
+  // tagged agreements (agree) and the tuner's (one value per candidate).
   // The gradient norm's all-reduce buffer likewise ([E·M] gate gradient, one sum of squares).
   DeviceBuffer agreed, grad_norm;
   for (auto [buffer, bytes] : {std::pair{&agreed, std::max<size_t>(kAgreementWidth, TunerOptions::kMaxCandidates) * sizeof(int64_t)},
@@ -581,7 +584,7 @@ Status ExpertParallelLayer::run_group_phase(Agreement what, const Status& prepar
                                             const std::function<PhaseKey()>& key,
                                             const std::function<Status()>& ops,
                                             Unprepared unprepared_scope, Unprepared* refused,
-                                            MustMatch must_match) {
+                                            std::array<MustMatch, 2> must_match) {
   const bool graphs = runner_ != nullptr && runner_->captures();
   if (refused) *refused = Unprepared::kPrepared;
   const int64_t unprepared = static_cast<int64_t>(prepared.ok() ? Unprepared::kPrepared : unprepared_scope);
@@ -604,23 +607,23 @@ Status ExpertParallelLayer::run_group_phase(Agreement what, const Status& prepar
     mine = runner_->propose(k);
   }
   const int64_t launch_round = mine.mode == PhaseMode::kLaunch ? int64_t(mine.round) : -1;
-  int64_t agreed[7] = {unprepared,
+  int64_t agreed[9] = {unprepared,
                        2 - static_cast<int64_t>(mine.mode),      // how far from launching
                        launch_round, -launch_round,              // the same round everywhere?
                        int64_t(capture_rounds_) + 1,             // a new round, above all so far
-                       must_match.value, -must_match.value};     // the same value everywhere?
-  TUTEL_RETURN_IF_ERROR(agree(what, agreed, 7));
+                       must_match[0].value, -must_match[0].value,  // the same values everywhere?
+                       must_match[1].value, -must_match[1].value};
+  TUTEL_RETURN_IF_ERROR(agree(what, agreed, 9));
   if (refused) *refused = static_cast<Unprepared>(agreed[0]);
   if (!prepared.ok()) return refuse(prepared);
   if (agreed[0] != 0) return refuse(refused_by_a_peer());
-  if (agreed[5] != -agreed[6]) {
-    // The peers' values may come from a rank out of step (in another phase of the same width),
-    // so a phase without a message of its own says so rather than asserting.
+  for (size_t i = 0; i < must_match.size(); ++i) {
+    const int64_t highest = agreed[5 + 2 * i], lowest = -agreed[6 + 2 * i], mine = must_match[i].value;
+    if (highest == lowest) continue;
     return refuse(Status::InvalidArgument(
-        must_match.mismatch_refusal != nullptr
-            ? must_match.mismatch_refusal
-            : "the ranks of the expert-parallel group passed different values to a step that needs "
-              "the same on every rank: their trainers' steps are out of order"));
+        must_match[i].refusal ? must_match[i].refusal(mine, highest != mine ? highest : lowest)
+                              : "the ranks of the expert-parallel group passed different values to a step that "
+                                "needs the same on every rank: their trainers' steps are out of order"));
   }
   if (!graphs) return gave_up(runner_ == nullptr ? ops() : runner_->run(key(), ops));
   PhaseMode mode = PhaseMode::kEager;
@@ -674,6 +677,7 @@ Status ExpertParallelLayer::refuse_forward(Status why) {
   // The forward's first agreement: {tokens, fullest expert, refused}.
   int64_t agreed[3] = {0, 0, 1};
   TUTEL_RETURN_IF_ERROR(agree(Agreement::kForward, agreed, 3));
+  ++forwards_;  // one of the group's forwards, refused on every rank
   return refuse(std::move(why));
 }
 
@@ -1102,6 +1106,8 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   int64_t agreed[3] = {S, *std::max_element(host_counts_.begin(), host_counts_.end()),
                        ready.ok() ? 0 : 1};
   TUTEL_RETURN_IF_ERROR(agree(Agreement::kForward, agreed, 3));
+  // From here every rank is in this forward: it is the group's next, refused or not.
+  const int64_t number = ++forwards_;
   if (!ready.ok()) return refuse(ready);
   if (agreed[2] != 0) return refuse(refused_by_a_peer());
   const int64_t C = layer_capacity(spec_, agreed[0], agreed[1]), R = W * C;
@@ -1185,7 +1191,8 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
       return grow(workspace_, workspace_bytes(config.r));
     }();
 
-    const bool timed = tuner_ && tuner_->measuring(ExchangeTuner::bucket_for(C));
+    // A step where no rank has a token (C = 0) tells the tuner nothing about any capacity.
+    const bool timed = tuner_ && C > 0 && tuner_->measuring(ExchangeTuner::bucket_for(C));
     const auto started = std::chrono::steady_clock::now();
     Unprepared refused = Unprepared::kPrepared;
     const Status ran = run_group_phase(
@@ -1276,8 +1283,10 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
     }
     TUTEL_RETURN_IF_ERROR(wait_collectives());
     if (timed) {
-      // The time of the whole expert phase, device work included.
-      TUTEL_RETURN_IF_ERROR(b.synchronize());
+      // The time of the whole expert phase, device work included. A rank that fails here
+      // cannot join the bucket's agreement its peers are about to wait in (record_run): it gives
+      // the group up.
+      TUTEL_RETURN_IF_ERROR(gave_up(b.synchronize()));
       const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
                           std::chrono::steady_clock::now() - started)
                           .count();
@@ -1291,6 +1300,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   if (stats) *stats = RoutingStats{C, dropped, l_aux};
   st.tokens_ = S;
   st.capacity_ = C;
+  st.forward_number_ = number;
   st.config_ = config;
   st.holds_forward_ = training;
   return Status::OK();
@@ -1458,12 +1468,24 @@ Status ExpertParallelLayer::backward(const LayerWeights& local, TensorView dy, f
                                 local_grads.gate_weight});
       },
       Unprepared::kEveryWay, nullptr,
-      {dx_only ? 1 : 0,
-       "the ranks of the expert-parallel group disagree on this backward: some asked for dx alone "
-       "(the parameter gradients left as they were: a frozen module, Layer.backward(param_grads="
-       "False), ParamGrads::kKeep), others for the parameter gradients too. An expert's gradient "
-       "sums every rank's tokens, so every rank's trainer must ask the same; every rank refused "
-       "this backward, and its forward is consumed"}));
+      {MustMatch{saved.forward_number_,
+                 [](int64_t mine, int64_t other) {
+                   return "the ranks of the expert-parallel group backward different forwards: this rank "
+                          "the group's forward " + std::to_string(mine) + ", another forward " +
+                          std::to_string(other) +
+                          " (numbered in the order the group ran them). Every rank's trainer must backward "
+                          "the same micro-batches in the same order (a backward skipped or discarded on one "
+                          "rank alone, or micro-batches in another order); every rank refused this "
+                          "backward, and its forward is consumed";
+                 }},
+       MustMatch{dx_only ? 1 : 0, [](int64_t, int64_t) {
+                   return std::string(
+                       "the ranks of the expert-parallel group disagree on this backward: some asked for dx "
+                       "alone (the parameter gradients left as they were: a frozen module, Layer.backward("
+                       "param_grads=False), ParamGrads::kKeep), others for the parameter gradients too. An "
+                       "expert's gradient sums every rank's tokens, so every rank's trainer must ask the same; "
+                       "every rank refused this backward, and its forward is consumed");
+                 }}}));
   return wait_collectives();
 }
 

@@ -3,7 +3,8 @@
 //
 // SafetensorsFile::open only reads paths, so each input is written to one memfd and opened as
 // /proc/self/fd/N (a regular file to fstat and mmap); SafetensorsFile::read copies the same memfd
-// through its descriptor, and must agree with open() on every input.
+// through its descriptor, and SafetensorsFile::map_sealed maps a sealed copy of it: both must
+// agree with open() on every input.
 // First byte even: the rest is the whole file.
 // First byte odd: bytes 1-2 give a header length L (clamped to what follows); the file is the
 // u64 L, then the rest. This keeps the length prefix consistent so the fuzzer works on the JSON.
@@ -55,21 +56,35 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // The reader of descriptors another process hands over (ImportState) copies the file and must
   // decide exactly as the mapping reader does.
   Result<SafetensorsFile> copied = SafetensorsFile::read(fd, path, uint64_t{1} << 30);
-  FUZZ_CHECK(copied.ok() == opened.ok());
+  // A sealed memfd (ImportState's other path) is mapped in place; its own descriptor each time,
+  // since a sealed memfd cannot be truncated for the next input.
+  const int sealed = ::memfd_create("fuzz.sealed", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  FUZZ_CHECK(sealed >= 0);
+  FUZZ_CHECK(::pwrite(sealed, file.data(), file.size(), 0) == static_cast<ssize_t>(file.size()));
+  FUZZ_CHECK(::fcntl(sealed, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE) == 0);
+  Result<SafetensorsFile> mapped = SafetensorsFile::map_sealed(sealed, path, uint64_t{1} << 30);
+  ::close(sealed);  // a mapping outlives its descriptor
+  for (const Result<SafetensorsFile>* other : {&copied, &mapped}) {
+    FUZZ_CHECK(other->ok() == opened.ok());
+    if (!opened.ok()) {
+      FUZZ_CHECK(other->status().code() == opened.status().code());
+      continue;
+    }
+    const SafetensorsFile& f = *opened;
+    FUZZ_CHECK((*other)->tensors().size() == f.tensors().size());
+    FUZZ_CHECK((*other)->metadata() == f.metadata());
+    for (size_t i = 0; i < f.tensors().size(); ++i) {
+      const SafetensorsTensor &a = f.tensors()[i], &b = (*other)->tensors()[i];
+      FUZZ_CHECK(a.name == b.name && a.dtype == b.dtype && a.shape == b.shape && a.nbytes == b.nbytes);
+      FUZZ_CHECK(a.nbytes == 0 || std::memcmp(a.data, b.data, a.nbytes) == 0);
+    }
+  }
   if (!opened.ok()) {
     const StatusCode c = opened.status().code();
     FUZZ_CHECK(c == StatusCode::kCorruption || c == StatusCode::kResourceExhausted);
-    FUZZ_CHECK(copied.status().code() == c);
     return 0;
   }
   const SafetensorsFile& f = *opened;
-  FUZZ_CHECK(copied->tensors().size() == f.tensors().size());
-  FUZZ_CHECK(copied->metadata() == f.metadata());
-  for (size_t i = 0; i < f.tensors().size(); ++i) {
-    const SafetensorsTensor &a = f.tensors()[i], &b = copied->tensors()[i];
-    FUZZ_CHECK(a.name == b.name && a.dtype == b.dtype && a.shape == b.shape && a.nbytes == b.nbytes);
-    FUZZ_CHECK(a.nbytes == 0 || std::memcmp(a.data, b.data, a.nbytes) == 0);
-  }
   uint64_t sum = 0;
   const char* prev_end = nullptr;
   for (const SafetensorsTensor& t : f.tensors()) {

@@ -957,8 +957,9 @@ TEST(ExpertParallelLimits, TheGradientNormIsTheGroupsAndControlCallsOutOfOrderAr
 }
 
 // Calls out of step across the ranks (one rank's forward meeting another's step, a backward
-// meeting a grad_norm, a refused forward meeting a step) meet in one agreement of one width:
-// both ranks refuse the call they are in, naming both, and the group goes on in step: the next
+// meeting a grad_norm, a refused forward meeting a step, backwards of two micro-batches in
+// opposite orders) meet in one agreement of one width: both ranks refuse the call they are in,
+// naming both (the group's forwards by number), and the group goes on in step: the next
 // forward, backward and step run on both, and the gate's gradient is summed once, by that step
 // (each rank's y of the last forward equals its y of the first that ran, bit for bit).
 TEST(ExpertParallelLimits, CallsOutOfStepAreRefusedOnEveryRankNamingBothAndTheGroupGoesOn) {
@@ -970,7 +971,7 @@ TEST(ExpertParallelLimits, CallsOutOfStepAreRefusedOnEveryRankNamingBothAndTheGr
   const std::vector<Status> setup = run_simulated_layers(
       c.spec, c.whole, c.rank_seeds, [&](int r, SimulatedDevice& device, RankLayer& rank) -> Status {
         RankIo io(device, rank.rng);
-        ExpertParallelLayer::Saved first, second;
+        ExpertParallelLayer::Saved first, second, a, b;
         auto forward = [&](ExpertParallelLayer::Saved& saved) {
           return rank.layer.forward(rank.params.weights(), io.x.view(), io.y.view(), nullptr, &saved);
         };
@@ -986,26 +987,34 @@ TEST(ExpertParallelLimits, CallsOutOfStepAreRefusedOnEveryRankNamingBothAndTheGr
         steps[r].push_back(r == 0 ? backward(first) : grad_norm());  // 2: out of step
         steps[r].push_back(r == 0 ? rank.layer.refuse_forward(Status::ResourceExhausted("refused here"))
                                   : step());  // 3: out of step
-        steps[r].push_back(forward(second));  // 4
+        // The group's forwards 2 and 3, backwarded in opposite orders: both backwards refused.
+        steps[r].push_back(forward(a));                     // 4
+        steps[r].push_back(forward(b));                     // 5
+        steps[r].push_back(backward(r == 0 ? a : b));       // 6: out of step
+        steps[r].push_back(backward(r == 0 ? b : a));       // 7: out of step
+        steps[r].push_back(forward(second));  // 8
         last_y[r] = io.y.download();
-        steps[r].push_back(backward(second));  // 5
+        steps[r].push_back(backward(second));  // 9
         gate_before[r] = rank.grads.gate.download();
-        steps[r].push_back(step());  // 6
+        steps[r].push_back(step());  // 10
         gate_after[r] = rank.grads.gate.download();
         return Status::OK();
       });
-  const char* want[W][3] = {{"this rank forward, another step", "this rank backward, another grad_norm",
-                             "this rank forward, another step"},
+  const char* want[W][5] = {{"this rank forward, another step", "this rank backward, another grad_norm",
+                             "this rank forward, another step", "this rank the group's forward 2, another forward 3",
+                             "this rank the group's forward 3, another forward 2"},
                             {"this rank step, another forward", "this rank grad_norm, another backward",
-                             "this rank step, another forward"}};
+                             "this rank step, another forward", "this rank the group's forward 3, another forward 2",
+                             "this rank the group's forward 2, another forward 3"}};
   std::vector<double> gate_sum;
   for (int r = 0; r < W; ++r) {
     SCOPED_TRACE("rank " + std::to_string(r));
     ASSERT_TRUE(setup[r].ok()) << setup[r];
-    ASSERT_EQ(steps[r].size(), 7u);
-    for (size_t i : {1, 4, 5, 6}) EXPECT_TRUE(steps[r][i].ok()) << "step " << i << ": " << steps[r][i];
-    for (size_t j = 0; j < 3; ++j) {
-      const Status& st = steps[r][std::array<size_t, 3>{0, 2, 3}[j]];
+    ASSERT_EQ(steps[r].size(), 11u);
+    for (size_t i : {1, 4, 5, 8, 9, 10}) EXPECT_TRUE(steps[r][i].ok()) << "step " << i << ": " << steps[r][i];
+    const std::array<size_t, 5> refused = {0, 2, 3, 6, 7};
+    for (size_t j = 0; j < refused.size(); ++j) {
+      const Status& st = steps[r][refused[j]];
       EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
       EXPECT_NE(st.message().find(want[r][j]), std::string_view::npos) << st;
     }

@@ -20,6 +20,9 @@ import moe_reference as ref
 import tuteld
 from daemon import Daemon
 
+# Every daemon these tests start (they inherit the environment) keeps UCX on loopback.
+os.environ["UCX_NET_DEVICES"] = "lo"
+
 # float32 in the daemon against float64 here, on values of order 1: relative 1e-4 and absolute
 # 1e-5 leave room for float32 summation over M = 16 and H = 24 terms.
 RTOL, ATOL = 1e-4, 1e-5
@@ -245,7 +248,6 @@ class ClientModuleTest(unittest.TestCase):
         it still calls, and rank 0's y, l_aux and dx are the single-process reference's on rank
         0's tokens; after both ranks step, each holds its slice of the whole layer stepped by
         rank 0's gradient alone."""
-        os.environ["UCX_NET_DEVICES"] = "lo"  # the daemons' UCX: loopback only
         peer = Daemon()
         self.addCleanup(peer.stop)
         daemons = [self.daemon, peer]

@@ -202,7 +202,6 @@ class TorchModuleTest(unittest.TestCase):
         # forward and backward through autograd completes on both (a rank that skipped one would
         # leave its peer's next collective waiting), y and x.grad are the reference's where
         # there are tokens, and the step sums the ranks' gradients.
-        os.environ["UCX_NET_DEVICES"] = "lo"  # the daemons' UCX: loopback only
         peer = Daemon()
         self.addCleanup(peer.stop)
         daemons = [self.daemon, peer]

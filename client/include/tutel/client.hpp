@@ -243,7 +243,8 @@ class Layer {
   // stays until the session ends, counted against the tenant's memory. A forward that is not
   // pending (backwarded, never made) is no error. On an expert-parallel layer it is this rank's
   // alone (no collective): the other ranks' trainers drop the same forward, or their backward
-  // waits for this rank's until the collective timeout, as for any skipped backward.
+  // meets this rank's next call of the layer, and the group refuses both (as for any skipped
+  // backward; with no next call, it waits until the collective timeout).
   Status discard(uint64_t sequence);
 
   // Asynchronous forms: several micro-batches may be in flight (at most the ring's 64 slots

@@ -17,13 +17,13 @@
 // everything one forward leaves for its backward lives in a Saved owned by the caller, and the
 // backwards may come in any order. The layer itself keeps only scratch that no call outlives.
 //
-// Ordering: forward, backward and all_reduce_gate_grad are collectives. Every rank of the group
-// must make the same sequence of calls, and the n-th call on one rank must be the same
-// micro-batch's forward (or backward) as the n-th call on every other rank: a backward's
-// exchanges are sized by the capacity its forward agreed on, and the layer cannot tell
-// micro-batches apart (a mismatch gives wrong results where the sizes agree, errors or
-// timeouts elsewhere). Which order that is (e.g. the backwards in reverse) is the caller's
-// choice, as long as every rank makes it.
+// Ordering: forward, backward, all_reduce_gate_grad and grad_sum_squares are collectives. Every
+// rank of the group must make the same sequence of calls, and the n-th call on one rank must be
+// the same micro-batch's forward (or backward) as the n-th call on every other rank. The group
+// checks both at each call's first agreement: calls of different kinds (a forward meeting a
+// step), and backwards of different forwards (the group numbers its forwards in the order it
+// ran them), are refused on every rank, and the group stays in step. Which order that is (e.g.
+// the backwards in reverse) is the caller's choice, as long as every rank makes it.
 //
 // Backends: any. Every access to the backend's memory goes through the Backend (copies of the
 // right kind, and its ops), so the layer runs on the CPU backend with a host communicator (UCX)
@@ -46,9 +46,9 @@
 // Each phase's key holds its sizes, scalars and every address it touches, with epochs that move
 // whenever a buffer of the layer, of a Saved, of the backend's or of the communicator's scratch
 // is reallocated, so no graph runs with stale addresses. The phases with collectives (experts,
-// backward) run the same way on every rank, as NCCL requires: before each, one more 56-byte
-// all-reduce agrees on the least ready rank's way (op by op, capture, or launch of the graphs
-// captured together); a failed collective drops every graph.
+// backward) run the same way on every rank, as NCCL requires: before each, one more 88-byte
+// all-reduce (the tagged agreement, agree) settles the least ready rank's way (op by op,
+// capture, or launch of the graphs captured together); a failed collective drops every graph.
 //
 // Thread-safety: one thread at a time per object, and per Saved (a Saved is only touched inside
 // the forward or backward it is passed to). A pipelined phase also runs on the layer's own
@@ -57,7 +57,9 @@
 // from any thread.
 #pragma once
 
+#include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -145,6 +147,12 @@ class ExchangeWorker;
 
 class ExpertParallelLayer {
  public:
+  // The width of the agreement that opens each call (agree): what it is (twice, as max and
+  // -min) and up to kAgreementValues of its own, so that ranks out of step (one in a forward,
+  // another in a step) meet in a collective of one size and see it, rather than reduce buffers
+  // of different sizes or hang. Part of the group's fingerprint at creation.
+  static constexpr size_t kAgreementValues = 9, kAgreementWidth = kAgreementValues + 2;
+
   // Collective: every rank of the group creates its layer at once, and the ranks compare what
   // they were given (one all-gather of two fingerprints: the spec, and r / all_to_all / pipeline
   // / tuning). Ranks that differ would pair their collectives with other sizes or in another
@@ -207,6 +215,9 @@ class ExpertParallelLayer {
     friend class ExpertParallelLayer;
     bool holds_forward_ = false;
     int64_t tokens_ = 0, capacity_ = 0;
+    // Which of the group's forwards this is (forwards_ when it ran): a backward must name the
+    // same one on every rank.
+    int64_t forward_number_ = 0;
     // How the forward ran its expert phase; the expert-side buffers hold its chunks one after
     // another ([chunk][E_l, W·C_j/q, ·], q = the ranks that split an expert's slots under its r),
     // and the backward runs the same way.
@@ -251,9 +262,9 @@ class ExpertParallelLayer {
   Status refuse_forward(Status why);
   Status refuse_backward(Saved& saved, Status why);
   // Sums the replicated gate's gradient over the group, in place. Collective: every rank calls
-  // it, in the same order as grad_sum_squares (each is preceded by a two-word agreement on which
-  // of the two the ranks called, so a rank that calls the other one at this point fails both
-  // with InvalidArgument naming them, instead of pairing all-reduces of different lengths).
+  // it, in the same order as grad_sum_squares (each opens with the tagged agreement, so a rank
+  // that calls another one at this point fails both with InvalidArgument naming them, instead
+  // of pairing all-reduces of different lengths).
   Status all_reduce_gate_grad(TensorView gate_grad);
   // The squared L2 norm of the whole layer's gradients, the same on every rank (collective, in
   // the group's order like the others): the experts' slices (disjoint over the group) and the
@@ -268,11 +279,6 @@ class ExpertParallelLayer {
   // What an agreement opens: every call of the group (forward, backward, the control
   // collectives) starts with one, and the expert phase has its own.
   enum class Agreement : int64_t { kForward = 1, kExpertPhase, kBackward, kGateGradSum, kGradNorm };
-  // Its width: every agreement of a step reduces this many values, what it is (twice, as max and
-  // -min) and up to kAgreementValues of its own, so that ranks out of step (one in a forward,
-  // another in a step) meet in a collective of one size and see it, rather than reduce buffers
-  // of different sizes or hang.
-  static constexpr size_t kAgreementValues = 7, kAgreementWidth = kAgreementValues + 2;
   // values[0..count) = their MAX over the group, where every rank agrees on `what`; where one
   // does not, every rank refuses the call it is in (InvalidArgument, naming both calls).
   Status agree(Agreement what, int64_t* values, size_t count);
@@ -300,18 +306,19 @@ class ExpertParallelLayer {
     kEveryWay = 3,         // what the step needs whichever way it runs
   };
   Status run_local_phase(const std::function<PhaseKey()>& key, const std::function<Status()>& ops);
-  // `must_match`: a value every rank must pass alike (a caller's choice the group has to
-  // share); where the ranks differ the group refuses the step, each rank with
-  // `mismatch_refusal`, after the checks above (a rank that could not prepare names the cause).
+  // `must_match`: values every rank must pass alike (a caller's choice the group has to share,
+  // the forward a backward is for); where the ranks differ the group refuses the step, each
+  // rank with the first differing value's `refusal` (of its value and another rank's), after
+  // the checks above (a rank that could not prepare names the cause).
   struct MustMatch {
-    int64_t value;
-    const char* mismatch_refusal;  // an InvalidArgument's message
+    int64_t value;  // (no initializer: the default argument below value-initializes it to 0)
+    std::function<std::string(int64_t mine, int64_t other)> refusal;  // an InvalidArgument's message
   };
   // `what`: the call the phase's agreement opens (agree).
   Status run_group_phase(Agreement what, const Status& prepared, const std::function<PhaseKey()>& key,
                          const std::function<Status()>& ops,
                          Unprepared unprepared = Unprepared::kEveryWay,
-                         Unprepared* refused = nullptr, MustMatch must_match = {0, nullptr});
+                         Unprepared* refused = nullptr, std::array<MustMatch, 2> must_match = {});
   Status refused_by_a_peer() const;
   // A phase's ops that failed part way leave the group out of step: gives up the communicator
   // (Communicator::give_up) and returns `st`; OK passes through.
@@ -431,6 +438,9 @@ class ExpertParallelLayer {
   bool comm_on_backend_queue_;
   uint64_t epoch_ = 0;  // moves whenever grow() reallocates a buffer (the layer's or a Saved's)
   uint64_t capture_rounds_ = 0;  // the last capture round the group agreed on
+  // The group's forwards so far (refused ones too: every rank counts each forward the group
+  // agreed to be in): the same count on every rank, so it names a forward across the group.
+  int64_t forwards_ = 0;
 
   // Scratch: no call leaves anything in these that a later call reads.
   Saved inference_;  // an inference forward's routing and activations
