@@ -1338,12 +1338,13 @@ INSTANTIATE_TEST_SUITE_P(Groups, ExpertParallelOnDevice, ::testing::ValuesIn(dev
 // kGraphs: the daemon's way on a GPU: NCCL enqueues on the backend's stream without waiting, and
 // the layer's phases are CUDA graphs with the NCCL calls captured inside (make_phase_runner),
 // over kGraphRounds rounds so that graphs are captured and launched again.
-void run_on_cuda(DeviceRun how, int pipeline = 1, int r = 1, DType matmul = DType::kF32) {
+void run_on_cuda(DeviceRun how, int pipeline = 1, int r = 1, DType matmul = DType::kF32,
+                 std::vector<std::vector<int64_t>> tokens = {{40}, {27}}) {
   ::setenv("UCX_NET_DEVICES", "lo", 1);
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
-  DeviceCase c{"OneRank", 1, 4, 32, 0, 2, 1.0, Activation::kGelu, {{40}, {27}}};
+  DeviceCase c{"OneRank", 1, 4, 32, 0, 2, 1.0, Activation::kGelu, std::move(tokens)};
   c.pipeline = pipeline;
   c.r = r;
   c.matmul = matmul;
@@ -1459,6 +1460,18 @@ TEST(ExpertParallelOnCuda, OneRankBf16InCudaGraphsMatchesTheCpuBackend) {
   }
   SCOPED_TRACE("r = 0");
   run_on_cuda(DeviceRun::kGraphs, /*pipeline=*/1, /*r=*/0, DType::kBF16);
+}
+
+// An empty micro-batch (S = 0; alone, the group's capacity is 0): the routing kernels are not
+// asked to run, the NCCL exchanges move nothing, in graphs and op by op, r = 1 and r = 0.
+TEST(ExpertParallelOnCuda, OneRankWithAnEmptyMicroBatchMatchesTheCpuBackend) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: compiled, not run";
+  if (!comm::nccl_available()) GTEST_SKIP() << "this build has no NCCL";
+  for (const DeviceRun how : {DeviceRun::kOpByOp, DeviceRun::kGraphs})
+    for (const int r : {1, 0}) {
+      SCOPED_TRACE(std::string(how == DeviceRun::kGraphs ? "graphs" : "op by op") + ", r = " + std::to_string(r));
+      run_on_cuda(how, /*pipeline=*/1, r, DType::kF32, {{40}, {0}});
+    }
 }
 
 }  // namespace
