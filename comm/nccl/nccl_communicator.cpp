@@ -210,6 +210,9 @@ class NcclCommunicator final : public Communicator {
                     AllToAllAlgo algo) override {
     TUTEL_RETURN_IF_ERROR(begin("all_to_all"));
     TUTEL_RETURN_IF_ERROR(detail::check_block_layouts(from, to, size()));
+    // Empty blocks (an expert-parallel step where no rank has a token: capacity 0) move
+    // nothing; the 2DH path's 0-width stride copies and empty scratch are not asked to.
+    if (from.block_bytes() == 0) return Status::OK();
     add_traffic(from.block_bytes());
     const int n = size(), l = local_size();
     if (algo == AllToAllAlgo::k2DH && n % l != 0)
