@@ -163,6 +163,10 @@ std::string rank_list(const std::vector<int>& ranks) {
   return out;
 }
 
+// The version of what a group's ranks exchange at each call (the agreements and what follows
+// them): moves whenever that changes. 2: stop 25's tagged agreements and numbered forwards.
+constexpr int64_t kGroupProtocolVersion = 2;
+
 // Every rank must run the same layer the same way: a rank that differs would pair its
 // collectives with other sizes or in another order (wrong results where the sizes agree, a
 // timeout elsewhere). So the ranks all-gather two fingerprints (the spec; how it runs) and
@@ -187,11 +191,12 @@ Status compare_with_group(Backend& backend, comm::Communicator& comm, const Laye
   if (tuning) how.add(options.tune.warmups).add(options.tune.trials);
   // A rank that captures graphs agrees on how to run each phase: one more collective.
   how.add(options.runner != nullptr && options.runner->captures());
-  // The agreements' width: a daemon from before it changed would pair its agreements with
-  // all-reduces of another size.
-  how.add(static_cast<int64_t>(ExpertParallelLayer::kAgreementWidth));
-  constexpr size_t kWords = 3;
-  const uint64_t mine[kWords] = {spec.value(), how.value(), valid_here.ok() ? 1u : 0u};
+  // What the ranks' agreements look like: a daemon whose calls open with other agreements
+  // would pair them with all-reduces of another size or meaning.
+  Fingerprint wire;
+  wire.add(kGroupProtocolVersion).add(static_cast<int64_t>(ExpertParallelLayer::kAgreementWidth));
+  constexpr size_t kWords = 4;
+  const uint64_t mine[kWords] = {spec.value(), how.value(), wire.value(), valid_here.ok() ? 1u : 0u};
   std::vector<uint64_t> all(kWords * static_cast<size_t>(W));
   // Through the backend's memory, as every collective here (NCCL takes device memory only).
   // A rank that cannot even stage its words cannot join the all-gather its peers wait in: it
@@ -213,12 +218,13 @@ Status compare_with_group(Backend& backend, comm::Communicator& comm, const Laye
   TUTEL_RETURN_IF_ERROR(
       backend.copy(all.data(), gathered, all.size() * sizeof(uint64_t), CopyKind::kDeviceToHost));
   if (!valid_here.ok()) return valid_here;
-  std::vector<int> refused, spec_differs, how_differs;
+  std::vector<int> refused, spec_differs, how_differs, wire_differs;
   for (int r = 0; r < W; ++r) {
     const uint64_t* theirs = all.data() + kWords * r;
-    if (theirs[2] == 0) refused.push_back(r);
+    if (theirs[3] == 0) refused.push_back(r);
     if (r > 0 && theirs[0] != all[0]) spec_differs.push_back(r);
     if (r > 0 && theirs[1] != all[1]) how_differs.push_back(r);
+    if (r > 0 && theirs[2] != all[2]) wire_differs.push_back(r);
   }
   std::vector<std::string> why;
   if (!refused.empty())
@@ -230,6 +236,9 @@ Status compare_with_group(Backend& backend, comm::Communicator& comm, const Laye
   if (!how_differs.empty())
     why.push_back("compared with rank 0, rank(s) " + rank_list(how_differs) +
                   " differ in how it runs (r, all_to_all, pipeline or tuning)");
+  if (!wire_differs.empty())
+    why.push_back("compared with rank 0, rank(s) " + rank_list(wire_differs) +
+                  " run a tuteld whose group protocol differs (upgrade every daemon of the group alike)");
   if (why.empty()) return Status::OK();
   std::string message = "no rank of this expert-parallel group creates the layer: ";
   for (size_t i = 0; i < why.size(); ++i) message += (i ? "; " : "") + why[i];
@@ -718,7 +727,9 @@ Status ExpertParallelLayer::agree_on_max(int64_t* values, size_t count) {
   TUTEL_RETURN_IF_ERROR(
       comm_->all_reduce(static_cast<int64_t*>(agreed_.data()), count, comm::ReduceOp::kMax));
   TUTEL_RETURN_IF_ERROR(wait_collectives());
-  return backend_->copy(values, agreed_.data(), bytes, CopyKind::kDeviceToHost);
+  // A rank that made the all-reduce but cannot read its result would go on out of step with
+  // peers that did (they count a forward it does not): it gives the group up.
+  return gave_up(backend_->copy(values, agreed_.data(), bytes, CopyKind::kDeviceToHost));
 }
 
 Status ExpertParallelLayer::agree(Agreement what, int64_t* values, size_t count) {
@@ -735,8 +746,8 @@ Status ExpertParallelLayer::agree(Agreement what, int64_t* values, size_t count)
   // which leaves the group in step again (every rank has made this one collective).
   auto call = [](int64_t a) -> const char* {
     switch (static_cast<Agreement>(a)) {
-      case Agreement::kForward:
-      case Agreement::kExpertPhase: return "forward";
+      case Agreement::kForward: return "forward";
+      case Agreement::kExpertPhase: return "forward (its expert phase)";
       case Agreement::kBackward: return "backward";
       case Agreement::kGateGradSum: return "step";
       case Agreement::kGradNorm: return "grad_norm";

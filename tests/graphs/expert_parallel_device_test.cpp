@@ -959,9 +959,10 @@ TEST(ExpertParallelLimits, TheGradientNormIsTheGroupsAndControlCallsOutOfOrderAr
 // Calls out of step across the ranks (one rank's forward meeting another's step, a backward
 // meeting a grad_norm, a refused forward meeting a step, backwards of two micro-batches in
 // opposite orders) meet in one agreement of one width: both ranks refuse the call they are in,
-// naming both (the group's forwards by number), and the group goes on in step: the next
-// forward, backward and step run on both, and the gate's gradient is summed once, by that step
-// (each rank's y of the last forward equals its y of the first that ran, bit for bit).
+// naming both (the group's forwards by number), and the group goes on in step: after a forward
+// one rank refuses and the other runs (counted alike by both), the next forward, backward and
+// step run on both, and the gate's gradient is summed once, by that step (each rank's y of the
+// last forward equals its y of the first that ran, bit for bit).
 TEST(ExpertParallelLimits, CallsOutOfStepAreRefusedOnEveryRankNamingBothAndTheGroupGoesOn) {
   const TwoRankCase c;
   SCOPED_TRACE("seed " + std::to_string(c.seed));
@@ -971,7 +972,7 @@ TEST(ExpertParallelLimits, CallsOutOfStepAreRefusedOnEveryRankNamingBothAndTheGr
   const std::vector<Status> setup = run_simulated_layers(
       c.spec, c.whole, c.rank_seeds, [&](int r, SimulatedDevice& device, RankLayer& rank) -> Status {
         RankIo io(device, rank.rng);
-        ExpertParallelLayer::Saved first, second, a, b;
+        ExpertParallelLayer::Saved first, second, a, b, c;
         auto forward = [&](ExpertParallelLayer::Saved& saved) {
           return rank.layer.forward(rank.params.weights(), io.x.view(), io.y.view(), nullptr, &saved);
         };
@@ -992,11 +993,14 @@ TEST(ExpertParallelLimits, CallsOutOfStepAreRefusedOnEveryRankNamingBothAndTheGr
         steps[r].push_back(forward(b));                     // 5
         steps[r].push_back(backward(r == 0 ? a : b));       // 6: out of step
         steps[r].push_back(backward(r == 0 ? b : a));       // 7: out of step
-        steps[r].push_back(forward(second));  // 8
+        // 8: the group's forward 4, refused by rank 0 before it runs: refused on both.
+        steps[r].push_back(r == 0 ? rank.layer.refuse_forward(Status::ResourceExhausted("refused here"))
+                                  : forward(c));
+        steps[r].push_back(forward(second));  // 9: the group's forward 5 on both
         last_y[r] = io.y.download();
-        steps[r].push_back(backward(second));  // 9
+        steps[r].push_back(backward(second));  // 10
         gate_before[r] = rank.grads.gate.download();
-        steps[r].push_back(step());  // 10
+        steps[r].push_back(step());  // 11
         gate_after[r] = rank.grads.gate.download();
         return Status::OK();
       });
@@ -1010,8 +1014,9 @@ TEST(ExpertParallelLimits, CallsOutOfStepAreRefusedOnEveryRankNamingBothAndTheGr
   for (int r = 0; r < W; ++r) {
     SCOPED_TRACE("rank " + std::to_string(r));
     ASSERT_TRUE(setup[r].ok()) << setup[r];
-    ASSERT_EQ(steps[r].size(), 11u);
-    for (size_t i : {1, 4, 5, 8, 9, 10}) EXPECT_TRUE(steps[r][i].ok()) << "step " << i << ": " << steps[r][i];
+    ASSERT_EQ(steps[r].size(), 12u);
+    for (size_t i : {1, 4, 5, 9, 10, 11}) EXPECT_TRUE(steps[r][i].ok()) << "step " << i << ": " << steps[r][i];
+    EXPECT_EQ(steps[r][8].code(), StatusCode::kResourceExhausted) << steps[r][8];
     const std::array<size_t, 5> refused = {0, 2, 3, 6, 7};
     for (size_t j = 0; j < refused.size(); ++j) {
       const Status& st = steps[r][refused[j]];

@@ -1180,8 +1180,8 @@ TEST(ExpertParallelFailures, ARankThatCannotStageItsFingerprintFailsTheCreationE
   const std::vector<Status> created = run_failure_ranks(
       W, small_failure_spec(2), graphs::ExpertParallelOptions{},
       [](int r, std::unique_ptr<Backend> cpu) -> std::unique_ptr<Backend> {
-        // The fingerprint's buffer: W ranks' 3 words, and this rank's 3.
-        if (r == 1) return std::make_unique<RefusesAllocationsOf>(std::move(cpu), (3 * W + 3) * sizeof(uint64_t));
+        // The fingerprint's buffer: W ranks' 4 words, and this rank's 4.
+        if (r == 1) return std::make_unique<RefusesAllocationsOf>(std::move(cpu), (4 * W + 4) * sizeof(uint64_t));
         return cpu;
       },
       [](int, ExpertParallelLayer&, const std::function<Status()>&) {});

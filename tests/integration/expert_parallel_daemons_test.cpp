@@ -1200,10 +1200,11 @@ TEST(ExpertParallelGroups, ABackwardForDxAloneIsTheWholeGroupsOrRefusedOnEveryRa
 }
 
 // Trainers out of step across daemons (rank 0 steps where rank 1 runs one more forward; then
-// rank 1 asks for the gradient norm where rank 0 runs a forward) are told at once, not after the
-// collective timeout: both ranks' calls are refused, naming both, and the group goes on: the
-// next forward, backward and step run on both, each rank's y equals its first forward's (no
-// step ran in between), and no forward is left pending.
+// rank 1 asks for the gradient norm where rank 0 runs a forward; then two micro-batches
+// backwarded in opposite orders) are told at once, not after the collective timeout: both
+// ranks' calls are refused, naming both (the group's forwards by number), and the group goes
+// on: the next forward, backward and step run on both, each rank's y equals its first
+// forward's (no step ran in between), and no forward is left pending.
 TEST(ExpertParallelGroups, CallsOutOfStepAcrossDaemonsAreRefusedOnBothAndTheGroupGoesOn) {
   DaemonProcess d0(DaemonOptions{}), d1(DaemonOptions{});
   ASSERT_TRUE(d0.start());
@@ -1235,26 +1236,38 @@ TEST(ExpertParallelGroups, CallsOutOfStepAcrossDaemonsAreRefusedOnBothAndTheGrou
       note(layer->forward(x.data(), S, y.data(), &info));              // 2: out of step
       note(layer->grad_norm().status());                               // 3: out of step
     }
-    note(layer->forward(x.data(), S, y.data(), &info));                // 4
+    client::ForwardInfo a, b;
+    note(layer->forward(x.data(), S, y.data(), &a));                   // 4: the group's forward 2
+    note(layer->forward(x.data(), S, y.data(), &b));                   // 5: 3
+    const uint64_t first = r == 0 ? a.sequence : b.sequence, second = r == 0 ? b.sequence : a.sequence;
+    note(layer->backward(first, y.data(), 0.f, dx.data()));            // 6: out of step
+    note(layer->backward(second, y.data(), 0.f, dx.data()));           // 7: out of step
+    note(layer->forward(x.data(), S, y.data(), &info));                // 8
     o.last_y = y;
-    note(layer->backward(info.sequence, y.data(), 0.f, dx.data()));    // 5
-    note(layer->step().status());                                      // 6
+    note(layer->backward(info.sequence, y.data(), 0.f, dx.data()));    // 9
+    note(layer->step().status());                                      // 10
   };
   std::thread rank1(rank, 1, std::ref(d1));
   rank(0, d0);
   rank1.join();
-  const char* want[2][2] = {{"this rank step, another forward", "this rank forward, another grad_norm"},
-                            {"this rank forward, another step", "this rank grad_norm, another forward"}};
+  const char* want[2][4] = {{"this rank step, another forward", "this rank forward, another grad_norm",
+                             "this rank the group's forward 2, another forward 3",
+                             "this rank the group's forward 3, another forward 2"},
+                            {"this rank forward, another step", "this rank grad_norm, another forward",
+                             "this rank the group's forward 3, another forward 2",
+                             "this rank the group's forward 2, another forward 3"}};
   for (int r = 0; r < 2; ++r) {
     SCOPED_TRACE("rank " + std::to_string(r));
     DaemonProcess& d = r == 0 ? d0 : d1;
     ASSERT_TRUE(out[r].setup.ok()) << out[r].setup;
     const std::vector<Status>& steps = out[r].steps;
-    ASSERT_EQ(steps.size(), 7u);
-    for (size_t i : {0, 1, 4, 5, 6}) EXPECT_TRUE(steps[i].ok()) << "step " << i << ": " << steps[i] << "\n" << d.log();
-    for (size_t j = 0; j < 2; ++j) {
-      EXPECT_EQ(steps[2 + j].code(), StatusCode::kInvalidArgument) << steps[2 + j];
-      EXPECT_NE(steps[2 + j].message().find(want[r][j]), std::string_view::npos) << steps[2 + j];
+    ASSERT_EQ(steps.size(), 11u);
+    for (size_t i : {0, 1, 4, 5, 8, 9, 10})
+      EXPECT_TRUE(steps[i].ok()) << "step " << i << ": " << steps[i] << "\n" << d.log();
+    const size_t refused[4] = {2, 3, 6, 7};
+    for (size_t j = 0; j < 4; ++j) {
+      EXPECT_EQ(steps[refused[j]].code(), StatusCode::kInvalidArgument) << steps[refused[j]];
+      EXPECT_NE(steps[refused[j]].message().find(want[r][j]), std::string_view::npos) << steps[refused[j]];
     }
     EXPECT_EQ(out[r].last_y, out[r].first_y);
     EXPECT_EQ(pending_backwards(d, "out_of_step"), 0);

@@ -14,6 +14,9 @@ from daemon import Daemon
 from test_client import (ATOL, RTOL, E, F, H, K, LR, M, free_port, group_spec, random_case, random_inputs,
                          run_ranks)
 
+# Every daemon these tests start keeps UCX on loopback (test_client sets it too).
+os.environ["UCX_NET_DEVICES"] = "lo"
+
 try:
     import torch
 

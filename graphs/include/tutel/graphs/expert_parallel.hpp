@@ -252,7 +252,9 @@ class ExpertParallelLayer {
   // must say the same: an expert's gradient sums every rank's tokens routed to it, so a group
   // where some ranks keep their gradients and some do not would keep only part of a step's. The
   // group checks it in the backward's first agreement (no collective more) and refuses the step
-  // on every rank (InvalidArgument) when the ranks differ; `saved` is consumed then too.
+  // on every rank (InvalidArgument) when the ranks differ; `saved` is consumed then too. The
+  // same agreement checks that every rank backwards the same forward (the group numbers its
+  // forwards): a backward of another forward than its peers' is refused likewise.
   Status backward(const LayerWeights& local, TensorView dy, float dl_aux, TensorView dx,
                   const LayerWeights& local_grads, Saved& saved, bool dx_only = false);
   // This rank's step was refused before the layer could run it (its owner could not stage the
