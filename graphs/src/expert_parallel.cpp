@@ -169,9 +169,11 @@ constexpr int64_t kGroupProtocolVersion = 2;
 
 // Every rank must run the same layer the same way: a rank that differs would pair its
 // collectives with other sizes or in another order (wrong results where the sizes agree, a
-// timeout elsewhere). So the ranks all-gather two fingerprints (the spec; how it runs) and
-// whether each could create the layer at all, and all refuse together, each saying why: a rank
-// that refused alone would leave its peers waiting in their first collective.
+// timeout elsewhere). So the ranks all-gather three fingerprints (the spec; how it runs; the
+// group protocol of their build) and whether each could create the layer at all, and all refuse
+// together, each saying why: a rank that refused alone would leave its peers waiting in their
+// first collective. (Builds from before the protocol word gather fewer bytes: a group mixing
+// them fails in this all-gather itself, as differently sized collectives.)
 Status compare_with_group(Backend& backend, comm::Communicator& comm, const LayerSpec& sp,
                           const ExpertParallelOptions& options, const Status& valid_here) {
   const int W = comm.size();
@@ -230,15 +232,18 @@ Status compare_with_group(Backend& backend, comm::Communicator& comm, const Laye
   if (!refused.empty())
     why.push_back("rank(s) " + rank_list(refused) +
                   " could not create it (their own errors say why)");
-  if (!spec_differs.empty())
-    why.push_back("compared with rank 0, rank(s) " + rank_list(spec_differs) +
-                  " differ in the layer spec");
-  if (!how_differs.empty())
-    why.push_back("compared with rank 0, rank(s) " + rank_list(how_differs) +
-                  " differ in how it runs (r, all_to_all, pipeline or tuning)");
-  if (!wire_differs.empty())
+  if (!wire_differs.empty()) {
+    // Another build may fingerprint the spec and the options otherwise: only this is sure.
     why.push_back("compared with rank 0, rank(s) " + rank_list(wire_differs) +
                   " run a tuteld whose group protocol differs (upgrade every daemon of the group alike)");
+  } else {
+    if (!spec_differs.empty())
+      why.push_back("compared with rank 0, rank(s) " + rank_list(spec_differs) +
+                    " differ in the layer spec");
+    if (!how_differs.empty())
+      why.push_back("compared with rank 0, rank(s) " + rank_list(how_differs) +
+                    " differ in how it runs (r, all_to_all, pipeline or tuning)");
+  }
   if (why.empty()) return Status::OK();
   std::string message = "no rank of this expert-parallel group creates the layer: ";
   for (size_t i = 0; i < why.size(); ++i) message += (i ? "; " : "") + why[i];

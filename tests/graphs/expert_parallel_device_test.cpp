@@ -972,7 +972,7 @@ TEST(ExpertParallelLimits, CallsOutOfStepAreRefusedOnEveryRankNamingBothAndTheGr
   const std::vector<Status> setup = run_simulated_layers(
       c.spec, c.whole, c.rank_seeds, [&](int r, SimulatedDevice& device, RankLayer& rank) -> Status {
         RankIo io(device, rank.rng);
-        ExpertParallelLayer::Saved first, second, a, b, c;
+        ExpertParallelLayer::Saved first, second, a, b, refused;
         auto forward = [&](ExpertParallelLayer::Saved& saved) {
           return rank.layer.forward(rank.params.weights(), io.x.view(), io.y.view(), nullptr, &saved);
         };
@@ -995,7 +995,7 @@ TEST(ExpertParallelLimits, CallsOutOfStepAreRefusedOnEveryRankNamingBothAndTheGr
         steps[r].push_back(backward(r == 0 ? b : a));       // 7: out of step
         // 8: the group's forward 4, refused by rank 0 before it runs: refused on both.
         steps[r].push_back(r == 0 ? rank.layer.refuse_forward(Status::ResourceExhausted("refused here"))
-                                  : forward(c));
+                                  : forward(refused));
         steps[r].push_back(forward(second));  // 9: the group's forward 5 on both
         last_y[r] = io.y.download();
         steps[r].push_back(backward(second));  // 10

@@ -1159,6 +1159,51 @@ TEST(ExpertParallelFailures, AKernelThatFailsMidPhaseTakesTheGroupOutOfStepAndSa
   }
 }
 
+// A rank that makes an agreement but cannot read its result back (the copy to the host fails
+// once): it gives the group up, rather than go on a forward behind its peers (which counted the
+// forward it did not), and its peer's step fails at once saying so; both refuse every later step.
+class AgreementReadBackFailsOnce final : public ForwardingBackend {
+ public:
+  explicit AgreementReadBackFailsOnce(std::unique_ptr<Backend> inner) : ForwardingBackend(std::move(inner)) {}
+  Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override {
+    if (kind == CopyKind::kDeviceToHost && bytes == ExpertParallelLayer::kAgreementWidth * sizeof(int64_t) &&
+        fail_.exchange(false))
+      return Status::Internal("simulated: the agreement's result could not be read");
+    return ForwardingBackend::copy(dst, src, bytes, kind);
+  }
+
+ private:
+  std::atomic<bool> fail_{true};
+};
+
+TEST(ExpertParallelFailures, ARankThatCannotReadAnAgreementGivesTheGroupUp) {
+  constexpr int W = 2;
+  std::vector<Status> first(W), second(W);
+  const std::vector<Status> setup = run_failure_ranks(
+      W, small_failure_spec(2), graphs::ExpertParallelOptions{},
+      [](int r, std::unique_ptr<Backend> cpu) -> std::unique_ptr<Backend> {
+        if (r == 1) return std::make_unique<AgreementReadBackFailsOnce>(std::move(cpu));
+        return cpu;
+      },
+      [&](int r, ExpertParallelLayer&, const std::function<Status()>& forward) {
+        first[r] = forward();
+        second[r] = forward();
+      });
+  for (int r = 0; r < W; ++r) ASSERT_TRUE(setup[r].ok()) << "rank " << r << ": " << setup[r];
+  EXPECT_EQ(first[1].code(), StatusCode::kInternal) << first[1];
+  EXPECT_NE(first[1].message().find("simulated: the agreement's result could not be read"), std::string_view::npos)
+      << first[1];
+  ASSERT_FALSE(first[0].ok());
+  EXPECT_NE(first[0].message().find("gave up on its step: rank 1's own work failed between collectives"),
+            std::string_view::npos)
+      << first[0];
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    EXPECT_EQ(second[r].code(), StatusCode::kAborted) << second[r];
+    EXPECT_NE(second[r].message().find("failed earlier"), std::string_view::npos) << second[r];
+  }
+}
+
 // A backend that cannot allocate buffers of exactly `bytes` (one small buffer of the creation).
 class RefusesAllocationsOf final : public ForwardingBackend {
  public:

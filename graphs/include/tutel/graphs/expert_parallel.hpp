@@ -154,8 +154,8 @@ class ExpertParallelLayer {
   static constexpr size_t kAgreementValues = 9, kAgreementWidth = kAgreementValues + 2;
 
   // Collective: every rank of the group creates its layer at once, and the ranks compare what
-  // they were given (one all-gather of two fingerprints: the spec, and r / all_to_all / pipeline
-  // / tuning). Ranks that differ would pair their collectives with other sizes or in another
+  // they were given (one all-gather of three fingerprints: the spec; r / all_to_all / pipeline /
+  // tuning; the group protocol of the build). Ranks that differ would pair their collectives with other sizes or in another
   // order, so every rank refuses the layer with InvalidArgument, naming the ranks that differ
   // from rank 0 and in what.
   // The spec is the global layer; the group is `comm` (its rank and size define the shard),
