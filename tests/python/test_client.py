@@ -72,6 +72,19 @@ def group_spec(rank, port, size=2):
             'collective_timeout_ms = 20000\n')
 
 
+def assert_group_stepped(daemons, p, grads, rtol, atol, what):
+    """Each rank r of a two-rank group saved "after.safetensors" on daemons[r]: its slice (the
+    gate whole, experts [r·E/2, (r+1)·E/2)) of the whole layer `p` after one SGD step by `grads`."""
+    for r, d in enumerate(daemons):
+        stored = ref.read_safetensors(os.path.join(d.checkpoints, "after.safetensors"))
+        for n, tutel_name in ref.TUTEL_NAMES.items():
+            want = p[n] - LR * grads[n]
+            if n != "wg":
+                want = want[r * E // 2:(r + 1) * E // 2]  # the rank's experts
+            np.testing.assert_allclose(stored[tutel_name], want, rtol=rtol, atol=atol,
+                                       err_msg=f"rank {r}'s {tutel_name} after the step ({what})")
+
+
 def run_ranks(body, ranks):
     """body(r) on a thread per rank; the exceptions they raised."""
     errors = []
@@ -280,13 +293,7 @@ class ClientModuleTest(unittest.TestCase):
         y, info, dx = results[1]
         self.assertEqual((y.shape, dx.shape), ((0, M), (0, M)))
         self.assertEqual((info.l_aux, info.capacity, info.dropped), (0.0, stats["capacity"], 0))
-        for r, d in enumerate(daemons):
-            stored = ref.read_safetensors(os.path.join(d.checkpoints, "after.safetensors"))
-            for n, tutel_name in ref.TUTEL_NAMES.items():
-                want = p[n] - LR * grads[n]
-                if n != "wg":
-                    want = want[r * E // 2:(r + 1) * E // 2]  # the rank's experts
-                self.assert_close(stored[tutel_name], want, f"rank {r}'s {tutel_name} after the step")
+        assert_group_stepped(daemons, p, grads, RTOL, ATOL, f"seed {self.seed}")
 
     def test_micro_batches_backwarded_out_of_order(self):
         p, x1 = random_case(self.rng, 8)

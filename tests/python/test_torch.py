@@ -11,8 +11,8 @@ import numpy as np
 
 import moe_reference as ref
 from daemon import Daemon
-from test_client import (ATOL, RTOL, E, F, H, K, LR, M, free_port, group_spec, random_case, random_inputs,
-                         run_ranks)
+from test_client import (ATOL, RTOL, E, F, H, K, LR, M, assert_group_stepped, free_port, group_spec,
+                         random_case, random_inputs, run_ranks)
 
 # Every daemon these tests start keeps UCX on loopback (test_client sets it too).
 os.environ["UCX_NET_DEVICES"] = "lo"
@@ -248,14 +248,7 @@ class TorchModuleTest(unittest.TestCase):
                 self.assert_close(dx.reshape(-1, M), dx_ref, f"x.grad of micro-batch {m}")
                 for n in grads:
                     grads[n] += g[n]
-        for r, d in enumerate(daemons):
-            stored = ref.read_safetensors(os.path.join(d.checkpoints, "after.safetensors"))
-            for n, tutel_name in ref.TUTEL_NAMES.items():
-                want = p[n] - LR * grads[n]
-                if n != "wg":
-                    want = want[r * E // 2:(r + 1) * E // 2]  # the rank's experts
-                np.testing.assert_allclose(stored[tutel_name], want, rtol=1e-3, atol=1e-4,
-                                           err_msg=f"rank {r}'s {tutel_name} after the step (seed {self.seed})")
+        assert_group_stepped(daemons, p, grads, 1e-3, 1e-4, f"seed {self.seed}")
 
     def test_copy_and_pickle_say_the_parameters_live_in_the_daemon(self):
         import copy
