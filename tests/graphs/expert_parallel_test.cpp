@@ -1132,24 +1132,25 @@ class ExpertForwardFailsOnce final : public ForwardingBackend {
 // 0, whose step fails at once saying so; both refuse every later step. (Before, rank 1 went on
 // to its next step, whose first agreement paired with rank 0's combine: a size mismatch, or
 // where the sizes agreed, rank 1's agreement taken for expert outputs.)
-TEST(ExpertParallelFailures, AKernelThatFailsMidPhaseTakesTheGroupOutOfStepAndSaysSo) {
+// Two ranks, rank 1's backend made by `fails_once` over its CPU backend: its first forward
+// fails with Internal `rank1_says`; rank 0's fails at once saying rank 1 gave the group up; the
+// second forward is refused on both (the communicator failed earlier).
+void expect_rank1_gives_the_group_up(const std::function<std::unique_ptr<Backend>(std::unique_ptr<Backend>)>& fails_once,
+                                     std::string_view rank1_says) {
   constexpr int W = 2;
   graphs::ExpertParallelOptions options;
   options.pipeline = 1;
   std::vector<Status> first(W), second(W);
   const std::vector<Status> setup = run_failure_ranks(
       W, small_failure_spec(2), options,
-      [](int r, std::unique_ptr<Backend> cpu) -> std::unique_ptr<Backend> {
-        if (r == 1) return std::make_unique<ExpertForwardFailsOnce>(std::move(cpu));
-        return cpu;
-      },
+      [&](int r, std::unique_ptr<Backend> cpu) { return r == 1 ? fails_once(std::move(cpu)) : std::move(cpu); },
       [&](int r, ExpertParallelLayer&, const std::function<Status()>& forward) {
         first[r] = forward();
         second[r] = forward();
       });
   for (int r = 0; r < W; ++r) ASSERT_TRUE(setup[r].ok()) << "rank " << r << ": " << setup[r];
   EXPECT_EQ(first[1].code(), StatusCode::kInternal) << first[1];
-  EXPECT_NE(first[1].message().find("simulated: the expert kernel failed"), std::string_view::npos) << first[1];
+  EXPECT_NE(first[1].message().find(rank1_says), std::string_view::npos) << first[1];
   ASSERT_FALSE(first[0].ok());
   EXPECT_NE(first[0].message().find("gave up on its step: rank 1's own work failed between collectives"), std::string_view::npos) << first[0];
   for (int r = 0; r < W; ++r) {
@@ -1157,6 +1158,12 @@ TEST(ExpertParallelFailures, AKernelThatFailsMidPhaseTakesTheGroupOutOfStepAndSa
     EXPECT_EQ(second[r].code(), StatusCode::kAborted) << second[r];
     EXPECT_NE(second[r].message().find("failed earlier"), std::string_view::npos) << second[r];
   }
+}
+
+TEST(ExpertParallelFailures, AKernelThatFailsMidPhaseTakesTheGroupOutOfStepAndSaysSo) {
+  expect_rank1_gives_the_group_up(
+      [](std::unique_ptr<Backend> cpu) { return std::make_unique<ExpertForwardFailsOnce>(std::move(cpu)); },
+      "simulated: the expert kernel failed");
 }
 
 // A rank that makes an agreement but cannot read its result back (the copy to the host fails
@@ -1177,31 +1184,9 @@ class AgreementReadBackFailsOnce final : public ForwardingBackend {
 };
 
 TEST(ExpertParallelFailures, ARankThatCannotReadAnAgreementGivesTheGroupUp) {
-  constexpr int W = 2;
-  std::vector<Status> first(W), second(W);
-  const std::vector<Status> setup = run_failure_ranks(
-      W, small_failure_spec(2), graphs::ExpertParallelOptions{},
-      [](int r, std::unique_ptr<Backend> cpu) -> std::unique_ptr<Backend> {
-        if (r == 1) return std::make_unique<AgreementReadBackFailsOnce>(std::move(cpu));
-        return cpu;
-      },
-      [&](int r, ExpertParallelLayer&, const std::function<Status()>& forward) {
-        first[r] = forward();
-        second[r] = forward();
-      });
-  for (int r = 0; r < W; ++r) ASSERT_TRUE(setup[r].ok()) << "rank " << r << ": " << setup[r];
-  EXPECT_EQ(first[1].code(), StatusCode::kInternal) << first[1];
-  EXPECT_NE(first[1].message().find("simulated: the agreement's result could not be read"), std::string_view::npos)
-      << first[1];
-  ASSERT_FALSE(first[0].ok());
-  EXPECT_NE(first[0].message().find("gave up on its step: rank 1's own work failed between collectives"),
-            std::string_view::npos)
-      << first[0];
-  for (int r = 0; r < W; ++r) {
-    SCOPED_TRACE("rank " + std::to_string(r));
-    EXPECT_EQ(second[r].code(), StatusCode::kAborted) << second[r];
-    EXPECT_NE(second[r].message().find("failed earlier"), std::string_view::npos) << second[r];
-  }
+  expect_rank1_gives_the_group_up(
+      [](std::unique_ptr<Backend> cpu) { return std::make_unique<AgreementReadBackFailsOnce>(std::move(cpu)); },
+      "simulated: the agreement's result could not be read");
 }
 
 // A backend that cannot allocate buffers of exactly `bytes` (one small buffer of the creation).
