@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstring>
 #include <functional>
 #include <mutex>
 #include <random>
@@ -1353,6 +1354,56 @@ TEST(ExpertParallelOptionsCheck, RanksGivenDifferentLayersRefuseThemTogether) {
           << o.invalid;
     }
     EXPECT_TRUE(o.same.ok()) << o.same;
+  }
+}
+
+// Stands in for a rank whose tuteld build speaks another group protocol: its layer fingerprint
+// (the all-gather of four words per rank at creation) carries another third word, the build's.
+class OtherProtocolBuild final : public ForwardingCommunicator {
+ public:
+  using ForwardingCommunicator::ForwardingCommunicator;
+  Status all_gather(const void* send, void* recv, size_t bytes_per_rank) override {
+    if (bytes_per_rank != 4 * sizeof(uint64_t)) return ForwardingCommunicator::all_gather(send, recv, bytes_per_rank);
+    uint64_t words[4];
+    std::memcpy(words, send, sizeof words);
+    words[2] ^= 1;
+    return ForwardingCommunicator::all_gather(words, recv, bytes_per_rank);
+  }
+};
+
+// Ranks whose builds differ in the group protocol refuse the layer together and say that alone
+// (another build may fingerprint the spec and the options otherwise).
+TEST(ExpertParallelOptionsCheck, RanksOfAnotherGroupProtocolRefuseTheLayerSayingSo) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  constexpr int W = 2;
+  LayerSpec spec;
+  spec.experts = 2;
+  spec.model_dim = 8;
+  spec.hidden = 8;
+  spec.k = 1;
+  const uint16_t port = free_port();
+  std::vector<Status> created(W);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < W; ++r)
+    threads.emplace_back([&, r] {
+      auto ucx = comm::ucx_bootstrap(rank_options(port, r, W, 1));
+      if (!ucx.ok()) return void(created[r] = ucx.status());
+      auto backend = make_backend("cpu", {.threads = 1});
+      if (!backend.ok()) return void(created[r] = backend.status());
+      OtherProtocolBuild other(**ucx);
+      comm::Communicator& comm = r == 1 ? static_cast<comm::Communicator&>(other) : **ucx;
+      graphs::ExpertParallelOptions options;
+      options.pipeline = r == 1 ? 2 : 1;  // would be named too, were the builds the same
+      created[r] = ExpertParallelLayer::create(**backend, comm, spec, options).status();
+    });
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < W; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    EXPECT_EQ(created[r].code(), StatusCode::kInvalidArgument) << created[r];
+    EXPECT_EQ(created[r].message(),
+              "no rank of this expert-parallel group creates the layer: compared with rank 0, rank(s) 1 run a "
+              "tuteld whose group protocol differs (upgrade every daemon of the group alike). Every rank must be "
+              "given the same layer");
   }
 }
 
