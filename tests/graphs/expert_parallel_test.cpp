@@ -1376,11 +1376,7 @@ class OtherProtocolBuild final : public ForwardingCommunicator {
 TEST(ExpertParallelOptionsCheck, RanksOfAnotherGroupProtocolRefuseTheLayerSayingSo) {
   ::setenv("UCX_NET_DEVICES", "lo", 1);
   constexpr int W = 2;
-  LayerSpec spec;
-  spec.experts = 2;
-  spec.model_dim = 8;
-  spec.hidden = 8;
-  spec.k = 1;
+  const LayerSpec spec = small_failure_spec(2);
   const uint16_t port = free_port();
   std::vector<Status> created(W);
   std::vector<std::thread> threads;
