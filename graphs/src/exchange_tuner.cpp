@@ -62,7 +62,40 @@ Result<ExchangeTuner> ExchangeTuner::create(TunerOptions options) {
     return Status::InvalidArgument("the tuner needs trials >= 1 and warmups >= 0 (got " +
                                    std::to_string(options.trials) + " and " +
                                    std::to_string(options.warmups) + ")");
-  return ExchangeTuner(std::move(options));
+  const size_t k = options.candidates.size();
+  std::vector<int64_t> seen;
+  for (const TunerDecision& d : options.decided) {
+    const std::string which = "the decision for capacity bucket " + std::to_string(d.capacity_bucket);
+    if (d.capacity_bucket < 1 || d.capacity_bucket > TunerOptions::kMaxBucket ||
+        !std::has_single_bit(static_cast<uint64_t>(d.capacity_bucket)))
+      return Status::InvalidArgument(which + ": a bucket is a power of two in [1, 2^40]");
+    if (std::find(seen.begin(), seen.end(), d.capacity_bucket) != seen.end())
+      return Status::InvalidArgument(which + " is given twice");
+    seen.push_back(d.capacity_bucket);
+    if (d.total_ns.size() != k || d.excluded.size() != k)
+      return Status::InvalidArgument(which + " has " + std::to_string(d.total_ns.size()) + " totals and " +
+                                     std::to_string(d.excluded.size()) + " exclusions for " +
+                                     std::to_string(k) + " candidates");
+    if (d.chosen >= k || d.excluded[d.chosen])
+      return Status::InvalidArgument(which + " chooses candidate " + std::to_string(d.chosen) +
+                                     ", which is not one of the " + std::to_string(k) +
+                                     " candidates left in it");
+    if (std::any_of(d.total_ns.begin(), d.total_ns.end(), [](int64_t t) { return t < 0; }))
+      return Status::InvalidArgument(which + " has a negative total");
+  }
+  ExchangeTuner tuner(std::move(options));
+  for (const TunerDecision& d : tuner.options_.decided) {
+    Bucket& b = tuner.bucket(d.capacity_bucket);
+    b.excluded = d.excluded;
+    b.left.clear();
+    for (size_t i = 0; i < k; ++i)
+      if (!b.excluded[i]) b.left.push_back(i);
+    b.total_ns = d.total_ns;
+    b.chosen = d.chosen;
+    b.decided = true;
+    b.restored = true;
+  }
+  return tuner;
 }
 
 int64_t ExchangeTuner::bucket_for(int64_t capacity) {
@@ -180,9 +213,23 @@ std::vector<TunerEntry> ExchangeTuner::entries() const {
     if (b.decided) e.total_ns = b.total_ns;
     e.rounds_done = b.runs / static_cast<int>(b.left.size());
     e.excluded = b.excluded;
+    e.restored = b.restored;
     out.push_back(std::move(e));
   }
   return out;
+}
+
+std::vector<TunerDecision> ExchangeTuner::decisions() const {
+  std::lock_guard<std::mutex> lock(*mu_);
+  std::vector<TunerDecision> out;
+  for (const auto& [key, b] : buckets_)
+    if (b.decided) out.push_back({key, b.chosen, b.total_ns, b.excluded});
+  return out;
+}
+
+void ExchangeTuner::forget_restored() {
+  std::lock_guard<std::mutex> lock(*mu_);
+  std::erase_if(buckets_, [](const auto& entry) { return entry.second.restored; });
 }
 
 }  // namespace tutel::graphs

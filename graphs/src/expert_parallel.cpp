@@ -164,8 +164,22 @@ std::string rank_list(const std::vector<int>& ranks) {
 }
 
 // The version of what a group's ranks exchange at each call (the agreements and what follows
-// them): moves whenever that changes. 2: stop 25's tagged agreements and numbered forwards.
-constexpr int64_t kGroupProtocolVersion = 2;
+// them, and the creation's own words below): moves whenever that changes. 2: stop 25's tagged
+// agreements and numbered forwards. 3: the restored tuner decisions' word at creation.
+constexpr int64_t kGroupProtocolVersion = 3;
+
+// The tuner decisions a rank restored, as one word the ranks compare: 0 for none.
+uint64_t restored_fingerprint(const std::vector<TunerDecision>& decided) {
+  if (decided.empty()) return 0;
+  Fingerprint f;
+  f.add(decided.size());
+  for (const TunerDecision& d : decided) {
+    f.add(d.capacity_bucket).add(d.chosen);
+    for (int64_t t : d.total_ns) f.add(t);
+    for (bool x : d.excluded) f.add(x);
+  }
+  return f.value() == 0 ? 1 : f.value();
+}
 
 // Every rank must run the same layer the same way: a rank that differs would pair its
 // collectives with other sizes or in another order (wrong results where the sizes agree, a
@@ -174,9 +188,13 @@ constexpr int64_t kGroupProtocolVersion = 2;
 // together, each saying why: a rank that refused alone would leave its peers waiting in their
 // first collective. (Builds from before the protocol word gather fewer bytes: a group mixing
 // them fails in this all-gather itself, as differently sized collectives.)
+// A fifth word, the tuner decisions each rank restored, refuses nothing: where they differ,
+// `restored_differ` lists the ranks (compared with rank 0), and every rank measures afresh.
 Status compare_with_group(Backend& backend, comm::Communicator& comm, const LayerSpec& sp,
-                          const ExpertParallelOptions& options, const Status& valid_here) {
+                          const ExpertParallelOptions& options, const Status& valid_here,
+                          std::vector<int>& restored_differ) {
   const int W = comm.size();
+  restored_differ.clear();
   if (W == 1) return valid_here;
   Fingerprint spec;
   spec.add(sp.experts).add(sp.model_dim).add(sp.hidden).add(sp.out_dim()).add(sp.k);
@@ -197,8 +215,9 @@ Status compare_with_group(Backend& backend, comm::Communicator& comm, const Laye
   // would pair them with all-reduces of another size or meaning.
   Fingerprint wire;
   wire.add(kGroupProtocolVersion).add(static_cast<int64_t>(ExpertParallelLayer::kAgreementWidth));
-  constexpr size_t kWords = 4;
-  const uint64_t mine[kWords] = {spec.value(), how.value(), wire.value(), valid_here.ok() ? 1u : 0u};
+  constexpr size_t kWords = 5;
+  const uint64_t mine[kWords] = {spec.value(), how.value(), wire.value(), valid_here.ok() ? 1u : 0u,
+                                 restored_fingerprint(options.tune.decided)};
   std::vector<uint64_t> all(kWords * static_cast<size_t>(W));
   // Through the backend's memory, as every collective here (NCCL takes device memory only).
   // A rank that cannot even stage its words cannot join the all-gather its peers wait in: it
@@ -227,6 +246,7 @@ Status compare_with_group(Backend& backend, comm::Communicator& comm, const Laye
     if (r > 0 && theirs[0] != all[0]) spec_differs.push_back(r);
     if (r > 0 && theirs[1] != all[1]) how_differs.push_back(r);
     if (r > 0 && theirs[2] != all[2]) wire_differs.push_back(r);
+    if (r > 0 && theirs[4] != all[4]) restored_differ.push_back(r);
   }
   std::vector<std::string> why;
   if (!refused.empty())
@@ -359,7 +379,8 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
     else
       valid = made.status();
   }
-  TUTEL_RETURN_IF_ERROR(compare_with_group(backend, comm, spec, options, valid));
+  std::vector<int> restored_differ;
+  TUTEL_RETURN_IF_ERROR(compare_with_group(backend, comm, spec, options, valid, restored_differ));
 
   TUTEL_ASSIGN_OR_RETURN(ExpertShard shard, expert_shard(spec, comm.size(), comm.rank()));
   LayerSpec s = spec;
@@ -371,6 +392,14 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   layer.fixed_ = configs[0];  // a single candidate is what runs
   layer.worker_ = std::move(worker);
   layer.tuner_ = std::move(tuner);
+  if (!restored_differ.empty()) {
+    // Decisions one rank holds and another does not would pair different ways of running the
+    // same bucket: all ranks forget theirs alike (measuring again costs a few steps).
+    if (layer.tuner_) layer.tuner_->forget_restored();
+    layer.restored_tuning_ = Status::Aborted(
+        "compared with rank 0, rank(s) " + rank_list(restored_differ) +
+        " restored other tuner decisions (another checkpoint, or none): every rank measures again");
+  }
   if (options.runner != nullptr && options.runner->captures())
     layer.graph_release_ = comm::GraphRelease(comm, [runner = options.runner] { runner->clear(); });
   layer.agreed_ = std::move(agreed);

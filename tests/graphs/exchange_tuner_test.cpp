@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <functional>
 #include <limits>
 #include <random>
 
@@ -290,6 +291,101 @@ TEST(ExchangeTuner, RanksWithDifferentTimesDecideTheSameFromTheAgreedTotals) {
   for (int r = 0; r < kRanks; ++r) {
     ASSERT_TRUE(ranks[r].decide(bucket, agreed).ok());
     EXPECT_EQ(ranks[r].next(bucket), ranks[r].candidates()[want]) << "rank " << r;
+  }
+}
+
+// A tuner handed another's decisions (decisions() into TunerOptions::decided) starts with those
+// buckets decided: they run their choice from the first forward and are never timed, an
+// exclusion there falls back on the restored totals, and the other buckets measure as ever.
+// forget_restored() drops only the restored buckets.
+TEST(ExchangeTuner, RestoredDecisionsRunTheirChoiceWithoutMeasuring) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int64_t> time(1, 1'000'000);
+  auto first = ExchangeTuner::create(three_candidates(/*warmups=*/1, /*trials=*/1));
+  ASSERT_TRUE(first.ok()) << first.status();
+  const std::vector<ExchangeConfig>& c = first->candidates();
+  // Bucket 8: decided by measuring; bucket 64: decided after excluding candidate 1; bucket 16:
+  // still measuring, so not handed on.
+  for (int run = 0; run < 6; ++run) (void)first->record(8, time(rng));
+  ASSERT_TRUE(first->decide(8, first->totals(8)).ok());
+  EXPECT_TRUE(first->exclude(64, c[1]));
+  for (int run = 0; run < 4; ++run) (void)first->record(64, time(rng));
+  ASSERT_TRUE(first->decide(64, first->totals(64)).ok());
+  (void)first->record(16, 5);
+  const std::vector<TunerDecision> decided = first->decisions();
+  ASSERT_EQ(decided.size(), 2u);
+  EXPECT_EQ(decided[0].capacity_bucket, 8);
+  EXPECT_EQ(decided[1].capacity_bucket, 64);
+  EXPECT_EQ(decided[1].excluded, (std::vector<bool>{false, true, false}));
+  EXPECT_EQ(decided[0].total_ns, first->totals(8));
+
+  TunerOptions options = three_candidates(1, 1);
+  options.decided = decided;
+  auto second = ExchangeTuner::create(options);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(second->decisions(), decided);
+  for (const TunerDecision& d : decided) {
+    EXPECT_FALSE(second->measuring(d.capacity_bucket));
+    EXPECT_EQ(second->next(d.capacity_bucket), c[d.chosen]);
+    EXPECT_FALSE(second->record(d.capacity_bucket, 1));
+  }
+  for (const TunerEntry& e : second->entries()) {
+    EXPECT_TRUE(e.decided && e.restored) << e.capacity_bucket;
+    EXPECT_EQ(e.rounds_done, 0);
+  }
+  // Excluding the restored choice takes the next best restored total, never candidate 1.
+  const TunerDecision& d64 = decided[1];
+  const size_t other = d64.chosen == 0 ? 2 : 0;
+  EXPECT_TRUE(second->exclude(64, c[d64.chosen]));
+  EXPECT_EQ(second->next(64), c[other]);
+  // A bucket nobody decided measures from its first forward, and is not restored.
+  EXPECT_TRUE(second->measuring(16));
+  EXPECT_EQ(second->next(16), c[0]);
+  (void)second->record(32, 1);
+  second->forget_restored();
+  const std::vector<TunerEntry> left = second->entries();
+  ASSERT_EQ(left.size(), 2u);
+  EXPECT_EQ(left[0].capacity_bucket, 16);
+  EXPECT_EQ(left[1].capacity_bucket, 32);
+  EXPECT_FALSE(left[0].restored || left[1].restored);
+  EXPECT_TRUE(second->measuring(8));
+  EXPECT_EQ(second->next(8), c[0]);
+}
+
+// Decisions that do not fit the candidates are refused, each with what is wrong.
+TEST(ExchangeTuner, RefusesRestoredDecisionsThatDoNotFitItsCandidates) {
+  const TunerDecision good{16, 1, {30, 10, 20}, {false, false, false}};
+  TunerOptions ok = three_candidates(1, 1);
+  ok.decided = {good};
+  EXPECT_TRUE(ExchangeTuner::create(ok).ok());
+  struct Bad {
+    const char* why;
+    std::function<void(std::vector<TunerDecision>&)> change;
+    const char* says;
+  };
+  const std::vector<Bad> bad = {
+      {"bucket 0", [](auto& d) { d[0].capacity_bucket = 0; }, "power of two"},
+      {"bucket 12", [](auto& d) { d[0].capacity_bucket = 12; }, "power of two"},
+      {"bucket -16", [](auto& d) { d[0].capacity_bucket = -16; }, "power of two"},
+      {"bucket 2^41", [](auto& d) { d[0].capacity_bucket = int64_t{1} << 41; }, "power of two"},
+      {"twice", [](auto& d) { d.push_back(d[0]); }, "given twice"},
+      {"two totals", [](auto& d) { d[0].total_ns.pop_back(); }, "2 totals and 3 exclusions for 3 candidates"},
+      {"four exclusions", [](auto& d) { d[0].excluded.push_back(false); }, "3 totals and 4 exclusions"},
+      {"chosen 3", [](auto& d) { d[0].chosen = 3; }, "chooses candidate 3"},
+      {"chosen excluded", [](auto& d) { d[0].excluded[1] = true; }, "chooses candidate 1"},
+      {"negative total", [](auto& d) { d[0].total_ns[2] = -1; }, "negative total"},
+  };
+  for (const Bad& b : bad) {
+    SCOPED_TRACE(b.why);
+    TunerOptions o = three_candidates(1, 1);
+    o.decided = {good};
+    b.change(o.decided);
+    auto t = ExchangeTuner::create(o);
+    ASSERT_FALSE(t.ok());
+    EXPECT_EQ(t.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(t.status().message().find(b.says), std::string::npos) << t.status();
   }
 }
 

@@ -1062,11 +1062,13 @@ TEST(ExpertParallelOptionsCheck, AGatherGroupThatFailsOnOneRankIsRefusedByEveryR
 }
 
 // A group of W ranks (threads, UCX on loopback) whose backends `wrap` may replace, each running
-// `body` with its layer and a training forward of `x` through its slice of `whole`. Returns what
-// each rank's set-up came to: the creation's status, or the bootstrap's where that failed.
+// `body` with its layer (created with options_of(rank)) and a training forward of `x` through its
+// slice of `whole`. Returns what each rank's set-up came to: the creation's status, or the
+// bootstrap's where that failed.
 using WrapBackend = std::function<std::unique_ptr<Backend>(int rank, std::unique_ptr<Backend> cpu)>;
 using FailureBody = std::function<void(int rank, ExpertParallelLayer& layer, const std::function<Status()>& forward)>;
-std::vector<Status> run_failure_ranks(int W, const LayerSpec& spec, const graphs::ExpertParallelOptions& options,
+using OptionsOf = std::function<graphs::ExpertParallelOptions(int rank)>;
+std::vector<Status> run_failure_ranks(int W, const LayerSpec& spec, const OptionsOf& options_of,
                                       const WrapBackend& wrap, const FailureBody& body) {
   ::setenv("UCX_NET_DEVICES", "lo", 1);
   const int64_t S = 16, M = spec.model_dim, O = spec.out_dim();
@@ -1084,7 +1086,7 @@ std::vector<Status> run_failure_ranks(int W, const LayerSpec& spec, const graphs
       auto cpu = make_backend("cpu", {.threads = 1});
       if (!cpu.ok()) return void(setup[r] = cpu.status());
       std::unique_ptr<Backend> backend = wrap(r, std::move(*cpu));
-      auto layer = ExpertParallelLayer::create(*backend, **ucx, spec, options);
+      auto layer = ExpertParallelLayer::create(*backend, **ucx, spec, options_of(r));
       if (!layer.ok()) return void(setup[r] = layer.status());
       const ExpertShard shard = layer->shard();
       graphs::HostLayerParams local = graphs::slice_for_rank(spec, shard, whole);
@@ -1103,6 +1105,11 @@ std::vector<Status> run_failure_ranks(int W, const LayerSpec& spec, const graphs
     });
   for (auto& t : threads) t.join();
   return setup;
+}
+
+std::vector<Status> run_failure_ranks(int W, const LayerSpec& spec, const graphs::ExpertParallelOptions& options,
+                                      const WrapBackend& wrap, const FailureBody& body) {
+  return run_failure_ranks(W, spec, [&](int) { return options; }, wrap, body);
 }
 
 LayerSpec small_failure_spec(int64_t experts, DType matmul = DType::kF32) {
@@ -1211,8 +1218,8 @@ TEST(ExpertParallelFailures, ARankThatCannotStageItsFingerprintFailsTheCreationE
   const std::vector<Status> created = run_failure_ranks(
       W, small_failure_spec(2), graphs::ExpertParallelOptions{},
       [](int r, std::unique_ptr<Backend> cpu) -> std::unique_ptr<Backend> {
-        // The fingerprint's buffer: W ranks' 4 words, and this rank's 4.
-        if (r == 1) return std::make_unique<RefusesAllocationsOf>(std::move(cpu), (4 * W + 4) * sizeof(uint64_t));
+        // The fingerprint's buffer: W ranks' 5 words, and this rank's 5.
+        if (r == 1) return std::make_unique<RefusesAllocationsOf>(std::move(cpu), (5 * W + 5) * sizeof(uint64_t));
         return cpu;
       },
       [](int, ExpertParallelLayer&, const std::function<Status()>&) {});
@@ -1276,6 +1283,70 @@ TEST(ExpertParallelFailures, AWorkspaceEveryParallelismNeedsDropsNoTuningCandida
     ASSERT_FALSE(entries[r].empty());
     for (const graphs::TunerEntry& e : entries[r])
       EXPECT_EQ(e.excluded, (std::vector<bool>{false, false})) << "bucket " << e.capacity_bucket;
+  }
+}
+
+// Tuner decisions restored on every rank alike (a checkpoint's) run from the first forward
+// without measuring; where one rank restored others, or none, every rank forgets its own, says
+// why, and measures afresh, so no two ranks run a bucket two ways. The layer is made either way.
+TEST(ExpertParallelTuner, RestoredDecisionsHoldOnlyWhereEveryRankRestoredTheSame) {
+  constexpr int W = 2;
+  enum Case { kSame, kOther, kNone };
+  for (const Case c : {kSame, kOther, kNone}) {
+    SCOPED_TRACE(c == kSame ? "the same decisions" : c == kOther ? "rank 1 restored others" : "rank 1 restored none");
+    // Every bucket a forward of this layer can reach, decided for r = 0 (candidate 1); rank 1's
+    // other decisions choose r = 1 in bucket 8.
+    auto decided_on = [&](int r) {
+      std::vector<graphs::TunerDecision> decided;
+      if (r == 1 && c == kNone) return decided;
+      for (int64_t bucket = 1; bucket <= 64; bucket *= 2)
+        decided.push_back({bucket, size_t{1}, {700, 300}, {false, false}});
+      if (r == 1 && c == kOther) decided[3] = {8, size_t{0}, {200, 300}, {false, false}};
+      return decided;
+    };
+    std::vector<Status> forwarded(W), restored(W);
+    std::vector<std::vector<graphs::TunerEntry>> entries(W);
+    const std::vector<Status> setup = run_failure_ranks(
+        W, small_failure_spec(4),
+        [&](int r) {
+          graphs::ExpertParallelOptions options;
+          options.tune.candidates = {{comm::AllToAllAlgo::kLinear, 1, 1}, graphs::kDataParallel};
+          options.tune.warmups = 0;
+          options.tune.trials = 1;
+          options.tune.decided = decided_on(r);
+          return options;
+        },
+        [](int, std::unique_ptr<Backend> cpu) { return cpu; },
+        [&](int r, ExpertParallelLayer& layer, const std::function<Status()>& forward) {
+          restored[r] = layer.restored_tuning();
+          forwarded[r] = forward();
+          entries[r] = layer.tuner()->entries();
+        });
+    for (int r = 0; r < W; ++r) {
+      SCOPED_TRACE("rank " + std::to_string(r));
+      ASSERT_TRUE(setup[r].ok()) << setup[r];
+      ASSERT_TRUE(forwarded[r].ok()) << forwarded[r];
+      if (c == kSame) {
+        EXPECT_TRUE(restored[r].ok()) << restored[r];
+        ASSERT_EQ(entries[r].size(), 7u);
+        for (const graphs::TunerEntry& e : entries[r]) {
+          EXPECT_TRUE(e.decided && e.restored) << e.capacity_bucket;
+          EXPECT_EQ(e.chosen, graphs::kDataParallel);
+          // Not timed: the restored totals stand.
+          EXPECT_EQ(e.total_ns, (std::vector<int64_t>{700, 300})) << e.capacity_bucket;
+        }
+        continue;
+      }
+      EXPECT_EQ(restored[r].code(), StatusCode::kAborted) << restored[r];
+      EXPECT_EQ(restored[r].message(),
+                "compared with rank 0, rank(s) 1 restored other tuner decisions (another checkpoint, or none): "
+                "every rank measures again");
+      // Only the bucket the forward ran, measuring its first candidate.
+      ASSERT_EQ(entries[r].size(), 1u);
+      EXPECT_FALSE(entries[r][0].decided);
+      EXPECT_FALSE(entries[r][0].restored);
+    }
+    if (c != kSame) EXPECT_EQ(entries[0][0].capacity_bucket, entries[1][0].capacity_bucket);
   }
 }
 
@@ -1358,13 +1429,13 @@ TEST(ExpertParallelOptionsCheck, RanksGivenDifferentLayersRefuseThemTogether) {
 }
 
 // Stands in for a rank whose tuteld build speaks another group protocol: its layer fingerprint
-// (the all-gather of four words per rank at creation) carries another third word, the build's.
+// (the all-gather of five words per rank at creation) carries another third word, the build's.
 class OtherProtocolBuild final : public ForwardingCommunicator {
  public:
   using ForwardingCommunicator::ForwardingCommunicator;
   Status all_gather(const void* send, void* recv, size_t bytes_per_rank) override {
-    if (bytes_per_rank != 4 * sizeof(uint64_t)) return ForwardingCommunicator::all_gather(send, recv, bytes_per_rank);
-    uint64_t words[4];
+    if (bytes_per_rank != 5 * sizeof(uint64_t)) return ForwardingCommunicator::all_gather(send, recv, bytes_per_rank);
+    uint64_t words[5];
     std::memcpy(words, send, sizeof words);
     words[2] ^= 1;
     return ForwardingCommunicator::all_gather(words, recv, bytes_per_rank);

@@ -27,6 +27,12 @@
 // (exclude_parallelism): memory that every way needs is the step's refusal, and may be back for
 // the next step.
 //
+// The dictionary outlives the process where the caller keeps it: decisions() are what the group
+// decided, and a tuner created with them (TunerOptions::decided) starts with those buckets
+// decided, measuring only the others. Whether they still hold (the same layer, group and
+// hardware, and the same on every rank) is the caller's to check: the tuner checks only that
+// they fit its candidates.
+//
 // This class holds the dictionary and the schedule; the caller times the runs and reduces the
 // totals (ExpertParallelLayer). Thread-safety: one thread drives it; entries() may be called from
 // any thread.
@@ -60,12 +66,26 @@ struct ExchangeConfig {
 // r = 0 as an ExchangeConfig (algo and pipeline play no part there).
 inline constexpr ExchangeConfig kDataParallel{comm::AllToAllAlgo::kLinear, 1, 0};
 
+// A bucket the group decided: what a tuner hands on (ExchangeTuner::decisions) and starts from
+// (TunerOptions::decided). Indices are into the tuner's candidates.
+struct TunerDecision {
+  int64_t capacity_bucket = 1;    // a power of two
+  size_t chosen = 0;              // a candidate not excluded
+  std::vector<int64_t> total_ns;  // per candidate: the group's agreed totals, >= 0
+  std::vector<bool> excluded;     // per candidate: refused by the group in this bucket
+  bool operator==(const TunerDecision&) const = default;
+};
+
 struct TunerOptions {
   // What to choose from; at most kMaxCandidates. Fewer than two: nothing to tune.
   std::vector<ExchangeConfig> candidates;
   int warmups = 1;  // uncounted rounds per bucket
   int trials = 2;   // counted rounds per bucket, >= 1
+  // Buckets decided before (a checkpoint's): they start decided, marked restored.
+  std::vector<TunerDecision> decided;
   static constexpr size_t kMaxCandidates = 16;
+  // The largest bucket a decision may name (a capacity is far below it).
+  static constexpr int64_t kMaxBucket = int64_t{1} << 40;
 };
 
 // What `auto` measures (the daemon's r, all_to_all and pipeline = "auto"): for an unset
@@ -90,13 +110,16 @@ struct TunerEntry {
   std::vector<int64_t> total_ns;  // per candidate: the group's agreed totals (when decided)
   int rounds_done = 0;            // while measuring
   std::vector<bool> excluded;     // per candidate: refused by the group in this bucket
+  bool restored = false;          // decided before this tuner was created (TunerOptions::decided)
 };
 
 class ExchangeTuner {
  public:
   // Refuses an empty candidate list, a negative r (which r >= 1 fit a group is the layer's to
   // check), a pipeline degree outside [1, kMaxPipeline], trials < 1 or warmups < 0, and more
-  // than kMaxCandidates.
+  // than kMaxCandidates; and a decision that does not fit the candidates (another count of
+  // totals or exclusions, a chosen index out of range or excluded, a negative total), a bucket
+  // that is not a power of two in [1, kMaxBucket], or two decisions of one bucket.
   static Result<ExchangeTuner> create(TunerOptions options);
 
   // The bucket of a capacity: the smallest power of two >= it.
@@ -129,6 +152,11 @@ class ExchangeTuner {
   bool exclude_parallelism(int64_t bucket, int r) { return exclude_parallelism(bucket, r, r); }
 
   std::vector<TunerEntry> entries() const;
+  // The decided buckets, in bucket order, as TunerOptions::decided takes them.
+  std::vector<TunerDecision> decisions() const;
+  // Forgets the buckets TunerOptions::decided gave (they measure afresh at their next
+  // forward): the group found its ranks had not restored the same ones.
+  void forget_restored();
 
  private:
   explicit ExchangeTuner(TunerOptions options) : options_(std::move(options)) {}
@@ -139,6 +167,7 @@ class ExchangeTuner {
     size_t chosen = 0;
     std::vector<bool> excluded;
     std::vector<size_t> left;  // the candidates not excluded, in order
+    bool restored = false;
   };
   Bucket& bucket(int64_t key);
   bool exclude_locked(Bucket& b, size_t candidate);  // under mu_; exclude()'s answer

@@ -129,7 +129,8 @@ struct ExpertParallelOptions {
   // Tuning (exchange_tuner.hpp): with two or more candidates, each capacity bucket measures them
   // and keeps the fastest; with one, that one runs. `r`, `algo` and `pipeline` are then ignored.
   // Every candidate must be valid on its own (a 2DH candidate needs local_size to divide the group
-  // size). Every rank of the group must pass the same candidates.
+  // size). Every rank of the group must pass the same candidates. Decisions restored
+  // (tune.decided) are kept only where every rank restored the same ones (restored_tuning()).
   TunerOptions tune;
   // Runs the step's phases, e.g. as CUDA graphs (make_phase_runner). Not owned: it must outlive
   // the layer and be used by no other. Null: op by op. Its graphs hold the communicator's
@@ -185,6 +186,9 @@ class ExpertParallelLayer {
   int parallelism() const { return fixed_.r; }
   // The tuner's dictionary; null when not tuning. Its entries() may be read from any thread.
   const ExchangeTuner* tuner() const { return tuner_.get(); }
+  // OK, or why the tuner decisions this rank restored (ExpertParallelOptions::tune.decided) were
+  // forgotten: the ranks had not restored the same ones.
+  const Status& restored_tuning() const { return restored_tuning_; }
   // Whether d > 1 overlaps exchanges with the expert GEMMs on `backend` with `options` (see
   // ExpertParallelOptions::pipeline): what the tuner's candidates depend on (auto_candidates).
   static bool chunks_overlap(const Backend& backend, const ExpertParallelOptions& options);
@@ -433,6 +437,7 @@ class ExpertParallelLayer {
   ExpertShard shard_;
   ExchangeConfig fixed_;                    // when not tuning
   std::unique_ptr<ExchangeTuner> tuner_;    // when tuning
+  Status restored_tuning_;
   std::unique_ptr<ExchangeWorker> worker_;  // made at the first overlapped phase
   PhaseRunner* runner_;
   // The runner's graphs hold the communicator's collectives: dropped before it aborts.
