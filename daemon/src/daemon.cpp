@@ -365,6 +365,7 @@ Status DaemonImpl::resume_group_layer(const std::string& tenant, LayerDefinition
   }
   def.weights_path = path.string();
   def.init_seed.reset();
+  def.resumes = true;
   TUTEL_LOG(INFO) << "group layer " << tenant << "/" << def.name << " resumes from " << path.string();
   return Status::OK();
 }

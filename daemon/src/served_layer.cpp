@@ -18,6 +18,7 @@
 #include "tutel/comm/ucx.hpp"
 #include "tutel/core/safetensors.hpp"
 #include "tutel/core/shared_memory.hpp"
+#include "tuning_record.hpp"
 
 namespace tutel::daemon {
 namespace {
@@ -210,13 +211,40 @@ Status ServedLayer::join_group() {
         graphs::ExpertParallelLayer::chunks_overlap(*group->activations, options), shards);
     options.tune.warmups = g.tune_warmups;
     options.tune.trials = g.tune_trials;
+    if (def_.resumes && def_.weights_path && options.tune.candidates.size() >= 2)
+      options.tune.decided = restored_decisions(*def_.weights_path, group->backend->describe(), options.tune.candidates);
   }
   // Its saved state and workspaces are allocated through `activations`, and so charged.
   TUTEL_ASSIGN_OR_RETURN(graphs::ExpertParallelLayer ep,
                          graphs::ExpertParallelLayer::create(*group->activations, group->comm(), def_.spec, options));
+  if (const Status& restored = ep.restored_tuning(); !restored.ok())
+    TUTEL_LOG(WARN) << "group layer " << tenant_ << "/" << def_.name << ": its checkpoint's tuner decisions are "
+                    << "not restored: " << restored.message();
+  else if (!options.tune.decided.empty())
+    TUTEL_LOG(INFO) << "group layer " << tenant_ << "/" << def_.name << " restored " << options.tune.decided.size()
+                    << " tuner decision(s) from its checkpoint; the other capacity buckets are measured as they come";
   group->layer.emplace(std::move(ep));
   group_ = std::move(group);
   return Status::OK();
+}
+
+std::vector<graphs::TunerDecision> ServedLayer::restored_decisions(
+    const std::string& path, const std::string& measured_on,
+    const std::vector<graphs::ExchangeConfig>& candidates) const {
+  // Never an error: what cannot be restored is measured again (the weights' own load, next,
+  // reports a file that cannot be read).
+  const Result<SafetensorsFile> file = SafetensorsFile::open(path);
+  if (!file.ok()) return {};
+  const auto text = file->metadata().find(kTuningKey);
+  if (text == file->metadata().end()) return {};
+  Result<std::vector<graphs::TunerDecision>> decided = [&]() -> Result<std::vector<graphs::TunerDecision>> {
+    TUTEL_ASSIGN_OR_RETURN(const TuningRecord record, parse_tuning_record(text->second, path));
+    return restorable_decisions(record, measured_on, candidates);
+  }();
+  if (decided.ok()) return std::move(decided).value();
+  TUTEL_LOG(WARN) << "group layer " << tenant_ << "/" << def_.name << ": the tuner decisions in " << path
+                  << " are not restored (" << decided.status().message() << "); its capacity buckets are measured again";
+  return {};
 }
 
 Shape ServedLayer::shape_of(const std::string& name) const {
@@ -894,9 +922,11 @@ uint64_t ServedLayer::save_bytes_bound() const {
   for (const Tensor& t : tensors_)
     bytes += static_cast<uint64_t>(t.shape.numel()) * 4 *
              (1 + (t.state0.data() ? 1 : 0) + (t.state1.data() ? 1 : 0));
-  // The header (JSON): the metadata (the spec whole, each character escaped to at most 6) and
-  // per tensor a name, a dtype, a shape and offsets, well within 256 bytes each.
-  return bytes + 6 * (spec_text_.size() + tenant_.size()) + 4096 + 256 * 3 * tensors_.size();
+  // The header (JSON): the metadata (the spec whole, each character escaped to at most 6; a
+  // group layer's tuner record, likewise) and per tensor a name, a dtype, a shape and offsets,
+  // well within 256 bytes each.
+  const uint64_t tuning = group_ && group_->layer && group_->layer->tuner() ? 6 * kMaxTuningRecordBytes : 0;
+  return bytes + 6 * (spec_text_.size() + tenant_.size()) + tuning + 4096 + 256 * 3 * tensors_.size();
 }
 
 std::vector<ServedLayer::SavedTensor> ServedLayer::saved_tensors() const {
@@ -910,7 +940,21 @@ std::vector<ServedLayer::SavedTensor> ServedLayer::saved_tensors() const {
 }
 
 std::map<std::string, std::string> ServedLayer::saved_metadata() const {
-  return {{kStepKey, std::to_string(step_.load())}, {kSpecKey, spec_text_}, {kTenantKey, tenant_}};
+  std::map<std::string, std::string> metadata{
+      {kStepKey, std::to_string(step_.load())}, {kSpecKey, spec_text_}, {kTenantKey, tenant_}};
+  // The tuner's decisions, which a resumed group layer takes back (tuning_record.hpp).
+  const graphs::ExchangeTuner* tuner = group_ && group_->layer ? group_->layer->tuner() : nullptr;
+  if (tuner != nullptr) {
+    TuningRecord record;
+    record.measured_on = group_->backend->describe();
+    for (const graphs::ExchangeConfig& c : tuner->candidates()) record.candidates.push_back(c.to_string());
+    record.decisions = tuner->decisions();
+    // (Past the bound, which no dictionary reaches, save_bytes_bound would not hold.)
+    if (std::string text = format_tuning_record(record);
+        !record.decisions.empty() && text.size() <= kMaxTuningRecordBytes)
+      metadata[kTuningKey] = std::move(text);
+  }
+  return metadata;
 }
 
 Status ServedLayer::save(const std::string& path) {

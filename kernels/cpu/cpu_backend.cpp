@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -88,10 +89,13 @@ MatOperand with_bf16_copy(MatOperand m, const TensorView& copy, DType matmul_dty
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int threads) : threads_(threads) {}
+  CpuBackend(int threads, std::string model) : threads_(threads), model_(std::move(model)) {}
 
   std::string_view name() const override { return "cpu"; }
   Device device() const override { return {DeviceKind::kCpu, 0}; }
+  std::string describe() const override {
+    return "cpu: " + std::to_string(threads_) + (threads_ == 1 ? " thread, " : " threads, ") + model_;
+  }
 
   Result<DeviceBuffer> allocate(size_t bytes) override {
     // Rounding near SIZE_MAX would wrap to a tiny buffer that claims `bytes`.
@@ -212,6 +216,7 @@ class CpuBackend final : public Backend {
   void accumulate_bias_grad(const float* d, int64_t E, int64_t C, int64_t N, float* dbias) const;
 
   int threads_;
+  const std::string model_;  // the processor's model name
   OneDnnMatmul dnnl_;
   std::vector<int32_t> order_;  // token order scratch for batch-prioritized routing
   // allocate_shareable()'s mappings by address. Locked because a buffer may be freed from a
@@ -641,11 +646,29 @@ Status CpuBackend::adamw_step(const AdamWArgs& a) {
 
 }  // namespace
 
+namespace {
+
+// The processor's model name as /proc/cpuinfo gives it ("unknown processor" where it gives none).
+std::string processor_model() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  for (std::string line; std::getline(cpuinfo, line);) {
+    if (line.rfind("model name", 0) != 0) continue;
+    const size_t colon = line.find(':');
+    if (colon == std::string::npos) break;
+    const size_t begin = line.find_first_not_of(" \t", colon + 1);
+    if (begin != std::string::npos) return line.substr(begin);
+    break;
+  }
+  return "unknown processor";
+}
+
+}  // namespace
+
 Result<std::unique_ptr<Backend>> make_cpu_backend(const BackendOptions& options) {
   if (options.threads < 0) return Status::InvalidArgument("threads must be >= 0 (0 = all cores)");
   int threads = options.threads;
   if (threads == 0) threads = std::max(1, omp_get_num_procs());
-  return std::unique_ptr<Backend>(new CpuBackend(threads));
+  return std::unique_ptr<Backend>(new CpuBackend(threads, processor_model()));
 }
 
 }  // namespace tutel::cpu

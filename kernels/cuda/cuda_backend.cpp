@@ -128,6 +128,7 @@ class CudaBackend final : public Backend {
 
   std::string_view name() const override { return "cuda"; }
   Device device() const override { return {DeviceKind::kCuda, device_}; }
+  std::string describe() const override { return description_; }
 
   Result<DeviceBuffer> allocate(size_t bytes) override;
   void release(void* data, size_t bytes) override;
@@ -223,6 +224,7 @@ class CudaBackend final : public Backend {
 
   int device_;
   bool fused_epilogues_;
+  std::string description_ = "cuda";  // init(): the device's model, architecture and SMs
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   std::unique_ptr<LtGemm> lt_;  // null when fused epilogues are off
@@ -263,6 +265,10 @@ CudaBackend::~CudaBackend() {
 
 Status CudaBackend::init() {
   TUTEL_CUDA_CHECK(cudaSetDevice(device_));
+  cudaDeviceProp prop{};
+  TUTEL_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
+  description_ = std::string("cuda: ") + prop.name + ", sm_" + std::to_string(prop.major) +
+                 std::to_string(prop.minor) + ", " + std::to_string(prop.multiProcessorCount) + " SMs";
   TUTEL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   pool_ = std::make_unique<DevicePool>(device_, stream_, kMaxCachedBytes);
   TUTEL_CUBLAS_CHECK(cublasCreate(&cublas_));

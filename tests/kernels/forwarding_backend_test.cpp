@@ -31,6 +31,8 @@ class ProbeBackend final : public ForwardingBackend {
     return Status::OK();
   }
 
+  std::string describe() const override { return "probe: " + ForwardingBackend::describe(); }
+
   int registers = 0, unregisters = 0, joins = 0;
   const int stream_marker = 0;
 };
@@ -55,6 +57,8 @@ TEST(ForwardingBackend, PassesTheOptionalCallsToTheInnerBackend) {
   EXPECT_EQ(outer.native_stream(), probe.native_stream());
   EXPECT_EQ(outer.scratch_epoch(), 41u);
   EXPECT_EQ(outer.name(), "cpu");
+  EXPECT_EQ(outer.describe(), probe.describe());
+  EXPECT_EQ(outer.describe().rfind("probe: cpu: 1 thread, ", 0), 0u) << outer.describe();
 }
 
 }  // namespace

@@ -271,6 +271,10 @@ class Backend {
   virtual std::string_view name() const = 0;
   // The device this backend's memory lives on.
   virtual Device device() const = 0;
+  // What it computes on, in one line ("cpu: 2 threads, <model>", "cuda: NVIDIA H200, sm_90,
+  // 132 SMs"): what measurements made here hold for (the tuner's decisions are kept only on the
+  // same). The default is name().
+  virtual std::string describe() const { return std::string(name()); }
 
   // Device memory, 64-byte aligned at least.
   virtual Result<DeviceBuffer> allocate(size_t bytes) = 0;

@@ -18,6 +18,7 @@ class ForwardingBackend : public Backend {
  public:
   std::string_view name() const override { return inner_.name(); }
   Device device() const override { return inner_.device(); }
+  std::string describe() const override { return inner_.describe(); }
   Result<DeviceBuffer> allocate(size_t bytes) override { return inner_.allocate(bytes); }
   void release(void* data, size_t bytes) override { inner_.release(data, bytes); }
   Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override {
