@@ -114,7 +114,8 @@ json DaemonImpl::peers_json() const {
       json entry = {{"capacity_bucket", e.capacity_bucket},
                     {"state", e.decided ? "decided" : "measuring"},
                     {"rounds_done", e.rounds_done},
-                    {"excluded", e.excluded}};
+                    {"excluded", e.excluded},
+                    {"restored", e.restored}};
       if (e.decided) {
         entry["r"] = e.chosen.r;
         entry["all_to_all"] = std::string(comm::to_string(e.chosen.algo));

@@ -281,9 +281,13 @@ Status ServedLayer::allocate() {
     planned += bytes * (2 + (adam || momentum ? 1 : 0) + (adam ? 1 : 0)) +
                (keeps_bf16_copy(t) ? bytes / 2 : 0);
   }
+  if (!group_) planned += sizeof(float);  // grad_norm_sum_
   TUTEL_ASSIGN_OR_RETURN(parameter_charge_, ParameterCharge::take(memory_, planned, "layer '" + def_.name + "'"));
   Backend& b = backend();
   auto device_lock = lock_device();
+  if (!group_) {
+    TUTEL_ASSIGN_OR_RETURN(grad_norm_sum_, b.allocate(sizeof(float)));
+  }
   for (Tensor& t : tensors_) {
     const size_t bytes = static_cast<size_t>(t.shape.numel()) * 4;
     TUTEL_ASSIGN_OR_RETURN(t.value, b.allocate(bytes));
@@ -888,9 +892,9 @@ Result<double> ServedLayer::grad_norm() {
     return std::sqrt(*squares);
   }
   TUTEL_RETURN_IF_ERROR(rank_.health.check());
-  ActivationBackend& b = activations();
+  Backend& b = backend();
   const Device d = b.device();
-  TUTEL_ASSIGN_OR_RETURN(DeviceBuffer sum, b.allocate(sizeof(float)));
+  const DeviceBuffer& sum = grad_norm_sum_;
   const TensorView sum_view(sum.data(), DType::kF32, {1}, d);
   float squares = 0;
   const Status st = [&]() -> Status {

@@ -384,6 +384,9 @@ class ServedLayer {
   std::unique_lock<std::mutex> teardown_lock_;
   mutable std::mutex mutex_;
   std::vector<Tensor> tensors_;  // gate, fc1_w, fc1_b?, fc2_w, fc2_b?
+  // grad_norm()'s sum of squares, one f32, allocated with the parameters (charged with them):
+  // a norm is never refused for want of its 4 bytes. A group layer's is its ExpertParallelLayer's.
+  DeviceBuffer grad_norm_sum_;
   // Read by the admin socket on the event loop: never behind mutex_, which a group layer holds
   // while it waits on its peers.
   std::atomic<int64_t> step_{0};

@@ -646,7 +646,7 @@ TEST(ExpertParallelDaemonsConfig, ARankThatFailsOrHoldsAnotherGateAfterMeetingFa
 // candidate once (tune_warmups = 0, tune_trials = 1) and then run its choice, then a training
 // forward, backward and step. Every output matches the reference whichever candidate ran it; every
 // rank's tuner (tutelctl peers) holds one decided bucket with the same choice and the same agreed
-// times; tutelctl prints them.
+// times; tutelctl prints them. Restarted daemons resume the layer with its decision (below).
 TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults) {
   const int D = 2, R = 2, W = D * R;
   const std::vector<int64_t> tokens{16, 25, 12, 30};
@@ -674,17 +674,20 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
     std::vector<float> y, dx;
     std::vector<client::ForwardInfo> info;
     double grad_norm = -1;
+    std::vector<float> y_stepped;  // an inference after the step
   };
   std::vector<RankOut> out(W);
   std::vector<std::thread> threads;
+  auto spec_of = [&](int r) {
+    return group_layer_spec(body, port, W, r, R, "auto",
+                            "r = \"auto\"\npipeline = \"auto\"\ntune_warmups = 0\ntune_trials = 1\n");
+  };
   for (int r = 0; r < W; ++r) {
     threads.emplace_back([&, r] {
       RankOut& o = out[r];
       auto client = client::Client::connect(daemons[r / R]->client_socket());
       if (!client.ok()) return void(o.status = client.status());
-      auto layer = client->create_layer(group_layer_spec(
-          body, port, W, r, R, "auto",
-          "r = \"auto\"\npipeline = \"auto\"\ntune_warmups = 0\ntune_trials = 1\n"));
+      auto layer = client->create_layer(spec_of(r));
       if (!layer.ok()) return void(o.status = layer.status());
       const int64_t S = tokens[r];
       std::vector<float> x = to_f32(mb.xs[r]);
@@ -694,6 +697,9 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
         if (Status st = layer->infer(x.data(), S, o.y_infer[i].data(), &o.info[i]); !st.ok())
           return void(o.status = st);
       o.status = forward_backward_step_save(*layer, r, mb, M, O, o.y, o.dx, &o.info[kInferences], &o.grad_norm);
+      if (!o.status.ok()) return;
+      o.y_stepped.resize(S * O);
+      o.status = layer->infer(x.data(), S, o.y_stepped.data());
     });
   }
   for (auto& t : threads) t.join();
@@ -767,6 +773,97 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
   EXPECT_NE(metrics.find(series), std::string::npos) << series << "\n" << metrics;
   for (int d = 0; d < D; ++d)
     EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << daemons[d]->log();
+
+  // The daemons restart, and the trainers create the layer again with the same spec: every rank
+  // resumes from its checkpoint, tuner decision included, so the bucket is decided before any
+  // forward, and a forward runs the choice untimed (the restored totals stand) and gives what
+  // the layer gave before the restart. Then rank 1's checkpoint loses its decision (a checkpoint
+  // of before the decision, say): every rank forgets its own and measures again, each saying why.
+  const nlohmann::json decided = tuner_of[0][0];
+  for (const bool rank1_restores : {true, false}) {
+    SCOPED_TRACE(rank1_restores ? "every rank restores the decision" : "rank 1 restores none");
+    if (!rank1_restores) {
+      const std::string path = daemons[0]->dir() + "/state/default/moe_r1.safetensors";
+      auto file = SafetensorsFile::open(path);
+      ASSERT_TRUE(file.ok()) << file.status();
+      std::map<std::string, std::string> metadata = file->metadata();
+      ASSERT_EQ(metadata.erase("tuteld.tuning"), 1u) << "the checkpoint carries the decision";
+      std::vector<SafetensorsEntry> entries;
+      for (const SafetensorsTensor& t : file->tensors()) entries.push_back({t.name, t.dtype, t.shape, t.data});
+      ASSERT_TRUE(write_safetensors(path, entries, metadata).ok());
+    }
+    std::vector<size_t> log_start(D);  // each restart appends to the daemon's log
+    for (int d = 0; d < D; ++d) {
+      log_start[d] = daemons[d]->log().size();
+      ASSERT_TRUE(daemons[d]->start());
+    }
+    std::vector<Status> resumed(W);
+    std::vector<std::vector<float>> y(W);
+    std::vector<client::ForwardInfo> info(W);
+    std::vector<nlohmann::json> before_forward(W);
+    std::atomic<int> created{0};
+    threads.clear();
+    for (int r = 0; r < W; ++r)
+      threads.emplace_back([&, r] {
+        auto client = client::Client::connect(daemons[r / R]->client_socket());
+        if (!client.ok()) return void(resumed[r] = client.status());
+        auto layer = client->create_layer(spec_of(r));
+        if (!layer.ok()) return void(resumed[r] = layer.status());
+        if (layer->info().step != 1) return void(resumed[r] = Status::Internal("not resumed: step " + std::to_string(layer->info().step)));
+        // The dictionary before any forward: the ranks read their own daemon's once all exist.
+        ++created;
+        while (created.load() < W) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        if (r % R == 0)
+          for (const nlohmann::json& g : admin_groups(*daemons[r / R]))
+            before_forward[g.value("rank", 0)] = g.value("tuner", nlohmann::json());
+        created += 1;  // the reads done: W + ranks that read
+        while (created.load() < W + D) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        y[r].resize(tokens[r] * O);
+        std::vector<float> x = to_f32(mb.xs[r]);
+        resumed[r] = layer->infer(x.data(), tokens[r], y[r].data(), &info[r]);
+      });
+    for (auto& t : threads) t.join();
+    std::vector<nlohmann::json> after_forward(W);
+    for (int d = 0; d < D; ++d)
+      for (const nlohmann::json& g : admin_groups(*daemons[d])) after_forward[g.value("rank", 0)] = g.value("tuner", nlohmann::json());
+    for (int r = 0; r < W; ++r) {
+      SCOPED_TRACE("rank " + std::to_string(r));
+      ASSERT_TRUE(resumed[r].ok()) << resumed[r] << "\n" << logs();
+      EXPECT_EQ(info[r].capacity, mb.capacity);
+      EXPECT_TRUE(all_close("y after the restart", y[r], std::vector<double>(out[r].y_stepped.begin(), out[r].y_stepped.end()), 1e-4, 1e-5));
+      ASSERT_TRUE(after_forward[r].is_array() && after_forward[r].size() == 1) << after_forward[r].dump();
+      const nlohmann::json& e = after_forward[r][0];
+      if (rank1_restores) {
+        ASSERT_TRUE(before_forward[r].is_array() && before_forward[r].size() == 1) << before_forward[r].dump();
+        // The same decision, marked restored (and no rounds run in this process).
+        nlohmann::json restored = decided;
+        restored["restored"] = true;
+        restored["rounds_done"] = 0;
+        EXPECT_EQ(before_forward[r][0], restored);
+        EXPECT_EQ(e, restored) << "the forward ran the restored choice, untimed";
+      } else {
+        EXPECT_TRUE(before_forward[r].is_array() && before_forward[r].empty()) << before_forward[r].dump();
+        EXPECT_EQ(e.value("state", ""), "measuring") << e.dump();
+        EXPECT_FALSE(e.value("restored", true)) << e.dump();
+      }
+    }
+    if (rank1_restores) {
+      const auto [rc, table] =
+          run_command(std::string(TUTELCTL_BIN) + " --socket " + daemons[0]->admin_socket() + " peers");
+      EXPECT_EQ(rc, 0) << table;
+      EXPECT_NE(table.find("restored  " + chosen_name), std::string::npos) << table;
+    }
+    for (int d = 0; d < D; ++d) {
+      const std::string log = daemons[d]->log().substr(log_start[d]);
+      EXPECT_EQ(log.find("restored 1 tuner decision(s) from its checkpoint") != std::string::npos, rank1_restores) << log;
+      if (!rank1_restores)
+        EXPECT_NE(log.find("its checkpoint's tuner decisions are not restored: compared with rank 0, rank(s) 1 "
+                           "restored other tuner decisions"),
+                  std::string::npos)
+            << log;
+      EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << log;
+    }
+  }
 }
 
 }  // namespace

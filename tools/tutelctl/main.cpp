@@ -249,9 +249,10 @@ void print_tuners(const json& groups) {
     }
     for (const json& b : buckets) {
       const bool decided = field(b, "state") == "decided";
+      const bool restored = b.value("restored", false);  // from the layer's checkpoint
       std::vector<std::string> row{
           field(b, "capacity_bucket"),
-          decided ? "decided" : "measuring (round " + field(b, "rounds_done") + ")",
+          decided ? (restored ? "restored" : "decided") : "measuring (round " + field(b, "rounds_done") + ")",
           decided ? name_of(b) : "-"};
       const json totals = b.value("total_ns", json::array());
       const json excluded = b.value("excluded", json::array());
