@@ -1346,7 +1346,9 @@ TEST(ExpertParallelTuner, RestoredDecisionsHoldOnlyWhereEveryRankRestoredTheSame
       EXPECT_FALSE(entries[r][0].decided);
       EXPECT_FALSE(entries[r][0].restored);
     }
-    if (c != kSame) EXPECT_EQ(entries[0][0].capacity_bucket, entries[1][0].capacity_bucket);
+    if (c != kSame) {
+      EXPECT_EQ(entries[0][0].capacity_bucket, entries[1][0].capacity_bucket);
+    }
   }
 }
 

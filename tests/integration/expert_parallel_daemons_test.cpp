@@ -856,11 +856,12 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
     for (int d = 0; d < D; ++d) {
       const std::string log = daemons[d]->log().substr(log_start[d]);
       EXPECT_EQ(log.find("restored 1 tuner decision(s) from its checkpoint") != std::string::npos, rank1_restores) << log;
-      if (!rank1_restores)
+      if (!rank1_restores) {
         EXPECT_NE(log.find("its checkpoint's tuner decisions are not restored: compared with rank 0, rank(s) 1 "
                            "restored other tuner decisions"),
                   std::string::npos)
             << log;
+      }
       EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << log;
     }
   }
