@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdlib>
@@ -927,9 +928,10 @@ uint64_t ServedLayer::save_bytes_bound() const {
     bytes += static_cast<uint64_t>(t.shape.numel()) * 4 *
              (1 + (t.state0.data() ? 1 : 0) + (t.state1.data() ? 1 : 0));
   // The header (JSON): the metadata (the spec whole, each character escaped to at most 6; a
-  // group layer's tuner record, likewise) and per tensor a name, a dtype, a shape and offsets,
-  // well within 256 bytes each.
-  const uint64_t tuning = group_ && group_->layer && group_->layer->tuner() ? 6 * kMaxTuningRecordBytes : 0;
+  // group layer's tuner record, JSON already, whose characters escape to at most 2: only '"'
+  // and '\\' are escaped again) and per tensor a name, a dtype, a shape and offsets, well within
+  // 256 bytes each.
+  const uint64_t tuning = group_ && group_->layer && group_->layer->tuner() ? 2 * kMaxTuningRecordBytes : 0;
   return bytes + 6 * (spec_text_.size() + tenant_.size()) + tuning + 4096 + 256 * 3 * tensors_.size();
 }
 
@@ -952,7 +954,13 @@ std::map<std::string, std::string> ServedLayer::saved_metadata() const {
     TuningRecord record;
     record.measured_on = group_->backend->describe();
     for (const graphs::ExchangeConfig& c : tuner->candidates()) record.candidates.push_back(c.to_string());
-    record.decisions = tuner->decisions();
+    // Buckets where the group refused a candidate for want of memory are left out: that refusal
+    // holds for the memory of the moment (a quota raised since, another tenant gone), and kept it
+    // would outlive every restart. Clearing the flag instead would let the candidate's total of
+    // 0 (never measured) win. They are measured again.
+    for (graphs::TunerDecision& d : tuner->decisions())
+      if (std::none_of(d.excluded.begin(), d.excluded.end(), [](bool x) { return x; }))
+        record.decisions.push_back(std::move(d));
     // (Past the bound, which no dictionary reaches, save_bytes_bound would not hold.)
     if (std::string text = format_tuning_record(record);
         !record.decisions.empty() && text.size() <= kMaxTuningRecordBytes)
@@ -1014,9 +1022,11 @@ uint64_t ServedLayer::import_bytes_bound() const {
   uint64_t here = 0;
   for (const Tensor& t : tensors_) here += static_cast<uint64_t>(t.shape.numel()) * 4 * 3;
   const uint64_t whole = 4 * 3 * (E * M + E * H * M + E * H + E * H * O + E * O);
-  // save_bytes_bound()'s header bound, and room for another layer's metadata and names (a
-  // longer spec or tenant) and an export's rounding to whole pages.
-  const uint64_t header = 6 * (spec_text_.size() + tenant_.size()) + 4096 + 256 * 3 * tensors_.size() + (1u << 20);
+  // save_bytes_bound()'s header bound (a tuner record whatever the layer: another layer's file
+  // may carry one), and room for another layer's metadata and names (a longer spec or tenant)
+  // and an export's rounding to whole pages.
+  const uint64_t header = 6 * (spec_text_.size() + tenant_.size()) + 2 * kMaxTuningRecordBytes + 4096 +
+                          256 * 3 * tensors_.size() + (1u << 20);
   return (group_ ? std::max(here, whole) : here) + header;
 }
 

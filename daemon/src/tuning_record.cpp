@@ -5,6 +5,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tutel/core/logging.hpp"
+
 namespace tutel::daemon {
 namespace {
 
@@ -57,7 +59,7 @@ Result<TuningRecord> parse_tuning_record(std::string_view text, std::string_view
   if (!j.is_object()) return bad("is not a JSON object");
   for (const auto& [key, value] : j.items())
     if (key != "version" && key != "measured_on" && key != "candidates" && key != "decisions")
-      return bad("has an unknown key '" + key.substr(0, 64) + "'");
+      return bad("has an unknown key '" + escape_text(std::string_view(key).substr(0, 64)) + "'");
   for (const char* key : {"version", "measured_on", "candidates", "decisions"})
     if (!j.contains(key)) return bad("has no '" + std::string(key) + "'");
   if (integer_in(j["version"], kTuningRecordVersion, kTuningRecordVersion) != kTuningRecordVersion)
@@ -116,14 +118,14 @@ Result<std::vector<graphs::TunerDecision>> restorable_decisions(
     const TuningRecord& record, std::string_view measured_on,
     const std::vector<graphs::ExchangeConfig>& candidates) {
   if (record.measured_on != measured_on)
-    return Status::InvalidArgument("they were measured on \"" + record.measured_on + "\", this rank runs on \"" +
-                                   std::string(measured_on) + "\"");
+    return Status::InvalidArgument("they were measured on \"" + escape_text(record.measured_on, '"') +
+                                   "\", this rank runs on \"" + escape_text(measured_on, '"') + "\"");
   std::vector<std::string> names;
   for (const graphs::ExchangeConfig& c : candidates) names.push_back(c.to_string());
   if (record.candidates != names) {
     auto list = [](const std::vector<std::string>& v) {
       std::string out;
-      for (const std::string& s : v) out += (out.empty() ? "" : ", ") + s;
+      for (const std::string& s : v) out += (out.empty() ? "" : ", ") + escape_text(s);
       return "[" + out + "]";
     };
     return Status::InvalidArgument("they chose among " + list(record.candidates) + ", this layer among " +

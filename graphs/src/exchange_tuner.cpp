@@ -189,7 +189,9 @@ bool ExchangeTuner::exclude_locked(Bucket& b, size_t i) {
   b.excluded[i] = true;
   b.left.erase(std::find(b.left.begin(), b.left.end(), i));
   if (b.decided) {
+    const size_t before = b.chosen;
     b.chosen = best(b, b.total_ns);  // the next best of the agreed totals
+    if (b.chosen != before) b.restored = false;  // a choice this process made
   } else {
     // A round times every candidate left once: the rounds start again over those.
     b.runs = 0;

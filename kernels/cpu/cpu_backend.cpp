@@ -648,17 +648,23 @@ Status CpuBackend::adamw_step(const AdamWArgs& a) {
 
 namespace {
 
-// The processor's model name as /proc/cpuinfo gives it ("unknown processor" where it gives none).
+// The processor's model as /proc/cpuinfo gives it: x86's "model name", else (Arm, which has
+// none) its implementer and part numbers; "unknown processor" where it gives neither.
 std::string processor_model() {
   std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string implementer, part;
   for (std::string line; std::getline(cpuinfo, line);) {
-    if (line.rfind("model name", 0) != 0) continue;
     const size_t colon = line.find(':');
-    if (colon == std::string::npos) break;
+    if (colon == std::string::npos) continue;
+    std::string key = line.substr(0, colon);
+    key.erase(key.find_last_not_of(" \t") + 1);
     const size_t begin = line.find_first_not_of(" \t", colon + 1);
-    if (begin != std::string::npos) return line.substr(begin);
-    break;
+    const std::string value = begin == std::string::npos ? "" : line.substr(begin);
+    if (key == "model name" && !value.empty()) return value;
+    if (key == "CPU implementer" && implementer.empty()) implementer = value;
+    if (key == "CPU part" && part.empty()) part = value;
   }
+  if (!implementer.empty() || !part.empty()) return "implementer " + implementer + " part " + part;
   return "unknown processor";
 }
 

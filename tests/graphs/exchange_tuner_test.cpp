@@ -335,21 +335,27 @@ TEST(ExchangeTuner, RestoredDecisionsRunTheirChoiceWithoutMeasuring) {
     EXPECT_TRUE(e.decided && e.restored) << e.capacity_bucket;
     EXPECT_EQ(e.rounds_done, 0);
   }
-  // Excluding the restored choice takes the next best restored total, never candidate 1.
+  // Excluding the restored choice takes the next best restored total, never candidate 1: a
+  // choice of this process's, no longer marked restored.
   const TunerDecision& d64 = decided[1];
   const size_t other = d64.chosen == 0 ? 2 : 0;
   EXPECT_TRUE(second->exclude(64, c[d64.chosen]));
   EXPECT_EQ(second->next(64), c[other]);
+  ASSERT_EQ(second->entries().size(), 2u);
+  EXPECT_EQ(second->entries()[1].capacity_bucket, 64);
+  EXPECT_FALSE(second->entries()[1].restored);
   // A bucket nobody decided measures from its first forward, and is not restored.
   EXPECT_TRUE(second->measuring(16));
   EXPECT_EQ(second->next(16), c[0]);
   (void)second->record(32, 1);
   second->forget_restored();
   const std::vector<TunerEntry> left = second->entries();
-  ASSERT_EQ(left.size(), 2u);
+  ASSERT_EQ(left.size(), 3u);
   EXPECT_EQ(left[0].capacity_bucket, 16);
   EXPECT_EQ(left[1].capacity_bucket, 32);
-  EXPECT_FALSE(left[0].restored || left[1].restored);
+  EXPECT_EQ(left[2].capacity_bucket, 64);
+  EXPECT_TRUE(left[2].decided);
+  EXPECT_FALSE(left[0].restored || left[1].restored || left[2].restored);
   EXPECT_TRUE(second->measuring(8));
   EXPECT_EQ(second->next(8), c[0]);
 }

@@ -18,9 +18,11 @@
 
 #include <atomic>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -777,17 +779,39 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
   // The daemons restart, and the trainers create the layer again with the same spec: every rank
   // resumes from its checkpoint, tuner decision included, so the bucket is decided before any
   // forward, and a forward runs the choice untimed (the restored totals stand) and gives what
-  // the layer gave before the restart. Then rank 1's checkpoint loses its decision (a checkpoint
-  // of before the decision, say): every rank forgets its own and measures again, each saying why.
+  // the layer gave before the restart. Then, from the same checkpoints, rank 1's record is lost
+  // (a checkpoint of before the decision, say), unreadable, or measured on another machine:
+  // rank 1 restores none, every rank forgets its own and measures again, each saying why.
   const nlohmann::json decided = tuner_of[0][0];
-  for (const bool rank1_restores : {true, false}) {
-    SCOPED_TRACE(rank1_restores ? "every rank restores the decision" : "rank 1 restores none");
-    if (!rank1_restores) {
-      const std::string path = daemons[0]->dir() + "/state/default/moe_r1.safetensors";
+  auto checkpoint_of = [&](int r) { return daemons[r / R]->dir() + "/state/default/moe_r" + std::to_string(r) + ".safetensors"; };
+  enum Rank1 { kRestores, kLost, kUnreadable, kElsewhere };
+  for (const Rank1 rank1 : {kRestores, kLost, kUnreadable, kElsewhere}) {
+    const bool rank1_restores = rank1 == kRestores;
+    SCOPED_TRACE(rank1 == kRestores ? "every rank restores the decision" : rank1 == kLost ? "rank 1's record lost"
+                 : rank1 == kUnreadable ? "rank 1's record unreadable" : "rank 1's record measured elsewhere");
+    for (int r = 0; r < W; ++r) {
+      std::error_code ec;
+      // The checkpoints of the first restart's exit (restored decisions are written again) are
+      // kept, and each later case starts from them.
+      if (rank1 == kRestores)
+        std::filesystem::copy_file(checkpoint_of(r), checkpoint_of(r) + ".kept", std::filesystem::copy_options::overwrite_existing, ec);
+      else
+        std::filesystem::copy_file(checkpoint_of(r) + ".kept", checkpoint_of(r), std::filesystem::copy_options::overwrite_existing, ec);
+      ASSERT_FALSE(ec) << ec.message();
+    }
+    if (rank1 != kRestores) {
+      const std::string path = checkpoint_of(1);
       auto file = SafetensorsFile::open(path);
       ASSERT_TRUE(file.ok()) << file.status();
       std::map<std::string, std::string> metadata = file->metadata();
-      ASSERT_EQ(metadata.erase("tuteld.tuning"), 1u) << "the checkpoint carries the decision";
+      ASSERT_EQ(metadata.count("tuteld.tuning"), 1u) << "the checkpoint carries the decision";
+      if (rank1 == kLost) metadata.erase("tuteld.tuning");
+      if (rank1 == kUnreadable) metadata["tuteld.tuning"] = "{\"version\": 1, \"measured_on\"";
+      if (rank1 == kElsewhere) {
+        nlohmann::json record = nlohmann::json::parse(metadata["tuteld.tuning"]);
+        record["measured_on"] = "cpu: 64 threads, Another Processor";
+        metadata["tuteld.tuning"] = record.dump();
+      }
       std::vector<SafetensorsEntry> entries;
       for (const SafetensorsTensor& t : file->tensors()) entries.push_back({t.name, t.dtype, t.shape, t.data});
       ASSERT_TRUE(write_safetensors(path, entries, metadata).ok());
@@ -816,7 +840,7 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
         if (r % R == 0)
           for (const nlohmann::json& g : admin_groups(*daemons[r / R]))
             before_forward[g.value("rank", 0)] = g.value("tuner", nlohmann::json());
-        created += 1;  // the reads done: W + ranks that read
+        if (r % R == 0) created += 1;  // this daemon's read done: W + D once both are
         while (created.load() < W + D) std::this_thread::sleep_for(std::chrono::milliseconds(1));
         y[r].resize(tokens[r] * O);
         std::vector<float> x = to_f32(mb.xs[r]);
@@ -861,6 +885,15 @@ TEST(ExpertParallelDaemonsTuner, AutoDecidesTheSameOnEveryRankAndKeepsTheResults
                            "restored other tuner decisions"),
                   std::string::npos)
             << log;
+      }
+      // Rank 1 (on daemon 0) says why it restored none.
+      const std::string why = rank1 == kUnreadable ? "metadata 'tuteld.tuning' is not JSON"
+                              : rank1 == kElsewhere
+                                  ? "they were measured on \"cpu: 64 threads, Another Processor\", this rank runs on"
+                                  : "";
+      if (d == 0 && !why.empty()) {
+        EXPECT_NE(log.find("the tuner decisions in " + checkpoint_of(1) + " are not restored ("), std::string::npos) << log;
+        EXPECT_NE(log.find(why), std::string::npos) << why << "\n" << log;
       }
       EXPECT_EQ(daemons[d]->stop(), 0) << "daemon " << d << ":\n" << log;
     }

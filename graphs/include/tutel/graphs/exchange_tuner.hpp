@@ -34,8 +34,8 @@
 // they fit its candidates.
 //
 // This class holds the dictionary and the schedule; the caller times the runs and reduces the
-// totals (ExpertParallelLayer). Thread-safety: one thread drives it; entries() may be called from
-// any thread.
+// totals (ExpertParallelLayer). Thread-safety: one thread drives it; entries() and decisions() may
+// be called from any thread.
 #pragma once
 
 #include <cstdint>
@@ -110,7 +110,8 @@ struct TunerEntry {
   std::vector<int64_t> total_ns;  // per candidate: the group's agreed totals (when decided)
   int rounds_done = 0;            // while measuring
   std::vector<bool> excluded;     // per candidate: refused by the group in this bucket
-  bool restored = false;          // decided before this tuner was created (TunerOptions::decided)
+  // Decided before this tuner was created (TunerOptions::decided), and still on that choice.
+  bool restored = false;
 };
 
 class ExchangeTuner {

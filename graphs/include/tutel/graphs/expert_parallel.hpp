@@ -184,7 +184,8 @@ class ExpertParallelLayer {
   comm::AllToAllAlgo all_to_all_algo() const { return fixed_.algo; }
   int pipeline() const { return fixed_.pipeline; }
   int parallelism() const { return fixed_.r; }
-  // The tuner's dictionary; null when not tuning. Its entries() may be read from any thread.
+  // The tuner's dictionary; null when not tuning. Its entries() and decisions() may be read from
+  // any thread.
   const ExchangeTuner* tuner() const { return tuner_.get(); }
   // OK, or why the tuner decisions this rank restored (ExpertParallelOptions::tune.decided) were
   // forgotten: the ranks had not restored the same ones.
