@@ -50,6 +50,14 @@ using wire::rank_list;
 // verdict, so it hears which ranks are missing rather than a bare timeout of its own.
 constexpr auto kVerdictGrace = std::chrono::milliseconds(2000);
 
+// A connection to the coordinator has this long from its accept to its hello (the challenge
+// included): a rank sends them as soon as it connects, so only a stalled or hostile client takes
+// longer, and it would hold a descriptor and up to a hello's buffer until the deadline.
+constexpr auto kHelloTime = std::chrono::seconds(10);
+// The table goes to every rank at once; a rank that takes none of it for this long (stopped, or
+// not reading) is given up, without holding the others' answers back.
+constexpr auto kAnswerStall = std::chrono::seconds(2);
+
 std::string endpoint_name(const BootstrapOptions& o) {
   return o.coordinator_host + ":" + std::to_string(o.coordinator_port);
 }
@@ -94,6 +102,7 @@ struct Conn {
   bool dead = false;
   // With a peer secret: the rank's nonce (its challenge) and ours (the answer), once exchanged.
   std::string rank_nonce, server_nonce;
+  Clock::time_point hello_by;  // its hello is due by then (kHelloTime after its accept)
 };
 
 class Coordinator {
@@ -120,17 +129,28 @@ class Coordinator {
       const bool accepting = Clock::now() >= accept_paused_until_;
       fds.push_back({listener.get(), static_cast<short>(accepting ? POLLIN : 0), 0});
       std::vector<size_t> reading;  // indices: accept_all() may grow conns_
+      Clock::time_point next_hello_due = deadline_;
       for (size_t i = 0; i < conns_.size(); ++i) {
-        if (conns_[i].rank < 0 && !conns_[i].dead) {
-          fds.push_back({conns_[i].fd.get(), POLLIN, 0});
-          reading.push_back(i);
+        Conn& c = conns_[i];
+        if (c.dead) continue;
+        if (c.rank < 0 && Clock::now() >= c.hello_by) {
+          // Too slow to be a rank: its descriptor and buffer go, and a real rank that stalled
+          // will retry with a connection of its own.
+          c.dead = true;
+          c.fd.reset();
+          continue;
         }
+        if (c.rank < 0) next_hello_due = std::min(next_hello_due, c.hello_by);
+        // An arrived rank sends nothing more: it is polled for its end (it gave up, was cancelled
+        // or died), which takes it out of the table again.
+        fds.push_back({c.fd.get(), POLLIN, 0});
+        reading.push_back(i);
       }
       if (detail::cancelled(o_.cancel.get())) {
         failure = cancelled_error(count);
         break;
       }
-      int timeout = detail::poll_timeout_ms(deadline_, o_.cancel.get());
+      int timeout = detail::poll_timeout_ms(std::min(deadline_, next_hello_due), o_.cancel.get());
       if (!accepting) timeout = std::min(timeout, static_cast<int>(detail::kAcceptPause.count()));
       const int r = timeout == 0 ? 0 : ::poll(fds.data(), fds.size(), timeout);
       if (r < 0 && errno == EINTR) continue;
@@ -142,21 +162,27 @@ class Coordinator {
         failure = missing_ranks_error(count);
         break;
       }
-      if (fds[0].revents & POLLIN) accept_all(listener.get());
+      // Before the new connections: a rank that retries closes its old connection first, and its
+      // end is read before its new hello (read_hello also checks, for an end not yet seen).
       for (size_t i = 1; i < fds.size() && failure.ok(); ++i) {
         if (fds[i].revents == 0) continue;
-        failure = read_hello(conns_[reading[i - 1]], &count);
+        Conn& c = conns_[reading[i - 1]];
+        if (c.rank > 0)
+          watch_arrived(c, &count);
+        else
+          failure = read_hello(c, &count);
       }
+      if (failure.ok() && (fds[0].revents & POLLIN)) accept_all(listener.get());
       // A refused or closed connection goes at once, with what it had sent (up to a whole
       // hello, 1 MiB): anyone who can reach the port may open many.
       std::erase_if(conns_, [](const Conn& c) { return c.dead; });
     }
     listener.reset();
     if (!failure.ok()) {
-      reply_all(kError, failure);
+      (void)reply_all(kError, failure);  // the failure is what this rank says
       return failure;
     }
-    reply_all(kTable, Status::OK());
+    TUTEL_RETURN_IF_ERROR(reply_all(kTable, Status::OK()));
     return std::move(table_);
   }
 
@@ -183,6 +209,11 @@ class Coordinator {
     return fd;
   }
 
+  // Connections without a hello yet, at most: the group's ranks twice over, and some more for
+  // ranks retrying. Past it the oldest goes (a stalled or hostile client's, most likely: a rank
+  // sends its hello at once), so a crowd of idle connections cannot keep the ranks out.
+  size_t max_pending() const { return 2 * static_cast<size_t>(o_.size) + 32; }
+
   void accept_all(int listener) {
     for (;;) {
       const int fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
@@ -190,8 +221,52 @@ class Coordinator {
         if (detail::out_of_descriptors(errno)) accept_paused_until_ = Clock::now() + detail::kAcceptPause;
         return;
       }
-      conns_.push_back(Conn{Fd(fd), {}, -1, false, {}, {}});
+      size_t pending = 0;
+      for (const Conn& c : conns_) pending += c.rank < 0 && !c.dead ? 1 : 0;
+      if (pending >= max_pending()) {
+        // conns_ is in accept order: the first pending one is the oldest.
+        for (Conn& c : conns_)
+          if (c.rank < 0 && !c.dead) {
+            c.dead = true;
+            c.fd.reset();
+            ++dropped_pending_;
+            break;
+          }
+      }
+      Conn c;
+      c.fd = Fd(fd);
+      c.hello_by = std::min(deadline_, Clock::now() + kHelloTime);
+      conns_.push_back(std::move(c));
     }
+  }
+
+  // An arrived rank's connection became readable: its end (it gave up, was cancelled, or died)
+  // takes it out of the table, so that it may arrive again; anything it sends instead breaks the
+  // protocol, and it is taken out too.
+  void watch_arrived(Conn& c, int* count) {
+    char byte;
+    const ssize_t n = ::recv(c.fd.get(), &byte, 1, MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
+    if (n > 0)
+      TUTEL_LOG(WARN) << "bootstrap: " << o_.member << " " << c.rank << " (" << table_.addresses[c.rank]
+                      << ") sent more after its hello; dropping it until it arrives again";
+    leave(c, count);
+  }
+
+  void leave(Conn& c, int* count) {
+    arrived_[c.rank] = false;
+    table_.payloads[c.rank].clear();
+    table_.addresses[c.rank].clear();
+    --*count;
+    c.dead = true;
+    c.fd.reset();
+  }
+
+  // Whether the connection's peer has closed it (read without taking anything).
+  static bool closed_by_peer(const Conn& c) {
+    char byte;
+    const ssize_t n = ::recv(c.fd.get(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
   }
 
   // Reads what is available; returns an error only for a mistake that dooms the whole group.
@@ -273,10 +348,16 @@ class Coordinator {
     if (rank <= 0 || rank >= o_.size)
       return fatal("bootstrap: a process (" + address + ") claims " + o_.member + " " + std::to_string(rank) +
                    ", outside [1, " + std::to_string(o_.size) + ")");
+    if (arrived_[rank]) {
+      // Its first connection may have ended without the end read yet (a rank that was cancelled
+      // and retries): then this is the same rank again.
+      for (Conn& other : conns_)
+        if (&other != &c && other.rank == rank && !other.dead && closed_by_peer(other)) leave(other, count);
+    }
     if (arrived_[rank])
       return fatal("bootstrap: " + o_.member + " " + std::to_string(rank) + " arrived twice (" +
                    table_.addresses[rank] + " and " + address +
-                   "); give every process its own " + o_.member);
+                   "), both connected; give every process its own " + o_.member);
     c.rank = rank;
     arrived_[rank] = true;
     table_.payloads[rank] = c.in.substr(kHeaderBytes + h.round_len, h.body_len);
@@ -351,7 +432,12 @@ class Coordinator {
                                 ? std::string()
                                 : " (" + std::to_string(refused_for_secret_) +
                                       " connection(s) were refused for the peer secret: give every daemon the same "
-                                      "[server] peer_secret_file)"));
+                                      "[server] peer_secret_file)") +
+                           (dropped_pending_ == 0
+                                ? std::string()
+                                : " (" + std::to_string(dropped_pending_) +
+                                      " connection(s) without a hello were dropped for newer ones: something else "
+                                      "connects to this port)"));
   }
 
   Status cancelled_error(int count) const {
@@ -359,7 +445,11 @@ class Coordinator {
                            " of " + std::to_string(o_.size) + " " + o_.member + "s arrived");
   }
 
-  void reply_all(uint32_t kind, const Status& failure) {
+  // Sends the verdict (the table, or the group's failure) to every arrived rank at once: a rank
+  // that takes nothing of it for kAnswerStall is given up without holding up the others. The
+  // table's answer fails where a rank could not be sent it, so that rank 0 does not go on alone
+  // with a group one of whose ranks never heard it.
+  Status reply_all(uint32_t kind, const Status& failure) {
     Header h;
     h.kind = kind;
     h.size = static_cast<uint32_t>(o_.size);
@@ -373,18 +463,75 @@ class Coordinator {
       msg = wire::encode_table(table_.payloads, table_.addresses, authenticated);
       if (authenticated) digest = sha256(msg);
     }
-    const auto send_deadline = Clock::now() + std::chrono::seconds(2);
-    for (auto& c : conns_) {
+    struct Answer {
+      Conn* conn;
+      std::string mac;  // after msg, with a peer secret
+      size_t sent = 0;
+      Clock::time_point stall_at;
+    };
+    std::vector<Answer> answers;
+    for (Conn& c : conns_) {
       if (c.rank < 0 || c.dead) continue;
-      Status s = detail::send_all(c.fd.get(), msg.data(), msg.size(), send_deadline);
-      if (s.ok() && authenticated) {
-        const std::string mac = wire::table_mac(o_.secret, c.rank_nonce, c.server_nonce, digest);
-        s = detail::send_all(c.fd.get(), mac.data(), mac.size(), send_deadline);
+      Answer a{&c, {}, 0, Clock::now() + kAnswerStall};
+      if (authenticated) a.mac = wire::table_mac(o_.secret, c.rank_nonce, c.server_nonce, digest);
+      answers.push_back(std::move(a));
+    }
+    std::vector<int> unanswered;
+    std::string why;
+    auto give_up = [&](Answer& a, const std::string& reason) {
+      TUTEL_LOG(WARN) << "bootstrap: cannot answer " << o_.member << " " << a.conn->rank << ": " << reason;
+      if (unanswered.empty()) why = reason;
+      unanswered.push_back(a.conn->rank);
+      a.conn->dead = true;
+      a.conn->fd.reset();
+    };
+    for (;;) {
+      std::vector<pollfd> fds;
+      std::vector<Answer*> waiting;
+      Clock::time_point first_stall = Clock::time_point::max();
+      for (Answer& a : answers) {
+        if (a.conn->dead || a.sent == msg.size() + a.mac.size()) continue;
+        if (Clock::now() >= a.stall_at) {
+          give_up(a, "it took none of the answer for " + std::to_string(kAnswerStall.count()) +
+                         " s (stopped, or not reading)");
+          continue;
+        }
+        fds.push_back({a.conn->fd.get(), POLLOUT, 0});
+        waiting.push_back(&a);
+        first_stall = std::min(first_stall, a.stall_at);
       }
-      if (!s.ok())
-        TUTEL_LOG(WARN) << "bootstrap: cannot answer rank " << c.rank << ": " << s.message();
+      if (fds.empty()) break;
+      const int r = ::poll(fds.data(), fds.size(), detail::poll_timeout_ms(first_stall));
+      if (r < 0 && errno != EINTR) {
+        for (Answer* a : waiting) give_up(*a, "poll: " + detail::errno_text(errno));
+        break;
+      }
+      for (size_t i = 0; r > 0 && i < fds.size(); ++i) {
+        if (fds[i].revents == 0) continue;
+        Answer& a = *waiting[i];
+        // As much as the socket takes: the message, then its mac.
+        while (a.sent < msg.size() + a.mac.size()) {
+          const bool in_msg = a.sent < msg.size();
+          const char* from = in_msg ? msg.data() + a.sent : a.mac.data() + (a.sent - msg.size());
+          const size_t left = in_msg ? msg.size() - a.sent : msg.size() + a.mac.size() - a.sent;
+          const ssize_t w = ::send(a.conn->fd.get(), from, left, MSG_NOSIGNAL | MSG_DONTWAIT);
+          if (w > 0) {
+            a.sent += static_cast<size_t>(w);
+            a.stall_at = Clock::now() + kAnswerStall;
+            continue;
+          }
+          if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) break;
+          give_up(a, "send: " + detail::errno_text(errno));
+          break;
+        }
+      }
     }
     conns_.clear();
+    if (unanswered.empty() || kind == kError) return Status::OK();
+    std::sort(unanswered.begin(), unanswered.end());
+    return Status::Unavailable("bootstrap: " + o_.member + (unanswered.size() > 1 ? "s " : " ") +
+                               rank_list(unanswered) + " could not be sent the group's table (" + why +
+                               "); the group cannot start without them: restart it");
   }
 
   const BootstrapOptions& o_;
@@ -395,6 +542,7 @@ class Coordinator {
   std::vector<bool> arrived_;
   Clock::time_point accept_paused_until_{};
   int refused_for_secret_ = 0;
+  int dropped_pending_ = 0;  // connections dropped for newer ones past max_pending()
 };
 
 // ---- ranks 1..size-1 ---------------------------------------------------------------------
