@@ -622,7 +622,10 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
     auto read_answer = [&]() -> Result<Header> {
       Status s = detail::recv_exact(fd->get(), head, sizeof head, verdict_deadline, &closed_early, cancel);
       if (closed_early) {
-        last_error = "the coordinator closed the connection";
+        last_error = join ? "the service closed the connection before answering (restarting, or at its "
+                            "connection limit)"
+                          : "the coordinator closed the connection before answering (one of an earlier round "
+                            "closing, or at its connection limit)";
         return Status::Unavailable(last_error);
       }
       if (!s.ok())

@@ -154,8 +154,24 @@ class Service final : public RendezvousService {
       }
       Fd fd(raw);
       if (static_cast<int>(peers_.size()) >= o_.max_connections) {
+        // Full: the oldest connection still reading its join goes (peers_ is in accept order),
+        // not the newcomer. A rank sends its join as soon as it connects, so the oldest is a
+        // stalled or hostile client's, most likely; refusing newcomers let a crowd of idle
+        // connections, renewed every join_timeout, keep every group out. Ranks that joined and
+        // wait for their group are never dropped for it.
+        const auto oldest = std::find_if(peers_.begin(), peers_.end(),
+                                         [](const auto& e) { return e.second.state == Peer::State::kReading; });
         count_refused();
-        continue;  // closed: the client retries until its deadline
+        if (!limit_logged_) {
+          limit_logged_ = true;
+          TUTEL_LOG(WARN) << "rendezvous service at " << where() << ": " << o_.max_connections
+                          << " connections open, its limit; dropping the oldest that has sent no join (something "
+                          << "other than tuteld's ranks may be connecting to it)";
+        }
+        if (oldest == peers_.end()) continue;  // every one a rank that joined: the newcomer retries
+        drop(oldest->first);
+      } else if (static_cast<int>(peers_.size()) < o_.max_connections / 2) {
+        limit_logged_ = false;  // logged again the next time it fills
       }
       Peer p;
       p.fd = std::move(fd);
@@ -477,6 +493,7 @@ class Service final : public RendezvousService {
   }
 
   void drop(uint64_t id) { peers_.erase(id); }
+  bool limit_logged_ = false;  // a warning once each time the connections reach their limit
 
   void count_refused() {
     std::lock_guard lock(stats_mu_);

@@ -2,7 +2,10 @@
 // tests run ranks as threads of this process; the UCX test forks its ranks.
 #include "tutel/comm/rendezvous.hpp"
 
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -240,6 +243,52 @@ TEST(Rendezvous, GroupsBeyondTheLimitAreRefusedAndFailedOnesMakeRoom) {
   for (std::thread* t : {&ta, &tb, &ta1, &tb1}) t->join();
   for (const Outcome* o : {&a0, &b0, &a1, &b1}) EXPECT_TRUE(o->result->ok()) << error_of(*o);
   EXPECT_EQ(service->stats().pending_groups, 0u);
+}
+
+// At its connection limit the service closes the oldest connection that has sent no join, not the
+// newcomer: idle connections (renewed every join_timeout by whoever opened them) once kept every
+// group out. Ranks that joined are never closed for it: with every connection a joined rank, the
+// newcomer is. Here the limit is 4: four idle connections, then a group of two meets; then two
+// ranks of a group of three wait, two idle connections fill the limit, and the third rank still
+// gets in (the idle ones go, not the waiting ranks).
+TEST(Rendezvous, AtItsConnectionLimitTheOldestIdleConnectionMakesRoom) {
+  RendezvousOptions options;
+  options.max_connections = 4;
+  auto started = RendezvousService::start(options);
+  ASSERT_TRUE(started.ok()) << started.status();
+  const std::unique_ptr<RendezvousService> service = std::move(started).value();
+  auto open_idle = [&](int n) {
+    std::vector<int> fds;
+    for (int i = 0; i < n; ++i) {
+      const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      sockaddr_in addr{};
+      addr.sin_family = AF_INET;
+      addr.sin_port = htons(service->port());
+      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+      fds.push_back(fd);
+    }
+    for (int i = 0; i < 500 && service->stats().connections < static_cast<uint64_t>(n); ++i)
+      std::this_thread::sleep_for(2ms);  // accepted
+    return fds;
+  };
+  std::vector<int> idle = open_idle(4);
+  EXPECT_EQ(service->stats().connections, 4u);
+  const auto pair = exchange_on_threads({member(*service, "t/pair", 0, 2, 5s), member(*service, "t/pair", 1, 2, 5s)});
+  for (const Outcome& o : pair) EXPECT_TRUE(o.result->ok()) << error_of(o);
+
+  Outcome r0, r1, r2;
+  std::thread t0 = exchange_later(member(*service, "t/three", 0, 3, 10s), 0ms, &r0);
+  std::thread t1 = exchange_later(member(*service, "t/three", 1, 3, 10s), 0ms, &r1);
+  for (int i = 0; i < 1000 && service->stats().pending_groups == 0; ++i) std::this_thread::sleep_for(2ms);
+  std::this_thread::sleep_for(100ms);  // both joined
+  std::vector<int> more = open_idle(2);
+  std::thread t2 = exchange_later(member(*service, "t/three", 2, 3, 10s), 0ms, &r2);
+  for (std::thread* t : {&t0, &t1, &t2}) t->join();
+  for (const Outcome* o : {&r0, &r1, &r2}) EXPECT_TRUE(o->result->ok()) << error_of(*o);
+  EXPECT_GE(service->stats().refused, 2u);  // the idle connections closed to make room
+  for (int fd : idle) ::close(fd);
+  for (int fd : more) ::close(fd);
 }
 
 TEST(Rendezvous, ARankThatHangsUpIsWithdrawnAndMayJoinAgain) {

@@ -34,7 +34,8 @@ namespace tutel::comm {
 struct RendezvousOptions {
   std::string host = "127.0.0.1";  // a numeric IPv4 address, bound as given
   uint16_t port = 0;               // 0: an ephemeral port (see RendezvousService::port())
-  // Connections held at once; more are closed on accept.
+  // Connections held at once. Past it the oldest that has sent no join yet is closed for the new
+  // one; with every connection a joined rank, the new one is closed.
   int max_connections = 1024;
   // A connection that has not sent a whole join by then is dropped.
   std::chrono::milliseconds join_timeout{30'000};
