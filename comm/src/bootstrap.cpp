@@ -41,6 +41,7 @@ using wire::kHeaderBytes;
 using wire::kHello;
 using wire::kJoin;
 using wire::kMagic;
+using wire::kMaxBootstrapTimeout;
 using wire::kMaxPayload;
 using wire::kMaxRound;
 using wire::kTable;
@@ -233,6 +234,7 @@ class Coordinator {
             break;
           }
       }
+      detail::enable_keepalive(fd);  // an arrived rank waits silently for the others
       Conn c;
       c.fd = Fd(fd);
       c.hello_by = std::min(deadline_, Clock::now() + kHelloTime);
@@ -587,6 +589,16 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
   h.local_size = static_cast<uint32_t>(o.local_size);
   h.pid = static_cast<uint32_t>(::getpid());
   std::string hello_round, hello_body;
+  // A join tells the service how long its group may wait: what is left of this rank's own
+  // deadline when it is sent (connecting may have taken a while), so that the group does not
+  // outlast the rank and answer a rank that has given up.
+  auto set_join_timeout = [&] {
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count();
+    const uint32_t ms = static_cast<uint32_t>(std::clamp<int64_t>(left, 1, o.timeout.count()));
+    std::string word;
+    wire::put_u32(word, ms);
+    hello_body.replace(0, word.size(), word);  // the body's first word
+  };
   if (join) {
     wire::put_u32(hello_body, static_cast<uint32_t>(o.timeout.count()));
     hello_body.append(payload);
@@ -681,8 +693,10 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
                                         " did not answer the challenge for the peer secret (it has none, or is not a "
                                         "tuteld of this version): give every daemon the same [server] peer_secret_file");
       server_nonce = body;
+      if (join) set_join_timeout();
       hello = wire::encode_authenticated(h, hello_round, hello_body, o.secret, rank_nonce, server_nonce);
-    } else if (hello.empty()) {
+    } else {
+      if (join) set_join_timeout();
       hello = encode(h, hello_round, hello_body);
     }
     const std::optional<Result<Header>> answer = ask(hello);
@@ -737,6 +751,10 @@ Status validate(const BootstrapOptions& o) {
     return Status::InvalidArgument("a coordinator port is required when size > 1");
   if (o.timeout.count() <= 0 || o.collective_timeout.count() <= 0)
     return Status::InvalidArgument("bootstrap and collective timeouts must be positive");
+  if (o.timeout > kMaxBootstrapTimeout)
+    return Status::InvalidArgument("a bootstrap timeout of " + std::to_string(o.timeout.count()) +
+                                   " ms is above the most a group may wait, " +
+                                   std::to_string(kMaxBootstrapTimeout.count()) + " ms (an hour)");
   if (o.spin.count() < 0) return Status::InvalidArgument("spin must not be negative");
   if (!o.secret.empty() && (o.secret.size() < kMinSecretBytes || o.secret.size() > kMaxSecretBytes))
     return Status::InvalidArgument("a peer secret is " + std::to_string(kMinSecretBytes) + " to " +

@@ -23,6 +23,7 @@
 // forged one can only make a bootstrap fail, which whoever can reach the port can do anyway.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -41,6 +42,8 @@ constexpr uint32_t kAuthenticated = 0x100;
 constexpr size_t kNonceBytes = 32, kMacBytes = 32, kAuthBytes = kNonceBytes + kMacBytes;
 constexpr size_t kHeaderBytes = 32;
 constexpr size_t kMaxPayload = size_t{1} << 20;
+// The longest a group may wait for its ranks (a join's timeout, BootstrapOptions::timeout).
+constexpr std::chrono::milliseconds kMaxBootstrapTimeout{3'600'000};
 constexpr size_t kMaxRound = 64;
 // A join's round: "<round>@<group>", the group at most kMaxGroupName bytes.
 constexpr size_t kMaxGroupName = 190;

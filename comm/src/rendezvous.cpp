@@ -29,7 +29,7 @@ using detail::Clock;
 using detail::Fd;
 using wire::Header;
 
-constexpr uint32_t kMaxTimeoutMs = 3'600'000;
+constexpr uint32_t kMaxTimeoutMs = static_cast<uint32_t>(wire::kMaxBootstrapTimeout.count());
 constexpr int kMaxGroupSize = 1 << 20;
 // An answer that a peer does not read within this is dropped with the connection.
 constexpr auto kWriteTimeout = std::chrono::seconds(5);
@@ -173,6 +173,7 @@ class Service final : public RendezvousService {
       } else if (static_cast<int>(peers_.size()) < o_.max_connections / 2) {
         limit_logged_ = false;  // logged again the next time it fills
       }
+      detail::enable_keepalive(fd.get());  // a joined rank waits silently, maybe for long
       Peer p;
       p.fd = std::move(fd);
       p.deadline = Clock::now() + o_.join_timeout;
@@ -293,7 +294,8 @@ class Service final : public RendezvousService {
       return refuse(p, "malformed join: rank " + std::to_string(h.rank) + ", size " +
                            std::to_string(h.size) + ", local_size " + std::to_string(h.local_size));
     if (timeout_ms < 1 || timeout_ms > kMaxTimeoutMs)
-      return refuse(p, "malformed join: timeout of " + std::to_string(timeout_ms) + " ms");
+      return refuse(p, "malformed join: a timeout of " + std::to_string(timeout_ms) + " ms, outside [1, " +
+                           std::to_string(kMaxTimeoutMs) + "]");
     p.address = wire::address_of(detail::peer_ip(p.fd.get()), h.pid);
     std::string payload = p.in.substr(wire::kHeaderBytes + h.round_len + 4);
     p.in.clear();

@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -92,6 +93,15 @@ std::string peer_ip(int fd) {
   char buf[INET_ADDRSTRLEN] = {};
   if (::inet_ntop(AF_INET, &addr.sin_addr, buf, sizeof buf) == nullptr) return "?";
   return buf;
+}
+
+void enable_keepalive(int fd) {
+  // Best effort: a socket that refuses these options is served all the same.
+  const int on = 1, idle_s = 10, interval_s = 5, probes = 3;
+  (void)::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
+  (void)::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle_s, sizeof idle_s);
+  (void)::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval_s, sizeof interval_s);
+  (void)::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof probes);
 }
 
 }  // namespace tutel::comm::detail

@@ -68,6 +68,11 @@ inline constexpr std::chrono::milliseconds kAcceptPause{100};
 // "127.0.0.1" for the remote end of a connected socket.
 std::string peer_ip(int fd);
 
+// Has the kernel probe an idle accepted connection (after 10 s idle, every 5 s, 3 times): a peer
+// whose machine died without closing its end (power lost, a cable pulled) is then seen gone in
+// about 25 s instead of holding its place until its deadline, up to an hour.
+void enable_keepalive(int fd);
+
 std::string errno_text(int err);
 
 }  // namespace tutel::comm::detail

@@ -427,6 +427,13 @@ TEST(Bootstrap, ValidatesOptions) {
   EXPECT_FALSE(validate(loopback_options(0, 0, 2, 1)).ok());     // no port
   EXPECT_TRUE(validate(loopback_options(0, 0, 1, 1)).ok());      // alone: no port needed
   EXPECT_TRUE(validate(loopback_options(1234, 1, 4, 3)).ok());   // 2DH refuses later, not here
+  auto hour = loopback_options(1234, 0, 2, 1);
+  hour.timeout = std::chrono::hours(1);
+  EXPECT_TRUE(validate(hour).ok());
+  hour.timeout += 1ms;  // past what a group may wait (and a join's 32-bit milliseconds near 2^32)
+  const Status long_wait = validate(hour);
+  EXPECT_EQ(long_wait.code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(contains(long_wait.message(), "above the most a group may wait, 3600000 ms")) << long_wait;
   auto o = loopback_options(1234, 0, 2, 1);
   o.coordinator_host = "localhost";
   EXPECT_FALSE(coordinator_exchange(o, "test", "").ok());  // numeric addresses only
