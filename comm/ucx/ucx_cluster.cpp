@@ -4,9 +4,12 @@
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
+#include <optional>
+#include <set>
 #include <thread>
 #include <utility>
 
+#include "beacon.hpp"
 #include "tutel/comm/cluster.hpp"
 #include "tutel/core/logging.hpp"
 #include "ucx_rank.hpp"
@@ -32,7 +35,11 @@ std::string format_ms(Clock::duration d) {
 class UcxCluster final : public Cluster {
  public:
   UcxCluster(std::shared_ptr<UcxRank> rank, const ClusterOptions& options)
-      : rank_(std::move(rank)), options_(options), peers_(static_cast<size_t>(options.nodes)) {
+      : rank_(std::move(rank)),
+        options_(options),
+        keys_{options.secret, rank_->table_digest()},
+        check_(keys_, options.nodes),
+        peers_(static_cast<size_t>(options.nodes)) {
     const auto now = Clock::now();
     for (Peer& p : peers_) p.last_heard = now;
   }
@@ -46,9 +53,9 @@ class UcxCluster final : public Cluster {
     if (thread_.joinable()) thread_.join();
     // Tell the others we leave on purpose, so they report a shutdown rather than a crash. The
     // rank's destructor flushes the endpoints, so these go out before the connections close.
-    const Beacon bye{kBye, 0};
+    const std::string bye = next_beacon(ucx::BeaconKind::kBye);
     for (int p = 0; p < nodes(); ++p)
-      if (p != node_rank()) (void)rank_->send_beacon(p, beacon_tag(), &bye, sizeof bye);
+      if (p != node_rank()) (void)rank_->send_beacon(p, beacon_tag(), bye.data(), bye.size());
   }
 
   // Every pair of nodes exchanges one message: after this, all endpoints work both ways.
@@ -93,13 +100,11 @@ class UcxCluster final : public Cluster {
   }
 
  private:
-  // What a beacon says.
-  enum : uint32_t { kHeartbeat = 1, kBye = 2 };
-  struct Beacon {
-    uint32_t kind;
-    uint32_t unused;
-  };
   uint64_t beacon_tag() const { return kBeaconTag | static_cast<uint64_t>(node_rank()); }
+  // This node's next beacon (beacon.hpp): the heartbeat thread's, then the destructor's.
+  std::string next_beacon(ucx::BeaconKind kind) {
+    return ucx::encode_beacon(keys_, node_rank(), kind, ++beacons_sent_);
+  }
 
   struct Peer {
     Clock::time_point last_heard;
@@ -133,12 +138,22 @@ class UcxCluster final : public Cluster {
     Round round;
     // Drain what arrived first, so a node that was itself stopped does not call everyone silent
     // on waking: their heartbeats are already queued.
-    rank_->receive_beacons(kBeaconTag, ~kSenderMask, [&](uint64_t tag, std::string_view data) {
-      Beacon b{};
-      std::memcpy(&b, data.data(), std::min(data.size(), sizeof b));
-      (b.kind == kBye ? round.leaving : round.heard).push_back(static_cast<int>(tag & kSenderMask));
+    // At most a few per node and round: more than that is a flood, left for later rounds.
+    const size_t most = 4 * static_cast<size_t>(nodes()) + 16;
+    rank_->receive_beacons(kBeaconTag, ~kSenderMask, most, [&](uint64_t tag, std::string_view data) {
+      const int sender = static_cast<int>(tag & kSenderMask);
+      const std::optional<ucx::BeaconKind> kind = sender == me ? std::nullopt : check_.accept(sender, data);
+      if (!kind) {
+        // Not from a node of this cluster (another secret, a replay, a forgery): ignored, and
+        // said once per claimed sender.
+        if (rejected_logged_.insert(sender).second)
+          TUTEL_LOG(WARN) << "cluster: ignoring a heartbeat that claims node " << sender
+                          << " and does not prove it (another peer secret, a replay, or not a tuteld node)";
+        return;
+      }
+      (*kind == ucx::BeaconKind::kBye ? round.leaving : round.heard).push_back(sender);
     });
-    const Beacon heartbeat{kHeartbeat, 0};
+    const std::string heartbeat = next_beacon(ucx::BeaconKind::kHeartbeat);
     for (int p = 0; p < nodes(); ++p) {
       if (p == me || std::find(round.leaving.begin(), round.leaving.end(), p) != round.leaving.end()) continue;
       {
@@ -147,7 +162,7 @@ class UcxCluster final : public Cluster {
       }
       std::string failure = rank_->failure(p);
       if (failure.empty()) {
-        const Status s = rank_->send_beacon(p, beacon_tag(), &heartbeat, sizeof heartbeat);
+        const Status s = rank_->send_beacon(p, beacon_tag(), heartbeat.data(), heartbeat.size());
         if (s.ok()) {
           round.sent.push_back(p);
         } else {
@@ -201,6 +216,11 @@ class UcxCluster final : public Cluster {
 
   std::shared_ptr<UcxRank> rank_;
   const ClusterOptions options_;
+  // The heartbeat thread's alone (and the destructor's, once it has joined the thread).
+  const ucx::BeaconKeys keys_;
+  ucx::BeaconCheck check_;
+  uint64_t beacons_sent_ = 0;
+  std::set<int> rejected_logged_;
   std::thread thread_;
 
   mutable std::mutex mu_;

@@ -152,7 +152,7 @@ Status UcxRank::init(const BootstrapOptions& o) {
   ucp_worker_release_address(worker_, address);
 
   TUTEL_ASSIGN_OR_RETURN(BootstrapTable table, coordinator_exchange(o, "ucx", payload));
-  table_digest_ = table_digest(table);
+  table_digest_ = ucx::table_digest(table);
   addresses_ = std::move(table.addresses);
 
   std::lock_guard<std::mutex> lock(mu_);

@@ -83,6 +83,9 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   std::string describe(int peer) const;
   // "127.0.0.1, pid 4242": where the coordinator saw the peer.
   const std::string& address(int peer) const { return addresses_[static_cast<size_t>(peer)]; }
+  // The digest of the bootstrap table: unique to this group's incarnation (it covers every
+  // worker's address), for messages that must not be replayed into another.
+  const Digest& table_digest() const { return table_digest_; }
 
   // Payload bytes of completed collective messages to and from `peer` (beacons excluded).
   // Lock-free: any thread, any time.
@@ -96,12 +99,14 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   static constexpr size_t kMaxBeaconBytes = 64;
   Status send_beacon(int peer, uint64_t tag, const void* data, size_t bytes);
   // Progresses the worker and calls on_beacon(tag, data) for every beacon matching `tag` under
-  // `mask` that has arrived, without waiting. One caller (one tag/mask) per rank.
+  // `mask` that has arrived, up to `most` of them (a flood waits for the next call, rather than
+  // holding the caller), without waiting. One caller (one tag/mask) per rank.
   template <typename F>
-  void receive_beacons(uint64_t tag, uint64_t mask, F&& on_beacon) {
+  void receive_beacons(uint64_t tag, uint64_t mask, size_t most, F&& on_beacon) {
     std::lock_guard<std::mutex> lock(mu_);
     progress_locked();
-    while (next_beacon_locked(tag, mask)) on_beacon(beacon_info_.sender_tag, std::string_view(beacon_buffer_, beacon_info_.length));
+    for (size_t n = 0; n < most && next_beacon_locked(tag, mask); ++n)
+      on_beacon(beacon_info_.sender_tag, std::string_view(beacon_buffer_, beacon_info_.length));
   }
 
   // An id no other group of this rank uses (1 .. 2^20 - 1); nullopt once all are spent.

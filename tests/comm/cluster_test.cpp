@@ -12,12 +12,54 @@
 #include <string>
 #include <thread>
 
+#include "beacon.hpp"
 #include "comm_test_util.hpp"
 
 namespace tutel::comm {
 namespace {
 
 using namespace std::chrono_literals;
+
+// The heartbeats' authentication (comm/ucx/beacon.hpp): a node takes a beacon only from a holder
+// of the secret, for this cluster (its table digest), from the sender its tag names, and never
+// twice (counters only grow). Anything else that reaches its UCX worker could otherwise say that
+// a node left, and every node would report it down for good.
+TEST(ClusterBeacons, OnlyFreshBeaconsThatProveTheSecretAreTaken) {
+  using ucx::BeaconKind;
+  Digest table{};
+  table[0] = 7;
+  const ucx::BeaconKeys keys{std::string(32, 's'), table};
+  ucx::BeaconCheck check(keys, 3);
+  const std::string first = ucx::encode_beacon(keys, 1, BeaconKind::kHeartbeat, 1);
+  EXPECT_EQ(check.accept(1, first), BeaconKind::kHeartbeat);
+  EXPECT_EQ(check.accept(1, first), std::nullopt) << "a replay";
+  EXPECT_EQ(check.accept(2, ucx::encode_beacon(keys, 2, BeaconKind::kHeartbeat, 5)), BeaconKind::kHeartbeat);
+  EXPECT_EQ(check.accept(2, ucx::encode_beacon(keys, 2, BeaconKind::kBye, 4)), std::nullopt) << "an older one";
+  EXPECT_EQ(check.accept(2, ucx::encode_beacon(keys, 1, BeaconKind::kBye, 9)), std::nullopt) << "another sender's";
+  ucx::BeaconKeys other_secret = keys, other_cluster = keys;
+  other_secret.secret = std::string(32, 't');
+  other_cluster.table[0] = 8;
+  EXPECT_EQ(check.accept(1, ucx::encode_beacon(other_secret, 1, BeaconKind::kBye, 2)), std::nullopt);
+  EXPECT_EQ(check.accept(1, ucx::encode_beacon(other_cluster, 1, BeaconKind::kBye, 2)), std::nullopt);
+  EXPECT_EQ(check.accept(1, ucx::encode_beacon({"", table}, 1, BeaconKind::kBye, 2)), std::nullopt) << "no mac";
+  std::string tampered = ucx::encode_beacon(keys, 1, BeaconKind::kHeartbeat, 2);
+  tampered[0] = static_cast<char>(BeaconKind::kBye);  // a heartbeat turned into a goodbye
+  EXPECT_EQ(check.accept(1, tampered), std::nullopt);
+  const std::string good = ucx::encode_beacon(keys, 1, BeaconKind::kBye, 2);
+  EXPECT_EQ(check.accept(1, good.substr(0, good.size() - 1)), std::nullopt) << "short";
+  EXPECT_EQ(check.accept(1, good + "x"), std::nullopt) << "long";
+  EXPECT_EQ(check.accept(3, good), std::nullopt) << "no such node";
+  EXPECT_EQ(check.accept(-1, good), std::nullopt);
+  std::string unknown = ucx::encode_beacon(keys, 1, static_cast<BeaconKind>(3), 3);
+  EXPECT_EQ(check.accept(1, unknown), std::nullopt) << "an unknown kind";
+  // All the refused ones left the counter where it was: the genuine next one is taken.
+  EXPECT_EQ(check.accept(1, good), BeaconKind::kBye);
+  // Without a secret only the counter holds.
+  ucx::BeaconCheck open({"", table}, 2);
+  const std::string plain = ucx::encode_beacon({"", table}, 1, BeaconKind::kHeartbeat, 1);
+  EXPECT_EQ(open.accept(1, plain), BeaconKind::kHeartbeat);
+  EXPECT_EQ(open.accept(1, plain), std::nullopt);
+}
 using testing::ChildChannel;
 
 bool contains(std::string_view haystack, std::string_view needle) {

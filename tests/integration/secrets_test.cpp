@@ -322,8 +322,18 @@ TEST(PeerSecret, DaemonsSharingTheSecretFormAClusterAndItsGroups) {
     ASSERT_TRUE(by_coordinator[r].ok()) << by_coordinator[r].status();
     EXPECT_EQ(by_name[r].value(), by_coordinator[r].value());  // same weights, same tokens
   }
+  // The nodes' heartbeats prove the secret too (comm/ucx/beacon.hpp): node 0's goodbye reaches
+  // node 1 as such, and neither node ignored a beacon.
   EXPECT_EQ(node0.stop(), 0) << node0.log();
+  bool left = false;
+  for (int i = 0; i < 300 && !left; ++i) {
+    left = node1.log().find("left the cluster (its daemon shut down)") != std::string::npos;
+    if (!left) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_TRUE(left) << node1.log();
   EXPECT_EQ(node1.stop(), 0) << node1.log();
+  for (const DaemonProcess* node : {&node0, &node1})
+    EXPECT_EQ(node->log().find("ignoring a heartbeat"), std::string::npos) << node->log();
 }
 
 TEST(PeerSecret, ANodeWithAnotherSecretCannotJoinTheCluster) {
