@@ -58,6 +58,8 @@ constexpr auto kHelloTime = std::chrono::seconds(10);
 // The table goes to every rank at once; a rank that takes none of it for this long (stopped, or
 // not reading) is given up, without holding the others' answers back.
 constexpr auto kAnswerStall = std::chrono::seconds(2);
+// An error answer's message, at most (the servers' own are a few hundred bytes).
+constexpr size_t kMaxErrorBytes = 64 << 10;
 
 std::string endpoint_name(const BootstrapOptions& o) {
   return o.coordinator_host + ":" + std::to_string(o.coordinator_port);
@@ -645,7 +647,10 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
                                                                                            : StatusCode::kUnavailable,
                       who + ": no answer from " + server + ": " + std::string(s.message()));
       const Header reply = decode_header(head);
-      if (reply.magic != kMagic || reply.body_len > (kMaxPayload + 4096) * size_t(o.size) + 64)
+      // An error is a message (its body, unauthenticated: bounded, and shown escaped), a table
+      // at most every rank's payload and address.
+      const size_t most = reply.kind == kError ? kMaxErrorBytes : (kMaxPayload + 4096) * size_t(o.size) + 64;
+      if (reply.magic != kMagic || reply.body_len > most)
         return Status::Corruption(who + ": malformed answer from " + server);
       // Grown as the bytes arrive, never to the announced length at once: a malformed or hostile
       // answer may announce gigabytes for a large group and send none of them.
@@ -658,9 +663,11 @@ Result<BootstrapTable> run_client(const BootstrapOptions& o, std::string_view ro
                 .with_context(who + ": reading the answer of " + server));
       }
       if (reply.kind == kError) {
-        const auto code = static_cast<StatusCode>(reply.rank);
-        return Status(code == StatusCode::kOk ? StatusCode::kInternal : code,
-                      who + ": " + server + " says: " + body);
+        // A code this build does not know (another version, or not a tuteld) is an internal one.
+        const bool known = reply.rank > static_cast<uint32_t>(StatusCode::kOk) &&
+                           reply.rank <= static_cast<uint32_t>(StatusCode::kAborted);
+        return Status(known ? static_cast<StatusCode>(reply.rank) : StatusCode::kInternal,
+                      who + ": " + server + " says: " + escape_text(body));
       }
       return reply;
     };

@@ -353,6 +353,56 @@ TEST(Bootstrap, StalledHellosHoldTheCoordinatorsMemoryOnlyUpToABound) {
   for (int fd : stalled) ::close(fd);
 }
 
+// What a rank believes of an error answer, which is not authenticated: a message of at most
+// 64 KiB, shown escaped (no forged log lines), with a status code this build knows. A fake
+// coordinator answers each connection with one error.
+TEST(Bootstrap, AnErrorAnswerIsBoundedEscapedAndOfAKnownCode) {
+  struct Case {
+    uint32_t code;
+    std::string body;
+    StatusCode want;
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      {99, "forged\nWARN line", StatusCode::kInternal, "says: forged\\x0aWARN line"},
+      {static_cast<uint32_t>(StatusCode::kPermissionDenied), "no", StatusCode::kPermissionDenied, "says: no"},
+      {static_cast<uint32_t>(StatusCode::kInvalidArgument), std::string((64 << 10) + 1, 'x'), StatusCode::kCorruption,
+       "malformed answer"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.says);
+    const int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    ASSERT_EQ(::listen(listener, 4), 0);
+    socklen_t len = sizeof addr;
+    ASSERT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+    std::thread fake([&] {
+      const int fd = ::accept(listener, nullptr, nullptr);
+      if (fd < 0) return;
+      char hello[256];
+      (void)::recv(fd, hello, sizeof hello, 0);
+      wire::Header h;
+      h.kind = wire::kError;
+      h.rank = c.code;
+      (void)send_everything(fd, wire::encode(h, {}, c.body));
+      char sink[64];
+      (void)::recv(fd, sink, sizeof sink, 0);  // until the rank hangs up
+      ::close(fd);
+    });
+    auto o = loopback_options(ntohs(addr.sin_port), 1, 2, 1);
+    o.timeout = 3s;
+    const auto r = coordinator_exchange(o, "test", "one");
+    fake.join();
+    ::close(listener);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), c.want) << r.status();
+    EXPECT_TRUE(contains(r.status().message(), c.says)) << r.status();
+  }
+}
+
 // A group's own coordinator refuses a rank that names another group (two tenants' layers given
 // one address), and serves the ranks that name its own.
 TEST(Bootstrap, ARankNamingAnotherGroupIsRefused) {
