@@ -170,12 +170,19 @@ class Coordinator {
       for (size_t i = 1; i < fds.size() && failure.ok(); ++i) {
         if (fds[i].revents == 0) continue;
         Conn& c = conns_[reading[i - 1]];
+        if (c.dead) continue;  // taken out earlier in this round (a duplicate replaced it)
         if (c.rank > 0)
           watch_arrived(c, &count);
         else
           failure = read_hello(c, &count);
       }
       if (failure.ok() && (fds[0].revents & POLLIN)) accept_all(listener.get());
+      // All here: a rank whose end came after the last poll would be answered on a closed
+      // connection (a small table fits in the socket's buffer) and counted as answered. Its end
+      // is looked for once more, and the loop waits for it to come back.
+      if (count == o_.size && failure.ok())
+        for (Conn& c : conns_)
+          if (c.rank > 0 && !c.dead && closed_by_peer(c)) leave(c, &count);
       // A refused or closed connection goes at once, with what it had sent (up to a whole
       // hello, 1 MiB): anyone who can reach the port may open many.
       std::erase_if(conns_, [](const Conn& c) { return c.dead; });
@@ -258,10 +265,13 @@ class Coordinator {
   }
 
   void leave(Conn& c, int* count) {
+    if (c.dead || c.rank <= 0) return;
     arrived_[c.rank] = false;
+    left_.push_back(c.rank);
     table_.payloads[c.rank].clear();
     table_.addresses[c.rank].clear();
     --*count;
+    c.rank = -1;
     c.dead = true;
     c.fd.reset();
   }
@@ -364,6 +374,7 @@ class Coordinator {
                    "), both connected; give every process its own " + o_.member);
     c.rank = rank;
     arrived_[rank] = true;
+    std::erase(left_, rank);
     table_.payloads[rank] = c.in.substr(kHeaderBytes + h.round_len, h.body_len);
     table_.addresses[rank] = address;
     c.in.clear();
@@ -424,14 +435,21 @@ class Coordinator {
   }
 
   Status missing_ranks_error(int count) const {
-    std::vector<int> missing;
+    std::vector<int> missing, gone;
     for (int r = 0; r < o_.size; ++r)
-      if (!arrived_[r]) missing.push_back(r);
-    return Status::Timeout("bootstrap timed out after " + std::to_string(o_.timeout.count()) +
-                           " ms: " + o_.member + (missing.size() > 1 ? "s " : " ") + rank_list(missing) +
-                           " never reached the coordinator at " + endpoint_name(o_) + " (" +
-                           std::to_string(count) + " of " + std::to_string(o_.size) +
-                           " " + o_.member + "s arrived); start them or check their coordinator address" +
+      if (!arrived_[r]) (std::find(left_.begin(), left_.end(), r) != left_.end() ? gone : missing).push_back(r);
+    auto ranks = [&](const std::vector<int>& v) { return o_.member + (v.size() > 1 ? "s " : " ") + rank_list(v); };
+    std::string why;
+    if (!missing.empty())
+      why = ranks(missing) + " never reached the coordinator at " + endpoint_name(o_) + " (" + std::to_string(count) +
+            " of " + std::to_string(o_.size) + " " + o_.member +
+            "s arrived); start them or check their coordinator address";
+    if (!gone.empty())
+      why += (why.empty() ? "" : "; ") + ranks(gone) + " reached " +
+             (missing.empty() ? "the coordinator at " + endpoint_name(o_) : std::string("it")) +
+             " and then hung up or were cut off; restart them, or check the network between them and " + o_.member +
+             " 0";
+    return Status::Timeout("bootstrap timed out after " + std::to_string(o_.timeout.count()) + " ms: " + why +
                            (refused_for_secret_ == 0
                                 ? std::string()
                                 : " (" + std::to_string(refused_for_secret_) +
@@ -547,6 +565,7 @@ class Coordinator {
   Clock::time_point accept_paused_until_{};
   int refused_for_secret_ = 0;
   int dropped_pending_ = 0;  // connections dropped for newer ones past max_pending()
+  std::vector<int> left_;    // ranks that arrived and hung up, and have not arrived again
 };
 
 // ---- ranks 1..size-1 ---------------------------------------------------------------------

@@ -97,7 +97,7 @@ std::string peer_ip(int fd) {
 
 void enable_keepalive(int fd) {
   // Best effort: a socket that refuses these options is served all the same.
-  const int on = 1, idle_s = 10, interval_s = 5, probes = 3;
+  const int on = 1, idle_s = 60, interval_s = 10, probes = 3;
   (void)::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
   (void)::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle_s, sizeof idle_s);
   (void)::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval_s, sizeof interval_s);

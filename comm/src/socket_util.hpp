@@ -68,9 +68,11 @@ inline constexpr std::chrono::milliseconds kAcceptPause{100};
 // "127.0.0.1" for the remote end of a connected socket.
 std::string peer_ip(int fd);
 
-// Has the kernel probe an idle accepted connection (after 10 s idle, every 5 s, 3 times): a peer
+// Has the kernel probe an idle accepted connection (after 60 s idle, every 10 s, 3 times): a peer
 // whose machine died without closing its end (power lost, a cable pulled) is then seen gone in
-// about 25 s instead of holding its place until its deadline, up to an hour.
+// about 90 s instead of holding its place until its deadline, up to an hour. Not shorter: a rank
+// waits silently, and a network cut for longer than this takes it out of its group (it would
+// have to join again), where a shorter cut heals unseen.
 void enable_keepalive(int fd);
 
 std::string errno_text(int err);

@@ -7,7 +7,8 @@
 // cluster's incarnation: it covers every worker's address), the sender, the kind and a counter
 // that grows with every beacon the sender sends; a receiver keeps each sender's last counter
 // and takes only a larger one, so a recorded beacon cannot be replayed, in this cluster or a
-// later one. Without a secret the counter alone is checked (UCX is then open to anyone anyway).
+// later one. Without a secret nothing is checked but the form (UCX is then open to anyone
+// anyway, and a forged counter near 2^64 would otherwise mute a node for good).
 #pragma once
 
 #include <cstdint>

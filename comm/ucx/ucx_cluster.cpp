@@ -116,6 +116,7 @@ class UcxCluster final : public Cluster {
 
   // What one round of the heartbeat learnt, before it is applied under mu_.
   struct Round {
+    bool drained = true;  // every beacon that had arrived was read
     std::vector<int> heard, leaving, sent;
     std::vector<std::pair<int, std::string>> broken;  // (node, why)
   };
@@ -138,21 +139,25 @@ class UcxCluster final : public Cluster {
     Round round;
     // Drain what arrived first, so a node that was itself stopped does not call everyone silent
     // on waking: their heartbeats are already queued.
-    // At most a few per node and round: more than that is a flood, left for later rounds.
-    const size_t most = 4 * static_cast<size_t>(nodes()) + 16;
-    rank_->receive_beacons(kBeaconTag, ~kSenderMask, most, [&](uint64_t tag, std::string_view data) {
+    // For a quarter of the interval at most: a flood is left for later rounds rather than
+    // holding this thread from its own heartbeats. A round that stopped there may not have
+    // reached a peer's heartbeat yet, so it calls nobody silent (apply).
+    round.drained = rank_->receive_beacons(
+        kBeaconTag, ~kSenderMask, Clock::now() + options_.heartbeat_interval / 4,
+        [&](uint64_t tag, std::string_view data) {
       const int sender = static_cast<int>(tag & kSenderMask);
       const std::optional<ucx::BeaconKind> kind = sender == me ? std::nullopt : check_.accept(sender, data);
       if (!kind) {
         // Not from a node of this cluster (another secret, a replay, a forgery): ignored, and
         // said once per claimed sender.
+        ++rejected_total_;
         if (rejected_logged_.insert(sender).second)
           TUTEL_LOG(WARN) << "cluster: ignoring a heartbeat that claims node " << sender
                           << " and does not prove it (another peer secret, a replay, or not a tuteld node)";
         return;
       }
       (*kind == ucx::BeaconKind::kBye ? round.leaving : round.heard).push_back(sender);
-    });
+        });
     const std::string heartbeat = next_beacon(ucx::BeaconKind::kHeartbeat);
     for (int p = 0; p < nodes(); ++p) {
       if (p == me || std::find(round.leaving.begin(), round.leaving.end(), p) != round.leaving.end()) continue;
@@ -198,6 +203,14 @@ class UcxCluster final : public Cluster {
       peer.dead = true;
       peer.error = why;
     }
+    if (!round.drained) {
+      if (!flood_logged_)
+        TUTEL_LOG(WARN) << "cluster: more beacons arrive than a round reads (" << rejected_total_
+                        << " ignored so far): something floods this node's worker; nobody is called silent meanwhile";
+      flood_logged_ = true;
+      return;
+    }
+    flood_logged_ = false;
     for (int p = 0; p < nodes(); ++p) {
       Peer& peer = peers_[static_cast<size_t>(p)];
       if (p == me || peer.dead) continue;
@@ -221,6 +234,8 @@ class UcxCluster final : public Cluster {
   ucx::BeaconCheck check_;
   uint64_t beacons_sent_ = 0;
   std::set<int> rejected_logged_;
+  uint64_t rejected_total_ = 0;
+  bool flood_logged_ = false;  // apply()'s, under mu_
   std::thread thread_;
 
   mutable std::mutex mu_;

@@ -99,14 +99,18 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   static constexpr size_t kMaxBeaconBytes = 64;
   Status send_beacon(int peer, uint64_t tag, const void* data, size_t bytes);
   // Progresses the worker and calls on_beacon(tag, data) for every beacon matching `tag` under
-  // `mask` that has arrived, up to `most` of them (a flood waits for the next call, rather than
-  // holding the caller), without waiting. One caller (one tag/mask) per rank.
+  // `mask` that has arrived, without waiting, until `until` (a flood waits for the next call,
+  // rather than holding the caller). Returns false when it stopped at `until` with beacons
+  // possibly left. One caller (one tag/mask) per rank.
   template <typename F>
-  void receive_beacons(uint64_t tag, uint64_t mask, size_t most, F&& on_beacon) {
+  bool receive_beacons(uint64_t tag, uint64_t mask, Clock::time_point until, F&& on_beacon) {
     std::lock_guard<std::mutex> lock(mu_);
     progress_locked();
-    for (size_t n = 0; n < most && next_beacon_locked(tag, mask); ++n)
+    while (next_beacon_locked(tag, mask)) {
       on_beacon(beacon_info_.sender_tag, std::string_view(beacon_buffer_, beacon_info_.length));
+      if (Clock::now() >= until) return false;
+    }
+    return true;
   }
 
   // An id no other group of this rank uses (1 .. 2^20 - 1); nullopt once all are spent.

@@ -267,6 +267,50 @@ TEST(Bootstrap, ARankCancelledAfterItsHelloMayArriveAgain) {
   }
 }
 
+// An arrived rank says nothing more until the table: one that does is dropped (and logged), and
+// the rank may arrive again; one that arrives and hangs up for good is named as such when the
+// group times out, apart from ranks that never came (rank 3 here).
+TEST(Bootstrap, AnArrivedRankThatSpeaksOrHangsUpLeavesTheTable) {
+  const uint16_t port = free_port();
+  std::optional<Result<BootstrapTable>> zero;
+  auto o0 = loopback_options(port, 0, 4, 1);
+  o0.timeout = 3s;
+  std::thread coordinator([&] { zero.emplace(coordinator_exchange(o0, "test", "zero")); });
+  auto raw_hello = [&](uint32_t rank) {
+    const int fd = connect_to(port);
+    EXPECT_GE(fd, 0);
+    wire::Header h;
+    h.kind = wire::kHello;
+    h.rank = rank;
+    h.size = 4;
+    h.local_size = 1;
+    h.pid = static_cast<uint32_t>(::getpid());
+    EXPECT_TRUE(send_everything(fd, wire::encode(h, "test", "raw")));
+    return fd;
+  };
+  // Rank 1 arrives, then talks out of turn: dropped; it arrives again, properly, and stays (a
+  // second arrival of a rank still there would fail the group as a duplicate instead).
+  const int talker = raw_hello(1);
+  std::this_thread::sleep_for(100ms);
+  EXPECT_TRUE(send_everything(talker, "more"));
+  std::this_thread::sleep_for(100ms);
+  const int again = raw_hello(1);
+  // Rank 2 arrives and hangs up; it never comes back.
+  const int quitter = raw_hello(2);
+  std::this_thread::sleep_for(100ms);
+  ::close(quitter);
+  coordinator.join();
+  ::close(talker);
+  ::close(again);
+  ASSERT_FALSE(zero->ok());
+  EXPECT_EQ(zero->status().code(), StatusCode::kTimeout) << zero->status();
+  EXPECT_TRUE(contains(zero->status().message(), "rank 3 never reached the coordinator at 127.0.0.1:" +
+                                                     std::to_string(port) + " (2 of 4 ranks arrived)"))
+      << zero->status();
+  EXPECT_TRUE(contains(zero->status().message(), "; rank 2 reached it and then hung up or were cut off"))
+      << zero->status();
+}
+
 // A rank that takes none of the table (stopped, or not reading) costs only itself: the others
 // get theirs, and rank 0 fails naming it, rather than the others failing on one shared deadline
 // while rank 0 went on as if the group had started. Rank 7 here is a raw socket that sends its

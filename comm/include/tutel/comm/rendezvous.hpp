@@ -52,7 +52,7 @@ struct RendezvousOptions {
 struct RendezvousStats {
   uint64_t groups_completed = 0;
   uint64_t groups_failed = 0;   // timed out or doomed by a conflict
-  uint64_t refused = 0;         // connections refused or dropped for malformed input
+  uint64_t refused = 0;         // connections refused, dropped for malformed input, or to make room
   uint64_t pending_groups = 0;  // groups held now: waiting for ranks, or failed (below)
   uint64_t failed_groups = 0;   // of those, failed ones kept to answer their late ranks
   uint64_t connections = 0;     // open now
