@@ -154,64 +154,6 @@ TEST(Bootstrap, ConnectionsThatComeAndGoDoNotUseUpTheCoordinatorsDescriptors) {
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the coordinator failed: status " << status;
 }
 
-// A refused hello is dropped with what it had sent: the coordinator once kept every refused
-// connection's buffer (up to 1 MiB each) until the bootstrap ended, so anyone reaching the port
-// could grow it without bound. Here 400 whole hellos of another round (about 400 MiB in all) go
-// to a coordinator whose data is capped at 256 MiB; it must still meet its rank 1.
-TEST(Bootstrap, RefusedHellosDoNotAccumulateInTheCoordinator) {
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "the sanitizers' shadow memory does not fit under a data limit";
-#endif
-  const uint16_t port = free_port();
-  const pid_t child = ::fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    const rlimit limit{256u << 20, 256u << 20};
-    if (::setrlimit(RLIMIT_DATA, &limit) != 0) ::_exit(2);
-    auto o = loopback_options(port, 0, 2, 1);
-    o.timeout = 60s;
-    ::_exit(coordinator_exchange(o, "test", "zero").ok() ? 0 : 1);
-  }
-  wire::Header h;
-  h.kind = wire::kHello;
-  h.rank = 1;
-  h.size = 2;
-  h.local_size = 1;
-  const std::string hello = wire::encode(h, "another-round", std::string(wire::kMaxPayload, 'x'));
-  int sent = 0;
-  const auto deadline = std::chrono::steady_clock::now() + 40s;
-  while (sent < 400 && std::chrono::steady_clock::now() < deadline) {
-    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(port);
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-      ::close(fd);
-      std::this_thread::sleep_for(5ms);  // not listening yet
-      continue;
-    }
-    size_t off = 0;
-    while (off < hello.size()) {
-      const ssize_t n = ::send(fd, hello.data() + off, hello.size() - off, MSG_NOSIGNAL);
-      if (n <= 0) break;  // refused early (the coordinator hung up): counts all the same
-      off += static_cast<size_t>(n);
-    }
-    char reply[256];
-    (void)::recv(fd, reply, sizeof reply, 0);  // the refusal, then EOF
-    ::close(fd);
-    ++sent;
-  }
-  EXPECT_EQ(sent, 400);
-  auto o = loopback_options(port, 1, 2, 1);
-  o.timeout = 30s;
-  const auto table = coordinator_exchange(o, "test", "one");
-  EXPECT_TRUE(table.ok()) << table.status();
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the coordinator failed: status " << status;
-}
-
 // A TCP connection to the coordinator on loopback (retrying until it listens), or -1.
 int connect_to(uint16_t port, int receive_buffer = 0) {
   const auto deadline = std::chrono::steady_clock::now() + 10s;
@@ -236,6 +178,59 @@ bool send_everything(int fd, const std::string& bytes) {
     off += static_cast<size_t>(n);
   }
   return true;
+}
+
+// A coordinator (rank 0 of 2) in a child process whose data is capped at 256 MiB: what anyone
+// reaching its port makes it hold must stay under that. Its pid.
+pid_t fork_capped_coordinator(uint16_t port) {
+  const pid_t child = ::fork();
+  if (child == 0) {
+    const rlimit limit{256u << 20, 256u << 20};
+    if (::setrlimit(RLIMIT_DATA, &limit) != 0) ::_exit(2);
+    auto o = loopback_options(port, 0, 2, 1);
+    o.timeout = 60s;
+    ::_exit(coordinator_exchange(o, "test", "zero").ok() ? 0 : 1);
+  }
+  return child;
+}
+
+// Rank 1 meets the capped coordinator, and both succeed.
+void expect_capped_coordinator_meets_rank_one(pid_t child, uint16_t port) {
+  auto o = loopback_options(port, 1, 2, 1);
+  o.timeout = 30s;
+  const auto table = coordinator_exchange(o, "test", "one");
+  EXPECT_TRUE(table.ok()) << table.status();
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the coordinator failed: status " << status;
+}
+
+// A refused hello is dropped with what it had sent: the coordinator once kept every refused
+// connection's buffer (up to 1 MiB each) until the bootstrap ended, so anyone reaching the port
+// could grow it without bound. Here 400 whole hellos of another round (about 400 MiB in all) go
+// to a coordinator whose data is capped at 256 MiB; it must still meet its rank 1.
+TEST(Bootstrap, RefusedHellosDoNotAccumulateInTheCoordinator) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizers' shadow memory does not fit under a data limit";
+#endif
+  const uint16_t port = free_port();
+  const pid_t child = fork_capped_coordinator(port);
+  ASSERT_GE(child, 0);
+  wire::Header h;
+  h.kind = wire::kHello;
+  h.rank = 1;
+  h.size = 2;
+  h.local_size = 1;
+  const std::string hello = wire::encode(h, "another-round", std::string(wire::kMaxPayload, 'x'));
+  for (int sent = 0; sent < 400; ++sent) {
+    const int fd = connect_to(port);
+    ASSERT_GE(fd, 0);
+    (void)send_everything(fd, hello);  // refused early (the coordinator hung up): counts all the same
+    char reply[256];
+    (void)::recv(fd, reply, sizeof reply, 0);  // the refusal, then EOF
+    ::close(fd);
+  }
+  expect_capped_coordinator_meets_rank_one(child, port);
 }
 
 // A rank whose bootstrap was cancelled after its hello (a daemon told to stop, a client that gave
@@ -364,15 +359,8 @@ TEST(Bootstrap, StalledHellosHoldTheCoordinatorsMemoryOnlyUpToABound) {
   GTEST_SKIP() << "the sanitizers' shadow memory does not fit under a data limit";
 #endif
   const uint16_t port = free_port();
-  const pid_t child = ::fork();
+  const pid_t child = fork_capped_coordinator(port);
   ASSERT_GE(child, 0);
-  if (child == 0) {
-    const rlimit limit{256u << 20, 256u << 20};
-    if (::setrlimit(RLIMIT_DATA, &limit) != 0) ::_exit(2);
-    auto o = loopback_options(port, 0, 2, 1);
-    o.timeout = 60s;
-    ::_exit(coordinator_exchange(o, "test", "zero").ok() ? 0 : 1);
-  }
   wire::Header h;
   h.kind = wire::kHello;
   h.rank = 1;
@@ -387,13 +375,7 @@ TEST(Bootstrap, StalledHellosHoldTheCoordinatorsMemoryOnlyUpToABound) {
     (void)send_everything(fd, hello);  // a dropped one fails here: it counts all the same
     stalled.push_back(fd);
   }
-  auto o = loopback_options(port, 1, 2, 1);
-  o.timeout = 30s;
-  const auto table = coordinator_exchange(o, "test", "one");
-  EXPECT_TRUE(table.ok()) << table.status();
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the coordinator failed: status " << status;
+  expect_capped_coordinator_meets_rank_one(child, port);
   for (int fd : stalled) ::close(fd);
 }
 
