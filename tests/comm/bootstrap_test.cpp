@@ -114,6 +114,17 @@ TEST(Bootstrap, RaisingTheCancelFlagEndsEveryWaitWithAborted) {
   }
 }
 
+// Rank 1 meets the coordinator (rank 0 of 2) that runs in the child `child`, and both succeed.
+void expect_child_coordinator_meets_rank_one(pid_t child, uint16_t port) {
+  auto o = loopback_options(port, 1, 2, 1);
+  o.timeout = 30s;
+  const auto table = coordinator_exchange(o, "test", "one");
+  EXPECT_TRUE(table.ok()) << table.status();
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the coordinator failed: status " << status;
+}
+
 // Connections that close without a hello (ranks that gave up and retry, stray clients) give their
 // descriptor back at once, and a coordinator out of descriptors waits instead of spinning: a
 // stream of them does not keep the real ranks out. The coordinator runs in a child whose limit
@@ -145,13 +156,7 @@ TEST(Bootstrap, ConnectionsThatComeAndGoDoNotUseUpTheCoordinatorsDescriptors) {
     if (connected % 8 == 0) std::this_thread::sleep_for(1ms);
   }
   EXPECT_EQ(connected, 150);
-  auto o = loopback_options(port, 1, 2, 1);
-  o.timeout = 20s;
-  const auto table = coordinator_exchange(o, "test", "one");
-  EXPECT_TRUE(table.ok()) << table.status();
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the coordinator failed: status " << status;
+  expect_child_coordinator_meets_rank_one(child, port);
 }
 
 // A TCP connection to the coordinator on loopback (retrying until it listens), or -1.
@@ -180,6 +185,17 @@ bool send_everything(int fd, const std::string& bytes) {
   return true;
 }
 
+// A plain (unauthenticated) hello of `rank` in a group of `size`, from this process.
+std::string hello_of(uint32_t rank, uint32_t size, const std::string& round, const std::string& body) {
+  wire::Header h;
+  h.kind = wire::kHello;
+  h.rank = rank;
+  h.size = size;
+  h.local_size = 1;
+  h.pid = static_cast<uint32_t>(::getpid());
+  return wire::encode(h, round, body);
+}
+
 // A coordinator (rank 0 of 2) in a child process whose data is capped at 256 MiB: what anyone
 // reaching its port makes it hold must stay under that. Its pid.
 pid_t fork_capped_coordinator(uint16_t port) {
@@ -194,17 +210,6 @@ pid_t fork_capped_coordinator(uint16_t port) {
   return child;
 }
 
-// Rank 1 meets the capped coordinator, and both succeed.
-void expect_capped_coordinator_meets_rank_one(pid_t child, uint16_t port) {
-  auto o = loopback_options(port, 1, 2, 1);
-  o.timeout = 30s;
-  const auto table = coordinator_exchange(o, "test", "one");
-  EXPECT_TRUE(table.ok()) << table.status();
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the coordinator failed: status " << status;
-}
-
 // A refused hello is dropped with what it had sent: the coordinator once kept every refused
 // connection's buffer (up to 1 MiB each) until the bootstrap ended, so anyone reaching the port
 // could grow it without bound. Here 400 whole hellos of another round (about 400 MiB in all) go
@@ -216,12 +221,7 @@ TEST(Bootstrap, RefusedHellosDoNotAccumulateInTheCoordinator) {
   const uint16_t port = free_port();
   const pid_t child = fork_capped_coordinator(port);
   ASSERT_GE(child, 0);
-  wire::Header h;
-  h.kind = wire::kHello;
-  h.rank = 1;
-  h.size = 2;
-  h.local_size = 1;
-  const std::string hello = wire::encode(h, "another-round", std::string(wire::kMaxPayload, 'x'));
+  const std::string hello = hello_of(1, 2, "another-round", std::string(wire::kMaxPayload, 'x'));
   for (int sent = 0; sent < 400; ++sent) {
     const int fd = connect_to(port);
     ASSERT_GE(fd, 0);
@@ -230,7 +230,7 @@ TEST(Bootstrap, RefusedHellosDoNotAccumulateInTheCoordinator) {
     (void)::recv(fd, reply, sizeof reply, 0);  // the refusal, then EOF
     ::close(fd);
   }
-  expect_capped_coordinator_meets_rank_one(child, port);
+  expect_child_coordinator_meets_rank_one(child, port);
 }
 
 // A rank whose bootstrap was cancelled after its hello (a daemon told to stop, a client that gave
@@ -274,13 +274,7 @@ TEST(Bootstrap, AnArrivedRankThatSpeaksOrHangsUpLeavesTheTable) {
   auto raw_hello = [&](uint32_t rank) {
     const int fd = connect_to(port);
     EXPECT_GE(fd, 0);
-    wire::Header h;
-    h.kind = wire::kHello;
-    h.rank = rank;
-    h.size = 4;
-    h.local_size = 1;
-    h.pid = static_cast<uint32_t>(::getpid());
-    EXPECT_TRUE(send_everything(fd, wire::encode(h, "test", "raw")));
+    EXPECT_TRUE(send_everything(fd, hello_of(rank, 4, "test", "raw")));
     return fd;
   };
   // Rank 1 arrives, then talks out of turn: dropped; it arrives again, properly, and stays (a
@@ -325,13 +319,7 @@ TEST(Bootstrap, ARankThatTakesNoTableFailsOnlyItselfAndRankZero) {
   std::thread stalled([&] {
     const int fd = connect_to(port, 4096);
     ASSERT_GE(fd, 0);
-    wire::Header h;
-    h.kind = wire::kHello;
-    h.rank = kSize - 1;
-    h.size = kSize;
-    h.local_size = 1;
-    h.pid = static_cast<uint32_t>(::getpid());
-    EXPECT_TRUE(send_everything(fd, wire::encode(h, "test", "seven")));
+    EXPECT_TRUE(send_everything(fd, hello_of(kSize - 1, kSize, "test", "seven")));
     while (!answered.load()) std::this_thread::sleep_for(10ms);  // never reads
     ::close(fd);
   });
@@ -361,12 +349,7 @@ TEST(Bootstrap, StalledHellosHoldTheCoordinatorsMemoryOnlyUpToABound) {
   const uint16_t port = free_port();
   const pid_t child = fork_capped_coordinator(port);
   ASSERT_GE(child, 0);
-  wire::Header h;
-  h.kind = wire::kHello;
-  h.rank = 1;
-  h.size = 2;
-  h.local_size = 1;
-  std::string hello = wire::encode(h, "test", std::string(wire::kMaxPayload, 'x'));
+  std::string hello = hello_of(1, 2, "test", std::string(wire::kMaxPayload, 'x'));
   hello.pop_back();  // never complete
   std::vector<int> stalled;
   for (int i = 0; i < 300; ++i) {
@@ -375,7 +358,7 @@ TEST(Bootstrap, StalledHellosHoldTheCoordinatorsMemoryOnlyUpToABound) {
     (void)send_everything(fd, hello);  // a dropped one fails here: it counts all the same
     stalled.push_back(fd);
   }
-  expect_capped_coordinator_meets_rank_one(child, port);
+  expect_child_coordinator_meets_rank_one(child, port);
   for (int fd : stalled) ::close(fd);
 }
 
