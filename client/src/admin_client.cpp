@@ -19,9 +19,13 @@ struct AdminClient::Impl {
   std::string path;
   std::chrono::milliseconds timeout;
   uint32_t next_request_id = 1;
+  bool connection_failed = false;  // of the last call
 
   Result<std::string> call(ipc::FrameType type, const json& body,
                            std::chrono::milliseconds wait_bound) {
+    // Every return below but the last is the connection's failure; the last may be tuteld's
+    // error answer.
+    connection_failed = true;
     if (!fd.valid())
       return Status::Unavailable("the connection to tuteld at " + path + " was lost");
     const std::string what(ipc::frame_type_name(type));
@@ -46,7 +50,9 @@ struct AdminClient::Impl {
       return Status::Corruption("tuteld answered request " + std::to_string(rid) +
                                 " with a reply to " + std::to_string(frame->header.request_id));
     }
+    connection_failed = frame->header.type != static_cast<uint16_t>(ipc::FrameType::kError);
     TUTEL_ASSIGN_OR_RETURN(json reply, ipc::reply_body(*frame, ipc::FrameType::kOk));
+    connection_failed = false;
     return ipc::dump_body(reply);
   }
 };
@@ -65,6 +71,8 @@ Result<AdminClient> AdminClient::connect(const std::string& admin_socket_path,
   impl->timeout = timeout;
   return AdminClient(std::move(impl));
 }
+
+bool AdminClient::connection_failed() const { return impl_ && impl_->connection_failed; }
 
 const std::string& AdminClient::socket_path() const {
   static const std::string none;

@@ -46,9 +46,11 @@ ToolRun tutelctl(const std::string& args, const std::string& env = "") {
 class FakeAdmin {
  public:
   // reply_request_id: answer `reply` under this request id instead of the request's.
+  // reply_type: the frame `reply` goes in (kError with an error body: tuteld's error answer).
   explicit FakeAdmin(const std::string& path, std::optional<json> reply = std::nullopt,
-                     std::optional<uint32_t> reply_request_id = std::nullopt)
-      : reply_(std::move(reply)), reply_request_id_(reply_request_id) {
+                     std::optional<uint32_t> reply_request_id = std::nullopt,
+                     ipc::FrameType reply_type = ipc::FrameType::kOk)
+      : reply_(std::move(reply)), reply_request_id_(reply_request_id), reply_type_(reply_type) {
     auto fd = ipc::listen_unix(path, 0600);
     EXPECT_TRUE(fd.ok()) << fd.status();
     if (!fd.ok()) return;
@@ -81,7 +83,7 @@ class FakeAdmin {
     auto body = ipc::parse_body(frame).value();
     using FT = ipc::FrameType;
     if (reply_) {
-      (void)ipc::send_json(conn, FT::kOk, reply_request_id_.value_or(rid), *reply_);
+      (void)ipc::send_json(conn, reply_type_, reply_request_id_.value_or(rid), *reply_);
       return;
     }
     switch (static_cast<FT>(frame.header.type)) {
@@ -170,6 +172,7 @@ class FakeAdmin {
 
   std::optional<json> reply_;
   std::optional<uint32_t> reply_request_id_;
+  ipc::FrameType reply_type_;
   ipc::UniqueFd listen_fd_;
   std::thread thread_;
   std::atomic<bool> stop_{false};
@@ -263,6 +266,20 @@ TEST(Tutelctl, AnOkUnderRequestIdZeroIsNotAnAnswer) {
   const ToolRun r = tutelctl("--socket " + sock + " --json status");
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_NE(r.output.find("with a reply to 0"), std::string::npos) << r.output;
+}
+
+// tuteld's own Unavailable answer (a checkpoint of a layer whose rank lost its device) is printed
+// as tuteld said it, not as "cannot reach tuteld ... is it running?" with advice about the socket
+// path: the daemon was reached. A connection that fails still says it cannot reach it.
+TEST(Tutelctl, TuteldsOwnUnavailableAnswerIsNotCannotReach) {
+  TempDir dir;
+  const std::string sock = dir.file("admin.sock");
+  const std::string why = "rank 0 (cuda:0) is out of service: CUDA device 0 is lost; restart tuteld";
+  FakeAdmin admin(sock, json::parse(ipc::error_body(Status::Unavailable(why))), std::nullopt, ipc::FrameType::kError);
+  const ToolRun r = tutelctl("--socket " + sock + " checkpoint alice/moe0 /tmp/moe0.safetensors");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find(why), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("cannot reach"), std::string::npos) << r.output;
 }
 
 TEST(Tutelctl, DrainWaitExitsOneWhileSessionsStayOpen) {

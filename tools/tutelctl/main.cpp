@@ -555,7 +555,8 @@ int main(int argc, char** argv) {
     }
   }
   if (!reply.ok()) {
-    if (reply.status().code() == tutel::StatusCode::kUnavailable)
+    // tuteld's own answers (a rank out of service says Unavailable too) are printed as they are.
+    if (admin->connection_failed() && reply.status().code() == tutel::StatusCode::kUnavailable)
       return cannot_reach(socket, reply.status());
     std::cerr << "tutelctl: " << reply.status() << "\n";
     return kExitFailure;

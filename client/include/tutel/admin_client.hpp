@@ -42,6 +42,10 @@ class AdminClient {
   Result<std::string> sessions();
 
   const std::string& socket_path() const;
+  // Whether the last request failed in the connection (tuteld closed it, a send or a receive
+  // failed, a reply could not be read) rather than with tuteld's own error answer: "cannot
+  // reach tuteld" is only true of the first.
+  bool connection_failed() const;
 
  private:
   struct Impl;
