@@ -647,7 +647,19 @@ void DaemonImpl::finish_frame(const std::shared_ptr<Session>& s) {
 void DaemonImpl::reply(const std::shared_ptr<Session>& s, ipc::FrameType type, uint32_t request_id,
                        const json& body, const std::vector<int>& fds) {
   if (s->closing) return;
-  if (const Status st = s->replies.push(type, request_id, ipc::dump_body(body), fds); !st.ok()) {
+  const std::string text = ipc::dump_body(body);
+  if (text.size() > ipc::kMaxFrameBody) {
+    // An answer too long for one frame (the metrics of thousands of layers, say): the request
+    // is answered with why, and the session goes on.
+    TUTEL_LOG(WARN) << "session " << s->id << ": a " << ipc::frame_type_name(type) << " answer of " << text.size()
+                    << " bytes exceeds the " << ipc::kMaxFrameBody << "-byte frame limit; answering with an error";
+    return reply_error(s, request_id,
+                       Status::ResourceExhausted("the answer is " + std::to_string(text.size()) +
+                                                 " bytes, more than a frame's " + std::to_string(ipc::kMaxFrameBody) +
+                                                 " (the metrics of many layers are served whole over HTTP: "
+                                                 "[server] metrics_listen)"));
+  }
+  if (const Status st = s->replies.push(type, request_id, text, fds); !st.ok()) {
     TUTEL_LOG(WARN) << "session " << s->id << ": " << st << "; closing it";
     close_session(s);
     return;
