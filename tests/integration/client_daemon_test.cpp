@@ -968,5 +968,44 @@ TEST(DaemonLimits, MaxSessionsRefusesOneMoreClientAndRecovers) {
   EXPECT_EQ(d.stop(), 0) << d.log();
 }
 
+// An admin answer too long for one frame (the layers table of thousands of layers) is answered
+// with why, and the admin session goes on; it used to be closed, and tutelctl said tuteld could
+// not be reached.
+TEST(DaemonLimits, AnAdminAnswerTooLongForAFrameIsRefusedSayingWhy) {
+  DaemonOptions options;
+  options.default_tenant_extra = "max_layers = 4096\n";
+  DaemonProcess d(options);
+  ASSERT_TRUE(d.start());
+  auto client = client::Client::connect(d.client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto create = [&](int i) {
+    return client->create_layer("name = \"l" + std::to_string(i) +
+                                "\"\nexperts = 2\nmodel_dim = 2\nhidden = 2\nk = 1\ninit_seed = 1\n"
+                                "[optimizer]\nkind = \"sgd\"\nlr = 0.1\n");
+  };
+  std::vector<client::Layer> layers;
+  auto first = create(0);
+  ASSERT_TRUE(first.ok()) << first.status();
+  layers.push_back(std::move(*first));
+  // One layer's share of the answer; then enough layers to pass the limit.
+  auto [one_code, one] = run_command(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json layers");
+  ASSERT_EQ(one_code, 0) << one;
+  const size_t per_layer = nlohmann::json::parse(one)["layers"][0].dump().size();
+  constexpr size_t kFrameLimit = size_t{1} << 20;  // ipc::kMaxFrameBody
+  for (size_t i = 1; i < kFrameLimit / per_layer + 16; ++i) {
+    auto layer = create(static_cast<int>(i));
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    layers.push_back(std::move(*layer));
+  }
+  auto [code, out] = run_command(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " layers");
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("ResourceExhausted: the answer is"), std::string::npos) << out;
+  EXPECT_NE(out.find("more than a frame's 1048576"), std::string::npos) << out;
+  EXPECT_EQ(out.find("cannot reach"), std::string::npos) << out;
+  auto [status_code, status] = run_command(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " status");
+  EXPECT_EQ(status_code, 0) << status;
+  EXPECT_EQ(d.stop(), 0) << d.log();
+}
+
 }  // namespace
 }  // namespace tutel::testing
