@@ -127,8 +127,29 @@ CheckFailure::~CheckFailure() {
 std::string escape_text(std::string_view text, char quote) {
   std::string out;
   out.reserve(text.size());
-  for (const char ch : text) {
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char ch = text[i];
     const auto c = static_cast<unsigned char>(ch);
+    // UTF-8 of a C1 control (U+0080..U+009F: 0xC2 0x80..0x9F; some terminals obey U+009B as
+    // CSI) or of a bidirectional or invisible formatting control (U+200B..U+200F,
+    // U+202A..U+202E, U+2066..U+2069: E2 80 8B..8F, E2 80 AA..AE, E2 81 A6..A9), which can make
+    // a line read as something else: escaped as \u followed by the code point.
+    const auto next = [&](size_t k) { return i + k < text.size() ? static_cast<unsigned char>(text[i + k]) : 0; };
+    if (c == 0xC2 && next(1) >= 0x80 && next(1) <= 0x9F) {
+      char buf[16];
+      std::snprintf(buf, sizeof buf, "\\u%04x", next(1));
+      out += buf;
+      i += 1;
+      continue;
+    }
+    if (c == 0xE2 && ((next(1) == 0x80 && ((next(2) >= 0x8B && next(2) <= 0x8F) || (next(2) >= 0xAA && next(2) <= 0xAE))) ||
+                      (next(1) == 0x81 && next(2) >= 0xA6 && next(2) <= 0xA9))) {
+      char buf[16];
+      std::snprintf(buf, sizeof buf, "\\u%04x", 0x2000 + ((next(1) & 0x3F) << 6) + (next(2) & 0x3F));
+      out += buf;
+      i += 2;
+      continue;
+    }
     if (ch == '\\' || (quote != 0 && ch == quote)) {
       out += '\\';
       out += ch;

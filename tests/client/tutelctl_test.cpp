@@ -282,6 +282,26 @@ TEST(Tutelctl, TuteldsOwnUnavailableAnswerIsNotCannotReach) {
   EXPECT_EQ(r.output.find("cannot reach"), std::string::npos) << r.output;
 }
 
+// What tuteld relays reaches the operator's terminal escaped: an escape sequence, a C1 control or
+// a right-to-left override in a string of the reply (a client's name, say) or in an error.
+TEST(Tutelctl, ControlCharactersFromTheDaemonAreEscaped) {
+  TempDir dir;
+  const std::string sock = dir.file("admin.sock");
+  {
+    FakeAdmin admin(sock, json{{"version", "0.1.0\x1b]0;owned\x07\xc2\x9b" "2J\xe2\x80\xae" "txt"}});
+    const ToolRun r = tutelctl("--socket " + sock + " status");
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(r.output.find('\x1b'), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("0.1.0\\x1b]0;owned\\x07\\u009b2J\\u202etxt"), std::string::npos) << r.output;
+  }
+  const std::string sock2 = dir.file("admin2.sock");
+  FakeAdmin failing(sock2, json::parse(ipc::error_body(Status::InvalidArgument("bad\x1b[2Jname"))), std::nullopt,
+                    ipc::FrameType::kError);
+  const ToolRun r = tutelctl("--socket " + sock2 + " status");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("bad\\x1b[2Jname"), std::string::npos) << r.output;
+}
+
 TEST(Tutelctl, DrainWaitExitsOneWhileSessionsStayOpen) {
   TempDir dir;
   const std::string open_sock = dir.file("open.sock"), closed_sock = dir.file("closed.sock");

@@ -160,5 +160,20 @@ TEST(EscapeText, EscapesControlCharactersBackslashAndTheQuoteOnly) {
   EXPECT_EQ(escape_text(""), "");
 }
 
+// What a terminal would obey or that reorders a line is escaped too: C1 controls (U+009B is CSI
+// to some terminals) and Unicode's bidirectional and invisible formatting controls; neighbours
+// of them in UTF-8 (U+00A0, U+2010, U+202F, U+2065) are kept, and a cut sequence is kept as bytes.
+TEST(EscapeText, EscapesC1AndBidirectionalControls) {
+  EXPECT_EQ(escape_text("\xc2\x9b" "2J"), "\\u009b2J");
+  EXPECT_EQ(escape_text("\xc2\x80|\xc2\x9f|\xc2\xa0"), "\\u0080|\\u009f|\xc2\xa0");
+  EXPECT_EQ(escape_text("\xe2\x80\xae" "evil"), "\\u202eevil");
+  EXPECT_EQ(escape_text("\xe2\x80\x8b|\xe2\x80\x8f|\xe2\x80\xaa|\xe2\x81\xa6|\xe2\x81\xa9"),
+            "\\u200b|\\u200f|\\u202a|\\u2066|\\u2069");
+  EXPECT_EQ(escape_text("\xe2\x80\x90|\xe2\x80\xaf|\xe2\x81\xa5"), "\xe2\x80\x90|\xe2\x80\xaf|\xe2\x81\xa5");
+  EXPECT_EQ(escape_text("\xe2\x80"), "\xe2\x80");
+  EXPECT_EQ(escape_text("\xc2"), "\xc2");
+  EXPECT_EQ(escape_text("\x1b]0;title\x07"), "\\x1b]0;title\\x07");
+}
+
 }  // namespace
 }  // namespace tutel

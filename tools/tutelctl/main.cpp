@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "tutel/admin_client.hpp"
+#include "tutel/core/logging.hpp"
 
 namespace {
 
@@ -71,10 +72,12 @@ std::string duration_text(double seconds) {
   return buf;
 }
 
-// A JSON value as table text: "-" for a missing or null one.
+// A JSON value as table text: "-" for a missing or null one. Strings with their control
+// characters escaped (tutel::escape_text): what tuteld relays (a client's name, an error) reaches
+// the operator's terminal, which must not obey it.
 std::string text(const json& v) {
   if (v.is_null()) return "-";
-  if (v.is_string()) return v.get<std::string>();
+  if (v.is_string()) return tutel::escape_text(v.get_ref<const std::string&>());
   if (v.is_boolean()) return v.get<bool>() ? "yes" : "no";
   if (v.is_number_integer()) return std::to_string(v.get<int64_t>());
   if (v.is_number_unsigned()) return std::to_string(v.get<uint64_t>());
@@ -558,7 +561,7 @@ int main(int argc, char** argv) {
     // tuteld's own answers (a rank out of service says Unavailable too) are printed as they are.
     if (admin->connection_failed() && reply.status().code() == tutel::StatusCode::kUnavailable)
       return cannot_reach(socket, reply.status());
-    std::cerr << "tutelctl: " << reply.status() << "\n";
+    std::cerr << "tutelctl: " << tutel::escape_text(reply.status().to_string()) << "\n";
     return kExitFailure;
   }
   const json body = json::parse(*reply, nullptr, false);
@@ -586,9 +589,13 @@ int main(int argc, char** argv) {
     else if (*peers)
       print_peers(body);
     else if (*metrics) {
+      // Line by line, each with its control characters escaped (the newlines kept).
       const std::string text = body.value("text", std::string());
-      std::cout << text;
-      if (!text.empty() && text.back() != '\n') std::cout << "\n";
+      for (size_t at = 0; at < text.size();) {
+        const size_t end = std::min(text.find('\n', at), text.size());
+        std::cout << tutel::escape_text(std::string_view(text).substr(at, end - at)) << "\n";
+        at = end + 1;
+      }
     } else if (*pin || *unpin) {
       std::cout << layer << (*pin ? " pinned" : " unpinned") << "\n";
     } else if (*drain || *undrain) {

@@ -32,9 +32,10 @@ std::string_view log_level_name(LogLevel level);
 std::optional<LogLevel> parse_log_level(std::string_view name);
 
 // `text` from outside the process (a client's name or path, a config file's key), safe to put
-// in a log line or a message: backslash, `quote` (when not 0) and control characters escaped
-// as \\, \" and \xNN, so a newline cannot forge a log line; every other byte, UTF-8 included,
-// kept.
+// in a log line, a message or a terminal: backslash, `quote` (when not 0) and control characters
+// escaped as \\, \" and \xNN, so a newline cannot forge a log line; C1 controls and Unicode's
+// bidirectional and invisible formatting controls as \uXXXX, so no terminal obeys them nor
+// reorders the line; every other byte, UTF-8 included, kept.
 std::string escape_text(std::string_view text, char quote = 0);
 
 namespace detail {
