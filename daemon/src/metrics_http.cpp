@@ -110,7 +110,10 @@ void MetricsHttpServer::accept() {
         if (n > 0) c->request.append(buf->base, static_cast<size_t>(n));
         delete[] buf->base;
         if (n < 0) return c->server->close_connection(c);
-        const bool complete = c->request.find("\r\n\r\n") != std::string::npos;
+        // The head ends at an empty line; a bare LF ends lines too (RFC 9112 allows it: a request
+        // typed by hand, printf | nc).
+        const bool complete = c->request.find("\r\n\r\n") != std::string::npos ||
+                              c->request.find("\n\n") != std::string::npos;
         if (!complete && c->request.size() < kMaxRequestHead) return;
         uv_read_stop(s);
         if (!complete)

@@ -471,7 +471,7 @@ int main(int argc, char** argv) {
   app.add_flag("--json", as_json, "print the daemon's JSON reply instead of a table");
   app.add_option("--timeout", timeout_s,
                  "seconds to wait for a reply (checkpoint waits without bound)")
-      ->check(CLI::PositiveNumber);
+      ->check(CLI::Range(0.001, 1e6));  // past it the milliseconds would not fit an int64
   app.require_subcommand(1, 1);
   auto* status =
       app.add_subcommand("status", "the daemon: version, uptime, backend, sessions, layers");
@@ -509,7 +509,7 @@ int main(int argc, char** argv) {
       ->add_option("--wait", wait_s,
                    "then wait up to this many seconds for the open client sessions to close; "
                    "exit 1 if some are still open")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(0.0, 1e6));
   auto* undrain = app.add_subcommand("undrain", "take new sessions and layers again");
 
   try {
