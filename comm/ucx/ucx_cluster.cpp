@@ -151,7 +151,8 @@ class UcxCluster final : public Cluster {
         // Not from a node of this cluster (another secret, a replay, a forgery): ignored, and
         // said once per claimed sender.
         ++rejected_total_;
-        if (rejected_logged_.insert(sender).second)
+        // (At most 64 claimed senders remembered: a tag may claim any of 2^20.)
+        if (rejected_logged_.size() < 64 && rejected_logged_.insert(sender).second)
           TUTEL_LOG(WARN) << "cluster: ignoring a heartbeat that claims node " << sender
                           << " and does not prove it (another peer secret, a replay, or not a tuteld node)";
         return;
