@@ -471,7 +471,7 @@ int main(int argc, char** argv) {
   app.add_flag("--json", as_json, "print the daemon's JSON reply instead of a table");
   app.add_option("--timeout", timeout_s,
                  "seconds to wait for a reply (checkpoint waits without bound)")
-      ->check(CLI::Range(0.001, 1e6));  // past it the milliseconds would not fit an int64
+      ->check(CLI::Range(0.001, 1e6));  // bounded: 1e300 s would overflow its milliseconds
   app.require_subcommand(1, 1);
   auto* status =
       app.add_subcommand("status", "the daemon: version, uptime, backend, sessions, layers");
@@ -589,11 +589,18 @@ int main(int argc, char** argv) {
     else if (*peers)
       print_peers(body);
     else if (*metrics) {
-      // Line by line, each with its control characters escaped (the newlines kept).
+      // Line by line, the newlines kept. A line with a control character (or what may start a
+      // C1 or formatting control in UTF-8) is shown escaped; the others as they are, so that
+      // Prometheus's own backslash escapes are not doubled.
       const std::string text = body.value("text", std::string());
       for (size_t at = 0; at < text.size();) {
         const size_t end = std::min(text.find('\n', at), text.size());
-        std::cout << tutel::escape_text(std::string_view(text).substr(at, end - at)) << "\n";
+        const std::string_view line = std::string_view(text).substr(at, end - at);
+        const bool plain = std::none_of(line.begin(), line.end(), [](char ch) {
+          const auto c = static_cast<unsigned char>(ch);
+          return c < 0x20 || c == 0x7f || c == 0xC2 || c == 0xE2;
+        });
+        std::cout << (plain ? std::string(line) : tutel::escape_text(line)) << "\n";
         at = end + 1;
       }
     } else if (*pin || *unpin) {
