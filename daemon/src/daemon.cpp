@@ -15,6 +15,7 @@
 
 #include "daemon_impl.hpp"
 #include "guarded.hpp"
+#include "tuning_record.hpp"
 #include "tutel/comm/local_exchange.hpp"
 #include "tutel/core/logging.hpp"
 #include "tutel/core/safetensors.hpp"
@@ -365,7 +366,9 @@ Status DaemonImpl::resume_group_layer(const std::string& tenant, LayerDefinition
   }
   def.weights_path = path.string();
   def.init_seed.reset();
-  def.resumes = true;
+  // Read here, from the file already open: the layer's tuner takes its decisions back.
+  if (const auto tuning = file.metadata().find(kTuningKey); tuning != file.metadata().end())
+    def.resumed_tuning = tuning->second;
   TUTEL_LOG(INFO) << "group layer " << tenant << "/" << def.name << " resumes from " << path.string();
   return Status::OK();
 }

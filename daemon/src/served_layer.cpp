@@ -212,8 +212,8 @@ Status ServedLayer::join_group() {
         graphs::ExpertParallelLayer::chunks_overlap(*group->activations, options), shards);
     options.tune.warmups = g.tune_warmups;
     options.tune.trials = g.tune_trials;
-    if (def_.resumes && def_.weights_path && options.tune.candidates.size() >= 2)
-      options.tune.decided = restored_decisions(*def_.weights_path, group->backend->describe(), options.tune.candidates);
+    if (!def_.resumed_tuning.empty() && options.tune.candidates.size() >= 2)
+      options.tune.decided = restored_decisions(group->backend->describe(), options.tune.candidates);
   }
   // Its saved state and workspaces are allocated through `activations`, and so charged.
   TUTEL_ASSIGN_OR_RETURN(graphs::ExpertParallelLayer ep,
@@ -230,16 +230,11 @@ Status ServedLayer::join_group() {
 }
 
 std::vector<graphs::TunerDecision> ServedLayer::restored_decisions(
-    const std::string& path, const std::string& measured_on,
-    const std::vector<graphs::ExchangeConfig>& candidates) const {
-  // Never an error: what cannot be restored is measured again (the weights' own load, next,
-  // reports a file that cannot be read).
-  const Result<SafetensorsFile> file = SafetensorsFile::open(path);
-  if (!file.ok()) return {};
-  const auto text = file->metadata().find(kTuningKey);
-  if (text == file->metadata().end()) return {};
+    const std::string& measured_on, const std::vector<graphs::ExchangeConfig>& candidates) const {
+  // Never an error: what cannot be restored is measured again.
+  const std::string& path = def_.weights_path.value_or("the checkpoint");
   Result<std::vector<graphs::TunerDecision>> decided = [&]() -> Result<std::vector<graphs::TunerDecision>> {
-    TUTEL_ASSIGN_OR_RETURN(const TuningRecord record, parse_tuning_record(text->second, path));
+    TUTEL_ASSIGN_OR_RETURN(const TuningRecord record, parse_tuning_record(def_.resumed_tuning, path));
     return restorable_decisions(record, measured_on, candidates);
   }();
   if (decided.ok()) return std::move(decided).value();

@@ -281,9 +281,10 @@ class ServedLayer {
     return group_ ? std::unique_lock<std::mutex>() : lock_mutex(rank_.mutex, waits);
   }
   Status join_group();
-  // The tuner decisions of this layer's checkpoint at `path` that hold for a rank on
-  // `measured_on` with `candidates`; none (and a warning saying why) where they do not.
-  std::vector<graphs::TunerDecision> restored_decisions(const std::string& path, const std::string& measured_on,
+  // The tuner decisions of the record this layer resumed with (LayerDefinition::resumed_tuning)
+  // that hold for a rank on `measured_on` with `candidates`; none (and a warning saying why)
+  // where they do not.
+  std::vector<graphs::TunerDecision> restored_decisions(const std::string& measured_on,
                                                         const std::vector<graphs::ExchangeConfig>& candidates) const;
   // After a group layer's parameters are in place (`ready_here`: this rank allocated and loaded
   // or initialised them): every rank got that far, and holds the same gate and optimizer, which

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tutel/core/logging.hpp"
+#include "tutel/ipc/json_body.hpp"
 
 namespace tutel::daemon {
 namespace {
@@ -17,18 +18,9 @@ constexpr size_t kMaxMeasuredOnBytes = 512;
 
 // `value` as an int64 in [low, high], or nullopt (a float, a bool, a string, out of range).
 std::optional<int64_t> integer_in(const json& value, int64_t low, int64_t high) {
-  int64_t v = 0;
-  if (value.is_number_unsigned()) {
-    const uint64_t u = value.get<uint64_t>();
-    if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) return std::nullopt;
-    v = static_cast<int64_t>(u);
-  } else if (value.is_number_integer()) {
-    v = value.get<int64_t>();
-  } else {
-    return std::nullopt;
-  }
-  if (v < low || v > high) return std::nullopt;
-  return v;
+  const Result<int64_t> v = ipc::as_int(value, "a value");
+  if (!v.ok() || *v < low || *v > high) return std::nullopt;
+  return *v;
 }
 
 }  // namespace

@@ -146,16 +146,18 @@ Result<int64_t> get_int(const nlohmann::json& body, std::string_view key) {
   if (!body.is_object()) return Status::InvalidArgument("expected an object holding '" + k + "'");
   const auto it = body.find(k);
   if (it == body.end()) return Status::InvalidArgument("field '" + k + "' is missing");
-  if (it->is_number_unsigned()) {
-    const auto v = it->get<uint64_t>();
-    if (v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-      return Status::InvalidArgument("field '" + k + "' is " + std::to_string(v) +
-                                     ", beyond the int64 range");
-    }
+  return as_int(*it, "field '" + k + "'");
+}
+
+Result<int64_t> as_int(const nlohmann::json& value, std::string_view what) {
+  if (value.is_number_unsigned()) {
+    const auto v = value.get<uint64_t>();
+    if (v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+      return Status::InvalidArgument(std::string(what) + " is " + std::to_string(v) + ", beyond the int64 range");
     return static_cast<int64_t>(v);
   }
-  if (it->is_number_integer()) return it->get<int64_t>();
-  return Status::InvalidArgument("field '" + k + "' must be an integer, got " + kind_name(*it));
+  if (value.is_number_integer()) return value.get<int64_t>();
+  return Status::InvalidArgument(std::string(what) + " must be an integer, got " + kind_name(value));
 }
 
 Result<double> get_number(const nlohmann::json& body, std::string_view key) {

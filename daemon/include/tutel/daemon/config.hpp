@@ -84,9 +84,10 @@ struct LayerDefinition {
   // most kMaxTokenBuckets: their plans are built when the layer is created, and past the last
   // one the buckets keep doubling. Empty: 64, 128, 256, ..., each built at its first request.
   std::vector<int64_t> token_buckets;
-  // Set by the daemon, never parsed nor formatted: weights_path is this group layer's own
-  // checkpoint in state_dir (it resumes), whose tuner decisions it takes back too.
-  bool resumes = false;
+  // Set by the daemon, never parsed nor formatted: the tuner record (metadata "tuteld.tuning") of
+  // the group layer's own checkpoint in state_dir that weights_path names, when it resumes from
+  // one that has a record; its decisions are taken back where they hold. "": none.
+  std::string resumed_tuning;
 };
 inline constexpr size_t kMaxTokenBuckets = 16;
 

@@ -36,6 +36,9 @@ Result<nlohmann::json> reply_body(const Frame& reply, FrameType expected);
 
 // Required fields; InvalidArgument names the field and what was found instead.
 Result<int64_t> get_int(const nlohmann::json& body, std::string_view key);
+// `value` as an int64 (an integer within int64's range, signed or not); `what` names it in the
+// error.
+Result<int64_t> as_int(const nlohmann::json& value, std::string_view what);
 Result<std::string> get_string(const nlohmann::json& body, std::string_view key);
 // A JSON number, integer or not (JSON has no NaN or infinity, so it is finite).
 Result<double> get_number(const nlohmann::json& body, std::string_view key);
