@@ -362,6 +362,15 @@ class Coordinator {
     if (rank <= 0 || rank >= o_.size)
       return fatal("bootstrap: a process (" + address + ") claims " + o_.member + " " + std::to_string(rank) +
                    ", outside [1, " + std::to_string(o_.size) + ")");
+    if (c.in.size() > message_bytes) {
+      // More after its hello, read with it: dropped as a rank that talks after arriving is
+      // (watch_arrived), whether or not the two came in one read.
+      TUTEL_LOG(WARN) << "bootstrap: " << o_.member << " " << rank << " (" << address
+                      << ") sent more after its hello; dropping it until it arrives again";
+      c.dead = true;
+      c.fd.reset();
+      return Status::OK();
+    }
     if (arrived_[rank]) {
       // Its first connection may have ended without the end read yet (a rank that was cancelled
       // and retries): then this is the same rank again.
