@@ -21,6 +21,12 @@
 
 namespace tutel::comm::ucx {
 
+// The cluster's UCX tags: [kind: 8 bits][unused][sender node: 20 bits]. The cluster has its own
+// worker (groups have theirs), so these only need to differ from each other.
+inline constexpr uint64_t kBeaconSenderMask = (uint64_t{1} << 20) - 1;
+inline constexpr uint64_t kClusterJoinTag = uint64_t{0xC1} << 56;  // the join barrier's messages
+inline constexpr uint64_t kBeaconTag = uint64_t{0xC2} << 56;
+
 enum class BeaconKind : uint32_t { kHeartbeat = 1, kBye = 2 };
 
 struct BeaconKeys {

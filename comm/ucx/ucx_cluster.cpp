@@ -21,13 +21,6 @@ using ucx::Clock;
 using ucx::Transfer;
 using ucx::UcxRank;
 
-// Tags: [kind: 8 bits][unused][sender node: 20 bits]. Groups have their own workers, so these
-// only need to differ from each other.
-constexpr uint64_t kSenderBits = 20;
-constexpr uint64_t kSenderMask = (uint64_t{1} << kSenderBits) - 1;
-constexpr uint64_t kJoinTag = uint64_t{0xC1} << 56;
-constexpr uint64_t kBeaconTag = uint64_t{0xC2} << 56;
-
 std::string format_ms(Clock::duration d) {
   return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count()) + " ms";
 }
@@ -66,8 +59,8 @@ class UcxCluster final : public Cluster {
     std::vector<char> sink(peers_.size());
     for (int p = 0; p < nodes(); ++p) {
       if (p == me) continue;
-      sends.push_back({p, kJoinTag | static_cast<uint64_t>(me), &token, 1});
-      recvs.push_back({p, kJoinTag | static_cast<uint64_t>(p), &sink[static_cast<size_t>(p)], 1});
+      sends.push_back({p, ucx::kClusterJoinTag | static_cast<uint64_t>(me), &token, 1});
+      recvs.push_back({p, ucx::kClusterJoinTag | static_cast<uint64_t>(p), &sink[static_cast<size_t>(p)], 1});
     }
     ucx::Notice no_notice;  // nobody to tell: a failed join fails every node on its own
     return rank_->exchange(sends, recvs, deadline, no_notice, Clock::duration::zero())
@@ -100,7 +93,7 @@ class UcxCluster final : public Cluster {
   }
 
  private:
-  uint64_t beacon_tag() const { return kBeaconTag | static_cast<uint64_t>(node_rank()); }
+  uint64_t beacon_tag() const { return ucx::kBeaconTag | static_cast<uint64_t>(node_rank()); }
   // This node's next beacon (beacon.hpp): the heartbeat thread's, then the destructor's.
   std::string next_beacon(ucx::BeaconKind kind) {
     return ucx::encode_beacon(keys_, node_rank(), kind, ++beacons_sent_);
@@ -143,9 +136,9 @@ class UcxCluster final : public Cluster {
     // holding this thread from its own heartbeats. A round that stopped there may not have
     // reached a peer's heartbeat yet, so it calls nobody silent (apply).
     round.drained = rank_->receive_beacons(
-        kBeaconTag, ~kSenderMask, Clock::now() + options_.heartbeat_interval / 4,
+        ucx::kBeaconTag, ~ucx::kBeaconSenderMask, Clock::now() + options_.heartbeat_interval / 4,
         [&](uint64_t tag, std::string_view data) {
-      const int sender = static_cast<int>(tag & kSenderMask);
+      const int sender = static_cast<int>(tag & ucx::kBeaconSenderMask);
       const std::optional<ucx::BeaconKind> kind = sender == me ? std::nullopt : check_.accept(sender, data);
       if (!kind) {
         // Not from a node of this cluster (another secret, a replay, a forgery): ignored, and
@@ -248,9 +241,9 @@ class UcxCluster final : public Cluster {
 }  // namespace
 
 Status validate(const ClusterOptions& o) {
-  if (o.nodes < 1 || o.nodes > static_cast<int>(kSenderMask))
+  if (o.nodes < 1 || o.nodes > static_cast<int>(ucx::kBeaconSenderMask))
     return Status::InvalidArgument("cluster: nodes " + std::to_string(o.nodes) +
-                                   " is outside [1, " + std::to_string(kSenderMask) + "]");
+                                   " is outside [1, " + std::to_string(ucx::kBeaconSenderMask) + "]");
   if (o.node_rank < 0 || o.node_rank >= o.nodes)
     return Status::InvalidArgument("cluster: node_rank " + std::to_string(o.node_rank) +
                                    " is outside [0, " + std::to_string(o.nodes) + ")");

@@ -14,6 +14,7 @@
 
 #include "beacon.hpp"
 #include "comm_test_util.hpp"
+#include "ucx_rank.hpp"
 
 namespace tutel::comm {
 namespace {
@@ -241,6 +242,83 @@ TEST(Cluster, RefusesBadOptions) {
   EXPECT_TRUE(contains(validate(o).message(), "must exceed heartbeat_interval"));
   o.peer_timeout = 1000ms;
   EXPECT_TRUE(validate(o).ok());
+}
+
+// The check of ClusterBeacons, wired into a running cluster: beacons that reach a node's worker
+// without proving the secret change nothing there. Node 2 holds the secret (it must, to pass the
+// bootstrap and learn the workers' addresses) but runs no cluster: it joins the barrier by hand,
+// then sends node 0 goodbyes claiming to be node 1 that anyone reaching the worker could send
+// (under another secret, from another incarnation of the cluster, with no mac), then its own
+// genuine goodbye. Node 0 must take the last (which shows the others were delivered, on the same
+// endpoint, before it) and keep node 1 up.
+TEST(Cluster, ForgedGoodbyesThatReachAWorkerChangeNothing) {
+  const uint16_t port = testing::free_port();
+  const std::string secret(32, 'k');
+  testing::ProcessGroup group(3, [&](int node, const ChildChannel& channel) -> std::string {
+    ClusterOptions o = node_options(port, node, 3);
+    o.secret = secret;
+    if (node == 2) {
+      BootstrapOptions b;
+      b.coordinator_port = port;
+      b.rank = 2;
+      b.size = 3;
+      b.local_size = 1;
+      b.timeout = o.bootstrap_timeout;
+      b.collective_timeout = o.peer_timeout;
+      b.member = "node";
+      b.secret = secret;
+      auto rank = ucx::UcxRank::create(b);
+      if (!rank.ok()) return "bootstrap: " + rank.status().to_string();
+      std::vector<ucx::Transfer> sends, recvs;
+      char token = 0, sink[2] = {};
+      for (int p = 0; p < 2; ++p) {
+        sends.push_back({p, ucx::kClusterJoinTag | 2, &token, 1});
+        recvs.push_back({p, ucx::kClusterJoinTag | static_cast<uint64_t>(p), &sink[p], 1});
+      }
+      ucx::Notice notice;
+      Status joined = (*rank)->exchange(sends, recvs, ucx::Clock::now() + 20s, notice, {});
+      if (!joined.ok()) return "barrier: " + joined.to_string();
+      (*rank)->end_bootstrap();
+      const ucx::BeaconKeys keys{secret, (*rank)->table_digest()};
+      Digest other_table = keys.table;
+      other_table[0] ^= 1;
+      const uint64_t big = uint64_t{1} << 40;  // above any counter node 1 reaches meanwhile
+      for (const std::string& forged :
+           {ucx::encode_beacon({std::string(32, 'x'), keys.table}, 1, ucx::BeaconKind::kBye, big),
+            ucx::encode_beacon({secret, other_table}, 1, ucx::BeaconKind::kBye, big),
+            ucx::encode_beacon({"", keys.table}, 1, ucx::BeaconKind::kBye, big)}) {
+        Status sent = (*rank)->send_beacon(0, ucx::kBeaconTag | 1, forged.data(), forged.size());
+        if (!sent.ok()) return "sending a forged goodbye: " + sent.to_string();
+      }
+      const std::string bye = ucx::encode_beacon(keys, 2, ucx::BeaconKind::kBye, 1);
+      Status sent = (*rank)->send_beacon(0, ucx::kBeaconTag | 2, bye.data(), bye.size());
+      if (!sent.ok()) return "sending its goodbye: " + sent.to_string();
+      channel.notify();
+      channel.await_release();
+      return "";
+    }
+    auto cluster = join_cluster(o);
+    if (!cluster.ok()) return "join: " + cluster.status().to_string();
+    std::string error;
+    if (node == 0) {
+      const Cluster& c = **cluster;
+      error += await_status(c, [](const std::vector<NodeStatus>& s) {
+        return !s[2].up && s[2].error.find("left the cluster") != std::string::npos;
+      }, "node 2's goodbye");
+      // Some heartbeat rounds more, in case a forged one were read after the genuine one.
+      for (int i = 0; i < 10 && error.empty(); ++i) {
+        const std::vector<NodeStatus> s = c.status();
+        if (!s[1].up) error += "a forged goodbye took node 1 down: " + s[1].error;
+        std::this_thread::sleep_for(o.heartbeat_interval);
+      }
+    }
+    channel.notify();
+    channel.await_release();
+    return error;
+  });
+  for (int n = 0; n < 3; ++n) ASSERT_TRUE(group.wait_notified(n, 60s)) << "node " << n;
+  for (int n = 0; n < 3; ++n) group.release(n);
+  EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
 }
 
 TEST(Cluster, ASingleNodeJoinsAtOnce) {
