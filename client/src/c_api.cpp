@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstddef>
+#include <cmath>
 #include <cstring>
 #include <exception>
 #include <optional>
@@ -434,10 +435,25 @@ int tutel_step(tutel_layer* layer) {
   });
 }
 
-int tutel_zero_grad(tutel_layer* layer) {
+int tutel_step_with(tutel_layer* layer, double lr, double weight_decay, int64_t* step) {
+  return guarded("tutel_step_with", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_step_with");
+    if (std::isnan(lr) || std::isnan(weight_decay)) return fail_invalid("tutel_step_with: lr and weight_decay must not be NaN");
+    tutel::client::Layer::StepOptions options;
+    if (lr >= 0) options.lr = lr;
+    if (weight_decay >= 0) options.weight_decay = weight_decay;
+    tutel::Result<int64_t> got = layer->layer->step(options);
+    if (got.ok() && step != nullptr) *step = *got;
+    return to_code(got.status());
+  });
+}
+
+int tutel_zero_grad(tutel_layer* layer) { return tutel_zero_grad_with(layer, 1); }
+
+int tutel_zero_grad_with(tutel_layer* layer, int set_to_none) {
   return guarded("tutel_zero_grad", [&] {
     if (!valid(layer)) return invalid_layer("tutel_zero_grad");
-    return to_code(layer->layer->zero_grad());
+    return to_code(layer->layer->zero_grad(set_to_none != 0));
   });
 }
 

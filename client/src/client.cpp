@@ -431,16 +431,31 @@ Result<json> layer_call(const std::shared_ptr<LayerState>& state, ipc::FrameType
 
 }  // namespace
 
-Result<int64_t> Layer::step() {
-  TUTEL_ASSIGN_OR_RETURN(json reply, layer_call(state_, ipc::FrameType::kStep, json::object()));
+Result<int64_t> Layer::step(const StepOptions& options) {
+  json body = json::object();
+  for (auto [key, value] : {std::pair{"lr", &options.lr}, std::pair{"weight_decay", &options.weight_decay}})
+    if (value->has_value()) {
+      // JSON has no NaN or infinity; the daemon checks the range.
+      if (!std::isfinite(**value))
+        return Status::InvalidArgument(std::string("step: ") + key + " must be finite, not " + std::to_string(**value));
+      body[key] = **value;
+    }
+  TUTEL_ASSIGN_OR_RETURN(json reply, layer_call(state_, ipc::FrameType::kStep, std::move(body)));
   Result<int64_t> step = ipc::get_int(reply, "step");
   if (!step.ok()) return internal::malformed_reply(step.status(), "Step");
+  // A daemon from before per-step settings answers without what it applied: it used the spec's.
+  if ((options.lr || options.weight_decay) && !reply.contains("lr"))
+    return Status::Unimplemented(
+        "step: this tuteld steps only with the layer spec's lr and weight_decay (it predates per-step settings); "
+        "upgrade the daemon to run a learning-rate schedule. The step was taken with the spec's settings");
   state_->info.step = *step;
   return state_->info.step;
 }
 
-Status Layer::zero_grad() {
-  return layer_call(state_, ipc::FrameType::kZeroGrad, json::object()).status();
+Status Layer::zero_grad(bool set_to_none) {
+  json body = json::object();
+  if (!set_to_none) body["set_to_none"] = false;
+  return layer_call(state_, ipc::FrameType::kZeroGrad, std::move(body)).status();
 }
 
 Result<double> Layer::grad_norm() {

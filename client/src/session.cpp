@@ -61,6 +61,7 @@ Result<std::shared_ptr<Session>> Session::open(const std::string& socket_path,
                                                const ClientOptions& options) {
   std::shared_ptr<Session> s(new Session());
   s->socket_path_ = socket_path;
+  s->pid_ = ::getpid();
   s->options_ = options;
   if (s->options_.liveness_interval.count() <= 0)
     s->options_.liveness_interval = std::chrono::milliseconds(200);
@@ -137,6 +138,17 @@ Status Session::lost(const std::string& detail) {
       "layers (they outlive the session)");
 }
 
+const Status& Session::usable() {
+  if (pid_ != ::getpid()) {
+    if (broken_.ok() || fd_.valid())
+      broken_ = Status::Unavailable("this tuteld client was connected by process " + std::to_string(pid_) +
+                                    "; process " + std::to_string(::getpid()) +
+                                    " (forked from it) cannot use it: connect a new client in the child");
+    close(broken_);  // this process's copies only; nothing is sent
+  }
+  return broken_;
+}
+
 Status Session::fail(Status st) {
   // The failing call reports its cause; every later call says the session is closed, as
   // Unavailable: a caller that retries a Timeout must not retry a closed session for ever.
@@ -161,7 +173,7 @@ void Session::close(const Status& why) {
 
 Result<json> Session::call(ipc::FrameType type, const json& body, ipc::FrameType expected,
                            std::vector<UniqueFd>* fds, const std::vector<int>& send_fds) {
-  if (!broken_.ok()) return broken_;
+  if (!usable().ok()) return broken_;
   const std::string what(ipc::frame_type_name(type));
   const uint32_t rid = next_frame_id_++;
   const auto timeout = socket_timeout(options_.control_timeout);
@@ -201,7 +213,7 @@ Result<json> Session::call(ipc::FrameType type, const json& body, ipc::FrameType
 }
 
 Result<std::shared_ptr<MappedDeviceRegion>> Session::map_device_region(int rank, uint64_t bytes) {
-  if (!broken_.ok()) return broken_;
+  if (!usable().ok()) return broken_;
   std::vector<UniqueFd> fds;
   TUTEL_ASSIGN_OR_RETURN(json reply, call(ipc::FrameType::kMapRegion, {{"rank", rank}, {"bytes", bytes}},
                                           ipc::FrameType::kOk, &fds));
@@ -284,7 +296,7 @@ Result<std::pair<uint32_t, uint64_t>> Session::locate(const void* data, uint64_t
 }
 
 Result<Ticket> Session::submit(const Submission& s) {
-  if (!broken_.ok()) return broken_;
+  if (!usable().ok()) return broken_;
   if (s.in_device_region) return submit_in_device_region(s);
   const bool has_data = s.op != ipc::Op::kNop && s.op != ipc::Op::kDiscard;
   if (has_data) {
@@ -408,7 +420,7 @@ Status Session::complete_one() { return complete_one(request_deadline(), options
 
 Status Session::complete_one(std::optional<Clock::time_point> deadline, std::chrono::milliseconds bound,
                              bool bound_is_option) {
-  if (!broken_.ok()) return broken_;
+  if (!usable().ok()) return broken_;
   if (in_flight_.empty())
     return Status::Internal("waiting for a completion with nothing in flight");
   bool gone = false;
@@ -503,7 +515,7 @@ Result<Session::Finished> Session::wait_finished(uint64_t request_id,
       if (!f.status.ok()) return f.status;
       return f;
     }
-    if (!broken_.ok()) return broken_;
+    if (!usable().ok()) return broken_;
     if (in_flight_.count(request_id) == 0) {
       return Status::InvalidArgument(
           "request " + std::to_string(request_id) +

@@ -3,6 +3,8 @@
 // Thread-safety: none; one thread at a time (see client.hpp).
 #pragma once
 
+#include <sys/types.h>
+
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -162,11 +164,17 @@ class Session {
   bool peer_gone();  // polls the control socket for EOF, at most once per liveness interval
   Status lost(const std::string& detail);
   Status fail(Status st);  // marks the session broken with `st` and returns it
+  // broken_, after the check that this is the process that opened the session. A forked child
+  // shares the parent's socket and rings: its requests would take the parent's completions and
+  // replies (each side then reads the other's results). In a child the session closes its own
+  // copies of them, sends nothing (the parent's session goes on), and says to connect anew.
+  const Status& usable();
   // The device region holding [data, data + bytes) and the offset of `data` in it, or an error
   // naming `name` ("x").
   Result<std::pair<uint32_t, uint64_t>> locate(const void* data, uint64_t bytes, const char* name) const;
 
   std::string socket_path_;
+  pid_t pid_ = 0;  // the process that opened the session
   ClientOptions options_;
   ipc::UniqueFd fd_;
   std::optional<ipc::Arena> arena_;

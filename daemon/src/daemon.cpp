@@ -798,11 +798,24 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         TUTEL_ASSIGN_OR_RETURN(uint64_t h, handle_of(b));
         TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->find(tenant, h));
         if (type == ipc::FrameType::kZeroGrad) {
-          TUTEL_RETURN_IF_ERROR(ref.layer->zero_grad());
+          bool set_to_none = true;
+          if (auto it = b.find("set_to_none"); it != b.end()) {
+            if (!it->is_boolean())
+              return Status::InvalidArgument("field 'set_to_none' must be a boolean, got " + it->dump());
+            set_to_none = it->get<bool>();
+          }
+          TUTEL_RETURN_IF_ERROR(ref.layer->zero_grad(set_to_none));
           return json::object();
         }
-        TUTEL_ASSIGN_OR_RETURN(int64_t step, ref.layer->step());
-        return json{{"step", step}};
+        ServedLayer::StepOverrides overrides;
+        for (auto [key, value] : {std::pair{"lr", &overrides.lr}, std::pair{"weight_decay", &overrides.weight_decay}})
+          if (b.contains(key)) {
+            TUTEL_ASSIGN_OR_RETURN(*value, ipc::get_number(b, key));
+          }
+        TUTEL_ASSIGN_OR_RETURN(const ServedLayer::StepOutcome step, ref.layer->step(overrides));
+        // What it applied: a client that asked for an override sees it was heard (an older
+        // daemon answers without these).
+        return json{{"step", step.step}, {"applied", step.applied}, {"lr", step.lr}, {"weight_decay", step.weight_decay}};
       };
       break;
     case ipc::FrameType::kGradNorm:

@@ -724,6 +724,10 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();
   }
   if (Status restored = restore_grads(); st.ok()) st = std::move(restored);
+  // The gradients are there for a step once a backward added to them (on a group layer every
+  // rank's did, or every rank refused it). One that failed half-way leaves partial sums that
+  // only a later backward's step applies, as before: a failed step is the trainer's to redo.
+  if (st.ok() && !keep_param_grads) grads_present_ = true;
   remove_pending_bytes(held);
   recycle(std::move(it->second));
   pending_.erase(it);
@@ -825,41 +829,82 @@ void ServedLayer::drop_pending_locked(uint64_t owner) {
   publish_plan_summary();
 }
 
-Result<int64_t> ServedLayer::step() {
+namespace {
+
+// An override of the spec's optimizer settings: finite, >= 0 and within f32.
+Result<float> step_override(const std::optional<double>& value, float spec_value, const char* what,
+                            const std::string& layer) {
+  if (!value) return spec_value;
+  if (!std::isfinite(*value) || *value < 0 || *value > double(std::numeric_limits<float>::max()))
+    return Status::InvalidArgument("layer '" + layer + "': a step's " + what +
+                                   " must be a finite number >= 0 within f32, not " + std::to_string(*value));
+  return static_cast<float>(*value);
+}
+
+// A value every rank of a group must pass alike, as the agreement compares it: its bits, the
+// sign bit dropped (the values are >= 0; -0 and +0 are the same).
+int64_t alike_bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return static_cast<int64_t>(bits & 0x7fffffffu);
+}
+
+}  // namespace
+
+Result<ServedLayer::StepOutcome> ServedLayer::step(const StepOverrides& overrides) {
+  const OptimizerConfig& o = def_.optimizer;
+  StepOutcome out;
+  TUTEL_ASSIGN_OR_RETURN(out.lr, step_override(overrides.lr, o.lr, "lr", def_.name));
+  TUTEL_ASSIGN_OR_RETURN(out.weight_decay, step_override(overrides.weight_decay, o.weight_decay, "weight_decay", def_.name));
   LayerLock lock(*this, Waits::kCounted);
   auto device_lock = lock_device(Waits::kCounted);
   // A group layer's step is a collective: a rank out of service fails it at its first op, and
   // its peers when their all-reduce times out.
   if (!group_) TUTEL_RETURN_IF_ERROR(rank_.health.check());
-  // The gate is replicated: every rank steps it with the gradient summed over the group.
-  if (group_)
-    TUTEL_RETURN_IF_ERROR(
-        watch_device(note_group_status(group_->layer->all_reduce_gate_grad(weights_of(1).gate_weight))));
-  TUTEL_RETURN_IF_ERROR(watch_device(apply_optimizer()));
-  return ++step_;
+  out.applied = grads_present_;
+  // The gate is replicated: every rank steps it with the gradient summed over the group, and
+  // with the same settings (a rank with another learning rate would move its copy elsewhere).
+  if (group_) {
+    // The step counts too: a load or import on some ranks only leaves the group's copies of
+    // the gate and its optimizer's bias correction apart.
+    const graphs::ExpertParallelLayer::Alike alike[] = {
+        {"gradients (a backward since zero_grad on some ranks only)", out.applied ? 1 : 0},
+        {"learning rates (lr)", alike_bits(out.lr)},
+        {"weight decays", alike_bits(out.weight_decay)},
+        {"step counts (a load or import_state on some ranks only, or from different checkpoints)",
+         step_.load()}};
+    TUTEL_RETURN_IF_ERROR(watch_device(note_group_status(
+        group_->layer->all_reduce_gate_grad(weights_of(1).gate_weight, alike, /*sum=*/out.applied))));
+  }
+  if (out.applied) {
+    TUTEL_RETURN_IF_ERROR(watch_device(apply_optimizer(out.lr, out.weight_decay)));
+    ++step_;
+  }
+  out.step = step_;
+  return out;
 }
 
-Status ServedLayer::apply_optimizer() {
+Status ServedLayer::apply_optimizer(float lr, float weight_decay) {
   Backend& b = backend();
   const Device d = b.device();
   const OptimizerConfig& o = def_.optimizer;
   for (Tensor& t : tensors_) {
     if (o.kind == OptimizerKind::kAdamW) {
       AdamWArgs a{t.view(t.value, d), t.view(t.grad, d), t.view(t.state0, d), t.view(t.state1, d)};
-      a.lr = o.lr;
+      a.lr = lr;
       a.beta1 = o.beta1;
       a.beta2 = o.beta2;
       a.eps = o.eps;
-      a.weight_decay = o.weight_decay;
+      a.weight_decay = weight_decay;
       a.step = step_ + 1;
       if (t.value_bf16.data()) a.param_bf16 = t.bf16_view(d);
       TUTEL_RETURN_IF_ERROR(b.adamw_step(a));
     } else {
       SgdArgs a{t.view(t.value, d), t.view(t.grad, d),
                 t.state0.data() ? t.view(t.state0, d) : TensorView()};
-      a.lr = o.lr;
+      a.lr = lr;
       a.momentum = o.momentum;
-      a.weight_decay = o.weight_decay;
+      a.weight_decay = weight_decay;
       a.nesterov = o.nesterov;
       a.first_step = step_ == 0;
       if (t.value_bf16.data()) a.param_bf16 = t.bf16_view(d);
@@ -869,12 +914,13 @@ Status ServedLayer::apply_optimizer() {
   return Status::OK();
 }
 
-Status ServedLayer::zero_grad() {
+Status ServedLayer::zero_grad(bool set_to_none) {
   LayerLock lock(*this);
   Backend& b = backend();
   auto device_lock = lock_device();
   TUTEL_RETURN_IF_ERROR(rank_.health.check());
   for (Tensor& t : tensors_) TUTEL_RETURN_IF_ERROR(watch_device(b.fill_zero(bytes_view(t.grad, b.device()))));
+  grads_present_ = !set_to_none;
   return Status::OK();
 }
 

@@ -172,9 +172,28 @@ class ServedLayer {
   // come at the same point of every rank's program, which a finalizer cannot promise).
   Status discard(uint64_t owner, uint64_t sequence);
 
-  // Applies the optimizer to the accumulated gradients; returns the new step count.
-  Result<int64_t> step();
-  Status zero_grad();
+  // What one step applies in place of the spec's optimizer settings: a trainer's learning-rate
+  // (or weight-decay) schedule. Finite, >= 0 and within f32 (0 is a schedule's end); the spec
+  // keeps its own, and the next step without an override uses it.
+  struct StepOverrides {
+    std::optional<double> lr, weight_decay;
+  };
+  struct StepOutcome {
+    int64_t step = 0;        // the step count after it
+    bool applied = false;    // false: there were no gradients to apply (below)
+    float lr = 0, weight_decay = 0;  // what it applied, or would have
+  };
+  // Applies the optimizer to the gradients accumulated since zero_grad. As torch's optimizers
+  // step only parameters that have a gradient, a layer with none (no backward since its creation
+  // or since zero_grad(set_to_none = true), or only backwards for dx alone: a frozen or unused
+  // module) is left as it is, step count included: AdamW's weight decay and moments, and SGD's
+  // momentum, would move it otherwise. On a group layer a collective, and every rank must pass
+  // the same overrides and have gradients alike (InvalidArgument on every rank otherwise).
+  Result<StepOutcome> step(const StepOverrides& overrides = {});
+  // Zeroes the accumulated gradients. set_to_none (torch's default): they count as absent, so a
+  // step before the next backward changes nothing; false: they are zeros that a step applies
+  // (weight decay, momentum), as torch's zero_grad(set_to_none=False) leaves them.
+  Status zero_grad(bool set_to_none = true);
   // The L2 norm of the accumulated gradients (every parameter of the layer; inf or NaN where one
   // is not finite). On a group layer it is the whole layer's, the same on every rank: a
   // collective, like step (the gate's gradient summed over the group, as step applies it).
@@ -224,7 +243,7 @@ class ServedLayer {
   // Converts every value that keeps a bf16 copy into it; under the device lock.
   Status refresh_bf16_copies();
   // step()'s optimizer pass over every tensor (not the step count); under the device lock.
-  Status apply_optimizer();
+  Status apply_optimizer(float lr, float weight_decay);
   // One training forward waiting for its backward; recycled, so its buffers only grow.
   struct Pending {
     // A layer without [group]: the plan the forward ran on (held, so no other step takes it
@@ -388,6 +407,8 @@ class ServedLayer {
   // grad_norm()'s sum of squares, one f32, allocated with the parameters (charged with them):
   // a norm is never refused for want of its 4 bytes. A group layer's is its ExpertParallelLayer's.
   DeviceBuffer grad_norm_sum_;
+  // Whether the gradients are there for a step to apply (see step()); guarded by mutex_.
+  bool grads_present_ = false;
   // Read by the admin socket on the event loop: never behind mutex_, which a group layer holds
   // while it waits on its peers.
   std::atomic<int64_t> step_{0};

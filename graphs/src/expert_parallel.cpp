@@ -1564,8 +1564,24 @@ Result<double> ExpertParallelLayer::grad_sum_squares(const LayerWeights& local_g
   return double(host);
 }
 
-Status ExpertParallelLayer::all_reduce_gate_grad(TensorView gate_grad) {
-  TUTEL_RETURN_IF_ERROR(agree(Agreement::kGateGradSum, nullptr, 0));
+Status ExpertParallelLayer::all_reduce_gate_grad(TensorView gate_grad, std::span<const Alike> alike, bool sum) {
+  TUTEL_CHECK(alike.size() <= kMaxAlike);
+  // Each value as itself and negated: after the MAX, [2i] is the highest and -[2i + 1] the
+  // lowest any rank passed.
+  int64_t values[kAgreementValues] = {};
+  for (size_t i = 0; i < alike.size(); ++i) {
+    TUTEL_CHECK(alike[i].value >= 0);
+    values[2 * i] = alike[i].value;
+    values[2 * i + 1] = -alike[i].value;
+  }
+  TUTEL_RETURN_IF_ERROR(agree(Agreement::kGateGradSum, values, 2 * alike.size()));
+  for (size_t i = 0; i < alike.size(); ++i)
+    if (values[2 * i] != -values[2 * i + 1])
+      return Status::InvalidArgument(
+          std::string("the ranks of the expert-parallel group stepped with different ") + alike[i].what +
+          ": every rank's trainer must step alike (the same settings, after the same backwards); no rank "
+          "stepped, and the group goes on");
+  if (!sum) return Status::OK();
   TUTEL_RETURN_IF_ERROR(collective_ready());
   TUTEL_RETURN_IF_ERROR(
       comm_->all_reduce(gate_grad.data_as<float>(), gate_grad.numel(), comm::ReduceOp::kSum));

@@ -961,8 +961,10 @@ TEST(ExpertParallelLimits, TheGradientNormIsTheGroupsAndControlCallsOutOfOrderAr
 // opposite orders) meet in one agreement of one width: both ranks refuse the call they are in,
 // naming both (the group's forwards by number), and the group goes on in step: after a forward
 // one rank refuses and the other runs (counted alike by both), the next forward, backward and
-// step run on both, and the gate's gradient is summed once, by that step (each rank's y of the
-// last forward equals its y of the first that ran, bit for bit).
+// step run on both, and the gate's gradient is summed once, by that step (a step whose ranks
+// pass different values they must pass alike, say learning rates, is refused on both first, and
+// one told not to sum sums nothing; each rank's y of the last forward equals its y of the first
+// that ran, bit for bit).
 TEST(ExpertParallelLimits, CallsOutOfStepAreRefusedOnEveryRankNamingBothAndTheGroupGoesOn) {
   const TwoRankCase c;
   SCOPED_TRACE("seed " + std::to_string(c.seed));
@@ -1000,7 +1002,13 @@ TEST(ExpertParallelLimits, CallsOutOfStepAreRefusedOnEveryRankNamingBothAndTheGr
         last_y[r] = io.y.download();
         steps[r].push_back(backward(second));  // 10
         gate_before[r] = rank.grads.gate.download();
-        steps[r].push_back(step());  // 11
+        // 11: a step whose ranks pass different values they must pass alike: refused on both,
+        // nothing summed; 12: alike, and told not to sum: nothing summed either.
+        const ExpertParallelLayer::Alike differ[] = {{"weight decays", 0}, {"learning rates", r == 0 ? 5 : 7}};
+        steps[r].push_back(rank.layer.all_reduce_gate_grad(rank.grads.gate.view(), differ));
+        const ExpertParallelLayer::Alike same[] = {{"learning rates", 5}};
+        steps[r].push_back(rank.layer.all_reduce_gate_grad(rank.grads.gate.view(), same, /*sum=*/false));
+        steps[r].push_back(step());  // 13
         gate_after[r] = rank.grads.gate.download();
         return Status::OK();
       });
@@ -1014,8 +1022,11 @@ TEST(ExpertParallelLimits, CallsOutOfStepAreRefusedOnEveryRankNamingBothAndTheGr
   for (int r = 0; r < W; ++r) {
     SCOPED_TRACE("rank " + std::to_string(r));
     ASSERT_TRUE(setup[r].ok()) << setup[r];
-    ASSERT_EQ(steps[r].size(), 12u);
-    for (size_t i : {1, 4, 5, 9, 10, 11}) EXPECT_TRUE(steps[r][i].ok()) << "step " << i << ": " << steps[r][i];
+    ASSERT_EQ(steps[r].size(), 14u);
+    for (size_t i : {1, 4, 5, 9, 10, 12, 13}) EXPECT_TRUE(steps[r][i].ok()) << "step " << i << ": " << steps[r][i];
+    EXPECT_EQ(steps[r][11].code(), StatusCode::kInvalidArgument) << steps[r][11];
+    EXPECT_NE(steps[r][11].message().find("stepped with different learning rates"), std::string_view::npos)
+        << steps[r][11];
     EXPECT_EQ(steps[r][8].code(), StatusCode::kResourceExhausted) << steps[r][8];
     const std::array<size_t, 5> refused = {0, 2, 3, 6, 7};
     for (size_t j = 0; j < refused.size(); ++j) {

@@ -579,6 +579,118 @@ TEST_F(ClientDaemon, AnExportedStateIsTheSavedFileAndImportingItMakesATwin) {
   EXPECT_EQ(state_of(*second).second, "2");
 }
 
+// A step applies only gradients that are there, and the settings it is given. Three twins (the
+// same init_seed; SGD, lr 0.05, momentum 0.9, whose first step moves a parameter by lr · (g +
+// weight_decay · w) with the momentum buffer = that gradient):
+// - a step with no backward since the layer's creation, or since zero_grad() (set_to_none),
+//   or after a backward for dx alone, changes nothing, step count included (torch skips a
+//   parameter whose .grad is None; SGD's momentum and AdamW's decay would move it otherwise);
+// - after the same backward, a step at lr 0.025 moves every parameter by half as much as one at
+//   the spec's 0.05, and one with weight_decay 0.5 by lr · 0.5 · w more (atol 2e-6: f32 weights
+//   and updates of ~1e-2);
+// - zero_grad(set_to_none = false) leaves zeros that a step applies (the momentum moves it);
+// - overrides that are negative, beyond f32 or not finite are refused and change nothing.
+TEST_F(ClientDaemon, AStepAppliesOnlyGradientsThatAreThereWithTheSettingsItIsGiven) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto half = client->create_layer(spec("lr_half"));
+  auto plain = client->create_layer(spec("lr_plain"));
+  auto decayed = client->create_layer(spec("lr_decayed"));
+  ASSERT_TRUE(half.ok() && plain.ok() && decayed.ok());
+  auto parameters = [&](client::Layer& layer) {
+    std::map<std::string, std::vector<float>> out;
+    Result<client::ExportedState> state = layer.export_state();
+    EXPECT_TRUE(state.ok()) << state.status();
+    if (!state.ok()) return out;
+    const int copy = state->dup_fd();
+    Result<SafetensorsFile> file = SafetensorsFile::read(copy, "the export", 1 << 24);
+    ::close(copy);
+    EXPECT_TRUE(file.ok()) << file.status();
+    if (file.ok())
+      for (auto& [name, values] : state_tensors(*file))
+        if (name.rfind("optimizer.", 0) != 0) out[name] = std::move(values);
+    return out;
+  };
+  const auto w0 = parameters(*half);
+  ASSERT_EQ(w0.size(), 5u);
+  ASSERT_TRUE(w0 == parameters(*plain) && w0 == parameters(*decayed)) << "twins differ before training";
+
+  // Nothing to apply yet: nothing moves.
+  auto count = half->step();
+  ASSERT_TRUE(count.ok()) << count.status();
+  EXPECT_EQ(*count, 0);
+  EXPECT_TRUE(parameters(*half) == w0) << "a step without gradients moved the layer";
+
+  std::mt19937 rng(std::random_device{}());
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<float> x(32 * 16), dy(32 * 16), y(32 * 16), dx(32 * 16);
+  for (float& v : x) v = normal(rng);
+  for (float& v : dy) v = normal(rng);
+  auto train = [&](client::Layer& layer, client::Layer::ParamGrads grads) {
+    client::ForwardInfo info;
+    ASSERT_TRUE(layer.forward(x.data(), 32, y.data(), &info).ok());
+    ASSERT_TRUE(layer.backward(info.sequence, dy.data(), 0.5f, dx.data(), grads).ok());
+  };
+  for (client::Layer* layer : {&*half, &*plain, &*decayed})
+    ASSERT_NO_FATAL_FAILURE(train(*layer, client::Layer::ParamGrads::kAccumulate));
+  client::Layer::StepOptions at_half, with_decay;
+  at_half.lr = 0.025;
+  with_decay.weight_decay = 0.5;
+  count = half->step(at_half);
+  ASSERT_TRUE(count.ok()) << count.status();
+  EXPECT_EQ(*count, 1);
+  ASSERT_TRUE(plain->step().ok());
+  ASSERT_TRUE(decayed->step(with_decay).ok());
+  const auto wh = parameters(*half), wp = parameters(*plain), wd = parameters(*decayed);
+  double worst_half = 0, worst_decay = 0, moved = 0;
+  for (const auto& [name, w] : w0) {
+    ASSERT_EQ(wh.at(name).size(), w.size());
+    for (size_t i = 0; i < w.size(); ++i) {
+      const double step_plain = double(w[i]) - wp.at(name)[i], step_half = double(w[i]) - wh.at(name)[i],
+                   step_decay = double(w[i]) - wd.at(name)[i];
+      moved = std::max(moved, std::abs(step_plain));
+      worst_half = std::max(worst_half, std::abs(step_half - 0.5 * step_plain));
+      worst_decay = std::max(worst_decay, std::abs(step_decay - step_plain - 0.05 * 0.5 * double(w[i])));
+    }
+  }
+  EXPECT_GT(moved, 1e-3) << "the step at the spec's lr moved nothing";
+  EXPECT_LE(worst_half, 2e-6) << "a step at lr 0.025 is not half of one at 0.05";
+  EXPECT_LE(worst_decay, 2e-6) << "weight_decay 0.5 did not add lr · 0.5 · w";
+
+  // Set to none: the next step changes nothing; nor after a backward for dx alone.
+  ASSERT_TRUE(half->zero_grad().ok());
+  count = half->step();
+  ASSERT_TRUE(count.ok()) << count.status();
+  EXPECT_EQ(*count, 1);
+  EXPECT_TRUE(parameters(*half) == wh) << "a step after zero_grad moved the layer";
+  ASSERT_NO_FATAL_FAILURE(train(*half, client::Layer::ParamGrads::kKeep));
+  count = half->step();
+  ASSERT_TRUE(count.ok()) << count.status();
+  EXPECT_EQ(*count, 1);
+  EXPECT_TRUE(parameters(*half) == wh) << "a step after a backward for dx alone moved the layer";
+  // Zeros kept: the momentum moves it.
+  ASSERT_TRUE(half->zero_grad(/*set_to_none=*/false).ok());
+  count = half->step();
+  ASSERT_TRUE(count.ok()) << count.status();
+  EXPECT_EQ(*count, 2);
+  const auto wz = parameters(*half);
+  EXPECT_FALSE(wz == wh) << "a step on zeroed (not absent) gradients did not apply the momentum";
+
+  // Refused overrides change nothing.
+  client::Layer::StepOptions negative, beyond_f32, nan;
+  negative.lr = -0.1;
+  beyond_f32.weight_decay = 1e39;
+  nan.lr = std::nan("");
+  for (const auto* o : {&negative, &beyond_f32, &nan}) {
+    const Status refused = half->step(*o).status();
+    EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument) << refused;
+  }
+  EXPECT_NE(half->step(negative).status().message().find("lr must be a finite number >= 0"), std::string_view::npos);
+  EXPECT_NE(half->step(beyond_f32).status().message().find("weight_decay"), std::string_view::npos);
+  EXPECT_TRUE(parameters(*half) == wz);
+  EXPECT_EQ(half->info().step, 2);
+}
+
 // A training forward its trainer will not backward (skipped, or its wait abandoned) is
 // discarded: it is no longer pending in the daemon and its memory goes back to the tenant; a
 // discard of a forward that is not pending is no error; the layer trains on as before.

@@ -51,12 +51,13 @@ class TorchModuleTest(unittest.TestCase):
         np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL,
                                    err_msg=f"{what} (seed {self.seed})")
 
-    def assert_stepped(self, moe, p, grads):
-        moe.step()
+    def assert_stepped(self, moe, p, grads, lr=None):
+        moe.step(lr=lr)
         moe.layer.save("after.safetensors")
         stored = ref.read_safetensors(os.path.join(self.daemon.checkpoints, "after.safetensors"))
         for n, tutel_name in ref.TUTEL_NAMES.items():
-            self.assert_close(stored[tutel_name], p[n] - LR * grads[n], f"{tutel_name} after the step")
+            self.assert_close(stored[tutel_name], p[n] - (LR if lr is None else lr) * grads[n],
+                              f"{tutel_name} after the step")
 
     def test_gradients_through_autograd_match_the_reference(self):
         p, x1 = random_case(self.rng, 12)
@@ -88,6 +89,93 @@ class TorchModuleTest(unittest.TestCase):
         (y.sum() + l_aux).backward()
         _, _, saved = ref.forward(p, x, K, F)
         self.assert_stepped(moe, p, ref.backward(p, saved, np.ones((10, M)), 1.0)[1])
+
+    def test_a_schedules_learning_rate_reaches_the_daemons_step(self):
+        # torch's scheduler runs over the model's torch optimizer; the daemon's layers step with
+        # its value (tuteld.nn.step(model, lr=...)), against the reference's p - lr * grad.
+        p, x = random_case(self.rng, 10)
+        moe = self.make_moe(p)
+        torch_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+        scheduler = torch.optim.lr_scheduler.StepLR(torch_optimizer, step_size=1, gamma=0.25)
+        torch_optimizer.step()
+        scheduler.step()
+        lr = scheduler.get_last_lr()[0]
+        self.assertAlmostEqual(lr, LR * 0.25)
+        y, l_aux = moe(torch.from_numpy(x).float())
+        (y.sum() + l_aux).backward()
+        _, _, saved = ref.forward(p, x, K, F)
+        self.assert_stepped(moe, p, ref.backward(p, saved, np.ones((10, M)), 1.0)[1], lr=lr)
+        for bad in (-0.5, float("nan"), float("inf")):
+            with self.assertRaisesRegex(ValueError, "finite number >= 0"):
+                moe.step(lr=bad)
+
+    def test_a_frozen_or_unused_module_is_not_stepped(self):
+        # torch's optimizers skip a parameter whose .grad is None: so does the daemon's step,
+        # whose SGD momentum or AdamW decay would move the layer otherwise.
+        p, x = random_case(self.rng, 6)
+        moe = self.make_moe(p)
+        proj = torch.nn.Linear(M, M)
+        model = torch.nn.ModuleDict({"proj": proj, "moe": moe})
+        xt = torch.from_numpy(x).float()
+        tuteld.nn.zero_grad(model)
+        proj(xt).sum().backward()  # the layer unused this iteration
+        tuteld.nn.step(model)
+        self.assertEqual(self.daemon.layer_field("moe", "step"), 0)
+        moe.requires_grad_(False)  # frozen: x still gets its gradient through it
+        xg = xt.clone().requires_grad_()
+        y, l_aux = moe(proj(xg))
+        (y.sum() + l_aux).backward()
+        self.assertIsNotNone(xg.grad)
+        tuteld.nn.step(model)
+        self.assertEqual(self.daemon.layer_field("moe", "step"), 0)
+        with torch.no_grad():
+            self.assert_close(moe(xt)[0].numpy(), ref.forward(p, x, K, F)[0], "y of the unstepped layer")
+
+    def test_layers_of_one_name_on_two_daemons_are_each_stepped(self):
+        other = Daemon()
+        self.addCleanup(other.stop)
+        other_client = tuteld.Client(other.client_socket)
+        self.addCleanup(other_client.close)
+        spec = (f'name = "moe"\nexperts = {E}\nmodel_dim = {M}\nhidden = {H}\nk = {K}\ninit_seed = 3\n'
+                f'optimizer = {{ kind = "sgd", lr = {LR} }}\n')
+        model = torch.nn.ModuleList([tuteld.nn.MoE(self.client, spec), tuteld.nn.MoE(other_client, spec)])
+        xt = torch.from_numpy(random_case(self.rng, 6)[1]).float()
+        for m in model:
+            y, l_aux = m(xt)
+            (y.sum() + l_aux).backward()
+        tuteld.nn.step(model)
+        self.assertEqual(self.daemon.layer_field("moe", "step"), 1)
+        self.assertEqual(other.layer_field("moe", "step"), 1)
+
+    def test_a_forked_child_cannot_use_its_parents_client(self):
+        # The child shares the parent's socket and rings: its request would take the parent's
+        # results. It is refused, and the parent goes on.
+        p, x = random_case(self.rng, 6)
+        moe = self.make_moe(p)
+        xt = torch.from_numpy(x).float()
+        with torch.no_grad():
+            before = moe(xt)[0]
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(read_end)
+                try:
+                    with torch.no_grad():
+                        moe(xt)
+                    said = b"the child's forward ran"
+                except tuteld.TutelError as e:
+                    said = b"refused" if "forked from it" in str(e) else str(e).encode()
+                os.write(write_end, said)
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        said = os.read(read_end, 4096)
+        os.close(read_end)
+        os.waitpid(pid, 0)
+        self.assertEqual(said, b"refused")
+        with torch.no_grad():
+            torch.testing.assert_close(moe(xt)[0], before, rtol=0, atol=0)
 
     def test_eval_and_no_grad_are_inference(self):
         p, x = random_case(self.rng, 6)
@@ -261,6 +349,13 @@ class TorchModuleTest(unittest.TestCase):
             copy.deepcopy(model)
         with self.assertRaisesRegex(TypeError, "live in the daemon"):
             pickle.dumps(model)
+        with self.assertRaisesRegex(TypeError, "live in the daemon"):
+            copy.copy(moe)
+        for handle in (self.client, moe.layer):
+            with self.assertRaisesRegex(TypeError, "cannot be pickled or copied"):
+                pickle.dumps(handle)
+        with self.assertRaisesRegex(TypeError, "real floating-point x"):
+            moe(torch.ones(3, M, dtype=torch.int64))
 
     def make_adamw_moe(self, name, seed):
         spec = (f'name = "{name}"\nexperts = {E}\nmodel_dim = {M}\nhidden = {H}\nk = {K}\n'
@@ -444,14 +539,15 @@ class TorchModuleTest(unittest.TestCase):
             (y.pow(2).sum() + l_aux).backward()
         tuteld.nn.zero_grad(model)
         steps = self.daemon.layer_field("moe", "step")
-        tuteld.nn.step(model)  # one SGD step (the two modules share one layer) on zero gradients
-        self.assertEqual(self.daemon.layer_field("moe", "step"), steps + 1)
+        tuteld.nn.step(model)  # no gradients since zero_grad (set to none): nothing moves
+        self.assertEqual(self.daemon.layer_field("moe", "step"), steps)
         with torch.no_grad():
             torch.testing.assert_close(first(xt)[0], before, rtol=0, atol=0)
         for m in (first, second):
             y, l_aux = m(xt)
             (y.pow(2).sum() + l_aux).backward()
-        tuteld.nn.step(model)
+        tuteld.nn.step(model)  # one step (the two modules share one layer)
+        self.assertEqual(self.daemon.layer_field("moe", "step"), steps + 1)
         with torch.no_grad():
             self.assertFalse(torch.equal(first(xt)[0], before))
 

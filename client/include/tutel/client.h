@@ -159,9 +159,22 @@ int tutel_abandon(tutel_client* client, tutel_ticket ticket);
  * is no error. On an expert-parallel layer it is this rank's alone (no collective). */
 int tutel_discard(tutel_layer* layer, uint64_t sequence);
 
-/* Applies the optimizer to the accumulated gradients. */
+/* Applies the optimizer to the gradients accumulated since tutel_zero_grad. A layer with none (no
+ * backward since its creation or since a zero_grad that set them to none, or only backwards
+ * for dx alone) is left as it is, its step count included, as torch's optimizers skip a
+ * parameter whose .grad is None. On an expert-parallel layer a collective: every rank steps
+ * alike (the same settings, after the same backwards). */
 int tutel_step(tutel_layer* layer);
+/* tutel_step with this step's learning rate and weight decay in place of the spec's (a
+ * schedule): finite and >= 0; a negative value keeps the spec's. *step (may be NULL) gets the
+ * step count after it. */
+int tutel_step_with(tutel_layer* layer, double lr, double weight_decay, int64_t* step);
+/* Zeroes the gradients and sets them to none (torch's default): a step before the next backward
+ * changes nothing. */
 int tutel_zero_grad(tutel_layer* layer);
+/* set_to_none = 0: the gradients are zeros that a step applies (weight decay, momentum), as after
+ * torch's zero_grad(set_to_none=False). */
+int tutel_zero_grad_with(tutel_layer* layer, int set_to_none);
 /* The L2 norm of the accumulated gradients into *norm (+inf or NaN where one is not finite). On
  * an expert-parallel layer the whole layer's, the same on every rank: a collective, every rank
  * calls it in the same order as its steps. */

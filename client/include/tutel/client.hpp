@@ -24,6 +24,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -270,9 +271,21 @@ class Layer {
 
   // The control requests below first wait for every request of the session in flight, so a
   // step always sees the gradients of the backwards submitted before it.
-  // Applies the optimizer to the accumulated gradients; returns the new step count.
-  Result<int64_t> step();
-  Status zero_grad();
+  // Applies the optimizer to the gradients accumulated since zero_grad; returns the step count
+  // after it. A layer with no gradients (no backward since its creation or since
+  // zero_grad(set_to_none = true), or only backwards for dx alone) is left as it is, its count
+  // included, as torch's optimizers skip a parameter whose .grad is None. On an expert-parallel
+  // layer a collective: every rank steps alike (the same options, after the same backwards).
+  struct StepOptions {
+    // This step's learning rate and weight decay in place of the spec's (a schedule): finite,
+    // >= 0, within f32. The spec's stay for steps without them.
+    std::optional<double> lr, weight_decay;
+  };
+  Result<int64_t> step(const StepOptions& options = {});
+  // set_to_none (torch's default): the gradients are absent until the next backward, so a step
+  // before it changes nothing; false: they are zeros that a step applies (weight decay,
+  // momentum), as after torch's zero_grad(set_to_none=False).
+  Status zero_grad(bool set_to_none = true);
   // The L2 norm of the accumulated gradients, +inf or NaN where one is not finite (gradient
   // clipping, an overflow check). On an expert-parallel layer it is the whole layer's, the same
   // on every rank, and a collective: every rank asks, in the same order as its steps.

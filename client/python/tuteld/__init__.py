@@ -146,7 +146,9 @@ def _declare(lib):
         "tutel_abandon": (i32, [p, _Ticket]),
         "tutel_discard": (i32, [p, u64]),
         "tutel_step": (i32, [p]),
+        "tutel_step_with": (i32, [p, ctypes.c_double, ctypes.c_double, ctypes.POINTER(i64)]),
         "tutel_zero_grad": (i32, [p]),
+        "tutel_zero_grad_with": (i32, [p, i32]),
         "tutel_grad_norm": (i32, [p, ctypes.POINTER(ctypes.c_double)]),
         "tutel_scale_grads": (i32, [p, ctypes.c_double]),
         "tutel_save": (i32, [p, ctypes.c_char_p]),
@@ -269,6 +271,13 @@ class Client:
             # The real cause (a refused uid, a version mismatch), not a guess: callers branch on it.
             raise _error(_lib.tutel_last_error_code() or -11)
         self._handle = handle
+        # Which daemon: its socket file (the same daemon under another path is the same file), so
+        # that layers of the same name on two daemons are told apart (tuteld.nn.step).
+        try:
+            st = os.stat(socket_path)
+            self._daemon = (st.st_dev, st.st_ino)
+        except OSError:
+            self._daemon = os.path.realpath(socket_path)
         self._lock = threading.RLock()
         # The layers made from this client, weakly: a Layer holds its client, so strong references
         # both ways would keep a dropped client's session open until the cycle collector ran.
@@ -283,6 +292,10 @@ class Client:
 
     def __exit__(self, *exc):
         self.close()
+
+    def __reduce__(self):
+        raise TypeError("a tuteld.Client cannot be pickled or copied: it is a session with the daemon; "
+                        "connect a new one in the other process")
 
     def __del__(self):
         try:
@@ -423,6 +436,10 @@ class Layer:
         self._finalizer = weakref.finalize(self, Layer._queue_release, weakref.ref(client), handle,
                                            self._discards)
 
+    def __reduce__(self):
+        raise TypeError("a tuteld.Layer cannot be pickled or copied: it is a handle on a session; attach "
+                        "the layer by name (client.attach_layer) in the other process")
+
     def _layer(self):
         """The C handle, for a call made under the client's lock; first discards the forwards
         queued for it."""
@@ -541,12 +558,32 @@ class Layer:
         with self._client._lock:
             _check(fn(self._layer(), *args))
 
-    def step(self):
-        """Applies the layer's optimizer to the accumulated gradients."""
-        self._call(_lib.tutel_step)
+    def step(self, lr=None, weight_decay=None):
+        """Applies the layer's optimizer to the gradients accumulated since zero_grad; returns the
+        step count after it. A layer with none (no backward since its creation or since
+        zero_grad(), or only backwards for dx alone: a frozen or unused module) is left as it
+        is, as torch's optimizers skip a parameter whose .grad is None.
+        lr, weight_decay: this step's, in place of the spec's (a learning-rate schedule's value,
+        e.g. scheduler.get_last_lr()[0]); finite and >= 0. On an expert-parallel layer every
+        rank steps alike (the same values, after the same backwards)."""
+        values = []
+        for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+            if value is None:
+                values.append(-1.0)
+                continue
+            value = float(value)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, not {value}")
+            values.append(value)
+        count = ctypes.c_int64()
+        self._call(_lib.tutel_step_with, values[0], values[1], ctypes.byref(count))
+        return count.value
 
-    def zero_grad(self):
-        self._call(_lib.tutel_zero_grad)
+    def zero_grad(self, set_to_none=True):
+        """Zeroes the accumulated gradients. set_to_none (torch's default): they are absent until
+        the next backward, so a step before it changes nothing; False: they are zeros that a step
+        applies (weight decay, momentum), as after torch's zero_grad(set_to_none=False)."""
+        self._call(_lib.tutel_zero_grad_with, 1 if set_to_none else 0)
 
     def grad_norm(self):
         """The L2 norm of the accumulated gradients (inf or nan where one is not finite). On an

@@ -68,6 +68,7 @@ class _PendingForward:
 
     def __init__(self, layer, sequence):
         self.layer, self.sequence, self.backwarded = layer, sequence, False
+        self.interrupted = False  # its backward was submitted and then given up (an exception)
 
     def __del__(self):
         if not self.backwarded:
@@ -112,6 +113,10 @@ class _MoEFunction(torch.autograd.Function):
         # Autograd materialises the gradient of an unused output as zeros, so both are tensors.
         device, dtype = ctx.x_meta
         pending = ctx.pending
+        if pending.interrupted:
+            raise RuntimeError("tuteld.nn.MoE: this forward's backward was interrupted (or timed out) after "
+                               "it was sent; the daemon may have run it and added it to the gradients. "
+                               "Call zero_grad and run the forward again")
         if pending.backwarded:
             raise RuntimeError("tuteld.nn.MoE: this forward was backwarded already; the daemon keeps a "
                                "forward's state only until its backward, so a graph through the layer "
@@ -120,6 +125,10 @@ class _MoEFunction(torch.autograd.Function):
         try:
             dx = ctx.layer.backward(dy_rows, dl_aux=float(dl_aux), sequence=ctx.sequence,
                                     param_grads=_wants_param_grads(ctx))
+        except BaseException:
+            # Submitted (the layer forgot the forward) and then given up: it may have run.
+            pending.interrupted = ctx.sequence not in ctx.layer._pending
+            raise
         finally:
             # Consumed once submitted (the layer forgets it then), also when it failed; still
             # pending when refused before that, so that a dropped graph discards it.
@@ -148,6 +157,8 @@ class MoE(torch.nn.Module):
         return cls(client, layer=client.attach_layer(name))
 
     def forward(self, x):
+        if not (x.is_floating_point() or x.is_complex()) or x.is_complex():
+            raise TypeError(f"tuteld.nn.MoE takes a real floating-point x, not {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.layer.model_dim:
             raise ValueError(f"x must have shape [..., {self.layer.model_dim}], not {list(x.shape)}")
         # A backward comes only where autograd has something to differentiate: the anchor, or x.
@@ -165,13 +176,19 @@ class MoE(torch.nn.Module):
                     torch.tensor(info.l_aux, dtype=torch.float32, device=x.device))
         return _MoEFunction.apply(x, self._anchor, self.layer)
 
-    def step(self):
-        """The daemon's optimizer step on the gradients accumulated so far."""
-        self.layer.step()
+    def step(self, lr=None, weight_decay=None):
+        """The daemon's optimizer step on the gradients accumulated since zero_grad (none: the
+        layer is left as it is, as torch skips a parameter whose .grad is None); returns the
+        step count. lr, weight_decay: this step's, in place of the spec's (a schedule's value)."""
+        return self.layer.step(lr=lr, weight_decay=weight_decay)
 
     def zero_grad(self, set_to_none=True):
         super().zero_grad(set_to_none=set_to_none)
-        self.layer.zero_grad()
+        self.layer.zero_grad(set_to_none=set_to_none)
+
+    def extra_repr(self):
+        return (f"name={self.layer.name!r}, model_dim={self.layer.model_dim}, "
+                f"output_dim={self.layer.output_dim}, experts={self.layer.experts}")
 
     # The daemon's optimizer state goes beside the parameters under the daemon's own names
     # (prefix + "optimizer.state0.<parameter>", ...), and its step as prefix + "optimizer.step"
@@ -268,6 +285,9 @@ class MoE(torch.nn.Module):
                         "the layer again (MoE.attach(client, name)), or save it (moe.layer.save) and "
                         "load it into another layer")
 
+    def __copy__(self):
+        self.__deepcopy__(None)
+
     def __reduce_ex__(self, protocol):
         raise TypeError("tuteld.nn.MoE cannot be pickled (torch.save of the module): its parameters "
                         "live in the daemon; torch.save(model.state_dict()) holds them, and "
@@ -276,28 +296,32 @@ class MoE(torch.nn.Module):
 
 def _layers(model):
     """The daemon layers of the tuteld MoEs in `model`, each once: modules attached to the same
-    layer share its parameters, which torch would step once too."""
+    layer (the same daemon, tenant and name) share its parameters, which torch would step once
+    too."""
     seen = {}
     for m in model.modules():
         if isinstance(m, MoE):
-            seen.setdefault((m.layer._client.tenant, m.layer.name), m.layer)
+            client = m.layer._client
+            seen.setdefault((client._daemon, client.tenant, m.layer.name), m.layer)
     return seen.values()
 
 
-def step(model):
+def step(model, lr=None, weight_decay=None):
     """The daemon's optimizer step for every tuteld layer in `model`, once each (torch's
-    optimizers do not see them)."""
+    optimizers do not see them); a layer without gradients since zero_grad is left as it is.
+    lr, weight_decay: this step's, in place of the specs' (a schedule's: e.g. with
+    torch.optim.lr_scheduler over the model's torch optimizer, lr=scheduler.get_last_lr()[0])."""
     for layer in _layers(model):
-        layer.step()
+        layer.step(lr=lr, weight_decay=weight_decay)
 
 
-def zero_grad(model):
+def zero_grad(model, set_to_none=True):
     """Zeroes the daemon-side gradients of every tuteld layer in `model`, and torch's own
     (model.zero_grad() alone does not reach the daemon: it does not call the modules'
-    zero_grad)."""
-    model.zero_grad()
+    zero_grad). set_to_none as torch's."""
+    model.zero_grad(set_to_none=set_to_none)
     for layer in _layers(model):
-        layer.zero_grad()
+        layer.zero_grad(set_to_none=set_to_none)
 
 
 def clip_grad_norm_(model, max_norm, norm_type=2.0, *, error_if_nonfinite=False):

@@ -61,6 +61,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "tutel/comm/communicator.hpp"
@@ -268,11 +269,21 @@ class ExpertParallelLayer {
   // collective timeout. Returns `why`. refuse_backward consumes `saved`, as a backward would.
   Status refuse_forward(Status why);
   Status refuse_backward(Saved& saved, Status why);
-  // Sums the replicated gate's gradient over the group, in place. Collective: every rank calls
-  // it, in the same order as grad_sum_squares (each opens with the tagged agreement, so a rank
-  // that calls another one at this point fails both with InvalidArgument naming them, instead
-  // of pairing all-reduces of different lengths).
-  Status all_reduce_gate_grad(TensorView gate_grad);
+  // A value of a step that every rank must pass alike (a caller's setting, say the learning
+  // rate), named for the error that says which differs. Non-negative.
+  struct Alike {
+    const char* what;
+    int64_t value;
+  };
+  static constexpr size_t kMaxAlike = kAgreementValues / 2;
+  // Opens a step: checks that every rank passed the same `alike` values (at most kMaxAlike;
+  // where one differs, every rank refuses the step with InvalidArgument naming it, before
+  // anything is summed), then, where `sum`, sums the replicated gate's gradient over the group
+  // in place. Collective: every rank calls it, in the same order as grad_sum_squares (each
+  // opens with the tagged agreement, so a rank that calls another one at this point fails both
+  // with InvalidArgument naming them, instead of pairing all-reduces of different lengths).
+  // Every rank passes the same `sum` where `alike` carries it.
+  Status all_reduce_gate_grad(TensorView gate_grad, std::span<const Alike> alike = {}, bool sum = true);
   // The squared L2 norm of the whole layer's gradients, the same on every rank (collective, in
   // the group's order like the others): the experts' slices (disjoint over the group) and the
   // gate's gradient summed over the group, as all_reduce_gate_grad will leave it. Leaves
