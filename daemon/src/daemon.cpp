@@ -160,7 +160,6 @@ Status DaemonImpl::start() {
   for (const TenantConfig& t : config_.tenants)
     retired_regions_[t.name] = std::make_shared<RetiredRegions>(registry_->tenant_memory(t.name));
   TUTEL_RETURN_IF_ERROR(restore_state());
-  TUTEL_RETURN_IF_ERROR(load_config_layers());
   if (!config_.server.metrics_listen.empty()) TUTEL_RETURN_IF_ERROR(start_metrics_server());
   uv_signal_init(&loop_, &sigterm_);
   uv_signal_init(&loop_, &sigint_);
@@ -286,9 +285,15 @@ Status DaemonImpl::lock_instance() {
 // state_dir/<tenant>/<layer>.safetensors holds each layer's parameters, optimizer state, step and
 // spec; a restart brings every one of them back. (lock_instance() created state_dir.)
 Status DaemonImpl::restore_state() {
-  if (config_.server.state_dir.empty()) return Status::OK();
+  // The layers found in state_dir, restored below in an order of their own.
+  struct Found {
+    std::string tenant, spec;
+    LayerDefinition def;
+  };
+  std::vector<Found> found;
   std::error_code ec;
-  for (const TenantConfig& t : config_.tenants) {
+  const std::vector<TenantConfig> no_state_dir;
+  for (const TenantConfig& t : config_.server.state_dir.empty() ? no_state_dir : config_.tenants) {
     const fs::path dir = fs::path(config_.server.state_dir) / t.name;
     // What cannot be read is an error naming it, never skipped: a layer left out here would be
     // created afresh and then checkpointed over its state at the next exit.
@@ -324,9 +329,46 @@ Status DaemonImpl::restore_state() {
       }
       def.weights_path = path;
       def.init_seed.reset();
-      TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(t.name, def, spec->second));
-      TUTEL_LOG(INFO) << "restored layer " << t.name << "/" << def.name << " at step " << ref.layer->step_count();
+      found.push_back({t.name, spec->second, std::move(def)});
     }
+  }
+  // The config's layers first, from their checkpoints or afresh, then the ones clients created.
+  // A tenant's quotas must not decide whether the daemon starts: a tenant that destroyed a
+  // config layer and filled its max_layers with its own, or whose restored plans outgrow its
+  // memory, would otherwise keep every tenant out after the next restart. So the config's
+  // layers take their places before any client's, and a client's layer a quota refuses is left
+  // out, logged, its file kept (to load, or to restore once the quota allows).
+  auto restore = [&](const Found& f) -> Status {
+    TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(f.tenant, f.def, f.spec));
+    TUTEL_LOG(INFO) << "restored layer " << f.tenant << "/" << f.def.name << " at step " << ref.layer->step_count();
+    return Status::OK();
+  };
+  auto from_config = [&](const Found& f) {
+    return std::any_of(config_.layers.begin(), config_.layers.end(), [&](const LayerDefinition& d) {
+      return d.tenant == f.tenant && d.name == f.def.name;
+    });
+  };
+  for (const LayerDefinition& def : config_.layers) {
+    const auto it = std::find_if(found.begin(), found.end(), [&](const Found& f) {
+      return f.tenant == def.tenant && f.def.name == def.name;
+    });
+    if (it != found.end()) {
+      TUTEL_RETURN_IF_ERROR(restore(*it));
+    } else {
+      TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(def.tenant, def, format_layer_spec(def)));
+      (void)ref;
+    }
+  }
+  for (const Found& f : found) {
+    if (from_config(f)) continue;
+    Status restored = restore(f);
+    if (restored.code() == StatusCode::kResourceExhausted) {
+      TUTEL_LOG(WARN) << "not restoring layer " << f.tenant << "/" << f.def.name << ": " << restored
+                      << "; its checkpoint stays in state_dir (a layer of the same name created later "
+                         "replaces it at exit: load it first)";
+      continue;
+    }
+    TUTEL_RETURN_IF_ERROR(restored);
   }
   return Status::OK();
 }
@@ -370,15 +412,6 @@ Status DaemonImpl::resume_group_layer(const std::string& tenant, LayerDefinition
   if (const auto tuning = file.metadata().find(kTuningKey); tuning != file.metadata().end())
     def.resumed_tuning = tuning->second;
   TUTEL_LOG(INFO) << "group layer " << tenant << "/" << def.name << " resumes from " << path.string();
-  return Status::OK();
-}
-
-Status DaemonImpl::load_config_layers() {
-  for (const LayerDefinition& def : config_.layers) {
-    if (registry_->attach(def.tenant, def.name).ok()) continue;  // restored from state_dir
-    TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(def.tenant, def, format_layer_spec(def)));
-    (void)ref;
-  }
   return Status::OK();
 }
 

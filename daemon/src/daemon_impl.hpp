@@ -64,8 +64,8 @@ class DaemonImpl {
   Status join_cluster();  // and, on node 0, start the rendezvous service
   std::shared_ptr<const GroupRendezvous> group_rendezvous() const;
   Status start_ranks();
+  // The layers of state_dir and of the config file, the config's first.
   Status restore_state();
-  Status load_config_layers();
   // A group layer created with the spec of its checkpoint in state_dir resumes from it.
   Status resume_group_layer(const std::string& tenant, LayerDefinition& def) const;
   // Takes the instance locks of both sockets and of state_dir (creating it), or fails naming the

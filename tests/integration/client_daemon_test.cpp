@@ -990,6 +990,40 @@ TEST(DaemonStartup, AStateFileItCannotReadStopsTheStartNamingIt) {
 }
 
 // state_dir holds every tenant's weights and optimizer state: the daemon creates it private.
+// A tenant's quotas never decide whether the daemon starts. A tenant with max_layers = 2
+// destroys the config file's layer and fills its quota with two of its own: at the next start
+// the config's layer takes its place first, one of the client's is left out (its checkpoint
+// kept, the log saying why), and the daemon serves. (It once failed to start: "tenant 'default'
+// has reached its quota of 2 layers", keeping every tenant out.)
+TEST(DaemonStartup, ATenantsQuotaCannotKeepTheDaemonFromStarting) {
+  DaemonOptions o;
+  o.default_tenant_extra = "max_layers = 2";
+  o.layers = "[[layer]]\ntenant = \"default\"\nname = \"configured\"\n"
+             "experts = 4\nmodel_dim = 16\nhidden = 32\nk = 2\ninit_seed = 1\n";
+  DaemonProcess d(o);
+  ASSERT_TRUE(d.start()) << d.log();
+  {
+    auto client = client::Client::connect(d.client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    auto configured = client->attach_layer("configured");
+    ASSERT_TRUE(configured.ok()) << configured.status();
+    ASSERT_TRUE(configured->destroy().ok());
+    ASSERT_TRUE(client->create_layer(spec("mine_a")).ok());
+    ASSERT_TRUE(client->create_layer(spec("mine_b")).ok());
+  }
+  ASSERT_EQ(d.stop(), 0) << d.log();  // both checkpointed
+  ASSERT_TRUE(d.start()) << d.log();
+  auto client = client::Client::connect(d.client_socket());
+  ASSERT_TRUE(client.ok()) << client.status() << d.log();
+  EXPECT_TRUE(client->attach_layer("configured").ok()) << d.log();
+  const bool a = client->attach_layer("mine_a").ok(), b = client->attach_layer("mine_b").ok();
+  EXPECT_TRUE(a != b) << "exactly one of the client's layers fits beside the config's";
+  const std::string left_out = a ? "mine_b" : "mine_a";
+  EXPECT_TRUE(std::filesystem::exists(d.dir() + "/state/default/" + left_out + ".safetensors"));
+  EXPECT_NE(d.log().find("not restoring layer default/" + left_out), std::string::npos) << d.log();
+  EXPECT_EQ(d.stop(), 0) << d.log();
+}
+
 TEST(DaemonStartup, CreatesStateDirPrivate) {
   DaemonProcess d(DaemonOptions{});
   ASSERT_TRUE(d.start());
