@@ -37,8 +37,6 @@ namespace {
 
 using nlohmann::json;
 
-// The same bound the reference implementation uses; a larger header is not a model file.
-constexpr uint64_t kMaxHeaderBytes = uint64_t{100} << 20;
 // Entries nest three levels (root, entry, shape); anything much deeper is hostile input,
 // cut off before it can make any later recursive walk of the tree expensive.
 constexpr int kMaxJsonDepth = 8;
@@ -327,7 +325,7 @@ Result<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
     if (::fstat(fd.get(), &st) != 0) return errno_status(errno, "cannot stat", path);
     if (!S_ISREG(st.st_mode))
       return Status::InvalidArgument(file_context(path) + " is not a regular file");
-    return map_file(fd.get(), path, static_cast<uint64_t>(st.st_size), ~uint64_t{0});
+    return map_file(fd.get(), path, static_cast<uint64_t>(st.st_size), ~uint64_t{0}, kMaxSafetensorsHeaderBytes);
   } catch (const std::bad_alloc&) {
     return Status::ResourceExhausted("out of memory reading " + file_context(path));
   } catch (const std::exception& e) {
@@ -345,7 +343,7 @@ Status SafetensorsFile::check_size(const std::string& what, uint64_t file_size, 
 }
 
 Result<SafetensorsFile> SafetensorsFile::map_file(int fd, const std::string& what, uint64_t file_size,
-                                                  uint64_t max_bytes) {
+                                                  uint64_t max_bytes, uint64_t max_header_bytes) {
   TUTEL_RETURN_IF_ERROR(check_size(what, file_size, max_bytes));
   SafetensorsFile file;
   file.path_ = what;
@@ -354,11 +352,12 @@ Result<SafetensorsFile> SafetensorsFile::map_file(int fd, const std::string& wha
   // The mapping keeps the file alive on its own; the descriptor is not needed past this.
   file.mapping_ = mapping;
   file.mapping_size_ = file_size;
-  TUTEL_RETURN_IF_ERROR(file.parse(static_cast<const char*>(mapping), file_size));
+  TUTEL_RETURN_IF_ERROR(file.parse(static_cast<const char*>(mapping), file_size, max_header_bytes));
   return file;
 }
 
-Result<SafetensorsFile> SafetensorsFile::read(int fd, const std::string& what, uint64_t max_bytes) {
+Result<SafetensorsFile> SafetensorsFile::read(int fd, const std::string& what, uint64_t max_bytes,
+                                              uint64_t max_header_bytes) {
   try {
     struct stat st {};
     if (::fstat(fd, &st) != 0) return errno_status(errno, "cannot stat", what);
@@ -380,7 +379,7 @@ Result<SafetensorsFile> SafetensorsFile::read(int fd, const std::string& what, u
                                  std::to_string(done) + " bytes while it was read");
       done += static_cast<uint64_t>(n);
     }
-    TUTEL_RETURN_IF_ERROR(file.parse(file.owned_.get(), file_size));
+    TUTEL_RETURN_IF_ERROR(file.parse(file.owned_.get(), file_size, max_header_bytes));
     return file;
   } catch (const std::bad_alloc&) {
     return Status::ResourceExhausted("out of memory reading " + file_context(what));
@@ -389,7 +388,8 @@ Result<SafetensorsFile> SafetensorsFile::read(int fd, const std::string& what, u
   }
 }
 
-Result<SafetensorsFile> SafetensorsFile::map_sealed(int fd, const std::string& what, uint64_t max_bytes) {
+Result<SafetensorsFile> SafetensorsFile::map_sealed(int fd, const std::string& what, uint64_t max_bytes,
+                                                    uint64_t max_header_bytes) {
   try {
     struct stat st {};
     if (::fstat(fd, &st) != 0) return errno_status(errno, "cannot stat", what);
@@ -398,7 +398,7 @@ Result<SafetensorsFile> SafetensorsFile::map_sealed(int fd, const std::string& w
       return Status::InvalidArgument(file_context(what) +
                                      " is not a memfd sealed against shrinking and writing (F_SEAL_SHRINK, "
                                      "F_SEAL_WRITE); read() copies one that is not");
-    return map_file(fd, what, static_cast<uint64_t>(st.st_size), max_bytes);
+    return map_file(fd, what, static_cast<uint64_t>(st.st_size), max_bytes, max_header_bytes);
   } catch (const std::bad_alloc&) {
     return Status::ResourceExhausted("out of memory reading " + file_context(what));
   } catch (const std::exception& e) {
@@ -406,7 +406,7 @@ Result<SafetensorsFile> SafetensorsFile::map_sealed(int fd, const std::string& w
   }
 }
 
-Status SafetensorsFile::parse(const char* bytes, uint64_t file_size) {
+Status SafetensorsFile::parse(const char* bytes, uint64_t file_size, uint64_t max_header_bytes) {
   const std::string& path = path_;
   uint64_t header_size = 0;
   std::memcpy(&header_size, bytes, 8);
@@ -414,9 +414,13 @@ Status SafetensorsFile::parse(const char* bytes, uint64_t file_size) {
     return corrupt(path, "header length " + std::to_string(header_size) + " exceeds the " +
                              std::to_string(file_size - 8) +
                              " bytes that follow it; the file is truncated or not safetensors");
-  if (header_size > kMaxHeaderBytes)
+  if (header_size > kMaxSafetensorsHeaderBytes)
     return corrupt(path, "header length " + std::to_string(header_size) +
-                             " is over the limit of " + std::to_string(kMaxHeaderBytes) + " bytes");
+                             " is over the limit of " + std::to_string(kMaxSafetensorsHeaderBytes) + " bytes");
+  if (header_size > max_header_bytes)
+    return Status::InvalidArgument(file_context(path) + " has a header of " + std::to_string(header_size) +
+                                   " bytes, more than the " + std::to_string(max_header_bytes) +
+                                   " its reader takes (its tensors' names and metadata are longer than it expects)");
   const char* data_section = bytes + 8 + header_size;
   const uint64_t data_size = file_size - 8 - header_size;
 

@@ -1063,12 +1063,17 @@ uint64_t ServedLayer::import_bytes_bound() const {
   uint64_t here = 0;
   for (const Tensor& t : tensors_) here += static_cast<uint64_t>(t.shape.numel()) * 4 * 3;
   const uint64_t whole = 4 * 3 * (E * M + E * H * M + E * H + E * H * O + E * O);
+  // And an export's rounding to whole pages.
+  return (group_ ? std::max(here, whole) : here) + import_header_bound() + 4096;
+}
+
+uint64_t ServedLayer::import_header_bound() const {
   // save_bytes_bound()'s header bound (a tuner record whatever the layer: another layer's file
-  // may carry one), and room for another layer's metadata and names (a longer spec or tenant)
-  // and an export's rounding to whole pages.
-  const uint64_t header = 6 * (spec_text_.size() + tenant_.size()) + 2 * kMaxTuningRecordBytes + 4096 +
-                          256 * 3 * tensors_.size() + (1u << 20);
-  return (group_ ? std::max(here, whole) : here) + header;
+  // may carry one), and room for another layer's metadata and names (a longer spec or tenant).
+  // Bounded before it is parsed: a JSON tree takes many times its text (a 100 MiB header of
+  // empty objects took 4 GiB).
+  return 6 * (spec_text_.size() + tenant_.size()) + 2 * kMaxTuningRecordBytes + 4096 + 256 * 3 * tensors_.size() +
+         (1u << 20);
 }
 
 Status ServedLayer::import_state(int fd) {
@@ -1085,8 +1090,9 @@ Status ServedLayer::import_state(int fd) {
   struct stat st {};
   const Result<uint64_t> hole = sealed ? first_hole(fd) : Result<uint64_t>(uint64_t{0});
   const bool mappable = sealed && hole.ok() && ::fstat(fd, &st) == 0 && *hole >= static_cast<uint64_t>(st.st_size);
-  TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, mappable ? SafetensorsFile::map_sealed(fd, what, import_bytes_bound())
-                                                        : SafetensorsFile::read(fd, what, import_bytes_bound()));
+  const uint64_t bound = import_bytes_bound(), header_bound = import_header_bound();
+  TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, mappable ? SafetensorsFile::map_sealed(fd, what, bound, header_bound)
+                                                        : SafetensorsFile::read(fd, what, bound, header_bound));
   return load_file(file);
 }
 

@@ -221,6 +221,9 @@ class ServedLayer {
   // layer's, each with two optimizer states (a load ignores those the layer does not keep),
   // and a header with room for another layer's metadata and an export's page rounding.
   uint64_t import_bytes_bound() const;
+  // The longest header it parses (within import_bytes_bound): this layer's header bound with
+  // room for another layer's metadata and names.
+  uint64_t import_header_bound() const;
 
  private:
   ServedLayer(LayerDefinition def, std::string spec_text, std::shared_ptr<TenantMemory> memory, Rank& rank)

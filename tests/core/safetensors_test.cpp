@@ -527,6 +527,32 @@ TEST_F(SafetensorsTest, ReadRefusesWhatIsNotARegularFileAndFilesOverItsBound) {
   EXPECT_EQ(SafetensorsFile::read(-1, "the state", 1 << 20).status().code(), StatusCode::kIOError);
 }
 
+// A reader that knows how long a header its files have refuses a longer one before parsing it
+// (a JSON tree takes many times its text: 100 MiB of "[{},{},...]" took 4 GiB); one at the bound
+// is read, mapped or copied alike.
+TEST_F(SafetensorsTest, AHeaderOverItsReadersBoundIsRefusedUnparsed) {
+  std::mt19937_64 rng(std::random_device{}());
+  const std::vector<Owned> tensors = {random_tensor(rng, "w", DType::kF32, {3, 5})};
+  const std::string path = file("bounded.safetensors");
+  ASSERT_TRUE(write_safetensors(path, entries_of(tensors), {{"tuteld.step", "4"}}).ok());
+  const std::string bytes = read_file(path);
+  uint64_t header = 0;
+  std::memcpy(&header, bytes.data(), 8);
+  UniqueFd sealed = memfd_holding(bytes);
+  ASSERT_EQ(::fcntl(sealed.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE), 0);
+  const UniqueFd copied = memfd_holding(bytes);
+  EXPECT_TRUE(SafetensorsFile::read(copied.get(), "the state", bytes.size(), header).ok());
+  EXPECT_TRUE(SafetensorsFile::map_sealed(sealed.get(), "the state", bytes.size(), header).ok());
+  for (const Result<SafetensorsFile>& r : {SafetensorsFile::read(copied.get(), "the state", bytes.size(), header - 1),
+                                           SafetensorsFile::map_sealed(sealed.get(), "the state", bytes.size(), header - 1)}) {
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
+    EXPECT_TRUE(contains(r.status().message(), "header of " + std::to_string(header) + " bytes, more than the " +
+                                                   std::to_string(header - 1)))
+        << r.status();
+  }
+}
+
 // A memfd sealed against shrinking and writing is mapped, not copied: the same tensors as open()
 // of the same bytes; one without both seals is refused (read() copies it), as is one over the
 // bound, and a corrupt one is refused as open() refuses it.

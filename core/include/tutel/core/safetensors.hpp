@@ -48,6 +48,9 @@ struct SafetensorsTensor {
   TensorView view() const;
 };
 
+// The longest header any reader takes (the reference implementation's bound).
+inline constexpr uint64_t kMaxSafetensorsHeaderBytes = uint64_t{100} << 20;
+
 class SafetensorsFile {
  public:
   // Maps and validates `path`. Errors name the file and, where one is at fault, the
@@ -59,8 +62,11 @@ class SafetensorsFile {
   // process handed over: a mapping of it could be truncated under this process (SIGBUS), a copy
   // cannot. Refuses anything but a regular file, and a file over `max_bytes` before reading
   // it (InvalidArgument). `what` names it in errors. The tensors' data is aligned only as the
-  // file made it (see above).
-  static Result<SafetensorsFile> read(int fd, const std::string& what, uint64_t max_bytes);
+  // file made it (see above). A header over `max_header_bytes` is refused (InvalidArgument)
+  // before it is parsed: a reader that knows what the file may hold bounds the memory its
+  // parse takes (a JSON tree is many times its text).
+  static Result<SafetensorsFile> read(int fd, const std::string& what, uint64_t max_bytes,
+                                      uint64_t max_header_bytes = kMaxSafetensorsHeaderBytes);
   // Maps the file `fd` holds without copying it, as open() maps a path, where it can neither
   // shrink nor change: a memfd sealed against shrinking and writing (F_SEAL_SHRINK,
   // F_SEAL_WRITE; the write seal also forbids punching holes). InvalidArgument for any other
@@ -68,7 +74,8 @@ class SafetensorsFile {
   // is mapped at the size it had). The caller checks that the file is in ordinary memory
   // (check_memory_file) and has no hole (first_hole): reading a hole through the mapping
   // would allocate a page, at this process's charge, or fault where none can be had.
-  static Result<SafetensorsFile> map_sealed(int fd, const std::string& what, uint64_t max_bytes);
+  static Result<SafetensorsFile> map_sealed(int fd, const std::string& what, uint64_t max_bytes,
+                                            uint64_t max_header_bytes = kMaxSafetensorsHeaderBytes);
 
   SafetensorsFile(SafetensorsFile&& other) noexcept;
   SafetensorsFile& operator=(SafetensorsFile&& other) noexcept;
@@ -88,12 +95,12 @@ class SafetensorsFile {
   void unmap() noexcept;
   // Validates the header of the file's `size` bytes at `bytes` (mapped or owned) and fills
   // tensors_, index_ and metadata_.
-  Status parse(const char* bytes, uint64_t size);
+  Status parse(const char* bytes, uint64_t size, uint64_t max_header_bytes);
   // InvalidArgument over `max_bytes`, Corruption under the 8-byte length prefix.
   static Status check_size(const std::string& what, uint64_t file_size, uint64_t max_bytes);
   // Maps the `file_size` bytes of the regular file `fd` read-only and parses them.
   static Result<SafetensorsFile> map_file(int fd, const std::string& what, uint64_t file_size,
-                                          uint64_t max_bytes);
+                                          uint64_t max_bytes, uint64_t max_header_bytes);
 
   std::string path_;
   void* mapping_ = nullptr;
