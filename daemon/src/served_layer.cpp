@@ -27,6 +27,7 @@ namespace {
 constexpr const char* kStepKey = "tuteld.step";
 constexpr const char* kSpecKey = "tuteld.spec";
 constexpr const char* kTenantKey = "tuteld.tenant";
+constexpr const char* kOptimizerKey = "tuteld.optimizer";  // "sgd" or "adamw": whose state it holds
 const std::string kState0Prefix = "optimizer.state0.";  // SGD momentum, AdamW exp_avg
 const std::string kState1Prefix = "optimizer.state1.";  // AdamW exp_avg_sq
 
@@ -41,6 +42,18 @@ Result<int64_t> step_of(const SafetensorsFile& file) {
       return Status::Corruption(file.path() + ": metadata '" + kStepKey + "' is not a step count: '" + text + "'");
   }
   return step;
+}
+
+// The optimizer whose state a file holds: its kOptimizerKey, else its spec's (files written
+// before the key); nullopt where neither says (a Tutel checkpoint).
+std::optional<OptimizerKind> optimizer_of(const SafetensorsFile& file) {
+  const auto& m = file.metadata();
+  if (auto it = m.find(kOptimizerKey); it != m.end())
+    return it->second == "sgd" ? OptimizerKind::kSgd : it->second == "adamw" ? std::optional(OptimizerKind::kAdamW)
+                                                                             : std::nullopt;
+  if (auto it = m.find(kSpecKey); it != m.end())
+    if (Result<LayerDefinition> def = parse_layer_spec(it->second, file.path()); def.ok()) return def->optimizer.kind;
+  return std::nullopt;
 }
 
 // Pending entries kept for reuse; more in flight than this allocate afresh.
@@ -988,7 +1001,10 @@ std::vector<ServedLayer::SavedTensor> ServedLayer::saved_tensors() const {
 
 std::map<std::string, std::string> ServedLayer::saved_metadata() const {
   std::map<std::string, std::string> metadata{
-      {kStepKey, std::to_string(step_.load())}, {kSpecKey, spec_text_}, {kTenantKey, tenant_}};
+      {kStepKey, std::to_string(step_.load())},
+      {kSpecKey, spec_text_},
+      {kTenantKey, tenant_},
+      {kOptimizerKey, std::string(optimizer_kind_name(def_.optimizer.kind))}};
   // The tuner's decisions, which a resumed group layer takes back (tuning_record.hpp).
   const graphs::ExchangeTuner* tuner = group_ && group_->layer ? group_->layer->tuner() : nullptr;
   if (tuner != nullptr) {
@@ -1118,6 +1134,16 @@ Status ServedLayer::load_locked(const std::string& path, bool require_all) {
 
 Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_all) {
   const std::string& path = file.path();
+  // Another optimizer's state is no state of this one's (SGD's momentum taken for AdamW's first
+  // moment, with no second moment, moved a weight 5000 times as far as a fresh start): it is
+  // left, and this optimizer starts afresh at step 0, as from a file without optimizer state.
+  const std::optional<OptimizerKind> written_by = optimizer_of(file);
+  const bool foreign_state = written_by && *written_by != def_.optimizer.kind;
+  if (foreign_state)
+    TUTEL_LOG(WARN) << "layer " << tenant_ << "/" << def_.name << ": " << path << " holds the state of a "
+                    << optimizer_kind_name(*written_by) << " optimizer; this layer's "
+                    << optimizer_kind_name(def_.optimizer.kind) << " takes its weights and starts afresh";
+  auto step_of_file = [&]() -> Result<int64_t> { return foreign_state ? Result<int64_t>(int64_t{0}) : step_of(file); };
   if (group_) {
     // A whole-layer file (all E experts, e.g. a Tutel checkpoint): this rank takes its slice, of
     // the optimizer state too where the file has it; where it has none, the state starts afresh.
@@ -1136,7 +1162,8 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
           if (!present) return Status::OK();
           const std::string full = prefix + name;
           out.assign(static_cast<size_t>(shape.numel()), 0.f);
-          const SafetensorsTensor* t = file.find(full);
+          // Optimizer state (optional) of another optimizer's is none.
+          const SafetensorsTensor* t = optional && foreign_state ? nullptr : file.find(full);
           if (!t && optional) return Status::OK();
           if (!t || t->dtype != DType::kF32 || !(t->shape == shape))
             return Status::InvalidArgument(path + ": tensor '" + full + "' must be f32 " + shape.to_string() +
@@ -1156,8 +1183,9 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
       graphs::HostLayerParams values, states[2];
       TUTEL_RETURN_IF_ERROR(read_whole("", /*optional=*/false, values));
       for (int i = 0; i < 2; ++i)
-        if (has_state[i]) TUTEL_RETURN_IF_ERROR(read_whole(i == 0 ? kState0Prefix : kState1Prefix, true, states[i]));
-      TUTEL_ASSIGN_OR_RETURN(const int64_t step, step_of(file));
+        if (has_state[i])
+          TUTEL_RETURN_IF_ERROR(read_whole(i == 0 ? kState0Prefix : kState1Prefix, true, states[i]));
+      TUTEL_ASSIGN_OR_RETURN(const int64_t step, step_of_file());
       const graphs::ExpertShard& shard = group_->layer->shard();
       TUTEL_RETURN_IF_ERROR(copy_in(graphs::slice_for_rank(s, shard, values)));
       for (int i = 0; i < 2; ++i)
@@ -1177,7 +1205,7 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
   // never leaves the state of the weights it replaced beside the new ones.
   std::vector<TensorView> fresh;
   auto take = [&](const std::string& name, const Tensor& t, DeviceBuffer* dst, bool required) -> Status {
-    const SafetensorsTensor* src = file.find(name);
+    const SafetensorsTensor* src = required || !foreign_state ? file.find(name) : nullptr;
     if (!src) {
       if (required && require_all)
         return Status::NotFound(path + ": tensor '" + name + "' is missing (expected f32 " + t.shape.to_string() + ")");
@@ -1195,7 +1223,7 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
     if (t.state0.data()) TUTEL_RETURN_IF_ERROR(take(kState0Prefix + t.name, t, &t.state0, false));
     if (t.state1.data()) TUTEL_RETURN_IF_ERROR(take(kState1Prefix + t.name, t, &t.state1, false));
   }
-  TUTEL_ASSIGN_OR_RETURN(const int64_t step, step_of(file));
+  TUTEL_ASSIGN_OR_RETURN(const int64_t step, step_of_file());
   auto device_lock = lock_device();
   for (const Copy& c : copies)
     TUTEL_RETURN_IF_ERROR(b.copy(c.dst->data(), c.src->data, c.src->nbytes, CopyKind::kHostToDevice));

@@ -579,6 +579,70 @@ TEST_F(ClientDaemon, AnExportedStateIsTheSavedFileAndImportingItMakesATwin) {
   EXPECT_EQ(state_of(*second).second, "2");
 }
 
+// A file holds its optimizer's name (metadata tuteld.optimizer): another optimizer's state is no
+// state of this one's. An SGD layer's state (momentum, step 1) imported into an AdamW layer of
+// the same shapes gives it the weights, zero moments and step 0 (SGD's momentum taken for
+// AdamW's first moment, with no second, once moved a weight 5000 times as far as a fresh start),
+// and the daemon's log says so; the same optimizer's state is taken whole.
+TEST_F(ClientDaemon, AnotherOptimizersStateIsNotTaken) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto sgd = client->create_layer(spec("sgd_source"));
+  const std::string adamw_spec = "name = \"adamw_target\"\nexperts = 4\nmodel_dim = 16\nhidden = 32\nk = 2\n"
+                                 "init_seed = 9\n[optimizer]\nkind = \"adamw\"\n";
+  auto adamw = client->create_layer(adamw_spec);
+  ASSERT_TRUE(sgd.ok() && adamw.ok());
+  std::vector<float> x(32 * 16, 0.5f), y(32 * 16), dx(32 * 16);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * float(i));
+  ASSERT_TRUE(sgd->forward(x.data(), 32, y.data()).ok());
+  ASSERT_TRUE(sgd->backward(y.data(), 0.5f, dx.data()).ok());
+  ASSERT_TRUE(sgd->step().ok());
+  auto tensors_of = [&](client::Layer& layer) {
+    Result<client::ExportedState> state = layer.export_state();
+    EXPECT_TRUE(state.ok()) << state.status();
+    const int copy = state.ok() ? state->dup_fd() : -1;
+    Result<SafetensorsFile> file = SafetensorsFile::read(copy, "the export", 1 << 24);
+    ::close(copy);
+    EXPECT_TRUE(file.ok()) << file.status();
+    return std::make_pair(file.ok() ? state_tensors(*file) : std::map<std::string, std::vector<float>>{},
+                          file.ok() ? file->metadata() : std::map<std::string, std::string>{});
+  };
+  const auto [source, source_meta] = tensors_of(*sgd);
+  EXPECT_EQ(source_meta.at("tuteld.optimizer"), "sgd");
+  Result<client::ExportedState> exported = sgd->export_state();
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  const int fd = exported->dup_fd();
+  ASSERT_TRUE(adamw->import_state(fd).ok());
+  ::close(fd);
+  const auto [target, target_meta] = tensors_of(*adamw);
+  EXPECT_EQ(target_meta.at("tuteld.optimizer"), "adamw");
+  EXPECT_EQ(target_meta.at("tuteld.step"), "0");
+  size_t moments = 0;
+  for (const auto& [name, values] : target) {
+    if (name.rfind("optimizer.", 0) == 0) {
+      ++moments;
+      EXPECT_TRUE(std::all_of(values.begin(), values.end(), [](float v) { return v == 0.f; })) << name;
+    } else {
+      EXPECT_EQ(values, source.at(name)) << name;
+    }
+  }
+  EXPECT_EQ(moments, 10u);  // exp_avg and exp_avg_sq of 5 parameters
+  EXPECT_NE(daemon_->log().find("holds the state of a sgd optimizer"), std::string::npos) << daemon_->log();
+  // The same optimizer's state is taken whole: the AdamW layer's own export, back into it.
+  ASSERT_TRUE(adamw->forward(x.data(), 32, y.data()).ok());
+  ASSERT_TRUE(adamw->backward(y.data(), 0.5f, dx.data()).ok());
+  ASSERT_TRUE(adamw->step().ok());
+  const auto [stepped, stepped_meta] = tensors_of(*adamw);
+  Result<client::ExportedState> stepped_state = adamw->export_state();
+  ASSERT_TRUE(stepped_state.ok());
+  const int again = stepped_state->dup_fd();
+  ASSERT_TRUE(adamw->import_state(again).ok());
+  ::close(again);
+  const auto [reloaded, reloaded_meta] = tensors_of(*adamw);
+  EXPECT_EQ(reloaded_meta.at("tuteld.step"), "1");
+  EXPECT_TRUE(reloaded == stepped);
+}
+
 // A step applies only gradients that are there, and the settings it is given. Three twins (the
 // same init_seed; SGD, lr 0.05, momentum 0.9, whose first step moves a parameter by lr · (g +
 // weight_decay · w) with the momentum buffer = that gradient):
