@@ -1058,9 +1058,18 @@ Result<uint64_t> ServedLayer::export_state(int memfd) {
   std::vector<SafetensorsEntry> entries;
   for (const SavedTensor& t : saved)
     entries.push_back({t.name, DType::kF32, *t.shape, host ? t.value->data() : nullptr});
-  auto device_lock = lock_device();
-  TUTEL_RETURN_IF_ERROR(rank_.health.check());
+  // The rank's device lock (every layer's on the rank, whatever their tenant) is never held
+  // while the client's file is written: a client can make that write wait as long as it likes
+  // (a page of its source it never serves), and another tenant's forward, or the exit's
+  // checkpoints, would wait with it. The layer's own lock keeps its tensors as they are; a
+  // device's are staged a chunk at a time under the device lock.
+  {
+    auto device_lock = lock_device();
+    TUTEL_RETURN_IF_ERROR(rank_.health.check());
+  }
   auto fill = [&](size_t i, uint64_t offset, void* dst, size_t bytes) -> Status {
+    auto device_lock = lock_device();
+    TUTEL_RETURN_IF_ERROR(rank_.health.check());
     return watch_device(b.copy(dst, static_cast<const char*>(saved[i].value->data()) + offset, bytes,
                                CopyKind::kDeviceToHost));
   };
