@@ -165,8 +165,10 @@ std::string rank_list(const std::vector<int>& ranks) {
 
 // The version of what a group's ranks exchange at each call (the agreements and what follows
 // them, and the creation's own words below): moves whenever that changes. 2: stop 25's tagged
-// agreements and numbered forwards. 3: the restored tuner decisions' word at creation.
-constexpr int64_t kGroupProtocolVersion = 3;
+// agreements and numbered forwards. 3: the restored tuner decisions' word at creation. 4: a
+// step's agreement carries values every rank must pass alike (all_reduce_gate_grad), and the
+// creation's words are padded to a fixed width.
+constexpr int64_t kGroupProtocolVersion = 4;
 
 // The tuner decisions a rank restored, as one word the ranks compare: 0 for none.
 uint64_t restored_fingerprint(const std::vector<TunerDecision>& decided) {
@@ -186,10 +188,12 @@ uint64_t restored_fingerprint(const std::vector<TunerDecision>& decided) {
 // timeout elsewhere). So the ranks all-gather three fingerprints (the spec; how it runs; the
 // group protocol of their build) and whether each could create the layer at all, and all refuse
 // together, each saying why: a rank that refused alone would leave its peers waiting in their
-// first collective. (Builds from before the protocol word gather fewer bytes: a group mixing
-// them fails in this all-gather itself, as differently sized collectives.)
-// A fifth word, the tuner decisions each rank restored, refuses nothing: where they differ,
-// `restored_differ` lists the ranks (compared with rank 0), and every rank measures afresh.
+// first collective. A fifth word, the tuner decisions each rank restored, refuses nothing:
+// where they differ, `restored_differ` lists the ranks (compared with rank 0), and every rank
+// measures afresh. The words are padded to kWords, so that a later build's words fit in the same
+// all-gather and its protocol word tells the ranks apart: builds that gathered fewer bytes
+// (group protocol 3 and before) fail in this all-gather itself, as differently sized
+// collectives (UCX refuses the size; NCCL, which checks nothing, waits until its timeout).
 Status compare_with_group(Backend& backend, comm::Communicator& comm, const LayerSpec& sp,
                           const ExpertParallelOptions& options, const Status& valid_here,
                           std::vector<int>& restored_differ) {
@@ -215,7 +219,7 @@ Status compare_with_group(Backend& backend, comm::Communicator& comm, const Laye
   // would pair them with all-reduces of another size or meaning.
   Fingerprint wire;
   wire.add(kGroupProtocolVersion).add(static_cast<int64_t>(ExpertParallelLayer::kAgreementWidth));
-  constexpr size_t kWords = 5;
+  constexpr size_t kWords = 8;  // 5 in use, 3 kept for later builds (zero)
   const uint64_t mine[kWords] = {spec.value(), how.value(), wire.value(), valid_here.ok() ? 1u : 0u,
                                  restored_fingerprint(options.tune.decided)};
   std::vector<uint64_t> all(kWords * static_cast<size_t>(W));

@@ -1431,13 +1431,13 @@ TEST(ExpertParallelOptionsCheck, RanksGivenDifferentLayersRefuseThemTogether) {
 }
 
 // Stands in for a rank whose tuteld build speaks another group protocol: its layer fingerprint
-// (the all-gather of five words per rank at creation) carries another third word, the build's.
+// (the all-gather of eight words per rank at creation) carries another third word, the build's.
 class OtherProtocolBuild final : public ForwardingCommunicator {
  public:
   using ForwardingCommunicator::ForwardingCommunicator;
   Status all_gather(const void* send, void* recv, size_t bytes_per_rank) override {
-    if (bytes_per_rank != 5 * sizeof(uint64_t)) return ForwardingCommunicator::all_gather(send, recv, bytes_per_rank);
-    uint64_t words[5];
+    if (bytes_per_rank != 8 * sizeof(uint64_t)) return ForwardingCommunicator::all_gather(send, recv, bytes_per_rank);
+    uint64_t words[8];
     std::memcpy(words, send, sizeof words);
     words[2] ^= 1;
     return ForwardingCommunicator::all_gather(words, recv, bytes_per_rank);
