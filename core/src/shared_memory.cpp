@@ -44,16 +44,27 @@ size_t page_bytes() {
 
 SharedMemory& SharedMemory::operator=(SharedMemory&& o) noexcept {
   if (this != &o) {
-    if (data_ != nullptr) ::munmap(data_, bytes_);
+    unmap();
     fd_ = std::move(o.fd_);
     data_ = std::exchange(o.data_, nullptr);
     bytes_ = std::exchange(o.bytes_, 0);
+    created_ = std::exchange(o.created_, false);
   }
   return *this;
 }
 
-SharedMemory::~SharedMemory() {
-  if (data_ != nullptr) ::munmap(data_, bytes_);
+SharedMemory::~SharedMemory() { unmap(); }
+
+void SharedMemory::unmap() noexcept {
+  if (data_ == nullptr) return;
+  // Pages this process created (and its memory cgroup pays for) go with it, whoever still
+  // holds the memfd: MADV_REMOVE punches them out of the file. A peer that keeps the descriptor
+  // past the session or region would otherwise keep them for good, and could collect any
+  // number. Its mapping stays valid: it reads zeros, and pages it writes are its own.
+  if (created_) (void)::madvise(data_, bytes_, MADV_REMOVE);
+  ::munmap(data_, bytes_);
+  data_ = nullptr;
+  bytes_ = 0;
 }
 
 Result<UniqueFd> create_memfd(std::string_view what) {
@@ -76,7 +87,9 @@ Result<SharedMemory> SharedMemory::create(size_t bytes, std::string_view what) {
   // F_SEAL_SEAL stops the receiver from adding seals of its own (e.g. F_SEAL_FUTURE_WRITE).
   if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
     return Status::IOError("sealing the " + name + ": " + errno_text(errno));
-  return map(std::move(fd), size, "the " + name);
+  TUTEL_ASSIGN_OR_RETURN(SharedMemory memory, map(std::move(fd), size, "the " + name));
+  memory.created_ = true;
+  return memory;
 }
 
 Status check_memory_file(int fd, std::string_view what) {

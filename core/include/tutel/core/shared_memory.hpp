@@ -55,7 +55,9 @@ class SharedMemory {
 
   // Creates a memfd of `bytes` (> 0; rounded up to whole pages), seals it against shrink, grow
   // and further seals, and maps it with every page faulted in now rather than on first touch.
-  // `what` names it in error messages and in /proc/<pid>/fd ("session arena").
+  // `what` names it in error messages and in /proc/<pid>/fd ("session arena"). Its pages are
+  // freed when this object goes, also where another process still holds the memfd (its
+  // mapping then reads zeros): memory a peer was lent ends with the loan.
   static Result<SharedMemory> create(size_t bytes, std::string_view what);
   // Maps a memfd received from another process: refuses anything that is not a regular file of
   // exactly `expected_bytes` (what the peer announced), sealed against shrink and grow. The size
@@ -73,10 +75,12 @@ class SharedMemory {
  private:
   // Maps all `size` bytes of `fd` shared, read-write, faulted in; `what` names it in errors.
   static Result<SharedMemory> map(UniqueFd fd, size_t size, const std::string& what);
+  void unmap() noexcept;
 
   UniqueFd fd_;
   uint8_t* data_ = nullptr;
   size_t bytes_ = 0;
+  bool created_ = false;  // made by create(): its pages are freed with it
 };
 
 // The size of a page of mapped memory.
