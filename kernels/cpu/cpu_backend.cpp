@@ -120,7 +120,7 @@ class CpuBackend final : public Backend {
   // A sealed memfd: the other process maps the same pages, which stay its own after this side
   // unmaps them, so nothing here can ever show it this process's later data.
   Result<ShareableBuffer> allocate_shareable(size_t bytes) override {
-    TUTEL_ASSIGN_OR_RETURN(SharedMemory memory, SharedMemory::create(bytes, "shared device memory"));
+    TUTEL_ASSIGN_OR_RETURN(SharedMemory memory, SharedMemory::create(bytes, "shared device memory", SharedMemory::Loan::kEndsWithThis));
     ShareableBuffer out;
     out.exported.kind = "host_memfd";
     out.exported.device_id = "cpu";

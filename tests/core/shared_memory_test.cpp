@@ -42,13 +42,13 @@ TEST(SharedMemory, CreateRoundsToPagesSealsAndIsSharedWithAForkedReader) {
   EXPECT_STREQ(reinterpret_cast<const char*>(m->data() + 4096), "child");
 }
 
-// Memory this process created goes with it, whoever still holds the memfd: a client that kept
+// Memory this process lends goes with it, whoever still holds the memfd: a client that kept
 // its session arena's or a region's descriptor after the session or region ended held the
 // daemon's pages for good (12 arenas of 32 MiB: 384 MiB, counted nowhere). The holder's own
 // mapping stays valid and reads zeros; what it writes is its own, and is kept. An attached
 // mapping (the receiver's) frees nothing of the creator's.
 TEST(SharedMemory, TheCreatorsPagesGoWithItWhoeverHoldsTheMemfd) {
-  auto m = SharedMemory::create(size_t{8} << 20, "lent memory");
+  auto m = SharedMemory::create(size_t{8} << 20, "lent memory", SharedMemory::Loan::kEndsWithThis);
   ASSERT_TRUE(m.ok()) << m.status();
   std::memset(m->data(), 0x5a, m->bytes());
   const UniqueFd kept(::dup(m->fd()));
@@ -69,6 +69,16 @@ TEST(SharedMemory, TheCreatorsPagesGoWithItWhoeverHoldsTheMemfd) {
   EXPECT_EQ(again->data()[4096], 7);
   *again = SharedMemory();  // attached: frees nothing
   EXPECT_EQ(peer->data()[4096], 7);
+  // Memory handed over for good (an exported state, whose descriptor the creator keeps) lives
+  // as long as its file.
+  auto handed = SharedMemory::create(size_t{1} << 20, "handed-over memory");
+  ASSERT_TRUE(handed.ok()) << handed.status();
+  std::memset(handed->data(), 0x33, handed->bytes());
+  const UniqueFd file(handed->take_fd().release());
+  *handed = SharedMemory();
+  unsigned char byte = 0;
+  ASSERT_EQ(::pread(file.get(), &byte, 1, 4096), 1);
+  EXPECT_EQ(byte, 0x33);
 }
 
 TEST(SharedMemory, AttachRefusesWhatCouldBeTruncatedOrIsNotAMemfd) {

@@ -55,10 +55,13 @@ class SharedMemory {
 
   // Creates a memfd of `bytes` (> 0; rounded up to whole pages), seals it against shrink, grow
   // and further seals, and maps it with every page faulted in now rather than on first touch.
-  // `what` names it in error messages and in /proc/<pid>/fd ("session arena"). Its pages are
-  // freed when this object goes, also where another process still holds the memfd (its
-  // mapping then reads zeros): memory a peer was lent ends with the loan.
-  static Result<SharedMemory> create(size_t bytes, std::string_view what);
+  // `what` names it in error messages and in /proc/<pid>/fd ("session arena").
+  // `Loan::kEndsWithThis`: memory lent to another process for as long as this object lives (a
+  // session arena, a device region): its pages are freed when it goes, also where the other
+  // process still holds the memfd (its mapping then reads zeros, and what it writes is its
+  // own). Otherwise the pages live as long as the file does (memory handed over for good).
+  enum class Loan { kNone, kEndsWithThis };
+  static Result<SharedMemory> create(size_t bytes, std::string_view what, Loan loan = Loan::kNone);
   // Maps a memfd received from another process: refuses anything that is not a regular file of
   // exactly `expected_bytes` (what the peer announced), sealed against shrink and grow. The size
   // is checked before anything is mapped: the peer chooses it, and mapping faults every page in.
@@ -80,7 +83,7 @@ class SharedMemory {
   UniqueFd fd_;
   uint8_t* data_ = nullptr;
   size_t bytes_ = 0;
-  bool created_ = false;  // made by create(): its pages are freed with it
+  bool lent_ = false;  // Loan::kEndsWithThis: its pages are freed with it
 };
 
 // The size of a page of mapped memory.
