@@ -1218,8 +1218,8 @@ TEST(ExpertParallelFailures, ARankThatCannotStageItsFingerprintFailsTheCreationE
   const std::vector<Status> created = run_failure_ranks(
       W, small_failure_spec(2), graphs::ExpertParallelOptions{},
       [](int r, std::unique_ptr<Backend> cpu) -> std::unique_ptr<Backend> {
-        // The fingerprint's buffer: W ranks' 5 words, and this rank's 5.
-        if (r == 1) return std::make_unique<RefusesAllocationsOf>(std::move(cpu), (5 * W + 5) * sizeof(uint64_t));
+        // The fingerprint's buffer: W ranks' 8 words, and this rank's 8.
+        if (r == 1) return std::make_unique<RefusesAllocationsOf>(std::move(cpu), (8 * W + 8) * sizeof(uint64_t));
         return cpu;
       },
       [](int, ExpertParallelLayer&, const std::function<Status()>&) {});
