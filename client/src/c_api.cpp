@@ -361,7 +361,11 @@ int tutel_submit_forward(tutel_layer* layer, const float* x, int64_t tokens, flo
   return guarded("tutel_submit_forward", [&] {
     if (!valid(layer)) return invalid_layer("tutel_submit_forward");
     if (ticket == nullptr) return fail_invalid("tutel_submit_forward: ticket is NULL");
-    auto t = layer->layer->submit_forward(x, tokens, y, training != 0);
+    using Mode = tutel::client::Layer::ForwardMode;
+    auto t = layer->layer->submit_forward(x, tokens, y,
+                                          training == TUTEL_TRAINING_WITHOUT_NOISE ? Mode::kTrainingWithoutNoise
+                                          : training != 0                          ? Mode::kTraining
+                                                                                   : Mode::kInference);
     if (!t.ok()) return fail(t.status());
     *ticket = tutel_ticket{t->request_id, t->sequence};
     return TUTEL_OK;

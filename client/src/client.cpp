@@ -260,7 +260,7 @@ Status usable(const std::shared_ptr<LayerState>& state) {
 
 // Builds and submits a forward; `in_device_region`: x and y point into a device region.
 Result<Ticket> submit_forward_request(const std::shared_ptr<LayerState>& state, const float* x, int64_t tokens,
-                                      float* y, bool training, bool in_device_region) {
+                                      float* y, bool training, bool in_device_region, bool without_noise = false) {
   TUTEL_RETURN_IF_ERROR(usable(state));
   Submission s;
   TUTEL_ASSIGN_OR_RETURN(s.input_bytes, tensor_bytes(tokens, state->info.model_dim, "x"));
@@ -271,6 +271,7 @@ Result<Ticket> submit_forward_request(const std::shared_ptr<LayerState>& state, 
     return Status::InvalidArgument("forward: x and y must not be null");
   s.op = ipc::Op::kForward;
   s.flags = training ? uint32_t{ipc::kFlagTraining} : uint32_t{0};
+  if (training && without_noise) s.flags |= ipc::kFlagWithoutNoise;
   s.layer = state;
   s.tokens = tokens;
   s.input = x;
@@ -339,6 +340,11 @@ Status wait_forward(const std::shared_ptr<LayerState>& state, Result<Ticket> sub
 
 Result<Ticket> Layer::submit_forward(const float* x, int64_t tokens, float* y, bool training) {
   return submit_forward_request(state_, x, tokens, y, training, false);
+}
+
+Result<Ticket> Layer::submit_forward(const float* x, int64_t tokens, float* y, ForwardMode mode) {
+  return submit_forward_request(state_, x, tokens, y, mode != ForwardMode::kInference, false,
+                                mode == ForwardMode::kTrainingWithoutNoise);
 }
 
 Result<Ticket> Layer::submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx) {

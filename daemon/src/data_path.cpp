@@ -127,15 +127,19 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
                                                                              : "nop";
     Status st;
     int64_t tokens = 0, dropped = 0;
-    // kFlagKeepParamGrads means something on a backward only: elsewhere it is as unknown.
-    const uint32_t known_flags = d.op == uint32_t(ipc::Op::kBackward)
-                                     ? ipc::kKnownRequestFlags
-                                     : ipc::kKnownRequestFlags & ~uint32_t{ipc::kFlagKeepParamGrads};
+    // kFlagKeepParamGrads means something on a backward only, kFlagWithoutNoise on a forward
+    // only: elsewhere each is as unknown.
+    const uint32_t known_flags =
+        d.op == uint32_t(ipc::Op::kBackward)  ? ipc::kKnownRequestFlags & ~uint32_t{ipc::kFlagWithoutNoise}
+        : d.op == uint32_t(ipc::Op::kForward) ? ipc::kKnownRequestFlags & ~uint32_t{ipc::kFlagKeepParamGrads}
+                                              : ipc::kKnownRequestFlags & ~uint32_t{ipc::kFlagKeepParamGrads |
+                                                                                   ipc::kFlagWithoutNoise};
     const uint32_t unknown_flags = d.flags & ~known_flags;
     auto unknown_flags_status = [&] {
       return Status::InvalidArgument("unknown request flags " + std::to_string(unknown_flags) +
                                      " (1 = training, 2 = device region, 4 = a backward that keeps the "
-                                     "parameter gradients); upgrade the daemon or fix the client");
+                                     "parameter gradients, 8 = a forward without gate noise); upgrade the "
+                                     "daemon or fix the client");
     };
     if (d.op == uint32_t(ipc::Op::kNop)) {
       // An empty request: measures the round trip.
@@ -189,6 +193,12 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
                                             std::to_string((int64_t{1} << 30) / spec.k) + " tokens; split it"));
       } else if (!backward) {
         st = check_ranges(*mem, d, d.tokens * M * 4, d.tokens * O * 4, "x", "y");
+        // Without noise: a training forward of a layer without gate noise is one already.
+        if (st.ok() && (d.flags & ipc::kFlagWithoutNoise) != 0 && spec.gate_noise > 0)
+          st = Status::InvalidArgument("layer '" + layer.name() + "' draws gate noise (gate_noise = " +
+                                       std::to_string(spec.gate_noise) +
+                                       ") in its training forwards: a training forward without it is not "
+                                       "supported; run an inference, or train with the noise");
         if (!st.ok()) st = refuse(std::move(st));
         if (st.ok()) {
           const bool training = (d.flags & ipc::kFlagTraining) != 0;

@@ -1160,6 +1160,23 @@ TEST_F(ProtocolAbuse, UnknownFlagsAreRefusedOnNopAndChecksumToo) {
   ASSERT_TRUE(c.has_value());
   EXPECT_EQ(c->status_code, static_cast<int32_t>(StatusCode::kInvalidArgument)) << c->message;
   EXPECT_NE(std::string(c->message).find("unknown request flags 4"), std::string::npos) << c->message;
+  // The no-noise flag: taken on a training forward of a layer without gate noise, refused on
+  // one with it, and on a backward as unknown.
+  auto forward = s.submit(data_request(s.arena().layout(), ipc::Op::kForward, *handle, 5, 8, 16, ipc::kFlagWithoutNoise));
+  ASSERT_TRUE(forward.has_value());
+  EXPECT_EQ(forward->status_code, 0) << forward->message;
+  std::string noisy_spec = std::string(kSpec) + "gate_noise = 0.5\n";
+  noisy_spec.replace(noisy_spec.find("\"moe\""), 5, "\"noisy\"");
+  auto noisy = s.create_layer(noisy_spec);
+  ASSERT_TRUE(noisy.ok()) << noisy.status();
+  c = s.submit(data_request(s.arena().layout(), ipc::Op::kForward, *noisy, 6, 8, 16, ipc::kFlagWithoutNoise));
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->status_code, static_cast<int32_t>(StatusCode::kInvalidArgument)) << c->message;
+  EXPECT_NE(std::string(c->message).find("draws gate noise"), std::string::npos) << c->message;
+  c = s.submit(data_request(s.arena().layout(), ipc::Op::kBackward, *handle, 5, 8, 16, ipc::kFlagWithoutNoise));
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->status_code, static_cast<int32_t>(StatusCode::kInvalidArgument)) << c->message;
+  EXPECT_NE(std::string(c->message).find("unknown request flags 8"), std::string::npos) << c->message;
   expect_daemon_serves();
 }
 

@@ -200,13 +200,37 @@ class TorchModuleTest(unittest.TestCase):
         with self.assertRaises(tuteld.TutelError):
             moe.layer.backward(np.zeros((6, M), np.float32))
 
-    def test_eval_mode_warns_that_x_gets_no_gradient(self):
+    def test_eval_mode_gives_x_its_gradient(self):
+        # A frozen eval-mode block with trainable layers below it: the gradient reaches x (and
+        # the experts, whose anchor needs one, as torch's eval mode leaves gradients on) against
+        # the reference; an x that needs no gradient stays an inference.
         p, x = random_case(self.rng, 6)
         moe = self.make_moe(p)
         moe.eval()
-        xt = torch.from_numpy(x).float().requires_grad_()
+        head = torch.from_numpy(self.rng.normal(0, 1, (M,)))
+        xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        y, l_aux = moe(xt)
+        ((y * head).sum() + 0.1 * l_aux).backward()
+        y_ref, _, saved = ref.forward(p, x, K, F)
+        self.assert_close(y.detach().numpy(), y_ref, "y in eval mode")
+        dx_ref, grads = ref.backward(p, saved, np.broadcast_to(head.numpy(), y_ref.shape), 0.1)
+        self.assert_close(xt.grad.numpy(), dx_ref, "x's gradient in eval mode")
+        self.assertEqual(len(moe.layer._pending), 0)
+        y, _ = moe(torch.from_numpy(x).float())
+        self.assertFalse(y.requires_grad)
+        self.assert_stepped(moe, p, grads)
+
+    def test_eval_mode_with_gate_noise_warns_that_x_gets_no_gradient(self):
+        # Its training forwards draw noise, which an eval-mode forward must not: an inference.
+        spec = (f'name = "noisy"\nexperts = {E}\nmodel_dim = {M}\nhidden = {H}\nk = {K}\ninit_seed = 4\n'
+                f'gate_noise = 1.0\n')
+        moe = tuteld.nn.MoE(self.client, spec)
+        moe.eval()
+        xt = torch.from_numpy(random_case(self.rng, 6)[1]).float().requires_grad_()
         with self.assertWarnsRegex(UserWarning, "no gradient reaches x"):
-            moe(xt)
+            y, _ = moe(xt)
+        self.assertFalse(y.requires_grad)
+        self.assertEqual(len(moe.layer._pending), 0)
 
     def test_a_second_derivative_through_the_layer_raises(self):
         p, x = random_case(self.rng, 6)

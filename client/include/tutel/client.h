@@ -131,7 +131,11 @@ int tutel_infer(tutel_layer* layer, const float* x, int64_t tokens, float* y, fl
  * either pointer may be NULL. */
 int tutel_forward_stats(tutel_layer* layer, int64_t* capacity, int64_t* dropped);
 
-/* Asynchronous forms: the buffers must stay valid until tutel_wait returns for the ticket. */
+/* Asynchronous forms: the buffers must stay valid until tutel_wait returns for the ticket.
+ * training: 0 an inference, 1 a training forward, TUTEL_TRAINING_WITHOUT_NOISE a training
+ * forward routed as an inference is, without gate noise (a module in eval mode whose input needs
+ * a gradient; refused on a layer with gate_noise > 0). */
+#define TUTEL_TRAINING_WITHOUT_NOISE 2
 int tutel_submit_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, int training,
                          tutel_ticket* ticket);
 int tutel_submit_backward(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,

@@ -251,6 +251,11 @@ class Layer {
   // Asynchronous forms: several micro-batches may be in flight (at most the ring's 64 slots
   // and as many as fit in the data region; a submit waits for room when needed).
   Result<Ticket> submit_forward(const float* x, int64_t tokens, float* y, bool training = true);
+  // kTrainingWithoutNoise: a training forward routed as an inference is, without gate noise (a
+  // module in eval mode whose input needs a gradient); refused (InvalidArgument) on a layer
+  // with gate_noise > 0.
+  enum class ForwardMode { kInference, kTraining, kTrainingWithoutNoise };
+  Result<Ticket> submit_forward(const float* x, int64_t tokens, float* y, ForwardMode mode);
   Result<Ticket> submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx);
   Result<Ticket> submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx, ParamGrads param_grads);
 

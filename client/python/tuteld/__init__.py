@@ -487,16 +487,18 @@ class Layer:
         # its part of the step).
         return a.shape[:-1], a.reshape(-1, width)
 
-    def forward(self, x, training=True):
+    def forward(self, x, training=True, noise=True):
         """y [..., output_dim] and the ForwardInfo. A training forward keeps what its backward
-        needs in the daemon until backward() consumes it."""
+        needs in the daemon until backward() consumes it. noise=False: a training forward routed
+        as an inference is, without gate noise (refused on a layer with gate_noise > 0)."""
         lead, rows = self._rows(x, self.model_dim, "x")
         y = np.empty((rows.shape[0], self.output_dim), dtype=np.float32)
         ticket = _Ticket()
         with self._client._lock:
             try:
                 info = self._client._submit_and_wait(ticket, _lib.tutel_submit_forward, self._layer(), _floats(rows),
-                                                     rows.shape[0], _floats(y), 1 if training else 0)
+                                                     rows.shape[0], _floats(y),
+                                                     (1 if noise else 2) if training else 0)
             except BaseException:
                 if training and ticket.request_id != 0:
                     self._discards.append(ticket.sequence)  # abandoned: the daemon holds it still

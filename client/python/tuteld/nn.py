@@ -99,9 +99,9 @@ def _wants_param_grads(ctx):
 
 class _MoEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, anchor, layer):
+    def forward(ctx, x, anchor, layer, noise):
         rows = x.detach().to("cpu", torch.float32).contiguous()
-        y, info = layer.forward(rows.numpy(), training=True)
+        y, info = layer.forward(rows.numpy(), training=True, noise=noise)
         ctx.layer, ctx.sequence, ctx.x_meta = layer, info.sequence, (x.device, x.dtype)
         ctx.pending = _PendingForward(layer, info.sequence)
         l_aux = torch.tensor(info.l_aux, dtype=torch.float32, device=x.device)
@@ -133,7 +133,7 @@ class _MoEFunction(torch.autograd.Function):
             # Consumed once submitted (the layer forgets it then), also when it failed; still
             # pending when refused before that, so that a dropped graph discards it.
             pending.backwarded = ctx.sequence not in ctx.layer._pending
-        return torch.from_numpy(dx).to(device, dtype), None, None
+        return torch.from_numpy(dx).to(device, dtype), None, None, None
 
 
 class MoE(torch.nn.Module):
@@ -162,19 +162,29 @@ class MoE(torch.nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.layer.model_dim:
             raise ValueError(f"x must have shape [..., {self.layer.model_dim}], not {list(x.shape)}")
         # A backward comes only where autograd has something to differentiate: the anchor, or x.
-        # Otherwise (no_grad, eval, a frozen module given an x that needs no gradient) it is an
-        # inference: a training forward would keep its state in the daemon, for good.
+        # Otherwise (no_grad, a frozen module given an x that needs no gradient) it is an
+        # inference: a training forward would keep its state in the daemon until its graph goes.
         wants_backward = torch.is_grad_enabled() and (self._anchor.requires_grad or x.requires_grad)
-        if not (self.training and wants_backward):
-            if wants_backward and x.requires_grad and not self._warned_eval_grad:
-                self._warned_eval_grad = True
-                warnings.warn("tuteld.nn.MoE in eval mode runs an inference: no gradient reaches x "
-                              "through it (use train mode for gradients, torch.no_grad() to say none "
-                              "are wanted)", stacklevel=2)
-            y, info = self.layer.infer(x.detach().to("cpu", torch.float32).contiguous().numpy())
-            return (torch.from_numpy(y).to(x.device, x.dtype),
-                    torch.tensor(info.l_aux, dtype=torch.float32, device=x.device))
-        return _MoEFunction.apply(x, self._anchor, self.layer)
+        if self.training and wants_backward:
+            return _MoEFunction.apply(x, self._anchor, self.layer, True)
+        if wants_backward and x.requires_grad:
+            # Eval mode, and x needs a gradient (a frozen eval-mode block with trainable layers
+            # below it, input attribution): a training forward without gate noise, routed as an
+            # inference is, so the gradient reaches x (and the experts, as in train mode, where
+            # the anchor needs one). Where x needs none, an eval loop stays an inference.
+            try:
+                return _MoEFunction.apply(x, self._anchor, self.layer, False)
+            except TutelError as e:
+                if "gate noise" not in str(e) and "unknown request flags" not in str(e):
+                    raise  # not a layer with gate noise, nor a daemon from before the flag
+                if not self._warned_eval_grad:
+                    self._warned_eval_grad = True
+                    warnings.warn(f"tuteld.nn.MoE in eval mode runs an inference: no gradient reaches x "
+                                  f"through it ({e}); use train mode for gradients, torch.no_grad() to say "
+                                  f"none are wanted", stacklevel=3)
+        y, info = self.layer.infer(x.detach().to("cpu", torch.float32).contiguous().numpy())
+        return (torch.from_numpy(y).to(x.device, x.dtype),
+                torch.tensor(info.l_aux, dtype=torch.float32, device=x.device))
 
     def step(self, lr=None, weight_decay=None):
         """The daemon's optimizer step on the gradients accumulated since zero_grad (none: the

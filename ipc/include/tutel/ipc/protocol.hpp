@@ -103,8 +103,13 @@ enum RequestFlags : uint32_t {
   // Backward only: dx alone; the parameter gradients are left as they were (the gradient of
   // the input alone, a frozen module).
   kFlagKeepParamGrads = 1u << 2,
+  // Forward only, with kFlagTraining: routed as an inference is, without gate noise (a module
+  // in eval mode whose input needs a gradient); refused on a layer with gate_noise > 0, whose
+  // training forwards draw it.
+  kFlagWithoutNoise = 1u << 3,
 };
-inline constexpr uint32_t kKnownRequestFlags = kFlagTraining | kFlagDeviceRegion | kFlagKeepParamGrads;
+inline constexpr uint32_t kKnownRequestFlags =
+    kFlagTraining | kFlagDeviceRegion | kFlagKeepParamGrads | kFlagWithoutNoise;
 
 // One request (client → daemon). 128 bytes.
 struct RequestDescriptor {
