@@ -6,10 +6,14 @@
     loss.backward()                                  # the MoE's gradients accumulate in the daemon
     moe.step(); moe.zero_grad()                      # the daemon's optimizer, beside torch's own
     tuteld.nn.step(model); tuteld.nn.zero_grad(model)  # or every MoE in a model at once
+    tuteld.nn.step(model, lr=scheduler.get_last_lr()[0])  # a learning-rate schedule's value
     tuteld.nn.clip_grad_norm_(model, 1.0)            # torch's and the daemon's gradients together
 
 The expert and gate parameters live in the daemon, not in this module: torch's optimizers do
-not see them, the daemon's optimizer (the layer spec's [optimizer]) updates them on step().
+not see them, the daemon's optimizer (the layer spec's [optimizer]) updates them on step(), with
+the spec's lr and weight_decay or the ones step() is given. As torch's optimizers skip a
+parameter whose .grad is None, a step changes nothing where no backward reached the layer since
+zero_grad (set_to_none, the default): a frozen or unused module is not moved.
 model.state_dict() holds them all the same, under Tutel's names (prefix + "experts.batched_fc1_w",
 "gates.0.wg.weight", ...: a Tutel MOELayer's state_dict loads into the module at the same path),
 as float32 CPU tensors copied out of the daemon, with the daemon's optimizer state under its own
@@ -26,9 +30,11 @@ device or of another dtype are moved to float32 on the CPU for the call and back
 shared memory is host memory; GPU tensors without a copy need device regions, not here yet).
 Several forwards may be in flight before their backwards, in any order (gradient accumulation,
 pipelined micro-batches): each backward names the forward it belongs to. Under torch.no_grad(),
-in eval mode, or frozen (requires_grad_(False)) with an x that needs no gradient, a forward is an
-inference, which keeps nothing in the daemon; in eval mode no gradient reaches x (a warning says
-so once). A training forward whose graph is dropped without a backward is discarded in the
+or with an x that needs no gradient in eval mode or frozen (requires_grad_(False)), a forward is
+an inference, which keeps nothing in the daemon. In eval mode with an x that needs a gradient it
+is a training forward without gate noise (routed as an inference is), so the gradient reaches x;
+a layer with gate_noise > 0 infers instead, and no gradient reaches x (a warning says so once).
+A client made before os.fork() cannot be used in the child (connect a new one there). A training forward whose graph is dropped without a backward is discarded in the
 daemon at the layer's next call (on an expert-parallel layer too: a discard is each rank's own).
 The backward runs once per forward (the daemon drops a forward's state when its backward ran: a
 second backward through the same graph raises, retain_graph or not) and is not differentiable
