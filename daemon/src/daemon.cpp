@@ -48,8 +48,17 @@ Result<std::string> tenant_file(const Config& c, const std::string& tenant, cons
   const fs::path p(relative);
   if (relative.empty() || p.is_absolute())
     return Status::InvalidArgument("path '" + relative + "' must be relative: it names a file in the tenant's checkpoint directory");
-  for (const auto& part : p)
+  size_t parts = 0;
+  for (const auto& part : p) {
     if (part == "..") return Status::PermissionDenied("path '" + relative + "' may not contain '..'");
+    ++parts;
+  }
+  // A save creates the directories its path names: a few levels are plenty, thousands (a path
+  // of "a/a/a/...") would make each save spend the filesystem's inodes, which no byte quota sees.
+  constexpr size_t kMaxPathParts = 8;
+  if (parts > kMaxPathParts)
+    return Status::InvalidArgument("path '" + relative + "' has " + std::to_string(parts) + " parts; at most " +
+                                   std::to_string(kMaxPathParts) + " (directories and the file name)");
   // The form of a save's temporary file is the daemon's: such files are not counted against
   // the quota (their save's reservation is), and are removed at start.
   if (is_safetensors_temp_name(p.filename().string()))

@@ -523,6 +523,17 @@ TEST_F(ProtocolAbuse, BadSpecsAreRefusedWithTheKey) {
   EXPECT_EQ(save.status().code(), StatusCode::kPermissionDenied) << save.status();
   save = s.call(ipc::FrameType::kSave, {{"handle", (*h)["handle"]}, {"path", "/tmp/abs.safetensors"}}, ipc::FrameType::kOk);
   EXPECT_EQ(save.status().code(), StatusCode::kInvalidArgument) << save.status();
+  // A save creates the directories its path names: a few levels, not thousands of inodes.
+  std::string deep;
+  for (int i = 0; i < 2000; ++i) deep += "a/";
+  save = s.call(ipc::FrameType::kSave, {{"handle", (*h)["handle"]}, {"path", deep + "deep.safetensors"}},
+                ipc::FrameType::kOk);
+  EXPECT_EQ(save.status().code(), StatusCode::kInvalidArgument) << save.status();
+  EXPECT_NE(save.status().message().find("2001 parts; at most 8"), std::string_view::npos) << save.status();
+  EXPECT_FALSE(std::filesystem::exists(daemon_->dir() + "/state/default/checkpoints/a"));
+  save = s.call(ipc::FrameType::kSave, {{"handle", (*h)["handle"]}, {"path", "a/b/c/d/e/f/g/ok.safetensors"}},
+                ipc::FrameType::kOk);
+  EXPECT_TRUE(save.ok()) << save.status();
   // Control characters: a NUL would cut the path short in the file system's calls, a newline
   // would forge a line of the daemon's log. Refused, and echoed escaped; nothing is written.
   for (const std::string& path : {std::string("a\0/../../../escape.safetensors", 31), std::string("x\nforged.safetensors")}) {
