@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <limits>
 #include <system_error>
@@ -32,6 +33,21 @@ namespace {
 // Where a tenant's clients save and load their files (the tenant's CheckpointQuota counts it).
 fs::path client_checkpoints(const Config& c, const std::string& tenant) {
   return fs::path(c.server.state_dir) / tenant / "checkpoints";
+}
+
+// A name in `dir` for a checkpoint of layer `name` that another layer of the name supersedes:
+// "<name>.superseded-<UTC time>[-<n>].safetensors", not taken yet.
+fs::path superseded_name(const fs::path& dir, const std::string& name) {
+  const std::time_t now = std::time(nullptr);
+  std::tm utc{};
+  ::gmtime_r(&now, &utc);
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y%m%dT%H%M%SZ", &utc);
+  std::error_code ec;
+  for (int n = 0;; ++n) {
+    const fs::path p = dir / (name + ".superseded-" + stamp + (n ? "-" + std::to_string(n) : "") + ".safetensors");
+    if (!fs::exists(p, ec)) return p;
+  }
 }
 
 // Where a client's relative checkpoint path lands: inside its tenant's directory, never
@@ -409,10 +425,20 @@ Status DaemonImpl::resume_group_layer(const std::string& tenant, LayerDefinition
                                        ? Result<LayerDefinition>(Status::NotFound("no spec"))
                                        : parse_layer_spec(written->second, path.string());
   if (!before.ok() || !before->group || identity(*before) != identity(def)) {
-    // Another layer under this name, or this one with other keys: a new layer, whose checkpoint
-    // replaces the old one at exit.
+    // Another layer under this name, or this one with other keys: a new layer. Its checkpoint
+    // would replace the old one at exit (and a destroy would delete it), which may be the only
+    // copy of a trained layer: the old one moves to the tenant's checkpoints, where a client can
+    // load it (and its quota counts it).
+    const fs::path kept = superseded_name(client_checkpoints(config_, tenant), def.name);
+    fs::create_directories(kept.parent_path(), ec);
+    if (!ec) fs::rename(path, kept, ec);
+    if (ec)
+      return Status::IOError("group layer " + tenant + "/" + def.name + " has a checkpoint " + path.string() +
+                             " written for another spec, which cannot be moved aside to " + kept.string() + ": " +
+                             ec.message() + "; move it out of state_dir to create the layer afresh");
     TUTEL_LOG(WARN) << "group layer " << tenant << "/" << def.name << " is created afresh: its checkpoint "
-                    << path.string() << " was written for another spec";
+                    << path.string() << " was written for another spec, and is kept as " << kept.string()
+                    << " (a client loads it as \"" << kept.filename().string() << "\")";
     return Status::OK();
   }
   def.weights_path = path.string();

@@ -221,6 +221,19 @@ TEST_F(ClientDaemon, AGroupLayerCreatedAgainResumesFromItsCheckpoint) {
   ASSERT_TRUE(other.ok()) << other.status() << daemon_->log();
   EXPECT_EQ(other->info().step, 0);
   EXPECT_NE(daemon_->log().find("is created afresh"), std::string::npos) << daemon_->log();
+  // The trained checkpoint is not lost (the new layer's would replace it at exit, a destroy
+  // delete it): it is kept among the tenant's checkpoints, and loads into a layer of its spec.
+  std::string kept;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(daemon_->dir() + "/state/default/checkpoints", ec))
+    if (entry.path().filename().string().rfind("g.superseded-", 0) == 0) kept = entry.path().filename().string();
+  ASSERT_FALSE(kept.empty()) << daemon_->log();
+  ASSERT_TRUE(other->destroy().ok());
+  auto twin = other_client->create_layer(spec("twin"));
+  ASSERT_TRUE(twin.ok()) << twin.status();
+  ASSERT_TRUE(twin->load(kept).ok()) << daemon_->log();
+  ASSERT_TRUE(twin->infer(x.data(), 8, y_after.data()).ok());
+  EXPECT_EQ(y_after, y_before) << "the kept checkpoint holds the trained weights";
 }
 
 TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
