@@ -48,20 +48,20 @@ SharedMemory& SharedMemory::operator=(SharedMemory&& o) noexcept {
     fd_ = std::move(o.fd_);
     data_ = std::exchange(o.data_, nullptr);
     bytes_ = std::exchange(o.bytes_, 0);
-    lent_ = std::exchange(o.lent_, false);
   }
   return *this;
 }
 
 SharedMemory::~SharedMemory() { unmap(); }
 
+void SharedMemory::discard_pages() {
+  // MADV_REMOVE punches the pages out of the file (the mapping is shared and writable), as
+  // fallocate(PUNCH_HOLE) would through a descriptor this side may no longer hold.
+  if (data_ != nullptr) (void)::madvise(data_, bytes_, MADV_REMOVE);
+}
+
 void SharedMemory::unmap() noexcept {
   if (data_ == nullptr) return;
-  // Pages this process lent (and its memory cgroup pays for) go with it, whoever still holds
-  // the memfd: MADV_REMOVE punches them out of the file. A peer that keeps the descriptor
-  // past the session or region would otherwise keep them for good, and could collect any
-  // number. Its mapping stays valid: it reads zeros, and pages it writes are its own.
-  if (lent_) (void)::madvise(data_, bytes_, MADV_REMOVE);
   ::munmap(data_, bytes_);
   data_ = nullptr;
   bytes_ = 0;
@@ -75,7 +75,7 @@ Result<UniqueFd> create_memfd(std::string_view what) {
   return fd;
 }
 
-Result<SharedMemory> SharedMemory::create(size_t bytes, std::string_view what, Loan loan) {
+Result<SharedMemory> SharedMemory::create(size_t bytes, std::string_view what) {
   const std::string name(what);
   if (bytes == 0) return Status::InvalidArgument(name + " must not be empty");
   const size_t page = page_bytes();
@@ -87,9 +87,7 @@ Result<SharedMemory> SharedMemory::create(size_t bytes, std::string_view what, L
   // F_SEAL_SEAL stops the receiver from adding seals of its own (e.g. F_SEAL_FUTURE_WRITE).
   if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
     return Status::IOError("sealing the " + name + ": " + errno_text(errno));
-  TUTEL_ASSIGN_OR_RETURN(SharedMemory memory, map(std::move(fd), size, "the " + name));
-  memory.lent_ = loan == Loan::kEndsWithThis;
-  return memory;
+  return map(std::move(fd), size, "the " + name);
 }
 
 Status check_memory_file(int fd, std::string_view what) {

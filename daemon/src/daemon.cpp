@@ -666,6 +666,7 @@ void DaemonImpl::on_readable(const std::shared_ptr<Session>& s) {
     return;
   }
   if (s->decoder.eof()) {  // the peer is gone (or half-closed)
+    s->client_hung_up = true;
     close_session(s);
     return;
   }
@@ -1144,7 +1145,12 @@ void DaemonImpl::close_session(const std::shared_ptr<Session>& s) {
   offload([this, s] {
             if (s->worker.joinable()) s->worker.join();
             s->pinned.reset();
-            s->regions.close();
+            // A client that hung up reads nothing more: the pages it was lent go, also where it
+            // kept the descriptors (it could collect arenas and regions by reconnecting). One the
+            // daemon closes (shutdown, a protocol error) may still be reading its last results,
+            // and its tensors may point into its regions: those pages stay until it lets go.
+            s->regions.close(s->client_hung_up);
+            if (s->client_hung_up && s->arena) s->arena->discard_pages();
             s->arena.reset();  // unmapped here, not on the loop (tens of ms per 64 MiB)
             // Only its tenant's layers can hold its forwards; another tenant's layer may be held
             // for a whole collective (a group waiting on its peers), which this must not wait for.

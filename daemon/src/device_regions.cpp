@@ -1,5 +1,7 @@
 #include "device_regions.hpp"
 
+#include <sys/mman.h>
+
 #include <string>
 
 namespace tutel::daemon {
@@ -68,6 +70,9 @@ DeviceRegion::~DeviceRegion() {
   const uint64_t bytes = buffer_.bytes();
   {
     std::lock_guard lock(rank_.mutex);
+    // Host memory the client maps (the CPU backend's memfd): punched out before the unmap.
+    if (discard_.load(std::memory_order_relaxed) && exported_.kind == "host_memfd" && buffer_.data() != nullptr)
+      (void)::madvise(buffer_.data(), buffer_.bytes(), MADV_REMOVE);
     buffer_.reset();
   }
   memory_->release_region(bytes);
@@ -155,6 +160,7 @@ Status DeviceRegions::unmap(uint32_t id) {
     return Status::NotFound("this session maps no device region " + std::to_string(id));
   gone = std::move(it->second);
   regions_.erase(it);
+  gone->discard_when_released();  // the client unmapped its side first (Session::unmap_device_region)
   return Status::OK();
 }
 
@@ -167,11 +173,13 @@ Result<std::shared_ptr<const DeviceRegion>> DeviceRegions::find(uint32_t id) con
   return it->second;
 }
 
-void DeviceRegions::close() {
+void DeviceRegions::close(bool client_gone) {
   std::map<uint32_t, std::shared_ptr<const DeviceRegion>> gone;  // freed outside the lock
   std::lock_guard lock(mutex_);
   closed_ = true;
   gone.swap(regions_);
+  if (client_gone)
+    for (const auto& [id, region] : gone) region->discard_when_released();
 }
 
 size_t DeviceRegions::size() const {

@@ -15,6 +15,7 @@
 // pool maps and unmaps, the session's worker looks regions up).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -72,8 +73,15 @@ class DeviceRegion {
   uint64_t bytes() const { return bytes_; }
   uint64_t allocated_bytes() const { return buffer_.bytes(); }
   uint8_t* data() const { return static_cast<uint8_t*>(buffer_.data()); }
+  // Its client can read nothing more from it (it unmapped the region, or hung up): host memory
+  // shared with the client (a CPU backend's memfd) is freed when the region goes, also where
+  // the client still holds the descriptor (SharedMemory::discard_pages), which would otherwise
+  // keep the daemon's pages for as long as it liked. Not for a session the daemon closes: the
+  // client's tensors may still point into a region it has not unmapped.
+  void discard_when_released() const { discard_.store(true, std::memory_order_relaxed); }
 
  private:
+  mutable std::atomic<bool> discard_{false};
   const uint32_t id_;
   Rank& rank_;
   const uint64_t bytes_;
@@ -102,8 +110,9 @@ class DeviceRegions {
   Status unmap(uint32_t id);
   // The region `id`, or NotFound naming what to do.
   Result<std::shared_ptr<const DeviceRegion>> find(uint32_t id) const;
-  // Forgets every region, and refuses maps from now on (the session ended).
-  void close();
+  // Forgets every region, and refuses maps from now on (the session ended). `client_gone`: it
+  // hung up, so its regions' host memory goes with them (DeviceRegion::discard_when_released).
+  void close(bool client_gone = false);
   size_t size() const;
 
  private:

@@ -50,6 +50,9 @@ struct Session : std::enable_shared_from_this<Session> {
   bool pumping = false;         // inside DaemonImpl::pump (which a finished frame re-enters)
   bool busy = false;
   bool closing = false;
+  // The client hung up (its end of the socket closed): it can read nothing more from the arena
+  // or its regions, whose pages then go with them (SharedMemory::discard_pages).
+  bool client_hung_up = false;
 
   // Client data path, after hello (the arena is created on the pool; the flag is set at once).
   bool hello_received = false;

@@ -26,7 +26,7 @@ CompletionDescriptor* Arena::completion_slots() const {
 
 Result<Arena> Arena::create(uint64_t arena_bytes) {
   TUTEL_ASSIGN_OR_RETURN(ArenaLayout layout, arena_layout(arena_bytes));
-  TUTEL_ASSIGN_OR_RETURN(SharedMemory memory, SharedMemory::create(layout.arena_bytes, "session arena", SharedMemory::Loan::kEndsWithThis));
+  TUTEL_ASSIGN_OR_RETURN(SharedMemory memory, SharedMemory::create(layout.arena_bytes, "session arena"));
   // arena_layout() rounds to 4096-byte pages, the mapping to the system's (64 KiB on some arm64
   // kernels): lay out what was mapped, a whole number of 4096-byte pages too, so the client's
   // layout of the memfd's size is the same.

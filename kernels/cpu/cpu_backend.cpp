@@ -117,10 +117,11 @@ class CpuBackend final : public Backend {
     std::free(data);
   }
 
-  // A sealed memfd: the other process maps the same pages, which stay its own after this side
-  // unmaps them, so nothing here can ever show it this process's later data.
+  // A sealed memfd: the other process maps the same pages, which stay mapped there after this
+  // side unmaps them (until the daemon discards them, SharedMemory::discard_pages, once its
+  // client let go), so nothing here can ever show it this process's later data.
   Result<ShareableBuffer> allocate_shareable(size_t bytes) override {
-    TUTEL_ASSIGN_OR_RETURN(SharedMemory memory, SharedMemory::create(bytes, "shared device memory", SharedMemory::Loan::kEndsWithThis));
+    TUTEL_ASSIGN_OR_RETURN(SharedMemory memory, SharedMemory::create(bytes, "shared device memory"));
     ShareableBuffer out;
     out.exported.kind = "host_memfd";
     out.exported.device_id = "cpu";

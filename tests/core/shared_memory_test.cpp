@@ -42,13 +42,13 @@ TEST(SharedMemory, CreateRoundsToPagesSealsAndIsSharedWithAForkedReader) {
   EXPECT_STREQ(reinterpret_cast<const char*>(m->data() + 4096), "child");
 }
 
-// Memory this process lends goes with it, whoever still holds the memfd: a client that kept
-// its session arena's or a region's descriptor after the session or region ended held the
-// daemon's pages for good (12 arenas of 32 MiB: 384 MiB, counted nowhere). The holder's own
-// mapping stays valid and reads zeros; what it writes is its own, and is kept. An attached
-// mapping (the receiver's) frees nothing of the creator's.
-TEST(SharedMemory, TheCreatorsPagesGoWithItWhoeverHoldsTheMemfd) {
-  auto m = SharedMemory::create(size_t{8} << 20, "lent memory", SharedMemory::Loan::kEndsWithThis);
+// discard_pages frees the pages whoever else holds the memfd: a client that kept its session
+// arena's or a region's descriptor after its session or region ended held the daemon's pages
+// for good (12 arenas of 32 MiB: 384 MiB, counted nowhere). The holder's mapping stays valid
+// and reads zeros; what it writes later is its own, and is kept. Without it, memory handed
+// over (an exported state, whose descriptor its creator keeps) lives as long as its file.
+TEST(SharedMemory, DiscardedPagesGoWhoeverHoldsTheMemfd) {
+  auto m = SharedMemory::create(size_t{8} << 20, "lent memory");
   ASSERT_TRUE(m.ok()) << m.status();
   std::memset(m->data(), 0x5a, m->bytes());
   const UniqueFd kept(::dup(m->fd()));
@@ -58,19 +58,16 @@ TEST(SharedMemory, TheCreatorsPagesGoWithItWhoeverHoldsTheMemfd) {
   ASSERT_EQ(::fstat(kept.get(), &st), 0);
   EXPECT_GE(static_cast<uint64_t>(st.st_blocks) * 512, m->bytes());
   const size_t bytes = m->bytes();
-  *m = SharedMemory();  // the creator lets go
+  m->discard_pages();
+  *m = SharedMemory();
   ASSERT_EQ(::fstat(kept.get(), &st), 0);
   EXPECT_EQ(st.st_size, static_cast<off_t>(bytes)) << "the file keeps its size";
-  EXPECT_EQ(st.st_blocks, 0) << "the creator's pages outlived it";
+  EXPECT_EQ(st.st_blocks, 0) << "the discarded pages are still held";
   EXPECT_EQ(peer->data()[4096], 0);
   peer->data()[4096] = 7;
   auto again = SharedMemory::attach(UniqueFd(::dup(kept.get())), "another mapping", bytes);
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->data()[4096], 7);
-  *again = SharedMemory();  // attached: frees nothing
-  EXPECT_EQ(peer->data()[4096], 7);
-  // Memory handed over for good (an exported state, whose descriptor the creator keeps) lives
-  // as long as its file.
   auto handed = SharedMemory::create(size_t{1} << 20, "handed-over memory");
   ASSERT_TRUE(handed.ok()) << handed.status();
   std::memset(handed->data(), 0x33, handed->bytes());

@@ -56,12 +56,7 @@ class SharedMemory {
   // Creates a memfd of `bytes` (> 0; rounded up to whole pages), seals it against shrink, grow
   // and further seals, and maps it with every page faulted in now rather than on first touch.
   // `what` names it in error messages and in /proc/<pid>/fd ("session arena").
-  // `Loan::kEndsWithThis`: memory lent to another process for as long as this object lives (a
-  // session arena, a device region): its pages are freed when it goes, also where the other
-  // process still holds the memfd (its mapping then reads zeros, and what it writes is its
-  // own). Otherwise the pages live as long as the file does (memory handed over for good).
-  enum class Loan { kNone, kEndsWithThis };
-  static Result<SharedMemory> create(size_t bytes, std::string_view what, Loan loan = Loan::kNone);
+  static Result<SharedMemory> create(size_t bytes, std::string_view what);
   // Maps a memfd received from another process: refuses anything that is not a regular file of
   // exactly `expected_bytes` (what the peer announced), sealed against shrink and grow. The size
   // is checked before anything is mapped: the peer chooses it, and mapping faults every page in.
@@ -69,6 +64,12 @@ class SharedMemory {
   static Result<SharedMemory> attach(UniqueFd fd, std::string_view what, size_t expected_bytes);
 
   uint8_t* data() const { return data_; }
+  // Frees the pages now, whoever else maps or holds the memfd: for memory lent to another
+  // process whose loan has ended (a session arena once its client hung up, a device region its
+  // client unmapped), which that process could otherwise keep, at this process's charge, for as
+  // long as it keeps the descriptor. Every mapping stays valid and reads zeros; pages written
+  // later belong to whoever writes them. Only when no one may still read what it held.
+  void discard_pages();
   size_t bytes() const { return bytes_; }
   int fd() const { return fd_.get(); }
   // Hands the descriptor over (the mapping stays): for memory passed to another process, so this
@@ -83,7 +84,6 @@ class SharedMemory {
   UniqueFd fd_;
   uint8_t* data_ = nullptr;
   size_t bytes_ = 0;
-  bool lent_ = false;  // Loan::kEndsWithThis: its pages are freed with it
 };
 
 // The size of a page of mapped memory.

@@ -31,6 +31,9 @@ class Arena {
   RingControl* completion_control() const;
   CompletionDescriptor* completion_slots() const;
   uint8_t* data() const { return base() + layout_.data_offset; }
+  // Frees the arena's pages now (SharedMemory::discard_pages): daemon side, once the client is
+  // gone and can read nothing more from it.
+  void discard_pages() { memory_.discard_pages(); }
 
  private:
   SharedMemory memory_;
