@@ -458,6 +458,10 @@ Result<int64_t> Layer::step(const StepOptions& options) {
   return state_->info.step;
 }
 
+Result<int64_t> Layer::step() { return step(StepOptions{}); }
+
+Status Layer::zero_grad() { return zero_grad(true); }
+
 Status Layer::zero_grad(bool set_to_none) {
   json body = json::object();
   if (!set_to_none) body["set_to_none"] = false;

@@ -35,9 +35,10 @@ fs::path client_checkpoints(const Config& c, const std::string& tenant) {
   return fs::path(c.server.state_dir) / tenant / "checkpoints";
 }
 
-// A name in `dir` for a checkpoint of layer `name` that another layer of the name supersedes:
-// "<name>.superseded-<UTC time>[-<n>].safetensors", not taken yet.
-fs::path superseded_name(const fs::path& dir, const std::string& name) {
+// A name in `dir` for a checkpoint of layer `name` that the daemon moves aside (`why`: "superseded"
+// by another layer of the name, "left-out" at a restore): "<name>.<why>-<UTC time>[-<n>].safetensors",
+// not taken yet.
+fs::path kept_aside_name(const fs::path& dir, const std::string& name, const char* why) {
   const std::time_t now = std::time(nullptr);
   std::tm utc{};
   ::gmtime_r(&now, &utc);
@@ -45,7 +46,7 @@ fs::path superseded_name(const fs::path& dir, const std::string& name) {
   std::strftime(stamp, sizeof stamp, "%Y%m%dT%H%M%SZ", &utc);
   std::error_code ec;
   for (int n = 0;; ++n) {
-    const fs::path p = dir / (name + ".superseded-" + stamp + (n ? "-" + std::to_string(n) : "") + ".safetensors");
+    const fs::path p = dir / (name + "." + why + "-" + stamp + (n ? "-" + std::to_string(n) : "") + ".safetensors");
     if (!fs::exists(p, ec)) return p;
   }
 }
@@ -362,7 +363,9 @@ Status DaemonImpl::restore_state() {
   // config layer and filled its max_layers with its own, or whose restored plans outgrow its
   // memory, would otherwise keep every tenant out after the next restart. So the config's
   // layers take their places before any client's, and a client's layer a quota refuses is left
-  // out, logged, its file kept (to load, or to restore once the quota allows).
+  // out, logged, its file moved to the tenant's checkpoints (where a client can load it): left
+  // where it was, a layer created under its name ("attach, else create") would replace it at
+  // exit.
   auto restore = [&](const Found& f) -> Status {
     TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(f.tenant, f.def, f.spec));
     TUTEL_LOG(INFO) << "restored layer " << f.tenant << "/" << f.def.name << " at step " << ref.layer->step_count();
@@ -388,9 +391,17 @@ Status DaemonImpl::restore_state() {
     if (from_config(f)) continue;
     Status restored = restore(f);
     if (restored.code() == StatusCode::kResourceExhausted) {
+      const fs::path from = *f.def.weights_path;
+      const fs::path kept = kept_aside_name(client_checkpoints(config_, f.tenant), f.def.name, "left-out");
+      fs::create_directories(kept.parent_path(), ec);
+      if (!ec) fs::rename(from, kept, ec);
+      if (ec)
+        return Status::IOError("layer " + f.tenant + "/" + f.def.name + " cannot be restored (" +
+                               std::string(restored.message()) + ") nor its checkpoint " + from.string() +
+                               " moved aside to " + kept.string() + ": " + ec.message());
       TUTEL_LOG(WARN) << "not restoring layer " << f.tenant << "/" << f.def.name << ": " << restored
-                      << "; its checkpoint stays in state_dir (a layer of the same name created later "
-                         "replaces it at exit: load it first)";
+                      << "; its checkpoint is kept as " << kept.string() << " (a client loads it as \""
+                      << kept.filename().string() << "\")";
       continue;
     }
     TUTEL_RETURN_IF_ERROR(restored);
@@ -429,7 +440,7 @@ Status DaemonImpl::resume_group_layer(const std::string& tenant, LayerDefinition
     // would replace the old one at exit (and a destroy would delete it), which may be the only
     // copy of a trained layer: the old one moves to the tenant's checkpoints, where a client can
     // load it (and its quota counts it).
-    const fs::path kept = superseded_name(client_checkpoints(config_, tenant), def.name);
+    const fs::path kept = kept_aside_name(client_checkpoints(config_, tenant), def.name, "superseded");
     fs::create_directories(kept.parent_path(), ec);
     if (!ec) fs::rename(path, kept, ec);
     if (ec)

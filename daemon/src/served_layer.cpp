@@ -44,15 +44,15 @@ Result<int64_t> step_of(const SafetensorsFile& file) {
   return step;
 }
 
-// The optimizer whose state a file holds: its kOptimizerKey, else its spec's (files written
-// before the key); nullopt where neither says (a Tutel checkpoint).
-std::optional<OptimizerKind> optimizer_of(const SafetensorsFile& file) {
+// The name of the optimizer whose state a file holds: its kOptimizerKey (any name: a later
+// build's optimizer is another one), else its spec's (files written before the key); nullopt
+// where neither says (a Tutel checkpoint).
+std::optional<std::string> optimizer_of(const SafetensorsFile& file) {
   const auto& m = file.metadata();
-  if (auto it = m.find(kOptimizerKey); it != m.end())
-    return it->second == "sgd" ? OptimizerKind::kSgd : it->second == "adamw" ? std::optional(OptimizerKind::kAdamW)
-                                                                             : std::nullopt;
+  if (auto it = m.find(kOptimizerKey); it != m.end()) return it->second;
   if (auto it = m.find(kSpecKey); it != m.end())
-    if (Result<LayerDefinition> def = parse_layer_spec(it->second, file.path()); def.ok()) return def->optimizer.kind;
+    if (Result<LayerDefinition> def = parse_layer_spec(it->second, file.path()); def.ok())
+      return std::string(optimizer_kind_name(def->optimizer.kind));
   return std::nullopt;
 }
 
@@ -707,6 +707,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
     }
   } restore_on_unwind{restore_grads};
   Status st;
+  bool group_backward_ran = false;  // the group's collective backward returned: every rank's did
   if (group_) {
     st = note_group_status([&]() -> Status {
       Result<TensorView> dyv = stage_in(dy, {tokens, O}, staged_in_, memory);
@@ -718,6 +719,7 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
       // The group checks that every rank asks for dx alone alike (see ExpertParallelLayer).
       TUTEL_RETURN_IF_ERROR(
           group_->layer->backward(weights_of(0), *dyv, dl_aux, *dxv, weights_of(1), p.saved, keep_param_grads));
+      group_backward_ran = true;
       return unstage_out(dx, *dxv, memory);
     }());
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();
@@ -737,10 +739,11 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
     if (!st.ok() && stages_host_memory()) (void)b.synchronize();
   }
   if (Status restored = restore_grads(); st.ok()) st = std::move(restored);
-  // The gradients are there for a step once a backward added to them (on a group layer every
-  // rank's did, or every rank refused it). One that failed half-way leaves partial sums that
-  // only a later backward's step applies, as before: a failed step is the trainer's to redo.
-  if (st.ok() && !keep_param_grads) grads_present_ = true;
+  // The gradients are there for a step once a backward added to them: on a group layer once the
+  // group's backward returned, whatever this rank's copy of dx did after it (the ranks' flags
+  // must agree at the step). One that failed half-way leaves partial sums that only a later
+  // backward's step applies, as before: a failed step is the trainer's to redo.
+  if ((st.ok() || group_backward_ran) && !keep_param_grads) grads_present_ = true;
   remove_pending_bytes(held);
   recycle(std::move(it->second));
   pending_.erase(it);
@@ -1146,11 +1149,11 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
   // Another optimizer's state is no state of this one's (SGD's momentum taken for AdamW's first
   // moment, with no second moment, moved a weight 5000 times as far as a fresh start): it is
   // left, and this optimizer starts afresh at step 0, as from a file without optimizer state.
-  const std::optional<OptimizerKind> written_by = optimizer_of(file);
-  const bool foreign_state = written_by && *written_by != def_.optimizer.kind;
+  const std::optional<std::string> written_by = optimizer_of(file);
+  const bool foreign_state = written_by && *written_by != optimizer_kind_name(def_.optimizer.kind);
   if (foreign_state)
     TUTEL_LOG(WARN) << "layer " << tenant_ << "/" << def_.name << ": " << path << " holds the state of a "
-                    << optimizer_kind_name(*written_by) << " optimizer; this layer's "
+                    << escape_text(*written_by) << " optimizer; this layer's "
                     << optimizer_kind_name(def_.optimizer.kind) << " takes its weights and starts afresh";
   auto step_of_file = [&]() -> Result<int64_t> { return foreign_state ? Result<int64_t>(int64_t{0}) : step_of(file); };
   if (group_) {

@@ -1066,12 +1066,12 @@ TEST(DaemonStartup, AStateFileItCannotReadStopsTheStartNamingIt) {
   EXPECT_EQ(log.find("terminate called"), std::string::npos) << log;
 }
 
-// state_dir holds every tenant's weights and optimizer state: the daemon creates it private.
 // A tenant's quotas never decide whether the daemon starts. A tenant with max_layers = 2
 // destroys the config file's layer and fills its quota with two of its own: at the next start
 // the config's layer takes its place first, one of the client's is left out (its checkpoint
-// kept, the log saying why), and the daemon serves. (It once failed to start: "tenant 'default'
-// has reached its quota of 2 layers", keeping every tenant out.)
+// moved among the tenant's checkpoints, the log saying why), and the daemon serves. (It once
+// failed to start: "tenant 'default' has reached its quota of 2 layers", keeping every tenant
+// out.)
 TEST(DaemonStartup, ATenantsQuotaCannotKeepTheDaemonFromStarting) {
   DaemonOptions o;
   o.default_tenant_extra = "max_layers = 2";
@@ -1096,11 +1096,22 @@ TEST(DaemonStartup, ATenantsQuotaCannotKeepTheDaemonFromStarting) {
   const bool a = client->attach_layer("mine_a").ok(), b = client->attach_layer("mine_b").ok();
   EXPECT_TRUE(a != b) << "exactly one of the client's layers fits beside the config's";
   const std::string left_out = a ? "mine_b" : "mine_a";
-  EXPECT_TRUE(std::filesystem::exists(d.dir() + "/state/default/" + left_out + ".safetensors"));
   EXPECT_NE(d.log().find("not restoring layer default/" + left_out), std::string::npos) << d.log();
+  // Kept among the tenant's checkpoints, where a layer created under its name cannot replace it
+  // at exit, and loadable.
+  EXPECT_FALSE(std::filesystem::exists(d.dir() + "/state/default/" + left_out + ".safetensors"));
+  std::string kept;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(d.dir() + "/state/default/checkpoints", ec))
+    if (entry.path().filename().string().rfind(left_out + ".left-out-", 0) == 0) kept = entry.path().filename().string();
+  ASSERT_FALSE(kept.empty()) << d.log();
+  auto kept_layer = client->attach_layer(a ? "mine_a" : "mine_b");
+  ASSERT_TRUE(kept_layer.ok());
+  EXPECT_TRUE(kept_layer->load(kept).ok());
   EXPECT_EQ(d.stop(), 0) << d.log();
 }
 
+// state_dir holds every tenant's weights and optimizer state: the daemon creates it private.
 TEST(DaemonStartup, CreatesStateDirPrivate) {
   DaemonProcess d(DaemonOptions{});
   ASSERT_TRUE(d.start());

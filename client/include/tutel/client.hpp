@@ -286,11 +286,13 @@ class Layer {
     // >= 0, within f32. The spec's stay for steps without them.
     std::optional<double> lr, weight_decay;
   };
-  Result<int64_t> step(const StepOptions& options = {});
+  Result<int64_t> step(const StepOptions& options);
+  Result<int64_t> step();  // (overloads, not default arguments: the library's symbols stay)
   // set_to_none (torch's default): the gradients are absent until the next backward, so a step
   // before it changes nothing; false: they are zeros that a step applies (weight decay,
   // momentum), as after torch's zero_grad(set_to_none=False).
-  Status zero_grad(bool set_to_none = true);
+  Status zero_grad(bool set_to_none);
+  Status zero_grad();
   // The L2 norm of the accumulated gradients, +inf or NaN where one is not finite (gradient
   // clipping, an overflow check). On an expert-parallel layer it is the whole layer's, the same
   // on every rank, and a collective: every rank asks, in the same order as its steps.

@@ -163,7 +163,7 @@ class MoE(torch.nn.Module):
         return cls(client, layer=client.attach_layer(name))
 
     def forward(self, x):
-        if not (x.is_floating_point() or x.is_complex()) or x.is_complex():
+        if not x.is_floating_point():
             raise TypeError(f"tuteld.nn.MoE takes a real floating-point x, not {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.layer.model_dim:
             raise ValueError(f"x must have shape [..., {self.layer.model_dim}], not {list(x.shape)}")
@@ -327,8 +327,14 @@ def step(model, lr=None, weight_decay=None):
     optimizers do not see them); a layer without gradients since zero_grad is left as it is.
     lr, weight_decay: this step's, in place of the specs' (a schedule's: e.g. with
     torch.optim.lr_scheduler over the model's torch optimizer, lr=scheduler.get_last_lr()[0])."""
+    first_error = None
     for layer in _layers(model):
-        layer.step(lr=lr, weight_decay=weight_decay)
+        try:
+            layer.step(lr=lr, weight_decay=weight_decay)
+        except TutelError as e:  # the others still step (e.g. an older daemon refusing lr)
+            first_error = first_error or e
+    if first_error is not None:
+        raise first_error
 
 
 def zero_grad(model, set_to_none=True):
