@@ -1255,9 +1255,11 @@ std::vector<float> saved_parameters(const DaemonProcess& d, const std::string& n
 
 // A backward for dx alone on a group layer, end to end: asked by one rank only, it is refused on
 // both (InvalidArgument naming the disagreement) and consumes the forward; asked by both, it
-// leaves every rank's gradients as they were, so an SGD step from zeroed gradients moves no
-// parameter on either daemon, and its dx equals the plain backward's that follows; the plain
-// backward's step then moves them.
+// leaves every rank's gradients as they were, so an SGD step from zeroed gradients (kept as
+// zeros, not set to none, so that the step runs) moves no parameter on either daemon, and its dx
+// equals the plain backward's that follows; the plain backward's step then moves them. A step
+// whose ranks pass different learning rates is refused on both, naming them; with the same
+// one it runs.
 TEST(ExpertParallelGroups, ABackwardForDxAloneIsTheWholeGroupsOrRefusedOnEveryRank) {
   DaemonProcess d0(DaemonOptions{}), d1(DaemonOptions{});
   ASSERT_TRUE(d0.start());
@@ -1291,6 +1293,7 @@ TEST(ExpertParallelGroups, ABackwardForDxAloneIsTheWholeGroupsOrRefusedOnEveryRa
       note(layer->backward(info.sequence, dy.data(), 0.f, dx.data(), grads));
     };
     using client::Layer;
+    if (Status zeros = layer->zero_grad(/*set_to_none=*/false); !zeros.ok()) return void(o.setup = zeros);
     note(layer->save("w0_r" + std::to_string(r)).status());                      // 0
     forward_backward(r == 0 ? Layer::ParamGrads::kKeep : Layer::ParamGrads::kAccumulate);  // 1, 2: refused
     forward_backward(Layer::ParamGrads::kKeep);                                  // 3, 4
@@ -1301,6 +1304,11 @@ TEST(ExpertParallelGroups, ABackwardForDxAloneIsTheWholeGroupsOrRefusedOnEveryRa
     o.dx_plain = dx;
     note(layer->step().status());                                                // 9
     note(layer->save("w2_r" + std::to_string(r)).status());                      // 10
+    Layer::StepOptions own, same;
+    own.lr = r == 0 ? 0.01 : 0.02;
+    same.lr = 0.01;
+    note(layer->step(own).status());                                             // 11: refused
+    note(layer->step(same).status());                                            // 12
     o.pending = layer->pending_backwards();
   };
   std::thread rank1(rank, 1, std::ref(d1));
@@ -1311,9 +1319,12 @@ TEST(ExpertParallelGroups, ABackwardForDxAloneIsTheWholeGroupsOrRefusedOnEveryRa
     DaemonProcess& d = r == 0 ? d0 : d1;
     ASSERT_TRUE(out[r].setup.ok()) << out[r].setup;
     const std::vector<Status>& steps = out[r].steps;
-    ASSERT_EQ(steps.size(), 11u);
-    for (size_t i : {0, 1, 3, 4, 5, 6, 7, 8, 9, 10})
+    ASSERT_EQ(steps.size(), 13u);
+    for (size_t i : {0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 12})
       EXPECT_TRUE(steps[i].ok()) << "step " << i << ": " << steps[i] << "\n" << d.log();
+    EXPECT_EQ(steps[11].code(), StatusCode::kInvalidArgument) << steps[11];
+    EXPECT_NE(steps[11].message().find("stepped with different learning rates"), std::string_view::npos)
+        << steps[11];
     EXPECT_EQ(steps[2].code(), StatusCode::kInvalidArgument) << steps[2];
     EXPECT_NE(steps[2].message().find("disagree on this backward"), std::string_view::npos) << steps[2];
     EXPECT_EQ(out[r].pending, 0u);

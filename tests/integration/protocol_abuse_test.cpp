@@ -446,6 +446,23 @@ TEST_F(ProtocolAbuse, MalformedExportAndImportStateRequests) {
     EXPECT_NE(r.status().message().find(needle), std::string_view::npos) << r.status();
     EXPECT_EQ(export_state(), before) << "a refused request changed the layer";
   }
+  // A header longer than any this layer's file can have (its names and metadata, with room for
+  // another layer's) is refused before it is parsed: a JSON tree takes many times its text (a
+  // 100 MiB header of empty objects once took 4 GiB). This one is within the bound on the whole
+  // file, which is the layer's tensors and that header bound.
+  {
+    const size_t header_bytes = (size_t{1} << 20) + 2 * 65536 + 4096 + 256 * 3 * 5 + 6 * 4096 + 10240;
+    std::string header = "{\"__metadata__\":{\"pad\":\"";
+    header += std::string(header_bytes - header.size() - 4, 'x') + "\"}}";
+    std::string file(8, '\0');
+    const uint64_t n = header.size();
+    std::memcpy(file.data(), &n, 8);
+    const UniqueFd long_header = memfd_with(file + header);
+    auto r = s.call(ipc::FrameType::kImportState, {{"handle", h}}, ipc::FrameType::kOk, 10s, {long_header.get()});
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
+    EXPECT_NE(r.status().message().find("its reader takes"), std::string_view::npos) << r.status();
+    EXPECT_EQ(export_state(), before);
+  }
   // Sealed against writing, the daemon maps a file rather than copying it: the same checks.
   auto sealed_copy = [&](int from) {
     std::string bytes(static_cast<size_t>(::lseek(from, 0, SEEK_END)), '\0');
