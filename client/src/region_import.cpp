@@ -91,11 +91,13 @@ void ImportedMemory::reset() {
     // whatever device the caller has made current since; then leave no error of ours behind.
     const CudaRuntime& rt = cuda_runtime();
     int previous = -1;
-    const bool switched =
-        rt.get_device(&previous) == 0 && previous != cuda_device_ && rt.set_device(cuda_device_) == 0;
-    (void)rt.ipc_close_mem_handle(cuda_);
-    if (switched) (void)rt.set_device(previous);
-    (void)rt.get_last_error();
+    const int got = rt.get_device(&previous);
+    const int switched = got == 0 && previous != cuda_device_ ? rt.set_device(cuda_device_) : -1;
+    const int closed = rt.ipc_close_mem_handle(cuda_);
+    const int restored = switched == 0 ? rt.set_device(previous) : 0;
+    // Cleared only where a call of ours failed: an error pending before, from the host
+    // application's own launches, stays for it to see.
+    if (got != 0 || switched > 0 || closed != 0 || restored != 0) (void)rt.get_last_error();
   }
   cuda_ = nullptr;
   cuda_device_ = -1;
