@@ -136,10 +136,20 @@ void DevicePool::trim_device() {
   // its owner thread begins captures without this lock, and a synchronize that met one would
   // invalidate it (the phase would then run op by op for good). Idle under the lock is enough:
   // a cached block is nobody's until allocate() hands it out, which needs the lock.
-  PoolList::instance().for_others(device_, this, [](DevicePool& other) {
+  //
+  // The blocks are freed after the other pool's lock is let go: cudaFree waits for the whole
+  // device, so it may wait behind a third group's collective on a dead peer until that group
+  // gives up; with the lock held meanwhile, the other pool's owner could not allocate or free on
+  // its way to its own timeout, and the two would wait on each other for good.
+  std::vector<void*> blocks;
+  PoolList::instance().for_others(device_, this, [&blocks](DevicePool& other) {
     std::unique_lock lock(other.mu_, std::try_to_lock);
-    if (lock.owns_lock() && other.stream_idle()) other.free_cached_locked();
+    if (lock.owns_lock() && other.stream_idle()) {
+      std::vector<void*> taken = other.take_cached_locked();
+      blocks.insert(blocks.end(), taken.begin(), taken.end());
+    }
   });
+  free_blocks(blocks);
 }
 
 bool DevicePool::stream_idle() const {
@@ -156,12 +166,19 @@ void DevicePool::trim_locked() {
   free_cached_locked();
 }
 
-void DevicePool::free_cached_locked() {
-  for (auto& [cls, blocks] : free_)
-    for (void* p : blocks)
-      if (cudaFree(p) != cudaSuccess) (void)cudaGetLastError();
+void DevicePool::free_cached_locked() { free_blocks(take_cached_locked()); }
+
+std::vector<void*> DevicePool::take_cached_locked() {
+  std::vector<void*> out;
+  for (auto& [cls, blocks] : free_) out.insert(out.end(), blocks.begin(), blocks.end());
   free_.clear();
   cached_ = 0;
+  return out;
+}
+
+void DevicePool::free_blocks(const std::vector<void*>& blocks) {
+  for (void* p : blocks)
+    if (cudaFree(p) != cudaSuccess) (void)cudaGetLastError();
 }
 
 }  // namespace tutel::cuda

@@ -49,6 +49,9 @@ class DevicePool {
   bool stream_idle() const;  // nothing queued on the stream, and not capturing
   void trim_locked();  // waits for the stream, then free_cached_locked()
   void free_cached_locked();  // the stream must be idle
+  // Takes the cached blocks out (the stream must be idle), for cudaFree without the lock.
+  std::vector<void*> take_cached_locked();
+  static void free_blocks(const std::vector<void*>& blocks);
   // The size class of a request: 512-byte steps up to 1 MiB, 2 MiB steps above.
   static size_t size_class(size_t bytes);
 
