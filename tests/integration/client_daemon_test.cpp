@@ -524,6 +524,20 @@ std::map<std::string, std::vector<float>> state_tensors(const SafetensorsFile& f
   return out;
 }
 
+// A layer's exported state: its tensors by name, and its metadata (both empty where it failed).
+std::pair<std::map<std::string, std::vector<float>>, std::map<std::string, std::string>> exported_state(
+    client::Layer& layer) {
+  Result<client::ExportedState> state = layer.export_state();
+  EXPECT_TRUE(state.ok()) << state.status();
+  if (!state.ok()) return {};
+  const int copy = state->dup_fd();
+  Result<SafetensorsFile> file = SafetensorsFile::read(copy, "the export", 1 << 24);
+  ::close(copy);
+  EXPECT_TRUE(file.ok()) << file.status();
+  if (!file.ok()) return {};
+  return {state_tensors(*file), file->metadata()};
+}
+
 // A layer's exported state is the file save() writes, byte for byte; imported into another
 // layer (another initialisation), it makes that layer the first one's twin: the same outputs,
 // and after the same training step, the same parameters and momentum (so the step count and
@@ -568,14 +582,8 @@ TEST_F(ClientDaemon, AnExportedStateIsTheSavedFileAndImportingItMakesATwin) {
   const std::vector<float> x = random(32 * 16), dy = random(32 * 16);
   EXPECT_EQ(train_step(*first, x, dy), train_step(*second, x, dy)) << "the twins' outputs differ";
   auto state_of = [&](client::Layer& layer) {
-    Result<client::ExportedState> state = layer.export_state();
-    EXPECT_TRUE(state.ok()) << state.status();
-    const int copy = state.ok() ? state->dup_fd() : -1;
-    Result<SafetensorsFile> file = SafetensorsFile::read(copy, "the export", 1 << 24);
-    ::close(copy);
-    EXPECT_TRUE(file.ok()) << file.status();
-    return std::make_pair(file.ok() ? state_tensors(*file) : std::map<std::string, std::vector<float>>{},
-                          file.ok() ? file->metadata().at("tuteld.step") : std::string());
+    auto [tensors, metadata] = exported_state(layer);
+    return std::make_pair(std::move(tensors), metadata["tuteld.step"]);
   };
   const auto [first_state, first_step] = state_of(*first);
   const auto [second_state, second_step] = state_of(*second);
@@ -610,24 +618,14 @@ TEST_F(ClientDaemon, AnotherOptimizersStateIsNotTaken) {
   ASSERT_TRUE(sgd->forward(x.data(), 32, y.data()).ok());
   ASSERT_TRUE(sgd->backward(y.data(), 0.5f, dx.data()).ok());
   ASSERT_TRUE(sgd->step().ok());
-  auto tensors_of = [&](client::Layer& layer) {
-    Result<client::ExportedState> state = layer.export_state();
-    EXPECT_TRUE(state.ok()) << state.status();
-    const int copy = state.ok() ? state->dup_fd() : -1;
-    Result<SafetensorsFile> file = SafetensorsFile::read(copy, "the export", 1 << 24);
-    ::close(copy);
-    EXPECT_TRUE(file.ok()) << file.status();
-    return std::make_pair(file.ok() ? state_tensors(*file) : std::map<std::string, std::vector<float>>{},
-                          file.ok() ? file->metadata() : std::map<std::string, std::string>{});
-  };
-  const auto [source, source_meta] = tensors_of(*sgd);
+  const auto [source, source_meta] = exported_state(*sgd);
   EXPECT_EQ(source_meta.at("tuteld.optimizer"), "sgd");
   Result<client::ExportedState> exported = sgd->export_state();
   ASSERT_TRUE(exported.ok()) << exported.status();
   const int fd = exported->dup_fd();
   ASSERT_TRUE(adamw->import_state(fd).ok());
   ::close(fd);
-  const auto [target, target_meta] = tensors_of(*adamw);
+  const auto [target, target_meta] = exported_state(*adamw);
   EXPECT_EQ(target_meta.at("tuteld.optimizer"), "adamw");
   EXPECT_EQ(target_meta.at("tuteld.step"), "0");
   size_t moments = 0;
@@ -645,13 +643,13 @@ TEST_F(ClientDaemon, AnotherOptimizersStateIsNotTaken) {
   ASSERT_TRUE(adamw->forward(x.data(), 32, y.data()).ok());
   ASSERT_TRUE(adamw->backward(y.data(), 0.5f, dx.data()).ok());
   ASSERT_TRUE(adamw->step().ok());
-  const auto [stepped, stepped_meta] = tensors_of(*adamw);
+  const auto [stepped, stepped_meta] = exported_state(*adamw);
   Result<client::ExportedState> stepped_state = adamw->export_state();
   ASSERT_TRUE(stepped_state.ok());
   const int again = stepped_state->dup_fd();
   ASSERT_TRUE(adamw->import_state(again).ok());
   ::close(again);
-  const auto [reloaded, reloaded_meta] = tensors_of(*adamw);
+  const auto [reloaded, reloaded_meta] = exported_state(*adamw);
   EXPECT_EQ(reloaded_meta.at("tuteld.step"), "1");
   EXPECT_TRUE(reloaded == stepped);
 }
@@ -674,18 +672,10 @@ TEST_F(ClientDaemon, AStepAppliesOnlyGradientsThatAreThereWithTheSettingsItIsGiv
   auto plain = client->create_layer(spec("lr_plain"));
   auto decayed = client->create_layer(spec("lr_decayed"));
   ASSERT_TRUE(half.ok() && plain.ok() && decayed.ok());
-  auto parameters = [&](client::Layer& layer) {
+  auto parameters = [](client::Layer& layer) {
     std::map<std::string, std::vector<float>> out;
-    Result<client::ExportedState> state = layer.export_state();
-    EXPECT_TRUE(state.ok()) << state.status();
-    if (!state.ok()) return out;
-    const int copy = state->dup_fd();
-    Result<SafetensorsFile> file = SafetensorsFile::read(copy, "the export", 1 << 24);
-    ::close(copy);
-    EXPECT_TRUE(file.ok()) << file.status();
-    if (file.ok())
-      for (auto& [name, values] : state_tensors(*file))
-        if (name.rfind("optimizer.", 0) != 0) out[name] = std::move(values);
+    for (auto& [name, values] : exported_state(layer).first)
+      if (name.rfind("optimizer.", 0) != 0) out[name] = std::move(values);
     return out;
   };
   const auto w0 = parameters(*half);
