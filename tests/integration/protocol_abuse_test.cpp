@@ -312,7 +312,7 @@ TEST_F(ProtocolAbuse, MalformedPinAndDrainRequests) {
 // The gradient frames with what a library would never send: no factor, a factor that is not a
 // number or beyond f32, a handle that is not an integer or names no layer. Each is refused with
 // a message naming the field; the layer's gradients stay as they were (its norm), and it serves.
-TEST_F(ProtocolAbuse, MalformedGradNormAndScaleGradsRequests) {
+TEST_F(ProtocolAbuse, MalformedGradNormScaleGradsStepAndZeroGradRequests) {
   RawSession s(daemon_->client_socket());
   ASSERT_TRUE(s.hello().ok());
   auto handle = s.create_layer(kSpec);
@@ -327,6 +327,11 @@ TEST_F(ProtocolAbuse, MalformedGradNormAndScaleGradsRequests) {
       {ipc::FrameType::kScaleGrads, {{"handle", 987654}, {"factor", 2}}, StatusCode::kNotFound, "987654"},
       {ipc::FrameType::kGradNorm, nlohmann::json::object(), StatusCode::kInvalidArgument, "'handle' is missing"},
       {ipc::FrameType::kGradNorm, {{"handle", -3}}, StatusCode::kInvalidArgument, "-3"},
+      {ipc::FrameType::kStep, {{"handle", h}, {"lr", "fast"}}, StatusCode::kInvalidArgument, "'lr' must be a number"},
+      {ipc::FrameType::kStep, {{"handle", h}, {"lr", -0.5}}, StatusCode::kInvalidArgument, "finite number >= 0"},
+      {ipc::FrameType::kStep, {{"handle", h}, {"weight_decay", 1e300}}, StatusCode::kInvalidArgument, "within f32"},
+      {ipc::FrameType::kStep, {{"handle", h}, {"lr", nullptr}}, StatusCode::kInvalidArgument, "must be a number"},
+      {ipc::FrameType::kZeroGrad, {{"handle", h}, {"set_to_none", 1}}, StatusCode::kInvalidArgument, "must be a boolean"},
   };
   for (const auto& [type, body, code, needle] : bad) {
     auto r = s.call(type, body, ipc::FrameType::kOk);
@@ -337,6 +342,12 @@ TEST_F(ProtocolAbuse, MalformedGradNormAndScaleGradsRequests) {
   auto norm = s.call(ipc::FrameType::kGradNorm, {{"handle", h}}, ipc::FrameType::kOk);
   ASSERT_TRUE(norm.ok()) << norm.status();
   EXPECT_EQ((*norm)["norm"], 0.0) << norm->dump();
+  // None of the refused steps stepped; a well-formed one without gradients says it applied none.
+  auto step = s.call(ipc::FrameType::kStep, {{"handle", h}, {"lr", 0.25}}, ipc::FrameType::kOk);
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_EQ((*step)["step"], 0) << step->dump();
+  EXPECT_EQ((*step)["applied"], false) << step->dump();
+  EXPECT_EQ((*step)["lr"], 0.25) << step->dump();
   expect_daemon_serves();
 }
 
