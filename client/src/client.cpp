@@ -449,12 +449,12 @@ Result<int64_t> Layer::step(const StepOptions& options) {
   TUTEL_ASSIGN_OR_RETURN(json reply, layer_call(state_, ipc::FrameType::kStep, std::move(body)));
   Result<int64_t> step = ipc::get_int(reply, "step");
   if (!step.ok()) return internal::malformed_reply(step.status(), "Step");
+  state_->info.step = *step;
   // A daemon from before per-step settings answers without what it applied: it used the spec's.
   if ((options.lr || options.weight_decay) && !reply.contains("lr"))
     return Status::Unimplemented(
         "step: this tuteld steps only with the layer spec's lr and weight_decay (it predates per-step settings); "
         "upgrade the daemon to run a learning-rate schedule. The step was taken with the spec's settings");
-  state_->info.step = *step;
   return state_->info.step;
 }
 
