@@ -177,6 +177,27 @@ class TorchModuleTest(unittest.TestCase):
         with torch.no_grad():
             torch.testing.assert_close(moe(xt)[0], before, rtol=0, atol=0)
 
+    def test_a_backward_interrupted_after_it_was_sent_says_so_on_a_retry(self):
+        # Ctrl-C while the backward waits: the daemon may still run it, so a retry does not say
+        # "backwarded already" (the user never saw it complete) but what to do.
+        p, x = random_case(self.rng, 6)
+        moe = self.make_moe(p)
+        y, l_aux = moe(torch.from_numpy(x).float())
+        loss = y.sum() + l_aux
+        lib = tuteld._lib
+        real_wait_for = lib.tutel_wait_for
+
+        def interrupted_wait_for(*args):
+            lib.tutel_wait_for = real_wait_for
+            raise KeyboardInterrupt
+
+        lib.tutel_wait_for = interrupted_wait_for
+        self.addCleanup(setattr, lib, "tutel_wait_for", real_wait_for)
+        with self.assertRaises(KeyboardInterrupt):
+            loss.backward(retain_graph=True)
+        with self.assertRaisesRegex(RuntimeError, "interrupted or timed out after it was sent.*zero_grad"):
+            loss.backward()
+
     def test_eval_and_no_grad_are_inference(self):
         p, x = random_case(self.rng, 6)
         moe = self.make_moe(p)
@@ -380,6 +401,7 @@ class TorchModuleTest(unittest.TestCase):
                 pickle.dumps(handle)
         with self.assertRaisesRegex(TypeError, "real floating-point x"):
             moe(torch.ones(3, M, dtype=torch.int64))
+        self.assertIn(f"name='moe', model_dim={M}, output_dim={M}, experts={E}", repr(model))
 
     def make_adamw_moe(self, name, seed):
         spec = (f'name = "{name}"\nexperts = {E}\nmodel_dim = {M}\nhidden = {H}\nk = {K}\n'

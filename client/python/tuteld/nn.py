@@ -34,7 +34,8 @@ or with an x that needs no gradient in eval mode or frozen (requires_grad_(False
 an inference, which keeps nothing in the daemon. In eval mode with an x that needs a gradient it
 is a training forward without gate noise (routed as an inference is), so the gradient reaches x;
 a layer with gate_noise > 0 infers instead, and no gradient reaches x (a warning says so once).
-A client made before os.fork() cannot be used in the child (connect a new one there). A training forward whose graph is dropped without a backward is discarded in the
+A client made before os.fork() cannot be used in the child (connect a new one there). A
+training forward whose graph is dropped without a backward is discarded in the
 daemon at the layer's next call (on an expert-parallel layer too: a discard is each rank's own).
 The backward runs once per forward (the daemon drops a forward's state when its backward ran: a
 second backward through the same graph raises, retain_graph or not) and is not differentiable
@@ -74,7 +75,7 @@ class _PendingForward:
 
     def __init__(self, layer, sequence):
         self.layer, self.sequence, self.backwarded = layer, sequence, False
-        self.interrupted = False  # its backward was submitted and then given up (an exception)
+        self.interrupted = False  # its backward was sent and then failed or given up (an exception)
 
     def __del__(self):
         if not self.backwarded:
@@ -120,9 +121,9 @@ class _MoEFunction(torch.autograd.Function):
         device, dtype = ctx.x_meta
         pending = ctx.pending
         if pending.interrupted:
-            raise RuntimeError("tuteld.nn.MoE: this forward's backward was interrupted (or timed out) after "
-                               "it was sent; the daemon may have run it and added it to the gradients. "
-                               "Call zero_grad and run the forward again")
+            raise RuntimeError("tuteld.nn.MoE: this forward's backward failed, was interrupted or timed out "
+                               "after it was sent, and the forward is gone; the daemon may have added it, "
+                               "or part of it, to the gradients. Call zero_grad and run the forward again")
         if pending.backwarded:
             raise RuntimeError("tuteld.nn.MoE: this forward was backwarded already; the daemon keeps a "
                                "forward's state only until its backward, so a graph through the layer "
