@@ -525,6 +525,31 @@ class TorchModuleTest(unittest.TestCase):
         # A state_dict saved before the anchor was left out loads too.
         model.load_state_dict({**state, "1._anchor": torch.empty(0)})
 
+    def test_load_state_dict_exports_the_daemons_state_only_for_what_is_missing(self):
+        # The names and shapes are known after one export per layer; a load that gives every
+        # entry exports nothing more, one that leaves an entry missing (strict=False) exports
+        # once for the value it keeps.
+        p, x = random_case(self.rng, 6)
+        moe = self.make_moe(p)
+        state = moe.state_dict()
+        exports = []
+        real_export = moe.layer.export_state
+
+        def counting_export():
+            exports.append(1)
+            return real_export()
+
+        moe.layer.export_state = counting_export
+        moe.load_state_dict(state)
+        self.assertEqual(len(exports), 0)
+        partial = {k: v for k, v in state.items() if not k.endswith("batched_fc2_w")}
+        result = moe.load_state_dict(partial, strict=False)
+        self.assertEqual(result.missing_keys, ["experts.batched_fc2_w"])
+        self.assertEqual(len(exports), 1)
+        with torch.no_grad():
+            self.assert_close(moe(torch.from_numpy(x).float())[0].numpy(), ref.forward(p, x, K, F)[0],
+                              "y after the loads")
+
     def test_a_subclass_keeps_its_own_entries_and_pre_hooks(self):
         class Scaled(tuteld.nn.MoE):
             def __init__(self, *args, **kwargs):

@@ -224,6 +224,8 @@ class MoE(torch.nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # a subclass's own entries
         destination.pop(prefix + self._ANCHOR, None)
         tensors, metadata = self.layer.export_state()
+        if getattr(self.layer, "_state_layout", None) is None:
+            self.layer._state_layout = {name: values.shape for name, values in tensors.items()}
         for name, values in tensors.items():
             destination[prefix + name] = torch.from_numpy(values)
         destination[prefix + self._STEP] = torch.tensor(int(metadata.get("tuteld.step", "0")), dtype=torch.int64)
@@ -244,35 +246,43 @@ class MoE(torch.nn.Module):
             # import, every entry missing, the daemon's state as it was.
             missing_keys.extend(prefix + name for name in self._daemon_names())
             return
-        # What the daemon holds now: every tensor's name and shape, and the value an entry
-        # missing from state_dict keeps (as torch keeps a parameter strict=False finds none for).
-        current, current_meta = self.layer.export_state()
+        # Every tensor the daemon holds, by name and shape; its values only where an entry is
+        # missing from state_dict and keeps them (as torch keeps a parameter strict=False finds
+        # none for): exported then, once, not for every load.
+        current = None
+
+        def current_state():
+            nonlocal current
+            if current is None:
+                current = self.layer.export_state()
+            return current
+
         given = {key[len(prefix):]: state_dict.pop(key) for key in ours}
         state, errors = {}, []
         optimizer_given = any(name.startswith(self._OPTIMIZER) for name in given)
-        for name, values in current.items():
+        for name, shape in self._state_layout().items():
             key = prefix + name
             if name not in given:
                 # Optimizer state absent altogether (a Tutel checkpoint, weights alone) starts
                 # afresh, unreported; absent for some tensors only, it is reported, and kept.
                 if not name.startswith(self._OPTIMIZER) or optimizer_given:
                     missing_keys.append(key)
-                    state[name] = values
+                    state[name] = current_state()[0][name]
                 continue
             value = given.pop(name)
             if not torch.is_tensor(value):
                 errors.append(f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like '
                               f"object from checkpoint but received {type(value)}")
-            elif tuple(value.shape) != values.shape:
+            elif tuple(value.shape) != shape:
                 errors.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)} from "
-                              f"checkpoint, the shape in current model is {values.shape}.")
+                              f"checkpoint, the shape in current model is {shape}.")
             else:
                 state[name] = value.detach().to("cpu", torch.float32).numpy()
         metadata = {}
         step = given.pop(self._STEP, None)
         if step is None and optimizer_given:  # moments without their step: keep the layer's
             missing_keys.append(prefix + self._STEP)
-            metadata["tuteld.step"] = current_meta.get("tuteld.step", "0")
+            metadata["tuteld.step"] = current_state()[1].get("tuteld.step", "0")
         elif step is not None:
             if (not torch.is_tensor(step) or step.numel() != 1 or step.is_floating_point() or step.is_complex()
                     or step.dtype == torch.bool):
@@ -293,9 +303,18 @@ class MoE(torch.nn.Module):
             except TutelError as e:  # a refusal by the daemon (a step that is no count)
                 error_msgs.append(f"tuteld refused the state of {prefix or 'the module'}: {e}")
 
+    def _state_layout(self):
+        """Every tensor of the daemon's state by name and shape, in its order: exported once per
+        layer handle (they never change for a layer), not at every load."""
+        layout = getattr(self.layer, "_state_layout", None)
+        if layout is None:
+            tensors, _ = self.layer.export_state()
+            layout = {name: values.shape for name, values in tensors.items()}
+            self.layer._state_layout = layout
+        return layout
+
     def _daemon_names(self):
-        tensors, _ = self.layer.export_state()
-        return list(tensors) + [self._STEP, self._TUTEL_EXPERTS[0]]
+        return list(self._state_layout()) + [self._STEP, self._TUTEL_EXPERTS[0]]
 
     def __deepcopy__(self, memo):
         raise TypeError("tuteld.nn.MoE cannot be copied: its parameters live in the daemon. Attach "
