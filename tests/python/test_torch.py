@@ -416,6 +416,33 @@ class TorchModuleTest(unittest.TestCase):
         tuteld.nn.zero_grad(model)
         return y.detach()
 
+    def test_another_optimizers_state_dict_loads_its_weights_and_starts_this_optimizer_afresh(self):
+        # The state_dict says whose optimizer state it holds (torch's per-module metadata, kept
+        # by torch.save): an SGD layer's, loaded into an AdamW layer, gives it the weights, and
+        # its optimizer starts afresh (zero moments, step 0) rather than taking the momentum for
+        # a first moment; nothing is missing or unexpected.
+        import io
+
+        spec = (f'name = "sgd_source"\nexperts = {E}\nmodel_dim = {M}\nhidden = {H}\nk = {K}\n'
+                f'capacity_factor = {F}\ninit_seed = 5\noptimizer = {{ kind = "sgd", lr = 0.01, momentum = 0.9 }}\n')
+        source = tuteld.nn.MoE(self.client, spec)
+        target = self.make_adamw_moe("adamw_target", 6)
+        head = torch.from_numpy(self.rng.normal(0, 1, (M,))).float()
+        self.train_step(source, torch.from_numpy(self.rng.normal(0, 1, (8, M))).float(), head)
+        buffer = io.BytesIO()
+        torch.save(source.state_dict(), buffer)
+        buffer.seek(0)
+        state = torch.load(buffer)
+        with self.assertWarnsRegex(UserWarning, "holds a sgd optimizer's state; this layer's adamw optimizer starts afresh"):
+            result = target.load_state_dict(state)
+        self.assertEqual((result.missing_keys, result.unexpected_keys), ([], []))
+        after = target.state_dict()
+        for name in ref.TUTEL_NAMES.values():
+            torch.testing.assert_close(after[name], state[name], rtol=0, atol=0)
+            for i in (0, 1):
+                self.assertEqual(float(after[f"optimizer.state{i}.{name}"].abs().max()), 0.0)
+        self.assertEqual(int(after["optimizer.step"]), 0)
+
     def test_state_dict_holds_the_daemons_state_and_load_state_dict_makes_a_twin(self):
         import io
 

@@ -21,8 +21,8 @@ names (prefix + "optimizer.state0.experts.batched_fc1_w", ...), its step (prefix
 "optimizer.step", an int64 scalar) and Tutel's "_num_global_experts"; load_state_dict writes
 them back (strict as torch's: missing, unexpected and mis-shaped entries are reported, what has
 no entry keeps its value, and a module with an error in its entries is left as it was). Without
-optimizer entries (weights alone, a Tutel checkpoint) the daemon's optimizer starts afresh, at
-step 0. On an expert-parallel layer, each rank's state_dict holds its own experts (save every
+optimizer entries (weights alone, a Tutel checkpoint), or with another optimizer's (the dict's
+metadata names it: a warning says so), the daemon's optimizer starts afresh, at step 0. On an expert-parallel layer, each rank's state_dict holds its own experts (save every
 rank's), as Tutel's does.
 Autograd calls the daemon's backward for every training forward, also when x needs no gradient
 (the module holds an empty parameter so that the graph always reaches it). Tensors on another
@@ -224,8 +224,13 @@ class MoE(torch.nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # a subclass's own entries
         destination.pop(prefix + self._ANCHOR, None)
         tensors, metadata = self.layer.export_state()
-        if getattr(self.layer, "_state_layout", None) is None:
-            self.layer._state_layout = {name: values.shape for name, values in tensors.items()}
+        self._remember_layout(tensors, metadata)
+        # Whose optimizer state this is, in torch's per-module metadata of the dict (its entries
+        # are tensors only): a load into a layer of another optimizer leaves it (kept by
+        # torch.save; a format that keeps tensors alone loses it, and the load takes the state).
+        dict_metadata = getattr(destination, "_metadata", None)
+        if dict_metadata is not None and prefix[:-1] in dict_metadata and "tuteld.optimizer" in metadata:
+            dict_metadata[prefix[:-1]]["tuteld.optimizer"] = metadata["tuteld.optimizer"]
         for name, values in tensors.items():
             destination[prefix + name] = torch.from_numpy(values)
         destination[prefix + self._STEP] = torch.tensor(int(metadata.get("tuteld.step", "0")), dtype=torch.int64)
@@ -258,6 +263,15 @@ class MoE(torch.nn.Module):
             return current
 
         given = {key[len(prefix):]: state_dict.pop(key) for key in ours}
+        theirs, mine = local_metadata.get("tuteld.optimizer"), self._optimizer_name()
+        if theirs is not None and mine is not None and theirs != mine:
+            # Another optimizer's state is none of this one's (SGD's momentum is no AdamW first
+            # moment): its entries and step are left, neither loaded nor unexpected, and this
+            # optimizer starts afresh at step 0, as the daemon does with such a file.
+            for name in [n for n in given if n.startswith(self._OPTIMIZER)]:
+                del given[name]
+            warnings.warn(f"tuteld.nn.MoE {prefix or '(the module)'}: the state_dict holds a {theirs} "
+                          f"optimizer's state; this layer's {mine} optimizer starts afresh", stacklevel=2)
         state, errors = {}, []
         optimizer_given = any(name.startswith(self._OPTIMIZER) for name in given)
         for name, shape in self._state_layout().items():
@@ -303,15 +317,22 @@ class MoE(torch.nn.Module):
             except TutelError as e:  # a refusal by the daemon (a step that is no count)
                 error_msgs.append(f"tuteld refused the state of {prefix or 'the module'}: {e}")
 
+    def _remember_layout(self, tensors, metadata):
+        if getattr(self.layer, "_state_layout", None) is None:
+            self.layer._state_layout = {name: values.shape for name, values in tensors.items()}
+            self.layer._optimizer_name = metadata.get("tuteld.optimizer")
+
     def _state_layout(self):
         """Every tensor of the daemon's state by name and shape, in its order: exported once per
         layer handle (they never change for a layer), not at every load."""
-        layout = getattr(self.layer, "_state_layout", None)
-        if layout is None:
-            tensors, _ = self.layer.export_state()
-            layout = {name: values.shape for name, values in tensors.items()}
-            self.layer._state_layout = layout
-        return layout
+        if getattr(self.layer, "_state_layout", None) is None:
+            self._remember_layout(*self.layer.export_state())
+        return self.layer._state_layout
+
+    def _optimizer_name(self):
+        """The daemon optimizer's name ("sgd", "adamw"; None from a daemon that does not say)."""
+        self._state_layout()
+        return self.layer._optimizer_name
 
     def _daemon_names(self):
         return list(self._state_layout()) + [self._STEP, self._TUTEL_EXPERTS[0]]
