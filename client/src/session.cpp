@@ -420,7 +420,7 @@ Status Session::complete_one() { return complete_one(request_deadline(), options
 
 Status Session::complete_one(std::optional<Clock::time_point> deadline, std::chrono::milliseconds bound,
                              bool bound_is_option) {
-  if (!usable().ok()) return broken_;
+  if (!broken_.ok()) return broken_;  // (its callers checked usable(), once per call)
   if (in_flight_.empty())
     return Status::Internal("waiting for a completion with nothing in flight");
   bool gone = false;
@@ -508,6 +508,9 @@ Result<Session::Finished> Session::wait_finished(uint64_t request_id,
   // A timeout given here bounds this whole wait; the option bounds each completion.
   std::optional<Clock::time_point> deadline;
   if (timeout) deadline = ipc::deadline_after(std::max(*timeout, std::chrono::milliseconds(0)));
+  // Once per wait, not per completion: a fork cannot happen inside this call (a getpid is a
+  // system call, ~0.1 µs here).
+  (void)usable();
   for (;;) {
     if (auto it = finished_.find(request_id); it != finished_.end()) {
       Finished f = std::move(it->second);
@@ -515,7 +518,7 @@ Result<Session::Finished> Session::wait_finished(uint64_t request_id,
       if (!f.status.ok()) return f.status;
       return f;
     }
-    if (!usable().ok()) return broken_;
+    if (!broken_.ok()) return broken_;
     if (in_flight_.count(request_id) == 0) {
       return Status::InvalidArgument(
           "request " + std::to_string(request_id) +
@@ -542,6 +545,7 @@ void Session::abandon(uint64_t request_id) {
 }
 
 Status Session::drain() {
+  if (!usable().ok()) return broken_;
   while (!in_flight_.empty()) TUTEL_RETURN_IF_ERROR(complete_one());
   return broken_;
 }

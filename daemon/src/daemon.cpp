@@ -35,20 +35,23 @@ fs::path client_checkpoints(const Config& c, const std::string& tenant) {
   return fs::path(c.server.state_dir) / tenant / "checkpoints";
 }
 
-// A name in `dir` for a checkpoint of layer `name` that the daemon moves aside (`why`: "superseded"
-// by another layer of the name, "left-out" at a restore): "<name>.<why>-<UTC time>[-<n>].safetensors",
-// not taken yet.
-fs::path kept_aside_name(const fs::path& dir, const std::string& name, const char* why) {
+// Moves the checkpoint `from` of layer `name` into the tenant's checkpoint directory `dir`, where a
+// client can load it, as "<name>.<why>-<UTC time>[-<n>].safetensors" (`why`: "superseded" by
+// another layer of the name, "left-out" at a restore); the new path. Never over another file.
+Result<fs::path> move_aside(const fs::path& from, const fs::path& dir, const std::string& name, const char* why) {
   const std::time_t now = std::time(nullptr);
   std::tm utc{};
   ::gmtime_r(&now, &utc);
   char stamp[32];
   std::strftime(stamp, sizeof stamp, "%Y%m%dT%H%M%SZ", &utc);
   std::error_code ec;
-  for (int n = 0;; ++n) {
-    const fs::path p = dir / (name + "." + why + "-" + stamp + (n ? "-" + std::to_string(n) : "") + ".safetensors");
-    if (!fs::exists(p, ec)) return p;
-  }
+  fs::path to;
+  for (int n = 0; to.empty() || fs::exists(to, ec); ++n)
+    to = dir / (name + "." + why + "-" + stamp + (n ? "-" + std::to_string(n) : "") + ".safetensors");
+  fs::create_directories(dir, ec);
+  if (!ec) fs::rename(from, to, ec);
+  if (ec) return Status::IOError("cannot move " + from.string() + " aside to " + to.string() + ": " + ec.message());
+  return to;
 }
 
 // Where a client's relative checkpoint path lands: inside its tenant's directory, never
@@ -391,17 +394,14 @@ Status DaemonImpl::restore_state() {
     if (from_config(f)) continue;
     Status restored = restore(f);
     if (restored.code() == StatusCode::kResourceExhausted) {
-      const fs::path from = *f.def.weights_path;
-      const fs::path kept = kept_aside_name(client_checkpoints(config_, f.tenant), f.def.name, "left-out");
-      fs::create_directories(kept.parent_path(), ec);
-      if (!ec) fs::rename(from, kept, ec);
-      if (ec)
-        return Status::IOError("layer " + f.tenant + "/" + f.def.name + " cannot be restored (" +
-                               std::string(restored.message()) + ") nor its checkpoint " + from.string() +
-                               " moved aside to " + kept.string() + ": " + ec.message());
+      Result<fs::path> kept =
+          move_aside(*f.def.weights_path, client_checkpoints(config_, f.tenant), f.def.name, "left-out");
+      if (!kept.ok())
+        return kept.status().with_context("layer " + f.tenant + "/" + f.def.name + " cannot be restored (" +
+                                          std::string(restored.message()) + ")");
       TUTEL_LOG(WARN) << "not restoring layer " << f.tenant << "/" << f.def.name << ": " << restored
-                      << "; its checkpoint is kept as " << kept.string() << " (a client loads it as \""
-                      << kept.filename().string() << "\")";
+                      << "; its checkpoint is kept as " << kept->string() << " (a client loads it as \""
+                      << kept->filename().string() << "\")";
       continue;
     }
     TUTEL_RETURN_IF_ERROR(restored);
@@ -440,16 +440,14 @@ Status DaemonImpl::resume_group_layer(const std::string& tenant, LayerDefinition
     // would replace the old one at exit (and a destroy would delete it), which may be the only
     // copy of a trained layer: the old one moves to the tenant's checkpoints, where a client can
     // load it (and its quota counts it).
-    const fs::path kept = kept_aside_name(client_checkpoints(config_, tenant), def.name, "superseded");
-    fs::create_directories(kept.parent_path(), ec);
-    if (!ec) fs::rename(path, kept, ec);
-    if (ec)
-      return Status::IOError("group layer " + tenant + "/" + def.name + " has a checkpoint " + path.string() +
-                             " written for another spec, which cannot be moved aside to " + kept.string() + ": " +
-                             ec.message() + "; move it out of state_dir to create the layer afresh");
+    Result<fs::path> kept = move_aside(path, client_checkpoints(config_, tenant), def.name, "superseded");
+    if (!kept.ok())
+      return kept.status().with_context("group layer " + tenant + "/" + def.name +
+                                        " has a checkpoint written for another spec; move it out of state_dir "
+                                        "to create the layer afresh");
     TUTEL_LOG(WARN) << "group layer " << tenant << "/" << def.name << " is created afresh: its checkpoint "
-                    << path.string() << " was written for another spec, and is kept as " << kept.string()
-                    << " (a client loads it as \"" << kept.filename().string() << "\")";
+                    << path.string() << " was written for another spec, and is kept as " << kept->string()
+                    << " (a client loads it as \"" << kept->filename().string() << "\")";
     return Status::OK();
   }
   def.weights_path = path.string();
