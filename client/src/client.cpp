@@ -258,9 +258,14 @@ Status usable(const std::shared_ptr<LayerState>& state) {
   return state->session->broken();
 }
 
+using ForwardMode = Layer::ForwardMode;
+
+ForwardMode mode_of(bool training) { return training ? ForwardMode::kTraining : ForwardMode::kInference; }
+
 // Builds and submits a forward; `in_device_region`: x and y point into a device region.
 Result<Ticket> submit_forward_request(const std::shared_ptr<LayerState>& state, const float* x, int64_t tokens,
-                                      float* y, bool training, bool in_device_region, bool without_noise = false) {
+                                      float* y, ForwardMode mode, bool in_device_region) {
+  const bool training = mode != ForwardMode::kInference;
   TUTEL_RETURN_IF_ERROR(usable(state));
   Submission s;
   TUTEL_ASSIGN_OR_RETURN(s.input_bytes, tensor_bytes(tokens, state->info.model_dim, "x"));
@@ -271,7 +276,7 @@ Result<Ticket> submit_forward_request(const std::shared_ptr<LayerState>& state, 
     return Status::InvalidArgument("forward: x and y must not be null");
   s.op = ipc::Op::kForward;
   s.flags = training ? uint32_t{ipc::kFlagTraining} : uint32_t{0};
-  if (training && without_noise) s.flags |= ipc::kFlagWithoutNoise;
+  if (mode == ForwardMode::kTrainingWithoutNoise) s.flags |= ipc::kFlagWithoutNoise;
   s.layer = state;
   s.tokens = tokens;
   s.input = x;
@@ -339,12 +344,11 @@ Status wait_forward(const std::shared_ptr<LayerState>& state, Result<Ticket> sub
 }  // namespace
 
 Result<Ticket> Layer::submit_forward(const float* x, int64_t tokens, float* y, bool training) {
-  return submit_forward_request(state_, x, tokens, y, training, false);
+  return submit_forward_request(state_, x, tokens, y, mode_of(training), false);
 }
 
 Result<Ticket> Layer::submit_forward(const float* x, int64_t tokens, float* y, ForwardMode mode) {
-  return submit_forward_request(state_, x, tokens, y, mode != ForwardMode::kInference, false,
-                                mode == ForwardMode::kTrainingWithoutNoise);
+  return submit_forward_request(state_, x, tokens, y, mode, false);
 }
 
 Result<Ticket> Layer::submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
@@ -357,7 +361,7 @@ Result<Ticket> Layer::submit_backward(uint64_t sequence, const float* dy, float 
 }
 
 Result<Ticket> Layer::submit_forward_device(const float* x, int64_t tokens, float* y, bool training) {
-  return submit_forward_request(state_, x, tokens, y, training, true);
+  return submit_forward_request(state_, x, tokens, y, mode_of(training), true);
 }
 
 Result<Ticket> Layer::submit_backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx) {

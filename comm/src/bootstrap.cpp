@@ -106,6 +106,13 @@ struct Conn {
   // With a peer secret: the rank's nonce (its challenge) and ours (the answer), once exchanged.
   std::string rank_nonce, server_nonce;
   Clock::time_point hello_by;  // its hello is due by then (kHelloTime after its accept)
+
+  // Closed at once (a stream of such connections must not use up the descriptors) and erased
+  // with what it had sent at the end of the poll round.
+  void drop() {
+    dead = true;
+    fd.reset();
+  }
 };
 
 class Coordinator {
@@ -139,8 +146,7 @@ class Coordinator {
         if (c.rank < 0 && Clock::now() >= c.hello_by) {
           // Too slow to be a rank: its descriptor and buffer go, and a real rank that stalled
           // will retry with a connection of its own.
-          c.dead = true;
-          c.fd.reset();
+          c.drop();
           continue;
         }
         if (c.rank < 0) next_hello_due = std::min(next_hello_due, c.hello_by);
@@ -237,8 +243,7 @@ class Coordinator {
         // conns_ is in accept order: the first pending one is the oldest.
         for (Conn& c : conns_)
           if (c.rank < 0 && !c.dead) {
-            c.dead = true;
-            c.fd.reset();
+            c.drop();
             ++dropped_pending_;
             break;
           }
@@ -258,10 +263,13 @@ class Coordinator {
     char byte;
     const ssize_t n = ::recv(c.fd.get(), &byte, 1, MSG_DONTWAIT);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
-    if (n > 0)
-      TUTEL_LOG(WARN) << "bootstrap: " << o_.member << " " << c.rank << " (" << table_.addresses[c.rank]
-                      << ") sent more after its hello; dropping it until it arrives again";
+    if (n > 0) warn_talked(c.rank, table_.addresses[c.rank]);
     leave(c, count);
+  }
+
+  void warn_talked(int rank, const std::string& address) const {
+    TUTEL_LOG(WARN) << "bootstrap: " << o_.member << " " << rank << " (" << address
+                    << ") sent more after its hello; dropping it until it arrives again";
   }
 
   void leave(Conn& c, int* count) {
@@ -272,8 +280,7 @@ class Coordinator {
     table_.addresses[c.rank].clear();
     --*count;
     c.rank = -1;
-    c.dead = true;
-    c.fd.reset();
+    c.drop();
   }
 
   // Whether the connection's peer has closed it (read without taking anything).
@@ -288,8 +295,7 @@ class Coordinator {
     char buf[65536];
     const ssize_t n = ::recv(c.fd.get(), buf, sizeof buf, MSG_DONTWAIT);
     if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
-      c.dead = true;  // a rank that gave up and will retry, or a stray connection
-      c.fd.reset();   // at once: a stream of such connections must not use up the descriptors
+      c.drop();  // a rank that gave up and will retry, or a stray connection
       return Status::OK();
     }
     if (n < 0) return Status::OK();
@@ -365,10 +371,8 @@ class Coordinator {
     if (c.in.size() > message_bytes) {
       // More after its hello, read with it: dropped as a rank that talks after arriving is
       // (watch_arrived), whether or not the two came in one read.
-      TUTEL_LOG(WARN) << "bootstrap: " << o_.member << " " << rank << " (" << address
-                      << ") sent more after its hello; dropping it until it arrives again";
-      c.dead = true;
-      c.fd.reset();
+      warn_talked(rank, address);
+      c.drop();
       return Status::OK();
     }
     if (arrived_[rank]) {
@@ -416,8 +420,7 @@ class Coordinator {
     const std::string answer = wire::encode_challenge(c.server_nonce);
     if (!detail::send_all(c.fd.get(), answer.data(), answer.size(), Clock::now() + std::chrono::milliseconds(200))
              .ok()) {
-      c.dead = true;
-      c.fd.reset();
+      c.drop();
     }
     // The rank sends its hello once it has read this: nothing more can be waiting in c.in.
     return Status::OK();
@@ -439,8 +442,7 @@ class Coordinator {
     const std::string msg = encode(h, {}, why);
     (void)detail::send_all(c.fd.get(), msg.data(), msg.size(),
                            Clock::now() + std::chrono::milliseconds(200));
-    c.dead = true;
-    c.fd.reset();
+    c.drop();
   }
 
   Status missing_ranks_error(int count) const {
@@ -513,8 +515,7 @@ class Coordinator {
       TUTEL_LOG(WARN) << "bootstrap: cannot answer " << o_.member << " " << a.conn->rank << ": " << reason;
       if (unanswered.empty()) why = reason;
       unanswered.push_back(a.conn->rank);
-      a.conn->dead = true;
-      a.conn->fd.reset();
+      a.conn->drop();
     };
     for (;;) {
       std::vector<pollfd> fds;
@@ -541,20 +542,10 @@ class Coordinator {
         if (fds[i].revents == 0) continue;
         Answer& a = *waiting[i];
         // As much as the socket takes: the message, then its mac.
-        while (a.sent < msg.size() + a.mac.size()) {
-          const bool in_msg = a.sent < msg.size();
-          const char* from = in_msg ? msg.data() + a.sent : a.mac.data() + (a.sent - msg.size());
-          const size_t left = in_msg ? msg.size() - a.sent : msg.size() + a.mac.size() - a.sent;
-          const ssize_t w = ::send(a.conn->fd.get(), from, left, MSG_NOSIGNAL | MSG_DONTWAIT);
-          if (w > 0) {
-            a.sent += static_cast<size_t>(w);
-            a.stall_at = Clock::now() + kAnswerStall;
-            continue;
-          }
-          if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) break;
-          give_up(a, "send: " + detail::errno_text(errno));
-          break;
-        }
+        const size_t before = a.sent;
+        const Result<bool> sent = detail::send_some(a.conn->fd.get(), msg, a.mac, &a.sent);
+        if (a.sent > before) a.stall_at = Clock::now() + kAnswerStall;
+        if (!sent.ok()) give_up(a, std::string(sent.status().message()));
       }
     }
     conns_.clear();

@@ -64,6 +64,13 @@ inline uint32_t get_u32(const char* p) {
   return v;
 }
 
+// A u64 as two little-endian words, low first.
+inline void put_u64(std::string& out, uint64_t v) {
+  put_u32(out, static_cast<uint32_t>(v));
+  put_u32(out, static_cast<uint32_t>(v >> 32));
+}
+inline uint64_t get_u64(const char* p) { return get_u32(p) | uint64_t{get_u32(p + 4)} << 32; }
+
 inline std::string encode(const Header& h, std::string_view round, std::string_view body) {
   std::string out;
   out.reserve(kHeaderBytes + round.size() + body.size());

@@ -184,19 +184,9 @@ class Service final : public RendezvousService {
   void on_event(uint64_t id, Peer& p, short revents) {
     if (p.state == Peer::State::kWriting) {
       if (revents & (POLLERR | POLLHUP | POLLNVAL)) return drop(id);
-      const size_t table_bytes = p.out->size(), total = table_bytes + p.out_mac.size();
-      while (p.out_pos < total) {
-        const bool in_table = p.out_pos < table_bytes;
-        const char* from = in_table ? p.out->data() + p.out_pos : p.out_mac.data() + (p.out_pos - table_bytes);
-        const size_t left = in_table ? table_bytes - p.out_pos : total - p.out_pos;
-        const ssize_t w = ::send(p.fd.get(), from, left, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (w > 0) {
-          p.out_pos += static_cast<size_t>(w);
-          continue;
-        }
-        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
-        return drop(id);
-      }
+      const Result<bool> sent = detail::send_some(p.fd.get(), *p.out, p.out_mac, &p.out_pos);
+      if (!sent.ok()) return drop(id);
+      if (!*sent) return;
       // Answered. Read what the peer sent past its message (a malformed one may have) so that the
       // close does not reset the connection before the peer read our answer.
       ::shutdown(p.fd.get(), SHUT_WR);

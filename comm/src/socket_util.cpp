@@ -104,4 +104,21 @@ void enable_keepalive(int fd) {
   (void)::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof probes);
 }
 
+Result<bool> send_some(int fd, std::string_view message, std::string_view mac, size_t* pos) {
+  const size_t total = message.size() + mac.size();
+  while (*pos < total) {
+    const bool in_message = *pos < message.size();
+    const char* from = in_message ? message.data() + *pos : mac.data() + (*pos - message.size());
+    const size_t left = in_message ? message.size() - *pos : total - *pos;
+    const ssize_t w = ::send(fd, from, left, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (w > 0) {
+      *pos += static_cast<size_t>(w);
+      continue;
+    }
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return false;
+    return Status::IOError("send: " + errno_text(w < 0 ? errno : EPIPE));
+  }
+  return true;
+}
+
 }  // namespace tutel::comm::detail

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstddef>
 #include <string>
+#include <string_view>
 #include <utility>
 
 #include "tutel/core/status.hpp"
@@ -76,5 +77,10 @@ std::string peer_ip(int fd);
 void enable_keepalive(int fd);
 
 std::string errno_text(int err);
+
+// Sends what a non-blocking socket takes of `message` and then `mac` (an answer and its
+// authentication), from byte *pos of the two on, advancing *pos: true once all is sent, false
+// where the socket is full for now, or an IOError naming the send's failure.
+Result<bool> send_some(int fd, std::string_view message, std::string_view mac, size_t* pos);
 
 }  // namespace tutel::comm::detail

@@ -5,18 +5,11 @@
 namespace tutel::comm::ucx {
 namespace {
 
-// kind u32, sender u32, counter u64, mac (32 bytes: zeros without a secret); little-endian.
-constexpr size_t kBeaconBytes = 4 + 4 + 8 + 32;
-
-// The counter as two little-endian words, as the wire's other fields.
-void put_u64(std::string& out, uint64_t v) {
-  wire::put_u32(out, static_cast<uint32_t>(v));
-  wire::put_u32(out, static_cast<uint32_t>(v >> 32));
-}
-uint64_t get_u64(const char* p) { return wire::get_u32(p) | uint64_t{wire::get_u32(p + 4)} << 32; }
+// kind u32, sender u32, counter u64, mac (zeros without a secret); little-endian.
+constexpr size_t kBeaconBytes = 4 + 4 + 8 + wire::kMacBytes;
 
 std::string mac_of(const BeaconKeys& keys, std::string_view fields) {
-  if (keys.secret.empty()) return std::string(32, '\0');
+  if (keys.secret.empty()) return std::string(wire::kMacBytes, '\0');
   const Digest d = hmac_sha256(keys.secret, {"tuteld cluster beacon", as_view(keys.table), fields});
   return std::string(as_view(d));
 }
@@ -27,7 +20,7 @@ std::string encode_beacon(const BeaconKeys& keys, int sender, BeaconKind kind, u
   std::string out;
   wire::put_u32(out, static_cast<uint32_t>(kind));
   wire::put_u32(out, static_cast<uint32_t>(sender));
-  put_u64(out, counter);
+  wire::put_u64(out, counter);
   out += mac_of(keys, out);
   return out;
 }
@@ -39,7 +32,7 @@ std::optional<BeaconKind> BeaconCheck::accept(int sender, std::string_view data)
     return std::nullopt;
   // The sender inside the mac'd fields must be the one the tag names.
   if (wire::get_u32(data.data() + 4) != static_cast<uint32_t>(sender)) return std::nullopt;
-  const uint64_t counter = get_u64(data.data() + 8);
+  const uint64_t counter = wire::get_u64(data.data() + 8);
   if (!constant_time_equal(data.substr(16), mac_of(keys_, data.substr(0, 16)))) return std::nullopt;
   // Without a secret anyone may write any counter: one forged near 2^64 would mute the node for
   // good, so none is kept (replays are harmless where forgeries cannot be told apart anyway).

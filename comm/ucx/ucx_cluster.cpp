@@ -2,7 +2,6 @@
 // group's collective), a join barrier, and a heartbeat thread.
 #include <algorithm>
 #include <condition_variable>
-#include <cstring>
 #include <mutex>
 #include <optional>
 #include <set>

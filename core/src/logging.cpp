@@ -124,42 +124,58 @@ CheckFailure::~CheckFailure() {
 
 }  // namespace detail
 
+namespace {
+
+// The bytes of the control character that starts at text[i], 0 where none does: 1 for a C0
+// control or DEL; 2 or 3 for the UTF-8 of a C1 control (U+0080..U+009F: 0xC2 0x80..0x9F; some
+// terminals obey U+009B as CSI) or of a bidirectional or invisible formatting control
+// (U+200B..U+200F, U+202A..U+202E, U+2066..U+2069: E2 80 8B..8F, E2 80 AA..AE, E2 81 A6..A9),
+// which can make a line read as something else.
+size_t control_bytes(std::string_view text, size_t i) {
+  const auto at = [&](size_t k) { return i + k < text.size() ? static_cast<unsigned char>(text[i + k]) : 0; };
+  const unsigned char c = at(0);
+  if (c < 0x20 || c == 0x7f) return 1;
+  if (c == 0xC2 && at(1) >= 0x80 && at(1) <= 0x9F) return 2;
+  if (c == 0xE2 && ((at(1) == 0x80 && ((at(2) >= 0x8B && at(2) <= 0x8F) || (at(2) >= 0xAA && at(2) <= 0xAE))) ||
+                    (at(1) == 0x81 && at(2) >= 0xA6 && at(2) <= 0xA9)))
+    return 3;
+  return 0;
+}
+
+}  // namespace
+
+bool has_control_characters(std::string_view text) {
+  for (size_t i = 0; i < text.size(); ++i)
+    if (control_bytes(text, i) > 0) return true;
+  return false;
+}
+
 std::string escape_text(std::string_view text, char quote) {
   std::string out;
   out.reserve(text.size());
   for (size_t i = 0; i < text.size(); ++i) {
     const char ch = text[i];
     const auto c = static_cast<unsigned char>(ch);
-    // UTF-8 of a C1 control (U+0080..U+009F: 0xC2 0x80..0x9F; some terminals obey U+009B as
-    // CSI) or of a bidirectional or invisible formatting control (U+200B..U+200F,
-    // U+202A..U+202E, U+2066..U+2069: E2 80 8B..8F, E2 80 AA..AE, E2 81 A6..A9), which can make
-    // a line read as something else: escaped as \u followed by the code point.
-    const auto next = [&](size_t k) { return i + k < text.size() ? static_cast<unsigned char>(text[i + k]) : 0; };
-    if (c == 0xC2 && next(1) >= 0x80 && next(1) <= 0x9F) {
-      char buf[16];
-      std::snprintf(buf, sizeof buf, "\\u%04x", next(1));
-      out += buf;
-      i += 1;
-      continue;
+    char buf[16];
+    switch (control_bytes(text, i)) {
+      case 1:  // \xNN
+        std::snprintf(buf, sizeof buf, "\\x%02x", c);
+        out += buf;
+        continue;
+      case 2:  // \u followed by the code point
+        std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned char>(text[i + 1]));
+        out += buf;
+        i += 1;
+        continue;
+      case 3:
+        std::snprintf(buf, sizeof buf, "\\u%04x",
+                      0x2000 + ((text[i + 1] & 0x3F) << 6) + (text[i + 2] & 0x3F));
+        out += buf;
+        i += 2;
+        continue;
     }
-    if (c == 0xE2 && ((next(1) == 0x80 && ((next(2) >= 0x8B && next(2) <= 0x8F) || (next(2) >= 0xAA && next(2) <= 0xAE))) ||
-                      (next(1) == 0x81 && next(2) >= 0xA6 && next(2) <= 0xA9))) {
-      char buf[16];
-      std::snprintf(buf, sizeof buf, "\\u%04x", 0x2000 + ((next(1) & 0x3F) << 6) + (next(2) & 0x3F));
-      out += buf;
-      i += 2;
-      continue;
-    }
-    if (ch == '\\' || (quote != 0 && ch == quote)) {
-      out += '\\';
-      out += ch;
-    } else if (c < 0x20 || c == 0x7f) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
-    } else {
-      out += ch;
-    }
+    if (ch == '\\' || (quote != 0 && ch == quote)) out += '\\';
+    out += ch;
   }
   return out;
 }

@@ -313,16 +313,11 @@ Status DaemonImpl::lock_instance() {
 
 // state_dir/<tenant>/<layer>.safetensors holds each layer's parameters, optimizer state, step and
 // spec; a restart brings every one of them back. (lock_instance() created state_dir.)
-Status DaemonImpl::restore_state() {
-  // The layers found in state_dir, restored below in an order of their own.
-  struct Found {
-    std::string tenant, spec;
-    LayerDefinition def;
-  };
-  std::vector<Found> found;
+Result<std::vector<DaemonImpl::Checkpointed>> DaemonImpl::checkpointed_layers() const {
+  std::vector<Checkpointed> found;
+  if (config_.server.state_dir.empty()) return found;
   std::error_code ec;
-  const std::vector<TenantConfig> no_state_dir;
-  for (const TenantConfig& t : config_.server.state_dir.empty() ? no_state_dir : config_.tenants) {
+  for (const TenantConfig& t : config_.tenants) {
     const fs::path dir = fs::path(config_.server.state_dir) / t.name;
     // What cannot be read is an error naming it, never skipped: a layer left out here would be
     // created afresh and then checkpointed over its state at the next exit.
@@ -361,6 +356,11 @@ Status DaemonImpl::restore_state() {
       found.push_back({t.name, spec->second, std::move(def)});
     }
   }
+  return found;
+}
+
+Status DaemonImpl::restore_state() {
+  TUTEL_ASSIGN_OR_RETURN(std::vector<Checkpointed> found, checkpointed_layers());
   // The config's layers first, from their checkpoints or afresh, then the ones clients created.
   // A tenant's quotas must not decide whether the daemon starts: a tenant that destroyed a
   // config layer and filled its max_layers with its own, or whose restored plans outgrow its
@@ -369,29 +369,23 @@ Status DaemonImpl::restore_state() {
   // out, logged, its file moved to the tenant's checkpoints (where a client can load it): left
   // where it was, a layer created under its name ("attach, else create") would replace it at
   // exit.
-  auto restore = [&](const Found& f) -> Status {
+  auto restore = [&](const Checkpointed& f) -> Status {
     TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(f.tenant, f.def, f.spec));
     TUTEL_LOG(INFO) << "restored layer " << f.tenant << "/" << f.def.name << " at step " << ref.layer->step_count();
     return Status::OK();
   };
-  auto from_config = [&](const Found& f) {
-    return std::any_of(config_.layers.begin(), config_.layers.end(), [&](const LayerDefinition& d) {
-      return d.tenant == f.tenant && d.name == f.def.name;
-    });
-  };
   for (const LayerDefinition& def : config_.layers) {
-    const auto it = std::find_if(found.begin(), found.end(), [&](const Found& f) {
+    const auto it = std::find_if(found.begin(), found.end(), [&](const Checkpointed& f) {
       return f.tenant == def.tenant && f.def.name == def.name;
     });
-    if (it != found.end()) {
-      TUTEL_RETURN_IF_ERROR(restore(*it));
-    } else {
+    if (it == found.end()) {
       TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(def.tenant, def, format_layer_spec(def)));
-      (void)ref;
+      continue;
     }
+    TUTEL_RETURN_IF_ERROR(restore(*it));
+    found.erase(it);  // what is left are the clients' layers
   }
-  for (const Found& f : found) {
-    if (from_config(f)) continue;
+  for (const Checkpointed& f : found) {
     Status restored = restore(f);
     if (restored.code() == StatusCode::kResourceExhausted) {
       Result<fs::path> kept =
@@ -877,10 +871,8 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->find(tenant, h));
         if (type == ipc::FrameType::kZeroGrad) {
           bool set_to_none = true;
-          if (auto it = b.find("set_to_none"); it != b.end()) {
-            if (!it->is_boolean())
-              return Status::InvalidArgument("field 'set_to_none' must be a boolean, got " + it->dump());
-            set_to_none = it->get<bool>();
+          if (b.contains("set_to_none")) {
+            TUTEL_ASSIGN_OR_RETURN(set_to_none, ipc::get_bool(b, "set_to_none"));
           }
           TUTEL_RETURN_IF_ERROR(ref.layer->zero_grad(set_to_none));
           return json::object();

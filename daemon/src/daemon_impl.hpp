@@ -64,6 +64,13 @@ class DaemonImpl {
   Status join_cluster();  // and, on node 0, start the rendezvous service
   std::shared_ptr<const GroupRendezvous> group_rendezvous() const;
   Status start_ranks();
+  // A layer checkpointed in state_dir that a start brings back (group layers are not).
+  struct Checkpointed {
+    std::string tenant, spec;
+    LayerDefinition def;
+  };
+  // Every such layer, or an error naming the file or directory that cannot be read.
+  Result<std::vector<Checkpointed>> checkpointed_layers() const;
   // The layers of state_dir and of the config file, the config's first.
   Status restore_state();
   // A group layer created with the spec of its checkpoint in state_dir resumes from it.

@@ -1,7 +1,5 @@
 #include "device_regions.hpp"
 
-#include <sys/mman.h>
-
 #include <string>
 
 namespace tutel::daemon {
@@ -70,9 +68,8 @@ DeviceRegion::~DeviceRegion() {
   const uint64_t bytes = buffer_.bytes();
   {
     std::lock_guard lock(rank_.mutex);
-    // Host memory the client maps (the CPU backend's memfd): punched out before the unmap.
-    if (discard_.load(std::memory_order_relaxed) && exported_.kind == "host_memfd" && buffer_.data() != nullptr)
-      (void)::madvise(buffer_.data(), buffer_.bytes(), MADV_REMOVE);
+    if (discard_.load(std::memory_order_relaxed) && buffer_.data() != nullptr)
+      rank_.backend->discard_shareable(buffer_.data());
     buffer_.reset();
   }
   memory_->release_region(bytes);

@@ -73,10 +73,9 @@ class DeviceRegion {
   uint64_t bytes() const { return bytes_; }
   uint64_t allocated_bytes() const { return buffer_.bytes(); }
   uint8_t* data() const { return static_cast<uint8_t*>(buffer_.data()); }
-  // Its client can read nothing more from it (it unmapped the region, or hung up): host memory
-  // shared with the client (a CPU backend's memfd) is freed when the region goes, also where
-  // the client still holds the descriptor (SharedMemory::discard_pages), which would otherwise
-  // keep the daemon's pages for as long as it liked. Not for a session the daemon closes: the
+  // Its client can read nothing more from it (it unmapped the region, or hung up): memory the
+  // client could keep at the daemon's charge (a CPU backend's memfd) is freed when the region
+  // goes (Backend::discard_shareable), also where the client still holds the descriptor. Not for a session the daemon closes: the
   // client's tensors may still point into a region it has not unmapped.
   void discard_when_released() const { discard_.store(true, std::memory_order_relaxed); }
 

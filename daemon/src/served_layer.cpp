@@ -1065,11 +1065,8 @@ Result<uint64_t> ServedLayer::export_state(int memfd) {
   // while the client's file is written: a client can make that write wait as long as it likes
   // (a page of its source it never serves), and another tenant's forward, or the exit's
   // checkpoints, would wait with it. The layer's own lock keeps its tensors as they are; a
-  // device's are staged a chunk at a time under the device lock.
-  {
-    auto device_lock = lock_device();
-    TUTEL_RETURN_IF_ERROR(rank_.health.check());
-  }
+  // device's are staged a chunk at a time under the device lock. (The health check takes none.)
+  TUTEL_RETURN_IF_ERROR(rank_.health.check());
   auto fill = [&](size_t i, uint64_t offset, void* dst, size_t bytes) -> Status {
     auto device_lock = lock_device();
     TUTEL_RETURN_IF_ERROR(rank_.health.check());

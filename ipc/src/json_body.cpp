@@ -169,6 +169,15 @@ Result<double> get_number(const nlohmann::json& body, std::string_view key) {
   return it->get<double>();
 }
 
+Result<bool> get_bool(const nlohmann::json& body, std::string_view key) {
+  const std::string k(key);
+  if (!body.is_object()) return Status::InvalidArgument("expected an object holding '" + k + "'");
+  const auto it = body.find(k);
+  if (it == body.end()) return Status::InvalidArgument("field '" + k + "' is missing");
+  if (!it->is_boolean()) return Status::InvalidArgument("field '" + k + "' must be a boolean, got " + kind_name(*it));
+  return it->get<bool>();
+}
+
 Result<std::string> get_string(const nlohmann::json& body, std::string_view key) {
   const std::string k(key);
   if (!body.is_object()) return Status::InvalidArgument("expected an object holding '" + k + "'");

@@ -118,8 +118,8 @@ class CpuBackend final : public Backend {
   }
 
   // A sealed memfd: the other process maps the same pages, which stay mapped there after this
-  // side unmaps them (until the daemon discards them, SharedMemory::discard_pages, once its
-  // client let go), so nothing here can ever show it this process's later data.
+  // side unmaps them (until discard_shareable), so nothing here can ever show it this process's
+  // later data.
   Result<ShareableBuffer> allocate_shareable(size_t bytes) override {
     TUTEL_ASSIGN_OR_RETURN(SharedMemory memory, SharedMemory::create(bytes, "shared device memory"));
     ShareableBuffer out;
@@ -131,6 +131,12 @@ class CpuBackend final : public Backend {
     std::lock_guard<std::mutex> lock(shared_mutex_);
     shared_.emplace(memory.data(), std::move(memory));
     return out;
+  }
+  // Its pages are punched out of the memfd: the other process may keep the descriptor, and
+  // with it this process's memory, for as long as it likes.
+  void discard_shareable(void* data) override {
+    std::lock_guard<std::mutex> lock(shared_mutex_);
+    if (auto it = shared_.find(data); it != shared_.end()) it->second.discard_pages();
   }
 
   Status copy(void* dst, const void* src, size_t bytes, CopyKind) override {

@@ -43,14 +43,22 @@ ToolRun tutelctl(const std::string& args, const std::string& env = "") {
 
 // Answers admin frames with canned bodies, like tuteld's admin.cpp; or every frame with `reply`.
 // A connection is served until tutelctl hangs up (drain --wait sends several requests).
+// A metrics page: a label with Prometheus's own backslash escape and a µ (shown as they are),
+// and one with an escape sequence a client's name could carry (shown escaped).
+constexpr const char* kMetricsText =
+    "# TYPE tuteld_up gauge\ntuteld_up 1\n"
+    "tuteld_layer_steps{tenant=\"a\",layer=\"x\\\"y \xc2\xb5s\"} 3\n"
+    "tuteld_session_info{name=\"\x1b[2Jowned\"} 1\n";
+
 class FakeAdmin {
  public:
   // reply_request_id: answer `reply` under this request id instead of the request's.
   // reply_type: the frame `reply` goes in (kError with an error body: tuteld's error answer).
+  // hang_up: read a request and close the connection without answering.
   explicit FakeAdmin(const std::string& path, std::optional<json> reply = std::nullopt,
                      std::optional<uint32_t> reply_request_id = std::nullopt,
-                     ipc::FrameType reply_type = ipc::FrameType::kOk)
-      : reply_(std::move(reply)), reply_request_id_(reply_request_id), reply_type_(reply_type) {
+                     ipc::FrameType reply_type = ipc::FrameType::kOk, bool hang_up = false)
+      : reply_(std::move(reply)), reply_request_id_(reply_request_id), reply_type_(reply_type), hang_up_(hang_up) {
     auto fd = ipc::listen_unix(path, 0600);
     EXPECT_TRUE(fd.ok()) << fd.status();
     if (!fd.ok()) return;
@@ -72,7 +80,7 @@ class FakeAdmin {
       if (!conn.valid()) continue;
       for (;;) {
         auto frame = ipc::recv_frame(conn.get(), std::chrono::milliseconds(5000));
-        if (!frame.ok()) break;
+        if (!frame.ok() || hang_up_) break;
         answer(conn.get(), *frame);
       }
     }
@@ -154,7 +162,7 @@ class FakeAdmin {
         break;
       case FT::kAdminMetrics:
         (void)ipc::send_json(conn, FT::kOk, rid,
-                             {{"text", "# TYPE tuteld_up gauge\ntuteld_up 1\n"}});
+                             {{"text", kMetricsText}});
         break;
       case FT::kAdminCheckpoint:
         if (body.value("layer", "") != "alice/moe0") {
@@ -173,6 +181,7 @@ class FakeAdmin {
   std::optional<json> reply_;
   std::optional<uint32_t> reply_request_id_;
   ipc::FrameType reply_type_;
+  bool hang_up_ = false;
   ipc::UniqueFd listen_fd_;
   std::thread thread_;
   std::atomic<bool> stop_{false};
@@ -280,6 +289,12 @@ TEST(Tutelctl, TuteldsOwnUnavailableAnswerIsNotCannotReach) {
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_NE(r.output.find(why), std::string::npos) << r.output;
   EXPECT_EQ(r.output.find("cannot reach"), std::string::npos) << r.output;
+  const std::string hanging_sock = dir.file("hanging.sock");
+  FakeAdmin hanging(hanging_sock, std::nullopt, std::nullopt, ipc::FrameType::kOk, /*hang_up=*/true);
+  const ToolRun lost = tutelctl("--socket " + hanging_sock + " checkpoint alice/moe0 /tmp/moe0.safetensors");
+  EXPECT_EQ(lost.exit_code, 1) << lost.output;
+  EXPECT_NE(lost.output.find("cannot reach tuteld at " + hanging_sock), std::string::npos) << lost.output;
+  EXPECT_NE(lost.output.find("closed the connection before answering"), std::string::npos) << lost.output;
 }
 
 // What tuteld relays reaches the operator's terminal escaped: an escape sequence, a C1 control or
@@ -388,7 +403,10 @@ TEST(Tutelctl, TablesAndJsonFromTheAdminSocket) {
 
   r = tutelctl(s + "metrics");
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_EQ(r.output, "# TYPE tuteld_up gauge\ntuteld_up 1\n");
+  EXPECT_EQ(r.output,
+            "# TYPE tuteld_up gauge\ntuteld_up 1\n"
+            "tuteld_layer_steps{tenant=\"a\",layer=\"x\\\"y \xc2\xb5s\"} 3\n"
+            "tuteld_session_info{name=\"\\x1b[2Jowned\"} 1\n");
 
   r = tutelctl(s + "checkpoint alice/moe0 /tmp/x.safetensors");
   ASSERT_EQ(r.exit_code, 0) << r.output;

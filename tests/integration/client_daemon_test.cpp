@@ -38,6 +38,24 @@ std::string spec(const std::string& name, int64_t model_dim = 16, int init_seed 
          "\n[optimizer]\nkind = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n";
 }
 
+// The file the daemon moved aside into the default tenant's checkpoints whose name starts with
+// `prefix` ("g.superseded-"), or "" where there is none.
+std::string kept_aside(const DaemonProcess& d, const std::string& prefix) {
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(d.dir() + "/state/default/checkpoints", ec))
+    if (entry.path().filename().string().rfind(prefix, 0) == 0) return entry.path().filename().string();
+  return "";
+}
+
+// Exports `from`'s state and imports it into `to`, through the client library's memfd.
+Status copy_state(client::Layer& from, client::Layer& to) {
+  TUTEL_ASSIGN_OR_RETURN(client::ExportedState state, from.export_state());
+  const int fd = state.dup_fd();
+  const Status imported = to.import_state(fd);
+  ::close(fd);
+  return imported;
+}
+
 class ClientDaemon : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -223,10 +241,7 @@ TEST_F(ClientDaemon, AGroupLayerCreatedAgainResumesFromItsCheckpoint) {
   EXPECT_NE(daemon_->log().find("is created afresh"), std::string::npos) << daemon_->log();
   // The trained checkpoint is not lost (the new layer's would replace it at exit, a destroy
   // delete it): it is kept among the tenant's checkpoints, and loads into a layer of its spec.
-  std::string kept;
-  std::error_code ec;
-  for (const auto& entry : std::filesystem::directory_iterator(daemon_->dir() + "/state/default/checkpoints", ec))
-    if (entry.path().filename().string().rfind("g.superseded-", 0) == 0) kept = entry.path().filename().string();
+  const std::string kept = kept_aside(*daemon_, "g.superseded-");
   ASSERT_FALSE(kept.empty()) << daemon_->log();
   ASSERT_TRUE(other->destroy().ok());
   auto twin = other_client->create_layer(spec("twin"));
@@ -620,11 +635,7 @@ TEST_F(ClientDaemon, AnotherOptimizersStateIsNotTaken) {
   ASSERT_TRUE(sgd->step().ok());
   const auto [source, source_meta] = exported_state(*sgd);
   EXPECT_EQ(source_meta.at("tuteld.optimizer"), "sgd");
-  Result<client::ExportedState> exported = sgd->export_state();
-  ASSERT_TRUE(exported.ok()) << exported.status();
-  const int fd = exported->dup_fd();
-  ASSERT_TRUE(adamw->import_state(fd).ok());
-  ::close(fd);
+  ASSERT_TRUE(copy_state(*sgd, *adamw).ok());
   const auto [target, target_meta] = exported_state(*adamw);
   EXPECT_EQ(target_meta.at("tuteld.optimizer"), "adamw");
   EXPECT_EQ(target_meta.at("tuteld.step"), "0");
@@ -644,11 +655,7 @@ TEST_F(ClientDaemon, AnotherOptimizersStateIsNotTaken) {
   ASSERT_TRUE(adamw->backward(y.data(), 0.5f, dx.data()).ok());
   ASSERT_TRUE(adamw->step().ok());
   const auto [stepped, stepped_meta] = exported_state(*adamw);
-  Result<client::ExportedState> stepped_state = adamw->export_state();
-  ASSERT_TRUE(stepped_state.ok());
-  const int again = stepped_state->dup_fd();
-  ASSERT_TRUE(adamw->import_state(again).ok());
-  ::close(again);
+  ASSERT_TRUE(copy_state(*adamw, *adamw).ok());
   const auto [reloaded, reloaded_meta] = exported_state(*adamw);
   EXPECT_EQ(reloaded_meta.at("tuteld.step"), "1");
   EXPECT_TRUE(reloaded == stepped);
@@ -1090,10 +1097,7 @@ TEST(DaemonStartup, ATenantsQuotaCannotKeepTheDaemonFromStarting) {
   // Kept among the tenant's checkpoints, where a layer created under its name cannot replace it
   // at exit, and loadable.
   EXPECT_FALSE(std::filesystem::exists(d.dir() + "/state/default/" + left_out + ".safetensors"));
-  std::string kept;
-  std::error_code ec;
-  for (const auto& entry : std::filesystem::directory_iterator(d.dir() + "/state/default/checkpoints", ec))
-    if (entry.path().filename().string().rfind(left_out + ".left-out-", 0) == 0) kept = entry.path().filename().string();
+  const std::string kept = kept_aside(d, left_out + ".left-out-");
   ASSERT_FALSE(kept.empty()) << d.log();
   auto kept_layer = client->attach_layer(a ? "mine_a" : "mine_b");
   ASSERT_TRUE(kept_layer.ok());

@@ -178,6 +178,16 @@ TEST(JsonBodyTest, TypedFieldsNameWhatIsWrong) {
   EXPECT_FALSE(get_number(json{{"x", nullptr}}, "x").ok());
   EXPECT_FALSE(get_number(json{{"x", true}}, "x").ok());
   EXPECT_FALSE(get_number(json::array(), "x").ok());
+
+  // Booleans: true or false, nothing that converts to one.
+  EXPECT_EQ(*get_bool(json{{"x", false}}, "x"), false);
+  EXPECT_EQ(*get_bool(json{{"x", true}}, "x"), true);
+  Result<bool> one = get_bool(json{{"x", 1}}, "x");
+  ASSERT_FALSE(one.ok());
+  EXPECT_TRUE(contains(one.status().message(), "'x' must be a boolean, got")) << one.status();
+  EXPECT_TRUE(contains(get_bool(body, "layer").status().message(), "'layer' is missing"));
+  EXPECT_FALSE(get_bool(json{{"x", "true"}}, "x").ok());
+  EXPECT_FALSE(get_bool(json::array(), "x").ok());
 }
 
 TEST(JsonBodyTest, LayoutRoundTripsAndMismatchesAreRefused) {

@@ -252,6 +252,19 @@ class TorchModuleTest(unittest.TestCase):
             y, _ = moe(xt)
         self.assertFalse(y.requires_grad)
         self.assertEqual(len(moe.layer._pending), 0)
+        # Known from then on: the next eval forward is the inference alone, no refused request
+        # (nor its discard) before it.
+        calls = []
+        real_forward = moe.layer.forward
+
+        def spying_forward(x, training=True, noise=True):
+            calls.append(training)
+            return real_forward(x, training=training, noise=noise)
+
+        moe.layer.forward = spying_forward
+        y, _ = moe(xt)
+        self.assertEqual(calls, [False])
+        self.assertEqual(len(moe.layer._discards), 0)
 
     def test_a_second_derivative_through_the_layer_raises(self):
         p, x = random_case(self.rng, 6)

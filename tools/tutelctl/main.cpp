@@ -589,18 +589,13 @@ int main(int argc, char** argv) {
     else if (*peers)
       print_peers(body);
     else if (*metrics) {
-      // Line by line, the newlines kept. A line with a control character (or what may start a
-      // C1 or formatting control in UTF-8) is shown escaped; the others as they are, so that
-      // Prometheus's own backslash escapes are not doubled.
+      // Line by line, the newlines kept. A line with a control character is shown escaped; the
+      // others as they are, so that Prometheus's own backslash escapes are not doubled.
       const std::string text = body.value("text", std::string());
       for (size_t at = 0; at < text.size();) {
         const size_t end = std::min(text.find('\n', at), text.size());
         const std::string_view line = std::string_view(text).substr(at, end - at);
-        const bool plain = std::none_of(line.begin(), line.end(), [](char ch) {
-          const auto c = static_cast<unsigned char>(ch);
-          return c < 0x20 || c == 0x7f || c == 0xC2 || c == 0xE2;
-        });
-        std::cout << (plain ? std::string(line) : tutel::escape_text(line)) << "\n";
+        std::cout << (tutel::has_control_characters(line) ? tutel::escape_text(line) : std::string(line)) << "\n";
         at = end + 1;
       }
     } else if (*pin || *unpin) {

@@ -425,6 +425,7 @@ class Layer:
         # autograd graph): queued, since they arise where a call cannot be made (an exception
         # handler, a finalizer on any thread).
         self._discards = collections.deque()
+        self._state_layout = None  # state_layout(), once known
         dims = [ctypes.c_int64() for _ in range(3)]
         with client._lock:
             _check(_lib.tutel_layer_dims(handle, *(ctypes.byref(d) for d in dims)))
@@ -620,9 +621,22 @@ class Layer:
         fd, size = ctypes.c_int(-1), ctypes.c_uint64(0)
         self._call(_lib.tutel_export_state, ctypes.byref(fd), ctypes.byref(size))
         try:
-            return _read_safetensors(mmap.mmap(fd.value, size.value, access=mmap.ACCESS_COPY))
+            tensors, metadata = _read_safetensors(mmap.mmap(fd.value, size.value, access=mmap.ACCESS_COPY))
         finally:
             os.close(fd.value)  # the mapping holds the memory
+        if self._state_layout is None:
+            self._state_layout = ({name: values.shape for name, values in tensors.items()},
+                                  metadata.get("tuteld.optimizer"))
+        return tensors, metadata
+
+    def state_layout(self):
+        """(shapes, optimizer): every tensor of export_state's by name and shape, in its order,
+        and the optimizer's name ("sgd", "adamw"; None from a daemon that does not say). They
+        never change for a layer: known from this handle's first export (made here if none
+        was)."""
+        if self._state_layout is None:
+            self.export_state()
+        return self._state_layout
 
     def import_state(self, tensors, metadata=None):
         """Replaces the layer's state with `tensors` (name -> array-like, as export_state gives

@@ -155,7 +155,10 @@ class MoE(torch.nn.Module):
         # daemon's backward (which accumulates the expert and gate gradients) even when x
         # itself needs none.
         self._anchor = torch.nn.Parameter(torch.empty(0), requires_grad=True)
-        self._warned_eval_grad = False
+        # Set once the layer refused an eval-mode forward for gradients (it draws gate noise, or
+        # the daemon predates the flag): from then on eval mode infers at once, with no request
+        # refused first.
+        self._eval_grad_refused = None
         # with_module: torch keeps a weak reference to the module, not a cycle through it.
         self._register_load_state_dict_pre_hook(MoE._load_daemon_state, with_module=True)
 
@@ -174,7 +177,7 @@ class MoE(torch.nn.Module):
         wants_backward = torch.is_grad_enabled() and (self._anchor.requires_grad or x.requires_grad)
         if self.training and wants_backward:
             return _MoEFunction.apply(x, self._anchor, self.layer, True)
-        if wants_backward and x.requires_grad:
+        if wants_backward and x.requires_grad and self._eval_grad_refused is None:
             # Eval mode, and x needs a gradient (a frozen eval-mode block with trainable layers
             # below it, input attribution): a training forward without gate noise, routed as an
             # inference is, so the gradient reaches x (and the experts, as in train mode, where
@@ -184,11 +187,10 @@ class MoE(torch.nn.Module):
             except TutelError as e:
                 if "gate noise" not in str(e) and "unknown request flags" not in str(e):
                     raise  # not a layer with gate noise, nor a daemon from before the flag
-                if not self._warned_eval_grad:
-                    self._warned_eval_grad = True
-                    warnings.warn(f"tuteld.nn.MoE in eval mode runs an inference: no gradient reaches x "
-                                  f"through it ({e}); use train mode for gradients, torch.no_grad() to say "
-                                  f"none are wanted", stacklevel=3)
+                self._eval_grad_refused = str(e)
+                warnings.warn(f"tuteld.nn.MoE in eval mode runs an inference: no gradient reaches x "
+                              f"through it ({e}); use train mode for gradients, torch.no_grad() to say "
+                              f"none are wanted", stacklevel=3)
         y, info = self.layer.infer(x.detach().to("cpu", torch.float32).contiguous().numpy())
         return (torch.from_numpy(y).to(x.device, x.dtype),
                 torch.tensor(info.l_aux, dtype=torch.float32, device=x.device))
@@ -224,7 +226,6 @@ class MoE(torch.nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # a subclass's own entries
         destination.pop(prefix + self._ANCHOR, None)
         tensors, metadata = self.layer.export_state()
-        self._remember_layout(tensors, metadata)
         # Whose optimizer state this is, in torch's per-module metadata of the dict (its entries
         # are tensors only): a load into a layer of another optimizer leaves it (kept by
         # torch.save; a format that keeps tensors alone loses it, and the load takes the state).
@@ -263,7 +264,7 @@ class MoE(torch.nn.Module):
             return current
 
         given = {key[len(prefix):]: state_dict.pop(key) for key in ours}
-        theirs, mine = local_metadata.get("tuteld.optimizer"), self._optimizer_name()
+        theirs, mine = local_metadata.get("tuteld.optimizer"), self.layer.state_layout()[1]
         if theirs is not None and mine is not None and theirs != mine:
             # Another optimizer's state is none of this one's (SGD's momentum is no AdamW first
             # moment): its entries and step are left, neither loaded nor unexpected, and this
@@ -274,7 +275,7 @@ class MoE(torch.nn.Module):
                           f"optimizer's state; this layer's {mine} optimizer starts afresh", stacklevel=2)
         state, errors = {}, []
         optimizer_given = any(name.startswith(self._OPTIMIZER) for name in given)
-        for name, shape in self._state_layout().items():
+        for name, shape in self.layer.state_layout()[0].items():
             key = prefix + name
             if name not in given:
                 # Optimizer state absent altogether (a Tutel checkpoint, weights alone) starts
@@ -317,25 +318,8 @@ class MoE(torch.nn.Module):
             except TutelError as e:  # a refusal by the daemon (a step that is no count)
                 error_msgs.append(f"tuteld refused the state of {prefix or 'the module'}: {e}")
 
-    def _remember_layout(self, tensors, metadata):
-        if getattr(self.layer, "_state_layout", None) is None:
-            self.layer._state_layout = {name: values.shape for name, values in tensors.items()}
-            self.layer._optimizer_name = metadata.get("tuteld.optimizer")
-
-    def _state_layout(self):
-        """Every tensor of the daemon's state by name and shape, in its order: exported once per
-        layer handle (they never change for a layer), not at every load."""
-        if getattr(self.layer, "_state_layout", None) is None:
-            self._remember_layout(*self.layer.export_state())
-        return self.layer._state_layout
-
-    def _optimizer_name(self):
-        """The daemon optimizer's name ("sgd", "adamw"; None from a daemon that does not say)."""
-        self._state_layout()
-        return self.layer._optimizer_name
-
     def _daemon_names(self):
-        return list(self._state_layout()) + [self._STEP, self._TUTEL_EXPERTS[0]]
+        return list(self.layer.state_layout()[0]) + [self._STEP, self._TUTEL_EXPERTS[0]]
 
     def __deepcopy__(self, memo):
         raise TypeError("tuteld.nn.MoE cannot be copied: its parameters live in the daemon. Attach "

@@ -37,6 +37,9 @@ std::optional<LogLevel> parse_log_level(std::string_view name);
 // bidirectional and invisible formatting controls as \uXXXX, so no terminal obeys them nor
 // reorders the line; every other byte, UTF-8 included, kept.
 std::string escape_text(std::string_view text, char quote = 0);
+// Whether `text` holds a character escape_text escapes as a control (backslashes and quotes
+// aside): text that does not can be shown as it is.
+bool has_control_characters(std::string_view text);
 
 namespace detail {
 

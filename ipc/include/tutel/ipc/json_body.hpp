@@ -42,6 +42,7 @@ Result<int64_t> as_int(const nlohmann::json& value, std::string_view what);
 Result<std::string> get_string(const nlohmann::json& body, std::string_view key);
 // A JSON number, integer or not (JSON has no NaN or infinity, so it is finite).
 Result<double> get_number(const nlohmann::json& body, std::string_view key);
+Result<bool> get_bool(const nlohmann::json& body, std::string_view key);
 
 // The arena layout as kHelloReply fields: arena_bytes, request_ring_offset,
 // completion_ring_offset, data_offset, data_bytes and ring_slots (a non-object `body` is

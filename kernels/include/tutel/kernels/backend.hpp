@@ -352,6 +352,11 @@ class Backend {
   virtual Result<ShareableBuffer> allocate_shareable(size_t bytes) {
     return Status::Unimplemented("the " + std::string(name()) + " backend cannot share its memory with other processes");
   }
+  // (optional) The other process is done with allocate_shareable()'s buffer at `data` (it
+  // unmapped it, or is gone): memory it could still hold at this process's charge (a memfd's
+  // pages) is freed now, whoever keeps the export; its mappings then read zeros. Memory the
+  // other process cannot keep past the free does nothing here.
+  virtual void discard_shareable(void* /*data*/) {}
 
   // (optional) Registers host memory [data, data + bytes) for fast transfers (page-locked, so
   // copies to and from it run by DMA) until unregister_host(data). The range must stay mapped

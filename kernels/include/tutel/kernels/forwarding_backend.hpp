@@ -57,6 +57,7 @@ class ForwardingBackend : public Backend {
   Result<ShareableBuffer> allocate_shareable(size_t bytes) override {
     return inner_.allocate_shareable(bytes);
   }
+  void discard_shareable(void* data) override { inner_.discard_shareable(data); }
   Status register_host(void* data, size_t bytes) override {
     return inner_.register_host(data, bytes);
   }
