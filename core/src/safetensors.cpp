@@ -590,11 +590,11 @@ Result<std::string> build_header(const std::string& path,
 }
 
 Status write_safetensors_impl(const std::string& path, const std::vector<SafetensorsEntry>& tensors,
-                              const std::map<std::string, std::string>& metadata) {
+                              const std::map<std::string, std::string>& metadata, const SafetensorsFill& fill) {
   std::vector<size_t> sizes;
   sizes.reserve(tensors.size());
   TUTEL_ASSIGN_OR_RETURN(const std::string header_text,
-                         build_header(path, tensors, metadata, sizes));
+                         build_header(path, tensors, metadata, sizes, /*filled_later=*/static_cast<bool>(fill)));
   const uint64_t header_size = header_text.size();
 
   TUTEL_ASSIGN_OR_RETURN(auto temp, create_temp_file(path));
@@ -602,8 +602,22 @@ Status write_safetensors_impl(const std::string& path, const std::vector<Safeten
   TempFileGuard guard(temp_path);
   TUTEL_RETURN_IF_ERROR(write_all(fd.get(), &header_size, 8, path));
   TUTEL_RETURN_IF_ERROR(write_all(fd.get(), header_text.data(), header_text.size(), path));
-  for (size_t i = 0; i < tensors.size(); ++i)
-    if (sizes[i] > 0) TUTEL_RETURN_IF_ERROR(write_all(fd.get(), tensors[i].data, sizes[i], path));
+  std::vector<char> chunk;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (sizes[i] == 0) continue;
+    if (tensors[i].data != nullptr) {
+      TUTEL_RETURN_IF_ERROR(write_all(fd.get(), tensors[i].data, sizes[i], path));
+      continue;
+    }
+    // Staged through a bounded buffer (a device tensor): never a whole tensor's copy here.
+    chunk.resize(std::min<size_t>(sizes[i], kFillChunkBytes));
+    for (size_t done = 0; done < sizes[i];) {
+      const size_t n = std::min(chunk.size(), sizes[i] - done);
+      TUTEL_RETURN_IF_ERROR(fill(i, done, chunk.data(), n));
+      TUTEL_RETURN_IF_ERROR(write_all(fd.get(), chunk.data(), n, path));
+      done += n;
+    }
+  }
   if (::fsync(fd.get()) != 0) return errno_status(errno, "cannot sync", path);
   if (const int err = fd.close(); err != 0) return errno_status(err, "cannot close", path);
   if (::rename(temp_path.c_str(), path.c_str()) != 0)
@@ -619,9 +633,9 @@ Status write_safetensors_impl(const std::string& path, const std::vector<Safeten
 }  // namespace
 
 Status write_safetensors(const std::string& path, const std::vector<SafetensorsEntry>& tensors,
-                         const std::map<std::string, std::string>& metadata) {
+                         const std::map<std::string, std::string>& metadata, const SafetensorsFill& fill) {
   try {
-    return write_safetensors_impl(path, tensors, metadata);
+    return write_safetensors_impl(path, tensors, metadata, fill);
   } catch (const std::bad_alloc&) {
     return Status::ResourceExhausted("out of memory writing " + file_context(path));
   } catch (const std::exception& e) {

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "daemon_impl.hpp"
+#include "guarded.hpp"
 #include "tutel/core/logging.hpp"
 #include "tutel/ipc/json_body.hpp"
 
@@ -18,6 +19,13 @@ namespace tutel::daemon {
 using nlohmann::json;
 
 namespace {
+
+// Where a group's ranks met: its coordinator's "<host>:<port>", or null for a group that met by
+// name at the cluster's rendezvous service (it has no coordinator of its own).
+json coordinator_json(const GroupConfig& g) {
+  if (g.coordinator_port == 0) return nullptr;
+  return g.coordinator_host + ":" + std::to_string(g.coordinator_port);
+}
 
 // A layer's plan cache; null for a group layer, which runs without one.
 json plans_json(const ServedLayer::PlanSummary& summary) {
@@ -41,7 +49,8 @@ json plans_json(const ServedLayer::PlanSummary& summary) {
 json DaemonImpl::status_json() const {
   const double uptime = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_at_).count();
   int64_t clients = 0;
-  for (const auto& [id, s] : sessions_) clients += s->admin ? 0 : 1;
+  // Not those tuteld closed, waiting for their clients to let go (a tenant's closing_sessions).
+  for (const auto& [id, s] : sessions_) clients += s->admin || s->lingering ? 0 : 1;
   // The ranks whose device was lost: why and since when (seconds ago, as uptime is given).
   json out_of_service = json::array();
   for (const auto& rank : ranks_)
@@ -127,7 +136,8 @@ json DaemonImpl::peers_json() const {
     groups.push_back(
         {{"tenant", ref.layer->tenant()},
          {"layer", ref.layer->name()},
-         {"coordinator", g->coordinator_host + ":" + std::to_string(g->coordinator_port)},
+         {"coordinator", coordinator_json(*g)},
+         {"name", g->name.empty() ? json(nullptr) : json(g->name)},
          {"rank", g->rank},
          {"size", g->size},
          {"r", g->r ? json(*g->r) : json("auto")},
@@ -225,8 +235,8 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
         layers.push_back(
             {{"group", group ? json{{"rank", group->rank},
                                     {"size", group->size},
-                                    {"coordinator", group->coordinator_host + ":" +
-                                                        std::to_string(group->coordinator_port)}}
+                                    {"coordinator", coordinator_json(*group)},
+                                    {"name", group->name.empty() ? json(nullptr) : json(group->name)}}
                              : json(nullptr)},
              {"tenant", ref.layer->tenant()},
              {"name", ref.layer->name()},
@@ -329,7 +339,7 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
           [layer, path, result] {
             std::error_code ec;
             std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
-            *result = layer->save(path);
+            *result = guarded([&] { return layer->save(path); });
           },
               [this, s, rid, result, path] {
                 if (result->ok()) reply(s, ipc::FrameType::kOk, rid, {{"path", path}});

@@ -162,6 +162,16 @@ Status DaemonImpl::start() {
       if (removed > 0)
         TUTEL_LOG(INFO) << "removed " << removed << " temporary file(s) of unfinished saves of tenant " << t.name;
       checkpoint_quotas_[t.name] = std::move(quota);
+      // And the exit checkpoints a killed run did not finish (a second signal used to kill it
+      // mid-write): each the size of a layer's state, counted nowhere.
+      const fs::path dir = fs::path(config_.server.state_dir) / t.name;
+      std::error_code ec;
+      std::vector<fs::path> stale;
+      for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec))
+        if (it->is_regular_file(ec) && is_safetensors_temp_name(it->path().filename().string()))
+          stale.push_back(it->path());
+      for (const fs::path& p : stale)
+        if (fs::remove(p, ec)) TUTEL_LOG(INFO) << "removed " << p.string() << ", an exit checkpoint never finished";
     }
   // Layer creations at once: half of libuv's thread pool (main.cpp makes it 64 threads unless
   // UV_THREADPOOL_SIZE says otherwise; libuv's own default is 4).
@@ -190,15 +200,27 @@ Status DaemonImpl::start() {
     retired_regions_[t.name] = std::make_shared<RetiredRegions>(registry_->tenant_memory(t.name));
   TUTEL_RETURN_IF_ERROR(restore_state());
   if (!config_.server.metrics_listen.empty()) TUTEL_RETURN_IF_ERROR(start_metrics_server());
-  uv_signal_init(&loop_, &sigterm_);
-  uv_signal_init(&loop_, &sigint_);
-  sigterm_.data = sigint_.data = this;
+  uv_async_init(&loop_, &worker_exits_, [](uv_async_t* h) { static_cast<DaemonImpl*>(h->data)->on_workers_exited(); });
+  worker_exits_.data = this;
+  // SIGHUP too: a daemon started from a terminal that closes checkpoints its layers rather than
+  // dying at once (there is nothing to reload).
+  for (uv_signal_t* signal : {&sigterm_, &sigint_, &sighup_}) {
+    uv_signal_init(&loop_, signal);
+    signal->data = this;
+  }
   auto on_signal = [](uv_signal_t* h, int signum) {
+    auto* self = static_cast<DaemonImpl*>(h->data);
+    if (self->shutting_down_) {
+      TUTEL_LOG(WARN) << "signal " << signum << ": already shutting down (the layers are checkpointed on the "
+                      << "way out; SIGKILL loses what is not written yet)";
+      return;
+    }
     TUTEL_LOG(INFO) << "signal " << signum << ": shutting down";
-    static_cast<DaemonImpl*>(h->data)->shutdown();
+    self->shutdown();
   };
   uv_signal_start(&sigterm_, on_signal, SIGTERM);
   uv_signal_start(&sigint_, on_signal, SIGINT);
+  uv_signal_start(&sighup_, on_signal, SIGHUP);
   TUTEL_LOG(INFO) << "tuteld serving on " << config_.server.client_socket << " (admin "
                   << config_.server.admin_socket << "), backend " << config_.backend.kind << " x"
                   << ranks_.size();
@@ -345,7 +367,7 @@ Result<std::vector<DaemonImpl::Checkpointed>> DaemonImpl::checkpointed_layers() 
       TUTEL_ASSIGN_OR_RETURN(LayerDefinition def, parse_layer_spec(spec->second, path));
       if (def.group) {
         // Its peers restart on their own schedule; the trainer creates the group layer again,
-        // which resumes from this file (resume_group_layer).
+        // which resumes from this file (prepare_checkpoint).
         TUTEL_LOG(INFO) << "not restoring group layer " << t.name << "/" << def.name << " (rank " << def.group->rank
                         << " of " << def.group->size << "); creating it again with the same spec resumes from "
                         << path;
@@ -379,7 +401,9 @@ Status DaemonImpl::restore_state() {
       return f.tenant == def.tenant && f.def.name == def.name;
     });
     if (it == found.end()) {
-      TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(def.tenant, def, format_layer_spec(def)));
+      LayerDefinition fresh = def;  // a group layer's checkpoint under its name moves aside
+      TUTEL_RETURN_IF_ERROR(prepare_checkpoint(def.tenant, fresh));
+      TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(def.tenant, fresh, format_layer_spec(def)));
       continue;
     }
     TUTEL_RETURN_IF_ERROR(restore(*it));
@@ -406,12 +430,16 @@ Status DaemonImpl::restore_state() {
 // A group layer is not restored at start (its peers restart on their own schedule): created
 // again with the spec it was checkpointed with, each rank resumes from its own checkpoint. The
 // ranks' creation check then finds them agreeing (all resumed) or refuses on every rank (one
-// without its checkpoint holds another gate).
-Status DaemonImpl::resume_group_layer(const std::string& tenant, LayerDefinition& def) const {
-  if (!def.group || config_.server.state_dir.empty()) return Status::OK();
+// without its checkpoint holds another gate). Any other layer created under its name would
+// replace that checkpoint at exit (or delete it at a destroy): it moves aside first.
+Status DaemonImpl::prepare_checkpoint(const std::string& tenant, LayerDefinition& def) const {
+  if (config_.server.state_dir.empty()) return Status::OK();
   const fs::path path = fs::path(config_.server.state_dir) / tenant / (def.name + ".safetensors");
   std::error_code ec;
   if (!fs::exists(path, ec)) return Status::OK();
+  // A layer that holds the name writes this file itself (this creation fails as a duplicate).
+  if (registry_->attach(tenant, def.name).ok()) return Status::OK();
+  if (!def.group) return keep_superseded(tenant, def.name, path);
   Result<SafetensorsFile> opened = SafetensorsFile::open(path.string());
   if (!opened.ok())  // never overwritten unread: it may be the only copy of a trained layer
     return opened.status().with_context("group layer " + tenant + "/" + def.name + " has a checkpoint " +
@@ -429,27 +457,30 @@ Status DaemonImpl::resume_group_layer(const std::string& tenant, LayerDefinition
   Result<LayerDefinition> before = written == file.metadata().end()
                                        ? Result<LayerDefinition>(Status::NotFound("no spec"))
                                        : parse_layer_spec(written->second, path.string());
-  if (!before.ok() || !before->group || identity(*before) != identity(def)) {
-    // Another layer under this name, or this one with other keys: a new layer. Its checkpoint
-    // would replace the old one at exit (and a destroy would delete it), which may be the only
-    // copy of a trained layer: the old one moves to the tenant's checkpoints, where a client can
-    // load it (and its quota counts it).
-    Result<fs::path> kept = move_aside(path, client_checkpoints(config_, tenant), def.name, "superseded");
-    if (!kept.ok())
-      return kept.status().with_context("group layer " + tenant + "/" + def.name +
-                                        " has a checkpoint written for another spec; move it out of state_dir "
-                                        "to create the layer afresh");
-    TUTEL_LOG(WARN) << "group layer " << tenant << "/" << def.name << " is created afresh: its checkpoint "
-                    << path.string() << " was written for another spec, and is kept as " << kept->string()
-                    << " (a client loads it as \"" << kept->filename().string() << "\")";
-    return Status::OK();
-  }
+  // Another layer under this name, or this one with other keys: a new layer.
+  if (!before.ok() || !before->group || identity(*before) != identity(def))
+    return keep_superseded(tenant, def.name, path);
   def.weights_path = path.string();
   def.init_seed.reset();
   // Read here, from the file already open: the layer's tuner takes its decisions back.
   if (const auto tuning = file.metadata().find(kTuningKey); tuning != file.metadata().end())
     def.resumed_tuning = tuning->second;
   TUTEL_LOG(INFO) << "group layer " << tenant << "/" << def.name << " resumes from " << path.string();
+  return Status::OK();
+}
+
+Status DaemonImpl::keep_superseded(const std::string& tenant, const std::string& name, const fs::path& path) const {
+  // The new layer's checkpoint would replace the old one at exit (and a destroy would delete
+  // it), which may be the only copy of a trained layer: the old one moves to the tenant's
+  // checkpoints, where a client can load it (and its quota counts it).
+  Result<fs::path> kept = move_aside(path, client_checkpoints(config_, tenant), name, "superseded");
+  if (!kept.ok())
+    return kept.status().with_context("layer " + tenant + "/" + name + " has a checkpoint " + path.string() +
+                                      " written for another spec; move it out of state_dir to create the layer "
+                                      "afresh");
+  TUTEL_LOG(WARN) << "layer " << tenant << "/" << name << " is created afresh: its checkpoint " << path.string()
+                  << " was written for another spec, and is kept as " << kept->string() << " (a client loads it as \""
+                  << kept->filename().string() << "\")";
   return Status::OK();
 }
 
@@ -556,14 +587,16 @@ void DaemonImpl::accept_on(bool admin) {
 Status DaemonImpl::sessions_full(const std::string& tenant) const {
   // A closing session keeps its place until it is gone: until then its worker, finishing the
   // request in progress (a group layer's collective may wait up to its timeout), and its arena
-  // are still held, and a client that hangs up and reconnects must not stack those up.
+  // are still held, and a client that hangs up and reconnects must not stack those up. One tuteld
+  // closed is gone once its client let go of the connection as well (close_session).
   const int64_t open = client_sessions(tenant, SessionState::kOpen);
   const int64_t closing = client_sessions(tenant, SessionState::kClosing);
   if (open + closing < registry_->max_sessions(tenant)) return Status::OK();
   return Status::ResourceExhausted(
       "tenant '" + tenant + "' already has " + std::to_string(open + closing) + " client sessions connected" +
       (closing > 0 ? " (" + std::to_string(closing) +
-                         " of them closing, each until its request in progress has finished)"
+                         " of them closing, each until its request in progress has finished and, where tuteld "
+                         "closed it, its client has closed the connection)"
                    : std::string()) +
       ", its max_sessions; close one, or raise max_sessions in tuteld.toml");
 }
@@ -829,7 +862,7 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         }
         TUTEL_RETURN_IF_ERROR(check_layer_limits(config_.server, def));
         const std::string canonical = format_layer_spec(def);
-        TUTEL_RETURN_IF_ERROR(resume_group_layer(tenant, def));
+        TUTEL_RETURN_IF_ERROR(prepare_checkpoint(tenant, def));
         TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(tenant, def, canonical));
         return layer_info(ref);
       };
@@ -1107,7 +1140,10 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
             reply(s, ipc::FrameType::kHelloReply, rid, body, {s->arena->fd()});
             if (s->closing) return finish_frame(s);
             try {
-              s->worker = std::thread([this, s] { run_worker(s); });
+              s->worker = std::thread([this, s] {
+                run_worker(s);
+                worker_exits(s);
+              });
             } catch (const std::system_error& e) {
               // Out of threads (a task limit): this session cannot run, the daemon goes on.
               TUTEL_LOG(WARN) << "session " << s->id << ": cannot start its worker thread: " << e.what()
@@ -1125,7 +1161,7 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
 // itself, closed asynchronously) are not the trainers it reports on.
 void DaemonImpl::publish_session_count() {
   int64_t clients = 0;
-  for (const auto& [id, session] : sessions_) clients += session->admin ? 0 : 1;
+  for (const auto& [id, session] : sessions_) clients += session->admin || session->lingering ? 0 : 1;
   metrics_.set_active_sessions(clients);
 }
 
@@ -1134,25 +1170,62 @@ void DaemonImpl::close_session(const std::shared_ptr<Session>& s) {
   s->closing = true;
   s->stop = true;
   if (s->arena) s->requests.wake();
-  uv_poll_stop(&s->poll);
-  // The session owns the poll handle, which must outlive its close callback.
-  s->keep_alive = s;
-  uv_close(reinterpret_cast<uv_handle_t*>(&s->poll),
-           [](uv_handle_t* h) { static_cast<Session*>(h->data)->keep_alive.reset(); });
-  // Join the worker off the loop (it finishes its current request first), then unpin the arena
-  // and forget the session's pending forwards.
-  // (Both take locks a busy layer holds, a group layer's while it waits on its peers: off the
-  // loop too.)
+  // A client that hung up reads nothing more: what it was lent goes with the session. One tuteld
+  // closes itself (a protocol error, unread replies) may still be reading its last results, and
+  // its tensors may point into its regions: what it was lent stays until it lets go of the
+  // connection, and the session keeps its place under max_sessions until then (else a client
+  // could collect the daemon's memory by provoking closes and keeping the descriptors). At
+  // shutdown nothing waits for the clients.
+  s->lingering = !s->admin && s->admitted && !s->client_hung_up && !shutting_down_;
+  if (s->lingering) {
+    (void)::shutdown(s->fd.get(), SHUT_WR);  // the client reads the end of the stream at once
+    // Only its hang-up is watched now; what it still sends is read and dropped, so that a client
+    // still writing is not blocked for good on a full socket.
+    uv_poll_start(&s->poll, UV_READABLE | UV_DISCONNECT, [](uv_poll_t* h, int status, int) {
+      Session* session = static_cast<Session*>(h->data);
+      if (status < 0 || drain_to_end(session->fd.get()))
+        session->daemon->on_client_let_go(session->shared_from_this());
+    });
+    publish_session_count();
+  } else {
+    stop_polling(s);
+  }
+  // The worker finishes its current request first (a group layer's may wait on its peers up to
+  // the collective timeout): the teardown goes on once it has exited, and nothing waits for it
+  // meanwhile (joining it on the pool held a pool thread per closing session, which one tenant
+  // could use to stall every tenant's connects and layer calls).
+  if (!s->worker.joinable() || s->worker_exited) tear_down(s);
+}
+
+void DaemonImpl::worker_exits(const std::shared_ptr<Session>& s) {
+  {
+    std::lock_guard lock(exited_workers_mutex_);
+    exited_workers_.push_back(s);
+  }
+  uv_async_send(&worker_exits_);
+}
+
+void DaemonImpl::on_workers_exited() {
+  std::vector<std::shared_ptr<Session>> exited;
+  {
+    std::lock_guard lock(exited_workers_mutex_);
+    exited.swap(exited_workers_);
+  }
+  for (const auto& s : exited) {
+    s->worker_exited = true;
+    // A worker also stops on its own (a corrupt ring): the session closes once its socket says so.
+    if (s->closing) tear_down(s);
+  }
+}
+
+void DaemonImpl::tear_down(const std::shared_ptr<Session>& s) {
+  // Its thread has returned or is about to: the join takes microseconds.
+  if (s->worker.joinable()) s->worker.join();
+  // Unpin the arena and forget the session's pending forwards (both take locks a busy layer
+  // holds: off the loop).
   offload([this, s] {
-            if (s->worker.joinable()) s->worker.join();
             s->pinned.reset();
-            // A client that hung up reads nothing more: the pages it was lent go, also where it
-            // kept the descriptors (it could collect arenas and regions by reconnecting). One the
-            // daemon closes (shutdown, a protocol error) may still be reading its last results,
-            // and its tensors may point into its regions: those pages stay until it lets go.
-            s->regions.close(s->client_hung_up);
-            if (s->client_hung_up && s->arena) s->arena->discard_pages();
-            s->arena.reset();  // unmapped here, not on the loop (tens of ms per 64 MiB)
+            if (!s->lingering) give_back_lent(*s);
             // Only its tenant's layers can hold its forwards; another tenant's layer may be held
             // for a whole collective (a group waiting on its peers), which this must not wait for.
             if (!s->admin)
@@ -1160,10 +1233,64 @@ void DaemonImpl::close_session(const std::shared_ptr<Session>& s) {
                 if (ref.layer->tenant() == s->tenant) ref.layer->drop_pending(s->id);
           },
           [this, s] {
-            sessions_.erase(s->id);
-            publish_session_count();
-            s->fd.reset();
+            s->torn_down = true;
+            if (!s->lingering) return forget_session(s);
+            if (s->client_hung_up || shutting_down_) release_lingering(s);
           });
+}
+
+void DaemonImpl::stop_polling(const std::shared_ptr<Session>& s) {
+  if (uv_is_closing(reinterpret_cast<uv_handle_t*>(&s->poll))) return;
+  uv_poll_stop(&s->poll);
+  // The session owns the poll handle, which must outlive its close callback.
+  s->keep_alive = s;
+  uv_close(reinterpret_cast<uv_handle_t*>(&s->poll),
+           [](uv_handle_t* h) { static_cast<Session*>(h->data)->keep_alive.reset(); });
+}
+
+bool DaemonImpl::drain_to_end(int fd) {
+  // A pass reads at most 256 KiB: a client that keeps writing shares the loop like any other.
+  char dropped[16384];
+  for (int i = 0; i < 16; ++i) {
+    const ssize_t n = ::recv(fd, dropped, sizeof(dropped), MSG_DONTWAIT);
+    if (n > 0) continue;
+    if (n < 0 && errno == EINTR) continue;
+    return n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);  // the end, or the connection failed
+  }
+  return false;
+}
+
+void DaemonImpl::give_back_lent(Session& s) {
+  // Pages of a client that let go are freed also where it kept the descriptors.
+  s.regions.close(s.client_hung_up);
+  if (s.client_hung_up && s.arena) s.arena->discard_pages();
+  s.arena.reset();  // unmapped here, not on the loop (tens of ms per 64 MiB)
+}
+
+void DaemonImpl::on_client_let_go(const std::shared_ptr<Session>& s) {
+  s->client_hung_up = true;
+  stop_polling(s);
+  if (s->torn_down) release_lingering(s);
+}
+
+void DaemonImpl::release_lingering(const std::shared_ptr<Session>& s) {
+  if (s->released) return;
+  s->released = true;
+  stop_polling(s);
+  offload([this, s] { give_back_lent(*s); }, [this, s] { forget_session(s); });
+}
+
+void DaemonImpl::forget_session(const std::shared_ptr<Session>& s) {
+  sessions_.erase(s->id);
+  publish_session_count();
+  s->fd.reset();
+  close_worker_exits_once_idle();
+}
+
+void DaemonImpl::close_worker_exits_once_idle() {
+  // Open until the last session has gone: a closing session's worker still reports through it.
+  if (shutting_down_ && sessions_.empty() && !uv_is_closing(reinterpret_cast<uv_handle_t*>(&worker_exits_)))
+    uv_close(reinterpret_cast<uv_handle_t*>(&worker_exits_), nullptr);
 }
 
 std::vector<std::string> DaemonImpl::other_active_tenants(const std::string& tenant) const {
@@ -1181,7 +1308,8 @@ void DaemonImpl::checkpoint_all() {
     std::error_code ec;
     fs::create_directories(dir, ec);
     const std::string path = (dir / (ref.layer->name() + ".safetensors")).string();
-    const Status st = ref.layer->save(path);
+    // One layer's failure (out of memory, say) is that layer's: the others are still written.
+    const Status st = guarded([&] { return ref.layer->save(path); });
     if (st.ok()) TUTEL_LOG(INFO) << "checkpointed " << ref.layer->tenant() << "/" << ref.layer->name() << " to " << path;
     else
       TUTEL_LOG(ERROR) << "checkpoint of " << ref.layer->tenant() << "/" << ref.layer->name() << " failed: " << st
@@ -1199,8 +1327,10 @@ void DaemonImpl::shutdown() {
   uv_close(reinterpret_cast<uv_handle_t*>(&admin_poll_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&accept_pause_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&hello_sweep_), nullptr);
-  uv_close(reinterpret_cast<uv_handle_t*>(&sigterm_), nullptr);
-  uv_close(reinterpret_cast<uv_handle_t*>(&sigint_), nullptr);
+  // The signal handlers stay through the drain and the exit checkpoints (a second SIGTERM used
+  // to kill the daemon between two layers' checkpoints, losing the rest); they no longer keep
+  // the loop alive.
+  for (uv_signal_t* signal : {&sigterm_, &sigint_, &sighup_}) uv_unref(reinterpret_cast<uv_handle_t*>(signal));
   if (metrics_http_) metrics_http_->close();  // and its connections, which would keep the loop alive
   ::unlink(config_.server.client_socket.c_str());
   ::unlink(config_.server.admin_socket.c_str());
@@ -1221,7 +1351,14 @@ void DaemonImpl::shutdown() {
   }
   std::vector<std::shared_ptr<Session>> open;
   for (auto& [id, s] : sessions_) open.push_back(s);
-  for (auto& s : open) close_session(s);
+  for (auto& s : open) {
+    close_session(s);
+    // One tuteld closed before waits no longer for its client (its worker may still be joining:
+    // then it is released once joined).
+    if (s->lingering && s->torn_down) release_lingering(s);
+    else if (s->lingering) stop_polling(s);
+  }
+  close_worker_exits_once_idle();
 }
 
 void DaemonImpl::abandon_collectives() {

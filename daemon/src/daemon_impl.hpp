@@ -7,9 +7,11 @@
 #include <atomic>
 #include <chrono>
 #include <deque>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -48,6 +50,21 @@ class DaemonImpl {
   // Runs `work` on libuv's thread pool, then `done` on the loop thread.
   void offload(std::function<void()> work, std::function<void()> done);
   void close_session(const std::shared_ptr<Session>& s);
+  // close_session's parts, on the loop thread: stops watching the socket (once); gives back an
+  // arena and regions (on the pool); the client of a session tuteld closed let go of the
+  // connection; what such a session was lent goes, and then the session; it leaves the table.
+  void stop_polling(const std::shared_ptr<Session>& s);
+  static void give_back_lent(Session& s);
+  // Reads and drops what the socket holds; true at its end (or once the connection failed).
+  static bool drain_to_end(int fd);
+  void on_client_let_go(const std::shared_ptr<Session>& s);
+  void release_lingering(const std::shared_ptr<Session>& s);
+  void forget_session(const std::shared_ptr<Session>& s);
+  // Its worker has exited (or never started): unpins, gives back, forgets.
+  void tear_down(const std::shared_ptr<Session>& s);
+  void worker_exits(const std::shared_ptr<Session>& s);  // on the worker's thread, its last act
+  void on_workers_exited();
+  void close_worker_exits_once_idle();
 
   // data_path.cpp
   void run_worker(const std::shared_ptr<Session>& s);
@@ -73,8 +90,11 @@ class DaemonImpl {
   Result<std::vector<Checkpointed>> checkpointed_layers() const;
   // The layers of state_dir and of the config file, the config's first.
   Status restore_state();
-  // A group layer created with the spec of its checkpoint in state_dir resumes from it.
-  Status resume_group_layer(const std::string& tenant, LayerDefinition& def) const;
+  // Before a layer is created under a name: a group layer created with the spec of its
+  // checkpoint in state_dir resumes from it; another layer's checkpoint there moves aside
+  // (keep_superseded), never replaced.
+  Status prepare_checkpoint(const std::string& tenant, LayerDefinition& def) const;
+  Status keep_superseded(const std::string& tenant, const std::string& name, const std::filesystem::path& path) const;
   // Takes the instance locks of both sockets and of state_dir (creating it), or fails naming the
   // daemon that holds one.
   Status lock_instance();
@@ -127,7 +147,12 @@ class DaemonImpl {
   std::vector<InstanceLock> instance_locks_;
   ipc::UniqueFd client_fd_, admin_fd_;
   uv_poll_t client_poll_{}, admin_poll_{};
-  uv_signal_t sigterm_{}, sigint_{};
+  uv_signal_t sigterm_{}, sigint_{}, sighup_{};
+  // A session's worker reports here as it exits (from its own thread); the loop then tears the
+  // session down if it is closing (on_workers_exited).
+  uv_async_t worker_exits_{};
+  std::mutex exited_workers_mutex_;
+  std::vector<std::shared_ptr<Session>> exited_workers_;  // guarded by exited_workers_mutex_
   uv_timer_t accept_pause_{};
   uv_timer_t hello_sweep_{};
   bool accepting_paused_ = false;

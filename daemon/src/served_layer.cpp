@@ -290,11 +290,14 @@ Status ServedLayer::allocate() {
     planned += bytes * (2 + (adam || momentum ? 1 : 0) + (adam ? 1 : 0)) +
                (keeps_bf16_copy(t) ? bytes / 2 : 0);
   }
-  if (!group_) planned += sizeof(float);  // grad_norm_sum_
+  const uint64_t gate_bytes = static_cast<uint64_t>(tensors_.front().shape.numel()) * 4;  // the gate, first
+  planned += group_ ? gate_bytes : sizeof(float);  // summed_gate_grad_ or grad_norm_sum_
   TUTEL_ASSIGN_OR_RETURN(parameter_charge_, ParameterCharge::take(memory_, planned, "layer '" + def_.name + "'"));
   Backend& b = backend();
   auto device_lock = lock_device();
-  if (!group_) {
+  if (group_) {
+    TUTEL_ASSIGN_OR_RETURN(summed_gate_grad_, b.allocate(gate_bytes));
+  } else {
     TUTEL_ASSIGN_OR_RETURN(grad_norm_sum_, b.allocate(sizeof(float)));
   }
   for (Tensor& t : tensors_) {
@@ -833,6 +836,7 @@ void ServedLayer::drop_orphans_locked() {
 
 void ServedLayer::drop_pending_locked(uint64_t owner) {
   auto device_lock = lock_device();  // the entries free buffers of the rank's backend
+  bool dropped = false;
   for (auto it = pending_.begin(); it != pending_.end();) {
     if (it->first.first != owner) {
       ++it;
@@ -840,7 +844,13 @@ void ServedLayer::drop_pending_locked(uint64_t owner) {
     }
     remove_pending_bytes(it->second->bytes());
     it = pending_.erase(it);
+    dropped = true;
   }
+  // Each of its forwards held a plan instance, idle now: a client that died with many forwards
+  // pending left as many copies of a plan cached and charged to its tenant until the quota ran
+  // short (the lifecycle review: 169 plans after 10 such clients). One idle instance per key
+  // stays for whoever comes next.
+  if (dropped && plans_) plans_->trim_extra_instances();
   publish_pending();
   publish_plan_summary();
 }
@@ -880,7 +890,16 @@ Result<ServedLayer::StepOutcome> ServedLayer::step(const StepOverrides& override
   out.applied = grads_present_;
   // The gate is replicated: every rank steps it with the gradient summed over the group, and
   // with the same settings (a rank with another learning rate would move its copy elsewhere).
+  // The sum goes to a copy: the rank's own gradient stays its share, as the experts' do. (It
+  // was summed in place, so a second step without zero_grad, or gradients accumulated across
+  // steps, applied the group's sum W times over, and grad_norm after a step counted it W times.)
+  TensorView summed_gate;
   if (group_) {
+    const TensorView gate_grad = weights_of(1).gate_weight;
+    summed_gate = TensorView(summed_gate_grad_.data(), DType::kF32, gate_grad.shape(), gate_grad.device());
+    if (out.applied)
+      TUTEL_RETURN_IF_ERROR(watch_device(
+          backend().copy(summed_gate.data(), gate_grad.data(), gate_grad.nbytes(), CopyKind::kDeviceToDevice)));
     // The step counts too: a load or import on some ranks only leaves the group's copies of
     // the gate and its optimizer's bias correction apart.
     const graphs::ExpertParallelLayer::Alike alike[] = {
@@ -889,24 +908,25 @@ Result<ServedLayer::StepOutcome> ServedLayer::step(const StepOverrides& override
         {"weight decays", alike_bits(out.weight_decay)},
         {"step counts (a load or import_state on some ranks only, or from different checkpoints)",
          step_.load()}};
-    TUTEL_RETURN_IF_ERROR(watch_device(note_group_status(
-        group_->layer->all_reduce_gate_grad(weights_of(1).gate_weight, alike, /*sum=*/out.applied))));
+    TUTEL_RETURN_IF_ERROR(watch_device(
+        note_group_status(group_->layer->all_reduce_gate_grad(summed_gate, alike, /*sum=*/out.applied))));
   }
   if (out.applied) {
-    TUTEL_RETURN_IF_ERROR(watch_device(apply_optimizer(out.lr, out.weight_decay)));
+    TUTEL_RETURN_IF_ERROR(watch_device(apply_optimizer(out.lr, out.weight_decay, summed_gate)));
     ++step_;
   }
   out.step = step_;
   return out;
 }
 
-Status ServedLayer::apply_optimizer(float lr, float weight_decay) {
+Status ServedLayer::apply_optimizer(float lr, float weight_decay, TensorView gate_grad) {
   Backend& b = backend();
   const Device d = b.device();
   const OptimizerConfig& o = def_.optimizer;
   for (Tensor& t : tensors_) {
+    const TensorView grad = t.name == kGateWeightName && !gate_grad.empty() ? gate_grad : t.view(t.grad, d);
     if (o.kind == OptimizerKind::kAdamW) {
-      AdamWArgs a{t.view(t.value, d), t.view(t.grad, d), t.view(t.state0, d), t.view(t.state1, d)};
+      AdamWArgs a{t.view(t.value, d), grad, t.view(t.state0, d), t.view(t.state1, d)};
       a.lr = lr;
       a.beta1 = o.beta1;
       a.beta2 = o.beta2;
@@ -916,8 +936,7 @@ Status ServedLayer::apply_optimizer(float lr, float weight_decay) {
       if (t.value_bf16.data()) a.param_bf16 = t.bf16_view(d);
       TUTEL_RETURN_IF_ERROR(b.adamw_step(a));
     } else {
-      SgdArgs a{t.view(t.value, d), t.view(t.grad, d),
-                t.state0.data() ? t.view(t.state0, d) : TensorView()};
+      SgdArgs a{t.view(t.value, d), grad, t.state0.data() ? t.view(t.state0, d) : TensorView()};
       a.lr = lr;
       a.momentum = o.momentum;
       a.weight_decay = weight_decay;
@@ -1031,50 +1050,43 @@ std::map<std::string, std::string> ServedLayer::saved_metadata() const {
 
 Status ServedLayer::save(const std::string& path) {
   LayerLock lock(*this);
-  Backend& b = backend();
-  const std::vector<SavedTensor> saved = saved_tensors();
-  // Device tensors are staged on the host; on the CPU backend this is one memcpy per tensor.
-  std::vector<std::vector<float>> host;
-  {
-    auto device_lock = lock_device();
-    // Never from a lost device: the file keeps the last checkpoint written from a live one.
-    TUTEL_RETURN_IF_ERROR(rank_.health.check());
-    for (const SavedTensor& t : saved) {
-      host.emplace_back(t.shape->numel());
-      TUTEL_RETURN_IF_ERROR(watch_device(
-          b.copy(host.back().data(), t.value->data(), host.back().size() * 4, CopyKind::kDeviceToHost)));
-    }
-  }
-  std::vector<SafetensorsEntry> entries;
-  for (size_t i = 0; i < saved.size(); ++i)
-    entries.push_back({saved[i].name, DType::kF32, *saved[i].shape, host[i].data()});
-  return write_safetensors(path, entries, saved_metadata());
+  // Written from where the tensors are, as an export is (state_writer): no staged copy of the
+  // whole state, which for a large layer (values and both moments, three times the parameters)
+  // could not be had at exit, and without it no layer after it was checkpointed.
+  // Never from a lost device: the file keeps the last checkpoint written from a live one.
+  TUTEL_RETURN_IF_ERROR(rank_.health.check());
+  const StateWriter w = state_writer();
+  return write_safetensors(path, w.entries, saved_metadata(), w.fill);
 }
 
 Result<uint64_t> ServedLayer::export_state(int memfd) {
   LayerLock lock(*this);
-  Backend& b = backend();
-  const std::vector<SavedTensor> saved = saved_tensors();
-  // On the CPU backend the tensors are host memory, written from where they are; a device's
-  // are staged a chunk at a time.
-  const bool host = b.device().kind == DeviceKind::kCpu;
-  std::vector<SafetensorsEntry> entries;
-  for (const SavedTensor& t : saved)
-    entries.push_back({t.name, DType::kF32, *t.shape, host ? t.value->data() : nullptr});
   // The rank's device lock (every layer's on the rank, whatever their tenant) is never held
   // while the client's file is written: a client can make that write wait as long as it likes
   // (a page of its source it never serves), and another tenant's forward, or the exit's
-  // checkpoints, would wait with it. The layer's own lock keeps its tensors as they are; a
-  // device's are staged a chunk at a time under the device lock. (The health check takes none.)
+  // checkpoints, would wait with it. (The health check takes none.)
   TUTEL_RETURN_IF_ERROR(rank_.health.check());
-  auto fill = [&](size_t i, uint64_t offset, void* dst, size_t bytes) -> Status {
-    auto device_lock = lock_device();
-    TUTEL_RETURN_IF_ERROR(rank_.health.check());
-    return watch_device(b.copy(dst, static_cast<const char*>(saved[i].value->data()) + offset, bytes,
-                               CopyKind::kDeviceToHost));
-  };
-  return write_safetensors_into(memfd, "the state of layer " + def_.name, entries, saved_metadata(),
-                                host ? SafetensorsFill() : SafetensorsFill(fill));
+  const StateWriter w = state_writer();
+  return write_safetensors_into(memfd, "the state of layer " + def_.name, w.entries, saved_metadata(), w.fill);
+}
+
+ServedLayer::StateWriter ServedLayer::state_writer() {
+  // On the CPU backend the tensors are host memory, written from where they are; a device's are
+  // staged a chunk at a time, each under the rank's device lock. The layer's own lock (the
+  // caller's) keeps them as they are meanwhile.
+  StateWriter w;
+  w.saved = saved_tensors();
+  const bool host = backend().device().kind == DeviceKind::kCpu;
+  for (const SavedTensor& t : w.saved)
+    w.entries.push_back({t.name, DType::kF32, *t.shape, host ? t.value->data() : nullptr});
+  if (!host)
+    w.fill = [this, saved = w.saved](size_t i, uint64_t offset, void* dst, size_t bytes) -> Status {
+      auto device_lock = lock_device();
+      TUTEL_RETURN_IF_ERROR(rank_.health.check());
+      return watch_device(backend().copy(dst, static_cast<const char*>(saved[i].value->data()) + offset, bytes,
+                                         CopyKind::kDeviceToHost));
+    };
+  return w;
 }
 
 uint64_t ServedLayer::import_bytes_bound() const {

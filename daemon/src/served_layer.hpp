@@ -245,8 +245,9 @@ class ServedLayer {
   Status build_local();
   // Converts every value that keeps a bf16 copy into it; under the device lock.
   Status refresh_bf16_copies();
-  // step()'s optimizer pass over every tensor (not the step count); under the device lock.
-  Status apply_optimizer(float lr, float weight_decay);
+  // step()'s optimizer pass over every tensor (not the step count); under the device lock. A
+  // group layer's gate steps with `gate_grad` (its gradient summed over the group).
+  Status apply_optimizer(float lr, float weight_decay, TensorView gate_grad = {});
   // One training forward waiting for its backward; recycled, so its buffers only grow.
   struct Pending {
     // A layer without [group]: the plan the forward ran on (held, so no other step takes it
@@ -381,6 +382,14 @@ class ServedLayer {
   };
   std::vector<SavedTensor> saved_tensors() const;
   std::map<std::string, std::string> saved_metadata() const;
+  // The saved tensors as a writer takes them, under the layer's lock: host tensors with their
+  // data, a device's without and a fill that stages them.
+  struct StateWriter {
+    std::vector<SavedTensor> saved;
+    std::vector<SafetensorsEntry> entries;
+    SafetensorsFill fill;
+  };
+  StateWriter state_writer();
   // A view of the client's `in`, or, when staging, of `buf` (grown to fit) after copying `in`
   // into it.
   Result<TensorView> stage_in(const float* in, Shape shape, DeviceBuffer& buf, ClientMemory memory);
@@ -410,6 +419,9 @@ class ServedLayer {
   // grad_norm()'s sum of squares, one f32, allocated with the parameters (charged with them):
   // a norm is never refused for want of its 4 bytes. A group layer's is its ExpertParallelLayer's.
   DeviceBuffer grad_norm_sum_;
+  // A group layer's gate gradient summed over the group for a step (the rank's own stays its
+  // share): [E, M] f32, allocated and charged with the parameters.
+  DeviceBuffer summed_gate_grad_;
   // Whether the gradients are there for a step to apply (see step()); guarded by mutex_.
   bool grads_present_ = false;
   // Read by the admin socket on the event loop: never behind mutex_, which a group layer holds

@@ -53,6 +53,12 @@ struct Session : std::enable_shared_from_this<Session> {
   // The client hung up (its end of the socket closed): it can read nothing more from the arena
   // or its regions, whose pages then go with them (SharedMemory::discard_pages).
   bool client_hung_up = false;
+  // tuteld closed the session (set once, by close_session): what it lent stays until its client
+  // lets go of the connection (client_hung_up), then goes (released), and the session with it.
+  bool lingering = false;
+  bool worker_exited = false;  // its worker thread has returned (the loop heard of it)
+  bool torn_down = false;  // tear_down has finished its part on the pool
+  bool released = false;
 
   // Client data path, after hello (the arena is created on the pool; the flag is set at once).
   bool hello_received = false;

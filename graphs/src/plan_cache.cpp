@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <iterator>
 #include <string>
+#include <unordered_set>
 
 namespace tutel::graphs {
 
@@ -60,6 +61,21 @@ size_t PlanCache::trim() {
   for (auto it = lru_.begin(); it != lru_.end();) {
     auto next = std::next(it);
     if (it->plan.use_count() == 1) {
+      erase(it);
+      ++stats_.evictions;
+    }
+    it = next;
+  }
+  return before - stats_.bytes;
+}
+
+size_t PlanCache::trim_extra_instances() {
+  const size_t before = stats_.bytes;
+  // Most recent first: the first instance of a key met stays (idle or held), its idle others go.
+  std::unordered_set<CacheKey, CacheKeyHash> seen;
+  for (auto it = lru_.begin(); it != lru_.end();) {
+    auto next = std::next(it);
+    if (!seen.insert(CacheKey{it->layer, it->key}).second && it->plan.use_count() == 1) {
       erase(it);
       ++stats_.evictions;
     }

@@ -223,6 +223,14 @@ Status layer_backward(Backend& backend, const LayerSpec& spec, const LayerWeight
     return Status::InvalidArgument("backward's spec (" + shapes(spec) +
                                    ", or its activation or matmul dtype) differs from its forward's (" + shapes(fwd) +
                                    "); pass the spec the forward ran with");
+  // What the gradient's formula reads besides the shapes: another value computes a wrong
+  // gradient without a word. (Gate noise and its seed are the forward's alone.)
+  if (spec.capacity_factor != fwd.capacity_factor || spec.normalize_gate != fwd.normalize_gate ||
+      spec.batch_prioritized != fwd.batch_prioritized || spec.is_postscore != fwd.is_postscore ||
+      spec.has_fc1_bias != fwd.has_fc1_bias || spec.has_fc2_bias != fwd.has_fc2_bias || spec.alignment != fwd.alignment)
+    return Status::InvalidArgument(
+        "backward's spec differs from its forward's in its capacity factor, gate normalisation, routing, "
+        "scoring, biases or alignment; pass the spec the forward ran with");
   const int64_t S = ws.tokens_, E = spec.experts, k = spec.k, M = spec.model_dim, H = spec.hidden,
                 O = spec.out_dim(), C = ws.capacity_;
   TUTEL_RETURN_IF_ERROR(weights.validate(spec, "weights"));

@@ -338,7 +338,8 @@ TEST(PlanCache, ACachedStepAllocatesNothing) {
 
 // Pipelined micro-batches: training forwards of one bucket wait for their backwards at once.
 // Each gets an instance of its own, the backwards (in reverse order) equal the eager runs, a
-// released instance serves the next step, and trim() drops the idle ones.
+// released instance serves the next step, trim_extra_instances() drops the idle copies of a
+// key, and trim() every idle plan.
 TEST(PlanCache, StepsInFlightEachGetTheirOwnInstance) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
@@ -395,9 +396,13 @@ TEST(PlanCache, StepsInFlightEachGetTheirOwnInstance) {
   auto next = cache.forward(1, {}, xs[0]->view(), 0, true, ys[0]->view());
   ASSERT_TRUE(next.ok()) << next.status();
   EXPECT_EQ(cache.stats().builds, uint64_t{kInFlight});
-  // trim() keeps the held one and gives back the rest.
   const size_t per_plan = next->plan->bytes();
-  EXPECT_EQ(cache.trim(), per_plan * (kInFlight - 1));
+  // trim_extra_instances() keeps one instance of the key (the held one, the most recently
+  // used) and gives back the idle others; trim() keeps the held one and gives back the rest.
+  EXPECT_EQ(cache.trim_extra_instances(), per_plan * (kInFlight - 1));
+  EXPECT_EQ(cache.instances(1, key), 1u);
+  EXPECT_EQ(cache.trim_extra_instances(), 0u);
+  EXPECT_EQ(cache.trim(), 0u);
   EXPECT_EQ(cache.instances(1, key), 1u);
   EXPECT_EQ(cache.stats().bytes, per_plan);
   next->plan.reset();

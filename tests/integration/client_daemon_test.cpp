@@ -251,6 +251,41 @@ TEST_F(ClientDaemon, AGroupLayerCreatedAgainResumesFromItsCheckpoint) {
   EXPECT_EQ(y_after, y_before) << "the kept checkpoint holds the trained weights";
 }
 
+// A layer outside any group created under a group layer's name, while that group layer waits
+// for its ranks to create it again, is another layer: the group's checkpoint moves aside, as
+// for a group of another spec (the new layer's destroy deleted it, its exit checkpoint replaced
+// it: a trainer's "attach, else create" without [group] lost the trained group layer).
+TEST_F(ClientDaemon, ALayerCreatedUnderADormantGroupLayersNameKeepsItsCheckpointAside) {
+  const std::string group_spec = spec("g") + "[group]\ncoordinator = \"127.0.0.1:" + std::to_string(free_port()) +
+                                 "\"\nsize = 1\nrank = 0\n";
+  std::vector<float> x(8 * 16, 0.5f), y(8 * 16), dx(8 * 16), y_before(8 * 16), y_after(8 * 16);
+  {
+    auto client = client::Client::connect(daemon_->client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    auto layer = client->create_layer(group_spec);
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    ASSERT_TRUE(layer->forward(x.data(), 8, y.data()).ok());
+    ASSERT_TRUE(layer->backward(y.data(), 0.f, dx.data()).ok());
+    ASSERT_TRUE(layer->step().ok());
+    ASSERT_TRUE(layer->infer(x.data(), 8, y_before.data()).ok());
+  }
+  ASSERT_EQ(daemon_->stop(), 0) << daemon_->log();
+  ASSERT_TRUE(daemon_->start());
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto plain = client->create_layer(spec("g"));
+  ASSERT_TRUE(plain.ok()) << plain.status() << daemon_->log();
+  EXPECT_EQ(plain->info().step, 0);
+  const std::string kept = kept_aside(*daemon_, "g.superseded-");
+  ASSERT_FALSE(kept.empty()) << daemon_->log();
+  ASSERT_TRUE(plain->destroy().ok());
+  auto twin = client->create_layer(spec("twin"));
+  ASSERT_TRUE(twin.ok()) << twin.status();
+  ASSERT_TRUE(twin->load(kept).ok()) << daemon_->log();
+  ASSERT_TRUE(twin->infer(x.data(), 8, y_after.data()).ok());
+  EXPECT_EQ(y_after, y_before) << "the kept checkpoint holds the trained group layer's weights";
+}
+
 TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
   auto client = client::Client::connect(daemon_->client_socket());
   ASSERT_TRUE(client.ok());

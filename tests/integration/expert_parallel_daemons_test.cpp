@@ -1341,6 +1341,77 @@ TEST(ExpertParallelGroups, ABackwardForDxAloneIsTheWholeGroupsOrRefusedOnEveryRa
   EXPECT_EQ(d1.stop(), 0) << d1.log();
 }
 
+// A group layer's step leaves each rank's gradients its own share, as a local layer's leaves
+// them: a second SGD step without zero_grad between (gradients that accumulate across steps)
+// moves every parameter, the replicated gate too, exactly as far as the first, and the
+// gradient norm is the same before and after a step. (The gate's gradient was summed over the
+// group in place, so the second step moved the gate twice as far, every further one W times the
+// last, and the norm after a step counted the gate's sum W times.)
+TEST(ExpertParallelGroups, AStepLeavesEachRanksGradientsItsOwnShare) {
+  DaemonProcess d0(DaemonOptions{}), d1(DaemonOptions{});
+  ASSERT_TRUE(d0.start());
+  ASSERT_TRUE(d1.start());
+  const uint16_t port = free_port();
+  constexpr int64_t S = 12, M = 16;
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  struct RankOut {
+    Status status;
+    double norm_before = -1, norm_after = -2;
+  };
+  RankOut out[2];
+  auto rank = [&](int r, DaemonProcess& d) {
+    RankOut& o = out[r];
+    std::mt19937_64 rng(seed + r);
+    std::normal_distribution<float> normal;
+    std::vector<float> x(S * M), dy(S * M), y(S * M), dx(S * M);
+    for (float& v : x) v = normal(rng);
+    for (float& v : dy) v = normal(rng);
+    o.status = [&]() -> Status {
+      TUTEL_ASSIGN_OR_RETURN(client::Client client, client::Client::connect(d.client_socket()));
+      TUTEL_ASSIGN_OR_RETURN(client::Layer layer, client.create_layer(group_spec("steps", port, r, 20000)));
+      const std::string tag = "_r" + std::to_string(r);
+      TUTEL_RETURN_IF_ERROR(layer.save("w0" + tag).status());
+      client::ForwardInfo info;
+      TUTEL_RETURN_IF_ERROR(layer.forward(x.data(), S, y.data(), &info));
+      TUTEL_RETURN_IF_ERROR(layer.backward(info.sequence, dy.data(), 0.5f, dx.data()));
+      TUTEL_ASSIGN_OR_RETURN(o.norm_before, layer.grad_norm());
+      TUTEL_RETURN_IF_ERROR(layer.step().status());
+      TUTEL_RETURN_IF_ERROR(layer.save("w1" + tag).status());
+      TUTEL_ASSIGN_OR_RETURN(o.norm_after, layer.grad_norm());
+      TUTEL_RETURN_IF_ERROR(layer.step().status());  // no zero_grad: the same gradients again
+      return layer.save("w2" + tag).status();
+    }();
+  };
+  std::thread rank1(rank, 1, std::ref(d1));
+  rank(0, d0);
+  rank1.join();
+  for (int r = 0; r < 2; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    DaemonProcess& d = r == 0 ? d0 : d1;
+    ASSERT_TRUE(out[r].status.ok()) << out[r].status << "\n" << d.log();
+    EXPECT_GT(out[r].norm_before, 0);
+    EXPECT_NEAR(out[r].norm_after, out[r].norm_before, 1e-6 * out[r].norm_before) << "a step changed the gradients";
+    const std::string tag = "_r" + std::to_string(r);
+    const std::vector<float> w0 = saved_parameters(d, "w0" + tag), w1 = saved_parameters(d, "w1" + tag),
+                             w2 = saved_parameters(d, "w2" + tag);
+    ASSERT_EQ(w0.size(), w1.size());
+    ASSERT_EQ(w0.size(), w2.size());
+    ASSERT_FALSE(w0.empty());
+    // SGD without momentum or weight decay: each step subtracts lr · gradient; the two gaps
+    // differ by the values' f32 rounding alone (about 1e-7 against gaps up to about 1e-2).
+    std::vector<float> first(w0.size()), second(w0.size());
+    for (size_t i = 0; i < w0.size(); ++i) {
+      first[i] = w1[i] - w0[i];
+      second[i] = w2[i] - w1[i];
+    }
+    EXPECT_NE(first, std::vector<float>(first.size(), 0.f)) << "the first step moved nothing";
+    EXPECT_TRUE(all_close("second step against the first", second, widen(first), 1e-3, 1e-3));
+  }
+  EXPECT_EQ(d0.stop(), 0) << d0.log();
+  EXPECT_EQ(d1.stop(), 0) << d1.log();
+}
+
 // Trainers out of step across daemons (rank 0 steps where rank 1 runs one more forward; then
 // rank 1 asks for the gradient norm where rank 0 runs a forward; then two micro-batches
 // backwarded in opposite orders) are told at once, not after the collective timeout: both

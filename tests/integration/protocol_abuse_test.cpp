@@ -524,8 +524,10 @@ TEST_F(ProtocolAbuse, MalformedExportAndImportStateRequests) {
 // descriptors: a client that hung up holding its arena's and a region's memfds, or unmapped a
 // region keeping its memfd, held the daemon's pages for good (and could collect them by
 // reconnecting: 12 arenas of 32 MiB were 384 MiB, counted against no tenant). A session the
-// daemon closes itself (a malformed frame here) keeps its pages as they were: its client may
-// still be reading its last results (punched then, a result read back as zeros).
+// daemon closes itself (a malformed frame here) keeps its pages as they were while its client
+// holds the connection: it may still be reading its last results (punched then, a result read
+// back as zeros). It keeps its place under max_sessions meanwhile, and its pages go once its
+// client closes the connection (else provoking closes collected the memory instead).
 TEST_F(ProtocolAbuse, LentMemoryGoesBackOnceTheClientLetsGoAndNotBefore) {
   auto blocks = [](int fd) {
     struct stat st {};
@@ -576,7 +578,121 @@ TEST_F(ProtocolAbuse, LentMemoryGoesBackOnceTheClientLetsGoAndNotBefore) {
     EXPECT_GT(blocks(s.arena().fd()), 0) << "a session the daemon closed had its client's arena punched";
     EXPECT_GT(blocks(region.get()), 0) << "a session the daemon closed had its client's region punched";
     EXPECT_EQ(s.arena().data()[4095], 0x3c);
+    // The client reads the end of the stream: the daemon has shut down its side.
+    char byte = 0;
+    ssize_t n = 0;
+    while ((n = ::recv(s.fd(), &byte, 1, 0)) > 0) {
+    }
+    EXPECT_EQ(n, 0) << "the daemon's side of a session it closed is still open";
+    RawSession admin(daemon_->admin_socket());
+    auto closing_sessions = [&] {
+      auto tenants = admin.call(ipc::FrameType::kAdminTenants, nlohmann::json::object(), ipc::FrameType::kOk);
+      EXPECT_TRUE(tenants.ok()) << tenants.status();
+      return tenants.ok() ? (*tenants)["tenants"][0]["closing_sessions"].get<int64_t>() : int64_t{-1};
+    };
+    EXPECT_EQ(closing_sessions(), 1) << "a session the daemon closed left max_sessions before its client let go";
+    EXPECT_GT(blocks(s.arena().fd()), 0);
+    // The client closes the connection, keeping the descriptors: the pages go, and the session.
+    const UniqueFd arena(::dup(s.arena().fd()));
+    ::shutdown(s.fd(), SHUT_RDWR);
+    int64_t closing = 1;
+    for (int i = 0; i < 400 && closing != 0; ++i) {
+      closing = closing_sessions();
+      if (closing != 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    EXPECT_EQ(closing, 0) << "a session the daemon closed outlived its client's connection";
+    EXPECT_EQ(blocks(arena.get()), 0) << "the arena's pages outlived the client's connection";
+    EXPECT_EQ(blocks(region.get()), 0) << "the region's pages outlived the client's connection";
   }
+  expect_daemon_serves();
+}
+
+// A daemon that stops waits for no client of a session it closed: the client holding the
+// connection (and what it was lent) does not keep tuteld from exiting and checkpointing.
+TEST_F(ProtocolAbuse, AStoppingDaemonWaitsForNoClientOfASessionItClosed) {
+  RawSession s(daemon_->client_socket());
+  ASSERT_TRUE(s.hello().ok());
+  auto layer = s.call(ipc::FrameType::kCreateLayer, {{"spec", kSpec}}, ipc::FrameType::kLayerInfo);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  std::memset(s.arena().data(), 0x3c, 4096);
+  const char garbage[] = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+  s.send_bytes(garbage, sizeof(garbage) - 1);
+  ASSERT_EQ(await_sessions(0), 0);
+  // stop() sends SIGTERM and kills the daemon (137) if it has not exited within 30 s.
+  EXPECT_EQ(daemon_->stop(), 0) << daemon_->log();
+  EXPECT_TRUE(std::filesystem::exists(daemon_->dir() + "/state/default/moe.safetensors")) << daemon_->log();
+  EXPECT_EQ(s.arena().data()[4095], 0x3c) << "the client's last results went with the daemon";
+  daemon_.reset();
+}
+
+// Signals that come while the daemon shuts down change nothing: it drains and checkpoints every
+// layer once, and exits 0 (a second SIGTERM or a SIGINT killed it between two layers'
+// checkpoints, leaving the rest unwritten and a temporary file behind). SIGHUP shuts it down
+// as SIGTERM does. A start removes exit checkpoints a killed run never finished.
+TEST_F(ProtocolAbuse, SignalsDuringShutdownLoseNoCheckpoint) {
+  ASSERT_NO_FATAL_FAILURE(restart(DaemonOptions{.extra_server = "shutdown_grace_ms = 1500\n"}));
+  RawSession rank0(daemon_->client_socket()), rank1(daemon_->client_socket());
+  std::vector<uint64_t> handles;
+  ASSERT_NO_FATAL_FAILURE(create_two_rank_group(rank0, rank1, handles));
+  auto held = hold_group_forward(rank0, handles[0]);  // the shutdown waits up to its grace
+  ASSERT_EQ(::kill(daemon_->pid(), SIGHUP), 0);
+  for (int i = 0; i < 400 && daemon_->log().find("shutting down") == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ASSERT_EQ(::kill(daemon_->pid(), SIGTERM), 0);
+  ASSERT_EQ(::kill(daemon_->pid(), SIGINT), 0);
+  EXPECT_EQ(daemon_->wait_exit(std::chrono::seconds(30)), 0) << daemon_->log();
+  EXPECT_NE(daemon_->log().find("already shutting down"), std::string::npos) << daemon_->log();
+  (void)held.get();
+  const std::string state = daemon_->dir() + "/state/default/";
+  for (const char* layer : {"moe_r0", "moe_r1"})
+    EXPECT_TRUE(std::filesystem::exists(state + layer + ".safetensors")) << layer << "\n" << daemon_->log();
+  const std::string unfinished = state + ".moe_r0.safetensors.tmp-0123456789abcdef";
+  { std::ofstream(unfinished) << "half a checkpoint"; }
+  ASSERT_TRUE(daemon_->start());
+  EXPECT_FALSE(std::filesystem::exists(unfinished)) << daemon_->log();
+  EXPECT_TRUE(std::filesystem::exists(state + "moe_r0.safetensors"));
+}
+
+// A client that dies with many training forwards pending leaves one plan of the layer cached,
+// not one per forward: each forward held an instance of its own, which stayed cached (and
+// charged to the tenant) after the forwards were dropped, until the quota ran short.
+TEST_F(ProtocolAbuse, AClientGoneWithForwardsPendingLeavesOnePlanPerKey) {
+  RawSession owner(daemon_->client_socket());
+  ASSERT_TRUE(owner.hello().ok());
+  auto handle = owner.create_layer(kSpec);
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  RawSession admin(daemon_->admin_socket());
+  auto moe = [&] {
+    auto layers = admin.call(ipc::FrameType::kAdminLayers, nlohmann::json::object(), ipc::FrameType::kOk);
+    EXPECT_TRUE(layers.ok()) << layers.status();
+    return layers.ok() ? (*layers)["layers"][0] : nlohmann::json();
+  };
+  {
+    RawSession dying(daemon_->client_socket());
+    ASSERT_TRUE(dying.hello().ok());
+    for (uint64_t sequence = 1; sequence <= 5; ++sequence) {
+      const auto c = forward8(dying, *handle, sequence);
+      ASSERT_TRUE(c.has_value());
+      ASSERT_EQ(c->status_code, 0) << c->message;
+    }
+    const nlohmann::json layer = moe();
+    ASSERT_EQ(layer["pending_backwards"].get<int64_t>(), 5) << layer.dump();
+    ASSERT_EQ(layer["plans"]["plans"].get<int64_t>(), 5) << layer.dump();
+    ::shutdown(dying.fd(), SHUT_RDWR);
+  }
+  nlohmann::json layer;
+  for (int i = 0; i < 400; ++i) {
+    layer = moe();
+    if (layer["pending_backwards"] == 0 && layer["plans"]["plans"] == 1) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(layer["pending_backwards"].get<int64_t>(), 0) << layer.dump();
+  EXPECT_EQ(layer["plans"]["plans"].get<int64_t>(), 1) << layer.dump();
+  EXPECT_EQ(layer["plans"]["held"].get<int64_t>(), 0) << layer.dump();
+  // The layer serves on, from the plan kept.
+  const auto c = forward8(owner, *handle);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->status_code, 0) << c->message;
 }
 
 TEST_F(ProtocolAbuse, RequestsBeforeHelloAndHelloTwice) {
@@ -925,6 +1041,58 @@ TEST_F(ProtocolAbuse, FramesQueuedOnABusyLayerHoldOnePoolThreadBetweenThem) {
     ASSERT_TRUE(reply.ok()) << reply.status();
     EXPECT_TRUE(ipc::reply_body(*reply, ipc::FrameType::kOk).ok()) << reply->body;
   }
+}
+
+// Sessions that close while their worker waits (here forwards queued on a group layer held by
+// a collective whose peer rank has not come) hold no pool thread meanwhile: the teardown goes on
+// once each worker has exited. (Each close joined its worker on the pool: six of them held the
+// whole pool of four until the collective ended, and every hello, which needs the pool for its
+// arena, waited with them.)
+TEST_F(ProtocolAbuse, ClosingSessionsWhoseWorkersWaitHoldNoPoolThread) {
+  daemon_->stop();
+  ::setenv("UV_THREADPOOL_SIZE", "4", 1);
+  daemon_ = std::make_unique<DaemonProcess>(DaemonOptions{});
+  const bool started = daemon_->start();
+  ::unsetenv("UV_THREADPOOL_SIZE");
+  ASSERT_TRUE(started);
+  RawSession rank0(daemon_->client_socket()), rank1(daemon_->client_socket());
+  std::vector<uint64_t> handles;
+  ASSERT_NO_FATAL_FAILURE(create_two_rank_group(rank0, rank1, handles));
+  auto held = hold_group_forward(rank0, handles[0]);
+  std::vector<std::unique_ptr<RawSession>> waiting;
+  for (int i = 0; i < 6; ++i) {
+    waiting.push_back(std::make_unique<RawSession>(daemon_->client_socket()));
+    ASSERT_TRUE(waiting.back()->hello().ok());
+    // A forward on rank 0's layer: its worker waits for the layer's lock, behind the collective.
+    const ipc::ArenaLayout& l = waiting.back()->arena().layout();
+    ASSERT_TRUE(waiting.back()->push(data_request(l, ipc::Op::kForward, handles[0], 0, 8, 16)));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // all of them waiting in the daemon
+  for (auto& w : waiting) ASSERT_EQ(::shutdown(w->fd(), SHUT_RDWR), 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // all of them closing
+  // A hello needs the pool for its arena: it is answered while the collective still waits.
+  RawSession other(daemon_->client_socket());
+  ASSERT_TRUE(other.hello().ok());
+  ASSERT_NE(held.wait_for(std::chrono::milliseconds(0)), std::future_status::ready);
+  // Rank 1 comes: the held forward completes, then each closed session's in turn (a worker
+  // finishes the request it has started), and their workers exit.
+  ASSERT_NO_FATAL_FAILURE(complete_group_forward(held, rank1, handles[1]));
+  for (size_t i = 0; i < waiting.size(); ++i) {
+    const auto c = forward8(rank1, handles[1]);
+    ASSERT_TRUE(c.has_value());
+    EXPECT_EQ(c->status_code, 0) << c->message;
+  }
+  EXPECT_EQ(await_sessions(3), 3);
+  RawSession admin(daemon_->admin_socket());
+  int64_t closing = -1;
+  for (int i = 0; i < 400 && closing != 0; ++i) {
+    auto tenants = admin.call(ipc::FrameType::kAdminTenants, nlohmann::json::object(), ipc::FrameType::kOk);
+    ASSERT_TRUE(tenants.ok()) << tenants.status();
+    closing = (*tenants)["tenants"][0]["closing_sessions"].get<int64_t>();
+    if (closing != 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(closing, 0);
+  expect_daemon_serves();
 }
 
 // A client's saves are bounded by its tenant's max_checkpoint_bytes (state_dir holds every

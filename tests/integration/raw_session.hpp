@@ -63,6 +63,11 @@ class RawSession {
   }
   ipc::Arena& arena() { return *arena_; }
 
+  // Pushes one descriptor without waiting for its completion; false if the ring is full.
+  bool push(ipc::RequestDescriptor d) {
+    d.request_id = ++ring_request_id_;
+    return requests_.try_push(d);
+  }
   // Pushes one descriptor and waits (bounded) for its completion.
   std::optional<ipc::CompletionDescriptor> submit(ipc::RequestDescriptor d) {
     d.request_id = ++ring_request_id_;

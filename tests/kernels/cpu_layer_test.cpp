@@ -160,7 +160,8 @@ TEST(CpuLayerRouting, TopKOfManyExpertsKeepsScoreOrderAndTheLowerIndexOnTies) {
 }
 
 // layer_backward reads the buffers its forward laid out: a spec of other shapes (k, E, H) would
-// read past them, and is refused naming both.
+// read past them, and is refused naming both; one of the same shapes but another capacity
+// factor or gate normalisation would compute a wrong gradient, and is refused too.
 TEST(CpuLayerApi, ABackwardWithAnotherSpecThanItsForwardIsRefused) {
   auto backend = make_backend("cpu", {.threads = 1});
   ASSERT_TRUE(backend.ok());
@@ -180,11 +181,14 @@ TEST(CpuLayerApi, ABackwardWithAnotherSpecThanItsForwardIsRefused) {
   dy.upload(to_f32(randn(rng, S * M, 1.0)));
   LayerWorkspace ws;
   ASSERT_TRUE(layer_forward(b, spec, layer.weights(), x.view(), 0, true, ws, y.view(), nullptr).ok());
-  for (int variant = 0; variant < 3; ++variant) {
+  for (int variant = 0; variant < 5; ++variant) {
     LayerSpec other = spec;
     if (variant == 0) other.k = 2;
     if (variant == 1) other.experts = 8;
     if (variant == 2) other.hidden = 16;
+    // Shapes alike, the gradient's formula not: refused too.
+    if (variant == 3) other.capacity_factor = spec.capacity_factor + 1.0;
+    if (variant == 4) other.normalize_gate = !spec.normalize_gate;
     DeviceLayer other_layer(b, other), other_grads(b, other);
     other_layer.upload(random_params(rng, other));
     const Status st = layer_backward(b, other, other_layer.weights(), x.view(), ws, dy.view(), 0.f, dx.view(),

@@ -119,21 +119,22 @@ struct SafetensorsEntry {
   const void* data = nullptr;
 };
 
+// Writes bytes [offset, offset + size) of tensor `index` into `dst` (host memory): a tensor
+// whose data is not in host memory (a device tensor), staged a bounded chunk at a time.
+using SafetensorsFill = std::function<Status(size_t index, uint64_t offset, void* dst, size_t size)>;
+// The most bytes a fill is asked for at once.
+inline constexpr size_t kFillChunkBytes = size_t{8} << 20;
+
 // Writes `tensors` in the order given, with `metadata` as "__metadata__" when not empty.
 // Atomic: the bytes go to a temporary file in the same directory, which is fsynced and
 // renamed over `path`, then the directory is fsynced; on failure `path` is untouched and
 // the temporary file removed, except when only that last fsync fails: then `path` already
 // holds the new file (the error says the rename may not survive a crash). Refuses duplicate
 // names, the reserved name "__metadata__", negative dimensions and null data for a non-empty
-// tensor.
+// tensor, unless `fill` is given: then such a tensor's bytes come from it, a chunk at a time.
 Status write_safetensors(const std::string& path, const std::vector<SafetensorsEntry>& tensors,
-                         const std::map<std::string, std::string>& metadata = {});
-
-// Writes bytes [offset, offset + size) of tensor `index` into `dst` (host memory): a tensor
-// whose data is not in host memory (a device tensor), staged a bounded chunk at a time.
-using SafetensorsFill = std::function<Status(size_t index, uint64_t offset, void* dst, size_t size)>;
-// The most bytes a fill is asked for at once.
-inline constexpr size_t kFillChunkBytes = size_t{8} << 20;
+                         const std::map<std::string, std::string>& metadata = {},
+                         const SafetensorsFill& fill = {});
 
 // Writes a safetensors file, laid out as write_safetensors lays one out, at the start of the
 // memfd `fd` that another process handed over to be filled (a layer's state for a client);

@@ -80,6 +80,10 @@ class PlanCache {
   // Drops every plan no caller holds (counted as evictions); returns the bytes given back. For
   // an owner whose memory runs short elsewhere (the daemon's tenant quota).
   size_t trim();
+  // Drops the idle instances of every key beyond its most recently used one (counted as
+  // evictions); returns the bytes given back. For an owner whose burst of requests in flight
+  // is over (a client gone with many forwards pending).
+  size_t trim_extra_instances();
   // Builds the keys not cached yet (counted as builds, not misses).
   Status prebuild(LayerId id, std::span<const PlanKey> keys);
   // The keys of the configured token buckets (BucketPolicy::listed()) for one config: for
