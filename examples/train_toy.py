@@ -8,9 +8,10 @@ embedding and the head, the daemon's AdamW the experts and the gate. Prints the 
 before and after training and exits 1 unless it fell below half.
 
     PYTHONPATH=client/python TUTEL_CLIENT_LIBRARY=build/lib/libtutel_client.so.0 \\
-        /usr/bin/python3 examples/train_toy.py --socket /tmp/tuteld/client.sock
+        /usr/bin/python3 examples/train_toy.py --socket /tmp/tuteld/run/client.sock
 
-Needs numpy and PyTorch (python3-numpy, python3-torch) and a running tuteld.
+Needs numpy and PyTorch (python3-numpy, python3-torch) and a running tuteld (README.md,
+"Running the daemon", puts its client socket at /tmp/tuteld/run/client.sock).
 """
 
 import argparse

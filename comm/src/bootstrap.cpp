@@ -802,7 +802,8 @@ Result<BootstrapTable> coordinator_exchange(const BootstrapOptions& options, std
   const std::string& name = options.group_name;
   if (name.size() > wire::kMaxGroupName || name.find('@') != std::string::npos)
     return Status::InvalidArgument("group name '" + name + "' is longer than 190 bytes or holds '@'");
-  // A named group's own coordinator runs the round under the name: "ucx@tenant/layer".
+  // A named group's own coordinator runs the round under the name: "ucx@<tenant>/<group name>"
+  // (the daemon passes the tenant and the [group] name; the layer's own name is not part of it).
   const std::string named_round =
       group.empty() && !name.empty() ? std::string(round) + "@" + name : std::string(round);
   const auto deadline = Clock::now() + options.timeout;

@@ -201,6 +201,9 @@ void check_group_peers(bool one_daemon) {
       if (g["rank"] == rank) return g;
     return json();
   };
+  // A group that met at its coordinator names it; it has no [group] name.
+  EXPECT_EQ(group_of_rank(p0, 0)["coordinator"], "127.0.0.1:" + std::to_string(port)) << p0;
+  EXPECT_TRUE(group_of_rank(p0, 0)["name"].is_null()) << p0;
   const json g0 = group_of_rank(p0, 0)["peers"][0];
   const json g1 = group_of_rank(p1, 1)["peers"][0];
   EXPECT_EQ(g0["rank"], 1);

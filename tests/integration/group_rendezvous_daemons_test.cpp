@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <random>
@@ -13,6 +14,7 @@
 
 #include "../common/loopback.hpp"
 #include "daemon_fixture.hpp"
+#include "raw_session.hpp"
 #include "tutel/client.hpp"
 
 namespace tutel::testing {
@@ -128,6 +130,16 @@ TEST(GroupRendezvousDaemons, AGroupByNameComputesWhatTheSameGroupWithACoordinato
   }
   EXPECT_TRUE(contains(daemons[0]->log(),
                        "group rendezvous service on 127.0.0.1:" + std::to_string(rendezvous_port)));
+  // The admin socket tells the two apart: a name and no coordinator, a coordinator and no name.
+  RawSession admin(daemons[0]->admin_socket());
+  auto layers = admin.call(ipc::FrameType::kAdminLayers, nlohmann::json::object(), ipc::FrameType::kOk);
+  ASSERT_TRUE(layers.ok()) << layers.status();
+  std::map<std::string, nlohmann::json> group;
+  for (const auto& l : (*layers)["layers"]) group[l["name"].get<std::string>()] = l["group"];
+  EXPECT_EQ(group["ep_named"]["name"], "moe-group") << layers->dump();
+  EXPECT_TRUE(group["ep_named"]["coordinator"].is_null()) << layers->dump();
+  EXPECT_EQ(group["ep_coord"]["coordinator"], "127.0.0.1:" + std::to_string(coordinator)) << layers->dump();
+  EXPECT_TRUE(group["ep_coord"]["name"].is_null()) << layers->dump();
   for (auto& d : daemons) EXPECT_EQ(d->stop(), 0) << d->log();
 }
 

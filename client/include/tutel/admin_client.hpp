@@ -27,7 +27,7 @@ class AdminClient {
   Result<std::string> tenants();  // {"tenants": [...]}
   Result<std::string> layers();   // {"layers": [...]}
   Result<std::string> metrics();  // {"text": Prometheus exposition text}
-  Result<std::string> peers();    // {"groups": [{tenant, layer, coordinator, rank, size, state, last_error}]}
+  Result<std::string> peers();    // {"groups": [{tenant, layer, coordinator, name, rank, size, state, last_error}]}
   // Saves `layer` ("tenant/name") to `path`, as the daemon's process sees it (use an absolute
   // path). Waits without the timeout: large layers take a while. {"path": str}
   Result<std::string> checkpoint(std::string_view layer, std::string_view path);

@@ -23,11 +23,13 @@ inline constexpr uint32_t kMaxFrameBody = 1u << 20;  // larger frames are refuse
 
 enum class FrameType : uint16_t {
   // client → daemon (client socket)
-  kHello = 1,         // {"client": str, "pid": int}         → kHelloReply + the arena fd
+  kHello = 1,         // {"client": str, "secret"?: str}     → kHelloReply + the arena fd (a "pid" is
+                      // informational: the daemon reads the peer's credentials)
   kCreateLayer = 2,   // {"spec": toml text}                  → kLayerInfo
   kAttachLayer = 3,   // {"name": str}                        → kLayerInfo
   kDestroyLayer = 4,  // {"handle": int}                      → kOk
-  kStep = 5,          // {"handle": int}                      → kOk {"step": int}
+  kStep = 5,          // {"handle", "lr"?, "weight_decay"?}   → kOk {"step", "applied", "lr",
+                      // "weight_decay"}
   kZeroGrad = 6,      // {"handle": int}                      → kOk
   kSave = 7,          // {"handle": int, "path": str}         → kOk
   kLoad = 8,          // {"handle": int, "path": str}         → kOk
