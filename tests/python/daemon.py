@@ -30,15 +30,28 @@ class Daemon:
                 '[backend]\nkind = "cpu"\nranks = 1\nthreads_per_rank = 1\n'
                 f'[[tenant]]\nname = "default"\nuids = [{", ".join(map(str, uids))}]\n{extra_tenant}'
             )
+        self.config = config
+        self._starts_seen = 0  # "serving on" lines in the log: one per start
+        self._start()
+
+    def _start(self):
         binary = os.environ["TUTELD_BIN"]
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen([binary, "--config", config], stdout=log, stderr=subprocess.STDOUT)
+        with open(self.log_path, "a") as log:
+            self.process = subprocess.Popen([binary, "--config", self.config], stdout=log, stderr=subprocess.STDOUT)
         try:
             self._wait_serving(10.0)
             os.makedirs(self.checkpoints, exist_ok=True)
         except BaseException:
             self.stop()
             raise
+
+    def restart(self):
+        """Stops the daemon as SIGTERM does (its layers checkpointed) and starts it again on the
+        same state directory and sockets."""
+        self.process.send_signal(signal.SIGTERM)
+        if self.process.wait(timeout=30) != 0:
+            raise RuntimeError("tuteld did not exit cleanly:\n" + self.log())
+        self._start()
 
     def log(self):
         with open(self.log_path) as f:
@@ -63,7 +76,8 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError("tuteld exited during start-up:\n" + self.log())
-            if os.path.exists(self.client_socket) and "serving on" in self.log():
+            if os.path.exists(self.client_socket) and self.log().count("serving on") > self._starts_seen:
+                self._starts_seen += 1
                 return
             time.sleep(0.01)
         raise RuntimeError(f"tuteld did not come up within {timeout} s:\n" + self.log())

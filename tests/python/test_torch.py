@@ -198,6 +198,42 @@ class TorchModuleTest(unittest.TestCase):
         with self.assertRaisesRegex(RuntimeError, "interrupted or timed out after it was sent.*zero_grad"):
             loss.backward()
 
+    def test_a_model_carries_on_through_a_restarted_daemon(self):
+        p, x = random_case(self.rng, 12)
+        local = self.make_moe(p)
+        group = tuteld.nn.MoE(self.client, group_spec(0, free_port(), size=1).replace('"moe"', '"moe_g"'))
+        model = torch.nn.ModuleList([local, group])
+
+        def train_step():
+            xt = torch.tensor(x, requires_grad=True)
+            loss = sum(y.sum() + l_aux for y, l_aux in (m(xt) for m in model))
+            loss.backward()
+            tuteld.nn.step(model)
+            tuteld.nn.zero_grad(model)
+
+        def outputs():
+            with torch.no_grad():
+                return [m(torch.tensor(x))[0].numpy() for m in model]
+
+        train_step()
+        before = outputs()
+        pending = local(torch.tensor(x, requires_grad=True))[0]  # its backward never runs
+        self.daemon.restart()  # checkpoints both; the group layer is not restored at start
+        with self.assertRaises(tuteld.TutelError) as lost:
+            outputs()
+        self.assertEqual(lost.exception.name, "Unavailable", lost.exception)
+        client = tuteld.Client(self.daemon.client_socket)
+        self.addCleanup(client.close)
+        tuteld.nn.reattach(model, client)
+        for got, want, m in zip(outputs(), before, model):
+            np.testing.assert_array_equal(got, want, err_msg=f"{m.layer.name} after the restart")
+        self.assertEqual([m.layer.step() for m in model], [1, 1])  # no gradients: not applied
+        with self.assertRaises(tuteld.TutelError):  # its forward went with the old session
+            pending.sum().backward()
+        train_step()  # and training goes on
+        self.assertEqual(self.daemon.layer_field("moe", "step"), 2)
+        self.assertEqual(self.daemon.layer_field("moe_g", "step"), 2)
+
     def test_eval_and_no_grad_are_inference(self):
         p, x = random_case(self.rng, 6)
         moe = self.make_moe(p)

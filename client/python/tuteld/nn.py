@@ -8,6 +8,7 @@
     tuteld.nn.step(model); tuteld.nn.zero_grad(model)  # or every MoE in a model at once
     tuteld.nn.step(model, lr=scheduler.get_last_lr()[0])  # a learning-rate schedule's value
     tuteld.nn.clip_grad_norm_(model, 1.0)            # torch's and the daemon's gradients together
+    tuteld.nn.reattach(model, tuteld.Client(socket))  # carry on after the daemon restarted
 
 The expert and gate parameters live in the daemon, not in this module: torch's optimizers do
 not see them, the daemon's optimizer (the layer spec's [optimizer]) updates them on step(), with
@@ -151,6 +152,9 @@ class MoE(torch.nn.Module):
         if (spec_toml is None) == (layer is None):
             raise ValueError("give either a layer spec (TOML text) or an attached tuteld.Layer")
         self.layer = layer if layer is not None else client.create_layer(spec_toml)
+        # What reattach() creates the layer from where the daemon holds none of its name (a group
+        # layer after a restart); None for a module made from an attached layer.
+        self._spec = spec_toml
         # Empty, never updated: it makes every output require a gradient, so autograd runs the
         # daemon's backward (which accumulates the expert and gate gradients) even when x
         # itself needs none.
@@ -194,6 +198,23 @@ class MoE(torch.nn.Module):
         y, info = self.layer.infer(x.detach().to("cpu", torch.float32).contiguous().numpy())
         return (torch.from_numpy(y).to(x.device, x.dtype),
                 torch.tensor(info.l_aux, dtype=torch.float32, device=x.device))
+
+    def reattach(self, client):
+        """Binds the module to its layer (by name) through `client`: after the daemon restarted,
+        which brings its layers back from their checkpoints, or once the old client was closed.
+        A group layer, which a restart does not bring back, is created again from the spec the
+        module was made with, and resumes from its checkpoint on every rank that does the same.
+        Training forwards whose backward had not run are lost with the old session: their
+        graphs' backward raises, so run that step again."""
+        try:
+            layer = client.attach_layer(self.layer.name)
+        except TutelError as e:
+            if e.name != "NotFound" or self._spec is None:
+                raise
+            layer = client.create_layer(self._spec)
+        old, self.layer = self.layer, layer
+        self._eval_grad_refused = None  # another daemon may take what the old one refused
+        old.release()
 
     def step(self, lr=None, weight_decay=None):
         """The daemon's optimizer step on the gradients accumulated since zero_grad (none: the
@@ -345,6 +366,14 @@ def _layers(model):
             client = m.layer._client
             seen.setdefault((client._daemon, client.tenant, m.layer.name), m.layer)
     return seen.values()
+
+
+def reattach(model, client):
+    """MoE.reattach(client) for every tuteld MoE in `model`: the whole model carries on through
+    a new client after its daemon restarted (or its old client was closed)."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.reattach(client)
 
 
 def step(model, lr=None, weight_decay=None):
