@@ -241,6 +241,14 @@ const char* tutel_layer_name(tutel_layer* layer) {
   return layer->layer->info().name.c_str();
 }
 
+const char* tutel_layer_kept_aside(tutel_layer* layer) {
+  if (!valid(layer)) {
+    (void)invalid_layer("tutel_layer_kept_aside");
+    return nullptr;
+  }
+  return layer->layer->info().kept_aside.c_str();
+}
+
 int tutel_layer_rank(tutel_layer* layer, int* rank) {
   return guarded("tutel_layer_rank", [&] {
     if (!valid(layer)) return invalid_layer("tutel_layer_rank");

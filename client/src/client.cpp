@@ -67,6 +67,9 @@ Result<LayerInfo> parse_layer_info(const json& body) {
     if (bytes < 0) return Status::Corruption("tuteld gave layer '" + info.name + "' a negative state_bytes");
     info.state_bytes = static_cast<uint64_t>(bytes);
   }
+  if (body.contains("kept_aside")) {
+    TUTEL_ASSIGN_OR_RETURN(info.kept_aside, ipc::get_string(body, "kept_aside"));
+  }
   if (info.model_dim < 1 || info.output_dim < 1 || info.experts < 1)
     return Status::Corruption("tuteld described layer '" + info.name +
                               "' with non-positive dimensions");
@@ -243,10 +246,16 @@ const LayerInfo& Layer::info() const {
   return state_ ? state_->info : none;
 }
 
-size_t Layer::pending_backwards() const { return state_ ? state_->pending.size() : 0; }
+size_t Layer::pending_backwards() const {
+  if (!state_) return 0;
+  const auto held = state_->session->hold();
+  return state_->pending.size();
+}
 
 uint64_t Layer::oldest_pending_sequence() const {
-  return state_ && !state_->pending.empty() ? state_->pending.begin()->first : 0;
+  if (!state_) return 0;
+  const auto held = state_->session->hold();
+  return !state_->pending.empty() ? state_->pending.begin()->first : 0;
 }
 
 namespace {
@@ -267,6 +276,7 @@ Result<Ticket> submit_forward_request(const std::shared_ptr<LayerState>& state, 
                                       float* y, ForwardMode mode, bool in_device_region) {
   const bool training = mode != ForwardMode::kInference;
   TUTEL_RETURN_IF_ERROR(usable(state));
+  const auto held = state->session->hold();  // the handle's pending forwards with the session
   Submission s;
   TUTEL_ASSIGN_OR_RETURN(s.input_bytes, tensor_bytes(tokens, state->info.model_dim, "x"));
   TUTEL_ASSIGN_OR_RETURN(s.output_bytes, tensor_bytes(tokens, state->info.output_dim, "y"));
@@ -293,6 +303,7 @@ Result<Ticket> submit_backward_request(const std::shared_ptr<LayerState>& state,
                                        const float* dy, float dl_aux, float* dx, bool in_device_region,
                                        Layer::ParamGrads param_grads = Layer::ParamGrads::kAccumulate) {
   TUTEL_RETURN_IF_ERROR(usable(state));
+  const auto held = state->session->hold();
   auto pending = state->pending.find(sequence);
   if (pending == state->pending.end()) {
     return Status::InvalidArgument(
@@ -399,6 +410,7 @@ Status Layer::infer(const float* x, int64_t tokens, float* y, ForwardInfo* info)
 
 Status Layer::backward(const float* dy, float dl_aux, float* dx) {
   TUTEL_RETURN_IF_ERROR(usable(state_));
+  const auto held = state_->session->hold();  // the oldest stays the oldest until it is submitted
   if (state_->pending.empty()) {
     return Status::InvalidArgument(
         "backward: layer '" + state_->info.name +
@@ -418,6 +430,7 @@ Status Layer::backward(uint64_t sequence, const float* dy, float dl_aux, float* 
 
 Status Layer::discard(uint64_t sequence) {
   TUTEL_RETURN_IF_ERROR(usable(state_));
+  const auto held = state_->session->hold();
   Submission s;
   s.op = ipc::Op::kDiscard;
   s.layer = state_;
@@ -607,6 +620,8 @@ Status Layer::import_state(int fd) {
 }
 
 Status Layer::destroy() {
+  TUTEL_RETURN_IF_ERROR(usable(state_));
+  const auto held = state_->session->hold();
   TUTEL_RETURN_IF_ERROR(layer_call(state_, ipc::FrameType::kDestroyLayer, json::object()).status());
   state_->destroyed = true;
   state_->pending.clear();

@@ -162,6 +162,7 @@ Status Session::fail(Status st) {
 }
 
 void Session::close(const Status& why) {
+  const auto held = hold();
   if (broken_.ok()) broken_ = why;
   in_flight_.clear();  // their buffers belong to the user: nothing is written into them any more
   // The daemon frees its side when the session ends. This side's mappings stay until their
@@ -173,6 +174,7 @@ void Session::close(const Status& why) {
 
 Result<json> Session::call(ipc::FrameType type, const json& body, ipc::FrameType expected,
                            std::vector<UniqueFd>* fds, const std::vector<int>& send_fds) {
+  const auto held = hold();
   if (!usable().ok()) return broken_;
   const std::string what(ipc::frame_type_name(type));
   const uint32_t rid = next_frame_id_++;
@@ -213,6 +215,7 @@ Result<json> Session::call(ipc::FrameType type, const json& body, ipc::FrameType
 }
 
 Result<std::shared_ptr<MappedDeviceRegion>> Session::map_device_region(int rank, uint64_t bytes) {
+  const auto held = hold();
   if (!usable().ok()) return broken_;
   std::vector<UniqueFd> fds;
   TUTEL_ASSIGN_OR_RETURN(json reply, call(ipc::FrameType::kMapRegion, {{"rank", rank}, {"bytes", bytes}},
@@ -253,11 +256,13 @@ Result<std::shared_ptr<MappedDeviceRegion>> Session::map_device_region(int rank,
 }
 
 bool Session::maps(const std::shared_ptr<MappedDeviceRegion>& region) const {
+  const auto held = hold();
   auto it = device_regions_.find(region->id);
   return it != device_regions_.end() && it->second == region;
 }
 
 Status Session::unmap_device_region(const std::shared_ptr<MappedDeviceRegion>& region) {
+  const auto held = hold();
   if (!maps(region)) return Status::OK();  // the session already ended
   // Requests in flight may address it; they complete first.
   if (Status st = drain(); !st.ok()) {
@@ -296,7 +301,9 @@ Result<std::pair<uint32_t, uint64_t>> Session::locate(const void* data, uint64_t
 }
 
 Result<Ticket> Session::submit(const Submission& s) {
+  const auto held = hold();
   if (!usable().ok()) return broken_;
+  send_discards();
   if (s.in_device_region) return submit_in_device_region(s);
   const bool has_data = s.op != ipc::Op::kNop && s.op != ipc::Op::kDiscard;
   if (has_data) {
@@ -494,11 +501,13 @@ void Session::release_blocks(InFlight& r) {
 }
 
 Result<ForwardInfo> Session::wait(uint64_t request_id, std::optional<std::chrono::milliseconds> timeout) {
+  const auto held = hold();
   TUTEL_ASSIGN_OR_RETURN(Finished f, wait_finished(request_id, timeout));
   return f.info;
 }
 
 Result<uint64_t> Session::wait_checksum(uint64_t request_id) {
+  const auto held = hold();
   TUTEL_ASSIGN_OR_RETURN(Finished f, wait_finished(request_id, std::nullopt));
   return f.checksum;
 }
@@ -529,11 +538,16 @@ Result<Session::Finished> Session::wait_finished(uint64_t request_id,
 }
 
 void Session::abandon(uint64_t request_id) {
+  const auto held = hold();
   if (auto done = finished_.find(request_id); done != finished_.end()) {
     // Completed while the caller waited for another request: its output is written already,
     // but no backward may pair with it.
-    if (auto layer = done->second.training_layer.lock()) layer->pending.erase(done->second.info.sequence);
+    if (auto layer = done->second.training_layer.lock()) {
+      layer->pending.erase(done->second.info.sequence);
+      if (done->second.status.ok()) queue_discard(layer->info.handle, done->second.info.sequence);
+    }
     finished_.erase(done);
+    send_discards();
     return;
   }
   auto it = in_flight_.find(request_id);
@@ -541,11 +555,41 @@ void Session::abandon(uint64_t request_id) {
   InFlight& r = it->second;
   r.abandoned = true;
   r.output = nullptr;
-  if (r.training && r.layer) r.layer->pending.erase(r.sequence);
+  if (r.training && r.layer) {
+    r.layer->pending.erase(r.sequence);
+    // The daemon keeps a training forward's state for its backward, which will never come: a
+    // discard after it (the ring is read in order) gives that memory back to the tenant. (A
+    // trainer that retried its timed-out forwards filled its tenant's quota with them.)
+    queue_discard(r.layer->info.handle, r.sequence);
+  }
+  send_discards();
+}
+
+void Session::queue_discard(uint64_t layer_handle, uint64_t sequence) {
+  discards_.push_back({layer_handle, sequence});
+}
+
+void Session::send_discards() {
+  // Only into free ring slots: a discard never waits (abandon() is called where the caller has
+  // given up waiting); the rest goes with the next submit or drain.
+  while (!discards_.empty() && in_flight_.size() < ipc::kRingSlots && broken_.ok()) {
+    ipc::RequestDescriptor d{};
+    d.request_id = next_request_id_++;
+    d.op = static_cast<uint32_t>(ipc::Op::kDiscard);
+    d.layer_handle = discards_.front().first;
+    d.sequence = discards_.front().second;
+    InFlight r;
+    r.op = ipc::Op::kDiscard;
+    r.abandoned = true;  // its completion goes without a trace
+    if (!push(d, std::move(r)).ok()) return;
+    discards_.pop_front();
+  }
 }
 
 Status Session::drain() {
+  const auto held = hold();
   if (!usable().ok()) return broken_;
+  send_discards();
   while (!in_flight_.empty()) TUTEL_RETURN_IF_ERROR(complete_one());
   return broken_;
 }

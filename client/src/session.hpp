@@ -1,6 +1,7 @@
 // One client session with tuteld: the control socket, the mapped arena, the two rings, the
 // data-region allocator and the requests in flight. Client and Layer are thin handles on it.
-// Thread-safety: none; one thread at a time (see client.hpp).
+// Thread-safety: its public calls run one at a time, under one recursive mutex (hold()), which
+// the Layer calls that read or change their handle's pending forwards take too (see client.hpp).
 #pragma once
 
 #include <sys/types.h>
@@ -10,6 +11,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -106,12 +108,21 @@ class Session {
   // Gives up on a request whose caller will never wait for it again (a synchronous call that
   // timed out, whose buffers the caller may free): its output is not written, its result is
   // dropped when it completes, and a training forward is no longer pending on its layer. It
-  // stays in flight until then, holding its ring slot and data-region blocks; the daemon keeps
-  // an abandoned training forward's saved state until the session ends.
+  // stays in flight until then, holding its ring slot and data-region blocks. An abandoned
+  // training forward is discarded in the daemon after it (its saved state given back), at once
+  // where the ring has room, else with the next submit or drain.
   void abandon(uint64_t request_id);
 
   // A sequence number for a new training forward, unique within the session.
-  uint64_t next_sequence() { return next_sequence_++; }
+  uint64_t next_sequence() {
+    const auto held = hold();
+    return next_sequence_++;
+  }
+  // The session for this thread alone until the lock goes: every public call takes it, so two
+  // threads sharing a client take turns (they corrupted the rings and the allocator: one thread
+  // took the other's completions, or a block was freed twice). Recursive: a call takes it again
+  // inside another.
+  [[nodiscard]] std::unique_lock<std::recursive_mutex> hold() const { return std::unique_lock(mutex_); }
 
   void close(const Status& why);
   // OK while the session works; the reason it stopped otherwise.
@@ -160,6 +171,9 @@ class Session {
                       bool bound_is_option);
   std::optional<std::chrono::steady_clock::time_point> request_deadline() const;
   void finish(uint64_t request_id, InFlight& r, const ipc::CompletionDescriptor& c);
+  // Discards of abandoned training forwards (layer handle, sequence), sent into free ring slots.
+  void queue_discard(uint64_t layer_handle, uint64_t sequence);
+  void send_discards();
   void release_blocks(InFlight& r);
   bool peer_gone();  // polls the control socket for EOF, at most once per liveness interval
   Status lost(const std::string& detail);
@@ -173,6 +187,7 @@ class Session {
   // naming `name` ("x").
   Result<std::pair<uint32_t, uint64_t>> locate(const void* data, uint64_t bytes, const char* name) const;
 
+  mutable std::recursive_mutex mutex_;  // hold()
   std::string socket_path_;
   pid_t pid_ = 0;  // the process that opened the session
   ClientOptions options_;
@@ -190,6 +205,7 @@ class Session {
   std::map<uint64_t, InFlight> in_flight_;
   std::map<uint32_t, std::shared_ptr<MappedDeviceRegion>> device_regions_;
   std::map<uint64_t, Finished> finished_;
+  std::deque<std::pair<uint64_t, uint64_t>> discards_;  // queue_discard
   std::chrono::steady_clock::time_point last_liveness_check_{};
   Status broken_;
 };

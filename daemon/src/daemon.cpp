@@ -420,6 +420,7 @@ Status DaemonImpl::restore_state() {
       TUTEL_LOG(WARN) << "not restoring layer " << f.tenant << "/" << f.def.name << ": " << restored
                       << "; its checkpoint is kept as " << kept->string() << " (a client loads it as \""
                       << kept->filename().string() << "\")";
+      note_kept_aside(f.tenant, f.def.name, kept->filename().string());
       continue;
     }
     TUTEL_RETURN_IF_ERROR(restored);
@@ -481,7 +482,23 @@ Status DaemonImpl::keep_superseded(const std::string& tenant, const std::string&
   TUTEL_LOG(WARN) << "layer " << tenant << "/" << name << " is created afresh: its checkpoint " << path.string()
                   << " was written for another spec, and is kept as " << kept->string() << " (a client loads it as \""
                   << kept->filename().string() << "\")";
+  note_kept_aside(tenant, name, kept->filename().string());
   return Status::OK();
+}
+
+void DaemonImpl::note_kept_aside(const std::string& tenant, const std::string& name, const std::string& file) const {
+  std::lock_guard lock(kept_aside_mutex_);
+  kept_aside_[tenant + "/" + name] = file;
+}
+
+std::optional<std::string> DaemonImpl::kept_aside(const std::string& tenant, const std::string& name,
+                                                  bool forget) const {
+  std::lock_guard lock(kept_aside_mutex_);
+  const auto it = kept_aside_.find(tenant + "/" + name);
+  if (it == kept_aside_.end()) return std::nullopt;
+  std::string file = it->second;
+  if (forget) kept_aside_.erase(it);
+  return file;
 }
 
 Status DaemonImpl::listen(const std::string& path, mode_t mode, bool admin, uv_poll_t* poll, ipc::UniqueFd* fd) {
@@ -864,7 +881,11 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         const std::string canonical = format_layer_spec(def);
         TUTEL_RETURN_IF_ERROR(prepare_checkpoint(tenant, def));
         TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(tenant, def, canonical));
-        return layer_info(ref);
+        json info = layer_info(ref);
+        // An earlier layer of this name whose checkpoint was moved aside (now, or left out at the
+        // start): the client is told once, here, where it is.
+        if (std::optional<std::string> file = kept_aside(tenant, def.name, /*forget=*/true)) info["kept_aside"] = *file;
+        return info;
       };
       break;
     case ipc::FrameType::kAttachLayer:
@@ -872,8 +893,13 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
       *reply_type = ipc::FrameType::kLayerInfo;
       op = [this, tenant, b]() -> Result<json> {
         TUTEL_ASSIGN_OR_RETURN(std::string name, ipc::get_string(b, "name"));
-        TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->attach(tenant, name));
-        return layer_info(ref);
+        Result<LayerRef> ref = registry_->attach(tenant, name);
+        if (!ref.ok() && ref.status().code() == StatusCode::kNotFound)
+          if (std::optional<std::string> file = kept_aside(tenant, name, /*forget=*/false))
+            return Status::NotFound(std::string(ref.status().message()) + "; its checkpoint was kept aside as \"" +
+                                    *file + "\" (the daemon's log says why): create the layer and load that file");
+        TUTEL_RETURN_IF_ERROR(ref.status());
+        return layer_info(*ref);
       };
       break;
     case ipc::FrameType::kDestroyLayer:

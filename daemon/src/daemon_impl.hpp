@@ -13,6 +13,7 @@
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -95,6 +96,10 @@ class DaemonImpl {
   // (keep_superseded), never replaced.
   Status prepare_checkpoint(const std::string& tenant, LayerDefinition& def) const;
   Status keep_superseded(const std::string& tenant, const std::string& name, const std::filesystem::path& path) const;
+  // Checkpoints moved aside (superseded, or left out at start), by "<tenant>/<name>": the file's
+  // name among the tenant's checkpoints, until a creation of that name has told its client.
+  void note_kept_aside(const std::string& tenant, const std::string& name, const std::string& file) const;
+  std::optional<std::string> kept_aside(const std::string& tenant, const std::string& name, bool forget) const;
   // Takes the instance locks of both sockets and of state_dir (creating it), or fails naming the
   // daemon that holds one.
   Status lock_instance();
@@ -151,6 +156,8 @@ class DaemonImpl {
   // A session's worker reports here as it exits (from its own thread); the loop then tears the
   // session down if it is closing (on_workers_exited).
   uv_async_t worker_exits_{};
+  mutable std::mutex kept_aside_mutex_;
+  mutable std::map<std::string, std::string> kept_aside_;  // guarded by kept_aside_mutex_
   std::mutex exited_workers_mutex_;
   std::vector<std::shared_ptr<Session>> exited_workers_;  // guarded by exited_workers_mutex_
   uv_timer_t accept_pause_{};

@@ -88,6 +88,8 @@ TEST(CApi, NullHandlesGiveInvalidArgument) {
   EXPECT_EQ(tutel_export_state(nullptr, &state_fd, &state_bytes), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_import_state(nullptr, 0), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_layer_dims(nullptr, &i, &i, &i), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_layer_name(nullptr), nullptr);
+  EXPECT_EQ(tutel_layer_kept_aside(nullptr), nullptr);
   EXPECT_EQ(tutel_forward_stats(nullptr, &i, &i), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_layer_destroy(nullptr), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_EQ(tutel_submit_forward(nullptr, &f, 1, &f, 1, &ticket), TUTEL_E_INVALID_ARGUMENT);

@@ -203,7 +203,9 @@ TEST(Client, RequestTimeoutLeavesTheRequestInFlight) {
 }
 
 // A synchronous call that times out gives its request up: the caller may have freed its buffers
-// by the time it completes, and no later backward pairs with a forward the caller never saw.
+// by the time it completes, and no later backward pairs with a forward the caller never saw; a
+// training forward is discarded in the daemon after it (the caller has no sequence to do it
+// with, and the daemon held its state for a backward that never comes).
 TEST(Client, TimedOutSynchronousForwardIsAbandoned) {
   Fixture f;
   auto client = f.connect_with_request_timeout(std::chrono::milliseconds(20));
@@ -217,11 +219,12 @@ TEST(Client, TimedOutSynchronousForwardIsAbandoned) {
   EXPECT_EQ(layer->pending_backwards(), 0u);
   f.daemon.hold_completions(false);
 
-  // The next forward's wait also completes the abandoned one.
+  // The next forward's wait also completes the abandoned one, and its discard.
   std::vector<float> x2(4, 5.f), y2(4), dy(4, 1.f), dx(4);
   ForwardInfo info;
   ASSERT_TRUE(layer->forward(x2.data(), 1, y2.data(), &info).ok());
-  EXPECT_EQ(f.daemon.requests_seen(), 2u);
+  EXPECT_EQ(f.daemon.requests_seen(), 3u);
+  EXPECT_EQ(f.daemon.discarded(), std::vector<uint64_t>{info.sequence - 1});
   EXPECT_EQ(y[0], -7.f);  // never written
   EXPECT_EQ(y2[0], 10.f);
   EXPECT_EQ(layer->pending_backwards(), 1u);

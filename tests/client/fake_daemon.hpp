@@ -88,6 +88,11 @@ class FakeDaemon {
   const std::string& error() const { return error_; }
   int64_t steps() const { return steps_; }
   uint64_t requests_seen() const { return requests_seen_; }
+  // The sequences of the discards it was sent, in order.
+  std::vector<uint64_t> discarded() const {
+    std::lock_guard lock(discarded_mutex_);
+    return discarded_;
+  }
   nlohmann::json last_hello() {
     std::lock_guard<std::mutex> lock(mutex_);
     return hello_;
@@ -295,6 +300,10 @@ class FakeDaemon {
       ipc::CompletionDescriptor c{};
       c.request_id = d.request_id;
       const auto op = static_cast<ipc::Op>(d.op);
+      if (op == ipc::Op::kDiscard) {
+        std::lock_guard lock(discarded_mutex_);
+        discarded_.push_back(d.sequence);
+      }
       if (d.request_id == options_.fail_request) {
         c.status_code = static_cast<int32_t>(StatusCode::kInvalidArgument);
         std::strcpy(c.message, "InvalidArgument: x has 12 bytes; 3 tokens need 48");
@@ -326,6 +335,8 @@ class FakeDaemon {
   std::atomic<bool> hold_steps_{false};
   std::atomic<int64_t> steps_{0};
   std::atomic<uint64_t> requests_seen_{0};
+  mutable std::mutex discarded_mutex_;
+  std::vector<uint64_t> discarded_;  // guarded by discarded_mutex_
   std::mutex mutex_;
   nlohmann::json hello_;
   std::vector<int64_t> unmapped_;

@@ -222,6 +222,7 @@ TEST_F(ClientDaemon, AGroupLayerCreatedAgainResumesFromItsCheckpoint) {
   auto layer = client->create_layer(group_spec + "bootstrap_timeout_ms = 7000\ncollective_timeout_ms = 6000\n");
   ASSERT_TRUE(layer.ok()) << layer.status() << daemon_->log();
   EXPECT_EQ(layer->info().step, 3);
+  EXPECT_EQ(layer->info().kept_aside, "") << "a layer that resumed moved nothing aside";
   ASSERT_TRUE(layer->infer(x.data(), 8, y_after.data()).ok());
   EXPECT_EQ(y_after, y_before) << "the trained weights are back";
   EXPECT_NE(daemon_->log().find("resumes from"), std::string::npos) << daemon_->log();
@@ -243,6 +244,7 @@ TEST_F(ClientDaemon, AGroupLayerCreatedAgainResumesFromItsCheckpoint) {
   // delete it): it is kept among the tenant's checkpoints, and loads into a layer of its spec.
   const std::string kept = kept_aside(*daemon_, "g.superseded-");
   ASSERT_FALSE(kept.empty()) << daemon_->log();
+  EXPECT_EQ(other->info().kept_aside, kept) << "the creation's reply does not say where the checkpoint went";
   ASSERT_TRUE(other->destroy().ok());
   auto twin = other_client->create_layer(spec("twin"));
   ASSERT_TRUE(twin.ok()) << twin.status();
@@ -278,12 +280,69 @@ TEST_F(ClientDaemon, ALayerCreatedUnderADormantGroupLayersNameKeepsItsCheckpoint
   EXPECT_EQ(plain->info().step, 0);
   const std::string kept = kept_aside(*daemon_, "g.superseded-");
   ASSERT_FALSE(kept.empty()) << daemon_->log();
+  EXPECT_EQ(plain->info().kept_aside, kept) << "the creation's reply does not say where the checkpoint went";
   ASSERT_TRUE(plain->destroy().ok());
   auto twin = client->create_layer(spec("twin"));
   ASSERT_TRUE(twin.ok()) << twin.status();
   ASSERT_TRUE(twin->load(kept).ok()) << daemon_->log();
   ASSERT_TRUE(twin->infer(x.data(), 8, y_after.data()).ok());
   EXPECT_EQ(y_after, y_before) << "the kept checkpoint holds the trained group layer's weights";
+}
+
+// Threads may share one client: their calls take turns. Two threads infer on the client's two
+// layers and a third runs training forwards and their backwards (by sequence) on a third, all
+// at once, many times: every call succeeds and every result is the one the same call gives
+// alone. (Two threads on one client corrupted the session: one took the other's completions,
+// or a block of the arena was freed twice.)
+TEST_F(ClientDaemon, ThreadsSharingOneClientTakeTurns) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  std::mt19937 rng(std::random_device{}());
+  std::normal_distribution<float> normal;
+  constexpr int64_t kTokens = 8, kModel = 16;
+  constexpr int kRounds = 300;
+  std::vector<client::Layer> layers;
+  std::vector<std::vector<float>> x(3), want_y(3);
+  for (int i = 0; i < 3; ++i) {
+    auto layer = client->create_layer(spec("shared" + std::to_string(i), kModel, 5 + i));
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    layers.push_back(std::move(*layer));
+    for (int64_t j = 0; j < kTokens * kModel; ++j) x[i].push_back(normal(rng));
+    want_y[i].resize(kTokens * kModel);
+    ASSERT_TRUE(layers[i].infer(x[i].data(), kTokens, want_y[i].data()).ok());
+  }
+  std::vector<float> want_dx(kTokens * kModel), dy(kTokens * kModel, 0.5f);
+  {  // the training thread's dx, alone (its gradients are zeroed below)
+    client::ForwardInfo info;
+    std::vector<float> y(kTokens * kModel);
+    ASSERT_TRUE(layers[2].forward(x[2].data(), kTokens, y.data(), &info).ok());
+    ASSERT_TRUE(layers[2].backward(info.sequence, dy.data(), 0.f, want_dx.data()).ok());
+  }
+  std::vector<Status> failures(3);
+  std::vector<int> mismatches(3, 0);
+  auto run = [&](int i) {
+    std::vector<float> y(kTokens * kModel), dx(kTokens * kModel);
+    for (int round = 0; round < kRounds && failures[i].ok(); ++round) {
+      if (i < 2) {
+        failures[i] = layers[i].infer(x[i].data(), kTokens, y.data());
+        mismatches[i] += y != want_y[i];
+        continue;
+      }
+      client::ForwardInfo info;
+      failures[i] = layers[i].forward(x[i].data(), kTokens, y.data(), &info);
+      if (failures[i].ok()) failures[i] = layers[i].backward(info.sequence, dy.data(), 0.f, dx.data());
+      mismatches[i] += (y != want_y[i]) + (dx != want_dx);
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 3; ++i) threads.emplace_back(run, i);
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_TRUE(failures[i].ok()) << "thread " << i << ": " << failures[i];
+    EXPECT_EQ(mismatches[i], 0) << "thread " << i;
+  }
+  EXPECT_TRUE(client->is_connected());
+  EXPECT_EQ(layers[2].pending_backwards(), 0u);
 }
 
 TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
@@ -827,12 +886,14 @@ TEST_F(ClientDaemon, ADiscardedForwardFreesWhatItHeld) {
   EXPECT_TRUE(layer->discard(skipped.sequence).ok());  // no longer pending: no error
   EXPECT_TRUE(layer->discard(12345).ok());              // never made: no error
   EXPECT_EQ(layer->backward(skipped.sequence, y.data(), 0.f, dx.data()).code(), StatusCode::kInvalidArgument);
-  // An abandoned wait: the client forgets the forward, the discard frees the daemon's side.
+  // An abandoned wait: the client forgets the forward and discards it in the daemon itself (a
+  // caller had to, and one whose synchronous forward timed out had no sequence to do it with);
+  // a discard of it after that is no error.
   auto ticket = layer->submit_forward(x.data(), 32, y.data(), true);
   ASSERT_TRUE(ticket.ok()) << ticket.status();
   client->abandon(*ticket);
   ASSERT_TRUE(client->wait_all().ok());
-  EXPECT_EQ(held().first, 2);
+  EXPECT_EQ(held(), std::make_pair(int64_t{1}, one_forward));
   ASSERT_TRUE(layer->discard(ticket->sequence).ok());
   EXPECT_EQ(held(), std::make_pair(int64_t{1}, one_forward));
   ASSERT_TRUE(layer->backward(kept.sequence, y.data(), 0.f, dx.data()).ok());
@@ -1134,6 +1195,10 @@ TEST(DaemonStartup, ATenantsQuotaCannotKeepTheDaemonFromStarting) {
   EXPECT_FALSE(std::filesystem::exists(d.dir() + "/state/default/" + left_out + ".safetensors"));
   const std::string kept = kept_aside(d, left_out + ".left-out-");
   ASSERT_FALSE(kept.empty()) << d.log();
+  // Its attach says where it went.
+  auto gone = client->attach_layer(left_out);
+  EXPECT_EQ(gone.status().code(), StatusCode::kNotFound) << gone.status();
+  EXPECT_NE(gone.status().message().find(kept), std::string_view::npos) << gone.status();
   auto kept_layer = client->attach_layer(a ? "mine_a" : "mine_b");
   ASSERT_TRUE(kept_layer.ok());
   EXPECT_TRUE(kept_layer->load(kept).ok());

@@ -12,8 +12,9 @@
  * tokens may be 0 (an empty batch; its buffers may be NULL except in the _device calls); on an
  * expert-parallel layer a rank with an empty batch calls all the same, as its peers do.
  *
- * Thread-safety: a tutel_client and the layers made from it belong to one thread at a time;
- * use one client per thread. tutel_last_error() and tutel_last_error_code() are per thread.
+ * Thread-safety: threads may share a tutel_client and its layers; their calls take turns (a
+ * call that waits holds the others until it returns). For requests that overlap, use one client
+ * per thread. tutel_last_error() and tutel_last_error_code() are per thread.
  *
  * Lifetime: tutel_close ends the session (layers made from it then fail with
  * TUTEL_E_UNAVAILABLE) and frees the client; each layer handle is freed with
@@ -119,6 +120,10 @@ int tutel_layer_dims(tutel_layer* layer, int64_t* model_dim, int64_t* output_dim
 /* The layer's name in its tenant; the string belongs to the handle (valid until it is
  * released). NULL for an invalid handle. */
 const char* tutel_layer_name(tutel_layer* layer);
+/* Where a creation moved an earlier layer's checkpoint of this name aside instead of replacing
+ * it (a file among the tenant's checkpoints, for tutel_load), or "" where it moved none (and on
+ * attached handles). The string belongs to the handle. NULL for an invalid handle. */
+const char* tutel_layer_kept_aside(tutel_layer* layer);
 
 /* Training forward under a new sequence; l_aux may be NULL. */
 int tutel_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);
@@ -155,7 +160,9 @@ int tutel_wait(tutel_client* client, tutel_ticket ticket, tutel_forward_info* in
 int tutel_wait_for(tutel_client* client, tutel_ticket ticket, int64_t timeout_ms, tutel_forward_info* info);
 /* Gives up on a request whose buffers are about to be freed (its caller was interrupted): from
  * now on the library writes nothing into its output, its result is dropped, and a training
- * forward no longer waits for its backward. Unknown or finished tickets are ignored. */
+ * forward no longer waits for its backward (the library discards it in the daemon). A request in
+ * a device region still reads and writes the region until the daemon has run it. Unknown or
+ * finished tickets are ignored. */
 int tutel_abandon(tutel_client* client, tutel_ticket ticket);
 
 /* Drops the training forward `sequence` that will never be backwarded (a skipped backward, an

@@ -10,9 +10,11 @@
 // a descriptor goes on the request ring, the daemon posts a completion, y is copied out. Control
 // requests (create, attach, step, save, ...) are frames on the unix socket.
 //
-// Thread-safety: a Client and every Layer it made belong to one thread at a time (the rings are
-// single-producer/single-consumer). Use one Client per thread; several Clients in one process
-// are several independent sessions. Distinct Clients may be used concurrently.
+// Thread-safety: threads may share a Client and its Layers; their calls take turns (one lock
+// per session: a call that waits, for a result or for room, holds the others until it returns).
+// For requests that overlap, use one Client per thread: distinct Clients are independent
+// sessions and run concurrently. A Layer handle pairs a backward without a sequence with its
+// oldest pending forward: threads sharing one handle pass the sequence.
 //
 // Failure: every call returns a Status; nothing throws. When the daemon exits, a waiting call
 // notices within about 200 ms (it polls the control socket for EOF) and fails with Unavailable;
@@ -65,6 +67,10 @@ struct LayerInfo {
   std::string device;    // that rank's device: "cpu:0", "cuda:1" (the daemon's numbering)
   // The most bytes Layer::export_state's file takes (0: a daemon without ExportState).
   uint64_t state_bytes = 0;
+  // Set by a creation only: an earlier layer of this name had a checkpoint the daemon moved
+  // aside rather than replace (a group layer of another spec, one waiting for its ranks, one a
+  // restart left out for a quota): its file among the tenant's checkpoints, for Layer::load.
+  std::string kept_aside;
 };
 
 // A layer's state (Layer::export_state): a safetensors file, as Layer::save writes one, in this
@@ -172,9 +178,10 @@ class Client {
   Result<ForwardInfo> wait(const Ticket& ticket, std::chrono::milliseconds timeout);
   // Gives up on a request the caller will not wait for (its buffers are about to go): from now
   // on nothing is written into its output, its result is dropped, and a training forward is no
-  // longer pending on its layer. It still holds its ring slot and arena space until the daemon
-  // completes it, and the daemon keeps an abandoned training forward's saved state until the
-  // session ends. Unknown or finished tickets are ignored.
+  // longer pending on its layer (the library discards it in the daemon, which gives back its
+  // saved state). It still holds its ring slot and arena space until the daemon completes it; a
+  // request in a device region still reads and writes the region until then. Unknown or
+  // finished tickets are ignored.
   void abandon(const Ticket& ticket);
   // Waits for every request in flight (their results stay available to wait()).
   Status wait_all();

@@ -30,6 +30,7 @@ import mmap
 import os
 import threading
 import time
+import warnings
 import weakref
 
 import numpy as np
@@ -138,6 +139,7 @@ def _declare(lib):
         "tutel_layer_destroy": (i32, [p]),
         "tutel_layer_dims": (i32, [p, ctypes.POINTER(i64), ctypes.POINTER(i64), ctypes.POINTER(i64)]),
         "tutel_layer_name": (ctypes.c_char_p, [p]),
+        "tutel_layer_kept_aside": (ctypes.c_char_p, [p]),
         "tutel_submit_forward": (i32, [p, fp, i64, fp, i32, ctypes.POINTER(_Ticket)]),
         "tutel_submit_backward": (i32, [p, u64, fp, f32, fp, ctypes.POINTER(_Ticket)]),
         "tutel_submit_backward_flags": (i32, [p, u64, fp, f32, fp, ctypes.c_uint32, ctypes.POINTER(_Ticket)]),
@@ -361,8 +363,15 @@ class Client:
             _check(_lib.tutel_ping(self._session()))
 
     def create_layer(self, spec_toml):
-        """Creates a layer from a TOML layer spec (docs/config.md, "Layers")."""
-        return self._open(_lib.tutel_layer_create, spec_toml)
+        """Creates a layer from a TOML layer spec (docs/config.md, "Layers"). Where the daemon
+        moved an earlier layer's checkpoint of the name aside instead of replacing it, a warning
+        says where (layer.kept_aside), and layer.load(layer.kept_aside) takes it back."""
+        layer = self._open(_lib.tutel_layer_create, spec_toml)
+        if layer.kept_aside:
+            warnings.warn(f"tuteld created layer {layer.name!r} afresh and kept an earlier checkpoint of that "
+                          f"name aside as {layer.kept_aside!r} among the tenant's checkpoints (the daemon's log "
+                          f"says why); layer.load({layer.kept_aside!r}) takes it back", stacklevel=2)
+        return layer
 
     def attach_layer(self, name):
         """Attaches to an existing layer of this tenant."""
@@ -430,6 +439,9 @@ class Layer:
         with client._lock:
             _check(_lib.tutel_layer_dims(handle, *(ctypes.byref(d) for d in dims)))
             self.name = _lib.tutel_layer_name(handle).decode()
+            # Set by a creation that moved an earlier layer's checkpoint of this name aside (a
+            # file among the tenant's checkpoints, for load()); None otherwise.
+            self.kept_aside = _lib.tutel_layer_kept_aside(handle).decode() or None
         self.model_dim, self.output_dim, self.experts = (d.value for d in dims)
         # Last, once nothing can fail (a failed constructor's handle is its caller's to release):
         # dropped without release(), the handle and its queued discards go at the client's next
