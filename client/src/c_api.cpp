@@ -506,6 +506,10 @@ int tutel_export_state(tutel_layer* layer, int* fd, uint64_t* bytes) {
   return guarded("tutel_export_state", [&] {
     if (!valid(layer)) return invalid_layer("tutel_export_state");
     if (fd == nullptr || bytes == nullptr) return fail_invalid("tutel_export_state: fd or bytes is NULL");
+    // Set before anything can fail: a caller that closes *fd after a failure must not close a
+    // descriptor of its own (or the library's socket) that happened to be there.
+    *fd = -1;
+    *bytes = 0;
     tutel::Result<tutel::client::ExportedState> state = layer->layer->export_state();
     if (!state.ok()) return to_code(state.status());
     const int dup = state->dup_fd();

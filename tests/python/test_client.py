@@ -464,6 +464,16 @@ class ClientModuleTest(unittest.TestCase):
         with self.assertRaises(tuteld.TutelError) as e:
             layer.load("../../etc/passwd")
         self.assertIn("..", str(e.exception))
+        # Numbers only (complex lost its imaginary part), and no NUL in a path or a name (ctypes
+        # cut the string there: "a\0b" saved to "a").
+        for bad in (np.zeros((2, M), np.complex64), np.array([["x"] * M]), np.array([[None] * M])):
+            with self.assertRaises(TypeError):
+                layer.forward(bad)
+        with self.assertRaises(ValueError):
+            layer.save("a\0b.safetensors")
+        self.assertFalse(os.path.exists(os.path.join(self.daemon.checkpoints, "a")))
+        with self.assertRaises(ValueError):
+            self.client.attach_layer("moe\0")
         with self.assertRaises(tuteld.TutelError) as e:
             layer.forward(np.zeros((1_000_000, M), np.float32))  # past the 16 MiB data region
         self.assertEqual(e.exception.name, "ResourceExhausted")

@@ -185,6 +185,14 @@ def _milliseconds(seconds, what):
     return max(1, math.ceil(seconds * 1000))
 
 
+def _c_text(text, what):
+    """`text` as a C string: a NUL inside it would cut it short there, silently (a save to "a"
+    for "a\0b"), so it is refused."""
+    if "\0" in text:
+        raise ValueError(f"{what} contains a NUL character")
+    return text.encode()
+
+
 def _floats(array):
     return array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
@@ -262,7 +270,7 @@ class Client:
         options = _ConnectOptions()
         options.struct_size = ctypes.sizeof(_ConnectOptions)
         options.secret_file = None if secret_file is None else os.fsencode(secret_file)
-        options.name = None if name is None else name.encode()
+        options.name = None if name is None else _c_text(name, "name")
         options.control_timeout_ms = _milliseconds(control_timeout, "control_timeout")
         # The library's own bound covers a submit that waits for room (behind abandoned requests
         # the daemon has not completed); this module's waits use their own deadline.
@@ -380,7 +388,7 @@ class Client:
     def _open(self, fn, text):
         out = ctypes.c_void_p()
         with self._lock:
-            _check(fn(self._session(), text.encode(), ctypes.byref(out)))
+            _check(fn(self._session(), _c_text(text, "the layer spec or name"), ctypes.byref(out)))
             try:
                 layer = Layer(self, out.value)
             except BaseException:
@@ -493,7 +501,10 @@ class Layer:
             self._release()
 
     def _rows(self, array, width, what):
-        a = np.ascontiguousarray(array, dtype=np.float32)
+        a = np.asarray(array)
+        if a.dtype.kind not in "fiub":  # complex would lose its imaginary part; objects, strings are no numbers
+            raise TypeError(f"{what} must hold real numbers, not {a.dtype}")
+        a = np.ascontiguousarray(a, dtype=np.float32)
         if a.ndim == 0 or a.shape[-1] != width:
             raise ValueError(f"{what} must have shape [..., {width}], not {list(np.shape(array))}")
         # No rows is an empty batch, which the daemon takes (an expert-parallel rank's peers need
@@ -616,10 +627,10 @@ class Layer:
     def save(self, name):
         """Writes parameters and optimizer state to `name` (safetensors) in the tenant's
         checkpoint directory on the daemon's side."""
-        self._call(_lib.tutel_save, name.encode())
+        self._call(_lib.tutel_save, _c_text(name, "the path"))
 
     def load(self, name):
-        self._call(_lib.tutel_load, name.encode())
+        self._call(_lib.tutel_load, _c_text(name, "the path"))
 
     def export_state(self):
         """The layer's state as save() writes it, but into this process: (tensors, metadata).
