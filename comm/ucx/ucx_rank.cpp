@@ -27,6 +27,11 @@ constexpr auto kMinDrain = std::chrono::milliseconds(200);
 // Before the UCX address in a bootstrap payload: the local-exchange token, the mailbox id and
 // the process's identity on its host (peer memory).
 constexpr size_t kPayloadPrefix = sizeof(uint64_t) + sizeof(uint32_t) + sizeof(HostIdentity);
+// Zeros after a peer's UCX address, which UCX parses without a length: a field whose stated
+// length runs past the address reads zeros (and fails), not what lies after the payload.
+constexpr size_t kAddressPadding = 4096;
+// Events one progress_locked() call handles at most before its caller looks at its deadline.
+constexpr unsigned kMaxProgressEvents = 4096;
 // Peer-memory agreement at bootstrap: [kAckBit][group 0, 1 or 2][notice sequence][sender].
 // Unique: no acknowledgement uses the notice sequence, and notices never have kAckBit.
 constexpr uint64_t kAgreeTag = kAckBit | (uint64_t{(1u << 24) - 1} << 20);
@@ -178,10 +183,23 @@ Status UcxRank::init(const BootstrapOptions& o) {
     std::memcpy(&local_ids_[p], peer_payload.data() + sizeof peer_token, sizeof(uint32_t));
     if (token != 0 && peer_token == token) local_boxes_[p] = local_exchange_->hub().find(local_ids_[p]);
     std::memcpy(&hosts_[p], peer_payload.data() + sizeof peer_token + sizeof(uint32_t), sizeof(HostIdentity));
+    // UCX parses an address without its length and asserts on a version it does not know (an
+    // address of garbage, from a broken or hostile member, aborted this daemon, every tenant's
+    // layers with it). So the address's format version (its first byte's low four bits) must be
+    // this worker's own, and the parse reads a copy followed by zeros, not past the payload.
+    const auto version = [](const std::string& payload) { return static_cast<uint8_t>(payload[kPayloadPrefix]) & 0x0f; };
+    if (version(peer_payload) != version(payload))
+      return Status::Corruption("bootstrap: " + describe(p) + " sent a UCX worker address of format version " +
+                                std::to_string(version(peer_payload)) + ", not this worker's " +
+                                std::to_string(version(payload)) +
+                                " (another UCX build, or not a tuteld): run every daemon of a group with the same "
+                                "UCX");
+    std::string address(peer_payload, kPayloadPrefix);
+    address.append(kAddressPadding, '\0');
     ucp_ep_params_t ep{};
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                     UCP_EP_PARAM_FIELD_ERR_HANDLER;
-    ep.address = reinterpret_cast<const ucp_address_t*>(peer_payload.data() + kPayloadPrefix);
+    ep.address = reinterpret_cast<const ucp_address_t*>(address.data());
     ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
     ep.err_handler.cb = &UcxRank::on_endpoint_error;
     ep.err_handler.arg = &slots_[p];
@@ -298,7 +316,10 @@ Status UcxRank::agree_on_peer_memory(const BootstrapOptions& o) {
   // 3. "I will pull your messages": both sides of each direction agree.
   std::vector<char> pulls(static_cast<size_t>(size_), 0);
   TUTEL_RETURN_IF_ERROR(swap(kAgreeTag, pull_from_.data(), pulls.data(), "agreeing on peer memory with the ranks of this host"));
-  for (int p = 0; p < size_; ++p) pulled_by_[p] = pulls[p];
+  // Only where this rank lends at all: a descriptor hands a peer the addresses of this rank's
+  // buffers and loans, which a rank with peer_memory = false sent to any member that claimed to
+  // pull.
+  for (int p = 0; p < size_; ++p) pulled_by_[p] = o.peer_memory && pulls[p];
   // The agreement is not traffic.
   for (int p = 0; p < size_; ++p) {
     slots_[p].bytes_sent.store(0, std::memory_order_relaxed);
@@ -453,8 +474,11 @@ void UcxRank::on_endpoint_error(void* arg, ucp_ep_h /*ep*/, ucs_status_t status)
 }
 
 void UcxRank::progress_locked() {
+  // Bounded: a peer that keeps sending (a flood of messages nobody posted for) kept this loop,
+  // and so the caller's deadline check, the abandon flag and every other caller of the rank's
+  // lock, waiting for as long as it sent. The callers come back between calls.
   unsigned events = 0;
-  while (ucp_worker_progress(worker_) != 0) ++events;
+  while (events < kMaxProgressEvents && ucp_worker_progress(worker_) != 0) ++events;
   const uint64_t epoch = failure_epoch_.load(std::memory_order_acquire);
   if ((events > 0 || epoch != seen_failure_epoch_) && !sleepers_.empty()) {
     const uint64_t one = 1;
@@ -875,11 +899,13 @@ Status UcxRank::abort(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
         // Swallow the message the peer may still send, so its send completes (a pulled
         // message's descriptor: its sender then waits for an acknowledgement that never comes,
         // and gives up on its own, withdrawing the loan).
-        const size_t bytes = op.pulled ? sizeof(PullDescriptor) : op.transfer->bytes;
+        // One byte: the message is truncated into it, and UCX completes the sender's send all the
+        // same (a full-size sink cost the message's size per peer, zero-filled, for as long as
+        // the group lived, and could throw bad_alloc inside the abort).
         ucp_request_param_t param{};
         param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
-        auto buffer = std::make_unique<char[]>(std::max<size_t>(bytes, 1));
-        void* sink = ucp_tag_recv_nbx(worker_, buffer.get(), bytes, op.transfer->tag, kFullTagMask, &param);
+        auto buffer = std::make_unique<char[]>(1);
+        void* sink = ucp_tag_recv_nbx(worker_, buffer.get(), 1, op.transfer->tag, kFullTagMask, &param);
         if (UCS_PTR_IS_PTR(sink)) sinks_.push_back({sink, std::move(buffer)});
       }
     }

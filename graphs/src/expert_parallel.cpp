@@ -620,6 +620,28 @@ Status ExpertParallelLayer::run_local_phase(const std::function<PhaseKey()>& key
   return runner_ == nullptr ? ops() : runner_->run(key(), ops);
 }
 
+Status ExpertParallelLayer::check_agreed_routing(int64_t tokens, int64_t fullest_expert) const {
+  // A request carries at most 2^30 / k tokens (the daemon's bound on its clients), and an
+  // expert is chosen at most once per token.
+  const int64_t max_tokens = (int64_t{1} << 30) / spec_.k;
+  if (tokens < 0 || tokens > max_tokens || fullest_expert < 0 || fullest_expert > tokens)
+    return Status::InvalidArgument(
+        "the ranks of the expert-parallel group agreed on " + std::to_string(tokens) + " tokens and " +
+        std::to_string(fullest_expert) + " in the fullest expert, out of range (0 to " + std::to_string(max_tokens) +
+        " tokens): a rank runs another tuteld build, or is not a tuteld; every rank refused this step");
+  // And the largest buffer sized from them, [E, C, max(M, O, H)] of 8-byte values, fits in the
+  // sizes' arithmetic (the CPU layer's own check, here for the group's capacity).
+  const int64_t C = layer_capacity(spec_, tokens, fullest_expert);
+  const int64_t widest = std::max({spec_.model_dim, spec_.out_dim(), spec_.hidden});
+  int64_t bytes = 0;
+  if (C < 0 || __builtin_mul_overflow(spec_.experts, C, &bytes) || __builtin_mul_overflow(bytes, widest, &bytes) ||
+      __builtin_mul_overflow(bytes, int64_t{8}, &bytes))
+    return Status::InvalidArgument("the expert-parallel step's capacity " + std::to_string(C) + " for " +
+                                   std::to_string(tokens) + " tokens makes buffers past 2^63 bytes; every rank "
+                                   "refused this step (send fewer tokens per request)");
+  return Status::OK();
+}
+
 Status ExpertParallelLayer::refused_by_a_peer() const {
   return Status::ResourceExhausted(
       "another rank of the expert-parallel group could not allocate this step (max_memory_bytes, "
@@ -1159,6 +1181,11 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   const int64_t number = ++forwards_;
   if (!ready.ok()) return refuse(ready);
   if (agreed[2] != 0) return refuse(refused_by_a_peer());
+  // The agreed values size this rank's buffers: they are checked first. A peer of another build,
+  // or a hostile member, stating 2^62 tokens made the products below wrap, and every rank wrote
+  // its tokens past a 64-byte buffer. Every rank sees the same agreed values, so every rank
+  // refuses alike, and the group goes on.
+  if (const Status sane = check_agreed_routing(agreed[0], agreed[1]); !sane.ok()) return refuse(sane);
   const int64_t C = layer_capacity(spec_, agreed[0], agreed[1]), R = W * C;
   int64_t dropped = 0;
   for (int64_t e = 0; e < E; ++e) dropped += std::max<int64_t>(0, host_counts_[e] - C);

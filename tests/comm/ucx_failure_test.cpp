@@ -9,11 +9,14 @@
 #include <atomic>
 #include <cstdio>
 #include <memory>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "comm_test_util.hpp"
+#include "peer_memory.hpp"
+#include "tutel/comm/bootstrap.hpp"
 #include "tutel/comm/ucx.hpp"
 
 namespace tutel::comm {
@@ -152,6 +155,36 @@ TEST(UcxFailure, SilentPeerIsATimeoutNamingIt) {
   group.release(2);
   EXPECT_TRUE(notified);
   EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
+}
+
+// A member whose bootstrap payload carries a malformed UCX worker address (garbage of another
+// format version, or of this one) fails the honest rank's bootstrap with an error naming it;
+// UCX, which parses an address without its length, used to abort the honest process on a
+// version it does not know (SIGABRT, every tenant's layers with it).
+TEST(UcxFailure, AMalformedWorkerAddressFailsTheBootstrapNotTheProcess) {
+  constexpr size_t kPrefix = sizeof(uint64_t) + sizeof(uint32_t) + sizeof(ucx::HostIdentity);
+  std::mt19937 seeds(std::random_device{}());
+  for (const int first_byte : {0x0c, 0xff, 0x00, 0x10}) {  // another version; this worker's (0)
+    SCOPED_TRACE("first byte " + std::to_string(first_byte));
+    const uint16_t port = testing::free_port();
+    const uint32_t seed = seeds();
+    testing::ProcessGroup group(2, [&](int rank, const ChildChannel&) -> std::string {
+      if (rank == 1) {
+        std::string payload(kPrefix, '\0');
+        payload.push_back(static_cast<char>(first_byte));
+        std::mt19937 rng(seed);
+        for (int i = 0; i < 300; ++i) payload.push_back(static_cast<char>(rng()));
+        (void)coordinator_exchange(loopback_options(port, 1, 2, 1), "ucx", payload);
+        return "";
+      }
+      auto comm = ucx_bootstrap(loopback_options(port, 0, 2, 1, kCollectiveTimeout));
+      if (comm.ok()) return "the bootstrap took a malformed address";
+      if (!contains(comm.status().message(), "rank 1 (127.0.0.1, pid "))
+        return "the error does not name rank 1: " + comm.status().to_string();
+      return "";
+    });
+    EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
+  }
 }
 
 // BootstrapOptions::cancel ends the bootstrap only: raised once the communicator is made (a

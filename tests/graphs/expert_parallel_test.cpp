@@ -1122,6 +1122,79 @@ LayerSpec small_failure_spec(int64_t experts, DType matmul = DType::kF32) {
   return spec;
 }
 
+// A communicator whose rank states `value` as the next forward's agreed value `index` (0: its
+// token count, 1: its fullest expert's) instead of its own: another build's, or a hostile
+// member's. (Only a value above every rank's own gets through the MAX.)
+class StatesOnce final : public ForwardingCommunicator {
+ public:
+  StatesOnce(comm::Communicator& inner, size_t index, int64_t value)
+      : ForwardingCommunicator(inner), index_(index), value_(value) {}
+  using ForwardingCommunicator::all_reduce;
+  Status all_reduce(int64_t* data, size_t n, comm::ReduceOp op) override {
+    // [tag, -tag, values...], the forward's tag 1 (Agreement::kForward).
+    if (value_ != 0 && n == ExpertParallelLayer::kAgreementWidth && data[0] == 1) data[2 + index_] = std::exchange(value_, 0);
+    return inner_.all_reduce(data, n, op);
+  }
+
+ private:
+  size_t index_;
+  int64_t value_;
+};
+
+// What the ranks agree on sizes their buffers, so it is checked first: a rank that states 2^62
+// or 2^31 tokens, or more in one expert than any rank has tokens, makes every rank refuse the
+// step with InvalidArgument, and the group's next forward runs. (Every rank wrote its tokens
+// past a 64-byte buffer: the buffer sizes wrapped.)
+TEST(ExpertParallelFailures, AnAgreedTokenCountOutOfRangeIsRefusedByEveryRank) {
+  ::setenv("UCX_NET_DEVICES", "lo", 1);
+  const LayerSpec spec = small_failure_spec(2);
+  constexpr int W = 2;
+  const int64_t S = 8, M = spec.model_dim, O = spec.out_dim();
+  std::mt19937_64 rng(std::random_device{}());
+  const graphs::HostLayerParams whole = to_host(random_params(rng, spec));
+  const std::vector<float> x = to_f32(randn(rng, S * M, 1.0));
+  for (const auto& [index, stated] : {std::pair<size_t, int64_t>{0, int64_t{1} << 62}, {0, int64_t{1} << 31},
+                                      {1, int64_t{1} << 40}}) {
+    SCOPED_TRACE("stated " + std::to_string(stated) + " as value " + std::to_string(index));
+    const uint16_t port = free_port();
+    std::vector<Status> setup(W), lied(W), next(W);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < W; ++r)
+      threads.emplace_back([&, r] {
+        auto ucx = comm::ucx_bootstrap(rank_options(port, r, W, 1));
+        if (!ucx.ok()) return void(setup[r] = ucx.status());
+        StatesOnce comm(**ucx, index, r == 1 ? stated : 0);
+        auto backend = make_backend("cpu", {.threads = 1});
+        if (!backend.ok()) return void(setup[r] = backend.status());
+        auto layer = ExpertParallelLayer::create(**backend, comm, spec, graphs::ExpertParallelOptions{});
+        if (!layer.ok()) return void(setup[r] = layer.status());
+        const ExpertShard shard = layer->shard();
+        graphs::HostLayerParams local = graphs::slice_for_rank(spec, shard, whole);
+        LayerWeights w;
+        w.gate_weight = TensorView(local.gate.data(), DType::kF32, {spec.experts, M});
+        w.experts.fc1_weight = TensorView(local.fc1.data(), DType::kF32, graphs::local_fc1_shape(spec, shard));
+        w.experts.fc1_bias = TensorView(local.fc1_bias.data(), DType::kF32, graphs::local_fc1_bias_shape(spec, shard));
+        w.experts.fc2_weight = TensorView(local.fc2.data(), DType::kF32, graphs::local_fc2_shape(spec, shard));
+        w.experts.fc2_bias = TensorView(local.fc2_bias.data(), DType::kF32, graphs::local_fc2_bias_shape(spec, shard));
+        std::vector<float> xr = x, y(S * O);
+        auto forward = [&] {
+          return layer->forward(w, TensorView(xr.data(), DType::kF32, {S, M}), TensorView(y.data(), DType::kF32, {S, O}),
+                                nullptr, nullptr);
+        };
+        lied[r] = forward();
+        next[r] = forward();
+      });
+    for (auto& t : threads) t.join();
+    for (int r = 0; r < W; ++r) {
+      SCOPED_TRACE("rank " + std::to_string(r));
+      ASSERT_TRUE(setup[r].ok()) << setup[r];
+      EXPECT_EQ(lied[r].code(), StatusCode::kInvalidArgument) << lied[r];
+      EXPECT_NE(lied[r].message().find("out of range"), std::string_view::npos) << lied[r];
+      EXPECT_TRUE(next[r].ok()) << next[r];
+    }
+  }
+}
+
 // A rank whose expert kernel fails once: its own work failing between a phase's collectives.
 class ExpertForwardFailsOnce final : public ForwardingBackend {
  public:

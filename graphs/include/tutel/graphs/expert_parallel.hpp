@@ -337,6 +337,9 @@ class ExpertParallelLayer {
                          const std::function<Status()>& ops,
                          Unprepared unprepared = Unprepared::kEveryWay,
                          Unprepared* refused = nullptr, std::array<MustMatch, 2> must_match = {});
+  // The forward's agreed token count and fullest expert are in range, and the buffers sized
+  // from them fit in int64 (InvalidArgument, the same on every rank, otherwise).
+  Status check_agreed_routing(int64_t tokens, int64_t fullest_expert) const;
   Status refused_by_a_peer() const;
   // A phase's ops that failed part way leave the group out of step: gives up the communicator
   // (Communicator::give_up) and returns `st`; OK passes through.
