@@ -286,8 +286,12 @@ int tutel_region_info(tutel_region* region, void** data, uint64_t* bytes, const 
 int tutel_region_unmap(tutel_region* region) {
   if (region == nullptr || region->magic != kRegionMagic) return TUTEL_OK;
   return guarded("tutel_region_unmap", [&] {
-    region->magic = 0;
     const Status st = region->region ? region->region->unmap() : Status::OK();
+    // A wait that timed out changed nothing: the region is still mapped on both sides, and the
+    // handle stays the caller's to unmap again (freed, it left the region mapped and charged
+    // until the session ended, with no way to retry).
+    if (st.code() == tutel::StatusCode::kTimeout) return to_code(st);
+    region->magic = 0;
     delete region;
     return to_code(st);
   });

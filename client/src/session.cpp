@@ -270,8 +270,8 @@ Status Session::unmap_device_region(const std::shared_ptr<MappedDeviceRegion>& r
     // unmapping again once they complete gives the daemon its memory back.
     if (maps(region)) {
       return st.with_context("device region " + std::to_string(region->id) +
-                             " is still mapped here and in tuteld; call unmap() again once the "
-                             "requests in flight complete");
+                             " is still mapped here and in tuteld; unmap it again (DeviceRegion::unmap, "
+                             "tutel_region_unmap) once the requests in flight complete");
     }
     // The session broke (close() forgot its regions); the daemon frees its side.
     region->memory.reset();

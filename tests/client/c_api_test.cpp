@@ -148,6 +148,23 @@ TEST(CApi, ConnectOptionsAreCheckedAndApplied) {
   EXPECT_EQ(tutel_backward(layer, y.data(), 0.f, x.data()), TUTEL_E_INVALID_ARGUMENT);  // abandoned: not pending
   daemon.hold_completions(false);
   EXPECT_EQ(tutel_ping(client), TUTEL_OK) << last_error();
+  // An unmap whose wait for the requests in flight runs out keeps the handle: the region is
+  // still mapped on both sides, and a second unmap gives it back (the handle was freed, the
+  // region left mapped and charged until the session ended).
+  tutel_region* region = nullptr;
+  ASSERT_EQ(tutel_region_map(client, 0, 4096, &region), TUTEL_OK) << last_error();
+  tutel_ticket ticket{};
+  daemon.hold_completions(true);
+  ASSERT_EQ(tutel_submit_forward(layer, x.data(), 1, y.data(), 0, &ticket), TUTEL_OK) << last_error();
+  EXPECT_EQ(tutel_region_unmap(region), TUTEL_E_TIMEOUT);
+  EXPECT_NE(last_error().find("unmap it again"), std::string::npos) << last_error();
+  void* data = nullptr;
+  EXPECT_EQ(tutel_region_info(region, &data, nullptr, nullptr, nullptr), TUTEL_OK) << "the handle went";
+  EXPECT_NE(data, nullptr);
+  EXPECT_TRUE(daemon.unmapped_regions().empty());
+  daemon.hold_completions(false);
+  EXPECT_EQ(tutel_region_unmap(region), TUTEL_OK) << last_error();
+  EXPECT_EQ(daemon.unmapped_regions().size(), 1u);
   tutel_layer_release(layer);
   tutel_close(client);
 

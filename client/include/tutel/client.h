@@ -219,7 +219,9 @@ int tutel_region_map(tutel_client* client, int rank, uint64_t bytes, tutel_regio
 /* Any out pointer may be NULL; the strings live as long as the region. */
 int tutel_region_info(tutel_region* region, void** data, uint64_t* bytes, const char** kind, const char** device);
 /* Waits for the client's requests in flight, unmaps the region here and in the daemon, and frees
- * the handle (also when the unmap reports an error). NULL is ignored. Call it before tutel_close. */
+ * the handle (also when the unmap reports an error), except on TUTEL_E_TIMEOUT: the wait ran out,
+ * nothing changed, and the handle stays valid: call it again. NULL is ignored. Call it before
+ * tutel_close. */
 int tutel_region_unmap(tutel_region* region);
 int tutel_forward_device(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);
 int tutel_infer_device(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);
