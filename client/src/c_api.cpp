@@ -373,6 +373,10 @@ int tutel_submit_forward(tutel_layer* layer, const float* x, int64_t tokens, flo
   return guarded("tutel_submit_forward", [&] {
     if (!valid(layer)) return invalid_layer("tutel_submit_forward");
     if (ticket == nullptr) return fail_invalid("tutel_submit_forward: ticket is NULL");
+    // As the backward's flags: an unknown value is refused, not read as a training forward.
+    if (training != 0 && training != 1 && training != TUTEL_TRAINING_WITHOUT_NOISE)
+      return fail_invalid("tutel_submit_forward: training is " + std::to_string(training) +
+                          "; give 0 (inference), 1 (training) or TUTEL_TRAINING_WITHOUT_NOISE");
     using Mode = tutel::client::Layer::ForwardMode;
     auto t = layer->layer->submit_forward(x, tokens, y,
                                           training == TUTEL_TRAINING_WITHOUT_NOISE ? Mode::kTrainingWithoutNoise

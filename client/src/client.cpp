@@ -97,10 +97,16 @@ Client& Client::operator=(Client&& other) noexcept {
   if (this != &other) {
     close();
     session_ = std::move(other.session_);
+    closed_ = std::exchange(other.closed_, false);
   }
   return *this;
 }
 Client::~Client() { close(); }
+
+Status Client::no_session() const {
+  if (closed_) return Status::Unavailable("the client was closed (Client::close / tutel_close); connect again");
+  return moved_from("Client");
+}
 
 Result<Client> Client::connect(const std::string& socket_path, const ClientOptions& options) {
   TUTEL_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Session::open(socket_path, options));
@@ -112,6 +118,7 @@ void Client::close() {
   session_->close(
       Status::Unavailable("the client was closed (Client::close / tutel_close); connect again"));
   session_.reset();
+  closed_ = true;
 }
 
 bool Client::is_connected() const { return session_ && session_->broken().ok(); }
@@ -128,7 +135,7 @@ const std::string& Client::socket_path() const {
 }
 
 Result<Layer> Client::create_layer(std::string_view spec_toml) {
-  if (!session_) return moved_from("Client");
+  if (!session_) return no_session();
   TUTEL_ASSIGN_OR_RETURN(
       json reply, session_->call(ipc::FrameType::kCreateLayer, {{"spec", std::string(spec_toml)}},
                                  ipc::FrameType::kLayerInfo));
@@ -140,7 +147,7 @@ Result<Layer> Client::create_layer(std::string_view spec_toml) {
 }
 
 Result<Layer> Client::attach_layer(std::string_view name) {
-  if (!session_) return moved_from("Client");
+  if (!session_) return no_session();
   TUTEL_ASSIGN_OR_RETURN(json reply,
                          session_->call(ipc::FrameType::kAttachLayer, {{"name", std::string(name)}},
                                         ipc::FrameType::kLayerInfo));
@@ -152,7 +159,7 @@ Result<Layer> Client::attach_layer(std::string_view name) {
 }
 
 Result<DeviceRegion> Client::map_device_region(int rank, size_t bytes) {
-  if (!session_) return moved_from("Client");
+  if (!session_) return no_session();
   if (bytes == 0 || bytes % 4 != 0)
     return Status::InvalidArgument("a device region needs a positive multiple of 4 bytes (f32 tensors), not " +
                                    std::to_string(bytes));
@@ -161,12 +168,12 @@ Result<DeviceRegion> Client::map_device_region(int rank, size_t bytes) {
 }
 
 Result<ForwardInfo> Client::wait(const Ticket& ticket) {
-  if (!session_) return moved_from("Client");
+  if (!session_) return no_session();
   return session_->wait(ticket.request_id);
 }
 
 Result<ForwardInfo> Client::wait(const Ticket& ticket, std::chrono::milliseconds timeout) {
-  if (!session_) return moved_from("Client");
+  if (!session_) return no_session();
   return session_->wait(ticket.request_id, timeout);
 }
 
@@ -175,18 +182,18 @@ void Client::abandon(const Ticket& ticket) {
 }
 
 Status Client::wait_all() {
-  if (!session_) return moved_from("Client");
+  if (!session_) return no_session();
   return session_->drain();
 }
 
 Status Client::ping() {
-  if (!session_) return moved_from("Client");
+  if (!session_) return no_session();
   TUTEL_ASSIGN_OR_RETURN(Ticket t, session_->submit(Submission{}));
   return session_->wait(t.request_id).status();
 }
 
 Result<uint64_t> Client::transfer_checksum(const void* data, size_t bytes) {
-  if (!session_) return moved_from("Client");
+  if (!session_) return no_session();
   if (bytes % 4 != 0) return Status::InvalidArgument("transfer_checksum needs a multiple of 4 bytes");
   if (data == nullptr && bytes > 0) return Status::InvalidArgument("transfer_checksum: data is null");
   Submission s;
@@ -335,13 +342,20 @@ Result<Ticket> submit_backward_request(const std::shared_ptr<LayerState>& state,
 
 // Waits for a request that a synchronous call submitted. When the wait times out, the request
 // is abandoned: the caller may free its buffers once the call returns, and no later backward
-// may pair with a forward whose result the caller never saw.
+// may pair with a forward whose result the caller never saw. The message says so (the wait's
+// own says "wait again", which a synchronous caller, without a ticket, cannot).
 // `submitted` is checked first: a moved-from handle (null `state`) failed there.
 Result<ForwardInfo> wait_synchronously(const std::shared_ptr<LayerState>& state, Result<Ticket> submitted) {
   TUTEL_ASSIGN_OR_RETURN(Ticket t, std::move(submitted));
   Session& session = *state->session;
   Result<ForwardInfo> got = session.wait(t.request_id);
-  if (!got.ok() && got.status().code() == StatusCode::kTimeout) session.abandon(t.request_id);
+  if (!got.ok() && got.status().code() == StatusCode::kTimeout) {
+    session.abandon(t.request_id);
+    return Status::Timeout(
+        "layer '" + state->info.name + "': " + std::string(got.status().message()) +
+        " [this call's request was given up: its buffers are not written, and a training forward is discarded in "
+        "the daemon; call again, or raise the request timeout]");
+  }
   return got;
 }
 

@@ -154,6 +154,8 @@ TEST(CApi, ConnectOptionsAreCheckedAndApplied) {
   tutel_region* region = nullptr;
   ASSERT_EQ(tutel_region_map(client, 0, 4096, &region), TUTEL_OK) << last_error();
   tutel_ticket ticket{};
+  // A training value other than 0, 1 or TUTEL_TRAINING_WITHOUT_NOISE is refused, not read as 1.
+  EXPECT_EQ(tutel_submit_forward(layer, x.data(), 1, y.data(), 5, &ticket), TUTEL_E_INVALID_ARGUMENT);
   daemon.hold_completions(true);
   ASSERT_EQ(tutel_submit_forward(layer, x.data(), 1, y.data(), 0, &ticket), TUTEL_OK) << last_error();
   EXPECT_EQ(tutel_region_unmap(region), TUTEL_E_TIMEOUT);

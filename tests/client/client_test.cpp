@@ -216,6 +216,7 @@ TEST(Client, TimedOutSynchronousForwardIsAbandoned) {
   f.daemon.hold_completions(true);
   const Status st = layer->forward(x.data(), 1, y.data());
   EXPECT_EQ(st.code(), StatusCode::kTimeout) << st;
+  EXPECT_NE(st.message().find("was given up"), std::string_view::npos) << st;  // not "wait again"
   EXPECT_EQ(layer->pending_backwards(), 0u);
   f.daemon.hold_completions(false);
 
@@ -232,6 +233,10 @@ TEST(Client, TimedOutSynchronousForwardIsAbandoned) {
   ASSERT_TRUE(layer->backward(dy.data(), 0.f, dx.data()).ok());
   EXPECT_EQ(layer->pending_backwards(), 0u);
   EXPECT_TRUE(client->ping().ok());
+  // A closed client says so, as its layers do (it said "moved from").
+  client->close();
+  EXPECT_EQ(client->ping().code(), StatusCode::kUnavailable);
+  EXPECT_NE(client->ping().message().find("the client was closed"), std::string_view::npos) << client->ping();
 }
 
 // unmap() waits for the requests in flight; when that times out it changes nothing, so the region

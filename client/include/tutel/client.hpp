@@ -208,7 +208,10 @@ class Client {
 
  private:
   explicit Client(std::shared_ptr<internal::Session> session);
+  // Why there is no session: close() was called (Unavailable), or the object was moved from.
+  Status no_session() const;
   std::shared_ptr<internal::Session> session_;
+  bool closed_ = false;
 };
 
 // A handle on one layer in the daemon. Move-only; dropping it does not destroy the layer.
