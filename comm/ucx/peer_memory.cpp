@@ -5,8 +5,10 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
 #include <fstream>
+#include <random>
 
 namespace tutel::comm::ucx {
 namespace {
@@ -64,18 +66,24 @@ std::optional<uint64_t> read_challenge_word(const HostIdentity& peer, int my_ran
   return value;
 }
 
-LeaseTable::Slot* LeaseTable::lend(const void* data, size_t bytes) {
-  Slot* slot;
-  if (!free_.empty()) {
-    slot = free_.back();
-    free_.pop_back();
-  } else {
-    slot = &slots_.emplace_back();
-  }
+static_assert(offsetof(LeaseTable::Slot, lease) == 0 && offsetof(LeaseTable::Slot, descriptor) == sizeof(uint64_t),
+              "a puller reads a slot's lease word and its descriptor's copy as one block");
+
+LeaseTable::LeaseTable() : slots_(std::make_unique<Slot[]>(kSlots)), next_value_(std::random_device{}()) {
+  free_.reserve(kSlots);
+  for (uint32_t i = kSlots; i > 0; --i) free_.push_back(&slots_[i - 1]);
+}
+
+LeaseTable::Slot* LeaseTable::lend(const void* data, size_t bytes, int receiver) {
+  if (free_.empty()) return nullptr;
+  Slot* slot = free_.back();
+  free_.pop_back();
   slot->busy = true;
-  const uint64_t value = next_value_++;
-  slot->descriptor = PullDescriptor{kDescriptorMagic, reinterpret_cast<uint64_t>(data), bytes,
-                                    reinterpret_cast<uint64_t>(&slot->lease), value};
+  if (++next_value_ == 0) ++next_value_;  // 0 is a withdrawn loan's
+  const uint64_t value = next_value_;
+  slot->descriptor = PullDescriptor{kDescriptorMagic,  reinterpret_cast<uint64_t>(data),
+                                    bytes,             reinterpret_cast<uint64_t>(&slot->lease),
+                                    value,             static_cast<uint64_t>(receiver)};
   slot->lease.store(value, std::memory_order_seq_cst);
   return slot;
 }
@@ -98,8 +106,8 @@ bool is_pull_descriptor(const void* data, size_t bytes) {
   return magic == kDescriptorMagic;
 }
 
-Status pull(pid_t pid, const PullDescriptor& d, void* dst, size_t expected, const std::string& who,
-            bool* withdrawn) {
+Status pull(pid_t pid, const PullDescriptor& d, const LoanBounds& bounds, void* dst, size_t expected,
+            const std::string& who, bool* withdrawn) {
   if (d.magic != kDescriptorMagic)
     return Status::InvalidArgument(who + " sent a message that is not a pull descriptor: the ranks called the "
                                          "collective with different sizes");
@@ -107,14 +115,47 @@ Status pull(pid_t pid, const PullDescriptor& d, void* dst, size_t expected, cons
     return Status::InvalidArgument(who + " offered " + std::to_string(d.bytes) + " bytes where " +
                                    std::to_string(expected) +
                                    " were expected: the ranks called the collective with different sizes");
-  uint64_t lease = 0;
-  iovec local[2] = {{dst, expected}, {&lease, sizeof lease}};
+  // Nothing is read that the lender did not lend to this rank: its slot must be one of its lease
+  // arena's (announced in the challenged bootstrap), the loan this rank's, and the slot's own copy
+  // of the descriptor (read below with the lease word) the one sent. A descriptor anyone can send
+  // on the pair's tag named any address of the lender's, which this rank copied out as its data.
+  const uint64_t arena_bytes = uint64_t{bounds.slots} * sizeof(LeaseTable::Slot);
+  if (d.receiver != static_cast<uint64_t>(bounds.receiver) || d.lease_value == 0 || d.lease < bounds.arena ||
+      d.lease - bounds.arena >= arena_bytes || (d.lease - bounds.arena) % sizeof(LeaseTable::Slot) != 0)
+    return Status::Corruption(who + " sent a pull descriptor that names no loan of its to this rank (another "
+                                    "build, or a forged message); nothing was read");
+  struct {
+    uint64_t lease = 0;
+    PullDescriptor copy;
+  } slot;
+  static_assert(sizeof slot == sizeof(uint64_t) + sizeof(PullDescriptor));
+  // The slot first: its copy of the descriptor is checked before anything it names is read (then
+  // read again after the data, so that a loan withdrawn meanwhile is seen).
+  {
+    iovec l{&slot, sizeof slot}, r{reinterpret_cast<void*>(d.lease), sizeof slot};
+    ssize_t n;
+    do n = ::process_vm_readv(pid, &l, 1, &r, 1, 0);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && errno == ESRCH)
+      return Status::Unavailable(who + " failed: its process exited (process_vm_readv: no such process)");
+    if (n != static_cast<ssize_t>(sizeof slot))
+      return Status::Unavailable(who + ": cannot read its lease slot (process_vm_readv: " +
+                                 (n < 0 ? std::string(std::strerror(errno)) : std::string("short read")) + ")");
+    if (slot.lease != d.lease_value) {
+      if (withdrawn != nullptr) *withdrawn = true;
+      return Status::Unavailable(who + " withdrew the message before it was read (it gave up on the collective)");
+    }
+    if (std::memcmp(&slot.copy, &d, sizeof d) != 0)
+      return Status::Corruption(who + " sent a pull descriptor its lease slot does not hold (a forged message); "
+                                      "nothing was read");
+  }
+  iovec local[2] = {{dst, expected}, {&slot, sizeof slot}};
   iovec remote[2] = {{reinterpret_cast<void*>(d.data), expected},
-                     {reinterpret_cast<void*>(d.lease), sizeof lease}};
+                     {reinterpret_cast<void*>(d.lease), sizeof slot}};
   size_t done = 0;
   // process_vm_readv may stop short (it copies at most IOV_MAX pages' worth per call on some
-  // kernels); continue where it stopped. The lease word always comes last.
-  while (done < expected + sizeof lease) {
+  // kernels); continue where it stopped. The slot (its lease word, then its copy of the descriptor) always comes last.
+  while (done < expected + sizeof slot) {
     iovec l[2], r[2];
     int count = 0;
     if (done < expected) {
@@ -125,9 +166,9 @@ Status pull(pid_t pid, const PullDescriptor& d, void* dst, size_t expected, cons
       r[count] = remote[1];
       ++count;
     } else {
-      const size_t in_lease = done - expected;
-      l[0] = {reinterpret_cast<char*>(&lease) + in_lease, sizeof lease - in_lease};
-      r[0] = {reinterpret_cast<char*>(d.lease) + in_lease, sizeof lease - in_lease};
+      const size_t in_slot = done - expected;
+      l[0] = {reinterpret_cast<char*>(&slot) + in_slot, sizeof slot - in_slot};
+      r[0] = {reinterpret_cast<char*>(d.lease) + in_slot, sizeof slot - in_slot};
       count = 1;
     }
     const ssize_t n = ::process_vm_readv(pid, l, static_cast<unsigned long>(count), r,
@@ -150,10 +191,13 @@ Status pull(pid_t pid, const PullDescriptor& d, void* dst, size_t expected, cons
     if (n == 0) return Status::Unavailable(who + ": process_vm_readv made no progress");
     done += static_cast<size_t>(n);
   }
-  if (lease != d.lease_value) {
+  if (slot.lease != d.lease_value) {
     if (withdrawn != nullptr) *withdrawn = true;
     return Status::Unavailable(who + " withdrew the message before it was read (it gave up on the collective)");
   }
+  if (std::memcmp(&slot.copy, &d, sizeof d) != 0)
+    return Status::Corruption(who + " sent a pull descriptor its lease slot does not hold (a forged message); what "
+                                    "was read is not its message");
   return Status::OK();
 }
 

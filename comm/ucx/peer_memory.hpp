@@ -34,9 +34,9 @@
 
 #include <atomic>
 #include <cstdint>
-#include <deque>
 #include <optional>
 #include <string>
+#include <memory>
 #include <vector>
 
 #include "tutel/comm/bootstrap.hpp"
@@ -53,8 +53,9 @@ struct HostIdentity {
   char boot_id[40] = {};  // /proc/sys/kernel/random/boot_id
   uint64_t pid_namespace = 0;
   uint32_t pid = 0;
-  uint32_t unused = 0;
+  uint32_t lease_slots = 0;  // how many slots its LeaseTable has, at lease_arena
   uint64_t challenge_words = 0;  // address of one word per rank: the answer to rank r's nonce in word r
+  uint64_t lease_arena = 0;      // address of its LeaseTable's slots: the only place its loans are
 };
 
 // This process, its challenge words at `challenge_words` (which must stay alive while peers
@@ -79,28 +80,48 @@ struct PullDescriptor {
   uint64_t magic = 0;
   uint64_t data = 0;  // the sender's buffer
   uint64_t bytes = 0;
-  uint64_t lease = 0;        // address of the lease word in the sender
-  uint64_t lease_value = 0;  // what it holds while the buffer is lent
+  uint64_t lease = 0;        // address of the lease slot in the sender (in its lease arena)
+  uint64_t lease_value = 0;  // what its lease word holds while the buffer is lent; never 0
+  uint64_t receiver = 0;     // the rank it is lent to
+};
+
+// Where a lender's loans can be (its HostIdentity's lease arena) and who is pulling: a
+// descriptor naming anything else is refused before anything is read.
+struct LoanBounds {
+  uint64_t arena = 0;
+  uint32_t slots = 0;
+  int receiver = -1;
 };
 
 // Whether a message of `bytes` at `data` is a PullDescriptor (its size and magic). A receive of
 // plain bytes gets one where the sender called the collective with a size large enough to be
 // pulled and the receiver with exactly sizeof(PullDescriptor): without this check the receiver
-// would return the descriptor as its data. Plain data that happens to be 40 bytes starting with
+// would return the descriptor as its data. Plain data that happens to be 48 bytes starting with
 // the magic ("TUTELPUL") reads as one too: a 2^-64 chance for arbitrary bytes.
 bool is_pull_descriptor(const void* data, size_t bytes);
 
-// The sender's leases and descriptors, in slots whose addresses never change (peers read them).
+// The sender's leases and descriptors, in a fixed arena of slots (peers read them; its address
+// and size go in the bootstrap payload, so a puller reads nothing a descriptor names outside
+// it). A slot holds its lease word and, right after it, a copy of its descriptor, which the
+// puller compares with the one it was sent: a descriptor forged by anyone who can send UCX
+// messages names memory this process never lent, and is refused.
 // Not thread-safe: the owning rank's mutex guards it.
 class LeaseTable {
  public:
   struct Slot {
     std::atomic<uint64_t> lease{0};
-    PullDescriptor descriptor;
+    PullDescriptor descriptor;  // right after the lease word: a puller reads both at once
     bool busy = false;
   };
-  // A slot lending `bytes` at `data`, its descriptor filled in.
-  Slot* lend(const void* data, size_t bytes);
+  // More than a rank ever lends at once (one per peer and piece of its collectives in flight).
+  static constexpr uint32_t kSlots = 4096;
+  LeaseTable();
+  // A slot lending `bytes` at `data` to rank `receiver`, its descriptor filled in; null when
+  // every slot is lent.
+  Slot* lend(const void* data, size_t bytes, int receiver);
+  // Where the slots are: for this process's HostIdentity, and (in tests) a puller's bounds.
+  uint64_t arena() const { return reinterpret_cast<uint64_t>(slots_.get()); }
+  LoanBounds bounds(int receiver) const { return {arena(), kSlots, receiver}; }
   // Withdraws the loan: a read from now on sees 0 and fails. The slot stays taken (a pending
   // send may still read its descriptor).
   static void withdraw(Slot* slot);
@@ -108,16 +129,16 @@ class LeaseTable {
   void release(Slot* slot);
 
  private:
-  std::deque<Slot> slots_;  // a deque never moves its elements
+  std::unique_ptr<Slot[]> slots_;  // kSlots, never moved
   std::vector<Slot*> free_;
-  uint64_t next_value_ = 1;
+  uint64_t next_value_;  // random start, so that a lease value says nothing about the count
 };
 
 // Copies the message `d` describes from process `pid` into `dst` (`expected` bytes), then
 // checks its lease. `who` names the sender in errors. *withdrawn (if given) is set when the
 // failure is the sender's withdrawal: it gave up on the collective, and its notice, which names
 // the cause, is probably on its way.
-Status pull(pid_t pid, const PullDescriptor& d, void* dst, size_t expected, const std::string& who,
-            bool* withdrawn = nullptr);
+Status pull(pid_t pid, const PullDescriptor& d, const LoanBounds& bounds, void* dst, size_t expected,
+            const std::string& who, bool* withdrawn = nullptr);
 
 }  // namespace tutel::comm::ucx

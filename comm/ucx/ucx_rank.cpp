@@ -148,7 +148,9 @@ Status UcxRank::init(const BootstrapOptions& o) {
     token = local_exchange_->token();
   }
   challenge_words_ = std::make_unique<uint64_t[]>(static_cast<size_t>(o.size));
-  const HostIdentity me = this_process(challenge_words_.get());
+  HostIdentity me = this_process(challenge_words_.get());
+  me.lease_arena = leases_.arena();  // the only place a puller reads a loan of ours from
+  me.lease_slots = LeaseTable::kSlots;
   std::string payload(kPayloadPrefix, '\0');
   std::memcpy(payload.data(), &token, sizeof token);
   std::memcpy(payload.data() + sizeof token, &mailbox_id_, sizeof mailbox_id_);
@@ -549,7 +551,14 @@ Status UcxRank::post_locked(std::vector<Op>& ops, const Transfer& t, bool is_sen
       return ucx_error("ucp_tag_recv_nbx", UCS_PTR_STATUS(ack));
     }
     op.ack_request = ack;
-    op.lease = leases_.lend(t.buffer, t.bytes);
+    op.lease = leases_.lend(t.buffer, t.bytes, t.peer);
+    if (op.lease == nullptr) {
+      cancel_and_free_locked(op.ack_request);
+      ops.pop_back();
+      return Status::ResourceExhausted("UCX rank " + std::to_string(rank_) + ": all " +
+                                       std::to_string(LeaseTable::kSlots) +
+                                       " lease slots are lent (more pulled messages in flight than a collective makes)");
+    }
     ucp_request_param_t send_param{};
     request = ucp_tag_send_nbx(endpoints_[t.peer], &op.lease->descriptor, sizeof(PullDescriptor), t.tag,
                                &send_param);
@@ -658,8 +667,9 @@ bool UcxRank::poll_ops_locked(std::vector<Op>& ops, Status* error) {
 
 Status UcxRank::finish_pull_locked(Op& op) {
   const Transfer& t = *op.transfer;
-  TUTEL_RETURN_IF_ERROR(pull(static_cast<pid_t>(hosts_[t.peer].pid), op.descriptor, t.buffer, t.bytes,
-                             describe(t.peer), &t_peer_withdrew));
+  const HostIdentity& lender = hosts_[t.peer];
+  TUTEL_RETURN_IF_ERROR(pull(static_cast<pid_t>(lender.pid), op.descriptor, {lender.lease_arena, lender.lease_slots, rank_},
+                             t.buffer, t.bytes, describe(t.peer), &t_peer_withdrew));
   send_ack_locked(t.peer, t.ack_tag);
   return Status::OK();
 }

@@ -34,9 +34,9 @@ TEST(PeerMemory, ALoanIsReadExactly) {
   LeaseTable leases;
   for (size_t bytes : {size_t{1}, size_t{4096}, size_t{3} << 20}) {
     const std::vector<uint8_t> data = random_bytes(bytes);
-    LeaseTable::Slot* slot = leases.lend(data.data(), data.size());
+    LeaseTable::Slot* slot = leases.lend(data.data(), data.size(), 1);
     std::vector<uint8_t> got(bytes, 0);
-    ASSERT_TRUE(pull(::getpid(), slot->descriptor, got.data(), bytes, "rank 1").ok());
+    ASSERT_TRUE(pull(::getpid(), slot->descriptor, leases.bounds(1), got.data(), bytes, "rank 1").ok());
     EXPECT_EQ(got, data);
     leases.release(slot);
   }
@@ -45,37 +45,94 @@ TEST(PeerMemory, ALoanIsReadExactly) {
 TEST(PeerMemory, AWithdrawnLoanFailsAndSlotsAreReusedWithFreshLeases) {
   LeaseTable leases;
   std::vector<uint8_t> data = random_bytes(65536), got(65536, 0);
-  LeaseTable::Slot* slot = leases.lend(data.data(), data.size());
+  LeaseTable::Slot* slot = leases.lend(data.data(), data.size(), 1);
   const PullDescriptor late = slot->descriptor;  // what a slow receiver holds
   leases.release(slot);
   bool withdrawn = false;
-  Status s = pull(::getpid(), late, got.data(), got.size(), "rank 3 (127.0.0.1, pid 1)", &withdrawn);
+  Status s = pull(::getpid(), late, leases.bounds(1), got.data(), got.size(), "rank 3 (127.0.0.1, pid 1)", &withdrawn);
   EXPECT_EQ(s.code(), StatusCode::kUnavailable);
   EXPECT_TRUE(withdrawn);
   EXPECT_NE(s.message().find("rank 3 (127.0.0.1, pid 1) withdrew the message"), std::string_view::npos) << s;
   // The slot lends again, to another buffer: the old descriptor still fails (its lease value is
   // not the new one), the new one reads the new buffer.
   std::vector<uint8_t> other = random_bytes(65536);
-  LeaseTable::Slot* again = leases.lend(other.data(), other.size());
+  LeaseTable::Slot* again = leases.lend(other.data(), other.size(), 1);
   EXPECT_EQ(again, slot);
-  EXPECT_FALSE(pull(::getpid(), late, got.data(), got.size(), "rank 3").ok());
-  ASSERT_TRUE(pull(::getpid(), again->descriptor, got.data(), got.size(), "rank 3").ok());
+  EXPECT_FALSE(pull(::getpid(), late, leases.bounds(1), got.data(), got.size(), "rank 3").ok());
+  ASSERT_TRUE(pull(::getpid(), again->descriptor, leases.bounds(1), got.data(), got.size(), "rank 3").ok());
   EXPECT_EQ(got, other);
 }
 
 TEST(PeerMemory, SizesThatDisagreeAndForeignMessagesAreErrors) {
   LeaseTable leases;
   std::vector<uint8_t> data = random_bytes(100000), got(200000, 0);
-  LeaseTable::Slot* slot = leases.lend(data.data(), data.size());
-  Status s = pull(::getpid(), slot->descriptor, got.data(), 200000, "rank 2");
+  LeaseTable::Slot* slot = leases.lend(data.data(), data.size(), 1);
+  Status s = pull(::getpid(), slot->descriptor, leases.bounds(1), got.data(), 200000, "rank 2");
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("different sizes"), std::string_view::npos) << s;
   EXPECT_TRUE(std::all_of(got.begin(), got.end(), [](uint8_t b) { return b == 0; }));
   PullDescriptor foreign = slot->descriptor;
   foreign.magic ^= 1;
-  s = pull(::getpid(), foreign, got.data(), 100000, "rank 2");
+  s = pull(::getpid(), foreign, leases.bounds(1), got.data(), 100000, "rank 2");
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   leases.release(slot);
+}
+
+// A descriptor is read only where it names a loan of the lender's to this rank: in the lender's
+// lease arena, at a slot whose own copy is the descriptor sent, with a lease value that is not 0.
+// Anyone who can send UCX messages on the pair's tag could make a rank copy any memory of the
+// lender's out as its data (the review's probe read another rank's private buffer, both sides
+// reporting OK).
+TEST(PeerMemory, AForgedDescriptorReadsNothing) {
+  LeaseTable leases;
+  const std::vector<uint8_t> lent = random_bytes(65536), secret = random_bytes(65536);
+  LeaseTable::Slot* slot = leases.lend(lent.data(), lent.size(), 1);
+  ASSERT_NE(slot, nullptr);
+  std::vector<uint8_t> got(65536, 0);
+  const uint64_t word = 0x1234;  // a word of the lender's that the forger knows
+  auto refused = [&](PullDescriptor d, const LoanBounds& bounds) {
+    std::fill(got.begin(), got.end(), 0);
+    const Status s = pull(::getpid(), d, bounds, got.data(), got.size(), "rank 1");
+    const bool read_secret = std::equal(got.begin(), got.end(), secret.begin());
+    return !s.ok() && !read_secret ? ::testing::AssertionSuccess()
+                                   : ::testing::AssertionFailure() << s << (read_secret ? " and the secret was read" : "");
+  };
+  PullDescriptor d = slot->descriptor;
+  d.data = reinterpret_cast<uint64_t>(secret.data());  // the real slot, another buffer
+  EXPECT_TRUE(refused(d, leases.bounds(1)));
+  d = slot->descriptor;
+  d.data = reinterpret_cast<uint64_t>(secret.data());
+  d.lease = reinterpret_cast<uint64_t>(&word);  // a lease word outside the arena
+  d.lease_value = word;
+  EXPECT_TRUE(refused(d, leases.bounds(1)));
+  d = slot->descriptor;
+  d.lease += 8;  // inside the arena, not a slot's start
+  EXPECT_TRUE(refused(d, leases.bounds(1)));
+  EXPECT_TRUE(refused(slot->descriptor, leases.bounds(2)));  // lent to rank 1, pulled by rank 2
+  LeaseTable::Slot* idle = leases.lend(secret.data(), secret.size(), 1);
+  leases.release(idle);  // a slot lent before, its lease 0 now
+  d = idle->descriptor;
+  d.lease_value = 0;
+  EXPECT_TRUE(refused(d, leases.bounds(1)));
+  // The real one still reads.
+  ASSERT_TRUE(pull(::getpid(), slot->descriptor, leases.bounds(1), got.data(), got.size(), "rank 1").ok());
+  EXPECT_EQ(got, lent);
+  leases.release(slot);
+}
+
+// Every slot lent: the next loan is refused (the sender's collective fails with
+// ResourceExhausted), and a released slot lends again.
+TEST(PeerMemory, TheLeaseArenaIsBounded) {
+  LeaseTable leases;
+  const uint8_t byte = 7;
+  std::vector<LeaseTable::Slot*> slots;
+  for (uint32_t i = 0; i < LeaseTable::kSlots; ++i) {
+    slots.push_back(leases.lend(&byte, 1, 1));
+    ASSERT_NE(slots.back(), nullptr);
+  }
+  EXPECT_EQ(leases.lend(&byte, 1, 1), nullptr);
+  leases.release(slots.back());
+  EXPECT_NE(leases.lend(&byte, 1, 1), nullptr);
 }
 
 // A sender frees its buffer only after it withdrew the loan: an unmapped buffer reads as a
@@ -87,11 +144,11 @@ TEST(PeerMemory, AnUnmappedBufferIsAWithdrawal) {
   void* region = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   ASSERT_NE(region, MAP_FAILED);
   LeaseTable leases;
-  LeaseTable::Slot* slot = leases.lend(region, bytes);
+  LeaseTable::Slot* slot = leases.lend(region, bytes, 1);
   const PullDescriptor d = slot->descriptor;
   ::munmap(region, bytes);
   bool withdrawn = false;
-  const Status s = pull(::getpid(), d, got.data(), bytes, "rank 4", &withdrawn);
+  const Status s = pull(::getpid(), d, leases.bounds(1), got.data(), bytes, "rank 4", &withdrawn);
   EXPECT_EQ(s.code(), StatusCode::kUnavailable);
   EXPECT_TRUE(withdrawn);
   EXPECT_NE(s.message().find("rank 4 withdrew the message"), std::string_view::npos) << s;
@@ -105,8 +162,8 @@ TEST(PeerMemory, AGoneProcessIsAnErrorNamingIt) {
   ::waitpid(child, nullptr, 0);  // reaped: its pid names nobody (until reused, which it is not so soon)
   LeaseTable leases;
   std::vector<uint8_t> data(65536), got(65536);
-  LeaseTable::Slot* slot = leases.lend(data.data(), data.size());
-  const Status s = pull(child, slot->descriptor, got.data(), got.size(), "rank 5 (127.0.0.1, pid 9)");
+  LeaseTable::Slot* slot = leases.lend(data.data(), data.size(), 1);
+  const Status s = pull(child, slot->descriptor, leases.bounds(1), got.data(), got.size(), "rank 5 (127.0.0.1, pid 9)");
   EXPECT_EQ(s.code(), StatusCode::kUnavailable);
   EXPECT_NE(s.message().find("rank 5 (127.0.0.1, pid 9) failed: its process exited"), std::string_view::npos) << s;
   leases.release(slot);
