@@ -290,7 +290,7 @@ int tutel_region_unmap(tutel_region* region) {
     // A wait that timed out changed nothing: the region is still mapped on both sides, and the
     // handle stays the caller's to unmap again (freed, it left the region mapped and charged
     // until the session ended, with no way to retry).
-    if (st.code() == tutel::StatusCode::kTimeout) return to_code(st);
+    if (st.code() == tutel::StatusCode::kTimeout && region->region->data() != nullptr) return to_code(st);
     region->magic = 0;
     delete region;
     return to_code(st);

@@ -121,7 +121,11 @@ void Client::close() {
   closed_ = true;
 }
 
-bool Client::is_connected() const { return session_ && session_->broken().ok(); }
+bool Client::is_connected() const {
+  if (!session_) return false;
+  const auto held = session_->hold();
+  return session_->broken().ok();
+}
 
 const std::string& Client::tenant() const {
   static const std::string none;
@@ -269,6 +273,7 @@ namespace {
 
 Status usable(const std::shared_ptr<LayerState>& state) {
   if (!state) return moved_from("Layer");
+  const auto held = state->session->hold();  // another thread may be failing the session
   if (state->destroyed)
     return Status::NotFound("layer '" + state->info.name + "' was destroyed through this handle");
   return state->session->broken();

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <sys/types.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdint>
@@ -122,7 +123,16 @@ class Session {
   // threads sharing a client take turns (they corrupted the rings and the allocator: one thread
   // took the other's completions, or a block was freed twice). Recursive: a call takes it again
   // inside another.
-  [[nodiscard]] std::unique_lock<std::recursive_mutex> hold() const { return std::unique_lock(mutex_); }
+  [[nodiscard]] std::unique_lock<std::recursive_mutex> hold() const {
+    std::unique_lock lock(mutex_, std::try_to_lock);
+    if (lock.owns_lock()) return lock;
+    // Held elsewhere. In a child forked while a parent thread held it, no one will let go: the
+    // child goes on without it, to the fork check that fails its call (only the contended
+    // case pays for getpid).
+    if (pid_ != ::getpid()) return std::unique_lock(mutex_, std::defer_lock);
+    lock.lock();
+    return lock;
+  }
 
   void close(const Status& why);
   // OK while the session works; the reason it stopped otherwise.

@@ -202,9 +202,10 @@ Status DaemonImpl::start() {
   if (!config_.server.metrics_listen.empty()) TUTEL_RETURN_IF_ERROR(start_metrics_server());
   uv_async_init(&loop_, &worker_exits_, [](uv_async_t* h) { static_cast<DaemonImpl*>(h->data)->on_workers_exited(); });
   worker_exits_.data = this;
-  // SIGHUP too: a daemon started from a terminal that closes checkpoints its layers rather than
-  // dying at once (there is nothing to reload).
-  for (uv_signal_t* signal : {&sigterm_, &sigint_, &sighup_}) {
+  // Not SIGHUP: UCX's library takes it before main() runs (its debug signal, UCX_DEBUG_SIGNO),
+  // which also hides whether the daemon was started ignoring it (nohup), so SIGHUP neither
+  // stops nor kills tuteld.
+  for (uv_signal_t* signal : {&sigterm_, &sigint_}) {
     uv_signal_init(&loop_, signal);
     signal->data = this;
   }
@@ -220,7 +221,6 @@ Status DaemonImpl::start() {
   };
   uv_signal_start(&sigterm_, on_signal, SIGTERM);
   uv_signal_start(&sigint_, on_signal, SIGINT);
-  uv_signal_start(&sighup_, on_signal, SIGHUP);
   TUTEL_LOG(INFO) << "tuteld serving on " << config_.server.client_socket << " (admin "
                   << config_.server.admin_socket << "), backend " << config_.backend.kind << " x"
                   << ranks_.size();
@@ -1356,7 +1356,7 @@ void DaemonImpl::shutdown() {
   // The signal handlers stay through the drain and the exit checkpoints (a second SIGTERM used
   // to kill the daemon between two layers' checkpoints, losing the rest); they no longer keep
   // the loop alive.
-  for (uv_signal_t* signal : {&sigterm_, &sigint_, &sighup_}) uv_unref(reinterpret_cast<uv_handle_t*>(signal));
+  for (uv_signal_t* signal : {&sigterm_, &sigint_}) uv_unref(reinterpret_cast<uv_handle_t*>(signal));
   if (metrics_http_) metrics_http_->close();  // and its connections, which would keep the loop alive
   ::unlink(config_.server.client_socket.c_str());
   ::unlink(config_.server.admin_socket.c_str());

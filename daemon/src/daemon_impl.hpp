@@ -152,7 +152,7 @@ class DaemonImpl {
   std::vector<InstanceLock> instance_locks_;
   ipc::UniqueFd client_fd_, admin_fd_;
   uv_poll_t client_poll_{}, admin_poll_{};
-  uv_signal_t sigterm_{}, sigint_{}, sighup_{};
+  uv_signal_t sigterm_{}, sigint_{};
   // A session's worker reports here as it exits (from its own thread); the loop then tears the
   // session down if it is closing (on_workers_exited).
   uv_async_t worker_exits_{};

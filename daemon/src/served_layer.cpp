@@ -210,7 +210,13 @@ Status ServedLayer::join_group() {
     nccl.synchronize = false;
     nccl.abandon = rank_.abandon_collectives;
     // Rank 0's unique id travels over the UCX group, which then keeps watching the peers.
-    TUTEL_ASSIGN_OR_RETURN(group->device_comm, comm::nccl_from_host(*group->host_comm, nccl, g.collective_timeout));
+    Result<std::unique_ptr<comm::Communicator>> device_comm =
+        comm::nccl_from_host(*group->host_comm, nccl, g.collective_timeout);
+    // A rank whose NCCL set-up failed (rank 0's unique id, its CUDA init) tells its peers over the
+    // UCX group, which they may be waiting in (the id's all-gather): they fail at once instead of
+    // at their timeout. (Peers already inside NCCL's own init still wait for theirs.)
+    if (!device_comm.ok()) group->host_comm->give_up(device_comm.status());
+    TUTEL_ASSIGN_OR_RETURN(group->device_comm, std::move(device_comm));
     group->runner = graphs::make_phase_runner(*group->backend);
     options.runner = group->runner.get();
     options.comm_on_backend_queue = true;

@@ -71,11 +71,12 @@ size_t PlanCache::trim() {
 
 size_t PlanCache::trim_extra_instances() {
   const size_t before = stats_.bytes;
-  // Most recent first: the first instance of a key met stays (idle or held), its idle others go.
-  std::unordered_set<CacheKey, CacheKeyHash> seen;
+  // Most recent first: a key's first idle instance stays, its other idle ones go; held ones
+  // are their holders'.
+  std::unordered_set<CacheKey, CacheKeyHash> kept;
   for (auto it = lru_.begin(); it != lru_.end();) {
     auto next = std::next(it);
-    if (!seen.insert(CacheKey{it->layer, it->key}).second && it->plan.use_count() == 1) {
+    if (it->plan.use_count() == 1 && !kept.insert(CacheKey{it->layer, it->key}).second) {
       erase(it);
       ++stats_.evictions;
     }

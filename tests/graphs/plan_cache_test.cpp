@@ -397,12 +397,12 @@ TEST(PlanCache, StepsInFlightEachGetTheirOwnInstance) {
   ASSERT_TRUE(next.ok()) << next.status();
   EXPECT_EQ(cache.stats().builds, uint64_t{kInFlight});
   const size_t per_plan = next->plan->bytes();
-  // trim_extra_instances() keeps one instance of the key (the held one, the most recently
-  // used) and gives back the idle others; trim() keeps the held one and gives back the rest.
-  EXPECT_EQ(cache.trim_extra_instances(), per_plan * (kInFlight - 1));
-  EXPECT_EQ(cache.instances(1, key), 1u);
+  // trim_extra_instances() keeps the held instance and one idle one, and gives back the other
+  // idle ones; trim() keeps the held one and gives back the rest.
+  EXPECT_EQ(cache.trim_extra_instances(), per_plan * (kInFlight - 2));
+  EXPECT_EQ(cache.instances(1, key), 2u);
   EXPECT_EQ(cache.trim_extra_instances(), 0u);
-  EXPECT_EQ(cache.trim(), 0u);
+  EXPECT_EQ(cache.trim(), per_plan);
   EXPECT_EQ(cache.instances(1, key), 1u);
   EXPECT_EQ(cache.stats().bytes, per_plan);
   next->plan.reset();

@@ -627,15 +627,15 @@ TEST_F(ProtocolAbuse, AStoppingDaemonWaitsForNoClientOfASessionItClosed) {
 
 // Signals that come while the daemon shuts down change nothing: it drains and checkpoints every
 // layer once, and exits 0 (a second SIGTERM or a SIGINT killed it between two layers'
-// checkpoints, leaving the rest unwritten and a temporary file behind). SIGHUP shuts it down
-// as SIGTERM does. A start removes exit checkpoints a killed run never finished.
+// checkpoints, leaving the rest unwritten and a temporary file behind). A start removes exit
+// checkpoints a killed run never finished.
 TEST_F(ProtocolAbuse, SignalsDuringShutdownLoseNoCheckpoint) {
   ASSERT_NO_FATAL_FAILURE(restart(DaemonOptions{.extra_server = "shutdown_grace_ms = 1500\n"}));
   RawSession rank0(daemon_->client_socket()), rank1(daemon_->client_socket());
   std::vector<uint64_t> handles;
   ASSERT_NO_FATAL_FAILURE(create_two_rank_group(rank0, rank1, handles));
   auto held = hold_group_forward(rank0, handles[0]);  // the shutdown waits up to its grace
-  ASSERT_EQ(::kill(daemon_->pid(), SIGHUP), 0);
+  ASSERT_EQ(::kill(daemon_->pid(), SIGTERM), 0);
   for (int i = 0; i < 400 && daemon_->log().find("shutting down") == std::string::npos; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   ASSERT_EQ(::kill(daemon_->pid(), SIGTERM), 0);
@@ -693,6 +693,16 @@ TEST_F(ProtocolAbuse, AClientGoneWithForwardsPendingLeavesOnePlanPerKey) {
   const auto c = forward8(owner, *handle);
   ASSERT_TRUE(c.has_value());
   EXPECT_EQ(c->status_code, 0) << c->message;
+}
+
+// SIGHUP neither stops nor kills tuteld (UCX takes it as its debug signal): a terminal that
+// closes, or nohup's own, leaves the daemon serving.
+TEST_F(ProtocolAbuse, SighupLeavesTheDaemonServing) {
+  ASSERT_EQ(::kill(daemon_->pid(), SIGHUP), 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_TRUE(daemon_->alive()) << daemon_->log();
+  expect_daemon_serves();
+  EXPECT_EQ(daemon_->log().find("shutting down"), std::string::npos) << daemon_->log();
 }
 
 TEST_F(ProtocolAbuse, RequestsBeforeHelloAndHelloTwice) {
@@ -1067,9 +1077,27 @@ TEST_F(ProtocolAbuse, ClosingSessionsWhoseWorkersWaitHoldNoPoolThread) {
     const ipc::ArenaLayout& l = waiting.back()->arena().layout();
     ASSERT_TRUE(waiting.back()->push(data_request(l, ipc::Op::kForward, handles[0], 0, 8, 16)));
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // all of them waiting in the daemon
+  // Every worker has taken its forward (the held one and the six): only then do they hang up (a
+  // worker that had not would exit without running its forward, which rank 1 then waits for).
+  RawSession admin(daemon_->admin_socket());
+  auto tenant = [&](const char* field) {
+    auto tenants = admin.call(ipc::FrameType::kAdminTenants, nlohmann::json::object(), ipc::FrameType::kOk);
+    EXPECT_TRUE(tenants.ok()) << tenants.status();
+    return tenants.ok() ? (*tenants)["tenants"][0][field].get<int64_t>() : int64_t{-1};
+  };
+  int64_t inflight = 0;
+  for (int i = 0; i < 400 && inflight != 7; ++i) {
+    inflight = tenant("inflight");
+    if (inflight != 7) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(inflight, 7);
   for (auto& w : waiting) ASSERT_EQ(::shutdown(w->fd(), SHUT_RDWR), 0);
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // all of them closing
+  int64_t closing = 0;
+  for (int i = 0; i < 400 && closing != 6; ++i) {
+    closing = tenant("closing_sessions");
+    if (closing != 6) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(closing, 6);
   // A hello needs the pool for its arena: it is answered while the collective still waits.
   RawSession other(daemon_->client_socket());
   ASSERT_TRUE(other.hello().ok());
@@ -1083,12 +1111,8 @@ TEST_F(ProtocolAbuse, ClosingSessionsWhoseWorkersWaitHoldNoPoolThread) {
     EXPECT_EQ(c->status_code, 0) << c->message;
   }
   EXPECT_EQ(await_sessions(3), 3);
-  RawSession admin(daemon_->admin_socket());
-  int64_t closing = -1;
   for (int i = 0; i < 400 && closing != 0; ++i) {
-    auto tenants = admin.call(ipc::FrameType::kAdminTenants, nlohmann::json::object(), ipc::FrameType::kOk);
-    ASSERT_TRUE(tenants.ok()) << tenants.status();
-    closing = (*tenants)["tenants"][0]["closing_sessions"].get<int64_t>();
+    closing = tenant("closing_sessions");
     if (closing != 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   EXPECT_EQ(closing, 0);

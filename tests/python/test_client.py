@@ -474,6 +474,8 @@ class ClientModuleTest(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(self.daemon.checkpoints, "a")))
         with self.assertRaises(ValueError):
             self.client.attach_layer("moe\0")
+        with self.assertRaises(ValueError):
+            tuteld.Client(self.daemon.client_socket + "\0x")
         with self.assertRaises(tuteld.TutelError) as e:
             layer.forward(np.zeros((1_000_000, M), np.float32))  # past the 16 MiB data region
         self.assertEqual(e.exception.name, "ResourceExhausted")

@@ -69,7 +69,8 @@ struct LayerInfo {
   uint64_t state_bytes = 0;
   // Set by a creation only: an earlier layer of this name had a checkpoint the daemon moved
   // aside rather than replace (a group layer of another spec, one waiting for its ranks, one a
-  // restart left out for a quota): its file among the tenant's checkpoints, for Layer::load.
+  // restart left out for a quota): its file among the tenant's checkpoints, which Layer::load
+  // takes into a layer of the spec it was written for.
   std::string kept_aside;
 };
 

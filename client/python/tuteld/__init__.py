@@ -16,8 +16,8 @@ through the session's shared memory.
 The library is found through TUTEL_CLIENT_LIBRARY (a path, e.g. build/lib/libtutel_client.so.0),
 else by the dynamic loader's search (LD_LIBRARY_PATH, the system's library directories).
 
-A Client and its layers may be used from several threads: calls on one client take turns (the
-C ABI allows one thread at a time per client). For PyTorch, see tuteld.nn.
+A Client and its layers may be used from several threads: calls on one client take turns (a
+lock per client; the C library takes its own too). For PyTorch, see tuteld.nn.
 """
 
 import collections
@@ -193,6 +193,14 @@ def _c_text(text, what):
     return text.encode()
 
 
+def _c_path(path, what):
+    """A filesystem path as a C string (str or bytes, as os functions take), NUL refused."""
+    encoded = os.fsencode(path)
+    if b"\0" in encoded:
+        raise ValueError(f"{what} contains a NUL character")
+    return encoded
+
+
 def _floats(array):
     return array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
@@ -269,14 +277,14 @@ class Client:
     def __init__(self, socket_path, secret_file=None, request_timeout=None, control_timeout=None, name=None):
         options = _ConnectOptions()
         options.struct_size = ctypes.sizeof(_ConnectOptions)
-        options.secret_file = None if secret_file is None else os.fsencode(secret_file)
+        options.secret_file = None if secret_file is None else _c_path(secret_file, "secret_file")
         options.name = None if name is None else _c_text(name, "name")
         options.control_timeout_ms = _milliseconds(control_timeout, "control_timeout")
         # The library's own bound covers a submit that waits for room (behind abandoned requests
         # the daemon has not completed); this module's waits use their own deadline.
         options.request_timeout_ms = _milliseconds(request_timeout, "request_timeout")
         self._request_timeout = None if request_timeout is None else float(request_timeout)
-        handle = _lib.tutel_connect_with_options(os.fsencode(socket_path), ctypes.byref(options))
+        handle = _lib.tutel_connect_with_options(_c_path(socket_path, "socket_path"), ctypes.byref(options))
         if not handle:
             # The real cause (a refused uid, a version mismatch), not a guess: callers branch on it.
             raise _error(_lib.tutel_last_error_code() or -11)
@@ -373,12 +381,13 @@ class Client:
     def create_layer(self, spec_toml):
         """Creates a layer from a TOML layer spec (docs/config.md, "Layers"). Where the daemon
         moved an earlier layer's checkpoint of the name aside instead of replacing it, a warning
-        says where (layer.kept_aside), and layer.load(layer.kept_aside) takes it back."""
+        says where (layer.kept_aside): a file among the tenant's checkpoints, which loads into a
+        layer of the spec it was written for (a group rank's file into that rank's layer)."""
         layer = self._open(_lib.tutel_layer_create, spec_toml)
         if layer.kept_aside:
             warnings.warn(f"tuteld created layer {layer.name!r} afresh and kept an earlier checkpoint of that "
                           f"name aside as {layer.kept_aside!r} among the tenant's checkpoints (the daemon's log "
-                          f"says why); layer.load({layer.kept_aside!r}) takes it back", stacklevel=2)
+                          f"says why); it loads into a layer of the spec it was written for", stacklevel=2)
         return layer
 
     def attach_layer(self, name):

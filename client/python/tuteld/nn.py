@@ -61,6 +61,7 @@ What torch's own machinery does not reach, since the experts are not torch param
 """
 
 import math
+import re
 import warnings
 
 import torch
@@ -203,13 +204,18 @@ class MoE(torch.nn.Module):
         """Binds the module to its layer (by name) through `client`: after the daemon restarted,
         which brings its layers back from their checkpoints, or once the old client was closed.
         A group layer, which a restart does not bring back, is created again from the spec the
-        module was made with, and resumes from its checkpoint on every rank that does the same.
+        module was made with, and resumes from its checkpoint on every rank that does the same;
+        any other layer the daemon does not hold raises NotFound (a daemon without state_dir
+        keeps nothing across a restart: load a state_dict into the module created anew).
         Training forwards whose backward had not run are lost with the old session: their
         graphs' backward raises, so run that step again."""
         try:
             layer = client.attach_layer(self.layer.name)
         except TutelError as e:
-            if e.name != "NotFound" or self._spec is None:
+            # Only a group layer is created again: any other layer a restart did not bring back
+            # (a daemon without state_dir, one killed before it checkpointed) would start afresh
+            # from its initial weights, silently.
+            if e.name != "NotFound" or self._spec is None or not _is_group_spec(self._spec):
                 raise
             layer = client.create_layer(self._spec)
         old, self.layer = self.layer, layer
@@ -354,6 +360,15 @@ class MoE(torch.nn.Module):
         raise TypeError("tuteld.nn.MoE cannot be pickled (torch.save of the module): its parameters "
                         "live in the daemon; torch.save(model.state_dict()) holds them, and "
                         "load_state_dict puts them back into a model made anew")
+
+
+def _is_group_spec(spec_toml):
+    """Whether a layer spec has a [group] table (or a group key)."""
+    try:
+        import tomllib  # Python 3.11
+    except ImportError:
+        return re.search(r"^\s*(\[\s*group\s*\]|group\s*=)", spec_toml, re.MULTILINE) is not None
+    return "group" in tomllib.loads(spec_toml)
 
 
 def _layers(model):

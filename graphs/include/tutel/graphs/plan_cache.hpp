@@ -80,8 +80,8 @@ class PlanCache {
   // Drops every plan no caller holds (counted as evictions); returns the bytes given back. For
   // an owner whose memory runs short elsewhere (the daemon's tenant quota).
   size_t trim();
-  // Drops the idle instances of every key beyond its most recently used one (counted as
-  // evictions); returns the bytes given back. For an owner whose burst of requests in flight
+  // Drops the idle instances of every key beyond its most recently used idle one (counted as
+  // evictions; held instances stay); returns the bytes given back. For an owner whose burst of requests in flight
   // is over (a client gone with many forwards pending).
   size_t trim_extra_instances();
   // Builds the keys not cached yet (counted as builds, not misses).
