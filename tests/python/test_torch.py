@@ -233,6 +233,12 @@ class TorchModuleTest(unittest.TestCase):
         train_step()  # and training goes on
         self.assertEqual(self.daemon.layer_field("moe", "step"), 2)
         self.assertEqual(self.daemon.layer_field("moe_g", "step"), 2)
+        # A layer without [group] that the daemon no longer holds is not created afresh from the
+        # spec (its training would restart from the initial weights, silently): NotFound.
+        client.attach_layer("moe").destroy()
+        with self.assertRaises(tuteld.TutelError) as gone:
+            local.reattach(client)
+        self.assertEqual(gone.exception.name, "NotFound", gone.exception)
 
     def test_eval_and_no_grad_are_inference(self):
         p, x = random_case(self.rng, 6)
