@@ -1061,6 +1061,17 @@ TEST(ExpertParallelOptionsCheck, AGatherGroupThatFailsOnOneRankIsRefusedByEveryR
       << created[0];
 }
 
+// Views of a rank's slice of the parameters (host memory: the CPU backend's), for its layer.
+LayerWeights host_weights(const LayerSpec& spec, const ExpertShard& shard, graphs::HostLayerParams& local) {
+  LayerWeights w;
+  w.gate_weight = TensorView(local.gate.data(), DType::kF32, {spec.experts, spec.model_dim});
+  w.experts.fc1_weight = TensorView(local.fc1.data(), DType::kF32, graphs::local_fc1_shape(spec, shard));
+  w.experts.fc1_bias = TensorView(local.fc1_bias.data(), DType::kF32, graphs::local_fc1_bias_shape(spec, shard));
+  w.experts.fc2_weight = TensorView(local.fc2.data(), DType::kF32, graphs::local_fc2_shape(spec, shard));
+  w.experts.fc2_bias = TensorView(local.fc2_bias.data(), DType::kF32, graphs::local_fc2_bias_shape(spec, shard));
+  return w;
+}
+
 // A group of W ranks (threads, UCX on loopback) whose backends `wrap` may replace, each running
 // `body` with its layer (created with options_of(rank)) and a training forward of `x` through its
 // slice of `whole`. Returns what each rank's set-up came to: the creation's status, or the
@@ -1090,12 +1101,7 @@ std::vector<Status> run_failure_ranks(int W, const LayerSpec& spec, const Option
       if (!layer.ok()) return void(setup[r] = layer.status());
       const ExpertShard shard = layer->shard();
       graphs::HostLayerParams local = graphs::slice_for_rank(spec, shard, whole);
-      LayerWeights w;
-      w.gate_weight = TensorView(local.gate.data(), DType::kF32, {spec.experts, M});
-      w.experts.fc1_weight = TensorView(local.fc1.data(), DType::kF32, graphs::local_fc1_shape(spec, shard));
-      w.experts.fc1_bias = TensorView(local.fc1_bias.data(), DType::kF32, graphs::local_fc1_bias_shape(spec, shard));
-      w.experts.fc2_weight = TensorView(local.fc2.data(), DType::kF32, graphs::local_fc2_shape(spec, shard));
-      w.experts.fc2_bias = TensorView(local.fc2_bias.data(), DType::kF32, graphs::local_fc2_bias_shape(spec, shard));
+      const LayerWeights w = host_weights(spec, shard, local);
       std::vector<float> xr = x, y(S * O);
       body(r, *layer, [&] {
         ExpertParallelLayer::Saved saved;
@@ -1170,12 +1176,7 @@ TEST(ExpertParallelFailures, AnAgreedTokenCountOutOfRangeIsRefusedByEveryRank) {
         if (!layer.ok()) return void(setup[r] = layer.status());
         const ExpertShard shard = layer->shard();
         graphs::HostLayerParams local = graphs::slice_for_rank(spec, shard, whole);
-        LayerWeights w;
-        w.gate_weight = TensorView(local.gate.data(), DType::kF32, {spec.experts, M});
-        w.experts.fc1_weight = TensorView(local.fc1.data(), DType::kF32, graphs::local_fc1_shape(spec, shard));
-        w.experts.fc1_bias = TensorView(local.fc1_bias.data(), DType::kF32, graphs::local_fc1_bias_shape(spec, shard));
-        w.experts.fc2_weight = TensorView(local.fc2.data(), DType::kF32, graphs::local_fc2_shape(spec, shard));
-        w.experts.fc2_bias = TensorView(local.fc2_bias.data(), DType::kF32, graphs::local_fc2_bias_shape(spec, shard));
+        const LayerWeights w = host_weights(spec, shard, local);
         std::vector<float> xr = x, y(S * O);
         auto forward = [&] {
           return layer->forward(w, TensorView(xr.data(), DType::kF32, {S, M}), TensorView(y.data(), DType::kF32, {S, O}),

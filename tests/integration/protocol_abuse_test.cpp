@@ -63,6 +63,15 @@ class ProtocolAbuse : public ::testing::Test {
     daemon_ = std::make_unique<DaemonProcess>(options);
     ASSERT_TRUE(daemon_->start());
   }
+  // Restarts the daemon with a thread pool of `threads` (UV_THREADPOOL_SIZE, for this start only).
+  void restart_with_pool_threads(int threads) {
+    daemon_->stop();
+    ::setenv("UV_THREADPOOL_SIZE", std::to_string(threads).c_str(), 1);
+    daemon_ = std::make_unique<DaemonProcess>(DaemonOptions{});
+    const bool started = daemon_->start();
+    ::unsetenv("UV_THREADPOOL_SIZE");
+    ASSERT_TRUE(started);
+  }
   // Restarts the daemon with a second tenant, "other", for uid 65534 (nobody), whose clients run
   // in children that drop to that uid; its socket and directories are opened to them.
   void restart_with_other_tenant() {
@@ -1020,12 +1029,7 @@ TEST_F(ProtocolAbuse, AClosingSessionKeepsItsPlaceUntilItsRequestHasFinished) {
 // thread each: six of them held the whole pool of four, and a hello, which needs the pool for
 // its arena, waited for the collective.)
 TEST_F(ProtocolAbuse, FramesQueuedOnABusyLayerHoldOnePoolThreadBetweenThem) {
-  daemon_->stop();
-  ::setenv("UV_THREADPOOL_SIZE", "4", 1);
-  daemon_ = std::make_unique<DaemonProcess>(DaemonOptions{});
-  const bool started = daemon_->start();
-  ::unsetenv("UV_THREADPOOL_SIZE");
-  ASSERT_TRUE(started);
+  ASSERT_NO_FATAL_FAILURE(restart_with_pool_threads(4));
   RawSession rank0(daemon_->client_socket()), rank1(daemon_->client_socket());
   std::vector<uint64_t> handles;
   ASSERT_NO_FATAL_FAILURE(create_two_rank_group(rank0, rank1, handles));
@@ -1059,12 +1063,7 @@ TEST_F(ProtocolAbuse, FramesQueuedOnABusyLayerHoldOnePoolThreadBetweenThem) {
 // whole pool of four until the collective ended, and every hello, which needs the pool for its
 // arena, waited with them.)
 TEST_F(ProtocolAbuse, ClosingSessionsWhoseWorkersWaitHoldNoPoolThread) {
-  daemon_->stop();
-  ::setenv("UV_THREADPOOL_SIZE", "4", 1);
-  daemon_ = std::make_unique<DaemonProcess>(DaemonOptions{});
-  const bool started = daemon_->start();
-  ::unsetenv("UV_THREADPOOL_SIZE");
-  ASSERT_TRUE(started);
+  ASSERT_NO_FATAL_FAILURE(restart_with_pool_threads(4));
   RawSession rank0(daemon_->client_socket()), rank1(daemon_->client_socket());
   std::vector<uint64_t> handles;
   ASSERT_NO_FATAL_FAILURE(create_two_rank_group(rank0, rank1, handles));
