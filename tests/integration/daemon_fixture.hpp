@@ -89,6 +89,7 @@ class DaemonProcess {
   // Starts the daemon without waiting: the daemons of a cluster serve only once all have started.
   ::testing::AssertionResult spawn() {
     const std::string log_path = dir_ + "/tuteld.log";
+    log_start_ = log().size();  // a restart appends: only this start's lines say it serves
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
     posix_spawn_file_actions_addopen(&actions, 1, log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
@@ -107,7 +108,7 @@ class DaemonProcess {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     while (std::chrono::steady_clock::now() < deadline) {
       if (std::filesystem::exists(client_socket()) && std::filesystem::exists(admin_socket()) &&
-          log().find("serving on") != std::string::npos)
+          log().find("serving on", log_start_) != std::string::npos)
         return ::testing::AssertionSuccess();
       int status = 0;
       if (::waitpid(pid_, &status, WNOHANG) == pid_) {
@@ -198,6 +199,7 @@ class DaemonProcess {
   std::string dir_;
   pid_t pid_ = -1;
   int exit_status_ = -1;
+  size_t log_start_ = 0;  // the log's size when the current start began
 };
 
 }  // namespace tutel::testing
