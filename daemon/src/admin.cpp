@@ -48,9 +48,6 @@ json plans_json(const ServedLayer::PlanSummary& summary) {
 
 json DaemonImpl::status_json() const {
   const double uptime = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_at_).count();
-  int64_t clients = 0;
-  // Not those tuteld closed, waiting for their clients to let go (a tenant's closing_sessions).
-  for (const auto& [id, s] : sessions_) clients += s->admin || s->lingering ? 0 : 1;
   // The ranks whose device was lost: why and since when (seconds ago, as uptime is given).
   json out_of_service = json::array();
   for (const auto& rank : ranks_)
@@ -66,7 +63,7 @@ json DaemonImpl::status_json() const {
           {"backend", config_.backend.kind},
           {"ranks", ranks_.size()},
           {"out_of_service", out_of_service},
-          {"sessions", clients},
+          {"sessions", connected_clients()},
           {"layers", registry_->all().size()},
           {"tenants", config_.tenants.size()},
           {"client_socket", config_.server.client_socket},

@@ -1185,10 +1185,13 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
 
 // The metric counts client sessions, as `tutelctl status` does: admin connections (tutelctl
 // itself, closed asynchronously) are not the trainers it reports on.
-void DaemonImpl::publish_session_count() {
+void DaemonImpl::publish_session_count() { metrics_.set_active_sessions(connected_clients()); }
+
+int64_t DaemonImpl::connected_clients() const {
+  // Not those tuteld closed, waiting for their clients to let go (a tenant's closing_sessions).
   int64_t clients = 0;
   for (const auto& [id, session] : sessions_) clients += session->admin || session->lingering ? 0 : 1;
-  metrics_.set_active_sessions(clients);
+  return clients;
 }
 
 void DaemonImpl::close_session(const std::shared_ptr<Session>& s) {

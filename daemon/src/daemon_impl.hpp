@@ -118,6 +118,8 @@ class DaemonImpl {
   void finish_frame(const std::shared_ptr<Session>& s);
   void shutdown();
   void publish_session_count();  // on the loop thread
+  // Client sessions connected, as the status and the metric count them (on the loop thread).
+  int64_t connected_clients() const;
   // The tenant's client sessions in one state, on the loop thread: still awaiting their hello,
   // admitted (past it) and open, or admitted and closing (max_sessions counts both of these).
   enum class SessionState { kAwaitingHello, kOpen, kClosing };
