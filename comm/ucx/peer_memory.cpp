@@ -106,6 +106,47 @@ bool is_pull_descriptor(const void* data, size_t bytes) {
   return magic == kDescriptorMagic;
 }
 
+namespace {
+
+// What a puller reads of a lender's slot: its lease word, then its copy of the descriptor.
+struct SlotImage {
+  uint64_t lease = 0;
+  PullDescriptor copy;
+};
+static_assert(sizeof(SlotImage) == sizeof(uint64_t) + sizeof(PullDescriptor));
+
+// The slot as read, before (`after_data` false) or after the data: the loan must still stand and
+// the slot hold the very descriptor that was sent.
+Status check_slot(const SlotImage& slot, const PullDescriptor& d, const std::string& who, bool* withdrawn,
+                  bool after_data) {
+  if (slot.lease != d.lease_value) {
+    if (withdrawn != nullptr) *withdrawn = true;
+    return Status::Unavailable(who + " withdrew the message before it was read (it gave up on the collective)");
+  }
+  if (std::memcmp(&slot.copy, &d, sizeof d) != 0)
+    return Status::Corruption(who + " sent a pull descriptor its lease slot does not hold (a forged message); " +
+                              (after_data ? "what was read is not its message" : "nothing was read"));
+  return Status::OK();
+}
+
+// A failed process_vm_readv (err 0: a short read) of `what` ("its lease slot", "the message from
+// its memory"). The message's buffer may be gone, the slot never: the arena lives as long as the
+// lender's rank.
+Status read_failure(int err, const std::string& who, const char* what, bool* withdrawn, bool reading_message) {
+  if (err == ESRCH) return Status::Unavailable(who + " failed: its process exited (process_vm_readv: no such process)");
+  // The sender frees a buffer only after it returned from the collective, which it does only
+  // after withdrawing the loan: an unmapped buffer is a withdrawn one.
+  if (err == EFAULT && reading_message) {
+    if (withdrawn != nullptr) *withdrawn = true;
+    return Status::Unavailable(who + " withdrew the message before it was read (its buffer is gone: it gave up "
+                                     "on the collective)");
+  }
+  return Status::Unavailable(who + ": cannot read " + what + " (process_vm_readv: " +
+                             (err == 0 ? std::string("short read") : std::string(std::strerror(err))) + ")");
+}
+
+}  // namespace
+
 Status pull(pid_t pid, const PullDescriptor& d, const LoanBounds& bounds, void* dst, size_t expected,
             const std::string& who, bool* withdrawn) {
   if (d.magic != kDescriptorMagic)
@@ -124,11 +165,7 @@ Status pull(pid_t pid, const PullDescriptor& d, const LoanBounds& bounds, void* 
       d.lease - bounds.arena >= arena_bytes || (d.lease - bounds.arena) % sizeof(LeaseTable::Slot) != 0)
     return Status::Corruption(who + " sent a pull descriptor that names no loan of its to this rank (another "
                                     "build, or a forged message); nothing was read");
-  struct {
-    uint64_t lease = 0;
-    PullDescriptor copy;
-  } slot;
-  static_assert(sizeof slot == sizeof(uint64_t) + sizeof(PullDescriptor));
+  SlotImage slot;
   // The slot first: its copy of the descriptor is checked before anything it names is read (then
   // read again after the data, so that a loan withdrawn meanwhile is seen).
   {
@@ -136,25 +173,12 @@ Status pull(pid_t pid, const PullDescriptor& d, const LoanBounds& bounds, void* 
     ssize_t n;
     do n = ::process_vm_readv(pid, &l, 1, &r, 1, 0);
     while (n < 0 && errno == EINTR);
-    if (n < 0 && errno == ESRCH)
-      return Status::Unavailable(who + " failed: its process exited (process_vm_readv: no such process)");
-    if (n != static_cast<ssize_t>(sizeof slot))
-      return Status::Unavailable(who + ": cannot read its lease slot (process_vm_readv: " +
-                                 (n < 0 ? std::string(std::strerror(errno)) : std::string("short read")) + ")");
-    if (slot.lease != d.lease_value) {
-      if (withdrawn != nullptr) *withdrawn = true;
-      return Status::Unavailable(who + " withdrew the message before it was read (it gave up on the collective)");
-    }
-    if (std::memcmp(&slot.copy, &d, sizeof d) != 0)
-      return Status::Corruption(who + " sent a pull descriptor its lease slot does not hold (a forged message); "
-                                      "nothing was read");
+    if (n != static_cast<ssize_t>(sizeof slot)) return read_failure(n < 0 ? errno : 0, who, "its lease slot", withdrawn, false);
+    TUTEL_RETURN_IF_ERROR(check_slot(slot, d, who, withdrawn, false));
   }
-  iovec local[2] = {{dst, expected}, {&slot, sizeof slot}};
-  iovec remote[2] = {{reinterpret_cast<void*>(d.data), expected},
-                     {reinterpret_cast<void*>(d.lease), sizeof slot}};
   size_t done = 0;
   // process_vm_readv may stop short (it copies at most IOV_MAX pages' worth per call on some
-  // kernels); continue where it stopped. The slot (its lease word, then its copy of the descriptor) always comes last.
+  // kernels); continue where it stopped. The slot always comes last.
   while (done < expected + sizeof slot) {
     iovec l[2], r[2];
     int count = 0;
@@ -162,43 +186,19 @@ Status pull(pid_t pid, const PullDescriptor& d, const LoanBounds& bounds, void* 
       l[count] = {static_cast<char*>(dst) + done, expected - done};
       r[count] = {reinterpret_cast<char*>(d.data) + done, expected - done};
       ++count;
-      l[count] = local[1];
-      r[count] = remote[1];
-      ++count;
-    } else {
-      const size_t in_slot = done - expected;
-      l[0] = {reinterpret_cast<char*>(&slot) + in_slot, sizeof slot - in_slot};
-      r[0] = {reinterpret_cast<char*>(d.lease) + in_slot, sizeof slot - in_slot};
-      count = 1;
     }
+    const size_t in_slot = done > expected ? done - expected : 0;
+    l[count] = {reinterpret_cast<char*>(&slot) + in_slot, sizeof slot - in_slot};
+    r[count] = {reinterpret_cast<char*>(d.lease) + in_slot, sizeof slot - in_slot};
+    ++count;
     const ssize_t n = ::process_vm_readv(pid, l, static_cast<unsigned long>(count), r,
                                          static_cast<unsigned long>(count), 0);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      const int err = errno;
-      if (err == ESRCH)
-        return Status::Unavailable(who + " failed: its process exited (process_vm_readv: no such process)");
-      // The sender frees a buffer only after it returned from the collective, which it does only
-      // after withdrawing the loan: an unmapped buffer is a withdrawn one.
-      if (err == EFAULT) {
-        if (withdrawn != nullptr) *withdrawn = true;
-        return Status::Unavailable(who + " withdrew the message before it was read (its buffer is gone: it gave up "
-                                         "on the collective)");
-      }
-      return Status::Unavailable(who + ": cannot read the message from its memory (process_vm_readv: " +
-                                 std::strerror(err) + ")");
-    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return read_failure(errno, who, "the message from its memory", withdrawn, true);
     if (n == 0) return Status::Unavailable(who + ": process_vm_readv made no progress");
     done += static_cast<size_t>(n);
   }
-  if (slot.lease != d.lease_value) {
-    if (withdrawn != nullptr) *withdrawn = true;
-    return Status::Unavailable(who + " withdrew the message before it was read (it gave up on the collective)");
-  }
-  if (std::memcmp(&slot.copy, &d, sizeof d) != 0)
-    return Status::Corruption(who + " sent a pull descriptor its lease slot does not hold (a forged message); what "
-                                    "was read is not its message");
-  return Status::OK();
+  return check_slot(slot, d, who, withdrawn, true);
 }
 
 }  // namespace tutel::comm::ucx
