@@ -57,6 +57,8 @@ class UcxCommunicator final : public Communicator {
     for (int p = 0; p < size(); ++p)
       if (p != me_) notice_.peers.emplace_back(members_[p], tag(group_ids_[p], me_, kNoticeSeq));
     notice_.self = rank_->describe(rank_->rank());
+    notice_.members = members_;
+    notice_.sender_mask = (uint64_t{1} << kRankBits) - 1;
     return rank_->post_notice(notice_, tag(group_ids_[me_], 0, kNoticeSeq), kIgnoreSender);
   }
 
@@ -244,7 +246,8 @@ class UcxCommunicator final : public Communicator {
           c += ", ...";
           break;
         }
-        c += (i ? "," : "") + std::to_string(members_[i]);
+        if (i > 0) c += ',';
+        c += std::to_string(members_[i]);
       }
     }
     return c + "; timeout " + std::to_string(timeout_.count()) + " ms)";

@@ -62,6 +62,10 @@ struct Notice {
   void* request = nullptr;  // the posted receive; null when none
   char text[1024] = {};
   std::vector<std::pair<int, uint64_t>> peers;  // (world rank, tag) to notify when giving up
+  // Who sent a notice that arrived: the world rank of members[tag & sender_mask] (a tag's claim,
+  // unauthenticated like every UCX message: it only labels the peer in failure()).
+  std::vector<int> members;
+  uint64_t sender_mask = 0;
   std::string self;                             // "rank 2 (127.0.0.1, pid 7)"
   const char* what = "";                        // the collective running now
   bool sent = false;                            // once per communicator is enough
@@ -91,7 +95,9 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   // Lock-free: any thread, any time.
   uint64_t bytes_sent(int peer) const;
   uint64_t bytes_received(int peer) const;
-  // Why `peer` is considered failed; "" while it is not. Progresses the worker.
+  // Why `peer` is considered failed; "" while it is not. Progresses the worker. A peer that gave
+  // up on a group with this rank and said so (its notice) is described by what it said, not by
+  // its closed connection: it is alive.
   std::string failure(int peer);
 
   // Beacons: small fire-and-forget messages (heartbeats). The data (at most kMaxBeaconBytes)
@@ -178,6 +184,8 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   void progress_locked();
   bool peer_failed_locked(int peer);
   Status peer_failure_locked(int peer);
+  // failures_[peer], or what the peer said when it gave up (noticed_).
+  std::string failure_text_locked(int peer) const;
   void declare_failed_locked(int peer, std::string reason);
   void close_endpoint_locked(int peer, bool force);
   Status post_locked(std::vector<Op>& ops, const Transfer& t, bool is_send);
@@ -188,6 +196,9 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   // OK while no notice has arrived; the notice's error otherwise.
   Status check_notice_locked(Notice& notice);
   void send_notices_locked(Notice& notice, const Status& error);
+  // Sends the last notice again to each of `peers` (just force-closed, their notice possibly
+  // purged with it) over a fresh endpoint of its own.
+  void resend_notices_locked(const Notice& notice, const std::vector<int>& peers);
   // True when a beacon arrived (in beacon_buffer_ / beacon_info_); keeps one receive posted.
   bool next_beacon_locked(uint64_t tag, uint64_t mask);
 
@@ -232,6 +243,16 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   std::vector<void*> closing_;         // endpoint close requests in flight
   std::vector<int> sleepers_;          // eventfds of threads sleeping on this worker
   std::vector<std::unique_ptr<std::string>> notice_texts_;  // buffers of notices sent
+  // Notice sends not yet complete, (world rank, request): a force-close purges such a send.
+  std::vector<std::pair<int, void*>> notice_sends_;
+  // Notices sent again after a force-close, each over an endpoint of its own (closed last).
+  struct LateNotice {
+    ucp_ep_h endpoint;
+    void* request;  // null once complete
+  };
+  std::vector<LateNotice> late_notices_;
+  std::vector<std::string> noticed_;          // what each peer said when it gave up; "" if nothing
+  std::vector<std::string> worker_addresses_;  // each peer's UCX worker address (fresh endpoints)
   struct Sink {
     void* request;
     std::unique_ptr<char[]> buffer;

@@ -249,6 +249,48 @@ TEST(UcxFailure, RaisingAbandonEndsAWaitingCollectiveAndTellsThePeers) {
   EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
 }
 
+// A rank that gives up on a collective whose message its peer has not taken closes its
+// connection to that peer (the send may still read the caller's buffer), and that close purged
+// the notice queued behind the message: the peer, healthy and only late, waited out its whole
+// timeout (20 s here) instead of learning why, and then reported the rank as crashed. The notice
+// now goes again over an endpoint of its own; the late rank fails at once with the cause and
+// reports the other as having given up.
+TEST(UcxPeers, ALateRankLearnsWhyItsPeerGaveUpAndDoesNotCallItCrashed) {
+  const uint16_t port = testing::free_port();
+  constexpr size_t kChunk = 4 << 20;  // rendezvous: the send waits for the peer's receive
+  testing::ProcessGroup group(2, [&](int rank, const ChildChannel& channel) -> std::string {
+    BootstrapOptions o = loopback_options(port, rank, 2, 1, rank == 1 ? 500ms : 20000ms);
+    o.peer_memory = false;  // a pulled message's send (its descriptor) would complete at once
+    auto comm = ucx_bootstrap(o);
+    if (!comm.ok()) return "bootstrap: " + comm.status().to_string();
+    std::vector<uint8_t> send(2 * kChunk, 3), recv(2 * kChunk);
+    if (rank == 1) {
+      Status s = (*comm)->all_to_all(send.data(), recv.data(), kChunk, AllToAllAlgo::kLinear);
+      channel.notify();
+      if (s.code() != StatusCode::kTimeout) return "expected a timeout, got " + s.to_string();
+      channel.await_release();  // idle (nothing progresses its worker) until rank 0 is done
+      return "";
+    }
+    channel.await_release();  // until rank 1 has given up
+    Status s = (*comm)->all_to_all(send.data(), recv.data(), kChunk, AllToAllAlgo::kLinear);
+    channel.notify();
+    if (s.code() != StatusCode::kUnavailable || !contains(s.message(), "rank 1 (127.0.0.1, pid ") ||
+        !contains(s.message(), "gave up on all_to_all: timed out"))
+      return "expected rank 1's notice, got " + s.to_string();
+    // This rank gave up in turn, on a peer that did not take its message: declared failed here.
+    const std::vector<PeerStatus> peers = (*comm)->peers();
+    if (peers.size() != 1 || !peers[0].failed) return "rank 1 is not reported failed";
+    if (contains(peers[0].error, "may have exited") || !contains(peers[0].error, "gave up on all_to_all"))
+      return "rank 1, which gave up and said so, is reported as: " + peers[0].error;
+    return "";
+  });
+  EXPECT_TRUE(group.wait_notified(1, 60s));
+  group.release(0);
+  EXPECT_TRUE(group.wait_notified(0, 60s));
+  group.release(1);
+  EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
+}
+
 }  // namespace
 }  // namespace tutel::comm
 
