@@ -26,6 +26,7 @@
 #include <system_error>
 #include <tuple>
 
+#include "toml_nesting.hpp"
 #include "toml_reader.hpp"
 #include "tutel/graphs/exchange_tuner.hpp"
 
@@ -692,15 +693,39 @@ Status check_layer_limits(const ServerConfig& server, const LayerDefinition& def
   return Status::OK();
 }
 
-Result<LayerDefinition> parse_layer_spec(std::string_view toml_text, std::string_view source_name) {
-  toml::parse_result parsed = toml::parse(toml_text, source_name);
+namespace {
+
+// How deep a config or layer spec may nest (they use four levels) and how long a layer spec may be
+// (they take a few hundred bytes): bounds on what a client's text can make the parser build.
+constexpr size_t kMaxTomlNesting = 32;
+constexpr size_t kMaxLayerSpecBytes = 64 * 1024;
+
+// toml::parse behind the nesting bound (toml_nesting.hpp: deeper text overflowed its stack).
+Result<toml::table> parse_toml(std::string_view text, std::string_view source_name) {
+  const TomlNesting nesting = toml_nesting(text, kMaxTomlNesting);
+  if (nesting.line != 0)
+    return Status::InvalidArgument(std::string(source_name) + ":" + std::to_string(nesting.line) +
+                                   ": nests more than " + std::to_string(kMaxTomlNesting) +
+                                   " levels deep (tables, dotted-key parts, arrays and inline tables together); "
+                                   "a tuteld config or layer spec needs at most four");
+  toml::parse_result parsed = toml::parse(text, source_name);
   if (!parsed) {
     const toml::parse_error& e = parsed.error();
-    return located_error(source_name, e.source(), "",
-                         "TOML syntax error: " + std::string(e.description()));
+    return located_error(source_name, e.source(), "", "TOML syntax error: " + std::string(e.description()));
   }
+  return std::move(parsed).table();
+}
+
+}  // namespace
+
+Result<LayerDefinition> parse_layer_spec(std::string_view toml_text, std::string_view source_name) {
+  if (toml_text.size() > kMaxLayerSpecBytes)
+    return Status::InvalidArgument(std::string(source_name) + ": a layer spec of " + std::to_string(toml_text.size()) +
+                                   " bytes; at most " + std::to_string(kMaxLayerSpecBytes) +
+                                   " are accepted (a spec takes a few hundred)");
+  TUTEL_ASSIGN_OR_RETURN(const toml::table table, parse_toml(toml_text, source_name));
   LayerDefinition def;
-  const Scope root(source_name, parsed.table(), "", "the layer spec");
+  const Scope root(source_name, table, "", "the layer spec");
   TUTEL_RETURN_IF_ERROR(parse_layer(root, /*in_config=*/false, fs::path(), def));
   return def;
 }
@@ -769,19 +794,14 @@ std::string format_layer_spec(const LayerDefinition& def) {
 }
 
 Result<Config> parse_config(std::string_view toml_text, std::string_view source_name) {
-  toml::parse_result parsed = toml::parse(toml_text, source_name);
-  if (!parsed) {
-    const toml::parse_error& e = parsed.error();
-    return located_error(source_name, e.source(), "",
-                         "TOML syntax error: " + std::string(e.description()));
-  }
+  TUTEL_ASSIGN_OR_RETURN(const toml::table table, parse_toml(toml_text, source_name));
   Config config;
   std::error_code ec;
   const fs::path file = fs::absolute(fs::path(source_name.empty() ? "." : source_name), ec);
   config.path = ec ? std::string(source_name) : file.lexically_normal().string();
   const fs::path base_dir = ec ? fs::path() : file.lexically_normal().parent_path();
 
-  const Scope root(source_name, parsed.table(), "", "the top level");
+  const Scope root(source_name, table, "", "the top level");
   TUTEL_RETURN_IF_ERROR(root.check_keys({"server", "backend", "cluster", "tenant", "layer"}));
   TUTEL_RETURN_IF_ERROR(parse_server(root, base_dir, config.server));
   TUTEL_RETURN_IF_ERROR(parse_backend(root, config.backend));

@@ -3,8 +3,9 @@
 // daemon/CMakeLists.txt): parse errors come back as values, never as exceptions.
 //
 // Two defects of toml++ 3.3 (Debian's) let malformed input reach undefined behaviour; both are
-// neutralised here, where the parser is compiled, so no input can crash the daemon. The fuzz
-// tests in tests/daemon/config_test.cpp reach both.
+// neutralised here, where the parser is compiled. A third, unbounded recursion over the tables
+// that dotted keys and headers create, is kept from the parser by config.cpp's nesting bound
+// (toml_nesting.hpp). The fuzz tests in tests/daemon/config_test.cpp reach all three.
 //
 // 1. The parser asserts a precondition that malformed table headers break ("[[=", "[[[a]]",
 //    "[\x7f"; upstream marzer/tomlplusplus#301). Past the assertion it reports an ordinary

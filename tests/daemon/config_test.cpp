@@ -2,6 +2,8 @@
 // message names the file, line and key path), the layer-spec round trip, and a fuzz loop.
 #include "tutel/daemon/config.hpp"
 
+#include "toml_nesting.hpp"
+
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -990,6 +992,83 @@ TEST(ConfigFuzzTest, GarbageNeverCrashes) {
   std::string deep = "x = ";
   for (int i = 0; i < 300; ++i) deep += "{a = ";
   parse_anything(deep);
+}
+
+// A client's layer spec of one dotted key with 150 000 parts (300 KB, under the frame limit) made
+// toml++ recurse once per implicit table and overflow the stack (SIGSEGV, every tenant lost);
+// toml++ bounds only inline arrays and tables. Deep text is now refused before it is parsed.
+TEST(ConfigFuzzTest, DeepImplicitTablesAreRefusedBeforeTheParserSeesThem) {
+  auto dotted = [](size_t parts) {
+    std::string key = "a";
+    for (size_t i = 1; i < parts; ++i) key += ".a";
+    return key;
+  };
+  const std::string spec = "name = \"l\"\nexperts = 2\nmodel_dim = 2\nhidden = 2\ninit_seed = 1\n";
+  auto expect_too_deep = [](const Status& s, std::string_view where) {
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << where << ": " << s.to_string();
+    EXPECT_NE(s.message().find("nests more than 32 levels deep"), std::string_view::npos) << where << ": " << s.to_string();
+  };
+  expect_too_deep(parse_config(dotted(150000) + " = 1\n", "c.toml").status(), "config key");
+  expect_too_deep(parse_config("[" + dotted(150000) + "]\n", "c.toml").status(), "config header");
+  expect_too_deep(parse_config("[[" + dotted(150000) + "]]\n", "c.toml").status(), "config array header");
+  expect_too_deep(parse_layer_spec(spec + dotted(30000) + " = 1\n", "spec").status(), "spec key");
+  expect_too_deep(parse_layer_spec(spec + "[" + dotted(20) + "]\n" + dotted(20) + " = 1\n", "spec").status(),
+                  "a header's parts and a key's together");
+  expect_too_deep(parse_layer_spec(spec + "x = {" + dotted(30000) + " = 1}\n", "spec").status(), "inline key");
+  std::string inline_tables = "x = ", arrays = "x = ";
+  for (int i = 0; i < 40; ++i) inline_tables += "{a = ", arrays += "[";
+  expect_too_deep(parse_layer_spec(spec + inline_tables + "\n", "spec").status(), "inline tables");
+  expect_too_deep(parse_layer_spec(spec + arrays + "\n", "spec").status(), "arrays");
+  // The error names the line.
+  const Status at_line = parse_layer_spec(spec + dotted(40) + " = 1\n", "spec").status();
+  EXPECT_NE(at_line.message().find("spec:6: "), std::string_view::npos) << at_line.to_string();
+  // A layer spec is bounded in length as well.
+  const Status long_spec = parse_layer_spec(spec + "# " + std::string(70000, 'x') + "\n", "spec").status();
+  EXPECT_NE(long_spec.message().find("at most 65536 are accepted"), std::string_view::npos) << long_spec.to_string();
+  // At the bound the parser decides (an unknown key here, not the depth).
+  const Status at_bound = parse_layer_spec(spec + dotted(32) + " = 1\n", "spec").status();
+  EXPECT_EQ(at_bound.message().find("nests more than"), std::string_view::npos) << at_bound.to_string();
+  EXPECT_NE(at_bound.message().find("unknown key"), std::string_view::npos) << at_bound.to_string();
+}
+
+// What counts toward the depth: tables, dotted-key parts, arrays (their elements one deeper) and
+// inline tables; never what is inside strings or comments.
+TEST(TomlNesting, CountsWhatNestsAndSkipsStringsAndComments) {
+  const std::pair<const char*, size_t> cases[] = {
+      {"", 0},
+      {"a = 1", 1},
+      {"a.b.c = 1", 3},
+      {"[a.b]\nc.d = 1", 4},
+      {"[[a.b]]\nc = 1", 4},  // the array, its element, then c
+      {"[a.b.c]\n[d]\ne = 1", 3},  // headers are absolute
+      {"a = [[1, 2], [3]]", 3},
+      {"a = {b.c = {d = 1}}", 4},
+      {"a = [{b = 1}, {c = [2]}]", 4},
+      {"a = {}\nb = 1", 1},
+      {"a = [1.5, 2.25, 3.125, 4e5]", 2},
+      {"a = \"[[[{{{.a.b\"", 1},
+      {"'a.b.c' = 1", 1},
+      {"\"a.b\".c = 1", 2},
+      {"a = \"x\\\"[.[{\"\nb.c = 1", 2},
+      {"a = \"\"\"\n[x.y.z]\nq.r.s.t = [[[\n\"\"\"\nb.c = 1", 2},
+      {"a = '''x'''''\nb.c.d = 1", 3},
+      {"a = \"\"\"x\\\"\"\"\"\"\nb.c.d = 1", 3},
+      {"# a.b.c.d = [[[[\na = 1 # [[[[.b.c", 1},
+      {"a = [\n  1, # ]]]] \n  [2],\n]\nb = 1", 3},
+  };
+  for (const auto& [text, depth] : cases) {
+    const TomlNesting n = toml_nesting(text, 100);
+    EXPECT_EQ(n.depth, depth) << text;
+    EXPECT_EQ(n.line, 0u) << text;
+  }
+  // Past the limit: where, counting the lines of multi-line strings and arrays.
+  const TomlNesting deep = toml_nesting("a = \"\"\"\n\n\"\"\"\nb = [\n1]\nc.d.e = 1", 2);
+  EXPECT_EQ(deep.line, 6u);
+  EXPECT_GT(deep.depth, 2u);
+  // Malformed text ends the scan where it ends, and never reads past it.
+  for (const char* text : {"a = \"", "a = \"\"\"", "a = '''x''", "[a.b", "a.b", "a = [", "a = {b", "a = \"x\\",
+                           "[[", "a = {b = [", "\"a.b"})
+    (void)toml_nesting(text, 100);
 }
 
 }  // namespace

@@ -736,6 +736,15 @@ TEST_F(ProtocolAbuse, BadSpecsAreRefusedWithTheKey) {
   EXPECT_FALSE(r.ok());
   auto missing = s.call(ipc::FrameType::kCreateLayer, {{"nospec", 1}}, ipc::FrameType::kLayerInfo);
   EXPECT_NE(missing.status().message().find("spec"), std::string_view::npos) << missing.status();
+  // One dotted key of 150 000 parts (300 KB, under the frame limit) overflowed the parser's stack
+  // and killed the daemon (SIGSEGV); one of 30 000 (under the spec's length bound) as well.
+  for (const size_t parts : {30000, 150000}) {
+    std::string key = "a";
+    for (size_t i = 1; i < parts; ++i) key += ".a";
+    r = s.create_layer(std::string(kSpec) + key + " = 1\n");
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
+    EXPECT_TRUE(daemon_->alive()) << daemon_->log();
+  }
   // Escaping the tenant's checkpoint directory is refused.
   ASSERT_TRUE(s.create_layer(kSpec).ok());
   auto h = s.call(ipc::FrameType::kAttachLayer, {{"name", "moe"}}, ipc::FrameType::kLayerInfo);
