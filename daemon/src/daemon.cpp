@@ -46,8 +46,11 @@ Result<fs::path> move_aside(const fs::path& from, const fs::path& dir, const std
   std::strftime(stamp, sizeof stamp, "%Y%m%dT%H%M%SZ", &utc);
   std::error_code ec;
   fs::path to;
-  for (int n = 0; to.empty() || fs::exists(to, ec); ++n)
-    to = dir / (name + "." + why + "-" + stamp + (n ? "-" + std::to_string(n) : "") + ".safetensors");
+  for (int n = 0; to.empty() || fs::exists(to, ec); ++n) {
+    std::string file = name + "." + why + "-" + stamp;
+    if (n > 0) file.append("-").append(std::to_string(n));
+    to = dir / (file + ".safetensors");
+  }
   fs::create_directories(dir, ec);
   if (!ec) fs::rename(from, to, ec);
   if (ec) return Status::IOError("cannot move " + from.string() + " aside to " + to.string() + ": " + ec.message());
@@ -238,6 +241,12 @@ Status DaemonImpl::read_secrets() {
     TUTEL_ASSIGN_OR_RETURN(std::string secret,
                            read_secret_file(config_.server.peer_secret_file, "[server] peer_secret_file"));
     peer_secret_ = std::make_shared<const std::string>(std::move(secret));
+  } else {
+    // The default, so said once: a review's probe, another user's own tuteld naming this tenant,
+    // joined a tenant's group and read half of its tokens.
+    TUTEL_LOG(WARN) << "no [server] peer_secret_file: any process that reaches a group's coordinator or the "
+                       "cluster's rendezvous service can join a group as a member and receive its tokens; set one "
+                       "wherever the node's users or network are not all trusted (docs/config.md, Secrets)";
   }
   return Status::OK();
 }

@@ -1159,6 +1159,13 @@ TEST(LayerSpecGroupTest, BadGroupsNameTheKey) {
   EXPECT_NE(error_of("coordinator = \"localhost:7\"\nsize = 2\nrank = 0\n").find("IPv4"), std::string::npos);
   EXPECT_NE(error_of("coordinator = \"127.0.0.1:0\"\nsize = 2\nrank = 0\n").find("group.coordinator"), std::string::npos);
   EXPECT_NE(error_of("coordinator = \"127.0.0.1:99999\"\nsize = 2\nrank = 0\n").find("group.coordinator"), std::string::npos);
+  // An address that names no one host: 0.0.0.0 made the first rank's daemon listen on every
+  // interface of its node, at a client's word.
+  for (const char* host : {"0.0.0.0", "0.1.2.3", "224.0.0.1", "239.255.255.250", "240.0.0.1", "255.255.255.255"}) {
+    const std::string message = error_of("coordinator = \"" + std::string(host) + ":7000\"\nsize = 2\nrank = 0\n");
+    EXPECT_NE(message.find("does not name one host"), std::string::npos) << host << ": " << message;
+    EXPECT_NE(message.find("group.coordinator"), std::string::npos) << host << ": " << message;
+  }
   EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 2\n").find("not below size"), std::string::npos);
   EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nrank = 0\n").find("group.size"), std::string::npos);
   EXPECT_NE(error_of("coordinator = \"127.0.0.1:7\"\nsize = 2\nrank = 0\nranks = 2\n").find("ranks"), std::string::npos);
