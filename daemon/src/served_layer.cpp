@@ -643,6 +643,7 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
     return st.code() == StatusCode::kResourceExhausted ? st.with_context("layer '" + def_.name + "'") : st;
   }
   if (pending) {
+    pending->params_version = params_version_;
     add_pending_bytes(*pending);
     pending_.emplace(key, std::move(pending));
   }
@@ -676,6 +677,22 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
                                          std::to_string(sequence) + " has " + std::to_string(tokens) +
                                          " tokens, its forward had " + std::to_string(forward_tokens));
     return group_ ? refuse_group_step(true, owner, sequence, std::move(why)) : why;
+  }
+  if (p.params_version != params_version_) {
+    // The forward's activations were made with the parameters before the change, the backward
+    // would run with those after it: the gradient of no function, returned without a word (torch
+    // refuses the same, "modified by an inplace operation"). The forward is dropped (its group
+    // peers drop theirs: they stepped alike).
+    Status why = Status::InvalidArgument(
+        "layer '" + def_.name + "': the parameters changed (a step, load or import_state) after the training forward "
+        "of sequence " + std::to_string(sequence) + ", so its backward would be the gradient of neither the old "
+        "parameters nor the new; run every training forward's backward before the step (that forward is dropped)");
+    if (group_) return refuse_group_step(true, owner, sequence, std::move(why));
+    remove_pending_bytes(p.bytes());
+    recycle(std::move(it->second));
+    pending_.erase(it);
+    publish_pending();
+    return why;
   }
   ActivationBackend& b = activations();
   const Device d = b.device();
@@ -918,6 +935,7 @@ Result<ServedLayer::StepOutcome> ServedLayer::step(const StepOverrides& override
         note_group_status(group_->layer->all_reduce_gate_grad(summed_gate, alike, /*sum=*/out.applied))));
   }
   if (out.applied) {
+    ++params_version_;  // also when the pass fails half-way: some parameters moved
     TUTEL_RETURN_IF_ERROR(watch_device(apply_optimizer(out.lr, out.weight_decay, summed_gate)));
     ++step_;
   }
@@ -1214,6 +1232,7 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
           TUTEL_RETURN_IF_ERROR(read_whole(i == 0 ? kState0Prefix : kState1Prefix, true, states[i]));
       TUTEL_ASSIGN_OR_RETURN(const int64_t step, step_of_file());
       const graphs::ExpertShard& shard = group_->layer->shard();
+      ++params_version_;  // from the first write on (a failure after it leaves some replaced)
       TUTEL_RETURN_IF_ERROR(copy_in(graphs::slice_for_rank(s, shard, values)));
       for (int i = 0; i < 2; ++i)
         if (has_state[i]) TUTEL_RETURN_IF_ERROR(copy_in(graphs::slice_for_rank(s, shard, states[i]), 1 + i));
@@ -1252,6 +1271,7 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
   }
   TUTEL_ASSIGN_OR_RETURN(const int64_t step, step_of_file());
   auto device_lock = lock_device();
+  ++params_version_;  // from the first write on (a failure after it leaves some replaced)
   for (const Copy& c : copies)
     TUTEL_RETURN_IF_ERROR(b.copy(c.dst->data(), c.src->data, c.src->nbytes, CopyKind::kHostToDevice));
   for (const TensorView& state : fresh) TUTEL_RETURN_IF_ERROR(b.fill_zero(state));

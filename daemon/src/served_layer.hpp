@@ -258,6 +258,7 @@ class ServedLayer {
     DeviceBuffer x;
     // A [group] layer: everything the expert-parallel backward needs, the input included.
     graphs::ExpertParallelLayer::Saved saved;
+    uint64_t params_version = 0;  // params_version_ at the forward
     uint64_t bytes() const { return x.bytes() + (step.plan ? step.plan->bytes() : 0) + saved.bytes(); }
   };
 
@@ -424,6 +425,9 @@ class ServedLayer {
   DeviceBuffer summed_gate_grad_;
   // Whether the gradients are there for a step to apply (see step()); guarded by mutex_.
   bool grads_present_ = false;
+  // Counts the changes of the parameters (a step applied, a load or import): a training forward
+  // records it, and its backward is refused once it moved (see backward()); guarded by mutex_.
+  uint64_t params_version_ = 0;
   // Read by the admin socket on the event loop: never behind mutex_, which a group layer holds
   // while it waits on its peers.
   std::atomic<int64_t> step_{0};

@@ -646,7 +646,8 @@ Status ExpertParallelLayer::refused_by_a_peer() const {
   return Status::ResourceExhausted(
       "another rank of the expert-parallel group could not allocate this step (max_memory_bytes, "
       "device memory) or refused its request before running it (max_inflight, a malformed "
-      "request), so every rank refused it; see that rank's error");
+      "request, a backward whose parameters changed there since its forward), so every rank refused it; see that "
+      "rank's error");
 }
 
 Status ExpertParallelLayer::run_group_phase(Agreement what, const Status& prepared,

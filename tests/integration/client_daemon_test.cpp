@@ -504,6 +504,54 @@ TEST_F(ClientDaemon, ABackwardForDxAloneLeavesTheParameterGradients) {
   EXPECT_NE(ya, before) << "the step moved nothing";
 }
 
+// A step, load or import between a training forward and its backward changes the parameters the
+// backward runs with, not the activations the forward saved: the backward was the gradient of no
+// function, returned without a word (a review measured dx off by 2.4 against either set of
+// weights). It is refused and the forward dropped; backwards before the step, and a step that
+// applies nothing (no gradients since zero_grad), change nothing of this.
+TEST_F(ClientDaemon, ABackwardAfterTheParametersChangedIsRefused) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto layer = client->create_layer(spec("stale_forward"));
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  std::mt19937 rng(std::random_device{}());
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<float> x(32 * 16), y(32 * 16), dy(32 * 16), dx(32 * 16);
+  for (float& f : x) f = normal(rng);
+  for (float& f : dy) f = normal(rng);
+  client::ForwardInfo a, b;
+  auto refused = [&](const Status& s) {
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find("the parameters changed"), std::string_view::npos) << s;
+  };
+  // Accumulation over two forwards, then the step: as before.
+  ASSERT_TRUE(layer->forward(x.data(), 32, y.data(), &a).ok());
+  ASSERT_TRUE(layer->forward(x.data(), 32, y.data(), &b).ok());
+  ASSERT_TRUE(layer->backward(a.sequence, dy.data(), 0.5f, dx.data()).ok());
+  ASSERT_TRUE(layer->backward(b.sequence, dy.data(), 0.5f, dx.data()).ok());
+  ASSERT_TRUE(layer->save("stale.safetensors").ok());
+  // A forward, a step that applies the gradients, its backward: refused, and the forward gone.
+  ASSERT_TRUE(layer->forward(x.data(), 32, y.data(), &a).ok());
+  auto step = layer->step();
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_EQ(*step, 1);
+  refused(layer->backward(a.sequence, dy.data(), 0.5f, dx.data()));
+  EXPECT_FALSE(layer->backward(a.sequence, dy.data(), 0.5f, dx.data()).ok());
+  // A step with nothing to apply leaves a forward's backward valid.
+  ASSERT_TRUE(layer->zero_grad().ok());
+  ASSERT_TRUE(layer->forward(x.data(), 32, y.data(), &a).ok());
+  ASSERT_TRUE(layer->step().ok());
+  ASSERT_TRUE(layer->backward(a.sequence, dy.data(), 0.5f, dx.data()).ok());
+  // A load between them: refused too.
+  ASSERT_TRUE(layer->forward(x.data(), 32, y.data(), &a).ok());
+  ASSERT_TRUE(layer->load("stale.safetensors").ok());
+  refused(layer->backward(a.sequence, dy.data(), 0.5f, dx.data()));
+  // The layer trains on.
+  ASSERT_TRUE(layer->forward(x.data(), 32, y.data(), &a).ok());
+  ASSERT_TRUE(layer->backward(a.sequence, dy.data(), 0.5f, dx.data()).ok());
+  EXPECT_TRUE(layer->step().ok());
+}
+
 // An empty batch (0 tokens, null buffers) is a request like any other on a layer without
 // [group]: the forward says capacity 0, nothing dropped, l_aux 0; a training forward waits for
 // its backward, which consumes it and adds nothing to the gradients (their norm stays 0); the
