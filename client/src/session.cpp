@@ -49,6 +49,9 @@ Status completion_status(const ipc::CompletionDescriptor& c) {
   return Status(code, std::move(message));
 }
 
+// "1 request", "3 requests": for messages.
+std::string requests(size_t n) { return std::to_string(n) + (n == 1 ? " request" : " requests"); }
+
 std::string mib(uint64_t bytes) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
@@ -379,8 +382,8 @@ ipc::RequestDescriptor Session::describe(const Submission& s) {
 Result<Ticket> Session::push(const ipc::RequestDescriptor& d, InFlight r) {
   if (!requests_.try_push(d)) {
     release_blocks(r);
-    return fail(Status::Corruption("the request ring is full with " + std::to_string(in_flight_.size()) +
-                                   " requests in flight (its indices were corrupted)"));
+    return fail(Status::Corruption("the request ring is full with " + requests(in_flight_.size()) +
+                                   " in flight (its indices were corrupted)"));
   }
   const uint64_t sequence = r.sequence;
   in_flight_.emplace(d.request_id, std::move(r));
@@ -443,7 +446,7 @@ Status Session::complete_one(std::optional<Clock::time_point> deadline, std::chr
   if (r == ipc::PopResult::kEmpty) {
     if (gone) {
       std::string detail =
-          "the socket closed with " + std::to_string(in_flight_.size()) + " requests in flight";
+          "the socket closed with " + requests(in_flight_.size()) + " in flight";
       // The daemon may have said why before hanging up.
       if (auto frame = ipc::recv_frame(fd_.get(), std::chrono::milliseconds(0));
           frame.ok() && frame->header.type == static_cast<uint16_t>(ipc::FrameType::kError)) {
@@ -453,7 +456,7 @@ Status Session::complete_one(std::optional<Clock::time_point> deadline, std::chr
       return fail(lost(detail));
     }
     return Status::Timeout("no completion from tuteld within " + std::to_string(bound.count()) + " ms (" +
-                           std::to_string(in_flight_.size()) + " requests in flight; they stay in flight, wait again" +
+                           requests(in_flight_.size()) + " in flight; they stay in flight, wait again" +
                            (bound_is_option ? " or raise the request timeout: ClientOptions::request_timeout, "
                                               "request_timeout_ms in C, request_timeout= in Python)"
                                             : ")"));

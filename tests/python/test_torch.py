@@ -3,6 +3,7 @@ gradients the daemon accumulates (seen through its optimizer step), two forwards
 before their backwards, inputs that need no gradient, and inference. Skips without PyTorch
 (tools/bootstrap.sh does not install it)."""
 
+import gc
 import os
 import random
 import unittest
@@ -240,18 +241,28 @@ class TorchModuleTest(unittest.TestCase):
             local.reattach(client)
         self.assertEqual(gone.exception.name, "NotFound", gone.exception)
 
-    def test_eval_and_no_grad_are_inference(self):
+    def test_no_grad_is_inference_and_eval_mode_keeps_gradients_on(self):
         p, x = random_case(self.rng, 6)
         moe = self.make_moe(p)
         with torch.no_grad():
             y, _ = moe(torch.from_numpy(x).float())
         self.assert_close(y.numpy(), ref.forward(p, x, K, F)[0], "y under no_grad")
         moe.eval()
-        y, _ = moe(torch.from_numpy(x).float())
+        with torch.no_grad():
+            y, _ = moe(torch.from_numpy(x).float())
         self.assertFalse(y.requires_grad)
         # Nothing was kept for a backward: the daemon has no training forward to match one.
         with self.assertRaises(tuteld.TutelError):
             moe.layer.backward(np.zeros((6, M), np.float32))
+        # Eval mode with gradients on is differentiable, as torch's own layers are (the experts'
+        # parameters need gradients even where x needs none); a dropped graph is discarded.
+        y, l_aux = moe(torch.from_numpy(x).float())
+        self.assertTrue(y.requires_grad)
+        self.assert_close(y.detach().numpy(), ref.forward(p, x, K, F)[0], "y in eval mode")
+        del y, l_aux
+        gc.collect()
+        moe.layer.infer(x.astype(np.float32))  # the next call sends the discard
+        self.assertEqual((len(moe.layer._pending), len(moe.layer._discards)), (0, 0))
 
     def test_a_frozen_module_runs_inference_and_keeps_nothing(self):
         p, x = random_case(self.rng, 6)
@@ -266,7 +277,7 @@ class TorchModuleTest(unittest.TestCase):
     def test_eval_mode_gives_x_its_gradient(self):
         # A frozen eval-mode block with trainable layers below it: the gradient reaches x (and
         # the experts, whose anchor needs one, as torch's eval mode leaves gradients on) against
-        # the reference; an x that needs no gradient stays an inference.
+        # the reference.
         p, x = random_case(self.rng, 6)
         moe = self.make_moe(p)
         moe.eval()
@@ -279,8 +290,6 @@ class TorchModuleTest(unittest.TestCase):
         dx_ref, grads = ref.backward(p, saved, np.broadcast_to(head.numpy(), y_ref.shape), 0.1)
         self.assert_close(xt.grad.numpy(), dx_ref, "x's gradient in eval mode")
         self.assertEqual(len(moe.layer._pending), 0)
-        y, _ = moe(torch.from_numpy(x).float())
-        self.assertFalse(y.requires_grad)
         self.assert_stepped(moe, p, grads)
 
     def test_eval_mode_with_gate_noise_warns_that_x_gets_no_gradient(self):
@@ -653,6 +662,24 @@ class TorchModuleTest(unittest.TestCase):
         self.assertEqual(int(moe.calls), 7)
         self.assertEqual(len(seen), 1, "a later pre-hook runs, on what is left for torch")
 
+    def test_a_step_between_a_forward_and_its_backward_makes_the_backward_raise(self):
+        # Its activations are of the old parameters, its backward would run with the new: the
+        # daemon refuses it (a gradient of no function otherwise, without a word).
+        p, x = random_case(self.rng, 6)
+        moe = self.make_moe(p)
+        xt = torch.from_numpy(x).float()
+        y, l_aux = moe(xt)
+        (y.sum() + l_aux).backward()
+        y, l_aux = moe(xt)
+        moe.step()
+        with self.assertRaisesRegex(tuteld.TutelError, "the parameters changed"):
+            (y.sum() + l_aux).backward()
+        self.assertEqual(len(moe.layer._pending), 0)
+        # The module trains on.
+        y, l_aux = moe(xt)
+        (y.sum() + l_aux).backward()
+        moe.step()
+
     def test_gradients_of_x_alone_leave_the_daemons_gradients(self):
         # torch.autograd.grad and backward(inputs=[x]) accumulate no parameter's gradient: the
         # daemon's stay as they were, while x gets its own; loss.backward() accumulates them.
@@ -672,8 +699,9 @@ class TorchModuleTest(unittest.TestCase):
         self.assert_close(gx.numpy(), dx_ref, "torch.autograd.grad's dx")
         loss_of(xt).backward(inputs=[xt])
         self.assert_close(xt.grad.numpy(), dx_ref, "backward(inputs=[x])'s dx")
-        (anchor_grad,) = torch.autograd.grad(loss_of(xt), list(moe.parameters()), allow_unused=True)
-        self.assertIsNone(anchor_grad)
+        # Over the parameters (the empty anchor), without allow_unused: its gradient is empty.
+        (anchor_grad,) = torch.autograd.grad(loss_of(xt), list(moe.parameters()))
+        self.assertEqual(anchor_grad.numel(), 0)
         self.assertEqual(moe.layer.grad_norm(), 0.0)
         loss_of(xt).backward()
         self.assertAlmostEqual(moe.layer.grad_norm(), norm_ref, delta=1e-4 * norm_ref, msg=f"seed {self.seed}")

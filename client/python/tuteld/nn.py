@@ -31,10 +31,16 @@ device or of another dtype are moved to float32 on the CPU for the call and back
 shared memory is host memory; GPU tensors without a copy need device regions, not here yet).
 Several forwards may be in flight before their backwards, in any order (gradient accumulation,
 pipelined micro-batches): each backward names the forward it belongs to. Under torch.no_grad(),
-or with an x that needs no gradient in eval mode or frozen (requires_grad_(False)), a forward is
-an inference, which keeps nothing in the daemon. In eval mode with an x that needs a gradient it
-is a training forward without gate noise (routed as an inference is), so the gradient reaches x;
-a layer with gate_noise > 0 infers instead, and no gradient reaches x (a warning says so once).
+or frozen (requires_grad_(False)) with an x that needs no gradient, a forward is an inference,
+which keeps nothing in the daemon. In eval mode with gradients enabled it is, as torch's own
+layers are, differentiable: a training forward without gate noise (routed as an inference is),
+so the gradient reaches x and the experts; a layer with gate_noise > 0 infers instead, and no
+gradient flows through it (a warning says so once). (An evaluation loop should run under
+torch.no_grad(), as with torch's layers: otherwise each forward keeps its state in the daemon
+until its graph is dropped.) A step, load_state_dict or import between a training forward and
+its backward makes that backward raise (the daemon refuses it: its gradient would be of
+neither the old parameters nor the new), as torch refuses a backward through a parameter
+modified in place.
 A client made before os.fork() cannot be used in the child (connect a new one there). A
 training forward whose graph is dropped without a backward is discarded in the
 daemon at the layer's next call (on an expert-parallel layer too: a discard is each rank's own).
@@ -111,8 +117,10 @@ class _MoEFunction(torch.autograd.Function):
     def forward(ctx, x, anchor, layer, noise):
         rows = x.detach().to("cpu", torch.float32).contiguous()
         y, info = layer.forward(rows.numpy(), training=True, noise=noise)
-        ctx.layer, ctx.sequence, ctx.x_meta = layer, info.sequence, (x.device, x.dtype)
+        # First, so that a failure below (the copy of y to x's device) still discards the forward.
         ctx.pending = _PendingForward(layer, info.sequence)
+        ctx.layer, ctx.sequence, ctx.x_meta = layer, info.sequence, (x.device, x.dtype)
+        ctx.anchor_meta = (anchor.device, anchor.dtype)
         l_aux = torch.tensor(info.l_aux, dtype=torch.float32, device=x.device)
         return torch.from_numpy(y).to(x.device, x.dtype), l_aux
 
@@ -142,7 +150,11 @@ class _MoEFunction(torch.autograd.Function):
             # Consumed once submitted (the layer forgets it then), also when it failed; still
             # pending when refused before that, so that a dropped graph discards it.
             pending.backwarded = ctx.sequence not in ctx.layer._pending
-        return torch.from_numpy(dx).to(device, dtype), None, None, None
+        # The anchor's gradient is as empty as the anchor: given whenever autograd asks for one,
+        # so that torch.autograd.grad over model.parameters() does not fail on it as unused.
+        anchor_grad = torch.zeros(0, device=ctx.anchor_meta[0], dtype=ctx.anchor_meta[1]) \
+            if ctx.needs_input_grad[1] else None
+        return torch.from_numpy(dx).to(device, dtype), anchor_grad, None, None
 
 
 class MoE(torch.nn.Module):
@@ -182,20 +194,20 @@ class MoE(torch.nn.Module):
         wants_backward = torch.is_grad_enabled() and (self._anchor.requires_grad or x.requires_grad)
         if self.training and wants_backward:
             return _MoEFunction.apply(x, self._anchor, self.layer, True)
-        if wants_backward and x.requires_grad and self._eval_grad_refused is None:
-            # Eval mode, and x needs a gradient (a frozen eval-mode block with trainable layers
-            # below it, input attribution): a training forward without gate noise, routed as an
-            # inference is, so the gradient reaches x (and the experts, as in train mode, where
-            # the anchor needs one). Where x needs none, an eval loop stays an inference.
+        if wants_backward and self._eval_grad_refused is None:
+            # Eval mode with gradients enabled, as torch's own layers: a training forward without
+            # gate noise, routed as an inference is, so the gradient reaches x (a frozen eval-mode
+            # block with trainable layers below it, input attribution) and the experts (fine-tuning
+            # in eval mode). Under no_grad, or frozen with an x that needs none, it is an inference.
             try:
                 return _MoEFunction.apply(x, self._anchor, self.layer, False)
             except TutelError as e:
                 if "gate noise" not in str(e) and "unknown request flags" not in str(e):
                     raise  # not a layer with gate noise, nor a daemon from before the flag
                 self._eval_grad_refused = str(e)
-                warnings.warn(f"tuteld.nn.MoE in eval mode runs an inference: no gradient reaches x "
-                              f"through it ({e}); use train mode for gradients, torch.no_grad() to say "
-                              f"none are wanted", stacklevel=3)
+                warnings.warn(f"tuteld.nn.MoE in eval mode runs an inference: no gradient reaches x or "
+                              f"the experts through it ({e}); use train mode for gradients, torch.no_grad() "
+                              f"to say none are wanted", stacklevel=3)
         y, info = self.layer.infer(x.detach().to("cpu", torch.float32).contiguous().numpy())
         return (torch.from_numpy(y).to(x.device, x.dtype),
                 torch.tensor(info.l_aux, dtype=torch.float32, device=x.device))
