@@ -128,7 +128,8 @@ const char* tutel_layer_kept_aside(tutel_layer* layer);
 /* Training forward under a new sequence; l_aux may be NULL. */
 int tutel_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);
 /* Backward of the oldest training forward not yet backwarded on this handle; dl_aux is
- * d(total loss)/d(l_aux). Accumulates the gradients in the daemon. */
+ * d(total loss)/d(l_aux). Accumulates the gradients in the daemon. Refused (InvalidArgument, the
+ * forward dropped) when the parameters changed since its forward (a step, load or import). */
 int tutel_backward(tutel_layer* layer, const float* dy, float dl_aux, float* dx);
 /* Forward that keeps nothing for backward; l_aux may be NULL. */
 int tutel_infer(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);

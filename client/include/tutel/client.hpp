@@ -240,7 +240,9 @@ class Layer {
   // Forward without keeping anything for backward.
   Status infer(const float* x, int64_t tokens, float* y, ForwardInfo* info = nullptr);
   // Backward of the oldest training forward not yet backwarded; accumulates the gradients.
-  // The aux-loss gradient dl_aux is d(total loss)/d(l_aux) (e.g. the aux-loss weight).
+  // The aux-loss gradient dl_aux is d(total loss)/d(l_aux) (e.g. the aux-loss weight). Refused
+  // (InvalidArgument, the forward dropped) when the parameters changed since the forward (a
+  // step that applied gradients, a load, an import_state): run every backward before the step.
   Status backward(const float* dy, float dl_aux, float* dx);
   // Backward of the training forward with `sequence`.
   Status backward(uint64_t sequence, const float* dy, float dl_aux, float* dx);
