@@ -124,8 +124,8 @@ ncclRedOp_t to_nccl(ReduceOp op) { return op == ReduceOp::kSum ? ncclSum : ncclM
 class NcclCommunicator final : public Communicator {
  public:
   struct Shape {
-    int rank, size, local_size;
-    int world_local_size;
+    int rank = -1, size = 0, local_size = 0;
+    int world_local_size = 0;
     std::vector<int> members;  // world rank of each group rank
   };
 
@@ -143,6 +143,15 @@ class NcclCommunicator final : public Communicator {
   }
 
   ~NcclCommunicator() override {
+    // On our device, and back on the caller's after (a thread's current device is its state).
+    int caller_device = -1;
+    if (cudaGetDevice(&caller_device) != cudaSuccess) caller_device = -1;
+    struct RestoreDevice {
+      int device;
+      ~RestoreDevice() {
+        if (device >= 0) cudaSetDevice(device);
+      }
+    } restore{caller_device};
     cudaSetDevice(options_.device);
     release_graphs();  // NCCL's destroy would wait for them
     if (comm_ != nullptr) {

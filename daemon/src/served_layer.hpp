@@ -392,7 +392,10 @@ class ServedLayer {
   };
   StateWriter state_writer();
   // A view of the client's `in`, or, when staging, of `buf` (grown to fit) after copying `in`
-  // into it.
+  // into it. The copy reads the client's arena, which its rank pinned (HostRegistration) and
+  // unpins waiting for the rank's stream alone: a request staged on a group layer's own stream
+  // must drain that stream before it returns, on success and failure alike (unstage_out, or a
+  // synchronize on the way out), or the arena could be unpinned under a copy in flight.
   Result<TensorView> stage_in(const float* in, Shape shape, DeviceBuffer& buf, ClientMemory memory);
   // A view of the client's `out`, or, when staging, of `buf` (grown to fit) for unstage_out to
   // copy back.
