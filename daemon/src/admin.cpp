@@ -64,7 +64,7 @@ json DaemonImpl::status_json() const {
           {"ranks", ranks_.size()},
           {"out_of_service", out_of_service},
           {"sessions", connected_clients()},
-          {"layers", registry_->all().size()},
+          {"layers", registry_->size()},
           {"tenants", config_.tenants.size()},
           {"client_socket", config_.server.client_socket},
           {"state_dir", config_.server.state_dir},
@@ -77,7 +77,7 @@ json DaemonImpl::status_json() const {
 
 // The cluster's nodes (null without [cluster]) and the groups of this daemon's layers, each
 // with its other ranks: state, traffic, last error.
-json DaemonImpl::peers_json() const {
+json DaemonImpl::peers_json() {
   json cluster = nullptr;
   if (cluster_) {
     const int ranks_per_node = config_.cluster->ranks_per_node;
@@ -96,7 +96,8 @@ json DaemonImpl::peers_json() const {
     cluster = {{"node_rank", cluster_->node_rank()}, {"nodes", nodes}};
   }
   json groups = json::array();
-  for (const LayerRef& ref : registry_->all()) {
+  std::vector<LayerRef> layers = layers_on_loop();
+  for (const LayerRef& ref : layers) {
     const auto& g = ref.layer->definition().group;
     if (!g) continue;
     json peers = json::array();
@@ -146,6 +147,7 @@ json DaemonImpl::peers_json() const {
          {"last_error", error},
          {"peers", peers}});
   }
+  release_off_loop(std::move(layers));
   return {{"cluster", cluster}, {"groups", groups}};
 }
 
@@ -158,7 +160,8 @@ std::string DaemonImpl::metrics_text() {
   std::map<std::pair<std::string, std::string>, Metrics::PlanCache> plan_caches;
   std::map<std::pair<std::string, int64_t>, Metrics::TunerDecision> decisions;
   std::map<std::pair<std::string, std::string>, double> waits;
-  for (const LayerRef& ref : registry_->all()) {
+  std::vector<LayerRef> layers = layers_on_loop();
+  for (const LayerRef& ref : layers) {
     waits[{ref.layer->tenant(), ref.layer->name()}] = ref.layer->wait_seconds();
     for (const comm::PeerStatus& p : ref.layer->group_peers())
       traffic[{ref.layer->tenant() + "/" + ref.layer->name(), p.rank}] = {p.bytes_sent, p.bytes_received};
@@ -171,6 +174,7 @@ std::string DaemonImpl::metrics_text() {
     const graphs::PlanCacheStats& c = summary.cache;
     plan_caches[{ref.layer->tenant(), ref.layer->name()}] = {c.bytes, c.plans, c.hits, c.misses, c.evictions};
   }
+  release_off_loop(std::move(layers));
   metrics_.set_live(std::move(node_up), std::move(traffic));
   metrics_.set_plan_caches(std::move(plan_caches));
   metrics_.set_layer_waits(std::move(waits));
@@ -225,7 +229,8 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
     }
     case ipc::FrameType::kAdminLayers: {
       json layers = json::array();
-      for (const LayerRef& ref : registry_->all()) {
+      std::vector<LayerRef> refs = layers_on_loop();
+      for (const LayerRef& ref : refs) {
         const LayerSpec& spec = ref.layer->definition().spec;
         const RoutingStats st = ref.layer->last_stats();
         const auto& group = ref.layer->definition().group;
@@ -255,6 +260,7 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
              {"dropped", st.dropped},
              {"l_aux", st.l_aux}});
       }
+      release_off_loop(std::move(refs));
       reply(s, ipc::FrameType::kOk, rid, {{"layers", layers}});
       break;
     }

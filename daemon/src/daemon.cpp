@@ -826,6 +826,12 @@ void DaemonImpl::offload(std::function<void()> work, std::function<void()> done)
                 });
 }
 
+void DaemonImpl::release_off_loop(std::vector<LayerRef> layers) {
+  if (layers.empty()) return;
+  // Cleared in the work, on the pool: `done` destroys the job (and this lambda) on the loop.
+  offload([layers = std::move(layers)]() mutable { layers.clear(); }, [] {});
+}
+
 void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Frame frame) {
   const uint32_t rid = frame.header.request_id;
   const auto type = static_cast<ipc::FrameType>(frame.header.type);

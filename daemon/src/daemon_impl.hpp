@@ -50,6 +50,12 @@ class DaemonImpl {
   void reply_error(const std::shared_ptr<Session>& s, uint32_t request_id, const Status& status);
   // Runs `work` on libuv's thread pool, then `done` on the loop thread.
   void offload(std::function<void()> work, std::function<void()> done);
+  // The registry's layers for a reply or a scrape on the loop thread, and their release, which
+  // goes to the pool: a layer destroyed meanwhile is destroyed by whoever drops its last
+  // reference, and its destructor waits for its rank's device lock (another layer's forward
+  // may hold it for seconds) or, on a group layer, closes its communicators.
+  std::vector<LayerRef> layers_on_loop() { return registry_->all(); }
+  void release_off_loop(std::vector<LayerRef> layers);
   void close_session(const std::shared_ptr<Session>& s);
   // close_session's parts, on the loop thread: stops watching the socket (once); gives back an
   // arena and regions (on the pool); the client of a session tuteld closed let go of the
@@ -73,7 +79,7 @@ class DaemonImpl {
   void handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Frame frame);
   Status start_metrics_server();
   nlohmann::json status_json() const;
-  nlohmann::json peers_json() const;
+  nlohmann::json peers_json();
   // The Prometheus text, with the cluster's and the groups' live state read just now.
   std::string metrics_text();
 

@@ -135,6 +135,11 @@ std::vector<LayerRef> Registry::all() const {
   return out;
 }
 
+size_t Registry::size() const {
+  std::lock_guard lock(mutex_);
+  return layers_.size();
+}
+
 uint64_t Registry::trim_idle_plans(const std::string& tenant) const {
   std::vector<std::shared_ptr<ServedLayer>> layers;
   {

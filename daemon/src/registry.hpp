@@ -41,6 +41,7 @@ class Registry {
   Result<LayerRef> find_by_name(const std::string& qualified_name) const;  // "tenant/name"
   Status destroy(const std::string& tenant, uint64_t handle);
   std::vector<LayerRef> all() const;
+  size_t size() const;  // how many layers (without references to them)
   // Drops the idle plans of every layer of `tenant` (ServedLayer::trim_idle_plans); returns the
   // bytes given back. Takes each layer's locks in turn: call it holding none.
   uint64_t trim_idle_plans(const std::string& tenant) const;
