@@ -167,7 +167,6 @@ Status UcxRank::init(const BootstrapOptions& o) {
   endpoints_.assign(n, nullptr);
   failures_.assign(n, {});
   noticed_.assign(n, {});
-  worker_addresses_.assign(n, {});
   local_boxes_.assign(n, nullptr);
   local_ids_.assign(n, 0);
   hosts_.assign(n, HostIdentity{});
@@ -199,7 +198,6 @@ Status UcxRank::init(const BootstrapOptions& o) {
                                 " (another UCX build, or not a tuteld): run every daemon of a group with the same "
                                 "UCX");
     std::string address(peer_payload, kPayloadPrefix);
-    worker_addresses_[p] = address;
     address.append(kAddressPadding, '\0');
     ucp_ep_params_t ep{};
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
@@ -257,31 +255,10 @@ UcxRank::~UcxRank() {
     for (void* request : flushes) ucp_request_free(request);
     for (int p = 0; p < static_cast<int>(endpoints_.size()); ++p)
       if (endpoints_[p] != nullptr) close_endpoint_locked(p, true);
-    // Notices sent again after a force-close: a last chance to go out (a peer that is still
-    // running takes them), then their endpoints close like the others.
-    const auto late_bound = Clock::now() + kCleanupBound;
-    auto late_pending = [&] {
-      return std::any_of(late_notices_.begin(), late_notices_.end(), [](const LateNotice& late) {
-        return late.request != nullptr && ucp_request_check_status(late.request) == UCS_INPROGRESS;
-      });
-    };
-    while (late_pending() && Clock::now() < late_bound) progress_locked();
-    for (LateNotice& late : late_notices_) {
-      ucp_request_param_t param{};
-      param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      param.flags = UCP_EP_CLOSE_FLAG_FORCE;
-      void* request = ucp_ep_close_nbx(late.endpoint, &param);
-      if (UCS_PTR_IS_PTR(request)) closing_.push_back(request);
-    }
     if (worker_ != nullptr) finish_closing_locked(Clock::now() + kCleanupBound);
-    // Closing the endpoints completed every beacon and notice send still queued.
+    // Closing the endpoints completed every beacon send still queued.
     for (auto& send : beacon_sends_) ucp_request_free(send.first);
     beacon_sends_.clear();
-    for (auto& send : notice_sends_) ucp_request_free(send.second);
-    notice_sends_.clear();
-    for (LateNotice& late : late_notices_)
-      if (late.request != nullptr) ucp_request_free(late.request);
-    late_notices_.clear();
   }
   if (worker_ != nullptr) ucp_worker_destroy(worker_);
   if (context_ != nullptr) ucp_cleanup(context_);
@@ -748,42 +725,11 @@ void UcxRank::send_notices_locked(Notice& notice, const Status& error) {
   if (text.size() >= sizeof(Notice::text)) text.resize(sizeof(Notice::text) - 1);
   // The buffer must outlive the sends, which nobody waits for.
   const std::string& kept = *notice_texts_.emplace_back(std::make_unique<std::string>(text));
-  std::erase_if(notice_sends_, [](const std::pair<int, void*>& send) {
-    if (ucp_request_check_status(send.second) == UCS_INPROGRESS) return false;
-    ucp_request_free(send.second);
-    return true;
-  });
   for (const auto& [peer, tag] : notice.peers) {
     if (peer_failed_locked(peer)) continue;
     ucp_request_param_t param{};
     void* request = ucp_tag_send_nbx(endpoints_[peer], kept.data(), kept.size(), tag, &param);
-    // Kept while pending: a force-close of the peer (abort) purges it, and must send it again.
-    if (UCS_PTR_IS_PTR(request)) notice_sends_.emplace_back(peer, request);
-  }
-}
-
-void UcxRank::resend_notices_locked(const Notice& notice, const std::vector<int>& peers) {
-  if (notice_texts_.empty()) return;
-  const std::string& kept = *notice_texts_.back();  // send_notices_locked's last, this notice's
-  for (int peer : peers) {
-    const auto target = std::find_if(notice.peers.begin(), notice.peers.end(),
-                                     [&](const auto& p) { return p.first == peer; });
-    if (target == notice.peers.end()) continue;
-    if (slots_[peer].ucx_error.load(std::memory_order_acquire) != UCS_OK) continue;  // its connection broke
-    std::string address = worker_addresses_[peer];
-    address.append(kAddressPadding, '\0');
-    // Without error handling: an endpoint in UCP_ERR_HANDLING_MODE_PEER sends nothing before the
-    // peer has answered its wire-up and this rank has progressed the answer, and this rank may
-    // never progress its worker again (a failed group is idle); this one sends at once.
-    ucp_ep_params_t ep{};
-    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
-    ep.address = reinterpret_cast<const ucp_address_t*>(address.data());
-    ep.err_mode = UCP_ERR_HANDLING_MODE_NONE;
-    ucp_ep_h endpoint = nullptr;
-    if (ucp_ep_create(worker_, &ep, &endpoint) != UCS_OK) continue;
-    ucp_request_param_t param{};
-    void* request = ucp_tag_send_nbx(endpoint, kept.data(), kept.size(), target->second, &param);
-    late_notices_.push_back({endpoint, UCS_PTR_IS_PTR(request) ? request : nullptr});
+    if (UCS_PTR_IS_PTR(request)) ucp_request_free(request);  // released when it completes
   }
 }
 
@@ -995,19 +941,6 @@ Status UcxRank::abort(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
   // stop (matched, its data still arriving) may still write it: close the peer's endpoint, which
   // completes both. Such a peer is gone, or too late to trust anyway.
   bool abandoned = false;
-  // A peer whose endpoint closes here loses our notice with it if the notice is still queued
-  // behind the message it did not take (seen with a rendezvous send ahead of it): that peer, alive
-  // and only late, would then wait out its whole timeout instead of learning why. It gets the
-  // notice again over an endpoint of its own.
-  std::vector<int> resend;
-  for (const Op& op : ops) {
-    if (op.request == nullptr || endpoints_[op.transfer->peer] == nullptr) continue;
-    const int peer = op.transfer->peer;
-    const bool queued = std::any_of(notice_sends_.begin(), notice_sends_.end(), [&](const auto& send) {
-      return send.first == peer && ucp_request_check_status(send.second) == UCS_INPROGRESS;
-    });
-    if (queued && std::find(resend.begin(), resend.end(), peer) == resend.end()) resend.push_back(peer);
-  }
   for (Op& op : ops) {
     if (op.request == nullptr) continue;
     declare_failed_locked(op.transfer->peer,
@@ -1037,7 +970,6 @@ Status UcxRank::abort(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
     std::this_thread::sleep_for(std::chrono::microseconds(50));
     lock.lock();
   }
-  if (!resend.empty()) resend_notices_locked(notice, resend);
   if (abandoned)
     TUTEL_LOG(ERROR) << "UCX rank " << rank_
                      << ": a request of an aborted collective did not complete; abandoning it";

@@ -196,9 +196,6 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   // OK while no notice has arrived; the notice's error otherwise.
   Status check_notice_locked(Notice& notice);
   void send_notices_locked(Notice& notice, const Status& error);
-  // Sends the last notice again to each of `peers` (just force-closed, their notice possibly
-  // purged with it) over a fresh endpoint of its own.
-  void resend_notices_locked(const Notice& notice, const std::vector<int>& peers);
   // True when a beacon arrived (in beacon_buffer_ / beacon_info_); keeps one receive posted.
   bool next_beacon_locked(uint64_t tag, uint64_t mask);
 
@@ -243,16 +240,7 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   std::vector<void*> closing_;         // endpoint close requests in flight
   std::vector<int> sleepers_;          // eventfds of threads sleeping on this worker
   std::vector<std::unique_ptr<std::string>> notice_texts_;  // buffers of notices sent
-  // Notice sends not yet complete, (world rank, request): a force-close purges such a send.
-  std::vector<std::pair<int, void*>> notice_sends_;
-  // Notices sent again after a force-close, each over an endpoint of its own (closed last).
-  struct LateNotice {
-    ucp_ep_h endpoint;
-    void* request;  // null once complete
-  };
-  std::vector<LateNotice> late_notices_;
-  std::vector<std::string> noticed_;          // what each peer said when it gave up; "" if nothing
-  std::vector<std::string> worker_addresses_;  // each peer's UCX worker address (fresh endpoints)
+  std::vector<std::string> noticed_;  // what each peer said when it gave up; "" if nothing
   struct Sink {
     void* request;
     std::unique_ptr<char[]> buffer;
