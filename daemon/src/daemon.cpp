@@ -358,6 +358,9 @@ Result<std::vector<DaemonImpl::Checkpointed>> DaemonImpl::checkpointed_layers() 
     };
     const bool is_dir = fs::is_directory(dir, ec);
     if (ec && ec != std::errc::no_such_file_or_directory) return unreadable(dir, ec);
+    if (!is_dir && fs::exists(fs::symlink_status(dir, ec)))
+      return Status::InvalidArgument(dir.string() + " in state_dir is not a directory: tenant '" + t.name +
+                                     "' keeps its checkpoints there; move it out of state_dir");
     if (!is_dir) continue;
     // The whole listing first: a read error ends the iteration (it becomes the end) with ec set.
     std::vector<fs::directory_entry> entries;
@@ -367,13 +370,23 @@ Result<std::vector<DaemonImpl::Checkpointed>> DaemonImpl::checkpointed_layers() 
       if (entry.path().extension() != ".safetensors") continue;
       const bool regular = entry.is_regular_file(ec);
       if (ec) return unreadable(entry.path(), ec);
-      if (!regular) continue;
       const std::string path = entry.path().string();
+      if (!regular)
+        return Status::InvalidArgument(path + " in state_dir is not a regular file (a directory, a FIFO, a device or "
+                                              "a link to one); move it out of state_dir");
       TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::open(path));
       auto spec = file.metadata().find("tuteld.spec");
       if (spec == file.metadata().end())
         return Status::Corruption(path + ": no 'tuteld.spec' metadata; it was not written by tuteld, move it out of state_dir");
       TUTEL_ASSIGN_OR_RETURN(LayerDefinition def, parse_layer_spec(spec->second, path));
+      // A layer's checkpoint is <name>.safetensors and nothing else: a renamed or copied one (a
+      // backup) restored under the name in its spec, and then clashed with the real one, or was
+      // written back under the real name at exit, the renamed file left behind to clash next time.
+      if (entry.path().stem().string() != def.name)
+        return Status::InvalidArgument(path + " holds layer '" + def.name + "' (its tuteld.spec), whose checkpoint is " +
+                                       (dir / (def.name + ".safetensors")).string() +
+                                       ": rename it so, or move it out of state_dir (keep copies and backups "
+                                       "elsewhere)");
       if (def.group) {
         // Its peers restart on their own schedule; the trainer creates the group layer again,
         // which resumes from this file (prepare_checkpoint).
@@ -1345,20 +1358,27 @@ std::vector<std::string> DaemonImpl::other_active_tenants(const std::string& ten
   return others;
 }
 
-void DaemonImpl::checkpoint_all() {
-  if (config_.server.state_dir.empty()) return;
+int DaemonImpl::checkpoint_all() {
+  if (config_.server.state_dir.empty()) return 0;
+  int failed = 0;
   for (const LayerRef& ref : registry_->all()) {
     const fs::path dir = fs::path(config_.server.state_dir) / ref.layer->tenant();
     std::error_code ec;
     fs::create_directories(dir, ec);
     const std::string path = (dir / (ref.layer->name() + ".safetensors")).string();
-    // One layer's failure (out of memory, say) is that layer's: the others are still written.
+    const bool had_one = fs::exists(path, ec);
+    // One layer's failure (out of memory, a full disk) is that layer's: the others are still written.
     const Status st = guarded([&] { return ref.layer->save(path); });
-    if (st.ok()) TUTEL_LOG(INFO) << "checkpointed " << ref.layer->tenant() << "/" << ref.layer->name() << " to " << path;
-    else
-      TUTEL_LOG(ERROR) << "checkpoint of " << ref.layer->tenant() << "/" << ref.layer->name() << " failed: " << st
-                       << " (" << path << " keeps what it held)";
+    if (st.ok()) {
+      TUTEL_LOG(INFO) << "checkpointed " << ref.layer->tenant() << "/" << ref.layer->name() << " to " << path;
+      continue;
+    }
+    ++failed;
+    TUTEL_LOG(ERROR) << "checkpoint of " << ref.layer->tenant() << "/" << ref.layer->name() << " failed: " << st
+                     << (had_one ? " (" + path + " keeps its earlier checkpoint)"
+                                 : " (the layer had no earlier checkpoint: a restart will not bring it back)");
   }
+  return failed;
 }
 
 void DaemonImpl::shutdown() {
@@ -1413,7 +1433,12 @@ void DaemonImpl::abandon_collectives() {
 
 int DaemonImpl::run() {
   uv_run(&loop_, UV_RUN_DEFAULT);
-  checkpoint_all();
+  // A failed exit checkpoint is no clean stop: a service manager or script must see it (the
+  // layer's training since its last checkpoint is lost, or the layer itself).
+  if (const int failed = checkpoint_all(); failed > 0) {
+    TUTEL_LOG(ERROR) << "tuteld stopped; " << failed << " exit checkpoint(s) failed (see above)";
+    return kExitCheckpointFailed;
+  }
   TUTEL_LOG(INFO) << "tuteld stopped";
   return 0;
 }

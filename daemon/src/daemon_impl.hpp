@@ -136,7 +136,8 @@ class DaemonImpl {
   Status sessions_full(const std::string& tenant) const;
   // Closes client sessions that have not sent their hello within hello_timeout (hello_sweep_).
   void close_silent_sessions();
-  void checkpoint_all();
+  // Writes every layer's exit checkpoint; returns how many failed (each one logged).
+  int checkpoint_all();
 
   Config config_;
   // Per tenant, with state_dir: its clients' saves against its max_checkpoint_bytes. Made at

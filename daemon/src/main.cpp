@@ -21,8 +21,10 @@ int main(int argc, char** argv) {
     std::cerr << "tuteld: " << e.what() << "\nRun 'tuteld --help' for the usage.\n";
     return 2;
   }
-  // A client that disappears mid-write must not kill the daemon.
+  // A client that disappears mid-write must not kill the daemon, nor a file past RLIMIT_FSIZE (a
+  // save fails with EFBIG instead, and the other layers' exit checkpoints are still written).
   ::signal(SIGPIPE, SIG_IGN);
+  ::signal(SIGXFSZ, SIG_IGN);
   // Every session holds a socket and its arena, every group layer its transports: the soft
   // limit on descriptors (often 1024) goes up to what the hard limit allows.
   if (rlimit files{}; ::getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {

@@ -1200,8 +1200,9 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
     if (fc1 && fc1->shape == whole_fc1 && !(whole_fc1 == shape_of(kFc1WeightName))) {
       const int64_t E = s.experts, M = s.model_dim, H = s.hidden, O = s.out_dim();
       // The whole layer's tensors named `prefix` + each parameter's name. `optional`: one the
-      // file lacks is zeros (optimizer state it does not carry starts afresh, tensor by tensor,
-      // as a load into a layer without [group] starts it); a tensor present must be whole.
+      // file lacks is zeros and counted (optimizer state is then all zeros, below); a tensor
+      // present must be whole.
+      int missing_state = 0;  // optimizer state tensors the file lacks
       auto read_whole = [&](const std::string& prefix, bool optional, graphs::HostLayerParams& whole) -> Status {
         auto read = [&](const char* name, Shape shape, bool present, std::vector<float>& out) -> Status {
           if (!present) return Status::OK();
@@ -1209,7 +1210,10 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
           out.assign(static_cast<size_t>(shape.numel()), 0.f);
           // Optimizer state (optional) of another optimizer's is none.
           const SafetensorsTensor* t = optional && foreign_state ? nullptr : file.find(full);
-          if (!t && optional) return Status::OK();
+          if (!t && optional) {
+            ++missing_state;
+            return Status::OK();
+          }
           if (!t || t->dtype != DType::kF32 || !(t->shape == shape))
             return Status::InvalidArgument(path + ": tensor '" + full + "' must be f32 " + shape.to_string() +
                                            " in a whole-layer file");
@@ -1230,7 +1234,14 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
       for (int i = 0; i < 2; ++i)
         if (has_state[i])
           TUTEL_RETURN_IF_ERROR(read_whole(i == 0 ? kState0Prefix : kState1Prefix, true, states[i]));
-      TUTEL_ASSIGN_OR_RETURN(const int64_t step, step_of_file());
+      TUTEL_ASSIGN_OR_RETURN(int64_t step, step_of_file());
+      // The optimizer state is taken whole or not at all (see below, for a layer without [group]).
+      if (missing_state > 0) {
+        for (graphs::HostLayerParams& state : states)
+          for (std::vector<float>* v : {&state.gate, &state.fc1, &state.fc1_bias, &state.fc2, &state.fc2_bias})
+            std::fill(v->begin(), v->end(), 0.f);
+        step = 0;
+      }
       const graphs::ExpertShard& shard = group_->layer->shard();
       ++params_version_;  // from the first write on (a failure after it leaves some replaced)
       TUTEL_RETURN_IF_ERROR(copy_in(graphs::slice_for_rank(s, shard, values)));
@@ -1245,23 +1256,29 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
   struct Copy {
     const SafetensorsTensor* src;
     DeviceBuffer* dst;
+    bool state;  // optimizer state, not a parameter
   };
   std::vector<Copy> copies;
-  // Optimizer state the file does not carry starts afresh (zeros), as its step does (0): a load
-  // never leaves the state of the weights it replaced beside the new ones.
-  std::vector<TensorView> fresh;
+  // Optimizer state is taken whole or not at all: where the file lacks any of it, all of it
+  // starts afresh (zeros), as its step does (0). A load never leaves the state of the weights it
+  // replaced beside the new ones, nor pairs one moment from the file with a zeroed other at the
+  // file's step (AdamW's second moment zeroed under a step of 200 made the next update 6.4 times
+  // too large), nor keeps a step count whose state is gone.
+  std::vector<TensorView> states;
+  bool state_missing = false;
   auto take = [&](const std::string& name, const Tensor& t, DeviceBuffer* dst, bool required) -> Status {
+    if (!required) states.emplace_back(dst->data(), DType::kF32, t.shape, b.device());
     const SafetensorsTensor* src = required || !foreign_state ? file.find(name) : nullptr;
     if (!src) {
       if (required && require_all)
         return Status::NotFound(path + ": tensor '" + name + "' is missing (expected f32 " + t.shape.to_string() + ")");
-      if (!required) fresh.emplace_back(dst->data(), DType::kF32, t.shape, b.device());
+      state_missing |= !required;
       return Status::OK();
     }
     if (src->dtype != DType::kF32 || !(src->shape == t.shape))
       return Status::InvalidArgument(path + ": tensor '" + name + "' is " + std::string(dtype_name(src->dtype)) + " " +
                                      src->shape.to_string() + ", this layer needs f32 " + t.shape.to_string());
-    copies.push_back({src, dst});
+    copies.push_back({src, dst, !required});
     return Status::OK();
   };
   for (Tensor& t : tensors_) {
@@ -1269,7 +1286,13 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
     if (t.state0.data()) TUTEL_RETURN_IF_ERROR(take(kState0Prefix + t.name, t, &t.state0, false));
     if (t.state1.data()) TUTEL_RETURN_IF_ERROR(take(kState1Prefix + t.name, t, &t.state1, false));
   }
-  TUTEL_ASSIGN_OR_RETURN(const int64_t step, step_of_file());
+  TUTEL_ASSIGN_OR_RETURN(int64_t step, step_of_file());
+  std::vector<TensorView> fresh;
+  if (state_missing) {
+    std::erase_if(copies, [](const Copy& c) { return c.state; });
+    fresh = std::move(states);
+    step = 0;
+  }
   auto device_lock = lock_device();
   ++params_version_;  // from the first write on (a failure after it leaves some replaced)
   for (const Copy& c : copies)

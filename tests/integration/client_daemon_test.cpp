@@ -4,7 +4,9 @@
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -803,6 +805,64 @@ TEST_F(ClientDaemon, AnotherOptimizersStateIsNotTaken) {
   EXPECT_TRUE(reloaded == stepped);
 }
 
+// Optimizer state is taken whole or not at all. A file lacking one of AdamW's moments (a
+// hand-edited or filtered checkpoint) had the other taken at the file's step with the missing
+// one zeroed: the next update was 6.4 times too large. Now all of it starts afresh, step 0,
+// while the parameters are taken.
+TEST_F(ClientDaemon, OptimizerStateIsTakenWholeOrNotAtAll) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  const std::string adamw = "experts = 4\nmodel_dim = 16\nhidden = 32\nk = 2\n[optimizer]\nkind = \"adamw\"\n";
+  auto source = client->create_layer("name = \"whole_src\"\ninit_seed = 3\n" + adamw);
+  auto target = client->create_layer("name = \"whole_dst\"\ninit_seed = 4\n" + adamw);
+  ASSERT_TRUE(source.ok() && target.ok());
+  std::vector<float> x(32 * 16), y(32 * 16), dx(32 * 16);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * float(i));
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(source->forward(x.data(), 32, y.data()).ok());
+    ASSERT_TRUE(source->backward(y.data(), 0.5f, dx.data()).ok());
+    ASSERT_TRUE(source->step().ok());
+  }
+  // The source's export, less one second moment.
+  Result<client::ExportedState> state = source->export_state();
+  ASSERT_TRUE(state.ok()) << state.status();
+  const int copy = state->dup_fd();
+  Result<SafetensorsFile> file = SafetensorsFile::read(copy, "the export", 1 << 24);
+  ::close(copy);
+  ASSERT_TRUE(file.ok()) << file.status();
+  std::vector<SafetensorsEntry> kept;
+  std::string dropped;
+  for (const SafetensorsTensor& t : file->tensors()) {
+    if (dropped.empty() && t.name.rfind("optimizer.state1.", 0) == 0) {
+      dropped = t.name;
+      continue;
+    }
+    kept.push_back({t.name, t.dtype, t.shape, t.data});
+  }
+  ASSERT_FALSE(dropped.empty());
+  EXPECT_EQ(file->metadata().at("tuteld.step"), "3");
+  const std::string partial = daemon_->dir() + "/partial.safetensors";
+  ASSERT_TRUE(write_safetensors(partial, kept, file->metadata()).ok());
+  const int fd = ::open(partial.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  const Status imported = target->import_state(fd);
+  ::close(fd);
+  ASSERT_TRUE(imported.ok()) << imported;
+  const auto [source_values, source_meta] = exported_state(*source);
+  const auto [values, meta] = exported_state(*target);
+  EXPECT_EQ(meta.at("tuteld.step"), "0");
+  size_t states = 0;
+  for (const auto& [name, v] : values) {
+    if (name.rfind("optimizer.", 0) == 0) {
+      ++states;
+      EXPECT_TRUE(std::all_of(v.begin(), v.end(), [](float f) { return f == 0.f; })) << name;
+    } else {
+      EXPECT_EQ(v, source_values.at(name)) << name;
+    }
+  }
+  EXPECT_EQ(states, 10u);  // exp_avg and exp_avg_sq of 5 parameters, all afresh
+}
+
 // A step applies only gradients that are there, and the settings it is given. Three twins (the
 // same init_seed; SGD, lr 0.05, momentum 0.9, whose first step moves a parameter by lr · (g +
 // weight_decay · w) with the momentum buffer = that gradient):
@@ -1251,6 +1311,73 @@ TEST(DaemonStartup, ATenantsQuotaCannotKeepTheDaemonFromStarting) {
   ASSERT_TRUE(kept_layer.ok());
   EXPECT_TRUE(kept_layer->load(kept).ok());
   EXPECT_EQ(d.stop(), 0) << d.log();
+}
+
+// A layer's checkpoint in state_dir is <name>.safetensors and nothing else. A copy under another
+// name (a backup) was restored under the name in its spec and clashed with the real one
+// ("already has a layer", naming no file), and a renamed one came back under its old name and
+// clashed at the next start; an entry that is not a regular file (a FIFO here) was skipped in
+// silence, its layer created afresh and checkpointed over at exit. Each stops the start, naming
+// the file; moved out, the daemon starts.
+TEST(DaemonStartup, ACheckpointUnderAnotherNameOrNotAFileStopsTheStartNamingIt) {
+  DaemonProcess d(DaemonOptions{});
+  ASSERT_TRUE(d.start()) << d.log();
+  {
+    auto client = client::Client::connect(d.client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    ASSERT_TRUE(client->create_layer(spec("orig")).ok());
+  }
+  ASSERT_EQ(d.stop(), 0) << d.log();
+  const std::string state = d.dir() + "/state/default/";
+  std::filesystem::copy_file(state + "orig.safetensors", state + "backup.safetensors");
+  EXPECT_FALSE(d.start());
+  std::string log = d.log();
+  EXPECT_NE(log.find("backup.safetensors holds layer 'orig'"), std::string::npos) << log;
+  std::filesystem::remove(state + "backup.safetensors");
+  ASSERT_EQ(::mkfifo((state + "pipe.safetensors").c_str(), 0600), 0);
+  EXPECT_FALSE(d.start());  // at once: a FIFO is never opened
+  log = d.log();
+  EXPECT_NE(log.find("pipe.safetensors in state_dir is not a regular file"), std::string::npos) << log;
+  std::filesystem::remove(state + "pipe.safetensors");
+  ASSERT_TRUE(d.start()) << d.log();
+  auto client = client::Client::connect(d.client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  EXPECT_TRUE(client->attach_layer("orig").ok());
+  EXPECT_EQ(d.stop(), 0) << d.log();
+}
+
+// A file past RLIMIT_FSIZE raised SIGXFSZ, which killed the daemon in a save or in its exit
+// checkpoints (every later layer's lost). A save now fails as an IOError and the daemon serves
+// on; at exit the other layers are still checkpointed, and the exit status says one failed.
+TEST(DaemonStartup, AFileSizeLimitFailsTheSaveNotTheDaemon) {
+  DaemonProcess d(DaemonOptions{});
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  rlimit small = old;
+  // Inherited by the daemon (this process spawns it and lets go): above its 16 MiB arenas, which
+  // are files too, below the big layer's checkpoint.
+  small.rlim_cur = 20 << 20;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  const auto spawned = d.spawn();
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old), 0);
+  ASSERT_TRUE(spawned);
+  ASSERT_TRUE(d.wait_serving(std::chrono::seconds(10)));
+  {
+    auto client = client::Client::connect(d.client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    // 32 MiB of parameters and momentum, and a few KiB.
+    auto big = client->create_layer(spec("big", 16384));
+    auto tiny = client->create_layer(spec("tiny", 4));
+    ASSERT_TRUE(big.ok() && tiny.ok()) << d.log();
+    auto saved = big->save("big.safetensors");
+    EXPECT_EQ(saved.status().code(), StatusCode::kIOError) << saved.status();
+    EXPECT_TRUE(d.alive()) << d.log();
+    EXPECT_TRUE(tiny->save("tiny.safetensors").ok());
+  }
+  EXPECT_EQ(d.stop(), 75) << d.log();  // daemon::kExitCheckpointFailed
+  const std::string log = d.log();
+  EXPECT_NE(log.find("checkpoint of default/big failed"), std::string::npos) << log;
+  EXPECT_TRUE(std::filesystem::exists(d.dir() + "/state/default/tiny.safetensors")) << log;
 }
 
 // state_dir holds every tenant's weights and optimizer state: the daemon creates it private.

@@ -673,8 +673,8 @@ class Layer:
     def import_state(self, tensors, metadata=None):
         """Replaces the layer's state with `tensors` (name -> array-like, as export_state gives
         them; stored as float32) and `metadata` (the step as "tuteld.step"), as load() reads a
-        file: every parameter must be there; optimizer state that is not starts afresh, as does
-        the step. On an expert-parallel layer, this rank's tensors, or the whole layer's (every
+        file: every parameter must be there; where any optimizer state is not, all of it starts
+        afresh, as does the step. On an expert-parallel layer, this rank's tensors, or the whole layer's (every
         expert: the daemon takes this rank's). A state the daemon refuses changes nothing."""
         fd = _sealable_memfd("tuteld layer state")
         try:

@@ -12,6 +12,10 @@ namespace tutel::daemon {
 
 class DaemonImpl;
 
+// run()'s exit code when the shutdown went through but an exit checkpoint failed (EX_TEMPFAIL):
+// a layer's training since its last checkpoint, or a layer never checkpointed, is lost.
+inline constexpr int kExitCheckpointFailed = 75;
+
 class Daemon {
  public:
   // Builds the ranks, restores state_dir, loads the config's layers and binds every socket;
@@ -20,7 +24,8 @@ class Daemon {
   ~Daemon();
 
   // Serves until SIGTERM or SIGINT, then finishes in-flight requests, checkpoints to state_dir,
-  // removes its sockets. Returns the process exit code (0 on a clean shutdown).
+  // removes its sockets. Returns the process exit code: 0 on a clean shutdown,
+  // kExitCheckpointFailed when an exit checkpoint could not be written.
   int run();
 
  private:
