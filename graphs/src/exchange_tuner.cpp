@@ -204,6 +204,21 @@ bool ExchangeTuner::exclude_locked(Bucket& b, size_t i) {
   return true;
 }
 
+struct ExchangeTuner::Snapshot {
+  int64_t key;
+  Bucket bucket;
+};
+
+std::shared_ptr<const ExchangeTuner::Snapshot> ExchangeTuner::snapshot(int64_t key) {
+  std::lock_guard<std::mutex> lock(*mu_);
+  return std::make_shared<const Snapshot>(Snapshot{key, bucket(key)});
+}
+
+void ExchangeTuner::restore(const std::shared_ptr<const Snapshot>& s) {
+  std::lock_guard<std::mutex> lock(*mu_);
+  buckets_[s->key] = s->bucket;
+}
+
 std::vector<TunerEntry> ExchangeTuner::entries() const {
   std::lock_guard<std::mutex> lock(*mu_);
   std::vector<TunerEntry> out;

@@ -1210,6 +1210,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
     TUTEL_RETURN_IF_ERROR(grow(st.hidden_, El * R * Hs * 4));
     return grow(st.combined_, E * C * O * 4);
   }();
+  std::shared_ptr<const ExchangeTuner::Snapshot> before_exclusions;
   for (;;) {
     config = config_for(C);
     const bool data_parallel = config.r == 0;
@@ -1350,12 +1351,18 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
         unprepared, &refused);
     if (!ran.ok()) {
       const int64_t bucket = ExchangeTuner::bucket_for(C);
+      if (tuner_ && (refused == Unprepared::kThisParallelism || refused == Unprepared::kExpertParallel) &&
+          !before_exclusions)
+        before_exclusions = tuner_->snapshot(bucket);
       if (tuner_ && refused == Unprepared::kThisParallelism &&
           tuner_->exclude_parallelism(bucket, config.r))
         continue;
       if (tuner_ && refused == Unprepared::kExpertParallel &&
           tuner_->exclude_parallelism(bucket, 1, std::numeric_limits<int>::max()))
         continue;
+      // No way ran: the exclusions this forward made bought nothing, and kept they would leave
+      // the bucket to a way that just failed (every rank alike: the refusals were agreed).
+      if (before_exclusions) tuner_->restore(before_exclusions);
       return ran;
     }
     TUTEL_RETURN_IF_ERROR(wait_collectives());

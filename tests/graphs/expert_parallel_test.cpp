@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <functional>
@@ -1357,6 +1358,119 @@ TEST(ExpertParallelFailures, AWorkspaceEveryParallelismNeedsDropsNoTuningCandida
     ASSERT_FALSE(entries[r].empty());
     for (const graphs::TunerEntry& e : entries[r])
       EXPECT_EQ(e.excluded, (std::vector<bool>{false, false})) << "bucket " << e.capacity_bucket;
+  }
+}
+
+// A backend whose allocations from `limit` bytes up fail (a quota r = 0's gathered weights no
+// longer fit), and whose `transient_left` allocations of `transient_bytes` fail once each, after
+// `transient_skip` of that size went through (a rank briefly short of the exchange buffers).
+class TightBackend final : public ForwardingBackend {
+ public:
+  explicit TightBackend(Backend& inner) : ForwardingBackend(inner) {}
+  Result<DeviceBuffer> allocate(size_t bytes) override {
+    if (limit != 0 && bytes >= limit) return Status::ResourceExhausted("simulated: over the quota");
+    if (bytes == transient_bytes && transient_left > 0 && --transient_skip < 0) {
+      --transient_left;
+      return Status::ResourceExhausted("simulated: no memory for an exchange buffer, this once");
+    }
+    return ForwardingBackend::allocate(bytes);
+  }
+  size_t limit = 0, transient_bytes = 0;
+  int transient_skip = 0, transient_left = 0;
+};
+
+// A forward whose every way was refused leaves its bucket's tuning as it found it. A passing
+// failure of an exchange buffer (which every r >= 1 needs) dropped every r >= 1 from the bucket
+// for good when r = 0, tried next in the same forward, did not fit either: the bucket was left to
+// r = 0 alone, and every later forward of it was refused on every rank, though r = 1 fit again.
+// Now the step is refused once and r = 1 runs after it, whether the bucket's decision was
+// restored or measured.
+TEST(ExpertParallelTuner, AFailureOfEveryWayInOneForwardExcludesNothing) {
+  for (const bool restored : {true, false}) {
+    SCOPED_TRACE(restored ? "a restored decision" : "a measured decision");
+    const uint64_t seed = std::random_device{}();
+    SCOPED_TRACE("seed " + std::to_string(seed));
+    LayerSpec spec;
+    spec.experts = 4;
+    spec.model_dim = 16;
+    spec.hidden = 256;
+    spec.output_dim = 8;
+    spec.k = 2;
+    spec.capacity_factor = 1.0;
+    constexpr int W = 2;
+    const int64_t E = 4, M = 16, H = 256, O = 8, S = 40;
+    std::mt19937_64 rng(seed);
+    const graphs::HostLayerParams host = to_host(random_params(rng, spec));
+    const int64_t C = 20;  // k * floor(f * S / E)
+    const int64_t bucket = graphs::ExchangeTuner::bucket_for(C);
+    const size_t gathered = static_cast<size_t>(E * H * M + E * H * O + E * H + E * O) * 4;  // r = 0's weights
+    const size_t dispatched = static_cast<size_t>(E * C * M) * 4;  // also a fresh Saved's expert_in_, just before
+    std::vector<std::vector<Status>> statuses(W);
+    std::vector<std::vector<graphs::TunerEntry>> entries(W);
+    const uint16_t port = free_port();
+    std::vector<std::thread> threads;
+    for (int r = 0; r < W; ++r)
+      threads.emplace_back([&, r] {
+        std::mt19937_64 rank_rng(seed + 1 + static_cast<uint64_t>(r));
+        auto comm = comm::ucx_bootstrap(rank_options(port, r, W, 1));
+        ASSERT_TRUE(comm.ok()) << comm.status();
+        auto inner = make_backend("cpu", {.threads = 1});
+        ASSERT_TRUE(inner.ok());
+        TightBackend b(**inner);
+        graphs::ExpertParallelOptions options;
+        options.tune.candidates = {graphs::kDataParallel, {comm::AllToAllAlgo::kLinear, 1, 1}};
+        options.tune.warmups = 1;
+        options.tune.trials = 2;
+        if (restored) options.tune.decided = {{bucket, 1, {900, 400}, {false, false}}};
+        auto layer = ExpertParallelLayer::create(b, **comm, spec, options);
+        ASSERT_TRUE(layer.ok()) << layer.status();
+        graphs::HostLayerParams local = graphs::slice_for_rank(spec, layer->shard(), host);
+        LayerWeights w;
+        w.gate_weight = TensorView(local.gate.data(), DType::kF32, {E, M});
+        w.experts.fc1_weight = TensorView(local.fc1.data(), DType::kF32, graphs::local_fc1_shape(spec, layer->shard()));
+        w.experts.fc1_bias =
+            TensorView(local.fc1_bias.data(), DType::kF32, graphs::local_fc1_bias_shape(spec, layer->shard()));
+        w.experts.fc2_weight = TensorView(local.fc2.data(), DType::kF32, graphs::local_fc2_shape(spec, layer->shard()));
+        w.experts.fc2_bias =
+            TensorView(local.fc2_bias.data(), DType::kF32, graphs::local_fc2_bias_shape(spec, layer->shard()));
+        std::vector<float> x = to_f32(randn(rank_rng, S * M, 1.0)), y(S * O);
+        auto forward = [&] {
+          RoutingStats stats;
+          Status st = layer->forward(w, TensorView(x.data(), DType::kF32, {S, M}), TensorView(y.data(), DType::kF32, {S, O}),
+                                     &stats, nullptr);
+          if (st.ok() && stats.capacity != C) st = Status::Internal("capacity " + std::to_string(stats.capacity));
+          statuses[r].push_back(st);
+        };
+        if (!restored)
+          for (int i = 0; i < 6; ++i) forward();  // both measured with memory to spare; r = 1 decided
+        if (r == 1) {
+          b.limit = gathered;
+          b.transient_bytes = dispatched;
+          b.transient_skip = restored ? 1 : 0;  // restored: a fresh Saved's expert_in_ comes first
+          b.transient_left = 1;
+        }
+        // The measured layer's scratch is grown: a refused step frees it, so the next forward
+        // grows its exchange buffers again.
+        if (!restored) (void)layer->refuse_forward(Status::ResourceExhausted("a refused request"));
+        for (int i = 0; i < 5; ++i) forward();
+        entries[r] = layer->tuner()->entries();
+      });
+    for (auto& t : threads) t.join();
+    for (int r = 0; r < W; ++r) {
+      SCOPED_TRACE("rank " + std::to_string(r));
+      ASSERT_FALSE(statuses[r].empty());
+      const size_t first_after = restored ? 0 : 6;
+      ASSERT_GT(statuses[r].size(), first_after);
+      EXPECT_EQ(statuses[r][first_after].code(), StatusCode::kResourceExhausted) << statuses[r][first_after];
+      for (size_t i = first_after + 1; i < statuses[r].size(); ++i)
+        EXPECT_TRUE(statuses[r][i].ok()) << "forward " << i << ": " << statuses[r][i];
+      const auto it = std::find_if(entries[r].begin(), entries[r].end(),
+                                   [&](const graphs::TunerEntry& e) { return e.capacity_bucket == bucket; });
+      ASSERT_NE(it, entries[r].end());
+      EXPECT_TRUE(it->decided);
+      EXPECT_EQ(it->chosen.r, 1);
+      EXPECT_EQ(it->excluded, (std::vector<bool>{false, false}));
+    }
   }
 }
 

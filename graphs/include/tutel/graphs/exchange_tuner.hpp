@@ -152,6 +152,12 @@ class ExchangeTuner {
   bool exclude_parallelism(int64_t bucket, int r, int last_r);
   bool exclude_parallelism(int64_t bucket, int r) { return exclude_parallelism(bucket, r, r); }
 
+  // One bucket's state, to undo exclusions that bought nothing: a forward whose every way was
+  // refused leaves the bucket as it found it (the refusal was the step's).
+  struct Snapshot;
+  std::shared_ptr<const Snapshot> snapshot(int64_t bucket);
+  void restore(const std::shared_ptr<const Snapshot>& snapshot);
+
   std::vector<TunerEntry> entries() const;
   // The decided buckets, in bucket order, as TunerOptions::decided takes them.
   std::vector<TunerDecision> decisions() const;
@@ -171,6 +177,7 @@ class ExchangeTuner {
     bool restored = false;
   };
   Bucket& bucket(int64_t key);
+  friend struct Snapshot;
   bool exclude_locked(Bucket& b, size_t candidate);  // under mu_; exclude()'s answer
   size_t k() const { return options_.candidates.size(); }
   // The candidate whose turn run `runs` of a measuring bucket is.
