@@ -764,7 +764,8 @@ void DaemonImpl::pump(const std::shared_ptr<Session>& s) {
       if (!frame) break;
       s->queued.push_back(std::move(*frame));
     }
-    queued_frames_peak_ = std::max<uint64_t>(queued_frames_peak_, s->queued.size());
+    // Client sessions' (the status says so): tutelctl's own request is no client's backlog.
+    if (!s->admin) queued_frames_peak_ = std::max<uint64_t>(queued_frames_peak_, s->queued.size());
     if (s->busy || s->closing || s->queued.empty()) break;
     ipc::Frame frame = std::move(s->queued.front());
     s->queued.pop_front();

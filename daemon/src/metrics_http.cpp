@@ -1,5 +1,6 @@
 #include "metrics_http.hpp"
 
+#include <algorithm>
 #include <cassert>
 #include <memory>
 #include <utility>
@@ -112,9 +113,12 @@ void MetricsHttpServer::accept() {
         if (n < 0) return c->server->close_connection(c);
         // The head ends at an empty line; a bare LF ends lines too (RFC 9112 allows it: a request
         // typed by hand, printf | nc).
-        const bool complete = c->request.find("\r\n\r\n") != std::string::npos ||
-                              c->request.find("\n\n") != std::string::npos;
-        if (!complete && c->request.size() < kMaxRequestHead) return;
+        // Where it ends, not how much has arrived, decides whether it is too long: the same
+        // request must get the same answer however TCP splits it.
+        const size_t crlf = c->request.find("\r\n\r\n"), lf = c->request.find("\n\n");
+        const size_t head_end = std::min(crlf == std::string::npos ? crlf : crlf + 4, lf == std::string::npos ? lf : lf + 2);
+        const bool complete = head_end != std::string::npos && head_end <= kMaxRequestHead;
+        if (head_end == std::string::npos && c->request.size() < kMaxRequestHead) return;
         uv_read_stop(s);
         if (!complete)
           c->response = http_response(431, "Request Header Fields Too Large", "text/plain", "request head too large\n");

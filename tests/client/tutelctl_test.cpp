@@ -219,6 +219,7 @@ TEST(Tutelctl, UsageErrorsExitTwo) {
   EXPECT_EQ(tutelctl("plans alice/moe0").exit_code, 2);  // takes no argument
   EXPECT_EQ(tutelctl("checkpoint alice/moe0").exit_code, 2);            // PATH missing
   EXPECT_EQ(tutelctl("checkpoint moe0 out.safetensors").exit_code, 2);  // not TENANT/NAME
+  EXPECT_EQ(tutelctl("checkpoint alice/moe0 ''").exit_code, 2);         // an empty PATH
   EXPECT_EQ(tutelctl("--timeout -1 status").exit_code, 2);
   const ToolRun help = tutelctl("--help");
   EXPECT_EQ(help.exit_code, 0);

@@ -398,6 +398,10 @@ TEST_F(ClientDaemon, TutelctlAndMetricsReportTheWork) {
   };
   // A request typed by hand ends its lines with a bare LF: answered too.
   EXPECT_NE(scrape("GET /metrics HTTP/1.0\n\n").find("200 OK"), std::string::npos);
+  // A head past 8 KiB is refused whether it arrives in one piece or several (it was answered when
+  // one read took all of it, as here: short enough to be read whole, so no reset loses the reply).
+  const std::string long_head = "GET /metrics HTTP/1.1\r\nX-Pad: " + std::string(9000, 'a') + "\r\n\r\n";
+  EXPECT_NE(scrape(long_head).find("431 "), std::string::npos);
   const std::string response = scrape("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
   EXPECT_NE(response.find("200 OK"), std::string::npos) << response;
   for (const char* needle :
@@ -1210,6 +1214,10 @@ TEST_F(ClientDaemon, DrainRefusesNewSessionsAndLayersWhileOpenOnesGoOn) {
 
   auto [still_code, still_out] = run_command(ctl + "drain --wait 0.2");
   EXPECT_EQ(still_code, 1) << still_out;  // the session is still open
+  // --wait 0 looks once (it exited 0 here, as without --wait: `drain --wait 0 && stop` stopped
+  // a daemon with sessions open).
+  auto [once_code, once_out] = run_command(ctl + "drain --wait 0");
+  EXPECT_EQ(once_code, 1) << once_out;
   client->close();
   auto [drained_code, drained_out] = run_command(ctl + "drain --wait 30");
   EXPECT_EQ(drained_code, 0) << drained_out;

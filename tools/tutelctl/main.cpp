@@ -470,7 +470,7 @@ int main(int argc, char** argv) {
                  "tuteld's admin socket ($TUTELD_ADMIN_SOCKET, else ./run/admin.sock)");
   app.add_flag("--json", as_json, "print the daemon's JSON reply instead of a table");
   app.add_option("--timeout", timeout_s,
-                 "seconds to wait for a reply (checkpoint waits without bound)")
+                 "seconds to wait for a reply (checkpoint waits without bound once the daemon answered)")
       ->check(CLI::Range(0.001, 1e6));  // bounded: 1e300 s would overflow its milliseconds
   app.require_subcommand(1, 1);
   auto* status =
@@ -496,7 +496,8 @@ int main(int argc, char** argv) {
   };
   checkpoint->add_option("LAYER", layer, "the layer as TENANT/NAME")->required()->check(layer_name);
   checkpoint->add_option("PATH", path, "the safetensors file to write (relative to this directory)")
-      ->required();
+      ->required()
+      ->check([](const std::string& v) { return v.empty() ? std::string("PATH must not be empty") : std::string(); });
   auto* pin = app.add_subcommand(
       "pin", "keep a layer's cached plans when its tenant's other requests need the memory");
   auto* unpin = app.add_subcommand("unpin", "let a pinned layer's idle plans go again");
@@ -505,8 +506,7 @@ int main(int argc, char** argv) {
   auto* drain = app.add_subcommand(
       "drain", "take no new client sessions and create no layers; the open sessions go on");
   double wait_s = 0;
-  drain
-      ->add_option("--wait", wait_s,
+  CLI::Option* wait_opt = drain->add_option("--wait", wait_s,
                    "then wait up to this many seconds for the open client sessions to close; "
                    "exit 1 if some are still open")
       ->check(CLI::Range(0.0, 1e6));
@@ -540,7 +540,11 @@ int main(int argc, char** argv) {
     // The daemon opens the path in its own working directory: send it absolute.
     std::error_code ec;
     const auto absolute = std::filesystem::absolute(path, ec);
-    reply = admin->checkpoint(layer, ec ? path : absolute.string());
+    // The checkpoint's own wait is unbounded (a large layer takes long): first one round trip
+    // within --timeout, so that a socket whose peer never answers (a stopped daemon, not a
+    // tuteld) fails rather than hangs.
+    reply = admin->status();
+    if (reply.ok()) reply = admin->checkpoint(layer, ec ? path : absolute.string());
   } else if (*pin || *unpin)
     reply = admin->pin(layer, static_cast<bool>(*pin));
   else if (*drain)
@@ -548,7 +552,9 @@ int main(int argc, char** argv) {
   else if (*undrain)
     reply = admin->drain(false);
   bool wait_ran_out = false;  // drain --wait with sessions still open: exit 1, table or --json
-  if (reply.ok() && *drain && wait_s > 0) {
+  // Given at all, even as 0 (one look): `drain --wait 0 && systemctl stop tuteld` must not stop
+  // a daemon with sessions open.
+  if (reply.ok() && *drain && wait_opt->count() > 0) {
     auto drained = wait_drained(*admin, wait_s);
     if (drained.ok()) {
       wait_ran_out = drained->open != 0;
