@@ -340,8 +340,8 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
       auto result = std::make_shared<Status>();
       offload(
           [layer, path, result] {
-            std::error_code ec;
-            std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
+            // (A failure to create them shows as the save's own.)
+            (void)create_directories_durably(std::filesystem::path(path).parent_path());
             *result = guarded([&] { return layer->save(path); });
           },
               [this, s, rid, result, path] {

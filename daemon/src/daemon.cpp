@@ -1,5 +1,6 @@
 #include "tutel/daemon/daemon.hpp"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -28,6 +29,26 @@ namespace tutel::daemon {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
+std::error_code create_directories_durably(const fs::path& dir) {
+  std::vector<fs::path> missing;  // deepest first
+  std::error_code ec;
+  for (fs::path p = dir; !p.empty() && !fs::exists(p, ec) && !ec; p = p.parent_path()) {
+    missing.push_back(p);
+    if (p == p.parent_path()) break;
+  }
+  fs::create_directories(dir, ec);
+  if (ec) return ec;
+  for (const fs::path& p : missing) sync_directory(p.has_parent_path() ? p.parent_path() : fs::path("."));
+  return {};
+}
+
+void sync_directory(const fs::path& dir) {
+  ipc::UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid() || ::fsync(fd.get()) != 0)
+    TUTEL_LOG(WARN) << "cannot sync the directory " << dir.string() << ": " << std::strerror(errno)
+                    << " (a power loss may undo its last change)";
+}
+
 namespace {
 
 // Where a tenant's clients save and load their files (the tenant's CheckpointQuota counts it).
@@ -51,9 +72,11 @@ Result<fs::path> move_aside(const fs::path& from, const fs::path& dir, const std
     if (n > 0) file.append("-").append(std::to_string(n));
     to = dir / (file + ".safetensors");
   }
-  fs::create_directories(dir, ec);
+  ec = create_directories_durably(dir);
   if (!ec) fs::rename(from, to, ec);
   if (ec) return Status::IOError("cannot move " + from.string() + " aside to " + to.string() + ": " + ec.message());
+  sync_directory(dir);
+  sync_directory(from.parent_path());
   return to;
 }
 
@@ -941,7 +964,8 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         // after the destroy cannot resume from it.
         if (!config_.server.state_dir.empty()) {
           std::error_code ec;
-          fs::remove(fs::path(config_.server.state_dir) / tenant / (ref.layer->name() + ".safetensors"), ec);
+          const fs::path dir = fs::path(config_.server.state_dir) / tenant;
+          if (fs::remove(dir / (ref.layer->name() + ".safetensors"), ec)) sync_directory(dir);
           if (ec)
             TUTEL_LOG(WARN) << "destroyed layer " << tenant << "/" << ref.layer->name()
                             << " keeps its checkpoint in state_dir: " << ec.message();
@@ -1014,10 +1038,9 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
         // directories, so a refused save leaves nothing behind.
         TUTEL_ASSIGN_OR_RETURN(CheckpointQuota::Reservation room,
                                checkpoint_quotas_.at(tenant)->reserve(path, ref.layer->save_bytes_bound()));
-        std::error_code ec;
         const fs::path parent = fs::path(path).parent_path();
-        fs::create_directories(parent, ec);
-        if (ec) return Status::IOError("cannot create " + parent.string() + ": " + ec.message());
+        if (const std::error_code ec = create_directories_durably(parent); ec)
+          return Status::IOError("cannot create " + parent.string() + ": " + ec.message());
         TUTEL_RETURN_IF_ERROR(ref.layer->save(path));
         return json{{"path", path}};
       };
@@ -1364,8 +1387,7 @@ int DaemonImpl::checkpoint_all() {
   int failed = 0;
   for (const LayerRef& ref : registry_->all()) {
     const fs::path dir = fs::path(config_.server.state_dir) / ref.layer->tenant();
-    std::error_code ec;
-    fs::create_directories(dir, ec);
+    std::error_code ec = create_directories_durably(dir);
     const std::string path = (dir / (ref.layer->name() + ".safetensors")).string();
     const bool had_one = fs::exists(path, ec);
     // One layer's failure (out of memory, a full disk) is that layer's: the others are still written.

@@ -30,6 +30,14 @@
 
 namespace tutel::daemon {
 
+// Directory changes made durable, as a file's write and rename are (write_safetensors syncs the
+// file and its directory): after a power loss a save's new directories, a checkpoint moved aside
+// and a destroyed layer's removed checkpoint stay as the daemon left them.
+// Creates `dir` and its missing parents, syncing the parent of each directory it created.
+std::error_code create_directories_durably(const std::filesystem::path& dir);
+// Syncs the directory `dir` (after a rename or removal in it); failures are only logged.
+void sync_directory(const std::filesystem::path& dir);
+
 class DaemonImpl {
  public:
   explicit DaemonImpl(Config config);
