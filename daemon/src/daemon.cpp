@@ -971,6 +971,7 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
                             << " keeps its checkpoint in state_dir: " << ec.message();
         }
         TUTEL_RETURN_IF_ERROR(registry_->destroy(tenant, h));
+        ref.layer->mark_destroyed();  // before its series go: a request in flight records none after
         metrics_.forget_layer(tenant, ref.layer->name());
         return json::object();
       };

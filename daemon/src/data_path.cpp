@@ -224,7 +224,7 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
             dropped = out->stats.dropped;
             // An empty batch on a layer without [group] has no capacity to show (a group layer's
             // is the group's).
-            if (d.tokens > 0 || layer.definition().group)
+            if ((d.tokens > 0 || layer.definition().group) && !layer.destroyed())
               metrics_.set_capacity(s->tenant, layer_name, out->stats.capacity);
           } else {
             st = out.status();
@@ -241,8 +241,11 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
           });
       }
       registry_->end_request(s->tenant);
-      if (layer.definition().group)
+      if (layer.definition().group && !layer.destroyed())
         metrics_.set_peer_state(s->tenant + "/" + layer_name, layer.group_error().empty());
+      // Destroyed while this request ran: its series went with it, and it is counted as a request
+      // of no layer rather than bring them back.
+      if (layer.destroyed()) layer_name.clear();
     }
     if (!st.ok()) set_message(c, st);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();

@@ -118,6 +118,10 @@ class ServedLayer {
   // quota. Any thread. A group layer keeps no plans: pinning one is refused.
   Status set_pinned(bool pinned);
   bool pinned() const { return pinned_.load(std::memory_order_relaxed); }
+  // Set when its client destroyed it (a request in flight may still hold it): its metrics series
+  // are gone, and such a request must not bring them back.
+  void mark_destroyed() { destroyed_.store(true, std::memory_order_release); }
+  bool destroyed() const { return destroyed_.load(std::memory_order_acquire); }
   // How long the layer's requests (forward, backward, step) have waited, in all, for the layer
   // (another operation of it in progress: a group layer holds it for a whole collective) or its
   // device (another layer's operation on the same rank) before they could run: the queueing
@@ -437,6 +441,7 @@ class ServedLayer {
   std::atomic<int64_t> pending_count_{0};
   std::atomic<uint64_t> pending_bytes_{0};
   std::atomic<bool> pinned_{false};
+  std::atomic<bool> destroyed_{false};
   mutable std::mutex stats_mutex_;
   RoutingStats last_stats_;  // guarded by stats_mutex_
   std::string group_error_;  // guarded by stats_mutex_
