@@ -53,7 +53,8 @@ class CheckpointQuota {
   // What the directory's files hold now (an IOError when it cannot be read).
   Result<uint64_t> used_bytes() const;
   // Removes the temporary files of saves that never finished (the daemon was killed): call it
-  // while no save runs. Returns how many went.
+  // while no save runs. Returns how many went; one that cannot be removed is logged and left
+  // (it counts against no quota). An IOError only when the directory cannot be read.
   Result<int64_t> remove_interrupted_saves();
   // What a directory counts for.
   static constexpr uint64_t kDirectoryBytes = 4096;

@@ -232,7 +232,7 @@ Status ServedLayer::join_group() {
     options.tune.warmups = g.tune_warmups;
     options.tune.trials = g.tune_trials;
     if (!def_.resumed_tuning.empty() && options.tune.candidates.size() >= 2)
-      options.tune.decided = restored_decisions(group->backend->describe(), options.tune.candidates);
+      options.tune.decided = restored_decisions(tuning_context(*group->backend), options.tune.candidates);
   }
   // Its saved state and workspaces are allocated through `activations`, and so charged.
   TUTEL_ASSIGN_OR_RETURN(graphs::ExpertParallelLayer ep,
@@ -246,6 +246,11 @@ Status ServedLayer::join_group() {
   group->layer.emplace(std::move(ep));
   group_ = std::move(group);
   return Status::OK();
+}
+
+std::string ServedLayer::tuning_context(const Backend& backend) const {
+  const GroupConfig& g = *def_.group;
+  return backend.describe() + "; " + std::to_string(g.size) + " ranks, " + std::to_string(g.local_size) + " per node";
 }
 
 std::vector<graphs::TunerDecision> ServedLayer::restored_decisions(
@@ -1055,7 +1060,7 @@ std::map<std::string, std::string> ServedLayer::saved_metadata() const {
   const graphs::ExchangeTuner* tuner = group_ && group_->layer ? group_->layer->tuner() : nullptr;
   if (tuner != nullptr) {
     TuningRecord record;
-    record.measured_on = group_->backend->describe();
+    record.measured_on = tuning_context(*group_->backend);
     for (const graphs::ExchangeConfig& c : tuner->candidates()) record.candidates.push_back(c.to_string());
     // Buckets where the group refused a candidate for want of memory are left out: that refusal
     // holds for the memory of the moment (a quota raised since, another tenant gone), and kept it

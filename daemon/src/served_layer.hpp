@@ -312,6 +312,10 @@ class ServedLayer {
   // The tuner decisions of the record this layer resumed with (LayerDefinition::resumed_tuning)
   // that hold for a rank on `measured_on` with `candidates`; none (and a warning saying why)
   // where they do not.
+  // What a tuning record's decisions were measured on: the device, and the group's layout (ranks,
+  // ranks per node), which decide what the exchanges cost as much as the device does (a group
+  // moved from one node to four reused decisions measured over shared memory).
+  std::string tuning_context(const Backend& backend) const;
   std::vector<graphs::TunerDecision> restored_decisions(const std::string& measured_on,
                                                         const std::vector<graphs::ExchangeConfig>& candidates) const;
   // After a group layer's parameters are in place (`ready_here`: this rank allocated and loaded
