@@ -1169,8 +1169,14 @@ void DaemonImpl::handle_hello(const std::shared_ptr<Session>& s, const ipc::Fram
   }
   s->hello_received = true;
   const auto hello = ipc::parse_body(frame);
-  if (hello.ok() && hello->contains("client") && (*hello)["client"].is_string())
-    s->client_name = escape_text((*hello)["client"].get<std::string>().substr(0, 128));
+  if (hello.ok() && hello->contains("client") && (*hello)["client"].is_string()) {
+    // At most 128 bytes, cut where a UTF-8 character begins (not inside one, which showed as a
+    // broken character), and escaped once, here, for the log and the admin replies.
+    std::string_view name = (*hello)["client"].get_ref<const std::string&>();
+    size_t end = std::min<size_t>(name.size(), 128);
+    while (end > 0 && end < name.size() && (static_cast<unsigned char>(name[end]) & 0xC0) == 0x80) --end;
+    s->client_name = escape_text(name.substr(0, end));
+  }
   if (auto secret = tenant_secrets_.find(s->tenant); secret != tenant_secrets_.end()) {
     // The tenant asks its clients for its secret on top of the uid mapping. Compared in constant
     // time; a session that fails is told why and closed (a new connection may try again).

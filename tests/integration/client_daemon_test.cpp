@@ -440,6 +440,26 @@ TEST_F(ClientDaemon, AClientsNameIsEscapedBeforeItIsLoggedOrShown) {
   const std::string log = daemon_->log();
   EXPECT_EQ(log.find("\nERROR forged line"), std::string::npos) << log;
   EXPECT_NE(log.find("client 'trainer\\x0aERROR forged line'"), std::string::npos) << log;
+  // The table shows the daemon's escaped text as it is (escaped once: a backslash was doubled).
+  auto [code, table] = run_command(std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket() + " sessions");
+  EXPECT_EQ(code, 0) << table;
+  EXPECT_NE(table.find("trainer\\x0aERROR forged line"), std::string::npos) << table;
+  EXPECT_EQ(table.find("\\\\x0a"), std::string::npos) << table;
+  // A long name is cut where a character begins: 'a' and 100 two-byte characters, 201 bytes,
+  // become 'a' and 63 of them (127 bytes), not 'a', 63 and half of the 64th.
+  client::ClientOptions long_name;
+  long_name.name = "a";
+  for (int i = 0; i < 100; ++i) long_name.name += "\xc3\xa9";
+  auto second = client::Client::connect(daemon_->client_socket(), long_name);
+  ASSERT_TRUE(second.ok()) << second.status();
+  bool found = false;
+  const nlohmann::json now = ctl_json("sessions")["sessions"];
+  for (const auto& session : now)
+    if (session["client"].get<std::string>().rfind("a\xc3\xa9", 0) == 0) {
+      found = true;
+      EXPECT_EQ(session["client"].get<std::string>(), long_name.name.substr(0, 127)) << session.dump();
+    }
+  EXPECT_TRUE(found) << now.dump();
 }
 
 // A destroyed layer's series go with it: layers created and destroyed under ever new names

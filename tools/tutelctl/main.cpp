@@ -72,12 +72,16 @@ std::string duration_text(double seconds) {
   return buf;
 }
 
-// A JSON value as table text: "-" for a missing or null one. Strings with their control
-// characters escaped (tutel::escape_text): what tuteld relays (a client's name, an error) reaches
-// the operator's terminal, which must not obey it.
+// A JSON value as table text: "-" for a missing or null one. Strings with control characters
+// escaped (tutel::escape_text): what tuteld relays (a client's name, an error) reaches the
+// operator's terminal, which must not obey it. Only those: tuteld escapes a client's name itself,
+// and escaping its text again doubled every backslash of it.
 std::string text(const json& v) {
   if (v.is_null()) return "-";
-  if (v.is_string()) return tutel::escape_text(v.get_ref<const std::string&>());
+  if (v.is_string()) {
+    const std::string& s = v.get_ref<const std::string&>();
+    return tutel::has_control_characters(s) ? tutel::escape_text(s) : s;
+  }
   if (v.is_boolean()) return v.get<bool>() ? "yes" : "no";
   if (v.is_number_integer()) return std::to_string(v.get<int64_t>());
   if (v.is_number_unsigned()) return std::to_string(v.get<uint64_t>());
