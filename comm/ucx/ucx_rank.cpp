@@ -219,6 +219,41 @@ Status UcxRank::init(const BootstrapOptions& o) {
 UcxRank::~UcxRank() {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (force_closed_live_peer_) {
+      // A peer this rank force-closed may still be running, and its UCX reconnects over TCP: a
+      // wire-up request of its, read by any progress here, queues a reply that cannot leave once
+      // the peer exits, and UCX 1.13 asserts on such a reply when ucp_worker_destroy purges it
+      // (SIGABRT: the whole daemon). So nothing here progresses the worker: the endpoints close
+      // by force, requests still pending are released as they are, and the worker goes.
+      if (beacon_request_ != nullptr) {
+        ucp_request_cancel(worker_, beacon_request_);
+        ucp_request_free(beacon_request_);
+        beacon_request_ = nullptr;
+      }
+      for (const Sink& sink : sinks_) {
+        ucp_request_cancel(worker_, sink.request);
+        ucp_request_free(sink.request);
+      }
+      sinks_.clear();
+      for (int p = 0; p < static_cast<int>(endpoints_.size()); ++p)
+        if (endpoints_[p] != nullptr) close_endpoint_locked(p, true);
+      for (void* request : closing_) ucp_request_free(request);
+      closing_.clear();
+      for (auto& send : beacon_sends_) ucp_request_free(send.first);
+      beacon_sends_.clear();
+    }
+  }
+  if (force_closed_live_peer_) {
+    if (worker_ != nullptr) ucp_worker_destroy(worker_);
+    if (context_ != nullptr) ucp_cleanup(context_);
+    if (mailbox_) {
+      mailbox_->closed.store(true, std::memory_order_release);
+      local_exchange_->hub().remove(mailbox_id_);
+    }
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
     if (beacon_request_ != nullptr) {
       sinks_.push_back({beacon_request_, nullptr});  // reaped below like the sinks
       beacon_request_ = nullptr;
@@ -943,6 +978,7 @@ Status UcxRank::abort(std::unique_lock<std::mutex>& lock, std::vector<Op>& ops,
   bool abandoned = false;
   for (Op& op : ops) {
     if (op.request == nullptr) continue;
+    force_closed_live_peer_ = true;
     declare_failed_locked(op.transfer->peer,
                           op.is_send ? "declared failed here: it did not take a message of a collective "
                                        "this rank gave up on"

@@ -239,6 +239,8 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   std::vector<std::string> failures_;  // non-empty: why the peer is considered failed
   std::vector<void*> closing_;         // endpoint close requests in flight
   std::vector<int> sleepers_;          // eventfds of threads sleeping on this worker
+  // Set once abort() force-closed an endpoint to a peer that may be alive (see ~UcxRank).
+  bool force_closed_live_peer_ = false;
   std::vector<std::unique_ptr<std::string>> notice_texts_;  // buffers of notices sent
   std::vector<std::string> noticed_;  // what each peer said when it gave up; "" if nothing
   struct Sink {
