@@ -37,6 +37,7 @@ constexpr unsigned kMaxProgressEvents = 4096;
 constexpr uint64_t kAgreeTag = kAckBit | (uint64_t{(1u << 24) - 1} << 20);
 constexpr uint64_t kChallengeTag = kAgreeTag | (uint64_t{1} << 44);
 constexpr uint64_t kChallengeTakenTag = kAgreeTag | (uint64_t{2} << 44);
+constexpr uint64_t kNoticeWireTag = kAgreeTag | (uint64_t{3} << 44);
 // What an acknowledgement carries; static, so a send nobody waits for can always read it.
 const char kAckByte = 'a';
 // Set when a pull of this thread's collective failed because its sender withdrew the loan (a
@@ -101,6 +102,7 @@ UcxRank::UcxRank(const BootstrapOptions& o)
 Result<std::shared_ptr<UcxRank>> UcxRank::create(const BootstrapOptions& options) {
   std::shared_ptr<UcxRank> self(new UcxRank(options));
   TUTEL_RETURN_IF_ERROR(self->init(options));
+  TUTEL_RETURN_IF_ERROR(self->wire_notice_endpoints(options));
   TUTEL_RETURN_IF_ERROR(self->agree_on_peer_memory(options));
   return self;
 }
@@ -165,6 +167,7 @@ Status UcxRank::init(const BootstrapOptions& o) {
   std::lock_guard<std::mutex> lock(mu_);
   const auto n = static_cast<size_t>(size_);
   endpoints_.assign(n, nullptr);
+  notice_endpoints_.assign(n, nullptr);
   failures_.assign(n, {});
   noticed_.assign(n, {});
   local_boxes_.assign(n, nullptr);
@@ -212,8 +215,89 @@ Status UcxRank::init(const BootstrapOptions& o) {
       return Status::Unavailable("cannot create a UCX endpoint to " + describe(p) + ": " +
                                  ucs_status_string(s));
     }
+    // Made second on both sides, so the two notice endpoints of a pair meet each other.
+    s = ucp_ep_create(worker_, &ep, &notice_endpoints_[p]);
+    if (s != UCS_OK) {
+      notice_endpoints_[p] = nullptr;
+      return Status::Unavailable("cannot create a UCX endpoint to " + describe(p) + ": " +
+                                 ucs_status_string(s));
+    }
   }
   return Status::OK();
+}
+
+Status UcxRank::wire_notice_endpoints(const BootstrapOptions& o) {
+  // One byte each way over every pair's notice endpoints: an endpoint in peer error mode sends
+  // nothing before its wire-up is done, which needs both sides to progress, and a rank that
+  // gives up may never progress again. Done here, a notice later leaves at once.
+  static const char kWireByte = 'w';
+  std::vector<char> received(static_cast<size_t>(size_), 0);
+  std::vector<std::pair<int, void*>> requests;  // (peer, request)
+  const auto deadline = Clock::now() + o.collective_timeout;
+  std::unique_lock<std::mutex> lock(mu_);
+  auto release_all = [&] {
+    for (auto& [peer, request] : requests)
+      if (request != nullptr) {
+        ucp_request_cancel(worker_, request);  // receives; a send stays, reading a static byte
+        ucp_request_free(request);
+      }
+    requests.clear();
+  };
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_) continue;
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+    void* request = ucp_tag_recv_nbx(worker_, &received[p], 1, kNoticeWireTag | static_cast<uint64_t>(p),
+                                     kFullTagMask, &param);
+    if (UCS_PTR_IS_ERR(request)) {
+      release_all();
+      return ucx_error("ucp_tag_recv_nbx", UCS_PTR_STATUS(request));
+    }
+    requests.emplace_back(p, request);
+  }
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_) continue;
+    ucp_request_param_t param{};
+    void* request = ucp_tag_send_nbx(notice_endpoints_[p], &kWireByte, 1,
+                                     kNoticeWireTag | static_cast<uint64_t>(rank_), &param);
+    if (UCS_PTR_IS_ERR(request)) {
+      release_all();
+      return Status::Unavailable("bootstrap: cannot reach " + describe(p) + " (its notice endpoint): " +
+                                 ucs_status_string(UCS_PTR_STATUS(request)));
+    }
+    if (request != nullptr) requests.emplace_back(p, request);
+  }
+  for (;;) {
+    progress_locked();
+    for (auto& [peer, request] : requests) {
+      if (request == nullptr) continue;
+      const ucs_status_t st = ucp_request_check_status(request);
+      if (st == UCS_INPROGRESS) continue;
+      ucp_request_free(request);
+      request = nullptr;
+      if (st != UCS_OK) {
+        const int failed = peer;
+        release_all();
+        return Status::Unavailable("bootstrap: " + describe(failed) + " failed while connecting: " +
+                                   ucs_status_string(st));
+      }
+    }
+    std::erase_if(requests, [](const auto& r) { return r.second == nullptr; });
+    if (requests.empty()) return Status::OK();
+    if (Status stop = stop_requested(); !stop.ok()) {
+      release_all();
+      return stop;
+    }
+    if (Clock::now() >= deadline) {
+      std::string waiting;
+      for (const auto& [peer, request] : requests) waiting += (waiting.empty() ? "" : ", ") + describe(peer);
+      release_all();
+      return Status::Timeout("bootstrap: timed out connecting the notice endpoints of " + waiting);
+    }
+    lock.unlock();
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+    lock.lock();
+  }
 }
 
 UcxRank::~UcxRank() {
@@ -273,6 +357,12 @@ UcxRank::~UcxRank() {
     // (peer_failed_locked force-closes a failed peer's endpoint itself.)
     std::vector<void*> flushes;
     for (int p = 0; p < static_cast<int>(endpoints_.size()); ++p) {
+      // A notice endpoint is flushed even to a peer declared failed here (its notice must leave).
+      if (notice_endpoints_[p] != nullptr && slots_[p].ucx_error.load(std::memory_order_acquire) == UCS_OK) {
+        ucp_request_param_t param{};
+        void* request = ucp_ep_flush_nbx(notice_endpoints_[p], &param);
+        if (UCS_PTR_IS_PTR(request)) flushes.push_back(request);
+      }
       if (endpoints_[p] == nullptr || peer_failed_locked(p)) continue;
       ucp_request_param_t param{};
       void* request = ucp_ep_flush_nbx(endpoints_[p], &param);
@@ -288,8 +378,10 @@ UcxRank::~UcxRank() {
       });
     }
     for (void* request : flushes) ucp_request_free(request);
-    for (int p = 0; p < static_cast<int>(endpoints_.size()); ++p)
+    for (int p = 0; p < static_cast<int>(endpoints_.size()); ++p) {
       if (endpoints_[p] != nullptr) close_endpoint_locked(p, true);
+      if (notice_endpoints_[p] != nullptr) close_notice_endpoint_locked(p);
+    }
     if (worker_ != nullptr) finish_closing_locked(Clock::now() + kCleanupBound);
     // Closing the endpoints completed every beacon send still queued.
     for (auto& send : beacon_sends_) ucp_request_free(send.first);
@@ -538,6 +630,9 @@ bool UcxRank::peer_failed_locked(int peer) {
                       ucs_status_string(static_cast<ucs_status_t>(err)) +
                       "); its process may have exited";
   if (!failures_[peer].empty() && endpoints_[peer] != nullptr) close_endpoint_locked(peer, true);
+  // Its connection broke: the notice endpoint goes too. (Declared failed here, it stays: the
+  // peer may be alive, and this rank's notice is for it.)
+  if (err != UCS_OK && notice_endpoints_[peer] != nullptr) close_notice_endpoint_locked(peer);
   return !failures_[peer].empty();
 }
 
@@ -556,6 +651,15 @@ void UcxRank::close_endpoint_locked(int peer, bool force) {
   param.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
   void* request = ucp_ep_close_nbx(endpoints_[peer], &param);
   endpoints_[peer] = nullptr;
+  if (UCS_PTR_IS_PTR(request)) closing_.push_back(request);
+}
+
+void UcxRank::close_notice_endpoint_locked(int peer) {
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  void* request = ucp_ep_close_nbx(notice_endpoints_[peer], &param);
+  notice_endpoints_[peer] = nullptr;
   if (UCS_PTR_IS_PTR(request)) closing_.push_back(request);
 }
 
@@ -761,9 +865,10 @@ void UcxRank::send_notices_locked(Notice& notice, const Status& error) {
   // The buffer must outlive the sends, which nobody waits for.
   const std::string& kept = *notice_texts_.emplace_back(std::make_unique<std::string>(text));
   for (const auto& [peer, tag] : notice.peers) {
-    if (peer_failed_locked(peer)) continue;
+    (void)peer_failed_locked(peer);  // closes the notice endpoint of a peer whose connection broke
+    if (notice_endpoints_[peer] == nullptr) continue;
     ucp_request_param_t param{};
-    void* request = ucp_tag_send_nbx(endpoints_[peer], kept.data(), kept.size(), tag, &param);
+    void* request = ucp_tag_send_nbx(notice_endpoints_[peer], kept.data(), kept.size(), tag, &param);
     if (UCS_PTR_IS_PTR(request)) ucp_request_free(request);  // released when it completes
   }
 }

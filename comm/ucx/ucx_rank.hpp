@@ -188,6 +188,7 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   std::string failure_text_locked(int peer) const;
   void declare_failed_locked(int peer, std::string reason);
   void close_endpoint_locked(int peer, bool force);
+  void close_notice_endpoint_locked(int peer);
   Status post_locked(std::vector<Op>& ops, const Transfer& t, bool is_send);
   // True when all ops completed; *error is set when one failed.
   bool poll_ops_locked(std::vector<Op>& ops, Status* error);
@@ -235,6 +236,13 @@ class UcxRank : public std::enable_shared_from_this<UcxRank> {
   ucp_worker_h worker_ = nullptr;
   int event_fd_ = -1;  // owned by the worker
   std::vector<ucp_ep_h> endpoints_;
+  // A second endpoint per peer for notices alone, wired up at the bootstrap. A rank that gives up
+  // force-closes its data endpoint to a peer that has not taken one of its messages, which
+  // purged a notice queued behind that message (a rendezvous send ahead of it): the peer, alive
+  // and only late, then waited out its whole timeout instead of learning why. Nothing waits on
+  // this one but notices, and it stays open until the rank goes (or its peer's connection breaks).
+  std::vector<ucp_ep_h> notice_endpoints_;
+  Status wire_notice_endpoints(const BootstrapOptions& o);
   std::unique_ptr<PeerSlot[]> slots_;
   std::vector<std::string> failures_;  // non-empty: why the peer is considered failed
   std::vector<void*> closing_;         // endpoint close requests in flight

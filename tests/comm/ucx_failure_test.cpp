@@ -285,6 +285,44 @@ TEST(UcxFailure, RaisingAbandonEndsAWaitingCollectiveAndTellsThePeers) {
   EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
 }
 
+// A rank that gives up force-closes its endpoint to a peer that has not taken one of its
+// messages (the send may still read the caller's buffer); its notice, queued behind that message
+// (a rendezvous send: peer memory off), was purged with it, and the peer, alive and only late,
+// waited out its whole timeout (20 s here) and reported a timeout. Notices go over an endpoint of
+// their own now: the late rank fails at once with the cause.
+TEST(UcxPeers, ALateRankLearnsWhyItsPeerGaveUp) {
+  const uint16_t port = testing::free_port();
+  constexpr size_t kChunk = 4 << 20;  // rendezvous: the send waits for the peer's receive
+  testing::ProcessGroup group(2, [&](int rank, const ChildChannel& channel) -> std::string {
+    BootstrapOptions o = loopback_options(port, rank, 2, 1, rank == 1 ? 500ms : 20000ms);
+    o.peer_memory = false;  // a pulled message's send (its descriptor) would complete at once
+    auto comm = ucx_bootstrap(o);
+    if (!comm.ok()) return "bootstrap: " + comm.status().to_string();
+    std::vector<uint8_t> send(2 * kChunk, 3), recv(2 * kChunk);
+    if (rank == 1) {
+      Status s = (*comm)->all_to_all(send.data(), recv.data(), kChunk, AllToAllAlgo::kLinear);
+      channel.notify();
+      if (s.code() != StatusCode::kTimeout) return "expected a timeout, got " + s.to_string();
+      channel.await_release();  // idle (nothing progresses its worker) until rank 0 is done
+      return "";
+    }
+    channel.await_release();  // until rank 1 has given up
+    const auto started = std::chrono::steady_clock::now();
+    Status s = (*comm)->all_to_all(send.data(), recv.data(), kChunk, AllToAllAlgo::kLinear);
+    const auto took = std::chrono::steady_clock::now() - started;
+    channel.notify();
+    if (s.code() != StatusCode::kUnavailable || !contains(s.message(), "gave up on all_to_all: timed out"))
+      return "expected rank 1's notice, got " + s.to_string() + " after " +
+             std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(took).count()) + " ms";
+    return "";
+  });
+  EXPECT_TRUE(group.wait_notified(1, 60s));
+  group.release(0);
+  EXPECT_TRUE(group.wait_notified(0, 60s));
+  group.release(1);
+  EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
+}
+
 // A rank that gave up and said so (its notice) is alive: when its peer then gives up on it in
 // turn (a message of the peer's it never took: declared failed there, its endpoint closed), or
 // sees its connection close, the peer reports what it said, not "it did not take a message" or
