@@ -128,8 +128,9 @@ Status get_address(const Scope& s, std::string_view key, std::string& host, uint
       ::inet_pton(AF_INET, coordinator.substr(0, colon).c_str(), &addr) != 1)
     return s.error_near(key, "expected \"<IPv4 address>:<port>\", got \"" + coordinator + "\"");
   // The address names one host, which the members connect to and where the first rank listens: not
-  // 0.0.0.0/8 (0.0.0.0 would listen on every interface of the daemon's node, beyond the members),
-  // multicast (224/4) or reserved and broadcast (240/4).
+  // the "this network" block (its first address, the unspecified one, would listen on every
+  // interface of the daemon's node, beyond the members), multicast (224/4) or reserved and
+  // broadcast (240/4).
   const uint32_t a = ntohl(addr.s_addr);
   if ((a >> 24) == 0 || (a >> 28) == 0xe || (a >> 28) == 0xf)
     return s.error_near(key, "\"" + coordinator +
