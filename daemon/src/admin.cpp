@@ -182,6 +182,10 @@ std::string DaemonImpl::metrics_text() {
   std::map<int, std::pair<std::string, bool>> ranks;
   for (const auto& rank : ranks_) ranks[rank->index] = {rank->backend->device().to_string(), rank->health.in_service()};
   metrics_.set_ranks(std::move(ranks));
+  std::map<std::pair<int, std::string>, double> busy;
+  for (const auto& rank : ranks_)
+    for (const FairLock::Usage& u : rank->lock.usage()) busy[{rank->index, u.tenant}] = static_cast<double>(u.held_ns) * 1e-9;
+  metrics_.set_rank_busy(std::move(busy));
   // Memory changes with requests, sessions and layers (whose parameters count until the last
   // request holding a destroyed one lets it go): read when scraped.
   for (const TenantConfig& t : config_.tenants) {

@@ -539,7 +539,7 @@ Status parse_tenants(const Scope& root, const fs::path& base_dir, std::vector<Te
       for_each_table(root, "tenant", "a [[tenant]] table", [&](const Scope& s, size_t i) {
         TUTEL_RETURN_IF_ERROR(s.check_keys(
             {"name", "uids", "gids", "max_layers", "max_memory_bytes", "max_inflight", "max_sessions",
-             "max_checkpoint_bytes", "secret_file"}));
+             "max_checkpoint_bytes", "secret_file", "share"}));
         TenantConfig t;
         TUTEL_RETURN_IF_ERROR(get_name(s, "name", "a tenant name", t.name));
         if (auto [it, fresh] = names.emplace(t.name, i); !fresh)
@@ -571,6 +571,7 @@ Status parse_tenants(const Scope& root, const fs::path& base_dir, std::vector<Te
             get_bytes(s, "max_memory_bytes", 1, uint64_t{1} << 50, t.max_memory_bytes));
         TUTEL_RETURN_IF_ERROR(get_int(s, "max_inflight", 1, 1 << 20, t.max_inflight));
         TUTEL_RETURN_IF_ERROR(get_int(s, "max_sessions", 1, 1 << 16, t.max_sessions));
+        TUTEL_RETURN_IF_ERROR(get_int(s, "share", 1, 1000, t.share));
         TUTEL_RETURN_IF_ERROR(
             get_bytes(s, "max_checkpoint_bytes", 1, uint64_t{1} << 50, t.max_checkpoint_bytes));
         TUTEL_RETURN_IF_ERROR(get_path(s, "secret_file", base_dir, false, t.secret_file));

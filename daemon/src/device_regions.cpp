@@ -21,7 +21,7 @@ RetiredRegions::~RetiredRegions() {
   for (Entry& e : entries_) {
     const uint64_t bytes = e.buffer.bytes();
     {
-      std::lock_guard lock(e.rank->mutex);
+      std::lock_guard lock(e.rank->lock);
       e.buffer.reset();
     }
     memory_->release_region(bytes);
@@ -67,7 +67,7 @@ DeviceRegion::~DeviceRegion() {
   }
   const uint64_t bytes = buffer_.bytes();
   {
-    std::lock_guard lock(rank_.mutex);
+    std::lock_guard lock(rank_.lock);
     if (discard_.load(std::memory_order_relaxed) && buffer_.data() != nullptr)
       rank_.backend->discard_shareable(buffer_.data());
     buffer_.reset();
@@ -101,7 +101,7 @@ Result<MappedRegion> DeviceRegions::map(Rank& rank, uint64_t bytes, std::shared_
     // The tenant's own memory, already charged to it: cleared of its earlier contents.
     shared.buffer = std::move(reused->buffer);
     shared.exported = std::move(reused->exported);
-    std::lock_guard lock(rank.mutex);
+    std::lock_guard lock(rank.lock);
     const Status cleared =
         rank.backend->fill_zero(TensorView(shared.buffer.data(), DType::kU8,
                                            {static_cast<int64_t>(shared.buffer.bytes())}, rank.backend->device()));
@@ -115,7 +115,7 @@ Result<MappedRegion> DeviceRegions::map(Rank& rank, uint64_t bytes, std::shared_
     // backend allocated (whole pages, 2 MiB units on a GPU).
     TUTEL_RETURN_IF_ERROR(memory->try_charge_region(bytes));
     Result<ShareableBuffer> made = [&] {
-      std::lock_guard lock(rank.mutex);
+      std::lock_guard lock(rank.lock);
       return rank.backend->allocate_shareable(bytes);
     }();
     if (!made.ok()) {
@@ -125,7 +125,7 @@ Result<MappedRegion> DeviceRegions::map(Rank& rank, uint64_t bytes, std::shared_
     shared = std::move(*made);
     if (const Status st = memory->try_charge_region(shared.buffer.bytes() - bytes); !st.ok()) {
       memory->release_region(bytes);
-      std::lock_guard lock(rank.mutex);
+      std::lock_guard lock(rank.lock);
       shared.buffer.reset();  // never exported: free to free
       return st;
     }

@@ -25,7 +25,7 @@ HostRegistration HostRegistration::register_with(const std::vector<std::unique_p
   for (const std::unique_ptr<Rank>& rank : ranks) {
     Status st;
     {
-      std::lock_guard lock(rank->mutex);
+      std::lock_guard lock(rank->lock);
       st = rank->backend->register_host(data, bytes);
     }
     if (st.ok()) {
@@ -44,7 +44,7 @@ void HostRegistration::reset() {
   for (Rank* rank : ranks_) {
     Status st;
     {
-      std::lock_guard lock(rank->mutex);
+      std::lock_guard lock(rank->lock);
       st = rank->backend->unregister_host(data_);
     }
     if (!st.ok())

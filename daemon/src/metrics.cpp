@@ -187,6 +187,14 @@ std::string Metrics::prometheus_text() const {
       o << "tuteld_rank_in_service{rank=\"" << rank << "\",device=\"" << label(state.first) << "\"} "
         << (state.second ? 1 : 0) << "\n";
   }
+  if (!rank_busy_.empty()) {
+    o << "# HELP tuteld_rank_busy_seconds_total Time a rank was held for a tenant's work (tenant \"\": "
+         "the daemon's own), by which the rank is shared fairly.\n"
+      << "# TYPE tuteld_rank_busy_seconds_total counter\n";
+    for (const auto& [k, seconds] : rank_busy_)
+      o << "tuteld_rank_busy_seconds_total{rank=\"" << k.first << "\",tenant=\"" << label(k.second) << "\"} "
+        << exact(seconds) << "\n";
+  }
   if (!peers_.empty()) {
     o << "# HELP tuteld_group_up Whether the peers of an expert-parallel layer's group answer (by tenant/layer).\n"
       << "# TYPE tuteld_group_up gauge\n";
@@ -228,6 +236,11 @@ void Metrics::set_tuner_decisions(std::map<std::pair<std::string, int64_t>, Tune
 void Metrics::set_ranks(std::map<int, std::pair<std::string, bool>> ranks) {
   std::lock_guard lock(mutex_);
   ranks_ = std::move(ranks);
+}
+
+void Metrics::set_rank_busy(std::map<std::pair<int, std::string>, double> seconds) {
+  std::lock_guard lock(mutex_);
+  rank_busy_ = std::move(seconds);
 }
 
 void Metrics::set_live(std::map<int, bool> node_up, std::map<std::pair<std::string, int>, PeerTraffic> traffic) {

@@ -60,6 +60,9 @@ class Metrics {
   // Each rank's device ("cuda:0") and whether it is in service (rank_health.hpp), read just
   // before rendering too.
   void set_ranks(std::map<int, std::pair<std::string, bool>> ranks);
+  // The seconds each tenant's work held each rank (FairLock::usage), by (rank, tenant; "" for
+  // work on no tenant's account), read just before rendering too.
+  void set_rank_busy(std::map<std::pair<int, std::string>, double> seconds);
 
   std::string prometheus_text() const;
 
@@ -89,6 +92,7 @@ class Metrics {
   std::map<std::pair<std::string, std::string>, double> layer_waits_;
   std::map<std::pair<std::string, int64_t>, TunerDecision> tuner_decisions_;
   std::map<int, std::pair<std::string, bool>> ranks_;
+  std::map<std::pair<int, std::string>, double> rank_busy_;
   std::map<std::pair<std::string, std::string>, uint64_t> sessions_refused_;  // (tenant, reason)
   int64_t active_sessions_ = 0;
   bool draining_ = false;

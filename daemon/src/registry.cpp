@@ -11,6 +11,7 @@ Registry::Registry(const std::vector<TenantConfig>& tenants, std::vector<std::un
   for (const TenantConfig& t : tenants) {
     tenants_[t.name].config = t;
     tenants_[t.name].memory = std::make_shared<TenantMemory>(t.name, t.max_memory_bytes);
+    for (auto& rank : ranks) rank->lock.set_share(t.name, t.share);
   }
   // Handles start at a random point so a handle from a previous daemon run is not silently
   // accepted as one of this run's.

@@ -25,6 +25,7 @@
 #include "tutel/daemon/config.hpp"
 #include "tutel/kernels/backend.hpp"
 #include "tutel/kernels/moe_layer.hpp"
+#include "fair_lock.hpp"
 #include "rank_health.hpp"
 #include "tenant_memory.hpp"
 
@@ -44,7 +45,8 @@ struct Rank {
   int index = 0;
   BackendOptions options;  // what `backend` was made with (group layers make their own alike)
   std::unique_ptr<Backend> backend;
-  std::mutex mutex;
+  // Serialises the use of `backend`, shared by the tenants' layers by weighted fair share.
+  FairLock lock;
   // Out of service once its device is lost, until the daemon restarts (rank_health.hpp).
   RankHealth health;
   // Shared by all ranks of the daemon: group layers here copy to each other directly.
@@ -232,7 +234,7 @@ class ServedLayer {
  private:
   ServedLayer(LayerDefinition def, std::string spec_text, std::shared_ptr<TenantMemory> memory, Rank& rank)
       : def_(std::move(def)), spec_text_(std::move(spec_text)), tenant_(memory->tenant()),
-        memory_(std::move(memory)), rank_(rank) {}
+        memory_(std::move(memory)), rank_(rank), rank_seat_(rank.lock, tenant_) {}
 
   struct Tensor {
     std::string name;   // Tutel parameter name
@@ -305,8 +307,8 @@ class ServedLayer {
   // plans for another layer's forward, its teardown).
   enum class Waits : bool { kUncounted, kCounted };
   // The rank's backend is shared by its layers; a group layer's is its own.
-  std::unique_lock<std::mutex> lock_device(Waits waits = Waits::kUncounted) {
-    return group_ ? std::unique_lock<std::mutex>() : lock_mutex(rank_.mutex, waits);
+  std::unique_lock<FairLock::Seat> lock_device(Waits waits = Waits::kUncounted) {
+    return group_ ? std::unique_lock<FairLock::Seat>() : lock_mutex(rank_seat_, waits);
   }
   Status join_group();
   // The tuner decisions of the record this layer resumed with (LayerDefinition::resumed_tuning)
@@ -359,9 +361,10 @@ class ServedLayer {
   };
   // `m` locked; with kCounted, the time it took, when it was held, added to wait_ns_ (the clock
   // is read only then: an uncontended lock costs one try_lock).
-  std::unique_lock<std::mutex> lock_mutex(std::mutex& m, Waits waits) {
-    if (waits == Waits::kUncounted) return std::unique_lock<std::mutex>(m);
-    std::unique_lock<std::mutex> lock(m, std::try_to_lock);
+  template <typename Mutex>
+  std::unique_lock<Mutex> lock_mutex(Mutex& m, Waits waits) {
+    if (waits == Waits::kUncounted) return std::unique_lock<Mutex>(m);
+    std::unique_lock<Mutex> lock(m, std::try_to_lock);
     if (!lock.owns_lock()) {
       const auto begin = std::chrono::steady_clock::now();
       lock.lock();
@@ -419,13 +422,15 @@ class ServedLayer {
   // freed.
   ParameterCharge parameter_charge_;
   Rank& rank_;
+  // The tenant's way to rank_.lock (lock_device); before teardown_lock_, which holds it.
+  FairLock::Seat rank_seat_;
   // Before the tensors: they hold buffers of the group's backend and must be freed first.
   std::unique_ptr<Group> group_;
   // Taken by ~ServedLayer and held while every member below is destroyed: they free buffers of
   // the rank's backend, whose device pool the rank's other layers use under the same lock (a
   // CUDA pool is not thread-safe, and a free may synchronise the stream another layer is
   // capturing on). A group layer's backend is its own: no lock.
-  std::unique_lock<std::mutex> teardown_lock_;
+  std::unique_lock<FairLock::Seat> teardown_lock_;
   mutable std::mutex mutex_;
   std::vector<Tensor> tensors_;  // gate, fc1_w, fc1_b?, fc2_w, fc2_b?
   // grad_norm()'s sum of squares, one f32, allocated with the parameters (charged with them):

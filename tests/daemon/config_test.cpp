@@ -135,6 +135,7 @@ TEST(ConfigTest, ExampleShowsTheDefaults) {
   EXPECT_EQ(c.tenants[0].max_memory_bytes, t.max_memory_bytes);
   EXPECT_EQ(c.tenants[0].max_inflight, t.max_inflight);
   EXPECT_EQ(c.tenants[0].max_sessions, t.max_sessions);
+  EXPECT_EQ(c.tenants[0].share, 1u);
   EXPECT_EQ(c.tenants[0].max_checkpoint_bytes, t.max_checkpoint_bytes);
   const LayerSpec d;
   const LayerSpec& l = c.layers[0].spec;
@@ -267,6 +268,7 @@ max_layers = 1
 max_memory_bytes = "3 GiB"
 max_inflight = 9
 max_sessions = 3
+share = 7
 [[layer]]
 name = "x.y-z_1"
 tenant = "a"
@@ -301,6 +303,7 @@ optimizer = { kind = "sgd", lr = 0.5, momentum = 0.9, nesterov = true, weight_de
   EXPECT_EQ(c.tenants[0].max_memory_bytes, 3ull << 30);
   EXPECT_EQ(c.tenants[0].max_inflight, 9);
   EXPECT_EQ(c.tenants[0].max_sessions, 3);
+  EXPECT_EQ(c.tenants[0].share, 7u);
   const LayerDefinition& l = c.layers[0];
   EXPECT_EQ(l.name, "x.y-z_1");
   EXPECT_EQ(l.spec.out_dim(), 6);
@@ -583,6 +586,9 @@ TEST(ConfigErrorTest, OutOfRange) {
   expect_error(kMinimal + "max_sessions = 0 #!\n", "tenant[0].max_sessions", {"got 0"});
   expect_error(kMinimal + "max_sessions = 65537 #!\n", "tenant[0].max_sessions", {"65537"});
   expect_error(kMinimal + "max_sessions = \"many\" #!\n", "tenant[0].max_sessions", {"many"});
+  expect_error(kMinimal + "share = 0 #!\n", "tenant[0].share", {"got 0"});
+  expect_error(kMinimal + "share = 1001 #!\n", "tenant[0].share", {"1001"});
+  expect_error(kMinimal + "share = 1.5 #!\n", "tenant[0].share", {"1.5"});
   expect_error(kMinimal + "max_memory_bytes = 0 #!\n", "tenant[0].max_memory_bytes",
                {"byte count"});
   expect_error(kMinimal + "max_memory_bytes = \"8 GB\" #!\n", "tenant[0].max_memory_bytes",

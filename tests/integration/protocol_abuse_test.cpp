@@ -1593,6 +1593,71 @@ TEST_F(ProtocolAbuse, ForeignLayerHandleIsRefused) {
   EXPECT_TRUE(owner.call(ipc::FrameType::kStep, {{"handle", *handle}}, ipc::FrameType::kOk).ok());
 }
 
+// Two tenants' layers on one rank: their forwards interleave through the rank's fair lock and
+// each gets the result it gets alone, and the metrics count each tenant's time on the rank apart.
+TEST_F(ProtocolAbuse, TenantsSharingARankGetTheirOwnResultsAndTheirTimeCountedApart) {
+  ASSERT_NO_FATAL_FAILURE(restart_with_other_tenant());
+  RawSession mine(daemon_->client_socket());
+  ASSERT_TRUE(mine.hello().ok());
+  auto handle = mine.create_layer(kSpec);
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  // x in the arena; y, alone on the rank, is the reference (the other tenant's layer is made
+  // alike: the same spec and init_seed give the same weights).
+  float* x = reinterpret_cast<float*>(mine.arena().data());
+  for (int i = 0; i < 8 * 16; ++i) x[i] = static_cast<float>((i * 37) % 23) / 11.0f - 1.0f;
+  auto alone = forward8(mine, *handle);
+  ASSERT_TRUE(alone && alone->status_code == 0);
+  const std::vector<float> reference(x + 8 * 16, x + 2 * 8 * 16);
+  constexpr int kForwards = 300;
+
+  int go[2];
+  ASSERT_EQ(::pipe(go), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(3);
+    RawSession other(daemon_->client_socket());
+    if (!other.hello().ok()) ::_exit(4);
+    auto theirs = other.create_layer(kSpec);
+    if (!theirs.ok()) ::_exit(5);
+    char c = 0;
+    if (::read(go[0], &c, 1) != 1) ::_exit(6);
+    float* ox = reinterpret_cast<float*>(other.arena().data());
+    for (int i = 0; i < 8 * 16; ++i) ox[i] = x[i];
+    for (int i = 0; i < kForwards; ++i) {
+      auto done = forward8(other, *theirs);
+      if (!done || done->status_code != 0) ::_exit(7);
+      if (std::memcmp(ox + 8 * 16, reference.data(), reference.size() * sizeof(float)) != 0) ::_exit(8);
+    }
+    ::_exit(0);
+  }
+  ::close(go[0]);
+  ASSERT_EQ(::write(go[1], "g", 1), 1);
+  ::close(go[1]);
+  for (int i = 0; i < kForwards; ++i) {
+    auto done = forward8(mine, *handle);
+    ASSERT_TRUE(done && done->status_code == 0) << i;
+    ASSERT_EQ(std::memcmp(x + 8 * 16, reference.data(), reference.size() * sizeof(float)), 0) << i;
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  ASSERT_EQ(WEXITSTATUS(status), 0) << "the other tenant's check number " << WEXITSTATUS(status) << " failed\n"
+                                    << daemon_->log();
+
+  RawSession admin(daemon_->admin_socket());
+  auto metrics = admin.call(ipc::FrameType::kAdminMetrics, nlohmann::json::object(), ipc::FrameType::kOk);
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  const std::string text = (*metrics)["text"].get<std::string>();
+  EXPECT_NE(text.find("# TYPE tuteld_rank_busy_seconds_total counter"), std::string::npos) << text;
+  for (const char* tenant : {"default", "other"}) {
+    const std::string series = std::string("tuteld_rank_busy_seconds_total{rank=\"0\",tenant=\"") + tenant + "\"} ";
+    const size_t at = text.find(series);
+    ASSERT_NE(at, std::string::npos) << series << "\n" << text;
+    EXPECT_GT(std::stod(text.substr(at + series.size())), 0.0) << series;
+  }
+}
+
 TEST_F(ProtocolAbuse, UnknownUidIsRefused) {
   ::chmod(daemon_->client_socket().c_str(), 0666);
   ::chmod(daemon_->dir().c_str(), 0755);

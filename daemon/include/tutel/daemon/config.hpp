@@ -108,6 +108,8 @@ struct TenantConfig {
   uint64_t max_memory_bytes = 8ull << 30;  // weights + gradients + optimizer state + plans
   int64_t max_inflight = 256;              // requests submitted and not yet completed
   int64_t max_sessions = 64;               // client sessions connected at once
+  // Its weight in the time of a rank it shares with other tenants' layers (FairLock).
+  uint32_t share = 1;
   // What the checkpoints its clients save may hold on disk (state_dir/<tenant>/checkpoints).
   uint64_t max_checkpoint_bytes = 64ull << 30;
   // Absolute path of a file holding the tenant's secret; "" = none. With one, a client mapped to
