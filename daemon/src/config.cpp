@@ -102,8 +102,10 @@ Status parse_optimizer(const Scope& layer, OptimizerConfig& o) {
   TUTEL_RETURN_IF_ERROR(get_float(
       s, "weight_decay", [](float v) { return std::isfinite(v) && v >= 0.f; },
       "a finite number >= 0", o.weight_decay));
-  TUTEL_RETURN_IF_ERROR(get_float(s, "beta1", unit, "a number in [0, 1)", o.beta1));
-  TUTEL_RETURN_IF_ERROR(get_float(s, "beta2", unit, "a number in [0, 1)", o.beta2));
+  // A beta is used as an f32 factor too (the moments' decay), which must stay below 1.
+  const auto beta = [](double v) { return v >= 0.0 && v < 1.0 && static_cast<float>(v) < 1.f; };
+  TUTEL_RETURN_IF_ERROR(get_double(s, "beta1", beta, "a number in [0, 1)", o.beta1));
+  TUTEL_RETURN_IF_ERROR(get_double(s, "beta2", beta, "a number in [0, 1)", o.beta2));
   TUTEL_RETURN_IF_ERROR(get_float(s, "eps", positive, "a finite number > 0", o.eps));
   if (o.nesterov && o.momentum <= 0.f)
     return s.error_near("nesterov", "nesterov = true needs momentum > 0");
@@ -776,8 +778,8 @@ std::string format_layer_spec(const LayerDefinition& def) {
     out << "momentum = " << format_float(o.momentum) << "\n"
         << "nesterov = " << b(o.nesterov) << "\n";
   } else {
-    out << "beta1 = " << format_float(o.beta1) << "\n"
-        << "beta2 = " << format_float(o.beta2) << "\n"
+    out << "beta1 = " << format_double(o.beta1) << "\n"
+        << "beta2 = " << format_double(o.beta2) << "\n"
         << "eps = " << format_float(o.eps) << "\n";
   }
   if (def.group) {

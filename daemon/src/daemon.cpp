@@ -1301,8 +1301,18 @@ void DaemonImpl::on_workers_exited() {
   }
   for (const auto& s : exited) {
     s->worker_exited = true;
-    // A worker also stops on its own (a corrupt ring): the session closes once its socket says so.
-    if (s->closing) tear_down(s);
+    if (s->closing) {
+      tear_down(s);
+    } else if (s->ring_corrupt.load()) {
+      // The worker stopped on its own. The client may still be reading its last results: it is
+      // told why, and keeps what it was lent until it lets go (close_session, lingering).
+      TUTEL_LOG(WARN) << "session " << s->id << ": request ring indices are corrupt; the session is closed";
+      reply_error(s, 0,
+                  Status::Corruption("the request ring's indices are corrupt (head - tail > " +
+                                     std::to_string(ipc::kRingSlots) +
+                                     "): only the client writes them; the session is closed"));
+      close_session(s);
+    }
   }
 }
 

@@ -61,7 +61,8 @@ Result<RequestMemory> request_memory(const Session& s, const ipc::RequestDescrip
     return mem;
   }
   TUTEL_ASSIGN_OR_RETURN(mem.region, s.regions.find(d.region));
-  if (mem.region->device() != layer.device())
+  // The rank, not only the device: CPU ranks all name cpu:0, and two ranks may share a GPU.
+  if (mem.region->rank_index() != layer.rank_index() || mem.region->device() != layer.device())
     return Status::InvalidArgument("device region " + std::to_string(d.region) + " is on " +
                                    mem.region->device().to_string() + " (rank " +
                                    std::to_string(mem.region->rank_index()) + ") but layer '" + layer.name() +
@@ -111,10 +112,9 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
     const ipc::PopResult r = s->requests.pop_wait(&d, policy, stopped);
     if (r == ipc::PopResult::kEmpty) continue;
     if (r == ipc::PopResult::kCorrupt) {
-      TUTEL_LOG(WARN) << "session " << s->id << ": request ring indices are corrupt; the session is closed";
-      // The loop owns the socket and closes the session once it sees the hang-up; the descriptor
-      // stays open until this thread has been joined, so shutting it down here is safe.
-      ::shutdown(s->fd.get(), SHUT_RDWR);
+      // The loop closes the session when it hears this thread has returned (on_workers_exited):
+      // as any session tuteld closes itself, not as one whose client hung up.
+      s->ring_corrupt = true;
       return;
     }
     const auto started = std::chrono::steady_clock::now();

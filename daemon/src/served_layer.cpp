@@ -134,7 +134,8 @@ Status ServedLayer::confirm_group(const Status& ready_here) {
     ready = backend().copy(values.data(), gate.value.data(), values.size() * 4, CopyKind::kDeviceToHost);
     fingerprint.add_bytes(values.data(), values.size() * 4);
     const OptimizerConfig& o = def_.optimizer;
-    for (float f : {o.lr, o.momentum, o.weight_decay, o.beta1, o.beta2, o.eps}) fingerprint.add(f);
+    for (float f : {o.lr, o.momentum, o.weight_decay, o.eps}) fingerprint.add(f);
+    fingerprint.add(o.beta1).add(o.beta2);
     fingerprint.add(o.kind).add(o.nesterov);
   }
   const uint64_t mine[2] = {ready.ok() ? 1u : 0u, ready.ok() ? fingerprint.value() : 0u};

@@ -57,6 +57,8 @@ struct Session : std::enable_shared_from_this<Session> {
   // lets go of the connection (client_hung_up), then goes (released), and the session with it.
   bool lingering = false;
   bool worker_exited = false;  // its worker thread has returned (the loop heard of it)
+  // Its worker found the request ring's indices corrupt and returned; written before it exits.
+  std::atomic<bool> ring_corrupt{false};
   bool torn_down = false;  // tear_down has finished its part on the pool
   bool released = false;
 

@@ -17,7 +17,11 @@ namespace fs = std::filesystem;
 
 std::string quote(std::string_view s) {
   const size_t limit = 60;
-  return "\"" + escape_text(s.substr(0, limit), '"') + (s.size() > limit ? "..." : "") + "\"";
+  std::string out(1, '"');  // built by appending (GCC 12's -Wrestrict misfires on "\"" + ...)
+  out += escape_text(s.substr(0, limit), '"');
+  if (s.size() > limit) out += "...";
+  out += '"';
+  return out;
 }
 
 std::string format_double(double v) {
@@ -59,10 +63,18 @@ std::string describe(const toml::node& n) {
 Status located_error(std::string_view source, const toml::source_region& where,
                      std::string_view path, std::string_view message) {
   std::string m(source);
-  if (where.begin.line > 0)
-    m += ":" + std::to_string(where.begin.line) + ":" + std::to_string(where.begin.column);
+  // Appended piece by piece: GCC 12 warns (-Wrestrict, wrongly) on ":" + std::to_string(...).
+  if (where.begin.line > 0) {
+    m += ':';
+    m += std::to_string(where.begin.line);
+    m += ':';
+    m += std::to_string(where.begin.column);
+  }
   m += ": ";
-  if (!path.empty()) m += std::string(path) + ": ";
+  if (!path.empty()) {
+    m += path;
+    m += ": ";
+  }
   m += message;
   return Status::InvalidArgument(std::move(m));
 }

@@ -59,16 +59,18 @@ Status adamw_step(const AdamWArgs& a) {
     TUTEL_RETURN_IF_ERROR(check_bf16_copy(a.param, a.param_bf16, "adamw param_bf16"));
   uint16_t* copy = a.param_bf16.empty() ? nullptr : a.param_bf16.data_as<uint16_t>();
   // PyTorch's AdamW: decoupled decay, bias corrections folded into the step size.
-  const double bc1 = 1.0 - std::pow(double(a.beta1), double(a.step));
-  const double bc2 = 1.0 - std::pow(double(a.beta2), double(a.step));
+  const double bc1 = 1.0 - std::pow(a.beta1, double(a.step));
+  const double bc2 = 1.0 - std::pow(a.beta2, double(a.step));
   const float step_size = static_cast<float>(a.lr / bc1);
   const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
   const float decay = 1.f - a.lr * a.weight_decay;
+  const float beta1 = static_cast<float>(a.beta1), one_minus_beta1 = static_cast<float>(1.0 - a.beta1);
+  const float beta2 = static_cast<float>(a.beta2), one_minus_beta2 = static_cast<float>(1.0 - a.beta2);
   step_in_blocks(n, p, copy, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       p[i] *= decay;
-      m[i] = a.beta1 * m[i] + (1.f - a.beta1) * g[i];
-      v[i] = a.beta2 * v[i] + (1.f - a.beta2) * g[i] * g[i];
+      m[i] = beta1 * m[i] + one_minus_beta1 * g[i];
+      v[i] = beta2 * v[i] + one_minus_beta2 * g[i] * g[i];
       p[i] -= step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + a.eps);
     }
   });

@@ -903,10 +903,12 @@ Status CudaBackend::adamw_step(const AdamWArgs& a) {
   if (!a.param_bf16.empty())
     TUTEL_RETURN_IF_ERROR(check_bf16_copy(a.param, a.param_bf16, "adamw param_bf16"));
   // PyTorch's AdamW: decoupled decay, bias corrections folded into the step size (as the CPU).
-  const double bc1 = 1.0 - std::pow(double(a.beta1), double(a.step));
-  const double bc2 = 1.0 - std::pow(double(a.beta2), double(a.step));
-  const AdamWParams p{a.beta1,
-                      a.beta2,
+  const double bc1 = 1.0 - std::pow(a.beta1, double(a.step));
+  const double bc2 = 1.0 - std::pow(a.beta2, double(a.step));
+  const AdamWParams p{static_cast<float>(a.beta1),
+                      static_cast<float>(1.0 - a.beta1),
+                      static_cast<float>(a.beta2),
+                      static_cast<float>(1.0 - a.beta2),
                       a.eps,
                       static_cast<float>(a.lr / bc1),
                       static_cast<float>(std::sqrt(bc2)),

@@ -106,7 +106,8 @@ struct SgdParams {
 cudaError_t launch_sgd(float* param, const float* grad, float* momentum_buffer, void* param_bf16,
                        int64_t n, SgdParams p, cudaStream_t stream);
 struct AdamWParams {
-  float beta1, beta2, eps, step_size, bc2_sqrt, decay;  // step_size = lr / bc1, decay = 1 − lr·wd
+  // The factors rounded from the double betas (AdamWArgs); step_size = lr / bc1, decay = 1 − lr·wd.
+  float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt, decay;
 };
 cudaError_t launch_adamw(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
                          void* param_bf16, int64_t n, AdamWParams p, cudaStream_t stream);

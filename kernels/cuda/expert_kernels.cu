@@ -163,8 +163,8 @@ __global__ void adamw_kernel(float* param, const float* grad, float* m, float* v
   for (int64_t i = grid_index(); i < n; i += grid_stride()) {
     const float g = grad[i];
     float w = param[i] * p.decay;
-    const float mi = p.beta1 * m[i] + (1.f - p.beta1) * g;
-    const float vi = p.beta2 * v[i] + (1.f - p.beta2) * g * g;
+    const float mi = p.beta1 * m[i] + p.one_minus_beta1 * g;
+    const float vi = p.beta2 * v[i] + p.one_minus_beta2 * g * g;
     m[i] = mi;
     v[i] = vi;
     w -= p.step_size * mi / (sqrtf(vi) / p.bc2_sqrt + p.eps);

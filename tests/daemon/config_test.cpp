@@ -870,8 +870,8 @@ TEST(LayerSpecTest, RoundTrip) {
       d.optimizer.momentum = static_cast<float>(unit(rng) * 0.99);
       d.optimizer.nesterov = rng() & 1;
     } else {
-      d.optimizer.beta1 = static_cast<float>(unit(rng) * 0.99);
-      d.optimizer.beta2 = 0.999f;
+      d.optimizer.beta1 = unit(rng) * 0.99;
+      d.optimizer.beta2 = 0.999;
       d.optimizer.eps = static_cast<float>(std::pow(10.0, -1.0 - unit(rng) * 20));
     }
     d.optimizer.lr = static_cast<float>(std::pow(10.0, -6.0 + unit(rng) * 6));

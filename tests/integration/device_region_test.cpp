@@ -225,6 +225,12 @@ TEST(DeviceRegion, MisuseFromTheClientIsRefusedWithWhatToDo) {
   Status st = layer->infer_device(host.data(), tokens, pa);
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
   EXPECT_NE(st.message().find("does not point into a device region"), std::string::npos) << st;
+  // A region of the other rank (CPU ranks all name the device cpu:0).
+  client::DeviceRegion& other_rank = layer->info().rank == 0 ? *b : *a;
+  float* po = static_cast<float*>(other_rank.data());
+  st = layer->infer_device(po, tokens, po + tensor);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+  EXPECT_NE(st.message().find("map a region on the layer's rank"), std::string::npos) << st;
   // Tensors split over two regions.
   st = layer->infer_device(pa, tokens, pb);
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;

@@ -1507,20 +1507,42 @@ TEST_F(ProtocolAbuse, CreationsWaitingForPeersHoldOnlyHalfTheThreadPool) {
   daemon_.reset();
 }
 
+// Corrupt ring indices end the session as any session tuteld closes itself: the client is told
+// why, and keeps its arena (its last results) and its place under max_sessions until it lets go.
 TEST_F(ProtocolAbuse, CorruptRingIndicesStopOnlyThatSession) {
+  RawSession admin(daemon_->admin_socket());
+  auto closing_sessions = [&] {
+    auto tenants = admin.call(ipc::FrameType::kAdminTenants, nlohmann::json::object(), ipc::FrameType::kOk);
+    EXPECT_TRUE(tenants.ok()) << tenants.status();
+    return tenants.ok() ? (*tenants)["tenants"][0]["closing_sessions"].get<int64_t>() : int64_t{-1};
+  };
   {
     RawSession s(daemon_->client_socket());
     ASSERT_TRUE(s.hello().ok());
+    std::memset(s.arena().data(), 0x3c, 4096);
     s.arena().request_control()->head.store(1000000);
     s.arena().request_control()->doorbell.fetch_add(1);
     ipc::futex_wake_all(&s.arena().request_control()->doorbell);
-    // The daemon ends the session (docs/protocol.md): it hangs up, and the session is gone.
+    auto error = s.receive(std::chrono::seconds(30));
+    ASSERT_TRUE(error.ok()) << error.status() << daemon_->log();
+    const Status said = ipc::reply_body(*error, ipc::FrameType::kOk).status();
+    EXPECT_EQ(said.code(), StatusCode::kCorruption) << said;
+    EXPECT_NE(said.message().find("ring"), std::string::npos) << said;
+    // Then the end of the stream: the daemon has closed its side.
     EXPECT_EQ(s.receive(std::chrono::seconds(30)).status().code(), StatusCode::kUnavailable);
-    RawSession admin(daemon_->admin_socket());
-    auto sessions = admin.call(ipc::FrameType::kAdminSessions, nlohmann::json::object(), ipc::FrameType::kOk);
-    ASSERT_TRUE(sessions.ok()) << sessions.status();
-    EXPECT_TRUE((*sessions)["sessions"].empty()) << sessions->dump();
+    EXPECT_EQ(closing_sessions(), 1) << "a session closed for its ring left max_sessions before its client let go";
+    EXPECT_EQ(s.arena().data()[4095], 0x3c) << "the arena of a client still connected was punched";
   }
+  // The client let go: the session is gone.
+  int64_t closing = 1;
+  for (int i = 0; i < 400 && closing != 0; ++i) {
+    closing = closing_sessions();
+    if (closing != 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(closing, 0);
+  auto sessions = admin.call(ipc::FrameType::kAdminSessions, nlohmann::json::object(), ipc::FrameType::kOk);
+  ASSERT_TRUE(sessions.ok()) << sessions.status();
+  EXPECT_TRUE((*sessions)["sessions"].empty()) << sessions->dump();
   expect_daemon_serves();
 }
 

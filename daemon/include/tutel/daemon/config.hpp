@@ -34,7 +34,10 @@ struct OptimizerConfig {
   float momentum = 0.f;   // SGD only
   bool nesterov = false;  // SGD only; needs momentum > 0
   float weight_decay = 0.f;
-  float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f;  // AdamW only
+  // AdamW only. The betas are kept as written (double), as PyTorch keeps them: the moments'
+  // weights 1 − beta computed from an f32 beta2 = 0.999 are 1.3e-5 off (AdamWArgs).
+  double beta1 = 0.9, beta2 = 0.999;
+  float eps = 1e-8f;
 };
 
 // An expert-parallel group: this layer is one rank of a layer spread over `size` ranks (on this

@@ -230,9 +230,14 @@ struct SgdArgs {
   TensorView param_bf16;    // out, optional: bf16 in param's shape
 };
 
+// The betas are doubles, as PyTorch's are: a moment is updated as beta·m + (1 − beta)·g with both
+// factors rounded to f32 from the double (1 − f32(0.999) is 1.3e-5 off 0.001), and the bias
+// corrections 1 − beta^step are computed in double.
 struct AdamWArgs {
   TensorView param, grad, exp_avg, exp_avg_sq;  // f32, same shape
-  float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.01f;
+  float lr = 1e-3f;
+  double beta1 = 0.9, beta2 = 0.999;
+  float eps = 1e-8f, weight_decay = 0.01f;
   int64_t step = 1;       // 1-based, after increment (PyTorch)
   TensorView param_bf16;  // out, optional: bf16 in param's shape
 };
