@@ -532,11 +532,7 @@ Result<std::pair<UniqueFd, std::string>> create_temp_file(const std::string& pat
 Status fsync_directory_of(const std::string& path) {
   namespace fs = std::filesystem;
   const fs::path target(path);
-  const std::string dir = target.has_parent_path() ? target.parent_path().string() : ".";
-  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!fd.valid()) return errno_status(errno, "cannot open the directory of", path);
-  if (::fsync(fd.get()) != 0) return errno_status(errno, "cannot sync the directory of", path);
-  return Status::OK();
+  return fsync_directory(target.has_parent_path() ? target.parent_path().string() : ".");
 }
 
 // The header text, padded so the data section starts 8-byte aligned (and with it the first
@@ -631,6 +627,15 @@ Status write_safetensors_impl(const std::string& path, const std::vector<Safeten
 }
 
 }  // namespace
+
+Status fsync_directory(const std::string& dir) {
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid() || ::fsync(fd.get()) != 0) {
+    const int err = errno;
+    return Status::IOError("cannot sync the directory '" + dir + "' to disk: " + errno_text(err));
+  }
+  return Status::OK();
+}
 
 Status write_safetensors(const std::string& path, const std::vector<SafetensorsEntry>& tensors,
                          const std::map<std::string, std::string>& metadata, const SafetensorsFill& fill) {

@@ -43,10 +43,8 @@ std::error_code create_directories_durably(const fs::path& dir) {
 }
 
 void sync_directory(const fs::path& dir) {
-  ipc::UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!fd.valid() || ::fsync(fd.get()) != 0)
-    TUTEL_LOG(WARN) << "cannot sync the directory " << dir.string() << ": " << std::strerror(errno)
-                    << " (a power loss may undo its last change)";
+  if (const Status st = fsync_directory(dir.string()); !st.ok())
+    TUTEL_LOG(WARN) << st.message() << " (a power loss may undo its last change)";
 }
 
 namespace {

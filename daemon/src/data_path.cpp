@@ -104,7 +104,7 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
   const ipc::ArenaLayout layout = s->arena->layout();
   uint8_t* const base = s->arena->base();
   // Off the event loop: pinning takes each rank's lock, which a long layer op may hold.
-  s->pinned = HostRegistration::register_with(ranks_, s->arena->data(), layout.data_bytes,
+  s->pinned = HostRegistration::register_with(ranks_, s->tenant, s->arena->data(), layout.data_bytes,
                                               "session " + std::to_string(s->id) + "'s arena");
   auto stopped = [&] { return s->stop.load(std::memory_order_relaxed); };
   ipc::RequestDescriptor d;

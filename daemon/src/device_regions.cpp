@@ -21,7 +21,8 @@ RetiredRegions::~RetiredRegions() {
   for (Entry& e : entries_) {
     const uint64_t bytes = e.buffer.bytes();
     {
-      std::lock_guard lock(e.rank->lock);
+      FairLock::Seat seat(e.rank->lock, memory_->tenant());
+      std::lock_guard lock(seat);
       e.buffer.reset();
     }
     memory_->release_region(bytes);
@@ -67,7 +68,8 @@ DeviceRegion::~DeviceRegion() {
   }
   const uint64_t bytes = buffer_.bytes();
   {
-    std::lock_guard lock(rank_.lock);
+    FairLock::Seat seat(rank_.lock, memory_->tenant());
+    std::lock_guard lock(seat);
     if (discard_.load(std::memory_order_relaxed) && buffer_.data() != nullptr)
       rank_.backend->discard_shareable(buffer_.data());
     buffer_.reset();
@@ -96,12 +98,14 @@ Result<MappedRegion> DeviceRegions::map(Rank& rank, uint64_t bytes, std::shared_
     if (closed_) return Status::Unavailable("the session is closing");
     if (regions_.size() >= kMaxRegions) return too_many;
   }
+  // The rank's time this takes is the tenant's (FairLock): a client asks for it.
+  FairLock::Seat seat(rank.lock, memory->tenant());
   ShareableBuffer shared;
   if (std::optional<RetiredRegions::Entry> reused = retired->take(rank, bytes)) {
     // The tenant's own memory, already charged to it: cleared of its earlier contents.
     shared.buffer = std::move(reused->buffer);
     shared.exported = std::move(reused->exported);
-    std::lock_guard lock(rank.lock);
+    std::lock_guard lock(seat);
     const Status cleared =
         rank.backend->fill_zero(TensorView(shared.buffer.data(), DType::kU8,
                                            {static_cast<int64_t>(shared.buffer.bytes())}, rank.backend->device()));
@@ -115,7 +119,7 @@ Result<MappedRegion> DeviceRegions::map(Rank& rank, uint64_t bytes, std::shared_
     // backend allocated (whole pages, 2 MiB units on a GPU).
     TUTEL_RETURN_IF_ERROR(memory->try_charge_region(bytes));
     Result<ShareableBuffer> made = [&] {
-      std::lock_guard lock(rank.lock);
+      std::lock_guard lock(seat);
       return rank.backend->allocate_shareable(bytes);
     }();
     if (!made.ok()) {
@@ -125,7 +129,7 @@ Result<MappedRegion> DeviceRegions::map(Rank& rank, uint64_t bytes, std::shared_
     shared = std::move(*made);
     if (const Status st = memory->try_charge_region(shared.buffer.bytes() - bytes); !st.ok()) {
       memory->release_region(bytes);
-      std::lock_guard lock(rank.lock);
+      std::lock_guard lock(seat);
       shared.buffer.reset();  // never exported: free to free
       return st;
     }

@@ -18,7 +18,6 @@ FairLock::Seat::Seat(FairLock& lock, const std::string& tenant)
 size_t FairLock::account(const std::string& tenant, std::optional<uint32_t> share) {
   assert(!share || *share >= 1);
   std::lock_guard guard(mutex_);
-  // The operator's account is "" with kOperatorShare; tenants' names are never empty.
   for (size_t i = 0; i < accounts_.size(); ++i)
     if (accounts_[i].tenant == tenant) {
       if (share) accounts_[i].weight = *share;
@@ -28,30 +27,23 @@ size_t FairLock::account(const std::string& tenant, std::optional<uint32_t> shar
   return accounts_.size() - 1;
 }
 
-size_t FairLock::operator_account() {
-  // Made on first use; its index never changes (accounts are never removed).
-  {
-    std::lock_guard guard(mutex_);
-    for (size_t i = 0; i < accounts_.size(); ++i)
-      if (accounts_[i].tenant.empty()) return i;
-  }
-  return account("", kOperatorShare);
-}
-
-void FairLock::grant_locked(size_t account) {
-  Account& a = accounts_[account];
+void FairLock::grant_locked(size_t account, uint64_t now_ns) {
   // Start-time fair queueing: a tenant starts where it left off, or now if it was idle longer.
-  holder_start_ = std::max(a.finish, virtual_now_);
-  virtual_now_ = holder_start_;
+  const double start = std::max(accounts_[account].finish, virtual_now_);
+  // Rebased on that start: the holder starts at 0, the others' finishes keep their distance
+  // (a finish before it would start at the start anyway: 0).
+  for (Account& a : accounts_) a.finish = std::max(a.finish - start, 0.0);
+  virtual_now_ = 0;
   held_ = true;
   holder_ = account;
-  held_since_ns_ = now_ns_();
+  held_since_ns_ = now_ns;
 }
 
 void FairLock::acquire(size_t account) {
+  const uint64_t now = now_ns_();
   std::unique_lock guard(mutex_);
   if (!held_ && waiting_ == 0) {
-    grant_locked(account);
+    grant_locked(account, now);
     return;
   }
   Waiter me;
@@ -64,21 +56,27 @@ void FairLock::acquire(size_t account) {
 }
 
 bool FairLock::try_acquire(size_t account) {
+  const uint64_t now = now_ns_();
   std::lock_guard guard(mutex_);
   if (held_ || waiting_ != 0) return false;
-  grant_locked(account);
+  grant_locked(account, now);
   return true;
 }
 
 void FairLock::release() {
+  const uint64_t now = now_ns_();  // first: nothing below throws
   std::lock_guard guard(mutex_);
   assert(held_);
-  const uint64_t held = now_ns_() - held_since_ns_;
+  const uint64_t held = now - held_since_ns_;
   Account& was = accounts_[holder_];
   was.held_ns += held;
-  was.finish = holder_start_ + static_cast<double>(held) / was.weight;
+  was.finish = static_cast<double>(held) / was.weight;  // it started at 0 (rebased at its grant)
   held_ = false;
-  if (waiting_ == 0) return;
+  if (waiting_ == 0) {
+    // Idle: the busy period is over, and with it what anyone was owed.
+    for (const Account& a : accounts_) virtual_now_ = std::max(virtual_now_, a.finish);
+    return;
+  }
 
   // The waiting tenant with the least start; between equal starts, the earliest arrival.
   size_t next = accounts_.size();
@@ -99,7 +97,7 @@ void FairLock::release() {
   Waiter* w = accounts_[next].waiting.front();
   accounts_[next].waiting.pop_front();
   --waiting_;
-  grant_locked(next);
+  grant_locked(next, now);
   w->granted = true;
   // Notified under the mutex: the waiter's condition variable lives on its stack and is gone
   // once it has seen `granted`, which it can only after this scope ends.

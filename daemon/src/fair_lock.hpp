@@ -9,8 +9,16 @@
 // finish time grows by the time it held the lock divided by its share; the next holder is the
 // waiting tenant whose start, max(its finish, the virtual time of the last grant), is least),
 // first come first served within a tenant and between equals. A tenant that was idle starts at
-// the current virtual time, so idleness banks no credit. A holder is never interrupted: a request
-// that runs waits at most for the one in progress and for the others' shares of the time.
+// the current virtual time, so idleness banks no credit; when the rank falls idle, the virtual
+// time moves to the latest finish, so nobody is owed anything for a busy period that ended. A
+// holder is never interrupted: a request that runs waits at most for the one in progress and
+// for the others' shares of the time. Every hold is some tenant's: the work a client causes
+// outside its layers (mapping a device region, pinning its arena) is charged to its tenant,
+// since an account of the daemon's own with a larger share would let a client's requests for
+// such work crowd the other tenants out.
+//
+// Virtual times are kept relative to the last grant (rebased at each one), so they stay of the
+// size of the tenants' lag, however long the daemon runs.
 //
 // The handover is direct (no barging): a thread that comes while others wait queues behind them.
 // Uncontended, lock and unlock are an internal mutex and one clock read each.
@@ -32,7 +40,7 @@ namespace tutel::daemon {
 
 class FairLock {
  public:
-  // Nanoseconds of a monotonic clock (tests pass their own).
+  // Nanoseconds of a monotonic clock (tests pass their own); read before any state changes.
   using Clock = std::function<uint64_t()>;
   static uint64_t steady_now_ns();
 
@@ -56,14 +64,8 @@ class FairLock {
     size_t account_;
   };
 
-  // Work on no tenant's account (mapping a device region, freeing a destroyed layer's buffers):
-  // short, served as a tenant of its own with the largest share. Lockable too.
-  void lock() { acquire(operator_account()); }
-  bool try_lock() { return try_acquire(operator_account()); }
-  void unlock() { release(); }
-
   struct Usage {
-    std::string tenant;  // "" for work on no tenant's account
+    std::string tenant;
     uint64_t held_ns = 0;
     uint64_t waits = 0;  // acquisitions that found the lock held or queued for
   };
@@ -79,19 +81,18 @@ class FairLock {
   struct Account {
     std::string tenant;
     double weight = 1;
-    double finish = 0;  // virtual time at which its last hold ended
+    double finish = 0;  // virtual time at which its last hold ended, relative to virtual_now_'s origin
     std::deque<Waiter*> waiting;
     uint64_t held_ns = 0, waits = 0;
   };
-  static constexpr uint32_t kOperatorShare = 1000;
 
   // The tenant's account, made on first use; with `share`, its weight set to it.
   size_t account(const std::string& tenant, std::optional<uint32_t> share);
-  size_t operator_account();
   void acquire(size_t account);
   bool try_acquire(size_t account);
   void release();
-  void grant_locked(size_t account);  // under mutex_
+  // Gives the lock to `account` at `now_ns`; under mutex_.
+  void grant_locked(size_t account, uint64_t now_ns);
 
   const Clock now_ns_;
   mutable std::mutex mutex_;
@@ -100,9 +101,10 @@ class FairLock {
   uint64_t arrivals_ = 0;          // guarded by mutex_
   bool held_ = false;              // guarded by mutex_
   size_t holder_ = 0;              // the account holding it, while held_
-  double holder_start_ = 0;        // its virtual start
   uint64_t held_since_ns_ = 0;
-  double virtual_now_ = 0;         // the virtual start of the last grant
+  // The virtual start of the last grant (0 from that grant on: every finish is rebased on it),
+  // or, while the rank is idle, the latest finish.
+  double virtual_now_ = 0;
 };
 
 }  // namespace tutel::daemon

@@ -13,19 +13,23 @@ HostRegistration& HostRegistration::operator=(HostRegistration&& o) noexcept {
     ranks_ = std::exchange(o.ranks_, {});
     data_ = std::exchange(o.data_, nullptr);
     what_ = std::exchange(o.what_, {});
+    tenant_ = std::exchange(o.tenant_, {});
   }
   return *this;
 }
 
 HostRegistration HostRegistration::register_with(const std::vector<std::unique_ptr<Rank>>& ranks,
-                                                 void* data, size_t bytes, std::string what) {
+                                                 const std::string& tenant, void* data, size_t bytes,
+                                                 std::string what) {
   HostRegistration r;
   r.data_ = data;
   r.what_ = std::move(what);
+  r.tenant_ = tenant;
   for (const std::unique_ptr<Rank>& rank : ranks) {
     Status st;
     {
-      std::lock_guard lock(rank->lock);
+      FairLock::Seat seat(rank->lock, tenant);
+      std::lock_guard lock(seat);
       st = rank->backend->register_host(data, bytes);
     }
     if (st.ok()) {
@@ -44,7 +48,8 @@ void HostRegistration::reset() {
   for (Rank* rank : ranks_) {
     Status st;
     {
-      std::lock_guard lock(rank->lock);
+      FairLock::Seat seat(rank->lock, tenant_);
+      std::lock_guard lock(seat);
       st = rank->backend->unregister_host(data_);
     }
     if (!st.ok())

@@ -3,7 +3,7 @@
 //
 // Registration is an optimisation only: a backend that refuses is logged and skipped, and its
 // copies of the range take the slower path.
-// Thread-safety: one owner; each call takes the rank's mutex around its backend.
+// Thread-safety: one owner; each call takes the rank's lock around its backend.
 #pragma once
 
 #include <cstddef>
@@ -25,9 +25,10 @@ class HostRegistration {
   ~HostRegistration() { reset(); }
 
   // Registers [data, data + bytes) with each rank's backend; `what` names the range in the log
-  // ("session 7's arena"). The ranks must outlive the registration.
-  static HostRegistration register_with(const std::vector<std::unique_ptr<Rank>>& ranks, void* data,
-                                        size_t bytes, std::string what);
+  // ("session 7's arena"). Its time on each rank (and its reset's) is `tenant`'s, whose session
+  // it serves (FairLock). The ranks must outlive the registration.
+  static HostRegistration register_with(const std::vector<std::unique_ptr<Rank>>& ranks, const std::string& tenant,
+                                        void* data, size_t bytes, std::string what);
 
   // Unregisters the range from every backend that accepted it.
   void reset();
@@ -38,6 +39,7 @@ class HostRegistration {
   std::vector<Rank*> ranks_;  // those whose backend accepted the range
   void* data_ = nullptr;
   std::string what_;
+  std::string tenant_;
 };
 
 }  // namespace tutel::daemon

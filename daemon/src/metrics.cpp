@@ -188,8 +188,8 @@ std::string Metrics::prometheus_text() const {
         << (state.second ? 1 : 0) << "\n";
   }
   if (!rank_busy_.empty()) {
-    o << "# HELP tuteld_rank_busy_seconds_total Time a rank was held for a tenant's work (tenant \"\": "
-         "the daemon's own), by which the rank is shared fairly.\n"
+    o << "# HELP tuteld_rank_busy_seconds_total Time a rank was held for a tenant's work, by which "
+         "the rank is shared fairly.\n"
       << "# TYPE tuteld_rank_busy_seconds_total counter\n";
     for (const auto& [k, seconds] : rank_busy_)
       o << "tuteld_rank_busy_seconds_total{rank=\"" << k.first << "\",tenant=\"" << label(k.second) << "\"} "

@@ -60,8 +60,8 @@ class Metrics {
   // Each rank's device ("cuda:0") and whether it is in service (rank_health.hpp), read just
   // before rendering too.
   void set_ranks(std::map<int, std::pair<std::string, bool>> ranks);
-  // The seconds each tenant's work held each rank (FairLock::usage), by (rank, tenant; "" for
-  // work on no tenant's account), read just before rendering too.
+  // The seconds each tenant's work held each rank (FairLock::usage), by (rank, tenant), read
+  // just before rendering too.
   void set_rank_busy(std::map<std::pair<int, std::string>, double> seconds);
 
   std::string prometheus_text() const;

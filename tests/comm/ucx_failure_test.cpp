@@ -209,9 +209,9 @@ TEST(UcxFailure, TheCancelFlagEndsTheBootstrapOnly) {
 // A rank that gave up on a late (live) peer force-closes its endpoint; the peer, giving up in
 // turn, force-closes its own and exits. The first rank's teardown then read the peer's TCP
 // reconnection and queued a wire-up reply it could not send, on which UCX 1.13 asserts in
-// ucp_worker_destroy (SIGABRT: a daemon whole, at a failed group layer's destruction) in about
-// 1 run of 8. Such a rank's teardown progresses nothing now. (A race: this catches it often, not
-// always, without the mend.)
+// ucp_worker_destroy (SIGABRT: a daemon whole, at a failed group layer's destruction): 12 runs
+// of 12 of this test aborted without the mend (a race, so "often" is all it promises). Such a
+// rank's teardown progresses nothing now.
 TEST(UcxFailure, ARankThatForceClosedALatePeerTearsDownCleanly) {
   const uint16_t port = testing::free_port();
   constexpr size_t kChunk = 32 << 20;  // past loopback TCP's socket buffers: sends wait for the peer

@@ -22,6 +22,9 @@ class Queue {
   Queue() : lock_([this] { return now_.load(); }) {}
   FairLock& lock() { return lock_; }
   void advance(uint64_t ns) { now_ += ns; }
+  // The test itself holds the lock as tenant "z", for no time, while threads queue.
+  void hold_while_queueing() { z_.lock(); }
+  void let_go() { z_.unlock(); }
 
   // Holds the lock for `ns` of the test's clock on `tenant`'s account (no thread).
   void hold(const std::string& tenant, uint64_t ns) {
@@ -55,6 +58,7 @@ class Queue {
   }
   std::atomic<uint64_t> now_{0};
   FairLock lock_;
+  FairLock::Seat z_{lock_, "z"};
   std::vector<std::thread> threads_;
   std::vector<std::string> order_;
 };
@@ -76,10 +80,10 @@ TEST(FairLock, ATenantWithOneWaiterGoesBeforeAnotherTenantsQueue) {
 TEST(FairLock, TurnsFollowTheSharesOfTime) {
   Queue q;
   q.lock().set_share("a", 2);
-  q.lock().lock();  // the daemon's own work holds it while both tenants queue
+  q.hold_while_queueing();  // while both tenants queue
   for (const char* n : {"a1", "a2", "a3", "a4"}) q.enqueue("a", n, 10);
   for (const char* n : {"b1", "b2", "b3", "b4"}) q.enqueue("b", n, 10);
-  q.lock().unlock();
+  q.let_go();
   // Virtual starts (time / share): a 0, 5, 10, 15; b 0, 10, 20, 30; ties to the earlier arrival.
   // While both wait, a gets two holds of 10 for each of b's.
   EXPECT_EQ(q.join(), (Order{"a1", "b1", "a2", "a3", "b2", "a4", "b3", "b4"}));
@@ -87,11 +91,11 @@ TEST(FairLock, TurnsFollowTheSharesOfTime) {
 
 TEST(FairLock, TimeCountsNotTurns) {
   Queue q;
-  q.lock().lock();
+  q.hold_while_queueing();
   q.enqueue("a", "a1", 40);  // one long hold ...
   q.enqueue("a", "a2", 40);
   for (const char* n : {"b1", "b2", "b3", "b4", "b5"}) q.enqueue("b", n, 10);  // ... is worth four short ones
-  q.lock().unlock();
+  q.let_go();
   EXPECT_EQ(q.join(), (Order{"a1", "b1", "b2", "b3", "b4", "a2", "b5"}));
 }
 
@@ -99,13 +103,46 @@ TEST(FairLock, IdlenessBanksNoCredit) {
   Queue q;
   q.hold("b", 10);                             // b used it a little, long ago
   for (int i = 0; i < 10; ++i) q.hold("a", 10);  // then a alone, for a long time
-  q.lock().lock();
+  q.hold_while_queueing();
   for (const char* n : {"a1", "a2", "a3"}) q.enqueue("a", n, 10);
   for (const char* n : {"b1", "b2", "b3"}) q.enqueue("b", n, 10);
-  q.lock().unlock();
+  q.let_go();
   // b starts from now, not from where it left off: it alternates with a rather than taking
-  // the ten turns a had meanwhile.
-  EXPECT_EQ(q.join(), (Order{"b1", "a1", "b2", "a2", "b3", "a3"}));
+  // the ten turns a had meanwhile (and a, first to arrive, goes first: the rank was idle
+  // before, so a owes nothing for its own turns either).
+  EXPECT_EQ(q.join(), (Order{"a1", "b1", "a2", "b2", "a3", "b3"}));
+}
+
+TEST(FairLock, ALongHoldBeforeTheRankFellIdleIsNotChargedAfterIt) {
+  Queue q;
+  q.hold("a", 1000000);  // a long hold, then the rank is idle
+  q.hold_while_queueing();
+  for (const char* n : {"a1", "a2"}) q.enqueue("a", n, 10);
+  for (const char* n : {"b1", "b2"}) q.enqueue("b", n, 10);
+  q.let_go();
+  EXPECT_EQ(q.join(), (Order{"a1", "b1", "a2", "b2"}));
+}
+
+// Virtual times stay relative to the last grant: after a virtual time past 2^53 ns (104 days of
+// a share-1 tenant's holds), a share-1000 tenant's 1 µs holds still advance its time by 1 ns
+// each (absolute doubles that large round such steps away, and then it never yields).
+TEST(FairLock, ShortHoldsCountAfterALongRun) {
+  Queue q;
+  q.lock().set_share("c", 1000);
+  q.hold("x", uint64_t{1} << 53);
+  q.hold("x", uint64_t{1} << 53);
+  q.hold_while_queueing();
+  q.enqueue("b", "b1", 100);
+  for (int i = 1; i <= 110; ++i) q.enqueue("c", "c" + std::to_string(i), 1000);
+  q.enqueue("b", "b2", 100);
+  q.let_go();
+  const Order order = q.join();
+  // b1 first (ties go to the earlier arrival); then c's starts 0, 1, 2, ... (1 ns each) reach
+  // b's 100 at c101, which arrived before b2.
+  ASSERT_EQ(order.size(), 112u);
+  EXPECT_EQ(order[0], "b1");
+  EXPECT_EQ(order[101], "c101");
+  EXPECT_EQ(order[102], "b2");
 }
 
 TEST(FairLock, NoOneBargesPastTheQueue) {
@@ -138,9 +175,9 @@ TEST(FairLock, UsageCountsEachTenantsHoldsAndWaits) {
   q.hold("a", 7);
   q.hold("a", 5);
   q.hold("b", 2);
-  q.lock().lock();
+  q.hold_while_queueing();
   q.enqueue("b", "b1", 4);
-  q.lock().unlock();
+  q.let_go();
   q.join();
   uint64_t a_ns = 0, b_ns = 0, b_waits = 0, idle_ns = 1;
   for (const FairLock::Usage& u : q.lock().usage()) {
@@ -163,8 +200,9 @@ TEST(FairLock, ExcludesUnderRealThreadsAndClock) {
     threads.emplace_back([&, t] {
       FairLock::Seat seat(lock, "tenant" + std::to_string(t % 3));
       for (int i = 0; i < 2000; ++i) {
-        if (i % 7 == 0) {  // the daemon's own work, now and then
-          std::lock_guard guard(lock);
+        if (i % 7 == 0) {  // a seat of its own, now and then (several seats may name one tenant)
+          FairLock::Seat other(lock, "tenant" + std::to_string((t + 1) % 3));
+          std::lock_guard guard(other);
           if (inside.fetch_add(1) != 0) overlaps.fetch_add(1);
           inside.fetch_sub(1);
         }

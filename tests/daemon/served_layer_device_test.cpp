@@ -305,7 +305,7 @@ TEST_P(ServedLayerDeviceTest, StagesThroughDeviceMemoryAndMatchesCpuBitForBit) {
   ClientMemory device_memory;
   Trace device_trace;
   HostRegistration pinned = HostRegistration::register_with(
-      device_ranks, device_memory.data(), device_memory.data_bytes(), "the test arena");
+      device_ranks, "tenant", device_memory.data(), device_memory.data_bytes(), "the test arena");
   EXPECT_EQ(pinned.registered_ranks(), 1u);
   {
     auto layer = ServedLayer::create(def, format_layer_spec(def), "tenant", *device_ranks[0]);
@@ -365,7 +365,8 @@ TEST_P(ServedLayerDeviceTest, CpuBackendWorksOnTheClientBuffersInPlace) {
   Trace trace;
   // Registering is a no-op that succeeds on the CPU backend.
   HostRegistration pinned =
-      HostRegistration::register_with(counting_ranks, memory.data(), memory.data_bytes(), "arena");
+      HostRegistration::register_with(
+      counting_ranks, "tenant", memory.data(), memory.data_bytes(), "arena");
   EXPECT_EQ(pinned.registered_ranks(), 1u);
   {
     auto layer = ServedLayer::create(def, format_layer_spec(def), "tenant", *counting_ranks[0]);
@@ -589,7 +590,8 @@ TEST(ServedLayerDevice, ArenaRegistrationCoversEveryRankAndSurvivesARefusal) {
   const size_t bytes = arena->layout().data_bytes;
 
   HostRegistration pinned =
-      HostRegistration::register_with(ranks, data, bytes, "session 1's arena");
+      HostRegistration::register_with(
+      ranks, "tenant", data, bytes, "session 1's arena");
   EXPECT_EQ(pinned.registered_ranks(), 2u);
   for (int r : {0, 2}) {
     ASSERT_EQ(devices[r]->registered().size(), 1u) << "rank " << r;
@@ -634,7 +636,7 @@ TEST(ServedLayerOnCuda, ArenaStagedRunMatchesCpu) {
   ClientMemory gpu_memory;
   Trace gpu_trace;
   HostRegistration pinned = HostRegistration::register_with(
-      gpu_ranks, gpu_memory.data(), gpu_memory.data_bytes(), "the test arena");
+      gpu_ranks, "tenant", gpu_memory.data(), gpu_memory.data_bytes(), "the test arena");
   EXPECT_EQ(pinned.registered_ranks(), 1u) << "the memfd arena could not be page-locked";
   {
     auto layer = ServedLayer::create(def, format_layer_spec(def), "tenant", *gpu_ranks[0]);

@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <functional>
 #include <future>
 #include <map>
 #include <optional>
@@ -79,6 +80,30 @@ class ProtocolAbuse : public ::testing::Test {
     ::chmod(daemon_->client_socket().c_str(), 0666);
     ::chmod(daemon_->dir().c_str(), 0755);
     ::chmod((daemon_->dir() + "/run").c_str(), 0755);
+  }
+  // A child process as uid 65534 (tenant "other" of restart_with_other_tenant) with a session
+  // past its hello, running `body` and exiting with what it returns (0: all held); it exits 3
+  // when it cannot become that user, 4 when its hello fails. Only _exit in the child: a gtest
+  // assertion there would report into a copy of the parent's test.
+  pid_t fork_other_tenant(const std::function<int(RawSession&)>& body) {
+    const pid_t child = ::fork();
+    if (child == 0) {
+      if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(3);
+      RawSession other(daemon_->client_socket());
+      if (!other.hello().ok()) ::_exit(4);
+      ::_exit(body(other));
+    }
+    return child;
+  }
+  // Waits for such a child; fails the test unless it exited 0, naming its exit status (the
+  // number of the check that failed).
+  void expect_child_succeeded(pid_t child) {
+    ASSERT_GT(child, 0) << "fork failed";
+    int status = 0;
+    ASSERT_EQ(::waitpid(child, &status, 0), child);
+    ASSERT_TRUE(WIFEXITED(status)) << "the child was killed by signal " << WTERMSIG(status);
+    EXPECT_EQ(WEXITSTATUS(status), 0) << "the other tenant's check number " << WEXITSTATUS(status) << " failed\n"
+                                      << daemon_->log();
   }
   // Tenant default's group of two ranks in this daemon, one layer per session (the tenant's
   // names are unique in the daemon: "moe_r0", "moe_r1"), with a collective timeout far longer
@@ -1209,17 +1234,12 @@ TEST_F(ProtocolAbuse, ATenantsGroupsWaitingForPeersLeaveOtherTenantsTheirShareOf
   int ready[2], go[2];
   ASSERT_EQ(::pipe(ready), 0);
   ASSERT_EQ(::pipe(go), 0);
-  const pid_t child = ::fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(3);
-    RawSession other(daemon_->client_socket());
-    if (!other.hello().ok()) ::_exit(4);
+  const pid_t child = fork_other_tenant([&](RawSession& other) {
     char c = 'r';
-    if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) ::_exit(6);
-    if (!other.create_layer(kSpec, std::chrono::seconds(3)).ok()) ::_exit(5);
-    ::_exit(0);
-  }
+    if (::write(ready[1], &c, 1) != 1 || ::read(go[0], &c, 1) != 1) return 6;
+    return other.create_layer(kSpec, std::chrono::seconds(3)).ok() ? 0 : 5;
+  });
+  ASSERT_GE(child, 0);
   char c = 0;
   ASSERT_EQ(::read(ready[0], &c, 1), 1);
 
@@ -1249,9 +1269,7 @@ TEST_F(ProtocolAbuse, ATenantsGroupsWaitingForPeersLeaveOtherTenantsTheirShareOf
 
   // The other tenant creates its layer meanwhile.
   ASSERT_EQ(::write(go[1], &c, 1), 1);
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << WEXITSTATUS(status) << "\n" << daemon_->log();
+  expect_child_succeeded(child);
   for (int fd : {ready[0], ready[1], go[0], go[1]}) ::close(fd);
   // The waiting groups fail on their own timeout, naming the rank that never came.
   for (RawSession* s : {&waiting, &also_waiting}) {
@@ -1289,16 +1307,8 @@ TEST_F(ProtocolAbuse, AClosingSessionDoesNotWaitForAnotherTenantsBusyLayer) {
   auto held = hold_group_forward(rank0, handles[0]);
 
   // The other tenant's session opens and closes meanwhile.
-  const pid_t child = ::fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(3);
-    RawSession other(daemon_->client_socket());
-    ::_exit(other.hello().ok() ? 0 : 4);
-  }
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
-  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << WEXITSTATUS(status);
+  ASSERT_NO_FATAL_FAILURE(expect_child_succeeded(fork_other_tenant([](RawSession&) { return 0; })));
+  ASSERT_FALSE(HasFailure());
   // Its session goes while rank 0's forward still waits.
   EXPECT_EQ(await_sessions(2), 2) << "the other tenant's closed session is still open";
   EXPECT_NE(held.wait_for(std::chrono::milliseconds(0)), std::future_status::ready)
@@ -1584,33 +1594,17 @@ TEST_F(ProtocolAbuse, ForeignLayerHandleIsRefused) {
   auto handle = owner.create_layer(kSpec);
   ASSERT_TRUE(handle.ok());
 
-  int pipe_fds[2];
-  ASSERT_EQ(::pipe(pipe_fds), 0);
-  const pid_t child = ::fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    // In the child: only async-signal-safe-ish work, and _exit with the verdict.
-    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(3);
-    RawSession intruder(daemon_->client_socket());
-    if (!intruder.hello().ok()) ::_exit(4);
+  expect_child_succeeded(fork_other_tenant([&](RawSession& intruder) {
     auto attach = intruder.call(ipc::FrameType::kAttachLayer, {{"name", "moe"}}, ipc::FrameType::kLayerInfo);
-    if (attach.ok()) ::_exit(5);  // tenant 'other' has no layer named moe
+    if (attach.ok()) return 5;  // tenant 'other' has no layer named moe
     auto step = intruder.call(ipc::FrameType::kStep, {{"handle", *handle}}, ipc::FrameType::kOk);
-    if (step.status().code() != StatusCode::kPermissionDenied) ::_exit(6);
+    if (step.status().code() != StatusCode::kPermissionDenied) return 6;
     ipc::RequestDescriptor d{};
     d.op = static_cast<uint32_t>(ipc::Op::kForward);
     d.layer_handle = *handle;
     auto c = intruder.submit(d);
-    if (!c || c->status_code != static_cast<int32_t>(StatusCode::kPermissionDenied)) ::_exit(7);
-    ::_exit(0);
-  }
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
-  ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0) << "the child's check number " << WEXITSTATUS(status) << " failed\n"
-                                    << daemon_->log();
-  ::close(pipe_fds[0]);
-  ::close(pipe_fds[1]);
+    return c && c->status_code == static_cast<int32_t>(StatusCode::kPermissionDenied) ? 0 : 7;
+  }));
   // The owner still uses its layer.
   EXPECT_TRUE(owner.call(ipc::FrameType::kStep, {{"handle", *handle}}, ipc::FrameType::kOk).ok());
 }
@@ -1634,25 +1628,21 @@ TEST_F(ProtocolAbuse, TenantsSharingARankGetTheirOwnResultsAndTheirTimeCountedAp
 
   int go[2];
   ASSERT_EQ(::pipe(go), 0);
-  const pid_t child = ::fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(3);
-    RawSession other(daemon_->client_socket());
-    if (!other.hello().ok()) ::_exit(4);
+  const pid_t child = fork_other_tenant([&](RawSession& other) {
     auto theirs = other.create_layer(kSpec);
-    if (!theirs.ok()) ::_exit(5);
+    if (!theirs.ok()) return 5;
     char c = 0;
-    if (::read(go[0], &c, 1) != 1) ::_exit(6);
+    if (::read(go[0], &c, 1) != 1) return 6;
     float* ox = reinterpret_cast<float*>(other.arena().data());
     for (int i = 0; i < 8 * 16; ++i) ox[i] = x[i];
     for (int i = 0; i < kForwards; ++i) {
       auto done = forward8(other, *theirs);
-      if (!done || done->status_code != 0) ::_exit(7);
-      if (std::memcmp(ox + 8 * 16, reference.data(), reference.size() * sizeof(float)) != 0) ::_exit(8);
+      if (!done || done->status_code != 0) return 7;
+      if (std::memcmp(ox + 8 * 16, reference.data(), reference.size() * sizeof(float)) != 0) return 8;
     }
-    ::_exit(0);
-  }
+    return 0;
+  });
+  ASSERT_GE(child, 0);
   ::close(go[0]);
   ASSERT_EQ(::write(go[1], "g", 1), 1);
   ::close(go[1]);
@@ -1661,17 +1651,16 @@ TEST_F(ProtocolAbuse, TenantsSharingARankGetTheirOwnResultsAndTheirTimeCountedAp
     ASSERT_TRUE(done && done->status_code == 0) << i;
     ASSERT_EQ(std::memcmp(x + 8 * 16, reference.data(), reference.size() * sizeof(float)), 0) << i;
   }
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
-  ASSERT_TRUE(WIFEXITED(status));
-  ASSERT_EQ(WEXITSTATUS(status), 0) << "the other tenant's check number " << WEXITSTATUS(status) << " failed\n"
-                                    << daemon_->log();
+  ASSERT_NO_FATAL_FAILURE(expect_child_succeeded(child));
+  ASSERT_FALSE(HasFailure());
 
   RawSession admin(daemon_->admin_socket());
   auto metrics = admin.call(ipc::FrameType::kAdminMetrics, nlohmann::json::object(), ipc::FrameType::kOk);
   ASSERT_TRUE(metrics.ok()) << metrics.status();
   const std::string text = (*metrics)["text"].get<std::string>();
   EXPECT_NE(text.find("# TYPE tuteld_rank_busy_seconds_total counter"), std::string::npos) << text;
+  // Every hold is a tenant's, the pinning of their arenas included: none is the daemon's own.
+  EXPECT_EQ(text.find("tuteld_rank_busy_seconds_total{rank=\"0\",tenant=\"\"}"), std::string::npos) << text;
   for (const char* tenant : {"default", "other"}) {
     const std::string series = std::string("tuteld_rank_busy_seconds_total{rank=\"0\",tenant=\"") + tenant + "\"} ";
     const size_t at = text.find(series);

@@ -125,6 +125,10 @@ using SafetensorsFill = std::function<Status(size_t index, uint64_t offset, void
 // The most bytes a fill is asked for at once.
 inline constexpr size_t kFillChunkBytes = size_t{8} << 20;
 
+// Syncs directory `dir` to disk (its entries: a file renamed or created in it, a subdirectory
+// made); IOError naming it otherwise.
+Status fsync_directory(const std::string& dir);
+
 // Writes `tensors` in the order given, with `metadata` as "__metadata__" when not empty.
 // Atomic: the bytes go to a temporary file in the same directory, which is fsynced and
 // renamed over `path`, then the directory is fsynced; on failure `path` is untouched and
