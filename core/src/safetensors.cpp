@@ -521,7 +521,11 @@ Result<std::pair<UniqueFd, std::string>> create_temp_file(const std::string& pat
   for (int attempt = 0; attempt < 16; ++attempt) {
     char suffix[17];
     (void)std::snprintf(suffix, sizeof(suffix), "%08x%08x", entropy(), entropy());
-    std::string temp = (dir / ("." + target.filename().string() + std::string(kTempInfix) + suffix)).string();
+    std::string name(1, '.');  // appended piece by piece: GCC 12's -Wrestrict misfires on "." + ...
+    name += target.filename().string();
+    name += kTempInfix;
+    name += suffix;
+    std::string temp = (dir / name).string();
     const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
     if (fd >= 0) return std::make_pair(UniqueFd(fd), std::move(temp));
     if (errno != EEXIST) return errno_status(errno, "cannot create a temporary file for", path);

@@ -133,7 +133,7 @@ TEST(FairLock, ShortHoldsCountAfterALongRun) {
   q.hold("x", uint64_t{1} << 53);
   q.hold_while_queueing();
   q.enqueue("b", "b1", 100);
-  for (int i = 1; i <= 110; ++i) q.enqueue("c", "c" + std::to_string(i), 1000);
+  for (int i = 1; i <= 110; ++i) q.enqueue("c", std::string(1, 'c').append(std::to_string(i)), 1000);
   q.enqueue("b", "b2", 100);
   q.let_go();
   const Order order = q.join();
