@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <exception>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <utility>
@@ -62,7 +63,8 @@ struct tutel_client {
 struct tutel_layer {
   uint32_t magic = kLayerMagic;
   std::optional<Layer> layer;
-  ForwardInfo last;  // of the last forward / infer
+  std::mutex last_mutex;  // threads may share a handle
+  ForwardInfo last;       // of the last forward / infer; guarded by last_mutex
 };
 
 struct tutel_region {
@@ -92,7 +94,10 @@ int call_forward(const char* fn, tutel_layer* layer, ForwardCall call, const flo
     if (!valid(layer)) return invalid_layer(fn);
     ForwardInfo info;
     if (Status st = ((*layer->layer).*call)(x, tokens, y, &info); !st.ok()) return fail(st);
-    layer->last = info;
+    {
+      std::lock_guard lock(layer->last_mutex);
+      layer->last = info;
+    }
     if (l_aux != nullptr) *l_aux = info.l_aux;
     return TUTEL_OK;
   });
@@ -362,6 +367,7 @@ int tutel_infer(tutel_layer* layer, const float* x, int64_t tokens, float* y, fl
 int tutel_forward_stats(tutel_layer* layer, int64_t* capacity, int64_t* dropped) {
   return guarded("tutel_forward_stats", [&] {
     if (!valid(layer)) return invalid_layer("tutel_forward_stats");
+    std::lock_guard lock(layer->last_mutex);
     if (capacity != nullptr) *capacity = layer->last.capacity;
     if (dropped != nullptr) *dropped = layer->last.dropped;
     return TUTEL_OK;

@@ -97,16 +97,12 @@ Client& Client::operator=(Client&& other) noexcept {
   if (this != &other) {
     close();
     session_ = std::move(other.session_);
-    closed_ = std::exchange(other.closed_, false);
   }
   return *this;
 }
 Client::~Client() { close(); }
 
-Status Client::no_session() const {
-  if (closed_) return Status::Unavailable("the client was closed (Client::close / tutel_close); connect again");
-  return moved_from("Client");
-}
+Status Client::no_session() const { return moved_from("Client"); }
 
 Result<Client> Client::connect(const std::string& socket_path, const ClientOptions& options) {
   TUTEL_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Session::open(socket_path, options));
@@ -114,11 +110,11 @@ Result<Client> Client::connect(const std::string& socket_path, const ClientOptio
 }
 
 void Client::close() {
-  if (!session_) return;
-  session_->close(
-      Status::Unavailable("the client was closed (Client::close / tutel_close); connect again"));
-  session_.reset();
-  closed_ = true;
+  // The session object stays until the Client goes: another thread's call may be inside it
+  // (resetting session_ under it freed it, or left that thread waiting on a destroyed mutex).
+  // Closed, every later call on it fails with this.
+  if (session_)
+    session_->close(Status::Unavailable("the client was closed (Client::close / tutel_close); connect again"));
 }
 
 bool Client::is_connected() const {

@@ -171,6 +171,10 @@ void Session::close(const Status& why) {
   // The daemon frees its side when the session ends. This side's mappings stay until their
   // DeviceRegion handles go: the trainer's tensors or kernels may still point into them.
   device_regions_.clear();
+  // In the process that connected, the session ends now, even where a forked child still holds a
+  // copy of the socket (its pending forwards, regions and max_sessions place would stay with the
+  // daemon until the child exits); a child closes only its own copies.
+  if (pid_ == ::getpid() && fd_.valid()) (void)::shutdown(fd_.get(), SHUT_RDWR);
   fd_.reset();
   arena_.reset();
 }
@@ -199,7 +203,12 @@ Result<json> Session::call(ipc::FrameType type, const json& body, ipc::FrameType
       }
       if (frame.status().code() == StatusCode::kUnavailable)
         return fail(lost("waiting for the reply to " + what));
-      return fail(frame.status().with_context("reading the reply to " + what));
+      // A frame that fails validation (ipc gives InvalidArgument) is the daemon's fault, not
+      // the caller's: Corruption, as malformed_reply says.
+      const Status bad = frame.status().code() == StatusCode::kInvalidArgument
+                             ? Status::Corruption("tuteld sent a malformed frame: " + std::string(frame.status().message()))
+                             : frame.status();
+      return fail(bad.with_context("reading the reply to " + what));
     }
     const uint32_t got = frame->header.request_id;
     const auto got_type = static_cast<ipc::FrameType>(frame->header.type);
@@ -289,7 +298,8 @@ Result<std::pair<uint32_t, uint64_t>> Session::locate(const void* data, uint64_t
   const auto p = reinterpret_cast<uintptr_t>(data);
   for (const auto& [id, region] : device_regions_) {
     const auto begin = reinterpret_cast<uintptr_t>(region->memory.data());
-    if (p < begin || p - begin >= region->bytes) continue;
+    // A range of no bytes may start at the region's end (docs/protocol.md §4: an empty batch).
+    if (p < begin || p - begin > region->bytes || (p - begin == region->bytes && bytes != 0)) continue;
     const uint64_t offset = p - begin;
     if (bytes > region->bytes - offset)
       return Status::OutOfRange(std::string(name) + " (" + std::to_string(bytes) + " bytes at offset " +
@@ -542,6 +552,9 @@ Result<Session::Finished> Session::wait_finished(uint64_t request_id,
 
 void Session::abandon(uint64_t request_id) {
   const auto held = hold();
+  // Not from a forked child: it would push a discard into the parent's ring under the request id
+  // the parent uses next.
+  if (!usable().ok()) return;
   if (auto done = finished_.find(request_id); done != finished_.end()) {
     // Completed while the caller waited for another request: its output is written already,
     // but no backward may pair with it.

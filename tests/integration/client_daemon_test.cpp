@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -126,6 +127,91 @@ TEST_F(ClientDaemon, ConcurrentClientsTrainTheirOwnLayers) {
     if (l["step"] == kSteps) ++trained;
   }
   EXPECT_EQ(trained, kClients);
+}
+
+// Client::close while another thread calls on the same client: that thread's calls fail with
+// Unavailable, none crashes or waits on a freed session (close used to free it under them).
+TEST_F(ClientDaemon, CloseWhileAnotherThreadCallsFailsThatThreadsCallsCleanly) {
+  for (int round = 0; round < 20; ++round) {
+    auto client = client::Client::connect(daemon_->client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    std::atomic<bool> started{false};
+    Status last;
+    std::thread pinger([&] {
+      for (;;) {
+        last = client->ping();
+        started = true;
+        if (!last.ok()) return;
+      }
+    });
+    while (!started) std::this_thread::yield();
+    client->close();
+    pinger.join();
+    EXPECT_EQ(last.code(), StatusCode::kUnavailable) << last;
+    EXPECT_NE(last.message().find("closed"), std::string::npos) << last;
+  }
+}
+
+// A forked child cannot use its parent's session, abandon included: an abandon there pushed a
+// discard into the parent's ring under the request id the parent used next (the parent's
+// backward then returned stale bytes, and its next call found its session closed).
+TEST_F(ClientDaemon, AForkedChildsAbandonLeavesTheParentsSessionAlone) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto layer = client->create_layer(spec("forked"));
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  const int64_t S = 16;
+  std::vector<float> x(S * 16), y(S * 16), dy(S * 16, 0.5f), dx(S * 16, -7.f);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i));
+  auto ticket = layer->submit_forward(x.data(), S, y.data());
+  ASSERT_TRUE(ticket.ok()) << ticket.status();
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    client->abandon(*ticket);
+    ::_exit(client->ping().code() == StatusCode::kUnavailable ? 0 : 3);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child exit " << WEXITSTATUS(status);
+  ASSERT_TRUE(client->wait(*ticket).ok());
+  ASSERT_TRUE(layer->backward(ticket->sequence, dy.data(), 0.f, dx.data()).ok());
+  // The same backward on a fresh forward of the same x: the child's abandon changed nothing.
+  std::vector<float> y2(S * 16), dx2(S * 16);
+  ASSERT_TRUE(layer->forward(x.data(), S, y2.data()).ok());
+  ASSERT_TRUE(layer->backward(dy.data(), 0.f, dx2.data()).ok());
+  EXPECT_EQ(y, y2);
+  EXPECT_EQ(dx, dx2);
+  EXPECT_TRUE(client->ping().ok());
+}
+
+// Closing a client in the process that connected ends its session at once, even while a child
+// forked after the connect (a DataLoader worker) still holds a copy of the socket.
+TEST_F(ClientDaemon, ClosingInTheParentEndsTheSessionWhileAForkedChildLives) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  int hold[2];
+  ASSERT_EQ(::pipe(hold), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ::close(hold[1]);
+    char c;
+    (void)::read(hold[0], &c, 1);  // until the parent lets go
+    ::_exit(0);
+  }
+  ::close(hold[0]);
+  ASSERT_EQ(ctl_json("status")["sessions"], 1);
+  client->close();
+  int64_t sessions = 1;
+  for (int i = 0; i < 500 && sessions != 0; ++i) {
+    sessions = ctl_json("status")["sessions"].get<int64_t>();
+    if (sessions != 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ::close(hold[1]);
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  EXPECT_EQ(sessions, 0) << "the session outlived its client's close while a forked child lived";
 }
 
 TEST_F(ClientDaemon, KilledClientFreesItsSessionAndPendingForwards) {

@@ -2,8 +2,10 @@
 forward, backward, the optimizer step, micro-batches out of order, and bad input. Fresh random
 inputs every run; the seed is in the failure message."""
 
+import copy
 import gc
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -517,14 +519,68 @@ class ClientModuleTest(unittest.TestCase):
                     other.forward(x)
             finally:
                 self.daemon.process.send_signal(signal.SIGCONT)
-            self.assertEqual(len(other._discards), 1)
-            other.infer(x)  # the next call discards it (a discard waits behind the forward)
+            # The library queued its discard at the abandon (the module queues none of its own,
+            # which cost the next call a request timeout more while the daemon was stuck).
             self.assertEqual(len(other._discards), 0)
+            other.infer(x)  # the discard goes with the next request
             self.assertEqual(self.daemon.pending_backwards("moe"), 1)
         y_ref, _, saved = ref.forward(p, x, K, F)
         dy = self.rng.normal(0, 1, (8, M))
         self.assert_close(layer.backward(dy, sequence=kept.sequence), ref.backward(p, saved, dy, 0.0)[0], "dx")
         self.assertEqual(self.daemon.pending_backwards("moe"), 0)
+
+    def test_errors_survive_pickling(self):
+        # A multiprocessing worker's error comes back pickled: unpickling called __init__ without
+        # the code (BrokenProcessPool; a Pool's get() never returned).
+        e = tuteld.TutelError(-2, "no layer 'x'")
+        back = pickle.loads(pickle.dumps(e))
+        self.assertEqual((back.code, back.name, str(back)), (-2, "NotFound", "no layer 'x'"))
+        self.assertEqual(copy.copy(e).code, -2)
+
+    def test_a_forked_child_is_refused_even_while_a_parent_thread_holds_the_client(self):
+        # A thread of the parent inside a call at the fork held the client's lock, which no thread
+        # of the child would ever release: the child's first call waited for ever.
+        p, x = random_case(self.rng, 8)
+        layer = self.make_layer(p)
+        client = layer._client
+        inside, leave = threading.Event(), threading.Event()
+
+        def hold():
+            with client._lock:
+                inside.set()
+                leave.wait(30)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        self.assertTrue(inside.wait(10))
+        try:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    try:
+                        layer.infer(x)
+                    except tuteld.TutelError as e:
+                        code = 0 if e.name == "Unavailable" and "forked" in str(e) else 2
+                    client.close()  # the child's copy, without the lock
+                finally:
+                    os._exit(code)
+            deadline = time.monotonic() + 20
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            if not done:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            self.assertTrue(done, "the forked child waited on its parent's lock")
+            self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        finally:
+            leave.set()
+            holder.join()
+        y, _ = layer.forward(x)  # the parent's session goes on
+        self.assertEqual(y.shape, (8, M))
 
     def test_dropped_handles_go_without_the_cycle_collector(self):
         # A dropped Layer's handle goes back at its client's next call; a dropped client and its

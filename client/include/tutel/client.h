@@ -20,6 +20,13 @@
  * TUTEL_E_UNAVAILABLE) and frees the client; each layer handle is freed with
  * tutel_layer_release, in any order. Releasing a handle does not destroy the layer in the
  * daemon (tutel_layer_destroy does): layers belong to the tenant and can be attached again.
+ * As with free(), a client or handle must not be used once closed or released, and
+ * tutel_close / tutel_layer_release must not overlap another call on the same object (the C++
+ * Client::close may: the other thread's calls then fail with Unavailable).
+ *
+ * fork(): a client cannot be used in a child forked after it connected (every call there fails
+ * with TUTEL_E_UNAVAILABLE; tutel_close there frees only the child's copies). tutel_close in
+ * the process that connected ends the session at once, even while such a child lives.
  */
 #ifndef TUTEL_CLIENT_H_
 #define TUTEL_CLIENT_H_

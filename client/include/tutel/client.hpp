@@ -209,10 +209,10 @@ class Client {
 
  private:
   explicit Client(std::shared_ptr<internal::Session> session);
-  // Why there is no session: close() was called (Unavailable), or the object was moved from.
+  // Why there is no session: the object was moved from. (A closed client keeps its session,
+  // closed, so that a call another thread is making on it stays safe.)
   Status no_session() const;
   std::shared_ptr<internal::Session> session_;
-  bool closed_ = false;
 };
 
 // A handle on one layer in the daemon. Move-only; dropping it does not destroy the layer.

@@ -64,6 +64,33 @@ class TutelError(RuntimeError):
         self.code = code
         self.name = _CODE_NAMES.get(code, "Unknown")
 
+    def __reduce__(self):
+        # args holds the message alone: without this, unpickling (a multiprocessing worker's
+        # error coming back) called __init__ without the code and failed.
+        return (type(self), (self.code, str(self)))
+
+
+class _SessionLock:
+    """A client's lock, which a process forked from the one that connected refuses at once: a
+    thread that held it at the fork does not exist in the child, which would wait for ever."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
+
+    def forked(self):
+        return os.getpid() != self._pid
+
+    def __enter__(self):
+        if self.forked():
+            raise TutelError(-7, f"this tuteld client was connected by process {self._pid}; process "
+                                 f"{os.getpid()} (forked from it) cannot use it: connect a new client in the child")
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
 
 @dataclasses.dataclass(frozen=True)
 class ForwardInfo:
@@ -296,7 +323,7 @@ class Client:
             self._daemon = (st.st_dev, st.st_ino)
         except OSError:
             self._daemon = os.path.realpath(socket_path)
-        self._lock = threading.RLock()
+        self._lock = _SessionLock()
         # The layers made from this client, weakly: a Layer holds its client, so strong references
         # both ways would keep a dropped client's session open until the cycle collector ran.
         self._layers = weakref.WeakSet()
@@ -326,6 +353,13 @@ class Client:
         lock = getattr(self, "_lock", None)
         if lock is None:
             return  # the constructor failed
+        if lock.forked():
+            # A forked child's copy: the library closes only this process's descriptors and
+            # sends nothing. Not under the lock, which a parent's thread may hold for good here.
+            if self._handle is not None:
+                _lib.tutel_close(self._handle)
+                self._handle = None
+            return
         with lock:
             if self._handle is None:
                 return
@@ -447,9 +481,9 @@ class Layer:
         # Training forwards not yet backwarded, oldest first: sequence -> rows. The C side sizes
         # a backward by its forward's rows, so dy must have exactly that many.
         self._pending = collections.OrderedDict()
-        # Training forwards to discard at this layer's next call (an abandoned wait, a dropped
-        # autograd graph): queued, since they arise where a call cannot be made (an exception
-        # handler, a finalizer on any thread).
+        # Training forwards to discard at this layer's next call (a dropped autograd graph):
+        # queued, since they arise where a call cannot be made (a finalizer on any thread). An
+        # abandoned wait's forward is the library's to discard (tutel_abandon).
         self._discards = collections.deque()
         self._state_layout = None  # state_layout(), once known
         dims = [ctypes.c_int64() for _ in range(3)]
@@ -528,14 +562,12 @@ class Layer:
         y = np.empty((rows.shape[0], self.output_dim), dtype=np.float32)
         ticket = _Ticket()
         with self._client._lock:
-            try:
-                info = self._client._submit_and_wait(ticket, _lib.tutel_submit_forward, self._layer(), _floats(rows),
-                                                     rows.shape[0], _floats(y),
-                                                     (1 if noise else 2) if training else 0)
-            except BaseException:
-                if training and ticket.request_id != 0:
-                    self._discards.append(ticket.sequence)  # abandoned: the daemon holds it still
-                raise
+            # An abandoned training forward (an interrupt, the request timeout) is discarded by the
+            # library's tutel_abandon, without waiting: queueing one here too made the next call
+            # wait a whole request timeout more for it when the daemon was stuck.
+            info = self._client._submit_and_wait(ticket, _lib.tutel_submit_forward, self._layer(), _floats(rows),
+                                                 rows.shape[0], _floats(y),
+                                                 (1 if noise else 2) if training else 0)
             if training:
                 self._pending[info.sequence] = rows.shape[0]
         return y.reshape(*lead, self.output_dim), info
