@@ -231,6 +231,9 @@ TEST(DeviceRegion, MisuseFromTheClientIsRefusedWithWhatToDo) {
   st = layer->infer_device(po, tokens, po + tensor);
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
   EXPECT_NE(st.message().find("map a region on the layer's rank"), std::string::npos) << st;
+  // An empty batch may put its (empty) y at the region's very end (docs/protocol.md §4).
+  st = layer->infer_device(pa, 0, pa + 4 * tensor);
+  EXPECT_TRUE(st.ok()) << st;
   // Tensors split over two regions.
   st = layer->infer_device(pa, tokens, pb);
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
