@@ -64,7 +64,7 @@ AdminClient::~AdminClient() = default;
 
 Result<AdminClient> AdminClient::connect(const std::string& admin_socket_path,
                                          std::chrono::milliseconds timeout) {
-  TUTEL_ASSIGN_OR_RETURN(ipc::UniqueFd fd, ipc::connect_unix(admin_socket_path));
+  TUTEL_ASSIGN_OR_RETURN(ipc::UniqueFd fd, ipc::connect_unix(admin_socket_path, timeout));
   auto impl = std::make_unique<Impl>();
   impl->fd = std::move(fd);
   impl->path = admin_socket_path;

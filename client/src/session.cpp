@@ -68,7 +68,9 @@ Result<std::shared_ptr<Session>> Session::open(const std::string& socket_path,
   s->options_ = options;
   if (s->options_.liveness_interval.count() <= 0)
     s->options_.liveness_interval = std::chrono::milliseconds(200);
-  auto fd = ipc::connect_unix(socket_path);
+  // Bounded as the hello is: a stuck daemon's full backlog would block the connect for ever.
+  auto fd = ipc::connect_unix(socket_path, s->options_.control_timeout.count() > 0 ? s->options_.control_timeout
+                                                                                 : kHelloTimeout);
   if (!fd.ok()) return fd.status().with_context("cannot connect to tuteld");
   s->fd_ = std::move(*fd);
   TUTEL_RETURN_IF_ERROR(s->hello(options).with_context("hello to tuteld at " + socket_path));

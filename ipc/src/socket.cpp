@@ -205,14 +205,31 @@ Result<UniqueFd> listen_unix(const std::string& path, mode_t mode, int backlog) 
   return fd;
 }
 
-Result<UniqueFd> connect_unix(const std::string& path) {
+Result<UniqueFd> connect_unix(const std::string& path, std::chrono::milliseconds timeout) {
   sockaddr_un addr;
   TUTEL_RETURN_IF_ERROR(make_address(path, &addr));
   UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!fd.valid()) return Status::IOError("socket: " + errno_text(errno));
-  if (connect_retrying(fd.get(), addr) != 0) {
-    const int err = errno;
+  // A unix socket's connect waits for room in the listener's backlog up to the send timeout
+  // (EAGAIN then); set for the connect alone.
+  const bool bounded = timeout.count() > 0 && timeout < std::chrono::hours(24 * 365);
+  auto set_send_timeout = [&](std::chrono::milliseconds t) {
+    timeval tv{};
+    tv.tv_sec = static_cast<time_t>(t.count() / 1000);
+    tv.tv_usec = static_cast<suseconds_t>((t.count() % 1000) * 1000);
+    (void)::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  };
+  if (bounded) set_send_timeout(timeout);
+  const int rc = connect_retrying(fd.get(), addr);
+  const int connect_errno = errno;
+  if (bounded) set_send_timeout(std::chrono::milliseconds(0));
+  if (rc != 0) {
+    const int err = connect_errno;
     switch (err) {
+      case EAGAIN:
+        return Status::Timeout("tuteld at " + path + " accepted no connection within " +
+                               std::to_string(timeout.count()) +
+                               " ms (its backlog is full: is it stuck? see its log)");
       case ENOENT:
         return Status::Unavailable("is tuteld running? (no socket at " + path + ")");
       case ECONNREFUSED:

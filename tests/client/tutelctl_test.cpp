@@ -221,6 +221,12 @@ TEST(Tutelctl, UsageErrorsExitTwo) {
   EXPECT_EQ(tutelctl("checkpoint moe0 out.safetensors").exit_code, 2);  // not TENANT/NAME
   EXPECT_EQ(tutelctl("checkpoint alice/moe0 ''").exit_code, 2);         // an empty PATH
   EXPECT_EQ(tutelctl("--timeout -1 status").exit_code, 2);
+  // NaN passes a range check (every comparison with it is false) and was a wait without bound.
+  for (const char* bad : {"--timeout nan status", "--timeout inf status", "drain --wait nan"}) {
+    const ToolRun run = tutelctl(bad);
+    EXPECT_EQ(run.exit_code, 2) << bad;
+    EXPECT_NE(run.output.find("finite"), std::string::npos) << bad << ": " << run.output;
+  }
   const ToolRun help = tutelctl("--help");
   EXPECT_EQ(help.exit_code, 0);
   EXPECT_NE(help.output.find("checkpoint"), std::string::npos);

@@ -582,6 +582,33 @@ TEST(UnixSocketTest, ListenConnectAndPeerCredentials) {
   EXPECT_EQ(f->header.type, static_cast<uint16_t>(FrameType::kHello));
 }
 
+// A listener that accepts nothing and whose backlog is full (a stuck daemon): a bounded connect
+// gives up with Timeout instead of blocking for ever.
+TEST(UnixSocketTest, ABoundedConnectToAFullBacklogTimesOut) {
+  TempDir dir;
+  const std::string path = dir.file("stuck.sock");
+  Result<UniqueFd> listener = listen_unix(path, 0600, /*backlog=*/0);
+  ASSERT_TRUE(listener.ok()) << listener.status();
+  // Fill the backlog with connections nobody accepts.
+  std::vector<UniqueFd> queued;
+  for (int i = 0; i < 4; ++i) {
+    Result<UniqueFd> c = connect_unix(path, 100ms);
+    if (!c.ok()) {
+      EXPECT_EQ(c.status().code(), StatusCode::kTimeout) << c.status();
+      break;
+    }
+    queued.push_back(std::move(*c));
+  }
+  ASSERT_LT(queued.size(), 4u) << "the backlog never filled";
+  Result<UniqueFd> late = connect_unix(path, 100ms);
+  EXPECT_EQ(late.status().code(), StatusCode::kTimeout) << late.status();
+  EXPECT_NE(late.status().message().find("accepted no connection"), std::string::npos) << late.status();
+  // Once the listener accepts, connects go through again.
+  UniqueFd accepted(::accept4(listener->get(), nullptr, nullptr, SOCK_CLOEXEC));
+  ASSERT_TRUE(accepted.valid());
+  EXPECT_TRUE(connect_unix(path, 1000ms).ok());
+}
+
 TEST(UnixSocketTest, AdminModeIsApplied) {
   TempDir dir;
   const std::string path = dir.file("admin.sock");

@@ -449,8 +449,8 @@ int cannot_reach(const std::string& path, const tutel::Status& st) {
   if (st.code() == tutel::StatusCode::kPermissionDenied)
     std::cerr
         << "permission denied (the admin socket is mode 0600: run tutelctl as the daemon's user)\n";
-  else if (st.code() == tutel::StatusCode::kInvalidArgument)
-    std::cerr << st.message() << "\n";
+  else if (st.code() == tutel::StatusCode::kInvalidArgument || st.code() == tutel::StatusCode::kTimeout)
+    std::cerr << st.message() << "\n";  // a bad path; a daemon that accepts no connection
   else {
     // connect_unix says "is tuteld running? (<detail>)": keep only the detail.
     std::string detail(st.message());
@@ -468,6 +468,14 @@ int main(int argc, char** argv) {
   CLI::App app{"tutelctl: inspect and operate a running tuteld through its admin socket"};
   app.name("tutelctl");
   std::string socket = default_socket();
+  // CLI::Range lets NaN through (every comparison with it is false), and a NaN timeout became a
+  // wait without bound.
+  const CLI::Validator finite_number(
+      [](std::string& text) {
+        const double v = std::strtod(text.c_str(), nullptr);
+        return std::isfinite(v) ? std::string() : "expected a finite number, got " + text;
+      },
+      "FINITE");
   bool as_json = false;
   double timeout_s = 60;
   app.add_option("--socket", socket,
@@ -475,6 +483,7 @@ int main(int argc, char** argv) {
   app.add_flag("--json", as_json, "print the daemon's JSON reply instead of a table");
   app.add_option("--timeout", timeout_s,
                  "seconds to wait for a reply (checkpoint waits without bound once the daemon answered)")
+      ->check(finite_number)
       ->check(CLI::Range(0.001, 1e6));  // bounded: 1e300 s would overflow its milliseconds
   app.require_subcommand(1, 1);
   auto* status =
@@ -513,6 +522,7 @@ int main(int argc, char** argv) {
   CLI::Option* wait_opt = drain->add_option("--wait", wait_s,
                    "then wait up to this many seconds for the open client sessions to close; "
                    "exit 1 if some are still open")
+      ->check(finite_number)
       ->check(CLI::Range(0.0, 1e6));
   auto* undrain = app.add_subcommand("undrain", "take new sessions and layers again");
 

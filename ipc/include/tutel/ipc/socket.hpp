@@ -30,7 +30,10 @@ std::optional<std::chrono::steady_clock::time_point> deadline_after(std::chrono:
 // Creates a listening AF_UNIX stream socket at `path` with `mode` (e.g. 0660). Refuses to
 // replace a path that is not a socket; removes a stale socket nobody listens on.
 Result<UniqueFd> listen_unix(const std::string& path, mode_t mode, int backlog = 64);
-Result<UniqueFd> connect_unix(const std::string& path);
+// Connects to the listener at `path`. A connect blocks while the listener's backlog is full (a
+// stuck daemon that accepts nothing): with a positive `timeout` it gives up then, with Timeout.
+Result<UniqueFd> connect_unix(const std::string& path,
+                              std::chrono::milliseconds timeout = std::chrono::milliseconds(-1));
 
 struct PeerCredentials {
   pid_t pid;
