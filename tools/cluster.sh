@@ -28,13 +28,30 @@ bin=$(cd "$(dirname "$bin")" && pwd)/tuteld
 
 dir=$(mktemp -d /tmp/tutel-cluster-XXXXXX)
 pids=()
+# Whether process $1 still runs (an exited child stays a zombie until waited for).
+running() { local state; state=$(ps -o stat= -p "$1" 2>/dev/null) && [ "${state:0:1}" != Z ]; }
 cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  # 30 s for all of them (their shutdown grace is 5 s), then SIGKILL: a daemon that does not
+  # stop must not hold this script for ever.
+  for _ in $(seq 1 300); do
+    local alive=0
+    for pid in "${pids[@]}"; do running "$pid" && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do
+    if running "$pid"; then
+      echo "cluster.sh: tuteld (pid $pid) did not stop within 30 s of SIGTERM; killing it" >&2
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+  done
   rm -rf "$dir"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # A loopback port nothing listens on (checked, not reserved: good enough for a test machine),
 # below the kernel's ephemeral range, where outgoing connections could take it meanwhile.

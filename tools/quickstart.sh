@@ -7,14 +7,36 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 tools/bootstrap.sh
 tools/build.sh
-bin="$repo/${TUTEL_BUILD_DIR:-build}/bin"
+build_dir=${TUTEL_BUILD_DIR:-build}
+case "$build_dir" in
+  /*) bin="$build_dir/bin" ;;
+  *) bin="$repo/$build_dir/bin" ;;
+esac
 
 work=$(mktemp -d)
 daemon_pid=""
+# Whether process $1 still runs (an exited child stays a zombie until waited for).
+running() { local state; state=$(ps -o stat= -p "$1" 2>/dev/null) && [ "${state:0:1}" != Z ]; }
+# SIGTERM, then SIGKILL if tuteld has not exited 30 s later (its shutdown grace is 5 s): a stuck
+# daemon must not hold this script for ever. Returns the daemon's exit status.
+stop_daemon() {
+  kill -TERM "$daemon_pid" 2>/dev/null || true
+  for _ in $(seq 1 300); do running "$daemon_pid" || break; sleep 0.1; done
+  if running "$daemon_pid"; then
+    echo "quickstart: tuteld (pid $daemon_pid) did not stop within 30 s of SIGTERM; killing it" >&2
+    kill -KILL "$daemon_pid" 2>/dev/null || true
+  fi
+  local pid=$daemon_pid
+  daemon_pid=""
+  wait "$pid"
+}
 cleanup() {
-  if [ -n "$daemon_pid" ] && kill -0 "$daemon_pid" 2>/dev/null; then
-    kill -TERM "$daemon_pid"
-    wait "$daemon_pid" || true
+  local rc=$?
+  if [ -n "$daemon_pid" ]; then stop_daemon || true; fi
+  # On failure the daemon's log says why (it lives in $work, removed below).
+  if [ "$rc" -ne 0 ] && [ -f "$work/tuteld.log" ]; then
+    echo "== quickstart failed; tuteld's log:" >&2
+    cat "$work/tuteld.log" >&2
   fi
   rm -rf "$work"
 }
@@ -28,9 +50,13 @@ sed -e 's/^metrics_listen = .*/metrics_listen = "127.0.0.1:0"/' \
 daemon_pid=$!
 for _ in $(seq 1 500); do
   [ -S "$work/run/client.sock" ] && [ -S "$work/run/admin.sock" ] && break
-  kill -0 "$daemon_pid" 2>/dev/null || { cat "$work/tuteld.log"; echo "quickstart: tuteld did not start" >&2; exit 1; }
+  running "$daemon_pid" || { echo "quickstart: tuteld exited at start" >&2; exit 1; }
   sleep 0.02
 done
+if ! [ -S "$work/run/client.sock" ] || ! [ -S "$work/run/admin.sock" ]; then
+  echo "quickstart: tuteld made no sockets within 10 s" >&2
+  exit 1
+fi
 echo "== tuteld is running (pid $daemon_pid) on $work/run/client.sock"
 
 "$bin/train_toy" --socket "$work/run/client.sock" --steps 300 --print-every 50
@@ -39,8 +65,6 @@ echo "== tutelctl status"
 "$bin/tutelctl" --socket "$work/run/admin.sock" status
 "$bin/tutelctl" --socket "$work/run/admin.sock" layers
 
-kill -TERM "$daemon_pid"
-wait "$daemon_pid"
-daemon_pid=""
+stop_daemon
 echo "== tuteld stopped cleanly; its log:"
 cat "$work/tuteld.log"
