@@ -9,6 +9,8 @@
 // batch priority) and no relu input is within 1e-6 of a tie, where f32 and f64 may disagree.
 #include <gtest/gtest.h>
 
+#include <filesystem>
+
 #include <cmath>
 #include <map>
 #include <optional>
@@ -248,6 +250,39 @@ TEST(TutelLayerReadme, TheExampleFilesRunThroughTutelLayer) {
   auto result = SafetensorsFile::open(out + "/out.safetensors");
   ASSERT_TRUE(result.ok()) << result.status();
   EXPECT_NE(result->find("y"), nullptr);
+}
+
+// Sizes the example cannot make are refused before anything is allocated (the products
+// overflowed, or asked for tens of GiB, and the tool aborted).
+TEST(TutelLayerReadme, TheExampleRefusesSizesItCannotMake) {
+  TempDir dir;
+  const std::string out = dir.file("huge");
+  const ToolRun over = run_binary(dir, TUTEL_LAYER_EXAMPLE_BIN,
+                                  {"--out", out, "--experts", "4000000000", "--model-dim", "4000000000"});
+  EXPECT_EQ(over.exit_code, 2) << over.err;
+  EXPECT_NE(over.err.find("--experts 4000000000 is over"), std::string::npos) << over.err;
+  const ToolRun large = run_binary(dir, TUTEL_LAYER_EXAMPLE_BIN,
+                                   {"--out", out, "--experts", "100000", "--model-dim", "100000"});
+  EXPECT_EQ(large.exit_code, 2) << large.err;
+  EXPECT_NE(large.err.find("at most 16 GiB"), std::string::npos) << large.err;
+  EXPECT_FALSE(std::filesystem::exists(out));
+}
+
+// Finite inputs that overflow f32 inside the layer: a non-finite output is refused, not written
+// with exit 0 as if it were a result.
+TEST(TutelLayerReadme, OutputsThatOverflowAreRefusedNotWritten) {
+  TempDir dir;
+  const std::string out = dir.file("example");
+  ASSERT_EQ(run_binary(dir, TUTEL_LAYER_EXAMPLE_BIN,
+                       {"--out", out, "--experts", "4", "--model-dim", "8", "--hidden", "8", "--tokens", "4"})
+                .exit_code,
+            0);
+  write_file(dir.file("big.safetensors"), {FileTensor::of("x", {4, 8}, std::vector<double>(32, 3e38))});
+  const ToolRun ran = run_tool(dir, {"--weights", out + "/weights.safetensors", "--input", dir.file("big.safetensors"),
+                                     "--output", dir.file("o.safetensors"), "--k", "2"});
+  EXPECT_EQ(ran.exit_code, 2) << ran.err;
+  EXPECT_NE(ran.err.find("not finite"), std::string::npos) << ran.err;
+  EXPECT_FALSE(std::filesystem::exists(dir.file("o.safetensors")));
 }
 
 TEST(TutelLayerMetadata, RecordsTheOptionsUsed) {

@@ -25,7 +25,12 @@ constexpr int kMaxThreads = 1024;
 // otherwise flood stderr.
 constexpr size_t kMaxListedNames = 8;
 
-std::string quoted(std::string_view s) { return "'" + std::string(s) + "'"; }
+std::string quoted(std::string_view s) {
+  std::string out(1, '\'');  // appended: GCC 12's -Wrestrict misfires on "'" + ...
+  out += s;
+  out += '\'';
+  return out;
+}
 
 std::string tensor_in(std::string_view name, std::string_view role, const std::string& path) {
   return "tensor " + quoted(name) + " in " + std::string(role) + " file " + quoted(path);
@@ -475,6 +480,25 @@ Status run_layer_files(const LayerFilesRequest& request, std::ostream& notes) {
   TUTEL_ASSIGN_OR_RETURN(const LayerFileInputs inputs,
                          read_layer_inputs(request.input_path, weights, options.backward, notes));
   TUTEL_ASSIGN_OR_RETURN(const LayerRunResult result, run_layer(weights, inputs, options));
+  // The inputs are finite (checked as read): a non-finite output is f32 overflow, a result no
+  // one can use, and is refused rather than written as if it were one.
+  auto finite = [](const std::string& name, const std::vector<float>& v) -> Status {
+    const auto bad = std::count_if(v.begin(), v.end(), [](float f) { return !std::isfinite(f); });
+    if (bad == 0) return Status::OK();
+    std::string m = "the output ";  // appended: GCC 12's -Wrestrict misfires on a chain of +
+    m += name;
+    m += " has ";
+    m += std::to_string(bad);
+    m += " of ";
+    m += std::to_string(v.size());
+    m += " values that are not finite: the layer overflows f32 on these inputs and weights (scale them "
+         "down); nothing was written";
+    return Status::OutOfRange(std::move(m));
+  };
+  TUTEL_RETURN_IF_ERROR(finite("y", result.y.data));
+  TUTEL_RETURN_IF_ERROR(finite("l_aux", {result.l_aux}));
+  if (result.dx) TUTEL_RETURN_IF_ERROR(finite("dx", result.dx->data));
+  for (const HostTensor& g : result.grads) TUTEL_RETURN_IF_ERROR(finite(g.name, g.data));
   return write_layer_outputs(request.output_path, result,
                              output_metadata(weights, inputs, options));
 }

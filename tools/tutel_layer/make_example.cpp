@@ -43,6 +43,22 @@ int main(int argc, char** argv) {
     return 2;
   }
 
+  // Each dimension within what a layer spec takes, and the files within reason: the products
+  // below would overflow, or allocate tens of GiB on a shared machine, before anything failed.
+  constexpr int64_t kMaxDim = int64_t{1} << 24;
+  constexpr double kMaxBytes = 16.0 * (1ull << 30);
+  for (const auto& [name, v] : {std::pair{"--experts", E}, {"--model-dim", M}, {"--hidden", H}, {"--tokens", S}})
+    if (v > kMaxDim) {
+      std::cerr << "tutel-layer-example: error: " << name << " " << v << " is over " << kMaxDim << "\n";
+      return 2;
+    }
+  const double bytes = 4.0 * (double(E) * M + 2.0 * double(E) * H * M + double(E) * H + double(E) * M + 2.0 * double(S) * M);
+  if (bytes > kMaxBytes) {
+    std::cerr << "tutel-layer-example: error: the files would hold " << bytes / double(1ull << 30)
+              << " GiB (at most 16 GiB): lower --experts, --model-dim, --hidden or --tokens\n";
+    return 2;
+  }
+
   std::mt19937_64 rng(seed);
   const auto wg = randn(rng, E * M, 1.0 / std::sqrt(double(M)));
   const auto w1 = randn(rng, E * H * M, 1.0 / std::sqrt(double(M)));
