@@ -1,9 +1,11 @@
 // A tuteld for a benchmark: started from the bench's own bin/ directory on a throwaway config
-// in a fresh temporary directory, stopped by its PID when the object dies.
+// in a fresh temporary directory, stopped by its PID when the object dies, and by the kernel
+// (SIGTERM, PR_SET_PDEATHSIG) when the benchmark dies without running its destructors (a
+// SIGTERM left it running before). The temporary directory stays in that case.
 #pragma once
 
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,8 +16,6 @@
 #include <system_error>
 #include <thread>
 
-extern char** environ;
-
 namespace tutel::bench {
 
 class BenchDaemon {
@@ -25,7 +25,8 @@ class BenchDaemon {
   BenchDaemon(const std::string& self, const std::string& backend, int threads, const std::string& arena,
               int spin_us = -1, bool state_dir = false) {
     char tmpl[] = "/tmp/tutel-bench-XXXXXX";
-    dir_ = ::mkdtemp(tmpl);
+    if (::mkdtemp(tmpl) == nullptr) return;  // not running(): the benchmark says it could not start
+    dir_ = tmpl;
     std::ofstream(dir_ + "/tuteld.toml")
         << "[server]\nclient_socket = \"client.sock\"\nadmin_socket = \"admin.sock\"\n"
         << "metrics_listen = \"\"\nlog_level = \"warn\"\narena_bytes = \"" << arena << "\"\n"
@@ -33,13 +34,22 @@ class BenchDaemon {
         << (state_dir ? "state_dir = \"state\"\n" : "")
         << "[backend]\nkind = \"" << backend << "\"\nranks = 1\nthreads_per_rank = " << threads << "\n"
         << "[[tenant]]\nname = \"bench\"\nuids = [" << ::getuid() << "]\n";
-    const std::string bin = (std::filesystem::path(self).parent_path() / "tuteld").string();
+    // Beside this executable: /proc/self/exe, since argv[0] (`self`) holds no directory when
+    // the benchmark was found through PATH.
+    std::error_code ec;
+    std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+    if (ec) exe = self;
+    const std::string bin = (exe.parent_path() / "tuteld").string();
     const std::string cfg = dir_ + "/tuteld.toml";
     char* argv[] = {const_cast<char*>(bin.c_str()), const_cast<char*>("--config"), const_cast<char*>(cfg.c_str()), nullptr};
-    if (posix_spawn(&pid_, bin.c_str(), nullptr, nullptr, argv, environ) != 0) {
-      pid_ = -1;
-      return;
+    const pid_t parent = ::getpid();
+    pid_ = ::fork();
+    if (pid_ == 0) {  // only async-signal-safe calls until exec
+      if (::prctl(PR_SET_PDEATHSIG, SIGTERM) != 0 || ::getppid() != parent) ::_exit(127);
+      ::execv(bin.c_str(), argv);
+      ::_exit(127);
     }
+    if (pid_ < 0) return;
     for (int i = 0; i < 500 && !std::filesystem::exists(socket()); ++i)
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
@@ -50,10 +60,10 @@ class BenchDaemon {
       ::waitpid(pid_, &status, 0);
     }
     std::error_code ec;
-    std::filesystem::remove_all(dir_, ec);
+    if (!dir_.empty()) std::filesystem::remove_all(dir_, ec);
   }
   std::string socket() const { return dir_ + "/client.sock"; }
-  bool running() const { return pid_ > 0 && std::filesystem::exists(socket()); }
+  bool running() const { return pid_ > 0 && !dir_.empty() && std::filesystem::exists(socket()); }
 
  private:
   std::string dir_;

@@ -111,7 +111,13 @@ int main(int argc, char** argv) {
   state_cmd->add_option("--hidden", state.hidden, "H")->check(CLI::PositiveNumber)->capture_default_str();
   state_cmd->add_option("--repeats", state.repeats, "timed runs per measurement")->check(CLI::PositiveNumber)->capture_default_str();
 
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // 2 for a usage error, as the benchmarks document (CLI11's own codes are 100 and up).
+    const int rc = app.exit(e);
+    return rc == 0 ? 0 : 2;
+  }
   if (state_cmd->parsed()) return tutel::bench::run_state_bench(argv[0], state);
   if (ep_cmd->parsed()) return tutel::bench::run_ep_bench(ep);
   if (grads_cmd->parsed()) return tutel::bench::run_grads_bench(grads);
