@@ -269,6 +269,12 @@ TEST(Tutelctl, RepliesOfUnexpectedShapesAreErrorsNotCrashes) {
   EXPECT_NE(r.output.find("out of service   none"), std::string::npos) << r.output;
   r = run(json{{"cluster", {{"nodes", {{{"first_rank", INT64_MAX}, {"ranks", 2}}}}}}}, "peers");
   EXPECT_EQ(r.exit_code, 0) << r.output;
+  // A field a newer daemon adds: a value past INT64_MAX is shown as it is (it read as -1), and
+  // its key's control characters are escaped like any text from the daemon.
+  r = run(json{{"newer\x1b[2J", uint64_t{18446744073709551615u}}}, "status");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("18446744073709551615"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find('\x1b'), std::string::npos) << r.output;
 }
 
 // drain --wait exits 1 while client sessions stay open, with --json as with a table, and 0 once

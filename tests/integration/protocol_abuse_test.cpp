@@ -60,13 +60,14 @@ class ProtocolAbuse : public ::testing::Test {
   }
   // Restarts the daemon with other options.
   void restart(const DaemonOptions& options) {
-    daemon_->stop();
+    // The first daemon's exit status counts too (a sanitizer's report fails it).
+    EXPECT_EQ(daemon_->stop(), 0) << daemon_->log();
     daemon_ = std::make_unique<DaemonProcess>(options);
     ASSERT_TRUE(daemon_->start());
   }
   // Restarts the daemon with a thread pool of `threads` (UV_THREADPOOL_SIZE, for this start only).
   void restart_with_pool_threads(int threads) {
-    daemon_->stop();
+    EXPECT_EQ(daemon_->stop(), 0) << daemon_->log();
     ::setenv("UV_THREADPOOL_SIZE", std::to_string(threads).c_str(), 1);
     daemon_ = std::make_unique<DaemonProcess>(DaemonOptions{});
     const bool started = daemon_->start();

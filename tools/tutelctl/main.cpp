@@ -83,8 +83,10 @@ std::string text(const json& v) {
     return tutel::has_control_characters(s) ? tutel::escape_text(s) : s;
   }
   if (v.is_boolean()) return v.get<bool>() ? "yes" : "no";
-  if (v.is_number_integer()) return std::to_string(v.get<int64_t>());
+  // Unsigned first: is_number_integer() holds for unsigned values too, and one past INT64_MAX
+  // read as int64_t showed as negative.
   if (v.is_number_unsigned()) return std::to_string(v.get<uint64_t>());
+  if (v.is_number_integer()) return std::to_string(v.get<int64_t>());
   if (v.is_number_float()) {
     char buf[32];
     std::snprintf(buf, sizeof buf, "%.4g", v.get<double>());
@@ -192,7 +194,7 @@ void print_status(const json& s) {
             " time(s) for a full queue",
         {"control_frames_queued_peak", "control_reads_paused"});
   for (const auto& [key, value] : s.items())  // fields a newer daemon adds
-    if (!shown.count(key)) lines.emplace_back(key, text(value));
+    if (!shown.count(key)) lines.emplace_back(text(json(key)), text(value));  // a key is text from the daemon too
   size_t width = 0;
   for (const auto& [label, value] : lines) width = std::max(width, label.size());
   for (const auto& [label, value] : lines)
@@ -630,7 +632,7 @@ int main(int argc, char** argv) {
         std::cout << "tuteld is draining: " << open << " client session(s) still open\n";
       if (wait_ran_out) return kExitFailure;
     } else {
-      std::cout << "checkpointed " << layer << " to " << body.value("path", path) << "\n";
+      std::cout << "checkpointed " << layer << " to " << text(json(body.value("path", path))) << "\n";
     }
   } catch (const json::exception& e) {
     std::cout.flush();
