@@ -401,6 +401,19 @@ TEST(Client, AnAbandonedForwardThatHadCompletedIsNotPending) {
 
 // A MapRegion reply that lacks a field is the daemon's fault (Corruption, not the caller's
 // InvalidArgument), and the region it holds is given back rather than left charged.
+// A frame from the daemon that fails validation is the daemon's fault: Corruption, not the
+// InvalidArgument that reads as the caller's mistake.
+TEST(Client, AMalformedFrameFromTheDaemonIsCorruption) {
+  TempDir dir;
+  FakeDaemon daemon(dir.file("fake.sock"), {});
+  ASSERT_TRUE(daemon.error().empty()) << daemon.error();
+  auto client = Client::connect(dir.file("fake.sock"));
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto layer = client->attach_layer("oversized_reply");
+  EXPECT_EQ(layer.status().code(), StatusCode::kCorruption) << layer.status();
+  EXPECT_NE(layer.status().message().find("malformed frame"), std::string::npos) << layer.status();
+}
+
 TEST(Client, AMalformedMapRegionReplyGivesTheRegionBack) {
   FakeDaemonOptions options;
   options.map_region_omits = "device";

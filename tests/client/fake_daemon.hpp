@@ -193,6 +193,14 @@ class FakeDaemon {
         case FT::kCreateLayer:
         case FT::kAttachLayer: {
           const std::string name = body->value("name", std::string("fake_layer"));
+          if (name == "oversized_reply") {  // a broken daemon: a header announcing 64 MiB of body
+            ipc::FrameHeader h;
+            h.type = static_cast<uint16_t>(FT::kLayerInfo);
+            h.body_length = 64u << 20;
+            h.request_id = rid;
+            (void)!::write(conn.get(), &h, sizeof h);
+            break;
+          }
           if (name == "missing") {
             (void)ipc::send_error(
                 conn.get(), rid,
