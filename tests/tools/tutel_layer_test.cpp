@@ -285,6 +285,25 @@ TEST(TutelLayerReadme, OutputsThatOverflowAreRefusedNotWritten) {
   EXPECT_FALSE(std::filesystem::exists(dir.file("o.safetensors")));
 }
 
+// A file name may be any bytes; the output's metadata (UTF-8) names it with the bytes that are
+// not UTF-8 escaped (the run used to fail only when it wrote its output).
+TEST(TutelLayerMetadata, PathsThatAreNotUtf8AreEscaped) {
+  TempDir dir;
+  const std::string out = dir.file("example");
+  ASSERT_EQ(run_binary(dir, TUTEL_LAYER_EXAMPLE_BIN,
+                       {"--out", out, "--experts", "4", "--model-dim", "8", "--hidden", "8", "--tokens", "4"})
+                .exit_code,
+            0);
+  const std::string odd = dir.file("w\xff.safetensors");
+  std::filesystem::copy_file(out + "/weights.safetensors", odd);
+  const ToolRun ran = run_tool(dir, {"--weights", odd, "--input", out + "/input.safetensors", "--output",
+                                     dir.file("o.safetensors"), "--k", "2"});
+  ASSERT_EQ(ran.exit_code, 0) << ran.err;
+  auto result = SafetensorsFile::open(dir.file("o.safetensors"));
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->metadata().at("weights"), dir.file("w\\xff.safetensors"));
+}
+
 TEST(TutelLayerMetadata, RecordsTheOptionsUsed) {
   TempDir dir;
   std::mt19937_64 rng(7);

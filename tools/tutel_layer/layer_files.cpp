@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <set>
@@ -431,14 +432,50 @@ Result<LayerRunResult> run_layer(const LayerFileWeights& weights, const LayerFil
   return result;
 }
 
+namespace {
+
+// `path` as metadata, which safetensors holds as UTF-8: a byte that is not part of a well-formed
+// UTF-8 sequence is written as \xNN (a file name may be any bytes, and one such name failed the
+// whole run only when the output was written).
+std::string utf8_text(const std::string& path) {
+  std::string out;
+  const auto* b = reinterpret_cast<const unsigned char*>(path.data());
+  const size_t n = path.size();
+  for (size_t i = 0; i < n;) {
+    const unsigned char c = b[i];
+    const size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 && c >= 0xc2 ? 2 : (c >> 4) == 0xe ? 3
+                                     : (c >> 3) == 0x1e && c <= 0xf4 ? 4 : 0;
+    bool ok = len != 0 && i + len <= n;
+    for (size_t k = 1; ok && k < len; ++k) ok = (b[i + k] & 0xc0) == 0x80;
+    // No overlong forms, surrogates or code points past U+10FFFF (RFC 3629).
+    if (ok && len >= 3) {
+      const unsigned char d = b[i + 1];
+      ok = !(c == 0xe0 && d < 0xa0) && !(c == 0xed && d >= 0xa0) && !(c == 0xf0 && d < 0x90) &&
+           !(c == 0xf4 && d >= 0x90);
+    }
+    if (ok) {
+      out.append(path, i, len);
+      i += len;
+    } else {
+      char hex[5];
+      std::snprintf(hex, sizeof hex, "\\x%02x", c);
+      out += hex;
+      ++i;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 std::map<std::string, std::string> output_metadata(const LayerFileWeights& weights,
                                                    const LayerFileInputs& inputs,
                                                    const LayerRunOptions& o) {
   auto flag = [](bool b) { return std::string(b ? "true" : "false"); };
   std::map<std::string, std::string> m{
       {"tool", "tutel-layer"},
-      {"weights", weights.path},
-      {"input", inputs.path},
+      {"weights", utf8_text(weights.path)},
+      {"input", utf8_text(inputs.path)},
       {"k", std::to_string(o.k)},
       {"capacity_factor", shortest(o.capacity_factor)},
       {"activation", std::string(activation_name(*parse_activation(o.activation)))},
