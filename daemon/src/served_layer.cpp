@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -1015,9 +1016,12 @@ Result<double> ServedLayer::grad_norm() {
 }
 
 Status ServedLayer::scale_grads(double factor) {
-  if (!std::isfinite(factor) || std::abs(factor) > double(std::numeric_limits<float>::max()))
+  if (!std::isfinite(factor) || std::abs(factor) > double(std::numeric_limits<float>::max())) {
+    char shown[32];  // %g: std::to_string printed 1e300 with all its 301 digits
+    std::snprintf(shown, sizeof shown, "%g", factor);
     return Status::InvalidArgument("layer '" + def_.name + "': a gradient scale must be a finite f32 number, not " +
-                                   std::to_string(factor));
+                                   shown);
+  }
   LayerLock lock(*this);
   Backend& b = backend();
   auto device_lock = lock_device();

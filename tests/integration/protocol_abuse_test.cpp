@@ -358,6 +358,7 @@ TEST_F(ProtocolAbuse, MalformedGradNormScaleGradsStepAndZeroGradRequests) {
       {ipc::FrameType::kScaleGrads, {{"handle", h}, {"factor", "2"}}, StatusCode::kInvalidArgument, "must be a number"},
       {ipc::FrameType::kScaleGrads, {{"handle", h}, {"factor", nullptr}}, StatusCode::kInvalidArgument, "must be a number"},
       {ipc::FrameType::kScaleGrads, {{"handle", h}, {"factor", 1e39}}, StatusCode::kInvalidArgument, "finite f32"},
+      {ipc::FrameType::kScaleGrads, {{"handle", h}, {"factor", 1e300}}, StatusCode::kInvalidArgument, "f32 number, not 1e+300"},
       {ipc::FrameType::kScaleGrads, {{"handle", "1"}, {"factor", 2}}, StatusCode::kInvalidArgument, "'handle'"},
       {ipc::FrameType::kScaleGrads, {{"handle", 987654}, {"factor", 2}}, StatusCode::kNotFound, "987654"},
       {ipc::FrameType::kGradNorm, nlohmann::json::object(), StatusCode::kInvalidArgument, "'handle' is missing"},
