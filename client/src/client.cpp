@@ -462,7 +462,14 @@ namespace {
 Result<json> layer_call(const std::shared_ptr<LayerState>& state, ipc::FrameType type, json body,
                         const std::vector<int>& send_fds = {}) {
   TUTEL_RETURN_IF_ERROR(usable(state));
-  TUTEL_RETURN_IF_ERROR(state->session->drain());
+  if (Status drained = state->session->drain(); !drained.ok()) {
+    // The wait's own "wait again" is for a caller holding tickets: say what this one can do.
+    if (drained.code() == StatusCode::kTimeout)
+      return Status::Timeout(std::string(ipc::frame_type_name(type)) + " of layer '" + state->info.name +
+                             "' waits for the requests in flight first: " + std::string(drained.message()) +
+                             " [nothing was sent; call it again once they complete]");
+    return drained;
+  }
   body["handle"] = state->info.handle;
   return state->session->call(type, body, ipc::FrameType::kOk, nullptr, send_fds);
 }

@@ -202,6 +202,26 @@ TEST(Client, RequestTimeoutLeavesTheRequestInFlight) {
   EXPECT_EQ(y[0], 2.f);
 }
 
+// A control call of a layer waits for the requests in flight first; when that wait times out,
+// it says so, and that nothing was sent (the wait's own "wait again" is for ticket holders).
+TEST(Client, AStepThatTimesOutWaitingForRequestsSaysNothingWasSent) {
+  FakeDaemonOptions options;
+  options.delay = std::chrono::milliseconds(300);
+  Fixture f(options);
+  auto client = f.connect_with_request_timeout(std::chrono::milliseconds(50));
+  ASSERT_TRUE(client.ok());
+  auto layer = client->attach_layer("moe");
+  ASSERT_TRUE(layer.ok());
+  std::vector<float> x(4, 1.f), y(4);
+  auto t = layer->submit_forward(x.data(), 1, y.data());
+  ASSERT_TRUE(t.ok());
+  const int64_t steps = f.daemon.steps();
+  auto step = layer->step();
+  EXPECT_EQ(step.status().code(), StatusCode::kTimeout) << step.status();
+  EXPECT_NE(step.status().message().find("nothing was sent"), std::string::npos) << step.status();
+  EXPECT_EQ(f.daemon.steps(), steps);
+}
+
 // A synchronous call that times out gives its request up: the caller may have freed its buffers
 // by the time it completes, and no later backward pairs with a forward the caller never saw; a
 // training forward is discarded in the daemon after it (the caller has no sequence to do it
