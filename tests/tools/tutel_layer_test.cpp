@@ -268,15 +268,19 @@ TEST(TutelLayerReadme, TheExampleRefusesSizesItCannotMake) {
   EXPECT_FALSE(std::filesystem::exists(out));
 }
 
+// The example's files for a small layer (E = 4, M = H = 8) and 4 tokens, in `out`.
+void write_small_example(const TempDir& dir, const std::string& out) {
+  const ToolRun made = run_binary(
+      dir, TUTEL_LAYER_EXAMPLE_BIN, {"--out", out, "--experts", "4", "--model-dim", "8", "--hidden", "8", "--tokens", "4"});
+  ASSERT_EQ(made.exit_code, 0) << made.err;
+}
+
 // Finite inputs that overflow f32 inside the layer: a non-finite output is refused, not written
 // with exit 0 as if it were a result.
 TEST(TutelLayerReadme, OutputsThatOverflowAreRefusedNotWritten) {
   TempDir dir;
   const std::string out = dir.file("example");
-  ASSERT_EQ(run_binary(dir, TUTEL_LAYER_EXAMPLE_BIN,
-                       {"--out", out, "--experts", "4", "--model-dim", "8", "--hidden", "8", "--tokens", "4"})
-                .exit_code,
-            0);
+  ASSERT_NO_FATAL_FAILURE(write_small_example(dir, out));
   write_file(dir.file("big.safetensors"), {FileTensor::of("x", {4, 8}, std::vector<double>(32, 3e38))});
   const ToolRun ran = run_tool(dir, {"--weights", out + "/weights.safetensors", "--input", dir.file("big.safetensors"),
                                      "--output", dir.file("o.safetensors"), "--k", "2"});
@@ -290,10 +294,7 @@ TEST(TutelLayerReadme, OutputsThatOverflowAreRefusedNotWritten) {
 TEST(TutelLayerMetadata, PathsThatAreNotUtf8AreEscaped) {
   TempDir dir;
   const std::string out = dir.file("example");
-  ASSERT_EQ(run_binary(dir, TUTEL_LAYER_EXAMPLE_BIN,
-                       {"--out", out, "--experts", "4", "--model-dim", "8", "--hidden", "8", "--tokens", "4"})
-                .exit_code,
-            0);
+  ASSERT_NO_FATAL_FAILURE(write_small_example(dir, out));
   const std::string odd = dir.file("w\xff.safetensors");
   std::filesystem::copy_file(out + "/weights.safetensors", odd);
   const ToolRun ran = run_tool(dir, {"--weights", odd, "--input", out + "/input.safetensors", "--output",
