@@ -21,8 +21,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   layer_cmd->add_option("--backend", layer.backend,
                         "cpu | cuda (exit code 3 where cuda cannot run: no CUDA device, or a build without CUDA)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))  // checked before anything is printed
       ->capture_default_str();
-  layer_cmd->add_option("--matmul-dtype", layer.matmul_dtype, "f32 | bf16 (default: f32 on cpu, bf16 on cuda)");
+  layer_cmd->add_option("--matmul-dtype", layer.matmul_dtype, "f32 | bf16 (default: f32 on cpu, bf16 on cuda)")
+      ->check(CLI::IsMember({"f32", "bf16"}));
   layer_cmd
       ->add_option(
           "--weights-bf16", layer.weights_bf16,
@@ -42,7 +44,9 @@ int main(int argc, char** argv) {
       "--phases", layer.phases,
       "cuda: instead, the GPU time of each op of an inference step (at each shape's S and at "
       "S=128), the ops run back to back behind a held stream, beside the same ops as one graph");
-  layer_cmd->add_option("--threads", layer.threads, "CPU threads (0 = all cores)")->capture_default_str();
+  layer_cmd->add_option("--threads", layer.threads, "CPU threads (0 = all cores)")
+      ->check(CLI::Range(0, 4096))
+      ->capture_default_str();
   layer_cmd->add_option("--repeats", layer.repeats, "timed runs per measurement")->check(CLI::PositiveNumber)->capture_default_str();
 
   bool via_daemon = false;
