@@ -206,6 +206,16 @@ TEST(UcxFailure, TheCancelFlagEndsTheBootstrapOnly) {
   EXPECT_EQ(testing::describe_failures(group.wait_all()), "");
 }
 
+// Rank `rank` of two over loopback, collectives giving up after `timeout`, with peer memory
+// off: a pulled message's send (its descriptor) would complete at once, and these tests need
+// sends that wait for the peer.
+Result<std::unique_ptr<Communicator>> bootstrap_pair_without_peer_memory(uint16_t port, int rank,
+                                                                         std::chrono::milliseconds timeout) {
+  BootstrapOptions o = loopback_options(port, rank, 2, 1, timeout);
+  o.peer_memory = false;
+  return ucx_bootstrap(o);
+}
+
 // A rank that gave up on a late (live) peer force-closes its endpoint; the peer, giving up in
 // turn, force-closes its own and exits. The first rank's teardown then read the peer's TCP
 // reconnection and queued a wire-up reply it could not send, on which UCX 1.13 asserts in
@@ -216,9 +226,7 @@ TEST(UcxFailure, ARankThatForceClosedALatePeerTearsDownCleanly) {
   const uint16_t port = testing::free_port();
   constexpr size_t kChunk = 32 << 20;  // past loopback TCP's socket buffers: sends wait for the peer
   testing::ProcessGroup group(2, [&](int rank, const ChildChannel& channel) -> std::string {
-    BootstrapOptions o = loopback_options(port, rank, 2, 1, rank == 1 ? 500ms : 1500ms);
-    o.peer_memory = false;  // a pulled message's send (its descriptor) would complete at once
-    auto comm = ucx_bootstrap(o);
+    auto comm = bootstrap_pair_without_peer_memory(port, rank, rank == 1 ? 500ms : 1500ms);
     if (!comm.ok()) return "bootstrap: " + comm.status().to_string();
     std::vector<uint8_t> send(2 * kChunk, 3), recv(2 * kChunk);
     if (rank == 1) {
@@ -294,9 +302,7 @@ TEST(UcxPeers, ALateRankLearnsWhyItsPeerGaveUp) {
   const uint16_t port = testing::free_port();
   constexpr size_t kChunk = 4 << 20;  // rendezvous: the send waits for the peer's receive
   testing::ProcessGroup group(2, [&](int rank, const ChildChannel& channel) -> std::string {
-    BootstrapOptions o = loopback_options(port, rank, 2, 1, rank == 1 ? 500ms : 20000ms);
-    o.peer_memory = false;  // a pulled message's send (its descriptor) would complete at once
-    auto comm = ucx_bootstrap(o);
+    auto comm = bootstrap_pair_without_peer_memory(port, rank, rank == 1 ? 500ms : 20000ms);
     if (!comm.ok()) return "bootstrap: " + comm.status().to_string();
     std::vector<uint8_t> send(2 * kChunk, 3), recv(2 * kChunk);
     if (rank == 1) {
@@ -332,9 +338,7 @@ TEST(UcxPeers, ARankThatGaveUpIsReportedByWhatItSaidNotAsCrashed) {
   // Past what loopback TCP's socket buffers take (several MiB): the send waits for the peer.
   constexpr size_t kChunk = 32 << 20;
   testing::ProcessGroup group(2, [&](int rank, const ChildChannel& channel) -> std::string {
-    BootstrapOptions o = loopback_options(port, rank, 2, 1, 20000ms);
-    o.peer_memory = false;  // a pulled message's send (its descriptor) would complete at once
-    auto comm = ucx_bootstrap(o);
+    auto comm = bootstrap_pair_without_peer_memory(port, rank, 20000ms);
     if (!comm.ok()) return "bootstrap: " + comm.status().to_string();
     channel.notify();
     // Neither rank destroys its communicator: UCX 1.13 asserts in ucp_worker_destroy on a TCP
