@@ -238,6 +238,15 @@ int tutel_layer_dims(tutel_layer* layer, int64_t* model_dim, int64_t* output_dim
   });
 }
 
+int tutel_layer_gate_noise(tutel_layer* layer, double* gate_noise) {
+  return guarded("tutel_layer_gate_noise", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_layer_gate_noise");
+    if (gate_noise == nullptr) return fail_invalid("tutel_layer_gate_noise: gate_noise is NULL");
+    *gate_noise = layer->layer->info().gate_noise;
+    return TUTEL_OK;
+  });
+}
+
 const char* tutel_layer_name(tutel_layer* layer) {
   if (!valid(layer)) {
     (void)invalid_layer("tutel_layer_name");
@@ -388,6 +397,25 @@ int tutel_submit_forward(tutel_layer* layer, const float* x, int64_t tokens, flo
                                           training == TUTEL_TRAINING_WITHOUT_NOISE ? Mode::kTrainingWithoutNoise
                                           : training != 0                          ? Mode::kTraining
                                                                                    : Mode::kInference);
+    if (!t.ok()) return fail(t.status());
+    *ticket = tutel_ticket{t->request_id, t->sequence};
+    return TUTEL_OK;
+  });
+}
+
+int tutel_submit_forward_keyed(tutel_layer* layer, const float* x, int64_t tokens, float* y, int training,
+                               uint64_t noise_key, tutel_ticket* ticket) {
+  return guarded("tutel_submit_forward_keyed", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_submit_forward_keyed");
+    if (ticket == nullptr) return fail_invalid("tutel_submit_forward_keyed: ticket is NULL");
+    if (training != 0 && training != 1)
+      return fail_invalid("tutel_submit_forward_keyed: training is " + std::to_string(training) +
+                          "; give 0 (an inference drawing the noise) or 1 (training); a forward without "
+                          "gate noise takes no key");
+    using Layer = tutel::client::Layer;
+    auto t = layer->layer->submit_forward(x, tokens, y,
+                                          training != 0 ? Layer::ForwardMode::kTraining : Layer::ForwardMode::kInference,
+                                          Layer::NoiseKey{noise_key});
     if (!t.ok()) return fail(t.status());
     *ticket = tutel_ticket{t->request_id, t->sequence};
     return TUTEL_OK;

@@ -70,6 +70,11 @@ Result<LayerInfo> parse_layer_info(const json& body) {
   if (body.contains("kept_aside")) {
     TUTEL_ASSIGN_OR_RETURN(info.kept_aside, ipc::get_string(body, "kept_aside"));
   }
+  if (body.contains("gate_noise")) {
+    TUTEL_ASSIGN_OR_RETURN(info.gate_noise, ipc::get_number(body, "gate_noise"));
+    if (!(info.gate_noise >= 0) || !std::isfinite(info.gate_noise))
+      return Status::Corruption("tuteld gave layer '" + info.name + "' gate_noise " + std::to_string(info.gate_noise));
+  }
   if (info.model_dim < 1 || info.output_dim < 1 || info.experts < 1)
     return Status::Corruption("tuteld described layer '" + info.name +
                               "' with non-positive dimensions");
@@ -281,9 +286,12 @@ ForwardMode mode_of(bool training) { return training ? ForwardMode::kTraining : 
 
 // Builds and submits a forward; `in_device_region`: x and y point into a device region.
 Result<Ticket> submit_forward_request(const std::shared_ptr<LayerState>& state, const float* x, int64_t tokens,
-                                      float* y, ForwardMode mode, bool in_device_region) {
+                                      float* y, ForwardMode mode, bool in_device_region,
+                                      std::optional<Layer::NoiseKey> noise = std::nullopt) {
   const bool training = mode != ForwardMode::kInference;
   TUTEL_RETURN_IF_ERROR(usable(state));
+  if (noise && mode == ForwardMode::kTrainingWithoutNoise)
+    return Status::InvalidArgument("forward: a forward without gate noise takes no noise key");
   const auto held = state->session->hold();  // the handle's pending forwards with the session
   Submission s;
   TUTEL_ASSIGN_OR_RETURN(s.input_bytes, tensor_bytes(tokens, state->info.model_dim, "x"));
@@ -295,6 +303,10 @@ Result<Ticket> submit_forward_request(const std::shared_ptr<LayerState>& state, 
   s.op = ipc::Op::kForward;
   s.flags = training ? uint32_t{ipc::kFlagTraining} : uint32_t{0};
   if (mode == ForwardMode::kTrainingWithoutNoise) s.flags |= ipc::kFlagWithoutNoise;
+  if (noise) {
+    s.flags |= ipc::kFlagNoiseKey;
+    s.noise_key = noise->value;
+  }
   s.layer = state;
   s.tokens = tokens;
   s.input = x;
@@ -375,6 +387,15 @@ Result<Ticket> Layer::submit_forward(const float* x, int64_t tokens, float* y, b
 
 Result<Ticket> Layer::submit_forward(const float* x, int64_t tokens, float* y, ForwardMode mode) {
   return submit_forward_request(state_, x, tokens, y, mode, false);
+}
+
+Result<Ticket> Layer::submit_forward(const float* x, int64_t tokens, float* y, ForwardMode mode, NoiseKey noise) {
+  return submit_forward_request(state_, x, tokens, y, mode, false, noise);
+}
+
+Result<Ticket> Layer::submit_forward_device(const float* x, int64_t tokens, float* y, ForwardMode mode,
+                                            NoiseKey noise) {
+  return submit_forward_request(state_, x, tokens, y, mode, true, noise);
 }
 
 Result<Ticket> Layer::submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx) {

@@ -388,6 +388,7 @@ ipc::RequestDescriptor Session::describe(const Submission& s) {
   d.input_bytes = s.input_bytes;
   d.output_bytes = s.output_bytes;
   d.dl_aux = s.dl_aux;
+  d.noise_key = s.noise_key;
   return d;
 }
 

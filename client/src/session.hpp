@@ -67,6 +67,7 @@ struct Submission {
   float* output = nullptr;
   uint64_t output_bytes = 0;
   float dl_aux = 0.f;
+  uint64_t noise_key = 0;  // with ipc::kFlagNoiseKey
   const char* input_name = "x";  // for messages
   const char* output_name = "y";
   // The input and output point into one of the session's device regions, not user memory.

@@ -130,7 +130,7 @@ json layer_info(const LayerRef& ref) {
           {"model_dim", s.model_dim},     {"hidden", s.hidden},          {"output_dim", s.out_dim()},
           {"k", s.k},                     {"step", ref.layer->step_count()},
           {"rank", ref.layer->rank_index()}, {"device", ref.layer->device().to_string()},
-          {"state_bytes", ref.layer->save_bytes_bound()}};
+          {"state_bytes", ref.layer->save_bytes_bound()}, {"gate_noise", s.gate_noise}};
 }
 
 // The reply to kMapRegion: what the client needs to map the region (docs/protocol.md §7).

@@ -127,19 +127,19 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
                                                                              : "nop";
     Status st;
     int64_t tokens = 0, dropped = 0;
-    // kFlagKeepParamGrads means something on a backward only, kFlagWithoutNoise on a forward
-    // only: elsewhere each is as unknown.
+    // kFlagKeepParamGrads means something on a backward only, kFlagWithoutNoise and
+    // kFlagNoiseKey on a forward only: elsewhere each is as unknown.
+    constexpr uint32_t kForwardOnly = ipc::kFlagWithoutNoise | ipc::kFlagNoiseKey;
     const uint32_t known_flags =
-        d.op == uint32_t(ipc::Op::kBackward)  ? ipc::kKnownRequestFlags & ~uint32_t{ipc::kFlagWithoutNoise}
+        d.op == uint32_t(ipc::Op::kBackward)  ? ipc::kKnownRequestFlags & ~kForwardOnly
         : d.op == uint32_t(ipc::Op::kForward) ? ipc::kKnownRequestFlags & ~uint32_t{ipc::kFlagKeepParamGrads}
-                                              : ipc::kKnownRequestFlags & ~uint32_t{ipc::kFlagKeepParamGrads |
-                                                                                   ipc::kFlagWithoutNoise};
+                                              : ipc::kKnownRequestFlags & ~(ipc::kFlagKeepParamGrads | kForwardOnly);
     const uint32_t unknown_flags = d.flags & ~known_flags;
     auto unknown_flags_status = [&] {
       return Status::InvalidArgument("unknown request flags " + std::to_string(unknown_flags) +
                                      " (1 = training, 2 = device region, 4 = a backward that keeps the "
-                                     "parameter gradients, 8 = a forward without gate noise); upgrade the "
-                                     "daemon or fix the client");
+                                     "parameter gradients, 8 = a forward without gate noise, 16 = a forward "
+                                     "with its own noise key); upgrade the daemon or fix the client");
     };
     if (d.op == uint32_t(ipc::Op::kNop)) {
       // An empty request: measures the round trip.
@@ -199,14 +199,19 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
                                        std::to_string(spec.gate_noise) +
                                        ") in its training forwards: a training forward without it is not "
                                        "supported; run an inference, or train with the noise");
+        if (st.ok() && (d.flags & kForwardOnly) == kForwardOnly)
+          st = Status::InvalidArgument("a forward without gate noise (flag 8) takes no noise key (flag 16); "
+                                       "clear one of them");
         if (!st.ok()) st = refuse(std::move(st));
         if (st.ok()) {
           const bool training = (d.flags & ipc::kFlagTraining) != 0;
+          const std::optional<uint64_t> noise_key =
+              (d.flags & ipc::kFlagNoiseKey) != 0 ? std::optional<uint64_t>(d.noise_key) : std::nullopt;
           auto run = [&] {
             return guarded([&] {
               return layer.forward(reinterpret_cast<const float*>(mem->base + d.input_offset), d.tokens,
                                    reinterpret_cast<float*>(mem->base + d.output_offset), training, s->id,
-                                   d.sequence, mem->kind);
+                                   d.sequence, mem->kind, noise_key);
             });
           };
           auto out = run();

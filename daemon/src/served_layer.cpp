@@ -554,7 +554,8 @@ Status ServedLayer::unstage_out(float* out, const TensorView& result, ClientMemo
 }
 
 Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float* y, bool training,
-                                           uint64_t owner, uint64_t sequence, ClientMemory memory) {
+                                           uint64_t owner, uint64_t sequence, ClientMemory memory,
+                                           std::optional<uint64_t> noise_key) {
   const LayerSpec& s = def_.spec;
   const int64_t M = s.model_dim, O = s.out_dim();
   LayerLock lock(*this, Waits::kCounted);
@@ -626,11 +627,18 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
         TUTEL_ASSIGN_OR_RETURN(xv, stage_in(x, {tokens, M}, staged_in_, memory));
       }
       TUTEL_ASSIGN_OR_RETURN(const TensorView yv, stage_out(y, {tokens, O}, staged_out_, memory));
-      // The noise draw is keyed by the step and the sequence, so a replayed step draws the same noise.
-      const uint64_t noise_counter = training ? (static_cast<uint64_t>(step_) << 32) ^ sequence : 0;
+      // The noise draw is keyed by the client's key, or by the step and the sequence, so a
+      // replayed step draws the same noise.
+      const uint64_t noise_counter = noise_key ? *noise_key
+                                     : training ? (static_cast<uint64_t>(step_) << 32) ^ sequence
+                                                : 0;
+      // An inference with a noise key draws the noise as a training forward does: it runs on a
+      // training plan (the one whose program draws it) and keeps nothing.
+      const bool noisy_inference = !training && noise_key && s.gate_noise > 0;
       // The plan of x's token bucket; a training forward's stays held by its entry until the
       // backward, an inference forward's goes back to the cache at once.
-      TUTEL_ASSIGN_OR_RETURN(graphs::PlanStep step, plans_->forward(0, {}, xv, noise_counter, training, yv));
+      TUTEL_ASSIGN_OR_RETURN(graphs::PlanStep step,
+                             plans_->forward(0, {}, xv, noise_counter, training || noisy_inference, yv));
       stats = step.stats;
       if (pending) pending->step = std::move(step);
       return unstage_out(y, yv, memory);

@@ -152,8 +152,13 @@ class ServedLayer {
   // A training forward whose new or larger entry would take the tenant over max_memory_bytes
   // (parameters + every layer's activation_bytes()) fails with ResourceExhausted before
   // allocating it, leaving no entry (the memory its entry had taken is given back).
+  // `noise_key` (the client's kFlagNoiseKey): the gate noise is drawn from it rather than from
+  // (step, sequence), so the trainer's recomputation of a forward draws its noise again; an
+  // inference with one is routed as a training forward is (the noise drawn), keeping nothing.
+  // A group layer draws no noise (its spec has none), so the key changes nothing there.
   Result<ForwardResult> forward(const float* x, int64_t tokens, float* y, bool training,
-                                uint64_t owner, uint64_t sequence, ClientMemory memory = ClientMemory::kHost);
+                                uint64_t owner, uint64_t sequence, ClientMemory memory = ClientMemory::kHost,
+                                std::optional<uint64_t> noise_key = std::nullopt);
   // dy [S, O] → dx [S, M] for the training forward (`owner`, `sequence`), accumulating the
   // parameter gradients, or with `keep_param_grads` leaving them as they were (dx alone; on a
   // group layer every rank must ask alike, or the group refuses the step); the pending forward

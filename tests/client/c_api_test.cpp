@@ -156,6 +156,17 @@ TEST(CApi, ConnectOptionsAreCheckedAndApplied) {
   tutel_ticket ticket{};
   // A training value other than 0, 1 or TUTEL_TRAINING_WITHOUT_NOISE is refused, not read as 1.
   EXPECT_EQ(tutel_submit_forward(layer, x.data(), 1, y.data(), 5, &ticket), TUTEL_E_INVALID_ARGUMENT);
+  // A keyed forward is a training forward (1) or an inference drawing the noise (0): a forward
+  // without noise takes no key.
+  EXPECT_EQ(tutel_submit_forward_keyed(layer, x.data(), 1, y.data(), TUTEL_TRAINING_WITHOUT_NOISE, 3, &ticket),
+            TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("takes no key"), std::string::npos) << last_error();
+  EXPECT_EQ(tutel_submit_forward_keyed(layer, x.data(), 1, y.data(), 1, 3, nullptr), TUTEL_E_INVALID_ARGUMENT);
+  // The fake daemon reports no gate_noise: 0, as from a daemon before the field.
+  double gate_noise = -1;
+  EXPECT_EQ(tutel_layer_gate_noise(layer, &gate_noise), TUTEL_OK) << last_error();
+  EXPECT_EQ(gate_noise, 0.0);
+  EXPECT_EQ(tutel_layer_gate_noise(layer, nullptr), TUTEL_E_INVALID_ARGUMENT);
   daemon.hold_completions(true);
   ASSERT_EQ(tutel_submit_forward(layer, x.data(), 1, y.data(), 0, &ticket), TUTEL_OK) << last_error();
   EXPECT_EQ(tutel_region_unmap(region), TUTEL_E_TIMEOUT);

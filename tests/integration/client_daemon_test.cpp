@@ -20,6 +20,7 @@
 #include <fstream>
 #include <iterator>
 #include <map>
+#include <optional>
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -614,6 +615,64 @@ TEST_F(ClientDaemon, ABackwardForDxAloneLeavesTheParameterGradients) {
   ASSERT_TRUE(b->infer(x1.data(), 32, yb.data()).ok());
   EXPECT_EQ(ya, yb) << "the step after a dx-only backward is not the plain backward's alone";
   EXPECT_NE(ya, before) << "the step moved nothing";
+}
+
+// A forward's own noise key selects its gate noise: a forward run again with its key (a trainer's
+// recomputation under reentrant checkpointing) draws the same noise and so gives the same y and
+// the same gradients, an inference with the key is that training forward's y (train mode under
+// no_grad), and another key, or none, draws other noise. A forward without noise takes no key.
+TEST_F(ClientDaemon, AForwardsNoiseKeyDrawsItsNoiseAgain) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok());
+  // Two layers of one init_seed and noise_seed: the same parameters, the same noise per key.
+  auto noisy = [](const std::string& name) {
+    std::string text = spec(name);
+    return text.insert(text.find("[optimizer]"), "gate_noise = 1.0\nnoise_seed = 7\n");
+  };
+  auto a = client->create_layer(noisy("keyed_a"));
+  auto b = client->create_layer(noisy("keyed_b"));
+  ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+  EXPECT_EQ(a->info().gate_noise, 1.0);
+  std::mt19937_64 rng(std::random_device{}());
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<float> x(32 * 16), dy(32 * 16);
+  for (float& f : x) f = normal(rng);
+  for (float& f : dy) f = normal(rng);
+  const uint64_t key = rng(), other_key = key ^ 1;
+  using Mode = client::Layer::ForwardMode;
+  using Key = client::Layer::NoiseKey;
+  // y of one forward on `layer` (waited for), its sequence in *sequence for a training one.
+  auto run = [&](client::Layer& layer, Mode mode, std::optional<uint64_t> noise_key, uint64_t* sequence = nullptr) {
+    std::vector<float> y(32 * 16);
+    auto ticket = noise_key ? layer.submit_forward(x.data(), 32, y.data(), mode, Key{*noise_key})
+                            : layer.submit_forward(x.data(), 32, y.data(), mode);
+    EXPECT_TRUE(ticket.ok()) << ticket.status();
+    if (!ticket.ok()) return y;
+    EXPECT_TRUE(client->wait(*ticket).ok());
+    if (sequence != nullptr) *sequence = ticket->sequence;
+    return y;
+  };
+  uint64_t first = 0, again = 0;
+  const std::vector<float> y_first = run(*a, Mode::kTraining, key, &first);
+  const std::vector<float> y_inferred = run(*a, Mode::kInference, key);
+  const std::vector<float> y_again = run(*b, Mode::kTraining, key, &again);
+  EXPECT_EQ(y_inferred, y_first) << "an inference with the key is not the training forward's y";
+  EXPECT_EQ(y_again, y_first) << "the key's recomputation drew other noise";
+  EXPECT_NE(run(*a, Mode::kInference, other_key), y_first) << "another key drew the same noise";
+  EXPECT_NE(run(*a, Mode::kInference, std::nullopt), y_first) << "an inference without a key drew noise";
+  // The same noise, the same routing: both layers' gradients, and so their steps, are alike.
+  std::vector<float> dx_a(32 * 16), dx_b(32 * 16);
+  ASSERT_TRUE(a->backward(first, dy.data(), 0.5f, dx_a.data()).ok());
+  ASSERT_TRUE(b->backward(again, dy.data(), 0.5f, dx_b.data()).ok());
+  EXPECT_EQ(dx_a, dx_b);
+  ASSERT_TRUE(a->step().ok());
+  ASSERT_TRUE(b->step().ok());
+  EXPECT_EQ(run(*a, Mode::kInference, key), run(*b, Mode::kInference, key)) << "the steps differ";
+  // A forward without gate noise takes no key (the library refuses it before sending).
+  std::vector<float> y(32 * 16);
+  auto refused = a->submit_forward(x.data(), 32, y.data(), Mode::kTrainingWithoutNoise, Key{key});
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument) << refused.status();
 }
 
 // A step, load or import between a training forward and its backward changes the parameters the

@@ -1488,6 +1488,16 @@ TEST_F(ProtocolAbuse, UnknownFlagsAreRefusedOnNopAndChecksumToo) {
   ASSERT_TRUE(c.has_value());
   EXPECT_EQ(c->status_code, static_cast<int32_t>(StatusCode::kInvalidArgument)) << c->message;
   EXPECT_NE(std::string(c->message).find("unknown request flags 8"), std::string::npos) << c->message;
+  // The noise-key flag: a forward's only, and not with the no-noise flag.
+  c = s.submit(data_request(s.arena().layout(), ipc::Op::kBackward, *handle, 5, 8, 16, ipc::kFlagNoiseKey));
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->status_code, static_cast<int32_t>(StatusCode::kInvalidArgument)) << c->message;
+  EXPECT_NE(std::string(c->message).find("unknown request flags 16"), std::string::npos) << c->message;
+  c = s.submit(data_request(s.arena().layout(), ipc::Op::kForward, *handle, 7, 8, 16,
+                            ipc::kFlagWithoutNoise | ipc::kFlagNoiseKey));
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->status_code, static_cast<int32_t>(StatusCode::kInvalidArgument)) << c->message;
+  EXPECT_NE(std::string(c->message).find("takes no noise key"), std::string::npos) << c->message;
   expect_daemon_serves();
 }
 

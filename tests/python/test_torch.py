@@ -20,6 +20,7 @@ os.environ["UCX_NET_DEVICES"] = "lo"
 
 try:
     import torch
+    import torch.utils.checkpoint
 
     import tuteld
     import tuteld.nn
@@ -316,6 +317,41 @@ class TorchModuleTest(unittest.TestCase):
         y, _ = moe(xt)
         self.assertEqual(calls, [False])
         self.assertEqual(len(moe.layer._discards), 0)
+
+    def test_reentrant_checkpointing_recomputes_with_the_noise_it_first_drew(self):
+        # torch.utils.checkpoint runs the forward under no_grad, then again in the backward with
+        # torch's generator restored: the module's noise key comes from that generator, so the
+        # recomputation routes as the first pass did, and both equal a plain forward drawn from
+        # the same seed (the first pass, under no_grad in train mode, draws the noise too).
+        def noisy(name):
+            return tuteld.nn.MoE(self.client, f'name = "{name}"\nexperts = {E}\nmodel_dim = {M}\nhidden = {H}\n'
+                                              f'k = {K}\ninit_seed = 4\ngate_noise = 1.0\nnoise_seed = 3\n'
+                                              f'optimizer = {{ kind = "sgd", lr = {LR} }}\n')
+        plain, checkpointed = noisy("plain"), noisy("checkpointed")
+        self.assertEqual(plain.layer.gate_noise, 1.0)
+        x = random_case(self.rng, 12)[1]
+        head = torch.from_numpy(self.rng.normal(0, 1, (M,))).float()
+        seed = int(self.rng.integers(2**32))
+        outs = []
+        for moe, run in ((plain, lambda m, xt: m(xt)),
+                         (checkpointed, lambda m, xt: torch.utils.checkpoint.checkpoint(m, xt, use_reentrant=True))):
+            xt = torch.from_numpy(x).float().requires_grad_()
+            torch.manual_seed(seed)
+            y, l_aux = run(moe, xt)
+            ((y * head).sum() + 0.1 * l_aux).backward()
+            outs.append((y.detach().numpy(), float(l_aux), xt.grad.numpy()))
+        (y1, l1, dx1), (y2, l2, dx2) = outs
+        np.testing.assert_array_equal(y2, y1, err_msg=f"y (seed {self.seed})")
+        self.assertEqual(l2, l1)
+        np.testing.assert_array_equal(dx2, dx1, err_msg=f"x's gradient (seed {self.seed})")
+        # The daemon's gradients alike: both layers step to the same parameters.
+        plain.step()
+        checkpointed.step()
+        np.testing.assert_array_equal(checkpointed.layer.infer(x)[0], plain.layer.infer(x)[0])
+        # Another seed, other noise: the key did reach the daemon.
+        torch.manual_seed(seed ^ 1)
+        with torch.no_grad():
+            self.assertFalse(np.array_equal(plain(torch.from_numpy(x).float())[0].numpy(), y1))
 
     def test_a_second_derivative_through_the_layer_raises(self):
         p, x = random_case(self.rng, 6)

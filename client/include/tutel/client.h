@@ -131,6 +131,9 @@ const char* tutel_layer_name(tutel_layer* layer);
  * it (a file among the tenant's checkpoints, for tutel_load), or "" where it moved none (and on
  * attached handles). The string belongs to the handle. NULL for an invalid handle. */
 const char* tutel_layer_kept_aside(tutel_layer* layer);
+/* The layer spec's gate_noise (> 0: its training forwards draw gate noise; 0 also from a
+ * daemon that does not report it). */
+int tutel_layer_gate_noise(tutel_layer* layer, double* gate_noise);
 
 /* Training forward under a new sequence; l_aux may be NULL. */
 int tutel_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);
@@ -151,6 +154,14 @@ int tutel_forward_stats(tutel_layer* layer, int64_t* capacity, int64_t* dropped)
 #define TUTEL_TRAINING_WITHOUT_NOISE 2
 int tutel_submit_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, int training,
                          tutel_ticket* ticket);
+/* tutel_submit_forward whose gate noise is drawn from noise_key (with the spec's noise_seed),
+ * not from the daemon's (step, sequence) key: a forward run again with its key draws the same
+ * noise (a trainer's recomputation, reentrant checkpointing; the key from its generator).
+ * training: 1 a training forward; 0 an inference routed as a training forward is, the noise
+ * drawn and nothing kept for a backward (train mode under no_grad). TUTEL_TRAINING_WITHOUT_NOISE
+ * takes no key (TUTEL_E_INVALID_ARGUMENT). */
+int tutel_submit_forward_keyed(tutel_layer* layer, const float* x, int64_t tokens, float* y, int training,
+                               uint64_t noise_key, tutel_ticket* ticket);
 int tutel_submit_backward(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
                           float* dx, tutel_ticket* ticket);
 /* tutel_submit_backward with flags: TUTEL_KEEP_PARAM_GRADS computes dx alone and leaves the

@@ -67,6 +67,9 @@ struct LayerInfo {
   std::string device;    // that rank's device: "cpu:0", "cuda:1" (the daemon's numbering)
   // The most bytes Layer::export_state's file takes (0: a daemon without ExportState).
   uint64_t state_bytes = 0;
+  // The spec's gate_noise: > 0 when training forwards draw gate noise (a forward's NoiseKey
+  // matters then only); 0 from a daemon that does not report it.
+  double gate_noise = 0;
   // Set by a creation only: an earlier layer of this name had a checkpoint the daemon moved
   // aside rather than replace (a group layer of another spec, one waiting for its ranks, one a
   // restart left out for a quota): its file among the tenant's checkpoints, which Layer::load
@@ -269,6 +272,17 @@ class Layer {
   // with gate_noise > 0.
   enum class ForwardMode { kInference, kTraining, kTrainingWithoutNoise };
   Result<Ticket> submit_forward(const float* x, int64_t tokens, float* y, ForwardMode mode);
+  // With a noise key: the gate noise is drawn from `noise` (with the spec's noise_seed), not
+  // from the daemon's (step, sequence) key, so a forward run again with its key draws the same
+  // noise and routes alike: a trainer that recomputes forwards (reentrant checkpointing) takes
+  // the key from its own generator. kInference with a key is an inference routed as a training
+  // forward is: the noise drawn, nothing kept for a backward (a module in train mode under
+  // no_grad). kTrainingWithoutNoise takes none (InvalidArgument). A layer without gate noise
+  // (info().gate_noise == 0) draws none either way.
+  struct NoiseKey {
+    uint64_t value = 0;
+  };
+  Result<Ticket> submit_forward(const float* x, int64_t tokens, float* y, ForwardMode mode, NoiseKey noise);
   Result<Ticket> submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx);
   Result<Ticket> submit_backward(uint64_t sequence, const float* dy, float dl_aux, float* dx, ParamGrads param_grads);
 
@@ -281,6 +295,7 @@ class Layer {
   Status infer_device(const float* x, int64_t tokens, float* y, ForwardInfo* info = nullptr);
   Status backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx);
   Result<Ticket> submit_forward_device(const float* x, int64_t tokens, float* y, bool training = true);
+  Result<Ticket> submit_forward_device(const float* x, int64_t tokens, float* y, ForwardMode mode, NoiseKey noise);
   Result<Ticket> submit_backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx);
   // With kKeep: dx alone (as backward's).
   Status backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx, ParamGrads param_grads);

@@ -27,6 +27,7 @@ import fcntl
 import json
 import math
 import mmap
+import numbers
 import os
 import threading
 import time
@@ -168,6 +169,8 @@ def _declare(lib):
         "tutel_layer_name": (ctypes.c_char_p, [p]),
         "tutel_layer_kept_aside": (ctypes.c_char_p, [p]),
         "tutel_submit_forward": (i32, [p, fp, i64, fp, i32, ctypes.POINTER(_Ticket)]),
+        "tutel_submit_forward_keyed": (i32, [p, fp, i64, fp, i32, u64, ctypes.POINTER(_Ticket)]),
+        "tutel_layer_gate_noise": (i32, [p, ctypes.POINTER(ctypes.c_double)]),
         "tutel_submit_backward": (i32, [p, u64, fp, f32, fp, ctypes.POINTER(_Ticket)]),
         "tutel_submit_backward_flags": (i32, [p, u64, fp, f32, fp, ctypes.c_uint32, ctypes.POINTER(_Ticket)]),
         "tutel_wait": (i32, [p, _Ticket, ctypes.POINTER(_ForwardInfo)]),
@@ -487,13 +490,18 @@ class Layer:
         self._discards = collections.deque()
         self._state_layout = None  # state_layout(), once known
         dims = [ctypes.c_int64() for _ in range(3)]
+        gate_noise = ctypes.c_double()
         with client._lock:
             _check(_lib.tutel_layer_dims(handle, *(ctypes.byref(d) for d in dims)))
+            _check(_lib.tutel_layer_gate_noise(handle, ctypes.byref(gate_noise)))
             self.name = _lib.tutel_layer_name(handle).decode()
             # Set by a creation that moved an earlier layer's checkpoint of this name aside (a
             # file among the tenant's checkpoints, for load()); None otherwise.
             self.kept_aside = _lib.tutel_layer_kept_aside(handle).decode() or None
         self.model_dim, self.output_dim, self.experts = (d.value for d in dims)
+        # The spec's gate_noise: > 0 when its training forwards draw gate noise (a forward's
+        # noise_key matters then only).
+        self.gate_noise = gate_noise.value
         # Last, once nothing can fail (a failed constructor's handle is its caller's to release):
         # dropped without release(), the handle and its queued discards go at the client's next
         # call (or at once, once the client itself is gone).
@@ -554,10 +562,20 @@ class Layer:
         # its part of the step).
         return a.shape[:-1], a.reshape(-1, width)
 
-    def forward(self, x, training=True, noise=True):
+    def forward(self, x, training=True, noise=True, noise_key=None):
         """y [..., output_dim] and the ForwardInfo. A training forward keeps what its backward
         needs in the daemon until backward() consumes it. noise=False: a training forward routed
-        as an inference is, without gate noise (refused on a layer with gate_noise > 0)."""
+        as an inference is, without gate noise (refused on a layer with gate_noise > 0).
+        noise_key (an integer in [0, 2**64)): the gate noise is drawn from it (with the spec's
+        noise_seed), not from the daemon's (step, sequence) key, so a forward run again with its
+        key draws the same noise (a recomputation); with training=False, an inference routed as a
+        training forward is, the noise drawn and nothing kept (train mode under no_grad)."""
+        if noise_key is not None:
+            if not noise:
+                raise ValueError("a forward without gate noise (noise=False) takes no noise_key")
+            if isinstance(noise_key, bool) or not isinstance(noise_key, numbers.Integral) \
+                    or not 0 <= noise_key < 2 ** 64:
+                raise ValueError(f"noise_key must be an integer in [0, 2**64), not {noise_key!r}")
         lead, rows = self._rows(x, self.model_dim, "x")
         y = np.empty((rows.shape[0], self.output_dim), dtype=np.float32)
         ticket = _Ticket()
@@ -565,16 +583,24 @@ class Layer:
             # An abandoned training forward (an interrupt, the request timeout) is discarded by the
             # library's tutel_abandon, without waiting: queueing one here too made the next call
             # wait a whole request timeout more for it when the daemon was stuck.
-            info = self._client._submit_and_wait(ticket, _lib.tutel_submit_forward, self._layer(), _floats(rows),
-                                                 rows.shape[0], _floats(y),
-                                                 (1 if noise else 2) if training else 0)
+            if noise_key is None:
+                info = self._client._submit_and_wait(ticket, _lib.tutel_submit_forward, self._layer(),
+                                                     _floats(rows), rows.shape[0], _floats(y),
+                                                     (1 if noise else 2) if training else 0)
+            else:
+                info = self._client._submit_and_wait(ticket, _lib.tutel_submit_forward_keyed, self._layer(),
+                                                     _floats(rows), rows.shape[0], _floats(y),
+                                                     1 if training else 0, int(noise_key))
             if training:
                 self._pending[info.sequence] = rows.shape[0]
         return y.reshape(*lead, self.output_dim), info
 
-    def infer(self, x):
-        """A forward that keeps nothing for backward."""
-        return self.forward(x, training=False)
+    def infer(self, x, noise_key=None):
+        """A forward that keeps nothing for backward; with noise_key, one that draws the gate
+        noise a training forward with that key draws (see forward)."""
+        if noise_key is None:
+            return self.forward(x, training=False)
+        return self.forward(x, training=False, noise_key=noise_key)
 
     def backward(self, dy, dl_aux=0.0, sequence=None, param_grads=True):
         """dx [..., model_dim] for dy (the gradient of the loss in y) and dl_aux (in l_aux),

@@ -32,7 +32,10 @@ shared memory is host memory; GPU tensors without a copy need device regions, no
 Several forwards may be in flight before their backwards, in any order (gradient accumulation,
 pipelined micro-batches): each backward names the forward it belongs to. Under torch.no_grad(),
 or frozen (requires_grad_(False)) with an x that needs no gradient, a forward is an inference,
-which keeps nothing in the daemon. In eval mode with gradients enabled it is, as torch's own
+which keeps nothing in the daemon. In train mode a layer with gate_noise > 0 draws its gate
+noise, under no_grad too (as dropout does), keyed by a number drawn from torch's generator:
+torch.manual_seed reproduces it, and torch.utils.checkpoint, which restores the generator before
+it recomputes, recomputes a forward with the noise (and so the routing) it first drew. In eval mode with gradients enabled it is, as torch's own
 layers are, differentiable: a training forward without gate noise (routed as an inference is),
 so the gradient reaches x and the experts; a layer with gate_noise > 0 infers instead, and no
 gradient flows through it (a warning says so once). (An evaluation loop should run under
@@ -114,9 +117,9 @@ def _wants_param_grads(ctx):
 
 class _MoEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, anchor, layer, noise):
+    def forward(ctx, x, anchor, layer, noise, noise_key):
         rows = x.detach().to("cpu", torch.float32).contiguous()
-        y, info = layer.forward(rows.numpy(), training=True, noise=noise)
+        y, info = layer.forward(rows.numpy(), training=True, noise=noise, noise_key=noise_key)
         # First, so that a failure below (the copy of y to x's device) still discards the forward.
         ctx.pending = _PendingForward(layer, info.sequence)
         ctx.layer, ctx.sequence, ctx.x_meta = layer, info.sequence, (x.device, x.dtype)
@@ -154,7 +157,7 @@ class _MoEFunction(torch.autograd.Function):
         # so that torch.autograd.grad over model.parameters() does not fail on it as unused.
         anchor_grad = torch.zeros(0, device=ctx.anchor_meta[0], dtype=ctx.anchor_meta[1]) \
             if ctx.needs_input_grad[1] else None
-        return torch.from_numpy(dx).to(device, dtype), anchor_grad, None, None
+        return torch.from_numpy(dx).to(device, dtype), anchor_grad, None, None, None
 
 
 class MoE(torch.nn.Module):
@@ -192,15 +195,28 @@ class MoE(torch.nn.Module):
         # Otherwise (no_grad, a frozen module given an x that needs no gradient) it is an
         # inference: a training forward would keep its state in the daemon until its graph goes.
         wants_backward = torch.is_grad_enabled() and (self._anchor.requires_grad or x.requires_grad)
+        if self.training and self.layer.gate_noise > 0:
+            # The gate noise's key comes from torch's generator, as torch's own random layers
+            # draw theirs: torch.manual_seed makes it reproducible, and torch.utils.checkpoint
+            # (which restores the generator before it recomputes) recomputes a forward with the
+            # noise it first drew. Under no_grad, train mode still draws it (as dropout does):
+            # an inference routed as a training forward is.
+            noise_key = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+            if wants_backward:
+                return _MoEFunction.apply(x, self._anchor, self.layer, True, noise_key)
+            y, info = self.layer.infer(x.detach().to("cpu", torch.float32).contiguous().numpy(),
+                                       noise_key=noise_key)
+            return (torch.from_numpy(y).to(x.device, x.dtype),
+                    torch.tensor(info.l_aux, dtype=torch.float32, device=x.device))
         if self.training and wants_backward:
-            return _MoEFunction.apply(x, self._anchor, self.layer, True)
+            return _MoEFunction.apply(x, self._anchor, self.layer, True, None)
         if wants_backward and self._eval_grad_refused is None:
             # Eval mode with gradients enabled, as torch's own layers: a training forward without
             # gate noise, routed as an inference is, so the gradient reaches x (a frozen eval-mode
             # block with trainable layers below it, input attribution) and the experts (fine-tuning
             # in eval mode). Under no_grad, or frozen with an x that needs none, it is an inference.
             try:
-                return _MoEFunction.apply(x, self._anchor, self.layer, False)
+                return _MoEFunction.apply(x, self._anchor, self.layer, False, None)
             except TutelError as e:
                 if "gate noise" not in str(e) and "unknown request flags" not in str(e):
                     raise  # not a layer with gate noise, nor a daemon from before the flag

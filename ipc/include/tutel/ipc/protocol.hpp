@@ -109,9 +109,16 @@ enum RequestFlags : uint32_t {
   // in eval mode whose input needs a gradient); refused on a layer with gate_noise > 0, whose
   // training forwards draw it.
   kFlagWithoutNoise = 1u << 3,
+  // Forward only: the gate noise is drawn from the request's noise_key (with the spec's
+  // noise_seed) instead of the daemon's (step, sequence) key, so a forward run again with its
+  // key draws the same noise (a trainer's recomputation: reentrant checkpointing, whose key
+  // comes from the trainer's generator). Without kFlagTraining: an inference routed as a
+  // training forward is, the noise drawn and nothing kept for a backward (a module in train
+  // mode under no_grad). Not with kFlagWithoutNoise.
+  kFlagNoiseKey = 1u << 4,
 };
 inline constexpr uint32_t kKnownRequestFlags =
-    kFlagTraining | kFlagDeviceRegion | kFlagKeepParamGrads | kFlagWithoutNoise;
+    kFlagTraining | kFlagDeviceRegion | kFlagKeepParamGrads | kFlagWithoutNoise | kFlagNoiseKey;
 
 // One request (client → daemon). 128 bytes.
 struct RequestDescriptor {
@@ -127,9 +134,11 @@ struct RequestDescriptor {
   uint64_t output_bytes;
   float dl_aux;            // backward only
   uint32_t region;         // with kFlagDeviceRegion: the device region the offsets are into
-  uint8_t reserved[48];
+  uint64_t noise_key;      // with kFlagNoiseKey: the key of the forward's gate noise
+  uint8_t reserved[40];
 };
 static_assert(sizeof(RequestDescriptor) == 128);
+static_assert(offsetof(RequestDescriptor, noise_key) == 80);  // docs/protocol.md's table
 
 // One completion (daemon → client). 384 bytes.
 struct CompletionDescriptor {
