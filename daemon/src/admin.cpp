@@ -338,9 +338,14 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
         reply_error(s, rid, ref.status());
         break;
       }
-      // The admin socket is the operator's (mode 0600): its paths are taken as given.
+      // The admin socket is the operator's (mode 0600): its paths are taken as given, but for
+      // state_dir's own files.
       auto layer = ref->layer;
       auto path = b["path"].get<std::string>();
+      if (Status where = check_operator_checkpoint_path(path); !where.ok()) {
+        reply_error(s, rid, where);
+        break;
+      }
       auto result = std::make_shared<Status>();
       offload(
           [layer, path, result] {

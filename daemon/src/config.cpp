@@ -544,6 +544,10 @@ Status parse_tenants(const Scope& root, const fs::path& base_dir, std::vector<Te
              "max_checkpoint_bytes", "secret_file", "share"}));
         TenantConfig t;
         TUTEL_RETURN_IF_ERROR(get_name(s, "name", "a tenant name", t.name));
+        if (t.name == kStateDirLockName)
+          return s.error_near("name", "tenant name " + quote(t.name) +
+                                          " is reserved: tuteld keeps its state_dir lock under that name, and a "
+                                          "tenant's checkpoints in state_dir/<tenant>/; pick another name");
         if (auto [it, fresh] = names.emplace(t.name, i); !fresh)
           return s.error_near("name", "duplicate tenant name " + quote(t.name) + " (also tenant[" +
                                           std::to_string(it->second) + "])");

@@ -118,6 +118,16 @@ constexpr size_t kMaxUnreadReplyBytes = size_t{4} << 20;
 // Control frames a session may have waiting before its socket stops being read.
 constexpr size_t kMaxQueuedFrames = 64;
 
+// Whether a checkpoint of a layer created as `origin` carries on the layer `def` describes:
+// started from the same weights (or seed), with tensors of the same shapes (the file loads into
+// it). Routing, capacity and optimizer settings may differ: the layer takes def's.
+bool continues(const LayerDefinition& origin, const LayerDefinition& def) {
+  const LayerSpec &a = origin.spec, &b = def.spec;
+  return !origin.group && !def.group && origin.weights_path == def.weights_path && origin.init_seed == def.init_seed &&
+         a.experts == b.experts && a.model_dim == b.model_dim && a.hidden == b.hidden && a.out_dim() == b.out_dim() &&
+         a.has_fc1_bias == b.has_fc1_bias && a.has_fc2_bias == b.has_fc2_bias;
+}
+
 Result<uint64_t> handle_of(const json& body) {
   TUTEL_ASSIGN_OR_RETURN(int64_t h, ipc::get_int(body, "handle"));
   if (h < 0) return Status::InvalidArgument("\"handle\" must be a layer handle, not " + std::to_string(h));
@@ -351,7 +361,7 @@ Status DaemonImpl::lock_instance() {
     fs::create_directories(config_.server.state_dir, ec);
     if (ec) return Status::IOError("cannot create state_dir " + config_.server.state_dir + ": " + ec.message());
     if (!existed) fs::permissions(config_.server.state_dir, fs::perms::owner_all, fs::perm_options::replace, ec);
-    locks.emplace_back(fs::path(config_.server.state_dir) / "tuteld.lock", "state_dir " + config_.server.state_dir);
+    locks.emplace_back(fs::path(config_.server.state_dir) / kStateDirLockName, "state_dir " + config_.server.state_dir);
   }
   for (const auto& [path, what] : locks) {
     std::error_code ec;
@@ -369,6 +379,7 @@ Result<std::vector<DaemonImpl::Checkpointed>> DaemonImpl::checkpointed_layers() 
   std::vector<Checkpointed> found;
   if (config_.server.state_dir.empty()) return found;
   std::error_code ec;
+  warn_of_unconfigured_tenants();
   for (const TenantConfig& t : config_.tenants) {
     const fs::path dir = fs::path(config_.server.state_dir) / t.name;
     // What cannot be read is an error naming it, never skipped: a layer left out here would be
@@ -408,6 +419,14 @@ Result<std::vector<DaemonImpl::Checkpointed>> DaemonImpl::checkpointed_layers() 
                                        (dir / (def.name + ".safetensors")).string() +
                                        ": rename it so, or move it out of state_dir (keep copies and backups "
                                        "elsewhere)");
+      // Nor is it another tenant's: restored here, a copy of one tenant's layer put in another's
+      // directory (an operator's checkpoint to the wrong path) was served to that other tenant.
+      if (auto owner = file.metadata().find("tuteld.tenant");
+          owner != file.metadata().end() && owner->second != t.name)
+        return Status::InvalidArgument(path + " holds a layer of tenant '" + escape_text(owner->second) +
+                                       "' (its tuteld.tenant), not of tenant '" + t.name +
+                                       "' whose directory it is in: move it out of state_dir (or into "
+                                       "its tenant's directory)");
       if (def.group) {
         // Its peers restart on their own schedule; the trainer creates the group layer again,
         // which resumes from this file (prepare_checkpoint).
@@ -416,12 +435,51 @@ Result<std::vector<DaemonImpl::Checkpointed>> DaemonImpl::checkpointed_layers() 
                         << path;
         continue;
       }
+      LayerDefinition origin = def;
       def.weights_path = path;
       def.init_seed.reset();
-      found.push_back({t.name, spec->second, std::move(def)});
+      found.push_back({t.name, spec->second, std::move(def), std::move(origin)});
     }
   }
   return found;
+}
+
+void DaemonImpl::warn_of_unconfigured_tenants() const {
+  // Their files stay where they are (the tenant may come back to the config); nothing serves them.
+  std::error_code ec;
+  for (fs::directory_iterator it(config_.server.state_dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name == kStateDirLockName || !it->is_directory(ec) ||
+        std::any_of(config_.tenants.begin(), config_.tenants.end(), [&](const TenantConfig& t) { return t.name == name; }))
+      continue;
+    size_t layers = 0;
+    std::error_code inner;
+    for (fs::directory_iterator f(it->path(), inner), f_end; !inner && f != f_end; f.increment(inner))
+      layers += f->path().extension() == ".safetensors";
+    if (layers > 0)
+      TUTEL_LOG(WARN) << it->path().string() << " holds " << layers << " layer checkpoint(s) of tenant '"
+                      << escape_text(name) << "', which the config does not name: they are not served (name the "
+                      << "tenant in the config again to serve them)";
+  }
+}
+
+Status DaemonImpl::check_operator_checkpoint_path(const std::string& path) const {
+  if (config_.server.state_dir.empty()) return Status::OK();
+  // Compared once symbolic links and "..", where they exist, are resolved on both sides.
+  std::error_code ec;
+  const fs::path state_dir = fs::weakly_canonical(fs::absolute(config_.server.state_dir, ec), ec);
+  const fs::path target = fs::weakly_canonical(fs::absolute(path, ec), ec);
+  if (ec) return Status::OK();  // the save names what it cannot reach
+  const fs::path inside = target.lexically_relative(state_dir);
+  if (inside.empty() || *inside.begin() == "..") return Status::OK();
+  std::vector<fs::path> parts(inside.begin(), inside.end());
+  if (parts.size() >= 3 && parts[1] == "checkpoints") return Status::OK();
+  // Anywhere else it would be taken for a layer's own checkpoint at the next start: a backup
+  // under another name there stopped every start, a copy in another tenant's directory was
+  // served to that tenant.
+  return Status::InvalidArgument(path + " is inside state_dir " + config_.server.state_dir +
+                                 ", where tuteld keeps its layers' own checkpoints: write the checkpoint outside it, "
+                                 "or into state_dir/<tenant>/checkpoints/ for that tenant's clients to load");
 }
 
 Status DaemonImpl::restore_state() {
@@ -434,26 +492,48 @@ Status DaemonImpl::restore_state() {
   // out, logged, its file moved to the tenant's checkpoints (where a client can load it): left
   // where it was, a layer created under its name ("attach, else create") would replace it at
   // exit.
-  auto restore = [&](const Checkpointed& f) -> Status {
-    TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(f.tenant, f.def, f.spec));
-    TUTEL_LOG(INFO) << "restored layer " << f.tenant << "/" << f.def.name << " at step " << ref.layer->step_count();
+  auto restore = [&](const std::string& tenant, const LayerDefinition& def, const std::string& spec) -> Status {
+    TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(tenant, def, spec));
+    TUTEL_LOG(INFO) << "restored layer " << tenant << "/" << def.name << " at step " << ref.layer->step_count();
     return Status::OK();
   };
   for (const LayerDefinition& def : config_.layers) {
     const auto it = std::find_if(found.begin(), found.end(), [&](const Checkpointed& f) {
       return f.tenant == def.tenant && f.def.name == def.name;
     });
-    if (it == found.end()) {
-      LayerDefinition fresh = def;  // a group layer's checkpoint under its name moves aside
-      TUTEL_RETURN_IF_ERROR(prepare_checkpoint(def.tenant, fresh));
-      TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(def.tenant, fresh, format_layer_spec(def)));
+    // The config says what the layer is. Its checkpoint carries on where it holds the same layer:
+    // started from the same weights (or seed), of the same shapes; the config's other keys
+    // (routing, capacity, optimizer settings) are taken, as a load into the layer would take
+    // the file (another optimizer's state starts afresh). A checkpoint of another layer (new
+    // weights named, another shape, a client's layer under this name) moves aside, as any
+    // checkpoint a new layer would replace: served as it was, the config's change was ignored
+    // without a word, and written back at exit, it never took effect.
+    if (it != found.end() && continues(it->origin, def)) {
+      LayerDefinition resumed = def;
+      resumed.weights_path = it->def.weights_path;
+      resumed.init_seed.reset();
+      if (format_layer_spec(it->origin) != format_layer_spec(def))
+        TUTEL_LOG(INFO) << "layer " << def.tenant << "/" << def.name << " resumes from " << *it->def.weights_path
+                        << " with the config's spec, which differs from the one it was checkpointed with";
+      TUTEL_RETURN_IF_ERROR(restore(def.tenant, resumed, format_layer_spec(def)));
+      found.erase(it);  // what is left are the clients' layers
       continue;
     }
-    TUTEL_RETURN_IF_ERROR(restore(*it));
-    found.erase(it);  // what is left are the clients' layers
+    if (it != found.end()) found.erase(it);  // prepare_checkpoint moves it aside
+    LayerDefinition fresh = def;  // a group layer's checkpoint under its name moves aside
+    TUTEL_RETURN_IF_ERROR(prepare_checkpoint(def.tenant, fresh));
+    TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(def.tenant, fresh, format_layer_spec(def)));
   }
   for (const Checkpointed& f : found) {
-    Status restored = restore(f);
+    // Only a quota's refusal leaves a layer out (counted by the registry): an allocation that
+    // fails for want of memory on the node at this moment (another process holding the device)
+    // fails the start with the file where it is, rather than demote the layer for good.
+    const uint64_t refusals = registry_->quota_refusals(f.tenant);
+    Status restored = restore(f.tenant, f.def, f.spec);
+    if (!restored.ok() && registry_->quota_refusals(f.tenant) == refusals)
+      return restored.with_context("layer " + f.tenant + "/" + f.def.name + " cannot be restored from " +
+                                   *f.def.weights_path + " (it stays there); free what it needs, or move the file "
+                                   "out of state_dir to start without it");
     if (restored.code() == StatusCode::kResourceExhausted) {
       Result<fs::path> kept =
           move_aside(*f.def.weights_path, client_checkpoints(config_, f.tenant), f.def.name, "left-out");

@@ -99,8 +99,14 @@ class DaemonImpl {
   // A layer checkpointed in state_dir that a start brings back (group layers are not).
   struct Checkpointed {
     std::string tenant, spec;
-    LayerDefinition def;
+    LayerDefinition def;     // restored from the file (weights_path names it)
+    LayerDefinition origin;  // as the file's spec says it was created
   };
+  // Logs each directory of state_dir that holds checkpoints of a tenant the config does not name.
+  void warn_of_unconfigured_tenants() const;
+  // An operator's checkpoint (tutelctl checkpoint) may go anywhere but among state_dir's own
+  // files: inside state_dir, only into a tenant's checkpoints/ (where its clients load files).
+  Status check_operator_checkpoint_path(const std::string& path) const;
   // Every such layer, or an error naming the file or directory that cannot be read.
   Result<std::vector<Checkpointed>> checkpointed_layers() const;
   // The layers of state_dir and of the config file, the config's first.

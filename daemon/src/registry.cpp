@@ -45,9 +45,11 @@ Result<LayerRef> Registry::create(const std::string& tenant, const LayerDefiniti
     if (t.layers_by_name.count(def.name))
       return Status::AlreadyExists("tenant '" + tenant + "' already has a layer '" + def.name +
                                    "'; attach to it, or destroy it first");
-    if (static_cast<int64_t>(t.layers_by_name.size()) >= t.config.max_layers)
+    if (static_cast<int64_t>(t.layers_by_name.size()) >= t.config.max_layers) {
+      ++t.max_layers_refusals;
       return Status::ResourceExhausted("tenant '" + tenant + "' has reached its quota of " +
                                        std::to_string(t.config.max_layers) + " layers");
+    }
     // The least loaded of the ranks still serving.
     std::optional<size_t> least;
     for (size_t r = 0; r < ranks_.size(); ++r)
@@ -69,15 +71,23 @@ Result<LayerRef> Registry::create(const std::string& tenant, const LayerDefiniti
   // Other creations of the tenant ran meanwhile: both checks again.
   if (t.layers_by_name.count(def.name))
     return Status::AlreadyExists("tenant '" + tenant + "' already has a layer '" + def.name + "'");
-  if (static_cast<int64_t>(t.layers_by_name.size()) >= t.config.max_layers)
+  if (static_cast<int64_t>(t.layers_by_name.size()) >= t.config.max_layers) {
+    ++t.max_layers_refusals;
     return Status::ResourceExhausted("tenant '" + tenant + "' has reached its quota of " +
                                      std::to_string(t.config.max_layers) + " layers");
+  }
   const uint64_t handle = next_handle_++;
   rank_bytes_[rank_index] += built->memory_bytes();
   t.layers_by_name[def.name] = handle;
   auto layer = std::shared_ptr<ServedLayer>(std::move(built));
   layers_[handle] = layer;
   return LayerRef{handle, layer};
+}
+
+uint64_t Registry::quota_refusals(const std::string& tenant) const {
+  std::lock_guard lock(mutex_);
+  auto it = tenants_.find(tenant);
+  return it == tenants_.end() ? 0 : it->second.max_layers_refusals + it->second.memory->refusals();
 }
 
 Result<LayerRef> Registry::attach(const std::string& tenant, const std::string& name) const {

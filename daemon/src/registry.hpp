@@ -34,6 +34,9 @@ class Registry {
 
   // Creates a layer for `tenant` on the least-loaded rank, within the tenant's quotas.
   Result<LayerRef> create(const std::string& tenant, const LayerDefinition& def, const std::string& spec_text);
+  // How many of the tenant's creations and charges its quotas (max_layers, max_memory_bytes) have
+  // refused so far: a ResourceExhausted that moved it was the quota's, not a shortage of memory.
+  uint64_t quota_refusals(const std::string& tenant) const;
   // The handle of an existing layer of `tenant`, by name (clients re-attach after reconnecting).
   Result<LayerRef> attach(const std::string& tenant, const std::string& name) const;
   // The layer behind `handle`, if it belongs to `tenant`; a foreign or unknown handle is refused.
@@ -70,6 +73,7 @@ class Registry {
     // destroyed layer that a request in progress still holds.
     std::shared_ptr<TenantMemory> memory;
     int64_t inflight = 0;
+    uint64_t max_layers_refusals = 0;
   };
 
   Result<LayerRef> find_locked(const std::string& tenant, uint64_t handle) const;  // under mutex_

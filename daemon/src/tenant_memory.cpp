@@ -8,7 +8,10 @@ namespace tutel::daemon {
 bool TenantMemory::try_reserve(uint64_t bytes) {
   uint64_t total = total_.load(std::memory_order_relaxed);
   do {
-    if (bytes > max_bytes_ || total > max_bytes_ - bytes) return false;
+    if (bytes > max_bytes_ || total > max_bytes_ - bytes) {
+      refusals_.fetch_add(1, std::memory_order_relaxed);
+      return false;
+    }
   } while (!total_.compare_exchange_weak(total, total + bytes, std::memory_order_relaxed));
   return true;
 }

@@ -43,6 +43,9 @@ class TenantMemory {
 
   const std::string& tenant() const { return tenant_; }
   uint64_t max_bytes() const { return max_bytes_; }
+  // Charges refused for max_memory_bytes so far (a failed allocation of the device or the host
+  // is none): what tells a quota's refusal from a shortage of memory.
+  uint64_t refusals() const { return refusals_.load(std::memory_order_relaxed); }
   uint64_t parameter_bytes() const { return parameters_.load(std::memory_order_relaxed); }
   uint64_t activation_bytes() const { return activations_.load(std::memory_order_relaxed); }
   uint64_t total_bytes() const { return total_.load(std::memory_order_relaxed); }
@@ -83,6 +86,7 @@ class TenantMemory {
   // total_ = parameters_ + activations_ + regions_, kept as its own counter so a charge is one CAS.
   std::atomic<uint64_t> total_{0}, parameters_{0}, activations_{0}, regions_{0};
   std::atomic<uint64_t> pending_{0};
+  std::atomic<uint64_t> refusals_{0};
 };
 
 // A layer's parameters, gradients and optimizer state, charged to its tenant from before they

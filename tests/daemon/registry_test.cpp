@@ -208,5 +208,53 @@ TEST(Registry, ConcurrentCreationsNeverAllocatePastMaxMemoryBytes) {
   }
 }
 
+// A backend whose allocations fail while `failing` is set, as a device another process filled.
+class FailingAllocations final : public ForwardingBackend {
+ public:
+  explicit FailingAllocations(std::unique_ptr<Backend> cpu) : ForwardingBackend(*cpu), cpu_(std::move(cpu)) {}
+  Result<DeviceBuffer> allocate(size_t bytes) override {
+    if (failing.load()) return Status::ResourceExhausted("cannot allocate " + std::to_string(bytes) + " bytes");
+    return ForwardingBackend::allocate(bytes);
+  }
+  std::atomic<bool> failing{false};
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+};
+
+// The start leaves a client's layer out (its file moved aside) only when the tenant's quota
+// refused it: a ResourceExhausted from memory the node lacks at the moment is no quota's, and
+// quota_refusals tells the two apart.
+TEST(Registry, QuotaRefusalsCountTheQuotasNotAFailedAllocation) {
+  const LayerDefinition probe = definition("probe", 64);
+  uint64_t layer_bytes = 0;
+  {
+    OneRankRegistry sizing(/*max_layers=*/1);
+    auto one = sizing.registry->create("a", probe, "");
+    ASSERT_TRUE(one.ok()) << one.status();
+    layer_bytes = one->layer->memory_bytes();
+  }
+  auto cpu = make_backend("cpu", BackendOptions{.threads = 1});
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  auto failing = std::make_unique<FailingAllocations>(std::move(cpu).value());
+  FailingAllocations& backend = *failing;
+  OneRankRegistry r(/*max_layers=*/2, layer_bytes * 3 / 2, std::move(failing));
+  EXPECT_EQ(r.registry->quota_refusals("a"), 0u);
+  backend.failing = true;
+  auto short_of_memory = r.registry->create("a", definition("l0", 64), "");
+  ASSERT_EQ(short_of_memory.status().code(), StatusCode::kResourceExhausted) << short_of_memory.status();
+  EXPECT_EQ(r.registry->quota_refusals("a"), 0u) << short_of_memory.status();
+  backend.failing = false;
+  ASSERT_TRUE(r.registry->create("a", definition("l0", 64), "").ok());
+  auto over_memory = r.registry->create("a", definition("l1", 64), "");
+  ASSERT_EQ(over_memory.status().code(), StatusCode::kResourceExhausted) << over_memory.status();
+  EXPECT_EQ(r.registry->quota_refusals("a"), 1u) << over_memory.status();
+  ASSERT_TRUE(r.registry->create("a", definition("small", 1), "").ok());
+  auto over_layers = r.registry->create("a", definition("l2", 1), "");
+  ASSERT_EQ(over_layers.status().code(), StatusCode::kResourceExhausted) << over_layers.status();
+  EXPECT_EQ(r.registry->quota_refusals("a"), 2u) << over_layers.status();
+  EXPECT_EQ(r.registry->quota_refusals("nobody"), 0u);
+}
+
 }  // namespace
 }  // namespace tutel::daemon

@@ -1486,6 +1486,132 @@ TEST(DaemonStartup, ATenantsQuotaCannotKeepTheDaemonFromStarting) {
   EXPECT_EQ(d.stop(), 0) << d.log();
 }
 
+// The config's [[layer]] says what the layer is, also once it has a checkpoint (which the start
+// restored as it was, the config's change ignored without a word and written back at exit): a
+// change of its settings (here k, the capacity and the learning rate) resumes the checkpoint
+// under them; a change of what it holds (the experts) or of where it starts (new weights) makes
+// a new layer, the old checkpoint moved aside among the tenant's checkpoints, loadable.
+TEST(DaemonStartup, AConfigLayersChangedSpecIsTakenOrMakesANewLayer) {
+  auto configured = [](const std::string& keys) {
+    DaemonOptions o;
+    o.layers = "[[layer]]\ntenant = \"default\"\nname = \"cfg\"\nmodel_dim = 16\nhidden = 32\n" + keys +
+               "[layer.optimizer]\nkind = \"sgd\"\nlr = 0.01\n";
+    return o;
+  };
+  DaemonProcess d(configured("experts = 4\nk = 2\ninit_seed = 1\n"));
+  ASSERT_TRUE(d.start()) << d.log();
+  std::vector<float> x(8 * 16, 0.25f), y(8 * 16), trained(8 * 16);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i));
+  {
+    auto client = client::Client::connect(d.client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    auto layer = client->attach_layer("cfg");
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    ASSERT_TRUE(layer->forward(x.data(), 8, y.data()).ok());
+    ASSERT_TRUE(layer->backward(y.data(), 0.f, trained.data()).ok());
+    ASSERT_TRUE(layer->step().ok());
+    ASSERT_TRUE(layer->infer(x.data(), 8, trained.data()).ok());
+  }
+  ASSERT_EQ(d.stop(), 0) << d.log();
+  // Settings changed: resumed, at its step, with its weights, under the new spec.
+  d.reconfigure(configured("experts = 4\nk = 1\ncapacity_factor = 2.0\ninit_seed = 1\n"));
+  ASSERT_TRUE(d.start()) << d.log();
+  {
+    auto client = client::Client::connect(d.client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    auto layer = client->attach_layer("cfg");
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    EXPECT_EQ(layer->info().step, 1);
+    EXPECT_EQ(layer->info().k, 1) << "the config's k was not taken";
+    auto state = layer->export_state();
+    ASSERT_TRUE(state.ok()) << state.status();
+    const std::string file(reinterpret_cast<const char*>(state->data()), state->size());
+    EXPECT_NE(file.find("capacity_factor = 2"), std::string::npos) << "the spec written is not the config's";
+  }
+  ASSERT_EQ(d.stop(), 0) << d.log();
+  EXPECT_NE(d.log().find("resumes from"), std::string::npos) << d.log();
+  // Back to k = 2: the trained weights answer as before the restarts.
+  d.reconfigure(configured("experts = 4\nk = 2\ninit_seed = 1\n"));
+  ASSERT_TRUE(d.start()) << d.log();
+  {
+    auto client = client::Client::connect(d.client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    auto layer = client->attach_layer("cfg");
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    ASSERT_TRUE(layer->infer(x.data(), 8, y.data()).ok());
+    EXPECT_EQ(y, trained);
+  }
+  ASSERT_EQ(d.stop(), 0) << d.log();
+  // Another number of experts: a new layer, from step 0; the old checkpoint kept aside.
+  d.reconfigure(configured("experts = 2\nk = 2\ninit_seed = 1\n"));
+  ASSERT_TRUE(d.start()) << d.log();
+  {
+    auto client = client::Client::connect(d.client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    auto layer = client->attach_layer("cfg");
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    EXPECT_EQ(layer->info().experts, 2);
+    EXPECT_EQ(layer->info().step, 0);
+  }
+  EXPECT_FALSE(kept_aside(d, "cfg.superseded-").empty()) << d.log();
+  ASSERT_EQ(d.stop(), 0) << d.log();
+  // A new starting point (another seed) also makes a new layer.
+  std::filesystem::remove_all(d.dir() + "/state/default/checkpoints");
+  d.reconfigure(configured("experts = 2\nk = 2\ninit_seed = 9\n"));
+  ASSERT_TRUE(d.start()) << d.log();
+  EXPECT_FALSE(kept_aside(d, "cfg.superseded-").empty()) << d.log();
+  EXPECT_EQ(d.stop(), 0) << d.log();
+}
+
+// state_dir holds the layers' own checkpoints, each in its tenant's directory. An operator's
+// checkpoint may not go among them (a backup there stopped every later start; a copy in another
+// tenant's directory was restored as that tenant's), only into a tenant's checkpoints/; a file
+// of one tenant found in another's directory stops the start, naming it; a tenant named as the
+// daemon's lock is refused; a tenant's directory the config no longer names is logged.
+TEST(DaemonStartup, StateDirHoldsOnlyEachTenantsOwnLayers) {
+  DaemonOptions o;
+  o.extra_tenants = "[[tenant]]\nname = \"other\"\nuids = [" + std::to_string(::getuid() + 1) + "]\n";
+  DaemonProcess d(o);
+  ASSERT_TRUE(d.start()) << d.log();
+  {
+    auto client = client::Client::connect(d.client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    ASSERT_TRUE(client->create_layer(spec("secret")).ok());
+  }
+  const std::string ctl = std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " checkpoint default/secret ";
+  const std::string state = d.dir() + "/state/";
+  for (const std::string& inside : {state + "default/backup.safetensors", state + "other/secret.safetensors",
+                                    state + "default/../other/x.safetensors", state + "x.safetensors"}) {
+    auto [code, out] = run_command(ctl + inside);
+    EXPECT_EQ(code, 1) << inside << ": " << out;
+    EXPECT_NE(out.find("inside state_dir"), std::string::npos) << out;
+    EXPECT_FALSE(std::filesystem::exists(inside)) << inside;
+  }
+  auto [code, out] = run_command(ctl + state + "other/checkpoints/from_default.safetensors");
+  EXPECT_EQ(code, 0) << out;
+  ASSERT_EQ(d.stop(), 0) << d.log();
+  // Put there by hand: the start refuses it, naming the file and its tenant.
+  std::filesystem::create_directories(state + "other");
+  std::filesystem::copy_file(state + "default/secret.safetensors", state + "other/secret.safetensors");
+  EXPECT_FALSE(d.start());
+  EXPECT_NE(d.log().find("other/secret.safetensors holds a layer of tenant 'default'"), std::string::npos) << d.log();
+  std::filesystem::remove(state + "other/secret.safetensors");
+  // A tenant the config drops: its files stay, and the log says nobody serves them.
+  d.reconfigure(DaemonOptions{.extra_tenants = "[[tenant]]\nname = \"third\"\nuids = [" +
+                                               std::to_string(::getuid() + 2) + "]\n"});
+  std::filesystem::copy_file(state + "default/secret.safetensors", state + "other/secret.safetensors");
+  ASSERT_TRUE(d.start()) << d.log();
+  EXPECT_NE(d.log().find("holds 1 layer checkpoint(s) of tenant 'other', which the config does not name"),
+            std::string::npos)
+      << d.log();
+  ASSERT_EQ(d.stop(), 0) << d.log();
+  EXPECT_TRUE(std::filesystem::exists(state + "other/secret.safetensors"));
+  d.reconfigure(DaemonOptions{.extra_tenants = "[[tenant]]\nname = \"tuteld.lock\"\nuids = [" +
+                                               std::to_string(::getuid() + 1) + "]\n"});
+  EXPECT_FALSE(d.start());
+  EXPECT_NE(d.log().find("is reserved"), std::string::npos) << d.log();
+}
+
 // A layer's checkpoint in state_dir is <name>.safetensors and nothing else. A copy under another
 // name (a backup) was restored under the name in its spec and clashed with the real one
 // ("already has a layer", naming no file), and a renamed one came back under its old name and

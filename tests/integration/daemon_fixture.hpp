@@ -78,6 +78,11 @@ class DaemonProcess {
     return s.str();
   }
   pid_t pid() const { return pid_; }
+  // Another config for the next start (state_dir and sockets stay).
+  void reconfigure(const DaemonOptions& o) {
+    options_ = o;
+    write_config();
+  }
 
   // Starts the daemon and waits (bounded) until it serves.
   ::testing::AssertionResult start() {

@@ -102,6 +102,10 @@ Result<LayerDefinition> parse_layer_spec(std::string_view toml_text, std::string
 // in their shortest exact form, so parse_layer_spec(format_layer_spec(d)) == d.
 std::string format_layer_spec(const LayerDefinition& def);
 
+// The daemon's own entry in state_dir (its instance lock): no tenant may be named so, since a
+// tenant's checkpoints are state_dir/<tenant>/.
+inline constexpr const char* kStateDirLockName = "tuteld.lock";
+
 struct TenantConfig {
   std::string name;  // [A-Za-z0-9_.-]{1,64}, unique
   // A client belongs to the tenant whose uids hold its SO_PEERCRED uid; failing that, whose
