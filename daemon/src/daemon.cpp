@@ -17,6 +17,7 @@
 
 #include "daemon_impl.hpp"
 #include "guarded.hpp"
+#include "rank_thread_backend.hpp"
 #include "tuning_record.hpp"
 #include "tutel/comm/local_exchange.hpp"
 #include "tutel/core/logging.hpp"
@@ -344,6 +345,11 @@ Status DaemonImpl::start_ranks() {
     rank->peer_secret = peer_secret_;
     rank->options = BackendOptions{.threads = threads, .device_index = b.devices.empty() ? r : b.devices[r]};
     TUTEL_ASSIGN_OR_RETURN(rank->backend, make_backend(b.kind, rank->options));
+    if (rank->backend->device().kind == DeviceKind::kCpu) {
+      // One OpenMP master per CPU rank (rank_thread.hpp).
+      rank->thread = std::make_unique<RankThread>("tuteld-rank" + std::to_string(r), config_.server.spin);
+      rank->backend = std::make_unique<RankThreadBackend>(std::move(rank->backend), *rank->thread);
+    }
     ranks_.push_back(std::move(rank));
   }
   return Status::OK();

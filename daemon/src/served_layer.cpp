@@ -308,29 +308,31 @@ Status ServedLayer::allocate() {
   TUTEL_ASSIGN_OR_RETURN(parameter_charge_, ParameterCharge::take(memory_, planned, "layer '" + def_.name + "'"));
   Backend& b = backend();
   auto device_lock = lock_device();
-  if (group_) {
-    TUTEL_ASSIGN_OR_RETURN(summed_gate_grad_, b.allocate(gate_bytes));
-  } else {
-    TUTEL_ASSIGN_OR_RETURN(grad_norm_sum_, b.allocate(sizeof(float)));
-  }
-  for (Tensor& t : tensors_) {
-    const size_t bytes = static_cast<size_t>(t.shape.numel()) * 4;
-    TUTEL_ASSIGN_OR_RETURN(t.value, b.allocate(bytes));
-    TUTEL_ASSIGN_OR_RETURN(t.grad, b.allocate(bytes));
-    TUTEL_RETURN_IF_ERROR(b.fill_zero(bytes_view(t.grad, b.device())));
-    if (adam || momentum) {
-      TUTEL_ASSIGN_OR_RETURN(t.state0, b.allocate(bytes));
-      TUTEL_RETURN_IF_ERROR(b.fill_zero(bytes_view(t.state0, b.device())));
+  return on_rank([&]() -> Status {
+    if (group_) {
+      TUTEL_ASSIGN_OR_RETURN(summed_gate_grad_, b.allocate(gate_bytes));
+    } else {
+      TUTEL_ASSIGN_OR_RETURN(grad_norm_sum_, b.allocate(sizeof(float)));
     }
-    if (adam) {
-      TUTEL_ASSIGN_OR_RETURN(t.state1, b.allocate(bytes));
-      TUTEL_RETURN_IF_ERROR(b.fill_zero(bytes_view(t.state1, b.device())));
+    for (Tensor& t : tensors_) {
+      const size_t bytes = static_cast<size_t>(t.shape.numel()) * 4;
+      TUTEL_ASSIGN_OR_RETURN(t.value, b.allocate(bytes));
+      TUTEL_ASSIGN_OR_RETURN(t.grad, b.allocate(bytes));
+      TUTEL_RETURN_IF_ERROR(b.fill_zero(bytes_view(t.grad, b.device())));
+      if (adam || momentum) {
+        TUTEL_ASSIGN_OR_RETURN(t.state0, b.allocate(bytes));
+        TUTEL_RETURN_IF_ERROR(b.fill_zero(bytes_view(t.state0, b.device())));
+      }
+      if (adam) {
+        TUTEL_ASSIGN_OR_RETURN(t.state1, b.allocate(bytes));
+        TUTEL_RETURN_IF_ERROR(b.fill_zero(bytes_view(t.state1, b.device())));
+      }
+      if (keeps_bf16_copy(t)) {
+        TUTEL_ASSIGN_OR_RETURN(t.value_bf16, b.allocate(bytes / 2));
+      }
     }
-    if (keeps_bf16_copy(t)) {
-      TUTEL_ASSIGN_OR_RETURN(t.value_bf16, b.allocate(bytes / 2));
-    }
-  }
-  return Status::OK();
+    return Status::OK();
+  });
 }
 
 bool ServedLayer::keeps_bf16_copy(const Tensor& t) const {
@@ -375,20 +377,22 @@ Status ServedLayer::initialise(uint64_t seed) {
 Status ServedLayer::copy_in(const graphs::HostLayerParams& p, int which) {
   Backend& b = backend();
   auto device_lock = lock_device();
-  for (Tensor& t : tensors_) {
-    DeviceBuffer& dst = which == 0 ? t.value : which == 1 ? t.state0 : t.state1;
-    TUTEL_CHECK(dst.data() != nullptr) << "copy_in into optimizer state " << which << " the layer does not keep";
-    const std::vector<float>& src = t.name == kGateWeightName ? p.gate
-                                    : t.name == kFc1WeightName ? p.fc1
-                                    : t.name == kFc1BiasName   ? p.fc1_bias
-                                    : t.name == kFc2WeightName ? p.fc2
-                                                               : p.fc2_bias;
-    if (static_cast<int64_t>(src.size()) != t.shape.numel())
-      return Status::Internal("parameter " + t.name + " has " + std::to_string(src.size()) + " values for shape " +
-                              t.shape.to_string());
-    TUTEL_RETURN_IF_ERROR(b.copy(dst.data(), src.data(), src.size() * 4, CopyKind::kHostToDevice));
-  }
-  return which == 0 ? refresh_bf16_copies() : Status::OK();
+  return on_rank([&]() -> Status {
+    for (Tensor& t : tensors_) {
+      DeviceBuffer& dst = which == 0 ? t.value : which == 1 ? t.state0 : t.state1;
+      TUTEL_CHECK(dst.data() != nullptr) << "copy_in into optimizer state " << which << " the layer does not keep";
+      const std::vector<float>& src = t.name == kGateWeightName ? p.gate
+                                      : t.name == kFc1WeightName ? p.fc1
+                                      : t.name == kFc1BiasName   ? p.fc1_bias
+                                      : t.name == kFc2WeightName ? p.fc2
+                                                                 : p.fc2_bias;
+      if (static_cast<int64_t>(src.size()) != t.shape.numel())
+        return Status::Internal("parameter " + t.name + " has " + std::to_string(src.size()) + " values for shape " +
+                                t.shape.to_string());
+      TUTEL_RETURN_IF_ERROR(b.copy(dst.data(), src.data(), src.size() * 4, CopyKind::kHostToDevice));
+    }
+    return which == 0 ? refresh_bf16_copies() : Status::OK();
+  });
 }
 
 LayerWeights ServedLayer::weights_of(int which) const {
@@ -561,113 +565,115 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
   LayerLock lock(*this, Waits::kCounted);
   const auto key = std::make_pair(owner, sequence);
   auto device_lock = lock_device(Waits::kCounted);
-  if (Status down = rank_.health.check(); !down.ok())
-    return group_ ? refuse_group_step(false, owner, sequence, std::move(down)) : down;
-  if (training && pending_.count(key)) {
-    Status why = Status::AlreadyExists("layer '" + def_.name + "': sequence " + std::to_string(sequence) +
-                                       " already has a forward waiting for its backward; use a new sequence number");
-    return group_ ? refuse_group_step(false, owner, sequence, std::move(why)) : why;
-  }
-  ActivationBackend& b = activations();
-  const Device d = b.device();
-  RoutingStats stats;
-  // Pending entries (saved state and input) are recycled, and plans are cached: no allocation
-  // per request once the layer has seen its largest batch.
-  std::unique_ptr<Pending> pending = training ? take_pending() : nullptr;
-  // The quota is checked at each allocation, with the size the layer code computed for it and
-  // before it is made, rather than against an estimate up front: the buffers a forward needs
-  // depend on the backend's expert workspace and, dropless, on the routing, and an upper bound
-  // from the shape would refuse forwards that fit. A refused allocation (a new plan's buffers,
-  // x's copy) fails the forward before anything is written to y, and the entry is freed below.
-  // A group layer's forward is a collective: its ranks agree on whether each could allocate, and
-  // refuse the step together (ExpertParallelLayer), so only the layer's own allocations are
-  // enforced there, not the staging before it, which a rank would refuse alone.
-  // Inference forwards are held to the quota too: their buffers grow with the tokens and the
-  // capacity (a capacity_factor far above E/k), and a daemon that let them through would run out
-  // of memory for every tenant instead of refusing one request.
-  std::optional<ActivationBackend::Enforce> enforce;
-  if (!group_) enforce.emplace(b);
-  Status st;
-  if (group_) {
-    // Its peers run the same forwards in the same order (the clients' contract), so every rank
-    // keeps the same micro-batches under the same sequences.
-    // Staged like a local layer's on a GPU group; the forward keeps its own copy of x.
-    st = note_group_status([&]() -> Status {
-      // Staging is this rank's alone: a failure there is refused through the step's agreement,
-      // so that every rank refuses the step.
-      Result<TensorView> xv = stage_in(x, {tokens, M}, staged_in_, memory);
-      Result<TensorView> yv = xv.ok() ? stage_out(y, {tokens, O}, staged_out_, memory) : xv.status();
-      if (!yv.ok()) return group_->layer->refuse_forward(yv.status());
-      ActivationBackend::Enforce group_enforce(b);
-      TUTEL_RETURN_IF_ERROR(
-          group_->layer->forward(weights_of(0), *xv, *yv, &stats, pending ? &pending->saved : nullptr));
-      return unstage_out(y, *yv, memory);
-    }());
-    if (!st.ok() && stages_host_memory()) (void)b.synchronize();
-  } else if (tokens == 0) {
-    // An empty batch: nothing to route or compute (capacity 0, l_aux 0). A training forward's
-    // entry (without a plan) still waits for its backward, so a trainer calls the same way
-    // whatever its batch holds.
-    stats = RoutingStats{};
-  } else {
-    st = [&]() -> Status {
-      TensorView xv;
-      if (training && !plans_take_host_memory()) {
-        // Kept for the backward on the backend's device: on a device backend this copy is x's
-        // staging too, on the CPU backend the only copy the request makes. (A cuda-graph plan
-        // copies x into its own input buffer, which stays the held plan's until the backward:
-        // that copy is the one kept.)
-        const size_t x_bytes = static_cast<size_t>(tokens * M) * 4;
-        TUTEL_RETURN_IF_ERROR(grow(b, pending->x, x_bytes));
-        TUTEL_RETURN_IF_ERROR(b.copy(pending->x.data(), x, x_bytes,
-                                     memory == ClientMemory::kDevice ? CopyKind::kDeviceToDevice
-                                                                     : CopyKind::kHostToDevice));
-        xv = TensorView(pending->x.data(), DType::kF32, {tokens, M}, d);
-      } else {
-        TUTEL_ASSIGN_OR_RETURN(xv, stage_in(x, {tokens, M}, staged_in_, memory));
-      }
-      TUTEL_ASSIGN_OR_RETURN(const TensorView yv, stage_out(y, {tokens, O}, staged_out_, memory));
-      // The noise draw is keyed by the client's key, or by the step and the sequence, so a
-      // replayed step draws the same noise.
-      const uint64_t noise_counter = noise_key ? *noise_key
-                                     : training ? (static_cast<uint64_t>(step_) << 32) ^ sequence
-                                                : 0;
-      // An inference with a noise key draws the noise as a training forward does: it runs on a
-      // training plan (the one whose program draws it) and keeps nothing.
-      const bool noisy_inference = !training && noise_key && s.gate_noise > 0;
-      // The plan of x's token bucket; a training forward's stays held by its entry until the
-      // backward, an inference forward's goes back to the cache at once.
-      TUTEL_ASSIGN_OR_RETURN(graphs::PlanStep step,
-                             plans_->forward(0, {}, xv, noise_counter, training || noisy_inference, yv));
-      stats = step.stats;
-      if (pending) pending->step = std::move(step);
-      return unstage_out(y, yv, memory);
-    }();
-    trim_plans_over_quota();
-    publish_plan_summary();
-    // A failed request's copies from the client's buffers must be over before it is told.
-    if (!st.ok() && stages_host_memory()) (void)b.synchronize();
-  }
-  enforce.reset();
-  if (!st.ok()) st = watch_device(std::move(st));
-  if (!st.ok()) {
-    // Refused for the quota: the entry may have grown some buffers before the one refused, so
-    // it is freed rather than kept: a new entry's charge returns to nothing, a recycled one's
-    // memory is given back too.
-    if (pending && st.code() != StatusCode::kResourceExhausted) recycle(std::move(pending));
-    return st.code() == StatusCode::kResourceExhausted ? st.with_context("layer '" + def_.name + "'") : st;
-  }
-  if (pending) {
-    pending->params_version = params_version_;
-    add_pending_bytes(*pending);
-    pending_.emplace(key, std::move(pending));
-  }
-  publish_pending();
-  {
-    std::lock_guard stats_lock(stats_mutex_);
-    last_stats_ = stats;
-  }
-  return ForwardResult{stats};
+  return on_rank([&]() -> Result<ForwardResult> {
+    if (Status down = rank_.health.check(); !down.ok())
+      return group_ ? refuse_group_step(false, owner, sequence, std::move(down)) : down;
+    if (training && pending_.count(key)) {
+      Status why = Status::AlreadyExists("layer '" + def_.name + "': sequence " + std::to_string(sequence) +
+                                         " already has a forward waiting for its backward; use a new sequence number");
+      return group_ ? refuse_group_step(false, owner, sequence, std::move(why)) : why;
+    }
+    ActivationBackend& b = activations();
+    const Device d = b.device();
+    RoutingStats stats;
+    // Pending entries (saved state and input) are recycled, and plans are cached: no allocation
+    // per request once the layer has seen its largest batch.
+    std::unique_ptr<Pending> pending = training ? take_pending() : nullptr;
+    // The quota is checked at each allocation, with the size the layer code computed for it and
+    // before it is made, rather than against an estimate up front: the buffers a forward needs
+    // depend on the backend's expert workspace and, dropless, on the routing, and an upper bound
+    // from the shape would refuse forwards that fit. A refused allocation (a new plan's buffers,
+    // x's copy) fails the forward before anything is written to y, and the entry is freed below.
+    // A group layer's forward is a collective: its ranks agree on whether each could allocate, and
+    // refuse the step together (ExpertParallelLayer), so only the layer's own allocations are
+    // enforced there, not the staging before it, which a rank would refuse alone.
+    // Inference forwards are held to the quota too: their buffers grow with the tokens and the
+    // capacity (a capacity_factor far above E/k), and a daemon that let them through would run out
+    // of memory for every tenant instead of refusing one request.
+    std::optional<ActivationBackend::Enforce> enforce;
+    if (!group_) enforce.emplace(b);
+    Status st;
+    if (group_) {
+      // Its peers run the same forwards in the same order (the clients' contract), so every rank
+      // keeps the same micro-batches under the same sequences.
+      // Staged like a local layer's on a GPU group; the forward keeps its own copy of x.
+      st = note_group_status([&]() -> Status {
+        // Staging is this rank's alone: a failure there is refused through the step's agreement,
+        // so that every rank refuses the step.
+        Result<TensorView> xv = stage_in(x, {tokens, M}, staged_in_, memory);
+        Result<TensorView> yv = xv.ok() ? stage_out(y, {tokens, O}, staged_out_, memory) : xv.status();
+        if (!yv.ok()) return group_->layer->refuse_forward(yv.status());
+        ActivationBackend::Enforce group_enforce(b);
+        TUTEL_RETURN_IF_ERROR(
+            group_->layer->forward(weights_of(0), *xv, *yv, &stats, pending ? &pending->saved : nullptr));
+        return unstage_out(y, *yv, memory);
+      }());
+      if (!st.ok() && stages_host_memory()) (void)b.synchronize();
+    } else if (tokens == 0) {
+      // An empty batch: nothing to route or compute (capacity 0, l_aux 0). A training forward's
+      // entry (without a plan) still waits for its backward, so a trainer calls the same way
+      // whatever its batch holds.
+      stats = RoutingStats{};
+    } else {
+      st = [&]() -> Status {
+        TensorView xv;
+        if (training && !plans_take_host_memory()) {
+          // Kept for the backward on the backend's device: on a device backend this copy is x's
+          // staging too, on the CPU backend the only copy the request makes. (A cuda-graph plan
+          // copies x into its own input buffer, which stays the held plan's until the backward:
+          // that copy is the one kept.)
+          const size_t x_bytes = static_cast<size_t>(tokens * M) * 4;
+          TUTEL_RETURN_IF_ERROR(grow(b, pending->x, x_bytes));
+          TUTEL_RETURN_IF_ERROR(b.copy(pending->x.data(), x, x_bytes,
+                                       memory == ClientMemory::kDevice ? CopyKind::kDeviceToDevice
+                                                                       : CopyKind::kHostToDevice));
+          xv = TensorView(pending->x.data(), DType::kF32, {tokens, M}, d);
+        } else {
+          TUTEL_ASSIGN_OR_RETURN(xv, stage_in(x, {tokens, M}, staged_in_, memory));
+        }
+        TUTEL_ASSIGN_OR_RETURN(const TensorView yv, stage_out(y, {tokens, O}, staged_out_, memory));
+        // The noise draw is keyed by the client's key, or by the step and the sequence, so a
+        // replayed step draws the same noise.
+        const uint64_t noise_counter = noise_key ? *noise_key
+                                       : training ? (static_cast<uint64_t>(step_) << 32) ^ sequence
+                                                  : 0;
+        // An inference with a noise key draws the noise as a training forward does: it runs on a
+        // training plan (the one whose program draws it) and keeps nothing.
+        const bool noisy_inference = !training && noise_key && s.gate_noise > 0;
+        // The plan of x's token bucket; a training forward's stays held by its entry until the
+        // backward, an inference forward's goes back to the cache at once.
+        TUTEL_ASSIGN_OR_RETURN(graphs::PlanStep step,
+                               plans_->forward(0, {}, xv, noise_counter, training || noisy_inference, yv));
+        stats = step.stats;
+        if (pending) pending->step = std::move(step);
+        return unstage_out(y, yv, memory);
+      }();
+      trim_plans_over_quota();
+      publish_plan_summary();
+      // A failed request's copies from the client's buffers must be over before it is told.
+      if (!st.ok() && stages_host_memory()) (void)b.synchronize();
+    }
+    enforce.reset();
+    if (!st.ok()) st = watch_device(std::move(st));
+    if (!st.ok()) {
+      // Refused for the quota: the entry may have grown some buffers before the one refused, so
+      // it is freed rather than kept: a new entry's charge returns to nothing, a recycled one's
+      // memory is given back too.
+      if (pending && st.code() != StatusCode::kResourceExhausted) recycle(std::move(pending));
+      return st.code() == StatusCode::kResourceExhausted ? st.with_context("layer '" + def_.name + "'") : st;
+    }
+    if (pending) {
+      pending->params_version = params_version_;
+      add_pending_bytes(*pending);
+      pending_.emplace(key, std::move(pending));
+    }
+    publish_pending();
+    {
+      std::lock_guard stats_lock(stats_mutex_);
+      last_stats_ = stats;
+    }
+    return ForwardResult{stats};
+  });
 }
 
 Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, float* dx, uint64_t owner,
@@ -676,122 +682,124 @@ Status ServedLayer::backward(const float* dy, int64_t tokens, float dl_aux, floa
   const int64_t M = s.model_dim, O = s.out_dim();
   LayerLock lock(*this, Waits::kCounted);
   auto device_lock = lock_device(Waits::kCounted);
-  if (Status down = rank_.health.check(); !down.ok())
-    return group_ ? refuse_group_step(true, owner, sequence, std::move(down)) : down;
-  auto it = pending_.find({owner, sequence});
-  if (it == pending_.end()) {
-    Status why = Status::NotFound("layer '" + def_.name + "': no training forward with sequence " +
-                                  std::to_string(sequence) + " is waiting for a backward");
-    return group_ ? refuse_group_step(true, owner, sequence, std::move(why)) : why;
-  }
-  Pending& p = *it->second;
-  // An empty batch's entry holds no plan (forward).
-  const int64_t forward_tokens = group_ ? p.saved.tokens() : p.step.plan ? p.step.plan->tokens() : 0;
-  if (forward_tokens != tokens) {
-    Status why = Status::InvalidArgument("layer '" + def_.name + "': backward of sequence " +
-                                         std::to_string(sequence) + " has " + std::to_string(tokens) +
-                                         " tokens, its forward had " + std::to_string(forward_tokens));
-    return group_ ? refuse_group_step(true, owner, sequence, std::move(why)) : why;
-  }
-  if (p.params_version != params_version_) {
-    // The forward's activations were made with the parameters before the change, the backward
-    // would run with those after it: the gradient of no function, returned without a word (torch
-    // refuses the same, "modified by an inplace operation"). The forward is dropped (its group
-    // peers drop theirs: they stepped alike).
-    Status why = Status::InvalidArgument(
-        "layer '" + def_.name + "': the parameters changed (a step, load or import_state) after the training forward "
-        "of sequence " + std::to_string(sequence) + ", so its backward would be the gradient of neither the old "
-        "parameters nor the new; run every training forward's backward before the step (that forward is dropped)");
-    if (group_) return refuse_group_step(true, owner, sequence, std::move(why));
-    remove_pending_bytes(p.bytes());
+  return on_rank([&]() -> Status {
+    if (Status down = rank_.health.check(); !down.ok())
+      return group_ ? refuse_group_step(true, owner, sequence, std::move(down)) : down;
+    auto it = pending_.find({owner, sequence});
+    if (it == pending_.end()) {
+      Status why = Status::NotFound("layer '" + def_.name + "': no training forward with sequence " +
+                                    std::to_string(sequence) + " is waiting for a backward");
+      return group_ ? refuse_group_step(true, owner, sequence, std::move(why)) : why;
+    }
+    Pending& p = *it->second;
+    // An empty batch's entry holds no plan (forward).
+    const int64_t forward_tokens = group_ ? p.saved.tokens() : p.step.plan ? p.step.plan->tokens() : 0;
+    if (forward_tokens != tokens) {
+      Status why = Status::InvalidArgument("layer '" + def_.name + "': backward of sequence " +
+                                           std::to_string(sequence) + " has " + std::to_string(tokens) +
+                                           " tokens, its forward had " + std::to_string(forward_tokens));
+      return group_ ? refuse_group_step(true, owner, sequence, std::move(why)) : why;
+    }
+    if (p.params_version != params_version_) {
+      // The forward's activations were made with the parameters before the change, the backward
+      // would run with those after it: the gradient of no function, returned without a word (torch
+      // refuses the same, "modified by an inplace operation"). The forward is dropped (its group
+      // peers drop theirs: they stepped alike).
+      Status why = Status::InvalidArgument(
+          "layer '" + def_.name + "': the parameters changed (a step, load or import_state) after the training forward "
+          "of sequence " + std::to_string(sequence) + ", so its backward would be the gradient of neither the old "
+          "parameters nor the new; run every training forward's backward before the step (that forward is dropped)");
+      if (group_) return refuse_group_step(true, owner, sequence, std::move(why));
+      remove_pending_bytes(p.bytes());
+      recycle(std::move(it->second));
+      pending_.erase(it);
+      publish_pending();
+      return why;
+    }
+    ActivationBackend& b = activations();
+    const Device d = b.device();
+    // Counted out at what it was counted in with; the backward may grow it.
+    const uint64_t held = p.bytes();
+    // A backward for dx alone: the parameter gradients are copied aside before and back after, so
+    // it leaves them as they were. (The backends always accumulate them; skipping those GEMMs
+    // would be faster, but is a change to every backend and to the group layers' collectives, for
+    // a backward trainers ask for rarely: the gradient of the input alone, a frozen module.) The
+    // copies are activation memory of the tenant's until they are put back.
+    std::vector<DeviceBuffer> kept_grads;
+    auto keep_grads = [&]() -> Status {
+      for (const Tensor& t : tensors_) {
+        TUTEL_ASSIGN_OR_RETURN(DeviceBuffer copy, b.allocate(t.grad.bytes()));
+        TUTEL_RETURN_IF_ERROR(b.copy(copy.data(), t.grad.data(), t.grad.bytes(), CopyKind::kDeviceToDevice));
+        kept_grads.push_back(std::move(copy));
+      }
+      return Status::OK();
+    };
+    // Back, whether the backward ran or failed half-way (its partial sums go with it); also when
+    // an exception leaves this function (the guard below). The buffers go at once: the backend's
+    // memory is stream-ordered, so the copies that read them come first.
+    auto restore_grads = [&]() -> Status {
+      Status first;
+      if (kept_grads.size() == tensors_.size())
+        for (size_t i = 0; i < tensors_.size(); ++i) {
+          const Status restored = b.copy(tensors_[i].grad.data(), kept_grads[i].data(), kept_grads[i].bytes(),
+                                         CopyKind::kDeviceToDevice);
+          if (first.ok()) first = restored;
+        }
+      kept_grads.clear();
+      return first;
+    };
+    struct RestoreOnUnwind {
+      const std::function<Status()> restore;
+      ~RestoreOnUnwind() {
+        if (std::uncaught_exceptions() > 0) (void)restore();
+      }
+    } restore_on_unwind{restore_grads};
+    Status st;
+    bool group_backward_ran = false;  // the group's collective backward returned: every rank's did
+    if (group_) {
+      st = note_group_status([&]() -> Status {
+        Result<TensorView> dyv = stage_in(dy, {tokens, O}, staged_in_, memory);
+        Result<TensorView> dxv = dyv.ok() ? stage_out(dx, {tokens, M}, staged_out_, memory) : dyv.status();
+        if (dxv.ok() && keep_param_grads) {
+          if (Status kept = keep_grads(); !kept.ok()) dxv = kept;
+        }
+        if (!dxv.ok()) return group_->layer->refuse_backward(p.saved, dxv.status());
+        // The group checks that every rank asks for dx alone alike (see ExpertParallelLayer).
+        TUTEL_RETURN_IF_ERROR(
+            group_->layer->backward(weights_of(0), *dyv, dl_aux, *dxv, weights_of(1), p.saved, keep_param_grads));
+        group_backward_ran = true;
+        return unstage_out(dx, *dxv, memory);
+      }());
+      if (!st.ok() && stages_host_memory()) (void)b.synchronize();
+    } else if (tokens > 0) {  // an empty batch's backward changes nothing
+      st = [&]() -> Status {
+        TUTEL_ASSIGN_OR_RETURN(const TensorView dyv, stage_in(dy, {tokens, O}, staged_in_, memory));
+        TUTEL_ASSIGN_OR_RETURN(const TensorView dxv, stage_out(dx, {tokens, M}, staged_out_, memory));
+        if (keep_param_grads) TUTEL_RETURN_IF_ERROR(keep_grads());
+        // The forward's x: the entry's copy, or the held cuda-graph plan's own input buffer (which
+        // the plan then does not copy again).
+        const TensorView xv = plans_take_host_memory() ? p.step.plan->input(tokens)
+                                                      : TensorView(p.x.data(), DType::kF32, {tokens, M}, d);
+        TUTEL_CHECK(!xv.empty());
+        TUTEL_RETURN_IF_ERROR(p.step.plan->backward(xv, dyv, dl_aux, dxv));
+        return unstage_out(dx, dxv, memory);
+      }();
+      if (!st.ok() && stages_host_memory()) (void)b.synchronize();
+    }
+    if (Status restored = restore_grads(); st.ok()) st = std::move(restored);
+    // The gradients are there for a step once a backward added to them: on a group layer once the
+    // group's backward returned, whatever this rank's copy of dx did after it (the ranks' flags
+    // must agree at the step). One that failed half-way leaves partial sums that only a later
+    // backward's step applies, as before: a failed step is the trainer's to redo.
+    if ((st.ok() || group_backward_ran) && !keep_param_grads) grads_present_ = true;
+    remove_pending_bytes(held);
     recycle(std::move(it->second));
     pending_.erase(it);
+    trim_plans_over_quota();
     publish_pending();
-    return why;
-  }
-  ActivationBackend& b = activations();
-  const Device d = b.device();
-  // Counted out at what it was counted in with; the backward may grow it.
-  const uint64_t held = p.bytes();
-  // A backward for dx alone: the parameter gradients are copied aside before and back after, so
-  // it leaves them as they were. (The backends always accumulate them; skipping those GEMMs
-  // would be faster, but is a change to every backend and to the group layers' collectives, for
-  // a backward trainers ask for rarely: the gradient of the input alone, a frozen module.) The
-  // copies are activation memory of the tenant's until they are put back.
-  std::vector<DeviceBuffer> kept_grads;
-  auto keep_grads = [&]() -> Status {
-    for (const Tensor& t : tensors_) {
-      TUTEL_ASSIGN_OR_RETURN(DeviceBuffer copy, b.allocate(t.grad.bytes()));
-      TUTEL_RETURN_IF_ERROR(b.copy(copy.data(), t.grad.data(), t.grad.bytes(), CopyKind::kDeviceToDevice));
-      kept_grads.push_back(std::move(copy));
-    }
-    return Status::OK();
-  };
-  // Back, whether the backward ran or failed half-way (its partial sums go with it); also when
-  // an exception leaves this function (the guard below). The buffers go at once: the backend's
-  // memory is stream-ordered, so the copies that read them come first.
-  auto restore_grads = [&]() -> Status {
-    Status first;
-    if (kept_grads.size() == tensors_.size())
-      for (size_t i = 0; i < tensors_.size(); ++i) {
-        const Status restored = b.copy(tensors_[i].grad.data(), kept_grads[i].data(), kept_grads[i].bytes(),
-                                       CopyKind::kDeviceToDevice);
-        if (first.ok()) first = restored;
-      }
-    kept_grads.clear();
-    return first;
-  };
-  struct RestoreOnUnwind {
-    const std::function<Status()> restore;
-    ~RestoreOnUnwind() {
-      if (std::uncaught_exceptions() > 0) (void)restore();
-    }
-  } restore_on_unwind{restore_grads};
-  Status st;
-  bool group_backward_ran = false;  // the group's collective backward returned: every rank's did
-  if (group_) {
-    st = note_group_status([&]() -> Status {
-      Result<TensorView> dyv = stage_in(dy, {tokens, O}, staged_in_, memory);
-      Result<TensorView> dxv = dyv.ok() ? stage_out(dx, {tokens, M}, staged_out_, memory) : dyv.status();
-      if (dxv.ok() && keep_param_grads) {
-        if (Status kept = keep_grads(); !kept.ok()) dxv = kept;
-      }
-      if (!dxv.ok()) return group_->layer->refuse_backward(p.saved, dxv.status());
-      // The group checks that every rank asks for dx alone alike (see ExpertParallelLayer).
-      TUTEL_RETURN_IF_ERROR(
-          group_->layer->backward(weights_of(0), *dyv, dl_aux, *dxv, weights_of(1), p.saved, keep_param_grads));
-      group_backward_ran = true;
-      return unstage_out(dx, *dxv, memory);
-    }());
-    if (!st.ok() && stages_host_memory()) (void)b.synchronize();
-  } else if (tokens > 0) {  // an empty batch's backward changes nothing
-    st = [&]() -> Status {
-      TUTEL_ASSIGN_OR_RETURN(const TensorView dyv, stage_in(dy, {tokens, O}, staged_in_, memory));
-      TUTEL_ASSIGN_OR_RETURN(const TensorView dxv, stage_out(dx, {tokens, M}, staged_out_, memory));
-      if (keep_param_grads) TUTEL_RETURN_IF_ERROR(keep_grads());
-      // The forward's x: the entry's copy, or the held cuda-graph plan's own input buffer (which
-      // the plan then does not copy again).
-      const TensorView xv = plans_take_host_memory() ? p.step.plan->input(tokens)
-                                                    : TensorView(p.x.data(), DType::kF32, {tokens, M}, d);
-      TUTEL_CHECK(!xv.empty());
-      TUTEL_RETURN_IF_ERROR(p.step.plan->backward(xv, dyv, dl_aux, dxv));
-      return unstage_out(dx, dxv, memory);
-    }();
-    if (!st.ok() && stages_host_memory()) (void)b.synchronize();
-  }
-  if (Status restored = restore_grads(); st.ok()) st = std::move(restored);
-  // The gradients are there for a step once a backward added to them: on a group layer once the
-  // group's backward returned, whatever this rank's copy of dx did after it (the ranks' flags
-  // must agree at the step). One that failed half-way leaves partial sums that only a later
-  // backward's step applies, as before: a failed step is the trainer's to redo.
-  if ((st.ok() || group_backward_ran) && !keep_param_grads) grads_present_ = true;
-  remove_pending_bytes(held);
-  recycle(std::move(it->second));
-  pending_.erase(it);
-  trim_plans_over_quota();
-  publish_pending();
-  publish_plan_summary();
-  return watch_device(std::move(st));
+    publish_plan_summary();
+    return watch_device(std::move(st));
+  });
 }
 
 Status ServedLayer::refuse_step(bool backward, uint64_t owner, uint64_t sequence, Status why) {
@@ -922,40 +930,42 @@ Result<ServedLayer::StepOutcome> ServedLayer::step(const StepOverrides& override
   TUTEL_ASSIGN_OR_RETURN(out.weight_decay, step_override(overrides.weight_decay, o.weight_decay, "weight_decay", def_.name));
   LayerLock lock(*this, Waits::kCounted);
   auto device_lock = lock_device(Waits::kCounted);
-  // A group layer's step is a collective: a rank out of service fails it at its first op, and
-  // its peers when their all-reduce times out.
-  if (!group_) TUTEL_RETURN_IF_ERROR(rank_.health.check());
-  out.applied = grads_present_;
-  // The gate is replicated: every rank steps it with the gradient summed over the group, and
-  // with the same settings (a rank with another learning rate would move its copy elsewhere).
-  // The sum goes to a copy: the rank's own gradient stays its share, as the experts' do. (It
-  // was summed in place, so a second step without zero_grad, or gradients accumulated across
-  // steps, applied the group's sum W times over, and grad_norm after a step counted it W times.)
-  TensorView summed_gate;
-  if (group_) {
-    const TensorView gate_grad = weights_of(1).gate_weight;
-    summed_gate = TensorView(summed_gate_grad_.data(), DType::kF32, gate_grad.shape(), gate_grad.device());
-    if (out.applied)
+  return on_rank([&]() -> Result<StepOutcome> {
+    // A group layer's step is a collective: a rank out of service fails it at its first op, and
+    // its peers when their all-reduce times out.
+    if (!group_) TUTEL_RETURN_IF_ERROR(rank_.health.check());
+    out.applied = grads_present_;
+    // The gate is replicated: every rank steps it with the gradient summed over the group, and
+    // with the same settings (a rank with another learning rate would move its copy elsewhere).
+    // The sum goes to a copy: the rank's own gradient stays its share, as the experts' do. (It
+    // was summed in place, so a second step without zero_grad, or gradients accumulated across
+    // steps, applied the group's sum W times over, and grad_norm after a step counted it W times.)
+    TensorView summed_gate;
+    if (group_) {
+      const TensorView gate_grad = weights_of(1).gate_weight;
+      summed_gate = TensorView(summed_gate_grad_.data(), DType::kF32, gate_grad.shape(), gate_grad.device());
+      if (out.applied)
+        TUTEL_RETURN_IF_ERROR(watch_device(
+            backend().copy(summed_gate.data(), gate_grad.data(), gate_grad.nbytes(), CopyKind::kDeviceToDevice)));
+      // The step counts too: a load or import on some ranks only leaves the group's copies of
+      // the gate and its optimizer's bias correction apart.
+      const graphs::ExpertParallelLayer::Alike alike[] = {
+          {"gradients (a backward since zero_grad on some ranks only)", out.applied ? 1 : 0},
+          {"learning rates (lr)", alike_bits(out.lr)},
+          {"weight decays", alike_bits(out.weight_decay)},
+          {"step counts (a load or import_state on some ranks only, or from different checkpoints)",
+           step_.load()}};
       TUTEL_RETURN_IF_ERROR(watch_device(
-          backend().copy(summed_gate.data(), gate_grad.data(), gate_grad.nbytes(), CopyKind::kDeviceToDevice)));
-    // The step counts too: a load or import on some ranks only leaves the group's copies of
-    // the gate and its optimizer's bias correction apart.
-    const graphs::ExpertParallelLayer::Alike alike[] = {
-        {"gradients (a backward since zero_grad on some ranks only)", out.applied ? 1 : 0},
-        {"learning rates (lr)", alike_bits(out.lr)},
-        {"weight decays", alike_bits(out.weight_decay)},
-        {"step counts (a load or import_state on some ranks only, or from different checkpoints)",
-         step_.load()}};
-    TUTEL_RETURN_IF_ERROR(watch_device(
-        note_group_status(group_->layer->all_reduce_gate_grad(summed_gate, alike, /*sum=*/out.applied))));
-  }
-  if (out.applied) {
-    ++params_version_;  // also when the pass fails half-way: some parameters moved
-    TUTEL_RETURN_IF_ERROR(watch_device(apply_optimizer(out.lr, out.weight_decay, summed_gate)));
-    ++step_;
-  }
-  out.step = step_;
-  return out;
+          note_group_status(group_->layer->all_reduce_gate_grad(summed_gate, alike, /*sum=*/out.applied))));
+    }
+    if (out.applied) {
+      ++params_version_;  // also when the pass fails half-way: some parameters moved
+      TUTEL_RETURN_IF_ERROR(watch_device(apply_optimizer(out.lr, out.weight_decay, summed_gate)));
+      ++step_;
+    }
+    out.step = step_;
+    return out;
+  });
 }
 
 Status ServedLayer::apply_optimizer(float lr, float weight_decay, TensorView gate_grad) {
@@ -992,35 +1002,39 @@ Status ServedLayer::zero_grad(bool set_to_none) {
   LayerLock lock(*this);
   Backend& b = backend();
   auto device_lock = lock_device();
-  TUTEL_RETURN_IF_ERROR(rank_.health.check());
-  for (Tensor& t : tensors_) TUTEL_RETURN_IF_ERROR(watch_device(b.fill_zero(bytes_view(t.grad, b.device()))));
-  grads_present_ = !set_to_none;
-  return Status::OK();
+  return on_rank([&]() -> Status {
+    TUTEL_RETURN_IF_ERROR(rank_.health.check());
+    for (Tensor& t : tensors_) TUTEL_RETURN_IF_ERROR(watch_device(b.fill_zero(bytes_view(t.grad, b.device()))));
+    grads_present_ = !set_to_none;
+    return Status::OK();
+  });
 }
 
 Result<double> ServedLayer::grad_norm() {
   LayerLock lock(*this, Waits::kCounted);
   auto device_lock = lock_device(Waits::kCounted);
-  // On a group layer a collective: a rank out of service fails it at its first op (as step).
-  if (group_) {
-    Result<double> squares = group_->layer->grad_sum_squares(weights_of(1));
-    TUTEL_RETURN_IF_ERROR(watch_device(note_group_status(squares.status())));
-    return std::sqrt(*squares);
-  }
-  TUTEL_RETURN_IF_ERROR(rank_.health.check());
-  Backend& b = backend();
-  const Device d = b.device();
-  const DeviceBuffer& sum = grad_norm_sum_;
-  const TensorView sum_view(sum.data(), DType::kF32, {1}, d);
-  float squares = 0;
-  const Status st = [&]() -> Status {
-    TUTEL_RETURN_IF_ERROR(b.fill_zero(sum_view));
-    for (const Tensor& t : tensors_) TUTEL_RETURN_IF_ERROR(b.add_sum_squares(t.view(t.grad, d), sum_view));
-    TUTEL_RETURN_IF_ERROR(b.copy(&squares, sum.data(), sizeof squares, CopyKind::kDeviceToHost));
-    return b.synchronize();
-  }();
-  TUTEL_RETURN_IF_ERROR(watch_device(st));
-  return std::sqrt(double(squares));
+  return on_rank([&]() -> Result<double> {
+    // On a group layer a collective: a rank out of service fails it at its first op (as step).
+    if (group_) {
+      Result<double> squares = group_->layer->grad_sum_squares(weights_of(1));
+      TUTEL_RETURN_IF_ERROR(watch_device(note_group_status(squares.status())));
+      return std::sqrt(*squares);
+    }
+    TUTEL_RETURN_IF_ERROR(rank_.health.check());
+    Backend& b = backend();
+    const Device d = b.device();
+    const DeviceBuffer& sum = grad_norm_sum_;
+    const TensorView sum_view(sum.data(), DType::kF32, {1}, d);
+    float squares = 0;
+    const Status st = [&]() -> Status {
+      TUTEL_RETURN_IF_ERROR(b.fill_zero(sum_view));
+      for (const Tensor& t : tensors_) TUTEL_RETURN_IF_ERROR(b.add_sum_squares(t.view(t.grad, d), sum_view));
+      TUTEL_RETURN_IF_ERROR(b.copy(&squares, sum.data(), sizeof squares, CopyKind::kDeviceToHost));
+      return b.synchronize();
+    }();
+    TUTEL_RETURN_IF_ERROR(watch_device(st));
+    return std::sqrt(double(squares));
+  });
 }
 
 Status ServedLayer::scale_grads(double factor) {
@@ -1033,10 +1047,12 @@ Status ServedLayer::scale_grads(double factor) {
   LayerLock lock(*this);
   Backend& b = backend();
   auto device_lock = lock_device();
-  TUTEL_RETURN_IF_ERROR(rank_.health.check());
-  for (Tensor& t : tensors_)
-    TUTEL_RETURN_IF_ERROR(watch_device(b.scale(t.view(t.grad, b.device()), static_cast<float>(factor))));
-  return Status::OK();
+  return on_rank([&]() -> Status {
+    TUTEL_RETURN_IF_ERROR(rank_.health.check());
+    for (Tensor& t : tensors_)
+      TUTEL_RETURN_IF_ERROR(watch_device(b.scale(t.view(t.grad, b.device()), static_cast<float>(factor))));
+    return Status::OK();
+  });
 }
 
 uint64_t ServedLayer::save_bytes_bound() const {

@@ -27,6 +27,7 @@
 #include "tutel/kernels/moe_layer.hpp"
 #include "fair_lock.hpp"
 #include "rank_health.hpp"
+#include "rank_thread.hpp"
 #include "tenant_memory.hpp"
 
 namespace tutel::daemon {
@@ -44,6 +45,9 @@ struct GroupRendezvous {
 struct Rank {
   int index = 0;
   BackendOptions options;  // what `backend` was made with (group layers make their own alike)
+  // A CPU rank's one thread for its ops (OpenMP's master; rank_thread.hpp); null on a device
+  // rank. Before `backend`, which runs its ops there, so that it outlives it.
+  std::unique_ptr<RankThread> thread;
   std::unique_ptr<Backend> backend;
   // Serialises the use of `backend`, shared by the tenants' layers by weighted fair share.
   FairLock lock;
@@ -314,6 +318,13 @@ class ServedLayer {
   // The rank's backend is shared by its layers; a group layer's is its own.
   std::unique_lock<FairLock::Seat> lock_device(Waits waits = Waits::kUncounted) {
     return group_ ? std::unique_lock<FairLock::Seat>() : lock_mutex(rank_seat_, waits);
+  }
+  // Runs f where the rank's ops run, with lock_device() held: on the rank's thread (a CPU rank,
+  // rank_thread.hpp), so that a request's ops run there inline rather than each be handed over,
+  // or here (a device rank; a group layer, whose ops run on its own backend).
+  template <typename F>
+  std::invoke_result_t<F&> on_rank(F&& f) {
+    return rank_.thread && !group_ ? rank_.thread->run(f) : f();
   }
   Status join_group();
   // The tuner decisions of the record this layer resumed with (LayerDefinition::resumed_tuning)

@@ -64,6 +64,7 @@ class BenchDaemon {
   }
   std::string socket() const { return dir_ + "/client.sock"; }
   bool running() const { return pid_ > 0 && !dir_.empty() && std::filesystem::exists(socket()); }
+  pid_t pid() const { return pid_; }
 
  private:
   std::string dir_;

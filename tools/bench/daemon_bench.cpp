@@ -7,6 +7,9 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
 #include <random>
 #include <thread>
 #include <vector>
@@ -75,6 +78,79 @@ int run_ipc_bench(const std::string& self, int repeats, int spin_us) {
   }
   return 0;
 }
+
+namespace {
+
+// Context switches of every thread of `pid` so far (the daemon's threads live as long as it does).
+uint64_t context_switches(pid_t pid) {
+  uint64_t total = 0;
+  std::error_code ec;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/task", ec)) {
+    std::ifstream status(task.path() / "status");
+    for (std::string line; std::getline(status, line);)
+      if (line.find("ctxt_switches:") != std::string::npos) total += std::stoull(line.substr(line.find(':') + 1));
+  }
+  return total;
+}
+
+// Decode-sized inferences (S = 1 to 128 at M = 256, H = 512), where what the daemon adds to a
+// request (the rings' wake-ups, the hand-over to the rank's thread, OpenMP's teams) is not lost
+// in the compute: through tuteld against the same forward in-process, with the daemon's context
+// switches per request.
+int run_decode_via_daemon(client::Client& client, pid_t daemon_pid, Backend& b, int threads, int repeats) {
+  const int64_t M = 256, H = 512, E = 8;
+  auto layer = client.create_layer("name = \"decode\"\nexperts = 8\nmodel_dim = 256\nhidden = 512\nk = 2\n"
+                                   "capacity_factor = 1.0\ninit_seed = 7\n");
+  if (!layer.ok()) {
+    std::fprintf(stderr, "tutel-bench: %s\n", layer.status().to_string().c_str());
+    return 1;
+  }
+  std::mt19937 rng(5);
+  std::normal_distribution<float> n(0.f, 1.f);
+  LayerSpec spec;
+  spec.experts = E;
+  spec.model_dim = M;
+  spec.hidden = H;
+  spec.k = 2;
+  std::vector<float> wg(E * M), w1(E * H * M), b1(E * H), w2(E * H * M), b2(E * M);
+  for (auto* v : {&wg, &w1, &b1, &w2, &b2})
+    for (float& f : *v) f = n(rng) * 0.02f;
+  LayerWeights w;
+  w.gate_weight = TensorView(wg.data(), DType::kF32, {E, M});
+  w.experts.fc1_weight = TensorView(w1.data(), DType::kF32, {E, H, M});
+  w.experts.fc1_bias = TensorView(b1.data(), DType::kF32, {E, H});
+  w.experts.fc2_weight = TensorView(w2.data(), DType::kF32, {E, H, M});
+  w.experts.fc2_bias = TensorView(b2.data(), DType::kF32, {E, M});
+  const int calls = 100 * repeats;  // per measurement: a median of this many single requests
+  std::printf("decode-sized inference, M=%lld H=%lld E=%lld k=2 f=1, %d threads, median of %d requests\n",
+              (long long)M, (long long)H, (long long)E, threads, calls);
+  for (const int64_t S : {1, 8, 32, 128}) {
+    std::vector<float> x(S * M), y(S * M), y_local(S * M);
+    for (float& v : x) v = n(rng);
+    LayerWorkspace ws;
+    Status st;
+    const double local = median_seconds(3, calls, [&] {
+      if (st.ok()) st = layer_forward(b, spec, w, TensorView(x.data(), DType::kF32, {S, M}), 0, false, ws,
+                                      TensorView(y_local.data(), DType::kF32, {S, M}), nullptr);
+    });
+    const uint64_t switches_before = context_switches(daemon_pid);
+    const double remote = median_seconds(3, calls, [&] {
+      if (st.ok()) st = layer->infer(x.data(), S, y.data());
+    });
+    const double switches =
+        static_cast<double>(context_switches(daemon_pid) - switches_before) / static_cast<double>(calls + 3);
+    if (!st.ok()) {
+      std::fprintf(stderr, "tutel-bench: %s\n", st.to_string().c_str());
+      return 1;
+    }
+    std::printf("S=%-4lld in-process %8.1f us   through tuteld %8.1f us   added %7.1f us   daemon context switches "
+                "per request %5.1f\n",
+                (long long)S, local * 1e6, remote * 1e6, (remote - local) * 1e6, switches);
+  }
+  return 0;
+}
+
+}  // namespace
 
 int run_layer_via_daemon_bench(const std::string& self, int threads, int repeats) {
   if (threads == 0) threads = static_cast<int>(std::thread::hardware_concurrency());
@@ -154,7 +230,7 @@ int run_layer_via_daemon_bench(const std::string& self, int threads, int repeats
               local * 1e3, remote * 1e3, (remote / local - 1) * 100);
   std::printf("forward in a device region (zero-copy) %8.2f ms   overhead %5.1f %%   (saves the arena's two copies)\n",
               in_place * 1e3, (in_place / local - 1) * 100);
-  return 0;
+  return run_decode_via_daemon(*client, daemon.pid(), b, threads, repeats);
 }
 
 }  // namespace tutel::bench

@@ -52,7 +52,8 @@ int main(int argc, char** argv) {
   bool via_daemon = false;
   layer_cmd->add_flag("--via-daemon", via_daemon,
                       "cpu: the large shape's forward through a tuteld started for the run vs in-process, "
-                      "through the arena and in a device region; cuda: through the arena vs in a device "
+                      "through the arena and in a device region, then decode-sized inferences (S=1..128) "
+                      "with the daemon's context switches per request; cuda: through the arena vs in a device "
                       "region (CUDA IPC) at S=128 and 4096");
 
   int ipc_repeats = 5;
