@@ -342,13 +342,13 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
       // state_dir's own files.
       auto layer = ref->layer;
       auto path = b["path"].get<std::string>();
-      if (Status where = check_operator_checkpoint_path(path); !where.ok()) {
-        reply_error(s, rid, where);
-        break;
-      }
       auto result = std::make_shared<Status>();
       offload(
-          [layer, path, result] {
+          [this, layer, path, result] {
+            // Off the loop, as the save: resolving the path reads the file system, which a hung
+            // mount would not answer.
+            *result = check_operator_checkpoint_path(path);
+            if (!result->ok()) return;
             // (A failure to create them shows as the save's own.)
             (void)create_directories_durably(std::filesystem::path(path).parent_path());
             *result = guarded([&] { return layer->save(path); });

@@ -119,14 +119,41 @@ constexpr size_t kMaxUnreadReplyBytes = size_t{4} << 20;
 // Control frames a session may have waiting before its socket stops being read.
 constexpr size_t kMaxQueuedFrames = 64;
 
-// Whether a checkpoint of a layer created as `origin` carries on the layer `def` describes:
-// started from the same weights (or seed), with tensors of the same shapes (the file loads into
-// it). Routing, capacity and optimizer settings may differ: the layer takes def's.
-bool continues(const LayerDefinition& origin, const LayerDefinition& def) {
+// Whether two weights files a layer was created from are one: the same file once links and ".."
+// are resolved, or, where the first is gone, a file of the same name (a config's directory moved
+// with its weights, the config naming them relative to itself).
+bool same_weights_file(const std::string& before, const std::string& now) {
+  std::error_code ec_before, ec_now;
+  const fs::path a = fs::weakly_canonical(before, ec_before), b = fs::weakly_canonical(now, ec_now);
+  if (!ec_before && !ec_now && a == b) return true;
+  std::error_code ec;
+  return !fs::exists(before, ec) && !ec && fs::path(before).filename() == fs::path(now).filename();
+}
+
+// Why a checkpoint of a layer created as `origin` (by a client: `by_client`) does not carry on the
+// config's layer `def`, or nothing where it does: a config layer, started from the same weights (or
+// seed), with tensors of the same shapes (the file loads into it). Routing, capacity and optimizer
+// settings may differ: the layer takes def's.
+std::optional<std::string> why_not_continued(const LayerDefinition& origin, bool by_client, const LayerDefinition& def) {
   const LayerSpec &a = origin.spec, &b = def.spec;
-  return !origin.group && !def.group && origin.weights_path == def.weights_path && origin.init_seed == def.init_seed &&
-         a.experts == b.experts && a.model_dim == b.model_dim && a.hidden == b.hidden && a.out_dim() == b.out_dim() &&
-         a.has_fc1_bias == b.has_fc1_bias && a.has_fc2_bias == b.has_fc2_bias;
+  auto changed = [](const char* key, int64_t x, int64_t y) -> std::optional<std::string> {
+    if (x == y) return std::nullopt;
+    return std::string("holds ") + key + " = " + std::to_string(x) + " where the config has " + std::to_string(y);
+  };
+  if (by_client) return "is of a layer a client created under that name";
+  if (origin.group || def.group) return "is of a layer without [group] where the config has one, or the other way";
+  if (origin.weights_path.has_value() != def.weights_path.has_value() || origin.init_seed != def.init_seed ||
+      (origin.weights_path && !same_weights_file(*origin.weights_path, *def.weights_path)))
+    return "is of a layer created from " +
+           (origin.weights_path ? *origin.weights_path : "init_seed " + std::to_string(origin.init_seed.value_or(0))) +
+           " where the config names " +
+           (def.weights_path ? *def.weights_path : "init_seed " + std::to_string(def.init_seed.value_or(0)));
+  for (auto why : {changed("experts", a.experts, b.experts), changed("model_dim", a.model_dim, b.model_dim),
+                   changed("hidden", a.hidden, b.hidden), changed("output_dim", a.out_dim(), b.out_dim()),
+                   changed("has_fc1_bias", a.has_fc1_bias, b.has_fc1_bias),
+                   changed("has_fc2_bias", a.has_fc2_bias, b.has_fc2_bias)})
+    if (why) return why;
+  return std::nullopt;
 }
 
 Result<uint64_t> handle_of(const json& body) {
@@ -425,14 +452,16 @@ Result<std::vector<DaemonImpl::Checkpointed>> DaemonImpl::checkpointed_layers() 
                                        (dir / (def.name + ".safetensors")).string() +
                                        ": rename it so, or move it out of state_dir (keep copies and backups "
                                        "elsewhere)");
-      // Nor is it another tenant's: restored here, a copy of one tenant's layer put in another's
-      // directory (an operator's checkpoint to the wrong path) was served to that other tenant.
+      // A file of another tenant's (its tuteld.tenant) is restored as this directory's tenant's,
+      // which an operator does by moving it (a tenant renamed), and said: tutelctl checkpoint no
+      // longer writes here, so no other way puts it there.
       if (auto owner = file.metadata().find("tuteld.tenant");
           owner != file.metadata().end() && owner->second != t.name)
-        return Status::InvalidArgument(path + " holds a layer of tenant '" + escape_text(owner->second) +
-                                       "' (its tuteld.tenant), not of tenant '" + t.name +
-                                       "' whose directory it is in: move it out of state_dir (or into "
-                                       "its tenant's directory)");
+        TUTEL_LOG(WARN) << path << " holds a layer of tenant '" << escape_text(owner->second)
+                        << "' (its tuteld.tenant); it is restored as tenant '" << t.name
+                        << "''s, whose directory it is in";
+      const auto origin_key = file.metadata().find("tuteld.origin");
+      const bool by_client = origin_key != file.metadata().end() && origin_key->second == "client";
       if (def.group) {
         // Its peers restart on their own schedule; the trainer creates the group layer again,
         // which resumes from this file (prepare_checkpoint).
@@ -444,7 +473,7 @@ Result<std::vector<DaemonImpl::Checkpointed>> DaemonImpl::checkpointed_layers() 
       LayerDefinition origin = def;
       def.weights_path = path;
       def.init_seed.reset();
-      found.push_back({t.name, spec->second, std::move(def), std::move(origin)});
+      found.push_back({t.name, spec->second, std::move(def), std::move(origin), by_client});
     }
   }
   return found;
@@ -472,11 +501,15 @@ void DaemonImpl::warn_of_unconfigured_tenants() const {
 Status DaemonImpl::check_operator_checkpoint_path(const std::string& path) const {
   if (config_.server.state_dir.empty()) return Status::OK();
   // Compared once symbolic links and "..", where they exist, are resolved on both sides.
-  std::error_code ec;
-  const fs::path state_dir = fs::weakly_canonical(fs::absolute(config_.server.state_dir, ec), ec);
-  const fs::path target = fs::weakly_canonical(fs::absolute(path, ec), ec);
-  if (ec) return Status::OK();  // the save names what it cannot reach
-  const fs::path inside = target.lexically_relative(state_dir);
+  // (Where a path cannot be resolved, its lexical form is compared.)
+  auto resolved = [](const std::string& p) {
+    std::error_code ec;
+    const fs::path absolute = fs::absolute(p, ec);
+    if (ec) return fs::path(p).lexically_normal();
+    const fs::path canonical = fs::weakly_canonical(absolute, ec);
+    return ec ? absolute.lexically_normal() : canonical;
+  };
+  const fs::path inside = resolved(path).lexically_relative(resolved(config_.server.state_dir));
   if (inside.empty() || *inside.begin() == "..") return Status::OK();
   std::vector<fs::path> parts(inside.begin(), inside.end());
   if (parts.size() >= 3 && parts[1] == "checkpoints") return Status::OK();
@@ -514,7 +547,9 @@ Status DaemonImpl::restore_state() {
     // weights named, another shape, a client's layer under this name) moves aside, as any
     // checkpoint a new layer would replace: served as it was, the config's change was ignored
     // without a word, and written back at exit, it never took effect.
-    if (it != found.end() && continues(it->origin, def)) {
+    const std::optional<std::string> why_new =
+        it == found.end() ? std::nullopt : why_not_continued(it->origin, it->by_client, def);
+    if (it != found.end() && !why_new) {
       LayerDefinition resumed = def;
       resumed.weights_path = it->def.weights_path;
       resumed.init_seed.reset();
@@ -527,7 +562,7 @@ Status DaemonImpl::restore_state() {
     }
     if (it != found.end()) found.erase(it);  // prepare_checkpoint moves it aside
     LayerDefinition fresh = def;  // a group layer's checkpoint under its name moves aside
-    TUTEL_RETURN_IF_ERROR(prepare_checkpoint(def.tenant, fresh));
+    TUTEL_RETURN_IF_ERROR(prepare_checkpoint(def.tenant, fresh, why_new.value_or("was written for another spec")));
     TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(def.tenant, fresh, format_layer_spec(def)));
   }
   for (const Checkpointed& f : found) {
@@ -562,14 +597,14 @@ Status DaemonImpl::restore_state() {
 // ranks' creation check then finds them agreeing (all resumed) or refuses on every rank (one
 // without its checkpoint holds another gate). Any other layer created under its name would
 // replace that checkpoint at exit (or delete it at a destroy): it moves aside first.
-Status DaemonImpl::prepare_checkpoint(const std::string& tenant, LayerDefinition& def) const {
+Status DaemonImpl::prepare_checkpoint(const std::string& tenant, LayerDefinition& def, const std::string& why) const {
   if (config_.server.state_dir.empty()) return Status::OK();
   const fs::path path = fs::path(config_.server.state_dir) / tenant / (def.name + ".safetensors");
   std::error_code ec;
   if (!fs::exists(path, ec)) return Status::OK();
   // A layer that holds the name writes this file itself (this creation fails as a duplicate).
   if (registry_->attach(tenant, def.name).ok()) return Status::OK();
-  if (!def.group) return keep_superseded(tenant, def.name, path);
+  if (!def.group) return keep_superseded(tenant, def.name, path, why);
   Result<SafetensorsFile> opened = SafetensorsFile::open(path.string());
   if (!opened.ok())  // never overwritten unread: it may be the only copy of a trained layer
     return opened.status().with_context("group layer " + tenant + "/" + def.name + " has a checkpoint " +
@@ -589,7 +624,7 @@ Status DaemonImpl::prepare_checkpoint(const std::string& tenant, LayerDefinition
                                        : parse_layer_spec(written->second, path.string());
   // Another layer under this name, or this one with other keys: a new layer.
   if (!before.ok() || !before->group || identity(*before) != identity(def))
-    return keep_superseded(tenant, def.name, path);
+    return keep_superseded(tenant, def.name, path, why);
   def.weights_path = path.string();
   def.init_seed.reset();
   // Read here, from the file already open: the layer's tuner takes its decisions back.
@@ -599,17 +634,17 @@ Status DaemonImpl::prepare_checkpoint(const std::string& tenant, LayerDefinition
   return Status::OK();
 }
 
-Status DaemonImpl::keep_superseded(const std::string& tenant, const std::string& name, const fs::path& path) const {
+Status DaemonImpl::keep_superseded(const std::string& tenant, const std::string& name, const fs::path& path,
+                                   const std::string& why) const {
   // The new layer's checkpoint would replace the old one at exit (and a destroy would delete
   // it), which may be the only copy of a trained layer: the old one moves to the tenant's
   // checkpoints, where a client can load it (and its quota counts it).
   Result<fs::path> kept = move_aside(path, client_checkpoints(config_, tenant), name, "superseded");
   if (!kept.ok())
     return kept.status().with_context("layer " + tenant + "/" + name + " has a checkpoint " + path.string() +
-                                      " written for another spec; move it out of state_dir to create the layer "
-                                      "afresh");
+                                      " that " + why + "; move it out of state_dir to create the layer afresh");
   TUTEL_LOG(WARN) << "layer " << tenant << "/" << name << " is created afresh: its checkpoint " << path.string()
-                  << " was written for another spec, and is kept as " << kept->string() << " (a client loads it as \""
+                  << " " << why << ", and is kept as " << kept->string() << " (a client loads it as \""
                   << kept->filename().string() << "\")";
   note_kept_aside(tenant, name, kept->filename().string());
   return Status::OK();

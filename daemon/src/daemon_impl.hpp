@@ -101,6 +101,7 @@ class DaemonImpl {
     std::string tenant, spec;
     LayerDefinition def;     // restored from the file (weights_path names it)
     LayerDefinition origin;  // as the file's spec says it was created
+    bool by_client = false;  // its tuteld.origin: a client created it (files before the key: unknown)
   };
   // Logs each directory of state_dir that holds checkpoints of a tenant the config does not name.
   void warn_of_unconfigured_tenants() const;
@@ -114,8 +115,11 @@ class DaemonImpl {
   // Before a layer is created under a name: a group layer created with the spec of its
   // checkpoint in state_dir resumes from it; another layer's checkpoint there moves aside
   // (keep_superseded), never replaced.
-  Status prepare_checkpoint(const std::string& tenant, LayerDefinition& def) const;
-  Status keep_superseded(const std::string& tenant, const std::string& name, const std::filesystem::path& path) const;
+  // `why`: what the moved checkpoint is, for the log ("was written for another spec").
+  Status prepare_checkpoint(const std::string& tenant, LayerDefinition& def,
+                            const std::string& why = "was written for another spec") const;
+  Status keep_superseded(const std::string& tenant, const std::string& name, const std::filesystem::path& path,
+                         const std::string& why) const;
   // Checkpoints moved aside (superseded, or left out at start), by "<tenant>/<name>": the file's
   // name among the tenant's checkpoints, until a creation of that name has told its client.
   void note_kept_aside(const std::string& tenant, const std::string& name, const std::string& file) const;

@@ -28,6 +28,7 @@ namespace {
 constexpr const char* kStepKey = "tuteld.step";
 constexpr const char* kSpecKey = "tuteld.spec";
 constexpr const char* kTenantKey = "tuteld.tenant";
+constexpr const char* kOriginKey = "tuteld.origin";  // "config" or "client"
 constexpr const char* kOptimizerKey = "tuteld.optimizer";  // "sgd" or "adamw": whose state it holds
 const std::string kState0Prefix = "optimizer.state0.";  // SGD momentum, AdamW exp_avg
 const std::string kState1Prefix = "optimizer.state1.";  // AdamW exp_avg_sq
@@ -1084,6 +1085,9 @@ std::map<std::string, std::string> ServedLayer::saved_metadata() const {
       {kStepKey, std::to_string(step_.load())},
       {kSpecKey, spec_text_},
       {kTenantKey, tenant_},
+      // Who made it: a config's [[layer]] (the definition names its tenant) or a client. A
+      // config layer of this name resumes only from a checkpoint of a config layer.
+      {kOriginKey, def_.tenant.empty() ? "client" : "config"},
       {kOptimizerKey, std::string(optimizer_kind_name(def_.optimizer.kind))}};
   // The tuner's decisions, which a resumed group layer takes back (tuning_record.hpp).
   const graphs::ExchangeTuner* tuner = group_ && group_->layer ? group_->layer->tuner() : nullptr;

@@ -1563,11 +1563,92 @@ TEST(DaemonStartup, AConfigLayersChangedSpecIsTakenOrMakesANewLayer) {
   EXPECT_EQ(d.stop(), 0) << d.log();
 }
 
+// A config layer resumes only from a checkpoint of a config layer started from the same weights:
+// a client's layer of its name is kept aside (it once became the config's layer), and the weights
+// file is the same one however the config reaches it (through a link, or moved with its
+// directory, where the first path is gone), but another file is a new starting point.
+TEST(DaemonStartup, AConfigLayerResumesOnlyFromItsOwnCheckpointOfItsOwnWeights) {
+  const std::string layer_keys = "experts = 4\nmodel_dim = 16\nhidden = 32\nk = 2\n";
+  DaemonProcess d(DaemonOptions{});
+  std::vector<float> x(8 * 16), y(8 * 16), dx(8 * 16);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::cos(0.21f * static_cast<float>(i));
+  auto train_step = [&](client::Layer& layer) {
+    ASSERT_TRUE(layer.forward(x.data(), 8, y.data()).ok());
+    ASSERT_TRUE(layer.backward(y.data(), 0.f, dx.data()).ok());
+    ASSERT_TRUE(layer.step().ok());
+  };
+  // step(name) of the layer `name`, or -1 where it cannot be attached.
+  auto step_of = [&](const std::string& name) -> int64_t {
+    auto client = client::Client::connect(d.client_socket());
+    if (!client.ok()) return -1;
+    auto layer = client->attach_layer(name);
+    return layer.ok() ? layer->info().step : -1;
+  };
+  ASSERT_TRUE(d.start()) << d.log();
+  {
+    auto client = client::Client::connect(d.client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    auto source = client->create_layer("name = \"source\"\n" + layer_keys + "init_seed = 1\n");
+    ASSERT_TRUE(source.ok()) << source.status();
+    ASSERT_TRUE(source->save("init.safetensors").ok());
+    ASSERT_TRUE(source->destroy().ok());
+    auto mine = client->create_layer("name = \"cl\"\n" + layer_keys + "init_seed = 1\n");
+    ASSERT_TRUE(mine.ok()) << mine.status();
+    ASSERT_NO_FATAL_FAILURE(train_step(*mine));
+  }
+  ASSERT_EQ(d.stop(), 0) << d.log();
+  const std::string checkpoints = d.dir() + "/state/default/checkpoints";
+  auto configured = [&](const std::string& weights) {
+    DaemonOptions o;
+    o.layers = "[[layer]]\ntenant = \"default\"\nname = \"cl\"\n" + layer_keys + "init_seed = 1\n" +
+               "[[layer]]\ntenant = \"default\"\nname = \"cfg\"\n" + layer_keys + "weights = \"" + weights + "\"\n";
+    return o;
+  };
+  // The client's "cl" is no checkpoint of the config's "cl", whatever their specs.
+  d.reconfigure(configured(checkpoints + "/init.safetensors"));
+  ASSERT_TRUE(d.start()) << d.log();
+  EXPECT_EQ(step_of("cl"), 0);
+  EXPECT_FALSE(kept_aside(d, "cl.superseded-").empty()) << d.log();
+  EXPECT_NE(d.log().find("is of a layer a client created under that name"), std::string::npos) << d.log();
+  {
+    auto client = client::Client::connect(d.client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    auto cfg = client->attach_layer("cfg");
+    ASSERT_TRUE(cfg.ok()) << cfg.status();
+    ASSERT_NO_FATAL_FAILURE(train_step(*cfg));
+  }
+  ASSERT_EQ(d.stop(), 0) << d.log();
+  // The same weights through a link: resumed.
+  std::filesystem::create_directory_symlink(checkpoints, d.dir() + "/link");
+  d.reconfigure(configured(d.dir() + "/link/init.safetensors"));
+  ASSERT_TRUE(d.start()) << d.log();
+  EXPECT_EQ(step_of("cfg"), 1) << d.log();
+  EXPECT_EQ(step_of("cl"), 0) << "the config's own cl resumes from its own checkpoint";
+  ASSERT_EQ(d.stop(), 0) << d.log();
+  // Moved elsewhere under its name, the first path gone: resumed.
+  std::filesystem::create_directories(d.dir() + "/moved");
+  std::filesystem::rename(checkpoints + "/init.safetensors", d.dir() + "/moved/init.safetensors");
+  d.reconfigure(configured(d.dir() + "/moved/init.safetensors"));
+  ASSERT_TRUE(d.start()) << d.log();
+  EXPECT_EQ(step_of("cfg"), 1) << d.log();
+  ASSERT_EQ(d.stop(), 0) << d.log();
+  // Another file: a new starting point, the trained checkpoint kept aside, the log saying why.
+  std::filesystem::copy_file(d.dir() + "/moved/init.safetensors", d.dir() + "/moved/other.safetensors");
+  d.reconfigure(configured(d.dir() + "/moved/other.safetensors"));
+  ASSERT_TRUE(d.start()) << d.log();
+  EXPECT_EQ(step_of("cfg"), 0) << d.log();
+  EXPECT_FALSE(kept_aside(d, "cfg.superseded-").empty()) << d.log();
+  EXPECT_NE(d.log().find("is of a layer created from " + d.dir() + "/moved/init.safetensors"), std::string::npos)
+      << d.log();
+  EXPECT_EQ(d.stop(), 0) << d.log();
+}
+
 // state_dir holds the layers' own checkpoints, each in its tenant's directory. An operator's
 // checkpoint may not go among them (a backup there stopped every later start; a copy in another
 // tenant's directory was restored as that tenant's), only into a tenant's checkpoints/; a file
-// of one tenant found in another's directory stops the start, naming it; a tenant named as the
-// daemon's lock is refused; a tenant's directory the config no longer names is logged.
+// of one tenant found in another's directory (moved there by hand: a tenant renamed) is that
+// tenant's, with a warning; a tenant named as the daemon's lock is refused; a tenant's directory
+// the config no longer names is logged.
 TEST(DaemonStartup, StateDirHoldsOnlyEachTenantsOwnLayers) {
   DaemonOptions o;
   o.extra_tenants = "[[tenant]]\nname = \"other\"\nuids = [" + std::to_string(::getuid() + 1) + "]\n";
@@ -1590,16 +1671,18 @@ TEST(DaemonStartup, StateDirHoldsOnlyEachTenantsOwnLayers) {
   auto [code, out] = run_command(ctl + state + "other/checkpoints/from_default.safetensors");
   EXPECT_EQ(code, 0) << out;
   ASSERT_EQ(d.stop(), 0) << d.log();
-  // Put there by hand: the start refuses it, naming the file and its tenant.
+  // Moved there by hand (a tenant renamed): restored as that directory's tenant's, and said.
   std::filesystem::create_directories(state + "other");
   std::filesystem::copy_file(state + "default/secret.safetensors", state + "other/secret.safetensors");
-  EXPECT_FALSE(d.start());
-  EXPECT_NE(d.log().find("other/secret.safetensors holds a layer of tenant 'default'"), std::string::npos) << d.log();
-  std::filesystem::remove(state + "other/secret.safetensors");
+  ASSERT_TRUE(d.start()) << d.log();
+  EXPECT_NE(d.log().find("other/secret.safetensors holds a layer of tenant 'default' (its tuteld.tenant); it is "
+                         "restored as tenant 'other''s"),
+            std::string::npos)
+      << d.log();
+  ASSERT_EQ(d.stop(), 0) << d.log();
   // A tenant the config drops: its files stay, and the log says nobody serves them.
   d.reconfigure(DaemonOptions{.extra_tenants = "[[tenant]]\nname = \"third\"\nuids = [" +
                                                std::to_string(::getuid() + 2) + "]\n"});
-  std::filesystem::copy_file(state + "default/secret.safetensors", state + "other/secret.safetensors");
   ASSERT_TRUE(d.start()) << d.log();
   EXPECT_NE(d.log().find("holds 1 layer checkpoint(s) of tenant 'other', which the config does not name"),
             std::string::npos)
