@@ -62,6 +62,17 @@ void set_matrix(std::array<int64_t, 12>& shape, size_t at, const MatOperand& m) 
   std::copy(m.strides.begin(), m.strides.end(), shape.begin() + at + 3);
 }
 
+// The key of an eltwise primitive of `alg` over n f32 values.
+PrimitiveKey eltwise_key(PrimitiveKey::Kind kind, dnnl::algorithm alg, int64_t n) {
+  PrimitiveKey key;
+  key.kind = kind;
+  key.threads = omp_get_max_threads();
+  key.has_activation = true;
+  key.activation = alg;
+  key.shape[0] = n;
+  return key;
+}
+
 }  // namespace
 
 size_t PrimitiveKeyHash::operator()(const PrimitiveKey& key) const {
@@ -205,12 +216,7 @@ Status OneDnnMatmul::run(const MatOperand& a, const MatOperand& b, float* dst,
 
 Status OneDnnMatmul::eltwise_forward(dnnl::algorithm alg, const float* src, float* dst, int64_t n) {
   if (n == 0) return Status::OK();
-  PrimitiveKey key;
-  key.kind = PrimitiveKey::Kind::kEltwiseForward;
-  key.threads = omp_get_max_threads();
-  key.has_activation = true;
-  key.activation = alg;
-  key.shape[0] = n;
+  const PrimitiveKey key = eltwise_key(PrimitiveKey::Kind::kEltwiseForward, alg, n);
   try {
     const CachedPrimitive& prim = primitive(key, [&] {
       const memory::desc md({n}, memory::data_type::f32, memory::format_tag::a);
@@ -232,12 +238,7 @@ Status OneDnnMatmul::eltwise_forward(dnnl::algorithm alg, const float* src, floa
 Status OneDnnMatmul::eltwise_backward(dnnl::algorithm alg, const float* data, const float* diff_dst,
                                       float* diff_src, int64_t n) {
   if (n == 0) return Status::OK();
-  PrimitiveKey key;
-  key.kind = PrimitiveKey::Kind::kEltwiseBackward;
-  key.threads = omp_get_max_threads();
-  key.has_activation = true;
-  key.activation = alg;
-  key.shape[0] = n;
+  const PrimitiveKey key = eltwise_key(PrimitiveKey::Kind::kEltwiseBackward, alg, n);
   const bool use_dst = alg == dnnl::algorithm::eltwise_relu_use_dst_for_bwd;
   try {
     const CachedPrimitive& prim = primitive(key, [&] {

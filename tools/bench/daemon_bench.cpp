@@ -81,6 +81,32 @@ int run_ipc_bench(const std::string& self, int repeats, int spin_us) {
 
 namespace {
 
+// A layer's parameters held by the benchmark for layer_forward in-process (E experts, M, H, k = 2),
+// drawn from N(0, 0.02²). Not copied: `weights` points into the vectors.
+struct HostLayer {
+  LayerSpec spec;
+  std::vector<float> gate, fc1, fc1_bias, fc2, fc2_bias;
+  LayerWeights weights;
+
+  HostLayer(int64_t E, int64_t M, int64_t H, std::mt19937& rng)
+      : gate(E * M), fc1(E * H * M), fc1_bias(E * H), fc2(E * H * M), fc2_bias(E * M) {
+    spec.experts = E;
+    spec.model_dim = M;
+    spec.hidden = H;
+    spec.k = 2;
+    std::normal_distribution<float> n(0.f, 1.f);
+    for (auto* v : {&gate, &fc1, &fc1_bias, &fc2, &fc2_bias})
+      for (float& f : *v) f = n(rng) * 0.02f;
+    weights.gate_weight = TensorView(gate.data(), DType::kF32, {E, M});
+    weights.experts.fc1_weight = TensorView(fc1.data(), DType::kF32, {E, H, M});
+    weights.experts.fc1_bias = TensorView(fc1_bias.data(), DType::kF32, {E, H});
+    weights.experts.fc2_weight = TensorView(fc2.data(), DType::kF32, {E, H, M});
+    weights.experts.fc2_bias = TensorView(fc2_bias.data(), DType::kF32, {E, M});
+  }
+  HostLayer(const HostLayer&) = delete;
+  HostLayer& operator=(const HostLayer&) = delete;
+};
+
 // Context switches of every thread of `pid` so far (the daemon's threads live as long as it does).
 uint64_t context_switches(pid_t pid) {
   uint64_t total = 0;
@@ -107,20 +133,9 @@ int run_decode_via_daemon(client::Client& client, pid_t daemon_pid, Backend& b, 
   }
   std::mt19937 rng(5);
   std::normal_distribution<float> n(0.f, 1.f);
-  LayerSpec spec;
-  spec.experts = E;
-  spec.model_dim = M;
-  spec.hidden = H;
-  spec.k = 2;
-  std::vector<float> wg(E * M), w1(E * H * M), b1(E * H), w2(E * H * M), b2(E * M);
-  for (auto* v : {&wg, &w1, &b1, &w2, &b2})
-    for (float& f : *v) f = n(rng) * 0.02f;
-  LayerWeights w;
-  w.gate_weight = TensorView(wg.data(), DType::kF32, {E, M});
-  w.experts.fc1_weight = TensorView(w1.data(), DType::kF32, {E, H, M});
-  w.experts.fc1_bias = TensorView(b1.data(), DType::kF32, {E, H});
-  w.experts.fc2_weight = TensorView(w2.data(), DType::kF32, {E, H, M});
-  w.experts.fc2_bias = TensorView(b2.data(), DType::kF32, {E, M});
+  const HostLayer local_layer(E, M, H, rng);
+  const LayerSpec& spec = local_layer.spec;
+  const LayerWeights& w = local_layer.weights;
   const int calls = 100 * repeats;  // per measurement: a median of this many single requests
   std::printf("decode-sized inference, M=%lld H=%lld E=%lld k=2 f=1, %d threads, median of %d requests\n",
               (long long)M, (long long)H, (long long)E, threads, calls);
@@ -181,20 +196,9 @@ int run_layer_via_daemon_bench(const std::string& self, int threads, int repeats
   auto backend = make_backend("cpu", {.threads = threads});
   if (!backend.ok()) return 1;
   Backend& b = **backend;
-  LayerSpec spec;
-  spec.experts = E;
-  spec.model_dim = M;
-  spec.hidden = H;
-  spec.k = 2;
-  std::vector<float> wg(E * M), w1(E * H * M), b1(E * H), w2(E * H * M), b2(E * M);
-  for (auto* v : {&wg, &w1, &b1, &w2, &b2})
-    for (float& f : *v) f = n(rng) * 0.02f;
-  LayerWeights w;
-  w.gate_weight = TensorView(wg.data(), DType::kF32, {E, M});
-  w.experts.fc1_weight = TensorView(w1.data(), DType::kF32, {E, H, M});
-  w.experts.fc1_bias = TensorView(b1.data(), DType::kF32, {E, H});
-  w.experts.fc2_weight = TensorView(w2.data(), DType::kF32, {E, H, M});
-  w.experts.fc2_bias = TensorView(b2.data(), DType::kF32, {E, M});
+  const HostLayer local_layer(E, M, H, rng);
+  const LayerSpec& spec = local_layer.spec;
+  const LayerWeights& w = local_layer.weights;
   LayerWorkspace ws;
   Status st;
   const double local = median_seconds(1, repeats, [&] {
