@@ -39,7 +39,7 @@ float dot(const float* a, const float* b, int64_t n) {
 // dst[i] = bf16(src[i]), round to nearest even: the one conversion every bf16 operand, weight
 // copy and optimizer refresh goes through, so they all agree bit for bit.
 void to_bf16(const float* src, int64_t n, uint16_t* dst) {
-#pragma omp parallel for simd schedule(static) if (cpu::worth_a_team(n))
+#pragma omp parallel for simd schedule(static) if (parallel: cpu::worth_a_team(n))
   for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
 
@@ -52,7 +52,7 @@ inline uint16_t stored(float v, uint16_t*) { return f32_to_bf16(v); }
 template <typename Out>
 void scatter_rows(const float* src, const float* gates, const int32_t* slots, int64_t rows,
                   int64_t width, int64_t k, bool scale, Out* out) {
-#pragma omp parallel for schedule(static) if (cpu::worth_a_team(rows * width))
+#pragma omp parallel for schedule(static) if (parallel: cpu::worth_a_team(rows * width))
   for (int64_t r = 0; r < rows; ++r) {
     Out* row = out + r * width;
     const int32_t a = slots[r];
@@ -150,7 +150,7 @@ class CpuBackend final : public Backend {
     auto* p = static_cast<char*>(t.data());
     const int64_t n = static_cast<int64_t>(t.nbytes());
     constexpr int64_t kChunk = 1 << 20;
-#pragma omp parallel for schedule(static) if (n > kChunk)
+#pragma omp parallel for schedule(static) if (parallel: n > kChunk)
     for (int64_t off = 0; off < n; off += kChunk) std::memset(p + off, 0, std::min(kChunk, n - off));
     return Status::OK();
   }
@@ -190,7 +190,7 @@ class CpuBackend final : public Backend {
     threads_scope();
     float* o = out.data_as<float>();
     const int64_t n = out.numel();
-#pragma omp parallel for schedule(static) if (cpu::worth_a_team(16 * n))  // a hash, a log and a sine each
+#pragma omp parallel for schedule(static) if (parallel: cpu::worth_a_team(16 * n))  // a hash, a log and a sine each
     for (int64_t i = 0; i < n; ++i) o[i] = scale * gate_noise_at(seed, counter, static_cast<uint64_t>(i));
     return Status::OK();
   }
@@ -245,7 +245,7 @@ Status CpuBackend::gate_forward(const GateForwardArgs& a) {
   const bool normalize = k > 1 && a.normalize_gate;
   const float eps = std::numeric_limits<float>::epsilon();
 
-#pragma omp parallel for schedule(static) if (cpu::worth_a_team(8 * S * E))  // a softmax and a top-k per row
+#pragma omp parallel for schedule(static) if (parallel: cpu::worth_a_team(8 * S * E))  // a softmax and a top-k per row
   for (int64_t s = 0; s < S; ++s) {
     float* row = scores + s * E;
     if (noise)
@@ -299,7 +299,7 @@ Status CpuBackend::gate_forward(const GateForwardArgs& a) {
   std::vector<double> partial(blocks * E, 0.0);
   std::vector<int64_t> top1(E, 0);
   for (int64_t s = 0; s < S; ++s) ++top1[idx[s * k]];
-#pragma omp parallel for schedule(static) if (cpu::worth_a_team(blocks * kReduceBlock * E))
+#pragma omp parallel for schedule(static) if (parallel: cpu::worth_a_team(blocks * kReduceBlock * E))
   for (int64_t b = 0; b < blocks; ++b) {
     double* p = partial.data() + b * E;
     for (int64_t s = b * kReduceBlock; s < std::min(S, (b + 1) * kReduceBlock); ++s)
@@ -388,7 +388,7 @@ Status CpuBackend::decode(const DecodeArgs& a) {
   const int32_t* idx = a.expert_index.data_as<int32_t>();
   const int32_t* loc = a.location.data_as<int32_t>();
   float* y = a.y.data_as<float>();
-#pragma omp parallel for schedule(static) if (cpu::worth_a_team(S * k * O))
+#pragma omp parallel for schedule(static) if (parallel: cpu::worth_a_team(S * k * O))
   for (int64_t s = 0; s < S; ++s) {
     float* out = y + s * O;
     std::memset(out, 0, O * sizeof(float));
@@ -417,7 +417,7 @@ Status CpuBackend::decode_backward(const DecodeBackwardArgs& a) {
   float* d_yexp = a.d_expert_out.data_as<float>();
   float* d_gates = a.d_gates.data_as<float>();
   scatter_rows(dy, gates, slots, rows, O, k, a.is_postscore, d_yexp);
-#pragma omp parallel for schedule(static) if (cpu::worth_a_team(S * k * O))
+#pragma omp parallel for schedule(static) if (parallel: cpu::worth_a_team(S * k * O))
   for (int64_t s = 0; s < S; ++s)
     for (int64_t j = 0; j < k; ++j) {
       const int64_t l = loc[s * k + j];
@@ -438,7 +438,7 @@ Status CpuBackend::encode_backward(const EncodeBackwardArgs& a) {
   const int32_t* loc = a.location.data_as<int32_t>();
   float* dx = a.dx.data_as<float>();
   float* d_gates = a.d_gates.data_as<float>();
-#pragma omp parallel for schedule(static) if (cpu::worth_a_team(S * k * M))
+#pragma omp parallel for schedule(static) if (parallel: cpu::worth_a_team(S * k * M))
   for (int64_t s = 0; s < S; ++s) {
     float* out = dx + s * M;
     std::memset(out, 0, M * sizeof(float));
@@ -479,7 +479,7 @@ Status CpuBackend::gate_backward(const GateBackwardArgs& a) {
       aux_grad[e] = static_cast<float>(static_cast<double>(a.dl_aux) * E * top1[e] / (double(S) * S));
   }
 
-#pragma omp parallel for schedule(static) if (cpu::worth_a_team(8 * S * E))
+#pragma omp parallel for schedule(static) if (parallel: cpu::worth_a_team(8 * S * E))
   for (int64_t s = 0; s < S; ++s) {
     const float* p = scores + s * E;
     float* d = d_logits + s * E;
@@ -553,7 +553,7 @@ Status CpuBackend::matmul(const MatOperand& a, const MatOperand& b, float* dst, 
 void CpuBackend::accumulate_bias_grad(const float* d, int64_t E, int64_t C, int64_t N, float* dbias) const {
   constexpr int64_t kCols = 256;  // columns per task: a strip that stays in L1 while rows stream
   const int64_t strips = (N + kCols - 1) / kCols;
-#pragma omp parallel for collapse(2) schedule(static) if (cpu::worth_a_team(E * C * N))
+#pragma omp parallel for collapse(2) schedule(static) if (parallel: cpu::worth_a_team(E * C * N))
   for (int64_t e = 0; e < E; ++e)
     for (int64_t t = 0; t < strips; ++t) {
       const int64_t n0 = t * kCols, n1 = std::min(N, n0 + kCols);

@@ -12,7 +12,7 @@ Status add(TensorView dst, TensorView src) {
   float* d = dst.data_as<float>();
   const float* s = src.data_as<float>();
   const int64_t n = dst.numel();
-#pragma omp parallel for simd schedule(static) if (worth_a_team(n))
+#pragma omp parallel for simd schedule(static) if (parallel: worth_a_team(n))
   for (int64_t i = 0; i < n; ++i) d[i] += s[i];
   return Status::OK();
 }
@@ -22,7 +22,7 @@ Status add_row_bias(TensorView out, TensorView bias, int64_t column) {
   const int64_t R = out.dim(0), O = out.dim(1), n = bias.dim(0);
   float* o = out.data_as<float>() + column;
   const float* b = bias.data_as<float>();
-#pragma omp parallel for schedule(static) if (worth_a_team(R * n))
+#pragma omp parallel for schedule(static) if (parallel: worth_a_team(R * n))
   for (int64_t r = 0; r < R; ++r) {
     float* row = o + r * O;
 #pragma omp simd
@@ -41,7 +41,7 @@ Status add_column_sums(TensorView src, int64_t column, TensorView dst) {
   // registers while the rows stream past; the lanes of the simd loop are distinct columns.
   constexpr int64_t kCols = 64;
   const int64_t strips = (n + kCols - 1) / kCols;
-#pragma omp parallel for schedule(static) if (worth_a_team(R * n))
+#pragma omp parallel for schedule(static) if (parallel: worth_a_team(R * n))
   for (int64_t t = 0; t < strips; ++t) {
     const int64_t c0 = t * kCols, width = std::min(kCols, n - c0);
     float acc[kCols];
@@ -68,7 +68,7 @@ Status add_sum_squares(TensorView src, TensorView dst) {
   const int64_t n = src.numel(), blocks = (n + kSquareBlock - 1) / kSquareBlock;
   const float* s = src.data_as<float>();
   std::vector<double> partial(static_cast<size_t>(blocks));
-#pragma omp parallel for schedule(static) if (blocks > 1)
+#pragma omp parallel for schedule(static) if (parallel: blocks > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t end = std::min(n, (b + 1) * kSquareBlock);
     double acc = 0;
@@ -96,7 +96,7 @@ Status scale(TensorView t, float factor) {
   TUTEL_RETURN_IF_ERROR(check_scale(t));
   float* d = t.data_as<float>();
   const int64_t n = t.numel();
-#pragma omp parallel for simd schedule(static) if (worth_a_team(n))
+#pragma omp parallel for simd schedule(static) if (parallel: worth_a_team(n))
   for (int64_t i = 0; i < n; ++i) d[i] *= factor;
   return Status::OK();
 }

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <new>
 #include <string>
 
 namespace tutel::cpu {
@@ -108,7 +109,12 @@ const CachedPrimitive* PrimitiveCache::find(const PrimitiveKey& key) {
 const CachedPrimitive& PrimitiveCache::insert(const PrimitiveKey& key, CachedPrimitive entry) {
   assert(!index_.contains(key));
   entries_.emplace_front(key, std::move(entry));
-  index_[key] = entries_.begin();
+  try {
+    index_[key] = entries_.begin();
+  } catch (...) {  // no entry the index does not know: its eviction would erase another's key
+    entries_.pop_front();
+    throw;
+  }
   while (entries_.size() > capacity_) {
     index_.erase(entries_.back().first);
     entries_.pop_back();
@@ -210,6 +216,8 @@ Status OneDnnMatmul::run(const MatOperand& a, const MatOperand& b, float* dst,
     stream_.wait();
   } catch (const dnnl::error& e) {
     return dnnl_failure("matmul", e);
+  } catch (const std::bad_alloc&) {
+    return Status::ResourceExhausted("out of host memory making a oneDNN matmul primitive");
   }
   return Status::OK();
 }
@@ -231,6 +239,8 @@ Status OneDnnMatmul::eltwise_forward(dnnl::algorithm alg, const float* src, floa
     stream_.wait();
   } catch (const dnnl::error& e) {
     return dnnl_failure("eltwise forward", e);
+  } catch (const std::bad_alloc&) {
+    return Status::ResourceExhausted("out of host memory making a oneDNN eltwise forward primitive");
   }
   return Status::OK();
 }
@@ -260,6 +270,8 @@ Status OneDnnMatmul::eltwise_backward(dnnl::algorithm alg, const float* data, co
     stream_.wait();
   } catch (const dnnl::error& e) {
     return dnnl_failure("eltwise backward", e);
+  } catch (const std::bad_alloc&) {
+    return Status::ResourceExhausted("out of host memory making a oneDNN eltwise backward primitive");
   }
   return Status::OK();
 }

@@ -126,7 +126,9 @@ class OneDnnMatmul {
   dnnl::engine engine_;
   dnnl::stream stream_;
   PrimitiveCache cache_;
-  dnnl::memory scratchpad_;  // bytes, owned by oneDNN; replaced (never shrunk) as it grows
+  // Bytes, owned by oneDNN; replaced as it grows, never shrunk: it stays the size of the largest
+  // primitive's need for the wrapper's (the backend's) life.
+  dnnl::memory scratchpad_;
   size_t scratchpad_bytes_ = 0;
 };
 

@@ -14,7 +14,7 @@ namespace {
 template <typename Update>
 void step_in_blocks(int64_t n, const float* param, uint16_t* copy, const Update& update) {
   constexpr int64_t kBlock = 2048;
-#pragma omp parallel for schedule(static) if (worth_a_team(4 * n))  // a few flops per element
+#pragma omp parallel for schedule(static) if (parallel: worth_a_team(4 * n))  // a few flops per element
   for (int64_t begin = 0; begin < n; begin += kBlock) {
     const int64_t end = std::min(n, begin + kBlock);
     update(begin, end);
