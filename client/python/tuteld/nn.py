@@ -35,10 +35,11 @@ or frozen (requires_grad_(False)) with an x that needs no gradient, a forward is
 which keeps nothing in the daemon. In train mode a layer with gate_noise > 0 draws its gate
 noise, under no_grad too (as dropout does), keyed by a number drawn from torch's generator:
 torch.manual_seed reproduces it, and torch.utils.checkpoint, which restores the generator before
-it recomputes, recomputes a forward with the noise (and so the routing) it first drew. In eval mode with gradients enabled it is, as torch's own
-layers are, differentiable: a training forward without gate noise (routed as an inference is),
-so the gradient reaches x and the experts; a layer with gate_noise > 0 infers instead, and no
-gradient flows through it (a warning says so once). (An evaluation loop should run under
+it recomputes, recomputes a forward with the noise (and so the routing) it first drew. In eval
+mode with gradients enabled it is, as torch's own layers are, differentiable: a training forward
+without gate noise (routed as an inference is), so the gradient reaches x and the experts; a
+layer with gate_noise > 0 infers instead, and no gradient flows through it (a warning says so
+once). (An evaluation loop should run under
 torch.no_grad(), as with torch's layers: otherwise each forward keeps its state in the daemon
 until its graph is dropped.) A step, load_state_dict or import between a training forward and
 its backward makes that backward raise (the daemon refuses it: its gradient would be of
