@@ -12,6 +12,8 @@
 // Thread-safety: one producer thread and one consumer thread per ring.
 #pragma once
 
+#include <sched.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -88,12 +90,18 @@ class RingConsumer {
   PopResult pop_wait(Descriptor* out, const WaitPolicy& policy, StopFn&& stop,
                      std::optional<std::chrono::steady_clock::time_point> deadline = std::nullopt) {
     const auto spin_until = std::chrono::steady_clock::now() + policy.spin;
-    for (;;) {
+    for (uint32_t round = 1;; ++round) {
       if (PopResult r = try_pop(out); r != PopResult::kEmpty) return r;
       if (stop()) return PopResult::kEmpty;
       const auto now = std::chrono::steady_clock::now();
       if (deadline && now >= *deadline) return PopResult::kEmpty;
-      if (now < spin_until) continue;
+      if (now < spin_until) {
+        // Now and then (every ~10 µs) the core goes to whatever else is ready to run on it: with
+        // few cores, that is the work this side waits for (the daemon's step, the client's next
+        // request). Rarely enough that a round trip of a microsecond or two never meets a yield.
+        if (round % 256 == 0) sched_yield();
+        continue;
+      }
       const uint32_t bell = control_->doorbell.load(std::memory_order_seq_cst);
       control_->consumer_waiting.store(1, std::memory_order_seq_cst);
       std::atomic_thread_fence(std::memory_order_seq_cst);  // pairs with try_push's fence
