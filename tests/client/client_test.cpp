@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -180,46 +181,53 @@ TEST(Client, DaemonDeathFailsTheWaitInsteadOfHanging) {
   EXPECT_EQ(client->ping().code(), StatusCode::kUnavailable);
 }
 
-TEST(Client, RequestTimeoutLeavesTheRequestInFlight) {
-  FakeDaemonOptions options;
-  options.delay = std::chrono::milliseconds(300);
-  Fixture f(options);
-  auto client = f.connect_with_request_timeout(std::chrono::milliseconds(50));
-  ASSERT_TRUE(client.ok());
-  auto layer = client->attach_layer("moe");
-  ASSERT_TRUE(layer.ok());
-  std::vector<float> x(4, 1.f), y(4);
-  auto t = layer->submit_forward(x.data(), 1, y.data());
-  ASSERT_TRUE(t.ok());
-  auto first = client->wait(*t);
+// A daemon that answers 300 ms late and a client whose waits give up after 50 ms, with a
+// one-token forward submitted and still in flight.
+class ForwardInFlightOnASlowDaemon : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto client = f_.connect_with_request_timeout(std::chrono::milliseconds(50));
+    ASSERT_TRUE(client.ok()) << client.status();
+    client_.emplace(std::move(*client));
+    auto layer = client_->attach_layer("moe");
+    ASSERT_TRUE(layer.ok()) << layer.status();
+    layer_.emplace(std::move(*layer));
+    auto ticket = layer_->submit_forward(x_.data(), 1, y_.data());
+    ASSERT_TRUE(ticket.ok()) << ticket.status();
+    ticket_ = *ticket;
+  }
+  static FakeDaemonOptions late() {
+    FakeDaemonOptions options;
+    options.delay = std::chrono::milliseconds(300);
+    return options;
+  }
+  Fixture f_{late()};
+  std::optional<Client> client_;
+  std::optional<Layer> layer_;  // after client_: goes first
+  std::vector<float> x_ = std::vector<float>(4, 1.f), y_ = std::vector<float>(4);
+  Ticket ticket_;
+};
+
+TEST_F(ForwardInFlightOnASlowDaemon, RequestTimeoutLeavesTheRequestInFlight) {
+  auto first = client_->wait(ticket_);
   EXPECT_EQ(first.status().code(), StatusCode::kTimeout) << first.status();
   Result<ForwardInfo> later = Status::Internal("unset");
   for (int i = 0; i < 40; ++i) {
-    later = client->wait(*t);
+    later = client_->wait(ticket_);
     if (later.status().code() != StatusCode::kTimeout) break;
   }
   EXPECT_TRUE(later.ok()) << later.status();
-  EXPECT_EQ(y[0], 2.f);
+  EXPECT_EQ(y_[0], 2.f);
 }
 
 // A control call of a layer waits for the requests in flight first; when that wait times out,
 // it says so, and that nothing was sent (the wait's own "wait again" is for ticket holders).
-TEST(Client, AStepThatTimesOutWaitingForRequestsSaysNothingWasSent) {
-  FakeDaemonOptions options;
-  options.delay = std::chrono::milliseconds(300);
-  Fixture f(options);
-  auto client = f.connect_with_request_timeout(std::chrono::milliseconds(50));
-  ASSERT_TRUE(client.ok());
-  auto layer = client->attach_layer("moe");
-  ASSERT_TRUE(layer.ok());
-  std::vector<float> x(4, 1.f), y(4);
-  auto t = layer->submit_forward(x.data(), 1, y.data());
-  ASSERT_TRUE(t.ok());
-  const int64_t steps = f.daemon.steps();
-  auto step = layer->step();
+TEST_F(ForwardInFlightOnASlowDaemon, AStepThatTimesOutWaitingForRequestsSaysNothingWasSent) {
+  const int64_t steps = f_.daemon.steps();
+  auto step = layer_->step();
   EXPECT_EQ(step.status().code(), StatusCode::kTimeout) << step.status();
   EXPECT_NE(step.status().message().find("nothing was sent"), std::string::npos) << step.status();
-  EXPECT_EQ(f.daemon.steps(), steps);
+  EXPECT_EQ(f_.daemon.steps(), steps);
 }
 
 // A synchronous call that times out gives its request up: the caller may have freed its buffers
