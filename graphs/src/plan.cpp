@@ -189,7 +189,8 @@ void PlanBase::record() {
     return backend_.expert_forward(
         {view(Slot::kDispatched, disp_dtype, {E, C, M}), target_.weights.experts, target_.spec.activation,
          target_.spec.matmul_dtype, pre, view(Slot::kHidden, f32, {E, C, H}),
-         view(Slot::kExpertOut, f32, {E, C, O}), workspace, /*keep_hidden=*/training});
+         view(Slot::kExpertOut, f32, {E, C, O}), workspace, /*keep_hidden=*/training,
+         view(Slot::kExpertCount, i32, {E})});
   });
   experts.push_back([=, this](const StepState& st) {
     const int64_t S = st.tokens, C = st.capacity;

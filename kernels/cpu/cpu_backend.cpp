@@ -592,17 +592,25 @@ Status CpuBackend::expert_forward(const ExpertForwardArgs& a) {
   const MatOperand fc2 = with_bf16_copy(row_major(a.weights.fc2_weight.data(), E, H, O),
                                         a.weights.fc2_weight_bf16, a.matmul_dtype);
   const MatOperand disp = dispatched_operand(a.dispatched, E, C, M);
+  // An inference skips the experts no token was routed to (ExpertForwardArgs::expert_count).
+  const int32_t* in_use = nullptr;
+  if (!a.keep_hidden && !a.expert_count.empty()) {
+    TUTEL_RETURN_IF_ERROR(a.expert_count.expect("expert_forward: expert_count", DType::kI32, {E}));
+    in_use = a.expert_count.data_as<int32_t>();
+  }
   // Fuse the activation into fc1 unless backward needs the pre-activation (gelu, silu).
   if (a.pre_activation.empty()) {
-    TUTEL_RETURN_IF_ERROR(matmul(disp, fc1, hidden, {.bias = b1, .activation = eltwise_of(a.activation)},
+    TUTEL_RETURN_IF_ERROR(matmul(disp, fc1, hidden,
+                                 {.bias = b1, .activation = eltwise_of(a.activation), .entry_in_use = in_use},
                                  a.matmul_dtype, a.workspace));
   } else {
     float* pre = a.pre_activation.data_as<float>();
-    TUTEL_RETURN_IF_ERROR(matmul(disp, fc1, pre, {.bias = b1}, a.matmul_dtype, a.workspace));
+    TUTEL_RETURN_IF_ERROR(matmul(disp, fc1, pre, {.bias = b1, .entry_in_use = in_use}, a.matmul_dtype,
+                                 a.workspace));
     TUTEL_RETURN_IF_ERROR(dnnl_.eltwise_forward(eltwise_of(a.activation), pre, hidden, E * C * H));
   }
-  return matmul(row_major(hidden, E, C, H), fc2, a.expert_out.data_as<float>(), {.bias = b2},
-                a.matmul_dtype, a.workspace);
+  return matmul(row_major(hidden, E, C, H), fc2, a.expert_out.data_as<float>(),
+                {.bias = b2, .entry_in_use = in_use}, a.matmul_dtype, a.workspace);
 }
 
 Status CpuBackend::expert_backward(const ExpertBackwardArgs& a) {

@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cassert>
 #include <cstddef>
 #include <cstdint>
@@ -82,6 +83,7 @@ size_t PrimitiveKeyHash::operator()(const PrimitiveKey& key) const {
   mix(static_cast<uint64_t>(key.kind));
   mix(static_cast<uint64_t>(key.threads));
   mix(key.accumulate);
+  mix(key.has_bias);
   mix(key.has_activation);
   mix(static_cast<uint64_t>(key.activation));
   mix(static_cast<uint64_t>(key.a_type));
@@ -143,7 +145,7 @@ void* OneDnnMatmul::scratchpad(size_t bytes) {
 }
 
 CachedPrimitive OneDnnMatmul::make_matmul(const MatOperand& a, const MatOperand& b,
-                                          const MatmulOptions& options) const {
+                                          const MatmulOptions& options, bool per_entry) const {
   const int64_t batch = a.dims[0], rows = a.dims[1], cols = b.dims[2];
   dnnl::post_ops ops;
   if (options.accumulate) ops.append_sum(1.0f);
@@ -151,7 +153,8 @@ CachedPrimitive OneDnnMatmul::make_matmul(const MatOperand& a, const MatOperand&
     ops.append_eltwise(1.0f, *options.activation, eltwise_alpha(*options.activation), 0.f);
   dnnl::primitive_attr attr = user_scratchpad_attr();
   attr.set_post_ops(ops);
-  if (!options.bias) {
+  if (!per_entry) {
+    assert(!options.bias);
     const memory::desc a_md = desc_of(a), b_md = desc_of(b);
     const memory::desc dst_md({batch, rows, cols}, memory::data_type::f32, {rows * cols, cols, 1});
     const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, dst_md), attr, engine_);
@@ -159,12 +162,18 @@ CachedPrimitive OneDnnMatmul::make_matmul(const MatOperand& a, const MatOperand&
                          {{DNNL_ARG_SRC, a_md}, {DNNL_ARG_WEIGHTS, b_md}, {DNNL_ARG_DST, dst_md}});
   }
   // A bias that differs per batch entry sends oneDNN 2.6 to its reference kernel (~1000x
-  // slower), so one 2-D matmul runs per entry, each with its own bias row.
+  // slower), so one 2-D matmul runs per entry, each with its own bias row; so it does where
+  // entries are skipped.
   auto matrix = [](const MatOperand& m) {
     return memory::desc({m.dims[1], m.dims[2]}, m.type, {m.strides[1], m.strides[2]});
   };
   const memory::desc a_md = matrix(a), b_md = matrix(b);
   const memory::desc dst_md({rows, cols}, memory::data_type::f32, {cols, 1});
+  if (!options.bias) {
+    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, dst_md), attr, engine_);
+    return with_memories(dnnl::matmul(pd), pd, engine_,
+                         {{DNNL_ARG_SRC, a_md}, {DNNL_ARG_WEIGHTS, b_md}, {DNNL_ARG_DST, dst_md}});
+  }
   const memory::desc bias_md({1, cols}, memory::data_type::f32, {cols, 1});
   const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, bias_md, dst_md), attr,
                                         engine_);
@@ -186,8 +195,12 @@ Status OneDnnMatmul::run(const MatOperand& a, const MatOperand& b, float* dst,
     std::fill(dst, dst + batch * rows * cols, 0.f);
     return Status::OK();
   }
+  const int32_t* in_use = options.entry_in_use;
+  const bool skips = in_use && std::find(in_use, in_use + batch, 0) != in_use + batch;
+  const bool per_entry = options.bias || skips;
   PrimitiveKey key;
-  key.kind = options.bias ? PrimitiveKey::Kind::kBiasedMatmul : PrimitiveKey::Kind::kMatmul;
+  key.kind = per_entry ? PrimitiveKey::Kind::kPerEntryMatmul : PrimitiveKey::Kind::kMatmul;
+  key.has_bias = options.bias != nullptr;
   key.threads = omp_get_max_threads();
   key.accumulate = options.accumulate;
   key.has_activation = options.activation.has_value();
@@ -197,20 +210,25 @@ Status OneDnnMatmul::run(const MatOperand& a, const MatOperand& b, float* dst,
   set_matrix(key.shape, 0, a);
   set_matrix(key.shape, 6, b);
   try {
-    const CachedPrimitive& prim = primitive(key, [&] { return make_matmul(a, b, options); });
+    const CachedPrimitive& prim =
+        primitive(key, [&] { return make_matmul(a, b, options, per_entry); });
     void* const scratch = scratchpad(prim.scratchpad_bytes);
     auto* const a_data = const_cast<char*>(static_cast<const char*>(a.data));
     auto* const b_data = const_cast<char*>(static_cast<const char*>(b.data));
-    if (!options.bias) {
+    if (!per_entry) {
       void* const data[] = {a_data, b_data, dst, scratch};
       prim.execute(stream_, std::span(data, prim.memories.size()));
     } else {
       const size_t a_step = a.strides[0] * memory::data_type_size(a.type);
       const size_t b_step = b.strides[0] * memory::data_type_size(b.type);
       for (int64_t i = 0; i < batch; ++i) {
-        void* const data[] = {a_data + i * a_step, b_data + i * b_step, dst + i * rows * cols,
-                              const_cast<float*>(options.bias) + i * cols, scratch};
-        prim.execute(stream_, std::span(data, prim.memories.size()));
+        if (in_use && in_use[i] == 0) continue;
+        // In the order of make_matmul's memories: src, weights, dst, bias if any, scratchpad.
+        std::array<void*, 5> data{a_data + i * a_step, b_data + i * b_step, dst + i * rows * cols};
+        size_t n = 3;
+        if (options.bias) data[n++] = const_cast<float*>(options.bias) + i * cols;
+        data[n] = scratch;
+        prim.execute(stream_, std::span(data.data(), prim.memories.size()));
       }
     }
     stream_.wait();

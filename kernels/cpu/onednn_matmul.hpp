@@ -41,17 +41,24 @@ struct MatmulOptions {
   const float* bias = nullptr;  // [batch, cols of dst], broadcast over rows
   bool accumulate = false;      // dst += result instead of dst = result
   std::optional<dnnl::algorithm> activation;  // eltwise post-op
+  // Per batch entry, whether it is computed: an entry whose value is 0 is skipped, its dst left
+  // as it was (an expert no token was routed to). Null: every entry is.
+  const int32_t* entry_in_use = nullptr;
 };
 
 // Everything that decides which primitive a call gets. oneDNN's own cache keys a primitive by its
 // descriptor (dims, strides, dtypes), its attributes (post-ops; the scratchpad mode, always user
 // here) and the thread count; the engine is the wrapper's own. A biased matmul's key also holds
-// the batch and batch strides, which only its loop uses: a finer key, never a wrong hit.
+// the batch and batch strides, which only its loop uses: a finer key, never a wrong hit. (A
+// per-entry matmul is made for one entry; its key holds the batch and batch strides likewise.)
 struct PrimitiveKey {
-  enum class Kind : uint8_t { kMatmul, kBiasedMatmul, kEltwiseForward, kEltwiseBackward };
+  // kMatmul: one batched call; kPerEntryMatmul: one 2-D call per batch entry (a bias per entry,
+  // or entries skipped).
+  enum class Kind : uint8_t { kMatmul, kPerEntryMatmul, kEltwiseForward, kEltwiseBackward };
   Kind kind = Kind::kMatmul;
   int threads = 0;  // omp_get_max_threads() where the primitive is made: oneDNN splits work by it
   bool accumulate = false;
+  bool has_bias = false;
   bool has_activation = false;
   dnnl::algorithm activation = dnnl::algorithm::undef;  // the post-op, or the eltwise algorithm
   dnnl::memory::data_type a_type = dnnl::memory::data_type::undef;
@@ -118,8 +125,9 @@ class OneDnnMatmul {
   // The cached primitive for `key`, made by `make()` on a miss.
   template <typename Make>
   const CachedPrimitive& primitive(const PrimitiveKey& key, Make&& make);
-  CachedPrimitive make_matmul(const MatOperand& a, const MatOperand& b,
-                              const MatmulOptions& options) const;
+  // per_entry: a 2-D primitive run once per batch entry (PrimitiveKey::Kind::kPerEntryMatmul).
+  CachedPrimitive make_matmul(const MatOperand& a, const MatOperand& b, const MatmulOptions& options,
+                              bool per_entry) const;
   // The scratchpad every primitive shares, grown to `bytes` when smaller; null for 0 bytes.
   void* scratchpad(size_t bytes);
 

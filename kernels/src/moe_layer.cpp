@@ -197,7 +197,7 @@ Status layer_forward(Backend& backend, const LayerSpec& spec, const LayerWeights
   TUTEL_RETURN_IF_ERROR(
       backend.expert_forward({dispatched, weights.experts, spec.activation, spec.matmul_dtype, pre,
                               hidden, expert_out, workspace,
-                              /*keep_hidden=*/training}));
+                              /*keep_hidden=*/training, expert_count}));
   TUTEL_RETURN_IF_ERROR(backend.decode({expert_out, gates, expert_index, location, C, spec.is_postscore, y}));
 
   ws.stats_ = RoutingStats{C, dropped, l_aux_host};

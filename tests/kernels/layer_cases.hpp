@@ -55,6 +55,7 @@ inline std::vector<LayerCase> all_cases() {
   add("KEqualsE", base_spec(3, 16, 24, 3, 1.0), 20);
   add("OneExpert", base_spec(1, 16, 32, 1, 1.0), 19);
   add("OneToken", base_spec(4, 16, 24, 2, 1.0), 1);
+  add("FewTokensManyExperts", base_spec(16, 16, 24, 2, 1.0), 3);  // most experts get no token
   add("CapacityOverflow", base_spec(4, 32, 32, 2, 0.5), 96);
   add("Dropless", base_spec(6, 24, 32, 2, 0.0), 70);
   add("DroplessCapped", base_spec(6, 24, 32, 2, -0.6), 70);

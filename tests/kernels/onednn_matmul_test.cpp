@@ -13,6 +13,7 @@
 #include <optional>
 #include <random>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 namespace tutel::cpu {
@@ -71,8 +72,10 @@ struct Buffers {
 };
 
 // The call as the wrapper made it before it cached anything: a new primitive (library
-// scratchpad) and new memory objects per call, one 2-D matmul per batch entry with a bias.
-std::vector<float> uncached(const Case& c, const Buffers& in) {
+// scratchpad) and new memory objects per call, one 2-D matmul per batch entry with a bias (or
+// where `per_entry`, as for entries skipped), the entries in `skip` left as they were.
+std::vector<float> uncached(const Case& c, const Buffers& in, bool per_entry = false,
+                            const std::vector<int32_t>& skip = {}) {
   dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   dnnl::stream stream(engine);
   std::vector<float> dst = in.dst;
@@ -82,7 +85,7 @@ std::vector<float> uncached(const Case& c, const Buffers& in) {
   if (c.activation) ops.append_eltwise(1.0f, *c.activation, 0.f, 0.f);
   dnnl::primitive_attr attr;
   attr.set_post_ops(ops);
-  if (!c.bias) {
+  if (!c.bias && !per_entry) {
     const memory::desc a_md(a.dims, a.type, a.strides), b_md(b.dims, b.type, b.strides);
     const memory::desc d_md({c.batch, c.rows, c.cols}, memory::data_type::f32,
                             {c.rows * c.cols, c.cols, 1});
@@ -98,30 +101,35 @@ std::vector<float> uncached(const Case& c, const Buffers& in) {
   const memory::desc b_md({c.inner, c.cols}, b.type, {b.strides[1], b.strides[2]});
   const memory::desc d_md({c.rows, c.cols}, memory::data_type::f32, {c.cols, 1});
   const memory::desc bias_md({1, c.cols}, memory::data_type::f32, {c.cols, 1});
-  const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, bias_md, d_md), attr,
-                                        engine);
+  const dnnl::matmul::primitive_desc pd =
+      c.bias ? dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_md, b_md, bias_md, d_md), attr, engine)
+             : dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_md, b_md, d_md), attr, engine);
   const size_t elem = c.bf16 ? 2 : 4;
   for (int64_t i = 0; i < c.batch; ++i) {
+    if (i < static_cast<int64_t>(skip.size()) && skip[i] == 0) continue;
     auto at = [](const void* p, size_t bytes) {
       return const_cast<char*>(static_cast<const char*>(p)) + bytes;
     };
-    dnnl::matmul(pd).execute(
-        stream, {{DNNL_ARG_SRC, memory(a_md, engine, at(a.data, i * a.strides[0] * elem))},
-                 {DNNL_ARG_WEIGHTS, memory(b_md, engine, at(b.data, i * b.strides[0] * elem))},
-                 {DNNL_ARG_DST, memory(d_md, engine, dst.data() + i * c.rows * c.cols)},
-                 {DNNL_ARG_BIAS,
-                  memory(bias_md, engine, const_cast<float*>(in.bias.data()) + i * c.cols)}});
+    std::unordered_map<int, memory> args = {
+        {DNNL_ARG_SRC, memory(a_md, engine, at(a.data, i * a.strides[0] * elem))},
+        {DNNL_ARG_WEIGHTS, memory(b_md, engine, at(b.data, i * b.strides[0] * elem))},
+        {DNNL_ARG_DST, memory(d_md, engine, dst.data() + i * c.rows * c.cols)}};
+    if (c.bias)
+      args.emplace(DNNL_ARG_BIAS, memory(bias_md, engine, const_cast<float*>(in.bias.data()) + i * c.cols));
+    dnnl::matmul(pd).execute(stream, args);
   }
   stream.wait();
   return dst;
 }
 
-std::vector<float> cached(OneDnnMatmul& mm, const Case& c, const Buffers& in) {
+std::vector<float> cached(OneDnnMatmul& mm, const Case& c, const Buffers& in,
+                          const std::vector<int32_t>& in_use = {}) {
   std::vector<float> dst = in.dst;
   const Status st = mm.run(in.a(c), in.b(c), dst.data(),
                            {.bias = c.bias ? in.bias.data() : nullptr,
                             .accumulate = c.accumulate,
-                            .activation = c.activation});
+                            .activation = c.activation,
+                            .entry_in_use = in_use.empty() ? nullptr : in_use.data()});
   EXPECT_TRUE(st.ok()) << st;
   return dst;
 }
@@ -189,6 +197,28 @@ TEST_F(OneDnnMatmulCache, CachedCallsGiveTheUncachedBitsWithNewBuffersEachCall) 
     }
   }
   EXPECT_EQ(mm.cached_primitives(), all.size());
+}
+
+// Entries not in use (an expert no token reached) are left as they were; the others get the bits
+// of one 2-D matmul per entry. Where every entry is in use, the call is the one without the list.
+TEST_F(OneDnnMatmulCache, EntriesNotInUseAreSkipped) {
+  OneDnnMatmul mm;
+  for (const Case& c : cases()) {
+    if (c.batch < 3) continue;
+    for (uint32_t round = 0; round < 2; ++round) {  // the second from the cache
+      SCOPED_TRACE(::testing::Message() << "batch " << c.batch << ", bias " << c.bias << ", bf16 " << c.bf16
+                                        << ", accumulate " << c.accumulate << ", round " << round);
+      const Buffers in(c, 77 + round);
+      std::vector<int32_t> in_use(c.batch, 5);
+      in_use[1] = 0;
+      in_use[c.batch - 1] = 0;
+      const std::vector<float> got = cached(mm, c, in, in_use);
+      expect_same_bits(got, uncached(c, in, /*per_entry=*/true, in_use), "entries skipped");
+      for (int64_t i = c.rows * c.cols; i < 2 * c.rows * c.cols; ++i) ASSERT_EQ(got[i], in.dst[i]);
+      const std::vector<int32_t> all_in_use(c.batch, 1);
+      expect_same_bits(cached(mm, c, in, all_in_use), uncached(c, in), "every entry in use");
+    }
+  }
 }
 
 TEST_F(OneDnnMatmulCache, EltwiseCachedCallsGiveTheUncachedBits) {
