@@ -649,6 +649,19 @@ class TorchModuleTest(unittest.TestCase):
         self.assertEqual(int(now["1.optimizer.step"]), 0)
         self.assertFalse(now[first_moment].any())
         self.assertEqual(int(now["1._num_global_experts"]), E)
+        # An older Tutel's expert tensors, with a leading size-1 dimension, load as Tutel loads
+        # them; the same elements in other dimensions (a transposed fc1) are a size mismatch.
+        legacy = {**tutel, **{"1." + n: torch.from_numpy(self.rng.normal(0, 1, state["1." + n].shape)).float()
+                              .unsqueeze(0) for n in ref.TUTEL_NAMES.values() if n.startswith("experts.")}}
+        result = model.load_state_dict(legacy)
+        self.assertEqual((result.missing_keys, result.unexpected_keys), ([], []))
+        now = moe_state()
+        for n in ref.TUTEL_NAMES.values():
+            self.assertTrue(torch.equal(now["1." + n], legacy["1." + n].reshape(now["1." + n].shape)), n)
+        fc1 = "1." + ref.TUTEL_NAMES["w1"]
+        with self.assertRaisesRegex(RuntimeError, "size mismatch for " + fc1):
+            model.load_state_dict({**tutel, fc1: tutel[fc1].transpose(1, 2).contiguous()})
+        self.assertTrue(torch.equal(moe_state()[fc1], now[fc1]))
         # A state_dict saved before the anchor was left out loads too.
         model.load_state_dict({**state, "1._anchor": torch.empty(0)})
 

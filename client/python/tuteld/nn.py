@@ -271,7 +271,9 @@ class MoE(torch.nn.Module):
     # optimizer has no state_dict of its own to hold it. Every entry is a tensor, so the dict
     # goes wherever torch's do (torch.save, safetensors). The anchor, an implementation detail,
     # is left out, and "_num_global_experts" (a Tutel MOELayer's buffer) is in, so that a Tutel
-    # state_dict loads under strict=True and this one into a Tutel layer.
+    # state_dict loads under strict=True (an older one's expert tensors with leading size-1
+    # dimensions too, as Tutel's load takes them), and this one's weights into a Tutel layer (with
+    # strict=False there, or the "optimizer." entries dropped: a Tutel layer has none).
     _OPTIMIZER = "optimizer."
     _STEP = "optimizer.step"
     _ANCHOR = "_anchor"
@@ -292,6 +294,16 @@ class MoE(torch.nn.Module):
             destination[prefix + name] = torch.from_numpy(values)
         destination[prefix + self._STEP] = torch.tensor(int(metadata.get("tuteld.step", "0")), dtype=torch.int64)
         destination[prefix + self._TUTEL_EXPERTS[0]] = torch.tensor(self.layer.experts, dtype=torch.int64)
+
+    @staticmethod
+    def _legacy_tutel_shape(name, given, shape):
+        """True for an expert tensor of an older Tutel checkpoint: the same dimensions with size-1
+        ones among them ([1, E, H, M] for [E, H, M]), which Tutel's own load reshapes. (Tutel
+        takes any tensor of as many elements; one of other dimensions, a transposed [E, M, H], is
+        refused here as a size mismatch, not read in the wrong order.)"""
+        def squeezed(dims):
+            return [d for d in dims if d != 1]
+        return name.startswith("experts.") and squeezed(given) == squeezed(shape)
 
     def _load_daemon_state(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                            error_msgs):
@@ -344,11 +356,11 @@ class MoE(torch.nn.Module):
             if not torch.is_tensor(value):
                 errors.append(f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like '
                               f"object from checkpoint but received {type(value)}")
-            elif tuple(value.shape) != shape:
+            elif tuple(value.shape) != shape and not self._legacy_tutel_shape(name, tuple(value.shape), shape):
                 errors.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)} from "
                               f"checkpoint, the shape in current model is {shape}.")
             else:
-                state[name] = value.detach().to("cpu", torch.float32).numpy()
+                state[name] = value.detach().to("cpu", torch.float32).reshape(shape).numpy()
         metadata = {}
         step = given.pop(self._STEP, None)
         if step is None and optimizer_given:  # moments without their step: keep the layer's
