@@ -127,6 +127,7 @@ Status Session::hello(const ClientOptions& options) {
   if (!described.ok()) return malformed_reply(described, "Hello");
   wait_policy_.spin = std::chrono::microseconds(std::clamp<int64_t>(spin_us, 0, 1000000));
   wait_policy_.timeout = options_.liveness_interval;
+  completion_spin_ = ipc::AdaptiveSpin(wait_policy_.spin);
   arena_ = std::move(arena);
   requests_ =
       ipc::RingProducer<ipc::RequestDescriptor>(arena_->request_control(), arena_->request_slots());
@@ -448,8 +449,11 @@ Status Session::complete_one(std::optional<Clock::time_point> deadline, std::chr
     return Status::Internal("waiting for a completion with nothing in flight");
   bool gone = false;
   ipc::CompletionDescriptor c;
+  const ipc::WaitPolicy policy{completion_spin_.next(), wait_policy_.timeout};
+  const auto waiting_since = Clock::now();
   ipc::PopResult r = completions_.pop_wait(
-      &c, wait_policy_, [&] { return gone = peer_gone(); }, deadline);
+      &c, policy, [&] { return gone = peer_gone(); }, deadline);
+  completion_spin_.observe(Clock::now() - waiting_since);
   if (r == ipc::PopResult::kEmpty && gone)
     r = completions_.try_pop(&c);  // posted just before the exit
   if (r == ipc::PopResult::kCorrupt) {

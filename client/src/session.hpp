@@ -24,6 +24,7 @@
 #include "region_import.hpp"
 #include "tutel/client.hpp"
 #include "tutel/core/status.hpp"
+#include "tutel/ipc/adaptive_spin.hpp"
 #include "tutel/ipc/arena.hpp"
 #include "tutel/ipc/protocol.hpp"
 #include "tutel/ipc/ring.hpp"
@@ -207,6 +208,9 @@ class Session {
   ipc::RingProducer<ipc::RequestDescriptor> requests_;
   ipc::RingConsumer<ipc::CompletionDescriptor> completions_;
   ipc::WaitPolicy wait_policy_;
+  // The spin of each wait for a completion, within wait_policy_.spin: none after a request that
+  // outlasted it, so that a client waiting for a long forward leaves the core to the daemon.
+  ipc::AdaptiveSpin completion_spin_{std::chrono::microseconds(0)};
   DataRegion region_;
   std::string tenant_;
   uint64_t session_id_ = 0;

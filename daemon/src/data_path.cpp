@@ -9,6 +9,7 @@
 
 #include "daemon_impl.hpp"
 #include "guarded.hpp"
+#include "tutel/ipc/adaptive_spin.hpp"
 #include "tutel/core/logging.hpp"
 
 namespace tutel::daemon {
@@ -107,9 +108,15 @@ void DaemonImpl::run_worker(const std::shared_ptr<Session>& s) {
   s->pinned = HostRegistration::register_with(ranks_, s->tenant, s->arena->data(), layout.data_bytes,
                                               "session " + std::to_string(s->id) + "'s arena");
   auto stopped = [&] { return s->stop.load(std::memory_order_relaxed); };
+  // The spin of each wait for a request, within the configured one: none after a wait that
+  // outlasted it (the client computes between its requests: spinning would take its core).
+  ipc::AdaptiveSpin request_spin(policy.spin);
   ipc::RequestDescriptor d;
   while (!stopped()) {
-    const ipc::PopResult r = s->requests.pop_wait(&d, policy, stopped);
+    const auto waiting_since = std::chrono::steady_clock::now();
+    const ipc::PopResult r =
+        s->requests.pop_wait(&d, ipc::WaitPolicy{request_spin.next(), policy.timeout}, stopped);
+    request_spin.observe(std::chrono::steady_clock::now() - waiting_since);
     if (r == ipc::PopResult::kEmpty) continue;
     if (r == ipc::PopResult::kCorrupt) {
       // The loop closes the session when it hears this thread has returned (on_workers_exited):
