@@ -1,9 +1,11 @@
 // tuteld --config FILE: serves MoE layers to the trainers on this node until SIGTERM/SIGINT.
+#include <malloc.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <stdlib.h>
 
 #include <CLI/CLI.hpp>
+#include <cstring>
 #include <iostream>
 
 #include "tutel/core/logging.hpp"
@@ -38,6 +40,16 @@ int main(int argc, char** argv) {
   // one daemon. Other control frames of one layer wait for each other on the loop, not here
   // (DaemonImpl::layer_work_).
   ::setenv("UV_THREADPOOL_SIZE", "64", /*overwrite=*/0);
+  // Tensors (weights, optimizer state, plans' buffers, staging) are blocks of megabytes that come
+  // and go with layers and plans. glibc raises its mmap threshold to the size of each mmapped
+  // block freed (up to 32 MiB), and blocks below it then come from its heaps, where freed ones
+  // stay resident: a daemon whose layers had all come and gone held 1.7 GB (docs/decisions.md).
+  // A fixed threshold keeps every block of 1 MiB or more mmapped, given back when freed. An
+  // operator's own setting (MALLOC_MMAP_THRESHOLD_, GLIBC_TUNABLES) is left to stand.
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  if (std::getenv("MALLOC_MMAP_THRESHOLD_") == nullptr &&
+      (tunables == nullptr || std::strstr(tunables, "mmap_threshold") == nullptr))
+    (void)::mallopt(M_MMAP_THRESHOLD, 1 << 20);
 
   auto config = tutel::daemon::load_config(config_path);
   if (!config.ok()) {
