@@ -186,6 +186,9 @@ std::string DaemonImpl::metrics_text() {
   for (const auto& rank : ranks_)
     for (const FairLock::Usage& u : rank->lock.usage()) busy[{rank->index, u.tenant}] = static_cast<double>(u.held_ns) * 1e-9;
   metrics_.set_rank_busy(std::move(busy));
+  Result<ProcessStats> process = read_process_stats();
+  if (!process.ok()) TUTEL_LOG(WARN) << "metrics: the process's own series are left out: " << process.status();
+  metrics_.set_process(process.ok() ? std::optional<ProcessStats>(*process) : std::nullopt);
   // Memory changes with requests, sessions and layers (whose parameters count until the last
   // request holding a destroyed one lets it go): read when scraped.
   for (const TenantConfig& t : config_.tenants) {

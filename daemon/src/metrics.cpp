@@ -175,6 +175,24 @@ std::string Metrics::prometheus_text() const {
   for (const auto& [k, v] : sessions_refused_)
     o << "tuteld_sessions_refused_total{tenant=\"" << label(k.first) << "\",reason=\"" << label(k.second) << "\"} "
       << v << "\n";
+  if (process_) {
+    // Prometheus's standard process series, by their standard names and help texts, so that the
+    // dashboards made for any exporter show the daemon's.
+    const ProcessStats& p = *process_;
+    auto series = [&](const char* name, const char* type, const char* help, const std::string& value) {
+      o << "# HELP " << name << " " << help << "\n# TYPE " << name << " " << type << "\n" << name << " " << value << "\n";
+    };
+    series("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.",
+           exact(p.cpu_seconds));
+    series("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.",
+           exact(p.start_time_seconds));
+    series("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", std::to_string(p.virtual_bytes));
+    series("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.",
+           std::to_string(p.resident_bytes));
+    series("process_open_fds", "gauge", "Number of open file descriptors.", std::to_string(p.open_fds));
+    series("process_max_fds", "gauge", "Maximum number of open file descriptors.", std::to_string(p.max_fds));
+    series("tuteld_threads", "gauge", "Threads of the daemon's process.", std::to_string(p.threads));
+  }
   o << "# HELP tuteld_draining 1 while the daemon drains (tutelctl drain): no new sessions or "
        "layers.\n"
     << "# TYPE tuteld_draining gauge\n"
@@ -252,6 +270,11 @@ void Metrics::set_live(std::map<int, bool> node_up, std::map<std::pair<std::stri
 void Metrics::set_plan_caches(std::map<std::pair<std::string, std::string>, PlanCache> caches) {
   std::lock_guard lock(mutex_);
   plan_caches_ = std::move(caches);
+}
+
+void Metrics::set_process(std::optional<ProcessStats> stats) {
+  std::lock_guard lock(mutex_);
+  process_ = std::move(stats);
 }
 
 void Metrics::set_layer_waits(std::map<std::pair<std::string, std::string>, double> waits) {

@@ -7,9 +7,12 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
+
+#include "process_stats.hpp"
 
 namespace tutel::daemon {
 
@@ -64,6 +67,10 @@ class Metrics {
   // just before rendering too.
   void set_rank_busy(std::map<std::pair<int, std::string>, double> seconds);
 
+  // The process's own resources (process_stats.hpp), read just before rendering too; nullopt
+  // where /proc could not be read (their series are left out).
+  void set_process(std::optional<ProcessStats> stats);
+
   std::string prometheus_text() const;
 
  private:
@@ -94,6 +101,7 @@ class Metrics {
   std::map<int, std::pair<std::string, bool>> ranks_;
   std::map<std::pair<int, std::string>, double> rank_busy_;
   std::map<std::pair<std::string, std::string>, uint64_t> sessions_refused_;  // (tenant, reason)
+  std::optional<ProcessStats> process_;
   int64_t active_sessions_ = 0;
   bool draining_ = false;
 };

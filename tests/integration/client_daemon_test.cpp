@@ -622,6 +622,35 @@ double metric_value(const std::string& text, const std::string& series) {
   return at == std::string::npos ? -1 : std::stod(text.substr(at + series.size() + 2));
 }
 
+// Prometheus's process series show the daemon's own resources, as /proc shows them from outside.
+TEST_F(ClientDaemon, TheMetricsShowTheProcesssOwnResources) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  ASSERT_TRUE(client->create_layer(spec("resources")).ok());
+  const pid_t pid = daemon_->pid();
+  auto entries = [](const std::string& dir) {
+    const auto it = std::filesystem::directory_iterator(dir);
+    return static_cast<double>(std::distance(std::filesystem::begin(it), std::filesystem::end(it)));
+  };
+  const double fds = entries("/proc/" + std::to_string(pid) + "/fd");
+  const double threads = entries("/proc/" + std::to_string(pid) + "/task");
+  const double resident = static_cast<double>(resident_mib(pid)) * (1 << 20);
+  const std::string text = ctl_json("metrics")["text"].get<std::string>();
+  const double now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  // Nothing else runs on the daemon meanwhile but tutelctl's own connection and its thread.
+  EXPECT_NEAR(metric_value(text, "process_open_fds"), fds, 4) << text;
+  EXPECT_NEAR(metric_value(text, "tuteld_threads"), threads, 4) << text;
+  EXPECT_NEAR(metric_value(text, "process_resident_memory_bytes"), resident, 0.25 * resident + (32 << 20)) << text;
+  EXPECT_GE(metric_value(text, "process_virtual_memory_bytes"), metric_value(text, "process_resident_memory_bytes"));
+  EXPECT_GE(metric_value(text, "process_max_fds"), metric_value(text, "process_open_fds"));
+  EXPECT_GE(metric_value(text, "process_cpu_seconds_total"), 0) << text;
+  const double started = metric_value(text, "process_start_time_seconds");
+  EXPECT_LE(started, now + 1) << text;
+  EXPECT_GT(started, now - 600) << "the daemon started with this test: " << text;
+  for (const char* type : {"# TYPE process_cpu_seconds_total counter", "# TYPE process_resident_memory_bytes gauge"})
+    EXPECT_NE(text.find(type), std::string::npos) << type;
+}
+
 // A backward for dx alone (ParamGrads::kKeep) between a plain backward and a step: its dx is a
 // plain backward's, and the step is the plain backward's alone. Layer a: plain (x1, dy1), then
 // kKeep (x2, dy2), step. Layer b, a twin: plain (x2, dy2) for the dx to compare, zero_grad, plain
