@@ -4,7 +4,11 @@
 #include "daemon_bench.hpp"
 
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -17,6 +21,7 @@
 #include "bench_daemon.hpp"
 #include "bench_util.hpp"
 #include "tutel/client.hpp"
+#include "tutel/core/safetensors.hpp"
 #include "tutel/kernels/moe_layer.hpp"
 
 namespace tutel::bench {
@@ -107,6 +112,32 @@ struct HostLayer {
   HostLayer& operator=(const HostLayer&) = delete;
 };
 
+// Copies the daemon's layer's weights into `host`, so that the two route alike: at decode sizes
+// a request's cost is the experts its tokens reach.
+Status copy_weights(client::Layer& layer, HostLayer& host) {
+  TUTEL_ASSIGN_OR_RETURN(client::ExportedState state, layer.export_state());
+  // The exported memfd may run past the file: a copy of the file alone, for the reader.
+  const int fd = ::memfd_create("tutel-bench-state", MFD_CLOEXEC);
+  if (fd < 0) return Status::IOError("memfd_create failed");
+  Result<SafetensorsFile> file = Status::IOError("cannot copy the exported state");
+  if (::write(fd, state.data(), state.size()) == static_cast<ssize_t>(state.size()))
+    file = SafetensorsFile::read(fd, "the daemon layer's state", state.size());
+  ::close(fd);
+  TUTEL_RETURN_IF_ERROR(file.status());
+  const std::pair<const char*, std::vector<float>*> tensors[] = {{kGateWeightName, &host.gate},
+                                                                  {kFc1WeightName, &host.fc1},
+                                                                  {kFc1BiasName, &host.fc1_bias},
+                                                                  {kFc2WeightName, &host.fc2},
+                                                                  {kFc2BiasName, &host.fc2_bias}};
+  for (const auto& [name, values] : tensors) {
+    const SafetensorsTensor* t = file->find(name);
+    if (t == nullptr || t->dtype != DType::kF32 || t->nbytes != values->size() * sizeof(float))
+      return Status::Internal(std::string("the daemon's layer has no f32 ") + name + " of the bench's shape");
+    std::memcpy(values->data(), t->data, t->nbytes);
+  }
+  return Status::OK();
+}
+
 // Context switches of every thread of `pid` so far (the daemon's threads live as long as it does).
 uint64_t context_switches(pid_t pid) {
   uint64_t total = 0;
@@ -121,8 +152,8 @@ uint64_t context_switches(pid_t pid) {
 
 // Decode-sized inferences (S = 1 to 128 at M = 256, H = 512), where what the daemon adds to a
 // request (the rings' wake-ups, the hand-over to the rank's thread, OpenMP's teams) is not lost
-// in the compute: through tuteld against the same forward in-process, with the daemon's context
-// switches per request.
+// in the compute: through tuteld against the same forward (the daemon layer's own weights) in
+// process, with the daemon's context switches per request.
 int run_decode_via_daemon(client::Client& client, pid_t daemon_pid, Backend& b, int threads, int repeats) {
   const int64_t M = 256, H = 512, E = 8;
   auto layer = client.create_layer("name = \"decode\"\nexperts = 8\nmodel_dim = 256\nhidden = 512\nk = 2\n"
@@ -133,7 +164,11 @@ int run_decode_via_daemon(client::Client& client, pid_t daemon_pid, Backend& b, 
   }
   std::mt19937 rng(5);
   std::normal_distribution<float> n(0.f, 1.f);
-  const HostLayer local_layer(E, M, H, rng);
+  HostLayer local_layer(E, M, H, rng);
+  if (Status st = copy_weights(*layer, local_layer); !st.ok()) {
+    std::fprintf(stderr, "tutel-bench: %s\n", st.to_string().c_str());
+    return 1;
+  }
   const LayerSpec& spec = local_layer.spec;
   const LayerWeights& w = local_layer.weights;
   const int calls = 100 * repeats;  // per measurement: a median of this many single requests
@@ -158,6 +193,12 @@ int run_decode_via_daemon(client::Client& client, pid_t daemon_pid, Backend& b, 
       std::fprintf(stderr, "tutel-bench: %s\n", st.to_string().c_str());
       return 1;
     }
+    for (size_t i = 0; i < y.size(); ++i)
+      if (!(std::abs(y[i] - y_local[i]) <= 1e-5f * (1.f + std::abs(y_local[i])))) {
+        std::fprintf(stderr, "tutel-bench: S=%lld: the daemon's y[%zu] = %g, in-process %g: not the same layer\n",
+                     (long long)S, i, y[i], y_local[i]);
+        return 1;
+      }
     std::printf("S=%-4lld in-process %8.1f us   through tuteld %8.1f us   added %7.1f us   daemon context switches "
                 "per request %5.1f\n",
                 (long long)S, local * 1e6, remote * 1e6, (remote - local) * 1e6, switches);
