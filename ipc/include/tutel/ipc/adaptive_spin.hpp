@@ -20,7 +20,10 @@ namespace tutel::ipc {
 
 class AdaptiveSpin {
  public:
-  static constexpr uint32_t kProbeEvery = 32;
+  // Often enough that work just under the budget, whose waits asleep look long (the work and a
+  // wake-up), gets its spin back within a few waits after one slow wait sent it to sleep; a probe
+  // of a long wait costs at most the budget of a core, once per kProbeEvery such waits.
+  static constexpr uint32_t kProbeEvery = 8;
 
   explicit AdaptiveSpin(std::chrono::microseconds budget) : budget_(budget) {}
 
