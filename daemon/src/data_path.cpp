@@ -9,8 +9,8 @@
 
 #include "daemon_impl.hpp"
 #include "guarded.hpp"
-#include "tutel/ipc/adaptive_spin.hpp"
 #include "tutel/core/logging.hpp"
+#include "tutel/ipc/adaptive_spin.hpp"
 
 namespace tutel::daemon {
 namespace {
