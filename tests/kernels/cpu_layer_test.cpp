@@ -70,8 +70,8 @@ void run_case(const LayerCase& case_in, DType matmul_dtype, double fwd_rtol, dou
   EXPECT_TRUE(all_close("gates", gates, want.gates, 1e-5, 1e-6));
   EXPECT_TRUE(all_close("y", y.download(), want.y, fwd_rtol, fwd_atol));
 
-  // The inference forward (no noise: the reference's y is of the noise-free gate only without
-  // it), which skips the experts no token reached.
+  // The inference forward, which skips the experts no token reached (in the cases without gate
+  // noise: an inference draws none, and the reference's y has the case's noise in it).
   if (!c.noise) {
     LayerWorkspace inference_ws;
     DeviceTensor y_inference(b, DType::kF32, {S, O});
