@@ -257,15 +257,6 @@ TEST_F(ClientDaemon, KilledClientFreesItsSessionAndPendingForwards) {
   EXPECT_TRUE(layer->infer(x.data(), 8, y.data()).ok());
 }
 
-// Resident memory of `pid` in MiB (VmRSS).
-int64_t resident_mib(pid_t pid) {
-  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
-  for (std::string line; std::getline(status, line);)
-    if (line.rfind("VmRSS:", 0) == 0) return std::stoll(line.substr(6)) / 1024;
-  ADD_FAILURE() << "no VmRSS for pid " << pid;
-  return -1;
-}
-
 // What layers held goes back to the system when they go. Their tensors are blocks of megabytes,
 // which glibc serves from its heaps once a freed block has raised its mmap threshold, and freed
 // there they stayed resident: six layers trained at a few batch sizes and destroyed left ~390 MB
@@ -281,7 +272,8 @@ TEST_F(ClientDaemon, ALayersMemoryGoesBackToTheSystemWhenItIsDestroyed) {
   std::vector<float> x(300 * M, 0.25f), y(300 * M), dx(300 * M);
   // One round first: what stays for good (oneDNN's kernels and caches, the pool's threads).
   for (int round = 0; round < 2; ++round) {
-    const int64_t before = resident_mib(daemon_->pid());
+    const int64_t before = daemon_->resident_mib();
+    ASSERT_GT(before, 0) << "no VmRSS for the daemon in /proc";
     std::vector<client::Layer> layers;
     for (int i = 0; i < 6; ++i) {
       const int H = 512 << (i % 3);
@@ -296,9 +288,9 @@ TEST_F(ClientDaemon, ALayersMemoryGoesBackToTheSystemWhenItIsDestroyed) {
       }
       layers.push_back(std::move(*layer));
     }
-    const int64_t held = resident_mib(daemon_->pid());
+    const int64_t held = daemon_->resident_mib();
     for (auto& layer : layers) ASSERT_TRUE(layer.destroy().ok());
-    const int64_t after = resident_mib(daemon_->pid());
+    const int64_t after = daemon_->resident_mib();
     SCOPED_TRACE(::testing::Message() << "round " << round << ": " << before << " MiB before, " << held
                                       << " MiB with the layers, " << after << " MiB after");
     ASSERT_GT(held - before, 300) << "the layers should have held hundreds of MiB";
@@ -632,14 +624,9 @@ TEST_F(ClientDaemon, TheMetricsShowTheProcesssOwnResources) {
   auto client = client::Client::connect(daemon_->client_socket());
   ASSERT_TRUE(client.ok()) << client.status();
   ASSERT_TRUE(client->create_layer(spec("resources")).ok());
-  const pid_t pid = daemon_->pid();
-  auto entries = [](const std::string& dir) {
-    const auto it = std::filesystem::directory_iterator(dir);
-    return static_cast<double>(std::distance(std::filesystem::begin(it), std::filesystem::end(it)));
-  };
-  const double fds = entries("/proc/" + std::to_string(pid) + "/fd");
-  const double threads = entries("/proc/" + std::to_string(pid) + "/task");
-  const double resident = static_cast<double>(resident_mib(pid)) * (1 << 20);
+  const double fds = static_cast<double>(daemon_->open_descriptors());
+  const double threads = static_cast<double>(daemon_->threads());
+  const double resident = static_cast<double>(daemon_->resident_mib()) * (1 << 20);
   const std::string text = ctl_json("metrics")["text"].get<std::string>();
   const double now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
   // Nothing else runs on the daemon meanwhile but tutelctl's own connection and its thread.

@@ -78,6 +78,16 @@ class DaemonProcess {
     return s.str();
   }
   pid_t pid() const { return pid_; }
+  // What the running daemon holds, seen from outside through /proc: its open descriptors, its
+  // threads, its resident memory (VmRSS) in MiB (-1 where /proc does not say).
+  size_t open_descriptors() const { return entries("/fd"); }
+  size_t threads() const { return entries("/task"); }
+  int64_t resident_mib() const {
+    std::ifstream status(proc_dir() + "/status");
+    for (std::string line; std::getline(status, line);)
+      if (line.rfind("VmRSS:", 0) == 0) return std::stoll(line.substr(6)) / 1024;
+    return -1;
+  }
   // Another config for the next start (state_dir and sockets stay).
   void reconfigure(const DaemonOptions& o) {
     options_ = o;
@@ -203,6 +213,13 @@ class DaemonProcess {
   DaemonOptions options_;
   std::string dir_;
   pid_t pid_ = -1;
+  std::string proc_dir() const { return "/proc/" + std::to_string(pid_); }
+  size_t entries(const char* under) const {
+    size_t n = 0;
+    std::error_code ec;
+    for (std::filesystem::directory_iterator it(proc_dir() + under, ec), end; !ec && it != end; it.increment(ec)) ++n;
+    return n;
+  }
   int exit_status_ = -1;
   size_t log_start_ = 0;  // the log's size when the current start began
 };

@@ -1358,11 +1358,7 @@ TEST_F(ProtocolAbuse, AClientThatNeverReadsItsRepliesHoldsUpNoOneElse) {
 // A daemon out of descriptors cannot accept: it pauses accepting (instead of spinning on a
 // listener that stays readable), says why in its log, and serves again once descriptors free up.
 TEST_F(ProtocolAbuse, ADaemonOutOfDescriptorsPausesAcceptingAndRecovers) {
-  size_t open_fds = 0;
-  for (const auto& e : std::filesystem::directory_iterator("/proc/" + std::to_string(daemon_->pid()) + "/fd")) {
-    (void)e;
-    ++open_fds;
-  }
+  const size_t open_fds = daemon_->open_descriptors();
   rlimit old{};
   ASSERT_EQ(::prlimit(daemon_->pid(), RLIMIT_NOFILE, nullptr, &old), 0) << std::strerror(errno);
   const rlimit low{open_fds + 4, old.rlim_max};  // the soft limit only: it can be raised back

@@ -141,14 +141,15 @@ std::vector<Case> cases() {
   for (bool bf16 : {false, true}) {
     out.push_back(
         {.batch = 1, .rows = 3, .inner = 64, .cols = 8, .b_transposed = true, .bf16 = bf16});
-    out.push_back({.batch = 4,
-                   .rows = 5,
-                   .inner = 64,
-                   .cols = 96,
-                   .b_transposed = true,
-                   .bf16 = bf16,
-                   .bias = true,
-                   .activation = dnnl::algorithm::eltwise_relu});
+    for (dnnl::algorithm fc1_activation : {dnnl::algorithm::eltwise_relu, dnnl::algorithm::eltwise_gelu_erf})
+      out.push_back({.batch = 4,
+                     .rows = 5,
+                     .inner = 64,
+                     .cols = 96,
+                     .b_transposed = true,
+                     .bf16 = bf16,
+                     .bias = true,
+                     .activation = fc1_activation});
     out.push_back({.batch = 4, .rows = 5, .inner = 96, .cols = 64, .bf16 = bf16, .bias = true});
     out.push_back({.batch = 4,
                    .rows = 96,
@@ -157,14 +158,6 @@ std::vector<Case> cases() {
                    .a_transposed = true,
                    .bf16 = bf16,
                    .accumulate = true});
-    out.push_back({.batch = 4,
-                   .rows = 5,
-                   .inner = 64,
-                   .cols = 96,
-                   .b_transposed = true,
-                   .bf16 = bf16,
-                   .bias = true,
-                   .activation = dnnl::algorithm::eltwise_gelu_erf});
   }
   out.push_back({.batch = 3,
                  .rows = 17,
