@@ -1,9 +1,11 @@
 // A tuteld for a benchmark: started from the bench's own bin/ directory on a throwaway config
 // in a fresh temporary directory, stopped by its PID when the object dies, and by the kernel
 // (SIGTERM, PR_SET_PDEATHSIG) when the benchmark dies without running its destructors (a
-// SIGTERM left it running before). The temporary directory stays in that case.
+// SIGTERM left it running before). The temporary directory stays in that case, naming the
+// benchmark's PID (bench.pid); the next benchmark's daemon removes it (remove_stale_bench_dirs).
 #pragma once
 
+#include <errno.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -18,15 +20,39 @@
 
 namespace tutel::bench {
 
+inline constexpr const char* kBenchDirPrefix = "tutel-bench-";
+
+// Removes the directories under `parent` that BenchDaemons of benchmarks no longer running left
+// (killed before their destructors ran): those whose bench.pid names no process. A directory
+// without that file, of another user, or whose process runs (or whose PID was reused) stays.
+// Returns how many it removed.
+inline int remove_stale_bench_dirs(const std::string& parent = "/tmp") {
+  int removed = 0;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(parent, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind(kBenchDirPrefix, 0) != 0 || !entry.is_directory(ec) || entry.is_symlink(ec)) continue;
+    std::ifstream file(entry.path() / "bench.pid");
+    long pid = 0;
+    if (!(file >> pid) || pid <= 0) continue;
+    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // alive, or not ours to ask
+    std::error_code removing;
+    if (std::filesystem::remove_all(entry.path(), removing) > 0 && !removing) ++removed;
+  }
+  return removed;
+}
+
 class BenchDaemon {
  public:
   // `state_dir`: the daemon gets one (clients may save and load; it checkpoints its layers when
   // it stops).
   BenchDaemon(const std::string& self, const std::string& backend, int threads, const std::string& arena,
               int spin_us = -1, bool state_dir = false) {
-    char tmpl[] = "/tmp/tutel-bench-XXXXXX";
-    if (::mkdtemp(tmpl) == nullptr) return;  // not running(): the benchmark says it could not start
+    remove_stale_bench_dirs();
+    std::string tmpl = std::string("/tmp/") + kBenchDirPrefix + "XXXXXX";
+    if (::mkdtemp(tmpl.data()) == nullptr) return;  // not running(): the benchmark says it could not start
     dir_ = tmpl;
+    std::ofstream(dir_ + "/bench.pid") << ::getpid() << "\n";
     std::ofstream(dir_ + "/tuteld.toml")
         << "[server]\nclient_socket = \"client.sock\"\nadmin_socket = \"admin.sock\"\n"
         << "metrics_listen = \"\"\nlog_level = \"warn\"\narena_bytes = \"" << arena << "\"\n"
