@@ -4,7 +4,7 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <cstring>
+#include <cstdint>
 #include <thread>
 #include <utility>
 
@@ -22,19 +22,15 @@ int run_grads_bench(const GradsBenchOptions& o) {
   }
   Backend& b = **backend;
   const size_t bytes = static_cast<size_t>(o.floats) * 4;
-  auto src = b.allocate(bytes), dst = b.allocate(bytes), sum = b.allocate(4);
-  if (!src.ok() || !dst.ok() || !sum.ok()) {
-    std::fprintf(stderr, "tutel-bench grads: cannot allocate 2 x %zu bytes\n", bytes);
+  auto src = b.allocate(bytes), sum = b.allocate(4);
+  if (!src.ok() || !sum.ok()) {
+    std::fprintf(stderr, "tutel-bench grads: cannot allocate %zu bytes\n", bytes);
     return 1;
   }
   float* s = static_cast<float*>(src->data());
-  char* d = static_cast<char*>(dst->data());
   // First touch by the threads that will read them, as the backend's own buffers are.
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t i = 0; i < o.floats; ++i) {
-    s[i] = static_cast<float>(i % 1021) * 1e-3f;
-    reinterpret_cast<float*>(d)[i] = 0.f;
-  }
+  for (int64_t i = 0; i < o.floats; ++i) s[i] = static_cast<float>(i % 1021) * 1e-3f;
   const TensorView grads(s, DType::kF32, {o.floats}, b.device()), total(sum->data(), DType::kF32, {1}, b.device());
   Status failed;
   auto note = [&](Status st) {
@@ -46,7 +42,9 @@ int run_grads_bench(const GradsBenchOptions& o) {
   });
   const double scale_s = median_seconds(1, o.repeats, [&] { note(b.scale(grads, 1.0f)); });
   // The ceilings, on the same threads, each its own contiguous part (whole cache lines): a read
-  // of the same bytes (the norm only reads), and a copy of them (scale reads and writes).
+  // of the same bytes (the norm only reads), and a rewrite of them in place (scale reads and
+  // writes each byte where it is: a copy to a second buffer moved twice the cache lines, and
+  // scale beat that "ceiling" at sizes that fit the caches).
   auto part_of = [&](size_t parts, size_t part) {
     const size_t lines = bytes / 64, begin = lines / parts * part * 64;
     return std::pair{begin, part + 1 == parts ? bytes : lines / parts * (part + 1) * 64};
@@ -65,11 +63,16 @@ int run_grads_bench(const GradsBenchOptions& o) {
     }
     read_check = all;  // used, so the reads stay
   });
-  const double copy_s = median_seconds(1, o.repeats, [&] {
+  // XOR with a key the compiler cannot know is 0: every word read and written back unchanged.
+  volatile uint64_t zero_key = 0;
+  const uint64_t key = zero_key;
+  const double rewrite_s = median_seconds(1, o.repeats, [&] {
 #pragma omp parallel num_threads(threads)
     {
       const auto [begin, end] = part_of(static_cast<size_t>(omp_get_num_threads()), static_cast<size_t>(omp_get_thread_num()));
-      std::memcpy(d + begin, reinterpret_cast<const char*>(s) + begin, end - begin);
+      uint64_t* words = reinterpret_cast<uint64_t*>(reinterpret_cast<char*>(s) + begin);
+#pragma omp simd
+      for (size_t i = 0; i < (end - begin) / 8; ++i) words[i] ^= key;
     }
   });
   float norm_squares = 0;
@@ -85,9 +88,10 @@ int run_grads_bench(const GradsBenchOptions& o) {
   std::printf("  read (ceiling of the norm)    %8.2f ms  %6.1f GB/s read\n", read_s * 1e3, gb / read_s);
   std::printf("  add_sum_squares               %8.2f ms  %6.1f GB/s read         %.2f x the read's time\n",
               norm_s * 1e3, gb / norm_s, norm_s / read_s);
-  std::printf("  memcpy (ceiling of scale)     %8.2f ms  %6.1f GB/s read+write   \n", copy_s * 1e3, 2 * gb / copy_s);
-  std::printf("  scale (in place)              %8.2f ms  %6.1f GB/s read+write   %.2f x the copy's time\n",
-              scale_s * 1e3, 2 * gb / scale_s, scale_s / copy_s);
+  std::printf("  rewrite (ceiling of scale)    %8.2f ms  %6.1f GB/s read+write   \n", rewrite_s * 1e3,
+              2 * gb / rewrite_s);
+  std::printf("  scale (in place)              %8.2f ms  %6.1f GB/s read+write   %.2f x the rewrite's time\n",
+              scale_s * 1e3, 2 * gb / scale_s, scale_s / rewrite_s);
   return 0;
 }
 

@@ -99,7 +99,7 @@ int main(int argc, char** argv) {
 
   tutel::bench::GradsBenchOptions grads;
   CLI::App* grads_cmd = app.add_subcommand(
-      "grads", "the gradient norm's and scale's CPU kernels (add_sum_squares, scale) vs a read and a memcpy of the same bytes");
+      "grads", "the gradient norm's and scale's CPU kernels (add_sum_squares, scale) vs a read and an in-place rewrite of the same bytes");
   grads_cmd->add_option("--floats", grads.floats, "gradient floats (default: E=8 M=1024 H=4096's)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
