@@ -442,6 +442,33 @@ class ClientModuleTest(unittest.TestCase):
         with self.assertRaises(tuteld.TutelError):
             layer.backward(np.zeros_like(y))
 
+    def test_inputs_of_every_layout_reach_the_daemon_alike(self):
+        # The module passes a writable float32 array's memory through the buffer protocol and a
+        # read-only one through array.ctypes; a strided or float64 one is copied first.
+        p, x = random_case(self.rng, 6)
+        layer = self.make_layer(p)
+        y_ref = ref.forward(p, x, K, F)[0]
+        x32 = x.astype(np.float32)
+        read_only = np.frombuffer(x32.tobytes(), np.float32).reshape(6, M)
+        self.assertFalse(read_only.flags.writeable)
+        strided = np.empty((6, 2 * M), np.float32)[:, ::2]
+        strided[...] = x32
+        for what, given in (("float32", x32), ("read-only", read_only), ("strided", strided), ("float64", x)):
+            y, _ = layer.infer(given)
+            self.assertEqual((y.shape, y.dtype), ((6, M), np.float32), what)
+            self.assert_close(y, y_ref, f"y of a {what} x")
+        # The leading shape is kept, a single token (one dimension) included.
+        self.assert_close(layer.infer(x32.reshape(2, 3, M))[0], y_ref.reshape(2, 3, M), "y of x [2, 3, M]")
+        self.assert_close(layer.infer(x32[0])[0], ref.forward(p, x[:1], K, F)[0][0], "y of x [M]")
+        # A read-only dy too, and dx in dy's leading shape.
+        y, _ = layer.forward(x32.reshape(2, 3, M))
+        dy = np.frombuffer(np.ones(6 * M, np.float32).tobytes(), np.float32).reshape(2, 3, M)
+        dx = layer.backward(dy)
+        self.assertEqual((dx.shape, dx.dtype), ((2, 3, M), np.float32))
+        _, _, saved = ref.forward(p, x, K, F)
+        dx_ref = ref.backward(p, saved, np.ones((6, M)), 0.0)[0].reshape(2, 3, M)
+        self.assert_close(dx, dx_ref, "dx of a read-only dy")
+
     def test_a_layer_attached_again_is_the_same_layer(self):
         p, x = random_case(self.rng, 8)
         self.make_layer(p).release()
