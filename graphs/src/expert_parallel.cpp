@@ -167,8 +167,9 @@ std::string rank_list(const std::vector<int>& ranks) {
 // them, and the creation's own words below): moves whenever that changes. 2: stop 25's tagged
 // agreements and numbered forwards. 3: the restored tuner decisions' word at creation. 4: a
 // step's agreement carries values every rank must pass alike (all_reduce_gate_grad), and the
-// creation's words are padded to a fixed width.
-constexpr int64_t kGroupProtocolVersion = 4;
+// creation's words are padded to a fixed width. 5: a layer of at most kMaxAgreedCounts experts
+// agrees on the experts' counts at each forward (every agreement is E values wider).
+constexpr int64_t kGroupProtocolVersion = 5;
 
 // The tuner decisions a rank restored, as one word the ranks compare: 0 for none.
 uint64_t restored_fingerprint(const std::vector<TunerDecision>& decided) {
@@ -218,7 +219,7 @@ Status compare_with_group(Backend& backend, comm::Communicator& comm, const Laye
   // What the ranks' agreements look like: a daemon whose calls open with other agreements
   // would pair them with all-reduces of another size or meaning.
   Fingerprint wire;
-  wire.add(kGroupProtocolVersion).add(static_cast<int64_t>(ExpertParallelLayer::kAgreementWidth));
+  wire.add(kGroupProtocolVersion).add(static_cast<int64_t>(ExpertParallelLayer::agreement_width(sp)));
   constexpr size_t kWords = 8;  // 5 in use, 3 kept for later builds (zero)
   const uint64_t mine[kWords] = {spec.value(), how.value(), wire.value(), valid_here.ok() ? 1u : 0u,
                                  restored_fingerprint(options.tune.decided)};
@@ -374,7 +375,7 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   // tagged agreements (agree) and the tuner's (one value per candidate).
   // The gradient norm's all-reduce buffer likewise ([E·M] gate gradient, one sum of squares).
   DeviceBuffer agreed, grad_norm;
-  for (auto [buffer, bytes] : {std::pair{&agreed, std::max<size_t>(kAgreementWidth, TunerOptions::kMaxCandidates) * sizeof(int64_t)},
+  for (auto [buffer, bytes] : {std::pair{&agreed, std::max<size_t>(agreement_width(spec), TunerOptions::kMaxCandidates) * sizeof(int64_t)},
                                std::pair{&grad_norm, static_cast<size_t>(spec.experts * spec.model_dim + 1) * 4}}) {
     if (!valid.ok()) break;
     Result<DeviceBuffer> made = backend.allocate(bytes);
@@ -394,6 +395,7 @@ Result<ExpertParallelLayer> ExpertParallelLayer::create(Backend& backend, comm::
   s.alignment = shard.shards;
   ExpertParallelLayer layer(backend, comm, s, shard, options);
   layer.fixed_ = configs[0];  // a single candidate is what runs
+  layer.local_in_use_.assign(static_cast<size_t>(shard.local_experts), 1);
   layer.worker_ = std::move(worker);
   layer.tuner_ = std::move(tuner);
   if (!restored_differ.empty()) {
@@ -794,10 +796,12 @@ Status ExpertParallelLayer::agree_on_max(int64_t* values, size_t count) {
 }
 
 Status ExpertParallelLayer::agree(Agreement what, int64_t* values, size_t count) {
-  TUTEL_CHECK(count <= kAgreementValues);
-  int64_t all[kAgreementWidth] = {static_cast<int64_t>(what), -static_cast<int64_t>(what)};
+  // Every agreement of the layer is as wide, whatever it carries (see kAgreementWidth).
+  const size_t width = agreement_width(spec_);
+  TUTEL_CHECK(count + 2 <= width);
+  int64_t all[kAgreementWidth + kMaxAgreedCounts] = {static_cast<int64_t>(what), -static_cast<int64_t>(what)};
   std::copy(values, values + count, all + 2);
-  TUTEL_RETURN_IF_ERROR(agree_on_max(all, kAgreementWidth));
+  TUTEL_RETURN_IF_ERROR(agree_on_max(all, width));
   const int64_t highest = all[0], lowest = -all[1];
   if (highest == lowest) {
     std::copy(all + 2, all + 2 + count, values);
@@ -1175,9 +1179,13 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   if (ready.ok())
     ready =
         b.copy(host_counts_.data(), counts.data(), E * sizeof(int32_t), CopyKind::kDeviceToHost);
-  int64_t agreed[3] = {S, *std::max_element(host_counts_.begin(), host_counts_.end()),
-                       ready.ok() ? 0 : 1};
-  TUTEL_RETURN_IF_ERROR(agree(Agreement::kForward, agreed, 3));
+  // With E <= kMaxAgreedCounts, each expert's count follows: after the MAX, an expert at 0 got no
+  // token from any rank, and an inference leaves it out (below).
+  const int64_t agreed_counts = static_cast<int64_t>(agreement_width(spec_) - kAgreementWidth);
+  int64_t agreed[3 + kMaxAgreedCounts] = {S, *std::max_element(host_counts_.begin(), host_counts_.end()),
+                                          ready.ok() ? 0 : 1};
+  std::copy(host_counts_.begin(), host_counts_.begin() + agreed_counts, agreed + 3);
+  TUTEL_RETURN_IF_ERROR(agree(Agreement::kForward, agreed, 3 + static_cast<size_t>(agreed_counts)));
   // From here every rank is in this forward: it is the group's next, refused or not.
   const int64_t number = ++forwards_;
   if (!ready.ok()) return refuse(ready);
@@ -1190,6 +1198,14 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   const int64_t C = layer_capacity(spec_, agreed[0], agreed[1]), R = W * C;
   int64_t dropped = 0;
   for (int64_t e = 0; e < E; ++e) dropped += std::max<int64_t>(0, host_counts_[e] - C);
+  // An inference computes only the local experts some rank routed a token to (the CPU backend
+  // skips the others: ExpertForwardArgs::expert_count), as the agreement says: host memory, which
+  // only a CPU backend reads as its own. (A training forward computes every expert.)
+  TensorView local_in_use;
+  if (!training && agreed_counts > 0 && b.device().kind == DeviceKind::kCpu) {
+    for (int64_t l = 0; l < El; ++l) local_in_use_[l] = agreed[3 + shard_.first_expert + l] > 0 ? 1 : 0;
+    local_in_use = TensorView(local_in_use_.data(), DType::kI32, {El}, b.device());
+  }
 
   const int64_t widest = std::max(M, O), H = spec_.hidden;
   const int64_t disp_size = static_cast<int64_t>(dtype_size(spec_.dispatch_dtype()));
@@ -1305,7 +1321,9 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
                 {dispatched, whole_view(gathered_, gathers_copies(local)), spec_.activation,
                  spec_.matmul_dtype,
                  keep_pre ? f32(st.pre_, {E, C, H}) : TensorView(), f32(st.hidden_, {E, C, H}),
-                 f32(st.combined_, {E, C, O}), workspace(), /*keep_hidden=*/training}));
+                 f32(st.combined_, {E, C, O}), workspace(), /*keep_hidden=*/training,
+                 // Every expert on this rank's own tokens: its own counts say which it routed to.
+                 training ? TensorView() : counts}));
             return combine();
           }
           TUTEL_RETURN_IF_ERROR(dispatch(disp_at(dispatched_, 0, {E, C, M})));
@@ -1334,7 +1352,7 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
                      keep_pre ? f32_at(st.pre_, first * Hq, {El, Rj, Hq}) : TensorView(),
                      f32_at(st.hidden_, first * Hq, {El, Rj, Hq}),
                      f32_at(expert_out_, first * O, {El, Rj, O}), workspace(),
-                     /*keep_hidden=*/training}));
+                     /*keep_hidden=*/training, local_in_use}));
                 if (s > 1 && spec_.has_fc2_bias) {
                   const BiasColumns bias = fc2_bias_columns(bias_slices, q);
                   TUTEL_RETURN_IF_ERROR(b.add_row_bias(f32_at(expert_out_, first * O, {Rj, O}),

@@ -609,8 +609,15 @@ Status CpuBackend::expert_forward(const ExpertForwardArgs& a) {
                                  a.workspace));
     TUTEL_RETURN_IF_ERROR(dnnl_.eltwise_forward(eltwise_of(a.activation), pre, hidden, E * C * H));
   }
-  return matmul(row_major(hidden, E, C, H), fc2, a.expert_out.data_as<float>(),
-                {.bias = b2, .entry_in_use = in_use}, a.matmul_dtype, a.workspace);
+  float* out = a.expert_out.data_as<float>();
+  TUTEL_RETURN_IF_ERROR(matmul(row_major(hidden, E, C, H), fc2, out, {.bias = b2, .entry_in_use = in_use},
+                               a.matmul_dtype, a.workspace));
+  // A skipped expert's rows hold zeros, not what the buffer held before: nothing here reads them,
+  // but the expert-parallel layer sends every row back to the tokens' ranks.
+  if (in_use)
+    for (int64_t e = 0; e < E; ++e)
+      if (in_use[e] == 0) std::fill_n(out + e * C * O, C * O, 0.f);
+  return Status::OK();
 }
 
 Status CpuBackend::expert_backward(const ExpertBackwardArgs& a) {

@@ -92,6 +92,26 @@ class ExchangeThreads final : public ForwardingCommunicator {
   std::vector<size_t> pieces_;  // of each all-to-all's blocks
 };
 
+// Keeps, for every inference's expert_forward (keep_hidden false), which experts it was told are
+// in use (ExpertForwardArgs::expert_count > 0); an empty list where it was told nothing.
+class InUseRecorder final : public ForwardingBackend {
+ public:
+  explicit InUseRecorder(std::unique_ptr<Backend> inner) : ForwardingBackend(std::move(inner)) {}
+  Status expert_forward(const ExpertForwardArgs& a) override {
+    if (!a.keep_hidden) {
+      std::vector<bool> in_use;
+      const int32_t* count = a.expert_count.empty() ? nullptr : a.expert_count.data_as<int32_t>();
+      for (int64_t e = 0; count && e < a.expert_count.dim(0); ++e) in_use.push_back(count[e] > 0);
+      calls_.push_back(std::move(in_use));
+    }
+    return ForwardingBackend::expert_forward(a);
+  }
+  const std::vector<std::vector<bool>>& calls() const { return calls_; }
+
+ private:
+  std::vector<std::vector<bool>> calls_;
+};
+
 EpCase two_dh(int local_size, EpCase c) {
   c.algo = comm::AllToAllAlgo::k2DH;
   c.local_size = local_size;
@@ -260,6 +280,13 @@ std::vector<EpCase> cases() {
       parallelism(2, {"TwoPartsFourRanksShardedInFourOneWithoutTokens", 4, 1, 64, 1, 0.0, {10, 20, 0, 40}}),
       {"TwoRanksWithoutTokens", 2, 4, 32, 2, 1.0, {0, 0}},
       data_parallel({"DataParallelTwoRanksWithoutTokens", 2, 4, 32, 2, 1.0, {0, 0}}),
+      // Decode-sized steps: a few tokens among many experts, so that an inference leaves out the
+      // experts no rank routed a token to (whole experts, chunks, r = 0, H-shards, bf16).
+      {"FewTokensSixteenExpertsTwoRanks", 2, 16, 32, 1, 1.0, {3, 2}},
+      pipelined(2, {"PipelinedFewTokensSixteenExpertsTwoRanks", 2, 16, 32, 2, 1.0, {2, 3}}),
+      data_parallel({"DataParallelFewTokensSixteenExpertsTwoRanks", 2, 16, 32, 1, 1.0, {3, 1}}),
+      {"FewTokensFourRanksTwoExpertsShardedInTwo", 4, 2, 48, 1, 1.0, {1, 0, 0, 1}},
+      bf16_matmuls(two_dh(2, {"Bf16TwoDhFewTokensSixteenExpertsFourRanks", 4, 16, 32, 1, 0.0, {1, 2, 0, 1}})),
   };
 }
 
@@ -350,6 +377,9 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
     int exchanges_elsewhere = -1;  // all-to-alls not issued by the rank's own thread
     std::vector<size_t> exchange_bytes;  // bytes per peer of each all-to-all, in order
     std::vector<size_t> exchange_pieces;  // pieces per block of each all-to-all, in order
+    std::vector<float> y_infer;  // an inference of the same tokens
+    RoutingStats stats_infer;
+    std::vector<std::vector<bool>> in_use_calls;  // InUseRecorder's
   };
   std::vector<RankResult> results(W);
   const uint16_t port = free_port();
@@ -361,9 +391,9 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
       auto ucx = comm::ucx_bootstrap(rank_options(port, r, W, c.local_size));
       if (!ucx.ok()) return fail(ucx.status());
       ExchangeThreads comm(**ucx);
-      auto backend = make_backend("cpu", {.threads = 1});
-      if (!backend.ok()) return fail(backend.status());
-      Backend& b = **backend;
+      auto cpu = make_backend("cpu", {.threads = 1});
+      if (!cpu.ok()) return fail(cpu.status());
+      InUseRecorder b(std::move(cpu).value());
       graphs::ExpertParallelOptions options;
       options.algo = c.algo;
       options.pipeline = c.pipeline;
@@ -405,7 +435,13 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
                              saved);
       if (st.ok())
         st = layer->all_reduce_gate_grad(TensorView(grads.gate.data(), DType::kF32, {E, M}));
+      // An inference of the same tokens (with the parameters as they were: nothing stepped).
+      out.y_infer.resize(S * O);
+      if (st.ok())
+        st = layer->forward(weights_of(local), TensorView(x.data(), DType::kF32, {S, M}),
+                            TensorView(out.y_infer.data(), DType::kF32, {S, O}), &out.stats_infer, nullptr);
       if (!st.ok()) return fail(st);
+      out.in_use_calls = b.calls();
       out.d_wg = grads.gate;
       out.d_fc1 = grads.fc1;
       out.d_b1 = grads.fc1_bias;
@@ -468,6 +504,27 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
     const double y_rtol = bf16 ? 3e-2 : 1e-4, y_atol = bf16 ? 3e-2 : 1e-5,
                  g_rtol = bf16 ? 3e-2 : 1e-3, g_atol = bf16 ? 3e-2 : 1e-4;
     EXPECT_TRUE(all_close("y", got.y, want[r].y, y_rtol, y_atol));
+    // The inference gives the training forward's y, computing only the experts in use: with
+    // r >= 1 the rank's own experts that some rank routed a token to (the group's agreed counts),
+    // with r = 0 every expert that one of this rank's tokens was routed to.
+    EXPECT_TRUE(all_close("inference y", got.y_infer, want[r].y, y_rtol, y_atol));
+    EXPECT_EQ(got.stats_infer.capacity, capacity);
+    EXPECT_EQ(got.stats_infer.dropped, want[r].dropped);
+    EXPECT_NEAR(got.stats_infer.l_aux, want[r].l_aux, 1e-5);
+    std::vector<bool> in_use;
+    if (c.r == 0) {
+      in_use.assign(E, false);
+      for (int64_t e : first[r].idx) in_use[e] = true;
+    } else {
+      for (int64_t l = 0; l < got.shard.local_experts; ++l) {
+        bool routed = false;
+        for (int q = 0; q < W; ++q)
+          for (int64_t e : first[q].idx) routed |= e == got.shard.first_expert + l;
+        in_use.push_back(routed);
+      }
+    }
+    for (const std::vector<bool>& call : got.in_use_calls) EXPECT_EQ(call, in_use);
+    if (c.r >= 1 && capacity > 0) EXPECT_FALSE(got.in_use_calls.empty());
     EXPECT_TRUE(all_close("dx", got.dx, want_grads[r].dx, g_rtol, g_atol));
     EXPECT_TRUE(all_close("d_wg (all-reduced)", got.d_wg, widen(grad_sum.gate), g_rtol, g_atol));
     const HostLayerParams want_local = graphs::slice_for_rank(spec, got.shard, grad_sum);
@@ -1139,7 +1196,8 @@ class StatesOnce final : public ForwardingCommunicator {
   using ForwardingCommunicator::all_reduce;
   Status all_reduce(int64_t* data, size_t n, comm::ReduceOp op) override {
     // [tag, -tag, values...], the forward's tag 1 (Agreement::kForward).
-    if (value_ != 0 && n == ExpertParallelLayer::kAgreementWidth && data[0] == 1) data[2 + index_] = std::exchange(value_, 0);
+    if (value_ != 0 && n == ExpertParallelLayer::agreement_width(small_failure_spec(2)) && data[0] == 1)
+      data[2 + index_] = std::exchange(value_, 0);
     return inner_.all_reduce(data, n, op);
   }
 
@@ -1256,7 +1314,8 @@ class AgreementReadBackFailsOnce final : public ForwardingBackend {
  public:
   explicit AgreementReadBackFailsOnce(std::unique_ptr<Backend> inner) : ForwardingBackend(std::move(inner)) {}
   Status copy(void* dst, const void* src, size_t bytes, CopyKind kind) override {
-    if (kind == CopyKind::kDeviceToHost && bytes == ExpertParallelLayer::kAgreementWidth * sizeof(int64_t) &&
+    if (kind == CopyKind::kDeviceToHost &&
+        bytes == ExpertParallelLayer::agreement_width(small_failure_spec(2)) * sizeof(int64_t) &&
         fail_.exchange(false))
       return Status::Internal("simulated: the agreement's result could not be read");
     return ForwardingBackend::copy(dst, src, bytes, kind);

@@ -223,8 +223,9 @@ TEST(CpuLayerApi, AnAllocationNearTheAddressSpaceIsRefusedNotWrapped) {
   }
 }
 
-// An inference leaves the rows of an expert no token reached as they were (hidden and output
-// alike): computing them read that expert's weights for nothing. The experts in use get what a
+// An inference skips an expert no token reached: its rows of hidden stay as they were (computing
+// them read that expert's weights for nothing), its output rows are zeros (the expert-parallel
+// layer sends them back to the tokens' ranks: not what the buffer held). The experts in use get what a
 // forward without counts gives: the same bits with biases (one matmul per expert either way),
 // within 1e-5 without (oneDNN's bf16 kernel for a batch of matrices and its kernel for one
 // matrix add in other orders). A training forward (which keeps `hidden` for its backward)
@@ -269,7 +270,7 @@ TEST(CpuExpertForward, AnInferenceSkipsTheExpertsNoTokenReached) {
         for (int64_t i = e * C * O; i < (e + 1) * C * O; ++i) {
           ASSERT_NE(full_out[i], sentinel);
           if (!used) {
-            ASSERT_EQ(out[i], sentinel) << "expert " << e << ", output element " << i;
+            ASSERT_EQ(out[i], 0.f) << "expert " << e << ", output element " << i;
           } else if (biases) {
             ASSERT_EQ(out[i], full_out[i]) << "expert " << e << ", output element " << i;
           } else {

@@ -152,8 +152,18 @@ class ExpertParallelLayer {
   // The width of the agreement that opens each call (agree): what it is (twice, as max and
   // -min) and up to kAgreementValues of its own, so that ranks out of step (one in a forward,
   // another in a step) meet in a collective of one size and see it, rather than reduce buffers
-  // of different sizes or hang. Part of the group's fingerprint at creation.
+  // of different sizes or hang. Its width (agreement_width) is part of the group's fingerprint
+  // at creation.
   static constexpr size_t kAgreementValues = 9, kAgreementWidth = kAgreementValues + 2;
+  // A layer of at most this many experts agrees at each forward on which experts some rank routed
+  // a token to (their counts, after kAgreementValues), so that an inference computes only those
+  // (ExpertForwardArgs::expert_count); every agreement of the layer is then that much wider.
+  static constexpr int64_t kMaxAgreedCounts = 64;
+  // The width of every agreement of a layer of `spec` (kAgreementWidth, plus E where E is at most
+  // kMaxAgreedCounts).
+  static size_t agreement_width(const LayerSpec& spec) {
+    return kAgreementWidth + (spec.experts <= kMaxAgreedCounts ? static_cast<size_t>(spec.experts) : 0);
+  }
 
   // Collective: every rank of the group creates its layer at once, and the ranks compare what
   // they were given (one all-gather of three fingerprints: the spec; r / all_to_all / pipeline /
@@ -470,6 +480,9 @@ class ExpertParallelLayer {
   DeviceBuffer agreed_;               // i64: the scalars agree_on_max reduces (the widest agreement)
   DeviceBuffer grad_norm_;            // [E·M + 1] f32: grad_sum_squares's all-reduce
   std::vector<int32_t> host_counts_;  // [E]: expert_count_ copied to the host
+  // [E_l]: 1 for each local expert some rank routed a token to in this forward, 0 for the others
+  // (from the forward's agreement); a CPU inference skips those at 0 (ExpertForwardArgs).
+  std::vector<int32_t> local_in_use_;
   DeviceBuffer dispatched_;           // [E, C, M] local dispatch, in the dispatch dtype
   DeviceBuffer send_, recv_;          // all-to-all staging
   DeviceBuffer expert_out_, workspace_;

@@ -203,11 +203,12 @@ struct ExpertForwardArgs {
   // False where no backward follows (inference): a backend may then leave `hidden` holding
   // anything, and skip writing act(pre) in f32 where its second GEMM reads another copy.
   bool keep_hidden = true;
-  // Optional [E] i32: the tokens routed to each expert (LocationsArgs::expert_count), read when
-  // the op runs. With it, an inference (!keep_hidden) may leave the rows of an expert that
-  // received none as they were, in `hidden` and `expert_out` alike: decode reads no slot of
-  // theirs, and skipping them saves reading their weights (a decode step routes a few tokens to
-  // a few of the experts). The CPU backend skips them; the CUDA backend computes every expert.
+  // Optional [E] i32: the tokens routed to each expert (LocationsArgs::expert_count), or any
+  // value > 0 for an expert in use, read when the op runs. With it, an inference (!keep_hidden)
+  // may skip an expert at 0: its rows of `hidden` hold anything, and its rows of `expert_out`
+  // zeros (decode reads no slot of theirs; the expert-parallel layer sends them back to their
+  // ranks). Skipping saves reading its weights (a decode step routes a few tokens to a few of
+  // the experts). The CPU backend skips them; the CUDA backend computes every expert.
   TensorView expert_count;
 };
 
