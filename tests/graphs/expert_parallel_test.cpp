@@ -285,8 +285,17 @@ std::vector<EpCase> cases() {
       {"FewTokensSixteenExpertsTwoRanks", 2, 16, 32, 1, 1.0, {3, 2}},
       pipelined(2, {"PipelinedFewTokensSixteenExpertsTwoRanks", 2, 16, 32, 2, 1.0, {2, 3}}),
       data_parallel({"DataParallelFewTokensSixteenExpertsTwoRanks", 2, 16, 32, 1, 1.0, {3, 1}}),
-      {"FewTokensFourRanksTwoExpertsShardedInTwo", 4, 2, 48, 1, 1.0, {1, 0, 0, 1}},
+      // One token among sharded experts: the other expert is always left out (r = 1, r = s and
+      // 1 < r < s).
+      {"OneTokenFourRanksTwoExpertsShardedInTwo", 4, 2, 48, 1, 1.0, {1, 0, 0, 0}},
+      parallelism(2, {"ModelParallelOneTokenFourRanksTwoExpertsShardedInTwo", 4, 2, 48, 1, 1.0, {0, 1, 0, 0}}),
+      parallelism(2, {"TwoPartsOneTokenEightRanksTwoExpertsShardedInFour", 8, 2, 64, 1, 1.0,
+                      {0, 0, 0, 0, 0, 1, 0, 0}}),
       bf16_matmuls(two_dh(2, {"Bf16TwoDhFewTokensSixteenExpertsFourRanks", 4, 16, 32, 1, 0.0, {1, 2, 0, 1}})),
+      // More experts than the forward's agreement carries counts for: r >= 1 computes every
+      // expert (no flags), r = 0 still skips on the rank's own counts.
+      {"FewTokensSixtySixExpertsTwoRanks", 2, 66, 16, 1, 1.0, {3, 2}},
+      data_parallel({"DataParallelFewTokensSixtySixExpertsTwoRanks", 2, 66, 16, 1, 1.0, {3, 2}}),
   };
 }
 
@@ -515,6 +524,8 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
     if (c.r == 0) {
       in_use.assign(E, false);
       for (int64_t e : first[r].idx) in_use[e] = true;
+    } else if (E > ExpertParallelLayer::kMaxAgreedCounts) {
+      // No counts agreed: every expert_forward is told nothing (an empty list).
     } else {
       for (int64_t l = 0; l < got.shard.local_experts; ++l) {
         bool routed = false;
@@ -524,7 +535,7 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
       }
     }
     for (const std::vector<bool>& call : got.in_use_calls) EXPECT_EQ(call, in_use);
-    if (c.r >= 1 && capacity > 0) EXPECT_FALSE(got.in_use_calls.empty());
+    if (capacity > 0 && (c.r >= 1 || c.tokens[r] > 0)) EXPECT_FALSE(got.in_use_calls.empty());
     EXPECT_TRUE(all_close("dx", got.dx, want_grads[r].dx, g_rtol, g_atol));
     EXPECT_TRUE(all_close("d_wg (all-reduced)", got.d_wg, widen(grad_sum.gate), g_rtol, g_atol));
     const HostLayerParams want_local = graphs::slice_for_rank(spec, got.shard, grad_sum);

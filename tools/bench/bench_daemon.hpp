@@ -1,12 +1,15 @@
 // A tuteld for a benchmark: started from the bench's own bin/ directory on a throwaway config
 // in a fresh temporary directory, stopped by its PID when the object dies, and by the kernel
 // (SIGTERM, PR_SET_PDEATHSIG) when the benchmark dies without running its destructors (a
-// SIGTERM left it running before). The temporary directory stays in that case, naming the
-// benchmark's PID (bench.pid); the next benchmark's daemon removes it (remove_stale_bench_dirs).
+// SIGTERM left it running before). The temporary directory stays in that case; the next
+// benchmark's daemon removes it (remove_stale_bench_dirs): its bench.pid, which names the
+// benchmark's PID for a reader, is flock()ed for the benchmark's life, and the kernel drops the
+// lock when the process dies, however it dies.
 #pragma once
 
-#include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -23,19 +26,21 @@ namespace tutel::bench {
 inline constexpr const char* kBenchDirPrefix = "tutel-bench-";
 
 // Removes the directories under `parent` that BenchDaemons of benchmarks no longer running left
-// (killed before their destructors ran): those whose bench.pid names no process. A directory
-// without that file, of another user, or whose process runs (or whose PID was reused) stays.
-// Returns how many it removed.
+// (killed before their destructors ran): those whose bench.pid nobody holds locked. A lock, not
+// the PID: a PID may be reused, and a benchmark in another PID namespace sharing /tmp looks dead
+// to kill(). A directory without that file, or one this user cannot open, stays. Returns how
+// many it removed.
 inline int remove_stale_bench_dirs(const std::string& parent = "/tmp") {
   int removed = 0;
   std::error_code ec;
   for (const auto& entry : std::filesystem::directory_iterator(parent, ec)) {
     const std::string name = entry.path().filename().string();
     if (name.rfind(kBenchDirPrefix, 0) != 0 || !entry.is_directory(ec) || entry.is_symlink(ec)) continue;
-    std::ifstream file(entry.path() / "bench.pid");
-    long pid = 0;
-    if (!(file >> pid) || pid <= 0) continue;
-    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // alive, or not ours to ask
+    const int fd = ::open((entry.path() / "bench.pid").c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) continue;
+    const bool owner_gone = ::flock(fd, LOCK_EX | LOCK_NB) == 0;
+    ::close(fd);
+    if (!owner_gone) continue;
     std::error_code removing;
     if (std::filesystem::remove_all(entry.path(), removing) > 0 && !removing) ++removed;
   }
@@ -52,7 +57,11 @@ class BenchDaemon {
     std::string tmpl = std::string("/tmp/") + kBenchDirPrefix + "XXXXXX";
     if (::mkdtemp(tmpl.data()) == nullptr) return;  // not running(): the benchmark says it could not start
     dir_ = tmpl;
-    std::ofstream(dir_ + "/bench.pid") << ::getpid() << "\n";
+    lock_fd_ = ::open((dir_ + "/bench.pid").c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (lock_fd_ >= 0 && ::flock(lock_fd_, LOCK_EX) == 0) {
+      const std::string pid = std::to_string(::getpid()) + "\n";
+      (void)!::write(lock_fd_, pid.data(), pid.size());
+    }
     std::ofstream(dir_ + "/tuteld.toml")
         << "[server]\nclient_socket = \"client.sock\"\nadmin_socket = \"admin.sock\"\n"
         << "metrics_listen = \"\"\nlog_level = \"warn\"\narena_bytes = \"" << arena << "\"\n"
@@ -87,6 +96,7 @@ class BenchDaemon {
     }
     std::error_code ec;
     if (!dir_.empty()) std::filesystem::remove_all(dir_, ec);
+    if (lock_fd_ >= 0) ::close(lock_fd_);
   }
   std::string socket() const { return dir_ + "/client.sock"; }
   bool running() const { return pid_ > 0 && !dir_.empty() && std::filesystem::exists(socket()); }
@@ -94,6 +104,7 @@ class BenchDaemon {
 
  private:
   std::string dir_;
+  int lock_fd_ = -1;  // bench.pid, flock()ed while this benchmark runs
   pid_t pid_ = -1;
 };
 

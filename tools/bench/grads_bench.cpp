@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstdio>
 #include <cstdint>
 #include <thread>
@@ -63,16 +64,18 @@ int run_grads_bench(const GradsBenchOptions& o) {
     }
     read_check = all;  // used, so the reads stay
   });
-  // XOR with a key the compiler cannot know is 0: every word read and written back unchanged.
-  volatile uint64_t zero_key = 0;
-  const uint64_t key = zero_key;
+  // Each float's bits XORed with a key the compiler cannot know is 0: every float read and written
+  // back unchanged.
+  volatile uint32_t zero_key = 0;
+  const uint32_t key = zero_key;
   const double rewrite_s = median_seconds(1, o.repeats, [&] {
 #pragma omp parallel num_threads(threads)
     {
       const auto [begin, end] = part_of(static_cast<size_t>(omp_get_num_threads()), static_cast<size_t>(omp_get_thread_num()));
-      uint64_t* words = reinterpret_cast<uint64_t*>(reinterpret_cast<char*>(s) + begin);
+      float* part = s + begin / sizeof(float);
 #pragma omp simd
-      for (size_t i = 0; i < (end - begin) / 8; ++i) words[i] ^= key;
+      for (size_t i = 0; i < (end - begin) / sizeof(float); ++i)
+        part[i] = std::bit_cast<float>(std::bit_cast<uint32_t>(part[i]) ^ key);
     }
   });
   float norm_squares = 0;

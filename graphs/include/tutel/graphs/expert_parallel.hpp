@@ -150,14 +150,15 @@ class ExchangeWorker;
 class ExpertParallelLayer {
  public:
   // The width of the agreement that opens each call (agree): what it is (twice, as max and
-  // -min) and up to kAgreementValues of its own, so that ranks out of step (one in a forward,
-  // another in a step) meet in a collective of one size and see it, rather than reduce buffers
-  // of different sizes or hang. Its width (agreement_width) is part of the group's fingerprint
-  // at creation.
+  // -min) and up to kAgreementValues of its own (a forward: three, then the experts' counts
+  // below), so that ranks out of step (one in a forward, another in a step) meet in a collective
+  // of one size and see it, rather than reduce buffers of different sizes or hang. Its width
+  // (agreement_width) is part of the group's fingerprint at creation.
   static constexpr size_t kAgreementValues = 9, kAgreementWidth = kAgreementValues + 2;
   // A layer of at most this many experts agrees at each forward on which experts some rank routed
-  // a token to (their counts, after kAgreementValues), so that an inference computes only those
-  // (ExpertForwardArgs::expert_count); every agreement of the layer is then that much wider.
+  // a token to (their counts, after the forward's three values), so that an inference computes
+  // only those (ExpertForwardArgs::expert_count); every agreement of the layer is then E values
+  // wider.
   static constexpr int64_t kMaxAgreedCounts = 64;
   // The width of every agreement of a layer of `spec` (kAgreementWidth, plus E where E is at most
   // kMaxAgreedCounts).
