@@ -535,7 +535,9 @@ TEST_P(ExpertParallel, EveryRankMatchesTheSingleProcessLayer) {
       }
     }
     for (const std::vector<bool>& call : got.in_use_calls) EXPECT_EQ(call, in_use);
-    if (capacity > 0 && (c.r >= 1 || c.tokens[r] > 0)) EXPECT_FALSE(got.in_use_calls.empty());
+    if (capacity > 0 && (c.r >= 1 || c.tokens[r] > 0)) {
+      EXPECT_FALSE(got.in_use_calls.empty());
+    }
     EXPECT_TRUE(all_close("dx", got.dx, want_grads[r].dx, g_rtol, g_atol));
     EXPECT_TRUE(all_close("d_wg (all-reduced)", got.d_wg, widen(grad_sum.gate), g_rtol, g_atol));
     const HostLayerParams want_local = graphs::slice_for_rank(spec, got.shard, grad_sum);
