@@ -7,7 +7,7 @@
 #   address (default): AddressSanitizer with LeakSanitizer and UndefinedBehaviorSanitizer, in
 #                      build-asan/. Any report fails the test that made it.
 #   thread:            ThreadSanitizer, in build-tsan/, with tools/tsan.supp (reports from inside
-#                      the uninstrumented OpenMP and oneDNN runtimes).
+#                      the uninstrumented oneDNN) and kernels/cpu/gomp_tsan.cpp (OpenMP's order).
 #
 # CUDA is off in these builds: nvcc takes no -fsanitize, and no GPU code runs where they do.
 # Environment: TUTEL_JOBS (build jobs, default nproc), TUTEL_SANITIZE_BUILD_DIR.

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../common/loopback.hpp"
+#include "../common/sanitizers.hpp"
 #include "tutel/comm/bootstrap.hpp"
 
 namespace tutel::comm::testing {
@@ -109,6 +110,7 @@ struct ChildOutcome {
 };
 
 // `size` forked children; child r runs body(r, channel) and reports its returned text (empty: ok).
+// Each child ends itself with SIGALRM after `guard_seconds` (times kSanitizerSlowdown).
 class ProcessGroup {
  public:
   using Body = std::function<std::string(int rank, const ChildChannel&)>;
@@ -130,7 +132,7 @@ class ProcessGroup {
           ::close(c.up);
           ::close(c.down);
         }
-        ::alarm(guard_seconds);  // a hang becomes SIGALRM, reported by the parent
+        ::alarm(guard_seconds * tutel::testing::kSanitizerSlowdown);  // a hang becomes SIGALRM, reported by the parent
         std::string text = body(r, ChildChannel(up[1], down[0]));
         if (text.size() > 16000) text.resize(16000);
         (void)!::write(result[1], text.data(), text.size());
@@ -180,9 +182,10 @@ class ProcessGroup {
     c.status = status;
   }
 
-  // Waits for every child (killing the ones still running after `timeout`).
+  // Waits for every child (killing the ones still running after `timeout`, which stretches under
+  // the sanitizers as the children's guard alarm does).
   std::vector<ChildOutcome> wait_all(std::chrono::seconds timeout = 120s) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    const auto deadline = std::chrono::steady_clock::now() + timeout * tutel::testing::kSanitizerSlowdown;
     for (;;) {
       bool all = true;
       for (Child& c : children_) {

@@ -61,8 +61,17 @@ class DaemonProcess {
     dir_ = ::mkdtemp(tmpl);
     write_config();
   }
+  // A daemon still running at the end must stop cleanly: a crash or a sanitizer's report while
+  // it shuts down (both end it with a non-zero status) fails the test, even one that never
+  // checks stop() itself. One the test already stopped, killed or saw exit is left as it was.
   ~DaemonProcess() {
-    stop();
+    if (pid_ > 0) {
+      const int status = stop();
+      if (status != 0)
+        ADD_FAILURE() << "tuteld exited with status " << status
+                      << " when stopped at the end of the test; the end of its log:\n"
+                      << log_tail(8192);
+    }
     std::error_code ec;
     std::filesystem::remove_all(dir_, ec);
   }
@@ -76,6 +85,10 @@ class DaemonProcess {
     std::stringstream s;
     s << f.rdbuf();
     return s.str();
+  }
+  std::string log_tail(size_t bytes) const {
+    const std::string all = log();
+    return all.size() <= bytes ? all : all.substr(all.size() - bytes);
   }
   pid_t pid() const { return pid_; }
   // What the running daemon holds, seen from outside through /proc: its open descriptors, its

@@ -1792,7 +1792,7 @@ TEST(ExpertParallelGroups, ADeadPeerFailsTheGroupNotTheDaemon) {
   peer.join();
   ASSERT_TRUE(l1.has_value());
 
-  ::kill(d1.pid(), SIGKILL);
+  d1.kill_hard();  // a crash: SIGKILL, reaped
   std::vector<float> x(8 * 16, 0.5f), y(8 * 16);
   const Status st = l0->infer(x.data(), 8, y.data());
   EXPECT_FALSE(st.ok());
