@@ -400,8 +400,15 @@ Status DaemonImpl::lock_instance() {
     std::error_code ec;
     fs::create_directories(path.parent_path(), ec);
     if (ec) return Status::IOError("cannot create the directory of " + path.string() + ": " + ec.message());
-    TUTEL_ASSIGN_OR_RETURN(InstanceLock lock, InstanceLock::acquire(path.string(), what));
-    instance_locks_.push_back(std::move(lock));
+    auto lock = ProcessLock::acquire(path.string());
+    if (!lock.ok()) {
+      const std::string why(lock.status().message());
+      if (lock.status().code() == StatusCode::kAlreadyExists)
+        return Status::AlreadyExists("another tuteld is running with " + what + " (" + why +
+                                     "); stop it, or give this one other paths");
+      return Status(lock.status().code(), "cannot lock " + what + ": " + why);
+    }
+    instance_locks_.push_back(std::move(*lock));
   }
   return Status::OK();
 }

@@ -18,7 +18,6 @@
 #include <vector>
 
 #include "checkpoint_quota.hpp"
-#include "instance_lock.hpp"
 #include "metrics.hpp"
 #include "metrics_http.hpp"
 #include "pool_shares.hpp"
@@ -26,6 +25,7 @@
 #include "session.hpp"
 #include "tutel/comm/cluster.hpp"
 #include "tutel/comm/rendezvous.hpp"
+#include "tutel/core/process_lock.hpp"
 #include "tutel/daemon/config.hpp"
 
 namespace tutel::daemon {
@@ -175,8 +175,8 @@ class DaemonImpl {
   // it is freed while the ranks' backends are alive.
   std::map<std::string, std::shared_ptr<RetiredRegions>> retired_regions_;
   Metrics metrics_;
-  // One daemon per socket and per state_dir (instance_lock.hpp); held until the daemon is gone.
-  std::vector<InstanceLock> instance_locks_;
+  // One daemon per socket and per state_dir (lock_instance()); held until the daemon is gone.
+  std::vector<ProcessLock> instance_locks_;
   ipc::UniqueFd client_fd_, admin_fd_;
   uv_poll_t client_poll_{}, admin_poll_{};
   uv_signal_t sigterm_{}, sigint_{};

@@ -78,5 +78,29 @@ TEST(BenchDaemon, OnlyTheDirectoriesOfBenchmarksNoLongerRunningAreRemoved) {
   fs::remove_all(parent);
 }
 
+// What a BenchDaemon takes for its directory: a lock the sweep respects while held, and only then.
+TEST(BenchDaemon, ABenchmarksOwnLockKeepsItsDirectoryUntilReleased) {
+  char tmpl[] = "/tmp/bench-daemon-test-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const fs::path parent = tmpl;
+  const fs::path dir = parent / "tutel-bench-mine";
+  fs::create_directories(dir);
+  {
+    auto lock = lock_bench_dir(dir.string());
+    ASSERT_TRUE(lock.ok()) << lock.status();
+    EXPECT_TRUE(fs::exists(dir / "bench.pid"));
+    EXPECT_FALSE(fs::exists(dir / "bench.pid.new"));
+    std::ifstream pid_file(dir / "bench.pid");
+    pid_t pid = 0;
+    pid_file >> pid;
+    EXPECT_EQ(pid, ::getpid()) << "bench.pid names the benchmark";
+    EXPECT_EQ(remove_stale_bench_dirs(parent.string()), 0);
+    EXPECT_TRUE(fs::exists(dir));
+  }
+  EXPECT_EQ(remove_stale_bench_dirs(parent.string()), 1);
+  EXPECT_FALSE(fs::exists(dir));
+  fs::remove_all(parent);
+}
+
 }  // namespace
 }  // namespace tutel::bench

@@ -3,13 +3,11 @@
 // (SIGTERM, PR_SET_PDEATHSIG) when the benchmark dies without running its destructors (a
 // SIGTERM left it running before). The temporary directory stays in that case; the next
 // benchmark's daemon removes it (remove_stale_bench_dirs): its bench.pid, which names the
-// benchmark's PID for a reader, is flock()ed for the benchmark's life, and the kernel drops the
-// lock when the process dies, however it dies.
+// benchmark's PID for a reader, is a ProcessLock held for the benchmark's life, and the kernel
+// drops the lock when the process dies, however it dies.
 #pragma once
 
-#include <fcntl.h>
 #include <signal.h>
-#include <sys/file.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -17,13 +15,17 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <system_error>
 #include <thread>
 
+#include "tutel/core/process_lock.hpp"
+
 namespace tutel::bench {
 
 inline constexpr const char* kBenchDirPrefix = "tutel-bench-";
+inline constexpr const char* kBenchLockName = "bench.pid";
 
 // Removes the directories under `parent` that BenchDaemons of benchmarks no longer running left
 // (killed before their destructors ran): those whose bench.pid nobody holds locked. A lock, not
@@ -36,15 +38,25 @@ inline int remove_stale_bench_dirs(const std::string& parent = "/tmp") {
   for (const auto& entry : std::filesystem::directory_iterator(parent, ec)) {
     const std::string name = entry.path().filename().string();
     if (name.rfind(kBenchDirPrefix, 0) != 0 || !entry.is_directory(ec) || entry.is_symlink(ec)) continue;
-    const int fd = ::open((entry.path() / "bench.pid").c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-    if (fd < 0) continue;
-    const bool owner_gone = ::flock(fd, LOCK_EX | LOCK_NB) == 0;
-    ::close(fd);
-    if (!owner_gone) continue;
+    // Held while the directory goes, so that no benchmark can take it meanwhile.
+    auto owner_gone = ProcessLock::acquire((entry.path() / kBenchLockName).string(), ProcessLock::Create::kNever);
+    if (!owner_gone.ok()) continue;
     std::error_code removing;
     if (std::filesystem::remove_all(entry.path(), removing) > 0 && !removing) ++removed;
   }
   return removed;
+}
+
+// Marks `dir` as a running benchmark's for as long as the lock is held. The lock is taken under
+// a temporary name and renamed into place (the lock stays with the file), so a sweep never finds
+// a bench.pid that is not yet locked and removes the directory of a benchmark starting.
+inline Result<ProcessLock> lock_bench_dir(const std::string& dir) {
+  const std::string taking = dir + "/" + kBenchLockName + ".new";
+  TUTEL_ASSIGN_OR_RETURN(ProcessLock lock, ProcessLock::acquire(taking));
+  std::error_code ec;
+  std::filesystem::rename(taking, dir + "/" + kBenchLockName, ec);
+  if (ec) return Status::IOError("cannot rename " + taking + ": " + ec.message());
+  return lock;
 }
 
 class BenchDaemon {
@@ -57,11 +69,7 @@ class BenchDaemon {
     std::string tmpl = std::string("/tmp/") + kBenchDirPrefix + "XXXXXX";
     if (::mkdtemp(tmpl.data()) == nullptr) return;  // not running(): the benchmark says it could not start
     dir_ = tmpl;
-    lock_fd_ = ::open((dir_ + "/bench.pid").c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (lock_fd_ >= 0 && ::flock(lock_fd_, LOCK_EX) == 0) {
-      const std::string pid = std::to_string(::getpid()) + "\n";
-      (void)!::write(lock_fd_, pid.data(), pid.size());
-    }
+    if (auto lock = lock_bench_dir(dir_); lock.ok()) lock_.emplace(std::move(*lock));  // else: left for good if killed
     std::ofstream(dir_ + "/tuteld.toml")
         << "[server]\nclient_socket = \"client.sock\"\nadmin_socket = \"admin.sock\"\n"
         << "metrics_listen = \"\"\nlog_level = \"warn\"\narena_bytes = \"" << arena << "\"\n"
@@ -96,7 +104,6 @@ class BenchDaemon {
     }
     std::error_code ec;
     if (!dir_.empty()) std::filesystem::remove_all(dir_, ec);
-    if (lock_fd_ >= 0) ::close(lock_fd_);
   }
   std::string socket() const { return dir_ + "/client.sock"; }
   bool running() const { return pid_ > 0 && !dir_.empty() && std::filesystem::exists(socket()); }
@@ -104,7 +111,7 @@ class BenchDaemon {
 
  private:
   std::string dir_;
-  int lock_fd_ = -1;  // bench.pid, flock()ed while this benchmark runs
+  std::optional<ProcessLock> lock_;  // dir_/bench.pid, held while this benchmark runs
   pid_t pid_ = -1;
 };
 
