@@ -13,6 +13,7 @@ struct MetricsHttpServer::Connection {
   MetricsHttpServer* server = nullptr;
   std::list<Connection*>::iterator position;  // in server->open_ while not closing
   uint64_t accepted_ms = 0;                   // uv_now at accept
+  bool answering = false;                     // its request is read, its answer being written
   std::string request, response;
 };
 
@@ -86,6 +87,15 @@ void MetricsHttpServer::close_expired() {
   while (!open_.empty() && now - open_.front()->accepted_ms >= kDeadlineMs) close_connection(open_.front());
 }
 
+// The oldest connection still sending its request (an idle one, or a slow or stuck client);
+// only when every one is being answered, the oldest answer. A scraper reading a large answer
+// slowly keeps it through a burst of new connections.
+MetricsHttpServer::Connection* MetricsHttpServer::eviction_candidate() const {
+  assert(!open_.empty());
+  const auto reading = std::find_if(open_.begin(), open_.end(), [](const Connection* c) { return !c->answering; });
+  return reading != open_.end() ? *reading : open_.front();
+}
+
 void MetricsHttpServer::accept() {
   auto owned = std::make_unique<Connection>();
   Connection* c = owned.get();
@@ -97,7 +107,7 @@ void MetricsHttpServer::accept() {
     owned.release();
     return;
   }
-  if (open_.size() >= kMaxConnections) close_connection(open_.front());
+  if (open_.size() >= kMaxConnections) close_connection(eviction_candidate());
   c->accepted_ms = uv_now(loop_);
   c->position = open_.insert(open_.end(), owned.release());
   uv_read_start(
@@ -120,6 +130,7 @@ void MetricsHttpServer::accept() {
         const bool complete = head_end != std::string::npos && head_end <= kMaxRequestHead;
         if (head_end == std::string::npos && c->request.size() < kMaxRequestHead) return;
         uv_read_stop(s);
+        c->answering = true;
         if (!complete)
           c->response = http_response(431, "Request Header Fields Too Large", "text/plain", "request head too large\n");
         else if (c->request.rfind("GET /metrics ", 0) == 0 || c->request.rfind("GET /metrics?", 0) == 0)

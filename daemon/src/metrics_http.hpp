@@ -4,7 +4,8 @@
 // Any local process may connect, and the daemon's loop ends (and its shutdown checkpoints run)
 // only once every handle on it is closed. So no connection may hold the endpoint or the loop for
 // long: each is closed kDeadline after it was accepted, answered or not; at most kMaxConnections
-// are open, a new one closing the oldest; and close() closes every one of them.
+// are open, a new one closing the oldest of those still sending their request (the oldest of all
+// only when every one is being answered); and close() closes every one of them.
 #pragma once
 
 #include <uv.h>
@@ -40,6 +41,7 @@ class MetricsHttpServer {
   struct Connection;
   void accept();
   void close_connection(Connection* c);
+  Connection* eviction_candidate() const;
   void close_expired();
 
   uv_loop_t* loop_;

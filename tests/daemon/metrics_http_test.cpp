@@ -1,0 +1,136 @@
+// The metrics endpoint keeps at most kMaxConnections open: which one a new connection closes.
+// The server runs on a libuv loop of its own thread, as on the daemon's; the clients are raw
+// loopback sockets.
+#include "metrics_http.hpp"
+
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include <future>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace tutel::daemon {
+namespace {
+
+// A MetricsHttpServer on 127.0.0.1 (any port) whose every answer is `body`.
+class ServerThread {
+ public:
+  explicit ServerThread(std::string body) : body_(std::move(body)) {
+    std::promise<int> port;
+    auto bound = port.get_future();
+    thread_ = std::thread([this, &port] {
+      uv_loop_init(&loop_);
+      MetricsHttpServer server(&loop_, [this] { return body_; });
+      const Status listening = server.listen("127.0.0.1", 0);
+      port.set_value(listening.ok() ? server.port() : -1);
+      if (!listening.ok()) {
+        uv_run(&loop_, UV_RUN_DEFAULT);
+        uv_loop_close(&loop_);
+        return;
+      }
+      uv_async_init(&loop_, &stop_, [](uv_async_t* a) {
+        static_cast<MetricsHttpServer*>(a->data)->close();
+        uv_close(reinterpret_cast<uv_handle_t*>(a), nullptr);
+      });
+      stop_.data = &server;
+      uv_run(&loop_, UV_RUN_DEFAULT);
+      uv_loop_close(&loop_);
+    });
+    port_ = bound.get();
+  }
+  ~ServerThread() {
+    if (port_ > 0) uv_async_send(&stop_);
+    thread_.join();
+  }
+  int port() const { return port_; }
+
+ private:
+  std::string body_;
+  uv_loop_t loop_{};
+  uv_async_t stop_{};
+  std::thread thread_;
+  int port_ = -1;
+};
+
+// A connected loopback socket; `receive_buffer` > 0 shrinks its receive buffer first, so that an
+// answer it does not read stays in the server's hands.
+int connect_to(int port, int receive_buffer = 0) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  if (receive_buffer > 0) ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &receive_buffer, sizeof receive_buffer);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  timeval tv{10, 0};  // a read that hangs fails the test instead
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  return fd;
+}
+
+// Reads until the server closes; false on a timeout or error.
+bool read_all(int fd, std::string* out) {
+  char buf[65536];
+  for (;;) {
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n == 0) return true;
+    if (n < 0) return errno == ECONNRESET;
+    out->append(buf, static_cast<size_t>(n));
+  }
+}
+
+// A scraper reading a large answer slowly keeps it while new connections come and go: each new
+// connection past the limit closes the oldest connection that has not sent its request.
+TEST(MetricsHttp, ANewConnectionClosesTheOldestIdleOneNotAnAnswerInProgress) {
+  const std::string body(8 << 20, 'm');  // far more than the sockets buffer: the answer stays pending
+  ServerThread server(body);
+  ASSERT_GT(server.port(), 0);
+  const int scraper = connect_to(server.port(), 4096);
+  ASSERT_GE(scraper, 0);
+  const std::string request = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+  ASSERT_EQ(::write(scraper, request.data(), request.size()), static_cast<ssize_t>(request.size()));
+  char first[15];
+  ASSERT_EQ(::read(scraper, first, sizeof first), static_cast<ssize_t>(sizeof first));  // being answered
+  ASSERT_EQ(std::string(first, sizeof first), "HTTP/1.1 200 OK");
+
+  std::vector<int> idle;
+  const size_t fill = MetricsHttpServer::kMaxConnections - 1;  // with the scraper: the limit
+  for (size_t i = 0; i < fill + 3; ++i) {  // the last three each close one
+    idle.push_back(connect_to(server.port()));
+    ASSERT_GE(idle.back(), 0);
+  }
+  // The three oldest idle connections were closed, without a byte.
+  for (size_t i = 0; i < 3; ++i) {
+    std::string got;
+    EXPECT_TRUE(read_all(idle[i], &got)) << "idle connection " << i << " should have been closed";
+    EXPECT_EQ(got, "");
+  }
+  // The scraper gets its whole answer.
+  std::string answer(first, sizeof first);
+  EXPECT_TRUE(read_all(scraper, &answer));
+  const size_t head_end = answer.find("\r\n\r\n");
+  ASSERT_NE(head_end, std::string::npos);
+  EXPECT_NE(answer.find("Content-Length: " + std::to_string(body.size())), std::string::npos);
+  EXPECT_EQ(answer.size() - head_end - 4, body.size()) << "the answer in progress was cut";
+  // The newer idle connections are still open: no data, no close yet (their deadline is seconds).
+  const int newest = idle.back();
+  timeval tv{0, 200000};
+  ::setsockopt(newest, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  char byte;
+  EXPECT_EQ(::read(newest, &byte, 1), -1);
+  EXPECT_TRUE(errno == EAGAIN || errno == EWOULDBLOCK) << errno;
+  ::close(scraper);
+  for (int fd : idle) ::close(fd);
+}
+
+}  // namespace
+}  // namespace tutel::daemon
