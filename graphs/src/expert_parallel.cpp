@@ -168,8 +168,9 @@ std::string rank_list(const std::vector<int>& ranks) {
 // agreements and numbered forwards. 3: the restored tuner decisions' word at creation. 4: a
 // step's agreement carries values every rank must pass alike (all_reduce_gate_grad), and the
 // creation's words are padded to a fixed width. 5: a layer of at most kMaxAgreedCounts experts
-// agrees on the experts' counts at each forward (every agreement is E values wider).
-constexpr int64_t kGroupProtocolVersion = 5;
+// agrees on the experts' counts at each forward (every agreement is E values wider). 6: that
+// limit went from 64 experts to 512.
+constexpr int64_t kGroupProtocolVersion = 6;
 
 // The tuner decisions a rank restored, as one word the ranks compare: 0 for none.
 uint64_t restored_fingerprint(const std::vector<TunerDecision>& decided) {

@@ -292,10 +292,12 @@ std::vector<EpCase> cases() {
       parallelism(2, {"TwoPartsOneTokenEightRanksTwoExpertsShardedInFour", 8, 2, 64, 1, 1.0,
                       {0, 0, 0, 0, 0, 1, 0, 0}}),
       bf16_matmuls(two_dh(2, {"Bf16TwoDhFewTokensSixteenExpertsFourRanks", 4, 16, 32, 1, 0.0, {1, 2, 0, 1}})),
+      // Many experts, few in use (the decode of a fine-grained layer).
+      {"FewTokensSixtySixExpertsTwoRanks", 2, 66, 16, 1, 1.0, {3, 2}},
       // More experts than the forward's agreement carries counts for: r >= 1 computes every
       // expert (no flags), r = 0 still skips on the rank's own counts.
-      {"FewTokensSixtySixExpertsTwoRanks", 2, 66, 16, 1, 1.0, {3, 2}},
-      data_parallel({"DataParallelFewTokensSixtySixExpertsTwoRanks", 2, 66, 16, 1, 1.0, {3, 2}}),
+      {"FewTokensFiveHundredFourteenExpertsTwoRanks", 2, 514, 16, 1, 1.0, {3, 2}},
+      data_parallel({"DataParallelFewTokensFiveHundredFourteenExpertsTwoRanks", 2, 514, 16, 1, 1.0, {3, 2}}),
   };
 }
 
