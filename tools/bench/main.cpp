@@ -2,6 +2,7 @@
 // Not tests: nothing here asserts; read the ratios.
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <thread>
 
 #include "a2a_bench.hpp"
 #include "daemon_bench.hpp"
@@ -104,7 +105,7 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   grads_cmd->add_option("--threads", grads.threads, "CPU threads (0 = all cores)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(CLI::Range(0, 4096))
       ->capture_default_str();
   grads_cmd->add_option("--repeats", grads.repeats, "timed runs per measurement")->check(CLI::PositiveNumber)->capture_default_str();
 
@@ -123,6 +124,13 @@ int main(int argc, char** argv) {
     const int rc = app.exit(e);
     return rc == 0 ? 0 : 2;
   }
+  // More threads than CPUs is allowed (oversubscription is a thing to measure too), but said:
+  // such numbers measure the threads' sharing of cores, not the kernels.
+  const unsigned cpus = std::thread::hardware_concurrency();
+  const int threads = layer_cmd->parsed() ? layer.threads : grads_cmd->parsed() ? grads.threads : 0;
+  if (cpus > 0 && threads > static_cast<int>(cpus))
+    std::fprintf(stderr, "tutel-bench: --threads %d is more than this machine's %u CPUs: the threads share cores, "
+                 "and the numbers measure that\n", threads, cpus);
   if (state_cmd->parsed()) return tutel::bench::run_state_bench(argv[0], state);
   if (ep_cmd->parsed()) return tutel::bench::run_ep_bench(ep);
   if (grads_cmd->parsed()) return tutel::bench::run_grads_bench(grads);
