@@ -191,6 +191,8 @@ json region_info(const MappedRegion& m) {
 DaemonImpl::DaemonImpl(Config config) : config_(std::move(config)) { uv_loop_init(&loop_); }
 
 DaemonImpl::~DaemonImpl() {
+  // Its thread wakes the loop through a handle closed below.
+  if (signal_watcher_) signal_watcher_->stop();
   // A start-up that failed after binding leaves no socket behind (shutdown() removed them
   // otherwise; a socket we never bound is another daemon's and stays).
   if (client_fd_.valid()) ::unlink(config_.server.client_socket.c_str());
@@ -212,6 +214,7 @@ DaemonImpl::~DaemonImpl() {
 
 Status DaemonImpl::start() {
   started_at_ = std::chrono::steady_clock::now();
+  TUTEL_ASSIGN_OR_RETURN(signal_watcher_, SignalWatcher::start());
   // Before anything on disk is touched: another daemon on these paths fails here.
   TUTEL_RETURN_IF_ERROR(lock_instance());
   TUTEL_RETURN_IF_ERROR(read_secrets());
@@ -264,25 +267,19 @@ Status DaemonImpl::start() {
   if (!config_.server.metrics_listen.empty()) TUTEL_RETURN_IF_ERROR(start_metrics_server());
   uv_async_init(&loop_, &worker_exits_, [](uv_async_t* h) { static_cast<DaemonImpl*>(h->data)->on_workers_exited(); });
   worker_exits_.data = this;
-  // Not SIGHUP: UCX's library takes it before main() runs (its debug signal, UCX_DEBUG_SIGNO),
-  // which also hides whether the daemon was started ignoring it (nohup), so SIGHUP neither
-  // stops nor kills tuteld.
-  for (uv_signal_t* signal : {&sigterm_, &sigint_}) {
-    uv_signal_init(&loop_, signal);
-    signal->data = this;
-  }
-  auto on_signal = [](uv_signal_t* h, int signum) {
-    auto* self = static_cast<DaemonImpl*>(h->data);
-    if (self->shutting_down_) {
+  // From here a signal shuts the daemon down (until now it ended the start-up as its default
+  // action). Not SIGHUP: UCX's library takes it before main() runs (its debug signal,
+  // UCX_DEBUG_SIGNO), which also hides whether the daemon was started ignoring it (nohup), so
+  // SIGHUP neither stops nor kills tuteld.
+  signal_watcher_->hand_to_loop(&loop_, [this](int signum) {
+    if (shutting_down_) {
       TUTEL_LOG(WARN) << "signal " << signum << ": already shutting down (the layers are checkpointed on the "
                       << "way out; SIGKILL loses what is not written yet)";
       return;
     }
     TUTEL_LOG(INFO) << "signal " << signum << ": shutting down";
-    self->shutdown();
-  };
-  uv_signal_start(&sigterm_, on_signal, SIGTERM);
-  uv_signal_start(&sigint_, on_signal, SIGINT);
+    shutdown();
+  });
   TUTEL_LOG(INFO) << "tuteld serving on " << config_.server.client_socket << " (admin "
                   << config_.server.admin_socket << "), backend " << config_.backend.kind << " x"
                   << ranks_.size();
@@ -1557,10 +1554,10 @@ void DaemonImpl::shutdown() {
   uv_close(reinterpret_cast<uv_handle_t*>(&admin_poll_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&accept_pause_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&hello_sweep_), nullptr);
-  // The signal handlers stay through the drain and the exit checkpoints (a second SIGTERM used
+  // Signals are still taken through the drain and the exit checkpoints (a second SIGTERM used
   // to kill the daemon between two layers' checkpoints, losing the rest); they no longer keep
   // the loop alive.
-  for (uv_signal_t* signal : {&sigterm_, &sigint_}) uv_unref(reinterpret_cast<uv_handle_t*>(signal));
+  signal_watcher_->unref();
   if (metrics_http_) metrics_http_->close();  // and its connections, which would keep the loop alive
   ::unlink(config_.server.client_socket.c_str());
   ::unlink(config_.server.admin_socket.c_str());

@@ -23,6 +23,7 @@
 #include "pool_shares.hpp"
 #include "registry.hpp"
 #include "session.hpp"
+#include "signal_watcher.hpp"
 #include "tutel/comm/cluster.hpp"
 #include "tutel/comm/rendezvous.hpp"
 #include "tutel/core/process_lock.hpp"
@@ -179,7 +180,7 @@ class DaemonImpl {
   std::vector<ProcessLock> instance_locks_;
   ipc::UniqueFd client_fd_, admin_fd_;
   uv_poll_t client_poll_{}, admin_poll_{};
-  uv_signal_t sigterm_{}, sigint_{};
+  std::unique_ptr<SignalWatcher> signal_watcher_;  // SIGTERM, SIGINT
   // A session's worker reports here as it exits (from its own thread); the loop then tears the
   // session down if it is closing (on_workers_exited).
   uv_async_t worker_exits_{};

@@ -1489,6 +1489,56 @@ TEST_F(ClientDaemon, PinRefusesWhatCannotBePinned) {
   EXPECT_EQ(ctl_json("layers")["layers"][0]["pinned"], false);
 }
 
+// SIGTERM and SIGINT are blocked in every thread of a serving daemon (pool threads, rank
+// threads, OpenMP's and UCX's included) and taken by its signal thread with sigwaitinfo: a
+// handler no longer runs on whichever thread a signal lands on (signal_watcher.hpp). The daemon
+// still stops on either.
+TEST(DaemonStartup, EveryThreadBlocksTheTerminationSignalsAndEitherStopsTheDaemon) {
+  for (int signum : {SIGTERM, SIGINT}) {
+    SCOPED_TRACE(signum == SIGTERM ? "SIGTERM" : "SIGINT");
+    DaemonProcess daemon(DaemonOptions{.threads_per_rank = 2});
+    ASSERT_TRUE(daemon.start());
+    {  // work on every kind of thread: the pool (create), the rank and its OpenMP team (forward)
+      auto client = client::Client::connect(daemon.client_socket());
+      ASSERT_TRUE(client.ok()) << client.status();
+      auto layer = client->create_layer("name = \"l\"\nexperts = 4\nmodel_dim = 64\nhidden = 128\nk = 2\ninit_seed = 1\n");
+      ASSERT_TRUE(layer.ok()) << layer.status();
+      std::vector<float> x(64 * 64, 0.5f), y(64 * 64);
+      ASSERT_TRUE(layer->forward(x.data(), 64, y.data()).ok());
+    }
+    size_t threads = 0, signal_threads = 0;
+    const uint64_t wanted = (uint64_t{1} << (SIGTERM - 1)) | (uint64_t{1} << (SIGINT - 1));
+    const std::string tasks = "/proc/" + std::to_string(daemon.pid()) + "/task";
+    for (const auto& task : std::filesystem::directory_iterator(tasks)) {
+      std::ifstream status(task.path() / "status");
+      std::string line, name;
+      uint64_t blocked = 0;
+      bool found = false;
+      while (std::getline(status, line)) {
+        if (line.rfind("Name:", 0) == 0) name = line.substr(5);
+        if (line.rfind("SigBlk:", 0) == 0) {
+          blocked = std::stoull(line.substr(7), nullptr, 16);
+          found = true;
+        }
+      }
+      if (!found) continue;  // the thread ended meanwhile
+      ++threads;
+      // While it waits in sigwaitinfo, the kernel shows the signal thread without them blocked.
+      if (name.find("tuteld-signals") != std::string::npos) {
+        ++signal_threads;
+        continue;
+      }
+      EXPECT_EQ(blocked & wanted, wanted) << "thread " << task.path().filename() << name;
+    }
+    EXPECT_EQ(signal_threads, 1u);
+    EXPECT_GE(threads, 4u) << "the loop, the signal thread, a pool thread, the rank's";
+    ASSERT_EQ(::kill(daemon.pid(), signum), 0);
+    EXPECT_EQ(daemon.wait_exit(std::chrono::seconds(30)), 0) << daemon.log();
+    EXPECT_NE(daemon.log().find("signal " + std::to_string(signum) + ": shutting down"), std::string::npos)
+        << daemon.log();
+  }
+}
+
 TEST(DaemonStartup, ConfigErrorsNameFileLineAndKey) {
   DaemonProcess d(DaemonOptions{.extra_server = "spin_uss = 5"});
   EXPECT_FALSE(d.start());

@@ -124,6 +124,27 @@ TEST(ClusterDaemons, StartUpFailsNamingTheMissingNode) {
   }
 }
 
+// A daemon still starting (here: waiting for the cluster's other node, which may take minutes)
+// ends at SIGTERM or SIGINT as the signal's default action would: the signals are blocked in
+// every thread of tuteld and taken by one (signal_watcher.hpp), which until the daemon serves
+// lets them end it, killed by the signal, as a service manager expects.
+TEST(ClusterDaemons, ASignalWhileStartingEndsTheDaemonByThatSignal) {
+  for (int signum : {SIGTERM, SIGINT}) {
+    SCOPED_TRACE(signum == SIGTERM ? "SIGTERM" : "SIGINT");
+    auto daemons = make_cluster(free_port(), 2, /*bootstrap_ms=*/120000);
+    ASSERT_TRUE(daemons[0]->spawn());
+    bool joining = false;
+    for (int i = 0; i < 1000 && !joining; ++i) {
+      joining = daemons[0]->log().find("joining the cluster") != std::string::npos;
+      if (!joining) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    ASSERT_TRUE(joining) << daemons[0]->log();
+    ASSERT_EQ(::kill(daemons[0]->pid(), signum), 0);
+    EXPECT_EQ(daemons[0]->wait_exit(std::chrono::seconds(20)), 128 + signum) << daemons[0]->log();
+    EXPECT_EQ(daemons[0]->log().find("serving on"), std::string::npos) << daemons[0]->log();
+  }
+}
+
 TEST(ClusterDaemons, ADeadNodeIsDownWhileTheOthersServe) {
   const uint16_t port = free_port();
   auto daemons = make_cluster(port, 3);
