@@ -191,8 +191,9 @@ json region_info(const MappedRegion& m) {
 DaemonImpl::DaemonImpl(Config config) : config_(std::move(config)) { uv_loop_init(&loop_); }
 
 DaemonImpl::~DaemonImpl() {
-  // Its thread wakes the loop through a handle closed below.
-  if (signal_watcher_) signal_watcher_->stop();
+  // Its thread wakes the loop through a handle closed below; from here a signal ends the process
+  // (a teardown that hangs can still be stopped).
+  if (signal_watcher_) signal_watcher_->release_loop();
   // A start-up that failed after binding leaves no socket behind (shutdown() removed them
   // otherwise; a socket we never bound is another daemon's and stays).
   if (client_fd_.valid()) ::unlink(config_.server.client_socket.c_str());
@@ -1554,9 +1555,9 @@ void DaemonImpl::shutdown() {
   uv_close(reinterpret_cast<uv_handle_t*>(&admin_poll_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&accept_pause_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&hello_sweep_), nullptr);
-  // Signals are still taken through the drain and the exit checkpoints (a second SIGTERM used
-  // to kill the daemon between two layers' checkpoints, losing the rest); they no longer keep
-  // the loop alive.
+  // Signals are still taken through the drain (here) and the exit checkpoints (logged:
+  // run()); a second SIGTERM used to kill the daemon between two layers' checkpoints, losing
+  // the rest. They no longer keep the loop alive.
   signal_watcher_->unref();
   if (metrics_http_) metrics_http_->close();  // and its connections, which would keep the loop alive
   ::unlink(config_.server.client_socket.c_str());
@@ -1596,6 +1597,7 @@ void DaemonImpl::abandon_collectives() {
 
 int DaemonImpl::run() {
   uv_run(&loop_, UV_RUN_DEFAULT);
+  signal_watcher_->loop_ended();  // signals during the exit checkpoints are logged, not acted on
   // A failed exit checkpoint is no clean stop: a service manager or script must see it (the
   // layer's training since its last checkpoint is lost, or the layer itself).
   if (const int failed = checkpoint_all(); failed > 0) {

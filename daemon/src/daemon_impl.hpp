@@ -158,6 +158,9 @@ class DaemonImpl {
   // Writes every layer's exit checkpoint; returns how many failed (each one logged).
   int checkpoint_all();
 
+  // SIGTERM, SIGINT. First, so destroyed last: a signal ends a teardown that hangs in any member
+  // below (release_loop()).
+  std::unique_ptr<SignalWatcher> signal_watcher_;
   Config config_;
   // Per tenant, with state_dir: its clients' saves against its max_checkpoint_bytes. Made at
   // start, never changed after (the quotas are thread-safe).
@@ -180,7 +183,6 @@ class DaemonImpl {
   std::vector<ProcessLock> instance_locks_;
   ipc::UniqueFd client_fd_, admin_fd_;
   uv_poll_t client_poll_{}, admin_poll_{};
-  std::unique_ptr<SignalWatcher> signal_watcher_;  // SIGTERM, SIGINT
   // A session's worker reports here as it exits (from its own thread); the loop then tears the
   // session down if it is closing (on_workers_exited).
   uv_async_t worker_exits_{};

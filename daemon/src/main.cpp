@@ -8,14 +8,13 @@
 #include <cstring>
 #include <iostream>
 
-#include "signal_watcher.hpp"
 #include "tutel/core/logging.hpp"
 #include "tutel/daemon/config.hpp"
 #include "tutel/daemon/daemon.hpp"
 
 int main(int argc, char** argv) {
   // Before anything starts a thread: every thread inherits the mask, and one thread of the
-  // daemon's takes SIGTERM and SIGINT (signal_watcher.hpp says why).
+  // daemon's takes SIGTERM and SIGINT (daemon/src/signal_watcher.hpp says why).
   tutel::daemon::block_termination_signals();
   std::string config_path;
   CLI::App app{"tuteld: serves Mixture-of-Experts layers to the training processes on this node", "tuteld"};

@@ -8,6 +8,9 @@
 #include <cerrno>
 #include <string>
 
+#include "tutel/core/logging.hpp"
+#include "tutel/daemon/daemon.hpp"
+
 namespace tutel::daemon {
 namespace {
 
@@ -17,6 +20,14 @@ sigset_t termination_signals() {
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGINT);
   return set;
+}
+
+// Whether the process was started with `signum` ignored (nobody in tuteld sets SIG_IGN on it):
+// blocked, such a signal is queued instead of dropped, and must not take the default action.
+bool started_ignoring(int signum) {
+  struct sigaction current {};
+  return ::sigaction(signum, nullptr, &current) == 0 && !(current.sa_flags & SA_SIGINFO) &&
+         current.sa_handler == SIG_IGN;
 }
 
 // Ends the process by `signum`'s default action, as if it had never been blocked: a service
@@ -55,7 +66,11 @@ Result<std::unique_ptr<SignalWatcher>> SignalWatcher::start() {
   return watcher;
 }
 
-SignalWatcher::~SignalWatcher() { stop(); }
+SignalWatcher::~SignalWatcher() {
+  stopping_.store(true, std::memory_order_release);
+  ::pthread_kill(thread_.native_handle(), SIGTERM);  // wakes its sigwaitinfo, for this thread alone
+  thread_.join();
+}
 
 void SignalWatcher::wait_for_signals() {
   // Named for ps and /proc: while it waits, the kernel shows the signals unblocked in this thread
@@ -71,10 +86,28 @@ void SignalWatcher::wait_for_signals() {
       continue;
     }
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!handed_) die_by(signum);
-    queued_.push_back(signum);
-    uv_async_send(&wake_loop_);
+    switch (mode_) {
+      case Mode::kEndProcess:
+        if (started_ignoring(signum)) {
+          TUTEL_LOG(INFO) << "signal " << signum << " ignored: tuteld was started ignoring it";
+          break;
+        }
+        die_by(signum);
+      case Mode::kToLoop:
+        queued_.push_back(signum);
+        uv_async_send(&wake_loop_);
+        break;
+      case Mode::kLogOnly:
+        TUTEL_LOG(WARN) << "signal " << signum << ": already shutting down (the exit checkpoints are being "
+                        << "written; SIGKILL loses what is not written yet)";
+        break;
+    }
   }
+}
+
+void SignalWatcher::set_mode(Mode mode) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  mode_ = mode;
 }
 
 void SignalWatcher::hand_to_loop(uv_loop_t* loop, std::function<void(int)> on_signal) {
@@ -82,8 +115,7 @@ void SignalWatcher::hand_to_loop(uv_loop_t* loop, std::function<void(int)> on_si
   uv_async_init(loop, &wake_loop_, [](uv_async_t* h) { static_cast<SignalWatcher*>(h->data)->deliver_queued(); });
   wake_loop_.data = this;
   wake_loop_ready_ = true;
-  std::lock_guard<std::mutex> lock(mutex_);
-  handed_ = true;
+  set_mode(Mode::kToLoop);
 }
 
 void SignalWatcher::deliver_queued() {
@@ -99,11 +131,16 @@ void SignalWatcher::unref() {
   if (wake_loop_ready_) uv_unref(reinterpret_cast<uv_handle_t*>(&wake_loop_));
 }
 
-void SignalWatcher::stop() {
-  if (!thread_.joinable()) return;
-  stopping_.store(true, std::memory_order_release);
-  ::pthread_kill(thread_.native_handle(), SIGTERM);  // wakes its sigwaitinfo, for this thread alone
-  thread_.join();
+void SignalWatcher::loop_ended() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  // Signals queued for the loop that will not run again: said as any later one is.
+  for (int signum : queued_)
+    TUTEL_LOG(WARN) << "signal " << signum << ": already shutting down (the exit checkpoints are being "
+                    << "written; SIGKILL loses what is not written yet)";
+  queued_.clear();
+  mode_ = Mode::kLogOnly;
 }
+
+void SignalWatcher::release_loop() { set_mode(Mode::kEndProcess); }
 
 }  // namespace tutel::daemon

@@ -5,13 +5,21 @@
 // rank thread, UCX's progress thread, whose interrupted system calls then saw EINTR; and under
 // ThreadSanitizer, which defers a signal until the thread it landed on next calls an intercepted
 // function, a thread parked in libgomp's raw futex held a second SIGTERM until the process had
-// exited. So tuteld's main blocks them before any thread exists (every thread inherits the
-// mask), and this one thread waits for them.
+// exited. So tuteld's main blocks them before any thread exists (block_termination_signals,
+// tutel/daemon/daemon.hpp: every thread inherits the mask), and this one thread waits for them.
 //
-// Until hand_to_loop(), a signal ends the process as its default action would (the daemon is
-// still starting: a cluster join may wait minutes, and there is nothing to checkpoint yet); from
-// then on each one is handed to a callback on the event loop's thread.
-// Thread-safety: start(), hand_to_loop(), unref() and stop() on the loop's thread.
+// What a signal does follows the daemon's life:
+//   starting (from start())         ends the process by the signal's default action: a cluster
+//                                   join may wait minutes, and there is nothing to checkpoint;
+//   serving (hand_to_loop())        calls a callback on the event loop's thread, in order;
+//   writing its exit checkpoints    is logged and dropped: a second SIGTERM must not cut them
+//     (loop_ended())                short (SIGKILL still does);
+//   tearing down (release_loop())   ends the process again, so a teardown that hangs can still
+//                                   be stopped.
+// A signal the process was started with ignored (SIG_IGN: a background job's SIGINT) is dropped
+// while the default action would apply, as it was before the daemon blocked it.
+// Thread-safety: every member function on the loop's thread (or the thread that starts the
+// daemon, before there is a loop).
 #pragma once
 
 #include <uv.h>
@@ -27,39 +35,42 @@
 
 namespace tutel::daemon {
 
-// Blocks SIGTERM and SIGINT in the calling thread, and so in every thread it starts later. Call
-// first thing in main(), before anything starts a thread.
-void block_termination_signals();
-
 class SignalWatcher {
  public:
   // Starts the waiting thread. Internal error, saying what to do, when the calling thread does
   // not block the signals (block_termination_signals was not called first).
   static Result<std::unique_ptr<SignalWatcher>> start();
-  ~SignalWatcher();  // stop()s
+  // Ends the waiting thread. The loop's handle, if any, must be closed by then (release_loop,
+  // then the loop's own close of its handles).
+  ~SignalWatcher();
   SignalWatcher(const SignalWatcher&) = delete;
   SignalWatcher& operator=(const SignalWatcher&) = delete;
 
-  // From now on every signal calls `on_signal(signum)` on `loop`'s thread, in arrival order.
+  // From now on every signal calls `on_signal(signum)` on `loop`'s thread, in arrival order,
+  // through a uv_async_t of this object's that the loop's owner closes with its other handles.
   void hand_to_loop(uv_loop_t* loop, std::function<void(int)> on_signal);
-  // The loop may end while signals are still watched (a shutdown under way).
+  // The loop may end while signals are still handed to it (a shutdown under way).
   void unref();
-  // Ends the waiting thread. Before the loop closes its handles: the thread wakes the loop
-  // through one of them.
-  void stop();
+  // The loop has ended: signals are logged and dropped (the exit checkpoints are being written).
+  void loop_ended();
+  // Before the loop's handles close: the thread no longer touches the loop, and a signal ends
+  // the process again.
+  void release_loop();
 
  private:
+  enum class Mode { kEndProcess, kToLoop, kLogOnly };
   SignalWatcher() = default;
   void wait_for_signals();
   void deliver_queued();
+  void set_mode(Mode mode);
 
   std::thread thread_;
   std::atomic<bool> stopping_{false};
   std::mutex mutex_;
-  bool handed_ = false;         // guarded by mutex_
-  std::vector<int> queued_;     // guarded by mutex_
-  uv_async_t wake_loop_{};      // initialised by hand_to_loop
-  bool wake_loop_ready_ = false;  // the loop's thread only
+  Mode mode_ = Mode::kEndProcess;  // guarded by mutex_
+  std::vector<int> queued_;        // guarded by mutex_
+  uv_async_t wake_loop_{};         // initialised by hand_to_loop
+  bool wake_loop_ready_ = false;   // the loop's thread only
   std::function<void(int)> on_signal_;
 };
 

@@ -9,9 +9,12 @@
 //
 // This wraps GCC's entry point for `#pragma omp parallel` (GOMP_parallel, the only one our
 // objects call: `nm -u`) and tells TSan what libgomp guarantees: the opening thread's writes
-// happen before every member's body (release, then acquire in each member), and every member's
-// writes happen before the region returns (release in each member, acquire after the join).
-// Races between the members of one region stay visible: nothing orders them against each other.
+// happen before every member's body (release on one address, acquire on it in each member), and
+// every member's writes happen before the region returns (release on another address in each
+// member, acquire on it after the join). Two addresses, so that races between the members of
+// one region stay visible: with one, a member that starts after another has ended acquired that
+// member's release, and a real race between them was reported about half the time (the
+// review's probe: 10 of 20 runs; 20 of 20 with two).
 #include <dlfcn.h>
 #include <sanitizer/tsan_interface.h>
 
@@ -25,13 +28,14 @@ using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
 struct Region {
   void (*body)(void*);
   void* data;
+  char opened, joined;  // the two synchronisation addresses
 };
 
 void run_member(void* region_ptr) {
   auto* region = static_cast<Region*>(region_ptr);
-  __tsan_acquire(region);
+  __tsan_acquire(&region->opened);
   region->body(region->data);
-  __tsan_release(region);
+  __tsan_release(&region->joined);
 }
 
 GompParallel libgomp_parallel() {
@@ -51,8 +55,8 @@ GompParallel libgomp_parallel() {
 }  // namespace
 
 extern "C" void GOMP_parallel(void (*body)(void*), void* data, unsigned num_threads, unsigned flags) {
-  Region region{body, data};
-  __tsan_release(&region);
+  Region region{body, data, 0, 0};
+  __tsan_release(&region.opened);
   libgomp_parallel()(run_member, &region, num_threads, flags);
-  __tsan_acquire(&region);
+  __tsan_acquire(&region.joined);
 }

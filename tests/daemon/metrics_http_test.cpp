@@ -27,18 +27,15 @@ class ServerThread {
     thread_ = std::thread([this, &port] {
       uv_loop_init(&loop_);
       MetricsHttpServer server(&loop_, [this] { return body_; });
-      const Status listening = server.listen("127.0.0.1", 0);
-      port.set_value(listening.ok() ? server.port() : -1);
-      if (!listening.ok()) {
-        uv_run(&loop_, UV_RUN_DEFAULT);
-        uv_loop_close(&loop_);
-        return;
-      }
+      // Before the port is known: the destructor may send it as soon as the constructor returns.
       uv_async_init(&loop_, &stop_, [](uv_async_t* a) {
         static_cast<MetricsHttpServer*>(a->data)->close();
         uv_close(reinterpret_cast<uv_handle_t*>(a), nullptr);
       });
       stop_.data = &server;
+      const Status listening = server.listen("127.0.0.1", 0);
+      if (!listening.ok()) uv_close(reinterpret_cast<uv_handle_t*>(&stop_), nullptr);
+      port.set_value(listening.ok() ? server.port() : -1);
       uv_run(&loop_, UV_RUN_DEFAULT);
       uv_loop_close(&loop_);
     });

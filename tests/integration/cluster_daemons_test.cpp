@@ -141,6 +141,7 @@ TEST(ClusterDaemons, ASignalWhileStartingEndsTheDaemonByThatSignal) {
     ASSERT_TRUE(joining) << daemons[0]->log();
     ASSERT_EQ(::kill(daemons[0]->pid(), signum), 0);
     EXPECT_EQ(daemons[0]->wait_exit(std::chrono::seconds(20)), 128 + signum) << daemons[0]->log();
+    EXPECT_EQ(daemons[0]->term_signal(), signum) << "killed by the signal, not an exit code";
     EXPECT_EQ(daemons[0]->log().find("serving on"), std::string::npos) << daemons[0]->log();
   }
 }

@@ -156,7 +156,7 @@ class DaemonProcess {
       int status = 0;
       if (::waitpid(pid_, &status, WNOHANG) == pid_) {
         pid_ = -1;
-        exit_status_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        record(status);
         return exit_status_;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -171,6 +171,7 @@ class DaemonProcess {
     ::waitpid(pid_, nullptr, 0);
     pid_ = -1;
     exit_status_ = 137;
+    term_signal_ = SIGKILL;
   }
 
   // SIGTERM, then waits (bounded) for the exit; SIGKILL if it does not come. Returns the exit status.
@@ -181,7 +182,7 @@ class DaemonProcess {
     for (int i = 0; i < 3000; ++i) {
       if (::waitpid(pid_, &status, WNOHANG) == pid_) {
         pid_ = -1;
-        exit_status_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        record(status);
         return exit_status_;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -190,10 +191,14 @@ class DaemonProcess {
     ::waitpid(pid_, &status, 0);
     pid_ = -1;
     exit_status_ = 137;
+    term_signal_ = SIGKILL;
     return exit_status_;
   }
 
   bool alive() const { return pid_ > 0 && ::kill(pid_, 0) == 0; }
+  // The signal that ended the daemon's last run (0: it exited, or still runs). exit_status
+  // reads 128 + that signal, as an exit with that code would.
+  int term_signal() const { return term_signal_; }
 
  private:
   void write_config() {
@@ -233,7 +238,14 @@ class DaemonProcess {
     for (std::filesystem::directory_iterator it(proc_dir() + under, ec), end; !ec && it != end; it.increment(ec)) ++n;
     return n;
   }
+  // A waitpid status: the exit code, or 128 + the signal that ended it.
+  void record(int status) {
+    term_signal_ = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+    exit_status_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+
   int exit_status_ = -1;
+  int term_signal_ = 0;
   size_t log_start_ = 0;  // the log's size when the current start began
 };
 

@@ -1,8 +1,9 @@
 // tutel-bench: benchmarks that print their result beside a ceiling measured in the same run.
 // Not tests: nothing here asserts; read the ratios.
 #include <CLI/CLI.hpp>
+#include <sched.h>
+
 #include <cstdio>
-#include <thread>
 
 #include "a2a_bench.hpp"
 #include "daemon_bench.hpp"
@@ -126,10 +127,12 @@ int main(int argc, char** argv) {
   }
   // More threads than CPUs is allowed (oversubscription is a thing to measure too), but said:
   // such numbers measure the threads' sharing of cores, not the kernels.
-  const unsigned cpus = std::thread::hardware_concurrency();
+  // The CPUs this process may run on (its affinity: a container's cpuset), not those online.
+  cpu_set_t allowed;
+  const int cpus = ::sched_getaffinity(0, sizeof allowed, &allowed) == 0 ? CPU_COUNT(&allowed) : 0;
   const int threads = layer_cmd->parsed() ? layer.threads : grads_cmd->parsed() ? grads.threads : 0;
-  if (cpus > 0 && threads > static_cast<int>(cpus))
-    std::fprintf(stderr, "tutel-bench: --threads %d is more than this machine's %u CPUs: the threads share cores, "
+  if (cpus > 0 && threads > cpus)
+    std::fprintf(stderr, "tutel-bench: --threads %d is more than the %d CPUs this process may use: the threads share cores, "
                  "and the numbers measure that\n", threads, cpus);
   if (state_cmd->parsed()) return tutel::bench::run_state_bench(argv[0], state);
   if (ep_cmd->parsed()) return tutel::bench::run_ep_bench(ep);

@@ -16,10 +16,17 @@ class DaemonImpl;
 // a layer's training since its last checkpoint, or a layer never checkpointed, is lost.
 inline constexpr int kExitCheckpointFailed = 75;
 
+// Blocks SIGTERM and SIGINT in the calling thread, and so in every thread it starts later: the
+// daemon takes them on a thread of its own (daemon/src/signal_watcher.hpp says why). Call first
+// thing in main(), before anything starts a thread; Daemon::create refuses a thread without it.
+void block_termination_signals();
+
 class Daemon {
  public:
   // Builds the ranks, restores state_dir, loads the config's layers and binds every socket;
-  // nothing is served until run().
+  // nothing is served until run(). Requires block_termination_signals() first (an Internal
+  // error otherwise). The daemon owns SIGTERM and SIGINT from here on: while it starts, either
+  // ends the process by its default action; while it serves, either shuts it down (run()).
   static Result<std::unique_ptr<Daemon>> create(Config config);
   ~Daemon();
 
