@@ -18,6 +18,16 @@
 namespace tutel::daemon {
 namespace {
 
+// In a forked child: a guard against hangs, the signals blocked, the watcher started (the child
+// exits with 10 if it cannot be).
+std::unique_ptr<SignalWatcher> watcher_in_child() {
+  ::alarm(60);
+  block_termination_signals();
+  auto watcher = SignalWatcher::start();
+  if (!watcher.ok()) ::_exit(10);
+  return std::move(*watcher);
+}
+
 TEST(SignalWatcher, IsRefusedWhereTheSignalsAreNotBlocked) {
   sigset_t current;
   ASSERT_EQ(::pthread_sigmask(SIG_BLOCK, nullptr, &current), 0);
@@ -32,14 +42,11 @@ TEST(SignalWatcher, HandsEverySignalToTheLoopInOrder) {
   const pid_t child = ::fork();
   ASSERT_GE(child, 0);
   if (child == 0) {
-    ::alarm(60);  // a hang ends the child
-    block_termination_signals();
-    auto watcher = SignalWatcher::start();
-    if (!watcher.ok()) ::_exit(10);
+    std::unique_ptr<SignalWatcher> watcher = watcher_in_child();
     uv_loop_t loop;
     uv_loop_init(&loop);
     std::vector<int> seen;
-    (*watcher)->hand_to_loop(&loop, [&](int signum) {
+    watcher->hand_to_loop(&loop, [&](int signum) {
       seen.push_back(signum);
       if (seen.size() == 1) {
         // Sent one at a time: two pending SIGTERMs would merge into one.
@@ -47,16 +54,16 @@ TEST(SignalWatcher, HandsEverySignalToTheLoopInOrder) {
       } else if (seen.size() == 2) {
         ::kill(::getpid(), SIGTERM);
       } else {
-        (*watcher)->unref();  // the loop may end now
+        watcher->unref();  // the loop may end now
       }
     });
     ::kill(::getpid(), SIGTERM);
     uv_run(&loop, UV_RUN_DEFAULT);
-    (*watcher)->release_loop();
+    watcher->release_loop();
     uv_walk(&loop, [](uv_handle_t* h, void*) { uv_close(h, nullptr); }, nullptr);
     uv_run(&loop, UV_RUN_DEFAULT);
     if (uv_loop_close(&loop) != 0) ::_exit(11);
-    watcher->reset();  // ends its thread
+    watcher.reset();  // ends its thread
     ::_exit(seen == std::vector<int>{SIGTERM, SIGINT, SIGTERM} ? 0 : 12);
   }
   int status = 0;
@@ -72,10 +79,7 @@ TEST(SignalWatcher, BeforeTheLoopASignalKillsTheProcess) {
     const pid_t child = ::fork();
     ASSERT_GE(child, 0);
     if (child == 0) {
-      ::alarm(60);
-      block_termination_signals();
-      auto watcher = SignalWatcher::start();
-      if (!watcher.ok()) ::_exit(10);
+      std::unique_ptr<SignalWatcher> watcher = watcher_in_child();
       ::kill(::getpid(), signum);
       ::pause();  // SIGALRM ends it if the signal does not
       ::_exit(12);
@@ -95,17 +99,14 @@ void expect_survives_then_dies(const std::function<void(SignalWatcher&, uv_loop_
   const pid_t child = ::fork();
   ASSERT_GE(child, 0);
   if (child == 0) {
-    ::alarm(60);
-    block_termination_signals();
-    auto watcher = SignalWatcher::start();
-    if (!watcher.ok()) ::_exit(10);
+    std::unique_ptr<SignalWatcher> watcher = watcher_in_child();
     uv_loop_t loop;
     uv_loop_init(&loop);
-    setup(**watcher, loop);
+    setup(*watcher, loop);
     ::kill(::getpid(), survived_signal);
     ::usleep(200 * 1000);  // time for the signal thread to act on it
     (void)!::write(ready[1], "s", 1);
-    (*watcher)->release_loop();
+    watcher->release_loop();
     ::kill(::getpid(), SIGTERM);
     ::pause();
     ::_exit(12);
