@@ -193,7 +193,7 @@ DaemonImpl::DaemonImpl(Config config) : config_(std::move(config)) { uv_loop_ini
 DaemonImpl::~DaemonImpl() {
   // Its thread wakes the loop through a handle closed below; from here a signal ends the process
   // (a teardown that hangs can still be stopped).
-  if (signal_watcher_) signal_watcher_->release_loop();
+  if (signal_watcher_) signal_watcher_->release_loop(exit_code_);
   // A start-up that failed after binding leaves no socket behind (shutdown() removed them
   // otherwise; a socket we never bound is another daemon's and stays).
   if (client_fd_.valid()) ::unlink(config_.server.client_socket.c_str());
@@ -1602,10 +1602,12 @@ int DaemonImpl::run() {
   // layer's training since its last checkpoint is lost, or the layer itself).
   if (const int failed = checkpoint_all(); failed > 0) {
     TUTEL_LOG(ERROR) << "tuteld stopped; " << failed << " exit checkpoint(s) failed (see above)";
-    return kExitCheckpointFailed;
+    exit_code_ = kExitCheckpointFailed;
+  } else {
+    TUTEL_LOG(INFO) << "tuteld stopped";
+    exit_code_ = 0;
   }
-  TUTEL_LOG(INFO) << "tuteld stopped";
-  return 0;
+  return *exit_code_;
 }
 
 Result<std::unique_ptr<Daemon>> Daemon::create(Config config) {

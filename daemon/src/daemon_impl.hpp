@@ -161,6 +161,7 @@ class DaemonImpl {
   // SIGTERM, SIGINT. First, so destroyed last: a signal ends a teardown that hangs in any member
   // below (release_loop()).
   std::unique_ptr<SignalWatcher> signal_watcher_;
+  std::optional<int> exit_code_;  // what run() returned; a signal in the teardown keeps it
   Config config_;
   // Per tenant, with state_dir: its clients' saves against its max_checkpoint_bytes. Made at
   // start, never changed after (the quotas are thread-safe).

@@ -6,6 +6,7 @@
 
 #include <cassert>
 #include <cerrno>
+#include <optional>
 #include <string>
 
 #include "tutel/core/logging.hpp"
@@ -28,6 +29,11 @@ bool started_ignoring(int signum) {
   struct sigaction current {};
   return ::sigaction(signum, nullptr, &current) == 0 && !(current.sa_flags & SA_SIGINFO) &&
          current.sa_handler == SIG_IGN;
+}
+
+void log_already_shutting_down(int signum) {
+  TUTEL_LOG(WARN) << "signal " << signum << ": already shutting down (the exit checkpoints are being "
+                  << "written; SIGKILL loses what is not written yet)";
 }
 
 // Ends the process by `signum`'s default action, as if it had never been blocked: a service
@@ -67,6 +73,7 @@ Result<std::unique_ptr<SignalWatcher>> SignalWatcher::start() {
 }
 
 SignalWatcher::~SignalWatcher() {
+  if (!thread_.joinable()) return;  // its start threw
   stopping_.store(true, std::memory_order_release);
   ::pthread_kill(thread_.native_handle(), SIGTERM);  // wakes its sigwaitinfo, for this thread alone
   thread_.join();
@@ -85,21 +92,34 @@ void SignalWatcher::wait_for_signals() {
       assert(errno == EINTR);  // the set is valid: nothing else can fail
       continue;
     }
-    std::lock_guard<std::mutex> lock(mutex_);
-    switch (mode_) {
+    // Decided under the lock, done after it: a log line may block on a stalled stderr, and the
+    // loop's thread takes the lock to change modes.
+    Mode mode;
+    std::optional<int> exit_code;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      mode = mode_;
+      exit_code = exit_code_;
+      if (mode == Mode::kToLoop) {
+        queued_.push_back(signum);
+        uv_async_send(&wake_loop_);
+      }
+    }
+    switch (mode) {
       case Mode::kEndProcess:
         if (started_ignoring(signum)) {
           TUTEL_LOG(INFO) << "signal " << signum << " ignored: tuteld was started ignoring it";
           break;
         }
+        if (exit_code) {  // the daemon ran: its exit code stands (75 says a checkpoint was lost)
+          TUTEL_LOG(WARN) << "signal " << signum << " during the teardown: exiting now with " << *exit_code;
+          ::_exit(*exit_code);
+        }
         die_by(signum);
       case Mode::kToLoop:
-        queued_.push_back(signum);
-        uv_async_send(&wake_loop_);
         break;
       case Mode::kLogOnly:
-        TUTEL_LOG(WARN) << "signal " << signum << ": already shutting down (the exit checkpoints are being "
-                        << "written; SIGKILL loses what is not written yet)";
+        log_already_shutting_down(signum);
         break;
     }
   }
@@ -132,15 +152,20 @@ void SignalWatcher::unref() {
 }
 
 void SignalWatcher::loop_ended() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<int> unread;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    unread.swap(queued_);
+    mode_ = Mode::kLogOnly;
+  }
   // Signals queued for the loop that will not run again: said as any later one is.
-  for (int signum : queued_)
-    TUTEL_LOG(WARN) << "signal " << signum << ": already shutting down (the exit checkpoints are being "
-                    << "written; SIGKILL loses what is not written yet)";
-  queued_.clear();
-  mode_ = Mode::kLogOnly;
+  for (int signum : unread) log_already_shutting_down(signum);
 }
 
-void SignalWatcher::release_loop() { set_mode(Mode::kEndProcess); }
+void SignalWatcher::release_loop(std::optional<int> exit_code) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  mode_ = Mode::kEndProcess;
+  exit_code_ = exit_code;
+}
 
 }  // namespace tutel::daemon

@@ -15,7 +15,11 @@
 //   writing its exit checkpoints    is logged and dropped: a second SIGTERM must not cut them
 //     (loop_ended())                short (SIGKILL still does);
 //   tearing down (release_loop())   ends the process again, so a teardown that hangs can still
-//                                   be stopped.
+//                                   be stopped: with the daemon's exit code where it ran (a
+//                                   signal must not turn 75, a lost checkpoint, into a clean
+//                                   stop), by the signal's default action where it never served.
+// Once the watcher is destroyed (the daemon's last member), the signals stay blocked until the
+// process exits: what runs after (static destructors) only SIGKILL stops.
 // A signal the process was started with ignored (SIG_IGN: a background job's SIGINT) is dropped
 // while the default action would apply, as it was before the daemon blocked it.
 // Thread-safety: every member function on the loop's thread (or the thread that starts the
@@ -28,6 +32,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -54,8 +59,9 @@ class SignalWatcher {
   // The loop has ended: signals are logged and dropped (the exit checkpoints are being written).
   void loop_ended();
   // Before the loop's handles close: the thread no longer touches the loop, and a signal ends
-  // the process again.
-  void release_loop();
+  // the process again, with `exit_code` (the daemon's run() returned it) or, without one, by the
+  // signal's default action.
+  void release_loop(std::optional<int> exit_code);
 
  private:
   enum class Mode { kEndProcess, kToLoop, kLogOnly };
@@ -68,6 +74,7 @@ class SignalWatcher {
   std::atomic<bool> stopping_{false};
   std::mutex mutex_;
   Mode mode_ = Mode::kEndProcess;  // guarded by mutex_
+  std::optional<int> exit_code_;   // guarded by mutex_
   std::vector<int> queued_;        // guarded by mutex_
   uv_async_t wake_loop_{};         // initialised by hand_to_loop
   bool wake_loop_ready_ = false;   // the loop's thread only

@@ -10,6 +10,7 @@
 #include <uv.h>
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,10 @@ namespace {
 // exits with 10 if it cannot be).
 std::unique_ptr<SignalWatcher> watcher_in_child() {
   ::alarm(60);
+  // The default actions, whatever the test runner inherited (a background job's SIGINT is
+  // ignored, which the watcher honours).
+  ::signal(SIGTERM, SIG_DFL);
+  ::signal(SIGINT, SIG_DFL);
   block_termination_signals();
   auto watcher = SignalWatcher::start();
   if (!watcher.ok()) ::_exit(10);
@@ -59,7 +64,7 @@ TEST(SignalWatcher, HandsEverySignalToTheLoopInOrder) {
     });
     ::kill(::getpid(), SIGTERM);
     uv_run(&loop, UV_RUN_DEFAULT);
-    watcher->release_loop();
+    watcher->release_loop(std::nullopt);
     uv_walk(&loop, [](uv_handle_t* h, void*) { uv_close(h, nullptr); }, nullptr);
     uv_run(&loop, UV_RUN_DEFAULT);
     if (uv_loop_close(&loop) != 0) ::_exit(11);
@@ -91,14 +96,25 @@ TEST(SignalWatcher, BeforeTheLoopASignalKillsTheProcess) {
   }
 }
 
-// A child that says on `ready` when it got past a signal that must not end it, then takes a
-// SIGTERM that must; `setup` runs first, with the watcher started.
-void expect_survives_then_dies(const std::function<void(SignalWatcher&, uv_loop_t&)>& setup, int survived_signal) {
-  int ready[2];
-  ASSERT_EQ(::pipe(ready), 0);
+// How a child ended, and what it wrote to stderr (the watcher's log lines).
+struct ChildEnd {
+  int status = 0;
+  std::string stderr_text;
+  bool survived_first = false;  // it got past the signal that must not end it
+};
+
+// A child that gets past a signal that must not end it (saying so on a pipe), is then released
+// with `exit_code` (release_loop) and takes a SIGTERM that must end it; `setup` runs first, with
+// the watcher started. Its stderr comes back.
+ChildEnd survive_then_release(const std::function<void(SignalWatcher&, uv_loop_t&)>& setup, int survived_signal,
+                              std::optional<int> exit_code) {
+  ChildEnd end;
+  int ready[2], err[2];
+  if (::pipe(ready) != 0 || ::pipe(err) != 0) return end;
   const pid_t child = ::fork();
-  ASSERT_GE(child, 0);
+  if (child < 0) return end;
   if (child == 0) {
+    ::dup2(err[1], 2);
     std::unique_ptr<SignalWatcher> watcher = watcher_in_child();
     uv_loop_t loop;
     uv_loop_init(&loop);
@@ -106,42 +122,74 @@ void expect_survives_then_dies(const std::function<void(SignalWatcher&, uv_loop_
     ::kill(::getpid(), survived_signal);
     ::usleep(200 * 1000);  // time for the signal thread to act on it
     (void)!::write(ready[1], "s", 1);
-    watcher->release_loop();
+    watcher->release_loop(exit_code);
     ::kill(::getpid(), SIGTERM);
     ::pause();
     ::_exit(12);
   }
   ::close(ready[1]);
+  ::close(err[1]);
   char byte = 0;
-  EXPECT_EQ(::read(ready[0], &byte, 1), 1) << "the first signal ended the child";
+  end.survived_first = ::read(ready[0], &byte, 1) == 1;
   ::close(ready[0]);
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
-  ASSERT_TRUE(WIFSIGNALED(status)) << "exited with " << WEXITSTATUS(status);
-  EXPECT_EQ(WTERMSIG(status), SIGTERM) << "the teardown's signal should end it";
+  ::waitpid(child, &end.status, 0);
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::read(err[0], buf, sizeof buf)) > 0) end.stderr_text.append(buf, static_cast<size_t>(n));
+  ::close(err[0]);
+  return end;
 }
 
 // While the exit checkpoints are written (the loop has ended), a signal is logged, not acted on;
-// once the loop is released (the teardown), one ends the process again.
+// once the loop is released for a daemon that never served, one ends the process by its default
+// action.
 TEST(SignalWatcher, AfterTheLoopEndedASignalIsOnlyLoggedUntilTheTeardown) {
-  expect_survives_then_dies(
+  const ChildEnd end = survive_then_release(
       [](SignalWatcher& watcher, uv_loop_t& loop) {
         watcher.hand_to_loop(&loop, [](int) { ::_exit(13); });  // the loop never runs again
         watcher.loop_ended();
       },
-      SIGTERM);
+      SIGTERM, std::nullopt);
+  EXPECT_TRUE(end.survived_first) << end.stderr_text;
+  EXPECT_NE(end.stderr_text.find("signal 15: already shutting down (the exit checkpoints are being written"),
+            std::string::npos)
+      << end.stderr_text;
+  ASSERT_TRUE(WIFSIGNALED(end.status)) << "exited with " << WEXITSTATUS(end.status);
+  EXPECT_EQ(WTERMSIG(end.status), SIGTERM);
+}
+
+// In the teardown of a daemon that ran, a signal ends the process with the daemon's exit code:
+// 75 (an exit checkpoint failed) must not become a death by SIGTERM, which a service manager
+// reads as a clean stop.
+TEST(SignalWatcher, InTheTeardownASignalKeepsTheDaemonsExitCode) {
+  const ChildEnd end = survive_then_release(
+      [](SignalWatcher& watcher, uv_loop_t& loop) {
+        watcher.hand_to_loop(&loop, [](int) { ::_exit(13); });
+        watcher.loop_ended();
+      },
+      SIGINT, kExitCheckpointFailed);
+  EXPECT_TRUE(end.survived_first) << end.stderr_text;
+  ASSERT_TRUE(WIFEXITED(end.status)) << "killed by " << WTERMSIG(end.status);
+  EXPECT_EQ(WEXITSTATUS(end.status), kExitCheckpointFailed);
+  EXPECT_NE(end.stderr_text.find("signal 15 during the teardown: exiting now with 75"), std::string::npos)
+      << end.stderr_text;
 }
 
 // A signal the process was started ignoring (a background job's SIGINT) does not end it while
 // it starts, as it did not before the daemon blocked it.
 TEST(SignalWatcher, ASignalStartedIgnoredIsDroppedWhileStarting) {
-  expect_survives_then_dies(
+  const ChildEnd end = survive_then_release(
       [](SignalWatcher&, uv_loop_t&) {
         struct sigaction ignore {};
         ignore.sa_handler = SIG_IGN;
         ::sigaction(SIGINT, &ignore, nullptr);
       },
-      SIGINT);
+      SIGINT, std::nullopt);
+  EXPECT_TRUE(end.survived_first) << end.stderr_text;
+  EXPECT_NE(end.stderr_text.find("signal 2 ignored: tuteld was started ignoring it"), std::string::npos)
+      << end.stderr_text;
+  ASSERT_TRUE(WIFSIGNALED(end.status)) << "exited with " << WEXITSTATUS(end.status);
+  EXPECT_EQ(WTERMSIG(end.status), SIGTERM);
 }
 
 }  // namespace

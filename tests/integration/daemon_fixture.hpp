@@ -125,7 +125,21 @@ class DaemonProcess {
     const std::string bin = TUTELD_BIN, cfg = config_path();
     char* argv[] = {const_cast<char*>(bin.c_str()), const_cast<char*>("--config"), const_cast<char*>(cfg.c_str()),
                     nullptr};
-    const int rc = posix_spawn(&pid_, bin.c_str(), &actions, nullptr, argv, environ);
+    // The daemon starts with SIGTERM and SIGINT at their default actions and nothing blocked,
+    // whatever the test runner inherited (a background job's SIGINT is ignored, which tuteld
+    // honours while it starts).
+    posix_spawnattr_t attributes;
+    posix_spawnattr_init(&attributes);
+    sigset_t defaults, none;
+    sigemptyset(&defaults);
+    sigaddset(&defaults, SIGTERM);
+    sigaddset(&defaults, SIGINT);
+    sigemptyset(&none);
+    posix_spawnattr_setsigdefault(&attributes, &defaults);
+    posix_spawnattr_setsigmask(&attributes, &none);
+    posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK);
+    const int rc = posix_spawn(&pid_, bin.c_str(), &actions, &attributes, argv, environ);
+    posix_spawnattr_destroy(&attributes);
     posix_spawn_file_actions_destroy(&actions);
     if (rc != 0) return ::testing::AssertionFailure() << "cannot spawn " << bin << ": " << strerror(rc);
     return ::testing::AssertionSuccess();
