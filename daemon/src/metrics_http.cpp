@@ -13,8 +13,9 @@ struct MetricsHttpServer::Connection {
   MetricsHttpServer* server = nullptr;
   std::list<Connection*>::iterator position;  // in server->open_ while not closing
   uint64_t accepted_ms = 0;                   // uv_now at accept
-  bool answering = false;                     // its request is read, its answer being written
-  std::string request, response;
+  std::string request, response;  // response: empty until the request is read
+  // Its request is read and its answer being written (every answer has a head: never empty).
+  bool answering() const { return !response.empty(); }
 };
 
 namespace {
@@ -92,7 +93,7 @@ void MetricsHttpServer::close_expired() {
 // slowly keeps it through a burst of new connections.
 MetricsHttpServer::Connection* MetricsHttpServer::eviction_candidate() const {
   assert(!open_.empty());
-  const auto reading = std::find_if(open_.begin(), open_.end(), [](const Connection* c) { return !c->answering; });
+  const auto reading = std::find_if(open_.begin(), open_.end(), [](const Connection* c) { return !c->answering(); });
   return reading != open_.end() ? *reading : open_.front();
 }
 
@@ -130,7 +131,6 @@ void MetricsHttpServer::accept() {
         const bool complete = head_end != std::string::npos && head_end <= kMaxRequestHead;
         if (head_end == std::string::npos && c->request.size() < kMaxRequestHead) return;
         uv_read_stop(s);
-        c->answering = true;
         if (!complete)
           c->response = http_response(431, "Request Header Fields Too Large", "text/plain", "request head too large\n");
         else if (c->request.rfind("GET /metrics ", 0) == 0 || c->request.rfind("GET /metrics?", 0) == 0)

@@ -125,17 +125,13 @@ void SignalWatcher::wait_for_signals() {
   }
 }
 
-void SignalWatcher::set_mode(Mode mode) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  mode_ = mode;
-}
-
 void SignalWatcher::hand_to_loop(uv_loop_t* loop, std::function<void(int)> on_signal) {
   on_signal_ = std::move(on_signal);
   uv_async_init(loop, &wake_loop_, [](uv_async_t* h) { static_cast<SignalWatcher*>(h->data)->deliver_queued(); });
   wake_loop_.data = this;
   wake_loop_ready_ = true;
-  set_mode(Mode::kToLoop);
+  std::lock_guard<std::mutex> lock(mutex_);
+  mode_ = Mode::kToLoop;
 }
 
 void SignalWatcher::deliver_queued() {

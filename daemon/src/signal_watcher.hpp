@@ -68,7 +68,6 @@ class SignalWatcher {
   SignalWatcher() = default;
   void wait_for_signals();
   void deliver_queued();
-  void set_mode(Mode mode);
 
   std::thread thread_;
   std::atomic<bool> stopping_{false};

@@ -800,8 +800,13 @@ Status ExpertParallelLayer::agree(Agreement what, int64_t* values, size_t count)
   // Every agreement of the layer is as wide, whatever it carries (see kAgreementWidth).
   const size_t width = agreement_width(spec_);
   TUTEL_CHECK(count + 2 <= width);
-  int64_t all[kAgreementWidth + kMaxAgreedCounts] = {static_cast<int64_t>(what), -static_cast<int64_t>(what)};
+  // Sized for the widest layer, filled only to this one's width (the rest is never read: no
+  // 4 KiB of zeros per call for a layer of 8 experts).
+  int64_t all[kAgreementWidth + kMaxAgreedCounts];
+  all[0] = static_cast<int64_t>(what);
+  all[1] = -static_cast<int64_t>(what);
   std::copy(values, values + count, all + 2);
+  std::fill(all + 2 + count, all + width, int64_t{0});
   TUTEL_RETURN_IF_ERROR(agree_on_max(all, width));
   const int64_t highest = all[0], lowest = -all[1];
   if (highest == lowest) {
@@ -1183,8 +1188,10 @@ Status ExpertParallelLayer::forward(const LayerWeights& local, TensorView x, Ten
   // With E <= kMaxAgreedCounts, each expert's count follows: after the MAX, an expert at 0 got no
   // token from any rank, and an inference leaves it out (below).
   const int64_t agreed_counts = static_cast<int64_t>(agreement_width(spec_) - kAgreementWidth);
-  int64_t agreed[3 + kMaxAgreedCounts] = {S, *std::max_element(host_counts_.begin(), host_counts_.end()),
-                                          ready.ok() ? 0 : 1};
+  int64_t agreed[3 + kMaxAgreedCounts];  // the first 3 + agreed_counts in use
+  agreed[0] = S;
+  agreed[1] = *std::max_element(host_counts_.begin(), host_counts_.end());
+  agreed[2] = ready.ok() ? 0 : 1;
   std::copy(host_counts_.begin(), host_counts_.begin() + agreed_counts, agreed + 3);
   TUTEL_RETURN_IF_ERROR(agree(Agreement::kForward, agreed, 3 + static_cast<size_t>(agreed_counts)));
   // From here every rank is in this forward: it is the group's next, refused or not.
