@@ -1006,7 +1006,9 @@ Status ServedLayer::zero_grad(bool set_to_none) {
   return on_rank([&]() -> Status {
     TUTEL_RETURN_IF_ERROR(rank_.health.check());
     for (Tensor& t : tensors_) TUTEL_RETURN_IF_ERROR(watch_device(b.fill_zero(bytes_view(t.grad, b.device()))));
-    grads_present_ = !set_to_none;
+    // Zeros only where gradients are: torch's zero_grad(set_to_none=False) zeroes the .grad that
+    // exist and leaves a None one None, so a later step still skips a frozen or unused layer.
+    grads_present_ = grads_present_ && !set_to_none;
     return Status::OK();
   });
 }

@@ -1113,7 +1113,9 @@ TEST_F(ClientDaemon, OptimizerStateIsTakenWholeOrNotAtAll) {
 // - after the same backward, a step at lr 0.025 moves every parameter by half as much as one at
 //   the spec's 0.05, and one with weight_decay 0.5 by lr · 0.5 · w more (atol 2e-6: f32 weights
 //   and updates of ~1e-2);
-// - zero_grad(set_to_none = false) leaves zeros that a step applies (the momentum moves it);
+// - zero_grad(set_to_none = false) leaves zeros that a step applies (the momentum moves it)
+//   where there were gradients, and none where there were none (torch zeroes only the .grad
+//   that exist): after a backward for dx alone, that step changes nothing either;
 // - overrides that are negative, beyond f32 or not finite are refused and change nothing.
 TEST_F(ClientDaemon, AStepAppliesOnlyGradientsThatAreThereWithTheSettingsItIsGiven) {
   auto client = client::Client::connect(daemon_->client_socket());
@@ -1185,13 +1187,24 @@ TEST_F(ClientDaemon, AStepAppliesOnlyGradientsThatAreThereWithTheSettingsItIsGiv
   ASSERT_TRUE(count.ok()) << count.status();
   EXPECT_EQ(*count, 1);
   EXPECT_TRUE(parameters(*half) == wh) << "a step after a backward for dx alone moved the layer";
-  // Zeros kept: the momentum moves it.
+  // No gradients to keep as zeros: still nothing to apply.
   ASSERT_TRUE(half->zero_grad(/*set_to_none=*/false).ok());
   count = half->step();
   ASSERT_TRUE(count.ok()) << count.status();
+  EXPECT_EQ(*count, 1);
+  EXPECT_TRUE(parameters(*half) == wh) << "zero_grad(set_to_none = false) made absent gradients present";
+  // Gradients kept as zeros: the momentum moves it.
+  ASSERT_NO_FATAL_FAILURE(train(*half, client::Layer::ParamGrads::kAccumulate));
+  count = half->step();
+  ASSERT_TRUE(count.ok()) << count.status();
   EXPECT_EQ(*count, 2);
+  const auto w2 = parameters(*half);
+  ASSERT_TRUE(half->zero_grad(/*set_to_none=*/false).ok());
+  count = half->step();
+  ASSERT_TRUE(count.ok()) << count.status();
+  EXPECT_EQ(*count, 3);
   const auto wz = parameters(*half);
-  EXPECT_FALSE(wz == wh) << "a step on zeroed (not absent) gradients did not apply the momentum";
+  EXPECT_FALSE(wz == w2) << "a step on zeroed (not absent) gradients did not apply the momentum";
 
   // Refused overrides change nothing.
   client::Layer::StepOptions negative, beyond_f32, nan;
@@ -1205,7 +1218,7 @@ TEST_F(ClientDaemon, AStepAppliesOnlyGradientsThatAreThereWithTheSettingsItIsGiv
   EXPECT_NE(half->step(negative).status().message().find("lr must be a finite number >= 0"), std::string_view::npos);
   EXPECT_NE(half->step(beyond_f32).status().message().find("weight_decay"), std::string_view::npos);
   EXPECT_TRUE(parameters(*half) == wz);
-  EXPECT_EQ(half->info().step, 2);
+  EXPECT_EQ(half->info().step, 3);
 }
 
 // A training forward its trainer will not backward (skipped, or its wait abandoned) is

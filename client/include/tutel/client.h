@@ -202,8 +202,8 @@ int tutel_step_with(tutel_layer* layer, double lr, double weight_decay, int64_t*
 /* Zeroes the gradients and sets them to none (torch's default): a step before the next backward
  * changes nothing. */
 int tutel_zero_grad(tutel_layer* layer);
-/* set_to_none = 0: the gradients are zeros that a step applies (weight decay, momentum), as after
- * torch's zero_grad(set_to_none=False). */
+/* set_to_none = 0: gradients that are there become zeros that a step applies (weight decay,
+ * momentum); absent ones stay absent, as after torch's zero_grad(set_to_none=False). */
 int tutel_zero_grad_with(tutel_layer* layer, int set_to_none);
 /* The L2 norm of the accumulated gradients into *norm (+inf or NaN where one is not finite). On
  * an expert-parallel layer the whole layer's, the same on every rank: a collective, every rank

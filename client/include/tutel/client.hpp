@@ -317,8 +317,9 @@ class Layer {
   Result<int64_t> step(const StepOptions& options);
   Result<int64_t> step();  // (overloads, not default arguments: the library's symbols stay)
   // set_to_none (torch's default): the gradients are absent until the next backward, so a step
-  // before it changes nothing; false: they are zeros that a step applies (weight decay,
-  // momentum), as after torch's zero_grad(set_to_none=False).
+  // before it changes nothing; false: gradients that are there become zeros that a step applies
+  // (weight decay, momentum), absent ones stay absent, as after torch's
+  // zero_grad(set_to_none=False).
   Status zero_grad(bool set_to_none);
   Status zero_grad();
   // The L2 norm of the accumulated gradients, +inf or NaN where one is not finite (gradient

@@ -688,8 +688,9 @@ class Layer:
 
     def zero_grad(self, set_to_none=True):
         """Zeroes the accumulated gradients. set_to_none (torch's default): they are absent until
-        the next backward, so a step before it changes nothing; False: they are zeros that a step
-        applies (weight decay, momentum), as after torch's zero_grad(set_to_none=False)."""
+        the next backward, so a step before it changes nothing; False: gradients that are there
+        become zeros that a step applies (weight decay, momentum), absent ones stay absent, as
+        after torch's zero_grad(set_to_none=False)."""
         self._call(_lib.tutel_zero_grad_with, 1 if set_to_none else 0)
 
     def grad_norm(self):
