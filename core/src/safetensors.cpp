@@ -18,6 +18,7 @@
 #include <filesystem>
 #include <limits>
 #include <new>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <set>
@@ -533,6 +534,39 @@ Result<std::pair<UniqueFd, std::string>> create_temp_file(const std::string& pat
   return Status::IOError("cannot create a unique temporary file for " + file_context(path));
 }
 
+// What is at `path` now, if anything: a regular file the write may replace. A rename replaces
+// whatever name it lands on, so without this a checkpoint written to a mistyped path replaced
+// a device node, a FIFO or a symbolic link with a file (an operator's checkpoint to /dev/null,
+// written by a daemon running as root, replaced /dev/null). Checked before anything is written;
+// the rename itself never follows a link, so a name swapped in meanwhile is only replaced.
+Result<std::optional<struct stat>> file_to_replace(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return std::optional<struct stat>();
+    return errno_status(errno, "cannot inspect", path);
+  }
+  if (S_ISREG(st.st_mode)) return std::optional<struct stat>(st);
+  const char* kind = S_ISLNK(st.st_mode)    ? "a symbolic link"
+                     : S_ISDIR(st.st_mode)  ? "a directory"
+                     : S_ISFIFO(st.st_mode) ? "a FIFO"
+                     : S_ISSOCK(st.st_mode) ? "a socket"
+                     : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device"
+                                                                   : "not a regular file";
+  return Status::InvalidArgument("cannot write " + file_context(path) + ": it exists and is " + kind +
+                                 ", which a checkpoint never replaces; choose another path (nothing was written)");
+}
+
+// The new file replaces `old` with the access `old` gave: its owner where this process may
+// give it (a daemon running as root replacing a user's file), and its permission bits (a file
+// kept private stays private; a new file takes the umask's).
+Status take_over_access(int fd, const struct stat& old, const std::string& path) {
+  if ((old.st_uid != ::geteuid() || old.st_gid != ::getegid()) && ::fchown(fd, old.st_uid, old.st_gid) != 0 &&
+      errno != EPERM)
+    return errno_status(errno, "cannot give the new file the owner of", path);
+  if (::fchmod(fd, old.st_mode & 0777) != 0) return errno_status(errno, "cannot give the new file the mode of", path);
+  return Status::OK();
+}
+
 Status fsync_directory_of(const std::string& path) {
   namespace fs = std::filesystem;
   const fs::path target(path);
@@ -597,9 +631,11 @@ Status write_safetensors_impl(const std::string& path, const std::vector<Safeten
                          build_header(path, tensors, metadata, sizes, /*filled_later=*/static_cast<bool>(fill)));
   const uint64_t header_size = header_text.size();
 
+  TUTEL_ASSIGN_OR_RETURN(const std::optional<struct stat> replaced, file_to_replace(path));
   TUTEL_ASSIGN_OR_RETURN(auto temp, create_temp_file(path));
   auto& [fd, temp_path] = temp;
   TempFileGuard guard(temp_path);
+  if (replaced) TUTEL_RETURN_IF_ERROR(take_over_access(fd.get(), *replaced, path));
   TUTEL_RETURN_IF_ERROR(write_all(fd.get(), &header_size, 8, path));
   TUTEL_RETURN_IF_ERROR(write_all(fd.get(), header_text.data(), header_text.size(), path));
   std::vector<char> chunk;

@@ -222,6 +222,67 @@ TEST_F(SafetensorsTest, WriteReplacesExistingFileAndLeavesNoTemporaries) {
   EXPECT_EQ(f->metadata().at("v"), "2");
 }
 
+// An existing path must be a regular file: a symbolic link, a FIFO, a socket or a directory
+// stays as it was (a rename would have replaced it: an operator's checkpoint to /dev/null
+// replaced the device node), with nothing written beside it. A regular file's permission bits
+// carry over to the file that replaces it (a private file stays private under any umask).
+TEST_F(SafetensorsTest, WriteReplacesOnlyARegularFileAndKeepsItsMode) {
+  const int32_t value[2] = {3, 4};
+  const std::vector<SafetensorsEntry> tensors{{"x", DType::kI32, {2}, value}};
+  const std::string target = file("target.txt"), link = file("link"), fifo = file("fifo"), sub = file("sub");
+  {
+    std::ofstream out(target);
+    out << "keep me";
+  }
+  ASSERT_EQ(::symlink(target.c_str(), link.c_str()), 0);
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  ASSERT_EQ(::mkdir(sub.c_str(), 0700), 0);
+  for (const auto& [path, kind] : std::vector<std::pair<std::string, std::string>>{
+           {link, "a symbolic link"}, {fifo, "a FIFO"}, {sub, "a directory"}}) {
+    const Status st = write_safetensors(path, tensors);
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << path << ": " << st;
+    EXPECT_NE(st.message().find("it exists and is " + kind), std::string_view::npos) << st;
+    EXPECT_NE(st.message().find("nothing was written"), std::string_view::npos) << st;
+  }
+  struct stat st {};
+  ASSERT_EQ(::lstat(link.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISLNK(st.st_mode));
+  ASSERT_EQ(::lstat(fifo.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode));
+  ASSERT_EQ(::lstat(sub.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISDIR(st.st_mode));
+  std::ifstream in(target);
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(in), {}), "keep me");
+  EXPECT_EQ(list_dir(dir_.path()), (std::vector<std::string>{"fifo", "link", "sub", "target.txt"}));
+
+  // A private file stays private, a shared one shared, whatever the umask says of new files.
+  for (const mode_t mode : {mode_t{0600}, mode_t{0640}, mode_t{0604}}) {
+    ASSERT_EQ(::chmod(target.c_str(), mode), 0);
+    const mode_t umask_was = ::umask(022);
+    const Status written = write_safetensors(target, tensors);
+    ::umask(umask_was);
+    ASSERT_TRUE(written.ok()) << written;
+    ASSERT_EQ(::stat(target.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, mode);
+    EXPECT_TRUE(SafetensorsFile::open(target).ok());
+  }
+  // Where this process may (root: a daemon replacing a user's file), the owner carries over too.
+  if (::geteuid() == 0) {
+    ASSERT_EQ(::chown(target.c_str(), 65534, 65534), 0);
+    ASSERT_TRUE(write_safetensors(target, tensors).ok());
+    ASSERT_EQ(::stat(target.c_str(), &st), 0);
+    EXPECT_EQ(st.st_uid, 65534u);
+    EXPECT_EQ(st.st_gid, 65534u);
+  }
+  // A new file takes the umask's mode.
+  const std::string fresh = file("fresh.safetensors");
+  const mode_t umask_was = ::umask(027);
+  ASSERT_TRUE(write_safetensors(fresh, tensors).ok());
+  ::umask(umask_was);
+  ASSERT_EQ(::stat(fresh.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, mode_t{0640});
+}
+
 // What the daemon's checkpoint quota skips, and removes at start, as a save's temporary file.
 TEST(SafetensorsTempName, MatchesOnlyTheWritersTemporaryFiles) {
   EXPECT_TRUE(is_safetensors_temp_name(".w.safetensors.tmp-0123456789abcdef"));

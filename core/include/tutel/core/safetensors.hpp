@@ -133,7 +133,10 @@ Status fsync_directory(const std::string& dir);
 // Atomic: the bytes go to a temporary file in the same directory, which is fsynced and
 // renamed over `path`, then the directory is fsynced; on failure `path` is untouched and
 // the temporary file removed, except when only that last fsync fails: then `path` already
-// holds the new file (the error says the rename may not survive a crash). Refuses duplicate
+// holds the new file (the error says the rename may not survive a crash). An existing `path`
+// must be a regular file (a symbolic link, device, FIFO, socket or directory is refused before
+// anything is written); the new file keeps its permission bits, and its owner where this
+// process may set it. Refuses duplicate
 // names, the reserved name "__metadata__", negative dimensions and null data for a non-empty
 // tensor, unless `fill` is given: then such a tensor's bytes come from it, a chunk at a time.
 Status write_safetensors(const std::string& path, const std::vector<SafetensorsEntry>& tensors,
