@@ -1,5 +1,7 @@
 #include "layer_files.hpp"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <charconv>
 #include <cmath>
@@ -507,9 +509,30 @@ Status write_layer_outputs(const std::string& path, const LayerRunResult& r,
   return s.ok() ? s : s.with_context("writing the output (--output)");
 }
 
+namespace {
+
+// The output replaces whatever file --output names: never one of the inputs (a swapped or
+// repeated path destroyed the input, and the next run found no x in it). Compared by file, not
+// by name, so another spelling or a link of the same file is caught too.
+Status check_output_is_not_an_input(const LayerFilesRequest& request) {
+  struct stat out {};
+  if (::stat(request.output_path.c_str(), &out) != 0) return Status::OK();  // a new file
+  for (const auto& [option, path] : {std::pair<const char*, const std::string&>{"--weights", request.weights_path},
+                                     std::pair<const char*, const std::string&>{"--input", request.input_path}}) {
+    struct stat in {};
+    if (::stat(path.c_str(), &in) == 0 && in.st_dev == out.st_dev && in.st_ino == out.st_ino)
+      return Status::InvalidArgument("--output '" + request.output_path + "' is the same file as " + option + " '" +
+                                     path + "', which writing it would replace; choose another output path");
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
 Status run_layer_files(const LayerFilesRequest& request, std::ostream& notes) {
   const LayerRunOptions& options = request.options;
   TUTEL_RETURN_IF_ERROR(validate_options(options));
+  TUTEL_RETURN_IF_ERROR(check_output_is_not_an_input(request));
   TUTEL_ASSIGN_OR_RETURN(const LayerFileWeights weights,
                          read_layer_weights(request.weights_path, notes));
   // Checked before the input is read, so a bad --k is reported as such.
