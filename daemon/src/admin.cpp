@@ -363,6 +363,12 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
               });
       return;
     }
+    case ipc::FrameType::kHello:  // a client (train_toy, the client library) pointed here
+      reply_error(s, rid, Status::InvalidArgument(
+                              "this is tuteld's admin socket (" + config_.server.admin_socket +
+                              "), for tutelctl; clients connect to its client_socket (" +
+                              config_.server.client_socket + ")"));
+      break;
     default:
       reply_error(s, rid, Status::InvalidArgument("frame type " +
                                                   std::string(ipc::frame_type_name(static_cast<ipc::FrameType>(frame.header.type))) +

@@ -6,6 +6,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <toml++/toml.h>
@@ -425,11 +426,49 @@ Status parse_coordinator_bounds(const Scope& s, ServerConfig& server) {
   return Status::OK();
 }
 
+std::optional<uint32_t> parse_socket_mode(std::string_view text) {
+  if (text == "0600") return 0600;
+  if (text == "0660") return 0660;
+  if (text == "0666") return 0666;
+  return std::nullopt;
+}
+
+// client_socket_group: a group's name, looked up here (an unknown one is this file's error, with
+// its line), or a gid.
+Status parse_client_socket_group(const Scope& s, ServerConfig& server) {
+  const toml::node* n = s.find("client_socket_group");
+  if (n == nullptr) return Status::OK();
+  if (const auto* id = n->as_integer()) {
+    if (id->get() < 0 || id->get() > 4294967294)
+      return s.error(*n, "client_socket_group", "expected a group's name or a gid in [0, 4294967294], got " + describe(*n));
+    server.client_socket_gid = static_cast<uint32_t>(id->get());
+    server.client_socket_group = std::to_string(id->get());
+    return Status::OK();
+  }
+  const auto* name = n->as_string();
+  if (name == nullptr || name->get().empty() || name->get().find('\0') != std::string::npos)
+    return s.error(*n, "client_socket_group", "expected a group's name or a gid, got " + describe(*n));
+  group entry{}, *found = nullptr;
+  std::vector<char> buffer(16384);
+  int rc = 0;
+  while ((rc = ::getgrnam_r(name->get().c_str(), &entry, buffer.data(), buffer.size(), &found)) == ERANGE &&
+         buffer.size() < (size_t{1} << 24))
+    buffer.resize(buffer.size() * 4);
+  if (found == nullptr)
+    return s.error(*n, "client_socket_group",
+                   "no group named " + quote(name->get()) + " on this machine" +
+                       (rc != 0 ? " (" + std::string(std::strerror(rc)) + ")" : "") +
+                       "; `getent group` lists them, or give the gid");
+  server.client_socket_gid = found->gr_gid;
+  server.client_socket_group = name->get();
+  return Status::OK();
+}
+
 Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& server) {
   TUTEL_ASSIGN_OR_RETURN(const toml::table* t, get_table(root, "server", true, "[server]"));
   const Scope s = root.child(*t, "server", "[server]");
   TUTEL_RETURN_IF_ERROR(
-      s.check_keys({"client_socket", "admin_socket", "state_dir", "metrics_listen", "log_level",
+      s.check_keys({"client_socket", "client_socket_mode", "client_socket_group", "admin_socket", "state_dir", "metrics_listen", "log_level",
                     "spin_us", "arena_bytes", "peer_secret_file", "hello_timeout_ms",
                     "max_bootstrap_timeout_ms", "max_collective_timeout_ms", "shutdown_grace_ms",
                     "coordinator_networks", "coordinator_ports"}));
@@ -442,6 +481,9 @@ Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& s
                                    " bytes long; a unix socket path holds at most " +
                                    std::to_string(kMaxSocketPath) + ": choose a shorter one");
   }
+  TUTEL_RETURN_IF_ERROR(get_enum(s, "client_socket_mode", "\"0600\", \"0660\", \"0666\"", parse_socket_mode,
+                                 server.client_socket_mode));
+  TUTEL_RETURN_IF_ERROR(parse_client_socket_group(s, server));
   if (server.client_socket == server.admin_socket)
     return s.error_near("admin_socket", "the admin socket must differ from the client socket (" +
                                             quote(server.client_socket) + ")");

@@ -16,6 +16,7 @@
 #include <system_error>
 
 #include "daemon_impl.hpp"
+#include "socket_access.hpp"
 #include "guarded.hpp"
 #include "rank_thread_backend.hpp"
 #include "tuning_record.hpp"
@@ -256,8 +257,14 @@ Status DaemonImpl::start() {
       &hello_sweep_, [](uv_timer_t* t) { static_cast<DaemonImpl*>(t->data)->close_silent_sessions(); }, sweep_ms,
       sweep_ms);
   // Nothing is accepted until run() starts the loop, so clients wait for the restore.
-  TUTEL_RETURN_IF_ERROR(listen(config_.server.client_socket, 0660, false, &client_poll_, &client_fd_));
-  TUTEL_RETURN_IF_ERROR(listen(config_.server.admin_socket, 0600, true, &admin_poll_, &admin_fd_));
+  const ServerConfig& server = config_.server;
+  TUTEL_RETURN_IF_ERROR(listen(server.client_socket, server.client_socket_mode, server.client_socket_gid, false,
+                               &client_poll_, &client_fd_));
+  TUTEL_RETURN_IF_ERROR(listen(server.admin_socket, 0600, std::nullopt, true, &admin_poll_, &admin_fd_));
+  const SocketAccess client_access{static_cast<uint32_t>(::geteuid()),
+                                   server.client_socket_gid.value_or(static_cast<uint32_t>(::getegid())),
+                                   server.client_socket_mode};
+  for (const std::string& warning : tenants_kept_out(client_access, config_.tenants)) TUTEL_LOG(WARN) << warning;
   // Serve only as part of a complete cluster: the join fails naming the nodes that are missing.
   TUTEL_RETURN_IF_ERROR(join_cluster());
   TUTEL_RETURN_IF_ERROR(start_ranks());
@@ -381,20 +388,7 @@ Status DaemonImpl::start_ranks() {
 }
 
 Status DaemonImpl::lock_instance() {
-  std::vector<std::pair<fs::path, std::string>> locks = {
-      {config_.server.client_socket + ".lock", "client_socket " + config_.server.client_socket},
-      {config_.server.admin_socket + ".lock", "admin_socket " + config_.server.admin_socket}};
-  if (!config_.server.state_dir.empty()) {
-    std::error_code ec;
-    // Created private: it holds every tenant's weights and optimizer state. (One that exists
-    // keeps the modes its operator gave it.)
-    const bool existed = fs::exists(config_.server.state_dir, ec);
-    fs::create_directories(config_.server.state_dir, ec);
-    if (ec) return Status::IOError("cannot create state_dir " + config_.server.state_dir + ": " + ec.message());
-    if (!existed) fs::permissions(config_.server.state_dir, fs::perms::owner_all, fs::perm_options::replace, ec);
-    locks.emplace_back(fs::path(config_.server.state_dir) / kStateDirLockName, "state_dir " + config_.server.state_dir);
-  }
-  for (const auto& [path, what] : locks) {
+  const auto take = [this](const fs::path& path, const std::string& what) -> Status {
     std::error_code ec;
     fs::create_directories(path.parent_path(), ec);
     if (ec) return Status::IOError("cannot create the directory of " + path.string() + ": " + ec.message());
@@ -407,8 +401,20 @@ Status DaemonImpl::lock_instance() {
       return Status(lock.status().code(), "cannot lock " + what + ": " + why);
     }
     instance_locks_.push_back(std::move(*lock));
-  }
-  return Status::OK();
+    return Status::OK();
+  };
+  TUTEL_RETURN_IF_ERROR(take(config_.server.client_socket + ".lock", "client_socket " + config_.server.client_socket));
+  TUTEL_RETURN_IF_ERROR(take(config_.server.admin_socket + ".lock", "admin_socket " + config_.server.admin_socket));
+  if (config_.server.state_dir.empty()) return Status::OK();
+  // Only once the sockets are this daemon's: one refused for them creates no state_dir.
+  // Created private: it holds every tenant's weights and optimizer state. (One that exists
+  // keeps the modes its operator gave it.)
+  std::error_code ec;
+  const bool existed = fs::exists(config_.server.state_dir, ec);
+  fs::create_directories(config_.server.state_dir, ec);
+  if (ec) return Status::IOError("cannot create state_dir " + config_.server.state_dir + ": " + ec.message());
+  if (!existed) fs::permissions(config_.server.state_dir, fs::perms::owner_all, fs::perm_options::replace, ec);
+  return take(fs::path(config_.server.state_dir) / kStateDirLockName, "state_dir " + config_.server.state_dir);
 }
 
 // state_dir/<tenant>/<layer>.safetensors holds each layer's parameters, optimizer state, step and
@@ -670,11 +676,13 @@ std::optional<std::string> DaemonImpl::kept_aside(const std::string& tenant, con
   return file;
 }
 
-Status DaemonImpl::listen(const std::string& path, mode_t mode, bool admin, uv_poll_t* poll, ipc::UniqueFd* fd) {
+Status DaemonImpl::listen(const std::string& path, mode_t mode, std::optional<uint32_t> group, bool admin,
+                          uv_poll_t* poll, ipc::UniqueFd* fd) {
   std::error_code ec;
   fs::create_directories(fs::path(path).parent_path(), ec);
   if (ec) return Status::IOError("cannot create the directory of " + path + ": " + ec.message());
-  TUTEL_ASSIGN_OR_RETURN(*fd, ipc::listen_unix(path, mode));
+  TUTEL_ASSIGN_OR_RETURN(*fd, ipc::listen_unix(path, mode, /*backlog=*/64,
+                                               group ? std::optional<gid_t>(static_cast<gid_t>(*group)) : std::nullopt));
   uv_poll_init(&loop_, poll, fd->get());
   poll->data = this;
   start_accepting(admin);
@@ -1003,7 +1011,16 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
   }
   if (type == ipc::FrameType::kHello) return handle_hello(s, frame);  // finishes the frame
   if (!s->arena) {
-    reply_error(s, rid, Status::InvalidArgument("send hello first: the session has no arena yet"));
+    // tutelctl (or any admin request) pointed at this socket: say which socket it wants.
+    const auto code = static_cast<uint16_t>(type);
+    if (code >= static_cast<uint16_t>(ipc::FrameType::kAdminStatus) &&
+        code <= static_cast<uint16_t>(ipc::FrameType::kAdminSessions))
+      reply_error(s, rid, Status::InvalidArgument(
+                              "this is tuteld's client socket (" + config_.server.client_socket +
+                              "), where trainers connect; admin requests (tutelctl) go to its admin_socket (" +
+                              config_.server.admin_socket + ")"));
+    else
+      reply_error(s, rid, Status::InvalidArgument("send hello first: the session has no arena yet"));
     return finish_frame(s);
   }
   // Everything below touches layers: it runs on the thread pool so the loop keeps serving.

@@ -128,7 +128,8 @@ class DaemonImpl {
   // Takes the instance locks of both sockets and of state_dir (creating it), or fails naming the
   // daemon that holds one.
   Status lock_instance();
-  Status listen(const std::string& path, mode_t mode, bool admin, uv_poll_t* poll, ipc::UniqueFd* fd);
+  Status listen(const std::string& path, mode_t mode, std::optional<uint32_t> group, bool admin, uv_poll_t* poll,
+                ipc::UniqueFd* fd);
   void accept_on(bool admin);
   void start_accepting(bool admin);  // polls that listener
   // Out of descriptors: stops accepting for 100 ms (accept_pause_), then resume_accepting().

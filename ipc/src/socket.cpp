@@ -144,7 +144,7 @@ std::optional<Clock::time_point> deadline_after(std::chrono::milliseconds timeou
   return now + timeout;
 }
 
-Result<UniqueFd> listen_unix(const std::string& path, mode_t mode, int backlog) {
+Result<UniqueFd> listen_unix(const std::string& path, mode_t mode, int backlog, std::optional<gid_t> group) {
   sockaddr_un addr;
   TUTEL_RETURN_IF_ERROR(make_address(path, &addr));
 
@@ -191,7 +191,13 @@ Result<UniqueFd> listen_unix(const std::string& path, mode_t mode, int backlog) 
     return Status::IOError("bind " + path + ": " + errno_text(err));
   }
   // Permissions are set before listen(): until then every connect is refused, so no peer can
-  // slip in through the umask's mode.
+  // slip in through the umask's mode or the directory's group.
+  if (group && ::chown(path.c_str(), static_cast<uid_t>(-1), *group) != 0) {
+    const int err = errno;
+    ::unlink(path.c_str());
+    return Status::PermissionDenied("cannot give the socket " + path + " the group " + std::to_string(*group) + ": " +
+                                    errno_text(err) + " (the process must run as root or as a member of the group)");
+  }
   if (::chmod(path.c_str(), mode) != 0) {
     const int err = errno;
     ::unlink(path.c_str());
@@ -232,14 +238,21 @@ Result<UniqueFd> connect_unix(const std::string& path, std::chrono::milliseconds
                                " ms (its backlog is full: is it stuck? see its log)");
       case ENOENT:
         return Status::Unavailable("is tuteld running? (no socket at " + path + ")");
-      case ECONNREFUSED:
-        return Status::Unavailable("is tuteld running? (" + path +
-                                   " exists but nobody is listening on it)");
+      case ECONNREFUSED: {
+        // A socket nobody listens on is a daemon gone; a file or a directory is a wrong path.
+        struct stat st {};
+        if (::stat(path.c_str(), &st) == 0 && !S_ISSOCK(st.st_mode))
+          return Status::InvalidArgument(path + " is not a socket (" +
+                                         (S_ISDIR(st.st_mode) ? "a directory" : "a file") +
+                                         "): give the path of tuteld's socket, as its config names it");
+        return Status::Unavailable("is tuteld running? (" + path + " exists but nobody is listening on it)");
+      }
       case EACCES:
       case EPERM:
         return Status::PermissionDenied(
             "permission denied connecting to " + path +
-            "; run as a user the socket's mode admits (tuteld's group)");
+            "; run as a user the socket's mode and group admit (the daemon's [server] client_socket_mode and "
+            "client_socket_group)");
       default:
         return Status::IOError("connect " + path + ": " + errno_text(err));
     }

@@ -1,6 +1,8 @@
 // tutelctl as a child process: exit codes, its message when tuteld is absent, and its output
 // against a fake admin socket.
 #include <gtest/gtest.h>
+
+#include <fstream>
 #include <poll.h>
 #include <stdio.h>
 #include <sys/socket.h>
@@ -200,6 +202,18 @@ TEST(Tutelctl, MissingDaemonExitsOneWithAClearMessage) {
   }
 }
 
+// A path that is a file or a directory, not a socket, is named as such (not as a daemon gone).
+TEST(Tutelctl, APathThatIsNotASocketIsNamedAsSuch) {
+  TempDir dir;
+  const std::string file = dir.file("notes.txt");
+  { std::ofstream(file) << "x"; }
+  for (const auto& [path, kind] : std::vector<std::pair<std::string, std::string>>{{file, "a file"}, {dir.path(), "a directory"}}) {
+    const ToolRun r = tutelctl("--socket " + path + " status");
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    EXPECT_NE(r.output.find(path + " is not a socket (" + kind + ")"), std::string::npos) << r.output;
+  }
+}
+
 TEST(Tutelctl, EnvironmentNamesTheDefaultSocket) {
   TempDir dir;
   const std::string sock = dir.file("env-admin.sock");
@@ -213,7 +227,16 @@ TEST(Tutelctl, EnvironmentNamesTheDefaultSocket) {
 
 TEST(Tutelctl, UsageErrorsExitTwo) {
   EXPECT_EQ(tutelctl("").exit_code, 2);
-  EXPECT_EQ(tutelctl("frobnicate").exit_code, 2);
+  for (const char* unknown : {"frobnicate", "--timeout 5 help", "--socket x stats --json"}) {
+    const ToolRun run = tutelctl(unknown);
+    EXPECT_EQ(run.exit_code, 2) << unknown;
+    const std::string word = std::string(unknown).find("help") != std::string::npos    ? "help"
+                             : std::string(unknown).find("stats") != std::string::npos ? "stats"
+                                                                                       : "frobnicate";
+    EXPECT_NE(run.output.find("unknown command '" + word + "'; the commands are status, sessions"),
+              std::string::npos)
+        << unknown << ": " << run.output;
+  }
   EXPECT_EQ(tutelctl("status --bogus").exit_code, 2);
   EXPECT_EQ(tutelctl("plans --bogus").exit_code, 2);
   EXPECT_EQ(tutelctl("plans alice/moe0").exit_code, 2);  // takes no argument

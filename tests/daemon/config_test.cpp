@@ -330,6 +330,31 @@ TEST(ConfigTest, CudaDevicesDefaultToOnePerRank) {
   EXPECT_EQ(c.backend.devices, (std::vector<int>{0, 1, 2}));
 }
 
+// Who may connect to the client socket: its mode (three offered) and group (a name looked up
+// in this machine's group database, or a gid); each refusal names the key and its line.
+TEST(ConfigTest, ClientSocketModeAndGroup) {
+  const std::string head = "[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\n";
+  const std::string tail = "[[tenant]]\nname = \"a\"\nuids = [1]\n";
+  const Config defaults = parse_ok(head + tail);
+  EXPECT_EQ(defaults.server.client_socket_mode, 0660u);
+  EXPECT_FALSE(defaults.server.client_socket_gid.has_value());
+  const Config everyone = parse_ok(head + "client_socket_mode = \"0666\"\nclient_socket_group = \"root\"\n" + tail);
+  EXPECT_EQ(everyone.server.client_socket_mode, 0666u);
+  EXPECT_EQ(everyone.server.client_socket_gid, std::optional<uint32_t>(0));
+  EXPECT_EQ(everyone.server.client_socket_group, "root");
+  const Config by_gid = parse_ok(head + "client_socket_mode = \"0600\"\nclient_socket_group = 4242\n" + tail);
+  EXPECT_EQ(by_gid.server.client_socket_mode, 0600u);
+  EXPECT_EQ(by_gid.server.client_socket_gid, std::optional<uint32_t>(4242));
+  for (const char* bad : {"\"0777\"", "\"660\"", "660", "\"\"", "\"0644\""})
+    expect_error(head + "client_socket_mode = " + bad + " #!\n" + tail, "server.client_socket_mode",
+                 {"\"0600\", \"0660\", \"0666\""});
+  for (const char* bad : {"-1", "4294967295", "\"\"", "1.5", "[0]"})
+    expect_error(head + "client_socket_group = " + bad + " #!\n" + tail, "server.client_socket_group",
+                 {"a group's name or a gid"});
+  expect_error(head + "client_socket_group = \"no-such-group-tutel\" #!\n" + tail, "server.client_socket_group",
+               {"no group named \"no-such-group-tutel\" on this machine", "getent group"});
+}
+
 TEST(ConfigTest, MetricsListenForms) {
   for (const char* ok : {"127.0.0.1:9464", "127.1.2.3:0", "[::1]:65535", "[0:0:0:0:0:0:0:1]:80"}) {
     const Config c =

@@ -531,6 +531,25 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
+    // CLI11 answers a word it does not know ("tutelctl stats", "tutelctl help") with "A
+    // subcommand is required": name the word and the commands instead.
+    std::vector<std::string> commands;
+    for (const CLI::App* c : app.get_subcommands([](const CLI::App*) { return true; }))
+      commands.push_back(c->get_name());
+    for (int i = 1; i < argc; ++i) {
+      const std::string word = argv[i];
+      if (word == "--socket" || word == "--timeout") {
+        ++i;  // their value
+        continue;
+      }
+      if (word.empty() || word[0] == '-') continue;
+      if (std::find(commands.begin(), commands.end(), word) != commands.end()) break;
+      std::string list;
+      for (const std::string& c : commands) list += (list.empty() ? "" : ", ") + c;
+      std::cerr << "tutelctl: unknown command '" << word << "'; the commands are " << list
+                << "\nRun 'tutelctl --help' for the usage.\n";
+      return kExitUsage;
+    }
     const int rc = app.exit(e);
     return rc == 0 ? 0 : kExitUsage;
   }

@@ -134,6 +134,12 @@ struct BackendConfig {
 struct ServerConfig {
   // Absolute after parsing (relative ones resolve against the config file's directory).
   std::string client_socket, admin_socket;
+  // Who may connect to client_socket, by its mode and group (each client is then mapped to a
+  // tenant by its credentials, and refused without one): 0660 and the daemon's group unless
+  // client_socket_mode / client_socket_group say otherwise.
+  uint32_t client_socket_mode = 0660;
+  std::optional<uint32_t> client_socket_gid;  // client_socket_group resolved
+  std::string client_socket_group;            // as written ("" = the daemon's group)
   std::string state_dir;  // "" = no checkpoint on exit and no restore on start
   // "" disables the metrics endpoint. Only loopback: 127.0.0.0/8 or [::1], with a port.
   std::string metrics_listen = "127.0.0.1:9464";

@@ -27,9 +27,11 @@ namespace tutel::ipc {
 // (std::chrono::milliseconds::max() as "forever" must not wrap into a deadline already past).
 std::optional<std::chrono::steady_clock::time_point> deadline_after(std::chrono::milliseconds timeout);
 
-// Creates a listening AF_UNIX stream socket at `path` with `mode` (e.g. 0660). Refuses to
-// replace a path that is not a socket; removes a stale socket nobody listens on.
-Result<UniqueFd> listen_unix(const std::string& path, mode_t mode, int backlog = 64);
+// Creates a listening AF_UNIX stream socket at `path` with `mode` (e.g. 0660) and, when given,
+// `group` as its group (this process must be root or a member). Refuses to replace a path
+// that is not a socket; removes a stale socket nobody listens on.
+Result<UniqueFd> listen_unix(const std::string& path, mode_t mode, int backlog = 64,
+                             std::optional<gid_t> group = std::nullopt);
 // Connects to the listener at `path`. A connect blocks while the listener's backlog is full (a
 // stuck daemon that accepts nothing): with a positive `timeout` it gives up then, with Timeout.
 Result<UniqueFd> connect_unix(const std::string& path,

@@ -1,0 +1,24 @@
+// Whether the tenants' users can reach the client socket at all. The daemon maps a client to
+// its tenant by credentials once it has connected; the socket's mode and group decide who may
+// connect first, and a tenant whose users they keep out sees only "permission denied" from its
+// client (the second tenant of examples/tuteld.toml did: the socket was root's group, 0660).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tutel/daemon/config.hpp"
+
+namespace tutel::daemon {
+
+struct SocketAccess {
+  uint32_t owner_uid = 0, group_gid = 0;
+  uint32_t mode = 0660;
+};
+
+// A warning for each tenant uid the socket keeps out (by its passwd entry's groups), and each
+// tenant gid whose processes get in only by another group; none where every one gets in.
+std::vector<std::string> tenants_kept_out(const SocketAccess& socket, const std::vector<TenantConfig>& tenants);
+
+}  // namespace tutel::daemon

@@ -1,0 +1,68 @@
+// Which tenants' users the client socket's mode and group keep out (socket_access.hpp), with
+// the users and groups of this machine's databases: root (uid 0), and nobody (uid 65534, whose
+// group is 65534 and who is in no other group on Debian).
+#include "socket_access.hpp"
+
+#include <grp.h>
+#include <pwd.h>
+
+#include <gtest/gtest.h>
+
+namespace tutel::daemon {
+namespace {
+
+TenantConfig tenant(std::string name, std::vector<uint32_t> uids, std::vector<uint32_t> gids = {}) {
+  TenantConfig t;
+  t.name = std::move(name);
+  t.uids = std::move(uids);
+  t.gids = std::move(gids);
+  return t;
+}
+
+class SocketAccessTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const passwd* nobody = ::getpwuid(65534);
+    if (nobody == nullptr || nobody->pw_gid != 65534)
+      GTEST_SKIP() << "this machine has no user 65534 whose group is 65534";
+    int n = 8;
+    gid_t groups[8];
+    if (::getgrouplist(nobody->pw_name, nobody->pw_gid, groups, &n) != 1 || ::getgrgid(4242) != nullptr)
+      GTEST_SKIP() << "user 65534 is in other groups here, or group 4242 exists";
+  }
+};
+
+TEST_F(SocketAccessTest, AUserOutsideTheSocketsGroupIsNamedWithWhatToSet) {
+  const std::vector<TenantConfig> tenants{tenant("ops", {0}), tenant("team-b", {65534})};
+  const auto warnings = tenants_kept_out({/*owner_uid=*/0, /*group_gid=*/0, 0660}, tenants);
+  ASSERT_EQ(warnings.size(), 1u);
+  EXPECT_NE(warnings[0].find("tenant 'team-b': uid 65534 (nobody) cannot connect to client_socket (mode 0660, group 0"),
+            std::string::npos)
+      << warnings[0];
+  EXPECT_NE(warnings[0].find("client_socket_group"), std::string::npos) << warnings[0];
+  EXPECT_NE(warnings[0].find("client_socket_mode = \"0666\""), std::string::npos) << warnings[0];
+}
+
+TEST_F(SocketAccessTest, AUserInTheSocketsGroupOrASocketForEveryoneKeepsNobodyOut) {
+  const std::vector<TenantConfig> tenants{tenant("team-b", {65534}, {65534})};
+  EXPECT_TRUE(tenants_kept_out({0, 65534, 0660}, tenants).empty());
+  EXPECT_TRUE(tenants_kept_out({0, 0, 0666}, tenants).empty());
+  EXPECT_TRUE(tenants_kept_out({65534, 0, 0600}, {tenant("own", {65534})}).empty()) << "the socket's owner";
+  // Root passes any mode; a user without a passwd entry cannot be judged here and is not named.
+  EXPECT_TRUE(tenants_kept_out({4242, 4242, 0600}, {tenant("root", {0}), tenant("ghost", {4242424})}).empty());
+}
+
+TEST_F(SocketAccessTest, AGroupOtherThanTheSocketsIsNamed) {
+  const auto warnings = tenants_kept_out({0, 0, 0660}, {tenant("team-g", {}, {4242})});
+  ASSERT_EQ(warnings.size(), 1u);
+  EXPECT_NE(warnings[0].find("tenant 'team-g': processes of gid 4242 can connect to client_socket (mode 0660, "
+                             "group 0"),
+            std::string::npos)
+      << warnings[0];
+  // Under 0600 even the socket's own group is kept out.
+  EXPECT_EQ(tenants_kept_out({0, 4242, 0600}, {tenant("team-g", {}, {4242})}).size(), 1u);
+  EXPECT_TRUE(tenants_kept_out({0, 4242, 0660}, {tenant("team-g", {}, {4242})}).empty());
+}
+
+}  // namespace
+}  // namespace tutel::daemon
