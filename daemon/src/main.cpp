@@ -11,8 +11,12 @@
 #include "tutel/core/logging.hpp"
 #include "tutel/daemon/config.hpp"
 #include "tutel/daemon/daemon.hpp"
+#include "tutel/kernels/openmp_spin.hpp"
 
 int main(int argc, char** argv) {
+  // First: it may execute the daemon again, with an environment that keeps a busy node's cores
+  // from the CPU ranks' idle OpenMP threads (tutel/kernels/openmp_spin.hpp).
+  if (tutel::Status spin = tutel::bound_openmp_spin(argv); !spin.ok()) TUTEL_LOG(WARN) << spin.message();
   // Before anything starts a thread: every thread inherits the mask, and one thread of the
   // daemon's takes SIGTERM and SIGINT (daemon/src/signal_watcher.hpp says why).
   tutel::daemon::block_termination_signals();

@@ -34,6 +34,7 @@
 #include "daemon_fixture.hpp"
 #include "tutel/client.hpp"
 #include "tutel/core/safetensors.hpp"
+#include "tutel/kernels/openmp_spin.hpp"  // the constant only: this test links no kernels
 
 namespace tutel::testing {
 namespace {
@@ -1552,6 +1553,50 @@ TEST(DaemonStartup, EveryThreadBlocksTheTerminationSignalsAndEitherStopsTheDaemo
   }
 }
 
+// A CPU rank's idle OpenMP threads spin briefly, not for libgomp's default, where the operator
+// chose neither GOMP_SPINCOUNT nor OMP_WAIT_POLICY: tuteld set it and executed itself again
+// (tutel/kernels/openmp_spin.hpp; openmp_spin_test checks what libgomp then runs with).
+TEST(DaemonStartup, ItsOpenMpThreadsSpinBrieflyUnlessTheEnvironmentChose) {
+  if (std::getenv("GOMP_SPINCOUNT") != nullptr || std::getenv("OMP_WAIT_POLICY") != nullptr)
+    GTEST_SKIP() << "this environment chooses OpenMP's spin, which tuteld leaves to stand";
+  DaemonProcess daemon(DaemonOptions{});
+  ASSERT_TRUE(daemon.start());
+  std::ifstream file("/proc/" + std::to_string(daemon.pid()) + "/environ", std::ios::binary);
+  const std::string environment((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  EXPECT_NE(environment.find(std::string("GOMP_SPINCOUNT=") + tutel::kOpenmpSpinCount + '\0'), std::string::npos);
+  // Started serving: the exec kept the pid the test spawned and its descriptors.
+  EXPECT_TRUE(client::Client::connect(daemon.client_socket()).ok());
+}
+
+// The client socket takes the config's mode and group; each socket named the wrong way round
+// (tutelctl at the client socket, a client at the admin socket) says which one it is.
+TEST(DaemonStartup, TheClientSocketsModeAndGroupAndWhichSocketIsWhich) {
+  const bool root = ::geteuid() == 0;
+  DaemonProcess daemon(DaemonOptions{.extra_server = std::string("client_socket_mode = \"0666\"\n") +
+                                                     (root ? "client_socket_group = 65534\n" : "")});
+  ASSERT_TRUE(daemon.start());
+  struct stat st {};
+  ASSERT_EQ(::stat(daemon.client_socket().c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0666u);
+  if (root) {
+    EXPECT_EQ(st.st_gid, 65534u);
+  }
+  ASSERT_EQ(::stat(daemon.admin_socket().c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u) << "the admin socket stays the daemon user's";
+
+  auto [code, out] = run_command(std::string(TUTELCTL_BIN) + " --socket " + daemon.client_socket() + " status");
+  EXPECT_NE(code, 0);
+  EXPECT_NE(out.find("this is tuteld's client socket"), std::string::npos) << out;
+  EXPECT_NE(out.find("go to its admin_socket (" + daemon.admin_socket() + ")"), std::string::npos) << out;
+  auto wrong = client::Client::connect(daemon.admin_socket());
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_NE(wrong.status().message().find("this is tuteld's admin socket"), std::string_view::npos) << wrong.status();
+  EXPECT_NE(wrong.status().message().find("connect to its client_socket (" + daemon.client_socket() + ")"),
+            std::string_view::npos)
+      << wrong.status();
+  EXPECT_EQ(daemon.stop(), 0) << daemon.log();
+}
+
 TEST(DaemonStartup, ConfigErrorsNameFileLineAndKey) {
   DaemonProcess d(DaemonOptions{.extra_server = "spin_uss = 5"});
   EXPECT_FALSE(d.start());
@@ -1925,6 +1970,22 @@ TEST(DaemonStartup, RefusesASecondDaemonOnTheSameSocket) {
   EXPECT_NE(out.find("another tuteld is running with client_socket"), std::string::npos) << out;
   EXPECT_NE(out.find("is locked by another process (pid " + std::to_string(first.pid()) + ")"), std::string::npos)
       << out;
+  // With a state_dir of its own, refused before it creates it.
+  char tmpl[] = "/tmp/tuteld-second-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string second_dir = tmpl;
+  {
+    std::ofstream f(second_dir + "/tuteld.toml");
+    f << "[server]\nclient_socket = \"" << first.client_socket() << "\"\nadmin_socket = \"" << first.admin_socket()
+      << "\"\nstate_dir = \"state2\"\nmetrics_listen = \"\"\n[backend]\nkind = \"cpu\"\nranks = 1\n\n[[tenant]]\n"
+      << "name = \"default\"\nuids = [" << ::getuid() << "]\n";
+  }
+  std::tie(code, out) = run_command("timeout -s KILL 60 " + std::string(TUTELD_BIN) + " --config " + second_dir + "/tuteld.toml");
+  EXPECT_NE(code, 0);
+  EXPECT_NE(out.find("another tuteld is running with client_socket"), std::string::npos) << out;
+  EXPECT_FALSE(std::filesystem::exists(second_dir + "/state2")) << "a refused daemon created its state_dir";
+  std::error_code ec;
+  std::filesystem::remove_all(second_dir, ec);
   EXPECT_TRUE(first.alive());
   EXPECT_EQ(first.stop(), 0);
 }

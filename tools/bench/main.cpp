@@ -11,8 +11,13 @@
 #include "grads_bench.hpp"
 #include "layer_bench.hpp"
 #include "state_bench.hpp"
+#include "tutel/kernels/openmp_spin.hpp"
 
 int main(int argc, char** argv) {
+  // Measures what the daemon runs: the same bound on OpenMP's idle spin (it may execute itself
+  // again; tutel/kernels/openmp_spin.hpp).
+  if (tutel::Status spin = tutel::bound_openmp_spin(argv); !spin.ok())
+    std::fprintf(stderr, "tutel-bench: warning: %s\n", std::string(spin.message()).c_str());
   CLI::App app{"tutel-bench: tuteld benchmarks, each next to its measured ceiling"};
   app.require_subcommand(1);
 

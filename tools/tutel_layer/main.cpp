@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "layer_files.hpp"
+#include "tutel/kernels/openmp_spin.hpp"
 
 namespace {
 
@@ -25,6 +26,9 @@ constexpr const char* kDescription =
 }  // namespace
 
 int main(int argc, char** argv) {
+  // It may execute itself again (tutel/kernels/openmp_spin.hpp).
+  if (tutel::Status spin = tutel::bound_openmp_spin(argv); !spin.ok())
+    std::cerr << "tutel-layer: warning: " << spin.message() << "\n";
   tutel::tools::LayerFilesRequest request;
   tutel::tools::LayerRunOptions& o = request.options;
   bool no_normalize_gate = false;

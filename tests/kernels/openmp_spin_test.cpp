@@ -1,0 +1,110 @@
+// What the executables that compute run OpenMP with (tutel/kernels/openmp_spin.hpp): libgomp's
+// idle spin bounded to kOpenmpSpinCount unless the environment chose, read back from libgomp
+// itself (omp_display_env) in a probe program started under each environment.
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "tutel/kernels/openmp_spin.hpp"
+
+extern char** environ;
+
+namespace {
+
+struct ProbeRun {
+  pid_t pid = -1;
+  int status = -1;
+  std::string output;  // stdout and stderr
+};
+
+// Runs the probe with `args` under the test's environment less GOMP_SPINCOUNT and
+// OMP_WAIT_POLICY, plus `extra_env`.
+ProbeRun run_probe(const std::vector<std::string>& extra_env, const std::vector<std::string>& args = {}) {
+  std::vector<std::string> env;
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string kv = *e;
+    if (kv.rfind("GOMP_SPINCOUNT=", 0) == 0 || kv.rfind("OMP_WAIT_POLICY=", 0) == 0) continue;
+    env.push_back(kv);
+  }
+  env.insert(env.end(), extra_env.begin(), extra_env.end());
+  std::vector<char*> envp, argv;
+  for (auto& kv : env) envp.push_back(kv.data());
+  envp.push_back(nullptr);
+  std::string bin = OPENMP_SPIN_PROBE;
+  std::vector<std::string> all_args{bin};
+  all_args.insert(all_args.end(), args.begin(), args.end());
+  for (auto& a : all_args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+
+  int out[2];
+  EXPECT_EQ(::pipe2(out, O_CLOEXEC), 0);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, out[1], 1);
+  posix_spawn_file_actions_adddup2(&actions, out[1], 2);
+  ProbeRun run;
+  const int rc = ::posix_spawn(&run.pid, bin.c_str(), &actions, nullptr, argv.data(), envp.data());
+  posix_spawn_file_actions_destroy(&actions);
+  ::close(out[1]);
+  EXPECT_EQ(rc, 0) << std::strerror(rc);
+  char buf[4096];
+  for (ssize_t n; (n = ::read(out[0], buf, sizeof buf)) != 0;) {
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) break;
+    run.output.append(buf, static_cast<size_t>(n));
+  }
+  ::close(out[0]);
+  if (rc == 0) ::waitpid(run.pid, &run.status, 0);
+  return run;
+}
+
+// libgomp's spin count as it reports it ("  GOMP_SPINCOUNT = '10000'").
+std::string libgomp_spin(const std::string& output) {
+  const std::string key = "GOMP_SPINCOUNT = '";
+  const size_t at = output.find(key);
+  if (at == std::string::npos) return "(not reported)";
+  const size_t begin = at + key.size();
+  return output.substr(begin, output.find('\'', begin) - begin);
+}
+
+TEST(OpenmpSpin, WithoutAChoiceTheProgramRunsAgainWithTheBoundedSpin) {
+  const ProbeRun run = run_probe({"TUTEL_PROBE_MARK=kept"}, {"two words", "", "--flag=x"});
+  ASSERT_TRUE(WIFEXITED(run.status) && WEXITSTATUS(run.status) == 0) << run.output;
+  EXPECT_EQ(libgomp_spin(run.output), tutel::kOpenmpSpinCount) << run.output;
+  EXPECT_NE(run.output.find(std::string("env GOMP_SPINCOUNT [") + tutel::kOpenmpSpinCount + "]"), std::string::npos)
+      << run.output;
+  // The same process (an exec, not a child), with its arguments and the caller's environment.
+  EXPECT_NE(run.output.find("pid " + std::to_string(run.pid) + "\n"), std::string::npos) << run.output;
+  EXPECT_NE(run.output.find("arg [two words]\narg []\narg [--flag=x]\n"), std::string::npos) << run.output;
+  EXPECT_NE(run.output.find("mark [kept]"), std::string::npos) << run.output;
+}
+
+TEST(OpenmpSpin, AnOperatorsSpinCountStands) {
+  const ProbeRun run = run_probe({"GOMP_SPINCOUNT=123"});
+  ASSERT_TRUE(WIFEXITED(run.status) && WEXITSTATUS(run.status) == 0) << run.output;
+  EXPECT_EQ(libgomp_spin(run.output), "123") << run.output;
+}
+
+TEST(OpenmpSpin, AnOperatorsWaitPolicyPicksLibgompsOwnSpin) {
+  {
+    const ProbeRun run = run_probe({"OMP_WAIT_POLICY=passive"});
+    ASSERT_TRUE(WIFEXITED(run.status) && WEXITSTATUS(run.status) == 0) << run.output;
+    EXPECT_EQ(libgomp_spin(run.output), "0") << run.output;
+    EXPECT_NE(run.output.find("env GOMP_SPINCOUNT [(unset)]"), std::string::npos) << run.output;
+  }
+  {
+    const ProbeRun run = run_probe({"OMP_WAIT_POLICY=ACTIVE"});
+    ASSERT_TRUE(WIFEXITED(run.status) && WEXITSTATUS(run.status) == 0) << run.output;
+    EXPECT_EQ(libgomp_spin(run.output), "30000000000") << run.output;  // libgomp's "5 minutes"
+  }
+}
+
+}  // namespace
