@@ -556,14 +556,19 @@ Result<std::optional<struct stat>> file_to_replace(const std::string& path) {
                                  ", which a checkpoint never replaces; choose another path (nothing was written)");
 }
 
-// The new file replaces `old` with the access `old` gave: its owner where this process may
-// give it (a daemon running as root replacing a user's file), and its permission bits (a file
-// kept private stays private; a new file takes the umask's).
-Status take_over_access(int fd, const struct stat& old, const std::string& path) {
-  if ((old.st_uid != ::geteuid() || old.st_gid != ::getegid()) && ::fchown(fd, old.st_uid, old.st_gid) != 0 &&
-      errno != EPERM)
-    return errno_status(errno, "cannot give the new file the owner of", path);
-  if (::fchmod(fd, old.st_mode & 0777) != 0) return errno_status(errno, "cannot give the new file the mode of", path);
+// The new file is never more open than the file it replaces: it keeps only the permission bits
+// both the old file and a new one (this process's umask, a directory's default ACL) would give,
+// so a private file stays private. Never wider (a file someone else placed there with mode 0666
+// must not make a checkpoint writable by all), and the owner is not carried: a daemon running
+// as root that gave the temporary file to the old file's owner let that user, in a sticky
+// directory such as /tmp, move it and put a link in its place before the rename (the review's
+// probe).
+Status narrow_access(int fd, const struct stat& old, const std::string& path) {
+  struct stat created {};
+  if (::fstat(fd, &created) != 0) return errno_status(errno, "cannot inspect the temporary file for", path);
+  const mode_t mode = created.st_mode & old.st_mode & 0777;
+  if (mode != (created.st_mode & 0777) && ::fchmod(fd, mode) != 0)
+    return errno_status(errno, "cannot narrow the new file's mode to that of", path);
   return Status::OK();
 }
 
@@ -635,7 +640,7 @@ Status write_safetensors_impl(const std::string& path, const std::vector<Safeten
   TUTEL_ASSIGN_OR_RETURN(auto temp, create_temp_file(path));
   auto& [fd, temp_path] = temp;
   TempFileGuard guard(temp_path);
-  if (replaced) TUTEL_RETURN_IF_ERROR(take_over_access(fd.get(), *replaced, path));
+  if (replaced) TUTEL_RETURN_IF_ERROR(narrow_access(fd.get(), *replaced, path));
   TUTEL_RETURN_IF_ERROR(write_all(fd.get(), &header_size, 8, path));
   TUTEL_RETURN_IF_ERROR(write_all(fd.get(), header_text.data(), header_text.size(), path));
   std::vector<char> chunk;

@@ -57,7 +57,7 @@ json DaemonImpl::status_json() const {
            {"device", loss->device},
            {"seconds_ago", std::chrono::duration<double>(std::chrono::system_clock::now() - loss->since).count()},
            {"error", loss->error}});
-  return {{"version", "0.1.0"},
+  return {{"version", TUTEL_VERSION},
           {"pid", static_cast<int64_t>(::getpid())},
           {"uptime_seconds", uptime},
           {"backend", config_.backend.kind},

@@ -334,6 +334,13 @@ Status parse_layer(const Scope& s, bool in_config, const fs::path& base_dir, Lay
   TUTEL_RETURN_IF_ERROR(parse_optimizer(s, def.optimizer));
   TUTEL_RETURN_IF_ERROR(parse_group(s, spec.experts, def.group));
   TUTEL_RETURN_IF_ERROR(parse_token_buckets(s, def));
+  // The plans' own bound (graphs/plan_key.cpp), here so that the file's line is named and not
+  // the start that fails: a bucket's tokens·k routing indices are i32.
+  if (!def.token_buckets.empty() && def.token_buckets.back() * spec.k >= (int64_t{1} << 31))
+    return s.error_near("token_buckets", "the bucket " + std::to_string(def.token_buckets.back()) + " times k = " +
+                                             std::to_string(spec.k) +
+                                             " routes 2^31 or more tokens (routing indices are i32); use smaller "
+                                             "buckets");
 
   if (Status st = spec.validate(); !st.ok()) return s.error_near("", st.message());
   return Status::OK();
@@ -356,7 +363,10 @@ Status parse_metrics_listen(const Scope& s, ServerConfig& server) {
                             quote(text) + ": " + std::string(why));
   };
   const size_t colon = text.rfind(':');
-  if (colon == std::string::npos) return refuse("no port");
+  if (colon == std::string::npos)
+    return refuse(std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; })
+                      ? "a port alone; put the address before it, \"127.0.0.1:" + text + "\""
+                      : "no port");
   std::string host = text.substr(0, colon);
   const std::string port_text = text.substr(colon + 1);
   unsigned port = 0;

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -92,7 +93,9 @@ Result<std::string> tenant_file(const Config& c, const std::string& tenant, cons
       return Status::InvalidArgument("path '" + escape_text(relative) +
                                      "' contains control characters; name the file with printable characters");
   const fs::path p(relative);
-  if (relative.empty() || p.is_absolute())
+  if (relative.empty())
+    return Status::InvalidArgument("the path is empty: name a file in the tenant's checkpoint directory");
+  if (p.is_absolute())
     return Status::InvalidArgument("path '" + relative + "' must be relative: it names a file in the tenant's checkpoint directory");
   size_t parts = 0;
   for (const auto& part : p) {
@@ -261,10 +264,18 @@ Status DaemonImpl::start() {
   TUTEL_RETURN_IF_ERROR(listen(server.client_socket, server.client_socket_mode, server.client_socket_gid, false,
                                &client_poll_, &client_fd_));
   TUTEL_RETURN_IF_ERROR(listen(server.admin_socket, 0600, std::nullopt, true, &admin_poll_, &admin_fd_));
-  const SocketAccess client_access{static_cast<uint32_t>(::geteuid()),
-                                   server.client_socket_gid.value_or(static_cast<uint32_t>(::getegid())),
-                                   server.client_socket_mode};
-  for (const std::string& warning : tenants_kept_out(client_access, config_.tenants)) TUTEL_LOG(WARN) << warning;
+  // Judged on the socket as it is (without client_socket_group, a setgid directory gives it the
+  // directory's group, not the daemon's).
+  struct stat sock {}, dir {};
+  if (::stat(server.client_socket.c_str(), &sock) == 0 &&
+      ::stat(fs::path(server.client_socket).parent_path().c_str(), &dir) == 0) {
+    const auto access = [](const struct stat& st) {
+      return FileAccess{static_cast<uint32_t>(st.st_uid), static_cast<uint32_t>(st.st_gid),
+                        static_cast<uint32_t>(st.st_mode & 0777)};
+    };
+    for (const std::string& warning : tenants_kept_out({access(sock), access(dir)}, config_.tenants))
+      TUTEL_LOG(WARN) << warning;
+  }
   // Serve only as part of a complete cluster: the join fails naming the nodes that are missing.
   TUTEL_RETURN_IF_ERROR(join_cluster());
   TUTEL_RETURN_IF_ERROR(start_ranks());
@@ -388,6 +399,11 @@ Status DaemonImpl::start_ranks() {
 }
 
 Status DaemonImpl::lock_instance() {
+  // Whether state_dir is new, judged before the sockets' directories are made: they may lie
+  // inside it, and a state_dir made for them must still end up private.
+  std::error_code exists_ec;
+  const bool state_dir_existed =
+      !config_.server.state_dir.empty() && fs::exists(config_.server.state_dir, exists_ec);
   const auto take = [this](const fs::path& path, const std::string& what) -> Status {
     std::error_code ec;
     fs::create_directories(path.parent_path(), ec);
@@ -410,10 +426,10 @@ Status DaemonImpl::lock_instance() {
   // Created private: it holds every tenant's weights and optimizer state. (One that exists
   // keeps the modes its operator gave it.)
   std::error_code ec;
-  const bool existed = fs::exists(config_.server.state_dir, ec);
   fs::create_directories(config_.server.state_dir, ec);
   if (ec) return Status::IOError("cannot create state_dir " + config_.server.state_dir + ": " + ec.message());
-  if (!existed) fs::permissions(config_.server.state_dir, fs::perms::owner_all, fs::perm_options::replace, ec);
+  if (!state_dir_existed)
+    fs::permissions(config_.server.state_dir, fs::perms::owner_all, fs::perm_options::replace, ec);
   return take(fs::path(config_.server.state_dir) / kStateDirLockName, "state_dir " + config_.server.state_dir);
 }
 
@@ -450,7 +466,11 @@ Result<std::vector<DaemonImpl::Checkpointed>> DaemonImpl::checkpointed_layers() 
       if (!regular)
         return Status::InvalidArgument(path + " in state_dir is not a regular file (a directory, a FIFO, a device or "
                                               "a link to one); move it out of state_dir");
-      TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::open(path));
+      Result<SafetensorsFile> opened = SafetensorsFile::open(path);
+      if (!opened.ok())  // a damaged checkpoint stops the start: say how to start without it
+        return opened.status().with_context("a layer's checkpoint in state_dir cannot be read; move " + path +
+                                            " out of state_dir to start without that layer");
+      SafetensorsFile file = std::move(opened).value();
       auto spec = file.metadata().find("tuteld.spec");
       if (spec == file.metadata().end())
         return Status::Corruption(path + ": no 'tuteld.spec' metadata; it was not written by tuteld, move it out of state_dir");
@@ -577,6 +597,10 @@ Status DaemonImpl::restore_state() {
     TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(def.tenant, fresh, format_layer_spec(def)));
   }
   for (const Checkpointed& f : found) {
+    if (!f.by_client)  // a [[layer]] taken out of the config still has its checkpoint
+      TUTEL_LOG(WARN) << "layer " << f.tenant << "/" << f.def.name << " came from the config, which no longer names "
+                      << "it; it is restored from " << *f.def.weights_path << " and served as a client's layer (a "
+                      << "client destroys it; or stop tuteld and move the file out of state_dir)";
     // Only a quota's refusal leaves a layer out (counted by the registry): an allocation that
     // fails for want of memory on the node at this moment (another process holding the device)
     // fails the start with the file where it is, rather than demote the layer for good.

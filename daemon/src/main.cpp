@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   tutel::daemon::block_termination_signals();
   std::string config_path;
   CLI::App app{"tuteld: serves Mixture-of-Experts layers to the training processes on this node", "tuteld"};
+  app.set_version_flag("--version", "tuteld " TUTEL_VERSION);
   app.add_option("--config", config_path, "the daemon's TOML config (see docs/config.md)")->required();
   try {
     app.parse(argc, argv);

@@ -4,7 +4,6 @@
 #include <pwd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdio>
 #include <optional>
 
@@ -39,31 +38,41 @@ std::optional<std::pair<std::string, std::vector<gid_t>>> user_groups(uint32_t u
   return std::make_pair(std::string(found->pw_name), std::move(groups));
 }
 
+// Whether a process of `uid` (none: any uid but the owner's) in `groups` has every permission
+// bit of `need` (a 0–7 triple) on `file`, by the owner, group or other class (root: always).
+bool allows(const FileAccess& file, std::optional<uint32_t> uid, const std::vector<gid_t>& groups, uint32_t need) {
+  if (uid && *uid == 0) return true;
+  const auto has = [&](uint32_t shift) { return ((file.mode >> shift) & need) == need; };
+  if (uid && *uid == file.owner_uid) return has(6);
+  if (std::find(groups.begin(), groups.end(), file.group_gid) != groups.end()) return has(3);
+  return has(0);
+}
+
 }  // namespace
 
-std::vector<std::string> tenants_kept_out(const SocketAccess& socket, const std::vector<TenantConfig>& tenants) {
+std::vector<std::string> tenants_kept_out(const SocketAccess& access, const std::vector<TenantConfig>& tenants) {
   std::vector<std::string> warnings;
-  if ((socket.mode & 0006) == 0006) return warnings;  // everyone may connect
-  const bool group_may = (socket.mode & 0060) == 0060;
-  const std::string where = "client_socket (mode " + octal(socket.mode) + ", group " + group_name(socket.group_gid) + ")";
+  const std::string where = "client_socket (mode " + octal(access.socket.mode) + ", group " +
+                            group_name(access.socket.group_gid) + "; its directory mode " +
+                            octal(access.directory.mode) + ", group " + group_name(access.directory.group_gid) + ")";
   const std::string remedy = "set client_socket_group to a group its processes are in, or client_socket_mode = "
-                             "\"0666\" (the daemon still serves only the tenants' users)";
+                             "\"0666\" (the daemon still serves only the tenants' users), and let them search the "
+                             "socket's directory";
+  const auto reaches = [&](std::optional<uint32_t> uid, const std::vector<gid_t>& groups) {
+    return allows(access.directory, uid, groups, 01) && allows(access.socket, uid, groups, 06);
+  };
   for (const TenantConfig& t : tenants) {
     for (const uint32_t uid : t.uids) {
-      if (uid == 0 || uid == socket.owner_uid) continue;  // root passes; the owner has rw in every mode offered
       const auto user = user_groups(uid);
-      if (!user) continue;
-      if (group_may && std::find(user->second.begin(), user->second.end(), socket.group_gid) != user->second.end())
-        continue;
-      warnings.push_back("tenant '" + t.name + "': uid " + std::to_string(uid) + " (" + user->first +
-                         ") cannot connect to " + where + ": " + remedy);
+      if (!user) continue;  // its groups are unknown here
+      if (!reaches(uid, user->second))
+        warnings.push_back("tenant '" + t.name + "': uid " + std::to_string(uid) + " (" + user->first +
+                           ") cannot connect to " + where + ": " + remedy);
     }
-    for (const uint32_t gid : t.gids) {
-      if (group_may && gid == socket.group_gid) continue;
-      warnings.push_back("tenant '" + t.name + "': processes of gid " + group_name(gid) + " can connect to " + where +
-                         " only as the daemon's user or " + (group_may ? "as members of its group" : "root") + ": " +
-                         remedy);
-    }
+    for (const uint32_t gid : t.gids)
+      if (!reaches(std::nullopt, {static_cast<gid_t>(gid)}))
+        warnings.push_back("tenant '" + t.name + "': processes of gid " + group_name(gid) + " cannot connect to " +
+                           where + " unless they run as its owner or are in its groups: " + remedy);
   }
   return warnings;
 }

@@ -1,7 +1,8 @@
 // Whether the tenants' users can reach the client socket at all. The daemon maps a client to
-// its tenant by credentials once it has connected; the socket's mode and group decide who may
-// connect first, and a tenant whose users they keep out sees only "permission denied" from its
-// client (the second tenant of examples/tuteld.toml did: the socket was root's group, 0660).
+// its tenant by credentials once it has connected; the socket's mode and group, and its
+// directory's, decide who may connect first, and a tenant whose users they keep out sees only
+// "permission denied" from its client (the second tenant of examples/tuteld.toml did: the
+// socket was root's group, 0660).
 #pragma once
 
 #include <cstdint>
@@ -12,13 +13,19 @@
 
 namespace tutel::daemon {
 
-struct SocketAccess {
+// A file's owner, group and permission bits.
+struct FileAccess {
   uint32_t owner_uid = 0, group_gid = 0;
-  uint32_t mode = 0660;
+  uint32_t mode = 0;
 };
 
-// A warning for each tenant uid the socket keeps out (by its passwd entry's groups), and each
-// tenant gid whose processes get in only by another group; none where every one gets in.
-std::vector<std::string> tenants_kept_out(const SocketAccess& socket, const std::vector<TenantConfig>& tenants);
+struct SocketAccess {
+  FileAccess socket{0, 0, 0660};
+  FileAccess directory{0, 0, 0755};  // the socket's directory: connecting needs search (x) there
+};
+
+// A warning for each tenant uid kept out (by its passwd entry's groups), and each tenant gid
+// whose processes get in only by another group; none where every one gets in.
+std::vector<std::string> tenants_kept_out(const SocketAccess& access, const std::vector<TenantConfig>& tenants);
 
 }  // namespace tutel::daemon

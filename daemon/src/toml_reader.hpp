@@ -81,8 +81,18 @@ class Scope {
     return error_at(n != nullptr ? n->source() : table_.source(),
                     key.empty() ? path_ : key_path(key), message);
   }
+  // Where a sub-table holds the key, says so: a key written after a table header belongs to
+  // that table ([layer.optimizer] above experts = 8 takes experts in), so the key "is missing"
+  // from a table where the file plainly has it.
   Status missing(std::string_view key, std::string_view what) const {
-    return error_near(key, "missing required key (" + std::string(what) + ") in " + label_);
+    std::string message = "missing required key (" + std::string(what) + ") in " + label_;
+    for (const auto& [name, node] : table_)
+      if (const toml::table* sub = node.as_table(); sub != nullptr && sub->get(key) != nullptr) {
+        message += "; the file has " + std::string(key) + " in " + key_path(name.str()) +
+                   ": keys after a [table] header belong to that table, so write this table's own keys above it";
+        break;
+      }
+    return error_near(key, message);
   }
 
   // Refuses the first key in neither list, suggesting a known key within edit distance 2.

@@ -243,7 +243,10 @@ Result<UniqueFd> connect_unix(const std::string& path, std::chrono::milliseconds
         struct stat st {};
         if (::stat(path.c_str(), &st) == 0 && !S_ISSOCK(st.st_mode))
           return Status::InvalidArgument(path + " is not a socket (" +
-                                         (S_ISDIR(st.st_mode) ? "a directory" : "a file") +
+                                         (S_ISDIR(st.st_mode)    ? "a directory"
+                                          : S_ISFIFO(st.st_mode) ? "a FIFO"
+                                          : S_ISREG(st.st_mode)  ? "a file"
+                                                                 : "a device") +
                                          "): give the path of tuteld's socket, as its config names it");
         return Status::Unavailable("is tuteld running? (" + path + " exists but nobody is listening on it)");
       }

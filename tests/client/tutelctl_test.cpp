@@ -250,6 +250,9 @@ TEST(Tutelctl, UsageErrorsExitTwo) {
     EXPECT_EQ(run.exit_code, 2) << bad;
     EXPECT_NE(run.output.find("finite"), std::string::npos) << bad << ": " << run.output;
   }
+  const ToolRun version = tutelctl("--version");
+  EXPECT_EQ(version.exit_code, 0) << version.output;
+  EXPECT_NE(version.output.find("tutelctl " TUTEL_VERSION), std::string::npos) << version.output;
   const ToolRun help = tutelctl("--help");
   EXPECT_EQ(help.exit_code, 0);
   EXPECT_NE(help.output.find("checkpoint"), std::string::npos);

@@ -3,7 +3,9 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <gtest/gtest.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -224,8 +226,9 @@ TEST_F(SafetensorsTest, WriteReplacesExistingFileAndLeavesNoTemporaries) {
 
 // An existing path must be a regular file: a symbolic link, a FIFO, a socket or a directory
 // stays as it was (a rename would have replaced it: an operator's checkpoint to /dev/null
-// replaced the device node), with nothing written beside it. A regular file's permission bits
-// carry over to the file that replaces it (a private file stays private under any umask).
+// replaced the device node), with nothing written beside it. The file that replaces a regular
+// one is never more open than it (a private file stays private under any umask), nor than a
+// new file.
 TEST_F(SafetensorsTest, WriteReplacesOnlyARegularFileAndKeepsItsMode) {
   const int32_t value[2] = {3, 4};
   const std::vector<SafetensorsEntry> tensors{{"x", DType::kI32, {2}, value}};
@@ -237,8 +240,18 @@ TEST_F(SafetensorsTest, WriteReplacesOnlyARegularFileAndKeepsItsMode) {
   ASSERT_EQ(::symlink(target.c_str(), link.c_str()), 0);
   ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
   ASSERT_EQ(::mkdir(sub.c_str(), 0700), 0);
+  const std::string sock = file("sock");
+  {
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, sock.c_str(), sizeof(addr.sun_path) - 1);
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::bind(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr), 0);
+    ::close(fd);
+  }
   for (const auto& [path, kind] : std::vector<std::pair<std::string, std::string>>{
-           {link, "a symbolic link"}, {fifo, "a FIFO"}, {sub, "a directory"}}) {
+           {link, "a symbolic link"}, {fifo, "a FIFO"}, {sub, "a directory"}, {sock, "a socket"}}) {
     const Status st = write_safetensors(path, tensors);
     EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << path << ": " << st;
     EXPECT_NE(st.message().find("it exists and is " + kind), std::string_view::npos) << st;
@@ -253,26 +266,32 @@ TEST_F(SafetensorsTest, WriteReplacesOnlyARegularFileAndKeepsItsMode) {
   EXPECT_TRUE(S_ISDIR(st.st_mode));
   std::ifstream in(target);
   EXPECT_EQ(std::string(std::istreambuf_iterator<char>(in), {}), "keep me");
-  EXPECT_EQ(list_dir(dir_.path()), (std::vector<std::string>{"fifo", "link", "sub", "target.txt"}));
+  ASSERT_EQ(::lstat(sock.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISSOCK(st.st_mode));
+  std::vector<std::string> names = list_dir(dir_.path());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"fifo", "link", "sock", "sub", "target.txt"}));
 
-  // A private file stays private, a shared one shared, whatever the umask says of new files.
-  for (const mode_t mode : {mode_t{0600}, mode_t{0640}, mode_t{0604}}) {
-    ASSERT_EQ(::chmod(target.c_str(), mode), 0);
-    const mode_t umask_was = ::umask(022);
+  // A private file stays private, whatever the umask says of new files; and the new file is
+  // never more open than a new file would be (a file placed there 0666 gives no 0666 checkpoint).
+  for (const auto& [old_mode, umask_bits, expected] : std::vector<std::tuple<mode_t, mode_t, mode_t>>{
+           {0600, 022, 0600}, {0640, 022, 0640}, {0604, 022, 0604}, {0666, 022, 0644}, {0644, 077, 0600}}) {
+    ASSERT_EQ(::chmod(target.c_str(), old_mode), 0);
+    const mode_t umask_was = ::umask(umask_bits);
     const Status written = write_safetensors(target, tensors);
     ::umask(umask_was);
     ASSERT_TRUE(written.ok()) << written;
     ASSERT_EQ(::stat(target.c_str(), &st), 0);
-    EXPECT_EQ(st.st_mode & 0777, mode);
+    EXPECT_EQ(st.st_mode & 0777, expected) << std::oct << old_mode << " under umask " << umask_bits;
     EXPECT_TRUE(SafetensorsFile::open(target).ok());
   }
-  // Where this process may (root: a daemon replacing a user's file), the owner carries over too.
+  // The owner is not carried (a root daemon giving its file away let that user swap it in a
+  // sticky directory): the new file is this process's.
   if (::geteuid() == 0) {
     ASSERT_EQ(::chown(target.c_str(), 65534, 65534), 0);
     ASSERT_TRUE(write_safetensors(target, tensors).ok());
     ASSERT_EQ(::stat(target.c_str(), &st), 0);
-    EXPECT_EQ(st.st_uid, 65534u);
-    EXPECT_EQ(st.st_gid, 65534u);
+    EXPECT_EQ(st.st_uid, 0u);
   }
   // A new file takes the umask's mode.
   const std::string fresh = file("fresh.safetensors");

@@ -601,6 +601,17 @@ TEST(ConfigErrorTest, MissingRequiredKeys) {
       kMinimal +
           "[[layer]] #!\nname = \"l\"\nexperts = 2\nmodel_dim = 2\nhidden = 2\ninit_seed = 1\n",
       "layer[0].tenant", {"missing required key"});
+  // A bucket times k past the routing indices' i32 is this file's error, not the start's.
+  expect_error(kMinimal + "[[layer]]\nname = \"l\"\ntenant = \"a\"\nexperts = 4\nmodel_dim = 2\nhidden = 2\n"
+                          "init_seed = 1\nk = 2\ntoken_buckets = [1073741824] #!\n",
+               "layer[0].token_buckets", {"the bucket 1073741824 times k = 2 routes 2^31 or more tokens"});
+  // A sub-table's header written above the layer's own keys takes them in: said so.
+  expect_error(kMinimal +
+                   "[[layer]] #!\nname = \"l\"\ntenant = \"a\"\n[layer.optimizer]\nkind = \"sgd\"\nexperts = 2\n"
+                   "model_dim = 2\nhidden = 2\ninit_seed = 1\n",
+               "layer[0].experts",
+               {"missing required key (a positive integer) in a [[layer]] table; the file has experts in "
+                "layer[0].optimizer: keys after a [table] header belong to that table"});
 }
 
 TEST(ConfigErrorTest, OutOfRange) {
@@ -766,6 +777,8 @@ TEST(ConfigErrorTest, MetricsListenLoopbackOnly) {
                  {"expected a loopback address and port"});
   expect_error(server + "metrics_listen = \"0.0.0.0:9464\" #!\n", "server.metrics_listen",
                {"listens only on loopback"});
+  expect_error(server + "metrics_listen = \"9464\" #!\n", "server.metrics_listen",
+               {"a port alone; put the address before it, \"127.0.0.1:9464\""});
 }
 
 // ---- Layer specs ---------------------------------------------------------------------------

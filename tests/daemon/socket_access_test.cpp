@@ -1,6 +1,6 @@
-// Which tenants' users the client socket's mode and group keep out (socket_access.hpp), with
-// the users and groups of this machine's databases: root (uid 0), and nobody (uid 65534, whose
-// group is 65534 and who is in no other group on Debian).
+// Which tenants' users the client socket's mode and group, and its directory's, keep out
+// (socket_access.hpp), with the users and groups of this machine's databases: root (uid 0), and
+// nobody (uid 65534, whose group is 65534 and who is in no other group on Debian).
 #include "socket_access.hpp"
 
 #include <grp.h>
@@ -19,6 +19,11 @@ TenantConfig tenant(std::string name, std::vector<uint32_t> uids, std::vector<ui
   return t;
 }
 
+// A socket of `owner`, `group`, `mode` in a directory of root's with `dir_mode`.
+SocketAccess socket_of(uint32_t owner, uint32_t group, uint32_t mode, uint32_t dir_mode = 0755) {
+  return {FileAccess{owner, group, mode}, FileAccess{0, 0, dir_mode}};
+}
+
 class SocketAccessTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -34,7 +39,7 @@ class SocketAccessTest : public ::testing::Test {
 
 TEST_F(SocketAccessTest, AUserOutsideTheSocketsGroupIsNamedWithWhatToSet) {
   const std::vector<TenantConfig> tenants{tenant("ops", {0}), tenant("team-b", {65534})};
-  const auto warnings = tenants_kept_out({/*owner_uid=*/0, /*group_gid=*/0, 0660}, tenants);
+  const auto warnings = tenants_kept_out(socket_of(0, 0, 0660), tenants);
   ASSERT_EQ(warnings.size(), 1u);
   EXPECT_NE(warnings[0].find("tenant 'team-b': uid 65534 (nobody) cannot connect to client_socket (mode 0660, group 0"),
             std::string::npos)
@@ -43,25 +48,33 @@ TEST_F(SocketAccessTest, AUserOutsideTheSocketsGroupIsNamedWithWhatToSet) {
   EXPECT_NE(warnings[0].find("client_socket_mode = \"0666\""), std::string::npos) << warnings[0];
 }
 
-TEST_F(SocketAccessTest, AUserInTheSocketsGroupOrASocketForEveryoneKeepsNobodyOut) {
+TEST_F(SocketAccessTest, AUserInTheSocketsGroupOrASocketForEveryoneGetsIn) {
   const std::vector<TenantConfig> tenants{tenant("team-b", {65534}, {65534})};
-  EXPECT_TRUE(tenants_kept_out({0, 65534, 0660}, tenants).empty());
-  EXPECT_TRUE(tenants_kept_out({0, 0, 0666}, tenants).empty());
-  EXPECT_TRUE(tenants_kept_out({65534, 0, 0600}, {tenant("own", {65534})}).empty()) << "the socket's owner";
+  EXPECT_TRUE(tenants_kept_out(socket_of(0, 65534, 0660), tenants).empty());
+  EXPECT_TRUE(tenants_kept_out(socket_of(0, 0, 0666), tenants).empty());
+  EXPECT_TRUE(tenants_kept_out(socket_of(65534, 0, 0600), {tenant("own", {65534})}).empty()) << "the socket's owner";
   // Root passes any mode; a user without a passwd entry cannot be judged here and is not named.
-  EXPECT_TRUE(tenants_kept_out({4242, 4242, 0600}, {tenant("root", {0}), tenant("ghost", {4242424})}).empty());
+  EXPECT_TRUE(tenants_kept_out(socket_of(4242, 4242, 0600, 0700), {tenant("root", {0}), tenant("ghost", {4242424})})
+                  .empty());
+}
+
+TEST_F(SocketAccessTest, ADirectoryTheUserCannotSearchKeepsItOutOfAnOpenSocket) {
+  const auto warnings = tenants_kept_out(socket_of(0, 0, 0666, /*dir_mode=*/0700), {tenant("team-b", {65534})});
+  ASSERT_EQ(warnings.size(), 1u);
+  EXPECT_NE(warnings[0].find("its directory mode 0700"), std::string::npos) << warnings[0];
+  EXPECT_NE(warnings[0].find("search the socket's directory"), std::string::npos) << warnings[0];
 }
 
 TEST_F(SocketAccessTest, AGroupOtherThanTheSocketsIsNamed) {
-  const auto warnings = tenants_kept_out({0, 0, 0660}, {tenant("team-g", {}, {4242})});
+  const auto warnings = tenants_kept_out(socket_of(0, 0, 0660), {tenant("team-g", {}, {4242})});
   ASSERT_EQ(warnings.size(), 1u);
-  EXPECT_NE(warnings[0].find("tenant 'team-g': processes of gid 4242 can connect to client_socket (mode 0660, "
+  EXPECT_NE(warnings[0].find("tenant 'team-g': processes of gid 4242 cannot connect to client_socket (mode 0660, "
                              "group 0"),
             std::string::npos)
       << warnings[0];
   // Under 0600 even the socket's own group is kept out.
-  EXPECT_EQ(tenants_kept_out({0, 4242, 0600}, {tenant("team-g", {}, {4242})}).size(), 1u);
-  EXPECT_TRUE(tenants_kept_out({0, 4242, 0660}, {tenant("team-g", {}, {4242})}).empty());
+  EXPECT_EQ(tenants_kept_out(socket_of(0, 4242, 0600), {tenant("team-g", {}, {4242})}).size(), 1u);
+  EXPECT_TRUE(tenants_kept_out(socket_of(0, 4242, 0660), {tenant("team-g", {}, {4242})}).empty());
 }
 
 }  // namespace

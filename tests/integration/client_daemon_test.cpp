@@ -1597,6 +1597,17 @@ TEST(DaemonStartup, TheClientSocketsModeAndGroupAndWhichSocketIsWhich) {
   EXPECT_EQ(daemon.stop(), 0) << daemon.log();
 }
 
+TEST(DaemonStartup, VersionNeedsNoConfigAndMatchesTheStatus) {
+  auto [code, out] = run_command(std::string(TUTELD_BIN) + " --version");
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("tuteld " TUTEL_VERSION), std::string::npos) << out;
+  DaemonProcess d(DaemonOptions{});
+  ASSERT_TRUE(d.start());
+  auto [scode, status] = run_command(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " --json status");
+  EXPECT_EQ(scode, 0) << status;
+  EXPECT_NE(status.find("\"version\": \"" TUTEL_VERSION "\""), std::string::npos) << status;
+}
+
 TEST(DaemonStartup, ConfigErrorsNameFileLineAndKey) {
   DaemonProcess d(DaemonOptions{.extra_server = "spin_uss = 5"});
   EXPECT_FALSE(d.start());
@@ -1618,6 +1629,22 @@ TEST(DaemonStartup, AStateFileItCannotReadStopsTheStartNamingIt) {
   EXPECT_NE(log.find("cannot read"), std::string::npos) << log;
   EXPECT_NE(log.find("loop.safetensors"), std::string::npos) << log;
   EXPECT_EQ(log.find("terminate called"), std::string::npos) << log;
+}
+
+// A damaged checkpoint (a file cut short) stops the start naming it and saying how to start
+// without it; the file stays where it is.
+TEST(DaemonStartup, ADamagedCheckpointStopsTheStartSayingHowToGoOn) {
+  DaemonProcess d(DaemonOptions{});
+  const std::string file = d.dir() + "/state/default/cut.safetensors";
+  std::filesystem::create_directories(d.dir() + "/state/default");
+  { std::ofstream(file) << std::string("\x40\0\0\0\0\0\0\0{\"x\":", 12); }
+  EXPECT_FALSE(d.start());
+  const std::string log = d.log();
+  EXPECT_NE(log.find("a layer's checkpoint in state_dir cannot be read; move " + file +
+                     " out of state_dir to start without that layer"),
+            std::string::npos)
+      << log;
+  EXPECT_TRUE(std::filesystem::exists(file));
 }
 
 // A tenant's quotas never decide whether the daemon starts. A tenant with max_layers = 2
@@ -1747,6 +1774,26 @@ TEST(DaemonStartup, AConfigLayersChangedSpecIsTakenOrMakesANewLayer) {
 // a client's layer of its name is kept aside (it once became the config's layer), and the weights
 // file is the same one however the config reaches it (through a link, or moved with its
 // directory, where the first path is gone), but another file is a new starting point.
+// A [[layer]] taken out of the config keeps its checkpoint: the next start restores it, says so
+// and serves it (it once came back without a word).
+TEST(DaemonStartup, ALayerTakenOutOfTheConfigIsRestoredWithAWarning) {
+  DaemonOptions with_layer;
+  with_layer.layers = "[[layer]]\ntenant = \"default\"\nname = \"gone\"\nexperts = 4\nmodel_dim = 16\nhidden = 32\n"
+                      "k = 2\ninit_seed = 1\n";
+  DaemonProcess d(with_layer);
+  ASSERT_TRUE(d.start()) << d.log();
+  ASSERT_EQ(d.stop(), 0) << d.log();
+  d.reconfigure(DaemonOptions{});
+  ASSERT_TRUE(d.start()) << d.log();
+  EXPECT_NE(d.log().find("layer default/gone came from the config, which no longer names it; it is restored from"),
+            std::string::npos)
+      << d.log();
+  auto client = client::Client::connect(d.client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  EXPECT_TRUE(client->attach_layer("gone").ok());
+  EXPECT_EQ(d.stop(), 0) << d.log();
+}
+
 TEST(DaemonStartup, AConfigLayerResumesOnlyFromItsOwnCheckpointOfItsOwnWeights) {
   const std::string layer_keys = "experts = 4\nmodel_dim = 16\nhidden = 32\nk = 2\n";
   DaemonProcess d(DaemonOptions{});
@@ -1950,6 +1997,27 @@ TEST(DaemonStartup, CreatesStateDirPrivate) {
   EXPECT_EQ(perms & (std::filesystem::perms::group_all | std::filesystem::perms::others_all),
             std::filesystem::perms::none);
   EXPECT_EQ(d.stop(), 0) << d.log();
+  // Also where the sockets lie inside it, their directories made first (the daemon then stops
+  // at its missing peer secret, right after making state_dir).
+  char tmpl[] = "/tmp/tuteld-inside-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  {
+    std::ofstream f(dir + "/tuteld.toml");
+    f << "[server]\nclient_socket = \"st/run/client.sock\"\nadmin_socket = \"st/run/admin.sock\"\n"
+      << "state_dir = \"st\"\nmetrics_listen = \"\"\npeer_secret_file = \"missing.secret\"\n[backend]\nkind = \"cpu\"\n"
+      << "[[tenant]]\nname = \"default\"\nuids = [" << ::getuid() << "]\n";
+  }
+  const mode_t umask_was = ::umask(022);
+  auto [code, out] = run_command("timeout -s KILL 60 " + std::string(TUTELD_BIN) + " --config " + dir + "/tuteld.toml");
+  ::umask(umask_was);
+  EXPECT_NE(code, 0);
+  EXPECT_NE(out.find("missing.secret"), std::string::npos) << out;
+  EXPECT_EQ(std::filesystem::status(dir + "/st").permissions() &
+                (std::filesystem::perms::group_all | std::filesystem::perms::others_all),
+            std::filesystem::perms::none);
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
 }
 
 // train_toy refuses integer options past what it stores (an int), instead of wrapping them: 2^32

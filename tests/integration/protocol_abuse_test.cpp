@@ -782,6 +782,10 @@ TEST_F(ProtocolAbuse, BadSpecsAreRefusedWithTheKey) {
   EXPECT_EQ(save.status().code(), StatusCode::kPermissionDenied) << save.status();
   save = s.call(ipc::FrameType::kSave, {{"handle", (*h)["handle"]}, {"path", "/tmp/abs.safetensors"}}, ipc::FrameType::kOk);
   EXPECT_EQ(save.status().code(), StatusCode::kInvalidArgument) << save.status();
+  EXPECT_NE(save.status().message().find("must be relative"), std::string_view::npos) << save.status();
+  save = s.call(ipc::FrameType::kSave, {{"handle", (*h)["handle"]}, {"path", ""}}, ipc::FrameType::kOk);
+  EXPECT_EQ(save.status().code(), StatusCode::kInvalidArgument) << save.status();
+  EXPECT_NE(save.status().message().find("the path is empty"), std::string_view::npos) << save.status();
   // A save creates the directories its path names: a few levels, not thousands of inodes.
   std::string deep;
   for (int i = 0; i < 2000; ++i) deep += "a/";

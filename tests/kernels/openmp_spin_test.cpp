@@ -27,7 +27,8 @@ struct ProbeRun {
 
 // Runs the probe with `args` under the test's environment less GOMP_SPINCOUNT and
 // OMP_WAIT_POLICY, plus `extra_env`.
-ProbeRun run_probe(const std::vector<std::string>& extra_env, const std::vector<std::string>& args = {}) {
+ProbeRun run_probe(const std::vector<std::string>& extra_env, const std::vector<std::string>& args = {},
+                   const std::string& loader = "") {
   std::vector<std::string> env;
   for (char** e = environ; *e != nullptr; ++e) {
     const std::string kv = *e;
@@ -38,8 +39,9 @@ ProbeRun run_probe(const std::vector<std::string>& extra_env, const std::vector<
   std::vector<char*> envp, argv;
   for (auto& kv : env) envp.push_back(kv.data());
   envp.push_back(nullptr);
-  std::string bin = OPENMP_SPIN_PROBE;
+  std::string bin = loader.empty() ? OPENMP_SPIN_PROBE : loader;
   std::vector<std::string> all_args{bin};
+  if (!loader.empty()) all_args.push_back(OPENMP_SPIN_PROBE);
   all_args.insert(all_args.end(), args.begin(), args.end());
   for (auto& a : all_args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -85,6 +87,26 @@ TEST(OpenmpSpin, WithoutAChoiceTheProgramRunsAgainWithTheBoundedSpin) {
   EXPECT_NE(run.output.find("pid " + std::to_string(run.pid) + "\n"), std::string::npos) << run.output;
   EXPECT_NE(run.output.find("arg [two words]\narg []\narg [--flag=x]\n"), std::string::npos) << run.output;
   EXPECT_NE(run.output.find("mark [kept]"), std::string::npos) << run.output;
+  // Named after its own file, not "exe" (ps, pgrep and pkill go by this name).
+  EXPECT_NE(run.output.find("comm openmp_spin_pro\n"), std::string::npos) << run.output;
+  EXPECT_EQ(run.output.find("warning"), std::string::npos) << run.output;
+}
+
+// Started through the dynamic loader, executing /proc/self/exe would run the loader with the
+// program's arguments: it does not, says why, and runs on with libgomp's default.
+TEST(OpenmpSpin, AProgramStartedThroughTheLoaderRunsOnAndSaysWhy) {
+  const std::string loader = "/lib64/ld-linux-x86-64.so.2";
+  if (::access(loader.c_str(), X_OK) != 0) GTEST_SKIP() << "no " << loader << " here";
+  const ProbeRun run = run_probe({}, {"a", "b"}, loader);
+  ASSERT_TRUE(WIFEXITED(run.status) && WEXITSTATUS(run.status) == 0) << run.output;
+  EXPECT_NE(run.output.find("warning: cannot execute itself again to bound OpenMP's spin: it was started through the "
+                            "dynamic loader; idle OpenMP threads spin for libgomp's default"),
+            std::string::npos)
+      << run.output;
+  EXPECT_NE(run.output.find(std::string("set GOMP_SPINCOUNT=") + tutel::kOpenmpSpinCount), std::string::npos)
+      << run.output;
+  EXPECT_NE(run.output.find("arg [a]\narg [b]\n"), std::string::npos) << run.output;
+  EXPECT_EQ(libgomp_spin(run.output), "300000") << run.output;
 }
 
 TEST(OpenmpSpin, AnOperatorsSpinCountStands) {

@@ -101,24 +101,32 @@ TEST_F(TutelLayerErrors, MissingInputFile) {
   EXPECT_NE(run.err.find(missing), std::string::npos) << run.err;
 }
 
-// --output naming an input (by its path, or a link to it) is refused before anything is written:
-// the input stays as it was.
+// --output naming an input's file (its path, another spelling of it, a symbolic link to it) is
+// refused before anything is written: the input stays as it was. A hard link is another entry:
+// the output replaces that entry alone, and the input is untouched.
 TEST_F(TutelLayerErrors, OutputNamingAnInputIsRefusedAndTheInputKept) {
   write_file(w_path(), weights_);
   write_file(i_path(), input_);
-  const std::string link = dir_.file("same-weights.safetensors");
-  fs::create_hard_link(w_path(), link);
+  const std::string sub = dir_.file("sub"), link = dir_.file("link.safetensors");
+  fs::create_directory(sub);
+  fs::create_symlink(i_path(), link);
   const auto input_before = fs::file_size(i_path()), weights_before = fs::file_size(w_path());
   for (const auto& [output, option] : std::vector<std::pair<std::string, std::string>>{
-           {i_path(), "--input"}, {w_path(), "--weights"}, {link, "--weights"}}) {
+           {i_path(), "--input"}, {w_path(), "--weights"}, {sub + "/../w.safetensors", "--weights"},
+           {link, "--input"}}) {
     const ToolRun run = run_tool(dir_, {"--weights", w_path(), "--input", i_path(), "--output", output});
     EXPECT_EQ(run.exit_code, 2) << run.err;
-    EXPECT_NE(run.err.find("is the same file as " + option), std::string::npos) << run.err;
+    EXPECT_NE(run.err.find("names the file " + option + " reads"), std::string::npos) << output << ": " << run.err;
     EXPECT_NE(run.err.find("choose another output path"), std::string::npos) << run.err;
   }
   EXPECT_EQ(fs::file_size(i_path()), input_before);
   EXPECT_EQ(fs::file_size(w_path()), weights_before);
-  const ToolRun run = run_tool(dir_, {"--weights", w_path(), "--input", i_path(), "--output", o_path(), "--backward"});
+  const std::string hard = dir_.file("hard.safetensors");
+  fs::create_hard_link(i_path(), hard);
+  ToolRun run = run_tool(dir_, {"--weights", w_path(), "--input", i_path(), "--output", hard});
+  EXPECT_EQ(run.exit_code, 0) << run.err;
+  EXPECT_EQ(fs::file_size(i_path()), input_before) << "the input changed through its hard link";
+  run = run_tool(dir_, {"--weights", w_path(), "--input", i_path(), "--output", o_path(), "--backward"});
   EXPECT_EQ(run.exit_code, 0) << "the inputs were damaged: " << run.err;
 }
 

@@ -1,11 +1,11 @@
 #include "layer_files.hpp"
 
-#include <sys/stat.h>
-
 #include <algorithm>
 #include <charconv>
+#include <climits>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <set>
@@ -511,18 +511,22 @@ Status write_layer_outputs(const std::string& path, const LayerRunResult& r,
 
 namespace {
 
-// The output replaces whatever file --output names: never one of the inputs (a swapped or
-// repeated path destroyed the input, and the next run found no x in it). Compared by file, not
-// by name, so another spelling or a link of the same file is caught too.
+// The output replaces the entry --output names (write_safetensors renames onto it): never the
+// entry of one of the inputs, which a swapped or repeated path destroyed (the next run found no
+// x in it). Compared as resolved paths, so another spelling (./x, d/../x) or a symbolic link to
+// an input is caught; a hard link is another entry, whose replacement leaves the input as it was.
 Status check_output_is_not_an_input(const LayerFilesRequest& request) {
-  struct stat out {};
-  if (::stat(request.output_path.c_str(), &out) != 0) return Status::OK();  // a new file
+  const auto resolved = [](const std::string& path) -> std::string {
+    char buffer[PATH_MAX];
+    return ::realpath(path.c_str(), buffer) != nullptr ? std::string(buffer) : std::string();
+  };
+  const std::string out = resolved(request.output_path);
+  if (out.empty()) return Status::OK();  // nothing there yet: no input's
   for (const auto& [option, path] : {std::pair<const char*, const std::string&>{"--weights", request.weights_path},
                                      std::pair<const char*, const std::string&>{"--input", request.input_path}}) {
-    struct stat in {};
-    if (::stat(path.c_str(), &in) == 0 && in.st_dev == out.st_dev && in.st_ino == out.st_ino)
-      return Status::InvalidArgument("--output '" + request.output_path + "' is the same file as " + option + " '" +
-                                     path + "', which writing it would replace; choose another output path");
+    if (resolved(path) == out)
+      return Status::InvalidArgument("--output '" + request.output_path + "' names the file " + option + " reads ('" +
+                                     path + "'), which writing it would replace; choose another output path");
   }
   return Status::OK();
 }

@@ -469,6 +469,7 @@ int cannot_reach(const std::string& path, const tutel::Status& st) {
 int main(int argc, char** argv) {
   CLI::App app{"tutelctl: inspect and operate a running tuteld through its admin socket"};
   app.name("tutelctl");
+  app.set_version_flag("--version", "tutelctl " TUTEL_VERSION);
   std::string socket = default_socket();
   // CLI::Range lets NaN through (every comparison with it is false), and a NaN timeout became a
   // wait without bound.

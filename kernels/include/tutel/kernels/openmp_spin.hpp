@@ -19,11 +19,14 @@ namespace tutel {
 inline constexpr const char* kOpenmpSpinCount = "3000";
 
 // Where the environment sets neither GOMP_SPINCOUNT nor OMP_WAIT_POLICY, sets GOMP_SPINCOUNT to
-// kOpenmpSpinCount and executes this program again with the same arguments (/proc/self/exe; the
-// pid stays): libgomp reads its settings once, in its own initialiser, before main. Returns only
-// where there was nothing to do, or with the reason the exec failed (the process then runs with
-// libgomp's default: say so and go on). Call it first in main, before any thread exists: the
-// exec keeps the signal mask and dispositions, and ends every thread.
+// kOpenmpSpinCount and executes this program again with the same arguments (by its own path,
+// else /proc/self/exe; the pid and the process's name stay): libgomp reads its settings once, in
+// its own initialiser, before main. Returns only where there was nothing to do, or with the
+// reason it could not (a program started through the dynamic loader or under valgrind, which
+// the exec would not run again as it was; an exec that failed): the process then runs with
+// libgomp's default; say so and go on. Call it first in main, before any thread exists: the exec
+// ends every thread, keeps the signal mask and the ignored signals, and resets handled ones.
+// Processes started later inherit the variable.
 Status bound_openmp_spin(char** argv);
 
 }  // namespace tutel
