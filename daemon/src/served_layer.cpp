@@ -1310,8 +1310,14 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
     if (!required) states.emplace_back(dst->data(), DType::kF32, t.shape, b.device());
     const SafetensorsTensor* src = required || !foreign_state ? file.find(name) : nullptr;
     if (!src) {
-      if (required && require_all)
-        return Status::NotFound(path + ": tensor '" + name + "' is missing (expected f32 " + t.shape.to_string() + ")");
+      if (required && require_all) {
+        // A file of a layer without that bias: the spec says so, not the file.
+        const std::string hint = name.find("fc1_bias") != std::string::npos   ? "; a layer without fc1 biases says has_fc1_bias = false"
+                                 : name.find("fc2_bias") != std::string::npos ? "; a layer without fc2 biases says has_fc2_bias = false"
+                                                                              : "";
+        return Status::NotFound(path + ": tensor '" + name + "' is missing (expected f32 " + t.shape.to_string() + ")" +
+                                hint);
+      }
       state_missing |= !required;
       return Status::OK();
     }

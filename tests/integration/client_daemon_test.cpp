@@ -1006,6 +1006,23 @@ TEST_F(ClientDaemon, AnExportedStateIsTheSavedFileAndImportingItMakesATwin) {
 // the same shapes gives it the weights, zero moments and step 0 (SGD's momentum taken for
 // AdamW's first moment, with no second, once moved a weight 5000 times as far as a fresh start),
 // and the daemon's log says so; the same optimizer's state is taken whole.
+// A file without a bias the layer has (written by a layer without it) is refused naming the
+// tensor and the spec key that describes such a layer; the layer is left as it was.
+TEST_F(ClientDaemon, AFileWithoutABiasNamesTheSpecKey) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto plain = client->create_layer("name = \"nobias\"\nexperts = 4\nmodel_dim = 8\nhidden = 8\nk = 1\n"
+                                    "init_seed = 1\nhas_fc1_bias = false\n");
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  ASSERT_TRUE(plain->save("nobias.safetensors").ok());
+  auto biased = client->create_layer("name = \"biased\"\nexperts = 4\nmodel_dim = 8\nhidden = 8\nk = 1\ninit_seed = 2\n");
+  ASSERT_TRUE(biased.ok()) << biased.status();
+  const Status refused = biased->load("nobias.safetensors");
+  EXPECT_EQ(refused.code(), StatusCode::kNotFound) << refused;
+  EXPECT_NE(refused.message().find("batched_fc1_bias' is missing"), std::string_view::npos) << refused;
+  EXPECT_NE(refused.message().find("has_fc1_bias = false"), std::string_view::npos) << refused;
+}
+
 TEST_F(ClientDaemon, AnotherOptimizersStateIsNotTaken) {
   auto client = client::Client::connect(daemon_->client_socket());
   ASSERT_TRUE(client.ok()) << client.status();
