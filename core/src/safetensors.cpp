@@ -558,15 +558,19 @@ Result<std::optional<struct stat>> file_to_replace(const std::string& path) {
 
 // The new file is never more open than the file it replaces: it keeps only the permission bits
 // both the old file and a new one (this process's umask, a directory's default ACL) would give,
-// so a private file stays private. Never wider (a file someone else placed there with mode 0666
-// must not make a checkpoint writable by all), and the owner is not carried: a daemon running
-// as root that gave the temporary file to the old file's owner let that user, in a sticky
-// directory such as /tmp, move it and put a link in its place before the rename (the review's
-// probe).
+// and the old file's group, so a private file stays private (a root daemon running with its own
+// group would otherwise open a user's 0640 file to that group). Where the group cannot be
+// carried (a process not in it), the group has no access at all. Never wider (a file someone
+// else placed there with mode 0666 must not make a checkpoint writable by all). The owner is not
+// carried: a daemon running as root that gave the temporary file to the old file's owner let
+// that user, in a sticky directory such as /tmp, move it and put a link in its place before the
+// rename (the review's probe). The group gives no such right: in a sticky directory only the
+// owner renames.
 Status narrow_access(int fd, const struct stat& old, const std::string& path) {
   struct stat created {};
   if (::fstat(fd, &created) != 0) return errno_status(errno, "cannot inspect the temporary file for", path);
-  const mode_t mode = created.st_mode & old.st_mode & 0777;
+  mode_t mode = created.st_mode & old.st_mode & 0777;
+  if (created.st_gid != old.st_gid && ::fchown(fd, static_cast<uid_t>(-1), old.st_gid) != 0) mode &= ~mode_t{070};
   if (mode != (created.st_mode & 0777) && ::fchmod(fd, mode) != 0)
     return errno_status(errno, "cannot narrow the new file's mode to that of", path);
   return Status::OK();

@@ -78,13 +78,24 @@ std::optional<OptimizerKind> parse_optimizer_kind(std::string_view name) {
   return std::nullopt;
 }
 
+// The keys of a [[layer]] table (a config's also takes "tenant"), of its optimizer and group
+// tables.
+constexpr std::string_view kLayerKeys[] = {
+    "name", "experts", "model_dim", "hidden", "output_dim", "k", "capacity_factor", "activation", "gate_noise",
+    "noise_seed", "normalize_gate", "batch_prioritized", "is_postscore", "has_fc1_bias", "has_fc2_bias", "dtype",
+    "weights", "init_seed", "token_buckets", "optimizer", "group", "tenant"};
+constexpr std::string_view kOptimizerKeys[] = {"kind", "lr", "momentum", "nesterov", "weight_decay",
+                                               "beta1", "beta2", "eps"};
+constexpr std::string_view kGroupKeys[] = {"coordinator", "name", "size", "rank", "local_size", "all_to_all", "r",
+                                           "pipeline", "tune_warmups", "tune_trials", "bootstrap_timeout_ms",
+                                           "collective_timeout_ms"};
+
 Status parse_optimizer(const Scope& layer, OptimizerConfig& o) {
   TUTEL_ASSIGN_OR_RETURN(const toml::table* t, get_table(layer, "optimizer", false,
                                                          "(optimizer = { kind = \"adamw\" })"));
   if (t == nullptr) return Status::OK();
   const Scope s = layer.child(*t, layer.key_path("optimizer"), "the optimizer table");
-  TUTEL_RETURN_IF_ERROR(s.check_keys(
-      {"kind", "lr", "momentum", "nesterov", "weight_decay", "beta1", "beta2", "eps"}));
+  TUTEL_RETURN_IF_ERROR(s.check_keys(kOptimizerKeys));
   TUTEL_RETURN_IF_ERROR(get_enum(s, "kind", "\"sgd\", \"adamw\"", parse_optimizer_kind, o.kind));
   const bool sgd = o.kind == OptimizerKind::kSgd;
   const std::vector<std::string_view> other_kind_keys =
@@ -188,9 +199,7 @@ Status parse_group(const Scope& layer, int64_t experts, std::optional<GroupConfi
                                                          "(group = { coordinator = \"127.0.0.1:7000\", size = 2, rank = 0 })"));
   if (t == nullptr) return Status::OK();
   const Scope s = layer.child(*t, layer.key_path("group"), "the group table");
-  TUTEL_RETURN_IF_ERROR(s.check_keys({"coordinator", "name", "size", "rank", "local_size",
-                                      "all_to_all", "r", "pipeline", "tune_warmups", "tune_trials",
-                                      "bootstrap_timeout_ms", "collective_timeout_ms"}));
+  TUTEL_RETURN_IF_ERROR(s.check_keys(kGroupKeys));
   GroupConfig g;
   if (s.find("name") != nullptr) TUTEL_RETURN_IF_ERROR(get_name(s, "name", "a group name", g.name));
   if (s.find("coordinator") == nullptr && g.name.empty())
@@ -270,12 +279,10 @@ Status parse_token_buckets(const Scope& s, LayerDefinition& def) {
 
 // The keys of a [[layer]] table and of a request's spec. `base_dir` empty: paths kept as written.
 Status parse_layer(const Scope& s, bool in_config, const fs::path& base_dir, LayerDefinition& def) {
-  TUTEL_RETURN_IF_ERROR(s.check_keys(
-      {"name", "experts", "model_dim", "hidden", "output_dim", "k", "capacity_factor", "activation",
-       "gate_noise", "noise_seed", "normalize_gate", "batch_prioritized", "is_postscore",
-       "has_fc1_bias", "has_fc2_bias", "dtype", "weights", "init_seed", "token_buckets", "optimizer",
-       "group"},
-      in_config ? KeyList{"tenant"} : KeyList{}));
+  const std::span<const std::string_view> layer_keys(kLayerKeys, std::size(kLayerKeys) - (in_config ? 0 : 1));
+  TUTEL_RETURN_IF_ERROR(s.check_keys(layer_keys));
+  TUTEL_RETURN_IF_ERROR(s.check_keys_taken_by("optimizer", kOptimizerKeys, layer_keys));
+  TUTEL_RETURN_IF_ERROR(s.check_keys_taken_by("group", kGroupKeys, layer_keys));
   TUTEL_RETURN_IF_ERROR(get_name(s, "name", "a layer name", def.name));
   if (in_config) TUTEL_RETURN_IF_ERROR(get_string(s, "tenant", def.tenant, true, "a tenant name"));
 
@@ -364,7 +371,9 @@ Status parse_metrics_listen(const Scope& s, ServerConfig& server) {
   };
   const size_t colon = text.rfind(':');
   if (colon == std::string::npos)
-    return refuse(std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; })
+    return refuse(!text.empty() && text.size() <= 5 &&
+                          std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; }) &&
+                          std::stoi(text) <= 65535
                       ? "a port alone; put the address before it, \"127.0.0.1:" + text + "\""
                       : "no port");
   std::string host = text.substr(0, colon);

@@ -266,15 +266,20 @@ Status DaemonImpl::start() {
   TUTEL_RETURN_IF_ERROR(listen(server.admin_socket, 0600, std::nullopt, true, &admin_poll_, &admin_fd_));
   // Judged on the socket as it is (without client_socket_group, a setgid directory gives it the
   // directory's group, not the daemon's).
-  struct stat sock {}, dir {};
-  if (::stat(server.client_socket.c_str(), &sock) == 0 &&
-      ::stat(fs::path(server.client_socket).parent_path().c_str(), &dir) == 0) {
-    const auto access = [](const struct stat& st) {
-      return FileAccess{static_cast<uint32_t>(st.st_uid), static_cast<uint32_t>(st.st_gid),
-                        static_cast<uint32_t>(st.st_mode & 0777)};
-    };
-    for (const std::string& warning : tenants_kept_out({access(sock), access(dir)}, config_.tenants))
-      TUTEL_LOG(WARN) << warning;
+  const auto access_of = [](const std::string& path) -> std::optional<FileAccess> {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) return std::nullopt;
+    return FileAccess{static_cast<uint32_t>(st.st_uid), static_cast<uint32_t>(st.st_gid),
+                      static_cast<uint32_t>(st.st_mode & 0777)};
+  };
+  if (const auto socket = access_of(server.client_socket)) {
+    SocketAccess access{*socket, {}};
+    fs::path on_the_way;
+    for (const fs::path& part : fs::path(server.client_socket).parent_path()) {  // absolute: "/" first
+      on_the_way /= part;
+      if (const auto dir = access_of(on_the_way.string())) access.directories.emplace_back(on_the_way.string(), *dir);
+    }
+    for (const std::string& warning : tenants_kept_out(access, config_.tenants)) TUTEL_LOG(WARN) << warning;
   }
   // Serve only as part of a complete cluster: the join fails naming the nodes that are missing.
   TUTEL_RETURN_IF_ERROR(join_cluster());
@@ -493,6 +498,7 @@ Result<std::vector<DaemonImpl::Checkpointed>> DaemonImpl::checkpointed_layers() 
                         << "''s, whose directory it is in";
       const auto origin_key = file.metadata().find("tuteld.origin");
       const bool by_client = origin_key != file.metadata().end() && origin_key->second == "client";
+      const bool by_config = origin_key != file.metadata().end() && origin_key->second == "config";
       if (def.group) {
         // Its peers restart on their own schedule; the trainer creates the group layer again,
         // which resumes from this file (prepare_checkpoint).
@@ -504,7 +510,7 @@ Result<std::vector<DaemonImpl::Checkpointed>> DaemonImpl::checkpointed_layers() 
       LayerDefinition origin = def;
       def.weights_path = path;
       def.init_seed.reset();
-      found.push_back({t.name, spec->second, std::move(def), std::move(origin), by_client});
+      found.push_back({t.name, spec->second, std::move(def), std::move(origin), by_client, by_config});
     }
   }
   return found;
@@ -597,15 +603,15 @@ Status DaemonImpl::restore_state() {
     TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(def.tenant, fresh, format_layer_spec(def)));
   }
   for (const Checkpointed& f : found) {
-    if (!f.by_client)  // a [[layer]] taken out of the config still has its checkpoint
-      TUTEL_LOG(WARN) << "layer " << f.tenant << "/" << f.def.name << " came from the config, which no longer names "
-                      << "it; it is restored from " << *f.def.weights_path << " and served as a client's layer (a "
-                      << "client destroys it; or stop tuteld and move the file out of state_dir)";
     // Only a quota's refusal leaves a layer out (counted by the registry): an allocation that
     // fails for want of memory on the node at this moment (another process holding the device)
     // fails the start with the file where it is, rather than demote the layer for good.
     const uint64_t refusals = registry_->quota_refusals(f.tenant);
     Status restored = restore(f.tenant, f.def, f.spec);
+    if (restored.ok() && f.by_config)  // a [[layer]] taken out of the config still has its checkpoint
+      TUTEL_LOG(WARN) << "layer " << f.tenant << "/" << f.def.name << " came from the config, which no longer names "
+                      << "it; it was restored from " << *f.def.weights_path << " and is served as a client's layer "
+                      << "(a client destroys it; or stop tuteld and move the file out of state_dir)";
     if (!restored.ok() && registry_->quota_refusals(f.tenant) == refusals)
       return restored.with_context("layer " + f.tenant + "/" + f.def.name + " cannot be restored from " +
                                    *f.def.weights_path + " (it stays there); free what it needs, or move the file "

@@ -102,7 +102,8 @@ class DaemonImpl {
     std::string tenant, spec;
     LayerDefinition def;     // restored from the file (weights_path names it)
     LayerDefinition origin;  // as the file's spec says it was created
-    bool by_client = false;  // its tuteld.origin: a client created it (files before the key: unknown)
+    bool by_client = false;    // its tuteld.origin: a client created it (files before the key: unknown)
+    bool by_config = false;    // its tuteld.origin: a [[layer]] of the config
   };
   // Logs each directory of state_dir that holds checkpoints of a tenant the config does not name.
   void warn_of_unconfigured_tenants() const;

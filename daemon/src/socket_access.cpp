@@ -52,27 +52,32 @@ bool allows(const FileAccess& file, std::optional<uint32_t> uid, const std::vect
 
 std::vector<std::string> tenants_kept_out(const SocketAccess& access, const std::vector<TenantConfig>& tenants) {
   std::vector<std::string> warnings;
-  const std::string where = "client_socket (mode " + octal(access.socket.mode) + ", group " +
-                            group_name(access.socket.group_gid) + "; its directory mode " +
-                            octal(access.directory.mode) + ", group " + group_name(access.directory.group_gid) + ")";
-  const std::string remedy = "set client_socket_group to a group its processes are in, or client_socket_mode = "
-                             "\"0666\" (the daemon still serves only the tenants' users), and let them search the "
-                             "socket's directory";
-  const auto reaches = [&](std::optional<uint32_t> uid, const std::vector<gid_t>& groups) {
-    return allows(access.directory, uid, groups, 01) && allows(access.socket, uid, groups, 06);
+  // Why a process of `uid` (none: of any uid but an owner's) in `groups` cannot connect, or "".
+  const auto why_out = [&](std::optional<uint32_t> uid, const std::vector<gid_t>& groups) -> std::string {
+    for (const auto& [path, dir] : access.directories)
+      if (!allows(dir, uid, groups, 01))
+        return "cannot search the directory " + path + " (mode " + octal(dir.mode) + ", group " +
+               group_name(dir.group_gid) + ") on the way to client_socket: put the socket in a directory its "
+               "users can search (state_dir is private: not inside it)";
+    if (!allows(access.socket, uid, groups, 06))
+      return "cannot connect to client_socket (mode " + octal(access.socket.mode) + ", group " +
+             group_name(access.socket.group_gid) + "): set client_socket_group to a group its processes are in" +
+             ((access.socket.mode & 0006) == 0006 ? std::string()
+                                                  : ", or client_socket_mode = \"0666\" (the daemon still serves "
+                                                    "only the tenants' users)");
+    return "";
   };
   for (const TenantConfig& t : tenants) {
     for (const uint32_t uid : t.uids) {
       const auto user = user_groups(uid);
       if (!user) continue;  // its groups are unknown here
-      if (!reaches(uid, user->second))
-        warnings.push_back("tenant '" + t.name + "': uid " + std::to_string(uid) + " (" + user->first +
-                           ") cannot connect to " + where + ": " + remedy);
+      if (const std::string why = why_out(uid, user->second); !why.empty())
+        warnings.push_back("tenant '" + t.name + "': uid " + std::to_string(uid) + " (" + user->first + ") " + why);
     }
     for (const uint32_t gid : t.gids)
-      if (!reaches(std::nullopt, {static_cast<gid_t>(gid)}))
-        warnings.push_back("tenant '" + t.name + "': processes of gid " + group_name(gid) + " cannot connect to " +
-                           where + " unless they run as its owner or are in its groups: " + remedy);
+      if (const std::string why = why_out(std::nullopt, {static_cast<gid_t>(gid)}); !why.empty())
+        warnings.push_back("tenant '" + t.name + "': processes of gid " + group_name(gid) +
+                           " (unless in another group that may) " + why);
   }
   return warnings;
 }

@@ -21,7 +21,8 @@ struct FileAccess {
 
 struct SocketAccess {
   FileAccess socket{0, 0, 0660};
-  FileAccess directory{0, 0, 0755};  // the socket's directory: connecting needs search (x) there
+  // Every directory on the way to it, "/" first: connecting needs search (x) in each.
+  std::vector<std::pair<std::string, FileAccess>> directories;
 };
 
 // A warning for each tenant uid kept out (by its passwd entry's groups), and each tenant gid

@@ -101,6 +101,26 @@ size_t edit_distance(std::string_view a, std::string_view b) {
 }  // namespace
 
 Status Scope::check_keys(KeyList known, KeyList more) const {
+  return check_keys(std::span<const std::string_view>(known.begin(), known.size()), more);
+}
+
+Status Scope::check_keys_taken_by(std::string_view sub, std::span<const std::string_view> own,
+                                  std::span<const std::string_view> outer) const {
+  const toml::node* n = find(sub);
+  const toml::table* t = n != nullptr ? n->as_table() : nullptr;
+  if (t == nullptr) return Status::OK();
+  for (auto&& [key, value] : *t) {
+    const std::string_view name = key.str();
+    const auto is = [&](std::string_view k) { return k == name; };
+    if (std::any_of(own.begin(), own.end(), is) || !std::any_of(outer.begin(), outer.end(), is)) continue;
+    return error_at(key.source(), key_path(sub) + "." + std::string(name),
+                    std::string(name) + " is a key of " + label_ + ", but written after the [" + key_path(sub) +
+                        "] header it belongs to that table; write " + label_ + "'s own keys above the header");
+  }
+  return Status::OK();
+}
+
+Status Scope::check_keys(std::span<const std::string_view> known, KeyList more) const {
   for (auto&& [key, value] : table_) {
     const std::string_view name = key.str();
     const auto is = [&](std::string_view k) { return k == name; };
@@ -108,7 +128,7 @@ Status Scope::check_keys(KeyList known, KeyList more) const {
       continue;
     std::string_view best;
     size_t best_distance = 3;  // suggest only within edit distance 2
-    for (KeyList list : {known, more})
+    for (std::span<const std::string_view> list : {known, std::span<const std::string_view>(more.begin(), more.size())})
       for (std::string_view k : list)
         if (const size_t d = edit_distance(name, k); d < best_distance) best = k, best_distance = d;
     std::string m = "unknown key in " + label_;

@@ -20,6 +20,7 @@
 #include <initializer_list>
 #include <limits>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -81,22 +82,19 @@ class Scope {
     return error_at(n != nullptr ? n->source() : table_.source(),
                     key.empty() ? path_ : key_path(key), message);
   }
-  // Where a sub-table holds the key, says so: a key written after a table header belongs to
-  // that table ([layer.optimizer] above experts = 8 takes experts in), so the key "is missing"
-  // from a table where the file plainly has it.
   Status missing(std::string_view key, std::string_view what) const {
-    std::string message = "missing required key (" + std::string(what) + ") in " + label_;
-    for (const auto& [name, node] : table_)
-      if (const toml::table* sub = node.as_table(); sub != nullptr && sub->get(key) != nullptr) {
-        message += "; the file has " + std::string(key) + " in " + key_path(name.str()) +
-                   ": keys after a [table] header belong to that table, so write this table's own keys above it";
-        break;
-      }
-    return error_near(key, message);
+    return error_near(key, "missing required key (" + std::string(what) + ") in " + label_);
   }
 
   // Refuses the first key in neither list, suggesting a known key within edit distance 2.
   Status check_keys(KeyList known, KeyList more = {}) const;
+  Status check_keys(std::span<const std::string_view> known, KeyList more = {}) const;
+  // Of the sub-table `sub` (whose keys are `own`): refuses a key of this table's (`outer`)
+  // that it does not take itself. Written after the sub-table's header, a key belongs to that
+  // table ([layer.optimizer] and then experts = 8), and this table then reports it missing
+  // where the file plainly has it; called before the required keys are read, it says why.
+  Status check_keys_taken_by(std::string_view sub, std::span<const std::string_view> own,
+                             std::span<const std::string_view> outer) const;
 
  private:
   std::string_view source_;

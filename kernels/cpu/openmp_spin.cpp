@@ -4,6 +4,7 @@
 
 #include <elf.h>
 #include <link.h>
+#include <sys/auxv.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -16,18 +17,17 @@
 namespace tutel {
 namespace {
 
-// The main program's PT_INTERP (its dynamic loader), or null.
-const char* program_interpreter() {
-  const char* interp = nullptr;
+// Whether the main program names a dynamic loader (PT_INTERP): a dynamically linked one.
+bool program_has_interpreter() {
+  bool has = false;
   ::dl_iterate_phdr(
       [](dl_phdr_info* info, size_t, void* out) -> int {
         for (ElfW(Half) i = 0; i < info->dlpi_phnum; ++i)
-          if (info->dlpi_phdr[i].p_type == PT_INTERP)
-            *static_cast<const char**>(out) = reinterpret_cast<const char*>(info->dlpi_addr + info->dlpi_phdr[i].p_vaddr);
+          if (info->dlpi_phdr[i].p_type == PT_INTERP) *static_cast<bool*>(out) = true;
         return 1;  // the first object is the main program
       },
-      &interp);
-  return interp;
+      &has);
+  return has;
 }
 
 bool same_file(const char* a, const char* b) {
@@ -37,10 +37,10 @@ bool same_file(const char* a, const char* b) {
 
 // Why executing /proc/self/exe would not run this program again with these arguments, or null.
 const char* why_not_again() {
-  // Started as `ld.so PROGRAM ARGS`: /proc/self/exe is the loader, which would take the
-  // program's first argument for the program.
-  if (const char* interp = program_interpreter(); interp != nullptr && same_file(interp, "/proc/self/exe"))
-    return "it was started through the dynamic loader";
+  // Started as `LOADER PROGRAM ARGS` (the system's loader, a copy, a bundled one): the kernel
+  // ran the loader itself, so it has no interpreter's base (AT_BASE 0), and /proc/self/exe is
+  // the loader, which would take the program's first argument for the program.
+  if (program_has_interpreter() && ::getauxval(AT_BASE) == 0) return "it was started through a dynamic loader";
   // valgrind refuses a program executed by path from under it.
   if (const char* preload = std::getenv("LD_PRELOAD"); preload != nullptr && std::strstr(preload, "vgpreload") != nullptr)
     return "it runs under valgrind";

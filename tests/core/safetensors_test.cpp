@@ -286,12 +286,16 @@ TEST_F(SafetensorsTest, WriteReplacesOnlyARegularFileAndKeepsItsMode) {
     EXPECT_TRUE(SafetensorsFile::open(target).ok());
   }
   // The owner is not carried (a root daemon giving its file away let that user swap it in a
-  // sticky directory): the new file is this process's.
+  // sticky directory): the new file is this process's; the group is carried, so a 0640 file
+  // is not opened to this process's own group.
   if (::geteuid() == 0) {
     ASSERT_EQ(::chown(target.c_str(), 65534, 65534), 0);
+    ASSERT_EQ(::chmod(target.c_str(), 0640), 0);
     ASSERT_TRUE(write_safetensors(target, tensors).ok());
     ASSERT_EQ(::stat(target.c_str(), &st), 0);
     EXPECT_EQ(st.st_uid, 0u);
+    EXPECT_EQ(st.st_gid, 65534u);
+    EXPECT_EQ(st.st_mode & 0777, mode_t{0640});
   }
   // A new file takes the umask's mode.
   const std::string fresh = file("fresh.safetensors");

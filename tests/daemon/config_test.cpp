@@ -605,13 +605,20 @@ TEST(ConfigErrorTest, MissingRequiredKeys) {
   expect_error(kMinimal + "[[layer]]\nname = \"l\"\ntenant = \"a\"\nexperts = 4\nmodel_dim = 2\nhidden = 2\n"
                           "init_seed = 1\nk = 2\ntoken_buckets = [1073741824] #!\n",
                "layer[0].token_buckets", {"the bucket 1073741824 times k = 2 routes 2^31 or more tokens"});
-  // A sub-table's header written above the layer's own keys takes them in: said so.
+  // A sub-table's header written above the layer's own keys takes them in: said so, at the key,
+  // rather than the layer's "missing" experts.
   expect_error(kMinimal +
-                   "[[layer]] #!\nname = \"l\"\ntenant = \"a\"\n[layer.optimizer]\nkind = \"sgd\"\nexperts = 2\n"
+                   "[[layer]]\nname = \"l\"\ntenant = \"a\"\n[layer.optimizer]\nkind = \"sgd\"\nexperts = 2 #!\n"
                    "model_dim = 2\nhidden = 2\ninit_seed = 1\n",
-               "layer[0].experts",
-               {"missing required key (a positive integer) in a [[layer]] table; the file has experts in "
-                "layer[0].optimizer: keys after a [table] header belong to that table"});
+               "layer[0].optimizer.experts",
+               {"experts is a key of a [[layer]] table, but written after the [layer[0].optimizer] header it "
+                "belongs to that table"});
+  // A key the sub-table takes itself (a group's name) is its own: the layer's missing name is
+  // reported as such.
+  expect_error(kMinimal +
+                   "[[layer]] #!\ntenant = \"a\"\nexperts = 2\nmodel_dim = 2\nhidden = 2\ninit_seed = 1\n"
+                   "[layer.group]\nname = \"g1\"\nsize = 2\nrank = 0\n",
+               "layer[0].name", {"missing required key"});
 }
 
 TEST(ConfigErrorTest, OutOfRange) {

@@ -1802,7 +1802,7 @@ TEST(DaemonStartup, ALayerTakenOutOfTheConfigIsRestoredWithAWarning) {
   ASSERT_EQ(d.stop(), 0) << d.log();
   d.reconfigure(DaemonOptions{});
   ASSERT_TRUE(d.start()) << d.log();
-  EXPECT_NE(d.log().find("layer default/gone came from the config, which no longer names it; it is restored from"),
+  EXPECT_NE(d.log().find("layer default/gone came from the config, which no longer names it; it was restored from"),
             std::string::npos)
       << d.log();
   auto client = client::Client::connect(d.client_socket());

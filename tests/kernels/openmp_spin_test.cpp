@@ -10,6 +10,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -94,19 +95,31 @@ TEST(OpenmpSpin, WithoutAChoiceTheProgramRunsAgainWithTheBoundedSpin) {
 
 // Started through the dynamic loader, executing /proc/self/exe would run the loader with the
 // program's arguments: it does not, says why, and runs on with libgomp's default.
-TEST(OpenmpSpin, AProgramStartedThroughTheLoaderRunsOnAndSaysWhy) {
-  const std::string loader = "/lib64/ld-linux-x86-64.so.2";
-  if (::access(loader.c_str(), X_OK) != 0) GTEST_SKIP() << "no " << loader << " here";
-  const ProbeRun run = run_probe({}, {"a", "b"}, loader);
-  ASSERT_TRUE(WIFEXITED(run.status) && WEXITSTATUS(run.status) == 0) << run.output;
-  EXPECT_NE(run.output.find("warning: cannot execute itself again to bound OpenMP's spin: it was started through the "
-                            "dynamic loader; idle OpenMP threads spin for libgomp's default"),
-            std::string::npos)
-      << run.output;
-  EXPECT_NE(run.output.find(std::string("set GOMP_SPINCOUNT=") + tutel::kOpenmpSpinCount), std::string::npos)
-      << run.output;
-  EXPECT_NE(run.output.find("arg [a]\narg [b]\n"), std::string::npos) << run.output;
-  EXPECT_EQ(libgomp_spin(run.output), "300000") << run.output;
+// The system's loader, and a copy of it elsewhere (a bundled or private loader is what such a
+// start usually uses).
+TEST(OpenmpSpin, AProgramStartedThroughALoaderRunsOnAndSaysWhy) {
+  const std::string system_loader = "/lib64/ld-linux-x86-64.so.2";
+  if (::access(system_loader.c_str(), X_OK) != 0) GTEST_SKIP() << "no " << system_loader << " here";
+  char dir[] = "/tmp/tutel-loader-XXXXXX";
+  ASSERT_NE(::mkdtemp(dir), nullptr);
+  const std::string copy = std::string(dir) + "/my-ld.so";
+  std::filesystem::copy_file(system_loader, copy);
+  std::filesystem::permissions(copy, std::filesystem::perms::owner_all);
+  for (const std::string& loader : {system_loader, copy}) {
+    SCOPED_TRACE(loader);
+    const ProbeRun run = run_probe({}, {"a", "b"}, loader);
+    ASSERT_TRUE(WIFEXITED(run.status) && WEXITSTATUS(run.status) == 0) << run.output;
+    EXPECT_NE(run.output.find("warning: cannot execute itself again to bound OpenMP's spin: it was started through a "
+                              "dynamic loader; idle OpenMP threads spin for libgomp's default"),
+              std::string::npos)
+        << run.output;
+    EXPECT_NE(run.output.find(std::string("set GOMP_SPINCOUNT=") + tutel::kOpenmpSpinCount), std::string::npos)
+        << run.output;
+    EXPECT_NE(run.output.find("arg [a]\narg [b]\n"), std::string::npos) << run.output;
+    EXPECT_EQ(libgomp_spin(run.output), "300000") << run.output;
+  }
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
 }
 
 TEST(OpenmpSpin, AnOperatorsSpinCountStands) {

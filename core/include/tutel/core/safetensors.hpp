@@ -136,7 +136,8 @@ Status fsync_directory(const std::string& dir);
 // holds the new file (the error says the rename may not survive a crash). An existing `path`
 // must be a regular file (a symbolic link, device, FIFO, socket or directory is refused before
 // anything is written); the new file is never more open than it was (it keeps the permission
-// bits that both it and a new file would have) and belongs to this process. Refuses duplicate
+// bits that both it and a new file would have, and the old file's group, or no group access
+// where that group cannot be given) and belongs to this process. Refuses duplicate
 // names, the reserved name "__metadata__", negative dimensions and null data for a non-empty
 // tensor, unless `fill` is given: then such a tensor's bytes come from it, a chunk at a time.
 Status write_safetensors(const std::string& path, const std::vector<SafetensorsEntry>& tensors,
