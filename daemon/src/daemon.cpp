@@ -266,21 +266,8 @@ Status DaemonImpl::start() {
   TUTEL_RETURN_IF_ERROR(listen(server.admin_socket, 0600, std::nullopt, true, &admin_poll_, &admin_fd_));
   // Judged on the socket as it is (without client_socket_group, a setgid directory gives it the
   // directory's group, not the daemon's).
-  const auto access_of = [](const std::string& path) -> std::optional<FileAccess> {
-    struct stat st {};
-    if (::stat(path.c_str(), &st) != 0) return std::nullopt;
-    return FileAccess{static_cast<uint32_t>(st.st_uid), static_cast<uint32_t>(st.st_gid),
-                      static_cast<uint32_t>(st.st_mode & 0777)};
-  };
-  if (const auto socket = access_of(server.client_socket)) {
-    SocketAccess access{*socket, {}};
-    fs::path on_the_way;
-    for (const fs::path& part : fs::path(server.client_socket).parent_path()) {  // absolute: "/" first
-      on_the_way /= part;
-      if (const auto dir = access_of(on_the_way.string())) access.directories.emplace_back(on_the_way.string(), *dir);
-    }
-    for (const std::string& warning : tenants_kept_out(access, config_.tenants)) TUTEL_LOG(WARN) << warning;
-  }
+  if (const auto access = socket_access_of(server.client_socket))
+    for (const std::string& warning : tenants_kept_out(*access, config_.tenants)) TUTEL_LOG(WARN) << warning;
   // Serve only as part of a complete cluster: the join fails naming the nodes that are missing.
   TUTEL_RETURN_IF_ERROR(join_cluster());
   TUTEL_RETURN_IF_ERROR(start_ranks());

@@ -2,9 +2,11 @@
 
 #include <grp.h>
 #include <pwd.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <optional>
 
 namespace tutel::daemon {
@@ -48,7 +50,26 @@ bool allows(const FileAccess& file, std::optional<uint32_t> uid, const std::vect
   return has(0);
 }
 
+std::optional<FileAccess> access_of(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return std::nullopt;
+  return FileAccess{static_cast<uint32_t>(st.st_uid), static_cast<uint32_t>(st.st_gid),
+                    static_cast<uint32_t>(st.st_mode & 0777)};
+}
+
 }  // namespace
+
+std::optional<SocketAccess> socket_access_of(const std::string& path) {
+  const auto socket = access_of(path);
+  if (!socket) return std::nullopt;
+  SocketAccess access{*socket, {}};
+  std::filesystem::path on_the_way;
+  for (const std::filesystem::path& part : std::filesystem::path(path).parent_path()) {  // "/" first
+    on_the_way /= part;
+    if (const auto dir = access_of(on_the_way.string())) access.directories.emplace_back(on_the_way.string(), *dir);
+  }
+  return access;
+}
 
 std::vector<std::string> tenants_kept_out(const SocketAccess& access, const std::vector<TenantConfig>& tenants) {
   std::vector<std::string> warnings;

@@ -6,7 +6,9 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tutel/daemon/config.hpp"
@@ -24,6 +26,10 @@ struct SocketAccess {
   // Every directory on the way to it, "/" first: connecting needs search (x) in each.
   std::vector<std::pair<std::string, FileAccess>> directories;
 };
+
+// The socket at `path` (absolute) and every directory on the way, as they are now; none where
+// the socket cannot be inspected.
+std::optional<SocketAccess> socket_access_of(const std::string& path);
 
 // A warning for each tenant uid kept out (by its passwd entry's groups), and each tenant gid
 // whose processes get in only by another group; none where every one gets in.

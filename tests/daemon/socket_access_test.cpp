@@ -5,8 +5,15 @@
 
 #include <grp.h>
 #include <pwd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
 
 namespace tutel::daemon {
 namespace {
@@ -86,6 +93,37 @@ TEST_F(SocketAccessTest, AGroupOtherThanTheSocketsIsNamed) {
   // Under 0600 even the socket's own group is kept out.
   EXPECT_EQ(tenants_kept_out(socket_of(0, 4242, 0600), {tenant("team-g", {}, {4242})}).size(), 1u);
   EXPECT_TRUE(tenants_kept_out(socket_of(0, 4242, 0660), {tenant("team-g", {}, {4242})}).empty());
+}
+
+// What the daemon judges: the socket as it is and every directory on the way, "/" first.
+TEST(SocketAccessOf, ReadsTheSocketAndEveryDirectoryOnTheWay) {
+  char tmpl[] = "/tmp/tutel-access-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string dir = std::string(tmpl) + "/private";
+  ASSERT_EQ(::mkdir(dir.c_str(), 0700), 0);
+  ASSERT_EQ(::chmod(dir.c_str(), 0700), 0);
+  const std::string path = dir + "/client.sock";
+  {
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::bind(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr), 0);
+    ASSERT_EQ(::chmod(path.c_str(), 0666), 0);
+    ::close(fd);
+  }
+  const auto access = socket_access_of(path);
+  ASSERT_TRUE(access.has_value());
+  EXPECT_EQ(access->socket.mode, 0666u);
+  EXPECT_EQ(access->socket.owner_uid, ::geteuid());
+  ASSERT_EQ(access->directories.size(), 4u);  // /, /tmp, the temporary directory, private
+  EXPECT_EQ(access->directories.front().first, "/");
+  EXPECT_EQ(access->directories.back().first, dir);
+  EXPECT_EQ(access->directories.back().second.mode, 0700u);
+  EXPECT_FALSE(socket_access_of(dir + "/absent.sock").has_value());
+  std::error_code ec;
+  std::filesystem::remove_all(tmpl, ec);
 }
 
 }  // namespace

@@ -20,7 +20,7 @@ inline constexpr const char* kOpenmpSpinCount = "3000";
 
 // Where the environment sets neither GOMP_SPINCOUNT nor OMP_WAIT_POLICY, sets GOMP_SPINCOUNT to
 // kOpenmpSpinCount and executes this program again with the same arguments (by its own path,
-// else /proc/self/exe; the pid and the process's name stay): libgomp reads its settings once, in
+// else /proc/self/exe; the pid stays, the process is named after its file): libgomp reads it once, in
 // its own initialiser, before main. Returns only where there was nothing to do, or with the
 // reason it could not (a program started through the dynamic loader or under valgrind, which
 // the exec would not run again as it was; an exec that failed): the process then runs with
