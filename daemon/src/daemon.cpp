@@ -466,7 +466,11 @@ Result<std::vector<DaemonImpl::Checkpointed>> DaemonImpl::checkpointed_layers() 
       auto spec = file.metadata().find("tuteld.spec");
       if (spec == file.metadata().end())
         return Status::Corruption(path + ": no 'tuteld.spec' metadata; it was not written by tuteld, move it out of state_dir");
-      TUTEL_ASSIGN_OR_RETURN(LayerDefinition def, parse_layer_spec(spec->second, path));
+      Result<LayerDefinition> parsed = parse_layer_spec(spec->second, path);
+      if (!parsed.ok())
+        return parsed.status().with_context("the layer spec in a checkpoint in state_dir is not valid; move " + path +
+                                            " out of state_dir to start without that layer");
+      LayerDefinition def = std::move(parsed).value();
       // A layer's checkpoint is <name>.safetensors and nothing else: a renamed or copied one (a
       // backup) restored under the name in its spec, and then clashed with the real one, or was
       // written back under the real name at exit, the renamed file left behind to clash next time.

@@ -1662,6 +1662,14 @@ TEST(DaemonStartup, ADamagedCheckpointStopsTheStartSayingHowToGoOn) {
             std::string::npos)
       << log;
   EXPECT_TRUE(std::filesystem::exists(file));
+  // A file whose layer spec is not valid says the same.
+  const int32_t one = 1;
+  ASSERT_TRUE(write_safetensors(file, {{"x", DType::kI32, {1}, &one}}, {{"tuteld.spec", "experts = \"many\""}}).ok());
+  EXPECT_FALSE(d.start());
+  EXPECT_NE(d.log().find("the layer spec in a checkpoint in state_dir is not valid; move " + file +
+                         " out of state_dir to start without that layer"),
+            std::string::npos)
+      << d.log();
 }
 
 // A tenant's quotas never decide whether the daemon starts. A tenant with max_layers = 2
