@@ -1033,9 +1033,7 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
   if (type == ipc::FrameType::kHello) return handle_hello(s, frame);  // finishes the frame
   if (!s->arena) {
     // tutelctl (or any admin request) pointed at this socket: say which socket it wants.
-    const auto code = static_cast<uint16_t>(type);
-    if (code >= static_cast<uint16_t>(ipc::FrameType::kAdminStatus) &&
-        code <= static_cast<uint16_t>(ipc::FrameType::kAdminSessions))
+    if (ipc::is_admin_request(type))
       reply_error(s, rid, Status::InvalidArgument(
                               "this is tuteld's client socket (" + config_.server.client_socket +
                               "), where trainers connect; admin requests (tutelctl) go to its admin_socket (" +

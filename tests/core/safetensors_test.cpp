@@ -3,9 +3,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <gtest/gtest.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -23,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/socket_file.hpp"
 #include "tutel/core/shared_memory.hpp"
 
 namespace tutel {
@@ -241,15 +240,7 @@ TEST_F(SafetensorsTest, WriteReplacesOnlyARegularFileAndKeepsItsMode) {
   ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
   ASSERT_EQ(::mkdir(sub.c_str(), 0700), 0);
   const std::string sock = file("sock");
-  {
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::strncpy(addr.sun_path, sock.c_str(), sizeof(addr.sun_path) - 1);
-    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
-    ASSERT_GE(fd, 0);
-    ASSERT_EQ(::bind(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr), 0);
-    ::close(fd);
-  }
+  ASSERT_EQ(testing::make_socket_file(sock), 0);
   for (const auto& [path, kind] : std::vector<std::pair<std::string, std::string>>{
            {link, "a symbolic link"}, {fifo, "a FIFO"}, {sub, "a directory"}, {sock, "a socket"}}) {
     const Status st = write_safetensors(path, tensors);

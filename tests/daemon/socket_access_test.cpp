@@ -5,15 +5,13 @@
 
 #include <grp.h>
 #include <pwd.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/un.h>
-#include <unistd.h>
 
 #include <gtest/gtest.h>
 
-#include <cstring>
 #include <filesystem>
+
+#include "tutel/ipc/socket.hpp"
 
 namespace tutel::daemon {
 namespace {
@@ -103,16 +101,8 @@ TEST(SocketAccessOf, ReadsTheSocketAndEveryDirectoryOnTheWay) {
   ASSERT_EQ(::mkdir(dir.c_str(), 0700), 0);
   ASSERT_EQ(::chmod(dir.c_str(), 0700), 0);
   const std::string path = dir + "/client.sock";
-  {
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
-    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
-    ASSERT_GE(fd, 0);
-    ASSERT_EQ(::bind(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr), 0);
-    ASSERT_EQ(::chmod(path.c_str(), 0666), 0);
-    ::close(fd);
-  }
+  auto listener = ipc::listen_unix(path, 0666);  // as the daemon makes it
+  ASSERT_TRUE(listener.ok()) << listener.status();
   const auto access = socket_access_of(path);
   ASSERT_TRUE(access.has_value());
   EXPECT_EQ(access->socket.mode, 0666u);

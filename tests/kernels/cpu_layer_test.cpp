@@ -226,10 +226,12 @@ TEST(CpuLayerApi, AnAllocationNearTheAddressSpaceIsRefusedNotWrapped) {
 // An inference skips an expert no token reached: its rows of hidden stay as they were (computing
 // them read that expert's weights for nothing), its output rows are zeros (the expert-parallel
 // layer sends them back to the tokens' ranks: not what the buffer held). The experts in use get what a
-// forward without counts gives: the same bits with biases (one matmul per expert either way),
-// within 1e-5 without (oneDNN's bf16 kernel for a batch of matrices and its kernel for one
-// matrix add in other orders). A training forward (which keeps `hidden` for its backward)
-// computes every expert whatever the counts say.
+// forward without counts gives: the same bits with biases (one matmul per expert either way);
+// without, oneDNN's kernel for a batch of matrices and its kernel for one add in other orders:
+// within 1e-5 (relative past 1) under f32 matmuls, and within this file's bf16 tolerance under
+// bf16 ones, where an f32 hidden a few ULPs apart can round to the neighbouring bf16 value before
+// the second GEMM (1.6e-3 of 0.155 seen, one run in many). A training forward (which keeps
+// `hidden` for its backward) computes every expert whatever the counts say.
 TEST(CpuExpertForward, AnInferenceSkipsTheExpertsNoTokenReached) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
@@ -265,6 +267,14 @@ TEST(CpuExpertForward, AnInferenceSkipsTheExpertsNoTokenReached) {
       };
       const auto [full_hidden, full_out] = run(/*keep_hidden=*/false, /*with_count=*/false);
       const auto [hidden, out] = run(/*keep_hidden=*/false, /*with_count=*/true);
+      float max_out = 0.f;
+      for (int64_t e = 0; e < E; ++e)
+        if (counts[e] > 0)
+          for (int64_t i = e * C * O; i < (e + 1) * C * O; ++i) max_out = std::max(max_out, std::abs(full_out[i]));
+      const auto tolerance = [&](float want) {
+        return matmul_dtype == DType::kBF16 ? 3e-2f * max_out + 3e-2f * std::abs(want)
+                                            : 1e-5f * std::max(1.f, std::abs(want));
+      };
       for (int64_t e = 0; e < E; ++e) {
         const bool used = counts[e] > 0;
         for (int64_t i = e * C * O; i < (e + 1) * C * O; ++i) {
@@ -274,7 +284,7 @@ TEST(CpuExpertForward, AnInferenceSkipsTheExpertsNoTokenReached) {
           } else if (biases) {
             ASSERT_EQ(out[i], full_out[i]) << "expert " << e << ", output element " << i;
           } else {
-            ASSERT_NEAR(out[i], full_out[i], 1e-5 * std::max(1.f, std::abs(full_out[i])))
+            ASSERT_NEAR(out[i], full_out[i], tolerance(full_out[i]))
                 << "expert " << e << ", output element " << i;
           }
         }

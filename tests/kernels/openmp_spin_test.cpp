@@ -88,7 +88,7 @@ TEST(OpenmpSpin, WithoutAChoiceTheProgramRunsAgainWithTheBoundedSpin) {
   EXPECT_NE(run.output.find("pid " + std::to_string(run.pid) + "\n"), std::string::npos) << run.output;
   EXPECT_NE(run.output.find("arg [two words]\narg []\narg [--flag=x]\n"), std::string::npos) << run.output;
   EXPECT_NE(run.output.find("mark [kept]"), std::string::npos) << run.output;
-  // Named after its own file, not "exe" (ps, pgrep and pkill go by this name).
+  // Named after its own file, not "exe" (ps and pgrep go by this name).
   EXPECT_NE(run.output.find("comm openmp_spin_pro\n"), std::string::npos) << run.output;
   EXPECT_EQ(run.output.find("warning"), std::string::npos) << run.output;
 }

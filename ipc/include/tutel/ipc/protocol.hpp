@@ -42,7 +42,7 @@ enum class FrameType : uint16_t {
   kExportState = 13,  // {"handle": int} + a memfd            → kOk {"bytes": int}: the layer's
                       // state, as kSave writes it, at the memfd's start (protocol.md §2)
   kImportState = 14,  // {"handle": int} + a memfd            → kOk: as kLoad, from that file
-  // admin → daemon (admin socket)
+  // admin → daemon (admin socket): 32 to 63
   kAdminStatus = 32,      // {}                                  → kOk {status object}
   kAdminTenants = 33,     // {}                                  → kOk {"tenants": [...]}
   kAdminLayers = 34,      // {}                                  → kOk {"layers": [...]}
@@ -61,6 +61,13 @@ enum class FrameType : uint16_t {
 };
 
 std::string_view frame_type_name(FrameType t);
+
+// Whether `t` is a request of the admin socket's (types 32 to 63 are kept for them), which a
+// client socket answers by naming the socket it should have gone to.
+constexpr bool is_admin_request(FrameType t) {
+  const auto code = static_cast<uint16_t>(t);
+  return code >= static_cast<uint16_t>(FrameType::kAdminStatus) && code < static_cast<uint16_t>(FrameType::kHelloReply);
+}
 bool is_known_frame_type(uint16_t t);
 
 struct FrameHeader {
