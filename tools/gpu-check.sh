@@ -302,6 +302,10 @@ run_gtest() {
   elif [ "$failed" != 0 ]; then
     row "$name" "FAILED" "$detail (see $log)"
     test_failure=1
+  elif [ "$passed" = 0 ] && [ "$skipped" = 0 ]; then
+    # A filter that matches nothing (a test renamed) checks nothing: not a pass.
+    row "$name" "NO TESTS" "the filter '$filter' ran no test (see $log)"
+    test_failure=1
   elif [ "$gpu_seen" = 1 ] && [ "$skipped" != 0 ] && [ "$nccl_state" = "NCCL OFF" ] &&
        grep -q "has no NCCL" "$log"; then
     row "$name" "SKIPPED" "$detail: configured without NCCL (no libnccl and nccl.h found, see configure.log)"

@@ -106,10 +106,12 @@ Result<MappedRegion> DeviceRegions::map(Rank& rank, uint64_t bytes, std::shared_
     shared.buffer = std::move(reused->buffer);
     shared.exported = std::move(reused->exported);
     std::lock_guard lock(seat);
-    const Status cleared =
+    // Cleared only once the clear has run: a clear that fails on the device (reported by the
+    // synchronize) must not hand the tenant's earlier data to this client.
+    Status cleared =
         rank.backend->fill_zero(TensorView(shared.buffer.data(), DType::kU8,
                                            {static_cast<int64_t>(shared.buffer.bytes())}, rank.backend->device()));
-    if (cleared.ok()) (void)rank.backend->synchronize();
+    if (cleared.ok()) cleared = rank.backend->synchronize();
     if (!cleared.ok()) {
       retired->put({&rank, std::move(shared.buffer), std::move(shared.exported)});
       return cleared.with_context("clearing a retired device region");

@@ -105,17 +105,19 @@ void DevicePool::release(void* data, size_t bytes) {
   const size_t cls = size_class(bytes);
   {
     std::lock_guard lock(mu_);
-    // While the stream is captured into a graph, neither a wait nor a free is allowed (either
-    // would invalidate the capture and leak the block): the block stays cached, over the limit
-    // until the next trim.
-    if (cached_ + cls <= max_cached_ || capturing()) {
+    // The block stays cached, over the limit until the next trim, where freeing it would have to
+    // wait: while the stream is captured into a graph (a wait or a free would invalidate the
+    // capture and leak the block), and while work is queued on it, which may read the block and
+    // may be a collective waiting on a peer that is gone (a wait here would have no end: the
+    // thread that gives that collective up at its deadline is this one). Caching it holds no
+    // more memory than holding it did.
+    if (cached_ + cls <= max_cached_ || !stream_idle()) {
       free_[cls].push_back(data);
       cached_ += cls;
       return;
     }
   }
-  // Queued work may still read the block: free it only once the stream has drained.
-  if (cudaStreamSynchronize(stream_) != cudaSuccess || cudaFree(data) != cudaSuccess)
+  if (cudaFree(data) != cudaSuccess)
     (void)cudaGetLastError();  // a sticky error stays; anything else must not fail a later launch
 }
 
@@ -126,6 +128,9 @@ void DevicePool::trim() {
 
 void DevicePool::trim_device() {
   trim();
+  // During a capture this thread may not free (cudaFree is refused there, and the refusal ends
+  // the capture): blocks taken from the other pools would be lost to the process.
+  if (capturing()) return;
   // A pool in use by its own thread is skipped rather than waited for: two pools trimming each
   // other cannot deadlock, and what a busy pool holds is in use or about to be. So is one whose
   // stream has work queued: trimming waits for its stream, which may be a collective waiting on

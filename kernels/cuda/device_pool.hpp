@@ -2,8 +2,9 @@
 //
 // Freed blocks are kept by size class and handed out again; since every user of a block works
 // on the backend's single stream, a block released while queued work still reads it is reused
-// only by work queued after that work. Blocks beyond the cache limit, and the whole cache when
-// cudaMalloc runs out, are freed after the stream drains.
+// only by work queued after that work. A block released beyond the cache limit is freed when the
+// stream is idle (else cached over the limit: a release never waits), and the whole cache when
+// cudaMalloc runs out, after the stream drains.
 //
 // Every backend on a device has a pool of its own (a daemon makes one per group layer), so
 // the idle blocks of the others can be what an allocation lacks: when cudaMalloc runs out even
@@ -34,12 +35,14 @@ class DevicePool {
 
   // At least `bytes` of device memory (256-byte aligned), from the cache when a block fits.
   Result<void*> allocate(size_t bytes);
-  // Returns a block from allocate(bytes) to the cache (or to the device past the limit).
+  // Returns a block from allocate(bytes) to the cache (or to the device past the limit, where
+  // the stream is idle and not captured). Never waits.
   void release(void* data, size_t bytes);
   // Waits for the stream, then frees every cached block; nothing while the stream is captured.
   void trim();
   // trim(), then the same on every other pool of this device that is not busy: for a
-  // cudaMalloc that ran out (also one that bypasses the pools).
+  // cudaMalloc that ran out (also one that bypasses the pools). Only trim() while this pool's
+  // stream is captured.
   void trim_device();
 
   size_t cached_bytes() const;

@@ -108,6 +108,36 @@ TEST(DeviceRegions, RetiredMemoryCountsAgainstTheQuotaAndAClosedSessionMapsNothi
   EXPECT_EQ(refused.status().code(), StatusCode::kUnavailable) << refused.status();
 }
 
+// A retired region whose clear fails on the device (the failure reported by the synchronize after
+// it, as a GPU reports an asynchronous error) is not handed out: it may still hold the tenant's
+// earlier data. It stays retired and charged, and the next map clears it and hands it out.
+TEST(DeviceRegions, ARetiredRegionWhoseClearFailedIsNotHandedOut) {
+  OneRank r(true);
+  auto memory = std::make_shared<TenantMemory>("a", uint64_t{1} << 30);
+  auto retired = std::make_shared<RetiredRegions>(memory);
+  DeviceRegions regions;
+  auto m = regions.map(r.rank, 100, memory, retired);
+  ASSERT_TRUE(m.ok()) << m.status();
+  const uint64_t allocated = m->region->allocated_bytes();
+  std::memset(m->region->data(), 0x5a, 100);
+  const uint32_t id = m->region->id();
+  m->region.reset();
+  ASSERT_TRUE(regions.unmap(id).ok());
+  ASSERT_EQ(retired->bytes(), allocated);
+  r.backend->fail_next_synchronize(Status::Internal("an illegal address was encountered"));
+  auto refused = regions.map(r.rank, 64, memory, retired);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("clearing a retired device region"), std::string_view::npos)
+      << refused.status();
+  EXPECT_NE(refused.status().message().find("illegal address"), std::string_view::npos) << refused.status();
+  EXPECT_EQ(retired->bytes(), allocated);
+  EXPECT_EQ(memory->region_bytes(), allocated);
+  auto again = regions.map(r.rank, 64, memory, retired);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(r.backend->shareable_allocations(), 1);
+  for (uint64_t i = 0; i < allocated; ++i) ASSERT_EQ(again->region->data()[i], 0) << i;
+}
+
 TEST(DeviceRegions, IdsStayUniqueAndNonZeroAcrossManyMaps) {
   OneRank r(false);
   auto memory = std::make_shared<TenantMemory>("a", uint64_t{1} << 30);

@@ -385,7 +385,14 @@ class CountingCpu final : public ForwardingBackend {
   void keep_exports_until_exit(bool keep) { keep_exports_ = keep; }
   int64_t shareable_allocations() const { return shareable_allocations_; }
   int64_t releases() const { return releases_; }
+  // The next synchronize() returns `error` (as a device reports a kernel that failed) after
+  // synchronizing.
+  void fail_next_synchronize(Status error) { synchronize_error_ = std::move(error); }
 
+  Status synchronize() override {
+    TUTEL_RETURN_IF_ERROR(ForwardingBackend::synchronize());
+    return std::exchange(synchronize_error_, Status::OK());
+  }
   void release(void* data, size_t bytes) override {
     ++releases_;
     if (inner_shareable_.erase(data)) return;  // the inner buffer frees it
@@ -410,6 +417,7 @@ class CountingCpu final : public ForwardingBackend {
   std::vector<CopyRecord> copies_;
   bool keep_exports_ = false;
   int64_t shareable_allocations_ = 0, releases_ = 0;
+  Status synchronize_error_;
   std::map<void*, DeviceBuffer> inner_shareable_;  // what allocate_shareable's buffers wrap
 };
 

@@ -154,7 +154,13 @@ inline ::testing::AssertionResult all_close(const std::string& what, const std::
   if (got.size() != want.size())
     return ::testing::AssertionFailure() << what << ": size " << got.size() << " != " << want.size();
   double scale = 0.0;
-  for (double w : want) scale = std::max(scale, std::abs(w));
+  // A reference that is not finite would pass anything: a NaN makes every ratio NaN (never above
+  // the worst), an infinity makes the tolerance infinite.
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (!std::isfinite(want[i]))
+      return ::testing::AssertionFailure() << what << ": the reference at [" << i << "] is " << want[i];
+    scale = std::max(scale, std::abs(want[i]));
+  }
   const double atol = atol_frac * std::max(scale, 1e-2);
   double worst = 0.0;
   size_t worst_i = 0;
