@@ -20,15 +20,40 @@ struct MetricsHttpServer::Connection {
 
 namespace {
 
-std::string http_response(int code, const char* reason, const std::string& content_type, const std::string& body) {
+// Prometheus' text exposition format.
+const std::string kContentType = "text/plain; version=0.0.4";
+
+// `extra_headers`: whole lines, each ending in CRLF. `with_body` false: a HEAD's answer, the
+// headers of the body without it.
+std::string http_response(int code, const char* reason, const std::string& content_type, const std::string& body,
+                          const std::string& extra_headers = "", bool with_body = true) {
   return "HTTP/1.1 " + std::to_string(code) + " " + reason + "\r\nContent-Type: " + content_type +
-         "\r\nContent-Length: " + std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
+         "\r\nContent-Length: " + std::to_string(body.size()) + "\r\n" + extra_headers +
+         "Connection: close\r\n\r\n" + (with_body ? body : std::string());
 }
 
 uv_handle_t* handle(uv_tcp_t* tcp) { return reinterpret_cast<uv_handle_t*>(tcp); }
 uv_stream_t* stream(uv_tcp_t* tcp) { return reinterpret_cast<uv_stream_t*>(tcp); }
 
 }  // namespace
+
+std::string metrics_http_answer(std::string_view head, const std::function<std::string()>& render) {
+  std::string_view line = head.substr(0, head.find('\n'));
+  if (line.ends_with('\r')) line.remove_suffix(1);
+  const size_t first = line.find(' '), second = first == line.npos ? line.npos : line.find(' ', first + 1);
+  const std::string_view method = line.substr(0, first);
+  const std::string_view target = second == line.npos ? std::string_view() : line.substr(first + 1, second - first - 1);
+  const std::string_view version = second == line.npos ? std::string_view() : line.substr(second + 1);
+  if (method.empty() || target.empty() || !version.starts_with("HTTP/") || version.find(' ') != version.npos)
+    return http_response(400, "Bad Request", "text/plain",
+                         "expected a request line \"GET /metrics HTTP/1.1\"\n");
+  if (target.substr(0, target.find('?')) != "/metrics")
+    return http_response(404, "Not Found", "text/plain", "only /metrics is served here\n");
+  if (method == "GET") return http_response(200, "OK", kContentType, render());
+  if (method == "HEAD") return http_response(200, "OK", kContentType, render(), "", /*with_body=*/false);
+  return http_response(405, "Method Not Allowed", "text/plain", "/metrics answers GET and HEAD\n",
+                       "Allow: GET, HEAD\r\n");
+}
 
 MetricsHttpServer::MetricsHttpServer(uv_loop_t* loop, std::function<std::string()> render)
     : loop_(loop), render_(std::move(render)) {}
@@ -133,10 +158,8 @@ void MetricsHttpServer::accept() {
         uv_read_stop(s);
         if (!complete)
           c->response = http_response(431, "Request Header Fields Too Large", "text/plain", "request head too large\n");
-        else if (c->request.rfind("GET /metrics ", 0) == 0 || c->request.rfind("GET /metrics?", 0) == 0)
-          c->response = http_response(200, "OK", "text/plain; version=0.0.4", c->server->render_());
         else
-          c->response = http_response(404, "Not Found", "text/plain", "only GET /metrics is served here\n");
+          c->response = metrics_http_answer(c->request, c->server->render_);
         uv_buf_t out = uv_buf_init(c->response.data(), static_cast<unsigned>(c->response.size()));
         c->write.data = c;
         if (uv_write(&c->write, s, &out, 1, [](uv_write_t* w, int) {

@@ -1,5 +1,5 @@
-// The Prometheus endpoint: GET /metrics over HTTP/1.1 on a TCP port, one request per connection,
-// on the daemon's event loop.
+// The Prometheus endpoint: GET (and HEAD) /metrics over HTTP/1.1 on a TCP port, one request per
+// connection, on the daemon's event loop.
 //
 // Any local process may connect, and the daemon's loop ends (and its shutdown checkpoints run)
 // only once every handle on it is closed. So no connection may hold the endpoint or the loop for
@@ -14,10 +14,17 @@
 #include <functional>
 #include <list>
 #include <string>
+#include <string_view>
 
 #include "tutel/core/status.hpp"
 
 namespace tutel::daemon {
+
+// The whole HTTP answer to a request whose head is `head` (its request line first): 200 with
+// render()'s text for GET /metrics (a query string allowed), its headers alone for HEAD; 405 with
+// the methods allowed for another method on /metrics; 404 for another path; 400 for a request
+// line that is not "<method> <target> HTTP/<version>". render runs only for a 200.
+std::string metrics_http_answer(std::string_view head, const std::function<std::string()>& render);
 
 class MetricsHttpServer {
  public:

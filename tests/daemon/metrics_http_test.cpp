@@ -12,6 +12,7 @@
 
 #include <future>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -127,6 +128,39 @@ TEST(MetricsHttp, ANewConnectionClosesTheOldestIdleOneNotAnAnswerInProgress) {
   EXPECT_TRUE(errno == EAGAIN || errno == EWOULDBLOCK) << errno;
   ::close(scraper);
   for (int fd : idle) ::close(fd);
+}
+
+// What each request gets: the text for GET /metrics (with or without a query string, a CRLF or
+// a bare LF ending the line), the same headers without the body for HEAD, 405 naming the
+// allowed methods for another method, 404 for another path, 400 for a malformed request line;
+// the metrics are rendered only for a 200.
+TEST(MetricsHttp, EachRequestGetsItsAnswer) {
+  int renders = 0;
+  auto render = [&] {
+    ++renders;
+    return std::string("tuteld_up 1\n");
+  };
+  auto answer = [&](std::string_view head) { return metrics_http_answer(head, render); };
+  const std::string get = answer("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_EQ(get,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: 12\r\n"
+            "Connection: close\r\n\r\ntuteld_up 1\n");
+  EXPECT_EQ(answer("GET /metrics?name[]=x HTTP/1.0\n\n"), get);
+  EXPECT_EQ(answer("HEAD /metrics HTTP/1.1\r\n\r\n"), get.substr(0, get.size() - 12));
+  EXPECT_EQ(renders, 3);
+  for (const char* other : {"POST /metrics HTTP/1.1\r\n\r\n", "DELETE /metrics?x HTTP/1.1\n\n",
+                            "get /metrics HTTP/1.1\r\n\r\n"}) {
+    const std::string a = answer(other);
+    EXPECT_EQ(a.rfind("HTTP/1.1 405 Method Not Allowed\r\n", 0), 0u) << other << a;
+    EXPECT_NE(a.find("\r\nAllow: GET, HEAD\r\n"), std::string::npos) << a;
+  }
+  for (const char* other : {"GET / HTTP/1.1\r\n\r\n", "GET /metricsx HTTP/1.1\r\n\r\n",
+                            "HEAD /metrics/ HTTP/1.1\r\n\r\n", "GET http://127.0.0.1/metrics HTTP/1.1\r\n\r\n"})
+    EXPECT_EQ(answer(other).rfind("HTTP/1.1 404 Not Found\r\n", 0), 0u) << other;
+  for (const char* malformed : {"\r\n\r\n", "GET\r\n\r\n", "GET /metrics\r\n\r\n", "GET  /metrics HTTP/1.1\r\n\r\n",
+                                "GET /metrics FTP/1\r\n\r\n", "GET /metrics HTTP/1.1 extra\r\n\r\n"})
+    EXPECT_EQ(answer(malformed).rfind("HTTP/1.1 400 Bad Request\r\n", 0), 0u) << malformed;
+  EXPECT_EQ(renders, 3) << "only a 200 renders the metrics";
 }
 
 }  // namespace
