@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
+#include <cmath>
 #include <bit>
 #include <cerrno>
 #include <cstdint>
@@ -278,6 +280,49 @@ Status parse_metadata(const std::string& path, const json& value,
 
 TensorView SafetensorsTensor::view() const {
   return TensorView(const_cast<void*>(data), dtype, shape);
+}
+
+Status read_as_f32(const SafetensorsTensor& t, float* out) {
+  const size_t n = static_cast<size_t>(t.shape.numel());
+  const auto* bytes = static_cast<const unsigned char*>(t.data);
+  auto each = [&]<typename Stored>(auto convert) -> Status {
+    for (size_t i = 0; i < n; ++i) {
+      Stored v;
+      std::memcpy(&v, bytes + i * sizeof(Stored), sizeof(Stored));
+      TUTEL_RETURN_IF_ERROR(convert(v, out[i], i));
+    }
+    return Status::OK();
+  };
+  switch (t.dtype) {
+    case DType::kF32:
+      if (n > 0) std::memcpy(out, bytes, n * sizeof(float));
+      return Status::OK();
+    case DType::kBF16:
+      return each.operator()<uint16_t>([](uint16_t v, float& f, size_t) {
+        f = bf16_to_f32(v);
+        return Status::OK();
+      });
+    case DType::kF16:
+      return each.operator()<uint16_t>([](uint16_t v, float& f, size_t) {
+        f = f16_to_f32(v);
+        return Status::OK();
+      });
+    case DType::kF64:
+      return each.operator()<double>([&](double v, float& f, size_t i) {
+        // A finite double beyond float's range has no defined conversion.
+        if (std::isfinite(v) && std::abs(v) > static_cast<double>(std::numeric_limits<float>::max())) {
+          char text[32];
+          const auto printed = std::to_chars(text, text + sizeof text, v);
+          return Status::InvalidArgument("tensor '" + t.name + "' holds " + std::string(text, printed.ptr) +
+                                         " at element " + std::to_string(i) + ", beyond the range of f32");
+        }
+        f = static_cast<float>(v);
+        return Status::OK();
+      });
+    default:
+      return Status::InvalidArgument("tensor '" + t.name + "' has dtype " + std::string(dtype_name(t.dtype)) +
+                                     "; expected floating-point values (f32, f64, bf16 or f16)");
+  }
 }
 
 SafetensorsFile::SafetensorsFile(SafetensorsFile&& other) noexcept

@@ -20,6 +20,7 @@
 #include "tutel/comm/ucx.hpp"
 #include "tutel/core/safetensors.hpp"
 #include "tutel/core/shared_memory.hpp"
+#include "tutel/kernels/layer_file.hpp"
 #include "tuning_record.hpp"
 
 namespace tutel::daemon {
@@ -88,7 +89,7 @@ Result<std::unique_ptr<ServedLayer>> ServedLayer::create(const LayerDefinition& 
     Status ready = rank.health.check();
     if (ready.ok()) ready = layer->allocate();
     if (ready.ok())
-      ready = def.weights_path ? layer->load_locked(*def.weights_path, /*require_all=*/true)
+      ready = def.weights_path ? layer->load_locked(*def.weights_path)
                                : layer->initialise(def.init_seed.value_or(0));
     ready = layer->watch_device(std::move(ready));
     TUTEL_RETURN_IF_ERROR(layer->confirm_group(ready).with_context("layer '" + def.name + "'"));
@@ -121,7 +122,7 @@ Status ServedLayer::build_local() {
   if (!def_.token_buckets.empty()) TUTEL_RETURN_IF_ERROR(prebuild_plans());
   publish_plan_summary();
   if (def_.weights_path)
-    return load_locked(*def_.weights_path, /*require_all=*/true).with_context("layer '" + def_.name + "'");
+    return load_locked(*def_.weights_path).with_context("layer '" + def_.name + "'");
   return initialise(def_.init_seed.value_or(0));
 }
 
@@ -1206,19 +1207,23 @@ Status ServedLayer::load(const std::string& path) {
 Status ServedLayer::load_file(const SafetensorsFile& file) {
   LayerLock lock(*this);
   TUTEL_RETURN_IF_ERROR(rank_.health.check());
-  Status loaded = load_file_locked(file, /*require_all=*/true);
+  Status loaded = load_file_locked(file);
   if (loaded.ok()) return loaded;
   auto device_lock = lock_device();
   return watch_device(std::move(loaded));
 }
 
-Status ServedLayer::load_locked(const std::string& path, bool require_all) {
+Status ServedLayer::load_locked(const std::string& path) {
   TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::open(path));
-  return load_file_locked(file, require_all);
+  return load_file_locked(file);
 }
 
-Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_all) {
+Status ServedLayer::load_file_locked(const SafetensorsFile& file) {
   const std::string& path = file.path();
+  // The layer's tensors as they are named (tuteld's own files, a moe_layer's state dict) or under
+  // the one prefix of a whole model's state dict ("layers.3.moe."); values of any floating
+  // dtype, as f32 (a bf16 model's weights exactly).
+  TUTEL_ASSIGN_OR_RETURN(const std::string file_prefix, find_layer_prefix(file));
   // Another optimizer's state is no state of this one's (SGD's momentum taken for AdamW's first
   // moment, with no second moment, moved a weight 5000 times as far as a fresh start): it is
   // left, and this optimizer starts afresh at step 0, as from a file without optimizer state.
@@ -1235,7 +1240,7 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
     // The whole layer is staged on the host, as values and states (up to three times the whole
     // layer's parameters, transiently, within import_bytes_bound of the file's own size).
     const LayerSpec& s = def_.spec;
-    const SafetensorsTensor* fc1 = file.find(kFc1WeightName);
+    const SafetensorsTensor* fc1 = file.find(file_prefix + kFc1WeightName);
     const Shape whole_fc1{s.experts, s.hidden, s.model_dim};
     if (fc1 && fc1->shape == whole_fc1 && !(whole_fc1 == shape_of(kFc1WeightName))) {
       const int64_t E = s.experts, M = s.model_dim, H = s.hidden, O = s.out_dim();
@@ -1243,10 +1248,10 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
       // file lacks is zeros and counted (optimizer state is then all zeros, below); a tensor
       // present must be whole.
       int missing_state = 0;  // optimizer state tensors the file lacks
-      auto read_whole = [&](const std::string& prefix, bool optional, graphs::HostLayerParams& whole) -> Status {
+      auto read_whole = [&](const std::string& state_prefix, bool optional, graphs::HostLayerParams& whole) -> Status {
         auto read = [&](const char* name, Shape shape, bool present, std::vector<float>& out) -> Status {
           if (!present) return Status::OK();
-          const std::string full = prefix + name;
+          const std::string full = file_prefix + state_prefix + name;
           out.assign(static_cast<size_t>(shape.numel()), 0.f);
           // Optimizer state (optional) of another optimizer's is none.
           const SafetensorsTensor* t = optional && foreign_state ? nullptr : file.find(full);
@@ -1254,12 +1259,10 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
             ++missing_state;
             return Status::OK();
           }
-          if (!t || t->dtype != DType::kF32 || !(t->shape == shape))
-            return Status::InvalidArgument(path + ": tensor '" + full + "' must be f32 " + shape.to_string() +
-                                           " in a whole-layer file");
-          // A safetensors offset need not be 4-byte aligned: copied as bytes, not read as floats.
-          std::memcpy(out.data(), t->data, out.size() * sizeof(float));
-          return Status::OK();
+          if (!t || !is_floating(t->dtype) || !(t->shape == shape))
+            return Status::InvalidArgument(path + ": tensor '" + full + "' must be " + shape.to_string() +
+                                           " (of f32, f64, bf16 or f16 values) in a whole-layer file");
+          return read_as_f32(*t, out.data()).with_context(path);
         };
         TUTEL_RETURN_IF_ERROR(read(kGateWeightName, {E, M}, true, whole.gate));
         TUTEL_RETURN_IF_ERROR(read(kFc1WeightName, {E, H, M}, true, whole.fc1));
@@ -1296,7 +1299,8 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
   struct Copy {
     const SafetensorsTensor* src;
     DeviceBuffer* dst;
-    bool state;  // optimizer state, not a parameter
+    bool state;                  // optimizer state, not a parameter
+    std::vector<float> staged;  // src's values as f32 where the file holds another dtype
   };
   std::vector<Copy> copies;
   // Optimizer state is taken whole or not at all: where the file lacks any of it, all of it
@@ -1308,23 +1312,29 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
   bool state_missing = false;
   auto take = [&](const std::string& name, const Tensor& t, DeviceBuffer* dst, bool required) -> Status {
     if (!required) states.emplace_back(dst->data(), DType::kF32, t.shape, b.device());
-    const SafetensorsTensor* src = required || !foreign_state ? file.find(name) : nullptr;
+    const SafetensorsTensor* src = required || !foreign_state ? file.find(file_prefix + name) : nullptr;
     if (!src) {
-      if (required && require_all) {
+      if (required) {
         // A file of a layer without that bias: the spec says so, not the file.
         const std::string hint = name.find("fc1_bias") != std::string::npos   ? "; a layer without fc1 biases says has_fc1_bias = false"
                                  : name.find("fc2_bias") != std::string::npos ? "; a layer without fc2 biases says has_fc2_bias = false"
                                                                               : "";
-        return Status::NotFound(path + ": tensor '" + name + "' is missing (expected f32 " + t.shape.to_string() + ")" +
-                                hint);
+        return Status::NotFound(path + ": tensor '" + file_prefix + name + "' is missing (expected " +
+                                t.shape.to_string() + ")" + hint);
       }
       state_missing |= !required;
       return Status::OK();
     }
-    if (src->dtype != DType::kF32 || !(src->shape == t.shape))
-      return Status::InvalidArgument(path + ": tensor '" + name + "' is " + std::string(dtype_name(src->dtype)) + " " +
-                                     src->shape.to_string() + ", this layer needs f32 " + t.shape.to_string());
-    copies.push_back({src, dst, !required});
+    if (!is_floating(src->dtype) || !(src->shape == t.shape))
+      return Status::InvalidArgument(path + ": tensor '" + src->name + "' is " + std::string(dtype_name(src->dtype)) +
+                                     " " + src->shape.to_string() + ", this layer needs " + t.shape.to_string() +
+                                     " of f32, f64, bf16 or f16 values");
+    Copy c{src, dst, !required, {}};
+    if (src->dtype != DType::kF32) {
+      c.staged.resize(static_cast<size_t>(t.shape.numel()));
+      TUTEL_RETURN_IF_ERROR(read_as_f32(*src, c.staged.data()).with_context(path));
+    }
+    copies.push_back(std::move(c));
     return Status::OK();
   };
   for (Tensor& t : tensors_) {
@@ -1342,7 +1352,9 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file, bool require_a
   auto device_lock = lock_device();
   ++params_version_;  // from the first write on (a failure after it leaves some replaced)
   for (const Copy& c : copies)
-    TUTEL_RETURN_IF_ERROR(b.copy(c.dst->data(), c.src->data, c.src->nbytes, CopyKind::kHostToDevice));
+    TUTEL_RETURN_IF_ERROR(c.staged.empty() ? b.copy(c.dst->data(), c.src->data, c.src->nbytes, CopyKind::kHostToDevice)
+                                           : b.copy(c.dst->data(), c.staged.data(), c.staged.size() * sizeof(float),
+                                                    CopyKind::kHostToDevice));
   for (const TensorView& state : fresh) TUTEL_RETURN_IF_ERROR(b.fill_zero(state));
   step_ = step;
   return refresh_bf16_copies();

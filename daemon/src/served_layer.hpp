@@ -399,8 +399,8 @@ class ServedLayer {
   // This rank's values (which = 0) or optimizer state `which` - 1, host → device.
   Status copy_in(const graphs::HostLayerParams& p, int which = 0);
   LayerWeights weights_of(int which) const;  // 0 = values, 1 = gradients
-  Status load_locked(const std::string& path, bool require_all);
-  Status load_file_locked(const SafetensorsFile& file, bool require_all);
+  Status load_locked(const std::string& path);
+  Status load_file_locked(const SafetensorsFile& file);
   Status load_file(const SafetensorsFile& file);  // load_file_locked under the layer's lock
   // What save() and export_state() write: each parameter, then its optimizer states.
   struct SavedTensor {

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -14,6 +15,7 @@
 #include <fstream>
 #include <ios>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <random>
 #include <string>
@@ -422,6 +424,76 @@ TEST_F(SafetensorsTest, AcceptsLegalHandWrittenLayouts) {
   EXPECT_EQ(f->find("scalar")->view().numel(), 1);
   EXPECT_EQ(static_cast<const uint8_t*>(f->find("late")->data)[0], 20);
   EXPECT_TRUE(f->metadata().empty());
+}
+
+// read_as_f32 on hand-written bytes at odd offsets (a file aligns its tensors only as its writer
+// chose): each floating dtype's values against bit patterns whose f32 values are known, f64
+// rounded to nearest, and the refusals (an integer tensor, a finite f64 past f32's range).
+TEST_F(SafetensorsTest, ReadAsF32ConvertsEveryFloatingDtypeAtAnyAlignment) {
+  std::string data(1, '\x55');  // one byte first: every tensor below starts at an odd offset
+  auto put = [&](const auto& values) {
+    const size_t begin = data.size();
+    data.append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(values[0]));
+    return "[" + std::to_string(begin) + "," + std::to_string(data.size()) + "]";
+  };
+  // f16: 1, -2, 65504 (its largest), 2^-24 (its smallest subnormal), -0, +inf.
+  const std::vector<uint16_t> f16 = {0x3C00, 0xC000, 0x7BFF, 0x0001, 0x8000, 0x7C00};
+  // bf16: 1, 3.140625, -2^-126, 2^127 (1.0 scaled), the largest finite bf16.
+  const std::vector<uint16_t> bf16 = {0x3F80, 0x4049, 0x8080, 0x7F00, 0x7F7F};
+  const std::vector<double> f64 = {0.1, -1e-50, 3.4028234663852886e38, 1.0 + 0x1p-24, 1.0 + 0x1p-23 + 0x1p-24,
+                                   std::numeric_limits<double>::infinity()};
+  const std::vector<float> f32 = {1.5f, -0.0f, std::numeric_limits<float>::denorm_min()};
+  const std::vector<double> too_big = {1.0, 2.0, -1e39};
+  const std::vector<int32_t> ints = {1, 2};
+  const std::string header = R"({"f16":{"dtype":"F16","shape":[6],"data_offsets":)" + put(f16) +
+                             R"(},"bf16":{"dtype":"BF16","shape":[5],"data_offsets":)" + put(bf16) +
+                             R"(},"f64":{"dtype":"F64","shape":[2,3],"data_offsets":)" + put(f64) +
+                             R"(},"f32":{"dtype":"F32","shape":[3],"data_offsets":)" + put(f32) +
+                             R"(},"big":{"dtype":"F64","shape":[3],"data_offsets":)" + put(too_big) +
+                             R"(},"ints":{"dtype":"I32","shape":[2],"data_offsets":)" + put(ints) + "}}";
+  const std::string path = file("dtypes.safetensors");
+  write_file(path, image(header, data));
+  Result<SafetensorsFile> f = SafetensorsFile::open(path);
+  ASSERT_TRUE(f.ok()) << f.status();
+  auto read = [&](const char* name) {
+    const SafetensorsTensor* t = f->find(name);
+    EXPECT_NE(t, nullptr) << name;
+    std::vector<float> out(t ? static_cast<size_t>(t->shape.numel()) : 0, -7.f);
+    const Status s = t ? read_as_f32(*t, out.data()) : Status::NotFound(name);
+    EXPECT_TRUE(s.ok()) << s;
+    return out;
+  };
+  const float inf = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(read("f16"), (std::vector<float>{1.f, -2.f, 65504.f, 0x1p-24f, -0.f, inf}));
+  EXPECT_TRUE(std::signbit(read("f16")[4]));
+  EXPECT_EQ(read("bf16"), (std::vector<float>{1.f, 3.140625f, -0x1p-126f, 0x1p127f, 0x1.fep127f}));
+  // 0.1 to its nearest f32 (0x3DCCCCCD); -1e-50 to -0; the largest f32 stays; 1 + 2^-24 halfway
+  // between 1 and 1 + 2^-23 goes to the even one (1); 1 + 3 · 2^-24 halfway goes up to 1 + 2^-22.
+  const std::vector<float> from_f64 = read("f64");
+  uint32_t bits;
+  std::memcpy(&bits, &from_f64[0], 4);
+  EXPECT_EQ(bits, 0x3DCCCCCDu);
+  EXPECT_EQ(from_f64[1], 0.f);
+  EXPECT_TRUE(std::signbit(from_f64[1]));
+  EXPECT_EQ(from_f64[2], std::numeric_limits<float>::max());
+  EXPECT_EQ(from_f64[3], 1.f);
+  EXPECT_EQ(from_f64[4], 1.f + 0x1p-22f);
+  EXPECT_EQ(from_f64[5], inf);
+  const std::vector<float> from_f32 = read("f32");
+  EXPECT_EQ(from_f32, f32);
+  EXPECT_TRUE(std::signbit(from_f32[1]));
+
+  std::vector<float> out(3);
+  const Status big = read_as_f32(*f->find("big"), out.data());
+  EXPECT_EQ(big.code(), StatusCode::kInvalidArgument) << big;
+  EXPECT_TRUE(contains(big.message(), "'big'") && contains(big.message(), "-1e+39") &&
+              contains(big.message(), "element 2") && contains(big.message(), "range of f32"))
+      << big;
+  const Status integers = read_as_f32(*f->find("ints"), out.data());
+  EXPECT_EQ(integers.code(), StatusCode::kInvalidArgument) << integers;
+  EXPECT_TRUE(contains(integers.message(), "'ints'") && contains(integers.message(), "i32") &&
+              contains(integers.message(), "f32, f64, bf16 or f16"))
+      << integers;
 }
 
 // ---- corrupt files: each must fail with a message naming the file and the tensor ----

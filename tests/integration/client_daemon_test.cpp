@@ -1023,6 +1023,122 @@ TEST_F(ClientDaemon, AFileWithoutABiasNamesTheSpecKey) {
   EXPECT_NE(refused.message().find("has_fc1_bias = false"), std::string_view::npos) << refused;
 }
 
+// A Tutel model's state dict loads as it is: the layer's tensors under one prefix among the
+// model's other tensors, in bf16 (exactly) or f64 (rounded to nearest f32), give the layer the
+// values an f32 file of Tutel's names gives it, bit for bit, and so its outputs. A file of two
+// layers, or with an integer tensor, is refused naming them, the layer left as it was.
+TEST_F(ClientDaemon, ATutelModelsStateDictLoadsAsItIs) {
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto source = client->create_layer(spec("source"));
+  ASSERT_TRUE(source.ok()) << source.status();
+  std::map<std::string, std::vector<float>> params;
+  for (auto& [name, values] : exported_state(*source).first)
+    if (name.rfind("optimizer.", 0) != 0) params[name] = values;
+  ASSERT_EQ(params.size(), 5u);
+  const std::string dir = daemon_->dir() + "/state/default/checkpoints/";
+  std::filesystem::create_directories(dir);
+  // A file of the values `stored` under each of `prefixes`, in `dtype` (the gate in `gate_dtype`
+  // where given), beside tensors of the model that are no part of the layer.
+  std::vector<std::vector<uint8_t>> keep;  // the entries' bytes, alive until written
+  auto write = [&](const std::string& file, const std::map<std::string, std::vector<double>>& stored,
+                   const std::vector<std::string>& prefixes, DType file_dtype,
+                   std::optional<DType> gate_dtype = std::nullopt) {
+    std::vector<SafetensorsEntry> entries;
+    static const float other[3] = {1.f, 2.f, 3.f};
+    entries.push_back({"embed.weight", DType::kF32, Shape{3}, other});
+    for (const std::string& prefix : prefixes) {
+      entries.push_back({prefix + "experts.local_buffer", DType::kF32, Shape{3}, other});
+      for (const auto& [name, values] : stored) {
+        const DType dtype = name == "gates.0.wg.weight" && gate_dtype ? *gate_dtype : file_dtype;
+        std::vector<uint8_t>& bytes = keep.emplace_back(values.size() * dtype_size(dtype));
+        for (size_t i = 0; i < values.size(); ++i) {
+          if (dtype == DType::kBF16) {
+            const uint16_t h = f32_to_bf16(static_cast<float>(values[i]));
+            std::memcpy(&bytes[2 * i], &h, 2);
+          } else if (dtype == DType::kF64) {
+            std::memcpy(&bytes[8 * i], &values[i], 8);
+          } else if (dtype == DType::kF32) {
+            const float f = static_cast<float>(values[i]);
+            std::memcpy(&bytes[4 * i], &f, 4);
+          } else {
+            const int32_t n = static_cast<int32_t>(values[i]);
+            std::memcpy(&bytes[4 * i], &n, 4);
+          }
+        }
+        const int64_t n = static_cast<int64_t>(values.size());
+        const Shape shape = name == "gates.0.wg.weight"          ? Shape{4, 16}
+                            : name == "experts.batched_fc1_w"    ? Shape{4, 32, 16}
+                            : name == "experts.batched_fc2_w"    ? Shape{4, 32, 16}
+                            : name == "experts.batched_fc1_bias" ? Shape{4, 32}
+                                                                 : Shape{4, n / 4};
+        entries.push_back({prefix + name, dtype, shape, bytes.data()});
+      }
+    }
+    const Status written = write_safetensors(dir + file, entries);
+    ASSERT_TRUE(written.ok()) << written;
+  };
+  // The values each file holds, and what a layer must take from them.
+  std::map<std::string, std::vector<double>> bf16_values, f64_values, bf16_want, f64_want;
+  std::mt19937_64 rng(std::random_device{}());
+  std::uniform_real_distribution<double> nudge(-1.0, 1.0);
+  for (const auto& [name, values] : params) {
+    for (float v : values) {
+      const float b = bf16_to_f32(f32_to_bf16(v));
+      bf16_values[name].push_back(b);
+      bf16_want[name].push_back(b);
+      // Between v and its neighbours: the f32 nearest to it is v (within half an ULP).
+      const double ulp = std::nextafter(std::abs(v), INFINITY) - std::abs(v);
+      f64_values[name].push_back(v + 0.49 * ulp * nudge(rng));
+      f64_want[name].push_back(v);
+    }
+  }
+  ASSERT_NO_FATAL_FAILURE(write("model_bf16.safetensors", bf16_values, {"layers.3.moe."}, DType::kBF16));
+  ASSERT_NO_FATAL_FAILURE(write("model_f64.safetensors", f64_values, {"model.layers.0.mlp."}, DType::kF64));
+  ASSERT_NO_FATAL_FAILURE(write("plain.safetensors", bf16_want, {""}, DType::kF32));
+  ASSERT_NO_FATAL_FAILURE(write("two_layers.safetensors", bf16_values, {"l0.", "l1."}, DType::kBF16));
+  auto from = [](const std::string& name, const std::string& file) {
+    return "name = \"" + name + "\"\nexperts = 4\nmodel_dim = 16\nhidden = 32\nk = 2\nweights = \"" + file + "\"\n";
+  };
+  auto from_model = client->create_layer(from("from_model", "model_bf16.safetensors"));
+  ASSERT_TRUE(from_model.ok()) << from_model.status();
+  auto from_plain = client->create_layer(from("from_plain", "plain.safetensors"));
+  ASSERT_TRUE(from_plain.ok()) << from_plain.status();
+  auto values_of = [&](client::Layer& layer) {
+    std::map<std::string, std::vector<double>> out;
+    for (auto& [name, values] : exported_state(layer).first)
+      if (name.rfind("optimizer.", 0) != 0) out[name].assign(values.begin(), values.end());
+    return out;
+  };
+  EXPECT_TRUE(values_of(*from_model) == bf16_want) << "the bf16 model's layer holds other values";
+  EXPECT_TRUE(values_of(*from_plain) == bf16_want);
+  std::vector<float> x(24 * 16), y_model(24 * 16), y_plain(24 * 16);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  for (float& v : x) v = normal(rng);
+  ASSERT_TRUE(from_model->forward(x.data(), 24, y_model.data()).ok());
+  ASSERT_TRUE(from_plain->forward(x.data(), 24, y_plain.data()).ok());
+  EXPECT_EQ(y_model, y_plain);
+
+  // An f64 model loaded into a layer: each value to its nearest f32.
+  ASSERT_TRUE(from_plain->load("model_f64.safetensors").ok());
+  EXPECT_TRUE(values_of(*from_plain) == f64_want) << "the f64 values were not rounded to their nearest f32";
+
+  // Two layers in the file: which one is not guessed.
+  auto two = client->create_layer(from("two", "two_layers.safetensors"));
+  ASSERT_FALSE(two.ok());
+  EXPECT_EQ(two.status().code(), StatusCode::kInvalidArgument) << two.status();
+  EXPECT_NE(two.status().message().find("'l0.', 'l1.'"), std::string_view::npos) << two.status();
+  const Status into_existing = from_model->load("two_layers.safetensors");
+  EXPECT_EQ(into_existing.code(), StatusCode::kInvalidArgument) << into_existing;
+  // An integer tensor among the layer's: refused before anything is copied.
+  ASSERT_NO_FATAL_FAILURE(write("mixed.safetensors", bf16_values, {"moe."}, DType::kBF16, DType::kI32));
+  const std::map<std::string, std::vector<double>> before = values_of(*from_model);
+  const Status mixed = from_model->load("mixed.safetensors");
+  EXPECT_EQ(mixed.code(), StatusCode::kInvalidArgument) << mixed;
+  EXPECT_NE(mixed.message().find("'moe.gates.0.wg.weight' is i32"), std::string_view::npos) << mixed;
+  EXPECT_TRUE(values_of(*from_model) == before) << "a refused load changed the layer";
+}
+
 TEST_F(ClientDaemon, AnotherOptimizersStateIsNotTaken) {
   auto client = client::Client::connect(daemon_->client_socket());
   ASSERT_TRUE(client.ok()) << client.status();

@@ -199,10 +199,10 @@ TEST_F(TutelLayerErrors, WrongRank) {
   expect_refused({}, {kGateWeightName, "[E, M]"});
 }
 
-TEST_F(TutelLayerErrors, Bf16Weight) {
-  replace(weights_, FileTensor::of(kFc1WeightName, {E, H, M}, std::vector<double>(E * H * M, 0.1),
-                                   DType::kBF16));
-  expect_refused({}, {kFc1WeightName, "bf16"});
+TEST_F(TutelLayerErrors, IntegerWeight) {
+  replace(weights_, FileTensor::of(kFc1WeightName, {E, H, M}, std::vector<double>(E * H * M, 1),
+                                   DType::kI32));
+  expect_refused({}, {kFc1WeightName, "i32", "f32, f64, bf16 or f16"});
 }
 
 TEST_F(TutelLayerErrors, IntegerInput) {

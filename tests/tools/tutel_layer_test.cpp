@@ -39,7 +39,9 @@ struct Case {
   bool has_fc1_bias = true, has_fc2_bias = true;
   bool backward = true;
   bool with_dl_aux = true;        // else the tool's default, 0
-  bool f64_files = false;         // weights and inputs stored as f64 (unrounded values)
+  // The dtype of the weights and inputs in the files: f64 holds the drawn values as they are,
+  // f32 and bf16 rounded (the tool, and so the reference, sees what the file holds).
+  DType file_dtype = DType::kF32;
   std::string prefix;             // in front of every parameter name
   std::vector<std::string> args;  // beyond --weights/--input/--output
 };
@@ -64,9 +66,17 @@ struct Drawn {
   ref::Forward want;
 };
 
-ref::Params rounded(const ref::Params& p) {
-  return {round_f32(p.wg), round_f32(p.fc1_w), round_f32(p.fc1_b), round_f32(p.fc2_w),
-          round_f32(p.fc2_b)};
+// What the tool reads from a file of `dtype` holding `v`: FileTensor::of's rounding, then f32.
+std::vector<double> as_read(const std::vector<double>& v, DType dtype) {
+  if (dtype != DType::kBF16) return round_f32(v);
+  std::vector<double> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = bf16_to_f32(f32_to_bf16(static_cast<float>(v[i])));
+  return out;
+}
+
+ref::Params rounded(const ref::Params& p, DType dtype) {
+  return {as_read(p.wg, dtype), as_read(p.fc1_w, dtype), as_read(p.fc1_b, dtype),
+          as_read(p.fc2_w, dtype), as_read(p.fc2_b, dtype)};
 }
 
 std::optional<Drawn> draw(std::mt19937_64& rng, const Case& c) {
@@ -78,13 +88,13 @@ std::optional<Drawn> draw(std::mt19937_64& rng, const Case& c) {
     d.raw.fc2_w = randn(rng, c.E * c.H * c.O, 1.0 / std::sqrt(double(c.H)));
     if (c.has_fc1_bias) d.raw.fc1_b = randn(rng, c.E * c.H, 0.1);
     if (c.has_fc2_bias) d.raw.fc2_b = randn(rng, c.E * c.O, 0.1);
-    d.rounded = rounded(d.raw);
+    d.rounded = rounded(d.raw, c.file_dtype);
     d.x_raw = randn(rng, c.S * c.M, 1.0);
-    d.x = round_f32(d.x_raw);
+    d.x = as_read(d.x_raw, c.file_dtype);
     d.dy_raw = randn(rng, c.S * c.O, 1.0);
-    d.dy = round_f32(d.dy_raw);
+    d.dy = as_read(d.dy_raw, c.file_dtype);
     if (c.with_dl_aux)
-      d.dl_aux = static_cast<float>(std::uniform_real_distribution<double>(0.1, 2.0)(rng));
+      d.dl_aux = as_read({std::uniform_real_distribution<double>(0.1, 2.0)(rng)}, c.file_dtype)[0];
     d.want = ref::forward(cfg, d.rounded, d.x, nullptr);
     const bool ties = d.want.min_order_margin < 1e-6 ||
                       (c.batch_prioritized && d.want.min_priority_margin < 1e-6) ||
@@ -119,14 +129,14 @@ TEST_P(TutelLayerAgainstReference, OutputsAndGradientsMatch) {
   const Drawn& d = *drawn;
 
   TempDir dir;
-  const DType dtype = c.f64_files ? DType::kF64 : DType::kF32;
-  const ref::Params& stored = c.f64_files ? d.raw : d.rounded;
-  TensorList weights = weight_tensors(c, stored, dtype);
+  // The files hold the drawn values; FileTensor::of rounds them to the file's dtype.
+  const DType dtype = c.file_dtype;
+  TensorList weights = weight_tensors(c, d.raw, dtype);
   if (!c.prefix.empty())
     weights.push_back(FileTensor::of(c.prefix + "experts.local_buffer", {2}, {1, 2}));
-  TensorList input{FileTensor::of("x", {c.S, c.M}, c.f64_files ? d.x_raw : d.x, dtype)};
+  TensorList input{FileTensor::of("x", {c.S, c.M}, d.x_raw, dtype)};
   if (c.backward) {
-    input.push_back(FileTensor::of("dy", {c.S, c.O}, c.f64_files ? d.dy_raw : d.dy, dtype));
+    input.push_back(FileTensor::of("dy", {c.S, c.O}, d.dy_raw, dtype));
     if (c.with_dl_aux) input.push_back(FileTensor::of("dl_aux", {1}, {d.dl_aux}, dtype));
   }
   write_file(dir.file("w.safetensors"), weights);
@@ -220,14 +230,16 @@ std::vector<Case> all_cases() {
        .batch_prioritized = true,
        .args = {"--batch-prioritized", "--capacity-factor", "0.5"}});
   add({.name = "NoGateNormalization", .normalize_gate = false, .args = {"--no-normalize-gate"}});
-  add({.name = "F64Files", .f64_files = true});
+  add({.name = "F64Files", .file_dtype = DType::kF64});
+  add({.name = "Bf16Files", .file_dtype = DType::kBF16});
   add({.name = "F64FilesNoBiasesGelu",
        .activation = Activation::kGelu,
        .has_fc1_bias = false,
        .has_fc2_bias = false,
-       .f64_files = true,
+       .file_dtype = DType::kF64,
        .args = {"--activation", "gelu"}});
   add({.name = "StateDictPrefix", .prefix = "layers.3.moe."});
+  add({.name = "StateDictPrefixBf16", .file_dtype = DType::kBF16, .prefix = "layers.3.moe."});
   return cases;
 }
 

@@ -7,13 +7,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
-#include <set>
 #include <string_view>
 #include <system_error>
 #include <utility>
 
 #include "tutel/core/safetensors.hpp"
+#include "tutel/kernels/layer_file.hpp"
 
 namespace tutel::tools {
 namespace {
@@ -62,32 +61,18 @@ void warn_ignored(std::ostream& notes, std::string_view role, const std::string&
         << why << ": " << list_names(ignored) << "\n";
 }
 
-// Copies a tensor into f32 host memory. The mapped bytes carry only the file's alignment, so
-// they are copied, never cast in place.
+// Copies a tensor into f32 host memory (f64 rounded, bf16 and f16 exactly) and checks that
+// every value is finite.
 Result<HostTensor> read_f32(const SafetensorsTensor& t, std::string_view role,
                             const std::string& path) {
   const std::string where = tensor_in(t.name, role, path);
-  if (t.dtype != DType::kF32 && t.dtype != DType::kF64)
-    return Status::InvalidArgument(
-        where + " has dtype " + std::string(dtype_name(t.dtype)) +
-        "; tutel-layer reads f32 or f64 tensors (convert it, e.g. with .float())");
   HostTensor out{t.name, t.shape, {}};
   const size_t n = static_cast<size_t>(t.shape.numel());
   out.data.resize(n);
-  const auto* bytes = static_cast<const unsigned char*>(t.data);
-  if (t.dtype == DType::kF32) {
-    if (n > 0) std::memcpy(out.data.data(), bytes, n * sizeof(float));
-  } else {
-    for (size_t i = 0; i < n; ++i) {
-      double v;
-      std::memcpy(&v, bytes + i * sizeof(double), sizeof(double));
-      // A double outside float's range has no defined conversion.
-      if (!(std::abs(v) <= std::numeric_limits<float>::max()))
-        return Status::InvalidArgument(where + " holds " + shortest(v) + " at element " +
-                                       std::to_string(i) + ", which is not a finite f32 value");
-      out.data[i] = static_cast<float>(v);
-    }
-  }
+  const Status read = read_as_f32(t, out.data.data());
+  if (!read.ok())
+    return Status::InvalidArgument(std::string(read.message()) + " in " + std::string(role) + " file " +
+                                   quoted(path));
   for (size_t i = 0; i < n; ++i)
     if (!std::isfinite(out.data[i]))
       return Status::InvalidArgument(where + " holds " + shortest(out.data[i]) + " at element " +
@@ -117,58 +102,6 @@ Status same_dim(const SafetensorsTensor& a, int ia, const SafetensorsTensor& b, 
                                  quoted(path) + " disagree on " + std::string(quantity) + " (" +
                                  std::to_string(a.shape[ia]) + " vs " +
                                  std::to_string(b.shape[ib]) + ")");
-}
-
-constexpr std::string_view kLayout =
-    "Tutel's state-dict names: gates.0.wg.weight [E, M], experts.batched_fc1_w [E, H, M], "
-    "experts.batched_fc2_w [E, H, O], and optionally experts.batched_fc1_bias [E, H] and "
-    "experts.batched_fc2_bias [E, O]";
-
-// The prefix in front of the parameter names: "" when they are there as they are, else the one
-// "<something>." under which all three weight matrices exist.
-Result<std::string> find_prefix(const SafetensorsFile& file) {
-  const std::string& path = file.path();
-  const std::string_view required[] = {kGateWeightName, kFc1WeightName, kFc2WeightName};
-  auto complete = [&](const std::string& prefix) -> std::optional<std::string_view> {
-    for (std::string_view r : required)
-      if (!file.find(prefix + std::string(r))) return r;
-    return std::nullopt;
-  };
-  auto missing = [&](const std::string& prefix, std::string_view absent) {
-    for (std::string_view r : required)
-      if (file.find(prefix + std::string(r)))
-        return Status::NotFound("weights file " + quoted(path) + " has " +
-                                quoted(prefix + std::string(r)) + " but no tensor " +
-                                quoted(prefix + std::string(absent)) + "; expected " +
-                                std::string(kLayout));
-    return Status::Internal("no parameter found under prefix " + quoted(prefix));
-  };
-
-  bool any_exact = false;
-  for (std::string_view r : required) any_exact |= file.find(r) != nullptr;
-  if (any_exact) {
-    if (auto absent = complete("")) return missing("", *absent);
-    return std::string();
-  }
-  std::set<std::string> candidates;
-  for (const SafetensorsTensor& t : file.tensors())
-    for (std::string_view r : required)
-      if (t.name.size() > r.size() + 1 && t.name.ends_with(r) &&
-          t.name[t.name.size() - r.size() - 1] == '.')
-        candidates.insert(t.name.substr(0, t.name.size() - r.size()));
-  std::vector<std::string> full;
-  for (const std::string& p : candidates)
-    if (!complete(p)) full.push_back(p);
-  if (full.size() == 1) return full.front();
-  if (full.size() > 1)
-    return Status::InvalidArgument(
-        "weights file " + quoted(path) + " holds the parameters of " + std::to_string(full.size()) +
-        " layers (prefixes " + list_names(full) +
-        "); tutel-layer runs one layer: save that layer's tensors to a file of their own");
-  if (!candidates.empty()) return missing(*candidates.begin(), *complete(*candidates.begin()));
-  return Status::NotFound("weights file " + quoted(path) + " has no tensor " +
-                          quoted(kGateWeightName) + " (nor one ending in ." +
-                          std::string(kGateWeightName) + "); expected " + std::string(kLayout));
 }
 
 // Device memory for the run, released before the backend that owns it.
@@ -239,7 +172,7 @@ Result<LayerFileWeights> read_layer_weights(const std::string& path, std::ostrea
   auto opened = SafetensorsFile::open(path);
   if (!opened.ok()) return opened.status().with_context("reading the weights (--weights)");
   const SafetensorsFile& file = *opened;
-  TUTEL_ASSIGN_OR_RETURN(std::string prefix, find_prefix(file));
+  TUTEL_ASSIGN_OR_RETURN(std::string prefix, find_layer_prefix(file));
   auto named = [&](const char* name) { return file.find(prefix + name); };
   const SafetensorsTensor* wg = named(kGateWeightName);
   const SafetensorsTensor* fc1 = named(kFc1WeightName);

@@ -18,7 +18,8 @@ constexpr const char* kDescription =
     "           optional experts.batched_fc1_bias [E, H] and experts.batched_fc2_bias [E, O]\n"
     "           (a single common prefix such as 'layers.3.moe.' is accepted; other tensors are "
     "ignored)\n"
-    "  input:   x [S, M]; with --backward also dy [S, O] and optionally dl_aux [1]; f32 or f64\n"
+    "  input:   x [S, M]; with --backward also dy [S, O] and optionally dl_aux [1]\n"
+    "  dtypes:  f32, f64, bf16 or f16 in both files (f64 rounded to f32; the layer computes in f32)\n"
     "  output:  y [S, O], l_aux [1], capacity [1] (i64), dropped [1] (i64);\n"
     "           with --backward also dx [S, M] and grad.<parameter name> for each parameter\n"
     "Gate noise is never applied.";
