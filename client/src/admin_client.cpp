@@ -110,6 +110,10 @@ Result<std::string> AdminClient::pin(std::string_view layer, bool pinned) {
   return impl_->call(ipc::FrameType::kAdminPin, {{"layer", std::string(layer)}, {"pinned", pinned}},
                      impl_->timeout);
 }
+Result<std::string> AdminClient::destroy(std::string_view layer) {
+  if (!impl_) return moved_from();
+  return impl_->call(ipc::FrameType::kAdminDestroy, {{"layer", std::string(layer)}}, std::chrono::milliseconds(-1));
+}
 Result<std::string> AdminClient::sessions() {
   if (!impl_) return moved_from();
   return impl_->call(ipc::FrameType::kAdminSessions, json::object(), impl_->timeout);

@@ -298,6 +298,37 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
       reply(s, ipc::FrameType::kOk, rid, {{"layer", b["layer"]}, {"pinned", b["pinned"]}});
       break;
     }
+    case ipc::FrameType::kAdminDestroy: {
+      const json& b = *body;
+      if (!b.contains("layer") || !b["layer"].is_string()) {
+        reply_error(s, rid, Status::InvalidArgument("destroy needs \"layer\" (tenant/name)"));
+        break;
+      }
+      const std::string name = b["layer"].get<std::string>();
+      auto ref = registry_->find_by_name(name);
+      if (!ref.ok()) {
+        reply_error(s, rid, ref.status());
+        break;
+      }
+      // In turn with the layer's control frames (a client's step, save, destroy): as a destroy
+      // its client sent after them.
+      const std::string tenant = name.substr(0, name.find('/'));
+      const uint64_t handle = ref->handle;
+      ref->layer.reset();  // no reference held while waiting: the destroy frees what it holds
+      auto result = std::make_shared<Status>();
+      run_layer_work(
+          handle, [this, tenant, handle, result] { *result = guarded([&] { return destroy_layer(tenant, handle); }); },
+          [this, s, rid, result, name] {
+            if (result->ok()) {
+              TUTEL_LOG(INFO) << "layer " << escape_text(name) << " destroyed by the operator (tutelctl destroy)";
+              reply(s, ipc::FrameType::kOk, rid, {{"layer", name}});
+            } else {
+              reply_error(s, rid, *result);
+            }
+            finish_frame(s);
+          });
+      return;
+    }
     case ipc::FrameType::kAdminSessions: {
       json sessions = json::array();
       const auto now = std::chrono::steady_clock::now();

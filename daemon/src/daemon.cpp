@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
@@ -422,6 +423,16 @@ Status DaemonImpl::lock_instance() {
   if (ec) return Status::IOError("cannot create state_dir " + config_.server.state_dir + ": " + ec.message());
   if (!state_dir_existed)
     fs::permissions(config_.server.state_dir, fs::perms::owner_all, fs::perm_options::replace, ec);
+  else if (struct stat st {}; ::stat(config_.server.state_dir.c_str(), &st) == 0 && (st.st_mode & 077) != 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    TUTEL_LOG(WARN) << "state_dir " << config_.server.state_dir << " is open to "
+                    << ((st.st_mode & 070) != 0 && (st.st_mode & 07) != 0 ? "its group and others"
+                        : (st.st_mode & 070) != 0                       ? "its group"
+                                                                        : "others")
+                    << " (mode " << mode << "), and it holds every tenant's weights and optimizer state: "
+                    << "chmod 700 it unless they are meant to read them";
+  }
   return take(fs::path(config_.server.state_dir) / kStateDirLockName, "state_dir " + config_.server.state_dir);
 }
 
@@ -602,7 +613,7 @@ Status DaemonImpl::restore_state() {
     if (restored.ok() && f.by_config)  // a [[layer]] taken out of the config still has its checkpoint
       TUTEL_LOG(WARN) << "layer " << f.tenant << "/" << f.def.name << " came from the config, which no longer names "
                       << "it; it was restored from " << *f.def.weights_path << " and is served as a client's layer "
-                      << "(a client destroys it; or stop tuteld and move the file out of state_dir)";
+                      << "(tutelctl destroy or a client destroys it; or stop tuteld and move the file out of state_dir)";
     if (!restored.ok() && registry_->quota_refusals(f.tenant) == refusals)
       return restored.with_context("layer " + f.tenant + "/" + f.def.name + " cannot be restored from " +
                                    *f.def.weights_path + " (it stays there); free what it needs, or move the file "
@@ -1118,21 +1129,7 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
       op_name = "destroy";
       op = [this, tenant, b]() -> Result<json> {
         TUTEL_ASSIGN_OR_RETURN(uint64_t h, handle_of(b));
-        TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->find(tenant, h));
-        // Its checkpoint in state_dir goes too, or the next start would bring the layer back;
-        // first, while the name is still taken, so a creation of the same name that comes right
-        // after the destroy cannot resume from it.
-        if (!config_.server.state_dir.empty()) {
-          std::error_code ec;
-          const fs::path dir = fs::path(config_.server.state_dir) / tenant;
-          if (fs::remove(dir / (ref.layer->name() + ".safetensors"), ec)) sync_directory(dir);
-          if (ec)
-            TUTEL_LOG(WARN) << "destroyed layer " << tenant << "/" << ref.layer->name()
-                            << " keeps its checkpoint in state_dir: " << ec.message();
-        }
-        TUTEL_RETURN_IF_ERROR(registry_->destroy(tenant, h));
-        ref.layer->mark_destroyed();  // before its series go: a request in flight records none after
-        metrics_.forget_layer(tenant, ref.layer->name());
+        TUTEL_RETURN_IF_ERROR(destroy_layer(tenant, h));
         return json::object();
       };
       break;
@@ -1292,6 +1289,25 @@ void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Fra
   };
   if (layer_handle) run_layer_work(*layer_handle, std::move(work), std::move(done));
   else offload(std::move(work), std::move(done));
+}
+
+Status DaemonImpl::destroy_layer(const std::string& tenant, uint64_t handle) {
+  TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->find(tenant, handle));
+  // Its checkpoint in state_dir goes too, or the next start would bring the layer back; first,
+  // while the name is still taken, so a creation of the same name that comes right after the
+  // destroy cannot resume from it.
+  if (!config_.server.state_dir.empty()) {
+    std::error_code ec;
+    const fs::path dir = fs::path(config_.server.state_dir) / tenant;
+    if (fs::remove(dir / (ref.layer->name() + ".safetensors"), ec)) sync_directory(dir);
+    if (ec)
+      TUTEL_LOG(WARN) << "destroyed layer " << tenant << "/" << ref.layer->name()
+                      << " keeps its checkpoint in state_dir: " << ec.message();
+  }
+  TUTEL_RETURN_IF_ERROR(registry_->destroy(tenant, handle));
+  ref.layer->mark_destroyed();  // before its series go: a request in flight records none after
+  metrics_.forget_layer(tenant, ref.layer->name());
+  return Status::OK();
 }
 
 void DaemonImpl::run_layer_work(uint64_t handle, std::function<void()> work, std::function<void()> done) {

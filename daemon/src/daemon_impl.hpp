@@ -221,6 +221,9 @@ class DaemonImpl {
   // Runs `work` on the pool (then `done` on the loop) once the frames before it on `handle`'s
   // layer have finished.
   void run_layer_work(uint64_t handle, std::function<void()> work, std::function<void()> done);
+  // Destroys `tenant`'s layer `handle` (a client's destroy, tutelctl destroy), as layer work on
+  // the pool: its checkpoint in state_dir, its place in the registry, its series.
+  Status destroy_layer(const std::string& tenant, uint64_t handle);
   void start_layer_work(uint64_t handle, LayerWork w);
   // The tenants other than `tenant` that are active now: a client session connected, or a
   // creation under way.

@@ -47,6 +47,7 @@ std::string_view frame_type_name(FrameType t) {
     case FrameType::kAdminPin: return "AdminPin";
     case FrameType::kAdminDrain: return "AdminDrain";
     case FrameType::kAdminSessions: return "AdminSessions";
+    case FrameType::kAdminDestroy: return "AdminDestroy";
     case FrameType::kHelloReply: return "HelloReply";
     case FrameType::kLayerInfo: return "LayerInfo";
     case FrameType::kOk: return "Ok";

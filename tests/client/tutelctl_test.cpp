@@ -193,7 +193,7 @@ TEST(Tutelctl, MissingDaemonExitsOneWithAClearMessage) {
   TempDir dir;
   const std::string sock = dir.file("admin.sock");
   for (const char* command : {"status", "sessions", "tenants", "layers", "plans", "metrics",
-                              "checkpoint a/b out.safetensors", "pin a/b", "drain", "undrain"}) {
+                              "checkpoint a/b out.safetensors", "pin a/b", "destroy a/b", "drain", "undrain"}) {
     const ToolRun r = tutelctl("--socket " + sock + " " + command);
     EXPECT_EQ(r.exit_code, 1) << command << ": " << r.output;
     EXPECT_NE(r.output.find("cannot reach tuteld at " + sock + ": is it running?"),
@@ -243,6 +243,9 @@ TEST(Tutelctl, UsageErrorsExitTwo) {
   EXPECT_EQ(tutelctl("checkpoint alice/moe0").exit_code, 2);            // PATH missing
   EXPECT_EQ(tutelctl("checkpoint moe0 out.safetensors").exit_code, 2);  // not TENANT/NAME
   EXPECT_EQ(tutelctl("checkpoint alice/moe0 ''").exit_code, 2);         // an empty PATH
+  EXPECT_EQ(tutelctl("destroy").exit_code, 2);                          // LAYER missing
+  EXPECT_EQ(tutelctl("destroy moe0").exit_code, 2);                     // not TENANT/NAME
+  EXPECT_EQ(tutelctl("destroy alice/moe0 alice/moe1").exit_code, 2);    // one layer at a time
   EXPECT_EQ(tutelctl("--timeout -1 status").exit_code, 2);
   // NaN passes a range check (every comparison with it is false) and was a wait without bound.
   for (const char* bad : {"--timeout nan status", "--timeout inf status", "drain --wait nan"}) {

@@ -331,6 +331,55 @@ TEST_F(ClientDaemon, ADestroyedLayerDoesNotComeBackAtTheNextStart) {
   EXPECT_TRUE(client->attach_layer("kept").ok());
 }
 
+// tutelctl destroy: the operator destroys a layer as its client would, while a session holds its
+// handle: the holder's next request answers NotFound, the other layer serves on, and the
+// checkpoint goes with it (the next start does not bring it back). No such layer: exit 1 naming it.
+TEST_F(ClientDaemon, TheOperatorDestroysALayerAsItsClientWould) {
+  {
+    auto client = client::Client::connect(daemon_->client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    ASSERT_TRUE(client->create_layer(spec("doomed")).ok());
+    ASSERT_TRUE(client->create_layer(spec("kept")).ok());
+  }
+  ASSERT_EQ(daemon_->stop(), 0) << daemon_->log();  // both checkpointed
+  ASSERT_TRUE(daemon_->start());
+  const std::string ctl = std::string(TUTELCTL_BIN) + " --socket " + daemon_->admin_socket();
+  {
+    auto client = client::Client::connect(daemon_->client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    auto doomed = client->attach_layer("doomed");
+    auto kept = client->attach_layer("kept");
+    ASSERT_TRUE(doomed.ok() && kept.ok()) << daemon_->log();
+    std::vector<float> x(8 * 16, 0.25f), y(8 * 16);
+    ASSERT_TRUE(doomed->forward(x.data(), 8, y.data()).ok());
+    auto [code, out] = run_command(ctl + " destroy default/doomed");
+    EXPECT_EQ(code, 0) << out;
+    EXPECT_EQ(out, "default/doomed destroyed\n");
+    const Status after = doomed->forward(x.data(), 8, y.data());
+    EXPECT_EQ(after.code(), StatusCode::kNotFound) << after;
+    EXPECT_TRUE(kept->forward(x.data(), 8, y.data()).ok());
+    EXPECT_EQ(client->attach_layer("doomed").status().code(), StatusCode::kNotFound);
+    EXPECT_FALSE(std::filesystem::exists(daemon_->dir() + "/state/default/doomed.safetensors"));
+    EXPECT_NE(daemon_->log().find("layer default/doomed destroyed by the operator"), std::string::npos)
+        << daemon_->log();
+    const nlohmann::json layers = ctl_json("layers");
+    ASSERT_EQ(layers["layers"].size(), 1u) << layers.dump();
+    EXPECT_EQ(layers["layers"][0]["name"], "kept");
+    // Twice, or a layer that never was: refused, naming it.
+    for (const char* missing : {"default/doomed", "nobody/kept"}) {
+      auto [again, message] = run_command(ctl + " destroy " + missing);
+      EXPECT_EQ(again, 1) << message;
+      EXPECT_NE(message.find("NotFound"), std::string::npos) << message;
+    }
+  }
+  ASSERT_EQ(daemon_->stop(), 0) << daemon_->log();
+  ASSERT_TRUE(daemon_->start());
+  auto client = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  EXPECT_EQ(client->attach_layer("doomed").status().code(), StatusCode::kNotFound);
+  EXPECT_TRUE(client->attach_layer("kept").ok());
+}
+
 // A group layer is checkpointed at exit but not restored at start (its peers restart on their own
 // schedule): created again with the same spec, it resumes from its checkpoint, with its step and
 // weights, and the checkpoint written at the next exit carries on from there (it used to be
@@ -2138,6 +2187,14 @@ TEST(DaemonStartup, CreatesStateDirPrivate) {
   EXPECT_EQ(perms & (std::filesystem::perms::group_all | std::filesystem::perms::others_all),
             std::filesystem::perms::none);
   EXPECT_EQ(d.stop(), 0) << d.log();
+  EXPECT_EQ(d.log().find("is open to"), std::string::npos) << d.log();
+  // One that exists keeps the modes its operator gave it, with a warning where others may read.
+  std::filesystem::permissions(d.dir() + "/state", std::filesystem::perms(0750));
+  ASSERT_TRUE(d.start());
+  EXPECT_EQ(d.stop(), 0) << d.log();
+  EXPECT_NE(d.log().find("state_dir " + d.dir() + "/state is open to its group (mode 0750)"), std::string::npos)
+      << d.log();
+  EXPECT_EQ(std::filesystem::status(d.dir() + "/state").permissions(), std::filesystem::perms(0750));
   // Also where the sockets lie inside it, their directories made first (the daemon then stops
   // at its missing peer secret, right after making state_dir).
   char tmpl[] = "/tmp/tuteld-inside-XXXXXX";

@@ -322,7 +322,7 @@ TEST(ProtocolAbuseQuota, ALayerOverTheQuotaIsRefusedBeforeItIsAllocated) {
 }
 
 // Admin requests with bodies of the wrong shape are refused with what they need; nothing changes.
-TEST_F(ProtocolAbuse, MalformedPinAndDrainRequests) {
+TEST_F(ProtocolAbuse, MalformedPinDrainAndDestroyRequests) {
   RawSession admin(daemon_->admin_socket());
   const std::pair<ipc::FrameType, nlohmann::json> bad[] = {
       {ipc::FrameType::kAdminPin, nlohmann::json::object()},
@@ -330,6 +330,9 @@ TEST_F(ProtocolAbuse, MalformedPinAndDrainRequests) {
       {ipc::FrameType::kAdminPin, {{"layer", "default/x"}, {"pinned", "yes"}}},
       {ipc::FrameType::kAdminDrain, nlohmann::json::object()},
       {ipc::FrameType::kAdminDrain, {{"draining", 1}}},
+      {ipc::FrameType::kAdminDestroy, nlohmann::json::object()},
+      {ipc::FrameType::kAdminDestroy, {{"layer", 5}}},
+      {ipc::FrameType::kAdminDestroy, {{"layer", nullptr}}},
   };
   for (const auto& [type, body] : bad) {
     auto r = admin.call(type, body, ipc::FrameType::kOk);

@@ -4,6 +4,7 @@
 //            status | sessions | tenants | layers | plans | peers | metrics
 //   tutelctl checkpoint TENANT/LAYER PATH
 //   tutelctl pin | unpin TENANT/LAYER
+//   tutelctl destroy TENANT/LAYER
 //   tutelctl drain [--wait S] | undrain
 //
 // Exit status: 0 on success, 1 when the daemon cannot be reached or refuses the request (or
@@ -517,7 +518,11 @@ int main(int argc, char** argv) {
   auto* pin = app.add_subcommand(
       "pin", "keep a layer's cached plans when its tenant's other requests need the memory");
   auto* unpin = app.add_subcommand("unpin", "let a pinned layer's idle plans go again");
-  for (CLI::App* c : {pin, unpin})
+  auto* destroy = app.add_subcommand(
+      "destroy",
+      "destroy a layer as its client would: its memory, plans and checkpoint in state_dir go (checkpoint it first "
+      "to keep its state)");
+  for (CLI::App* c : {pin, unpin, destroy})
     c->add_option("LAYER", layer, "the layer as TENANT/NAME")->required()->check(layer_name);
   auto* drain = app.add_subcommand(
       "drain", "take no new client sessions and create no layers; the open sessions go on");
@@ -581,9 +586,13 @@ int main(int argc, char** argv) {
     // tuteld) fails rather than hangs.
     reply = admin->status();
     if (reply.ok()) reply = admin->checkpoint(layer, ec ? path : absolute.string());
-  } else if (*pin || *unpin)
+  } else if (*pin || *unpin) {
     reply = admin->pin(layer, static_cast<bool>(*pin));
-  else if (*drain)
+  } else if (*destroy) {
+    // As the checkpoint: the destroy waits for the layer's requests before it, without bound.
+    reply = admin->status();
+    if (reply.ok()) reply = admin->destroy(layer);
+  } else if (*drain)
     reply = admin->drain(true);
   else if (*undrain)
     reply = admin->drain(false);
@@ -642,6 +651,8 @@ int main(int argc, char** argv) {
       }
     } else if (*pin || *unpin) {
       std::cout << layer << (*pin ? " pinned" : " unpinned") << "\n";
+    } else if (*destroy) {
+      std::cout << layer << " destroyed\n";
     } else if (*drain || *undrain) {
       const int64_t open = body.value("sessions", int64_t{-1});
       if (*undrain)

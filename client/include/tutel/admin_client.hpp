@@ -34,6 +34,11 @@ class AdminClient {
   // Pins (or unpins) `layer` ("tenant/name"): a pinned layer's cached plans are not dropped to
   // make room for its tenant's other requests. {"layer": str, "pinned": bool}
   Result<std::string> pin(std::string_view layer, bool pinned);
+  // Destroys `layer` ("tenant/name") as its client's destroy would: its parameters, plans and
+  // checkpoint in state_dir go, and its clients' handles answer NotFound. Waits without the
+  // timeout for the layer's control requests before it (a group layer's step may take the
+  // group's collective timeout). {"layer": str}
+  Result<std::string> destroy(std::string_view layer);
   // Starts (or ends) draining: the daemon takes no new client sessions and creates no layers;
   // the sessions it has go on. {"draining": bool, "sessions": int}
   Result<std::string> drain(bool draining);

@@ -52,6 +52,8 @@ enum class FrameType : uint16_t {
   kAdminPin = 38,         // {"layer": "tenant/name", "pinned": bool} → kOk {"layer", "pinned"}
   kAdminDrain = 39,       // {"draining": bool}                  → kOk {"draining", "sessions"}
   kAdminSessions = 40,    // {}                                  → kOk {"sessions": [...]}
+  kAdminDestroy = 41,     // {"layer": "tenant/name"}            → kOk {"layer"}: as its client's
+                          // kDestroyLayer, after the layer's control frames before it
   // daemon → peer (replies carry the request's request_id)
   kHelloReply = 64,  // {"session": int, "tenant": str, "arena_bytes": int, ...layout}
   kLayerInfo =
