@@ -64,9 +64,14 @@ Status bound_openmp_spin(char** argv) {
   // initialiser, but also before libc's, which then replaces the environment it changed.)
   if (::setenv("GOMP_SPINCOUNT", kOpenmpSpinCount, /*overwrite=*/0) != 0)
     return Status::Internal(std::string("cannot set GOMP_SPINCOUNT: ") + std::strerror(errno));
-  // By the program's own path where it has one, since the kernel names the process after the
-  // file executed (through /proc/self/exe, `ps` and `pgrep tuteld` saw "exe"); /proc/self/exe
-  // where the path is gone (a binary replaced or deleted since it started).
+  // By the path it was started by, since the kernel names the process after the file executed
+  // (through /proc/self/exe, `ps` and `pgrep tuteld` saw "exe"; through the file a symbolic link
+  // names, the link's name was lost): AT_EXECFN, the path given to execve (a relative one holds
+  // still: nothing has changed the working directory yet). Else the program's own path; else
+  // /proc/self/exe (a binary replaced or deleted since it started).
+  if (const auto* started_as = reinterpret_cast<const char*>(::getauxval(AT_EXECFN));
+      started_as != nullptr && same_file(started_as, "/proc/self/exe"))
+    ::execv(started_as, argv);
   char path[PATH_MAX];
   const ssize_t n = ::readlink("/proc/self/exe", path, sizeof(path) - 1);
   if (n > 0) {

@@ -26,10 +26,11 @@ struct ProbeRun {
   std::string output;  // stdout and stderr
 };
 
-// Runs the probe with `args` under the test's environment less GOMP_SPINCOUNT and
-// OMP_WAIT_POLICY, plus `extra_env`.
+// Runs the probe (by the path `program`, the probe's own by default) with `args` under the test's
+// environment less GOMP_SPINCOUNT and OMP_WAIT_POLICY, plus `extra_env`; through `loader` where
+// one is given.
 ProbeRun run_probe(const std::vector<std::string>& extra_env, const std::vector<std::string>& args = {},
-                   const std::string& loader = "") {
+                   const std::string& loader = "", const std::string& program = OPENMP_SPIN_PROBE) {
   std::vector<std::string> env;
   for (char** e = environ; *e != nullptr; ++e) {
     const std::string kv = *e;
@@ -40,9 +41,9 @@ ProbeRun run_probe(const std::vector<std::string>& extra_env, const std::vector<
   std::vector<char*> envp, argv;
   for (auto& kv : env) envp.push_back(kv.data());
   envp.push_back(nullptr);
-  std::string bin = loader.empty() ? OPENMP_SPIN_PROBE : loader;
+  std::string bin = loader.empty() ? program : loader;
   std::vector<std::string> all_args{bin};
-  if (!loader.empty()) all_args.push_back(OPENMP_SPIN_PROBE);
+  if (!loader.empty()) all_args.push_back(program);
   all_args.insert(all_args.end(), args.begin(), args.end());
   for (auto& a : all_args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -91,6 +92,20 @@ TEST(OpenmpSpin, WithoutAChoiceTheProgramRunsAgainWithTheBoundedSpin) {
   // Named after its own file, not "exe" (ps and pgrep go by this name).
   EXPECT_NE(run.output.find("comm openmp_spin_pro\n"), std::string::npos) << run.output;
   EXPECT_EQ(run.output.find("warning"), std::string::npos) << run.output;
+}
+
+// Started through a symbolic link (an operator's name for the daemon), it keeps the link's name.
+TEST(OpenmpSpin, AProgramStartedThroughALinkKeepsTheLinksName) {
+  char dir[] = "/tmp/tutel-spin-link-XXXXXX";
+  ASSERT_NE(::mkdtemp(dir), nullptr);
+  const std::string link = std::string(dir) + "/renamed-probe";
+  ASSERT_EQ(::symlink(OPENMP_SPIN_PROBE, link.c_str()), 0) << std::strerror(errno);
+  const ProbeRun run = run_probe({}, {}, "", link);
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+  ASSERT_TRUE(WIFEXITED(run.status) && WEXITSTATUS(run.status) == 0) << run.output;
+  EXPECT_EQ(libgomp_spin(run.output), tutel::kOpenmpSpinCount) << run.output;
+  EXPECT_NE(run.output.find("comm renamed-probe\n"), std::string::npos) << run.output;
 }
 
 // Started through the dynamic loader, executing /proc/self/exe would run the loader with the
