@@ -309,8 +309,10 @@ Status read_as_f32(const SafetensorsTensor& t, float* out) {
       });
     case DType::kF64:
       return each.operator()<double>([&](double v, float& f, size_t i) {
-        // A finite double beyond float's range has no defined conversion.
-        if (std::isfinite(v) && std::abs(v) > static_cast<double>(std::numeric_limits<float>::max())) {
+        // A finite double that rounds past float's largest value (from halfway between it and
+        // 2^128 on: round to nearest, ties to even, takes those to infinity) has no f32 value;
+        // one below rounds to the largest.
+        if (std::isfinite(v) && std::abs(v) >= 0x1.ffffffp127) {
           char text[32];
           const auto printed = std::to_chars(text, text + sizeof text, v);
           return Status::InvalidArgument("tensor '" + t.name + "' holds " + std::string(text, printed.ptr) +

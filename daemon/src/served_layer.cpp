@@ -31,8 +31,8 @@ constexpr const char* kSpecKey = "tuteld.spec";
 constexpr const char* kTenantKey = "tuteld.tenant";
 constexpr const char* kOriginKey = "tuteld.origin";  // "config" or "client"
 constexpr const char* kOptimizerKey = "tuteld.optimizer";  // "sgd" or "adamw": whose state it holds
-const std::string kState0Prefix = "optimizer.state0.";  // SGD momentum, AdamW exp_avg
-const std::string kState1Prefix = "optimizer.state1.";  // AdamW exp_avg_sq
+const std::string kState0Prefix(kOptimizerStatePrefixes[0]);  // SGD momentum, AdamW exp_avg
+const std::string kState1Prefix(kOptimizerStatePrefixes[1]);  // AdamW exp_avg_sq
 
 // A file's step count (metadata kStepKey), 0 without one.
 Result<int64_t> step_of(const SafetensorsFile& file) {

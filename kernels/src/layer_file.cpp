@@ -46,10 +46,17 @@ Result<std::string> find_layer_prefix(const SafetensorsFile& file) {
     return std::string();
   }
   std::set<std::string> candidates;
+  auto is_optimizer_state = [](std::string_view prefix) {
+    for (std::string_view s : kOptimizerStatePrefixes)
+      if (prefix.ends_with(s)) return true;
+    return false;
+  };
   for (const SafetensorsTensor& t : file.tensors())
     for (std::string_view r : required)
-      if (t.name.size() > r.size() + 1 && t.name.ends_with(r) && t.name[t.name.size() - r.size() - 1] == '.')
-        candidates.insert(t.name.substr(0, t.name.size() - r.size()));
+      if (t.name.size() > r.size() + 1 && t.name.ends_with(r) && t.name[t.name.size() - r.size() - 1] == '.') {
+        std::string prefix = t.name.substr(0, t.name.size() - r.size());
+        if (!is_optimizer_state(prefix)) candidates.insert(std::move(prefix));
+      }
   std::vector<std::string> complete;
   for (const std::string& p : candidates)
     if (!absent_under(p)) complete.push_back(p);

@@ -1172,6 +1172,22 @@ TEST_F(ClientDaemon, ATutelModelsStateDictLoadsAsItIs) {
   ASSERT_TRUE(from_plain->load("model_f64.safetensors").ok());
   EXPECT_TRUE(values_of(*from_plain) == f64_want) << "the f64 values were not rounded to their nearest f32";
 
+  // With its optimizer state under the same prefix (as tuteld.nn's state dict names it): taken too.
+  ASSERT_NO_FATAL_FAILURE(write("with_state.safetensors", bf16_values,
+                                {"m.", "m.optimizer.state0.", "m.optimizer.state1."}, DType::kBF16));
+  ASSERT_TRUE(from_plain->load("with_state.safetensors").ok());
+  size_t states = 0;
+  for (auto& [name, values] : exported_state(*from_plain).first) {
+    const std::string param = name.rfind("optimizer.state", 0) == 0 ? name.substr(17) : name;
+    EXPECT_TRUE(std::vector<double>(values.begin(), values.end()) == bf16_want.at(param)) << name;
+    states += name != param;
+  }
+  EXPECT_EQ(states, 10u);
+  // Optimizer state alone is no layer's parameters (its momentum was once taken for its weights).
+  ASSERT_NO_FATAL_FAILURE(write("only_state.safetensors", bf16_values, {"optimizer.state0."}, DType::kBF16));
+  auto only_state = client->create_layer(from("only_state", "only_state.safetensors"));
+  EXPECT_EQ(only_state.status().code(), StatusCode::kNotFound) << only_state.status();
+
   // Two layers in the file: which one is not guessed.
   auto two = client->create_layer(from("two", "two_layers.safetensors"));
   ASSERT_FALSE(two.ok());

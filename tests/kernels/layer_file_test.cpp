@@ -78,6 +78,11 @@ TEST_F(LayerFile, AModelsStateDictHasTheLayerUnderOnePrefix) {
                                                                        "embed.weight", "layers.3.attn.q.weight"});
   ASSERT_TRUE(p.ok()) << p.status();
   EXPECT_EQ(*p, "layers.3.moe.");
+  // Its optimizer state, as tuteld names it under the layer's prefix, is no second layer.
+  p = prefix_of(layer("layers.3.moe.") + layer("layers.3.moe.optimizer.state0.") +
+                layer("layers.3.moe.optimizer.state1."));
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(*p, "layers.3.moe.");
   // An incomplete second prefix does not make it ambiguous.
   p = prefix_of(layer("a.") + std::vector<std::string>{"b." + std::string(kGateWeightName)});
   ASSERT_TRUE(p.ok()) << p.status();
@@ -113,10 +118,13 @@ TEST_F(LayerFile, AnIncompleteLayerNamesWhatItHasAndWhatIsMissing) {
 }
 
 TEST_F(LayerFile, AFileWithoutTheLayerSaysWhatALayerFileHolds) {
-  // A name that only ends in a parameter's name, not after a '.', is not one.
+  // A name that only ends in a parameter's name, not after a '.', is not one; optimizer state
+  // alone is not the layer's parameters (its momentum was once taken for its weights).
   for (const std::vector<std::string>& names :
-       {std::vector<std::string>{"something.else"}, {std::string("x") + kGateWeightName, std::string("x") + kFc1WeightName,
-                                                     std::string("x") + kFc2WeightName}}) {
+       {std::vector<std::string>{"something.else"},
+        {std::string("x") + kGateWeightName, std::string("x") + kFc1WeightName, std::string("x") + kFc2WeightName},
+        layer("optimizer.state0."), layer("optimizer.state0.") + layer("optimizer.state1."),
+        layer("moe.optimizer.state1.")}) {
     auto p = prefix_of(names);
     ASSERT_FALSE(p.ok());
     EXPECT_EQ(p.status().code(), StatusCode::kNotFound) << p.status();

@@ -51,8 +51,8 @@ struct SafetensorsTensor {
 // Copies the `t.shape.numel()` values of a floating-point tensor (f32, f64, bf16 or f16) into
 // `out` as f32: f32 as it is, bf16 and f16 exactly, f64 rounded to the nearest f32 (as
 // PyTorch's .float() rounds). The bytes carry only the file's alignment, so they are copied,
-// never cast in place. InvalidArgument naming the tensor for an integer dtype, and for a finite
-// f64 beyond f32's range (it has no f32 value; infinities and NaN carry over).
+// never cast in place. Infinities and NaN carry over. InvalidArgument naming the tensor for an
+// integer dtype, and for a finite f64 that would round to infinity (it has no f32 value).
 Status read_as_f32(const SafetensorsTensor& t, float* out);
 
 // The longest header any reader takes (the reference implementation's bound).
