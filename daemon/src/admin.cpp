@@ -1,6 +1,7 @@
 // The admin socket's requests (tutelctl) and the Prometheus endpoint.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -307,12 +308,28 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
       const std::string name = b["layer"].get<std::string>();
       auto ref = registry_->find_by_name(name);
       if (!ref.ok()) {
-        reply_error(s, rid, ref.status());
+        reply_error(s, rid,
+                    ref.status().code() == StatusCode::kNotFound
+                        ? Status::NotFound("no layer " + escape_text(name) + " to destroy (tutelctl layers lists them)")
+                        : ref.status());
+        break;
+      }
+      const std::string tenant = name.substr(0, name.find('/'));
+      // The config's own layers come back at the next start, created afresh from its weights
+      // or seed, while the destroy deletes their checkpoint: their training would be lost.
+      if (std::any_of(config_.layers.begin(), config_.layers.end(), [&](const LayerDefinition& d) {
+            return d.tenant == tenant && d.name == ref->layer->name();
+          })) {
+        reply_error(s, rid,
+                    Status::InvalidArgument(
+                        "layer " + escape_text(name) +
+                        " is a [[layer]] of the config, which the next start would create afresh (its checkpoint, "
+                        "with its training, goes with a destroy): take it out of the config and restart tuteld "
+                        "first (it is then restored as a client's layer, which can be destroyed)"));
         break;
       }
       // In turn with the layer's control frames (a client's step, save, destroy): as a destroy
       // its client sent after them.
-      const std::string tenant = name.substr(0, name.find('/'));
       const uint64_t handle = ref->handle;
       ref->layer.reset();  // no reference held while waiting: the destroy frees what it holds
       auto result = std::make_shared<Status>();
@@ -322,6 +339,9 @@ void DaemonImpl::handle_admin_frame(const std::shared_ptr<Session>& s, ipc::Fram
             if (result->ok()) {
               TUTEL_LOG(INFO) << "layer " << escape_text(name) << " destroyed by the operator (tutelctl destroy)";
               reply(s, ipc::FrameType::kOk, rid, {{"layer", name}});
+            } else if (result->code() == StatusCode::kNotFound) {
+              // Another destroy (a client's, or another operator's) came first.
+              reply_error(s, rid, Status::NotFound("layer " + escape_text(name) + " was destroyed meanwhile"));
             } else {
               reply_error(s, rid, *result);
             }

@@ -366,10 +366,10 @@ TEST_F(ClientDaemon, TheOperatorDestroysALayerAsItsClientWould) {
     ASSERT_EQ(layers["layers"].size(), 1u) << layers.dump();
     EXPECT_EQ(layers["layers"][0]["name"], "kept");
     // Twice, or a layer that never was: refused, naming it.
-    for (const char* missing : {"default/doomed", "nobody/kept"}) {
+    for (const std::string missing : {"default/doomed", "nobody/kept"}) {
       auto [again, message] = run_command(ctl + " destroy " + missing);
       EXPECT_EQ(again, 1) << message;
-      EXPECT_NE(message.find("NotFound"), std::string::npos) << message;
+      EXPECT_NE(message.find("NotFound: no layer " + missing + " to destroy"), std::string::npos) << message;
     }
   }
   ASSERT_EQ(daemon_->stop(), 0) << daemon_->log();
@@ -1981,13 +1981,21 @@ TEST(DaemonStartup, AConfigLayersChangedSpecIsTakenOrMakesANewLayer) {
 // file is the same one however the config reaches it (through a link, or moved with its
 // directory, where the first path is gone), but another file is a new starting point.
 // A [[layer]] taken out of the config keeps its checkpoint: the next start restores it, says so
-// and serves it (it once came back without a word).
+// and serves it (it once came back without a word). While the config names it, tutelctl destroy
+// refuses it (the next start would create it afresh, its checkpoint gone); then it may.
 TEST(DaemonStartup, ALayerTakenOutOfTheConfigIsRestoredWithAWarning) {
   DaemonOptions with_layer;
   with_layer.layers = "[[layer]]\ntenant = \"default\"\nname = \"gone\"\nexperts = 4\nmodel_dim = 16\nhidden = 32\n"
                       "k = 2\ninit_seed = 1\n";
   DaemonProcess d(with_layer);
   ASSERT_TRUE(d.start()) << d.log();
+  const std::string destroy = std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " destroy default/gone";
+  {
+    auto [code, out] = run_command(destroy);
+    EXPECT_EQ(code, 1) << out;
+    EXPECT_NE(out.find("InvalidArgument"), std::string::npos) << out;
+    EXPECT_NE(out.find("take it out of the config and restart tuteld first"), std::string::npos) << out;
+  }
   ASSERT_EQ(d.stop(), 0) << d.log();
   d.reconfigure(DaemonOptions{});
   ASSERT_TRUE(d.start()) << d.log();
