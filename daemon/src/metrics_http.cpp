@@ -38,6 +38,9 @@ uv_stream_t* stream(uv_tcp_t* tcp) { return reinterpret_cast<uv_stream_t*>(tcp);
 }  // namespace
 
 std::string metrics_http_answer(std::string_view head, const std::function<std::string()>& render) {
+  // An empty line before the request line is ignored (RFC 9112 §2.2).
+  if (head.starts_with("\r\n")) head.remove_prefix(2);
+  else if (head.starts_with("\n")) head.remove_prefix(1);
   std::string_view line = head.substr(0, head.find('\n'));
   if (line.ends_with('\r')) line.remove_suffix(1);
   const size_t first = line.find(' '), second = first == line.npos ? line.npos : line.find(' ', first + 1);
@@ -47,7 +50,15 @@ std::string metrics_http_answer(std::string_view head, const std::function<std::
   if (method.empty() || target.empty() || !version.starts_with("HTTP/") || version.find(' ') != version.npos)
     return http_response(400, "Bad Request", "text/plain",
                          "expected a request line \"GET /metrics HTTP/1.1\"\n");
-  if (target.substr(0, target.find('?')) != "/metrics")
+  // The absolute form ("http://127.0.0.1:9464/metrics"), which a server must accept (RFC 9112
+  // §3.2.2): its path.
+  std::string_view path = target.substr(0, target.find('?'));
+  for (std::string_view scheme : {"http://", "https://"})
+    if (path.starts_with(scheme)) {
+      const size_t slash = path.find('/', scheme.size());
+      path = slash == path.npos ? std::string_view("/") : path.substr(slash);
+    }
+  if (path != "/metrics")
     return http_response(404, "Not Found", "text/plain", "only /metrics is served here\n");
   if (method == "GET") return http_response(200, "OK", kContentType, render());
   if (method == "HEAD") return http_response(200, "OK", kContentType, render(), "", /*with_body=*/false);

@@ -20,8 +20,9 @@
 
 namespace tutel::daemon {
 
-// The whole HTTP answer to a request whose head is `head` (its request line first): 200 with
-// render()'s text for GET /metrics (a query string allowed), its headers alone for HEAD; 405 with
+// The whole HTTP answer to a request whose head is `head` (its request line first, or after one
+// empty line): 200 with render()'s text for GET /metrics (a query string allowed, the target in
+// origin or absolute form), its headers alone for HEAD; 405 with
 // the methods allowed for another method on /metrics; 404 for another path; 400 for a request
 // line that is not "<method> <target> HTTP/<version>". render runs only for a 200.
 std::string metrics_http_answer(std::string_view head, const std::function<std::string()>& render);

@@ -146,8 +146,10 @@ TEST(MetricsHttp, EachRequestGetsItsAnswer) {
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: 12\r\n"
             "Connection: close\r\n\r\ntuteld_up 1\n");
   EXPECT_EQ(answer("GET /metrics?name[]=x HTTP/1.0\n\n"), get);
+  EXPECT_EQ(answer("GET http://127.0.0.1:9464/metrics HTTP/1.1\r\n\r\n"), get);  // the absolute form
+  EXPECT_EQ(answer("\r\nGET /metrics HTTP/1.1\r\n\r\n"), get);  // one empty line first
   EXPECT_EQ(answer("HEAD /metrics HTTP/1.1\r\n\r\n"), get.substr(0, get.size() - 12));
-  EXPECT_EQ(renders, 3);
+  EXPECT_EQ(renders, 5);
   for (const char* other : {"POST /metrics HTTP/1.1\r\n\r\n", "DELETE /metrics?x HTTP/1.1\n\n",
                             "get /metrics HTTP/1.1\r\n\r\n"}) {
     const std::string a = answer(other);
@@ -155,12 +157,13 @@ TEST(MetricsHttp, EachRequestGetsItsAnswer) {
     EXPECT_NE(a.find("\r\nAllow: GET, HEAD\r\n"), std::string::npos) << a;
   }
   for (const char* other : {"GET / HTTP/1.1\r\n\r\n", "GET /metricsx HTTP/1.1\r\n\r\n",
-                            "HEAD /metrics/ HTTP/1.1\r\n\r\n", "GET http://127.0.0.1/metrics HTTP/1.1\r\n\r\n"})
+                            "HEAD /metrics/ HTTP/1.1\r\n\r\n", "GET http://127.0.0.1/ HTTP/1.1\r\n\r\n",
+                            "GET http://127.0.0.1 HTTP/1.1\r\n\r\n", "GET http://127.0.0.1/x/metrics HTTP/1.1\r\n\r\n"})
     EXPECT_EQ(answer(other).rfind("HTTP/1.1 404 Not Found\r\n", 0), 0u) << other;
   for (const char* malformed : {"\r\n\r\n", "GET\r\n\r\n", "GET /metrics\r\n\r\n", "GET  /metrics HTTP/1.1\r\n\r\n",
                                 "GET /metrics FTP/1\r\n\r\n", "GET /metrics HTTP/1.1 extra\r\n\r\n"})
     EXPECT_EQ(answer(malformed).rfind("HTTP/1.1 400 Bad Request\r\n", 0), 0u) << malformed;
-  EXPECT_EQ(renders, 3) << "only a 200 renders the metrics";
+  EXPECT_EQ(renders, 5) << "only a 200 renders the metrics";
 }
 
 }  // namespace
