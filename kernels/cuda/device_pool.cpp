@@ -1,6 +1,7 @@
 #include "cuda/device_pool.hpp"
 
 #include <algorithm>
+#include <iterator>
 #include <string>
 
 #include "cuda/cuda_check.hpp"
@@ -63,6 +64,7 @@ size_t DevicePool::cached_bytes() const {
 }
 
 Result<void*> DevicePool::allocate(size_t bytes) {
+  shrink_to_limit();
   const size_t cls = size_class(bytes);
   {
     std::lock_guard lock(mu_);
@@ -105,12 +107,12 @@ void DevicePool::release(void* data, size_t bytes) {
   const size_t cls = size_class(bytes);
   {
     std::lock_guard lock(mu_);
-    // The block stays cached, over the limit until the next trim, where freeing it would have to
-    // wait: while the stream is captured into a graph (a wait or a free would invalidate the
-    // capture and leak the block), and while work is queued on it, which may read the block and
-    // may be a collective waiting on a peer that is gone (a wait here would have no end: the
-    // thread that gives that collective up at its deadline is this one). Caching it holds no
-    // more memory than holding it did.
+    // The block stays cached, over the limit until the stream is idle (shrink_to_limit), where
+    // freeing it would have to wait: while the stream is captured into a graph (a wait or a free
+    // would invalidate the capture and leak the block), and while work is queued on it, which
+    // may read the block and may be a collective waiting on a peer that is gone (a wait here
+    // would have no end: the thread that gives that collective up at its deadline is this one).
+    // Caching it holds no more memory than holding it did.
     if (cached_ + cls <= max_cached_ || !stream_idle()) {
       free_[cls].push_back(data);
       cached_ += cls;
@@ -119,6 +121,23 @@ void DevicePool::release(void* data, size_t bytes) {
   }
   if (cudaFree(data) != cudaSuccess)
     (void)cudaGetLastError();  // a sticky error stays; anything else must not fail a later launch
+}
+
+void DevicePool::shrink_to_limit() {
+  std::vector<void*> excess;
+  {
+    std::lock_guard lock(mu_);
+    if (cached_ <= max_cached_ || !stream_idle()) return;
+    for (auto it = free_.begin(); it != free_.end() && cached_ > max_cached_;) {
+      while (!it->second.empty() && cached_ > max_cached_) {
+        excess.push_back(it->second.back());
+        it->second.pop_back();
+        cached_ -= it->first;
+      }
+      it = it->second.empty() ? free_.erase(it) : std::next(it);
+    }
+  }
+  free_blocks(excess);  // without the lock: cudaFree may wait for the whole device
 }
 
 void DevicePool::trim() {

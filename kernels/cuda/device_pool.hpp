@@ -3,8 +3,9 @@
 // Freed blocks are kept by size class and handed out again; since every user of a block works
 // on the backend's single stream, a block released while queued work still reads it is reused
 // only by work queued after that work. A block released beyond the cache limit is freed when the
-// stream is idle (else cached over the limit: a release never waits), and the whole cache when
-// cudaMalloc runs out, after the stream drains.
+// stream is idle, else cached over the limit, and the excess freed by the first allocate or
+// release that finds the stream idle: neither waits for the stream. The whole cache is freed
+// when cudaMalloc runs out, after the stream drains. (cudaFree itself may wait for the device.)
 //
 // Every backend on a device has a pool of its own (a daemon makes one per group layer), so
 // the idle blocks of the others can be what an allocation lacks: when cudaMalloc runs out even
@@ -36,7 +37,7 @@ class DevicePool {
   // At least `bytes` of device memory (256-byte aligned), from the cache when a block fits.
   Result<void*> allocate(size_t bytes);
   // Returns a block from allocate(bytes) to the cache (or to the device past the limit, where
-  // the stream is idle and not captured). Never waits.
+  // the stream is idle and not captured). Never waits for the stream.
   void release(void* data, size_t bytes);
   // Waits for the stream, then frees every cached block; nothing while the stream is captured.
   void trim();
@@ -50,6 +51,9 @@ class DevicePool {
  private:
   bool capturing() const;  // the stream is being captured into a graph
   bool stream_idle() const;  // nothing queued on the stream, and not capturing
+  // Frees cached blocks past the limit where the stream is idle (releases past it while work was
+  // queued cached them).
+  void shrink_to_limit();
   void trim_locked();  // waits for the stream, then free_cached_locked()
   void free_cached_locked();  // the stream must be idle
   // Takes the cached blocks out (the stream must be idle), for cudaFree without the lock.
