@@ -2005,6 +2005,9 @@ TEST(DaemonStartup, ALayerTakenOutOfTheConfigIsRestoredWithAWarning) {
   auto client = client::Client::connect(d.client_socket());
   ASSERT_TRUE(client.ok()) << client.status();
   EXPECT_TRUE(client->attach_layer("gone").ok());
+  auto [code, out] = run_command(destroy);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_EQ(client->attach_layer("gone").status().code(), StatusCode::kNotFound);
   EXPECT_EQ(d.stop(), 0) << d.log();
 }
 
