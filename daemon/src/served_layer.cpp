@@ -575,6 +575,15 @@ Result<ForwardResult> ServedLayer::forward(const float* x, int64_t tokens, float
                                          " already has a forward waiting for its backward; use a new sequence number");
       return group_ ? refuse_group_step(false, owner, sequence, std::move(why)) : why;
     }
+    // Each entry costs its bookkeeping whatever it holds, and an empty batch's holds nothing the
+    // quota counts: without a bound, empty forwards never backwarded grew the daemon by a
+    // gigabyte per two million.
+    if (training && pending_.size() >= kMaxPendingForwards) {
+      Status why = Status::ResourceExhausted(
+          "layer '" + def_.name + "' has " + std::to_string(pending_.size()) +
+          " training forwards waiting for their backwards, the most it keeps: backward or discard some first");
+      return group_ ? refuse_group_step(false, owner, sequence, std::move(why)) : why;
+    }
     ActivationBackend& b = activations();
     const Device d = b.device();
     RoutingStats stats;

@@ -77,6 +77,10 @@ struct ForwardResult {
 
 class ServedLayer {
  public:
+  // The training forwards a layer keeps waiting for their backwards, all sessions together;
+  // past it a training forward is refused (ResourceExhausted).
+  static constexpr size_t kMaxPendingForwards = 16384;
+
   // Builds the layer from its definition: weights from the Tutel-named safetensors file, or
   // initialised from init_seed as Tutel initialises them. `spec_text` is kept for checkpoints.
   // Its parameters (memory_bytes()) are charged to `memory` before they are allocated and until

@@ -485,6 +485,37 @@ TEST(ServedLayerDevice, AllocatesNothingOnceWarm) {
   EXPECT_TRUE(device.violations().empty());
 }
 
+// Training forwards waiting for their backwards are bounded per layer, empty batches too (their
+// entries hold nothing the quota counts: two million once took a gigabyte): past the bound a
+// training forward is refused saying what to do, inferences go on, and a backward or a discard
+// makes room again.
+TEST(ServedLayerPending, TrainingForwardsWaitingForBackwardsAreBounded) {
+  LayerDefinition def = definition(cases()[0]);
+  auto ranks = one_rank(cpu_backend());
+  auto created = ServedLayer::create(def, format_layer_spec(def), "tenant", *ranks[0]);
+  ASSERT_TRUE(created.ok()) << created.status();
+  ServedLayer& layer = **created;
+  const size_t limit = ServedLayer::kMaxPendingForwards;
+  for (uint64_t seq = 0; seq < limit; ++seq) {
+    // Two owners (sessions) share the bound.
+    const Result<ForwardResult> r = layer.forward(nullptr, 0, nullptr, true, 1 + seq % 2, seq);
+    ASSERT_TRUE(r.ok()) << seq << ": " << r.status();
+  }
+  const Result<ForwardResult> refused = layer.forward(nullptr, 0, nullptr, true, 3, 0);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_NE(refused.status().message().find("backward or discard some first"), std::string_view::npos)
+      << refused.status();
+  const int64_t M = def.spec.model_dim, O = def.spec.out_dim();
+  std::vector<float> x(4 * M, 0.5f), y(4 * O);
+  EXPECT_TRUE(layer.forward(x.data(), 4, y.data(), false, 3, 0).ok()) << "an inference keeps nothing";
+  ASSERT_TRUE(layer.discard(1, 0).ok());
+  ASSERT_TRUE(layer.backward(nullptr, 0, 0.f, nullptr, 2, 1).ok());
+  EXPECT_TRUE(layer.forward(nullptr, 0, nullptr, true, 3, 0).ok());
+  EXPECT_TRUE(layer.forward(nullptr, 0, nullptr, true, 3, 1).ok());
+  EXPECT_FALSE(layer.forward(nullptr, 0, nullptr, true, 3, 2).ok());
+}
+
 // A layer's token_buckets are built when it is created, inference and training plans alike, and
 // serve its requests without building more; past the last bucket the buckets double. A tenant
 // whose quota cannot hold them gets the layer refused with what to do.
