@@ -123,6 +123,12 @@ Result<std::string> tenant_file(const Config& c, const std::string& tenant, cons
 constexpr size_t kMaxUnreadReplyBytes = size_t{4} << 20;
 // Control frames a session may have waiting before its socket stops being read.
 constexpr size_t kMaxQueuedFrames = 64;
+// And at most this many bytes of their bodies (past it, one frame more): 64 frames of a megabyte
+// each, times a tenant's sessions, held gigabytes no quota counts.
+constexpr size_t kMaxQueuedBytes = size_t{1} << 20;
+// A client request's body is a few fields (a layer spec, a few KiB): a larger one is refused
+// unparsed. Parsed on the loop, a megabyte of JSON took tens of milliseconds from every session.
+constexpr size_t kMaxClientRequestBody = size_t{64} << 10;
 
 // Whether two weights files a layer was created from are one: the same file once links and ".."
 // are resolved, or, where the first is gone, a file of the same name (a config's directory moved
@@ -937,18 +943,20 @@ void DaemonImpl::on_readable(const std::shared_ptr<Session>& s) {
 
 // Control frames run one at a time, in order. A client that sends them faster than they run
 // waits in its socket's buffer, not in the daemon's memory (which grew by gigabytes before):
-// at most kMaxQueuedFrames decoded frames wait, and while they are that many the socket is not
-// read; the decoder holds at most ipc::kReadAvailableBudget bytes more (read_available's
-// budget), which the queue takes from before the socket is read again.
+// at most kMaxQueuedFrames decoded frames wait, holding at most kMaxQueuedBytes of bodies (and one
+// frame more), and while the queue is that full the socket is not read; the decoder holds at
+// most ipc::kReadAvailableBudget bytes more (read_available's budget), which the queue takes from
+// before the socket is read again.
 void DaemonImpl::pump(const std::shared_ptr<Session>& s) {
   // A frame that finishes at once calls pump() again from inside the handler below; the loop
   // here takes the next frame instead, so the stack does not grow with the queue.
   if (s->pumping) return;
   s->pumping = true;
   for (;;) {
-    while (s->queued.size() < kMaxQueuedFrames) {
+    while (s->queued.size() < kMaxQueuedFrames && s->queued_bytes < kMaxQueuedBytes) {
       auto frame = s->decoder.next();
       if (!frame) break;
+      s->queued_bytes += frame->body.size();
       s->queued.push_back(std::move(*frame));
     }
     // Client sessions' (the status says so): tutelctl's own request is no client's backlog.
@@ -963,7 +971,7 @@ void DaemonImpl::pump(const std::shared_ptr<Session>& s) {
   s->pumping = false;
   if (s->closing) return;
   // Not full: the decoder has no complete frame left either.
-  const bool full = s->queued.size() >= kMaxQueuedFrames;
+  const bool full = s->queued.size() >= kMaxQueuedFrames || s->queued_bytes >= kMaxQueuedBytes;
   if (full && !s->reading_paused) {
     s->reading_paused = true;
     poll_session(s);
@@ -1036,6 +1044,13 @@ void DaemonImpl::release_off_loop(std::vector<LayerRef> layers) {
 void DaemonImpl::handle_client_frame(const std::shared_ptr<Session>& s, ipc::Frame frame) {
   const uint32_t rid = frame.header.request_id;
   const auto type = static_cast<ipc::FrameType>(frame.header.type);
+  if (frame.body.size() > kMaxClientRequestBody) {
+    reply_error(s, rid,
+                Status::InvalidArgument("a " + std::string(ipc::frame_type_name(type)) + " request of " +
+                                        std::to_string(frame.body.size()) + " bytes; a client request takes at most " +
+                                        std::to_string(kMaxClientRequestBody) + " (a layer spec is a few KiB)"));
+    return finish_frame(s);
+  }
   auto body = ipc::parse_body(frame);
   if (!body.ok()) {
     reply_error(s, rid, body.status());

@@ -42,6 +42,7 @@ struct Session : std::enable_shared_from_this<Session> {
 
   // Control frames run one at a time, in order; the decoded ones wait here (DaemonImpl::pump).
   std::deque<ipc::Frame> queued;
+  size_t queued_bytes = 0;  // the queued frames' bodies
   bool reading_paused = false;  // the queue is full: the socket is not polled until it drains
   // Replies the socket has not taken yet (the client is slow to read); written from the loop
   // when the socket is writable again, never waited for.

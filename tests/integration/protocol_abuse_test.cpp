@@ -321,6 +321,57 @@ TEST(ProtocolAbuseQuota, ALayerOverTheQuotaIsRefusedBeforeItIsAllocated) {
   EXPECT_EQ(daemon.stop(), 0) << daemon.log();
 }
 
+// A client request's body past 64 KiB is refused unparsed (a megabyte of JSON parsed on the loop
+// took tens of milliseconds from every session), the session serving on; and frames that wait
+// behind a slow one hold at most about a megabyte of bodies (64 frames of a megabyte each held
+// 64 MiB per session), the rest waiting in the socket.
+TEST_F(ProtocolAbuse, LargeRequestBodiesAreRefusedAndQueuedBytesBounded) {
+  RawSession s(daemon_->client_socket());
+  ASSERT_TRUE(s.hello().ok());
+  const std::string padding(100 << 10, ' ');
+  auto big = s.call(ipc::FrameType::kStep, nlohmann::json{{"handle", 1}, {"pad", padding}}, ipc::FrameType::kOk);
+  ASSERT_FALSE(big.ok());
+  EXPECT_EQ(big.status().code(), StatusCode::kInvalidArgument) << big.status();
+  EXPECT_NE(big.status().message().find("a client request takes at most 65536"), std::string_view::npos)
+      << big.status();
+
+  constexpr uint32_t kFrames = 200;
+  const std::string create = nlohmann::json{{"spec",
+                                             "name = \"slow\"\nexperts = 8\nmodel_dim = 256\n"
+                                             "hidden = 1024\nk = 2\ninit_seed = 3\n"}}
+                                 .dump();
+  std::string burst = ipc::encode_frame(ipc::FrameType::kCreateLayer, 1, create);
+  const std::string wide = nlohmann::json{{"name", "nonexistent"}, {"pad", std::string(60 << 10, 'x')}}.dump();
+  for (uint32_t id = 2; id <= kFrames; ++id) burst += ipc::encode_frame(ipc::FrameType::kAttachLayer, id, wide);
+  std::thread writer([&] {
+    for (size_t sent = 0; sent < burst.size();) {
+      const ssize_t n = ::write(s.fd(), burst.data() + sent, burst.size() - sent);
+      if (n <= 0) return;
+      sent += static_cast<size_t>(n);
+    }
+  });
+  uint32_t answered = 0;
+  for (uint32_t id = 1; id <= kFrames; ++id) {
+    auto reply = s.receive();
+    if (!reply.ok()) {
+      ADD_FAILURE() << "reply " << id << ": " << reply.status();
+      break;
+    }
+    EXPECT_EQ(reply->header.request_id, id);
+    EXPECT_EQ(reply->header.type,
+              static_cast<uint16_t>(id == 1 ? ipc::FrameType::kLayerInfo : ipc::FrameType::kError));
+    ++answered;
+  }
+  writer.join();
+  EXPECT_EQ(answered, kFrames);
+  RawSession admin(daemon_->admin_socket());
+  auto status = admin.call(ipc::FrameType::kAdminStatus, nlohmann::json::object(), ipc::FrameType::kOk);
+  ASSERT_TRUE(status.ok()) << status.status();
+  // A megabyte of 60 KiB bodies is 17 frames, and one more passes it.
+  EXPECT_LE((*status)["control_frames_queued_peak"].get<uint64_t>(), 18u) << status->dump();
+  expect_daemon_serves();
+}
+
 // Admin requests with bodies of the wrong shape are refused with what they need; nothing changes.
 TEST_F(ProtocolAbuse, MalformedPinDrainAndDestroyRequests) {
   RawSession admin(daemon_->admin_socket());
