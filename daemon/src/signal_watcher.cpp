@@ -15,20 +15,26 @@
 namespace tutel::daemon {
 namespace {
 
-sigset_t termination_signals() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGINT);
-  return set;
-}
-
 // Whether the process was started with `signum` ignored (nobody in tuteld sets SIG_IGN on it):
 // blocked, such a signal is queued instead of dropped, and must not take the default action.
 bool started_ignoring(int signum) {
   struct sigaction current {};
   return ::sigaction(signum, nullptr, &current) == 0 && !(current.sa_flags & SA_SIGINFO) &&
          current.sa_handler == SIG_IGN;
+}
+
+// Signals whose default action would end the daemon without its exit checkpoints, which a
+// careless operator sends (a log rotation's SIGUSR1): logged and ignored.
+bool is_stray(int signum) { return signum == SIGUSR1 || signum == SIGUSR2; }
+
+// The signals the watcher takes: the termination signals and the stray ones. (Not SIGHUP: UCX
+// installs its own handler for it before main, so whether tuteld was started ignoring it, as
+// nohup does, cannot be seen; docs/decisions.md.)
+sigset_t watched_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  for (int signum : {SIGTERM, SIGINT, SIGUSR1, SIGUSR2}) sigaddset(&set, signum);
+  return set;
 }
 
 void log_already_shutting_down(int signum) {
@@ -54,7 +60,7 @@ void log_already_shutting_down(int signum) {
 }  // namespace
 
 void block_termination_signals() {
-  const sigset_t set = termination_signals();
+  const sigset_t set = watched_signals();
   ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
 }
 
@@ -83,13 +89,18 @@ void SignalWatcher::wait_for_signals() {
   // Named for ps and /proc: while it waits, the kernel shows the signals unblocked in this thread
   // alone (sigwaitinfo takes them off its blocked set for the wait).
   ::pthread_setname_np(::pthread_self(), "tuteld-signals");
-  const sigset_t set = termination_signals();
+  const sigset_t set = watched_signals();
   for (;;) {
     siginfo_t info{};
     const int signum = ::sigwaitinfo(&set, &info);
     if (stopping_.load(std::memory_order_acquire)) return;
     if (signum < 0) {
       assert(errno == EINTR);  // the set is valid: nothing else can fail
+      continue;
+    }
+    if (is_stray(signum)) {
+      TUTEL_LOG(WARN) << "signal " << signum << " (SIGUSR" << (signum == SIGUSR1 ? 1 : 2) << ") from pid "
+                      << info.si_pid << " ignored: tuteld stops at SIGTERM or SIGINT";
       continue;
     }
     // Decided under the lock, done after it: a log line may block on a stalled stderr, and the

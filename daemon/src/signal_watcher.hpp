@@ -1,4 +1,6 @@
-// The daemon's termination signals (SIGTERM, SIGINT), taken by one thread with sigwaitinfo.
+// The daemon's termination signals (SIGTERM, SIGINT), taken by one thread with sigwaitinfo;
+// SIGUSR1 and SIGUSR2, whose default action would end the daemon without its exit checkpoints,
+// are taken too, logged and ignored.
 //
 // A process-directed signal goes to any thread that does not block it. With a handler installed
 // (libuv's uv_signal, as before), it ran on whichever thread it landed on: an OpenMP helper, a

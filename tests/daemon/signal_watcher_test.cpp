@@ -25,8 +25,7 @@ std::unique_ptr<SignalWatcher> watcher_in_child() {
   ::alarm(60);
   // The default actions, whatever the test runner inherited (a background job's SIGINT is
   // ignored, which the watcher honours).
-  ::signal(SIGTERM, SIG_DFL);
-  ::signal(SIGINT, SIG_DFL);
+  for (int signum : {SIGTERM, SIGINT}) ::signal(signum, SIG_DFL);
   block_termination_signals();
   auto watcher = SignalWatcher::start();
   if (!watcher.ok()) ::_exit(10);
@@ -57,6 +56,7 @@ TEST(SignalWatcher, HandsEverySignalToTheLoopInOrder) {
         // Sent one at a time: two pending SIGTERMs would merge into one.
         ::kill(::getpid(), SIGINT);
       } else if (seen.size() == 2) {
+        ::kill(::getpid(), SIGUSR1);  // logged and ignored: never handed to the loop
         ::kill(::getpid(), SIGTERM);
       } else {
         watcher->unref();  // the loop may end now
@@ -138,6 +138,21 @@ ChildEnd survive_then_release(const std::function<void(SignalWatcher&, uv_loop_t
   while ((n = ::read(err[0], buf, sizeof buf)) > 0) end.stderr_text.append(buf, static_cast<size_t>(n));
   ::close(err[0]);
   return end;
+}
+
+// A stray SIGUSR1 or SIGUSR2 (a log rotation's) is logged and ignored, whatever the daemon's part
+// of its life: its default action ended the daemon without its exit checkpoints.
+TEST(SignalWatcher, AStraySignalIsLoggedAndIgnored) {
+  for (int signum : {SIGUSR1, SIGUSR2}) {
+    const ChildEnd end = survive_then_release([](SignalWatcher&, uv_loop_t&) {}, signum, std::nullopt);
+    EXPECT_TRUE(end.survived_first) << end.stderr_text;
+    const std::string said = "(SIGUSR" + std::to_string(signum == SIGUSR1 ? 1 : 2) + ") from pid ";
+    EXPECT_NE(end.stderr_text.find(said), std::string::npos) << end.stderr_text;
+    EXPECT_NE(end.stderr_text.find("ignored: tuteld stops at SIGTERM or SIGINT"), std::string::npos)
+        << end.stderr_text;
+    ASSERT_TRUE(WIFSIGNALED(end.status)) << "exited with " << WEXITSTATUS(end.status);
+    EXPECT_EQ(WTERMSIG(end.status), SIGTERM);
+  }
 }
 
 // While the exit checkpoints are written (the loop has ended), a signal is logged, not acted on;

@@ -16,8 +16,9 @@ class DaemonImpl;
 // a layer's training since its last checkpoint, or a layer never checkpointed, is lost.
 inline constexpr int kExitCheckpointFailed = 75;
 
-// Blocks SIGTERM and SIGINT in the calling thread, and so in every thread it starts later: the
-// daemon takes them on a thread of its own (daemon/src/signal_watcher.hpp says why). Call first
+// Blocks SIGTERM and SIGINT (and SIGUSR1 and SIGUSR2, which the daemon ignores) in the calling
+// thread, and so in every thread it starts later: the daemon takes them on a thread of its own
+// (daemon/src/signal_watcher.hpp says why). Call first
 // thing in main(), before anything starts a thread; Daemon::create refuses a thread without it.
 void block_termination_signals();
 
