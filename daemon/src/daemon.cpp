@@ -109,6 +109,10 @@ Result<std::string> tenant_file(const Config& c, const std::string& tenant, cons
   if (parts > kMaxPathParts)
     return Status::InvalidArgument("path '" + relative + "' has " + std::to_string(parts) + " parts; at most " +
                                    std::to_string(kMaxPathParts) + " (directories and the file name)");
+  // A file's name last: "a/", "a/." name a directory, which a save would first have made (its
+  // directories are made before the file is written) and then failed on.
+  if (const std::string last = p.filename().string(); last.empty() || last == ".")
+    return Status::InvalidArgument("path '" + relative + "' names a directory; end it with the file's name");
   // The form of a save's temporary file is the daemon's: such files are not counted against
   // the quota (their save's reservation is), and are removed at start.
   if (is_safetensors_temp_name(p.filename().string()))
@@ -964,6 +968,7 @@ void DaemonImpl::pump(const std::shared_ptr<Session>& s) {
     if (s->busy || s->closing || s->queued.empty()) break;
     ipc::Frame frame = std::move(s->queued.front());
     s->queued.pop_front();
+    s->queued_bytes -= frame.body.size();
     s->busy = true;
     if (s->admin) handle_admin_frame(s, std::move(frame));
     else handle_client_frame(s, std::move(frame));

@@ -1202,6 +1202,13 @@ Status ServedLayer::import_state(int fd) {
   const Result<uint64_t> hole = sealed ? first_hole(fd) : Result<uint64_t>(uint64_t{0});
   const bool mappable = sealed && hole.ok() && ::fstat(fd, &st) == 0 && *hole >= static_cast<uint64_t>(st.st_size);
   const uint64_t bound = import_bytes_bound(), header_bound = import_header_bound();
+  // The reader would refuse it too, without saying why a file load takes is too large here.
+  if (struct stat size {}; ::fstat(fd, &size) == 0 && static_cast<uint64_t>(size.st_size) > bound)
+    return Status::InvalidArgument(what + " is " + std::to_string(size.st_size) + " bytes, more than the " +
+                                   std::to_string(bound) +
+                                   " an import into this layer takes (its parameters and optimizer state in f32): "
+                                   "a file of f64 values or of a whole model goes among the tenant's checkpoints "
+                                   "(save it there), where load takes it");
   TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, mappable ? SafetensorsFile::map_sealed(fd, what, bound, header_bound)
                                                         : SafetensorsFile::read(fd, what, bound, header_bound));
   return load_file(file);

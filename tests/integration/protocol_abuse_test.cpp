@@ -534,7 +534,7 @@ TEST_F(ProtocolAbuse, MalformedExportAndImportStateRequests) {
        StatusCode::kInvalidArgument, "not a memfd"},
       {ipc::FrameType::kImportState, {{"handle", h}}, {garbage.get()}, StatusCode::kCorruption, "header length"},
       {ipc::FrameType::kImportState, {{"handle", h}}, {cut.get()}, StatusCode::kCorruption, "truncated"},
-      {ipc::FrameType::kImportState, {{"handle", h}}, {terabyte.get()}, StatusCode::kInvalidArgument, "more than the"},
+      {ipc::FrameType::kImportState, {{"handle", h}}, {terabyte.get()}, StatusCode::kInvalidArgument, "where load takes it"},
       {ipc::FrameType::kImportState, {{"handle", h}}, {misshaped.get()}, StatusCode::kInvalidArgument, "gates.0.wg.weight"},
       {ipc::FrameType::kImportState, {{"handle", h}}, {missing.get()}, StatusCode::kNotFound, "experts.batched_fc2_w"},
   };
@@ -840,6 +840,15 @@ TEST_F(ProtocolAbuse, BadSpecsAreRefusedWithTheKey) {
   save = s.call(ipc::FrameType::kSave, {{"handle", (*h)["handle"]}, {"path", ""}}, ipc::FrameType::kOk);
   EXPECT_EQ(save.status().code(), StatusCode::kInvalidArgument) << save.status();
   EXPECT_NE(save.status().message().find("the path is empty"), std::string_view::npos) << save.status();
+  // A path that names a directory is refused before the save makes it (it made "dir/" and then
+  // failed on it, the directory left behind).
+  for (const char* directory : {"dir/", "x/y/.", "z/."}) {
+    save = s.call(ipc::FrameType::kSave, {{"handle", (*h)["handle"]}, {"path", directory}}, ipc::FrameType::kOk);
+    EXPECT_EQ(save.status().code(), StatusCode::kInvalidArgument) << directory << ": " << save.status();
+    EXPECT_NE(save.status().message().find("names a directory"), std::string_view::npos) << save.status();
+  }
+  for (const char* made : {"dir", "x", "z"})
+    EXPECT_FALSE(std::filesystem::exists(daemon_->dir() + "/state/default/checkpoints/" + made)) << made;
   // A save creates the directories its path names: a few levels, not thousands of inodes.
   std::string deep;
   for (int i = 0; i < 2000; ++i) deep += "a/";
