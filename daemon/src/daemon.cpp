@@ -130,9 +130,10 @@ constexpr size_t kMaxQueuedFrames = 64;
 // And at most this many bytes of their bodies (past it, one frame more): 64 frames of a megabyte
 // each, times a tenant's sessions, held gigabytes no quota counts.
 constexpr size_t kMaxQueuedBytes = size_t{1} << 20;
-// A client request's body is a few fields (a layer spec, a few KiB): a larger one is refused
+// A client request's body is a few fields and at most a layer spec (64 KiB at most, config.cpp's
+// kMaxLayerSpecBytes, escaped into JSON: a newline takes two bytes): a larger one is refused
 // unparsed. Parsed on the loop, a megabyte of JSON took tens of milliseconds from every session.
-constexpr size_t kMaxClientRequestBody = size_t{64} << 10;
+constexpr size_t kMaxClientRequestBody = size_t{160} << 10;
 
 // Whether two weights files a layer was created from are one: the same file once links and ".."
 // are resolved, or, where the first is gone, a file of the same name (a config's directory moved

@@ -321,19 +321,24 @@ TEST(ProtocolAbuseQuota, ALayerOverTheQuotaIsRefusedBeforeItIsAllocated) {
   EXPECT_EQ(daemon.stop(), 0) << daemon.log();
 }
 
-// A client request's body past 64 KiB is refused unparsed (a megabyte of JSON parsed on the loop
+// A client request's body past 160 KiB (a 64 KiB layer spec, escaped) is refused unparsed (a megabyte of JSON parsed on the loop
 // took tens of milliseconds from every session), the session serving on; and frames that wait
 // behind a slow one hold at most about a megabyte of bodies (64 frames of a megabyte each held
 // 64 MiB per session), the rest waiting in the socket.
 TEST_F(ProtocolAbuse, LargeRequestBodiesAreRefusedAndQueuedBytesBounded) {
   RawSession s(daemon_->client_socket());
   ASSERT_TRUE(s.hello().ok());
-  const std::string padding(100 << 10, ' ');
+  const std::string padding(200 << 10, ' ');
   auto big = s.call(ipc::FrameType::kStep, nlohmann::json{{"handle", 1}, {"pad", padding}}, ipc::FrameType::kOk);
   ASSERT_FALSE(big.ok());
   EXPECT_EQ(big.status().code(), StatusCode::kInvalidArgument) << big.status();
-  EXPECT_NE(big.status().message().find("a client request takes at most 65536"), std::string_view::npos)
+  EXPECT_NE(big.status().message().find("a client request takes at most 163840"), std::string_view::npos)
       << big.status();
+  // A layer spec near its own bound, whose newlines escaping doubles, still fits.
+  const std::string roomy = "name = \"roomy\"\nexperts = 2\nmodel_dim = 4\nhidden = 4\nk = 1\ninit_seed = 1\n" +
+                            std::string(60000, '\n');
+  auto created = s.call(ipc::FrameType::kCreateLayer, {{"spec", roomy}}, ipc::FrameType::kLayerInfo);
+  EXPECT_TRUE(created.ok()) << created.status();
 
   constexpr uint32_t kFrames = 200;
   const std::string create = nlohmann::json{{"spec",
