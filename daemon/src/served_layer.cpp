@@ -1196,19 +1196,21 @@ Status ServedLayer::import_state(int fd) {
   // under the daemon, or allocate a page at a hole at the daemon's charge (pread reads a hole as
   // zeros).
   const std::string what = "the state imported into " + def_.name;
-  const int seals = ::fcntl(fd, F_GET_SEALS);
-  const bool sealed = seals >= 0 && (seals & F_SEAL_SHRINK) != 0 && (seals & F_SEAL_WRITE) != 0;
   struct stat st {};
-  const Result<uint64_t> hole = sealed ? first_hole(fd) : Result<uint64_t>(uint64_t{0});
-  const bool mappable = sealed && hole.ok() && ::fstat(fd, &st) == 0 && *hole >= static_cast<uint64_t>(st.st_size);
+  const bool sized = ::fstat(fd, &st) == 0;
   const uint64_t bound = import_bytes_bound(), header_bound = import_header_bound();
-  // The reader would refuse it too, without saying why a file load takes is too large here.
-  if (struct stat size {}; ::fstat(fd, &size) == 0 && static_cast<uint64_t>(size.st_size) > bound)
-    return Status::InvalidArgument(what + " is " + std::to_string(size.st_size) + " bytes, more than the " +
+  // Before anything reads it (the hole scan below reads its whole map); the reader would refuse
+  // it too, without saying why a file load takes is too large here.
+  if (sized && static_cast<uint64_t>(st.st_size) > bound)
+    return Status::InvalidArgument(what + " is " + std::to_string(st.st_size) + " bytes, more than the " +
                                    std::to_string(bound) +
                                    " an import into this layer takes (its parameters and optimizer state in f32): "
                                    "a file of f64 values or of a whole model goes among the tenant's checkpoints "
                                    "(save it there), where load takes it");
+  const int seals = ::fcntl(fd, F_GET_SEALS);
+  const bool sealed = seals >= 0 && (seals & F_SEAL_SHRINK) != 0 && (seals & F_SEAL_WRITE) != 0;
+  const Result<uint64_t> hole = sealed ? first_hole(fd) : Result<uint64_t>(uint64_t{0});
+  const bool mappable = sealed && sized && hole.ok() && *hole >= static_cast<uint64_t>(st.st_size);
   TUTEL_ASSIGN_OR_RETURN(SafetensorsFile file, mappable ? SafetensorsFile::map_sealed(fd, what, bound, header_bound)
                                                         : SafetensorsFile::read(fd, what, bound, header_bound));
   return load_file(file);
