@@ -489,7 +489,7 @@ Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& s
   TUTEL_RETURN_IF_ERROR(
       s.check_keys({"client_socket", "client_socket_mode", "client_socket_group", "admin_socket", "state_dir", "metrics_listen", "log_level",
                     "spin_us", "arena_bytes", "peer_secret_file", "hello_timeout_ms",
-                    "max_bootstrap_timeout_ms", "max_collective_timeout_ms", "shutdown_grace_ms",
+                    "max_bootstrap_timeout_ms", "max_collective_timeout_ms", "shutdown_grace_ms", "checkpoint_interval_s",
                     "coordinator_networks", "coordinator_ports"}));
   for (auto [key, out] : {std::pair{"client_socket", &server.client_socket},
                           std::pair{"admin_socket", &server.admin_socket}}) {
@@ -507,6 +507,13 @@ Status parse_server(const Scope& root, const fs::path& base_dir, ServerConfig& s
     return s.error_near("admin_socket", "the admin socket must differ from the client socket (" +
                                             quote(server.client_socket) + ")");
   TUTEL_RETURN_IF_ERROR(get_path(s, "state_dir", base_dir, false, server.state_dir));
+  int64_t checkpoint_s = server.checkpoint_interval.count();
+  TUTEL_RETURN_IF_ERROR(get_int(s, "checkpoint_interval_s", 0, 7 * 24 * 3600, checkpoint_s));
+  if (checkpoint_s > 0 && server.state_dir.empty())
+    return s.error_near("checkpoint_interval_s",
+                        "writes the layers' checkpoints to state_dir, which is not set: set state_dir, or "
+                        "checkpoint_interval_s = 0");
+  server.checkpoint_interval = std::chrono::seconds(checkpoint_s);
   TUTEL_RETURN_IF_ERROR(get_path(s, "peer_secret_file", base_dir, false, server.peer_secret_file));
   TUTEL_RETURN_IF_ERROR(get_milliseconds(s, "hello_timeout_ms", server.hello_timeout));
   TUTEL_RETURN_IF_ERROR(get_milliseconds(s, "max_bootstrap_timeout_ms", server.max_bootstrap_timeout));

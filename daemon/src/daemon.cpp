@@ -15,6 +15,7 @@
 #include <ctime>
 #include <filesystem>
 #include <limits>
+#include <sstream>
 #include <system_error>
 
 #include "daemon_impl.hpp"
@@ -271,6 +272,14 @@ Status DaemonImpl::start() {
   uv_timer_start(
       &hello_sweep_, [](uv_timer_t* t) { static_cast<DaemonImpl*>(t->data)->close_silent_sessions(); }, sweep_ms,
       sweep_ms);
+  if (const int64_t interval_s = config_.server.checkpoint_interval.count(); interval_s > 0) {
+    uv_timer_init(&loop_, &checkpoint_timer_);
+    checkpoint_timer_.data = this;
+    const uint64_t interval_ms = static_cast<uint64_t>(interval_s) * 1000;
+    uv_timer_start(
+        &checkpoint_timer_, [](uv_timer_t* t) { static_cast<DaemonImpl*>(t->data)->start_checkpoint_round(); },
+        interval_ms, interval_ms);
+  }
   // Nothing is accepted until run() starts the loop, so clients wait for the restore.
   const ServerConfig& server = config_.server;
   TUTEL_RETURN_IF_ERROR(listen(server.client_socket, server.client_socket_mode, server.client_socket_gid, false,
@@ -583,6 +592,7 @@ Status DaemonImpl::restore_state() {
   // exit.
   auto restore = [&](const std::string& tenant, const LayerDefinition& def, const std::string& spec) -> Status {
     TUTEL_ASSIGN_OR_RETURN(LayerRef ref, registry_->create(tenant, def, spec));
+    ref.layer->note_checkpointed();  // a periodic checkpoint need not write it again as it is
     TUTEL_LOG(INFO) << "restored layer " << tenant << "/" << def.name << " at step " << ref.layer->step_count();
     return Status::OK();
   };
@@ -1618,6 +1628,76 @@ int DaemonImpl::checkpoint_all() {
   return failed;
 }
 
+void DaemonImpl::start_checkpoint_round() {
+  if (shutting_down_) return;
+  if (checkpoint_round_) {
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - checkpoint_round_->started).count();
+    TUTEL_LOG(WARN) << "periodic checkpoints: the round started " << secs << " s ago is still writing ("
+                    << checkpoint_round_->next << " of " << checkpoint_round_->layers.size()
+                    << " layers begun); this one is skipped (a slow disk, or a group layer waiting on its peers; "
+                       "a longer server.checkpoint_interval_s writes less often)";
+    metrics_.count_checkpoint_round_skipped();
+    return;
+  }
+  checkpoint_round_ = std::make_unique<CheckpointRound>();
+  checkpoint_round_->started = std::chrono::steady_clock::now();
+  for (const LayerRef& ref : registry_->all())
+    checkpoint_round_->layers.push_back({ref.layer->tenant(), ref.handle});
+  checkpoint_next_layer();
+}
+
+void DaemonImpl::checkpoint_next_layer() {
+  CheckpointRound& round = *checkpoint_round_;
+  if (round.next == round.layers.size() || shutting_down_) {  // the exit writes every layer anyway
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - round.started).count();
+    std::ostringstream summary;
+    summary << "periodic checkpoints: " << round.written << " layer(s) written, " << round.unchanged << " unchanged, "
+            << round.failed << " failed, in " << secs << " s";
+    if (round.failed > 0) TUTEL_LOG(WARN) << summary.str();
+    else if (round.written > 0) TUTEL_LOG(INFO) << summary.str();
+    checkpoint_round_.reset();
+    return;
+  }
+  const auto [tenant, handle] = round.layers[round.next++];
+  struct Outcome {
+    std::string name;
+    Result<bool> written = false;  // false: unchanged, or destroyed meanwhile
+  };
+  auto outcome = std::make_shared<Outcome>();
+  // As layer work: after the frames its clients sent before, and never beside its destroy, which
+  // removes the file a save running beside it would put back (the layer restored at the next
+  // start, destroyed as it was).
+  run_layer_work(
+      handle,
+      [this, tenant, handle, outcome] {
+        // Looked up here, on the pool: a destroyed layer's last reference may be this one, and
+        // its destructor waits for its rank.
+        const Result<LayerRef> ref = registry_->find(tenant, handle);
+        if (!ref.ok() || ref->layer->destroyed()) return;
+        outcome->name = ref->layer->name();
+        const fs::path dir = fs::path(config_.server.state_dir) / tenant;
+        (void)create_directories_durably(dir);  // a failure shows as the save's own
+        outcome->written = guarded([&] { return ref->layer->checkpoint_if_changed((dir / (outcome->name + ".safetensors")).string()); });
+      },
+      [this, tenant, outcome] {
+        CheckpointRound& r = *checkpoint_round_;
+        if (!outcome->written.ok()) {
+          ++r.failed;
+          TUTEL_LOG(ERROR) << "periodic checkpoint of " << tenant << "/" << outcome->name
+                           << " failed: " << outcome->written.status()
+                           << " (its earlier checkpoint, if any, stays; the next round tries again)";
+        } else if (*outcome->written) {
+          ++r.written;
+        } else if (!outcome->name.empty()) {
+          ++r.unchanged;
+        }
+        if (!outcome->name.empty())
+          metrics_.count_checkpoint(!outcome->written.ok() ? "failed" : *outcome->written ? "written" : "unchanged");
+        checkpoint_next_layer();
+      });
+}
+
 void DaemonImpl::shutdown() {
   if (shutting_down_) return;
   shutting_down_ = true;
@@ -1628,6 +1708,8 @@ void DaemonImpl::shutdown() {
   uv_close(reinterpret_cast<uv_handle_t*>(&admin_poll_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&accept_pause_), nullptr);
   uv_close(reinterpret_cast<uv_handle_t*>(&hello_sweep_), nullptr);
+  if (uv_is_active(reinterpret_cast<uv_handle_t*>(&checkpoint_timer_)))
+    uv_close(reinterpret_cast<uv_handle_t*>(&checkpoint_timer_), nullptr);  // the exit's checkpoints follow
   // Signals are still taken through the drain (here) and the exit checkpoints (logged:
   // run()); a second SIGTERM used to kill the daemon between two layers' checkpoints, losing
   // the rest. They no longer keep the loop alive.

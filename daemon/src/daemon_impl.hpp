@@ -159,6 +159,20 @@ class DaemonImpl {
   void close_silent_sessions();
   // Writes every layer's exit checkpoint; returns how many failed (each one logged).
   int checkpoint_all();
+  // [server] checkpoint_interval_s: checkpoint_timer_ starts a round, which writes the layers
+  // whose parameters changed since their last checkpoint (ServedLayer::checkpoint_if_changed),
+  // one at a time, each as its layer's work. A round still writing when the next is due makes
+  // that one skip. Loop thread.
+  struct CheckpointRound {
+    std::chrono::steady_clock::time_point started;
+    std::vector<std::pair<std::string, uint64_t>> layers;  // (tenant, handle) as the round began
+    size_t next = 0;                                       // layers[next] is the next to begin
+    int64_t written = 0, unchanged = 0, failed = 0;
+  };
+  void start_checkpoint_round();
+  void checkpoint_next_layer();  // or ends the round
+  uv_timer_t checkpoint_timer_{};
+  std::unique_ptr<CheckpointRound> checkpoint_round_;  // the round writing now, if any
 
   // SIGTERM, SIGINT. First, so destroyed last: a signal ends a teardown that hangs in any member
   // below (release_loop()).

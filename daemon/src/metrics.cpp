@@ -86,6 +86,16 @@ void Metrics::count_session_refused(const std::string& tenant, const std::string
   ++sessions_refused_[{tenant, reason}];
 }
 
+void Metrics::count_checkpoint(const std::string& result) {
+  std::lock_guard lock(mutex_);
+  ++periodic_checkpoints_[result];
+}
+
+void Metrics::count_checkpoint_round_skipped() {
+  std::lock_guard lock(mutex_);
+  ++checkpoint_rounds_skipped_;
+}
+
 void Metrics::set_draining(bool draining) {
   std::lock_guard lock(mutex_);
   draining_ = draining;
@@ -175,6 +185,19 @@ std::string Metrics::prometheus_text() const {
   for (const auto& [k, v] : sessions_refused_)
     o << "tuteld_sessions_refused_total{tenant=\"" << label(k.first) << "\",reason=\"" << label(k.second) << "\"} "
       << v << "\n";
+  // Every result shown from the start, at 0: an alert on "failed" needs the series there.
+  o << "# HELP tuteld_periodic_checkpoints_total Layers a periodic checkpoint (server.checkpoint_interval_s) "
+       "wrote, found unchanged since their last one, or failed to write.\n"
+    << "# TYPE tuteld_periodic_checkpoints_total counter\n";
+  for (const char* result : {"written", "unchanged", "failed"}) {
+    const auto it = periodic_checkpoints_.find(result);
+    o << "tuteld_periodic_checkpoints_total{result=\"" << result << "\"} "
+      << (it == periodic_checkpoints_.end() ? 0 : it->second) << "\n";
+  }
+  o << "# HELP tuteld_periodic_checkpoint_rounds_skipped_total Periodic checkpoint rounds skipped because the "
+       "round before was still writing.\n"
+    << "# TYPE tuteld_periodic_checkpoint_rounds_skipped_total counter\n"
+    << "tuteld_periodic_checkpoint_rounds_skipped_total " << checkpoint_rounds_skipped_ << "\n";
   if (process_) {
     // Prometheus's standard process series, by their standard names and help texts, so that the
     // dashboards made for any exporter show the daemon's.

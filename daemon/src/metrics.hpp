@@ -34,6 +34,11 @@ class Metrics {
   // to none) and reason: "no_tenant", "draining", "max_sessions", "secret", "hello_timeout".
   void count_session_refused(const std::string& tenant, const std::string& reason);
   void set_draining(bool draining);
+  // A layer a periodic checkpoint round ([server] checkpoint_interval_s) took: "written",
+  // "unchanged" (as its last checkpoint) or "failed"; and a round skipped, the last one still
+  // writing.
+  void count_checkpoint(const std::string& result);
+  void count_checkpoint_round_skipped();
   // Whether the group of an expert-parallel layer ("tenant/layer") still answers.
   void set_peer_state(const std::string& group_layer, bool up);
   // State read from the live objects just before rendering (replaces the previous snapshot):
@@ -102,6 +107,8 @@ class Metrics {
   std::map<std::pair<int, std::string>, double> rank_busy_;
   std::map<std::pair<std::string, std::string>, uint64_t> sessions_refused_;  // (tenant, reason)
   std::optional<ProcessStats> process_;
+  std::map<std::string, uint64_t> periodic_checkpoints_;  // by result
+  uint64_t checkpoint_rounds_skipped_ = 0;
   int64_t active_sessions_ = 0;
   bool draining_ = false;
 };

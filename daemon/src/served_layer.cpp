@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <filesystem>
 #include <functional>
 #include <limits>
 #include <random>
@@ -1124,6 +1125,10 @@ std::map<std::string, std::string> ServedLayer::saved_metadata() const {
 
 Status ServedLayer::save(const std::string& path) {
   LayerLock lock(*this);
+  return save_locked(path);
+}
+
+Status ServedLayer::save_locked(const std::string& path) {
   // Written from where the tensors are, as an export is (state_writer): no staged copy of the
   // whole state, which for a large layer (values and both moments, three times the parameters)
   // could not be had at exit, and without it no layer after it was checkpointed.
@@ -1131,6 +1136,21 @@ Status ServedLayer::save(const std::string& path) {
   TUTEL_RETURN_IF_ERROR(rank_.health.check());
   const StateWriter w = state_writer();
   return write_safetensors(path, w.entries, saved_metadata(), w.fill);
+}
+
+Result<bool> ServedLayer::checkpoint_if_changed(const std::string& path) {
+  LayerLock lock(*this);
+  std::error_code ec;
+  if (checkpointed_version_ == params_version_ && std::filesystem::is_regular_file(std::filesystem::symlink_status(path, ec)))
+    return false;
+  TUTEL_RETURN_IF_ERROR(save_locked(path));
+  checkpointed_version_ = params_version_;
+  return true;
+}
+
+void ServedLayer::note_checkpointed() {
+  LayerLock lock(*this);
+  checkpointed_version_ = params_version_;
 }
 
 Result<uint64_t> ServedLayer::export_state(int memfd) {

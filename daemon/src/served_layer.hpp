@@ -223,6 +223,12 @@ class ServedLayer {
   Status scale_grads(double factor);
   // Parameters, optimizer state, step count and spec, written atomically.
   Status save(const std::string& path);
+  // A periodic checkpoint ([server] checkpoint_interval_s): save(path) unless the parameters
+  // are as this wrote them, or as they were restored from it, and a regular file is still at
+  // `path` (an operator may have moved it away). True when it wrote the file.
+  Result<bool> checkpoint_if_changed(const std::string& path);
+  // The layer was restored from its checkpoint in state_dir: its parameters are that file's.
+  void note_checkpointed();
   // Parameters (and optimizer state when present) from a file written by save() or a Tutel
   // state dict; shapes must match this layer.
   Status load(const std::string& path);
@@ -406,6 +412,7 @@ class ServedLayer {
   Status load_locked(const std::string& path);
   Status load_file_locked(const SafetensorsFile& file);
   Status load_file(const SafetensorsFile& file);  // load_file_locked under the layer's lock
+  Status save_locked(const std::string& path);  // save() under the layer's lock
   // What save() and export_state() write: each parameter, then its optimizer states.
   struct SavedTensor {
     std::string name;
@@ -464,6 +471,9 @@ class ServedLayer {
   // Counts the changes of the parameters (a step applied, a load or import): a training forward
   // records it, and its backward is refused once it moved (see backward()); guarded by mutex_.
   uint64_t params_version_ = 0;
+  // params_version_ as the last periodic checkpoint wrote it (or the restore read it); guarded
+  // by mutex_.
+  std::optional<uint64_t> checkpointed_version_;
   // Read by the admin socket on the event loop: never behind mutex_, which a group layer holds
   // while it waits on its peers.
   std::atomic<int64_t> step_{0};

@@ -126,6 +126,7 @@ TEST(ConfigTest, ExampleShowsTheDefaults) {
   EXPECT_EQ(c.server.max_bootstrap_timeout, s.max_bootstrap_timeout);
   EXPECT_EQ(c.server.max_collective_timeout, s.max_collective_timeout);
   EXPECT_EQ(c.server.shutdown_grace, s.shutdown_grace);
+  EXPECT_EQ(c.server.checkpoint_interval, s.checkpoint_interval);
   EXPECT_EQ(c.server.coordinator_ports, s.coordinator_ports);
   EXPECT_TRUE(c.server.coordinator_networks.empty());
   const BackendConfig b;
@@ -147,6 +148,18 @@ TEST(ConfigTest, ExampleShowsTheDefaults) {
   EXPECT_EQ(c.layers[0].optimizer.lr, o.lr);
   EXPECT_EQ(c.layers[0].optimizer.beta2, o.beta2);
   EXPECT_EQ(c.layers[0].optimizer.eps, o.eps);
+}
+
+// Periodic checkpoints are off unless asked for, and write to state_dir (refused without one,
+// in the bad-input test below).
+TEST(ConfigTest, CheckpointIntervalIsOffByDefaultAndInSeconds) {
+  const std::string tenant = "[[tenant]]\nname = \"a\"\nuids = [1000]\n";
+  const std::string server = "[server]\nclient_socket = \"c\"\nadmin_socket = \"a\"\nstate_dir = \"s\"\n";
+  EXPECT_EQ(parse_ok(server + tenant).server.checkpoint_interval, std::chrono::seconds(0));
+  EXPECT_EQ(parse_ok(server + "checkpoint_interval_s = 900\n" + tenant).server.checkpoint_interval,
+            std::chrono::seconds(900));
+  EXPECT_EQ(parse_ok(server + "checkpoint_interval_s = 604800\n" + tenant).server.checkpoint_interval,
+            std::chrono::hours(24 * 7));
 }
 
 // [server]'s bounds on a group's timeouts hold for the config's own [[layer]] tables too; the
@@ -656,6 +669,13 @@ TEST(ConfigErrorTest, OutOfRange) {
   expect_error(server + "shutdown_grace_ms = 600001 #!\n", "server.shutdown_grace_ms", {"got 600001"});
   expect_error(server + "shutdown_grace_ms = \"5s\" #!\n", "server.shutdown_grace_ms", {});
   expect_error(server + "max_collective_timeout_ms = 0 #!\n", "server.max_collective_timeout_ms", {});
+  expect_error(server + "state_dir = \"s\"\ncheckpoint_interval_s = -1 #!\n", "server.checkpoint_interval_s",
+               {"expected an integer >= 0, got -1"});
+  expect_error(server + "state_dir = \"s\"\ncheckpoint_interval_s = 604801 #!\n", "server.checkpoint_interval_s",
+               {"got 604801"});
+  expect_error(server + "state_dir = \"s\"\ncheckpoint_interval_s = \"1h\" #!\n", "server.checkpoint_interval_s", {});
+  expect_error(server + "checkpoint_interval_s = 60 #!\n", "server.checkpoint_interval_s",
+               {"writes the layers' checkpoints to state_dir, which is not set", "checkpoint_interval_s = 0"});
   expect_error(server + "max_bootstrap_timeout_ms = 3600001 #!\n", "server.max_bootstrap_timeout_ms", {});
   expect_error(server + "max_bootstrap_timeout_ms = 1.5 #!\n", "server.max_bootstrap_timeout_ms", {});
 

@@ -2206,6 +2206,105 @@ TEST(DaemonStartup, AFileSizeLimitFailsTheSaveNotTheDaemon) {
   EXPECT_TRUE(std::filesystem::exists(d.dir() + "/state/default/tiny.safetensors")) << log;
 }
 
+// A counter of `tutelctl metrics`, by its whole series name ("name{labels}"); -1 where absent.
+int64_t metric_value(const DaemonProcess& d, const std::string& series) {
+  auto [code, text] = run_command(std::string(TUTELCTL_BIN) + " --socket " + d.admin_socket() + " metrics", false);
+  if (code != 0) return -1;
+  const size_t at = text.find("\n" + series + " ");
+  return at == std::string::npos ? -1 : std::stoll(text.substr(at + series.size() + 2));
+}
+
+// Polls `done` every 20 ms for at most 60 s (a bound on a hang, not a timing assertion).
+bool eventually(const std::function<bool()>& done) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (done()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return done();
+}
+
+// The step a checkpoint file records ("" where there is no readable file).
+std::string checkpointed_step(const std::string& path) {
+  auto file = SafetensorsFile::open(path);
+  if (!file.ok()) return "";
+  const auto it = file->metadata().find("tuteld.step");
+  return it == file->metadata().end() ? "" : it->second;
+}
+
+// server.checkpoint_interval_s: trained layers are written between exits, so a SIGKILL (an OOM
+// kill, a crash) loses at most an interval's training; a layer as its last checkpoint is not
+// written again; a failed write is logged and counted, the daemon goes on, and the next round
+// writes the file; a destroyed layer's file does not come back.
+TEST(DaemonStartup, PeriodicCheckpointsSurviveAKill) {
+  DaemonProcess d(DaemonOptions{.extra_server = "checkpoint_interval_s = 1\n"});
+  ASSERT_TRUE(d.start());
+  const std::string state = d.dir() + "/state/default/";
+  const std::string written = "tuteld_periodic_checkpoints_total{result=\"written\"}";
+  const std::string unchanged = "tuteld_periodic_checkpoints_total{result=\"unchanged\"}";
+  const std::string failed = "tuteld_periodic_checkpoints_total{result=\"failed\"}";
+  std::vector<float> x(8 * 16), y(8 * 16), dx(8 * 16), trained(8 * 16), after(8 * 16);
+  std::mt19937 rng(std::random_device{}());
+  std::normal_distribution<float> normal;
+  for (float& v : x) v = normal(rng);
+  {
+    auto client = client::Client::connect(d.client_socket());
+    ASSERT_TRUE(client.ok()) << client.status();
+    auto layer = client->create_layer(spec("trained"));
+    auto idle = client->create_layer(spec("idle", 16, 9));
+    ASSERT_TRUE(layer.ok() && idle.ok()) << d.log();
+    for (int i = 0; i < 3; ++i) {
+      ASSERT_TRUE(layer->forward(x.data(), 8, y.data()).ok());
+      ASSERT_TRUE(layer->backward(y.data(), 0.f, dx.data()).ok());
+      ASSERT_TRUE(layer->step().ok());
+    }
+    ASSERT_TRUE(layer->infer(x.data(), 8, trained.data()).ok());
+    ASSERT_TRUE(eventually([&] { return checkpointed_step(state + "trained.safetensors") == "3"; })) << d.log();
+    ASSERT_TRUE(eventually([&] { return std::filesystem::exists(state + "idle.safetensors"); })) << d.log();
+    EXPECT_EQ(metric_value(d, failed), 0);
+
+    // Unchanged since: not written again (the same file, not a new one renamed over it).
+    struct stat before {};
+    ASSERT_EQ(::stat((state + "idle.safetensors").c_str(), &before), 0);
+    const int64_t seen = metric_value(d, unchanged);
+    ASSERT_TRUE(eventually([&] { return metric_value(d, unchanged) >= seen + 4; })) << d.log();  // two rounds
+    struct stat now {};
+    ASSERT_EQ(::stat((state + "idle.safetensors").c_str(), &now), 0);
+    EXPECT_EQ(now.st_ino, before.st_ino) << "an unchanged layer was written again";
+
+    // A write that fails (a symbolic link in the file's place, which a checkpoint never replaces)
+    // is the layer's: logged, counted, the daemon serves on, the next round writes it.
+    ASSERT_EQ(::unlink((state + "trained.safetensors").c_str()), 0);
+    ASSERT_EQ(::symlink("elsewhere.safetensors", (state + "trained.safetensors").c_str()), 0);
+    ASSERT_TRUE(eventually([&] { return metric_value(d, failed) >= 1; })) << d.log();
+    EXPECT_NE(d.log().find("periodic checkpoint of default/trained failed"), std::string::npos) << d.log();
+    EXPECT_TRUE(layer->infer(x.data(), 8, after.data()).ok());
+    EXPECT_EQ(after, trained);
+    ASSERT_EQ(::unlink((state + "trained.safetensors").c_str()), 0);
+    ASSERT_TRUE(eventually([&] { return checkpointed_step(state + "trained.safetensors") == "3"; })) << d.log();
+
+    // Destroyed: its file goes, and no round brings it back.
+    ASSERT_TRUE(idle->destroy().ok());
+    const int64_t rounds = metric_value(d, unchanged);
+    ASSERT_TRUE(eventually([&] { return metric_value(d, unchanged) >= rounds + 2; })) << d.log();
+    EXPECT_FALSE(std::filesystem::exists(state + "idle.safetensors"));
+  }
+  d.kill_hard();  // no exit checkpoint: what survives is the periodic one
+  ASSERT_TRUE(d.start());
+  auto client = client::Client::connect(d.client_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto layer = client->attach_layer("trained");
+  ASSERT_TRUE(layer.ok()) << layer.status() << d.log();
+  EXPECT_EQ(layer->info().step, 3);
+  ASSERT_TRUE(layer->infer(x.data(), 8, after.data()).ok());
+  EXPECT_EQ(after, trained) << "the trained weights came back";
+  EXPECT_EQ(client->attach_layer("idle").status().code(), StatusCode::kNotFound);
+  // Restored from its file: the next rounds find it unchanged.
+  const int64_t seen = metric_value(d, unchanged);
+  ASSERT_TRUE(eventually([&] { return metric_value(d, unchanged) >= seen + 1; })) << d.log();
+  EXPECT_EQ(metric_value(d, written), 0) << d.log();
+}
+
 // state_dir holds every tenant's weights and optimizer state: the daemon creates it private.
 TEST(DaemonStartup, CreatesStateDirPrivate) {
   DaemonProcess d(DaemonOptions{});

@@ -141,6 +141,10 @@ struct ServerConfig {
   std::optional<uint32_t> client_socket_gid;  // client_socket_group resolved
   std::string client_socket_group;            // as written ("" = the daemon's group)
   std::string state_dir;  // "" = no checkpoint on exit and no restore on start
+  // Every this often, the layers whose parameters changed since their last checkpoint are
+  // written to state_dir as at exit, so a crash, SIGKILL or OOM kill loses at most this much
+  // training. 0: only at exit. Needs state_dir.
+  std::chrono::seconds checkpoint_interval{0};
   // "" disables the metrics endpoint. Only loopback: 127.0.0.0/8 or [::1], with a port.
   std::string metrics_listen = "127.0.0.1:9464";
   std::string metrics_host = "127.0.0.1";  // metrics_listen split; the host without brackets
