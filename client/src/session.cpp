@@ -320,6 +320,7 @@ Result<Ticket> Session::submit(const Submission& s) {
   const auto held = hold();
   if (!usable().ok()) return broken_;
   send_discards();
+  if (!usable().ok()) return broken_;  // a discard the ring refused closed the session (its arena too)
   if (s.in_device_region) return submit_in_device_region(s);
   const bool has_data = s.op != ipc::Op::kNop && s.op != ipc::Op::kDiscard;
   if (has_data) {

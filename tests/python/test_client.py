@@ -244,6 +244,21 @@ class ClientModuleTest(unittest.TestCase):
         np.testing.assert_array_equal(views["experts.batched_fc1_w"], stored["experts.batched_fc1_w"])
         del views
         np.testing.assert_array_equal(gate, np.full_like(gate, 7.0))
+        # Exports kept (a trainer's best model, its last few) hold no file descriptor each: the
+        # mapping of the daemon's memfd kept a duplicate of it for as long as an array lived.
+        kept = [layer.export_state() for _ in range(3)]
+
+        def state_fds():
+            names = []
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    names.append(os.readlink(f"/proc/self/fd/{fd}"))
+                except OSError:
+                    pass  # the listing's own descriptor, closed by now
+            return [n for n in names if "tuteld layer state" in n]
+
+        self.assertEqual(state_fds(), [])
+        np.testing.assert_array_equal(kept[2][0]["experts.batched_fc1_w"], stored["experts.batched_fc1_w"])
 
     def test_an_empty_batch_is_a_step_that_changes_nothing(self):
         p, x = random_case(self.rng, 8)
@@ -608,6 +623,37 @@ class ClientModuleTest(unittest.TestCase):
             holder.join()
         y, _ = layer.forward(x)  # the parent's session goes on
         self.assertEqual(y.shape, (8, M))
+
+    def test_a_forked_child_reattaches_through_its_own_client(self):
+        # What the refusal tells a child to do: connect a client of its own, attach, and drop the
+        # parent's handle (tuteld.nn.reattach's order). Dropping it took the parent's lock, which
+        # refused: the remedy failed the way the mistake did.
+        p, x = random_case(self.rng, 8)
+        layer = self.make_layer(p)
+        expected, _ = layer.infer(x)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(read_end)
+                try:
+                    own = tuteld.Client(self.daemon.client_socket)
+                    twin = own.attach_layer("moe")
+                    layer.release()
+                    y, _ = twin.infer(x)
+                    said = b"same" if np.array_equal(y, expected) else b"different outputs"
+                    own.close()
+                except Exception as e:  # noqa: BLE001 (reported to the parent)
+                    said = repr(e).encode()
+                os.write(write_end, said)
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        said = os.read(read_end, 4096)
+        os.close(read_end)
+        os.waitpid(pid, 0)
+        self.assertEqual(said, b"same")
+        np.testing.assert_array_equal(layer.infer(x)[0], expected)  # the parent's handle serves on
 
     def test_dropped_handles_go_without_the_cycle_collector(self):
         # A dropped Layer's handle goes back at its client's next call; a dropped client and its

@@ -29,6 +29,7 @@ import math
 import mmap
 import numbers
 import os
+import sys
 import threading
 import time
 import warnings
@@ -278,6 +279,24 @@ def _read_safetensors(buffer):
         tensors[name] = np.frombuffer(buffer, dtype="<f4", count=(end - begin) // 4,
                                       offset=data + begin).reshape(shape)
     return tensors, metadata
+
+
+def _private_copy(fd, size):
+    """The `size` bytes of the file `fd`, as a writable buffer that holds no descriptor: a
+    private (copy-on-write) mapping where mmap can leave the descriptor (Python 3.13), else a
+    copy. mmap otherwise keeps a duplicate of `fd` for as long as the mapping lives, and every
+    array over it keeps it alive: each state_dict a trainer kept (the best model, the last few)
+    held one descriptor per layer, on the way to EMFILE."""
+    if sys.version_info >= (3, 13):
+        return mmap.mmap(fd, size, access=mmap.ACCESS_COPY, trackfd=False)
+    buffer = bytearray(size)
+    view, done = memoryview(buffer), 0
+    while done < size:
+        n = os.preadv(fd, [view[done:]], done)
+        if n == 0:
+            raise TutelError(-5, f"a layer state of {size} bytes ended after {done}")
+        done += n
+    return buffer
 
 
 def _write_safetensors(file, tensors, metadata):
@@ -560,6 +579,15 @@ class Layer:
 
     def release(self):
         """Frees this handle; the layer stays in the daemon (see destroy)."""
+        if self._client._lock.forked():
+            # A forked child's copy (reattach() after a fork drops the parent's): freed here with
+            # nothing sent, not under the lock, as Client.close does in a child.
+            if self._handle is not None:
+                self._finalizer.detach()
+                self._client._layers.discard(self)
+                _lib.tutel_layer_release(self._handle)
+                self._handle = None
+            return
         with self._client._lock:
             self._client._layers.discard(self)
             self._release()
@@ -720,15 +748,16 @@ class Layer:
         "optimizer.state1.<name>" for the optimizer's) to a float32 array; metadata holds the
         step ("tuteld.step"), the spec and the tenant. On an expert-parallel layer, this rank's
         experts and the gate.
-        The arrays are views of one private (copy-on-write) mapping of the file the daemon wrote:
-        nothing is copied, writing to an array copies only the pages written, and the mapping
-        goes with the last of them."""
+        The arrays are writable views of one private buffer holding the file the daemon wrote
+        (a copy-on-write mapping of it on Python 3.13 and later, a copy before), which goes with
+        the last of them; writing to one changes neither the layer nor another export. No file
+        descriptor stays open."""
         fd, size = ctypes.c_int(-1), ctypes.c_uint64(0)
         self._call(_lib.tutel_export_state, ctypes.byref(fd), ctypes.byref(size))
         try:
-            tensors, metadata = _read_safetensors(mmap.mmap(fd.value, size.value, access=mmap.ACCESS_COPY))
+            tensors, metadata = _read_safetensors(_private_copy(fd.value, size.value))
         finally:
-            os.close(fd.value)  # the mapping holds the memory
+            os.close(fd.value)
         if self._state_layout is None:
             self._state_layout = ({name: values.shape for name, values in tensors.items()},
                                   metadata.get("tuteld.optimizer"))
@@ -747,7 +776,9 @@ class Layer:
         """Replaces the layer's state with `tensors` (name -> array-like, as export_state gives
         them; stored as float32) and `metadata` (the step as "tuteld.step"), as load() reads a
         file: every parameter must be there; where any optimizer state is not, all of it starts
-        afresh, as does the step. On an expert-parallel layer, this rank's tensors, or the whole layer's (every
+        afresh, as does the step. The step is metadata["tuteld.step"], 0 where it is missing
+        (optimizer state without it restarts AdamW's bias correction: pass export_state's
+        metadata with its tensors). On an expert-parallel layer, this rank's tensors, or the whole layer's (every
         expert: the daemon takes this rank's). A state the daemon refuses changes nothing."""
         fd = _sealable_memfd("tuteld layer state")
         try:
