@@ -1678,7 +1678,8 @@ void DaemonImpl::checkpoint_next_layer() {
         outcome->name = ref->layer->name();
         const fs::path dir = fs::path(config_.server.state_dir) / tenant;
         (void)create_directories_durably(dir);  // a failure shows as the save's own
-        outcome->written = guarded([&] { return ref->layer->checkpoint_if_changed((dir / (outcome->name + ".safetensors")).string()); });
+        const std::string path = (dir / (outcome->name + ".safetensors")).string();
+        outcome->written = guarded([&] { return ref->layer->checkpoint_if_changed(path); });
       },
       [this, tenant, outcome] {
         CheckpointRound& r = *checkpoint_round_;

@@ -1141,8 +1141,8 @@ Status ServedLayer::save_locked(const std::string& path) {
 Result<bool> ServedLayer::checkpoint_if_changed(const std::string& path) {
   LayerLock lock(*this);
   std::error_code ec;
-  if (checkpointed_version_ == params_version_ && std::filesystem::is_regular_file(std::filesystem::symlink_status(path, ec)))
-    return false;
+  const bool file_in_place = std::filesystem::is_regular_file(std::filesystem::symlink_status(path, ec));
+  if (checkpointed_version_ == params_version_ && file_in_place) return false;
   TUTEL_RETURN_IF_ERROR(save_locked(path));
   checkpointed_version_ = params_version_;
   return true;
