@@ -65,6 +65,14 @@ Result<std::shared_ptr<Session>> Session::open(const std::string& socket_path,
   std::shared_ptr<Session> s(new Session());
   s->socket_path_ = socket_path;
   s->pid_ = ::getpid();
+  // Request ids start at a random point, another for each client: a ticket handed to another
+  // client of the process (tutel_wait(c2, ticket_of_c1)) names no request there and is refused,
+  // where counting from 1 on every client made it wait for, or abandon, that client's own
+  // request of the same number. (The daemon only echoes them.)
+  const Result<std::string> entropy = random_bytes(4);
+  uint32_t start = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(s.get()) >> 4);
+  if (entropy.ok()) std::memcpy(&start, entropy->data(), sizeof start);
+  s->next_request_id_ = (uint64_t{start} << 32) | 1;
   s->options_ = options;
   if (s->options_.liveness_interval.count() <= 0)
     s->options_.liveness_interval = std::chrono::milliseconds(200);

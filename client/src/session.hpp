@@ -215,7 +215,7 @@ class Session {
   std::string tenant_;
   uint64_t session_id_ = 0;
   uint32_t next_frame_id_ = 1;
-  uint64_t next_request_id_ = 1;
+  uint64_t next_request_id_ = 1;  // from a random point: see open()
   uint64_t next_sequence_ = 1;
   std::map<uint64_t, InFlight> in_flight_;
   std::map<uint32_t, std::shared_ptr<MappedDeviceRegion>> device_regions_;

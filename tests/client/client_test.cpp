@@ -142,7 +142,7 @@ TEST(Client, RequestLargerThanTheArenaSaysWhatToRaise) {
 
 TEST(Client, CompletionErrorsKeepTheirCodeAndMessage) {
   FakeDaemonOptions options;
-  options.fail_request = 2;  // request 1 is the ping
+  options.fail_request = 2;  // the first request is the ping
   Fixture f(options);
   auto client = f.connect();
   ASSERT_TRUE(client.ok());

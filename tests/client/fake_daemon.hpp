@@ -60,7 +60,7 @@ struct FakeDaemonOptions {
   uint64_t arena_bytes = 1ull << 20;
   int64_t model_dim = 4;
   std::optional<Status> refuse;        // hello: send this error with request id 0, then hang up
-  uint64_t fail_request = 0;           // the data request with this id completes with an error
+  uint64_t fail_request = 0;           // the data request this many in (from 1) completes with an error
   uint64_t hang_up_after = 0;          // close the session when this many data requests arrived
   std::chrono::milliseconds delay{0};  // before each completion
   std::string map_region_omits;        // MapRegion: the reply lacks this field (a broken daemon)
@@ -313,7 +313,7 @@ class FakeDaemon {
         std::lock_guard lock(discarded_mutex_);
         discarded_.push_back(d.sequence);
       }
-      if (d.request_id == options_.fail_request) {
+      if (requests_seen_ == options_.fail_request) {
         c.status_code = static_cast<int32_t>(StatusCode::kInvalidArgument);
         std::strcpy(c.message, "InvalidArgument: x has 12 bytes; 3 tokens need 48");
       } else if ((d.flags & ipc::kFlagDeviceRegion) != 0) {

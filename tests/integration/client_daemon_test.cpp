@@ -481,6 +481,32 @@ TEST_F(ClientDaemon, ALayerCreatedUnderADormantGroupLayersNameKeepsItsCheckpoint
 // at once, many times: every call succeeds and every result is the one the same call gives
 // alone. (Two threads on one client corrupted the session: one took the other's completions,
 // or a block of the arena was freed twice.)
+// A ticket names a request of the client that submitted it: another client of the process
+// refuses it. Every client counted its requests from 1, so the second client's wait took its own
+// request of the same number (its real wait then failed), and an abandon gave up that one.
+TEST_F(ClientDaemon, AnotherClientsTicketIsRefused) {
+  auto first = client::Client::connect(daemon_->client_socket());
+  auto second = client::Client::connect(daemon_->client_socket());
+  ASSERT_TRUE(first.ok() && second.ok());
+  auto layer = first->create_layer(spec("shared"));
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  auto same = second->attach_layer("shared");
+  ASSERT_TRUE(same.ok()) << same.status();
+  std::vector<float> x(4 * 16, 0.5f), y1(4 * 16), y2(4 * 16), expected(4 * 16);
+  ASSERT_TRUE(layer->infer(x.data(), 4, expected.data()).ok());
+  ASSERT_TRUE(same->infer(x.data(), 4, y2.data()).ok());  // each client has sent as many requests
+  auto t1 = layer->submit_forward(x.data(), 4, y1.data(), false);
+  auto t2 = same->submit_forward(x.data(), 4, y2.data(), false);
+  ASSERT_TRUE(t1.ok() && t2.ok());
+  const auto foreign = second->wait(*t1);
+  EXPECT_EQ(foreign.status().code(), StatusCode::kInvalidArgument) << foreign.status();
+  second->abandon(*t1);  // names nothing there: a no-op
+  ASSERT_TRUE(second->wait(*t2).ok());
+  ASSERT_TRUE(first->wait(*t1).ok());
+  EXPECT_EQ(y1, expected);
+  EXPECT_EQ(y2, expected);
+}
+
 TEST_F(ClientDaemon, ThreadsSharingOneClientTakeTurns) {
   auto client = client::Client::connect(daemon_->client_socket());
   ASSERT_TRUE(client.ok()) << client.status();

@@ -56,7 +56,9 @@ typedef struct tutel_client tutel_client;
 typedef struct tutel_layer tutel_layer;
 typedef struct tutel_region tutel_region;
 
-/* An asynchronous request in flight (tutel_submit_forward / tutel_submit_backward). */
+/* An asynchronous request in flight (tutel_submit_forward / tutel_submit_backward). It is its
+ * client's: tutel_wait on another client refuses it (TUTEL_E_INVALID_ARGUMENT), tutel_abandon
+ * on another client does nothing. */
 typedef struct tutel_ticket {
   uint64_t request_id;
   uint64_t sequence; /* of a training forward: pass it to tutel_submit_backward */
