@@ -369,6 +369,13 @@ int tutel_backward(tutel_layer* layer, const float* dy, float dl_aux, float* dx)
   });
 }
 
+int tutel_backward_checked(tutel_layer* layer, int64_t tokens, const float* dy, float dl_aux, float* dx) {
+  return guarded("tutel_backward_checked", [&] {
+    if (!valid(layer)) return invalid_layer("tutel_backward_checked");
+    return to_code(layer->layer->backward_checked(tokens, dy, dl_aux, dx));
+  });
+}
+
 int tutel_infer(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux) {
   return call_forward("tutel_infer", layer, &Layer::infer, x, tokens, y, l_aux);
 }

@@ -456,6 +456,18 @@ Status Layer::backward(const float* dy, float dl_aux, float* dx) {
   return backward(state_->pending.begin()->first, dy, dl_aux, dx);
 }
 
+Status Layer::backward_checked(int64_t tokens, const float* dy, float dl_aux, float* dx) {
+  TUTEL_RETURN_IF_ERROR(usable(state_));
+  const auto held = state_->session->hold();  // the oldest stays the oldest until it is submitted
+  if (!state_->pending.empty() && state_->pending.begin()->second != tokens)
+    return Status::InvalidArgument(
+        "backward: dy and dx hold " + std::to_string(tokens) + " tokens, but the oldest training forward of layer '" +
+        state_->info.name + "' waiting for its backward had " + std::to_string(state_->pending.begin()->second) +
+        "; backwards pair with forwards oldest first: take them in that order, or pass each forward's "
+        "sequence (the submit_backward calls)");
+  return backward(dy, dl_aux, dx);
+}
+
 Status Layer::backward(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
   return backward(sequence, dy, dl_aux, dx, ParamGrads::kAccumulate);
 }

@@ -327,6 +327,27 @@ TEST_F(CApiWithDaemon, AsyncMicroBatches) {
   tutel_layer_release(layer);
 }
 
+// tutel_backward_checked refuses a backward whose buffers hold another count of tokens than the
+// oldest forward's (tutel_backward would read and write that forward's rows past them), sending
+// nothing: the forward still waits, and the backward in order goes through.
+TEST_F(CApiWithDaemon, ACheckedBackwardRefusesBuffersOfAnotherForward) {
+  tutel_layer* layer = nullptr;
+  ASSERT_EQ(tutel_layer_attach(client_, "moe", &layer), TUTEL_OK);
+  std::vector<float> x1(4, 1.f), x2(8, 2.f), y1(4), y2(8), dx1(4), dx2(8);
+  ASSERT_EQ(tutel_forward(layer, x1.data(), 1, y1.data(), nullptr), TUTEL_OK) << last_error();
+  ASSERT_EQ(tutel_forward(layer, x2.data(), 2, y2.data(), nullptr), TUTEL_OK) << last_error();
+  EXPECT_EQ(tutel_backward_checked(layer, 2, y2.data(), 0.f, dx2.data()), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("dy and dx hold 2 tokens, but the oldest training forward"), std::string::npos)
+      << last_error();
+  EXPECT_EQ(dx2, std::vector<float>(8, 0.f)) << "nothing was written";
+  ASSERT_EQ(tutel_backward_checked(layer, 1, y1.data(), 0.f, dx1.data()), TUTEL_OK) << last_error();
+  ASSERT_EQ(tutel_backward_checked(layer, 2, y2.data(), 0.f, dx2.data()), TUTEL_OK) << last_error();
+  EXPECT_NE(dx2, std::vector<float>(8, 0.f));
+  EXPECT_EQ(tutel_backward_checked(layer, 2, y2.data(), 0.f, dx2.data()), TUTEL_E_INVALID_ARGUMENT);  // none left
+  EXPECT_EQ(tutel_backward_checked(nullptr, 1, y1.data(), 0.f, dx1.data()), TUTEL_E_INVALID_ARGUMENT);
+  tutel_layer_release(layer);
+}
+
 // tutel_wait_for waits in slices that leave the request in flight; tutel_abandon gives it up so
 // its buffers may go (what the Python module does on KeyboardInterrupt).
 TEST_F(CApiWithDaemon, WaitInSlicesAndAbandon) {

@@ -143,6 +143,11 @@ int tutel_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, 
  * d(total loss)/d(l_aux). Accumulates the gradients in the daemon. Refused (InvalidArgument, the
  * forward dropped) when the parameters changed since its forward (a step, load or import). */
 int tutel_backward(tutel_layer* layer, const float* dy, float dl_aux, float* dx);
+/* tutel_backward where dy and dx hold `tokens` rows: refused (TUTEL_E_INVALID_ARGUMENT, nothing
+ * sent, the forward still waiting) when the oldest training forward had another count.
+ * tutel_backward reads and writes that forward's rows whatever the buffers hold: backwards in
+ * another order than their forwards (autograd's reverse order) overran the caller's buffers. */
+int tutel_backward_checked(tutel_layer* layer, int64_t tokens, const float* dy, float dl_aux, float* dx);
 /* Forward that keeps nothing for backward; l_aux may be NULL. */
 int tutel_infer(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);
 /* Capacity and dropped assignments of the last tutel_forward / tutel_infer on this handle;

@@ -247,6 +247,12 @@ class Layer {
   // (InvalidArgument, the forward dropped) when the parameters changed since the forward (a
   // step that applied gradients, a load, an import_state): run every backward before the step.
   Status backward(const float* dy, float dl_aux, float* dx);
+  // backward(dy, dl_aux, dx) where dy and dx hold `tokens` rows: refused (InvalidArgument,
+  // nothing sent, the forward still waiting) when the oldest forward had another count. The
+  // oldest forward's rows are what backward() reads and writes: backwards taken in another
+  // order (autograd's reverse order, a handle used twice in a model) read and wrote past
+  // buffers sized for their own forward.
+  Status backward_checked(int64_t tokens, const float* dy, float dl_aux, float* dx);
   // Backward of the training forward with `sequence`.
   Status backward(uint64_t sequence, const float* dy, float dl_aux, float* dx);
   // The same with kKeep: dx alone, the parameter gradients left as they were (the gradient of
