@@ -88,8 +88,9 @@ int invalid_layer(const char* fn) {
 // A forward-shaped call (forward, infer, and their _device forms): the statistics are kept for
 // tutel_forward_stats.
 using ForwardCall = Status (Layer::*)(const float*, int64_t, float*, ForwardInfo*);
+// `info`, when given, gets the statistics with the forward's sequence.
 int call_forward(const char* fn, tutel_layer* layer, ForwardCall call, const float* x, int64_t tokens, float* y,
-                 float* l_aux) {
+                 float* l_aux, tutel_forward_info* info_out = nullptr) {
   return guarded(fn, [&] {
     if (!valid(layer)) return invalid_layer(fn);
     ForwardInfo info;
@@ -99,6 +100,7 @@ int call_forward(const char* fn, tutel_layer* layer, ForwardCall call, const flo
       layer->last = info;
     }
     if (l_aux != nullptr) *l_aux = info.l_aux;
+    if (info_out != nullptr) *info_out = tutel_forward_info{info.l_aux, info.capacity, info.dropped, info.sequence};
     return TUTEL_OK;
   });
 }
@@ -319,6 +321,11 @@ int tutel_infer_device(tutel_layer* layer, const float* x, int64_t tokens, float
   return call_forward("tutel_infer_device", layer, &Layer::infer_device, x, tokens, y, l_aux);
 }
 
+int tutel_forward_device_with_info(tutel_layer* layer, const float* x, int64_t tokens, float* y,
+                                   tutel_forward_info* info) {
+  return call_forward("tutel_forward_device_with_info", layer, &Layer::forward_device, x, tokens, y, nullptr, info);
+}
+
 namespace {
 
 // A backward's flags as the C++ API's ParamGrads; nullopt for a bit the ABI does not define.
@@ -362,6 +369,10 @@ int tutel_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, 
   return call_forward("tutel_forward", layer, &Layer::forward, x, tokens, y, l_aux);
 }
 
+int tutel_forward_with_info(tutel_layer* layer, const float* x, int64_t tokens, float* y, tutel_forward_info* info) {
+  return call_forward("tutel_forward_with_info", layer, &Layer::forward, x, tokens, y, nullptr, info);
+}
+
 int tutel_backward(tutel_layer* layer, const float* dy, float dl_aux, float* dx) {
   return guarded("tutel_backward", [&] {
     if (!valid(layer)) return invalid_layer("tutel_backward");
@@ -390,56 +401,72 @@ int tutel_forward_stats(tutel_layer* layer, int64_t* capacity, int64_t* dropped)
   });
 }
 
-int tutel_submit_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, int training,
-                         tutel_ticket* ticket) {
-  return guarded("tutel_submit_forward", [&] {
-    if (!valid(layer)) return invalid_layer("tutel_submit_forward");
-    if (ticket == nullptr) return fail_invalid("tutel_submit_forward: ticket is NULL");
+namespace {
+
+// The submit-forward calls, errors named after `name`: `noise_key` for the keyed ones (which take
+// no TUTEL_TRAINING_WITHOUT_NOISE), `device` for the zero-copy ones.
+int submit_forward_with(const char* name, tutel_layer* layer, const float* x, int64_t tokens, float* y,
+                        int training, std::optional<uint64_t> noise_key, bool device, tutel_ticket* ticket) {
+  return guarded(name, [&] {
+    if (!valid(layer)) return invalid_layer(name);
+    if (ticket == nullptr) return fail_invalid(std::string(name) + ": ticket is NULL");
     // As the backward's flags: an unknown value is refused, not read as a training forward.
+    if (noise_key && training != 0 && training != 1)
+      return fail_invalid(std::string(name) + ": training is " + std::to_string(training) +
+                          "; give 0 (an inference drawing the noise) or 1 (training); a forward without "
+                          "gate noise takes no key");
     if (training != 0 && training != 1 && training != TUTEL_TRAINING_WITHOUT_NOISE)
-      return fail_invalid("tutel_submit_forward: training is " + std::to_string(training) +
+      return fail_invalid(std::string(name) + ": training is " + std::to_string(training) +
                           "; give 0 (inference), 1 (training) or TUTEL_TRAINING_WITHOUT_NOISE");
-    using Mode = tutel::client::Layer::ForwardMode;
-    auto t = layer->layer->submit_forward(x, tokens, y,
-                                          training == TUTEL_TRAINING_WITHOUT_NOISE ? Mode::kTrainingWithoutNoise
-                                          : training != 0                          ? Mode::kTraining
-                                                                                   : Mode::kInference);
+    const Layer::ForwardMode mode = training == TUTEL_TRAINING_WITHOUT_NOISE ? Layer::ForwardMode::kTrainingWithoutNoise
+                                    : training != 0                          ? Layer::ForwardMode::kTraining
+                                                                             : Layer::ForwardMode::kInference;
+    Layer& l = *layer->layer;
+    tutel::Result<Ticket> t =
+        noise_key ? (device ? l.submit_forward_device(x, tokens, y, mode, Layer::NoiseKey{*noise_key})
+                            : l.submit_forward(x, tokens, y, mode, Layer::NoiseKey{*noise_key}))
+                  : (device ? l.submit_forward_device(x, tokens, y, mode) : l.submit_forward(x, tokens, y, mode));
     if (!t.ok()) return fail(t.status());
     *ticket = tutel_ticket{t->request_id, t->sequence};
     return TUTEL_OK;
   });
 }
 
+}  // namespace
+
+int tutel_submit_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, int training,
+                         tutel_ticket* ticket) {
+  return submit_forward_with("tutel_submit_forward", layer, x, tokens, y, training, std::nullopt, false, ticket);
+}
+
 int tutel_submit_forward_keyed(tutel_layer* layer, const float* x, int64_t tokens, float* y, int training,
                                uint64_t noise_key, tutel_ticket* ticket) {
-  return guarded("tutel_submit_forward_keyed", [&] {
-    if (!valid(layer)) return invalid_layer("tutel_submit_forward_keyed");
-    if (ticket == nullptr) return fail_invalid("tutel_submit_forward_keyed: ticket is NULL");
-    if (training != 0 && training != 1)
-      return fail_invalid("tutel_submit_forward_keyed: training is " + std::to_string(training) +
-                          "; give 0 (an inference drawing the noise) or 1 (training); a forward without "
-                          "gate noise takes no key");
-    using Layer = tutel::client::Layer;
-    auto t = layer->layer->submit_forward(x, tokens, y,
-                                          training != 0 ? Layer::ForwardMode::kTraining : Layer::ForwardMode::kInference,
-                                          Layer::NoiseKey{noise_key});
-    if (!t.ok()) return fail(t.status());
-    *ticket = tutel_ticket{t->request_id, t->sequence};
-    return TUTEL_OK;
-  });
+  return submit_forward_with("tutel_submit_forward_keyed", layer, x, tokens, y, training, noise_key, false, ticket);
+}
+
+int tutel_submit_forward_device(tutel_layer* layer, const float* x, int64_t tokens, float* y, int training,
+                                tutel_ticket* ticket) {
+  return submit_forward_with("tutel_submit_forward_device", layer, x, tokens, y, training, std::nullopt, true, ticket);
+}
+
+int tutel_submit_forward_device_keyed(tutel_layer* layer, const float* x, int64_t tokens, float* y, int training,
+                                      uint64_t noise_key, tutel_ticket* ticket) {
+  return submit_forward_with("tutel_submit_forward_device_keyed", layer, x, tokens, y, training, noise_key, true,
+                             ticket);
 }
 
 namespace {
 
 // tutel_submit_backward and tutel_submit_backward_flags, errors named after `name`.
 int submit_backward_with(const char* name, tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
-                         float* dx, uint32_t flags, tutel_ticket* ticket) {
+                         float* dx, uint32_t flags, bool device, tutel_ticket* ticket) {
   return guarded(name, [&] {
     if (!valid(layer)) return invalid_layer(name);
     if (ticket == nullptr) return fail_invalid(std::string(name) + ": ticket is NULL");
     const std::optional<Layer::ParamGrads> param_grads = param_grads_of(flags);
     if (!param_grads) return unknown_flags(name, flags);
-    auto t = layer->layer->submit_backward(sequence, dy, dl_aux, dx, *param_grads);
+    auto t = device ? layer->layer->submit_backward_device(sequence, dy, dl_aux, dx, *param_grads)
+                    : layer->layer->submit_backward(sequence, dy, dl_aux, dx, *param_grads);
     if (!t.ok()) return fail(t.status());
     *ticket = tutel_ticket{t->request_id, t->sequence};
     return TUTEL_OK;
@@ -450,12 +477,17 @@ int submit_backward_with(const char* name, tutel_layer* layer, uint64_t sequence
 
 int tutel_submit_backward(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
                           float* dx, tutel_ticket* ticket) {
-  return submit_backward_with("tutel_submit_backward", layer, sequence, dy, dl_aux, dx, 0, ticket);
+  return submit_backward_with("tutel_submit_backward", layer, sequence, dy, dl_aux, dx, 0, false, ticket);
 }
 
 int tutel_submit_backward_flags(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
                                 float* dx, uint32_t flags, tutel_ticket* ticket) {
-  return submit_backward_with("tutel_submit_backward_flags", layer, sequence, dy, dl_aux, dx, flags, ticket);
+  return submit_backward_with("tutel_submit_backward_flags", layer, sequence, dy, dl_aux, dx, flags, false, ticket);
+}
+
+int tutel_submit_backward_device(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux, float* dx,
+                                 uint32_t flags, tutel_ticket* ticket) {
+  return submit_backward_with("tutel_submit_backward_device", layer, sequence, dy, dl_aux, dx, flags, true, ticket);
 }
 
 int tutel_wait(tutel_client* client, tutel_ticket ticket, tutel_forward_info* info) {

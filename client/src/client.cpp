@@ -393,6 +393,10 @@ Result<Ticket> Layer::submit_forward(const float* x, int64_t tokens, float* y, F
   return submit_forward_request(state_, x, tokens, y, mode, false, noise);
 }
 
+Result<Ticket> Layer::submit_forward_device(const float* x, int64_t tokens, float* y, ForwardMode mode) {
+  return submit_forward_request(state_, x, tokens, y, mode, true);
+}
+
 Result<Ticket> Layer::submit_forward_device(const float* x, int64_t tokens, float* y, ForwardMode mode,
                                             NoiseKey noise) {
   return submit_forward_request(state_, x, tokens, y, mode, true, noise);

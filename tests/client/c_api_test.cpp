@@ -327,6 +327,36 @@ TEST_F(CApiWithDaemon, AsyncMicroBatches) {
   tutel_layer_release(layer);
 }
 
+// tutel_forward_with_info gives each synchronous forward's sequence, so its backward can be
+// taken by sequence in any order; the statistics are those tutel_forward_stats keeps.
+TEST_F(CApiWithDaemon, ASynchronousForwardGivesItsSequenceForABackwardInAnyOrder) {
+  tutel_layer* layer = nullptr;
+  ASSERT_EQ(tutel_layer_attach(client_, "moe", &layer), TUTEL_OK);
+  std::vector<float> x1(4, 1.f), x2(8, 2.f), y1(4), y2(8), dx1(4), dx2(8);
+  tutel_forward_info first{}, second{};
+  ASSERT_EQ(tutel_forward_with_info(layer, x1.data(), 1, y1.data(), &first), TUTEL_OK) << last_error();
+  ASSERT_EQ(tutel_forward_with_info(layer, x2.data(), 2, y2.data(), &second), TUTEL_OK) << last_error();
+  EXPECT_NE(first.sequence, 0u);
+  EXPECT_NE(first.sequence, second.sequence);
+  EXPECT_EQ(second.capacity, 2);
+  EXPECT_FLOAT_EQ(second.l_aux, 0.5f);
+  int64_t capacity = 0;
+  ASSERT_EQ(tutel_forward_stats(layer, &capacity, nullptr), TUTEL_OK);
+  EXPECT_EQ(capacity, second.capacity);
+  tutel_ticket ticket{};
+  ASSERT_EQ(tutel_submit_backward(layer, second.sequence, y2.data(), 0.f, dx2.data(), &ticket), TUTEL_OK)
+      << last_error();
+  ASSERT_EQ(tutel_wait(client_, ticket, nullptr), TUTEL_OK) << last_error();
+  EXPECT_EQ(dx2, std::vector<float>(8, 12.f));  // the fake daemon's dx = 3 * dy, dy = 2 * x
+  ASSERT_EQ(tutel_backward_checked(layer, 1, y1.data(), 0.f, dx1.data()), TUTEL_OK) << last_error();
+  EXPECT_EQ(dx1, std::vector<float>(4, 6.f));
+  ASSERT_EQ(tutel_forward_with_info(layer, x1.data(), 1, y1.data(), nullptr), TUTEL_OK) << last_error();
+  ASSERT_EQ(tutel_backward(layer, y1.data(), 0.f, dx1.data()), TUTEL_OK) << last_error();
+  EXPECT_EQ(tutel_forward_with_info(nullptr, x1.data(), 1, y1.data(), &first), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_forward_with_info(layer, x1.data(), -1, y1.data(), &first), TUTEL_E_INVALID_ARGUMENT);
+  tutel_layer_release(layer);
+}
+
 // tutel_backward_checked refuses a backward whose buffers hold another count of tokens than the
 // oldest forward's (tutel_backward would read and write that forward's rows past them), sending
 // nothing: the forward still waits, and the backward in order goes through.

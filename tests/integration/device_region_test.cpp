@@ -362,6 +362,131 @@ TEST(DeviceRegion, TheCApiMapsAndSubmitsInPlace) {
   EXPECT_EQ(s.daemon->stop(), 0) << s.daemon->log();
 }
 
+// Training forwards backwarded in reverse order from C (autograd's order), by sequence: two
+// zero-copy forwards of different sizes submitted at once, their backwards submitted newest
+// first, equal the same done through the arena (tutel_forward_with_info gives each sequence),
+// dx and the accumulated gradients alike. tutel_backward_device would pair the first backward
+// with the oldest forward, of another size.
+TEST(DeviceRegion, TheCApiBackwardsZeroCopyForwardsInAnyOrder) {
+  Started s = start();
+  ASSERT_TRUE(s.client);
+  tutel_client* c = tutel_connect(s.daemon->client_socket().c_str());
+  ASSERT_NE(c, nullptr) << tutel_last_error();
+  tutel_layer* layer = nullptr;
+  ASSERT_EQ(tutel_layer_create(c, kSpec, &layer), TUTEL_OK) << tutel_last_error();
+  std::mt19937 rng(std::random_device{}());
+  const int64_t tokens[2] = {8, 21};
+  std::vector<float> x[2], dy[2], want_y[2], want_dx[2];
+  for (int i = 0; i < 2; ++i) {
+    x[i] = randn(tokens[i] * kDim, rng);
+    dy[i] = randn(tokens[i] * kDim, rng);
+    want_y[i].resize(x[i].size());
+    want_dx[i].resize(x[i].size());
+  }
+  tutel_forward_info info[2]{};
+  tutel_ticket ticket{};
+  ASSERT_EQ(tutel_zero_grad(layer), TUTEL_OK) << tutel_last_error();
+  for (int i = 0; i < 2; ++i)
+    ASSERT_EQ(tutel_forward_with_info(layer, x[i].data(), tokens[i], want_y[i].data(), &info[i]), TUTEL_OK)
+        << tutel_last_error();
+  EXPECT_NE(info[0].sequence, info[1].sequence);
+  EXPECT_GT(info[1].capacity, 0);
+  for (int i = 1; i >= 0; --i) {
+    ASSERT_EQ(tutel_submit_backward(layer, info[i].sequence, dy[i].data(), 0.5f, want_dx[i].data(), &ticket), TUTEL_OK)
+        << tutel_last_error();
+    ASSERT_EQ(tutel_wait(c, ticket, nullptr), TUTEL_OK) << tutel_last_error();
+  }
+  double want_norm = -1, norm = -2;
+  ASSERT_EQ(tutel_grad_norm(layer, &want_norm), TUTEL_OK) << tutel_last_error();
+  ASSERT_GT(want_norm, 0.0);
+
+  // The region: x, y, dy, dx of each forward, one after the other.
+  const size_t rows = static_cast<size_t>(tokens[0] + tokens[1]) * kDim;
+  tutel_region* region = nullptr;
+  ASSERT_EQ(tutel_region_map(c, 0, 4 * rows * 4, &region), TUTEL_OK) << tutel_last_error();
+  void* data = nullptr;
+  ASSERT_EQ(tutel_region_info(region, &data, nullptr, nullptr, nullptr), TUTEL_OK);
+  float* at = static_cast<float*>(data);
+  float *rx[2], *ry[2], *rdy[2], *rdx[2];
+  for (int i = 0; i < 2; ++i) {
+    const size_t n = x[i].size();
+    rx[i] = at, ry[i] = at + n, rdy[i] = at + 2 * n, rdx[i] = at + 3 * n;
+    at += 4 * n;
+    std::memcpy(rx[i], x[i].data(), n * 4);
+    std::memcpy(rdy[i], dy[i].data(), n * 4);
+  }
+  ASSERT_EQ(tutel_zero_grad(layer), TUTEL_OK) << tutel_last_error();
+  tutel_ticket forwards[2]{};
+  for (int i = 0; i < 2; ++i)
+    ASSERT_EQ(tutel_submit_forward_device(layer, rx[i], tokens[i], ry[i], 1, &forwards[i]), TUTEL_OK)
+        << tutel_last_error();
+  tutel_forward_info got{};
+  for (int i = 1; i >= 0; --i) {
+    ASSERT_EQ(tutel_wait(c, forwards[i], &got), TUTEL_OK) << tutel_last_error();
+    EXPECT_EQ(got.sequence, forwards[i].sequence);
+    EXPECT_EQ(got.l_aux, info[i].l_aux);
+    EXPECT_EQ(got.capacity, info[i].capacity);
+    EXPECT_EQ(std::memcmp(ry[i], want_y[i].data(), want_y[i].size() * 4), 0) << "forward " << i;
+  }
+  EXPECT_EQ(tutel_submit_backward_device(layer, forwards[1].sequence, rdy[1], 0.5f, rdx[1], 4u, &ticket),
+            TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(tutel_last_error()).find("unknown flags 4"), std::string::npos) << tutel_last_error();
+  EXPECT_EQ(tutel_submit_backward_device(layer, forwards[1].sequence, rdy[1], 0.5f, rdx[1], 0, nullptr),
+            TUTEL_E_INVALID_ARGUMENT);
+  tutel_ticket backwards[2]{};
+  for (int i = 1; i >= 0; --i)
+    ASSERT_EQ(tutel_submit_backward_device(layer, forwards[i].sequence, rdy[i], 0.5f, rdx[i], 0, &backwards[i]),
+              TUTEL_OK)
+        << tutel_last_error();
+  for (int i = 1; i >= 0; --i) {
+    ASSERT_EQ(tutel_wait(c, backwards[i], nullptr), TUTEL_OK) << tutel_last_error();
+    EXPECT_EQ(std::memcmp(rdx[i], want_dx[i].data(), want_dx[i].size() * 4), 0) << "backward " << i;
+  }
+  ASSERT_EQ(tutel_grad_norm(layer, &norm), TUTEL_OK) << tutel_last_error();
+  EXPECT_EQ(norm, want_norm);
+
+  // The synchronous zero-copy forward gives its sequence too; a keyed one and one without noise
+  // (the layer draws none) are training forwards backwarded by theirs; host buffers are refused.
+  ASSERT_EQ(tutel_forward_device_with_info(layer, rx[0], tokens[0], ry[0], &got), TUTEL_OK) << tutel_last_error();
+  EXPECT_EQ(got.l_aux, info[0].l_aux);
+  EXPECT_EQ(std::memcmp(ry[0], want_y[0].data(), want_y[0].size() * 4), 0);
+  const uint64_t synchronous = got.sequence;
+  std::memset(ry[1], 0, want_y[1].size() * 4);
+  ASSERT_EQ(tutel_submit_forward_device_keyed(layer, rx[1], tokens[1], ry[1], 1, 77, &forwards[1]), TUTEL_OK)
+      << tutel_last_error();
+  ASSERT_EQ(tutel_wait(c, forwards[1], &got), TUTEL_OK) << tutel_last_error();
+  EXPECT_EQ(std::memcmp(ry[1], want_y[1].data(), want_y[1].size() * 4), 0);
+  std::memset(ry[1], 0, want_y[1].size() * 4);
+  ASSERT_EQ(tutel_submit_forward_device(layer, rx[1], tokens[1], ry[1], TUTEL_TRAINING_WITHOUT_NOISE, &forwards[0]),
+            TUTEL_OK)
+      << tutel_last_error();
+  ASSERT_EQ(tutel_wait(c, forwards[0], &got), TUTEL_OK) << tutel_last_error();
+  EXPECT_EQ(std::memcmp(ry[1], want_y[1].data(), want_y[1].size() * 4), 0);
+  EXPECT_EQ(tutel_submit_forward_device_keyed(layer, rx[1], tokens[1], ry[1], TUTEL_TRAINING_WITHOUT_NOISE, 77,
+                                              &ticket),
+            TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(tutel_last_error()).find("takes no key"), std::string::npos) << tutel_last_error();
+  EXPECT_EQ(tutel_submit_forward_device(layer, rx[1], tokens[1], ry[1], 3, &ticket), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tutel_submit_forward_device(layer, x[1].data(), tokens[1], want_y[1].data(), 1, &ticket),
+            TUTEL_E_INVALID_ARGUMENT);
+  for (const uint64_t sequence : {forwards[0].sequence, synchronous, forwards[1].sequence}) {
+    const int i = sequence == synchronous ? 0 : 1;
+    std::memset(rdx[i], 0, want_dx[i].size() * 4);
+    ASSERT_EQ(tutel_submit_backward_device(layer, sequence, rdy[i], 0.5f, rdx[i], TUTEL_KEEP_PARAM_GRADS, &ticket),
+              TUTEL_OK)
+        << tutel_last_error();
+    ASSERT_EQ(tutel_wait(c, ticket, nullptr), TUTEL_OK) << tutel_last_error();
+    EXPECT_EQ(std::memcmp(rdx[i], want_dx[i].data(), want_dx[i].size() * 4), 0) << "sequence " << sequence;
+  }
+  ASSERT_EQ(tutel_grad_norm(layer, &norm), TUTEL_OK) << tutel_last_error();
+  EXPECT_EQ(norm, want_norm) << "dx alone left the gradients as they were";
+  EXPECT_EQ(tutel_backward_device(layer, rdy[0], 0.f, rdx[0]), TUTEL_E_INVALID_ARGUMENT) << "none pending";
+  EXPECT_EQ(tutel_region_unmap(region), TUTEL_OK) << tutel_last_error();
+  tutel_layer_release(layer);
+  tutel_close(c);
+  EXPECT_EQ(s.daemon->stop(), 0) << s.daemon->log();
+}
+
 // A client killed with regions mapped and requests in flight: the daemon frees its regions
 // (and their charge) when the session ends, and serves the next client.
 TEST(DeviceRegion, AKilledClientsRegionsAreFreed) {

@@ -139,6 +139,10 @@ int tutel_layer_gate_noise(tutel_layer* layer, double* gate_noise);
 
 /* Training forward under a new sequence; l_aux may be NULL. */
 int tutel_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);
+/* tutel_forward that gives the forward's statistics and its sequence (info may be NULL): pass
+ * info->sequence to tutel_submit_backward to backward it in any order (autograd's reverse
+ * order, threads sharing a handle), where tutel_backward takes the oldest forward. */
+int tutel_forward_with_info(tutel_layer* layer, const float* x, int64_t tokens, float* y, tutel_forward_info* info);
 /* Backward of the oldest training forward not yet backwarded on this handle; dl_aux is
  * d(total loss)/d(l_aux). Accumulates the gradients in the daemon. Refused (InvalidArgument, the
  * forward dropped) when the parameters changed since its forward (a step, load or import). */
@@ -250,11 +254,24 @@ int tutel_region_info(tutel_region* region, void** data, uint64_t* bytes, const 
  * tutel_close. */
 int tutel_region_unmap(tutel_region* region);
 int tutel_forward_device(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);
+/* tutel_forward_device that gives the statistics and the sequence, as tutel_forward_with_info. */
+int tutel_forward_device_with_info(tutel_layer* layer, const float* x, int64_t tokens, float* y,
+                                   tutel_forward_info* info);
 int tutel_infer_device(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);
 /* Backward of the oldest training forward not yet backwarded on this handle. */
 int tutel_backward_device(tutel_layer* layer, const float* dy, float dl_aux, float* dx);
 /* The same with flags (TUTEL_KEEP_PARAM_GRADS: dx alone, see tutel_submit_backward_flags). */
 int tutel_backward_device_flags(tutel_layer* layer, const float* dy, float dl_aux, float* dx, uint32_t flags);
+/* Asynchronous zero-copy forms, as tutel_submit_forward, tutel_submit_forward_keyed and
+ * tutel_submit_backward_flags with the buffers of the *_device calls; waited for with
+ * tutel_wait. The sequences and the pending forwards are shared with the forms above: a forward
+ * made here may be backwarded by sequence in either form. */
+int tutel_submit_forward_device(tutel_layer* layer, const float* x, int64_t tokens, float* y, int training,
+                                tutel_ticket* ticket);
+int tutel_submit_forward_device_keyed(tutel_layer* layer, const float* x, int64_t tokens, float* y, int training,
+                                      uint64_t noise_key, tutel_ticket* ticket);
+int tutel_submit_backward_device(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux, float* dx,
+                                 uint32_t flags, tutel_ticket* ticket);
 
 #ifdef __cplusplus
 } /* extern "C" */

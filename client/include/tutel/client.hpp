@@ -301,6 +301,7 @@ class Layer {
   Status infer_device(const float* x, int64_t tokens, float* y, ForwardInfo* info = nullptr);
   Status backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx);
   Result<Ticket> submit_forward_device(const float* x, int64_t tokens, float* y, bool training = true);
+  Result<Ticket> submit_forward_device(const float* x, int64_t tokens, float* y, ForwardMode mode);
   Result<Ticket> submit_forward_device(const float* x, int64_t tokens, float* y, ForwardMode mode, NoiseKey noise);
   Result<Ticket> submit_backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx);
   // With kKeep: dx alone (as backward's).
