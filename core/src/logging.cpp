@@ -180,4 +180,16 @@ std::string escape_text(std::string_view text, char quote) {
   return out;
 }
 
+std::string quote_text(std::string_view text, char quote, size_t limit) {
+  size_t kept = std::min(limit, text.size());
+  // Not into a multi-byte character: back to its first byte, so the cut leaves no stray bytes.
+  if (kept < text.size())
+    while (kept > 0 && (static_cast<unsigned char>(text[kept]) & 0xC0) == 0x80) --kept;
+  std::string out(1, quote);  // built by appending (GCC 12's -Wrestrict misfires on "'" + ...)
+  out += escape_text(text.substr(0, kept), quote);
+  if (kept < text.size()) out += "...";
+  out += quote;
+  return out;
+}
+
 }  // namespace tutel

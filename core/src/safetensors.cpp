@@ -1,5 +1,6 @@
 #include "tutel/core/safetensors.hpp"
 
+#include "tutel/core/logging.hpp"
 #include "tutel/core/shared_memory.hpp"
 
 #include <fcntl.h>
@@ -75,8 +76,7 @@ Status corrupt(const std::string& path, std::string_view problem) {
 }
 
 Status corrupt_tensor(const std::string& path, std::string_view tensor, std::string_view problem) {
-  return Status::Corruption(file_context(path) + ": tensor '" + std::string(tensor) +
-                            "': " + std::string(problem));
+  return Status::Corruption(file_context(path) + ": tensor " + quote_text(tensor) + ": " + std::string(problem));
 }
 
 std::string supported_dtypes() {
@@ -153,7 +153,8 @@ class HeaderScan final : public nlohmann::json_sax<json> {
     return true;
   }
   bool parse_error(std::size_t, const std::string&, const json::exception& e) override {
-    error_ = std::string("header is not valid JSON: ") + e.what();
+    // nlohmann's message quotes the last token read: the file's bytes, shown escaped and cut.
+    error_ = "header is not valid JSON: " + quote_text(e.what(), '"', 300);
     return false;
   }
 
@@ -212,7 +213,7 @@ Result<ParsedEntry> parse_entry(const std::string& path, const std::string& name
   const auto& dtype_text = dtype_it->get_ref<const std::string&>();
   const std::optional<DType> dtype = parse_safetensors_dtype(dtype_text);
   if (!dtype)
-    return fail("unsupported dtype '" + dtype_text + "' (supported: " + supported_dtypes() + ")");
+    return fail("unsupported dtype " + quote_text(dtype_text, '\'', 32) + " (supported: " + supported_dtypes() + ")");
   out.dtype = *dtype;
 
   const auto shape_it = entry.find("shape");
@@ -269,7 +270,7 @@ Status parse_metadata(const std::string& path, const json& value,
                              ", expected an object of strings");
   for (const auto& [key, item] : value.items()) {
     if (!item.is_string())
-      return corrupt(path, "'__metadata__' key '" + key + "' holds a JSON " + item.type_name() +
+      return corrupt(path, "'__metadata__' key " + quote_text(key) + " holds a JSON " + item.type_name() +
                                ", expected a string");
     metadata.emplace(key, item.get<std::string>());
   }
@@ -315,14 +316,14 @@ Status read_as_f32(const SafetensorsTensor& t, float* out) {
         if (std::isfinite(v) && std::abs(v) >= 0x1.ffffffp127) {
           char text[32];
           const auto printed = std::to_chars(text, text + sizeof text, v);
-          return Status::InvalidArgument("tensor '" + t.name + "' holds " + std::string(text, printed.ptr) +
+          return Status::InvalidArgument("tensor " + quote_text(t.name) + " holds " + std::string(text, printed.ptr) +
                                          " at element " + std::to_string(i) + ", beyond the range of f32");
         }
         f = static_cast<float>(v);
         return Status::OK();
       });
     default:
-      return Status::InvalidArgument("tensor '" + t.name + "' has dtype " + std::string(dtype_name(t.dtype)) +
+      return Status::InvalidArgument("tensor " + quote_text(t.name) + " has dtype " + std::string(dtype_name(t.dtype)) +
                                      "; expected floating-point values (f32, f64, bf16 or f16)");
   }
 }
@@ -483,7 +484,7 @@ Status SafetensorsFile::parse(const char* bytes, uint64_t file_size, uint64_t ma
   if (const std::string* name = scan.duplicate_root_key())
     return corrupt_tensor(path, *name, "appears more than once in the header");
   if (const std::string* key = scan.duplicate_metadata_key())
-    return corrupt(path, "'__metadata__' key '" + *key + "' appears more than once");
+    return corrupt(path, "'__metadata__' key " + quote_text(*key) + " appears more than once");
   const json header = json::parse(bytes + 8, data_section, nullptr, /*allow_exceptions=*/false);
   if (header.is_discarded()) return corrupt(path, "header is not valid JSON");
   if (!header.is_object())
@@ -510,7 +511,7 @@ Status SafetensorsFile::parse(const char* bytes, uint64_t file_size, uint64_t ma
     if (previous != nullptr && entry.begin < previous->end)
       return corrupt_tensor(path, entry.name,
                             "data [" + std::to_string(entry.begin) + ", " + std::to_string(entry.end) +
-                                ") overlaps tensor '" + previous->name + "' at [" +
+                                ") overlaps tensor " + quote_text(previous->name) + " at [" +
                                 std::to_string(previous->begin) + ", " + std::to_string(previous->end) + ")");
     previous = &entry;
   }
@@ -650,8 +651,8 @@ Result<std::string> build_header(const std::string& path,
     if (!metadata.empty()) append_member(std::string(kMetadataKey), metadata);
     for (const SafetensorsEntry& t : tensors) {
       const auto refuse = [&](std::string_view problem) {
-        return Status::InvalidArgument("cannot write " + file_context(path) + ": tensor '" +
-                                       t.name + "' " + std::string(problem));
+        return Status::InvalidArgument("cannot write " + file_context(path) + ": tensor " + quote_text(t.name) +
+                                       " " + std::string(problem));
       };
       if (t.name == kMetadataKey) return refuse("uses the reserved name");
       if (!names.insert(t.name).second) return refuse("is given more than once");

@@ -43,7 +43,7 @@ Result<int64_t> step_of(const SafetensorsFile& file) {
     const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), step);
     // Below 2^53: more steps than any training takes, so counting on never overflows.
     if (ec != std::errc() || end != text.data() + text.size() || step < 0 || step >= (int64_t{1} << 53))
-      return Status::Corruption(file.path() + ": metadata '" + kStepKey + "' is not a step count: '" + text + "'");
+      return Status::Corruption(file.path() + ": metadata '" + kStepKey + "' is not a step count: " + quote_text(text, '\'', 40));
   }
   return step;
 }
@@ -1298,7 +1298,7 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file) {
             return Status::OK();
           }
           if (!t || !is_floating(t->dtype) || !(t->shape == shape))
-            return Status::InvalidArgument(path + ": tensor '" + full + "' must be " + shape.to_string() +
+            return Status::InvalidArgument(path + ": tensor " + quote_text(full) + " must be " + shape.to_string() +
                                            " (of f32, f64, bf16 or f16 values) in a whole-layer file");
           return read_as_f32(*t, out.data()).with_context(path);
         };
@@ -1357,14 +1357,14 @@ Status ServedLayer::load_file_locked(const SafetensorsFile& file) {
         const std::string hint = name.find("fc1_bias") != std::string::npos   ? "; a layer without fc1 biases says has_fc1_bias = false"
                                  : name.find("fc2_bias") != std::string::npos ? "; a layer without fc2 biases says has_fc2_bias = false"
                                                                               : "";
-        return Status::NotFound(path + ": tensor '" + file_prefix + name + "' is missing (expected " +
+        return Status::NotFound(path + ": tensor " + quote_text(file_prefix + name) + " is missing (expected " +
                                 t.shape.to_string() + ")" + hint);
       }
       state_missing |= !required;
       return Status::OK();
     }
     if (!is_floating(src->dtype) || !(src->shape == t.shape))
-      return Status::InvalidArgument(path + ": tensor '" + src->name + "' is " + std::string(dtype_name(src->dtype)) +
+      return Status::InvalidArgument(path + ": tensor " + quote_text(src->name) + " is " + std::string(dtype_name(src->dtype)) +
                                      " " + src->shape.to_string() + ", this layer needs " + t.shape.to_string() +
                                      " of f32, f64, bf16 or f16 values");
     Copy c{src, dst, !required, {}};

@@ -15,14 +15,7 @@ namespace fs = std::filesystem;
 
 // ---- Messages -----------------------------------------------------------------------------
 
-std::string quote(std::string_view s) {
-  const size_t limit = 60;
-  std::string out(1, '"');  // built by appending (GCC 12's -Wrestrict misfires on "\"" + ...)
-  out += escape_text(s.substr(0, limit), '"');
-  if (s.size() > limit) out += "...";
-  out += '"';
-  return out;
-}
+std::string quote(std::string_view s) { return quote_text(s, '"', 60); }
 
 std::string format_double(double v) {
   if (std::isnan(v)) return "nan";

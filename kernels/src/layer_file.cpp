@@ -4,6 +4,7 @@
 #include <set>
 #include <vector>
 
+#include "tutel/core/logging.hpp"
 #include "tutel/kernels/moe_layer.hpp"
 
 namespace tutel {
@@ -12,6 +13,8 @@ namespace {
 // A whole model's file can hold hundreds of layers: the message lists this many prefixes.
 constexpr size_t kMaxListedPrefixes = 8;
 
+// The file's path, which the caller chose (tensor names, read from the file, go through
+// quote_text: escaped, cut short).
 std::string quoted(std::string_view s) {
   std::string out(1, '\'');
   out += s;
@@ -33,10 +36,10 @@ Result<std::string> find_layer_prefix(const SafetensorsFile& file) {
   auto incomplete = [&](const std::string& prefix, std::string_view absent) {
     for (std::string_view r : required)
       if (file.find(prefix + std::string(r)))
-        return Status::NotFound("weights file " + quoted(path) + " has " + quoted(prefix + std::string(r)) +
-                                " but no tensor " + quoted(prefix + std::string(absent)) + "; expected " +
+        return Status::NotFound("weights file " + quoted(path) + " has " + quote_text(prefix + std::string(r)) +
+                                " but no tensor " + quote_text(prefix + std::string(absent)) + "; expected " +
                                 std::string(kLayerFileLayout));
-    return Status::Internal("no parameter found under prefix " + quoted(prefix));
+    return Status::Internal("no parameter found under prefix " + quote_text(prefix));
   };
 
   bool any_exact = false;
@@ -64,7 +67,7 @@ Result<std::string> find_layer_prefix(const SafetensorsFile& file) {
   if (complete.size() > 1) {
     std::string listed;
     for (size_t i = 0; i < complete.size() && i < kMaxListedPrefixes; ++i)
-      listed += (i ? ", " : "") + quoted(complete[i]);
+      listed += (i ? ", " : "") + quote_text(complete[i]);
     if (complete.size() > kMaxListedPrefixes)
       listed += " and " + std::to_string(complete.size() - kMaxListedPrefixes) + " more";
     return Status::InvalidArgument("weights file " + quoted(path) + " holds the parameters of " +

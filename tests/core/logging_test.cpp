@@ -175,5 +175,21 @@ TEST(EscapeText, EscapesC1AndBidirectionalControls) {
   EXPECT_EQ(escape_text("\x1b]0;title\x07"), "\\x1b]0;title\\x07");
 }
 
+// quote_text: escape_text between quotes, cut at a character's start with "..." past the limit.
+TEST(QuoteText, QuotesEscapesAndCutsAtACharactersStart) {
+  EXPECT_EQ(quote_text("w"), "'w'");
+  EXPECT_EQ(quote_text(""), "''");
+  EXPECT_EQ(quote_text("it's\n"), "'it\\'s\\x0a'");
+  EXPECT_EQ(quote_text("say \"x\"", '"'), "\"say \\\"x\\\"\"");
+  EXPECT_EQ(quote_text("abcdef", '\'', 6), "'abcdef'");
+  EXPECT_EQ(quote_text("abcdefg", '\'', 6), "'abcdef...'");
+  // "caf\xc3\xa9" cut at 4 bytes would end inside the é: the cut moves to its start.
+  EXPECT_EQ(quote_text("caf\xc3\xa9s", '\'', 4), "'caf...'");
+  EXPECT_EQ(quote_text("caf\xc3\xa9s", '\'', 5), "'caf\xc3\xa9...'");
+  // A control cut in half is not left as a stray byte either.
+  EXPECT_EQ(quote_text("ab\xe2\x80\xae", '\'', 4), "'ab...'");
+  EXPECT_EQ(quote_text(std::string(1000, 'x'), '\'', 0), "'...'");
+}
+
 }  // namespace
 }  // namespace tutel

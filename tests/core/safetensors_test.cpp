@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../common/socket_file.hpp"
+#include "tutel/core/logging.hpp"
 #include "tutel/core/shared_memory.hpp"
 
 namespace tutel {
@@ -597,6 +598,24 @@ std::vector<CorruptCase> corrupt_cases() {
        image(R"({"__metadata__":{"tuteld.spec":"a","other":"x","tuteld.spec":"b"}})"),
        {"'__metadata__' key 'tuteld.spec'", "more than once"}},
       {"too_deep", image(R"({"__metadata__":{"k":[[[[[[[[[[[[1]]]]]]]]]]]]}})"), {"deeper"}},
+      // Names, keys and dtypes come from the file: shown escaped (no terminal control, no forged
+      // log line, no quote ending the name early) and cut short, whatever they hold.
+      {"control_characters_in_name",
+       image("{" + entry(R"(a\u001b[2J\nb\u0000c)", R"("F8_E4M3")", "[16]", "[0,16]") + "}", std::string(16, 'a')),
+       {R"(tensor 'a\x1b[2J\x0ab\x00c')", "unsupported dtype"}},
+      {"quote_in_name", image("{" + entry("it's", R"("F32")", "[4]", "[0,4]") + "}", std::string(16, 'a')),
+       {R"(tensor 'it\'s')", "holds 4 bytes"}},
+      {"long_name", image("{" + entry(std::string(100000, 'n'), R"("F32")", "[4]", "[0,4]") + "}", std::string(16, 'a')),
+       {"tensor '" + std::string(200, 'n') + "...'", "holds 4 bytes"}},
+      {"control_characters_in_dtype", one(R"("\u001b]0;x\u0007")", "[16]", "[0,16]"),
+       {R"(unsupported dtype '\x1b]0;x\x07')"}},
+      {"long_dtype", one("\"" + std::string(5000, 'D') + "\"", "[16]", "[0,16]"),
+       {"unsupported dtype '" + std::string(32, 'D') + "...'"}},
+      {"control_characters_in_metadata_key", image(R"({"__metadata__":{"k\u009b2J":1}})"),
+       {R"('__metadata__' key 'k\u009b2J')", "holds a JSON number"}},
+      {"duplicate_control_metadata_key", image(R"({"__metadata__":{"\n":"a","\n":"b"}})"),
+       {R"('__metadata__' key '\x0a')", "more than once"}},
+      {"control_characters_in_bad_json", image("{\"\x1b[2J\": 1"), {"not valid JSON"}},
   };
 }
 
@@ -615,6 +634,8 @@ TEST_F(SafetensorsTest, RejectsEveryCorruptCaseWithAClearMessage) {
       for (const std::string& fragment : c.fragments)
         EXPECT_TRUE(contains(r.status().message(), fragment))
             << "missing '" << fragment << "' in: " << r.status();
+      EXPECT_FALSE(has_control_characters(r.status().message())) << r.status();
+      EXPECT_LT(r.status().message().size(), 1024u) << "a message stays short whatever the file holds";
     }
   }
 }

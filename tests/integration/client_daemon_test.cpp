@@ -33,6 +33,7 @@
 #include "../common/sanitizers.hpp"
 #include "daemon_fixture.hpp"
 #include "tutel/client.hpp"
+#include "tutel/core/logging.hpp"
 #include "tutel/core/safetensors.hpp"
 #include "tutel/kernels/openmp_spin.hpp"  // the constant only: this test links no kernels
 
@@ -1227,6 +1228,16 @@ TEST_F(ClientDaemon, ATutelModelsStateDictLoadsAsItIs) {
   const Status mixed = from_model->load("mixed.safetensors");
   EXPECT_EQ(mixed.code(), StatusCode::kInvalidArgument) << mixed;
   EXPECT_NE(mixed.message().find("'moe.gates.0.wg.weight' is i32"), std::string_view::npos) << mixed;
+  EXPECT_TRUE(values_of(*from_model) == before) << "a refused load changed the layer";
+  // The names come from the file: the error shows them escaped (no terminal control reaches the
+  // trainer's terminal or the daemon's log), whatever the prefix holds.
+  ASSERT_NO_FATAL_FAILURE(
+      write("controls.safetensors", bf16_values, {"m\n\x1b[2J\xe2\x80\xae."}, DType::kBF16, DType::kI32));
+  const Status controls = from_model->load("controls.safetensors");
+  EXPECT_EQ(controls.code(), StatusCode::kInvalidArgument) << controls;
+  EXPECT_NE(controls.message().find(R"('m\x0a\x1b[2J\u202e.gates.0.wg.weight' is i32)"), std::string_view::npos)
+      << controls;
+  EXPECT_FALSE(has_control_characters(controls.message())) << controls;
   EXPECT_TRUE(values_of(*from_model) == before) << "a refused load changed the layer";
 }
 

@@ -37,6 +37,10 @@ std::optional<LogLevel> parse_log_level(std::string_view name);
 // bidirectional and invisible formatting controls as \uXXXX, so no terminal obeys them nor
 // reorders the line; every other byte, UTF-8 included, kept.
 std::string escape_text(std::string_view text, char quote = 0);
+// `text` escaped as escape_text does, between two `quote` characters and cut to its first
+// `limit` bytes (at a UTF-8 character's start) with "..." after it where it is longer: a name
+// read from a file or sent by a client, shown in a message whatever it holds and however long.
+std::string quote_text(std::string_view text, char quote = '\'', size_t limit = 200);
 // Whether `text` holds a character escape_text escapes as a control (backslashes and quotes
 // aside): text that does not can be shown as it is.
 bool has_control_characters(std::string_view text);
