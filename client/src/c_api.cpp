@@ -93,6 +93,7 @@ int call_forward(const char* fn, tutel_layer* layer, ForwardCall call, const flo
                  float* l_aux, tutel_forward_info* info_out = nullptr) {
   return guarded(fn, [&] {
     if (!valid(layer)) return invalid_layer(fn);
+    if (info_out != nullptr) *info_out = tutel_forward_info{0.f, 0, 0, 0};  // on failure too
     ForwardInfo info;
     if (Status st = ((*layer->layer).*call)(x, tokens, y, &info); !st.ok()) return fail(st);
     {
@@ -107,6 +108,7 @@ int call_forward(const char* fn, tutel_layer* layer, ForwardCall call, const flo
 
 // The end of tutel_wait / tutel_wait_for: the statistics to `info` when given.
 int waited(tutel::Result<ForwardInfo> got, tutel_forward_info* info) {
+  if (info != nullptr) *info = tutel_forward_info{0.f, 0, 0, 0};  // on failure too
   if (!got.ok()) return fail(got.status());
   if (info != nullptr) *info = tutel_forward_info{got->l_aux, got->capacity, got->dropped, got->sequence};
   return TUTEL_OK;
@@ -339,30 +341,31 @@ int unknown_flags(const char* name, uint32_t flags) {
                       " (TUTEL_KEEP_PARAM_GRADS is the only one)");
 }
 
-// tutel_backward_device and tutel_backward_device_flags, errors named after `name`.
-int backward_device_with(const char* name, tutel_layer* layer, const float* dy, float dl_aux, float* dx,
-                         uint32_t flags) {
+// The device backwards of the oldest forward, errors named after `name`; `tokens` for the checked one.
+int backward_device_with(const char* name, tutel_layer* layer, std::optional<int64_t> tokens, const float* dy,
+                         float dl_aux, float* dx, uint32_t flags) {
   return guarded(name, [&] {
     if (!valid(layer)) return invalid_layer(name);
     const std::optional<Layer::ParamGrads> param_grads = param_grads_of(flags);
     if (!param_grads) return unknown_flags(name, flags);
-    if (layer->layer->pending_backwards() == 0)
-      return fail_invalid(std::string(name) +
-                          ": the layer has no training forward waiting for its backward on this handle; call "
-                          "tutel_forward_device first");
-    return to_code(
-        layer->layer->backward_device(layer->layer->oldest_pending_sequence(), dy, dl_aux, dx, *param_grads));
+    return to_code(tokens ? layer->layer->backward_device_checked(*tokens, dy, dl_aux, dx, *param_grads)
+                          : layer->layer->backward_device(dy, dl_aux, dx, *param_grads));
   });
 }
 
 }  // namespace
 
 int tutel_backward_device(tutel_layer* layer, const float* dy, float dl_aux, float* dx) {
-  return backward_device_with("tutel_backward_device", layer, dy, dl_aux, dx, 0);
+  return backward_device_with("tutel_backward_device", layer, std::nullopt, dy, dl_aux, dx, 0);
 }
 
 int tutel_backward_device_flags(tutel_layer* layer, const float* dy, float dl_aux, float* dx, uint32_t flags) {
-  return backward_device_with("tutel_backward_device_flags", layer, dy, dl_aux, dx, flags);
+  return backward_device_with("tutel_backward_device_flags", layer, std::nullopt, dy, dl_aux, dx, flags);
+}
+
+int tutel_backward_device_checked(tutel_layer* layer, int64_t tokens, const float* dy, float dl_aux, float* dx,
+                                  uint32_t flags) {
+  return backward_device_with("tutel_backward_device_checked", layer, tokens, dy, dl_aux, dx, flags);
 }
 
 int tutel_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux) {
@@ -410,6 +413,7 @@ int submit_forward_with(const char* name, tutel_layer* layer, const float* x, in
   return guarded(name, [&] {
     if (!valid(layer)) return invalid_layer(name);
     if (ticket == nullptr) return fail_invalid(std::string(name) + ": ticket is NULL");
+    *ticket = tutel_ticket{0, 0};  // on failure too: no stale ticket to wait for or abandon
     // As the backward's flags: an unknown value is refused, not read as a training forward.
     if (noise_key && training != 0 && training != 1)
       return fail_invalid(std::string(name) + ": training is " + std::to_string(training) +
@@ -463,6 +467,7 @@ int submit_backward_with(const char* name, tutel_layer* layer, uint64_t sequence
   return guarded(name, [&] {
     if (!valid(layer)) return invalid_layer(name);
     if (ticket == nullptr) return fail_invalid(std::string(name) + ": ticket is NULL");
+    *ticket = tutel_ticket{0, 0};  // on failure too: no stale ticket to wait for or abandon
     const std::optional<Layer::ParamGrads> param_grads = param_grads_of(flags);
     if (!param_grads) return unknown_flags(name, flags);
     auto t = device ? layer->layer->submit_backward_device(sequence, dy, dl_aux, dx, *param_grads)

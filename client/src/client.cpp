@@ -358,7 +358,12 @@ Result<Ticket> submit_backward_request(const std::shared_ptr<LayerState>& state,
 // may pair with a forward whose result the caller never saw. The message says so (the wait's
 // own says "wait again", which a synchronous caller, without a ticket, cannot).
 // `submitted` is checked first: a moved-from handle (null `state`) failed there.
-Result<ForwardInfo> wait_synchronously(const std::shared_ptr<LayerState>& state, Result<Ticket> submitted) {
+// A backward's forward is consumed when the backward is submitted, and the daemon still runs an
+// abandoned backward (its gradients accumulate): calling again would pair the retry with the
+// next forward, so its message says not to.
+enum class Waited { kForward, kBackward };
+Result<ForwardInfo> wait_synchronously(const std::shared_ptr<LayerState>& state, Result<Ticket> submitted,
+                                       Waited what = Waited::kForward) {
   TUTEL_ASSIGN_OR_RETURN(Ticket t, std::move(submitted));
   Session& session = *state->session;
   Result<ForwardInfo> got = session.wait(t.request_id);
@@ -366,10 +371,42 @@ Result<ForwardInfo> wait_synchronously(const std::shared_ptr<LayerState>& state,
     session.abandon(t.request_id);
     return Status::Timeout(
         "layer '" + state->info.name + "': " + std::string(got.status().message()) +
-        " [this call's request was given up: its buffers are not written, and a training forward is discarded in "
-        "the daemon; call again, or raise the request timeout]");
+        (what == Waited::kForward
+             ? " [this call's request was given up: its buffers are not written, and a training forward is "
+               "discarded in the daemon; call again, or raise the request timeout]"
+             : " [this backward was given up: dx is not written, but the daemon still runs it and its gradients "
+               "accumulate; its forward is consumed, so do not call backward again for it (a retry would pair "
+               "with the next forward): raise the request timeout, or zero the gradients and run the step's "
+               "forwards again]"));
   }
   return got;
+}
+
+// The backward of the oldest training forward waiting on the handle, chosen and submitted under
+// the session's lock, so that two threads sharing the handle never take the same one. With
+// `tokens`, refused when that forward had another count: the caller's dy and dx hold `tokens`
+// rows, and the backward reads and writes the forward's.
+Status backward_oldest(const std::shared_ptr<LayerState>& state, std::optional<int64_t> tokens, const float* dy,
+                       float dl_aux, float* dx, bool in_device_region, Layer::ParamGrads param_grads) {
+  TUTEL_RETURN_IF_ERROR(usable(state));
+  const auto held = state->session->hold();  // the oldest stays the oldest until it is submitted
+  if (state->pending.empty()) {
+    return Status::InvalidArgument(
+        "backward: layer '" + state->info.name +
+        "' has no training forward waiting for its backward on this handle; "
+        "call forward() first");
+  }
+  const auto [sequence, rows] = *state->pending.begin();
+  if (tokens && *tokens != rows)
+    return Status::InvalidArgument(
+        "backward: dy and dx hold " + std::to_string(*tokens) + " tokens, but the oldest training forward of layer '" +
+        state->info.name + "' waiting for its backward had " + std::to_string(rows) +
+        "; backwards pair with forwards oldest first: take them in that order, or pass each forward's "
+        "sequence (the submit_backward calls)");
+  return wait_synchronously(
+             state, submit_backward_request(state, sequence, dy, dl_aux, dx, in_device_region, param_grads),
+             Waited::kBackward)
+      .status();
 }
 
 // Waits for a submitted forward; its statistics go to `info` when given.
@@ -437,7 +474,17 @@ Status Layer::backward_device(uint64_t sequence, const float* dy, float dl_aux, 
 }
 
 Status Layer::backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx, ParamGrads param_grads) {
-  return wait_synchronously(state_, submit_backward_device(sequence, dy, dl_aux, dx, param_grads)).status();
+  return wait_synchronously(state_, submit_backward_device(sequence, dy, dl_aux, dx, param_grads), Waited::kBackward)
+      .status();
+}
+
+Status Layer::backward_device(const float* dy, float dl_aux, float* dx, ParamGrads param_grads) {
+  return backward_oldest(state_, std::nullopt, dy, dl_aux, dx, true, param_grads);
+}
+
+Status Layer::backward_device_checked(int64_t tokens, const float* dy, float dl_aux, float* dx,
+                                      ParamGrads param_grads) {
+  return backward_oldest(state_, tokens, dy, dl_aux, dx, true, param_grads);
 }
 
 Status Layer::forward(const float* x, int64_t tokens, float* y, ForwardInfo* info) {
@@ -449,27 +496,11 @@ Status Layer::infer(const float* x, int64_t tokens, float* y, ForwardInfo* info)
 }
 
 Status Layer::backward(const float* dy, float dl_aux, float* dx) {
-  TUTEL_RETURN_IF_ERROR(usable(state_));
-  const auto held = state_->session->hold();  // the oldest stays the oldest until it is submitted
-  if (state_->pending.empty()) {
-    return Status::InvalidArgument(
-        "backward: layer '" + state_->info.name +
-        "' has no training forward waiting for its backward on this handle; "
-        "call forward() first");
-  }
-  return backward(state_->pending.begin()->first, dy, dl_aux, dx);
+  return backward_oldest(state_, std::nullopt, dy, dl_aux, dx, false, ParamGrads::kAccumulate);
 }
 
 Status Layer::backward_checked(int64_t tokens, const float* dy, float dl_aux, float* dx) {
-  TUTEL_RETURN_IF_ERROR(usable(state_));
-  const auto held = state_->session->hold();  // the oldest stays the oldest until it is submitted
-  if (!state_->pending.empty() && state_->pending.begin()->second != tokens)
-    return Status::InvalidArgument(
-        "backward: dy and dx hold " + std::to_string(tokens) + " tokens, but the oldest training forward of layer '" +
-        state_->info.name + "' waiting for its backward had " + std::to_string(state_->pending.begin()->second) +
-        "; backwards pair with forwards oldest first: take them in that order, or pass each forward's "
-        "sequence (the submit_backward calls)");
-  return backward(dy, dl_aux, dx);
+  return backward_oldest(state_, tokens, dy, dl_aux, dx, false, ParamGrads::kAccumulate);
 }
 
 Status Layer::backward(uint64_t sequence, const float* dy, float dl_aux, float* dx) {
@@ -477,7 +508,7 @@ Status Layer::backward(uint64_t sequence, const float* dy, float dl_aux, float* 
 }
 
 Status Layer::backward(uint64_t sequence, const float* dy, float dl_aux, float* dx, ParamGrads param_grads) {
-  return wait_synchronously(state_, submit_backward(sequence, dy, dl_aux, dx, param_grads)).status();
+  return wait_synchronously(state_, submit_backward(sequence, dy, dl_aux, dx, param_grads), Waited::kBackward).status();
 }
 
 Status Layer::discard(uint64_t sequence) {

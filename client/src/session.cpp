@@ -557,10 +557,12 @@ Result<Session::Finished> Session::wait_finished(uint64_t request_id,
       return f;
     }
     if (!broken_.ok()) return broken_;
-    if (in_flight_.count(request_id) == 0) {
+    const auto in_flight = in_flight_.find(request_id);
+    // An abandoned request completes without a trace: waiting for it would only wait longer.
+    if (in_flight == in_flight_.end() || in_flight->second.abandoned) {
       return Status::InvalidArgument(
           "request " + std::to_string(request_id) +
-          " is not in flight on this client (already waited for, or never submitted here)");
+          " is not in flight on this client (already waited for, abandoned, or never submitted here)");
     }
     TUTEL_RETURN_IF_ERROR(timeout ? complete_one(deadline, *timeout, false) : complete_one());
   }

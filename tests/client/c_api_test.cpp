@@ -308,6 +308,10 @@ TEST_F(CApiWithDaemon, AsyncMicroBatches) {
   tutel_ticket t1{}, t2{}, tb{};
   EXPECT_EQ(tutel_submit_backward_flags(layer, 1, x1.data(), 0.f, y1.data(), 8, &tb), TUTEL_E_INVALID_ARGUMENT);
   EXPECT_NE(last_error().find("unknown flags 8"), std::string::npos) << last_error();
+  tb.request_id = tb.sequence = 77;
+  EXPECT_EQ(tutel_submit_forward(layer, x1.data(), 1, y1.data(), 3, &tb), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_EQ(tb.request_id, 0u) << "a failed submit leaves no stale ticket";
+  EXPECT_EQ(tb.sequence, 0u);
   ASSERT_EQ(tutel_submit_forward(layer, x1.data(), 1, y1.data(), 1, &t1), TUTEL_OK);
   ASSERT_EQ(tutel_submit_forward(layer, x2.data(), 2, y2.data(), 1, &t2), TUTEL_OK);
   EXPECT_NE(t1.sequence, t2.sequence);
@@ -393,6 +397,12 @@ TEST_F(CApiWithDaemon, WaitInSlicesAndAbandon) {
   EXPECT_EQ(tutel_wait_for(client_, kept, 20, &info), TUTEL_E_TIMEOUT);
   EXPECT_NE(last_error().find("they stay in flight"), std::string::npos) << last_error();
   ASSERT_EQ(tutel_abandon(client_, dropped), TUTEL_OK);
+  // Waiting for an abandoned request is refused at once (it waited until the daemon had run it),
+  // and the info is zeros, not what the caller left there.
+  info.sequence = 99;
+  EXPECT_EQ(tutel_wait(client_, dropped, &info), TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("abandoned"), std::string::npos) << last_error();
+  EXPECT_EQ(info.sequence, 0u);
   daemon_->hold_completions(false);
   int code = TUTEL_E_TIMEOUT;
   for (int i = 0; i < 600 && code == TUTEL_E_TIMEOUT; ++i) code = tutel_wait_for(client_, kept, 100, &info);
@@ -421,6 +431,11 @@ TEST_F(CApiWithDaemon, LayersFailAfterTheClientIsClosed) {
   EXPECT_EQ(tutel_forward(layer, f, 1, f, nullptr), TUTEL_E_UNAVAILABLE);
   EXPECT_NE(last_error().find("the client was closed"), std::string::npos) << last_error();
   EXPECT_EQ(tutel_step(layer), TUTEL_E_UNAVAILABLE);
+  // Every backward says so too, before it looks for a forward (it said "call forward() first").
+  EXPECT_EQ(tutel_backward(layer, f, 0.f, f), TUTEL_E_UNAVAILABLE);
+  EXPECT_EQ(tutel_backward_device(layer, f, 0.f, f), TUTEL_E_UNAVAILABLE);
+  EXPECT_EQ(tutel_backward_device_checked(layer, 1, f, 0.f, f, 0), TUTEL_E_UNAVAILABLE);
+  EXPECT_NE(last_error().find("the client was closed"), std::string::npos) << last_error();
   tutel_layer_release(layer);
 }
 

@@ -261,6 +261,18 @@ TEST(Client, TimedOutSynchronousForwardIsAbandoned) {
   ASSERT_TRUE(layer->backward(dy.data(), 0.f, dx.data()).ok());
   EXPECT_EQ(layer->pending_backwards(), 0u);
   EXPECT_TRUE(client->ping().ok());
+
+  // A backward that times out has consumed its forward, and the daemon still runs it: its
+  // message says not to call again (a retry would pair with the next forward), not "call again".
+  ASSERT_TRUE(layer->forward(x2.data(), 1, y2.data(), &info).ok());
+  f.daemon.hold_completions(true);
+  const Status backward = layer->backward(dy.data(), 0.f, dx.data());
+  EXPECT_EQ(backward.code(), StatusCode::kTimeout) << backward;
+  EXPECT_NE(backward.message().find("do not call backward again for it"), std::string_view::npos) << backward;
+  EXPECT_EQ(backward.message().find("call again,"), std::string_view::npos) << backward;
+  EXPECT_EQ(layer->pending_backwards(), 0u);
+  f.daemon.hold_completions(false);
+  EXPECT_TRUE(client->ping().ok());
   // A closed client says so, as its layers do (it said "moved from").
   client->close();
   EXPECT_EQ(client->ping().code(), StatusCode::kUnavailable);

@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -480,6 +481,24 @@ TEST(DeviceRegion, TheCApiBackwardsZeroCopyForwardsInAnyOrder) {
   }
   ASSERT_EQ(tutel_grad_norm(layer, &norm), TUTEL_OK) << tutel_last_error();
   EXPECT_EQ(norm, want_norm) << "dx alone left the gradients as they were";
+  // Oldest first with the rows checked: buffers sized for another forward are refused, nothing
+  // written (the backward would have run over the region's next tensors).
+  for (int i = 0; i < 2; ++i)
+    ASSERT_EQ(tutel_forward_device(layer, rx[i], tokens[i], ry[i], nullptr), TUTEL_OK) << tutel_last_error();
+  std::memset(rdx[1], 0, want_dx[1].size() * 4);
+  EXPECT_EQ(tutel_backward_device_checked(layer, tokens[1], rdy[1], 0.5f, rdx[1], TUTEL_KEEP_PARAM_GRADS),
+            TUTEL_E_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(tutel_last_error()).find("dy and dx hold 21 tokens, but the oldest"), std::string::npos)
+      << tutel_last_error();
+  EXPECT_EQ(std::count(rdx[1], rdx[1] + want_dx[1].size(), 0.f), static_cast<long>(want_dx[1].size()));
+  EXPECT_EQ(tutel_backward_device_checked(layer, tokens[0], rdy[0], 0.5f, rdx[0], 8u), TUTEL_E_INVALID_ARGUMENT);
+  for (int i = 0; i < 2; ++i) {
+    std::memset(rdx[i], 0, want_dx[i].size() * 4);
+    ASSERT_EQ(tutel_backward_device_checked(layer, tokens[i], rdy[i], 0.5f, rdx[i], TUTEL_KEEP_PARAM_GRADS),
+              TUTEL_OK)
+        << tutel_last_error();
+    EXPECT_EQ(std::memcmp(rdx[i], want_dx[i].data(), want_dx[i].size() * 4), 0) << "checked backward " << i;
+  }
   EXPECT_EQ(tutel_backward_device(layer, rdy[0], 0.f, rdx[0]), TUTEL_E_INVALID_ARGUMENT) << "none pending";
   EXPECT_EQ(tutel_region_unmap(region), TUTEL_OK) << tutel_last_error();
   tutel_layer_release(layer);

@@ -145,7 +145,12 @@ int tutel_forward(tutel_layer* layer, const float* x, int64_t tokens, float* y, 
 int tutel_forward_with_info(tutel_layer* layer, const float* x, int64_t tokens, float* y, tutel_forward_info* info);
 /* Backward of the oldest training forward not yet backwarded on this handle; dl_aux is
  * d(total loss)/d(l_aux). Accumulates the gradients in the daemon. Refused (InvalidArgument, the
- * forward dropped) when the parameters changed since its forward (a step, load or import). */
+ * forward dropped) when the parameters changed since its forward (a step, load or import).
+ * Threads sharing a handle, or backwards in another order than their forwards, pass each
+ * forward's sequence instead (tutel_forward_with_info, tutel_submit_backward). A backward that
+ * times out (TUTEL_E_TIMEOUT) has consumed its forward, and the daemon still runs it (its
+ * gradients accumulate; dx is not written): do not call it again for that forward, as a retry
+ * would take the next one. The same holds for every backward call. */
 int tutel_backward(tutel_layer* layer, const float* dy, float dl_aux, float* dx);
 /* tutel_backward where dy and dx hold `tokens` rows: refused (TUTEL_E_INVALID_ARGUMENT, nothing
  * sent, the forward still waiting) when the oldest training forward had another count.
@@ -154,8 +159,9 @@ int tutel_backward(tutel_layer* layer, const float* dy, float dl_aux, float* dx)
 int tutel_backward_checked(tutel_layer* layer, int64_t tokens, const float* dy, float dl_aux, float* dx);
 /* Forward that keeps nothing for backward; l_aux may be NULL. */
 int tutel_infer(tutel_layer* layer, const float* x, int64_t tokens, float* y, float* l_aux);
-/* Capacity and dropped assignments of the last tutel_forward / tutel_infer on this handle;
- * either pointer may be NULL. */
+/* Capacity and dropped assignments of the synchronous forward or inference (any of the calls
+ * above and their _device forms) that returned last on this handle; not of submitted ones (their
+ * tutel_wait gives them). Either pointer may be NULL. */
 int tutel_forward_stats(tutel_layer* layer, int64_t* capacity, int64_t* dropped);
 
 /* Asynchronous forms: the buffers must stay valid until tutel_wait returns for the ticket.
@@ -173,6 +179,9 @@ int tutel_submit_forward(tutel_layer* layer, const float* x, int64_t tokens, flo
  * takes no key (TUTEL_E_INVALID_ARGUMENT). */
 int tutel_submit_forward_keyed(tutel_layer* layer, const float* x, int64_t tokens, float* y, int training,
                                uint64_t noise_key, tutel_ticket* ticket);
+/* Backward of the training forward `sequence` (its ticket's), in any order: the forward is
+ * consumed once this call succeeds, whatever its completion says. Every submit sets *ticket, to
+ * zeros when it fails. */
 int tutel_submit_backward(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
                           float* dx, tutel_ticket* ticket);
 /* tutel_submit_backward with flags: TUTEL_KEEP_PARAM_GRADS computes dx alone and leaves the
@@ -182,7 +191,8 @@ int tutel_submit_backward(tutel_layer* layer, uint64_t sequence, const float* dy
 #define TUTEL_KEEP_PARAM_GRADS 1u
 int tutel_submit_backward_flags(tutel_layer* layer, uint64_t sequence, const float* dy, float dl_aux,
                                 float* dx, uint32_t flags, tutel_ticket* ticket);
-/* info may be NULL. */
+/* info may be NULL; it is set to zeros when the request failed. A ticket already waited for or
+ * abandoned is refused at once (TUTEL_E_INVALID_ARGUMENT). */
 int tutel_wait(tutel_client* client, tutel_ticket ticket, tutel_forward_info* info);
 /* tutel_wait for at most timeout_ms milliseconds (0: only a request already complete), instead of
  * the request timeout. TUTEL_E_TIMEOUT leaves the request in flight: wait again, or abandon it.
@@ -191,8 +201,9 @@ int tutel_wait_for(tutel_client* client, tutel_ticket ticket, int64_t timeout_ms
 /* Gives up on a request whose buffers are about to be freed (its caller was interrupted): from
  * now on the library writes nothing into its output, its result is dropped, and a training
  * forward no longer waits for its backward (the library discards it in the daemon). A request in
- * a device region still reads and writes the region until the daemon has run it. Unknown or
- * finished tickets are ignored. */
+ * a device region still reads and writes the region until the daemon has run it. An abandoned
+ * backward still runs in the daemon (its gradients accumulate) and its forward stays consumed.
+ * Unknown or finished tickets are ignored. */
 int tutel_abandon(tutel_client* client, tutel_ticket ticket);
 
 /* Drops the training forward `sequence` that will never be backwarded (a skipped backward, an
@@ -241,7 +252,8 @@ int tutel_import_state(tutel_layer* layer, int fd);
  * pointer here, on the GPU whose PCI bus id is `device`); on a CPU daemon, shared host memory.
  * The *_device calls take x and y (dy and dx) inside one region mapped on the layer's rank
  * (tutel_layer_rank) and copy nothing. On a GPU, x must be complete on the device when the call
- * is made (synchronise the stream that wrote it); y is complete when the call returns. A region
+ * is made (synchronise the stream that wrote it); y is complete when a synchronous call returns
+ * (a submitted one's when its tutel_wait does). A region
  * counts against the tenant's max_memory_bytes; at most 16 per client. */
 int tutel_layer_rank(tutel_layer* layer, int* rank);
 /* bytes: a positive multiple of 4. *out must be unmapped with tutel_region_unmap. */
@@ -262,10 +274,17 @@ int tutel_infer_device(tutel_layer* layer, const float* x, int64_t tokens, float
 int tutel_backward_device(tutel_layer* layer, const float* dy, float dl_aux, float* dx);
 /* The same with flags (TUTEL_KEEP_PARAM_GRADS: dx alone, see tutel_submit_backward_flags). */
 int tutel_backward_device_flags(tutel_layer* layer, const float* dy, float dl_aux, float* dx, uint32_t flags);
+/* tutel_backward_device_flags where dy and dx hold `tokens` rows: refused (TUTEL_E_INVALID_ARGUMENT,
+ * nothing sent, the forward still waiting) when the oldest training forward had another count,
+ * whose rows would be read and written past dy and dx, over whatever else the region holds. */
+int tutel_backward_device_checked(tutel_layer* layer, int64_t tokens, const float* dy, float dl_aux, float* dx,
+                                  uint32_t flags);
 /* Asynchronous zero-copy forms, as tutel_submit_forward, tutel_submit_forward_keyed and
  * tutel_submit_backward_flags with the buffers of the *_device calls; waited for with
- * tutel_wait. The sequences and the pending forwards are shared with the forms above: a forward
- * made here may be backwarded by sequence in either form. */
+ * tutel_wait: the output is complete when tutel_wait returns, not when the submit does (one
+ * abandoned or timed out is still written in the region until the daemon has run it). The
+ * sequences and the pending forwards are shared with the forms above: a forward made here may be
+ * backwarded by sequence in either form. */
 int tutel_submit_forward_device(tutel_layer* layer, const float* x, int64_t tokens, float* y, int training,
                                 tutel_ticket* ticket);
 int tutel_submit_forward_device_keyed(tutel_layer* layer, const float* x, int64_t tokens, float* y, int training,

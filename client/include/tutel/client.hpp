@@ -306,6 +306,12 @@ class Layer {
   Result<Ticket> submit_backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx);
   // With kKeep: dx alone (as backward's).
   Status backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx, ParamGrads param_grads);
+  // Of the oldest training forward not yet backwarded, as backward(dy, dl_aux, dx); the _checked
+  // form refuses (InvalidArgument, nothing sent) where that forward had another count than
+  // `tokens`, the rows dy and dx hold in the region (it would read and write past them, into
+  // whatever else the region holds).
+  Status backward_device(const float* dy, float dl_aux, float* dx, ParamGrads param_grads);
+  Status backward_device_checked(int64_t tokens, const float* dy, float dl_aux, float* dx, ParamGrads param_grads);
   Result<Ticket> submit_backward_device(uint64_t sequence, const float* dy, float dl_aux, float* dx,
                                         ParamGrads param_grads);
 
