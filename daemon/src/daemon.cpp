@@ -272,14 +272,6 @@ Status DaemonImpl::start() {
   uv_timer_start(
       &hello_sweep_, [](uv_timer_t* t) { static_cast<DaemonImpl*>(t->data)->close_silent_sessions(); }, sweep_ms,
       sweep_ms);
-  if (const int64_t interval_s = config_.server.checkpoint_interval.count(); interval_s > 0) {
-    uv_timer_init(&loop_, &checkpoint_timer_);
-    checkpoint_timer_.data = this;
-    const uint64_t interval_ms = static_cast<uint64_t>(interval_s) * 1000;
-    uv_timer_start(
-        &checkpoint_timer_, [](uv_timer_t* t) { static_cast<DaemonImpl*>(t->data)->start_checkpoint_round(); },
-        interval_ms, interval_ms);
-  }
   // Nothing is accepted until run() starts the loop, so clients wait for the restore.
   const ServerConfig& server = config_.server;
   TUTEL_RETURN_IF_ERROR(listen(server.client_socket, server.client_socket_mode, server.client_socket_gid, false,
@@ -296,6 +288,17 @@ Status DaemonImpl::start() {
   for (const TenantConfig& t : config_.tenants)
     retired_regions_[t.name] = std::make_shared<RetiredRegions>(registry_->tenant_memory(t.name));
   TUTEL_RETURN_IF_ERROR(restore_state());
+  if (const int64_t interval_s = config_.server.checkpoint_interval.count(); interval_s > 0) {
+    uv_timer_init(&loop_, &checkpoint_timer_);
+    checkpoint_timer_.data = this;
+    const uint64_t interval_ms = static_cast<uint64_t>(interval_s) * 1000;
+    // From now, not from the loop's start (the time the loop has cached): the restore before
+    // may have outlasted an interval.
+    uv_update_time(&loop_);
+    uv_timer_start(
+        &checkpoint_timer_, [](uv_timer_t* t) { static_cast<DaemonImpl*>(t->data)->start_checkpoint_round(); },
+        interval_ms, interval_ms);
+  }
   if (!config_.server.metrics_listen.empty()) TUTEL_RETURN_IF_ERROR(start_metrics_server());
   uv_async_init(&loop_, &worker_exits_, [](uv_async_t* h) { static_cast<DaemonImpl*>(h->data)->on_workers_exited(); });
   worker_exits_.data = this;
@@ -1642,8 +1645,16 @@ void DaemonImpl::start_checkpoint_round() {
   }
   checkpoint_round_ = std::make_unique<CheckpointRound>();
   checkpoint_round_->started = std::chrono::steady_clock::now();
-  for (const LayerRef& ref : registry_->all())
-    checkpoint_round_->layers.push_back({ref.layer->tenant(), ref.handle});
+  // The references go off the loop: a destroy may have let go of its layer meanwhile, and the
+  // last reference's destructor waits for the layer's rank.
+  std::vector<LayerRef> refs = layers_on_loop();
+  for (const LayerRef& ref : refs)
+    // Not a group layer: each daemon's timer would write its ranks at other steps than its
+    // peers' (a round between two steps here, after the next one there), and a group whose
+    // ranks' files disagree cannot be created from them again. Its checkpoints stay the exit's
+    // and its clients' saves, which the group's steps keep in line.
+    if (!ref.layer->definition().group) checkpoint_round_->layers.push_back({ref.layer->tenant(), ref.handle});
+  release_off_loop(std::move(refs));
   checkpoint_next_layer();
 }
 
@@ -1674,7 +1685,9 @@ void DaemonImpl::checkpoint_next_layer() {
         // Looked up here, on the pool: a destroyed layer's last reference may be this one, and
         // its destructor waits for its rank.
         const Result<LayerRef> ref = registry_->find(tenant, handle);
-        if (!ref.ok() || ref->layer->destroyed()) return;
+        // Once the daemon stops, the exit's checkpoint writes every layer: a round's layers still
+        // queued would only make it wait (the exit's deadline is the service manager's).
+        if (!ref.ok() || ref->layer->destroyed() || stopping_->load(std::memory_order_acquire)) return;
         outcome->name = ref->layer->name();
         const fs::path dir = fs::path(config_.server.state_dir) / tenant;
         (void)create_directories_durably(dir);  // a failure shows as the save's own
@@ -1687,7 +1700,7 @@ void DaemonImpl::checkpoint_next_layer() {
           ++r.failed;
           TUTEL_LOG(ERROR) << "periodic checkpoint of " << tenant << "/" << outcome->name
                            << " failed: " << outcome->written.status()
-                           << " (its earlier checkpoint, if any, stays; the next round tries again)";
+                           << " (the next round tries again)";
         } else if (*outcome->written) {
           ++r.written;
         } else if (!outcome->name.empty()) {
