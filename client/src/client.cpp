@@ -357,10 +357,10 @@ Result<Ticket> submit_backward_request(const std::shared_ptr<LayerState>& state,
 // is abandoned: the caller may free its buffers once the call returns, and no later backward
 // may pair with a forward whose result the caller never saw. The message says so (the wait's
 // own says "wait again", which a synchronous caller, without a ticket, cannot).
-// `submitted` is checked first: a moved-from handle (null `state`) failed there.
-// A backward's forward is consumed when the backward is submitted, and the daemon still runs an
-// abandoned backward (its gradients accumulate): calling again would pair the retry with the
-// next forward, so its message says not to.
+// `submitted` is checked first: a moved-from handle (null `state`) failed there. A backward's
+// forward is consumed when the backward is submitted, and the daemon still runs an abandoned
+// backward (its gradients accumulate): calling again would pair the retry with the next
+// forward, so a backward's message (`what`) says not to.
 enum class Waited { kForward, kBackward };
 Result<ForwardInfo> wait_synchronously(const std::shared_ptr<LayerState>& state, Result<Ticket> submitted,
                                        Waited what = Waited::kForward) {
